@@ -88,7 +88,8 @@ def _affine_setup(ctx, inputs, output) -> None:
 
 def _affine_backward(ctx, grad: Tensor):
     # The transform output z is recomputed instead of saved: one more cheap transform in the
-    # backward pass saves an activation the size of the output.
+    # backward pass saves an activation the size of the output.  Transforms go through the op
+    # (not the eager implementation) so that compile/export can trace this backward.
     x, gamma = ctx.saved_tensors
     n = x.shape[-1]
     g = grad.to(torch.float64 if grad.dtype == torch.float64 else torch.float32).reshape(-1, n)
@@ -100,7 +101,7 @@ def _affine_backward(ctx, grad: Tensor):
     else:
         gam = gamma.to(g.dtype)
         if ctx.needs_input_grad[1]:
-            z = hadamard_transform(x, ctx.scale, ctx.inverse).reshape(-1, n)
+            z = _fwht(x.to(g.dtype), ctx.scale, ctx.inverse).reshape(-1, n)
             if gam.dim() == 1:
                 grad_gamma = (g * z).sum(0)
             else:
@@ -114,7 +115,7 @@ def _affine_backward(ctx, grad: Tensor):
             g_z = torch.einsum("ipq,rip->riq", gam, g.reshape(-1, nb, b)).reshape(-1, n)
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = hadamard_transform(g_z, ctx.scale, not ctx.inverse).reshape(x.shape).to(x.dtype)
+        grad_x = _fwht(g_z, ctx.scale, not ctx.inverse).reshape(x.shape).to(x.dtype)
     if grad_beta is not None:
         grad_beta = grad_beta.to(grad.dtype)
     return grad_x, grad_gamma, grad_beta, None, None
