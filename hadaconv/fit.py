@@ -1,0 +1,315 @@
+"""Least-squares fits of a Hadamard projection to a trained dense projection.
+
+Pure math on tensors: no model objects.  The dense layer is ``y = W x + b`` (W is d x d); its
+input x has mean ``mu`` and second moment ``S = E[x x^T]`` on calibration data.  The replacement
+is
+
+    y' = G T V x + beta,        T = H / sqrt(d) (orthonormal Hadamard, hadaconv's convention)
+
+with G diagonal (``block = 1``) or block-diagonal (b x b blocks on contiguous output channels),
+and V a map that costs nothing at run time because it is folded into the value projection:
+attention mixes tokens, never channels, so scaling or rotating a head's value channels is
+exactly the same as applying that map to the head's slice of x.  The modes:
+
+* ``affine``: V = I (G and beta only; the seed paper's layer for ``block = 1``);
+* ``diag``: V a per-channel scale, shared by the query heads of a KV group;
+* ``head``: V a full head_dim x head_dim matrix per KV group.
+
+The objective is the mean squared output error E||y' - y||^2.  For any G, V the best beta is
+``b + (W - G T V) mu``, which leaves ``tr(A C A^T)`` with ``A = G T V - W`` and C the input
+covariance, ridge-damped by ``ridge * tr(C) / d``.  That is minimised *jointly* over G and V by
+L-BFGS in whitened coordinates (C = L L^T, so the objective is ||G T V L - W L||_F^2 and one
+evaluation costs O(d^2 (head_dim + log d + b)), never a d^3 product).  G enters linearly, so it
+is solved in closed form inside every evaluation (variable projection) and L-BFGS only moves V,
+starting from V = I (the affine solution).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from hadaconv.ops import fwht
+
+Mode = Literal["affine", "diag", "head"]
+MODES: tuple[Mode, ...] = ("affine", "diag", "head")
+
+__all__ = ["MODES", "FitResult", "HeadLayout", "Moments", "fit_projection", "relative_error"]
+
+
+@dataclass
+class Moments:
+    """First and second moments of a layer's input: ``mean = E[x]``, ``second = E[x x^T]``."""
+
+    mean: torch.Tensor  # [d], float64
+    second: torch.Tensor  # [d, d], float64
+    count: int
+
+    @classmethod
+    def identity(cls, d: int) -> "Moments":
+        """What a data-free fit assumes: zero mean, identity covariance."""
+        return cls(torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), 0)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.second - torch.outer(self.mean, self.mean)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """x = concat of ``num_heads`` query heads of ``head_dim`` channels; head h reads KV group
+    ``h // (num_heads // num_kv_heads)``."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class FitResult:
+    """The fitted replacement: ``y' = gamma (T V x) + beta``.
+
+    ``value_map`` is None (affine), a per-KV-channel scale [kv * head_dim] (diag) or one matrix
+    per KV group [kv, head_dim, head_dim] (head), to be folded into the value projection.
+    ``error`` is the relative output error on the data the fit saw.
+    """
+
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    value_map: torch.Tensor | None
+    mode: Mode
+    block: int
+    error: float
+    iterations: int
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _expand(value_map: torch.Tensor | None, layout: HeadLayout | None, d: int) -> torch.Tensor | None:
+    """Per-query-head form of V: [d] for diag, [heads, hd, hd] for head."""
+    if value_map is None:
+        return None
+    assert layout is not None
+    if value_map.dim() == 1:
+        return value_map.reshape(layout.num_kv_heads, 1, layout.head_dim).expand(
+            -1, layout.group, -1).reshape(d)
+    return value_map.repeat_interleave(layout.group, dim=0)
+
+
+def _apply_v(v_full: torch.Tensor | None, z: torch.Tensor, layout: HeadLayout | None) -> torch.Tensor:
+    """V @ z for z [d, k] (V block-diagonal by head)."""
+    if v_full is None:
+        return z
+    if v_full.dim() == 1:
+        return v_full[:, None] * z
+    h, hd = layout.num_heads, layout.head_dim
+    return torch.bmm(v_full, z.reshape(h, hd, -1)).reshape(z.shape)
+
+
+def _apply_g(gamma: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """G @ z for z [d, k] (G diagonal or block-diagonal)."""
+    if gamma.dim() == 1:
+        return gamma[:, None] * z
+    nb, b, _ = gamma.shape
+    return torch.bmm(gamma, z.reshape(nb, b, -1)).reshape(z.shape)
+
+
+def _transform_cols(z: torch.Tensor) -> torch.Tensor:
+    """T @ z (the orthonormal Hadamard transform applied to each column)."""
+    return fwht(z.T).T
+
+
+def _fit_gamma(p: torch.Tensor, target: torch.Tensor, block: int, ridge_g: float) -> torch.Tensor:
+    """argmin_G ||G p - target||_F^2 for G diagonal / block-diagonal (p, target: [d, k])."""
+    d = p.shape[0]
+    if block == 1:
+        return (p * target).sum(1) / ((p * p).sum(1) + ridge_g)
+    nb = d // block
+    pb, tb = p.reshape(nb, block, -1), target.reshape(nb, block, -1)
+    gram = pb @ pb.transpose(1, 2) + ridge_g * torch.eye(block, dtype=p.dtype)
+    cross = tb @ pb.transpose(1, 2)
+    # G_i gram_i = cross_i  ->  G_i = cross_i gram_i^{-1} (gram symmetric)
+    return torch.linalg.solve(gram, cross.transpose(1, 2)).transpose(1, 2)
+
+
+def whitening(moments: Moments, ridge: float) -> torch.Tensor:
+    """L with L L^T = C + ridge * tr(C)/d * I (C the covariance)."""
+    c = moments.covariance
+    d = c.shape[0]
+    damp = ridge * max(c.trace().item(), 1e-30) / d
+    c = c + damp * torch.eye(d, dtype=c.dtype)
+    eigval, eigvec = torch.linalg.eigh(c)
+    # An eigendecomposition instead of Cholesky: C can be numerically semi-definite when the
+    # calibration set is small, and clamping keeps the square root real.
+    return eigvec * eigval.clamp_min(damp).sqrt()
+
+
+# --------------------------------------------------------------------------- the fit
+
+
+def fit_projection(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    moments: Moments,
+    *,
+    mode: Mode = "head",
+    block: int = 1,
+    layout: HeadLayout | None = None,
+    ridge: float = 1e-3,
+    max_iter: int = 40,
+) -> FitResult:
+    """Fit ``gamma (T V x) + beta`` to ``W x + b`` under the input statistics ``moments``.
+
+    Args:
+        weight: W [d, d] (any float dtype; computed in float64).
+        bias: b [d] or None.
+        moments: input statistics (``Moments.identity(d)`` for a data-free fit).
+        mode: "affine", "diag" or "head" (see the module docstring).
+        block: output block size b of G (1 = diagonal).
+        layout: head layout, required for "diag" and "head".
+        ridge: damping relative to the mean eigenvalue of the input covariance.
+        max_iter: L-BFGS iterations for the joint fit ("diag", "head").
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown fit mode {mode!r}; choose one of {', '.join(MODES)}")
+    w = weight.detach().to(torch.float64)
+    d = w.shape[0]
+    if w.shape != (d, d):
+        raise ValueError(f"the projection must be square to become a Hadamard projection, got {list(w.shape)}")
+    if d % block:
+        raise ValueError(f"block size {block} does not divide the width {d}")
+    if mode != "affine" and (layout is None or layout.num_heads * layout.head_dim != d):
+        raise ValueError(f"mode {mode!r} needs a head layout covering the width {d}")
+    b = torch.zeros(d, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    mu = moments.mean.to(torch.float64)
+
+    lw = whitening(moments, ridge)  # [d, d]
+    target = w @ lw  # W L
+    scale = target.square().sum().item() or 1.0
+    # A ridge on G keeps blocks well-posed when some directions carry no signal.
+    ridge_g = 1e-9 * scale / d
+
+    def gamma_for(v_full: torch.Tensor | None) -> torch.Tensor:
+        return _fit_gamma(_transform_cols(_apply_v(v_full, lw, layout)), target, block, ridge_g)
+
+    gamma = gamma_for(None)
+    value_map, iterations = None, 0
+    if mode != "affine":
+        kv, hd = layout.num_kv_heads, layout.head_dim
+        eye = torch.eye(hd, dtype=torch.float64).repeat(kv, 1, 1)
+        starts = [eye, _alternating_start(w, gamma_for, layout, d)]
+        if mode == "diag":
+            starts = [v.diagonal(dim1=1, dim2=2).reshape(-1) for v in starts]
+        value_map = min(starts, key=lambda v: _reduced_loss(v, lw, target, layout, block, ridge_g))
+        value_map, iterations = _joint_lbfgs(value_map, lw, target, layout, block, ridge_g, scale, max_iter)
+        gamma = gamma_for(_expand(value_map, layout, d))
+
+    v_full = _expand(value_map, layout, d)
+    dense = _dense(gamma, v_full, layout, d)
+    beta = b + (w - dense) @ mu
+    result = FitResult(gamma, beta, value_map, mode, block, float("nan"), iterations)
+    result.error = relative_error(w, bias, result, moments, layout)
+    return result
+
+
+def _joint_lbfgs(value_map, lw, target, layout, block, ridge_g, scale, max_iter):
+    """Minimise min_G ||G T V L - W L||^2 over V with L-BFGS (variable projection).
+
+    G is eliminated in closed form at every evaluation, so the optimiser only sees V and the
+    reduced objective; by the envelope theorem its gradient is the partial gradient at the
+    optimal G.  This converges far better than optimising the bilinear objective in (G, V)
+    together, whose conditioning follows the spread of G.
+    """
+    d = lw.shape[0]
+    v = value_map.clone().requires_grad_()
+
+    def closure():
+        opt.zero_grad()
+        p = _transform_cols(_apply_v(_expand(v, layout, d), lw, layout))
+        with torch.no_grad():
+            g = _fit_gamma(p, target, block, ridge_g)
+        loss = (_apply_g(g, p) - target).square().sum() / scale
+        loss.backward()
+        return loss
+
+    # L-BFGS stops early when its line search stalls on this non-convex problem; a fresh start
+    # with an empty history goes on, so restart until the budget is spent or nothing improves.
+    done, last = 0, float("inf")
+    with torch.enable_grad():
+        while done < max_iter:
+            opt = torch.optim.LBFGS([v], lr=1, max_iter=min(50, max_iter - done), history_size=50,
+                                    tolerance_grad=1e-12, tolerance_change=1e-15,
+                                    line_search_fn="strong_wolfe")
+            loss = opt.step(closure).item()
+            steps = opt.state[v].get("n_iter", 0)
+            done += max(steps, 1)
+            if steps <= 1 or loss > last * (1 - 1e-9):
+                break
+            last = loss
+    return v.detach(), done
+
+
+def _reduced_loss(v, lw, target, layout, block, ridge_g) -> float:
+    p = _transform_cols(_apply_v(_expand(v, layout, lw.shape[0]), lw, layout))
+    return (_apply_g(_fit_gamma(p, target, block, ridge_g), p) - target).square().sum().item()
+
+
+def _alternating_start(w, gamma_for, layout, d, steps: int = 10) -> torch.Tensor:
+    """A starting V from cheap alternation: G by least squares, then each head's V as the
+    matching diagonal block of T^T G^{-1} W (averaged over a KV group's query heads).
+
+    The V step ignores the input statistics, so on its own it stops short of the true optimum,
+    but it lands next to exact solutions (W = G T V) that L-BFGS from V = I can miss.
+    """
+    h, hd, kv = layout.num_heads, layout.head_dim, layout.num_kv_heads
+    v = torch.eye(hd, dtype=torch.float64).repeat(kv, 1, 1)
+    for _ in range(steps):
+        g = gamma_for(_expand(v, layout, d))
+        if g.dim() == 1:
+            g_inv_w = w * (g / (g * g + 1e-12 * g.abs().max() ** 2))[:, None]
+        else:
+            nb, b, _ = g.shape
+            g_inv_w = (torch.linalg.pinv(g) @ w.reshape(nb, b, d)).reshape(d, d)
+        r = fwht(g_inv_w.T, inverse=True).T  # T^T G^-1 W
+        diag_blocks = r.reshape(h, hd, h, hd).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        v = diag_blocks.reshape(kv, layout.group, hd, hd).mean(1)
+    return v
+
+
+def _dense(gamma: torch.Tensor, v_full: torch.Tensor | None, layout: HeadLayout | None, d: int) -> torch.Tensor:
+    """The d x d matrix G T V."""
+    eye = torch.eye(d, dtype=torch.float64)
+    return _apply_g(gamma.to(torch.float64), _transform_cols(_apply_v(v_full, eye, layout)))
+
+
+def relative_error(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    fit: FitResult | None,
+    moments: Moments,
+    layout: HeadLayout | None = None,
+) -> float:
+    """``sqrt(E||y' - y||^2 / E||y||^2)`` on data with the given moments, from statistics alone.
+
+    ``fit=None`` measures the best constant predictor (the mean output), a useful floor to beat.
+    """
+    w = weight.detach().to(torch.float64)
+    d = w.shape[0]
+    b = torch.zeros(d, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    mu, s = moments.mean.to(torch.float64), moments.second.to(torch.float64)
+    if fit is None:
+        a, c = -w, w @ mu  # y' = E[y]: A = -W, beta - b = W mu
+    else:
+        a = _dense(fit.gamma, _expand(fit.value_map, layout, d), layout, d) - w
+        c = fit.beta.to(torch.float64) - b
+    err = (a @ s * a).sum() + 2 * c @ (a @ mu) + c @ c
+    ref = (w @ s * w).sum() + 2 * b @ (w @ mu) + b @ b
+    return math.sqrt(max(err.item(), 0.0) / max(ref.item(), 1e-300))
