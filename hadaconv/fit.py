@@ -127,14 +127,23 @@ def _transform_cols(z: torch.Tensor) -> torch.Tensor:
     return fwht(z.T).T
 
 
-def _fit_gamma(p: torch.Tensor, target: torch.Tensor, block: int, ridge_g: float) -> torch.Tensor:
-    """argmin_G ||G p - target||_F^2 for G diagonal / block-diagonal (p, target: [d, k])."""
+def _fit_gamma(p: torch.Tensor, target: torch.Tensor, block: int) -> torch.Tensor:
+    """argmin_G ||G p - target||_F^2 for G diagonal / block-diagonal (p, target: [d, k]).
+
+    The damping is relative to each block's own scale (1e-12): it keeps the solve regular when a
+    block of P is (nearly) rank-deficient without biasing well-posed blocks; an all-zero block
+    gets G_i = 0.
+    """
     d = p.shape[0]
     if block == 1:
-        return (p * target).sum(1) / ((p * p).sum(1) + ridge_g)
+        power = (p * p).sum(1)
+        return (p * target).sum(1) / (power * (1 + 1e-12) + (power == 0))
     nb = d // block
     pb, tb = p.reshape(nb, block, -1), target.reshape(nb, block, -1)
-    gram = pb @ pb.transpose(1, 2) + ridge_g * torch.eye(block, dtype=p.dtype)
+    gram = pb @ pb.transpose(1, 2)
+    level = gram.diagonal(dim1=1, dim2=2).mean(-1)
+    damp = 1e-12 * level + (level == 0)
+    gram = gram + damp[:, None, None] * torch.eye(block, dtype=p.dtype)
     cross = tb @ pb.transpose(1, 2)
     # G_i gram_i = cross_i  ->  G_i = cross_i gram_i^{-1} (gram symmetric)
     return torch.linalg.solve(gram, cross.transpose(1, 2)).transpose(1, 2)
@@ -194,11 +203,9 @@ def fit_projection(
     lw = whitening(moments, ridge)  # [d, d]
     target = w @ lw  # W L
     scale = target.square().sum().item() or 1.0
-    # A ridge on G keeps blocks well-posed when some directions carry no signal.
-    ridge_g = 1e-9 * scale / d
 
     def gamma_for(v_full: torch.Tensor | None) -> torch.Tensor:
-        return _fit_gamma(_transform_cols(_apply_v(v_full, lw, layout)), target, block, ridge_g)
+        return _fit_gamma(_transform_cols(_apply_v(v_full, lw, layout)), target, block)
 
     gamma = gamma_for(None)
     value_map, iterations = None, 0
@@ -208,8 +215,9 @@ def fit_projection(
         starts = [eye, _alternating_start(w, gamma_for, layout, d)]
         if mode == "diag":
             starts = [v.diagonal(dim1=1, dim2=2).reshape(-1) for v in starts]
-        value_map = min(starts, key=lambda v: _reduced_loss(v, lw, target, layout, block, ridge_g))
-        value_map, iterations = _joint_lbfgs(value_map, lw, target, layout, block, ridge_g, scale, max_iter)
+        value_map = min(starts, key=lambda v: _reduced_loss(v, lw, target, layout, block))
+        value_map, iterations = _joint_lbfgs(value_map, lw, target, layout, block, scale, max_iter)
+        value_map = _normalized(value_map)
         gamma = gamma_for(_expand(value_map, layout, d))
 
     v_full = _expand(value_map, layout, d)
@@ -220,7 +228,7 @@ def fit_projection(
     return result
 
 
-def _joint_lbfgs(value_map, lw, target, layout, block, ridge_g, scale, max_iter):
+def _joint_lbfgs(value_map, lw, target, layout, block, scale, max_iter):
     """Minimise min_G ||G T V L - W L||^2 over V with L-BFGS (variable projection).
 
     G is eliminated in closed form at every evaluation, so the optimiser only sees V and the
@@ -230,39 +238,43 @@ def _joint_lbfgs(value_map, lw, target, layout, block, ridge_g, scale, max_iter)
     """
     d = lw.shape[0]
     v = value_map.clone().requires_grad_()
+    best = [math.inf, value_map.clone()]
 
     def closure():
         opt.zero_grad()
         p = _transform_cols(_apply_v(_expand(v, layout, d), lw, layout))
         with torch.no_grad():
-            g = _fit_gamma(p, target, block, ridge_g)
+            g = _fit_gamma(p, target, block)
         loss = (_apply_g(g, p) - target).square().sum() / scale
         loss.backward()
+        if loss.item() < best[0]:
+            best[:] = [loss.item(), v.detach().clone()]
         return loss
 
     # L-BFGS stops early when its line search stalls on this non-convex problem; a fresh start
     # with an empty history goes on, so restart until the budget is spent or nothing improves.
-    done, last = 0, float("inf")
+    # The best point evaluated is returned: near an exact solution the last step can be worse.
+    done, last = 0, math.inf
     with torch.enable_grad():
         while done < max_iter:
             opt = torch.optim.LBFGS([v], lr=1, max_iter=min(50, max_iter - done), history_size=50,
-                                    tolerance_grad=1e-12, tolerance_change=1e-15,
+                                    tolerance_grad=1e-14, tolerance_change=1e-24,
                                     line_search_fn="strong_wolfe")
-            loss = opt.step(closure).item()
+            opt.step(closure)
             steps = opt.state[v].get("n_iter", 0)
             done += max(steps, 1)
-            if steps <= 1 or loss > last * (1 - 1e-9):
+            if steps <= 1 or best[0] > last * (1 - 1e-9):
                 break
-            last = loss
-    return v.detach(), done
+            last = best[0]
+    return best[1], done
 
 
-def _reduced_loss(v, lw, target, layout, block, ridge_g) -> float:
+def _reduced_loss(v, lw, target, layout, block) -> float:
     p = _transform_cols(_apply_v(_expand(v, layout, lw.shape[0]), lw, layout))
-    return (_apply_g(_fit_gamma(p, target, block, ridge_g), p) - target).square().sum().item()
+    return (_apply_g(_fit_gamma(p, target, block), p) - target).square().sum().item()
 
 
-def _alternating_start(w, gamma_for, layout, d, steps: int = 10) -> torch.Tensor:
+def _alternating_start(w, gamma_for, layout, d, steps: int = 30) -> torch.Tensor:
     """A starting V from cheap alternation: G by least squares, then each head's V as the
     matching diagonal block of T^T G^{-1} W (averaged over a KV group's query heads).
 
@@ -280,8 +292,19 @@ def _alternating_start(w, gamma_for, layout, d, steps: int = 10) -> torch.Tensor
             g_inv_w = (torch.linalg.pinv(g) @ w.reshape(nb, b, d)).reshape(d, d)
         r = fwht(g_inv_w.T, inverse=True).T  # T^T G^-1 W
         diag_blocks = r.reshape(h, hd, h, hd).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-        v = diag_blocks.reshape(kv, layout.group, hd, hd).mean(1)
+        v = _normalized(diag_blocks.reshape(kv, layout.group, hd, hd).mean(1))
     return v
+
+
+def _normalized(value_map: torch.Tensor) -> torch.Tensor:
+    """V scaled to the RMS of the identity.
+
+    G T (c V) = (G / c) T V: the objective cannot see a global scale of V, so without this it
+    drifts (to 1e15 on a tiny model), and the folded value weights lose precision.
+    """
+    size = value_map.shape[0] * value_map.shape[-1]  # kv * head_dim: ||I||_F^2 either way
+    rms = value_map.square().sum().div(size).sqrt()
+    return value_map / rms if rms > 0 else value_map
 
 
 def _dense(gamma: torch.Tensor, v_full: torch.Tensor | None, layout: HeadLayout | None, d: int) -> torch.Tensor:

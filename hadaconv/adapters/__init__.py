@@ -1,8 +1,9 @@
 """Architecture adapters: the only place that knows model families by name.
 
-``find_adapter(model)`` picks the first adapter whose ``matches`` accepts the model;
-``attention_layers(model)`` returns its attention blocks.  To add a family, write a small module
-with an ``ADAPTER`` and list it in ``_MODULES``.
+``find_adapter(model)`` picks the first adapter whose ``matches`` accepts the model (or, given
+``target``, the regex-driven generic one); ``attention_layers(model)`` returns its attention
+blocks; ``check_convertible(layer)`` says whether a block can take a Hadamard projection.  To add
+a family, write a small module with an ``ADAPTER`` and list it in ``_MODULES``.
 """
 
 from __future__ import annotations
@@ -12,35 +13,95 @@ import importlib
 from torch import nn
 
 from hadaconv.adapters.base import Adapter, AttentionLayer, ModelKind, WeightSlot
+from hadaconv.adapters.generic import generic_adapter
 from hadaconv.errors import HadaconvError
+from hadaconv.hadamard import UnsupportedSizeError, factorize
 
-__all__ = ["Adapter", "AttentionLayer", "ModelKind", "WeightSlot", "attention_layers", "find_adapter"]
+__all__ = [
+    "Adapter",
+    "AttentionLayer",
+    "ModelKind",
+    "WeightSlot",
+    "adapters",
+    "attention_layers",
+    "check_convertible",
+    "find_adapter",
+    "generic_adapter",
+]
 
-# Order matters only where two adapters could claim a model; the generic fallback is never
-# picked automatically (it needs --target).
-_MODULES = ["llama"]
+# Order matters only where two adapters could claim a model: the Hugging Face families match on
+# config.model_type; torch_mha (any nn.MultiheadAttention) comes last.  The generic fallback is
+# never picked automatically (it needs --target).
+_MODULES = ["llama", "gpt2", "bert", "opt", "gpt_neox", "phi", "torch_mha"]
 
 
 def adapters() -> list[Adapter]:
+    """The registered family adapters, in matching order."""
     return [importlib.import_module(f"hadaconv.adapters.{m}").ADAPTER for m in _MODULES]
 
 
-def find_adapter(model: nn.Module) -> Adapter:
-    """The adapter for this model, or a one-line HadaconvError naming what was found."""
+def _describe(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    what = f"model_type {model_type!r}" if model_type else type(model).__name__
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.MultiheadAttention)) or type(m).__name__ == "Conv1D":
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    found = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())) or "no Linear layers"
+    return f"{what} ({found})"
+
+
+def find_adapter(model: nn.Module, target: str | None = None) -> Adapter:
+    """The adapter for this model, or a one-line HadaconvError naming what was found.
+
+    With ``target`` (a regular expression over qualified module names), the generic adapter
+    converting the matching square ``nn.Linear`` layers.
+    """
+    if target is not None:
+        adapter = generic_adapter(target)
+        if not adapter.matches(model):
+            raise HadaconvError(f"--target {target!r} matches no square nn.Linear in {_describe(model)}")
+        return adapter
     for adapter in adapters():
         if adapter.matches(model):
             return adapter
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    what = f"model_type {model_type!r}" if model_type else type(model).__name__
     raise HadaconvError(
-        f"no attention blocks hadaconv knows how to convert in {what} "
+        f"no attention blocks hadaconv knows how to convert in {_describe(model)} "
         f"(supported: {', '.join(a.name for a in adapters())}); use --target REGEX to convert "
-        "matching Linear layers with the affine fit"
+        "matching square Linear layers with the affine fit"
     )
 
 
-def attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    """The attention blocks of ``model``, in order (after the adapter's ``prepare``)."""
-    adapter = find_adapter(model)
+def attention_layers(model: nn.Module, target: str | None = None) -> list[AttentionLayer]:
+    """The (not yet converted) attention blocks of ``model``, in order, after the adapter's
+    ``prepare``; a one-line HadaconvError when there are none."""
+    adapter = find_adapter(model, target)
     adapter.prepare(model)
-    return adapter.layers(model)
+    layers = adapter.layers(model)
+    if not layers:
+        raise HadaconvError(
+            f"the {adapter.name} adapter found no convertible attention block in {_describe(model)}"
+        )
+    return layers
+
+
+def check_convertible(layer: AttentionLayer) -> None:
+    """Raise a one-line HadaconvError unless ``layer``'s output projection can become a Hadamard
+    projection: square, as wide as heads * head_dim, of a width with a known Hadamard matrix."""
+    w, _ = layer.out.get()
+    out_features, in_features = w.shape
+    if in_features != layer.width:
+        raise HadaconvError(
+            f"{layer.out_name}: output projection takes {in_features} inputs but the head layout "
+            f"says {layer.num_heads} heads x {layer.head_dim} = {layer.width}"
+        )
+    if out_features != in_features:
+        raise HadaconvError(
+            f"{layer.out_name}: output projection is {out_features} x {in_features}, not square "
+            f"(heads x head_dim = {layer.width} differs from the model width {out_features}); a "
+            "Hadamard projection maps n channels to n"
+        )
+    try:
+        factorize(in_features)
+    except UnsupportedSizeError as exc:
+        raise UnsupportedSizeError(f"{layer.out_name}: {exc}") from None

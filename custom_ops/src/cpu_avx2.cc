@@ -1,0 +1,41 @@
+// AVX2 + FMA + F16C instantiation of the CPU kernel; this file alone is compiled with
+// -mavx2 -mfma -mf16c and is only called after select_isa() checked the CPU.
+#include <immintrin.h>
+
+#include "cpu_kernel.h"
+
+namespace hadaconv {
+namespace cpu {
+namespace {
+
+struct Avx2 {
+  static constexpr int W = 8;
+  using reg = __m256;
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static reg load(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static void store(uint16_t* p, reg v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg set1(float f) { return _mm256_set1_ps(f); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  // Strides 1, 2, 4 inside the vector: y = partner + sign * v, where the partner is the lane
+  // at distance s and the sign is -1 on the upper lane of each pair.
+  static reg intra(reg v) {
+    v = _mm256_fmadd_ps(v, _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1), _mm256_permute_ps(v, 0xB1));
+    v = _mm256_fmadd_ps(v, _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1), _mm256_permute_ps(v, 0x4E));
+    v = _mm256_fmadd_ps(v, _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1), _mm256_permute2f128_ps(v, v, 0x01));
+    return v;
+  }
+};
+
+}  // namespace
+
+Isa isa_avx2() { return {"avx2", Avx2::W, &run_rows<Avx2>}; }
+
+}  // namespace cpu
+}  // namespace hadaconv

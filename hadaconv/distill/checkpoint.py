@@ -1,0 +1,98 @@
+"""Checkpoints that let a distillation run continue exactly where it stopped.
+
+A checkpoint (``DIR/last.pt``, written atomically by rank 0) holds the trainable parameters (the
+frozen ones are reloaded from the converted folder), the optimizer state, the step / token /
+time counters (the learning-rate schedule and the data position are functions of them), the RNG
+states, the best state seen so far and the run's record (curve, metrics).  The trainable and
+optimizer states go through :mod:`torch.distributed.checkpoint.state_dict`, so the same code
+serves one process, DDP and FSDP2 (full state dicts, gathered to rank 0).  Only tensors and plain
+Python values are stored, so it loads with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from hadaconv.errors import HadaconvError
+
+__all__ = ["load_checkpoint", "restore_trainable", "save_checkpoint", "trainable_state"]
+
+FILE = "last.pt"
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters (on CPU; complete on rank 0 under FSDP)."""
+    return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=_GATHER).items()}
+
+
+def restore_trainable(model: nn.Module, state: dict[str, torch.Tensor], *, from_rank0: bool = False) -> None:
+    """Load trainable parameters saved by :func:`trainable_state` (frozen ones untouched)."""
+    options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=from_rank0)
+    set_model_state_dict(model, state, options=options)
+
+
+def _rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, counters: dict,
+                    record: dict, best: dict | None, fingerprint: dict, main: bool) -> None:
+    """Write ``folder/last.pt`` (rank 0 writes; every rank takes part in gathering)."""
+    payload = {
+        "trainable": trainable_state(model),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=_GATHER),
+        "counters": dict(counters),
+        "rng": _rng(),
+        "best": best,
+        "record": json.dumps(record),
+        "fingerprint": json.dumps(fingerprint, sort_keys=True),
+    }
+    if not main:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{FILE}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, folder / FILE)  # a crash mid-write never leaves a torn checkpoint
+
+
+def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    fingerprint: dict) -> dict | None:
+    """Restore model, optimizer and RNG from ``folder/last.pt``; returns the rest (counters,
+    record, best) or None when there is no checkpoint.  A checkpoint of a run with other
+    settings (learning rate, batch, data, trainable set, ...) is refused."""
+    path = folder / FILE
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: say which, in one line
+        raise HadaconvError(f"cannot read the checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    saved = json.loads(payload["fingerprint"])
+    if saved != fingerprint:
+        diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        raise HadaconvError(f"the checkpoint in {folder} comes from a run with other settings "
+                            f"({', '.join(diff)}); remove it or use the same options")
+    restore_trainable(model, payload["trainable"])
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_optimizer_state_dict(model, optimizer, payload["optimizer"], options=options)
+    torch.set_rng_state(payload["rng"]["cpu"])
+    if "cuda" in payload["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+    return {"counters": payload["counters"], "record": json.loads(payload["record"]), "best": payload["best"]}

@@ -1,0 +1,525 @@
+"""``distill(student, teacher, tokenizer, DistillConfig(...)) -> DistillReport``.
+
+The student is a converted model, the teacher the original; the teacher is frozen and the
+student is trained in place, in up to two stages:
+
+1. local (``"local"`` in ``stages``): each converted attention block learns to reproduce the
+   teacher's block from the teacher's own inputs (:mod:`hadaconv.distill.local`);
+2. global (``"global"``): end-to-end knowledge distillation on text windows: KL(teacher ||
+   student) of the next-token distributions for causal LMs, relative MSE of the last hidden
+   state plus ``1 - cos`` of the mean-pooled embedding for encoders, optionally plus a per-layer
+   hidden-state MSE.  AdamW, linear warmup then cosine decay to 10%, gradient accumulation,
+   clipping, bf16 autocast on CUDA; DDP / FSDP2 under torchrun; checkpoints and exact resume;
+   held-out evaluation every ``eval_every`` steps, keeping the best state.
+
+The learning-rate schedule runs on the fraction of the budget spent (the largest of steps,
+tokens and seconds against their limits), so a run limited by time still ends its cosine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hadaconv.adapters import Adapter, find_adapter
+from hadaconv.calibrate import load_texts, token_windows
+from hadaconv.distill import checkpoint as ckpt
+from hadaconv.distill.local import reconstruct_blocks
+from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
+from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
+from hadaconv.errors import HadaconvError
+from hadaconv.evaluate import text_windows
+from hadaconv.nn import HadamardProjection
+
+__all__ = ["DistillConfig", "DistillReport", "converted_blocks", "distill"]
+
+Stage = Literal["local", "global"]
+
+
+@dataclass
+class DistillConfig:
+    """Options of :func:`distill` (the flags of ``hadaconv distill`` map one to one).
+
+    Attributes:
+        stages: "local" (block-wise reconstruction), "global" (end-to-end KD), in that order.
+        train: "attention" (the converted attention blocks: q, k, v, gamma, beta) or "all".
+        data: training text (files, folders, JSONL); None for the default corpus.
+        samples, seq_len: training windows (token_windows; a tenth held out for evaluation).
+        batch_size: windows per optimizer step, over all ranks (the global batch).
+        accumulate: micro-batches per rank and step (gradient accumulation).
+        lr, warmup_steps, min_lr_ratio, weight_decay, clip: AdamW, linear warmup, cosine decay
+            to ``min_lr_ratio * lr``, gradient-norm clipping (0 = none).
+        temperature: softmax temperature of the KL loss (causal LMs).
+        hidden_weight: weight of the per-layer hidden-state MSE (0 = off).
+        max_steps, max_tokens, max_time: budget of the global stage (any that is set stops it;
+            max_time in seconds, counting the local stage too); none set = one pass over the data.
+        local_steps, local_lr, local_windows: the local stage: steps per block, its learning
+            rate, and how many windows are recorded for it.
+        eval_text: held-out text file; None = the held-out tenth of the training windows.
+        eval_every, eval_windows: evaluate every K steps on at most this many windows.
+        checkpoint_dir, checkpoint_every, resume: checkpoints every K steps; ``resume``
+            continues from the checkpoint in ``checkpoint_dir`` when there is one.
+        seed: seeds the data order and torch.
+        gradient_checkpointing: recompute activations in the backward pass (Hugging Face
+            models; the student then runs in train mode, i.e. with its configured dropout).
+        fsdp: shard student and teacher with FSDP2 instead of replicating with DDP.
+        device: "cpu", "cuda", "cuda:1"; None = this rank's GPU if there is one.
+        bf16: autocast to bfloat16 (CUDA only; ignored on CPU).
+        progress: show a progress bar (rank 0, on a terminal).
+    """
+
+    stages: Sequence[Stage] = ("local", "global")
+    train: Literal["attention", "all"] = "all"
+    data: list[str] | None = None
+    samples: int = 4096
+    seq_len: int = 256
+    batch_size: int = 4
+    accumulate: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_time: float | None = None
+    local_steps: int = 40
+    local_lr: float = 1e-4
+    local_windows: int = 16
+    eval_text: str | None = None
+    eval_every: int = 50
+    eval_windows: int = 16
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+    resume: bool = False
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    fsdp: bool = False
+    device: str | None = None
+    bf16: bool = True
+    progress: bool = True
+
+    def fingerprint(self) -> dict:
+        """The settings a checkpoint must share with the run that resumes it (budgets, eval and
+        checkpoint cadence may change)."""
+        keys = ("stages", "train", "data", "samples", "seq_len", "batch_size", "lr", "warmup_steps",
+                "min_lr_ratio", "weight_decay", "clip", "temperature", "hidden_weight", "local_steps",
+                "local_lr", "local_windows", "seed")
+        d = asdict(self)
+        return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in keys}
+
+
+@dataclass
+class DistillReport:
+    """What a run did.  ``metric`` is "perplexity" (causal LMs, lower is better) or "embedding
+    cosine" (encoders, to the teacher, higher is better)."""
+
+    kind: str
+    metric: str
+    stages: list[str]
+    train: str
+    eval_source: str
+    trainable_params: int = 0
+    teacher: float | None = None
+    before: float | None = None
+    after_local: float | None = None
+    after: float | None = None
+    best_step: int | None = None
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    world_size: int = 1
+    local: list[dict] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)  # {step, tokens, seconds, metric, train_loss}
+    #: Under FSDP the student's parameters are shards: the trained parameters, gathered (rank 0).
+    full_state: dict | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "full_state"}
+
+    def table(self):
+        """The summary as a rich Table, the eval curve in a second one (``curve_table``)."""
+        from rich.table import Table
+
+        def num(v):
+            return "-" if v is None else f"{v:.4f}" if self.metric != "perplexity" else f"{v:.2f}"
+
+        t = Table(title=f"hadaconv distill: {self.metric} on {self.eval_source}")
+        t.add_column("")
+        t.add_column(self.metric, justify="right")
+        t.add_row("teacher (original)", num(self.teacher))
+        t.add_row("converted, before", num(self.before))
+        if "local" in self.stages:
+            t.add_row("after local stage", num(self.after_local))
+        t.add_row("after distillation" + (f" (best, step {self.best_step})" if self.best_step else ""),
+                  num(self.after))
+        t.caption = (f"stages {'+'.join(self.stages)}, train {self.train} ({self.trainable_params:,} params), "
+                     f"{self.steps} steps, {self.tokens:,} tokens, {self.seconds:.0f} s, {self.world_size} process(es)")
+        return t
+
+    def curve_table(self):
+        from rich.table import Table
+
+        t = Table(title=f"{self.metric} vs training tokens")
+        for col in ("step", "tokens", "seconds", self.metric, "train loss"):
+            t.add_column(col, justify="right")
+        for p in self.curve:
+            loss = "-" if p.get("train_loss") is None else f"{p['train_loss']:.4f}"
+            t.add_row(str(p["step"]), f"{p['tokens']:,}", f"{p['seconds']:.0f}", f"{p['metric']:.4f}", loss)
+        return t
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def converted_blocks(student: nn.Module, teacher: nn.Module, adapter: Adapter | None = None) -> list[str]:
+    """Qualified names of the attention blocks the student has converted (found through the
+    teacher, whose blocks the adapter still recognises)."""
+    adapter = adapter or find_adapter(teacher)
+    adapter.prepare(teacher)
+    adapter.prepare(student)
+    names = []
+    for layer in adapter.layers(teacher):
+        try:
+            out = student.get_submodule(layer.out_name)
+        except AttributeError:
+            raise HadaconvError(f"the student has no {layer.out_name}: teacher and student differ") from None
+        if isinstance(out, HadamardProjection):
+            names.append(layer.name)
+    return names
+
+
+def _select_trainable(student: nn.Module, blocks: list[str], train: str) -> int:
+    if train not in ("attention", "all"):
+        raise HadaconvError(f"unknown trainable set {train!r}: choose attention or all")
+    for p in student.parameters():
+        p.requires_grad_(train == "all")
+    if train == "attention":
+        for name in blocks:
+            for p in student.get_submodule(name).parameters():
+                p.requires_grad_(True)
+    return sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+
+def _batch_indices(step: int, batch: int, n: int, seed: int, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The windows of global step ``step``: consecutive slices of one seeded permutation per
+    epoch, so the data position is a function of the step (what makes resuming exact)."""
+    out = []
+    for q in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(q, n)
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(cache[epoch][i])
+    return torch.stack(out)
+
+
+def _lr_factor(step: int, spent: float, cfg: DistillConfig) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, spent)))
+    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+class _Evaluator:
+    """Held-out quality: perplexity (LMs) or embedding cosine to the teacher (encoders), and
+    the eval loss the best state is chosen by (log perplexity, or 1 - cosine)."""
+
+    def __init__(self, kind: str, teacher: nn.Module, windows: torch.Tensor, device: torch.device) -> None:
+        self.kind, self.teacher, self.windows = kind, teacher, windows.to(device)
+
+    def __call__(self, model: nn.Module, batch_size: int = 4) -> tuple[float, float]:
+        """(metric, eval loss), computed as :mod:`hadaconv.evaluate` defines them, but under
+        no_grad rather than inference_mode: FSDP2 reuses its unsharded parameter buffers in
+        the training forward, and inference tensors cannot be updated there."""
+        was_training = model.training
+        model.eval()
+        total, count, sims = 0.0, 0, []
+        try:
+            with torch.no_grad():
+                for i in range(0, len(self.windows), batch_size):
+                    ids = self.windows[i:i + batch_size]
+                    if self.kind == "causal-lm":
+                        logits = forward(model, ids, self.kind).main[:, :-1].float()
+                        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                 reduction="sum").item()
+                        count += ids[:, 1:].numel()
+                    else:
+                        a = forward(model, ids, self.kind).main.mean(1).double()
+                        b = forward(self.teacher, ids, self.kind).main.mean(1).double()
+                        sims.append(F.cosine_similarity(a, b, dim=-1))
+        finally:
+            model.train(was_training)
+        if self.kind == "causal-lm":
+            return math.exp(total / count), total / count
+        cos = torch.cat(sims).mean().item()
+        return cos, 1.0 - cos
+
+    def loss(self, metric: float) -> float:
+        return math.log(metric) if self.kind == "causal-lm" else 1.0 - metric
+
+
+class _Bar:
+    """A rich progress bar over the fraction of the budget, with loss, tokens/s and ETA."""
+
+    def __init__(self, enabled: bool) -> None:
+        from hadaconv.progress import console
+
+        self.bar = None
+        if enabled and console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+            self.task = self.bar.add_task("distill", total=1000)
+            self.bar.start()
+
+    def update(self, fraction: float, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=int(1000 * min(1.0, fraction)), description=text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ------------------------------------------------------------------------------- distill
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    config: DistillConfig | None = None,
+    *,
+    adapter: Adapter | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> DistillReport:
+    """Distill ``teacher`` into the converted ``student`` (trained in place; left in eval mode
+    on CPU-or-its-device, holding the best state seen by the evaluation).
+
+    Args:
+        student: a converted model (its attention blocks hold HadamardProjections).
+        teacher: the original model; frozen, eval mode.
+        tokenizer: tokenizes the training and evaluation text.
+        config: options, ``DistillConfig()`` by default.
+        adapter: overrides the automatic adapter choice (for ``--target`` conversions).
+        callback: called after every optimizer step with ``{step, tokens, loss, lr, seconds}``
+            (logging; raising in it stops the run, as an interruption would).
+    Under ``torchrun`` every rank calls this with the same arguments.
+    """
+    cfg = config or DistillConfig()
+    stages = list(dict.fromkeys(cfg.stages))
+    if not stages or any(s not in ("local", "global") for s in stages):
+        raise HadaconvError(f"stages must be local and/or global, got {list(cfg.stages)}")
+    stages.sort(key=("local", "global").index)
+    if tokenizer is None:
+        raise HadaconvError("distillation needs a tokenizer for its training text")
+    kind = (adapter or find_adapter(teacher)).kind(teacher)
+    if kind not in ("causal-lm", "encoder"):
+        raise HadaconvError(f"distill handles causal LMs and text encoders, not a {kind!r} model")
+    for name, value in (("batch_size", cfg.batch_size), ("accumulate", cfg.accumulate), ("seq_len", cfg.seq_len)):
+        if value < 1:
+            raise HadaconvError(f"{name} must be at least 1, got {value}")
+    blocks = converted_blocks(student, teacher, adapter)
+    if not blocks:
+        raise HadaconvError("the student has no converted attention blocks: convert it first (hadaconv convert)")
+
+    d = setup(cfg.device)
+    try:
+        return _run(student, teacher, tokenizer, cfg, stages, kind, blocks, d, callback)
+    finally:
+        d.close()
+
+
+def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kind: str, blocks: list[str],
+         d: Dist, callback) -> DistillReport:
+    start = time.perf_counter()
+    micro_total = d.world * cfg.accumulate
+    if cfg.batch_size % micro_total:
+        raise HadaconvError(f"batch_size {cfg.batch_size} must be divisible by processes x accumulate = {micro_total}")
+    torch.manual_seed(cfg.seed)
+    main = d.main
+
+    # Data: training windows, and held-out windows for evaluation.
+    train, heldout = token_windows(tokenizer, load_texts(cfg.data), samples=cfg.samples, seq_len=cfg.seq_len)
+    if cfg.eval_text:
+        path = Path(cfg.eval_text)
+        if not path.is_file():
+            raise HadaconvError(f"eval text not found: {path}")
+        eval_ids = text_windows(tokenizer, path.read_text(encoding="utf-8", errors="replace"), cfg.seq_len,
+                                cfg.eval_windows)
+        eval_source = path.name
+    else:
+        eval_ids, eval_source = heldout[: cfg.eval_windows], "held-out training windows"
+    if len(train) < cfg.batch_size:
+        raise HadaconvError(f"only {len(train)} training windows for a batch of {cfg.batch_size}: give more text")
+
+    teacher.eval().to(d.device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.to(d.device)
+    n_train = _select_trainable(student, blocks, cfg.train)
+    use_amp = d.device.type == "cuda" and cfg.bf16
+
+    def autocast():
+        return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_amp)
+
+    if cfg.gradient_checkpointing:
+        if not hasattr(student, "gradient_checkpointing_enable"):
+            raise HadaconvError("--gradient-checkpointing needs a Hugging Face model")
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.train()  # Hugging Face only checkpoints in train mode
+    else:
+        student.eval()  # no dropout: the student should match the teacher's deterministic output
+
+    evaluate = _Evaluator(kind, teacher, eval_ids, d.device)
+    report = DistillReport(kind=kind, metric="perplexity" if kind == "causal-lm" else "embedding cosine",
+                           stages=stages, train=cfg.train, eval_source=eval_source, trainable_params=n_train,
+                           world_size=d.world)
+    if cfg.fsdp and "local" in stages:
+        raise HadaconvError("the local stage trains whole blocks on one device; with --fsdp use --global only")
+    # Wrap before the optimizer exists: FSDP2 replaces the parameters by sharded DTensors.
+    model = wrap(student, d, cfg.fsdp) if "global" in stages else student
+    if cfg.fsdp:
+        shard(teacher, d)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    step = tokens = 0
+    elapsed_before = 0.0  # seconds spent by earlier, interrupted runs
+    best: dict | None = None
+    best_loss = math.inf
+    resumed = None
+    if folder is not None and cfg.resume:
+        resumed = ckpt.load_checkpoint(folder, model=student, optimizer=opt, fingerprint=cfg.fingerprint())
+    if resumed is not None:
+        c = resumed["counters"]
+        step, tokens, elapsed_before, best_loss = c["step"], c["tokens"], c["elapsed"], c["best_loss"]
+        best = resumed["best"]
+        for k, v in resumed["record"].items():
+            setattr(report, k, v)
+    else:
+        report.teacher = evaluate(teacher)[0]
+        report.before = evaluate(student)[0]
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - start
+
+    def run_teacher(ids: torch.Tensor) -> None:
+        with autocast():
+            forward(teacher, ids, kind)
+
+    if "local" in stages and resumed is None:
+        pick = torch.linspace(0, len(train) - 1, min(cfg.local_windows, len(train))).round().long().unique()
+        bs = max(d.world, min(cfg.batch_size, len(pick)) // d.world * d.world)
+        results = reconstruct_blocks(student, teacher, blocks, train[pick], run_teacher, batch_size=bs,
+                                     steps=cfg.local_steps, lr=cfg.local_lr, clip=cfg.clip, d=d, autocast=autocast)
+        report.local = [asdict(r) for r in results]
+        report.after_local = evaluate(student)[0]
+
+    if "global" in stages:
+        if cfg.max_steps is None and cfg.max_tokens is None and cfg.max_time is None:
+            horizon = {"steps": max(1, len(train) // cfg.batch_size)}  # one pass over the data
+        else:
+            horizon = {k: v for k, v in (("steps", cfg.max_steps), ("tokens", cfg.max_tokens),
+                                         ("seconds", cfg.max_time)) if v is not None}
+
+        def spent() -> float:
+            """The fraction of the budget spent, as rank 0 sees it (clocks differ between ranks,
+            and every rank must use the same learning rate and stop at the same step)."""
+            now = {"steps": step, "tokens": tokens, "seconds": elapsed()}
+            mine = max(now[k] / max(v, 1e-9) for k, v in horizon.items())
+            return d.sum(mine if main else 0.0)
+
+        def save() -> None:
+            if folder is None:
+                return
+            record = {k: getattr(report, k) for k in ("teacher", "before", "after_local", "local", "curve", "best_step")}
+            ckpt.save_checkpoint(folder, model=student, optimizer=opt, best=best, record=record,
+                                 counters={"step": step, "tokens": tokens, "elapsed": elapsed(), "best_loss": best_loss},
+                                 fingerprint=cfg.fingerprint(), main=main)
+            d.barrier()
+
+        def consider(metric: float, train_loss: float | None) -> None:
+            """Record an evaluation and keep the state if it is the best so far."""
+            nonlocal best, best_loss
+            report.curve.append({"step": step, "tokens": tokens, "seconds": elapsed(), "metric": metric,
+                                 "train_loss": train_loss})
+            loss = evaluate.loss(metric)
+            if loss < best_loss:
+                best_loss, report.best_step = loss, step
+                best = ckpt.trainable_state(student)
+
+        if resumed is None:  # the starting point competes for "best" too
+            consider(report.after_local if "local" in stages else report.before, None)
+        perms: dict[int, torch.Tensor] = {}
+        micro = cfg.batch_size // micro_total
+        bar = _Bar(cfg.progress and main)
+        last_loss: float | None = None
+        tick, tick_tokens = time.perf_counter(), tokens
+        try:
+            while (fraction := spent()) < 1.0:
+                ids = d.shard(train[_batch_indices(step, cfg.batch_size, len(train), cfg.seed, perms)]).to(d.device)
+                total = 0.0
+                for j in range(cfg.accumulate):
+                    chunk = ids[j * micro:(j + 1) * micro]
+                    last = j == cfg.accumulate - 1
+                    with no_sync(model, last):
+                        with torch.no_grad(), autocast():
+                            t_out = forward(teacher, chunk, kind, hidden=cfg.hidden_weight > 0)
+                        with autocast():
+                            s_out = forward(model, chunk, kind, hidden=cfg.hidden_weight > 0)
+                            loss = kl_loss(s_out.main, t_out.main, cfg.temperature) if kind == "causal-lm" \
+                                else encoder_loss(s_out.main, t_out.main)
+                            if cfg.hidden_weight > 0:
+                                loss = loss + cfg.hidden_weight * hidden_loss(s_out.hidden, t_out.hidden)
+                        # Each micro-batch's share of the global mean; DDP averages over ranks.
+                        (loss * (micro * d.world / cfg.batch_size)).backward()
+                    total += loss.item() * micro / cfg.batch_size
+                lr = cfg.lr * _lr_factor(step, fraction, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                if cfg.clip > 0:
+                    torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], cfg.clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                tokens += cfg.batch_size * cfg.seq_len
+                last_loss = d.sum(total)
+                now = time.perf_counter()
+                rate = (tokens - tick_tokens) / max(1e-9, now - tick)
+                bar.update(fraction, f"distill step {step} loss {last_loss:.4f} {rate:,.0f} tok/s")
+                if step % cfg.eval_every == 0:
+                    consider(evaluate(student)[0], last_loss)
+                if step % cfg.checkpoint_every == 0:
+                    save()
+                if callback is not None:
+                    callback({"step": step, "tokens": tokens, "loss": last_loss, "lr": lr, "seconds": elapsed()})
+        finally:
+            bar.close()
+        if report.curve[-1]["step"] != step:
+            consider(evaluate(student)[0], last_loss)
+        save()
+        if report.best_step != step:
+            ckpt.restore_trainable(student, best, from_rank0=cfg.fsdp)
+        report.after = next(p["metric"] for p in report.curve if p["step"] == report.best_step)
+    else:
+        report.after = report.after_local
+    report.steps, report.tokens = step, tokens
+    report.seconds = elapsed()
+    if cfg.fsdp:  # a collective: every rank gathers, rank 0 receives
+        report.full_state = ckpt.trainable_state(student)
+    student.eval()
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_disable()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return report

@@ -1,0 +1,121 @@
+"""``distill_file``: what ``hadaconv distill CONVERTED -o OUT`` does, folder to folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from hadaconv.distill.core import DistillConfig, DistillReport, distill
+from hadaconv.distill.parallel import is_main
+from hadaconv.errors import HadaconvError
+from hadaconv.nn import HadamardProjection
+
+__all__ = ["distill_file", "plot_curve", "teacher_path"]
+
+
+def teacher_path(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> Path:
+    """The teacher: as given, else the ``source`` the conversion recorded (as written, or
+    relative to the converted folder's parent when the conversion ran elsewhere)."""
+    if teacher is not None:
+        path = Path(teacher)
+        if not path.exists():
+            raise HadaconvError(f"teacher not found: {path}")
+        return path
+    source = meta.get("source")
+    if not source:
+        raise HadaconvError(f"{converted} records no source model: give the original with --teacher")
+    for path in (Path(source), converted.parent / source):
+        if path.exists():
+            return path
+    raise HadaconvError(f"the original model {source} recorded in {converted}/config.json is not found: "
+                        "give it with --teacher")
+
+
+def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
+    """Plot the eval metric against training tokens as a PNG; False when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["tokens"] for p in report.curve], [p["metric"] for p in report.curve], marker="o", label="student")
+    if report.teacher is not None:
+        ax.axhline(report.teacher, color="gray", linestyle="--", label="teacher")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(report.metric)
+    ax.set_title(f"hadaconv distill ({'+'.join(report.stages)}, train {report.train})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def distill_file(
+    converted: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: DistillConfig | None = None,
+    *,
+    teacher: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> DistillReport:
+    """Distill the converted folder ``converted`` from its original and save the result to
+    ``out_dir`` (the converted-folder format, its ``hadaconv`` section gaining a ``distill``
+    entry; ``report.json`` gaining a ``distill`` section; ``distill_curve.png`` when matplotlib
+    is installed).  Under torchrun every rank calls this; rank 0 writes.
+    """
+    from hadaconv.io import load_model, save_converted
+
+    cfg = config or DistillConfig()
+    converted = Path(converted)
+    out = Path(out_dir)
+    if not converted.exists():
+        raise HadaconvError(f"no such file or folder: {converted}")
+    config_path = converted / "config.json"
+    meta = json.loads(config_path.read_text(encoding="utf-8")).get("hadaconv") if config_path.is_file() else None
+    if not isinstance(meta, dict):
+        raise HadaconvError(f"{converted} is not a converted hadaconv folder: run hadaconv convert first")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise HadaconvError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+    source = teacher_path(converted, meta, teacher)
+    student = load_model(converted)
+    if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
+        raise HadaconvError(f"{converted} has no converted layers: nothing to distill")
+    original = load_model(source)
+    if original.format == "hadaconv":
+        raise HadaconvError(f"the teacher {source} is itself a converted model: give the original")
+    if type(original.model) is not type(student.model):
+        raise HadaconvError(f"the teacher is a {type(original.model).__name__}, the student a "
+                            f"{type(student.model).__name__}: give the model {converted} was converted from")
+    tokenizer = student.tokenizer or original.tokenizer
+
+    from hadaconv.adapters import find_adapter
+
+    adapter = find_adapter(original.model, meta.get("target")) if meta.get("target") else None
+    report = distill(student.model, original.model, tokenizer, cfg, adapter=adapter)
+
+    if not is_main():
+        return report
+    model = student.model
+    if cfg.fsdp:  # the trained parameters are shards: put the full state into a fresh copy
+        from hadaconv.distill.checkpoint import restore_trainable
+        from hadaconv.io import load
+
+        model = load(converted)
+        restore_trainable(model, report.full_state)
+    model.cpu()
+    summary = {k: v for k, v in report.to_dict().items() if k not in ("curve", "local")}
+    summary["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    summary["teacher_path"] = str(source)
+    old_report = converted / "report.json"
+    saved = json.loads(old_report.read_text(encoding="utf-8")) if old_report.is_file() else {}
+    saved["distill"] = report.to_dict()
+    save_converted(model, out, meta={**meta, "distill": summary}, tokenizer=tokenizer,
+                   tokenizer_source=converted, report=saved, overwrite=overwrite)
+    plot_curve(report, out / "distill_curve.png")
+    return report

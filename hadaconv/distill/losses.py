@@ -1,0 +1,53 @@
+"""Distillation losses.  Every loss is a mean over tokens (or windows), so that scaling it by a
+micro-batch's share of the global batch and summing gives the global batch's loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Outputs", "encoder_loss", "forward", "hidden_loss", "kl_loss", "relative_mse"]
+
+
+@dataclass
+class Outputs:
+    main: torch.Tensor  # logits [B, L, V] of a causal LM, last hidden state [B, L, d] of an encoder
+    hidden: tuple[torch.Tensor, ...] | None  # every layer's hidden state, when asked for
+
+
+def forward(model: nn.Module, ids: torch.Tensor, kind: str, hidden: bool = False) -> Outputs:
+    """Run a causal LM or an encoder on token windows (no padding, no cache)."""
+    kwargs = {"use_cache": False} if kind == "causal-lm" else {}
+    out = model(input_ids=ids, output_hidden_states=hidden, **kwargs)
+    main = out.logits if kind == "causal-lm" else out.last_hidden_state
+    return Outputs(main, tuple(out.hidden_states) if hidden else None)
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``||s - t||^2 / ||t||^2``: scale-free, so layers and models of any width weigh alike."""
+    s, t = student.float(), teacher.float()
+    return (s - t).square().mean() / t.square().mean().clamp_min(1e-12)
+
+
+def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, mean per token, times T^2 (so the
+    gradient scale does not depend on the temperature)."""
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+def encoder_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Relative MSE of the last hidden states plus ``1 - cos`` of the mean-pooled embeddings
+    (windows hold no padding, so the mean is over all positions)."""
+    cos = F.cosine_similarity(student.float().mean(1), teacher.float().mean(1), dim=-1)
+    return relative_mse(student, teacher) + (1 - cos).mean()
+
+
+def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean relative MSE of the layers' hidden states (the embedding output, index 0, skipped)."""
+    pairs = list(zip(student[1:], teacher[1:]))
+    return sum(relative_mse(s, t) for s, t in pairs) / max(1, len(pairs))

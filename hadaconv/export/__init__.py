@@ -1,0 +1,180 @@
+"""ONNX export of models holding hadaconv layers (or none: dense models export the same way).
+
+:func:`export_onnx` traces the model with ``torch.onnx.export(..., dynamo=True)`` at standard
+opset :data:`~hadaconv.export.translate.OPSET` (18), translates the ``hadaconv::*`` ops (to
+``com.hadaconv::HadamardAffine``, or with ``portable=True`` to standard ops only), writes a
+bundle (see :mod:`hadaconv.export.bundle`), validates it in ONNX Runtime against PyTorch and
+only then moves it into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from hadaconv._version import __version__
+from hadaconv.errors import HadaconvError
+from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, session_for, write_metadata
+from hadaconv.export.validate import DEFAULT_ATOL, OutputDiff, validate
+from hadaconv.export.wrappers import Kind, detect_kind, make_spec
+
+__all__ = ["DEFAULT_ATOL", "ExportResult", "export_onnx"]
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote."""
+
+    path: Path
+    kind: str
+    form: str
+    diffs: list[OutputDiff] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most telling line of an exporter error (its summary names the failing op)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("<class"):  # torch.onnx's "Exception summary" lines
+            return ln.split(">:", 1)[-1].strip()[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def summarize(diffs: list[OutputDiff]) -> list[str]:
+    """One line per output, except the cache: one line per step for all ``present.*`` (their worst)."""
+    lines, presents = [], {}
+    for d in diffs:
+        if d.name.startswith("present."):
+            worst = presents.get(d.step)
+            presents[d.step] = (d if worst is None or d.max_abs > worst[0].max_abs else worst[0],
+                                (worst[1] if worst else 0) + 1)
+        else:
+            lines.append(str(d))
+    for step, (worst, count) in presents.items():
+        lines.append(f"{worst}  (worst of {count} present.*)")
+    return lines
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """Silence the exporter's progress prints, warnings and registration log lines."""
+    if verbose:
+        yield
+        return
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _hadamard_layers(model: nn.Module) -> int:
+    from hadaconv.nn import HadamardProjection
+
+    return sum(isinstance(m, HadamardProjection) for m in model.modules())
+
+
+def export_onnx(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    example_inputs: Any = None,
+    *,
+    portable: bool = False,
+    tokenizer: Any = None,
+    kind: Kind | None = None,
+    cache: bool = True,
+    validate_outputs: bool = True,
+    atol: float = DEFAULT_ATOL,
+    overwrite: bool = False,
+    source: str | None = None,
+    verbose: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export ``model`` to an ONNX bundle in ``out_dir`` and validate it.
+
+    Args:
+        model: a Hugging Face causal LM or text encoder, or any ``nn.Module`` (with
+            ``example_inputs``); with or without HadamardProjection layers.
+        out_dir: the bundle folder; written atomically (nothing appears unless it validates).
+        example_inputs: for generic modules: a tensor, a tuple of tensors or a dict of keyword
+            tensors (every axis but the last is exported as dynamic where the model allows).
+        portable: standard ONNX ops only, instead of ``com.hadaconv::HadamardAffine``.
+        tokenizer: saved into the bundle; also gives validation real text.
+        kind: "causal-lm", "encoder" or "module" (detected when None).
+        cache: causal LMs: export the KV-cache inputs/outputs (False: logits only).
+        validate_outputs: compare ONNX Runtime with PyTorch (``--no-validate`` turns it off).
+        atol: the largest absolute difference accepted per output (see
+            :mod:`hadaconv.export.validate` for the default).
+        overwrite: replace an existing ``out_dir``.
+        source: a description of where the model came from, for the metadata.
+        verbose: show the exporter's own progress output.
+        log: called with each human-readable line (validation diffs); None prints nothing.
+    """
+    # onnxscript is imported here, not with the package: `import hadaconv` stays light.
+    from hadaconv.export.translate import DOMAIN, OPSET, translation_table
+
+    out = Path(out_dir)
+    form = "portable" if portable else "custom"
+    model = model.eval()
+    kind = kind or detect_kind(model)
+    spec = make_spec(model, kind, cache=cache, example_inputs=example_inputs)
+    library = None
+    if form == "custom":
+        from hadaconv.runtime import op_library
+
+        library = op_library()  # built now if needed: fail before the slow trace, not after
+    with atomic_folder(out, overwrite) as tmp:
+        try:
+            with _quiet(verbose), torch.no_grad():
+                program = torch.onnx.export(
+                    spec.module, spec.args, dynamo=True, opset_version=OPSET,
+                    custom_translation_table=translation_table(form), input_names=spec.input_names,
+                    output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes, verbose=verbose,
+                )
+                program.save(tmp / MODEL)  # weights go to external data by themselves beyond 2 GB
+        except HadaconvError:
+            raise
+        except Exception as exc:
+            raise HadaconvError(f"ONNX export of {type(model).__name__} failed: {_first_line(exc)}") from None
+        lib_name = None
+        if library is not None:
+            lib_name = library.name
+            shutil.copy2(library, tmp / lib_name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        diffs: list[OutputDiff] = []
+        if validate_outputs:
+            sess = session_for(tmp / MODEL, tmp / lib_name if lib_name else None, provider="cpu")
+            diffs = validate(spec, sess, model, tokenizer, atol)
+            if log:
+                for line in summarize(diffs):
+                    log(line)
+        inputs, outputs = io_description(tmp / MODEL)
+        config = getattr(model, "config", None)
+        meta = {
+            "format": FORMAT, "version": 1, "hadaconv": __version__, "kind": kind, "form": form,
+            "opset": OPSET, "custom_opsets": {DOMAIN: 1} if form == "custom" else {},
+            "op_library": lib_name, "inputs": inputs, "outputs": outputs, "cache": spec.cache,
+            "tokenizer": tokenizer is not None,
+            "eos_token_id": getattr(tokenizer, "eos_token_id", None) or getattr(config, "eos_token_id", None),
+            "pad_token_id": getattr(tokenizer, "pad_token_id", None) or getattr(config, "pad_token_id", None),
+            "hadamard_layers": _hadamard_layers(model), "source": source or type(model).__name__,
+            "validation": {"atol": atol, "diffs": [vars(d) for d in diffs]} if validate_outputs else None,
+        }
+        write_metadata(tmp, meta)
+    return ExportResult(out, kind, form, diffs, meta)

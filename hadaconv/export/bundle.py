@@ -1,0 +1,189 @@
+"""The ONNX bundle: a folder that runs on its own.
+
+::
+
+    model.onnx              the graph (weights as external data ``model.onnx.data`` beyond 2 GB)
+    libhadaconv_ort.so      the op library, custom form only (a copy: the bundle does not depend
+                            on the repository it was exported from)
+    tokenizer files         when the model has a tokenizer
+    hadaconv_onnx.json      the metadata below
+
+``hadaconv_onnx.json``: ``format`` ("hadaconv-onnx"), ``version`` (1), ``hadaconv`` (version that
+wrote it), ``kind`` (causal-lm, encoder, module), ``form`` (custom, portable), ``opset`` (the
+standard ONNX opset), ``custom_opsets`` ({"com.hadaconv": 1} or {}), ``op_library`` (file name
+or null), ``inputs``/``outputs`` (name, element type and shape, symbolic axes by name), ``cache``
+(num_layers, num_kv_heads, head_dim, value_head_dim, position_ids; causal LMs with the cache),
+``tokenizer`` (bool), ``eos_token_id``, ``pad_token_id``, ``hadamard_layers`` (how many
+converted projections the graph holds), ``source`` and ``validation`` (per output max abs/rel
+difference against PyTorch, with the tolerance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from hadaconv.errors import HadaconvError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnxruntime
+
+__all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "open_bundle", "read_metadata", "session_for"]
+
+METADATA = "hadaconv_onnx.json"
+MODEL = "model.onnx"
+FORMAT = "hadaconv-onnx"
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out`` that becomes ``out`` when the block succeeds;
+    on failure nothing is left behind (and an existing ``out`` is untouched)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise HadaconvError(f"{out} already exists (use --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            # Move the old folder aside first, so a crash never leaves neither.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """The bundle's ``hadaconv_onnx.json``, checked; one clear line for anything that is not a bundle."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HadaconvError(f"no such bundle folder: {folder}")
+    path = folder / METADATA
+    if not path.is_file():
+        raise HadaconvError(f"{folder} is not a hadaconv ONNX bundle: no {METADATA} (export one with `hadaconv export --onnx`)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise HadaconvError(f"cannot read {path}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise HadaconvError(f"{path} is not hadaconv ONNX metadata")
+    if not (folder / MODEL).is_file():
+        raise HadaconvError(f"{folder} has no {MODEL}")
+    return meta
+
+
+def _providers(provider: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise HadaconvError("--provider cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if provider != "auto":
+        raise HadaconvError(f"unknown provider {provider!r}: expected auto, cpu or cuda")
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+
+
+def session_for(
+    model: str | os.PathLike,
+    library: str | os.PathLike | None,
+    provider: str = "auto",
+    **session_options: Any,
+) -> "onnxruntime.InferenceSession":
+    """An ONNX Runtime session for ``model`` with ``library`` (the bundle's copy of the op
+    library, or None for a portable graph) registered.
+
+    ``provider``: "auto" (CUDA when this onnxruntime has it, else CPU), "cpu" or "cuda".  Keyword
+    arguments set ``SessionOptions`` attributes (``intra_op_num_threads=2``, ...).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise HadaconvError("onnxruntime is not installed (pip install 'hadaconv[ort]')") from None
+    options = ort.SessionOptions()
+    for name, value in session_options.items():
+        if not hasattr(options, name):
+            raise HadaconvError(f"onnxruntime.SessionOptions has no option {name!r}")
+        setattr(options, name, value)
+    if library is not None:
+        library = Path(library)
+        if not library.is_file():
+            raise HadaconvError(f"the op library {library} is missing: the custom-form graph needs it "
+                                "(copy it back, or export with --portable)")
+        try:
+            options.register_custom_ops_library(str(library))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise HadaconvError(f"cannot load the op library {library}: {str(exc).splitlines()[0]}") from None
+    try:
+        return ort.InferenceSession(os.fspath(model), sess_options=options, providers=_providers(provider))
+    except HadaconvError:
+        raise
+    except Exception as exc:
+        raise HadaconvError(f"ONNX Runtime cannot open {model}: {str(exc).strip().splitlines()[0]}") from None
+
+
+@dataclass
+class Bundle:
+    """An opened bundle: the session, the tokenizer (or None) and the metadata."""
+
+    path: Path
+    session: "onnxruntime.InferenceSession"
+    tokenizer: Any | None
+    meta: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("kind", "module"))
+
+
+def open_bundle(folder: str | os.PathLike, provider: str = "auto", **session_options: Any) -> Bundle:
+    """Open a bundle written by :func:`hadaconv.export_onnx`: its session (the bundle's own op
+    library registered for the custom form), its tokenizer and its metadata."""
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    library = folder / meta["op_library"] if meta.get("op_library") else None
+    sess = session_for(folder / MODEL, library, provider, **session_options)
+    tokenizer = None
+    if meta.get("tokenizer"):
+        from hadaconv.io import load_tokenizer
+
+        tokenizer = load_tokenizer(folder)
+        if tokenizer is None:
+            raise HadaconvError(f"{folder}: the metadata promises a tokenizer but its files are missing")
+    return Bundle(folder, sess, tokenizer, meta)
+
+
+def io_description(model_path: Path) -> tuple[list[dict], list[dict]]:
+    """Inputs and outputs of a saved graph: name, element type, shape (axis names for symbolic axes)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+
+    def describe(values) -> list[dict]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(), "shape": dims})
+        return out
+
+    return describe(model.graph.input), describe(model.graph.output)
+
+
+def write_metadata(folder: Path, meta: dict[str, Any]) -> None:
+    (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")

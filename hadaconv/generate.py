@@ -1,0 +1,219 @@
+"""Generation and embedding with an exported bundle in ONNX Runtime.
+
+:func:`generate` runs a causal LM exported with the KV cache: one prefill over the (left-padded)
+prompts with an empty past, then one single-token step per new token, each feeding the previous
+step's ``present.*`` back as ``past_key_values.*``.  Greedy by default; ``temperature > 0``
+samples (optionally from the ``top_k`` most likely tokens).  :func:`embed` runs an encoder.
+
+Both accept an opened :class:`~hadaconv.export.bundle.Bundle`, a bundle folder, or a bare
+``onnxruntime.InferenceSession`` (the cache layout is then read off the session's inputs).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from hadaconv.errors import HadaconvError
+from hadaconv.export.bundle import Bundle, open_bundle
+
+__all__ = ["Embedding", "Generation", "embed", "generate"]
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+@dataclass
+class Generation:
+    """The result of :func:`generate`."""
+
+    tokens: np.ndarray  # [batch, new] generated ids (after EOS: the pad id)
+    text: list[str] | None  # decoded new text per row, when a tokenizer is known
+    prompt_tokens: int  # prompt length in tokens (padded)
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def new_tokens(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput: generated tokens (all rows) per second of decode steps."""
+        steps = self.new_tokens - 1  # the first new token comes out of the prefill
+        return self.tokens.shape[0] * steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass
+class Embedding:
+    """The result of :func:`embed`."""
+
+    sentence_embedding: np.ndarray  # [batch, hidden]
+    last_hidden_state: np.ndarray  # [batch, seq, hidden]
+
+
+def _resolve(target: Bundle | str | os.PathLike | Any, tokenizer: Any) -> tuple[Any, Any, dict]:
+    """(session, tokenizer, metadata) from a bundle, a folder or a session."""
+    if isinstance(target, (str, os.PathLike)):
+        target = open_bundle(target)
+    if isinstance(target, Bundle):
+        return target.session, tokenizer or target.tokenizer, target.meta
+    if not hasattr(target, "run") or not hasattr(target, "get_inputs"):
+        raise HadaconvError(f"expected a bundle, a bundle folder or an onnxruntime session, got {type(target).__name__}")
+    return target, tokenizer, {}
+
+
+def _encode(prompt: Any, tokenizer: Any, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids and mask from text (one or several prompts) or ids ([seq] or [batch, seq])."""
+    if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt)):
+        if tokenizer is None:
+            raise HadaconvError("text prompts need a tokenizer: this bundle has none (give token ids instead)")
+        rows = [tokenizer(p)["input_ids"] for p in ([prompt] if isinstance(prompt, str) else prompt)]
+    else:
+        arr = np.asarray(prompt.detach().cpu() if hasattr(prompt, "detach") else prompt)
+        if arr.ndim not in (1, 2) or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise HadaconvError(f"token ids must be a non-empty integer array [seq] or [batch, seq], got shape {list(arr.shape)}")
+        rows = [list(r) for r in np.atleast_2d(arr)]
+    if any(len(r) == 0 for r in rows):
+        raise HadaconvError("a prompt encodes to no tokens")
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _positions(mask: np.ndarray, new: int) -> np.ndarray:
+    pos = np.cumsum(mask, -1) - 1
+    pos[mask == 0] = 1
+    return pos[:, -new:]
+
+
+def _until_eos(row: list[int], eos: set[int]) -> list[int]:
+    """The tokens of a row before its first EOS."""
+    return next((row[:i] for i, t in enumerate(row) if t in eos), row)
+
+
+def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> np.ndarray:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    z = logits.astype(np.float64) / temperature
+    if 0 < top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(row), p=row) for row in p])
+
+
+def generate(
+    target: Bundle | str | os.PathLike | Any,
+    prompt: str | Sequence[str] | Any,
+    max_new_tokens: int = 32,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    tokenizer: Any = None,
+) -> Generation:
+    """Generate up to ``max_new_tokens`` tokens after ``prompt`` with the KV cache.
+
+    Args:
+        target: a bundle (opened or its folder) or an ``onnxruntime.InferenceSession`` of a
+            causal LM exported with the cache.
+        prompt: text, a list of texts (left-padded into one batch) or token ids.
+        temperature: 0 for greedy decoding; otherwise sampling at this temperature.
+        top_k: sample from the k most likely tokens only (0: all).
+        eos_token_id: stop a row at this token (default: the bundle's); generation ends when
+            every row has stopped.  None and no metadata: never stop early.
+        pad_token_id: filler for padding and for rows that stopped (default: the bundle's, else EOS, else 0).
+        seed: for sampling.
+        tokenizer: overrides the bundle's (needed for text with a bare session).
+    """
+    session, tokenizer, meta = _resolve(target, tokenizer)
+    inputs = {i.name: i for i in session.get_inputs()}
+    past_names = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))
+    if "input_ids" not in inputs or not past_names:
+        kind = meta.get("kind", "this model")
+        raise HadaconvError(f"generation needs a causal LM exported with the KV cache; {kind} has inputs "
+                            f"{', '.join(inputs)} (export without --no-cache)")
+    if max_new_tokens < 1:
+        raise HadaconvError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos = meta.get("eos_token_id") if eos_token_id is None else eos_token_id
+    eos_set = set([eos] if isinstance(eos, int) else (eos or []))
+    pad = pad_token_id if pad_token_id is not None else meta.get("pad_token_id")
+    pad = pad if pad is not None else (min(eos_set) if eos_set else 0)
+    ids, mask = _encode(prompt, tokenizer, pad)
+    batch = ids.shape[0]
+    rng = np.random.default_rng(seed)
+
+    feeds: dict[str, np.ndarray] = {}
+    for name in past_names:  # the empty past: [batch, heads, 0, head_dim]
+        shape = inputs[name].shape
+        if not (isinstance(shape[1], int) and isinstance(shape[3], int)):
+            raise HadaconvError(f"input {name} has no static heads/head size: {shape}")
+        feeds[name] = np.zeros((batch, shape[1], 0, shape[3]), dtype=_NP.get(inputs[name].type, np.float32))
+    outputs = [o.name for o in session.get_outputs()]
+    present = {n: n.replace("past_key_values.", "present.") for n in past_names}
+
+    out_tokens = np.full((batch, max_new_tokens), pad, dtype=np.int64)
+    done = np.zeros(batch, dtype=bool)
+    step_ids, prefill_s, decode_s = ids, 0.0, 0.0
+    for step in range(max_new_tokens):
+        feeds["input_ids"], feeds["attention_mask"] = step_ids, mask
+        if "position_ids" in inputs:
+            feeds["position_ids"] = _positions(mask, step_ids.shape[1])
+        start = time.perf_counter()
+        try:
+            result = dict(zip(outputs, session.run(outputs, feeds)))
+        except Exception as exc:
+            raise HadaconvError(f"ONNX Runtime failed at generation step {step}: {str(exc).strip().splitlines()[0]}") from None
+        if step == 0:
+            prefill_s = time.perf_counter() - start
+        else:
+            decode_s += time.perf_counter() - start
+        token = _pick(result["logits"][:, -1], temperature, top_k, rng)
+        token = np.where(done, pad, token)
+        out_tokens[:, step] = token
+        done |= np.isin(token, list(eos_set))
+        if done.all():
+            out_tokens = out_tokens[:, : step + 1]
+            break
+        for name in past_names:
+            feeds[name] = result[present[name]]
+        step_ids = token[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], 1)
+    text = None
+    if tokenizer is not None:
+        text = [tokenizer.decode(_until_eos(row, eos_set), skip_special_tokens=True) for row in out_tokens.tolist()]
+    return Generation(out_tokens, text, int(ids.shape[1]), prefill_s, decode_s)
+
+
+def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *, tokenizer: Any = None) -> Embedding:
+    """Sentence embeddings (mean-pooled last hidden states) of ``text`` with an encoder bundle."""
+    session, tokenizer, meta = _resolve(target, tokenizer)
+    names = {i.name for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    if "sentence_embedding" not in outputs:
+        raise HadaconvError(f"embedding needs an encoder bundle; this one ({meta.get('kind', 'unknown kind')}) "
+                            f"has outputs {', '.join(outputs)}")
+    if isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
+        if tokenizer is None:
+            raise HadaconvError("text needs a tokenizer: this bundle has none (give token ids instead)")
+        enc = tokenizer([text] if isinstance(text, str) else list(text), padding=True, return_tensors="np")
+        feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
+    else:
+        ids = np.atleast_2d(np.asarray(text, dtype=np.int64))
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    try:
+        result = dict(zip(outputs, session.run(outputs, feeds)))
+    except Exception as exc:
+        raise HadaconvError(f"ONNX Runtime failed: {str(exc).strip().splitlines()[0]}") from None
+    return Embedding(result["sentence_embedding"], result["last_hidden_state"])

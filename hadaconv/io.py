@@ -1,0 +1,621 @@
+"""Loading models safely, and saving and loading converted folders.
+
+Inputs :func:`load_model` accepts (never modifying them):
+
+* a Hugging Face folder (``config.json`` + ``*.safetensors`` or ``*.bin``), through transformers;
+* a GGUF file (dequantized by transformers' ``gguf_file=``);
+* a ``.safetensors`` file or a ``torch.save``d state dict, with ``config=`` (a config.json or a
+  folder holding one);
+* a converted hadaconv folder (delegates to :func:`load`);
+* a ``torch.save``d whole module, only with ``trust_pickle=True``: unpickling can run arbitrary
+  code, so anything ``torch.load(weights_only=True)`` refuses is refused unless the user says so.
+
+A converted folder (:func:`save_converted`) holds ``config.json`` (the original config plus a
+``hadaconv`` section), ``model.safetensors`` (tied tensors stored once), tokenizer files and
+``report.json``.  :func:`load` rebuilds the model without any pickle: the architecture from the
+config, the adapter's ``prepare``, a HadamardProjection at each converted layer, then the weights,
+loaded strictly.
+
+Models without a Hugging Face config: ``nn.TransformerEncoder`` and ``nn.TransformerDecoder``
+stacks (PyTorch's own layers) are described by a small JSON recipe (``torch_module`` in
+config.json) from which they are rebuilt.  Other plain ``nn.Module``s cannot be saved without a
+pickle; :func:`save_converted` says so (convert them through their own code and save the state
+dict instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hadaconv.errors import HadaconvError
+
+__all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "save_converted"]
+
+WEIGHTS = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+_TIED_KEY = "hadaconv.tied"  # safetensors metadata: {alias: stored name} for tensors stored once
+_PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+
+
+@dataclass
+class Loaded:
+    """A loaded model and what came with it.
+
+    Attributes:
+        model: the model, in eval mode.
+        tokenizer: its tokenizer, or None (pixel models, plain torch modules, no files).
+        source: a human-readable description of the input, for reports.
+        format: "hf-folder", "gguf", "safetensors", "state-dict", "torch-module" or "hadaconv".
+        tokenizer_source: a folder whose tokenizer files a converted folder should copy, or None.
+    """
+
+    model: nn.Module
+    tokenizer: Any | None
+    source: str
+    format: str
+    tokenizer_source: Path | None = None
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HadaconvError(f"cannot read {path}: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise HadaconvError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _check_safetensors(path: Path) -> None:
+    """Check a safetensors file's header and that its data is all there (a truncated download
+    otherwise fails late, or deep inside a library)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header runs past the end of the file")
+            header = json.loads(f.read(header_len))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise HadaconvError(f"{path} is not a valid safetensors file ({_first_line(exc)})") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise HadaconvError(f"{path} is truncated: {size} bytes, its header describes {expected}")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, with tied aliases (see save_converted) restored."""
+    from safetensors import safe_open
+
+    _check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise HadaconvError(f"cannot read {path}: {_first_line(exc)}") from None
+    for alias, name in json.loads(metadata.get(_TIED_KEY, "{}")).items():
+        tensors[alias] = tensors[name]
+    return tensors
+
+
+def _check_finite(model: nn.Module, source: str) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise HadaconvError(f"{source}: tensor {name} holds NaN or Inf values")
+
+
+def _shares_tensor(model: nn.Module) -> dict[str, str]:
+    """{name: first name} for parameters registered under several names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict strictly (a tied parameter may be given under either name), or raise
+    one line naming the first mismatches."""
+    aliases = _shares_tensor(model)
+    expected = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix != "." and not expected & set(state) and all(k.startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items()}  # weights of a head model, base model built
+    missing = {k for k in expected - set(state) if aliases.get(k) not in state}
+    unexpected = set(state) - expected
+    if missing or unexpected:
+        parts = [
+            f"{len(s)} {what} (e.g. {', '.join(sorted(s)[:3])})"
+            for s, what in ((missing, "missing"), (unexpected, "unexpected"))
+            if s
+        ]
+        raise HadaconvError(f"{source}: the weights do not match the model: {'; '.join(parts)}")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        msg = " ".join(
+            _first_line(exc) if i == 0 else line.strip() for i, line in enumerate(str(exc).splitlines()[1:3])
+        )
+        raise HadaconvError(f"{source}: the weights do not match the model: {msg}") from None
+
+
+# ------------------------------------------------------------------------- building models
+
+
+def _hf_config(data: dict):
+    import transformers
+
+    data = {k: v for k, v in data.items() if k != "hadaconv"}
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise HadaconvError("config.json has no model_type: not a Hugging Face config")
+    try:
+        return transformers.AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HadaconvError(f"cannot build a {model_type!r} config: {_first_line(exc)}") from None
+
+
+def _auto_class(config):
+    """AutoModelForCausalLM for generative LMs, AutoModel (backbone) for everything else."""
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    if any("CausalLM" in a or "LMHead" in a for a in architectures):
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def _hf_from_config(config) -> nn.Module:
+    """A randomly initialised model of the class named in ``architectures`` (the class the
+    weights were saved from), or of the auto class when transformers has no such class."""
+    import transformers
+
+    name = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, name, None) if name else None
+    try:
+        return cls(config) if cls is not None else _auto_class(config).from_config(config)
+    except ValueError as exc:
+        raise HadaconvError(f"cannot build a model from the config: {_first_line(exc)}") from None
+
+
+_ACTIVATIONS = {"relu": torch.nn.functional.relu, "gelu": torch.nn.functional.gelu}
+
+
+def _activation_name(layer: nn.Module) -> str:
+    act = layer.activation
+    for name, fn in _ACTIVATIONS.items():
+        if act is fn or type(act).__name__.lower() == name:
+            return name
+    raise HadaconvError(
+        f"cannot save a Transformer layer with activation {act!r} without pickle (relu or gelu only)"
+    )
+
+
+def _torch_recipe(model: nn.Module) -> dict:
+    """The JSON recipe rebuilding an ``nn.TransformerEncoder``/``nn.TransformerDecoder`` stack."""
+    if not isinstance(model, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        raise HadaconvError(
+            f"cannot save a {type(model).__name__} without pickle: hadaconv saves Hugging Face models "
+            "and nn.TransformerEncoder/nn.TransformerDecoder stacks; save other modules' state_dict yourself"
+        )
+    layer = model.layers[0]
+    attn = layer.self_attn
+    recipe = {
+        "class": type(model).__name__,
+        "num_layers": len(model.layers),
+        "layer": {
+            "d_model": attn.embed_dim,
+            "nhead": attn.num_heads,
+            "dim_feedforward": layer.linear1.out_features,
+            "dropout": layer.dropout.p,
+            "activation": _activation_name(layer),
+            "layer_norm_eps": layer.norm1.eps,
+            "batch_first": attn.batch_first,
+            "norm_first": layer.norm_first,
+            "bias": layer.linear1.bias is not None,
+        },
+        "norm": None,
+    }
+    if model.norm is not None:
+        if not isinstance(model.norm, nn.LayerNorm):
+            raise HadaconvError(
+                f"cannot save a final norm of type {type(model.norm).__name__} without pickle"
+            )
+        recipe["norm"] = {"eps": model.norm.eps, "bias": model.norm.bias is not None}
+    return recipe
+
+
+def _torch_from_recipe(recipe: dict) -> nn.Module:
+    try:
+        kwargs, d_model = dict(recipe["layer"]), recipe["layer"]["d_model"]
+        norm = recipe.get("norm")
+        final = nn.LayerNorm(d_model, eps=norm["eps"], bias=norm["bias"]) if norm else None
+        if recipe["class"] == "TransformerEncoder":
+            return nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(**kwargs),
+                recipe["num_layers"],
+                norm=final,
+                enable_nested_tensor=False,
+            )
+        if recipe["class"] == "TransformerDecoder":
+            return nn.TransformerDecoder(
+                nn.TransformerDecoderLayer(**kwargs), recipe["num_layers"], norm=final
+            )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HadaconvError(f"invalid torch_module recipe in config.json: {_first_line(exc)}") from None
+    raise HadaconvError(f"invalid torch_module recipe in config.json: unknown class {recipe.get('class')!r}")
+
+
+def _model_from_config(data: dict) -> nn.Module:
+    if "torch_module" in data:
+        from hadaconv.adapters.mha import prepare_mha
+
+        model = _torch_from_recipe(data["torch_module"])
+        prepare_mha(model)
+        return model
+    return _hf_from_config(_hf_config(data))
+
+
+def _config_file(config: str | os.PathLike) -> Path:
+    path = Path(config)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise HadaconvError(f"config not found: {path}")
+    return path
+
+
+# ------------------------------------------------------------------------------- load_model
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Loaded:
+    """Load a model to convert (see the module docstring for the accepted inputs).
+
+    Args:
+        source: a folder or a file.
+        config: for a bare weights file, a config.json or a folder holding one.
+        trust_pickle: allow arbitrary unpickling of a ``torch.save``d module (it can run code).
+        dtype: floating-point dtype of the loaded model.
+
+    Every bad input raises a HadaconvError with one line.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise HadaconvError(f"no such file or folder: {path}")
+    if path.is_dir():
+        loaded = _load_folder(path, dtype)
+    elif path.suffix == ".gguf":
+        loaded = _load_gguf(path, dtype)
+    elif path.suffix == ".safetensors":
+        loaded = _load_state_dict(path, _read_safetensors(path), config, "safetensors", dtype)
+    elif path.suffix in _PICKLE_SUFFIXES:
+        loaded = _load_torch_file(path, config, trust_pickle, dtype)
+    else:
+        raise HadaconvError(
+            f"unknown input format {path.suffix or '(no extension)'!r} for {path}: expected a model folder, "
+            ".gguf, .safetensors (with --config) or a torch.save file (.pt, .pth, .bin, .ckpt)"
+        )
+    loaded.model.eval()
+    _check_finite(loaded.model, loaded.source)
+    return loaded
+
+
+def _load_folder(path: Path, dtype: torch.dtype) -> Loaded:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise HadaconvError(
+            f"{path} is a folder without config.json "
+            "(expected a Hugging Face model folder or a hadaconv output)"
+        )
+    data = _read_json(config_path)
+    if "hadaconv" in data or "torch_module" in data:
+        model = load(path).to(dtype)
+        return Loaded(model, load_tokenizer(path), f"hadaconv folder {path}", "hadaconv", path)
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not weights:
+        raise HadaconvError(f"{path} has a config.json but no *.safetensors or *.bin weights")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            _check_safetensors(file)
+    config = _hf_config(data)
+    try:
+        model, info = _auto_class(config).from_pretrained(
+            path, config=config, dtype=dtype, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise HadaconvError(f"cannot load the Hugging Face folder {path}: {_first_line(exc)}") from None
+    # transformers only warns about absent weights and initialises them at random; converting a
+    # partly random model would be silently wrong.  (Unexpected keys are normal: a head
+    # checkpoint loaded as a backbone.)
+    missing = sorted(info.get("missing_keys", [])) + sorted(
+        str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])
+    )
+    if missing:
+        raise HadaconvError(
+            f"{path}: the weights do not match the config: {len(missing)} missing or mismatched "
+            f"(e.g. {', '.join(missing[:3])})"
+        )
+    return Loaded(model, load_tokenizer(path), f"Hugging Face folder {path}", "hf-folder", path)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> Loaded:
+    import transformers
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, RuntimeError, KeyError, struct.error) as exc:
+        raise HadaconvError(f"cannot load the GGUF file {path}: {_first_line(exc)}") from None
+    return Loaded(model, tokenizer, f"GGUF file {path}", "gguf", None)
+
+
+def _load_state_dict(path: Path, state: dict, config, fmt: str, dtype: torch.dtype) -> Loaded:
+    if config is None:
+        raise HadaconvError(
+            f"{path} holds bare weights: give the model's config with --config (a config.json or its folder)"
+        )
+    config_path = _config_file(config)
+    data = _read_json(config_path)
+    if "hadaconv" in data:
+        raise HadaconvError(f"{config_path} describes a converted model: load its folder instead")
+    model = _model_from_config(data)
+    _load_weights(model, state, str(path))
+    tokenizer_source = (
+        config_path.parent if any((config_path.parent / f).is_file() for f in TOKENIZER_FILES) else None
+    )
+    tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
+    return Loaded(
+        model.to(dtype), tokenizer, f"{fmt} {path} with config {config_path}", fmt, tokenizer_source
+    )
+
+
+def _load_torch_file(path: Path, config, trust_pickle: bool, dtype: torch.dtype) -> Loaded:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refusals and corrupt archives share no common type
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:
+            raise HadaconvError(f"cannot read {path} as a torch.save file: {_first_line(exc)}") from None
+        if not trust_pickle:
+            raise HadaconvError(
+                f"refusing to unpickle {path}: it holds Python objects (e.g. {found.group(1)}), not just "
+                "tensors, and unpickling it could run arbitrary code; if you trust the file, pass --trust-pickle "
+                "(trust_pickle=True)"
+            ) from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # arbitrary unpickling can fail in arbitrary ways
+            raise HadaconvError(f"cannot unpickle {path}: {_first_line(exc2)}") from None
+    if isinstance(obj, nn.Module):
+        return Loaded(obj.to(dtype), None, f"pickled module {path}", "torch-module", None)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # the common checkpoint wrapping
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _load_state_dict(path, obj, config, "state-dict", dtype)
+    raise HadaconvError(f"{path} holds a {type(obj).__name__}, neither a module nor a state dict of tensors")
+
+
+# ------------------------------------------------------------------------ saving converted
+
+
+def hadaconv_meta(
+    *,
+    adapter: str,
+    layers: list[int],
+    block: int,
+    fit: str,
+    width: int,
+    m: int,
+    target: str | None = None,
+    **extra: Any,
+) -> dict:
+    """The ``hadaconv`` section of a converted folder's config.json.
+
+    Args:
+        adapter: the adapter's name; ``target`` the regular expression for the generic one.
+        layers: indices (``AttentionLayer.index``) of the converted layers.
+        block: block size of the projections; fit: the fit mode; width, m: n and its core order.
+        extra: anything else worth recording (JSON-serializable).
+    """
+    from hadaconv import __version__
+
+    return {
+        "version": __version__,
+        "adapter": adapter,
+        "target": target,
+        "layers": sorted(int(i) for i in layers),
+        "block": int(block),
+        "fit": fit,
+        "width": int(width),
+        "m": int(m),
+        **extra,
+    }
+
+
+def _state_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to store, {alias: stored name}): safetensors refuses tensors sharing memory, so
+    exact aliases (tied embeddings) are stored once and partial overlaps are copied."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        ptr = t.untyped_storage().data_ptr()
+        t = t.contiguous().clone() if ptr in storages else t.contiguous()
+        storages.add(ptr)
+        tensors[name] = t.cpu()
+    return tensors, aliases
+
+
+def _config_for_saving(model: nn.Module, meta: dict) -> dict:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        data = json.loads(config.to_json_string(use_diff=False))
+        data["architectures"] = [type(model).__name__]  # load() rebuilds exactly this class
+    else:
+        data = {"torch_module": _torch_recipe(model)}
+    data["hadaconv"] = meta
+    return data
+
+
+def save_converted(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    meta: dict,
+    tokenizer: Any | None = None,
+    tokenizer_source: str | os.PathLike | None = None,
+    report: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a converted model folder atomically and return its path.
+
+    Everything goes into a temporary folder beside ``out_dir`` that is renamed into place at the
+    end, so a failure leaves nothing behind (and an overwritten folder intact until then).
+
+    Args:
+        meta: the ``hadaconv`` section (see :func:`hadaconv_meta`).
+        tokenizer: saved with ``save_pretrained`` unless ``tokenizer_source`` is given.
+        tokenizer_source: a folder whose tokenizer files are copied as they are.
+        report: written as report.json.
+        overwrite: replace an existing non-empty ``out_dir``.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise HadaconvError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise HadaconvError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        config = _config_for_saving(model, meta)
+        (tmp / "config.json").write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        tensors, aliases = _state_for_saving(model)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
+        if tokenizer_source is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_source) / name).is_file():
+                    shutil.copy2(Path(tokenizer_source) / name, tmp / name)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if report is not None:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / "previous")
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ------------------------------------------------------------------------ loading converted
+
+
+def load(folder: str | os.PathLike) -> nn.Module:
+    """Rebuild a converted model from its folder, exactly and without pickle (eval mode)."""
+    from hadaconv.adapters import find_adapter
+    from hadaconv.convert import install_projection
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise HadaconvError(f"{folder} is not a hadaconv folder: no config.json")
+    data = _read_json(config_path)
+    # A torch_module recipe folder may also hold an unconverted model (no hadaconv section).
+    meta = data.get("hadaconv", {} if "torch_module" in data else None)
+    if not isinstance(meta, dict):
+        raise HadaconvError(f"{config_path} has no hadaconv section: not a converted model (use load_model)")
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise HadaconvError(f"{folder} has no {WEIGHTS}")
+    tensors = _read_safetensors(weights)
+    model = _model_from_config(data)
+    floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    if floating:
+        model.to(floating[0])
+
+    adapter = find_adapter(model, meta.get("target"))
+    adapter.prepare(model)
+    layers = {layer.index: layer for layer in adapter.layers(model)}
+    for index in meta.get("layers", []):
+        if index not in layers:
+            raise HadaconvError(f"{config_path}: converted layer {index} does not exist in the rebuilt model")
+        layer = layers[index]
+        gamma = tensors.get(f"{layer.out_name}.gamma")
+        block = gamma.shape[-1] if gamma is not None and gamma.dim() == 3 else int(meta.get("block", 1))
+        install_projection(layer, block=block, bias=f"{layer.out_name}.beta" in tensors)
+    _load_weights(model, tensors, str(weights))
+    model.eval()
+    return model
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Any | None:
+    """The tokenizer saved in ``folder``, or None when it holds no tokenizer files."""
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES if f != "generation_config.json"):
+        return None
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise HadaconvError(f"cannot load the tokenizer in {folder}: {_first_line(exc)}") from None

@@ -1,0 +1,178 @@
+"""Conversion end to end: tiny models of every family, exact folding, reload, bad inputs."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hadaconv
+from hadaconv.adapters import find_adapter
+from hadaconv.convert import ConvertConfig, convert, convert_file
+from hadaconv.fit import HeadLayout
+from hadaconv.nn import HadamardProjection
+from tiny_models import FAMILIES, HF_FAMILIES, TORCH_FAMILIES, example_inputs, make_tiny
+
+TEXT_FAMILIES = [f for f in HF_FAMILIES if f != "vit"]
+FAST = dict(samples=12, seq_len=32, batch_size=4, max_iter=10, sensitivity_windows=2)
+
+
+def _inputs_batches(family, model, n=6):
+    return [example_inputs(family, model, seed=i) for i in range(n)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_converts_runs_and_reloads(family, tmp_path):
+    model = make_tiny(family)
+    x = example_inputs(family, model)
+    kwargs = {}
+    if family in TEXT_FAMILIES:
+        from transformers import AutoTokenizer
+        from tiny_models import tokenizer_folder
+        kwargs["tokenizer"] = AutoTokenizer.from_pretrained(tokenizer_folder())
+    else:
+        kwargs["inputs"] = _inputs_batches(family, model)
+    report = convert(model, config=ConvertConfig(block=4, **FAST), **kwargs)
+    assert report.converted == list(range(len(report.layers))) and len(report.layers) >= 2
+    assert all(r.calib_error < 1.0 and r.heldout_error is not None for r in report.layers)
+    assert sum(isinstance(m, HadamardProjection) for m in model.modules()) == len(report.layers)
+    with torch.inference_mode():
+        y = model(**x)
+    if family in HF_FAMILIES:
+        from hadaconv.io import hadaconv_meta, save_converted
+        meta = hadaconv_meta(adapter=report.adapter, layers=report.converted, block=4, fit="head",
+                             width=report.layers[0].width, m=1)
+        save_converted(model, tmp_path / "out", meta=meta, report=report.to_dict())
+        again = hadaconv.load(tmp_path / "out")
+        with torch.inference_mode():
+            y2 = again(**x)
+        first = y.logits if hasattr(y, "logits") else y[0]
+        second = y2.logits if hasattr(y2, "logits") else y2[0]
+        assert torch.equal(first, second)
+
+
+def test_folding_is_exact():
+    """The converted block's projection sees V x (V folded into the value projection), and its
+    output equals the fitted formula gamma T V x + beta, on fresh inputs."""
+    torch.manual_seed(0)
+    original = make_tiny("llama").double()
+    model = copy.deepcopy(original)
+    from transformers import AutoTokenizer
+    from tiny_models import tokenizer_folder
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder())
+    convert(model, tok, ConvertConfig(block=4, layers=[1], **FAST))
+    seen = {}
+    orig_attn, new_attn = original.model.layers[1].self_attn, model.model.layers[1].self_attn
+    assert isinstance(new_attn.o_proj, HadamardProjection)
+    h1 = orig_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    h2 = new_attn.o_proj.register_forward_hook(lambda m, a, o: seen.update(xv=a[0], y=o))
+    ids = torch.randint(1000, 30000, (2, 9))
+    with torch.inference_mode():
+        original(input_ids=ids)
+        model(input_ids=ids)
+    h1.remove(), h2.remove()
+    proj = new_attn.o_proj
+    # V x on the original input, from the fitted value map ...
+    x = seen["x"].reshape(-1, 4, 16)
+    w_before = orig_attn.v_proj.weight.detach().reshape(2, 16, -1)
+    w_after = new_attn.v_proj.weight.detach().reshape(2, 16, -1)
+    v = torch.linalg.lstsq(w_before.transpose(1, 2), w_after.transpose(1, 2)).solution.transpose(1, 2)
+    vx = torch.einsum("hij,rhj->rhi", v.repeat_interleave(2, 0), x).reshape(seen["xv"].shape)
+    torch.testing.assert_close(seen["xv"], vx, atol=1e-10, rtol=1e-10)
+    # ... and the projection computes the formula.
+    want = hadaconv.hadamard_affine(vx, proj.gamma.detach(), proj.beta.detach())
+    torch.testing.assert_close(seen["y"], want, atol=1e-10, rtol=1e-10)
+
+
+def test_partial_conversion_follows_sensitivity():
+    model = make_tiny("qwen2")
+    from transformers import AutoTokenizer
+    from tiny_models import tokenizer_folder
+    report = convert(model, AutoTokenizer.from_pretrained(tokenizer_folder()),
+                     ConvertConfig(block=4, max_layers=1, **FAST))
+    assert len(report.converted) == 1
+    sens = {r.index: r.sensitivity for r in report.layers}
+    assert report.converted == [min(sens, key=sens.get)]
+    assert sum(isinstance(m, HadamardProjection) for m in model.modules()) == 1
+
+
+def test_data_free_parameter_count_is_exact():
+    model = make_tiny("llama")
+    before = sum(p.numel() for p in model.parameters())
+    report = convert(model, config=ConvertConfig(calib="none", block=8, sensitivity=False))
+    d = 64
+    assert report.params_before - report.params_after == 2 * (d * d - d * 8 - d)
+    assert before - sum(p.numel() for p in model.parameters()) == 2 * (d * d - d * 8 - d)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "hadaconv.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_cli_convert_inspect_eval(tmp_path):
+    src = tmp_path / "tiny"
+    make_tiny("llama", src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    r = _cli("inspect", src, "--block", "4")
+    assert r.returncode == 0 and "o_proj" in r.stdout, r.stderr
+    out = tmp_path / "conv"
+    r = _cli("convert", src, "-o", out, "--block", "4", "--samples", "12", "--seq-len", "32", "--layers", "1")
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # input untouched
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["hadaconv"]["layers"] == [1] and cfg["hadaconv"]["block"] == 4
+    assert json.loads((out / "report.json").read_text())["converted"] == [1]
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 200)
+    r = _cli("eval", out, "--text", text, "--seq-len", "32", "--max-windows", "4")
+    assert r.returncode == 0 and "perplexity" in r.stdout, r.stderr
+    r = _cli("convert", src, "-o", out)  # exists already
+    assert r.returncode != 0
+
+
+@pytest.mark.parametrize("case", ["missing", "unknown", "truncated", "nan", "width", "nothing", "pickle", "layers"])
+def test_cli_bad_input_is_one_line(case, tmp_path):
+    src = tmp_path / "tiny"
+    args = []
+    if case == "missing":
+        src = tmp_path / "nope"
+    elif case == "unknown":
+        src = tmp_path / "model.xyz"
+        src.write_text("x")
+    elif case == "truncated":
+        make_tiny("llama", src)
+        st = src / "model.safetensors"
+        st.write_bytes(st.read_bytes()[:1000])
+    elif case == "nan":
+        model = make_tiny("llama")
+        with torch.no_grad():
+            model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("nan")
+        model.save_pretrained(src)
+    elif case == "width":
+        model = make_tiny("llama")
+        src = tmp_path / "w"
+        from transformers import LlamaConfig, LlamaForCausalLM
+        LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=92, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1)).save_pretrained(src)
+        args = ["--calib", "none"]
+    elif case == "nothing":
+        src = tmp_path / "m.pt"
+        torch.save({"weight": torch.ones(3)}, src)
+        args = ["--config", tmp_path / "missing.json"]
+    elif case == "pickle":
+        src = tmp_path / "m.pt"
+        torch.save(torch.nn.Sequential(torch.nn.Linear(4, 4)), src)
+    elif case == "layers":
+        make_tiny("llama", src)
+        args = ["--layers", "0,7"]
+    r = _cli("convert", src, "-o", tmp_path / "out", *args)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+    if case == "pickle":
+        assert "--trust-pickle" in lines[0]

@@ -1,0 +1,226 @@
+"""Distillation: loss goes down, local reconstruction helps each block, resume is exact, two DDP
+ranks equal one process, encoders run, the CLI end to end and its errors."""
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hadaconv
+from hadaconv.cli import main
+from hadaconv.convert import patch
+from hadaconv.distill import DistillConfig, distill
+from hadaconv.distill.losses import forward, kl_loss
+from hadaconv.io import hadaconv_meta, save_converted
+from tiny_models import make_tiny, tokenizer_folder
+
+# A small, quick run: 48 windows of 16 tokens, no progress bar, rare evaluations.
+RUN = dict(samples=48, seq_len=16, batch_size=4, eval_windows=2, eval_every=100, local_windows=8,
+           local_steps=10, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared machine: one thread is ~10x faster than two fighting for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_folder())
+
+
+def _pair(family: str, tokenizer):
+    """(student, teacher): the student is the teacher with every W_o patched to a fresh block-4
+    Hadamard projection (far from the teacher, so distillation has something to win back)."""
+    teacher = make_tiny(family)
+    return patch(copy.deepcopy(teacher), block=4), teacher
+
+
+def _windows(tokenizer, n=8, seq=16):
+    from hadaconv.calibrate import load_texts, token_windows
+
+    return token_windows(tokenizer, load_texts(None), samples=n, seq_len=seq, heldout=0)[0]
+
+
+def _kl(student, teacher, ids):
+    with torch.no_grad():
+        return kl_loss(forward(student, ids, "causal-lm").main, forward(teacher, ids, "causal-lm").main).item()
+
+
+def test_global_kd_lowers_the_divergence(tokenizer):
+    student, teacher = _pair("llama", tokenizer)
+    ids = _windows(tokenizer)
+    before = _kl(student, teacher, ids)
+    losses = []
+    report = distill(student, teacher, tokenizer,
+                     DistillConfig(stages=["global"], train="attention", max_steps=20, lr=3e-3, warmup_steps=2,
+                                   **RUN),
+                     callback=lambda info: losses.append(info["loss"]))
+    assert len(losses) == 20 and report.steps == 20 and report.tokens == 20 * 4 * 16
+    assert _kl(student, teacher, ids) < 0.7 * before
+    assert report.teacher is not None and report.before is not None and report.after <= report.before
+    assert not student.training and all(p.requires_grad for p in student.parameters())
+
+
+def test_local_stage_reduces_every_block_error(tokenizer):
+    student, teacher = _pair("llama", tokenizer)
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if "self_attn" not in n}
+    report = distill(student, teacher, tokenizer,
+                     DistillConfig(stages=["local"], train="attention", **{**RUN, "local_steps": 30}))
+    assert [b["name"] for b in report.local] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert all(b["error_after"] <= b["error_before"] for b in report.local)
+    assert sum(b["error_after"] for b in report.local) < 0.95 * sum(b["error_before"] for b in report.local)
+    # Only the attention blocks moved.
+    assert all(torch.equal(p, frozen[n]) for n, p in student.named_parameters() if n in frozen)
+
+
+def test_resume_continues_exactly(tokenizer, tmp_path):
+    base, teacher = _pair("llama", tokenizer)
+    cfg = DistillConfig(stages=["local", "global"], max_steps=6, lr=1e-3, checkpoint_dir=str(tmp_path / "ckpt"),
+                        checkpoint_every=3, **{**RUN, "eval_every": 2})
+    whole = copy.deepcopy(base)
+    expected = distill(whole, teacher, tokenizer, DistillConfig(**{**cfg.__dict__, "checkpoint_dir": None}))
+
+    class Killed(Exception):
+        pass
+
+    def kill(info):
+        if info["step"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        distill(copy.deepcopy(base), teacher, tokenizer, cfg, callback=kill)
+    resumed_model = copy.deepcopy(base)
+    resumed = distill(resumed_model, teacher, tokenizer, DistillConfig(**{**cfg.__dict__, "resume": True}))
+    for (name, a), b in zip(whole.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert resumed.steps == 6 and resumed.best_step == expected.best_step
+    assert [p["metric"] for p in resumed.curve] == pytest.approx([p["metric"] for p in expected.curve], rel=1e-6)
+    # Other settings refuse the checkpoint.
+    with pytest.raises(hadaconv.HadaconvError, match="other settings"):
+        distill(copy.deepcopy(base), teacher, tokenizer, DistillConfig(**{**cfg.__dict__, "resume": True, "lr": 1e-2}))
+
+
+def test_encoder_distillation_runs(tokenizer):
+    student, teacher = _pair("bert", tokenizer)
+    report = distill(student, teacher, tokenizer, DistillConfig(max_steps=3, lr=1e-3, hidden_weight=0.5, **RUN))
+    assert report.metric == "embedding cosine" and report.steps == 3
+    assert 0 < report.before <= 1 and report.after >= report.before - 1e-6
+    assert len(report.local) == 2
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in this process (a subprocess would spend seconds importing): (status, out, err)."""
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A saved tiny llama (``tiny``) and its patched, saved conversion (``conv``), as convert
+    would write it (the source recorded as a path relative to the working directory's parent is
+    covered by hadaconv.distill.files.teacher_path; here it is absolute)."""
+    root = tmp_path_factory.mktemp("distill")
+    teacher = make_tiny("llama", root / "tiny")
+    student = patch(copy.deepcopy(teacher), block=4)
+    meta = hadaconv_meta(adapter="llama", layers=[0, 1], block=4, fit="none", width=64, m=1,
+                         source=str(root / "tiny"))
+    save_converted(student, root / "conv", meta=meta, tokenizer_source=root / "tiny", report={})
+    return root
+
+
+CLI_RUN = ["--samples", "48", "--seq-len", "16", "--batch-size", "4", "--max-steps", "3", "--eval-windows", "2",
+           "--local-steps", "4", "--lr", "1e-3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_end_to_end_and_two_ddp_ranks_equal_one_process(converted, capsys):
+    one, two = converted / "one", converted / "two"
+    code, out, err = _cli(capsys, "distill", converted / "conv", "-o", one, *CLI_RUN)
+    assert code == 0, err
+    assert "perplexity" in out and "teacher" in out
+    assert not Path(f"{one}.ckpt").exists()  # default checkpoints go once the output is saved
+    model = hadaconv.load(one)
+    meta = json.loads((one / "config.json").read_text())["hadaconv"]
+    assert meta["layers"] == [0, 1] and meta["distill"]["steps"] == 3
+    assert json.loads((one / "report.json").read_text())["distill"]["curve"]
+    assert sum(isinstance(m, hadaconv.HadamardProjection) for m in model.modules()) == 2
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                        "-m", "hadaconv.cli", "distill", str(converted / "conv"), "-o", str(two), *CLI_RUN],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("saved") == 1  # rank 0 alone writes and reports
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+    assert json.loads((two / "config.json").read_text())["hadaconv"]["distill"]["world_size"] == 2
+
+
+@pytest.mark.parametrize("case", ["teacher", "unconverted", "max-time", "eval-text", "batch", "exists"])
+def test_cli_bad_input_is_one_line(case, converted, tmp_path, capsys):
+    conv, args = converted / "conv", []
+    if case == "teacher":
+        args = ["--teacher", tmp_path / "missing"]
+    elif case == "unconverted":
+        conv = converted / "tiny"
+    elif case == "max-time":
+        args = ["--max-time", "soon"]
+    elif case == "eval-text":
+        args = ["--eval-text", tmp_path / "missing.txt"]
+    elif case == "batch":
+        args = ["--batch-size", "4", "--accumulate", "3"]
+    elif case == "exists":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "x").write_text("x")
+    code, _, err = _cli(capsys, "distill", conv, "-o", tmp_path / "out", *args, "--max-steps", "1",
+                        "--samples", "16", "--seq-len", "16")
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert case == "exists" or not (tmp_path / "out").exists()
+
+
+def test_fsdp2_two_ranks_equal_one_process(converted, capsys):
+    """FSDP2 (fully_shard) runs on gloo CPU ranks too: the global stage, sharded over two
+    processes, ends where one process ends."""
+    one, two = converted / "g-one", converted / "g-two"
+    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", one, "--global", *CLI_RUN)
+    assert code == 0, err
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                        "-m", "hadaconv.cli", "distill", str(converted / "conv"), "-o", str(two), "--global", "--fsdp",
+                        *CLI_RUN], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)

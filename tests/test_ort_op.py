@@ -1,0 +1,318 @@
+"""The com.hadaconv::HadamardAffine custom op in ONNX Runtime (CPU execution provider).
+
+Every result is compared to a float64 numpy reference built from the dense
+``hadaconv.hadamard.hadamard_matrix`` (and, for a few cases, to ``hadaconv.ops.hadamard_affine``).
+Tolerances, per row of the output:
+
+* float32: ``max |y - ref| <= 1e-5 * max(1, ||ref_row||_2)`` (fp32 accumulation over log2(n) + m
+  terms of an orthonormal transform: the error grows like eps32 * sqrt(log n) * ||row||);
+* float16: ``max |y - ref| <= 2**-10 * max|ref_row|``: one fp16 epsilon of the row's largest
+  value (the kernel accumulates in fp32, so the output rounding dominates); the reference uses
+  the fp16-rounded inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper  # noqa: E402
+
+from hadaconv import runtime  # noqa: E402
+from hadaconv.errors import HadaconvError  # noqa: E402
+from hadaconv.hadamard import factorize, hadamard_core, hadamard_matrix  # noqa: E402
+
+OPSETS = [helper.make_opsetid("", 18), helper.make_opsetid("com.hadaconv", 1)]
+ONNX_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    return runtime.op_library()
+
+
+def make_model(n, dtype=np.float32, *, gamma=None, beta=False, transpose=0, x_shape=("B", "S", None),
+               attrs=None) -> bytes:
+    """One HadamardAffine node; ``gamma`` is a shape (or None), None in x_shape means n."""
+    f = factorize(n) if attrs is None else None
+    t = ONNX_TYPE[dtype]
+    inputs = [helper.make_tensor_value_info("X", t, [n if d is None else d for d in x_shape])]
+    names = ["X"]
+    if gamma is not None:
+        inputs.append(helper.make_tensor_value_info("gamma", t, list(gamma)))
+        names.append("gamma")
+    if beta:
+        names += ["beta"] if gamma is not None else ["", "beta"]
+        inputs.append(helper.make_tensor_value_info("beta", t, [n]))
+    if attrs is None:
+        attrs = dict(n=n, m=f.m, core=hadamard_core(f.m).astype(int).ravel().tolist(),
+                     scale=1.0 / math.sqrt(n), transpose=transpose)
+    node = helper.make_node("HadamardAffine", names, ["Y"], domain="com.hadaconv", **attrs)
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("Y", t, None)])
+    return helper.make_model(graph, opset_imports=OPSETS).SerializeToString()
+
+
+def reference(x, gamma=None, beta=None, transpose=0):
+    """float64: gamma (H x / sqrt(n)) + beta per row (H^T for transpose)."""
+    n = x.shape[-1]
+    h = hadamard_matrix(n, normalized=True)
+    z = x.astype(np.float64) @ (h if transpose else h.T)
+    if gamma is not None:
+        g = gamma.astype(np.float64)
+        if g.ndim == 1:
+            z = z * g
+        else:
+            nb, b, _ = g.shape
+            z = np.einsum("ipq,...iq->...ip", g, z.reshape(*z.shape[:-1], nb, b)).reshape(z.shape)
+    if beta is not None:
+        z = z + beta.astype(np.float64)
+    return z
+
+
+def assert_close(y, ref):
+    assert y.shape == ref.shape
+    if y.size == 0:
+        return
+    n = y.shape[-1]
+    err = np.abs(y.astype(np.float64) - ref).reshape(-1, n).max(axis=1)
+    rows = ref.reshape(-1, n)
+    if y.dtype == np.float16:
+        tol = 2.0**-10 * np.abs(rows).max(axis=1)
+    else:
+        tol = 1e-5 * np.maximum(1.0, np.linalg.norm(rows, axis=1))
+    bad = np.nonzero(err > tol)[0]
+    assert bad.size == 0, f"rows {bad[:5]}: error {err[bad[:5]]} > tolerance {tol[bad[:5]]}"
+
+
+def run(model, feeds, **options):
+    sess = runtime.session(model, providers=["CPUExecutionProvider"], **options)
+    return sess, sess.run(None, feeds)[0]
+
+
+def inputs(rng, shape, n, dtype, gamma_shape=None, beta=False):
+    x = rng.standard_normal(shape).astype(dtype)
+    g = rng.standard_normal(gamma_shape).astype(dtype) if gamma_shape is not None else None
+    b = rng.standard_normal(n).astype(dtype) if beta else None
+    return x, g, b
+
+
+def feeds_of(x, g, b):
+    return {k: v for k, v in (("X", x), ("gamma", g), ("beta", b)) if v is not None}
+
+
+# --------------------------------------------------------------------------- correctness
+
+# Powers of two, and m * 2^k for the cores 12, 20, 28, 36 (with 2^k below and above the vector
+# width, so both the SIMD and the portable row paths run).
+SIZES = [1, 2, 64, 1024, 4096, 12, 48, 384, 576, 768, 896, 2560]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("n", SIZES)
+def test_matches_reference(n, dtype):
+    rng = np.random.default_rng(n)
+    x, g, b = inputs(rng, (2, 7, n), n, dtype, (n,), beta=True)
+    sess, y = run(make_model(n, dtype, gamma=[n], beta=True), feeds_of(x, g, b))
+    assert y.dtype == dtype
+    assert_close(y, reference(x, g, b))
+    # Symbolic leading dims survive shape inference: rank kept, last dim known.
+    assert sess.get_outputs()[0].shape == ["B", "S", n]
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("n", [2, 48, 576, 4096])
+def test_every_instruction_set(n, isa, monkeypatch):
+    """HADACONV_CPU_ISA lowers the run-time choice; paths the CPU lacks fall back to the best it has."""
+    monkeypatch.setenv("HADACONV_CPU_ISA", isa)
+    rng = np.random.default_rng(1)
+    bs = math.gcd(n, 4)
+    for dtype in (np.float32, np.float16):
+        for gshape in [(n,), (n // bs, bs, bs)]:
+            x, g, b = inputs(rng, (5, n), n, dtype, gshape, beta=True)
+            _, y = run(make_model(n, dtype, gamma=list(gshape), beta=True, x_shape=("R", None)), feeds_of(x, g, b))
+            assert_close(y, reference(x, g, b))
+
+
+@pytest.mark.parametrize("n", [64, 384, 576, 2560])
+@pytest.mark.parametrize("gamma", ["none", "vector", "b4", "b16", "b3"])
+@pytest.mark.parametrize("beta", [False, True], ids=["nobeta", "beta"])
+def test_affine_variants(n, gamma, beta):
+    if gamma == "b3" and n % 3:
+        pytest.skip("b must divide n")
+    gshape = {"none": None, "vector": (n,), "b4": (n // 4, 4, 4), "b16": (n // 16, 16, 16),
+              "b3": (n // 3, 3, 3)}[gamma]
+    rng = np.random.default_rng(7)
+    x, g, b = inputs(rng, (9, n), n, np.float32, gshape, beta)
+    _, y = run(make_model(n, gamma=gshape, beta=beta, x_shape=("R", None)), feeds_of(x, g, b))
+    assert_close(y, reference(x, g, b))
+
+
+@pytest.mark.parametrize("n", [384, 896, 4096])  # Paley I cores (12, 28) are not symmetric
+def test_transpose_is_the_inverse(n):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, n)).astype(np.float32)
+    _, z = run(make_model(n, x_shape=("R", None)), {"X": x})
+    _, back = run(make_model(n, transpose=1, x_shape=("R", None)), {"X": z})
+    assert_close(back, x.astype(np.float64))
+    _, zt = run(make_model(n, transpose=1, x_shape=("R", None)), {"X": x})
+    assert_close(zt, reference(x, transpose=1))
+    if n != 4096:
+        assert not np.allclose(z, zt, atol=1e-3)  # the transpose did matter
+
+
+def test_matches_the_torch_op():
+    torch = pytest.importorskip("torch")
+    from hadaconv.ops import hadamard_affine
+
+    rng = np.random.default_rng(5)
+    for n, gshape, inverse in [(576, (n := 576,), False), (384, (96, 4, 4), True), (1024, (64, 16, 16), False)]:
+        x, g, b = inputs(rng, (3, n), n, np.float32, gshape, beta=True)
+        _, y = run(make_model(n, gamma=list(gshape), beta=True, transpose=int(inverse), x_shape=("R", None)),
+                   feeds_of(x, g, b))
+        want = hadamard_affine(torch.from_numpy(x), torch.from_numpy(g), torch.from_numpy(b), inverse=inverse)
+        assert_close(y, want.double().numpy())
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64), (0, 0, 64)])
+def test_zero_rows(shape):
+    x = np.zeros(shape, np.float32)
+    g = np.ones(64, np.float32)
+    _, y = run(make_model(64, gamma=[64], x_shape=("A",) * (len(shape) - 1) + (None,)), {"X": x, "gamma": g})
+    assert y.shape == shape
+
+
+def test_many_rows_use_the_thread_pool():
+    rng = np.random.default_rng(11)
+    x, g, b = inputs(rng, (3000, 256), 256, np.float32, (256,), beta=True)
+    _, y = run(make_model(256, gamma=[256], beta=True, x_shape=("R", None)), feeds_of(x, g, b),
+               intra_op_num_threads=2)
+    assert_close(y, reference(x, g, b))
+
+
+# --------------------------------------------------------------------------- errors
+
+def _expect_error(model, feeds, *fragments):
+    with pytest.raises(Exception) as info:
+        run(model, feeds)
+    msg = str(info.value)
+    for frag in fragments:
+        assert frag in msg, msg
+    return msg
+
+
+def test_errors_are_clear_and_survivable():
+    x64 = np.ones((2, 64), np.float32)
+    core12 = hadamard_core(12).astype(int).ravel().tolist()
+    # Last dimension != n (the model leaves it symbolic, so only the kernel can tell).
+    _expect_error(make_model(64, x_shape=("R", "C")), {"X": np.ones((2, 32), np.float32)},
+                  "last dimension of X must be n = 64", "[2, 32]")
+    # n is not m * 2^k.
+    _expect_error(make_model(40, attrs=dict(n=40, m=4, core=[1] * 16, scale=0.1)), {"X": np.ones((1, 40), np.float32)},
+                  "n = 40 is not m * 2^k")
+    _expect_error(make_model(50, attrs=dict(n=50, m=12, core=core12, scale=0.1)), {"X": np.ones((1, 50), np.float32)},
+                  "not a multiple of m = 12")
+    # The core: wrong length, wrong entries, missing.
+    _expect_error(make_model(384, attrs=dict(n=384, m=12, core=core12[:-1], scale=0.1)),
+                  {"X": np.ones((1, 384), np.float32)}, "core has 143 entries, expected m * m = 144")
+    _expect_error(make_model(384, attrs=dict(n=384, m=12, core=[2] * 144, scale=0.1)),
+                  {"X": np.ones((1, 384), np.float32)}, "only +1 and -1")
+    _expect_error(make_model(384, attrs=dict(n=384, m=12, scale=0.1)), {"X": np.ones((1, 384), np.float32)},
+                  "missing attribute 'core'")
+    _expect_error(make_model(64, attrs=dict(m=1, scale=0.1)), {"X": x64}, "missing attribute 'n'")
+    # gamma / beta shapes.
+    _expect_error(make_model(64, gamma=["G"], x_shape=("R", None)), {"X": x64, "gamma": np.ones(63, np.float32)},
+                  "gamma must be [64] or [n/b, b, b]", "[63]")
+    _expect_error(make_model(64, gamma=["A", "B", "C"], x_shape=("R", None)),
+                  {"X": x64, "gamma": np.ones((16, 4, 5), np.float32)}, "gamma must be", "[16, 4, 5]")
+    _expect_error(make_model(64, beta=True, x_shape=("R", None)), {"X": x64}, "beta")  # missing feed: ORT's error
+    bad_beta = helper.make_model(helper.make_graph(
+        [helper.make_node("HadamardAffine", ["X", "", "beta"], ["Y"], domain="com.hadaconv", n=64, m=1, core=[1],
+                          scale=0.125)], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["R", 64]),
+         helper.make_tensor_value_info("beta", TensorProto.FLOAT, ["K"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]), opset_imports=OPSETS).SerializeToString()
+    _expect_error(bad_beta, {"X": x64, "beta": np.ones(65, np.float32)}, "beta must be [64], got [65]")
+    # Unsupported types: ONNX Runtime refuses them when the session is created.
+    with pytest.raises(Exception, match="double"):
+        run(make_model(64, np.float64, x_shape=("R", None)), {"X": x64.astype(np.float64)})
+    # The process is fine afterwards.
+    _, y = run(make_model(64, x_shape=("R", None)), {"X": x64})
+    assert_close(y, reference(x64))
+
+
+# --------------------------------------------------------------------------- loading
+
+def _header_api_version() -> int | None:
+    cache = runtime.BUILD_DIR / "CMakeCache.txt"
+    if not cache.is_file():
+        return None
+    m = re.search(r"^ORT_INCLUDE_DIR:PATH=(.*)$", cache.read_text(), re.M)
+    header = os.path.join(m.group(1) if m and m.group(1) else
+                          str(runtime.OPS_DIR / "third_party/onnxruntime/include"), "onnxruntime_c_api.h")
+    if not os.path.isfile(header):
+        return None
+    v = re.search(r"#define ORT_API_VERSION (\d+)", open(header).read())
+    return int(v.group(1)) if v else None
+
+
+def test_library_loads_in_a_newer_runtime(library):
+    """Built against the fetched 1.21 headers, loaded by the venv's onnxruntime (1.32 here)."""
+    built = _header_api_version()
+    running = int(ort.__version__.split(".")[1])
+    if built is not None:
+        assert built <= running
+    _, y = run(make_model(64, x_shape=("R", None)), {"X": np.eye(64, dtype=np.float32)})
+    assert_close(y, reference(np.eye(64)))
+
+
+def test_no_cudart_dependency(library):
+    """A CUDA build links cudart statically with hidden symbols: nothing CUDA in NEEDED, and
+    RegisterCustomOps is the only export."""
+    try:
+        dyn = subprocess.run(["readelf", "-dW", str(library)], capture_output=True, text=True, check=True).stdout
+        syms = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("binutils not available")
+    assert "cudart" not in dyn and "libcuda" not in dyn
+    exported = {line.split()[-1] for line in syms.splitlines() if line.strip()}
+    assert exported == {"RegisterCustomOps"}
+
+
+def test_two_sessions_in_two_threads():
+    n = 576
+    rng = np.random.default_rng(9)
+    x, g, b = inputs(rng, (64, n), n, np.float32, (n // 16, 16, 16), beta=True)
+    ref = reference(x, g, b)
+    errors: list[BaseException] = []
+
+    def worker():
+        try:
+            sess = runtime.session(make_model(n, gamma=[n // 16, 16, 16], beta=True, x_shape=("R", None)),
+                                   providers=["CPUExecutionProvider"], intra_op_num_threads=1)
+            for _ in range(10):
+                assert_close(sess.run(None, feeds_of(x, g, b))[0], ref)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_op_library_env_override(monkeypatch, tmp_path, library):
+    monkeypatch.setenv("HADACONV_OPS_LIB", str(library))
+    assert runtime.op_library() == library
+    monkeypatch.setenv("HADACONV_OPS_LIB", str(tmp_path / "missing.so"))
+    with pytest.raises(HadaconvError, match="does not exist"):
+        runtime.op_library()
