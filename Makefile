@@ -25,7 +25,7 @@ test: $(STAMP) ops
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP) ops
-	$(PY) benchmarks/bench_fwht.py --quick
+	$(PY) examples/demo.py
 
 # The ONNX Runtime custom-op library (custom_ops/ -> custom_ops/build/libhadaconv_ort.so); CMake
 # makes it incremental, and the CUDA kernel is included when nvcc is found.
