@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -140,10 +139,11 @@ def time_decode(sess, batch: int, steps: int, rng, past: int = 128) -> float:
 
 
 def peak_rss(bundle: Path, batch: int, seq: int, threads: int) -> float:
-    """MiB, in a fresh process: open the session and run one prefill."""
-    code = ("import resource, sys, numpy as np; sys.path.insert(0, %r); import bench_e2e as b; "
+    """MiB, in a fresh process: open the session and run one prefill.  VmHWM, not ru_maxrss:
+    ru_maxrss survives exec, so a child would report this (large) process's peak."""
+    code = ("import sys, numpy as np; sys.path.insert(0, %r); import bench_e2e as b; "
             "s = b.session(b.Path(%r), %d); b.time_prefill(s, %d, %d, np.random.default_rng(0)); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)") % (
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)") % (
         str(Path(__file__).parent), str(bundle), threads, batch, seq)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -276,8 +276,8 @@ def portable_forms(threads: int) -> None:
         L = n // f.m
         nodes, inits, last = [], {"gamma": gamma * np.float32(1 / math.sqrt(n))}, "X"
         inits["s0"] = np.array([-1, f.m, L], dtype=np.int64)
-        nodes.append(helper.make_node("Reshape", [last, "s0"], ["b0"]))
-        last, h = "b0", L // 2
+        nodes.append(helper.make_node("Reshape", [last, "s0"], ["x0"]))
+        last, h = "x0", L // 2
         stage = 0
         while h >= 1:
             shape = np.array([-1, f.m, L // (2 * h), 2, h], dtype=np.int64)

@@ -130,20 +130,18 @@ def _transform_cols(z: torch.Tensor) -> torch.Tensor:
 def _fit_gamma(p: torch.Tensor, target: torch.Tensor, block: int) -> torch.Tensor:
     """argmin_G ||G p - target||_F^2 for G diagonal / block-diagonal (p, target: [d, k]).
 
-    The damping is relative to each block's own scale (1e-12): it keeps the solve regular when a
-    block of P is (nearly) rank-deficient without biasing well-posed blocks; an all-zero block
-    gets G_i = 0.
+    The damping is 1e-11 of P's mean channel power: negligible for well-posed blocks, but it keeps
+    G bounded where a block of P carries almost nothing (a direction the value map nearly
+    removed), which would otherwise give gammas of 1e13 that float32 cannot carry.
     """
     d = p.shape[0]
+    power = (p * p).sum(1)
+    damp = 1e-11 * power.mean() + (power.mean() == 0)
     if block == 1:
-        power = (p * p).sum(1)
-        return (p * target).sum(1) / (power * (1 + 1e-12) + (power == 0))
+        return (p * target).sum(1) / (power + damp)
     nb = d // block
     pb, tb = p.reshape(nb, block, -1), target.reshape(nb, block, -1)
-    gram = pb @ pb.transpose(1, 2)
-    level = gram.diagonal(dim1=1, dim2=2).mean(-1)
-    damp = 1e-12 * level + (level == 0)
-    gram = gram + damp[:, None, None] * torch.eye(block, dtype=p.dtype)
+    gram = pb @ pb.transpose(1, 2) + damp * torch.eye(block, dtype=p.dtype)
     cross = tb @ pb.transpose(1, 2)
     # G_i gram_i = cross_i  ->  G_i = cross_i gram_i^{-1} (gram symmetric)
     return torch.linalg.solve(gram, cross.transpose(1, 2)).transpose(1, 2)

@@ -12,6 +12,7 @@ matters for a memory-bound transform in eager PyTorch.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -48,11 +49,20 @@ def _factor_matrix(order: int, core: bool, transpose: bool, dtype: torch.dtype, 
     return torch.tensor(mat, dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_accelerator_once() -> None:
+    warnings.warn(
+        "hadaconv: no fused GPU kernel for the Hadamard transform in PyTorch yet; GPU tensors use "
+        "the PyTorch reference path (small GEMMs, one pass per factor)", RuntimeWarning, stacklevel=3)
+
+
 def hadamard_transform(x: torch.Tensor, scale: float, inverse: bool = False) -> torch.Tensor:
     """``scale * H x`` (``scale * H^T x`` if inverse) over the last axis, in the compute dtype.
 
     Returns a new contiguous tensor of dtype ``compute_dtype(x.dtype)`` and the shape of x.
     """
+    if x.device.type != "cpu":
+        _warn_accelerator_once()
     n = x.shape[-1]
     m, radices = _radices(n)
     dtype = compute_dtype(x.dtype)
