@@ -162,6 +162,10 @@ class MomentCollector:
             for h in handles:
                 h.remove()
 
+    def merge(self, other: "MomentCollector") -> None:
+        """Take over the statistics another collector gathered (for layers this one lacks)."""
+        self._sums.update(other._sums)
+
     def moments(self, index: int, split: str = "calib") -> Moments | None:
         acc = self._sums.get((split, index))
         if acc is None or acc[2] == 0:

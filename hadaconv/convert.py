@@ -331,7 +331,7 @@ def convert(
             for layer in layers:
                 single = MomentCollector({layer.index: layer.out_module})
                 _collect(model, single, calib_batches, heldout_batches)
-                collector._sums.update(single._sums)
+                collector.merge(single)
                 fit, seconds = fit_layer(layer, single.moments(layer.index))
                 fits[layer.index] = fit
                 record(layer, fit, seconds)

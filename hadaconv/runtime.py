@@ -128,6 +128,26 @@ def op_library(build: bool = True) -> pathlib.Path:
     return build_ops()
 
 
+def import_onnxruntime():
+    """The onnxruntime module, or a one-line HadaconvError saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise HadaconvError("onnxruntime is not installed (pip install 'hadaconv[ort]')") from None
+    return onnxruntime
+
+
+def make_session_options(**session_options: Any) -> "onnxruntime.SessionOptions":
+    """``onnxruntime.SessionOptions`` with the given attributes set (an unknown name is a
+    one-line HadaconvError)."""
+    options = import_onnxruntime().SessionOptions()
+    for name, value in session_options.items():
+        if not hasattr(options, name):
+            raise HadaconvError(f"onnxruntime.SessionOptions has no option {name!r}")
+        setattr(options, name, value)
+    return options
+
+
 def session(
     model: str | os.PathLike | bytes,
     providers: list[Any] | None = None,
@@ -140,15 +160,8 @@ def session(
     CPU.  Keyword arguments set ``onnxruntime.SessionOptions`` attributes, for example
     ``intra_op_num_threads=1`` or ``graph_optimization_level=...``.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise HadaconvError("onnxruntime is not installed (pip install 'hadaconv[ort]')") from e
-    options = ort.SessionOptions()
-    for name, value in session_options.items():
-        if not hasattr(options, name):
-            raise HadaconvError(f"onnxruntime.SessionOptions has no option {name!r}")
-        setattr(options, name, value)
+    ort = import_onnxruntime()
+    options = make_session_options(**session_options)
     options.register_custom_ops_library(str(op_library()))
     if providers is None:
         available = ort.get_available_providers()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from hadaconv.errors import HadaconvError
+from hadaconv.runtime import import_onnxruntime, make_session_options
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
@@ -111,15 +112,8 @@ def session_for(
     ``provider``: "auto" (CUDA when this onnxruntime has it, else CPU), "cpu" or "cuda".  Keyword
     arguments set ``SessionOptions`` attributes (``intra_op_num_threads=2``, ...).
     """
-    try:
-        import onnxruntime as ort
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise HadaconvError("onnxruntime is not installed (pip install 'hadaconv[ort]')") from None
-    options = ort.SessionOptions()
-    for name, value in session_options.items():
-        if not hasattr(options, name):
-            raise HadaconvError(f"onnxruntime.SessionOptions has no option {name!r}")
-        setattr(options, name, value)
+    ort = import_onnxruntime()
+    options = make_session_options(**session_options)
     if library is not None:
         library = Path(library)
         if not library.is_file():
