@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from hadaconv.ops import fwht
+from hadaconv.ops.transform import hadamard_transform_columns
 
 Mode = Literal["affine", "diag", "head"]
 MODES: tuple[Mode, ...] = ("affine", "diag", "head")
@@ -122,9 +122,9 @@ def _apply_g(gamma: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.bmm(gamma, z.reshape(nb, b, -1)).reshape(z.shape)
 
 
-def _transform_cols(z: torch.Tensor) -> torch.Tensor:
-    """T @ z (the orthonormal Hadamard transform applied to each column)."""
-    return fwht(z.T).T
+def _transform_cols(z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """T @ z (T^T @ z if inverse): the orthonormal Hadamard transform of each column."""
+    return hadamard_transform_columns(z, 1.0 / math.sqrt(z.shape[0]), inverse)
 
 
 def _fit_gamma(p: torch.Tensor, target: torch.Tensor, block: int) -> torch.Tensor:
@@ -288,7 +288,7 @@ def _alternating_start(w, gamma_for, layout, d, steps: int = 30) -> torch.Tensor
         else:
             nb, b, _ = g.shape
             g_inv_w = (torch.linalg.pinv(g) @ w.reshape(nb, b, d)).reshape(d, d)
-        r = fwht(g_inv_w.T, inverse=True).T  # T^T G^-1 W
+        r = _transform_cols(g_inv_w, inverse=True)  # T^T G^-1 W
         diag_blocks = r.reshape(h, hd, h, hd).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         v = _normalized(diag_blocks.reshape(kv, layout.group, hd, hd).mean(1))
     return v

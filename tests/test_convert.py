@@ -176,3 +176,31 @@ def test_cli_bad_input_is_one_line(case, tmp_path):
     assert not (tmp_path / "out").exists()
     if case == "pickle":
         assert "--trust-pickle" in lines[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sensitivity_replay_matches_full_forward(family, monkeypatch):
+    """Replaying the unchanged blocks' outputs gives the sensitivities of full forward passes."""
+    import hadaconv.convert as conv
+    from hadaconv.fit import Moments, fit_projection
+
+    model = make_tiny(family)
+    model.eval()
+    adapter = find_adapter(model)
+    adapter.prepare(model)
+    layers = adapter.layers(model)
+    assert conv._blocks(model, layers) is not None
+    fits = {}
+    for layer in layers:
+        w, b = layer.out.get()
+        torch.manual_seed(layer.index)
+        fits[layer.index] = fit_projection(w, b, Moments.identity(layer.width), mode="affine", block=1)
+    probe = [example_inputs(family, model, seed=7)]
+    kind = adapter.kind(model)
+    replayed = conv._sensitivities(model, layers, fits, probe, kind, False)
+    monkeypatch.setattr(conv, "_blocks", lambda model, layers: None)
+    full = conv._sensitivities(model, layers, fits, probe, kind, False)
+    assert all(v > 0 for v in full)
+    torch.testing.assert_close(torch.tensor(replayed), torch.tensor(full), rtol=1e-5, atol=1e-9)
+    monkeypatch.undo()
+    assert all("forward" not in vars(blk) for blk in conv._blocks(model, layers))

@@ -148,3 +148,19 @@ def test_opcheck():
     gamma, beta = torch.randn(6, 4, 4, requires_grad=True), torch.randn(24, requires_grad=True)
     torch.library.opcheck(torch.ops.hadaconv.fwht.default, (x, 0.2, False))
     torch.library.opcheck(torch.ops.hadaconv.hadamard_affine.default, (x.requires_grad_(), gamma, beta, 0.2, True))
+
+
+@pytest.mark.parametrize("n", [1, 12, 20, 28, 64, 576, 4096])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_column_transform_matches_dense_float64(n, inverse):
+    from hadaconv.ops.transform import hadamard_transform_columns
+
+    h = torch.tensor(hadamard_matrix(n))
+    z = torch.randn(n, 7, 3, dtype=torch.float64)
+    want = torch.einsum("ij,jab->iab", h.T if inverse else h, z) * 0.5
+    got = hadamard_transform_columns(z, 0.5, inverse)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * math.sqrt(n))
+    if n > 64:
+        return  # gradcheck costs n * columns forward passes
+    zz = torch.randn(n, 2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: hadamard_transform_columns(t, 1 / math.sqrt(n), inverse), (zz,))
