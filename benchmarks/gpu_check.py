@@ -239,7 +239,7 @@ def triton_section(rows: int, timing: bool) -> tuple[list[str], list[str]]:
     if not triton_kernel.available():
         return ["triton is not installed: Triton kernel not checked"], []
     failures, table = [], []
-    for n in (12, 20, 64, 576, 768, 1024, 2048, 4096, 5120, 8192, 16384):
+    for n in (12, 20, 64, 576, 768, 1024, 2048, 4096, 5120, 8192):
         h = torch.tensor(hadamard_matrix(n, normalized=True), dtype=torch.float64)
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for inverse in (False, True):
@@ -251,7 +251,7 @@ def triton_section(rows: int, timing: bool) -> tuple[list[str], list[str]]:
                     failures.append(f"triton n={n} {dtype} inverse={inverse}: relative error {err:.2e}")
         if timing:
             x = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
-            y = torch.empty_like(x)
+            y = torch.empty(rows, n, device="cuda", dtype=torch.float32)  # the kernel writes float32
             copy = cuda_ms(lambda: y.copy_(x))
             ours = cuda_ms(lambda: triton_kernel.hadamard_transform(x, 1.0))
             torch_path = cuda_ms(lambda: torch_reference(transform, x))
@@ -316,7 +316,7 @@ def main() -> int:
     if triton_table:
         lines += ["", f"Triton kernel (hadaconv.fwht on CUDA tensors), [{args.rows}, n] bfloat16, median ms: the copy "
                   "floor, the kernel, and the PyTorch path it replaces (one GEMM per factor).", "",
-                  "| n | copy (floor) | triton | triton/copy | PyTorch path | speed-up |", "|---:|---:|---:|---:|---:|---:|"]
+                  "| n | copy bf16 -> fp32 (floor) | triton | triton/copy | PyTorch path | speed-up |", "|---:|---:|---:|---:|---:|---:|"]
         lines += ["| " + " | ".join(r) + " |" for r in triton_table]
     text = "\n".join(lines) + "\n"
     print(text)

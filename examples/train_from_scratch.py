@@ -20,14 +20,16 @@ small so that the projections are a visible share of the model, as in the paper'
     python examples/train_from_scratch.py                       # the CPU run in RESULTS.md
     python examples/train_from_scratch.py --steps 5 --tiny      # a smoke run (the test)
     python examples/train_from_scratch.py --width 768 --layers 12 --heads 12 --steps 3000 \\
-        --batch-size 64 --seq-len 512 --jobs 1                  # a larger pair on a GPU
+        --batch-size 64 --seq-len 512                           # a larger pair on a GPU
 
 FLOPs are counted per token, forward: 2 per weight multiply-add of every linear layer, the
 attention scores and mixing (2 * 2 * seq * d per layer, causal average halved), the LM head, and
 for a Hadamard projection ``d * (m + log2(2^k))`` additions of a fast transform of order
 ``m * 2^k`` plus the per-channel affine.  Training counts 3x forward (backward = 2x), the
 conversion its calibration forward passes, distillation a teacher forward plus a student step.
-Normalisation, activations and softmax are left out of all rows alike.
+Normalisation, activations and softmax are left out of all rows alike.  These are the
+algorithm's FLOPs (a fast transform), not what the CPU path executes (one small GEMM per
+Kronecker factor), so "equal FLOPs" is equal in theory; the tokens/s column is what ran.
 """
 
 from __future__ import annotations
@@ -198,8 +200,8 @@ def train(model, train_ids, val, args, steps: int, flops_per_token: float, log: 
 
 def activation_meter(store: dict | None, model):
     """Records the distinct storages autograd saves for the backward pass (bytes by address,
-    the weights' own storages left out): the activation memory of one step, measured the same
-    way on any device."""
+    the weights' own storages left out): the activation memory of one step.  Under CUDA bf16
+    autocast it also counts the bf16 weight copies that autocast saves."""
     if store is None:
         return contextlib.nullcontext()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -228,9 +230,11 @@ def training_memory(model, activations: int, args) -> dict:
 
 
 def run_variant(args) -> dict:
-    """One variant in its own process (so that peak memory is its own)."""
+    """One variant, in its own process (so that peak memory is its own)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     files = plays()
     if args.max_plays:
         files = files[: args.max_plays - 1] + files[-1:]
@@ -252,10 +256,11 @@ def run_variant(args) -> dict:
     convert_flops, distill_flops_per_step = 0.0, 0.0
     if hadamard:
         # Same compute as the dense route: training + calibration + distillation.
-        convert_flops = 2 * dense_fpt * args.calib_samples * args.seq_len
+        convert_flops = dense_fpt * args.calib_samples * args.seq_len if args.distill_steps >= 0 else 0.0
         # Distillation: teacher forward (dense) + student forward and backward (converted).
         distill_flops_per_step = (dense_fpt + 3 * fpt) * tokens_per_step
-        budget = 3 * dense_fpt * tokens_per_step * args.steps + convert_flops + distill_flops_per_step * args.distill_steps
+        budget = 3 * dense_fpt * tokens_per_step * args.steps + convert_flops \
+            + distill_flops_per_step * max(0, args.distill_steps)
         steps = math.ceil(budget / (3 * fpt * tokens_per_step))
     result = {"variant": args.variant, "parameters": parameters(model), "forward_flops_per_token": fpt,
               "steps": steps, "tokens_per_step": tokens_per_step}
@@ -280,7 +285,8 @@ def convert_and_distill(dense, tokenizer, files, val, args, dense_fpt: float, fl
         block=args.block, calib=[str(p) for p in files[:-1]], samples=args.calib_samples, seq_len=args.seq_len,
         batch_size=args.batch_size, sensitivity=False, progress=args.verbose))
     fpt = forward_flops_per_token(student, args.seq_len)
-    flops = flops0 + 2 * dense_fpt * args.calib_samples * args.seq_len
+    student.to(args.device)
+    flops = flops0 + dense_fpt * args.calib_samples * args.seq_len  # one calibration forward pass
     curve = [{"step": 0, "flops": flops, "val_loss": validate(student, val, args)}]
     out = {"parameters": parameters(student), "convert_seconds": report.seconds, "distill_steps": max(0, args.distill_steps),
            "fit_error": sum(r.heldout_error if r.heldout_error is not None else r.calib_error
@@ -301,7 +307,9 @@ def convert_and_distill(dense, tokenizer, files, val, args, dense_fpt: float, fl
         curve += [{"step": p["step"], "flops": flops + per_step * p["step"], "val_loss": math.log(p["metric"])}
                   for p in dreport.curve if p["step"] > 0]
         out["distill_seconds"] = dreport.seconds
-    out.update(curve=curve, final_val_loss=validate(student, val, args), total_flops=curve[-1]["flops"])
+    # distill keeps its best state by this same validation text, so the final number is the last
+    # evaluation of its curve, not the selected state: no pick on the test set.
+    out.update(curve=curve, final_val_loss=curve[-1]["val_loss"], total_flops=curve[-1]["flops"])
     return out
 
 
@@ -404,8 +412,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-plays", type=int, default=None, help="use only this many plays (the last validates)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--jobs", type=int, default=2, help="variants run side by side (threads split between them)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="variants run side by side, threads split between them [default: 2 on CPU, 1 on GPU]")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer width-64 model, for smoke tests")
+    ap.add_argument("--in-process", action="store_true", help="run the variants in this process (tests)")
     ap.add_argument("--out", default=str(HERE.parent / "benchmarks" / "train_from_scratch"),
                     help="writes OUT.json and OUT.png")
     ap.add_argument("--work", default="/tmp/hadaconv-train-from-scratch")
@@ -415,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.layers, args.width, args.heads, args.seq_len, args.batch_size = 2, 64, 2, 32, 4
         args.val_windows, args.calib_samples, args.warmup, args.max_plays = 4, 8, 2, 3
         args.eval_every = max(1, min(args.eval_every, args.steps))
-    jobs = max(1, min(args.jobs, 2))
+    jobs = max(1, min(args.jobs or (2 if args.device == "cpu" else 1), 2))
     args.threads = max(1, torch.get_num_threads() // jobs) if args.device == "cpu" else None
 
     variants = []
@@ -424,11 +434,11 @@ def main(argv: list[str] | None = None) -> dict:
         v.variant = name
         variants.append(v)
     start = time.perf_counter()
-    if jobs > 1:
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            outs = pool.map(run_variant, variants)
-    else:
+    if args.in_process:
         outs = [run_variant(v) for v in variants]
+    else:  # a fresh process per variant, even one at a time, so that peak memory is its own
+        with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+            outs = pool.map(run_variant, variants, chunksize=1)
     results = {o["variant"]: o for o in outs}
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("variant",)}
     results["wall_seconds"] = time.perf_counter() - start

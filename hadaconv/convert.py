@@ -4,7 +4,7 @@
 attention output projection becomes a :class:`~hadaconv.nn.HadamardProjection` fitted by least
 squares (see :mod:`hadaconv.fit`), with the zero-cost value-side correction folded into the value
 projection.  It returns a :class:`ConvertReport`.  ``patch(model)`` is the from-scratch path:
-fresh, identity-initialised projections and no fit.
+fresh projections (gamma = 1, beta = 0: a plain orthonormal Hadamard rotation) and no fit.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class ConvertReport:
 
 
 def install_projection(layer: AttentionLayer, block: int = 1, bias: bool = True) -> HadamardProjection:
-    """Replace ``layer``'s output projection with a fresh (identity-initialised) HadamardProjection
+    """Replace ``layer``'s output projection with a fresh HadamardProjection (gamma = 1, beta = 0)
     on the old one's device and dtype; returns it."""
     ref = layer.out.weight
     proj = HadamardProjection(layer.width, bias=bias, block=block, device=ref.device, dtype=ref.dtype)
@@ -208,19 +208,16 @@ def _output(model: nn.Module, batch: dict, kind: str) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def _reference(output: torch.Tensor, kind: str):
-    """What _divergence compares against: (log p, p) for LMs, computed once."""
-    if kind == "causal-lm":
-        logp = F.log_softmax(output.float(), -1)
-        return logp, logp.exp()
-    return output
+def _reference(output: torch.Tensor, kind: str) -> torch.Tensor:
+    """What _divergence compares against: log-probabilities for LMs, computed once."""
+    return F.log_softmax(output.float(), -1) if kind == "causal-lm" else output
 
 
-def _divergence(student: torch.Tensor, teacher, kind: str) -> float:
-    """KL(teacher || student) per token for LMs; relative squared error otherwise."""
+def _divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> float:
+    """KL(teacher || student) per token for LMs (``teacher`` from _reference); relative squared
+    error otherwise."""
     if kind == "causal-lm":
-        logp, p = teacher
-        return (p * (logp - F.log_softmax(student.float(), -1))).sum(-1).mean().item()
+        return (teacher.exp() * (teacher - F.log_softmax(student.float(), -1))).sum(-1).mean().item()
     return ((student - teacher).square().sum() / teacher.square().sum().clamp_min(1e-30)).item()
 
 
@@ -427,14 +424,19 @@ def _sensitivities(model, layers, fits, probe, kind, show) -> list[float]:
                 div = []
                 for batch, ref, store in zip(probe, reference, replay):
                     skip = blocks[:_position(blocks, layer)] if blocks else []
-                    for pos, blk in enumerate(skip):
-                        blk.forward = (lambda out: lambda *a, **k: out)(store[pos])
+                    # An instance may already carry its own forward (accelerate's hooks do).
+                    own = [vars(blk).get("forward") for blk in skip]
                     try:
+                        for pos, blk in enumerate(skip):
+                            blk.forward = (lambda out: lambda *a, **k: out)(store[pos])
                         with torch.inference_mode():
                             div.append(_divergence(_output(model, batch, kind), ref, kind))
                     finally:
-                        for blk in skip:
-                            del blk.forward  # back to the class's forward
+                        for blk, fwd in zip(skip, own):
+                            if fwd is None:
+                                vars(blk).pop("forward", None)  # back to the class's forward
+                            else:
+                                blk.forward = fwd
                 values.append(sum(div) / len(div))
             finally:
                 undo()

@@ -19,7 +19,7 @@ def script():
 
 def test_tiny_run_writes_json_and_counts(script, tmp_path):
     out = tmp_path / "tfs"
-    results = script.main(["--tiny", "--steps", "4", "--distill-steps", "2", "--jobs", "1", "--quiet",
+    results = script.main(["--tiny", "--steps", "4", "--distill-steps", "2", "--in-process", "--quiet",
                            "--out", str(out), "--work", str(tmp_path / "work")])
     saved = json.loads(out.with_suffix(".json").read_text())
     dense, had = saved["dense"], saved["hadamard"]

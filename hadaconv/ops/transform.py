@@ -47,7 +47,9 @@ def _factor_matrix(order: int, core: bool, transpose: bool, dtype: torch.dtype, 
     h = hadamard_core(order) if core else sylvester(order.bit_length() - 1)
     # y @ H^T applies H; Sylvester blocks are symmetric so only the core cares.
     mat = h if transpose else np.ascontiguousarray(h.T)
-    return torch.tensor(mat, dtype=dtype, device=device)
+    # Cached for later calls: an inference tensor could never be saved for a backward pass.
+    with torch.inference_mode(False):
+        return torch.tensor(mat, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=1)

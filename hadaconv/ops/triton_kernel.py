@@ -10,13 +10,15 @@ padded inputs are masked to zero and the padded outputs never stored.  Accumulat
 with IEEE products (no TF32), whatever the input dtype.
 
 Used by :func:`hadaconv.ops.transform.hadamard_transform` for CUDA tensors of float32 / float16 /
-bfloat16 when Triton is installed and the size fits (core m <= 64 and n <= m * 4096, or
-n <= 2^18 without a core); anything else takes the PyTorch path.  ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors, which is how
+bfloat16 when Triton is installed and the padded row fits one program (core m <= 64, at most
+8192 elements after padding: every power of two up to 8192, 576, 768, 2560, 3072, 5120, ...);
+anything else takes the PyTorch path.  ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors, which is how
 the tests check it on machines without a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -34,6 +36,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 MAX_FACTOR = 64
 #: Elements of a program's tile: R rows are batched until about this many.
 TILE_ELEMENTS = 8192
+#: Largest padded row one program holds (fp32 in registers; beyond it, spills or no launch).
+MAX_TILE = 8192
 
 
 def available() -> bool:
@@ -58,7 +62,10 @@ def plan(n: int) -> tuple[tuple[int, int, bool], ...] | None:
     ks = [f.k // parts + (i < f.k % parts) for i in range(parts)] if f.k else []
     axes = ([(f.m, True)] if f.m > 1 else []) + [(1 << k, False) for k in ks]
     axes += [(1, False)] * (3 - len(axes))
-    return tuple((s, 1 if s == 1 else max(16, triton_next_pow2(s)), core) for s, core in axes)
+    padded = tuple((s, 1 if s == 1 else max(16, triton_next_pow2(s)), core) for s, core in axes)
+    if padded[0][1] * padded[1][1] * padded[2][1] > MAX_TILE:
+        return None  # a row would not fit one program's registers: the PyTorch path
+    return padded
 
 
 def triton_next_pow2(v: int) -> int:
@@ -140,6 +147,8 @@ def hadamard_transform(x: torch.Tensor, scale: float, inverse: bool = False) -> 
     r = min(r, max(triton_next_pow2(rows), triton_next_pow2(max(1, -(-16 // smallest)))))
     m0, m1, m2 = _matrices(n, inverse, str(x.device))
     grid = (triton.cdiv(rows, r),)
-    _hadamard_kernel[grid](x2, y, m0, m1, m2, rows, x2.stride(0), y.stride(0), float(scale),
-                           S0=s0, S1=s1, S2=s2, P0=p0, P1=p1, P2=p2, R=r)
+    # Triton launches on the current device: make it x's.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _hadamard_kernel[grid](x2, y, m0, m1, m2, rows, x2.stride(0), y.stride(0), float(scale),
+                               S0=s0, S1=s1, S2=s2, P0=p0, P1=p1, P2=p2, R=r)
     return y.reshape(x.shape)
