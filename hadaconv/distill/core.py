@@ -12,6 +12,9 @@ student is trained in place, in up to two stages:
    clipping, bf16 autocast on CUDA; DDP / FSDP2 under torchrun; checkpoints and exact resume;
    held-out evaluation every ``eval_every`` steps, keeping the best state.
 
+The default is the global stage alone: on SmolLM2 with equal wall-clock budgets, local then
+global recovered less than global alone (benchmarks/RESULTS.md, "Distillation (CPU)").
+
 The learning-rate schedule runs on the fraction of the budget spent (the largest of steps,
 tokens and seconds against their limits), so a run limited by time still ends its cosine.
 """
