@@ -178,6 +178,7 @@ def measure(bundles: dict[str, Path], quick: bool, threads: int, repeats: int) -
         "rss": {v: peak_rss(b, *shapes[-1], threads) for v, b in bundles.items()},
         "size": {v: size_mb(b) for v, b in bundles.items()},
         "shapes": [f"{b}x{s}" for b, s in shapes], "decode_batches": [str(b) for b in decode_batches],
+        "repeats": repeats,
     }
 
 
@@ -195,8 +196,8 @@ def markdown(res: dict, shares_: dict, threads: int, quick: bool) -> str:
         f"Machine: {cpu}, {os.cpu_count()} cores, Linux; onnxruntime {onnxruntime.__version__}, {threads} intra-op "
         f"threads, fp32. SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), all 30 output projections converted "
         f"(16 x 16 blocks, width 576 = 36 x 2^4). Median of alternating repeats; prefill over an empty past, decode "
-        f"steps on a past of 128. Written by `python benchmarks/bench_e2e.py{' --quick' if quick else ''} --write`; "
-        f"the machine was shared with other jobs, so absolute numbers are noisy. f = the output projections' share "
+        f"steps on a past of 128; {res.get('repeats', '?')} repeats. Written by `python benchmarks/bench_e2e.py"
+        f"{' --quick' if quick else ''} --write`. f = the output projections' share "
         f"of prefill FLOPs ({shares_['prefill']:.1%}) and of decode weight bytes ({shares_['decode']:.1%}); the bound "
         f"on the speedup is 1/(1 - f).", "",
         "| measure | dense | custom | portable | custom/dense | portable/dense | bound |",
