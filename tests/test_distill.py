@@ -116,7 +116,8 @@ def test_resume_continues_exactly(tokenizer, tmp_path):
 
 def test_encoder_distillation_runs(tokenizer):
     student, teacher = _pair("bert", tokenizer)
-    report = distill(student, teacher, tokenizer, DistillConfig(max_steps=3, lr=1e-3, hidden_weight=0.5, **RUN))
+    report = distill(student, teacher, tokenizer, DistillConfig(stages=["local", "global"], max_steps=3, lr=1e-3,
+                                                                hidden_weight=0.5, **RUN))
     assert report.metric == "embedding cosine" and report.steps == 3
     assert 0 < report.before <= 1 and report.after >= report.before - 1e-6
     assert len(report.local) == 2
