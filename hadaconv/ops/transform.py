@@ -69,11 +69,23 @@ def hadamard_transform(x: torch.Tensor, scale: float, inverse: bool = False) -> 
         if triton_kernel.supports(x):
             return triton_kernel.hadamard_transform(x, scale, inverse)
         _warn_accelerator_once()
-    n = x.shape[-1]
+    return gemm_transform(x, scale, inverse)
+
+
+@functools.lru_cache(maxsize=None)
+def _axes(n: int) -> tuple[tuple[int, bool], ...]:
+    """``(order, is_core)`` of each Kronecker factor of H_n: the core (if m > 1), then the
+    Sylvester blocks."""
     m, radices = _radices(n)
+    return ((m, True),) * (m > 1) + tuple((f, False) for f in radices)
+
+
+def gemm_transform(x: torch.Tensor, scale: float, inverse: bool = False) -> torch.Tensor:
+    """The PyTorch path of :func:`hadamard_transform` on any device: one GEMM per factor."""
+    n = x.shape[-1]
     dtype = compute_dtype(x.dtype)
     rows = x.numel() // n if n else 0
-    axes = ((m, True),) * (m > 1) + tuple((f, False) for f in radices)
+    axes = _axes(n)
     y = x.to(dtype).reshape(rows, *(a for a, _ in axes))
     if not axes or rows == 0:
         return (y * scale).reshape(x.shape)
@@ -97,8 +109,7 @@ def hadamard_transform_columns(z: torch.Tensor, scale: float, inverse: bool = Fa
     z's dtype; the least-squares fit uses it on float64 matrices.
     """
     n = z.shape[0]
-    m, radices = _radices(n)
-    axes = ((m, True),) * (m > 1) + tuple((f, False) for f in radices)
+    axes = _axes(n)
     if not axes:
         return z * scale
     y = z.reshape(*(a for a, _ in axes), -1)
