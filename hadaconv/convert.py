@@ -22,7 +22,7 @@ from torch import nn
 from hadaconv.adapters import Adapter, AttentionLayer, find_adapter
 from hadaconv.calibrate import MomentCollector, load_texts, token_windows
 from hadaconv.errors import HadaconvError
-from hadaconv.fit import MODES, FitResult, HeadLayout, Moments, fit_projection, relative_error
+from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, Moments, fit_projection, relative_error
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import progress
@@ -51,7 +51,8 @@ class ConvertConfig:
         sensitivity: measure each layer's sensitivity (needed by max_layers / max_loss).
         sensitivity_windows: calibration windows used to measure sensitivity.
         sequential: collect each layer's statistics with the earlier layers already converted.
-        ridge, max_iter: fit damping and L-BFGS budget.
+        ridge, gamma_ridge, max_iter: damping of the input covariance, penalty on the gamma
+            blocks (see :data:`hadaconv.fit.GAMMA_RIDGE`), L-BFGS budget.
     """
 
     mode: Literal["affine", "diag", "head"] = "head"
@@ -67,6 +68,7 @@ class ConvertConfig:
     sensitivity_windows: int = 4
     sequential: bool = False
     ridge: float = 1e-3
+    gamma_ridge: float = GAMMA_RIDGE
     max_iter: int = 40
     progress: bool = True
 
@@ -309,7 +311,8 @@ def convert(
         w, b = layer.out.get()
         t = time.perf_counter()
         fit = fit_projection(w, b, moments, mode=modes[layer.index], block=cfg.block,
-                             layout=layouts[layer.index], ridge=cfg.ridge, max_iter=cfg.max_iter)
+                             layout=layouts[layer.index], ridge=cfg.ridge, gamma_ridge=cfg.gamma_ridge,
+                             max_iter=cfg.max_iter)
         return fit, time.perf_counter() - t
 
     fits: dict[int, FitResult] = {}
