@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 import hadaconv
-from hadaconv.cli import main
 from hadaconv.convert import patch
 from hadaconv.distill import DistillConfig, distill
 from hadaconv.distill.losses import forward, kl_loss
 from hadaconv.io import hadaconv_meta, save_converted
+from cli_runner import run_cli as _cli
 from tiny_models import make_tiny, tokenizer_folder
 
 # A small, quick run: 48 windows of 16 tokens, no progress bar, rare evaluations.
@@ -124,18 +124,6 @@ def test_encoder_distillation_runs(tokenizer):
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the CLI in this process (a subprocess would spend seconds importing): (status, out, err)."""
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,66 @@
+"""Text sampled from the model itself (hadaconv.sample, ``hadaconv sample``)."""
+
+import json
+
+import pytest
+import torch
+from cli_runner import run_cli as _cli
+from tiny_models import make_tiny, tokenizer_folder
+from transformers import AutoTokenizer
+
+from hadaconv.calibrate import load_texts
+from hadaconv.errors import HadaconvError
+from hadaconv.sample import _start_tokens, sample_texts
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(tokenizer_folder())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cached_sampling_is_the_models_distribution(family, tokenizer):
+    """At a temperature near zero, sampling is greedy decoding: the KV-cache loop must give the
+    tokens a full forward pass over the whole prefix picks at every step."""
+    model = make_tiny(family)
+    n, length, seed = 3, 12, 5
+    ids = _start_tokens(tokenizer, n, torch.Generator().manual_seed(seed))[:, None]
+    with torch.no_grad():
+        for _ in range(length - 1):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    want = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    got = sample_texts(model, tokenizer, samples=n, seq_len=length, batch_size=2, temperature=1e-6,
+                       seed=seed, progress=False)
+    assert got == [t for t in want if t.strip()]
+
+
+def test_seeded_and_diverse(tokenizer):
+    model = make_tiny("llama")
+    a = sample_texts(model, tokenizer, samples=4, seq_len=10, seed=1, progress=False)
+    assert a == sample_texts(model, tokenizer, samples=4, seq_len=10, seed=1, progress=False)
+    assert a != sample_texts(model, tokenizer, samples=4, seq_len=10, seed=2, progress=False)
+    assert len(set(a)) == 4
+    specials = set(tokenizer.all_special_tokens)
+    assert not any(s in t for t in a for s in specials if s.strip())
+    with pytest.raises(HadaconvError, match="temperature"):
+        sample_texts(model, tokenizer, samples=1, seq_len=4, temperature=0)
+
+
+def test_cli_writes_jsonl_that_calibration_reads(tmp_path, capsys):
+    src = tmp_path / "tiny"
+    make_tiny("llama", src)
+    out = tmp_path / "gen.jsonl"
+    code, stdout, _ = _cli(capsys, "sample", src, "-o", out, "--samples", 3, "--seq-len", 8)
+    assert code == 0 and "wrote 3 samples" in stdout
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 3 and all(isinstance(r["text"], str) for r in records)
+    assert load_texts([str(out)]) == [r["text"] for r in records]
+    before = out.read_bytes()
+    # An existing file is kept unless --overwrite; a missing folder is one error line.
+    for args, message in (((), "exists"), (("--temperature", "0", "--overwrite"), "temperature")):
+        code, _, err = _cli(capsys, "sample", src, "-o", out, "--samples", 1, "--seq-len", 4, *args)
+        assert code == 1 and message in err and err.count("error:") == 1 and "Traceback" not in err
+    assert out.read_bytes() == before
+    code, _, err = _cli(capsys, "sample", src, "-o", tmp_path / "no" / "gen.jsonl", "--samples", 1)
+    assert code == 1 and "does not exist" in err
+    assert not list(tmp_path.glob(".gen.jsonl.*"))
