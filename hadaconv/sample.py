@@ -29,9 +29,11 @@ from hadaconv.progress import progress as progress_bar
 __all__ = ["check_output", "sample_texts", "write_jsonl"]
 
 
-def _start_tokens(tokenizer: Any, count: int, generator: torch.Generator) -> torch.Tensor:
+def _start_tokens(tokenizer: Any, count: int, generator: torch.Generator, limit: int | None = None) -> torch.Tensor:
+    """``count`` ordinary token ids, uniformly (below ``limit``, the model's vocabulary size)."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    size = len(tokenizer) if limit is None else min(len(tokenizer), limit)
+    vocab = [i for i in range(size) if i not in special]
     if not vocab:
         raise HadaconvError("the tokenizer has no ordinary tokens to start sampling from")
     pick = torch.randint(len(vocab), (count,), generator=generator)
@@ -67,7 +69,7 @@ def sample_texts(
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    starts = _start_tokens(tokenizer, samples, gen)
+    starts = _start_tokens(tokenizer, samples, gen, getattr(getattr(model, "config", None), "vocab_size", None))
     texts: list[str] = []
     batches = range(0, samples, batch_size)
     with progress_bar(len(batches) * (seq_len - 1), "sampling text from the model", progress) as step:
