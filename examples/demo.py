@@ -52,6 +52,10 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     t0 = time.perf_counter()
+    stages: dict[str, float] = {}  # seconds per stage, for the caption
+
+    def lap(stage: str) -> None:
+        stages[stage] = time.perf_counter() - t0 - sum(stages.values())
 
     plays = default_corpus()
     eval_text = plays[-1].read_text(encoding="utf-8")  # held out from calibration and training
@@ -61,6 +65,7 @@ def main() -> None:
     loaded = load_model(smollm2())
     teacher, tok = loaded.model, loaded.tokenizer
     windows = text_windows(tok, eval_text, 512, 8)
+    lap("load")
 
     console.rule("2. convert")
     student = copy.deepcopy(teacher)
@@ -68,6 +73,7 @@ def main() -> None:
                                                  samples=32, seq_len=256))
     console.print(report.table())
     ppl_converted = perplexity(student, windows).perplexity
+    lap("convert")
 
     console.rule(f"3. distill ({args.distill_minutes:g} min)")
     # Global KD only: in a two-minute budget the block-wise stage would take most of the time.
@@ -75,19 +81,18 @@ def main() -> None:
                                                            max_time=60 * args.distill_minutes,
                                                            samples=512, eval_every=10, eval_windows=8))
     console.print(dreport.table())
+    lap("distill")
 
     console.rule("4. export to ONNX (dense baseline and converted) and generate")
     rows = {}
     for name, model in (("original (dense)", teacher), ("hadaconv", student)):
         bundle = args.work / ("dense.onnx" if model is teacher else "hadaconv.onnx")
-        # 2e-3 on logits of magnitude ~30: a run of this demo (2026-11-28) measured 1.14e-3 max abs
-        # (3.9e-5 relative) for the distilled model against 6.5e-5 for the dense one; the cause is
-        # not yet understood (see the session notes), so the demo reports it rather than stopping.
-        export_onnx(model, bundle, tokenizer=tok, log=console.print, atol=2e-3)
+        export_onnx(model, bundle, tokenizer=tok, log=console.print)
         gen = generate(bundle, PROMPT, max_new_tokens=32)
         console.print(f"[bold]{name}[/]: {PROMPT}{gen.text[0]}")
         rows[name] = (sum(p.numel() for p in model.parameters()), onnx_bytes(bundle),
                       perplexity(model, windows).perplexity, gen.tokens_per_s)
+        lap(f"export + run ({'dense' if model is teacher else 'hadaconv'})")
 
     table = Table(title=f"hadaconv demo: SmolLM2-135M, {len(report.converted)} of {len(report.layers)} "
                         f"attention output projections converted (block {report.block})")
@@ -96,7 +101,8 @@ def main() -> None:
     for name, (params, size, ppl, tps) in rows.items():
         table.add_row(name, f"{params:,}", f"{size / 2**20:.1f} MiB", f"{ppl:.2f}", f"{tps:.1f}")
     table.caption = (f"perplexity right after conversion (before distillation): {ppl_converted:.2f}; "
-                     f"total demo time {(time.perf_counter() - t0) / 60:.1f} min")
+                     f"total demo time {(time.perf_counter() - t0) / 60:.1f} min ("
+                     + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + ")")
     console.print(table)
 
 
