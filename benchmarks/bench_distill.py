@@ -291,7 +291,7 @@ def section(records: list[dict]) -> str:
         curve = r["report"]["curve"]
         lines.append(f"- {r['config']} / {_text(r)} / {r['recipe']}: " + ", ".join(
             f"{p['tokens']:,}: {p['metric']:.2f}" for p in curve))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n"
 
 
 def plot(records: list[dict], path: Path) -> bool:
