@@ -21,7 +21,8 @@ covariance, ridge-damped by ``ridge * tr(C) / d``.  That is minimised *jointly* 
 L-BFGS in whitened coordinates (C = L L^T, so the objective is ||G T V L - W L||_F^2 and one
 evaluation costs O(d^2 (head_dim + log d + b)), never a d^3 product).  G enters linearly, so it
 is solved in closed form inside every evaluation (variable projection) and L-BFGS only moves V,
-starting from V = I (the affine solution).
+starting from V = I (the affine solution).  A small ridge on G (``GAMMA_RIDGE``) chooses, among
+the near-equal factorizations G T V, one whose G does not amplify float32 rounding.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def fit_projection(
         layout: head layout, required for "diag" and "head".
         ridge: damping relative to the mean eigenvalue of the input covariance.
         gamma_ridge: penalty ``lam ||G||_F^2`` on the gamma blocks, ``lam`` this fraction of the
-            mean channel power of ``T V L`` (see ``GAMMA_RIDGE``).
+            mean channel power of ``T V L`` (see ``GAMMA_RIDGE``; 0 turns it off).
         max_iter: L-BFGS iterations for the joint fit ("diag", "head").
     """
     if mode not in MODES:
