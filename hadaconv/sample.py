@@ -66,6 +66,11 @@ def sample_texts(
         raise HadaconvError("sampling needs at least one sequence of at least 2 tokens")
     from transformers import DynamicCache
 
+    from hadaconv.adapters import find_adapter
+
+    kind = find_adapter(model).kind(model)
+    if kind != "causal-lm":
+        raise HadaconvError(f"sampling text needs a causal LM, not a {kind!r} model")
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -91,7 +96,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail early (before any sampling) on an output file that cannot or may not be written."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise HadaconvError(f"{path} exists (pass --overwrite to replace it)")
+        raise HadaconvError(f"{path} already exists (use --overwrite to replace it)")
     if not path.parent.is_dir():
         raise HadaconvError(f"the folder {path.parent} does not exist")
     return path

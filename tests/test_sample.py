@@ -63,4 +63,9 @@ def test_cli_writes_jsonl_that_calibration_reads(tmp_path, capsys):
     assert out.read_bytes() == before
     code, _, err = _cli(capsys, "sample", src, "-o", tmp_path / "no" / "gen.jsonl", "--samples", 1)
     assert code == 1 and "does not exist" in err
+    encoder = tmp_path / "bert"
+    make_tiny("bert", encoder)
+    code, _, err = _cli(capsys, "sample", encoder, "-o", tmp_path / "bert.jsonl", "--samples", 1, "--seq-len", 4)
+    assert code == 1 and "needs a causal LM" in err and "Traceback" not in err
+    assert not (tmp_path / "bert.jsonl").exists()
     assert not list(tmp_path.glob(".gen.jsonl.*"))
