@@ -247,6 +247,51 @@ def test_errors_are_clear_and_survivable():
     assert_close(y, reference(x64))
 
 
+def _refused_at_creation(attrs, *fragments):
+    """A malformed node must fail when the session is created: it never gets to run."""
+    n = attrs.get("n", 64)
+    with pytest.raises(Exception) as info:
+        runtime.session(make_model(n, x_shape=("R", n), attrs=attrs), providers=["CPUExecutionProvider"])
+    msg = str(info.value)
+    for frag in ("HadamardAffine", *fragments):
+        assert frag in msg, msg
+
+
+core4 = hadamard_core(4).astype(int).ravel().tolist()
+
+
+@pytest.mark.parametrize("attrs, fragments", [
+    # m = 2 and 3 are no Hadamard orders the kernels take (the 4-row core tiles read past them).
+    (dict(n=64, m=2, core=[1, 1, 1, -1], scale=0.125), ["attribute m must be 1 or a multiple of 4", "got 2"]),
+    (dict(n=96, m=3, core=[1] * 9, scale=0.1), ["attribute m must be 1 or a multiple of 4"]),
+    (dict(n=264, m=132, core=[1] * 132 * 132, scale=0.1), ["up to 128"]),
+    (dict(n=64, m=0, core=[1], scale=0.1), ["attribute m"]),
+    (dict(n=64, m=-4, core=[1] * 16, scale=0.1), ["attribute m"]),
+    (dict(n=0, m=1, core=[1], scale=0.1), ["attribute n must be in [1,"]),
+    (dict(n=-64, m=1, core=[1], scale=0.1), ["attribute n must be in [1,"]),
+    (dict(n=1 << 40, m=1, core=[1], scale=0.1), ["attribute n must be in [1,"]),
+    (dict(n=64, m=4, core=[1] * 16, scale=0.1), ["not a Hadamard matrix"]),
+    (dict(n=64, m=4, core=core4, scale=float("nan")), ["scale must be finite and positive"]),
+    (dict(n=64, m=4, core=core4, scale=float("inf")), ["scale must be finite and positive"]),
+    (dict(n=64, m=4, core=core4, scale=0.0), ["scale must be finite and positive"]),
+    (dict(n=64, m=4, core=core4, scale=-0.125), ["scale must be finite and positive"]),
+    (dict(n=64, m=4, core=core4, scale=0.125, transpose=2), ["transpose must be 0 or 1"]),
+])
+def test_malformed_nodes_are_refused_at_session_creation(attrs, fragments):
+    _refused_at_creation(attrs, *fragments)
+
+
+def test_refusal_names_the_node():
+    graph = helper.make_graph(
+        [helper.make_node("HadamardAffine", ["X"], ["Y"], name="layers.3.o_proj.hadamard", domain="com.hadaconv",
+                          n=64, m=2, core=[1, 1, 1, -1], scale=0.125)], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["R", 64])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    with pytest.raises(Exception, match=r"HadamardAffine node 'layers\.3\.o_proj\.hadamard': attribute m"):
+        runtime.session(helper.make_model(graph, opset_imports=OPSETS).SerializeToString(),
+                        providers=["CPUExecutionProvider"])
+
+
 # --------------------------------------------------------------------------- loading
 
 def _header_api_version() -> int | None:

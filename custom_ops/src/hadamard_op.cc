@@ -155,14 +155,33 @@ struct AttrSource {
   }
 };
 
+// The largest Hadamard core either kernel takes (the CUDA kernel keeps the core as bits in a
+// fixed-size array, the CPU kernel tiles it 4 rows at a time).
+constexpr int64_t kMaxCore = 128;
+#ifdef HADACONV_WITH_CUDA
+static_assert(kMaxCore == cuda::kMaxCore, "the CPU and CUDA kernels must accept the same cores");
+#endif
+// Widths above 2^26 would overflow the kernels' 32-bit index arithmetic on the device side and
+// are far beyond any model width.
+constexpr int64_t kMaxWidth = int64_t{1} << 26;
+
+// Reads and validates every attribute.  The file is untrusted input: nothing the kernels
+// assume (m = 1 or a multiple of 4, an orthogonal +-1 core, a finite positive scale) may be
+// left to chance, so a malformed node fails here, at session creation, and never runs.
 Attrs read_attrs(const AttrSource& src) {
   Attrs a;
   if (!src.has_int("n", &a.n)) fail("missing attribute 'n'");
   if (!src.has_int("m", &a.m)) a.m = 1;
   if (!src.has_int("transpose", &a.transpose)) a.transpose = 0;
-  if (!src.has_float("scale", &a.scale)) a.scale = a.n > 0 ? 1.0f / std::sqrt(static_cast<float>(a.n)) : 1.0f;
-  if (a.n < 1) fail("attribute n must be >= 1, got " + std::to_string(a.n));
-  if (a.m < 1 || a.n % a.m) fail("n = " + std::to_string(a.n) + " is not a multiple of m = " + std::to_string(a.m));
+  const bool has_scale = src.has_float("scale", &a.scale);
+  if (a.n < 1 || a.n > kMaxWidth)
+    fail("attribute n must be in [1, " + std::to_string(kMaxWidth) + "], got " + std::to_string(a.n));
+  if (!has_scale) a.scale = 1.0f / std::sqrt(static_cast<float>(a.n));
+  if (!std::isfinite(a.scale) || !(a.scale > 0.0f)) fail("attribute scale must be finite and positive");
+  if (a.m != 1 && (a.m < 4 || a.m % 4 || a.m > kMaxCore))
+    fail("attribute m must be 1 or a multiple of 4 up to " + std::to_string(kMaxCore) + " (a Hadamard order), got " +
+         std::to_string(a.m));
+  if (a.n % a.m) fail("n = " + std::to_string(a.n) + " is not a multiple of m = " + std::to_string(a.m));
   a.L = a.n / a.m;
   if (a.L & (a.L - 1)) fail("n = " + std::to_string(a.n) + " is not m * 2^k for m = " + std::to_string(a.m));
   if (a.transpose != 0 && a.transpose != 1) fail("attribute transpose must be 0 or 1");
@@ -178,7 +197,31 @@ Attrs read_attrs(const AttrSource& src) {
     if (core[i] != 1 && core[i] != -1) fail("attribute core must hold only +1 and -1");
     a.core[i] = static_cast<int8_t>(core[i]);
   }
+  // core core^T = m I: the transform is orthogonal only for a true Hadamard core.
+  for (int64_t i = 0; i < a.m; ++i)
+    for (int64_t j = i; j < a.m; ++j) {
+      int64_t dot = 0;
+      for (int64_t k = 0; k < a.m; ++k) dot += a.core[i * a.m + k] * a.core[j * a.m + k];
+      if (dot != (i == j ? a.m : 0))
+        fail("attribute core is not a Hadamard matrix (rows " + std::to_string(i) + " and " + std::to_string(j) +
+             " are not orthogonal)");
+    }
   return a;
+}
+
+std::string node_name(const OrtKernelInfo* info) {
+  size_t size = 0;
+  OrtStatus* st = g_api->KernelInfo_GetNodeName(info, nullptr, &size);
+  if (st) g_api->ReleaseStatus(st);
+  if (size == 0) return "?";
+  std::string name(size, '\0');
+  st = g_api->KernelInfo_GetNodeName(info, name.data(), &size);
+  if (st) {
+    g_api->ReleaseStatus(st);
+    return "?";
+  }
+  name.resize(std::strlen(name.c_str()));
+  return name;
 }
 
 // The core as applied: C[a][a'] = core[a][a'] or, for the inverse, core[a'][a].
@@ -437,7 +480,14 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
     auto k = std::make_unique<Kernel>();
     AttrSource src;
     src.info = info;
-    k->attrs = read_attrs(src);
+    try {
+      k->attrs = read_attrs(src);
+    } catch (const OpError& e) {
+      // "HadamardAffine: <what>" -> "HadamardAffine node '<name>': <what>"
+      const std::string prefix = std::string(kOpName) + ": ";
+      const std::string what = e.msg.compare(0, prefix.size(), prefix) ? e.msg : e.msg.substr(prefix.size());
+      throw OpError{std::string(kOpName) + " node '" + node_name(info) + "': " + what};
+    }
     k->type = h->type;
     k->on_cuda = h->on_cuda;
     const Attrs& a = k->attrs;
@@ -449,8 +499,6 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
     }
 #ifdef HADACONV_WITH_CUDA
     else {
-      if (a.m > cuda::kMaxCore)
-        fail("the CUDA kernel takes cores up to m = " + std::to_string(cuda::kMaxCore) + ", got m = " + std::to_string(a.m));
       k->bits = std::make_unique<cuda::CoreBits>();
       std::memset(k->bits.get(), 0, sizeof(cuda::CoreBits));
       for (int64_t i = 0; i < a.m; ++i)
