@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hadaconv.atomic import atomic_folder
 from hadaconv.errors import HadaconvError
 
 __all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "save_converted"]
@@ -521,7 +521,8 @@ def save_converted(
     """Write a converted model folder atomically and return its path.
 
     Everything goes into a temporary folder beside ``out_dir`` that is renamed into place at the
-    end, so a failure leaves nothing behind (and an overwritten folder intact until then).
+    end (:func:`hadaconv.atomic.atomic_folder`), so a failure leaves nothing behind (and an
+    overwritten folder intact).
 
     Args:
         meta: the ``hadaconv`` section (see :func:`hadaconv_meta`).
@@ -537,9 +538,7 @@ def save_converted(
         raise HadaconvError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise HadaconvError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         config = _config_for_saving(model, meta)
         (tmp / "config.json").write_text(
             json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
@@ -554,16 +553,6 @@ def save_converted(
             tokenizer.save_pretrained(str(tmp))
         if report is not None:
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "previous")
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

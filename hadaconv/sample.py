@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from hadaconv.atomic import atomic_file
 from hadaconv.errors import HadaconvError
 from hadaconv.progress import progress as progress_bar
 
@@ -105,13 +105,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
 def write_jsonl(texts: list[str], path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write texts as JSONL (one ``{"text": ...}`` per line), atomically."""
     path = check_output(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for t in texts:
-                f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
     return path

@@ -12,7 +12,6 @@ Python values are stored, so it loads with ``weights_only=True``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from hadaconv.atomic import atomic_file
 from hadaconv.errors import HadaconvError
 
 __all__ = ["load_checkpoint", "restore_trainable", "save_checkpoint", "trainable_state"]
@@ -67,9 +67,8 @@ def save_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
     if not main:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{FILE}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, folder / FILE)  # a crash mid-write never leaves a torn checkpoint
+    with atomic_file(folder / FILE) as tmp:  # a crash mid-write never leaves a torn checkpoint
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from hadaconv.atomic import atomic_file
 from hadaconv.distill.core import DistillConfig, DistillReport, distill
 from hadaconv.distill.parallel import is_main
 from hadaconv.errors import HadaconvError
@@ -51,7 +52,8 @@ def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
     ax.set_title(f"hadaconv distill ({'+'.join(report.stages)}, train {report.train})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return True
 

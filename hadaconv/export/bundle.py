@@ -23,12 +23,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from hadaconv import atomic
 from hadaconv.errors import HadaconvError
 from hadaconv.runtime import import_onnxruntime, make_session_options
 
@@ -44,26 +43,14 @@ FORMAT = "hadaconv-onnx"
 
 @contextlib.contextmanager
 def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out`` that becomes ``out`` when the block succeeds;
-    on failure nothing is left behind (and an existing ``out`` is untouched)."""
+    """Yield a temporary folder next to ``out`` that becomes ``out`` when the block succeeds
+    (:func:`hadaconv.atomic.atomic_folder`); on failure nothing is left behind (and an existing
+    ``out`` is untouched)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise HadaconvError(f"{out} already exists (use --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic.atomic_folder(out) as tmp:
         yield tmp
-        if out.exists():
-            # Move the old folder aside first, so a crash never leaves neither.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:

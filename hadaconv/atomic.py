@@ -1,0 +1,149 @@
+"""Atomic writes of files and folders: the one way hadaconv puts an output in place.
+
+Every output (converted folders, ONNX bundles, sampled JSONL, distillation checkpoints) is written
+into a temporary sibling (``.NAME.XXXX.tmp`` in the same folder, so the final rename stays on one
+file system), flushed to disk with ``fsync`` and renamed over the target.  Readers see the old
+output or the new one, never a torn one; a failure removes the temporary and leaves the old output
+as it was.
+
+Permissions come from the process umask like those of any other new file (0644 files and 0755
+folders under the usual 0022), not 0600/0700 as ``tempfile.mkstemp``/``mkdtemp`` (or safetensors'
+own writer) would give: a bundle copied to a service account must stay readable.
+
+Replacing an existing folder takes two renames (the old folder aside, the new one in); if the
+second fails, the old folder is renamed back before the error propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import stat
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["atomic_file", "atomic_folder"]
+
+_ATTEMPTS = 100
+
+
+def _sibling(target: Path, suffix: str, make) -> Path:
+    """A new, unused sibling of ``target`` created by ``make(path)`` (which must fail with
+    FileExistsError when the name is taken)."""
+    for _ in range(_ATTEMPTS):
+        path = target.with_name(f".{target.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            make(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name next to {target}")  # pragma: no cover
+
+
+def _unused(path: Path) -> None:
+    # The old output is renamed onto this name, which must not exist (a rename would replace it).
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(path)
+
+
+def _new_file(path: Path) -> None:
+    # 0o666 & ~umask, exactly as open(path, "w") would create it.
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+
+
+def _new_folder(path: Path) -> None:
+    os.mkdir(path, 0o777)  # the umask applies, as for any mkdir
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish_tree(root: Path, umask: int) -> None:
+    """Give every file and folder under ``root`` the mode a plain ``open``/``mkdir`` would
+    (0o666, or 0o777 for executables and folders, less the umask), then fsync the files and the
+    folders (the entries they hold).  Writers such as safetensors create their files 0600."""
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(Path(folder) / name, 0o777 & ~umask)
+        for name in files:
+            path = Path(folder) / name
+            if path.is_file() and not path.is_symlink():
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~umask)
+                _fsync(path)
+        _fsync(Path(folder), directory=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _publish_folder(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` goes aside first and comes back if the
+    final rename fails."""
+    if not out.exists() and not out.is_symlink():
+        os.replace(tmp, out)
+        return
+    aside = _sibling(out, ".old", _unused)
+    os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    _remove(aside)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``out``; when the block succeeds its contents are
+    fsynced and it is renamed to ``out`` (replacing an existing ``out``, file or folder).
+
+    On any exception the temporary is removed and ``out`` is left untouched.  The caller decides
+    beforehand whether replacing ``out`` is allowed.  Raises OSError from the file system.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, ".tmp", _new_folder)
+    umask = 0o777 & ~os.stat(tmp).st_mode  # mkdir(0o777) applied exactly the umask
+    try:
+        yield tmp
+        _finish_tree(tmp, umask)
+        _publish_folder(tmp, out)
+        _fsync(out.parent, directory=True)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield the path of an empty temporary file next to ``path`` (write it by name: ``open``,
+    ``torch.save``, ...); when the block succeeds it is fsynced and renamed over ``path``.
+
+    On any exception the temporary is removed and an existing ``path`` is left untouched (a
+    single rename replaces a file, so there is nothing to restore).  Raises OSError.
+    """
+    path = Path(path)
+    tmp = _sibling(path, ".tmp", _new_file)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask
+    try:
+        yield tmp
+        os.chmod(tmp, mode)  # in case the writer replaced the file
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
+    finally:
+        if tmp.exists():
+            _remove(tmp)

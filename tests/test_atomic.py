@@ -1,0 +1,112 @@
+"""hadaconv.atomic: outputs appear whole or not at all, with the permissions of any other file."""
+
+import os
+import stat
+
+import pytest
+import torch
+from torch import nn
+
+from hadaconv import atomic
+from hadaconv.atomic import atomic_file, atomic_folder
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _readable_tree(root) -> dict[str, int]:
+    """Mode of every path under root that is not group/other readable."""
+    bad = {}
+    for path in root.rglob("*"):
+        mode = _mode(path)
+        need = 0o055 if path.is_dir() else 0o044
+        if mode & need != need:
+            bad[str(path.relative_to(root))] = oct(mode)
+    return bad
+
+
+def test_folder_and_file_modes_follow_umask(tmp_path, umask_022):
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("a")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.bin").write_bytes(b"b")
+    with atomic_file(tmp_path / "f.json") as tmp:
+        tmp.write_text("{}")
+    assert _mode(tmp_path / "out") == 0o755 and _mode(tmp_path / "out" / "a.txt") == 0o644
+    assert _mode(tmp_path / "f.json") == 0o644 and (tmp_path / "f.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "out"]
+    os.umask(0o077)  # a stricter umask is honoured too
+    with atomic_file(tmp_path / "g") as tmp:
+        tmp.write_text("x")
+    assert _mode(tmp_path / "g") == 0o600
+
+
+def test_failure_inside_block_leaves_old_output(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    (tmp_path / "f").write_text("old")
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "new.txt").write_text("new")
+        raise RuntimeError
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "f") as tmp:
+        tmp.write_text("new")
+        raise RuntimeError
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+    assert (tmp_path / "f").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "out"]
+
+
+def test_failed_final_rename_restores_previous_folder(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp"):  # the new folder's rename into place
+            raise OSError("rename failed")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"), atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary, no aside copy
+
+
+def test_replacing_a_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_outputs_are_readable_by_others(tmp_path, umask_022):
+    """The four writers: converted folder, bundle, sampled JSONL, distillation checkpoint."""
+    from hadaconv.distill.checkpoint import save_checkpoint
+    from hadaconv.export import export_onnx
+    from hadaconv.io import save_converted
+    from hadaconv.nn import HadamardProjection
+    from hadaconv.sample import write_jsonl
+    from tiny_models import make_tiny
+
+    model = nn.Sequential(HadamardProjection(16, block=4))
+    save_converted(make_tiny("torch_mha"), tmp_path / "conv", meta={})
+    export_onnx(model, tmp_path / "bundle", torch.randn(2, 16), portable=True)
+    write_jsonl(["a", "b"], tmp_path / "text.jsonl")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(tmp_path / "ckpt", model=model, optimizer=optimizer, counters={}, record={}, best=None,
+                    fingerprint={}, main=True)
+    assert _readable_tree(tmp_path) == {}
+    assert {p.name for p in tmp_path.iterdir()} == {"conv", "bundle", "text.jsonl", "ckpt"}
