@@ -3,7 +3,7 @@ fast Walsh-Hadamard projections, and deploy them."""
 
 from hadaconv import distill
 from hadaconv._version import __version__
-from hadaconv.convert import patch
+from hadaconv.swap import patch
 from hadaconv.errors import HadaconvError
 from hadaconv.export import export_onnx
 from hadaconv.hadamard import factorize, hadamard_matrix

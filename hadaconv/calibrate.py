@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -21,11 +22,28 @@ import torch
 from torch import nn
 
 from hadaconv.errors import HadaconvError
-from hadaconv.fit import Moments
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
-__all__ = ["MomentCollector", "default_corpus", "load_texts", "token_windows"]
+__all__ = ["MomentCollector", "Moments", "default_corpus", "load_texts", "text_windows", "token_windows"]
+
+
+@dataclass
+class Moments:
+    """First and second moments of a layer's input: ``mean = E[x]``, ``second = E[x x^T]``."""
+
+    mean: torch.Tensor  # [d], float64
+    second: torch.Tensor  # [d, d], float64
+    count: int
+
+    @classmethod
+    def identity(cls, d: int) -> "Moments":
+        """What a data-free fit assumes: zero mean, identity covariance."""
+        return cls(torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), 0)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.second - torch.outer(self.mean, self.mean)
 
 
 def default_corpus() -> list[Path]:
@@ -83,6 +101,32 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
     return texts
 
 
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """Token ids of ``text`` (no special tokens), stopping once ``max_tokens`` are reached.
+
+    Long texts are tokenized 200,000 characters at a time, so the tokenizer never warns about
+    sequence lengths and a capped read does not tokenize a whole book.
+    """
+    ids: list[int] = []
+    for start in range(0, len(text), 200_000):
+        ids += tokenizer(text[start:start + 200_000], add_special_tokens=False, verbose=False)["input_ids"]
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return ids
+
+
+def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows [N, seq_len] (int64) of the tokenized text, the last
+    partial window dropped; a HadaconvError when not even one window fits."""
+    ids = tokenize(tokenizer, text, max_windows * seq_len if max_windows else None)
+    n = len(ids) // seq_len
+    if max_windows:
+        n = min(n, max_windows)
+    if n == 0:
+        raise HadaconvError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
+
+
 def token_windows(
     tokenizer, texts: Sequence[str], *, samples: int, seq_len: int, heldout: float = 0.1
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,9 +148,7 @@ def token_windows(
     eos = getattr(tokenizer, "eos_token_id", None) or getattr(tokenizer, "sep_token_id", None)
     ids: list[int] = []
     for chunk in chunks:
-        # Long texts are split by characters so the tokenizer never warns about lengths.
-        for start in range(0, len(chunk), 200_000):
-            ids += tokenizer(chunk[start:start + 200_000], add_special_tokens=False, verbose=False)["input_ids"]
+        ids += tokenize(tokenizer, chunk)
         if eos is not None:
             ids.append(eos)
     stream = torch.tensor(ids, dtype=torch.long)

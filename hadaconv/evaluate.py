@@ -1,27 +1,34 @@
 """Quality measures that work on original and converted models alike.
 
 * Causal LMs: perplexity over fixed, non-overlapping windows of ``seq_len`` tokens (the text is
-  tokenized as one stream, cut into consecutive windows, the last partial window dropped); every
-  token but the first of each window is predicted from the ones before it in its window, and the
-  perplexity is ``exp`` of the mean negative log-likelihood over all predicted tokens.  No
-  striding, so numbers are cheap and comparable between models, if somewhat higher than with a
-  sliding window.
+  tokenized as one stream, cut into consecutive windows, the last partial window dropped:
+  :func:`hadaconv.calibrate.text_windows`); every token but the first of each window is
+  predicted from the ones before it in its window, and the perplexity is ``exp`` of the mean
+  negative log-likelihood over all predicted tokens.  No striding, so numbers are cheap and
+  comparable between models, if somewhat higher than with a sliding window.
+* KL(teacher || student) of next-token distributions, per token: what sensitivity ranking and
+  distillation both use.
 * Encoders: the cosine between the mean-pooled embeddings of a model and a reference model,
   averaged over text windows.
+
+Every measure runs under ``torch.inference_mode`` by default; ``inference=False`` uses
+``torch.no_grad`` instead (FSDP2 reuses its unsharded parameter buffers in the training forward,
+and inference tensors cannot be updated there).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hadaconv.errors import HadaconvError
+from hadaconv.calibrate import text_windows
 
-__all__ = ["Perplexity", "embedding_cosine", "perplexity", "text_windows"]
+__all__ = ["Perplexity", "embedding_cosine", "kl_divergence", "lm_logits", "perplexity", "text_windows"]
 
 
 @dataclass
@@ -30,43 +37,64 @@ class Perplexity:
     tokens: int  # predicted tokens
     windows: int
 
-
-def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Consecutive non-overlapping windows [N, seq_len] of the tokenized text."""
-    ids: list[int] = []
-    for start in range(0, len(text), 200_000):
-        ids += tokenizer(text[start:start + 200_000], add_special_tokens=False, verbose=False)["input_ids"]
-        if max_windows and len(ids) >= max_windows * seq_len:
-            break
-    n = len(ids) // seq_len
-    if max_windows:
-        n = min(n, max_windows)
-    if n == 0:
-        raise HadaconvError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
+    @property
+    def nll(self) -> float:
+        """Mean negative log-likelihood per predicted token, nats."""
+        return math.log(self.perplexity)
 
 
-@torch.inference_mode()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Perplexity:
-    """Perplexity of a causal LM on token windows (see the module docstring)."""
+def _grad_mode(inference: bool):
+    return torch.inference_mode() if inference else torch.no_grad()
+
+
+def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B, L, V] of a causal LM on token windows (no padding, no KV cache kept)."""
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions given by logits [..., V], mean per
+    token, in nats, times T^2 (so a distillation gradient's scale does not depend on T)."""
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, *, inference: bool = True) -> Perplexity:
+    """Perplexity of a causal LM on token windows [N, L] (see the module docstring).  Windows are
+    moved to the model's device; the model is left in the mode it was in."""
+    was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i:i + batch_size]
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        target = batch[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
-        count += target.numel()
+    try:
+        with _grad_mode(inference):
+            for i in range(0, len(windows), batch_size):
+                batch = windows[i:i + batch_size].to(device)
+                logits = lm_logits(model, batch)[:, :-1].float()
+                target = batch[:, 1:]
+                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                       reduction="sum").item()
+                count += target.numel()
+    finally:
+        model.train(was_training)
     return Perplexity(math.exp(nll / count), count, len(windows))
 
 
-@torch.inference_mode()
-def embedding_cosine(model: nn.Module, reference: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
+def embedding_cosine(model: nn.Module, reference: nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                     *, inference: bool = True) -> float:
     """Mean cosine similarity of mean-pooled last hidden states, model vs reference."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
     sims = []
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i:i + batch_size]
-        a = model(input_ids=batch).last_hidden_state.mean(1)
-        b = reference(input_ids=batch).last_hidden_state.mean(1)
-        sims.append(F.cosine_similarity(a.double(), b.double(), dim=-1))
+    try:
+        with _grad_mode(inference):
+            for i in range(0, len(windows), batch_size):
+                batch = windows[i:i + batch_size].to(device)
+                a = model(input_ids=batch).last_hidden_state.mean(1)
+                b = reference(input_ids=batch).last_hidden_state.mean(1)
+                sims.append(F.cosine_similarity(a.double(), b.double(), dim=-1))
+    finally:
+        model.train(was_training)
     return torch.cat(sims).mean().item()

@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from hadaconv.calibrate import Moments  # re-exported: the statistics the fits consume
 from hadaconv.ops.transform import hadamard_transform_columns
 
 Mode = Literal["affine", "diag", "head"]
@@ -48,24 +49,6 @@ MODES: tuple[Mode, ...] = ("affine", "diag", "head")
 GAMMA_RIDGE = 1e-3
 
 __all__ = ["GAMMA_RIDGE", "MODES", "FitResult", "HeadLayout", "Moments", "fit_projection", "relative_error"]
-
-
-@dataclass
-class Moments:
-    """First and second moments of a layer's input: ``mean = E[x]``, ``second = E[x x^T]``."""
-
-    mean: torch.Tensor  # [d], float64
-    second: torch.Tensor  # [d, d], float64
-    count: int
-
-    @classmethod
-    def identity(cls, d: int) -> "Moments":
-        """What a data-free fit assumes: zero mean, identity covariance."""
-        return cls(torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), 0)
-
-    @property
-    def covariance(self) -> torch.Tensor:
-        return self.second - torch.outer(self.mean, self.mean)
 
 
 @dataclass(frozen=True)

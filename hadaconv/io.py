@@ -562,7 +562,7 @@ def save_converted(
 def load(folder: str | os.PathLike) -> nn.Module:
     """Rebuild a converted model from its folder, exactly and without pickle (eval mode)."""
     from hadaconv.adapters import find_adapter
-    from hadaconv.convert import install_projection
+    from hadaconv.swap import install_projection
 
     folder = Path(folder)
     config_path = folder / "config.json"

@@ -181,15 +181,16 @@ def test_cli_bad_input_is_one_line(case, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sensitivity_replay_matches_full_forward(family, monkeypatch):
     """Replaying the unchanged blocks' outputs gives the sensitivities of full forward passes."""
-    import hadaconv.convert as conv
-    from hadaconv.fit import Moments, fit_projection
+    import hadaconv.sensitivity as sens
+    from hadaconv.calibrate import Moments
+    from hadaconv.fit import fit_projection
 
     model = make_tiny(family)
     model.eval()
     adapter = find_adapter(model)
     adapter.prepare(model)
     layers = adapter.layers(model)
-    assert conv._blocks(model, layers) is not None
+    assert sens.block_list(model, layers) is not None
     fits = {}
     for layer in layers:
         w, b = layer.out.get()
@@ -197,10 +198,10 @@ def test_sensitivity_replay_matches_full_forward(family, monkeypatch):
         fits[layer.index] = fit_projection(w, b, Moments.identity(layer.width), mode="affine", block=1)
     probe = [example_inputs(family, model, seed=7)]
     kind = adapter.kind(model)
-    replayed = conv._sensitivities(model, layers, fits, probe, kind, False)
-    monkeypatch.setattr(conv, "_blocks", lambda model, layers: None)
-    full = conv._sensitivities(model, layers, fits, probe, kind, False)
+    replayed = sens.sensitivities(model, layers, fits, probe, kind, False)
+    monkeypatch.setattr(sens, "block_list", lambda model, layers: None)
+    full = sens.sensitivities(model, layers, fits, probe, kind, False)
     assert all(v > 0 for v in full)
     torch.testing.assert_close(torch.tensor(replayed), torch.tensor(full), rtol=1e-5, atol=1e-9)
     monkeypatch.undo()
-    assert all("forward" not in vars(blk) for blk in conv._blocks(model, layers))
+    assert all("forward" not in vars(blk) for blk in sens.block_list(model, layers))

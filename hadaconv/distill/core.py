@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hadaconv.adapters import Adapter, find_adapter
@@ -38,7 +37,7 @@ from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
 from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
 from hadaconv.errors import HadaconvError
-from hadaconv.evaluate import text_windows
+from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
 
 __all__ = ["DistillConfig", "DistillReport", "converted_blocks", "distill"]
@@ -239,30 +238,11 @@ class _Evaluator:
         self.kind, self.teacher, self.windows = kind, teacher, windows.to(device)
 
     def __call__(self, model: nn.Module, batch_size: int = 4) -> tuple[float, float]:
-        """(metric, eval loss), computed as :mod:`hadaconv.evaluate` defines them, but under
-        no_grad rather than inference_mode: FSDP2 reuses its unsharded parameter buffers in
-        the training forward, and inference tensors cannot be updated there."""
-        was_training = model.training
-        model.eval()
-        total, count, sims = 0.0, 0, []
-        try:
-            with torch.no_grad():
-                for i in range(0, len(self.windows), batch_size):
-                    ids = self.windows[i:i + batch_size]
-                    if self.kind == "causal-lm":
-                        logits = forward(model, ids, self.kind).main[:, :-1].float()
-                        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum").item()
-                        count += ids[:, 1:].numel()
-                    else:
-                        a = forward(model, ids, self.kind).main.mean(1).double()
-                        b = forward(self.teacher, ids, self.kind).main.mean(1).double()
-                        sims.append(F.cosine_similarity(a, b, dim=-1))
-        finally:
-            model.train(was_training)
+        """(metric, eval loss), as :mod:`hadaconv.evaluate` computes them, under no_grad."""
         if self.kind == "causal-lm":
-            return math.exp(total / count), total / count
-        cos = torch.cat(sims).mean().item()
+            p = perplexity(model, self.windows, batch_size, inference=False)
+            return p.perplexity, p.nll
+        cos = embedding_cosine(model, self.teacher, self.windows, batch_size, inference=False)
         return cos, 1.0 - cos
 
     def loss(self, metric: float) -> float:

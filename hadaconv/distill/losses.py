@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hadaconv.evaluate import kl_divergence
+
 __all__ = ["Outputs", "encoder_loss", "forward", "hidden_loss", "kl_loss", "relative_mse"]
 
 
@@ -33,11 +35,8 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions, mean per token, times T^2 (so the
-    gradient scale does not depend on the temperature)."""
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    s = F.log_softmax(student.float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    """KL(teacher || student) per token, times T^2: :func:`hadaconv.evaluate.kl_divergence`."""
+    return kl_divergence(student, teacher, temperature)
 
 
 def encoder_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

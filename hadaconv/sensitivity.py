@@ -1,0 +1,109 @@
+"""How much converting each layer alone moves the model's output: the ranking behind
+``--max-layers`` / ``--max-loss``.
+
+For causal LMs the measure is KL(original || converted) of the next-token distributions, per
+token, in nats (:func:`hadaconv.evaluate.kl_divergence`); for other models the relative squared
+error of the output.  Converting layer i cannot change what the blocks before it compute, so
+their outputs from the reference pass are replayed instead of recomputed: on a deep model this
+halves the cost.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hadaconv.adapters import AttentionLayer
+from hadaconv.evaluate import kl_divergence
+from hadaconv.fit import FitResult
+from hadaconv.progress import progress
+from hadaconv.swap import apply_fit
+
+__all__ = ["METRIC", "block_list", "model_output", "sensitivities"]
+
+METRIC = {"causal-lm": "KL(original || converted) per token, nats"}
+OTHER_METRIC = "relative squared error of the output"
+
+
+def model_output(model: nn.Module, batch: dict, kind: str) -> torch.Tensor:
+    """Logits of a causal LM, else the last hidden state (or the plain tensor a module returns)."""
+    out = model(**batch)
+    if kind == "causal-lm":
+        return out.logits
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> float:
+    if kind == "causal-lm":
+        return kl_divergence(student, teacher).item()
+    return ((student - teacher).square().sum() / teacher.square().sum().clamp_min(1e-30)).item()
+
+
+def block_list(model: nn.Module, layers: list[AttentionLayer]) -> list[nn.Module] | None:
+    """The ModuleList of blocks that holds every layer's attention, or None when there is none."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and all(
+                any(layer.out_name.startswith(f"{name}.{i}.".lstrip(".")) for i in range(len(mod)))
+                for layer in layers):
+            return list(mod)
+    return None
+
+
+def _position(blocks: list[nn.Module], layer: AttentionLayer) -> int:
+    for pos, blk in enumerate(blocks):
+        if any(m is layer.out_module for m in blk.modules()):
+            return pos
+    return 0
+
+
+def sensitivities(model: nn.Module, layers: list[AttentionLayer], fits: dict[int, FitResult], probe: list[dict],
+                  kind: str, show: bool = True) -> list[float]:
+    """One value per layer of ``layers``: the output's divergence on the ``probe`` batches when
+    that layer alone takes its fit (the model is restored after each)."""
+    if kind == "causal-lm":
+        probe = [{**b, "use_cache": False} for b in probe]  # replayed blocks write no KV cache
+    blocks = block_list(model, layers)
+    replay = [dict() for _ in probe]  # per probe batch: block position -> its output
+
+    def recorder(store, pos):
+        return lambda module, args, output: store.__setitem__(pos, output)
+
+    with torch.inference_mode():
+        reference = []
+        for batch, store in zip(probe, replay):
+            hooks = [blk.register_forward_hook(recorder(store, pos)) for pos, blk in enumerate(blocks or [])]
+            try:
+                reference.append(model_output(model, batch, kind))
+            finally:
+                for h in hooks:
+                    h.remove()
+    values = []
+    with progress(len(layers), "sensitivity", show) as step:
+        for layer in layers:
+            undo = apply_fit(layer, fits[layer.index])
+            try:
+                div = [_replayed(model, batch, ref, store, blocks[:_position(blocks, layer)] if blocks else [], kind)
+                       for batch, ref, store in zip(probe, reference, replay)]
+                values.append(sum(div) / len(div))
+            finally:
+                undo()
+            step()
+    return values
+
+
+def _replayed(model, batch, ref, store, skip, kind) -> float:
+    # An instance may already carry its own forward (accelerate's hooks do).
+    own = [vars(blk).get("forward") for blk in skip]
+    try:
+        for pos, blk in enumerate(skip):
+            blk.forward = (lambda out: lambda *a, **k: out)(store[pos])
+        with torch.inference_mode():
+            return _divergence(model_output(model, batch, kind), ref, kind)
+    finally:
+        for blk, fwd in zip(skip, own):
+            if fwd is None:
+                vars(blk).pop("forward", None)  # back to the class's forward
+            else:
+                blk.forward = fwd

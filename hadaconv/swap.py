@@ -1,0 +1,76 @@
+"""The module swap: putting Hadamard projections in place of dense output projections.
+
+``install_projection`` puts a fresh projection (gamma = 1, beta = 0) in a layer's place,
+``apply_fit`` installs a fitted one and folds its value-side map into the value projection
+(exact algebra, see :mod:`hadaconv.fit`), ``patch`` is the from-scratch path over a whole model.
+Loading a converted folder (:mod:`hadaconv.io`) uses these without importing the conversion.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hadaconv.adapters import AttentionLayer, find_adapter
+from hadaconv.fit import FitResult
+from hadaconv.nn import HadamardProjection
+
+__all__ = ["apply_fit", "fold_value", "install_projection", "patch"]
+
+
+def install_projection(layer: AttentionLayer, block: int = 1, bias: bool = True) -> HadamardProjection:
+    """Replace ``layer``'s output projection with a fresh HadamardProjection (gamma = 1, beta = 0)
+    on the old one's device and dtype; returns it."""
+    ref = layer.out.weight
+    proj = HadamardProjection(layer.width, bias=bias, block=block, device=ref.device, dtype=ref.dtype)
+    layer.replace_out(proj)
+    return proj
+
+
+def patch(model: nn.Module, *, block: int = 1, bias: bool = True, layers: list[int] | None = None) -> nn.Module:
+    """The seed paper's from-scratch setting: every detected attention output projection (or
+    those of ``layers``) becomes a fresh HadamardProjection.  Modifies and returns ``model``."""
+    adapter = find_adapter(model)
+    adapter.prepare(model)
+    for layer in adapter.layers(model):
+        if layers is None or layer.index in layers:
+            install_projection(layer, block=block, bias=bias)
+    return model
+
+
+def fold_value(layer: AttentionLayer, fit: FitResult) -> None:
+    """Multiply each KV head's value rows (and bias) by the fit's value map, in place."""
+    if fit.value_map is None:
+        return
+    w, b = layer.value.get()
+    kv, hd = layer.num_kv_heads, layer.head_dim
+    vm = fit.value_map.to(torch.float64)
+    wv = w.to(torch.float64).reshape(kv, hd, -1)
+    bv = b.to(torch.float64).reshape(kv, hd) if b is not None else None
+    if vm.dim() == 1:
+        wv = vm.reshape(kv, hd, 1) * wv
+        bv = vm.reshape(kv, hd) * bv if bv is not None else None
+    else:
+        wv = vm @ wv
+        bv = (vm @ bv.unsqueeze(-1)).squeeze(-1) if bv is not None else None
+    layer.value.set(wv.reshape(w.shape), bv.reshape(-1) if bv is not None else None)
+
+
+def apply_fit(layer: AttentionLayer, fit: FitResult) -> Callable[[], None]:
+    """Fold the value correction and install the fitted projection; returns an undo function."""
+    old_module = layer.out_module
+    old_value = layer.value.get() if layer.value is not None else None
+    fold_value(layer, fit)
+    proj = install_projection(layer, block=fit.block)
+    with torch.no_grad():
+        proj.gamma.copy_(fit.gamma.to(proj.gamma.dtype))
+        proj.beta.copy_(fit.beta.to(proj.beta.dtype))
+
+    def undo() -> None:
+        layer.replace_out(old_module)
+        if old_value is not None:
+            layer.value.set(*old_value)
+
+    return undo
