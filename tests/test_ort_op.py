@@ -196,6 +196,121 @@ def test_many_rows_use_the_thread_pool():
     assert_close(y, reference(x, g, b))
 
 
+# --------------------------------------------------------------------------- constant parameters
+
+ISAS = ["portable", "avx2", "avx512"]  # ones the CPU lacks fall back to the best it has
+
+
+def const_model(n, dtype, gamma, beta, *, transpose=0, cast_bf16=False) -> bytes:
+    """gamma / beta as initializers (prepared once at kernel creation); with ``cast_bf16`` the
+    float32 X is cast to bfloat16 around the op (numpy has no bfloat16 feeds)."""
+    from onnx import numpy_helper
+
+    f = factorize(n)
+    t = TensorProto.BFLOAT16 if cast_bf16 else ONNX_TYPE[dtype]
+    inits, names = [], ["Xc" if cast_bf16 else "X"]
+    for name, v in (("gamma", gamma), ("beta", beta)):
+        if v is None:
+            names.append("")
+            continue
+        tensor = numpy_helper.from_array(v.astype(np.float32) if cast_bf16 else v.astype(dtype), name)
+        if cast_bf16:
+            tensor = helper.make_tensor(name, TensorProto.BFLOAT16, v.shape, _bf16_round(v).ravel().tolist())
+        inits.append(tensor)
+        names.append(name)
+    while names[-1] == "":
+        names.pop()
+    node = helper.make_node("HadamardAffine", names, ["Yc" if cast_bf16 else "Y"], domain="com.hadaconv", n=n, m=f.m,
+                            core=hadamard_core(f.m).astype(int).ravel().tolist(), scale=1.0 / math.sqrt(n),
+                            transpose=transpose)
+    nodes = [node]
+    xt = TensorProto.FLOAT if cast_bf16 else t
+    if cast_bf16:
+        nodes = [helper.make_node("Cast", ["X"], ["Xc"], to=TensorProto.BFLOAT16), node,
+                 helper.make_node("Cast", ["Yc"], ["Y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", xt, ["R", n])],
+                              [helper.make_tensor_value_info("Y", xt, None)], inits)
+    return helper.make_model(graph, opset_imports=OPSETS).SerializeToString()
+
+
+def _bf16_round(v):
+    import ml_dtypes
+
+    return np.asarray(v, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+GAMMAS = {"none": None, "vector": lambda n: (n,), "b4": lambda n: (n // 4, 4, 4), "b16": lambda n: (n // 16, 16, 16),
+          "b3": lambda n: (n // 3, 3, 3)}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [64, 576, 768, 4096, 5120, 96])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_constant_parameters_every_isa(n, dtype, isa, monkeypatch):
+    """gamma / beta as initializers, every gamma form, both directions, odd row counts."""
+    monkeypatch.setenv("HADACONV_CPU_ISA", isa)
+    rng = np.random.default_rng(n)
+    np_dtype = {"f32": np.float32, "f16": np.float16, "bf16": np.float32}[dtype]
+    for k, (gname, gfun) in enumerate(GAMMAS.items()):
+        shape = None if gfun is None else gfun(n)
+        if gname == "b3" and n % 3:
+            continue
+        transpose = k % 2
+        x = rng.standard_normal((7 + k, n)).astype(np_dtype)
+        g = None if shape is None else rng.standard_normal(shape).astype(np_dtype)
+        b = None if gname == "vector" else rng.standard_normal(n).astype(np_dtype)
+        model = const_model(n, np_dtype, g, b, transpose=transpose, cast_bf16=dtype == "bf16")
+        _, y = run(model, {"X": x})
+        if dtype == "bf16":
+            # One bfloat16 epsilon (2^-8) of the row's largest value: the output rounding.
+            ref = reference(_bf16_round(x), None if g is None else _bf16_round(g), None if b is None else _bf16_round(b),
+                            transpose)
+            err = np.abs(y - ref).max(axis=1)
+            tol = 2.0**-8 * np.abs(ref).max(axis=1)
+            assert (err <= tol).all(), f"{gname}: {err.max()} > {tol.min()}"
+        else:
+            assert_close(y, reference(x, g, b, transpose))
+
+
+def test_constant_gamma_is_checked_at_session_creation():
+    from onnx import numpy_helper
+
+    n = 64
+    node = helper.make_node("HadamardAffine", ["X", "gamma"], ["Y"], domain="com.hadaconv", n=n, m=1, core=[1],
+                            scale=0.125)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["R", n])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ones((16, 4, 5), np.float32), "gamma")])
+    with pytest.raises(Exception, match=r"HadamardAffine node .*gamma must be \[64\] or \[n/b, b, b\]"):
+        runtime.session(helper.make_model(graph, opset_imports=OPSETS).SerializeToString(),
+                        providers=["CPUExecutionProvider"])
+
+
+def test_constant_parameters_many_rows_and_threads():
+    """Several tasks share the kernel's scratch slots; two sessions run the same model at once."""
+    n = 576
+    rng = np.random.default_rng(4)
+    g = rng.standard_normal((n // 16, 16, 16)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((1001, n)).astype(np.float32)
+    sess = runtime.session(const_model(n, np.float32, g, b), providers=["CPUExecutionProvider"],
+                           intra_op_num_threads=2)
+    ref = reference(x, g, b)
+    results: list = []
+
+    def worker():
+        results.append([sess.run(None, {"X": x})[0] for _ in range(3)])
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for ys in results:
+        for y in ys:
+            assert_close(y, ref)
+
+
 # --------------------------------------------------------------------------- errors
 
 def _expect_error(model, feeds, *fragments):

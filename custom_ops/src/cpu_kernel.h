@@ -7,13 +7,18 @@
 // the linker (the ODR would let it keep the AVX-512 copy for the portable path, which then dies
 // with SIGILL on an AVX2 machine).  For the same reason the kernel uses no std:: templates.
 //
-// One row of n = m * L floats (L = 2^k) goes through an fp32 scratch buffer that stays in L1/L2:
+// One row of n = m * L floats (L = 2^k) goes through an fp32 scratch row that stays in L1:
 //   pass 0   load + convert the input, butterflies of strides < W inside each vector (shuffles),
-//            and up to 3 more strides across vectors, in registers; store to scratch;
-//   pass 1+  radix-8 (then 4, 2) butterflies in place for the remaining strides < L;
-//   last     the m x m core product across the m segments, with the scale folded into the
-//            core coefficients and the diagonal affine (g, beta) fused into the write-out;
-//            block-diagonal gammas take one more pass (b x b products) from a second buffer.
+//            and up to 3 more strides across vectors, in registers; store to scratch; the next
+//            row's input is prefetched meanwhile, so memory and arithmetic overlap;
+//   pass 1+  radix-8 (then 4, 2) butterflies in place for the remaining strides < L; for m = 1
+//            the last group writes y = g * v + beta straight from registers;
+//   core     (m > 1) the m x m +-1 product, column chunk by column chunk: for each group of 4
+//            core columns the 16 signed sums +-z0 +-z1 +-z2 +-z3 are formed once (22 adds),
+//            and every output segment then adds one of them per group, so an output costs
+//            m/4 adds instead of m multiply-adds (the "mailman" trick for +-1 matrices); the
+//            diagonal affine is fused into the write-out;
+//   blocks   block-diagonal gammas take one more pass (b x b products, kBlockRows rows at once).
 #pragma once
 
 #include <cstdint>
@@ -22,139 +27,214 @@
 
 namespace hadaconv {
 namespace cpu {
+
+// bfloat16 storage, distinct from IEEE half's uint16_t so the traits can overload on it.
+struct BF16 {
+  uint16_t bits;
+};
+
 namespace {
 
-// A radix-2^R butterfly group at stride `stride` (a multiple of V::W) over the whole row: the
-// Sylvester stages commute, so the row is simply all blocks of 2^R * stride elements.
-template <class V, int R>
-inline void radix_pass(float* s, int64_t n, int64_t stride) {
+// Touches every cache line of [p, p + bytes) so it is in L1 by the time the next row needs it.
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+template <class V, int P>
+inline void butterflies(typename V::reg* v) {
+  for (int h = 1; h < P; h <<= 1)
+    for (int t = 0; t < P; ++t)
+      if (!(t & h)) {
+        const typename V::reg a = v[t], b = v[t + h];
+        v[t] = V::add(a, b);
+        v[t + h] = V::sub(a, b);
+      }
+}
+
+// Where a butterfly group's results go: back to the scratch, or (the last group of a pure
+// power-of-two row) y = g * v + beta straight from registers.
+template <class T>
+struct Sink {
+  T* y;
+  const float* g;
+  const float* beta;
+};
+
+// A radix-2^R butterfly group at stride `stride` (a multiple of V::W) over n floats of `s`: the
+// Sylvester stages commute, so that is simply all blocks of 2^R * stride elements.  With
+// kAffine the group is the last one and writes to the sink instead.
+template <class V, int R, bool kAffine, class T>
+inline void radix_pass(float* s, int64_t n, int64_t stride, Sink<T> out) {
   constexpr int P = 1 << R;
   const int64_t span = stride << R;
   for (int64_t base = 0; base < n; base += span) {
     for (int64_t j = 0; j < stride; j += V::W) {
-      float* p = s + base + j;
-      typename V::reg v[P];
-      for (int t = 0; t < P; ++t) v[t] = V::load(p + t * stride);
-      for (int h = 1; h < P; h <<= 1)
-        for (int t = 0; t < P; ++t)
-          if (!(t & h)) {
-            const typename V::reg a = v[t], b = v[t + h];
-            v[t] = V::add(a, b);
-            v[t + h] = V::sub(a, b);
-          }
-      for (int t = 0; t < P; ++t) V::store(p + t * stride, v[t]);
-    }
-  }
-}
-
-// The last butterfly group of a pure power-of-two row (m = 1, no blocks) fused with the
-// write-out: y = (scale * v) * g + beta straight from registers, saving a pass over scratch.
-template <class V, int R, class T>
-inline void final_pass(const Plan& p, const float* s, T* y, int64_t stride) {
-  constexpr int P = 1 << R;
-  const typename V::reg c = V::set1(p.coef[0]);
-  const int64_t span = stride << R;
-  for (int64_t base = 0; base < p.n; base += span) {
-    for (int64_t j = 0; j < stride; j += V::W) {
       const int64_t i = base + j;
       typename V::reg v[P];
       for (int t = 0; t < P; ++t) v[t] = V::load(s + i + t * stride);
-      for (int h = 1; h < P; h <<= 1)
-        for (int t = 0; t < P; ++t)
-          if (!(t & h)) {
-            const typename V::reg a = v[t], b = v[t + h];
-            v[t] = V::add(a, b);
-            v[t + h] = V::sub(a, b);
-          }
+      butterflies<V, P>(v);
       for (int t = 0; t < P; ++t) {
         const int64_t k = i + t * stride;
-        V::store(y + k, V::fmadd(V::mul(v[t], c), V::load(p.gvec + k), V::load(p.beta + k)));
+        if (kAffine)
+          V::store(out.y + k, V::fmadd(v[t], V::load(out.g + k), V::load(out.beta + k)));
+        else
+          V::store(s + k, v[t]);
       }
     }
   }
 }
 
-// Pass 0: input -> scratch with every stride < W * 2^R done in registers.  The input is read
-// in contiguous runs of 2^R vectors, the way the hardware prefetcher likes it.
-template <class V, int R, class T>
-inline void first_pass(const T* x, float* s, int64_t n) {
+// Pass 0: n inputs -> scratch with every stride < W * 2^R done in registers.  The input is
+// read in contiguous runs of 2^R vectors, the way the hardware prefetcher likes it; `next`
+// (or null) is the next row's input at the same place, fetched at the same pace.
+template <class V, int R, bool kAffine, class T>
+inline void first_pass(const T* x, float* s, int64_t n, const T* next, Sink<T> out) {
   constexpr int P = 1 << R;
   for (int64_t base = 0; base < n; base += P * V::W) {
+    if (next) prefetch(next + base, P * V::W * static_cast<int64_t>(sizeof(T)));
     typename V::reg v[P];
     for (int t = 0; t < P; ++t) v[t] = V::intra(V::load(x + base + t * V::W));
-    for (int h = 1; h < P; h <<= 1)
-      for (int t = 0; t < P; ++t)
-        if (!(t & h)) {
-          const typename V::reg a = v[t], b = v[t + h];
-          v[t] = V::add(a, b);
-          v[t + h] = V::sub(a, b);
-        }
-    for (int t = 0; t < P; ++t) V::store(s + base + t * V::W, v[t]);
-  }
-}
-
-// The core product z'[a*L + b] = sum_a' C[a][a'] z[a'*L + b] (C holds the scale and, for the
-// inverse, the transpose), TA output segments at a time so each z vector is loaded once per
-// tile, then y = g * z' + beta.  With blocks, z' goes to `out` (fp32) and g/beta are skipped.
-template <class V, int TA, bool kAffine, class T>
-inline void core_pass(const Plan& p, const float* z, T* y, float* out) {
-  const int64_t L = p.L;
-  const int m = static_cast<int>(p.m);
-  for (int a0 = 0; a0 < m; a0 += TA) {
-    const float* c = p.coef + a0 * m;
-    for (int64_t b = 0; b < L; b += V::W) {
-      typename V::reg acc[TA];
-      for (int t = 0; t < TA; ++t) acc[t] = V::zero();
-      for (int a = 0; a < m; ++a) {
-        const typename V::reg zv = V::load(z + a * L + b);
-        for (int t = 0; t < TA; ++t) acc[t] = V::fmadd(V::set1(c[t * m + a]), zv, acc[t]);
-      }
-      for (int t = 0; t < TA; ++t) {
-        const int64_t i = (a0 + t) * L + b;
-        if (kAffine)
-          V::store(y + i, V::fmadd(acc[t], V::load(p.gvec + i), V::load(p.beta + i)));
-        else
-          V::store(out + i, acc[t]);
-      }
+    butterflies<V, P>(v);
+    for (int t = 0; t < P; ++t) {
+      const int64_t k = base + t * V::W;
+      if (kAffine)
+        V::store(out.y + k, V::fmadd(v[t], V::load(out.g + k), V::load(out.beta + k)));
+      else
+        V::store(s + k, v[t]);
     }
   }
 }
 
-// Block-diagonal affine from the fp32 z': blocks were expanded by the op to B x B (B a multiple
-// of W) and stored transposed, gt[j][q][p] = G_j[p][q], so each q contributes a broadcast z_q
-// times contiguous columns.  TP vectors of outputs per tile bound the live registers.
-template <class V, int TP, class T>
-inline void block_tile(const Plan& p, const float* z, T* y, int64_t j, int64_t p0) {
-  const int64_t B = p.B;
-  const float* g = p.blocks + j * B * B + p0;
-  const float* zj = z + j * B;
-  typename V::reg acc[TP];
-  for (int t = 0; t < TP; ++t) acc[t] = V::load(p.beta + j * B + p0 + t * V::W);
-  for (int64_t q = 0; q < B; ++q) {
-    const typename V::reg zq = V::set1(zj[q]);
-    for (int t = 0; t < TP; ++t) acc[t] = V::fmadd(V::load(g + q * B + t * V::W), zq, acc[t]);
-  }
-  for (int t = 0; t < TP; ++t) V::store(y + j * B + p0 + t * V::W, acc[t]);
+template <class V, bool kAffine, class T>
+inline void first_pass_r(int R, const T* x, float* s, int64_t n, const T* next, Sink<T> out) {
+  if (R == 3) first_pass<V, 3, kAffine>(x, s, n, next, out);
+  else if (R == 2) first_pass<V, 2, kAffine>(x, s, n, next, out);
+  else if (R == 1) first_pass<V, 1, kAffine>(x, s, n, next, out);
+  else first_pass<V, 0, kAffine>(x, s, n, next, out);
 }
 
+template <class V, bool kAffine, class T>
+inline void radix_pass_r(int R, float* s, int64_t n, int64_t stride, Sink<T> out) {
+  if (R == 3) radix_pass<V, 3, kAffine>(s, n, stride, out);
+  else if (R == 2) radix_pass<V, 2, kAffine>(s, n, stride, out);
+  else radix_pass<V, 1, kAffine>(s, n, stride, out);
+}
+
+// Sylvester blocks up to this many floats are finished while they sit in L1, before the
+// strides that span several blocks run over the whole segment.
+constexpr int64_t kLocal = 1024;
+// Fusing the affine into a butterfly group at a stride of this many bytes or more makes its
+// four streams (s, y, g, beta) fight over the same few L1 sets: a separate pass is cheaper.
+constexpr int64_t kFuseStrideBytes = 1024;
+
+// H_L (unscaled) of every L-long segment of x[0, len) into s[0, len); with `fuse` (m = 1, no
+// blocks, len = L) the result goes to the sink instead, y = g * (H x) + beta.
 template <class V, class T>
-inline void block_pass(const Plan& p, const float* z, T* y) {
-  const int64_t B = p.B;
-  for (int64_t j = 0; j < p.n / B; ++j) {
-    int64_t p0 = 0;
-    for (; p0 + 4 * V::W <= B; p0 += 4 * V::W) block_tile<V, 4>(p, z, y, j, p0);
-    switch ((B - p0) / V::W) {
-      case 3: block_tile<V, 3>(p, z, y, j, p0); break;
-      case 2: block_tile<V, 2>(p, z, y, j, p0); break;
-      case 1: block_tile<V, 1>(p, z, y, j, p0); break;
-      default: break;
+inline void sylvester(const T* x, float* s, int64_t len, int64_t L, const T* next, bool fuse, Sink<T> out) {
+  const int64_t LB = L < kLocal ? L : kLocal;
+  // Largest first group: strides W .. W * 2^R0 in registers.
+  const int R0 = L >= 8 * V::W ? 3 : (L >= 4 * V::W ? 2 : (L >= 2 * V::W ? 1 : 0));
+  const int64_t done0 = int64_t{V::W} << R0;  // strides below this are finished by pass 0
+  if (LB == done0) {  // short segments: one pass over the whole run does everything
+    if (fuse) return first_pass_r<V, true>(R0, x, s, len, next, out);
+    return first_pass_r<V, false>(R0, x, s, len, next, out);
+  }
+  // Otherwise block by block, each finished while it sits in L1.
+  for (int64_t base = 0; base < len; base += LB) {
+    const Sink<T> o{out.y + base, out.g + base, out.beta + base};
+    first_pass_r<V, false>(R0, x + base, s + base, LB, next ? next + base : nullptr, o);
+    for (int64_t done = done0; done < LB;) {
+      const int64_t left = LB / done;  // 2^(stages left in the block)
+      const int R = left >= 8 ? 3 : (left == 4 ? 2 : 1);
+      if (fuse && LB == L && (done << R) == L && done * 4 < kFuseStrideBytes)
+        return radix_pass_r<V, true>(R, s + base, LB, done, o);
+      radix_pass_r<V, false>(R, s + base, LB, done, o);
+      done <<= R;
+    }
+  }
+  for (int64_t done = LB; done < L;) {
+    const int64_t left = L / done;
+    const int R = left >= 8 ? 3 : (left == 4 ? 2 : 1);
+    if (fuse && (done << R) == L && done * 4 < kFuseStrideBytes) return radix_pass_r<V, true>(R, s, len, done, out);
+    radix_pass_r<V, false>(R, s, len, done, out);
+    done <<= R;
+  }
+  if (fuse)
+    for (int64_t k = 0; k < len; k += V::W)
+      V::store(out.y + k, V::fmadd(V::load(s + k), V::load(out.g + k), V::load(out.beta + k)));
+}
+
+// The 16 signed sums of core columns 4g .. 4g+3 for NV vectors of columns at `col`: slot s
+// (bit 3 - i set where z_i enters with -1) at tbl + (g * 16 + s) * NV * W.
+template <class V, int NV>
+inline void sign_table(const float* z, int64_t L, int64_t col, int g, float* tbl) {  // L: the segment stride
+  using reg = typename V::reg;
+  float* t = tbl + g * 16 * NV * V::W;
+  for (int v = 0; v < NV; ++v) {
+    const float* zc = z + 4 * g * L + col + v * V::W;
+    const reg z0 = V::load(zc), z1 = V::load(zc + L), z2 = V::load(zc + 2 * L), z3 = V::load(zc + 3 * L);
+    const reg a0 = V::add(z0, z1), a1 = V::sub(z0, z1);
+    const reg b[4] = {V::add(a0, z2), V::sub(a0, z2), V::add(a1, z2), V::sub(a1, z2)};
+    reg q[8];
+    for (int k = 0; k < 4; ++k) {
+      q[2 * k] = V::add(b[k], z3);
+      q[2 * k + 1] = V::sub(b[k], z3);
+    }
+    // -z0 with signs k' on z1..z3 is minus the pattern with every sign flipped: 7 - k'.
+    for (int k = 0; k < 8; ++k) {
+      V::store(t + k * NV * V::W + v * V::W, q[k]);
+      V::store(t + (8 + k) * NV * V::W + v * V::W, V::sub(V::zero(), q[7 - k]));
     }
   }
 }
 
-// The same for kRows rows at once: each column of gamma loaded from cache then serves kRows
-// rows.  Gamma is b times the size of a row, so streaming it once per row would cost more
-// than the row itself.
+// The core product z'[a*L + b] = sum_a' C[a][a'] z[a'*L + b] as table look-ups (see the file
+// comment), NV vectors of columns at a time, then y = g * z' + beta (kAffine) or z' -> out.
+template <class V, int NV, bool kAffine, class T>
+inline void core_pass(const Plan& p, const float* z, int64_t Ls, T* y, float* out, float* tbl) {
+  using reg = typename V::reg;
+  const int64_t L = p.L;
+  const int m = static_cast<int>(p.m), G = m / 4;
+  for (int64_t col = 0; col < L; col += NV * V::W) {
+    for (int g = 0; g < G; ++g) sign_table<V, NV>(z, Ls, col, g, tbl);
+    for (int a = 0; a < m; ++a) {
+      const uint16_t* sl = p.slots + a * G;
+      reg acc[NV], acc2[NV];  // two chains: the adds' latency, not their count, would bound it
+      for (int v = 0; v < NV; ++v) {
+        acc[v] = V::load(tbl + sl[0] * NV * V::W + v * V::W);
+        acc2[v] = V::zero();
+      }
+      int g = 1;
+      for (; g + 1 < G; g += 2) {
+        const float* t0 = tbl + sl[g] * NV * V::W;
+        const float* t1 = tbl + sl[g + 1] * NV * V::W;
+        for (int v = 0; v < NV; ++v) {
+          acc[v] = V::add(acc[v], V::load(t0 + v * V::W));
+          acc2[v] = V::add(acc2[v], V::load(t1 + v * V::W));
+        }
+      }
+      if (g < G) {
+        const float* t0 = tbl + sl[g] * NV * V::W;
+        for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::load(t0 + v * V::W));
+      }
+      for (int v = 0; v < NV; ++v) {
+        const int64_t i = a * L + col + v * V::W;
+        const reg r = V::add(acc[v], acc2[v]);
+        if (kAffine)
+          V::store(y + i, V::fmadd(r, V::load(p.gvec + i), V::load(p.beta + i)));
+        else
+          V::store(out + i, r);
+      }
+    }
+  }
+}
+
+// Block-diagonal affine for kRows rows at once: blocks were expanded by the op to B x B (B a
+// multiple of W) and stored transposed, gt[j][q][p] = G_j[p][q], so each q contributes a
+// broadcast z_q times contiguous columns, and each column of gamma loaded from cache serves
+// kRows rows (gamma is b times the size of a row: streaming it once per row would cost more
+// than the row itself).
 template <class V, int kRows, int TP, class T>
 inline void block_tile_rows(const Plan& p, const float* z, T* const* y, int64_t j, int64_t p0) {
   const int64_t B = p.B, n = p.n;
@@ -186,79 +266,88 @@ inline void block_pass_rows(const Plan& p, const float* z, T* const* y) {
   }
 }
 
+// Column vectors per core chunk: 2 where the segment allows (the look-up offsets then serve two
+// vectors), 8 for the scalar kernel (a loop the compiler may vectorize).
+template <class V>
+constexpr int core_chunk() {
+  return V::W == 1 ? 8 : 2;
+}
+
+// One row x -> y (or, with blocks, -> z' in `zrow` for block_pass_rows); `s` is the row
+// scratch (segments at a stride of segment_stride(L)), `tbl` the core's tables, `next` the next
+// row's input or null.
 template <class V, class T>
-inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* s2, bool block_pass_too = true) {
-  const int64_t n = p.n, L = p.L;
-  // Pass 0 takes as many of the strides W, 2W, 4W as L allows.
-  int64_t done;  // strides below `done` are finished
-  if (L >= 8 * V::W) {
-    first_pass<V, 3>(x, s, n);
-    done = 8 * V::W;
-  } else if (L >= 4 * V::W) {
-    first_pass<V, 2>(x, s, n);
-    done = 4 * V::W;
-  } else if (L >= 2 * V::W) {
-    first_pass<V, 1>(x, s, n);
-    done = 2 * V::W;
-  } else {
-    first_pass<V, 0>(x, s, n);
-    done = V::W;
+inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* zrow, float* tbl, const T* next) {
+  const int64_t L = p.L;
+  const Sink<T> out{y, p.gvec, p.beta};
+  if (p.m == 1) {
+    // With blocks the Sylvester passes run in z' directly.
+    if (p.blocks) sylvester<V>(x, zrow, L, L, next, false, out);
+    else sylvester<V>(x, s, L, L, next, true, out);
+    return;
   }
-  // The remaining strides in groups of up to 3; for m = 1 without blocks the last group
-  // writes the output itself.
-  const bool fuse = p.m == 1 && !p.blocks;
-  while (done < L) {
-    const int64_t left = L / done;  // 2^(stages left)
-    const int R = left >= 8 ? 3 : (left == 4 ? 2 : 1);
-    const bool last = (done << R) == L;
-    if (fuse && last) {
-      if (R == 3) final_pass<V, 3>(p, s, y, done);
-      else if (R == 2) final_pass<V, 2>(p, s, y, done);
-      else final_pass<V, 1>(p, s, y, done);
-      return;
-    }
-    if (R == 3) radix_pass<V, 3>(s, n, done);
-    else if (R == 2) radix_pass<V, 2>(s, n, done);
-    else radix_pass<V, 1>(s, n, done);
-    done <<= R;
-  }
-  // Hadamard core orders are 1 or multiples of 4, so a tile of 4 always divides m.
-  if (p.blocks) {
-    if (p.m == 1) core_pass<V, 1, false>(p, s, y, s2);
-    else core_pass<V, 4, false>(p, s, y, s2);
-    if (block_pass_too) block_pass<V>(p, s2, y);
-  } else if (p.m == 1) {
-    core_pass<V, 1, true>(p, s, y, nullptr);
+  const int64_t Ls = segment_stride(L);
+  if (Ls == L) {
+    sylvester<V>(x, s, p.n, L, next, false, out);
   } else {
-    core_pass<V, 4, true>(p, s, y, nullptr);
+    for (int64_t a = 0; a < p.m; ++a)
+      sylvester<V>(x + a * L, s + a * Ls, L, L, next ? next + a * L : nullptr, false, out);
+  }
+  constexpr int NV = core_chunk<V>();
+  if (L >= NV * V::W) {
+    if (!p.blocks) core_pass<V, NV, true>(p, s, Ls, y, nullptr, tbl);
+    else core_pass<V, NV, false>(p, s, Ls, y, zrow, tbl);
+  } else {
+    if (!p.blocks) core_pass<V, 1, true>(p, s, Ls, y, nullptr, tbl);
+    else core_pass<V, 1, false>(p, s, Ls, y, zrow, tbl);
   }
 }
 
 // Block gammas go kBlockRows rows at a time (see block_tile_rows); z' of row r is kept at
-// s2 + r * n, which is why the scratch holds (1 + kBlockRows) * n floats.
+// z + r * n, which is why the scratch holds (1 + kBlockRows) * n floats.
 template <class V, class T>
-inline void rows_typed(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, float* s) {
-  float* s2 = s + p.n;
+inline void rows_typed(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, float* scratch) {
+  const int64_t n = p.n;
+  float* s = scratch;
+  float* z = s + n + p.m * kSegmentPad;
+  float* tbl = z + kBlockRows * n;
+  auto next = [&](int64_t r) { return r + 1 < r1 ? x + (r + 1) * n : nullptr; };
   int64_t r = r0;
   if (p.blocks) {
-    for (; r + kBlockRows <= r1; r += kBlockRows) {
+    for (; r < r1; r += kBlockRows) {
+      const int rows = static_cast<int>(r1 - r < kBlockRows ? r1 - r : kBlockRows);
       T* ys[kBlockRows];
-      for (int i = 0; i < kBlockRows; ++i) {
-        transform_row<V>(p, x + (r + i) * p.n, y + (r + i) * p.n, s, s2 + i * p.n, false);
-        ys[i] = y + (r + i) * p.n;
+      for (int i = 0; i < rows; ++i) {
+        transform_row<V>(p, x + (r + i) * n, y + (r + i) * n, s, z + i * n, tbl, next(r + i));
+        ys[i] = y + (r + i) * n;
       }
-      block_pass_rows<V, kBlockRows>(p, s2, ys);
+      switch (rows) {
+        case 4: block_pass_rows<V, 4>(p, z, ys); break;
+        case 3: block_pass_rows<V, 3>(p, z, ys); break;
+        case 2: block_pass_rows<V, 2>(p, z, ys); break;
+        default: block_pass_rows<V, 1>(p, z, ys); break;
+      }
     }
+    return;
   }
-  for (; r < r1; ++r) transform_row<V>(p, x + r * p.n, y + r * p.n, s, s2);
+  for (; r < r1; ++r) transform_row<V>(p, x + r * n, y + r * n, s, nullptr, tbl, next(r));
 }
 
 template <class V>
 void run_rows(const Plan& p, DType dtype, const void* x, void* y, int64_t r0, int64_t r1, float* scratch) {
-  if (dtype == DType::kFloat32)
-    rows_typed<V>(p, static_cast<const float*>(x), static_cast<float*>(y), r0, r1, scratch);
-  else
-    rows_typed<V>(p, static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), r0, r1, scratch);
+  static_assert(kBlockRows == 4, "rows_typed dispatches 1 .. 4 rows");
+  static_assert(core_chunk<V>() * V::W <= kMaxChunk, "the core tables must fit the scratch");
+  switch (dtype) {
+    case DType::kFloat32:
+      rows_typed<V>(p, static_cast<const float*>(x), static_cast<float*>(y), r0, r1, scratch);
+      break;
+    case DType::kFloat16:
+      rows_typed<V>(p, static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), r0, r1, scratch);
+      break;
+    case DType::kBFloat16:
+      rows_typed<V>(p, static_cast<const BF16*>(x), static_cast<BF16*>(y), r0, r1, scratch);
+      break;
+  }
 }
 
 }  // namespace

@@ -6,23 +6,41 @@
 namespace hadaconv {
 namespace cpu {
 
-enum class DType { kFloat32, kFloat16 };
+enum class DType { kFloat32, kFloat16, kBFloat16 };
 
-// Everything a row needs, prepared once per Compute call in fp32 (so half-precision gammas are
-// converted once, not per row).
+// Everything a row needs, in fp32, prepared once when the kernel is created (gamma and beta are
+// constant initializers) or once per Compute call (they are graph inputs).  The transform's
+// scale is folded into gvec / blocks, so the kernels never multiply by it.
 struct Plan {
   int64_t n = 0, m = 1, L = 1;      // n = m * L, L a power of two
-  const float* coef = nullptr;      // [m][m]: scale * core (or its transpose), output-major
-  const float* gvec = nullptr;      // [n] diagonal gamma (ones when absent); unused with blocks
+  // m > 1: for output segment a and input group g (core columns 4g .. 4g+3), the slot
+  // g * 16 + s of the sign pattern s of C[a][4g..4g+3] (bit 3 - i set where entry i is -1),
+  // [m][m/4]; C is the core or, for the inverse, its transpose.
+  const uint16_t* slots = nullptr;
+  const float* gvec = nullptr;      // [n] scale * gamma (scale alone without gamma); unused with blocks
   const float* beta = nullptr;      // [n] (zeros when absent)
-  const float* blocks = nullptr;    // [n/B][B(q)][B(p)] transposed block-diagonal gamma, or null
+  const float* blocks = nullptr;    // [n/B][B(q)][B(p)] scale * transposed block-diagonal gamma, or null
   int64_t B = 0;                    // block size of `blocks`, a multiple of the vector width
 };
 
 // Rows handled together by the block-gamma pass.
 constexpr int kBlockRows = 4;
+// The widest column chunk of the core pass, in floats (2 vectors of the widest ISA).
+constexpr int kMaxChunk = 32;
 
-// Rows [r0, r1) of x -> y; `scratch` holds (1 + kBlockRows) * n floats, 64-byte aligned,
+// Floats between the segments of the scratch row: without it the m segments of a long
+// power-of-two length map to the same few L1 sets when the core pass reads one column of each.
+// Short segments (under 1 KiB) stay packed, so one pass can run over all of them.
+constexpr int64_t kSegmentPad = 16;
+constexpr int64_t segment_stride(int64_t L) { return L >= 256 ? L + kSegmentPad : L; }
+
+// Floats of scratch one task needs: the (padded) row, kBlockRows rows of z' for block gammas,
+// and the sign-pattern tables of the core pass (16 patterns per group of 4 core columns).
+constexpr int64_t scratch_floats(int64_t n, int64_t m) {
+  return n + m * kSegmentPad + kBlockRows * n + (m > 1 ? (m / 4) * 16 * kMaxChunk : 0);
+}
+
+// Rows [r0, r1) of x -> y; `scratch` holds scratch_floats(n, m) floats, 64-byte aligned,
 // private to the caller.
 using RowsFn = void (*)(const Plan&, DType, const void* x, void* y, int64_t r0, int64_t r1, float* scratch);
 

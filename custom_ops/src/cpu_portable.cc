@@ -15,13 +15,14 @@ struct Scalar {
   using reg = float;
   static reg load(const float* p) { return *p; }
   static reg load(const uint16_t* p) { return half_to_float(*p); }
+  static reg load(const BF16* p) { return bfloat16_to_float(p->bits); }
   static void store(float* p, reg v) { *p = v; }
   static void store(uint16_t* p, reg v) { *p = float_to_half(v); }
+  static void store(BF16* p, reg v) { p->bits = float_to_bfloat16(v); }
   static reg zero() { return 0.0f; }
   static reg set1(float f) { return f; }
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }
-  static reg mul(reg a, reg b) { return a * b; }
   static reg fmadd(reg a, reg b, reg c) { return a * b + c; }
   static reg intra(reg v) { return v; }
 };

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 
 #include "hadamard_cuda.h"
 
@@ -289,6 +290,30 @@ Layout layout(const Args& a) {
   return l;
 }
 
+// The kernels' dynamic shared-memory limit, raised once per device to the device's opt-in
+// maximum (a process-wide function attribute: setting it per launch to the launch's own size
+// raced between sessions on different threads).  layout() never asks for more than that.
+constexpr int kMaxDevices = 64;
+
+const char* allow_large_smem() {
+  static std::once_flag once[kMaxDevices];
+  static const char* error[kMaxDevices] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return cudaGetErrorString(e);
+  if (dev < 0 || dev >= kMaxDevices) return "device index out of range";
+  std::call_once(once[dev], [dev] {
+    int smem_max = 0;
+    cudaError_t err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    const auto attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
+    if (err == cudaSuccess) err = cudaFuncSetAttribute(hadamard_kernel<float>, attr, smem_max);
+    if (err == cudaSuccess) err = cudaFuncSetAttribute(hadamard_kernel<__half>, attr, smem_max);
+    if (err == cudaSuccess) err = cudaFuncSetAttribute(hadamard_kernel<__nv_bfloat16>, attr, smem_max);
+    if (err != cudaSuccess) error[dev] = cudaGetErrorString(err);
+  });
+  return error[dev];
+}
+
 template <typename T>
 const char* launch_typed(const Args& a, const CoreBits& core, void* ws, cudaStream_t stream) {
   const Layout l = layout(a);
@@ -315,13 +340,14 @@ const char* launch_typed(const Args& a, const CoreBits& core, void* ws, cudaStre
           (!a.beta || aligned(a.beta));
   p.core = core;
   if (l.smem_bytes > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(hadamard_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(l.smem_bytes));
-    if (e != cudaSuccess) return cudaGetErrorString(e);
+    const char* err = allow_large_smem();
+    if (err) return err;
   }
   hadamard_kernel<T><<<static_cast<unsigned>(l.grid), threads_for(a.n), l.smem_bytes, stream>>>(
       static_cast<const T*>(a.x), static_cast<T*>(a.y), p);
-  const cudaError_t e = cudaGetLastError();
+  // Peek, not Get: the launch error belongs to this launch, and reading it must not clear a
+  // sticky error some other library on this thread still has to see.
+  const cudaError_t e = cudaPeekAtLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 

@@ -231,11 +231,18 @@ inline int8_t core_at(const Attrs& a, int64_t i, int64_t j) {
 
 // ----------------------------------------------------------------------------- tensors
 
+// Ranks above this are refused: the per-call path keeps shapes in fixed arrays (no heap).
+constexpr size_t kMaxRank = 16;
+
 struct TensorView {
   const OrtValue* value = nullptr;
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  std::vector<int64_t> dims;
+  int64_t dims[kMaxRank] = {};
+  size_t rank = 0;
   int64_t numel = 0;
+
+  int64_t last() const { return rank ? dims[rank - 1] : -1; }
+  std::string shape() const { return shape_str(std::vector<int64_t>(dims, dims + rank)); }
 };
 
 TensorView view(const OrtValue* v) {
@@ -245,13 +252,12 @@ TensorView view(const OrtValue* v) {
   check(g_api->GetTensorTypeAndShape(v, &info));
   std::unique_ptr<OrtTensorTypeAndShapeInfo, void (*)(OrtTensorTypeAndShapeInfo*)> guard(
       info, [](OrtTensorTypeAndShapeInfo* p) { g_api->ReleaseTensorTypeAndShapeInfo(p); });
-  size_t rank = 0;
   check(g_api->GetTensorElementType(info, &t.type));
-  check(g_api->GetDimensionsCount(info, &rank));
-  t.dims.resize(rank);
-  if (rank) check(g_api->GetDimensions(info, t.dims.data(), rank));
+  check(g_api->GetDimensionsCount(info, &t.rank));
+  if (t.rank > kMaxRank) fail("tensors of rank above " + std::to_string(kMaxRank) + " are not supported");
+  if (t.rank) check(g_api->GetDimensions(info, t.dims, t.rank));
   t.numel = 1;
-  for (int64_t d : t.dims) t.numel *= d;
+  for (size_t i = 0; i < t.rank; ++i) t.numel *= t.dims[i];
   return t;
 }
 
@@ -265,48 +271,21 @@ const OrtValue* optional_input(OrtKernelContext* ctx, size_t index) {
   return v;
 }
 
-// Validates X, gamma, beta against the attributes; returns gamma's block size (0 = no gamma,
-// 1 = vector) and the number of rows.
-struct Inputs {
-  TensorView x, gamma, beta;
-  bool has_gamma = false, has_beta = false;
-  int64_t block = 0, rows = 0;
-};
+// gamma's block size (1 = vector, b > 1 = [n/b, b, b] blocks) after checking type and shape.
+int64_t gamma_block(const TensorView& g, const Attrs& a, ONNXTensorElementDataType want) {
+  if (g.type != want)
+    fail(std::string("gamma must have the type of X (") + type_name(want) + "), got " + type_name(g.type));
+  const int64_t* d = g.dims;
+  if (g.rank == 1 && d[0] == a.n) return 1;
+  if (g.rank == 3 && d[1] == d[2] && d[1] > 0 && d[0] * d[1] == a.n) return d[1];
+  fail("gamma must be [" + std::to_string(a.n) + "] or [n/b, b, b] with n = " + std::to_string(a.n) + ", got " +
+       g.shape());
+}
 
-Inputs read_inputs(OrtKernelContext* ctx, const Attrs& a, ONNXTensorElementDataType want) {
-  Inputs in;
-  const OrtValue* xv = nullptr;
-  check(g_api->KernelContext_GetInput(ctx, 0, &xv));
-  if (!xv) fail("input X is missing");
-  in.x = view(xv);
-  if (in.x.type != want)
-    fail(std::string("X has type ") + type_name(in.x.type) + ", this kernel takes " + type_name(want));
-  if (in.x.dims.empty() || in.x.dims.back() != a.n)
-    fail("the last dimension of X must be n = " + std::to_string(a.n) + ", got X of shape " + shape_str(in.x.dims));
-  in.rows = in.x.numel / a.n;
-  if (const OrtValue* g = optional_input(ctx, 1)) {
-    in.gamma = view(g);
-    in.has_gamma = true;
-    const auto& d = in.gamma.dims;
-    if (in.gamma.type != want)
-      fail(std::string("gamma must have the type of X (") + type_name(want) + "), got " + type_name(in.gamma.type));
-    if (d.size() == 1 && d[0] == a.n)
-      in.block = 1;
-    else if (d.size() == 3 && d[1] == d[2] && d[1] > 0 && d[0] * d[1] == a.n)
-      in.block = d[1];
-    else
-      fail("gamma must be [" + std::to_string(a.n) + "] or [n/b, b, b] with n = " + std::to_string(a.n) +
-           ", got " + shape_str(d));
-  }
-  if (const OrtValue* b = optional_input(ctx, 2)) {
-    in.beta = view(b);
-    in.has_beta = true;
-    if (in.beta.type != want)
-      fail(std::string("beta must have the type of X (") + type_name(want) + "), got " + type_name(in.beta.type));
-    if (in.beta.dims.size() != 1 || in.beta.dims[0] != a.n)
-      fail("beta must be [" + std::to_string(a.n) + "], got " + shape_str(in.beta.dims));
-  }
-  return in;
+void check_beta(const TensorView& b, const Attrs& a, ONNXTensorElementDataType want) {
+  if (b.type != want)
+    fail(std::string("beta must have the type of X (") + type_name(want) + "), got " + type_name(b.type));
+  if (b.rank != 1 || b.dims[0] != a.n) fail("beta must be [" + std::to_string(a.n) + "], got " + b.shape());
 }
 
 const void* data_of(const OrtValue* v) {
@@ -315,31 +294,129 @@ const void* data_of(const OrtValue* v) {
   return p;
 }
 
+// ----------------------------------------------------------------------------- CPU parameters
+
+// Reads a host tensor of the kernel's type as floats into `out` (resized).
+void to_float(const TensorView& t, std::vector<float>* out) {
+  out->resize(static_cast<size_t>(t.numel));
+  const void* p = data_of(t.value);
+  if (t.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    std::memcpy(out->data(), p, out->size() * sizeof(float));
+    return;
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(p);
+  const bool bf16 = t.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+  for (size_t i = 0; i < out->size(); ++i) (*out)[i] = bf16 ? bfloat16_to_float(h[i]) : half_to_float(h[i]);
+}
+
+// gamma in the form the row kernels take, with the transform's scale folded in: a vector
+// (ones when absent), or the b x b blocks expanded to B x B (block-diagonal inside, B a
+// multiple of the vector width) and transposed, see block_tile_rows.
+struct GammaPrep {
+  int64_t block = 0;  // 0 none, 1 vector, b > 1 blocks
+  int64_t B = 0;      // expanded block size (0 without blocks)
+  cpu::Isa isa{};     // the kernel for this gamma (narrow blocks and segments take the portable one)
+  std::vector<float> vec, blocks;
+};
+
+void prepare_gamma(const Attrs& a, cpu::Isa isa, const TensorView* gamma, int64_t block, GammaPrep* out) {
+  out->block = block;
+  // Segments narrower than a vector, and blocks that do not tile into whole vectors, take the
+  // portable path (tiny widths only; see the README).
+  int64_t B = block > 1 ? std::lcm(block, static_cast<int64_t>(isa.width)) : 0;
+  if (a.L < isa.width || (B && a.n % B)) {
+    isa = cpu::isa_portable();
+    B = block > 1 ? block : 0;
+  }
+  out->isa = isa;
+  out->B = B;
+  std::vector<float> g;
+  if (gamma) to_float(*gamma, &g);
+  if (block <= 1) {
+    out->vec.assign(static_cast<size_t>(a.n), a.scale);
+    if (gamma)
+      for (int64_t i = 0; i < a.n; ++i) out->vec[i] *= g[i];
+    out->blocks.clear();
+    return;
+  }
+  const int64_t b = block;
+  out->vec.clear();
+  out->blocks.assign(static_cast<size_t>(a.n * B), 0.0f);
+  for (int64_t j = 0; j < a.n / B; ++j)
+    for (int64_t bj = 0; bj < B / b; ++bj)  // the b x b blocks on the diagonal of tile j
+      for (int64_t q = 0; q < b; ++q)
+        for (int64_t p = 0; p < b; ++p) {
+          const int64_t ip = j * B + bj * b + p, blk = ip / b;
+          out->blocks[(j * B + bj * b + q) * B + bj * b + p] = a.scale * g[blk * b * b + p * b + q];
+        }
+}
+
+void prepare_beta(const Attrs& a, const TensorView* beta, std::vector<float>* out) {
+  if (beta)
+    to_float(*beta, out);
+  else
+    out->assign(static_cast<size_t>(a.n), 0.0f);
+}
+
+// Per-task scratch owned by the kernel: slots claimed through a bit mask (ORT may run one
+// kernel from several threads at once), each allocated the first time it is claimed and kept
+// for the kernel's life, so steady-state calls allocate nothing.
+class ScratchPool {
+ public:
+  static constexpr int kSlots = 64;
+  explicit ScratchPool(size_t floats) : bytes_((floats * sizeof(float) + 63) / 64 * 64) {}
+  ~ScratchPool() {
+    for (float* p : slot_) std::free(p);
+  }
+  // A slot's buffer, or null when out of memory; `id` is -1 for a one-off buffer (every slot
+  // busy), which release() frees.
+  float* acquire(int* id) {
+    uint64_t busy = busy_.load(std::memory_order_relaxed);
+    for (;;) {
+      if (~busy == 0) break;
+      const int i = __builtin_ctzll(~busy);
+      if (busy_.compare_exchange_weak(busy, busy | (uint64_t{1} << i), std::memory_order_acquire)) {
+        if (!slot_[i]) slot_[i] = static_cast<float*>(std::aligned_alloc(64, bytes_));
+        *id = i;
+        if (!slot_[i]) release(i, nullptr);
+        return slot_[i];
+      }
+    }
+    *id = -1;
+    return static_cast<float*>(std::aligned_alloc(64, bytes_));
+  }
+  void release(int id, float* p) {
+    if (id < 0) {
+      std::free(p);
+      return;
+    }
+    busy_.fetch_and(~(uint64_t{1} << id), std::memory_order_release);
+  }
+
+ private:
+  size_t bytes_;
+  std::atomic<uint64_t> busy_{0};
+  float* slot_[kSlots] = {};
+};
+
 // ----------------------------------------------------------------------------- the kernels
 
 struct Kernel {
   Attrs attrs;
   ONNXTensorElementDataType type;
   bool on_cuda = false;
-  cpu::Isa isa{};
-  std::vector<float> coef;  // CPU: [m][m] scale * C
+  // CPU: the core's sign-pattern slots (see cpu::Plan), and gamma / beta when they are
+  // constant initializers (absent counts as constant), prepared at creation.
+  std::vector<uint16_t> slots;
+  bool gamma_const = false, beta_const = false;
+  GammaPrep gamma;
+  std::vector<float> beta;
+  std::unique_ptr<ScratchPool> scratch;
 #ifdef HADACONV_WITH_CUDA
   std::unique_ptr<cuda::CoreBits> bits;
+  int device = -1;  // the device the shared-memory attribute was set for
 #endif
 };
-
-// Reads a host tensor of the kernel's type as floats.
-std::vector<float> to_float(const TensorView& t, ONNXTensorElementDataType type) {
-  std::vector<float> out(static_cast<size_t>(t.numel));
-  const void* p = data_of(t.value);
-  if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-    std::memcpy(out.data(), p, out.size() * sizeof(float));
-  } else {
-    const uint16_t* h = static_cast<const uint16_t*>(p);
-    for (size_t i = 0; i < out.size(); ++i) out[i] = half_to_float(h[i]);
-  }
-  return out;
-}
 
 struct CpuJob {
   const cpu::Plan* plan;
@@ -348,101 +425,117 @@ struct CpuJob {
   const void* x;
   void* y;
   int64_t rows, rows_per_task;
+  ScratchPool* pool;
   std::atomic<bool> failed{false};
 };
 
-// One task of ORT's intra-op thread pool: a run of rows with a private scratch buffer (a
-// per-call allocation, not thread_local storage, which would outlive a dlclose'd library).
+// One task of ORT's intra-op thread pool: a run of rows with a scratch slot of the kernel.
 void cpu_task(void* user, size_t task) noexcept {
   CpuJob* job = static_cast<CpuJob*>(user);
   const int64_t r0 = static_cast<int64_t>(task) * job->rows_per_task;
   const int64_t r1 = std::min(job->rows, r0 + job->rows_per_task);
-  const size_t bytes = ((1 + cpu::kBlockRows) * job->plan->n * sizeof(float) + 63) / 64 * 64;
-  float* scratch = static_cast<float*>(std::aligned_alloc(64, bytes));
+  int id = -1;
+  float* scratch = job->pool->acquire(&id);
   if (!scratch) {
     job->failed = true;
     return;
   }
   job->rows_fn(*job->plan, job->dtype, job->x, job->y, r0, r1, scratch);
-  std::free(scratch);
+  job->pool->release(id, scratch);
 }
 
-void compute_cpu(Kernel& k, OrtKernelContext* ctx, const Inputs& in, OrtValue* out) {
+cpu::DType cpu_dtype(ONNXTensorElementDataType t) {
+  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? cpu::DType::kFloat32
+         : t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? cpu::DType::kFloat16
+                                                      : cpu::DType::kBFloat16;
+}
+
+void compute_cpu(Kernel& k, OrtKernelContext* ctx, const TensorView& x, OrtValue* out) {
   const Attrs& a = k.attrs;
-  cpu::Isa isa = k.isa;
-  // Segments narrower than a vector, and blocks that do not tile into whole vectors, take
-  // the portable path (tiny widths only; see the README).
-  int64_t B = in.block > 1 ? std::lcm(in.block, static_cast<int64_t>(isa.width)) : 0;
-  if (a.L < isa.width || (B && a.n % B)) {
-    isa = cpu::isa_portable();
-    B = in.block > 1 ? in.block : 0;
+  // Graph-input gamma / beta (rare: exports make them initializers) are prepared per call.
+  GammaPrep gamma_call;
+  std::vector<float> beta_call;
+  const GammaPrep* gp = &k.gamma;
+  const std::vector<float>* bp = &k.beta;
+  if (!k.gamma_const) {
+    const OrtValue* g = optional_input(ctx, 1);
+    TensorView gv;
+    if (g) gv = view(g);
+    prepare_gamma(a, cpu::select_isa(), g ? &gv : nullptr, g ? gamma_block(gv, a, k.type) : 0, &gamma_call);
+    gp = &gamma_call;
   }
-  std::vector<float> gvec, beta, blocks;
-  beta = in.has_beta ? to_float(in.beta, k.type) : std::vector<float>(a.n, 0.0f);
-  if (in.block > 1) {
-    // Expand b x b blocks to B x B (block-diagonal inside) and transpose: see block_pass.
-    const std::vector<float> g = to_float(in.gamma, k.type);
-    const int64_t b = in.block;
-    blocks.assign(static_cast<size_t>(a.n * B), 0.0f);
-    for (int64_t j = 0; j < a.n / B; ++j)
-      for (int64_t q = 0; q < B; ++q)
-        for (int64_t p = 0; p < B; ++p) {
-          const int64_t ip = j * B + p, iq = j * B + q;
-          if (ip / b == iq / b) blocks[(j * B + q) * B + p] = g[(ip / b) * b * b + (ip % b) * b + (iq % b)];
-        }
-  } else {
-    gvec = in.has_gamma ? to_float(in.gamma, k.type) : std::vector<float>(a.n, 1.0f);
+  if (!k.beta_const) {
+    const OrtValue* b = optional_input(ctx, 2);
+    TensorView bv;
+    if (b) {
+      bv = view(b);
+      check_beta(bv, a, k.type);
+    }
+    prepare_beta(a, b ? &bv : nullptr, &beta_call);
+    bp = &beta_call;
   }
   cpu::Plan plan;
   plan.n = a.n;
   plan.m = a.m;
   plan.L = a.L;
-  plan.coef = k.coef.data();
-  plan.gvec = gvec.empty() ? nullptr : gvec.data();
-  plan.beta = beta.data();
-  plan.blocks = blocks.empty() ? nullptr : blocks.data();
-  plan.B = B;
+  plan.slots = k.slots.data();
+  plan.gvec = gp->vec.empty() ? nullptr : gp->vec.data();
+  plan.beta = bp->data();
+  plan.blocks = gp->blocks.empty() ? nullptr : gp->blocks.data();
+  plan.B = gp->B;
 
   CpuJob job;
   job.plan = &plan;
-  job.rows_fn = isa.rows;
-  job.dtype = k.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? cpu::DType::kFloat32 : cpu::DType::kFloat16;
-  job.x = data_of(in.x.value);
+  job.rows_fn = gp->isa.rows;
+  job.dtype = cpu_dtype(k.type);
+  job.x = data_of(x.value);
   void* y = nullptr;
   check(g_api->GetTensorMutableData(out, &y));
   job.y = y;
-  job.rows = in.rows;
+  job.rows = x.numel / a.n;
+  job.pool = k.scratch.get();
   // About 64K elements per task: enough work to hide the pool's scheduling, enough tasks to
   // balance the threads.
   job.rows_per_task = std::max<int64_t>(cpu::kBlockRows, 65536 / a.n);
-  const size_t tasks = static_cast<size_t>((in.rows + job.rows_per_task - 1) / job.rows_per_task);
-  check(g_api->KernelContext_ParallelFor(ctx, &cpu_task, tasks, 0, &job));
+  const size_t tasks = static_cast<size_t>((job.rows + job.rows_per_task - 1) / job.rows_per_task);
+  if (tasks == 1)
+    cpu_task(&job, 0);  // decode-sized calls skip the thread pool's hand-off
+  else
+    check(g_api->KernelContext_ParallelFor(ctx, &cpu_task, tasks, 0, &job));
   if (job.failed) fail("out of memory for the row scratch buffers");
 }
 
 #ifdef HADACONV_WITH_CUDA
-void compute_cuda(Kernel& k, OrtKernelContext* ctx, const Inputs& in, OrtValue* out) {
+void compute_cuda(Kernel& k, OrtKernelContext* ctx, const TensorView& x, OrtValue* out) {
   cuda::Args args;
   args.dtype = k.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? cuda::DType::kFloat32
                : k.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? cuda::DType::kFloat16
                                                                  : cuda::DType::kBFloat16;
-  args.x = data_of(in.x.value);
+  args.x = data_of(x.value);
   check(g_api->GetTensorMutableData(out, &args.y));
-  args.rows = in.rows;
+  args.rows = x.numel / k.attrs.n;
   args.n = k.attrs.n;
   args.m = k.attrs.m;
   args.L = k.attrs.L;
   args.scale = k.attrs.scale;
-  args.gamma = in.has_gamma ? data_of(in.gamma.value) : nullptr;
-  args.gamma_b = in.block;
-  args.beta = in.has_beta ? data_of(in.beta.value) : nullptr;
+  // gamma / beta stay device tensors in their own type: the kernel reads them directly.
+  if (const OrtValue* g = optional_input(ctx, 1)) {
+    const TensorView gv = view(g);
+    args.gamma_b = gamma_block(gv, k.attrs, k.type);
+    args.gamma = data_of(g);
+  }
+  if (const OrtValue* b = optional_input(ctx, 2)) {
+    check_beta(view(b), k.attrs, k.type);
+    args.beta = data_of(b);
+  }
   const char* err = nullptr;
   const size_t ws_bytes = cuda::workspace_bytes(args, &err);
   if (err) fail(err);
   void* stream = nullptr;
   check(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
-  // Rows too long for shared memory borrow device scratch from ORT's allocator; kernels on
-  // this stream are ordered, so handing it back right after the launch is safe.
+  // Rows too long for shared memory borrow device scratch through ORT's stream-aware scratch
+  // buffer: a block freed after an asynchronous launch is only reused by work ordered after
+  // it on the same stream.
   struct Scratch {
     OrtAllocator* alloc = nullptr;
     void* ptr = nullptr;
@@ -456,9 +549,9 @@ void compute_cuda(Kernel& k, OrtKernelContext* ctx, const Inputs& in, OrtValue* 
   } ws;
   if (ws_bytes) {
     const OrtMemoryInfo* mem = nullptr;
-    check(g_api->GetTensorMemoryInfo(in.x.value, &mem));
+    check(g_api->GetTensorMemoryInfo(x.value, &mem));
     check(g_api->KernelContext_GetAllocator(ctx, mem, &ws.alloc));
-    check(g_api->AllocatorAlloc(ws.alloc, ws_bytes, &ws.ptr));
+    check(g_api->KernelContext_GetScratchBuffer(ctx, mem, ws_bytes, &ws.ptr));
   }
   err = cuda::launch(args, *k.bits, ws.ptr, stream);
   if (err) fail(std::string("CUDA launch failed: ") + err);
@@ -473,32 +566,86 @@ struct HadamardOp : OrtCustomOp {
   HadamardOp(ONNXTensorElementDataType t, bool cuda);
 };
 
+// A constant initializer at `index` of the node, or null (a graph input, or absent).
+const OrtValue* constant_input(const OrtKernelInfo* info, size_t index, bool* present) {
+  size_t count = 0;
+  check(g_api->KernelInfo_GetInputCount(info, &count));
+  *present = index < count;
+  if (!*present) return nullptr;
+  int is_const = 0;
+  const OrtValue* v = nullptr;
+  OrtStatus* st = g_api->KernelInfoGetConstantInput_tensor(info, index, &is_const, &v);
+  if (st) {
+    g_api->ReleaseStatus(st);
+    return nullptr;
+  }
+  // An input listed as "" is absent: ORT reports it as not constant with no type.
+  if (!is_const) {
+    char name[2] = {};
+    size_t size = sizeof(name);
+    st = g_api->KernelInfo_GetInputName(info, index, name, &size);
+    if (st) g_api->ReleaseStatus(st);
+    else if (size <= 1) *present = false;
+  }
+  return is_const ? v : nullptr;
+}
+
+// CPU set-up at creation: the core's look-up slots, and gamma / beta when they are constant
+// (validated here, so a wrong initializer fails at session creation).
+void prepare_cpu(Kernel& k, const OrtKernelInfo* info) {
+  const Attrs& a = k.attrs;
+  const int64_t G = a.m / 4;
+  if (a.m > 1) {
+    k.slots.resize(static_cast<size_t>(a.m * G));
+    for (int64_t i = 0; i < a.m; ++i)
+      for (int64_t g = 0; g < G; ++g) {
+        int s = 0;
+        for (int t = 0; t < 4; ++t) s |= (core_at(a, i, 4 * g + t) < 0) << (3 - t);
+        k.slots[i * G + g] = static_cast<uint16_t>(g * 16 + s);
+      }
+  }
+  k.scratch = std::make_unique<ScratchPool>(static_cast<size_t>(cpu::scratch_floats(a.n, a.m)));
+  bool present = false;
+  if (const OrtValue* g = constant_input(info, 1, &present)) {
+    const TensorView gv = view(g);
+    prepare_gamma(a, cpu::select_isa(), &gv, gamma_block(gv, a, k.type), &k.gamma);
+    k.gamma_const = true;
+  } else if (!present) {
+    prepare_gamma(a, cpu::select_isa(), nullptr, 0, &k.gamma);
+    k.gamma_const = true;
+  }
+  if (const OrtValue* b = constant_input(info, 2, &present)) {
+    const TensorView bv = view(b);
+    check_beta(bv, a, k.type);
+    prepare_beta(a, &bv, &k.beta);
+    k.beta_const = true;
+  } else if (!present) {
+    prepare_beta(a, nullptr, &k.beta);
+    k.beta_const = true;
+  }
+}
+
 OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** out) noexcept {
   *out = nullptr;
   return guarded([&] {
     const HadamardOp* h = static_cast<const HadamardOp*>(op);
     auto k = std::make_unique<Kernel>();
-    AttrSource src;
-    src.info = info;
+    k->type = h->type;
+    k->on_cuda = h->on_cuda;
     try {
+      AttrSource src;
+      src.info = info;
       k->attrs = read_attrs(src);
+      if (!k->on_cuda) prepare_cpu(*k, info);
     } catch (const OpError& e) {
       // "HadamardAffine: <what>" -> "HadamardAffine node '<name>': <what>"
       const std::string prefix = std::string(kOpName) + ": ";
       const std::string what = e.msg.compare(0, prefix.size(), prefix) ? e.msg : e.msg.substr(prefix.size());
       throw OpError{std::string(kOpName) + " node '" + node_name(info) + "': " + what};
     }
-    k->type = h->type;
-    k->on_cuda = h->on_cuda;
-    const Attrs& a = k->attrs;
-    if (!k->on_cuda) {
-      k->isa = cpu::select_isa();
-      k->coef.resize(static_cast<size_t>(a.m * a.m));
-      for (int64_t i = 0; i < a.m; ++i)
-        for (int64_t j = 0; j < a.m; ++j) k->coef[i * a.m + j] = a.scale * core_at(a, i, j);
-    }
 #ifdef HADACONV_WITH_CUDA
-    else {
+    if (k->on_cuda) {
+      const Attrs& a = k->attrs;
       k->bits = std::make_unique<cuda::CoreBits>();
       std::memset(k->bits.get(), 0, sizeof(cuda::CoreBits));
       for (int64_t i = 0; i < a.m; ++i)
@@ -513,14 +660,21 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
 OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) noexcept {
   return guarded([&] {
     Kernel& k = *static_cast<Kernel*>(kernel);
-    const Inputs in = read_inputs(ctx, k.attrs, k.type);
+    const OrtValue* xv = nullptr;
+    check(g_api->KernelContext_GetInput(ctx, 0, &xv));
+    if (!xv) fail("input X is missing");
+    const TensorView x = view(xv);
+    if (x.type != k.type)
+      fail(std::string("X has type ") + type_name(x.type) + ", this kernel takes " + type_name(k.type));
+    if (x.rank == 0 || x.last() != k.attrs.n)
+      fail("the last dimension of X must be n = " + std::to_string(k.attrs.n) + ", got X of shape " + x.shape());
     OrtValue* out = nullptr;
-    check(g_api->KernelContext_GetOutput(ctx, 0, in.x.dims.data(), in.x.dims.size(), &out));
-    if (in.rows == 0) return;
+    check(g_api->KernelContext_GetOutput(ctx, 0, x.dims, x.rank, &out));
+    if (x.numel == 0) return;
 #ifdef HADACONV_WITH_CUDA
-    if (k.on_cuda) return compute_cuda(k, ctx, in, out);
+    if (k.on_cuda) return compute_cuda(k, ctx, x, out);
 #endif
-    compute_cpu(k, ctx, in, out);
+    compute_cpu(k, ctx, x, out);
   });
 }
 
@@ -602,6 +756,7 @@ const std::vector<HadamardOp>& all_ops() {
     std::vector<HadamardOp> v;
     v.emplace_back(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false);
     v.emplace_back(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, false);
+    v.emplace_back(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, false);
 #ifdef HADACONV_WITH_CUDA
     v.emplace_back(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true);
     v.emplace_back(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, true);

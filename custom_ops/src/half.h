@@ -59,4 +59,13 @@ static inline float bfloat16_to_float(uint16_t h) {
   return f;
 }
 
+// Round to nearest even; NaN becomes the quiet NaN 0x7fc0 (as the SIMD kernels do).
+static inline uint16_t float_to_bfloat16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
 }  // namespace hadaconv

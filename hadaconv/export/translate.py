@@ -54,8 +54,8 @@ def _schema() -> onnx.defs.OpSchema:
         inputs=[param("X", "T"), param("gamma", "T", param_option=option.Optional),
                 param("beta", "T", param_option=option.Optional)],
         outputs=[param("Y", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"],
-                           "floating-point tensors")],
+        # Exactly the types the CPU and CUDA kernels implement.
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "floating-point tensors")],
         attributes=[attr("n", kind.INT, "width"), attr("m", kind.INT, "core order"),
                     attr("core", kind.INTS, "m x m +-1 core, row-major"), attr("scale", kind.FLOAT, "scale"),
                     attr("transpose", kind.INT, "1 applies H^T")],
@@ -92,6 +92,9 @@ def _shape(*dims: int) -> Any:
 
 
 def _custom(x, gamma, beta, scale: float, inverse: bool):
+    if x.dtype == ir.DataType.DOUBLE:
+        raise HadaconvError("the custom op has float32, float16 and bfloat16 kernels only: export a float64 model "
+                            "with the portable form (form='portable') or convert it to float32 first")
     n = _width(x)
     f = factorize(n)
     core = hadamard_core(f.m).astype(np.int64).ravel().tolist()
