@@ -26,6 +26,11 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 
+// The launch, behind a macro so that tests/cuda_emu can run this file on the CPU unchanged.
+#ifndef HADACONV_LAUNCH
+#define HADACONV_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
 struct Params {
   int64_t rows, n, L;
   int m, log2L;
@@ -343,7 +348,7 @@ const char* launch_typed(const Args& a, const CoreBits& core, void* ws, cudaStre
     const char* err = allow_large_smem();
     if (err) return err;
   }
-  hadamard_kernel<T><<<static_cast<unsigned>(l.grid), threads_for(a.n), l.smem_bytes, stream>>>(
+  HADACONV_LAUNCH(hadamard_kernel<T>, static_cast<unsigned>(l.grid), threads_for(a.n), l.smem_bytes, stream)(
       static_cast<const T*>(a.x), static_cast<T*>(a.y), p);
   // Peek, not Get: the launch error belongs to this launch, and reading it must not clear a
   // sticky error some other library on this thread still has to see.

@@ -1,0 +1,3 @@
+// Emulation stand-in for the CUDA header of this name (see emu.h).
+#pragma once
+#include "emu.h"
