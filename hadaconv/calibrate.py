@@ -25,7 +25,7 @@ from hadaconv.errors import HadaconvError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
-__all__ = ["MomentCollector", "Moments", "default_corpus", "load_texts", "text_windows", "token_windows"]
+__all__ = ["MomentCollector", "Moments", "process_group", "default_corpus", "load_texts", "text_windows", "token_windows"]
 
 
 @dataclass
@@ -169,26 +169,27 @@ def token_windows(
 
 
 class MomentCollector:
-    """Accumulates E[x] and E[x x^T] (float64) of the inputs of the given modules.
+    """Accumulates E[x] and E[x x^T] (float64) of the inputs of the given modules, on ``device``
+    (default: where the activations are).
 
     ``with collector.hooked(): model(...)`` adds the data of those forward passes to the split
     named by ``collector.split`` ("calib" or "heldout").
     """
 
-    def __init__(self, modules: dict[int, nn.Module]) -> None:
+    def __init__(self, modules: dict[int, nn.Module], device: torch.device | str | None = None) -> None:
         self.modules = modules
         self.split = "calib"
+        self.device = None if device is None else torch.device(device)  # None: the activations' device
         self._sums: dict[tuple[str, int], list] = {}
 
     def _hook(self, index: int):
         def hook(module, args, kwargs=None):
             x = args[0] if args else next(iter(kwargs.values()))
-            x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            x = x.detach().reshape(-1, x.shape[-1]).to(self.device or x.device, torch.float64)
             acc = self._sums.get((self.split, index))
             if acc is None:
-                d = x.shape[-1]
-                acc = self._sums[(self.split, index)] = [
-                    torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64), 0]
+                d, kw = x.shape[-1], {"dtype": torch.float64, "device": x.device}
+                acc = self._sums[(self.split, index)] = [torch.zeros(d, **kw), torch.zeros(d, d, **kw), 0]
             acc[0] += x.sum(0)
             acc[1].addmm_(x.T, x)
             acc[2] += x.shape[0]
@@ -208,11 +209,45 @@ class MomentCollector:
         """Take over the statistics another collector gathered (for layers this one lacks)."""
         self._sums.update(other._sums)
 
+    def all_reduce(self) -> None:
+        """Sum the statistics over the processes of the default process group (in float64, on
+        the statistics' device), so every rank ends with the moments of all ranks' windows.
+        A rank that saw no data for a layer or split contributes zeros."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        shapes: list = [None] * dist.get_world_size()
+        dist.all_gather_object(shapes, {k: (v[0].shape[0], str(v[0].device)) for k, v in self._sums.items()})
+        for key, (d, device) in sorted({k: v for part in shapes for k, v in part.items()}.items()):
+            acc = self._sums.get(key)
+            if acc is None:
+                kw = {"dtype": torch.float64, "device": self.device or torch.device(device)}
+                acc = self._sums[key] = [torch.zeros(d, **kw), torch.zeros(d, d, **kw), 0]
+            count = torch.tensor([float(acc[2])], dtype=torch.float64, device=acc[0].device)
+            for t in (acc[0], acc[1], count):
+                dist.all_reduce(t)
+            acc[2] = int(count.item())
+
     def moments(self, index: int, split: str = "calib") -> Moments | None:
         acc = self._sums.get((split, index))
         if acc is None or acc[2] == 0:
             return None
         return Moments(acc[0] / acc[2], acc[1] / acc[2], acc[2])
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of this process: joins the group ``torchrun`` describes (gloo for CPU
+    tensors, NCCL for CUDA ones) when there is one and it is not joined yet; (0, 1) alone."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def run_batches(model: nn.Module, batches: Iterable[dict], progress=None) -> None:

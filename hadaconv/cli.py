@@ -50,6 +50,14 @@ def build_ops_cmd(force: bool, no_cuda: bool) -> None:
     click.echo(str(build_ops(force=force, cuda=False if no_cuda else None)))
 
 
+def _device_options(func):
+    """--device and --dtype (see :mod:`hadaconv.device`)."""
+    func = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                        show_default=True, help="Model dtype; auto keeps the checkpoint's own (GGUF: float32).")(func)
+    return click.option("--device", default=None,
+                        help="cpu, cuda or cuda:N.  [default: a GPU when present, else cpu]")(func)
+
+
 def _layer_list(text: str | None) -> list[int] | None:
     """'0,3,5-9' -> [0, 3, 5, 6, 7, 8, 9]."""
     if not text:
@@ -85,8 +93,10 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module that needs arbitrary unpickling (can run code).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Only list what would be converted (same as hadaconv inspect).")
+@_device_options
 def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib, samples, seq_len, batch_size,
-                sequential, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run) -> None:
+                sequential, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, device,
+                dtype) -> None:
     """Fit Hadamard projections to MODEL's attention output projections and save the result.
 
     MODEL is a Hugging Face folder, a .gguf file, a .safetensors / state_dict file (with --config)
@@ -103,7 +113,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
                         max_loss=max_loss, calib=calib_value, samples=samples, seq_len=seq_len,
                         batch_size=batch_size, sequential=sequential, sensitivity=not no_sensitivity)
     report = convert_file(model, output, cfg, model_config=model_config, trust_pickle=trust_pickle,
-                          target=target, overwrite=overwrite)
+                          target=target, overwrite=overwrite, device=device, dtype=dtype)
     out.print(report.table())
     click.echo(f"saved {output}")
 
@@ -163,7 +173,8 @@ def inspect_cmd(model, block, model_config, target, trust_pickle) -> None:
 @click.option("--max-windows", type=int, default=32, show_default=True)
 @click.option("--reference", type=click.Path(), default=None, help="Encoders: the model to compare embeddings with.")
 @click.option("--config", "model_config", type=click.Path(), default=None)
-def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config) -> None:
+@_device_options
+def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config, device, dtype) -> None:
     """Perplexity of a causal LM (or, with --reference, embedding cosine of an encoder) on text.
 
     Works on original and converted models alike.  Perplexity uses fixed non-overlapping windows
@@ -175,13 +186,13 @@ def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config) ->
     from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
     from hadaconv.io import load_model
 
-    loaded = load_model(model, config=model_config)
+    loaded = load_model(model, config=model_config, device=device, dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with")
     text = Path(text_file or default_corpus()[0]).read_text(encoding="utf-8", errors="replace")
     windows = text_windows(loaded.tokenizer, text, seq_len, max_windows)
     if reference:
-        ref = load_model(reference, config=model_config).model
+        ref = load_model(reference, config=model_config, device=device, dtype=dtype).model
         click.echo(f"embedding cosine to {reference}: {embedding_cosine(loaded.model, ref, windows):.6f} "
                    f"({windows.numel()} tokens)")
     else:
@@ -199,7 +210,9 @@ def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config) ->
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, model_config, overwrite) -> None:
+@_device_options
+def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, model_config, overwrite, device,
+               dtype) -> None:
     """Sample text from a causal LM, as calibration / distillation data of its own domain.
 
     Each sequence starts from a random vocabulary token and follows the model's own next-token
@@ -212,7 +225,7 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     from hadaconv.sample import check_output, sample_texts, write_jsonl
 
     check_output(output, overwrite)
-    loaded = load_model(model, config=model_config)
+    loaded = load_model(model, config=model_config, device=device, dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to decode samples with")
     t = time.perf_counter()
@@ -359,12 +372,14 @@ def _duration(text: str | None) -> float | None:
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
 @click.option("--fsdp", is_flag=True, help="Shard the models with FSDP2 (under torchrun; global stage only).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1.  [default: this process's GPU if any]")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Dtype the models are loaded and trained in (auto: the checkpoints' own).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def distill_cmd(converted, output, teacher, local_stage, global_stage, train, data, eval_text, eval_every, eval_windows,
                 samples, seq_len, batch_size, accumulate, lr, warmup_steps, clip, temperature, hidden_weight,
                 local_steps, local_lr, max_steps, max_tokens, max_time, checkpoint_dir, checkpoint_every, resume,
-                gradient_checkpointing, fsdp, device, seed, overwrite) -> None:
+                gradient_checkpointing, fsdp, device, dtype, seed, overwrite) -> None:
     """Win back quality: distill the original model into the CONVERTED folder, save to OUTPUT.
 
     Local stage: each converted attention block learns the teacher block's output from the
@@ -388,7 +403,8 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
                         max_tokens=max_tokens, max_time=_duration(max_time), local_steps=local_steps,
                         local_lr=local_lr, eval_text=eval_text, eval_every=eval_every, eval_windows=eval_windows,
                         checkpoint_dir=str(folder), checkpoint_every=checkpoint_every, resume=resume,
-                        gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, device=device, seed=seed)
+                        gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, device=device, dtype=dtype,
+                        seed=seed)
     report = distill_file(converted, output, cfg, teacher=teacher, overwrite=overwrite)
     from hadaconv.distill.parallel import is_main
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import Adapter, AttentionLayer, find_adapter
-from hadaconv.calibrate import MomentCollector, Moments, load_texts, token_windows
+from hadaconv.calibrate import MomentCollector, Moments, load_texts, process_group, token_windows
 from hadaconv.errors import HadaconvError
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
@@ -65,6 +65,8 @@ class ConvertConfig:
         sequential: collect each layer's statistics with the earlier layers already converted.
         ridge, gamma_ridge, max_iter: damping of the input covariance, penalty on the gamma
             blocks (see :data:`hadaconv.fit.GAMMA_RIDGE`), L-BFGS budget.
+        stats_device: where the float64 statistics accumulate and the fits run (None: the
+            model's device).
     """
 
     mode: Literal["affine", "diag", "head"] = "head"
@@ -82,6 +84,7 @@ class ConvertConfig:
     ridge: float = 1e-3
     gamma_ridge: float = GAMMA_RIDGE
     max_iter: int = 40
+    stats_device: str | None = None
     progress: bool = True
 
 
@@ -167,18 +170,33 @@ def calibration_batches(tokenizer, cfg: ConvertConfig, inputs: list[dict] | None
 
 
 def collect_statistics(model: nn.Module, layers: list[AttentionLayer], data: Calibration,
-                       show: bool = True, label: str = "calibrate") -> MomentCollector:
+                       show: bool = True, label: str = "calibrate", device: str | None = None) -> MomentCollector:
     """Stage 2: input moments of the layers' output projections over the calibration and
-    held-out batches, in one pass of the model as it is now."""
-    collector = MomentCollector({layer.index: layer.out_module for layer in layers})
-    with progress(len(data.calib) + len(data.heldout), label, show) as step, \
+    held-out batches, in one pass of the model as it is now, accumulated on ``device`` (None:
+    the model's).  Under ``torchrun`` each rank runs every world-th batch and the sums are
+    all-reduced, so every rank ends with the statistics of all batches."""
+    model_device = _device_of(model)
+    collector = MomentCollector({layer.index: layer.out_module for layer in layers}, device or model_device)
+    rank, world = process_group()
+    splits = [(split, batches[rank::world]) for split, batches in (("calib", data.calib), ("heldout", data.heldout))]
+    with progress(sum(len(b) for _, b in splits), label, show) as step, \
             collector.hooked(), torch.inference_mode():
-        for split, batches in (("calib", data.calib), ("heldout", data.heldout)):
+        for split, batches in splits:
             collector.split = split
             for batch in batches:
-                model(**batch)
+                model(**_to_device(batch, model_device))
                 step()
+    collector.all_reduce()
     return collector
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def fit_layer(layer: AttentionLayer, moments: Moments, cfg: ConvertConfig, target: Target) -> FitResult:
@@ -225,7 +243,7 @@ def fit_sequential(model: nn.Module, target: Target, data: Calibration, cfg: Con
     fits, rows = {}, {}
     with progress(len(target.layers), "calibrate + fit (sequential)", cfg.progress) as step:
         for layer in target.layers:
-            stats = collect_statistics(model, [layer], data, show=False)
+            stats = collect_statistics(model, [layer], data, show=False, device=cfg.stats_device)
             t = time.perf_counter()
             fits[layer.index] = fit_layer(layer, stats.moments(layer.index), cfg, target)
             rows[layer.index] = layer_row(layer, fits[layer.index], stats.moments(layer.index, "heldout"), target,
@@ -255,7 +273,8 @@ def rank_layers(model: nn.Module, target: Target, fits: dict[int, FitResult], ro
         if need_rank:
             raise HadaconvError("--max-layers / --max-loss rank layers by measured sensitivity and need calibration data")
         return ""
-    values = sensitivities(model, target.layers, fits, _probe(data, cfg, from_inputs), target.kind, cfg.progress)
+    probe = [_to_device(b, _device_of(model)) for b in _probe(data, cfg, from_inputs)]
+    values = sensitivities(model, target.layers, fits, probe, target.kind, cfg.progress)
     for layer, value in zip(target.layers, values):
         rows[layer.index].sensitivity = value
     return METRIC.get(target.kind, OTHER_METRIC)
@@ -344,7 +363,8 @@ def convert(
         fits, rows = fit_sequential(model, target, data, cfg)
         chosen = [layer.index for layer in target.layers]  # already applied, in order
     else:
-        stats = collect_statistics(model, target.layers, data, cfg.progress) if data.calib else None
+        stats = collect_statistics(model, target.layers, data, cfg.progress, device=cfg.stats_device) \
+            if data.calib else None
         fits, rows = fit_layers(target, stats, cfg)
         report.sensitivity_metric = rank_layers(model, target, fits, rows, data, cfg, inputs is not None)
         chosen = choose_layers(target.layers, rows, cfg)
@@ -361,20 +381,26 @@ def convert_file(
     trust_pickle: bool = False,
     target: str | None = None,
     overwrite: bool = False,
+    device: str | None = "cpu",
+    dtype: str | torch.dtype | None = "auto",
 ) -> ConvertReport:
-    """Load ``source`` (any input :func:`hadaconv.io.load_model` accepts), convert it and save a
-    folder that :func:`hadaconv.load` rebuilds.  The input is never modified; a failure leaves
-    no output folder behind."""
+    """Load ``source`` (any input :func:`hadaconv.io.load_model` accepts) on ``device`` in
+    ``dtype`` (see :mod:`hadaconv.device`; "auto" keeps the checkpoint's dtype, and the saved
+    folder has it too), convert it and save a folder that :func:`hadaconv.load` rebuilds.  The
+    input is never modified; a failure leaves no output folder behind.  Under ``torchrun`` the
+    statistics are shared (see :func:`collect_statistics`) and rank 0 alone writes."""
     from hadaconv.adapters import find_adapter as _find
     from hadaconv.io import hadaconv_meta, load_model, save_converted
 
     cfg = config or ConvertConfig()
-    loaded = load_model(source, config=model_config, trust_pickle=trust_pickle)
+    loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     adapter = _find(loaded.model, target=target) if target else None
     report = convert(loaded.model, loaded.tokenizer, cfg, adapter=adapter)
     width = report.layers[0].width
     meta = hadaconv_meta(adapter=report.adapter, layers=report.converted, block=cfg.block, fit=cfg.mode,
                          width=width, m=factorize(width).m, target=target, source=str(source))
+    if process_group()[0] != 0:
+        return report
     save_converted(loaded.model, out_dir, meta=meta, tokenizer=loaded.tokenizer,
                    tokenizer_source=loaded.tokenizer_source,
                    report=report.to_dict(), overwrite=overwrite)

@@ -168,12 +168,35 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str)
         ]
         raise HadaconvError(f"{source}: the weights do not match the model: {'; '.join(parts)}")
     try:
-        model.load_state_dict(state, strict=False)
+        # assign=True: the model's parameters (meta tensors, see _empty) become the loaded tensors.
+        model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # shape mismatches
         msg = " ".join(
             _first_line(exc) if i == 0 else line.strip() for i, line in enumerate(str(exc).splitlines()[1:3])
         )
         raise HadaconvError(f"{source}: the weights do not match the model: {msg}") from None
+    for alias, name in aliases.items():  # assign replaced each name separately: tie them again
+        owner, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(name))
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise HadaconvError(f"{source}: no weights for {len(empty)} tensors (e.g. {', '.join(empty[:3])})")
+
+
+def _empty(build):
+    """``build()`` with every parameter on the meta device (no memory, no random init), to be
+    filled by :func:`_load_weights`.  Buffers stay real: non-persistent ones (rotary tables) are
+    computed at construction and never stored in a checkpoint."""
+    from contextlib import nullcontext
+
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # accelerate comes with the hf extra; without it, build normally
+        context = nullcontext()
+    else:
+        context = init_empty_weights(include_buffers=False)
+    with context:
+        return build()
 
 
 # ------------------------------------------------------------------------- building models
@@ -203,16 +226,20 @@ def _auto_class(config):
 
 
 def _hf_from_config(config) -> nn.Module:
-    """A randomly initialised model of the class named in ``architectures`` (the class the
-    weights were saved from), or of the auto class when transformers has no such class."""
+    """An empty model (parameters on the meta device, see :func:`_empty`) of the class named in
+    ``architectures`` (the class the weights were saved from), or of the auto class when
+    transformers has no such class."""
     import transformers
 
     name = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, name, None) if name else None
     try:
-        return cls(config) if cls is not None else _auto_class(config).from_config(config)
+        model = _empty(lambda: cls(config) if cls is not None else _auto_class(config).from_config(config))
     except ValueError as exc:
         raise HadaconvError(f"cannot build a model from the config: {_first_line(exc)}") from None
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # the tied names share one (meta) parameter, as after from_pretrained
+    return model
 
 
 _ACTIVATIONS = {"relu": torch.nn.functional.relu, "gelu": torch.nn.functional.gelu}
@@ -287,7 +314,7 @@ def _model_from_config(data: dict) -> nn.Module:
     if "torch_module" in data:
         from hadaconv.adapters.mha import prepare_mha
 
-        model = _torch_from_recipe(data["torch_module"])
+        model = _empty(lambda: _torch_from_recipe(data["torch_module"]))
         prepare_mha(model)
         return model
     return _hf_from_config(_hf_config(data))
@@ -309,7 +336,8 @@ def load_model(
     *,
     config: str | os.PathLike | None = None,
     trust_pickle: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = "auto",
+    device: torch.device | str | None = "cpu",
 ) -> Loaded:
     """Load a model to convert (see the module docstring for the accepted inputs).
 
@@ -317,10 +345,16 @@ def load_model(
         source: a folder or a file.
         config: for a bare weights file, a config.json or a folder holding one.
         trust_pickle: allow arbitrary unpickling of a ``torch.save``d module (it can run code).
-        dtype: floating-point dtype of the loaded model.
+        dtype: floating-point dtype of the loaded model: "auto" (or None) keeps the checkpoint's
+            own (GGUF: float32, as dequantized), else a torch dtype or one of
+            :data:`hadaconv.device.DTYPES`.
+        device: where the model goes ("cpu", "cuda", "cuda:N"; None: a GPU when present).
 
     Every bad input raises a HadaconvError with one line.
     """
+    from hadaconv.device import resolve_device, resolve_dtype
+
+    dtype, dev = resolve_dtype(dtype), resolve_device(device)
     path = Path(source)
     if not path.exists():
         raise HadaconvError(f"no such file or folder: {path}")
@@ -329,9 +363,9 @@ def load_model(
     elif path.suffix == ".gguf":
         loaded = _load_gguf(path, dtype)
     elif path.suffix == ".safetensors":
-        loaded = _load_state_dict(path, _read_safetensors(path), config, "safetensors", dtype)
+        loaded = _load_state_dict(path, _read_safetensors(path), config, "safetensors")
     elif path.suffix in _PICKLE_SUFFIXES:
-        loaded = _load_torch_file(path, config, trust_pickle, dtype)
+        loaded = _load_torch_file(path, config, trust_pickle)
     else:
         raise HadaconvError(
             f"unknown input format {path.suffix or '(no extension)'!r} for {path}: expected a model folder, "
@@ -339,10 +373,13 @@ def load_model(
         )
     loaded.model.eval()
     _check_finite(loaded.model, loaded.source)
+    if dtype is not None:
+        loaded.model.to(dtype)
+    loaded.model.to(dev)
     return loaded
 
 
-def _load_folder(path: Path, dtype: torch.dtype) -> Loaded:
+def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise HadaconvError(
@@ -351,7 +388,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Loaded:
         )
     data = _read_json(config_path)
     if "hadaconv" in data or "torch_module" in data:
-        model = load(path).to(dtype)
+        model = load(path)
         return Loaded(model, load_tokenizer(path), f"hadaconv folder {path}", "hadaconv", path)
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not weights:
@@ -362,7 +399,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Loaded:
     config = _hf_config(data)
     try:
         model, info = _auto_class(config).from_pretrained(
-            path, config=config, dtype=dtype, output_loading_info=True
+            path, config=config, dtype=dtype or "auto", output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise HadaconvError(f"cannot load the Hugging Face folder {path}: {_first_line(exc)}") from None
@@ -380,12 +417,12 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Loaded:
     return Loaded(model, load_tokenizer(path), f"Hugging Face folder {path}", "hf-folder", path)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> Loaded:
+def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
     import transformers
 
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype
+            path.parent, gguf_file=path.name, dtype=dtype or torch.float32
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, RuntimeError, KeyError, struct.error) as exc:
@@ -393,7 +430,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> Loaded:
     return Loaded(model, tokenizer, f"GGUF file {path}", "gguf", None)
 
 
-def _load_state_dict(path: Path, state: dict, config, fmt: str, dtype: torch.dtype) -> Loaded:
+def _load_state_dict(path: Path, state: dict, config, fmt: str) -> Loaded:
     if config is None:
         raise HadaconvError(
             f"{path} holds bare weights: give the model's config with --config (a config.json or its folder)"
@@ -408,12 +445,10 @@ def _load_state_dict(path: Path, state: dict, config, fmt: str, dtype: torch.dty
         config_path.parent if any((config_path.parent / f).is_file() for f in TOKENIZER_FILES) else None
     )
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
-    return Loaded(
-        model.to(dtype), tokenizer, f"{fmt} {path} with config {config_path}", fmt, tokenizer_source
-    )
+    return Loaded(model, tokenizer, f"{fmt} {path} with config {config_path}", fmt, tokenizer_source)
 
 
-def _load_torch_file(path: Path, config, trust_pickle: bool, dtype: torch.dtype) -> Loaded:
+def _load_torch_file(path: Path, config, trust_pickle: bool) -> Loaded:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refusals and corrupt archives share no common type
@@ -431,11 +466,11 @@ def _load_torch_file(path: Path, config, trust_pickle: bool, dtype: torch.dtype)
         except Exception as exc2:  # arbitrary unpickling can fail in arbitrary ways
             raise HadaconvError(f"cannot unpickle {path}: {_first_line(exc2)}") from None
     if isinstance(obj, nn.Module):
-        return Loaded(obj.to(dtype), None, f"pickled module {path}", "torch-module", None)
+        return Loaded(obj, None, f"pickled module {path}", "torch-module", None)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # the common checkpoint wrapping
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _load_state_dict(path, obj, config, "state-dict", dtype)
+        return _load_state_dict(path, obj, config, "state-dict")
     raise HadaconvError(f"{path} holds a {type(obj).__name__}, neither a module nor a state dict of tensors")
 
 
@@ -573,14 +608,17 @@ def load(folder: str | os.PathLike) -> nn.Module:
     meta = data.get("hadaconv", {} if "torch_module" in data else None)
     if not isinstance(meta, dict):
         raise HadaconvError(f"{config_path} has no hadaconv section: not a converted model (use load_model)")
-    weights = folder / WEIGHTS
-    if not weights.is_file():
+    weights, index = folder / WEIGHTS, folder / "model.safetensors.index.json"
+    if weights.is_file():
+        tensors = _read_safetensors(weights)
+    elif index.is_file():  # written shard by shard (hadaconv.stream)
+        tensors = {}
+        for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
+            tensors.update(_read_safetensors(folder / shard))
+        weights = index
+    else:
         raise HadaconvError(f"{folder} has no {WEIGHTS}")
-    tensors = _read_safetensors(weights)
-    model = _model_from_config(data)
-    floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
-    if floating:
-        model.to(floating[0])
+    model = _model_from_config(data)  # empty: the stored tensors are assigned, in their own dtype
 
     adapter = find_adapter(model, meta.get("target"))
     adapter.prepare(model)

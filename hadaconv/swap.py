@@ -46,7 +46,7 @@ def fold_value(layer: AttentionLayer, fit: FitResult) -> None:
         return
     w, b = layer.value.get()
     kv, hd = layer.num_kv_heads, layer.head_dim
-    vm = fit.value_map.to(torch.float64)
+    vm = fit.value_map.to(w.device, torch.float64)
     wv = w.to(torch.float64).reshape(kv, hd, -1)
     bv = b.to(torch.float64).reshape(kv, hd) if b is not None else None
     if vm.dim() == 1:

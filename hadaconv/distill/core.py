@@ -73,6 +73,8 @@ class DistillConfig:
             models; the student then runs in train mode, i.e. with its configured dropout).
         fsdp: shard student and teacher with FSDP2 instead of replicating with DDP.
         device: "cpu", "cuda", "cuda:1"; None = this rank's GPU if there is one.
+        dtype: dtype the teacher and student are loaded in ("auto": the checkpoints' own); the
+            default float32 keeps full-precision trained weights (bf16 autocast on CUDA).
         bf16: autocast to bfloat16 (CUDA only; ignored on CPU).
         progress: show a progress bar (rank 0, on a terminal).
     """
@@ -107,6 +109,7 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     fsdp: bool = False
     device: str | None = None
+    dtype: str = "float32"
     bf16: bool = True
     progress: bool = True
 

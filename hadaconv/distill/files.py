@@ -85,10 +85,10 @@ def distill_file(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise HadaconvError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
     source = teacher_path(converted, meta, teacher)
-    student = load_model(converted)
+    student = load_model(converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
         raise HadaconvError(f"{converted} has no converted layers: nothing to distill")
-    original = load_model(source)
+    original = load_model(source, dtype=cfg.dtype)
     if original.format == "hadaconv":
         raise HadaconvError(f"the teacher {source} is itself a converted model: give the original")
     if type(original.model) is not type(student.model):

@@ -1,0 +1,137 @@
+"""Conversion at scale: statistics shared across processes, devices and dtypes, empty-model loading."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hadaconv.convert import ConvertConfig, convert, convert_file
+from tiny_models import make_tiny, tokenizer_folder
+
+FAST = dict(samples=16, seq_len=32, batch_size=2, max_iter=10, block=4, sensitivity=False, progress=False)
+
+
+def _fits(model) -> dict[str, torch.Tensor]:
+    """Every converted projection's gamma and beta and the (folded) value weights, float64."""
+    return {k: v.detach().double().clone() for k, v in model.state_dict().items()
+            if k.endswith((".gamma", ".beta", "v_proj.weight"))}
+
+
+def _convert_tiny() -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    model = make_tiny("llama")
+    convert(model, AutoTokenizer.from_pretrained(tokenizer_folder()), ConvertConfig(**FAST))
+    return _fits(model)
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fits = _convert_tiny()
+        if rank == 0:
+            torch.save(fits, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_fits_of_one_process(tmp_path):
+    """2 CPU ranks (gloo) each see half the calibration windows; the all-reduced float64 moments
+    give the same fits as one process seeing all of them, within 1e-10 relative."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fits.pt"
+    mp.spawn(_rank, args=(2, port, str(out)), nprocs=2, join=True)
+    shared = torch.load(out)
+    alone = _convert_tiny()
+    assert shared.keys() == alone.keys() and any(k.endswith(".gamma") for k in alone)
+    for k in alone:
+        rel = (shared[k] - alone[k]).norm() / alone[k].norm()
+        assert rel < 1e-10, (k, rel.item())
+
+
+def test_bfloat16_checkpoint_stays_bfloat16_and_loads_without_random_init(tmp_path, monkeypatch):
+    """A bfloat16 checkpoint converts in bfloat16 (dtype auto), is saved in bfloat16 and not larger
+    than its input, and reloads; the model is never randomly initialised on the way."""
+    src = tmp_path / "src"
+    model = make_tiny("llama").to(torch.bfloat16)
+    model.save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tokenizer_folder() / name).is_file():
+            (src / name).write_bytes((tokenizer_folder() / name).read_bytes())
+
+    def guard(init):
+        def no_init(tensor, *args, **kwargs):
+            # Initialisers may run on meta tensors (no memory, no values); never on real ones.
+            assert tensor.is_meta, "a weight was randomly initialised"
+            return init(tensor, *args, **kwargs)
+        return no_init
+
+    for name in ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_"):
+        monkeypatch.setattr(torch.nn.init, name, guard(getattr(torch.nn.init, name)))
+    report = convert_file(str(src), str(tmp_path / "out"), ConvertConfig(**FAST), device="cpu", dtype="auto")
+    assert report.converted
+    import hadaconv
+
+    reloaded = hadaconv.load(tmp_path / "out")
+    dtypes = {p.dtype for p in reloaded.parameters()}
+    assert dtypes == {torch.bfloat16}
+    size = lambda folder: sum(f.stat().st_size for f in folder.glob("*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "out") <= size(src)
+    with torch.inference_mode():
+        logits = reloaded(input_ids=torch.arange(8)[None]).logits
+    assert torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch here)")
+def test_cuda_convert_matches_cpu(tmp_path):
+    """The model, batches, statistics and fits on the GPU give the CPU's fits (float32 model;
+    the float64 statistics differ only in summation order)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder())
+    cpu_model = make_tiny("llama")
+    convert(cpu_model, tok, ConvertConfig(**FAST))
+    gpu_model = make_tiny("llama").to("cuda")
+    report = convert(gpu_model, tok, ConvertConfig(**FAST))
+    assert report.converted
+    cpu_fits, gpu_fits = _fits(cpu_model), _fits(gpu_model.cpu())
+    for k in cpu_fits:
+        assert torch.allclose(cpu_fits[k], gpu_fits[k], rtol=1e-3, atol=1e-4), k
+
+
+def _tiny_folder(path, dtype=torch.float32, shard="60KB"):
+    model = make_tiny("llama").to(dtype)
+    model.save_pretrained(path, max_shard_size=shard)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tokenizer_folder() / name).is_file():
+            (path / name).write_bytes((tokenizer_folder() / name).read_bytes())
+    return path
+
+
+def test_streamed_conversion_matches_the_whole_model_one(tmp_path):
+    """Block by block from the shards (one block in memory) gives the fits of the in-memory
+    conversion, writes one shard per block, and reloads into the same model."""
+    import hadaconv
+    from hadaconv.stream import convert_streamed
+
+    src = _tiny_folder(tmp_path / "src")
+    assert len(list(src.glob("*.safetensors"))) > 1
+    cfg = ConvertConfig(**FAST)
+    whole = convert_file(str(src), str(tmp_path / "whole"), cfg)
+    streamed = convert_streamed(src, tmp_path / "streamed", cfg)
+    assert [r.index for r in streamed.layers] == whole.converted
+    for a, b in zip(whole.layers, streamed.layers):
+        assert b.calib_error == pytest.approx(a.calib_error, rel=1e-4)
+        assert b.heldout_error == pytest.approx(a.heldout_error, rel=1e-4)
+    m1, m2 = hadaconv.load(tmp_path / "whole"), hadaconv.load(tmp_path / "streamed")
+    assert len(list((tmp_path / "streamed").glob("model-*.safetensors"))) > len(whole.layers)
+    ids = torch.arange(12)[None]
+    with torch.inference_mode():
+        torch.testing.assert_close(m2(input_ids=ids).logits, m1(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
