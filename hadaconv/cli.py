@@ -93,9 +93,12 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module that needs arbitrary unpickling (can run code).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Only list what would be converted (same as hadaconv inspect).")
+@click.option("--streamed", is_flag=True,
+              help="Hugging Face folders of safetensors shards: one decoder block in memory at a time, "
+                   "written shard by shard, in the checkpoint's dtype (no sensitivity ranking).")
 @_device_options
 def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib, samples, seq_len, batch_size,
-                sequential, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, device,
+                sequential, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, streamed, device,
                 dtype) -> None:
     """Fit Hadamard projections to MODEL's attention output projections and save the result.
 
@@ -112,8 +115,16 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     cfg = ConvertConfig(mode=mode, block=block or DEFAULT_BLOCK, layers=_layer_list(layers), max_layers=max_layers,
                         max_loss=max_loss, calib=calib_value, samples=samples, seq_len=seq_len,
                         batch_size=batch_size, sequential=sequential, sensitivity=not no_sensitivity)
-    report = convert_file(model, output, cfg, model_config=model_config, trust_pickle=trust_pickle,
-                          target=target, overwrite=overwrite, device=device, dtype=dtype)
+    if streamed:
+        from hadaconv.stream import convert_streamed
+
+        if dtype != "auto" or target or model_config:
+            raise HadaconvError("--streamed keeps the checkpoint's dtype and reads Hugging Face folders: "
+                                "drop --dtype, --target and --config")
+        report = convert_streamed(model, output, cfg, device=device, overwrite=overwrite)
+    else:
+        report = convert_file(model, output, cfg, model_config=model_config, trust_pickle=trust_pickle,
+                              target=target, overwrite=overwrite, device=device, dtype=dtype)
     out.print(report.table())
     click.echo(f"saved {output}")
 

@@ -64,7 +64,8 @@ class ConvertConfig:
         sensitivity_windows: calibration windows used to measure sensitivity.
         sequential: collect each layer's statistics with the earlier layers already converted.
         ridge, gamma_ridge, max_iter: damping of the input covariance, penalty on the gamma
-            blocks (see :data:`hadaconv.fit.GAMMA_RIDGE`), L-BFGS budget.
+            blocks (see :data:`hadaconv.fit.GAMMA_RIDGE`), L-BFGS budget (None: the fit's
+            default for the width, see :func:`hadaconv.fit.fit_projection`).
         stats_device: where the float64 statistics accumulate and the fits run (None: the
             model's device).
     """
@@ -83,7 +84,7 @@ class ConvertConfig:
     sequential: bool = False
     ridge: float = 1e-3
     gamma_ridge: float = GAMMA_RIDGE
-    max_iter: int = 40
+    max_iter: int | None = None
     stats_device: str | None = None
     progress: bool = True
 

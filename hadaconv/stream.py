@@ -46,6 +46,7 @@ from hadaconv.calibrate import MomentCollector, load_texts, token_windows
 from hadaconv.convert import ConvertConfig, Target, _check_layer, fit_layer, layer_row
 from hadaconv.errors import HadaconvError
 from hadaconv.hadamard import factorize
+from hadaconv.progress import progress
 from hadaconv.report import ConvertReport
 from hadaconv.swap import apply_fit
 
@@ -196,6 +197,15 @@ def _head_only(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in head_ids}
 
 
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors (also inside tuples, such as rotary (cos, sin)) in ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    return value
+
+
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
     from safetensors.torch import save_file
 
@@ -293,8 +303,11 @@ def convert_streamed(
     batches = [w for ids in (calib, heldout) for w in ids.split(cfg.batch_size)]
     n_calib = len(calib.split(cfg.batch_size))
     outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(f"{prefix}.") and n in files]
-    _materialize(model, [n for n in outside if n not in _head_only(model)], files, dev, compute)
-    states = _first_block_inputs(model, blocks, batches, dev)
+    # The embeddings stay in the checkpoint's dtype (a lookup, no products); what reaches the
+    # first block is cast to the compute dtype.
+    _materialize(model, [n for n in outside if n not in _head_only(model)], files, dev, source_dtype)
+    states = [(_cast(h, compute), {k: _cast(v, compute) for k, v in kw.items()})
+              for h, kw in _first_block_inputs(model, blocks, batches, dev)]
     _release(model)
 
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=adapter.name)
@@ -302,9 +315,8 @@ def convert_streamed(
     target = Target(adapter, adapter.kind(model), [])
     stats_device = cfg.stats_device or dev
     rows, weight_map, written = [], {}, 0
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out) as tmp, progress(len(blocks), "convert block by block", cfg.progress) as step:
         for i, block in enumerate(blocks):
-            t0 = time.perf_counter()
             _materialize(model, _state_names(block, f"{prefix}.{i}."), files, dev, compute)
             layer = next(la for la in adapter.layers(model) if la.out_name.startswith(f"{prefix}.{i}."))
             collector = MomentCollector({layer.index: layer.out_module}, stats_device)
@@ -334,9 +346,8 @@ def convert_streamed(
             weight_map.update({name: shard for name in state})
             del state
             _release(block)
-            report.layers = rows
-            if cfg.progress:
-                print(f"block {i + 1}/{len(blocks)}: {time.perf_counter() - t0:.0f} s", flush=True)
+            step()
+        report.layers = rows
         del states
         copied, size, _ = _copy_outside(outside, files, tmp, len(blocks) + 1)
         weight_map.update(copied)

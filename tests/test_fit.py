@@ -108,3 +108,39 @@ def test_bad_arguments():
         fit_projection(torch.eye(D), None, mom, block=7)
     with pytest.raises(ValueError, match="layout"):
         fit_projection(torch.eye(D), None, mom, mode="head")
+
+
+def _smollm2_shaped(seed=1):
+    """A SmolLM2-135M-shaped layer (d = 576 = 9 heads of 64, 3 KV heads, block 16): W a Hadamard
+    structure plus unstructured residue, inputs with a power-law spectrum and 4 outlier directions
+    (the recipe of benchmarks/bench_fit.py)."""
+    import math
+
+    from hadaconv.hadamard import hadamard_matrix
+
+    d, heads, kv, block = 576, 9, 3, 16
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    lam = torch.arange(1, d + 1, dtype=torch.float64) ** -1.2
+    lam[:4] *= 30
+    mean = 0.05 * torch.randn(d, generator=g, dtype=torch.float64)
+    mom = Moments(mean, (q * lam) @ q.T + torch.outer(mean, mean), 1)
+    gamma = torch.block_diag(*torch.randn(d // block, block, block, generator=g, dtype=torch.float64)) / math.sqrt(block)
+    v = torch.eye(64, dtype=torch.float64) + 0.3 * torch.randn(kv, 64, 64, generator=g, dtype=torch.float64) / 8
+    structured = gamma @ torch.from_numpy(hadamard_matrix(d, normalized=True)) @ torch.block_diag(
+        *v.repeat_interleave(heads // kv, 0))
+    noise = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    w = structured + 0.5 * noise * structured.norm() / noise.norm()
+    return w, 0.01 * torch.randn(d, generator=g, dtype=torch.float64), mom, HeadLayout(heads, kv, 64)
+
+
+@pytest.mark.parametrize("mode,block,previous", [
+    ("head", 16, 0.07985139394615934), ("diag", 16, 0.10740977300466971),
+    ("head", 1, 0.19319021760417102), ("affine", 16, 0.10889470660569167)])
+def test_no_worse_than_the_previous_fit(mode, block, previous):
+    """The errors the fit reached before it was made fast (eigh whitening, autograd, 40
+    iterations; hadaconv.fit at commit e796ce4 on this problem, max_iter=40) are reached again."""
+    w, b, mom, layout = _smollm2_shaped()
+    fit = fit_projection(w, b, mom, mode=mode, block=block, layout=layout, max_iter=40)
+    assert fit.error <= previous * (1 + 1e-6)
+    assert relative_error(w, b, fit, mom, layout) == pytest.approx(fit.error, rel=1e-9)

@@ -135,3 +135,18 @@ def test_streamed_conversion_matches_the_whole_model_one(tmp_path):
     ids = torch.arange(12)[None]
     with torch.inference_mode():
         torch.testing.assert_close(m2(input_ids=ids).logits, m1(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_streamed_bfloat16_stays_bfloat16_and_not_larger(tmp_path):
+    import hadaconv
+    from hadaconv.stream import convert_streamed
+
+    src = _tiny_folder(tmp_path / "src", torch.bfloat16, shard="30KB")
+    report = convert_streamed(src, tmp_path / "out", ConvertConfig(**FAST))
+    assert report.converted and report.bytes_after <= report.bytes_before
+    model = hadaconv.load(tmp_path / "out")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    size = lambda folder: sum(f.stat().st_size for f in folder.glob("*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "out") <= size(src)
+    with torch.inference_mode():
+        assert torch.isfinite(model(input_ids=torch.arange(8)[None]).logits.float()).all()
