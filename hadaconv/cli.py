@@ -287,7 +287,7 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
     from hadaconv.io import load_model
 
     shape = _shape(input_shape)
-    loaded = load_model(model, config=model_config, trust_pickle=trust_pickle)
+    loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, dtype="float32")  # ONNX graphs in float32
     start = time.perf_counter()
     result = export_onnx(
         loaded.model, output, torch.randn(shape) if shape else None, portable=portable, tokenizer=loaded.tokenizer,
