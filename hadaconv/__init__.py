@@ -9,6 +9,7 @@ from hadaconv.export import export_onnx
 from hadaconv.hadamard import factorize, hadamard_matrix
 from hadaconv.io import load
 from hadaconv.nn import HadamardProjection
+from hadaconv.runtime import get_library_path
 from hadaconv.ops import fwht, hadamard_affine
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "export_onnx",
     "factorize",
     "fwht",
+    "get_library_path",
     "hadamard_affine",
     "hadamard_matrix",
     "load",

@@ -1,13 +1,14 @@
 """ONNX Runtime side of hadaconv: the custom-op library and sessions that use it.
 
 The ``com.hadaconv::HadamardAffine`` op lives in a small shared library, ``libhadaconv_ort.so``,
-built from the repository's standalone CMake project ``custom_ops/`` (CPU kernel, plus the CUDA
-kernel when nvcc is found).  It needs only the ONNX Runtime headers at build time and loads into
-any onnxruntime >= 1.21 through ``SessionOptions.register_custom_ops_library``.
+built from the standalone CMake project ``custom_ops/`` (CPU kernel, plus the CUDA kernel when nvcc
+is found).  It needs only the ONNX Runtime headers at build time and loads into any onnxruntime
+>= 1.21 through ``SessionOptions.register_custom_ops_library``.
 
-* :func:`op_library` finds the library (``$HADACONV_OPS_LIB`` wins), building it when missing or
-  older than its sources;
-* :func:`build_ops` runs the CMake configure and build;
+* :func:`get_library_path` finds the library: ``$HADACONV_OPS_LIB``, else the copy the wheel
+  installs inside the package (``pip install`` builds it), else a development checkout's
+  ``custom_ops/build/`` (``hadaconv build-ops`` / ``make ops``).  It never compiles anything;
+* :func:`build_ops` runs the CMake configure and build: the explicit developer command;
 * :func:`session` opens an ``onnxruntime.InferenceSession`` with the library registered.
 
 onnxruntime is imported lazily, so the rest of hadaconv works without it.
@@ -20,6 +21,8 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from hadaconv.errors import HadaconvError
@@ -27,9 +30,12 @@ from hadaconv.errors import HadaconvError
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-__all__ = ["LIBRARY_NAME", "build_ops", "op_library", "session"]
+__all__ = ["LIBRARY_NAME", "build_ops", "get_library_path", "session"]
 
 LIBRARY_NAME = "libhadaconv_ort.so"
+# Where the wheel installs the library (CMake's install rule in custom_ops/CMakeLists.txt).
+PACKAGE_LIBRARY = pathlib.Path(__file__).resolve().parent / LIBRARY_NAME
+# A development checkout: the package folder next to custom_ops/.
 OPS_DIR = pathlib.Path(__file__).resolve().parent.parent / "custom_ops"
 BUILD_DIR = OPS_DIR / "build"
 _SOURCES = ("CMakeLists.txt", "exports.map", "src")
@@ -69,7 +75,8 @@ def build_ops(force: bool = False, cuda: bool | None = None) -> pathlib.Path:
     """Configure and build ``custom_ops/`` into ``custom_ops/build/``; return the library path.
 
     ``force`` wipes the build folder first.  ``cuda``: None builds the CUDA kernel when a CUDA
-    compiler is found, False never, True requires one.  The ONNX Runtime headers come from
+    compiler is found (unless ``$HADACONV_CUDA`` is OFF/0, the switch the wheel build reads too),
+    False never, True requires one.  The ONNX Runtime headers come from
     ``$ORT_INCLUDE_DIR``, the system include dirs or ``custom_ops/fetch_ort_headers.sh``.  A
     failure raises HadaconvError naming the cause and the log file.  Concurrent callers (two
     test processes) are serialized by a lock file.
@@ -78,9 +85,12 @@ def build_ops(force: bool = False, cuda: bool | None = None) -> pathlib.Path:
         raise HadaconvError(
             f"the op library sources are not here ({OPS_DIR}); set HADACONV_OPS_LIB to a built {LIBRARY_NAME}"
         )
-    cmake = shutil.which("cmake")
+    # The `cmake` PyPI package puts it next to the interpreter, which need not be on the PATH.
+    cmake = shutil.which("cmake") or shutil.which("cmake", path=str(pathlib.Path(sys.executable).parent))
     if cmake is None:
         raise HadaconvError("building the op library needs cmake (>= 3.18) and a C++17 compiler; cmake not found")
+    if cuda is None and os.environ.get("HADACONV_CUDA", "").upper() in ("OFF", "0", "FALSE", "NO"):
+        cuda = False
     if force and BUILD_DIR.exists():
         shutil.rmtree(BUILD_DIR)
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
@@ -106,26 +116,31 @@ def build_ops(force: bool = False, cuda: bool | None = None) -> pathlib.Path:
     return lib
 
 
-def op_library(build: bool = True) -> pathlib.Path:
-    """Path of ``libhadaconv_ort.so``.
+def get_library_path() -> str:
+    """Absolute path (a str, as ``SessionOptions.register_custom_ops_library`` wants) of
+    ``libhadaconv_ort.so``.  Never builds anything.
 
-    ``$HADACONV_OPS_LIB`` wins when set.  Otherwise the library built from the repository's
-    ``custom_ops/``, (re)built with :func:`build_ops` when missing or older than its sources
-    (with ``build=False`` a missing library is an error and a stale one is used as it is).
+    Looked up in order: ``$HADACONV_OPS_LIB``; the library installed inside the package (every
+    wheel carries it); a development checkout's ``custom_ops/build/`` (``hadaconv build-ops``,
+    with a warning when it is older than its sources).  Raises HadaconvError when none exists.
     """
     env = os.environ.get("HADACONV_OPS_LIB")
     if env:
         lib = pathlib.Path(env)
         if not lib.is_file():
             raise HadaconvError(f"HADACONV_OPS_LIB points to {lib}, which does not exist")
-        return lib
+        return str(lib.resolve())
+    if PACKAGE_LIBRARY.is_file():
+        return str(PACKAGE_LIBRARY)
     lib = BUILD_DIR / LIBRARY_NAME
-    fresh = lib.is_file() and (not (OPS_DIR / "src").is_dir() or lib.stat().st_mtime >= _sources_mtime())
-    if fresh or (lib.is_file() and not build):
-        return lib
-    if not build:
-        raise HadaconvError(f"{lib} is not built; run `hadaconv build-ops` or set HADACONV_OPS_LIB")
-    return build_ops()
+    if lib.is_file():
+        if (OPS_DIR / "src").is_dir() and lib.stat().st_mtime < _sources_mtime():
+            warnings.warn(f"{lib} is older than its sources in {OPS_DIR}: run `hadaconv build-ops`", stacklevel=2)
+        return str(lib)
+    where = f"{PACKAGE_LIBRARY.parent}" + (f" or {BUILD_DIR}" if OPS_DIR.is_dir() else "")
+    raise HadaconvError(f"the op library {LIBRARY_NAME} is not in {where}: reinstall hadaconv from a wheel, "
+                        "run `hadaconv build-ops` in a source checkout, set HADACONV_OPS_LIB, "
+                        "or export with --portable")
 
 
 def import_onnxruntime():
@@ -162,7 +177,7 @@ def session(
     """
     ort = import_onnxruntime()
     options = make_session_options(**session_options)
-    options.register_custom_ops_library(str(op_library()))
+    options.register_custom_ops_library(get_library_path())
     if providers is None:
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]

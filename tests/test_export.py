@@ -40,7 +40,7 @@ FORMS = ["custom", "portable"]
 
 @pytest.fixture(scope="module", autouse=True)
 def library():
-    return runtime.op_library()
+    return runtime.get_library_path()
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_translation_matches_torch(tmp_path, form):
     domains = {n.domain for n in graph.graph.node}
     assert ("com.hadaconv" in domains) == (form == "custom")
     # Another batch and sequence length than traced; a portable graph runs without the library.
-    sess = session_for(tmp_path / "b" / "model.onnx", None if form == "portable" else runtime.op_library(), "cpu")
+    sess = session_for(tmp_path / "b" / "model.onnx", None if form == "portable" else runtime.get_library_path(), "cpu")
     inputs = tuple(torch.randn(3, 9, n) for n in widths)
     got = sess.run(None, {f"input_{i}": x.numpy() for i, x in enumerate(inputs)})
     with torch.no_grad():

@@ -35,7 +35,7 @@ ONNX_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.
 
 @pytest.fixture(scope="module", autouse=True)
 def library():
-    return runtime.op_library()
+    return runtime.get_library_path()
 
 
 def make_model(n, dtype=np.float32, *, gamma=None, beta=False, transpose=0, x_shape=("B", "S", None),
@@ -470,9 +470,17 @@ def test_two_sessions_in_two_threads():
     assert not errors, errors
 
 
-def test_op_library_env_override(monkeypatch, tmp_path, library):
-    monkeypatch.setenv("HADACONV_OPS_LIB", str(library))
-    assert runtime.op_library() == library
+def test_get_library_path(monkeypatch, tmp_path, library):
+    """A str, never a build: the override, the package's copy, the dev build, else one clear error."""
+    assert isinstance(library, str) and os.path.isabs(library) and os.path.isfile(library)
+    monkeypatch.setenv("HADACONV_OPS_LIB", library)
+    assert runtime.get_library_path() == library
     monkeypatch.setenv("HADACONV_OPS_LIB", str(tmp_path / "missing.so"))
     with pytest.raises(HadaconvError, match="does not exist"):
-        runtime.op_library()
+        runtime.get_library_path()
+    monkeypatch.delenv("HADACONV_OPS_LIB")
+    monkeypatch.setattr(runtime, "PACKAGE_LIBRARY", tmp_path / "pkg" / runtime.LIBRARY_NAME)
+    monkeypatch.setattr(runtime, "BUILD_DIR", tmp_path / "build")
+    monkeypatch.setattr(runtime, "build_ops", lambda *a, **k: pytest.fail("get_library_path compiled"))
+    with pytest.raises(HadaconvError, match="hadaconv build-ops"):
+        runtime.get_library_path()

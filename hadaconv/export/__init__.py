@@ -135,9 +135,9 @@ def export_onnx(
     spec = make_spec(model, kind, cache=cache, example_inputs=example_inputs)
     library = None
     if form == "custom":
-        from hadaconv.runtime import op_library
+        from hadaconv.runtime import get_library_path
 
-        library = op_library()  # built now if needed: fail before the slow trace, not after
+        library = Path(get_library_path())  # a missing library fails before the slow trace, not after
     with atomic_folder(out, overwrite) as tmp:
         try:
             with _quiet(verbose), torch.no_grad():
