@@ -286,7 +286,7 @@ def _smollm2() -> Path:
 def test_smollm2_converted_exports_and_generates_like_torch(tmp_path):
     """Converted SmolLM2-135M (a short calibration, 16 x 16 blocks at width 576 = 36 x 16): the bundle
     validates (logits within 1e-3 of PyTorch on a real prompt) and 32 greedy tokens from ONNX
-    Runtime equal PyTorch's ``generate``."""
+    Runtime, and from onnxruntime-genai loading the bundle as it is, equal PyTorch's ``generate``."""
     from hadaconv.convert import ConvertConfig, convert
     from hadaconv.io import load_model
 
@@ -305,3 +305,8 @@ def test_smollm2_converted_exports_and_generates_like_torch(tmp_path):
     with torch.no_grad():
         ref = model.generate(**enc, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=tok.eos_token_id)
     np.testing.assert_array_equal(out.tokens[0], ref[0, enc["input_ids"].shape[1]:].numpy())
+    if importlib.util.find_spec("onnxruntime_genai") is not None:  # the same bundle in onnxruntime-genai
+        from test_genai import assert_same_greedy, genai_greedy
+
+        ids = enc["input_ids"][0].tolist()
+        assert_same_greedy(genai_greedy(tmp_path / "b", [ids], 32), ref[:, len(ids):].numpy(), tmp_path / "b")

@@ -89,6 +89,20 @@ def _hadamard_layers(model: nn.Module) -> int:
     return sum(isinstance(m, HadamardProjection) for m in model.modules())
 
 
+def _write_genai(folder: Path, model: nn.Module, spec, meta: dict[str, Any]) -> str | None:
+    """Write ``genai_config.json`` for a causal LM with the KV cache; its file name, or None."""
+    from hadaconv.export.genai import GENAI_CONFIG, genai_config, write_genai_config
+
+    if spec.kind != "causal-lm" or spec.cache is None or getattr(model, "config", None) is None:
+        return None
+    config = genai_config(model, spec.cache, library=meta["op_library"], position_ids=spec.cache["position_ids"],
+                          eos_token_id=meta["eos_token_id"], pad_token_id=meta["pad_token_id"], model_file=MODEL)
+    if config is None:
+        return None
+    write_genai_config(folder, config)
+    return GENAI_CONFIG
+
+
 def export_onnx(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -176,5 +190,6 @@ def export_onnx(
             "hadamard_layers": _hadamard_layers(model), "source": source or type(model).__name__,
             "validation": {"atol": atol, "diffs": [vars(d) for d in diffs]} if validate_outputs else None,
         }
+        meta["genai_config"] = _write_genai(tmp, model, spec, meta)
         write_metadata(tmp, meta)
     return ExportResult(out, kind, form, diffs, meta)

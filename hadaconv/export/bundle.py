@@ -6,6 +6,9 @@
     libhadaconv_ort.so      the op library, custom form only (a copy: the bundle does not depend
                             on the repository it was exported from)
     tokenizer files         when the model has a tokenizer
+    genai_config.json       causal LMs with the KV cache: onnxruntime-genai's configuration, so
+                            ``onnxruntime_genai.Model(bundle)`` runs the folder as it is
+                            (see :mod:`hadaconv.export.genai`)
     hadaconv_onnx.json      the metadata below
 
 ``hadaconv_onnx.json``: ``format`` ("hadaconv-onnx"), ``version`` (1), ``hadaconv`` (version that
@@ -14,8 +17,8 @@ standard ONNX opset), ``custom_opsets`` ({"com.hadaconv": 1} or {}), ``op_librar
 or null), ``inputs``/``outputs`` (name, element type and shape, symbolic axes by name), ``cache``
 (num_layers, num_kv_heads, head_dim, value_head_dim, position_ids; causal LMs with the cache),
 ``tokenizer`` (bool), ``eos_token_id``, ``pad_token_id``, ``hadamard_layers`` (how many
-converted projections the graph holds), ``source`` and ``validation`` (per output max abs/rel
-difference against PyTorch, with the tolerance).
+converted projections the graph holds), ``source``, ``validation`` (per output max abs/rel
+difference against PyTorch, with the tolerance) and ``genai_config`` (its file name, or null).
 """
 
 from __future__ import annotations
