@@ -295,7 +295,7 @@ def test_smollm2_converted_exports_and_generates_like_torch(tmp_path):
     # A short calibration with the closed-form affine fit: this test is about export fidelity,
     # not conversion quality (a data-free fit gives a degenerate model with inflated logits).
     convert(model, tok, ConvertConfig(samples=8, seq_len=64, mode="affine", block=16, sensitivity=False,
-                                      progress=False))
+                                      calib=["shakespeare"], progress=False))
     result = export_onnx(model, tmp_path / "b", tokenizer=tok)
     logits = [d for d in result.diffs if d.name == "logits"]
     assert logits and max(d.max_abs for d in logits) < 1e-3
