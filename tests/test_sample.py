@@ -69,3 +69,52 @@ def test_cli_writes_jsonl_that_calibration_reads(tmp_path, capsys):
     assert code == 1 and "needs a causal LM" in err and "Traceback" not in err
     assert not (tmp_path / "bert.jsonl").exists()
     assert not list(tmp_path.glob(".gen.jsonl.*"))
+
+
+def test_sample_cache_is_reused_and_invalidated(tokenizer, tmp_path, monkeypatch):
+    """The second call reads the cached text without sampling; changing one weight samples anew."""
+    import hadaconv.sample as sample
+
+    model = make_tiny("llama")
+    first, path = sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
+    assert path.is_file() and path.parent.parent == tmp_path
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sampled again although the cache holds the text")
+
+    monkeypatch.setattr(sample, "sample_texts", refuse)
+    again, same = sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
+    assert again == first and same == path
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    with pytest.raises(AssertionError, match="sampled again"):
+        sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
+    monkeypatch.undo()
+    changed, other = sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
+    assert other != path and other.is_file()
+
+
+def test_calibration_sources_mix_and_default(tokenizer, tmp_path):
+    from hadaconv.sample import calibration_texts
+
+    model = make_tiny("llama")
+    own = tmp_path / "own.txt"
+    own.write_text("user text " * 20, encoding="utf-8")
+    texts, source = calibration_texts(model, tokenizer, None, samples=2, seq_len=6, progress=False)
+    assert len(texts) == 2 and "sampled from the model" in source
+    mixed, source = calibration_texts(model, tokenizer, ["sample", str(own)], samples=2, seq_len=6, progress=False)
+    assert mixed == texts + [own.read_text(encoding="utf-8")] and str(own) in source
+    encoder_texts, source = calibration_texts(make_tiny("bert"), tokenizer, None, progress=False)
+    assert "Shakespeare" in source and len(encoder_texts) > 10
+
+
+def test_bad_sampling_and_calibration_flags(tmp_path, capsys):
+    src = tmp_path / "tiny"
+    make_tiny("llama", src)
+    code, _, err = _cli(capsys, "sample", src, "-o", tmp_path / "g.jsonl", "--samples", 2, "--batch-size", 0)
+    assert code == 1 and "batch size" in err and err.count("error:") == 1
+    for args, message in ((("--calib", "none", "--calib", "sample"), "cannot be mixed"),
+                          (("--calib", str(tmp_path / "missing.txt")), "not found")):
+        code, _, err = _cli(capsys, "convert", src, "-o", tmp_path / "out", *args)
+        assert code == 1 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()

@@ -109,7 +109,8 @@ class Adapter:
     ``layers(model)`` returns the attention blocks in order.  ``prepare(model)`` (optional)
     rewrites modules that cannot be hooked or swapped as they are (``nn.MultiheadAttention``
     calls its output projection functionally) into equivalent ones that can; it is idempotent
-    and is also applied when a converted model is loaded.
+    and is also applied when a converted model is loaded.  ``residual_maps`` names the dense
+    neighbours error compensation may refit.
     """
 
     name: str
@@ -117,3 +118,8 @@ class Adapter:
     layers: Callable[[nn.Module], list[AttentionLayer]]
     kind: Callable[[nn.Module], ModelKind] = field(default=lambda model: "module")
     prepare: Callable[[nn.Module], None] = field(default=lambda model: None)
+    #: Dotted paths, relative to a decoder block (the entry of the model's block list holding an
+    #: attention layer), of dense ``nn.Linear`` maps that write into the residual stream after
+    #: the attention output (an MLP's down-projection): the conversion may refit them to
+    #: compensate the block's error (:mod:`hadaconv.compensate`).  Empty: nothing compensated.
+    residual_maps: tuple[str, ...] = ()

@@ -1,7 +1,8 @@
 """Llama-style decoders: Llama, Mistral, Qwen2, Qwen3, SmolLM (grouped-query attention).
 
 Each attention block holds separate ``v_proj`` and ``o_proj`` Linears
-(``model.layers[i].self_attn`` in the Hugging Face classes).
+(``model.layers[i].self_attn`` in the Hugging Face classes); the MLP's ``down_proj`` writes into
+the residual stream after the attention, so conversion can compensate a block's error there.
 """
 
 from __future__ import annotations
@@ -18,4 +19,5 @@ def _layers(model: nn.Module) -> list[AttentionLayer]:
     return find_layers(model, value="v_proj", out="o_proj")
 
 
-ADAPTER = Adapter(name="llama", matches=matches_types(*MODEL_TYPES), layers=_layers, kind=hf_kind)
+ADAPTER = Adapter(name="llama", matches=matches_types(*MODEL_TYPES), layers=_layers, kind=hf_kind,
+                  residual_maps=("mlp.down_proj",))

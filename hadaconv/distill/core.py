@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import Adapter, find_adapter
-from hadaconv.calibrate import load_texts, token_windows
+from hadaconv.calibrate import token_windows
 from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
@@ -39,10 +39,15 @@ from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
 from hadaconv.errors import HadaconvError
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
+from hadaconv.sample import calibration_texts
 
 __all__ = ["DistillConfig", "DistillReport", "converted_blocks", "distill"]
 
 Stage = Literal["local", "global"]
+
+#: Sequences sampled from the teacher when no --data is given: the same cached set a default
+#: conversion calibrates on (128 x seq_len tokens), so convert + distill sample once.
+DEFAULT_SAMPLES = 128
 
 
 @dataclass
@@ -52,7 +57,9 @@ class DistillConfig:
     Attributes:
         stages: "local" (block-wise reconstruction), "global" (end-to-end KD), in that order.
         train: "attention" (the converted attention blocks: q, k, v, gamma, beta) or "all".
-        data: training text (files, folders, JSONL); None for the default corpus.
+        data: training text: "sample" (the teacher's own text, sampled once and cached; the
+            default, None), "shakespeare", files, folders, JSONL (see
+            :func:`hadaconv.sample.calibration_texts`).
         samples, seq_len: training windows (token_windows; a tenth held out for evaluation).
         batch_size: windows per optimizer step, over all ranks (the global batch).
         accumulate: micro-batches per rank and step (gradient accumulation).
@@ -335,7 +342,9 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
     main = d.main
 
     # Data: training windows, and held-out windows for evaluation.
-    train, heldout = token_windows(tokenizer, load_texts(cfg.data), samples=cfg.samples, seq_len=cfg.seq_len)
+    texts, _ = calibration_texts(teacher, tokenizer, cfg.data, samples=DEFAULT_SAMPLES, seq_len=cfg.seq_len,
+                                 progress=cfg.progress and main)
+    train, heldout = token_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
     if cfg.eval_text:
         path = Path(cfg.eval_text)
         if not path.is_file():

