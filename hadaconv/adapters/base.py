@@ -21,7 +21,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-ModelKind = Literal["causal-lm", "encoder", "module"]
+ModelKind = Literal["causal-lm", "encoder", "classifier", "module"]
 
 
 @dataclass
@@ -34,6 +34,12 @@ class WeightSlot:
     stored that way).  ``bias_rows`` selects the bias entries when they are not ``rows``:
     ``nn.MultiheadAttention`` with separate q/k/v weights still packs the three biases into one
     ``in_proj_bias``; None means the same as ``rows``.
+
+    ``column`` is a learned vector in the slot's output space that is not computed from the
+    input (``nn.MultiheadAttention``'s ``bias_v``, the value of the extra key/value position of
+    ``add_bias_kv``, one entry per slot row).  :meth:`get` appends it to W as a last column and
+    :meth:`set` splits it off again, so every map applied to W's rows (the folded value map)
+    transforms it too: it is W's column for an input that is 1 at the extra position.
     """
 
     weight: nn.Parameter
@@ -41,6 +47,14 @@ class WeightSlot:
     rows: torch.Tensor | None = None
     transposed: bool = False
     bias_rows: torch.Tensor | None = None
+    column: nn.Parameter | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of W as :meth:`get` returns it, without copying."""
+        w = self.weight.T if self.transposed else self.weight
+        rows = len(self.rows) if self.rows is not None else w.shape[0]
+        return rows, w.shape[1] + (self.column is not None)
 
     def _bias_index(self) -> torch.Tensor | slice:
         index = self.bias_rows if self.bias_rows is not None else self.rows
@@ -53,11 +67,16 @@ class WeightSlot:
         if self.rows is not None:
             w = w[self.rows]
         b = self.bias.detach()[self._bias_index()] if self.bias is not None else None
+        if self.column is not None:
+            w = torch.cat([w, self.column.detach().reshape(-1, 1).to(w.dtype)], dim=1)
         return w.clone(), (b.clone() if b is not None else None)
 
     @torch.no_grad()
     def set(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
         """Write (W, b) back in place, in the parameters' own dtype and layout."""
+        if self.column is not None:
+            self.column.copy_(w[:, -1].reshape(self.column.shape).to(self.column.dtype))
+            w = w[:, :-1]
         rows = self.rows if self.rows is not None else slice(None)
         target = self.weight.T if self.transposed else self.weight
         target[rows] = w.to(target.dtype)
@@ -92,6 +111,11 @@ class AttentionLayer:
     def width(self) -> int:
         """Input width of the output projection (heads * head_dim)."""
         return self.num_heads * self.head_dim
+
+    @property
+    def out_features(self) -> int:
+        """Output width of the output projection (the model width)."""
+        return self.out.shape[0]
 
     @property
     def out_module(self) -> nn.Module:

@@ -34,14 +34,17 @@ def matches_types(*types: str) -> Callable[[nn.Module], bool]:
 
 
 def hf_kind(model: nn.Module) -> ModelKind:
-    """What the model's forward returns: logits of a generative LM, or a backbone's
-    ``last_hidden_state``; anything else (classifiers, ...) is a generic module."""
+    """What the model's forward returns: logits of a generative LM (``causal-lm``), a backbone's
+    ``last_hidden_state`` (``encoder``), or the ``logits`` of a head on a backbone (``classifier``:
+    sequence or token classification, masked LM); anything that is not a Hugging Face model is a
+    generic ``module``."""
     can_generate = getattr(model, "can_generate", None)
     if callable(can_generate) and can_generate():
         return "causal-lm"
-    if getattr(model, "base_model", None) is model:
+    base = getattr(model, "base_model", None)
+    if base is model:
         return "encoder"
-    return "module"
+    return "classifier" if isinstance(base, nn.Module) else "module"
 
 
 def config_heads(config) -> tuple[int, int, int]:

@@ -2,7 +2,10 @@
 
 Each attention block holds separate ``v_proj`` and ``o_proj`` Linears
 (``model.layers[i].self_attn`` in the Hugging Face classes); the MLP's ``down_proj`` writes into
-the residual stream after the attention, so conversion can compensate a block's error there.
+the residual stream after the attention, so conversion can compensate a block's error there.  Qwen3 (with its q/k norms) and
+Mistral-Nemo set ``head_dim`` explicitly, so heads x head_dim can differ from the model width:
+Qwen3-0.6B maps 16 x 128 = 2048 into 1024, Mistral-Nemo 32 x 128 = 4096 into 5120.  The q/k
+norms act on queries and keys only, so folding into ``v_proj`` stays exact.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@
 ``prepare`` swaps each one for :class:`~hadaconv.adapters.mha.HookableMultiheadAttention`, which
 calls ``out_proj`` as a module.  Its value projection is rows ``2E:3E`` of the packed
 ``in_proj_weight`` (or all of ``v_proj_weight`` when key/value widths differ, with the bias
-still at ``2E:3E`` of ``in_proj_bias``).
+still at ``2E:3E`` of ``in_proj_bias``).  With ``add_bias_kv`` the learned ``bias_v`` is the
+value of an extra key/value position; it joins the slot as an extra column (see
+:class:`~hadaconv.adapters.base.WeightSlot`), so a folded value map transforms it as well.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ def _value_slot(mha: HookableMultiheadAttention) -> WeightSlot:
     e = mha.embed_dim
     rows = torch.arange(2 * e, 3 * e)
     if mha._qkv_same_embed_dim:
-        return WeightSlot(mha.in_proj_weight, mha.in_proj_bias, rows=rows)
-    return WeightSlot(mha.v_proj_weight, mha.in_proj_bias, bias_rows=rows)
+        return WeightSlot(mha.in_proj_weight, mha.in_proj_bias, rows=rows, column=mha.bias_v)
+    return WeightSlot(mha.v_proj_weight, mha.in_proj_bias, bias_rows=rows, column=mha.bias_v)
 
 
 def _layers(model: nn.Module) -> list[AttentionLayer]:

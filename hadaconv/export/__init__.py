@@ -129,7 +129,7 @@ def export_onnx(
             tensors (every axis but the last is exported as dynamic where the model allows).
         portable: standard ONNX ops only, instead of ``com.hadaconv::HadamardAffine``.
         tokenizer: saved into the bundle; also gives validation real text.
-        kind: "causal-lm", "encoder" or "module" (detected when None).
+        kind: "causal-lm", "encoder", "classifier" or "module" (detected when None).
         cache: causal LMs: export the KV-cache inputs/outputs (False: logits only).
         validate_outputs: compare ONNX Runtime with PyTorch (``--no-validate`` turns it off).
         atol: the largest absolute difference accepted per output (see

@@ -86,7 +86,7 @@ def validation_feeds(spec: ExportSpec, model: Any, tokenizer: Any) -> list[tuple
     if spec.kind == "module":
         return [("example", spec.args)]
     ids, mask = _token_batch(model, tokenizer, left=spec.kind == "causal-lm")
-    if spec.kind == "encoder":
+    if spec.kind in ("encoder", "classifier"):
         return [("encode", (ids, mask))]
     pos = positions(mask) if (spec.cache or spec.extra).get("position_ids") else None
     if spec.cache is None:

@@ -10,6 +10,8 @@ Three kinds:
 * ``encoder``: a Hugging Face text encoder (BERT, RoBERTa, MiniLM, ...): ``input_ids``,
   ``attention_mask`` -> ``last_hidden_state`` and ``sentence_embedding``, the attention-masked
   mean of the last hidden states (the pooling of sentence-transformers models; not normalised).
+* ``classifier``: a Hugging Face text model with a head on its backbone (sequence or token
+  classification, masked LM): ``input_ids``, ``attention_mask`` -> ``logits``.
 * ``module``: anything else, called with the example inputs; outputs flattened in order.
 
 Axes are dynamic: batch and sequence (and the past and total lengths of the cache) for the
@@ -31,7 +33,7 @@ from hadaconv.errors import HadaconvError
 
 __all__ = ["ExportSpec", "Kind", "detect_kind", "make_spec"]
 
-Kind = Literal["causal-lm", "encoder", "module"]
+Kind = Literal["causal-lm", "encoder", "classifier", "module"]
 
 #: Example sizes for tracing.  The sequence is >= 2 (with 1, SDPA's ``is_causal`` becomes a
 #: SymBool and the export fails) and the past >= 1 (a past of 0 still runs in ONNX Runtime).
@@ -65,15 +67,15 @@ def _accepts(model: nn.Module, name: str) -> bool:
 
 
 def detect_kind(model: nn.Module) -> Kind:
-    """``causal-lm`` for Hugging Face models that generate, ``encoder`` for other Hugging Face
-    models taking token ids, ``module`` for everything else."""
+    """``causal-lm`` for Hugging Face models that generate, ``encoder`` for bare backbones taking
+    token ids, ``classifier`` for heads on such a backbone, ``module`` for everything else."""
     if _is_hf(model):
         if getattr(model.config, "is_encoder_decoder", False):
             raise HadaconvError(f"{type(model).__name__}: encoder-decoder models cannot be exported yet")
         if model.can_generate():
             return "causal-lm"
         if _accepts(model, "input_ids") and _accepts(model, "attention_mask"):
-            return "encoder"
+            return "encoder" if model.base_model is model else "classifier"
     return "module"
 
 
@@ -113,6 +115,17 @@ class Encoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return hidden, pooled
+
+
+class Classifier(nn.Module):
+    """The ``logits`` of a head on a text backbone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def _flatten_output(out: Any) -> tuple[list[str], list[torch.Tensor]]:
@@ -209,8 +222,12 @@ def make_spec(
         ids, mask = _text_inputs(model, _BATCH, _SEQ)
         return ExportSpec(kind, Encoder(model), (ids, mask), ["input_ids", "attention_mask"],
                           ["last_hidden_state", "sentence_embedding"], ({0: batch, 1: seq}, {0: batch, 1: seq}))
+    if kind == "classifier":
+        ids, mask = _text_inputs(model, _BATCH, _SEQ)
+        return ExportSpec(kind, Classifier(model), (ids, mask), ["input_ids", "attention_mask"], ["logits"],
+                          ({0: batch, 1: seq}, {0: batch, 1: seq}))
     if kind != "module":
-        raise HadaconvError(f"unknown model kind {kind!r}: expected causal-lm, encoder or module")
+        raise HadaconvError(f"unknown model kind {kind!r}: expected causal-lm, encoder, classifier or module")
     if example_inputs is None:
         raise HadaconvError(f"{type(model).__name__} is not a Hugging Face text model: give example inputs "
                             "(--input-shape on the command line)")
