@@ -92,7 +92,7 @@ def main() -> None:
     cfg = ConvertConfig(samples=args.samples, seq_len=256, calib=[str(p) for p in plays[:-1]], progress=False,
                         sensitivity_windows=args.sensitivity_windows)
     target = find_target(teacher, cfg)
-    data = calibration_batches(tok, cfg)
+    data = calibration_batches(teacher, tok, cfg)
     t = time.perf_counter()
     stats = collect_statistics(teacher, target.layers, data, show=False)
     results["statistics_s"] = time.perf_counter() - t

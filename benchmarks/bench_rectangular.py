@@ -43,7 +43,7 @@ def main() -> None:
     layers = find_adapter(model).layers(model)
     step = max(1, len(layers) // args.layers)
     layers = layers[::step][: args.layers]
-    data = calibration_batches(tok, ConvertConfig(samples=args.samples, seq_len=256))
+    data = calibration_batches(model, tok, ConvertConfig(samples=args.samples, seq_len=256, calib="shakespeare"))
     collector = collect_statistics(model, layers, data, show=False)
     print(f"SmolLM2-135M, layers {[layer.index for layer in layers]}, {data.tokens} calibration tokens")
     print("| d_out x d_in | fit | " + " | ".join(SELECTIONS) + " |")
