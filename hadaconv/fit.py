@@ -23,6 +23,12 @@ evaluation costs O(d^2 (head_dim + log d + b)), never a d^3 product).  G enters 
 is solved in closed form inside every evaluation (variable projection) and L-BFGS only moves V,
 starting from V = I (the affine solution).  A small ridge on G (``GAMMA_RIDGE``) chooses, among
 the near-equal factorizations G T V, one whose G does not amplify float32 rounding.
+
+Rectangular W (d_out x d_in): ``y' = G R T V x + beta`` with the transform on n = max(d_in,
+d_out) and R a fixed zero-padding (d_in < d_out) or selection of d_out transform coordinates
+(d_in > d_out, those with the most output energy under the statistics); the algebra, the
+selection rule and its measurement are in :mod:`hadaconv.fit_rect`, which
+:func:`fit_projection` delegates to.
 """
 
 from __future__ import annotations
