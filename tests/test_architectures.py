@@ -28,6 +28,9 @@ from hadaconv.nn import HadamardProjection
 from hadaconv.swap import fold_value
 
 FAST = {"samples": 16, "seq_len": 32, "progress": False}
+# conftest points HADACONV_CACHE at a per-session folder once tests run; the real models live in
+# the user's cache, read here at import (collection) time.
+REAL_CACHE = __import__("hadaconv.realmodels").realmodels.cache_dir()
 
 # ------------------------------------------------------------------ the rectangular layer
 
@@ -281,7 +284,7 @@ def test_qwen2_5_coder_two_layers_convert_reload_export_generate(tmp_path):
     from hadaconv.realmodels import qwen2_5_coder_folder
 
     try:
-        folder = qwen2_5_coder_folder()
+        folder = qwen2_5_coder_folder(REAL_CACHE)
     except HadaconvError as exc:
         pytest.skip(str(exc))
     loaded = load_model(folder)
