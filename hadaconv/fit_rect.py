@@ -3,31 +3,10 @@
 :func:`hadaconv.fit.fit_projection` hands rectangular weights to :func:`fit_projection` here.
 This is the float64 CPU form of the fit as it stood before :mod:`hadaconv.fit` gained its
 large-width (float32, device) path; the two should become one (the geometry R below is all
-that differs).  What follows describes both, then the rectangular geometry.
+that differs); until then its helpers repeat the old square ones.
 
-Pure math on tensors: no model objects.  The dense layer is ``y = W x + b`` (W is d x d here;
-rectangular below); its input x has mean ``mu`` and second moment ``S = E[x x^T]`` on
-calibration data.  The replacement is
-
-    y' = G T V x + beta,        T = H / sqrt(d) (orthonormal Hadamard, hadaconv's convention)
-
-with G diagonal (``block = 1``) or block-diagonal (b x b blocks on contiguous output channels),
-and V a map that costs nothing at run time because it is folded into the value projection:
-attention mixes tokens, never channels, so scaling or rotating a head's value channels is
-exactly the same as applying that map to the head's slice of x.  The modes:
-
-* ``affine``: V = I (G and beta only; the seed paper's layer for ``block = 1``);
-* ``diag``: V a per-channel scale, shared by the query heads of a KV group;
-* ``head``: V a full head_dim x head_dim matrix per KV group.
-
-The objective is the mean squared output error E||y' - y||^2.  For any G, V the best beta is
-``b + (W - G T V) mu``, which leaves ``tr(A C A^T)`` with ``A = G T V - W`` and C the input
-covariance, ridge-damped by ``ridge * tr(C) / d``.  That is minimised *jointly* over G and V by
-L-BFGS in whitened coordinates (C = L L^T, so the objective is ||G T V L - W L||_F^2 and one
-evaluation costs O(d^2 (head_dim + log d + b)), never a d^3 product).  G enters linearly, so it
-is solved in closed form inside every evaluation (variable projection) and L-BFGS only moves V,
-starting from V = I (the affine solution).  A small ridge on G (``GAMMA_RIDGE``) chooses, among
-the near-equal factorizations G T V, one whose G does not amplify float32 rounding.
+The square objective, the modes (affine, diag, head), variable projection and the gamma ridge
+are as described in :mod:`hadaconv.fit`.
 
 Rectangular projections (W is d_out x d_in, as in Qwen3, Gemma, Mistral-Nemo).  The transform
 runs on n = max(d_in, d_out) and a fixed, parameter-free map R (:class:`Geometry`) joins it to
