@@ -276,15 +276,19 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 @click.option("--no-cache", is_flag=True, help="Causal LMs: export logits only, without the KV-cache inputs/outputs.")
 @click.option("--kind", type=click.Choice(["causal-lm", "encoder", "classifier", "module"]), default=None, help="Override the detected model kind.")
 @click.option("--input-shape", default=None, help="Generic modules: shape of the (float) example input, e.g. 2,16,32.")
-@click.option("--atol", type=float, default=1e-3, show_default=True,
-              help="Largest absolute ONNX Runtime vs PyTorch difference accepted per output.")
+@click.option("--atol", type=float, default=None,
+              help="Largest absolute ONNX Runtime vs PyTorch difference accepted per output "
+                   "[default: 1e-3; 6e-2 for float16].")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Precision of the exported graph and its KV cache [default: the model's own]. "
+                   "bfloat16 cannot be validated on ONNX Runtime's CPU provider: add --no-validate.")
 @click.option("--no-validate", is_flag=True, help="Skip the validation against PyTorch.")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module (arbitrary unpickling can run code).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--verbose", is_flag=True, help="Show the exporter's own progress output.")
-def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape, atol, no_validate, model_config,
-               trust_pickle, overwrite, verbose) -> None:
+def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape, atol, dtype, no_validate,
+               model_config, trust_pickle, overwrite, verbose) -> None:
     """Export MODEL (a converted folder, a Hugging Face folder, a GGUF file, ...) to an ONNX bundle,
     validated against PyTorch: model.onnx, the op library (custom form), tokenizer files and
     hadaconv_onnx.json."""
@@ -300,8 +304,8 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
     start = time.perf_counter()
     result = export_onnx(
         loaded.model, output, torch.randn(shape) if shape else None, portable=portable, tokenizer=loaded.tokenizer,
-        kind=kind, cache=not no_cache, validate_outputs=not no_validate, atol=atol, overwrite=overwrite,
-        source=loaded.source, verbose=verbose, log=click.echo,
+        kind=kind, cache=not no_cache, validate_outputs=not no_validate, atol=atol, dtype=dtype,
+        overwrite=overwrite, source=loaded.source, verbose=verbose, log=click.echo,
     )
     layers = result.meta.get("hadamard_layers", 0)
     click.echo(f"wrote {result.path} ({result.kind}, {result.form} form, {layers} Hadamard projections, "

@@ -207,6 +207,37 @@ def test_cli_export_and_run(tmp_path, converted_folder, capsys):
     assert captured.out.startswith("hello there") and "tokens/s" in captured.err
 
 
+def test_cli_float16_export_with_cache_validates_and_runs(tmp_path, converted_folder, capsys):
+    """--dtype float16: graph, inputs and KV cache in float16, validated against PyTorch in float16
+    at DEFAULT_ATOL_FLOAT16, and `hadaconv run` generates with it."""
+    from hadaconv.export import DEFAULT_ATOL_FLOAT16
+
+    out = tmp_path / "half"
+    main(["export", str(converted_folder), "-o", str(out), "--dtype", "float16"])
+    capsys.readouterr()
+    meta = json.loads((out / METADATA).read_text())
+    assert meta["dtype"] == "float16" and meta["validation"]["atol"] == DEFAULT_ATOL_FLOAT16
+    assert {d["step"] for d in meta["validation"]["diffs"]} == {"prefill", "decode"}
+    types = {i["name"]: i["dtype"] for i in meta["inputs"]}
+    assert types["past_key_values.0.key"] == "float16"
+    main(["run", str(out), "--prompt", "hello there", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out.startswith("hello there")
+
+
+def test_export_dtype_of_the_model_and_bfloat16_refusal(tmp_path, tokenizer):
+    """export_onnx(model.half()) exports float16 (the example cache follows the model); the caller's
+    model is not changed by dtype=; bfloat16 with CPU validation is refused before tracing."""
+    model = converted("llama", 4)
+    result = export_onnx(model, tmp_path / "h", tokenizer=tokenizer, dtype="float16")
+    assert result.meta["dtype"] == "float16"
+    assert next(model.parameters()).dtype == torch.float32
+    assert max(d.max_abs for d in result.diffs) < 2e-2
+    with pytest.raises(HadaconvError, match="no bfloat16 kernels"):
+        export_onnx(model, tmp_path / "b", dtype=torch.bfloat16)
+    with pytest.raises(HadaconvError, match="dtype must be one of"):
+        export_onnx(model, tmp_path / "x", dtype="float8")
+
+
 def one_line_error(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -10,6 +10,7 @@ only then moves it into place.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -25,10 +26,13 @@ from torch import nn
 from hadaconv._version import __version__
 from hadaconv.errors import HadaconvError
 from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, session_for, write_metadata
-from hadaconv.export.validate import DEFAULT_ATOL, OutputDiff, validate
-from hadaconv.export.wrappers import Kind, detect_kind, make_spec
+from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
+from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
 
-__all__ = ["DEFAULT_ATOL", "ExportResult", "export_onnx"]
+__all__ = ["DEFAULT_ATOL", "DEFAULT_ATOL_FLOAT16", "DTYPES", "ExportResult", "export_onnx"]
+
+#: The precisions a graph can be exported in (names as on the command line).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -83,6 +87,32 @@ def _quiet(verbose: bool):
         logger.setLevel(level)
 
 
+def _as_dtype(model: nn.Module, dtype: str | torch.dtype | None) -> nn.Module:
+    """``model`` in ``dtype``: itself when it already is, else a copy (the caller's model is
+    never changed)."""
+    if dtype is None:
+        return model
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise HadaconvError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise HadaconvError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if model_dtype(model) == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def _inputs_as(inputs: Any, dtype: torch.dtype) -> Any:
+    """Floating example tensors (a tensor, tuple or dict) in the model's precision."""
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    if isinstance(inputs, dict):
+        return {k: cast(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(cast(v) for v in inputs)
+    return cast(inputs)
+
+
 def _hadamard_layers(model: nn.Module) -> int:
     from hadaconv.nn import HadamardProjection
 
@@ -113,7 +143,8 @@ def export_onnx(
     kind: Kind | None = None,
     cache: bool = True,
     validate_outputs: bool = True,
-    atol: float = DEFAULT_ATOL,
+    atol: float | None = None,
+    dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
     source: str | None = None,
     verbose: bool = False,
@@ -132,8 +163,14 @@ def export_onnx(
         kind: "causal-lm", "encoder", "classifier" or "module" (detected when None).
         cache: causal LMs: export the KV-cache inputs/outputs (False: logits only).
         validate_outputs: compare ONNX Runtime with PyTorch (``--no-validate`` turns it off).
-        atol: the largest absolute difference accepted per output (see
-            :mod:`hadaconv.export.validate` for the default).
+        atol: the largest absolute difference accepted per output (None: DEFAULT_ATOL, or
+            DEFAULT_ATOL_FLOAT16 for half-precision exports; see :mod:`hadaconv.export.validate`).
+        dtype: the precision of the exported graph, its inputs, outputs and KV cache:
+            "float32", "float16" or "bfloat16" (or the torch dtype); None keeps the model's own
+            (so ``export_onnx(model.half(), ...)`` exports float16).  The model is copied for
+            the conversion, never changed.  ONNX Runtime's CPU provider has no bfloat16 kernels
+            for standard ops (Mul, MatMul): a bfloat16 export can only be validated where a
+            provider runs it, so on CPU it needs ``validate_outputs=False``.
         overwrite: replace an existing ``out_dir``.
         source: a description of where the model came from, for the metadata.
         verbose: show the exporter's own progress output.
@@ -144,7 +181,14 @@ def export_onnx(
 
     out = Path(out_dir)
     form = "portable" if portable else "custom"
-    model = model.eval()
+    model = _as_dtype(model, dtype).eval()
+    precision = model_dtype(model)
+    if precision == torch.bfloat16 and validate_outputs:
+        raise HadaconvError("ONNX Runtime's CPU provider has no bfloat16 kernels for standard ops (Mul, MatMul), so a "
+                            "bfloat16 export cannot be validated here: export with validation off (--no-validate) for "
+                            "a GPU deployment, or use float16")
+    atol = default_atol(precision) if atol is None else atol
+    example_inputs = _inputs_as(example_inputs, precision)
     kind = kind or detect_kind(model)
     spec = make_spec(model, kind, cache=cache, example_inputs=example_inputs)
     library = None
@@ -188,6 +232,7 @@ def export_onnx(
             "eos_token_id": getattr(tokenizer, "eos_token_id", None) or getattr(config, "eos_token_id", None),
             "pad_token_id": getattr(tokenizer, "pad_token_id", None) or getattr(config, "pad_token_id", None),
             "hadamard_layers": _hadamard_layers(model), "source": source or type(model).__name__,
+            "dtype": str(precision).removeprefix("torch."),
             "validation": {"atol": atol, "diffs": [vars(d) for d in diffs]} if validate_outputs else None,
         }
         meta["genai_config"] = _write_genai(tmp, model, spec, meta)

@@ -164,6 +164,11 @@ def _text_inputs(model: nn.Module, batch: int, seq: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating-point type of the model's parameters (float32 when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _cache_layout(model: nn.Module) -> dict[str, Any]:
     """Layers, KV heads and head size, read off one tiny forward pass (works for every family,
     whatever its config calls them)."""
@@ -208,7 +213,9 @@ def make_spec(
         layout = _cache_layout(model)
         n, h, d, dv = layout["num_layers"], layout["num_kv_heads"], layout["head_dim"], layout["value_head_dim"]
         past_len, total = Dim("past_sequence", min=1), Dim("total_sequence")
-        past = tuple((torch.randn(_BATCH, h, _PAST, d), torch.randn(_BATCH, h, _PAST, dv)) for _ in range(n))
+        dt = model_dtype(model)  # the cache has the model's precision (float16 exports included)
+        past = tuple((torch.randn(_BATCH, h, _PAST, d, dtype=dt), torch.randn(_BATCH, h, _PAST, dv, dtype=dt))
+                     for _ in range(n))
         full_mask = torch.ones(_BATCH, _PAST + _SEQ, dtype=torch.long)
         pos = torch.arange(_PAST, _PAST + _SEQ).expand(_BATCH, _SEQ) if position_ids else None
         args = (ids, full_mask, pos, past)
