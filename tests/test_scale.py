@@ -11,7 +11,9 @@ import torch.multiprocessing as mp
 from hadaconv.convert import ConvertConfig, convert, convert_file
 from tiny_models import make_tiny, tokenizer_folder
 
-FAST = dict(samples=16, seq_len=32, batch_size=2, max_iter=10, block=4, sensitivity=False, progress=False)
+# Independent fits on the plays: what the streamed path computes, so the two can be compared.
+FAST = dict(samples=16, seq_len=32, batch_size=2, max_iter=10, block=4, sensitivity=False, progress=False,
+            calib=["shakespeare"], sequential=False, compensate=False)
 
 
 def _fits(model) -> dict[str, torch.Tensor]:
