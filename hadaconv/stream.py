@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hadaconv.adapters import find_adapter
+from hadaconv.adapters import check_convertible, find_adapter
 from hadaconv.calibrate import MomentCollector, load_texts, token_windows
-from hadaconv.convert import ConvertConfig, Target, _check_layer, fit_layer, layer_row
+from hadaconv.convert import ConvertConfig, Target, fit_layer, layer_row
 from hadaconv.errors import HadaconvError
 from hadaconv.hadamard import factorize
 from hadaconv.progress import progress
@@ -330,7 +330,7 @@ def convert_streamed(
                     result = block(hidden, **kwargs)
                     states[j] = (result[0] if isinstance(result, tuple) else result, kwargs)
             if layer.index in wanted:
-                _check_layer(layer, cfg.block)
+                check_convertible(layer, cfg.block)
                 target.layers.append(layer)
                 t = time.perf_counter()
                 fit = fit_layer(layer, collector.moments(layer.index), cfg, target)
