@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 
 import numpy as np
@@ -283,6 +284,8 @@ def test_qwen2_5_coder_two_layers_convert_reload_export_generate(tmp_path):
     from hadaconv.io import hadaconv_meta, save_converted
     from hadaconv.realmodels import qwen2_5_coder_folder
 
+    if not os.environ.get("HADACONV_QWEN_TEST"):
+        pytest.skip("opt-in (HADACONV_QWEN_TEST=1): its run time in make test is not measured yet")
     try:
         folder = qwen2_5_coder_folder(REAL_CACHE)
     except HadaconvError as exc:
@@ -295,7 +298,9 @@ def test_qwen2_5_coder_two_layers_convert_reload_export_generate(tmp_path):
     model.config.num_hidden_layers = 2
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = model.config.layer_types[:2]
-    report = convert(model, tok, ConvertConfig(samples=8, seq_len=64, sensitivity=False, progress=False))
+    cfg = ConvertConfig(samples=8, seq_len=64, calib="shakespeare", sequential=False, compensate=False,
+                        sensitivity=False, progress=False)  # no sampling from a 151k-token vocabulary
+    report = convert(model, tok, cfg)
     assert report.converted == [0, 1] and all(r.heldout_error < 1 for r in report.layers)
     meta = hadaconv_meta(adapter=report.adapter, layers=report.converted, block=16, fit="head", width=896,
                          m=factorize(896).m)
