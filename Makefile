@@ -59,4 +59,4 @@ wheel: $(STAMP)
 	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
 
 clean:
-	rm -rf $(VENV) custom_ops/build build dist
+	rm -rf $(VENV) custom_ops/build custom_ops/build-asan build dist

@@ -38,6 +38,7 @@ PACKAGE_LIBRARY = pathlib.Path(__file__).resolve().parent / LIBRARY_NAME
 # A development checkout: the package folder next to custom_ops/.
 OPS_DIR = pathlib.Path(__file__).resolve().parent.parent / "custom_ops"
 BUILD_DIR = OPS_DIR / "build"
+SANITIZE_BUILD_DIR = OPS_DIR / "build-asan"
 _SOURCES = ("CMakeLists.txt", "exports.map", "src")
 
 
@@ -71,12 +72,14 @@ def _first_error(log: pathlib.Path) -> str:
     return next((ln.strip()[:400] for ln in reversed(lines) if ln.strip()), "no output")
 
 
-def build_ops(force: bool = False, cuda: bool | None = None) -> pathlib.Path:
+def build_ops(force: bool = False, cuda: bool | None = None, sanitize: bool = False) -> pathlib.Path:
     """Configure and build ``custom_ops/`` into ``custom_ops/build/``; return the library path.
 
     ``force`` wipes the build folder first.  ``cuda``: None builds the CUDA kernel when a CUDA
     compiler is found (unless ``$HADACONV_CUDA`` is OFF/0, the switch the wheel build reads too),
-    False never, True requires one.  The ONNX Runtime headers come from
+    False never, True requires one.  ``sanitize`` builds a CPU-only library
+    with AddressSanitizer and UndefinedBehaviorSanitizer into ``custom_ops/build-asan/`` instead
+    (for tests; it only loads with libasan preloaded).  The ONNX Runtime headers come from
     ``$ORT_INCLUDE_DIR``, the system include dirs or ``custom_ops/fetch_ort_headers.sh``.  A
     failure raises HadaconvError naming the cause and the log file.  Concurrent callers (two
     test processes) are serialized by a lock file.
@@ -91,15 +94,17 @@ def build_ops(force: bool = False, cuda: bool | None = None) -> pathlib.Path:
         raise HadaconvError("building the op library needs cmake (>= 3.18) and a C++17 compiler; cmake not found")
     if cuda is None and os.environ.get("HADACONV_CUDA", "").upper() in ("OFF", "0", "FALSE", "NO"):
         cuda = False
-    if force and BUILD_DIR.exists():
-        shutil.rmtree(BUILD_DIR)
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    log = BUILD_DIR / "build.log"
-    with open(BUILD_DIR / ".lock", "w") as lock:
+    build_dir = SANITIZE_BUILD_DIR if sanitize else BUILD_DIR
+    if force and build_dir.exists():
+        shutil.rmtree(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log = build_dir / "build.log"
+    with open(build_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        configure = [cmake, "-S", str(OPS_DIR), "-B", str(BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DHADACONV_CUDA={'OFF' if cuda is False else 'ON'}", "-DHADACONV_CUDA_HARNESS=OFF"]
-        build = [cmake, "--build", str(BUILD_DIR), "-j", str(os.cpu_count() or 2)]
+        configure = [cmake, "-S", str(OPS_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DHADACONV_CUDA={'OFF' if cuda is False or sanitize else 'ON'}", "-DHADACONV_CUDA_HARNESS=OFF",
+                     f"-DHADACONV_SANITIZE={'ON' if sanitize else 'OFF'}"]
+        build = [cmake, "--build", str(build_dir), "-j", str(os.cpu_count() or 2)]
         with open(log, "w") as out:
             for cmd in (configure, build):
                 out.write("$ " + " ".join(cmd) + "\n")
@@ -110,7 +115,7 @@ def build_ops(force: bool = False, cuda: bool | None = None) -> pathlib.Path:
         text = log.read_text(errors="replace")
         if cuda is True and "no CUDA compiler found" in text:
             raise HadaconvError(f"a CUDA build was requested but no CUDA compiler was found (log: {log})")
-    lib = BUILD_DIR / LIBRARY_NAME
+    lib = build_dir / LIBRARY_NAME
     if not lib.is_file():
         raise HadaconvError(f"the build finished without producing {lib} (log: {log})")
     return lib

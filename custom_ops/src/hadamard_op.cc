@@ -96,12 +96,29 @@ struct AttrSource {
   const OrtKernelInfo* info = nullptr;
   const OrtShapeInferContext* ctx = nullptr;
 
-  bool has_int(const char* name, int64_t* out) const {
-    if (info) {
-      OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, out);
-      if (st) g_api->ReleaseStatus(st);
-      return !st;
+  // Kernel creation: whether a read succeeded; an attribute that is there with another type is
+  // malformed (a float `transpose` or an int `scale` would otherwise silently take the default).
+  bool found(OrtStatus* st, const char* name, const char* want) const {
+    if (!st) return true;
+    g_api->ReleaseStatus(st);
+    float f = 0.0f;
+    int64_t i = 0;
+    size_t size = 0;
+    bool other_type = false;
+    for (OrtStatus* other : {g_api->KernelInfoGetAttribute_float(info, name, &f),
+                             g_api->KernelInfoGetAttribute_int64(info, name, &i),
+                             g_api->KernelInfoGetAttributeArray_float(info, name, nullptr, &size),
+                             g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &size),
+                             g_api->KernelInfoGetAttribute_string(info, name, nullptr, &size)}) {
+      other_type |= !other;
+      if (other) g_api->ReleaseStatus(other);
     }
+    if (other_type) fail(std::string("attribute ") + name + " must be " + want);
+    return false;
+  }
+
+  bool has_int(const char* name, int64_t* out) const {
+    if (info) return found(g_api->KernelInfoGetAttribute_int64(info, name, out), name, "an int");
     const OrtOpAttr* a = nullptr;
     OrtStatus* st = g_api->ShapeInferContext_GetAttribute(ctx, name, &a);
     if (st || !a) {
@@ -113,11 +130,7 @@ struct AttrSource {
     return true;
   }
   bool has_float(const char* name, float* out) const {
-    if (info) {
-      OrtStatus* st = g_api->KernelInfoGetAttribute_float(info, name, out);
-      if (st) g_api->ReleaseStatus(st);
-      return !st;
-    }
+    if (info) return found(g_api->KernelInfoGetAttribute_float(info, name, out), name, "a float");
     const OrtOpAttr* a = nullptr;
     OrtStatus* st = g_api->ShapeInferContext_GetAttribute(ctx, name, &a);
     if (st || !a) {
@@ -131,11 +144,8 @@ struct AttrSource {
   bool has_ints(const char* name, std::vector<int64_t>* out) const {
     size_t size = 0;
     if (info) {
-      OrtStatus* st = g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &size);
-      if (st) {
-        g_api->ReleaseStatus(st);
+      if (!found(g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &size), name, "a list of ints"))
         return false;
-      }
       out->resize(size);
       if (size) check(g_api->KernelInfoGetAttributeArray_int64(info, name, out->data(), &size));
       return true;
