@@ -126,18 +126,39 @@ def test_matches_reference(n, dtype):
     assert sess.get_outputs()[0].shape == ["B", "S", n]
 
 
+def _cpu_has(isa: str) -> bool:
+    """Whether this CPU runs the ``isa`` kernel (the flags select_isa checks, from /proc/cpuinfo)."""
+    if isa == "portable":
+        return True
+    try:
+        flags = set(re.search(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        return False
+    need = {"avx2", "fma", "f16c"} | ({"avx512f"} if isa == "avx512" else set())
+    return need <= flags
+
+
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
 @pytest.mark.parametrize("n", [2, 48, 576, 4096])
-def test_every_instruction_set(n, isa, monkeypatch):
-    """HADACONV_CPU_ISA lowers the run-time choice; paths the CPU lacks fall back to the best it has."""
+def test_every_instruction_set(n, isa, monkeypatch, capfd):
+    """HADACONV_CPU_ISA picks the kernel; HADACONV_CPU_ISA_LOG makes the library say which one ran.
+    Segments narrower than a vector (2^k < the vector width: n = 2, 48) run the portable kernel."""
+    if not _cpu_has(isa):
+        pytest.skip(f"this CPU lacks {isa} (the library would fall back to a lower instruction set)")
     monkeypatch.setenv("HADACONV_CPU_ISA", isa)
+    monkeypatch.setenv("HADACONV_CPU_ISA_LOG", "1")
+    f = factorize(n)
+    expected = isa if n // f.m >= {"portable": 1, "avx2": 8, "avx512": 16}[isa] else "portable"
     rng = np.random.default_rng(1)
     bs = math.gcd(n, 4)
+    capfd.readouterr()
     for dtype in (np.float32, np.float16):
         for gshape in [(n,), (n // bs, bs, bs)]:
             x, g, b = inputs(rng, (5, n), n, dtype, gshape, beta=True)
             _, y = run(make_model(n, dtype, gamma=list(gshape), beta=True, x_shape=("R", None)), feeds_of(x, g, b))
             assert_close(y, reference(x, g, b))
+    ran = re.findall(r"HadamardAffine ran the (\w+) kernel", capfd.readouterr().err)
+    assert len(ran) == 4 and set(ran) == {expected}, ran
 
 
 @pytest.mark.parametrize("n", [64, 384, 576, 2560])
@@ -391,6 +412,10 @@ core4 = hadamard_core(4).astype(int).ravel().tolist()
     (dict(n=64, m=4, core=core4, scale=0.0), ["scale must be finite and positive"]),
     (dict(n=64, m=4, core=core4, scale=-0.125), ["scale must be finite and positive"]),
     (dict(n=64, m=4, core=core4, scale=0.125, transpose=2), ["transpose must be 0 or 1"]),
+    # The right value with the wrong attribute type must not silently become the default.
+    (dict(n=64, m=1, core=[1], scale=1), ["attribute scale must be a float"]),
+    (dict(n=64, m=4, core=core4, scale=0.125, transpose=1.0), ["attribute transpose must be an int"]),
+    (dict(n=64, m=4.0, core=core4, scale=0.125), ["attribute m must be an int"]),
 ])
 def test_malformed_nodes_are_refused_at_session_creation(attrs, fragments):
     _refused_at_creation(attrs, *fragments)
@@ -446,26 +471,30 @@ def test_no_cudart_dependency(library):
     assert exported == {"RegisterCustomOps"}
 
 
-def test_two_sessions_in_two_threads():
-    n = 576
+def test_one_session_shared_by_threads():
+    """ONNX Runtime's Run is thread-safe on one session: the kernel object (prepared once) is
+    shared, so nothing per call may live in it.  Each thread feeds its own inputs."""
+    n, threads = 576, 4
     rng = np.random.default_rng(9)
-    x, g, b = inputs(rng, (64, n), n, np.float32, (n // 16, 16, 16), beta=True)
-    ref = reference(x, g, b)
+    sess = runtime.session(make_model(n, gamma=[n // 16, 16, 16], beta=True, x_shape=("R", None)),
+                           providers=["CPUExecutionProvider"], intra_op_num_threads=1)
+    data = [inputs(rng, (64, n), n, np.float32, (n // 16, 16, 16), beta=True) for _ in range(threads)]
+    refs = [reference(x, g, b) for x, g, b in data]
     errors: list[BaseException] = []
+    start = threading.Barrier(threads)
 
-    def worker():
+    def worker(i):
         try:
-            sess = runtime.session(make_model(n, gamma=[n // 16, 16, 16], beta=True, x_shape=("R", None)),
-                                   providers=["CPUExecutionProvider"], intra_op_num_threads=1)
-            for _ in range(10):
-                assert_close(sess.run(None, feeds_of(x, g, b))[0], ref)
+            start.wait()
+            for _ in range(20):
+                assert_close(sess.run(None, feeds_of(*data[i]))[0], refs[i])
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for t in threads:
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
         t.start()
-    for t in threads:
+    for t in pool:
         t.join()
     assert not errors, errors
 

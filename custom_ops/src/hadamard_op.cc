@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -422,6 +423,7 @@ struct Kernel {
   GammaPrep gamma;
   std::vector<float> beta;
   std::unique_ptr<ScratchPool> scratch;
+  bool log_isa = false;  // HADACONV_CPU_ISA_LOG set: say on stderr which kernel each run used
 #ifdef HADACONV_WITH_CUDA
   std::unique_ptr<cuda::CoreBits> bits;
   int device = -1;  // the device the shared-memory attribute was set for
@@ -497,6 +499,7 @@ void compute_cpu(Kernel& k, OrtKernelContext* ctx, const TensorView& x, OrtValue
   CpuJob job;
   job.plan = &plan;
   job.rows_fn = gp->isa.rows;
+  if (k.log_isa) std::fprintf(stderr, "hadaconv: HadamardAffine ran the %s kernel\n", gp->isa.name);
   job.dtype = cpu_dtype(k.type);
   job.x = data_of(x.value);
   void* y = nullptr;
@@ -615,6 +618,8 @@ void prepare_cpu(Kernel& k, const OrtKernelInfo* info) {
       }
   }
   k.scratch = std::make_unique<ScratchPool>(static_cast<size_t>(cpu::scratch_floats(a.n, a.m)));
+  const char* log = std::getenv("HADACONV_CPU_ISA_LOG");
+  k.log_isa = log && *log && std::strcmp(log, "0");
   bool present = false;
   if (const OrtValue* g = constant_input(info, 1, &present)) {
     const TensorView gv = view(g);
