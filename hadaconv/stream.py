@@ -2,33 +2,41 @@
 
 ``convert_streamed(folder, out, ConvertConfig(...))`` converts a Hugging Face folder of
 safetensors shards whose decoder blocks run in sequence (the Llama family and others whose
-blocks sit in one ``nn.ModuleList``) without ever holding the whole model:
+blocks sit in one ``nn.ModuleList``) without ever holding the whole model.  It is ``convert``'s
+own block loop (:func:`hadaconv.blockwise.convert_blockwise`: teacher block, student block,
+statistics, fit, swap, compensation, the converted block's outputs fed on) with the same
+options and defaults; only where a block's weights come from and where they go differ
+(:class:`ShardDecoder`):
 
 1. the model is built empty (every parameter on the meta device; :func:`hadaconv.io.load_model`
    does the same before assigning all weights);
-2. the embeddings (everything outside the blocks but the output head) are read from the shards
-   with ``safe_open``, the calibration windows are run up to the first block, whose inputs
-   (hidden states and the keyword arguments the model passes, such as rotary tables) are cached,
-   and the embeddings are released;
-3. for each block: its weights alone are read from the shards, the cached hidden states of all
-   windows go through it while a hook accumulates its output projection's input moments (float64,
-   on the statistics device), the projection is fitted and swapped in, the converted block is
-   written as its own output shard, and its weights are released; the block's outputs (of the
-   original block, as in a default ``convert``) become the next block's inputs;
+2. the embeddings (everything outside the blocks but an untied output head) are read from the
+   shards with ``safe_open`` just to compute the first block's inputs for the calibration
+   windows (hidden states, rotary tables), then released;
+3. block ``i``'s weights alone are read when the loop reaches it (in the compute dtype); the
+   teacher's pass runs on them before the swap, the student's after, and once the loop is
+   through with the block it is written as output shard ``i + 1`` (in the checkpoint's dtype)
+   and released;
 4. the tensors outside the blocks (embeddings, final norm, head) are copied from the input shards
    to the output tensor by tensor, never loaded as a model.
 
 Peak memory: one block (in the compute dtype), the hidden states of the calibration windows
-(inputs and outputs of one block), one layer's statistics (2 d^2 float64 values, calibration and
-held-out: 268 MB at d = 4096) and the fit's d x d temporaries, plus the largest single tensor
-copied (the embedding matrix), whatever the depth.
+(teacher and student, in and out of one block), one layer's statistics (2 d^2 float64 values,
+calibration and held-out: 268 MB at d = 4096) and the fit's d x d temporaries, with
+compensation the down-projection's ridge sums (2 D^2 float64 for its input width D: 3.3 GB at
+Llama-3-8B's D = 14336) and their eigendecomposition, plus the largest single tensor copied
+(the embedding matrix), whatever the depth.
 
-Not streamed: sensitivity ranking (``max_layers``/``max_loss``) compares the whole model's output
-with and without each layer converted, which needs every block and the head at once; it is
-refused here (use :func:`hadaconv.convert.convert_file`).  Statistics are not shared across
-``torchrun`` ranks here.  On the CPU, half-precision checkpoints run their blocks in float32
-(CPU bfloat16 matrix products measured 7x slower than float32 here); the output keeps the
-checkpoint's dtype.
+Differences from the in-memory ``convert``: sensitivity is not measured and
+``max_layers``/``max_loss`` are refused (ranking compares the whole model's output with and
+without each layer converted, which needs every block and the head at once: use
+:func:`hadaconv.convert.convert_file`); text sampled from the model (the default calibration
+source for causal LMs) is only read from the cache, since sampling runs the whole model once per
+token; ``--calib none`` (a data-free fit) is refused; statistics are not shared across
+``torchrun`` ranks; the model is not checked to replay block by block (the blocks must run in
+sequence, as the Llama family's do).  On the CPU, half-precision checkpoints run their blocks in
+float32, as ``convert_file`` does (CPU bfloat16 matrix products measured 7x slower than float32
+here); the output keeps the checkpoint's dtype.
 """
 
 from __future__ import annotations
@@ -41,22 +49,69 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hadaconv.adapters import check_convertible, find_adapter
-from hadaconv.calibrate import MomentCollector, load_texts, token_windows
-from hadaconv.convert import ConvertConfig, Target, fit_layer, layer_row
+from hadaconv.blockwise import Decoder
+from hadaconv.convert import (ConvertConfig, _check_config, calibration_batches, compensate_and_apply, find_target,
+                              mark_rows)
 from hadaconv.errors import HadaconvError
 from hadaconv.hadamard import factorize
-from hadaconv.progress import progress
 from hadaconv.report import ConvertReport
-from hadaconv.swap import apply_fit
 
-__all__ = ["convert_streamed"]
+__all__ = ["ShardDecoder", "convert_streamed"]
 
 INDEX = "model.safetensors.index.json"
 
 
-class _Caught(Exception):
-    """Raised by the first block's stand-in once it has recorded its inputs."""
+class ShardDecoder(Decoder):
+    """The decoder blocks of an empty (meta-device) model whose weights stay in safetensors shards.
+
+    ``block(i)`` reads block ``i``'s tensors (floating ones in ``compute``), ``done(i)`` writes the
+    block, converted or not, as ``out/model-{i+1:05d}.safetensors`` (floating tensors in
+    ``stored``) and frees it; ``first_inputs`` reads the tensors outside the blocks (but an
+    untied head) in ``stored`` just to run the model up to its first block, casting what the
+    embedding hands on to ``compute``.  ``weight_map`` and ``written`` (bytes) collect what
+    ``done`` wrote.
+    """
+
+    def __init__(self, model: nn.Module, prefix: str, blocks: nn.ModuleList, kind: str, files: dict[str, Path],
+                 outside: list[str], device: torch.device, compute: torch.dtype, stored: torch.dtype,
+                 out: Path) -> None:
+        super().__init__(model, list(blocks), kind, device)
+        self.prefix, self.files, self.outside, self.compute, self.stored, self.out = \
+            prefix, files, outside, compute, stored, out
+        self.weight_map: dict[str, str] = {}
+        self.written = 0
+        self._loaded: set[int] = set()
+
+    def block(self, i: int) -> nn.Module:
+        if i not in self._loaded:
+            _materialize(self.model, _state_names(self.blocks[i], f"{self.prefix}.{i}."), self.files, self.device,
+                         self.compute)
+            self._loaded.add(i)
+        return self.blocks[i]
+
+    def done(self, i: int) -> None:
+        state = {f"{self.prefix}.{i}.{k}": v.to(self.stored) if v.is_floating_point() else v
+                 for k, v in self.block(i).state_dict().items()}
+        shard = f"model-{i + 1:05d}.safetensors"
+        self.written += _save_shard(state, self.out / shard)
+        self.weight_map.update({name: shard for name in state})
+        del state
+        _release(self.blocks[i])
+        self._loaded.discard(i)
+
+    def first_inputs(self, batches):
+        head = _head_only(self.model)
+        _materialize(self.model, [n for n in self.outside if n not in head], self.files, self.device, self.stored)
+        # The embedding's output in the compute dtype: what follows (rotary tables, masks) takes
+        # its dtype from it, as in a model loaded whole in that dtype.
+        embed = self.model.get_input_embeddings()
+        handle = embed.register_forward_hook(
+            lambda m, args, out: out.to(self.compute) if out.is_floating_point() else out)
+        try:
+            return super().first_inputs(batches)
+        finally:
+            handle.remove()
+            _release(self.model)
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -96,17 +151,22 @@ def _materialize(model: nn.Module, names: list[str], files: dict[str, Path], dev
                 owner, _, attr = name.rpartition(".")
                 module = model.get_submodule(owner)
                 if attr in module._parameters:
-                    module._parameters[attr] = nn.Parameter(t, requires_grad=False)
+                    _swap(module._parameters[attr], t)
                 else:
                     module._buffers[attr] = t
 
 
+def _swap(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Give ``param`` the tensor ``value`` in place: the Python object stays the same, so the
+    adapter's references to it (the layers' weight slots) see the new values."""
+    torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=False))
+
+
 def _release(module: nn.Module) -> None:
     """Drop a module's parameters' storage (back to meta tensors)."""
-    for sub in module.modules():
-        for attr, p in sub._parameters.items():
-            if p is not None and not p.is_meta:
-                sub._parameters[attr] = nn.Parameter(p.detach().to("meta"), requires_grad=False)
+    for p in module.parameters():
+        if not p.is_meta:
+            _swap(p, p.detach().to("meta"))
 
 
 def _state_names(module: nn.Module, prefix: str) -> list[str]:
@@ -122,31 +182,6 @@ def _blocks(model: nn.Module, layers) -> tuple[str, nn.ModuleList]:
             return name, mod
     raise HadaconvError("layer-by-layer conversion needs the attention blocks in one ModuleList, "
                         "one block per attention layer, run in sequence")
-
-
-def _first_block_inputs(model, blocks, windows: list[torch.Tensor], device) -> list[tuple[torch.Tensor, dict]]:
-    """The (hidden states, keyword arguments) the model hands its first block for each batch of
-    windows, caught by a stand-in forward that stops the model there."""
-    caught: list[tuple[torch.Tensor, dict]] = []
-
-    def stand_in(*args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append((hidden, {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}))
-        raise _Caught
-
-    blocks[0].forward = stand_in
-    try:
-        with torch.inference_mode():
-            for ids in windows:
-                try:
-                    model(input_ids=ids.to(device), use_cache=False)
-                except _Caught:
-                    pass
-    finally:
-        vars(blocks[0]).pop("forward", None)
-    if len(caught) != len(windows):
-        raise HadaconvError("the model did not reach its first decoder block")
-    return caught
 
 
 def _floating_dtype(files: dict[str, Path], prefix: str) -> torch.dtype:
@@ -197,15 +232,6 @@ def _head_only(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in head_ids}
 
 
-def _cast(value, dtype: torch.dtype):
-    """Floating tensors (also inside tuples, such as rotary (cos, sin)) in ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, tuple):
-        return tuple(_cast(v, dtype) for v in value)
-    return value
-
-
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
     from safetensors.torch import save_file
 
@@ -237,6 +263,29 @@ def _copy_outside(names: list[str], files: dict[str, Path], out: Path, first: in
     return weight_map, total, number
 
 
+def _fingerprint(model: nn.Module, files: dict[str, Path], dtype: torch.dtype) -> str:
+    """:func:`hadaconv.sample.model_fingerprint` of the model loaded whole with its floating
+    tensors in ``dtype``, read from the shards one tensor at a time."""
+    from safetensors import safe_open
+
+    from hadaconv.sample import tensors_fingerprint
+
+    state = model.state_dict(keep_vars=True)
+
+    def source(name: str, t: torch.Tensor) -> str | None:  # a tied tensor is stored under one name
+        return name if name in files else next((n for n, u in state.items() if u is t and n in files), None)
+
+    def tensors():
+        for name, t in state.items():
+            stored = source(name, t)
+            if stored is not None:
+                with safe_open(str(files[stored]), framework="pt") as f:
+                    t = f.get_tensor(stored)
+            yield name, t.to(dtype) if t.is_floating_point() else t
+
+    return tensors_fingerprint(getattr(model, "config", None), tensors())
+
+
 def convert_streamed(
     source: str | Path,
     out_dir: str | Path,
@@ -247,33 +296,35 @@ def convert_streamed(
 ) -> ConvertReport:
     """Convert the Hugging Face folder ``source`` block by block (see the module docstring) and
     write a converted folder (sharded, in the checkpoint's dtype) that :func:`hadaconv.load`
-    rebuilds.
+    rebuilds; the result equals ``convert_file`` with the same options and text (compared in
+    ``tests/test_scale.py``).
 
     Args:
         source: a folder with config.json, safetensors shards and tokenizer files.
         out_dir: the output folder (must not exist or be empty, unless ``overwrite``).
-        config: conversion options; ``max_layers``/``max_loss`` are refused, ``sequential`` and
-            ``compensate`` are not streamed (independent fits; the report records it), and
-            sensitivity is not measured (it needs the whole model).
+        config: conversion options, as for ``convert``; ``max_layers``/``max_loss`` and
+            ``calib="none"`` are refused, sensitivity is not measured, sampled text must be cached.
         device: where blocks run ("cpu", "cuda", "cuda:N"; None: a GPU when present); the
             statistics go to ``config.stats_device`` (default: the same device).
         overwrite: replace an existing output folder.
 
     Raises:
-        HadaconvError: not a sharded Hugging Face folder, blocks not in sequence, bad options.
+        HadaconvError: not a sharded Hugging Face folder, blocks not in sequence, bad options,
+            sampled calibration text not cached.
     """
     from hadaconv.atomic import atomic_folder
     from hadaconv.device import resolve_device
-    from hadaconv.io import TOKENIZER_FILES, _config_for_saving, _hf_config, _hf_from_config, _read_json, hadaconv_meta
+    from hadaconv.io import (TOKENIZER_FILES, _config_for_saving, _hf_config, _hf_from_config, _read_json, hadaconv_meta,
+                             load_tokenizer)
 
     cfg = config or ConvertConfig()
+    _check_config(cfg)
     if cfg.max_layers is not None or cfg.max_loss is not None:
-        raise HadaconvError("layer-by-layer conversion converts every selected layer from the original "
-                            "model's statistics: --max-layers/--max-loss rank layers on the whole model; "
-                            "use them without --streamed")
-    # Not streamed yet (issue 12's block loop, hadaconv.blockwise, runs on a loaded model): the
-    # sequential fits and the compensation, both defaults of convert, are skipped here and the
-    # report says so (report.sequential / report.compensate stay False).
+        raise HadaconvError("layer-by-layer conversion converts every selected layer: --max-layers/--max-loss "
+                            "rank layers on the whole model; use them without --streamed")
+    if cfg.calib == "none" or (not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib):
+        raise HadaconvError("--streamed converts block by block on calibration text; a data-free fit "
+                            "(--calib none) needs no block loop: use it without --streamed")
     start = time.perf_counter()
     source, out = Path(source), Path(out_dir)
     if not (source / "config.json").is_file():
@@ -284,86 +335,35 @@ def convert_streamed(
     files = _tensor_files(source)
     model = _hf_from_config(_hf_config(_read_json(source / "config.json")))
     model.eval()
-    adapter = find_adapter(model)
-    adapter.prepare(model)
-    layers = adapter.layers(model)
-    prefix, blocks = _blocks(model, layers)
-    wanted = set(range(len(layers))) if cfg.layers is None else set(cfg.layers)
-    if wanted - set(range(len(layers))):
-        raise HadaconvError(f"--layers names {sorted(wanted - set(range(len(layers))))}, "
-                            f"but the model has layers 0-{len(layers) - 1}")
-
-    source_dtype = _floating_dtype(files, f"{prefix}.")
-    compute = torch.float32 if dev.type == "cpu" and source_dtype in (torch.bfloat16, torch.float16) else source_dtype
-
-    # Calibration windows and the first block's inputs.
-    from hadaconv.io import load_tokenizer
+    target = find_target(model, cfg)
+    prefix, blocks = _blocks(model, target.adapter.layers(model))
+    stored = _floating_dtype(files, f"{prefix}.")
+    compute = torch.float32 if dev.type == "cpu" and stored in (torch.bfloat16, torch.float16) else stored
 
     tokenizer = load_tokenizer(source)
     if tokenizer is None:
         raise HadaconvError(f"{source} has no tokenizer for the calibration text")
-    sources = [cfg.calib] if isinstance(cfg.calib, str) else cfg.calib
-    calib, heldout = token_windows(tokenizer, load_texts(sources), samples=cfg.samples, seq_len=cfg.seq_len)
-    batches = [w for ids in (calib, heldout) for w in ids.split(cfg.batch_size)]
-    n_calib = len(calib.split(cfg.batch_size))
+    data = calibration_batches(model, tokenizer, cfg, fingerprint=lambda: _fingerprint(model, files, compute))
+    report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
+                           compensate=cfg.compensate and bool(target.adapter.residual_maps))
+    report.calibration_tokens, report.heldout_tokens = data.tokens, data.heldout_tokens
+    report.calibration_source = data.source
     outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(f"{prefix}.") and n in files]
-    # The embeddings stay in the checkpoint's dtype (a lookup, no products); what reaches the
-    # first block is cast to the compute dtype.
-    _materialize(model, [n for n in outside if n not in _head_only(model)], files, dev, source_dtype)
-    states = [(_cast(h, compute), {k: _cast(v, compute) for k, v in kw.items()})
-              for h, kw in _first_block_inputs(model, blocks, batches, dev)]
-    _release(model)
-
-    report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=adapter.name)
-    report.calibration_tokens, report.heldout_tokens = calib.numel(), heldout.numel()
-    target = Target(adapter, adapter.kind(model), [])
-    stats_device = cfg.stats_device or dev
-    rows, weight_map, written = [], {}, 0
-    with atomic_folder(out) as tmp, progress(len(blocks), "convert block by block", cfg.progress) as step:
-        for i, block in enumerate(blocks):
-            _materialize(model, _state_names(block, f"{prefix}.{i}."), files, dev, compute)
-            layer = next(la for la in adapter.layers(model) if la.out_name.startswith(f"{prefix}.{i}."))
-            collector = MomentCollector({layer.index: layer.out_module}, stats_device)
-            with collector.hooked(), torch.inference_mode():
-                for j, (hidden, kwargs) in enumerate(states):
-                    collector.split = "calib" if j < n_calib else "heldout"
-                    result = block(hidden, **kwargs)
-                    states[j] = (result[0] if isinstance(result, tuple) else result, kwargs)
-            if layer.index in wanted:
-                check_convertible(layer, cfg.block)
-                target.layers.append(layer)
-                t = time.perf_counter()
-                fit = fit_layer(layer, collector.moments(layer.index), cfg, target)
-                seconds = time.perf_counter() - t
-                row = layer_row(layer, fit, collector.moments(layer.index, "heldout"), target, seconds, False)
-                row.converted = True
-                bias = layer.out.bias
-                row.params_removed = layer.width * layer.width + (0 if bias is None else layer.width) \
-                    - fit.gamma.numel() - layer.width
-                rows.append(row)
-                apply_fit(layer, fit)
-            del collector
-            shard = f"model-{i + 1:05d}.safetensors"
-            state = {f"{prefix}.{i}.{k}": v.to(source_dtype) if v.is_floating_point() else v
-                     for k, v in block.state_dict().items()}
-            written += _save_shard(state, tmp / shard)
-            weight_map.update({name: shard for name in state})
-            del state
-            _release(block)
-            step()
-        report.layers = rows
-        del states
+    fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]
+    with atomic_folder(out) as tmp:
+        dec = ShardDecoder(model, prefix, blocks, target.kind, files, outside, dev, compute, stored, tmp)
+        compensate_and_apply(dec, target, data, cfg, fits, rows, chosen)
+        mark_rows(report, target, fits, rows, chosen)
         copied, size, _ = _copy_outside(outside, files, tmp, len(blocks) + 1)
-        weight_map.update(copied)
-        written += size
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": written}, "weight_map": weight_map},
-                                            indent=2) + "\n", encoding="utf-8")
-        width = layers[0].width
-        meta = hadaconv_meta(adapter=adapter.name, layers=[r.index for r in rows], block=cfg.block, fit=cfg.mode,
+        weight_map = {**dec.weight_map, **copied}
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": dec.written + size},
+                                             "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
+        width = target.layers[0].width
+        meta = hadaconv_meta(adapter=target.adapter.name, layers=report.converted, block=cfg.block, fit=cfg.mode,
                              width=width, m=factorize(width).m, source=str(source), streamed=True)
-        config = _config_for_saving(model, meta)
-        config["dtype"] = str(source_dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        saved = _config_for_saving(model, meta)
+        saved["dtype"] = str(stored).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 (tmp / name).write_bytes((source / name).read_bytes())

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from hadaconv.convert import ConvertConfig, convert, convert_file
 from tiny_models import make_tiny, tokenizer_folder
 
-# Independent fits on the plays: what the streamed path computes, so the two can be compared.
+# Independent fits on the plays (the statistics stage alone, whose sums the 2-rank test shares).
 FAST = dict(samples=16, seq_len=32, batch_size=2, max_iter=10, block=4, sensitivity=False, progress=False,
             calib=["shakespeare"], sequential=False, compensate=False)
 
@@ -117,26 +117,63 @@ def _tiny_folder(path, dtype=torch.float32, shard="60KB"):
     return path
 
 
-def test_streamed_conversion_matches_the_whole_model_one(tmp_path):
-    """Block by block from the shards (one block in memory) gives the fits of the in-memory
-    conversion, writes one shard per block, and reloads into the same model."""
+# convert's defaults (text sampled from the model, sequential fits, compensation) at test size.
+DEFAULTS = dict(samples=16, seq_len=32, batch_size=2, max_iter=10, block=4, sensitivity=False, progress=False)
+
+
+def _state(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("options", [{}, {"sequential": False, "compensate": False, "calib": ["shakespeare"]}],
+                         ids=["defaults", "independent"])
+def test_streamed_conversion_matches_the_whole_model_one(tmp_path, options):
+    """Block by block from the shards (one block in memory) is convert's own block loop: with
+    the same options and text it writes the weights the in-memory conversion writes (to 1e-6
+    relative per tensor: the same float32 operations on the same inputs, which in practice give
+    identical bits), one shard per block, and reloads into the same model.  With the defaults
+    the streamed run finds the text the in-memory one sampled in the cache."""
     import hadaconv
     from hadaconv.stream import convert_streamed
 
     src = _tiny_folder(tmp_path / "src")
     assert len(list(src.glob("*.safetensors"))) > 1
-    cfg = ConvertConfig(**FAST)
+    cfg = ConvertConfig(**DEFAULTS, **options)
     whole = convert_file(str(src), str(tmp_path / "whole"), cfg)
     streamed = convert_streamed(src, tmp_path / "streamed", cfg)
-    assert [r.index for r in streamed.layers] == whole.converted
+    assert streamed.converted == whole.converted == [0, 1]
+    assert streamed.calibration_source == whole.calibration_source
+    assert (streamed.sequential, streamed.compensate) == (whole.sequential, whole.compensate) == \
+        (cfg.sequential, cfg.compensate)
     for a, b in zip(whole.layers, streamed.layers):
-        assert b.calib_error == pytest.approx(a.calib_error, rel=1e-4)
-        assert b.heldout_error == pytest.approx(a.heldout_error, rel=1e-4)
-    m1, m2 = hadaconv.load(tmp_path / "whole"), hadaconv.load(tmp_path / "streamed")
+        for field in ("calib_error", "heldout_error", "block_error_before", "block_error_after"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None) and (x is None or y == pytest.approx(x, rel=1e-6)), field
+        assert b.compensation_ridge == a.compensation_ridge
+    one, other = _state(tmp_path / "whole"), _state(tmp_path / "streamed")
+    assert one.keys() == other.keys()
+    for k in one:
+        rel = (one[k].double() - other[k].double()).norm() / max(one[k].double().norm(), 1e-30)
+        assert rel <= 1e-6, (k, rel.item())
     assert len(list((tmp_path / "streamed").glob("model-*.safetensors"))) > len(whole.layers)
+    m1, m2 = hadaconv.load(tmp_path / "whole"), hadaconv.load(tmp_path / "streamed")
     ids = torch.arange(12)[None]
     with torch.inference_mode():
-        torch.testing.assert_close(m2(input_ids=ids).logits, m1(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m2(input_ids=ids).logits, m1(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_needs_sampled_text_in_the_cache(tmp_path):
+    """Sampling runs the whole model per token: a streamed conversion only reads sampled text
+    from the cache and says how to get it when it is not there."""
+    from hadaconv.errors import HadaconvError
+    from hadaconv.stream import convert_streamed
+
+    src = _tiny_folder(tmp_path / "src")
+    with pytest.raises(HadaconvError, match="without --streamed"):
+        convert_streamed(src, tmp_path / "out", ConvertConfig(**{**DEFAULTS, "samples": 13}))
+    assert not (tmp_path / "out").exists()
 
 
 def test_streamed_bfloat16_stays_bfloat16_and_not_larger(tmp_path):
@@ -152,3 +189,20 @@ def test_streamed_bfloat16_stays_bfloat16_and_not_larger(tmp_path):
     assert size(tmp_path / "out") <= size(src)
     with torch.inference_mode():
         assert torch.isfinite(model(input_ids=torch.arange(8)[None]).logits.float()).all()
+
+
+def test_cli_streamed_and_device_errors(tmp_path, capsys):
+    from cli_runner import run_cli
+
+    src = _tiny_folder(tmp_path / "src")
+    code, out, err = run_cli(capsys, "convert", src, "-o", tmp_path / "out", "--streamed", "--samples", 12,
+                             "--seq-len", 32, "--block", 4, "--device", "cpu", "--calib", "shakespeare")
+    assert code == 0, err
+    assert "fit s" in out and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    code, _, err = run_cli(capsys, "convert", src, "-o", tmp_path / "o2", "--streamed", "--max-layers", 1)
+    assert code != 0 and "error:" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "eval", src, "--device", "tpu")
+    assert code != 0 and "--device tpu" in err
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(capsys, "eval", src, "--device", "cuda")
+        assert code != 0 and "CUDA is not available" in err
