@@ -186,6 +186,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--work", type=Path, default=Path("/tmp/hadaconv-bench-scale"))
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use a checkpoint a stopped run left under --work (the build is seeded, so it is the same)")
     ap.add_argument("--compensate", action="store_true", help="also refit each block's down_proj (convert's default)")
     ap.add_argument("--every", type=float, default=60.0, help="seconds between progress lines")
     ap.add_argument("--log", type=Path, help="append the progress lines here (default: stderr)")
@@ -195,7 +197,8 @@ def main() -> None:
     for depth in [int(x) for x in args.depths.split(",")]:
         src, out = args.work / f"llama3-8b-width-{depth}L", args.work / f"llama3-8b-width-{depth}L.hadaconv"
         t = time.perf_counter()
-        size = build_checkpoint(src, depth)
+        reuse = args.reuse and (src / "model.safetensors.index.json").is_file()
+        size = sum(p.stat().st_size for p in src.glob("*.safetensors")) if reuse else build_checkpoint(src, depth)
         built = time.perf_counter() - t
         log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
         print(json.dumps({"depth": depth, "checkpoint_gib": round(size / 2**30, 2), "build_seconds": round(built)}),

@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hadaconv.adapters import AttentionLayer
 from hadaconv.blockwise import Decoder
 from hadaconv.convert import (ConvertConfig, _check_config, calibration_batches, compensate_and_apply, find_target,
                               mark_rows)
@@ -69,15 +70,18 @@ class ShardDecoder(Decoder):
     ``stored``) and frees it; ``first_inputs`` reads the tensors outside the blocks (but an
     untied head) in ``stored`` just to run the model up to its first block, casting what the
     embedding hands on to ``compute``.  ``weight_map`` and ``written`` (bytes) collect what
-    ``done`` wrote.
+    ``done`` wrote.  ``layers``: those being converted; ``done`` also frees a replaced output
+    projection's weights, which only the layer's weight slot still holds (64 MB a block at
+    d = 4096 in float32, which otherwise added up over the depth).
     """
 
     def __init__(self, model: nn.Module, prefix: str, blocks: nn.ModuleList, kind: str, files: dict[str, Path],
                  outside: list[str], device: torch.device, compute: torch.dtype, stored: torch.dtype,
-                 out: Path) -> None:
+                 out: Path, layers: list[AttentionLayer]) -> None:
         super().__init__(model, list(blocks), kind, device)
         self.prefix, self.files, self.outside, self.compute, self.stored, self.out = \
             prefix, files, outside, compute, stored, out
+        self.layers = layers
         self.weight_map: dict[str, str] = {}
         self.written = 0
         self._loaded: set[int] = set()
@@ -97,6 +101,10 @@ class ShardDecoder(Decoder):
         self.weight_map.update({name: shard for name in state})
         del state
         _release(self.blocks[i])
+        # A replaced output projection is out of the block but still in its layer's weight slot.
+        for layer in self.layers:
+            if layer.out_name.startswith(f"{self.prefix}.{i}."):
+                _release_all([layer.out.weight, layer.out.bias, layer.out.column])
         self._loaded.discard(i)
 
     def first_inputs(self, batches):
@@ -164,8 +172,12 @@ def _swap(param: nn.Parameter, value: torch.Tensor) -> None:
 
 def _release(module: nn.Module) -> None:
     """Drop a module's parameters' storage (back to meta tensors)."""
-    for p in module.parameters():
-        if not p.is_meta:
+    _release_all(list(module.parameters()))
+
+
+def _release_all(params: list[nn.Parameter | None]) -> None:
+    for p in params:
+        if isinstance(p, nn.Parameter) and not p.is_meta:
             _swap(p, p.detach().to("meta"))
 
 
@@ -351,7 +363,8 @@ def convert_streamed(
     outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(f"{prefix}.") and n in files]
     fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]
     with atomic_folder(out) as tmp:
-        dec = ShardDecoder(model, prefix, blocks, target.kind, files, outside, dev, compute, stored, tmp)
+        dec = ShardDecoder(model, prefix, blocks, target.kind, files, outside, dev, compute, stored, tmp,
+                           target.layers)
         compensate_and_apply(dec, target, data, cfg, fits, rows, chosen)
         mark_rows(report, target, fits, rows, chosen)
         copied, size, _ = _copy_outside(outside, files, tmp, len(blocks) + 1)
