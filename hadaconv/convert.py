@@ -35,7 +35,7 @@ from torch import nn
 from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_adapter
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
 from hadaconv.calibrate import MomentCollector, Moments, process_group, token_windows
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, InputError
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
@@ -129,10 +129,23 @@ class Target:
 
 
 def _check_config(cfg: ConvertConfig) -> None:
+    """Refuse option values the CLI's types would have refused (the Python API has no such types)."""
     if cfg.mode not in MODES:
-        raise HadaconvError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
+        raise InputError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib and len(cfg.calib) > 1:
-        raise HadaconvError("--calib none (a data-free fit) cannot be mixed with other calibration sources")
+        raise InputError("--calib none (a data-free fit) cannot be mixed with other calibration sources")
+    for name, least in (("block", 1), ("samples", 2), ("seq_len", 2), ("batch_size", 1)):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < least:
+            raise InputError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
+
+
+def _check_moments(layer: AttentionLayer, moments: Moments) -> None:
+    """Non-finite statistics would give a NaN fit, saved without complaint: refuse them
+    (an InputError naming the layer)."""
+    if not (torch.isfinite(moments.mean).all() and torch.isfinite(moments.second).all()):
+        raise InputError(f"the calibration activations at {layer.out_name} hold NaN or Inf values "
+                         "(non-finite weights earlier in the model, or an overflow in its dtype)")
 
 
 def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = None) -> Target:
@@ -229,6 +242,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def fit_layer(layer: AttentionLayer, moments: Moments, cfg: ConvertConfig, target: Target) -> FitResult:
     """One layer's least-squares fit (``affine`` where there is no value projection to fold into)."""
+    check_convertible(layer, cfg.block)  # again, with the values: a streamed block's arrive only now
+    _check_moments(layer, moments)
     w, b = layer.out.get()
     mode = cfg.mode if layer.value is not None else "affine"
     return fit_projection(w, b, moments, mode=mode, block=cfg.block, layout=target.layout(layer),
@@ -470,9 +485,11 @@ def convert_file(
     adapter's).
     """
     from hadaconv.adapters import find_adapter as _find
-    from hadaconv.io import hadaconv_meta, load_model, save_converted
+    from hadaconv.io import check_output_folder, hadaconv_meta, load_model, save_converted
 
     cfg = config or ConvertConfig()
+    _check_config(cfg)
+    check_output_folder(out_dir, overwrite)  # before the work, not after it
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     previous = loaded.meta or {}
     if previous.get("layers") and previous.get("target") != target:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import InputError
 
 __all__ = ["DTYPES", "resolve_device", "resolve_dtype"]
 
@@ -27,21 +27,21 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     """The torch device for ``spec`` (None: the current GPU if CUDA is available, else the CPU).
 
     Raises:
-        HadaconvError: an unknown device name, or CUDA asked for where there is none.
+        InputError: an unknown device name, or CUDA asked for where there is none.
     """
     if spec is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(spec)
     except (RuntimeError, ValueError):
-        raise HadaconvError(f"--device {spec}: not a device (expected cpu, cuda or cuda:N)") from None
+        raise InputError(f"--device {spec}: not a device (expected cpu, cuda or cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise HadaconvError(f"--device {spec}: CUDA is not available here")
+            raise InputError(f"--device {spec}: CUDA is not available here")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise HadaconvError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif dev.type != "cpu":
-        raise HadaconvError(f"--device {spec}: only cpu, cuda and cuda:N are supported")
+        raise InputError(f"--device {spec}: only cpu, cuda and cuda:N are supported")
     return dev
 
 
@@ -49,10 +49,10 @@ def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
     """The torch dtype for ``spec`` (None or "auto": None, the checkpoint's own).
 
     Raises:
-        HadaconvError: a name not in :data:`DTYPES`.
+        InputError: a name not in :data:`DTYPES`.
     """
     if spec is None or isinstance(spec, torch.dtype):
         return spec
     if spec not in DTYPES:
-        raise HadaconvError(f"--dtype {spec}: choose one of {', '.join(DTYPES)}")
+        raise InputError(f"--dtype {spec}: choose one of {', '.join(DTYPES)}")
     return DTYPES[spec]

@@ -1,10 +1,45 @@
-"""The one exception type users see.
+"""The exception types users see.
 
 Every failure caused by the user's input (a missing file, an unsupported width, a model with
 nothing to convert, ...) raises a HadaconvError whose message is one self-contained line; the CLI
-prints it as ``error: <message>`` and exits non-zero, never with a traceback.
+prints it as ``error: <message>`` and exits non-zero, never with a traceback.  The subclasses say
+which kind of input was wrong, for callers of the Python API that want to tell them apart:
+
+* :class:`InputError`: an option or argument value (a block size, a shape, a dtype, too little
+  text); also a ``ValueError``, as the checks it replaced raised those;
+* :class:`ModelFormatError`: a file that should hold a model, a config, a bundle or an op library
+  and does not (missing, truncated, corrupt, not finite);
+* :class:`OutputError`: an output that may not or cannot be written (it exists, the folder is
+  read-only, the disk is full); nothing is left half-written when it is raised.
 """
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "output_error"]
 
 
 class HadaconvError(Exception):
     """A user-facing error with a one-line message."""
+
+
+class InputError(HadaconvError, ValueError):
+    """A bad option or argument value."""
+
+
+class ModelFormatError(HadaconvError):
+    """A model, config, bundle or library file that is missing, truncated or corrupt."""
+
+
+class OutputError(HadaconvError, OSError):
+    """An output that may not or cannot be written (an OSError too: the file system's refusals
+    arrive as this, with the output named)."""
+
+
+def output_error(path, exc: Exception) -> OutputError:
+    """The one-line error for a failed write of ``path`` (read-only folder, full disk, ...): an
+    OSError, or a library's own error type wrapping one (safetensors' SafetensorError)."""
+    reason = getattr(exc, "strerror", None) or " ".join(str(exc).split()) or type(exc).__name__
+    wrapped = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", reason)  # "No space left on device"
+    return OutputError(f"cannot write {path}: {wrapped.group(1) if wrapped else reason}")

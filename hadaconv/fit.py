@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 
 from hadaconv.calibrate import Moments  # re-exported: the statistics the fits consume
+from hadaconv.errors import InputError
 from hadaconv.hadamard import factorize, sylvester
 from hadaconv.ops.transform import hadamard_transform_columns
 
@@ -322,20 +323,20 @@ def fit_projection(
                                        gamma_ridge=gamma_ridge, max_iter=max_iter or 40,
                                        selection=selection or fit_rect.SELECTION)
     if mode not in MODES:
-        raise ValueError(f"unknown fit mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise InputError(f"unknown fit mode {mode!r}; choose one of {', '.join(MODES)}")
     dev = torch.device(device) if device is not None else moments.second.device
     w = weight.detach().to(dev, torch.float64)
     d = w.shape[0]
     if w.shape != (d, d):
-        raise ValueError(f"the projection must be square to become a Hadamard projection, got {list(w.shape)}")
-    if d % block:
-        raise ValueError(f"block size {block} does not divide the width {d}")
+        raise InputError(f"the projection must be square to become a Hadamard projection, got {list(w.shape)}")
+    if block < 1 or d % block:
+        raise InputError(f"block size {block} does not divide the width {d} (it must be a positive divisor)")
     if layout is not None and layout.num_heads * layout.head_dim != d:
         if mode != "affine":
-            raise ValueError(f"mode {mode!r} needs a head layout covering the width {d}")
+            raise InputError(f"mode {mode!r} needs a head layout covering the width {d}")
         layout = None
     if mode != "affine" and layout is None:
-        raise ValueError(f"mode {mode!r} needs a head layout covering the width {d}")
+        raise InputError(f"mode {mode!r} needs a head layout covering the width {d}")
     work = dtype or (torch.float32 if d >= FLOAT32_FROM else torch.float64)
     if max_iter is None:
         max_iter = LARGE_ITERATIONS if d >= FLOAT32_FROM else 40

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from hadaconv.calibrate import Moments
+from hadaconv.errors import InputError
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, Mode
 from hadaconv.ops.transform import hadamard_transform_columns
 
@@ -71,7 +72,7 @@ class Geometry:
         if d_in > d_out:
             keep = torch.arange(d_out) if keep is None else keep.to(torch.long)
             if keep.shape != (d_out,):
-                raise ValueError(f"keep must list {d_out} coordinates, got {list(keep.shape)}")
+                raise InputError(f"keep must list {d_out} coordinates, got {list(keep.shape)}")
         else:
             keep = None
         return cls(d_in, d_out, keep)
@@ -110,7 +111,7 @@ def select_coordinates(weight: torch.Tensor, moments: Moments, rule: str = SELEC
     """
     d_out, d_in = weight.shape
     if rule not in SELECTIONS:
-        raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(SELECTIONS)}")
+        raise InputError(f"unknown selection rule {rule!r}; choose one of {', '.join(SELECTIONS)}")
     if rule == "first":
         return torch.arange(d_out)
     c = moments.covariance.to(torch.float64)  # the mean is beta's job
@@ -230,16 +231,17 @@ def fit_projection(
         selection: for d_in > d_out, the rule choosing the kept coordinates
             (:func:`select_coordinates`); ignored otherwise.
 
-    Raises ValueError for a block that does not divide d_out or a layout not covering d_in.
+    Raises InputError (a ValueError) for a block that does not divide d_out or a layout not
+    covering d_in.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown fit mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise InputError(f"unknown fit mode {mode!r}; choose one of {', '.join(MODES)}")
     w = weight.detach().to(torch.float64)
     d_out, d = w.shape
-    if d_out % block:
-        raise ValueError(f"block size {block} does not divide the output width {d_out}")
+    if block < 1 or d_out % block:
+        raise InputError(f"block size {block} does not divide the output width {d_out}")
     if mode != "affine" and (layout is None or layout.num_heads * layout.head_dim != d):
-        raise ValueError(f"mode {mode!r} needs a head layout covering the input width {d}")
+        raise InputError(f"mode {mode!r} needs a head layout covering the input width {d}")
     keep = select_coordinates(w, moments, selection) if d > d_out else None
     geo = Geometry.of(w, keep)
     b = torch.zeros(d_out, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, InputError
 from hadaconv.export.bundle import Bundle, open_bundle
 
 __all__ = ["Embedding", "Generation", "embed", "generate"]
@@ -73,10 +73,7 @@ def _encode(prompt: Any, tokenizer: Any, pad_id: int) -> tuple[np.ndarray, np.nd
             raise HadaconvError("text prompts need a tokenizer: this bundle has none (give token ids instead)")
         rows = [tokenizer(p)["input_ids"] for p in ([prompt] if isinstance(prompt, str) else prompt)]
     else:
-        arr = np.asarray(prompt.detach().cpu() if hasattr(prompt, "detach") else prompt)
-        if arr.ndim not in (1, 2) or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-            raise HadaconvError(f"token ids must be a non-empty integer array [seq] or [batch, seq], got shape {list(arr.shape)}")
-        rows = [list(r) for r in np.atleast_2d(arr)]
+        rows = [list(r) for r in _token_ids(prompt)]
     if any(len(r) == 0 for r in rows):
         raise HadaconvError("a prompt encodes to no tokens")
     width = max(len(r) for r in rows)
@@ -86,6 +83,21 @@ def _encode(prompt: Any, tokenizer: Any, pad_id: int) -> tuple[np.ndarray, np.nd
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
     return ids, mask
+
+
+def _token_ids(ids: Any) -> np.ndarray:
+    """Token ids given as an array (numpy, torch, nested lists) -> int64 [batch, seq], checked:
+    a float array would be truncated and a negative id would wrap around in the graph's Gather."""
+    try:
+        arr = np.asarray(ids.detach().cpu() if hasattr(ids, "detach") else ids)
+    except ValueError as exc:  # ragged nested lists
+        raise InputError(f"token ids must be a rectangular integer array: {exc}") from None
+    if arr.ndim not in (1, 2) or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"token ids must be a non-empty integer array [seq] or [batch, seq], got "
+                         f"{arr.dtype} of shape {list(arr.shape)}")
+    if arr.min() < 0:
+        raise InputError(f"token ids must be >= 0, got {int(arr.min())}")
+    return np.atleast_2d(arr).astype(np.int64)
 
 
 def _positions(mask: np.ndarray, new: int) -> np.ndarray:
@@ -145,7 +157,9 @@ def generate(
         raise HadaconvError(f"generation needs a causal LM exported with the KV cache; {kind} has inputs "
                             f"{', '.join(inputs)} (export without --no-cache)")
     if max_new_tokens < 1:
-        raise HadaconvError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or top_k < 0:
+        raise InputError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
     eos = meta.get("eos_token_id") if eos_token_id is None else eos_token_id
     eos_set = set([eos] if isinstance(eos, int) else (eos or []))
     pad = pad_token_id if pad_token_id is not None else meta.get("pad_token_id")
@@ -210,7 +224,7 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
         enc = tokenizer([text] if isinstance(text, str) else list(text), padding=True, return_tensors="np")
         feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
     else:
-        ids = np.atleast_2d(np.asarray(text, dtype=np.int64))
+        ids = _token_ids(text)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     try:
         result = dict(zip(outputs, session.run(outputs, feeds)))

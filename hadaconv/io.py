@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_folder
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, ModelFormatError, OutputError
 
 __all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "save_converted"]
 
@@ -94,9 +94,9 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HadaconvError(f"cannot read {path}: {_first_line(exc)}") from None
+        raise ModelFormatError(f"cannot read {path}: {_first_line(exc)}") from None
     if not isinstance(data, dict):
-        raise HadaconvError(f"{path} does not hold a JSON object")
+        raise ModelFormatError(f"{path} does not hold a JSON object")
     return data
 
 
@@ -112,10 +112,10 @@ def _check_safetensors(path: Path) -> None:
             header = json.loads(f.read(header_len))
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
     except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise HadaconvError(f"{path} is not a valid safetensors file ({_first_line(exc)})") from None
+        raise ModelFormatError(f"{path} is not a valid safetensors file ({_first_line(exc)})") from None
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:
-        raise HadaconvError(f"{path} is truncated: {size} bytes, its header describes {expected}")
+        raise ModelFormatError(f"{path} is truncated: {size} bytes, its header describes {expected}")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -128,7 +128,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             metadata = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise HadaconvError(f"cannot read {path}: {_first_line(exc)}") from None
+        raise ModelFormatError(f"cannot read {path}: {_first_line(exc)}") from None
     for alias, name in json.loads(metadata.get(_TIED_KEY, "{}")).items():
         tensors[alias] = tensors[name]
     return tensors
@@ -137,7 +137,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _check_finite(model: nn.Module, source: str) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise HadaconvError(f"{source}: tensor {name} holds NaN or Inf values")
+            raise ModelFormatError(f"{source}: tensor {name} holds NaN or Inf values")
 
 
 def _shares_tensor(model: nn.Module) -> dict[str, str]:
@@ -168,7 +168,7 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str)
             for s, what in ((missing, "missing"), (unexpected, "unexpected"))
             if s
         ]
-        raise HadaconvError(f"{source}: the weights do not match the model: {'; '.join(parts)}")
+        raise ModelFormatError(f"{source}: the weights do not match the model: {'; '.join(parts)}")
     try:
         # assign=True: the model's parameters (meta tensors, see _empty) become the loaded tensors.
         model.load_state_dict(state, strict=False, assign=True)
@@ -176,13 +176,13 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str)
         msg = " ".join(
             _first_line(exc) if i == 0 else line.strip() for i, line in enumerate(str(exc).splitlines()[1:3])
         )
-        raise HadaconvError(f"{source}: the weights do not match the model: {msg}") from None
+        raise ModelFormatError(f"{source}: the weights do not match the model: {msg}") from None
     for alias, name in aliases.items():  # assign replaced each name separately: tie them again
         owner, _, attr = alias.rpartition(".")
         setattr(model.get_submodule(owner), attr, model.get_parameter(name))
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
-        raise HadaconvError(f"{source}: no weights for {len(empty)} tensors (e.g. {', '.join(empty[:3])})")
+        raise ModelFormatError(f"{source}: no weights for {len(empty)} tensors (e.g. {', '.join(empty[:3])})")
 
 
 def _empty(build):
@@ -437,7 +437,7 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
             path, config=config, dtype=dtype or "auto", output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise HadaconvError(f"cannot load the Hugging Face folder {path}: {_first_line(exc)}") from None
+        raise ModelFormatError(f"cannot load the Hugging Face folder {path}: {_first_line(exc)}") from None
     # transformers only warns about absent weights and initialises them at random; converting a
     # partly random model would be silently wrong.  (Unexpected keys are ignored: a checkpoint
     # saved with its head but a config naming no architecture loads as the backbone.)
@@ -461,7 +461,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, RuntimeError, KeyError, struct.error) as exc:
-        raise HadaconvError(f"cannot load the GGUF file {path}: {_first_line(exc)}") from None
+        raise ModelFormatError(f"cannot load the GGUF file {path}: {_first_line(exc)}") from None
     return Loaded(model, tokenizer, f"GGUF file {path}", "gguf", None)
 
 
@@ -489,7 +489,7 @@ def _load_torch_file(path: Path, config, trust_pickle: bool) -> Loaded:
     except Exception as exc:  # weights_only refusals and corrupt archives share no common type
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if found is None:
-            raise HadaconvError(f"cannot read {path} as a torch.save file: {_first_line(exc)}") from None
+            raise ModelFormatError(f"cannot read {path} as a torch.save file: {_first_line(exc)}") from None
         if not trust_pickle:
             raise HadaconvError(
                 f"refusing to unpickle {path}: it holds Python objects (e.g. {found.group(1)}), not just "
@@ -578,6 +578,17 @@ def _config_for_saving(model: nn.Module, meta: dict) -> dict:
     return data
 
 
+def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``out_dir`` as a Path, after refusing a file there, or a non-empty folder unless
+    ``overwrite`` (OutputError); called before any work, so that a long run cannot end there."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+    return out
+
+
 def save_converted(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -603,11 +614,7 @@ def save_converted(
     """
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise HadaconvError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise HadaconvError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+    out = check_output_folder(out_dir, overwrite)
     with atomic_folder(out) as tmp:
         config = _config_for_saving(model, meta)
         (tmp / "config.json").write_text(
@@ -652,7 +659,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
             tensors.update(_read_safetensors(folder / shard))
         weights = index
     else:
-        raise HadaconvError(f"{folder} has no {WEIGHTS}")
+        raise ModelFormatError(f"{folder} has no {WEIGHTS}")
     model = _model_from_config(data)  # empty: the stored tensors are assigned, in their own dtype
 
     adapter = find_adapter(model, meta.get("target"))

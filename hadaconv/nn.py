@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hadaconv.errors import InputError
 from hadaconv.hadamard import factorize
 from hadaconv.ops import hadamard_affine
 from hadaconv.ops.transform import apply_affine
@@ -58,7 +59,7 @@ class HadamardProjection(nn.Module):
         self.n = max(d_in, d_out)
         factorize(self.n)
         if block < 1 or d_out % block:
-            raise ValueError(f"block size {block} must be a positive divisor of the output width {d_out}")
+            raise InputError(f"block size {block} must be a positive divisor of the output width {d_out}")
         self.dim, self.d_out, self.block = d_in, d_out, int(block)
         kw = {"device": device, "dtype": dtype}
         if block == 1:

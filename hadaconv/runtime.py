@@ -25,7 +25,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, ModelFormatError
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
@@ -190,4 +190,8 @@ def session(
             providers.insert(0, "CUDAExecutionProvider")
     if not isinstance(model, (bytes, bytearray)):
         model = os.fspath(model)
-    return ort.InferenceSession(model, sess_options=options, providers=providers)
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime's own types: a missing or corrupt file, a node the op refuses
+        name = "the serialized model" if isinstance(model, (bytes, bytearray)) else model
+        raise ModelFormatError(f"ONNX Runtime cannot open {name}: {str(exc).strip().splitlines()[0]}") from None

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_file
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, InputError, OutputError
 from hadaconv.progress import progress as progress_bar
 
 __all__ = ["SAMPLE", "SHAKESPEARE", "cache_dir", "cached_samples", "calibration_texts", "check_output",
@@ -77,11 +77,11 @@ def sample_texts(
         seed: the same seed, model and settings give the same text.
     """
     if temperature <= 0:
-        raise HadaconvError(f"temperature must be > 0, got {temperature}")
+        raise InputError(f"temperature must be > 0, got {temperature}")
     if samples < 1 or seq_len < 2:
-        raise HadaconvError("sampling needs at least one sequence of at least 2 tokens")
+        raise InputError("sampling needs at least one sequence of at least 2 tokens")
     if batch_size < 1:
-        raise HadaconvError(f"the sampling batch size must be at least 1, got {batch_size}")
+        raise InputError(f"the sampling batch size must be at least 1, got {batch_size}")
     from transformers import DynamicCache
 
     from hadaconv.adapters import find_adapter
@@ -114,9 +114,9 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail early (before any sampling) on an output file that cannot or may not be written."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise HadaconvError(f"{path} already exists (use --overwrite to replace it)")
+        raise OutputError(f"{path} already exists (use --overwrite to replace it)")
     if not path.parent.is_dir():
-        raise HadaconvError(f"the folder {path.parent} does not exist")
+        raise OutputError(f"the folder {path.parent} does not exist")
     return path
 
 

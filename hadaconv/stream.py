@@ -53,7 +53,7 @@ from hadaconv.adapters import AttentionLayer
 from hadaconv.blockwise import Decoder
 from hadaconv.convert import (ConvertConfig, _check_config, calibration_batches, compensate_and_apply, find_target,
                               mark_rows)
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, InputError, ModelFormatError
 from hadaconv.hadamard import factorize
 from hadaconv.report import ConvertReport
 
@@ -126,15 +126,23 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     """{tensor name: shard file} of a folder of safetensors shards."""
     from safetensors import safe_open
 
+    from hadaconv.io import _check_safetensors, _read_json
+
     index = folder / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFormatError(f"{index} has no weight_map")
+        files = sorted({folder / file for file in weight_map.values()})
+        for file in files:  # a missing or truncated shard fails here, not in the middle of the run
+            _check_safetensors(file)
         return {name: folder / file for name, file in weight_map.items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise HadaconvError(f"{folder} holds no *.safetensors shards to stream from")
+        raise ModelFormatError(f"{folder} holds no *.safetensors shards to stream from")
     names = {}
     for file in files:
+        _check_safetensors(file)
         with safe_open(str(file), framework="pt") as f:
             names.update({name: file for name in f.keys()})
     return names
@@ -147,7 +155,7 @@ def _materialize(model: nn.Module, names: list[str], files: dict[str, Path], dev
 
     missing = [n for n in names if n not in files]
     if missing:
-        raise HadaconvError(f"the checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more)")
+        raise ModelFormatError(f"the checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more)")
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
@@ -326,23 +334,24 @@ def convert_streamed(
     """
     from hadaconv.atomic import atomic_folder
     from hadaconv.device import resolve_device
-    from hadaconv.io import (TOKENIZER_FILES, _config_for_saving, _hf_config, _hf_from_config, _read_json, hadaconv_meta,
-                             load_tokenizer)
+    from hadaconv.io import (TOKENIZER_FILES, _config_for_saving, _hf_config, _hf_from_config, _read_json,
+                             check_output_folder, hadaconv_meta, load_tokenizer)
 
     cfg = config or ConvertConfig()
     _check_config(cfg)
     if cfg.max_layers is not None or cfg.max_loss is not None:
-        raise HadaconvError("layer-by-layer conversion converts every selected layer: --max-layers/--max-loss "
-                            "rank layers on the whole model; use them without --streamed")
+        raise InputError("layer-by-layer conversion converts every selected layer: --max-layers/--max-loss "
+                         "rank layers on the whole model; use them without --streamed")
     if cfg.calib == "none" or (not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib):
-        raise HadaconvError("--streamed converts block by block on calibration text; a data-free fit "
-                            "(--calib none) needs no block loop: use it without --streamed")
+        raise InputError("--streamed converts block by block on calibration text; a data-free fit "
+                         "(--calib none) needs no block loop: use it without --streamed")
     start = time.perf_counter()
-    source, out = Path(source), Path(out_dir)
+    source = Path(source)
+    if not source.exists():
+        raise ModelFormatError(f"no such file or folder: {source}")
     if not (source / "config.json").is_file():
-        raise HadaconvError(f"{source} is not a Hugging Face model folder (no config.json)")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise HadaconvError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+        raise ModelFormatError(f"{source} is not a Hugging Face model folder (no config.json)")
+    out = check_output_folder(out_dir, overwrite)
     dev = resolve_device(device)
     files = _tensor_files(source)
     model = _hf_from_config(_hf_config(_read_json(source / "config.json")))

@@ -56,6 +56,44 @@ def _windows(tokenizer, n=8, seq=16):
     return token_windows(tokenizer, load_texts(None), samples=n, seq_len=seq, heldout=0)[0]
 
 
+# Held-out text of another domain than the training windows (Shakespeare): the measurements
+# below are the tests' own, independent of the run's bookkeeping, whose best-state choice alone
+# guarantees that its reported "after" is no worse than "before".
+PROSE = ("The committee met on Tuesday to review the quarterly budget. Several members asked why the cost of "
+         "maintaining the bridge had doubled since last spring, and the engineer explained that corrosion in the "
+         "lower supports was worse than the first survey suggested. After a long discussion, they agreed to hire "
+         "an independent inspector, to publish the report online, and to postpone the vote on new lighting until "
+         "the repairs are finished. Meanwhile the library will extend its opening hours during the exam period, "
+         "the school bus route will change to avoid the construction site, and volunteers are still needed for the "
+         "autumn market, which starts at nine o'clock in the square next to the old railway station.")
+
+
+def _heldout(tokenizer):
+    from hadaconv.evaluate import text_windows
+
+    return text_windows(tokenizer, PROSE, 16, 8)
+
+
+def _block_errors(student, teacher, ids) -> float:
+    """Summed relative squared error of the student's attention blocks fed the teacher's own
+    block inputs (what the local stage trains), on ``ids``."""
+    total = 0.0
+    for i, block in enumerate(teacher.model.layers):
+        seen = []
+        hook = block.self_attn.register_forward_hook(lambda m, a, k, out: seen.append((a, k, out[0])),
+                                                     with_kwargs=True)
+        try:
+            with torch.no_grad():
+                teacher(input_ids=ids, use_cache=False)
+        finally:
+            hook.remove()
+        (args, kwargs, want), = seen
+        with torch.no_grad():
+            got = student.model.layers[i].self_attn(*args, **kwargs)[0]
+        total += ((got - want).square().sum() / want.square().sum()).item()
+    return total
+
+
 def _kl(student, teacher, ids):
     with torch.no_grad():
         return kl_loss(forward(student, ids, "causal-lm").main, forward(teacher, ids, "causal-lm").main).item()
@@ -63,8 +101,8 @@ def _kl(student, teacher, ids):
 
 def test_global_kd_lowers_the_divergence(tokenizer):
     student, teacher = _pair("llama", tokenizer)
-    ids = _windows(tokenizer)
-    before = _kl(student, teacher, ids)
+    ids, held = _windows(tokenizer), _heldout(tokenizer)
+    before, held_before = _kl(student, teacher, ids), _kl(student, teacher, held)
     losses = []
     report = distill(student, teacher, tokenizer,
                      DistillConfig(stages=["global"], train="attention", max_steps=20, lr=3e-3, warmup_steps=2,
@@ -72,18 +110,22 @@ def test_global_kd_lowers_the_divergence(tokenizer):
                      callback=lambda info: losses.append(info["loss"]))
     assert len(losses) == 20 and report.steps == 20 and report.tokens == 20 * 4 * 16
     assert _kl(student, teacher, ids) < 0.7 * before
-    assert report.teacher is not None and report.before is not None and report.after <= report.before
+    assert _kl(student, teacher, held) < 0.8 * held_before  # measured 0.68 x
+    assert report.teacher is not None and report.before is not None
     assert not student.training and all(p.requires_grad for p in student.parameters())
 
 
 def test_local_stage_reduces_every_block_error(tokenizer):
     student, teacher = _pair("llama", tokenizer)
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if "self_attn" not in n}
+    held = _heldout(tokenizer)
+    held_before = _block_errors(student, teacher, held)
     report = distill(student, teacher, tokenizer,
                      DistillConfig(stages=["local"], train="attention", **{**RUN, "local_steps": 30}))
     assert [b["name"] for b in report.local] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    assert all(b["error_after"] <= b["error_before"] for b in report.local)
     assert sum(b["error_after"] for b in report.local) < 0.95 * sum(b["error_before"] for b in report.local)
+    # The blocks' reported errors never rise (a worse block is reverted): measure on held-out text.
+    assert _block_errors(student, teacher, held) < 0.96 * held_before  # measured 0.93 x
     # Only the attention blocks moved.
     assert all(torch.equal(p, frozen[n]) for n, p in student.named_parameters() if n in frozen)
 
@@ -116,11 +158,16 @@ def test_resume_continues_exactly(tokenizer, tmp_path):
 
 
 def test_encoder_distillation_runs(tokenizer):
+    from hadaconv.evaluate import embedding_cosine
+
     student, teacher = _pair("bert", tokenizer)
+    held = _heldout(tokenizer)
+    gap_before = 1 - embedding_cosine(student, teacher, held)
     report = distill(student, teacher, tokenizer, DistillConfig(stages=["local", "global"], max_steps=3, lr=1e-3,
                                                                 hidden_weight=0.5, **RUN))
     assert report.metric == "embedding cosine" and report.steps == 3
-    assert 0 < report.before <= 1 and report.after >= report.before - 1e-6
+    assert 0 < report.before <= 1
+    assert 1 - embedding_cosine(student, teacher, held) < 0.7 * gap_before  # measured 0.41 x
     assert len(report.local) == 2
 
 

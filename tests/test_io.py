@@ -18,7 +18,7 @@ from torch import nn
 import hadaconv
 from hadaconv.adapters import attention_layers, find_adapter
 from hadaconv.convert import install_projection
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, OutputError
 from hadaconv.io import hadaconv_meta, load, load_model, load_tokenizer, save_converted
 from hadaconv.nn import HadamardProjection
 from tiny_models import example_inputs, make_tiny
@@ -270,7 +270,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     model = make_tiny("torch_mha")
     meta = _convert(model, [0], block=1)
     monkeypatch.setattr(safetensors.torch, "save_file", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="cannot write .*out: disk full"):
         save_converted(model, tmp_path / "out", meta=meta)
     assert list(tmp_path.iterdir()) == []
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from hadaconv.adapters.base import Adapter, AttentionLayer, ModelKind, WeightSlot
 from hadaconv.adapters.generic import generic_adapter
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, InputError
 from hadaconv.hadamard import UnsupportedSizeError, factorize
 
 __all__ = [
@@ -109,6 +109,6 @@ def check_convertible(layer: AttentionLayer, block: int = 1) -> None:
         shape = "" if out_features == in_features else f" ({out_features} x {in_features}: the transform runs on {n})"
         raise UnsupportedSizeError(f"{layer.out_name}{shape}: {exc}") from None
     if block < 1 or out_features % block:
-        raise HadaconvError(f"--block {block} does not divide the output width {out_features} of {layer.out_name}")
+        raise InputError(f"--block {block} does not divide the output width {out_features} of {layer.out_name}")
     if not w.is_meta and not torch.isfinite(w).all():  # a model being rebuilt (load) has no values yet
         raise HadaconvError(f"{layer.out_name} holds NaN or infinite weights")

@@ -36,7 +36,7 @@ from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
 from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, InputError
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
 from hadaconv.sample import calibration_texts
@@ -354,6 +354,9 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
         eval_source = path.name
     else:
         eval_ids, eval_source = heldout[: cfg.eval_windows], "held-out training windows"
+    if len(eval_ids) == 0:  # every tenth window is held out: fewer than 10 leave none to evaluate on
+        raise InputError(f"{len(train)} training windows leave none held out for evaluation: give "
+                         "--samples 10 or more (and the text for them), or --eval-text")
     if len(train) < cfg.batch_size:
         raise HadaconvError(f"only {len(train)} training windows for a batch of {cfg.batch_size}: give more text")
 

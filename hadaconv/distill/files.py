@@ -71,7 +71,7 @@ def distill_file(
     entry; ``report.json`` gaining a ``distill`` section; ``distill_curve.png`` when matplotlib
     is installed).  Under torchrun every rank calls this; rank 0 writes.
     """
-    from hadaconv.io import load_model, save_converted
+    from hadaconv.io import _read_json, load_model, save_converted
 
     cfg = config or DistillConfig()
     converted = Path(converted)
@@ -79,7 +79,7 @@ def distill_file(
     if not converted.exists():
         raise HadaconvError(f"no such file or folder: {converted}")
     config_path = converted / "config.json"
-    meta = json.loads(config_path.read_text(encoding="utf-8")).get("hadaconv") if config_path.is_file() else None
+    meta = _read_json(config_path).get("hadaconv") if config_path.is_file() else None
     if not isinstance(meta, dict):
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: run hadaconv convert first")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

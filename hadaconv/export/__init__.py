@@ -113,6 +113,12 @@ def _inputs_as(inputs: Any, dtype: torch.dtype) -> Any:
     return cast(inputs)
 
 
+def _token_id(tokenizer: Any, config: Any, name: str) -> Any:
+    """The tokenizer's id, else the config's (``is None``: id 0 is a real token)."""
+    value = getattr(tokenizer, name, None)
+    return getattr(config, name, None) if value is None else value
+
+
 def _hadamard_layers(model: nn.Module) -> int:
     from hadaconv.nn import HadamardProjection
 
@@ -229,8 +235,8 @@ def export_onnx(
             "opset": OPSET, "custom_opsets": {DOMAIN: 1} if form == "custom" else {},
             "op_library": lib_name, "inputs": inputs, "outputs": outputs, "cache": spec.cache,
             "tokenizer": tokenizer is not None,
-            "eos_token_id": getattr(tokenizer, "eos_token_id", None) or getattr(config, "eos_token_id", None),
-            "pad_token_id": getattr(tokenizer, "pad_token_id", None) or getattr(config, "pad_token_id", None),
+            "eos_token_id": _token_id(tokenizer, config, "eos_token_id"),
+            "pad_token_id": _token_id(tokenizer, config, "pad_token_id"),
             "hadamard_layers": _hadamard_layers(model), "source": source or type(model).__name__,
             "dtype": str(precision).removeprefix("torch."),
             "validation": {"atol": atol, "diffs": [vars(d) for d in diffs]} if validate_outputs else None,

