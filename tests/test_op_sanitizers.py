@@ -245,10 +245,10 @@ def _check(case: Case, rng) -> str | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="two findings against the rewritten CPU kernel (097b6e6), open: case 43 "
-                   "(float16, n = 16, m = 1, scale 0.678, one row) differs from the float64 reference beyond one "
-                   "fp16 ulp; case 123 (zero rows) runs with a gamma of the wrong shape instead of refusing it")
 def test_fuzzed_nodes_are_refused_or_exact():
+    """Its two findings, now fixed and kept as tests of their own in tests/test_ort_op.py: case 43
+    (m = 1 with a core of [-1] ran as [1]: test_a_core_of_minus_one_negates) and case 123 (an
+    empty X skipped the gamma shape check: test_zero_rows_still_check_gamma_and_beta)."""
     rng = np.random.default_rng(16)
     failures, kinds = [], {"valid": 0, "refused": 0}
     for i in range(CASES):

@@ -209,6 +209,58 @@ def test_zero_rows(shape):
     assert y.shape == shape
 
 
+def _symbolic_affine_model(gamma_rank: int) -> bytes:
+    """X [R, 64] -> Y with gamma and beta graph inputs of symbolic shape (only the kernel can tell)."""
+    graph = helper.make_graph(
+        [helper.make_node("HadamardAffine", ["X", "gamma", "beta"], ["Y"], domain="com.hadaconv", n=64, m=1,
+                          core=[1], scale=0.125)], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["R", 64]),
+         helper.make_tensor_value_info("gamma", TensorProto.FLOAT, [f"g{i}" for i in range(gamma_rank)]),
+         helper.make_tensor_value_info("beta", TensorProto.FLOAT, ["K"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=OPSETS).SerializeToString()
+
+
+@pytest.mark.parametrize("gamma, beta, fragments", [
+    ((65,), (64,), ("gamma must be [64] or [n/b, b, b]", "[65]")),
+    ((16, 4, 5), (64,), ("gamma must be [64] or [n/b, b, b]", "[16, 4, 5]")),
+    ((16, 4, 4), (65,), ("beta must be [64], got [65]",)),
+])
+def test_zero_rows_still_check_gamma_and_beta(gamma, beta, fragments):
+    """An empty X computes nothing, but a wrong graph-input gamma or beta is still refused (the
+    kernel returned before its shape checks: fuzz case 123 of test_op_sanitizers)."""
+    model = _symbolic_affine_model(len(gamma))
+    x = np.zeros((0, 64), np.float32)
+    _expect_error(model, {"X": x, "gamma": np.ones(gamma, np.float32), "beta": np.ones(beta, np.float32)},
+                  *fragments)
+    # The same node with right-shaped inputs returns the empty output.
+    good = (64,) if len(gamma) == 1 else (16, 4, 4)
+    _, y = run(model, {"X": x, "gamma": np.ones(good, np.float32), "beta": np.ones(64, np.float32)})
+    assert y.shape == (0, 64)
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("n", [2, 16, 1024])
+def test_a_core_of_minus_one_negates(n, dtype, isa, monkeypatch):
+    """m = 1 with core [-1] (a Hadamard matrix of order 1) is -H_n: both kernels skip the core
+    product for m = 1 and once ran it as [1] (fuzz case 43 of test_op_sanitizers: float16, n = 16).
+    With a vector gamma, a block gamma (the blocks path folds the scale separately) and beta."""
+    if not _cpu_has(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    monkeypatch.setenv("HADACONV_CPU_ISA", isa)
+    rng = np.random.default_rng(n)
+    bs = math.gcd(n, 4)
+    for gshape in [(n,), (n // bs, bs, bs)]:
+        x, g, b = inputs(rng, (3, n), n, dtype, gshape, beta=True)
+        for transpose in (0, 1):
+            attrs = dict(n=n, m=1, core=[-1], scale=1 / math.sqrt(n), transpose=transpose)
+            _, y = run(make_model(n, dtype, gamma=list(gshape), beta=True, x_shape=("R", None), attrs=attrs),
+                       feeds_of(x, g, b))
+            minus = reference(-x.astype(np.float64), g, b, transpose)  # -H x = H (-x)
+            assert_close(y, minus)
+
+
 def test_many_rows_use_the_thread_pool():
     rng = np.random.default_rng(11)
     x, g, b = inputs(rng, (3000, 256), 256, np.float32, (256,), beta=True)

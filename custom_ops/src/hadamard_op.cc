@@ -88,7 +88,7 @@ const char* type_name(ONNXTensorElementDataType t) {
 
 struct Attrs {
   int64_t n = 0, m = 1, L = 1, transpose = 0;
-  float scale = 1.0f;
+  float scale = 1.0f;  // validated > 0; negative after read_attrs only for m = 1 with a core of [-1]
   std::vector<int8_t> core;  // m * m entries of +-1, row-major, as written by the exporter
 };
 
@@ -217,6 +217,12 @@ Attrs read_attrs(const AttrSource& src) {
         fail("attribute core is not a Hadamard matrix (rows " + std::to_string(i) + " and " + std::to_string(j) +
              " are not orthogonal)");
     }
+  // A 1 x 1 core is a sign, and both kernels skip the core product when m = 1: the sign goes
+  // into the scale, which the kernels apply as it is (a core of [-1] once ran as [1]).
+  if (a.m == 1 && a.core[0] < 0) {
+    a.scale = -a.scale;
+    a.core[0] = 1;
+  }
   return a;
 }
 
@@ -571,6 +577,17 @@ void compute_cuda(Kernel& k, OrtKernelContext* ctx, const TensorView& x, OrtValu
 }
 #endif
 
+// The gamma and beta given as graph inputs, checked against the node for an empty X, which
+// computes nothing (compute_cpu / compute_cuda check them otherwise, as they read them; constant
+// ones were checked at kernel creation, and the CUDA kernel takes both per call): no input of the
+// wrong shape is accepted because X happens to have no rows.
+void check_affine_inputs(const Kernel& k, OrtKernelContext* ctx) {
+  if (k.on_cuda || !k.gamma_const)
+    if (const OrtValue* g = optional_input(ctx, 1)) gamma_block(view(g), k.attrs, k.type);
+  if (k.on_cuda || !k.beta_const)
+    if (const OrtValue* b = optional_input(ctx, 2)) check_beta(view(b), k.attrs, k.type);
+}
+
 // ----------------------------------------------------------------------------- OrtCustomOp
 
 struct HadamardOp : OrtCustomOp {
@@ -684,8 +701,12 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) noexcept {
     if (x.rank == 0 || x.last() != k.attrs.n)
       fail("the last dimension of X must be n = " + std::to_string(k.attrs.n) + ", got X of shape " + x.shape());
     OrtValue* out = nullptr;
+    if (x.numel == 0) {  // nothing to compute, but the inputs must still be right
+      check_affine_inputs(k, ctx);
+      check(g_api->KernelContext_GetOutput(ctx, 0, x.dims, x.rank, &out));
+      return;
+    }
     check(g_api->KernelContext_GetOutput(ctx, 0, x.dims, x.rank, &out));
-    if (x.numel == 0) return;
 #ifdef HADACONV_WITH_CUDA
     if (k.on_cuda) return compute_cuda(k, ctx, x, out);
 #endif
