@@ -87,6 +87,32 @@ def test_folding_is_exact():
     torch.testing.assert_close(seen["y"], want, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("mode", ["head", "diag"])
+def test_reported_heldout_error_is_what_the_model_does(mode):
+    """The report's held-out error is computed from statistics and the fit alone; the converted
+    model (value map folded into v_proj, gamma / beta installed) must reach it on the held-out
+    windows themselves.  Layer 0 sees the same input in both models, so its output projection's
+    outputs compare directly.  A fold that applied the value map transposed, or a beta built
+    with the wrong sign, still gives a self-consistent model, and only this comparison notices."""
+    torch.manual_seed(0)
+    original = make_tiny("llama").double()
+    model = copy.deepcopy(original)
+    batches = [{"input_ids": torch.randint(1000, 30000, (2, 16), generator=torch.Generator().manual_seed(i))}
+               for i in range(10)]  # the last one is held out
+    report = convert(model, None, ConvertConfig(mode=mode, block=4, layers=[0], sensitivity=False, **FAST),
+                     inputs=batches)
+    outputs = []
+    for m in (original, model):
+        hook = m.model.layers[0].self_attn.o_proj.register_forward_hook(lambda mod, a, o: outputs.append(o))
+        with torch.inference_mode():
+            m(**batches[-1])
+        hook.remove()
+    y, y_new = outputs
+    actual = ((y_new - y).norm() / y.norm()).item()
+    assert actual == pytest.approx(report.layers[0].heldout_error, rel=1e-6)
+    assert actual < report.layers[0].mean_error  # and the fit beats predicting the mean
+
+
 def test_partial_conversion_follows_sensitivity():
     model = make_tiny("qwen2")
     from transformers import AutoTokenizer

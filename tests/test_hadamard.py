@@ -44,6 +44,19 @@ def test_real_model_widths_factorize(n, m, k):
     assert (f.n, f.m, f.k) == (n, m, k)
 
 
+@pytest.mark.parametrize("k", [0, 1, 3, 6])
+def test_sylvester_is_the_walsh_matrix(k):
+    """Entry (i, j) of the Sylvester matrix is (-1)^popcount(i & j): a definition independent
+    of the Kronecker construction (any sign convention there keeps the matrices orthogonal, so
+    orthogonality alone, and every reference built from it, would not notice a flipped sign)."""
+    from hadaconv.hadamard import sylvester
+
+    i = np.arange(2**k)
+    walsh = 1 - 2 * (np.vectorize(lambda v: bin(v).count("1"))(i[:, None] & i[None, :]) % 2)
+    np.testing.assert_array_equal(sylvester(k), walsh)
+    np.testing.assert_array_equal(hadamard_matrix(2**k), walsh)
+
+
 @pytest.mark.parametrize("n", [1, 2, 12, 48, 96, 384, 576, 768, 1024, 2560, 3584, 4096])
 def test_dense_matrix_is_orthonormal(n):
     h = hadamard_matrix(n)
