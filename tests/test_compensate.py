@@ -60,7 +60,7 @@ def test_refit_rejects_mismatched_sums():
 def test_compensation_improves_a_tiny_models_block_output():
     """Block 0 sees the same input in the original and the converted model, so its output error
     can be measured directly on the held-out calibration windows: without compensation it is the
-    report's "before", with it the report's "after", and lower."""
+    report's "before", with it the report's "after", and lower; lower too on fresh text."""
     from hadaconv.convert import calibration_batches
 
     tok = AutoTokenizer.from_pretrained(tokenizer_folder())
@@ -71,15 +71,26 @@ def test_compensation_improves_a_tiny_models_block_output():
     report = convert(comp, tok, ConvertConfig(compensate=True, **cfg))
     row = report.layers[0]
     assert report.compensate and row.compensation_ridge is not None
-    ids = torch.cat([b["input_ids"] for b in calibration_batches(teacher, tok, ConvertConfig(**cfg)).heldout])
+    held = torch.cat([b["input_ids"] for b in calibration_batches(teacher, tok, ConvertConfig(**cfg)).heldout])
 
-    def block0(model):
+    def block0_errors(ids):
+        """Relative error of block 0's output (plain and compensated) against the teacher's."""
         with torch.no_grad():
-            h = model(input_ids=ids, output_hidden_states=True).hidden_states
-        return h[0].double(), h[1].double()
+            x, t = (h.double() for h in teacher(input_ids=ids, output_hidden_states=True).hidden_states[:2])
+            return {name: ((m(input_ids=ids, output_hidden_states=True).hidden_states[1].double() - t).norm()
+                           / (t - x).norm()).item() for name, m in (("plain", plain), ("comp", comp))}
 
-    x, t = block0(teacher)
-    err = {name: ((block0(m)[1] - t).norm() / (t - x).norm()).item() for name, m in (("plain", plain), ("comp", comp))}
+    err = block0_errors(held)
     assert err["plain"] == pytest.approx(row.block_error_before, rel=1e-4)
     assert err["comp"] == pytest.approx(row.block_error_after, rel=1e-4)
     assert err["comp"] < 0.995 * err["plain"]
+    # Those windows also chose the ridge (and whether to keep the original map), so being lower
+    # there is partly the choice's doing: fresh text from the same model, used by nothing above,
+    # must show the improvement too (measured 0.996 x here, 0.994 x with seed 2).
+    from hadaconv.calibrate import token_windows
+    from hadaconv.sample import sample_texts
+
+    fresh = token_windows(tok, sample_texts(teacher, tok, samples=24, seq_len=32, seed=1, progress=False),
+                          samples=24, seq_len=32, heldout=0)[0]
+    fresh_err = block0_errors(fresh)
+    assert fresh_err["comp"] < 0.999 * fresh_err["plain"]
