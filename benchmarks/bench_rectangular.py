@@ -26,8 +26,7 @@ from common import machine  # noqa: E402
 
 from hadaconv.adapters import find_adapter  # noqa: E402
 from hadaconv.convert import ConvertConfig, calibration_batches, collect_statistics  # noqa: E402
-from hadaconv.fit import HeadLayout, fit_projection, relative_error  # noqa: E402
-from hadaconv.fit_rect import SELECTIONS  # noqa: E402
+from hadaconv.fit import SELECTIONS, HeadLayout, fit_projection, relative_error  # noqa: E402
 from hadaconv.io import load_model  # noqa: E402
 from hadaconv.realmodels import smollm2  # noqa: E402
 

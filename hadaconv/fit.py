@@ -24,11 +24,33 @@ is solved in closed form inside every evaluation (variable projection) and L-BFG
 starting from V = I (the affine solution).  A small ridge on G (``GAMMA_RIDGE``) chooses, among
 the near-equal factorizations G T V, one whose G does not amplify float32 rounding.
 
-Rectangular W (d_out x d_in): ``y' = G R T V x + beta`` with the transform on n = max(d_in,
-d_out) and R a fixed zero-padding (d_in < d_out) or selection of d_out transform coordinates
-(d_in > d_out, those with the most output energy under the statistics); the algebra, the
-selection rule and its measurement are in :mod:`hadaconv.fit_rect`, which
-:func:`fit_projection` delegates to.
+Rectangular projections (W is d_out x d_in, d_in != d_out, as in Qwen3, Gemma, Mistral-Nemo).
+The transform runs on n = max(d_in, d_out) and a fixed, parameter-free map R joins it to the
+other side:
+
+    y' = G R T V x + beta,      R T is d_out x d_in, G acts on d_out, V on d_in
+
+* d_in < d_out = n: ``R T = T P`` with ``P = [I; 0]`` (n x d_in): x is zero-padded to n.  R T has
+  orthonormal columns, so the padded transform loses nothing of x; G mixes n = d_out outputs.
+* d_in = n > d_out: ``R T = S T`` with S the d_out rows ``keep`` of the identity: the transform
+  of x, of which d_out coordinates ``z_j = (T x)_j`` are kept.  R T has orthonormal rows; the
+  dropped coordinates are lost, so which ones are kept matters.  :func:`select_coordinates`
+  keeps those with the largest ``Var[z_j] ||W T^T e_j||^2``: since ``W x = (W T^T) z``, this is
+  the output energy coordinate j carries on its own (the covariance's off-diagonal terms are
+  ignored: an upper bound, exact for uncorrelated z).  The rule was chosen by measurement
+  against keeping the first d_out and against ``Var[z_j]`` alone (benchmarks/RESULTS.md,
+  "Rectangular projections").  Folding pairs ``(z_2j + z_2j+1) / sqrt 2`` was not pursued: it
+  needs d_in = 2 d_out (Gemma 3 maps 1024 into 640) and is a fixed choice the selection can
+  match where it is good.  The kept indices are sorted, so each b x b block of G reads b kept
+  coordinates in transform order.
+
+Everything above carries over with T replaced by R T (the square case is R = I): the whitened
+objective is ``||G R T V L - W L||_F^2`` (W L is d_out x d_in, L is d_in x d_in), the best beta
+``b + (W - G R T V) mu``, G is solved per output block over the rows of R T V L, the gamma
+ridge scales with the mean power of those d_out rows, and gradients and the alternating start
+use the adjoint ``(R T)^T = T^T R^T`` (scatter the d_out rows into n, inverse transform, keep
+the first d_in rows).  One implementation serves both: :class:`_Rotation` applies R T and its
+adjoint.
 """
 
 from __future__ import annotations
@@ -69,7 +91,13 @@ LARGE_ITERATIONS = 20
 START_STEPS = 30
 START_GAIN = 0.01
 
-__all__ = ["FLOAT32_FROM", "GAMMA_RIDGE", "MODES", "FitResult", "HeadLayout", "Moments", "fit_projection", "relative_error"]
+#: Rules for the d_out transform coordinates kept when d_in > d_out (:func:`select_coordinates`).
+SELECTIONS = ("first", "input-energy", "output-energy")
+#: Default rule, chosen by measurement (benchmarks/RESULTS.md, "Rectangular projections").
+SELECTION = "output-energy"
+
+__all__ = ["FLOAT32_FROM", "GAMMA_RIDGE", "MODES", "SELECTION", "SELECTIONS", "FitResult", "HeadLayout", "Moments",
+           "fit_projection", "relative_error", "select_coordinates"]
 
 
 @dataclass(frozen=True)
@@ -88,11 +116,12 @@ class HeadLayout:
 
 @dataclass
 class FitResult:
-    """The fitted replacement: ``y' = gamma (T V x) + beta``.
+    """The fitted replacement: ``y' = gamma (R T V x) + beta`` (R = I for a square W).
 
     ``value_map`` is None (affine), a per-KV-channel scale [kv * head_dim] (diag) or one matrix
     per KV group [kv, head_dim, head_dim] (head), to be folded into the value projection.
-    ``error`` is the relative output error on the data the fit saw.
+    ``error`` is the relative output error on the data the fit saw.  ``keep`` lists the kept
+    transform coordinates (int64 [d_out], ascending) when d_in > d_out, else None.
     """
 
     gamma: torch.Tensor
@@ -109,19 +138,26 @@ class FitResult:
 
 
 class _Rotation:
-    """T = H / sqrt(d), applied to the columns of [d, k] matrices, in the fit's dtype.
+    """R T (T = H_n / sqrt(n), n = max(d_in, d_out), R the padding or selection of the module
+    docstring; R = I when square), applied to the columns of [d_in, k] matrices, and its adjoint,
+    in the fit's dtype.
 
-    When the head width hd is a power of two dividing the Sylvester part of d = m 2^k (d = 4096
-    with heads of 128, not d = 576 = 36 x 16 with heads of 64), ``H_d = H_{d/hd} (x) H_hd``
+    When the head width hd is a power of two dividing the Sylvester part of n = m 2^k (n = 4096
+    with heads of 128, not n = 576 = 36 x 16 with heads of 64), ``H_n = H_{n/hd} (x) H_hd``
     (Sylvester matrices are Kronecker powers of H_2), so ``T = A (x) B`` with B (hd x hd) acting
-    inside each head and A (d/hd x d/hd) mixing heads.  Then ``T V L`` is one batched GEMM with
+    inside each head and A (n/hd x n/hd) mixing heads.  Then ``T V L`` is one batched GEMM with
     the per-head maps ``B V_h`` and one GEMM with A, in the memory layout they already have:
-    no transposing passes.  A and B are read off the transform itself and checked against it.
-    Otherwise ``within`` is None and ``mix`` is the full transform.
+    no transposing passes.  Zero-padding keeps this form (d_in is whole heads, so the padding is
+    whole hd-blocks that B leaves at zero).  A and B are read off the transform itself and
+    checked against it.  Otherwise ``within`` is None and ``mix`` is the full transform.
     """
 
-    def __init__(self, d: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.d, self.dtype, self.device = d, dtype, device
+    def __init__(self, d_in: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 d_out: int | None = None, keep: torch.Tensor | None = None) -> None:
+        self.d_in, self.d_out = d_in, d_in if d_out is None else d_out
+        self.n = d = max(self.d_in, self.d_out)
+        self.keep = None if keep is None else keep.to(device)
+        self.dtype, self.device = dtype, device
         self.within = self.across = None
         k = factorize(d).k
         if head_dim > 1 and head_dim & (head_dim - 1) == 0 and (1 << k) % head_dim == 0 and d > head_dim:
@@ -138,18 +174,24 @@ class _Rotation:
                 self.across = across.to(device, dtype)
 
     def mix(self, z: torch.Tensor) -> torch.Tensor:
-        """(A (x) I) z, or T z when T does not factor."""
+        """R (A (x) I) z, or R T z when T does not factor: z [d_in, k] -> [d_out, k]."""
+        if self.d_in < self.n:
+            z = torch.cat([z, z.new_zeros(self.n - self.d_in, z.shape[1])])
         if self.across is None:
-            return hadamard_transform_columns(z, 1.0 / math.sqrt(self.d))
-        h = self.across.shape[0]
-        return (self.across @ z.reshape(h, -1)).reshape(z.shape)
+            y = _transform(z)
+        else:
+            y = (self.across @ z.reshape(self.across.shape[0], -1)).reshape(z.shape)
+        return y if self.keep is None else y[self.keep]
 
-    def mix_t(self, z: torch.Tensor) -> torch.Tensor:
-        """(A^T (x) I) z, or T^T z."""
+    def mix_t(self, y: torch.Tensor) -> torch.Tensor:
+        """(A^T (x) I) R^T y, or (R T)^T y: y [d_out, k] -> [d_in, k]."""
+        if self.keep is not None:
+            y = y.new_zeros(self.n, y.shape[1]).index_copy_(0, self.keep, y)
         if self.across is None:
-            return hadamard_transform_columns(z, 1.0 / math.sqrt(self.d), inverse=True)
-        h = self.across.shape[0]
-        return (self.across.T @ z.reshape(h, -1)).reshape(z.shape)
+            z = _transform(y, inverse=True)
+        else:
+            z = (self.across.T @ y.reshape(self.across.shape[0], -1)).reshape(y.shape)
+        return z[: self.d_in]
 
     def _inside(self, z: torch.Tensor, transpose: bool) -> torch.Tensor:
         if self.within is None:
@@ -159,12 +201,12 @@ class _Rotation:
         return (b @ z.reshape(-1, hd, z.shape[-1])).reshape(z.shape)
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:
-        """T z for z [d, k]."""
+        """R T z for z [d_in, k] -> [d_out, k]."""
         return self.mix(self._inside(z, False))
 
-    def apply_t(self, z: torch.Tensor) -> torch.Tensor:
-        """T^T z for z [d, k]."""
-        return self._inside(self.mix_t(z), True)
+    def apply_t(self, y: torch.Tensor) -> torch.Tensor:
+        """(R T)^T y for y [d_out, k] -> [d_in, k]."""
+        return self._inside(self.mix_t(y), True)
 
     def head_maps(self, value_map: torch.Tensor | None, layout: HeadLayout) -> torch.Tensor | None:
         """The per-query-head matrices ``B V_h`` [h, hd, hd] (V_h = diag(v_h) for a diagonal map,
@@ -181,7 +223,7 @@ class _Rotation:
         return maps if self.within is None else self.within @ maps
 
     def project(self, value_map: torch.Tensor | None, lw: torch.Tensor, layout: HeadLayout | None) -> torch.Tensor:
-        """T V L for L [d, k]: per-head maps, then the mix."""
+        """R T V L for L [d_in, k] -> [d_out, k]: per-head maps, then the mix."""
         if layout is None:
             return self.apply(lw)
         maps = self.head_maps(value_map, layout)
@@ -189,6 +231,36 @@ class _Rotation:
             return self.mix(lw)
         h, hd = layout.num_heads, layout.head_dim
         return self.mix(torch.bmm(maps, lw.reshape(h, hd, -1)).reshape(lw.shape))
+
+
+def _transform(z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """T z (T^T z if ``inverse``): the orthonormal Hadamard transform of each column of z [n, k]."""
+    return hadamard_transform_columns(z, 1.0 / math.sqrt(z.shape[0]), inverse)
+
+
+def select_coordinates(weight: torch.Tensor, moments: Moments, rule: str = SELECTION) -> torch.Tensor:
+    """The d_out of the n = d_in transform coordinates z = T x to keep, ascending (int64 [d_out]),
+    for W [d_out, d_in] with d_in > d_out; on the device of ``moments.second``.
+
+    * ``first``: coordinates 0..d_out-1 (no statistics);
+    * ``input-energy``: the largest ``Var[z_j]``, the diagonal of T C T^T (C the covariance);
+    * ``output-energy``: the largest ``Var[z_j] ||W T^T e_j||^2``: the energy coordinate j
+      carries into the dense layer's output ``W x = (W T^T) z``, counting each coordinate alone.
+
+    Raises InputError (a ValueError) for an unknown rule.
+    """
+    d_out = weight.shape[0]
+    if rule not in SELECTIONS:
+        raise InputError(f"unknown selection rule {rule!r}; choose one of {', '.join(SELECTIONS)}")
+    dev = moments.second.device
+    if rule == "first":
+        return torch.arange(d_out, device=dev)
+    c = moments.covariance.to(dev, torch.float64)  # the mean is beta's job
+    energy = _transform(_transform(c).T).diagonal()  # diag(T C T^T)
+    if rule == "output-energy":
+        wt = _transform(weight.detach().to(dev, torch.float64).T)  # T W^T = (W T^T)^T: row j is column j
+        energy = energy * wt.square().sum(1)
+    return torch.sort(torch.topk(energy, d_out).indices).values
 
 
 def _expand(value_map: torch.Tensor | None, layout: HeadLayout | None, d: int) -> torch.Tensor | None:
@@ -233,20 +305,20 @@ def _gamma_lambda(power: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def _objective(v, lw, target, layout, block, damping, rot, grad: bool = True):
-    """The reduced objective ``min_G ||G T V L - W L||^2 + lam ||G||^2`` at V = ``v`` and its
+    """The reduced objective ``min_G ||G R T V L - W L||^2 + lam ||G||^2`` at V = ``v`` and its
     gradient in v (None unless ``grad``).
 
     The gradient is written out rather than taped: by the envelope theorem G is held at its
-    optimum, so dP = 2 G^T R + 2 damping ||G||^2 P / d (R the residual, the second term from lam's
-    dependence on P), then back through the mix and the per-head maps.  Five d x d passes in
-    all; autograd kept twice as many intermediates and took 2.4 s of a 4.7 s evaluation at
-    d = 4096.
+    optimum, so dP = 2 G^T E + 2 damping ||G||^2 P / d_out (E the residual, the second term from
+    lam's dependence on P), then back through the adjoint mix and the per-head maps.  Five d x d
+    passes in all; autograd kept twice as many intermediates and took 2.4 s of a 4.7 s
+    evaluation at d = 4096.
     """
     d = lw.shape[0]
     h, hd = layout.num_heads, layout.head_dim
     lh = lw.reshape(h, hd, d)
-    p = rot.mix(torch.bmm(rot.head_maps(v, layout), lh).reshape(d, d))
-    power = p.square().sum() / d
+    p = rot.mix(torch.bmm(rot.head_maps(v, layout), lh).reshape(d, d))  # [d_out, d_in]
+    power = p.square().sum() / rot.d_out
     lam = _gamma_lambda(power, damping)
     g = _fit_gamma(p, target, block, lam)
     r = _apply_g(g, p).sub_(target)
@@ -257,9 +329,9 @@ def _objective(v, lw, target, layout, block, damping, rot, grad: bool = True):
     dp = _apply_g(g, r, transpose=True).mul_(2)
     del r
     if power > 0:
-        dp.add_(p, alpha=2 * damping * g2.item() / d)
+        dp.add_(p, alpha=2 * damping * g2.item() / rot.d_out)
     del p
-    dm = torch.bmm(rot.mix_t(dp).reshape(h, hd, d), lh.transpose(1, 2))  # d loss / d(B V_h)
+    dm = torch.bmm(rot.mix_t(dp).reshape(h, hd, d), lh.transpose(1, 2))  # d loss / d(B V_h), via (R T)^T
     if rot.within is not None:
         dm = rot.within.T @ dm
     if v.dim() == 1:
@@ -287,67 +359,64 @@ def fit_projection(
     device: torch.device | str | None = None,
     selection: str | None = None,
 ) -> FitResult:
-    """Fit ``gamma (T V x) + beta`` to ``W x + b`` under the input statistics ``moments``.
-
-    A rectangular W (d_out x d_in, Qwen3 / Gemma / Mistral-Nemo) is fitted by
-    :func:`hadaconv.fit_rect.fit_projection` (zero-padding or coordinate selection, ``selection``
-    its rule), float64 on the CPU.
+    """Fit ``gamma (R T V x) + beta`` to ``W x + b`` under the input statistics ``moments``
+    (R = I for a square W; zero-padding or coordinate selection for a rectangular one, see the
+    module docstring).
 
     Args:
-        weight: W [d, d] (any float dtype and device).
-        bias: b [d] or None.
-        moments: input statistics (``Moments.identity(d)`` for a data-free fit).
+        weight: W [d_out, d_in] (any float dtype and device); n = max(d_in, d_out) must be a
+            Hadamard order (:func:`hadaconv.hadamard.factorize`).
+        bias: b [d_out] or None.
+        moments: statistics of the d_in inputs (``Moments.identity(d_in)`` for a data-free fit).
         mode: "affine", "diag" or "head" (see the module docstring).
-        block: output block size b of G (1 = diagonal).
-        layout: head layout, required for "diag" and "head".
+        block: output block size b of G (1 = diagonal); must divide d_out.
+        layout: head layout over the d_in inputs, required for "diag" and "head".
         ridge: damping relative to the mean eigenvalue of the input covariance.
         gamma_ridge: penalty ``lam ||G||_F^2`` on the gamma blocks, ``lam`` this fraction of the
-            mean channel power of ``T V L`` (see ``GAMMA_RIDGE``; 0 turns it off).
+            mean channel power of ``R T V L`` (see ``GAMMA_RIDGE``; 0 turns it off).
         max_iter: L-BFGS iterations for the joint fit ("diag", "head"); default 40 below
-            ``FLOAT32_FROM`` channels, ``LARGE_ITERATIONS`` from there.
+            ``FLOAT32_FROM`` channels (n), ``LARGE_ITERATIONS`` from there.
         dtype: dtype of the iterative part (the d x d whitened products); the covariance, its
             factor, beta and the returned error are float64 whatever it is.  Default: float64
             below ``FLOAT32_FROM`` channels, float32 from there (see that constant).
         device: where the fit runs; default the device of ``moments.second``.
+        selection: for d_in > d_out, the rule choosing the kept coordinates
+            (:func:`select_coordinates`, default ``SELECTION``); ignored otherwise.
 
     Returns:
-        A FitResult with float64 gamma [d] or [d/b, b, b], beta [d] and value map, on ``device``.
+        A FitResult with float64 gamma [d_out] or [d_out/b, b, b], beta [d_out], value map and
+        ``keep``, on ``device``.
 
     Raises:
-        ValueError: unknown mode, non-square W, b not dividing d, or a missing head layout.
+        InputError (a ValueError): unknown mode or selection rule, b not dividing d_out, or a
+            missing head layout.
     """
-    if weight.shape[0] != weight.shape[1]:
-        from hadaconv import fit_rect
-
-        return fit_rect.fit_projection(weight, bias, moments, mode=mode, block=block, layout=layout, ridge=ridge,
-                                       gamma_ridge=gamma_ridge, max_iter=max_iter or 40,
-                                       selection=selection or fit_rect.SELECTION)
     if mode not in MODES:
         raise InputError(f"unknown fit mode {mode!r}; choose one of {', '.join(MODES)}")
     dev = torch.device(device) if device is not None else moments.second.device
     w = weight.detach().to(dev, torch.float64)
-    d = w.shape[0]
-    if w.shape != (d, d):
-        raise InputError(f"the projection must be square to become a Hadamard projection, got {list(w.shape)}")
-    if block < 1 or d % block:
-        raise InputError(f"block size {block} does not divide the width {d} (it must be a positive divisor)")
+    d_out, d = w.shape
+    if block < 1 or d_out % block:
+        raise InputError(f"block size {block} does not divide the output width {d_out} (it must be a positive divisor)")
     if layout is not None and layout.num_heads * layout.head_dim != d:
         if mode != "affine":
-            raise InputError(f"mode {mode!r} needs a head layout covering the width {d}")
+            raise InputError(f"mode {mode!r} needs a head layout covering the input width {d}")
         layout = None
     if mode != "affine" and layout is None:
-        raise InputError(f"mode {mode!r} needs a head layout covering the width {d}")
-    work = dtype or (torch.float32 if d >= FLOAT32_FROM else torch.float64)
+        raise InputError(f"mode {mode!r} needs a head layout covering the input width {d}")
+    keep = select_coordinates(w, moments, selection or SELECTION).to(dev) if d > d_out else None
+    n = max(d, d_out)
+    work = dtype or (torch.float32 if n >= FLOAT32_FROM else torch.float64)
     if max_iter is None:
-        max_iter = LARGE_ITERATIONS if d >= FLOAT32_FROM else 40
-    rot = _Rotation(d, layout.head_dim if layout is not None else 1, work, dev)
-    b = torch.zeros(d, dtype=torch.float64, device=dev) if bias is None else bias.detach().to(dev, torch.float64)
+        max_iter = LARGE_ITERATIONS if n >= FLOAT32_FROM else 40
+    rot = _Rotation(d, layout.head_dim if layout is not None else 1, work, dev, d_out, keep)
+    b = torch.zeros(d_out, dtype=torch.float64, device=dev) if bias is None else bias.detach().to(dev, torch.float64)
     mu = moments.mean.to(dev, torch.float64)
     cov, damp = _damped_covariance(moments, ridge, dev)
     lw = _factor(cov).to(work)  # L L^T = C + damp I
     del cov
     w_work = w.to(work)
-    target = w_work @ lw  # W L: the one d^3 product of the fit
+    target = w_work @ lw  # W L [d_out, d_in]: the one d^3 product of the fit
 
     value_map, iterations = None, 0
     if mode != "affine":
@@ -361,25 +430,24 @@ def fit_projection(
 def _finish(w, b, mu, value_map, lw, target, damp, layout, block, gamma_ridge, rot, mode, iterations) -> FitResult:
     """G for the final V, beta, and the error from the whitened quantities (no d^3 product):
     beta removes the mean error, so E||y' - y||^2 = tr(A C A^T) = ||A L||^2 - damp ||A||^2 with
-    A = G T V - W, and E||y||^2 = ||W L||^2 - damp ||W||^2 + ||W mu + b||^2."""
-    d = w.shape[0]
+    A = G R T V - W, and E||y||^2 = ||W L||^2 - damp ||W||^2 + ||W mu + b||^2."""
     p = rot.project(value_map, lw, layout)
-    gamma = _fit_gamma(p, target, block, _gamma_lambda(p.square().sum() / d, gamma_ridge))
-    residual = _apply_g(gamma, p).sub_(target)  # (G T V - W) L
+    gamma = _fit_gamma(p, target, block, _gamma_lambda(p.square().sum() / rot.d_out, gamma_ridge))
+    residual = _apply_g(gamma, p).sub_(target)  # (G R T V - W) L
     del p
     err = _sum_squares(residual)
     del residual
     gamma = gamma.to(torch.float64)
     value_map = None if value_map is None else value_map.to(torch.float64)
-    a = _dense(gamma, value_map, layout, d).sub_(w)  # G T V - W
+    a = _dense(gamma, value_map, layout, w.shape, rot.keep).sub_(w)  # G R T V - W
     a_norm = a.square().sum()
     a_mu = a @ mu
     del a
-    beta = b - a_mu  # b + (W - G T V) mu
+    beta = b - a_mu  # b + (W - G R T V) mu
     w_mu = w @ mu
     ref = _sum_squares(target) - damp * w.square().sum() + (w_mu + b).square().sum()
     error = math.sqrt(max((err - damp * a_norm).item(), 0.0) / max(ref.item(), 1e-300))
-    return FitResult(gamma, beta, value_map, mode, block, error, iterations)
+    return FitResult(gamma, beta, value_map, mode, block, error, iterations, rot.keep)
 
 
 def _sum_squares(x: torch.Tensor) -> torch.Tensor:
@@ -415,7 +483,7 @@ def whitening(moments: Moments, ridge: float) -> torch.Tensor:
 
 
 def _joint_lbfgs(value_map, lw, target, layout, block, max_iter, damping, rot):
-    """Minimise min_G ||G T V L - W L||^2 over V with L-BFGS (variable projection).
+    """Minimise min_G ||G R T V L - W L||^2 over V with L-BFGS (variable projection).
 
     G is eliminated in closed form at every evaluation, so the optimiser only sees V and the
     reduced objective (see :func:`_objective`).  This converges far better than optimising the
@@ -455,7 +523,7 @@ def _joint_lbfgs(value_map, lw, target, layout, block, max_iter, damping, rot):
 
 def _alternating_start(w, lw, target, layout, block, damping, rot, *, diagonal: bool) -> torch.Tensor:
     """A starting V from cheap alternation: G by least squares, then each head's V as the
-    matching diagonal block of T^T G^{-1} W (averaged over a KV group's query heads; its
+    matching diagonal block of (R T)^T G^{-1} W (averaged over a KV group's query heads; its
     diagonal for a diagonal V).
 
     The V step ignores the input statistics, so on its own it stops short of the true optimum,
@@ -466,7 +534,7 @@ def _alternating_start(w, lw, target, layout, block, damping, rot, *, diagonal: 
     seen is returned, [kv, hd, hd] (or [kv * hd] when ``diagonal``).  Each step is O(d^2 hd).
     """
     h, hd, kv = layout.num_heads, layout.head_dim, layout.num_kv_heads
-    d = w.shape[0]
+    d_out, d = w.shape
     v = torch.eye(hd, dtype=w.dtype, device=w.device).repeat(kv, 1, 1)
     if diagonal:
         v = v.diagonal(dim1=1, dim2=2).reshape(-1)
@@ -479,14 +547,14 @@ def _alternating_start(w, lw, target, layout, block, damping, rot, *, diagonal: 
         if gain < START_GAIN:
             break
         p = rot.project(v, lw, layout)
-        g = _fit_gamma(p, target, block, _gamma_lambda(p.square().sum() / d, damping))
+        g = _fit_gamma(p, target, block, _gamma_lambda(p.square().sum() / d_out, damping))
         del p
         if g.dim() == 1:
             g_inv_w = w * (g / (g * g + 1e-12 * g.abs().max() ** 2))[:, None]
         else:
             nb, b, _ = g.shape
-            g_inv_w = (torch.linalg.pinv(g) @ w.reshape(nb, b, d)).reshape(d, d)
-        r = rot.apply_t(g_inv_w)  # T^T G^-1 W
+            g_inv_w = (torch.linalg.pinv(g) @ w.reshape(nb, b, d)).reshape(d_out, d)
+        r = rot.apply_t(g_inv_w)  # (R T)^T G^-1 W
         del g_inv_w
         blocks = r.reshape(h, hd, h, hd).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         v = blocks.reshape(kv, layout.group, hd, hd).mean(1)
@@ -507,10 +575,13 @@ def _normalized(value_map: torch.Tensor) -> torch.Tensor:
     return value_map / rms if rms > 0 else value_map
 
 
-def _dense(gamma: torch.Tensor, value_map: torch.Tensor | None, layout: HeadLayout | None, d: int) -> torch.Tensor:
-    """The d x d matrix G T V in float64 (``value_map`` in its KV form)."""
+def _dense(gamma: torch.Tensor, value_map: torch.Tensor | None, layout: HeadLayout | None, shape: tuple[int, int],
+           keep: torch.Tensor | None) -> torch.Tensor:
+    """The d_out x d_in matrix G R T V in float64 (``shape`` = (d_out, d_in), ``value_map`` in
+    its KV form, ``keep`` the kept coordinates when d_in > d_out)."""
     dev = gamma.device
-    rot = _Rotation(d, layout.head_dim if layout is not None else 1, torch.float64, dev)
+    d_out, d = shape
+    rot = _Rotation(d, layout.head_dim if layout is not None else 1, torch.float64, dev, d_out, keep)
     eye = torch.eye(d, dtype=torch.float64, device=dev)
     vm = None if value_map is None else value_map.to(dev, torch.float64)
     return _apply_g(gamma.to(torch.float64), rot.project(vm, eye, layout))
@@ -530,21 +601,17 @@ def relative_error(
     ``A S`` from ``FLOAT32_FROM`` channels on, which runs in float32 (its sum in float64; the
     error keeps about 6 significant digits).
     """
-    if weight.shape[0] != weight.shape[1]:
-        from hadaconv import fit_rect
-
-        return fit_rect.relative_error(weight, bias, fit, moments, layout)
     dev = moments.second.device
     w = weight.detach().to(dev, torch.float64)
-    d = w.shape[0]
+    d_out, d = w.shape
     if layout is not None and layout.num_heads * layout.head_dim != d:
         layout = None
-    b = torch.zeros(d, dtype=torch.float64, device=dev) if bias is None else bias.detach().to(dev, torch.float64)
+    b = torch.zeros(d_out, dtype=torch.float64, device=dev) if bias is None else bias.detach().to(dev, torch.float64)
     mu, s = moments.mean.to(dev, torch.float64), moments.second.to(torch.float64)
     if fit is None:
         a, c = -w, w @ mu  # y' = E[y]: A = -W, beta - b = W mu
     else:
-        a = _dense(fit.gamma.to(dev), fit.value_map, layout, d) - w
+        a = _dense(fit.gamma.to(dev), fit.value_map, layout, (d_out, d), fit.keep) - w
         c = fit.beta.to(dev, torch.float64) - b
     err = _quadratic(a, s) + 2 * c @ (a @ mu) + c @ c
     ref = _quadratic(w, s) + 2 * b @ (w @ mu) + b @ b

@@ -28,9 +28,15 @@ def model_type(model: nn.Module) -> str | None:
 
 
 def matches_types(*types: str) -> Callable[[nn.Module], bool]:
-    """A ``matches`` predicate accepting Hugging Face models of these ``model_type``s."""
+    """A ``matches`` predicate accepting Hugging Face models of these ``model_type``s (listed in
+    its ``model_types`` attribute, which the README's architecture table is checked against)."""
     accepted = frozenset(types)
-    return lambda model: model_type(model) in accepted
+
+    def matches(model: nn.Module) -> bool:
+        return model_type(model) in accepted
+
+    matches.model_types = accepted
+    return matches
 
 
 def hf_kind(model: nn.Module) -> ModelKind:

@@ -15,7 +15,7 @@ from torch import nn
 from hadaconv.adapters.base import Adapter, AttentionLayer
 from hadaconv.adapters.common import find_layers, hf_kind, matches_types
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")  # SmolLM and SmolLM2 are "llama"
 
 
 def _layers(model: nn.Module) -> list[AttentionLayer]:
