@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--cells", default="default", help="'default' (the grid in priority order) or a list "
                     "like hadamard:16:30:seq+comp,lowrank:8:30")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sensitivity-windows", type=int, default=ConvertConfig.sensitivity_windows,
+                    help="windows per layer for the sensitivity ranking (convert's default)")
     ap.add_argument("--write", action="store_true", help="only write the table of the finished cells")
     ap.add_argument("--distill-minutes", type=float, default=0.0,
                     help="instead of the grid: convert all layers with the defaults, then distill this long with "
@@ -158,9 +160,10 @@ def main() -> None:
         if "ranking" not in results:
             fits_for(16)
             t = time.perf_counter()
-            rank_layers(teacher, target, fits[16], rows[16], data, ConvertConfig(samples=args.samples), False)
+            rank_layers(teacher, target, fits[16], rows[16], data,
+                        ConvertConfig(samples=args.samples, sensitivity_windows=args.sensitivity_windows), False)
             results["ranking"] = {"sensitivity": {i: rows[16][i].sensitivity for i in rows[16]},
-                                  "seconds": time.perf_counter() - t}
+                                  "seconds": time.perf_counter() - t, "windows": args.sensitivity_windows}
             save()
         sens = {int(k): v for k, v in results["ranking"]["sensitivity"].items()}
         return sorted(sorted(sens, key=sens.get)[:k])
