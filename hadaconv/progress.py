@@ -1,7 +1,9 @@
-"""Progress bars for long work (rich), quiet when disabled or not on a terminal."""
+"""Progress bars for long work (rich); off a terminal (a log file, nohup, CI) a plain line at
+most every :data:`LOG_EVERY` seconds instead, so a long run is never silent."""
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -15,12 +17,35 @@ out = Console(width=None if Console().is_terminal else 180)
 
 @contextmanager
 def progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[], None]]:
-    """``with progress(n, "fit") as step: ... step()``: a bar with count, elapsed time and ETA."""
+    """``with progress(n, "fit") as step: ... step()``: a bar with count, elapsed time and ETA
+    (on a terminal), else "description: i/n, s elapsed" lines on stderr."""
     if not enabled or total <= 0:
         yield lambda: None
+        return
+    if not console.is_terminal:
+        yield _log_lines(total, description)
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
+
+
+#: Seconds between the progress lines written when stderr is not a terminal.
+LOG_EVERY = 30.0
+
+
+def _log_lines(total: int, description: str) -> Callable[[], None]:
+    start = last = time.monotonic()
+    done = 0
+
+    def step() -> None:  # quick work stays silent; long work ends with a last line
+        nonlocal done, last
+        done += 1
+        now = time.monotonic()
+        if now - last >= LOG_EVERY or (done == total and last > start):
+            last = now
+            console.print(f"{description}: {done}/{total}, {now - start:.0f} s elapsed", highlight=False)
+
+    return step

@@ -1,0 +1,22 @@
+"""Off a terminal, long work prints progress lines; quick work stays silent (one-line errors)."""
+
+import hadaconv.progress as progress_mod
+
+
+def run(total, clock, monkeypatch, capsys):
+    ticks = iter(clock)
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: next(ticks))
+    with progress_mod.progress(total, "fit") as step:
+        for _ in range(total):
+            step()
+    return capsys.readouterr().err.splitlines()
+
+
+def test_long_work_logs_lines_off_a_terminal(monkeypatch, capsys):
+    # start, then steps at 10 s, 40 s (a line: 30 s since the start), 50 s, 60 s (the last step: a line)
+    lines = run(4, [0, 10, 40, 50, 60], monkeypatch, capsys)
+    assert lines == ["fit: 2/4, 40 s elapsed", "fit: 4/4, 60 s elapsed"]
+
+
+def test_quick_work_is_silent(monkeypatch, capsys):
+    assert run(3, [0, 1, 2, 3], monkeypatch, capsys) == []
