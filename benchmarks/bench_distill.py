@@ -38,7 +38,7 @@ from common import machine  # noqa: E402
 
 import hadaconv  # noqa: E402
 from hadaconv.calibrate import default_corpus  # noqa: E402
-from hadaconv.convert import DEFAULT_BLOCK, ConvertConfig, convert  # noqa: E402
+from hadaconv.convert import ConvertConfig, convert  # noqa: E402
 from hadaconv.distill import DistillConfig, distill  # noqa: E402
 from hadaconv.evaluate import perplexity, text_windows  # noqa: E402
 from hadaconv.io import hadaconv_meta, load_model, save_converted  # noqa: E402
@@ -46,7 +46,7 @@ from hadaconv.io import hadaconv_meta, load_model, save_converted  # noqa: E402
 console = Console(width=150)
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Distillation (CPU)"
-CONFIGS = {"all-b16": (None, DEFAULT_BLOCK), "all-b1": (None, 1), "top10-b16": (10, DEFAULT_BLOCK), "top10-b1": (10, 1)}
+CONFIGS = {"all-b16": (None, 16), "all-b1": (None, 1), "top10-b16": (10, 16), "top10-b1": (10, 1)}
 # Recipes compared by --compare: (name, stages, trainable set, learning rate).
 RECIPES = [
     ("global, all, 1e-4", ("global",), "all", 1e-4),

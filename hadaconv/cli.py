@@ -80,7 +80,8 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--mode", type=click.Choice(["affine", "diag", "head"]), default="head", show_default=True,
               help="affine: gamma/beta only; diag: + per-channel value scale; head: + a head_dim x head_dim "
                    "matrix per head, folded into the value projection (free at run time).")
-@click.option("--block", type=POSITIVE, default=None, help="Output block size b of gamma (1 = diagonal, the seed paper's form).  [default: 16]")
+@click.option("--block", type=POSITIVE, default=None, help="Output block size b of gamma (1 = diagonal, the seed paper's form).  [default: 64, halved "
+                   "until it divides every output width into at least 8 blocks]")
 @click.option("--layers", "layers", default=None, help="Layers that may be converted, e.g. 0,3,5-9.  [default: all]")
 @click.option("--max-layers", type=POSITIVE, default=None, help="Convert only the K layers that measurably hurt least.")
 @click.option("--max-loss", type=click.FloatRange(min=0), default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
@@ -116,14 +117,14 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     MODEL is a Hugging Face folder, a .gguf file, a .safetensors / state_dict file (with --config)
     or a torch.save'd module.  Prints a per-layer report and saves it as report.json.
     """
-    from hadaconv.convert import DEFAULT_BLOCK, ConvertConfig, convert_file
+    from hadaconv.convert import ConvertConfig, convert_file
     from hadaconv.progress import out
 
     if dry_run:
-        _inspect(model, model_config, trust_pickle, target, DEFAULT_BLOCK if block is None else block)
+        _inspect(model, model_config, trust_pickle, target, block)
         return
     calib_value = None if not calib else ("none" if list(calib) == ["none"] else list(calib))
-    cfg = ConvertConfig(mode=mode, block=DEFAULT_BLOCK if block is None else block, layers=_layer_list(layers), max_layers=max_layers,
+    cfg = ConvertConfig(mode=mode, block=block, layers=_layer_list(layers), max_layers=max_layers,
                         max_loss=max_loss, calib=calib_value, samples=samples, seq_len=seq_len,
                         batch_size=batch_size, sequential=sequential, compensate=compensate,
                         sensitivity=not no_sensitivity)
@@ -141,10 +142,11 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     click.echo(f"saved {output}")
 
 
-def _inspect(model: str, model_config, trust_pickle: bool, target, block: int) -> None:
+def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | None) -> None:
     from rich.table import Table
 
     from hadaconv.adapters import find_adapter
+    from hadaconv.convert import default_block
     from hadaconv.hadamard import factorize
     from hadaconv.io import load_model
     from hadaconv.nn import parameters_saved
@@ -154,6 +156,7 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int) -
     adapter = find_adapter(loaded.model, target=target)
     adapter.prepare(loaded.model)
     layers = adapter.layers(loaded.model)
+    block = block or default_block([layer.out.get()[0].shape[0] for layer in layers])
     total = sum(p.numel() for p in loaded.model.parameters())
     t = Table(title=f"{loaded.source}: {adapter.name}, {len(layers)} attention blocks, {total:,} parameters")
     for col in ("layer", "output projection", "width", "hadamard", "heads / kv / dim", "value", "removable params"):
@@ -176,16 +179,14 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int) -
 
 @cli.command("inspect")
 @click.argument("model", type=click.Path())
-@click.option("--block", type=POSITIVE, default=None, help="Block size to price the savings with.  [default: 16]")
+@click.option("--block", type=POSITIVE, default=None, help="Block size to price the savings with.  [default: as convert's]")
 @click.option("--config", "model_config", type=click.Path(), default=None)
 @click.option("--target", default=None, help="Regex for the generic fallback adapter.")
 @click.option("--trust-pickle", is_flag=True)
 def inspect_cmd(model, block, model_config, target, trust_pickle) -> None:
     """List MODEL's attention blocks, their widths and Hadamard factorization, and the savings,
     without calibrating."""
-    from hadaconv.convert import DEFAULT_BLOCK
-
-    _inspect(model, model_config, trust_pickle, target, DEFAULT_BLOCK if block is None else block)
+    _inspect(model, model_config, trust_pickle, target, block)
 
 
 @cli.command("eval")

@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass
-from typing import Callable, Literal
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -45,12 +45,26 @@ from hadaconv.sample import calibration_texts
 from hadaconv.sensitivity import METRIC, OTHER_METRIC, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
 
-__all__ = ["ConvertConfig", "ConvertReport", "LayerReport", "convert", "install_projection", "patch"]
+__all__ = ["ConvertConfig", "ConvertReport", "LayerReport", "convert", "default_block", "install_projection", "patch"]
 
-#: Default output block size.  Measured on SmolLM2-135M (README, "Choosing the block size"): the
-#: held-out error falls steadily with b while the cost grows linearly (b = 16 is 2.8% of W_o's
-#: parameters); 16 is where the perplexity gain per parameter flattens.
-DEFAULT_BLOCK = 16
+#: Default output block size.  Measured on SmolLM2-135M, all 30 layers, every other default
+#: (benchmarks/RESULTS.md, "Quality per parameter removed"): block 16 removes 7.18% of the model
+#: for 6.1x / 5.8x the teacher's held-out perplexity, block 32 6.98% for 4.4x / 4.7x, block 64
+#: 6.56% for 2.6x / 3.1x: wider blocks buy far more quality than the parameters they keep.
+DEFAULT_BLOCK = 64
+#: The default block leaves at least this many blocks per output (a 64-wide toy model would
+#: otherwise keep a dense 64 x 64 gamma and remove nothing).
+MIN_BLOCKS = 8
+
+
+def default_block(widths: Sequence[int]) -> int:
+    """The block size used when none is given: :data:`DEFAULT_BLOCK`, halved until it divides
+    every output width in ``widths`` into at least :data:`MIN_BLOCKS` blocks (1 at worst).
+    576 -> 64, 896 -> 64, 384 -> 32, 64 -> 8, 48 -> 4."""
+    b = DEFAULT_BLOCK
+    while b > 1 and any(w % b or w < MIN_BLOCKS * b for w in widths):
+        b //= 2
+    return b
 
 
 @dataclass
@@ -59,7 +73,8 @@ class ConvertConfig:
 
     Attributes:
         mode: "affine", "diag" or "head" (default; see :mod:`hadaconv.fit`).
-        block: output block size b of gamma (1 = the seed paper's diagonal affine).
+        block: output block size b of gamma (1 = the seed paper's diagonal affine); None: the
+            widths' :func:`default_block` (64 on SmolLM2's 576), resolved by :func:`find_target`.
         layers: layer indices that may be converted (None = all).
         max_layers: convert only the K least sensitive layers.
         max_loss: convert the least sensitive layers while their summed sensitivity stays <= E.
@@ -83,7 +98,7 @@ class ConvertConfig:
     """
 
     mode: Literal["affine", "diag", "head"] = "head"
-    block: int = DEFAULT_BLOCK
+    block: int | None = None
     layers: list[int] | None = None
     max_layers: int | None = None
     max_loss: float | None = None
@@ -118,11 +133,13 @@ class Calibration:
 
 @dataclass
 class Target:
-    """What is being converted: the adapter, the model kind, the candidate layers."""
+    """What is being converted: the adapter, the model kind, the candidate layers, the block size
+    (the configured one, or the layers' :func:`default_block`)."""
 
     adapter: Adapter
     kind: str
     layers: list[AttentionLayer]
+    block: int = DEFAULT_BLOCK
 
     def layout(self, layer: AttentionLayer) -> HeadLayout:
         return HeadLayout(layer.num_heads, layer.num_kv_heads, layer.head_dim)
@@ -136,6 +153,8 @@ def _check_config(cfg: ConvertConfig) -> None:
         raise InputError("--calib none (a data-free fit) cannot be mixed with other calibration sources")
     for name, least in (("block", 1), ("samples", 2), ("seq_len", 2), ("batch_size", 1)):
         value = getattr(cfg, name)
+        if name == "block" and value is None:
+            continue
         if not isinstance(value, int) or value < least:
             raise InputError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
 
@@ -168,9 +187,10 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
         raise HadaconvError(f"--layers names {sorted(missing)}, but the layers that can still be converted are "
                             f"{_ranges(sorted(available))}")
     layers = [layer for layer in all_layers if layer.index in wanted]
+    block = cfg.block or default_block([layer.out.get()[0].shape[0] for layer in layers])
     for layer in layers:
-        check_convertible(layer, cfg.block)
-    return Target(adapter, adapter.kind(model), layers)
+        check_convertible(layer, block)
+    return Target(adapter, adapter.kind(model), layers, block)
 
 
 def _ranges(indices: list[int]) -> str:
@@ -242,11 +262,12 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def fit_layer(layer: AttentionLayer, moments: Moments, cfg: ConvertConfig, target: Target) -> FitResult:
     """One layer's least-squares fit (``affine`` where there is no value projection to fold into)."""
-    check_convertible(layer, cfg.block)  # again, with the values: a streamed block's arrive only now
+    block = cfg.block or target.block
+    check_convertible(layer, block)  # again, with the values: a streamed block's arrive only now
     _check_moments(layer, moments)
     w, b = layer.out.get()
     mode = cfg.mode if layer.value is not None else "affine"
-    return fit_projection(w, b, moments, mode=mode, block=cfg.block, layout=target.layout(layer),
+    return fit_projection(w, b, moments, mode=mode, block=block, layout=target.layout(layer),
                           ridge=cfg.ridge, gamma_ridge=cfg.gamma_ridge, max_iter=cfg.max_iter)
 
 
@@ -268,7 +289,7 @@ def fit_layers(target: Target, stats: MomentCollector | None, cfg: ConvertConfig
                ) -> tuple[dict[int, FitResult], dict[int, LayerReport]]:
     """Stage 3: fit every candidate layer on its statistics (``stats`` None: a data-free fit)."""
     fits, rows = {}, {}
-    with progress(len(target.layers), f"fit ({cfg.mode}, block {cfg.block})", cfg.progress) as step:
+    with progress(len(target.layers), f"fit ({cfg.mode}, block {cfg.block or target.block})", cfg.progress) as step:
         for layer in target.layers:
             moments = Moments.identity(layer.width) if stats is None else stats.moments(layer.index)
             t = time.perf_counter()
@@ -428,6 +449,7 @@ def convert(
     _check_config(cfg)
     start = time.perf_counter()
     target = find_target(model, cfg, adapter)
+    cfg = replace(cfg, block=target.block)
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential)
     report.params_before = sum(p.numel() for p in model.parameters())
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -508,7 +530,7 @@ def convert_file(
         model.to(stored)
     width = next((m.n for m in loaded.model.modules() if isinstance(m, HadamardProjection)), report.layers[0].width)
     layers = sorted(set(previous.get("layers", [])) | set(report.converted))
-    meta = hadaconv_meta(adapter=report.adapter, layers=layers, block=cfg.block, fit=cfg.mode,
+    meta = hadaconv_meta(adapter=report.adapter, layers=layers, block=report.block, fit=cfg.mode,
                          width=width, m=factorize(width).m, target=target,
                          source=previous.get("source") or str(source))
     if process_group()[0] != 0:

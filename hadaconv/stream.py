@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -357,6 +358,7 @@ def convert_streamed(
     model = _hf_from_config(_hf_config(_read_json(source / "config.json")))
     model.eval()
     target = find_target(model, cfg)
+    cfg = replace(cfg, block=target.block)
     prefix, blocks = _blocks(model, target.adapter.layers(model))
     stored = _floating_dtype(files, f"{prefix}.")
     compute = torch.float32 if dev.type == "cpu" and stored in (torch.bfloat16, torch.float16) else stored

@@ -363,7 +363,7 @@ def test_qwen2_5_coder_two_layers_convert_reload_export_generate(tmp_path):
     assert report.converted == [0, 1]
     assert all(r.heldout_error < r.mean_error for r in report.layers)
     assert all(isinstance(layer.self_attn.o_proj, HadamardProjection) for layer in model.model.layers)
-    meta = hadaconv_meta(adapter=report.adapter, layers=report.converted, block=cfg.block, fit=cfg.mode,
+    meta = hadaconv_meta(adapter=report.adapter, layers=report.converted, block=report.block, fit=cfg.mode,
                          width=896, m=factorize(896).m)
     save_converted(model, tmp_path / "hc", meta=meta, tokenizer_source=src)
     reloaded = hadaconv.load(tmp_path / "hc")

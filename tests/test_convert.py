@@ -231,3 +231,11 @@ def test_sensitivity_replay_matches_full_forward(family, monkeypatch):
     torch.testing.assert_close(torch.tensor(replayed), torch.tensor(full), rtol=1e-5, atol=1e-9)
     monkeypatch.undo()
     assert all("forward" not in vars(blk) for blk in sens.block_list(model, layers))
+
+
+def test_default_block_divides_every_width_into_at_least_eight_blocks():
+    from hadaconv.convert import default_block
+
+    assert [default_block([w]) for w in (576, 896, 4096, 384, 64, 48)] == [64, 64, 64, 32, 8, 4]
+    assert default_block([576, 640]) == 64 and default_block([576, 96]) == 8  # every layer's width
+    assert default_block([7]) == 1
