@@ -180,9 +180,9 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
 @cli.command("inspect")
 @click.argument("model", type=click.Path())
 @click.option("--block", type=POSITIVE, default=None, help="Block size to price the savings with.  [default: as convert's]")
-@click.option("--config", "model_config", type=click.Path(), default=None)
+@click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @click.option("--target", default=None, help="Regex for the generic fallback adapter.")
-@click.option("--trust-pickle", is_flag=True)
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module (arbitrary unpickling can run code).")
 def inspect_cmd(model, block, model_config, target, trust_pickle) -> None:
     """List MODEL's attention blocks, their widths and Hadamard factorization, and the savings,
     without calibrating."""
@@ -196,7 +196,7 @@ def inspect_cmd(model, block, model_config, target, trust_pickle) -> None:
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Window length (non-overlapping).")
 @click.option("--max-windows", type=POSITIVE, default=32, show_default=True)
 @click.option("--reference", type=click.Path(), default=None, help="Encoders: the model to compare embeddings with.")
-@click.option("--config", "model_config", type=click.Path(), default=None)
+@click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @_device_options
 def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config, device, dtype) -> None:
     """Perplexity of a causal LM (or, with --reference, embedding cosine of an encoder) on text.
@@ -350,7 +350,9 @@ def run_cmd(bundle, prompt, text, max_new_tokens, temperature, top_k, seed, prov
     out = generate(opened, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     click.echo(prompt + (out.text[0] if out.text else " ".join(map(str, out.tokens[0]))))
     device = opened.session.get_providers()[0].replace("ExecutionProvider", "")
-    click.echo(f"[{out.new_tokens} tokens, {out.tokens_per_s:.1f} tokens/s decode, prefill of {out.prompt_tokens} "
+    # One new token comes from the prefill alone: there is no decode rate to report then.
+    rate = f"{out.tokens_per_s:.1f} tokens/s decode" if out.new_tokens > 1 else "no decode steps"
+    click.echo(f"[{out.new_tokens} tokens, {rate}, prefill of {out.prompt_tokens} "
                f"tokens {out.prefill_s * 1000:.0f} ms, {device}]", err=True)
 
 
