@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hadaconv.hadamard import factorize, hadamard_core, hadamard_matrix
+from hadaconv.hadamard import factorize, hadamard_core
+from op_reference import reference
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -78,22 +79,6 @@ def run_emulated(lib, x, n, *, gamma=None, beta=None, transpose=0, schedule=0, y
                                    1.0 / math.sqrt(n), ptr(gamma), gamma_b, ptr(beta), None)
     assert err is None, err.decode()
     return y.reshape(x.shape)
-
-
-def reference(x, gamma, beta, transpose):
-    n = x.shape[-1]
-    h = hadamard_matrix(n, normalized=True)
-    z = x.astype(np.float64) @ (h if transpose else h.T)
-    if gamma is not None:
-        g = gamma.astype(np.float64)
-        if g.ndim == 1:
-            z = z * g
-        else:
-            nb, b, _ = g.shape
-            z = np.einsum("ipq,riq->rip", g, z.reshape(-1, nb, b)).reshape(z.shape)
-    if beta is not None:
-        z = z + beta.astype(np.float64)
-    return z
 
 
 def assert_close(y, ref, dtype: str):

@@ -31,6 +31,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from hadaconv import runtime  # noqa: E402
 from hadaconv.hadamard import hadamard_core, supported_cores, sylvester  # noqa: E402
+from op_reference import affine, transform  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 INSIDE = "HADACONV_UNDER_SANITIZERS"  # set in the sanitized subprocess
@@ -192,18 +193,8 @@ def _reference(x, attrs, gamma, beta) -> np.ndarray:
     n, m = attrs["n"], attrs.get("m", 1)
     core = np.array(attrs.get("core", [1]), dtype=np.float64).reshape(m, m)
     h = np.kron(core, sylvester(int(math.log2(n // m))).astype(np.float64))
-    scale = attrs.get("scale", 1 / math.sqrt(n))
-    z = scale * (x.astype(np.float64) @ (h if attrs.get("transpose", 0) else h.T))
-    if gamma is not None:
-        g = gamma.astype(np.float64)
-        if g.ndim == 1:
-            z = z * g
-        else:
-            nb, b, _ = g.shape
-            z = np.einsum("ipq,...iq->...ip", g, z.reshape(*z.shape[:-1], nb, b)).reshape(z.shape)
-    if beta is not None:
-        z = z + beta.astype(np.float64)
-    return z
+    z = transform(x, h, attrs.get("scale", 1 / math.sqrt(n)), attrs.get("transpose", 0))
+    return affine(z, gamma, beta)
 
 
 def _close(y, ref, dtype) -> bool:

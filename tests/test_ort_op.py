@@ -27,7 +27,8 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from hadaconv import runtime  # noqa: E402
 from hadaconv.errors import HadaconvError  # noqa: E402
-from hadaconv.hadamard import factorize, hadamard_core, hadamard_matrix  # noqa: E402
+from hadaconv.hadamard import factorize, hadamard_core  # noqa: E402
+from op_reference import reference  # noqa: E402
 
 OPSETS = [helper.make_opsetid("", 18), helper.make_opsetid("com.hadaconv", 1)]
 ONNX_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
@@ -57,23 +58,6 @@ def make_model(n, dtype=np.float32, *, gamma=None, beta=False, transpose=0, x_sh
     node = helper.make_node("HadamardAffine", names, ["Y"], domain="com.hadaconv", **attrs)
     graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("Y", t, None)])
     return helper.make_model(graph, opset_imports=OPSETS).SerializeToString()
-
-
-def reference(x, gamma=None, beta=None, transpose=0):
-    """float64: gamma (H x / sqrt(n)) + beta per row (H^T for transpose)."""
-    n = x.shape[-1]
-    h = hadamard_matrix(n, normalized=True)
-    z = x.astype(np.float64) @ (h if transpose else h.T)
-    if gamma is not None:
-        g = gamma.astype(np.float64)
-        if g.ndim == 1:
-            z = z * g
-        else:
-            nb, b, _ = g.shape
-            z = np.einsum("ipq,...iq->...ip", g, z.reshape(*z.shape[:-1], nb, b)).reshape(z.shape)
-    if beta is not None:
-        z = z + beta.astype(np.float64)
-    return z
 
 
 def assert_close(y, ref):
