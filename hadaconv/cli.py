@@ -156,7 +156,7 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
     adapter = find_adapter(loaded.model, target=target)
     adapter.prepare(loaded.model)
     layers = adapter.layers(loaded.model)
-    block = block or default_block([layer.out.get()[0].shape[0] for layer in layers])
+    block = block or default_block([layer.out_features for layer in layers])
     total = sum(p.numel() for p in loaded.model.parameters())
     t = Table(title=f"{loaded.source}: {adapter.name}, {len(layers)} attention blocks, {total:,} parameters")
     for col in ("layer", "output projection", "width", "hadamard", "heads / kv / dim", "value", "removable params"):

@@ -187,7 +187,7 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
         raise HadaconvError(f"--layers names {sorted(missing)}, but the layers that can still be converted are "
                             f"{_ranges(sorted(available))}")
     layers = [layer for layer in all_layers if layer.index in wanted]
-    block = cfg.block or default_block([layer.out.get()[0].shape[0] for layer in layers])
+    block = cfg.block or default_block([layer.out_features for layer in layers])
     for layer in layers:
         check_convertible(layer, block)
     return Target(adapter, adapter.kind(model), layers, block)
