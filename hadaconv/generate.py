@@ -2,7 +2,8 @@
 
 :func:`generate` runs a causal LM exported with the KV cache: one prefill over the (left-padded)
 prompts with an empty past, then one single-token step per new token, each feeding the previous
-step's ``present.*`` back as ``past_key_values.*``.  Greedy by default; ``temperature > 0``
+step's ``present.*`` back as ``past_key_values.*`` through ONNX Runtime IO binding (the cache
+stays on the execution provider's device).  Greedy by default; ``temperature > 0``
 samples (optionally from the ``top_k`` most likely tokens).  :func:`embed` runs an encoder.
 
 Both accept an opened :class:`~hadaconv.export.bundle.Bundle`, a bundle folder, or a bare
@@ -123,6 +124,101 @@ def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Gen
     return np.array([rng.choice(len(row), p=row) for row in p])
 
 
+def _cache_inputs(session: Any, meta: dict) -> list[str]:
+    """The ``past_key_values.*`` input names in layer order; HadaconvError when there is no cache."""
+    inputs = [i.name for i in session.get_inputs()]
+    past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))
+    if "input_ids" not in inputs or not past:
+        kind = meta.get("kind", "this model")
+        raise HadaconvError(f"generation needs a causal LM exported with the KV cache; {kind} has inputs "
+                            f"{', '.join(inputs)} (export without --no-cache)")
+    return past
+
+
+def _special_tokens(meta: dict, eos_token_id: Any, pad_token_id: int | None) -> tuple[set[int], int]:
+    """(EOS ids, pad id): the arguments, else the bundle's metadata, else pad = min EOS, else 0."""
+    eos = meta.get("eos_token_id") if eos_token_id is None else eos_token_id
+    eos_set = set([eos] if isinstance(eos, int) else (eos or []))
+    pad = pad_token_id if pad_token_id is not None else meta.get("pad_token_id")
+    return eos_set, pad if pad is not None else (min(eos_set) if eos_set else 0)
+
+
+def _cache_device(session: Any) -> tuple[str, int]:
+    """(device type, device id) where the session's execution provider keeps tensors: ``("cuda",
+    its device_id option)`` on the CUDA execution provider, else ``("cpu", 0)``."""
+    if "CUDAExecutionProvider" in session.get_providers():
+        options = session.get_provider_options().get("CUDAExecutionProvider", {})
+        return "cuda", int(options.get("device_id", 0))
+    return "cpu", 0
+
+
+def _empty_past(session: Any, past_names: list[str], batch: int, device: tuple[str, int]) -> dict[str, Any]:
+    """The prefill's past: OrtValues [batch, heads, 0, head_dim] on ``device``."""
+    from onnxruntime import OrtValue
+
+    inputs = {i.name: i for i in session.get_inputs()}
+    past = {}
+    for name in past_names:
+        shape = inputs[name].shape
+        if not (isinstance(shape[1], int) and isinstance(shape[3], int)):
+            raise HadaconvError(f"input {name} has no static heads/head size: {shape}")
+        dtype = _NP.get(inputs[name].type, np.float32)
+        past[name] = OrtValue.ortvalue_from_shape_and_type([batch, shape[1], 0, shape[3]], dtype, *device)
+    return past
+
+
+def _step(session: Any, feeds: dict[str, np.ndarray], past: dict[str, Any],
+          device: tuple[str, int]) -> tuple[np.ndarray, dict[str, Any]]:
+    """One forward pass with IO binding: (last-position logits [batch, vocab] on the host, the
+    presents as OrtValues on ``device``, keyed by the ``past_key_values.*`` name they feed next)."""
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name, value in past.items():
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_output("logits", "cpu")  # the only tensor the host needs
+    for name in past:
+        binding.bind_output(name.replace("past_key_values.", "present."), *device)
+    binding.synchronize_inputs()
+    session.run_with_iobinding(binding)
+    binding.synchronize_outputs()
+    logits, *presents = binding.get_outputs()  # in binding order
+    return logits.numpy()[:, -1], dict(zip(past, presents))
+
+
+def _decode(session: Any, past_names: list[str], ids: np.ndarray, mask: np.ndarray, max_new_tokens: int,
+            pick: Any, eos_set: set[int], pad: int) -> tuple[np.ndarray, float, float]:
+    """(new tokens [batch, <= max_new_tokens], prefill seconds, decode seconds): the prefill over
+    ``ids`` with an empty past, then single-token steps until every row has hit EOS."""
+    batch, has_positions = ids.shape[0], any(i.name == "position_ids" for i in session.get_inputs())
+    device = _cache_device(session)
+    past = _empty_past(session, past_names, batch, device)
+    out_tokens = np.full((batch, max_new_tokens), pad, dtype=np.int64)
+    done = np.zeros(batch, dtype=bool)
+    step_ids, prefill_s, decode_s = ids, 0.0, 0.0
+    for step in range(max_new_tokens):
+        feeds = {"input_ids": step_ids, "attention_mask": mask}
+        if has_positions:
+            feeds["position_ids"] = _positions(mask, step_ids.shape[1])
+        start = time.perf_counter()
+        try:
+            logits, past = _step(session, feeds, past, device)
+        except Exception as exc:
+            raise HadaconvError(f"ONNX Runtime failed at generation step {step}: {str(exc).strip().splitlines()[0]}") from None
+        if step == 0:
+            prefill_s = time.perf_counter() - start
+        else:
+            decode_s += time.perf_counter() - start
+        token = np.where(done, pad, pick(logits))
+        out_tokens[:, step] = token
+        done |= np.isin(token, list(eos_set))
+        if done.all():
+            return out_tokens[:, : step + 1], prefill_s, decode_s
+        step_ids = token[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], 1)
+    return out_tokens, prefill_s, decode_s
+
+
 def generate(
     target: Bundle | str | os.PathLike | Any,
     prompt: str | Sequence[str] | Any,
@@ -137,6 +233,14 @@ def generate(
 ) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after ``prompt`` with the KV cache.
 
+    Every step runs with ONNX Runtime IO binding (``session.io_binding()``, ``run_with_iobinding``):
+    the ``present.*`` outputs are bound to the execution provider's device (the CUDA device of the
+    CUDA execution provider, else host memory), left there as OrtValues and bound as the next
+    step's ``past_key_values.*``, so the KV cache never makes the device -> host -> device round
+    trip of ``session.run``; only the logits are bound to host memory (source: ONNX Runtime's
+    "I/O Binding" performance page and its Python ``IOBinding`` API; Optimum's ``use_io_binding``
+    does the same).
+
     Args:
         target: a bundle (opened or its folder) or an ``onnxruntime.InferenceSession`` of a
             causal LM exported with the cache.
@@ -148,66 +252,26 @@ def generate(
         pad_token_id: filler for padding and for rows that stopped (default: the bundle's, else EOS, else 0).
         seed: for sampling.
         tokenizer: overrides the bundle's (needed for text with a bare session).
+
+    Returns a :class:`Generation`: int64 tokens [batch, new], prefill and decode wall seconds.
+    Raises HadaconvError (InputError for bad arguments) on a model without a cache, bad prompts
+    or an ONNX Runtime failure (one line, with the step).
     """
     session, tokenizer, meta = _resolve(target, tokenizer)
-    inputs = {i.name: i for i in session.get_inputs()}
-    past_names = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))
-    if "input_ids" not in inputs or not past_names:
-        kind = meta.get("kind", "this model")
-        raise HadaconvError(f"generation needs a causal LM exported with the KV cache; {kind} has inputs "
-                            f"{', '.join(inputs)} (export without --no-cache)")
+    past_names = _cache_inputs(session, meta)
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or top_k < 0:
         raise InputError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
-    eos = meta.get("eos_token_id") if eos_token_id is None else eos_token_id
-    eos_set = set([eos] if isinstance(eos, int) else (eos or []))
-    pad = pad_token_id if pad_token_id is not None else meta.get("pad_token_id")
-    pad = pad if pad is not None else (min(eos_set) if eos_set else 0)
+    eos_set, pad = _special_tokens(meta, eos_token_id, pad_token_id)
     ids, mask = _encode(prompt, tokenizer, pad)
-    batch = ids.shape[0]
     rng = np.random.default_rng(seed)
-
-    feeds: dict[str, np.ndarray] = {}
-    for name in past_names:  # the empty past: [batch, heads, 0, head_dim]
-        shape = inputs[name].shape
-        if not (isinstance(shape[1], int) and isinstance(shape[3], int)):
-            raise HadaconvError(f"input {name} has no static heads/head size: {shape}")
-        feeds[name] = np.zeros((batch, shape[1], 0, shape[3]), dtype=_NP.get(inputs[name].type, np.float32))
-    outputs = [o.name for o in session.get_outputs()]
-    present = {n: n.replace("past_key_values.", "present.") for n in past_names}
-
-    out_tokens = np.full((batch, max_new_tokens), pad, dtype=np.int64)
-    done = np.zeros(batch, dtype=bool)
-    step_ids, prefill_s, decode_s = ids, 0.0, 0.0
-    for step in range(max_new_tokens):
-        feeds["input_ids"], feeds["attention_mask"] = step_ids, mask
-        if "position_ids" in inputs:
-            feeds["position_ids"] = _positions(mask, step_ids.shape[1])
-        start = time.perf_counter()
-        try:
-            result = dict(zip(outputs, session.run(outputs, feeds)))
-        except Exception as exc:
-            raise HadaconvError(f"ONNX Runtime failed at generation step {step}: {str(exc).strip().splitlines()[0]}") from None
-        if step == 0:
-            prefill_s = time.perf_counter() - start
-        else:
-            decode_s += time.perf_counter() - start
-        token = _pick(result["logits"][:, -1], temperature, top_k, rng)
-        token = np.where(done, pad, token)
-        out_tokens[:, step] = token
-        done |= np.isin(token, list(eos_set))
-        if done.all():
-            out_tokens = out_tokens[:, : step + 1]
-            break
-        for name in past_names:
-            feeds[name] = result[present[name]]
-        step_ids = token[:, None].astype(np.int64)
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], 1)
+    tokens, prefill_s, decode_s = _decode(session, past_names, ids, mask, max_new_tokens,
+                                          lambda logits: _pick(logits, temperature, top_k, rng), eos_set, pad)
     text = None
     if tokenizer is not None:
-        text = [tokenizer.decode(_until_eos(row, eos_set), skip_special_tokens=True) for row in out_tokens.tolist()]
-    return Generation(out_tokens, text, int(ids.shape[1]), prefill_s, decode_s)
+        text = [tokenizer.decode(_until_eos(row, eos_set), skip_special_tokens=True) for row in tokens.tolist()]
+    return Generation(tokens, text, int(ids.shape[1]), prefill_s, decode_s)
 
 
 def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *, tokenizer: Any = None) -> Embedding:

@@ -291,6 +291,74 @@ def test_bundle_errors(tmp_path, tiny_bundle):
         open_bundle(broken)
 
 
+def plain_run_greedy(sess, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Greedy tokens from a plain ``session.run`` loop (every present copied to numpy and fed back):
+    the reference for the IO-binding loop of ``generate``.  Rows of equal length, no padding."""
+    batch, seq = ids.shape
+    feeds = {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
+             for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+    names = [o.name for o in sess.get_outputs()]
+    tokens, step_ids = [], ids
+    for _ in range(new_tokens):
+        past = seq + len(tokens) - 1 if tokens else 0
+        feeds.update(input_ids=step_ids, attention_mask=np.ones((batch, past + step_ids.shape[1]), np.int64),
+                     position_ids=np.tile(np.arange(past, past + step_ids.shape[1]), (batch, 1)))
+        out = dict(zip(names, sess.run(names, feeds)))
+        tokens.append(out["logits"][:, -1].argmax(-1))
+        feeds.update({n.replace("present.", "past_key_values."): v for n, v in out.items() if n.startswith("present.")})
+        step_ids = tokens[-1][:, None].astype(np.int64)
+    return np.stack(tokens, 1)
+
+
+def test_generate_with_io_binding_equals_a_plain_run_loop(tiny_bundle, monkeypatch):
+    from onnxruntime.capi import onnxruntime_inference_collection as orti
+
+    sess = numpy_session(tiny_bundle)
+    ids = np.array([[5, 6, 7, 8], [900, 31, 2024, 77]], dtype=np.int64)
+    ref = plain_run_greedy(sess, ids, 6)
+    bound, returned, to_numpy = [], [], []
+    bind, outputs, numpy = orti.IOBinding.bind_ortvalue_input, orti.IOBinding.get_outputs, orti.OrtValue.numpy
+
+    def spy_bind(self, name, value):
+        bound.append((name, value))
+        return bind(self, name, value)
+
+    def spy_outputs(self):
+        returned.append(outputs(self))
+        return returned[-1]
+
+    def spy_numpy(self):
+        to_numpy.append(self)
+        return numpy(self)
+
+    monkeypatch.setattr(orti.IOBinding, "bind_ortvalue_input", spy_bind)
+    monkeypatch.setattr(orti.IOBinding, "get_outputs", spy_outputs)
+    monkeypatch.setattr(orti.OrtValue, "numpy", spy_numpy)
+    monkeypatch.setattr(sess, "run", lambda *a, **k: pytest.fail("generate must not use session.run"))
+    out = generate(sess, ids, 6, eos_token_id=[])
+    np.testing.assert_array_equal(out.tokens, ref)
+    # Each decode step binds, as its past, the very OrtValues the previous step returned (no host
+    # copy in between), and the only tensor ever turned into numpy is each step's logits.
+    assert len(returned) == 6 and len(bound) == 6 * 4  # 2 layers x (key, value)
+    for step in range(1, 6):
+        for name, value in bound[4 * step: 4 * step + 4]:
+            assert any(value is o for o in returned[step - 1][1:]), name
+            assert value.device_name() == "cpu" and value.shape()[2] == 4 + step - 1
+    assert [v is r[0] for v, r in zip(to_numpy, returned)] == [True] * 6
+
+
+def test_cache_device_follows_the_provider():
+    from hadaconv.generate import _cache_device
+
+    class Session:
+        def __init__(self, providers, options):
+            self.get_providers, self.get_provider_options = lambda: providers, lambda: options
+
+    assert _cache_device(Session(["CPUExecutionProvider"], {"CPUExecutionProvider": {}})) == ("cpu", 0)
+    cuda = Session(["CUDAExecutionProvider", "CPUExecutionProvider"], {"CUDAExecutionProvider": {"device_id": "1"}})
+    assert _cache_device(cuda) == ("cuda", 1)
+
+
 def test_wrong_input_shape_is_one_line(tmp_path):
     proj = nn.Sequential(nn.Linear(24, 48), HadamardProjection(48, block=4))
     with pytest.raises(HadaconvError, match=r"^Sequential fails on the example inputs \(\[2, 7, 30\]\): mat1") as exc:
