@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def median_ms(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1, budget_s: float = 20.0) -> float:
@@ -22,6 +22,21 @@ def median_ms(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1, bu
             break
     return statistics.median(times)
 
+
+def alternate(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """``repeats`` values of every measure, run in turns (order reversed every other repeat) so
+    drifting machine load reaches all of them alike; one list per name, in run order."""
+    values: dict[str, list[float]] = {name: [] for name in measures}
+    for r in range(repeats):
+        for name in (list(measures) if r % 2 == 0 else list(reversed(measures))):
+            values[name].append(measures[name]())
+    return values
+
+
+def median_spread(values: Sequence[float], digits: int = 1) -> str:
+    """"median (min-max, n=N)": one measured value with its run-to-run spread stated."""
+    return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f}, "
+            f"n={len(values)})")
 
 def machine() -> str:
     """One line: CPU model, cores, OS."""

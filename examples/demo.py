@@ -5,10 +5,11 @@ text sampled from the model itself (the default calibration and distillation tex
 the MLP down-projection refit) -> a short distillation -> ONNX export (with the com.hadaconv op) ->
 generation in ONNX Runtime, then one before/after table: parameters, ONNX file size, perplexity
 on held-out text of two domains the demo never trains on (the Python language reference, the King
-James Bible: benchmarks/common.py) and decode tokens/s, dense original vs converted.  Everything
-else is written under ``--work``.
+James Bible: benchmarks/common.py) and decode tokens/s, dense original vs converted (the median of
+``--repeats`` generations of each, alternating, with the min-max spread).  Everything else is
+written under ``--work``.
 
-    python examples/demo.py [--work demo-out] [--distill-minutes 2] [--max-layers 10]
+    python examples/demo.py [--work demo-out] [--distill-minutes 2] [--max-layers 10] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from hadaconv.convert import ConvertConfig, convert
 from hadaconv.distill import DistillConfig, distill
 from hadaconv.evaluate import perplexity, text_windows
 from hadaconv.export import export_onnx
+from hadaconv.export.bundle import open_bundle
 from hadaconv.generate import generate
 from hadaconv.io import load_model
 from hadaconv.sample import cached_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from common import heldout_domains  # noqa: E402
+from common import alternate, heldout_domains, median_spread  # noqa: E402
 
 console = Console(width=150)
 PROMPT = "The capital of France is"
@@ -51,13 +53,41 @@ def onnx_bytes(bundle: Path) -> int:
     return sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx"))
 
 
+def decode_speed(bundles: dict[str, Path], repeats: int, new_tokens: int = 32) -> dict[str, list[float]]:
+    """Decode tokens/s (:attr:`Generation.tokens_per_s`, batch 1) of each bundle, ``repeats``
+    greedy generations of ``new_tokens`` after PROMPT each, the bundles alternating, EOS ignored so
+    every run decodes the same number of tokens.  Each session is opened once and warmed up by
+    one short generation first (its first runs allocate and pick kernels)."""
+    opened = {name: open_bundle(path) for name, path in bundles.items()}
+    for bundle in opened.values():
+        generate(bundle, PROMPT, 2, eos_token_id=[])
+    return alternate({name: (lambda b=bundle: generate(b, PROMPT, new_tokens, eos_token_id=[]).tokens_per_s)
+                      for name, bundle in opened.items()}, repeats)
+
+
+def before_after(title: str, rows: dict[str, tuple], caption: str) -> Table:
+    """The demo's table; ``rows``: name -> (parameters, ONNX bytes, {domain: perplexity}, [decode tokens/s])."""
+    domains = list(next(iter(rows.values()))[2])
+    table = Table(title=title, caption=caption)
+    for col in ("model", "parameters", "ONNX size", *(f"perplexity {d}" for d in domains),
+                "decode tokens/s (ORT, CPU): median (min-max)"):
+        table.add_column(col, justify="right")
+    for name, (params, size, ppl, speeds) in rows.items():
+        table.add_row(name, f"{params:,}", f"{size / 2**20:.1f} MiB", *(f"{ppl[d]:.2f}" for d in domains),
+                      median_spread(speeds))
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("demo-out"))
     ap.add_argument("--max-layers", type=int, default=10, help="convert the K least sensitive layers (0 = all)")
     ap.add_argument("--distill-minutes", type=float, default=2.0)
     ap.add_argument("--samples", type=int, default=32, help="sequences of 256 tokens sampled from the model")
+    ap.add_argument("--repeats", type=int, default=5, help="generations per model for the decode speed (median)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -94,28 +124,26 @@ def main() -> None:
     lap("distill")
 
     console.rule("4. export to ONNX (dense baseline and converted) and generate")
-    rows = {}
+    rows, bundles = {}, {}
     for name, model in (("original (dense)", teacher), ("hadaconv", student)):
-        bundle = args.work / ("dense.onnx" if model is teacher else "hadaconv.onnx")
-        export_onnx(model, bundle, tokenizer=tok, log=console.print)
-        gen = generate(bundle, PROMPT, max_new_tokens=32)
+        bundles[name] = args.work / ("dense.onnx" if model is teacher else "hadaconv.onnx")
+        export_onnx(model, bundles[name], tokenizer=tok, log=console.print)
+        gen = generate(bundles[name], PROMPT, max_new_tokens=32)
         console.print(f"[bold]{name}[/]: {PROMPT}{gen.text[0]}")
-        rows[name] = (sum(p.numel() for p in model.parameters()), onnx_bytes(bundle), quality(model), gen.tokens_per_s)
+        rows[name] = (sum(p.numel() for p in model.parameters()), onnx_bytes(bundles[name]), quality(model))
         lap(f"export + run ({'dense' if model is teacher else 'hadaconv'})")
+    speed = decode_speed(bundles, args.repeats)
+    lap(f"decode speed ({args.repeats} x 2 runs)")
 
-    table = Table(title=f"hadaconv demo: SmolLM2-135M, {len(report.converted)} of {len(report.layers)} "
-                        f"attention output projections converted (block {report.block})")
-    for col in ("model", "parameters", "ONNX size", *(f"perplexity {d}" for d in domains),
-                "decode tokens/s (ORT, CPU)"):
-        table.add_column(col, justify="right")
-    for name, (params, size, ppl, tps) in rows.items():
-        table.add_row(name, f"{params:,}", f"{size / 2**20:.1f} MiB", *(f"{ppl[d]:.2f}" for d in domains), f"{tps:.1f}")
-    table.caption = ("held-out perplexity: 4 x 512 tokens per domain, text neither conversion nor distillation saw; "
-                     "right after conversion (before distillation): "
-                     + ", ".join(f"{d} {v:.2f}" for d, v in ppl_converted.items()) + "; "
-                     f"total demo time {(time.perf_counter() - t0) / 60:.1f} min ("
-                     + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + ")")
-    console.print(table)
+    caption = ("held-out perplexity: 4 x 512 tokens per domain, text neither conversion nor distillation saw; "
+               f"decode: batch 1, 32 greedy tokens after {PROMPT!r}, {args.repeats} runs per model alternating; "
+               "right after conversion (before distillation): "
+               + ", ".join(f"{d} {v:.2f}" for d, v in ppl_converted.items()) + "; "
+               f"total demo time {(time.perf_counter() - t0) / 60:.1f} min ("
+               + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + ")")
+    console.print(before_after(f"hadaconv demo: SmolLM2-135M, {len(report.converted)} of {len(report.layers)} "
+                               f"attention output projections converted (block {report.block})",
+                               {name: (*row, speed[name]) for name, row in rows.items()}, caption))
 
 
 if __name__ == "__main__":

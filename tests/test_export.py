@@ -359,6 +359,24 @@ def test_cache_device_follows_the_provider():
     assert _cache_device(cuda) == ("cuda", 1)
 
 
+def test_demo_decode_speed_alternates_and_states_the_spread(tiny_bundle, monkeypatch):
+    """examples/demo.py's decode speed: ``repeats`` runs per bundle in alternating order
+    (benchmarks/common.alternate), printed as median (min-max)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("demo", root / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    order = []
+    values = demo.alternate({"a": lambda: order.append("a") or 1.0, "b": lambda: order.append("b") or 2.0}, 3)
+    assert order == ["a", "b", "b", "a", "a", "b"] and values == {"a": [1.0] * 3, "b": [2.0] * 3}
+    assert demo.median_spread([3.0, 1.0, 10.0, 2.0]) == "2.5 (1.0-10.0, n=4)"
+    monkeypatch.setattr(demo, "PROMPT", [5, 6, 7])  # token ids: this bundle has no tokenizer
+    speed = demo.decode_speed({"dense": tiny_bundle, "converted": tiny_bundle}, 3, new_tokens=4)
+    assert list(speed) == ["dense", "converted"] and all(len(v) == 3 and min(v) > 0 for v in speed.values())
+
+
 def test_wrong_input_shape_is_one_line(tmp_path):
     proj = nn.Sequential(nn.Linear(24, 48), HadamardProjection(48, block=4))
     with pytest.raises(HadaconvError, match=r"^Sequential fails on the example inputs \(\[2, 7, 30\]\): mat1") as exc:
