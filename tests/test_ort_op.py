@@ -146,17 +146,22 @@ def test_every_instruction_set(n, isa, monkeypatch, capfd):
 
 
 @pytest.mark.parametrize("n", [64, 384, 576, 2560])
-@pytest.mark.parametrize("gamma", ["none", "vector", "b4", "b16", "b3"])
+@pytest.mark.parametrize("gamma", ["none", "vector", "b4", "b16", "b64", "b3"])
 @pytest.mark.parametrize("beta", [False, True], ids=["nobeta", "beta"])
 def test_affine_variants(n, gamma, beta):
+    """Block gammas run 4 rows at a time with a tile width per row count: 9 rows = 4 + 4 + 1,
+    then 2 and 3 rows (b64 is the convert default for n = 576)."""
     if gamma == "b3" and n % 3:
         pytest.skip("b must divide n")
-    gshape = {"none": None, "vector": (n,), "b4": (n // 4, 4, 4), "b16": (n // 16, 16, 16),
-              "b3": (n // 3, 3, 3)}[gamma]
+    b_ = {"none": None, "vector": None, "b4": 4, "b16": 16, "b64": 64, "b3": 3}[gamma]
+    gshape = (n,) if gamma == "vector" else None if b_ is None else (n // b_, b_, b_)
     rng = np.random.default_rng(7)
     x, g, b = inputs(rng, (9, n), n, np.float32, gshape, beta)
-    _, y = run(make_model(n, gamma=gshape, beta=beta, x_shape=("R", None)), feeds_of(x, g, b))
+    sess, y = run(make_model(n, gamma=gshape, beta=beta, x_shape=("R", None)), feeds_of(x, g, b))
     assert_close(y, reference(x, g, b))
+    for rows in (2, 3):
+        y = sess.run(None, feeds_of(x[:rows], g, b))[0]
+        assert_close(y, reference(x[:rows], g, b))
 
 
 @pytest.mark.parametrize("n", [384, 896, 4096])  # Paley I cores (12, 28) are not symmetric

@@ -256,11 +256,15 @@ inline void block_tile_rows(const Plan& p, const float* z, T* const* y, int64_t 
     for (int t = 0; t < TP; ++t) V::store(y[r] + j * B + p0 + t * V::W, acc[r][t]);
 }
 
+// Tiles of 8 / kRows vectors keep 8 accumulators in flight for any row count: with fewer the
+// fmadd chain's latency (4 cycles), not the FMA units, bounds a decode-sized (1-row) call.
 template <class V, int kRows, class T>
 inline void block_pass_rows(const Plan& p, const float* z, T* const* y) {
+  constexpr int kTile = kRows >= 4 ? 2 : 8 / kRows;
   const int64_t B = p.B;
   for (int64_t j = 0; j < p.n / B; ++j) {
     int64_t p0 = 0;
+    for (; p0 + kTile * V::W <= B; p0 += kTile * V::W) block_tile_rows<V, kRows, kTile>(p, z, y, j, p0);
     for (; p0 + 2 * V::W <= B; p0 += 2 * V::W) block_tile_rows<V, kRows, 2>(p, z, y, j, p0);
     if (p0 < B) block_tile_rows<V, kRows, 1>(p, z, y, j, p0);
   }
