@@ -4,15 +4,18 @@ For each width n, X is [rows, n] float32 (rows = 2048), gamma/beta are constants
 variant is one ONNX graph run by the same onnxruntime, 1 and 2 intra-op threads:
 
 * ``Mul``    Y = X * c: one elementwise pass over memory, the floor for any transform;
-* ``ours``   HadamardAffine with a vector gamma, and with b = 16 blocks;
+* ``ours``   HadamardAffine with a vector gamma, and with the block gamma convert uses by
+             default at this width (``convert.default_block``: 64 at 576);
 * ``kron``   the best standard-op form: X as [rows*m*a, b], MatMul with the +-1 H_b, a batched
              MatMul with H_a, the m x m core MatMul, then gamma and beta;
-* ``dense``  MatMul with the dense n x n matrix (what the projection replaces; few repeats).
+* ``dense``  MatMul with the dense n x n matrix (what the projection replaces; 3 runs).
 
-Prints one table (median ms) and, with ``--write``, puts it into benchmarks/RESULTS.md under
-``## ONNX Runtime op (CPU)``.
+Mul / ours / blocks / kron alternate within every repeat (``common.alternate``) until each
+ratio to Mul is known to +-2% (95% bootstrap interval, ``common.ratio``) or ``--budget`` is
+spent.  Prints one table (median ms, ratios with their noise) and, with ``--write``, puts it
+into benchmarks/RESULTS.md under ``## ONNX Runtime op (CPU)``.
 
-    python benchmarks/bench_ort_op.py [--quick] [--write] [--threads 1 2] [--no-dense]
+    python benchmarks/bench_ort_op.py [--quick] [--write] [--threads 1 2] [--rows 1] [--no-dense]
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import argparse
 import math
 import os
 import re
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +35,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median_ms  # noqa: E402
+from common import alternate, machine, ratio  # noqa: E402
 
 from hadaconv import runtime  # noqa: E402
+from hadaconv.convert import default_block  # noqa: E402
 from hadaconv.hadamard import factorize, hadamard_core, hadamard_matrix, sylvester  # noqa: E402
 
 FULL = [512, 576, 768, 1024, 4096, 5120, 8192]
@@ -102,42 +108,69 @@ def check(sess, x: np.ndarray, ref: np.ndarray, what: str) -> None:
         raise SystemExit(f"{what}: wrong result (max relative error {err:.2e})")
 
 
-def measure(n: int, rows: int, threads: int, with_dense: bool, repeats: int) -> dict[str, float]:
+def timer(sess, feeds: dict, target_s: float = 0.01):
+    """A function timing ``sess.run``: each call runs it enough times back to back (at least
+    ``target_s`` seconds, measured once here) to be well above the clock's and the scheduler's
+    granularity, and returns seconds per run."""
+    sess.run(None, feeds)
+    t = time.perf_counter()
+    sess.run(None, feeds)
+    inner = max(1, int(target_s / max(time.perf_counter() - t, 1e-7)))
+
+    def once() -> float:
+        t = time.perf_counter()
+        for _ in range(inner):
+            sess.run(None, feeds)
+        return (time.perf_counter() - t) / inner
+
+    return once
+
+
+def measure(n: int, rows: int, threads: int, with_dense: bool, budget_s: float) -> dict[str, tuple[float, float]]:
+    """Median ms and, for every variant but Mul, (its time over Mul's, that ratio's noise)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((rows, n), dtype=np.float32)
+    block = default_block([n])
     gamma = rng.standard_normal(n).astype(np.float32)
     beta = rng.standard_normal(n).astype(np.float32)
-    blocks = rng.standard_normal((n // 16, 16, 16)).astype(np.float32)
+    blocks = rng.standard_normal((n // block, block, block)).astype(np.float32)
     H = hadamard_matrix(n, normalized=True)
     z = x[:64].astype(np.float64) @ H.T
     ref_vec = z * gamma + beta
-    ref_blk = np.einsum("ipq,riq->rip", blocks, z.reshape(64, n // 16, 16)).reshape(64, n) + beta
+    ref_blk = np.einsum("ipq,riq->rip", blocks, z.reshape(len(z), n // block, block)).reshape(len(z), n) + beta
 
     opts = dict(intra_op_num_threads=threads, inter_op_num_threads=1)
     sess = lambda model: runtime.session(model, providers=["CPUExecutionProvider"], **opts)  # noqa: E731
-    out: dict[str, float] = {}
     variants = [("mul", mul(n), None), ("ours", ours(n, gamma, beta), ref_vec),
-                ("ours_b16", ours(n, blocks, beta), ref_blk), ("kron", kron(n, gamma, beta), ref_vec)]
+                ("ours_blk", ours(n, blocks, beta), ref_blk), ("kron", kron(n, gamma, beta), ref_vec)]
+    fns = {}
     for name, model, ref in variants:
         s = sess(model)
         if ref is not None:
             check(s, x, ref, name)
-        out[name] = median_ms(lambda: s.run(None, {"X": x}), repeats=repeats, warmup=2, budget_s=10)
-    if with_dense:
-        s = sess(dense(n))
-        out["dense"] = median_ms(lambda: s.run(None, {"X": x}), repeats=2, warmup=1, budget_s=5)
+        fns[name] = timer(s, {"X": x})
+    times = alternate(fns, min_repeats=7, max_repeats=60, budget_s=budget_s, noise=0.02)
+    out = {name: (statistics.median(t) * 1e3, *ratio(t, times["mul"])) for name, t in times.items()}
+    out["block"] = block
+    if with_dense:  # seconds per run at large n: a few runs, outside the alternation
+        once = timer(sess(dense(n)), {"X": x})
+        out["dense"] = (statistics.median(once() for _ in range(3)) * 1e3,)
     return out
 
 
-COLUMNS = ["n", "factors", "threads", "Mul (floor)", "ours", "ours/floor", "ours b=16", "b16/floor", "kron",
+COLUMNS = ["n", "factors", "threads", "Mul (floor)", "ours", "ours/floor", "ours blocks", "blocks/floor", "kron",
            "dense", "dense/ours"]
 
 
-def cells(n: int, threads: int, r: dict[str, float]) -> list[str]:
+def cells(n: int, threads: int, r: dict) -> list[str]:
     d = r.get("dense")
-    return [str(n), str(factorize(n)).split(" (")[0], str(threads), f"{r['mul']:.2f}", f"{r['ours']:.2f}",
-            f"{r['ours'] / r['mul']:.2f}x", f"{r['ours_b16']:.2f}", f"{r['ours_b16'] / r['mul']:.2f}x",
-            f"{r['kron']:.2f}", "-" if d is None else f"{d:.0f}", "-" if d is None else f"{d / r['ours']:.0f}x"]
+
+    def x(name):
+        return f"{r[name][1]:.2f}x (+-{r[name][2]:.0%})"
+
+    return [str(n), str(factorize(n)).split(" (")[0], str(threads), f"{r['mul'][0]:.3f}", f"{r['ours'][0]:.3f}",
+            x("ours"), f"b={r['block']}: {r['ours_blk'][0]:.3f}", x("ours_blk"), f"{r['kron'][0]:.2f}",
+            "-" if d is None else f"{d[0]:.1f}", "-" if d is None else f"{d[0] / r['ours'][0]:.0f}x"]
 
 
 def table(results, rows: int) -> Table:
@@ -154,9 +187,12 @@ def markdown(results, rows: int) -> str:
 
     lines = [HEADING, "",
              f"Machine: {machine()}; onnxruntime {ort.__version__}; X [{rows}, n] float32, gamma/beta constants; "
-             "median ms of repeated `session.run` (the dense MatMul: 2 runs).  Mul is the one-pass floor; "
-             "`ours` is HadamardAffine with a vector gamma, `ours b=16` with 16 x 16 blocks; `kron` the "
-             "best standard-op form (two small +-1 MatMuls plus the core MatMul, then Mul/Add).  "
+             "median ms per `session.run`, Mul / ours / blocks / kron alternating until each ratio to Mul is "
+             "known to +-2% or the width's time budget is spent; `x (+-p%)` is the median per-repeat ratio and "
+             "the half-width of its 95% bootstrap interval (the dense MatMul: 3 runs).  Mul is the one-pass floor; "
+             "`ours` is HadamardAffine with a vector gamma, `ours blocks` with the block gamma convert uses "
+             "by default at that width; `kron` the best standard-op form (two small +-1 MatMuls plus the core "
+             "MatMul, then Mul/Add).  "
              f"Written by `python benchmarks/bench_ort_op.py --write`; load average at the end: "
              f"{os.getloadavg()[0]:.1f} (other jobs on the machine make the numbers noisy).", "",
              "| " + " | ".join(COLUMNS) + " |",
@@ -183,7 +219,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--sizes", type=int, nargs="+", help="widths to measure (default: the full list)")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--budget", type=float, default=20.0, help="seconds per width before it stops repeating")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense MatMul baseline")
     ap.add_argument("--write", action="store_true", help=f"write the table into {RESULTS.name}")
     args = ap.parse_args()
@@ -192,7 +228,7 @@ def main() -> None:
     results = {}
     for threads in args.threads:
         for n in sizes:
-            results[(n, threads)] = measure(n, args.rows, threads, not args.no_dense, args.repeats)
+            results[(n, threads)] = measure(n, args.rows, threads, not args.no_dense, args.budget)
     console = Console()
     console.print(table(results, args.rows))
     console.print(machine())

@@ -23,20 +23,55 @@ def median_ms(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1, bu
     return statistics.median(times)
 
 
-def alternate(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """``repeats`` values of every measure, run in turns (order reversed every other repeat) so
-    drifting machine load reaches all of them alike; one list per name, in run order."""
-    values: dict[str, list[float]] = {name: [] for name in measures}
-    for r in range(repeats):
-        for name in (list(measures) if r % 2 == 0 else list(reversed(measures))):
-            values[name].append(measures[name]())
-    return values
+def alternate(fns: dict[str, Callable[[], float]], repeats: int | None = None, *, min_repeats: int = 5,
+              max_repeats: int = 50, budget_s: float = 600.0, noise: float = 0.01, base: str | None = None,
+              report: Callable[[int, float], None] | None = None) -> dict[str, list[float]]:
+    """Run every ``fns[name]()`` (each returns one measured value, e.g. its own seconds) once per
+    repeat, the order reversed on every other repeat, so drifts in machine load hit all alike;
+    returns the values by name, in run order.
+
+    ``repeats`` given: exactly that many.  Otherwise it stops after ``min_repeats`` once every
+    ratio against ``base`` (default: the first name) is known to ``noise`` (see :func:`ratio`), or
+    at ``max_repeats`` / ``budget_s`` seconds.  ``report(repeats, worst_noise)`` is called after each.
+    """
+    if repeats is not None:
+        min_repeats = max_repeats = repeats
+    names = list(fns)
+    base = base or names[0]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(max_repeats):
+        for n in names if r % 2 == 0 else reversed(names):
+            times[n].append(fns[n]())
+        worst = max((ratio(times[base], times[n])[1] for n in names if n != base), default=0.0)
+        if report:
+            report(r + 1, worst)
+        if r + 1 >= min_repeats and (worst < noise or time.perf_counter() - start > budget_s):
+            break
+    return times
+
+
+def ratio(base: list[float], other: list[float], *, resamples: int = 2000) -> tuple[float, float]:
+    """(median of the per-repeat ratios base/other, half-width of its 95% bootstrap confidence
+    interval relative to that median).  Pairing each repeat's two times cancels the load drift
+    they share; the interval is the percentile bootstrap over repeats (Efron & Tibshirani 1993),
+    with a fixed seed so reruns on the same data agree.  With times, base/other is other's speedup."""
+    import numpy as np
+
+    r = np.asarray(base, dtype=np.float64) / np.asarray(other, dtype=np.float64)
+    med = float(np.median(r))
+    if len(r) < 3:
+        return med, float("inf")
+    idx = np.random.default_rng(0).integers(0, len(r), (resamples, len(r)))
+    lo, hi = np.percentile(np.median(r[idx], axis=1), [2.5, 97.5])
+    return med, float(hi - lo) / 2 / med
 
 
 def median_spread(values: Sequence[float], digits: int = 1) -> str:
     """"median (min-max, n=N)": one measured value with its run-to-run spread stated."""
     return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f}, "
             f"n={len(values)})")
+
 
 def machine() -> str:
     """One line: CPU model, cores, OS."""
