@@ -131,6 +131,7 @@ def session(bundle: Path, threads: int):
 
 
 def feeds(sess, batch: int, seq: int, past: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random token ids [batch, seq] after a random float32 past [batch, kv heads, past, head dim]."""
     out = {"input_ids": rng.integers(100, 40000, (batch, seq)).astype(np.int64),
            "attention_mask": np.ones((batch, past + seq), dtype=np.int64),
            "position_ids": np.tile(np.arange(past, past + seq), (batch, 1)).astype(np.int64)}
@@ -141,6 +142,7 @@ def feeds(sess, batch: int, seq: int, past: int, rng: np.random.Generator) -> di
 
 
 def time_prefill(sess, batch: int, seq: int, rng) -> float:
+    """Seconds of one forward pass over ``batch`` x ``seq`` random tokens with an empty past."""
     f = feeds(sess, batch, seq, 0, rng)
     start = time.perf_counter()
     sess.run(["logits"], f)
@@ -148,19 +150,15 @@ def time_prefill(sess, batch: int, seq: int, rng) -> float:
 
 
 def time_decode(sess, batch: int, steps: int, rng, past: int = PAST) -> float:
-    """Seconds per single-token step, the presents fed back as the next past."""
-    f = feeds(sess, batch, 1, past, rng)
-    names = [o.name for o in sess.get_outputs()]
-    sess.run(names, f)  # warm-up at this shape
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = dict(zip(names, sess.run(names, f)))
-        for k in f:
-            if k.startswith("past_key_values."):
-                f[k] = out[k.replace("past_key_values.", "present.")]
-        f["attention_mask"] = np.ones((batch, f["attention_mask"].shape[1] + 1), dtype=np.int64)
-        f["position_ids"] = f["position_ids"] + 1
-    return (time.perf_counter() - start) / steps
+    """Seconds per single-token step on a past of about ``past`` tokens, timed the way users run
+    it: :func:`hadaconv.generate` (IO binding, the KV cache kept inside ONNX Runtime) after a
+    prompt of ``past`` random tokens, ``steps`` greedy steps that never stop at EOS; the prefill
+    is not counted."""
+    from hadaconv.generate import generate
+
+    ids = rng.integers(100, 40000, (batch, past)).astype(np.int64)
+    g = generate(sess, ids, max_new_tokens=steps + 1, eos_token_id=[])
+    return g.decode_s / (g.new_tokens - 1)
 
 
 def peak_rss(bundle: Path, batch: int, seq: int, threads: int) -> float:
@@ -187,6 +185,9 @@ def measurements(quick: bool) -> dict[str, tuple[str, int, int]]:
 
 
 def measure(bundles: dict[str, Path], quick: bool, threads: int, budget_s: float, noise: float) -> dict:
+    """Every row of :func:`measurements`, the variants alternating (``common.alternate``): per row
+    the tokens/s of each variant (median), each speedup over dense with its noise, the repeats;
+    then peak RSS MiB and file MiB per variant."""
     rng = np.random.default_rng(0)
     sessions = {v: session(b, threads) for v, b in bundles.items()}
     for s in sessions.values():  # warm-up: first runs allocate and pick kernels

@@ -26,7 +26,6 @@ import os
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, ratio  # noqa: E402
+from common import alternate, machine, ratio, timer  # noqa: E402
 
 from hadaconv import runtime  # noqa: E402
 from hadaconv.convert import default_block  # noqa: E402
@@ -108,26 +107,9 @@ def check(sess, x: np.ndarray, ref: np.ndarray, what: str) -> None:
         raise SystemExit(f"{what}: wrong result (max relative error {err:.2e})")
 
 
-def timer(sess, feeds: dict, target_s: float = 0.01):
-    """A function timing ``sess.run``: each call runs it enough times back to back (at least
-    ``target_s`` seconds, measured once here) to be well above the clock's and the scheduler's
-    granularity, and returns seconds per run."""
-    sess.run(None, feeds)
-    t = time.perf_counter()
-    sess.run(None, feeds)
-    inner = max(1, int(target_s / max(time.perf_counter() - t, 1e-7)))
-
-    def once() -> float:
-        t = time.perf_counter()
-        for _ in range(inner):
-            sess.run(None, feeds)
-        return (time.perf_counter() - t) / inner
-
-    return once
-
-
 def measure(n: int, rows: int, threads: int, with_dense: bool, budget_s: float) -> dict[str, tuple[float, float]]:
-    """Median ms and, for every variant but Mul, (its time over Mul's, that ratio's noise)."""
+    """Per variant (mul, ours, ours_blk, kron): (median ms, its time over Mul's, that ratio's
+    noise); "dense": (median ms,) of 3 runs; "block": the block size used for ours_blk."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((rows, n), dtype=np.float32)
     block = default_block([n])
@@ -148,12 +130,13 @@ def measure(n: int, rows: int, threads: int, with_dense: bool, budget_s: float) 
         s = sess(model)
         if ref is not None:
             check(s, x, ref, name)
-        fns[name] = timer(s, {"X": x})
+        fns[name] = timer(lambda s=s: s.run(None, {"X": x}))
     times = alternate(fns, min_repeats=7, max_repeats=60, budget_s=budget_s, noise=0.02)
     out = {name: (statistics.median(t) * 1e3, *ratio(t, times["mul"])) for name, t in times.items()}
     out["block"] = block
     if with_dense:  # seconds per run at large n: a few runs, outside the alternation
-        once = timer(sess(dense(n)), {"X": x})
+        s = sess(dense(n))
+        once = timer(lambda: s.run(None, {"X": x}))
         out["dense"] = (statistics.median(once() for _ in range(3)) * 1e3,)
     return out
 

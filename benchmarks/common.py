@@ -30,25 +30,47 @@ def alternate(fns: dict[str, Callable[[], float]], repeats: int | None = None, *
     repeat, the order reversed on every other repeat, so drifts in machine load hit all alike;
     returns the values by name, in run order.
 
-    ``repeats`` given: exactly that many.  Otherwise it stops after ``min_repeats`` once every
-    ratio against ``base`` (default: the first name) is known to ``noise`` (see :func:`ratio`), or
-    at ``max_repeats`` / ``budget_s`` seconds.  ``report(repeats, worst_noise)`` is called after each.
+    ``repeats`` given: exactly that many.  Otherwise it runs at least ``min_repeats``, then stops
+    once every ratio against ``base`` (default: the first name) has been known to ``noise`` (see
+    :func:`ratio`) on two repeats in a row (stopping at the first narrow interval would bias the
+    stated noise low), or once ``budget_s`` seconds are spent, or at ``max_repeats``.
+    ``report(repeats, worst_noise)`` is called after each repeat.
     """
     if repeats is not None:
         min_repeats = max_repeats = repeats
     names = list(fns)
     base = base or names[0]
     times: dict[str, list[float]] = {n: [] for n in names}
-    start = time.perf_counter()
+    start, narrow = time.perf_counter(), 0
     for r in range(max_repeats):
         for n in names if r % 2 == 0 else reversed(names):
             times[n].append(fns[n]())
         worst = max((ratio(times[base], times[n])[1] for n in names if n != base), default=0.0)
+        narrow = narrow + 1 if worst < noise else 0
         if report:
             report(r + 1, worst)
-        if r + 1 >= min_repeats and (worst < noise or time.perf_counter() - start > budget_s):
+        if r + 1 >= min_repeats and (narrow >= 2 or time.perf_counter() - start > budget_s):
             break
     return times
+
+
+def timer(fn: Callable[[], object], target_s: float = 0.01) -> Callable[[], float]:
+    """A function returning the seconds of one ``fn()``, averaged over enough back-to-back calls
+    (at least ``target_s`` seconds, counted once here after a warm-up call) to stay well above
+    the clock's and the scheduler's granularity: sub-millisecond ops measured one call at a time
+    mostly measure noise."""
+    fn()
+    t = time.perf_counter()
+    fn()
+    inner = max(1, int(target_s / max(time.perf_counter() - t, 1e-7)))
+
+    def once() -> float:
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t) / inner
+
+    return once
 
 
 def ratio(base: list[float], other: list[float], *, resamples: int = 2000) -> tuple[float, float]:

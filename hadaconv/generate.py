@@ -192,7 +192,13 @@ def _decode(session: Any, past_names: list[str], ids: np.ndarray, mask: np.ndarr
     ``ids`` with an empty past, then single-token steps until every row has hit EOS."""
     batch, has_positions = ids.shape[0], any(i.name == "position_ids" for i in session.get_inputs())
     device = _cache_device(session)
-    past = _empty_past(session, past_names, batch, device)
+    try:
+        past = _empty_past(session, past_names, batch, device)
+    except HadaconvError:
+        raise
+    except Exception as exc:  # no memory on the device, a provider without it, ...
+        raise HadaconvError(f"ONNX Runtime could not allocate the KV cache on {device[0]}: "
+                            f"{str(exc).strip().splitlines()[0]}") from None
     out_tokens = np.full((batch, max_new_tokens), pad, dtype=np.int64)
     done = np.zeros(batch, dtype=bool)
     step_ids, prefill_s, decode_s = ids, 0.0, 0.0

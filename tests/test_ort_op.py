@@ -132,28 +132,35 @@ def test_every_instruction_set(n, isa, monkeypatch, capfd):
     monkeypatch.setenv("HADACONV_CPU_ISA", isa)
     monkeypatch.setenv("HADACONV_CPU_ISA_LOG", "1")
     f = factorize(n)
-    expected = isa if n // f.m >= {"portable": 1, "avx2": 8, "avx512": 16}[isa] else "portable"
+    width = {"portable": 1, "avx2": 8, "avx512": 16}[isa]
+    expected = isa if n // f.m >= width else "portable"
     rng = np.random.default_rng(1)
     bs = math.gcd(n, 4)
+    # Blocks of 8 vectors of this instruction set run the widest block tiles (1 and 2 rows).
+    wide = [(n // (8 * width), 8 * width, 8 * width)] if n % (8 * width) == 0 else []
     capfd.readouterr()
+    runs = 0
     for dtype in (np.float32, np.float16):
-        for gshape in [(n,), (n // bs, bs, bs)]:
+        for gshape in [(n,), (n // bs, bs, bs)] + wide:
             x, g, b = inputs(rng, (5, n), n, dtype, gshape, beta=True)
-            _, y = run(make_model(n, dtype, gamma=list(gshape), beta=True, x_shape=("R", None)), feeds_of(x, g, b))
+            sess, y = run(make_model(n, dtype, gamma=list(gshape), beta=True, x_shape=("R", None)), feeds_of(x, g, b))
             assert_close(y, reference(x, g, b))
+            for rows in (1, 2, 3):
+                assert_close(sess.run(None, feeds_of(x[:rows], g, b))[0], reference(x[:rows], g, b))
+            runs += 4
     ran = re.findall(r"HadamardAffine ran the (\w+) kernel", capfd.readouterr().err)
-    assert len(ran) == 4 and set(ran) == {expected}, ran
+    assert len(ran) == runs and set(ran) == {expected}, ran
 
 
 @pytest.mark.parametrize("n", [64, 384, 576, 2560])
-@pytest.mark.parametrize("gamma", ["none", "vector", "b4", "b16", "b64", "b3"])
+@pytest.mark.parametrize("gamma", ["none", "vector", "b4", "b16", "b32", "b64", "b3"])
 @pytest.mark.parametrize("beta", [False, True], ids=["nobeta", "beta"])
 def test_affine_variants(n, gamma, beta):
     """Block gammas run 4 rows at a time with a tile width per row count: 9 rows = 4 + 4 + 1,
     then 2 and 3 rows (b64 is the convert default for n = 576)."""
     if gamma == "b3" and n % 3:
         pytest.skip("b must divide n")
-    b_ = {"none": None, "vector": None, "b4": 4, "b16": 16, "b64": 64, "b3": 3}[gamma]
+    b_ = {"none": None, "vector": None, "b4": 4, "b16": 16, "b32": 32, "b64": 64, "b3": 3}[gamma]
     gshape = (n,) if gamma == "vector" else None if b_ is None else (n // b_, b_, b_)
     rng = np.random.default_rng(7)
     x, g, b = inputs(rng, (9, n), n, np.float32, gshape, beta)

@@ -256,8 +256,9 @@ inline void block_tile_rows(const Plan& p, const float* z, T* const* y, int64_t 
     for (int t = 0; t < TP; ++t) V::store(y[r] + j * B + p0 + t * V::W, acc[r][t]);
 }
 
-// Tiles of 8 / kRows vectors keep 8 accumulators in flight for any row count: with fewer the
-// fmadd chain's latency (4 cycles), not the FMA units, bounds a decode-sized (1-row) call.
+// Tiles of up to 8 / kRows vectors (then 4, 2, 1 for what is left of the block), so that a
+// decode-sized call of 1 or 2 rows has 8 independent accumulators where the block allows: with
+// 2 the fmadd chain's latency (4 cycles), not the FMA units, would bound it.
 template <class V, int kRows, class T>
 inline void block_pass_rows(const Plan& p, const float* z, T* const* y) {
   constexpr int kTile = kRows >= 4 ? 2 : 8 / kRows;
@@ -265,7 +266,14 @@ inline void block_pass_rows(const Plan& p, const float* z, T* const* y) {
   for (int64_t j = 0; j < p.n / B; ++j) {
     int64_t p0 = 0;
     for (; p0 + kTile * V::W <= B; p0 += kTile * V::W) block_tile_rows<V, kRows, kTile>(p, z, y, j, p0);
-    for (; p0 + 2 * V::W <= B; p0 += 2 * V::W) block_tile_rows<V, kRows, 2>(p, z, y, j, p0);
+    if (kTile > 4 && p0 + 4 * V::W <= B) {
+      block_tile_rows<V, kRows, 4>(p, z, y, j, p0);
+      p0 += 4 * V::W;
+    }
+    if (kTile > 2 && p0 + 2 * V::W <= B) {
+      block_tile_rows<V, kRows, 2>(p, z, y, j, p0);
+      p0 += 2 * V::W;
+    }
     if (p0 < B) block_tile_rows<V, kRows, 1>(p, z, y, j, p0);
   }
 }
