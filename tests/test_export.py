@@ -208,8 +208,8 @@ def test_cli_export_and_run(tmp_path, converted_folder, capsys):
 
 
 def test_cli_float16_export_with_cache_validates_and_runs(tmp_path, converted_folder, capsys):
-    """--dtype float16: graph, inputs and KV cache in float16, validated against PyTorch in float16
-    at DEFAULT_ATOL_FLOAT16, and `hadaconv run` generates with it."""
+    """--dtype float16: graph, inputs and KV cache in float16, validated against the model in
+    float32 at DEFAULT_ATOL_FLOAT16, and `hadaconv run` generates with it."""
     from hadaconv.export import DEFAULT_ATOL_FLOAT16
 
     out = tmp_path / "half"
@@ -224,14 +224,28 @@ def test_cli_float16_export_with_cache_validates_and_runs(tmp_path, converted_fo
     assert capsys.readouterr().out.startswith("hello there")
 
 
-def test_export_dtype_of_the_model_and_bfloat16_refusal(tmp_path, tokenizer):
+def test_export_dtype_of_the_model_and_bfloat16_refusal(tmp_path, tokenizer, monkeypatch):
     """export_onnx(model.half()) exports float16 (the example cache follows the model); the caller's
-    model is not changed by dtype=; bfloat16 with CPU validation is refused before tracing."""
+    model is not changed by dtype=; a float16 graph is validated against the float32 model, its
+    floating inputs rounded to float16; bfloat16 with CPU validation is refused before tracing."""
+    import hadaconv.export as export_mod
+    from hadaconv.export.wrappers import model_dtype
+
+    seen, real = [], export_mod.validate
+
+    def spy(spec, session, model, *args, **kwargs):
+        seen.append((model_dtype(model), kwargs.get("feed_dtype")))
+        return real(spec, session, model, *args, **kwargs)
+
+    monkeypatch.setattr(export_mod, "validate", spy)
     model = converted("llama", 4)
     result = export_onnx(model, tmp_path / "h", tokenizer=tokenizer, dtype="float16")
     assert result.meta["dtype"] == "float16"
     assert next(model.parameters()).dtype == torch.float32
     assert max(d.max_abs for d in result.diffs) < 2e-2
+    assert seen == [(torch.float32, torch.float16)]
+    export_onnx(model.half(), tmp_path / "h2", tokenizer=tokenizer)
+    assert seen[-1] == (torch.float32, torch.float16)
     with pytest.raises(HadaconvError, match="no bfloat16 kernels"):
         export_onnx(model, tmp_path / "b", dtype=torch.bfloat16)
     with pytest.raises(HadaconvError, match="dtype must be one of"):

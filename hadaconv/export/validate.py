@@ -11,12 +11,15 @@ relative, which is 1e-4 to 3e-4 absolute already (1.3e-4 measured on dense SmolL
 leaves headroom for that and still catches any real mistake (a wrong transform, a missing
 affine, a misplaced cache), which moves logits by 1e-1 or more.
 
-Half-precision exports (``export_onnx(..., dtype="float16")``) are compared with the same model
-run in float16 by PyTorch, at ``DEFAULT_ATOL_FLOAT16 = 6e-2`` absolute: a float16 logit of 16 to
-32 is stored to 2^-6 = 0.016, so two correct implementations that round intermediate results
-differently (ONNX Runtime's fp16 kernels and PyTorch's CPU fp16, which accumulates in fp32)
-land a few units in the last place apart; a wrong transform still moves logits by 1e-1 or more.
-This default is reasoned, not yet measured on a real model (tiny random Llamas: 5.5e-4).
+Half-precision exports (``export_onnx(..., dtype="float16")``) are compared with the model run
+in **float32** by PyTorch (the float16 graph gets the same inputs rounded to float16), at
+``DEFAULT_ATOL_FLOAT16 = 0.125`` absolute.  Measured on SmolLM2-135M (logits up to 29-31):
+ONNX Runtime's float16 graph is within 0.047 (dense) and 0.060 (converted, custom op) of float32
+on one prompt, 0.073 on the validation's padded batch of two (decode step 0.018, every present
+within 0.021), while PyTorch's own CPU float16 forward is 0.13 / 0.17 away from float32 on the
+same prompt: PyTorch in float16 is the worse of the two, so it is not the reference.  0.125 is
+1.7x the worst measured error, 8 units in the last place of a float16 logit between 16 and 32
+(2^-6 = 0.016 apart).
 
 Entries at padded positions are not compared (see ``_valid``).  Causal LMs with the cache are
 checked twice: a prefill with an empty past (batch 2, the second
@@ -38,7 +41,7 @@ from hadaconv.export.wrappers import ExportSpec, model_dtype
 __all__ = ["DEFAULT_ATOL", "DEFAULT_ATOL_FLOAT16", "OutputDiff", "default_atol", "validate", "validation_feeds"]
 
 DEFAULT_ATOL = 1e-3
-DEFAULT_ATOL_FLOAT16 = 6e-2
+DEFAULT_ATOL_FLOAT16 = 0.125
 
 
 def default_atol(dtype: torch.dtype) -> float:
@@ -138,11 +141,17 @@ def _valid(name: str, value: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return value
 
 
-def _run(spec: ExportSpec, session: Any, step: str, args: tuple) -> tuple[list[OutputDiff], tuple]:
+def _run(spec: ExportSpec, session: Any, step: str, args: tuple,
+         feed_dtype: torch.dtype | None) -> tuple[list[OutputDiff], tuple]:
     with torch.no_grad():
         ref = spec.module(*args)
     ref = ref if isinstance(ref, tuple) else (ref,)
-    feeds = {name: t.detach().cpu().numpy() for name, t in zip(spec.input_names, _flat(args))}
+
+    def feed(t: torch.Tensor) -> np.ndarray:
+        t = t.detach().cpu()
+        return (t.to(feed_dtype) if feed_dtype is not None and t.is_floating_point() else t).numpy()
+
+    feeds = {name: feed(t) for name, t in zip(spec.input_names, _flat(args))}
     try:
         got = session.run(spec.output_names, feeds)
     except Exception as exc:
@@ -161,12 +170,17 @@ def _run(spec: ExportSpec, session: Any, step: str, args: tuple) -> tuple[list[O
     return diffs, ref
 
 
-def validate(spec: ExportSpec, session: Any, model: Any, tokenizer: Any = None, atol: float = DEFAULT_ATOL) -> list[OutputDiff]:
+def validate(spec: ExportSpec, session: Any, model: Any, tokenizer: Any = None, atol: float = DEFAULT_ATOL,
+             feed_dtype: torch.dtype | None = None) -> list[OutputDiff]:
     """Run every validation step in ONNX Runtime and PyTorch; return the differences, or raise
-    HadaconvError naming the first output over ``atol`` (the worst one)."""
+    HadaconvError naming the first output over ``atol`` (the worst one).
+
+    ``spec`` / ``model`` are the PyTorch reference; ``feed_dtype`` (None: as the reference's)
+    is the exported graph's floating precision, its floating inputs (the past) are rounded to it:
+    a float16 export is checked against its float32 model (see the module docstring)."""
     diffs: list[OutputDiff] = []
     for step, args in validation_feeds(spec, model, tokenizer):
-        step_diffs, ref = _run(spec, session, step, args)
+        step_diffs, ref = _run(spec, session, step, args, feed_dtype)
         diffs += step_diffs
         if step == "prefill":
             # One decode step on PyTorch's presents: the greedy next token of each row.
@@ -175,7 +189,7 @@ def validate(spec: ExportSpec, session: Any, model: Any, tokenizer: Any = None, 
             mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
             past = tuple((ref[1 + 2 * i], ref[2 + 2 * i]) for i in range(spec.cache["num_layers"]))
             pos2 = positions(mask2, mask.shape[1]) if pos is not None else None
-            diffs += _run(spec, session, "decode", (nxt, mask2, pos2, past))[0]
+            diffs += _run(spec, session, "decode", (nxt, mask2, pos2, past), feed_dtype)[0]
     bad = [d for d in diffs if not d.max_abs <= atol]  # `not <=` also catches NaN
     if bad:
         worst = max(bad, key=lambda d: d.max_abs if d.max_abs == d.max_abs else float("inf"))
