@@ -125,9 +125,13 @@ def shares(model) -> dict[str, float]:
 
 
 def session(bundle: Path, threads: int):
+    """The bundle's CPU session.  Its worker threads stop spinning when a run ends: ONNX Runtime
+    otherwise keeps them busy-waiting for the next run (up to a second or more), and with the
+    variants' sessions taking turns they would steal the cores from the variant being timed."""
     from hadaconv.export.bundle import open_bundle
 
-    return open_bundle(bundle, provider="cpu", intra_op_num_threads=threads).session
+    return open_bundle(bundle, provider="cpu", intra_op_num_threads=threads,
+                       config_entries={"session.force_spinning_stop": "1"}).session
 
 
 def feeds(sess, batch: int, seq: int, past: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -142,11 +146,27 @@ def feeds(sess, batch: int, seq: int, past: int, rng: np.random.Generator) -> di
 
 
 def time_prefill(sess, batch: int, seq: int, rng) -> float:
-    """Seconds of one forward pass over ``batch`` x ``seq`` random tokens with an empty past."""
+    """Seconds of one forward pass over ``batch`` x ``seq`` random tokens with an empty past.  The
+    logits ([batch, seq, vocab] float32: 400 MB at 4 x 512) go into a buffer kept per session and
+    shape through IO binding: a fresh array each call would put 100k page faults (a quarter of
+    the time in the kernel, and most of the run-to-run noise) into every variant's time."""
     f = feeds(sess, batch, seq, 0, rng)
+    key = (id(sess), batch, seq)
+    if key not in _LOGITS:
+        from onnxruntime import OrtValue
+
+        vocab = next(o.shape[2] for o in sess.get_outputs() if o.name == "logits")
+        _LOGITS[key] = OrtValue.ortvalue_from_numpy(np.zeros((batch, seq, vocab), np.float32))
+    binding = sess.io_binding()
+    for name, value in f.items():
+        binding.bind_cpu_input(name, value)
+    binding.bind_ortvalue_output("logits", _LOGITS[key])
     start = time.perf_counter()
-    sess.run(["logits"], f)
+    sess.run_with_iobinding(binding)
     return time.perf_counter() - start
+
+
+_LOGITS: dict = {}
 
 
 def time_decode(sess, batch: int, steps: int, rng, past: int = PAST) -> float:

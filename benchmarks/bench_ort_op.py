@@ -121,7 +121,9 @@ def measure(n: int, rows: int, threads: int, with_dense: bool, budget_s: float) 
     ref_vec = z * gamma + beta
     ref_blk = np.einsum("ipq,riq->rip", blocks, z.reshape(len(z), n // block, block)).reshape(len(z), n) + beta
 
-    opts = dict(intra_op_num_threads=threads, inter_op_num_threads=1)
+    # Idle sessions' worker threads must not spin while another variant is timed.
+    opts = dict(intra_op_num_threads=threads, inter_op_num_threads=1,
+                config_entries={"session.force_spinning_stop": "1"})
     sess = lambda model: runtime.session(model, providers=["CPUExecutionProvider"], **opts)  # noqa: E731
     variants = [("mul", mul(n), None), ("ours", ours(n, gamma, beta), ref_vec),
                 ("ours_blk", ours(n, blocks, beta), ref_blk), ("kron", kron(n, gamma, beta), ref_vec)]

@@ -57,8 +57,10 @@ def decode_speed(bundles: dict[str, Path], repeats: int, new_tokens: int = 32) -
     """Decode tokens/s (:attr:`Generation.tokens_per_s`, batch 1) of each bundle, ``repeats``
     greedy generations of ``new_tokens`` after PROMPT each, the bundles alternating, EOS ignored so
     every run decodes the same number of tokens.  Each session is opened once and warmed up by
-    one short generation first (its first runs allocate and pick kernels)."""
-    opened = {name: open_bundle(path) for name, path in bundles.items()}
+    one short generation first (its first runs allocate and pick kernels).  Worker threads stop
+    spinning after each run, or the idle session's would take cores from the one being timed."""
+    opened = {name: open_bundle(path, config_entries={"session.force_spinning_stop": "1"})
+              for name, path in bundles.items()}
     for bundle in opened.values():
         generate(bundle, PROMPT, 2, eos_token_id=[])
     return alternate({name: (lambda b=bundle: generate(b, PROMPT, new_tokens, eos_token_id=[]).tokens_per_s)

@@ -157,10 +157,14 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def make_session_options(**session_options: Any) -> "onnxruntime.SessionOptions":
+def make_session_options(*, config_entries: dict[str, str] | None = None,
+                         **session_options: Any) -> "onnxruntime.SessionOptions":
     """``onnxruntime.SessionOptions`` with the given attributes set (an unknown name is a
-    one-line HadaconvError)."""
+    one-line HadaconvError) and ``config_entries`` added as session config entries (for example
+    ``{"session.force_spinning_stop": "1"}``: ONNX Runtime's keys, passed through unchecked)."""
     options = import_onnxruntime().SessionOptions()
+    for key, value in (config_entries or {}).items():
+        options.add_session_config_entry(key, value)
     for name, value in session_options.items():
         if not hasattr(options, name):
             raise HadaconvError(f"onnxruntime.SessionOptions has no option {name!r}")

@@ -561,3 +561,17 @@ def test_get_library_path(monkeypatch, tmp_path, library):
     monkeypatch.setattr(runtime, "build_ops", lambda *a, **k: pytest.fail("get_library_path compiled"))
     with pytest.raises(HadaconvError, match="hadaconv build-ops"):
         runtime.get_library_path()
+
+
+def test_session_options_and_config_entries():
+    """Keyword options set SessionOptions attributes, ``config_entries`` ONNX Runtime's session
+    config keys (the benchmarks stop idle worker threads spinning this way); an unknown
+    attribute is one HadaconvError line."""
+    from hadaconv.errors import HadaconvError
+
+    opts = runtime.make_session_options(intra_op_num_threads=1,
+                                        config_entries={"session.force_spinning_stop": "1"})
+    assert opts.intra_op_num_threads == 1
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(HadaconvError, match="no option 'not_an_option'"):
+        runtime.make_session_options(not_an_option=1)
