@@ -182,7 +182,8 @@ def session(
 
     ``providers`` defaults to CUDA (then CPU) when this onnxruntime has the CUDA provider, else
     CPU.  Keyword arguments set ``onnxruntime.SessionOptions`` attributes, for example
-    ``intra_op_num_threads=1`` or ``graph_optimization_level=...``.
+    ``intra_op_num_threads=1`` or ``graph_optimization_level=...``, and ``config_entries`` ONNX
+    Runtime's session config keys (see :func:`make_session_options`).
     """
     ort = import_onnxruntime()
     options = make_session_options(**session_options)
