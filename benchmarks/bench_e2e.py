@@ -147,15 +147,19 @@ def session(bundle: Path, threads: int):
                        config_entries={"session.force_spinning_stop": "1"}).session
 
 
-def feeds(sess, batch: int, seq: int, past: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random token ids [batch, seq] after a random float32 past [batch, kv heads, past, head dim]."""
+def prefill_feeds(sess, batch: int, seq: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random token ids [batch, seq] after an empty past (float32 [batch, kv heads, 0, head dim])."""
     out = {"input_ids": rng.integers(100, 40000, (batch, seq)).astype(np.int64),
-           "attention_mask": np.ones((batch, past + seq), dtype=np.int64),
-           "position_ids": np.tile(np.arange(past, past + seq), (batch, 1)).astype(np.int64)}
+           "attention_mask": np.ones((batch, seq), dtype=np.int64),
+           "position_ids": np.tile(np.arange(seq), (batch, 1)).astype(np.int64)}
     for i in sess.get_inputs():
         if i.name.startswith("past_key_values."):
-            out[i.name] = rng.standard_normal((batch, i.shape[1], past, i.shape[3])).astype(np.float32)
+            out[i.name] = np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
     return {k: v for k, v in out.items() if k in {i.name for i in sess.get_inputs()}}
+
+
+#: Prefill logits buffers by (session id, batch, seq): see time_prefill.
+_LOGITS: dict = {}
 
 
 def time_prefill(sess, batch: int, seq: int, rng) -> float:
@@ -163,7 +167,7 @@ def time_prefill(sess, batch: int, seq: int, rng) -> float:
     logits ([batch, seq, vocab] float32: 400 MB at 4 x 512) go into a buffer kept per session and
     shape through IO binding: a fresh array each call would put 100k page faults (a quarter of
     the time in the kernel, and most of the run-to-run noise) into every variant's time."""
-    f = feeds(sess, batch, seq, 0, rng)
+    f = prefill_feeds(sess, batch, seq, rng)
     key = (id(sess), batch, seq)
     if key not in _LOGITS:
         from onnxruntime import OrtValue
@@ -177,9 +181,6 @@ def time_prefill(sess, batch: int, seq: int, rng) -> float:
     start = time.perf_counter()
     sess.run_with_iobinding(binding)
     return time.perf_counter() - start
-
-
-_LOGITS: dict = {}
 
 
 def time_decode(sess, batch: int, steps: int, rng, past: int = PAST) -> float:

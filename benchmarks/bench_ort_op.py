@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, ratio, timer  # noqa: E402
+from common import alternate, machine, median_ms, ratio, timer  # noqa: E402
 
 from hadaconv import runtime  # noqa: E402
 from hadaconv.convert import default_block  # noqa: E402
@@ -138,8 +138,7 @@ def measure(n: int, rows: int, threads: int, with_dense: bool, budget_s: float) 
     out["block"] = block
     if with_dense:  # seconds per run at large n: a few runs, outside the alternation
         s = sess(dense(n))
-        once = timer(lambda: s.run(None, {"X": x}))
-        out["dense"] = (statistics.median(once() for _ in range(3)) * 1e3,)
+        out["dense"] = (median_ms(lambda: s.run(None, {"X": x}), repeats=3, warmup=1, budget_s=60),)
     return out
 
 
