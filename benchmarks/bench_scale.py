@@ -9,8 +9,10 @@ a conversion runs, a line every --every seconds gives its peak and current RSS (
 /proc/PID/status) and the blocks written so far, so a run stopped early still says how far it got.
 
 Calibration text: the plays (``--calib shakespeare``; text sampled from a random model would mean
-nothing, and sampling needs the whole model).  Sequential fits are on (convert's default);
-compensation (convert's default) is off unless --compensate: at Llama-3-8B's MLP width of 14336
+nothing, and sampling needs the whole model).  Sequential fits and compensation
+are on (convert's defaults; --no-compensate turns the down-projection refit off).  With fewer
+calibration tokens than the MLP width (14 x 128 = 1,792 against 14,336 by default here) the refit
+keeps the tokens as rows and solves in the token space (:mod:`hadaconv.compensate`); with more,
 it needs two 14337^2 float64 ridge sums (3.3 GB) and their eigendecomposition per block.
 
 The weights are random (normal, std 0.02; norms 1), so the fit errors mean nothing; the shapes,
@@ -188,7 +190,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     ap.add_argument("--reuse", action="store_true",
                     help="use a checkpoint a stopped run left under --work (the build is seeded, so it is the same)")
-    ap.add_argument("--compensate", action="store_true", help="also refit each block's down_proj (convert's default)")
+    ap.add_argument("--no-compensate", dest="compensate", action="store_false",
+                    help="do not refit each block's down_proj (convert's default is to refit it)")
     ap.add_argument("--every", type=float, default=60.0, help="seconds between progress lines")
     ap.add_argument("--log", type=Path, help="append the progress lines here (default: stderr)")
     ap.add_argument("--json", type=Path)

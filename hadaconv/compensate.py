@@ -38,7 +38,15 @@ class RidgeSums:
     """Sums over tokens (float64) of one split: ``uu = sum u u^T`` [D', D'], ``zu = sum z u^T``
     [out, D'], ``zz = sum ||z||^2``, ``scale = sum ||t - x||^2`` (the teacher block's own change of
     the residual stream, the yardstick errors are reported against).  ``D' = D + 1`` when a bias
-    is fitted (u augmented by 1)."""
+    is fitted (u augmented by 1).
+
+    While fewer than ``D'`` tokens have been added they are kept as rows (``u_rows`` [N, D'],
+    ``z_rows`` [N, out]) and ``uu`` stays None: then :func:`refit` solves in the N x N token
+    space and no D' x D' matrix is formed.  That is what keeps compensation of a wide MLP within
+    memory: at a 14,336-wide down-projection the Gram matrix alone is 1.6 GB in float64 and its
+    eigendecomposition needs about three times that, where 2,048 calibration tokens as rows are
+    0.2 GB.  Past ``D'`` tokens the rows are folded into the sums, the cheaper form from then on.
+    """
 
     uu: torch.Tensor | None = None
     zu: torch.Tensor | None = None
@@ -46,6 +54,13 @@ class RidgeSums:
     scale: float = 0.0
     count: int = 0
     bias: bool = False
+    u_rows: list[torch.Tensor] = field(default_factory=list)
+    z_rows: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def as_rows(self) -> bool:
+        """Whether the tokens are held as rows (fewer than D' of them so far)."""
+        return self.uu is None
 
     def add(self, u: torch.Tensor, z: torch.Tensor, change: torch.Tensor | None = None) -> None:
         """Add tokens: map inputs ``u`` [N, D], targets ``z`` [N, out], teacher change [N, out]."""
@@ -53,19 +68,41 @@ class RidgeSums:
         z = z.reshape(-1, z.shape[-1]).to(torch.float64)
         if self.bias:
             u = torch.cat([u, torch.ones(len(u), 1, dtype=u.dtype, device=u.device)], 1)
-        if self.uu is None:
-            self.uu = torch.zeros(u.shape[1], u.shape[1], dtype=torch.float64, device=u.device)
-            self.zu = torch.zeros(z.shape[1], u.shape[1], dtype=torch.float64, device=u.device)
-        self.uu.addmm_(u.T, u)
-        self.zu.addmm_(z.T, u)
         self.zz += z.square().sum().item()
         if change is not None:
             self.scale += change.to(torch.float64).square().sum().item()
         self.count += len(u)
+        if self.as_rows and self.count < u.shape[1]:
+            self.u_rows.append(u)
+            self.z_rows.append(z)
+            return
+        if self.as_rows:  # the rows now outnumber the columns: fold them into the sums
+            self.uu = torch.zeros(u.shape[1], u.shape[1], dtype=torch.float64, device=u.device)
+            self.zu = torch.zeros(z.shape[1], u.shape[1], dtype=torch.float64, device=u.device)
+            for old_u, old_z in zip(self.u_rows, self.z_rows):
+                self._fold(old_u, old_z)
+            self.u_rows, self.z_rows = [], []
+        self._fold(u, z)
+
+    def _fold(self, u: torch.Tensor, z: torch.Tensor) -> None:
+        self.uu.addmm_(u.T, u)
+        self.zu.addmm_(z.T, u)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens held as rows: ``u`` [N, D'], ``z`` [N, out] (only while :attr:`as_rows`)."""
+        return torch.cat(self.u_rows), torch.cat(self.z_rows)
+
+    def power(self) -> float:
+        """The mean input power ``tr(U U^T) / D'``."""
+        if self.as_rows:
+            return sum(u.square().sum().item() for u in self.u_rows) / self.u_rows[0].shape[1]
+        return self.uu.diagonal().sum().item() / self.uu.shape[0]
 
     def error(self, w: torch.Tensor) -> float:
         """``sum ||z - w u||^2`` for an (augmented) weight ``w`` [out, D'], from the sums alone."""
         w = w.to(torch.float64)
+        if self.as_rows:
+            return sum((z - u @ w.T).square().sum().item() for u, z in zip(self.u_rows, self.z_rows))
         return max(0.0, self.zz - 2 * (w * self.zu).sum().item() + (w @ self.uu * w).sum().item())
 
     def relative(self, w: torch.Tensor) -> float:
@@ -97,27 +134,68 @@ def refit(w: torch.Tensor, b: torch.Tensor | None, calib: RidgeSums, heldout: Ri
 
     Each ``alpha`` is scored on ``heldout`` (on ``calib`` when None, which then favours the
     smallest); the best wins if it beats the original map there, else the original is kept.
-    Raises ValueError when ``calib`` holds no tokens or its bias setting differs from ``b``'s.
+    Solved in the D' x D' input space from the sums, or in the N x N token space while ``calib``
+    holds its N < D' tokens as rows (the same minimiser: ``(U^T U + lam I)^-1 U^T`` equals
+    ``U^T (U U^T + lam I)^-1``).  Raises ValueError when ``calib`` holds no tokens or its bias
+    setting differs from ``b``'s.
     """
-    if calib.count == 0 or calib.uu is None:
+    if calib.count == 0:
         raise ValueError("no tokens to refit on")
     if calib.bias != (b is not None):
         raise ValueError("the sums were collected with a different bias setting than the map has")
     score = heldout if heldout is not None and heldout.count else calib
     w0 = _augmented(w, b)
-    evals, vecs = torch.linalg.eigh(calib.uu)
-    evals = evals.clamp_min(0)
-    rhs = (calib.zu @ vecs)  # [out, D'] in the eigenbasis
-    w0v = w0 @ vecs
-    power = calib.uu.diagonal().sum().item() / calib.uu.shape[0]
+    solver = (_TokenSpace if calib.as_rows else _InputSpace)(w0, calib, score)
+    power = calib.power()
     before = score.relative(w0)
-    best, best_err, best_alpha, tried = w0, before, None, {}
+    best_err, best_alpha, tried = before, None, {}
     for alpha in alphas:
-        lam = alpha * power
-        cand = ((rhs + lam * w0v) / (evals + lam)) @ vecs.T
-        err = score.relative(cand)
+        err = solver.error(alpha * power)
         tried[alpha] = err
         if err < best_err:
-            best, best_err, best_alpha = cand, err, alpha
+            best_err, best_alpha = err, alpha
+    best = w0 if best_alpha is None else solver.weight(best_alpha * power)
     weight, bias = (best[:, :-1], best[:, -1]) if b is not None else (best, None)
     return Compensation(weight, bias, best_alpha, before, best_err, tried)
+
+
+class _InputSpace:
+    """``W = (Z U^T + lam W0)(U U^T + lam I)^-1`` in the eigenbasis of ``U U^T``: one
+    eigendecomposition serves every ``lam``."""
+
+    def __init__(self, w0: torch.Tensor, calib: RidgeSums, score: RidgeSums) -> None:
+        evals, self.vecs = torch.linalg.eigh(calib.uu)
+        self.evals = evals.clamp_min(0)
+        self.rhs, self.w0v, self.score = calib.zu @ self.vecs, w0 @ self.vecs, score
+
+    def weight(self, lam: float) -> torch.Tensor:
+        return ((self.rhs + lam * self.w0v) / (self.evals + lam)) @ self.vecs.T
+
+    def error(self, lam: float) -> float:
+        return self.score.relative(self.weight(lam))
+
+
+class _TokenSpace:
+    """``W = W0 + R^T (U U^T + lam I)^-1 U`` with the residual ``R = Z - U W0^T`` [N, out] and
+    ``U U^T = Q diag(e) Q^T`` [N, N]: one N x N eigendecomposition serves every ``lam``, and
+    held-out rows are scored without forming W (their fit is ``Uh U^T Q diag(1/(e+lam)) Q^T R``)."""
+
+    def __init__(self, w0: torch.Tensor, calib: RidgeSums, score: RidgeSums) -> None:
+        u, z = calib.rows()
+        evals, q = torch.linalg.eigh(u @ u.T)
+        self.evals = evals.clamp_min(0)
+        self.rq = (z - u @ w0.T).T @ q  # [out, N]
+        self.qu = q.T @ u               # [N, D']
+        self.w0, self.score = w0, score
+        if score.as_rows:
+            uh, zh = score.rows()
+            self.rh, self.m = zh - uh @ w0.T, uh @ self.qu.T  # [Nh, out], [Nh, N]
+
+    def weight(self, lam: float) -> torch.Tensor:
+        return self.w0 + (self.rq / (self.evals + lam)) @ self.qu
+
+    def error(self, lam: float) -> float:
+        if not self.score.as_rows:
+            return self.score.relative(self.weight(lam))
+        fit = (self.m / (self.evals + lam)) @ self.rq.T
+        return ((self.rh - fit).square().sum().item() / max(self.score.scale, 1e-300)) ** 0.5

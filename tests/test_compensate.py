@@ -57,6 +57,54 @@ def test_refit_rejects_mismatched_sums():
         refit(torch.zeros(2, 3), None, s)
 
 
+def _ridge(u, z, w0, lam):
+    """The ridge minimiser towards w0, solved directly in float64: (Z^T U + lam W0)(U^T U + lam I)^-1."""
+    a = u.T @ u + lam * torch.eye(u.shape[1], dtype=u.dtype)
+    return torch.linalg.solve(a, (z.T @ u + lam * w0).T).T
+
+
+@pytest.mark.parametrize("held_rows", [20, 90])
+def test_refit_with_fewer_tokens_than_inputs_is_the_ridge_minimiser(held_rows):
+    """40 calibration tokens for a 60-wide map: the refit solves in the token space (the sums stay
+    rows) and must give the direct ridge solution, scored on held-out rows (20) or sums (90)."""
+    g = torch.Generator().manual_seed(3)
+    d_in, d_out = 60, 7
+    u = torch.randn(40 + held_rows, d_in, generator=g, dtype=torch.float64)
+    z = torch.randn(40 + held_rows, d_out, generator=g, dtype=torch.float64)
+    w0 = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    calib = RidgeSums()
+    for part in (slice(0, 15), slice(15, 40)):  # two batches, both kept as rows
+        calib.add(u[part], z[part], z[part])
+    held = _sums(u[40:], z[40:], z[40:], False)
+    assert calib.as_rows and held.as_rows == (held_rows < d_in)
+    alphas = (1e-3, 1e-1, 1.0)
+    comp = refit(w0, None, calib, held, alphas=alphas)
+    power = u[:40].square().sum().item() / d_in
+    for alpha in alphas:
+        direct = _ridge(u[:40], z[:40], w0, alpha * power)
+        err = ((z[40:] - u[40:] @ direct.T).square().sum() / z[40:].square().sum()).sqrt().item()
+        assert comp.tried[alpha] == pytest.approx(err, rel=1e-9)
+    assert comp.alpha is not None
+    torch.testing.assert_close(comp.weight, _ridge(u[:40], z[:40], w0, comp.alpha * power), rtol=0, atol=1e-9)
+
+
+def test_sums_fold_rows_once_they_outnumber_the_inputs():
+    """Rows are kept until there are as many as inputs; then folded into the Gram sums, which
+    must equal the sums of every token added, the first rows included."""
+    g = torch.Generator().manual_seed(4)
+    u, z = torch.randn(30, 12, generator=g, dtype=torch.float64), torch.randn(30, 3, generator=g, dtype=torch.float64)
+    s = RidgeSums(bias=True)
+    s.add(u[:5], z[:5])
+    assert s.as_rows and s.count == 5
+    s.add(u[5:], z[5:])
+    ones = torch.cat([u, torch.ones(30, 1, dtype=u.dtype)], 1)
+    assert not s.as_rows and not s.u_rows
+    torch.testing.assert_close(s.uu, ones.T @ ones, rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.zu, z.T @ ones, rtol=1e-12, atol=0)
+    w = torch.randn(3, 13, generator=g, dtype=torch.float64)
+    assert s.error(w) == pytest.approx((z - ones @ w.T).square().sum().item(), rel=1e-9)
+
+
 def test_compensation_improves_a_tiny_models_block_output():
     """Block 0 sees the same input in the original and the converted model, so its output error
     can be measured directly on the held-out calibration windows: without compensation it is the
