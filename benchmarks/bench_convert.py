@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,8 +34,7 @@ from hadaconv.convert import DEFAULT_BLOCK, ConvertConfig, convert  # noqa: E402
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows  # noqa: E402
 from hadaconv.fit import HeadLayout, fit_projection, relative_error  # noqa: E402
 from hadaconv.io import load_model  # noqa: E402
-
-console = Console(width=150)
+from hadaconv.progress import out as console  # noqa: E402
 
 
 def data_file(package: str, *parts: str) -> Path:

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,8 +41,8 @@ from hadaconv.convert import ConvertConfig, convert  # noqa: E402
 from hadaconv.distill import DistillConfig, distill  # noqa: E402
 from hadaconv.evaluate import perplexity, text_windows  # noqa: E402
 from hadaconv.io import hadaconv_meta, load_model, save_converted  # noqa: E402
+from hadaconv.progress import out as console  # noqa: E402
 
-console = Console(width=150)
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Distillation (CPU)"
 CONFIGS = {"all-b16": (None, 16), "all-b1": (None, 1), "top10-b16": (10, 16), "top10-b1": (10, 1)}

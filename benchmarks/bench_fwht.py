@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median_ms  # noqa: E402
 
 import hadaconv  # noqa: E402
+from hadaconv.progress import out as console  # noqa: E402
 
 FULL = [256, 384, 512, 576, 768, 1024, 2048, 3072, 4096, 5120, 8192, 16384]
 QUICK = [256, 576, 1024, 4096]
@@ -55,7 +55,6 @@ def main() -> None:
             dense = ratio = "-"
         table.add_row(str(n), str(hadaconv.factorize(n)).split(" = ")[1], f"{t_clone:.2f}", f"{t_fwht:.2f}",
                       f"{t_aff:.2f}", dense, f"{t_fwht / t_clone:.1f}x", ratio)
-    console = Console(width=140)
     console.print(table)
     console.print(f"machine: {machine()}; torch {torch.__version__}")
 

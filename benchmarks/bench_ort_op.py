@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
-from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,6 +38,7 @@ from common import alternate, machine, median_ms, ratio, timer  # noqa: E402
 from hadaconv import runtime  # noqa: E402
 from hadaconv.convert import default_block  # noqa: E402
 from hadaconv.hadamard import factorize, hadamard_core, hadamard_matrix, sylvester  # noqa: E402
+from hadaconv.progress import out as console  # noqa: E402
 
 FULL = [512, 576, 768, 1024, 4096, 5120, 8192]
 QUICK = [576, 4096]
@@ -213,7 +213,6 @@ def main() -> None:
     for threads in args.threads:
         for n in sizes:
             results[(n, threads)] = measure(n, args.rows, threads, not args.no_dense, args.budget)
-    console = Console()
     console.print(table(results, args.rows))
     console.print(machine())
     if args.write:

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from hadaconv.convert import ConvertConfig, convert
@@ -33,12 +32,12 @@ from hadaconv.export import export_onnx
 from hadaconv.export.bundle import open_bundle
 from hadaconv.generate import generate
 from hadaconv.io import load_model
+from hadaconv.progress import out as console
 from hadaconv.sample import cached_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from common import alternate, heldout_domains, median_spread  # noqa: E402
 
-console = Console(width=150)
 PROMPT = "The capital of France is"
 
 
@@ -68,12 +67,18 @@ def decode_speed(bundles: dict[str, Path], repeats: int, new_tokens: int = 32) -
 
 
 def before_after(title: str, rows: dict[str, tuple], caption: str) -> Table:
-    """The demo's table; ``rows``: name -> (parameters, ONNX bytes, {domain: perplexity}, [decode tokens/s])."""
+    """The demo's table; ``rows``: name -> (parameters, ONNX bytes, {domain: perplexity}, [decode tokens/s]).
+
+    96 columns wide: the headers break over lines so that no cell has to; a narrower terminal
+    wraps or folds the cells, never cuts them short.  The long caption reads as a left-aligned
+    paragraph.
+    """
     domains = list(next(iter(rows.values()))[2])
-    table = Table(title=title, caption=caption)
-    for col in ("model", "parameters", "ONNX size", *(f"perplexity {d}" for d in domains),
-                "decode tokens/s (ORT, CPU): median (min-max)"):
-        table.add_column(col, justify="right")
+    table = Table(title=title, caption=caption, caption_justify="left")
+    table.add_column("model", overflow="fold")
+    for col in ("parameters", "ONNX size", *(f"perplexity\n{d}" for d in domains),
+                "decode tokens/s\n(ORT, CPU)\nmedian (min-max, n)"):
+        table.add_column(col, justify="right", overflow="fold")  # fold, never cut a number short
     for name, (params, size, ppl, speeds) in rows.items():
         table.add_row(name, f"{params:,}", f"{size / 2**20:.1f} MiB", *(f"{ppl[d]:.2f}" for d in domains),
                       median_spread(speeds))

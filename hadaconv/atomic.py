@@ -11,7 +11,8 @@ folders under the usual 0022), not 0600/0700 as ``tempfile.mkstemp``/``mkdtemp``
 own writer) would give: a bundle copied to a service account must stay readable.
 
 Replacing an existing folder takes two renames (the old folder aside, the new one in); if the
-second fails, the old folder is renamed back before the error propagates.
+second fails, the old folder is renamed back before the error propagates.  Whether an existing
+output may be replaced at all is decided beforehand, by :func:`check_output`, before any work.
 """
 
 from __future__ import annotations
@@ -26,9 +27,37 @@ from typing import Iterator
 
 from hadaconv.errors import OutputError, output_error
 
-__all__ = ["atomic_file", "atomic_folder"]
+__all__ = ["atomic_file", "atomic_folder", "check_output"]
 
 _ATTEMPTS = 100
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bool) -> Path:
+    """``path`` as a Path, after refusing an output that may not or cannot be written, so that a
+    long run cannot fail there at its end: the one check every writer calls before its work.
+
+    ``folder=True`` (converted folders, bundles): an existing non-empty folder needs
+    ``overwrite``; an empty one is fine (a folder made beforehand); a file there is refused even
+    with ``overwrite`` (``-o model.gguf`` must not replace the input).  ``folder=False`` (JSONL,
+    ...): an existing file needs ``overwrite``; a folder there, or a missing parent folder, is
+    refused.  Raises :class:`~hadaconv.errors.OutputError` with one line.
+    """
+    path = Path(path)
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{path} exists and is not a folder")
+        taken = path.is_dir() and any(path.iterdir())
+    else:
+        if path.is_dir():
+            raise OutputError(f"{path} is a folder, not a file")
+        if not path.parent.is_dir():
+            raise OutputError(f"the folder {path.parent} does not exist")
+        taken = path.exists()
+    if taken and not overwrite:
+        what = "folder" if folder else "file"
+        raise OutputError(f"{path} already exists{' and is not empty' if folder else ''}: pass --overwrite to "
+                          f"replace it, or choose another {what}")
+    return path
 
 
 def _sibling(target: Path, suffix: str, make) -> Path:

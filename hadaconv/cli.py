@@ -245,10 +245,11 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     """
     import time
 
+    from hadaconv.atomic import check_output
     from hadaconv.io import load_model
-    from hadaconv.sample import check_output, sample_texts, write_jsonl
+    from hadaconv.sample import sample_texts, write_jsonl
 
-    check_output(output, overwrite)
+    check_output(output, overwrite, folder=False)
     loaded = load_model(model, config=model_config, device=device, dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to decode samples with")
@@ -285,7 +286,8 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
                    "[default: 1e-3; 0.125 for float16, against the float32 model].")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Precision of the exported graph and its KV cache [default: the model's own]. "
-                   "bfloat16 cannot be validated on ONNX Runtime's CPU provider: add --no-validate.")
+                   "bfloat16 runs on ONNX Runtime's CUDA provider only (the CPU provider lacks bfloat16 kernels), "
+                   "so it cannot be validated (on the CPU): add --no-validate.")
 @click.option("--no-validate", is_flag=True, help="Skip the validation against PyTorch.")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module (arbitrary unpickling can run code).")
@@ -300,10 +302,12 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
 
     import torch
 
+    from hadaconv.atomic import check_output
     from hadaconv.export import export_onnx
     from hadaconv.io import load_model
 
     shape = _shape(input_shape)
+    check_output(output, overwrite, folder=True)  # before loading the model, not after
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, dtype="float32")  # ONNX graphs in float32
     start = time.perf_counter()
     result = export_onnx(
@@ -316,39 +320,74 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
                f"opset {result.meta['opset']}) in {time.perf_counter() - start:.0f} s")
 
 
+def _ids(ctx, param, text: str | None) -> list[int] | None:
+    """'1,2,3' (or '1 2 3') -> [1, 2, 3]: non-negative integer token ids."""
+    if text is None:
+        return None
+    try:
+        ids = [int(p) for p in text.replace(",", " ").split()]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise click.BadParameter(f"expected token ids like 1,2,3 (integers >= 0), got {text!r}")
+    return ids
+
+
 @cli.command("run")
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", default=None, help="Causal LMs: the text to continue.")
 @click.option("--text", default=None, help="Encoders: the text to embed.")
+@click.option("--ids", default=None, callback=_ids,
+              help="The input as token ids instead of text, e.g. 1,2,3: for bundles without a tokenizer "
+                   "(a causal LM then prints the generated ids).")
 @click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when this onnxruntime has it, else CPU.")
-def run_cmd(bundle, prompt, text, max_new_tokens, temperature, top_k, seed, provider) -> None:
+def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, seed, provider) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with the
-    KV cache) or print the embedding of --text (encoders)."""
-    import numpy as np
-
+    KV cache) or print the embedding of --text (encoders).  A bundle without a tokenizer takes
+    token ids with --ids instead, and a causal LM then prints the generated ids (comma-separated,
+    like --ids)."""
     from hadaconv.export.bundle import open_bundle
-    from hadaconv.generate import embed, generate
 
     opened = open_bundle(bundle, provider=provider)
-    if opened.kind == "encoder":
-        if text is None:
-            raise HadaconvError(f"{bundle} is an encoder bundle: give --text to embed")
-        vec = embed(opened, text).sentence_embedding[0]
-        head = ", ".join(f"{v:.4f}" for v in vec[:8])
-        click.echo(f"sentence_embedding [{vec.shape[0]}]: [{head}, ...]  norm {float(np.linalg.norm(vec)):.4f}")
-        return
-    if opened.kind != "causal-lm":
+    if opened.kind not in ("causal-lm", "encoder"):
         raise HadaconvError(f"{bundle} holds a {opened.kind} ({', '.join(o['name'] for o in opened.meta['outputs'])}): "
                             "run it with hadaconv.export.bundle.open_bundle")
-    if prompt is None:
-        raise HadaconvError(f"{bundle} is a causal LM bundle: give --prompt")
-    out = generate(opened, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-    click.echo(prompt + (out.text[0] if out.text else " ".join(map(str, out.tokens[0]))))
+    option = "--prompt" if opened.kind == "causal-lm" else "--text"
+    given = prompt if opened.kind == "causal-lm" else text
+    if given is not None and ids is not None:
+        raise HadaconvError(f"give {option} or --ids, not both")
+    if given is None and ids is None:
+        what = "a causal LM bundle: give --prompt" if opened.kind == "causal-lm" else "an encoder bundle: give --text"
+        raise HadaconvError(f"{bundle} is {what} (or token ids with --ids)")
+    if given is not None and opened.tokenizer is None:
+        raise HadaconvError(f"{bundle} has no tokenizer to encode {option} with: give token ids with --ids, e.g. --ids 1,2,3")
+    if opened.kind == "encoder":
+        _print_embedding(opened, given if ids is None else [ids])
+    else:
+        _print_generation(opened, given, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+
+
+def _print_embedding(opened, text) -> None:
+    import numpy as np
+
+    from hadaconv.generate import embed
+
+    vec = embed(opened, text).sentence_embedding[0]
+    head = ", ".join(f"{v:.4f}" for v in vec[:8])
+    click.echo(f"sentence_embedding [{vec.shape[0]}]: [{head}, ...]  norm {float(np.linalg.norm(vec)):.4f}")
+
+
+def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new_tokens: int, **sampling) -> None:
+    """Text in, text out (the prompt and its continuation); ids in, the generated ids out."""
+    from hadaconv.generate import generate
+
+    out = generate(opened, prompt if ids is None else [ids], max_new_tokens, **sampling)
+    click.echo(prompt + out.text[0] if ids is None else ",".join(map(str, out.tokens[0].tolist())))
     device = opened.session.get_providers()[0].replace("ExecutionProvider", "")
     # One new token comes from the prefill alone: there is no decode rate to report then.
     rate = f"{out.tokens_per_s:.1f} tokens/s decode" if out.new_tokens > 1 else "no decode steps"

@@ -507,11 +507,12 @@ def convert_file(
     adapter's).
     """
     from hadaconv.adapters import find_adapter as _find
-    from hadaconv.io import check_output_folder, hadaconv_meta, load_model, save_converted
+    from hadaconv.atomic import check_output
+    from hadaconv.io import hadaconv_meta, load_model, save_converted
 
     cfg = config or ConvertConfig()
     _check_config(cfg)
-    check_output_folder(out_dir, overwrite)  # before the work, not after it
+    check_output(out_dir, overwrite, folder=True)  # before the work, not after it
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     previous = loaded.meta or {}
     if previous.get("layers") and previous.get("target") != target:

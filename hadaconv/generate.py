@@ -101,6 +101,15 @@ def _token_ids(ids: Any) -> np.ndarray:
     return np.atleast_2d(arr).astype(np.int64)
 
 
+def _check_vocabulary(session: Any, ids: np.ndarray, mask: np.ndarray) -> None:
+    """InputError for a prompt id at or past the logits' vocabulary size (a static last axis), which
+    would otherwise fail inside the graph's embedding Gather with ONNX Runtime's own message."""
+    vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
+    top = int(ids[mask == 1].max())
+    if isinstance(vocab, int) and top >= vocab:
+        raise InputError(f"token id {top} is outside the vocabulary of {vocab} tokens (ids 0 to {vocab - 1})")
+
+
 def _positions(mask: np.ndarray, new: int) -> np.ndarray:
     pos = np.cumsum(mask, -1) - 1
     pos[mask == 0] = 1
@@ -271,6 +280,7 @@ def generate(
         raise InputError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
     eos_set, pad = _special_tokens(meta, eos_token_id, pad_token_id)
     ids, mask = _encode(prompt, tokenizer, pad)
+    _check_vocabulary(session, ids, mask)
     rng = np.random.default_rng(seed)
     tokens, prefill_s, decode_s = _decode(session, past_names, ids, mask, max_new_tokens,
                                           lambda logits: _pick(logits, temperature, top_k, rng), eos_set, pad)

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hadaconv.atomic import atomic_folder
-from hadaconv.errors import HadaconvError, ModelFormatError, OutputError
+from hadaconv.atomic import atomic_folder, check_output
+from hadaconv.errors import HadaconvError, ModelFormatError
 
 __all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "save_converted"]
 
@@ -578,17 +578,6 @@ def _config_for_saving(model: nn.Module, meta: dict) -> dict:
     return data
 
 
-def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """``out_dir`` as a Path, after refusing a file there, or a non-empty folder unless
-    ``overwrite`` (OutputError); called before any work, so that a long run cannot end there."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
-    return out
-
-
 def save_converted(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -614,7 +603,7 @@ def save_converted(
     """
     from safetensors.torch import save_file
 
-    out = check_output_folder(out_dir, overwrite)
+    out = check_output(out_dir, overwrite, folder=True)
     with atomic_folder(out) as tmp:
         config = _config_for_saving(model, meta)
         (tmp / "config.json").write_text(

@@ -11,8 +11,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
-#: Reports and tables go to stdout, wide enough for the per-layer table when piped to a file.
-out = Console(width=None if Console().is_terminal else 180)
+#: Columns of :data:`out` off a terminal (a file, a pipe, CI): rich would otherwise assume 80 and
+#: cut or squeeze every wider table; this fits the widest (the per-layer report, the benchmarks').
+OFF_TERMINAL_WIDTH = 250
+#: Reports and tables go to stdout: the terminal's width on one, else :data:`OFF_TERMINAL_WIDTH`.
+#: The CLI, the benchmarks and the demo all print through it.
+out = Console(width=None if Console().is_terminal else OFF_TERMINAL_WIDTH)
 
 
 @contextmanager

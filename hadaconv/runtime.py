@@ -30,7 +30,7 @@ from hadaconv.errors import HadaconvError, ModelFormatError
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-__all__ = ["LIBRARY_NAME", "build_ops", "get_library_path", "session"]
+__all__ = ["BFLOAT16_ON_CPU", "LIBRARY_NAME", "build_ops", "get_library_path", "session", "session_error"]
 
 LIBRARY_NAME = "libhadaconv_ort.so"
 # Where the wheel installs the library (CMake's install rule in custom_ops/CMakeLists.txt).
@@ -148,6 +148,39 @@ def get_library_path() -> str:
                         "or export with --portable")
 
 
+#: Why a bfloat16 graph cannot run (nor be validated) on the CPU: said alike by the exporter's
+#: refusal and by :func:`session_error`.
+BFLOAT16_ON_CPU = "ONNX Runtime's CPU provider has no bfloat16 kernels for standard ops (Mul, MatMul)"
+
+
+def _holds_bfloat16(model: str | os.PathLike | bytes) -> bool:
+    """Whether the graph's inputs, outputs or weights are bfloat16 (False when it cannot be read)."""
+    try:
+        import onnx
+
+        proto = (onnx.load_from_string(bytes(model)) if isinstance(model, (bytes, bytearray))
+                 else onnx.load(os.fspath(model), load_external_data=False))
+    except Exception:  # a truncated or missing file: ONNX Runtime's own message says more
+        return False
+    bf16, graph = onnx.TensorProto.BFLOAT16, proto.graph
+    return (any(v.type.tensor_type.elem_type == bf16 for v in (*graph.input, *graph.output))
+            or any(t.data_type == bf16 for t in graph.initializer))
+
+
+def session_error(model: str | os.PathLike | bytes, exc: Exception, providers: list[Any]) -> HadaconvError:
+    """The one-line error for a session ONNX Runtime refused to create from ``model`` (a path or
+    the serialized bytes) with ``providers``: a bfloat16 graph on the CPU provider alone (ONNX
+    Runtime's NOT_IMPLEMENTED: no kernel for a node) says what to do instead; anything else is a
+    ModelFormatError with ONNX Runtime's first line."""
+    name = "the serialized model" if isinstance(model, (bytes, bytearray)) else os.fspath(model)
+    first = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+    if "NOT_IMPLEMENTED" in first and not any("CUDA" in str(p) for p in providers) and _holds_bfloat16(model):
+        return HadaconvError(f"{name} is a bfloat16 graph and {BFLOAT16_ON_CPU}: run it with the CUDA execution "
+                             "provider (--provider cuda, with onnxruntime-gpu), or export it with --dtype float16 "
+                             "or float32 for the CPU")
+    return ModelFormatError(f"ONNX Runtime cannot open {name}: {first}")
+
+
 def import_onnxruntime():
     """The onnxruntime module, or a one-line HadaconvError saying how to install it."""
     try:
@@ -198,5 +231,4 @@ def session(
     try:
         return ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime's own types: a missing or corrupt file, a node the op refuses
-        name = "the serialized model" if isinstance(model, (bytes, bytearray)) else model
-        raise ModelFormatError(f"ONNX Runtime cannot open {name}: {str(exc).strip().splitlines()[0]}") from None
+        raise session_error(model, exc, providers) from None

@@ -30,11 +30,11 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from hadaconv.atomic import atomic_file
-from hadaconv.errors import HadaconvError, InputError, OutputError
+from hadaconv.atomic import atomic_file, check_output
+from hadaconv.errors import HadaconvError, InputError
 from hadaconv.progress import progress as progress_bar
 
-__all__ = ["SAMPLE", "SHAKESPEARE", "cache_dir", "cached_samples", "calibration_texts", "check_output",
+__all__ = ["SAMPLE", "SHAKESPEARE", "cache_dir", "cached_samples", "calibration_texts",
            "model_fingerprint", "read_jsonl", "sample_texts", "write_jsonl"]
 
 #: Calibration source names (``--calib sample``, ``--calib shakespeare``).
@@ -110,19 +110,9 @@ def sample_texts(
     return [t for t in texts if t.strip()]
 
 
-def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fail early (before any sampling) on an output file that cannot or may not be written."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} already exists (use --overwrite to replace it)")
-    if not path.parent.is_dir():
-        raise OutputError(f"the folder {path.parent} does not exist")
-    return path
-
-
 def write_jsonl(texts: list[str], path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write texts as JSONL (one ``{"text": ...}`` per line), atomically."""
-    path = check_output(path, overwrite)
+    path = check_output(path, overwrite, folder=False)
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for t in texts:
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")

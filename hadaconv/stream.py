@@ -349,10 +349,10 @@ def convert_streamed(
         HadaconvError: not a sharded Hugging Face folder, blocks not in sequence, bad options,
             sampled calibration text not cached.
     """
-    from hadaconv.atomic import atomic_folder
+    from hadaconv.atomic import atomic_folder, check_output
     from hadaconv.device import resolve_device
     from hadaconv.io import (TOKENIZER_FILES, _config_for_saving, _hf_config, _hf_from_config, _read_json,
-                             check_output_folder, hadaconv_meta, load_tokenizer)
+                             hadaconv_meta, load_tokenizer)
 
     cfg = config or ConvertConfig()
     _check_config(cfg)
@@ -368,7 +368,7 @@ def convert_streamed(
         raise ModelFormatError(f"no such file or folder: {source}")
     if not (source / "config.json").is_file():
         raise ModelFormatError(f"{source} is not a Hugging Face model folder (no config.json)")
-    out = check_output_folder(out_dir, overwrite)
+    out = check_output(out_dir, overwrite, folder=True)
     dev = resolve_device(device)
     files = _tensor_files(source)
     model = _hf_from_config(_hf_config(_read_json(source / "config.json")))

@@ -110,3 +110,30 @@ def test_outputs_are_readable_by_others(tmp_path, umask_022):
                     fingerprint={}, main=True)
     assert _readable_tree(tmp_path) == {}
     assert {p.name for p in tmp_path.iterdir()} == {"conv", "bundle", "text.jsonl", "ckpt"}
+
+
+def test_check_output_one_rule_and_one_wording(tmp_path):
+    """The existence check every writer calls (converted folders, bundles, distilled folders,
+    sampled JSONL): an empty folder may be written into, a non-empty one or an existing file
+    needs overwrite, a file where a folder goes (or the reverse) is refused even with overwrite."""
+    from hadaconv.errors import OutputError
+
+    folder, file = tmp_path / "out", tmp_path / "s.jsonl"
+    assert atomic.check_output(folder, folder=True) == folder  # missing: fine
+    folder.mkdir()
+    assert atomic.check_output(folder, folder=True) == folder  # empty: fine
+    (folder / "keep.txt").write_text("keep")
+    file.write_text("{}\n")
+    refusals = {}
+    for path, is_folder in ((folder, True), (file, False)):
+        with pytest.raises(OutputError) as info:
+            atomic.check_output(path, folder=is_folder)
+        refusals[is_folder] = str(info.value)
+        assert atomic.check_output(path, True, folder=is_folder) == path
+    assert refusals[True] == f"{folder} already exists and is not empty: pass --overwrite to replace it, or choose another folder"
+    assert refusals[False] == f"{file} already exists: pass --overwrite to replace it, or choose another file"
+    for path, is_folder, message in ((file, True, "exists and is not a folder"), (folder, False, "is a folder, not a file"),
+                                     (tmp_path / "no" / "s.jsonl", False, "the folder .* does not exist")):
+        with pytest.raises(OutputError, match=message):
+            atomic.check_output(path, True, folder=is_folder)
+    assert (folder / "keep.txt").read_text() == "keep" and file.read_text() == "{}\n"

@@ -175,6 +175,17 @@ def _without_library(bundle: Path) -> Path:
     return bundle
 
 
+def _without_tokenizer(bundle: Path) -> Path:
+    """The bundle as exported from a folder without tokenizer files."""
+    import json
+
+    for name in TOKENIZER_FILES:
+        (bundle / name).unlink(missing_ok=True)
+    meta = json.loads((bundle / METADATA).read_text())
+    (bundle / METADATA).write_text(json.dumps(meta | {"tokenizer": False}))
+    return bundle
+
+
 def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -256,7 +267,7 @@ ROWS = [
     Row("convert-block-not-dividing", lambda w, t: _convert(w.hf, t / "out", "--block", "5", *TINY),
         r"--block 5 does not divide the output width 64"),
     Row("convert-existing-output",
-        lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), *TINY), r"out exists and is not empty"),
+        lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), *TINY), r"out already exists and is not empty: pass --overwrite to replace it"),
     Row("convert-pickle-without-consent", lambda w, t: _convert(_pickle(t / "m.pt"), t / "out"),
         r"refusing to unpickle .*--trust-pickle"),
     Row("convert-layers-out-of-range", lambda w, t: _convert(w.hf, t / "out", "--layers", "0,7", *TINY),
@@ -290,7 +301,7 @@ ROWS = [
                               "--streamed", *TINY), r"model\.safetensors is truncated"),
     Row("convert-streamed-existing-output",
         lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), "--streamed", *TINY),
-        r"out exists and is not empty"),
+        r"out already exists and is not empty: pass --overwrite to replace it"),
     Row("convert-streamed-output-is-a-file",
         lambda w, t: _convert(w.hf, _write(t / "out", "keep"), "--streamed", *TINY), r"out exists and is not a folder"),
     Row("convert-streamed-max-layers", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--max-layers", "1", *TINY),
@@ -332,7 +343,7 @@ ROWS = [
                                                  *DISTILL], r"teacher not found"),
     Row("distill-existing-output",
         lambda w, t: ["distill", w.conv, "-o", _mkdir(t / "out", True), "--teacher", w.hf, *DISTILL],
-        r"out exists and is not empty"),
+        r"out already exists and is not empty: pass --overwrite to replace it"),
     Row("distill-empty-text",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", _write(t / "d.txt", ""),
                       *DISTILL], r"hold no text"),
@@ -351,7 +362,7 @@ ROWS = [
     # --------------------------------------------------------------- export
     Row("export-missing-model", lambda w, t: ["export", t / "nope", "-o", t / "b"], r"no such file or folder"),
     Row("export-existing-output", lambda w, t: ["export", w.conv, "-o", _mkdir(t / "b", True)],
-        r"b already exists \(use --overwrite"),
+        r"b already exists and is not empty: pass --overwrite to replace it, or choose another folder"),
     Row("export-truncated-weights",
         lambda w, t: ["export", _truncate(_copy(w.conv, t / "c") / "model.safetensors", 0.6).parent, "-o", t / "b"],
         r"is truncated"),
@@ -377,9 +388,25 @@ ROWS = [
     Row("run-invalid-metadata",
         lambda w, t: ["run", _write(_copy(w.bundle, t / "b") / METADATA, "{nope").parent, "--prompt", "hi"],
         r"cannot read .*hadaconv_onnx\.json"),
-    Row("run-causal-without-prompt", lambda w, t: ["run", w.bundle], r"is a causal LM bundle: give --prompt"),
+    Row("run-causal-without-prompt", lambda w, t: ["run", w.bundle],
+        r"is a causal LM bundle: give --prompt \(or token ids with --ids\)"),
     Row("run-encoder-without-text", lambda w, t: ["run", w.encoder, "--prompt", "hi"],
         r"is an encoder bundle: give --text"),
+    Row("run-prompt-without-tokenizer",
+        lambda w, t: ["run", _without_tokenizer(_copy(w.bundle, t / "b")), "--prompt", "hi"],
+        r"b has no tokenizer to encode --prompt with: give token ids with --ids, e\.g\. --ids 1,2,3"),
+    Row("run-text-without-tokenizer",
+        lambda w, t: ["run", _without_tokenizer(_copy(w.encoder, t / "e")), "--text", "hi"],
+        r"e has no tokenizer to encode --text with: give token ids with --ids"),
+    Row("run-ids-not-integers", lambda w, t: ["run", w.bundle, "--ids", "1,x"],
+        r"Invalid value for '--ids': expected token ids like 1,2,3 \(integers >= 0\), got '1,x'"),
+    Row("run-ids-negative", lambda w, t: ["run", w.bundle, "--ids", "5,-3"],
+        r"Invalid value for '--ids': expected token ids like 1,2,3 \(integers >= 0\), got '5,-3'"),
+    Row("run-ids-empty", lambda w, t: ["run", w.bundle, "--ids", " , "], r"Invalid value for '--ids'"),
+    Row("run-ids-past-vocabulary", lambda w, t: ["run", w.bundle, "--ids", f"5,{VOCAB}"],
+        rf"token id {VOCAB} is outside the vocabulary of {VOCAB} tokens"),
+    Row("run-prompt-and-ids", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--ids", "5,6"],
+        r"give --prompt or --ids, not both"),
     Row("run-zero-new-tokens", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--max-new-tokens", "0"],
         r"'--max-new-tokens': 0 is not in the range x>=1"),
     Row("run-negative-temperature", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--temperature", "-1"],
@@ -389,7 +416,7 @@ ROWS = [
     Row("sample-encoder", lambda w, t: ["sample", w.bert, "-o", t / "s.jsonl", "--samples", "1", "--seq-len", "4"],
         r"needs a causal LM"),
     Row("sample-existing-output", lambda w, t: ["sample", w.hf, "-o", _write(t / "s.jsonl", "{}\n")],
-        r"s\.jsonl already exists"),
+        r"s\.jsonl already exists: pass --overwrite to replace it, or choose another file"),
     Row("sample-missing-folder", lambda w, t: ["sample", w.hf, "-o", t / "nope" / "s.jsonl"],
         r"the folder .*nope does not exist"),
     Row("sample-zero-samples", lambda w, t: ["sample", w.hf, "-o", t / "s.jsonl", "--samples", "0"],
@@ -534,8 +561,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("generate-3d-ids", lambda: generate(w.bundle, np.ones((1, 2, 3), np.int64)), InputError, r"shape \[1, 2, 3\]"),
         ("generate-negative-id", lambda: generate(w.bundle, [[5, -3]]), InputError, r"must be >= 0, got -3"),
         ("generate-ragged-ids", lambda: generate(w.bundle, [[5, 6], [7]]), InputError, r"rectangular"),
-        ("generate-id-past-vocab", lambda: generate(w.bundle, [[VOCAB + 5]]), HadaconvError,
-         r"ONNX Runtime failed at generation step 0"),
+        ("generate-id-past-vocab", lambda: generate(w.bundle, [[7, VOCAB + 5]]), InputError,
+         rf"token id {VOCAB + 5} is outside the vocabulary of {VOCAB} tokens \(ids 0 to {VOCAB - 1}\)"),
         ("generate-zero-tokens", lambda: generate(w.bundle, "hi", 0), InputError, r"max_new_tokens must be >= 1"),
         ("generate-negative-top-k", lambda: generate(w.bundle, "hi", top_k=-1), InputError, r"top_k"),
         ("generate-on-encoder", lambda: generate(w.encoder, "hi"), HadaconvError, r"needs a causal LM"),

@@ -8,6 +8,7 @@ test exports the real SmolLM2-135M after conversion.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import os
@@ -224,6 +225,25 @@ def test_cli_float16_export_with_cache_validates_and_runs(tmp_path, converted_fo
     assert capsys.readouterr().out.startswith("hello there")
 
 
+def test_cli_bfloat16_bundle_on_the_cpu_is_one_error_line(tmp_path, converted_folder, capsys):
+    """`export --dtype bfloat16` refuses to validate on the CPU; with --no-validate it writes a
+    bundle that ONNX Runtime's CPU provider cannot open (no bfloat16 Mul/MatMul kernels: its
+    NOT_IMPLEMENTED), and `run` there says so in one line, as the export did, naming what works."""
+    from cli_runner import run_cli
+
+    out = tmp_path / "bf16"
+    code, _, err = run_cli(capsys, "export", converted_folder, "-o", out, "--dtype", "bfloat16")
+    assert code == 1 and "CPU provider has no bfloat16 kernels" in err and not out.exists()
+    code, _, err = run_cli(capsys, "export", converted_folder, "-o", out, "--dtype", "bfloat16", "--no-validate")
+    assert code == 0, err
+    assert json.loads((out / METADATA).read_text())["dtype"] == "bfloat16"
+    code, stdout, err = run_cli(capsys, "run", out, "--prompt", "hello there", "--provider", "cpu")
+    assert code == 1 and stdout == "" and err.count("error:") == 1 and "Traceback" not in err
+    assert (f"error: {out / 'model.onnx'} is a bfloat16 graph and ONNX Runtime's CPU provider has no bfloat16 "
+            "kernels for standard ops (Mul, MatMul): run it with the CUDA execution provider (--provider cuda, "
+            "with onnxruntime-gpu), or export it with --dtype float16 or float32 for the CPU") in err
+
+
 def test_export_dtype_of_the_model_and_bfloat16_refusal(tmp_path, tokenizer, monkeypatch):
     """export_onnx(model.half()) exports float16 (the example cache follows the model); the caller's
     model is not changed by dtype=; a float16 graph is validated against the float32 model, its
@@ -305,6 +325,20 @@ def test_bundle_errors(tmp_path, tiny_bundle):
         open_bundle(broken)
 
 
+def test_cli_run_takes_token_ids_without_tokenizer(tiny_bundle, capsys):
+    """A bundle exported without tokenizer files runs from `hadaconv run --ids` and prints the
+    generated ids (those of generate() on the same ids); --prompt there is one error line naming --ids."""
+    from cli_runner import run_cli
+
+    code, out, err = run_cli(capsys, "run", tiny_bundle, "--ids", "5, 6,7", "--max-new-tokens", "4")
+    expected = generate(tiny_bundle, [5, 6, 7], 4).tokens[0]
+    assert code == 0 and out == ",".join(map(str, expected.tolist())) + "\n", (out, err)
+    assert "prefill of 3 tokens" in err
+    code, out, err = run_cli(capsys, "run", tiny_bundle, "--prompt", "hello")
+    assert code == 1 and out == "" and err.count("error:") == 1 and "Traceback" not in err
+    assert "has no tokenizer to encode --prompt with: give token ids with --ids" in err
+
+
 def plain_run_greedy(sess, ids: np.ndarray, new_tokens: int) -> np.ndarray:
     """Greedy tokens from a plain ``session.run`` loop (every present copied to numpy and fed back):
     the reference for the IO-binding loop of ``generate``.  Rows of equal length, no padding."""
@@ -373,15 +407,19 @@ def test_cache_device_follows_the_provider():
     assert _cache_device(cuda) == ("cuda", 1)
 
 
-def test_demo_decode_speed_alternates_and_states_the_spread(tiny_bundle, monkeypatch):
-    """examples/demo.py's decode speed: ``repeats`` runs per bundle in alternating order
-    (benchmarks/common.alternate), printed as median (min-max)."""
-    import importlib.util
-
+def _demo():
+    """examples/demo.py as a module (its main() not run)."""
     root = Path(__file__).resolve().parent.parent
     spec = importlib.util.spec_from_file_location("demo", root / "examples" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
+    return demo
+
+
+def test_demo_decode_speed_alternates_and_states_the_spread(tiny_bundle, monkeypatch):
+    """examples/demo.py's decode speed: ``repeats`` runs per bundle in alternating order
+    (benchmarks/common.alternate), printed as median (min-max)."""
+    demo = _demo()
     order = []
     values = demo.alternate({"a": lambda: order.append("a") or 1.0, "b": lambda: order.append("b") or 2.0}, 3)
     assert order == ["a", "b", "b", "a", "a", "b"] and values == {"a": [1.0] * 3, "b": [2.0] * 3}
@@ -389,6 +427,25 @@ def test_demo_decode_speed_alternates_and_states_the_spread(tiny_bundle, monkeyp
     monkeypatch.setattr(demo, "PROMPT", [5, 6, 7])  # token ids: this bundle has no tokenizer
     speed = demo.decode_speed({"dense": tiny_bundle, "converted": tiny_bundle}, 3, new_tokens=4)
     assert list(speed) == ["dense", "converted"] and all(len(v) == 3 and min(v) > 0 for v in speed.values())
+
+
+def test_demo_table_fits_a_terminal_and_never_cuts_a_number():
+    """The demo's before/after table on made-up numbers: whole cells on one line each within 100
+    columns (a 150-column terminal), and at 80 columns wrapped or folded, never cut with an ellipsis."""
+    from rich.console import Console
+
+    rows = {"original (dense)": (134515008, 517.7 * 2**20, {"python-ref": 15.26, "kjv": 23.73}, [46.9, 45.1, 47.7]),
+            "hadaconv": (131571648, 506.5 * 2**20, {"python-ref": 20.27, "kjv": 36.86}, [46.7, 44.9, 47.5])}
+    table = _demo().before_after("hadaconv demo: SmolLM2-135M, 10 of 30 converted", rows, "held-out text; " * 20)
+    for width in (150, 80):
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(table)
+        lines = console.export_text().splitlines()
+        assert max(map(len, lines)) <= width and "…" not in "".join(lines)
+        if width == 150:
+            assert max(len(line) for line in lines if "│" in line) <= 100
+            for cell in ("134,515,008", "517.7 MiB", "20.27", "36.86", "46.7 (44.9-47.5, n=3)"):
+                assert any(cell in line for line in lines), cell
 
 
 def test_wrong_input_shape_is_one_line(tmp_path):

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from hadaconv.atomic import atomic_file
+from hadaconv.atomic import atomic_file, check_output
 from hadaconv.distill.core import DistillConfig, DistillReport, distill
 from hadaconv.distill.parallel import is_main
 from hadaconv.errors import HadaconvError
@@ -82,8 +82,7 @@ def distill_file(
     meta = _read_json(config_path).get("hadaconv") if config_path.is_file() else None
     if not isinstance(meta, dict):
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: run hadaconv convert first")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise HadaconvError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+    check_output(out, overwrite, folder=True)
     source = teacher_path(converted, meta, teacher)
     student = load_model(converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):

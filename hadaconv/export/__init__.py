@@ -28,6 +28,7 @@ from hadaconv.errors import HadaconvError
 from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, session_for, write_metadata
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
+from hadaconv.runtime import BFLOAT16_ON_CPU
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_ATOL_FLOAT16", "DTYPES", "ExportResult", "export_onnx"]
 
@@ -203,9 +204,8 @@ def export_onnx(
     model = _as_dtype(model, dtype).eval()
     precision = model_dtype(model)
     if precision == torch.bfloat16 and validate_outputs:
-        raise HadaconvError("ONNX Runtime's CPU provider has no bfloat16 kernels for standard ops (Mul, MatMul), so a "
-                            "bfloat16 export cannot be validated here: export with validation off (--no-validate) for "
-                            "a GPU deployment, or use float16")
+        raise HadaconvError(f"{BFLOAT16_ON_CPU}, so a bfloat16 export cannot be validated here: export with "
+                            "validation off (--no-validate) for the CUDA execution provider, or use float16")
     atol = default_atol(precision) if atol is None else atol
     example_inputs = _inputs_as(example_inputs, precision)
     kind = kind or detect_kind(model)

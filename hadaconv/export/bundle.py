@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from hadaconv import atomic
-from hadaconv.errors import HadaconvError, ModelFormatError, OutputError
-from hadaconv.runtime import import_onnxruntime, make_session_options
+from hadaconv.errors import HadaconvError, ModelFormatError
+from hadaconv.runtime import import_onnxruntime, make_session_options, session_error
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
@@ -47,11 +47,9 @@ FORMAT = "hadaconv-onnx"
 @contextlib.contextmanager
 def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder next to ``out`` that becomes ``out`` when the block succeeds
-    (:func:`hadaconv.atomic.atomic_folder`); on failure nothing is left behind (and an existing
-    ``out`` is untouched)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists (use --overwrite to replace it)")
+    (:func:`hadaconv.atomic.atomic_folder`), after :func:`hadaconv.atomic.check_output`; on
+    failure nothing is left behind (and an existing ``out`` is untouched)."""
+    out = atomic.check_output(out, overwrite, folder=True)
     with atomic.atomic_folder(out) as tmp:
         yield tmp
 
@@ -113,12 +111,11 @@ def session_for(
             options.register_custom_ops_library(str(library))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelFormatError(f"cannot load the op library {library}: {str(exc).splitlines()[0]}") from None
+    providers = _providers(provider)
     try:
-        return ort.InferenceSession(os.fspath(model), sess_options=options, providers=_providers(provider))
-    except HadaconvError:
-        raise
-    except Exception as exc:
-        raise ModelFormatError(f"ONNX Runtime cannot open {model}: {str(exc).strip().splitlines()[0]}") from None
+        return ort.InferenceSession(os.fspath(model), sess_options=options, providers=providers)
+    except Exception as exc:  # a corrupt graph; a bfloat16 one on the CPU provider
+        raise session_error(model, exc, providers) from None
 
 
 @dataclass
