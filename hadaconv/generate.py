@@ -8,10 +8,14 @@ samples (optionally from the ``top_k`` most likely tokens).  :func:`embed` runs 
 
 Both accept an opened :class:`~hadaconv.export.bundle.Bundle`, a bundle folder, or a bare
 ``onnxruntime.InferenceSession`` (the cache layout is then read off the session's inputs).
+bfloat16 bundles (``export --dtype bfloat16``, run by the CUDA execution provider) work alike:
+the cache stays bfloat16, and the outputs the host reads (logits, embeddings) are widened to
+float32, as numpy has no bfloat16.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +28,10 @@ from hadaconv.export.bundle import Bundle, open_bundle
 
 __all__ = ["Embedding", "Generation", "embed", "generate"]
 
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+# Element types of the cache as ``OrtValue.ortvalue_from_shape_and_type`` takes them: numpy has no
+# bfloat16, so that one goes by its ONNX type number (TensorProto.BFLOAT16 = 16).
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+       "tensor(bfloat16)": 16}
 
 
 @dataclass
@@ -110,6 +117,16 @@ def _check_vocabulary(session: Any, ids: np.ndarray, mask: np.ndarray) -> None:
         raise InputError(f"token id {top} is outside the vocabulary of {vocab} tokens (ids 0 to {vocab - 1})")
 
 
+def _host(value: Any) -> np.ndarray:
+    """An OrtValue in host memory as a numpy array; bfloat16, which numpy lacks (``OrtValue.numpy``
+    refuses it), widened exactly to float32: its 16 bits are the high half of a float32's."""
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    shape = value.shape()
+    raw = (ctypes.c_uint16 * int(np.prod(shape))).from_address(value.data_ptr())
+    return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+
+
 def _positions(mask: np.ndarray, new: int) -> np.ndarray:
     pos = np.cumsum(mask, -1) - 1
     pos[mask == 0] = 1
@@ -192,7 +209,7 @@ def _step(session: Any, feeds: dict[str, np.ndarray], past: dict[str, Any],
     session.run_with_iobinding(binding)
     binding.synchronize_outputs()
     logits, *presents = binding.get_outputs()  # in binding order
-    return logits.numpy()[:, -1], dict(zip(past, presents))
+    return _host(logits)[:, -1], dict(zip(past, presents))
 
 
 def _decode(session: Any, past_names: list[str], ids: np.ndarray, mask: np.ndarray, max_new_tokens: int,
@@ -290,8 +307,22 @@ def generate(
     return Generation(tokens, text, int(ids.shape[1]), prefill_s, decode_s)
 
 
+def _run_on_host(session: Any, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    """One run with every output bound to host memory (``session.run`` cannot return bfloat16)."""
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name in outputs:
+        binding.bind_output(name, "cpu")
+    binding.synchronize_inputs()
+    session.run_with_iobinding(binding)
+    binding.synchronize_outputs()
+    return {name: _host(value) for name, value in zip(outputs, binding.get_outputs())}
+
+
 def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *, tokenizer: Any = None) -> Embedding:
-    """Sentence embeddings (mean-pooled last hidden states) of ``text`` with an encoder bundle."""
+    """Sentence embeddings (mean-pooled last hidden states) of ``text`` with an encoder bundle
+    (float32 from a bfloat16 bundle, widened exactly; the bundle's own dtype otherwise)."""
     session, tokenizer, meta = _resolve(target, tokenizer)
     names = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
@@ -307,7 +338,7 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
         ids = _token_ids(text)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     try:
-        result = dict(zip(outputs, session.run(outputs, feeds)))
+        result = _run_on_host(session, feeds, outputs)
     except Exception as exc:
         raise HadaconvError(f"ONNX Runtime failed: {str(exc).strip().splitlines()[0]}") from None
     return Embedding(result["sentence_embedding"], result["last_hidden_state"])

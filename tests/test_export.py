@@ -358,6 +358,65 @@ def plain_run_greedy(sess, ids: np.ndarray, new_tokens: int) -> np.ndarray:
     return np.stack(tokens, 1)
 
 
+def _bfloat16_bigram(vocab: int, hidden: int, cache: bool) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """(graph, L, E): a bfloat16 graph of ops ONNX Runtime's CPU provider has bfloat16 kernels for
+    (Gather, Unsqueeze, Concat, ReduceMax on the ids): logits = L[input_ids] (a bigram table),
+    one cache layer storing E[input_ids] (with ``cache``), last_hidden_state = E[input_ids] and
+    sentence_embedding = E[max id].  Values are small halves, exact in bfloat16."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    bf16 = TensorProto.BFLOAT16
+    table = rng.integers(-6, 6, (vocab, vocab)) / 2
+    table[np.arange(vocab), rng.permutation(vocab)] = 4.0  # one clear greedy successor per token
+    emb = rng.integers(-6, 6, (vocab, hidden)) / 2
+
+    def bits(a):  # bfloat16 bit patterns: the high half of the float32's
+        return (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+    inits = [helper.make_tensor("L", bf16, table.shape, bits(table).tobytes(), raw=True),
+             helper.make_tensor("E", bf16, emb.shape, bits(emb).tobytes(), raw=True),
+             helper.make_tensor("one", TensorProto.INT64, [1], [1])]
+    nodes = [helper.make_node("Gather", ["L", "input_ids"], ["logits"]),
+             helper.make_node("Gather", ["E", "input_ids"], ["last_hidden_state"]),
+             helper.make_node("Unsqueeze", ["last_hidden_state", "one"], ["h"]),
+             helper.make_node("ReduceMax", ["input_ids", "one"], ["top"], keepdims=0),
+             helper.make_node("Gather", ["E", "top"], ["sentence_embedding"])]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"])]
+    outputs = [helper.make_tensor_value_info("logits", bf16, ["B", "S", vocab]),
+               helper.make_tensor_value_info("last_hidden_state", bf16, ["B", "S", hidden]),
+               helper.make_tensor_value_info("sentence_embedding", bf16, ["B", hidden])]
+    for part in ("key", "value") if cache else ():
+        inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{part}", bf16, ["B", 1, "P", hidden]))
+        nodes.append(helper.make_node("Concat", [f"past_key_values.0.{part}", "h"], [f"present.0.{part}"], axis=2))
+        outputs.append(helper.make_tensor_value_info(f"present.0.{part}", bf16, ["B", 1, "T", hidden]))
+    graph = helper.make_graph(nodes, "bigram", inputs, outputs, initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(), table, emb
+
+
+def test_bfloat16_cache_and_outputs_through_generate_and_embed():
+    """What the CUDA provider runs for a bfloat16 bundle, on ops the CPU has bfloat16 kernels for:
+    generate keeps a bfloat16 cache (a float32 one would fail Concat's type check) and reads the
+    bfloat16 logits (OrtValue.numpy refuses them); embed's outputs come back as exact float32."""
+    import onnxruntime as ort
+
+    graph, table, emb = _bfloat16_bigram(16, 8, cache=True)
+    sess = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    ids = np.array([[3, 9, 1], [7, 2, 5]])
+    expected = [list(row[-1:]) for row in ids]
+    for _ in range(6):
+        for chain in expected:
+            chain.append(int(table[chain[-1]].argmax()))
+    out = generate(sess, ids, 6, eos_token_id=[])
+    assert out.tokens.tolist() == [chain[1:] for chain in expected]
+    result = embed(ort.InferenceSession(_bfloat16_bigram(16, 8, cache=False)[0], providers=["CPUExecutionProvider"]),
+                   ids)
+    assert result.sentence_embedding.dtype == np.float32 and result.last_hidden_state.dtype == np.float32
+    np.testing.assert_array_equal(result.last_hidden_state, emb[ids])
+    np.testing.assert_array_equal(result.sentence_embedding, emb[ids.max(1)])
+
+
 def test_generate_with_io_binding_equals_a_plain_run_loop(tiny_bundle, monkeypatch):
     from onnxruntime.capi import onnxruntime_inference_collection as orti
 
