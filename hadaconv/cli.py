@@ -337,7 +337,7 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", default=None, help="Causal LMs: the text to continue.")
 @click.option("--text", default=None, help="Encoders: the text to embed.")
-@click.option("--ids", default=None, callback=_ids,
+@click.option("--ids", default=None, callback=_ids, metavar="IDS",
               help="The input as token ids instead of text, e.g. 1,2,3: for bundles without a tokenizer "
                    "(a causal LM then prints the generated ids).")
 @click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True)
