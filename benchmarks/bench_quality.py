@@ -110,6 +110,8 @@ def main() -> None:
                     help="block size of the fits that rank the layers (convert ranks with its own block, "
                          "64 by default; 16 is what the earlier tables used)")
     ap.add_argument("--write", action="store_true", help="only write the table of the finished cells")
+    ap.add_argument("--hidden-weight", type=float, default=0.0,
+                    help="with --distill-minutes: distill's per-layer hidden-state loss weight (its default 0)")
     ap.add_argument("--distill-minutes", type=float, default=0.0,
                     help="instead of the grid: convert all layers with the defaults, then distill this long with "
                          "the defaults (on the same cached calibration text) and measure the recovery")
@@ -117,11 +119,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     source = str(smollm2_path()) if args.model == "smollm2" else qwen2_5_coder_folder(cache_dir())
+    args.source = source
     os.environ.setdefault("HADACONV_CACHE", str(args.work / "cache"))
     tag = "" if args.model == "smollm2" else f"{args.model}-"
     ranked = "" if args.rank_block == 16 else f"-r{args.rank_block}"
     store = args.work / (f"quality-{tag}{args.samples}{ranked}.json" if not args.distill_minutes
-                         else f"recovery-{tag}{args.samples}-{args.distill_minutes:g}.json")
+                         else f"recovery-{tag}{args.samples}-{args.distill_minutes:g}"
+                         f"{f'-h{args.hidden_weight:g}' if args.hidden_weight else ''}-t{args.threads}.json")
     results = json.loads(store.read_text()) if store.is_file() else {"machine": machine(), "cells": {}}
     if args.write:
         write(results, args)
@@ -226,26 +230,38 @@ def main() -> None:
 
 
 def recovery(teacher, tok, windows, base: ConvertConfig, args, results: dict, save) -> None:
-    """All layers converted with the defaults (block 16, sequential, compensated, sampled text),
-    then the default distillation for ``--distill-minutes`` on the same text."""
+    """All layers converted with the defaults (block 64, sequential, compensated, sampled text;
+    the converted folder is kept under --work and reused), then the default distillation for
+    ``--distill-minutes`` on the same text, with ``--hidden-weight``."""
+    from hadaconv.convert import convert_file
     from hadaconv.distill import DistillConfig, distill
+    from hadaconv.io import load
     from hadaconv.sample import cached_samples
 
-    student = copy.deepcopy(teacher)
-    t = time.perf_counter()
-    report = convert(student, tok, ConvertConfig(samples=args.samples, sensitivity=False, progress=False))
-    results["convert_seconds"] = time.perf_counter() - t
-    results["converted"] = evaluate(student, windows)
-    save()
+    folder = args.work / f"converted-{args.model}-{args.samples}"
+    if not folder.is_dir():
+        t = time.perf_counter()
+        convert_file(args.source, str(folder), ConvertConfig(samples=args.samples, sensitivity=False,
+                                                         progress=False))
+        results["convert_seconds"] = time.perf_counter() - t
+    student = load(folder)
+    if "converted" not in results:
+        results["converted"] = evaluate(student, windows)
+        save()
     print("converted", results["converted"], flush=True)
     _, path = cached_samples(teacher, tok, samples=args.samples, seq_len=base.seq_len, progress=False)
     dreport = distill(student, teacher, tok, DistillConfig(data=[str(path)], max_time=60 * args.distill_minutes,
-                                                           progress=False))
+                                                           hidden_weight=args.hidden_weight, progress=False))
     results["distill"] = {"steps": dreport.steps, "tokens": dreport.tokens, "seconds": dreport.seconds,
-                          "curve": dreport.curve, "layers": report.converted}
+                          "curve": dreport.curve, "layers": sorted(load_layers(folder)),
+                          "hidden_weight": args.hidden_weight, "threads": args.threads}
     results["distilled"] = evaluate(student, windows)
     save()
     print("distilled", results["distilled"], dreport.steps, "steps", dreport.tokens, "tokens", flush=True)
+
+
+def load_layers(folder: Path) -> list[int]:
+    return json.loads((folder / "config.json").read_text())["hadaconv"]["layers"]
 
 
 def cells(spec: str) -> list[tuple]:
