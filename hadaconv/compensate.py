@@ -11,8 +11,9 @@ the refit solves the ridge least squares
 
 pulled towards the original weights (closed form ``[W' b'] = (Z U^T + lam W0)(U U^T + lam I)^-1``
 with ``u`` augmented by a constant 1 when there is a bias).  ``lam = alpha * tr(U U^T) / D`` is
-scale-free; ``alpha`` is chosen per layer on held-out windows from a grid, and the original map
-is kept when no ``alpha`` beats it there.  Same shapes, same parameter count: nothing changes at
+scale-free; ``alpha`` is chosen per layer on held-out windows from a grid (by generalized
+cross-validation on the calibration tokens when there are none), and the original map is kept
+when no ``alpha`` beats it there.  Same shapes, same parameter count: nothing changes at
 run time.  The method is the layer-wise output-matching refit of OBC/GPTQ-style post-training
 compression (Frantar et al. 2022), applied to a neighbour of the changed layer, as the
 error-compensation step of SliceGPT/"Compensated" pruning does.
@@ -132,8 +133,13 @@ def refit(w: torch.Tensor, b: torch.Tensor | None, calib: RidgeSums, heldout: Ri
           alphas: tuple[float, ...] = ALPHAS) -> Compensation:
     """The ridge refit of ``y = w u + b`` (``w`` [out, D]) to the targets summed in ``calib``.
 
-    Each ``alpha`` is scored on ``heldout`` (on ``calib`` when None, which then favours the
-    smallest); the best wins if it beats the original map there, else the original is kept.
+    Each ``alpha`` is scored on ``heldout``; without held-out tokens, on ``calib`` by generalized
+    cross-validation (Golub, Heath & Wahba 1979: the calibration error divided by
+    ``(1 - df / N)^2``, ``df = sum e / (e + lam)`` the fit's degrees of freedom, N the tokens),
+    since the plain calibration error always favours the weakest ridge: with fewer tokens than
+    inputs that interpolates them (a 448-token refit of SmolLM2's 1536-wide down-projection grew
+    its largest weight to 309).  The best wins if it beats the original map there, else the
+    original is kept.  The errors reported are these scores (relative, see :meth:`RidgeSums.relative`).
     Solved in the D' x D' input space from the sums, or in the N x N token space while ``calib``
     holds its N < D' tokens as rows (the same minimiser: ``(U^T U + lam I)^-1 U^T`` equals
     ``U^T (U U^T + lam I)^-1``).  Raises ValueError when ``calib`` holds no tokens or its bias
@@ -151,6 +157,9 @@ def refit(w: torch.Tensor, b: torch.Tensor | None, calib: RidgeSums, heldout: Ri
     best_err, best_alpha, tried = before, None, {}
     for alpha in alphas:
         err = solver.error(alpha * power)
+        if score is calib:  # GCV: sqrt of the squared error's (1 - df/N)^-2
+            left = 1 - (solver.evals / (solver.evals + alpha * power)).sum().item() / calib.count
+            err = err / left if left > 0 else float("inf")
         tried[alpha] = err
         if err < best_err:
             best_err, best_alpha = err, alpha

@@ -88,6 +88,26 @@ def test_refit_with_fewer_tokens_than_inputs_is_the_ridge_minimiser(held_rows):
     torch.testing.assert_close(comp.weight, _ridge(u[:40], z[:40], w0, comp.alpha * power), rtol=0, atol=1e-9)
 
 
+def test_without_held_out_tokens_the_ridge_is_chosen_by_gcv_not_by_the_calibration_error():
+    """No held-out split: 40 tokens for a 60-wide map with targets that are pure noise.  The
+    calibration error alone would pick the weakest ridge (it interpolates the 40 tokens); GCV
+    must keep the original map (or a strong ridge).  With a real signal and more tokens than
+    inputs it must still find the map."""
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(40, 60, generator=g, dtype=torch.float64)
+    noise = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    w0 = torch.zeros(5, 60, dtype=torch.float64)
+    comp = refit(w0, None, _sums(u, noise, noise, False))
+    assert comp.alpha is None or comp.alpha >= 0.1
+    assert comp.weight.abs().max() < 0.5 * _ridge(u, noise, w0, 1e-4 * u.square().sum().item() / 60).abs().max()
+    u = torch.randn(400, 20, generator=g, dtype=torch.float64)
+    w_true = torch.randn(5, 20, generator=g, dtype=torch.float64)
+    z = u @ w_true.T + 0.01 * torch.randn(400, 5, generator=g, dtype=torch.float64)
+    comp = refit(torch.zeros(5, 20, dtype=torch.float64), None, _sums(u, z, z, False))
+    assert comp.alpha is not None and comp.alpha <= 1e-2
+    torch.testing.assert_close(comp.weight, w_true, rtol=0, atol=0.05)
+
+
 def test_sums_fold_rows_once_they_outnumber_the_inputs():
     """Rows are kept until there are as many as inputs; then folded into the Gram sums, which
     must equal the sums of every token added, the first rows included."""
