@@ -154,7 +154,7 @@ def refit(w: torch.Tensor, b: torch.Tensor | None, calib: RidgeSums, heldout: Ri
     solver = (_TokenSpace if calib.as_rows else _InputSpace)(w0, calib, score)
     power = calib.power()
     before = score.relative(w0)
-    best_err, best_alpha, tried = before, None, {}
+    best, best_err, best_alpha, tried = w0, before, None, {}
     for alpha in alphas:
         err = solver.error(alpha * power)
         if score is calib:  # GCV: sqrt of the squared error's (1 - df/N)^-2
@@ -162,8 +162,9 @@ def refit(w: torch.Tensor, b: torch.Tensor | None, calib: RidgeSums, heldout: Ri
             err = err / left if left > 0 else float("inf")
         tried[alpha] = err
         if err < best_err:
-            best_err, best_alpha = err, alpha
-    best = w0 if best_alpha is None else solver.weight(best_alpha * power)
+            best, best_err, best_alpha = solver.scored, err, alpha
+    if best is None:  # the token space scores without forming W: form the winner's once
+        best = solver.weight(best_alpha * power)
     weight, bias = (best[:, :-1], best[:, -1]) if b is not None else (best, None)
     return Compensation(weight, bias, best_alpha, before, best_err, tried)
 
@@ -176,12 +177,14 @@ class _InputSpace:
         evals, self.vecs = torch.linalg.eigh(calib.uu)
         self.evals = evals.clamp_min(0)
         self.rhs, self.w0v, self.score = calib.zu @ self.vecs, w0 @ self.vecs, score
+        self.scored: torch.Tensor | None = None  # the weight error() last scored, kept for the winner
 
     def weight(self, lam: float) -> torch.Tensor:
         return ((self.rhs + lam * self.w0v) / (self.evals + lam)) @ self.vecs.T
 
     def error(self, lam: float) -> float:
-        return self.score.relative(self.weight(lam))
+        self.scored = self.weight(lam)
+        return self.score.relative(self.scored)
 
 
 class _TokenSpace:
@@ -195,7 +198,7 @@ class _TokenSpace:
         self.evals = evals.clamp_min(0)
         self.rq = (z - u @ w0.T).T @ q  # [out, N]
         self.qu = q.T @ u               # [N, D']
-        self.w0, self.score = w0, score
+        self.w0, self.score, self.scored = w0, score, None
         if score.as_rows:
             uh, zh = score.rows()
             self.rh, self.m = zh - uh @ w0.T, uh @ self.qu.T  # [Nh, out], [Nh, N]
@@ -205,6 +208,8 @@ class _TokenSpace:
 
     def error(self, lam: float) -> float:
         if not self.score.as_rows:
-            return self.score.relative(self.weight(lam))
+            self.scored = self.weight(lam)
+            return self.score.relative(self.scored)
+        self.scored = None
         fit = (self.m / (self.evals + lam)) @ self.rq.T
         return ((self.rh - fit).square().sum().item() / max(self.score.scale, 1e-300)) ** 0.5
