@@ -14,10 +14,14 @@ Cells (each: which layers, how fitted, params removed, conversion time, perplexi
   - ``plain``: each layer on the original model's statistics (the earlier default),
   - ``seq``, ``comp``, ``seq+comp``: block by block against the teacher (hadaconv.blockwise),
     sequential statistics and/or the down-projection refit (seq+comp is the default now);
+  - an optional fifth field ``rR`` adds the low-rank residual of rank R (``convert --rank R``):
+    ``hadamard:64:10:seq+comp:r16`` is block 64, the 10 least sensitive layers, seq+comp, rank 16.
+    Parameters removed count what the residual keeps (R (d_in + d_out) per layer);
 * ``lowrank``: the baseline at (about) equal parameters: W_o replaced by the activation-aware
   truncated SVD of SVD-LLM (Wang et al. 2024): W L = U S V^T with C = L L^T the input covariance
-  (Cholesky, ridge-damped), W' = U_r S_r V_r^T L^-1, bias (W - W') mu; rank r = b / 2 keeps
-  2 d r + d parameters, the Hadamard form d b + d (r = 1 for b = 1: slightly more).
+  (ridge-damped), W' = U_r S_r V_r^T L^-1, bias (W - W') mu (computed by
+  ``hadaconv.fit.reduced_rank``, the residual's fit with V = I, which has the same optimum); rank
+  r = b / 2 keeps 2 d r + d parameters, the Hadamard form d b + d (r = 1 for b = 1: slightly more).
 
 Statistics are collected once, the b-fits once per b, the ranking once (only when a cell
 converts fewer than all layers); each cell copies the original model.  Results accumulate in ``--work/quality.json`` (a rerun skips finished cells);
@@ -47,6 +51,7 @@ from hadaconv.convert import (  # noqa: E402
     ConvertConfig, calibration_batches, convert, choose_layers, collect_statistics, find_target, fit_layer, fit_layers,
     layer_row, rank_layers)
 from hadaconv.evaluate import perplexity  # noqa: E402
+from hadaconv.fit import damped_covariance, reduced_rank  # noqa: E402
 from hadaconv.io import load_model  # noqa: E402
 from hadaconv.realmodels import cache_dir, qwen2_5_coder_folder  # noqa: E402
 from hadaconv.swap import apply_fit  # noqa: E402
@@ -76,13 +81,8 @@ def lowrank(layer, moments, rank: int, ridge: float = 1e-3) -> nn.Module:
     """SVD-LLM's whitened truncated SVD of the layer's W_o as two Linears (mean folded into the bias)."""
     w, b = layer.out.get()
     w = w.to(torch.float64)
-    c = moments.covariance
-    c = c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)
-    chol = torch.linalg.cholesky(c)
-    u, s, vt = torch.linalg.svd(w @ chol, full_matrices=False)
-    down = vt[:rank] @ torch.linalg.inv(chol)  # [r, d]
-    up = u[:, :rank] * s[:rank]  # [d, r]
-    bias = (b.to(torch.float64) if b is not None else 0) + (w - up @ down) @ moments.mean
+    up, down = reduced_rank(w, damped_covariance(moments, ridge, w.device)[0], rank)  # [d, r], [r, d]
+    bias = (b.to(torch.float64) if b is not None else 0) + (w - up @ down) @ moments.mean.to(torch.float64)
     first, second = nn.Linear(w.shape[1], rank, bias=False), nn.Linear(rank, w.shape[0], bias=True)
     with torch.no_grad():
         first.weight.copy_(down.float())
@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128, help="calibration windows (the convert default)")
     ap.add_argument("--eval-windows", type=int, default=8, help="windows of 256 tokens per held-out domain")
     ap.add_argument("--cells", default="default", help="'default' (the grid in priority order) or a list "
-                    "like hadamard:16:30:seq+comp,lowrank:8:30")
+                    "like hadamard:16:30:seq+comp,hadamard:64:30:seq+comp:r16,lowrank:8:30 (rR: the low-rank "
+                    "residual of rank R)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sensitivity-windows", type=int, default=ConvertConfig.sensitivity_windows,
                     help="windows per layer for the sensitivity ranking (convert's default)")
@@ -155,12 +156,13 @@ def main() -> None:
     stats, stats_s = load_stats(args.work / f"stats-{tag}{args.samples}.pt", teacher, target, data, True)
     fits, rows, fit_s = {}, {}, {}
 
-    def fits_for(b: int):
-        if b not in fits:
+    def fits_for(b: int, r: int = 0):
+        if (b, r) not in fits:
             t = time.perf_counter()
-            fits[b], rows[b] = fit_layers(target, stats, ConvertConfig(block=b, samples=args.samples, progress=False))
-            fit_s[b] = (time.perf_counter() - t) / len(target.layers)
-        return fits[b]
+            fits[b, r], rows[b, r] = fit_layers(target, stats, ConvertConfig(block=b, rank=r, samples=args.samples,
+                                                                              progress=False))
+            fit_s[b, r] = (time.perf_counter() - t) / len(target.layers)
+        return fits[b, r]
 
     def chosen(k: int) -> list[int]:
         if k >= len(target.layers):
@@ -169,9 +171,9 @@ def main() -> None:
             b = args.rank_block
             fits_for(b)
             t = time.perf_counter()
-            rank_layers(teacher, target, fits[b], rows[b], data, ConvertConfig(
+            rank_layers(teacher, target, fits[b, 0], rows[b, 0], data, ConvertConfig(
                 block=b, samples=args.samples, sensitivity_windows=args.sensitivity_windows), False)
-            results["ranking"] = {"sensitivity": {i: rows[b][i].sensitivity for i in rows[b]},
+            results["ranking"] = {"sensitivity": {i: rows[b, 0][i].sensitivity for i in rows[b, 0]},
                                   "seconds": time.perf_counter() - t, "windows": args.sensitivity_windows,
                                   "block": b}
             save()
@@ -194,15 +196,15 @@ def main() -> None:
                 layer.replace_out(lowrank(layer, stats.moments(layer.index), size))
             seconds = stats_s + time.perf_counter() - t
         else:
-            variant = cell[3]
-            teacher_fits = fits_for(size)
-            cfg = ConvertConfig(block=size, samples=args.samples, progress=False)
+            variant, rank = cell[3], residual_rank(cell)
+            teacher_fits = fits_for(size, rank)
+            cfg = ConvertConfig(block=size, rank=rank, samples=args.samples, progress=False)
             if variant == "plain":
                 for layer in layers:
                     apply_fit(layer, teacher_fits[layer.index])
-                seconds = stats_s + fit_s[size] * k
+                seconds = stats_s + fit_s[size, rank] * k
             else:
-                sub_rows = {i: copy.deepcopy(rows[size][i]) for i in chosen(k)}
+                sub_rows = {i: copy.deepcopy(rows[size, rank][i]) for i in chosen(k)}
 
                 def fit_fn(layer, moments, held, cfg=cfg, tgt=tgt):
                     t0 = time.perf_counter()
@@ -213,7 +215,7 @@ def main() -> None:
                 convert_blockwise(decoder(model, tgt.layers, tgt.kind), tgt.adapter, layers, batches,
                                   dict(teacher_fits), sub_rows, sequential="seq" in variant,
                                   compensate="comp" in variant, fit_fn=fit_fn, show=False)
-                seconds = stats_s + time.perf_counter() - t + (0 if "seq" in variant else fit_s[size] * k)
+                seconds = stats_s + time.perf_counter() - t + (0 if "seq" in variant else fit_s[size, rank] * k)
                 extra = {"block_error": {i: [r.block_error_before, r.block_error_after, r.compensation_ridge]
                                          for i, r in sub_rows.items()},
                          "heldout_error": {i: r.heldout_error for i, r in sub_rows.items()}}
@@ -264,9 +266,22 @@ def load_layers(folder: Path) -> list[int]:
     return json.loads((folder / "config.json").read_text())["hadaconv"]["layers"]
 
 
+def residual_rank(cell: tuple) -> int:
+    """R of a Hadamard cell's optional fifth field ``rR`` (0 without one)."""
+    if len(cell) < 5:
+        return 0
+    if not re.fullmatch(r"r\d+", cell[4]):
+        raise SystemExit(f"bad cell {':'.join(map(str, cell))}: the fifth field is the residual rank, e.g. r16")
+    return int(cell[4][1:])
+
+
 def cells(spec: str) -> list[tuple]:
     if spec != "default":
-        return [tuple(c.split(":")) for c in spec.split(",")]
+        out = [tuple(c.split(":")) for c in spec.split(",")]
+        for cell in out:
+            if cell[0] == "hadamard":
+                residual_rank(cell)  # refuse a bad spec before the long work
+        return out
     # Priority order: the defaults and their ablations first, the wider grid after.
     out = [("hadamard", 16, 30, "plain"), ("hadamard", 16, 30, "seq+comp"), ("lowrank", 8, 30),
            ("hadamard", 16, 10, "plain"), ("hadamard", 16, 10, "seq+comp"), ("lowrank", 8, 10),
@@ -305,6 +320,8 @@ def write(results: dict, args) -> None:
     for key, cell in sorted(results["cells"].items(), key=lambda kv: (int(kv[0].split(":")[2]), kv[0])):
         parts = key.split(":")
         method = f"Hadamard b={parts[1]}" if parts[0] == "hadamard" else f"low-rank r={parts[1]}"
+        if len(parts) > 4:
+            method += f" + rank {parts[4][1:]}"
         fit = parts[3] if parts[0] == "hadamard" else "whitened SVD"
         pct = 100 * cell["params_removed"] / cell["params_before"]
         lines.append(f"| {method} | {fit} | {parts[2]} | {cell['params_removed']:,} ({pct:.2f}%) | "

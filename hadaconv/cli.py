@@ -98,6 +98,11 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--compensate/--no-compensate", default=True, show_default=True,
               help="Refit each converted block's MLP down-projection to the original block's output (ridge least "
                    "squares; same shapes, no run-time cost).  Llama-family models.")
+@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Add a rank-R residual U (D x) next to each Hadamard layer, fitted by least squares to what the "
+                   "Hadamard form misses (reduced-rank regression).  Buys quality back; costs R*(d_in+d_out) "
+                   "parameters and multiply-adds per token and layer (R=16 keeps 18,432 per SmolLM2 layer of "
+                   "331,776).  0: none.")
 @click.option("--no-sensitivity", is_flag=True, help="Skip the per-layer sensitivity measurement.")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @click.option("--target", default=None, help="Generic fallback: convert square nn.Linear layers whose name matches this regex (affine fit).")
@@ -110,7 +115,7 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "without it, but no sensitivity ranking, and sampled text only from the cache.")
 @_device_options
 def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib, samples, seq_len, batch_size,
-                sequential, compensate, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, streamed, device,
+                sequential, compensate, rank, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, streamed, device,
                 dtype) -> None:
     """Fit Hadamard projections to MODEL's attention output projections and save the result.
 
@@ -121,12 +126,12 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     from hadaconv.progress import out
 
     if dry_run:
-        _inspect(model, model_config, trust_pickle, target, block)
+        _inspect(model, model_config, trust_pickle, target, block, rank)
         return
     calib_value = None if not calib else ("none" if list(calib) == ["none"] else list(calib))
     cfg = ConvertConfig(mode=mode, block=block, layers=_layer_list(layers), max_layers=max_layers,
                         max_loss=max_loss, calib=calib_value, samples=samples, seq_len=seq_len,
-                        batch_size=batch_size, sequential=sequential, compensate=compensate,
+                        batch_size=batch_size, sequential=sequential, compensate=compensate, rank=rank,
                         sensitivity=not no_sensitivity)
     if streamed:
         from hadaconv.stream import convert_streamed
@@ -142,7 +147,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     click.echo(f"saved {output}")
 
 
-def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | None) -> None:
+def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | None, rank: int = 0) -> None:
     from rich.table import Table
 
     from hadaconv.adapters import find_adapter
@@ -168,12 +173,12 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
             fac, ok = str(factorize(max(w.shape))).split(" = ")[-1], w.shape[0] % block == 0
         except Exception as e:  # noqa: BLE001 - shown in the table, not raised
             fac, ok = f"unsupported ({e.__class__.__name__})", False
-        gain = parameters_saved(w.shape[1], w.shape[0], block, b is not None) if ok else 0
+        gain = max(0, parameters_saved(w.shape[1], w.shape[0], block, b is not None, rank)) if ok else 0
         removable += gain
         t.add_row(str(layer.index), layer.out_name, f"{w.shape[0]}x{w.shape[1]}", fac,
                   f"{layer.num_heads}/{layer.num_kv_heads}/{layer.head_dim}",
                   "folded" if layer.value is not None else "-", f"{gain:,}")
-    t.caption = f"with --block {block}: -{removable:,} parameters ({100 * removable / total:.2f}% of the model)"
+    t.caption = f"with --block {block}{f' --rank {rank}' if rank else ''}: -{removable:,} parameters ({100 * removable / total:.2f}% of the model)"
     out.print(t)
 
 

@@ -90,6 +90,9 @@ class ConvertConfig:
         compensate: refit the dense maps that write into the residual stream after each converted
             attention (the MLP down-projection, where the adapter names it) towards the teacher's
             block output (:mod:`hadaconv.compensate`); same shapes, no run-time cost.
+        rank: r of the optional low-rank residual ``U D x`` next to each Hadamard layer (0, the
+            default: none; see :mod:`hadaconv.fit`).  Costs r (d_in + d_out) parameters and
+            multiply-adds per token and layer; must leave each layer smaller than the dense one.
         ridge, gamma_ridge, max_iter: damping of the input covariance, penalty on the gamma
             blocks (see :data:`hadaconv.fit.GAMMA_RIDGE`), L-BFGS budget (None: the fit's
             default for the width, see :func:`hadaconv.fit.fit_projection`).
@@ -110,6 +113,7 @@ class ConvertConfig:
     sensitivity_windows: int = 4
     sequential: bool = True
     compensate: bool = True
+    rank: int = 0
     ridge: float = 1e-3
     gamma_ridge: float = GAMMA_RIDGE
     max_iter: int | None = None
@@ -151,11 +155,11 @@ def _check_config(cfg: ConvertConfig) -> None:
         raise InputError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib and len(cfg.calib) > 1:
         raise InputError("--calib none (a data-free fit) cannot be mixed with other calibration sources")
-    for name, least in (("block", 1), ("samples", 2), ("seq_len", 2), ("batch_size", 1)):
+    for name, least in (("block", 1), ("samples", 2), ("seq_len", 2), ("batch_size", 1), ("rank", 0)):
         value = getattr(cfg, name)
         if name == "block" and value is None:
             continue
-        if not isinstance(value, int) or value < least:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise InputError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
 
 
@@ -190,7 +194,22 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
     block = cfg.block or default_block([layer.out_features for layer in layers])
     for layer in layers:
         check_convertible(layer, block)
+        _check_rank(layer, block, cfg.rank)
     return Target(adapter, adapter.kind(model), layers, block)
+
+
+def _check_rank(layer: AttentionLayer, block: int, rank: int) -> None:
+    """Refuse a residual rank at which ``layer`` would keep as many parameters as its dense
+    projection (one line naming the largest rank that still saves some)."""
+    if not rank:
+        return
+    d_in, d_out = layer.width, layer.out_features
+    bias = layer.out.bias is not None
+    if parameters_saved(d_in, d_out, block, bias, rank) > 0:
+        return
+    most = max(0, (parameters_saved(d_in, d_out, block, bias) - 1) // (d_in + d_out))
+    raise InputError(f"--rank {rank} saves no parameters at {layer.out_name} ({d_out}x{d_in}, block {block}): "
+                     f"the residual keeps {rank * (d_in + d_out):,}; the largest rank that saves any is {most}")
 
 
 def _ranges(indices: list[int]) -> str:
@@ -268,7 +287,7 @@ def fit_layer(layer: AttentionLayer, moments: Moments, cfg: ConvertConfig, targe
     w, b = layer.out.get()
     mode = cfg.mode if layer.value is not None else "affine"
     return fit_projection(w, b, moments, mode=mode, block=block, layout=target.layout(layer),
-                          ridge=cfg.ridge, gamma_ridge=cfg.gamma_ridge, max_iter=cfg.max_iter)
+                          ridge=cfg.ridge, gamma_ridge=cfg.gamma_ridge, max_iter=cfg.max_iter, rank=cfg.rank)
 
 
 def layer_row(layer: AttentionLayer, fit: FitResult, held: Moments | None, target: Target, seconds: float,
@@ -406,8 +425,9 @@ def mark_rows(report: ConvertReport, target: Target, fits: dict[int, FitResult],
         row = rows[layer.index]
         row.converted = layer.index in chosen
         if row.converted:
-            row.params_removed = parameters_saved(layer.width, layer.out_features, fits[layer.index].block,
-                                                  layer.out.bias is not None)
+            fit = fits[layer.index]
+            row.params_removed = parameters_saved(layer.width, layer.out_features, fit.block,
+                                                  layer.out.bias is not None, fit.rank)
     report.layers = [rows[layer.index] for layer in target.layers]
 
 
@@ -450,7 +470,8 @@ def convert(
     start = time.perf_counter()
     target = find_target(model, cfg, adapter)
     cfg = replace(cfg, block=target.block)
-    report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential)
+    report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
+                           rank=cfg.rank)
     report.params_before = sum(p.numel() for p in model.parameters())
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
     model.eval()
@@ -533,7 +554,7 @@ def convert_file(
     layers = sorted(set(previous.get("layers", [])) | set(report.converted))
     meta = hadaconv_meta(adapter=report.adapter, layers=layers, block=report.block, fit=cfg.mode,
                          width=width, m=factorize(width).m, target=target,
-                         source=previous.get("source") or str(source))
+                         source=previous.get("source") or str(source), rank=cfg.rank)
     if process_group()[0] != 0:
         return report
     save_converted(loaded.model, out_dir, meta=meta, tokenizer=loaded.tokenizer,

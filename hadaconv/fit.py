@@ -51,12 +51,32 @@ ridge scales with the mean power of those d_out rows, and gradients and the alte
 use the adjoint ``(R T)^T = T^T R^T`` (scatter the d_out rows into n, inverse transform, keep
 the first d_in rows).  One implementation serves both: :class:`_Rotation` applies R T and its
 adjoint.
+
+The optional low-rank residual (``rank = r > 0``, off by default).  The layer becomes
+
+    y' = G R T V x + beta + U D (V x),      U [d_out, r], D [r, d_in]
+
+where ``V x`` is what the layer sees once V is folded into the value projection, so D acts on
+those coordinates.  After G and V are fitted, (U, D) minimise the remaining mean squared error
+``E||A x~ - U D V x~||^2`` (A = W - G R T V, x~ = x - mu; beta takes the mean as before, now
+``b + (W - G R T V - U D V) mu``), i.e. ``tr((A - B V) C (A - B V)^T)`` over B = U D of rank r,
+with C the damped covariance.  This is reduced-rank regression (Izenman 1975, "Reduced-rank
+regression for the multivariate linear model") of the targets A x~ on the predictors V x~: the
+unconstrained optimum is ``B = A C V^T (V C V^T)^-1`` and the rank-r optimum projects it onto
+the top-r left singular subspace of ``B (V C V^T)^{1/2}``, i.e. the top-r eigenvectors U_r of
+``N = B (V C V^T) B^T = A C V^T (V C V^T)^-1 V C A^T``; then ``U D = U_r U_r^T B``.  With V = I
+this is the truncated SVD of the whitened remainder A L (C = L L^T), as SVD-LLM (Wang et al.
+2024) factors a whole W.  :func:`reduced_rank` computes it in float64 with a few d^3 products and
+one eigendecomposition of the d_out x d_out N (U and D share the singular values' square
+roots, so neither is much larger than the other).  The rank-r optimum contains B = 0, and the
+fit keeps U = 0 should the residual not lower the (undamped) calibration error.  Cost at run
+time: ``r (d_in + d_out)`` parameters and multiply-adds per token.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -97,7 +117,7 @@ SELECTIONS = ("first", "input-energy", "output-energy")
 SELECTION = "output-energy"
 
 __all__ = ["FLOAT32_FROM", "GAMMA_RIDGE", "MODES", "SELECTION", "SELECTIONS", "FitResult", "HeadLayout", "Moments",
-           "fit_projection", "relative_error", "select_coordinates"]
+           "damped_covariance", "fit_projection", "reduced_rank", "relative_error", "select_coordinates"]
 
 
 @dataclass(frozen=True)
@@ -121,7 +141,9 @@ class FitResult:
     ``value_map`` is None (affine), a per-KV-channel scale [kv * head_dim] (diag) or one matrix
     per KV group [kv, head_dim, head_dim] (head), to be folded into the value projection.
     ``error`` is the relative output error on the data the fit saw.  ``keep`` lists the kept
-    transform coordinates (int64 [d_out], ascending) when d_in > d_out, else None.
+    transform coordinates (int64 [d_out], ascending) when d_in > d_out, else None.  ``up`` U
+    [d_out, r] and ``down`` D [r, d_in] are the low-rank residual ``U D (V x)`` (module
+    docstring), None when ``rank = 0``.
     """
 
     gamma: torch.Tensor
@@ -132,6 +154,13 @@ class FitResult:
     error: float
     iterations: int
     keep: torch.Tensor | None = None  # [d_out] kept transform coordinates of a d_in > d_out fit
+    up: torch.Tensor | None = None  # U [d_out, r] of the low-rank residual
+    down: torch.Tensor | None = None  # D [r, d_in]
+
+    @property
+    def rank(self) -> int:
+        """r, the rank of the low-rank residual (0: none)."""
+        return 0 if self.up is None else self.up.shape[1]
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -358,6 +387,7 @@ def fit_projection(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     selection: str | None = None,
+    rank: int = 0,
 ) -> FitResult:
     """Fit ``gamma (R T V x) + beta`` to ``W x + b`` under the input statistics ``moments``
     (R = I for a square W; zero-padding or coordinate selection for a rectangular one, see the
@@ -382,14 +412,17 @@ def fit_projection(
         device: where the fit runs; default the device of ``moments.second``.
         selection: for d_in > d_out, the rule choosing the kept coordinates
             (:func:`select_coordinates`, default ``SELECTION``); ignored otherwise.
+        rank: r of the low-rank residual fitted after G and V (module docstring), 0 to
+            min(d_in, d_out); 0 (the default) fits none.
 
     Returns:
         A FitResult with float64 gamma [d_out] or [d_out/b, b, b], beta [d_out], value map and
-        ``keep``, on ``device``.
+        ``keep``, and for ``rank > 0`` float64 ``up`` [d_out, r] and ``down`` [r, d_in], on
+        ``device``.
 
     Raises:
-        InputError (a ValueError): unknown mode or selection rule, b not dividing d_out, or a
-            missing head layout.
+        InputError (a ValueError): unknown mode or selection rule, b not dividing d_out, a
+            missing head layout, or a rank outside 0..min(d_in, d_out).
     """
     if mode not in MODES:
         raise InputError(f"unknown fit mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -404,6 +437,8 @@ def fit_projection(
         layout = None
     if mode != "affine" and layout is None:
         raise InputError(f"mode {mode!r} needs a head layout covering the input width {d}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(d, d_out):
+        raise InputError(f"rank {rank!r} must be an integer from 0 to min(d_in, d_out) = {min(d, d_out)}")
     keep = select_coordinates(w, moments, selection or SELECTION).to(dev) if d > d_out else None
     n = max(d, d_out)
     work = dtype or (torch.float32 if n >= FLOAT32_FROM else torch.float64)
@@ -412,9 +447,10 @@ def fit_projection(
     rot = _Rotation(d, layout.head_dim if layout is not None else 1, work, dev, d_out, keep)
     b = torch.zeros(d_out, dtype=torch.float64, device=dev) if bias is None else bias.detach().to(dev, torch.float64)
     mu = moments.mean.to(dev, torch.float64)
-    cov, damp = _damped_covariance(moments, ridge, dev)
+    cov, damp = damped_covariance(moments, ridge, dev)
     lw = _factor(cov).to(work)  # L L^T = C + damp I
-    del cov
+    if not rank:
+        cov = None
     w_work = w.to(work)
     target = w_work @ lw  # W L [d_out, d_in]: the one d^3 product of the fit
 
@@ -424,7 +460,8 @@ def fit_projection(
         value_map = _alternating_start(w_work, lw, target, layout, block, gamma_ridge, rot, diagonal=mode == "diag")
         value_map, iterations = _joint_lbfgs(value_map, lw, target, layout, block, max_iter, gamma_ridge, rot)
         value_map = _normalized(value_map)
-    return _finish(w, b, mu, value_map, lw, target, damp, layout, block, gamma_ridge, rot, mode, iterations)
+    fit = _finish(w, b, mu, value_map, lw, target, damp, layout, block, gamma_ridge, rot, mode, iterations)
+    return fit if not rank else _with_residual(fit, w, b, mu, cov, damp, layout, rank)
 
 
 def _finish(w, b, mu, value_map, lw, target, damp, layout, block, gamma_ridge, rot, mode, iterations) -> FitResult:
@@ -450,13 +487,75 @@ def _finish(w, b, mu, value_map, lw, target, damp, layout, block, gamma_ridge, r
     return FitResult(gamma, beta, value_map, mode, block, error, iterations, rot.keep)
 
 
+def _with_residual(fit: FitResult, w, b, mu, cov, damp: float, layout, rank: int) -> FitResult:
+    """``fit`` with the rank-r residual (U, D) added, beta and the error updated (module
+    docstring); U = 0 where the residual would not lower the undamped calibration error.  The
+    errors are tr(A C A^T) with the undamped C, computed directly (a d^3 product each): the
+    difference of the whitened sums would lose the digits of a near-exact fit."""
+    d_out, d = w.shape
+    vmat = _value_matrix(fit.value_map, layout, d)
+    a = w - _dense(fit.gamma, fit.value_map, layout, (d_out, d), fit.keep)  # the remainder W - G R T V
+    up, down = reduced_rank(a, cov, rank, vmat)
+    a_r = a - up @ (down if vmat is None else down @ vmat)  # W - G R T V - U D V
+    plain = cov.clone()
+    plain.diagonal().sub_(damp)
+    err0, err_r = _quadratic(a, plain), _quadratic(a_r, plain)
+    if not err_r < err0:
+        up, a_r, err_r = torch.zeros_like(up), a, err0
+    w_mu = w @ mu
+    ref = _quadratic(w, plain) + (w_mu + b).square().sum()
+    error = math.sqrt(max(err_r.item(), 0.0) / max(ref.item(), 1e-300))
+    return replace(fit, beta=b + a_r @ mu, error=error, up=up, down=down)
+
+
+def _value_matrix(value_map: torch.Tensor | None, layout: HeadLayout | None, d: int) -> torch.Tensor | None:
+    """V as a dense float64 [d, d] matrix over the query-head channels (None for V = I)."""
+    if value_map is None:
+        return None
+    v = _expand(value_map.to(torch.float64), layout, d)
+    return torch.diag(v) if v.dim() == 1 else torch.block_diag(*v)
+
+
+def reduced_rank(a: torch.Tensor, cov: torch.Tensor, rank: int, vmat: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced-rank regression (module docstring; Izenman 1975): the rank-r U [d_out, r] and
+    D [r, d_in] that minimise tr((A - U D V) C (A - U D V)^T), for float64 A [d_out, d_in], C
+    [d_in, d_in] positive definite (e.g. :func:`damped_covariance`) and V [d_in, d_in] (``vmat``;
+    None for I).  U D = U_r U_r^T B with B = A C V^T (V C V^T)^-1 and U_r the top-r
+    eigenvectors of N = B (V C V^T) B^T; for V = I, the activation-aware truncated SVD of
+    SVD-LLM (Wang et al. 2024).  U and D each carry the square roots of the singular values."""
+    if vmat is None:
+        bt, pa = a.T, cov @ a.T  # B^T = A^T; C A^T
+    else:
+        p = vmat @ cov  # V C
+        pa = p @ a.T  # V C A^T
+        bt = _solve_psd(p @ vmat.T, pa)  # (V C V^T)^-1 V C A^T = B^T
+    n = pa.T @ bt  # A C V^T (V C V^T)^-1 V C A^T = B (V C V^T) B^T
+    s2, vecs = torch.linalg.eigh((n + n.T) / 2)  # ascending
+    s2, vecs = s2.flip(0)[:rank].clamp_min(0), vecs.flip(1)[:, :rank]
+    root = s2.sqrt().sqrt()  # square roots of B's singular values in the V C V^T metric
+    live = root > root.max() * 1e-12  # a direction N does not have (rank > rank of B) stays zero
+    down = (bt @ vecs).T / torch.where(live, root, 1.0)[:, None]
+    return vecs * torch.where(live, root, 0.0), down
+
+
+def _solve_psd(c: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """c^-1 rhs for a symmetric positive semi-definite c (float64): Cholesky, or the
+    pseudo-inverse where c is numerically singular (a value map that removes a direction)."""
+    chol, info = torch.linalg.cholesky_ex(c)
+    if info.item() == 0:
+        return torch.cholesky_solve(rhs, chol)
+    return torch.linalg.pinv(c, hermitian=True) @ rhs
+
+
 def _sum_squares(x: torch.Tensor) -> torch.Tensor:
     """sum(x^2) accumulated in float64, a slab at a time (x may be a large float32 matrix)."""
     return sum(chunk.to(torch.float64).square().sum() for chunk in x.split(512))
 
 
-def _damped_covariance(moments: Moments, ridge: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """(C + damp I, damp) in float64 with ``damp = ridge * tr(C) / d``."""
+def damped_covariance(moments: Moments, ridge: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(C + damp I, damp) on ``device`` in float64, C [d, d] the covariance of ``moments``,
+    ``damp = ridge * tr(C) / d``."""
     second = moments.second.to(device, torch.float64)
     mean = moments.mean.to(device, torch.float64)
     c = second - torch.outer(mean, mean)
@@ -479,7 +578,7 @@ def _factor(c: torch.Tensor) -> torch.Tensor:
 
 def whitening(moments: Moments, ridge: float) -> torch.Tensor:
     """L with L L^T = C + ridge * tr(C)/d * I (C the covariance), float64 [d, d]."""
-    return _factor(_damped_covariance(moments, ridge, moments.second.device)[0])
+    return _factor(damped_covariance(moments, ridge, moments.second.device)[0])
 
 
 def _joint_lbfgs(value_map, lw, target, layout, block, max_iter, damping, rot):
@@ -612,6 +711,10 @@ def relative_error(
         a, c = -w, w @ mu  # y' = E[y]: A = -W, beta - b = W mu
     else:
         a = _dense(fit.gamma.to(dev), fit.value_map, layout, (d_out, d), fit.keep) - w
+        if fit.up is not None:  # + U D V
+            vmat = _value_matrix(None if fit.value_map is None else fit.value_map.to(dev), layout, d)
+            down = fit.down.to(dev, torch.float64)
+            a += fit.up.to(dev, torch.float64) @ (down if vmat is None else down @ vmat)
         c = fit.beta.to(dev, torch.float64) - b
     err = _quadratic(a, s) + 2 * c @ (a @ mu) + c @ c
     ref = _quadratic(w, s) + 2 * b @ (w @ mu) + b @ b

@@ -529,7 +529,9 @@ def hadaconv_meta(
         adapter: the adapter's name; ``target`` the regular expression for the generic one.
         layers: indices (``AttentionLayer.index``) of the converted layers.
         block: block size of the projections; fit: the fit mode; width, m: n and its core order.
-        extra: anything else worth recording (JSON-serializable).
+        extra: anything else worth recording (JSON-serializable), e.g. ``rank``, the low-rank
+            residual's (:func:`load` reads each layer's from its stored ``down`` tensor; folders
+            written before it have neither and load with rank 0).
     """
     from hadaconv import __version__
 
@@ -660,7 +662,9 @@ def load(folder: str | os.PathLike) -> nn.Module:
         layer = layers[index]
         gamma = tensors.get(f"{layer.out_name}.gamma")
         block = gamma.shape[-1] if gamma is not None and gamma.dim() == 3 else int(meta.get("block", 1))
-        install_projection(layer, block=block, bias=f"{layer.out_name}.beta" in tensors)
+        down = tensors.get(f"{layer.out_name}.down")  # the low-rank residual's D [r, d_in]; absent before it existed
+        rank = down.shape[0] if down is not None else int(meta.get("rank", 0))
+        install_projection(layer, block=block, bias=f"{layer.out_name}.beta" in tensors, rank=rank)
     _load_weights(model, tensors, str(weights))
     model.eval()
     return model

@@ -14,11 +14,12 @@ from hadaconv.ops.transform import apply_affine
 __all__ = ["HadamardProjection", "parameters_saved"]
 
 
-def parameters_saved(d_in: int, d_out: int, block: int, dense_bias: bool) -> int:
+def parameters_saved(d_in: int, d_out: int, block: int, dense_bias: bool, rank: int = 0) -> int:
     """Parameters removed by replacing a dense d_out x d_in projection (with or without bias) by
-    a HadamardProjection with output blocks of ``block`` and a bias: W and b out, gamma
-    [d_out/block, block, block] and beta [d_out] in."""
-    return d_out * d_in + (d_out if dense_bias else 0) - d_out * block - d_out
+    a HadamardProjection with output blocks of ``block``, a bias and a rank-``rank`` residual:
+    W and b out, gamma [d_out/block, block, block], beta [d_out], D [rank, d_in] and U
+    [d_out, rank] in.  Zero or negative where the replacement is no smaller."""
+    return d_out * d_in + (d_out if dense_bias else 0) - d_out * block - d_out - rank * (d_in + d_out)
 
 
 class HadamardProjection(nn.Module):
@@ -44,16 +45,25 @@ class HadamardProjection(nn.Module):
     square ``com.hadaconv::HadamardAffine``); padding and selection are standard ops around it
     (``F.pad`` / ``index_select``, exported as ONNX Pad / Gather).
 
+    An optional low-rank residual (``rank = r > 0``) adds ``U (D x)``: D [r, d_in] (``down``) and
+    U [d_out, r] (``up``), two plain matrix products (ONNX MatMul) costing ``r (d_in + d_out)``
+    multiply-adds per token; fitted by :func:`hadaconv.fit.fit_projection`.  U starts at zero, so
+    a fresh layer is unchanged; D starts random (as LoRA's down-projection), so training moves both.
+
     Args:
         dim: input width d_in.
         bias: whether to learn ``beta`` [d_out] (initialised to zero).
         block: output block size b; must divide d_out.
         out_features: output width d_out (default ``dim``: square).  max(d_in, d_out) must be a
             supported Hadamard order (``m * 2^k``).
+        rank: r of the low-rank residual (0: none), at most min(d_in, d_out).
+
+    Raises:
+        InputError: a block not dividing d_out, or a rank outside 0..min(d_in, d_out).
     """
 
     def __init__(self, dim: int, bias: bool = True, block: int = 1, *, out_features: int | None = None,
-                 device=None, dtype=None) -> None:
+                 rank: int = 0, device=None, dtype=None) -> None:
         super().__init__()
         d_in, d_out = int(dim), int(out_features if out_features is not None else dim)
         self.n = max(d_in, d_out)
@@ -72,9 +82,17 @@ class HadamardProjection(nn.Module):
             self.register_buffer("keep", torch.arange(d_out, device=device))
         else:
             self.keep = None
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(d_in, d_out):
+            raise InputError(f"rank {rank!r} must be an integer from 0 to min(d_in, d_out) = {min(d_in, d_out)}")
+        self.rank = rank
+        self.down = self.up = None
+        if rank:
+            self.down = nn.Parameter(torch.randn(rank, d_in, **kw) / d_in ** 0.5)
+            self.up = nn.Parameter(torch.zeros(d_out, rank, **kw))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply_to(x, self.gamma, self.beta)
+        y = self._apply_to(x, self.gamma, self.beta)
+        return y if self.up is None else y + F.linear(F.linear(x, self.down), self.up)
 
     def _apply_to(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
         if self.keep is None:
@@ -96,10 +114,12 @@ class HadamardProjection(nn.Module):
         """The equivalent dense matrix W [d_out, d_in] (``y = W x + beta``), float64, for tests
         and inspection."""
         eye = torch.eye(self.dim, dtype=torch.float64, device=self.gamma.device)
-        return self._apply_to(eye, self.gamma.detach().double(), None).T
+        w = self._apply_to(eye, self.gamma.detach().double(), None).T
+        return w if self.up is None else w + self.up.detach().double() @ self.down.detach().double()
 
     def extra_repr(self) -> str:
         f = factorize(self.n)
         shape = f"dim={self.dim}" if self.dim == self.d_out else f"dim={self.dim}, out_features={self.d_out}"
-        return f"{shape}, block={self.block}, bias={self.beta is not None}, hadamard={f}"
+        rank = f", rank={self.rank}" if self.rank else ""
+        return f"{shape}, block={self.block}{rank}, bias={self.beta is not None}, hadamard={f}"
 

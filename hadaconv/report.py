@@ -10,7 +10,7 @@ __all__ = ["ConvertReport", "LayerReport"]
 @dataclass
 class LayerReport:
     """One attention block.  Errors are relative, ``||y_new - y|| / ||y||`` of the output
-    projection on calibration / held-out windows; ``block_error_*`` is the relative error of the
+    projection (with its low-rank residual, if any) on calibration / held-out windows; ``block_error_*`` is the relative error of the
     whole decoder block's output against the teacher's on held-out windows, before and after the
     dense-neighbour compensation (None where it did not run)."""
 
@@ -23,7 +23,7 @@ class LayerReport:
     heldout_error: float | None
     mean_error: float | None  # error of predicting the mean output: the floor to beat
     sensitivity: float | None
-    params_removed: int
+    params_removed: int  # net of what the replacement keeps (gamma, beta, the residual's U and D)
     fit_seconds: float
     block_error_before: float | None = None
     block_error_after: float | None = None
@@ -50,6 +50,7 @@ class ConvertReport:
     calibration_source: str = ""
     sequential: bool = False
     compensate: bool = False
+    rank: int = 0  # of the low-rank residual next to each converted layer (0: none)
 
     @property
     def converted(self) -> list[int]:
@@ -68,7 +69,8 @@ class ConvertReport:
             return "-" if v is None else fmt.format(v)
 
         compensated = any(r.block_error_after is not None for r in self.layers)
-        t = Table(title=f"hadaconv convert: mode={self.mode}, block={self.block}, adapter={self.adapter}")
+        rank = f", rank={self.rank}" if self.rank else ""
+        t = Table(title=f"hadaconv convert: mode={self.mode}, block={self.block}{rank}, adapter={self.adapter}")
         cols = ["layer", "module", "hadamard", "converted", "err calib", "err held-out", "err mean-pred",
                 "sensitivity", "params removed", "fit s"]
         if compensated:

@@ -384,7 +384,7 @@ def convert_streamed(
         raise HadaconvError(f"{source} has no tokenizer for the calibration text")
     data = calibration_batches(model, tokenizer, cfg, fingerprint=lambda: _fingerprint(model, files, compute))
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
-                           compensate=cfg.compensate and bool(target.adapter.residual_maps))
+                           rank=cfg.rank, compensate=cfg.compensate and bool(target.adapter.residual_maps))
     report.calibration_tokens, report.heldout_tokens = data.tokens, data.heldout_tokens
     report.calibration_source = data.source
     outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(f"{prefix}.") and n in files]
@@ -400,7 +400,8 @@ def convert_streamed(
                                              "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
         width = target.layers[0].width
         meta = hadaconv_meta(adapter=target.adapter.name, layers=report.converted, block=cfg.block, fit=cfg.mode,
-                             width=width, m=factorize(width).m, source=str(source), streamed=True)
+                             width=width, m=factorize(width).m, source=str(source), streamed=True,
+                             rank=cfg.rank)
         saved = _config_for_saving(model, meta)
         saved["dtype"] = str(stored).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")

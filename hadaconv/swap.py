@@ -20,10 +20,10 @@ from hadaconv.nn import HadamardProjection
 __all__ = ["apply_fit", "fold_value", "install_projection", "patch"]
 
 
-def install_projection(layer: AttentionLayer, block: int = 1, bias: bool = True) -> HadamardProjection:
-    """Replace ``layer``'s output projection with a fresh HadamardProjection (gamma = 1, beta = 0)
-    of the same geometry (heads x head_dim inputs, the model width out; rectangular where they
-    differ), on the old one's device and dtype; returns it.
+def install_projection(layer: AttentionLayer, block: int = 1, bias: bool = True, rank: int = 0) -> HadamardProjection:
+    """Replace ``layer``'s output projection with a fresh HadamardProjection (gamma = 1, beta = 0,
+    a rank-``rank`` residual with U = 0) of the same geometry (heads x head_dim inputs, the model
+    width out; rectangular where they differ), on the old one's device and dtype; returns it.
 
     Raises HadaconvError (one line) where the layer cannot take one: the check
     :func:`hadaconv.adapters.check_convertible` that ``convert`` makes too.
@@ -31,7 +31,7 @@ def install_projection(layer: AttentionLayer, block: int = 1, bias: bool = True)
     check_convertible(layer, block)
     ref = layer.out.weight
     proj = HadamardProjection(layer.width, bias=bias, block=block, out_features=layer.out_features,
-                              device=ref.device, dtype=ref.dtype)
+                              rank=rank, device=ref.device, dtype=ref.dtype)
     layer.replace_out(proj)
     return proj
 
@@ -66,16 +66,20 @@ def fold_value(layer: AttentionLayer, fit: FitResult) -> None:
 
 
 def apply_fit(layer: AttentionLayer, fit: FitResult) -> Callable[[], None]:
-    """Fold the value correction and install the fitted projection; returns an undo function."""
+    """Fold the value correction and install the fitted projection (with its low-rank residual,
+    if any); returns an undo function."""
     old_module = layer.out_module
     old_value = layer.value.get() if layer.value is not None else None
     fold_value(layer, fit)
-    proj = install_projection(layer, block=fit.block)
+    proj = install_projection(layer, block=fit.block, rank=fit.rank)
     with torch.no_grad():
         proj.gamma.copy_(fit.gamma.to(proj.gamma.dtype))
         proj.beta.copy_(fit.beta.to(proj.beta.dtype))
         if fit.keep is not None:
             proj.keep.copy_(fit.keep)
+        if fit.rank:
+            proj.up.copy_(fit.up.to(proj.up.dtype))
+            proj.down.copy_(fit.down.to(proj.down.dtype))
 
     def undo() -> None:
         layer.replace_out(old_module)

@@ -266,6 +266,12 @@ ROWS = [
         r"'--block': -4 is not in the range x>=1"),
     Row("convert-block-not-dividing", lambda w, t: _convert(w.hf, t / "out", "--block", "5", *TINY),
         r"--block 5 does not divide the output width 64"),
+    Row("convert-rank-negative", lambda w, t: _convert(w.hf, t / "out", "--rank", "-1"),
+        r"'--rank': -1 is not in the range x>=0"),
+    # 64 x 64, block 8 (the default there): 3520 parameters removed without the residual, 128 per rank.
+    Row("convert-rank-saves-nothing", lambda w, t: _convert(w.hf, t / "out", "--rank", "28", *TINY),
+        r"--rank 28 saves no parameters at model\.layers\.0\.self_attn\.o_proj \(64x64, block 8\): the residual "
+        r"keeps 3,584; the largest rank that saves any is 27"),
     Row("convert-existing-output",
         lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), *TINY), r"out already exists and is not empty: pass --overwrite to replace it"),
     Row("convert-pickle-without-consent", lambda w, t: _convert(_pickle(t / "m.pt"), t / "out"),
