@@ -21,14 +21,6 @@ FAST = dict(samples=12, seq_len=32, batch_size=4, max_iter=10, sensitivity=False
             calib="shakespeare")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
@@ -133,7 +125,7 @@ def test_layer_forward_is_its_dense_weight(d_in, d_out):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral_nemo", "qwen3"])  # square, padded, selected
-def test_convert_save_load_round_trip(family, tmp_path):
+def test_convert_save_load_round_trip(family, tmp_path, tokenizer):
     make_tiny(family, tmp_path / "src")
     report = convert_file(str(tmp_path / "src"), str(tmp_path / "out"), ConvertConfig(block=4, rank=5, **FAST))
     plain = convert_file(str(tmp_path / "src"), str(tmp_path / "plain"), ConvertConfig(block=4, **FAST))
@@ -155,15 +147,9 @@ def test_convert_save_load_round_trip(family, tmp_path):
         assert torch.equal(model(**x).logits, again(**x).logits)
     # The converted model in memory (before saving) computes the same logits.
     fresh = make_tiny(family)
-    convert(fresh, _tok(), ConvertConfig(block=4, rank=5, **FAST))
+    convert(fresh, tokenizer, ConvertConfig(block=4, rank=5, **FAST))
     with torch.inference_mode():
         torch.testing.assert_close(fresh(**x).logits, model(**x).logits, rtol=0, atol=1e-6)
-
-
-def _tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_folder())
 
 
 def test_bad_rank_in_the_python_api():
