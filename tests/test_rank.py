@@ -104,6 +104,21 @@ def test_errors_fall_with_the_rank_and_bad_ranks_are_refused():
             fit_projection(w, b, mom, mode="head", block=4, layout=LAYOUT, rank=bad)
 
 
+def test_a_residual_that_does_not_help_is_switched_off(monkeypatch):
+    """Should the residual not lower the calibration error (here: a solver made to return a
+    harmful one), U is zero: the fit equals the rank-0 fit, with D kept for training."""
+    import hadaconv.fit as fit_module
+
+    mom, _, w, b = _problem(seed=6)
+    plain = fit_projection(w, b, mom, mode="head", block=4, layout=LAYOUT, max_iter=20)
+    monkeypatch.setattr(fit_module, "reduced_rank", lambda a, cov, rank, vmat=None: (
+        torch.ones(a.shape[0], rank, dtype=a.dtype), torch.ones(rank, a.shape[1], dtype=a.dtype)))
+    fit = fit_projection(w, b, mom, mode="head", block=4, layout=LAYOUT, max_iter=20, rank=3)
+    assert fit.rank == 3 and not fit.up.any() and fit.down.shape == (3, D)
+    assert fit.error == pytest.approx(plain.error, rel=1e-9)
+    torch.testing.assert_close(fit.beta, plain.beta, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("d_in,d_out", [(48, 48), (32, 64), (128, 64)])  # square, padded, selected
 def test_layer_forward_is_its_dense_weight(d_in, d_out):
     torch.manual_seed(0)
