@@ -157,7 +157,8 @@ def test_every_instruction_set(n, isa, monkeypatch, capfd):
 @pytest.mark.parametrize("beta", [False, True], ids=["nobeta", "beta"])
 def test_affine_variants(n, gamma, beta):
     """Block gammas run 4 rows at a time with a tile width per row count: 9 rows = 4 + 4 + 1,
-    then 2 and 3 rows (b64 is the convert default for n = 576)."""
+    then 1 to 4 rows (b64 is the convert default for n = 576; at 576 and 2560 such calls spread
+    their blocks over the threads)."""
     if gamma == "b3" and n % 3:
         pytest.skip("b must divide n")
     b_ = {"none": None, "vector": None, "b4": 4, "b16": 16, "b32": 32, "b64": 64, "b3": 3}[gamma]
@@ -166,7 +167,7 @@ def test_affine_variants(n, gamma, beta):
     x, g, b = inputs(rng, (9, n), n, np.float32, gshape, beta)
     sess, y = run(make_model(n, gamma=gshape, beta=beta, x_shape=("R", None)), feeds_of(x, g, b))
     assert_close(y, reference(x, g, b))
-    for rows in (2, 3):
+    for rows in (1, 2, 3, 4):
         y = sess.run(None, feeds_of(x[:rows], g, b))[0]
         assert_close(y, reference(x[:rows], g, b))
 
@@ -339,6 +340,33 @@ def test_constant_parameters_every_isa(n, dtype, isa, monkeypatch):
             assert (err <= tol).all(), f"{gname}: {err.max()} > {tol.min()}"
         else:
             assert_close(y, reference(x, g, b, transpose))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_rows_split_blocks_over_threads(isa, threads, monkeypatch):
+    """Calls of 1 to 4 rows whose block gamma is several times 64 KB transform their rows once
+    and spread the blocks over the intra-op threads (576 / 64: 2 tasks; 4096 / 64: 16; 4096 / 32
+    with 16 blocks a task); each result against the float64 reference, every dtype."""
+    monkeypatch.setenv("HADACONV_CPU_ISA", isa)
+    rng = np.random.default_rng(threads)
+    for n, blk in ((576, 64), (4096, 64), (4096, 32)):
+        g = rng.standard_normal((n // blk, blk, blk)).astype(np.float32)
+        b = rng.standard_normal(n).astype(np.float32)
+        for dtype in ("f32", "f16", "bf16"):
+            np_dtype = np.float16 if dtype == "f16" else np.float32
+            sess = runtime.session(const_model(n, np_dtype, g, b, transpose=n == 576, cast_bf16=dtype == "bf16"),
+                                   providers=["CPUExecutionProvider"], intra_op_num_threads=threads)
+            for rows in (1, 2, 3, 4):
+                x = rng.standard_normal((rows, n)).astype(np_dtype)
+                y = sess.run(None, {"X": x})[0]
+                if dtype == "bf16":
+                    ref = reference(_bf16_round(x), _bf16_round(g), _bf16_round(b), n == 576)
+                    assert (np.abs(y - ref).max(axis=1) <= 2.0**-8 * np.abs(ref).max(axis=1)).all()
+                elif dtype == "f16":
+                    assert_close(y, reference(x, g.astype(np.float16), b.astype(np.float16), n == 576))
+                else:
+                    assert_close(y, reference(x, g, b, n == 576))
 
 
 def test_constant_gamma_is_checked_at_session_creation():

@@ -49,7 +49,7 @@ struct Avx2 {
 
 }  // namespace
 
-Isa isa_avx2() { return {"avx2", Avx2::W, &run_rows<Avx2>}; }
+Isa isa_avx2() { return {"avx2", Avx2::W, &run_rows<Avx2>, &run_transform<Avx2>, &run_blocks<Avx2>}; }
 
 }  // namespace cpu
 }  // namespace hadaconv

@@ -51,7 +51,7 @@ struct Avx512 {
 
 }  // namespace
 
-Isa isa_avx512() { return {"avx512", Avx512::W, &run_rows<Avx512>}; }
+Isa isa_avx512() { return {"avx512", Avx512::W, &run_rows<Avx512>, &run_transform<Avx512>, &run_blocks<Avx512>}; }
 
 }  // namespace cpu
 }  // namespace hadaconv

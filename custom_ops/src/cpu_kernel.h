@@ -260,10 +260,10 @@ inline void block_tile_rows(const Plan& p, const float* z, T* const* y, int64_t 
 // decode-sized call of 1 or 2 rows has 8 independent accumulators where the block allows: with
 // 2 the fmadd chain's latency (4 cycles), not the FMA units, would bound it.
 template <class V, int kRows, class T>
-inline void block_pass_rows(const Plan& p, const float* z, T* const* y) {
+inline void block_pass_rows(const Plan& p, const float* z, T* const* y, int64_t j0, int64_t j1) {
   constexpr int kTile = kRows >= 4 ? 2 : 8 / kRows;
   const int64_t B = p.B;
-  for (int64_t j = 0; j < p.n / B; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     int64_t p0 = 0;
     for (; p0 + kTile * V::W <= B; p0 += kTile * V::W) block_tile_rows<V, kRows, kTile>(p, z, y, j, p0);
     if (kTile > 4 && p0 + 4 * V::W <= B) {
@@ -315,6 +315,33 @@ inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* zrow
   }
 }
 
+// Blocks [j0, j1) of the block pass for rows [r0, r1) (at most kBlockRows), z' of row r0 + i
+// at z + i * n.
+template <class V, class T>
+inline void blocks_typed(const Plan& p, const float* z, T* y, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
+  T* ys[kBlockRows];
+  const int rows = static_cast<int>(r1 - r0);
+  for (int i = 0; i < rows; ++i) ys[i] = y + (r0 + i) * p.n;
+  switch (rows) {
+    case 4: block_pass_rows<V, 4>(p, z, ys, j0, j1); break;
+    case 3: block_pass_rows<V, 3>(p, z, ys, j0, j1); break;
+    case 2: block_pass_rows<V, 2>(p, z, ys, j0, j1); break;
+    default: block_pass_rows<V, 1>(p, z, ys, j0, j1); break;
+  }
+}
+
+// z' of rows [r0, r1) (at most kBlockRows) into z, the row scratch and tables from `scratch`.
+template <class V, class T>
+inline void transform_typed(const Plan& p, const T* x, int64_t r0, int64_t r1, float* z, float* scratch, const T* after) {
+  const int64_t n = p.n;
+  float* s = scratch;
+  float* tbl = s + n + p.m * kSegmentPad + kBlockRows * n;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* next = r + 1 < r1 ? x + (r + 1) * n : after;
+    transform_row<V>(p, x + r * n, static_cast<T*>(nullptr), s, z + (r - r0) * n, tbl, next);
+  }
+}
+
 // Block gammas go kBlockRows rows at a time (see block_tile_rows); z' of row r is kept at
 // z + r * n, which is why the scratch holds (1 + kBlockRows) * n floats.
 template <class V, class T>
@@ -323,26 +350,40 @@ inline void rows_typed(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, 
   float* s = scratch;
   float* z = s + n + p.m * kSegmentPad;
   float* tbl = z + kBlockRows * n;
-  auto next = [&](int64_t r) { return r + 1 < r1 ? x + (r + 1) * n : nullptr; };
-  int64_t r = r0;
   if (p.blocks) {
-    for (; r < r1; r += kBlockRows) {
-      const int rows = static_cast<int>(r1 - r < kBlockRows ? r1 - r : kBlockRows);
-      T* ys[kBlockRows];
-      for (int i = 0; i < rows; ++i) {
-        transform_row<V>(p, x + (r + i) * n, y + (r + i) * n, s, z + i * n, tbl, next(r + i));
-        ys[i] = y + (r + i) * n;
-      }
-      switch (rows) {
-        case 4: block_pass_rows<V, 4>(p, z, ys); break;
-        case 3: block_pass_rows<V, 3>(p, z, ys); break;
-        case 2: block_pass_rows<V, 2>(p, z, ys); break;
-        default: block_pass_rows<V, 1>(p, z, ys); break;
-      }
+    for (int64_t r = r0; r < r1; r += kBlockRows) {
+      const int64_t e = r1 - r < kBlockRows ? r1 : r + kBlockRows;
+      transform_typed<V>(p, x, r, e, z, scratch, e < r1 ? x + e * n : nullptr);
+      blocks_typed<V>(p, z, y, r, e, 0, n / p.B);
     }
     return;
   }
-  for (; r < r1; ++r) transform_row<V>(p, x + r * n, y + r * n, s, nullptr, tbl, next(r));
+  auto next = [&](int64_t r) { return r + 1 < r1 ? x + (r + 1) * n : nullptr; };
+  for (int64_t r = r0; r < r1; ++r) transform_row<V>(p, x + r * n, y + r * n, s, nullptr, tbl, next(r));
+}
+
+template <class V>
+void run_transform(const Plan& p, DType dtype, const void* x, int64_t r0, int64_t r1, float* z, float* scratch) {
+  switch (dtype) {
+    case DType::kFloat32:
+      transform_typed<V>(p, static_cast<const float*>(x), r0, r1, z, scratch, static_cast<const float*>(nullptr));
+      break;
+    case DType::kFloat16:
+      transform_typed<V>(p, static_cast<const uint16_t*>(x), r0, r1, z, scratch, static_cast<const uint16_t*>(nullptr));
+      break;
+    case DType::kBFloat16:
+      transform_typed<V>(p, static_cast<const BF16*>(x), r0, r1, z, scratch, static_cast<const BF16*>(nullptr));
+      break;
+  }
+}
+
+template <class V>
+void run_blocks(const Plan& p, DType dtype, const float* z, void* y, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
+  switch (dtype) {
+    case DType::kFloat32: blocks_typed<V>(p, z, static_cast<float*>(y), r0, r1, j0, j1); break;
+    case DType::kFloat16: blocks_typed<V>(p, z, static_cast<uint16_t*>(y), r0, r1, j0, j1); break;
+    case DType::kBFloat16: blocks_typed<V>(p, z, static_cast<BF16*>(y), r0, r1, j0, j1); break;
+  }
 }
 
 template <class V>

@@ -44,10 +44,21 @@ constexpr int64_t scratch_floats(int64_t n, int64_t m) {
 // private to the caller.
 using RowsFn = void (*)(const Plan&, DType, const void* x, void* y, int64_t r0, int64_t r1, float* scratch);
 
+// The two halves of RowsFn for block gammas, so that a call of few rows can spread its blocks
+// over threads (the blocks, not the transform, are what such a call reads from memory):
+// TransformFn writes z' of rows [r0, r1) (at most kBlockRows) to z ([r1 - r0][n] floats) using
+// `scratch` (scratch_floats(n, m), private to the caller); BlocksFn applies blocks [j0, j1) of
+// the block pass (each B outputs wide) to those z' rows, writing y rows [r0, r1).  Tasks with
+// disjoint block ranges may run at once on the same z.
+using TransformFn = void (*)(const Plan&, DType, const void* x, int64_t r0, int64_t r1, float* z, float* scratch);
+using BlocksFn = void (*)(const Plan&, DType, const float* z, void* y, int64_t r0, int64_t r1, int64_t j0, int64_t j1);
+
 struct Isa {
   const char* name;
   int width;  // floats per vector; blocks are expanded to a multiple of it
   RowsFn rows;
+  TransformFn transform;
+  BlocksFn blocks;
 };
 
 Isa isa_portable();

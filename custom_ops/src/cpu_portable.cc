@@ -29,7 +29,7 @@ struct Scalar {
 
 }  // namespace
 
-Isa isa_portable() { return {"portable", 1, &run_rows<Scalar>}; }
+Isa isa_portable() { return {"portable", 1, &run_rows<Scalar>, &run_transform<Scalar>, &run_blocks<Scalar>}; }
 
 Isa select_isa() {
 #if defined(HADACONV_X86)

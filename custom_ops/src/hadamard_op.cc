@@ -438,13 +438,16 @@ struct Kernel {
 
 struct CpuJob {
   const cpu::Plan* plan;
-  cpu::RowsFn rows_fn;
+  cpu::Isa isa;
   cpu::DType dtype;
   const void* x;
   void* y;
   int64_t rows, rows_per_task;
   ScratchPool* pool;
   std::atomic<bool> failed{false};
+  // Split calls (see run_split): z' of all rows, and blocks per task.
+  const float* z = nullptr;
+  int64_t blocks_per_task = 0;
 };
 
 // One task of ORT's intra-op thread pool: a run of rows with a scratch slot of the kernel.
@@ -458,8 +461,43 @@ void cpu_task(void* user, size_t task) noexcept {
     job->failed = true;
     return;
   }
-  job->rows_fn(*job->plan, job->dtype, job->x, job->y, r0, r1, scratch);
+  job->isa.rows(*job->plan, job->dtype, job->x, job->y, r0, r1, scratch);
   job->pool->release(id, scratch);
+}
+
+// One task of a split call: blocks [j0, j1) of every row, from the shared z'.
+void split_task(void* user, size_t task) noexcept {
+  const CpuJob* job = static_cast<const CpuJob*>(user);
+  const int64_t nb = job->plan->n / job->plan->B;
+  const int64_t j0 = static_cast<int64_t>(task) * job->blocks_per_task;
+  job->isa.blocks(*job->plan, job->dtype, job->z, job->y, 0, job->rows, j0, std::min(nb, j0 + job->blocks_per_task));
+}
+
+// Bytes of block gamma per task below which a call is not split.
+constexpr int64_t kSplitBytes = 64 * 1024;
+
+// A call of at most kBlockRows rows whose block gamma spans several kSplitBytes (b = 64 at
+// n = 576: 147 KB, ten times the row) spends its time reading the blocks from memory, behind
+// the rest of a decode step's weights.  It transforms its rows once, then spreads the blocks
+// over the intra-op threads, each streaming its share.  Returns false where it does not apply.
+bool run_split(CpuJob& job, OrtKernelContext* ctx) {
+  const cpu::Plan& p = *job.plan;
+  if (!p.blocks || job.rows < 1 || job.rows > cpu::kBlockRows) return false;
+  const int64_t nb = p.n / p.B, bytes = p.n * p.B * static_cast<int64_t>(sizeof(float));
+  const int64_t tasks = std::min(nb, bytes / kSplitBytes);
+  if (tasks < 2) return false;
+  int id = -1;
+  float* scratch = job.pool->acquire(&id);
+  if (!scratch) fail("out of memory for the row scratch buffers");
+  float* z = scratch + p.n + p.m * cpu::kSegmentPad;  // the z' rows of the scratch layout
+  job.isa.transform(p, job.dtype, job.x, 0, job.rows, z, scratch);
+  job.z = z;
+  job.blocks_per_task = (nb + tasks - 1) / tasks;
+  const size_t n_tasks = static_cast<size_t>((nb + job.blocks_per_task - 1) / job.blocks_per_task);
+  OrtStatus* st = g_api->KernelContext_ParallelFor(ctx, &split_task, n_tasks, 0, &job);
+  job.pool->release(id, scratch);
+  check(st);
+  return true;
 }
 
 cpu::DType cpu_dtype(ONNXTensorElementDataType t) {
@@ -504,7 +542,7 @@ void compute_cpu(Kernel& k, OrtKernelContext* ctx, const TensorView& x, OrtValue
 
   CpuJob job;
   job.plan = &plan;
-  job.rows_fn = gp->isa.rows;
+  job.isa = gp->isa;
   if (k.log_isa) std::fprintf(stderr, "hadaconv: HadamardAffine ran the %s kernel\n", gp->isa.name);
   job.dtype = cpu_dtype(k.type);
   job.x = data_of(x.value);
@@ -516,6 +554,7 @@ void compute_cpu(Kernel& k, OrtKernelContext* ctx, const TensorView& x, OrtValue
   // About 64K elements per task: enough work to hide the pool's scheduling, enough tasks to
   // balance the threads.
   job.rows_per_task = std::max<int64_t>(cpu::kBlockRows, 65536 / a.n);
+  if (run_split(job, ctx)) return;
   const size_t tasks = static_cast<size_t>((job.rows + job.rows_per_task - 1) / job.rows_per_task);
   if (tasks == 1)
     cpu_task(&job, 0);  // decode-sized calls skip the thread pool's hand-off
