@@ -191,13 +191,13 @@ def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLaye
     student: list[torch.Tensor] | None = None  # None: the same as the teacher's so far
     holding = [pos for pos in range(len(dec)) if any(_holds(dec.blocks[pos], layer) for layer in layers)]
     last = holding[-1] if holding else -1
-    with progress(len(dec), "convert block by block" + (" (sequential)" if sequential else ""), show) as step, \
+    # The count runs to the last block holding a chosen layer: the blocks after it are only released.
+    with progress(last + 1, "convert block by block" + (" (sequential)" if sequential else ""), show) as step, \
             torch.no_grad():  # not inference_mode: the fits below run autograd on these statistics
         for pos in range(len(dec)):
             block = dec.block(pos)
             if pos > last:  # nothing after it needs these blocks' outputs
                 dec.done(pos)
-                step()
                 continue
             here = [layer for layer in layers if _holds(block, layer)]
             s_in = teacher if student is None else student

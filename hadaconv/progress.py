@@ -22,7 +22,7 @@ out = Console(width=None if Console().is_terminal else OFF_TERMINAL_WIDTH)
 @contextmanager
 def progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[], None]]:
     """``with progress(n, "fit") as step: ... step()``: a bar with count, elapsed time and ETA
-    (on a terminal), else "description: i/n, s elapsed" lines on stderr."""
+    (on a terminal), else "description: i/n, s elapsed, about s left" lines on stderr."""
     if not enabled or total <= 0:
         yield lambda: None
         return
@@ -50,6 +50,18 @@ def _log_lines(total: int, description: str) -> Callable[[], None]:
         now = time.monotonic()
         if now - last >= LOG_EVERY or (done == total and last > start):
             last = now
-            console.print(f"{description}: {done}/{total}, {now - start:.0f} s elapsed", highlight=False)
+            left = (now - start) / done * (total - done)  # the mean step so far: rich's own ETA is a rate too
+            eta = f", about {_duration(left)} left" if done < total else ""
+            console.print(f"{description}: {done}/{total}, {_duration(now - start)} elapsed{eta}", highlight=False)
 
     return step
+
+
+def _duration(seconds: float) -> str:
+    """3 -> '3 s', 754 -> '12 min 34 s', 4000 -> '1 h 07 min'."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"

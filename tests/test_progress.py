@@ -15,7 +15,15 @@ def run(total, clock, monkeypatch, capsys):
 def test_long_work_logs_lines_off_a_terminal(monkeypatch, capsys):
     # start, then steps at 10 s, 40 s (a line: 30 s since the start), 50 s, 60 s (the last step: a line)
     lines = run(4, [0, 10, 40, 50, 60], monkeypatch, capsys)
-    assert lines == ["fit: 2/4, 40 s elapsed", "fit: 4/4, 60 s elapsed"]
+    assert lines == ["fit: 2/4, 40 s elapsed, about 40 s left", "fit: 4/4, 1 min 00 s elapsed"]
+
+
+def test_lines_give_an_eta_from_the_mean_step(monkeypatch, capsys):
+    # 510 steps of 7.5 s (calibration sampling under load): the first line after 30 s (step 4)
+    # says how long the other 506 take at that rate, 3795 s
+    lines = run(510, [7.5 * i for i in range(511)], monkeypatch, capsys)
+    assert lines[0] == "fit: 4/510, 30 s elapsed, about 1 h 03 min left"
+    assert lines[-1] == "fit: 510/510, 1 h 03 min elapsed"
 
 
 def test_quick_work_is_silent(monkeypatch, capsys):
