@@ -40,24 +40,39 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     ``overwrite``; an empty one is fine (a folder made beforehand); a file there is refused even
     with ``overwrite`` (``-o model.gguf`` must not replace the input).  ``folder=False`` (JSONL,
     ...): an existing file needs ``overwrite``; a folder there, or a missing parent folder, is
-    refused.  Raises :class:`~hadaconv.errors.OutputError` with one line.
+    refused.  In both, the folder the output goes in (for a folder output: its nearest existing
+    ancestor, as the missing ones are created) must be a folder this process may write in.
+    Raises :class:`~hadaconv.errors.OutputError` with one line.
     """
     path = Path(path)
     if folder:
         if path.exists() and not path.is_dir():
             raise OutputError(f"{path} exists and is not a folder")
         taken = path.is_dir() and any(path.iterdir())
+        _check_writable(path.absolute().parent)
     else:
         if path.is_dir():
             raise OutputError(f"{path} is a folder, not a file")
         if not path.parent.is_dir():
             raise OutputError(f"the folder {path.parent} does not exist")
         taken = path.exists()
+        _check_writable(path.absolute().parent)
     if taken and not overwrite:
         what = "folder" if folder else "file"
         raise OutputError(f"{path} already exists{' and is not empty' if folder else ''}: pass --overwrite to "
                           f"replace it, or choose another {what}")
     return path
+
+
+def _check_writable(parent: Path) -> None:
+    """Refuse a ``parent`` (or, where it is missing, its nearest existing ancestor) that is a
+    file, or a folder this process may not create entries in (``os.access``: the permission
+    bits; a read-only mount is found only by the write itself)."""
+    existing = next(p for p in (parent, *parent.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise OutputError(f"cannot create a folder under {existing}: it is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write in {existing}: permission denied")
 
 
 def _sibling(target: Path, suffix: str, make) -> Path:

@@ -78,6 +78,15 @@ def _read_jsonl(path: Path) -> list[str]:
     return texts
 
 
+def check_sources(sources: Sequence[str | Path] | str | None) -> None:
+    """Refuse a file or folder source that does not exist (raises HadaconvError), so that a run
+    fails before it loads a model rather than after; the names ``sample``, ``shakespeare`` and
+    ``none`` are no paths."""
+    for src in [sources] if isinstance(sources, (str, Path)) else sources or []:
+        if str(src) not in ("sample", "shakespeare", "none") and not Path(src).exists():
+            raise HadaconvError(f"calibration source not found: {src}")
+
+
 def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
     """Read calibration text: files (.txt/.md, or .jsonl with a ``text`` field), folders of them
     (recursively, sorted), ``"shakespeare"`` or the default corpus when ``sources`` is empty

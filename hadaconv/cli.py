@@ -61,16 +61,20 @@ def _device_options(func):
 
 
 def _layer_list(text: str | None) -> list[int] | None:
-    """'0,3,5-9' -> [0, 3, 5, 6, 7, 8, 9]."""
-    if not text:
+    """'0,3,5-9' -> [0, 3, 5, 6, 7, 8, 9]; None (no --layers) -> None (all)."""
+    if text is None:
         return None
     out: list[int] = []
     for part in text.split(","):
         try:
             lo, _, hi = part.strip().partition("-")
-            out += list(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi or lo)
         except ValueError:
             raise click.BadParameter(f"expected indices like 0,3,5-9, got {text!r}", param_hint="--layers") from None
+        if last < first:  # range() would make it an empty selection, found only after calibrating
+            raise click.BadParameter(f"the range {part.strip()} runs backwards: write {last}-{first}",
+                                     param_hint="--layers")
+        out += list(range(first, last + 1))
     return out
 
 

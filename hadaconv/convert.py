@@ -34,7 +34,7 @@ from torch import nn
 
 from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_adapter
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
-from hadaconv.calibrate import MomentCollector, Moments, process_group, token_windows
+from hadaconv.calibrate import MomentCollector, Moments, check_sources, process_group, token_windows
 from hadaconv.errors import HadaconvError, InputError
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
@@ -155,6 +155,9 @@ def _check_config(cfg: ConvertConfig) -> None:
         raise InputError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib and len(cfg.calib) > 1:
         raise InputError("--calib none (a data-free fit) cannot be mixed with other calibration sources")
+    check_sources(cfg.calib)
+    if cfg.layers is not None and not list(cfg.layers):
+        raise InputError("--layers selects no layers: give indices like 0,3,5-9 (None = all)")
     for name, least in (("block", 1), ("samples", 2), ("seq_len", 2), ("batch_size", 1), ("rank", 0)):
         value = getattr(cfg, name)
         if name == "block" and value is None:
@@ -550,7 +553,10 @@ def convert_file(
     report = convert(model, loaded.tokenizer, cfg, adapter=adapter)
     if upcast:
         model.to(stored)
-    width = next((m.n for m in loaded.model.modules() if isinstance(m, HadamardProjection)), report.layers[0].width)
+    width = next((m.n for m in loaded.model.modules() if isinstance(m, HadamardProjection)),
+                 report.layers[0].width if report.layers else None)
+    if width is None:  # find_target refuses an empty selection; this guards the save, whatever the cause
+        raise HadaconvError(f"no layer of {source} was converted: nothing to save")
     layers = sorted(set(previous.get("layers", [])) | set(report.converted))
     meta = hadaconv_meta(adapter=report.adapter, layers=layers, block=report.block, fit=cfg.mode,
                          width=width, m=factorize(width).m, target=target,

@@ -430,7 +430,9 @@ def fit_projection(
     w = weight.detach().to(dev, torch.float64)
     d_out, d = w.shape
     if block < 1 or d_out % block:
-        raise InputError(f"block size {block} does not divide the output width {d_out} (it must be a positive divisor)")
+        valid = ", ".join(str(d) for d in range(1, d_out + 1) if d_out % d == 0)
+        raise InputError(f"block size {block} does not divide the output width {d_out} (it must be a positive divisor: "
+                         f"{valid})")
     if layout is not None and layout.num_heads * layout.head_dim != d:
         if mode != "affine":
             raise InputError(f"mode {mode!r} needs a head layout covering the input width {d}")

@@ -212,6 +212,23 @@ def _read_only(monkeypatch, folder: Path) -> None:
         monkeypatch.setattr(os, name, refuse)
 
 
+def _no_model(monkeypatch) -> None:
+    """The check must come first: loading a model (minutes on a real one) fails the row."""
+    def load(*args, **kwargs):
+        pytest.fail("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr("hadaconv.io.load_model", load)
+
+
+def _no_access(monkeypatch, folder: Path) -> None:
+    """``folder`` exists and ``os.access`` denies writing there (as for a non-root user under a
+    0555 folder; root passes every permission check)."""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p).resolve() == folder.resolve()
+                        else real(p, mode, *a, **k))
+    _no_model(monkeypatch)
+
+
 @dataclass
 class Row:
     id: str
@@ -259,13 +276,23 @@ ROWS = [
         lambda w, t: _convert(w.hf, t / "out", "--calib", _write(t / "c.txt", "Hello there."), "--seq-len", "16"),
         r"calibration text has \d+ tokens, too few for windows of 16"),
     Row("convert-missing-calibration-file",
-        lambda w, t: _convert(w.hf, t / "out", "--calib", t / "nope.txt"), r"calibration source not found"),
+        lambda w, t: _convert(w.hf, t / "out", "--calib", t / "nope.txt"), r"calibration source not found",
+        lambda mp, w, t: _no_model(mp)),
+    Row("convert-layers-reversed", lambda w, t: _convert(w.hf, t / "out", "--layers", "1-0", *TINY),
+        r"--layers.*the range 1-0 runs backwards", lambda mp, w, t: _no_model(mp)),
+    Row("convert-layers-empty", lambda w, t: _convert(w.hf, t / "out", "--layers", ",", *TINY),
+        r"--layers.*expected indices like 0,3,5-9", lambda mp, w, t: _no_model(mp)),
+    Row("convert-output-under-a-file", lambda w, t: _convert(w.hf, _write(t / "notes.txt", "keep") / "sub", *TINY),
+        r"cannot create a folder under .*notes\.txt: it is a file", lambda mp, w, t: _no_model(mp)),
+    Row("convert-output-in-a-folder-without-write-permission",
+        lambda w, t: _convert(w.hf, _mkdir(t / "locked") / "out", *TINY), r"cannot write in .*locked: permission denied",
+        lambda mp, w, t: _no_access(mp, t / "locked")),
     Row("convert-block-0", lambda w, t: _convert(w.hf, t / "out", "--block", "0"),
         r"'--block': 0 is not in the range x>=1"),
     Row("convert-block-negative", lambda w, t: _convert(w.hf, t / "out", "--block", "-4"),
         r"'--block': -4 is not in the range x>=1"),
     Row("convert-block-not-dividing", lambda w, t: _convert(w.hf, t / "out", "--block", "5", *TINY),
-        r"--block 5 does not divide the output width 64"),
+        r"--block 5 does not divide the output width 64 .*: choose one of 1, 2, 4, 8, 16, 32, 64$"),
     Row("convert-rank-negative", lambda w, t: _convert(w.hf, t / "out", "--rank", "-1"),
         r"'--rank': -1 is not in the range x>=0"),
     # 64 x 64, block 8 (the default there): 3520 parameters removed without the residual, 128 per rank.
@@ -345,6 +372,11 @@ ROWS = [
     Row("distill-truncated-weights",
         lambda w, t: ["distill", _truncate(_copy(w.conv, t / "c") / "model.safetensors", 0.6).parent,
                       "-o", t / "out", "--teacher", w.hf, *DISTILL], r"model\.safetensors is truncated"),
+    Row("distill-output-under-a-file",
+        lambda w, t: ["distill", w.conv, "-o", _write(t / "notes.txt", "keep") / "sub", *DISTILL],
+        r"cannot create a folder under .*notes\.txt: it is a file", lambda mp, w, t: _no_model(mp)),
+    Row("distill-missing-data", lambda w, t: ["distill", w.conv, "-o", t / "out", "--data", t / "nope.txt", *DISTILL],
+        r"calibration source not found: .*nope\.txt", lambda mp, w, t: _no_model(mp)),
     Row("distill-missing-teacher", lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", t / "nope",
                                                  *DISTILL], r"teacher not found"),
     Row("distill-existing-output",
@@ -367,6 +399,8 @@ ROWS = [
         lambda mp, w, t: mp.setattr("safetensors.torch.save_file", _full_weights), ("out.ckpt", "out.ckpt/last.pt")),
     # --------------------------------------------------------------- export
     Row("export-missing-model", lambda w, t: ["export", t / "nope", "-o", t / "b"], r"no such file or folder"),
+    Row("export-output-under-a-file", lambda w, t: ["export", w.conv, "-o", _write(t / "notes.txt", "keep") / "b"],
+        r"cannot create a folder under .*notes\.txt: it is a file", lambda mp, w, t: _no_model(mp)),
     Row("export-existing-output", lambda w, t: ["export", w.conv, "-o", _mkdir(t / "b", True)],
         r"b already exists and is not empty: pass --overwrite to replace it, or choose another folder"),
     Row("export-truncated-weights",
@@ -423,6 +457,9 @@ ROWS = [
         r"needs a causal LM"),
     Row("sample-existing-output", lambda w, t: ["sample", w.hf, "-o", _write(t / "s.jsonl", "{}\n")],
         r"s\.jsonl already exists: pass --overwrite to replace it, or choose another file"),
+    Row("sample-output-in-a-folder-without-write-permission",
+        lambda w, t: ["sample", w.hf, "-o", _mkdir(t / "locked") / "s.jsonl"], r"cannot write in .*locked: permission denied",
+        lambda mp, w, t: _no_access(mp, t / "locked")),
     Row("sample-missing-folder", lambda w, t: ["sample", w.hf, "-o", t / "nope" / "s.jsonl"],
         r"the folder .*nope does not exist"),
     Row("sample-zero-samples", lambda w, t: ["sample", w.hf, "-o", t / "s.jsonl", "--samples", "0"],
@@ -592,6 +629,9 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"--seq-len must be an integer >= 2, got 1"),
         ("streamed-device-unknown", lambda: convert_streamed(w.hf, t / "out", device="tpu"), InputError,
          r"--device tpu"),
+        ("convert-file-no-layers",
+         lambda: __import__("hadaconv.convert").convert.convert_file(str(w.hf), str(t / "out"), ConvertConfig(layers=[])),
+         InputError, r"--layers selects no layers"),
         ("convert-file-dtype-unknown",
          lambda: __import__("hadaconv.convert").convert.convert_file(str(w.hf), str(t / "out"), dtype="int8"),
          InputError, r"--dtype int8: choose one of"),
@@ -615,7 +655,7 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "generate-id-past-vocab", "generate-zero-tokens", "generate-negative-top-k", "generate-on-encoder",
            "embed-float-ids", "embed-on-causal", "open-bundle-without-library", "session-missing-file",
            "session-truncated-bytes", "convert-nan-statistics", "convert-block-0", "convert-samples-0",
-           "streamed-block-0", "streamed-seq-len-1", "streamed-device-unknown", "convert-file-dtype-unknown",
+           "streamed-block-0", "streamed-seq-len-1", "streamed-device-unknown", "convert-file-no-layers", "convert-file-dtype-unknown",
            "realmodels-no-wheels", "realmodels-partial-wheel", "realmodels-wrong-hash",
            "projection-block-0", "op-gamma-shape", "text-windows-seq-len-0", "token-windows-too-short",
            "sample-batch-0"]

@@ -109,6 +109,8 @@ def check_convertible(layer: AttentionLayer, block: int = 1) -> None:
         shape = "" if out_features == in_features else f" ({out_features} x {in_features}: the transform runs on {n})"
         raise UnsupportedSizeError(f"{layer.out_name}{shape}: {exc}") from None
     if block < 1 or out_features % block:
-        raise InputError(f"--block {block} does not divide the output width {out_features} of {layer.out_name}")
+        valid = ", ".join(str(d) for d in range(1, out_features + 1) if out_features % d == 0)
+        raise InputError(f"--block {block} does not divide the output width {out_features} of {layer.out_name}: "
+                         f"choose one of {valid}")
     if not w.is_meta and not torch.isfinite(w).all():  # a model being rebuilt (load) has no values yet
         raise HadaconvError(f"{layer.out_name} holds NaN or infinite weights")

@@ -71,6 +71,7 @@ def distill_file(
     entry; ``report.json`` gaining a ``distill`` section; ``distill_curve.png`` when matplotlib
     is installed).  Under torchrun every rank calls this; rank 0 writes.
     """
+    from hadaconv.calibrate import check_sources
     from hadaconv.io import _read_json, load_model, save_converted
 
     cfg = config or DistillConfig()
@@ -83,6 +84,7 @@ def distill_file(
     if not isinstance(meta, dict):
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: run hadaconv convert first")
     check_output(out, overwrite, folder=True)
+    check_sources(cfg.data)  # a mistyped --data path fails here, not after two models are loaded
     source = teacher_path(converted, meta, teacher)
     student = load_model(converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
