@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["ConvertReport", "LayerReport"]
+__all__ = ["COLUMNS", "ConvertReport", "FittedTable", "LayerReport"]
 
 
 @dataclass
@@ -61,37 +61,86 @@ class ConvertReport:
         d["converted"] = self.converted
         return d
 
-    def table(self):
-        """The report as a rich Table (per layer, then totals in the caption)."""
-        from rich.table import Table
+    def table(self) -> "FittedTable":
+        """The report as a rich renderable (per layer, then totals in the caption) that fits the
+        console it is printed on: where the console is narrower than every column (80 columns
+        hold about 8), the columns of least use are left out, in the order of :data:`COLUMNS`'
+        priorities, and the caption names them; numbers are never cut short.  ``to_dict()`` has
+        everything."""
+        return FittedTable(self)
 
-        def num(v, fmt="{:.3f}"):
-            return "-" if v is None else fmt.format(v)
-
+    def caption(self) -> str:
+        """The totals line under the table (parameters, weights, time, memory, calibration)."""
         compensated = any(r.block_error_after is not None for r in self.layers)
-        rank = f", rank={self.rank}" if self.rank else ""
-        t = Table(title=f"hadaconv convert: mode={self.mode}, block={self.block}{rank}, adapter={self.adapter}")
-        cols = ["layer", "module", "hadamard", "converted", "err calib", "err held-out", "err mean-pred",
-                "sensitivity", "params removed", "fit s"]
-        if compensated:
-            cols[8:8] = ["block err", "compensated"]
-        for col in cols:
-            t.add_column(col, justify="left" if col in ("module", "hadamard") else "right")
-        for r in self.layers:
-            row = [str(r.index), r.name, r.factor.split(" = ")[-1], "yes" if r.converted else "no",
-                   num(r.calib_error), num(r.heldout_error), num(r.mean_error), num(r.sensitivity, "{:.4f}"),
-                   f"{r.params_removed:,}", f"{r.fit_seconds:.1f}"]
-            if compensated:
-                row[8:8] = [num(r.block_error_before, "{:.4f}"), num(r.block_error_after, "{:.4f}")]
-            t.add_row(*row)
         removed = self.params_before - self.params_after
-        t.caption = (
+        return (
             f"converted {len(self.converted)}/{len(self.layers)} layers; parameters {self.params_before:,} -> "
             f"{self.params_after:,} (-{removed:,}, -{100 * removed / max(1, self.params_before):.2f}%); "
             f"weights {self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB; "
             f"{self.seconds:.0f} s; peak RSS {self.peak_rss_mb:.0f} MiB"
             + (f"; calibration: {self.calibration_source}" if self.calibration_source else "")
             + (f"; sensitivity = {self.sensitivity_metric}" if self.sensitivity_metric else "")
-            + ("; block err = relative error of the block output vs the teacher (held-out), before -> after "
-               "refitting the dense maps that write into the residual stream" if compensated else ""))
+            + ("; blk err = relative error of the block output vs the teacher (held-out), before refitting "
+               "the dense maps that write into the residual stream" if compensated else ""))
+
+
+def _num(v, fmt="{:.3f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+#: The per-layer columns: (header, priority, cell).  Where the console is too narrow for all, the
+#: lowest priorities go first; 100 stays at any width (which layer, its error, what it saved).
+COLUMNS = [
+    ("layer", 100, lambda r: str(r.index)),
+    ("module", 5, lambda r: r.name),
+    ("hadamard", 8, lambda r: r.factor.split(" = ")[-1]),
+    ("conv", 60, lambda r: "yes" if r.converted else "no"),
+    ("err calib", 30, lambda r: _num(r.calib_error)),
+    ("err held", 100, lambda r: _num(r.heldout_error)),
+    ("mean-pred", 20, lambda r: _num(r.mean_error)),
+    ("sens", 50, lambda r: _num(r.sensitivity, "{:.4f}")),
+    ("blk err", 45, lambda r: _num(r.block_error_before, "{:.4f}")),
+    ("comp", 55, lambda r: _num(r.block_error_after, "{:.4f}")),
+    ("params -", 100, lambda r: f"{r.params_removed:,}"),
+    ("fit s", 10, lambda r: f"{r.fit_seconds:.1f}"),
+]
+
+
+class FittedTable:
+    """A :class:`ConvertReport` as a rich Table built for the width it is rendered at."""
+
+    def __init__(self, report: ConvertReport):
+        self.report = report
+
+    def __rich_console__(self, console, options):
+        yield self.build(options.max_width)
+
+    def build(self, width: int | None = None):
+        """The rich Table with the columns that fit in ``width`` characters (None: all)."""
+        from rich.table import Table
+
+        r = self.report
+        compensated = any(row.block_error_after is not None for row in r.layers)
+        cols = [c for c in COLUMNS if compensated or c[0] not in ("blk err", "comp")]
+        cells = {name: [cell(row) for row in r.layers] for name, _, cell in cols}
+        # A bordered table takes each column's widest text, 2 of padding and 1 of border, plus 1.
+        need = {name: max([len(name)] + [len(c) for c in cells[name]]) + 3 for name, _, _ in cols}
+        prio = {name: p for name, p, _ in cols}
+        dropped: list[str] = []
+        for name in sorted(prio, key=prio.get):
+            if width is None or prio[name] >= 100 or 1 + sum(need[c] for c in prio if c not in dropped) <= width:
+                break
+            dropped.append(name)
+        cols = [c for c in cols if c[0] not in dropped]
+        rank = f", rank={r.rank}" if r.rank else ""
+        t = Table(title=f"hadaconv convert: mode={r.mode}, block={r.block}{rank}, adapter={r.adapter}")
+        for name, _, _ in cols:
+            t.add_column(name, justify="left" if name in ("module", "hadamard") else "right", overflow="fold")
+        for i in range(len(r.layers)):
+            t.add_row(*[cells[name][i] for name, _, _ in cols])
+        legend = "conv = converted; err = relative error of the output projection; params - = parameters removed"
+        if compensated:
+            legend += "; comp = block err after compensation"
+        left_out = f"; left out at this width: {', '.join(dropped)} (all in report.json)" if dropped else ""
+        t.caption = f"{r.caption()}; {legend}{left_out}"
         return t

@@ -1,0 +1,42 @@
+"""The convert report stays readable at 80 columns: every layer's index, held-out error and
+parameters removed appear whole (rich would otherwise squeeze 12 columns to 'lay…', '0.…')."""
+
+import pytest
+from rich.console import Console
+
+from hadaconv.report import ConvertReport, LayerReport
+
+
+def _report(layers: int, compensated: bool) -> ConvertReport:
+    rows = [LayerReport(index=i, name=f"model.layers.{i}.self_attn.o_proj", width=576, factor="576 = 9 * 64",
+                        converted=True, calib_error=0.1234 + i / 1000, heldout_error=0.2345 + i / 1000,
+                        mean_error=0.9876, sensitivity=0.01234, params_removed=322_560 + i, fit_seconds=12.3,
+                        block_error_before=0.0567 if compensated else None,
+                        block_error_after=0.0321 if compensated else None)
+            for i in range(layers)]
+    return ConvertReport(mode="head", block=64, adapter="llama", layers=rows, params_before=134_515_008,
+                         params_after=124_838_208, rank=0)
+
+
+def _render(report: ConvertReport, width: int) -> str:
+    console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(report.table())
+    return console.export_text()
+
+
+@pytest.mark.parametrize("compensated", [False, True])
+def test_key_numbers_whole_at_80_columns(compensated):
+    text = _render(_report(30, compensated), 80)
+    assert "…" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for i in range(30):
+        row = next(line for line in text.splitlines() if line.startswith(f"│ {i:>5} │"))
+        assert f"{0.2345 + i / 1000:.3f}" in row and f"{322_560 + i:,}" in row, row
+    assert "left out at this width: module" in " ".join(text.split())
+
+
+def test_every_column_on_a_wide_console():
+    text = _render(_report(2, True), 250)
+    for header in ("module", "hadamard", "err calib", "mean-pred", "blk err", "comp", "fit s"):
+        assert header in text
+    assert "model.layers.1.self_attn.o_proj" in text and "left out" not in text
