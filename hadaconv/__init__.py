@@ -1,28 +1,41 @@
 """hadaconv: replace the dense attention output projections of trained transformers with
-fast Walsh-Hadamard projections, and deploy them."""
+fast Walsh-Hadamard projections, and deploy them.
 
-from hadaconv import distill
+The public names below are imported on first use (PEP 562), not with the package: they pull in
+torch and transformers (about 3 s), which ``hadaconv --help`` and the CLI's argument checks do
+not need.
+"""
+
+from importlib import import_module
+
 from hadaconv._version import __version__
-from hadaconv.swap import patch
 from hadaconv.errors import HadaconvError
-from hadaconv.export import export_onnx
-from hadaconv.hadamard import factorize, hadamard_matrix
-from hadaconv.io import load
-from hadaconv.nn import HadamardProjection
-from hadaconv.runtime import get_library_path
-from hadaconv.ops import fwht, hadamard_affine
 
-__all__ = [
-    "HadaconvError",
-    "HadamardProjection",
-    "__version__",
-    "distill",
-    "export_onnx",
-    "factorize",
-    "fwht",
-    "get_library_path",
-    "hadamard_affine",
-    "hadamard_matrix",
-    "load",
-    "patch",
-]
+#: Public name -> (module, attribute; None for the module itself).
+_LAZY = {
+    "distill": ("hadaconv.distill", None),
+    "export_onnx": ("hadaconv.export", "export_onnx"),
+    "factorize": ("hadaconv.hadamard", "factorize"),
+    "fwht": ("hadaconv.ops", "fwht"),
+    "get_library_path": ("hadaconv.runtime", "get_library_path"),
+    "hadamard_affine": ("hadaconv.ops", "hadamard_affine"),
+    "hadamard_matrix": ("hadaconv.hadamard", "hadamard_matrix"),
+    "HadamardProjection": ("hadaconv.nn", "HadamardProjection"),
+    "load": ("hadaconv.io", "load"),
+    "patch": ("hadaconv.swap", "patch"),
+}
+
+__all__ = ["HadaconvError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hadaconv' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = import_module(module) if attr is None else getattr(import_module(module), attr)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
