@@ -249,7 +249,9 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     """Sample text from a causal LM, as calibration / distillation data of its own domain.
 
     Each sequence starts from a random vocabulary token and follows the model's own next-token
-    distribution (KV cache; about 80 tokens/s for SmolLM2-135M on 2 CPU cores).  Pass the file to
+    distribution (KV cache; 81 tokens/s measured on SmolLM2-135M with 1 thread of a shared 2-core
+    EPYC, 2026-12-01, benchmarks/RESULTS.md; a loaded machine is much slower, and the progress line
+    gives the remaining time).  Pass the file to
     convert --calib and distill --data when no text of the model's target domain is at hand.
     """
     import time

@@ -32,6 +32,7 @@ from torch import nn
 
 from hadaconv.atomic import atomic_file, check_output
 from hadaconv.errors import HadaconvError, InputError
+from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
 __all__ = ["SAMPLE", "SHAKESPEARE", "cache_dir", "cached_samples", "calibration_texts",
@@ -185,14 +186,16 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
             f"no text sampled from this model is cached ({path.name[:12]}... under {path.parent}), and sampling "
             "runs the whole model once per token, which a streamed conversion does not hold: convert once "
             "without --streamed where the model fits (it caches the text), or pass --calib shakespeare / FILE")
+    if progress:  # the first run of a model pays for this once: say what, why and where it goes
+        console.print(f"sampling calibration text from the model, once for this model: {samples} x {seq_len} "
+                      f"tokens, cached in {path.parent} (a smaller --samples makes a quicker first try)",
+                      highlight=False)
     texts = sample_texts(model, tokenizer, samples=samples, seq_len=seq_len, batch_size=batch_size,
                          temperature=temperature, seed=seed, progress=progress)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(texts, path, overwrite=True)
     except OSError as e:  # a read-only home must not stop a conversion
-        from hadaconv.progress import console
-
         console.print(f"[yellow]could not cache the sampled text in {path.parent}: {e}[/]")
     return texts, path
 

@@ -118,3 +118,15 @@ def test_bad_sampling_and_calibration_flags(tmp_path, capsys):
         code, _, err = _cli(capsys, "convert", src, "-o", tmp_path / "out", *args)
         assert code == 1 and message in err and "Traceback" not in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_first_sampling_says_what_it_costs_and_where_it_is_cached(tokenizer, tmp_path, capsys):
+    """The one-off sampling announces itself (count, length, cache folder); a cached read is silent."""
+    import hadaconv.sample as sample
+
+    model = make_tiny("llama")
+    _, path = sample.cached_samples(model, tokenizer, samples=3, seq_len=8, cache=tmp_path)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "once for this model: 3 x 8 tokens, cached in" in err and str(path.parent) in err.replace(" ", ""), err
+    sample.cached_samples(model, tokenizer, samples=3, seq_len=8, cache=tmp_path)
+    assert "sampling" not in capsys.readouterr().err
