@@ -202,6 +202,9 @@ def test_cli_export_and_run(tmp_path, converted_folder, capsys):
     main(["export", str(converted_folder), "--onnx", "-o", str(out)])
     printed = capsys.readouterr().out
     assert "logits" in printed and "max abs diff" in printed and "custom form" in printed
+    # stage lines, so that the minutes of tracing and validating on a real model are not silent
+    stages = [line for line in printed.splitlines() if line.startswith("[")]
+    assert "exporting the causal-lm (custom form)" in stages[0] and "validating in ONNX Runtime" in stages[1], printed
     assert {"model.onnx", "libhadaconv_ort.so", "tokenizer.json", METADATA} <= {p.name for p in out.iterdir()}
     main(["run", str(out), "--prompt", "hello there", "--max-new-tokens", "5"])
     captured = capsys.readouterr()

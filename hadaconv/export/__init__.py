@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,7 +194,8 @@ def export_onnx(
         overwrite: replace an existing ``out_dir``.
         source: a description of where the model came from, for the metadata.
         verbose: show the exporter's own progress output.
-        log: called with each human-readable line (validation diffs); None prints nothing.
+        log: called with each human-readable line (the stage being entered, with the seconds so
+            far, then the validation diffs); None prints nothing.
     """
     # onnxscript is imported here, not with the package: `import hadaconv` stays light.
     from hadaconv.export.translate import DOMAIN, OPSET, translation_table
@@ -215,7 +217,15 @@ def export_onnx(
         from hadaconv.runtime import get_library_path
 
         library = Path(get_library_path())  # a missing library fails before the slow trace, not after
+    start = time.perf_counter()
+
+    def stage(text: str) -> None:  # the trace and the validation each take minutes on a real model
+        if log:
+            log(f"[{time.perf_counter() - start:.0f} s] {text}")
+
     with atomic_folder(out, overwrite) as tmp:
+        stage(f"exporting the {kind} ({form} form) with torch.export and translating it to ONNX "
+              "(the dynamo exporter; the slow step)")
         try:
             with _quiet(verbose), torch.no_grad():
                 program = torch.onnx.export(
@@ -236,6 +246,7 @@ def export_onnx(
             tokenizer.save_pretrained(tmp)
         diffs: list[OutputDiff] = []
         if validate_outputs:
+            stage("validating in ONNX Runtime against PyTorch")
             sess = session_for(tmp / MODEL, tmp / lib_name if lib_name else None, provider="cpu")
             diffs = _validate(spec, sess, model, original, original_inputs, tokenizer, atol, cache)
             if log:
