@@ -51,13 +51,13 @@ def _log_lines(total: int, description: str) -> Callable[[], None]:
         if now - last >= LOG_EVERY or (done == total and last > start):
             last = now
             left = (now - start) / done * (total - done)  # the mean step so far: rich's own ETA is a rate too
-            eta = f", about {_duration(left)} left" if done < total else ""
-            console.print(f"{description}: {done}/{total}, {_duration(now - start)} elapsed{eta}", highlight=False)
+            eta = f", about {duration(left)} left" if done < total else ""
+            console.print(f"{description}: {done}/{total}, {duration(now - start)} elapsed{eta}", highlight=False)
 
     return step
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """3 -> '3 s', 754 -> '12 min 34 s', 4000 -> '1 h 07 min'."""
     s = round(seconds)
     if s < 60:

@@ -28,3 +28,18 @@ def test_lines_give_an_eta_from_the_mean_step(monkeypatch, capsys):
 
 def test_quick_work_is_silent(monkeypatch, capsys):
     assert run(3, [0, 1, 2, 3], monkeypatch, capsys) == []
+
+
+def test_distill_logs_lines_off_a_terminal(monkeypatch, capsys):
+    """The distillation's bar becomes a line every 30 s with the time left (the demo's 141 s of
+    silence in a log file)."""
+    from hadaconv.distill import core
+
+    ticks = iter([0, 10, 40, 50, 75])
+    monkeypatch.setattr(core.time, "monotonic", lambda: next(ticks))
+    bar = core._Bar(True)
+    for fraction in (0.1, 0.4, 0.5, 0.75):
+        bar.update(fraction, f"distill step {int(fraction * 8)}")
+    bar.close()
+    assert capsys.readouterr().err.splitlines() == ["distill step 3, 40 s elapsed, about 1 min 00 s left",
+                                                    "distill step 6, 1 min 15 s elapsed, about 25 s left"]

@@ -39,6 +39,7 @@ from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
 from hadaconv.errors import HadaconvError, InputError
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
+from hadaconv.progress import LOG_EVERY, console, duration
 from hadaconv.sample import calibration_texts
 
 __all__ = ["DistillConfig", "DistillReport", "converted_blocks", "distill"]
@@ -260,12 +261,14 @@ class _Evaluator:
 
 
 class _Bar:
-    """A rich progress bar over the fraction of the budget, with loss, tokens/s and ETA."""
+    """A rich progress bar over the fraction of the budget, with loss, tokens/s and ETA; off a
+    terminal (a log file, a pipe) the same as a line every :data:`hadaconv.progress.LOG_EVERY`
+    seconds, so a long run is never silent."""
 
     def __init__(self, enabled: bool) -> None:
-        from hadaconv.progress import console
-
         self.bar = None
+        self.lines = enabled and not console.is_terminal
+        self.start = self.last = time.monotonic()
         if enabled and console.is_terminal:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -277,6 +280,10 @@ class _Bar:
     def update(self, fraction: float, text: str) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=int(1000 * min(1.0, fraction)), description=text)
+        elif self.lines and (now := time.monotonic()) - self.last >= LOG_EVERY:
+            self.last = now
+            left = f", about {duration((now - self.start) * (1 / fraction - 1))} left" if 0 < fraction < 1 else ""
+            console.print(f"{text}, {duration(now - self.start)} elapsed{left}", highlight=False)
 
     def close(self) -> None:
         if self.bar is not None:
