@@ -43,3 +43,25 @@ def test_distill_logs_lines_off_a_terminal(monkeypatch, capsys):
     bar.close()
     assert capsys.readouterr().err.splitlines() == ["distill step 3, 40 s elapsed, about 1 min 00 s left",
                                                     "distill step 6, 1 min 15 s elapsed, about 25 s left"]
+
+
+def test_block_by_block_counts_the_blocks_it_visits(monkeypatch):
+    """--layers 0 of a 2-block model: the block loop stops after block 0, and so does its count
+    (it said n/30 on SmolLM2 with --layers 0-4)."""
+    import torch
+    from tiny_models import make_tiny
+
+    import hadaconv.blockwise as blockwise
+    from hadaconv.convert import ConvertConfig, convert
+
+    totals = []
+
+    def spy(total, description, enabled=True):
+        totals.append(total)
+        return progress_mod.progress(total, description, False)
+
+    monkeypatch.setattr(blockwise, "progress", spy)
+    torch.manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 1000, (2, 16))} for _ in range(4)]
+    convert(make_tiny("llama"), None, ConvertConfig(layers=[0], sensitivity=False, progress=False), inputs=batches)
+    assert totals == [1]
