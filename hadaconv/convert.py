@@ -75,7 +75,7 @@ class ConvertConfig:
         mode: "affine", "diag" or "head" (default; see :mod:`hadaconv.fit`).
         block: output block size b of gamma (1 = the seed paper's diagonal affine); None: the
             widths' :func:`default_block` (64 on SmolLM2's 576), resolved by :func:`find_target`.
-        layers: layer indices that may be converted (None = all).
+        layers: layer indices that may be converted (None = all; an empty list raises InputError).
         max_layers: convert only the K least sensitive layers.
         max_loss: convert the least sensitive layers while their summed sensitivity stays <= E.
         calib: calibration sources: "sample" (text the model writes itself, sampled once and
