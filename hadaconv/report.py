@@ -10,9 +10,10 @@ __all__ = ["COLUMNS", "ConvertReport", "FittedTable", "LayerReport"]
 @dataclass
 class LayerReport:
     """One attention block.  Errors are relative, ``||y_new - y|| / ||y||`` of the output
-    projection (with its low-rank residual, if any) on calibration / held-out windows; ``block_error_*`` is the relative error of the
-    whole decoder block's output against the teacher's on held-out windows, before and after the
-    dense-neighbour compensation (None where it did not run)."""
+    projection (with its low-rank residual, if any) on calibration / held-out windows;
+    ``block_error_*`` is the relative error of the whole decoder block's output against the
+    teacher's on held-out windows, before and after the dense-neighbour compensation (None where
+    it did not run)."""
 
     index: int
     name: str
