@@ -189,13 +189,15 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
 @cli.command("inspect")
 @click.argument("model", type=click.Path())
 @click.option("--block", type=POSITIVE, default=None, help="Block size to price the savings with.  [default: as convert's]")
+@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Price the savings with convert's low-rank residual of this rank (0: none).")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @click.option("--target", default=None, help="Regex for the generic fallback adapter.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module (arbitrary unpickling can run code).")
-def inspect_cmd(model, block, model_config, target, trust_pickle) -> None:
+def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
     """List MODEL's attention blocks, their widths and Hadamard factorization, and the savings,
     without calibrating."""
-    _inspect(model, model_config, trust_pickle, target, block)
+    _inspect(model, model_config, trust_pickle, target, block, rank)
 
 
 @cli.command("eval")

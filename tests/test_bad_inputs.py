@@ -361,6 +361,7 @@ ROWS = [
     Row("inspect-random-gguf", lambda w, t: ["inspect", _write(t / "m.gguf", os.urandom(512))],
         r"cannot load the GGUF file"),
     Row("inspect-block-0", lambda w, t: ["inspect", w.hf, "--block", "0"], r"'--block': 0 is not in the range"),
+    Row("inspect-rank-negative", lambda w, t: ["inspect", w.hf, "--rank", "-1"], r"'--rank': -1 is not in the range"),
     # --------------------------------------------------------------- distill
     Row("distill-missing-folder", lambda w, t: ["distill", t / "nope", "-o", t / "out", *DISTILL],
         r"no such file or folder"),

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,12 @@ def test_cli_convert_inspect_eval(tmp_path):
     before = {p.name: p.read_bytes() for p in src.iterdir()}
     r = _cli("inspect", src, "--block", "4")
     assert r.returncode == 0 and "o_proj" in r.stdout, r.stderr
+    saved = int(re.search(r"-([\d,]+) parameters", r.stdout).group(1).replace(",", ""))
+    r = _cli("inspect", src, "--block", "4", "--rank", "2")
+    assert r.returncode == 0 and "--rank 2" in r.stdout, r.stderr
+    with_rank = int(re.search(r"-([\d,]+) parameters", r.stdout).group(1).replace(",", ""))
+    d = json.loads((src / "config.json").read_text())["hidden_size"]
+    assert saved - with_rank == json.loads((src / "config.json").read_text())["num_hidden_layers"] * 2 * 2 * d
     out = tmp_path / "conv"
     r = _cli("convert", src, "-o", out, "--block", "4", "--samples", "12", "--seq-len", "32", "--layers", "1")
     assert r.returncode == 0, r.stderr
