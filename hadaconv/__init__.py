@@ -1,12 +1,16 @@
 """hadaconv: replace the dense attention output projections of trained transformers with
 fast Walsh-Hadamard projections, and deploy them.
 
-The public names below are imported on first use (PEP 562), not with the package: they pull in
-torch and transformers (about 3 s), which ``hadaconv --help`` and the CLI's argument checks do
-not need.
+The public names below, and the submodules (``hadaconv.io``, ``hadaconv.ops``, ...), are
+imported on first use (PEP 562), not with the package: they pull in torch and transformers
+(about 3 s), which ``hadaconv --help`` and the CLI's argument checks do not need.  The torch
+custom ops ``torch.ops.hadaconv.*`` are registered when :mod:`hadaconv.ops` is imported (any use
+of :func:`load`, :class:`HadamardProjection` or :func:`fwht` does it); code that only loads a
+saved ``torch.export`` program should ``import hadaconv.ops`` first.
 """
 
-from importlib import import_module
+from importlib import import_module as _import_module
+from importlib.util import find_spec as _find_spec
 
 from hadaconv._version import __version__
 from hadaconv.errors import HadaconvError
@@ -30,9 +34,11 @@ __all__ = ["HadaconvError", "__version__", *_LAZY]
 
 def __getattr__(name: str):
     if name not in _LAZY:
+        if not name.startswith("_") and _find_spec(f"hadaconv.{name}") is not None:
+            return _import_module(f"hadaconv.{name}")  # a submodule, as after ``import hadaconv.<name>``
         raise AttributeError(f"module 'hadaconv' has no attribute {name!r}")
     module, attr = _LAZY[name]
-    value = import_module(module) if attr is None else getattr(import_module(module), attr)
+    value = _import_module(module) if attr is None else getattr(_import_module(module), attr)
     globals()[name] = value  # once: later lookups do not come here
     return value
 

@@ -536,7 +536,8 @@ def reduced_rank(a: torch.Tensor, cov: torch.Tensor, rank: int, vmat: torch.Tens
     s2, vecs = torch.linalg.eigh((n + n.T) / 2)  # ascending
     s2, vecs = s2.flip(0)[:rank].clamp_min(0), vecs.flip(1)[:, :rank]
     root = s2.sqrt().sqrt()  # square roots of B's singular values in the V C V^T metric
-    live = root > root.max() * 1e-12  # a direction N does not have (rank > rank of B) stays zero
+    # A direction N does not have (rank > rank of B) stays zero: its eigenvalue is rounding.
+    live = s2 > s2.max() * n.shape[0] * torch.finfo(torch.float64).eps
     down = (bt @ vecs).T / torch.where(live, root, 1.0)[:, None]
     return vecs * torch.where(live, root, 0.0), down
 

@@ -662,8 +662,10 @@ def load(folder: str | os.PathLike) -> nn.Module:
         layer = layers[index]
         gamma = tensors.get(f"{layer.out_name}.gamma")
         block = gamma.shape[-1] if gamma is not None and gamma.dim() == 3 else int(meta.get("block", 1))
-        down = tensors.get(f"{layer.out_name}.down")  # the low-rank residual's D [r, d_in]; absent before it existed
-        rank = down.shape[0] if down is not None else int(meta.get("rank", 0))
+        # Each layer's rank is its own D [r, d_in]: a folder converted again with another --rank
+        # holds layers of both, and folders from before the residual have none.
+        down = tensors.get(f"{layer.out_name}.down")
+        rank = down.shape[0] if down is not None else 0
         install_projection(layer, block=block, bias=f"{layer.out_name}.beta" in tensors, rank=rank)
     _load_weights(model, tensors, str(weights))
     model.eval()

@@ -167,6 +167,16 @@ def test_convert_save_load_round_trip(family, tmp_path, tokenizer):
         torch.testing.assert_close(fresh(**x).logits, model(**x).logits, rtol=0, atol=1e-6)
 
 
+def test_converting_again_with_another_rank_reloads(tmp_path):
+    """A folder converted again with another --rank holds layers of both ranks; each layer
+    reloads with its own (the folder's metadata names only the last run's)."""
+    make_tiny("llama", tmp_path / "src")
+    convert_file(str(tmp_path / "src"), str(tmp_path / "a"), ConvertConfig(block=4, layers=[0], **FAST))
+    convert_file(str(tmp_path / "a"), str(tmp_path / "b"), ConvertConfig(block=4, rank=3, layers=[1], **FAST))
+    proj = [m for m in hadaconv.load(tmp_path / "b").modules() if isinstance(m, HadamardProjection)]
+    assert sorted(p.rank for p in proj) == [0, 3]
+
+
 def test_bad_rank_in_the_python_api():
     model = make_tiny("llama")
     with pytest.raises(InputError, match=r"--rank must be an integer >= 0, got -1"):

@@ -1,0 +1,32 @@
+"""The package's lazy imports (PEP 562, hadaconv/__init__.py), in a fresh interpreter each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_import_is_light_and_names_resolve():
+    r = _run("import sys, hadaconv\n"
+             "assert 'torch' not in sys.modules, 'import hadaconv pulled in torch'\n"
+             "for name in hadaconv.__all__: getattr(hadaconv, name)\n"
+             "assert set(hadaconv.__all__) <= set(dir(hadaconv))\n"
+             "assert 'import_module' not in dir(hadaconv)")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", ["io", "ops", "convert", "export"])
+def test_submodules_are_attributes(name):
+    """``hadaconv.io`` and the like work after a plain ``import hadaconv``, as they did when the
+    package imported them eagerly; ``hadaconv.ops`` registers the torch custom ops."""
+    r = _run(f"import hadaconv\nassert hadaconv.{name}.__name__ == 'hadaconv.{name}'\n"
+             "import torch\n"
+             f"{'torch.ops.hadaconv.fwht' if name == 'ops' else 'pass'}\n"
+             "try:\n    hadaconv.no_such_thing\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)")
+    assert r.returncode == 0, r.stderr
