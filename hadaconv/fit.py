@@ -84,6 +84,7 @@ import torch
 from hadaconv.calibrate import Moments  # re-exported: the statistics the fits consume
 from hadaconv.errors import InputError
 from hadaconv.hadamard import factorize, sylvester
+from hadaconv.nn import check_rank
 from hadaconv.ops.transform import hadamard_transform_columns
 
 Mode = Literal["affine", "diag", "head"]
@@ -439,8 +440,7 @@ def fit_projection(
         layout = None
     if mode != "affine" and layout is None:
         raise InputError(f"mode {mode!r} needs a head layout covering the input width {d}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(d, d_out):
-        raise InputError(f"rank {rank!r} must be an integer from 0 to min(d_in, d_out) = {min(d, d_out)}")
+    check_rank(rank, d, d_out)
     keep = select_coordinates(w, moments, selection or SELECTION).to(dev) if d > d_out else None
     n = max(d, d_out)
     work = dtype or (torch.float32 if n >= FLOAT32_FROM else torch.float64)
@@ -498,7 +498,7 @@ def _with_residual(fit: FitResult, w, b, mu, cov, damp: float, layout, rank: int
     vmat = _value_matrix(fit.value_map, layout, d)
     a = w - _dense(fit.gamma, fit.value_map, layout, (d_out, d), fit.keep)  # the remainder W - G R T V
     up, down = reduced_rank(a, cov, rank, vmat)
-    a_r = a - up @ (down if vmat is None else down @ vmat)  # W - G R T V - U D V
+    a_r = a - _residual(up, down, vmat)  # W - G R T V - U D V
     plain = cov.clone()
     plain.diagonal().sub_(damp)
     err0, err_r = _quadratic(a, plain), _quadratic(a_r, plain)
@@ -516,6 +516,11 @@ def _value_matrix(value_map: torch.Tensor | None, layout: HeadLayout | None, d: 
         return None
     v = _expand(value_map.to(torch.float64), layout, d)
     return torch.diag(v) if v.dim() == 1 else torch.block_diag(*v)
+
+
+def _residual(up: torch.Tensor, down: torch.Tensor, vmat: torch.Tensor | None) -> torch.Tensor:
+    """The residual's map on the unfolded input, U D V [d_out, d_in] (V = I when ``vmat`` is None)."""
+    return up @ (down if vmat is None else down @ vmat)
 
 
 def reduced_rank(a: torch.Tensor, cov: torch.Tensor, rank: int, vmat: torch.Tensor | None = None
@@ -716,8 +721,7 @@ def relative_error(
         a = _dense(fit.gamma.to(dev), fit.value_map, layout, (d_out, d), fit.keep) - w
         if fit.up is not None:  # + U D V
             vmat = _value_matrix(None if fit.value_map is None else fit.value_map.to(dev), layout, d)
-            down = fit.down.to(dev, torch.float64)
-            a += fit.up.to(dev, torch.float64) @ (down if vmat is None else down @ vmat)
+            a += _residual(fit.up.to(dev, torch.float64), fit.down.to(dev, torch.float64), vmat)
         c = fit.beta.to(dev, torch.float64) - b
     err = _quadratic(a, s) + 2 * c @ (a @ mu) + c @ c
     ref = _quadratic(w, s) + 2 * b @ (w @ mu) + b @ b

@@ -11,7 +11,7 @@ from hadaconv.hadamard import factorize
 from hadaconv.ops import hadamard_affine
 from hadaconv.ops.transform import apply_affine
 
-__all__ = ["HadamardProjection", "parameters_saved"]
+__all__ = ["HadamardProjection", "check_rank", "parameters_saved"]
 
 
 def parameters_saved(d_in: int, d_out: int, block: int, dense_bias: bool, rank: int = 0) -> int:
@@ -20,6 +20,13 @@ def parameters_saved(d_in: int, d_out: int, block: int, dense_bias: bool, rank: 
     W and b out, gamma [d_out/block, block, block], beta [d_out], D [rank, d_in] and U
     [d_out, rank] in.  Zero or negative where the replacement is no smaller."""
     return d_out * d_in + (d_out if dense_bias else 0) - d_out * block - d_out - rank * (d_in + d_out)
+
+
+def check_rank(rank: int, d_in: int, d_out: int) -> None:
+    """Raise InputError unless ``rank`` is an integer (not a bool) from 0 to min(d_in, d_out):
+    the ranks a low-rank residual U [d_out, r] D [r, d_in] can have."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(d_in, d_out):
+        raise InputError(f"rank {rank!r} must be an integer from 0 to min(d_in, d_out) = {min(d_in, d_out)}")
 
 
 class HadamardProjection(nn.Module):
@@ -82,8 +89,7 @@ class HadamardProjection(nn.Module):
             self.register_buffer("keep", torch.arange(d_out, device=device))
         else:
             self.keep = None
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(d_in, d_out):
-            raise InputError(f"rank {rank!r} must be an integer from 0 to min(d_in, d_out) = {min(d_in, d_out)}")
+        check_rank(rank, d_in, d_out)
         self.rank = rank
         self.down = self.up = None
         if rank:
