@@ -335,7 +335,7 @@ template <class V, class T>
 inline void transform_typed(const Plan& p, const T* x, int64_t r0, int64_t r1, float* z, float* scratch, const T* after) {
   const int64_t n = p.n;
   float* s = scratch;
-  float* tbl = s + n + p.m * kSegmentPad + kBlockRows * n;
+  float* tbl = scratch + scratch_tables(n, p.m);
   for (int64_t r = r0; r < r1; ++r) {
     const T* next = r + 1 < r1 ? x + (r + 1) * n : after;
     transform_row<V>(p, x + r * n, static_cast<T*>(nullptr), s, z + (r - r0) * n, tbl, next);
@@ -348,8 +348,8 @@ template <class V, class T>
 inline void rows_typed(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, float* scratch) {
   const int64_t n = p.n;
   float* s = scratch;
-  float* z = s + n + p.m * kSegmentPad;
-  float* tbl = z + kBlockRows * n;
+  float* z = scratch + scratch_z(n, p.m);
+  float* tbl = scratch + scratch_tables(n, p.m);
   if (p.blocks) {
     for (int64_t r = r0; r < r1; r += kBlockRows) {
       const int64_t e = r1 - r < kBlockRows ? r1 : r + kBlockRows;

@@ -34,10 +34,13 @@ constexpr int kMaxChunk = 32;
 constexpr int64_t kSegmentPad = 16;
 constexpr int64_t segment_stride(int64_t L) { return L >= 256 ? L + kSegmentPad : L; }
 
-// Floats of scratch one task needs: the (padded) row, kBlockRows rows of z' for block gammas,
-// and the sign-pattern tables of the core pass (16 patterns per group of 4 core columns).
+// The scratch of one task, in floats from its start: the (padded) row, then kBlockRows rows of
+// z' for block gammas, then the sign-pattern tables of the core pass (16 patterns per group of
+// 4 core columns).
+constexpr int64_t scratch_z(int64_t n, int64_t m) { return n + m * kSegmentPad; }
+constexpr int64_t scratch_tables(int64_t n, int64_t m) { return scratch_z(n, m) + kBlockRows * n; }
 constexpr int64_t scratch_floats(int64_t n, int64_t m) {
-  return n + m * kSegmentPad + kBlockRows * n + (m > 1 ? (m / 4) * 16 * kMaxChunk : 0);
+  return scratch_tables(n, m) + (m > 1 ? (m / 4) * 16 * kMaxChunk : 0);
 }
 
 // Rows [r0, r1) of x -> y; `scratch` holds scratch_floats(n, m) floats, 64-byte aligned,

@@ -489,7 +489,7 @@ bool run_split(CpuJob& job, OrtKernelContext* ctx) {
   int id = -1;
   float* scratch = job.pool->acquire(&id);
   if (!scratch) fail("out of memory for the row scratch buffers");
-  float* z = scratch + p.n + p.m * cpu::kSegmentPad;  // the z' rows of the scratch layout
+  float* z = scratch + cpu::scratch_z(p.n, p.m);
   job.isa.transform(p, job.dtype, job.x, 0, job.rows, z, scratch);
   job.z = z;
   job.blocks_per_task = (nb + tasks - 1) / tasks;
