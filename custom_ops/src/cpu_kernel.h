@@ -142,7 +142,8 @@ inline void sylvester(const T* x, float* s, int64_t len, int64_t L, const T* nex
   }
   // Otherwise block by block, each finished while it sits in L1.
   for (int64_t base = 0; base < len; base += LB) {
-    const Sink<T> o{out.y + base, out.g + base, out.beta + base};
+    // Without `fuse` the sink is null and unused: offsetting a null pointer is undefined.
+    const Sink<T> o = fuse ? Sink<T>{out.y + base, out.g + base, out.beta + base} : out;
     first_pass_r<V, false>(R0, x + base, s + base, LB, next ? next + base : nullptr, o);
     for (int64_t done = done0; done < LB;) {
       const int64_t left = LB / done;  // 2^(stages left in the block)
