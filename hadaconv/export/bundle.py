@@ -13,7 +13,9 @@
 
 ``hadaconv_onnx.json``: ``format`` ("hadaconv-onnx"), ``version`` (1), ``hadaconv`` (version that
 wrote it), ``kind`` (causal-lm, encoder, module), ``form`` (custom, portable), ``opset`` (the
-standard ONNX opset), ``custom_opsets`` ({"com.hadaconv": 1} or {}), ``op_library`` (file name
+standard ONNX opset), ``custom_opsets`` ({"com.hadaconv": 1} or {}; with ``"com.microsoft": 1`` added
+when the graph was fused for ONNX Runtime), ``fusions`` (the ONNX Runtime fusions applied, by name
+and count, or null: :mod:`hadaconv.export.fusions`), ``op_library`` (file name
 or null), ``inputs``/``outputs`` (name, element type and shape, symbolic axes by name), ``cache``
 (num_layers, num_kv_heads, head_dim, value_head_dim, position_ids; causal LMs with the cache),
 ``tokenizer`` (bool), ``eos_token_id``, ``pad_token_id``, ``hadamard_layers`` (how many
