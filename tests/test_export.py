@@ -561,12 +561,12 @@ def test_smollm2_converted_exports_and_generates_like_torch(tmp_path):
 
 
 def test_optimized_export_fuses_and_generates_like_torch(tmp_path, tokenizer):
-    """optimize=True: RMSNorm (with the residual add) and attention become com.microsoft ops around
+    """optimize="all": RMSNorm (with the residual add) and attention become com.microsoft ops around
     our op, the fused graph passes validation, and KV-cached greedy decoding still matches HF."""
     import onnx
 
     model = converted("llama", 4)
-    result = export_onnx(model, tmp_path / "b", tokenizer=tokenizer, optimize=True)
+    result = export_onnx(model, tmp_path / "b", tokenizer=tokenizer, optimize="all")
     assert {"rms_normalization", "skip_rms_normalization", "sdpa"} <= set(result.meta["fusions"]), result.meta["fusions"]
     assert result.meta["custom_opsets"] == {"com.hadaconv": 1, "com.microsoft": 1}
     ops = {n.op_type for n in onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False).graph.node}
@@ -578,7 +578,25 @@ def test_optimized_export_fuses_and_generates_like_torch(tmp_path, tokenizer):
 
 
 def test_optimize_refuses_the_portable_form_and_half_precision(tmp_path, converted_folder, capsys):
-    base = ["export", str(converted_folder), "-o", str(tmp_path / "o"), "--optimize"]
+    base = ["export", str(converted_folder), "-o", str(tmp_path / "o"), "--optimize", "all"]
     assert "portable form is standard ONNX ops only" in one_line_error(base + ["--portable"], capsys)
     assert "float32 graphs only" in one_line_error(base + ["--dtype", "float16"], capsys)
     assert not (tmp_path / "o").exists()
+    with pytest.raises(HadaconvError, match="unknown optimization level 'O2'"):
+        export_onnx(converted("llama", 4), tmp_path / "o", optimize="O2")
+
+
+def test_norm_fusion_only_keeps_the_decomposed_attention(tmp_path, tokenizer):
+    """optimize="norms": every RMSNorm fused, attention left as the exporter wrote it."""
+    import onnx
+
+    model = converted("llama", 4)
+    result = export_onnx(model, tmp_path / "b", tokenizer=tokenizer, optimize="norms")
+    n_layers = model.config.num_hidden_layers
+    # One plain norm for the embeddings; every later one absorbs the residual Add before it.
+    assert result.meta["fusions"] == {"rms_normalization": 2 * n_layers + 1, "skip_rms_normalization": 2 * n_layers}
+    ops = [n.op_type for n in onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False).graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == 1 and ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers
+    assert "MultiHeadAttention" not in ops and "Softmax" in ops and "Reciprocal" not in ops
+    out, ref = greedy_onnx_and_torch(tmp_path / "b", model, tokenizer)
+    np.testing.assert_array_equal(out.tokens, ref)

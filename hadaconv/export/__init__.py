@@ -166,7 +166,7 @@ def export_onnx(
     atol: float | None = None,
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
-    optimize: bool = False,
+    optimize: str | None = None,
     source: str | None = None,
     verbose: bool = False,
     log: Callable[[str], None] | None = None,
@@ -193,22 +193,29 @@ def export_onnx(
             for standard ops (Mul, MatMul): a bfloat16 export can only be validated where a
             provider runs it, so on CPU it needs ``validate_outputs=False``.
         overwrite: replace an existing ``out_dir``.
-        optimize: fuse RMSNorm (with the residual add) and attention into ONNX Runtime's
-            contrib ops (:mod:`hadaconv.export.fusions`; float32 only, not with ``portable``): on
-            SmolLM2 on this project's CPU prefill about 1.12x faster, decode 2-8% slower
-            (``benchmarks/RESULTS.md``).  The fused
-            graph is what validation checks.
+        optimize: None, or "norms" / "all": fuse RMSNorm (with the residual add), and at "all"
+            attention too, into ONNX Runtime's contrib ops (:mod:`hadaconv.export.fusions`;
+            float32 only, not with ``portable``).  Measured on SmolLM2 on 2-core CPUs
+            (``benchmarks/RESULTS.md``): "all" makes prefill about 1.12x faster and decode 2-8%
+            slower; "norms" gained nothing measurable.  The fused graph is what validation checks.
         source: a description of where the model came from, for the metadata.
         verbose: show the exporter's own progress output.
         log: called with each human-readable line (the stage being entered, with the seconds so
             far, then the validation diffs); None prints nothing.
+
+    Raises:
+        HadaconvError: a bad ``dtype`` or ``optimize`` level, ``optimize`` with ``portable`` or
+            half precision, bfloat16 validation on the CPU, an existing ``out_dir`` without
+            ``overwrite``, a failed export, or outputs outside ``atol`` (nothing is written).
     """
     # onnxscript is imported here, not with the package: `import hadaconv` stays light.
-    from hadaconv.export.fusions import CONTRIB_DOMAIN, fuse_for_onnxruntime
+    from hadaconv.export.fusions import CONTRIB_DOMAIN, check_level, fuse_for_onnxruntime
     from hadaconv.export.translate import DOMAIN, OPSET, translation_table
 
     out = Path(out_dir)
     form = "portable" if portable else "custom"
+    if optimize is not None:
+        check_level(optimize)
     if optimize and portable:
         raise HadaconvError("optimize fuses into ONNX Runtime's contrib ops; the portable form is standard ONNX "
                             "ops only: drop one of the two")
@@ -248,8 +255,9 @@ def export_onnx(
                     output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes, verbose=verbose,
                 )
                 if optimize:
-                    stage("fusing RMSNorm and attention into ONNX Runtime's contrib ops")
-                    program.model, fusions = fuse_for_onnxruntime(program.model)
+                    stage(f"fusing for ONNX Runtime ({optimize}: RMSNorm{' and attention' if optimize == 'all' else ''} "
+                          "into contrib ops)")
+                    program.model, fusions = fuse_for_onnxruntime(program.model, optimize)
                 program.save(tmp / MODEL)  # weights go to external data by themselves beyond 2 GB
         except HadaconvError:
             raise
