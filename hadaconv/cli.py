@@ -305,8 +305,8 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 @click.option("--optimize", type=click.Choice(["norms", "all"]), default=None,
               help="Fuse into ONNX Runtime's contrib ops (float32, not with --portable; the bundle then needs ONNX "
                    "Runtime): 'norms' each RMSNorm (with the residual add), 'all' attention too. Measured on SmolLM2: "
-                   "'all' makes prefill about 1.12x faster and decode 2-8% slower: for long prompts, not generation; "
-                   "'norms' gained nothing measurable (benchmarks/RESULTS.md) [default: off].")
+                   "'all' makes prefill 1.03-1.12x faster and decode 2-8% slower (for long prompts, not generation), "
+                   "'norms' decode about 5% slower (benchmarks/RESULTS.md) [default: off].")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module (arbitrary unpickling can run code).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")

@@ -595,8 +595,22 @@ def test_norm_fusion_only_keeps_the_decomposed_attention(tmp_path, tokenizer):
     n_layers = model.config.num_hidden_layers
     # One plain norm for the embeddings; every later one absorbs the residual Add before it.
     assert result.meta["fusions"] == {"rms_normalization": 2 * n_layers + 1, "skip_rms_normalization": 2 * n_layers}
+    assert result.meta["custom_opsets"] == {"com.hadaconv": 1, "com.microsoft": 1}
     ops = [n.op_type for n in onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False).graph.node]
     assert ops.count("SimplifiedLayerNormalization") == 1 and ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers
     assert "MultiHeadAttention" not in ops and "Softmax" in ops and "Reciprocal" not in ops
     out, ref = greedy_onnx_and_torch(tmp_path / "b", model, tokenizer)
     np.testing.assert_array_equal(out.tokens, ref)
+
+
+def test_cli_optimized_export_reports_its_fusions_and_runs(tmp_path, converted_folder, capsys):
+    out = tmp_path / "fused"
+    main(["export", str(converted_folder), "-o", str(out), "--optimize", "norms"])
+    printed = capsys.readouterr().out
+    fused = next(line for line in printed.splitlines() if "fused:" in line)
+    assert "rms_normalization x" in fused and "skip_rms_normalization x" in fused, printed
+    meta = json.loads((out / METADATA).read_text())
+    assert meta["fusions"]["skip_rms_normalization"] > 0 and "com.microsoft" in meta["custom_opsets"]
+    main(["run", str(out), "--prompt", "hello there", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out.startswith("hello there")
+

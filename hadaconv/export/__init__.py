@@ -196,8 +196,9 @@ def export_onnx(
         optimize: None, or "norms" / "all": fuse RMSNorm (with the residual add), and at "all"
             attention too, into ONNX Runtime's contrib ops (:mod:`hadaconv.export.fusions`;
             float32 only, not with ``portable``).  Measured on SmolLM2 on 2-core CPUs
-            (``benchmarks/RESULTS.md``): "all" makes prefill about 1.12x faster and decode 2-8%
-            slower; "norms" gained nothing measurable.  The fused graph is what validation checks.
+            (``benchmarks/RESULTS.md``): "all" makes prefill 1.03-1.12x faster and decode 2-8%
+            slower; "norms" made decode about 5% slower and prefill no faster.  The fused graph
+            is what validation checks; ``meta["fusions"]`` counts what matched.
         source: a description of where the model came from, for the metadata.
         verbose: show the exporter's own progress output.
         log: called with each human-readable line (the stage being entered, with the seconds so
@@ -254,10 +255,14 @@ def export_onnx(
                     custom_translation_table=translation_table(form), input_names=spec.input_names,
                     output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes, verbose=verbose,
                 )
-                if optimize:
-                    stage(f"fusing for ONNX Runtime ({optimize}: RMSNorm{' and attention' if optimize == 'all' else ''} "
-                          "into contrib ops)")
+            if optimize:  # the stage lines outside _quiet, which swallows prints
+                stage(f"fusing for ONNX Runtime ({optimize}: RMSNorm{' and attention' if optimize == 'all' else ''} "
+                      "into contrib ops)")
+                with _quiet(verbose):
                     program.model, fusions = fuse_for_onnxruntime(program.model, optimize)
+                stage("fused: " + (", ".join(f"{name} x{n}" for name, n in fusions.items())
+                                   or "nothing matched, the graph is as exported"))
+            with _quiet(verbose):
                 program.save(tmp / MODEL)  # weights go to external data by themselves beyond 2 GB
         except HadaconvError:
             raise
