@@ -86,9 +86,9 @@ def build(work: Path, model: str, optimize: str | None = None) -> dict[str, Path
     variants = VARIANTS + (("unfused",) if optimize else ())
     bundles = {v: work / v for v in variants}
     meta = work / "meta.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("optimize") != optimize:
-        sys.exit(f"{work} holds bundles exported with --optimize {json.loads(meta.read_text()).get('optimize')}, "
-                 f"not {optimize}: pass another --work or remove it")
+    built = json.loads(meta.read_text()).get("optimize") if meta.is_file() else optimize
+    if built != optimize:
+        sys.exit(f"{work} holds bundles exported with --optimize {built}, not {optimize}: pass another --work or remove it")
     if all((b / "hadaconv_onnx.json").is_file() for b in bundles.values()) and meta.is_file():
         return bundles
     import copy
