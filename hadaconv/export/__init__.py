@@ -210,7 +210,7 @@ def export_onnx(
             ``overwrite``, a failed export, or outputs outside ``atol`` (nothing is written).
     """
     # onnxscript is imported here, not with the package: `import hadaconv` stays light.
-    from hadaconv.export.fusions import CONTRIB_DOMAIN, check_level, fuse_for_onnxruntime
+    from hadaconv.export.fusions import CONTRIB_DOMAIN, LEVELS, check_level, fuse_for_onnxruntime
     from hadaconv.export.translate import DOMAIN, OPSET, translation_table
 
     out = Path(out_dir)
@@ -256,8 +256,7 @@ def export_onnx(
                     output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes, verbose=verbose,
                 )
             if optimize:  # the stage lines outside _quiet, which swallows prints
-                stage(f"fusing for ONNX Runtime ({optimize}: RMSNorm{' and attention' if optimize == 'all' else ''} "
-                      "into contrib ops)")
+                stage(f"fusing for ONNX Runtime ({optimize}: {LEVELS[optimize]} into contrib ops)")
                 with _quiet(verbose):
                     program.model, fusions = fuse_for_onnxruntime(program.model, optimize)
                 stage("fused: " + (", ".join(f"{name} x{n}" for name, n in fusions.items())

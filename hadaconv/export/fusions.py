@@ -30,7 +30,8 @@ __all__ = ["CONTRIB_DOMAIN", "LEVELS", "check_level", "fuse_for_onnxruntime"]
 
 #: The domain the fused operators live in (ONNX Runtime's contrib ops).
 CONTRIB_DOMAIN = "com.microsoft"
-LEVELS = ("norms", "all")
+#: Each level and what it fuses (the export's progress line says it).
+LEVELS = {"norms": "RMSNorm (with the residual add)", "all": "RMSNorm and attention"}
 
 Rewrite = Callable[[Any], "tuple[Any, dict[str, int]]"]
 
