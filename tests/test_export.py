@@ -599,6 +599,9 @@ def test_norm_fusion_only_keeps_the_decomposed_attention(tmp_path, tokenizer):
     ops = [n.op_type for n in onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False).graph.node]
     assert ops.count("SimplifiedLayerNormalization") == 1 and ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers
     assert "MultiHeadAttention" not in ops and "Softmax" in ops and "Reciprocal" not in ops
+    graph = onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False).graph
+    used = {name for node in graph.node for name in node.input}
+    assert {init.name for init in graph.initializer} <= used, "the fused norms left unused initializers"
     out, ref = greedy_onnx_and_torch(tmp_path / "b", model, tokenizer)
     np.testing.assert_array_equal(out.tokens, ref)
 

@@ -224,7 +224,7 @@ def export_onnx(
     model = _as_dtype(model, dtype).eval()
     precision = model_dtype(model)
     if optimize and precision != torch.float32:
-        raise HadaconvError(f"optimize is measured and validated for float32 graphs only, not {precision}: "
+        raise HadaconvError(f"optimize is measured and validated for float32 graphs only, not {str(precision).removeprefix('torch.')}: "
                             "export float16 / bfloat16 without it")
     if precision == torch.bfloat16 and validate_outputs:
         raise HadaconvError(f"{BFLOAT16_ON_CPU}, so a bfloat16 export cannot be validated here: export with "

@@ -46,6 +46,7 @@ def _rewrite(level: str) -> Rewrite:
             from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
             return optimize_for_ort
+        from onnxscript.optimizer import remove_unused_nodes
         from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
         from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
     except ImportError as exc:
@@ -56,8 +57,12 @@ def _rewrite(level: str) -> Rewrite:
 
     def norms(model: Any) -> tuple[Any, dict[str, int]]:
         # Plain norms first: the skip fusion then absorbs the residual Add into each one it follows.
-        return model, {"rms_normalization": fuse_rms_normalization(model),
-                       "skip_rms_normalization": fuse_skip_rms_normalization(model)}
+        counts = {"rms_normalization": fuse_rms_normalization(model),
+                  "skip_rms_normalization": fuse_skip_rms_normalization(model)}
+        # The fused norms leave their exponent and epsilon constants behind, which ONNX Runtime
+        # would warn about on every session ("Removing initializer ... not used by any node").
+        remove_unused_nodes(model)
+        return model, counts
 
     return norms
 
