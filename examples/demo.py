@@ -107,8 +107,8 @@ def main() -> None:
     loaded = load_model(smollm2())
     teacher, tok = loaded.model, loaded.tokenizer
     domains = {name: text_windows(tok, text, 512, 4) for name, text in heldout_domains().items()}
-    _, sampled = cached_samples(teacher, tok, samples=args.samples, seq_len=256)
-    train_sources = [str(sampled)]  # the model's own text: calibration and distillation
+    _, chunks = cached_samples(teacher, tok, samples=args.samples, seq_len=256)
+    train_sources = [str(p) for p in chunks]  # the model's own text: calibration and distillation
     lap("load + sample")
 
     def quality(model) -> dict[str, float]:

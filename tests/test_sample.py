@@ -77,7 +77,7 @@ def test_sample_cache_is_reused_and_invalidated(tokenizer, tmp_path, monkeypatch
 
     model = make_tiny("llama")
     first, path = sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
-    assert path.is_file() and path.parent.parent == tmp_path
+    assert len(path) == 1 and path[0].is_file() and path[0].parent.parent == tmp_path
 
     def refuse(*args, **kwargs):
         raise AssertionError("sampled again although the cache holds the text")
@@ -91,7 +91,7 @@ def test_sample_cache_is_reused_and_invalidated(tokenizer, tmp_path, monkeypatch
         sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
     monkeypatch.undo()
     changed, other = sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
-    assert other != path and other.is_file()
+    assert other != path and other[0].is_file()
 
 
 def test_calibration_sources_mix_and_default(tokenizer, tmp_path):
@@ -127,6 +127,74 @@ def test_first_sampling_says_what_it_costs_and_where_it_is_cached(tokenizer, tmp
     model = make_tiny("llama")
     _, path = sample.cached_samples(model, tokenizer, samples=3, seq_len=8, cache=tmp_path)
     err = " ".join(capsys.readouterr().err.split())
-    assert "once for this model: 3 x 8 tokens, cached in" in err and str(path.parent) in err.replace(" ", ""), err
+    assert "once for this model: 3 x 8 tokens, cached in" in err and str(path[0].parent) in err.replace(" ", ""), err
     sample.cached_samples(model, tokenizer, samples=3, seq_len=8, cache=tmp_path)
     assert "sampling" not in capsys.readouterr().err
+
+
+def _counting_sampler(monkeypatch, sample):
+    """Record the sequence count of every sample_texts call (the real sampling still runs)."""
+    calls, real = [], sample.sample_texts
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["samples"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "sample_texts", counted)
+    return calls
+
+
+def test_larger_requests_reuse_the_cached_chunks(tokenizer, tmp_path, monkeypatch, capsys):
+    """distill's 256 after convert's 128, in small: chunk 0 is read, only the missing chunks are
+    sampled, each with its own seed (distinct text, and seed 1 does not repeat chunk 1 of seed 0)."""
+    import hadaconv.sample as sample
+
+    monkeypatch.setattr(sample, "CHUNK", 3)
+    calls = _counting_sampler(monkeypatch, sample)
+    model = make_tiny("llama")
+    small, (first,) = sample.cached_samples(model, tokenizer, samples=3, seq_len=8, cache=tmp_path)
+    # Chunk 0 keeps the key of the single file of earlier versions: old caches stay valid.
+    assert first.name == f"{sample.model_fingerprint(model)}-n3-l8-s0-t1.jsonl"
+    assert calls == [3]
+    capsys.readouterr()
+    texts, paths = sample.cached_samples(model, tokenizer, samples=7, seq_len=8, cache=tmp_path)
+    assert calls == [3, 3, 1] and len(texts) == 7 and texts[:3] == small
+    assert paths[0] == first and [p.name[-15:] for p in paths[1:]] == ["-s0-t1-c1.jsonl", "-s0-t1-c2.jsonl"]
+    assert "once for this model: 4 x 8 tokens (another 3 cached)" in " ".join(capsys.readouterr().err.split())
+    assert len(set(texts)) == 7
+    again, _ = sample.cached_samples(model, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path)
+    assert again == texts and calls == [3, 3, 1]
+    other, _ = sample.cached_samples(model, tokenizer, samples=6, seq_len=8, seed=1, progress=False, cache=tmp_path)
+    assert not set(other) & set(texts[:6])
+
+
+def test_a_small_request_is_one_chunk_as_before(tokenizer, tmp_path, monkeypatch):
+    """Up to CHUNK sequences: one file, one sample_texts call with the given seed, as before chunks."""
+    import hadaconv.sample as sample
+
+    monkeypatch.setattr(sample, "CHUNK", 3)
+    model = make_tiny("llama")
+    texts, (path,) = sample.cached_samples(model, tokenizer, samples=2, seq_len=8, seed=4, progress=False,
+                                           cache=tmp_path)
+    assert path.name == f"{sample.model_fingerprint(model)}-n2-l8-s4-t1.jsonl"
+    assert texts == sample_texts(model, tokenizer, samples=2, seq_len=8, seed=4, progress=False)
+    with pytest.raises(HadaconvError, match="at least one sequence"):
+        sample.cached_samples(model, tokenizer, samples=0, seq_len=8, progress=False, cache=tmp_path)
+
+
+def test_a_streamed_conversion_needs_every_chunk_cached(tokenizer, tmp_path, monkeypatch):
+    """With ``fingerprint`` (no weights to sample with) a missing later chunk is an error, not a sample."""
+    import hadaconv.sample as sample
+
+    monkeypatch.setattr(sample, "CHUNK", 3)
+    model = make_tiny("llama")
+    digest = sample.model_fingerprint(model)
+    sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
+    calls = _counting_sampler(monkeypatch, sample)
+    texts, _ = sample.cached_samples(None, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path,
+                                     fingerprint=lambda: digest)
+    assert len(texts) == 3
+    with pytest.raises(HadaconvError, match="4 of the 7 sequences .* not cached .*without --streamed"):
+        sample.cached_samples(None, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path,
+                              fingerprint=lambda: digest)
+    assert calls == []
