@@ -50,6 +50,7 @@ from hadaconv.calibrate import MomentCollector, text_windows  # noqa: E402
 from hadaconv.convert import (  # noqa: E402
     ConvertConfig, calibration_batches, convert, choose_layers, collect_statistics, find_target, fit_layer, fit_layers,
     layer_row, rank_layers)
+from hadaconv.distill.core import DEFAULT_SAMPLES  # noqa: E402
 from hadaconv.evaluate import perplexity  # noqa: E402
 from hadaconv.fit import damped_covariance, reduced_rank  # noqa: E402
 from hadaconv.io import load_model  # noqa: E402
@@ -115,7 +116,8 @@ def main() -> None:
                     help="with --distill-minutes: distill's per-layer hidden-state loss weight (its default 0)")
     ap.add_argument("--distill-minutes", type=float, default=0.0,
                     help="instead of the grid: convert all layers with the defaults, then distill this long with "
-                         "the defaults (on the same cached calibration text) and measure the recovery")
+                         "the defaults (on distill's default text: 256 sampled sequences, the first 128 those a "
+                         "default conversion calibrates on) and measure the recovery")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,9 @@ def main() -> None:
     tag = "" if args.model == "smollm2" else f"{args.model}-"
     ranked = "" if args.rank_block == 16 else f"-r{args.rank_block}"
     store = args.work / (f"quality-{tag}{args.samples}{ranked}.json" if not args.distill_minutes
-                         else f"recovery-{tag}{args.samples}-{args.distill_minutes:g}"
+                         # d256: distill on its default text; stores without it trained on the 128 calibration
+                         # windows and must not be reused
+                         else f"recovery-{tag}{args.samples}-d{DEFAULT_SAMPLES}-{args.distill_minutes:g}"
                          f"{f'-h{args.hidden_weight:g}' if args.hidden_weight else ''}-t{args.threads}.json")
     results = json.loads(store.read_text()) if store.is_file() else {"machine": machine(), "cells": {}}
     if args.write:
@@ -144,10 +148,10 @@ def main() -> None:
         results["teacher"] = evaluate(teacher, windows)
         save()
     print("teacher", results["teacher"], flush=True)
-    base = ConvertConfig(samples=args.samples, progress=False)
     if args.distill_minutes:
-        recovery(teacher, tok, windows, base, args, results, save)
+        recovery(teacher, tok, windows, args, results, save)
         return
+    base = ConvertConfig(samples=args.samples, progress=False)
     t = time.perf_counter()
     data = calibration_batches(teacher, tok, base)
     results["calibration"] = {"source": data.source, "tokens": data.tokens, "heldout_tokens": data.heldout_tokens,
@@ -231,14 +235,13 @@ def main() -> None:
     write(results, args)
 
 
-def recovery(teacher, tok, windows, base: ConvertConfig, args, results: dict, save) -> None:
+def recovery(teacher, tok, windows, args, results: dict, save) -> None:
     """All layers converted with the defaults (block 64, sequential, compensated, sampled text;
     the converted folder is kept under --work and reused), then the default distillation for
-    ``--distill-minutes`` on the same text, with ``--hidden-weight``."""
+    ``--distill-minutes`` on its default text (data=None), with ``--hidden-weight``."""
     from hadaconv.convert import convert_file
     from hadaconv.distill import DistillConfig, distill
     from hadaconv.io import load
-    from hadaconv.sample import cached_samples
 
     folder = args.work / f"converted-{args.model}-{args.samples}"
     if not folder.is_dir():
@@ -251,12 +254,12 @@ def recovery(teacher, tok, windows, base: ConvertConfig, args, results: dict, sa
         results["converted"] = evaluate(student, windows)
         save()
     print("converted", results["converted"], flush=True)
-    _, path = cached_samples(teacher, tok, samples=args.samples, seq_len=base.seq_len, progress=False)
-    dreport = distill(student, teacher, tok, DistillConfig(data=[str(path)], max_time=60 * args.distill_minutes,
+    dreport = distill(student, teacher, tok, DistillConfig(max_time=60 * args.distill_minutes,
                                                            hidden_weight=args.hidden_weight, progress=False))
     results["distill"] = {"steps": dreport.steps, "tokens": dreport.tokens, "seconds": dreport.seconds,
                           "curve": dreport.curve, "layers": sorted(load_layers(folder)),
-                          "hidden_weight": args.hidden_weight, "threads": args.threads}
+                          "hidden_weight": args.hidden_weight, "threads": args.threads,
+                          "data_samples": DEFAULT_SAMPLES}
     results["distilled"] = evaluate(student, windows)
     save()
     print("distilled", results["distilled"], dreport.steps, "steps", dreport.tokens, "tokens", flush=True)

@@ -437,8 +437,9 @@ def _duration(text: str | None) -> float | None:
 @click.option("--train", type=click.Choice(["attention", "all"]), default="all", show_default=True,
               help="attention: only the converted attention blocks (q, k, v, gamma, beta); all: every parameter.")
 @click.option("--data", multiple=True,
-              help="Training text, repeatable and mixed in order: 'sample' (text the original model writes, sampled once "
-                   "and cached), 'shakespeare', file(s), folder(s), JSONL with 'text'.  [default: sample]")
+              help="Training text, repeatable and mixed in order: 'sample' (256 sequences the original model writes, "
+                   "sampled once and cached; the first 128 are those convert calibrates on), 'shakespeare', file(s), "
+                   "folder(s), JSONL with 'text'.  [default: sample]")
 @click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out training windows]")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True)

@@ -46,9 +46,11 @@ __all__ = ["DistillConfig", "DistillReport", "converted_blocks", "distill"]
 
 Stage = Literal["local", "global"]
 
-#: Sequences sampled from the teacher when no --data is given: the same cached set a default
-#: conversion calibrates on (128 x seq_len tokens), so convert + distill sample once.
-DEFAULT_SAMPLES = 128
+#: Sequences sampled from the teacher when no --data is given.  Measured on SmolLM2 (all layers,
+#: benchmarks/RESULTS.md, "Twice the distinct text"): 10 minutes on 256 gave 5-8% better held-out
+#: perplexity than on the 128 a default conversion calibrates on, which get repeated and
+#: overfitted.  The first 128 are convert's cached chunk (sample.CHUNK), so only 128 more are sampled.
+DEFAULT_SAMPLES = 256
 
 
 @dataclass
@@ -58,9 +60,10 @@ class DistillConfig:
     Attributes:
         stages: "local" (block-wise reconstruction), "global" (end-to-end KD), in that order.
         train: "attention" (the converted attention blocks: q, k, v, gamma, beta) or "all".
-        data: training text: "sample" (the teacher's own text, sampled once and cached; the
-            default, None), "shakespeare", files, folders, JSONL (see
-            :func:`hadaconv.sample.calibration_texts`).
+        data: training text: "sample" (the teacher's own text, :data:`DEFAULT_SAMPLES` sequences
+            of ``seq_len`` tokens sampled once and cached, the first 128 those a default
+            conversion calibrates on; the default, None), "shakespeare", files, folders, JSONL
+            (see :func:`hadaconv.sample.calibration_texts`).
         samples, seq_len: training windows (token_windows; a tenth held out for evaluation).
         batch_size: windows per optimizer step, over all ranks (the global batch).
         accumulate: micro-batches per rank and step (gradient accumulation).
