@@ -115,6 +115,25 @@ def test_global_kd_lowers_the_divergence(tokenizer):
     assert not student.training and all(p.requires_grad for p in student.parameters())
 
 
+def test_time_budget_leaves_out_preparing_the_text(tokenizer, monkeypatch):
+    """Sampling the text (minutes the first time: distill samples 128 more than convert cached)
+    must not use up --max-time: a 1.5 s text preparation under a 1 s budget still trains."""
+    import time
+
+    from hadaconv.distill import core
+
+    real = core.calibration_texts
+
+    def slow(*args, **kwargs):
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "calibration_texts", slow)
+    student, teacher = _pair("llama", tokenizer)
+    report = distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_time=1.0, **RUN))
+    assert report.steps > 0
+
+
 def test_local_stage_reduces_every_block_error(tokenizer):
     student, teacher = _pair("llama", tokenizer)
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if "self_attn" not in n}

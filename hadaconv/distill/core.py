@@ -72,7 +72,8 @@ class DistillConfig:
         temperature: softmax temperature of the KL loss (causal LMs).
         hidden_weight: weight of the per-layer hidden-state MSE (0 = off).
         max_steps, max_tokens, max_time: budget of the global stage (any that is set stops it;
-            max_time in seconds, counting the local stage too); none set = one pass over the data.
+            max_time in seconds, counting the local stage too but not preparing the text, which
+            may sample it); none set = one pass over the data.
         local_steps, local_lr, local_windows: the local stage: steps per block, its learning
             rate, and how many windows are recorded for it.
         eval_text: held-out text file; None = the held-out tenth of the training windows.
@@ -344,7 +345,6 @@ def distill(
 
 def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kind: str, blocks: list[str],
          d: Dist, callback) -> DistillReport:
-    start = time.perf_counter()
     micro_total = d.world * cfg.accumulate
     if cfg.batch_size % micro_total:
         raise HadaconvError(f"batch_size {cfg.batch_size} must be divisible by processes x accumulate = {micro_total}")
@@ -369,6 +369,9 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
                          "--samples 10 or more (and the text for them), or --eval-text")
     if len(train) < cfg.batch_size:
         raise HadaconvError(f"only {len(train)} training windows for a batch of {cfg.batch_size}: give more text")
+    # The clock of max_time starts here: the text is sampled once per model (the 128 sequences
+    # convert has not cached take minutes on a CPU), which must not eat the training budget.
+    start = time.perf_counter()
 
     teacher.eval().to(d.device)
     for p in teacher.parameters():
