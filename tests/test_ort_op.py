@@ -156,18 +156,18 @@ def test_every_instruction_set(n, isa, monkeypatch, capfd):
 @pytest.mark.parametrize("gamma", ["none", "vector", "b4", "b16", "b32", "b64", "b3"])
 @pytest.mark.parametrize("beta", [False, True], ids=["nobeta", "beta"])
 def test_affine_variants(n, gamma, beta):
-    """Block gammas run 4 rows at a time with a tile width per row count: 9 rows = 4 + 4 + 1,
-    then 1 to 4 rows (b64 is the convert default for n = 576; at 576 and 2560 such calls spread
+    """Block gammas run 8 rows at a time with a tile width per row count: 17 rows = 8 + 8 + 1,
+    then 1 to 8 rows (b64 is the convert default for n = 576; at 576 and 2560 such calls spread
     their blocks over the threads)."""
     if gamma == "b3" and n % 3:
         pytest.skip("b must divide n")
     b_ = {"none": None, "vector": None, "b4": 4, "b16": 16, "b32": 32, "b64": 64, "b3": 3}[gamma]
     gshape = (n,) if gamma == "vector" else None if b_ is None else (n // b_, b_, b_)
     rng = np.random.default_rng(7)
-    x, g, b = inputs(rng, (9, n), n, np.float32, gshape, beta)
+    x, g, b = inputs(rng, (17, n), n, np.float32, gshape, beta)
     sess, y = run(make_model(n, gamma=gshape, beta=beta, x_shape=("R", None)), feeds_of(x, g, b))
     assert_close(y, reference(x, g, b))
-    for rows in (1, 2, 3, 4):
+    for rows in range(1, 9):
         y = sess.run(None, feeds_of(x[:rows], g, b))[0]
         assert_close(y, reference(x[:rows], g, b))
 
@@ -345,7 +345,7 @@ def test_constant_parameters_every_isa(n, dtype, isa, monkeypatch):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_rows_split_blocks_over_threads(isa, threads, monkeypatch):
-    """Calls of 1 to 4 rows whose block gamma is several times 64 KB transform their rows once
+    """Calls of 1 to 8 rows whose block gamma is several times 64 KB transform their rows once
     and spread the blocks over the intra-op threads (576 / 64: 2 tasks; 4096 / 64: 16; 4096 / 32
     with 16 blocks a task); each result against the float64 reference, every dtype."""
     monkeypatch.setenv("HADACONV_CPU_ISA", isa)
@@ -357,7 +357,7 @@ def test_decode_rows_split_blocks_over_threads(isa, threads, monkeypatch):
             np_dtype = np.float16 if dtype == "f16" else np.float32
             sess = runtime.session(const_model(n, np_dtype, g, b, transpose=n == 576, cast_bf16=dtype == "bf16"),
                                    providers=["CPUExecutionProvider"], intra_op_num_threads=threads)
-            for rows in (1, 2, 3, 4):
+            for rows in (1, 2, 3, 4, 7, 8):
                 x = rng.standard_normal((rows, n)).astype(np_dtype)
                 y = sess.run(None, {"X": x})[0]
                 if dtype == "bf16":

@@ -17,13 +17,20 @@
 //            core columns the 16 signed sums +-z0 +-z1 +-z2 +-z3 are formed once (22 adds),
 //            and every output segment then adds one of them per group, so an output costs
 //            m/4 adds instead of m multiply-adds (the "mailman" trick for +-1 matrices); the
-//            diagonal affine is fused into the write-out;
+//            diagonal affine is fused into the write-out.  Where a segment is a single vector
+//            (576 = 36 x 16 with AVX-512) two rows go through the core together, sharing each
+//            look-up offset, gamma and beta;
 //   blocks   block-diagonal gammas take one more pass (b x b products, kBlockRows rows at once).
 #pragma once
 
 #include <cstdint>
 
 #include "cpu_kernel_api.h"
+
+// The row kernel's building blocks are forced inline: left to the compiler, which of them it
+// inlines or clones changes with unrelated code in the same file, and with it the speed of a
+// width by 10-20% (measured on n = 576 and 768 with GCC 14).
+#define HADACONV_HOT __attribute__((always_inline)) inline
 
 namespace hadaconv {
 namespace cpu {
@@ -42,7 +49,7 @@ inline void prefetch(const void* p, int64_t bytes) {
 }
 
 template <class V, int P>
-inline void butterflies(typename V::reg* v) {
+HADACONV_HOT void butterflies(typename V::reg* v) {
   for (int h = 1; h < P; h <<= 1)
     for (int t = 0; t < P; ++t)
       if (!(t & h)) {
@@ -65,7 +72,7 @@ struct Sink {
 // Sylvester stages commute, so that is simply all blocks of 2^R * stride elements.  With
 // kAffine the group is the last one and writes to the sink instead.
 template <class V, int R, bool kAffine, class T>
-inline void radix_pass(float* s, int64_t n, int64_t stride, Sink<T> out) {
+HADACONV_HOT void radix_pass(float* s, int64_t n, int64_t stride, Sink<T> out) {
   constexpr int P = 1 << R;
   const int64_t span = stride << R;
   for (int64_t base = 0; base < n; base += span) {
@@ -89,7 +96,7 @@ inline void radix_pass(float* s, int64_t n, int64_t stride, Sink<T> out) {
 // read in contiguous runs of 2^R vectors, the way the hardware prefetcher likes it; `next`
 // (or null) is the next row's input at the same place, fetched at the same pace.
 template <class V, int R, bool kAffine, class T>
-inline void first_pass(const T* x, float* s, int64_t n, const T* next, Sink<T> out) {
+HADACONV_HOT void first_pass(const T* x, float* s, int64_t n, const T* next, Sink<T> out) {
   constexpr int P = 1 << R;
   for (int64_t base = 0; base < n; base += P * V::W) {
     if (next) prefetch(next + base, P * V::W * static_cast<int64_t>(sizeof(T)));
@@ -166,15 +173,28 @@ inline void sylvester(const T* x, float* s, int64_t len, int64_t L, const T* nex
       V::store(out.y + k, V::fmadd(V::load(s + k), V::load(out.g + k), V::load(out.beta + k)));
 }
 
-// The 16 signed sums of core columns 4g .. 4g+3 for NV vectors of columns at `col`: slot s
-// (bit 3 - i set where z_i enters with -1) at tbl + (g * 16 + s) * NV * W.
-template <class V, int NV>
-inline void sign_table(const float* z, int64_t L, int64_t col, int g, float* tbl) {  // L: the segment stride
+// What the core pass works on: NV vectors per column chunk, either side by side in one row
+// (kRows false: vector v is W floats after vector v - 1, in and out, and takes gamma and beta
+// from there too) or the same columns of NV rows (kRows true: vector v is v * zstep floats
+// further in the scratch, v * ystep elements further in the output, and shares gamma and beta
+// with vector 0).
+template <class T>
+struct CoreIo {
+  const float* z;  // segment a' of the transformed row at z + a' * Ls
+  T* y;            // the output row (the affine fused), or null
+  float* out;      // z' without the affine (block gammas follow), or null
+  int64_t zstep, ystep;  // kRows only
+};
+
+// The 16 signed sums of core columns 4g .. 4g+3 for the NV vectors at `col`: slot s (bit 3 - i
+// set where z_i enters with -1) at tbl + (g * 16 + s) * kMaxChunk + v * W.
+template <class V, int NV, bool kRows, class T>
+HADACONV_HOT void sign_table(const CoreIo<T> io, int64_t Ls, int64_t col, int g, float* tbl) {
   using reg = typename V::reg;
-  float* t = tbl + g * 16 * NV * V::W;
+  float* t = tbl + g * 16 * kMaxChunk;
   for (int v = 0; v < NV; ++v) {
-    const float* zc = z + 4 * g * L + col + v * V::W;
-    const reg z0 = V::load(zc), z1 = V::load(zc + L), z2 = V::load(zc + 2 * L), z3 = V::load(zc + 3 * L);
+    const float* zc = io.z + v * (kRows ? io.zstep : V::W) + 4 * g * Ls + col;
+    const reg z0 = V::load(zc), z1 = V::load(zc + Ls), z2 = V::load(zc + 2 * Ls), z3 = V::load(zc + 3 * Ls);
     const reg a0 = V::add(z0, z1), a1 = V::sub(z0, z1);
     const reg b[4] = {V::add(a0, z2), V::sub(a0, z2), V::add(a1, z2), V::sub(a1, z2)};
     reg q[8];
@@ -184,48 +204,50 @@ inline void sign_table(const float* z, int64_t L, int64_t col, int g, float* tbl
     }
     // -z0 with signs k' on z1..z3 is minus the pattern with every sign flipped: 7 - k'.
     for (int k = 0; k < 8; ++k) {
-      V::store(t + k * NV * V::W + v * V::W, q[k]);
-      V::store(t + (8 + k) * NV * V::W + v * V::W, V::sub(V::zero(), q[7 - k]));
+      V::store(t + k * kMaxChunk + v * V::W, q[k]);
+      V::store(t + (8 + k) * kMaxChunk + v * V::W, V::sub(V::zero(), q[7 - k]));
     }
   }
 }
 
 // The core product z'[a*L + b] = sum_a' C[a][a'] z[a'*L + b] as table look-ups (see the file
-// comment), NV vectors of columns at a time, then y = g * z' + beta (kAffine) or z' -> out.
-template <class V, int NV, bool kAffine, class T>
-inline void core_pass(const Plan& p, const float* z, int64_t Ls, T* y, float* out, float* tbl) {
+// comment), then y = g * z' + beta (kAffine) or z' -> out.  p.slots are float offsets into the
+// tables, so a look-up is one load of the offset and one add.
+template <class V, int NV, bool kAffine, bool kRows, class T>
+inline void core_pass(const Plan& p, const CoreIo<T> io, int64_t Ls, float* tbl) {
   using reg = typename V::reg;
   const int64_t L = p.L;
   const int m = static_cast<int>(p.m), G = m / 4;
-  for (int64_t col = 0; col < L; col += NV * V::W) {
-    for (int g = 0; g < G; ++g) sign_table<V, NV>(z, Ls, col, g, tbl);
+  for (int64_t col = 0; col < L; col += (kRows ? 1 : NV) * V::W) {
+    for (int g = 0; g < G; ++g) sign_table<V, NV, kRows>(io, Ls, col, g, tbl);
     for (int a = 0; a < m; ++a) {
       const uint16_t* sl = p.slots + a * G;
       reg acc[NV], acc2[NV];  // two chains: the adds' latency, not their count, would bound it
       for (int v = 0; v < NV; ++v) {
-        acc[v] = V::load(tbl + sl[0] * NV * V::W + v * V::W);
+        acc[v] = V::load(tbl + sl[0] + v * V::W);
         acc2[v] = V::zero();
       }
       int g = 1;
       for (; g + 1 < G; g += 2) {
-        const float* t0 = tbl + sl[g] * NV * V::W;
-        const float* t1 = tbl + sl[g + 1] * NV * V::W;
+        const float *t0 = tbl + sl[g], *t1 = tbl + sl[g + 1];
         for (int v = 0; v < NV; ++v) {
           acc[v] = V::add(acc[v], V::load(t0 + v * V::W));
           acc2[v] = V::add(acc2[v], V::load(t1 + v * V::W));
         }
       }
       if (g < G) {
-        const float* t0 = tbl + sl[g] * NV * V::W;
+        const float* t0 = tbl + sl[g];
         for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::load(t0 + v * V::W));
       }
       for (int v = 0; v < NV; ++v) {
-        const int64_t i = a * L + col + v * V::W;
+        const int64_t i = a * L + col;
         const reg r = V::add(acc[v], acc2[v]);
-        if (kAffine)
-          V::store(y + i, V::fmadd(r, V::load(p.gvec + i), V::load(p.beta + i)));
-        else
-          V::store(out + i, r);
+        if (kAffine) {
+          const int64_t k = i + (kRows ? 0 : v * V::W);
+          V::store(io.y + v * (kRows ? io.ystep : V::W) + i, V::fmadd(r, V::load(p.gvec + k), V::load(p.beta + k)));
+        } else {
+          V::store(io.out + v * (kRows ? io.ystep : V::W) + i, r);
+        }
       }
     }
   }
@@ -237,7 +259,7 @@ inline void core_pass(const Plan& p, const float* z, int64_t Ls, T* y, float* ou
 // kRows rows (gamma is b times the size of a row: streaming it once per row would cost more
 // than the row itself).
 template <class V, int kRows, int TP, class T>
-inline void block_tile_rows(const Plan& p, const float* z, T* const* y, int64_t j, int64_t p0) {
+HADACONV_HOT void block_tile_rows(const Plan& p, const float* z, T* const* y, int64_t j, int64_t p0) {
   const int64_t B = p.B, n = p.n;
   const float* g = p.blocks + j * B * B + p0;
   typename V::reg acc[kRows][TP];
@@ -257,12 +279,15 @@ inline void block_tile_rows(const Plan& p, const float* z, T* const* y, int64_t 
     for (int t = 0; t < TP; ++t) V::store(y[r] + j * B + p0 + t * V::W, acc[r][t]);
 }
 
-// Tiles of up to 8 / kRows vectors (then 4, 2, 1 for what is left of the block), so that a
-// decode-sized call of 1 or 2 rows has 8 independent accumulators where the block allows: with
-// 2 the fmadd chain's latency (4 cycles), not the FMA units, would bound it.
+// Tiles of kTile vectors (then 4, 2, 1 for what is left of the block): about 16 accumulators
+// over the kRows rows with AVX-512's 32 registers, 8 with AVX2's 16, and at most 8 vectors, so
+// that a decode-sized call of 1 or 2 rows still has 8 independent sums (with 2 the fmadd
+// chain's latency, 4 cycles, not the FMA units, would bound it) and 8 rows have 16 in flight.
 template <class V, int kRows, class T>
 inline void block_pass_rows(const Plan& p, const float* z, T* const* y, int64_t j0, int64_t j1) {
-  constexpr int kTile = kRows >= 4 ? 2 : 8 / kRows;
+  constexpr int kAcc = V::W == 16 ? 16 : 8;
+  constexpr int kWant = kAcc / kRows >= 8 ? 8 : kAcc / kRows;
+  constexpr int kTile = kWant >= 4 ? kWant - kWant % 4 : (kWant >= 2 ? 2 : 1);
   const int64_t B = p.B;
   for (int64_t j = j0; j < j1; ++j) {
     int64_t p0 = 0;
@@ -286,6 +311,12 @@ constexpr int core_chunk() {
   return V::W == 1 ? 8 : 2;
 }
 
+template <class V, int NV, class T>
+inline void core_row(const Plan& p, const CoreIo<T> io, int64_t Ls, float* tbl) {
+  if (!p.blocks) core_pass<V, NV, true, false>(p, io, Ls, tbl);
+  else core_pass<V, NV, false, false>(p, io, Ls, tbl);
+}
+
 // One row x -> y (or, with blocks, -> z' in `zrow` for block_pass_rows); `s` is the row
 // scratch (segments at a stride of segment_stride(L)), `tbl` the core's tables, `next` the next
 // row's input or null.
@@ -306,14 +337,24 @@ inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* zrow
     for (int64_t a = 0; a < p.m; ++a)
       sylvester<V>(x + a * L, s + a * Ls, L, L, next ? next + a * L : nullptr, false, out);
   }
+  const CoreIo<T> io{s, y, zrow, 0, 0};
   constexpr int NV = core_chunk<V>();
-  if (L >= NV * V::W) {
-    if (!p.blocks) core_pass<V, NV, true>(p, s, Ls, y, nullptr, tbl);
-    else core_pass<V, NV, false>(p, s, Ls, y, zrow, tbl);
-  } else {
-    if (!p.blocks) core_pass<V, 1, true>(p, s, Ls, y, nullptr, tbl);
-    else core_pass<V, 1, false>(p, s, Ls, y, zrow, tbl);
-  }
+  if (L >= NV * V::W) core_row<V, NV>(p, io, Ls, tbl);
+  else core_row<V, 1>(p, io, Ls, tbl);
+}
+
+// Two rows at once whose segments are one vector each (n = 576 = 36 x 16 with AVX-512), where a
+// row alone would give the core pass a single vector per look-up: together they read each
+// look-up offset, gamma and beta once for both.  s2 is a second row scratch; such short
+// segments are packed (segment_stride(L) = L).
+template <class V, class T>
+inline void transform_pair(const Plan& p, const T* x, T* y, float* s, float* s2, float* tbl, const T* next) {
+  const int64_t n = p.n, L = p.L;
+  const Sink<T> none{nullptr, nullptr, nullptr};
+  sylvester<V>(x, s, n, L, x + n, false, none);
+  sylvester<V>(x + n, s2, n, L, next, false, none);
+  const CoreIo<T> io{s, y, nullptr, s2 - s, n};
+  core_pass<V, 2, true, true>(p, io, L, tbl);
 }
 
 // Blocks [j0, j1) of the block pass for rows [r0, r1) (at most kBlockRows), z' of row r0 + i
@@ -324,6 +365,10 @@ inline void blocks_typed(const Plan& p, const float* z, T* y, int64_t r0, int64_
   const int rows = static_cast<int>(r1 - r0);
   for (int i = 0; i < rows; ++i) ys[i] = y + (r0 + i) * p.n;
   switch (rows) {
+    case 8: block_pass_rows<V, 8>(p, z, ys, j0, j1); break;
+    case 7: block_pass_rows<V, 7>(p, z, ys, j0, j1); break;
+    case 6: block_pass_rows<V, 6>(p, z, ys, j0, j1); break;
+    case 5: block_pass_rows<V, 5>(p, z, ys, j0, j1); break;
     case 4: block_pass_rows<V, 4>(p, z, ys, j0, j1); break;
     case 3: block_pass_rows<V, 3>(p, z, ys, j0, j1); break;
     case 2: block_pass_rows<V, 2>(p, z, ys, j0, j1); break;
@@ -360,7 +405,10 @@ inline void rows_typed(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, 
     return;
   }
   auto next = [&](int64_t r) { return r + 1 < r1 ? x + (r + 1) * n : nullptr; };
-  for (int64_t r = r0; r < r1; ++r) transform_row<V>(p, x + r * n, y + r * n, s, nullptr, tbl, next(r));
+  int64_t r = r0;
+  if (p.m > 1 && p.L == V::W && core_chunk<V>() == 2)  // the second row's scratch: z, unused here
+    for (; r + 1 < r1; r += 2) transform_pair<V>(p, x + r * n, y + r * n, s, z, tbl, next(r + 1));
+  for (; r < r1; ++r) transform_row<V>(p, x + r * n, y + r * n, s, nullptr, tbl, next(r));
 }
 
 template <class V>
@@ -389,7 +437,7 @@ void run_blocks(const Plan& p, DType dtype, const float* z, void* y, int64_t r0,
 
 template <class V>
 void run_rows(const Plan& p, DType dtype, const void* x, void* y, int64_t r0, int64_t r1, float* scratch) {
-  static_assert(kBlockRows == 4, "rows_typed dispatches 1 .. 4 rows");
+  static_assert(kBlockRows == 8, "blocks_typed dispatches 1 .. 8 rows");
   static_assert(core_chunk<V>() * V::W <= kMaxChunk, "the core tables must fit the scratch");
   switch (dtype) {
     case DType::kFloat32:

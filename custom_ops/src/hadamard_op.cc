@@ -171,6 +171,7 @@ struct AttrSource {
 constexpr int64_t kMaxCore = 128;
 #ifdef HADACONV_WITH_CUDA
 static_assert(kMaxCore == cuda::kMaxCore, "the CPU and CUDA kernels must accept the same cores");
+static_assert((kMaxCore / 4) * 16 * cpu::kMaxChunk <= 65536, "cpu::Plan::slots must fit in uint16");
 #endif
 // Widths above 2^26 would overflow the kernels' 32-bit index arithmetic on the device side and
 // are far beyond any model width.
@@ -670,7 +671,7 @@ void prepare_cpu(Kernel& k, const OrtKernelInfo* info) {
       for (int64_t g = 0; g < G; ++g) {
         int s = 0;
         for (int t = 0; t < 4; ++t) s |= (core_at(a, i, 4 * g + t) < 0) << (3 - t);
-        k.slots[i * G + g] = static_cast<uint16_t>(g * 16 + s);
+        k.slots[i * G + g] = static_cast<uint16_t>((g * 16 + s) * cpu::kMaxChunk);
       }
   }
   k.scratch = std::make_unique<ScratchPool>(static_cast<size_t>(cpu::scratch_floats(a.n, a.m)));
