@@ -112,6 +112,9 @@ def main() -> None:
                     help="block size of the fits that rank the layers (convert ranks with its own block, "
                          "64 by default; 16 is what the earlier tables used)")
     ap.add_argument("--write", action="store_true", help="only write the table of the finished cells")
+    ap.add_argument("--distill-sampled", type=int, default=DEFAULT_SAMPLES,
+                    help="with --distill-minutes: distill's --sampled, the sequences sampled from the teacher "
+                         f"(its default {DEFAULT_SAMPLES})")
     ap.add_argument("--hidden-weight", type=float, default=0.0,
                     help="with --distill-minutes: distill's per-layer hidden-state loss weight (its default 0)")
     ap.add_argument("--distill-minutes", type=float, default=0.0,
@@ -129,7 +132,7 @@ def main() -> None:
     store = args.work / (f"quality-{tag}{args.samples}{ranked}.json" if not args.distill_minutes
                          # d256: distill on its default text; stores without it trained on the 128 calibration
                          # windows and must not be reused
-                         else f"recovery-{tag}{args.samples}-d{DEFAULT_SAMPLES}-{args.distill_minutes:g}"
+                         else f"recovery-{tag}{args.samples}-d{args.distill_sampled}-{args.distill_minutes:g}"
                          f"{f'-h{args.hidden_weight:g}' if args.hidden_weight else ''}-t{args.threads}.json")
     results = json.loads(store.read_text()) if store.is_file() else {"machine": machine(), "cells": {}}
     if args.write:
@@ -255,11 +258,12 @@ def recovery(teacher, tok, windows, args, results: dict, save) -> None:
         save()
     print("converted", results["converted"], flush=True)
     dreport = distill(student, teacher, tok, DistillConfig(max_time=60 * args.distill_minutes,
+                                                           sampled=args.distill_sampled,
                                                            hidden_weight=args.hidden_weight, progress=False))
     results["distill"] = {"steps": dreport.steps, "tokens": dreport.tokens, "seconds": dreport.seconds,
                           "curve": dreport.curve, "layers": sorted(load_layers(folder)),
                           "hidden_weight": args.hidden_weight, "threads": args.threads,
-                          "data_samples": DEFAULT_SAMPLES}
+                          "data_samples": args.distill_sampled}
     results["distilled"] = evaluate(student, windows)
     save()
     print("distilled", results["distilled"], dreport.steps, "steps", dreport.tokens, "tokens", flush=True)

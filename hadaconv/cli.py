@@ -437,9 +437,12 @@ def _duration(text: str | None) -> float | None:
 @click.option("--train", type=click.Choice(["attention", "all"]), default="all", show_default=True,
               help="attention: only the converted attention blocks (q, k, v, gamma, beta); all: every parameter.")
 @click.option("--data", multiple=True,
-              help="Training text, repeatable and mixed in order: 'sample' (256 sequences the original model writes, "
-                   "sampled once and cached; the first 128 are those convert calibrates on), 'shakespeare', file(s), "
-                   "folder(s), JSONL with 'text'.  [default: sample]")
+              help="Training text, repeatable and mixed in order: 'sample' (--sampled sequences the original model "
+                   "writes, sampled once and cached; the first 128 are those convert calibrates on), 'shakespeare', "
+                   "file(s), folder(s), JSONL with 'text'.  [default: sample]")
+@click.option("--sampled", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Sequences the original model writes for --data sample (sampled once per model and cached; more "
+                   "is more distinct text, fewer repeats, at a one-off sampling cost).")
 @click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out training windows]")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True)
@@ -467,10 +470,10 @@ def _duration(text: str | None) -> float | None:
               show_default=True, help="Dtype the models are loaded and trained in (auto: the checkpoints' own).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def distill_cmd(converted, output, teacher, local_stage, global_stage, train, data, eval_text, eval_every, eval_windows,
-                samples, seq_len, batch_size, accumulate, lr, warmup_steps, clip, temperature, hidden_weight,
-                local_steps, local_lr, max_steps, max_tokens, max_time, checkpoint_dir, checkpoint_every, resume,
-                gradient_checkpointing, fsdp, device, dtype, seed, overwrite) -> None:
+def distill_cmd(converted, output, teacher, local_stage, global_stage, train, data, sampled, eval_text, eval_every,
+                eval_windows, samples, seq_len, batch_size, accumulate, lr, warmup_steps, clip, temperature,
+                hidden_weight, local_steps, local_lr, max_steps, max_tokens, max_time, checkpoint_dir,
+                checkpoint_every, resume, gradient_checkpointing, fsdp, device, dtype, seed, overwrite) -> None:
     """Win back quality: distill the original model into the CONVERTED folder, save to OUTPUT.
 
     Local stage: each converted attention block learns the teacher block's output from the
@@ -490,8 +493,9 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
         raise HadaconvError(f"eval text not found: {eval_text}")
     stages = [s for s, on in (("local", local_stage), ("global", global_stage)) if on] or ["global"]
     folder = Path(checkpoint_dir) if checkpoint_dir else Path(f"{Path(output)}.ckpt")
-    cfg = DistillConfig(stages=stages, train=train, data=list(data) or None, samples=samples, seq_len=seq_len,
-                        batch_size=batch_size, accumulate=accumulate, lr=lr, warmup_steps=warmup_steps, clip=clip,
+    cfg = DistillConfig(stages=stages, train=train, data=list(data) or None, sampled=sampled, samples=samples,
+                        seq_len=seq_len, batch_size=batch_size, accumulate=accumulate, lr=lr,
+                        warmup_steps=warmup_steps, clip=clip,
                         temperature=temperature, hidden_weight=hidden_weight, max_steps=max_steps,
                         max_tokens=max_tokens, max_time=_duration(max_time), local_steps=local_steps,
                         local_lr=local_lr, eval_text=eval_text, eval_every=eval_every, eval_windows=eval_windows,

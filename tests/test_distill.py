@@ -17,6 +17,7 @@ import hadaconv
 from hadaconv.convert import patch
 from hadaconv.distill import DistillConfig, distill
 from hadaconv.distill.losses import forward, kl_loss
+from hadaconv.errors import HadaconvError
 from hadaconv.io import hadaconv_meta, save_converted
 from cli_runner import run_cli as _cli
 from tiny_models import make_tiny, tokenizer_folder
@@ -134,6 +135,26 @@ def test_time_budget_leaves_out_preparing_the_text(tokenizer, monkeypatch):
     assert report.steps > 0
 
 
+def test_sampled_sets_how_much_text_the_teacher_writes(tokenizer, monkeypatch):
+    """DistillConfig.sampled (--sampled) is the number of sequences asked of the sample cache;
+    fewer than one is refused before any work."""
+    from hadaconv.distill import core
+
+    real, asked = core.calibration_texts, []
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["samples"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "calibration_texts", spy)
+    student, teacher = _pair("llama", tokenizer)
+    distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, sampled=384, **RUN))
+    assert asked == [384]
+    with pytest.raises(HadaconvError, match="sampled must be at least 1, got 0"):
+        distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, sampled=0, **RUN))
+    assert asked == [384]
+
+
 def test_local_stage_reduces_every_block_error(tokenizer):
     student, teacher = _pair("llama", tokenizer)
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if "self_attn" not in n}
@@ -242,7 +263,7 @@ def test_cli_end_to_end_and_two_ddp_ranks_equal_one_process(converted, capsys):
     assert json.loads((two / "config.json").read_text())["hadaconv"]["distill"]["world_size"] == 2
 
 
-@pytest.mark.parametrize("case", ["teacher", "unconverted", "max-time", "eval-text", "batch", "exists"])
+@pytest.mark.parametrize("case", ["teacher", "unconverted", "max-time", "eval-text", "batch", "sampled", "exists"])
 def test_cli_bad_input_is_one_line(case, converted, tmp_path, capsys):
     conv, args = converted / "conv", []
     if case == "teacher":
@@ -255,6 +276,8 @@ def test_cli_bad_input_is_one_line(case, converted, tmp_path, capsys):
         args = ["--eval-text", tmp_path / "missing.txt"]
     elif case == "batch":
         args = ["--batch-size", "4", "--accumulate", "3"]
+    elif case == "sampled":
+        args = ["--sampled", "0"]
     elif case == "exists":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "x").write_text("x")

@@ -46,7 +46,7 @@ __all__ = ["DistillConfig", "DistillReport", "converted_blocks", "distill"]
 
 Stage = Literal["local", "global"]
 
-#: Sequences sampled from the teacher when no --data is given.  Measured on SmolLM2 (all layers,
+#: Sequences sampled from the teacher when no --data is given (:attr:`DistillConfig.sampled`).  Measured on SmolLM2 (all layers,
 #: benchmarks/RESULTS.md, "Twice the distinct text"): 10 minutes on 256 gave 5-8% better held-out
 #: perplexity than on the 128 a default conversion calibrates on, which get repeated and
 #: overfitted.  The first 128 are convert's cached chunk (sample.CHUNK), so only 128 more are sampled.
@@ -64,6 +64,9 @@ class DistillConfig:
             of ``seq_len`` tokens sampled once and cached, the first 128 those a default
             conversion calibrates on; the default, None), "shakespeare", files, folders, JSONL
             (see :func:`hadaconv.sample.calibration_texts`).
+        sampled: sequences the teacher writes for the data source "sample" (the first 128 shared
+            with a default conversion's cache, the rest sampled once and cached; more is more
+            distinct text, at a one-off sampling cost).
         samples, seq_len: training windows (token_windows; a tenth held out for evaluation).
         batch_size: windows per optimizer step, over all ranks (the global batch).
         accumulate: micro-batches per rank and step (gradient accumulation).
@@ -94,6 +97,7 @@ class DistillConfig:
     stages: Sequence[Stage] = ("global",)
     train: Literal["attention", "all"] = "all"
     data: list[str] | None = None
+    sampled: int = DEFAULT_SAMPLES
     samples: int = 4096
     seq_len: int = 256
     batch_size: int = 4
@@ -128,7 +132,7 @@ class DistillConfig:
     def fingerprint(self) -> dict:
         """The settings a checkpoint must share with the run that resumes it (budgets, eval and
         checkpoint cadence may change)."""
-        keys = ("stages", "train", "data", "samples", "seq_len", "batch_size", "lr", "warmup_steps",
+        keys = ("stages", "train", "data", "sampled", "samples", "seq_len", "batch_size", "lr", "warmup_steps",
                 "min_lr_ratio", "weight_decay", "clip", "temperature", "hidden_weight", "local_steps",
                 "local_lr", "local_windows", "seed")
         d = asdict(self)
@@ -329,7 +333,8 @@ def distill(
     kind = (adapter or find_adapter(teacher)).kind(teacher)
     if kind not in ("causal-lm", "encoder"):
         raise HadaconvError(f"distill handles causal LMs and text encoders, not a {kind!r} model")
-    for name, value in (("batch_size", cfg.batch_size), ("accumulate", cfg.accumulate), ("seq_len", cfg.seq_len)):
+    for name, value in (("batch_size", cfg.batch_size), ("accumulate", cfg.accumulate), ("seq_len", cfg.seq_len),
+                        ("sampled", cfg.sampled)):
         if value < 1:
             raise HadaconvError(f"{name} must be at least 1, got {value}")
     blocks = converted_blocks(student, teacher, adapter)
@@ -352,7 +357,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
     main = d.main
 
     # Data: training windows, and held-out windows for evaluation.
-    texts, _ = calibration_texts(teacher, tokenizer, cfg.data, samples=DEFAULT_SAMPLES, seq_len=cfg.seq_len,
+    texts, _ = calibration_texts(teacher, tokenizer, cfg.data, samples=cfg.sampled, seq_len=cfg.seq_len,
                                  progress=cfg.progress and main)
     train, heldout = token_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
     if cfg.eval_text:
