@@ -321,11 +321,14 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
     import torch
 
     from hadaconv.atomic import check_output
-    from hadaconv.export import export_onnx
+    from hadaconv.export import DTYPES, check_options, export_onnx
     from hadaconv.io import load_model
 
     shape = _shape(input_shape)
-    check_output(output, overwrite, folder=True)  # before loading the model, not after
+    # Before loading the model, not after: the model is loaded in float32.
+    check_output(output, overwrite, folder=True)
+    check_options(DTYPES[dtype] if dtype else torch.float32, portable=portable, optimize=optimize,
+                  validate_outputs=not no_validate)
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, dtype="float32")  # ONNX graphs in float32
     start = time.perf_counter()
     result = export_onnx(

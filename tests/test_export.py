@@ -28,7 +28,7 @@ from hadaconv import runtime  # noqa: E402
 from hadaconv.cli import main  # noqa: E402
 from hadaconv.convert import patch  # noqa: E402
 from hadaconv.errors import HadaconvError  # noqa: E402
-from hadaconv.export import export_onnx  # noqa: E402
+from hadaconv.export import check_options, export_onnx  # noqa: E402
 from hadaconv.export.bundle import METADATA, open_bundle, session_for  # noqa: E402
 from hadaconv.export.translate import kronecker_factors  # noqa: E402
 from hadaconv.generate import embed, generate  # noqa: E402
@@ -577,11 +577,20 @@ def test_optimized_export_fuses_and_generates_like_torch(tmp_path, tokenizer):
     np.testing.assert_array_equal(out.tokens, ref)
 
 
-def test_optimize_refuses_the_portable_form_and_half_precision(tmp_path, converted_folder, capsys):
+def test_optimize_refuses_the_portable_form_and_half_precision(tmp_path, converted_folder, capsys, monkeypatch):
+    """Refused before the model is loaded (a 7B model takes minutes to load), in the CLI and the API."""
+    import hadaconv.io
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the options must be refused before the model is loaded")
+
+    monkeypatch.setattr(hadaconv.io, "load_model", no_load)
     base = ["export", str(converted_folder), "-o", str(tmp_path / "o"), "--optimize", "all"]
     assert "portable form is standard ONNX ops only" in one_line_error(base + ["--portable"], capsys)
     assert "float32 graphs only" in one_line_error(base + ["--dtype", "float16"], capsys)
     assert not (tmp_path / "o").exists()
+    with pytest.raises(HadaconvError, match="float32 graphs only, not bfloat16"):
+        check_options(torch.bfloat16, optimize="norms", validate_outputs=False)
     with pytest.raises(HadaconvError, match="unknown optimization level 'O2'"):
         export_onnx(converted("llama", 4), tmp_path / "o", optimize="O2")
 

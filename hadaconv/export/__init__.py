@@ -31,7 +31,7 @@ from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputD
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
 from hadaconv.runtime import BFLOAT16_ON_CPU
 
-__all__ = ["DEFAULT_ATOL", "DEFAULT_ATOL_FLOAT16", "DTYPES", "ExportResult", "export_onnx"]
+__all__ = ["DEFAULT_ATOL", "DEFAULT_ATOL_FLOAT16", "DTYPES", "ExportResult", "check_options", "export_onnx"]
 
 #: The precisions a graph can be exported in (names as on the command line).
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -153,6 +153,31 @@ def _write_genai(folder: Path, model: nn.Module, spec, meta: dict[str, Any]) -> 
     return GENAI_CONFIG
 
 
+def check_options(precision: torch.dtype, *, portable: bool = False, optimize: str | None = None,
+                  validate_outputs: bool = True) -> None:
+    """Refuse the option combinations :func:`export_onnx` cannot honour, for a graph of
+    ``precision`` (torch.float32 / float16 / bfloat16); needs no model, so the CLI checks them
+    before it loads one.
+
+    Raises:
+        HadaconvError: an unknown ``optimize`` level (or an onnxscript without it), ``optimize``
+            with ``portable`` or with half precision, bfloat16 with ``validate_outputs``.
+    """
+    if optimize is not None:
+        from hadaconv.export.fusions import check_level
+
+        check_level(optimize)
+    if optimize and portable:
+        raise HadaconvError("--optimize fuses into ONNX Runtime's contrib ops; the portable form is standard ONNX "
+                            "ops only: drop one of the two")
+    if optimize and precision != torch.float32:
+        raise HadaconvError(f"--optimize is measured and validated for float32 graphs only, not "
+                            f"{str(precision).removeprefix('torch.')}: export float16 / bfloat16 without it")
+    if precision == torch.bfloat16 and validate_outputs:
+        raise HadaconvError(f"{BFLOAT16_ON_CPU}, so a bfloat16 export cannot be validated here: export with "
+                            "validation off (--no-validate) for the CUDA execution provider, or use float16")
+
+
 def export_onnx(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -210,25 +235,15 @@ def export_onnx(
             ``overwrite``, a failed export, or outputs outside ``atol`` (nothing is written).
     """
     # onnxscript is imported here, not with the package: `import hadaconv` stays light.
-    from hadaconv.export.fusions import CONTRIB_DOMAIN, LEVELS, check_level, fuse_for_onnxruntime
+    from hadaconv.export.fusions import CONTRIB_DOMAIN, LEVELS, fuse_for_onnxruntime
     from hadaconv.export.translate import DOMAIN, OPSET, translation_table
 
     out = Path(out_dir)
     form = "portable" if portable else "custom"
-    if optimize is not None:
-        check_level(optimize)
-    if optimize and portable:
-        raise HadaconvError("optimize fuses into ONNX Runtime's contrib ops; the portable form is standard ONNX "
-                            "ops only: drop one of the two")
     original, original_inputs = model, example_inputs
     model = _as_dtype(model, dtype).eval()
     precision = model_dtype(model)
-    if optimize and precision != torch.float32:
-        raise HadaconvError(f"optimize is measured and validated for float32 graphs only, not {str(precision).removeprefix('torch.')}: "
-                            "export float16 / bfloat16 without it")
-    if precision == torch.bfloat16 and validate_outputs:
-        raise HadaconvError(f"{BFLOAT16_ON_CPU}, so a bfloat16 export cannot be validated here: export with "
-                            "validation off (--no-validate) for the CUDA execution provider, or use float16")
+    check_options(precision, portable=portable, optimize=optimize, validate_outputs=validate_outputs)
     atol = default_atol(precision) if atol is None else atol
     example_inputs = _inputs_as(example_inputs, precision)
     kind = kind or detect_kind(model)
