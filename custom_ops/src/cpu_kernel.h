@@ -186,12 +186,27 @@ struct CoreIo {
   int64_t zstep, ystep;  // kRows only
 };
 
+// Floats per slot of the core's tables: the widest column chunk of this instruction set (a
+// wider stride would spread the tables over twice the cache lines).
+// Column vectors per core chunk: 2 where the segment allows (the look-up offsets then serve two
+// vectors), 8 for the scalar kernel (a loop the compiler may vectorize).
+template <class V>
+constexpr int core_chunk() {
+  return V::W == 1 ? 8 : 2;
+}
+
+template <class V>
+constexpr int64_t slot_floats() {
+  return int64_t{core_chunk<V>()} * V::W;
+}
+
 // The 16 signed sums of core columns 4g .. 4g+3 for the NV vectors at `col`: slot s (bit 3 - i
-// set where z_i enters with -1) at tbl + (g * 16 + s) * kMaxChunk + v * W.
+// set where z_i enters with -1) at tbl + (g * 16 + s) * slot_floats<V>() + v * W.
 template <class V, int NV, bool kRows, class T>
 HADACONV_HOT void sign_table(const CoreIo<T> io, int64_t Ls, int64_t col, int g, float* tbl) {
   using reg = typename V::reg;
-  float* t = tbl + g * 16 * kMaxChunk;
+  constexpr int64_t S = slot_floats<V>();
+  float* t = tbl + g * 16 * S;
   for (int v = 0; v < NV; ++v) {
     const float* zc = io.z + v * (kRows ? io.zstep : V::W) + 4 * g * Ls + col;
     const reg z0 = V::load(zc), z1 = V::load(zc + Ls), z2 = V::load(zc + 2 * Ls), z3 = V::load(zc + 3 * Ls);
@@ -204,18 +219,18 @@ HADACONV_HOT void sign_table(const CoreIo<T> io, int64_t Ls, int64_t col, int g,
     }
     // -z0 with signs k' on z1..z3 is minus the pattern with every sign flipped: 7 - k'.
     for (int k = 0; k < 8; ++k) {
-      V::store(t + k * kMaxChunk + v * V::W, q[k]);
-      V::store(t + (8 + k) * kMaxChunk + v * V::W, V::sub(V::zero(), q[7 - k]));
+      V::store(t + k * S + v * V::W, q[k]);
+      V::store(t + (8 + k) * S + v * V::W, V::sub(V::zero(), q[7 - k]));
     }
   }
 }
 
 // The core product z'[a*L + b] = sum_a' C[a][a'] z[a'*L + b] as table look-ups (see the file
-// comment), then y = g * z' + beta (kAffine) or z' -> out.  p.slots are float offsets into the
-// tables, so a look-up is one load of the offset and one add.
+// comment), then y = g * z' + beta (kAffine) or z' -> out.
 template <class V, int NV, bool kAffine, bool kRows, class T>
 inline void core_pass(const Plan& p, const CoreIo<T> io, int64_t Ls, float* tbl) {
   using reg = typename V::reg;
+  constexpr int64_t S = slot_floats<V>();
   const int64_t L = p.L;
   const int m = static_cast<int>(p.m), G = m / 4;
   for (int64_t col = 0; col < L; col += (kRows ? 1 : NV) * V::W) {
@@ -224,19 +239,19 @@ inline void core_pass(const Plan& p, const CoreIo<T> io, int64_t Ls, float* tbl)
       const uint16_t* sl = p.slots + a * G;
       reg acc[NV], acc2[NV];  // two chains: the adds' latency, not their count, would bound it
       for (int v = 0; v < NV; ++v) {
-        acc[v] = V::load(tbl + sl[0] + v * V::W);
+        acc[v] = V::load(tbl + sl[0] * S + v * V::W);
         acc2[v] = V::zero();
       }
       int g = 1;
       for (; g + 1 < G; g += 2) {
-        const float *t0 = tbl + sl[g], *t1 = tbl + sl[g + 1];
+        const float *t0 = tbl + sl[g] * S, *t1 = tbl + sl[g + 1] * S;
         for (int v = 0; v < NV; ++v) {
           acc[v] = V::add(acc[v], V::load(t0 + v * V::W));
           acc2[v] = V::add(acc2[v], V::load(t1 + v * V::W));
         }
       }
       if (g < G) {
-        const float* t0 = tbl + sl[g];
+        const float* t0 = tbl + sl[g] * S;
         for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::load(t0 + v * V::W));
       }
       for (int v = 0; v < NV; ++v) {
@@ -279,10 +294,11 @@ HADACONV_HOT void block_tile_rows(const Plan& p, const float* z, T* const* y, in
     for (int t = 0; t < TP; ++t) V::store(y[r] + j * B + p0 + t * V::W, acc[r][t]);
 }
 
-// Tiles of kTile vectors (then 4, 2, 1 for what is left of the block): about 16 accumulators
-// over the kRows rows with AVX-512's 32 registers, 8 with AVX2's 16, and at most 8 vectors, so
-// that a decode-sized call of 1 or 2 rows still has 8 independent sums (with 2 the fmadd
-// chain's latency, 4 cycles, not the FMA units, would bound it) and 8 rows have 16 in flight.
+// Tiles of kTile vectors (then 4, 2, 1 for what is left of the block): at most 16 accumulators
+// over the kRows rows with AVX-512's 32 registers, at most 8 with AVX2's 16 (and the portable
+// kernel), and at most 8 vectors a row, so that a decode-sized call of 1 or 2 rows still has 8
+// independent sums (with 2 the fmadd chain's latency, 4 cycles, not the FMA units, would bound
+// it) and 8 rows on AVX-512 have 16 in flight.
 template <class V, int kRows, class T>
 inline void block_pass_rows(const Plan& p, const float* z, T* const* y, int64_t j0, int64_t j1) {
   constexpr int kAcc = V::W == 16 ? 16 : 8;
@@ -302,13 +318,6 @@ inline void block_pass_rows(const Plan& p, const float* z, T* const* y, int64_t 
     }
     if (p0 < B) block_tile_rows<V, kRows, 1>(p, z, y, j, p0);
   }
-}
-
-// Column vectors per core chunk: 2 where the segment allows (the look-up offsets then serve two
-// vectors), 8 for the scalar kernel (a loop the compiler may vectorize).
-template <class V>
-constexpr int core_chunk() {
-  return V::W == 1 ? 8 : 2;
 }
 
 template <class V, int NV, class T>

@@ -13,10 +13,9 @@ enum class DType { kFloat32, kFloat16, kBFloat16 };
 // scale is folded into gvec / blocks, so the kernels never multiply by it.
 struct Plan {
   int64_t n = 0, m = 1, L = 1;      // n = m * L, L a power of two
-  // m > 1: for output segment a and input group g (core columns 4g .. 4g+3), where the sum
-  // for the sign pattern s of C[a][4g..4g+3] (bit 3 - i set where entry i is -1) sits in the
-  // core's tables: (g * 16 + s) * kMaxChunk floats in, [m][m/4]; C is the core or, for the
-  // inverse, its transpose.  At most 32 * 16 * 32 = 16384, so uint16 holds it.
+  // m > 1: for output segment a and input group g (core columns 4g .. 4g+3), the slot
+  // g * 16 + s of the sign pattern s of C[a][4g..4g+3] (bit 3 - i set where entry i is -1),
+  // [m][m/4]; C is the core or, for the inverse, its transpose.
   const uint16_t* slots = nullptr;
   const float* gvec = nullptr;      // [n] scale * gamma (scale alone without gamma); unused with blocks
   const float* beta = nullptr;      // [n] (zeros when absent)
@@ -28,8 +27,7 @@ struct Plan {
 // At 4 the pass was bound by streaming the blocks from L2 (b = 64: 16 KB per block); 8 halves
 // that and made the block pass 16-25% faster at n = 576 .. 5120 (Intel Xeon, AVX-512).
 constexpr int kBlockRows = 8;
-// The widest column chunk of the core pass, in floats (2 vectors of the widest ISA), and the
-// stride of its tables' slots whatever the ISA, so Plan::slots need not know the vector width.
+// The widest column chunk of the core pass, in floats (2 vectors of the widest ISA).
 constexpr int kMaxChunk = 32;
 
 // Floats between the segments of the scratch row: without it the m segments of a long
@@ -39,8 +37,8 @@ constexpr int64_t kSegmentPad = 16;
 constexpr int64_t segment_stride(int64_t L) { return L >= 256 ? L + kSegmentPad : L; }
 
 // The scratch of one task, in floats from its start: the (padded) row, then kBlockRows rows of
-// z' for block gammas, then the sign-pattern tables of the core pass (16 patterns per group of
-// 4 core columns).
+// z' for block gammas (without block gammas, the second row's scratch of the core's row pairs),
+// then the sign-pattern tables of the core pass (16 patterns per group of 4 core columns).
 constexpr int64_t scratch_z(int64_t n, int64_t m) { return n + m * kSegmentPad; }
 constexpr int64_t scratch_tables(int64_t n, int64_t m) { return scratch_z(n, m) + kBlockRows * n; }
 constexpr int64_t scratch_floats(int64_t n, int64_t m) {

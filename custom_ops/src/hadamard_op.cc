@@ -171,7 +171,6 @@ struct AttrSource {
 constexpr int64_t kMaxCore = 128;
 #ifdef HADACONV_WITH_CUDA
 static_assert(kMaxCore == cuda::kMaxCore, "the CPU and CUDA kernels must accept the same cores");
-static_assert((kMaxCore / 4) * 16 * cpu::kMaxChunk <= 65536, "cpu::Plan::slots must fit in uint16");
 #endif
 // Widths above 2^26 would overflow the kernels' 32-bit index arithmetic on the device side and
 // are far beyond any model width.
@@ -553,8 +552,10 @@ void compute_cpu(Kernel& k, OrtKernelContext* ctx, const TensorView& x, OrtValue
   job.rows = x.numel / a.n;
   job.pool = k.scratch.get();
   // About 64K elements per task: enough work to hide the pool's scheduling, enough tasks to
-  // balance the threads.
-  job.rows_per_task = std::max<int64_t>(cpu::kBlockRows, 65536 / a.n);
+  // balance the threads; in whole groups of the rows the kernel takes together (block gammas
+  // 8, the core's row pairs 2), so no task ends on a group that streams its gamma for one row.
+  const int64_t group = plan.blocks ? cpu::kBlockRows : 2;
+  job.rows_per_task = (std::max<int64_t>(group, 65536 / a.n) + group - 1) / group * group;
   if (run_split(job, ctx)) return;
   const size_t tasks = static_cast<size_t>((job.rows + job.rows_per_task - 1) / job.rows_per_task);
   if (tasks == 1)
@@ -671,7 +672,7 @@ void prepare_cpu(Kernel& k, const OrtKernelInfo* info) {
       for (int64_t g = 0; g < G; ++g) {
         int s = 0;
         for (int t = 0; t < 4; ++t) s |= (core_at(a, i, 4 * g + t) < 0) << (3 - t);
-        k.slots[i * G + g] = static_cast<uint16_t>((g * 16 + s) * cpu::kMaxChunk);
+        k.slots[i * G + g] = static_cast<uint16_t>(g * 16 + s);
       }
   }
   k.scratch = std::make_unique<ScratchPool>(static_cast<size_t>(cpu::scratch_floats(a.n, a.m)));
