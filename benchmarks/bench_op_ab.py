@@ -29,12 +29,11 @@ CASES = ["576:v:1", "576:b64:1", "768:b64:1", "4096:v:1", "4096:b64:1", "5120:b6
 
 def child(n: int, gamma: str, threads: int, rows: int, runs: int) -> None:
     """One measurement in this process (the library comes from HADACONV_OPS_LIB)."""
-    import time
-
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_ort_op import ours
+    from common import median_ms
 
     from hadaconv import runtime
 
@@ -44,13 +43,7 @@ def child(n: int, gamma: str, threads: int, rows: int, runs: int) -> None:
     beta = rng.standard_normal(n).astype(np.float32)
     sess = runtime.session(ours(n, g, beta), providers=["CPUExecutionProvider"], intra_op_num_threads=threads)
     x = {"X": rng.standard_normal((rows, n)).astype(np.float32)}
-    times = []
-    for i in range(runs + runs // 5):
-        t = time.perf_counter()
-        sess.run(None, x)
-        if i >= runs // 5:  # the first fifth warms up
-            times.append(time.perf_counter() - t)
-    print(1e3 * statistics.median(times))
+    print(median_ms(lambda: sess.run(None, x), repeats=runs, warmup=runs // 5, budget_s=float("inf")))
 
 
 def measure(lib: str, case: str, rows: int, runs: int) -> float:

@@ -186,8 +186,6 @@ struct CoreIo {
   int64_t zstep, ystep;  // kRows only
 };
 
-// Floats per slot of the core's tables: the widest column chunk of this instruction set (a
-// wider stride would spread the tables over twice the cache lines).
 // Column vectors per core chunk: 2 where the segment allows (the look-up offsets then serve two
 // vectors), 8 for the scalar kernel (a loop the compiler may vectorize).
 template <class V>
@@ -195,6 +193,8 @@ constexpr int core_chunk() {
   return V::W == 1 ? 8 : 2;
 }
 
+// Floats per slot of the core's tables: the widest column chunk of this instruction set (a
+// wider stride would spread the tables over twice the cache lines).
 template <class V>
 constexpr int64_t slot_floats() {
   return int64_t{core_chunk<V>()} * V::W;
