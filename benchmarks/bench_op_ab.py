@@ -10,9 +10,15 @@ the repeats.
 
     python benchmarks/bench_op_ab.py --base OLD.so [--new NEW.so] [--cases 576:v:1 576:b64:1 ...]
 
-``--new`` defaults to the library this checkout would use (``hadaconv.runtime``); build the
-base from another commit with ``git worktree add /tmp/base REV && (cd /tmp/base && hadaconv
-build-ops --no-cuda)``.  A case is ``n:g:threads``, g ``v`` (vector gamma) or ``bB`` (blocks).
+``--new`` defaults to the library hadaconv would load (``runtime.get_library_path``).  Build
+the base from another commit with cmake directly (``hadaconv build-ops`` builds the sources of
+the installed package, not of another checkout):
+
+    git worktree add /tmp/base REV
+    cmake -S /tmp/base/custom_ops -B /tmp/base/build -DCMAKE_BUILD_TYPE=Release -DHADACONV_CUDA=OFF
+    cmake --build /tmp/base/build        # then --base /tmp/base/build/libhadaconv_ort.so
+
+A case is ``n:g:threads``, g ``v`` (vector gamma) or ``bB`` (blocks).
 """
 
 from __future__ import annotations
@@ -50,12 +56,15 @@ def measure(lib: str, case: str, rows: int, runs: int) -> float:
     n, gamma, threads = case.split(":")
     env = dict(os.environ, HADACONV_OPS_LIB=lib)
     out = subprocess.run([sys.executable, __file__, "--child", n, gamma, threads, str(rows), str(runs)],
-                         env=env, capture_output=True, text=True, check=True)
+                         env=env, capture_output=True, text=True)
+    if out.returncode:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"error: case {case} with {lib} failed: {last}")
     return float(out.stdout.split()[-1])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="the op library to compare against (required)")
     ap.add_argument("--new", help="the op library under test (default: this checkout's)")
     ap.add_argument("--cases", nargs="+", default=CASES, help="n:g:threads, g = v or bB (default: %(default)s)")
@@ -70,8 +79,12 @@ def main() -> None:
     if not args.base:
         ap.error("--base is required")
     from hadaconv import runtime
+    from hadaconv.errors import HadaconvError
 
-    new = args.new or runtime.get_library_path()
+    try:
+        new = args.new or runtime.get_library_path()
+    except HadaconvError as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"base {args.base}\nnew  {new}\n[{args.rows}, n] float32, median ms per run of {args.runs}, "
           f"{args.repeats} processes each, alternating")
     for case in args.cases:

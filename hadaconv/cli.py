@@ -441,11 +441,11 @@ def _duration(text: str | None) -> float | None:
               help="attention: only the converted attention blocks (q, k, v, gamma, beta); all: every parameter.")
 @click.option("--data", multiple=True,
               help="Training text, repeatable and mixed in order: 'sample' (--sampled sequences the original model "
-                   "writes, sampled once and cached; the first 128 are those convert calibrates on), 'shakespeare', "
-                   "file(s), folder(s), JSONL with 'text'.  [default: sample]")
+                   "writes, sampled once and cached; the first 128 are a default convert's at the same --seq-len), "
+                   "'shakespeare', file(s), folder(s), JSONL with 'text'.  [default: sample]")
 @click.option("--sampled", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Sequences the original model writes for --data sample (sampled once per model and cached; more "
-                   "is more distinct text, fewer repeats, at a one-off sampling cost).")
+              help="Sequences of --seq-len tokens the original model writes for --data sample (sampled once per "
+                   "model and cached; more is more distinct text, fewer repeats, at a one-off sampling cost).")
 @click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out training windows]")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True)
@@ -462,7 +462,9 @@ def _duration(text: str | None) -> float | None:
 @click.option("--local-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None)
-@click.option("--max-time", default=None, help="Time budget, e.g. 90s, 30m, 2h.  [default: one pass when no budget is set]")
+@click.option("--max-time", default=None,
+              help="Training time budget, e.g. 90s, 30m, 2h (sampling the text first is not counted).  "
+                   "[default: one pass when no budget is set]")
 @click.option("--checkpoint-dir", type=click.Path(), default=None, help="[default: OUTPUT.ckpt, removed after success]")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")

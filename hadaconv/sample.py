@@ -233,7 +233,7 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
     if missing and progress:  # the first run of a model pays for this once: say what, why and where it goes
         cached = f" (another {samples - todo} cached)" if todo < samples else ""
         console.print(f"sampling text from the model, once for this model: {todo} x {seq_len} tokens{cached}, "
-                      f"cached in {paths[0].parent} (a smaller --samples makes a quicker first try)", highlight=False)
+                      f"cached in {paths[0].parent} (fewer sequences make a quicker first try: convert --samples, distill --sampled)", highlight=False)
     texts: list[str] = []
     for i, (count, path) in enumerate(zip(counts, paths)):
         texts += (_sample_into(path, model, tokenizer, samples=count, seq_len=seq_len, batch_size=batch_size,

@@ -371,7 +371,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
         eval_ids, eval_source = heldout[: cfg.eval_windows], "held-out training windows"
     if len(eval_ids) == 0:  # every tenth window is held out: fewer than 10 leave none to evaluate on
         raise InputError(f"{len(train)} training windows leave none held out for evaluation: give "
-                         "--samples 10 or more (and the text for them), or --eval-text")
+                         "--samples 10 or more (and the text for them: --sampled or --data), or --eval-text")
     if len(train) < cfg.batch_size:
         raise HadaconvError(f"only {len(train)} training windows for a batch of {cfg.batch_size}: give more text")
     # The clock of max_time starts here: the text is sampled once per model (the 128 sequences
