@@ -323,8 +323,11 @@ def _fit_gamma(p: torch.Tensor, target: torch.Tensor, block: int, lam: torch.Ten
     pb, tb = p.reshape(nb, block, -1), target.reshape(nb, block, -1)
     gram = torch.baddbmm(torch.eye(block, dtype=p.dtype, device=p.device) * lam, pb, pb.transpose(1, 2))
     cross = tb @ pb.transpose(1, 2)
-    # G_i gram_i = cross_i  ->  G_i = cross_i gram_i^{-1} (gram symmetric)
-    return torch.linalg.solve(gram, cross.transpose(1, 2)).transpose(1, 2)
+    # G_i gram_i = cross_i  ->  G_i = cross_i gram_i^{-1} (gram symmetric, positive definite
+    # for lam > 0).  Cholesky, not torch.linalg.solve: the LU solve of a batch of two or more
+    # blocks of 192 or more hangs in torch 2.13's MKL with two threads (blocks 192 and 288 of
+    # SmolLM2's 576 never finished).
+    return _solve_psd(gram, cross.transpose(1, 2)).transpose(1, 2)
 
 
 def _gamma_lambda(power: torch.Tensor, damping: float) -> torch.Tensor:
@@ -548,10 +551,11 @@ def reduced_rank(a: torch.Tensor, cov: torch.Tensor, rank: int, vmat: torch.Tens
 
 
 def _solve_psd(c: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """c^-1 rhs for a symmetric positive semi-definite c (float64): Cholesky, or the
-    pseudo-inverse where c is numerically singular (a value map that removes a direction)."""
+    """c^-1 rhs for a symmetric positive semi-definite c [..., k, k] (a batch of them): Cholesky,
+    or the pseudo-inverse where some c is numerically singular (a value map that removes a
+    direction, a fit without gamma ridge)."""
     chol, info = torch.linalg.cholesky_ex(c)
-    if info.item() == 0:
+    if not info.any():
         return torch.cholesky_solve(rhs, chol)
     return torch.linalg.pinv(c, hermitian=True) @ rhs
 

@@ -145,3 +145,33 @@ def test_no_worse_than_the_previous_fit(mode, block, previous):
     fit = fit_projection(w, b, mom, mode=mode, block=block, layout=layout, max_iter=40)
     assert fit.error <= previous * (1 + 1e-6)
     assert relative_error(w, b, fit, mom, layout) == pytest.approx(fit.error, rel=1e-9)
+
+
+_LARGE_BLOCKS = """
+import torch
+from hadaconv.fit import _fit_gamma
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+for block in (192, 288):
+    p = torch.randn(576, 700, generator=g, dtype=torch.float64)
+    target = torch.randn(576, 700, generator=g, dtype=torch.float64)
+    gamma = _fit_gamma(p, target, block, 0.5)
+    for i in range(576 // block):
+        rows = slice(i * block, (i + 1) * block)
+        gram = p[rows] @ p[rows].T + 0.5 * torch.eye(block, dtype=torch.float64)
+        ref = target[rows] @ p[rows].T @ torch.linalg.inv(gram)
+        assert torch.allclose(gamma[i], ref, atol=1e-10), (block, i)
+print("ok")
+"""
+
+
+def test_large_blocks_with_two_threads():
+    """Blocks 192 and 288 of a 576-wide layer, two threads: torch.linalg.solve hung in MKL here
+    (torch 2.13: the LU solve of two or more 192 x 192 blocks); the gamma solve must finish and
+    match the closed form.  In a subprocess, so that a hang fails after a minute instead of
+    stopping the suite."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _LARGE_BLOCKS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
