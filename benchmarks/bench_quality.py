@@ -117,6 +117,9 @@ def main() -> None:
                          f"(its default {DEFAULT_SAMPLES})")
     ap.add_argument("--hidden-weight", type=float, default=0.0,
                     help="with --distill-minutes: distill's per-layer hidden-state loss weight (its default 0)")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="with --distill-minutes: distill in float32 (its default autocasts to bfloat16 where the "
+                         "hardware multiplies it: AMX / AVX512_BF16 CPUs, GPUs)")
     ap.add_argument("--distill-minutes", type=float, default=0.0,
                     help="instead of the grid: convert all layers with the defaults, then distill this long with "
                          "the defaults (on distill's default text: 256 sampled sequences, the first 128 those a "
@@ -133,7 +136,8 @@ def main() -> None:
                          # d256: distill on its default text; stores without it trained on the 128 calibration
                          # windows and must not be reused
                          else f"recovery-{tag}{args.samples}-d{args.distill_sampled}-{args.distill_minutes:g}"
-                         f"{f'-h{args.hidden_weight:g}' if args.hidden_weight else ''}-t{args.threads}.json")
+                         f"{f'-h{args.hidden_weight:g}' if args.hidden_weight else ''}{'-fp32' if args.no_bf16 else ''}"
+                         f"-t{args.threads}.json")
     results = json.loads(store.read_text()) if store.is_file() else {"machine": machine(), "cells": {}}
     if args.write:
         write(results, args)
@@ -259,11 +263,12 @@ def recovery(teacher, tok, windows, args, results: dict, save) -> None:
     print("converted", results["converted"], flush=True)
     dreport = distill(student, teacher, tok, DistillConfig(max_time=60 * args.distill_minutes,
                                                            sampled=args.distill_sampled,
-                                                           hidden_weight=args.hidden_weight, progress=False))
+                                                           hidden_weight=args.hidden_weight,
+                                                           bf16=False if args.no_bf16 else None, progress=False))
     results["distill"] = {"steps": dreport.steps, "tokens": dreport.tokens, "seconds": dreport.seconds,
                           "curve": dreport.curve, "layers": sorted(load_layers(folder)),
                           "hidden_weight": args.hidden_weight, "threads": args.threads,
-                          "data_samples": args.distill_sampled}
+                          "data_samples": args.distill_sampled, "autocast": dreport.autocast}
     results["distilled"] = evaluate(student, windows)
     save()
     print("distilled", results["distilled"], dreport.steps, "steps", dreport.tokens, "tokens", flush=True)

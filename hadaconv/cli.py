@@ -473,12 +473,15 @@ def _duration(text: str | None) -> float | None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1.  [default: this process's GPU if any]")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Dtype the models are loaded and trained in (auto: the checkpoints' own).")
+@click.option("--bf16/--no-bf16", default=None,
+              help="Run the forward passes under bfloat16 autocast (weights and optimizer stay in --dtype).  "
+                   "[default: where the hardware multiplies bfloat16: CUDA GPUs, CPUs with AMX or AVX512_BF16]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def distill_cmd(converted, output, teacher, local_stage, global_stage, train, data, sampled, eval_text, eval_every,
                 eval_windows, samples, seq_len, batch_size, accumulate, lr, warmup_steps, clip, temperature,
                 hidden_weight, local_steps, local_lr, max_steps, max_tokens, max_time, checkpoint_dir,
-                checkpoint_every, resume, gradient_checkpointing, fsdp, device, dtype, seed, overwrite) -> None:
+                checkpoint_every, resume, gradient_checkpointing, fsdp, device, dtype, bf16, seed, overwrite) -> None:
     """Win back quality: distill the original model into the CONVERTED folder, save to OUTPUT.
 
     Local stage: each converted attention block learns the teacher block's output from the
@@ -506,7 +509,7 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
                         local_lr=local_lr, eval_text=eval_text, eval_every=eval_every, eval_windows=eval_windows,
                         checkpoint_dir=str(folder), checkpoint_every=checkpoint_every, resume=resume,
                         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, device=device, dtype=dtype,
-                        seed=seed)
+                        bf16=bf16, seed=seed)
     try:
         report = distill_file(converted, output, cfg, teacher=teacher, overwrite=overwrite)
     except OutputError as exc:

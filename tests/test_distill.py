@@ -23,9 +23,10 @@ from cli_runner import run_cli as _cli
 from tiny_models import make_tiny, tokenizer_folder
 
 # A small, quick run: 48 windows of 16 tokens of the plays (what _windows measures on), no progress
-# bar, rare evaluations.
+# bar, rare evaluations, float32 forward passes on every machine (the default autocasts to
+# bfloat16 where the CPU multiplies it natively: test_bf16_autocast covers that path).
 RUN = dict(samples=48, seq_len=16, batch_size=4, eval_windows=2, eval_every=100, local_windows=8,
-           local_steps=10, progress=False, data=["shakespeare"])
+           local_steps=10, progress=False, data=["shakespeare"], bf16=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,6 +115,46 @@ def test_global_kd_lowers_the_divergence(tokenizer):
     assert _kl(student, teacher, held) < 0.8 * held_before  # measured 0.68 x
     assert report.teacher is not None and report.before is not None
     assert not student.training and all(p.requires_grad for p in student.parameters())
+
+
+def test_bf16_autocast(tokenizer, monkeypatch):
+    """bf16=True runs the forward passes under bfloat16 autocast on the CPU too (emulated where the
+    CPU has no bfloat16 instructions) and still distills; None follows native_bf16."""
+    from hadaconv.distill import core
+
+    student, teacher = _pair("llama", tokenizer)
+    ids = _windows(tokenizer)
+    before = _kl(student, teacher, ids)
+    cfg = DistillConfig(stages=["global"], train="attention", max_steps=20, lr=3e-3, warmup_steps=2,
+                        **{**RUN, "bf16": True})
+    report = distill(student, teacher, tokenizer, cfg)
+    assert report.autocast == "bfloat16" and "autocast bfloat16" in str(report.table().caption)
+    assert _kl(student, teacher, ids) < 0.7 * before  # in float32 (test_global_kd...): the same bound
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # autocast leaves the weights alone
+    for native in (True, False):
+        monkeypatch.setattr(core, "native_bf16", lambda device, native=native: native)
+        report = distill(copy.deepcopy(student), teacher, tokenizer,
+                         DistillConfig(stages=["global"], max_steps=1, **{**RUN, "bf16": None}))
+        assert report.autocast == ("bfloat16" if native else "off")
+    report = distill(copy.deepcopy(student), teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, **RUN))
+    assert report.autocast == "off"  # bf16=False wins over a native CPU
+
+
+def test_native_bf16_reads_the_cpu_flags(tmp_path, monkeypatch):
+    from hadaconv import device
+
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(device, "CPUINFO", str(info))
+    cpu = torch.device("cpu")
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_tile amx_bf16\n")
+    assert device.native_bf16(cpu)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert device.native_bf16(cpu)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
+    assert not device.native_bf16(cpu)
+    info.unlink()  # unreadable (not Linux): off
+    assert not device.native_bf16(cpu)
+    assert not device.native_bf16(torch.device("meta"))
 
 
 def test_time_budget_leaves_out_preparing_the_text(tokenizer, monkeypatch):
@@ -229,7 +270,7 @@ def converted(tmp_path_factory):
 
 
 CLI_RUN = ["--samples", "48", "--seq-len", "16", "--batch-size", "4", "--max-steps", "3", "--eval-windows", "2",
-           "--local-steps", "4", "--lr", "1e-3"]
+           "--local-steps", "4", "--lr", "1e-3", "--no-bf16"]
 
 
 def _free_port() -> int:

@@ -9,7 +9,7 @@ student is trained in place, in up to two stages:
    student) of the next-token distributions for causal LMs, relative MSE of the last hidden
    state plus ``1 - cos`` of the mean-pooled embedding for encoders, optionally plus a per-layer
    hidden-state MSE.  AdamW, linear warmup then cosine decay to 10%, gradient accumulation,
-   clipping, bf16 autocast on CUDA; DDP / FSDP2 under torchrun; checkpoints and exact resume;
+   clipping, bf16 autocast where the hardware multiplies bf16; DDP / FSDP2 under torchrun; checkpoints and exact resume;
    held-out evaluation every ``eval_every`` steps, keeping the best state.
 
 The default is the global stage alone: on SmolLM2 with equal wall-clock budgets, local then
@@ -36,6 +36,7 @@ from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
 from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
+from hadaconv.device import native_bf16
 from hadaconv.errors import HadaconvError, InputError
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
@@ -89,8 +90,10 @@ class DistillConfig:
         fsdp: shard student and teacher with FSDP2 instead of replicating with DDP.
         device: "cpu", "cuda", "cuda:1"; None = this rank's GPU if there is one.
         dtype: dtype the teacher and student are loaded in ("auto": the checkpoints' own); the
-            default float32 keeps full-precision trained weights (bf16 autocast on CUDA).
-        bf16: autocast to bfloat16 (CUDA only; ignored on CPU).
+            default float32 keeps full-precision trained weights (bf16 autocast where native).
+        bf16: autocast the forward passes to bfloat16 (the weights and optimizer stay in
+            ``dtype``); None (the default): where the device multiplies bfloat16 in hardware
+            (:func:`hadaconv.device.native_bf16`: CUDA GPUs, CPUs with AMX or AVX512_BF16).
         progress: show a progress bar (rank 0, on a terminal).
     """
 
@@ -126,7 +129,7 @@ class DistillConfig:
     fsdp: bool = False
     device: str | None = None
     dtype: str = "float32"
-    bf16: bool = True
+    bf16: bool | None = None
     progress: bool = True
 
     def fingerprint(self) -> dict:
@@ -159,6 +162,7 @@ class DistillReport:
     tokens: int = 0
     seconds: float = 0.0
     world_size: int = 1
+    autocast: str = "off"  # "bfloat16" where the forward passes ran under bf16 autocast
     local: list[dict] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)  # {step, tokens, seconds, metric, train_loss}
     #: Under FSDP the student's parameters are shards: the trained parameters, gathered (rank 0).
@@ -184,7 +188,7 @@ class DistillReport:
         t.add_row("after distillation" + (f" (best, step {self.best_step})" if self.best_step else ""),
                   num(self.after))
         t.caption = (f"stages {'+'.join(self.stages)}, train {self.train} ({self.trainable_params:,} params), "
-                     f"{self.steps} steps, {self.tokens:,} tokens, {self.seconds:.0f} s, {self.world_size} process(es)")
+                     f"{self.steps} steps, {self.tokens:,} tokens, {self.seconds:.0f} s, {self.world_size} process(es), autocast {self.autocast}")
         return t
 
     def curve_table(self):
@@ -383,7 +387,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
         p.requires_grad_(False)
     student.to(d.device)
     n_train = _select_trainable(student, blocks, cfg.train)
-    use_amp = d.device.type == "cuda" and cfg.bf16
+    use_amp = native_bf16(d.device) if cfg.bf16 is None else cfg.bf16
 
     def autocast():
         return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_amp)
@@ -399,7 +403,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
     evaluate = _Evaluator(kind, teacher, eval_ids, d.device)
     report = DistillReport(kind=kind, metric="perplexity" if kind == "causal-lm" else "embedding cosine",
                            stages=stages, train=cfg.train, eval_source=eval_source, trainable_params=n_train,
-                           world_size=d.world)
+                           world_size=d.world, autocast="bfloat16" if use_amp else "off")
     if cfg.fsdp and "local" in stages:
         raise HadaconvError("the local stage trains whole blocks on one device; with --fsdp use --global only")
     # Wrap before the optimizer exists: FSDP2 replaces the parameters by sharded DTensors.
