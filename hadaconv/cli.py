@@ -499,6 +499,10 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
 
     if eval_text is not None and not Path(eval_text).is_file():
         raise HadaconvError(f"eval text not found: {eval_text}")
+    explicit = click.get_current_context().get_parameter_source("sampled") != click.core.ParameterSource.DEFAULT
+    if explicit and data and "sample" not in data:
+        raise HadaconvError(f"--sampled {sampled} sets how much text --data sample writes, and --data does not "
+                            "include sample: drop --sampled, or add --data sample")
     stages = [s for s, on in (("local", local_stage), ("global", global_stage)) if on] or ["global"]
     folder = Path(checkpoint_dir) if checkpoint_dir else Path(f"{Path(output)}.ckpt")
     cfg = DistillConfig(stages=stages, train=train, data=list(data) or None, sampled=sampled, samples=samples,
@@ -517,12 +521,21 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
             raise OutputError(f"{exc} (the trained state is kept in {folder}: free the space and rerun with "
                               "--resume)") from None
         raise
+    except KeyboardInterrupt:
+        if (folder / CHECKPOINT).is_file():
+            click.echo(f"interrupted: the last checkpoint is in {folder}; rerun the same command with --resume "
+                       "to continue from it", err=True)
+            sys.exit(130)
+        raise
     from hadaconv.distill.parallel import is_main
 
     if not is_main():
         return
     out.print(report.table())
     out.print(report.curve_table())
+    if "global" in report.stages and not report.best_step:
+        click.echo(f"note: no evaluation beat the converted model, so {output} holds it unchanged (a longer "
+                   "--max-time or another --lr may help)", err=True)
     if checkpoint_dir is None:
         shutil.rmtree(folder, ignore_errors=True)  # the default checkpoints only serve an interrupted run
     click.echo(f"saved {output}")

@@ -234,6 +234,9 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
         cached = f" (another {samples - todo} cached)" if todo < samples else ""
         console.print(f"sampling text from the model, once for this model: {todo} x {seq_len} tokens{cached}, "
                       f"cached in {paths[0].parent} (fewer sequences make a quicker first try: convert --samples, distill --sampled)", highlight=False)
+    elif progress:  # reused text should not be a surprise: say where it comes from (and how to renew it)
+        console.print(f"using {samples} x {seq_len} tokens of text sampled from this model earlier, cached in "
+                      f"{paths[0].parent} (delete it to sample afresh)", highlight=False)
     texts: list[str] = []
     for i, (count, path) in enumerate(zip(counts, paths)):
         texts += (_sample_into(path, model, tokenizer, samples=count, seq_len=seq_len, batch_size=batch_size,

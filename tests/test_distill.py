@@ -304,7 +304,35 @@ def test_cli_end_to_end_and_two_ddp_ranks_equal_one_process(converted, capsys):
     assert json.loads((two / "config.json").read_text())["hadaconv"]["distill"]["world_size"] == 2
 
 
-@pytest.mark.parametrize("case", ["teacher", "unconverted", "max-time", "eval-text", "batch", "sampled", "exists"])
+def test_cli_says_when_nothing_improved(converted, capsys):
+    """A run whose evaluations never beat the start saves the converted model unchanged, and says so."""
+    out_dir = converted / "unchanged"
+    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", out_dir, "--global", *CLI_RUN, "--lr", "1e-30")
+    assert code == 0, err
+    assert "no evaluation beat the converted model" in err and str(out_dir) in err
+    a, b = load_file(converted / "conv" / "model.safetensors"), load_file(out_dir / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_interrupt_names_the_checkpoint(converted, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after a checkpoint was written: exit 130 and one line saying where it is and how to resume."""
+    import hadaconv.distill
+    from hadaconv.distill.checkpoint import FILE
+
+    def interrupted(converted_dir, output, cfg, **kwargs):
+        Path(cfg.checkpoint_dir).mkdir(parents=True)
+        (Path(cfg.checkpoint_dir) / FILE).write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hadaconv.distill, "distill_file", interrupted)
+    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", tmp_path / "out", *CLI_RUN)
+    assert code == 130
+    assert err.strip() == (f"interrupted: the last checkpoint is in {tmp_path / 'out'}.ckpt; rerun the same command "
+                           "with --resume to continue from it")
+
+
+@pytest.mark.parametrize("case", ["teacher", "unconverted", "max-time", "eval-text", "batch", "sampled",
+                                  "sampled-data", "exists"])
 def test_cli_bad_input_is_one_line(case, converted, tmp_path, capsys):
     conv, args = converted / "conv", []
     if case == "teacher":
@@ -319,6 +347,9 @@ def test_cli_bad_input_is_one_line(case, converted, tmp_path, capsys):
         args = ["--batch-size", "4", "--accumulate", "3"]
     elif case == "sampled":
         args = ["--sampled", "0"]
+    elif case == "sampled-data":  # --sampled means nothing without --data sample
+        (tmp_path / "t.txt").write_text("some text of the user's own " * 50)
+        args = ["--data", tmp_path / "t.txt", "--sampled", "300"]
     elif case == "exists":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "x").write_text("x")

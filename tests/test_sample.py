@@ -121,7 +121,8 @@ def test_bad_sampling_and_calibration_flags(tmp_path, capsys):
 
 
 def test_first_sampling_says_what_it_costs_and_where_it_is_cached(tokenizer, tmp_path, capsys):
-    """The one-off sampling announces itself (count, length, cache folder); a cached read is silent."""
+    """The one-off sampling announces itself (count, length, cache folder); a cached read says
+    where its text comes from, without "sampling"."""
     import hadaconv.sample as sample
 
     model = make_tiny("llama")
@@ -129,7 +130,9 @@ def test_first_sampling_says_what_it_costs_and_where_it_is_cached(tokenizer, tmp
     err = " ".join(capsys.readouterr().err.split())
     assert "once for this model: 3 x 8 tokens, cached in" in err and str(path[0].parent) in err.replace(" ", ""), err
     sample.cached_samples(model, tokenizer, samples=3, seq_len=8, cache=tmp_path)
-    assert "sampling" not in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
+    assert "sampling text" not in err and "using 3 x 8 tokens of text sampled from this model earlier" in err, err
+    assert "delete it to sample afresh" in err
 
 
 def _counting_sampler(monkeypatch, sample):
