@@ -303,7 +303,8 @@ def convert_and_distill(dense, tokenizer, files, val, args, dense_fpt: float, fl
             batch_size=args.batch_size, lr=args.distill_lr, warmup_steps=min(10, args.distill_steps),
             max_steps=args.distill_steps, eval_text=str(val_file), eval_windows=args.val_windows,
             eval_every=args.eval_every, seed=args.seed, samples=max(64, args.distill_steps * args.batch_size),
-            progress=args.verbose))
+            # the precision of the two training runs (autocast(args)), so that FLOPs compare alike
+            bf16=args.device.startswith("cuda"), progress=args.verbose))
         curve += [{"step": p["step"], "flops": flops + per_step * p["step"], "val_loss": math.log(p["metric"])}
                   for p in dreport.curve if p["step"] > 0]
         out["distill_seconds"] = dreport.seconds
