@@ -309,9 +309,15 @@ def test_cli_says_when_nothing_improved(converted, capsys):
     out_dir = converted / "unchanged"
     code, _, err = _cli(capsys, "distill", converted / "conv", "-o", out_dir, "--global", *CLI_RUN, "--lr", "1e-30")
     assert code == 0, err
-    assert "no evaluation beat the converted model" in err and str(out_dir) in err
+    assert "no evaluation beat the global stage's start" in err and "holds the converted model" in err
+    assert str(out_dir) in err
     a, b = load_file(converted / "conv" / "model.safetensors"), load_file(out_dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # After a local stage the global stage starts from its result, which is what is kept.
+    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", converted / "unchanged-local", "--local",
+                        "--global", *CLI_RUN, "--lr", "1e-30")
+    assert code == 0, err
+    assert "holds the local stage's result" in err
 
 
 def test_cli_interrupt_names_the_checkpoint(converted, tmp_path, capsys, monkeypatch):

@@ -447,7 +447,7 @@ void run_blocks(const Plan& p, DType dtype, const float* z, void* y, int64_t r0,
 template <class V>
 void run_rows(const Plan& p, DType dtype, const void* x, void* y, int64_t r0, int64_t r1, float* scratch) {
   static_assert(kBlockRows == 8, "blocks_typed dispatches 1 .. 8 rows");
-  static_assert(core_chunk<V>() * V::W <= kMaxChunk, "the core tables must fit the scratch");
+  static_assert(slot_floats<V>() <= kMaxChunk, "the core tables must fit the scratch");
   switch (dtype) {
     case DType::kFloat32:
       rows_typed<V>(p, static_cast<const float*>(x), static_cast<float*>(y), r0, r1, scratch);

@@ -9,8 +9,9 @@ student is trained in place, in up to two stages:
    student) of the next-token distributions for causal LMs, relative MSE of the last hidden
    state plus ``1 - cos`` of the mean-pooled embedding for encoders, optionally plus a per-layer
    hidden-state MSE.  AdamW, linear warmup then cosine decay to 10%, gradient accumulation,
-   clipping, bf16 autocast where the hardware multiplies bf16; DDP / FSDP2 under torchrun; checkpoints and exact resume;
-   held-out evaluation every ``eval_every`` steps, keeping the best state.
+   clipping, bf16 autocast where the hardware multiplies bf16; DDP / FSDP2 under torchrun;
+   checkpoints and exact resume; held-out evaluation every ``eval_every`` steps, keeping the
+   best state.
 
 The default is the global stage alone: on SmolLM2 with equal wall-clock budgets, local then
 global recovered less than global alone (benchmarks/RESULTS.md, "Distillation (CPU)").
