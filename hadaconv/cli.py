@@ -535,8 +535,8 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
     out.print(report.curve_table())
     if "global" in report.stages and not report.best_step:
         start = "the local stage's result" if "local" in report.stages else "the converted model"
-        click.echo(f"note: no evaluation beat the global stage's start, so {output} holds {start} (a longer "
-                   "--max-time or another --lr may help)", err=True)
+        click.echo(f"note: no evaluation beat the global stage's start, so {output} holds {start} (a larger "
+                   "budget, --max-time / --max-steps / --max-tokens, or another --lr may help)", err=True)
     if checkpoint_dir is None:
         shutil.rmtree(folder, ignore_errors=True)  # the default checkpoints only serve an interrupted run
     click.echo(f"saved {output}")

@@ -391,7 +391,13 @@ ROWS = [
                       _write(t / "d.txt", "Hello there."), *DISTILL], r"too few|fewer than"),
     Row("distill-no-held-out-windows",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--max-steps", "1",
-                      "--samples", "8", "--seq-len", "16"], r"8 training windows leave none held out"),
+                      "--samples", "8", "--seq-len", "16"], r"8 training windows leave none held out for evaluation "
+                                                            r"\(--samples 8\)"),
+    Row("distill-no-held-out-windows-text",  # --samples is enough, the text is not: the message says which
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data",
+                      _write(t / "d.txt", "The cat sat on the mat and looked at the dog. " * 12), "--max-steps", "1",
+                      "--samples", "40", "--seq-len", "16"],
+        r"\d training windows leave none held out for evaluation \(the text makes only \d windows of 16 tokens\)"),
     Row("distill-batch-0", lambda w, t: ["distill", w.conv, "-o", t / "out", "--batch-size", "0"],
         r"'--batch-size': 0 is not in the range x>=1"),
     Row("distill-full-disk",

@@ -375,8 +375,11 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
     else:
         eval_ids, eval_source = heldout[: cfg.eval_windows], "held-out training windows"
     if len(eval_ids) == 0:  # every tenth window is held out: fewer than 10 leave none to evaluate on
-        raise InputError(f"{len(train)} training windows leave none held out for evaluation: give "
-                         "--samples 10 or more (and the text for them: --sampled or --data), or --eval-text")
+        # Name the limit that bit: the --samples asked for, or the text, which made fewer windows.
+        short = (f"--samples {cfg.samples}" if len(train) >= cfg.samples else
+                 f"the text makes only {len(train)} windows of {cfg.seq_len} tokens")
+        raise InputError(f"{len(train)} training windows leave none held out for evaluation ({short}): give "
+                         "--samples 10 or more and the text for them (--sampled or --data), or --eval-text")
     if len(train) < cfg.batch_size:
         raise HadaconvError(f"only {len(train)} training windows for a batch of {cfg.batch_size}: give more text")
     # The clock of max_time starts here: the text is sampled once per model (the 128 sequences
