@@ -10,7 +10,8 @@
 // One row of n = m * L floats (L = 2^k) goes through an fp32 scratch row that stays in L1:
 //   pass 0   load + convert the input, butterflies of strides < W inside each vector (shuffles),
 //            and up to 3 more strides across vectors, in registers; store to scratch; the next
-//            row's input is prefetched meanwhile, so memory and arithmetic overlap;
+//            row's input is prefetched meanwhile (over all passes on long rows, see Ahead), so
+//            memory and arithmetic overlap;
 //   pass 1+  radix-8 (then 4, 2) butterflies in place for the remaining strides < L; for m = 1
 //            the last group writes y = g * v + beta straight from registers;
 //   core     (m > 1) the m x m +-1 product, column chunk by column chunk: for each group of 4
@@ -42,11 +43,47 @@ struct BF16 {
 
 namespace {
 
-// Touches every cache line of [p, p + bytes) so it is in L1 by the time the next row needs it.
-inline void prefetch(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
-}
+// The next row's input, fetched into L1 while the current row is worked on, one cache line a
+// step (a step: about one vector through a Sylvester pass).  With kSpread a line comes every
+// `every` steps instead, `every` from the steps the previous row took (the rows of a call share
+// one plan), so that the fetch overlaps all of a long row's passes: fetched in a burst during
+// the first pass, it stalls that pass on the misses while the later passes leave memory idle
+// (n = 4096 and 8192 on the Intel Xeon: about 1.75x the elementwise floor in a burst, 1.4-1.5x
+// spread).  Where kSpread pays is decided by `spread`.
+template <bool kSpread>
+struct Ahead {
+  const char* p = nullptr;
+  int64_t left = 0;  // bytes of the next row not yet fetched
+  int64_t every = 1, count = 1;
+  int64_t steps = 0;  // steps taken in this row (kSpread)
+
+  HADACONV_HOT void step() {
+    if (kSpread) {
+      ++steps;
+      if (--count) return;
+      count = every;
+    }
+    if (left > 0) {
+      __builtin_prefetch(p, 0, 3);
+      p += 64;
+      left -= 64;
+    }
+  }
+  // Ends the row (fetching what is left) and begins one whose successor is [q, q + bytes), or
+  // nothing for q null.  The rate aims to finish the fetch by three quarters of the row.
+  void next(const void* q, int64_t bytes) {
+    for (; left > 0; p += 64, left -= 64) __builtin_prefetch(p, 0, 3);
+    if (kSpread) {
+      const int64_t lines = (bytes + 63) / 64;
+      every = steps > 0 && lines > 0 ? (3 * steps / 4) / lines : 1;
+      if (every < 1) every = 1;
+      count = every;
+      steps = 0;
+    }
+    p = static_cast<const char*>(q);
+    left = q ? bytes : 0;
+  }
+};
 
 template <class V, int P>
 HADACONV_HOT void butterflies(typename V::reg* v) {
@@ -71,15 +108,17 @@ struct Sink {
 // A radix-2^R butterfly group at stride `stride` (a multiple of V::W) over n floats of `s`: the
 // Sylvester stages commute, so that is simply all blocks of 2^R * stride elements.  With
 // kAffine the group is the last one and writes to the sink instead.
-template <class V, int R, bool kAffine, class T>
-HADACONV_HOT void radix_pass(float* s, int64_t n, int64_t stride, Sink<T> out) {
+template <class V, int R, bool kAffine, class T, class A>
+HADACONV_HOT void radix_pass(float* s, int64_t n, int64_t stride, Sink<T> out, A& ahead) {
   constexpr int P = 1 << R;
   const int64_t span = stride << R;
+  A ah = ahead;  // a local copy stays in registers (the stores below may alias anything)
   for (int64_t base = 0; base < n; base += span) {
     for (int64_t j = 0; j < stride; j += V::W) {
       const int64_t i = base + j;
       typename V::reg v[P];
       for (int t = 0; t < P; ++t) v[t] = V::load(s + i + t * stride);
+      for (int t = 0; t < P; ++t) ah.step();
       butterflies<V, P>(v);
       for (int t = 0; t < P; ++t) {
         const int64_t k = i + t * stride;
@@ -90,16 +129,17 @@ HADACONV_HOT void radix_pass(float* s, int64_t n, int64_t stride, Sink<T> out) {
       }
     }
   }
+  ahead = ah;
 }
 
 // Pass 0: n inputs -> scratch with every stride < W * 2^R done in registers.  The input is
-// read in contiguous runs of 2^R vectors, the way the hardware prefetcher likes it; `next`
-// (or null) is the next row's input at the same place, fetched at the same pace.
-template <class V, int R, bool kAffine, class T>
-HADACONV_HOT void first_pass(const T* x, float* s, int64_t n, const T* next, Sink<T> out) {
+// read in contiguous runs of 2^R vectors, the way the hardware prefetcher likes it.
+template <class V, int R, bool kAffine, class T, class A>
+HADACONV_HOT void first_pass(const T* x, float* s, int64_t n, Sink<T> out, A& ahead) {
   constexpr int P = 1 << R;
+  A ah = ahead;
   for (int64_t base = 0; base < n; base += P * V::W) {
-    if (next) prefetch(next + base, P * V::W * static_cast<int64_t>(sizeof(T)));
+    for (int t = 0; t < P; ++t) ah.step();
     typename V::reg v[P];
     for (int t = 0; t < P; ++t) v[t] = V::intra(V::load(x + base + t * V::W));
     butterflies<V, P>(v);
@@ -111,21 +151,22 @@ HADACONV_HOT void first_pass(const T* x, float* s, int64_t n, const T* next, Sin
         V::store(s + k, v[t]);
     }
   }
+  ahead = ah;
 }
 
-template <class V, bool kAffine, class T>
-inline void first_pass_r(int R, const T* x, float* s, int64_t n, const T* next, Sink<T> out) {
-  if (R == 3) first_pass<V, 3, kAffine>(x, s, n, next, out);
-  else if (R == 2) first_pass<V, 2, kAffine>(x, s, n, next, out);
-  else if (R == 1) first_pass<V, 1, kAffine>(x, s, n, next, out);
-  else first_pass<V, 0, kAffine>(x, s, n, next, out);
+template <class V, bool kAffine, class T, class A>
+inline void first_pass_r(int R, const T* x, float* s, int64_t n, Sink<T> out, A& ah) {
+  if (R == 3) first_pass<V, 3, kAffine>(x, s, n, out, ah);
+  else if (R == 2) first_pass<V, 2, kAffine>(x, s, n, out, ah);
+  else if (R == 1) first_pass<V, 1, kAffine>(x, s, n, out, ah);
+  else first_pass<V, 0, kAffine>(x, s, n, out, ah);
 }
 
-template <class V, bool kAffine, class T>
-inline void radix_pass_r(int R, float* s, int64_t n, int64_t stride, Sink<T> out) {
-  if (R == 3) radix_pass<V, 3, kAffine>(s, n, stride, out);
-  else if (R == 2) radix_pass<V, 2, kAffine>(s, n, stride, out);
-  else radix_pass<V, 1, kAffine>(s, n, stride, out);
+template <class V, bool kAffine, class T, class A>
+inline void radix_pass_r(int R, float* s, int64_t n, int64_t stride, Sink<T> out, A& ah) {
+  if (R == 3) radix_pass<V, 3, kAffine>(s, n, stride, out, ah);
+  else if (R == 2) radix_pass<V, 2, kAffine>(s, n, stride, out, ah);
+  else radix_pass<V, 1, kAffine>(s, n, stride, out, ah);
 }
 
 // Sylvester blocks up to this many floats are finished while they sit in L1, before the
@@ -137,40 +178,45 @@ constexpr int64_t kFuseStrideBytes = 1024;
 
 // H_L (unscaled) of every L-long segment of x[0, len) into s[0, len); with `fuse` (m = 1, no
 // blocks, len = L) the result goes to the sink instead, y = g * (H x) + beta.
-template <class V, class T>
-inline void sylvester(const T* x, float* s, int64_t len, int64_t L, const T* next, bool fuse, Sink<T> out) {
+template <class V, class T, class A>
+inline void sylvester(const T* x, float* s, int64_t len, int64_t L, bool fuse, Sink<T> out, A& ah) {
   const int64_t LB = L < kLocal ? L : kLocal;
   // Largest first group: strides W .. W * 2^R0 in registers.
   const int R0 = L >= 8 * V::W ? 3 : (L >= 4 * V::W ? 2 : (L >= 2 * V::W ? 1 : 0));
   const int64_t done0 = int64_t{V::W} << R0;  // strides below this are finished by pass 0
   if (LB == done0) {  // short segments: one pass over the whole run does everything
-    if (fuse) return first_pass_r<V, true>(R0, x, s, len, next, out);
-    return first_pass_r<V, false>(R0, x, s, len, next, out);
+    if (fuse) return first_pass_r<V, true>(R0, x, s, len, out, ah);
+    return first_pass_r<V, false>(R0, x, s, len, out, ah);
   }
   // Otherwise block by block, each finished while it sits in L1.
   for (int64_t base = 0; base < len; base += LB) {
     // Without `fuse` the sink is null and unused: offsetting a null pointer is undefined.
     const Sink<T> o = fuse ? Sink<T>{out.y + base, out.g + base, out.beta + base} : out;
-    first_pass_r<V, false>(R0, x + base, s + base, LB, next ? next + base : nullptr, o);
+    first_pass_r<V, false>(R0, x + base, s + base, LB, o, ah);
     for (int64_t done = done0; done < LB;) {
       const int64_t left = LB / done;  // 2^(stages left in the block)
       const int R = left >= 8 ? 3 : (left == 4 ? 2 : 1);
       if (fuse && LB == L && (done << R) == L && done * 4 < kFuseStrideBytes)
-        return radix_pass_r<V, true>(R, s + base, LB, done, o);
-      radix_pass_r<V, false>(R, s + base, LB, done, o);
+        return radix_pass_r<V, true>(R, s + base, LB, done, o, ah);
+      radix_pass_r<V, false>(R, s + base, LB, done, o, ah);
       done <<= R;
     }
   }
   for (int64_t done = LB; done < L;) {
     const int64_t left = L / done;
     const int R = left >= 8 ? 3 : (left == 4 ? 2 : 1);
-    if (fuse && (done << R) == L && done * 4 < kFuseStrideBytes) return radix_pass_r<V, true>(R, s, len, done, out);
-    radix_pass_r<V, false>(R, s, len, done, out);
+    if (fuse && (done << R) == L && done * 4 < kFuseStrideBytes) return radix_pass_r<V, true>(R, s, len, done, out, ah);
+    radix_pass_r<V, false>(R, s, len, done, out, ah);
     done <<= R;
   }
-  if (fuse)
-    for (int64_t k = 0; k < len; k += V::W)
+  if (fuse) {
+    A a = ah;
+    for (int64_t k = 0; k < len; k += V::W) {
+      a.step();
       V::store(out.y + k, V::fmadd(V::load(s + k), V::load(out.g + k), V::load(out.beta + k)));
+    }
+    ah = a;
+  }
 }
 
 // What the core pass works on: NV vectors per column chunk, either side by side in one row
@@ -226,9 +272,10 @@ HADACONV_HOT void sign_table(const CoreIo<T> io, int64_t Ls, int64_t col, int g,
 }
 
 // The core product z'[a*L + b] = sum_a' C[a][a'] z[a'*L + b] as table look-ups (see the file
-// comment), then y = g * z' + beta (kAffine) or z' -> out.
+// comment), then y = g * z' + beta (kAffine) or z' -> out.  Never inlined: GCC's inlined copy in
+// transform_row ran 30% slower at n = 768 (registers spilled).
 template <class V, int NV, bool kAffine, bool kRows, class T>
-inline void core_pass(const Plan& p, const CoreIo<T> io, int64_t Ls, float* tbl) {
+__attribute__((noinline)) void core_pass(const Plan& p, const CoreIo<T> io, int64_t Ls, float* tbl) {
   using reg = typename V::reg;
   constexpr int64_t S = slot_floats<V>();
   const int64_t L = p.L;
@@ -327,24 +374,22 @@ inline void core_row(const Plan& p, const CoreIo<T> io, int64_t Ls, float* tbl) 
 }
 
 // One row x -> y (or, with blocks, -> z' in `zrow` for block_pass_rows); `s` is the row
-// scratch (segments at a stride of segment_stride(L)), `tbl` the core's tables, `next` the next
-// row's input or null.
-template <class V, class T>
-inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* zrow, float* tbl, const T* next) {
+// scratch (segments at a stride of segment_stride(L)), `tbl` the core's tables.
+template <class V, class T, class A>
+inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* zrow, float* tbl, A& ah) {
   const int64_t L = p.L;
   const Sink<T> out{y, p.gvec, p.beta};
   if (p.m == 1) {
     // With blocks the Sylvester passes run in z' directly.
-    if (p.blocks) sylvester<V>(x, zrow, L, L, next, false, out);
-    else sylvester<V>(x, s, L, L, next, true, out);
+    if (p.blocks) sylvester<V>(x, zrow, L, L, false, out, ah);
+    else sylvester<V>(x, s, L, L, true, out, ah);
     return;
   }
   const int64_t Ls = segment_stride(L);
   if (Ls == L) {
-    sylvester<V>(x, s, p.n, L, next, false, out);
+    sylvester<V>(x, s, p.n, L, false, out, ah);
   } else {
-    for (int64_t a = 0; a < p.m; ++a)
-      sylvester<V>(x + a * L, s + a * Ls, L, L, next ? next + a * L : nullptr, false, out);
+    for (int64_t a = 0; a < p.m; ++a) sylvester<V>(x + a * L, s + a * Ls, L, L, false, out, ah);
   }
   const CoreIo<T> io{s, y, zrow, 0, 0};
   constexpr int NV = core_chunk<V>();
@@ -356,12 +401,12 @@ inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* zrow
 // row alone would give the core pass a single vector per look-up: together they read each
 // look-up offset, gamma and beta once for both.  s2 is a second row scratch; such short
 // segments are packed (segment_stride(L) = L).
-template <class V, class T>
-inline void transform_pair(const Plan& p, const T* x, T* y, float* s, float* s2, float* tbl, const T* next) {
+template <class V, class T, class A>
+inline void transform_pair(const Plan& p, const T* x, T* y, float* s, float* s2, float* tbl, A& ah) {
   const int64_t n = p.n, L = p.L;
   const Sink<T> none{nullptr, nullptr, nullptr};
-  sylvester<V>(x, s, n, L, x + n, false, none);
-  sylvester<V>(x + n, s2, n, L, next, false, none);
+  sylvester<V>(x, s, n, L, false, none, ah);
+  sylvester<V>(x + n, s2, n, L, false, none, ah);
   const CoreIo<T> io{s, y, nullptr, s2 - s, n};
   core_pass<V, 2, true, true>(p, io, L, tbl);
 }
@@ -385,15 +430,54 @@ inline void blocks_typed(const Plan& p, const float* z, T* y, int64_t r0, int64_
   }
 }
 
-// z' of rows [r0, r1) (at most kBlockRows) into z, the row scratch and tables from `scratch`.
+// Whether the next row is fetched at the pace of Ahead<true>: only rows whose Sylvester
+// passes go beyond the L1-sized blocks (a power of two over kLocal), where the first pass is a
+// small part of the row's work.  On shorter rows counting the steps cost more than it won
+// (n = 1024: 1.2x -> 1.5x the floor; rows with a core: 5-10% slower).
+inline bool spread(const Plan& p) {
+  return p.m == 1 && p.L > kLocal;
+}
+
+// z' of rows [r0, r1) (at most kBlockRows) into z, with the row scratch s and the tables tbl.
+template <class V, class A, class T>
+inline void transform_with(const Plan& p, const T* x, int64_t r0, int64_t r1, float* z, float* s, float* tbl, const T* after) {
+  const int64_t n = p.n;
+  A ah;
+  for (int64_t r = r0; r < r1; ++r) {
+    ah.next(r + 1 < r1 ? x + (r + 1) * n : after, n * static_cast<int64_t>(sizeof(T)));
+    transform_row<V>(p, x + r * n, static_cast<T*>(nullptr), s, z + (r - r0) * n, tbl, ah);
+  }
+}
+
+// The same, the row scratch and tables from `scratch`; `after` is the row that follows r1 - 1.
 template <class V, class T>
 inline void transform_typed(const Plan& p, const T* x, int64_t r0, int64_t r1, float* z, float* scratch, const T* after) {
-  const int64_t n = p.n;
   float* s = scratch;
-  float* tbl = scratch + scratch_tables(n, p.m);
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* next = r + 1 < r1 ? x + (r + 1) * n : after;
-    transform_row<V>(p, x + r * n, static_cast<T*>(nullptr), s, z + (r - r0) * n, tbl, next);
+  float* tbl = scratch + scratch_tables(p.n, p.m);
+  if (spread(p)) transform_with<V, Ahead<true>>(p, x, r0, r1, z, s, tbl, after);
+  else transform_with<V, Ahead<false>>(p, x, r0, r1, z, s, tbl, after);
+}
+
+// Rows [r0, r1) x -> y without block gammas; s the row scratch, s2 a second one for row pairs.
+template <class V, class A, class T>
+inline void rows_with(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, float* s, float* s2, float* tbl) {
+  const int64_t n = p.n;
+  A ah;
+  // Rows [r, r + k) start: fetch the k after them, as far as they lie in [r0, r1).
+  auto start = [&](int64_t r, int64_t k) {
+    const int64_t e = r + 2 * k < r1 ? r + 2 * k : r1;
+    if (e > r + k) ah.next(x + (r + k) * n, (e - r - k) * n * static_cast<int64_t>(sizeof(T)));
+    else ah.next(nullptr, 0);
+  };
+  int64_t r = r0;
+  if (p.m > 1 && p.L == V::W && core_chunk<V>() == 2)
+    for (; r + 1 < r1; r += 2) {
+      start(r, 2);
+      transform_pair<V>(p, x + r * n, y + r * n, s, s2, tbl, ah);
+    }
+  for (; r < r1; ++r) {
+    start(r, 1);
+    transform_row<V>(p, x + r * n, y + r * n, s, nullptr, tbl, ah);
   }
 }
 
@@ -403,7 +487,7 @@ template <class V, class T>
 inline void rows_typed(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, float* scratch) {
   const int64_t n = p.n;
   float* s = scratch;
-  float* z = scratch + scratch_z(n, p.m);
+  float* z = scratch + scratch_z(n, p.m);  // without block gammas: the second row's scratch
   float* tbl = scratch + scratch_tables(n, p.m);
   if (p.blocks) {
     for (int64_t r = r0; r < r1; r += kBlockRows) {
@@ -413,11 +497,8 @@ inline void rows_typed(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, 
     }
     return;
   }
-  auto next = [&](int64_t r) { return r + 1 < r1 ? x + (r + 1) * n : nullptr; };
-  int64_t r = r0;
-  if (p.m > 1 && p.L == V::W && core_chunk<V>() == 2)  // the second row's scratch: z, unused here
-    for (; r + 1 < r1; r += 2) transform_pair<V>(p, x + r * n, y + r * n, s, z, tbl, next(r + 1));
-  for (; r < r1; ++r) transform_row<V>(p, x + r * n, y + r * n, s, nullptr, tbl, next(r));
+  if (spread(p)) rows_with<V, Ahead<true>>(p, x, y, r0, r1, s, z, tbl);
+  else rows_with<V, Ahead<false>>(p, x, y, r0, r1, s, z, tbl);
 }
 
 template <class V>
