@@ -10,7 +10,7 @@
 // One row of n = m * L floats (L = 2^k) goes through an fp32 scratch row that stays in L1:
 //   pass 0   load + convert the input, butterflies of strides < W inside each vector (shuffles),
 //            and up to 3 more strides across vectors, in registers; store to scratch; the next
-//            row's input is prefetched meanwhile (over all passes on long rows, see Ahead), so
+//            row's input is prefetched meanwhile (over all passes on long rows, see Paced), so
 //            memory and arithmetic overlap;
 //   pass 1+  radix-8 (then 4, 2) butterflies in place for the remaining strides < L; for m = 1
 //            the last group writes y = g * v + beta straight from registers;
@@ -43,26 +43,18 @@ struct BF16 {
 
 namespace {
 
-// The next row's input, fetched into L1 while the current row is worked on, one cache line a
-// step (a step: about one vector through a Sylvester pass).  With kSpread a line comes every
-// `every` steps instead, `every` from the steps the previous row took (the rows of a call share
-// one plan), so that the fetch overlaps all of a long row's passes: fetched in a burst during
-// the first pass, it stalls that pass on the misses while the later passes leave memory idle
-// (n = 4096 and 8192 on the Intel Xeon: about 1.75x the elementwise floor in a burst, 1.4-1.5x
-// spread).  Where kSpread pays is decided by `spread`.
-template <bool kSpread>
-struct Ahead {
+// How the next row's input reaches L1 while the current row is worked on.  A step is about one
+// vector through a Sylvester pass; the passes take their own copy of the state (a local stays in
+// registers, and the vector stores around it may alias anything).
+//
+// Burst: one cache line a step of the first pass, as that pass loads the current row, so the
+// misses overlap its arithmetic.
+struct Burst {
+  static constexpr bool kPaced = false;
   const char* p = nullptr;
   int64_t left = 0;  // bytes of the next row not yet fetched
-  int64_t every = 1, count = 1;
-  int64_t steps = 0;  // steps taken in this row (kSpread)
 
   HADACONV_HOT void step() {
-    if (kSpread) {
-      ++steps;
-      if (--count) return;
-      count = every;
-    }
     if (left > 0) {
       __builtin_prefetch(p, 0, 3);
       p += 64;
@@ -70,18 +62,52 @@ struct Ahead {
     }
   }
   // Ends the row (fetching what is left) and begins one whose successor is [q, q + bytes), or
-  // nothing for q null.  The rate aims to finish the fetch by three quarters of the row.
+  // nothing for q null.
   void next(const void* q, int64_t bytes) {
     for (; left > 0; p += 64, left -= 64) __builtin_prefetch(p, 0, 3);
-    if (kSpread) {
-      const int64_t lines = (bytes + 63) / 64;
-      every = steps > 0 && lines > 0 ? (3 * steps / 4) / lines : 1;
-      if (every < 1) every = 1;
-      count = every;
-      steps = 0;
-    }
     p = static_cast<const char*>(q);
     left = q ? bytes : 0;
+  }
+};
+
+// Paced: one line every `every` steps of every pass, `every` from the steps the previous row
+// took (the rows of a call share one plan; the first row fetches a line a step), aiming to finish
+// by three quarters of the row.  On a long row the first pass is a small part of the work: a
+// burst there stalls it on the misses while the later passes leave memory idle (n = 4096 and
+// 8192 on the Intel Xeon: about 1.75x the elementwise floor in a burst, 1.3-1.6x paced).  A next
+// row over kL1Row bytes goes to L2 only: in L1 (48 KB here) it would evict the current row's
+// scratch (n = 8192: 1.64-1.89x the floor fetched into L1, 1.55-1.67x into L2).  Where pacing
+// pays is decided by `paced`.
+constexpr int64_t kL1Row = 16384;
+struct Paced {
+  static constexpr bool kPaced = true;
+  const char* p = nullptr;
+  int64_t left = 0;
+  int64_t every = 1, count = 1;
+  int64_t steps = 0;  // steps taken in this row
+  bool to_l2 = false;
+
+  HADACONV_HOT void step() {
+    ++steps;
+    if (--count) return;
+    count = every;
+    if (left > 0) {
+      if (to_l2) __builtin_prefetch(p, 0, 2);
+      else __builtin_prefetch(p, 0, 3);
+      p += 64;
+      left -= 64;
+    }
+  }
+  void next(const void* q, int64_t bytes) {
+    for (; left > 0; p += 64, left -= 64) __builtin_prefetch(p, 0, 2);
+    const int64_t lines = (bytes + 63) / 64;
+    every = steps > 0 && lines > 0 ? (3 * steps / 4) / lines : 1;
+    if (every < 1) every = 1;
+    count = every;
+    steps = 0;
+    p = static_cast<const char*>(q);
+    left = q ? bytes : 0;
+    to_l2 = bytes > kL1Row;
   }
 };
 
@@ -112,13 +138,14 @@ template <class V, int R, bool kAffine, class T, class A>
 HADACONV_HOT void radix_pass(float* s, int64_t n, int64_t stride, Sink<T> out, A& ahead) {
   constexpr int P = 1 << R;
   const int64_t span = stride << R;
-  A ah = ahead;  // a local copy stays in registers (the stores below may alias anything)
+  A ah = ahead;
   for (int64_t base = 0; base < n; base += span) {
     for (int64_t j = 0; j < stride; j += V::W) {
       const int64_t i = base + j;
       typename V::reg v[P];
       for (int t = 0; t < P; ++t) v[t] = V::load(s + i + t * stride);
-      for (int t = 0; t < P; ++t) ah.step();
+      if constexpr (A::kPaced)
+        for (int t = 0; t < P; ++t) ah.step();
       butterflies<V, P>(v);
       for (int t = 0; t < P; ++t) {
         const int64_t k = i + t * stride;
@@ -129,7 +156,7 @@ HADACONV_HOT void radix_pass(float* s, int64_t n, int64_t stride, Sink<T> out, A
       }
     }
   }
-  ahead = ah;
+  if constexpr (A::kPaced) ahead = ah;
 }
 
 // Pass 0: n inputs -> scratch with every stride < W * 2^R done in registers.  The input is
@@ -212,10 +239,10 @@ inline void sylvester(const T* x, float* s, int64_t len, int64_t L, bool fuse, S
   if (fuse) {
     A a = ah;
     for (int64_t k = 0; k < len; k += V::W) {
-      a.step();
+      if constexpr (A::kPaced) a.step();
       V::store(out.y + k, V::fmadd(V::load(s + k), V::load(out.g + k), V::load(out.beta + k)));
     }
-    ah = a;
+    if constexpr (A::kPaced) ah = a;
   }
 }
 
@@ -430,11 +457,10 @@ inline void blocks_typed(const Plan& p, const float* z, T* y, int64_t r0, int64_
   }
 }
 
-// Whether the next row is fetched at the pace of Ahead<true>: only rows whose Sylvester
-// passes go beyond the L1-sized blocks (a power of two over kLocal), where the first pass is a
-// small part of the row's work.  On shorter rows counting the steps cost more than it won
-// (n = 1024: 1.2x -> 1.5x the floor; rows with a core: 5-10% slower).
-inline bool spread(const Plan& p) {
+// Whether the next row is Paced: only rows whose Sylvester passes go beyond the L1-sized blocks
+// (a power of two over kLocal), where the first pass is a small part of the row's work.  On
+// shorter rows counting the steps cost more than it won (rows with a core: 5-10% slower).
+inline bool paced(const Plan& p) {
   return p.m == 1 && p.L > kLocal;
 }
 
@@ -454,8 +480,8 @@ template <class V, class T>
 inline void transform_typed(const Plan& p, const T* x, int64_t r0, int64_t r1, float* z, float* scratch, const T* after) {
   float* s = scratch;
   float* tbl = scratch + scratch_tables(p.n, p.m);
-  if (spread(p)) transform_with<V, Ahead<true>>(p, x, r0, r1, z, s, tbl, after);
-  else transform_with<V, Ahead<false>>(p, x, r0, r1, z, s, tbl, after);
+  if (paced(p)) transform_with<V, Paced>(p, x, r0, r1, z, s, tbl, after);
+  else transform_with<V, Burst>(p, x, r0, r1, z, s, tbl, after);
 }
 
 // Rows [r0, r1) x -> y without block gammas; s the row scratch, s2 a second one for row pairs.
@@ -497,8 +523,8 @@ inline void rows_typed(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, 
     }
     return;
   }
-  if (spread(p)) rows_with<V, Ahead<true>>(p, x, y, r0, r1, s, z, tbl);
-  else rows_with<V, Ahead<false>>(p, x, y, r0, r1, s, z, tbl);
+  if (paced(p)) rows_with<V, Paced>(p, x, y, r0, r1, s, z, tbl);
+  else rows_with<V, Burst>(p, x, y, r0, r1, s, z, tbl);
 }
 
 template <class V>
