@@ -514,6 +514,11 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
                         checkpoint_dir=str(folder), checkpoint_every=checkpoint_every, resume=resume,
                         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, device=device, dtype=dtype,
                         bf16=bf16, seed=seed)
+    from hadaconv.distill.parallel import is_main
+
+    if resume and not (folder / CHECKPOINT).is_file() and is_main():
+        click.echo(f"note: --resume found no checkpoint in {folder}, so the run starts from the beginning",
+                   err=True)
     try:
         report = distill_file(converted, output, cfg, teacher=teacher, overwrite=overwrite)
     except OutputError as exc:
@@ -527,14 +532,18 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
                        "to continue from it", err=True)
             sys.exit(130)
         raise
-    from hadaconv.distill.parallel import is_main
-
     if not is_main():
         return
     out.print(report.table())
-    out.print(report.curve_table())
+    if report.curve:
+        out.print(report.curve_table())
+    local_kept = "local" in report.stages and report.local_kept
+    if "local" in report.stages and not report.local_kept:
+        click.echo(f"note: the local stage left the held-out {report.metric} worse ({report.before:.4g} -> "
+                   f"{report.after_local:.4g}), so it was undone (another --local-lr or --local-steps may help)",
+                   err=True)
     if "global" in report.stages and not report.best_step:
-        start = "the local stage's result" if "local" in report.stages else "the converted model"
+        start = "the local stage's result" if local_kept else "the converted model"
         click.echo(f"note: no evaluation beat the global stage's start, so {output} holds {start} (a larger "
                    "budget, --max-time / --max-steps / --max-tokens, or another --lr may help)", err=True)
     if checkpoint_dir is None:

@@ -235,8 +235,11 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
         console.print(f"sampling text from the model, once for this model: {todo} x {seq_len} tokens{cached}, "
                       f"cached in {paths[0].parent} (fewer sequences make a quicker first try: convert --samples, distill --sampled)", highlight=False)
     elif progress:  # reused text should not be a surprise: say where it comes from (and how to renew it)
+        # Name the files, not the folder: it holds every model's text.
+        where = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent / paths[0].stem}*.jsonl"
         console.print(f"using {samples} x {seq_len} tokens of text sampled from this model earlier, cached in "
-                      f"{paths[0].parent} (delete it to sample afresh)", highlight=False)
+                      f"{where} (delete {'it' if len(paths) == 1 else 'those files'} to sample afresh)",
+                      highlight=False)
     texts: list[str] = []
     for i, (count, path) in enumerate(zip(counts, paths)):
         texts += (_sample_into(path, model, tokenizer, samples=count, seq_len=seq_len, batch_size=batch_size,

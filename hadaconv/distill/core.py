@@ -80,11 +80,14 @@ class DistillConfig:
             max_time in seconds, counting the local stage too but not preparing the text, which
             may sample it); none set = one pass over the data.
         local_steps, local_lr, local_windows: the local stage: steps per block, its learning
-            rate, and how many windows are recorded for it.
+            rate, and how many windows are recorded for it.  A block whose own error rises is
+            reset; a stage that leaves the held-out metric worse is undone whole
+            (``DistillReport.local_kept``).
         eval_text: held-out text file; None = the held-out tenth of the training windows.
         eval_every, eval_windows: evaluate every K steps on at most this many windows.
         checkpoint_dir, checkpoint_every, resume: checkpoints every K steps; ``resume``
-            continues from the checkpoint in ``checkpoint_dir`` when there is one.
+            continues from the checkpoint in ``checkpoint_dir`` when there is one (the CLI says
+            when there is none).
         seed: seeds the data order and torch.
         gradient_checkpointing: recompute activations in the backward pass (Hugging Face
             models; the student then runs in train mode, i.e. with its configured dropout).
@@ -157,6 +160,10 @@ class DistillReport:
     teacher: float | None = None
     before: float | None = None
     after_local: float | None = None
+    #: False where the local stage left the held-out metric worse than it found it and was undone
+    #: (the per-block errors it lowers do not always carry to the whole model).
+    local_kept: bool = True
+    local_steps: int = 0  # per converted block
     after: float | None = None
     best_step: int | None = None
     steps: int = 0
@@ -185,11 +192,18 @@ class DistillReport:
         t.add_row("teacher (original)", num(self.teacher))
         t.add_row("converted, before", num(self.before))
         if "local" in self.stages:
-            t.add_row("after local stage", num(self.after_local))
-        t.add_row("after distillation" + (f" (best, step {self.best_step})" if self.best_step else ""),
-                  num(self.after))
-        t.caption = (f"stages {'+'.join(self.stages)}, train {self.train} ({self.trainable_params:,} params), "
-                     f"{self.steps} steps, {self.tokens:,} tokens, {self.seconds:.0f} s, {self.world_size} process(es), autocast {self.autocast}")
+            t.add_row("after local stage" + ("" if self.local_kept else " (worse: undone)"), num(self.after_local))
+        if "global" in self.stages:
+            t.add_row("after distillation" + (f" (best, step {self.best_step})" if self.best_step else ""),
+                      num(self.after))
+        parts = []
+        if "local" in self.stages:
+            parts.append(f"local stage: {len(self.local)} blocks x {self.local_steps} steps")
+        if "global" in self.stages:
+            parts.append(f"global stage: train {self.train} ({self.trainable_params:,} params), {self.steps} steps, "
+                         f"{self.tokens:,} tokens")
+        run = f"{self.seconds:.0f} s, {self.world_size} process(es), autocast {self.autocast}"
+        t.caption = "; ".join([*parts, run])
         return t
 
     def curve_table(self):
@@ -444,10 +458,19 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
     if "local" in stages and resumed is None:
         pick = torch.linspace(0, len(train) - 1, min(cfg.local_windows, len(train))).round().long().unique()
         bs = max(d.world, min(cfg.batch_size, len(pick)) // d.world * d.world)
+        start_state = [(p, p.detach().clone()) for name in blocks for p in student.get_submodule(name).parameters()]
         results = reconstruct_blocks(student, teacher, blocks, train[pick], run_teacher, batch_size=bs,
                                      steps=cfg.local_steps, lr=cfg.local_lr, clip=cfg.clip, d=d, autocast=autocast)
-        report.local = [asdict(r) for r in results]
+        report.local, report.local_steps = [asdict(r) for r in results], cfg.local_steps
         report.after_local = evaluate(student)[0]
+        # The held-out metric decides, as it does for the global stage's steps (NaN is worse).
+        if not evaluate.loss(report.after_local) <= evaluate.loss(report.before):
+            with torch.no_grad():
+                for p, p0 in start_state:
+                    p.copy_(p0)
+            report.local_kept = False
+        del start_state
+    start_metric = report.after_local if "local" in stages and report.local_kept else report.before
 
     if "global" in stages:
         if cfg.max_steps is None and cfg.max_tokens is None and cfg.max_time is None:
@@ -466,7 +489,8 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
         def save() -> None:
             if folder is None:
                 return
-            record = {k: getattr(report, k) for k in ("teacher", "before", "after_local", "local", "curve", "best_step")}
+            record = {k: getattr(report, k) for k in ("teacher", "before", "after_local", "local_kept", "local_steps",
+                                                      "local", "curve", "best_step")}
             ckpt.save_checkpoint(folder, model=student, optimizer=opt, best=best, record=record,
                                  counters={"step": step, "tokens": tokens, "elapsed": elapsed(), "best_loss": best_loss},
                                  fingerprint=cfg.fingerprint(), main=main)
@@ -483,7 +507,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
                 best = ckpt.trainable_state(student)
 
         if resumed is None:  # the starting point competes for "best" too
-            consider(report.after_local if "local" in stages else report.before, None)
+            consider(start_metric, None)
         perms: dict[int, torch.Tensor] = {}
         micro = cfg.batch_size // micro_total
         bar = _Bar(cfg.progress and main)
@@ -536,7 +560,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
             ckpt.restore_trainable(student, best, from_rank0=cfg.fsdp)
         report.after = next(p["metric"] for p in report.curve if p["step"] == report.best_step)
     else:
-        report.after = report.after_local
+        report.after = start_metric
     report.steps, report.tokens = step, tokens
     report.seconds = elapsed()
     if cfg.fsdp:  # a collective: every rank gathers, rank 0 receives
