@@ -534,6 +534,8 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
         raise
     if not is_main():
         return
+    if checkpoint_dir is None:  # the output is saved: the default checkpoints only served an interruption
+        shutil.rmtree(folder, ignore_errors=True)
     out.print(report.table())
     if report.curve:
         out.print(report.curve_table())
@@ -546,8 +548,6 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
         start = "the local stage's result" if local_kept else "the converted model"
         click.echo(f"note: no evaluation beat the global stage's start, so {output} holds {start} (a larger "
                    "budget, --max-time / --max-steps / --max-tokens, or another --lr may help)", err=True)
-    if checkpoint_dir is None:
-        shutil.rmtree(folder, ignore_errors=True)  # the default checkpoints only serve an interrupted run
     click.echo(f"saved {output}")
 
 
