@@ -196,6 +196,19 @@ def test_sampled_sets_how_much_text_the_teacher_writes(tokenizer, monkeypatch):
     assert asked == [384]
 
 
+def test_too_few_windows_fail_before_any_text_is_sampled(tokenizer, monkeypatch):
+    import hadaconv.distill.core as core
+    from hadaconv.errors import InputError
+
+    def never(*args, **kwargs):
+        raise AssertionError("text was prepared before the check")
+
+    monkeypatch.setattr(core, "calibration_texts", never)
+    student, teacher = _pair("llama", tokenizer)
+    with pytest.raises(InputError, match=r"9 training windows leave none held out for evaluation \(--samples 9\)"):
+        distill(student, teacher, tokenizer, DistillConfig(stages=["global"], **{**RUN, "samples": 9, "data": None}))
+
+
 def test_local_stage_reduces_every_block_error(tokenizer):
     """The stage itself (reconstruct_blocks, as distill calls it on one process)."""
     from contextlib import nullcontext

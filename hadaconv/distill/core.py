@@ -356,6 +356,8 @@ def distill(
                         ("sampled", cfg.sampled)):
         if value < 1:
             raise HadaconvError(f"{name} must be at least 1, got {value}")
+    if cfg.eval_text is None and cfg.samples < HELDOUT_EVERY:  # say so before any text is sampled
+        raise _no_heldout(cfg.samples, f"--samples {cfg.samples}")
     blocks = converted_blocks(student, teacher, adapter)
     if not blocks:
         raise HadaconvError("the student has no converted attention blocks: convert it first (hadaconv convert)")
@@ -365,6 +367,15 @@ def distill(
         return _run(student, teacher, tokenizer, cfg, stages, kind, blocks, d, callback)
     finally:
         d.close()
+
+
+#: Every tenth training window is held out for evaluation (:func:`hadaconv.calibrate.token_windows`).
+HELDOUT_EVERY = 10
+
+
+def _no_heldout(windows: int, limit: str) -> InputError:
+    return InputError(f"{windows} training windows leave none held out for evaluation ({limit}): give --samples "
+                      f"{HELDOUT_EVERY} or more and the text for them (--sampled or --data), or --eval-text")
 
 
 def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kind: str, blocks: list[str],
@@ -388,12 +399,11 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
         eval_source = path.name
     else:
         eval_ids, eval_source = heldout[: cfg.eval_windows], "held-out training windows"
-    if len(eval_ids) == 0:  # every tenth window is held out: fewer than 10 leave none to evaluate on
+    if len(eval_ids) == 0:
         # Name the limit that bit: the --samples asked for, or the text, which made fewer windows.
         short = (f"--samples {cfg.samples}" if len(train) >= cfg.samples else
                  f"the text makes only {len(train)} windows of {cfg.seq_len} tokens")
-        raise InputError(f"{len(train)} training windows leave none held out for evaluation ({short}): give "
-                         "--samples 10 or more and the text for them (--sampled or --data), or --eval-text")
+        raise _no_heldout(len(train), short)
     if len(train) < cfg.batch_size:
         raise HadaconvError(f"only {len(train)} training windows for a batch of {cfg.batch_size}: give more text")
     # The clock of max_time starts here: the text is sampled once per model (the 128 sequences
