@@ -78,13 +78,13 @@ def _read_jsonl(path: Path) -> list[str]:
     return texts
 
 
-def check_sources(sources: Sequence[str | Path] | str | None) -> None:
-    """Refuse a file or folder source that does not exist (raises HadaconvError), so that a run
-    fails before it loads a model rather than after; the names ``sample``, ``shakespeare`` and
-    ``none`` are no paths."""
+def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calibration") -> None:
+    """Refuse a file or folder source that does not exist (raises HadaconvError, "``what`` source
+    not found: ..."), so that a run fails before it loads a model rather than after; the names
+    ``sample``, ``shakespeare`` and ``none`` are no paths."""
     for src in [sources] if isinstance(sources, (str, Path)) else sources or []:
         if str(src) not in ("sample", "shakespeare", "none") and not Path(src).exists():
-            raise HadaconvError(f"calibration source not found: {src}")
+            raise HadaconvError(f"{what} source not found: {src}")
 
 
 def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
@@ -112,7 +112,7 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
         texts += _read_jsonl(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8", errors="replace")]
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise HadaconvError("the calibration sources hold no text")
+        raise HadaconvError("the text sources hold no text")
     return texts
 
 

@@ -377,7 +377,7 @@ ROWS = [
         lambda w, t: ["distill", w.conv, "-o", _write(t / "notes.txt", "keep") / "sub", *DISTILL],
         r"cannot create a folder under .*notes\.txt: it is a file", lambda mp, w, t: _no_model(mp)),
     Row("distill-missing-data", lambda w, t: ["distill", w.conv, "-o", t / "out", "--data", t / "nope.txt", *DISTILL],
-        r"calibration source not found: .*nope\.txt", lambda mp, w, t: _no_model(mp)),
+        r"training text source not found: .*nope\.txt", lambda mp, w, t: _no_model(mp)),
     Row("distill-missing-teacher", lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", t / "nope",
                                                  *DISTILL], r"teacher not found"),
     Row("distill-existing-output",
