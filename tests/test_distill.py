@@ -327,7 +327,10 @@ def test_cli_end_to_end_and_two_ddp_ranks_equal_one_process(converted, capsys):
     model = hadaconv.load(one)
     meta = json.loads((one / "config.json").read_text())["hadaconv"]
     assert meta["layers"] == [0, 1] and meta["distill"]["steps"] == 3
-    assert json.loads((one / "report.json").read_text())["distill"]["curve"]
+    saved = json.loads((one / "report.json").read_text())["distill"]
+    assert saved["curve"] and saved["seq_len"] == 16 and saved["eval_windows"] == 2
+    assert saved["train_windows"] == 44 and "sampled from the model" in saved["data_source"]  # 48 less 4 held out
+    assert "sampled from the model" in " ".join(out.split())  # the caption says what it trained on
     assert sum(isinstance(m, hadaconv.HadamardProjection) for m in model.modules()) == 2
 
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

@@ -156,6 +156,12 @@ class DistillReport:
     stages: list[str]
     train: str
     eval_source: str
+    #: The training text, as :func:`hadaconv.sample.calibration_texts` describes it, and the
+    #: windows cut from it (``seq_len`` tokens each; ``eval_windows`` held out when no eval text).
+    data_source: str = ""
+    train_windows: int = 0
+    eval_windows: int = 0
+    seq_len: int = 0
     trainable_params: int = 0
     teacher: float | None = None
     before: float | None = None
@@ -202,6 +208,8 @@ class DistillReport:
         if "global" in self.stages:
             parts.append(f"global stage: train {self.train} ({self.trainable_params:,} params), {self.steps} steps, "
                          f"{self.tokens:,} tokens")
+        if self.data_source:
+            parts.append(f"text: {self.data_source}, {self.train_windows:,} windows of {self.seq_len} tokens")
         run = f"{self.seconds:.0f} s, {self.world_size} process(es), autocast {self.autocast}"
         t.caption = "; ".join([*parts, run])
         return t
@@ -387,8 +395,8 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
     main = d.main
 
     # Data: training windows, and held-out windows for evaluation.
-    texts, _ = calibration_texts(teacher, tokenizer, cfg.data, samples=cfg.sampled, seq_len=cfg.seq_len,
-                                 progress=cfg.progress and main)
+    texts, data_source = calibration_texts(teacher, tokenizer, cfg.data, samples=cfg.sampled, seq_len=cfg.seq_len,
+                                           progress=cfg.progress and main)
     train, heldout = token_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
     if cfg.eval_text:
         path = Path(cfg.eval_text)
@@ -430,7 +438,9 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
 
     evaluate = _Evaluator(kind, teacher, eval_ids, d.device)
     report = DistillReport(kind=kind, metric="perplexity" if kind == "causal-lm" else "embedding cosine",
-                           stages=stages, train=cfg.train, eval_source=eval_source, trainable_params=n_train,
+                           stages=stages, train=cfg.train, eval_source=eval_source, data_source=data_source,
+                           train_windows=len(train), eval_windows=len(eval_ids), seq_len=cfg.seq_len,
+                           trainable_params=n_train,
                            world_size=d.world, autocast="bfloat16" if use_amp else "off")
     if cfg.fsdp and "local" in stages:
         raise HadaconvError("the local stage trains whole blocks on one device; with --fsdp use --global only")
