@@ -142,7 +142,9 @@ def main() -> None:
     speed = decode_speed(bundles, args.repeats)
     lap(f"decode speed ({args.repeats} x 2 runs)")
 
-    caption = ("held-out perplexity: 4 x 512 tokens per domain, text neither conversion nor distillation saw; "
+    caption = (f"calibration and distillation text: {args.samples} sequences of 256 tokens the model wrote "
+               f"(convert's default is 128: the demo takes fewer to stay short, and converts worse for it); "
+               "held-out perplexity: 4 x 512 tokens per domain, text neither conversion nor distillation saw; "
                f"decode: batch 1, 32 greedy tokens after {PROMPT!r}, {args.repeats} runs per model alternating; "
                "right after conversion (before distillation): "
                + ", ".join(f"{d} {v:.2f}" for d, v in ppl_converted.items()) + "; "
