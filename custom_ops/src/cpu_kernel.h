@@ -20,7 +20,8 @@
 //            m/4 adds instead of m multiply-adds (the "mailman" trick for +-1 matrices); the
 //            diagonal affine is fused into the write-out.  Where a segment is a single vector
 //            (576 = 36 x 16 with AVX-512) two rows go through the core together, sharing each
-//            look-up offset, gamma and beta;
+//            look-up offset, gamma and beta, and the segments' transform (`intra`) is done as
+//            the core loads the input: no pass 0, no scratch row;
 //   blocks   block-diagonal gammas take one more pass (b x b products, kBlockRows rows at once).
 #pragma once
 
@@ -251,9 +252,9 @@ inline void sylvester(const T* x, float* s, int64_t len, int64_t L, bool fuse, S
 // from there too) or the same columns of NV rows (kRows true: vector v is v * zstep floats
 // further in the scratch, v * ystep elements further in the output, and shares gamma and beta
 // with vector 0).
-template <class T>
+template <class T, class Z = float>
 struct CoreIo {
-  const float* z;  // segment a' of the transformed row at z + a' * Ls
+  const Z* z;      // segment a' of the transformed row at z + a' * Ls (see kIntra in sign_table)
   T* y;            // the output row (the affine fused), or null
   float* out;      // z' without the affine (block gammas follow), or null
   int64_t zstep, ystep;  // kRows only
@@ -273,16 +274,24 @@ constexpr int64_t slot_floats() {
   return int64_t{core_chunk<V>()} * V::W;
 }
 
+template <class V, bool kIntra, class Z>
+HADACONV_HOT typename V::reg load_z(const Z* z) {
+  return kIntra ? V::intra(V::load(z)) : V::load(z);
+}
+
 // The 16 signed sums of core columns 4g .. 4g+3 for the NV vectors at `col`: slot s (bit 3 - i
-// set where z_i enters with -1) at tbl + (g * 16 + s) * slot_floats<V>() + v * W.
-template <class V, int NV, bool kRows, class T>
-HADACONV_HOT void sign_table(const CoreIo<T> io, int64_t Ls, int64_t col, int g, float* tbl) {
+// set where z_i enters with -1) at tbl + (g * 16 + s) * slot_floats<V>() + v * W.  With kIntra
+// the segments are single vectors of the input row itself, their Sylvester transform (`intra`)
+// done as they are loaded: no first pass, no scratch row.
+template <class V, int NV, bool kRows, bool kIntra, class T, class Z>
+HADACONV_HOT void sign_table(const CoreIo<T, Z> io, int64_t Ls, int64_t col, int g, float* tbl) {
   using reg = typename V::reg;
   constexpr int64_t S = slot_floats<V>();
   float* t = tbl + g * 16 * S;
   for (int v = 0; v < NV; ++v) {
-    const float* zc = io.z + v * (kRows ? io.zstep : V::W) + 4 * g * Ls + col;
-    const reg z0 = V::load(zc), z1 = V::load(zc + Ls), z2 = V::load(zc + 2 * Ls), z3 = V::load(zc + 3 * Ls);
+    const Z* zc = io.z + v * (kRows ? io.zstep : V::W) + 4 * g * Ls + col;
+    const reg z0 = load_z<V, kIntra>(zc), z1 = load_z<V, kIntra>(zc + Ls), z2 = load_z<V, kIntra>(zc + 2 * Ls),
+              z3 = load_z<V, kIntra>(zc + 3 * Ls);
     const reg a0 = V::add(z0, z1), a1 = V::sub(z0, z1);
     const reg b[4] = {V::add(a0, z2), V::sub(a0, z2), V::add(a1, z2), V::sub(a1, z2)};
     reg q[8];
@@ -301,14 +310,19 @@ HADACONV_HOT void sign_table(const CoreIo<T> io, int64_t Ls, int64_t col, int g,
 // The core product z'[a*L + b] = sum_a' C[a][a'] z[a'*L + b] as table look-ups (see the file
 // comment), then y = g * z' + beta (kAffine) or z' -> out.  Never inlined: GCC's inlined copy in
 // transform_row ran 30% slower at n = 768 (registers spilled).
-template <class V, int NV, bool kAffine, bool kRows, class T>
-__attribute__((noinline)) void core_pass(const Plan& p, const CoreIo<T> io, int64_t Ls, float* tbl) {
+template <class V, int NV, bool kAffine, bool kRows, bool kIntra = false, class T, class Z, class A>
+__attribute__((noinline)) void core_pass(const Plan& p, const CoreIo<T, Z> io, int64_t Ls, float* tbl, A& ahead) {
   using reg = typename V::reg;
   constexpr int64_t S = slot_floats<V>();
   const int64_t L = p.L;
   const int m = static_cast<int>(p.m), G = m / 4;
+  A ah = ahead;
   for (int64_t col = 0; col < L; col += (kRows ? 1 : NV) * V::W) {
-    for (int g = 0; g < G; ++g) sign_table<V, NV, kRows>(io, Ls, col, g, tbl);
+    for (int g = 0; g < G; ++g) {
+      if constexpr (kIntra)  // the fetch of the next rows, as the first pass would have made it
+        for (int t = 0; t < 4 * NV; ++t) ah.step();
+      sign_table<V, NV, kRows, kIntra>(io, Ls, col, g, tbl);
+    }
     for (int a = 0; a < m; ++a) {
       const uint16_t* sl = p.slots + a * G;
       reg acc[NV], acc2[NV];  // two chains: the adds' latency, not their count, would bound it
@@ -340,6 +354,7 @@ __attribute__((noinline)) void core_pass(const Plan& p, const CoreIo<T> io, int6
       }
     }
   }
+  if constexpr (kIntra) ahead = ah;
 }
 
 // Block-diagonal affine for kRows rows at once: blocks were expanded by the op to B x B (B a
@@ -394,10 +409,10 @@ inline void block_pass_rows(const Plan& p, const float* z, T* const* y, int64_t 
   }
 }
 
-template <class V, int NV, class T>
-inline void core_row(const Plan& p, const CoreIo<T> io, int64_t Ls, float* tbl) {
-  if (!p.blocks) core_pass<V, NV, true, false>(p, io, Ls, tbl);
-  else core_pass<V, NV, false, false>(p, io, Ls, tbl);
+template <class V, int NV, class T, class A>
+inline void core_row(const Plan& p, const CoreIo<T> io, int64_t Ls, float* tbl, A& ah) {
+  if (!p.blocks) core_pass<V, NV, true, false>(p, io, Ls, tbl, ah);
+  else core_pass<V, NV, false, false>(p, io, Ls, tbl, ah);
 }
 
 // One row x -> y (or, with blocks, -> z' in `zrow` for block_pass_rows); `s` is the row
@@ -413,6 +428,12 @@ inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* zrow
     return;
   }
   const int64_t Ls = segment_stride(L);
+  if (L == V::W) {  // single-vector segments: the core transforms them as it loads them
+    const CoreIo<T, T> io{x, y, zrow, 0, 0};
+    if (!p.blocks) core_pass<V, 1, true, false, true>(p, io, L, tbl, ah);
+    else core_pass<V, 1, false, false, true>(p, io, L, tbl, ah);
+    return;
+  }
   if (Ls == L) {
     sylvester<V>(x, s, p.n, L, false, out, ah);
   } else {
@@ -420,22 +441,19 @@ inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* zrow
   }
   const CoreIo<T> io{s, y, zrow, 0, 0};
   constexpr int NV = core_chunk<V>();
-  if (L >= NV * V::W) core_row<V, NV>(p, io, Ls, tbl);
-  else core_row<V, 1>(p, io, Ls, tbl);
+  if (L >= NV * V::W) core_row<V, NV>(p, io, Ls, tbl, ah);
+  else core_row<V, 1>(p, io, Ls, tbl, ah);
 }
 
 // Two rows at once whose segments are one vector each (n = 576 = 36 x 16 with AVX-512), where a
 // row alone would give the core pass a single vector per look-up: together they read each
-// look-up offset, gamma and beta once for both.  s2 is a second row scratch; such short
-// segments are packed (segment_stride(L) = L).
+// look-up offset, gamma and beta once for both.  A segment's Sylvester transform is then the
+// in-register `intra`, which the core's table pass applies as it loads the input: no scratch
+// rows.
 template <class V, class T, class A>
-inline void transform_pair(const Plan& p, const T* x, T* y, float* s, float* s2, float* tbl, A& ah) {
-  const int64_t n = p.n, L = p.L;
-  const Sink<T> none{nullptr, nullptr, nullptr};
-  sylvester<V>(x, s, n, L, false, none, ah);
-  sylvester<V>(x + n, s2, n, L, false, none, ah);
-  const CoreIo<T> io{s, y, nullptr, s2 - s, n};
-  core_pass<V, 2, true, true>(p, io, L, tbl);
+inline void transform_pair(const Plan& p, const T* x, T* y, float* tbl, A& ah) {
+  const CoreIo<T, T> io{x, y, nullptr, p.n, p.n};
+  core_pass<V, 2, true, true, true>(p, io, p.L, tbl, ah);
 }
 
 // Blocks [j0, j1) of the block pass for rows [r0, r1) (at most kBlockRows), z' of row r0 + i
@@ -484,9 +502,9 @@ inline void transform_typed(const Plan& p, const T* x, int64_t r0, int64_t r1, f
   else transform_with<V, Burst>(p, x, r0, r1, z, s, tbl, after);
 }
 
-// Rows [r0, r1) x -> y without block gammas; s the row scratch, s2 a second one for row pairs.
+// Rows [r0, r1) x -> y without block gammas; s the row scratch.
 template <class V, class A, class T>
-inline void rows_with(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, float* s, float* s2, float* tbl) {
+inline void rows_with(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, float* s, float* tbl) {
   const int64_t n = p.n;
   A ah;
   // Rows [r, r + k) start: fetch the k after them, as far as they lie in [r0, r1).
@@ -499,7 +517,7 @@ inline void rows_with(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, f
   if (p.m > 1 && p.L == V::W && core_chunk<V>() == 2)
     for (; r + 1 < r1; r += 2) {
       start(r, 2);
-      transform_pair<V>(p, x + r * n, y + r * n, s, s2, tbl, ah);
+      transform_pair<V>(p, x + r * n, y + r * n, tbl, ah);
     }
   for (; r < r1; ++r) {
     start(r, 1);
@@ -513,7 +531,7 @@ template <class V, class T>
 inline void rows_typed(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, float* scratch) {
   const int64_t n = p.n;
   float* s = scratch;
-  float* z = scratch + scratch_z(n, p.m);  // without block gammas: the second row's scratch
+  float* z = scratch + scratch_z(n, p.m);
   float* tbl = scratch + scratch_tables(n, p.m);
   if (p.blocks) {
     for (int64_t r = r0; r < r1; r += kBlockRows) {
@@ -523,8 +541,8 @@ inline void rows_typed(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, 
     }
     return;
   }
-  if (paced(p)) rows_with<V, Paced>(p, x, y, r0, r1, s, z, tbl);
-  else rows_with<V, Burst>(p, x, y, r0, r1, s, z, tbl);
+  if (paced(p)) rows_with<V, Paced>(p, x, y, r0, r1, s, tbl);
+  else rows_with<V, Burst>(p, x, y, r0, r1, s, tbl);
 }
 
 template <class V>

@@ -37,8 +37,8 @@ constexpr int64_t kSegmentPad = 16;
 constexpr int64_t segment_stride(int64_t L) { return L >= 256 ? L + kSegmentPad : L; }
 
 // The scratch of one task, in floats from its start: the (padded) row, then kBlockRows rows of
-// z' for block gammas (without block gammas, the second row's scratch of the core's row pairs),
-// then the sign-pattern tables of the core pass (16 patterns per group of 4 core columns).
+// z' for block gammas (unused without them), then the sign-pattern tables of the core pass (16
+// patterns per group of 4 core columns).
 constexpr int64_t scratch_z(int64_t n, int64_t m) { return n + m * kSegmentPad; }
 constexpr int64_t scratch_tables(int64_t n, int64_t m) { return scratch_z(n, m) + kBlockRows * n; }
 constexpr int64_t scratch_floats(int64_t n, int64_t m) {
