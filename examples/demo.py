@@ -67,21 +67,24 @@ def decode_speed(bundles: dict[str, Path], repeats: int, new_tokens: int = 32) -
 
 
 def before_after(title: str, rows: dict[str, tuple], caption: str) -> Table:
-    """The demo's table; ``rows``: name -> (parameters, ONNX bytes, {domain: perplexity}, [decode tokens/s]).
+    """The demo's table; ``rows``: name -> (parameters, ONNX bytes, {domain: perplexity}, [decode
+    tokens/s]), the first row the dense original (a row without an export has None for bytes and
+    speeds).  Each perplexity shows its ratio to the original's.
 
-    96 columns wide: the headers break over lines so that no cell has to; a narrower terminal
+    About 100 columns wide: the headers break over lines so that no cell has to; a narrower terminal
     wraps or folds the cells, never cuts them short.  The long caption reads as a left-aligned
     paragraph.
     """
-    domains = list(next(iter(rows.values()))[2])
+    base = next(iter(rows.values()))[2]
     table = Table(title=title, caption=caption, caption_justify="left")
     table.add_column("model", overflow="fold")
-    for col in ("parameters", "ONNX size", *(f"perplexity\n{d}" for d in domains),
+    for col in ("parameters", "ONNX size", *(f"perplexity\n{d}\n(x original)" for d in base),
                 "decode tokens/s\n(ORT, CPU)\nmedian (min-max, n)"):
         table.add_column(col, justify="right", overflow="fold")  # fold, never cut a number short
     for name, (params, size, ppl, speeds) in rows.items():
-        table.add_row(name, f"{params:,}", f"{size / 2**20:.1f} MiB", *(f"{ppl[d]:.2f}" for d in domains),
-                      median_spread(speeds))
+        table.add_row(name, f"{params:,}", "-" if size is None else f"{size / 2**20:.1f} MiB",
+                      *(f"{ppl[d]:.2f} ({ppl[d] / base[d]:.2f}x)" for d in base),
+                      "-" if speeds is None else median_spread(speeds))
     return table
 
 
@@ -128,6 +131,8 @@ def main() -> None:
                                                            max_time=60 * args.distill_minutes,
                                                            eval_every=10, eval_windows=4))
     console.print(dreport.table())
+    console.print("(this table's perplexity is on held-out windows of the model's own sampled text, high for any "
+                  "model, the original included; the final table measures text of other domains)")
     lap("distill")
 
     console.rule("4. export to ONNX (dense baseline and converted) and generate")
@@ -144,15 +149,19 @@ def main() -> None:
 
     caption = (f"calibration and distillation text: {args.samples} sequences of 256 tokens the model wrote "
                f"(convert's default is 128: the demo takes fewer to stay short, and converts worse for it); "
-               "held-out perplexity: 4 x 512 tokens per domain, text neither conversion nor distillation saw; "
+               "held-out perplexity: 4 x 512 tokens per domain, text neither conversion nor distillation saw "
+               "(python-ref: the Python language reference; kjv: the King James Bible); "
+               f"distillation: {dreport.steps} steps ({dreport.tokens:,} tokens) in {args.distill_minutes:g} min, "
+               "fewer on a busy machine; "
                f"decode: batch 1, 32 greedy tokens after {PROMPT!r}, {args.repeats} runs per model alternating; "
-               "right after conversion (before distillation): "
-               + ", ".join(f"{d} {v:.2f}" for d, v in ppl_converted.items()) + "; "
                f"total demo time {(time.perf_counter() - t0) / 60:.1f} min ("
                + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + ")")
+    dense, converted = rows["original (dense)"], rows["hadaconv"]
+    table_rows = {"original (dense)": (*dense, speed["original (dense)"]),
+                  "converted": (converted[0], None, ppl_converted, None),
+                  "+ distilled": (*converted, speed["hadaconv"])}
     console.print(before_after(f"hadaconv demo: SmolLM2-135M, {len(report.converted)} of {len(report.layers)} "
-                               f"attention output projections converted (block {report.block})",
-                               {name: (*row, speed[name]) for name, row in rows.items()}, caption))
+                               f"attention output projections converted (block {report.block})", table_rows, caption))
 
 
 if __name__ == "__main__":

@@ -446,7 +446,7 @@ def _duration(text: str | None) -> float | None:
 @click.option("--sampled", type=click.IntRange(min=1), default=256, show_default=True,
               help="Sequences of --seq-len tokens the original model writes for --data sample (sampled once per "
                    "model and cached; more is more distinct text, fewer repeats, at a one-off sampling cost).")
-@click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out training windows]")
+@click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out windows of the training text]")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--samples", type=click.IntRange(min=2), default=4096, show_default=True, help="Training windows.")

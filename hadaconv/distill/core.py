@@ -406,7 +406,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
                                 cfg.eval_windows)
         eval_source = path.name
     else:
-        eval_ids, eval_source = heldout[: cfg.eval_windows], "held-out training windows"
+        eval_ids, eval_source = heldout[: cfg.eval_windows], "held-out windows of the training text"
     if len(eval_ids) == 0:
         # Name the limit that bit: the --samples asked for, or the text, which made fewer windows.
         short = (f"--samples {cfg.samples}" if len(train) >= cfg.samples else
