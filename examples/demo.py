@@ -157,7 +157,7 @@ def main() -> None:
                f"total demo time {(time.perf_counter() - t0) / 60:.1f} min ("
                + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + ")")
     dense, converted = rows["original (dense)"], rows["hadaconv"]
-    table_rows = {"original (dense)": (*dense, speed["original (dense)"]),
+    table_rows = {"original": (*dense, speed["original (dense)"]),
                   "converted": (converted[0], None, ppl_converted, None),
                   "+ distilled": (*converted, speed["hadaconv"])}
     console.print(before_after(f"hadaconv demo: SmolLM2-135M, {len(report.converted)} of {len(report.layers)} "

@@ -496,8 +496,9 @@ def test_demo_table_fits_a_terminal_and_never_cuts_a_number():
     columns (a 150-column terminal), and at 80 columns wrapped or folded, never cut with an ellipsis."""
     from rich.console import Console
 
-    rows = {"original (dense)": (134515008, 517.7 * 2**20, {"python-ref": 15.26, "kjv": 23.73}, [46.9, 45.1, 47.7]),
-            "hadaconv": (131571648, 506.5 * 2**20, {"python-ref": 20.27, "kjv": 36.86}, [46.7, 44.9, 47.5])}
+    rows = {"original": (134515008, 517.7 * 2**20, {"python-ref": 15.26, "kjv": 23.73}, [46.9, 45.1, 47.7]),
+            "converted": (131571648, None, {"python-ref": 20.27, "kjv": 36.86}, None),  # not exported
+            "+ distilled": (131571648, 506.5 * 2**20, {"python-ref": 19.38, "kjv": 34.62}, [46.7, 44.9, 47.5])}
     table = _demo().before_after("hadaconv demo: SmolLM2-135M, 10 of 30 converted", rows, "held-out text; " * 20)
     for width in (150, 80):
         console = Console(width=width, record=True, file=io.StringIO())
@@ -506,7 +507,7 @@ def test_demo_table_fits_a_terminal_and_never_cuts_a_number():
         assert max(map(len, lines)) <= width and "…" not in "".join(lines)
         if width == 150:
             assert max(len(line) for line in lines if "│" in line) <= 100
-            for cell in ("134,515,008", "517.7 MiB", "20.27", "36.86", "46.7 (44.9-47.5, n=3)"):
+            for cell in ("134,515,008", "517.7 MiB", "20.27 (1.33x)", "34.62 (1.46x)", "46.7 (44.9-47.5, n=3)"):
                 assert any(cell in line for line in lines), cell
 
 
