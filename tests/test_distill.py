@@ -4,6 +4,7 @@ ranks equal one process, encoders run, the CLI end to end and its errors."""
 import copy
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -394,6 +395,15 @@ def test_cli_local_stage_alone_and_undone_when_worse(converted, capsys, monkeypa
     report = json.loads((out_dir / "report.json").read_text())["distill"]
     assert report["local_kept"] is False and report["after"] == report["before"]
     assert report["after_local"] != report["after_local"]  # the NaN it measured, recorded
+
+
+def test_cli_eval_names_its_text(converted, tmp_path, capsys):
+    """hadaconv eval says which text its number is on (the default is a Shakespeare play)."""
+    text = tmp_path / "prose.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 40)
+    code, out, err = _cli(capsys, "eval", converted / "conv", "--text", text, "--seq-len", "16", "--max-windows", "2")
+    assert code == 0, err
+    assert re.fullmatch(r"perplexity [\d.]+ over 30 tokens of prose\.txt \(2 windows of 16\)\n", out), out
 
 
 def test_cli_interrupt_names_the_checkpoint(converted, tmp_path, capsys, monkeypatch):
