@@ -475,7 +475,8 @@ def _duration(text: str | None) -> float | None:
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Stop after this many training tokens (the first budget reached stops the run).")
 @click.option("--max-time", default=None,
-              help="Training time budget, e.g. 90s, 30m, 2h (sampling the text first is not counted).  "
+              help="Training time budget, e.g. 90s, 30m, 2h (sampling the text first is not counted; the "
+                   "final evaluation and save come after it).  "
                    "[default: one pass when no budget is set]")
 @click.option("--checkpoint-dir", type=click.Path(), default=None, help="[default: OUTPUT.ckpt, removed after success]")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,

@@ -397,6 +397,14 @@ def test_cli_local_stage_alone_and_undone_when_worse(converted, capsys, monkeypa
     assert report["after_local"] != report["after_local"]  # the NaN it measured, recorded
 
 
+def test_cli_without_a_budget_says_it_runs_one_pass(converted, capsys):
+    no_budget = [a for i, a in enumerate(CLI_RUN) if "--max-steps" not in CLI_RUN[max(0, i - 1):i + 1]]
+    code, out, err = _cli(capsys, "distill", converted / "conv", "-o", converted / "one-pass", *no_budget)
+    assert code == 0, err
+    assert "no budget given (max_time / max_steps / max_tokens): one pass over 44 windows, 11 steps of 4" in \
+        " ".join(err.split()), err
+
+
 def test_cli_eval_names_its_text(converted, tmp_path, capsys):
     """hadaconv eval says which text its number is on (the default is a Shakespeare play)."""
     text = tmp_path / "prose.txt"

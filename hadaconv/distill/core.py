@@ -495,6 +495,9 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
     if "global" in stages:
         if cfg.max_steps is None and cfg.max_tokens is None and cfg.max_time is None:
             horizon = {"steps": max(1, len(train) // cfg.batch_size)}  # one pass over the data
+            if cfg.progress and main:  # on a CPU that can take hours: say so before it starts
+                console.print(f"no budget given (max_time / max_steps / max_tokens): one pass over {len(train):,} "
+                              f"windows, {horizon['steps']:,} steps of {cfg.batch_size}", highlight=False)
         else:
             horizon = {k: v for k, v in (("steps", cfg.max_steps), ("tokens", cfg.max_tokens),
                                          ("seconds", cfg.max_time)) if v is not None}
