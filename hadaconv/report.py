@@ -80,9 +80,12 @@ class ConvertReport:
             f"weights {self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB; "
             f"{self.seconds:.0f} s; peak RSS {self.peak_rss_mb:.0f} MiB"
             + (f"; calibration: {self.calibration_source}" if self.calibration_source else "")
-            + (f"; sensitivity = {self.sensitivity_metric}" if self.sensitivity_metric else "")
-            + ("; blk err = relative error of the block output vs the teacher (held-out), before refitting "
-               "the dense maps that write into the residual stream" if compensated else ""))
+            + "; err calib / err held = ||y_new - y|| / ||y|| of the output projection on the calibration / "
+              "held-out windows, mean-pred = the same for predicting the mean output (the floor to beat)"
+            + (f"; sens = {self.sensitivity_metric}" if self.sensitivity_metric else "")
+            + ("; blk err / comp = relative error of the decoder block's output vs the teacher's (held-out), "
+               "before / after refitting the dense maps that write into the residual stream" if compensated else "")
+            + "; fit s = seconds of the layer's fit")
 
 
 def _num(v, fmt="{:.3f}") -> str:

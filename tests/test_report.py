@@ -40,3 +40,16 @@ def test_every_column_on_a_wide_console():
     for header in ("module", "hadamard", "err calib", "mean-pred", "blk err", "comp", "fit s"):
         assert header in text
     assert "model.layers.1.self_attn.o_proj" in text and "left out" not in text
+
+
+@pytest.mark.parametrize("compensated", [False, True])
+def test_the_caption_defines_every_number_column(compensated):
+    """A newcomer asked what mean-pred, blk err and fit s are: each measured column is defined."""
+    from hadaconv.report import COLUMNS
+
+    caption = _report(2, compensated).caption()
+    shown = [name for name, _, _ in COLUMNS if compensated or name not in ("blk err", "comp")]
+    for name in shown:
+        if name not in ("layer", "module", "hadamard", "conv", "params -", "sens"):
+            assert name in caption, name
+    assert ("blk err / comp" in caption) == compensated
