@@ -145,8 +145,12 @@ def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = N
     return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
 
 
+#: By default every tenth window goes to the held-out split (fewer windows leave none).
+HELDOUT_EVERY = 10
+
+
 def token_windows(
-    tokenizer, texts: Sequence[str], *, samples: int, seq_len: int, heldout: float = 0.1
+    tokenizer, texts: Sequence[str], *, samples: int, seq_len: int, heldout: float = 1 / HELDOUT_EVERY
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack the texts into ``samples`` windows of ``seq_len`` tokens; split off ``heldout``.
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import Adapter, find_adapter
-from hadaconv.calibrate import token_windows
+from hadaconv.calibrate import HELDOUT_EVERY, token_windows
 from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
@@ -375,10 +375,6 @@ def distill(
         return _run(student, teacher, tokenizer, cfg, stages, kind, blocks, d, callback)
     finally:
         d.close()
-
-
-#: Every tenth training window is held out for evaluation (:func:`hadaconv.calibrate.token_windows`).
-HELDOUT_EVERY = 10
 
 
 def _no_heldout(windows: int, limit: str) -> InputError:
