@@ -48,26 +48,40 @@ namespace {
 // vector through a Sylvester pass; the passes take their own copy of the state (a local stays in
 // registers, and the vector stores around it may alias anything).
 //
-// Burst: one cache line a step of the first pass, as that pass loads the current row, so the
-// misses overlap its arithmetic.
-struct Burst {
-  static constexpr bool kPaced = false;
-  const char* p = nullptr;
+// Both fetch the next row [end - bytes, end) from its start, one line at `end - left`, so that no
+// pointer past the row's end is ever formed, whatever its length.
+struct NextRow {
+  const char* end = nullptr;
   int64_t left = 0;  // bytes of the next row not yet fetched
 
+  template <int kLocality>
+  HADACONV_HOT void line() {
+    __builtin_prefetch(end - left, 0, kLocality);
+    left -= 64;
+  }
+  template <int kLocality>
+  void rest() {
+    while (left > 0) line<kLocality>();
+  }
+  void start(const void* q, int64_t bytes) {
+    end = q ? static_cast<const char*>(q) + bytes : nullptr;
+    left = q ? bytes : 0;
+  }
+};
+
+// Burst: one cache line a step of the first pass, as that pass loads the current row, so the
+// misses overlap its arithmetic.
+struct Burst : NextRow {
+  static constexpr bool kPaced = false;
+
   HADACONV_HOT void step() {
-    if (left > 0) {
-      __builtin_prefetch(p, 0, 3);
-      p += 64;
-      left -= 64;
-    }
+    if (left > 0) line<3>();
   }
   // Ends the row (fetching what is left) and begins one whose successor is [q, q + bytes), or
   // nothing for q null.
   void next(const void* q, int64_t bytes) {
-    for (; left > 0; p += 64, left -= 64) __builtin_prefetch(p, 0, 3);
-    p = static_cast<const char*>(q);
-    left = q ? bytes : 0;
+    rest<3>();
+    start(q, bytes);
   }
 };
 
@@ -80,10 +94,8 @@ struct Burst {
 // scratch (n = 8192: 1.64-1.89x the floor fetched into L1, 1.55-1.67x into L2).  Where pacing
 // pays is decided by `paced`.
 constexpr int64_t kL1Row = 16384;
-struct Paced {
+struct Paced : NextRow {
   static constexpr bool kPaced = true;
-  const char* p = nullptr;
-  int64_t left = 0;
   int64_t every = 1, count = 1;
   int64_t steps = 0;  // steps taken in this row
   bool to_l2 = false;
@@ -93,21 +105,18 @@ struct Paced {
     if (--count) return;
     count = every;
     if (left > 0) {
-      if (to_l2) __builtin_prefetch(p, 0, 2);
-      else __builtin_prefetch(p, 0, 3);
-      p += 64;
-      left -= 64;
+      if (to_l2) line<2>();
+      else line<3>();
     }
   }
   void next(const void* q, int64_t bytes) {
-    for (; left > 0; p += 64, left -= 64) __builtin_prefetch(p, 0, 2);
+    rest<2>();
     const int64_t lines = (bytes + 63) / 64;
     every = steps > 0 && lines > 0 ? (3 * steps / 4) / lines : 1;
     if (every < 1) every = 1;
     count = every;
     steps = 0;
-    p = static_cast<const char*>(q);
-    left = q ? bytes : 0;
+    start(q, bytes);
     to_l2 = bytes > kL1Row;
   }
 };
