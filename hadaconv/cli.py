@@ -160,16 +160,22 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
     from hadaconv.convert import default_block
     from hadaconv.hadamard import factorize
     from hadaconv.io import load_model
-    from hadaconv.nn import parameters_saved
+    from hadaconv.nn import HadamardProjection, parameters_saved
     from hadaconv.progress import out
 
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle)
     adapter = find_adapter(loaded.model, target=target)
     adapter.prepare(loaded.model)
-    layers = adapter.layers(loaded.model)
+    layers = adapter.layers(loaded.model)  # the dense ones: a converted folder lists the rest
+    converted = sum(isinstance(m, HadamardProjection) for m in loaded.model.modules())
+    if not layers:
+        raise HadaconvError("every attention output projection is converted already" if converted
+                            else "no attention output projections found")
     block = block or default_block([layer.out_features for layer in layers])
     total = sum(p.numel() for p in loaded.model.parameters())
-    t = Table(title=f"{loaded.source}: {adapter.name}, {len(layers)} attention blocks, {total:,} parameters")
+    blocks = f"{len(layers)} attention blocks" if not converted else \
+        f"{len(layers) + converted} attention blocks ({converted} converted already, the {len(layers)} dense ones listed)"
+    t = Table(title=f"{loaded.source}: {adapter.name}, {blocks}, {total:,} parameters")
     for col in ("layer", "output projection", "width", "hadamard", "heads / kv / dim", "value", "removable params"):
         t.add_column(col)
     removable = 0

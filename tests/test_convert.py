@@ -159,6 +159,9 @@ def test_cli_convert_inspect_eval(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["hadaconv"]["layers"] == [1] and cfg["hadaconv"]["block"] == 4
     assert json.loads((out / "report.json").read_text())["converted"] == [1]
+    r = _cli("inspect", out)  # the converted layer is counted, not listed as removable again
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    assert r.returncode == 0 and f"{layers} attention blocks (1 converted already" in " ".join(r.stdout.split()), r.stderr
     text = tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question. " * 200)
     r = _cli("eval", out, "--text", text, "--seq-len", "32", "--max-windows", "4")
