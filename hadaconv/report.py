@@ -11,9 +11,13 @@ __all__ = ["COLUMNS", "ConvertReport", "FittedTable", "LayerReport"]
 class LayerReport:
     """One attention block.  Errors are relative, ``||y_new - y|| / ||y||`` of the output
     projection (with its low-rank residual, if any) on calibration / held-out windows;
-    ``block_error_*`` is the relative error of the whole decoder block's output against the
-    teacher's on held-out windows, before and after the dense-neighbour compensation (None where
-    it did not run)."""
+    ``block_error_*`` is the whole decoder block's output error on held-out windows, before and
+    after the dense-neighbour compensation (None where it did not run): ``||s' - t'|| / ||t' - t||``
+    with ``t, t'`` the teacher's block input and output and ``s'`` the student's output (on its own
+    inputs), i.e. relative to what the teacher's block adds to the residual stream.  It exceeds 1
+    where the drift carried from earlier blocks is larger than one block's change, and
+    ``block_error_after`` equals ``block_error_before`` where no ridge beat the original map (kept,
+    ``compensation_ridge`` None)."""
 
     index: int
     name: str
@@ -83,8 +87,10 @@ class ConvertReport:
             + "; err calib / err held = ||y_new - y|| / ||y|| of the output projection on the calibration / "
               "held-out windows, mean-pred = the same for predicting the mean output (the floor to beat)"
             + (f"; sens = {self.sensitivity_metric}" if self.sensitivity_metric else "")
-            + ("; blk err / comp = relative error of the decoder block's output vs the teacher's (held-out), "
-               "before / after refitting the dense maps that write into the residual stream" if compensated else "")
+            + ("; blk err / comp = ||s' - t'|| / ||t' - t|| on held-out windows, the distance of the decoder "
+               "block's output from the teacher's relative to the teacher block's own change (over 1: the drift "
+               "carried from earlier blocks is larger than that change), before / after refitting the dense maps "
+               "that write into the residual stream (equal where the original map was kept)" if compensated else "")
             + "; fit s = seconds of the layer's fit")
 
 
