@@ -362,6 +362,7 @@ ROWS = [
         r"cannot load the GGUF file"),
     Row("inspect-block-0", lambda w, t: ["inspect", w.hf, "--block", "0"], r"'--block': 0 is not in the range"),
     Row("inspect-rank-negative", lambda w, t: ["inspect", w.hf, "--rank", "-1"], r"'--rank': -1 is not in the range"),
+    Row("inspect-all-converted", lambda w, t: ["inspect", w.conv], r"every attention output projection is converted already"),
     # --------------------------------------------------------------- distill
     Row("distill-missing-folder", lambda w, t: ["distill", t / "nope", "-o", t / "out", *DISTILL],
         r"no such file or folder"),
