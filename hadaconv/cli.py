@@ -28,6 +28,7 @@ def cli() -> None:
       hadaconv sample MODEL -o F    text written by the model itself (calibration data)
       hadaconv convert MODEL -o DIR fit and swap the projections, save, report
       hadaconv distill DIR -o DIR   win back quality by knowledge distillation
+      hadaconv eval MODEL           perplexity (or, for encoders, cosine to --reference)
       hadaconv export DIR --onnx    ONNX with the com.hadaconv op (or --portable)
       hadaconv run BUNDLE           generate / embed with ONNX Runtime
     """
