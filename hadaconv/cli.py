@@ -158,7 +158,7 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
     from rich.table import Table
 
     from hadaconv.adapters import find_adapter
-    from hadaconv.convert import default_block
+    from hadaconv.convert import default_block, dense_layers
     from hadaconv.hadamard import factorize
     from hadaconv.io import load_model
     from hadaconv.nn import HadamardProjection, parameters_saved
@@ -166,12 +166,8 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
 
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle)
     adapter = find_adapter(loaded.model, target=target)
-    adapter.prepare(loaded.model)
-    layers = adapter.layers(loaded.model)  # the dense ones: a converted folder lists the rest
+    layers = dense_layers(loaded.model, adapter)
     converted = sum(isinstance(m, HadamardProjection) for m in loaded.model.modules())
-    if not layers:
-        raise HadaconvError("every attention output projection is converted already" if converted
-                            else "no attention output projections found")
     block = block or default_block([layer.out_features for layer in layers])
     total = sum(p.numel() for p in loaded.model.parameters())
     blocks = f"{len(layers)} attention blocks" if not converted else \

@@ -174,6 +174,22 @@ def _check_moments(layer: AttentionLayer, moments: Moments) -> None:
                          "(non-finite weights earlier in the model, or an overflow in its dtype)")
 
 
+def dense_layers(model: nn.Module, adapter: Adapter) -> list[AttentionLayer]:
+    """The attention layers ``adapter`` finds in ``model`` (prepared) whose output projection is
+    still dense: a converted folder's HadamardProjections are not listed.
+
+    Raises:
+        HadaconvError: there are none (every one converted already, or none found).
+    """
+    adapter.prepare(model)
+    layers = adapter.layers(model)
+    if not layers:
+        already = any(isinstance(m, HadamardProjection) for m in model.modules())
+        raise HadaconvError("every attention output projection is converted already" if already
+                            else "no attention output projections found to convert")
+    return layers
+
+
 def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = None) -> Target:
     """The adapter and the candidate layers (``cfg.layers``), each checked convertible.
 
@@ -181,12 +197,7 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
     the adapter does not list them, and naming one in ``cfg.layers`` is an error.
     """
     adapter = adapter or find_adapter(model)
-    adapter.prepare(model)
-    all_layers = adapter.layers(model)
-    if not all_layers:
-        already = any(isinstance(m, HadamardProjection) for m in model.modules())
-        raise HadaconvError("every attention output projection is converted already" if already
-                            else "no attention output projections found to convert")
+    all_layers = dense_layers(model, adapter)
     available = {layer.index for layer in all_layers}
     wanted = available if cfg.layers is None else set(cfg.layers)
     missing = wanted - available

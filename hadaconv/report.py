@@ -148,9 +148,8 @@ class FittedTable:
             t.add_column(name, justify="left" if name in ("module", "hadamard") else "right", overflow="fold")
         for i in range(len(r.layers)):
             t.add_row(*[cells[name][i] for name, _, _ in cols])
-        legend = "conv = converted; err = relative error of the output projection; params - = parameters removed"
-        if compensated:
-            legend += "; comp = block err after compensation"
+        # The measured columns are defined by caption(); the legend adds only the plain ones.
+        legend = "conv = converted; params - = parameters removed"
         left_out = f"; left out at this width: {', '.join(dropped)} (all in report.json)" if dropped else ""
         t.caption = f"{r.caption()}; {legend}{left_out}"
         return t
