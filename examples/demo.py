@@ -38,7 +38,8 @@ from hadaconv.sample import cached_samples
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from common import alternate, heldout_domains, median_spread  # noqa: E402
 
-PROMPT = "The capital of France is"
+PROMPT = "The capital of France is"  # the decode-speed runs continue this text
+QUESTION = "What is the capital of France?"  # asked as a chat turn: SmolLM2-Instruct is a chat model
 
 
 def smollm2() -> Path:
@@ -140,8 +141,8 @@ def main() -> None:
     for name, model in (("original (dense)", teacher), ("hadaconv", student)):
         bundles[name] = args.work / ("dense.onnx" if model is teacher else "hadaconv.onnx")
         export_onnx(model, bundles[name], tokenizer=tok, log=console.print)
-        gen = generate(bundles[name], PROMPT, max_new_tokens=32)
-        console.print(f"[bold]{name}[/]: {PROMPT}{gen.text[0]}")
+        gen = generate(bundles[name], QUESTION, max_new_tokens=48, chat=True)
+        console.print(f"[bold]{name}[/], asked {QUESTION!r}: {gen.text[0].strip()}")
         rows[name] = (sum(p.numel() for p in model.parameters()), onnx_bytes(bundles[name]), quality(model))
         lap(f"export + run ({'dense' if model is teacher else 'hadaconv'})")
     speed = decode_speed(bundles, args.repeats)

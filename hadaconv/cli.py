@@ -372,10 +372,17 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
 @click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Above 1, tokens already in the text become less likely (CTRL's penalty, whose authors "
+                   "chose 1.2 for greedy decoding).")
+@click.option("--chat", is_flag=True,
+              help="Send --prompt as a user turn through the tokenizer's chat template and print the reply "
+                   "(instruction-tuned models answer instead of continuing the text).")
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when this onnxruntime has it, else CPU.")
-def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, seed, provider) -> None:
+def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
+            provider) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with the
     KV cache) or print the embedding of --text (encoders).  A bundle without a tokenizer takes
     token ids with --ids instead, and a causal LM then prints the generated ids (comma-separated,
@@ -398,7 +405,8 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, seed,
     if opened.kind == "encoder":
         _print_embedding(opened, given if ids is None else [ids])
     else:
-        _print_generation(opened, given, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        _print_generation(opened, given, ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                          repetition_penalty=repetition_penalty, chat=chat, seed=seed)
 
 
 def _print_embedding(opened, text) -> None:
@@ -411,12 +419,19 @@ def _print_embedding(opened, text) -> None:
     click.echo(f"sentence_embedding [{vec.shape[0]}]: [{head}, ...]  norm {float(np.linalg.norm(vec)):.4f}")
 
 
-def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new_tokens: int, **sampling) -> None:
-    """Text in, text out (the prompt and its continuation); ids in, the generated ids out."""
+def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new_tokens: int, chat: bool,
+                      **sampling) -> None:
+    """Text in, text out (the prompt and its continuation, or with --chat the reply); ids in, the
+    generated ids out."""
     from hadaconv.generate import generate
 
-    out = generate(opened, prompt if ids is None else [ids], max_new_tokens, **sampling)
-    click.echo(prompt + out.text[0] if ids is None else ",".join(map(str, out.tokens[0].tolist())))
+    if chat and ids is not None:
+        raise HadaconvError("--chat needs --prompt: the chat template wraps text, not token ids")
+    out = generate(opened, prompt if ids is None else [ids], max_new_tokens, chat=chat, **sampling)
+    if ids is not None:
+        click.echo(",".join(map(str, out.tokens[0].tolist())))
+    else:
+        click.echo(out.text[0] if chat else prompt + out.text[0])
     device = opened.session.get_providers()[0].replace("ExecutionProvider", "")
     # One new token comes from the prefill alone: there is no decode rate to report then.
     rate = f"{out.tokens_per_s:.1f} tokens/s decode" if out.new_tokens > 1 else "no decode steps"

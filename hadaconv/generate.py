@@ -4,7 +4,9 @@
 prompts with an empty past, then one single-token step per new token, each feeding the previous
 step's ``present.*`` back as ``past_key_values.*`` through ONNX Runtime IO binding (the cache
 stays on the execution provider's device).  Greedy by default; ``temperature > 0``
-samples (optionally from the ``top_k`` most likely tokens).  :func:`embed` runs an encoder.
+samples (optionally from the ``top_k`` most likely tokens); ``repetition_penalty > 1`` makes
+tokens already in the sequence less likely; ``chat=True`` wraps each text prompt in the
+tokenizer's chat template as one user turn.  :func:`embed` runs an encoder.
 
 Both accept an opened :class:`~hadaconv.export.bundle.Bundle`, a bundle folder, or a bare
 ``onnxruntime.InferenceSession`` (the cache layout is then read off the session's inputs).
@@ -74,12 +76,25 @@ def _resolve(target: Bundle | str | os.PathLike | Any, tokenizer: Any) -> tuple[
     return target, tokenizer, {}
 
 
-def _encode(prompt: Any, tokenizer: Any, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _chat_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text`` as one user turn of the tokenizer's chat template, ready for the assistant's reply
+    (the template writes its own special tokens, so the tokenizer adds none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("chat needs a tokenizer with a chat template: this one has none (prompt without chat)")
+    wrapped = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                            add_generation_prompt=True)
+    return tokenizer(wrapped, add_special_tokens=False)["input_ids"]
+
+
+def _encode(prompt: Any, tokenizer: Any, pad_id: int, chat: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded ids and mask from text (one or several prompts) or ids ([seq] or [batch, seq])."""
     if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt)):
         if tokenizer is None:
             raise HadaconvError("text prompts need a tokenizer: this bundle has none (give token ids instead)")
-        rows = [tokenizer(p)["input_ids"] for p in ([prompt] if isinstance(prompt, str) else prompt)]
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        rows = [_chat_ids(tokenizer, p) if chat else tokenizer(p)["input_ids"] for p in texts]
+    elif chat:
+        raise InputError("chat wraps text prompts in the chat template: give text, not token ids")
     else:
         rows = [list(r) for r in _token_ids(prompt)]
     if any(len(r) == 0 for r in rows):
@@ -138,6 +153,15 @@ def _until_eos(row: list[int], eos: set[int]) -> list[int]:
     return next((row[:i] for i, t in enumerate(row) if t in eos), row)
 
 
+def _penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """The repetition penalty of CTRL (Keskar et al. 2019, eq. 2, as Hugging Face's
+    ``repetition_penalty`` applies it): the logit of every token already in the row's sequence is
+    divided by ``penalty`` where positive and multiplied by it where negative, so it loses
+    probability either way.  logits [batch, vocab] float, seen [batch, vocab] bool."""
+    z = logits.astype(np.float64)
+    return np.where(seen, np.where(z > 0, z / penalty, z * penalty), z)
+
+
 def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> np.ndarray:
     if temperature <= 0:
         return logits.argmax(-1)
@@ -148,6 +172,24 @@ def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Gen
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     return np.array([rng.choice(len(row), p=row) for row in p])
+
+
+def _remembering(pick: Any, ids: np.ndarray, mask: np.ndarray, penalty: float) -> Any:
+    """``pick`` with the repetition penalty on each row's sequence so far: the prompt's tokens
+    (padding excluded), then every token it picks."""
+    rows = np.arange(ids.shape[0])
+    seen = None
+
+    def penalized(logits: np.ndarray) -> np.ndarray:
+        nonlocal seen
+        if seen is None:  # the vocabulary is known from the first logits
+            seen = np.zeros(logits.shape, dtype=bool)
+            seen[np.nonzero(mask)[0], ids[mask == 1]] = True
+        token = pick(_penalize(logits, seen, penalty))
+        seen[rows, token] = True
+        return token
+
+    return penalized
 
 
 def _cache_inputs(session: Any, meta: dict) -> list[str]:
@@ -258,6 +300,8 @@ def generate(
     *,
     temperature: float = 0.0,
     top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    chat: bool = False,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     seed: int | None = None,
@@ -279,6 +323,11 @@ def generate(
         prompt: text, a list of texts (left-padded into one batch) or token ids.
         temperature: 0 for greedy decoding; otherwise sampling at this temperature.
         top_k: sample from the k most likely tokens only (0: all).
+        repetition_penalty: > 1 makes every token already in the row (prompt or generated) less
+            likely, CTRL's penalty as Hugging Face applies it (its authors found 1.2 with greedy
+            decoding a good balance); 1 leaves the logits as they are.
+        chat: wrap each text prompt in the tokenizer's chat template as one user turn, ready for
+            the assistant's reply (instruction-tuned models answer, rather than continue, then).
         eos_token_id: stop a row at this token (default: the bundle's); generation ends when
             every row has stopped.  None and no metadata: never stop early.
         pad_token_id: filler for padding and for rows that stopped (default: the bundle's, else EOS, else 0).
@@ -295,12 +344,16 @@ def generate(
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or top_k < 0:
         raise InputError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
+    if not repetition_penalty > 0:
+        raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     eos_set, pad = _special_tokens(meta, eos_token_id, pad_token_id)
-    ids, mask = _encode(prompt, tokenizer, pad)
+    ids, mask = _encode(prompt, tokenizer, pad, chat)
     _check_vocabulary(session, ids, mask)
     rng = np.random.default_rng(seed)
-    tokens, prefill_s, decode_s = _decode(session, past_names, ids, mask, max_new_tokens,
-                                          lambda logits: _pick(logits, temperature, top_k, rng), eos_set, pad)
+    pick = lambda logits: _pick(logits, temperature, top_k, rng)  # noqa: E731
+    if repetition_penalty != 1:
+        pick = _remembering(pick, ids, mask, repetition_penalty)
+    tokens, prefill_s, decode_s = _decode(session, past_names, ids, mask, max_new_tokens, pick, eos_set, pad)
     text = None
     if tokenizer is not None:
         text = [tokenizer.decode(_until_eos(row, eos_set), skip_special_tokens=True) for row in tokens.tolist()]

@@ -420,6 +420,62 @@ def test_bfloat16_cache_and_outputs_through_generate_and_embed():
     np.testing.assert_array_equal(result.sentence_embedding, emb[ids.max(1)])
 
 
+def _penalized_greedy(table: np.ndarray, ids: np.ndarray, steps: int, penalty: float) -> list[list[int]]:
+    """Greedy decoding of the bigram table with CTRL's repetition penalty, in float64, token by token."""
+    rows = []
+    for prompt in ids.tolist():
+        seq = list(prompt)
+        for _ in range(steps):
+            z = table[seq[-1]].astype(np.float64)
+            for t in set(seq):
+                z[t] = z[t] / penalty if z[t] > 0 else z[t] * penalty
+            seq.append(int(np.argmax(z)))
+        rows.append(seq[len(prompt):])
+    return rows
+
+
+# The bigram's greedy successor has logit 4 and every other one at most 2.5: a penalty of 1.5
+# leaves the successor first (4 / 1.5 > 2.5), 3 does not, and the 12 steps loop back to tokens
+# already seen, so only the second changes the text.
+@pytest.mark.parametrize("penalty, changes", [(1.5, False), (3.0, True)])
+def test_repetition_penalty_matches_a_float64_reference(penalty, changes):
+    import onnxruntime as ort
+
+    graph, table, _ = _bfloat16_bigram(16, 8, cache=True)
+    sess = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    ids = np.array([[3, 9, 1], [7, 2, 5]])
+    out = generate(sess, ids, 12, repetition_penalty=penalty, eos_token_id=[])
+    assert out.tokens.tolist() == _penalized_greedy(table, ids, 12, penalty)
+    plain = generate(sess, ids, 12, eos_token_id=[]).tokens.tolist()
+    assert (out.tokens.tolist() != plain) == changes
+    with pytest.raises(HadaconvError, match="repetition_penalty must be > 0"):
+        generate(sess, ids, 2, repetition_penalty=0.0)
+
+
+def test_chat_prompts_go_through_the_chat_template(tokenizer, tiny_bundle):
+    from hadaconv.generate import _encode
+
+    with pytest.raises(HadaconvError, match="needs a tokenizer with a chat template"):
+        _encode("hello there", tokenizer, 0, chat=True)
+    templated = load_tokenizer(tokenizer_folder())
+    templated.chat_template = ("{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}"
+                               "{% if add_generation_prompt %}[assistant]{% endif %}")
+    ids, mask = _encode(["hello there", "hi"], templated, 0, chat=True)
+    wrapped = templated("[user] hello there [assistant]", add_special_tokens=False)["input_ids"]
+    assert ids[0].tolist() == wrapped and mask[0].all()
+    short = templated("[user] hi [assistant]", add_special_tokens=False)["input_ids"]
+    assert ids[1, -len(short):].tolist() == short and mask[1].sum() == len(short)
+    with pytest.raises(HadaconvError, match="give text, not token ids"):
+        generate(tiny_bundle, [5, 6, 7], 2, chat=True)
+
+
+def test_run_cli_chat_and_penalty_errors(tiny_bundle, capsys):
+    assert "--chat needs --prompt" in one_line_error(["run", str(tiny_bundle), "--ids", "1,2", "--chat"], capsys)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(tiny_bundle), "--ids", "1,2", "--repetition-penalty", "0"])
+    assert exc.value.code == 2 and "--repetition-penalty" in capsys.readouterr().err
+
+
 def test_generate_with_io_binding_equals_a_plain_run_loop(tiny_bundle, monkeypatch):
     from onnxruntime.capi import onnxruntime_inference_collection as orti
 
