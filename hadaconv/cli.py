@@ -212,14 +212,21 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Window length (non-overlapping).")
 @click.option("--max-windows", type=POSITIVE, default=32, show_default=True,
               help="Evaluate on at most this many windows of the text.")
+@click.option("--baseline", type=click.Path(exists=True), default=None,
+              help="A model to evaluate on the same windows for comparison.  [default: for a converted "
+                   "folder, the original its conversion recorded]")
+@click.option("--no-baseline", is_flag=True, help="Evaluate MODEL alone.")
 @click.option("--reference", type=click.Path(), default=None, help="Encoders: the model to compare embeddings with.")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @_device_options
-def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config, device, dtype) -> None:
+def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, reference, model_config, device,
+             dtype) -> None:
     """Perplexity of a causal LM (or, with --reference, embedding cosine of an encoder) on text.
 
-    Works on original and converted models alike.  Perplexity uses fixed non-overlapping windows
-    of --seq-len tokens: exp(mean NLL) over every token but each window's first.
+    Works on original and converted models alike; a converted folder is compared with the model
+    it was converted from (--baseline names another, --no-baseline skips it).  Perplexity uses
+    fixed non-overlapping windows of --seq-len tokens: exp(mean NLL) over every token but each
+    window's first.
     """
     from pathlib import Path
 
@@ -227,6 +234,8 @@ def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config, de
     from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
     from hadaconv.io import load_model
 
+    if baseline and no_baseline:
+        raise HadaconvError("give --baseline or --no-baseline, not both")
     loaded = load_model(model, config=model_config, device=device, dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with")
@@ -237,10 +246,29 @@ def eval_cmd(model, text_file, seq_len, max_windows, reference, model_config, de
         ref = load_model(reference, config=model_config, device=device, dtype=dtype).model
         click.echo(f"embedding cosine to {reference}: {embedding_cosine(loaded.model, ref, windows):.6f} "
                    f"({windows.numel()} tokens of {source.name})")
-    else:
-        p = perplexity(loaded.model, windows)
-        click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} windows "
-                   f"of {seq_len})")
+        return
+    p = perplexity(loaded.model, windows)
+    click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} windows "
+               f"of {seq_len})")
+    other = None if no_baseline else _baseline(loaded, model, baseline)
+    if other is not None:
+        base = perplexity(load_model(other, config=model_config, device=device, dtype=dtype).model, windows)
+        click.echo(f"baseline {other}: perplexity {base.perplexity:.3f} on the same windows; {model} is "
+                   f"{p.perplexity / base.perplexity:.3f}x that")
+
+
+def _baseline(loaded, model: str, given: str | None) -> str | None:
+    """The model eval compares with: the one given, else a converted folder's original (a note,
+    and None, when that is gone: the evaluation itself stands)."""
+    from hadaconv.io import original_path
+
+    if given or loaded.meta is None:
+        return given
+    try:
+        return str(original_path(model, loaded.meta))
+    except HadaconvError as exc:
+        click.echo(f"note: no baseline: {exc} (name one with --baseline)", err=True)
+        return None
 
 
 @cli.command("sample")

@@ -40,7 +40,7 @@ from torch import nn
 from hadaconv.atomic import atomic_folder, check_output
 from hadaconv.errors import HadaconvError, ModelFormatError
 
-__all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "save_converted"]
+__all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "original_path", "save_converted"]
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = (
@@ -625,6 +625,20 @@ def save_converted(
 
 
 # ------------------------------------------------------------------------ loading converted
+
+
+def original_path(converted: str | os.PathLike, meta: dict) -> Path:
+    """The model a converted folder was made from: the ``source`` its conversion recorded in
+    ``meta`` (its config.json's hadaconv section), as written or relative to the converted
+    folder's parent when the conversion ran elsewhere.  Distillation's default teacher and
+    evaluation's default baseline.  Raises HadaconvError when none is recorded or it is gone."""
+    source = meta.get("source")
+    if not source:
+        raise HadaconvError(f"{converted} records no source model")
+    for path in (Path(source), Path(converted).parent / source):
+        if path.exists():
+            return path
+    raise HadaconvError(f"the original model {source} recorded in {converted}/config.json is not found")
 
 
 def load(folder: str | os.PathLike) -> nn.Module:

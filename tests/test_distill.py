@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from hadaconv.convert import patch
 from hadaconv.distill import DistillConfig, distill
 from hadaconv.distill.losses import forward, kl_loss
 from hadaconv.errors import HadaconvError
-from hadaconv.io import hadaconv_meta, save_converted
+from hadaconv.io import hadaconv_meta, load_model, save_converted
 from cli_runner import run_cli as _cli
 from tiny_models import make_tiny, tokenizer_folder
 
@@ -299,7 +300,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def converted(tmp_path_factory):
     """A saved tiny llama (``tiny``) and its patched, saved conversion (``conv``), as convert
     would write it (the source recorded as a path relative to the working directory's parent is
-    covered by hadaconv.distill.files.teacher_path; here it is absolute)."""
+    covered by hadaconv.io.original_path; here it is absolute)."""
     root = tmp_path_factory.mktemp("distill")
     teacher = make_tiny("llama", root / "tiny")
     student = patch(copy.deepcopy(teacher), block=4)
@@ -405,13 +406,38 @@ def test_cli_without_a_budget_says_it_runs_one_pass(converted, capsys):
         " ".join(err.split()), err
 
 
-def test_cli_eval_names_its_text(converted, tmp_path, capsys):
-    """hadaconv eval says which text its number is on (the default is a Shakespeare play)."""
+def test_cli_eval_names_its_text_and_compares_with_the_original(converted, tmp_path, capsys):
+    """hadaconv eval says which text its number is on (the default is a Shakespeare play) and,
+    for a converted folder, evaluates the recorded original on the same windows."""
+    from hadaconv.evaluate import perplexity, text_windows
+
     text = tmp_path / "prose.txt"
     text.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 40)
-    code, out, err = _cli(capsys, "eval", converted / "conv", "--text", text, "--seq-len", "16", "--max-windows", "2")
+    args = ["eval", converted / "conv", "--text", text, "--seq-len", "16", "--max-windows", "2"]
+    code, out, err = _cli(capsys, *args)
     assert code == 0, err
-    assert re.fullmatch(r"perplexity [\d.]+ over 30 tokens of prose\.txt \(2 windows of 16\)\n", out), out
+    m = re.fullmatch(r"perplexity ([\d.]+) over 30 tokens of prose\.txt \(2 windows of 16\)\n"
+                     r"baseline (.+): perplexity ([\d.]+) on the same windows; .+ is ([\d.]+)x that\n", out)
+    assert m, out
+    assert Path(m[2]) == converted / "tiny"
+    original = load_model(converted / "tiny")
+    windows = text_windows(original.tokenizer, text.read_text(), 16, 2)
+    assert float(m[3]) == pytest.approx(perplexity(original.model, windows).perplexity, abs=6e-4)
+    assert float(m[4]) == pytest.approx(float(m[1]) / float(m[3]), abs=6e-4)
+    assert float(m[1]) != pytest.approx(float(m[3]), rel=1e-3)  # two models, two numbers
+
+    code, out, err = _cli(capsys, *args, "--no-baseline")
+    assert code == 0 and out.count("\n") == 1 and "baseline" not in out, err
+    code, out, err = _cli(capsys, *args, "--baseline", converted / "tiny", "--no-baseline")
+    assert code == 1 and "not both" in err
+    moved = tmp_path / "moved"
+    shutil.copytree(converted / "conv", moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["hadaconv"]["source"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    code, out, err = _cli(capsys, "eval", moved, "--text", text, "--seq-len", "16", "--max-windows", "2")
+    assert code == 0 and out.startswith("perplexity") and "baseline" not in out
+    assert err.startswith("note: no baseline:") and "--baseline" in err
 
 
 def test_cli_interrupt_names_the_checkpoint(converted, tmp_path, capsys, monkeypatch):

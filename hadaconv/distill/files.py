@@ -11,27 +11,22 @@ from hadaconv.atomic import atomic_file, check_output
 from hadaconv.distill.core import DistillConfig, DistillReport, distill
 from hadaconv.distill.parallel import is_main
 from hadaconv.errors import HadaconvError
+from hadaconv.io import original_path
 from hadaconv.nn import HadamardProjection
 
-__all__ = ["distill_file", "plot_curve", "teacher_path"]
+__all__ = ["distill_file", "plot_curve"]
 
 
-def teacher_path(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> Path:
-    """The teacher: as given, else the ``source`` the conversion recorded (as written, or
-    relative to the converted folder's parent when the conversion ran elsewhere)."""
-    if teacher is not None:
-        path = Path(teacher)
-        if not path.exists():
-            raise HadaconvError(f"teacher not found: {path}")
-        return path
-    source = meta.get("source")
-    if not source:
-        raise HadaconvError(f"{converted} records no source model: give the original with --teacher")
-    for path in (Path(source), converted.parent / source):
-        if path.exists():
-            return path
-    raise HadaconvError(f"the original model {source} recorded in {converted}/config.json is not found: "
-                        "give it with --teacher")
+def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> Path:
+    """The teacher: as given, else the original the conversion recorded."""
+    if teacher is None:
+        try:
+            return original_path(converted, meta)
+        except HadaconvError as exc:
+            raise HadaconvError(f"{exc}: give the original with --teacher") from None
+    if not Path(teacher).exists():
+        raise HadaconvError(f"teacher not found: {teacher}")
+    return Path(teacher)
 
 
 def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
@@ -85,7 +80,7 @@ def distill_file(
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: run hadaconv convert first")
     check_output(out, overwrite, folder=True)
     check_sources(cfg.data, "training text")  # a mistyped --data path fails here, not after two models are loaded
-    source = teacher_path(converted, meta, teacher)
+    source = _teacher(converted, meta, teacher)
     student = load_model(converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
         raise HadaconvError(f"{converted} has no converted layers: nothing to distill")
