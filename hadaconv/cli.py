@@ -88,7 +88,9 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--block", type=POSITIVE, default=None, help="Output block size b of gamma (1 = diagonal, the seed paper's form).  [default: 64, halved "
                    "until it divides every output width into at least 8 blocks]")
 @click.option("--layers", "layers", default=None, help="Layers that may be converted, e.g. 0,3,5-9.  [default: all]")
-@click.option("--max-layers", type=POSITIVE, default=None, help="Convert only the K layers that measurably hurt least.")
+@click.option("--max-layers", type=POSITIVE, default=None, help="Convert only the K layers that measurably hurt least.  Ranking fits and measures every "
+                   "candidate layer first, so this takes about as long as converting them all (--layers "
+                   "narrows the candidates).")
 @click.option("--max-loss", type=click.FloatRange(min=0), default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
 @click.option("--calib", multiple=True,
               help="Calibration text, repeatable and mixed in order: 'sample' (text the model writes itself, sampled "
@@ -247,12 +249,13 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         click.echo(f"embedding cosine to {reference}: {embedding_cosine(loaded.model, ref, windows):.6f} "
                    f"({windows.numel()} tokens of {source.name})")
         return
-    p = perplexity(loaded.model, windows)
+    p = perplexity(loaded.model, windows, progress=f"perplexity of {model}")
     click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} windows "
                f"of {seq_len})")
     other = None if no_baseline else _baseline(loaded, model, baseline)
     if other is not None:
-        base = perplexity(load_model(other, config=model_config, device=device, dtype=dtype).model, windows)
+        base = perplexity(load_model(other, config=model_config, device=device, dtype=dtype).model, windows,
+                          progress=f"perplexity of {other}")
         click.echo(f"baseline {other}: perplexity {base.perplexity:.3f} on the same windows; {model} is "
                    f"{p.perplexity / base.perplexity:.3f}x that")
 

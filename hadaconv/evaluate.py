@@ -60,22 +60,28 @@ def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, *, inference: bool = True) -> Perplexity:
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, *, inference: bool = True,
+               progress: str | None = None) -> Perplexity:
     """Perplexity of a causal LM on token windows [N, L] (see the module docstring).  Windows are
-    moved to the model's device; the model is left in the mode it was in."""
+    moved to the model's device; the model is left in the mode it was in.  ``progress``: the
+    description of a progress bar over the batches (None: none)."""
+    from hadaconv.progress import progress as progress_bar
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     nll, count = 0.0, 0
+    starts = range(0, len(windows), batch_size)
     try:
-        with _grad_mode(inference):
-            for i in range(0, len(windows), batch_size):
+        with _grad_mode(inference), progress_bar(len(starts), progress or "", progress is not None) as step:
+            for i in starts:
                 batch = windows[i:i + batch_size].to(device)
                 logits = lm_logits(model, batch)[:, :-1].float()
                 target = batch[:, 1:]
                 nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                        reduction="sum").item()
                 count += target.numel()
+                step()
     finally:
         model.train(was_training)
     return Perplexity(math.exp(nll / count), count, len(windows))

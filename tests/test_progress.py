@@ -45,6 +45,20 @@ def test_distill_logs_lines_off_a_terminal(monkeypatch, capsys):
                                                     "distill step 6, 1 min 15 s elapsed, about 25 s left"]
 
 
+def test_distill_eta_leaves_out_the_budget_spent_before_the_bar(monkeypatch, capsys):
+    """A quarter of the budget went to the evaluations before training (or to a run this one
+    resumes): the time left comes from the bar's own progress, 0.2 in 40 s, so 0.55 take 110 s
+    (the whole-run average said 49 s; a newcomer's 1-minute run said 3 minutes left at 55 s)."""
+    from hadaconv.distill import core
+
+    ticks = iter([0, 40, 41])
+    monkeypatch.setattr(core.time, "monotonic", lambda: next(ticks))
+    bar = core._Bar(True, 0.25)
+    bar.update(0.45, "distill step 2")
+    bar.close()
+    assert capsys.readouterr().err.splitlines() == ["distill step 2, 40 s elapsed, about 1 min 50 s left"]
+
+
 def test_block_by_block_counts_the_blocks_it_visits(monkeypatch):
     """--layers 0 of a 2-block model: the block loop stops after block 0, and so does its count
     (it said n/30 on SmolLM2 with --layers 0-4)."""

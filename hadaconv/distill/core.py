@@ -300,16 +300,17 @@ class _Bar:
     terminal (a log file, a pipe) the same as a line every :data:`hadaconv.progress.LOG_EVERY`
     seconds, so a long run is never silent."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, fraction: float = 0.0) -> None:
         self.bar = None
         self.lines = enabled and not console.is_terminal
         self.start = self.last = time.monotonic()
+        self.first = fraction  # of the budget, spent before this bar (evaluations, a resumed run)
         if enabled and console.is_terminal:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
-            self.task = self.bar.add_task("distill", total=1000)
+            self.task = self.bar.add_task("distill", total=1000, completed=int(1000 * fraction))
             self.bar.start()
 
     def update(self, fraction: float, text: str) -> None:
@@ -317,7 +318,9 @@ class _Bar:
             self.bar.update(self.task, completed=int(1000 * min(1.0, fraction)), description=text)
         elif self.lines and (now := time.monotonic()) - self.last >= LOG_EVERY:
             self.last = now
-            left = f", about {duration((now - self.start) * (1 / fraction - 1))} left" if 0 < fraction < 1 else ""
+            # The rate of this bar's own progress: the budget spent before it is not part of it.
+            rate = (fraction - self.first) / max(now - self.start, 1e-9)
+            left = f", about {duration((1 - fraction) / rate)} left" if rate > 0 and fraction < 1 else ""
             console.print(f"{text}, {duration(now - self.start)} elapsed{left}", highlight=False)
 
     def close(self) -> None:
@@ -529,7 +532,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
             consider(start_metric, None)
         perms: dict[int, torch.Tensor] = {}
         micro = cfg.batch_size // micro_total
-        bar = _Bar(cfg.progress and main)
+        bar = _Bar(cfg.progress and main, spent())
         last_loss: float | None = None
         tick, tick_tokens = time.perf_counter(), tokens
         try:
@@ -563,7 +566,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
                 last_loss = d.sum(total)
                 now = time.perf_counter()
                 rate = (tokens - tick_tokens) / max(1e-9, now - tick)
-                bar.update(fraction, f"distill step {step} loss {last_loss:.4f} {rate:,.0f} tok/s")
+                bar.update(spent(), f"distill step {step} loss {last_loss:.4f} {rate:,.0f} tok/s")
                 if step % cfg.eval_every == 0:
                     consider(evaluate(student)[0], last_loss)
                 if step % cfg.checkpoint_every == 0:
