@@ -88,7 +88,8 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--block", type=POSITIVE, default=None, help="Output block size b of gamma (1 = diagonal, the seed paper's form).  [default: 64, halved "
                    "until it divides every output width into at least 8 blocks]")
 @click.option("--layers", "layers", default=None, help="Layers that may be converted, e.g. 0,3,5-9.  [default: all]")
-@click.option("--max-layers", type=POSITIVE, default=None, help="Convert only the K layers that measurably hurt least.  Ranking fits and measures every "
+@click.option("--max-layers", type=POSITIVE, default=None,
+              help="Convert only the K layers that measurably hurt least.  Ranking fits and measures every "
                    "candidate layer first, so this takes about as long as converting them all (--layers "
                    "narrows the candidates).")
 @click.option("--max-loss", type=click.FloatRange(min=0), default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
