@@ -254,6 +254,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} windows "
                f"of {seq_len})")
     other = None if no_baseline else _baseline(loaded, model, baseline)
+    del loaded  # the baseline may be as large: never hold both models at once
     if other is not None:
         base = perplexity(load_model(other, config=model_config, device=device, dtype=dtype).model, windows,
                           progress=f"perplexity of {other}")

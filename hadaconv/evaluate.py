@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hadaconv.calibrate import text_windows
+from hadaconv.progress import progress as progress_bar
 
 __all__ = ["Perplexity", "embedding_cosine", "kl_divergence", "lm_logits", "perplexity", "text_windows"]
 
@@ -65,8 +66,6 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, *, 
     """Perplexity of a causal LM on token windows [N, L] (see the module docstring).  Windows are
     moved to the model's device; the model is left in the mode it was in.  ``progress``: the
     description of a progress bar over the batches (None: none)."""
-    from hadaconv.progress import progress as progress_bar
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
