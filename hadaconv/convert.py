@@ -518,6 +518,24 @@ def convert(
     return finish_report(report, model, target, fits, rows, chosen, start)
 
 
+def _check_against_config(source: str, cfg: ConvertConfig, model_config: str | None, target: str | None) -> None:
+    """Refuse ``cfg.layers``, ``cfg.block`` and ``cfg.rank`` that do not fit the model before
+    loading its weights, on :func:`hadaconv.io.skeleton` (the checks :func:`find_target` makes
+    after the load, with the same messages)."""
+    from hadaconv.adapters import find_adapter as _find
+    from hadaconv.io import skeleton
+
+    model = skeleton(source, config=model_config)
+    if model is None:
+        return
+    try:
+        find_target(model, cfg, _find(model, target=target) if target else None)
+    except HadaconvError:
+        raise
+    except Exception:  # noqa: BLE001 - an adapter that needs real weights to prepare: checked after the load
+        return
+
+
 def convert_file(
     source: str,
     out_dir: str,
@@ -548,6 +566,7 @@ def convert_file(
     cfg = config or ConvertConfig()
     _check_config(cfg)
     check_output(out_dir, overwrite, folder=True)  # before the work, not after it
+    _check_against_config(source, cfg, model_config, target)
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     previous = loaded.meta or {}
     if previous.get("layers") and previous.get("target") != target:

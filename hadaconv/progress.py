@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 console = Console(stderr=True)
 #: Columns of :data:`out` off a terminal (a file, a pipe, CI): rich would otherwise assume 80 and
@@ -34,6 +35,20 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator[Cal
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
+
+
+@contextmanager
+def status(description: str) -> Iterator[None]:
+    """``with status("loading model.gguf"): ...``: for work of unknown size (a model load), a
+    spinner with the elapsed time on a terminal, removed when the work ends; nothing elsewhere
+    (such work takes seconds, not the minutes :func:`progress` reports on)."""
+    if not console.is_terminal:
+        yield
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as spinner:
+        spinner.add_task(description, total=None)
+        yield
 
 
 #: Seconds between the progress lines written when stderr is not a terminal.

@@ -19,7 +19,7 @@ import hadaconv
 from hadaconv.adapters import attention_layers, find_adapter
 from hadaconv.convert import install_projection
 from hadaconv.errors import HadaconvError, OutputError
-from hadaconv.io import hadaconv_meta, load, load_model, load_tokenizer, save_converted
+from hadaconv.io import hadaconv_meta, load, load_model, load_tokenizer, save_converted, skeleton
 from hadaconv.nn import HadamardProjection
 from tiny_models import example_inputs, make_tiny
 
@@ -148,6 +148,45 @@ def _tiny_safetensors(tmp_path: Path) -> Path:
     path = tmp_path / "w.safetensors"
     save_file({"x": torch.zeros(2)}, str(path))
     return path
+
+
+def test_load_keeps_transformers_bars_quiet(llama_dir, capfd):
+    """transformers' tqdm bars would interleave with hadaconv's: off during the load, and left
+    as the user had them after it."""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    load_model(llama_dir)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        load_model(llama_dir)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def test_skeleton(llama_dir, tmp_path):
+    """The weightless model convert checks its options on: every parameter shape of the real
+    load, from the config alone; None where only the weights tell the structure, or where the
+    config does not build (the full load then reports it)."""
+    full = load_model(llama_dir).model
+    for empty in (skeleton(llama_dir), skeleton(llama_dir / "model.safetensors", config=llama_dir)):
+        assert all(p.is_meta for p in empty.parameters())
+        assert {n: p.shape for n, p in empty.named_parameters()} == {n: p.shape for n, p in full.named_parameters()}
+    torch.save(full.state_dict(), tmp_path / "weights.pt")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert skeleton(tmp_path / "weights.pt", config=llama_dir) is None  # a pickle: not opened for this
+    assert skeleton(llama_dir / "model.safetensors") is None  # bare weights without a config
+    assert skeleton(broken) is None
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    config = json.loads((llama_dir / "config.json").read_text())
+    (converted / "config.json").write_text(json.dumps({**config, "hadaconv": {"layers": [0]}}))
+    assert skeleton(converted) is None  # its converted layers are only known from the weights
 
 
 def test_truncated_safetensors(llama_dir, tmp_path):
@@ -315,3 +354,7 @@ def test_smollm2_gguf():
     assert len(layers) == 30
     assert {(layer.num_heads, layer.num_kv_heads, layer.head_dim) for layer in layers} == {(9, 3, 64)}
     assert (path.stat().st_mtime_ns, path.stat().st_size) == before
+    # The skeleton, from the GGUF metadata alone, has the loaded model's every parameter shape.
+    empty = skeleton(path)
+    assert all(p.is_meta for p in empty.parameters())
+    assert {n: p.shape for n, p in empty.named_parameters()} == {n: p.shape for n, p in loaded.model.named_parameters()}
