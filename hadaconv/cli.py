@@ -29,8 +29,8 @@ def cli() -> None:
       hadaconv convert MODEL -o DIR fit and swap the projections, save, report
       hadaconv distill DIR -o DIR   win back quality by knowledge distillation
       hadaconv eval MODEL           perplexity (or, for encoders, cosine to --reference)
-      hadaconv export DIR --onnx    ONNX with the com.hadaconv op (or --portable)
-      hadaconv run BUNDLE           generate / embed with ONNX Runtime
+      hadaconv export MODEL -o B    an ONNX bundle with the com.hadaconv op (or --portable)
+      hadaconv run B                generate / embed with ONNX Runtime
     """
 
 
@@ -137,8 +137,11 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     from hadaconv.convert import ConvertConfig, convert_file
     from hadaconv.progress import out
 
+    if no_sensitivity and (max_layers or max_loss is not None):
+        raise HadaconvError(f"{'--max-layers' if max_layers else '--max-loss'} chooses layers by their measured "
+                            "sensitivity: drop --no-sensitivity")
     if dry_run:
-        _inspect(model, model_config, trust_pickle, target, block, rank)
+        _inspect(model, model_config, trust_pickle, target, block, rank, _layer_list(layers))
         return
     calib_value = None if not calib else ("none" if list(calib) == ["none"] else list(calib))
     cfg = ConvertConfig(mode=mode, block=block, layers=_layer_list(layers), max_layers=max_layers,
@@ -159,11 +162,12 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     click.echo(f"saved {output}")
 
 
-def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | None, rank: int = 0) -> None:
+def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | None, rank: int = 0,
+             only: list[int] | None = None) -> None:
     from rich.table import Table
 
     from hadaconv.adapters import find_adapter
-    from hadaconv.convert import default_block, dense_layers
+    from hadaconv.convert import ConvertConfig, default_block, dense_layers, find_target
     from hadaconv.hadamard import factorize
     from hadaconv.io import load_model
     from hadaconv.nn import HadamardProjection, parameters_saved
@@ -172,6 +176,8 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle)
     adapter = find_adapter(loaded.model, target=target)
     layers = dense_layers(loaded.model, adapter)
+    if only is not None:  # convert --dry-run --layers: the candidates convert would take, checked as it would
+        layers = find_target(loaded.model, ConvertConfig(layers=only, block=block, rank=rank), adapter).layers
     converted = sum(isinstance(m, HadamardProjection) for m in loaded.model.modules())
     block = block or default_block([layer.out_features for layer in layers])
     total = sum(p.numel() for p in loaded.model.parameters())
@@ -192,7 +198,9 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
         t.add_row(str(layer.index), layer.out_name, f"{w.shape[0]}x{w.shape[1]}", fac,
                   f"{layer.num_heads}/{layer.num_kv_heads}/{layer.head_dim}",
                   "folded" if layer.value is not None else "-", f"{gain:,}")
-    t.caption = f"with --block {block}{f' --rank {rank}' if rank else ''}: -{removable:,} parameters ({100 * removable / total:.2f}% of the model)"
+    setting = f"with --block {block}{f' --rank {rank}' if rank else ''}"
+    t.caption = (f"{setting}: -{removable:,} parameters ({100 * removable / total:.2f}% of the model)" if removable else
+                 f"{setting}: no parameters removed (each layer would keep at least as many as its dense projection)")
     out.print(t)
 
 
@@ -380,8 +388,8 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
         overwrite=overwrite, optimize=optimize, source=loaded.source, verbose=verbose, log=click.echo,
     )
     layers = result.meta.get("hadamard_layers", 0)
-    click.echo(f"wrote {result.path} ({result.kind}, {result.form} form, {layers} Hadamard projections, "
-               f"opset {result.meta['opset']}) in {time.perf_counter() - start:.0f} s")
+    click.echo(f"wrote {result.path} ({result.kind}, {result.form} form, {dtype or 'float32'}, {layers} Hadamard "
+               f"projections, opset {result.meta['opset']}) in {time.perf_counter() - start:.0f} s")
 
 
 def _ids(ctx, param, text: str | None) -> list[int] | None:
@@ -406,14 +414,14 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
                    "(a causal LM then prints the generated ids).")
 @click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all); with --temperature above 0.")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Above 1, tokens already in the text become less likely (CTRL's penalty, whose authors "
                    "chose 1.2 for greedy decoding).")
 @click.option("--chat", is_flag=True,
               help="Send --prompt as a user turn through the tokenizer's chat template and print the reply "
                    "(instruction-tuned models answer instead of continuing the text).")
-@click.option("--seed", type=int, default=None, help="Sampling seed.")
+@click.option("--seed", type=int, default=None, help="Sampling seed; with --temperature above 0.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when this onnxruntime has it, else CPU.")
 def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
@@ -424,6 +432,9 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
     like --ids)."""
     from hadaconv.export.bundle import open_bundle
 
+    if temperature == 0 and (top_k or seed is not None):
+        raise HadaconvError(f"{'--top-k' if top_k else '--seed'} only matters when sampling: give --temperature "
+                            "above 0 too (0, the default, is greedy decoding)")
     opened = open_bundle(bundle, provider=provider)
     if opened.kind not in ("causal-lm", "encoder"):
         raise HadaconvError(f"{bundle} holds a {opened.kind} ({', '.join(o['name'] for o in opened.meta['outputs'])}): "
@@ -540,7 +551,8 @@ def _duration(text: str | None) -> float | None:
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
 @click.option("--fsdp", is_flag=True, help="Shard the models with FSDP2 (under torchrun; global stage only).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1.  [default: this process's GPU if any]")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N.  [default: a GPU when present (under torchrun each "
+                                              "process's own, cuda:LOCAL_RANK), else cpu]")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Dtype the models are loaded and trained in (auto: the checkpoints' own).")
 @click.option("--bf16/--no-bf16", default=None,
@@ -554,10 +566,11 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
                 checkpoint_every, resume, gradient_checkpointing, fsdp, device, dtype, bf16, seed, overwrite) -> None:
     """Win back quality: distill the original model into the CONVERTED folder, save to OUTPUT.
 
-    Local stage: each converted attention block learns the teacher block's output from the
-    teacher's inputs.  Global stage: KL(teacher || student) of the next-token distributions (causal
-    LMs) or hidden-state / embedding matching (encoders).  Runs under torchrun --nproc-per-node N
-    (DDP; --fsdp to shard).  Prints the teacher / before / after quality and the curve.
+    By default one stage, the global one: KL(teacher || student) of the next-token distributions
+    (causal LMs) or hidden-state / embedding matching (encoders), end to end.  --local adds a stage
+    before it in which each converted attention block learns the teacher block's output from the
+    teacher's inputs.  Runs under torchrun --nproc-per-node N (DDP; --fsdp to shard).  Prints the
+    teacher / before / after quality and the curve.
     """
     import shutil
     from pathlib import Path

@@ -208,19 +208,23 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
     block = cfg.block or default_block([layer.out_features for layer in layers])
     for layer in layers:
         check_convertible(layer, block)
-        _check_rank(layer, block, cfg.rank)
+        _check_saves(layer, block, cfg.rank)
     return Target(adapter, adapter.kind(model), layers, block)
 
 
-def _check_rank(layer: AttentionLayer, block: int, rank: int) -> None:
-    """Refuse a residual rank at which ``layer`` would keep as many parameters as its dense
-    projection (one line naming the largest rank that still saves some)."""
-    if not rank:
-        return
+def _check_saves(layer: AttentionLayer, block: int, rank: int) -> None:
+    """Refuse a block size, or a residual rank, at which ``layer`` would keep as many parameters
+    as its dense projection (one line naming the largest block, or rank, that still saves some)."""
     d_in, d_out = layer.width, layer.out_features
     bias = layer.out.bias is not None
     if parameters_saved(d_in, d_out, block, bias, rank) > 0:
         return
+    if parameters_saved(d_in, d_out, block, bias) <= 0:
+        kept = d_out * block + d_out
+        fits = [b for b in range(1, d_out + 1) if d_out % b == 0 and parameters_saved(d_in, d_out, b, bias) > 0]
+        raise InputError(f"--block {block} saves no parameters at {layer.out_name} ({d_out}x{d_in}): gamma and beta "
+                         f"keep {kept:,} against the dense {d_out * d_in + (d_out if bias else 0):,}; the largest "
+                         f"block that saves any is {max(fits, default=1)}")
     most = max(0, (parameters_saved(d_in, d_out, block, bias) - 1) // (d_in + d_out))
     raise InputError(f"--rank {rank} saves no parameters at {layer.out_name} ({d_out}x{d_in}, block {block}): "
                      f"the residual keeps {rank * (d_in + d_out):,}; the largest rank that saves any is {most}")

@@ -25,6 +25,7 @@ dict instead).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -463,15 +464,29 @@ def _quiet_transformers() -> Iterator[None]:
         return
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    # The GGUF reader calls tqdm directly, past that switch: its module's tqdm is swapped for a
+    # disabled one while we load, and put back.
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
         if was:
             hf_logging.enable_progress_bar()
 
 
 def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     config_path = path / "config.json"
+    if not config_path.is_file() and (path / "hadaconv_onnx.json").is_file():  # export.bundle.METADATA
+        raise HadaconvError(f"{path} is an ONNX bundle (hadaconv export's output): run it with hadaconv run, or give "
+                            "the model folder it was exported from")
     if not config_path.is_file():
         raise HadaconvError(
             f"{path} is a folder without config.json "

@@ -11,10 +11,12 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-console = Console(stderr=True)
-#: Columns of :data:`out` off a terminal (a file, a pipe, CI): rich would otherwise assume 80 and
-#: cut or squeeze every wider table; this fits the widest (the per-layer report, the benchmarks').
+#: Columns of :data:`out` and :data:`console` off a terminal (a file, a pipe, CI): rich would
+#: otherwise assume 80 and cut or squeeze every wider table, and wrap a long path mid-name; this
+#: fits the widest (the per-layer report, the benchmarks').
 OFF_TERMINAL_WIDTH = 250
+#: Progress and notes go to stderr, at the terminal's width on one.
+console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else OFF_TERMINAL_WIDTH)
 #: Reports and tables go to stdout: the terminal's width on one, else :data:`OFF_TERMINAL_WIDTH`.
 #: The CLI, the benchmarks and the demo all print through it.
 out = Console(width=None if Console().is_terminal else OFF_TERMINAL_WIDTH)

@@ -81,7 +81,7 @@ class ConvertReport:
         return (
             f"converted {len(self.converted)} of {len(self.layers)} candidate layers; "
             f"parameters {self.params_before:,} -> {self.params_after:,} "
-            f"(-{removed:,}, -{100 * removed / max(1, self.params_before):.2f}%); "
+            f"({-removed:+,}, {-100 * removed / max(1, self.params_before):+.2f}%); "
             f"weights {self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB; "
             f"{self.seconds:.0f} s; peak RSS {self.peak_rss_mb:.0f} MiB"
             + (f"; calibration: {self.calibration_source}" if self.calibration_source else "")

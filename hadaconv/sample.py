@@ -97,7 +97,9 @@ def sample_texts(
     starts = _start_tokens(tokenizer, samples, gen, getattr(getattr(model, "config", None), "vocab_size", None))
     texts: list[str] = []
     batches = range(0, samples, batch_size)
-    with progress_bar(len(batches) * (seq_len - 1), "sampling text from the model", progress) as step:
+    # The bar counts token steps: each batch of sequences takes seq_len - 1 of them.
+    what = f"sampling {samples} sequences ({len(batches)} batch{'es' if len(batches) > 1 else ''} x {seq_len - 1} tokens)"
+    with progress_bar(len(batches) * (seq_len - 1), what, progress) as step:
         for b0 in batches:
             ids = starts[b0:b0 + batch_size, None].to(device)
             out, cache = [ids], DynamicCache()

@@ -294,6 +294,16 @@ ROWS = [
     Row("convert-block-not-dividing", lambda w, t: _convert(w.hf, t / "out", "--block", "5", *TINY),
         r"--block 5 does not divide the output width 64 .*: choose one of 1, 2, 4, 8, 16, 32, 64$",
         lambda mp, w, t: _no_model(mp)),
+    # 64 x 64: gamma blocks of 64 and beta keep 4,160 parameters, the dense W_o 4,096.
+    Row("convert-block-saves-nothing", lambda w, t: _convert(w.hf, t / "out", "--block", "64", *TINY),
+        r"--block 64 saves no parameters at model\.layers\.0\.self_attn\.o_proj \(64x64\): gamma and beta keep "
+        r"4,160 against the dense 4,096; the largest block that saves any is 32$", lambda mp, w, t: _no_model(mp)),
+    Row("convert-max-layers-without-sensitivity",
+        lambda w, t: _convert(w.hf, t / "out", "--max-layers", "1", "--no-sensitivity"),
+        r"--max-layers chooses layers by their measured sensitivity: drop --no-sensitivity$",
+        lambda mp, w, t: _no_model(mp)),
+    Row("convert-dry-run-layers-out-of-range", lambda w, t: _convert(w.hf, t / "out", "--dry-run", "--layers", "0,7"),
+        r"--layers names 7, but"),
     Row("convert-rank-negative", lambda w, t: _convert(w.hf, t / "out", "--rank", "-1"),
         r"'--rank': -1 is not in the range x>=0"),
     # 64 x 64, block 8 (the default there): 3520 parameters removed without the residual, 128 per rank.
@@ -338,7 +348,7 @@ ROWS = [
         r"out already exists and is not empty: pass --overwrite to replace it"),
     Row("convert-streamed-output-is-a-file",
         lambda w, t: _convert(w.hf, _write(t / "out", "keep"), "--streamed", *TINY), r"out exists and is not a folder"),
-    Row("convert-streamed-max-layers", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--max-layers", "1", *TINY),
+    Row("convert-streamed-max-layers", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--max-layers", "1", *TINY[:-1]),
         r"--max-layers/--max-loss rank layers on the whole model"),
     Row("convert-streamed-dtype", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--dtype", "float16", *TINY),
         r"--streamed keeps the checkpoint's dtype"),
@@ -363,6 +373,8 @@ ROWS = [
         r"cannot load the GGUF file"),
     Row("inspect-block-0", lambda w, t: ["inspect", w.hf, "--block", "0"], r"'--block': 0 is not in the range"),
     Row("inspect-rank-negative", lambda w, t: ["inspect", w.hf, "--rank", "-1"], r"'--rank': -1 is not in the range"),
+    Row("inspect-onnx-bundle", lambda w, t: ["inspect", w.bundle],
+        r"is an ONNX bundle \(hadaconv export's output\): run it with hadaconv run"),
     Row("inspect-all-converted", lambda w, t: ["inspect", w.conv], r"every attention output projection is converted already"),
     # --------------------------------------------------------------- distill
     Row("distill-missing-folder", lambda w, t: ["distill", t / "nope", "-o", t / "out", *DISTILL],
@@ -460,6 +472,10 @@ ROWS = [
         r"'--max-new-tokens': 0 is not in the range x>=1"),
     Row("run-negative-temperature", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--temperature", "-1"],
         r"'--temperature': -1\.0 is not in the range x>=0"),
+    Row("run-top-k-when-greedy", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--top-k", "5"],
+        r"--top-k only matters when sampling: give --temperature above 0 too \(0, the default, is greedy decoding\)$"),
+    Row("run-seed-when-greedy", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--seed", "3"],
+        r"--seed only matters when sampling"),
     # --------------------------------------------------------------- sample
     Row("sample-missing-model", lambda w, t: ["sample", t / "nope", "-o", t / "s.jsonl"], r"no such file or folder"),
     Row("sample-encoder", lambda w, t: ["sample", w.bert, "-o", t / "s.jsonl", "--samples", "1", "--seq-len", "4"],

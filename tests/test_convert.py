@@ -152,6 +152,11 @@ def test_cli_convert_inspect_eval(tmp_path):
     with_rank = int(re.search(r"-([\d,]+) parameters", r.stdout).group(1).replace(",", ""))
     d = json.loads((src / "config.json").read_text())["hidden_size"]
     assert saved - with_rank == json.loads((src / "config.json").read_text())["num_hidden_layers"] * 2 * 2 * d
+    r = _cli("convert", src, "-o", tmp_path / "never", "--dry-run", "--block", "4", "--layers", "1")
+    assert r.returncode == 0 and not (tmp_path / "never").exists(), r.stderr
+    assert "layers.1.self_attn.o_proj" in r.stdout and "layers.0.self_attn.o_proj" not in r.stdout
+    one = int(re.search(r"-([\d,]+) parameters", r.stdout).group(1).replace(",", ""))
+    assert one * json.loads((src / "config.json").read_text())["num_hidden_layers"] == saved  # one layer's share
     out = tmp_path / "conv"
     r = _cli("convert", src, "-o", out, "--block", "4", "--samples", "12", "--seq-len", "32", "--layers", "1")
     assert r.returncode == 0, r.stderr

