@@ -70,18 +70,25 @@ struct NextRow {
 };
 
 // Burst: one cache line a step of the first pass, as that pass loads the current row, so the
-// misses overlap its arithmetic.
+// misses overlap its arithmetic.  A next row over kL1Row bytes goes to L2 only, as in Paced.
+constexpr int64_t kL1Row = 16384;
 struct Burst : NextRow {
   static constexpr bool kPaced = false;
+  bool to_l2 = false;
 
   HADACONV_HOT void step() {
-    if (left > 0) line<3>();
+    if (left > 0) {
+      if (to_l2) line<2>();
+      else line<3>();
+    }
   }
   // Ends the row (fetching what is left) and begins one whose successor is [q, q + bytes), or
   // nothing for q null.
   void next(const void* q, int64_t bytes) {
-    rest<3>();
+    if (to_l2) rest<2>();
+    else rest<3>();
     start(q, bytes);
+    to_l2 = bytes > kL1Row;
   }
 };
 
@@ -93,7 +100,6 @@ struct Burst : NextRow {
 // row over kL1Row bytes goes to L2 only: in L1 (48 KB here) it would evict the current row's
 // scratch (n = 8192: 1.64-1.89x the floor fetched into L1, 1.55-1.67x into L2).  Where pacing
 // pays is decided by `paced`.
-constexpr int64_t kL1Row = 16384;
 struct Paced : NextRow {
   static constexpr bool kPaced = true;
   int64_t every = 1, count = 1;
@@ -229,6 +235,10 @@ inline void sylvester(const T* x, float* s, int64_t len, int64_t L, bool fuse, S
   for (int64_t base = 0; base < len; base += LB) {
     // Without `fuse` the sink is null and unused: offsetting a null pointer is undefined.
     const Sink<T> o = fuse ? Sink<T>{out.y + base, out.g + base, out.beta + base} : out;
+    // A long row's Y is written by the last pass; its lines are requested block by block here.
+    if (fuse && LB < L && len * static_cast<int64_t>(sizeof(T)) > kL1Row)
+      for (int64_t k = 0; k < LB * static_cast<int64_t>(sizeof(T)); k += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(out.y + base) + k, 1, 2);
     first_pass_r<V, false>(R0, x + base, s + base, LB, o, ah);
     for (int64_t done = done0; done < LB;) {
       const int64_t left = LB / done;  // 2^(stages left in the block)
@@ -443,13 +453,29 @@ inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* zrow
     else core_pass<V, 1, false, false, true>(p, io, L, tbl, ah);
     return;
   }
+  // A long row's Y: written in order after the core, its lines requested while the segments
+  // are transformed (see long_row).
+  const bool long_row = y && !p.blocks && p.n * static_cast<int64_t>(sizeof(T)) > kL1Row;
   if (Ls == L) {
     sylvester<V>(x, s, p.n, L, false, out, ah);
   } else {
-    for (int64_t a = 0; a < p.m; ++a) sylvester<V>(x + a * L, s + a * Ls, L, L, false, out, ah);
+    for (int64_t a = 0; a < p.m; ++a) {
+      if (long_row)
+        for (int64_t k = 0; k < L * static_cast<int64_t>(sizeof(T)); k += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(y + a * L) + k, 1, 2);
+      sylvester<V>(x + a * L, s + a * Ls, L, L, false, out, ah);
+    }
+  }
+  constexpr int NV = core_chunk<V>();
+  if (long_row) {
+    const CoreIo<T> io{s, nullptr, zrow, 0, 0};
+    if (L >= NV * V::W) core_pass<V, NV, false, false>(p, io, Ls, tbl, ah);
+    else core_pass<V, 1, false, false>(p, io, Ls, tbl, ah);
+    for (int64_t k = 0; k < p.n; k += V::W)
+      V::store(y + k, V::fmadd(V::load(zrow + k), V::load(p.gvec + k), V::load(p.beta + k)));
+    return;
   }
   const CoreIo<T> io{s, y, zrow, 0, 0};
-  constexpr int NV = core_chunk<V>();
   if (L >= NV * V::W) core_row<V, NV>(p, io, Ls, tbl, ah);
   else core_row<V, 1>(p, io, Ls, tbl, ah);
 }
@@ -513,7 +539,7 @@ inline void transform_typed(const Plan& p, const T* x, int64_t r0, int64_t r1, f
 
 // Rows [r0, r1) x -> y without block gammas; s the row scratch.
 template <class V, class A, class T>
-inline void rows_with(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, float* s, float* tbl) {
+inline void rows_with(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, float* s, float* zrow, float* tbl) {
   const int64_t n = p.n;
   A ah;
   // Rows [r, r + k) start: fetch the k after them, as far as they lie in [r0, r1).
@@ -530,7 +556,7 @@ inline void rows_with(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, f
     }
   for (; r < r1; ++r) {
     start(r, 1);
-    transform_row<V>(p, x + r * n, y + r * n, s, nullptr, tbl, ah);
+    transform_row<V>(p, x + r * n, y + r * n, s, zrow, tbl, ah);
   }
 }
 
@@ -550,8 +576,8 @@ inline void rows_typed(const Plan& p, const T* x, T* y, int64_t r0, int64_t r1, 
     }
     return;
   }
-  if (paced(p)) rows_with<V, Paced>(p, x, y, r0, r1, s, tbl);
-  else rows_with<V, Burst>(p, x, y, r0, r1, s, tbl);
+  if (paced(p)) rows_with<V, Paced>(p, x, y, r0, r1, s, z, tbl);
+  else rows_with<V, Burst>(p, x, y, r0, r1, s, z, tbl);
 }
 
 template <class V>
