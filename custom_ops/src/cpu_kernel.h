@@ -23,6 +23,10 @@
 //            look-up offset, gamma and beta, and the segments' transform (`intra`) is done as
 //            the core loads the input: no pass 0, no scratch row;
 //   blocks   block-diagonal gammas take one more pass (b x b products, kBlockRows rows at once).
+// A row over kL1Row bytes (f32: n > 4096) has its output lines requested while the transform
+// passes run, and (with a core) its y written in order after the core: writing a line of y reads
+// it from memory first, and issued only at the write-out that read stalled the row (5120 and
+// 8192 on the Intel Xeon: the output's write-allocate did not overlap the arithmetic at all).
 #pragma once
 
 #include <cstdint>
