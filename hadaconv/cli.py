@@ -141,7 +141,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
         raise HadaconvError(f"{'--max-layers' if max_layers else '--max-loss'} chooses layers by their measured "
                             "sensitivity: drop --no-sensitivity")
     if dry_run:
-        _inspect(model, model_config, trust_pickle, target, block, rank, _layer_list(layers))
+        _inspect(model, model_config, trust_pickle, target, block, rank, _layer_list(layers), dry_run=True)
         return
     calib_value = None if not calib else ("none" if list(calib) == ["none"] else list(calib))
     cfg = ConvertConfig(mode=mode, block=block, layers=_layer_list(layers), max_layers=max_layers,
@@ -163,7 +163,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
 
 
 def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | None, rank: int = 0,
-             only: list[int] | None = None) -> None:
+             only: list[int] | None = None, dry_run: bool = False) -> None:
     from rich.table import Table
 
     from hadaconv.adapters import find_adapter
@@ -176,7 +176,7 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle)
     adapter = find_adapter(loaded.model, target=target)
     layers = dense_layers(loaded.model, adapter)
-    if only is not None:  # convert --dry-run --layers: the candidates convert would take, checked as it would
+    if dry_run:  # convert --dry-run: the candidates convert would take, refused as convert would refuse them
         layers = find_target(loaded.model, ConvertConfig(layers=only, block=block, rank=rank), adapter).layers
     converted = sum(isinstance(m, HadamardProjection) for m in loaded.model.modules())
     block = block or default_block([layer.out_features for layer in layers])
@@ -200,7 +200,8 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
                   "folded" if layer.value is not None else "-", f"{gain:,}")
     setting = f"with --block {block}{f' --rank {rank}' if rank else ''}"
     t.caption = (f"{setting}: -{removable:,} parameters ({100 * removable / total:.2f}% of the model)" if removable else
-                 f"{setting}: no parameters removed (each layer would keep at least as many as its dense projection)")
+                 f"{setting}: no parameters removed (the block does not divide the widths, or each layer would "
+                 "keep at least as many as its dense projection)")
     out.print(t)
 
 
@@ -567,10 +568,11 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
     """Win back quality: distill the original model into the CONVERTED folder, save to OUTPUT.
 
     By default one stage, the global one: KL(teacher || student) of the next-token distributions
-    (causal LMs) or hidden-state / embedding matching (encoders), end to end.  --local adds a stage
-    before it in which each converted attention block learns the teacher block's output from the
-    teacher's inputs.  Runs under torchrun --nproc-per-node N (DDP; --fsdp to shard).  Prints the
-    teacher / before / after quality and the curve.
+    (causal LMs) or hidden-state / embedding matching (encoders), end to end.  --local runs the
+    local stage instead, in which each converted attention block learns the teacher block's output
+    from the teacher's inputs; --local --global runs both, local first.  Runs under torchrun
+    --nproc-per-node N (DDP; --fsdp to shard).  Prints the teacher / before / after quality and
+    the curve.
     """
     import shutil
     from pathlib import Path

@@ -26,6 +26,7 @@ dict instead).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -417,11 +418,17 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
     (the full load then reports the problem): a best-effort check, never a substitute for one.
     """
     path = Path(source)
+    if not path.exists() or importlib.util.find_spec("accelerate") is None:
+        return None  # the load says what is missing; without accelerate no empty (meta) model is built
     try:
         if path.is_dir():
             data = _read_json(path / "config.json")
-            if "hadaconv" in data or "torch_module" in data:
+            weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+            if "hadaconv" in data or "torch_module" in data or not weights:
                 return None
+            for file in weights:  # a damaged checkpoint is the load's error to report, not an option's
+                if file.suffix == ".safetensors":
+                    _check_safetensors(file)
             return _hf_from_config(_hf_config(data))
         if path.suffix == ".gguf":
             import transformers
@@ -431,6 +438,7 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
             model.tie_weights()  # as from_pretrained does
             return model
         if path.suffix == ".safetensors" and config is not None:
+            _check_safetensors(path)  # a truncated file is the load's error to report, not --layers'
             data = _read_json(_config_file(config))
             return None if "hadaconv" in data else _model_from_config(data)
     except Exception:  # noqa: BLE001 - the full load that follows says what is wrong, in one line
@@ -456,30 +464,34 @@ def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None)
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """transformers' own tqdm bars (GGUF de-quantization, weight loading: two or three per load)
-    would interleave with hadaconv's; our spinner stands for the whole load instead."""
+    would interleave with hadaconv's; our spinner stands for the whole load instead.  Every
+    switch is put back as it was, whatever the load raises."""
     try:
+        from huggingface_hub import utils as hub
         from transformers.utils import logging as hf_logging
     except ImportError:  # transformers comes with the hf extra: nothing to quiet without it
         yield
         return
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    # The GGUF reader calls tqdm directly, past that switch: its module's tqdm is swapped for a
-    # disabled one while we load, and put back.
-    try:
+    try:  # optional: the GGUF reader, which calls tqdm directly, past transformers' switch
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
+    except Exception:  # noqa: BLE001 - without it there is no GGUF bar to quiet
         gguf_utils = None
     bar = getattr(gguf_utils, "tqdm", None)
-    if bar is not None:
-        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    bars_on, hub_off = hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
     try:
+        hf_logging.disable_progress_bar()  # transformers' bars, and the hub's with them
+        if bar is not None:
+            gguf_utils.tqdm = functools.partial(bar, disable=True)
         yield
     finally:
         if bar is not None:
             gguf_utils.tqdm = bar
-        if was:
+        if bars_on:
             hf_logging.enable_progress_bar()
+        if hub_off and not hub.are_progress_bars_disabled():
+            hub.disable_progress_bars()
+        elif not hub_off and hub.are_progress_bars_disabled():
+            hub.enable_progress_bars()
 
 
 def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:

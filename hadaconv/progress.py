@@ -48,7 +48,7 @@ def status(description: str) -> Iterator[None]:
         yield
         return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=True) as spinner:
+                  transient=True, redirect_stdout=False, redirect_stderr=False) as spinner:
         spinner.add_task(description, total=None)
         yield
 

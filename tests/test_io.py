@@ -153,18 +153,23 @@ def _tiny_safetensors(tmp_path: Path) -> Path:
 def test_load_keeps_transformers_bars_quiet(llama_dir, capfd):
     """transformers' tqdm bars would interleave with hadaconv's: off during the load, and left
     as the user had them after it."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    assert hf_logging.is_progress_bar_enabled()
-    load_model(llama_dir)
-    assert "Loading weights" not in capfd.readouterr().err
-    assert hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    was, bar = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
     try:
-        load_model(llama_dir)
-        assert not hf_logging.is_progress_bar_enabled()
-    finally:
         hf_logging.enable_progress_bar()
+        load_model(llama_dir)
+        assert "Loading weights" not in capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled() and gguf_utils.tqdm is bar
+        hf_logging.disable_progress_bar()
+        load_model(llama_dir)
+        assert not hf_logging.is_progress_bar_enabled() and gguf_utils.tqdm is bar
+        with pytest.raises(HadaconvError):
+            load_model(llama_dir / "nothing")
+        assert not hf_logging.is_progress_bar_enabled() and gguf_utils.tqdm is bar
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def test_skeleton(llama_dir, tmp_path):

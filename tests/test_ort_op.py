@@ -332,7 +332,7 @@ def test_largest_core_every_isa(isa, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("n", [64, 576, 768, 4096, 4608, 5120, 8192, 96])
+@pytest.mark.parametrize("n", [64, 576, 768, 4096, 4608, 5120, 8192, 10240, 96])
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 def test_constant_parameters_every_isa(n, dtype, isa, monkeypatch):
     """gamma / beta as initializers, every gamma form, both directions, odd row counts."""

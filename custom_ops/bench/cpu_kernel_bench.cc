@@ -1,7 +1,7 @@
 // The CPU row kernel alone, without ONNX Runtime, against a one-pass elementwise floor
 // (y = x * c, what bench_ort_op.py's Mul is), both timed in this process and alternating
-// call by call.  For kernel work: run to run it reads within about 1-2%, where the same
-// question asked through ONNX Runtime sessions moves by 10-20% between runs.
+// call by call.  For kernel work (custom_ops/README.md says how much it moves between runs);
+// speed claims come from the ONNX Runtime benchmarks.
 //
 //   cpu_kernel_bench N M [ROWS [REPEATS]]      e.g. cpu_kernel_bench 576 36
 //
@@ -41,9 +41,11 @@ void floor_pass(const float* x, float* y, const float* c, int64_t rows, int64_t 
 struct Buffers {
   float* x;
   float* y;
+  // aligned_alloc wants a size that is a multiple of the alignment.
+  static size_t bytes(int64_t floats) { return (static_cast<size_t>(floats) * sizeof(float) + 63) / 64 * 64; }
   explicit Buffers(int64_t floats)
-      : x(static_cast<float*>(std::aligned_alloc(64, floats * sizeof(float)))),
-        y(static_cast<float*>(std::aligned_alloc(64, floats * sizeof(float)))) {
+      : x(static_cast<float*>(std::aligned_alloc(64, bytes(floats)))),
+        y(static_cast<float*>(std::aligned_alloc(64, bytes(floats)))) {
     if (!x || !y) {
       std::fprintf(stderr, "error: out of memory for %lld floats\n", static_cast<long long>(floats));
       std::exit(1);

@@ -24,7 +24,8 @@
 //            the core loads the input: no pass 0, no scratch row;
 //   blocks   block-diagonal gammas take one more pass (b x b products, kBlockRows rows at once).
 // A row over kL1Row bytes (f32: n > 4096) has its output lines requested while the transform
-// passes run, and (with a core) its y written in order after the core: writing a line of y reads
+// passes run, and (with a core of padded segments, L >= 256) its y written in order after the
+// core: writing a line of y reads
 // it from memory first, and issued only at the write-out that read stalled the row (5120 and
 // 8192 on the Intel Xeon: the output's write-allocate did not overlap the arithmetic at all).
 #pragma once
@@ -457,9 +458,10 @@ inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* zrow
     else core_pass<V, 1, false, false, true>(p, io, L, tbl, ah);
     return;
   }
-  // A long row's Y: written in order after the core, its lines requested while the segments
-  // are transformed (see long_row).
-  const bool long_row = y && !p.blocks && p.n * static_cast<int64_t>(sizeof(T)) > kL1Row;
+  // A long row's Y: written in order after the core, its lines requested segment by segment as
+  // the segments are transformed (only where they are transformed one by one: padded, L >= 256;
+  // the measured case, 5120 = 20 x 256).
+  const bool long_row = y && !p.blocks && Ls != L && p.n * static_cast<int64_t>(sizeof(T)) > kL1Row;
   if (Ls == L) {
     sylvester<V>(x, s, p.n, L, false, out, ah);
   } else {
