@@ -175,9 +175,9 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
 
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle)
     adapter = find_adapter(loaded.model, target=target)
-    layers = dense_layers(loaded.model, adapter)
-    if dry_run:  # convert --dry-run: the candidates convert would take, refused as convert would refuse them
-        layers = find_target(loaded.model, ConvertConfig(layers=only, block=block, rank=rank), adapter).layers
+    # convert --dry-run: the candidates convert would take, refused as convert would refuse them
+    layers = (find_target(loaded.model, ConvertConfig(layers=only, block=block, rank=rank), adapter).layers
+              if dry_run else dense_layers(loaded.model, adapter))
     converted = sum(isinstance(m, HadamardProjection) for m in loaded.model.modules())
     block = block or default_block([layer.out_features for layer in layers])
     total = sum(p.numel() for p in loaded.model.parameters())

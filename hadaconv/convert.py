@@ -219,13 +219,13 @@ def _check_saves(layer: AttentionLayer, block: int, rank: int) -> None:
     bias = layer.out.bias is not None
     if parameters_saved(d_in, d_out, block, bias, rank) > 0:
         return
-    if parameters_saved(d_in, d_out, block, bias) <= 0:
-        kept = d_out * block + d_out
+    if (saved := parameters_saved(d_in, d_out, block, bias)) <= 0:
+        dense = d_out * d_in + (d_out if bias else 0)
         fits = [b for b in range(1, d_out + 1) if d_out % b == 0 and parameters_saved(d_in, d_out, b, bias) > 0]
         raise InputError(f"--block {block} saves no parameters at {layer.out_name} ({d_out}x{d_in}): gamma and beta "
-                         f"keep {kept:,} against the dense {d_out * d_in + (d_out if bias else 0):,}; the largest "
-                         f"block that saves any is {max(fits, default=1)}")
-    most = max(0, (parameters_saved(d_in, d_out, block, bias) - 1) // (d_in + d_out))
+                         f"keep {dense - saved:,} against the dense {dense:,}; the largest block that saves any is "
+                         f"{max(fits, default=1)}")
+    most = max(0, (saved - 1) // (d_in + d_out))
     raise InputError(f"--rank {rank} saves no parameters at {layer.out_name} ({d_out}x{d_in}, block {block}): "
                      f"the residual keeps {rank * (d_in + d_out):,}; the largest rank that saves any is {most}")
 

@@ -423,12 +423,9 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
     try:
         if path.is_dir():
             data = _read_json(path / "config.json")
-            weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-            if "hadaconv" in data or "torch_module" in data or not weights:
+            # A damaged checkpoint is the load's error to report, not an option's (raises here).
+            if "hadaconv" in data or "torch_module" in data or not _folder_weights(path):
                 return None
-            for file in weights:  # a damaged checkpoint is the load's error to report, not an option's
-                if file.suffix == ".safetensors":
-                    _check_safetensors(file)
             return _hf_from_config(_hf_config(data))
         if path.suffix == ".gguf":
             import transformers
@@ -494,6 +491,16 @@ def _quiet_transformers() -> Iterator[None]:
             hub.enable_progress_bars()
 
 
+def _folder_weights(path: Path) -> list[Path]:
+    """A Hugging Face folder's weight files (safetensors, else .bin), each safetensors header
+    checked (:func:`_check_safetensors` raises for a damaged one)."""
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    for file in weights:
+        if file.suffix == ".safetensors":
+            _check_safetensors(file)
+    return weights
+
+
 def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     config_path = path / "config.json"
     if not config_path.is_file() and (path / "hadaconv_onnx.json").is_file():  # export.bundle.METADATA
@@ -509,12 +516,8 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
         model = load(path)
         return Loaded(model, load_tokenizer(path), f"hadaconv folder {path}", "hadaconv", path,
                       data.get("hadaconv"))
-    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    if not weights:
+    if not _folder_weights(path):
         raise HadaconvError(f"{path} has a config.json but no *.safetensors or *.bin weights")
-    for file in weights:
-        if file.suffix == ".safetensors":
-            _check_safetensors(file)
     config = _hf_config(data)
     try:
         model, info = _model_class(config).from_pretrained(

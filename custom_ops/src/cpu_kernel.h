@@ -25,9 +25,9 @@
 //   blocks   block-diagonal gammas take one more pass (b x b products, kBlockRows rows at once).
 // A row over kL1Row bytes (f32: n > 4096) has its output lines requested while the transform
 // passes run, and (with a core of padded segments, L >= 256) its y written in order after the
-// core: writing a line of y reads
-// it from memory first, and issued only at the write-out that read stalled the row (5120 and
-// 8192 on the Intel Xeon: the output's write-allocate did not overlap the arithmetic at all).
+// core: writing a line of y reads it from memory first, and issued only at the write-out that
+// read stalled the row (5120 and 8192 on the Intel Xeon: the output's write-allocate did not
+// overlap the arithmetic at all).
 #pragma once
 
 #include <cstdint>
@@ -131,6 +131,14 @@ struct Paced : NextRow {
     to_l2 = bytes > kL1Row;
   }
 };
+
+// Asks for the lines of y[0, count) into L2 ahead of the pass that writes them (see the file
+// comment: long rows).
+template <class T>
+HADACONV_HOT void request_output(const T* y, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(y);
+  for (int64_t k = 0; k < count * static_cast<int64_t>(sizeof(T)); k += 64) __builtin_prefetch(bytes + k, 1, 2);
+}
 
 template <class V, int P>
 HADACONV_HOT void butterflies(typename V::reg* v) {
@@ -241,9 +249,7 @@ inline void sylvester(const T* x, float* s, int64_t len, int64_t L, bool fuse, S
     // Without `fuse` the sink is null and unused: offsetting a null pointer is undefined.
     const Sink<T> o = fuse ? Sink<T>{out.y + base, out.g + base, out.beta + base} : out;
     // A long row's Y is written by the last pass; its lines are requested block by block here.
-    if (fuse && LB < L && len * static_cast<int64_t>(sizeof(T)) > kL1Row)
-      for (int64_t k = 0; k < LB * static_cast<int64_t>(sizeof(T)); k += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(out.y + base) + k, 1, 2);
+    if (fuse && LB < L && len * static_cast<int64_t>(sizeof(T)) > kL1Row) request_output(out.y + base, LB);
     first_pass_r<V, false>(R0, x + base, s + base, LB, o, ah);
     for (int64_t done = done0; done < LB;) {
       const int64_t left = LB / done;  // 2^(stages left in the block)
@@ -466,9 +472,7 @@ inline void transform_row(const Plan& p, const T* x, T* y, float* s, float* zrow
     sylvester<V>(x, s, p.n, L, false, out, ah);
   } else {
     for (int64_t a = 0; a < p.m; ++a) {
-      if (long_row)
-        for (int64_t k = 0; k < L * static_cast<int64_t>(sizeof(T)); k += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(y + a * L) + k, 1, 2);
+      if (long_row) request_output(y + a * L, L);
       sylvester<V>(x + a * L, s + a * Ls, L, L, false, out, ah);
     }
   }
