@@ -132,8 +132,9 @@ def main() -> None:
                                                            max_time=60 * args.distill_minutes,
                                                            eval_every=10, eval_windows=4))
     console.print(dreport.table())
-    console.print("(this table's perplexity is on held-out windows of the model's own sampled text, high for any "
-                  "model, the original included; the final table measures text of other domains)")
+    console.print("(this table measures held-out windows of the model's own sampled text: its perplexity is high for "
+                  "any model, the original included; the KL to the teacher chooses the state kept; the final table "
+                  "measures text of other domains)")
     lap("distill")
 
     console.rule("4. export to ONNX (dense baseline and converted) and generate")

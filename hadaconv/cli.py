@@ -626,8 +626,8 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
         out.print(report.curve_table())
     local_kept = "local" in report.stages and report.local_kept
     if "local" in report.stages and not report.local_kept:
-        click.echo(f"note: the local stage left the held-out {report.metric} worse ({report.before:.4g} -> "
-                   f"{report.after_local:.4g}), so it was undone (another --local-lr or --local-steps may help)",
+        click.echo(f"note: the local stage left the held-out {report.eval_loss} worse ({report.loss_before:.4g} -> "
+                   f"{report.loss_after_local:.4g}), so it was undone (another --local-lr or --local-steps may help)",
                    err=True)
     if "global" in report.stages and not report.best_step:
         start = "the local stage's result" if local_kept else "the converted model"

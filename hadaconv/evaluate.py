@@ -37,6 +37,8 @@ class Perplexity:
     perplexity: float
     tokens: int  # predicted tokens
     windows: int
+    #: KL(reference || model) per token position, nats, where a reference model was given.
+    kl: float | None = None
 
     @property
     def nll(self) -> float:
@@ -62,28 +64,33 @@ def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, *, inference: bool = True,
-               progress: str | None = None) -> Perplexity:
+               progress: str | None = None, reference: nn.Module | None = None) -> Perplexity:
     """Perplexity of a causal LM on token windows [N, L] (see the module docstring).  Windows are
     moved to the model's device; the model is left in the mode it was in.  ``progress``: the
-    description of a progress bar over the batches (None: none)."""
+    description of a progress bar over the batches (None: none).  ``reference``: a model (the
+    teacher) whose KL to this one, per token position, is measured in the same pass
+    (:attr:`Perplexity.kl`); it must sit on the same device."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    nll, count, kl, positions = 0.0, 0, 0.0, 0
     starts = range(0, len(windows), batch_size)
     try:
         with _grad_mode(inference), progress_bar(len(starts), progress or "", progress is not None) as step:
             for i in starts:
                 batch = windows[i:i + batch_size].to(device)
-                logits = lm_logits(model, batch)[:, :-1].float()
+                logits = lm_logits(model, batch).float()
                 target = batch[:, 1:]
-                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
                                        reduction="sum").item()
                 count += target.numel()
+                if reference is not None:
+                    kl += kl_divergence(logits, lm_logits(reference, batch)).item() * batch.numel()
+                    positions += batch.numel()
                 step()
     finally:
         model.train(was_training)
-    return Perplexity(math.exp(nll / count), count, len(windows))
+    return Perplexity(math.exp(nll / count), count, len(windows), kl / positions if reference is not None else None)
 
 
 def embedding_cosine(model: nn.Module, reference: nn.Module, windows: torch.Tensor, batch_size: int = 8,

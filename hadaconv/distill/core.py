@@ -11,7 +11,7 @@ student is trained in place, in up to two stages:
    hidden-state MSE.  AdamW, linear warmup then cosine decay to 10%, gradient accumulation,
    clipping, bf16 autocast where the hardware multiplies bf16; DDP / FSDP2 under torchrun;
    checkpoints and exact resume; held-out evaluation every ``eval_every`` steps, keeping the
-   best state.
+   state closest to the teacher there (:data:`SELECTED_BY`).
 
 The default is the global stage alone: on SmolLM2 with equal wall-clock budgets, local then
 global recovered less than global alone (benchmarks/RESULTS.md, "Distillation (CPU)").
@@ -54,6 +54,9 @@ Stage = Literal["local", "global"]
 #: overfitted.  The first 128 are convert's cached chunk (sample.CHUNK), so only 128 more are sampled.
 DEFAULT_SAMPLES = 256
 
+#: What chooses the state a run keeps, per kind of model: the held-out distance to the teacher.
+SELECTED_BY = {"causal-lm": "KL to teacher (nats/token)", "encoder": "1 - cosine to teacher"}
+
 
 @dataclass
 class DistillConfig:
@@ -81,7 +84,7 @@ class DistillConfig:
             may sample it); none set = one pass over the data.
         local_steps, local_lr, local_windows: the local stage: steps per block, its learning
             rate, and how many windows are recorded for it.  A block whose own error rises is
-            reset; a stage that leaves the held-out metric worse is undone whole
+            reset; a stage that leaves the held-out distance to the teacher worse is undone whole
             (``DistillReport.local_kept``).
         eval_text: held-out text file; None = the held-out tenth of the training windows.
         eval_every, eval_windows: evaluate every K steps on at most this many windows.
@@ -143,7 +146,9 @@ class DistillConfig:
                 "min_lr_ratio", "weight_decay", "clip", "temperature", "hidden_weight", "local_steps",
                 "local_lr", "local_windows", "seed")
         d = asdict(self)
-        return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in keys}
+        # The unit of the checkpoint's best eval loss: a checkpoint chosen by another measure
+        # (log perplexity, before 2026-12) cannot be compared with this run's evaluations.
+        return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in keys} | {"selected_by": "distance to teacher"}
 
 
 @dataclass
@@ -166,11 +171,16 @@ class DistillReport:
     teacher: float | None = None
     before: float | None = None
     after_local: float | None = None
-    #: False where the local stage left the held-out metric worse than it found it and was undone
+    #: False where the local stage left the held-out eval loss worse than it found it and was undone
     #: (the per-block errors it lowers do not always carry to the whole model).
     local_kept: bool = True
     local_steps: int = 0  # per converted block
     after: float | None = None
+    #: What chooses the state kept (:data:`SELECTED_BY`), and its value before and after each stage.
+    eval_loss: str = ""
+    loss_before: float | None = None
+    loss_after_local: float | None = None
+    loss_after: float | None = None
     best_step: int | None = None
     steps: int = 0
     tokens: int = 0
@@ -178,7 +188,7 @@ class DistillReport:
     world_size: int = 1
     autocast: str = "off"  # "bfloat16" where the forward passes ran under bf16 autocast
     local: list[dict] = field(default_factory=list)
-    curve: list[dict] = field(default_factory=list)  # {step, tokens, seconds, metric, train_loss}
+    curve: list[dict] = field(default_factory=list)  # {step, tokens, seconds, metric, eval_loss, train_loss}
     #: Under FSDP the student's parameters are shards: the trained parameters, gathered (rank 0).
     full_state: dict | None = field(default=None, repr=False)
 
@@ -192,16 +202,21 @@ class DistillReport:
         def num(v):
             return "-" if v is None else f"{v:.4f}" if self.metric != "perplexity" else f"{v:.2f}"
 
+        def loss(v):
+            return "-" if v is None else f"{v:.4f}"
+
         t = Table(title=f"hadaconv distill: {self.metric} on {self.eval_source}")
         t.add_column("")
         t.add_column(self.metric, justify="right")
-        t.add_row("teacher (original)", num(self.teacher))
-        t.add_row("converted, before", num(self.before))
+        t.add_column(self.eval_loss, justify="right")
+        t.add_row("teacher (original)", num(self.teacher), loss(0.0))
+        t.add_row("converted, before", num(self.before), loss(self.loss_before))
         if "local" in self.stages:
-            t.add_row("after local stage" + ("" if self.local_kept else " (worse: undone)"), num(self.after_local))
+            t.add_row("after local stage" + ("" if self.local_kept else " (worse: undone)"), num(self.after_local),
+                      loss(self.loss_after_local))
         if "global" in self.stages:
             t.add_row("after distillation" + (f" (best, step {self.best_step})" if self.best_step else ""),
-                      num(self.after))
+                      num(self.after), loss(self.loss_after))
         parts = []
         if "local" in self.stages:
             parts.append(f"local stage: {len(self.local)} blocks x {self.local_steps} steps")
@@ -218,11 +233,12 @@ class DistillReport:
         from rich.table import Table
 
         t = Table(title=f"{self.metric} vs training tokens")
-        for col in ("step", "tokens", "seconds", self.metric, "train loss"):
+        for col in ("step", "tokens", "seconds", self.metric, self.eval_loss, "train loss"):
             t.add_column(col, justify="right")
         for p in self.curve:
             loss = "-" if p.get("train_loss") is None else f"{p['train_loss']:.4f}"
-            t.add_row(str(p["step"]), f"{p['tokens']:,}", f"{p['seconds']:.0f}", f"{p['metric']:.4f}", loss)
+            t.add_row(str(p["step"]), f"{p['tokens']:,}", f"{p['seconds']:.0f}", f"{p['metric']:.4f}",
+                      f"{p['eval_loss']:.4f}", loss)
         return t
 
 
@@ -277,22 +293,23 @@ def _lr_factor(step: int, spent: float, cfg: DistillConfig) -> float:
 
 
 class _Evaluator:
-    """Held-out quality: perplexity (LMs) or embedding cosine to the teacher (encoders), and
-    the eval loss the best state is chosen by (log perplexity, or 1 - cosine)."""
+    """Held-out quality, as :mod:`hadaconv.evaluate` computes it, under no_grad: the metric a
+    user reads (perplexity of LMs, embedding cosine to the teacher of encoders) and the eval loss
+    that chooses the state to keep, which measures distance to the teacher (KL per token, or
+    1 - cosine).  Perplexity of held-out sampled text is no good chooser: in a short run it moves
+    by 0.02% while KL falls by percents (benchmarks/RESULTS.md, "Choosing the distilled state")."""
 
     def __init__(self, kind: str, teacher: nn.Module, windows: torch.Tensor, device: torch.device) -> None:
         self.kind, self.teacher, self.windows = kind, teacher, windows.to(device)
 
     def __call__(self, model: nn.Module, batch_size: int = 4) -> tuple[float, float]:
-        """(metric, eval loss), as :mod:`hadaconv.evaluate` computes them, under no_grad."""
+        """(metric, eval loss); the teacher's own eval loss is 0."""
         if self.kind == "causal-lm":
-            p = perplexity(model, self.windows, batch_size, inference=False)
-            return p.perplexity, p.nll
+            p = perplexity(model, self.windows, batch_size, inference=False,
+                           reference=None if model is self.teacher else self.teacher)
+            return p.perplexity, p.kl or 0.0
         cos = embedding_cosine(model, self.teacher, self.windows, batch_size, inference=False)
         return cos, 1.0 - cos
-
-    def loss(self, metric: float) -> float:
-        return math.log(metric) if self.kind == "causal-lm" else 1.0 - metric
 
 
 class _Bar:
@@ -437,6 +454,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
 
     evaluate = _Evaluator(kind, teacher, eval_ids, d.device)
     report = DistillReport(kind=kind, metric="perplexity" if kind == "causal-lm" else "embedding cosine",
+                           eval_loss=SELECTED_BY[kind],
                            stages=stages, train=cfg.train, eval_source=eval_source, data_source=data_source,
                            train_windows=len(train), eval_windows=len(eval_ids), seq_len=cfg.seq_len,
                            trainable_params=n_train,
@@ -465,7 +483,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
             setattr(report, k, v)
     else:
         report.teacher = evaluate(teacher)[0]
-        report.before = evaluate(student)[0]
+        report.before, report.loss_before = evaluate(student)
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - start
@@ -481,15 +499,16 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
         results = reconstruct_blocks(student, teacher, blocks, train[pick], run_teacher, batch_size=bs,
                                      steps=cfg.local_steps, lr=cfg.local_lr, clip=cfg.clip, d=d, autocast=autocast)
         report.local, report.local_steps = [asdict(r) for r in results], cfg.local_steps
-        report.after_local = evaluate(student)[0]
-        # The held-out metric decides, as it does for the global stage's steps (NaN is worse).
-        if not evaluate.loss(report.after_local) <= evaluate.loss(report.before):
+        report.after_local, report.loss_after_local = evaluate(student)
+        # The held-out eval loss decides, as it does for the global stage's steps (NaN is worse).
+        if not report.loss_after_local <= report.loss_before:
             with torch.no_grad():
                 for p, p0 in start_state:
                     p.copy_(p0)
             report.local_kept = False
         del start_state
-    start_metric = report.after_local if "local" in stages and report.local_kept else report.before
+    start_eval = ((report.after_local, report.loss_after_local) if "local" in stages and report.local_kept
+                  else (report.before, report.loss_before))
 
     if "global" in stages:
         if cfg.max_steps is None and cfg.max_tokens is None and cfg.max_time is None:
@@ -512,24 +531,25 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
             if folder is None:
                 return
             record = {k: getattr(report, k) for k in ("teacher", "before", "after_local", "local_kept", "local_steps",
-                                                      "local", "curve", "best_step")}
+                                                      "local", "curve", "best_step", "loss_before",
+                                                      "loss_after_local")}
             ckpt.save_checkpoint(folder, model=student, optimizer=opt, best=best, record=record,
                                  counters={"step": step, "tokens": tokens, "elapsed": elapsed(), "best_loss": best_loss},
                                  fingerprint=cfg.fingerprint(), main=main)
             d.barrier()
 
-        def consider(metric: float, train_loss: float | None) -> None:
+        def consider(evaluation: tuple[float, float], train_loss: float | None) -> None:
             """Record an evaluation and keep the state if it is the best so far."""
             nonlocal best, best_loss
+            metric, loss = evaluation
             report.curve.append({"step": step, "tokens": tokens, "seconds": elapsed(), "metric": metric,
-                                 "train_loss": train_loss})
-            loss = evaluate.loss(metric)
+                                 "eval_loss": loss, "train_loss": train_loss})
             if loss < best_loss:
                 best_loss, report.best_step = loss, step
                 best = ckpt.trainable_state(student)
 
         if resumed is None:  # the starting point competes for "best" too
-            consider(start_metric, None)
+            consider(start_eval, None)
         perms: dict[int, torch.Tensor] = {}
         micro = cfg.batch_size // micro_total
         bar = _Bar(cfg.progress and main, spent())
@@ -568,7 +588,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
                 rate = (tokens - tick_tokens) / max(1e-9, now - tick)
                 bar.update(spent(), f"distill step {step} loss {last_loss:.4f} {rate:,.0f} tok/s")
                 if step % cfg.eval_every == 0:
-                    consider(evaluate(student)[0], last_loss)
+                    consider(evaluate(student), last_loss)
                 if step % cfg.checkpoint_every == 0:
                     save()
                 if callback is not None:
@@ -576,13 +596,14 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
         finally:
             bar.close()
         if report.curve[-1]["step"] != step:
-            consider(evaluate(student)[0], last_loss)
+            consider(evaluate(student), last_loss)
         save()
         if report.best_step != step:
             ckpt.restore_trainable(student, best, from_rank0=cfg.fsdp)
-        report.after = next(p["metric"] for p in report.curve if p["step"] == report.best_step)
+        kept = next(p for p in report.curve if p["step"] == report.best_step)
+        report.after, report.loss_after = kept["metric"], kept["eval_loss"]
     else:
-        report.after = start_metric
+        report.after, report.loss_after = start_eval
     report.steps, report.tokens = step, tokens
     report.seconds = elapsed()
     if cfg.fsdp:  # a collective: every rank gathers, rank 0 receives
