@@ -621,3 +621,16 @@ def test_session_options_and_config_entries():
     assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
     with pytest.raises(HadaconvError, match="no option 'not_an_option'"):
         runtime.make_session_options(not_an_option=1)
+
+
+@pytest.mark.parametrize("n", [1, 4, 12, 64, 576, 768, 1024, 2 * 20 * 64])
+def test_the_factored_reference_is_the_dense_matrix(n):
+    """The float64 reference every op test compares with applies hadaconv's H_n by its
+    Kronecker factors; here it is held to the dense matrix, both directions."""
+    from hadaconv.hadamard import hadamard_matrix
+    from op_reference import hadamard_rows
+
+    x = np.random.default_rng(n).standard_normal((3, n))
+    h = hadamard_matrix(n, normalized=True)
+    np.testing.assert_allclose(hadamard_rows(x), x @ h.T, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(hadamard_rows(x, transpose=1), x @ h, rtol=0, atol=1e-12)
