@@ -232,7 +232,7 @@ class DistillReport:
     def curve_table(self):
         from rich.table import Table
 
-        t = Table(title=f"{self.metric} vs training tokens")
+        t = Table(title=f"held-out {self.metric} and {self.eval_loss} vs training tokens")
         for col in ("step", "tokens", "seconds", self.metric, self.eval_loss, "train loss"):
             t.add_column(col, justify="right")
         for p in self.curve:
