@@ -245,6 +245,12 @@ def _play(r: dict) -> str:
     return "-" if not p else f"{p['teacher']:.2f} / {p['before']:.2f} / {p['after']:.2f}"
 
 
+def _after(rep: dict) -> str:
+    """The kept state's metric; starred where a run before 866c501 kept it by perplexity on the
+    eval text rather than by held-out KL to the teacher (its report has no eval_loss)."""
+    return _f(rep["after"]) + ("" if rep.get("eval_loss") else "*")
+
+
 def print_table(records: list[dict]) -> None:
     table = Table(title="SmolLM2-135M distillation")
     for col in ("conversion", "text, fit", "recipe", "min", "thr", "eval", "teacher", "before", "after local", "after",
@@ -254,7 +260,7 @@ def print_table(records: list[dict]) -> None:
         rep = r["report"]
         ratio = rep["after"] / rep["teacher"] if rep["after"] and rep["teacher"] else None
         table.add_row(r["config"], _text(r), r["recipe"], f"{r['minutes']:g}", str(r["threads"]), r["eval"], _f(rep["teacher"]),
-                      _f(rep["before"]), _f(rep["after_local"]), _f(rep["after"]), _f(ratio),
+                      _f(rep["before"]), _f(rep["after_local"]), _after(rep), _f(ratio),
                       f"{rep['tokens']:,}", str(rep["steps"]), _play(r))
     console.print(table)
 
@@ -279,11 +285,14 @@ def section(records: list[dict]) -> str:
         ratio = rep["after"] / rep["teacher"] if rep["after"] and rep["teacher"] else None
         lines.append(f"| {r['config']} | {_text(r)} | {r['recipe']} | {'+'.join(r['stages'])} | {r['train']} | {r['lr']:g} | "
                      f"{r['minutes']:g} | {r['threads']} | {r['eval']} | {_f(rep['teacher'])} | {_f(rep['before'])} | "
-                     f"{_f(rep['after_local'])} | {_f(rep['after'])} | {_f(ratio)} | {rep['tokens']:,} | "
+                     f"{_f(rep['after_local'])} | {_after(rep)} | {_f(ratio)} | {rep['tokens']:,} | "
                      f"{rep['steps']} | {_play(r)} |")
     machines = sorted({r["machine"] for r in records})
     shapes = sorted({f"batch {r['batch_size']} x {r['seq_len']} tokens, {r['eval_windows']} eval windows"
                      for r in records})
+    if any(not r["report"].get("eval_loss") for r in records):
+        lines += ["", "\\* kept by its perplexity on the eval text (runs before 866c501); the others by held-out "
+                  "KL to the teacher."]
     lines += ["", f"Machine: {'; '.join(machines)}.  {'; '.join(shapes)}.", "",
               "Curves (held-out perplexity vs training tokens; plot: `distill_curves.png`):", ""]
     for r in records:

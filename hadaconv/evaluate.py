@@ -69,7 +69,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, *, 
     moved to the model's device; the model is left in the mode it was in.  ``progress``: the
     description of a progress bar over the batches (None: none).  ``reference``: a model (the
     teacher) whose KL to this one, per token position, is measured in the same pass
-    (:attr:`Perplexity.kl`); it must sit on the same device."""
+    (:attr:`Perplexity.kl`); it must sit on the same device, in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -294,10 +294,23 @@ def test_resume_continues_exactly(tokenizer, tmp_path):
     for (name, a), b in zip(whole.state_dict().items(), resumed_model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
     assert resumed.steps == 6 and resumed.best_step == expected.best_step
-    assert [p["metric"] for p in resumed.curve] == pytest.approx([p["metric"] for p in expected.curve], rel=1e-6)
+    for key in ("metric", "eval_loss"):
+        assert [p[key] for p in resumed.curve] == pytest.approx([p[key] for p in expected.curve], rel=1e-6)
+    assert (resumed.loss_before, resumed.loss_after) == pytest.approx((expected.loss_before, expected.loss_after))
+    assert resumed.eval_loss == expected.eval_loss
     # Other settings refuse the checkpoint.
     with pytest.raises(hadaconv.HadaconvError, match="other settings"):
         distill(copy.deepcopy(base), teacher, tokenizer, DistillConfig(**{**cfg.__dict__, "resume": True, "lr": 1e-2}))
+    # A checkpoint of a hadaconv that chose its state by perplexity (no "selected_by") is refused
+    # with its own message: no option of this run can match it.
+    path = tmp_path / "ckpt" / "last.pt"
+    payload = torch.load(path, weights_only=True)
+    old = json.loads(payload["fingerprint"])
+    del old["selected_by"]
+    payload["fingerprint"] = json.dumps(old, sort_keys=True)
+    torch.save(payload, path)
+    with pytest.raises(hadaconv.HadaconvError, match="older hadaconv, which chose the state to keep by perplexity"):
+        distill(copy.deepcopy(base), teacher, tokenizer, DistillConfig(**{**cfg.__dict__, "resume": True}))
 
 
 def test_encoder_distillation_runs(tokenizer):

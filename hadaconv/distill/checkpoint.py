@@ -84,6 +84,9 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
     except Exception as exc:  # a torn or foreign file: say which, in one line
         raise HadaconvError(f"cannot read the checkpoint {path}: {str(exc).splitlines()[0]}") from None
     saved = json.loads(payload["fingerprint"])
+    if saved.get("selected_by") != fingerprint.get("selected_by"):
+        raise HadaconvError(f"the checkpoint in {folder} comes from an older hadaconv, which chose the state to keep "
+                            "by perplexity: remove it to start again")
     if saved != fingerprint:
         diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         raise HadaconvError(f"the checkpoint in {folder} comes from a run with other settings "

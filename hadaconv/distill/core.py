@@ -215,7 +215,7 @@ class DistillReport:
             t.add_row("after local stage" + ("" if self.local_kept else " (worse: undone)"), num(self.after_local),
                       loss(self.loss_after_local))
         if "global" in self.stages:
-            t.add_row("after distillation" + (f" (best, step {self.best_step})" if self.best_step else ""),
+            t.add_row("after distillation" + (f" (closest to teacher, step {self.best_step})" if self.best_step else ""),
                       num(self.after), loss(self.loss_after))
         parts = []
         if "local" in self.stages:
@@ -296,14 +296,18 @@ class _Evaluator:
     """Held-out quality, as :mod:`hadaconv.evaluate` computes it, under no_grad: the metric a
     user reads (perplexity of LMs, embedding cosine to the teacher of encoders) and the eval loss
     that chooses the state to keep, which measures distance to the teacher (KL per token, or
-    1 - cosine).  Perplexity of held-out sampled text is no good chooser: in a short run it moves
-    by 0.02% while KL falls by percents (benchmarks/RESULTS.md, "Choosing the distilled state")."""
+    1 - cosine).  Perplexity of held-out sampled text is no good chooser: in a short run it
+    barely moves, either way, while KL falls by percents (benchmarks/RESULTS.md, "Choosing the
+    distilled state").  ``batch_size``: windows per forward pass, at most the training
+    micro-batch (the KL holds two models' logits at once)."""
 
-    def __init__(self, kind: str, teacher: nn.Module, windows: torch.Tensor, device: torch.device) -> None:
-        self.kind, self.teacher, self.windows = kind, teacher, windows.to(device)
+    def __init__(self, kind: str, teacher: nn.Module, windows: torch.Tensor, device: torch.device,
+                 batch_size: int) -> None:
+        self.kind, self.teacher, self.windows, self.batch_size = kind, teacher, windows.to(device), batch_size
 
-    def __call__(self, model: nn.Module, batch_size: int = 4) -> tuple[float, float]:
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
         """(metric, eval loss); the teacher's own eval loss is 0."""
+        batch_size = self.batch_size
         if self.kind == "causal-lm":
             p = perplexity(model, self.windows, batch_size, inference=False,
                            reference=None if model is self.teacher else self.teacher)
@@ -452,7 +456,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
     else:
         student.eval()  # no dropout: the student should match the teacher's deterministic output
 
-    evaluate = _Evaluator(kind, teacher, eval_ids, d.device)
+    evaluate = _Evaluator(kind, teacher, eval_ids, d.device, batch_size=min(4, cfg.batch_size // micro_total))
     report = DistillReport(kind=kind, metric="perplexity" if kind == "causal-lm" else "embedding cosine",
                            eval_loss=SELECTED_BY[kind],
                            stages=stages, train=cfg.train, eval_source=eval_source, data_source=data_source,

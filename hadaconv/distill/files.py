@@ -30,7 +30,8 @@ def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> 
 
 
 def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
-    """Plot the eval metric against training tokens as a PNG; False when matplotlib is absent."""
+    """Plot the eval metric and the eval loss that chooses the kept state (second axis) against
+    training tokens as a PNG, the kept state ringed; False when matplotlib is absent."""
     try:
         import matplotlib
 
@@ -39,13 +40,22 @@ def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["tokens"] for p in report.curve], [p["metric"] for p in report.curve], marker="o", label="student")
+    ax.plot([p["tokens"] for p in report.curve], [p["metric"] for p in report.curve], marker="o",
+            label=f"student {report.metric}")
     if report.teacher is not None:
         ax.axhline(report.teacher, color="gray", linestyle="--", label="teacher")
+    tokens = [p["tokens"] for p in report.curve]
+    ax2 = ax.twinx()
+    ax2.plot(tokens, [p["eval_loss"] for p in report.curve], color="tab:orange", marker=".", label=report.eval_loss)
+    ax2.set_ylabel(report.eval_loss)
+    kept = [p for p in report.curve if p["step"] == report.best_step]
+    ax2.plot([p["tokens"] for p in kept], [p["eval_loss"] for p in kept], "o", markersize=12, markerfacecolor="none",
+             color="black", label="kept")
     ax.set_xlabel("training tokens")
     ax.set_ylabel(report.metric)
     ax.set_title(f"hadaconv distill ({'+'.join(report.stages)}, train {report.train})")
-    ax.legend()
+    lines = [h for a in (ax, ax2) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(lines, [h.get_label() for h in lines])
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
