@@ -307,12 +307,11 @@ class _Evaluator:
 
     def __call__(self, model: nn.Module) -> tuple[float, float]:
         """(metric, eval loss); the teacher's own eval loss is 0."""
-        batch_size = self.batch_size
         if self.kind == "causal-lm":
-            p = perplexity(model, self.windows, batch_size, inference=False,
+            p = perplexity(model, self.windows, self.batch_size, inference=False,
                            reference=None if model is self.teacher else self.teacher)
             return p.perplexity, p.kl or 0.0
-        cos = embedding_cosine(model, self.teacher, self.windows, batch_size, inference=False)
+        cos = embedding_cosine(model, self.teacher, self.windows, self.batch_size, inference=False)
         return cos, 1.0 - cos
 
 

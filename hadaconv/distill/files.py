@@ -40,11 +40,10 @@ def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["tokens"] for p in report.curve], [p["metric"] for p in report.curve], marker="o",
-            label=f"student {report.metric}")
+    tokens = [p["tokens"] for p in report.curve]
+    ax.plot(tokens, [p["metric"] for p in report.curve], marker="o", label=f"student {report.metric}")
     if report.teacher is not None:
         ax.axhline(report.teacher, color="gray", linestyle="--", label="teacher")
-    tokens = [p["tokens"] for p in report.curve]
     ax2 = ax.twinx()
     ax2.plot(tokens, [p["eval_loss"] for p in report.curve], color="tab:orange", marker=".", label=report.eval_loss)
     ax2.set_ylabel(report.eval_loss)
