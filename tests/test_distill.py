@@ -385,9 +385,10 @@ def test_cli_end_to_end_and_two_ddp_ranks_equal_one_process(converted, capsys):
 def test_cli_says_when_nothing_improved(converted, capsys):
     """A run whose evaluations never beat the start saves the converted model unchanged, and says so."""
     out_dir = converted / "unchanged"
-    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", out_dir, "--global", *CLI_RUN, "--lr", "1e-30")
+    code, out, err = _cli(capsys, "distill", converted / "conv", "-o", out_dir, "--global", *CLI_RUN, "--lr", "1e-30")
     assert code == 0, err
     assert "no evaluation beat the global stage's start" in err and "holds the converted model" in err
+    assert "(no step came closer: the start kept)" in " ".join(out.split()), out
     assert str(out_dir) in err
     a, b = load_file(converted / "conv" / "model.safetensors"), load_file(out_dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -205,7 +205,7 @@ class DistillReport:
         def loss(v):
             return "-" if v is None else f"{v:.4f}"
 
-        t = Table(title=f"hadaconv distill: {self.metric} on {self.eval_source}")
+        t = Table(title=f"hadaconv distill, measured on {self.eval_source}")
         t.add_column("")
         t.add_column(self.metric, justify="right")
         t.add_column(self.eval_loss, justify="right")
@@ -215,8 +215,9 @@ class DistillReport:
             t.add_row("after local stage" + ("" if self.local_kept else " (worse: undone)"), num(self.after_local),
                       loss(self.loss_after_local))
         if "global" in self.stages:
-            t.add_row("after distillation" + (f" (closest to teacher, step {self.best_step})" if self.best_step else ""),
-                      num(self.after), loss(self.loss_after))
+            kept = (f" (closest to teacher, step {self.best_step})" if self.best_step
+                    else " (no step came closer: the start kept)" if self.best_step == 0 else "")
+            t.add_row("after distillation" + kept, num(self.after), loss(self.loss_after))
         parts = []
         if "local" in self.stages:
             parts.append(f"local stage: {len(self.local)} blocks x {self.local_steps} steps")
