@@ -546,7 +546,9 @@ def _duration(text: str | None) -> float | None:
               help="Training time budget, e.g. 90s, 30m, 2h (sampling the text first is not counted; the "
                    "final evaluation and save come after it).  "
                    "[default: one pass when no budget is set]")
-@click.option("--checkpoint-dir", type=click.Path(), default=None, help="[default: OUTPUT.ckpt, removed after success]")
+@click.option("--checkpoint-dir", type=click.Path(), default=None,
+              help="Where checkpoints go.  A folder you name is kept after success (to resume or inspect "
+                   "later); the default is removed once OUTPUT is saved.  [default: OUTPUT.ckpt]")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Write a checkpoint every K steps.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")

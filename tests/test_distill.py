@@ -435,10 +435,16 @@ def test_cli_local_stage_alone_and_undone_when_worse(converted, capsys, monkeypa
 
 def test_cli_without_a_budget_says_it_runs_one_pass(converted, capsys):
     no_budget = [a for i, a in enumerate(CLI_RUN) if "--max-steps" not in CLI_RUN[max(0, i - 1):i + 1]]
-    code, out, err = _cli(capsys, "distill", converted / "conv", "-o", converted / "one-pass", *no_budget)
+    code, out, err = _cli(capsys, "distill", converted / "conv", "-o", converted / "one-pass", *no_budget,
+                          "--eval-every", "5")
     assert code == 0, err
-    assert "no budget given (max_time / max_steps / max_tokens): one pass over 44 windows, 11 steps of 4" in \
-        " ".join(err.split()), err
+    flat = " ".join(err.split())
+    assert "no budget given (max_time / max_steps / max_tokens): one pass over 44 windows, 11 steps of 4" in flat, err
+    # Evaluations are not silent: their cost is announced, and each says what it measured.
+    assert "each evaluation on 2 held-out windows takes about " in flat, err
+    assert "every 5 steps (inside the budget) and once after it" in flat, err
+    for step in (5, 10, 11):
+        assert f"step {step}: held-out KL to teacher (nats/token) " in flat, err
 
 
 def test_cli_eval_names_its_text_and_compares_with_the_original(converted, tmp_path, capsys):

@@ -79,3 +79,8 @@ def test_block_by_block_counts_the_blocks_it_visits(monkeypatch):
     batches = [{"input_ids": torch.randint(0, 1000, (2, 16))} for _ in range(4)]
     convert(make_tiny("llama"), None, ConvertConfig(layers=[0], sensitivity=False, progress=False), inputs=batches)
     assert totals == [1]
+
+
+def test_durations_read_as_a_person_would_say_them():
+    d = progress_mod.duration
+    assert [d(0.2), d(3), d(754), d(4000)] == ["under 1 s", "3 s", "12 min 34 s", "1 h 06 min"]

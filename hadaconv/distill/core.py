@@ -246,6 +246,14 @@ class DistillReport:
 # ------------------------------------------------------------------------------- helpers
 
 
+def _evaluation_line(report: DistillReport) -> str:
+    """One line for the evaluation just recorded in ``report.curve``."""
+    point = report.curve[-1]
+    closest = ", the closest to the teacher so far" if report.best_step == point["step"] else ""
+    return (f"step {point['step']}: held-out {report.eval_loss} {point['eval_loss']:.4g}, "
+            f"{report.metric} {point['metric']:.4g}{closest}")
+
+
 def converted_blocks(student: nn.Module, teacher: nn.Module, adapter: Adapter | None = None) -> list[str]:
     """Qualified names of the attention blocks the student has converted (found through the
     teacher, whose blocks the adapter still recognises)."""
@@ -305,9 +313,18 @@ class _Evaluator:
     def __init__(self, kind: str, teacher: nn.Module, windows: torch.Tensor, device: torch.device,
                  batch_size: int) -> None:
         self.kind, self.teacher, self.windows, self.batch_size = kind, teacher, windows.to(device), batch_size
+        self.seconds: float | None = None  # the last student evaluation's wall time
 
     def __call__(self, model: nn.Module) -> tuple[float, float]:
         """(metric, eval loss); the teacher's own eval loss is 0."""
+        if model is not self.teacher:
+            start = time.perf_counter()
+            result = self._measure(model)
+            self.seconds = time.perf_counter() - start
+            return result
+        return self._measure(model)
+
+    def _measure(self, model: nn.Module) -> tuple[float, float]:
         if self.kind == "causal-lm":
             p = perplexity(model, self.windows, self.batch_size, inference=False,
                            reference=None if model is self.teacher else self.teacher)
@@ -343,6 +360,13 @@ class _Bar:
             rate = (fraction - self.first) / max(now - self.start, 1e-9)
             left = f", about {duration((1 - fraction) / rate)} left" if rate > 0 and fraction < 1 else ""
             console.print(f"{text}, {duration(now - self.start)} elapsed{left}", highlight=False)
+
+    def note(self, text: str) -> None:
+        """A line that stays, printed above a live bar or between the periodic lines."""
+        if self.bar is not None:
+            self.bar.console.print(text, highlight=False)
+        elif self.lines:
+            console.print(text, highlight=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -557,6 +581,9 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
         perms: dict[int, torch.Tensor] = {}
         micro = cfg.batch_size // micro_total
         bar = _Bar(cfg.progress and main, spent())
+        if evaluate.seconds is not None:  # a resumed run learns it at its first evaluation
+            bar.note(f"each evaluation on {len(eval_ids)} held-out windows takes about {duration(evaluate.seconds)}: "
+                     f"every {cfg.eval_every} steps (inside the budget) and once after it")
         last_loss: float | None = None
         tick, tick_tokens = time.perf_counter(), tokens
         try:
@@ -593,6 +620,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
                 bar.update(spent(), f"distill step {step} loss {last_loss:.4f} {rate:,.0f} tok/s")
                 if step % cfg.eval_every == 0:
                     consider(evaluate(student), last_loss)
+                    bar.note(_evaluation_line(report))
                 if step % cfg.checkpoint_every == 0:
                     save()
                 if callback is not None:
@@ -601,6 +629,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
             bar.close()
         if report.curve[-1]["step"] != step:
             consider(evaluate(student), last_loss)
+            bar.note(_evaluation_line(report))
         save()
         if report.best_step != step:
             ckpt.restore_trainable(student, best, from_rank0=cfg.fsdp)
