@@ -414,6 +414,8 @@ def distill(
             raise HadaconvError(f"{name} must be at least 1, got {value}")
     if cfg.eval_text is None and cfg.samples < HELDOUT_EVERY:  # say so before any text is sampled
         raise _no_heldout(cfg.samples, f"--samples {cfg.samples}")
+    if cfg.fsdp and "local" in stages:
+        raise HadaconvError("the local stage trains whole blocks on one device; with --fsdp use --global only")
     blocks = converted_blocks(student, teacher, adapter)
     if not blocks:
         raise HadaconvError("the student has no converted attention blocks: convert it first (hadaconv convert)")
@@ -432,13 +434,25 @@ def _no_heldout(windows: int, limit: str) -> InputError:
 
 def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kind: str, blocks: list[str],
          d: Dist, callback) -> DistillReport:
-    micro_total = d.world * cfg.accumulate
-    if cfg.batch_size % micro_total:
-        raise HadaconvError(f"batch_size {cfg.batch_size} must be divisible by processes x accumulate = {micro_total}")
+    if cfg.batch_size % (d.world * cfg.accumulate):
+        raise HadaconvError(f"batch_size {cfg.batch_size} must be divisible by processes x accumulate = "
+                            f"{d.world * cfg.accumulate}")
     torch.manual_seed(cfg.seed)
-    main = d.main
+    train, eval_ids, report = _texts(teacher, tokenizer, cfg, kind, stages, d.main)
+    run = _Run(student, teacher, cfg, blocks, d, eval_ids, report)
+    resumed = run.begin()
+    if "local" in stages and not resumed:
+        run.local_stage(train)
+    if "global" in stages:
+        run.global_stage(train, resumed, callback)
+    else:
+        report.after, report.loss_after = run.start_eval()
+    return run.finish()
 
-    # Data: training windows, and held-out windows for evaluation.
+
+def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
+           main: bool) -> tuple[torch.Tensor, torch.Tensor, DistillReport]:
+    """The training windows, the held-out windows, and a report that names both."""
     texts, data_source = calibration_texts(teacher, tokenizer, cfg.data, samples=cfg.sampled, seq_len=cfg.seq_len,
                                            progress=cfg.progress and main)
     train, heldout = token_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
@@ -458,192 +472,234 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
         raise _no_heldout(len(train), short)
     if len(train) < cfg.batch_size:
         raise HadaconvError(f"only {len(train)} training windows for a batch of {cfg.batch_size}: give more text")
-    # The clock of max_time starts here: the text is sampled once per model (the 128 sequences
-    # convert has not cached take minutes on a CPU), which must not eat the training budget.
-    start = time.perf_counter()
-
-    teacher.eval().to(d.device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student.to(d.device)
-    n_train = _select_trainable(student, blocks, cfg.train)
-    use_amp = native_bf16(d.device) if cfg.bf16 is None else cfg.bf16
-
-    def autocast():
-        return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_amp)
-
-    if cfg.gradient_checkpointing:
-        if not hasattr(student, "gradient_checkpointing_enable"):
-            raise HadaconvError("--gradient-checkpointing needs a Hugging Face model")
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        student.train()  # Hugging Face only checkpoints in train mode
-    else:
-        student.eval()  # no dropout: the student should match the teacher's deterministic output
-
-    evaluate = _Evaluator(kind, teacher, eval_ids, d.device, batch_size=min(4, cfg.batch_size // micro_total))
     report = DistillReport(kind=kind, metric="perplexity" if kind == "causal-lm" else "embedding cosine",
-                           eval_loss=SELECTED_BY[kind],
-                           stages=stages, train=cfg.train, eval_source=eval_source, data_source=data_source,
-                           train_windows=len(train), eval_windows=len(eval_ids), seq_len=cfg.seq_len,
-                           trainable_params=n_train,
-                           world_size=d.world, autocast="bfloat16" if use_amp else "off")
-    if cfg.fsdp and "local" in stages:
-        raise HadaconvError("the local stage trains whole blocks on one device; with --fsdp use --global only")
-    # Wrap before the optimizer exists: FSDP2 replaces the parameters by sharded DTensors.
-    model = wrap(student, d, cfg.fsdp) if "global" in stages else student
-    if cfg.fsdp:
-        shard(teacher, d)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    step = tokens = 0
-    elapsed_before = 0.0  # seconds spent by earlier, interrupted runs
-    best: dict | None = None
-    best_loss = math.inf
-    resumed = None
-    if folder is not None and cfg.resume:
-        resumed = ckpt.load_checkpoint(folder, model=student, optimizer=opt, fingerprint=cfg.fingerprint())
-    if resumed is not None:
+                           eval_loss=SELECTED_BY[kind], stages=stages, train=cfg.train, eval_source=eval_source,
+                           data_source=data_source, train_windows=len(train), eval_windows=len(eval_ids),
+                           seq_len=cfg.seq_len)
+    return train, eval_ids, report
+
+
+class _Run:
+    """One run's state: the models, the optimizer, the step and token counters, the state
+    closest to the teacher so far, the checkpoint folder.  :func:`_run` calls the stages in
+    order; each is a method."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, blocks: list[str], d: Dist,
+                 eval_ids: torch.Tensor, report: DistillReport) -> None:
+        # The clock of max_time starts here: the text is sampled once per model (the 128 sequences
+        # convert has not cached take minutes on a CPU), which must not eat the training budget.
+        self.start = time.perf_counter()
+        self.student, self.teacher, self.cfg, self.blocks, self.d, self.report = student, teacher, cfg, blocks, d, report
+        self.kind, self.main = report.kind, d.main
+        teacher.eval().to(d.device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        student.to(d.device)
+        report.trainable_params = _select_trainable(student, blocks, cfg.train)
+        self.use_amp = native_bf16(d.device) if cfg.bf16 is None else cfg.bf16
+        report.world_size, report.autocast = d.world, "bfloat16" if self.use_amp else "off"
+        if cfg.gradient_checkpointing:
+            if not hasattr(student, "gradient_checkpointing_enable"):
+                raise HadaconvError("--gradient-checkpointing needs a Hugging Face model")
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            student.train()  # Hugging Face only checkpoints in train mode
+        else:
+            student.eval()  # no dropout: the student should match the teacher's deterministic output
+        self.micro = cfg.batch_size // (d.world * cfg.accumulate)
+        self.evaluate = _Evaluator(self.kind, teacher, eval_ids, d.device, batch_size=min(4, self.micro))
+        # Wrap before the optimizer exists: FSDP2 replaces the parameters by sharded DTensors.
+        self.model = wrap(student, d, cfg.fsdp) if "global" in report.stages else student
+        if cfg.fsdp:
+            shard(teacher, d)
+        self.opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay)
+        self.folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        self.step = self.tokens = 0
+        self.elapsed_before = 0.0  # seconds spent by earlier, interrupted runs
+        self.best: dict | None = None
+        self.best_loss = math.inf
+        self.horizon: dict[str, float] = {}
+
+    def autocast(self):
+        return torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.use_amp)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def begin(self) -> bool:
+        """Resume from the checkpoint (True), or measure the teacher and the student as they
+        come in (False)."""
+        resumed = None
+        if self.folder is not None and self.cfg.resume:
+            resumed = ckpt.load_checkpoint(self.folder, model=self.student, optimizer=self.opt,
+                                           fingerprint=self.cfg.fingerprint())
+        if resumed is None:
+            self.report.teacher = self.evaluate(self.teacher)[0]
+            self.report.before, self.report.loss_before = self.evaluate(self.student)
+            return False
         c = resumed["counters"]
-        step, tokens, elapsed_before, best_loss = c["step"], c["tokens"], c["elapsed"], c["best_loss"]
-        best = resumed["best"]
+        self.step, self.tokens, self.elapsed_before, self.best_loss = c["step"], c["tokens"], c["elapsed"], c["best_loss"]
+        self.best = resumed["best"]
         for k, v in resumed["record"].items():
-            setattr(report, k, v)
-    else:
-        report.teacher = evaluate(teacher)[0]
-        report.before, report.loss_before = evaluate(student)
+            setattr(self.report, k, v)
+        return True
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - start
+    def start_eval(self) -> tuple[float, float]:
+        """(metric, eval loss) of the state the global stage starts from."""
+        r = self.report
+        kept = "local" in r.stages and r.local_kept
+        return (r.after_local, r.loss_after_local) if kept else (r.before, r.loss_before)
 
-    def run_teacher(ids: torch.Tensor) -> None:
-        with autocast():
-            forward(teacher, ids, kind)
-
-    if "local" in stages and resumed is None:
+    def local_stage(self, train: torch.Tensor) -> None:
+        """Block reconstruction on a few windows; undone whole if the held-out distance to the
+        teacher rose (the per-block errors it lowers do not always carry to the whole model)."""
+        cfg, d, r = self.cfg, self.d, self.report
         pick = torch.linspace(0, len(train) - 1, min(cfg.local_windows, len(train))).round().long().unique()
         bs = max(d.world, min(cfg.batch_size, len(pick)) // d.world * d.world)
-        start_state = [(p, p.detach().clone()) for name in blocks for p in student.get_submodule(name).parameters()]
-        results = reconstruct_blocks(student, teacher, blocks, train[pick], run_teacher, batch_size=bs,
-                                     steps=cfg.local_steps, lr=cfg.local_lr, clip=cfg.clip, d=d, autocast=autocast)
-        report.local, report.local_steps = [asdict(r) for r in results], cfg.local_steps
-        report.after_local, report.loss_after_local = evaluate(student)
-        # The held-out eval loss decides, as it does for the global stage's steps (NaN is worse).
-        if not report.loss_after_local <= report.loss_before:
+        start_state = [(p, p.detach().clone()) for name in self.blocks
+                       for p in self.student.get_submodule(name).parameters()]
+
+        def run_teacher(ids: torch.Tensor) -> None:
+            with self.autocast():
+                forward(self.teacher, ids, self.kind)
+
+        results = reconstruct_blocks(self.student, self.teacher, self.blocks, train[pick], run_teacher,
+                                     batch_size=bs, steps=cfg.local_steps, lr=cfg.local_lr, clip=cfg.clip, d=d,
+                                     autocast=self.autocast)
+        r.local, r.local_steps = [asdict(x) for x in results], cfg.local_steps
+        r.after_local, r.loss_after_local = self.evaluate(self.student)
+        if not r.loss_after_local <= r.loss_before:  # NaN is worse
             with torch.no_grad():
                 for p, p0 in start_state:
                     p.copy_(p0)
-            report.local_kept = False
-        del start_state
-    start_eval = ((report.after_local, report.loss_after_local) if "local" in stages and report.local_kept
-                  else (report.before, report.loss_before))
+            r.local_kept = False
 
-    if "global" in stages:
-        if cfg.max_steps is None and cfg.max_tokens is None and cfg.max_time is None:
-            horizon = {"steps": max(1, len(train) // cfg.batch_size)}  # one pass over the data
-            if cfg.progress and main:  # on a CPU that can take hours: say so before it starts
-                console.print(f"no budget given (max_time / max_steps / max_tokens): one pass over {len(train):,} "
-                              f"windows, {horizon['steps']:,} steps of {cfg.batch_size}", highlight=False)
-        else:
-            horizon = {k: v for k, v in (("steps", cfg.max_steps), ("tokens", cfg.max_tokens),
-                                         ("seconds", cfg.max_time)) if v is not None}
-
-        def spent() -> float:
-            """The fraction of the budget spent, as rank 0 sees it (clocks differ between ranks,
-            and every rank must use the same learning rate and stop at the same step)."""
-            now = {"steps": step, "tokens": tokens, "seconds": elapsed()}
-            mine = max(now[k] / max(v, 1e-9) for k, v in horizon.items())
-            return d.sum(mine if main else 0.0)
-
-        def save() -> None:
-            if folder is None:
-                return
-            record = {k: getattr(report, k) for k in ("teacher", "before", "after_local", "local_kept", "local_steps",
-                                                      "local", "curve", "best_step", "loss_before",
-                                                      "loss_after_local")}
-            ckpt.save_checkpoint(folder, model=student, optimizer=opt, best=best, record=record,
-                                 counters={"step": step, "tokens": tokens, "elapsed": elapsed(), "best_loss": best_loss},
-                                 fingerprint=cfg.fingerprint(), main=main)
-            d.barrier()
-
-        def consider(evaluation: tuple[float, float], train_loss: float | None) -> None:
-            """Record an evaluation and keep the state if it is the best so far."""
-            nonlocal best, best_loss
-            metric, loss = evaluation
-            report.curve.append({"step": step, "tokens": tokens, "seconds": elapsed(), "metric": metric,
-                                 "eval_loss": loss, "train_loss": train_loss})
-            if loss < best_loss:
-                best_loss, report.best_step = loss, step
-                best = ckpt.trainable_state(student)
-
-        if resumed is None:  # the starting point competes for "best" too
-            consider(start_eval, None)
+    def global_stage(self, train: torch.Tensor, resumed: bool, callback) -> None:
+        """End-to-end KD until the budget is spent, evaluating every ``eval_every`` steps; the
+        student ends in the evaluated state closest to the teacher."""
+        cfg = self.cfg
+        self.horizon = self._budget(len(train))
+        if not resumed:  # the starting point competes for "best" too
+            self.consider(self.start_eval(), None)
+        bar = _Bar(cfg.progress and self.main, self.spent())
+        if self.evaluate.seconds is not None:  # a resumed run learns it at its first evaluation
+            bar.note(f"each evaluation on {len(self.evaluate.windows)} held-out windows takes about "
+                     f"{duration(self.evaluate.seconds)}: every {cfg.eval_every} steps (inside the budget) "
+                     "and once after it")
         perms: dict[int, torch.Tensor] = {}
-        micro = cfg.batch_size // micro_total
-        bar = _Bar(cfg.progress and main, spent())
-        if evaluate.seconds is not None:  # a resumed run learns it at its first evaluation
-            bar.note(f"each evaluation on {len(eval_ids)} held-out windows takes about {duration(evaluate.seconds)}: "
-                     f"every {cfg.eval_every} steps (inside the budget) and once after it")
         last_loss: float | None = None
-        tick, tick_tokens = time.perf_counter(), tokens
+        tick, tick_tokens = time.perf_counter(), self.tokens
         try:
-            while (fraction := spent()) < 1.0:
-                ids = d.shard(train[_batch_indices(step, cfg.batch_size, len(train), cfg.seed, perms)]).to(d.device)
-                total = 0.0
-                for j in range(cfg.accumulate):
-                    chunk = ids[j * micro:(j + 1) * micro]
-                    last = j == cfg.accumulate - 1
-                    with no_sync(model, last):
-                        with torch.no_grad(), autocast():
-                            t_out = forward(teacher, chunk, kind, hidden=cfg.hidden_weight > 0)
-                        with autocast():
-                            s_out = forward(model, chunk, kind, hidden=cfg.hidden_weight > 0)
-                            loss = kl_loss(s_out.main, t_out.main, cfg.temperature) if kind == "causal-lm" \
-                                else encoder_loss(s_out.main, t_out.main)
-                            if cfg.hidden_weight > 0:
-                                loss = loss + cfg.hidden_weight * hidden_loss(s_out.hidden, t_out.hidden)
-                        # Each micro-batch's share of the global mean; DDP averages over ranks.
-                        (loss * (micro * d.world / cfg.batch_size)).backward()
-                    total += loss.item() * micro / cfg.batch_size
-                lr = cfg.lr * _lr_factor(step, fraction, cfg)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                if cfg.clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], cfg.clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                tokens += cfg.batch_size * cfg.seq_len
-                last_loss = d.sum(total)
-                now = time.perf_counter()
-                rate = (tokens - tick_tokens) / max(1e-9, now - tick)
-                bar.update(spent(), f"distill step {step} loss {last_loss:.4f} {rate:,.0f} tok/s")
-                if step % cfg.eval_every == 0:
-                    consider(evaluate(student), last_loss)
-                    bar.note(_evaluation_line(report))
-                if step % cfg.checkpoint_every == 0:
-                    save()
+            while (fraction := self.spent()) < 1.0:
+                ids = self.d.shard(train[_batch_indices(self.step, cfg.batch_size, len(train), cfg.seed, perms)])
+                last_loss, lr = self.train_step(ids.to(self.d.device), fraction)
+                rate = (self.tokens - tick_tokens) / max(1e-9, time.perf_counter() - tick)
+                bar.update(self.spent(), f"distill step {self.step} loss {last_loss:.4f} {rate:,.0f} tok/s")
+                if self.step % cfg.eval_every == 0:
+                    self.consider(self.evaluate(self.student), last_loss)
+                    bar.note(_evaluation_line(self.report))
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save()
                 if callback is not None:
-                    callback({"step": step, "tokens": tokens, "loss": last_loss, "lr": lr, "seconds": elapsed()})
+                    callback({"step": self.step, "tokens": self.tokens, "loss": last_loss, "lr": lr,
+                              "seconds": self.elapsed()})
         finally:
             bar.close()
-        if report.curve[-1]["step"] != step:
-            consider(evaluate(student), last_loss)
-            bar.note(_evaluation_line(report))
-        save()
-        if report.best_step != step:
-            ckpt.restore_trainable(student, best, from_rank0=cfg.fsdp)
-        kept = next(p for p in report.curve if p["step"] == report.best_step)
-        report.after, report.loss_after = kept["metric"], kept["eval_loss"]
-    else:
-        report.after, report.loss_after = start_eval
-    report.steps, report.tokens = step, tokens
-    report.seconds = elapsed()
-    if cfg.fsdp:  # a collective: every rank gathers, rank 0 receives
-        report.full_state = ckpt.trainable_state(student)
-    student.eval()
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_disable()
-    for p in student.parameters():
-        p.requires_grad_(True)
-    return report
+        if self.report.curve[-1]["step"] != self.step:
+            self.consider(self.evaluate(self.student), last_loss)
+            bar.note(_evaluation_line(self.report))
+        self.save()
+        self._keep_best()
+
+    def _budget(self, n_train: int) -> dict[str, float]:
+        cfg = self.cfg
+        if cfg.max_steps is None and cfg.max_tokens is None and cfg.max_time is None:
+            steps = max(1, n_train // cfg.batch_size)  # one pass over the data
+            if cfg.progress and self.main:  # on a CPU that can take hours: say so before it starts
+                console.print(f"no budget given (max_time / max_steps / max_tokens): one pass over {n_train:,} "
+                              f"windows, {steps:,} steps of {cfg.batch_size}", highlight=False)
+            return {"steps": steps}
+        return {k: v for k, v in (("steps", cfg.max_steps), ("tokens", cfg.max_tokens),
+                                  ("seconds", cfg.max_time)) if v is not None}
+
+    def spent(self) -> float:
+        """The fraction of the budget spent, as rank 0 sees it (clocks differ between ranks, and
+        every rank must use the same learning rate and stop at the same step)."""
+        now = {"steps": self.step, "tokens": self.tokens, "seconds": self.elapsed()}
+        mine = max(now[k] / max(v, 1e-9) for k, v in self.horizon.items())
+        return self.d.sum(mine if self.main else 0.0)
+
+    def train_step(self, ids: torch.Tensor, fraction: float) -> tuple[float, float]:
+        """One optimizer step on this rank's windows; (the global mean loss, the learning rate)."""
+        cfg = self.cfg
+        total = 0.0
+        for j in range(cfg.accumulate):
+            chunk = ids[j * self.micro:(j + 1) * self.micro]
+            with no_sync(self.model, j == cfg.accumulate - 1):
+                loss = self._loss(chunk)
+                # Each micro-batch's share of the global mean; DDP averages over ranks.
+                (loss * (self.micro * self.d.world / cfg.batch_size)).backward()
+            total += loss.item() * self.micro / cfg.batch_size
+        lr = cfg.lr * _lr_factor(self.step, fraction, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.requires_grad], cfg.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += cfg.batch_size * cfg.seq_len
+        return self.d.sum(total), lr
+
+    def _loss(self, chunk: torch.Tensor) -> torch.Tensor:
+        hidden = self.cfg.hidden_weight > 0
+        with torch.no_grad(), self.autocast():
+            t_out = forward(self.teacher, chunk, self.kind, hidden=hidden)
+        with self.autocast():
+            s_out = forward(self.model, chunk, self.kind, hidden=hidden)
+            loss = kl_loss(s_out.main, t_out.main, self.cfg.temperature) if self.kind == "causal-lm" \
+                else encoder_loss(s_out.main, t_out.main)
+            if hidden:
+                loss = loss + self.cfg.hidden_weight * hidden_loss(s_out.hidden, t_out.hidden)
+        return loss
+
+    def consider(self, evaluation: tuple[float, float], train_loss: float | None) -> None:
+        """Record an evaluation and keep the state if it is the closest to the teacher so far."""
+        metric, loss = evaluation
+        self.report.curve.append({"step": self.step, "tokens": self.tokens, "seconds": self.elapsed(),
+                                  "metric": metric, "eval_loss": loss, "train_loss": train_loss})
+        if loss < self.best_loss:
+            self.best_loss, self.report.best_step = loss, self.step
+            self.best = ckpt.trainable_state(self.student)
+
+    def save(self) -> None:
+        if self.folder is None:
+            return
+        record = {k: getattr(self.report, k) for k in ("teacher", "before", "after_local", "local_kept", "local_steps",
+                                                       "local", "curve", "best_step", "loss_before",
+                                                       "loss_after_local")}
+        ckpt.save_checkpoint(self.folder, model=self.student, optimizer=self.opt, best=self.best, record=record,
+                             counters={"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
+                                       "best_loss": self.best_loss},
+                             fingerprint=self.cfg.fingerprint(), main=self.main)
+        self.d.barrier()
+
+    def _keep_best(self) -> None:
+        r = self.report
+        if r.best_step != self.step:
+            ckpt.restore_trainable(self.student, self.best, from_rank0=self.cfg.fsdp)
+        kept = next(p for p in r.curve if p["step"] == r.best_step)
+        r.after, r.loss_after = kept["metric"], kept["eval_loss"]
+
+    def finish(self) -> DistillReport:
+        """Counters into the report; the student back in eval mode with every gradient on."""
+        r, cfg = self.report, self.cfg
+        r.steps, r.tokens, r.seconds = self.step, self.tokens, self.elapsed()
+        if cfg.fsdp:  # a collective: every rank gathers, rank 0 receives
+            r.full_state = ckpt.trainable_state(self.student)
+        self.student.eval()
+        if cfg.gradient_checkpointing:
+            self.student.gradient_checkpointing_disable()
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+        return r
