@@ -234,10 +234,7 @@ def export_onnx(
             half precision, bfloat16 validation on the CPU, an existing ``out_dir`` without
             ``overwrite``, a failed export, or outputs outside ``atol`` (nothing is written).
     """
-    # onnxscript is imported here, not with the package: `import hadaconv` stays light.
-    from hadaconv.export.fusions import CONTRIB_DOMAIN, LEVELS, fuse_for_onnxruntime
-    from hadaconv.export.translate import DOMAIN, OPSET, translation_table
-
+    # onnxscript is imported by the helpers, not with the package: `import hadaconv` stays light.
     out = Path(out_dir)
     form = "portable" if portable else "custom"
     original, original_inputs = model, example_inputs
@@ -259,29 +256,8 @@ def export_onnx(
         if log:
             log(f"[{time.perf_counter() - start:.0f} s] {text}")
 
-    fusions: dict[str, int] | None = None
     with atomic_folder(out, overwrite) as tmp:
-        stage(f"exporting the {kind} ({form} form) with torch.export and translating it to ONNX "
-              "(the dynamo exporter; the slow step)")
-        try:
-            with _quiet(verbose), torch.no_grad():
-                program = torch.onnx.export(
-                    spec.module, spec.args, dynamo=True, opset_version=OPSET,
-                    custom_translation_table=translation_table(form), input_names=spec.input_names,
-                    output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes, verbose=verbose,
-                )
-            if optimize:  # the stage lines outside _quiet, which swallows prints
-                stage(f"fusing for ONNX Runtime ({optimize}: {LEVELS[optimize]} into contrib ops)")
-                with _quiet(verbose):
-                    program.model, fusions = fuse_for_onnxruntime(program.model, optimize)
-                stage("fused: " + (", ".join(f"{name} x{n}" for name, n in fusions.items())
-                                   or "nothing matched, the graph is as exported"))
-            with _quiet(verbose):
-                program.save(tmp / MODEL)  # weights go to external data by themselves beyond 2 GB
-        except HadaconvError:
-            raise
-        except Exception as exc:
-            raise HadaconvError(f"ONNX export of {type(model).__name__} failed: {_first_line(exc)}") from None
+        fusions = _write_graph(spec, tmp / MODEL, kind, form, optimize, verbose, stage, type(model).__name__)
         lib_name = None
         if library is not None:
             lib_name = library.name
@@ -296,21 +272,66 @@ def export_onnx(
             if log:
                 for line in summarize(diffs):
                     log(line)
-        inputs, outputs = io_description(tmp / MODEL)
-        config = getattr(model, "config", None)
-        meta = {
-            "format": FORMAT, "version": 1, "hadaconv": __version__, "kind": kind, "form": form,
-            "opset": OPSET,
-            "custom_opsets": ({DOMAIN: 1} if form == "custom" else {}) | ({CONTRIB_DOMAIN: 1} if fusions else {}),
-            "fusions": fusions,
-            "op_library": lib_name, "inputs": inputs, "outputs": outputs, "cache": spec.cache,
-            "tokenizer": tokenizer is not None,
-            "eos_token_id": _token_id(tokenizer, config, "eos_token_id"),
-            "pad_token_id": _token_id(tokenizer, config, "pad_token_id"),
-            "hadamard_layers": _hadamard_layers(model), "source": source or type(model).__name__,
-            "dtype": str(precision).removeprefix("torch."),
-            "validation": {"atol": atol, "diffs": [vars(d) for d in diffs]} if validate_outputs else None,
-        }
-        meta["genai_config"] = _write_genai(tmp, model, spec, meta)
+        meta = _metadata(tmp, model, spec, kind=kind, form=form, fusions=fusions, lib_name=lib_name,
+                         tokenizer=tokenizer, source=source, precision=precision,
+                         validation={"atol": atol, "diffs": [vars(d) for d in diffs]} if validate_outputs else None)
         write_metadata(tmp, meta)
     return ExportResult(out, kind, form, diffs, meta)
+
+
+def _write_graph(spec, path: Path, kind: str, form: str, optimize: str | None, verbose: bool,
+                 stage: Callable[[str], None], model_name: str) -> dict[str, int] | None:
+    """Trace ``spec`` with the dynamo exporter, translate HadamardAffine to ``form``, fuse at
+    ``optimize``, save to ``path``; the fusion counts (None when not fused)."""
+    from hadaconv.export.fusions import LEVELS, fuse_for_onnxruntime
+    from hadaconv.export.translate import OPSET, translation_table
+
+    fusions = None
+    stage(f"exporting the {kind} ({form} form) with torch.export and translating it to ONNX "
+          "(the dynamo exporter; the slow step)")
+    try:
+        with _quiet(verbose), torch.no_grad():
+            program = torch.onnx.export(
+                spec.module, spec.args, dynamo=True, opset_version=OPSET,
+                custom_translation_table=translation_table(form), input_names=spec.input_names,
+                output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes, verbose=verbose,
+            )
+        if optimize:  # the stage lines outside _quiet, which swallows prints
+            stage(f"fusing for ONNX Runtime ({optimize}: {LEVELS[optimize]} into contrib ops)")
+            with _quiet(verbose):
+                program.model, fusions = fuse_for_onnxruntime(program.model, optimize)
+            stage("fused: " + (", ".join(f"{name} x{n}" for name, n in fusions.items())
+                               or "nothing matched, the graph is as exported"))
+        with _quiet(verbose):
+            program.save(path)  # weights go to external data by themselves beyond 2 GB
+    except HadaconvError:
+        raise
+    except Exception as exc:
+        raise HadaconvError(f"ONNX export of {model_name} failed: {_first_line(exc)}") from None
+    return fusions
+
+
+def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fusions: dict[str, int] | None,
+              lib_name: str | None, tokenizer: Any, source: str | None, precision: torch.dtype,
+              validation: dict | None) -> dict:
+    """The bundle metadata (hadaconv_onnx.json), after writing genai_config.json where the model has one."""
+    from hadaconv.export.fusions import CONTRIB_DOMAIN
+    from hadaconv.export.translate import DOMAIN, OPSET
+
+    inputs, outputs = io_description(folder / MODEL)
+    config = getattr(model, "config", None)
+    meta = {
+        "format": FORMAT, "version": 1, "hadaconv": __version__, "kind": kind, "form": form,
+        "opset": OPSET,
+        "custom_opsets": ({DOMAIN: 1} if form == "custom" else {}) | ({CONTRIB_DOMAIN: 1} if fusions else {}),
+        "fusions": fusions,
+        "op_library": lib_name, "inputs": inputs, "outputs": outputs, "cache": spec.cache,
+        "tokenizer": tokenizer is not None,
+        "eos_token_id": _token_id(tokenizer, config, "eos_token_id"),
+        "pad_token_id": _token_id(tokenizer, config, "pad_token_id"),
+        "hadamard_layers": _hadamard_layers(model), "source": source or type(model).__name__,
+        "dtype": str(precision).removeprefix("torch."),
+        "validation": validation,
+    }
+    meta["genai_config"] = _write_genai(folder, model, spec, meta)
+    return meta
