@@ -351,23 +351,11 @@ def convert_streamed(
     """
     from hadaconv.atomic import atomic_folder, check_output
     from hadaconv.device import resolve_device
-    from hadaconv.io import (TOKENIZER_FILES, _config_for_saving, _hf_config, _hf_from_config, _read_json,
-                             hadaconv_meta, load_tokenizer)
+    from hadaconv.io import _hf_config, _hf_from_config, _read_json, load_tokenizer
 
     cfg = config or ConvertConfig()
-    _check_config(cfg)
-    if cfg.max_layers is not None or cfg.max_loss is not None:
-        raise InputError("layer-by-layer conversion converts every selected layer: --max-layers/--max-loss "
-                         "rank layers on the whole model; use them without --streamed")
-    if cfg.calib == "none" or (not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib):
-        raise InputError("--streamed converts block by block on calibration text; a data-free fit "
-                         "(--calib none) needs no block loop: use it without --streamed")
     start = time.perf_counter()
-    source = Path(source)
-    if not source.exists():
-        raise ModelFormatError(f"no such file or folder: {source}")
-    if not (source / "config.json").is_file():
-        raise ModelFormatError(f"{source} is not a Hugging Face model folder (no config.json)")
+    source = _check_request(source, cfg)
     out = check_output(out_dir, overwrite, folder=True)
     dev = resolve_device(device)
     files = _tensor_files(source)
@@ -398,19 +386,44 @@ def convert_streamed(
         weight_map = {**dec.weight_map, **copied}
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": dec.written + size},
                                              "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
-        width = target.layers[0].width
-        meta = hadaconv_meta(adapter=target.adapter.name, layers=report.converted, block=cfg.block, fit=cfg.mode,
-                             width=width, m=factorize(width).m, source=str(source), streamed=True,
-                             rank=cfg.rank)
-        saved = _config_for_saving(model, meta)
-        saved["dtype"] = str(stored).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                (tmp / name).write_bytes((source / name).read_bytes())
+        _write_config_and_tokenizer(tmp, model, target, cfg, report, source, stored)
         report.params_before, report.bytes_before = _count(files, list(files))
         report.params_after, report.bytes_after = _count({n: tmp / s for n, s in weight_map.items()}, list(weight_map))
         report.seconds = time.perf_counter() - start
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _check_request(source: str | Path, cfg: ConvertConfig) -> Path:
+    """Refuse what the block loop cannot do, before anything is read."""
+    _check_config(cfg)
+    if cfg.max_layers is not None or cfg.max_loss is not None:
+        raise InputError("layer-by-layer conversion converts every selected layer: --max-layers/--max-loss "
+                         "rank layers on the whole model; use them without --streamed")
+    if cfg.calib == "none" or (not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib):
+        raise InputError("--streamed converts block by block on calibration text; a data-free fit "
+                         "(--calib none) needs no block loop: use it without --streamed")
+    source = Path(source)
+    if not source.exists():
+        raise ModelFormatError(f"no such file or folder: {source}")
+    if not (source / "config.json").is_file():
+        raise ModelFormatError(f"{source} is not a Hugging Face model folder (no config.json)")
+    return source
+
+
+def _write_config_and_tokenizer(folder: Path, model: nn.Module, target, cfg: ConvertConfig, report: ConvertReport,
+                                source: Path, stored: torch.dtype) -> None:
+    """config.json with the hadaconv metadata :func:`hadaconv.load` reads, in the checkpoint's
+    dtype, and the source's tokenizer files."""
+    from hadaconv.io import TOKENIZER_FILES, _config_for_saving, hadaconv_meta
+
+    width = target.layers[0].width
+    meta = hadaconv_meta(adapter=target.adapter.name, layers=report.converted, block=cfg.block, fit=cfg.mode,
+                         width=width, m=factorize(width).m, source=str(source), streamed=True, rank=cfg.rank)
+    saved = _config_for_saving(model, meta)
+    saved["dtype"] = str(stored).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            (folder / name).write_bytes((source / name).read_bytes())
