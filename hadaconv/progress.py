@@ -76,9 +76,9 @@ def _log_lines(total: int, description: str) -> Callable[[], None]:
 
 def duration(seconds: float) -> str:
     """0.2 -> 'under 1 s', 3 -> '3 s', 754 -> '12 min 34 s', 4000 -> '1 h 06 min' (minutes truncated)."""
-    if seconds < 0.5:
-        return "under 1 s"
     s = round(seconds)
+    if s < 1:
+        return "under 1 s"
     if s < 60:
         return f"{s} s"
     if s < 3600:

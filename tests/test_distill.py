@@ -212,6 +212,9 @@ def test_too_few_windows_fail_before_any_text_is_sampled(tokenizer, monkeypatch)
     student, teacher = _pair("llama", tokenizer)
     with pytest.raises(InputError, match=r"9 training windows leave none held out for evaluation \(--samples 9\)"):
         distill(student, teacher, tokenizer, DistillConfig(stages=["global"], **{**RUN, "samples": 9, "data": None}))
+    # FSDP shards what the local stage trains whole: refused before any text too.
+    with pytest.raises(HadaconvError, match="the local stage trains whole blocks on one device"):
+        distill(student, teacher, tokenizer, DistillConfig(stages=["local", "global"], fsdp=True, **RUN))
 
 
 def test_local_stage_reduces_every_block_error(tokenizer):
@@ -442,7 +445,7 @@ def test_cli_without_a_budget_says_it_runs_one_pass(converted, capsys):
     assert "no budget given (max_time / max_steps / max_tokens): one pass over 44 windows, 11 steps of 4" in flat, err
     # Evaluations are not silent: their cost is announced, and each says what it measured.
     assert "each evaluation on 2 held-out windows takes about " in flat, err
-    assert "every 5 steps (inside the budget) and once after it" in flat, err
+    assert "every 5 steps (inside the budget) and at the last step" in flat, err
     for step in (5, 10, 11):
         assert f"step {step}: held-out KL to teacher (nats/token) " in flat, err
 

@@ -83,4 +83,4 @@ def test_block_by_block_counts_the_blocks_it_visits(monkeypatch):
 
 def test_durations_read_as_a_person_would_say_them():
     d = progress_mod.duration
-    assert [d(0.2), d(3), d(754), d(4000)] == ["under 1 s", "3 s", "12 min 34 s", "1 h 06 min"]
+    assert [d(0.2), d(0.5), d(3), d(754), d(4000)] == ["under 1 s", "under 1 s", "3 s", "12 min 34 s", "1 h 06 min"]

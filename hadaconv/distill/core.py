@@ -439,14 +439,14 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
                             f"{d.world * cfg.accumulate}")
     torch.manual_seed(cfg.seed)
     train, eval_ids, report = _texts(teacher, tokenizer, cfg, kind, stages, d.main)
-    run = _Run(student, teacher, cfg, blocks, d, eval_ids, report)
+    run = _Distillation(student, teacher, cfg, blocks, d, eval_ids, report)
     resumed = run.begin()
     if "local" in stages and not resumed:
         run.local_stage(train)
     if "global" in stages:
         run.global_stage(train, resumed, callback)
     else:
-        report.after, report.loss_after = run.start_eval()
+        report.after, report.loss_after = run.initial_eval()
     return run.finish()
 
 
@@ -479,7 +479,7 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
     return train, eval_ids, report
 
 
-class _Run:
+class _Distillation:
     """One run's state: the models, the optimizer, the step and token counters, the state
     closest to the teacher so far, the checkpoint folder.  :func:`_run` calls the stages in
     order; each is a method."""
@@ -544,7 +544,7 @@ class _Run:
             setattr(self.report, k, v)
         return True
 
-    def start_eval(self) -> tuple[float, float]:
+    def initial_eval(self) -> tuple[float, float]:
         """(metric, eval loss) of the state the global stage starts from."""
         r = self.report
         kept = "local" in r.stages and r.local_kept
@@ -580,12 +580,12 @@ class _Run:
         cfg = self.cfg
         self.horizon = self._budget(len(train))
         if not resumed:  # the starting point competes for "best" too
-            self.consider(self.start_eval(), None)
+            self.consider(self.initial_eval(), None)
         bar = _Bar(cfg.progress and self.main, self.spent())
-        if self.evaluate.seconds is not None:  # a resumed run learns it at its first evaluation
+        if self.evaluate.seconds is not None:  # not known to a resumed run, which has not evaluated yet
             bar.note(f"each evaluation on {len(self.evaluate.windows)} held-out windows takes about "
                      f"{duration(self.evaluate.seconds)}: every {cfg.eval_every} steps (inside the budget) "
-                     "and once after it")
+                     "and at the last step")
         perms: dict[int, torch.Tensor] = {}
         last_loss: float | None = None
         tick, tick_tokens = time.perf_counter(), self.tokens

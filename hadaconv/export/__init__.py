@@ -234,7 +234,6 @@ def export_onnx(
             half precision, bfloat16 validation on the CPU, an existing ``out_dir`` without
             ``overwrite``, a failed export, or outputs outside ``atol`` (nothing is written).
     """
-    # onnxscript is imported by the helpers, not with the package: `import hadaconv` stays light.
     out = Path(out_dir)
     form = "portable" if portable else "custom"
     original, original_inputs = model, example_inputs
@@ -257,7 +256,8 @@ def export_onnx(
             log(f"[{time.perf_counter() - start:.0f} s] {text}")
 
     with atomic_folder(out, overwrite) as tmp:
-        fusions = _write_graph(spec, tmp / MODEL, kind, form, optimize, verbose, stage, type(model).__name__)
+        fusions = _write_graph(spec, tmp / MODEL, kind=kind, form=form, optimize=optimize, verbose=verbose,
+                               stage=stage, model_name=type(model).__name__)
         lib_name = None
         if library is not None:
             lib_name = library.name
@@ -279,10 +279,11 @@ def export_onnx(
     return ExportResult(out, kind, form, diffs, meta)
 
 
-def _write_graph(spec, path: Path, kind: str, form: str, optimize: str | None, verbose: bool,
+def _write_graph(spec, path: Path, *, kind: str, form: str, optimize: str | None, verbose: bool,
                  stage: Callable[[str], None], model_name: str) -> dict[str, int] | None:
     """Trace ``spec`` with the dynamo exporter, translate HadamardAffine to ``form``, fuse at
     ``optimize``, save to ``path``; the fusion counts (None when not fused)."""
+    # onnxscript is imported here, not with the package: `import hadaconv` stays light.
     from hadaconv.export.fusions import LEVELS, fuse_for_onnxruntime
     from hadaconv.export.translate import OPSET, translation_table
 
