@@ -60,7 +60,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     if taken and not overwrite:
         what = "folder" if folder else "file"
         raise OutputError(f"{path} already exists{' and is not empty' if folder else ''}: pass --overwrite to "
-                          f"replace it, or choose another {what}")
+                          f"replace it (overwrite=True in Python), or choose another {what}")
     return path
 
 

@@ -576,7 +576,9 @@ def _load_torch_file(path: Path, config, trust_pickle: bool) -> Loaded:
     except Exception as exc:  # weights_only refusals and corrupt archives share no common type
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if found is None:
-            raise ModelFormatError(f"cannot read {path} as a torch.save file: {_first_line(exc)}") from None
+            # torch's errors on a file that is no archive at all can be a bare KeyError(101).
+            why = _first_line(exc) if not isinstance(exc, KeyError) else "not a torch.save archive"
+            raise ModelFormatError(f"cannot read {path} as a torch.save file: {why}") from None
         if not trust_pickle:
             raise HadaconvError(
                 f"refusing to unpickle {path}: it holds Python objects (e.g. {found.group(1)}), not just "

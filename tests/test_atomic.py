@@ -130,8 +130,8 @@ def test_check_output_one_rule_and_one_wording(tmp_path):
             atomic.check_output(path, folder=is_folder)
         refusals[is_folder] = str(info.value)
         assert atomic.check_output(path, True, folder=is_folder) == path
-    assert refusals[True] == f"{folder} already exists and is not empty: pass --overwrite to replace it, or choose another folder"
-    assert refusals[False] == f"{file} already exists: pass --overwrite to replace it, or choose another file"
+    assert refusals[True] == f"{folder} already exists and is not empty: pass --overwrite to replace it (overwrite=True in Python), or choose another folder"
+    assert refusals[False] == f"{file} already exists: pass --overwrite to replace it (overwrite=True in Python), or choose another file"
     for path, is_folder, message in ((file, True, "exists and is not a folder"), (folder, False, "is a folder, not a file"),
                                      (tmp_path / "no" / "s.jsonl", False, "the folder .* does not exist")):
         with pytest.raises(OutputError, match=message):
