@@ -483,7 +483,7 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
     # One new token comes from the prefill alone: there is no decode rate to report then.
     rate = f"{out.tokens_per_s:.1f} tokens/s decode" if out.new_tokens > 1 else "no decode steps"
     click.echo(f"[{out.new_tokens} tokens, {rate}, prefill of {out.prompt_tokens} "
-               f"tokens {out.prefill_s * 1000:.0f} ms, {device}]", err=True)
+               f"token{'s' if out.prompt_tokens != 1 else ''} {out.prefill_s * 1000:.0f} ms, {device}]", err=True)
 
 
 def _duration(text: str | None) -> float | None:

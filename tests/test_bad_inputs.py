@@ -448,6 +448,8 @@ ROWS = [
         lambda mp, w, t: mp.setattr("torch.onnx.export", _no_space)),
     # --------------------------------------------------------------- run
     Row("run-missing-bundle", lambda w, t: ["run", t / "nope", "--prompt", "hi"], r"no such bundle folder"),
+    Row("run-file-as-bundle", lambda w, t: ["run", _write(t / "t.txt", "hello"), "--prompt", "hi"],
+        r"t\.txt is a file; a bundle is the folder `hadaconv export --onnx` writes"),
     Row("run-folder-without-bundle", lambda w, t: ["run", w.hf, "--prompt", "hi"],
         r"is not a hadaconv ONNX bundle: no hadaconv_onnx\.json"),
     Row("run-bundle-without-library", lambda w, t: ["run", _without_library(_copy(w.bundle, t / "b")), "--prompt", "hi"],

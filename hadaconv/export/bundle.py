@@ -59,6 +59,8 @@ def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
 def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     """The bundle's ``hadaconv_onnx.json``, checked; one clear line for anything that is not a bundle."""
     folder = Path(folder)
+    if folder.is_file():
+        raise HadaconvError(f"{folder} is a file; a bundle is the folder `hadaconv export --onnx` writes")
     if not folder.is_dir():
         raise HadaconvError(f"no such bundle folder: {folder}")
     path = folder / METADATA
