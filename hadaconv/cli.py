@@ -261,14 +261,16 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         click.echo(f"embedding cosine to {reference}: {embedding_cosine(loaded.model, ref, windows):.6f} "
                    f"({windows.numel()} tokens of {source.name})")
         return
-    p = perplexity(loaded.model, windows, progress=f"perplexity of {model}")
+    batch = 4
+    batches = f"{len(windows)} windows, counted in batches of {batch}"
+    p = perplexity(loaded.model, windows, batch, progress=f"perplexity of {model} ({batches})")
     click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} windows "
                f"of {seq_len})")
     other = None if no_baseline else _baseline(loaded, model, baseline)
     del loaded  # the baseline may be as large: never hold both models at once
     if other is not None:
         base = perplexity(load_model(other, config=model_config, device=device, dtype=dtype).model, windows,
-                          progress=f"perplexity of {other}")
+                          batch, progress=f"perplexity of {other} ({batches})")
         click.echo(f"baseline {other}: perplexity {base.perplexity:.3f} on the same windows; {model} is "
                    f"{p.perplexity / base.perplexity:.3f}x that")
 
