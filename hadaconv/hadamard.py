@@ -204,6 +204,8 @@ def factorize(n: int) -> Factorization:
 
     Raises UnsupportedSizeError (one line, naming the nearest supported sizes) otherwise.
     """
+    if int(n) < 1:
+        raise UnsupportedSizeError(f"a Hadamard order is a positive size, got {n}")
     f = _factorize(int(n))
     if f is None:
         below, above = nearest_supported(int(n))

@@ -463,7 +463,9 @@ ROWS = [
     Row("run-causal-without-prompt", lambda w, t: ["run", w.bundle],
         r"is a causal LM bundle: give --prompt \(or token ids with --ids\)"),
     Row("run-encoder-without-text", lambda w, t: ["run", w.encoder, "--prompt", "hi"],
-        r"is an encoder bundle: give --text"),
+        r"--prompt is for causal LM bundles; .* is an encoder bundle: give --text"),
+    Row("run-causal-with-text", lambda w, t: ["run", w.bundle, "--text", "embed me"],
+        r"--text is for encoder bundles; .* is a causal LM bundle: give --prompt"),
     Row("run-prompt-without-tokenizer",
         lambda w, t: ["run", _without_tokenizer(_copy(w.bundle, t / "b")), "--prompt", "hi"],
         r"b has no tokenizer to encode --prompt with: give token ids with --ids, e\.g\. --ids 1,2,3"),
@@ -520,7 +522,7 @@ ROWS = [
         lambda w, t: ["eval", _truncate(_copy(w.hf, t / "m") / "model.safetensors", 0.3).parent],
         r"is truncated"),
     # --------------------------------------------------------------- hadamard
-    Row("hadamard-zero", lambda w, t: ["hadamard", "0"], r"no Hadamard matrix of order 0"),
+    Row("hadamard-zero", lambda w, t: ["hadamard", "0"], r"a Hadamard order is a positive size, got 0"),
     Row("hadamard-unsupported", lambda w, t: ["hadamard", "92"], r"no Hadamard matrix of order 92.*nearest"),
 ]
 
