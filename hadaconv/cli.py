@@ -448,10 +448,9 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
         raise HadaconvError(f"give {option} or --ids, not both")
     if given is None and ids is None:
         what = "a causal LM bundle: give --prompt" if opened.kind == "causal-lm" else "an encoder bundle: give --text"
-        wrong = text if opened.kind == "causal-lm" else prompt
-        misused = "" if wrong is None else ("--text is for encoder bundles; " if option == "--prompt"
-                                            else "--prompt is for causal LM bundles; ")
-        raise HadaconvError(f"{misused}{bundle} is {what} (or token ids with --ids)")
+        wrong, hint = ((text, "--text is for encoder bundles; ") if opened.kind == "causal-lm"
+                       else (prompt, "--prompt is for causal LM bundles; "))
+        raise HadaconvError(f"{hint if wrong is not None else ''}{bundle} is {what} (or token ids with --ids)")
     if given is not None and opened.tokenizer is None:
         raise HadaconvError(f"{bundle} has no tokenizer to encode {option} with: give token ids with --ids, e.g. --ids 1,2,3")
     if opened.kind == "encoder":

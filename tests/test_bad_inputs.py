@@ -321,6 +321,8 @@ ROWS = [
         r"keeps 3,584; the largest rank that saves any is 27", lambda mp, w, t: _no_model(mp)),
     Row("convert-existing-output",
         lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), *TINY), r"out already exists and is not empty: pass --overwrite to replace it"),
+    Row("convert-text-named-pt", lambda w, t: _convert(_write(t / "m.pt", "hello world\n"), t / "out"),
+        r"cannot read .*m\.pt as a torch\.save file: not a torch\.save archive"),
     Row("convert-pickle-without-consent", lambda w, t: _convert(_pickle(t / "m.pt"), t / "out"),
         r"refusing to unpickle .*--trust-pickle"),
     Row("convert-layers-out-of-range", lambda w, t: _convert(w.hf, t / "out", "--layers", "0,7", *TINY),

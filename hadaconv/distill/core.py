@@ -313,24 +313,21 @@ class _Evaluator:
     def __init__(self, kind: str, teacher: nn.Module, windows: torch.Tensor, device: torch.device,
                  batch_size: int) -> None:
         self.kind, self.teacher, self.windows, self.batch_size = kind, teacher, windows.to(device), batch_size
-        self.seconds: float | None = None  # the last student evaluation's wall time
+        # The last call's wall time: before training, the student's (it follows the teacher's).
+        self.seconds: float | None = None
 
     def __call__(self, model: nn.Module) -> tuple[float, float]:
         """(metric, eval loss); the teacher's own eval loss is 0."""
-        if model is not self.teacher:
-            start = time.perf_counter()
-            result = self._measure(model)
-            self.seconds = time.perf_counter() - start
-            return result
-        return self._measure(model)
-
-    def _measure(self, model: nn.Module) -> tuple[float, float]:
+        start = time.perf_counter()
         if self.kind == "causal-lm":
             p = perplexity(model, self.windows, self.batch_size, inference=False,
                            reference=None if model is self.teacher else self.teacher)
-            return p.perplexity, p.kl or 0.0
-        cos = embedding_cosine(model, self.teacher, self.windows, self.batch_size, inference=False)
-        return cos, 1.0 - cos
+            result = p.perplexity, p.kl or 0.0
+        else:
+            cos = embedding_cosine(model, self.teacher, self.windows, self.batch_size, inference=False)
+            result = cos, 1.0 - cos
+        self.seconds = time.perf_counter() - start
+        return result
 
 
 class _Bar:
