@@ -719,14 +719,20 @@ def save_converted(
 def original_path(converted: str | os.PathLike, meta: dict) -> Path:
     """The model a converted folder was made from: the ``source`` its conversion recorded in
     ``meta`` (its config.json's hadaconv section), as written or relative to the converted
-    folder's parent when the conversion ran elsewhere.  Distillation's default teacher and
-    evaluation's default baseline.  Raises HadaconvError when none is recorded or it is gone."""
+    folder's parent when the conversion ran elsewhere, or this machine's copy of an embedded
+    model (:func:`hadaconv.realmodels.installed_copy`: its virtual environment may have moved).
+    Distillation's default teacher and evaluation's default baseline.  Raises HadaconvError
+    when none is recorded or it is gone."""
+    from hadaconv.realmodels import installed_copy
+
     source = meta.get("source")
     if not source:
         raise HadaconvError(f"{converted} records no source model")
     for path in (Path(source), Path(converted).parent / source):
         if path.exists():
             return path
+    if (copy := installed_copy(source)) is not None:
+        return copy
     raise HadaconvError(f"the original model {source} recorded in {converted}/config.json is not found")
 
 

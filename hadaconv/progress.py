@@ -3,6 +3,7 @@ most every :data:`LOG_EVERY` seconds instead, so a long run is never silent."""
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -42,15 +43,41 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator[Cal
 @contextmanager
 def status(description: str) -> Iterator[None]:
     """``with status("loading model.gguf"): ...``: for work of unknown size (a model load), a
-    spinner with the elapsed time on a terminal, removed when the work ends; nothing elsewhere
-    (such work takes seconds, not the minutes :func:`progress` reports on)."""
+    spinner with the elapsed time on a terminal, removed when the work ends.  Elsewhere work
+    that ends within :data:`STATUS_AFTER` seconds stays silent (a quick failure prints only its
+    error line); longer work gets a "still working" line then, and a "done" line at the end."""
     if not console.is_terminal:
-        yield
+        with _delayed_lines(description):
+            yield
         return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True, redirect_stdout=False, redirect_stderr=False) as spinner:
         spinner.add_task(description, total=None)
         yield
+
+
+#: Seconds of work after which :func:`status` writes its first line off a terminal.
+STATUS_AFTER = 5.0
+
+
+@contextmanager
+def _delayed_lines(description: str) -> Iterator[None]:
+    start, finished, announced = time.monotonic(), threading.Event(), threading.Event()
+
+    def announce() -> None:  # a daemon thread: the work itself may be one long C call
+        if not finished.wait(STATUS_AFTER):
+            console.print(f"{description}: still working after {duration(time.monotonic() - start)}", highlight=False)
+            announced.set()
+
+    watcher = threading.Thread(target=announce, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        watcher.join()
+    if announced.is_set():  # reached only after a normal end: an error prints its own line
+        console.print(f"{description}: done in {duration(time.monotonic() - start)}", highlight=False)
 
 
 #: Seconds between the progress lines written when stderr is not a terminal.

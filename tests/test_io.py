@@ -364,3 +364,18 @@ def test_smollm2_gguf(capfd):
     empty = skeleton(path)
     assert all(p.is_meta for p in empty.parameters())
     assert {n: p.shape for n, p in empty.named_parameters()} == {n: p.shape for n, p in loaded.model.named_parameters()}
+
+
+def test_original_path_survives_a_moved_environment(tmp_path, monkeypatch):
+    """A converted folder records its source as an absolute path; an embedded model's file that
+    moved with its virtual environment or cache is found again by name, anything else is not."""
+    from hadaconv.io import original_path
+    from hadaconv.realmodels import QWEN_FILE
+
+    monkeypatch.setenv("HADACONV_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / QWEN_FILE).write_bytes(b"GGUF")
+    moved = tmp_path / "old-venv" / QWEN_FILE
+    assert original_path(tmp_path / "conv", {"source": str(moved)}) == tmp_path / "cache" / QWEN_FILE
+    with pytest.raises(HadaconvError, match="other.gguf recorded in .* is not found"):
+        original_path(tmp_path / "conv", {"source": str(tmp_path / "old-venv" / "other.gguf")})

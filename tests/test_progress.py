@@ -84,3 +84,32 @@ def test_block_by_block_counts_the_blocks_it_visits(monkeypatch):
 def test_durations_read_as_a_person_would_say_them():
     d = progress_mod.duration
     assert [d(0.2), d(0.5), d(3), d(754), d(4000)] == ["under 1 s", "under 1 s", "3 s", "12 min 34 s", "1 h 06 min"]
+
+
+def test_status_is_silent_for_quick_work(capsys):
+    with progress_mod.status("loading m.gguf"):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_status_speaks_up_when_work_is_slow(monkeypatch, capsys):
+    import threading
+
+    monkeypatch.setattr(progress_mod, "STATUS_AFTER", 0.01)
+    with progress_mod.status("loading m.gguf"):
+        threading.Event().wait(0.5)  # the watcher's line comes while the work still runs
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" after ")[0] for line in lines[:1]] == ["loading m.gguf: still working"]
+    assert lines[1].startswith("loading m.gguf: done in ") and len(lines) == 2
+
+
+def test_status_leaves_a_failure_its_own_line(monkeypatch, capsys):
+    import threading
+
+    import pytest
+
+    monkeypatch.setattr(progress_mod, "STATUS_AFTER", 0.01)
+    with pytest.raises(ValueError), progress_mod.status("loading m.gguf"):
+        threading.Event().wait(0.5)
+        raise ValueError("bad file")
+    assert [line.split(" after ")[0] for line in capsys.readouterr().err.splitlines()] == ["loading m.gguf: still working"]

@@ -227,7 +227,9 @@ def export_onnx(
         source: a description of where the model came from, for the metadata.
         verbose: show the exporter's own progress output.
         log: called with each human-readable line (the stage being entered, with the seconds so
-            far, then the validation diffs); None prints nothing.
+            far, then the validation diffs), e.g. ``print``; None sends them to the
+            ``hadaconv.export`` logger at INFO level (silent unless logging is configured, as
+            in Optimum and transformers).
 
     Raises:
         HadaconvError: a bad ``dtype`` or ``optimize`` level, ``optimize`` with ``portable`` or
@@ -250,10 +252,10 @@ def export_onnx(
 
         library = Path(get_library_path())  # a missing library fails before the slow trace, not after
     start = time.perf_counter()
+    log = log or logging.getLogger(__name__).info
 
     def stage(text: str) -> None:  # the trace and the validation each take minutes on a real model
-        if log:
-            log(f"[{time.perf_counter() - start:.0f} s] {text}")
+        log(f"[{time.perf_counter() - start:.0f} s] {text}")
 
     with atomic_folder(out, overwrite) as tmp:
         fusions = _write_graph(spec, tmp / MODEL, kind=kind, form=form, optimize=optimize, verbose=verbose,
@@ -269,9 +271,8 @@ def export_onnx(
             stage("validating in ONNX Runtime against PyTorch")
             sess = session_for(tmp / MODEL, tmp / lib_name if lib_name else None, provider="cpu")
             diffs = _validate(spec, sess, model, original, original_inputs, tokenizer, atol, cache)
-            if log:
-                for line in summarize(diffs):
-                    log(line)
+            for line in summarize(diffs):
+                log(line)
         meta = _metadata(tmp, model, spec, kind=kind, form=form, fusions=fusions, lib_name=lib_name,
                          tokenizer=tokenizer, source=source, precision=precision,
                          validation={"atol": atol, "diffs": [vars(d) for d in diffs]} if validate_outputs else None)
