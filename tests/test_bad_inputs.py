@@ -169,9 +169,12 @@ def _bad_config(folder: Path) -> Path:
     return folder
 
 
-def _without_library(bundle: Path) -> Path:
-    for lib in bundle.glob("*.so"):
-        lib.unlink()
+def _library_named(bundle: Path, name) -> Path:
+    """The bundle with metadata naming ``name`` as its op library (a path out of the folder)."""
+    import json
+
+    meta = json.loads((bundle / METADATA).read_text())
+    (bundle / METADATA).write_text(json.dumps({**meta, "op_library": name}))
     return bundle
 
 
@@ -454,8 +457,12 @@ ROWS = [
         r"t\.txt is a file; a bundle is the folder `hadaconv export --onnx` writes"),
     Row("run-folder-without-bundle", lambda w, t: ["run", w.hf, "--prompt", "hi"],
         r"is not a hadaconv ONNX bundle: no hadaconv_onnx\.json"),
-    Row("run-bundle-without-library", lambda w, t: ["run", _without_library(_copy(w.bundle, t / "b")), "--prompt", "hi"],
-        r"the op library .*libhadaconv_ort\.so is missing"),
+    Row("run-bundle-library-outside",
+        lambda w, t: ["run", _library_named(_copy(w.bundle, t / "b"), "../../lib/evil.so"), "--prompt", "hi"],
+        r"op_library must be the file name of the bundle's copy, got '\.\./\.\./lib/evil\.so'"),
+    Row("run-without-installed-library", lambda w, t: ["run", w.bundle, "--prompt", "hi"],
+        r"HADACONV_OPS_LIB points to .*nope\.so, which does not exist",
+        lambda mp, w, t: mp.setenv("HADACONV_OPS_LIB", str(t / "nope.so"))),
     Row("run-truncated-model-onnx",
         lambda w, t: ["run", _truncate(_copy(w.bundle, t / "b") / MODEL, 0.5).parent, "--prompt", "hi"],
         r"ONNX Runtime cannot open .*model\.onnx"),
@@ -651,8 +658,11 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("generate-on-encoder", lambda: generate(w.encoder, "hi"), HadaconvError, r"needs a causal LM"),
         ("embed-float-ids", lambda: embed(w.encoder, np.array([[1.5]])), InputError, r"integer array"),
         ("embed-on-causal", lambda: embed(w.bundle, "hi"), HadaconvError, r"needs an encoder bundle"),
-        ("open-bundle-without-library", lambda: open_bundle(_without_library(_copy(w.bundle, t / "b"))),
-         ModelFormatError, r"op library .* is missing"),
+        ("open-bundle-library-by-absolute-path", lambda: open_bundle(_library_named(_copy(w.bundle, t / "b"),
+                                                                                     "/usr/lib/evil.so")),
+         ModelFormatError, r"op_library must be the file name"),
+        ("open-bundle-library-not-a-name", lambda: open_bundle(_library_named(_copy(w.bundle, t / "b"), 123)),
+         ModelFormatError, r"op_library must be the file name .*got 123"),
         ("session-missing-file", lambda: runtime.session(t / "nope.onnx"), ModelFormatError,
          r"ONNX Runtime cannot open"),
         ("session-truncated-bytes", lambda: runtime.session((w.bundle / MODEL).read_bytes()[:500]),
@@ -693,7 +703,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
 
 API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "generate-ragged-ids",
            "generate-id-past-vocab", "generate-zero-tokens", "generate-negative-top-k", "generate-on-encoder",
-           "embed-float-ids", "embed-on-causal", "open-bundle-without-library", "session-missing-file",
+           "embed-float-ids", "embed-on-causal", "open-bundle-library-by-absolute-path", "open-bundle-library-not-a-name",
+           "session-missing-file",
            "session-truncated-bytes", "convert-nan-statistics", "convert-block-0", "convert-samples-0",
            "streamed-block-0", "streamed-seq-len-1", "streamed-device-unknown", "convert-file-no-layers", "convert-file-dtype-unknown",
            "realmodels-no-wheels", "realmodels-partial-wheel", "realmodels-wrong-hash",

@@ -323,11 +323,14 @@ def test_bundle_errors(tmp_path, tiny_bundle):
         embed(tiny_bundle, [[1, 2, 3]])
     out = generate(tiny_bundle, [5, 6, 7], 4, eos_token_id=[])
     assert out.tokens.shape == (1, 4) and out.text is None
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_bundle, broken)
-    os.remove(broken / "libhadaconv_ort.so")
-    with pytest.raises(HadaconvError, match="op library .* is missing"):
-        open_bundle(broken)
+    # The bundle's copy of the op library is never loaded (native code from an untrusted folder):
+    # a bundle whose copy is damaged or gone still runs on this installation's library.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_bundle, damaged)
+    (damaged / "libhadaconv_ort.so").write_bytes(b"\x7fELF not a library")
+    assert generate(damaged, [5, 6, 7], 2, eos_token_id=[]).tokens.shape == (1, 2)
+    os.remove(damaged / "libhadaconv_ort.so")
+    assert generate(damaged, [5, 6, 7], 2, eos_token_id=[]).tokens.shape == (1, 2)
 
 
 def test_cli_run_takes_token_ids_without_tokenizer(tiny_bundle, capsys):

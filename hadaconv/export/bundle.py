@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from hadaconv import atomic
 from hadaconv.errors import HadaconvError, ModelFormatError
-from hadaconv.runtime import import_onnxruntime, make_session_options, session_error
+from hadaconv.runtime import get_library_path, import_onnxruntime, make_session_options, session_error
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
@@ -98,8 +98,8 @@ def session_for(
     provider: str = "auto",
     **session_options: Any,
 ) -> "onnxruntime.InferenceSession":
-    """An ONNX Runtime session for ``model`` with ``library`` (the bundle's copy of the op
-    library, or None for a portable graph) registered.
+    """An ONNX Runtime session for ``model`` with ``library`` (the op library, or None for a
+    portable graph) registered.
 
     ``provider``: "auto" (CUDA when this onnxruntime has it, else CPU), "cpu" or "cuda".  Keyword
     arguments set ``SessionOptions`` attributes (``intra_op_num_threads=2``, ...).
@@ -137,12 +137,17 @@ class Bundle:
 
 
 def open_bundle(folder: str | os.PathLike, provider: str = "auto", **session_options: Any) -> Bundle:
-    """Open a bundle written by :func:`hadaconv.export_onnx`: its session (the bundle's own op
-    library registered for the custom form), its tokenizer and its metadata."""
+    """Open a bundle written by :func:`hadaconv.export_onnx`: its session, its tokenizer and its
+    metadata.
+
+    A custom-form graph runs with this installation's op library (:func:`hadaconv.get_library_path`),
+    never with the bundle's copy: a shared library is native code, and a bundle is untrusted
+    input (the copy is there for runtimes without hadaconv, such as onnxruntime-genai).  Raises
+    HadaconvError (one line) for a folder that is not a bundle, metadata that names a library
+    outside it, or a missing op library; ModelFormatError for a graph ONNX Runtime refuses."""
     folder = Path(folder)
     meta = read_metadata(folder)
-    library = folder / meta["op_library"] if meta.get("op_library") else None
-    sess = session_for(folder / MODEL, library, provider, **session_options)
+    sess = session_for(folder / MODEL, _op_library(folder, meta), provider, **session_options)
     tokenizer = None
     if meta.get("tokenizer"):
         from hadaconv.io import load_tokenizer
@@ -151,6 +156,16 @@ def open_bundle(folder: str | os.PathLike, provider: str = "auto", **session_opt
         if tokenizer is None:
             raise HadaconvError(f"{folder}: the metadata promises a tokenizer but its files are missing")
     return Bundle(folder, sess, tokenizer, meta)
+
+
+def _op_library(folder: Path, meta: dict[str, Any]) -> str | None:
+    name = meta.get("op_library")
+    if name is None:
+        return None  # the portable form: standard ops only
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ModelFormatError(f"{folder / METADATA}: op_library must be the file name of the bundle's copy, "
+                               f"got {name!r}")
+    return get_library_path()
 
 
 def io_description(model_path: Path) -> tuple[list[dict], list[dict]]:
