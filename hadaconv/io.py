@@ -491,9 +491,29 @@ def _quiet_transformers() -> Iterator[None]:
             hub.enable_progress_bars()
 
 
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def shard_map(folder: Path) -> dict[str, Path]:
+    """{tensor name: shard file} from ``folder``'s ``model.safetensors.index.json``.  The index
+    is untrusted: every shard must be a plain file name, so nothing outside ``folder`` is
+    read.  Raises ModelFormatError (one line) for an index that breaks this or does not parse."""
+    index = folder / SHARD_INDEX
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ModelFormatError(f"{index} has no weight_map")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise ModelFormatError(f"{index}: the shard of {name} must be a file name in the folder, got {shard!r}")
+    return {name: folder / shard for name, shard in weight_map.items()}
+
+
 def _folder_weights(path: Path) -> list[Path]:
     """A Hugging Face folder's weight files (safetensors, else .bin), each safetensors header
-    checked (:func:`_check_safetensors` raises for a damaged one)."""
+    checked (:func:`_check_safetensors` raises for a damaged one) and its shard index, if any,
+    too (:func:`shard_map`: transformers would follow it)."""
+    if (path / SHARD_INDEX).is_file():
+        shard_map(path)
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     for file in weights:
         if file.suffix == ".safetensors":
@@ -750,13 +770,13 @@ def load(folder: str | os.PathLike) -> nn.Module:
     meta = data.get("hadaconv", {} if "torch_module" in data else None)
     if not isinstance(meta, dict):
         raise HadaconvError(f"{config_path} has no hadaconv section: not a converted model (use load_model)")
-    weights, index = folder / WEIGHTS, folder / "model.safetensors.index.json"
+    weights, index = folder / WEIGHTS, folder / SHARD_INDEX
     if weights.is_file():
         tensors = _read_safetensors(weights)
     elif index.is_file():  # written shard by shard (hadaconv.stream)
         tensors = {}
-        for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
-            tensors.update(_read_safetensors(folder / shard))
+        for shard in sorted(set(shard_map(folder).values())):
+            tensors.update(_read_safetensors(shard))
         weights = index
     else:
         raise ModelFormatError(f"{folder} has no {WEIGHTS}")

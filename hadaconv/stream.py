@@ -59,11 +59,10 @@ from hadaconv.convert import (ConvertConfig, _check_config, calibration_batches,
                               mark_rows)
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError
 from hadaconv.hadamard import factorize
+from hadaconv.io import SHARD_INDEX as INDEX
 from hadaconv.report import ConvertReport
 
 __all__ = ["ShardDecoder", "convert_streamed"]
-
-INDEX = "model.safetensors.index.json"
 
 
 class ShardDecoder(Decoder):
@@ -131,17 +130,13 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     """{tensor name: shard file} of a folder of safetensors shards."""
     from safetensors import safe_open
 
-    from hadaconv.io import _check_safetensors, _read_json
+    from hadaconv.io import _check_safetensors, shard_map
 
-    index = folder / INDEX
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ModelFormatError(f"{index} has no weight_map")
-        files = sorted({folder / file for file in weight_map.values()})
-        for file in files:  # a missing or truncated shard fails here, not in the middle of the run
+    if (folder / INDEX).is_file():
+        names = shard_map(folder)
+        for file in sorted(set(names.values())):  # a missing or truncated shard fails here, not mid-run
             _check_safetensors(file)
-        return {name: folder / file for name, file in weight_map.items()}
+        return names
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelFormatError(f"{folder} holds no *.safetensors shards to stream from")

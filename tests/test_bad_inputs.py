@@ -130,6 +130,16 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _sharded(folder: Path, shard) -> Path:
+    """``folder`` with its model.safetensors moved beside it and an index naming ``shard``
+    as the file of every tensor (a path out of the folder, or not a name at all)."""
+    import json
+
+    (folder / "model.safetensors").rename(folder.parent / "elsewhere.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+    return folder
+
+
 def _truncate(path: Path, keep: int | float) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(keep * len(data)) if isinstance(keep, float) else keep])
@@ -354,6 +364,9 @@ ROWS = [
         r"no such file or folder: .*nope"),
     Row("convert-streamed-gguf-file", lambda w, t: _convert(_write(t / "m.gguf", os.urandom(256)), t / "out",
                                                             "--streamed"), r"not a Hugging Face model folder"),
+    Row("convert-streamed-index-outside-folder",
+        lambda w, t: _convert(_sharded(_copy(w.hf, t / "m"), str(t / "elsewhere.safetensors")), t / "out",
+                              "--streamed", *TINY), r"the shard of lm_head\.weight must be a file name in the folder"),
     Row("convert-streamed-truncated-shard",
         lambda w, t: _convert(_truncate(_copy(w.hf, t / "m") / "model.safetensors", 0.5).parent, t / "out",
                               "--streamed", *TINY), r"model\.safetensors is truncated"),
@@ -530,6 +543,10 @@ ROWS = [
     Row("eval-truncated-weights",
         lambda w, t: ["eval", _truncate(_copy(w.hf, t / "m") / "model.safetensors", 0.3).parent],
         r"is truncated"),
+    Row("eval-index-outside-folder", lambda w, t: ["eval", _sharded(_copy(w.hf, t / "m"), "../elsewhere.safetensors")],
+        r"the shard of lm_head\.weight must be a file name in the folder, got '\.\./elsewhere\.safetensors'"),
+    Row("eval-converted-index-not-a-name", lambda w, t: ["eval", _sharded(_copy(w.conv, t / "c"), 5)],
+        r"the shard of lm_head\.weight must be a file name in the folder, got 5"),
     # --------------------------------------------------------------- hadamard
     Row("hadamard-zero", lambda w, t: ["hadamard", "0"], r"a Hadamard order is a positive size, got 0"),
     Row("hadamard-unsupported", lambda w, t: ["hadamard", "92"], r"no Hadamard matrix of order 92.*nearest"),
