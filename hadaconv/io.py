@@ -63,6 +63,12 @@ TOKENIZER_FILES = (
 )
 _TIED_KEY = "hadaconv.tied"  # safetensors metadata: {alias: stored name} for tensors stored once
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+#: Decoder blocks beyond which a config is refused before any model is built: the deepest public
+#: LLMs have about 130 (Llama-3.1-405B: 126); more is a damaged or hostile file, whose model
+#: would take minutes to build (2^31 blocks: forever) even with no memory behind it.
+MAX_LAYERS = 1024
+#: Weights a byte of a weight file can hold at most: no format stores one in under a bit.
+_PARAMS_PER_BYTE = 8
 
 
 @dataclass
@@ -216,9 +222,48 @@ def _hf_config(data: dict):
     if not model_type:
         raise HadaconvError("config.json has no model_type: not a Hugging Face config")
     try:
-        return transformers.AutoConfig.for_model(model_type, **data)
+        config = transformers.AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError, TypeError) as exc:
         raise HadaconvError(f"cannot build a {model_type!r} config: {_first_line(exc)}") from None
+    _check_depth(config, "config.json")
+    return config
+
+
+def _check_depth(config, source) -> None:
+    """Refuse a config whose block count is not 1 to :data:`MAX_LAYERS` (ModelFormatError)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and not 0 < layers <= MAX_LAYERS:
+        raise ModelFormatError(f"{source} declares {layers} layers: not a model hadaconv loads (1 to {MAX_LAYERS})")
+
+
+def _check_size(build, files: list[Path], source) -> None:
+    """Refuse a model (``build()``) with more parameters than its weight ``files`` can hold,
+    before anything allocates them: a config can ask for terabytes from a few bytes of weights.
+    Counted on a build entirely on the meta device (:func:`_empty` would allocate each tensor
+    for a moment, as accelerate's ``init_empty_weights`` does)."""
+    try:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build().parameters())
+    except Exception:  # noqa: BLE001 - a model whose constructor computes on values: _empty's build says
+        return
+    room = _PARAMS_PER_BYTE * sum(f.stat().st_size for f in files)
+    if params > room:
+        raise ModelFormatError(f"{source}: the config describes {params:,} parameters, more than its weight "
+                               f"files can hold ({room // _PARAMS_PER_BYTE:,} bytes)")
+
+
+def _refuse_missing(info: dict, source) -> None:
+    """transformers only warns about absent weights and initialises them at random; converting a
+    partly random model would be silently wrong.  (Unexpected keys are ignored: a checkpoint
+    saved with its head but a config naming no architecture loads as the backbone.)"""
+    missing = sorted(info.get("missing_keys", [])) + sorted(
+        str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])
+    )
+    if missing:
+        raise HadaconvError(
+            f"{source}: the weights do not match the config: {len(missing)} missing or mismatched "
+            f"(e.g. {', '.join(missing[:3])})"
+        )
 
 
 #: The kinds of Hugging Face models whose heads hadaconv keeps: transformers' auto mappings
@@ -265,14 +310,18 @@ def _model_class(config):
     return cls
 
 
-def _hf_from_config(config) -> nn.Module:
+def _hf_from_config(config, weights: list[Path] | None = None) -> nn.Module:
     """An empty model (parameters on the meta device, see :func:`_empty`) of the class named in
-    ``architectures`` (see :func:`_model_class`)."""
+    ``architectures`` (see :func:`_model_class`); with ``weights`` (its files), refused first
+    when they cannot hold it (:func:`_check_size`)."""
     import transformers
 
     cls = _model_class(config)
+    build = (lambda: cls.from_config(config)) if cls is transformers.AutoModel else (lambda: cls(config))
     try:
-        model = _empty(lambda: cls.from_config(config) if cls is transformers.AutoModel else cls(config))
+        if weights is not None:
+            _check_size(build, weights, weights[0].parent if len(weights) > 1 else weights[0])
+        model = _empty(build)
     except ValueError as exc:
         raise HadaconvError(f"cannot build a model from the config: {_first_line(exc)}") from None
     if hasattr(model, "tie_weights"):
@@ -348,14 +397,17 @@ def _torch_from_recipe(recipe: dict) -> nn.Module:
     raise HadaconvError(f"invalid torch_module recipe in config.json: unknown class {recipe.get('class')!r}")
 
 
-def _model_from_config(data: dict) -> nn.Module:
+def _model_from_config(data: dict, weights: list[Path]) -> nn.Module:
+    """The empty model a config.json describes (a Hugging Face config or a torch_module recipe),
+    refused when its ``weights`` files cannot hold it."""
     if "torch_module" in data:
         from hadaconv.adapters.mha import prepare_mha
 
+        _check_size(lambda: _torch_from_recipe(data["torch_module"]), weights, weights[0])
         model = _empty(lambda: _torch_from_recipe(data["torch_module"]))
         prepare_mha(model)
         return model
-    return _hf_from_config(_hf_config(data))
+    return _hf_from_config(_hf_config(data), weights)
 
 
 def _config_file(config: str | os.PathLike) -> Path:
@@ -424,20 +476,22 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
         if path.is_dir():
             data = _read_json(path / "config.json")
             # A damaged checkpoint is the load's error to report, not an option's (raises here).
-            if "hadaconv" in data or "torch_module" in data or not _folder_weights(path):
+            weights = _folder_weights(path)
+            if "hadaconv" in data or "torch_module" in data or not weights:
                 return None
-            return _hf_from_config(_hf_config(data))
+            return _hf_from_config(_hf_config(data), weights)
         if path.suffix == ".gguf":
             import transformers
 
-            hf_config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            hf_config = _gguf_config(path)
+            _check_size(lambda: transformers.AutoModelForCausalLM.from_config(hf_config), [path], path)
             model = _empty(lambda: transformers.AutoModelForCausalLM.from_config(hf_config))
             model.tie_weights()  # as from_pretrained does
             return model
         if path.suffix == ".safetensors" and config is not None:
             _check_safetensors(path)  # a truncated file is the load's error to report, not --layers'
             data = _read_json(_config_file(config))
-            return None if "hadaconv" in data else _model_from_config(data)
+            return None if "hadaconv" in data else _model_from_config(data, [path])
     except Exception:  # noqa: BLE001 - the full load that follows says what is wrong, in one line
         return None
     return None
@@ -461,8 +515,9 @@ def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None)
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """transformers' own tqdm bars (GGUF de-quantization, weight loading: two or three per load)
-    would interleave with hadaconv's; our spinner stands for the whole load instead.  Every
-    switch is put back as it was, whatever the load raises."""
+    would interleave with hadaconv's; our spinner stands for the whole load instead.  Its
+    warnings too: the one that matters, weights missing from the file, is ours to refuse
+    (:func:`_refuse_missing`).  Every switch is put back as it was, whatever the load raises."""
     try:
         from huggingface_hub import utils as hub
         from transformers.utils import logging as hf_logging
@@ -475,12 +530,15 @@ def _quiet_transformers() -> Iterator[None]:
         gguf_utils = None
     bar = getattr(gguf_utils, "tqdm", None)
     bars_on, hub_off = hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
+    verbosity = hf_logging.get_verbosity()
     try:
+        hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()  # transformers' bars, and the hub's with them
         if bar is not None:
             gguf_utils.tqdm = functools.partial(bar, disable=True)
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar is not None:
             gguf_utils.tqdm = bar
         if bars_on:
@@ -536,36 +594,40 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
         model = load(path)
         return Loaded(model, load_tokenizer(path), f"hadaconv folder {path}", "hadaconv", path,
                       data.get("hadaconv"))
-    if not _folder_weights(path):
+    weights = _folder_weights(path)
+    if not weights:
         raise HadaconvError(f"{path} has a config.json but no *.safetensors or *.bin weights")
     config = _hf_config(data)
+    _hf_from_config(config, weights)  # a config its weights cannot fill is refused before from_pretrained
     try:
         model, info = _model_class(config).from_pretrained(
             path, config=config, dtype=dtype or "auto", output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelFormatError(f"cannot load the Hugging Face folder {path}: {_first_line(exc)}") from None
-    # transformers only warns about absent weights and initialises them at random; converting a
-    # partly random model would be silently wrong.  (Unexpected keys are ignored: a checkpoint
-    # saved with its head but a config naming no architecture loads as the backbone.)
-    missing = sorted(info.get("missing_keys", [])) + sorted(
-        str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])
-    )
-    if missing:
-        raise HadaconvError(
-            f"{path}: the weights do not match the config: {len(missing)} missing or mismatched "
-            f"(e.g. {', '.join(missing[:3])})"
-        )
+    _refuse_missing(info, path)
     return Loaded(model, load_tokenizer(path), f"Hugging Face folder {path}", "hf-folder", path)
+
+
+def _gguf_config(path: Path):
+    """The Hugging Face config of a GGUF file's metadata, its depth checked."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    _check_depth(config, path)
+    return config
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
     import transformers
 
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype or torch.float32
+        config = _gguf_config(path)
+        _check_size(lambda: transformers.AutoModelForCausalLM.from_config(config), [path], path)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, config=config, dtype=dtype or torch.float32, output_loading_info=True
         )
+        _refuse_missing(info, path)  # before the tokenizer, whose own complaint would hide this one
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, RuntimeError, KeyError, struct.error) as exc:
         raise ModelFormatError(f"cannot load the GGUF file {path}: {_first_line(exc)}") from None
@@ -581,7 +643,7 @@ def _load_state_dict(path: Path, state: dict, config, fmt: str) -> Loaded:
     data = _read_json(config_path)
     if "hadaconv" in data:
         raise HadaconvError(f"{config_path} describes a converted model: load its folder instead")
-    model = _model_from_config(data)
+    model = _model_from_config(data, [path])
     _load_weights(model, state, str(path))
     tokenizer_source = (
         config_path.parent if any((config_path.parent / f).is_file() for f in TOKENIZER_FILES) else None
@@ -772,15 +834,16 @@ def load(folder: str | os.PathLike) -> nn.Module:
         raise HadaconvError(f"{config_path} has no hadaconv section: not a converted model (use load_model)")
     weights, index = folder / WEIGHTS, folder / SHARD_INDEX
     if weights.is_file():
-        tensors = _read_safetensors(weights)
+        files = [weights]
     elif index.is_file():  # written shard by shard (hadaconv.stream)
-        tensors = {}
-        for shard in sorted(set(shard_map(folder).values())):
-            tensors.update(_read_safetensors(shard))
+        files = sorted(set(shard_map(folder).values()))
         weights = index
     else:
         raise ModelFormatError(f"{folder} has no {WEIGHTS}")
-    model = _model_from_config(data)  # empty: the stored tensors are assigned, in their own dtype
+    tensors = {}
+    for file in files:
+        tensors.update(_read_safetensors(file))
+    model = _model_from_config(data, files)  # empty: the stored tensors are assigned, in their own dtype
 
     adapter = find_adapter(model, meta.get("target"))
     adapter.prepare(model)

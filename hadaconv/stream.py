@@ -354,7 +354,7 @@ def convert_streamed(
     out = check_output(out_dir, overwrite, folder=True)
     dev = resolve_device(device)
     files = _tensor_files(source)
-    model = _hf_from_config(_hf_config(_read_json(source / "config.json")))
+    model = _hf_from_config(_hf_config(_read_json(source / "config.json")), sorted(set(files.values())))
     model.eval()
     target = find_target(model, cfg)
     cfg = replace(cfg, block=target.block)
