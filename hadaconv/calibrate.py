@@ -12,7 +12,6 @@ in float64: memory is O(layers * d^2) whatever the amount of data.
 from __future__ import annotations
 
 import importlib.util
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from hadaconv.errors import HadaconvError, InputError
+from hadaconv.sample import read_jsonl
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
@@ -61,23 +61,6 @@ def default_corpus() -> list[Path]:
     return files
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    texts = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HadaconvError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else record
-            if not isinstance(text, str):
-                raise HadaconvError(f"{path}:{i}: expected a string or an object with a 'text' field")
-            texts.append(text)
-    return texts
-
-
 def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calibration") -> None:
     """Refuse a file or folder source that does not exist (raises HadaconvError, "``what`` source
     not found: ..."), so that a run fails before it loads a model rather than after; the names
@@ -109,7 +92,7 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
         paths = default_corpus()
     texts = []
     for p in paths:
-        texts += _read_jsonl(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8", errors="replace")]
+        texts += read_jsonl(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8", errors="replace")]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise HadaconvError("the text sources hold no text")

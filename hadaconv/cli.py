@@ -2,10 +2,13 @@
 
 Every verb is a call into a public function; user errors (HadaconvError and the usual OS/value
 errors about inputs) are printed as one ``error:`` line with exit status 1, never a traceback.
+Anything else (a damaged input no check foresaw) is one line too, naming its type;
+``HADACONV_TRACEBACK=1`` lets it through with its traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -440,7 +443,7 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
                             "above 0 too (0, the default, is greedy decoding)")
     opened = open_bundle(bundle, provider=provider)
     if opened.kind not in ("causal-lm", "encoder"):
-        raise HadaconvError(f"{bundle} holds a {opened.kind} ({', '.join(o['name'] for o in opened.meta['outputs'])}): "
+        raise HadaconvError(f"{bundle} holds a {opened.kind} ({', '.join(o['name'] for o in opened.meta.get('outputs', []))}): "
                             "run it with hadaconv.export.bundle.open_bundle")
     option = "--prompt" if opened.kind == "causal-lm" else "--text"
     given = prompt if opened.kind == "causal-lm" else text
@@ -673,6 +676,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - input no check foresaw (the loaders validate what they know), or a bug
+        if os.environ.get("HADACONV_TRACEBACK"):
+            raise
+        click.echo(f"error: {type(e).__name__}: {_one_line(str(e))} (unexpected: rerun with HADACONV_TRACEBACK=1 "
+                   "to see where, and please report it)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

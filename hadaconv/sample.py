@@ -159,9 +159,23 @@ def tensors_fingerprint(config: Any, tensors: Iterable[tuple[str, torch.Tensor]]
 
 
 def read_jsonl(path: Path) -> list[str]:
-    """The ``text`` fields of a JSONL file :func:`write_jsonl` wrote."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+    """The texts of a JSONL file: per line a string or an object with a ``text`` field (as
+    :func:`write_jsonl` writes).  Raises HadaconvError naming the file and line of the first
+    line that is neither."""
+    texts = []
+    with Path(path).open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HadaconvError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            text = record.get("text") if isinstance(record, dict) else record
+            if not isinstance(text, str):
+                raise HadaconvError(f"{path}:{i}: expected a string or an object with a 'text' field")
+            texts.append(text)
+    return texts
 
 
 #: Sampled text is cached in chunks of this many sequences, convert's default ``--samples``: a
@@ -248,8 +262,15 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
     for i, (count, path) in enumerate(zip(counts, paths)):
         texts += (_sample_into(path, model, tokenizer, samples=count, seq_len=seq_len, batch_size=batch_size,
                                temperature=temperature, seed=_chunk_seed(seed, i), progress=progress)
-                  if i in missing else read_jsonl(path))
+                  if i in missing else _read_cached(path))
     return texts, paths
+
+
+def _read_cached(path: Path) -> list[str]:
+    try:
+        return read_jsonl(path)
+    except (HadaconvError, UnicodeDecodeError) as exc:  # written atomically, so damaged by something else
+        raise HadaconvError(f"{exc} (a damaged cache file: delete it to sample afresh)") from None
 
 
 def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *, samples: int = 128,

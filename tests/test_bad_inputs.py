@@ -130,6 +130,37 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _tiny_gguf(path: Path, blocks: int, tensors: tuple[str, ...] = ("token_embd.weight",)) -> Path:
+    """A llama GGUF of width 64 declaring ``blocks`` blocks and holding only ``tensors``."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(blocks)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_context_length(128)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(32)
+    for name in tensors:
+        w.add_tensor(name, np.zeros((32, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _config_with(folder: Path, **changes) -> Path:
+    import json
+
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, **changes}))
+    return folder
+
+
 def _sharded(folder: Path, shard) -> Path:
     """``folder`` with its model.safetensors moved beside it and an index naming ``shard``
     as the file of every tensor (a path out of the folder, or not a name at all)."""
@@ -179,13 +210,18 @@ def _bad_config(folder: Path) -> Path:
     return folder
 
 
-def _library_named(bundle: Path, name) -> Path:
-    """The bundle with metadata naming ``name`` as its op library (a path out of the folder)."""
+def _meta_with(bundle: Path, **changes) -> Path:
+    """The bundle with ``changes`` written into its metadata."""
     import json
 
     meta = json.loads((bundle / METADATA).read_text())
-    (bundle / METADATA).write_text(json.dumps({**meta, "op_library": name}))
+    (bundle / METADATA).write_text(json.dumps({**meta, **changes}))
     return bundle
+
+
+def _library_named(bundle: Path, name) -> Path:
+    """The bundle with metadata naming ``name`` as its op library (a path out of the folder)."""
+    return _meta_with(bundle, op_library=name)
 
 
 def _without_tokenizer(bundle: Path) -> Path:
@@ -396,6 +432,13 @@ ROWS = [
         r"cannot write .*ro/out: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
     # --------------------------------------------------------------- inspect
     Row("inspect-missing-file", lambda w, t: ["inspect", t / "nope.gguf"], r"no such file or folder"),
+    Row("inspect-gguf-two-billion-blocks", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 2 ** 31)],
+        r"m\.gguf declares 2147483648 layers: not a model hadaconv loads \(1 to 1024\)"),
+    Row("inspect-gguf-no-tensors", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, ())],
+        r"m\.gguf: the config describes [\d,]+ parameters, more than its weight files can hold \(416 bytes\)"),
+    Row("inspect-gguf-missing-tensors",
+        lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, tuple(f"pad.{i}" for i in range(12)))],
+        r"m\.gguf: the weights do not match the config: \d+ missing"),
     Row("inspect-random-gguf", lambda w, t: ["inspect", _write(t / "m.gguf", os.urandom(512))],
         r"cannot load the GGUF file"),
     Row("inspect-block-0", lambda w, t: ["inspect", w.hf, "--block", "0"], r"'--block': 0 is not in the range"),
@@ -482,6 +525,12 @@ ROWS = [
     Row("run-invalid-metadata",
         lambda w, t: ["run", _write(_copy(w.bundle, t / "b") / METADATA, "{nope").parent, "--prompt", "hi"],
         r"cannot read .*hadaconv_onnx\.json"),
+    Row("run-metadata-float-eos", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), eos_token_id=1.5), "--prompt", "hi"],
+        r"hadaconv_onnx\.json: eos_token_id is not what hadaconv export writes \(1\.5\)"),
+    Row("run-metadata-huge-pad", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), pad_token_id=10 ** 30), "--prompt", "hi"],
+        r"pad_token_id is not what hadaconv export writes"),
+    Row("run-metadata-unknown-kind", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), kind="robot"), "--prompt", "hi"],
+        r"kind is not what hadaconv export writes \('robot'\)"),
     Row("run-causal-without-prompt", lambda w, t: ["run", w.bundle],
         r"is a causal LM bundle: give --prompt \(or token ids with --ids\)"),
     Row("run-encoder-without-text", lambda w, t: ["run", w.encoder, "--prompt", "hi"],
@@ -543,6 +592,11 @@ ROWS = [
     Row("eval-truncated-weights",
         lambda w, t: ["eval", _truncate(_copy(w.hf, t / "m") / "model.safetensors", 0.3).parent],
         r"is truncated"),
+    Row("eval-config-billion-layers", lambda w, t: ["eval", _config_with(_copy(w.hf, t / "m"), num_hidden_layers=10 ** 9)],
+        r"config\.json declares 1000000000 layers"),
+    Row("eval-config-terabyte-width",
+        lambda w, t: ["eval", _config_with(_copy(w.hf, t / "m"), hidden_size=2 ** 20, intermediate_size=2 ** 20)],
+        r"the config describes [\d,]+ parameters, more than its weight files can hold"),
     Row("eval-index-outside-folder", lambda w, t: ["eval", _sharded(_copy(w.hf, t / "m"), "../elsewhere.safetensors")],
         r"the shard of lm_head\.weight must be a file name in the folder, got '\.\./elsewhere\.safetensors'"),
     Row("eval-converted-index-not-a-name", lambda w, t: ["eval", _sharded(_copy(w.conv, t / "c"), 5)],
@@ -588,6 +642,21 @@ def test_bad_input(row, world, tmp_path, capsys, monkeypatch):
     patch = (lambda mp: row.patch(mp, world, tmp_path)) if row.patch else None
     _expect_one_error(capsys, monkeypatch, argv, row.expect, patch, roots=(world.root, tmp_path),
                       leaves={str(tmp_path / name) for name in row.leaves})
+
+
+def _unforeseen(n):
+    raise TypeError("unsupported operand type(s) for /: 'PosixPath' and 'int'")
+
+
+def test_unforeseen_errors_are_one_line_unless_asked(capsys, monkeypatch):
+    """The CLI's last resort: an exception no loader check foresaw is one line naming its type;
+    HADACONV_TRACEBACK=1 lets it through for a bug report."""
+    monkeypatch.setattr("hadaconv.hadamard.factorize", _unforeseen)
+    line = _expect_one_error(capsys, monkeypatch, ["hadamard", "12"], r"^error: TypeError: unsupported operand")
+    assert line.endswith("(unexpected: rerun with HADACONV_TRACEBACK=1 to see where, and please report it)")
+    monkeypatch.setenv("HADACONV_TRACEBACK", "1")
+    with pytest.raises(TypeError):
+        run_cli(capsys, "hadamard", "12")
 
 
 def test_every_verb_has_rows():

@@ -94,6 +94,18 @@ def test_sample_cache_is_reused_and_invalidated(tokenizer, tmp_path, monkeypatch
     assert other != path and other[0].is_file()
 
 
+@pytest.mark.parametrize("line, why", [('{"text": "cut sho', "not valid JSON"), ('{"txt": "x"}', "expected a string"),
+                                       ('{"text": 5}', "expected a string")])
+def test_a_damaged_cache_file_says_how_to_renew_it(tokenizer, tmp_path, line, why):
+    import hadaconv.sample as sample
+
+    model = make_tiny("llama")
+    _, (path,) = sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
+    path.write_text(path.read_text() + line + "\n")
+    with pytest.raises(HadaconvError, match=rf":4: {why}.*\(a damaged cache file: delete it to sample afresh\)"):
+        sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
+
+
 def test_calibration_sources_mix_and_default(tokenizer, tmp_path):
     from hadaconv.sample import calibration_texts
 

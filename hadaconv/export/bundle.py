@@ -74,7 +74,34 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
         raise ModelFormatError(f"{path} is not hadaconv ONNX metadata")
     if not (folder / MODEL).is_file():
         raise ModelFormatError(f"{folder} has no {MODEL}")
+    _check_fields(path, meta)
     return meta
+
+
+KINDS = ("causal-lm", "encoder", "classifier", "module")
+
+
+def _check_fields(path: Path, meta: dict[str, Any]) -> None:
+    """The fields hadaconv acts on have the types :func:`hadaconv.export_onnx` writes (the file
+    is untrusted: a token id of 1.5 or 10**30 would otherwise fail deep inside generation)."""
+    def token_id(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 31
+
+    def io_list(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, dict) and isinstance(x.get("name"), str) for x in v)
+
+    eos = meta.get("eos_token_id")
+    checks = {
+        "kind": meta.get("kind", "module") in KINDS,
+        "tokenizer": isinstance(meta.get("tokenizer", False), bool),
+        "eos_token_id": eos is None or token_id(eos) or (isinstance(eos, list) and all(map(token_id, eos))),
+        "pad_token_id": meta.get("pad_token_id") is None or token_id(meta["pad_token_id"]),
+        "inputs": io_list(meta.get("inputs", [])),
+        "outputs": io_list(meta.get("outputs", [])),
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ModelFormatError(f"{path}: {bad[0]} is not what hadaconv export writes ({meta.get(bad[0])!r:.60})")
 
 
 def _providers(provider: str) -> list[str]:
