@@ -9,7 +9,9 @@ Anything else (a damaged input no check foresaw) is one line too, naming its typ
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -272,6 +274,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     other = None if no_baseline else _baseline(loaded, model, baseline)
     del loaded  # the baseline may be as large: never hold both models at once
     if other is not None:
+        click.echo(f"now {other} on the same windows, for comparison (--no-baseline skips it)", err=True)
         base = perplexity(load_model(other, config=model_config, device=device, dtype=dtype).model, windows,
                           batch, progress=f"perplexity of {other} ({batches})")
         click.echo(f"baseline {other}: perplexity {base.perplexity:.3f} on the same windows; {model} is "
@@ -549,7 +552,7 @@ def _duration(text: str | None) -> float | None:
               help="Stop after this many optimizer steps (the first budget reached stops the run; none set: one pass).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Stop after this many training tokens (the first budget reached stops the run).")
-@click.option("--max-time", default=None,
+@click.option("--max-time", default=None, callback=lambda ctx, param, text: _duration(text),
               help="Training time budget, e.g. 90s, 30m, 2h (sampling the text first is not counted; the "
                    "final evaluation and save come after it).  "
                    "[default: one pass when no budget is set]")
@@ -603,7 +606,7 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
                         seq_len=seq_len, batch_size=batch_size, accumulate=accumulate, lr=lr,
                         warmup_steps=warmup_steps, clip=clip,
                         temperature=temperature, hidden_weight=hidden_weight, max_steps=max_steps,
-                        max_tokens=max_tokens, max_time=_duration(max_time), local_steps=local_steps,
+                        max_tokens=max_tokens, max_time=max_time, local_steps=local_steps,
                         local_lr=local_lr, eval_text=eval_text, eval_every=eval_every, eval_windows=eval_windows,
                         checkpoint_dir=str(folder), checkpoint_every=checkpoint_every, resume=resume,
                         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, device=device, dtype=dtype,
@@ -642,7 +645,14 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
         start = "the local stage's result" if local_kept else "the converted model"
         click.echo(f"note: no evaluation beat the global stage's start, so {output} holds {start} (a larger "
                    "budget, --max-time / --max-steps / --max-tokens, or another --lr may help)", err=True)
+    elif "global" in report.stages and report.steps < FEW_STEPS:
+        click.echo(f"note: the budget held only {report.steps} training step{'s' * (report.steps != 1)}, too few to "
+                   "move the model much: give --max-time more (or run on a GPU)", err=True)
     click.echo(f"saved {output}")
+
+
+#: Fewer global steps than this earn distill a note that the budget was too small to matter.
+FEW_STEPS = 10
 
 
 def _one_line(text: str) -> str:
@@ -651,6 +661,9 @@ def _one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and turns user errors into one line and exit code 1."""
+    # `kill`, a job scheduler, a container stop: end like Ctrl-C, so that atomic writes remove
+    # their temporary files instead of leaving them behind.
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         cli.main(args=argv, prog_name="hadaconv", standalone_mode=False)
     except click.exceptions.Abort:
@@ -682,6 +695,13 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {type(e).__name__}: {_one_line(str(e))} (unexpected: rerun with HADACONV_TRACEBACK=1 "
                    "to see where, and please report it)", err=True)
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

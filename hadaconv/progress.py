@@ -45,7 +45,8 @@ def status(description: str) -> Iterator[None]:
     """``with status("loading model.gguf"): ...``: for work of unknown size (a model load), a
     spinner with the elapsed time on a terminal, removed when the work ends.  Elsewhere work
     that ends within :data:`STATUS_AFTER` seconds stays silent (a quick failure prints only its
-    error line); longer work gets a "still working" line then, and a "done" line at the end."""
+    error line); longer work gets a "still working" line then and every :data:`LOG_EVERY`
+    seconds after, and a "done" line at the end."""
     if not console.is_terminal:
         with _delayed_lines(description):
             yield
@@ -65,9 +66,11 @@ def _delayed_lines(description: str) -> Iterator[None]:
     start, finished, announced = time.monotonic(), threading.Event(), threading.Event()
 
     def announce() -> None:  # a daemon thread: the work itself may be one long C call
-        if not finished.wait(STATUS_AFTER):
+        wait = STATUS_AFTER
+        while not finished.wait(wait):
             console.print(f"{description}: still working after {duration(time.monotonic() - start)}", highlight=False)
             announced.set()
+            wait = LOG_EVERY
 
     watcher = threading.Thread(target=announce, daemon=True)
     watcher.start()

@@ -26,6 +26,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from hadaconv.errors import HadaconvError, ModelFormatError
+from hadaconv.progress import status
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
@@ -105,7 +106,9 @@ def build_ops(force: bool = False, cuda: bool | None = None, sanitize: bool = Fa
                      f"-DHADACONV_CUDA={'OFF' if cuda is False or sanitize else 'ON'}", "-DHADACONV_CUDA_HARNESS=OFF",
                      f"-DHADACONV_SANITIZE={'ON' if sanitize else 'OFF'}"]
         build = [cmake, "--build", str(build_dir), "-j", str(os.cpu_count() or 2)]
-        with open(log, "w") as out:
+        what = "the CPU op" if cuda is False or sanitize else \
+            "the CPU op, and the CUDA kernel where nvcc is found (--no-cuda or HADACONV_CUDA=OFF skips it)"
+        with open(log, "w") as out, status(f"building {what}; log: {log}"):
             for cmd in (configure, build):
                 out.write("$ " + " ".join(cmd) + "\n")
                 out.flush()

@@ -137,3 +137,26 @@ def test_check_output_one_rule_and_one_wording(tmp_path):
         with pytest.raises(OutputError, match=message):
             atomic.check_output(path, True, folder=is_folder)
     assert (folder / "keep.txt").read_text() == "keep" and file.read_text() == "{}\n"
+
+
+def test_a_terminated_cli_run_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    """SIGTERM (kill, a scheduler, a container stop) ends a CLI run like Ctrl-C: exit status 130,
+    and the atomic write under way removes its temporary instead of leaving it behind."""
+    import signal
+    import threading
+
+    from cli_runner import run_cli
+
+    def terminated_midway(n):
+        with atomic_folder(tmp_path / "out") as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            os.kill(os.getpid(), signal.SIGTERM)
+            threading.Event().wait(5)  # the handler interrupts this wait
+        raise AssertionError("not interrupted")
+
+    monkeypatch.setattr("hadaconv.hadamard.factorize", terminated_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run_cli(capsys, "hadamard", "12")
+    assert code == 130 and err.strip() in ("aborted", "interrupted")  # click turns the interrupt into Abort
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # put back for whoever embeds main()

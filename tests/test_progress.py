@@ -113,3 +113,15 @@ def test_status_leaves_a_failure_its_own_line(monkeypatch, capsys):
         threading.Event().wait(0.5)
         raise ValueError("bad file")
     assert [line.split(" after ")[0] for line in capsys.readouterr().err.splitlines()] == ["loading m.gguf: still working"]
+
+
+def test_status_keeps_speaking_during_long_work(monkeypatch, capsys):
+    import threading
+
+    monkeypatch.setattr(progress_mod, "STATUS_AFTER", 0.01)
+    monkeypatch.setattr(progress_mod, "LOG_EVERY", 0.1)
+    with progress_mod.status("exporting"):
+        threading.Event().wait(0.75)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 4 and lines[-1].startswith("exporting: done in "), lines
+    assert all(line.startswith("exporting: still working after ") for line in lines[:-1])

@@ -222,11 +222,11 @@ class DistillReport:
         if "local" in self.stages:
             parts.append(f"local stage: {len(self.local)} blocks x {self.local_steps} steps")
         if "global" in self.stages:
-            parts.append(f"global stage: train {self.train} ({self.trainable_params:,} params), {self.steps} steps, "
-                         f"{self.tokens:,} tokens")
+            parts.append(f"global stage: train {self.train} ({self.trainable_params:,} params), {self.steps} "
+                         f"step{'s' * (self.steps != 1)}, {self.tokens:,} tokens")
         if self.data_source:
             parts.append(f"text: {self.data_source}, {self.train_windows:,} windows of {self.seq_len} tokens")
-        run = f"{self.seconds:.0f} s, {self.world_size} process(es), autocast {self.autocast}"
+        run = f"{self.seconds:.0f} s, {self.world_size} process{'es' * (self.world_size != 1)}, autocast {self.autocast}"
         t.caption = "; ".join([*parts, run])
         return t
 

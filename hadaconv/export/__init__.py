@@ -29,6 +29,7 @@ from hadaconv.errors import HadaconvError
 from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, session_for, write_metadata
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
+from hadaconv.progress import status
 from hadaconv.runtime import BFLOAT16_ON_CPU
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_ATOL_FLOAT16", "DTYPES", "ExportResult", "check_options", "export_onnx"]
@@ -292,7 +293,8 @@ def _write_graph(spec, path: Path, *, kind: str, form: str, optimize: str | None
     stage(f"exporting the {kind} ({form} form) with torch.export and translating it to ONNX "
           "(the dynamo exporter; the slow step)")
     try:
-        with _quiet(verbose), torch.no_grad():
+        # One call of minutes (14 on a loaded 2-core machine for SmolLM2) with no progress of its own.
+        with _quiet(verbose), torch.no_grad(), status("exporting with the dynamo exporter"):
             program = torch.onnx.export(
                 spec.module, spec.args, dynamo=True, opset_version=OPSET,
                 custom_translation_table=translation_table(form), input_names=spec.input_names,
