@@ -17,6 +17,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -399,6 +400,32 @@ def test_constant_gamma_is_checked_at_session_creation():
     with pytest.raises(Exception, match=r"HadamardAffine node .*gamma must be \[64\] or \[n/b, b, b\]"):
         runtime.session(helper.make_model(graph, opset_imports=OPSETS).SerializeToString(),
                         providers=["CPUExecutionProvider"])
+
+
+_SESSION_PEAK = """
+import resource, sys
+from hadaconv import runtime
+model = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sess = runtime.session(model, providers=["CPUExecutionProvider"])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_absent_gamma_and_beta_reserve_nothing_at_session_creation(tmp_path):
+    """A graph of a few hundred bytes must not make ONNX Runtime reserve memory by the width its
+    nodes declare: eight nodes of n = 2^26 without gamma and beta used to fill 4 GB of default
+    vectors at session creation.  Their defaults now come with the first call."""
+    n = 1 << 26
+    nodes = [helper.make_node("HadamardAffine", [f"x{i}"], [f"x{i + 1}"], domain="com.hadaconv", n=n, m=1,
+                              core=[1], scale=1.0) for i in range(8)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["R", n])],
+                              [helper.make_tensor_value_info("x8", TensorProto.FLOAT, None)])
+    (tmp_path / "m.onnx").write_bytes(helper.make_model(graph, opset_imports=OPSETS).SerializeToString())
+    out = subprocess.run([sys.executable, "-c", _SESSION_PEAK, str(tmp_path / "m.onnx")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 256, f"session creation grew the peak RSS by {out.stdout.strip()} MiB"
 
 
 def test_constant_parameters_many_rows_and_threads():

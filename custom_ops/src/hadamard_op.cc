@@ -423,9 +423,13 @@ struct Kernel {
   ONNXTensorElementDataType type;
   bool on_cuda = false;
   // CPU: the core's sign-pattern slots (see cpu::Plan), and gamma / beta when they are
-  // constant initializers (absent counts as constant), prepared at creation.
+  // constant initializers, prepared at creation.  Absent ones count as constant too, but their
+  // n-float defaults wait for the first call: a few bytes of graph must not reserve 512 MB a
+  // node at session creation (n up to kMaxWidth) for a node that may never run.
   std::vector<uint16_t> slots;
   bool gamma_const = false, beta_const = false;
+  bool gamma_default = false, beta_default = false;
+  std::once_flag defaults_once;
   GammaPrep gamma;
   std::vector<float> beta;
   std::unique_ptr<ScratchPool> scratch;
@@ -511,6 +515,10 @@ void compute_cpu(Kernel& k, OrtKernelContext* ctx, const TensorView& x, OrtValue
   // Graph-input gamma / beta (rare: exports make them initializers) are prepared per call.
   GammaPrep gamma_call;
   std::vector<float> beta_call;
+  std::call_once(k.defaults_once, [&] {  // ORT may run one kernel from several threads at once
+    if (k.gamma_default) prepare_gamma(a, cpu::select_isa(), nullptr, 0, &k.gamma);
+    if (k.beta_default) prepare_beta(a, nullptr, &k.beta);
+  });
   const GammaPrep* gp = &k.gamma;
   const std::vector<float>* bp = &k.beta;
   if (!k.gamma_const) {
@@ -684,8 +692,7 @@ void prepare_cpu(Kernel& k, const OrtKernelInfo* info) {
     prepare_gamma(a, cpu::select_isa(), &gv, gamma_block(gv, a, k.type), &k.gamma);
     k.gamma_const = true;
   } else if (!present) {
-    prepare_gamma(a, cpu::select_isa(), nullptr, 0, &k.gamma);
-    k.gamma_const = true;
+    k.gamma_const = k.gamma_default = true;
   }
   if (const OrtValue* b = constant_input(info, 2, &present)) {
     const TensorView bv = view(b);
@@ -693,8 +700,7 @@ void prepare_cpu(Kernel& k, const OrtKernelInfo* info) {
     prepare_beta(a, &bv, &k.beta);
     k.beta_const = true;
   } else if (!present) {
-    prepare_beta(a, nullptr, &k.beta);
-    k.beta_const = true;
+    k.beta_const = k.beta_default = true;
   }
 }
 
