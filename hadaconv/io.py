@@ -103,7 +103,7 @@ def _first_line(exc: BaseException) -> str:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nesting past Python's stack
         raise ModelFormatError(f"cannot read {path}: {_first_line(exc)}") from None
     if not isinstance(data, dict):
         raise ModelFormatError(f"{path} does not hold a JSON object")
@@ -121,7 +121,9 @@ def _check_safetensors(path: Path) -> None:
                 raise ValueError("header runs past the end of the file")
             header = json.loads(f.read(header_len))
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        if not all(isinstance(end, int) and end >= 0 for end in ends):
+            raise ValueError("data_offsets must be byte offsets")
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ModelFormatError(f"{path} is not a valid safetensors file ({_first_line(exc)})") from None
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:
@@ -139,8 +141,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             metadata = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ModelFormatError(f"cannot read {path}: {_first_line(exc)}") from None
-    for alias, name in json.loads(metadata.get(_TIED_KEY, "{}")).items():
-        tensors[alias] = tensors[name]
+    try:
+        for alias, name in json.loads(metadata.get(_TIED_KEY, "{}")).items():
+            tensors[alias] = tensors[name]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # untrusted metadata
+        raise ModelFormatError(f"{path}: its {_TIED_KEY} metadata does not name stored tensors "
+                               f"({_first_line(exc)})") from None
     return tensors
 
 
@@ -223,7 +229,7 @@ def _hf_config(data: dict):
         raise HadaconvError("config.json has no model_type: not a Hugging Face config")
     try:
         config = transformers.AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers' validation errors share no base class
         raise HadaconvError(f"cannot build a {model_type!r} config: {_first_line(exc)}") from None
     _check_depth(config, "config.json")
     return config
@@ -322,7 +328,9 @@ def _hf_from_config(config, weights: list[Path] | None = None) -> nn.Module:
         if weights is not None:
             _check_size(build, weights, weights[0].parent if len(weights) > 1 else weights[0])
         model = _empty(build)
-    except ValueError as exc:
+    except HadaconvError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a config transformers accepted can still fail to build (0 heads)
         raise HadaconvError(f"cannot build a model from the config: {_first_line(exc)}") from None
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # the tied names share one (meta) parameter, as after from_pretrained
@@ -629,7 +637,9 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
         )
         _refuse_missing(info, path)  # before the tokenizer, whose own complaint would hide this one
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (OSError, ValueError, RuntimeError, KeyError, struct.error) as exc:
+    except HadaconvError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the GGUF reader and tokenizer raise anything on a damaged file
         raise ModelFormatError(f"cannot load the GGUF file {path}: {_first_line(exc)}") from None
     return Loaded(model, tokenizer, f"GGUF file {path}", "gguf", None)
 
@@ -808,7 +818,7 @@ def original_path(converted: str | os.PathLike, meta: dict) -> Path:
     from hadaconv.realmodels import installed_copy
 
     source = meta.get("source")
-    if not source:
+    if not source or not isinstance(source, str):
         raise HadaconvError(f"{converted} records no source model")
     for path in (Path(source), Path(converted).parent / source):
         if path.exists():
@@ -832,6 +842,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
     meta = data.get("hadaconv", {} if "torch_module" in data else None)
     if not isinstance(meta, dict):
         raise HadaconvError(f"{config_path} has no hadaconv section: not a converted model (use load_model)")
+    _check_meta(config_path, meta)
     weights, index = folder / WEIGHTS, folder / SHARD_INDEX
     if weights.is_file():
         files = [weights]
@@ -862,6 +873,22 @@ def load(folder: str | os.PathLike) -> nn.Module:
     _load_weights(model, tensors, str(weights))
     model.eval()
     return model
+
+
+def _check_meta(config_path: Path, meta: dict) -> None:
+    """The hadaconv section's fields have the types :func:`hadaconv_meta` writes (the file is
+    untrusted: ``"layers": 5`` would otherwise fail deep inside the rebuild)."""
+    def index(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    checks = {"layers": isinstance(meta.get("layers", []), list) and all(map(index, meta.get("layers", []))),
+              "block": index(meta.get("block", 1)),
+              "target": meta.get("target") is None or isinstance(meta["target"], str),
+              "source": meta.get("source") is None or isinstance(meta["source"], str)}
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ModelFormatError(f"{config_path}: hadaconv.{bad[0]} is not what a conversion writes "
+                               f"({meta.get(bad[0])!r:.60})")
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Any | None:

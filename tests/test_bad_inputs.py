@@ -161,6 +161,16 @@ def _config_with(folder: Path, **changes) -> Path:
     return folder
 
 
+def _hadaconv_with(folder: Path, **changes) -> Path:
+    """A converted folder with ``changes`` in its config.json's hadaconv section."""
+    import json
+
+    data = json.loads((folder / "config.json").read_text())
+    data["hadaconv"].update(changes)
+    (folder / "config.json").write_text(json.dumps(data))
+    return folder
+
+
 def _sharded(folder: Path, shard) -> Path:
     """``folder`` with its model.safetensors moved beside it and an index naming ``shard``
     as the file of every tensor (a path out of the folder, or not a name at all)."""
@@ -597,6 +607,18 @@ ROWS = [
     Row("eval-config-terabyte-width",
         lambda w, t: ["eval", _config_with(_copy(w.hf, t / "m"), hidden_size=2 ** 20, intermediate_size=2 ** 20)],
         r"the config describes [\d,]+ parameters, more than its weight files can hold"),
+    Row("eval-safetensors-header-a-list",
+        lambda w, t: ["eval", _write(_copy(w.hf, t / "m") / "model.safetensors", b"\x05" + bytes(7) + b"[1,2]").parent],
+        r"model\.safetensors is not a valid safetensors file"),
+    Row("eval-config-nested-past-the-stack", lambda w, t: ["eval", _write(_copy(w.hf, t / "m") / "config.json",
+                                                                         "[" * 100_000 + "]" * 100_000).parent],
+        r"cannot read .*config\.json"),
+    Row("eval-config-zero-heads", lambda w, t: ["eval", _config_with(_copy(w.hf, t / "m"), num_attention_heads=0)],
+        r"cannot build a .*config"),
+    Row("eval-config-width-a-string", lambda w, t: ["eval", _config_with(_copy(w.hf, t / "m"), hidden_size="abc")],
+        r"cannot build a 'llama' config"),
+    Row("eval-converted-layers-not-a-list", lambda w, t: ["eval", _hadaconv_with(_copy(w.conv, t / "c"), layers=5)],
+        r"hadaconv\.layers is not what a conversion writes \(5\)"),
     Row("eval-index-outside-folder", lambda w, t: ["eval", _sharded(_copy(w.hf, t / "m"), "../elsewhere.safetensors")],
         r"the shard of lm_head\.weight must be a file name in the folder, got '\.\./elsewhere\.safetensors'"),
     Row("eval-converted-index-not-a-name", lambda w, t: ["eval", _sharded(_copy(w.conv, t / "c"), 5)],

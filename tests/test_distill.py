@@ -545,3 +545,17 @@ def test_fsdp2_two_ranks_equal_one_process(converted, capsys):
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("payload", [{"fingerprint": "not json"}, {"counters": {}}, [1, 2],
+                                     {"fingerprint": "{}", "trainable": {}, "optimizer": {}, "rng": {"cpu": 1.5}}])
+def test_a_damaged_checkpoint_is_one_line(tmp_path, payload):
+    """--resume reads last.pt, which may be damaged by something else than hadaconv (written
+    atomically): whatever is wrong inside it, the error says which file and what to do."""
+    from hadaconv.distill.checkpoint import FILE, load_checkpoint
+    from hadaconv.errors import HadaconvError
+
+    torch.save(payload, tmp_path / FILE)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(HadaconvError, match=rf"the checkpoint .*{FILE} is damaged \(.*\): remove it to start again"):
+        load_checkpoint(tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), fingerprint={})

@@ -83,6 +83,17 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torn or foreign file: say which, in one line
         raise HadaconvError(f"cannot read the checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    try:
+        return _restore(payload, folder, model=model, optimizer=optimizer, fingerprint=fingerprint)
+    except HadaconvError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - readable, but not what save_checkpoint writes
+        raise HadaconvError(f"the checkpoint {path} is damaged ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]:.120}): "
+                            "remove it to start again") from None
+
+
+def _restore(payload: Any, folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+             fingerprint: dict) -> dict:
     saved = json.loads(payload["fingerprint"])
     if saved.get("selected_by") != fingerprint.get("selected_by"):
         raise HadaconvError(f"the checkpoint in {folder} comes from an older hadaconv, which chose the state to keep "

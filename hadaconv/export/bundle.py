@@ -68,7 +68,7 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
         raise HadaconvError(f"{folder} is not a hadaconv ONNX bundle: no {METADATA} (export one with `hadaconv export --onnx`)")
     try:
         meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # nesting past Python's stack
         raise ModelFormatError(f"cannot read {path}: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFormatError(f"{path} is not hadaconv ONNX metadata")
