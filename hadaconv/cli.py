@@ -645,7 +645,8 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
         start = "the local stage's result" if local_kept else "the converted model"
         click.echo(f"note: no evaluation beat the global stage's start, so {output} holds {start} (a larger "
                    "budget, --max-time / --max-steps / --max-tokens, or another --lr may help)", err=True)
-    elif "global" in report.stages and report.steps < FEW_STEPS:
+    elif "global" in report.stages and max_time is not None and max_steps is None and max_tokens is None \
+            and report.steps < FEW_STEPS:  # the time budget, not the user's own count, held so few
         click.echo(f"note: the budget held only {report.steps} training step{'s' * (report.steps != 1)}, too few to "
                    "move the model much: give --max-time more (or run on a GPU)", err=True)
     click.echo(f"saved {output}")
@@ -663,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and turns user errors into one line and exit code 1."""
     # `kill`, a job scheduler, a container stop: end like Ctrl-C, so that atomic writes remove
     # their temporary files instead of leaving them behind.
-    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    previous = _on_sigterm(_interrupt)
     try:
         cli.main(args=argv, prog_name="hadaconv", standalone_mode=False)
     except click.exceptions.Abort:
@@ -690,14 +691,29 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - input no check foresaw (the loaders validate what they know), or a bug
-        if os.environ.get("HADACONV_TRACEBACK"):
+        if os.environ.get("HADACONV_TRACEBACK", "0") not in ("", "0"):
             raise
         click.echo(f"error: {type(e).__name__}: {_one_line(str(e))} (unexpected: rerun with HADACONV_TRACEBACK=1 "
                    "to see where, and please report it)", err=True)
         sys.exit(1)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if previous is not _UNSET:
+            _on_sigterm(previous)
+
+
+_UNSET = object()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM and return the previous one; _UNSET (nothing installed)
+    where Python may not install handlers (a thread other than the main one, a sub-interpreter)
+    or an embedding program installed its own from C, which Python could not put back."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
+        return _UNSET
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return _UNSET
 
 
 def _interrupt(signum, frame) -> None:

@@ -206,8 +206,9 @@ def _cache_inputs(session: Any, meta: dict) -> list[str]:
 def _special_tokens(meta: dict, eos_token_id: Any, pad_token_id: int | None) -> tuple[set[int], int]:
     """(EOS ids, pad id): the arguments, else the bundle's metadata, else pad = min EOS, else 0."""
     eos = meta.get("eos_token_id") if eos_token_id is None else eos_token_id
-    eos_set = set([eos] if isinstance(eos, int) else (eos or []))
+    eos_set = {i for i in ([eos] if isinstance(eos, int) else (eos or [])) if i >= 0}  # -1: "none" in old configs
     pad = pad_token_id if pad_token_id is not None else meta.get("pad_token_id")
+    pad = None if pad is not None and pad < 0 else pad
     return eos_set, pad if pad is not None else (min(eos_set) if eos_set else 0)
 
 

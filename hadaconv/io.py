@@ -123,7 +123,7 @@ def _check_safetensors(path: Path) -> None:
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
         if not all(isinstance(end, int) and end >= 0 for end in ends):
             raise ValueError("data_offsets must be byte offsets")
-    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
         raise ModelFormatError(f"{path} is not a valid safetensors file ({_first_line(exc)})") from None
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:
@@ -144,7 +144,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         for alias, name in json.loads(metadata.get(_TIED_KEY, "{}")).items():
             tensors[alias] = tensors[name]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # untrusted metadata
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # untrusted metadata
         raise ModelFormatError(f"{path}: its {_TIED_KEY} metadata does not name stored tensors "
                                f"({_first_line(exc)})") from None
     return tensors
@@ -316,14 +316,19 @@ def _model_class(config):
     return cls
 
 
+def _builder(config):
+    """A function building the model of the class :func:`_model_class` names, from ``config``."""
+    import transformers
+
+    cls = _model_class(config)
+    return (lambda: cls.from_config(config)) if cls is transformers.AutoModel else (lambda: cls(config))
+
+
 def _hf_from_config(config, weights: list[Path] | None = None) -> nn.Module:
     """An empty model (parameters on the meta device, see :func:`_empty`) of the class named in
     ``architectures`` (see :func:`_model_class`); with ``weights`` (its files), refused first
     when they cannot hold it (:func:`_check_size`)."""
-    import transformers
-
-    cls = _model_class(config)
-    build = (lambda: cls.from_config(config)) if cls is transformers.AutoModel else (lambda: cls(config))
+    build = _builder(config)
     try:
         if weights is not None:
             _check_size(build, weights, weights[0].parent if len(weights) > 1 else weights[0])
@@ -560,13 +565,13 @@ def _quiet_transformers() -> Iterator[None]:
 SHARD_INDEX = "model.safetensors.index.json"
 
 
-def shard_map(folder: Path) -> dict[str, Path]:
-    """{tensor name: shard file} from ``folder``'s ``model.safetensors.index.json``.  The index
-    is untrusted: every shard must be a plain file name, so nothing outside ``folder`` is
-    read.  Raises ModelFormatError (one line) for an index that breaks this or does not parse."""
-    index = folder / SHARD_INDEX
+def shard_map(folder: Path, name: str = SHARD_INDEX) -> dict[str, Path]:
+    """{tensor name: shard file} from the shard index ``folder / name``.  The index is
+    untrusted: every shard must be a plain file name, so nothing outside ``folder`` is read.
+    Raises ModelFormatError (one line) for an index that breaks this, is empty or does not parse."""
+    index = folder / name
     weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
+    if not isinstance(weight_map, dict) or not weight_map:
         raise ModelFormatError(f"{index} has no weight_map")
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
@@ -576,10 +581,10 @@ def shard_map(folder: Path) -> dict[str, Path]:
 
 def _folder_weights(path: Path) -> list[Path]:
     """A Hugging Face folder's weight files (safetensors, else .bin), each safetensors header
-    checked (:func:`_check_safetensors` raises for a damaged one) and its shard index, if any,
-    too (:func:`shard_map`: transformers would follow it)."""
-    if (path / SHARD_INDEX).is_file():
-        shard_map(path)
+    checked (:func:`_check_safetensors` raises for a damaged one) and its shard indexes, if any,
+    too (:func:`shard_map`: transformers would follow them)."""
+    for index in path.glob("*.index.json"):  # model.safetensors.index.json, pytorch_model.bin.index.json
+        shard_map(path, index.name)
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     for file in weights:
         if file.suffix == ".safetensors":
@@ -606,12 +611,12 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     if not weights:
         raise HadaconvError(f"{path} has a config.json but no *.safetensors or *.bin weights")
     config = _hf_config(data)
-    _hf_from_config(config, weights)  # a config its weights cannot fill is refused before from_pretrained
+    _check_size(_builder(config), weights, path)  # a config its weights cannot fill: refused before from_pretrained
     try:
         model, info = _model_class(config).from_pretrained(
             path, config=config, dtype=dtype or "auto", output_loading_info=True
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers on an untrusted folder: anything (0 heads: ZeroDivisionError)
         raise ModelFormatError(f"cannot load the Hugging Face folder {path}: {_first_line(exc)}") from None
     _refuse_missing(info, path)
     return Loaded(model, load_tokenizer(path), f"Hugging Face folder {path}", "hf-folder", path)
@@ -882,7 +887,7 @@ def _check_meta(config_path: Path, meta: dict) -> None:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
     checks = {"layers": isinstance(meta.get("layers", []), list) and all(map(index, meta.get("layers", []))),
-              "block": index(meta.get("block", 1)),
+              "block": index(meta.get("block", 1)) and meta.get("block", 1) >= 1,
               "target": meta.get("target") is None or isinstance(meta["target"], str),
               "source": meta.get("source") is None or isinstance(meta["source"], str)}
     bad = [name for name, ok in checks.items() if not ok]

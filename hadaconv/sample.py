@@ -171,6 +171,8 @@ def read_jsonl(path: Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise HadaconvError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            except RecursionError:  # nesting past Python's stack
+                raise HadaconvError(f"{path}:{i}: JSON nested too deeply") from None
             text = record.get("text") if isinstance(record, dict) else record
             if not isinstance(text, str):
                 raise HadaconvError(f"{path}:{i}: expected a string or an object with a 'text' field")

@@ -171,6 +171,15 @@ def _hadaconv_with(folder: Path, **changes) -> Path:
     return folder
 
 
+def _bin_indexed(folder: Path, shard) -> Path:
+    """``folder`` with a pytorch_model.bin.index.json naming ``shard`` (or, for None, nothing)."""
+    import json
+
+    weight_map = {} if shard is None else {"lm_head.weight": shard}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
 def _sharded(folder: Path, shard) -> Path:
     """``folder`` with its model.safetensors moved beside it and an index naming ``shard``
     as the file of every tensor (a path out of the folder, or not a name at all)."""
@@ -621,6 +630,11 @@ ROWS = [
         r"hadaconv\.layers is not what a conversion writes \(5\)"),
     Row("eval-index-outside-folder", lambda w, t: ["eval", _sharded(_copy(w.hf, t / "m"), "../elsewhere.safetensors")],
         r"the shard of lm_head\.weight must be a file name in the folder, got '\.\./elsewhere\.safetensors'"),
+    Row("eval-bin-index-outside-folder",
+        lambda w, t: ["eval", _bin_indexed(_copy(w.hf, t / "m"), str(t / "elsewhere.bin"))],
+        r"pytorch_model\.bin\.index\.json: the shard of lm_head\.weight must be a file name in the folder"),
+    Row("eval-index-empty", lambda w, t: ["eval", _bin_indexed(_copy(w.hf, t / "m"), None)],
+        r"pytorch_model\.bin\.index\.json has no weight_map"),
     Row("eval-converted-index-not-a-name", lambda w, t: ["eval", _sharded(_copy(w.conv, t / "c"), 5)],
         r"the shard of lm_head\.weight must be a file name in the folder, got 5"),
     # --------------------------------------------------------------- hadamard

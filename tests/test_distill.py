@@ -548,6 +548,7 @@ def test_fsdp2_two_ranks_equal_one_process(converted, capsys):
 
 
 @pytest.mark.parametrize("payload", [{"fingerprint": "not json"}, {"counters": {}}, [1, 2],
+                                     {"fingerprint": "{}", "counters": {}},
                                      {"fingerprint": "{}", "trainable": {}, "optimizer": {}, "rng": {"cpu": 1.5}}])
 def test_a_damaged_checkpoint_is_one_line(tmp_path, payload):
     """--resume reads last.pt, which may be damaged by something else than hadaconv (written

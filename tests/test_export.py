@@ -688,3 +688,17 @@ def test_cli_optimized_export_reports_its_fusions_and_runs(tmp_path, converted_f
     main(["run", str(out), "--prompt", "hello there", "--max-new-tokens", "5"])
     assert capsys.readouterr().out.startswith("hello there")
 
+
+
+def test_negative_token_ids_mean_none():
+    """Older LLaMA configs say pad_token_id -1 for "none": the bundle records None, and a bundle
+    an older export wrote with -1 still generates (the pad falls back to the EOS id)."""
+    from types import SimpleNamespace
+
+    from hadaconv.export import _token_id
+    from hadaconv.generate import _special_tokens
+
+    config = SimpleNamespace(pad_token_id=-1, eos_token_id=[2, -1])
+    assert _token_id(None, config, "pad_token_id") is None
+    assert _token_id(None, config, "eos_token_id") == [2]
+    assert _special_tokens({"eos_token_id": 2, "pad_token_id": -1}, None, None) == ({2}, 2)

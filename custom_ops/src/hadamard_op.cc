@@ -429,7 +429,10 @@ struct Kernel {
   std::vector<uint16_t> slots;
   bool gamma_const = false, beta_const = false;
   bool gamma_default = false, beta_default = false;
-  std::once_flag defaults_once;
+  // A mutex and a flag, not std::call_once: a throwing call_once (bad_alloc at n = 2^26) can
+  // leave its flag stuck with libstdc++ on some targets (GCC PR 66146); this retries instead.
+  std::mutex defaults_mutex;
+  std::atomic<bool> defaults_ready{false};
   GammaPrep gamma;
   std::vector<float> beta;
   std::unique_ptr<ScratchPool> scratch;
@@ -515,10 +518,14 @@ void compute_cpu(Kernel& k, OrtKernelContext* ctx, const TensorView& x, OrtValue
   // Graph-input gamma / beta (rare: exports make them initializers) are prepared per call.
   GammaPrep gamma_call;
   std::vector<float> beta_call;
-  std::call_once(k.defaults_once, [&] {  // ORT may run one kernel from several threads at once
-    if (k.gamma_default) prepare_gamma(a, cpu::select_isa(), nullptr, 0, &k.gamma);
-    if (k.beta_default) prepare_beta(a, nullptr, &k.beta);
-  });
+  if (!k.defaults_ready.load(std::memory_order_acquire)) {  // ORT may run one kernel from several threads
+    std::lock_guard<std::mutex> lock(k.defaults_mutex);
+    if (!k.defaults_ready.load(std::memory_order_relaxed)) {
+      if (k.gamma_default) prepare_gamma(a, cpu::select_isa(), nullptr, 0, &k.gamma);
+      if (k.beta_default) prepare_beta(a, nullptr, &k.beta);
+      k.defaults_ready.store(true, std::memory_order_release);
+    }
+  }
   const GammaPrep* gp = &k.gamma;
   const std::vector<float>* bp = &k.beta;
   if (!k.gamma_const) {

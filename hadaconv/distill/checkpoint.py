@@ -102,6 +102,9 @@ def _restore(payload: Any, folder: Path, *, model: nn.Module, optimizer: torch.o
         diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         raise HadaconvError(f"the checkpoint in {folder} comes from a run with other settings "
                             f"({', '.join(diff)}); remove it or use the same options")
+    counters = payload["counters"]
+    if not all(isinstance(counters.get(k), (int, float)) for k in ("step", "tokens", "elapsed", "best_loss")):
+        raise ValueError(f"counters {str(counters):.60}")
     restore_trainable(model, payload["trainable"])
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_optimizer_state_dict(model, optimizer, payload["optimizer"], options=options)

@@ -129,9 +129,13 @@ def _validate(spec, session, model, original, original_inputs, tokenizer, atol, 
 
 
 def _token_id(tokenizer: Any, config: Any, name: str) -> Any:
-    """The tokenizer's id, else the config's (``is None``: id 0 is a real token)."""
+    """The tokenizer's id, else the config's (``is None``: id 0 is a real token); None for the
+    negative ids older configs use to mean "none" (LLaMA's ``pad_token_id: -1``)."""
     value = getattr(tokenizer, name, None)
-    return getattr(config, name, None) if value is None else value
+    value = getattr(config, name, None) if value is None else value
+    if isinstance(value, list):
+        value = [v for v in value if isinstance(v, int) and v >= 0] or None
+    return None if isinstance(value, int) and value < 0 else value
 
 
 def _hadamard_layers(model: nn.Module) -> int:
@@ -230,7 +234,8 @@ def export_onnx(
         log: called with each human-readable line (the stage being entered, with the seconds so
             far, then the validation diffs), e.g. ``print``; None sends them to the
             ``hadaconv.export`` logger at INFO level (silent unless logging is configured, as
-            in Optimum and transformers).
+            in Optimum and transformers).  Apart from these, the trace (one call of minutes)
+            says on stderr that it is still working (:func:`hadaconv.progress.status`).
 
     Raises:
         HadaconvError: a bad ``dtype`` or ``optimize`` level, ``optimize`` with ``portable`` or

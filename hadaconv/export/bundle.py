@@ -3,8 +3,9 @@
 ::
 
     model.onnx              the graph (weights as external data ``model.onnx.data`` beyond 2 GB)
-    libhadaconv_ort.so      the op library, custom form only (a copy: the bundle does not depend
-                            on the repository it was exported from)
+    libhadaconv_ort.so      the op library, custom form only: a copy for runtimes without
+                            hadaconv (onnxruntime-genai); hadaconv's own runtime registers the
+                            installed library instead (see :func:`open_bundle`)
     tokenizer files         when the model has a tokenizer
     genai_config.json       causal LMs with the KV cache: onnxruntime-genai's configuration, so
                             ``onnxruntime_genai.Model(bundle)`` runs the folder as it is
@@ -84,8 +85,8 @@ KINDS = ("causal-lm", "encoder", "classifier", "module")
 def _check_fields(path: Path, meta: dict[str, Any]) -> None:
     """The fields hadaconv acts on have the types :func:`hadaconv.export_onnx` writes (the file
     is untrusted: a token id of 1.5 or 10**30 would otherwise fail deep inside generation)."""
-    def token_id(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 31
+    def token_id(v: Any) -> bool:  # bundles of older exports may hold -1 for "none"
+        return isinstance(v, int) and not isinstance(v, bool) and -1 <= v < 2 ** 31
 
     def io_list(v: Any) -> bool:
         return isinstance(v, list) and all(isinstance(x, dict) and isinstance(x.get("name"), str) for x in v)
