@@ -573,10 +573,10 @@ def shard_map(folder: Path, name: str = SHARD_INDEX) -> dict[str, Path]:
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelFormatError(f"{index} has no weight_map")
-    for name, shard in weight_map.items():
+    for tensor, shard in weight_map.items():
         if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
-            raise ModelFormatError(f"{index}: the shard of {name} must be a file name in the folder, got {shard!r}")
-    return {name: folder / shard for name, shard in weight_map.items()}
+            raise ModelFormatError(f"{index}: the shard of {tensor} must be a file name in the folder, got {shard!r}")
+    return {tensor: folder / shard for tensor, shard in weight_map.items()}
 
 
 def _folder_weights(path: Path) -> list[Path]:
