@@ -416,8 +416,11 @@ def _model_from_config(data: dict, weights: list[Path]) -> nn.Module:
     if "torch_module" in data:
         from hadaconv.adapters.mha import prepare_mha
 
-        _check_size(lambda: _torch_from_recipe(data["torch_module"]), weights, weights[0])
-        model = _empty(lambda: _torch_from_recipe(data["torch_module"]))
+        def build() -> nn.Module:
+            return _torch_from_recipe(data["torch_module"])
+
+        _check_size(build, weights, weights[0])
+        model = _empty(build)
         prepare_mha(model)
         return model
     return _hf_from_config(_hf_config(data), weights)
@@ -497,7 +500,6 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
             import transformers
 
             hf_config = _gguf_config(path)
-            _check_size(lambda: transformers.AutoModelForCausalLM.from_config(hf_config), [path], path)
             model = _empty(lambda: transformers.AutoModelForCausalLM.from_config(hf_config))
             model.tie_weights()  # as from_pretrained does
             return model
@@ -623,11 +625,13 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
 
 
 def _gguf_config(path: Path):
-    """The Hugging Face config of a GGUF file's metadata, its depth checked."""
+    """The Hugging Face config of a GGUF file's metadata, checked against the file (its depth,
+    and the parameters it describes against the file's size) before any model is built."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     _check_depth(config, path)
+    _check_size(lambda: transformers.AutoModelForCausalLM.from_config(config), [path], path)
     return config
 
 
@@ -636,7 +640,6 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
 
     try:
         config = _gguf_config(path)
-        _check_size(lambda: transformers.AutoModelForCausalLM.from_config(config), [path], path)
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, config=config, dtype=dtype or torch.float32, output_loading_info=True
         )
