@@ -31,9 +31,14 @@ from hadaconv.progress import status
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-__all__ = ["BFLOAT16_ON_CPU", "LIBRARY_NAME", "build_ops", "get_library_path", "session", "session_error"]
+__all__ = ["BFLOAT16_ON_CPU", "LIBRARY_NAME", "OP_DOMAIN", "OP_VERSION", "build_ops", "get_library_path", "session",
+           "session_error"]
 
 LIBRARY_NAME = "libhadaconv_ort.so"
+#: The op's domain and the newest version of ``HadamardAffine`` the library implements
+#: (``GetEndVersion`` in custom_ops/src/hadamard_op.cc; the contract in shared/DESIGN.md).
+OP_DOMAIN = "com.hadaconv"
+OP_VERSION = 1
 # Where the wheel installs the library (CMake's install rule in custom_ops/CMakeLists.txt).
 PACKAGE_LIBRARY = pathlib.Path(__file__).resolve().parent / LIBRARY_NAME
 # A development checkout: the package folder next to custom_ops/.

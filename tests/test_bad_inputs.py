@@ -538,6 +538,13 @@ ROWS = [
     Row("run-without-installed-library", lambda w, t: ["run", w.bundle, "--prompt", "hi"],
         r"HADACONV_OPS_LIB points to .*nope\.so, which does not exist",
         lambda mp, w, t: mp.setenv("HADACONV_OPS_LIB", str(t / "nope.so"))),
+    Row("run-newer-op-version", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), custom_opsets={"com.hadaconv": 2}),
+                                                 "--prompt", "hi"],
+        r"needs version 2 of com\.hadaconv::HadamardAffine and this hadaconv's op library implements version 1: "
+        r"upgrade hadaconv"),
+    Row("run-metadata-opsets-not-versions",
+        lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), custom_opsets={"com.hadaconv": "1"}), "--prompt", "hi"],
+        r"custom_opsets is not what hadaconv export writes"),
     Row("run-truncated-model-onnx",
         lambda w, t: ["run", _truncate(_copy(w.bundle, t / "b") / MODEL, 0.5).parent, "--prompt", "hi"],
         r"ONNX Runtime cannot open .*model\.onnx"),

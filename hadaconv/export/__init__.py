@@ -325,14 +325,14 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
               validation: dict | None) -> dict:
     """The bundle metadata (hadaconv_onnx.json), after writing genai_config.json where the model has one."""
     from hadaconv.export.fusions import CONTRIB_DOMAIN
-    from hadaconv.export.translate import DOMAIN, OPSET
+    from hadaconv.export.translate import DOMAIN, OP_VERSION, OPSET
 
     inputs, outputs = io_description(folder / MODEL)
     config = getattr(model, "config", None)
     meta = {
         "format": FORMAT, "version": 1, "hadaconv": __version__, "kind": kind, "form": form,
         "opset": OPSET,
-        "custom_opsets": ({DOMAIN: 1} if form == "custom" else {}) | ({CONTRIB_DOMAIN: 1} if fusions else {}),
+        "custom_opsets": ({DOMAIN: OP_VERSION} if form == "custom" else {}) | ({CONTRIB_DOMAIN: 1} if fusions else {}),
         "fusions": fusions,
         "op_library": lib_name, "inputs": inputs, "outputs": outputs, "cache": spec.cache,
         "tokenizer": tokenizer is not None,

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from hadaconv import atomic
 from hadaconv.errors import HadaconvError, ModelFormatError
-from hadaconv.runtime import get_library_path, import_onnxruntime, make_session_options, session_error
+from hadaconv.runtime import (OP_DOMAIN, OP_VERSION, get_library_path, import_onnxruntime, make_session_options,
+                              session_error)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
@@ -92,7 +93,10 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
         return isinstance(v, list) and all(isinstance(x, dict) and isinstance(x.get("name"), str) for x in v)
 
     eos = meta.get("eos_token_id")
+    opsets = meta.get("custom_opsets", {})
     checks = {
+        "custom_opsets": isinstance(opsets, dict) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                          for v in opsets.values()),
         "kind": meta.get("kind", "module") in KINDS,
         "tokenizer": isinstance(meta.get("tokenizer", False), bool),
         "eos_token_id": eos is None or token_id(eos) or (isinstance(eos, list) and all(map(token_id, eos))),
@@ -172,7 +176,9 @@ def open_bundle(folder: str | os.PathLike, provider: str = "auto", **session_opt
     never with the bundle's copy: a shared library is native code, and a bundle is untrusted
     input (the copy is there for runtimes without hadaconv, such as onnxruntime-genai).  Raises
     HadaconvError (one line) for a folder that is not a bundle, metadata that names a library
-    outside it, or a missing op library; ModelFormatError for a graph ONNX Runtime refuses."""
+    outside it, a graph that needs a newer op version than :data:`hadaconv.runtime.OP_VERSION`
+    (ONNX Runtime itself would run it with this library's kernel), or a missing op library;
+    ModelFormatError for a graph ONNX Runtime refuses."""
     folder = Path(folder)
     meta = read_metadata(folder)
     sess = session_for(folder / MODEL, _op_library(folder, meta), provider, **session_options)
@@ -193,6 +199,11 @@ def _op_library(folder: Path, meta: dict[str, Any]) -> str | None:
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise ModelFormatError(f"{folder / METADATA}: op_library must be the file name of the bundle's copy, "
                                f"got {name!r}")
+    # ONNX Runtime would run a newer version's nodes with this library's kernel, whatever they mean.
+    version = meta.get("custom_opsets", {}).get(OP_DOMAIN, OP_VERSION)
+    if version > OP_VERSION:
+        raise HadaconvError(f"{folder} needs version {version} of {OP_DOMAIN}::HadamardAffine and this hadaconv's "
+                            f"op library implements version {OP_VERSION}: upgrade hadaconv")
     return get_library_path()
 
 

@@ -31,11 +31,11 @@ from onnxscript import opset18 as op
 
 from hadaconv.errors import HadaconvError
 from hadaconv.hadamard import factorize, hadamard_core, sylvester
+from hadaconv.runtime import OP_DOMAIN as DOMAIN, OP_VERSION
 
 __all__ = ["DOMAIN", "OPSET", "Form", "kronecker_factors", "translation_table"]
 
 Form = Literal["custom", "portable"]
-DOMAIN = "com.hadaconv"
 OPSET = 18  # the standard opset of every exported graph (LayerNorm/ReduceMean forms of 18 run in ORT >= 1.14)
 #: Largest Sylvester factor multiplied in one MatMul in the portable form.  Two factors of
 #: about sqrt(2^k) cover every width up to 2^14 with two small MatMuls (as benchmarked).
@@ -49,7 +49,7 @@ def _schema() -> onnx.defs.OpSchema:
     param, option, attr = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption, onnx.defs.OpSchema.Attribute
     kind = onnx.defs.OpSchema.AttrType
     return onnx.defs.OpSchema(
-        "HadamardAffine", DOMAIN, 1,
+        "HadamardAffine", DOMAIN, OP_VERSION,
         doc="Y = gamma (scale * H X) + beta over the last axis, H = H_m (x) H_{2^k}",
         inputs=[param("X", "T"), param("gamma", "T", param_option=option.Optional),
                 param("beta", "T", param_option=option.Optional)],
@@ -62,7 +62,7 @@ def _schema() -> onnx.defs.OpSchema:
     )
 
 
-_HADAMARD_AFFINE = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "HadamardAffine", _schema())
+_HADAMARD_AFFINE = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, OP_VERSION), "HadamardAffine", _schema())
 
 
 def _width(x: Any) -> int:
