@@ -224,6 +224,20 @@ def _pickle(path: Path) -> Path:
     return path
 
 
+def _width_92(folder: Path) -> Path:
+    """A one-block Llama of width 92 = 4 x 23: no Hadamard matrix of that order exists."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=92, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(folder)
+    return folder
+
+
+def _state_dict(path: Path) -> Path:
+    torch.save({"weight": torch.ones(3)}, path)
+    return path
+
+
 def _bad_config(folder: Path) -> Path:
     (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": 64,')
     return folder
@@ -391,6 +405,11 @@ ROWS = [
         lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), *TINY), r"out already exists and is not empty: pass --overwrite to replace it"),
     Row("convert-text-named-pt", lambda w, t: _convert(_write(t / "m.pt", "hello world\n"), t / "out"),
         r"cannot read .*m\.pt as a torch\.save file: not a torch\.save archive"),
+    Row("convert-unsupported-width", lambda w, t: _convert(_width_92(t / "w"), t / "out", "--calib", "none"),
+        r"o_proj: no Hadamard matrix of order 92 can be built .* nearest supported sizes: 88 or 96"),
+    Row("convert-state-dict-config-missing",
+        lambda w, t: _convert(_state_dict(t / "m.pt"), t / "out", "--config", t / "missing.json"),
+        r"config not found: .*missing\.json"),
     Row("convert-pickle-without-consent", lambda w, t: _convert(_pickle(t / "m.pt"), t / "out"),
         r"refusing to unpickle .*--trust-pickle"),
     Row("convert-layers-out-of-range", lambda w, t: _convert(w.hf, t / "out", "--layers", "0,7", *TINY),

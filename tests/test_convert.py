@@ -175,48 +175,18 @@ def test_cli_convert_inspect_eval(tmp_path):
     assert r.returncode != 0
 
 
-@pytest.mark.parametrize("case", ["missing", "unknown", "truncated", "nan", "width", "nothing", "pickle", "layers"])
-def test_cli_bad_input_is_one_line(case, tmp_path):
+def test_cli_bad_input_is_one_line(tmp_path):
+    """The installed entry point, in a process of its own, turns a loader's error into one line
+    and writes nothing (tests/test_bad_inputs.py checks every other bad input in-process)."""
     src = tmp_path / "tiny"
-    args = []
-    if case == "missing":
-        src = tmp_path / "nope"
-    elif case == "unknown":
-        src = tmp_path / "model.xyz"
-        src.write_text("x")
-    elif case == "truncated":
-        make_tiny("llama", src)
-        st = src / "model.safetensors"
-        st.write_bytes(st.read_bytes()[:1000])
-    elif case == "nan":
-        model = make_tiny("llama")
-        with torch.no_grad():
-            model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("nan")
-        model.save_pretrained(src)
-    elif case == "width":
-        model = make_tiny("llama")
-        src = tmp_path / "w"
-        from transformers import LlamaConfig, LlamaForCausalLM
-        LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=92, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1)).save_pretrained(src)
-        args = ["--calib", "none"]
-    elif case == "nothing":
-        src = tmp_path / "m.pt"
-        torch.save({"weight": torch.ones(3)}, src)
-        args = ["--config", tmp_path / "missing.json"]
-    elif case == "pickle":
-        src = tmp_path / "m.pt"
-        torch.save(torch.nn.Sequential(torch.nn.Linear(4, 4)), src)
-    elif case == "layers":
-        make_tiny("llama", src)
-        args = ["--layers", "0,7"]
-    r = _cli("convert", src, "-o", tmp_path / "out", *args)
+    make_tiny("llama", src)
+    st = src / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    r = _cli("convert", src, "-o", tmp_path / "out")
     assert r.returncode != 0
     lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
-    if case == "pickle":
-        assert "--trust-pickle" in lines[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
