@@ -474,8 +474,9 @@ ROWS = [
         r"m\.gguf declares 2147483648 layers: not a model hadaconv loads \(1 to 1024\)"),
     Row("inspect-gguf-no-tensors", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, ())],
         r"m\.gguf: the config describes [\d,]+ parameters, more than its weight files can hold \(416 bytes\)"),
-    Row("inspect-gguf-missing-tensors",
-        lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, tuple(f"pad.{i}" for i in range(12)))],
+    # inspect reads a GGUF's metadata only (its table says "weights not read"); loads check the weights.
+    Row("eval-gguf-missing-tensors",
+        lambda w, t: ["eval", _tiny_gguf(t / "m.gguf", 1, tuple(f"pad.{i}" for i in range(12)))],
         r"m\.gguf: the weights do not match the config: \d+ missing"),
     Row("inspect-random-gguf", lambda w, t: ["inspect", _write(t / "m.gguf", os.urandom(512))],
         r"cannot load the GGUF file"),

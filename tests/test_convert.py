@@ -140,39 +140,54 @@ def _cli(*args, cwd=None):
                           text=True, cwd=cwd)
 
 
-def test_cli_convert_inspect_eval(tmp_path):
+def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
+    """inspect, convert --dry-run, convert, inspect of the result and eval, in the CLI.  inspect
+    and the dry run read the config alone (no weights loaded); the converted folder is loaded."""
+    import hadaconv.io
+    from cli_runner import run_cli
+
     src = tmp_path / "tiny"
     make_tiny("llama", src)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
-    r = _cli("inspect", src, "--block", "4")
-    assert r.returncode == 0 and "o_proj" in r.stdout, r.stderr
-    saved = int(re.search(r"-([\d,]+) parameters", r.stdout).group(1).replace(",", ""))
-    r = _cli("inspect", src, "--block", "4", "--rank", "2")
-    assert r.returncode == 0 and "--rank 2" in r.stdout, r.stderr
-    with_rank = int(re.search(r"-([\d,]+) parameters", r.stdout).group(1).replace(",", ""))
-    d = json.loads((src / "config.json").read_text())["hidden_size"]
-    assert saved - with_rank == json.loads((src / "config.json").read_text())["num_hidden_layers"] * 2 * 2 * d
-    r = _cli("convert", src, "-o", tmp_path / "never", "--dry-run", "--block", "4", "--layers", "1")
-    assert r.returncode == 0 and not (tmp_path / "never").exists(), r.stderr
-    assert "layers.1.self_attn.o_proj" in r.stdout and "layers.0.self_attn.o_proj" not in r.stdout
-    one = int(re.search(r"-([\d,]+) parameters", r.stdout).group(1).replace(",", ""))
-    assert one * json.loads((src / "config.json").read_text())["num_hidden_layers"] == saved  # one layer's share
+    load_model = hadaconv.io.load_model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("inspect must read the config alone")
+
+    def removed(stdout: str) -> int:
+        return int(re.search(r"-([\d,]+) parameters", stdout).group(1).replace(",", ""))
+
+    monkeypatch.setattr(hadaconv.io, "load_model", no_load)
+    code, stdout, stderr = run_cli(capsys, "inspect", src, "--block", "4")
+    assert code == 0 and "o_proj" in stdout and "weights not read" in stdout, stderr
+    saved = removed(stdout)
+    code, stdout, stderr = run_cli(capsys, "inspect", src, "--block", "4", "--rank", "2")
+    assert code == 0 and "--rank 2" in stdout, stderr
+    config = json.loads((src / "config.json").read_text())
+    assert saved - removed(stdout) == config["num_hidden_layers"] * 2 * 2 * config["hidden_size"]
+    code, stdout, stderr = run_cli(capsys, "convert", src, "-o", tmp_path / "never", "--dry-run", "--block", "4",
+                                   "--layers", "1")
+    assert code == 0 and not (tmp_path / "never").exists(), stderr
+    assert "layers.1.self_attn.o_proj" in stdout and "layers.0.self_attn.o_proj" not in stdout
+    assert removed(stdout) * config["num_hidden_layers"] == saved  # one layer's share
+    monkeypatch.setattr(hadaconv.io, "load_model", load_model)
     out = tmp_path / "conv"
-    r = _cli("convert", src, "-o", out, "--block", "4", "--samples", "12", "--seq-len", "32", "--layers", "1")
-    assert r.returncode == 0, r.stderr
+    code, stdout, stderr = run_cli(capsys, "convert", src, "-o", out, "--block", "4", "--samples", "12",
+                                   "--seq-len", "32", "--layers", "1")
+    assert code == 0, stderr
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # input untouched
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["hadaconv"]["layers"] == [1] and cfg["hadaconv"]["block"] == 4
     assert json.loads((out / "report.json").read_text())["converted"] == [1]
-    r = _cli("inspect", out)  # the converted layer is counted, not listed as removable again
-    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    assert r.returncode == 0 and f"{layers} attention blocks (1 converted already" in " ".join(r.stdout.split()), r.stderr
+    code, stdout, stderr = run_cli(capsys, "inspect", out)  # the converted layer is counted, not listed again
+    layers = config["num_hidden_layers"]
+    assert code == 0 and f"{layers} attention blocks (1 converted already" in " ".join(stdout.split()), stderr
     text = tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question. " * 200)
-    r = _cli("eval", out, "--text", text, "--seq-len", "32", "--max-windows", "4")
-    assert r.returncode == 0 and "perplexity" in r.stdout, r.stderr
-    r = _cli("convert", src, "-o", out)  # exists already
-    assert r.returncode != 0
+    code, stdout, stderr = run_cli(capsys, "eval", out, "--text", text, "--seq-len", "32", "--max-windows", "4")
+    assert code == 0 and "perplexity" in stdout, stderr
+    code, stdout, stderr = run_cli(capsys, "convert", src, "-o", out)  # exists already
+    assert code != 0
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
