@@ -483,7 +483,8 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
     Reads a Hugging Face folder's config.json, a GGUF file's metadata, or ``config`` for a bare
     ``.safetensors`` / state-dict file.  Returns None where the structure is only known from the
     weights (converted folders, ``torch.save``d modules) or where the config alone does not build
-    (the full load then reports the problem): a best-effort check, never a substitute for one.
+    (the full load then reports the problem).  For option checks before a load it is a best-effort
+    early refusal, never a substitute for the load's; ``inspect`` lists from it, weights unread.
     """
     path = Path(source)
     if not path.exists() or importlib.util.find_spec("accelerate") is None:

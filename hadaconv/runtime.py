@@ -36,7 +36,7 @@ __all__ = ["BFLOAT16_ON_CPU", "LIBRARY_NAME", "OP_DOMAIN", "OP_VERSION", "build_
 
 LIBRARY_NAME = "libhadaconv_ort.so"
 #: The op's domain and the newest version of ``HadamardAffine`` the library implements
-#: (``GetEndVersion`` in custom_ops/src/hadamard_op.cc; the contract in shared/DESIGN.md).
+#: (``GetEndVersion`` in custom_ops/src/hadamard_op.cc; the contract: README, "The op contract stays square").
 OP_DOMAIN = "com.hadaconv"
 OP_VERSION = 1
 # Where the wheel installs the library (CMake's install rule in custom_ops/CMakeLists.txt).

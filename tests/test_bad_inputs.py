@@ -410,6 +410,8 @@ ROWS = [
     Row("convert-state-dict-config-missing",
         lambda w, t: _convert(_state_dict(t / "m.pt"), t / "out", "--config", t / "missing.json"),
         r"config not found: .*missing\.json"),
+    Row("convert-unknown-extension", lambda w, t: _convert(_write(t / "model.xyz", "x"), t / "out"),
+        r"unknown input format '\.xyz' for .*model\.xyz: expected a model folder, \.gguf"),
     Row("convert-pickle-without-consent", lambda w, t: _convert(_pickle(t / "m.pt"), t / "out"),
         r"refusing to unpickle .*--trust-pickle"),
     Row("convert-layers-out-of-range", lambda w, t: _convert(w.hf, t / "out", "--layers", "0,7", *TINY),

@@ -190,6 +190,22 @@ def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
     assert code != 0
 
 
+def test_inspect_loads_the_weights_for_an_adapter_that_reads_them(tmp_path, capsys, monkeypatch):
+    import hadaconv.adapters
+    from cli_runner import run_cli
+
+    make_tiny("llama", tmp_path / "tiny")
+    find = hadaconv.adapters.find_adapter
+
+    def reads_values(model, **kwargs):
+        next(model.parameters()).tolist()  # NotImplementedError on the meta device
+        return find(model, **kwargs)
+
+    monkeypatch.setattr(hadaconv.adapters, "find_adapter", reads_values)
+    code, stdout, stderr = run_cli(capsys, "inspect", tmp_path / "tiny")
+    assert code == 0 and "Hugging Face folder" in stdout and "o_proj" in stdout, stderr
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
     """The installed entry point, in a process of its own, turns a loader's error into one line
     and writes nothing (tests/test_bad_inputs.py checks every other bad input in-process)."""

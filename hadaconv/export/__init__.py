@@ -325,7 +325,8 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
               validation: dict | None) -> dict:
     """The bundle metadata (hadaconv_onnx.json), after writing genai_config.json where the model has one."""
     from hadaconv.export.fusions import CONTRIB_DOMAIN
-    from hadaconv.export.translate import DOMAIN, OP_VERSION, OPSET
+    from hadaconv.export.translate import DOMAIN, OPSET
+    from hadaconv.runtime import OP_VERSION
 
     inputs, outputs = io_description(folder / MODEL)
     config = getattr(model, "config", None)

@@ -200,6 +200,9 @@ def _op_library(folder: Path, meta: dict[str, Any]) -> str | None:
         raise ModelFormatError(f"{folder / METADATA}: op_library must be the file name of the bundle's copy, "
                                f"got {name!r}")
     # ONNX Runtime would run a newer version's nodes with this library's kernel, whatever they mean.
+    # Bundles record the version they need; one that names none (hand-built, or exported before the
+    # field existed: every hadaconv export writes it) gets version 1, whose kernel checks every
+    # attribute, so a metadata file that lies costs a wrong answer at worst, never memory safety.
     version = meta.get("custom_opsets", {}).get(OP_DOMAIN, OP_VERSION)
     if version > OP_VERSION:
         raise HadaconvError(f"{folder} needs version {version} of {OP_DOMAIN}::HadamardAffine and this hadaconv's "
