@@ -464,31 +464,42 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
     KV cache) or print the embedding of --text (encoders).  A bundle without a tokenizer takes
     token ids with --ids instead, and a causal LM then prints the generated ids (comma-separated,
     like --ids)."""
-    from hadaconv.export.bundle import open_bundle
+    from hadaconv.export.bundle import open_bundle, read_metadata
 
     if temperature == 0 and (top_k or seed is not None):
         raise HadaconvError(f"{'--top-k' if top_k else '--seed'} only matters when sampling: give --temperature "
                             "above 0 too (0, the default, is greedy decoding)")
+    if chat and ids is not None:
+        raise HadaconvError("--chat needs --prompt: the chat template wraps text, not token ids")
+    # The options against the metadata before the session: opening a 500 MB graph takes seconds.
+    given = _run_input(bundle, read_metadata(bundle), prompt, text, ids)
     opened = open_bundle(bundle, provider=provider)
-    if opened.kind not in ("causal-lm", "encoder"):
-        raise HadaconvError(f"{bundle} holds a {opened.kind} ({', '.join(o['name'] for o in opened.meta.get('outputs', []))}): "
-                            "run it with hadaconv.export.bundle.open_bundle")
-    option = "--prompt" if opened.kind == "causal-lm" else "--text"
-    given = prompt if opened.kind == "causal-lm" else text
-    if given is not None and ids is not None:
-        raise HadaconvError(f"give {option} or --ids, not both")
-    if given is None and ids is None:
-        what = "a causal LM bundle: give --prompt" if opened.kind == "causal-lm" else "an encoder bundle: give --text"
-        wrong, hint = ((text, "--text is for encoder bundles; ") if opened.kind == "causal-lm"
-                       else (prompt, "--prompt is for causal LM bundles; "))
-        raise HadaconvError(f"{hint if wrong is not None else ''}{bundle} is {what} (or token ids with --ids)")
-    if given is not None and opened.tokenizer is None:
-        raise HadaconvError(f"{bundle} has no tokenizer to encode {option} with: give token ids with --ids, e.g. --ids 1,2,3")
     if opened.kind == "encoder":
         _print_embedding(opened, given if ids is None else [ids])
     else:
         _print_generation(opened, given, ids, max_new_tokens, temperature=temperature, top_k=top_k,
                           repetition_penalty=repetition_penalty, chat=chat, seed=seed)
+
+
+def _run_input(bundle: str, meta: dict, prompt: str | None, text: str | None, ids: list[int] | None) -> str | None:
+    """The text to encode (--prompt for a causal LM, --text for an encoder; None with --ids), or
+    the one-line error for options that do not fit the bundle."""
+    kind = meta.get("kind", "module")
+    if kind not in ("causal-lm", "encoder"):
+        raise HadaconvError(f"{bundle} holds a {kind} ({', '.join(o['name'] for o in meta.get('outputs', []))}): "
+                            "run it with hadaconv.export.bundle.open_bundle")
+    option = "--prompt" if kind == "causal-lm" else "--text"
+    given = prompt if kind == "causal-lm" else text
+    if given is not None and ids is not None:
+        raise HadaconvError(f"give {option} or --ids, not both")
+    if given is None and ids is None:
+        what = "a causal LM bundle: give --prompt" if kind == "causal-lm" else "an encoder bundle: give --text"
+        wrong, hint = ((text, "--text is for encoder bundles; ") if kind == "causal-lm"
+                       else (prompt, "--prompt is for causal LM bundles; "))
+        raise HadaconvError(f"{hint if wrong is not None else ''}{bundle} is {what} (or token ids with --ids)")
+    if given is not None and not meta.get("tokenizer"):
+        raise HadaconvError(f"{bundle} has no tokenizer to encode {option} with: give token ids with --ids, e.g. --ids 1,2,3")
+    return given
 
 
 def _print_embedding(opened, text) -> None:
@@ -507,8 +518,6 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
     generated ids out."""
     from hadaconv.generate import generate
 
-    if chat and ids is not None:
-        raise HadaconvError("--chat needs --prompt: the chat template wraps text, not token ids")
     out = generate(opened, prompt if ids is None else [ids], max_new_tokens, chat=chat, **sampling)
     if ids is not None:
         click.echo(",".join(map(str, out.tokens[0].tolist())))

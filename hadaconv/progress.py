@@ -26,7 +26,8 @@ out = Console(width=None if Console().is_terminal else OFF_TERMINAL_WIDTH)
 @contextmanager
 def progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[], None]]:
     """``with progress(n, "fit") as step: ... step()``: a bar with count, elapsed time and ETA
-    (on a terminal), else "description: i/n, s elapsed, about s left" lines on stderr."""
+    (on a terminal), else "description: i/n, s elapsed, about s left" lines on stderr: the first
+    at the first step after :data:`STATUS_AFTER` seconds, then every :data:`LOG_EVERY`."""
     if not enabled or total <= 0:
         yield lambda: None
         return
@@ -95,7 +96,10 @@ def _log_lines(total: int, description: str) -> Callable[[], None]:
         nonlocal done, last
         done += 1
         now = time.monotonic()
-        if now - last >= LOG_EVERY or (done == total and last > start):
+        # The first line as soon as the stage has run STATUS_AFTER seconds, as status() does: a
+        # run of stages each under LOG_EVERY would otherwise be silent for minutes.
+        first = last == start and now - start >= STATUS_AFTER
+        if first or now - last >= LOG_EVERY or (done == total and last > start):
             last = now
             left = (now - start) / done * (total - done)  # the mean step so far: rich's own ETA is a rate too
             eta = f", about {duration(left)} left" if done < total else ""

@@ -98,7 +98,8 @@ def sample_texts(
     texts: list[str] = []
     batches = range(0, samples, batch_size)
     # The bar counts token steps: each batch of sequences takes seq_len - 1 of them.
-    what = f"sampling {samples} sequences ({len(batches)} batch{'es' if len(batches) > 1 else ''} x {seq_len - 1} tokens)"
+    what = (f"sampling {samples} sequences ({len(batches)} batch{'es' if len(batches) > 1 else ''} x {seq_len - 1} "
+            "steps after a start token)")
     with progress_bar(len(batches) * (seq_len - 1), what, progress) as step:
         for b0 in batches:
             ids = starts[b0:b0 + batch_size, None].to(device)

@@ -724,6 +724,19 @@ def test_unforeseen_errors_are_one_line_unless_asked(capsys, monkeypatch):
         run_cli(capsys, "hadamard", "12")
 
 
+def test_run_checks_its_options_before_opening_the_bundle(world, capsys, monkeypatch):
+    """A wrong option is refused from the metadata, before ONNX Runtime opens the graph (seconds for
+    a real model)."""
+    def no_session(*args, **kwargs):
+        raise AssertionError("the options must be checked before the session is created")
+
+    monkeypatch.setattr("hadaconv.export.bundle.open_bundle", no_session)
+    for argv, expect in ((["run", world.bundle, "--text", "hi"], r"--text is for encoder bundles"),
+                         (["run", world.encoder, "--prompt", "hi"], r"--prompt is for causal LM bundles"),
+                         (["run", world.bundle, "--ids", "1,2", "--chat"], r"--chat needs --prompt")):
+        _expect_one_error(capsys, monkeypatch, [str(a) for a in argv], expect)
+
+
 def test_every_verb_has_rows():
     from hadaconv.cli import cli
 

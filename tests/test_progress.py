@@ -13,16 +13,18 @@ def run(total, clock, monkeypatch, capsys):
 
 
 def test_long_work_logs_lines_off_a_terminal(monkeypatch, capsys):
-    # start, then steps at 10 s, 40 s (a line: 30 s since the start), 50 s, 60 s (the last step: a line)
-    lines = run(4, [0, 10, 40, 50, 60], monkeypatch, capsys)
-    assert lines == ["fit: 2/4, 40 s elapsed, about 40 s left", "fit: 4/4, 1 min 00 s elapsed"]
+    # start, then steps at 3 s, 10 s (a line: past 5 s), 30 s, 40 s (a line: 30 s after the last),
+    # 60 s (the last step: a line)
+    lines = run(5, [0, 3, 10, 30, 40, 60], monkeypatch, capsys)
+    assert lines == ["fit: 2/5, 10 s elapsed, about 15 s left", "fit: 4/5, 40 s elapsed, about 10 s left",
+                     "fit: 5/5, 1 min 00 s elapsed"]
 
 
 def test_lines_give_an_eta_from_the_mean_step(monkeypatch, capsys):
-    # 510 steps of 7.5 s (calibration sampling under load): the first line after 30 s (step 4)
-    # says how long the other 506 take at that rate, 3795 s
+    # 510 steps of 7.5 s (calibration sampling under load): the first line, after the first step,
+    # says how long the other 509 take at that rate, 3817 s; the next comes 30 s later
     lines = run(510, [7.5 * i for i in range(511)], monkeypatch, capsys)
-    assert lines[0] == "fit: 4/510, 30 s elapsed, about 1 h 03 min left"
+    assert lines[:2] == ["fit: 1/510, 8 s elapsed, about 1 h 03 min left", "fit: 5/510, 38 s elapsed, about 1 h 03 min left"]
     assert lines[-1] == "fit: 510/510, 1 h 03 min elapsed"
 
 
