@@ -3,7 +3,8 @@
 text sampled from the model itself (the default calibration and distillation text, cached under
 ~/.cache/hadaconv) -> convert (the defaults: sequential, block by block against the original, with
 the MLP down-projection refit) -> a short distillation -> ONNX export (with the com.hadaconv op) ->
-generation in ONNX Runtime, then one before/after table: parameters, ONNX file size, perplexity
+generation in ONNX Runtime (whose first 32 greedy tokens are compared with PyTorch's ``generate``
+on the same model), then one before/after table: parameters, ONNX file size, perplexity
 on held-out text of two domains the demo never trains on (the Python language reference, the King
 James Bible: benchmarks/common.py) and decode tokens/s, dense original vs converted (the median of
 ``--repeats`` generations of each, alternating, with the min-max spread).  Everything else is
@@ -65,6 +66,17 @@ def decode_speed(bundles: dict[str, Path], repeats: int, new_tokens: int = 32) -
         generate(bundle, PROMPT, 2, eos_token_id=[])
     return alternate({name: (lambda b=bundle: generate(b, PROMPT, new_tokens, eos_token_id=[]).tokens_per_s)
                       for name, bundle in opened.items()}, repeats)
+
+
+def greedy_agreement(bundle: Path, model: torch.nn.Module, tok, new_tokens: int = 32) -> int:
+    """How many of ONNX Runtime's greedy tokens after PROMPT equal PyTorch's ``generate`` before
+    the first that differs: the whole model's end-to-end check (validation compares logits)."""
+    ours = generate(bundle, PROMPT, new_tokens, eos_token_id=[]).tokens[0].tolist()
+    enc = tok(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=tok.eos_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+    return next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
 
 
 def before_after(title: str, rows: dict[str, tuple], caption: str) -> Table:
@@ -144,6 +156,8 @@ def main() -> None:
         export_onnx(model, bundles[name], tokenizer=tok, log=console.print)
         gen = generate(bundles[name], QUESTION, max_new_tokens=48, chat=True)
         console.print(f"[bold]{name}[/], asked {QUESTION!r}: {gen.text[0].strip()}")
+        console.print(f"{name}: ONNX Runtime's greedy tokens after {PROMPT!r} equal PyTorch's generate: "
+                      f"{greedy_agreement(bundles[name], model, tok)} of 32")
         rows[name] = (sum(p.numel() for p in model.parameters()), onnx_bytes(bundles[name]), quality(model))
         lap(f"export + run ({'dense' if model is teacher else 'hadaconv'})")
     speed = decode_speed(bundles, args.repeats)
