@@ -74,7 +74,8 @@ def greedy_agreement(bundle: Path, model: torch.nn.Module, tok, new_tokens: int 
     ours = generate(bundle, PROMPT, new_tokens, eos_token_id=[]).tokens[0].tolist()
     enc = tok(PROMPT, return_tensors="pt")
     with torch.no_grad():
-        ref = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+        ref = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                              pad_token_id=tok.eos_token_id)[0, enc["input_ids"].shape[1]:].tolist()
     return next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
 

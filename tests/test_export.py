@@ -552,6 +552,18 @@ def test_demo_decode_speed_alternates_and_states_the_spread(tiny_bundle, monkeyp
     assert list(speed) == ["dense", "converted"] and all(len(v) == 3 and min(v) > 0 for v in speed.values())
 
 
+def test_demo_counts_the_greedy_tokens_onnx_runtime_shares_with_torch(tmp_path, tokenizer):
+    """The demo's end-to-end check: all of them for a faithful export, none once the model's head
+    is negated (every greedy choice becomes the least likely token)."""
+    demo = _demo()
+    model = converted("llama", 4)
+    export_onnx(model, tmp_path / "b", tokenizer=tokenizer)
+    assert demo.greedy_agreement(tmp_path / "b", model, tokenizer, new_tokens=8) == 8
+    with torch.no_grad():
+        model.lm_head.weight.neg_()
+    assert demo.greedy_agreement(tmp_path / "b", model, tokenizer, new_tokens=8) == 0
+
+
 def test_demo_table_fits_a_terminal_and_never_cuts_a_number():
     """The demo's before/after table on made-up numbers: whole cells on one line each within 100
     columns (a 150-column terminal), and at 80 columns wrapped or folded, never cut with an ellipsis."""
