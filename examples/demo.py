@@ -30,7 +30,7 @@ from hadaconv.convert import ConvertConfig, convert
 from hadaconv.distill import DistillConfig, distill
 from hadaconv.evaluate import perplexity, text_windows
 from hadaconv.export import export_onnx
-from hadaconv.export.bundle import open_bundle
+from hadaconv.export.bundle import Bundle, open_bundle
 from hadaconv.generate import generate
 from hadaconv.io import load_model
 from hadaconv.progress import out as console
@@ -54,21 +54,24 @@ def onnx_bytes(bundle: Path) -> int:
     return sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx"))
 
 
-def decode_speed(bundles: dict[str, Path], repeats: int, new_tokens: int = 32) -> dict[str, list[float]]:
-    """Decode tokens/s (:attr:`Generation.tokens_per_s`, batch 1) of each bundle, ``repeats``
-    greedy generations of ``new_tokens`` after PROMPT each, the bundles alternating, EOS ignored so
-    every run decodes the same number of tokens.  Each session is opened once and warmed up by
-    one short generation first (its first runs allocate and pick kernels).  Worker threads stop
-    spinning after each run, or the idle session's would take cores from the one being timed."""
-    opened = {name: open_bundle(path, config_entries={"session.force_spinning_stop": "1"})
-              for name, path in bundles.items()}
+def open_for_timing(bundle: Path):
+    """The bundle's session, opened once for everything the demo runs on it.  Worker threads stop
+    spinning after each run, or an idle session's would take cores from the one being timed."""
+    return open_bundle(bundle, config_entries={"session.force_spinning_stop": "1"})
+
+
+def decode_speed(opened: dict[str, Bundle], repeats: int, new_tokens: int = 32) -> dict[str, list[float]]:
+    """Decode tokens/s (:attr:`Generation.tokens_per_s`, batch 1) of each bundle (opened by
+    :func:`open_for_timing`), ``repeats`` greedy generations of ``new_tokens`` after PROMPT each,
+    the bundles alternating, EOS ignored so every run decodes the same number of tokens.  Each is
+    warmed up by one short generation first (its first runs allocate and pick kernels)."""
     for bundle in opened.values():
         generate(bundle, PROMPT, 2, eos_token_id=[])
     return alternate({name: (lambda b=bundle: generate(b, PROMPT, new_tokens, eos_token_id=[]).tokens_per_s)
                       for name, bundle in opened.items()}, repeats)
 
 
-def greedy_agreement(bundle: Path, model: torch.nn.Module, tok, new_tokens: int = 32) -> int:
+def greedy_agreement(bundle: Bundle | Path, model: torch.nn.Module, tok, new_tokens: int = 32) -> int:
     """How many of ONNX Runtime's greedy tokens after PROMPT equal PyTorch's ``generate`` before
     the first that differs: the whole model's end-to-end check (validation compares logits)."""
     ours = generate(bundle, PROMPT, new_tokens, eos_token_id=[]).tokens[0].tolist()
@@ -151,17 +154,18 @@ def main() -> None:
     lap("distill")
 
     console.rule("4. export to ONNX (dense baseline and converted) and generate")
-    rows, bundles = {}, {}
+    rows, bundles, opened = {}, {}, {}
     for name, model in (("original (dense)", teacher), ("hadaconv", student)):
         bundles[name] = args.work / ("dense.onnx" if model is teacher else "hadaconv.onnx")
         export_onnx(model, bundles[name], tokenizer=tok, log=console.print)
-        gen = generate(bundles[name], QUESTION, max_new_tokens=48, chat=True)
+        session = opened[name] = open_for_timing(bundles[name])
+        gen = generate(session, QUESTION, max_new_tokens=48, chat=True)
         console.print(f"[bold]{name}[/], asked {QUESTION!r}: {gen.text[0].strip()}")
         console.print(f"{name}: ONNX Runtime's greedy tokens after {PROMPT!r} equal PyTorch's generate: "
-                      f"{greedy_agreement(bundles[name], model, tok)} of 32")
+                      f"{greedy_agreement(session, model, tok)} of 32")
         rows[name] = (sum(p.numel() for p in model.parameters()), onnx_bytes(bundles[name]), quality(model))
         lap(f"export + run ({'dense' if model is teacher else 'hadaconv'})")
-    speed = decode_speed(bundles, args.repeats)
+    speed = decode_speed(opened, args.repeats)
     lap(f"decode speed ({args.repeats} x 2 runs)")
 
     caption = (f"calibration and distillation text: {args.samples} sequences of 256 tokens the model wrote "

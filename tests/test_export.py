@@ -548,7 +548,8 @@ def test_demo_decode_speed_alternates_and_states_the_spread(tiny_bundle, monkeyp
     assert order == ["a", "b", "b", "a", "a", "b"] and values == {"a": [1.0] * 3, "b": [2.0] * 3}
     assert demo.median_spread([3.0, 1.0, 10.0, 2.0]) == "2.5 (1.0-10.0, n=4)"
     monkeypatch.setattr(demo, "PROMPT", [5, 6, 7])  # token ids: this bundle has no tokenizer
-    speed = demo.decode_speed({"dense": tiny_bundle, "converted": tiny_bundle}, 3, new_tokens=4)
+    session = demo.open_for_timing(tiny_bundle)
+    speed = demo.decode_speed({"dense": session, "converted": session}, 3, new_tokens=4)
     assert list(speed) == ["dense", "converted"] and all(len(v) == 3 and min(v) > 0 for v in speed.values())
 
 
