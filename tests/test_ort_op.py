@@ -207,6 +207,23 @@ def test_zero_rows(shape):
     assert y.shape == shape
 
 
+def test_an_x_of_unknown_shape_leaves_y_unknown():
+    """X declared without a shape reaches the op's shape inference as rank 0, like a scalar.  Y
+    was declared a scalar then, and ONNX Runtime folded Shape(Y) to [] and refused a Transpose
+    of Y at session creation (found in review); Y's shape must stay unknown."""
+    f = factorize(16)
+    node = helper.make_node("HadamardAffine", ["X"], ["Y0"], domain="com.hadaconv", n=16, m=f.m,
+                            core=hadamard_core(f.m).astype(int).ravel().tolist(), scale=0.25)
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    for post, want, out_type in ((helper.make_node("Shape", ["Y0"], ["Y"]), np.array([2, 16]), TensorProto.INT64),
+                                 (helper.make_node("Transpose", ["Y0"], ["Y"], perm=[1, 0]), reference(x).T,
+                                  TensorProto.FLOAT)):
+        graph = helper.make_graph([node, post], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+                                  [helper.make_tensor_value_info("Y", out_type, None)])
+        _, y = run(helper.make_model(graph, opset_imports=OPSETS).SerializeToString(), {"X": x})
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
 def _symbolic_affine_model(gamma_rank: int) -> bytes:
     """X [R, 64] -> Y with gamma and beta graph inputs of symbolic shape (only the kernel can tell)."""
     graph = helper.make_graph(
@@ -537,6 +554,8 @@ core4 = hadamard_core(4).astype(int).ravel().tolist()
     (dict(n=64, m=1, core=[1], scale=1), ["attribute scale must be a float"]),
     (dict(n=64, m=4, core=core4, scale=0.125, transpose=1.0), ["attribute transpose must be an int"]),
     (dict(n=64, m=4.0, core=core4, scale=0.125), ["attribute m must be an int"]),
+    # ONNX Runtime reads a list of floats as an empty list of ints ("core has 0 entries" before).
+    (dict(n=64, m=4, core=[float(c) for c in core4], scale=0.125), ["attribute core must be a list of ints"]),
 ])
 def test_malformed_nodes_are_refused_at_session_creation(attrs, fragments):
     _refused_at_creation(attrs, *fragments)

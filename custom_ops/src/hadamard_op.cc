@@ -147,6 +147,12 @@ struct AttrSource {
     if (info) {
       if (!found(g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &size), name, "a list of ints"))
         return false;
+      if (!size) {  // ORT hands out a list of floats as an empty list of ints
+        size_t floats = 0;
+        OrtStatus* st = g_api->KernelInfoGetAttributeArray_float(info, name, nullptr, &floats);
+        if (st) g_api->ReleaseStatus(st);
+        else if (floats) fail(std::string("attribute ") + name + " must be a list of ints");
+      }
       out->resize(size);
       if (size) check(g_api->KernelInfoGetAttributeArray_int64(info, name, out->data(), &size));
       return true;
@@ -788,20 +794,23 @@ OrtStatus* ORT_API_CALL infer_shape(const OrtCustomOp*, OrtShapeInferContext* ct
       check(g_api->GetDimensions(in_info, dims.data(), rank));
       check(g_api->GetSymbolicDimensions(in_info, names.data(), rank));
     }
-    for (int64_t& d : dims)
-      if (d < 0) d = -1;
-    OrtTensorTypeAndShapeInfo* out_info = nullptr;
-    check(g_api->CreateTensorTypeAndShapeInfo(&out_info));
-    std::unique_ptr<OrtTensorTypeAndShapeInfo, void (*)(OrtTensorTypeAndShapeInfo*)> out_guard(
-        out_info, [](OrtTensorTypeAndShapeInfo* p) { g_api->ReleaseTensorTypeAndShapeInfo(p); });
-    check(g_api->SetTensorElementType(out_info, type));
-    check(g_api->SetDimensions(out_info, dims.data(), rank));
+    // An unknown shape reaches us as rank 0, which cannot be told from a scalar X (refused at
+    // run time): Y's shape is then left unknown, its type is set from the kernel definition.
+    // Declaring it a scalar let the optimizer fold Shape(Y) to [] (a wrong answer, found in review).
     if (rank) {
+      for (int64_t& d : dims)
+        if (d < 0) d = -1;
       for (const char*& s : names)
         if (!s) s = "";
+      OrtTensorTypeAndShapeInfo* out_info = nullptr;
+      check(g_api->CreateTensorTypeAndShapeInfo(&out_info));
+      std::unique_ptr<OrtTensorTypeAndShapeInfo, void (*)(OrtTensorTypeAndShapeInfo*)> out_guard(
+          out_info, [](OrtTensorTypeAndShapeInfo* p) { g_api->ReleaseTensorTypeAndShapeInfo(p); });
+      check(g_api->SetTensorElementType(out_info, type));
+      check(g_api->SetDimensions(out_info, dims.data(), rank));
       check(g_api->SetSymbolicDimensions(out_info, names.data(), rank));
+      check(g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out_info));
     }
-    check(g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out_info));
     // Static mismatches are reported here too, although the runtime may only log them; the
     // kernel checks again with the real shapes.
     AttrSource src;
