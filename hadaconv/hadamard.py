@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ import numpy as np
 from hadaconv.errors import HadaconvError
 
 __all__ = [
+    "MAX_ORDER",
     "Factorization",
     "UnsupportedSizeError",
     "factorize",
@@ -43,6 +45,11 @@ __all__ = [
     "nearest_supported",
     "supported_cores",
 ]
+
+
+#: The largest order hadaconv builds: the op library's limit on n (``kMaxWidth`` in
+#: custom_ops/src/hadamard_op.cc), far above any model width.
+MAX_ORDER = 1 << 26
 
 
 class UnsupportedSizeError(HadaconvError, ValueError):
@@ -71,7 +78,8 @@ def _prime_power(q: int) -> tuple[int, int] | None:
     """Return (p, e) with q = p**e for a prime p, or None."""
     if q < 2:
         return None
-    p = next(d for d in itertools.count(2) if q % d == 0)
+    # Trial division up to sqrt(q): a prime q near MAX_ORDER takes 8,192 steps, not 67 million.
+    p = next((d for d in range(2, math.isqrt(q) + 1) if q % d == 0), q)
     e = 0
     while q % p == 0:
         q //= p
@@ -173,7 +181,7 @@ def _core_construction(m: int) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _factorize(n: int) -> Factorization | None:
-    if n < 1:
+    if n < 1 or n > MAX_ORDER:
         return None
     t = (n & -n).bit_length() - 1
     odd = n >> t
@@ -192,10 +200,11 @@ def is_supported(n: int) -> bool:
     return _factorize(int(n)) is not None
 
 
-def nearest_supported(n: int) -> tuple[int | None, int]:
-    """The nearest supported orders strictly below and above n (below is None for n <= 1)."""
-    below = next((c for c in range(n - 1, 0, -1) if is_supported(c)), None)
-    above = next(c for c in itertools.count(n + 1) if is_supported(c))
+def nearest_supported(n: int) -> tuple[int | None, int | None]:
+    """The nearest supported orders strictly below and above n (below is None for n <= 1, above
+    for n >= MAX_ORDER)."""
+    below = next((c for c in range(min(n, MAX_ORDER + 1) - 1, 0, -1) if is_supported(c)), None)
+    above = next((c for c in range(max(n + 1, 1), MAX_ORDER + 1) if is_supported(c)), None)
     return below, above
 
 
@@ -206,6 +215,9 @@ def factorize(n: int) -> Factorization:
     """
     if int(n) < 1:
         raise UnsupportedSizeError(f"a Hadamard order is a positive size, got {n}")
+    if int(n) > MAX_ORDER:
+        raise UnsupportedSizeError(f"Hadamard orders above 2^26 = {MAX_ORDER:,} are not supported "
+                                   f"(the op library's limit), got {n}")
     f = _factorize(int(n))
     if f is None:
         below, above = nearest_supported(int(n))

@@ -669,6 +669,8 @@ ROWS = [
     # --------------------------------------------------------------- hadamard
     Row("hadamard-zero", lambda w, t: ["hadamard", "0"], r"a Hadamard order is a positive size, got 0"),
     Row("hadamard-unsupported", lambda w, t: ["hadamard", "92"], r"no Hadamard matrix of order 92.*nearest"),
+    # A 20-digit order factored by trial division for hours (found by a newcomer); refused at once now.
+    Row("hadamard-huge", lambda w, t: ["hadamard", "99999999999999999999"], r"orders above 2\^26 .* not supported"),
 ]
 
 

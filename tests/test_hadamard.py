@@ -11,6 +11,7 @@ from hadaconv.hadamard import (
     hadamard_core,
     hadamard_matrix,
     is_supported,
+    MAX_ORDER,
     nearest_supported,
     supported_cores,
 )
@@ -91,6 +92,18 @@ def test_unsupported_size_names_neighbours():
     assert not is_supported(92) and not is_supported(0)
     with pytest.raises(UnsupportedSizeError):
         factorize(0)
+
+
+def test_orders_stop_at_the_op_limit():
+    """Orders above MAX_ORDER (the op library's n limit) are refused before any factoring; below
+    it, a core whose q is a large prime is recognised by trial division up to sqrt(q) only."""
+    with pytest.raises(UnsupportedSizeError, match="above 2\\^26"):
+        factorize(MAX_ORDER + 4)
+    assert not is_supported(10**20) and nearest_supported(MAX_ORDER + 4) == (MAX_ORDER, None)
+    assert factorize(MAX_ORDER).m == 1
+    # 2 * (q + 1) with q = 8388593, a prime = 1 (mod 4): a paley2 core of order 16777188.
+    f = factorize(4 * 16777188)
+    assert (f.m, f.k) == (16777188, 2) and f.construction == "paley2(8388593)"
 
 
 def test_paley1_core_is_not_symmetric():
