@@ -151,12 +151,16 @@ def main() -> None:
     console.print("(this table measures held-out windows of the model's own sampled text: its perplexity is high for "
                   "any model, the original included; the KL to the teacher chooses the state kept; the final table "
                   "measures text of other domains)")
+    if dreport.steps < 10:  # a busy machine: the "+ distilled" row would read as if distillation had run
+        console.print(f"[bold]only {dreport.steps} distillation steps fitted in {args.distill_minutes:g} min on this "
+                      "machine (18 on a quiet 2-core Xeon): too few to change the model much; "
+                      "--distill-minutes gives it more[/]")
     lap("distill")
 
     console.rule("4. export to ONNX (dense baseline and converted) and generate")
     rows, bundles, opened = {}, {}, {}
     for name, model in (("original (dense)", teacher), ("hadaconv", student)):
-        bundles[name] = args.work / ("dense.onnx" if model is teacher else "hadaconv.onnx")
+        bundles[name] = args.work / ("dense-bundle" if model is teacher else "hadaconv-bundle")
         export_onnx(model, bundles[name], tokenizer=tok, log=console.print)
         session = opened[name] = open_for_timing(bundles[name])
         gen = generate(session, QUESTION, max_new_tokens=48, chat=True)
@@ -183,6 +187,8 @@ def main() -> None:
                   "+ distilled": (*converted, speed["hadaconv"])}
     console.print(before_after(f"hadaconv demo: SmolLM2-135M, {len(report.converted)} of {len(report.layers)} "
                                f"attention output projections converted (block {report.block})", table_rows, caption))
+    console.print(f"the ONNX bundles are in {args.work}/; try: hadaconv run {bundles['hadaconv']} --chat "
+                  f"--prompt {QUESTION!r}")
 
 
 if __name__ == "__main__":

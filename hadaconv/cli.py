@@ -43,7 +43,8 @@ def cli() -> None:
     """
 
 
-@cli.command("hadamard")
+# A negative N is an argument, not an unknown option, so it gets the same message as 0.
+@cli.command("hadamard", context_settings={"ignore_unknown_options": True})
 @click.argument("n", type=int)
 def hadamard_cmd(n: int) -> None:
     """Show how a width N factors into a Hadamard core m and a power of two."""

@@ -555,8 +555,11 @@ def convert_file(
     """Load ``source`` (any input :func:`hadaconv.io.load_model` accepts) on ``device`` in
     ``dtype`` (see :mod:`hadaconv.device`; "auto" keeps the checkpoint's dtype, and the saved
     folder has it too; half precision is computed in float32 on the CPU), convert it and save a
-    folder that :func:`hadaconv.load` rebuilds.  The input is never modified; a failure leaves no output folder behind.  Under ``torchrun`` the
-    statistics are shared (see :func:`collect_statistics`) and rank 0 alone writes.
+    folder that :func:`hadaconv.load` rebuilds.  The input is never modified; a failure leaves no
+    output folder behind, and what can be known before the work fails before it (an existing
+    output, a module that cannot be saved without pickle: :func:`hadaconv.io.check_savable`).
+    Under ``torchrun`` the statistics are shared (see :func:`collect_statistics`) and rank 0
+    alone writes.
 
     ``source`` may be a converted folder: its converted layers stay as they are, the others are
     the candidates, and the new folder lists both (and keeps the original ``source`` as the
@@ -565,7 +568,7 @@ def convert_file(
     """
     from hadaconv.adapters import find_adapter as _find
     from hadaconv.atomic import check_output
-    from hadaconv.io import hadaconv_meta, load_model, save_converted
+    from hadaconv.io import check_savable, hadaconv_meta, load_model, save_converted
 
     cfg = config or ConvertConfig()
     _check_config(cfg)
@@ -577,6 +580,7 @@ def convert_file(
         raise HadaconvError(f"{source} was converted with --target {previous.get('target')!r}: convert it "
                             "again with the same --target")
     model = loaded.model
+    check_savable(model)
     adapter = _find(model, target=target) if target else None
     stored = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     # CPU half-precision products are slow (a bfloat16 GEMM measured 7x slower than float32 on

@@ -649,7 +649,9 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
     except HadaconvError:
         raise
     except Exception as exc:  # noqa: BLE001 - the GGUF reader and tokenizer raise anything on a damaged file
-        raise ModelFormatError(f"cannot load the GGUF file {path}: {_first_line(exc)}") from None
+        # gguf-py reads the header with struct: a file that ends early fails as "unpack_from requires...".
+        why = f"truncated or damaged ({_first_line(exc)})" if isinstance(exc, struct.error) else _first_line(exc)
+        raise ModelFormatError(f"cannot load the GGUF file {path}: {why}") from None
     return Loaded(model, tokenizer, f"GGUF file {path}", "gguf", None)
 
 
@@ -671,15 +673,34 @@ def _load_state_dict(path: Path, state: dict, config, fmt: str) -> Loaded:
     return Loaded(model, tokenizer, f"{fmt} {path} with config {config_path}", fmt, tokenizer_source)
 
 
+def _torch_load_failure(exc: Exception) -> str:
+    """Why torch.load(weights_only=True) failed, in one line without torch's advice to load with
+    weights_only=False (wrong for a damaged file, and hadaconv's own switch is --trust-pickle)."""
+    if isinstance(exc, KeyError):  # torch's error on a file that is no archive at all
+        return "not a torch.save archive"
+    reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+    if reason:
+        return f"damaged or not a torch.save file ({reason.group(1).strip()})"
+    reason = re.match(r"PytorchStreamReader failed ([^.]*)", str(exc))
+    if reason:
+        return f"the archive is damaged or truncated ({reason.group(1).strip()})"
+    return _first_line(exc)
+
+
 def _load_torch_file(path: Path, config, trust_pickle: bool) -> Loaded:
+    with path.open("rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive, or (before torch 1.6, or with the legacy switch) a pickle,
+    # whose first byte is the PROTO opcode.
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+        raise ModelFormatError(f"cannot read {path} as a torch.save file: it is neither a zip archive nor a pickle "
+                               "(damaged, or another format)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refusals and corrupt archives share no common type
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if found is None:
-            # torch's errors on a file that is no archive at all can be a bare KeyError(101).
-            why = _first_line(exc) if not isinstance(exc, KeyError) else "not a torch.save archive"
-            raise ModelFormatError(f"cannot read {path} as a torch.save file: {why}") from None
+            raise ModelFormatError(f"cannot read {path} as a torch.save file: {_torch_load_failure(exc)}") from None
         if not trust_pickle:
             raise HadaconvError(
                 f"refusing to unpickle {path}: it holds Python objects (e.g. {found.group(1)}), not just "
@@ -690,6 +711,12 @@ def _load_torch_file(path: Path, config, trust_pickle: bool) -> Loaded:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:  # arbitrary unpickling can fail in arbitrary ways
             raise HadaconvError(f"cannot unpickle {path}: {_first_line(exc2)}") from None
+    if type(obj) is nn.MultiheadAttention:
+        # The model itself cannot be swapped in place for the hookable subclass that conversion
+        # needs (prepare_mha replaces children only); a loaded file can.
+        from hadaconv.adapters.mha import HookableMultiheadAttention
+
+        obj = HookableMultiheadAttention.from_module(obj)
     if isinstance(obj, nn.Module):
         return Loaded(obj, None, f"pickled module {path}", "torch-module", None)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -757,6 +784,15 @@ def _state_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
         storages.add(ptr)
         tensors[name] = t.cpu()
     return tensors, aliases
+
+
+def check_savable(model: nn.Module) -> None:
+    """Raise HadaconvError (one line) if :func:`save_converted` could not save ``model``: a module
+    that is neither a Hugging Face model nor an ``nn.TransformerEncoder``/``nn.TransformerDecoder``
+    stack.  Called before a conversion, so that it does not fail after the work."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        _torch_recipe(model)
 
 
 def _config_for_saving(model: nn.Module, meta: dict) -> dict:

@@ -233,6 +233,11 @@ def _width_92(folder: Path) -> Path:
     return folder
 
 
+def _truncated_pt(path: Path) -> Path:
+    torch.save({"weight": torch.ones(3)}, path)
+    return _write(path, path.read_bytes()[:300])
+
+
 def _state_dict(path: Path) -> Path:
     torch.save({"weight": torch.ones(3)}, path)
     return path
@@ -404,7 +409,7 @@ ROWS = [
     Row("convert-existing-output",
         lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), *TINY), r"out already exists and is not empty: pass --overwrite to replace it"),
     Row("convert-text-named-pt", lambda w, t: _convert(_write(t / "m.pt", "hello world\n"), t / "out"),
-        r"cannot read .*m\.pt as a torch\.save file: not a torch\.save archive"),
+        r"cannot read .*m\.pt as a torch\.save file: it is neither a zip archive nor a pickle"),
     Row("convert-unsupported-width", lambda w, t: _convert(_width_92(t / "w"), t / "out", "--calib", "none"),
         r"o_proj: no Hadamard matrix of order 92 can be built .* nearest supported sizes: 88 or 96"),
     Row("convert-state-dict-config-missing",
@@ -472,6 +477,12 @@ ROWS = [
         r"cannot write .*ro/out: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
     # --------------------------------------------------------------- inspect
     Row("inspect-missing-file", lambda w, t: ["inspect", t / "nope.gguf"], r"no such file or folder"),
+    # torch's own wording advises weights_only=False, wrong for a damaged file (found by a newcomer).
+    Row("inspect-truncated-pt", lambda w, t: ["inspect", _truncated_pt(t / "m.pt")],
+        r"m\.pt as a torch\.save file: the archive is damaged or truncated \(reading zip archive"),
+    Row("inspect-damaged-pickle-trusted", lambda w, t: ["inspect", _write(t / "m.pt", b"\x80\x02\xf5junk"),
+                                                        "--trust-pickle"],
+        r"m\.pt as a torch\.save file: damaged or not a torch\.save file \(Unsupported operand 245\)$"),
     Row("inspect-gguf-two-billion-blocks", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 2 ** 31)],
         r"m\.gguf declares 2147483648 layers: not a model hadaconv loads \(1 to 1024\)"),
     Row("inspect-gguf-no-tensors", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, ())],
@@ -482,6 +493,8 @@ ROWS = [
         r"m\.gguf: the weights do not match the config: \d+ missing"),
     Row("inspect-random-gguf", lambda w, t: ["inspect", _write(t / "m.gguf", os.urandom(512))],
         r"cannot load the GGUF file"),
+    Row("inspect-gguf-header-only", lambda w, t: ["inspect", _write(t / "m.gguf", b"GGUF\x03\x00\x00\x00")],
+        r"cannot load the GGUF file .*m\.gguf: truncated or damaged \(unpack_from requires"),
     Row("inspect-block-0", lambda w, t: ["inspect", w.hf, "--block", "0"], r"'--block': 0 is not in the range"),
     Row("inspect-rank-negative", lambda w, t: ["inspect", w.hf, "--rank", "-1"], r"'--rank': -1 is not in the range"),
     Row("inspect-onnx-bundle", lambda w, t: ["inspect", w.bundle],
@@ -668,6 +681,7 @@ ROWS = [
         r"the shard of lm_head\.weight must be a file name in the folder, got 5"),
     # --------------------------------------------------------------- hadamard
     Row("hadamard-zero", lambda w, t: ["hadamard", "0"], r"a Hadamard order is a positive size, got 0"),
+    Row("hadamard-negative", lambda w, t: ["hadamard", "-5"], r"a Hadamard order is a positive size, got -5"),
     Row("hadamard-unsupported", lambda w, t: ["hadamard", "92"], r"no Hadamard matrix of order 92.*nearest"),
     # A 20-digit order factored by trial division for hours (found by a newcomer); refused at once now.
     Row("hadamard-huge", lambda w, t: ["hadamard", "99999999999999999999"], r"orders above 2\^26 .* not supported"),

@@ -128,6 +128,26 @@ def test_pickled_module_needs_consent(tmp_path):
     assert _digest(tmp_path / "model.pt") == before
 
 
+def test_a_pickled_bare_multihead_attention_is_found_and_refused_before_conversion(tmp_path):
+    """A bare nn.MultiheadAttention cannot be swapped in place for the hookable subclass: loaded
+    from a file it is swapped at load (same outputs, its out_proj listed); given to convert() as
+    an object it is one clear error, not "no attention output projections"; and convert_file
+    refuses it before the work, since it cannot be saved without pickle (found by a newcomer)."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(64, 4, batch_first=True)
+    torch.save(mha, tmp_path / "mha.pt")
+    loaded = load_model(tmp_path / "mha.pt", trust_pickle=True)
+    assert [layer.out_name for layer in attention_layers(loaded.model)] == ["out_proj"]
+    x = torch.randn(2, 5, 64)
+    assert torch.equal(loaded.model(x, x, x)[0], mha(x, x, x)[0])
+    _one_line_error("a bare nn.MultiheadAttention cannot be converted in place", attention_layers, mha)
+    from hadaconv.convert import ConvertConfig, convert_file
+
+    message = _one_line_error("cannot save a HookableMultiheadAttention without pickle", convert_file,
+                              tmp_path / "mha.pt", tmp_path / "out", ConvertConfig(calib="none"), trust_pickle=True)
+    assert "state_dict" in message and not (tmp_path / "out").exists()
+
+
 def test_dtype(llama_dir):
     assert next(load_model(llama_dir, dtype=torch.float64).model.parameters()).dtype == torch.float64
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from hadaconv.adapters.base import Adapter, AttentionLayer, ModelKind, WeightSlot
 from hadaconv.adapters.mha import HookableMultiheadAttention, prepare_mha
+from hadaconv.errors import HadaconvError
 
 
 def _matches(model: nn.Module) -> bool:
@@ -31,6 +32,10 @@ def _value_slot(mha: HookableMultiheadAttention) -> WeightSlot:
 
 
 def _layers(model: nn.Module) -> list[AttentionLayer]:
+    if type(model) is nn.MultiheadAttention:
+        raise HadaconvError("a bare nn.MultiheadAttention cannot be converted in place (it never calls out_proj as a "
+                            "module): pass HookableMultiheadAttention.from_module(mha) from hadaconv.adapters.mha, "
+                            "or the module that holds it")
     prepare_mha(model)
     layers = []
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, HookableMultiheadAttention)]
