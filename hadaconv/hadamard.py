@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,7 +78,14 @@ def _prime_power(q: int) -> tuple[int, int] | None:
     if q < 2:
         return None
     # Trial division up to sqrt(q): a prime q near MAX_ORDER takes 8,192 steps, not 67 million.
-    p = next((d for d in range(2, math.isqrt(q) + 1) if q % d == 0), q)
+    # Plain int arithmetic, no math.isqrt: torch.compile traces this (from the op's width check)
+    # and cannot trace isqrt.
+    p, d = q, 2
+    while d * d <= q:
+        if q % d == 0:
+            p = d
+            break
+        d += 1
     e = 0
     while q % p == 0:
         q //= p

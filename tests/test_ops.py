@@ -128,6 +128,15 @@ def test_bad_shapes_are_clear_errors():
         hadaconv.hadamard_affine(torch.randn(2, 16), None, torch.ones(15))
 
 
+def test_compile_with_dynamic_shapes_traces_the_width_check():
+    """Under dynamic shapes the op's width check (hadamard.factorize) is traced with a symbolic
+    width; math.isqrt there broke fullgraph compilation (seen when test_nn compiled the layer first)."""
+    layer = hadaconv.HadamardProjection(80, block=4)  # 80 = 20 x 4: paley1(19), a prime to trial-divide
+    x = torch.randn(3, 80)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
 def test_compile_and_export_match_eager():
     layer = hadaconv.HadamardProjection(48, block=4)
     with torch.no_grad():
