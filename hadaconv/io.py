@@ -786,18 +786,23 @@ def _state_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, aliases
 
 
+def _config_of(model: nn.Module) -> Any | None:
+    """The model's Hugging Face config (saved as config.json), or None for a plain torch module."""
+    config = getattr(model, "config", None)
+    return config if config is not None and hasattr(config, "to_json_string") else None
+
+
 def check_savable(model: nn.Module) -> None:
     """Raise HadaconvError (one line) if :func:`save_converted` could not save ``model``: a module
     that is neither a Hugging Face model nor an ``nn.TransformerEncoder``/``nn.TransformerDecoder``
     stack.  Called before a conversion, so that it does not fail after the work."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_json_string"):
+    if _config_of(model) is None:
         _torch_recipe(model)
 
 
 def _config_for_saving(model: nn.Module, meta: dict) -> dict:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
+    config = _config_of(model)
+    if config is not None:
         data = json.loads(config.to_json_string(use_diff=False))
         data["architectures"] = [type(model).__name__]  # load() rebuilds exactly this class
     else:
