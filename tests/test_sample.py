@@ -113,11 +113,49 @@ def test_calibration_sources_mix_and_default(tokenizer, tmp_path):
     own = tmp_path / "own.txt"
     own.write_text("user text " * 20, encoding="utf-8")
     texts, source = calibration_texts(model, tokenizer, None, samples=2, seq_len=6, progress=False)
-    assert len(texts) == 2 and "sampled from the model" in source
+    assert len(texts) == 1 and len(texts[0]) == 2 and "sampled from the model" in source
     mixed, source = calibration_texts(model, tokenizer, ["sample", str(own)], samples=2, seq_len=6, progress=False)
-    assert mixed == texts + [own.read_text(encoding="utf-8")] and str(own) in source
+    assert mixed == texts + [[own.read_text(encoding="utf-8")]] and str(own) in source
     encoder_texts, source = calibration_texts(make_tiny("bert"), tokenizer, None, progress=False)
-    assert "Shakespeare" in source and len(encoder_texts) > 10
+    assert "Shakespeare" in source and len(encoder_texts) == 1 and len(encoder_texts[0]) > 10
+
+
+def _word_ids(tokenizer, word: str) -> set[int]:
+    return set(tokenizer(f" {word} {word}", add_special_tokens=False)["input_ids"])
+
+
+def test_mixed_sources_share_the_windows_equally(tokenizer, tmp_path):
+    """A large file next to a small one: each gets half the windows (a concatenation would give
+    the large one nearly all), each with its own held-out tenth."""
+    from hadaconv.convert import ConvertConfig, calibration_batches
+
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    big.write_text("alpha " * 20_000, encoding="utf-8")
+    small.write_text("omega " * 800, encoding="utf-8")
+    cfg = ConvertConfig(calib=[str(big), str(small)], samples=40, seq_len=16, batch_size=4, progress=False)
+    data = calibration_batches(make_tiny("llama"), tokenizer, cfg)
+    alpha, omega = _word_ids(tokenizer, "alpha"), _word_ids(tokenizer, "omega")
+
+    def count(batches, ids):
+        return sum(int(set(w.tolist()) <= ids) for b in batches for w in b["input_ids"])
+
+    assert (count(data.calib, alpha), count(data.calib, omega)) == (18, 18)
+    assert (count(data.heldout, alpha), count(data.heldout, omega)) == (2, 2)
+
+
+def test_a_short_source_gives_what_it_has_and_the_others_make_up_the_rest(tokenizer):
+    from hadaconv.calibrate import mixed_windows
+    from hadaconv.errors import InputError
+
+    long, short, other = ["alpha " * 4000], ["omega " * 70], ["delta " * 4000]
+    calib, held = mixed_windows(tokenizer, [long, short, other], samples=30, seq_len=16, heldout=0)
+    assert calib.shape == (30, 16) and held.shape == (0, 16)
+    per_source = [sum(int(set(w.tolist()) <= _word_ids(tokenizer, word)) for w in calib)
+                  for word in ("alpha", "omega", "delta")]
+    made = len(tokenizer(" omega" * 70, add_special_tokens=False)["input_ids"]) // 16  # about 4 windows
+    assert per_source[1] == made and sorted(per_source[::2]) == [(30 - made) // 2, 30 - made - (30 - made) // 2]
+    with pytest.raises(InputError, match="3 calibration sources need at least 3 windows, got 2"):
+        mixed_windows(tokenizer, [long, short, other], samples=2, seq_len=16)
 
 
 def test_bad_sampling_and_calibration_flags(tmp_path, capsys):

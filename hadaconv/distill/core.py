@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import Adapter, find_adapter
-from hadaconv.calibrate import HELDOUT_EVERY, token_windows
+from hadaconv.calibrate import HELDOUT_EVERY, mixed_windows
 from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
@@ -72,7 +72,8 @@ class DistillConfig:
         sampled: sequences the teacher writes for the data source "sample" (the first 128 shared
             with a default conversion's cache, the rest sampled once and cached; more is more
             distinct text, at a one-off sampling cost).
-        samples, seq_len: training windows (token_windows; a tenth held out for evaluation).
+        samples, seq_len: training windows (mixed_windows: an equal share per source, a tenth held
+            out for evaluation).
         batch_size: windows per optimizer step, over all ranks (the global batch).
         accumulate: micro-batches per rank and step (gradient accumulation).
         lr, warmup_steps, min_lr_ratio, weight_decay, clip: AdamW, linear warmup, cosine decay
@@ -452,7 +453,7 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
     """The training windows, the held-out windows, and a report that names both."""
     texts, data_source = calibration_texts(teacher, tokenizer, cfg.data, samples=cfg.sampled, seq_len=cfg.seq_len,
                                            progress=cfg.progress and main)
-    train, heldout = token_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
+    train, heldout = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
     if cfg.eval_text:
         path = Path(cfg.eval_text)
         if not path.is_file():
