@@ -186,8 +186,10 @@ def mixed_windows(
     only as general as the mixture: a large user file would otherwise swamp the model's own
     text (benchmarks/RESULTS.md, "Calibration text, not the form, decides the ten-layer Bible
     gap").  Returns (calibration ids [N, seq_len], held-out ids [M, seq_len]) in source order;
-    raises InputError when ``samples`` is smaller than the number of sources.
+    raises InputError when there are no sources or fewer ``samples`` than sources.
     """
+    if not sources:
+        raise InputError("no calibration sources given")
     if len(sources) == 1:
         return token_windows(tokenizer, sources[0], samples=samples, seq_len=seq_len, heldout=heldout)
     if samples < len(sources):

@@ -156,6 +156,8 @@ def test_a_short_source_gives_what_it_has_and_the_others_make_up_the_rest(tokeni
     assert per_source[1] == made and sorted(per_source[::2]) == [(30 - made) // 2, 30 - made - (30 - made) // 2]
     with pytest.raises(InputError, match="3 calibration sources need at least 3 windows, got 2"):
         mixed_windows(tokenizer, [long, short, other], samples=2, seq_len=16)
+    with pytest.raises(InputError, match="no calibration sources given"):
+        mixed_windows(tokenizer, [], samples=2, seq_len=16)
 
 
 def test_bad_sampling_and_calibration_flags(tmp_path, capsys):
