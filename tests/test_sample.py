@@ -113,11 +113,11 @@ def test_calibration_sources_mix_and_default(tokenizer, tmp_path):
     own = tmp_path / "own.txt"
     own.write_text("user text " * 20, encoding="utf-8")
     texts, source = calibration_texts(model, tokenizer, None, samples=2, seq_len=6, progress=False)
-    assert len(texts) == 1 and len(texts[0]) == 2 and "sampled from the model" in source
+    assert len(texts) == 1 and len(texts[0]) == 2 and "sampled from the model" in source[0]
     mixed, source = calibration_texts(model, tokenizer, ["sample", str(own)], samples=2, seq_len=6, progress=False)
-    assert mixed == texts + [[own.read_text(encoding="utf-8")]] and str(own) in source
+    assert mixed == texts + [[own.read_text(encoding="utf-8")]] and source[1] == str(own)
     encoder_texts, source = calibration_texts(make_tiny("bert"), tokenizer, None, progress=False)
-    assert "Shakespeare" in source and len(encoder_texts) == 1 and len(encoder_texts[0]) > 10
+    assert "Shakespeare" in source[0] and len(encoder_texts) == 1 and len(encoder_texts[0]) > 10
 
 
 def _word_ids(tokenizer, word: str) -> set[int]:
@@ -141,6 +141,10 @@ def test_mixed_sources_share_the_windows_equally(tokenizer, tmp_path):
 
     assert (count(data.calib, alpha), count(data.calib, omega)) == (18, 18)
     assert (count(data.heldout, alpha), count(data.heldout, omega)) == (2, 2)
+    assert data.source == f"{big} [20 windows] + {small} [20 windows]"
+    # Interleaved: the first windows (the sensitivity probe's) come from both sources.
+    first_two = data.heldout[0]["input_ids"][:2].tolist()
+    assert [set(w) <= alpha for w in first_two] == [True, False]
 
 
 def test_a_short_source_gives_what_it_has_and_the_others_make_up_the_rest(tokenizer):
@@ -148,13 +152,13 @@ def test_a_short_source_gives_what_it_has_and_the_others_make_up_the_rest(tokeni
     from hadaconv.errors import InputError
 
     long, short, other = ["alpha " * 4000], ["omega " * 70], ["delta " * 4000]
-    calib, held = mixed_windows(tokenizer, [long, short, other], samples=30, seq_len=16, heldout=0)
-    assert calib.shape == (30, 16) and held.shape == (0, 16)
+    calib, held, windows = mixed_windows(tokenizer, [long, short, other], samples=30, seq_len=16, heldout=0)
+    assert calib.shape == (30, 16) and held.shape == (0, 16) and sum(windows) == 30
     per_source = [sum(int(set(w.tolist()) <= _word_ids(tokenizer, word)) for w in calib)
                   for word in ("alpha", "omega", "delta")]
     made = len(tokenizer(" omega" * 70, add_special_tokens=False)["input_ids"]) // 16  # about 4 windows
     assert per_source[1] == made and sorted(per_source[::2]) == [(30 - made) // 2, 30 - made - (30 - made) // 2]
-    with pytest.raises(InputError, match="3 calibration sources need at least 3 windows, got 2"):
+    with pytest.raises(InputError, match="3 calibration sources need at least 3 windows to share, got 2: raise --samples"):
         mixed_windows(tokenizer, [long, short, other], samples=2, seq_len=16)
     with pytest.raises(InputError, match="no calibration sources given"):
         mixed_windows(tokenizer, [], samples=2, seq_len=16)

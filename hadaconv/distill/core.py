@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import Adapter, find_adapter
-from hadaconv.calibrate import HELDOUT_EVERY, mixed_windows
+from hadaconv.calibrate import HELDOUT_EVERY, describe_sources, mixed_windows
 from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
@@ -451,9 +451,10 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
 def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
            main: bool) -> tuple[torch.Tensor, torch.Tensor, DistillReport]:
     """The training windows, the held-out windows, and a report that names both."""
-    texts, data_source = calibration_texts(teacher, tokenizer, cfg.data, samples=cfg.sampled, seq_len=cfg.seq_len,
-                                           progress=cfg.progress and main)
-    train, heldout = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
+    texts, names = calibration_texts(teacher, tokenizer, cfg.data, samples=cfg.sampled, seq_len=cfg.seq_len,
+                                     progress=cfg.progress and main)
+    train, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
+    data_source = describe_sources(names, windows)
     if cfg.eval_text:
         path = Path(cfg.eval_text)
         if not path.is_file():

@@ -88,7 +88,8 @@ def distill_file(
     if not isinstance(meta, dict):
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: run hadaconv convert first")
     check_output(out, overwrite, folder=True)
-    check_sources(cfg.data, "training text")  # a mistyped --data path fails here, not after two models are loaded
+    # A mistyped --data path, or an empty file, fails here, not after two models are loaded.
+    check_sources(cfg.data, "training text", samples=cfg.samples)
     source = _teacher(converted, meta, teacher)
     student = load_model(converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
