@@ -25,8 +25,8 @@ from hadaconv.sample import read_jsonl
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
-__all__ = ["MomentCollector", "Moments", "process_group", "default_corpus", "describe_sources", "load_texts", "mixed_windows", "text_windows",
-           "token_windows"]
+__all__ = ["MomentCollector", "Moments", "process_group", "default_corpus", "describe_sources", "load_texts",
+           "mixed_windows", "text_windows", "token_windows"]
 
 
 @dataclass
@@ -202,7 +202,7 @@ def token_windows(
 
 def mixed_windows(
     tokenizer, sources: Sequence[Sequence[str]], *, samples: int, seq_len: int, heldout: float = 1 / HELDOUT_EVERY
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Pack several sources (each a list of texts) into ``samples`` windows, an equal share each.
 
     A source too short for its share gives every window it has, and the others make up the

@@ -557,9 +557,10 @@ def _duration(text: str | None) -> float | None:
 @click.option("--train", type=click.Choice(["attention", "all"]), default="all", show_default=True,
               help="attention: only the converted attention blocks (q, k, v, gamma, beta); all: every parameter.")
 @click.option("--data", multiple=True,
-              help="Training text, repeatable (several sources share the windows equally): 'sample' (--sampled sequences the original model "
-                   "writes, sampled once and cached; the first 128 are a default convert's at the same --seq-len), "
-                   "'shakespeare', file(s), folder(s), JSONL with 'text'.  [default: sample]")
+              help="Training text, repeatable: 'sample' (--sampled sequences the original model writes, sampled "
+                   "once and cached; the first 128 are a default convert's at the same --seq-len), 'shakespeare', "
+                   "file(s), folder(s), JSONL with 'text'.  Several sources share the windows equally.  "
+                   "[default: sample]")
 @click.option("--sampled", type=click.IntRange(min=1), default=256, show_default=True,
               help="Sequences of --seq-len tokens the original model writes for --data sample (sampled once per "
                    "model and cached; more is more distinct text, fewer repeats, at a one-off sampling cost).")
