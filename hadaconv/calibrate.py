@@ -120,8 +120,8 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
         texts += read_jsonl(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8", errors="replace")]
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise HadaconvError(f"{', '.join(map(str, sources or ['the default corpus']))} "
-                            f"hold{'s' if len(sources or [0]) == 1 else ''} no text")
+        names = [str(src) for src in sources] if sources else ["the default corpus"]
+        raise HadaconvError(f"{', '.join(names)} {'holds' if len(names) == 1 else 'hold'} no text")
     return texts
 
 
@@ -224,32 +224,31 @@ def mixed_windows(
     _check_shares(len(sources), samples)
     shares = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
     parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    given = [0] * len(sources)
     full = set(range(len(sources)))  # sources that may still give more
     while True:
-        for i in sorted(full):
+        for i in full:
             parts[i] = token_windows(tokenizer, sources[i], samples=shares[i], seq_len=seq_len, heldout=heldout)
-        short = {i for i in full if sum(map(len, parts[i])) < shares[i]}
+            given[i] = sum(map(len, parts[i]))
+        short = {i for i in full if given[i] < shares[i]}
         if not short or short == full:
             break
-        missing = 0  # the windows the short sources cannot give go to the others, evenly
+        # The windows the short sources cannot give go to the others, evenly.
+        missing = sum(shares[i] - given[i] for i in short)
         for i in short:
-            got = sum(map(len, parts[i]))
-            missing, shares[i] = missing + shares[i] - got, got
+            shares[i] = given[i]
         full -= short
         for k, j in enumerate(sorted(full)):
             shares[j] += missing // len(full) + (k < missing % len(full))
     ordered = [parts[i] for i in range(len(sources))]
-    return (_interleave([c for c, _ in ordered]), _interleave([h for _, h in ordered]),
-            [len(c) + len(h) for c, h in ordered])
+    return _interleave([c for c, _ in ordered]), _interleave([h for _, h in ordered]), given
 
 
 def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
     """The rows of the parts, one from each in turn (a part that runs out drops out)."""
-    offsets = [0]
-    for part in parts[:-1]:
-        offsets.append(offsets[-1] + len(part))
-    order = sorted((j, i) for i, part in enumerate(parts) for j in range(len(part)))
-    return torch.cat(parts)[torch.tensor([offsets[i] + j for j, i in order], dtype=torch.long)]
+    within = torch.cat([torch.arange(len(part)) for part in parts])
+    source = torch.cat([torch.full((len(part),), i) for i, part in enumerate(parts)])
+    return torch.cat(parts)[torch.argsort(within * len(parts) + source)]
 
 
 def describe_sources(names: Sequence[str], windows: Sequence[int]) -> str:

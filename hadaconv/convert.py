@@ -156,7 +156,6 @@ def _check_config(cfg: ConvertConfig) -> None:
         raise InputError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib and len(cfg.calib) > 1:
         raise InputError("--calib none (a data-free fit) cannot be mixed with other calibration sources")
-    check_sources(cfg.calib, samples=cfg.samples if isinstance(cfg.samples, int) else None)
     if cfg.layers is not None and not list(cfg.layers):
         raise InputError("--layers selects no layers: give indices like 0,3,5-9 (None = all)")
     for name, least in (("block", 1), ("samples", 2), ("seq_len", 2), ("batch_size", 1), ("rank", 0)):
@@ -165,6 +164,7 @@ def _check_config(cfg: ConvertConfig) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise InputError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
+    check_sources(cfg.calib, samples=cfg.samples)  # after the integer checks: the shares need an int
 
 
 def _check_moments(layer: AttentionLayer, moments: Moments) -> None:
