@@ -139,9 +139,9 @@ def test_a_pickled_bare_multihead_attention_is_found_and_refused_before_conversi
     loaded = load_model(tmp_path / "mha.pt", trust_pickle=True)
     assert [layer.out_name for layer in attention_layers(loaded.model)] == ["out_proj"]
     x = torch.randn(2, 5, 64)
-    # The hookable subclass projects q, k and v with three GEMMs where nn.MultiheadAttention uses one
-    # packed GEMM: equal up to float32 rounding (1.2e-7 on an AMD EPYC, bit-equal on the Xeons); a
-    # wrong weight is O(0.1) off.
+    # nn.MultiheadAttention's reference path computes sequence-first (it transposes batch-first
+    # inputs), the hookable subclass batch-first; the same GEMMs on the two layouts round apart
+    # on some CPUs (1.2e-7 on an AMD EPYC, bit-equal on the Xeons); a wrong weight is O(0.1) off.
     torch.testing.assert_close(loaded.model(x, x, x)[0], mha(x, x, x)[0], rtol=1e-6, atol=1e-6)
     _one_line_error("a bare nn.MultiheadAttention cannot be converted in place", attention_layers, mha)
     from hadaconv.convert import ConvertConfig, convert_file
