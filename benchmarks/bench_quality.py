@@ -48,7 +48,7 @@ from common import heldout_domains, machine, smollm2_path  # noqa: E402
 from hadaconv.blockwise import convert_blockwise, decoder  # noqa: E402
 from hadaconv.calibrate import MomentCollector, text_windows  # noqa: E402
 from hadaconv.convert import (  # noqa: E402
-    ConvertConfig, calibration_batches, convert, choose_layers, collect_statistics, find_target, fit_layer, fit_layers,
+    ConvertConfig, calibration_batches, collect_statistics, find_target, fit_layer, fit_layers,
     layer_row, rank_layers)
 from hadaconv.distill.core import DEFAULT_SAMPLES  # noqa: E402
 from hadaconv.evaluate import perplexity  # noqa: E402

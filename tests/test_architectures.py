@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 
 import numpy as np
@@ -37,7 +36,7 @@ REAL_CACHE = __import__("hadaconv.realmodels").realmodels.cache_dir()
 
 def _reference(layer: HadamardProjection) -> torch.Tensor:
     """G R H / sqrt(n) as a dense float64 matrix, built from the explicit Hadamard matrix."""
-    n, d_in, d_out = layer.n, layer.in_features, layer.out_features
+    n, d_in = layer.n, layer.in_features
     t = torch.tensor(hadamard_matrix(n, normalized=True), dtype=torch.float64)
     rt = t[:, :d_in] if layer.keep is None else t[layer.keep]  # padding drops columns; selection keeps rows
     g = layer.gamma.detach().double()

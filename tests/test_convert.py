@@ -5,17 +5,15 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import hadaconv
 from hadaconv.adapters import find_adapter
-from hadaconv.convert import ConvertConfig, convert, convert_file
-from hadaconv.fit import HeadLayout
+from hadaconv.convert import ConvertConfig, convert
 from hadaconv.nn import HadamardProjection
-from tiny_models import FAMILIES, HF_FAMILIES, TORCH_FAMILIES, example_inputs, make_tiny
+from tiny_models import FAMILIES, HF_FAMILIES, example_inputs, make_tiny
 
 TEXT_FAMILIES = [f for f in HF_FAMILIES if f != "vit"]
 FAST = dict(samples=12, seq_len=32, batch_size=4, max_iter=10, sensitivity_windows=2)

@@ -7,7 +7,6 @@ reuses its bundle)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
