@@ -1,6 +1,12 @@
 """hadaconv: replace the dense attention output projections of trained transformers with
 fast Walsh-Hadamard projections, and deploy them.
 
+What the CLI's verbs do, from Python: ``convert_file(source, out, ConvertConfig(...))`` (or
+``hadaconv.convert.convert(model, tokenizer, cfg)`` in memory, then ``save(model, out)``),
+``distill_file(converted, out, DistillConfig(...))`` (or ``hadaconv.distill.distill``),
+``export_onnx(model, out)``, ``hadaconv.generate.generate(bundle, prompt)``; ``load(folder)``
+rebuilds a converted folder, ``load_model(path)`` reads a model of any supported format.
+
 The public names below, and the submodules (``hadaconv.io``, ``hadaconv.ops``, ...), are
 imported on first use (PEP 562), not with the package: they pull in torch and transformers
 (about 3 s), which ``hadaconv --help`` and the CLI's argument checks do not need.  The torch
@@ -15,9 +21,14 @@ from importlib.util import find_spec as _find_spec
 from hadaconv._version import __version__
 from hadaconv.errors import HadaconvError
 
-#: Public name -> (module, attribute; None for the module itself).
+#: Public name -> (module, attribute).  The verbs ``convert`` and ``distill`` stay submodules
+#: (hadaconv.convert.convert, hadaconv.distill.distill): a function of the same name here would
+#: be replaced by the module the moment it is imported.
 _LAZY = {
-    "distill": ("hadaconv.distill", None),
+    "ConvertConfig": ("hadaconv.convert", "ConvertConfig"),
+    "convert_file": ("hadaconv.convert", "convert_file"),
+    "DistillConfig": ("hadaconv.distill", "DistillConfig"),
+    "distill_file": ("hadaconv.distill", "distill_file"),
     "export_onnx": ("hadaconv.export", "export_onnx"),
     "factorize": ("hadaconv.hadamard", "factorize"),
     "fwht": ("hadaconv.ops", "fwht"),
@@ -26,7 +37,9 @@ _LAZY = {
     "hadamard_matrix": ("hadaconv.hadamard", "hadamard_matrix"),
     "HadamardProjection": ("hadaconv.nn", "HadamardProjection"),
     "load": ("hadaconv.io", "load"),
+    "load_model": ("hadaconv.io", "load_model"),
     "patch": ("hadaconv.swap", "patch"),
+    "save": ("hadaconv.io", "save"),
 }
 
 __all__ = ["HadaconvError", "__version__", *_LAZY]
@@ -38,7 +51,7 @@ def __getattr__(name: str):
             return _import_module(f"hadaconv.{name}")  # a submodule, as after ``import hadaconv.<name>``
         raise AttributeError(f"module 'hadaconv' has no attribute {name!r}")
     module, attr = _LAZY[name]
-    value = _import_module(module) if attr is None else getattr(_import_module(module), attr)
+    value = getattr(_import_module(module), attr)
     globals()[name] = value  # once: later lookups do not come here
     return value
 

@@ -25,7 +25,7 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from hadaconv.errors import OutputError, output_error
+from hadaconv.errors import OutputError, option, output_error
 
 __all__ = ["atomic_file", "atomic_folder", "check_output"]
 
@@ -59,8 +59,8 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
         _check_writable(path.absolute().parent)
     if taken and not overwrite:
         what = "folder" if folder else "file"
-        raise OutputError(f"{path} already exists{' and is not empty' if folder else ''}: pass --overwrite to "
-                          f"replace it (overwrite=True in Python), or choose another {what}")
+        raise OutputError(f"{path} already exists{' and is not empty' if folder else ''}: pass "
+                          f"{option('overwrite', True)} to replace it, or choose another {what}")
     return path
 
 

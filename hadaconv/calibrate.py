@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from hadaconv.errors import HadaconvError, InputError
+from hadaconv.errors import HadaconvError, InputError, option
 from hadaconv.sample import read_jsonl
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
@@ -92,7 +92,7 @@ def _blank(path: Path) -> bool:
 def _check_shares(sources: int, samples: int, what: str = "calibration") -> None:
     if sources > samples:
         raise InputError(f"{sources} {what} sources need at least {sources} windows to share, got {samples}: "
-                         "raise --samples")
+                         f"raise {option('samples')}")
 
 
 def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
@@ -105,8 +105,9 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
         if str(src) == "shakespeare" and not p.exists():
             paths += default_corpus()
         elif str(src) == "sample" and not p.exists():
-            raise HadaconvError("'sample' (text the model writes) needs the loaded model: convert without --streamed, "
-                                "or write it first with hadaconv sample MODEL -o FILE and pass --calib FILE")
+            raise HadaconvError("'sample' (text the model writes) needs the loaded model: convert without "
+                                f"{option('streamed')}, or write it first with hadaconv sample MODEL -o FILE and "
+                                f"pass {option('calib')} FILE")
         elif p.is_dir():
             paths += sorted(q for q in p.rglob("*") if q.suffix in TEXT_SUFFIXES | {".jsonl"})
         elif p.exists():
@@ -188,7 +189,7 @@ def token_windows(
     if total < 2:
         raise HadaconvError(
             f"the calibration text has {len(stream)} tokens, too few for windows of {seq_len}; "
-            "give more text or a smaller --seq-len"
+            f"give more text or a smaller {option('seq_len')}"
         )
     windows = stream[: total * seq_len].reshape(total, seq_len)
     pick = torch.linspace(0, total - 1, min(samples, total)).round().long().unique()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import click
 
 from hadaconv._version import __version__
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, cli_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -73,20 +73,15 @@ def _device_options(func):
 
 def _layer_list(text: str | None) -> list[int] | None:
     """'0,3,5-9' -> [0, 3, 5, 6, 7, 8, 9]; None (no --layers) -> None (all)."""
+    from hadaconv.convert import parse_layers
+    from hadaconv.errors import InputError
+
     if text is None:
         return None
-    out: list[int] = []
-    for part in text.split(","):
-        try:
-            lo, _, hi = part.strip().partition("-")
-            first, last = int(lo), int(hi or lo)
-        except ValueError:
-            raise click.BadParameter(f"expected indices like 0,3,5-9, got {text!r}", param_hint="--layers") from None
-        if last < first:  # range() would make it an empty selection, found only after calibrating
-            raise click.BadParameter(f"the range {part.strip()} runs backwards: write {last}-{first}",
-                                     param_hint="--layers")
-        out += list(range(first, last + 1))
-    return out
+    try:
+        return parse_layers(text)
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--layers") from None
 
 
 @cli.command("convert")
@@ -472,7 +467,7 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
     if temperature == 0 and (top_k or seed is not None):
         raise HadaconvError(f"{'--top-k' if top_k else '--seed'} only matters when sampling: give --temperature "
                             "above 0 too (0, the default, is greedy decoding)")
-    if chat and ids is not None:
+    if chat and ids is not None and prompt is None and text is None:  # both given: _run_input says so
         raise HadaconvError("--chat needs --prompt: the chat template wraps text, not token ids")
     # The options against the metadata before the session: opening a 500 MB graph takes seconds.
     given = _run_input(bundle, read_metadata(bundle), prompt, text, ids)
@@ -704,7 +699,8 @@ def main(argv: list[str] | None = None) -> None:
     # their temporary files instead of leaving them behind.
     previous = _on_sigterm(_interrupt)
     try:
-        cli.main(args=argv, prog_name="hadaconv", standalone_mode=False)
+        with cli_names():  # messages name --flags, not the Python keywords
+            cli.main(args=argv, prog_name="hadaconv", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

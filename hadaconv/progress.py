@@ -118,3 +118,8 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def counted(n: int, noun: str) -> str:
+    """(1, 'window') -> '1 window', (3, 'held-out window') -> '3 held-out windows'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

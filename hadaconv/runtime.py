@@ -25,7 +25,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from hadaconv.errors import HadaconvError, ModelFormatError
+from hadaconv.errors import HadaconvError, ModelFormatError, option
 from hadaconv.progress import status
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -153,7 +153,7 @@ def get_library_path() -> str:
     where = f"{PACKAGE_LIBRARY.parent}" + (f" or {BUILD_DIR}" if OPS_DIR.is_dir() else "")
     raise HadaconvError(f"the op library {LIBRARY_NAME} is not in {where}: reinstall hadaconv from a wheel, "
                         "run `hadaconv build-ops` in a source checkout, set HADACONV_OPS_LIB, "
-                        "or export with --portable")
+                        f"or export with {option('portable', True)}")
 
 
 #: Why a bfloat16 graph cannot run (nor be validated) on the CPU: said alike by the exporter's
@@ -184,8 +184,8 @@ def session_error(model: str | os.PathLike | bytes, exc: Exception, providers: l
     first = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
     if "NOT_IMPLEMENTED" in first and not any("CUDA" in str(p) for p in providers) and _holds_bfloat16(model):
         return HadaconvError(f"{name} is a bfloat16 graph and {BFLOAT16_ON_CPU}: run it with the CUDA execution "
-                             "provider (--provider cuda, with onnxruntime-gpu), or export it with --dtype float16 "
-                             "or float32 for the CPU")
+                             f"provider ({option('provider', 'cuda')}, with onnxruntime-gpu), or export it with "
+                             f"{option('dtype', 'float16')} or float32 for the CPU")
     return ModelFormatError(f"ONNX Runtime cannot open {name}: {first}")
 
 

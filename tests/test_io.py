@@ -98,7 +98,7 @@ def test_safetensors_file_with_config(llama_dir, tmp_path):
     inputs = example_inputs("llama", reference)
     assert torch.equal(_out(loaded.model, inputs), _out(reference, inputs))
     assert _digest(weights) == before
-    _one_line_error("--config", load_model, weights)
+    _one_line_error(r"give the model's config \(config: a config\.json", load_model, weights)
 
 
 def test_state_dict_with_config(tmp_path):
@@ -120,7 +120,7 @@ def test_pickled_module_needs_consent(tmp_path):
     torch.save(model, tmp_path / "model.pt")
     before = _digest(tmp_path / "model.pt")
     message = _one_line_error("refusing to unpickle", load_model, tmp_path / "model.pt")
-    assert "arbitrary code" in message and "--trust-pickle" in message
+    assert "arbitrary code" in message and "pass trust_pickle=True" in message  # the CLI says --trust-pickle (test_bad_inputs)
     loaded = load_model(tmp_path / "model.pt", trust_pickle=True)
     assert loaded.format == "torch-module" and loaded.tokenizer is None
     inputs = example_inputs("torch_mha", model)
@@ -255,8 +255,8 @@ def test_nan_weights(tmp_path):
 def test_bad_config_json(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{oops")
-    _one_line_error("cannot read", load_model, tmp_path / "bad")
-    _one_line_error("cannot read", load, tmp_path / "bad")
+    _one_line_error("config.json is not a JSON file", load_model, tmp_path / "bad")
+    _one_line_error("config.json is not a JSON file", load, tmp_path / "bad")
 
 
 # ------------------------------------------------------------------ save / load converted
@@ -285,6 +285,43 @@ def test_save_and_load_converted(family, tmp_path):
     assert (load_tokenizer(out) is not None) == (family not in ("vit", "torch_mha", "torch_mha_decoder"))
     again = load_model(out)
     assert again.format == "hadaconv" and torch.equal(_out(again.model, inputs), expected)
+
+
+@pytest.mark.parametrize("family, target", [("llama", None), ("gpt2", None), ("torch_mha", None),
+                                            ("llama", r"self_attn\.o_proj$")])
+def test_save_from_memory(family, target, tmp_path):
+    """hadaconv.save reads the converted layers off the model: the folder it writes is the one
+    save_converted writes with convert's meta, and rebuilds the same outputs."""
+    model = make_tiny(family)
+    meta = _convert(model, [0, 1], block=2, target=target)
+    inputs = example_inputs(family, model)
+    out = hadaconv.save(model, tmp_path / "out", source="orig.gguf", target=target)
+    saved = json.loads((out / "config.json").read_text())["hadaconv"]
+    assert {k: saved[k] for k in ("adapter", "layers", "block", "width", "m", "target")} == \
+        {k: meta[k] for k in ("adapter", "layers", "block", "width", "m", "target")}
+    assert saved["source"] == "orig.gguf" and saved["fit"] is None and saved["rank"] == 0
+    assert torch.equal(_out(hadaconv.load(out), inputs), _out(model, inputs))
+    again = hadaconv.save(hadaconv.load(out), tmp_path / "again", target=target)  # a loaded model saves too
+    assert json.loads((again / "config.json").read_text())["hadaconv"]["layers"] == [0, 1]
+
+
+def test_save_after_in_memory_convert(llama_dir, tmp_path):
+    """The README's route: convert in memory (layers as the CLI's string), save, load."""
+    from hadaconv.convert import ConvertConfig, convert
+
+    loaded = load_model(llama_dir)
+    (tmp_path / "calib.txt").write_text("To be, or not to be, that is the question. " * 80)
+    cfg = ConvertConfig(layers="1", calib=[str(tmp_path / "calib.txt")], samples=8, seq_len=16, sensitivity=False,
+                        progress=False)
+    assert cfg.layers == [1]
+    report = convert(loaded.model, loaded.tokenizer, cfg)
+    out = hadaconv.save(loaded.model, tmp_path / "out", tokenizer=loaded.tokenizer, source=llama_dir)
+    assert json.loads((out / "config.json").read_text())["hadaconv"]["layers"] == report.converted == [1]
+    inputs = example_inputs("llama", loaded.model)
+    assert torch.equal(_out(hadaconv.load(out), inputs), _out(loaded.model, inputs))
+    assert load_tokenizer(out)("hello")["input_ids"] == loaded.tokenizer("hello")["input_ids"]
+    with pytest.raises(OutputError, match="already exists"):
+        hadaconv.save(loaded.model, out)
 
 
 def test_tied_weights_stored_once(tmp_path):

@@ -179,10 +179,10 @@ def test_converting_again_with_another_rank_reloads(tmp_path):
 
 def test_bad_rank_in_the_python_api():
     model = make_tiny("llama")
-    with pytest.raises(InputError, match=r"--rank must be an integer >= 0, got -1"):
+    with pytest.raises(InputError, match=r"^rank must be an integer >= 0, got -1"):
         convert(model, None, ConvertConfig(rank=-1, calib="none"))
     # 64 x 64 without bias, block 8: 4096 - 512 - 64 = 3520 removed without the residual, 128 per rank.
-    with pytest.raises(InputError, match=r"--rank 28 saves no parameters at model\.layers\.0\.self_attn\.o_proj "
+    with pytest.raises(InputError, match=r"^rank=28 saves no parameters at model\.layers\.0\.self_attn\.o_proj "
                                          r"\(64x64, block 8\).* largest rank that saves any is 27"):
         convert(model, None, ConvertConfig(rank=28, block=8, calib="none"))
     assert not any(isinstance(m, HadamardProjection) for m in model.modules())

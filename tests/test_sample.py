@@ -158,7 +158,7 @@ def test_a_short_source_gives_what_it_has_and_the_others_make_up_the_rest(tokeni
                   for word in ("alpha", "omega", "delta")]
     made = len(tokenizer(" omega" * 70, add_special_tokens=False)["input_ids"]) // 16  # about 4 windows
     assert per_source[1] == made and sorted(per_source[::2]) == [(30 - made) // 2, 30 - made - (30 - made) // 2]
-    with pytest.raises(InputError, match="3 calibration sources need at least 3 windows to share, got 2: raise --samples"):
+    with pytest.raises(InputError, match="3 calibration sources need at least 3 windows to share, got 2: raise samples"):
         mixed_windows(tokenizer, [long, short, other], samples=2, seq_len=16)
     with pytest.raises(InputError, match="no calibration sources given"):
         mixed_windows(tokenizer, [], samples=2, seq_len=16)
@@ -253,7 +253,7 @@ def test_a_streamed_conversion_needs_every_chunk_cached(tokenizer, tmp_path, mon
     texts, _ = sample.cached_samples(None, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path,
                                      fingerprint=lambda: digest)
     assert len(texts) == 3
-    with pytest.raises(HadaconvError, match="4 of the 7 sequences .* not cached .*without --streamed"):
+    with pytest.raises(HadaconvError, match="4 of the 7 sequences .* not cached .*without streaming"):
         sample.cached_samples(None, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path,
                               fingerprint=lambda: digest)
     assert calls == []

@@ -171,7 +171,7 @@ def test_streamed_needs_sampled_text_in_the_cache(tmp_path):
     from hadaconv.stream import convert_streamed
 
     src = _tiny_folder(tmp_path / "src")
-    with pytest.raises(HadaconvError, match="without --streamed"):
+    with pytest.raises(HadaconvError, match="without streaming"):
         convert_streamed(src, tmp_path / "out", ConvertConfig(**{**DEFAULTS, "samples": 13}))
     assert not (tmp_path / "out").exists()
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from hadaconv.adapters.base import Adapter, AttentionLayer, ModelKind, WeightSlot
 from hadaconv.adapters.generic import generic_adapter
-from hadaconv.errors import HadaconvError, InputError
+from hadaconv.errors import HadaconvError, InputError, option
 from hadaconv.hadamard import UnsupportedSizeError, factorize
 
 __all__ = [
@@ -61,14 +61,14 @@ def find_adapter(model: nn.Module, target: str | None = None) -> Adapter:
     if target is not None:
         adapter = generic_adapter(target)
         if not adapter.matches(model):
-            raise HadaconvError(f"--target {target!r} matches no square nn.Linear in {_describe(model)}")
+            raise HadaconvError(f"{option('target', target)} matches no square nn.Linear in {_describe(model)}")
         return adapter
     for adapter in adapters():
         if adapter.matches(model):
             return adapter
     raise HadaconvError(
         f"no attention blocks hadaconv knows how to convert in {_describe(model)} "
-        f"(supported: {', '.join(a.name for a in adapters())}); use --target REGEX to convert "
+        f"(supported: {', '.join(a.name for a in adapters())}); use {option('target')} REGEX to convert "
         "matching square Linear layers with the affine fit"
     )
 
@@ -110,7 +110,7 @@ def check_convertible(layer: AttentionLayer, block: int = 1) -> None:
         raise UnsupportedSizeError(f"{layer.out_name}{shape}: {exc}") from None
     if block < 1 or out_features % block:
         valid = ", ".join(str(d) for d in range(1, out_features + 1) if out_features % d == 0)
-        raise InputError(f"--block {block} does not divide the output width {out_features} of {layer.out_name}: "
+        raise InputError(f"{option('block', block)} does not divide the output width {out_features} of {layer.out_name}: "
                          f"choose one of {valid}")
     if not w.is_meta and not torch.isfinite(w).all():  # a model being rebuilt (load) has no values yet
         raise HadaconvError(f"{layer.out_name} holds NaN or infinite weights")

@@ -15,7 +15,7 @@ from torch import nn
 from hadaconv.adapters.base import Adapter, AttentionLayer, WeightSlot
 from hadaconv.adapters.common import hf_kind
 from hadaconv.adapters.mha import prepare_mha
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, option
 from hadaconv.nn import HadamardProjection
 
 
@@ -38,7 +38,7 @@ def generic_adapter(pattern: str) -> Adapter:
     try:
         regex = re.compile(pattern)
     except re.error as exc:
-        raise HadaconvError(f"invalid --target regular expression {pattern!r}: {exc}") from None
+        raise HadaconvError(f"invalid {option('target')} regular expression {pattern!r}: {exc}") from None
 
     def layers(model: nn.Module) -> list[AttentionLayer]:
         found = []

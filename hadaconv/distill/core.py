@@ -38,10 +38,10 @@ from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
 from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
 from hadaconv.device import native_bf16
-from hadaconv.errors import HadaconvError, InputError
+from hadaconv.errors import HadaconvError, InputError, option
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
-from hadaconv.progress import LOG_EVERY, console, duration
+from hadaconv.progress import LOG_EVERY, console, counted, duration
 from hadaconv.sample import calibration_texts
 
 __all__ = ["DistillConfig", "DistillReport", "converted_blocks", "distill"]
@@ -411,9 +411,10 @@ def distill(
         if value < 1:
             raise HadaconvError(f"{name} must be at least 1, got {value}")
     if cfg.eval_text is None and cfg.samples < HELDOUT_EVERY:  # say so before any text is sampled
-        raise _no_heldout(cfg.samples, f"--samples {cfg.samples}")
+        raise _no_heldout(cfg.samples, option("samples", cfg.samples))
     if cfg.fsdp and "local" in stages:
-        raise HadaconvError("the local stage trains whole blocks on one device; with --fsdp use --global only")
+        raise HadaconvError(f"the local stage trains whole blocks on one device; with {option('fsdp')} train the "
+                            "global stage only")
     blocks = converted_blocks(student, teacher, adapter)
     if not blocks:
         raise HadaconvError("the student has no converted attention blocks: convert it first (hadaconv convert)")
@@ -426,8 +427,9 @@ def distill(
 
 
 def _no_heldout(windows: int, limit: str) -> InputError:
-    return InputError(f"{windows} training windows leave none held out for evaluation ({limit}): give --samples "
-                      f"{HELDOUT_EVERY} or more and the text for them (--sampled or --data), or --eval-text")
+    return InputError(f"no window is held out for evaluation from {counted(windows, 'training window')} ({limit}): "
+                      f"give {option('samples', HELDOUT_EVERY)} or more and the text for them ({option('sampled')} or "
+                      f"{option('data')}), or {option('eval_text')}")
 
 
 def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kind: str, blocks: list[str],
@@ -466,11 +468,11 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
         eval_ids, eval_source = heldout[: cfg.eval_windows], "held-out windows of the training text"
     if len(eval_ids) == 0:
         # Name the limit that bit: the --samples asked for, or the text, which made fewer windows.
-        short = (f"--samples {cfg.samples}" if len(train) >= cfg.samples else
-                 f"the text makes only {len(train)} windows of {cfg.seq_len} tokens")
+        short = (option("samples", cfg.samples) if len(train) >= cfg.samples else
+                 f"the text makes only {counted(len(train), 'window')} of {cfg.seq_len} tokens")
         raise _no_heldout(len(train), short)
     if len(train) < cfg.batch_size:
-        raise HadaconvError(f"only {len(train)} training windows for a batch of {cfg.batch_size}: give more text")
+        raise HadaconvError(f"only {counted(len(train), 'training window')} for a batch of {cfg.batch_size}: give more text")
     report = DistillReport(kind=kind, metric="perplexity" if kind == "causal-lm" else "embedding cosine",
                            eval_loss=SELECTED_BY[kind], stages=stages, train=cfg.train, eval_source=eval_source,
                            data_source=data_source, train_windows=len(train), eval_windows=len(eval_ids),
@@ -499,7 +501,7 @@ class _Distillation:
         report.world_size, report.autocast = d.world, "bfloat16" if self.use_amp else "off"
         if cfg.gradient_checkpointing:
             if not hasattr(student, "gradient_checkpointing_enable"):
-                raise HadaconvError("--gradient-checkpointing needs a Hugging Face model")
+                raise HadaconvError(f"{option('gradient_checkpointing')} needs a Hugging Face model")
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             student.train()  # Hugging Face only checkpoints in train mode
         else:
@@ -582,7 +584,7 @@ class _Distillation:
             self.consider(self.initial_eval(), None)
         bar = _Bar(cfg.progress and self.main, self.spent())
         if self.evaluate.seconds is not None:  # not known to a resumed run, which has not evaluated yet
-            bar.note(f"each evaluation on {len(self.evaluate.windows)} held-out windows takes about "
+            bar.note(f"each evaluation on {counted(len(self.evaluate.windows), 'held-out window')} takes about "
                      f"{duration(self.evaluate.seconds)}: every {cfg.eval_every} steps (inside the budget) "
                      "and at the last step")
         perms: dict[int, torch.Tensor] = {}

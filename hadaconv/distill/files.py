@@ -10,7 +10,7 @@ from pathlib import Path
 from hadaconv.atomic import atomic_file, check_output
 from hadaconv.distill.core import DistillConfig, DistillReport, distill
 from hadaconv.distill.parallel import is_main
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, option
 from hadaconv.io import original_path
 from hadaconv.nn import HadamardProjection
 
@@ -23,7 +23,7 @@ def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> 
         try:
             return original_path(converted, meta)
         except HadaconvError as exc:
-            raise HadaconvError(f"{exc}: give the original with --teacher") from None
+            raise HadaconvError(f"{exc}: give the original with {option('teacher')}") from None
     if not Path(teacher).exists():
         raise HadaconvError(f"teacher not found: {teacher}")
     return Path(teacher)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, option
 
 __all__ = ["Dist", "is_main", "setup"]
 
@@ -104,7 +104,7 @@ def setup(device: str | None = None) -> Dist:
     elif use_cuda:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else torch.cuda.current_device())
     elif device is not None:
-        raise HadaconvError(f"--device {device}: CUDA is not available here")
+        raise HadaconvError(f"{option('device', device)}: CUDA is not available here")
     else:
         dev = torch.device("cpu")
     return Dist(rank=rank, world=world, device=dev, owns_group=owns)
@@ -126,13 +126,13 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
 def shard(model: nn.Module, d: Dist) -> None:
     """FSDP2: every ``_no_split_modules`` block is one unit, then the root."""
     if not d.active:
-        raise HadaconvError("--fsdp needs several processes: run under torchrun --nproc-per-node N")
+        raise HadaconvError(f"{option('fsdp')} needs several processes: run under torchrun --nproc-per-node N")
     from torch.distributed.fsdp import fully_shard
 
     names = set(getattr(model, "_no_split_modules", None) or [])
     units = [m for m in model.modules() if type(m).__name__ in names]
     if not units:
-        raise HadaconvError(f"--fsdp: {type(model).__name__} names no blocks to shard (_no_split_modules)")
+        raise HadaconvError(f"{option('fsdp')}: {type(model).__name__} names no blocks to shard (_no_split_modules)")
     for m in units:
         fully_shard(m)
     fully_shard(model)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from hadaconv._version import __version__
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, option
 from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, session_for, write_metadata
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
@@ -47,6 +47,11 @@ class ExportResult:
     form: str
     diffs: list[OutputDiff] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # the metadata holds every input and output: too long to print
+        worst = max((d.max_abs for d in self.diffs), default=None)
+        checked = "not validated" if worst is None else f"{len(self.diffs)} outputs validated, max |diff| {worst:.2e}"
+        return f"ExportResult(path={str(self.path)!r}, kind={self.kind!r}, form={self.form!r}, {checked})"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -173,14 +178,14 @@ def check_options(precision: torch.dtype, *, portable: bool = False, optimize: s
 
         check_level(optimize)
     if optimize and portable:
-        raise HadaconvError("--optimize fuses into ONNX Runtime's contrib ops; the portable form is standard ONNX "
+        raise HadaconvError(f"{option('optimize')} fuses into ONNX Runtime's contrib ops; the portable form is standard ONNX "
                             "ops only: drop one of the two")
     if optimize and precision != torch.float32:
-        raise HadaconvError(f"--optimize is measured and validated for float32 graphs only, not "
+        raise HadaconvError(f"{option('optimize')} is measured and validated for float32 graphs only, not "
                             f"{str(precision).removeprefix('torch.')}: export float16 / bfloat16 without it")
     if precision == torch.bfloat16 and validate_outputs:
         raise HadaconvError(f"{BFLOAT16_ON_CPU}, so a bfloat16 export cannot be validated here: export with "
-                            "validation off (--no-validate) for the CUDA execution provider, or use float16")
+                            f"validation off ({option('validate_outputs', False, flag='--no-validate')}) for the CUDA execution provider, or use float16")
 
 
 def export_onnx(

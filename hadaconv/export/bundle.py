@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from hadaconv import atomic
-from hadaconv.errors import HadaconvError, ModelFormatError
+from hadaconv.errors import HadaconvError, ModelFormatError, option
 from hadaconv.runtime import (OP_DOMAIN, OP_VERSION, get_library_path, import_onnxruntime, make_session_options,
                               session_error)
 
@@ -117,7 +117,7 @@ def _providers(provider: str) -> list[str]:
         return ["CPUExecutionProvider"]
     if provider == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise HadaconvError("--provider cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+            raise HadaconvError(f"{option('provider', 'cuda')}: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if provider != "auto":
         raise HadaconvError(f"unknown provider {provider!r}: expected auto, cpu or cuda")
@@ -142,7 +142,7 @@ def session_for(
         library = Path(library)
         if not library.is_file():
             raise ModelFormatError(f"the op library {library} is missing: the custom-form graph needs it "
-                                "(copy it back, or export with --portable)")
+                                f"(copy it back, or export with {option('portable', True)})")
         try:
             options.register_custom_ops_library(str(library))
         except Exception as exc:  # onnxruntime raises its own exception types
