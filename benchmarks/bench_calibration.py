@@ -1,6 +1,6 @@
-"""Which calibration text keeps which domain: SmolLM2's ten least sensitive layers converted with
-every default but ``--calib``, held-out perplexity on the Python reference and the King James
-Bible from Acts on (``common.heldout_domains``).
+"""Which calibration text (and fit) keeps which domain: SmolLM2's ten least sensitive layers
+converted with every default but ``--calib`` (or ``--mode``), held-out perplexity on the Python
+reference and the King James Bible from Acts on (``common.heldout_domains``).
 
 Rows (``--rows``, default all, the baseline first so that every run measures it):
 
@@ -10,7 +10,10 @@ Rows (``--rows``, default all, the baseline first so that every run measures it)
 * ``sample+ot``: ``--calib sample --calib ot.jsonl``, an equal share each
   (``hadaconv.calibrate.mixed_windows``);
 * ``sample+shakespeare``: the model's text and the packaged plays (which share the Bible's Early
-  Modern English, so the Bible is not cleanly held out for this row).
+  Modern English, so the Bible is not cleanly held out for this row);
+* ``sample/diag``, ``sample/affine``: the default text with a smaller value map than the default
+  ``head`` fit (``--mode``; see :mod:`hadaconv.fit`): does a fit with fewer free parameters carry
+  better to the other domains?
 
 Each row converts a fresh copy of the model (``hadaconv.convert.convert``, ``max_layers=10``),
 ranking the layers on its own calibration text as ``convert`` does.  Results accumulate in
@@ -39,7 +42,7 @@ from hadaconv.convert import ConvertConfig, convert  # noqa: E402
 from hadaconv.evaluate import perplexity  # noqa: E402
 from hadaconv.io import load_model  # noqa: E402
 
-ROWS = ("sample", "ot", "sample+ot", "sample+shakespeare")
+ROWS = ("sample", "ot", "sample+ot", "sample+shakespeare", "sample/diag", "sample/affine")
 
 
 def old_testament(path: Path) -> Path:
@@ -91,9 +94,10 @@ def main() -> None:
     for row in rows:
         if row in results["rows"]:
             continue
+        texts, _, mode = row.partition("/")
         student, start = copy.deepcopy(teacher), time.perf_counter()
-        report = convert(student, tok, ConvertConfig(max_layers=10, calib=[sources[s] for s in row.split("+")],
-                                                     progress=False))
+        report = convert(student, tok, ConvertConfig(max_layers=10, calib=[sources[s] for s in texts.split("+")],
+                                                     mode=mode or ConvertConfig.mode, progress=False))
         results["rows"][row] = {"layers": report.converted, "seconds": time.perf_counter() - start,
                                 "threads": args.threads, "ppl": evaluate(student)}
         tmp = store.with_suffix(".tmp")
