@@ -46,7 +46,8 @@ from hadaconv.sample import calibration_texts
 from hadaconv.sensitivity import METRIC, OTHER_METRIC, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
 
-__all__ = ["ConvertConfig", "ConvertReport", "LayerReport", "convert", "default_block", "install_projection", "patch"]
+__all__ = ["ConvertConfig", "ConvertReport", "LayerReport", "check_config", "convert", "convert_file", "default_block",
+           "install_projection", "parse_layers", "patch"]
 
 #: Default output block size.  Measured on SmolLM2-135M, all 30 layers, every other default
 #: (benchmarks/RESULTS.md, "Quality per parameter removed"): block 16 removes 7.18% of the model
@@ -124,7 +125,10 @@ class ConvertConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
-            self.layers = parse_layers(self.layers)
+            try:
+                self.layers = parse_layers(self.layers)
+            except InputError as exc:
+                raise InputError(f"{option('layers')}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- stages
@@ -155,8 +159,19 @@ class Target:
         return HeadLayout(layer.num_heads, layer.num_kv_heads, layer.head_dim)
 
 
-def _check_config(cfg: ConvertConfig) -> None:
-    """Refuse option values the CLI's types would have refused (the Python API has no such types)."""
+def check_config(config: ConvertConfig | None) -> ConvertConfig:
+    """``config``, or the default, once its values are ones the CLI's types would have let through
+    (the Python API has no such types).
+
+    Raises:
+        InputError: not a ConvertConfig, a value out of range or of the wrong type, or a
+            calibration source that does not exist.
+    """
+    if config is None:
+        return ConvertConfig()
+    if not isinstance(config, ConvertConfig):
+        raise InputError(f"config must be a ConvertConfig, got {type(config).__name__}")
+    cfg = config
     if cfg.mode not in MODES:
         raise InputError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib and len(cfg.calib) > 1:
@@ -177,6 +192,7 @@ def _check_config(cfg: ConvertConfig) -> None:
                                      or not cfg.max_loss >= 0):
         raise InputError(f"{option('max_loss')} must be a number >= 0 (KL, nats/token), got {cfg.max_loss!r}")
     check_sources(cfg.calib, samples=cfg.samples)  # after the integer checks: the shares need an int
+    return cfg
 
 
 def _is_index(value) -> bool:
@@ -519,8 +535,7 @@ def convert(
     Raises:
         HadaconvError: bad options, unconvertible layers, missing calibration data.
     """
-    cfg = config or ConvertConfig()
-    _check_config(cfg)
+    cfg = check_config(config)
     start = time.perf_counter()
     target = find_target(model, cfg, adapter)
     cfg = replace(cfg, block=target.block)
@@ -606,8 +621,7 @@ def convert_file(
     from hadaconv.atomic import check_output
     from hadaconv.io import check_savable, hadaconv_meta, load_model, save_converted
 
-    cfg = config or ConvertConfig()
-    _check_config(cfg)
+    cfg = check_config(config)
     check_output(out_dir, overwrite, folder=True)  # before the work, not after it
     _check_against_config(source, cfg, model_config, target)
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)

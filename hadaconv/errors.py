@@ -13,7 +13,7 @@ which kind of input was wrong, for callers of the Python API that want to tell t
   read-only, the disk is full); nothing is left half-written when it is raised.
 
 A message names an option the way its reader gave it (:func:`option`): ``--max-layers 0`` on the
-command line, ``max_layers=0`` from Python.
+command line, ``max_layers=0`` from Python; a step to take, likewise (:func:`command`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterator
 
-__all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "cli_names", "option", "output_error"]
+__all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "cli_names", "command", "option",
+           "output_error"]
 
 _CLI_NAMES: ContextVar[bool] = ContextVar("hadaconv_cli_names", default=False)
 _NO_VALUE = object()
@@ -75,3 +76,9 @@ def option(name: str, value: Any = _NO_VALUE, *, flag: str | None = None) -> str
         flag = "--" + name.replace("_", "-")
         return flag if value is _NO_VALUE or value is True else f"{flag} {value}"
     return name if value is _NO_VALUE else f"{name}={value!r}"
+
+
+def command(cli: str, python: str) -> str:
+    """A step a message tells its reader to take, in the reader's terms: the command line's
+    ``cli`` under :func:`cli_names`, else the Python call ``python``."""
+    return cli if _CLI_NAMES.get() else python

@@ -77,7 +77,9 @@ def _check_windows(model: nn.Module, windows, batch_size) -> None:
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embed, "num_embeddings", None)
     low, high = int(windows.min()), int(windows.max())
-    if low < 0 or (vocab is not None and high >= vocab):
+    if low < 0:
+        raise InputError(f"token ids must be >= 0, got {low}")
+    if vocab is not None and high >= vocab:
         raise InputError(f"token ids run from {low} to {high}, outside the model's vocabulary of {vocab}")
 
 

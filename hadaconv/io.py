@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_folder, check_output
-from hadaconv.errors import HadaconvError, ModelFormatError, option
+from hadaconv.errors import HadaconvError, ModelFormatError, command, option
 from hadaconv.progress import status
 
 __all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "original_path", "save", "save_converted",
@@ -526,11 +526,12 @@ def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None)
     if path.suffix in _PICKLE_SUFFIXES:
         return _load_torch_file(path, config, trust_pickle)
     if path.suffix == ".onnx":
+        run = command(f"hadaconv run {path.parent}", f"hadaconv.generate.generate('{path.parent}', prompt)")
         raise HadaconvError(f"{path} is an ONNX graph, which hadaconv runs but does not convert: run its bundle "
-                            f"folder with hadaconv run {path.parent}, or give the model it was exported from")
+                            f"folder with {run}, or give the model it was exported from")
     raise HadaconvError(
         f"unknown input format {path.suffix or '(no extension)'!r} for {path}: expected a model folder, "
-        ".gguf, .safetensors (with --config) or a torch.save file (.pt, .pth, .bin, .ckpt)"
+        f".gguf, .safetensors (with {option('config')}) or a torch.save file (.pt, .pth, .bin, .ckpt)"
     )
 
 
@@ -604,7 +605,8 @@ def _folder_weights(path: Path) -> list[Path]:
 def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     config_path = path / "config.json"
     if not config_path.is_file() and (path / "hadaconv_onnx.json").is_file():  # export.bundle.METADATA
-        raise HadaconvError(f"{path} is an ONNX bundle (hadaconv export's output): run it with hadaconv run, or give "
+        run = command("hadaconv run", "hadaconv.generate.generate")
+        raise HadaconvError(f"{path} is an ONNX bundle (what an ONNX export writes): run it with {run}, or give "
                             "the model folder it was exported from")
     if not config_path.is_file():
         raise HadaconvError(
@@ -941,7 +943,15 @@ def original_path(converted: str | os.PathLike, meta: dict) -> Path:
 
 
 def load(folder: str | os.PathLike) -> nn.Module:
-    """Rebuild a converted model from its folder, exactly and without pickle (eval mode)."""
+    """Rebuild a converted model from its folder, exactly and without pickle (eval mode).
+
+    The model alone: ``load_model(folder)`` returns it with its tokenizer (``.tokenizer``), or
+    :func:`load_tokenizer` reads the tokenizer by itself.
+
+    Raises:
+        HadaconvError: no such folder, a file, or a folder without a converted model's config.
+        ModelFormatError: the config's hadaconv section or the weights are missing or damaged.
+    """
     from hadaconv.adapters import find_adapter
     from hadaconv.swap import install_projection
 
@@ -950,6 +960,8 @@ def load(folder: str | os.PathLike) -> nn.Module:
     if folder.is_file():
         raise HadaconvError(f"{folder} is a file, not a converted folder: hadaconv.load rebuilds what convert "
                             "writes; hadaconv.io.load_model reads models of any format")
+    if not folder.exists():
+        raise HadaconvError(f"no such folder: {folder}")
     if not config_path.is_file():
         raise HadaconvError(f"{folder} is not a hadaconv folder: no config.json")
     data = _read_json(config_path)

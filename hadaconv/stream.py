@@ -55,7 +55,7 @@ from torch import nn
 
 from hadaconv.adapters import AttentionLayer
 from hadaconv.blockwise import Decoder
-from hadaconv.convert import (ConvertConfig, _check_config, calibration_batches, compensate_and_apply, find_target,
+from hadaconv.convert import (ConvertConfig, calibration_batches, check_config, compensate_and_apply, find_target,
                               mark_rows)
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, option
 from hadaconv.hadamard import factorize
@@ -348,7 +348,7 @@ def convert_streamed(
     from hadaconv.device import resolve_device
     from hadaconv.io import _hf_config, _hf_from_config, _read_json, load_tokenizer
 
-    cfg = config or ConvertConfig()
+    cfg = check_config(config)
     start = time.perf_counter()
     source = _check_request(source, cfg)
     out = check_output(out_dir, overwrite, folder=True)
@@ -392,7 +392,6 @@ def convert_streamed(
 
 def _check_request(source: str | Path, cfg: ConvertConfig) -> Path:
     """Refuse what the block loop cannot do, before anything is read."""
-    _check_config(cfg)
     if cfg.max_layers is not None or cfg.max_loss is not None:
         raise InputError(f"layer-by-layer conversion converts every selected layer: {option('max_layers')} / "
                          f"{option('max_loss')} rank layers on the whole model; use them without streaming")

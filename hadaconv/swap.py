@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import AttentionLayer, check_convertible, find_adapter
+from hadaconv.errors import HadaconvError, InputError, option
 from hadaconv.fit import FitResult
 from hadaconv.nn import HadamardProjection
 
@@ -37,12 +38,31 @@ def install_projection(layer: AttentionLayer, block: int = 1, bias: bool = True,
     return proj
 
 
-def patch(model: nn.Module, *, block: int = 1, bias: bool = True, layers: list[int] | None = None) -> nn.Module:
+def patch(model: nn.Module, *, block: int = 1, bias: bool = True, layers: list[int] | None = None,
+          target: str | None = None) -> nn.Module:
     """The seed paper's from-scratch setting: every detected attention output projection (or
-    those of ``layers``) becomes a fresh HadamardProjection.  Modifies and returns ``model``."""
-    adapter = find_adapter(model)
+    those of ``layers``) becomes a fresh HadamardProjection (gamma = 1, beta = 0, to be trained).
+    ``target`` (a regular expression over qualified module names) picks square ``nn.Linear``
+    layers instead, as ``ConvertConfig.target`` does.  Modifies and returns ``model``.
+
+    Raises:
+        HadaconvError: no attention blocks (or no ``target`` match), a model that holds
+            HadamardProjections already (patching it would mix fitted and untrained layers; a
+            converted model is trained further with :mod:`hadaconv.distill`), a layer that
+            cannot take the block size, or a ``layers`` index the model does not have.
+    """
+    if any(isinstance(m, HadamardProjection) for m in model.modules()):
+        raise HadaconvError("the model holds HadamardProjections already: patch starts from a dense model "
+                            "(a converted one is trained further by distillation)")
+    adapter = find_adapter(model, target)
     adapter.prepare(model)
-    for layer in adapter.layers(model):
+    found = adapter.layers(model)
+    if layers is not None:
+        missing = sorted(set(layers) - {layer.index for layer in found})
+        if missing:
+            raise InputError(f"{option('layers')}: the model has no layer {', '.join(map(str, missing))} "
+                             f"(it has {len(found)}, from 0)")
+    for layer in found:
         if layers is None or layer.index in layers:
             install_projection(layer, block=block, bias=bias)
     return model

@@ -512,7 +512,7 @@ ROWS = [
     Row("inspect-block-0", lambda w, t: ["inspect", w.hf, "--block", "0"], r"'--block': 0 is not in the range"),
     Row("inspect-rank-negative", lambda w, t: ["inspect", w.hf, "--rank", "-1"], r"'--rank': -1 is not in the range"),
     Row("inspect-onnx-bundle", lambda w, t: ["inspect", w.bundle],
-        r"is an ONNX bundle \(hadaconv export's output\): run it with hadaconv run"),
+        r"is an ONNX bundle \(what an ONNX export writes\): run it with hadaconv run"),
     Row("inspect-onnx-graph", lambda w, t: ["inspect", w.bundle / "model.onnx"],
         r"model\.onnx is an ONNX graph, which hadaconv runs but does not convert: run its bundle folder with "
         r"hadaconv run .*bundle"),
@@ -841,16 +841,21 @@ def _hand_patched():
 
 def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
     from hadaconv.calibrate import token_windows
-    from hadaconv.convert import ConvertConfig, convert
+    from hadaconv.convert import ConvertConfig, convert, convert_file
+    from hadaconv.distill import DistillConfig, distill_file
     from hadaconv.evaluate import perplexity, text_windows
     from hadaconv.export.bundle import open_bundle
     from hadaconv.generate import embed, generate
     from hadaconv.io import load, load_model, load_tokenizer, save
     from hadaconv.nn import HadamardProjection
-    from hadaconv.ops import hadamard_affine
+    from hadaconv.ops import fwht, hadamard_affine
     from hadaconv.realmodels import qwen2_5_coder
     from hadaconv.sample import sample_texts
     from hadaconv.stream import convert_streamed
+    from hadaconv.swap import patch
+
+    def distill_with(**options):  # each bad value fails before either model is loaded
+        return lambda: distill_file(w.conv, t / "out", DistillConfig(**options))
 
     tok = load_tokenizer(w.hf)
     ids = [{"input_ids": torch.randint(1000, VOCAB, (2, 8))} for _ in range(3)]
@@ -896,7 +901,7 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("convert-layers-not-indices", lambda: convert(make_tiny("llama"), None, ConvertConfig(layers=[0.5]), inputs=ids),
          InputError, r"^layers must be layer indices like \[0, 3, 5\] or '0,3,5-9', got \[0\.5\]"),
         ("config-layers-garbage", lambda: ConvertConfig(layers="0-x"), InputError,
-         r"expected layer indices like 0,3,5-9, got '0-x'"),
+         r"^layers: expected layer indices like 0,3,5-9, got '0-x'"),
         ("config-layers-backwards", lambda: ConvertConfig(layers="5-2"), InputError,
          r"the range 5-2 runs backwards: write 2-5"),
         ("convert-max-layers-0", lambda: convert(make_tiny("llama"), None, ConvertConfig(max_layers=0), inputs=ids),
@@ -913,8 +918,37 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"perplexity needs token windows \[N >= 1, L >= 2\], got shape \[8\]"),
         ("perplexity-id-past-vocab", lambda: perplexity(make_tiny("llama"), torch.tensor([[1, VOCAB + 3]])),
          InputError, rf"token ids run from 1 to {VOCAB + 3}, outside the model's vocabulary of {VOCAB}"),
+        ("perplexity-negative-id", lambda: perplexity(make_tiny("llama"), torch.tensor([[1, -2]])), InputError,
+         r"^token ids must be >= 0, got -2$"),
         ("perplexity-batch-0", lambda: perplexity(make_tiny("llama"), torch.ones(2, 8, dtype=torch.long), 0),
          InputError, r"batch_size must be an integer >= 1, got 0"),
+        ("convert-file-config-dict", lambda: convert_file(str(w.hf), str(t / "out"), {"samples": 4}), InputError,
+         r"^config must be a ConvertConfig, got dict$"),
+        ("distill-file-config-dict", lambda: distill_file(w.conv, t / "out", {"samples": 4}), InputError,
+         r"^config must be a DistillConfig, got dict$"),
+        ("distill-max-time-text", distill_with(max_time="abc"), InputError, r"^max_time must be a number > 0, got 'abc'"),
+        ("distill-max-time-negative", distill_with(max_time=-5), InputError, r"^max_time must be a number > 0, got -5"),
+        ("distill-max-steps-0", distill_with(max_steps=0), InputError, r"^max_steps must be an integer >= 1, got 0"),
+        ("distill-lr-negative", distill_with(lr=-1), InputError, r"^lr must be a number > 0, got -1"),
+        ("distill-lr-nan", distill_with(lr=float("nan")), InputError, r"^lr must be a number > 0, got nan"),
+        ("distill-min-lr-ratio-2", distill_with(min_lr_ratio=2.0), InputError, r"^min_lr_ratio must be at most 1"),
+        ("distill-stages-string", distill_with(stages="global"), InputError,
+         r"^stages must be local and/or global, got 'global'"),
+        ("distill-train-unknown", distill_with(train="mlp"), InputError, r"^train='mlp' is neither attention nor all"),
+        ("distill-dtype-unknown", distill_with(dtype="int8"), InputError, r"^dtype='int8': choose auto, float32"),
+        ("distill-not-converted", lambda: distill_file(w.hf, t / "out"), HadaconvError,
+         r"is not a converted hadaconv folder: convert the model first \(hadaconv\.convert_file\)$"),
+        ("patch-converted-model", lambda: patch(load(w.conv)), HadaconvError,
+         r"^the model holds HadamardProjections already: patch starts from a dense model"),
+        ("patch-missing-layer", lambda: patch(make_tiny("llama"), layers=[99]), InputError,
+         r"^layers: the model has no layer 99 \(it has \d+, from 0\)$"),
+        ("patch-no-attention", lambda: patch(torch.nn.Sequential(torch.nn.Linear(4, 4))), HadaconvError,
+         r"use target REGEX to convert"),
+        ("op-integer-input", lambda: fwht(torch.ones(2, 64, dtype=torch.long)), InputError,
+         r"^x must be a floating-point tensor, got torch\.int64$"),
+        ("op-integer-gamma", lambda: hadamard_affine(torch.ones(2, 64), torch.ones(64, dtype=torch.int32)),
+         InputError, r"^gamma must be a floating-point tensor, got torch\.int32$"),
+        ("load-missing-folder", lambda: load(t / "nope"), HadaconvError, r"^no such folder: .*nope$"),
         ("save-dense-model", lambda: save(make_tiny("llama"), t / "out"), HadaconvError,
          r"the model holds no HadamardProjection: nothing converted to save"),
         ("save-hand-made-projection", lambda: save(_hand_patched(), t / "out"), HadaconvError,
@@ -947,7 +981,12 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "streamed-block-0", "streamed-seq-len-1", "streamed-device-unknown", "convert-file-no-layers", "convert-file-dtype-unknown",
            "convert-layers-not-indices", "config-layers-garbage", "config-layers-backwards", "convert-max-layers-0",
            "convert-max-loss-negative", "convert-output-exists", "perplexity-float-windows", "perplexity-1d-windows",
-           "perplexity-id-past-vocab", "perplexity-batch-0", "save-dense-model", "save-hand-made-projection",
+           "perplexity-id-past-vocab", "perplexity-negative-id", "perplexity-batch-0", "convert-file-config-dict",
+           "distill-file-config-dict", "distill-max-time-text", "distill-max-time-negative", "distill-max-steps-0",
+           "distill-lr-negative", "distill-lr-nan", "distill-min-lr-ratio-2", "distill-stages-string",
+           "distill-train-unknown", "distill-dtype-unknown", "distill-not-converted", "patch-converted-model",
+           "patch-missing-layer", "patch-no-attention", "op-integer-input", "op-integer-gamma", "load-missing-folder",
+           "save-dense-model", "save-hand-made-projection",
            "load-model-file", "load-model-onnx-graph",
            "realmodels-no-wheels", "realmodels-partial-wheel", "realmodels-wrong-hash",
            "projection-block-0", "op-gamma-shape", "text-windows-seq-len-0", "token-windows-too-short",

@@ -196,7 +196,7 @@ def test_sampled_sets_how_much_text_the_teacher_writes(tokenizer, monkeypatch):
     student, teacher = _pair("llama", tokenizer)
     distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, sampled=384, **RUN))
     assert asked == [384]
-    with pytest.raises(HadaconvError, match="sampled must be at least 1, got 0"):
+    with pytest.raises(HadaconvError, match="sampled must be an integer >= 1, got 0"):
         distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, sampled=0, **RUN))
     assert asked == [384]
 

@@ -38,7 +38,7 @@ from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
 from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
 from hadaconv.device import native_bf16
-from hadaconv.errors import HadaconvError, InputError, option
+from hadaconv.errors import HadaconvError, InputError, command, option
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import LOG_EVERY, console, counted, duration
@@ -374,6 +374,59 @@ class _Bar:
 # ------------------------------------------------------------------------------- distill
 
 
+#: The integer options and their least values (None allowed where the default is None).
+_AT_LEAST = {"sampled": 1, "samples": 2, "seq_len": 2, "batch_size": 1, "accumulate": 1, "warmup_steps": 0,
+             "max_steps": 1, "max_tokens": 1, "local_steps": 0, "local_windows": 1, "eval_every": 1,
+             "eval_windows": 1, "checkpoint_every": 1}
+#: The number options: (least, whether the least itself is allowed).
+_NUMBERS = {"lr": (0, False), "local_lr": (0, False), "temperature": (0, False), "max_time": (0, False),
+            "clip": (0, True), "hidden_weight": (0, True), "weight_decay": (0, True), "min_lr_ratio": (0, True)}
+_FLAGS = {"warmup_steps": "--warmup", "stages": "--local / --global"}
+
+
+def check_config(config: DistillConfig | None) -> DistillConfig:
+    """``config``, or the default, once its values are ones the CLI's types would have let through
+    (the Python API has no such types; a bad value must fail before minutes of sampling).
+
+    Raises:
+        InputError: not a DistillConfig, or a value out of range or of the wrong type.
+    """
+    if config is None:
+        return DistillConfig()
+    if not isinstance(config, DistillConfig):
+        raise InputError(f"config must be a DistillConfig, got {type(config).__name__}")
+    cfg = config
+    if isinstance(cfg.stages, str) or not cfg.stages or any(s not in ("local", "global") for s in cfg.stages):
+        raise InputError(f"{_named('stages')} must be local and/or global, got {cfg.stages!r}")
+    if cfg.train not in ("attention", "all"):
+        raise InputError(f"{_named('train', cfg.train)} is neither attention nor all")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise InputError(f"{_named('dtype', cfg.dtype)}: choose auto, float32, bfloat16 or float16")
+    for name, least in _AT_LEAST.items():
+        value = getattr(cfg, name)
+        if value is None and DistillConfig.__dataclass_fields__[name].default is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"{_named(name)} must be an integer >= {least}, got {value!r}")
+    for name, (least, closed) in _NUMBERS.items():
+        value = getattr(cfg, name)
+        if value is None and name == "max_time":
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or not (value >= least if closed else value > least):
+            raise InputError(f"{_named(name)} must be a number {'>=' if closed else '>'} {least}, got {value!r}")
+    if cfg.min_lr_ratio > 1:
+        raise InputError(f"{_named('min_lr_ratio')} must be at most 1 (a fraction of lr), got {cfg.min_lr_ratio!r}")
+    return cfg
+
+
+def _named(name: str, value: Any = None) -> str:
+    """The option as the caller spelled it (the value is printed only where given)."""
+    if name in _FLAGS:
+        return option(name, flag=_FLAGS[name])
+    return option(name) if value is None else option(name, value)
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -396,20 +449,13 @@ def distill(
             (logging; raising in it stops the run, as an interruption would).
     Under ``torchrun`` every rank calls this with the same arguments.
     """
-    cfg = config or DistillConfig()
-    stages = list(dict.fromkeys(cfg.stages))
-    if not stages or any(s not in ("local", "global") for s in stages):
-        raise HadaconvError(f"stages must be local and/or global, got {list(cfg.stages)}")
-    stages.sort(key=("local", "global").index)
+    cfg = check_config(config)
+    stages = sorted(dict.fromkeys(cfg.stages), key=("local", "global").index)
     if tokenizer is None:
         raise HadaconvError("distillation needs a tokenizer for its training text")
     kind = (adapter or find_adapter(teacher)).kind(teacher)
     if kind not in ("causal-lm", "encoder"):
         raise HadaconvError(f"distill handles causal LMs and text encoders, not a {kind!r} model")
-    for name, value in (("batch_size", cfg.batch_size), ("accumulate", cfg.accumulate), ("seq_len", cfg.seq_len),
-                        ("sampled", cfg.sampled)):
-        if value < 1:
-            raise HadaconvError(f"{name} must be at least 1, got {value}")
     if cfg.eval_text is None and cfg.samples < HELDOUT_EVERY:  # say so before any text is sampled
         raise _no_heldout(cfg.samples, option("samples", cfg.samples))
     if cfg.fsdp and "local" in stages:
@@ -417,7 +463,8 @@ def distill(
                             "global stage only")
     blocks = converted_blocks(student, teacher, adapter)
     if not blocks:
-        raise HadaconvError("the student has no converted attention blocks: convert it first (hadaconv convert)")
+        raise HadaconvError("the student has no converted attention blocks: convert it first "
+                            f"({command('hadaconv convert', 'hadaconv.convert.convert')})")
 
     d = setup(cfg.device)
     try:

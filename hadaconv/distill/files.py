@@ -8,9 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hadaconv.atomic import atomic_file, check_output
-from hadaconv.distill.core import DistillConfig, DistillReport, distill
+from hadaconv.distill.core import DistillConfig, DistillReport, check_config, distill
 from hadaconv.distill.parallel import is_main
-from hadaconv.errors import HadaconvError, option
+from hadaconv.errors import HadaconvError, command, option
 from hadaconv.io import original_path
 from hadaconv.nn import HadamardProjection
 
@@ -78,7 +78,7 @@ def distill_file(
     from hadaconv.calibrate import check_sources
     from hadaconv.io import _read_json, load_model, save_converted
 
-    cfg = config or DistillConfig()
+    cfg = check_config(config)
     converted = Path(converted)
     out = Path(out_dir)
     if not converted.exists():
@@ -86,7 +86,8 @@ def distill_file(
     config_path = converted / "config.json"
     meta = _read_json(config_path).get("hadaconv") if config_path.is_file() else None
     if not isinstance(meta, dict):
-        raise HadaconvError(f"{converted} is not a converted hadaconv folder: run hadaconv convert first")
+        raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
+                            f"({command('hadaconv convert', 'hadaconv.convert_file')})")
     check_output(out, overwrite, folder=True)
     # A mistyped --data path, or an empty file, fails here, not after two models are loaded.
     check_sources(cfg.data, "training text", samples=cfg.samples)

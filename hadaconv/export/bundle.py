@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from hadaconv import atomic
-from hadaconv.errors import HadaconvError, ModelFormatError, option
+from hadaconv.errors import HadaconvError, ModelFormatError, command, option
 from hadaconv.runtime import (OP_DOMAIN, OP_VERSION, get_library_path, import_onnxruntime, make_session_options,
                               session_error)
 
@@ -58,16 +58,20 @@ def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         yield tmp
 
 
+def _export_step() -> str:
+    return command("`hadaconv export --onnx`", "hadaconv.export_onnx")
+
+
 def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     """The bundle's ``hadaconv_onnx.json``, checked; one clear line for anything that is not a bundle."""
     folder = Path(folder)
     if folder.is_file():
-        raise HadaconvError(f"{folder} is a file; a bundle is the folder `hadaconv export --onnx` writes")
+        raise HadaconvError(f"{folder} is a file; a bundle is the folder {_export_step()} writes")
     if not folder.is_dir():
         raise HadaconvError(f"no such bundle folder: {folder}")
     path = folder / METADATA
     if not path.is_file():
-        raise HadaconvError(f"{folder} is not a hadaconv ONNX bundle: no {METADATA} (export one with `hadaconv export --onnx`)")
+        raise HadaconvError(f"{folder} is not a hadaconv ONNX bundle: no {METADATA} (export one with {_export_step()})")
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as exc:  # nesting past Python's stack

@@ -30,6 +30,13 @@ Tensor = torch.Tensor
 
 
 def _check(x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor]) -> None:
+    for name, t in (("x", x), ("gamma", gamma), ("beta", beta)):
+        if t is not None and not (isinstance(t, Tensor) and t.is_floating_point()):
+            # An integer tensor would be transformed in integer arithmetic and come back truncated.
+            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise InputError(f"{name} must be a floating-point tensor, got {got}")
+    if x.dim() == 0:
+        raise InputError("x must have at least one dimension (the transform runs along the last)")
     n = x.shape[-1]
     factorize(n)  # one clear line for unsupported widths
     if gamma is not None:
@@ -134,6 +141,10 @@ def fwht(x: Tensor, *, scale: float | None = None, inverse: bool = False) -> Ten
     ``H = H_m (x) H_{2^k}`` (see :mod:`hadaconv.hadamard`); ``scale`` defaults to ``1/sqrt(n)``,
     which makes the transform orthonormal.  ``inverse=True`` applies ``H^T``, so
     ``fwht(fwht(x), inverse=True) == x`` with the default scale.
+
+    Raises:
+        InputError: ``x`` not floating point, or 0-dimensional.
+        UnsupportedSizeError: no Hadamard matrix is known for the width ``n = x.shape[-1]``.
     """
     _check(x, None, None)
     s = 1.0 / math.sqrt(x.shape[-1]) if scale is None else float(scale)
@@ -153,6 +164,10 @@ def hadamard_affine(
     ``gamma`` is a vector [n] (the diagonal affine of the seed paper) or block-diagonal
     [n/b, b, b], block i mapping transformed channels ``i*b:(i+1)*b`` to output channels
     ``i*b:(i+1)*b``.  ``beta`` is [n].  Either may be None.
+
+    Raises:
+        InputError: a tensor not floating point, or of another shape than these.
+        UnsupportedSizeError: no Hadamard matrix is known for the width ``n = x.shape[-1]``.
     """
     _check(x, gamma, beta)
     s = 1.0 / math.sqrt(x.shape[-1]) if scale is None else float(scale)
