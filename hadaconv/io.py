@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_folder, check_output
-from hadaconv.errors import HadaconvError, ModelFormatError, command, option
+from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
 from hadaconv.progress import status
 
 __all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "original_path", "save", "save_converted",
@@ -872,6 +872,7 @@ def save(
     tokenizer: Any | None = None,
     source: str | os.PathLike | None = None,
     target: str | None = None,
+    report: Any | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Save a model converted or distilled in memory (:func:`hadaconv.convert.convert`,
@@ -889,6 +890,9 @@ def save(
             distill`` and baseline of ``hadaconv eval``.
         target: the regular expression given to the generic adapter, if the model was converted
             with one (the layer indices are that adapter's).
+        report: written as ``report.json``: what :func:`hadaconv.convert.convert` returned (a
+            ConvertReport, as ``hadaconv convert`` writes it) or a dict (for a distillation,
+            ``{"distill": distill_report.to_dict()}`` is the layout ``hadaconv distill`` writes).
         overwrite: replace an existing non-empty ``out_dir``.
 
     Returns:
@@ -916,7 +920,11 @@ def save(
     meta = hadaconv_meta(adapter=find_adapter(model, target).name, layers=[p.layer_index for p in projections],
                          block=first.block, fit=None, width=first.n, m=factorize(first.n).m, target=target,
                          source=None if source is None else str(source), rank=first.rank)
-    return save_converted(model, out_dir, meta=meta, tokenizer=tokenizer, overwrite=overwrite)
+    if report is not None and not isinstance(report, dict):
+        if not callable(getattr(report, "to_dict", None)):
+            raise InputError(f"report must be a ConvertReport or a dict, got {type(report).__name__}")
+        report = report.to_dict()
+    return save_converted(model, out_dir, meta=meta, tokenizer=tokenizer, report=report, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------ loading converted

@@ -315,8 +315,9 @@ def test_save_after_in_memory_convert(llama_dir, tmp_path):
                         progress=False)
     assert cfg.layers == [1]
     report = convert(loaded.model, loaded.tokenizer, cfg)
-    out = hadaconv.save(loaded.model, tmp_path / "out", tokenizer=loaded.tokenizer, source=llama_dir)
+    out = hadaconv.save(loaded.model, tmp_path / "out", tokenizer=loaded.tokenizer, source=llama_dir, report=report)
     assert json.loads((out / "config.json").read_text())["hadaconv"]["layers"] == report.converted == [1]
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report.to_dict()))
     inputs = example_inputs("llama", loaded.model)
     assert torch.equal(_out(hadaconv.load(out), inputs), _out(loaded.model, inputs))
     assert load_tokenizer(out)("hello")["input_ids"] == loaded.tokenizer("hello")["input_ids"]
