@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from hadaconv.errors import HadaconvError, InputError, option
+from hadaconv.errors import HadaconvError, InputError, command, option
 from hadaconv.sample import read_jsonl
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
@@ -105,9 +105,10 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
         if str(src) == "shakespeare" and not p.exists():
             paths += default_corpus()
         elif str(src) == "sample" and not p.exists():
+            write = command("hadaconv sample MODEL -o FILE", "hadaconv.sample.sample_texts and write_jsonl")
             raise HadaconvError("'sample' (text the model writes) needs the loaded model: convert without "
-                                f"{option('streamed')}, or write it first with hadaconv sample MODEL -o FILE and "
-                                f"pass {option('calib')} FILE")
+                                f"{command('--streamed', 'streaming (convert_file)')}, or write it first with {write} "
+                                f"and pass {command('--calib FILE', 'calib=[FILE]')}")
         elif p.is_dir():
             paths += sorted(q for q in p.rglob("*") if q.suffix in TEXT_SUFFIXES | {".jsonl"})
         elif p.exists():

@@ -538,7 +538,7 @@ def _duration(text: str | None) -> float | None:
         value = float(number) * units[unit]
     except ValueError:
         value = -1.0
-    if value <= 0:
+    if not 0 < value < float("inf"):
         raise HadaconvError(f"--max-time: expected a positive duration like 90s, 30m or 2h, got {text!r}")
     return value
 
@@ -627,8 +627,6 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
     from hadaconv.errors import OutputError
     from hadaconv.progress import out
 
-    if eval_text is not None and not Path(eval_text).is_file():
-        raise HadaconvError(f"eval text not found: {eval_text}")
     explicit = click.get_current_context().get_parameter_source("sampled") != click.core.ParameterSource.DEFAULT
     if explicit and data and "sample" not in data:
         raise HadaconvError(f"--sampled {sampled} sets how much text --data sample writes, and --data does not "

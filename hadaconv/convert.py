@@ -32,11 +32,11 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_adapter
+from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_adapter, index_ranges, layer_indices
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, mixed_windows,
                                 process_group)
-from hadaconv.errors import HadaconvError, InputError, option
+from hadaconv.errors import HadaconvError, InputError, check_int, check_number, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
@@ -175,28 +175,18 @@ def check_config(config: ConvertConfig | None) -> ConvertConfig:
     if cfg.mode not in MODES:
         raise InputError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib and len(cfg.calib) > 1:
-        raise InputError(f"{option('calib')} none (a data-free fit) cannot be mixed with other calibration sources")
-    if cfg.layers is not None and not (isinstance(cfg.layers, (list, tuple)) and all(map(_is_index, cfg.layers))):
-        raise InputError(f"{option('layers')} must be layer indices like [0, 3, 5] or '0,3,5-9', "
-                         f"got {cfg.layers!r:.60}")
-    if cfg.layers is not None and not cfg.layers:
-        raise InputError(f"{option('layers')} selects no layers: give indices like 0,3,5-9 (None = all)")
+        raise InputError(f"{option('calib', 'none')} (a data-free fit) cannot be mixed with other calibration sources")
+    if cfg.layers is not None:
+        cfg = replace(cfg, layers=layer_indices(cfg.layers))
     for name, least in (("block", 1), ("samples", 2), ("seq_len", 2), ("batch_size", 1), ("rank", 0),
                         ("max_layers", 1)):
         value = getattr(cfg, name)
-        if name in ("block", "max_layers") and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InputError(f"{option(name)} must be an integer >= {least}, got {value!r}")
-    if cfg.max_loss is not None and (isinstance(cfg.max_loss, bool) or not isinstance(cfg.max_loss, (int, float))
-                                     or not cfg.max_loss >= 0):
-        raise InputError(f"{option('max_loss')} must be a number >= 0 (KL, nats/token), got {cfg.max_loss!r}")
+        if not (name in ("block", "max_layers") and value is None):
+            check_int(name, value, least)
+    if cfg.max_loss is not None:
+        check_number("max_loss", cfg.max_loss, 0)
     check_sources(cfg.calib, samples=cfg.samples)  # after the integer checks: the shares need an int
     return cfg
-
-
-def _is_index(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def parse_layers(text: str) -> list[int]:
@@ -208,7 +198,7 @@ def parse_layers(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
         lo, _, hi = (side.strip() for side in part.partition("-"))
-        if not (lo.isdigit() and (hi.isdigit() or not hi)):
+        if not (lo.isdecimal() and (hi.isdecimal() or not hi)):
             raise InputError(f"expected layer indices like 0,3,5-9, got {text!r:.60}")
         first, last = int(lo), int(hi or lo)
         if last < first:  # range() would make it an empty selection, found only after calibrating
@@ -253,8 +243,8 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
     wanted = available if cfg.layers is None else set(cfg.layers)
     missing = wanted - available
     if missing:
-        raise HadaconvError(f"{option('layers')} names {_ranges(sorted(missing))}, but the layers that can still be "
-                            f"converted are {_ranges(sorted(available))}")
+        raise HadaconvError(f"{option('layers')} names {index_ranges(sorted(missing))}, but the layers that can still be "
+                            f"converted are {index_ranges(sorted(available))}")
     layers = [layer for layer in all_layers if layer.index in wanted]
     block = cfg.block or default_block([layer.out_features for layer in layers])
     for layer in layers:
@@ -279,17 +269,6 @@ def _check_saves(layer: AttentionLayer, block: int, rank: int) -> None:
     most = max(0, (saved - 1) // (d_in + d_out))
     raise InputError(f"{option('rank', rank)} saves no parameters at {layer.out_name} ({d_out}x{d_in}, block {block}): "
                      f"the residual keeps {rank * (d_in + d_out):,}; the largest rank that saves any is {most}")
-
-
-def _ranges(indices: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    parts, start = [], None
-    for i, x in enumerate(indices):
-        start = x if start is None else start
-        if i + 1 == len(indices) or indices[i + 1] != x + 1:
-            parts.append(str(x) if x == start else f"{start}-{x}")
-            start = None
-    return ", ".join(parts)
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
@@ -627,8 +606,8 @@ def convert_file(
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     previous = loaded.meta or {}
     if previous.get("layers") and previous.get("target") != target:
-        raise HadaconvError(f"{source} was converted with {option('target', previous.get('target'))}: convert "
-                            f"it again with the same {option('target')}")
+        was = option('target', previous['target']) if previous.get("target") else f"no {option('target')}"
+        raise HadaconvError(f"{source} was converted with {was}: convert it again with {was}")
     model = loaded.model
     check_savable(model)
     adapter = _find(model, target=target) if target else None

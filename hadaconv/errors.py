@@ -18,13 +18,16 @@ command line, ``max_layers=0`` from Python; a step to take, likewise (:func:`com
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import re
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterator
 
-__all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "cli_names", "command", "option",
-           "output_error"]
+__all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "check_int", "check_number", "cli_names",
+           "command", "option", "output_error"]
 
 _CLI_NAMES: ContextVar[bool] = ContextVar("hadaconv_cli_names", default=False)
 _NO_VALUE = object()
@@ -76,6 +79,25 @@ def option(name: str, value: Any = _NO_VALUE, *, flag: str | None = None) -> str
         flag = "--" + name.replace("_", "-")
         return flag if value is _NO_VALUE or value is True else f"{flag} {value}"
     return name if value is _NO_VALUE else f"{name}={value!r}"
+
+
+def check_int(name: str, value: Any, least: int, *, flag: str | None = None) -> None:
+    """Raise InputError unless ``value`` is an integer (Python's or numpy's, not a bool) >=
+    ``least``; the message names the option as :func:`option` does."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < least:
+        raise InputError(f"{option(name, flag=flag)} must be an integer >= {least}, got {value!r}")
+
+
+def check_number(name: str, value: Any, least: float, *, strict: bool = False) -> None:
+    """Raise InputError unless ``value`` is a finite real number >= ``least`` (> with ``strict``)."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > least if strict else value >= least))
+    if not ok:
+        raise InputError(f"{option(name)} must be a number {'>' if strict else '>='} {least}, got {value!r}")
 
 
 def command(cli: str, python: str) -> str:

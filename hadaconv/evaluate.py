@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hadaconv.calibrate import text_windows
-from hadaconv.errors import InputError
+from hadaconv.errors import InputError, check_int
 from hadaconv.progress import progress as progress_bar
 
 __all__ = ["Perplexity", "embedding_cosine", "kl_divergence", "lm_logits", "perplexity", "text_windows"]
@@ -72,8 +72,7 @@ def _check_windows(model: nn.Module, windows, batch_size) -> None:
                          f"{getattr(windows, 'dtype', type(windows).__name__)}")
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise InputError(f"perplexity needs token windows [N >= 1, L >= 2], got shape {list(windows.shape)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embed, "num_embeddings", None)
     low, high = int(windows.min()), int(windows.max())

@@ -899,30 +899,41 @@ def save(
         The folder's path.
 
     Raises:
-        HadaconvError: the model holds no HadamardProjection hadaconv installed, or cannot be
-            saved without pickle; OutputError: ``out_dir`` exists (without ``overwrite``) or
-            cannot be written.
+        HadaconvError: the model holds no HadamardProjection hadaconv installed, no attention
+            blocks the adapter (of ``target``) knows, layer indices that are not that adapter's
+            (converted with a ``target`` and saved without it), or cannot be saved without pickle.
+        InputError: ``report`` is neither a ConvertReport nor a dict.
+        OutputError: ``out_dir`` exists (without ``overwrite``) or cannot be written.
     """
     from hadaconv.adapters import find_adapter
     from hadaconv.hadamard import factorize
     from hadaconv.nn import HadamardProjection
+    from hadaconv.report import ConvertReport
 
     check_output(out_dir, overwrite, folder=True)
     projections = [m for m in model.modules() if isinstance(m, HadamardProjection)]
     if not projections:
         raise HadaconvError("the model holds no HadamardProjection: nothing converted to save (a dense model "
                             "saves with save_pretrained)")
-    if any(p.layer_index is None for p in projections):
+    if any(getattr(p, "layer_index", None) is None for p in projections):
         raise HadaconvError("the model holds a HadamardProjection that hadaconv did not install in an attention "
                             "layer (made by hand?): its place cannot be recorded")
+    if report is not None and not isinstance(report, (ConvertReport, dict)):
+        raise InputError(f"report must be a ConvertReport or a dict, got {type(report).__name__}")
+    adapter = find_adapter(model, target)
+    indices = [p.layer_index for p in projections]
+    # The indices are the converting adapter's: one that lists an index as dense numbers the layers
+    # otherwise, and the folder would rebuild projections in the wrong places.
+    clash = sorted(set(indices) & {layer.index for layer in adapter.layers(model)})
+    if clash:
+        raise HadaconvError(f"layer {clash[0]} is converted by hadaconv's count but dense by the {adapter.name} "
+                            f"adapter's: a model converted with a {option('target')} saves with the same one")
     check_savable(model)
     first = projections[0]
-    meta = hadaconv_meta(adapter=find_adapter(model, target).name, layers=[p.layer_index for p in projections],
+    meta = hadaconv_meta(adapter=adapter.name, layers=indices,
                          block=first.block, fit=None, width=first.n, m=factorize(first.n).m, target=target,
                          source=None if source is None else str(source), rank=first.rank)
-    if report is not None and not isinstance(report, dict):
-        if not callable(getattr(report, "to_dict", None)):
-            raise InputError(f"report must be a ConvertReport or a dict, got {type(report).__name__}")
+    if isinstance(report, ConvertReport):
         report = report.to_dict()
     return save_converted(model, out_dir, meta=meta, tokenizer=tokenizer, report=report, overwrite=overwrite)
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_file, check_output
-from hadaconv.errors import HadaconvError, InputError, option
+from hadaconv.errors import HadaconvError, InputError, command
 from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
@@ -247,8 +247,9 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
         raise HadaconvError(
             f"{todo} of the {samples} sequences of text sampled from this model are not cached "
             f"({paths[0].name[:12]}... under {paths[0].parent}), and sampling runs the whole model once per token, "
-            "which a streamed conversion does not hold: convert once without streaming where the model fits "
-            f"(it caches the text), or pass {option('calib')} shakespeare / FILE")
+            "which a streamed conversion does not hold: convert once without "
+            f"{command('--streamed', 'streaming (convert_file)')} where the model fits (it caches the text), or pass "
+            f"{command('--calib shakespeare / FILE', 'calib=[shakespeare or FILE]')}")
     if missing and progress:  # the first run of a model pays for this once: say what, why and where it goes
         cached = f" (another {samples - todo} cached)" if todo < samples else ""
         # The hint only where the user may not know the count is theirs to choose (a default's size).

@@ -57,7 +57,7 @@ from hadaconv.adapters import AttentionLayer
 from hadaconv.blockwise import Decoder
 from hadaconv.convert import (ConvertConfig, calibration_batches, check_config, compensate_and_apply, find_target,
                               mark_rows)
-from hadaconv.errors import HadaconvError, InputError, ModelFormatError, option
+from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
 from hadaconv.hadamard import factorize
 from hadaconv.io import SHARD_INDEX as INDEX
 from hadaconv.report import ConvertReport
@@ -394,10 +394,12 @@ def _check_request(source: str | Path, cfg: ConvertConfig) -> Path:
     """Refuse what the block loop cannot do, before anything is read."""
     if cfg.max_layers is not None or cfg.max_loss is not None:
         raise InputError(f"layer-by-layer conversion converts every selected layer: {option('max_layers')} / "
-                         f"{option('max_loss')} rank layers on the whole model; use them without streaming")
+                         f"{option('max_loss')} rank layers on the whole model; use them without "
+                         f"{command('--streamed', 'streaming (convert_file)')}")
     if cfg.calib == "none" or (not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib):
         raise InputError(f"streamed conversion runs block by block on calibration text; a data-free fit "
-                         f"({option('calib', 'none')}) needs no block loop: convert it without streaming")
+                         f"({option('calib', 'none')}) needs no block loop: convert it without "
+                         f"{command('--streamed', 'streaming (convert_file)')}")
     source = Path(source)
     if not source.exists():
         raise ModelFormatError(f"no such file or folder: {source}")

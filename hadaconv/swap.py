@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hadaconv.adapters import AttentionLayer, check_convertible, find_adapter
+from hadaconv.adapters import AttentionLayer, check_convertible, find_adapter, index_ranges, layer_indices
 from hadaconv.errors import HadaconvError, InputError, option
 from hadaconv.fit import FitResult
 from hadaconv.nn import HadamardProjection
@@ -57,13 +57,13 @@ def patch(model: nn.Module, *, block: int = 1, bias: bool = True, layers: list[i
     adapter = find_adapter(model, target)
     adapter.prepare(model)
     found = adapter.layers(model)
-    if layers is not None:
-        missing = sorted(set(layers) - {layer.index for layer in found})
-        if missing:
-            raise InputError(f"{option('layers')}: the model has no layer {', '.join(map(str, missing))} "
-                             f"(it has {len(found)}, from 0)")
+    wanted = None if layers is None else set(layer_indices(layers))
+    missing = sorted(wanted - {layer.index for layer in found}) if wanted is not None else []
+    if missing:
+        raise InputError(f"{option('layers')} names {index_ranges(missing)}, but the model's layers are "
+                         f"{index_ranges(sorted(layer.index for layer in found))}")
     for layer in found:
-        if layers is None or layer.index in layers:
+        if wanted is None or layer.index in wanted:
             install_projection(layer, block=block, bias=bias)
     return model
 

@@ -471,7 +471,7 @@ ROWS = [
     Row("convert-streamed-output-is-a-file",
         lambda w, t: _convert(w.hf, _write(t / "out", "keep"), "--streamed", *TINY), r"out exists and is not a folder"),
     Row("convert-streamed-max-layers", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--max-layers", "1", *TINY[:-1]),
-        r"--max-layers / --max-loss rank layers on the whole model"),
+        r"--max-layers / --max-loss rank layers on the whole model; use them without --streamed$"),
     Row("convert-streamed-dtype", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--dtype", "float16", *TINY),
         r"--streamed keeps the checkpoint's dtype"),
     Row("convert-streamed-block-not-dividing", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--block", "5", *TINY),
@@ -839,6 +839,14 @@ def _hand_patched():
     return model
 
 
+def _converted_with_target():
+    """A tiny Llama whose second o_proj the generic adapter converted (its index 0 among the
+    target's matches, where the llama adapter counts it 1)."""
+    from hadaconv.swap import patch
+
+    return patch(make_tiny("llama"), target=r"layers\.1\.self_attn\.o_proj$")
+
+
 def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
     from hadaconv.calibrate import token_windows
     from hadaconv.convert import ConvertConfig, convert, convert_file
@@ -935,21 +943,27 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("distill-stages-string", distill_with(stages="global"), InputError,
          r"^stages must be local and/or global, got 'global'"),
         ("distill-train-unknown", distill_with(train="mlp"), InputError, r"^train='mlp' is neither attention nor all"),
-        ("distill-dtype-unknown", distill_with(dtype="int8"), InputError, r"^dtype='int8': choose auto, float32"),
+        ("distill-dtype-unknown", distill_with(dtype="int8"), InputError, r"^dtype='int8': choose one of auto, float32"),
+        ("distill-eval-text-missing", distill_with(eval_text=str(t / "nope.txt")), InputError,
+         r"^eval text not found: .*nope\.txt$"),
         ("distill-not-converted", lambda: distill_file(w.hf, t / "out"), HadaconvError,
          r"is not a converted hadaconv folder: convert the model first \(hadaconv\.convert_file\)$"),
         ("patch-converted-model", lambda: patch(load(w.conv)), HadaconvError,
          r"^the model holds HadamardProjections already: patch starts from a dense model"),
         ("patch-missing-layer", lambda: patch(make_tiny("llama"), layers=[99]), InputError,
-         r"^layers: the model has no layer 99 \(it has \d+, from 0\)$"),
+         r"^layers names 99, but the model's layers are 0-1$"),
+        ("patch-no-layers", lambda: patch(make_tiny("llama"), layers=[]), InputError, r"^layers selects no layers"),
         ("patch-no-attention", lambda: patch(torch.nn.Sequential(torch.nn.Linear(4, 4))), HadaconvError,
-         r"use target REGEX to convert"),
+         r"use target='REGEX' to convert"),
         ("op-integer-input", lambda: fwht(torch.ones(2, 64, dtype=torch.long)), InputError,
          r"^x must be a floating-point tensor, got torch\.int64$"),
         ("op-integer-gamma", lambda: hadamard_affine(torch.ones(2, 64), torch.ones(64, dtype=torch.int32)),
          InputError, r"^gamma must be a floating-point tensor, got torch\.int32$"),
         ("save-report-not-a-report", lambda: save(load(w.conv), t / "out", report=[1]), InputError,
          r"^report must be a ConvertReport or a dict, got list$"),
+        ("save-without-its-target", lambda: save(_converted_with_target(), t / "out"), HadaconvError,
+         r"^layer 0 is converted by hadaconv's count but dense by the llama adapter's: a model converted with a "
+         r"target saves with the same one$"),
         ("load-missing-folder", lambda: load(t / "nope"), HadaconvError, r"^no such folder: .*nope$"),
         ("save-dense-model", lambda: save(make_tiny("llama"), t / "out"), HadaconvError,
          r"the model holds no HadamardProjection: nothing converted to save"),
@@ -987,7 +1001,8 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "distill-file-config-dict", "distill-max-time-text", "distill-max-time-negative", "distill-max-steps-0",
            "distill-lr-negative", "distill-lr-nan", "distill-min-lr-ratio-2", "distill-stages-string",
            "distill-train-unknown", "distill-dtype-unknown", "distill-not-converted", "patch-converted-model",
-           "patch-missing-layer", "patch-no-attention", "op-integer-input", "op-integer-gamma", "save-report-not-a-report",
+           "patch-missing-layer", "patch-no-layers", "patch-no-attention", "distill-eval-text-missing",
+           "save-without-its-target", "op-integer-input", "op-integer-gamma", "save-report-not-a-report",
            "load-missing-folder",
            "save-dense-model", "save-hand-made-projection",
            "load-model-file", "load-model-onnx-graph",

@@ -253,3 +253,21 @@ def test_default_block_divides_every_width_into_at_least_eight_blocks():
     assert [default_block([w]) for w in (576, 896, 4096, 384, 64, 48)] == [64, 64, 64, 32, 8, 4]
     assert default_block([576, 640]) == 64 and default_block([576, 96]) == 8  # every layer's width
     assert default_block([7]) == 1
+
+
+def test_config_checks_take_what_python_callers_pass():
+    """numpy integers and floats, a range of layers and a torch dtype are what a script passes;
+    the up-front checks must not refuse them (the CLI's types never produce them)."""
+    import numpy as np
+
+    from hadaconv.convert import ConvertConfig, check_config
+    from hadaconv.distill import DistillConfig
+    from hadaconv.distill.core import check_config as check_distill
+
+    cfg = check_config(ConvertConfig(layers=range(0, 6, 2), samples=np.int64(16), max_loss=np.float32(0.5)))
+    assert cfg.layers == [0, 2, 4]
+    cfg = check_config(ConvertConfig(layers=np.arange(3)))
+    assert cfg.layers == [0, 1, 2] and all(type(i) is int for i in cfg.layers)
+    d = DistillConfig(samples=np.int64(100), lr=np.float32(1e-4), dtype=torch.bfloat16, stages=("local", "global"))
+    assert check_distill(d) is d
+    assert check_distill(DistillConfig(dtype=None, max_time=90)).max_time == 90

@@ -9,6 +9,7 @@ a family, write a small module with an ``ADAPTER`` and list it in ``_MODULES``.
 from __future__ import annotations
 
 import importlib
+import operator
 
 import torch
 from torch import nn
@@ -28,6 +29,8 @@ __all__ = [
     "check_convertible",
     "find_adapter",
     "generic_adapter",
+    "index_ranges",
+    "layer_indices",
 ]
 
 # Order matters only where two adapters could claim a model: the Hugging Face families match on
@@ -68,7 +71,7 @@ def find_adapter(model: nn.Module, target: str | None = None) -> Adapter:
             return adapter
     raise HadaconvError(
         f"no attention blocks hadaconv knows how to convert in {_describe(model)} "
-        f"(supported: {', '.join(a.name for a in adapters())}); use {option('target')} REGEX to convert "
+        f"(supported: {', '.join(a.name for a in adapters())}); use {option('target', 'REGEX')} to convert "
         "matching square Linear layers with the affine fit"
     )
 
@@ -114,3 +117,32 @@ def check_convertible(layer: AttentionLayer, block: int = 1) -> None:
                          f"choose one of {valid}")
     if not w.is_meta and not torch.isfinite(w).all():  # a model being rebuilt (load) has no values yet
         raise HadaconvError(f"{layer.out_name} holds NaN or infinite weights")
+
+
+def layer_indices(layers) -> list[int]:
+    """``layers`` (any iterable of integers >= 0, numpy's too) as a list.
+
+    Raises:
+        InputError: a string, not integers, a negative index, or no index at all.
+    """
+    try:
+        items = None if isinstance(layers, (str, bytes)) else list(layers)
+        indices = None if items is None else [operator.index(i) for i in items]
+    except TypeError:
+        indices = None
+    if indices is None or any(isinstance(i, bool) for i in items) or any(i < 0 for i in indices):
+        raise InputError(f"{option('layers')} must be layer indices like [0, 3, 5] or '0,3,5-9', got {layers!r:.60}")
+    if not indices:
+        raise InputError(f"{option('layers')} selects no layers: give indices like 0,3,5-9 (None = all)")
+    return indices
+
+
+def index_ranges(indices: list[int]) -> str:
+    """Sorted layer indices as text: [0, 1, 2, 5] -> '0-2, 5'."""
+    parts, start = [], None
+    for i, x in enumerate(indices):
+        start = x if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != x + 1:
+            parts.append(str(x) if x == start else f"{start}-{x}")
+            start = None
+    return ", ".join(parts)

@@ -37,8 +37,8 @@ from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
 from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
-from hadaconv.device import native_bf16
-from hadaconv.errors import HadaconvError, InputError, command, option
+from hadaconv.device import native_bf16, resolve_dtype
+from hadaconv.errors import HadaconvError, InputError, check_int, check_number, command, option
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import LOG_EVERY, console, counted, duration
@@ -378,9 +378,10 @@ class _Bar:
 _AT_LEAST = {"sampled": 1, "samples": 2, "seq_len": 2, "batch_size": 1, "accumulate": 1, "warmup_steps": 0,
              "max_steps": 1, "max_tokens": 1, "local_steps": 0, "local_windows": 1, "eval_every": 1,
              "eval_windows": 1, "checkpoint_every": 1}
-#: The number options: (least, whether the least itself is allowed).
-_NUMBERS = {"lr": (0, False), "local_lr": (0, False), "temperature": (0, False), "max_time": (0, False),
-            "clip": (0, True), "hidden_weight": (0, True), "weight_decay": (0, True), "min_lr_ratio": (0, True)}
+#: The number options: their least values, and whether the least itself is refused.
+_NUMBERS = {"lr": (0, True), "local_lr": (0, True), "temperature": (0, True), "max_time": (0, True),
+            "clip": (0, False), "hidden_weight": (0, False), "weight_decay": (0, False), "min_lr_ratio": (0, False)}
+#: Flags whose command-line spelling is not ``--`` + the keyword.
 _FLAGS = {"warmup_steps": "--warmup", "stages": "--local / --global"}
 
 
@@ -389,7 +390,8 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     (the Python API has no such types; a bad value must fail before minutes of sampling).
 
     Raises:
-        InputError: not a DistillConfig, or a value out of range or of the wrong type.
+        InputError: not a DistillConfig, a value out of range or of the wrong type, or an
+            ``eval_text`` that is not a file.
     """
     if config is None:
         return DistillConfig()
@@ -397,34 +399,24 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
         raise InputError(f"config must be a DistillConfig, got {type(config).__name__}")
     cfg = config
     if isinstance(cfg.stages, str) or not cfg.stages or any(s not in ("local", "global") for s in cfg.stages):
-        raise InputError(f"{_named('stages')} must be local and/or global, got {cfg.stages!r}")
+        raise InputError(f"{option('stages', flag=_FLAGS['stages'])} must be local and/or global, got {cfg.stages!r}")
     if cfg.train not in ("attention", "all"):
-        raise InputError(f"{_named('train', cfg.train)} is neither attention nor all")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise InputError(f"{_named('dtype', cfg.dtype)}: choose auto, float32, bfloat16 or float16")
+        raise InputError(f"{option('train', cfg.train)} is neither attention nor all")
+    resolve_dtype(cfg.dtype)
+    defaults = DistillConfig()
     for name, least in _AT_LEAST.items():
         value = getattr(cfg, name)
-        if value is None and DistillConfig.__dataclass_fields__[name].default is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InputError(f"{_named(name)} must be an integer >= {least}, got {value!r}")
-    for name, (least, closed) in _NUMBERS.items():
+        if not (value is None and getattr(defaults, name) is None):
+            check_int(name, value, least, flag=_FLAGS.get(name))
+    for name, (least, strict) in _NUMBERS.items():
         value = getattr(cfg, name)
-        if value is None and name == "max_time":
-            continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not number or not (value >= least if closed else value > least):
-            raise InputError(f"{_named(name)} must be a number {'>=' if closed else '>'} {least}, got {value!r}")
+        if not (value is None and getattr(defaults, name) is None):
+            check_number(name, value, least, strict=strict)
     if cfg.min_lr_ratio > 1:
-        raise InputError(f"{_named('min_lr_ratio')} must be at most 1 (a fraction of lr), got {cfg.min_lr_ratio!r}")
+        raise InputError(f"{option('min_lr_ratio')} must be at most 1 (a fraction of lr), got {cfg.min_lr_ratio!r}")
+    if cfg.eval_text is not None and not Path(cfg.eval_text).is_file():
+        raise InputError(f"eval text not found: {cfg.eval_text}")
     return cfg
-
-
-def _named(name: str, value: Any = None) -> str:
-    """The option as the caller spelled it (the value is printed only where given)."""
-    if name in _FLAGS:
-        return option(name, flag=_FLAGS[name])
-    return option(name) if value is None else option(name, value)
 
 
 def distill(
@@ -448,6 +440,13 @@ def distill(
         callback: called after every optimizer step with ``{step, tokens, loss, lr, seconds}``
             (logging; raising in it stops the run, as an interruption would).
     Under ``torchrun`` every rank calls this with the same arguments.
+
+    Raises:
+        InputError: a ``config`` value out of range (:func:`check_config`), or too few windows
+            to hold any out for evaluation.
+        HadaconvError: no tokenizer, a model that is neither a causal LM nor a text encoder, a
+            student with no converted blocks, or options that do not go together (FSDP with the
+            local stage).
     """
     cfg = check_config(config)
     stages = sorted(dict.fromkeys(cfg.stages), key=("local", "global").index)
@@ -505,9 +504,7 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
     train, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
     data_source = describe_sources(names, windows)
     if cfg.eval_text:
-        path = Path(cfg.eval_text)
-        if not path.is_file():
-            raise HadaconvError(f"eval text not found: {path}")
+        path = Path(cfg.eval_text)  # a file: check_config said so
         eval_ids = text_windows(tokenizer, path.read_text(encoding="utf-8", errors="replace"), cfg.seq_len,
                                 cfg.eval_windows)
         eval_source = path.name

@@ -23,7 +23,7 @@ def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> 
         try:
             return original_path(converted, meta)
         except HadaconvError as exc:
-            raise HadaconvError(f"{exc}: give the original with {option('teacher')}") from None
+            raise HadaconvError(f"{exc}: give the original with {option('teacher', 'PATH')}") from None
     if not Path(teacher).exists():
         raise HadaconvError(f"teacher not found: {teacher}")
     return Path(teacher)
