@@ -66,13 +66,16 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
 
 def _check_writable(parent: Path) -> None:
     """Refuse a ``parent`` (or, where it is missing, its nearest existing ancestor) that is a
-    file, or a folder this process may not create entries in (``os.access``: the permission
-    bits; a read-only mount is found only by the write itself)."""
+    file, or a folder this process cannot create entries in.  Creating one is the test: the
+    permission bits (``os.access``) say nothing of a read-only mount or a kernel file system
+    (``/sys``), which would refuse the write only after the work."""
     existing = next(p for p in (parent, *parent.parents) if p.exists() or p.is_symlink())
     if not existing.is_dir():
         raise OutputError(f"cannot create a folder under {existing}: it is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write in {existing}: permission denied")
+    try:
+        os.rmdir(_sibling(existing / "hadaconv-write-check", ".tmp", os.mkdir))
+    except OSError as exc:
+        raise output_error(existing, exc) from None
 
 
 def _sibling(target: Path, suffix: str, make) -> Path:

@@ -36,7 +36,7 @@ from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_a
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, mixed_windows,
                                 process_group)
-from hadaconv.errors import HadaconvError, InputError, check_int, check_number, option
+from hadaconv.errors import HadaconvError, InputError, check_int, check_module, check_number, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
@@ -243,8 +243,8 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
     wanted = available if cfg.layers is None else set(cfg.layers)
     missing = wanted - available
     if missing:
-        raise HadaconvError(f"{option('layers')} names {index_ranges(sorted(missing))}, but the layers that can still be "
-                            f"converted are {index_ranges(sorted(available))}")
+        raise HadaconvError(f"{option('layers')} names {index_ranges(sorted(missing))}, but the layers that can "
+                            f"still be converted are {index_ranges(sorted(available))}")
     layers = [layer for layer in all_layers if layer.index in wanted]
     block = cfg.block or default_block([layer.out_features for layer in layers])
     for layer in layers:
@@ -514,6 +514,9 @@ def convert(
     Raises:
         HadaconvError: bad options, unconvertible layers, missing calibration data.
     """
+    check_module(model)
+    if isinstance(tokenizer, ConvertConfig):
+        raise InputError("the config was given where the tokenizer goes: convert(model, tokenizer, config)")
     cfg = check_config(config)
     start = time.perf_counter()
     target = find_target(model, cfg, adapter)

@@ -24,10 +24,11 @@ import operator
 import re
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import PurePath
 from typing import Any, Iterator
 
-__all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "check_int", "check_number", "cli_names",
-           "command", "option", "output_error"]
+__all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "check_int", "check_module",
+           "check_number", "cli_names", "command", "option", "output_error"]
 
 _CLI_NAMES: ContextVar[bool] = ContextVar("hadaconv_cli_names", default=False)
 _NO_VALUE = object()
@@ -90,6 +91,20 @@ def check_int(name: str, value: Any, least: int, *, flag: str | None = None) -> 
         number = None
     if number is None or number < least:
         raise InputError(f"{option(name, flag=flag)} must be an integer >= {least}, got {value!r}")
+
+
+def check_module(value: Any, name: str = "model") -> None:
+    """Raise InputError unless ``value`` is a torch ``nn.Module`` (the model, not its path, nor
+    the ``Loaded`` that :func:`hadaconv.io.load_model` wraps it in)."""
+    from torch import nn  # here, not at the top: the CLI's argument checks run without torch
+
+    if isinstance(value, nn.Module):
+        return
+    got = type(value).__name__
+    hint = (" (load_model returns a Loaded: pass its .model)" if hasattr(value, "model") and hasattr(value, "tokenizer")
+            else " (a path: load it with hadaconv.load_model(path).model)" if isinstance(value, (str, PurePath))
+            else "")
+    raise InputError(f"{name} must be a torch nn.Module, got {got}{hint}")
 
 
 def check_number(name: str, value: Any, least: float, *, strict: bool = False) -> None:

@@ -120,7 +120,17 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, *, 
 
 def embedding_cosine(model: nn.Module, reference: nn.Module, windows: torch.Tensor, batch_size: int = 8,
                      *, inference: bool = True) -> float:
-    """Mean cosine similarity of mean-pooled last hidden states, model vs reference."""
+    """Mean cosine similarity of mean-pooled last hidden states, model vs reference (encoders).
+
+    Raises:
+        InputError: a model that generates text (a causal LM returns logits, not hidden states:
+            :func:`perplexity` measures it).
+    """
+    for m in (model, reference):
+        can_generate = getattr(m, "can_generate", None)
+        if callable(can_generate) and can_generate():
+            raise InputError(f"embedding cosine compares text encoders, and {type(m).__name__} is a causal LM: "
+                             "measure its perplexity instead (without a reference)")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hadaconv.errors import HadaconvError, InputError, option
+from hadaconv.errors import HadaconvError, InputError, check_int, check_number, option
 from hadaconv.export.bundle import Bundle, open_bundle
 
 __all__ = ["Embedding", "Generation", "embed", "generate"]
@@ -339,14 +339,12 @@ def generate(
     Raises HadaconvError (InputError for bad arguments) on a model without a cache, bad prompts
     or an ONNX Runtime failure (one line, with the step).
     """
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("top_k", top_k, 0)
+    check_number("temperature", temperature, 0)
+    check_number("repetition_penalty", repetition_penalty, 0, strict=True)
     session, tokenizer, meta = _resolve(target, tokenizer)
     past_names = _cache_inputs(session, meta)
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or top_k < 0:
-        raise InputError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
-    if not repetition_penalty > 0:
-        raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     eos_set, pad = _special_tokens(meta, eos_token_id, pad_token_id)
     ids, mask = _encode(prompt, tokenizer, pad, chat)
     _check_vocabulary(session, ids, mask)

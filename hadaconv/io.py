@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_folder, check_output
-from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
+from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_module, command, option
 from hadaconv.progress import status
 
 __all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "original_path", "save", "save_converted",
@@ -910,6 +910,7 @@ def save(
     from hadaconv.nn import HadamardProjection
     from hadaconv.report import ConvertReport
 
+    check_module(model)
     check_output(out_dir, overwrite, folder=True)
     projections = [m for m in model.modules() if isinstance(m, HadamardProjection)]
     if not projections:

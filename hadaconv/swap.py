@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import AttentionLayer, check_convertible, find_adapter, index_ranges, layer_indices
-from hadaconv.errors import HadaconvError, InputError, option
+from hadaconv.errors import HadaconvError, InputError, check_module, option
 from hadaconv.fit import FitResult
 from hadaconv.nn import HadamardProjection
 
@@ -51,6 +51,7 @@ def patch(model: nn.Module, *, block: int = 1, bias: bool = True, layers: list[i
             converted model is trained further with :mod:`hadaconv.distill`), a layer that
             cannot take the block size, or a ``layers`` index the model does not have.
     """
+    check_module(model)
     if any(isinstance(m, HadamardProjection) for m in model.modules()):
         raise HadaconvError("the model holds HadamardProjections already: patch starts from a dense model "
                             "(a converted one is trained further by distillation)")

@@ -143,6 +143,20 @@ def test_check_output_one_rule_and_one_wording(tmp_path):
     assert (folder / "keep.txt").read_text() == "keep" and file.read_text() == "{}\n"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_check_output_finds_a_folder_that_refuses_writes_whatever_its_bits_say(tmp_path):
+    """/proc lets root past the permission bits but creates no entry: found before the work
+    (a newcomer's -o /sys/x was refused only after the conversion), and no probe is left behind."""
+    from hadaconv.errors import OutputError
+
+    with pytest.raises(OutputError, match=r"^cannot write /proc: "):
+        atomic.check_output("/proc/hadaconv-out", folder=True)
+    with pytest.raises(OutputError, match=r"^cannot write /proc: "):
+        atomic.check_output("/proc/s.jsonl", folder=False)
+    atomic.check_output(tmp_path / "a" / "b", folder=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_terminated_cli_run_leaves_no_temporary(tmp_path, capsys, monkeypatch):
     """SIGTERM (kill, a scheduler, a container stop) ends a CLI run like Ctrl-C: exit status 130,
     and the atomic write under way removes its temporary instead of leaving it behind."""

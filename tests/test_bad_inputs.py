@@ -286,14 +286,15 @@ def _full_weights(tensors, filename, metadata=None):
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-def _read_only(monkeypatch, folder: Path) -> None:
-    """Every file or folder creation under ``folder`` fails as on a read-only file system."""
+def _read_only(monkeypatch, folder: Path, code: int = errno.EROFS) -> None:
+    """Every file or folder creation under ``folder`` fails as on a read-only file system (or
+    with another ``code``)."""
     for name in ("mkdir", "open"):
         real = getattr(os, name)
 
         def refuse(path, *args, _real=real, **kwargs):
             if Path(os.fsdecode(path)).resolve().is_relative_to(folder.resolve()):
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+                raise OSError(code, os.strerror(code), os.fsdecode(path))
             return _real(path, *args, **kwargs)
 
         monkeypatch.setattr(os, name, refuse)
@@ -308,11 +309,9 @@ def _no_model(monkeypatch) -> None:
 
 
 def _no_access(monkeypatch, folder: Path) -> None:
-    """``folder`` exists and ``os.access`` denies writing there (as for a non-root user under a
-    0555 folder; root passes every permission check)."""
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p).resolve() == folder.resolve()
-                        else real(p, mode, *a, **k))
+    """``folder`` exists and refuses new entries with EACCES (as for a non-root user under a 0555
+    folder; root passes every permission check), found before any model is loaded."""
+    _read_only(monkeypatch, folder, errno.EACCES)
     _no_model(monkeypatch)
 
 
@@ -381,7 +380,7 @@ ROWS = [
     Row("convert-output-under-a-file", lambda w, t: _convert(w.hf, _write(t / "notes.txt", "keep") / "sub", *TINY),
         r"cannot create a folder under .*notes\.txt: it is a file", lambda mp, w, t: _no_model(mp)),
     Row("convert-output-in-a-folder-without-write-permission",
-        lambda w, t: _convert(w.hf, _mkdir(t / "locked") / "out", *TINY), r"cannot write in .*locked: permission denied",
+        lambda w, t: _convert(w.hf, _mkdir(t / "locked") / "out", *TINY), r"cannot write .*locked: Permission denied",
         lambda mp, w, t: _no_access(mp, t / "locked")),
     Row("convert-block-0", lambda w, t: _convert(w.hf, t / "out", "--block", "0"),
         r"'--block': 0 is not in the range x>=1"),
@@ -436,7 +435,7 @@ ROWS = [
     Row("convert-layers-out-of-range", lambda w, t: _convert(w.hf, t / "out", "--layers", "0,7", *TINY),
         r"--layers names 7, but", lambda mp, w, t: _no_model(mp)),
     Row("convert-read-only-output", lambda w, t: _convert(w.hf, _mkdir(t / "ro") / "out", *TINY),
-        r"cannot write .*ro/out: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
+        r"cannot write .*ro: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
     Row("convert-full-disk", lambda w, t: _convert(w.hf, t / "out", *TINY),
         r"cannot write .*out: No space left on device",
         lambda mp, w, t: mp.setattr("safetensors.torch.save_file", _full_weights)),
@@ -488,7 +487,7 @@ ROWS = [
     Row("convert-streamed-device-unknown", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--device", "tpu", *TINY),
         r"--device tpu: (not a device|only cpu, cuda)"),
     Row("convert-streamed-read-only-output", lambda w, t: _convert(w.hf, _mkdir(t / "ro") / "out", "--streamed", *TINY),
-        r"cannot write .*ro/out: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
+        r"cannot write .*ro: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
     # --------------------------------------------------------------- inspect
     Row("inspect-missing-file", lambda w, t: ["inspect", t / "nope.gguf"], r"no such file or folder"),
     # torch's own wording advises weights_only=False, wrong for a damaged file (found by a newcomer).
@@ -575,7 +574,7 @@ ROWS = [
     Row("export-negative-atol", lambda w, t: ["export", w.conv, "-o", t / "b", "--atol", "-1"],
         r"'--atol': -1\.0 is not in the range x>=0"),
     Row("export-read-only-output", lambda w, t: ["export", w.conv, "-o", _mkdir(t / "ro") / "b"],
-        r"cannot write .*ro/b: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
+        r"cannot write .*ro: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
     Row("export-full-disk", lambda w, t: ["export", w.conv, "-o", t / "b"], r"No space left on device",
         lambda mp, w, t: mp.setattr("torch.onnx.export", _no_space)),
     # --------------------------------------------------------------- run
@@ -647,7 +646,7 @@ ROWS = [
     Row("sample-existing-output", lambda w, t: ["sample", w.hf, "-o", _write(t / "s.jsonl", "{}\n")],
         r"s\.jsonl already exists: pass --overwrite to replace it, or choose another file"),
     Row("sample-output-in-a-folder-without-write-permission",
-        lambda w, t: ["sample", w.hf, "-o", _mkdir(t / "locked") / "s.jsonl"], r"cannot write in .*locked: permission denied",
+        lambda w, t: ["sample", w.hf, "-o", _mkdir(t / "locked") / "s.jsonl"], r"cannot write .*locked: Permission denied",
         lambda mp, w, t: _no_access(mp, t / "locked")),
     Row("sample-missing-folder", lambda w, t: ["sample", w.hf, "-o", t / "nope" / "s.jsonl"],
         r"the folder .*nope does not exist"),
@@ -657,10 +656,13 @@ ROWS = [
         r"'--temperature': 0\.0 is not in the range x>0"),
     Row("sample-read-only-output",
         lambda w, t: ["sample", w.hf, "-o", _mkdir(t / "ro") / "s.jsonl", "--samples", "2", "--seq-len", "3"],
-        r"cannot write .*s\.jsonl: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
+        r"cannot write .*ro: Read-only file system", lambda mp, w, t: _read_only(mp, t / "ro")),
     Row("sample-full-disk", lambda w, t: ["sample", w.hf, "-o", t / "s.jsonl", "--samples", "2", "--seq-len", "3"],
         r"cannot write .*s\.jsonl: No space left on device", lambda mp, w, t: mp.setattr(os, "replace", _no_space)),
     # --------------------------------------------------------------- eval
+    Row("eval-reference-on-causal-lm", lambda w, t: ["eval", w.hf, "--reference", w.hf, "--max-windows", "1",
+                                                     "--seq-len", "16"],
+        r"embedding cosine compares text encoders, and LlamaForCausalLM is a causal LM: measure its perplexity"),
     Row("eval-missing-model", lambda w, t: ["eval", t / "nope"], r"no such file or folder"),
     Row("eval-missing-text", lambda w, t: ["eval", w.hf, "--text", t / "nope.txt"], r"'--text'.*does not exist"),
     Row("eval-too-short-text", lambda w, t: ["eval", w.hf, "--text", _write(t / "e.txt", "Hi."), "--seq-len", "32"],
@@ -852,6 +854,7 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
     from hadaconv.convert import ConvertConfig, convert, convert_file
     from hadaconv.distill import DistillConfig, distill_file
     from hadaconv.evaluate import perplexity, text_windows
+    from hadaconv.export import export_onnx
     from hadaconv.export.bundle import open_bundle
     from hadaconv.generate import embed, generate
     from hadaconv.io import load, load_model, load_tokenizer, save
@@ -874,7 +877,7 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("generate-ragged-ids", lambda: generate(w.bundle, [[5, 6], [7]]), InputError, r"rectangular"),
         ("generate-id-past-vocab", lambda: generate(w.bundle, [[7, VOCAB + 5]]), InputError,
          rf"token id {VOCAB + 5} is outside the vocabulary of {VOCAB} tokens \(ids 0 to {VOCAB - 1}\)"),
-        ("generate-zero-tokens", lambda: generate(w.bundle, "hi", 0), InputError, r"max_new_tokens must be >= 1"),
+        ("generate-zero-tokens", lambda: generate(w.bundle, "hi", 0), InputError, r"max_new_tokens must be an integer >= 1"),
         ("generate-negative-top-k", lambda: generate(w.bundle, "hi", top_k=-1), InputError, r"top_k"),
         ("generate-on-encoder", lambda: generate(w.encoder, "hi"), HadaconvError, r"needs a causal LM"),
         ("embed-float-ids", lambda: embed(w.encoder, np.array([[1.5]])), InputError, r"integer array"),
@@ -934,7 +937,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"^config must be a ConvertConfig, got dict$"),
         ("distill-file-config-dict", lambda: distill_file(w.conv, t / "out", {"samples": 4}), InputError,
          r"^config must be a DistillConfig, got dict$"),
-        ("distill-max-time-text", distill_with(max_time="abc"), InputError, r"^max_time must be a number > 0, got 'abc'"),
+        ("distill-max-time-text", distill_with(max_time="60s"), InputError,
+         r"^max_time='60s': a number of seconds \(the command line's --max-time takes 90s, 30m, 2h\)$"),
         ("distill-max-time-negative", distill_with(max_time=-5), InputError, r"^max_time must be a number > 0, got -5"),
         ("distill-max-steps-0", distill_with(max_steps=0), InputError, r"^max_steps must be an integer >= 1, got 0"),
         ("distill-lr-negative", distill_with(lr=-1), InputError, r"^lr must be a number > 0, got -1"),
@@ -964,6 +968,17 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("save-without-its-target", lambda: save(_converted_with_target(), t / "out"), HadaconvError,
          r"^layer 0 is converted by hadaconv's count but dense by the llama adapter's: a model converted with a "
          r"target saves with the same one$"),
+        ("export-path-not-model", lambda: export_onnx(str(w.conv), t / "b"), InputError,
+         r"^model must be a torch nn\.Module, got str \(a path: load it with hadaconv\.load_model\(path\)\.model\)$"),
+        ("convert-loaded-wrapper", lambda: convert(load_model(w.hf), None, ConvertConfig(), inputs=ids), InputError,
+         r"^model must be a torch nn\.Module, got Loaded \(load_model returns a Loaded: pass its \.model\)$"),
+        ("convert-config-as-tokenizer", lambda: convert(make_tiny("llama"), ConvertConfig()), InputError,
+         r"^the config was given where the tokenizer goes: convert\(model, tokenizer, config\)$"),
+        ("patch-path", lambda: patch("model.gguf"), InputError, r"^model must be a torch nn\.Module, got str"),
+        ("save-arguments-swapped", lambda: save(str(t / "out"), make_tiny("llama")), InputError,
+         r"^model must be a torch nn\.Module, got str"),
+        ("generate-tokens-as-text", lambda: generate(w.bundle, "hi", max_new_tokens="8"), InputError,
+         r"^max_new_tokens must be an integer >= 1, got '8'$"),
         ("load-missing-folder", lambda: load(t / "nope"), HadaconvError, r"^no such folder: .*nope$"),
         ("save-dense-model", lambda: save(make_tiny("llama"), t / "out"), HadaconvError,
          r"the model holds no HadamardProjection: nothing converted to save"),
@@ -1003,7 +1018,8 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "distill-train-unknown", "distill-dtype-unknown", "distill-not-converted", "patch-converted-model",
            "patch-missing-layer", "patch-no-layers", "patch-no-attention", "distill-eval-text-missing",
            "save-without-its-target", "op-integer-input", "op-integer-gamma", "save-report-not-a-report",
-           "load-missing-folder",
+           "export-path-not-model", "convert-loaded-wrapper", "convert-config-as-tokenizer", "patch-path",
+           "save-arguments-swapped", "generate-tokens-as-text", "load-missing-folder",
            "save-dense-model", "save-hand-made-projection",
            "load-model-file", "load-model-onnx-graph",
            "realmodels-no-wheels", "realmodels-partial-wheel", "realmodels-wrong-hash",

@@ -271,3 +271,4 @@ def test_config_checks_take_what_python_callers_pass():
     d = DistillConfig(samples=np.int64(100), lr=np.float32(1e-4), dtype=torch.bfloat16, stages=("local", "global"))
     assert check_distill(d) is d
     assert check_distill(DistillConfig(dtype=None, max_time=90)).max_time == 90
+    assert check_distill(DistillConfig(data="sample")).data == ["sample"]  # one source, not six

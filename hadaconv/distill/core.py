@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -38,7 +38,7 @@ from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
 from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
 from hadaconv.device import native_bf16, resolve_dtype
-from hadaconv.errors import HadaconvError, InputError, check_int, check_number, command, option
+from hadaconv.errors import HadaconvError, InputError, check_int, check_module, check_number, command, option
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import LOG_EVERY, console, counted, duration
@@ -398,6 +398,11 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     if not isinstance(config, DistillConfig):
         raise InputError(f"config must be a DistillConfig, got {type(config).__name__}")
     cfg = config
+    if isinstance(cfg.data, str):  # one source, as ConvertConfig.calib takes it (not one per character)
+        cfg = replace(cfg, data=[cfg.data])
+    if isinstance(cfg.max_time, str):
+        raise InputError(f"{option('max_time', cfg.max_time)}: a number of seconds (the command line's --max-time "
+                         "takes 90s, 30m, 2h)")
     if isinstance(cfg.stages, str) or not cfg.stages or any(s not in ("local", "global") for s in cfg.stages):
         raise InputError(f"{option('stages', flag=_FLAGS['stages'])} must be local and/or global, got {cfg.stages!r}")
     if cfg.train not in ("attention", "all"):
@@ -448,6 +453,10 @@ def distill(
             student with no converted blocks, or options that do not go together (FSDP with the
             local stage).
     """
+    check_module(student, "student")
+    check_module(teacher, "teacher")
+    if isinstance(tokenizer, DistillConfig):
+        raise InputError("the config was given where the tokenizer goes: distill(student, teacher, tokenizer, config)")
     cfg = check_config(config)
     stages = sorted(dict.fromkeys(cfg.stages), key=("local", "global").index)
     if tokenizer is None:
@@ -628,8 +637,10 @@ class _Distillation:
             self.consider(self.initial_eval(), None)
         bar = _Bar(cfg.progress and self.main, self.spent())
         if self.evaluate.seconds is not None:  # not known to a resumed run, which has not evaluated yet
-            bar.note(f"each evaluation on {counted(len(self.evaluate.windows), 'held-out window')} takes about "
-                     f"{duration(self.evaluate.seconds)}: every {cfg.eval_every} steps (inside the budget) "
+            took = duration(self.evaluate.seconds)
+            took = took if took.startswith("under") else f"about {took}"
+            bar.note(f"each evaluation on {counted(len(self.evaluate.windows), 'held-out window')} takes {took}: "
+                     f"every {cfg.eval_every} steps (inside the budget) "
                      "and at the last step")
         perms: dict[int, torch.Tensor] = {}
         last_loss: float | None = None
@@ -661,7 +672,8 @@ class _Distillation:
         if cfg.max_steps is None and cfg.max_tokens is None and cfg.max_time is None:
             steps = max(1, n_train // cfg.batch_size)  # one pass over the data
             if cfg.progress and self.main:  # on a CPU that can take hours: say so before it starts
-                console.print(f"no budget given (max_time / max_steps / max_tokens): one pass over {n_train:,} "
+                budgets = " / ".join(option(name) for name in ("max_time", "max_steps", "max_tokens"))
+                console.print(f"no budget given ({budgets}): one pass over {n_train:,} "
                               f"windows, {steps:,} steps of {cfg.batch_size}", highlight=False)
             return {"steps": steps}
         return {k: v for k, v in (("steps", cfg.max_steps), ("tokens", cfg.max_tokens),

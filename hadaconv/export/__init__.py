@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from hadaconv._version import __version__
-from hadaconv.errors import HadaconvError, option
+from hadaconv.errors import HadaconvError, check_module, option
 from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, session_for, write_metadata
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
@@ -247,6 +247,7 @@ def export_onnx(
             half precision, bfloat16 validation on the CPU, an existing ``out_dir`` without
             ``overwrite``, a failed export, or outputs outside ``atol`` (nothing is written).
     """
+    check_module(model)
     out = Path(out_dir)
     form = "portable" if portable else "custom"
     original, original_inputs = model, example_inputs
