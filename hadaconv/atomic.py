@@ -49,14 +49,14 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
         if path.exists() and not path.is_dir():
             raise OutputError(f"{path} exists and is not a folder")
         taken = path.is_dir() and any(path.iterdir())
-        _check_writable(path.absolute().parent)
+        _check_writable(path)
     else:
         if path.is_dir():
             raise OutputError(f"{path} is a folder, not a file")
         if not path.parent.is_dir():
             raise OutputError(f"the folder {path.parent} does not exist")
         taken = path.exists()
-        _check_writable(path.absolute().parent)
+        _check_writable(path)
     if taken and not overwrite:
         what = "folder" if folder else "file"
         raise OutputError(f"{path} already exists{' and is not empty' if folder else ''}: pass "
@@ -64,18 +64,21 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     return path
 
 
-def _check_writable(parent: Path) -> None:
-    """Refuse a ``parent`` (or, where it is missing, its nearest existing ancestor) that is a
-    file, or a folder this process cannot create entries in.  Creating one is the test: the
-    permission bits (``os.access``) say nothing of a read-only mount or a kernel file system
-    (``/sys``), which would refuse the write only after the work."""
+def _check_writable(path: Path) -> None:
+    """Refuse an output ``path`` whose folder (or, where it is missing, its nearest existing
+    ancestor) is a file, or cannot take a new entry.  Creating one is the test: ``os.access``
+    lets root past the permission bits and knows nothing of /proc, /sys, ACLs or FUSE mounts,
+    which would refuse the write only after the work."""
+    parent = path.absolute().parent
     existing = next(p for p in (parent, *parent.parents) if p.exists() or p.is_symlink())
     if not existing.is_dir():
         raise OutputError(f"cannot create a folder under {existing}: it is a file, not a folder")
     try:
-        os.rmdir(_sibling(existing / "hadaconv-write-check", ".tmp", os.mkdir))
+        probe = _sibling(existing / "hadaconv-write-check", ".tmp", os.mkdir)
     except OSError as exc:
-        raise output_error(existing, exc) from None
+        raise OutputError(f"{output_error(path, exc)}: nothing can be created in {existing}") from None
+    with contextlib.suppress(OSError):  # made, so writable: an append-only folder may keep it
+        os.rmdir(probe)
 
 
 def _sibling(target: Path, suffix: str, make) -> Path:

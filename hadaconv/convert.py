@@ -512,7 +512,9 @@ def convert(
         inputs: calibration batches (dicts of model kwargs) instead of text, for models without
             a tokenizer; the last tenth is held out.
     Raises:
-        HadaconvError: bad options, unconvertible layers, missing calibration data.
+        InputError: ``model`` not an ``nn.Module``, the config given where the tokenizer goes,
+            or an option value out of range (:func:`check_config`).
+        HadaconvError: unconvertible layers, missing calibration data.
     """
     check_module(model)
     if isinstance(tokenizer, ConvertConfig):

@@ -101,7 +101,7 @@ def check_module(value: Any, name: str = "model") -> None:
     if isinstance(value, nn.Module):
         return
     got = type(value).__name__
-    hint = (" (load_model returns a Loaded: pass its .model)" if hasattr(value, "model") and hasattr(value, "tokenizer")
+    hint = (" (load_model returns a Loaded: pass its .model)" if got == "Loaded"
             else " (a path: load it with hadaconv.load_model(path).model)" if isinstance(value, (str, PurePath))
             else "")
     raise InputError(f"{name} must be a torch nn.Module, got {got}{hint}")
@@ -109,6 +109,8 @@ def check_module(value: Any, name: str = "model") -> None:
 
 def check_number(name: str, value: Any, least: float, *, strict: bool = False) -> None:
     """Raise InputError unless ``value`` is a finite real number >= ``least`` (> with ``strict``)."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        value = value.item()  # a 0-d numpy array or torch tensor holds one number
     ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
           and (value > least if strict else value >= least))
     if not ok:

@@ -902,7 +902,8 @@ def save(
         HadaconvError: the model holds no HadamardProjection hadaconv installed, no attention
             blocks the adapter (of ``target``) knows, layer indices that are not that adapter's
             (converted with a ``target`` and saved without it), or cannot be saved without pickle.
-        InputError: ``report`` is neither a ConvertReport nor a dict.
+        InputError: ``model`` not an ``nn.Module`` (a path given first?), or ``report`` neither a
+            ConvertReport nor a dict.
         OutputError: ``out_dir`` exists (without ``overwrite``) or cannot be written.
     """
     from hadaconv.adapters import find_adapter
@@ -910,6 +911,8 @@ def save(
     from hadaconv.nn import HadamardProjection
     from hadaconv.report import ConvertReport
 
+    if isinstance(out_dir, nn.Module) and not isinstance(model, nn.Module):
+        raise InputError("the model and the folder are swapped: hadaconv.save(model, out_dir)")
     check_module(model)
     check_output(out_dir, overwrite, folder=True)
     projections = [m for m in model.modules() if isinstance(m, HadamardProjection)]

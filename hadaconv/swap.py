@@ -46,6 +46,7 @@ def patch(model: nn.Module, *, block: int = 1, bias: bool = True, layers: list[i
     layers instead, as ``ConvertConfig.target`` does.  Modifies and returns ``model``.
 
     Raises:
+        InputError: ``model`` not an ``nn.Module``.
         HadaconvError: no attention blocks (or no ``target`` match), a model that holds
             HadamardProjections already (patching it would mix fitted and untrained layers; a
             converted model is trained further with :mod:`hadaconv.distill`), a layer that

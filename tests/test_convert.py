@@ -258,6 +258,8 @@ def test_default_block_divides_every_width_into_at_least_eight_blocks():
 def test_config_checks_take_what_python_callers_pass():
     """numpy integers and floats, a range of layers and a torch dtype are what a script passes;
     the up-front checks must not refuse them (the CLI's types never produce them)."""
+    import pathlib
+
     import numpy as np
 
     from hadaconv.convert import ConvertConfig, check_config
@@ -272,3 +274,8 @@ def test_config_checks_take_what_python_callers_pass():
     assert check_distill(d) is d
     assert check_distill(DistillConfig(dtype=None, max_time=90)).max_time == 90
     assert check_distill(DistillConfig(data="sample")).data == ["sample"]  # one source, not six
+    assert check_distill(DistillConfig(data=pathlib.Path("t.txt"))).data == [pathlib.Path("t.txt")]
+    from hadaconv.errors import check_number
+
+    for temperature in (np.array(0.7), torch.tensor(0.7), np.float32(0.7)):  # generate's numbers
+        check_number("temperature", temperature, 0)

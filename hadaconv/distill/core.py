@@ -23,6 +23,7 @@ tokens and seconds against their limits), so a run limited by time still ends it
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -398,7 +399,7 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     if not isinstance(config, DistillConfig):
         raise InputError(f"config must be a DistillConfig, got {type(config).__name__}")
     cfg = config
-    if isinstance(cfg.data, str):  # one source, as ConvertConfig.calib takes it (not one per character)
+    if isinstance(cfg.data, (str, os.PathLike)):  # one source (as ConvertConfig.calib), not one per character
         cfg = replace(cfg, data=[cfg.data])
     if isinstance(cfg.max_time, str):
         raise InputError(f"{option('max_time', cfg.max_time)}: a number of seconds (the command line's --max-time "
@@ -447,8 +448,9 @@ def distill(
     Under ``torchrun`` every rank calls this with the same arguments.
 
     Raises:
-        InputError: a ``config`` value out of range (:func:`check_config`), or too few windows
-            to hold any out for evaluation.
+        InputError: a student or teacher that is not an ``nn.Module``, the config given where
+            the tokenizer goes, a ``config`` value out of range (:func:`check_config`), or too
+            few windows to hold any out for evaluation.
         HadaconvError: no tokenizer, a model that is neither a causal LM nor a text encoder, a
             student with no converted blocks, or options that do not go together (FSDP with the
             local stage).

@@ -243,6 +243,7 @@ def export_onnx(
             says on stderr that it is still working (:func:`hadaconv.progress.status`).
 
     Raises:
+        InputError: ``model`` not an ``nn.Module`` (a path: ``load_model(path).model``).
         HadaconvError: a bad ``dtype`` or ``optimize`` level, ``optimize`` with ``portable`` or
             half precision, bfloat16 validation on the CPU, an existing ``out_dir`` without
             ``overwrite``, a failed export, or outputs outside ``atol`` (nothing is written).
