@@ -27,6 +27,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -36,7 +37,7 @@ from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_a
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, mixed_windows,
                                 process_group)
-from hadaconv.errors import HadaconvError, InputError, check_int, check_module, check_number, option
+from hadaconv.errors import HadaconvError, InputError, check_int, check_module, check_number, command, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
@@ -606,6 +607,9 @@ def convert_file(
     from hadaconv.io import check_savable, hadaconv_meta, load_model, save_converted
 
     cfg = check_config(config)
+    if Path(out_dir).is_file() and not Path(source).exists():
+        usage = command("hadaconv convert MODEL -o OUT_DIR", "convert_file(source, out_dir)")
+        raise InputError(f"{source} does not exist and the output {out_dir} is a file: are the two swapped? ({usage})")
     check_output(out_dir, overwrite, folder=True)  # before the work, not after it
     _check_against_config(source, cfg, model_config, target)
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)

@@ -383,6 +383,9 @@ ROWS = [
         lambda w, t: _convert(w.hf, _mkdir(t / "locked") / "out", *TINY),
         r"cannot write .*locked/out: Permission denied: nothing can be created in .*locked$",
         lambda mp, w, t: _no_access(mp, t / "locked")),
+    Row("convert-arguments-swapped", lambda w, t: _convert(t / "smollm2-hc", _write(t / "m.gguf", b"GGUF")),
+        r"smollm2-hc does not exist and the output .*m\.gguf is a file: are the two swapped\? "
+        r"\(hadaconv convert MODEL -o OUT_DIR\)$"),
     Row("convert-block-0", lambda w, t: _convert(w.hf, t / "out", "--block", "0"),
         r"'--block': 0 is not in the range x>=1"),
     Row("convert-block-negative", lambda w, t: _convert(w.hf, t / "out", "--block", "-4"),
@@ -935,6 +938,9 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"^token ids must be >= 0, got -2$"),
         ("perplexity-batch-0", lambda: perplexity(make_tiny("llama"), torch.ones(2, 8, dtype=torch.long), 0),
          InputError, r"batch_size must be an integer >= 1, got 0"),
+        ("convert-file-arguments-swapped", lambda: convert_file(str(t / "out"), str(_write(t / "m.gguf", b"GGUF"))),
+         InputError, r"out does not exist and the output .*m\.gguf is a file: are the two swapped\? "
+                     r"\(convert_file\(source, out_dir\)\)$"),
         ("convert-file-config-dict", lambda: convert_file(str(w.hf), str(t / "out"), {"samples": 4}), InputError,
          r"^config must be a ConvertConfig, got dict$"),
         ("distill-file-config-dict", lambda: distill_file(w.conv, t / "out", {"samples": 4}), InputError,
@@ -1015,7 +1021,7 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "convert-layers-not-indices", "config-layers-garbage", "config-layers-backwards", "convert-max-layers-0",
            "convert-max-loss-negative", "convert-output-exists", "perplexity-float-windows", "perplexity-1d-windows",
            "perplexity-id-past-vocab", "perplexity-negative-id", "perplexity-batch-0", "convert-file-config-dict",
-           "distill-file-config-dict", "distill-max-time-text", "distill-max-time-negative", "distill-max-steps-0",
+           "convert-file-arguments-swapped", "distill-file-config-dict", "distill-max-time-text", "distill-max-time-negative", "distill-max-steps-0",
            "distill-lr-negative", "distill-lr-nan", "distill-min-lr-ratio-2", "distill-stages-string",
            "distill-train-unknown", "distill-dtype-unknown", "distill-not-converted", "patch-converted-model",
            "patch-missing-layer", "patch-no-layers", "patch-no-attention", "distill-eval-text-missing",
@@ -1040,4 +1046,5 @@ def test_python_api_bad_input(name, world, tmp_path):
     message = str(info.value)
     assert "\n" not in message and re.search(expect, message), message
     if name.startswith(("realmodels", "streamed", "convert-file")):  # nothing assembled or written
-        assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["wheels"]), list(tmp_path.iterdir())
+        inputs = ([], ["wheels"], ["m.gguf"])  # the wheels or the model file a row gave as input
+        assert sorted(p.name for p in tmp_path.iterdir()) in inputs, list(tmp_path.iterdir())
