@@ -273,7 +273,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     from pathlib import Path
 
     from hadaconv.calibrate import default_corpus
-    from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
+    from hadaconv.evaluate import check_encoder, embedding_cosine, perplexity, text_windows
     from hadaconv.io import load_model
 
     if baseline and no_baseline:
@@ -285,6 +285,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     windows = text_windows(loaded.tokenizer, source.read_text(encoding="utf-8", errors="replace"), seq_len,
                            max_windows)
     if reference:
+        check_encoder(loaded.model)  # before the reference is loaded for nothing
         ref = load_model(reference, config=model_config, device=device, dtype=dtype).model
         click.echo(f"embedding cosine to {reference}: {embedding_cosine(loaded.model, ref, windows):.6f} "
                    f"({windows.numel()} tokens of {source.name})")

@@ -29,7 +29,7 @@ from hadaconv.calibrate import text_windows
 from hadaconv.errors import InputError, check_int
 from hadaconv.progress import progress as progress_bar
 
-__all__ = ["Perplexity", "embedding_cosine", "kl_divergence", "lm_logits", "perplexity", "text_windows"]
+__all__ = ["Perplexity", "check_encoder", "embedding_cosine", "kl_divergence", "lm_logits", "perplexity", "text_windows"]
 
 
 @dataclass
@@ -118,6 +118,15 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, *, 
     return Perplexity(math.exp(nll / count), count, len(windows), kl / positions if reference is not None else None)
 
 
+def check_encoder(model: nn.Module) -> None:
+    """Raise InputError for a model that generates text: a causal LM returns logits, not the
+    hidden states :func:`embedding_cosine` compares (:func:`perplexity` measures it)."""
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and can_generate():
+        raise InputError(f"embedding cosine compares text encoders, and {type(model).__name__} is a causal LM: "
+                         "measure its perplexity instead (without a reference)")
+
+
 def embedding_cosine(model: nn.Module, reference: nn.Module, windows: torch.Tensor, batch_size: int = 8,
                      *, inference: bool = True) -> float:
     """Mean cosine similarity of mean-pooled last hidden states, model vs reference (encoders).
@@ -127,10 +136,7 @@ def embedding_cosine(model: nn.Module, reference: nn.Module, windows: torch.Tens
             :func:`perplexity` measures it).
     """
     for m in (model, reference):
-        can_generate = getattr(m, "can_generate", None)
-        if callable(can_generate) and can_generate():
-            raise InputError(f"embedding cosine compares text encoders, and {type(m).__name__} is a causal LM: "
-                             "measure its perplexity instead (without a reference)")
+        check_encoder(m)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
