@@ -37,7 +37,7 @@ from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_a
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, mixed_windows,
                                 process_group)
-from hadaconv.errors import HadaconvError, InputError, check_int, check_module, check_number, command, option
+from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
@@ -179,13 +179,8 @@ def check_config(config: ConvertConfig | None) -> ConvertConfig:
         raise InputError(f"{option('calib', 'none')} (a data-free fit) cannot be mixed with other calibration sources")
     if cfg.layers is not None:
         cfg = replace(cfg, layers=layer_indices(cfg.layers))
-    for name, least in (("block", 1), ("samples", 2), ("seq_len", 2), ("batch_size", 1), ("rank", 0),
-                        ("max_layers", 1)):
-        value = getattr(cfg, name)
-        if not (name in ("block", "max_layers") and value is None):
-            check_int(name, value, least)
-    if cfg.max_loss is not None:
-        check_number("max_loss", cfg.max_loss, 0)
+    check_fields(cfg, {"block": 1, "samples": 2, "seq_len": 2, "batch_size": 1, "rank": 0, "max_layers": 1},
+                 {"max_loss": (0, False)})
     check_sources(cfg.calib, samples=cfg.samples)  # after the integer checks: the shares need an int
     return cfg
 

@@ -27,7 +27,7 @@ from contextvars import ContextVar
 from pathlib import PurePath
 from typing import Any, Iterator
 
-__all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "check_int", "check_module",
+__all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "check_fields", "check_int", "check_module",
            "check_number", "cli_names", "command", "option", "output_error"]
 
 _CLI_NAMES: ContextVar[bool] = ContextVar("hadaconv_cli_names", default=False)
@@ -115,6 +115,24 @@ def check_number(name: str, value: Any, least: float, *, strict: bool = False) -
           and (value > least if strict else value >= least))
     if not ok:
         raise InputError(f"{option(name)} must be a number {'>' if strict else '>='} {least}, got {value!r}")
+
+
+def check_fields(config: Any, ints: dict[str, int], numbers: dict[str, tuple[float, bool]] | None = None,
+                 flags: dict[str, str] | None = None) -> None:
+    """:func:`check_int` on each of a config dataclass's ``ints`` (name: least value) and
+    :func:`check_number` on each of its ``numbers`` (name: least value, whether the least itself is
+    refused); a field whose default is None may be None.  ``flags``: command-line spellings that
+    are not ``--`` + the name."""
+    from dataclasses import fields
+
+    optional = {f.name for f in fields(config) if f.default is None}
+    flags = flags or {}
+    for name, least in ints.items():
+        if not (name in optional and getattr(config, name) is None):
+            check_int(name, getattr(config, name), least, flag=flags.get(name))
+    for name, (least, strict) in (numbers or {}).items():
+        if not (name in optional and getattr(config, name) is None):
+            check_number(name, getattr(config, name), least, strict=strict)
 
 
 def command(cli: str, python: str) -> str:

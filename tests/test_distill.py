@@ -181,6 +181,33 @@ def test_time_budget_leaves_out_preparing_the_text(tokenizer, monkeypatch):
     assert report.steps > 0
 
 
+def test_time_budget_is_when_training_ends(tokenizer, monkeypatch):
+    """--max-time is kept, not overshot by a step and an evaluation: no step starts that would
+    end, with the evaluation after it, past the budget.  A fake clock makes it exact: steps of
+    1 s, evaluations of 0.5 s, 5.2 s allowed; the two opening evaluations end at 1 s, three steps
+    and the closing evaluation at 4.5 s, where a fourth step would have ended at 5.5 s."""
+    import types
+
+    from hadaconv.distill import core
+
+    clock = [0.0]
+    monkeypatch.setattr(core, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                            monotonic=core.time.monotonic))
+
+    def ticking(fn, seconds):
+        def wrapped(*args, **kwargs):
+            clock[0] += seconds
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(core, "perplexity", ticking(core.perplexity, 0.5))
+    monkeypatch.setattr(core._Distillation, "train_step", ticking(core._Distillation.train_step, 1.0))
+    student, teacher = _pair("llama", tokenizer)
+    report = distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_time=5.2, **RUN))
+    assert report.steps == 3
+    assert clock[0] == 4.5
+
+
 def test_sampled_sets_how_much_text_the_teacher_writes(tokenizer, monkeypatch):
     """DistillConfig.sampled (--sampled) is the number of sequences asked of the sample cache;
     fewer than one is refused before any work."""
@@ -448,6 +475,20 @@ def test_cli_without_a_budget_says_it_runs_one_pass(converted, capsys):
     assert "every 5 steps (inside the budget) and at the last step" in flat, err
     for step in (5, 10, 11):
         assert f"step {step}: held-out KL to teacher (nats/token) " in flat, err
+
+
+def test_cli_warns_when_the_state_is_chosen_on_few_windows(converted, capsys):
+    """Ten windows hold out one: the distilled state would be chosen on 256 tokens' noise
+    without the user knowing (a newcomer's run on a short text did).  Two windows asked for
+    with --eval-windows 2 are the user's choice, and not warned about (the other CLI tests)."""
+    few = ["--samples", "10", "--seq-len", "16", "--batch-size", "4", "--max-steps", "1", "--no-bf16"]
+    code, out, err = _cli(capsys, "distill", converted / "conv", "-o", converted / "few", *few)
+    assert code == 0, err
+    flat = " ".join(err.split())
+    assert ("the distilled state is chosen on 1 held-out window of 16 tokens, a noisy choice: more text, "
+            "or --eval-text with 4 or more windows steadies it") in flat, err
+    code, out, err = _cli(capsys, "distill", converted / "conv", "-o", converted / "few-asked", *CLI_RUN)
+    assert code == 0 and "noisy choice" not in err, err
 
 
 def test_cli_eval_names_its_text_and_compares_with_the_original(converted, tmp_path, capsys):

@@ -39,7 +39,7 @@ from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
 from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
 from hadaconv.device import native_bf16, resolve_dtype
-from hadaconv.errors import HadaconvError, InputError, check_int, check_module, check_number, command, option
+from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import LOG_EVERY, console, counted, duration
@@ -56,6 +56,10 @@ Stage = Literal["local", "global"]
 DEFAULT_SAMPLES = 256
 
 #: What chooses the state a run keeps, per kind of model: the held-out distance to the teacher.
+#: Fewer held-out windows than this (and than ``eval_windows`` asks for) get a warning: the best
+#: state is chosen on them, and a choice on one or two windows follows those windows' noise.
+STEADY_EVAL_WINDOWS = 4
+
 SELECTED_BY = {"causal-lm": "KL to teacher (nats/token)", "encoder": "1 - cosine to teacher"}
 
 
@@ -83,7 +87,8 @@ class DistillConfig:
         hidden_weight: weight of the per-layer hidden-state MSE (0 = off).
         max_steps, max_tokens, max_time: budget of the global stage (any that is set stops it;
             max_time in seconds, counting the local stage too but not preparing the text, which
-            may sample it); none set = one pass over the data.
+            may sample it; no step starts that would end, with its evaluation, past it, so the
+            training ends by then, only the save after it); none set = one pass over the data.
         local_steps, local_lr, local_windows: the local stage: steps per block, its learning
             rate, and how many windows are recorded for it.  A block whose own error rises is
             reset; a stage that leaves the held-out distance to the teacher worse is undone whole
@@ -409,15 +414,7 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     if cfg.train not in ("attention", "all"):
         raise InputError(f"{option('train', cfg.train)} is neither attention nor all")
     resolve_dtype(cfg.dtype)
-    defaults = DistillConfig()
-    for name, least in _AT_LEAST.items():
-        value = getattr(cfg, name)
-        if not (value is None and getattr(defaults, name) is None):
-            check_int(name, value, least, flag=_FLAGS.get(name))
-    for name, (least, strict) in _NUMBERS.items():
-        value = getattr(cfg, name)
-        if not (value is None and getattr(defaults, name) is None):
-            check_number(name, value, least, strict=strict)
+    check_fields(cfg, _AT_LEAST, _NUMBERS, _FLAGS)
     if cfg.min_lr_ratio > 1:
         raise InputError(f"{option('min_lr_ratio')} must be at most 1 (a fraction of lr), got {cfg.min_lr_ratio!r}")
     if cfg.eval_text is not None and not Path(cfg.eval_text).is_file():
@@ -528,6 +525,11 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
         raise _no_heldout(len(train), short)
     if len(train) < cfg.batch_size:
         raise HadaconvError(f"only {counted(len(train), 'training window')} for a batch of {cfg.batch_size}: give more text")
+    if len(eval_ids) < min(STEADY_EVAL_WINDOWS, cfg.eval_windows) and cfg.progress and main:
+        more = option("eval_text") if cfg.eval_text else f"more text, or {option('eval_text')}"
+        console.print(f"[yellow]the distilled state is chosen on {counted(len(eval_ids), 'held-out window')} of "
+                      f"{cfg.seq_len} tokens, a noisy choice: {more} with {STEADY_EVAL_WINDOWS} or more windows "
+                      "steadies it[/]", highlight=False)
     report = DistillReport(kind=kind, metric="perplexity" if kind == "causal-lm" else "embedding cosine",
                            eval_loss=SELECTED_BY[kind], stages=stages, train=cfg.train, eval_source=eval_source,
                            data_source=data_source, train_windows=len(train), eval_windows=len(eval_ids),
@@ -646,11 +648,13 @@ class _Distillation:
                      "and at the last step")
         perms: dict[int, torch.Tensor] = {}
         last_loss: float | None = None
-        tick, tick_tokens = time.perf_counter(), self.tokens
+        tick, tick_tokens, steps_here, step_seconds = time.perf_counter(), self.tokens, 0, 0.0
         try:
-            while (fraction := self.spent()) < 1.0:
+            while (fraction := self.spent()) < 1.0 and not self.out_of_time(step_seconds / max(1, steps_here)):
                 ids = self.d.shard(train[_batch_indices(self.step, cfg.batch_size, len(train), cfg.seed, perms)])
+                began = self.elapsed()
                 last_loss, lr = self.train_step(ids.to(self.d.device), fraction)
+                steps_here, step_seconds = steps_here + 1, step_seconds + self.elapsed() - began
                 rate = (self.tokens - tick_tokens) / max(1e-9, time.perf_counter() - tick)
                 bar.update(self.spent(), f"distill step {self.step} loss {last_loss:.4f} {rate:,.0f} tok/s")
                 if self.step % cfg.eval_every == 0:
@@ -687,6 +691,16 @@ class _Distillation:
         now = {"steps": self.step, "tokens": self.tokens, "seconds": self.elapsed()}
         mine = max(now[k] / max(v, 1e-9) for k, v in self.horizon.items())
         return self.d.sum(mine if self.main else 0.0)
+
+    def out_of_time(self, step_seconds: float) -> bool:
+        """Whether one more step of ``step_seconds`` (the mean so far; 0 before the first, which
+        always runs) and the evaluation that follows it (the periodic one or the closing one)
+        would end past ``max_time``: the budget is when the run ends, not the last moment a step
+        may start (a CPU step of SmolLM2 takes 4-8 s).  Decided on rank 0, like :meth:`spent`."""
+        if self.cfg.max_time is None or step_seconds <= 0:
+            return False
+        ends = self.elapsed() + step_seconds + (self.evaluate.seconds or 0.0)
+        return self.d.any(self.main and ends > self.cfg.max_time)
 
     def train_step(self, ids: torch.Tensor, fraction: float) -> tuple[float, float]:
         """One optimizer step on this rank's windows; (the global mean loss, the learning rate)."""
