@@ -17,8 +17,9 @@ Rows (``--rows``, default all, the baseline first so that every run measures it)
 
 Each row converts a fresh copy of the model (``hadaconv.convert.convert``, ``max_layers=10``),
 ranking the layers on its own calibration text as ``convert`` does.  Results accumulate in
-``--work/calibration.json`` (a rerun skips finished rows); the table is printed at the end.
-One sample of ``--eval-windows`` windows per domain: differences under a few percent are noise.
+``--work/calibration-eN.json`` (N: ``--eval-windows``; a rerun skips finished rows); the table is printed at the end.
+One sample of ``--eval-windows`` windows per domain (RESULTS.md, "Eight held-out windows were one
+noisy sample", says how much a sample moves the ratios).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import heldout_domains, machine, smollm2_path  # noqa: E402
+from common import EVAL_WINDOWS, heldout_domains, machine, smollm2_path  # noqa: E402
 
 from hadaconv.calibrate import text_windows  # noqa: E402
 from hadaconv.convert import ConvertConfig, convert  # noqa: E402
@@ -69,7 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("bench-work"), help="cache folder (results, texts)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
-    ap.add_argument("--eval-windows", type=int, default=8, help="windows of 256 tokens per held-out domain")
+    ap.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS,
+                    help="windows of 256 tokens per held-out domain (8 was the default before 2026-12-04)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     rows = args.rows.split(",")
@@ -80,7 +82,7 @@ def main() -> None:
     os.environ.setdefault("HADACONV_CACHE", str(args.work / "cache"))
     sources = {"sample": "sample", "ot": str(old_testament(args.work / "old-testament.jsonl")),
                "shakespeare": "shakespeare"}
-    store = args.work / "calibration.json"
+    store = args.work / f"calibration-e{args.eval_windows}.json"  # results on other windows do not mix
     results = json.loads(store.read_text()) if store.is_file() else {"machine": machine(), "rows": {}}
 
     loaded = load_model(str(smollm2_path()))

