@@ -23,7 +23,7 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from hadaconv.errors import OutputError, option, output_error
 
@@ -32,7 +32,8 @@ __all__ = ["atomic_file", "atomic_folder", "check_output"]
 _ATTEMPTS = 100
 
 
-def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bool) -> Path:
+def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bool,
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """``path`` as a Path, after refusing an output that may not or cannot be written, so that a
     long run cannot fail there at its end: the one check every writer calls before its work.
 
@@ -42,9 +43,13 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     ...): an existing file needs ``overwrite``; a folder there, or a missing parent folder, is
     refused.  In both, the folder the output goes in (for a folder output: its nearest existing
     ancestor, as the missing ones are created) must be a folder this process may write in.
+    ``inputs``: the files and folders the run reads (None entries skipped); an output that is one
+    of them, or a folder holding one, is refused even with ``overwrite``: replacing it would
+    destroy the input (``convert st -o st --overwrite``).
     Raises :class:`~hadaconv.errors.OutputError` with one line.
     """
     path = Path(path)
+    _check_not_input(path, inputs)
     if folder:
         if path.exists() and not path.is_dir():
             raise OutputError(f"{path} exists and is not a folder")
@@ -62,6 +67,18 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
         raise OutputError(f"{path} already exists{' and is not empty' if folder else ''}: pass "
                           f"{option('overwrite', True)} to replace it, or choose another {what}")
     return path
+
+
+def _check_not_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    out = path.resolve()
+    for given in inputs:
+        if not isinstance(given, (str, os.PathLike)) or not os.fspath(given):
+            continue  # None, or a model object: nothing on disk to protect
+        source = Path(given).resolve()
+        if out == source or out in source.parents:
+            what = "is" if out == source else "is a folder holding"
+            raise OutputError(f"the output {path} {what} the input {given}: writing it would replace the input; "
+                              "choose another output")
 
 
 def _check_writable(path: Path) -> None:

@@ -263,10 +263,11 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
 @_device_options
 def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, reference, model_config, device,
              dtype) -> None:
-    """Perplexity of a causal LM (or, with --reference, embedding cosine of an encoder) on text.
+    """Perplexity of a causal LM (or embedding cosine of an encoder to --reference) on text.
 
     Works on original and converted models alike; a converted folder is compared with the model
-    it was converted from (--baseline names another, --no-baseline skips it).  Perplexity uses
+    it was converted from (--baseline names another, --no-baseline skips it; for a converted
+    encoder that model is the reference its embeddings are compared with).  Perplexity uses
     fixed non-overlapping windows of --seq-len tokens: exp(mean NLL) over every token but each
     window's first.
     """
@@ -284,6 +285,11 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     source = Path(text_file or default_corpus()[0])
     windows = text_windows(loaded.tokenizer, source.read_text(encoding="utf-8", errors="replace"), seq_len,
                            max_windows)
+    if not reference and _kind(loaded.model) == "encoder":  # no perplexity: its embeddings against the original's
+        reference = None if no_baseline else _baseline(loaded, model, baseline)
+        if reference is None:
+            raise HadaconvError(f"{model} is a text encoder, which has no perplexity: give --reference MODEL to "
+                                "compare its embeddings with another model's")
     if reference:
         check_encoder(loaded.model)  # before the reference is loaded for nothing
         ref = load_model(reference, config=model_config, device=device, dtype=dtype).model
@@ -303,6 +309,16 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
                           batch, progress=f"perplexity of {other} ({batches})")
         click.echo(f"baseline {other}: perplexity {base.perplexity:.3f} on the same windows; {model} is "
                    f"{p.perplexity / base.perplexity:.3f}x that")
+
+
+def _kind(model) -> str | None:
+    """The adapter's model kind (``causal-lm``, ``encoder``, ...), None where no adapter knows it."""
+    from hadaconv.adapters import find_adapter
+
+    try:
+        return find_adapter(model).kind(model)
+    except HadaconvError:
+        return None
 
 
 def _baseline(loaded, model: str, given: str | None) -> str | None:
@@ -346,7 +362,7 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     from hadaconv.io import load_model
     from hadaconv.sample import sample_texts, write_jsonl
 
-    check_output(output, overwrite, folder=False)
+    check_output(output, overwrite, folder=False, inputs=[model, model_config])
     loaded = load_model(model, config=model_config, device=device, dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to decode samples with")
@@ -410,7 +426,7 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
 
     shape = _shape(input_shape)
     # Before loading the model, not after: the model is loaded in float32.
-    check_output(output, overwrite, folder=True)
+    check_output(output, overwrite, folder=True, inputs=[model, model_config])
     check_options(DTYPES[dtype] if dtype else torch.float32, portable=portable, optimize=optimize,
                   validate_outputs=not no_validate)
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, dtype="float32")  # ONNX graphs in float32

@@ -605,7 +605,7 @@ def convert_file(
     if Path(out_dir).is_file() and not Path(source).exists():
         usage = command("hadaconv convert MODEL -o OUT_DIR", "convert_file(source, out_dir)")
         raise InputError(f"{source} does not exist and the output {out_dir} is a file: are the two swapped? ({usage})")
-    check_output(out_dir, overwrite, folder=True)  # before the work, not after it
+    check_output(out_dir, overwrite, folder=True, inputs=[source, model_config])  # before the work
     _check_against_config(source, cfg, model_config, target)
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     previous = loaded.meta or {}

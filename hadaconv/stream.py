@@ -351,7 +351,7 @@ def convert_streamed(
     cfg = check_config(config)
     start = time.perf_counter()
     source = _check_request(source, cfg)
-    out = check_output(out_dir, overwrite, folder=True)
+    out = check_output(out_dir, overwrite, folder=True, inputs=[source])
     dev = resolve_device(device)
     files = _tensor_files(source)
     model = _hf_from_config(_hf_config(_read_json(source / "config.json")), sorted(set(files.values())))

@@ -178,3 +178,22 @@ def test_a_terminated_cli_run_leaves_no_temporary(tmp_path, capsys, monkeypatch)
     assert code == 130 and err.strip() in ("aborted", "interrupted")  # click turns the interrupt into Abort
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is before  # put back for whoever embeds main()
+
+
+def test_check_output_never_replaces_an_input(tmp_path):
+    """An output that is one of the run's inputs, or a folder holding one, is refused even with
+    overwrite (``convert st -o st --overwrite`` destroyed the model it read); an output inside an
+    input folder, elsewhere, or next to a model object (no path) is the usual check's business."""
+    from hadaconv.errors import OutputError
+
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    for out, what in ((model, "is the input"), (tmp_path / "models", "is a folder holding the input")):
+        with pytest.raises(OutputError, match=f"^the output {out} {what} {model}: writing it would replace the input"):
+            atomic.check_output(out, True, folder=True, inputs=[None, model])
+    with pytest.raises(OutputError, match="is the input"):  # the same place by another spelling
+        atomic.check_output(tmp_path / "models" / ".." / "models" / "m", True, folder=True, inputs=[str(model)])
+    for out in (model / "onnx", tmp_path / "other"):
+        assert atomic.check_output(out, True, folder=True, inputs=[model, None, object()]) == out
+    assert (model / "config.json").read_text() == "{}"

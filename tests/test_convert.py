@@ -188,6 +188,28 @@ def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
     assert code != 0
 
 
+def test_cli_eval_of_a_converted_encoder_compares_with_its_original(tmp_path, capsys):
+    """An encoder has no perplexity: eval of a converted encoder compares its embeddings with the
+    original it recorded, as eval of a converted LM compares perplexities (a newcomer's
+    ``eval mini-hc`` failed with an AttributeError); --reference still names another model."""
+    from cli_runner import run_cli
+
+    src, out = tmp_path / "bert", tmp_path / "conv"
+    make_tiny("bert", src)
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 200)
+    code, _, stderr = run_cli(capsys, "convert", src, "-o", out, "--calib", text, "--samples", "12", "--seq-len", "16",
+                              "--layers", "0")
+    assert code == 0, stderr
+    for extra, reference in (([], src), (["--reference", out], out)):
+        code, stdout, stderr = run_cli(capsys, "eval", out, "--text", text, "--seq-len", "16", "--max-windows", "2",
+                                       *extra)
+        cosine = re.search(rf"embedding cosine to {re.escape(str(reference))}: ([\d.]+)", stdout)
+        assert code == 0 and cosine, stderr
+        assert 0.5 < float(cosine.group(1)) <= 1 + 1e-6
+    assert float(cosine.group(1)) > 1 - 1e-6  # against itself
+
+
 def test_inspect_loads_the_weights_for_an_adapter_that_reads_them(tmp_path, capsys, monkeypatch):
     import hadaconv.adapters
     from cli_runner import run_cli

@@ -88,10 +88,10 @@ def distill_file(
     if not isinstance(meta, dict):
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")
-    check_output(out, overwrite, folder=True)
+    source = _teacher(converted, meta, teacher)
+    check_output(out, overwrite, folder=True, inputs=[converted, source])
     # A mistyped --data path, or an empty file, fails here, not after two models are loaded.
     check_sources(cfg.data, "training text", samples=cfg.samples)
-    source = _teacher(converted, meta, teacher)
     student = load_model(converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
         raise HadaconvError(f"{converted} has no converted layers: nothing to distill")
