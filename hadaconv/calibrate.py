@@ -161,7 +161,8 @@ HELDOUT_EVERY = 10
 
 
 def token_windows(
-    tokenizer, texts: Sequence[str], *, samples: int, seq_len: int, heldout: float = 1 / HELDOUT_EVERY
+    tokenizer, texts: Sequence[str], *, samples: int, seq_len: int, heldout: float = 1 / HELDOUT_EVERY,
+    what: str = "calibration text",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack the texts into ``samples`` windows of ``seq_len`` tokens; split off ``heldout``.
 
@@ -188,9 +189,10 @@ def token_windows(
     stream = torch.tensor(ids, dtype=torch.long)
     total = len(stream) // seq_len
     if total < 2:
+        fits = f" (at most {len(stream) // 2})" if len(stream) >= 4 else ""
         raise HadaconvError(
-            f"the calibration text has {len(stream)} tokens, too few for windows of {seq_len}; "
-            f"give more text or a smaller {option('seq_len')}"
+            f"the {what} has {len(stream)} tokens, too few for two windows of {seq_len}; "
+            f"give more text or a smaller {option('seq_len')}{fits}"
         )
     windows = stream[: total * seq_len].reshape(total, seq_len)
     pick = torch.linspace(0, total - 1, min(samples, total)).round().long().unique()
@@ -203,7 +205,8 @@ def token_windows(
 
 
 def mixed_windows(
-    tokenizer, sources: Sequence[Sequence[str]], *, samples: int, seq_len: int, heldout: float = 1 / HELDOUT_EVERY
+    tokenizer, sources: Sequence[Sequence[str]], *, samples: int, seq_len: int, heldout: float = 1 / HELDOUT_EVERY,
+    what: str = "calibration text",
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Pack several sources (each a list of texts) into ``samples`` windows, an equal share each.
 
@@ -221,7 +224,8 @@ def mixed_windows(
     if not sources:
         raise InputError("no calibration sources given")
     if len(sources) == 1:
-        calib, held = token_windows(tokenizer, sources[0], samples=samples, seq_len=seq_len, heldout=heldout)
+        calib, held = token_windows(tokenizer, sources[0], samples=samples, seq_len=seq_len, heldout=heldout,
+                                    what=what)
         return calib, held, [len(calib) + len(held)]
     _check_shares(len(sources), samples)
     shares = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
@@ -230,7 +234,8 @@ def mixed_windows(
     full = set(range(len(sources)))  # sources that may still give more
     while True:
         for i in full:
-            parts[i] = token_windows(tokenizer, sources[i], samples=shares[i], seq_len=seq_len, heldout=heldout)
+            parts[i] = token_windows(tokenizer, sources[i], samples=shares[i], seq_len=seq_len, heldout=heldout,
+                                     what=what)
             given[i] = sum(map(len, parts[i]))
         short = {i for i in full if given[i] < shares[i]}
         if not short or short == full:

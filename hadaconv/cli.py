@@ -168,6 +168,8 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
         report = convert_file(model, output, cfg, model_config=model_config, trust_pickle=trust_pickle,
                               target=target, overwrite=overwrite, device=device, dtype=dtype)
     out.print(report.table())
+    for line in report.warnings():
+        out.print(f"[yellow]warning: {line}[/]", highlight=False)
     click.echo(f"saved {output}")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from hadaconv.errors import option
+
 __all__ = ["COLUMNS", "ConvertReport", "FittedTable", "LayerReport"]
 
 
@@ -65,6 +67,17 @@ class ConvertReport:
         d = asdict(self)
         d["converted"] = self.converted
         return d
+
+    def warnings(self) -> list[str]:
+        """One line per converted layer whose held-out error is no better than predicting the
+        mean output (``mean-pred``, the floor any fit should beat): a fit that learned the
+        calibration windows, not the layer, usually from too little text."""
+        return [f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
+                f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help, or leave the "
+                "layer dense"
+                for r in self.layers
+                if r.converted and r.heldout_error is not None and r.mean_error is not None
+                and r.heldout_error >= r.mean_error]
 
     def table(self) -> "FittedTable":
         """The report as a rich renderable (per layer, then totals in the caption) that fits the

@@ -364,7 +364,7 @@ ROWS = [
         r"c\.jsonl holds no text"),
     Row("convert-too-short-calibration-text",
         lambda w, t: _convert(w.hf, t / "out", "--calib", _write(t / "c.txt", "Hello there."), "--seq-len", "16"),
-        r"calibration text has \d+ tokens, too few for windows of 16"),
+        r"calibration text has \d+ tokens, too few for two windows of 16; give more text or a smaller --seq-len"),
     Row("convert-more-calibration-sources-than-windows",
         lambda w, t: _convert(w.hf, t / "out", "--calib", "{calib}", "--calib", "{calib}", "--calib", "{calib}",
                               "--samples", "2", "--seq-len", "16"),
@@ -564,7 +564,9 @@ ROWS = [
                       *DISTILL], r"training text source .*d\.txt holds no text"),
     Row("distill-too-short-text",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data",
-                      _write(t / "d.txt", "Hello there."), *DISTILL], r"too few|fewer than"),
+                      _write(t / "d.txt", "Hello there."), *DISTILL],
+        r"the training text has \d+ tokens, too few for two windows of 16; give more text or a smaller --seq-len "
+        r"\(at most \d+\)$"),
     Row("distill-no-held-out-windows",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--max-steps", "1",
                       "--samples", "8", "--seq-len", "16"], r"no window is held out for evaluation from 8 training "
@@ -1033,7 +1035,7 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"gamma must be \[64\]"),
         ("text-windows-seq-len-0", lambda: text_windows(tok, TEXT, 0), InputError, r"seq_len >= 2"),
         ("token-windows-too-short", lambda: token_windows(tok, ["Hi."], samples=4, seq_len=16), HadaconvError,
-         r"too few for windows of 16"),
+         r"too few for two windows of 16"),
         ("sample-batch-0", lambda: sample_texts(make_tiny("llama"), tok, samples=2, seq_len=3, batch_size=0),
          InputError, r"batch size must be at least 1"),
     ]

@@ -303,7 +303,7 @@ def test_local_stage_is_judged_by_the_distance_to_the_teacher(tokenizer, monkeyp
     assert all(torch.equal(p, start[n]) for n, p in student.named_parameters())
 
 
-def test_resume_continues_exactly(tokenizer, tmp_path):
+def test_resume_continues_exactly(tokenizer, tmp_path, capsys):
     base, teacher = _pair("llama", tokenizer)
     cfg = DistillConfig(stages=["local", "global"], max_steps=6, lr=1e-3, checkpoint_dir=str(tmp_path / "ckpt"),
                         checkpoint_every=3, **{**RUN, "eval_every": 2})
@@ -320,7 +320,11 @@ def test_resume_continues_exactly(tokenizer, tmp_path):
     with pytest.raises(Killed):
         distill(copy.deepcopy(base), teacher, tokenizer, cfg, callback=kill)
     resumed_model = copy.deepcopy(base)
-    resumed = distill(resumed_model, teacher, tokenizer, DistillConfig(**{**cfg.__dict__, "resume": True}))
+    capsys.readouterr()
+    resumed = distill(resumed_model, teacher, tokenizer, DistillConfig(**{**cfg.__dict__, "resume": True,
+                                                                          "progress": True}))
+    said = " ".join(capsys.readouterr().err.split())  # a resumed run says so: its budget is partly spent
+    assert f"resuming from the checkpoint in {tmp_path / 'ckpt'}: step 3, 192 tokens, " in said, said
     for (name, a), b in zip(whole.state_dict().items(), resumed_model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
     assert resumed.steps == 6 and resumed.best_step == expected.best_step

@@ -53,3 +53,22 @@ def test_the_caption_defines_every_number_column(compensated):
         if name not in ("layer", "module", "hadamard", "conv", "params -", "sens"):
             assert name in caption, name
     assert ("blk err / comp" in caption) == compensated
+
+
+def test_warns_of_a_converted_layer_no_better_than_the_mean():
+    """A newcomer's MiniLM conversion on 16 windows kept a layer at held-out error 0.990 against
+    0.499 for predicting the mean, silently; a layer left dense, or a fit that beats the mean, is
+    no warning."""
+    from hadaconv.errors import cli_names
+
+    report = _report(4, False)
+    report.layers[1].heldout_error, report.layers[1].mean_error = 0.990, 0.499
+    report.layers[2].heldout_error, report.layers[2].mean_error, report.layers[2].converted = 0.990, 0.499, False
+    report.layers[3].heldout_error = report.layers[3].mean_error  # not better: warned
+    assert report.warnings() == [
+        "layer 1: its held-out error 0.990 is no better than predicting the mean output (0.499): more calibration "
+        "text (samples) should help, or leave the layer dense",
+        "layer 3: its held-out error 0.988 is no better than predicting the mean output (0.988): more calibration "
+        "text (samples) should help, or leave the layer dense"]
+    with cli_names():
+        assert "(--samples)" in report.warnings()[0]

@@ -509,7 +509,8 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
     """The training windows, the held-out windows, and a report that names both."""
     texts, names = calibration_texts(teacher, tokenizer, cfg.data, samples=cfg.sampled, seq_len=cfg.seq_len,
                                      progress=cfg.progress and main)
-    train, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
+    train, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len,
+                                            what="training text")
     data_source = describe_sources(names, windows)
     if cfg.eval_text:
         path = Path(cfg.eval_text)  # a file: check_config said so
@@ -598,6 +599,9 @@ class _Distillation:
         c = resumed["counters"]
         self.step, self.tokens, self.elapsed_before, self.best_loss = c["step"], c["tokens"], c["elapsed"], c["best_loss"]
         self.best = resumed["best"]
+        if self.cfg.progress and self.main:  # a resumed run must say so: its budget is partly spent
+            console.print(f"resuming from the checkpoint in {self.folder}: step {self.step:,}, {self.tokens:,} tokens, "
+                          f"{duration(self.elapsed_before)} trained", highlight=False)
         for k, v in resumed["record"].items():
             setattr(self.report, k, v)
         return True
