@@ -191,7 +191,7 @@ class DistillReport:
     best_step: int | None = None
     steps: int = 0
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # training, evaluations included (what max_time bounds), not the last checkpoint's write
     world_size: int = 1
     autocast: str = "off"  # "bfloat16" where the forward passes ran under bf16 autocast
     local: list[dict] = field(default_factory=list)
@@ -575,6 +575,7 @@ class _Distillation:
         self.folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.step = self.tokens = 0
         self.elapsed_before = 0.0  # seconds spent by earlier, interrupted runs
+        self.trained: float | None = None  # seconds when the global stage ended (before its checkpoint)
         self.best: dict | None = None
         self.best_loss = math.inf
         self.horizon: dict[str, float] = {}
@@ -674,6 +675,7 @@ class _Distillation:
         if self.report.curve[-1]["step"] != self.step:
             self.consider(self.evaluate(self.student), last_loss)
             bar.note(_evaluation_line(self.report))
+        self.trained = self.elapsed()  # what --max-time bounds; the checkpoint write below is not training
         self.save()
         self._keep_best()
 
@@ -771,7 +773,8 @@ class _Distillation:
     def finish(self) -> DistillReport:
         """Counters into the report; the student back in eval mode with every gradient on."""
         r, cfg = self.report, self.cfg
-        r.steps, r.tokens, r.seconds = self.step, self.tokens, self.elapsed()
+        r.steps, r.tokens = self.step, self.tokens
+        r.seconds = self.trained if self.trained is not None else self.elapsed()
         if cfg.fsdp:  # a collective: every rank gathers, rank 0 receives
             r.full_state = ckpt.trainable_state(self.student)
         self.student.eval()
