@@ -152,7 +152,8 @@ def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = N
     if max_windows:
         n = min(n, max_windows)
     if n == 0:
-        raise InputError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+        raise InputError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}: give more text or "
+                         f"a smaller {option('seq_len')}")
     return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
 
 

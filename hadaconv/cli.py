@@ -677,7 +677,7 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
         if (folder / CHECKPOINT).is_file():
             click.echo(f"interrupted: the last checkpoint is in {folder}; rerun the same command with --resume "
                        "to continue from it", err=True)
-            sys.exit(130)
+            sys.exit(_interrupted_code())
         raise
     if not is_main():
         return
@@ -714,13 +714,14 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and turns user errors into one line and exit code 1."""
     # `kill`, a job scheduler, a container stop: end like Ctrl-C, so that atomic writes remove
     # their temporary files instead of leaving them behind.
+    _TERMINATED.clear()
     previous = _on_sigterm(_interrupt)
     try:
         with cli_names():  # messages name --flags, not the Python keywords
             cli.main(args=argv, prog_name="hadaconv", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort:  # click's name for a KeyboardInterrupt inside a command
+        click.echo("terminated" if _TERMINATED else "aborted", err=True)
+        sys.exit(_interrupted_code())
     except click.ClickException as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `hadaconv` or a group: the help itself
             e.show()
@@ -739,8 +740,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {_one_line(e.strerror or str(e))}{where}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        click.echo("terminated" if _TERMINATED else "interrupted", err=True)
+        sys.exit(_interrupted_code())
     except Exception as e:  # noqa: BLE001 - input no check foresaw (the loaders validate what they know), or a bug
         if os.environ.get("HADACONV_TRACEBACK", "0") not in ("", "0"):
             raise
@@ -767,8 +768,18 @@ def _on_sigterm(handler):
         return _UNSET
 
 
+#: Set when SIGTERM (not Ctrl-C) ended the run: the exit code is then 128 + 15, as the shell reports it.
+_TERMINATED: list[int] = []
+
+
 def _interrupt(signum, frame) -> None:
+    _TERMINATED.append(signum)
     raise KeyboardInterrupt
+
+
+def _interrupted_code() -> int:
+    """128 + the signal that ended the run: 130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
+    return 128 + (_TERMINATED[0] if _TERMINATED else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -700,7 +700,7 @@ ROWS = [
     Row("eval-missing-model", lambda w, t: ["eval", t / "nope"], r"no such file or folder"),
     Row("eval-missing-text", lambda w, t: ["eval", w.hf, "--text", t / "nope.txt"], r"'--text'.*does not exist"),
     Row("eval-too-short-text", lambda w, t: ["eval", w.hf, "--text", _write(t / "e.txt", "Hi."), "--seq-len", "32"],
-        r"the text has \d+ tokens, fewer than one window of 32"),
+        r"the text has \d+ tokens, fewer than one window of 32: give more text or a smaller --seq-len$"),
     Row("eval-seq-len-0", lambda w, t: ["eval", w.hf, "--seq-len", "0"], r"'--seq-len': 0 is not in the range"),
     Row("eval-max-windows-0", lambda w, t: ["eval", w.hf, "--max-windows", "0"],
         r"'--max-windows': 0 is not in the range x>=1"),
