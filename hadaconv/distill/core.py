@@ -655,7 +655,8 @@ class _Distillation:
         last_loss: float | None = None
         tick, tick_tokens, steps_here, step_seconds = time.perf_counter(), self.tokens, 0, 0.0
         try:
-            while (fraction := self.spent()) < 1.0 and not self.out_of_time(step_seconds / max(1, steps_here)):
+            while (fraction := self.spent()) < 1.0 and not self.out_of_time(
+                    step_seconds / steps_here if steps_here else None):
                 ids = self.d.shard(train[_batch_indices(self.step, cfg.batch_size, len(train), cfg.seed, perms)])
                 began = self.elapsed()
                 last_loss, lr = self.train_step(ids.to(self.d.device), fraction)
@@ -698,12 +699,12 @@ class _Distillation:
         mine = max(now[k] / max(v, 1e-9) for k, v in self.horizon.items())
         return self.d.sum(mine if self.main else 0.0)
 
-    def out_of_time(self, step_seconds: float) -> bool:
-        """Whether one more step of ``step_seconds`` (the mean so far; 0 before the first, which
+    def out_of_time(self, step_seconds: float | None) -> bool:
+        """Whether one more step of ``step_seconds`` (the mean so far; None before the first, which
         always runs) and the evaluation that follows it (the periodic one or the closing one)
         would end past ``max_time``: the budget is when the run ends, not the last moment a step
         may start (a CPU step of SmolLM2 takes 4-8 s).  Decided on rank 0, like :meth:`spent`."""
-        if self.cfg.max_time is None or step_seconds <= 0:
+        if self.cfg.max_time is None or step_seconds is None:  # the same on every rank: they step together
             return False
         ends = self.elapsed() + step_seconds + (self.evaluate.seconds or 0.0)
         return self.d.any(self.main and ends > self.cfg.max_time)
