@@ -70,15 +70,30 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
 
 
 def _check_not_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output that is an existing input, a folder holding one, or an existing file
+    inside an input folder (``sample HF -o HF/config.json``); a new entry in an input folder
+    (``export conv -o conv/onnx``) is allowed."""
     out = path.resolve()
     for given in inputs:
-        if not isinstance(given, (str, os.PathLike)) or not os.fspath(given):
-            continue  # None, or a model object: nothing on disk to protect
+        if not isinstance(given, (str, os.PathLike)) or not os.fspath(given) or not Path(given).exists():
+            continue  # None, a model object, or a name that is not on disk: nothing to protect
         source = Path(given).resolve()
-        if out == source or out in source.parents:
-            what = "is" if out == source else "is a folder holding"
-            raise OutputError(f"the output {path} {what} the input {given}: writing it would replace the input; "
-                              "choose another output")
+        if out == source or out in source.parents or _same_file(out, (source, *source.parents)):
+            what = "is" if out == source or _same_file(out, (source,)) else "is a folder holding"
+        elif source in out.parents and out.exists() and not out.is_dir():
+            what = "is a file inside"
+        else:
+            continue
+        raise OutputError(f"the output {path} {what} the input {given}: writing it would replace the input; "
+                          "choose another output")
+
+
+def _same_file(out: Path, candidates: tuple[Path, ...]) -> bool:
+    """Whether the existing ``out`` is one of ``candidates`` by another name (a case-insensitive
+    file system, a hard link), which the resolved paths do not show."""
+    if not out.exists():
+        return False
+    return any(p.exists() and os.path.samefile(out, p) for p in candidates)
 
 
 def _check_writable(path: Path) -> None:

@@ -141,10 +141,11 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
     return ids
 
 
-def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None, *,
+                 what: str = "the text") -> torch.Tensor:
     """Consecutive non-overlapping windows [N, seq_len] (int64) of the tokenized text, the last
     partial window dropped; an InputError for ``seq_len`` < 2, ``max_windows`` < 1, or text
-    shorter than one window."""
+    shorter than one window (``what`` names the text there)."""
     if seq_len < 2 or (max_windows is not None and max_windows < 1):
         raise InputError(f"windows need seq_len >= 2 and max_windows >= 1, got {seq_len} and {max_windows}")
     ids = tokenize(tokenizer, text, max_windows * seq_len if max_windows else None)
@@ -152,7 +153,7 @@ def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = N
     if max_windows:
         n = min(n, max_windows)
     if n == 0:
-        raise InputError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}: give more text or "
+        raise InputError(f"{what} has {len(ids)} tokens, fewer than one window of {seq_len}: give more text or "
                          f"a smaller {option('seq_len')}")
     return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
 

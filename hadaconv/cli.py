@@ -169,7 +169,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
                               target=target, overwrite=overwrite, device=device, dtype=dtype)
     out.print(report.table())
     for line in report.warnings():
-        out.print(f"[yellow]warning: {line}[/]", highlight=False)
+        click.echo(f"warning: {line}", err=True)
     click.echo(f"saved {output}")
 
 
@@ -275,6 +275,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     """
     from pathlib import Path
 
+    from hadaconv.adapters import model_kind
     from hadaconv.calibrate import default_corpus
     from hadaconv.evaluate import check_encoder, embedding_cosine, perplexity, text_windows
     from hadaconv.io import load_model
@@ -287,8 +288,8 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     source = Path(text_file or default_corpus()[0])
     windows = text_windows(loaded.tokenizer, source.read_text(encoding="utf-8", errors="replace"), seq_len,
                            max_windows)
-    if not reference and _kind(loaded.model) == "encoder":  # no perplexity: its embeddings against the original's
-        reference = None if no_baseline else _baseline(loaded, model, baseline)
+    if not reference and model_kind(loaded.model) == "encoder":  # no perplexity: its embeddings vs the original's
+        reference = None if no_baseline else baseline or _recorded_original(loaded, model)[0]
         if reference is None:
             raise HadaconvError(f"{model} is a text encoder, which has no perplexity: give --reference MODEL to "
                                 "compare its embeddings with another model's")
@@ -313,28 +314,28 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
                    f"{p.perplexity / base.perplexity:.3f}x that")
 
 
-def _kind(model) -> str | None:
-    """The adapter's model kind (``causal-lm``, ``encoder``, ...), None where no adapter knows it."""
-    from hadaconv.adapters import find_adapter
-
-    try:
-        return find_adapter(model).kind(model)
-    except HadaconvError:
-        return None
-
-
 def _baseline(loaded, model: str, given: str | None) -> str | None:
     """The model eval compares with: the one given, else a converted folder's original (a note,
     and None, when that is gone: the evaluation itself stands)."""
+    if given:
+        return given
+    original, why = _recorded_original(loaded, model)
+    if why:
+        click.echo(f"note: no baseline: {why} (name one with --baseline)", err=True)
+    return original
+
+
+def _recorded_original(loaded, model: str) -> tuple[str | None, str | None]:
+    """(the original a converted folder records, None) or (None, why not); (None, None) for a
+    model that is not a converted folder."""
     from hadaconv.io import original_path
 
-    if given or loaded.meta is None:
-        return given
+    if loaded.meta is None:
+        return None, None
     try:
-        return str(original_path(model, loaded.meta))
+        return str(original_path(model, loaded.meta)), None
     except HadaconvError as exc:
-        click.echo(f"note: no baseline: {exc} (name one with --baseline)", err=True)
-        return None
+        return None, str(exc)
 
 
 @cli.command("sample")
@@ -675,8 +676,8 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
         raise
     except KeyboardInterrupt:
         if (folder / CHECKPOINT).is_file():
-            click.echo(f"interrupted: the last checkpoint is in {folder}; rerun the same command with --resume "
-                       "to continue from it", err=True)
+            click.echo(f"{'terminated' if _TERMINATED else 'interrupted'}: the last checkpoint is in {folder}; rerun "
+                       "the same command with --resume to continue from it", err=True)
             sys.exit(_interrupted_code())
         raise
     if not is_main():
@@ -749,6 +750,7 @@ def main(argv: list[str] | None = None) -> None:
                    "to see where, and please report it)", err=True)
         sys.exit(1)
     finally:
+        _TERMINATED.clear()  # for whoever embeds main() and calls it again
         if previous is not _UNSET:
             _on_sigterm(previous)
 

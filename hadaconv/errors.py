@@ -18,6 +18,7 @@ command line, ``max_layers=0`` from Python; a step to take, likewise (:func:`com
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import operator
@@ -117,20 +118,22 @@ def check_number(name: str, value: Any, least: float, *, strict: bool = False) -
         raise InputError(f"{option(name)} must be a number {'>' if strict else '>='} {least}, got {value!r}")
 
 
-def check_fields(config: Any, ints: dict[str, int], numbers: dict[str, tuple[float, bool]] | None = None,
+def check_fields(config: Any, ints: dict[str, int], reals: dict[str, tuple[float, bool]] | None = None,
                  flags: dict[str, str] | None = None) -> None:
     """:func:`check_int` on each of a config dataclass's ``ints`` (name: least value) and
-    :func:`check_number` on each of its ``numbers`` (name: least value, whether the least itself is
+    :func:`check_number` on each of its ``reals`` (name: least value, whether the least itself is
     refused); a field whose default is None may be None.  ``flags``: command-line spellings that
-    are not ``--`` + the name."""
-    from dataclasses import fields
+    are not ``--`` + the name.
 
-    optional = {f.name for f in fields(config) if f.default is None}
+    Raises:
+        InputError: the first field that is not a number of its kind in its range.
+    """
+    optional = {f.name for f in dataclasses.fields(config) if f.default is None}
     flags = flags or {}
     for name, least in ints.items():
         if not (name in optional and getattr(config, name) is None):
             check_int(name, getattr(config, name), least, flag=flags.get(name))
-    for name, (least, strict) in (numbers or {}).items():
+    for name, (least, strict) in (reals or {}).items():
         if not (name in optional and getattr(config, name) is None):
             check_number(name, getattr(config, name), least, strict=strict)
 

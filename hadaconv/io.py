@@ -914,7 +914,7 @@ def save(
     if isinstance(out_dir, nn.Module) and not isinstance(model, nn.Module):
         raise InputError("the model and the folder are swapped: hadaconv.save(model, out_dir)")
     check_module(model)
-    check_output(out_dir, overwrite, folder=True)
+    check_output(out_dir, overwrite, folder=True, inputs=[source])
     projections = [m for m in model.modules() if isinstance(m, HadamardProjection)]
     if not projections:
         raise HadaconvError("the model holds no HadamardProjection: nothing converted to save (a dense model "

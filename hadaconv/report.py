@@ -74,10 +74,10 @@ class ConvertReport:
         calibration windows, not the layer, usually from too little text."""
         return [f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
                 f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help, or leave the "
-                "layer dense"
+                f"layer dense (not in {option('layers')})"
                 for r in self.layers
                 if r.converted and r.heldout_error is not None and r.mean_error is not None
-                and r.heldout_error >= r.mean_error]
+                and not r.heldout_error < r.mean_error]  # NaN is no better
 
     def table(self) -> "FittedTable":
         """The report as a rich renderable (per layer, then totals in the caption) that fits the

@@ -293,11 +293,10 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
     from hadaconv.calibrate import load_texts
 
     if not sources:
-        from hadaconv.adapters import find_adapter
+        from hadaconv.adapters import model_kind
 
         # Only a causal LM can write text; encoders keep the plays as their default.
-        causal = find_adapter(model).kind(model) == "causal-lm" if _has_adapter(model) else False
-        sources = [SAMPLE if causal else SHAKESPEARE]
+        sources = [SAMPLE if model_kind(model) == "causal-lm" else SHAKESPEARE]
     groups, names = [], []
     for src in sources:
         if src == SAMPLE:
@@ -312,13 +311,3 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
             names.append(str(src))
         groups.append(got)
     return groups, names
-
-
-def _has_adapter(model: nn.Module) -> bool:
-    from hadaconv.adapters import find_adapter
-
-    try:
-        find_adapter(model)
-    except HadaconvError:
-        return False
-    return True

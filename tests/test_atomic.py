@@ -195,6 +195,11 @@ def test_check_output_never_replaces_an_input(tmp_path):
             atomic.check_output(out, True, folder=True, inputs=[None, model])
     with pytest.raises(OutputError, match="is the input"):  # the same place by another spelling
         atomic.check_output(tmp_path / "models" / ".." / "models" / "m", True, folder=True, inputs=[str(model)])
+    with pytest.raises(OutputError, match="is a file inside the input"):  # sample HF -o HF/config.json
+        atomic.check_output(model / "config.json", True, folder=False, inputs=[model])
     for out in (model / "onnx", tmp_path / "other"):
         assert atomic.check_output(out, True, folder=True, inputs=[model, None, object()]) == out
+    assert atomic.check_output(model / "new.jsonl", folder=False, inputs=[model]) == model / "new.jsonl"
+    gone = tmp_path / "gone"  # not on disk (a mistyped model, a keyword like "sample"): the loader's to refuse
+    assert atomic.check_output(gone, True, folder=True, inputs=[gone, "sample"]) == gone
     assert (model / "config.json").read_text() == "{}"

@@ -559,6 +559,16 @@ ROWS = [
     Row("distill-output-is-the-teacher",
         lambda w, t: ["distill", w.conv, "-o", _copy(w.hf, t / "h"), "--overwrite", "--teacher", t / "h", *DISTILL],
         r"the output .*/h is the input .*/h: writing it would replace the input", lambda mp, w, t: _no_model(mp)),
+    Row("distill-checkpoints-inside-the-output",  # the final save would replace the folder, and them with it
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--checkpoint-dir", t / "out" / "ckpt", "--teacher", w.hf,
+                      *DISTILL],
+        r"--checkpoint-dir .*/out/ckpt is inside the output .*/out, which the final save replaces: keep the "
+        r"checkpoints elsewhere$", lambda mp, w, t: _no_model(mp)),
+    Row("distill-eval-text-too-short",
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--eval-text",
+                      _write(t / "e.txt", "Hi."), *DISTILL],
+        r"the held-out text e\.txt \(--eval-text\) has \d+ tokens, fewer than one window of 16: give more text or a "
+        r"smaller --seq-len$"),
     Row("distill-empty-text",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", _write(t / "d.txt", ""),
                       *DISTILL], r"training text source .*d\.txt holds no text"),
@@ -676,6 +686,10 @@ ROWS = [
         lambda w, t: ["sample", _state_dict(t / "m.pt"), "-o", t / "m.pt", "--config", w.hf / "config.json",
                       "--overwrite"],
         r"the output .*/m\.pt is the input .*/m\.pt: writing it would replace the input", lambda mp, w, t: _no_model(mp)),
+    Row("sample-output-inside-the-model",
+        lambda w, t: ["sample", _copy(w.hf, t / "m"), "-o", t / "m" / "config.json", "--overwrite"],
+        r"the output .*/m/config\.json is a file inside the input .*/m: writing it would replace the input",
+        lambda mp, w, t: _no_model(mp)),
     Row("sample-output-in-a-folder-without-write-permission",
         lambda w, t: ["sample", w.hf, "-o", _mkdir(t / "locked") / "s.jsonl"],
         r"cannot write .*locked/s\.jsonl: Permission denied: nothing can be created in .*locked$",

@@ -61,14 +61,17 @@ def test_warns_of_a_converted_layer_no_better_than_the_mean():
     no warning."""
     from hadaconv.errors import cli_names
 
-    report = _report(4, False)
+    report = _report(5, False)
+    report.layers[4].heldout_error = float("nan")
     report.layers[1].heldout_error, report.layers[1].mean_error = 0.990, 0.499
     report.layers[2].heldout_error, report.layers[2].mean_error, report.layers[2].converted = 0.990, 0.499, False
     report.layers[3].heldout_error = report.layers[3].mean_error  # not better: warned
     assert report.warnings() == [
         "layer 1: its held-out error 0.990 is no better than predicting the mean output (0.499): more calibration "
-        "text (samples) should help, or leave the layer dense",
+        "text (samples) should help, or leave the layer dense (not in layers)",
         "layer 3: its held-out error 0.988 is no better than predicting the mean output (0.988): more calibration "
-        "text (samples) should help, or leave the layer dense"]
+        "text (samples) should help, or leave the layer dense (not in layers)",
+        "layer 4: its held-out error nan is no better than predicting the mean output (0.988): more calibration "
+        "text (samples) should help, or leave the layer dense (not in layers)"]
     with cli_names():
-        assert "(--samples)" in report.warnings()[0]
+        assert "(--samples)" in report.warnings()[0] and "(not in --layers)" in report.warnings()[0]

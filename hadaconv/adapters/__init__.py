@@ -31,6 +31,7 @@ __all__ = [
     "generic_adapter",
     "index_ranges",
     "layer_indices",
+    "model_kind",
 ]
 
 # Order matters only where two adapters could claim a model: the Hugging Face families match on
@@ -74,6 +75,15 @@ def find_adapter(model: nn.Module, target: str | None = None) -> Adapter:
         f"(supported: {', '.join(a.name for a in adapters())}); use {option('target', 'REGEX')} to convert "
         "matching square Linear layers with the affine fit"
     )
+
+
+def model_kind(model: nn.Module) -> ModelKind | None:
+    """What ``model``'s forward returns (``causal-lm``, ``encoder``, ...) as its adapter says; None
+    where no adapter knows the model (it may still be converted with a ``target``)."""
+    try:
+        return find_adapter(model).kind(model)
+    except HadaconvError:
+        return None
 
 
 def attention_layers(model: nn.Module, target: str | None = None) -> list[AttentionLayer]:

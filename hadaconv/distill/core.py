@@ -55,11 +55,11 @@ Stage = Literal["local", "global"]
 #: overfitted.  The first 128 are convert's cached chunk (sample.CHUNK), so only 128 more are sampled.
 DEFAULT_SAMPLES = 256
 
-#: What chooses the state a run keeps, per kind of model: the held-out distance to the teacher.
 #: Fewer held-out windows than this (and than ``eval_windows`` asks for) get a warning: the best
 #: state is chosen on them, and a choice on one or two windows follows those windows' noise.
 STEADY_EVAL_WINDOWS = 4
 
+#: What chooses the state a run keeps, per kind of model: the held-out distance to the teacher.
 SELECTED_BY = {"causal-lm": "KL to teacher (nats/token)", "encoder": "1 - cosine to teacher"}
 
 
@@ -480,6 +480,16 @@ def distill(
         d.close()
 
 
+def _steadier(cfg: DistillConfig, windows: int) -> str:
+    """What gives the evaluation :data:`STEADY_EVAL_WINDOWS` windows: a longer eval text, more
+    --samples (a tenth is held out) where the text had more to give, else more text."""
+    if cfg.eval_text:
+        return f"{option('eval_text')} with {STEADY_EVAL_WINDOWS} or more windows"
+    if windows >= cfg.samples:
+        return f"{option('samples', STEADY_EVAL_WINDOWS * HELDOUT_EVERY)} or more"
+    return f"more text, or {option('eval_text')} with {STEADY_EVAL_WINDOWS} or more windows"
+
+
 def _no_heldout(windows: int, limit: str) -> InputError:
     return InputError(f"no window is held out for evaluation from {counted(windows, 'training window')} ({limit}): "
                       f"give {option('samples', HELDOUT_EVERY)} or more and the text for them ({option('sampled')} or "
@@ -515,7 +525,7 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
     if cfg.eval_text:
         path = Path(cfg.eval_text)  # a file: check_config said so
         eval_ids = text_windows(tokenizer, path.read_text(encoding="utf-8", errors="replace"), cfg.seq_len,
-                                cfg.eval_windows)
+                                cfg.eval_windows, what=f"the held-out text {path.name} ({option('eval_text')})")
         eval_source = path.name
     else:
         eval_ids, eval_source = heldout[: cfg.eval_windows], "held-out windows of the training text"
@@ -527,10 +537,9 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
     if len(train) < cfg.batch_size:
         raise HadaconvError(f"only {counted(len(train), 'training window')} for a batch of {cfg.batch_size}: give more text")
     if len(eval_ids) < min(STEADY_EVAL_WINDOWS, cfg.eval_windows) and cfg.progress and main:
-        more = option("eval_text") if cfg.eval_text else f"more text, or {option('eval_text')}"
         console.print(f"[yellow]the distilled state is chosen on {counted(len(eval_ids), 'held-out window')} of "
-                      f"{cfg.seq_len} tokens, a noisy choice: {more} with {STEADY_EVAL_WINDOWS} or more windows "
-                      "steadies it[/]", highlight=False)
+                      f"{cfg.seq_len} tokens, a noisy choice: {_steadier(cfg, len(train) + len(heldout))} steadies "
+                      "it[/]", highlight=False)
     report = DistillReport(kind=kind, metric="perplexity" if kind == "causal-lm" else "embedding cosine",
                            eval_loss=SELECTED_BY[kind], stages=stages, train=cfg.train, eval_source=eval_source,
                            data_source=data_source, train_windows=len(train), eval_windows=len(eval_ids),
@@ -658,16 +667,18 @@ class _Distillation:
             while (fraction := self.spent()) < 1.0 and not self.out_of_time(
                     step_seconds / steps_here if steps_here else None):
                 ids = self.d.shard(train[_batch_indices(self.step, cfg.batch_size, len(train), cfg.seed, perms)])
-                began = self.elapsed()
+                began, evaluated = self.elapsed(), 0.0
                 last_loss, lr = self.train_step(ids.to(self.d.device), fraction)
-                steps_here, step_seconds = steps_here + 1, step_seconds + self.elapsed() - began
                 rate = (self.tokens - tick_tokens) / max(1e-9, time.perf_counter() - tick)
                 bar.update(self.spent(), f"distill step {self.step} loss {last_loss:.4f} {rate:,.0f} tok/s")
                 if self.step % cfg.eval_every == 0:
                     self.consider(self.evaluate(self.student), last_loss)
+                    evaluated = self.evaluate.seconds or 0.0
                     bar.note(_evaluation_line(self.report))
                 if self.step % cfg.checkpoint_every == 0:
                     self.save()
+                # A step's cost includes its share of checkpoint writes; out_of_time adds an evaluation.
+                steps_here, step_seconds = steps_here + 1, step_seconds + self.elapsed() - began - evaluated
                 if callback is not None:
                     callback({"step": self.step, "tokens": self.tokens, "loss": last_loss, "lr": lr,
                               "seconds": self.elapsed()})

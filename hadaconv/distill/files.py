@@ -10,7 +10,7 @@ from pathlib import Path
 from hadaconv.atomic import atomic_file, check_output
 from hadaconv.distill.core import DistillConfig, DistillReport, check_config, distill
 from hadaconv.distill.parallel import is_main
-from hadaconv.errors import HadaconvError, command, option
+from hadaconv.errors import HadaconvError, InputError, command, option
 from hadaconv.io import original_path
 from hadaconv.nn import HadamardProjection
 
@@ -89,7 +89,11 @@ def distill_file(
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")
     source = _teacher(converted, meta, teacher)
-    check_output(out, overwrite, folder=True, inputs=[converted, source])
+    check_output(out, overwrite, folder=True, inputs=[converted, source, cfg.eval_text, *(cfg.data or [])])
+    checkpoints = Path(cfg.checkpoint_dir).resolve() if cfg.checkpoint_dir else None
+    if checkpoints and out.resolve() in (checkpoints, *checkpoints.parents):  # the final save would delete them
+        raise InputError(f"{option('checkpoint_dir', cfg.checkpoint_dir)} is inside the output {out}, which the final "
+                         "save replaces: keep the checkpoints elsewhere")
     # A mistyped --data path, or an empty file, fails here, not after two models are loaded.
     check_sources(cfg.data, "training text", samples=cfg.samples)
     student = load_model(converted, dtype=cfg.dtype)
