@@ -43,9 +43,10 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     ...): an existing file needs ``overwrite``; a folder there, or a missing parent folder, is
     refused.  In both, the folder the output goes in (for a folder output: its nearest existing
     ancestor, as the missing ones are created) must be a folder this process may write in.
-    ``inputs``: the files and folders the run reads (None entries skipped); an output that is one
-    of them, or a folder holding one, is refused even with ``overwrite``: replacing it would
-    destroy the input (``convert st -o st --overwrite``).
+    ``inputs``: the files and folders the run reads (None, and names not on disk, skipped); an
+    output that is one of them, a folder holding one, or an existing file inside one is refused
+    even with ``overwrite``: replacing it would destroy the input (``convert st -o st
+    --overwrite``).
     Raises :class:`~hadaconv.errors.OutputError` with one line.
     """
     path = Path(path)
