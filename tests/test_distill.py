@@ -319,6 +319,10 @@ def test_resume_continues_exactly(tokenizer, tmp_path, capsys):
 
     with pytest.raises(Killed):
         distill(copy.deepcopy(base), teacher, tokenizer, cfg, callback=kill)
+    # The evaluation's cost is kept, so that a resumed --max-time run can plan its last step.
+    from hadaconv.distill.checkpoint import FILE
+    counters = torch.load(tmp_path / "ckpt" / FILE, weights_only=True)["counters"]
+    assert counters["step"] == 3 and counters["eval_seconds"] > 0
     resumed_model = copy.deepcopy(base)
     capsys.readouterr()
     resumed = distill(resumed_model, teacher, tokenizer, DistillConfig(**{**cfg.__dict__, "resume": True,

@@ -609,6 +609,7 @@ class _Distillation:
         c = resumed["counters"]
         self.step, self.tokens, self.elapsed_before, self.best_loss = c["step"], c["tokens"], c["elapsed"], c["best_loss"]
         self.best = resumed["best"]
+        self.evaluate.seconds = c.get("eval_seconds")  # out_of_time's estimate until this run evaluates
         if self.cfg.progress and self.main:  # a resumed run must say so: its budget is partly spent
             console.print(f"resuming from the checkpoint in {self.folder}: step {self.step:,}, {self.tokens:,} tokens, "
                           f"{duration(self.elapsed_before)} trained", highlight=False)
@@ -771,7 +772,7 @@ class _Distillation:
                                                        "loss_after_local")}
         ckpt.save_checkpoint(self.folder, model=self.student, optimizer=self.opt, best=self.best, record=record,
                              counters={"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
-                                       "best_loss": self.best_loss},
+                                       "best_loss": self.best_loss, "eval_seconds": self.evaluate.seconds},
                              fingerprint=self.cfg.fingerprint(), main=self.main)
         self.d.barrier()
 
