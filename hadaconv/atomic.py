@@ -79,8 +79,9 @@ def _check_not_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> 
         if not isinstance(given, (str, os.PathLike)) or not os.fspath(given) or not Path(given).exists():
             continue  # None, a model object, or a name that is not on disk: nothing to protect
         source = Path(given).resolve()
-        if out == source or out in source.parents or _same_file(out, (source, *source.parents)):
-            what = "is" if out == source or _same_file(out, (source,)) else "is a folder holding"
+        same = out == source or _same_file(out, (source,))
+        if same or out in source.parents or _same_file(out, tuple(source.parents)):
+            what = "is" if same else "is a folder holding"
         elif source in out.parents and out.exists() and not out.is_dir():
             what = "is a file inside"
         else:

@@ -12,6 +12,7 @@ in float64: memory is O(layers * d^2) whatever the amount of data.
 from __future__ import annotations
 
 import importlib.util
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +63,19 @@ def default_corpus() -> list[Path]:
     return files
 
 
+def source_list(sources: Sequence[str | os.PathLike] | str | os.PathLike | None) -> list[str | os.PathLike]:
+    """Calibration or training sources as a list: one name or path alone, a sequence as it is,
+    None (the default text) as none."""
+    return [sources] if isinstance(sources, (str, os.PathLike)) else list(sources or [])
+
+
 def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calibration",
                   samples: int | None = None) -> None:
     """Refuse, before a run loads a model rather than after, a file or folder source that does not
     exist ("``what`` source not found: ..."), a file that holds nothing but white space, and more
     sources than ``samples`` windows to share (HadaconvError; the names ``sample``,
     ``shakespeare`` and ``none`` are no paths)."""
-    listed = [sources] if isinstance(sources, (str, Path)) else list(sources or [])
+    listed = source_list(sources)
     for src in listed:
         if str(src) in ("sample", "shakespeare", "none"):
             continue

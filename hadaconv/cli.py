@@ -715,7 +715,6 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and turns user errors into one line and exit code 1."""
     # `kill`, a job scheduler, a container stop: end like Ctrl-C, so that atomic writes remove
     # their temporary files instead of leaving them behind.
-    _TERMINATED.clear()
     previous = _on_sigterm(_interrupt)
     try:
         with cli_names():  # messages name --flags, not the Python keywords
@@ -750,9 +749,9 @@ def main(argv: list[str] | None = None) -> None:
                    "to see where, and please report it)", err=True)
         sys.exit(1)
     finally:
-        _TERMINATED.clear()  # for whoever embeds main() and calls it again
         if previous is not _UNSET:
             _on_sigterm(previous)
+        _TERMINATED.clear()  # after the handler is put back, which alone appends: a next call starts clean
 
 
 _UNSET = object()

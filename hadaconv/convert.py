@@ -36,7 +36,7 @@ from torch import nn
 from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_adapter, index_ranges, layer_indices
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, mixed_windows,
-                                process_group)
+                                process_group, source_list)
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
@@ -185,11 +185,6 @@ def check_config(config: ConvertConfig | None) -> ConvertConfig:
     return cfg
 
 
-def calib_sources(cfg: ConvertConfig) -> list[str]:
-    """``cfg.calib`` as a list of source names (files, folders, ``sample``, ...; empty for the default)."""
-    return [cfg.calib] if isinstance(cfg.calib, str) else list(cfg.calib or [])
-
-
 def parse_layers(text: str) -> list[int]:
     """'0,3,5-9' -> [0, 3, 5, 6, 7, 8, 9] (the ``--layers`` syntax; ConvertConfig takes it too).
 
@@ -290,7 +285,7 @@ def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs:
         return Calibration(inputs[:cut], inputs[cut:], source="the given inputs")
     if tokenizer is None:
         raise HadaconvError(f"calibration needs a tokenizer (or {option('calib', 'none')} for a data-free fit)")
-    sources = calib_sources(cfg)
+    sources = source_list(cfg.calib)
     texts, names = calibration_texts(model, tokenizer, sources, samples=cfg.samples, seq_len=cfg.seq_len,
                                      progress=cfg.progress, fingerprint=fingerprint)
     calib, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
@@ -610,7 +605,8 @@ def convert_file(
     if Path(out_dir).is_file() and not Path(source).exists():
         usage = command("hadaconv convert MODEL -o OUT_DIR", "convert_file(source, out_dir)")
         raise InputError(f"{source} does not exist and the output {out_dir} is a file: are the two swapped? ({usage})")
-    check_output(out_dir, overwrite, folder=True, inputs=[source, model_config, *calib_sources(cfg)])  # before the work
+    # Before the work, not after it; never onto what it reads.
+    check_output(out_dir, overwrite, folder=True, inputs=[source, model_config, *source_list(cfg.calib)])
     _check_against_config(source, cfg, model_config, target)
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     previous = loaded.meta or {}

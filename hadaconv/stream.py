@@ -55,7 +55,8 @@ from torch import nn
 
 from hadaconv.adapters import AttentionLayer
 from hadaconv.blockwise import Decoder
-from hadaconv.convert import (ConvertConfig, calib_sources, calibration_batches, check_config, compensate_and_apply, find_target,
+from hadaconv.calibrate import source_list
+from hadaconv.convert import (ConvertConfig, calibration_batches, check_config, compensate_and_apply, find_target,
                               mark_rows)
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
 from hadaconv.hadamard import factorize
@@ -351,7 +352,7 @@ def convert_streamed(
     cfg = check_config(config)
     start = time.perf_counter()
     source = _check_request(source, cfg)
-    out = check_output(out_dir, overwrite, folder=True, inputs=[source, *calib_sources(cfg)])
+    out = check_output(out_dir, overwrite, folder=True, inputs=[source, *source_list(cfg.calib)])
     dev = resolve_device(device)
     files = _tensor_files(source)
     model = _hf_from_config(_hf_config(_read_json(source / "config.json")), sorted(set(files.values())))

@@ -75,7 +75,7 @@ def distill_file(
     entry; ``report.json`` gaining a ``distill`` section; ``distill_curve.png`` when matplotlib
     is installed).  Under torchrun every rank calls this; rank 0 writes.
     """
-    from hadaconv.calibrate import check_sources
+    from hadaconv.calibrate import check_sources, source_list
     from hadaconv.io import _read_json, load_model, save_converted
 
     cfg = check_config(config)
@@ -89,7 +89,7 @@ def distill_file(
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")
     source = _teacher(converted, meta, teacher)
-    check_output(out, overwrite, folder=True, inputs=[converted, source, cfg.eval_text, *(cfg.data or [])])
+    check_output(out, overwrite, folder=True, inputs=[converted, source, cfg.eval_text, *source_list(cfg.data)])
     checkpoints = Path(cfg.checkpoint_dir).resolve() if cfg.checkpoint_dir else None
     if checkpoints and out.resolve() in (checkpoints, *checkpoints.parents):  # the final save would delete them
         raise InputError(f"{option('checkpoint_dir', cfg.checkpoint_dir)} is inside the output {out}, which the final "
