@@ -55,12 +55,63 @@ def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
+#: Elements of [rows, V] the KL works on at a time: 1 Mi (4 MiB in float32) stays in a CPU core's
+#: L2 cache; a GPU wants fewer, larger kernels.  Measured on SmolLM2 (V = 49,152, 1,024 tokens, Intel
+#: Xeon, 2 threads): forward and backward 0.19 s in chunks of 16 rows, 0.29 s of 64, 0.75 s whole.
+_KL_CHUNK = {"cpu": 1 << 20}
+_KL_CHUNK_OTHER = 1 << 24
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """KL(teacher || student) of logits [N, V], a chunk of rows at a time, with its gradient.
+
+    The gradient of ``T^2 KL / N`` with respect to the student logits has the closed form
+    ``T (softmax(s / T) - softmax(t / T)) / N`` (the cross-entropy gradient with soft targets), so
+    the forward computes it chunk by chunk while the chunk is in cache and keeps only that, in the
+    logits' dtype.  Autograd through the unfused expression instead materialises half a dozen
+    float32 [N, V] intermediates and walks each of them twice; on a CPU that was a sixth of a
+    distillation step's time."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature: float):
+        rows, vocab = student.shape
+        step = max(1, _KL_CHUNK.get(student.device.type, _KL_CHUNK_OTHER) // vocab)
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        with torch.autocast(student.device.type, enabled=False):
+            for i in range(0, rows, step):
+                s, t = student[i:i + step].float(), teacher[i:i + step].float()
+                if temperature != 1:
+                    s, t = s / temperature, t / temperature
+                log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
+                p_t = log_t.exp()
+                total += (p_t * (log_t - log_s)).sum()
+                if grad is not None:
+                    grad[i:i + step] = log_s.exp_().sub_(p_t).mul_(temperature / rows)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return total * (temperature**2 / rows)
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad,) = ctx.saved_tensors
+        return grad * upstream.to(grad.dtype), None, None
+
+
 def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions given by logits [..., V], mean per
-    token, in nats, times T^2 (so a distillation gradient's scale does not depend on T)."""
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    s = F.log_softmax(student.float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    token, in nats, times T^2 (so a distillation gradient's scale does not depend on T; Hinton et
+    al. 2015).  A float32 scalar; differentiable in ``student`` (the teacher takes no gradient).
+    Computed in float32 whatever the logits' dtype, a chunk of tokens at a time (see
+    :class:`_ChunkedKL`); the gradient is stored in the student logits' dtype.
+
+    Raises:
+        InputError: the two shapes differ.
+    """
+    if student.shape != teacher.shape:
+        raise InputError(f"KL needs logits of one shape, got {list(student.shape)} and {list(teacher.shape)}")
+    vocab = student.shape[-1]
+    return _ChunkedKL.apply(student.reshape(-1, vocab), teacher.detach().reshape(-1, vocab), float(temperature))
 
 
 def _check_windows(model: nn.Module, windows, batch_size) -> None:

@@ -37,3 +37,54 @@ def test_perplexity_and_kl_to_a_reference_match_float64(batch_size):
     alone = perplexity(model, windows, batch_size)
     assert alone.kl is None and alone.perplexity == pytest.approx(p.perplexity, rel=1e-6)
     assert perplexity(teacher, windows, batch_size, reference=teacher).kl == pytest.approx(0.0, abs=1e-6)
+
+
+def _kl_float64(student, teacher, temperature):
+    s = (student.double() / temperature).log_softmax(-1)
+    t = (teacher.double() / temperature).log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk", [1 << 20, 3 * 50])  # one chunk; 3 rows a chunk, the last one partial
+def test_kl_divergence_and_its_gradient_match_float64(monkeypatch, temperature, chunk):
+    from hadaconv import evaluate
+
+    monkeypatch.setitem(evaluate._KL_CHUNK, "cpu", chunk)
+    gen = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(2, 5, 50, generator=gen)).requires_grad_()
+    teacher = 3 * torch.randn(2, 5, 50, generator=gen)
+    exact = student.detach().double().requires_grad_()
+    want = _kl_float64(exact, teacher, temperature)
+    want.backward()
+    got = evaluate.kl_divergence(student, teacher, temperature)
+    got.backward()
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(student.grad.double(), exact.grad, rtol=1e-4, atol=1e-7)
+    # A loss scaled downstream scales the gradient (the backward multiplies by the upstream gradient).
+    student.grad = None
+    (3 * evaluate.kl_divergence(student, teacher, temperature)).backward()
+    torch.testing.assert_close(student.grad.double(), 3 * exact.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_kl_divergence_of_bfloat16_logits_keeps_the_gradient_in_bfloat16():
+    from hadaconv.evaluate import kl_divergence
+
+    gen = torch.Generator().manual_seed(1)
+    student = (3 * torch.randn(7, 40, generator=gen)).bfloat16().requires_grad_()
+    teacher = (3 * torch.randn(7, 40, generator=gen)).bfloat16()
+    exact = student.detach().double().requires_grad_()
+    _kl_float64(exact, teacher, 1.0).backward()
+    kl_divergence(student, teacher).backward()
+    assert student.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(student.grad.double(), exact.grad, rtol=1e-2, atol=1e-4)
+    with torch.inference_mode():  # evaluation: no gradient kept, the same value
+        assert kl_divergence(student, teacher).item() == pytest.approx(_kl_float64(student, teacher, 1.0).item(), rel=1e-5)
+
+
+def test_kl_divergence_refuses_logits_of_two_shapes():
+    from hadaconv.errors import InputError
+    from hadaconv.evaluate import kl_divergence
+
+    with pytest.raises(InputError, match="one shape"):
+        kl_divergence(torch.zeros(2, 3, 5), torch.zeros(2, 3, 6))
