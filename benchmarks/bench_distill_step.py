@@ -12,8 +12,11 @@ autocast where the CPU multiplies it (distill's own default; ``--no-bf16`` for f
   gradient a few rows at a time, with the per-tensor AdamW;
 * ``chunked KL + fused AdamW``: what ``distill`` runs now.
 
+Then the two parts alone, alternating the same way: the KL's forward and backward on the step's
+logits, and one AdamW update of the student's 135M parameters, per-tensor loop against fused.
+
 The student is SmolLM2 with every layer converted (fitted on 16 windows of Shakespeare: a step
-costs the same whatever the fit's quality).  Prints seconds per step (median, min-max) and each
+costs the same whatever the fit's quality).  Prints seconds (median, min-max) and each
 speed-up over ``before`` with its 95% bootstrap interval.
 
     python benchmarks/bench_distill_step.py [--threads 2] [--repeats 10]
@@ -42,11 +45,11 @@ from hadaconv.io import load_model  # noqa: E402
 from hadaconv.progress import out as console  # noqa: E402
 
 
-def unfused_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """The KL as hadaconv computed it before 2026-12-04: one expression, autograd through it."""
-    t = F.log_softmax(teacher.float(), dim=-1)
-    s = F.log_softmax(student.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+def unfused_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``hadaconv.evaluate.kl_divergence`` as it was up to 2026-12-04: one expression, autograd through it."""
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
 def step_fn(student, teacher, ids, kl, fused: bool, bf16: bool):
@@ -70,6 +73,33 @@ def step_fn(student, teacher, ids, kl, fused: bool, bf16: bool):
     return once
 
 
+def kl_fn(logits: torch.Tensor, target: torch.Tensor, kl):
+    """A function timing one KL forward and backward on fixed logits; returns its seconds."""
+    def once() -> float:
+        x = logits.detach().requires_grad_()
+        t0 = time.perf_counter()
+        kl(x, target).backward()
+        return time.perf_counter() - t0
+    return once
+
+
+def adamw_fn(params: list[torch.Tensor], fused: bool):
+    """A function timing one AdamW update of ``params`` (their gradients fixed); returns its seconds."""
+    opt = torch.optim.AdamW(params, lr=1e-7, fused=fused or None, foreach=False if not fused else None)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        opt.step()
+        return time.perf_counter() - t0
+    return once
+
+
+def measure(variants: dict, repeats: int) -> dict[str, list[float]]:
+    for fn in variants.values():  # warm-up: first-touch allocations, the optimizers' state
+        fn()
+    return alternate(variants, repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -85,22 +115,32 @@ def main() -> None:
     convert(student, tok, ConvertConfig(calib=["shakespeare"], samples=16, sensitivity=False, progress=False))
     student.train()
     ids = text_windows(tok, "\n\n".join(load_texts(["shakespeare"])), 256, 4)
-    variants = {
+    groups = {}
+    groups["one step"] = measure({
         "before": step_fn(student, teacher, ids, unfused_kl, fused=False, bf16=bf16),
         "chunked KL": step_fn(student, teacher, ids, kl_divergence, fused=False, bf16=bf16),
         "chunked KL + fused AdamW": step_fn(student, teacher, ids, kl_divergence, fused=True, bf16=bf16),
-    }
-    for fn in variants.values():  # warm-up: first-touch allocations, the optimizers' state
-        fn()
-    times = alternate(variants, args.repeats)
+    }, args.repeats)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = student(input_ids=ids, use_cache=False).logits
+        target = teacher(input_ids=ids, use_cache=False).logits
+    groups["the KL alone (forward and backward)"] = measure(
+        {"before": kl_fn(logits, target, unfused_kl), "chunked KL": kl_fn(logits, target, kl_divergence)}, args.repeats)
+    params = [p for p in student.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    groups["the AdamW update alone"] = measure(
+        {"before": adamw_fn(params, fused=False), "fused AdamW": adamw_fn(params, fused=True)}, args.repeats)
 
-    table = Table(title=f"One distillation step, SmolLM2-135M, 4 x 256 tokens, {'bfloat16 autocast' if bf16 else 'float32'}, "
+    table = Table(title=f"Distillation, SmolLM2-135M, 4 x 256 tokens, {'bfloat16 autocast' if bf16 else 'float32'}, "
                         f"{args.threads} thread(s), {args.repeats} alternating repeats")
-    for col in ("variant", "seconds per step, median (min-max, n)", "speed-up over before (95% CI)"):
+    for col in ("what", "variant", "seconds, median (min-max, n)", "speed-up over before (95% CI)"):
         table.add_column(col, justify="right")
-    for name, values in times.items():
-        speed, half = ratio(times["before"], values)
-        table.add_row(name, median_spread(values, 2), "-" if name == "before" else f"{speed:.2f}x (+-{100 * half:.1f}%)")
+    for what, times in groups.items():
+        for name, values in times.items():
+            speed, half = ratio(times["before"], values)
+            table.add_row(what if name == "before" else "", name, median_spread(values, 3),
+                          "-" if name == "before" else f"{speed:.2f}x (+-{100 * half:.1f}%)")
     console.print(table)
     console.print(f"machine: {machine()}; torch {torch.__version__}")
 

@@ -55,9 +55,10 @@ def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
-#: Elements of [rows, V] the KL works on at a time: 1 Mi (4 MiB in float32) stays in a CPU core's
-#: L2 cache; a GPU wants fewer, larger kernels.  Measured on SmolLM2 (V = 49,152, 1,024 tokens, Intel
-#: Xeon, 2 threads): forward and backward 0.19 s in chunks of 16 rows, 0.29 s of 64, 0.75 s whole.
+#: Elements of [rows, V] the KL works on at a time: on a CPU, chunks of 1 Mi elements (4 MiB per
+#: float32 temporary; 21 rows of SmolLM2's 49,152) are walked while they are still in the cache
+#: instead of streaming whole [N, V] tensors through memory once per operation; a GPU wants fewer,
+#: larger kernels.  benchmarks/bench_distill_step.py measures the KL alone against the unfused form.
 _KL_CHUNK = {"cpu": 1 << 20}
 _KL_CHUNK_OTHER = 1 << 24
 
@@ -69,11 +70,12 @@ class _ChunkedKL(torch.autograd.Function):
     ``T (softmax(s / T) - softmax(t / T)) / N`` (the cross-entropy gradient with soft targets), so
     the forward computes it chunk by chunk while the chunk is in cache and keeps only that, in the
     logits' dtype.  Autograd through the unfused expression instead materialises half a dozen
-    float32 [N, V] intermediates and walks each of them twice; on a CPU that was a sixth of a
-    distillation step's time."""
+    float32 [N, V] intermediates and walks each of them twice."""
 
     @staticmethod
     def forward(ctx, student, teacher, temperature: float):
+        """student, teacher: logits [N, V], any float dtype (read as float32); returns the float32
+        scalar ``T^2 KL / N``, and keeps its gradient [N, V] in the student's dtype if it needs one."""
         rows, vocab = student.shape
         step = max(1, _KL_CHUNK.get(student.device.type, _KL_CHUNK_OTHER) // vocab)
         grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
@@ -93,9 +95,12 @@ class _ChunkedKL(torch.autograd.Function):
         return total * (temperature**2 / rows)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, upstream):
+        """The kept gradient times the upstream scalar, multiplied as a Python float so that a
+        bfloat16 gradient is rounded once, not scaled by a bfloat16-rounded factor."""
         (grad,) = ctx.saved_tensors
-        return grad * upstream.to(grad.dtype), None, None
+        return grad * float(upstream), None, None
 
 
 def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -106,11 +111,13 @@ def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     :class:`_ChunkedKL`); the gradient is stored in the student logits' dtype.
 
     Raises:
-        InputError: the two shapes differ.
+        InputError: the two shapes differ, or the logits are empty.
     """
-    if student.shape != teacher.shape:
-        raise InputError(f"KL needs logits of one shape, got {list(student.shape)} and {list(teacher.shape)}")
+    if student.shape != teacher.shape or student.numel() == 0:
+        raise InputError(f"KL needs logits of one shape, not empty, got {list(student.shape)} and {list(teacher.shape)}")
     vocab = student.shape[-1]
+    if not torch.is_grad_enabled():  # evaluation: compute no gradient, whatever requires_grad says
+        student = student.detach()
     return _ChunkedKL.apply(student.reshape(-1, vocab), teacher.detach().reshape(-1, vocab), float(temperature))
 
 

@@ -82,9 +82,37 @@ def test_kl_divergence_of_bfloat16_logits_keeps_the_gradient_in_bfloat16():
         assert kl_divergence(student, teacher).item() == pytest.approx(_kl_float64(student, teacher, 1.0).item(), rel=1e-5)
 
 
-def test_kl_divergence_refuses_logits_of_two_shapes():
+def test_kl_divergence_refuses_logits_of_two_shapes_or_none():
     from hadaconv.errors import InputError
     from hadaconv.evaluate import kl_divergence
 
     with pytest.raises(InputError, match="one shape"):
         kl_divergence(torch.zeros(2, 3, 5), torch.zeros(2, 3, 6))
+    with pytest.raises(InputError, match="not empty"):
+        kl_divergence(torch.zeros(0, 5), torch.zeros(0, 5))
+
+
+def test_kl_divergence_of_a_sliced_logits_view_under_autocast_matches_float64():
+    """The distillation loss sees logits sliced to the predicted positions and runs under autocast:
+    neither may change the value or the gradient (the KL disables autocast inside)."""
+    from hadaconv.evaluate import kl_divergence
+
+    gen = torch.Generator().manual_seed(2)
+    full = (3 * torch.randn(2, 6, 30, generator=gen)).requires_grad_()
+    teacher = 3 * torch.randn(2, 5, 30, generator=gen)
+    exact = full.detach().double().requires_grad_()
+    _kl_float64(exact[:, :-1], teacher, 1.0).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kl_divergence(full[:, :-1], teacher)
+    got.backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(full.grad.double(), exact.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_kl_divergence_refuses_a_second_derivative_rather_than_return_zero():
+    from hadaconv.evaluate import kl_divergence
+
+    student = torch.randn(3, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(kl_divergence(student, torch.randn(3, 8)), student, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()

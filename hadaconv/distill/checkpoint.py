@@ -107,7 +107,12 @@ def _restore(payload: Any, folder: Path, *, model: nn.Module, optimizer: torch.o
         raise ValueError(f"counters {str(counters):.60}")
     restore_trainable(model, payload["trainable"])
     options = StateDictOptions(full_state_dict=True, strict=False)
+    # The saved param groups carry the update's implementation too: keep this run's (a checkpoint
+    # of a version before the fused AdamW would otherwise resume on the slower per-tensor loop).
+    implementation = [{k: group.get(k) for k in ("fused", "foreach")} for group in optimizer.param_groups]
     set_optimizer_state_dict(model, optimizer, payload["optimizer"], options=options)
+    for group, kept in zip(optimizer.param_groups, implementation):
+        group.update(kept)
     torch.set_rng_state(payload["rng"]["cpu"])
     if "cuda" in payload["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
