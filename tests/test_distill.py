@@ -551,6 +551,19 @@ def test_cli_interrupt_names_the_checkpoint(converted, tmp_path, capsys, monkeyp
                            "with --resume to continue from it")
 
 
+def test_cli_interrupt_before_a_checkpoint_says_nothing_was_saved(converted, tmp_path, capsys, monkeypatch):
+    import hadaconv.distill
+
+    def interrupted(converted_dir, output, cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hadaconv.distill, "distill_file", interrupted)
+    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", tmp_path / "out", *CLI_RUN)
+    assert code == 130
+    assert err.strip() == ("interrupted before the first checkpoint (every 100 steps, --checkpoint-every): nothing "
+                           "was saved, and --resume would start from the beginning")
+
+
 @pytest.mark.parametrize("case", ["teacher", "unconverted", "max-time", "eval-text", "batch", "sampled",
                                   "sampled-data", "exists"])
 def test_cli_bad_input_is_one_line(case, converted, tmp_path, capsys):

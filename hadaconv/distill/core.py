@@ -247,6 +247,10 @@ class DistillReport:
             loss = "-" if p.get("train_loss") is None else f"{p['train_loss']:.4f}"
             t.add_row(str(p["step"]), f"{p['tokens']:,}", f"{p['seconds']:.0f}", f"{p['metric']:.4f}",
                       f"{p['eval_loss']:.4f}", loss)
+        # A newcomer reads a train loss far below the held-out one as a bug: say what it is.
+        t.caption = ("train loss: the loss of the last step's own batch (one batch: noisy), on training windows, "
+                     "which with the default text include those the conversion was fitted on, so it sits below "
+                     f"the held-out {self.eval_loss}")
         return t
 
 
