@@ -52,11 +52,16 @@ def unfused_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float 
     return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
+def adamw(params: list[torch.Tensor], fused: bool) -> torch.optim.AdamW:
+    """PyTorch's fused AdamW, or its per-tensor loop (the CPU default before distill chose fused).
+    A tiny learning rate: the weights barely move, so every repeat times the same arithmetic."""
+    return torch.optim.AdamW(params, lr=1e-7, fused=fused or None, foreach=False if not fused else None)
+
+
 def step_fn(student, teacher, ids, kl, fused: bool, bf16: bool):
     """A function running one distillation step and returning its seconds."""
     params = [p for p in student.parameters() if p.requires_grad]
-    # A tiny learning rate: the weights barely move, so every repeat times the same arithmetic.
-    opt = torch.optim.AdamW(params, lr=1e-7, fused=fused or None, foreach=False if not fused else None)
+    opt = adamw(params, fused)
 
     def once() -> float:
         t0 = time.perf_counter()
@@ -85,7 +90,7 @@ def kl_fn(logits: torch.Tensor, target: torch.Tensor, kl):
 
 def adamw_fn(params: list[torch.Tensor], fused: bool):
     """A function timing one AdamW update of ``params`` (their gradients fixed); returns its seconds."""
-    opt = torch.optim.AdamW(params, lr=1e-7, fused=fused or None, foreach=False if not fused else None)
+    opt = adamw(params, fused)
 
     def once() -> float:
         t0 = time.perf_counter()
