@@ -76,7 +76,9 @@ class DistillConfig:
             (see :func:`hadaconv.sample.calibration_texts`).
         sampled: sequences the teacher writes for the data source "sample" (the first 128 shared
             with a default conversion's cache, the rest sampled once and cached; more is more
-            distinct text, at a one-off sampling cost).
+            distinct text, at a one-off sampling cost).  Budgets past the default's ten CPU
+            minutes want about ``steps * batch_size / 2``, each window seen about twice
+            (benchmarks/RESULTS.md, "Thirty minutes of distillation").
         samples, seq_len: training windows (mixed_windows: an equal share per source, a tenth held
             out for evaluation).
         batch_size: windows per optimizer step, over all ranks (the global batch).
