@@ -254,6 +254,11 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
         cached = f" (another {samples - todo} cached)" if todo < samples else ""
         # The hint only where the user may not know the count is theirs to choose (a default's size).
         hint = " (fewer sequences make a quicker first try: convert --samples, distill --sampled)" if todo >= CHUNK else ""
+        whole = _chunk_path(folder, digest, CHUNK, seq_len, seed, temperature, len(counts) - 1)
+        if missing == [len(counts) - 1] and counts[-1] < CHUNK and whole.is_file():
+            # A part chunk is other text than the whole one's first rows, so it is sampled (a
+            # count's text must not depend on the cache's history); the user may prefer the whole.
+            hint = f" ({len(counts) * CHUNK} are cached already: asking for {len(counts) * CHUNK} samples nothing)"
         console.print(f"sampling text from the model, once for this model: {todo} x {seq_len} tokens{cached}, "
                       f"cached in {paths[0].parent}{hint}", highlight=False)
     elif progress:  # reused text should not be a surprise: say where it comes from (and how to renew it)

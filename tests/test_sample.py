@@ -227,6 +227,22 @@ def test_larger_requests_reuse_the_cached_chunks(tokenizer, tmp_path, monkeypatc
     assert not set(other) & set(texts[:6])
 
 
+def test_a_part_chunk_names_the_whole_one_that_is_cached(tokenizer, tmp_path, monkeypatch, capsys):
+    """Fewer sequences than a cached chunk are sampled afresh (a newcomer's --sampled 64 after a
+    default convert's 128): the announcement says that the whole chunk would cost nothing."""
+    import hadaconv.sample as sample
+
+    monkeypatch.setattr(sample, "CHUNK", 3)
+    model = make_tiny("llama")
+    sample.cached_samples(model, tokenizer, samples=3, seq_len=8, cache=tmp_path)
+    capsys.readouterr()
+    sample.cached_samples(model, tokenizer, samples=2, seq_len=8, cache=tmp_path)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "2 x 8 tokens" in err and "(3 are cached already: asking for 3 samples nothing)" in err, err
+    sample.cached_samples(model, tokenizer, samples=5, seq_len=8, cache=tmp_path)  # chunk 1 is not cached
+    assert "cached already" not in " ".join(capsys.readouterr().err.split())
+
+
 def test_a_small_request_is_one_chunk_as_before(tokenizer, tmp_path, monkeypatch):
     """Up to CHUNK sequences: one file, one sample_texts call with the given seed, as before chunks."""
     import hadaconv.sample as sample

@@ -250,9 +250,9 @@ class DistillReport:
             t.add_row(str(p["step"]), f"{p['tokens']:,}", f"{p['seconds']:.0f}", f"{p['metric']:.4f}",
                       f"{p['eval_loss']:.4f}", loss)
         # A newcomer reads a train loss far below the held-out one as a bug: say what it is.
-        t.caption = ("train loss: the loss of the last step's own batch (one batch: noisy), on training windows, "
-                     "which with the default text include those the conversion was fitted on, so it sits below "
-                     f"the held-out {self.eval_loss}")
+        t.caption = ("train loss: the loss of the last step's own batch (one batch: noisy, above or below the "
+                     f"held-out {self.eval_loss}); on text the model has seen before (a later pass, or with the "
+                     "default text the sequences the conversion was fitted on) it falls below it")
         return t
 
 
