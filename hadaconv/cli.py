@@ -579,10 +579,9 @@ def _duration(text: str | None) -> float | None:
 @click.option("--sampled", type=click.IntRange(min=1), default=256, show_default=True,
               help="Sequences of --seq-len tokens the original model writes for --data sample (sampled once per "
                    "model and cached; more is more distinct text, fewer repeats, at a one-off sampling cost).  "
-                   "Longer runs want more, so that each window is seen about twice: about the tokens the run "
-                   "trains on / (2 x --seq-len), i.e. steps x --batch-size / 2 (SmolLM2 on a 2-core Xeon: 10 "
-                   "minutes train about 150k tokens, the default 256; 30 minutes about 550k, where 1024 beat 256 "
-                   "by 2-9%).")
+                   "Longer runs want more, each window seen about twice: steps x --batch-size / 2 (SmolLM2 on a "
+                   "2-core Xeon: 10 minutes are about 150 steps, which suits 256; 30 minutes about 550, where "
+                   "1024 did better than 256).")
 @click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out windows of the training text]")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True,

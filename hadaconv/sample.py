@@ -258,7 +258,7 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
         if missing == [len(counts) - 1] and counts[-1] < CHUNK and whole.is_file():
             # A part chunk is other text than the whole one's first rows, so it is sampled (a
             # count's text must not depend on the cache's history); the user may prefer the whole.
-            hint = f" ({len(counts) * CHUNK} are cached already: asking for {len(counts) * CHUNK} samples nothing)"
+            hint = f"; asking for {len(counts) * CHUNK} instead would sample nothing"
         console.print(f"sampling text from the model, once for this model: {todo} x {seq_len} tokens{cached}, "
                       f"cached in {paths[0].parent}{hint}", highlight=False)
     elif progress:  # reused text should not be a surprise: say where it comes from (and how to renew it)

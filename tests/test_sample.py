@@ -238,9 +238,13 @@ def test_a_part_chunk_names_the_whole_one_that_is_cached(tokenizer, tmp_path, mo
     capsys.readouterr()
     sample.cached_samples(model, tokenizer, samples=2, seq_len=8, cache=tmp_path)
     err = " ".join(capsys.readouterr().err.split())
-    assert "2 x 8 tokens" in err and "(3 are cached already: asking for 3 samples nothing)" in err, err
+    assert "2 x 8 tokens" in err and "; asking for 3 instead would sample nothing" in err, err
     sample.cached_samples(model, tokenizer, samples=5, seq_len=8, cache=tmp_path)  # chunk 1 is not cached
-    assert "cached already" not in " ".join(capsys.readouterr().err.split())
+    assert "instead" not in " ".join(capsys.readouterr().err.split())
+    sample.cached_samples(model, tokenizer, samples=6, seq_len=8, progress=False, cache=tmp_path)
+    sample.cached_samples(model, tokenizer, samples=4, seq_len=8, cache=tmp_path)  # after two whole chunks
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 x 8 tokens (another 3 cached)" in err and "; asking for 6 instead would sample nothing" in err, err
 
 
 def test_a_small_request_is_one_chunk_as_before(tokenizer, tmp_path, monkeypatch):

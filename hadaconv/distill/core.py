@@ -251,8 +251,9 @@ class DistillReport:
                       f"{p['eval_loss']:.4f}", loss)
         # A newcomer reads a train loss far below the held-out one as a bug: say what it is.
         t.caption = ("train loss: the loss of the last step's own batch (one batch: noisy, above or below the "
-                     f"held-out {self.eval_loss}); on text the model has seen before (a later pass, or with the "
-                     "default text the sequences the conversion was fitted on) it falls below it")
+                     f"held-out {self.eval_loss}); on text the model has already seen (a later pass, or, with the "
+                     f"default text, the sequences the conversion was fitted on) it sits below the held-out "
+                     f"{self.eval_loss}")
         return t
 
 
