@@ -680,13 +680,13 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
                               "--resume)") from None
         raise
     except KeyboardInterrupt:
+        stopped = "terminated" if _TERMINATED else "interrupted"
         if (folder / CHECKPOINT).is_file():
-            click.echo(f"{'terminated' if _TERMINATED else 'interrupted'}: the last checkpoint is in {folder}; rerun "
-                       "the same command with --resume to continue from it", err=True)
+            click.echo(f"{stopped}: the last checkpoint is in {folder}; rerun the same command with --resume to "
+                       "continue from it", err=True)
         else:  # a short run may stop before its first checkpoint: say that nothing is kept
-            click.echo(f"{'terminated' if _TERMINATED else 'interrupted'} before the first checkpoint (every "
-                       f"{checkpoint_every} steps, --checkpoint-every): nothing was saved, and --resume would start "
-                       "from the beginning", err=True)
+            click.echo(f"{stopped} before the first checkpoint (every {checkpoint_every} steps, --checkpoint-every): "
+                       "nothing was saved, and --resume would start from the beginning", err=True)
         sys.exit(_interrupted_code())
     if not is_main():
         return
