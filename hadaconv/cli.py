@@ -63,6 +63,11 @@ def build_ops_cmd(force: bool, no_cuda: bool) -> None:
     click.echo(str(build_ops(force=force, cuda=False if no_cuda else None)))
 
 
+#: Consent to unpickle a torch.save'd module: every verb that loads a model takes it.
+_trust_pickle = click.option("--trust-pickle", is_flag=True,
+                             help="Allow loading a torch.save'd module that needs arbitrary unpickling (can run code).")
+
+
 def _device_options(func):
     """--device and --dtype (see :mod:`hadaconv.device`)."""
     func = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
@@ -125,7 +130,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--no-sensitivity", is_flag=True, help="Skip the per-layer sensitivity measurement.")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @click.option("--target", default=None, help="Generic fallback: convert square nn.Linear layers whose name matches this regex (affine fit).")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module that needs arbitrary unpickling (can run code).")
+@_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True,
               help="Only list what would be converted, as hadaconv inspect does: from the config where the model "
@@ -241,7 +246,7 @@ def _savings_table(model: torch.nn.Module, source: str, target, block: int | Non
               help="Price the savings with convert's low-rank residual of this rank (0: none).")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
 @click.option("--target", default=None, help="Regex for the generic fallback adapter.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module (arbitrary unpickling can run code).")
+@_trust_pickle
 def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
     """List MODEL's attention blocks, their widths and Hadamard factorization, and the savings,
     without calibrating.  Shapes come from the config (a GGUF's metadata) where MODEL has one: its
@@ -262,9 +267,10 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
 @click.option("--no-baseline", is_flag=True, help="Evaluate MODEL alone.")
 @click.option("--reference", type=click.Path(), default=None, help="Encoders: the model to compare embeddings with.")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
+@_trust_pickle
 @_device_options
-def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, reference, model_config, device,
-             dtype) -> None:
+def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, reference, model_config, trust_pickle,
+             device, dtype) -> None:
     """Perplexity of a causal LM (or embedding cosine of an encoder to --reference) on text.
 
     Works on original and converted models alike; a converted folder is compared with the model
@@ -282,7 +288,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
 
     if baseline and no_baseline:
         raise HadaconvError("give --baseline or --no-baseline, not both")
-    loaded = load_model(model, config=model_config, device=device, dtype=dtype)
+    loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with")
     source = Path(text_file or default_corpus()[0])
@@ -295,7 +301,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
                                 "compare its embeddings with another model's")
     if reference:
         check_encoder(loaded.model)  # before the reference is loaded for nothing
-        ref = load_model(reference, config=model_config, device=device, dtype=dtype).model
+        ref = load_model(reference, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype).model
         click.echo(f"embedding cosine to {reference}: {embedding_cosine(loaded.model, ref, windows):.6f} "
                    f"({windows.numel()} tokens of {source.name})")
         return
@@ -308,8 +314,8 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     del loaded  # the baseline may be as large: never hold both models at once
     if other is not None:
         click.echo(f"now {other} on the same windows, for comparison (--no-baseline skips it)", err=True)
-        base = perplexity(load_model(other, config=model_config, device=device, dtype=dtype).model, windows,
-                          batch, progress=f"perplexity of {other} ({batches})")
+        other_model = load_model(other, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype).model
+        base = perplexity(other_model, windows, batch, progress=f"perplexity of {other} ({batches})")
         click.echo(f"baseline {other}: perplexity {base.perplexity:.3f} on the same windows; {model} is "
                    f"{p.perplexity / base.perplexity:.3f}x that")
 
@@ -347,10 +353,11 @@ def _recorded_original(loaded, model: str) -> tuple[str | None, str | None]:
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
+@_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @_device_options
-def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, model_config, overwrite, device,
-               dtype) -> None:
+def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, model_config, trust_pickle, overwrite,
+               device, dtype) -> None:
     """Sample text from a causal LM, as calibration / distillation data of its own domain.
 
     Each sequence starts from a random vocabulary token and follows the model's own next-token
@@ -366,7 +373,7 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     from hadaconv.sample import sample_texts, write_jsonl
 
     check_output(output, overwrite, folder=False, inputs=[model, model_config])
-    loaded = load_model(model, config=model_config, device=device, dtype=dtype)
+    loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to decode samples with")
     t = time.perf_counter()
@@ -401,7 +408,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
               help="Largest absolute ONNX Runtime vs PyTorch difference accepted per output "
                    "[default: 1e-3; 0.125 for float16, against the float32 model].")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Precision of the exported graph and its KV cache [default: the model's own]. "
+              help="Precision of the exported graph and its KV cache [default: float32, whatever the checkpoint's own]. "
                    "bfloat16 runs on ONNX Runtime's CUDA provider only (the CPU provider lacks bfloat16 kernels), "
                    "so it cannot be validated (on the CPU): add --no-validate.")
 @click.option("--no-validate", is_flag=True, help="Skip the validation against PyTorch.")
@@ -411,7 +418,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
                    "'all' makes prefill 1.03-1.12x faster and decode 2-8% slower (for long prompts, not generation), "
                    "'norms' decode about 5% slower (benchmarks/RESULTS.md) [default: off].")
 @click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a torch.save'd module (arbitrary unpickling can run code).")
+@_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--verbose", is_flag=True, help="Show the exporter's own progress output.")
 def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape, atol, dtype, no_validate, optimize,
@@ -567,6 +574,10 @@ def _duration(text: str | None) -> float | None:
 @click.argument("converted", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist, or use --overwrite).")
 @click.option("--teacher", type=click.Path(), default=None, help="The original model.  [default: the source recorded by convert]")
+@click.option("--config", "teacher_config", type=click.Path(), default=None,
+              help="config.json for a teacher that is a bare safetensors / state_dict file.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow loading a teacher that is a torch.save'd module (arbitrary unpickling can run code).")
 @click.option("--local", "local_stage", is_flag=True, help="Run the block-wise reconstruction stage.")
 @click.option("--global", "global_stage", is_flag=True, help="Run end-to-end KD.  [default: this stage alone; --local --global runs both, local first]")
 @click.option("--train", type=click.Choice(["attention", "all"]), default="all", show_default=True,
@@ -631,7 +642,7 @@ def _duration(text: str | None) -> float | None:
                    "[default: where the hardware multiplies bfloat16: CUDA GPUs, CPUs with AMX or AVX512_BF16]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def distill_cmd(converted, output, teacher, local_stage, global_stage, train, data, sampled, eval_text, eval_every,
+def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_stage, global_stage, train, data, sampled, eval_text, eval_every,
                 eval_windows, samples, seq_len, batch_size, accumulate, lr, warmup_steps, clip, temperature,
                 hidden_weight, local_steps, local_lr, max_steps, max_tokens, max_time, checkpoint_dir,
                 checkpoint_every, resume, gradient_checkpointing, fsdp, device, dtype, bf16, seed, overwrite) -> None:
@@ -673,7 +684,8 @@ def distill_cmd(converted, output, teacher, local_stage, global_stage, train, da
         click.echo(f"note: --resume found no checkpoint in {folder}, so the run starts from the beginning",
                    err=True)
     try:
-        report = distill_file(converted, output, cfg, teacher=teacher, overwrite=overwrite)
+        report = distill_file(converted, output, cfg, teacher=teacher, teacher_config=teacher_config,
+                              trust_pickle=trust_pickle, overwrite=overwrite)
     except OutputError as exc:
         if (folder / CHECKPOINT).is_file():  # the trained state must not be lost with the output
             raise OutputError(f"{exc} (the trained state is kept in {folder}: free the space and rerun with "

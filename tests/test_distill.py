@@ -420,6 +420,18 @@ def test_cli_end_to_end_and_two_ddp_ranks_equal_one_process(converted, capsys):
     assert json.loads((two / "config.json").read_text())["hadaconv"]["distill"]["world_size"] == 2
 
 
+def test_cli_teacher_as_bare_weights_with_its_config(converted, capsys):
+    """A teacher given as a bare safetensors file and --config (as convert read it) trains the
+    student exactly as the teacher's folder does."""
+    runs = {"folder": ["--teacher", converted / "tiny"],
+            "bare": ["--teacher", converted / "tiny" / "model.safetensors", "--config", converted / "tiny"]}
+    for name, teacher in runs.items():
+        code, _, err = _cli(capsys, "distill", converted / "conv", "-o", converted / f"t-{name}", *teacher, *CLI_RUN)
+        assert code == 0, err
+    a, b = (load_file(converted / f"t-{name}" / "model.safetensors") for name in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cli_says_when_nothing_improved(converted, capsys):
     """A run whose evaluations never beat the start saves the converted model unchanged, and says so."""
     out_dir = converted / "unchanged"

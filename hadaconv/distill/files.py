@@ -68,12 +68,18 @@ def distill_file(
     config: DistillConfig | None = None,
     *,
     teacher: str | os.PathLike | None = None,
+    teacher_config: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
     overwrite: bool = False,
 ) -> DistillReport:
     """Distill the converted folder ``converted`` from its original and save the result to
     ``out_dir`` (the converted-folder format, its ``hadaconv`` section gaining a ``distill``
     entry; ``report.json`` gaining a ``distill`` section; ``distill_curve.png`` when matplotlib
     is installed).  Under torchrun every rank calls this; rank 0 writes.
+
+    ``teacher`` (default: the source the conversion recorded) is read by
+    :func:`hadaconv.io.load_model` with ``teacher_config`` (for bare safetensors / state_dict
+    weights) and ``trust_pickle`` (for a ``torch.save``d module), as ``convert`` read it.
     """
     from hadaconv.calibrate import check_sources, source_list
     from hadaconv.io import _read_json, load_model, save_converted
@@ -89,7 +95,8 @@ def distill_file(
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")
     source = _teacher(converted, meta, teacher)
-    check_output(out, overwrite, folder=True, inputs=[converted, source, cfg.eval_text, *source_list(cfg.data)])
+    check_output(out, overwrite, folder=True, inputs=[converted, source, teacher_config, cfg.eval_text,
+                                                    *source_list(cfg.data)])
     checkpoints = Path(cfg.checkpoint_dir).resolve() if cfg.checkpoint_dir else None
     if checkpoints and out.resolve() in (checkpoints, *checkpoints.parents):  # the final save would delete them
         raise InputError(f"{option('checkpoint_dir', cfg.checkpoint_dir)} is inside the output {out}, which the final "
@@ -99,7 +106,7 @@ def distill_file(
     student = load_model(converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
         raise HadaconvError(f"{converted} has no converted layers: nothing to distill")
-    original = load_model(source, dtype=cfg.dtype)
+    original = load_model(source, config=teacher_config, trust_pickle=trust_pickle, dtype=cfg.dtype)
     if original.format == "hadaconv":
         raise HadaconvError(f"the teacher {source} is itself a converted model: give the original")
     if type(original.model) is not type(student.model):
