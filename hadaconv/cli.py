@@ -408,7 +408,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
               help="Largest absolute ONNX Runtime vs PyTorch difference accepted per output "
                    "[default: 1e-3; 0.125 for float16, against the float32 model].")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Precision of the exported graph and its KV cache [default: float32, whatever the checkpoint's own]. "
+              help="Precision of the exported graph and its KV cache [default: float32, whatever the checkpoint's dtype]. "
                    "bfloat16 runs on ONNX Runtime's CUDA provider only (the CPU provider lacks bfloat16 kernels), "
                    "so it cannot be validated (on the CPU): add --no-validate.")
 @click.option("--no-validate", is_flag=True, help="Skip the validation against PyTorch.")

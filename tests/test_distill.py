@@ -430,6 +430,10 @@ def test_cli_teacher_as_bare_weights_with_its_config(converted, capsys):
         assert code == 0, err
     a, b = (load_file(converted / f"t-{name}" / "model.safetensors") for name in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(converted / "conv" / "model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained: equal runs, not two untouched copies
+    summary = json.loads((converted / "t-bare" / "config.json").read_text())["hadaconv"]["distill"]
+    assert summary["teacher_config"] == str(converted / "tiny")
 
 
 def test_cli_says_when_nothing_improved(converted, capsys):

@@ -29,6 +29,27 @@ def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> 
     return Path(teacher)
 
 
+def _check_teacher_config(source: Path, teacher_config: str | os.PathLike | None) -> None:
+    """Refuse, before any model is loaded, a teacher config that is missing, that describes the
+    converted model, or that has nothing to configure, and a teacher of bare safetensors weights
+    without one (a state dict in a torch.save file is told apart from a module only on loading)."""
+    from hadaconv.io import _config_file, _read_json
+
+    flag = option("teacher_config", flag="--config")
+    if teacher_config is None:
+        if source.suffix == ".safetensors" and source.is_file():
+            raise InputError(f"the teacher {source} holds bare weights: give its config ({flag}: the original's "
+                             "config.json or its folder)")
+        return
+    path = _config_file(teacher_config)
+    if "hadaconv" in _read_json(path):
+        raise InputError(f"{flag} {teacher_config} is the converted model's config: give the teacher's (the "
+                         "original's) config.json or its folder")
+    if source.is_dir() or source.suffix == ".gguf":
+        raise InputError(f"{flag} is for a teacher of bare weights (.safetensors, a torch.save state dict); the "
+                         f"teacher {source} carries its own config: drop {flag}")
+
+
 def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
     """Plot the eval metric and the eval loss that chooses the kept state (second axis) against
     training tokens as a PNG, the kept state ringed; False when matplotlib is absent."""
@@ -78,8 +99,10 @@ def distill_file(
     is installed).  Under torchrun every rank calls this; rank 0 writes.
 
     ``teacher`` (default: the source the conversion recorded) is read by
-    :func:`hadaconv.io.load_model` with ``teacher_config`` (for bare safetensors / state_dict
-    weights) and ``trust_pickle`` (for a ``torch.save``d module), as ``convert`` read it.
+    :func:`hadaconv.io.load_model`, as ``convert`` read it: ``teacher_config`` (a config.json or
+    its folder) only for a teacher of bare weights (``.safetensors``, a ``torch.save`` state
+    dict), ``trust_pickle`` for a ``torch.save``d module.  Raises HadaconvError (one line)
+    for bad input, before any model is loaded where it can be told from the files.
     """
     from hadaconv.calibrate import check_sources, source_list
     from hadaconv.io import _read_json, load_model, save_converted
@@ -95,6 +118,7 @@ def distill_file(
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")
     source = _teacher(converted, meta, teacher)
+    _check_teacher_config(source, teacher_config)
     check_output(out, overwrite, folder=True, inputs=[converted, source, teacher_config, cfg.eval_text,
                                                     *source_list(cfg.data)])
     checkpoints = Path(cfg.checkpoint_dir).resolve() if cfg.checkpoint_dir else None
@@ -132,6 +156,8 @@ def distill_file(
     summary = {k: v for k, v in report.to_dict().items() if k not in ("curve", "local")}
     summary["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     summary["teacher_path"] = str(source)
+    if teacher_config is not None:
+        summary["teacher_config"] = str(teacher_config)
     old_report = converted / "report.json"
     saved = json.loads(old_report.read_text(encoding="utf-8")) if old_report.is_file() else {}
     saved["distill"] = report.to_dict()
