@@ -642,10 +642,11 @@ def _duration(text: str | None) -> float | None:
                    "[default: where the hardware multiplies bfloat16: CUDA GPUs, CPUs with AMX or AVX512_BF16]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_stage, global_stage, train, data, sampled, eval_text, eval_every,
-                eval_windows, samples, seq_len, batch_size, accumulate, lr, warmup_steps, clip, temperature,
-                hidden_weight, local_steps, local_lr, max_steps, max_tokens, max_time, checkpoint_dir,
-                checkpoint_every, resume, gradient_checkpointing, fsdp, device, dtype, bf16, seed, overwrite) -> None:
+def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_stage, global_stage, train, data,
+                sampled, eval_text, eval_every, eval_windows, samples, seq_len, batch_size, accumulate, lr,
+                warmup_steps, clip, temperature, hidden_weight, local_steps, local_lr, max_steps, max_tokens,
+                max_time, checkpoint_dir, checkpoint_every, resume, gradient_checkpointing, fsdp, device, dtype, bf16,
+                seed, overwrite) -> None:
     """Win back quality: distill the original model into the CONVERTED folder, save to OUTPUT.
 
     By default one stage, the global one: KL(teacher || student) of the next-token distributions
