@@ -63,6 +63,11 @@ def build_ops_cmd(force: bool, no_cuda: bool) -> None:
     click.echo(str(build_ops(force=force, cuda=False if no_cuda else None)))
 
 
+#: Why a loaded model came without a tokenizer, where its format says.
+NO_TOKENIZER = {"torch-module": " (a torch.save'd module carries none: save the model with save_pretrained and its "
+                                "tokenizer beside it)"}
+
+
 #: Consent to unpickle a torch.save'd module: every verb that loads a model takes it.
 _trust_pickle = click.option("--trust-pickle", is_flag=True,
                              help="Allow loading a torch.save'd module that needs arbitrary unpickling (can run code).")
@@ -128,7 +133,7 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "parameters and multiply-adds per token and layer (R=16 keeps 18,432 per SmolLM2 layer of "
                    "331,776).  0: none.")
 @click.option("--no-sensitivity", is_flag=True, help="Skip the per-layer sensitivity measurement.")
-@click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
+@click.option("--config", "model_config", type=click.Path(), default=None, help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
 @click.option("--target", default=None, help="Generic fallback: convert square nn.Linear layers whose name matches this regex (affine fit).")
 @_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
@@ -244,7 +249,7 @@ def _savings_table(model: torch.nn.Module, source: str, target, block: int | Non
 @click.option("--block", type=POSITIVE, default=None, help="Block size to price the savings with.  [default: as convert's]")
 @click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True,
               help="Price the savings with convert's low-rank residual of this rank (0: none).")
-@click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
+@click.option("--config", "model_config", type=click.Path(), default=None, help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
 @click.option("--target", default=None, help="Regex for the generic fallback adapter.")
 @_trust_pickle
 def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
@@ -266,7 +271,7 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
                    "folder, the original its conversion recorded]")
 @click.option("--no-baseline", is_flag=True, help="Evaluate MODEL alone.")
 @click.option("--reference", type=click.Path(), default=None, help="Encoders: the model to compare embeddings with.")
-@click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
+@click.option("--config", "model_config", type=click.Path(), default=None, help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
 @_trust_pickle
 @_device_options
 def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, reference, model_config, trust_pickle,
@@ -290,7 +295,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         raise HadaconvError("give --baseline or --no-baseline, not both")
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     if loaded.tokenizer is None:
-        raise HadaconvError(f"{model} has no tokenizer to evaluate text with")
+        raise HadaconvError(f"{model} has no tokenizer to evaluate text with" + NO_TOKENIZER.get(loaded.format, ""))
     source = Path(text_file or default_corpus()[0])
     windows = text_windows(loaded.tokenizer, source.read_text(encoding="utf-8", errors="replace"), seq_len,
                            max_windows)
@@ -306,15 +311,19 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
                    f"({windows.numel()} tokens of {source.name})")
         return
     batch = 4
-    batches = f"{len(windows)} windows, counted in batches of {batch}"
+    batches = f"{len(windows)} window{'s' if len(windows) != 1 else ''}, counted in batches of {batch}"
     p = perplexity(loaded.model, windows, batch, progress=f"perplexity of {model} ({batches})")
-    click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} windows "
-               f"of {seq_len})")
+    click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} window"
+               f"{'s' if p.windows != 1 else ''} of {seq_len})")
     other = None if no_baseline else _baseline(loaded, model, baseline)
     del loaded  # the baseline may be as large: never hold both models at once
     if other is not None:
         click.echo(f"now {other} on the same windows, for comparison (--no-baseline skips it)", err=True)
-        other_model = load_model(other, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype).model
+        try:
+            other_model = load_model(other, config=model_config, trust_pickle=trust_pickle, device=device,
+                                     dtype=dtype).model
+        except HadaconvError as exc:  # after MODEL's own result: say which model failed, and the way round it
+            raise HadaconvError(f"the baseline {other}: {exc} (--no-baseline skips it)") from None
         base = perplexity(other_model, windows, batch, progress=f"perplexity of {other} ({batches})")
         click.echo(f"baseline {other}: perplexity {base.perplexity:.3f} on the same windows; {model} is "
                    f"{p.perplexity / base.perplexity:.3f}x that")
@@ -352,7 +361,7 @@ def _recorded_original(loaded, model: str) -> tuple[str | None, str | None]:
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Sequences sampled side by side.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
+@click.option("--config", "model_config", type=click.Path(), default=None, help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
 @_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @_device_options
@@ -375,7 +384,7 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     check_output(output, overwrite, folder=False, inputs=[model, model_config])
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     if loaded.tokenizer is None:
-        raise HadaconvError(f"{model} has no tokenizer to decode samples with")
+        raise HadaconvError(f"{model} has no tokenizer to decode samples with" + NO_TOKENIZER.get(loaded.format, ""))
     t = time.perf_counter()
     texts = sample_texts(loaded.model, loaded.tokenizer, samples=samples, seq_len=seq_len,
                          batch_size=batch_size, temperature=temperature, seed=seed)
@@ -417,7 +426,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
                    "Runtime): 'norms' each RMSNorm (with the residual add), 'all' attention too. Measured on SmolLM2: "
                    "'all' makes prefill 1.03-1.12x faster and decode 2-8% slower (for long prompts, not generation), "
                    "'norms' decode about 5% slower (benchmarks/RESULTS.md) [default: off].")
-@click.option("--config", "model_config", type=click.Path(), default=None, help="config.json for a bare safetensors / state_dict file.")
+@click.option("--config", "model_config", type=click.Path(), default=None, help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
 @_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--verbose", is_flag=True, help="Show the exporter's own progress output.")

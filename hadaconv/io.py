@@ -179,6 +179,9 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     prefix = getattr(model, "base_model_prefix", "") + "."
     if prefix != "." and not expected & set(state) and all(k.startswith(prefix) for k in state):
         state = {k[len(prefix) :]: v for k, v in state.items()}  # weights of a head model, base model built
+    for alias, name in aliases.items():  # safetensors' save_model keeps one name of a tied pair, either one
+        if name not in state and alias in state:
+            state = {**state, name: state[alias]}
     missing = {k for k in expected - set(state) if aliases.get(k) not in state}
     unexpected = set(state) - expected
     if missing or unexpected:
@@ -672,9 +675,15 @@ def _load_state_dict(path: Path, state: dict, config, fmt: str) -> Loaded:
     config_path = _config_file(config)
     data = _read_json(config_path)
     if "hadaconv" in data:
-        raise HadaconvError(f"{config_path} describes a converted model: load its folder instead")
+        raise HadaconvError(f"{config_path} describes a converted model: give the original model's config")
     model = _model_from_config(data, [path])
-    _load_weights(model, state, str(path))
+    try:
+        _load_weights(model, state, str(path))
+    except ModelFormatError as exc:
+        if data.get("architectures"):
+            raise
+        raise ModelFormatError(f"{exc} ({config_path} names no architectures, so the base {type(model).__name__} "
+                               'was built: add one, e.g. "architectures": ["LlamaForCausalLM"])') from None
     tokenizer_source = (
         config_path.parent if any((config_path.parent / f).is_file() for f in TOKENIZER_FILES) else None
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import math
 import os
 import re
@@ -241,6 +242,22 @@ def _truncated_pt(path: Path) -> Path:
 def _state_dict(path: Path) -> Path:
     torch.save({"weight": torch.ones(3)}, path)
     return path
+
+
+def _with_head(src: Path, dst: Path) -> Path:
+    """The tiny Llama's weights with the tied head stored too (as a causal LM's state dict holds it)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(src)
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, dst)
+    return dst
+
+
+def _no_architectures(folder: Path) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    del config["architectures"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def _bad_config(folder: Path) -> Path:
@@ -508,12 +525,23 @@ ROWS = [
     Row("eval-pickle-without-consent", lambda w, t: ["eval", _pickle(t / "m.pt")],
         r"refusing to unpickle .*m\.pt.*--trust-pickle"),
     Row("eval-pickle-trusted-no-tokenizer", lambda w, t: ["eval", _pickle(t / "m.pt"), "--trust-pickle"],
-        r"m\.pt has no tokenizer to evaluate text with"),
+        r"m\.pt has no tokenizer to evaluate text with \(a torch\.save'd module carries none: save the model with "
+        r"save_pretrained"),
     Row("sample-pickle-without-consent", lambda w, t: ["sample", _pickle(t / "m.pt"), "-o", t / "s.jsonl"],
         r"refusing to unpickle .*m\.pt.*--trust-pickle"),
     Row("sample-pickle-trusted-no-tokenizer",
         lambda w, t: ["sample", _pickle(t / "m.pt"), "-o", t / "s.jsonl", "--trust-pickle"],
-        r"m\.pt has no tokenizer to decode samples with"),
+        r"m\.pt has no tokenizer to decode samples with \(a torch\.save'd module carries none"),
+    Row("eval-baseline-bare-weights",  # after MODEL's own result: the error names the baseline and the way round
+        lambda w, t: ["eval", w.conv, "--baseline", w.hf / "model.safetensors", "--max-windows", "1",
+                      "--seq-len", "16"],
+        r"the baseline .*model\.safetensors: .*holds bare weights: give the model's config \(--config.*\) "
+        r"\(--no-baseline skips it\)$"),
+    Row("convert-config-without-architectures",
+        lambda w, t: _convert(_with_head(w.hf / "model.safetensors", t / "m.safetensors"), t / "out", "--config",
+                              _no_architectures(_copy(w.hf, t / "c"))),
+        r"the weights do not match the model: .*config\.json names no architectures, so the base LlamaModel was "
+        r"built: add one"),
     # --------------------------------------------------------------- inspect
     Row("inspect-missing-file", lambda w, t: ["inspect", t / "nope.gguf"], r"no such file or folder"),
     # torch's own wording advises weights_only=False, wrong for a damaged file (found by a newcomer).

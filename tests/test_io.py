@@ -337,6 +337,24 @@ def test_tied_weights_stored_once(tmp_path):
     assert rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("kept", ["model.embed_tokens.weight", "lm_head.weight"])
+def test_tied_weights_under_either_name(tmp_path, llama_dir, kept):
+    """A bare safetensors file may hold a tied pair under either name: safetensors' save_model
+    keeps lm_head.weight of a tied Llama, save_file of a deduplicated state dict the embedding."""
+    from safetensors.torch import save_file
+
+    model = load_model(llama_dir).model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    state = {k: v.clone() for k, v in model.state_dict().items()
+             if k not in {"model.embed_tokens.weight", "lm_head.weight"} - {kept}}
+    save_file(state, tmp_path / "bare.safetensors")
+    loaded = load_model(tmp_path / "bare.safetensors", config=llama_dir).model
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    inputs = example_inputs("llama", model)
+    assert torch.equal(_out(loaded, inputs), _out(model, inputs))
+
+
 def test_generic_target_round_trip(tmp_path):
     model = make_tiny("llama")
     target = r"self_attn\.o_proj$"
