@@ -68,6 +68,11 @@ NO_TOKENIZER = {"torch-module": " (a torch.save'd module carries none: save the 
                                 "tokenizer beside it)"}
 
 
+#: A bare weights file's config: every verb that loads a model takes it (distill for its teacher, with its own help).
+_model_config = click.option("--config", "model_config", type=click.Path(), default=None,
+                             help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
+
+
 #: Consent to unpickle a torch.save'd module: every verb that loads a model takes it.
 _trust_pickle = click.option("--trust-pickle", is_flag=True,
                              help="Allow loading a torch.save'd module that needs arbitrary unpickling (can run code).")
@@ -133,7 +138,7 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "parameters and multiply-adds per token and layer (R=16 keeps 18,432 per SmolLM2 layer of "
                    "331,776).  0: none.")
 @click.option("--no-sensitivity", is_flag=True, help="Skip the per-layer sensitivity measurement.")
-@click.option("--config", "model_config", type=click.Path(), default=None, help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
+@_model_config
 @click.option("--target", default=None, help="Generic fallback: convert square nn.Linear layers whose name matches this regex (affine fit).")
 @_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
@@ -249,7 +254,7 @@ def _savings_table(model: torch.nn.Module, source: str, target, block: int | Non
 @click.option("--block", type=POSITIVE, default=None, help="Block size to price the savings with.  [default: as convert's]")
 @click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True,
               help="Price the savings with convert's low-rank residual of this rank (0: none).")
-@click.option("--config", "model_config", type=click.Path(), default=None, help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
+@_model_config
 @click.option("--target", default=None, help="Regex for the generic fallback adapter.")
 @_trust_pickle
 def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
@@ -271,7 +276,7 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
                    "folder, the original its conversion recorded]")
 @click.option("--no-baseline", is_flag=True, help="Evaluate MODEL alone.")
 @click.option("--reference", type=click.Path(), default=None, help="Encoders: the model to compare embeddings with.")
-@click.option("--config", "model_config", type=click.Path(), default=None, help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
+@_model_config
 @_trust_pickle
 @_device_options
 def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, reference, model_config, trust_pickle,
@@ -361,7 +366,7 @@ def _recorded_original(loaded, model: str) -> tuple[str | None, str | None]:
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Sequences sampled side by side.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--config", "model_config", type=click.Path(), default=None, help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
+@_model_config
 @_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @_device_options
@@ -426,7 +431,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
                    "Runtime): 'norms' each RMSNorm (with the residual add), 'all' attention too. Measured on SmolLM2: "
                    "'all' makes prefill 1.03-1.12x faster and decode 2-8% slower (for long prompts, not generation), "
                    "'norms' decode about 5% slower (benchmarks/RESULTS.md) [default: off].")
-@click.option("--config", "model_config", type=click.Path(), default=None, help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
+@_model_config
 @_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--verbose", is_flag=True, help="Show the exporter's own progress output.")
