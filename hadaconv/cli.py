@@ -194,8 +194,9 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
     (:func:`hadaconv.io.skeleton`: SmolLM2's GGUF in 17 s where its load took 50 s, Qwen2.5-0.5B's
     folder in 11 s where it took 26 s, benchmarks/RESULTS.md); converted folders, pickled modules
     and adapters that need real weights are loaded in full."""
-    from hadaconv.io import load_model, skeleton
+    from hadaconv.io import check_model_config, load_model, skeleton
 
+    check_model_config(model, model_config)  # before the skeleton, which would ignore an inapplicable one
     empty = skeleton(model, config=model_config)
     if empty is not None:
         try:
@@ -294,24 +295,31 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     from hadaconv.adapters import model_kind
     from hadaconv.calibrate import default_corpus
     from hadaconv.evaluate import check_encoder, embedding_cosine, perplexity, text_windows
-    from hadaconv.io import load_model
+    from hadaconv.io import check_model_config, load_model
 
     if baseline and no_baseline:
         raise HadaconvError("give --baseline or --no-baseline, not both")
-    loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
+    loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
+                        dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with" + NO_TOKENIZER.get(loaded.format, ""))
-    source = Path(text_file or default_corpus()[0])
-    windows = text_windows(loaded.tokenizer, source.read_text(encoding="utf-8", errors="replace"), seq_len,
-                           max_windows)
+    other = None  # the baseline of a perplexity
     if not reference and model_kind(loaded.model) == "encoder":  # no perplexity: its embeddings vs the original's
         reference = None if no_baseline else baseline or _recorded_original(loaded, model)[0]
         if reference is None:
             raise HadaconvError(f"{model} is a text encoder, which has no perplexity: give --reference MODEL to "
                                 "compare its embeddings with another model's")
+    elif not reference and not no_baseline:
+        other = _baseline(loaded, model, baseline)
+    if model_config and not any(_config_for(p, model_config) for p in (model, reference, other)):
+        check_model_config(model, model_config)  # no model here takes it: says so, and which option to drop
+    source = Path(text_file or default_corpus()[0])
+    windows = text_windows(loaded.tokenizer, source.read_text(encoding="utf-8", errors="replace"), seq_len,
+                           max_windows)
     if reference:
         check_encoder(loaded.model)  # before the reference is loaded for nothing
-        ref = load_model(reference, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype).model
+        ref = load_model(reference, config=_config_for(reference, model_config), trust_pickle=trust_pickle,
+                         device=device, dtype=dtype).model
         click.echo(f"embedding cosine to {reference}: {embedding_cosine(loaded.model, ref, windows):.6f} "
                    f"({windows.numel()} tokens of {source.name})")
         return
@@ -320,18 +328,24 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     p = perplexity(loaded.model, windows, batch, progress=f"perplexity of {model} ({batches})")
     click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} window"
                f"{'s' if p.windows != 1 else ''} of {seq_len})")
-    other = None if no_baseline else _baseline(loaded, model, baseline)
     del loaded  # the baseline may be as large: never hold both models at once
     if other is not None:
         click.echo(f"now {other} on the same windows, for comparison (--no-baseline skips it)", err=True)
         try:
-            other_model = load_model(other, config=model_config, trust_pickle=trust_pickle, device=device,
-                                     dtype=dtype).model
+            other_model = load_model(other, config=_config_for(other, model_config), trust_pickle=trust_pickle,
+                                     device=device, dtype=dtype).model
         except HadaconvError as exc:  # after MODEL's own result: say which model failed, and the way round it
             raise HadaconvError(f"the baseline {other}: {exc} (--no-baseline skips it)") from None
         base = perplexity(other_model, windows, batch, progress=f"perplexity of {other} ({batches})")
         click.echo(f"baseline {other}: perplexity {base.perplexity:.3f} on the same windows; {model} is "
                    f"{p.perplexity / base.perplexity:.3f}x that")
+
+
+def _config_for(path: str | None, config: str | None) -> str | None:
+    """eval's one --config serves whichever of its models holds bare weights."""
+    from hadaconv.io import takes_config
+
+    return config if path and config and takes_config(path) else None
 
 
 def _baseline(loaded, model: str, given: str | None) -> str | None:
@@ -605,8 +619,8 @@ def _duration(text: str | None) -> float | None:
               help="Sequences of --seq-len tokens the original model writes for --data sample (sampled once per "
                    "model and cached; more is more distinct text, fewer repeats, at a one-off sampling cost).  "
                    "Longer runs want more, each window seen about twice: steps x --batch-size / 2 (SmolLM2 on a "
-                   "2-core Xeon: 10 minutes are about 150 steps, which suits 256; 30 minutes about 550, where "
-                   "1024 did better than 256).")
+                   "2-core Xeon: 10 minutes are 150-210 steps, which suits 256 (512 measured within 3%); 30 "
+                   "minutes about 550, where 1024 did better than 256).")
 @click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out windows of the training text]")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True,

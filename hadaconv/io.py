@@ -455,7 +455,8 @@ def load_model(
 
     Args:
         source: a folder or a file.
-        config: for a bare weights file, a config.json or a folder holding one.
+        config: for a bare weights file, a config.json or a folder holding one (refused for
+            anything else, and when it is a converted model's: :func:`check_model_config`).
         trust_pickle: allow arbitrary unpickling of a ``torch.save``d module (it can run code).
         dtype: floating-point dtype of the loaded model: "auto" (or None) keeps the checkpoint's
             own (GGUF: float32, as dequantized), else a torch dtype or one of
@@ -470,14 +471,48 @@ def load_model(
     path = Path(source)
     if not path.exists():
         raise HadaconvError(f"no such file or folder: {path}")
+    check_model_config(path, config)
     with _quiet_transformers(), status(f"loading {path.name}"):
         loaded = _load_any(path, config, trust_pickle, dtype)
+    if config is not None and loaded.format == "torch-module":
+        raise HadaconvError(f"{path} holds a whole pickled module, which needs no config: drop {option('config')}")
     loaded.model.eval()
     _check_finite(loaded.model, loaded.source)
     if dtype is not None:
         loaded.model.to(dtype)
     loaded.model.to(dev)
     return loaded
+
+
+def takes_config(source: str | os.PathLike) -> bool:
+    """Whether ``source`` may need ``config=``: a bare ``.safetensors`` or ``torch.save`` file
+    (a pickled whole module is told apart from a state dict only on loading).  Folders and GGUF
+    files carry their own."""
+    path = Path(source)
+    return path.is_file() and (path.suffix == ".safetensors" or path.suffix in _PICKLE_SUFFIXES)
+
+
+def check_model_config(source: str | os.PathLike, config: str | os.PathLike | None, *, whose: str = "",
+                       flag: str | None = None) -> None:
+    """Refuse, before anything loads, a config that would be ignored or misread: one given for a
+    model that carries its own (a folder, a GGUF file), one that is missing, and a converted
+    model's config.json.  ``whose`` (e.g. "the teacher ") and ``flag`` (the option
+    as an error names it; default ``config`` / ``--config``) word the message for callers that
+    load several models.
+
+    Raises:
+        HadaconvError: as above, one line naming the option.
+    """
+    if config is None or not Path(source).exists():  # a missing model is the load's error to report
+        return
+    flag = flag or option("config")
+    if not takes_config(source):
+        raise HadaconvError(f"{flag} is for bare weights (.safetensors, a torch.save state dict); {whose}{source} "
+                            f"carries its own config: drop {flag}")
+    path = _config_file(config)
+    if "hadaconv" in _read_json(path):
+        raise HadaconvError(f"{flag} {config} is a converted model's config: give {whose}the original model's "
+                            "config.json or its folder")
 
 
 def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = None) -> nn.Module | None:
@@ -674,8 +709,6 @@ def _load_state_dict(path: Path, state: dict, config, fmt: str) -> Loaded:
         )
     config_path = _config_file(config)
     data = _read_json(config_path)
-    if "hadaconv" in data:
-        raise HadaconvError(f"{config_path} describes a converted model: give the original model's config")
     model = _model_from_config(data, [path])
     try:
         _load_weights(model, state, str(path))

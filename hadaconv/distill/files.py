@@ -11,7 +11,7 @@ from hadaconv.atomic import atomic_file, check_output
 from hadaconv.distill.core import DistillConfig, DistillReport, check_config, distill
 from hadaconv.distill.parallel import is_main
 from hadaconv.errors import HadaconvError, InputError, command, option
-from hadaconv.io import original_path
+from hadaconv.io import check_model_config, original_path
 from hadaconv.nn import HadamardProjection
 
 __all__ = ["distill_file", "plot_curve"]
@@ -30,24 +30,14 @@ def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> 
 
 
 def _check_teacher_config(source: Path, teacher_config: str | os.PathLike | None) -> None:
-    """Refuse, before any model is loaded, a teacher config that is missing, that describes the
-    converted model, or that has nothing to configure, and a teacher of bare safetensors weights
-    without one (a state dict in a torch.save file is told apart from a module only on loading)."""
-    from hadaconv.io import _config_file, _read_json
-
+    """Refuse, before any model is loaded, a teacher of bare safetensors weights without a config,
+    and a config the teacher cannot take (:func:`hadaconv.io.check_model_config`).  A state dict in a
+    torch.save file is told apart from a module only on loading."""
     flag = option("teacher_config", flag="--config")
-    if teacher_config is None:
-        if source.suffix == ".safetensors" and source.is_file():
-            raise InputError(f"the teacher {source} holds bare weights: give its config ({flag}: the original's "
-                             "config.json or its folder)")
-        return
-    path = _config_file(teacher_config)
-    if "hadaconv" in _read_json(path):
-        raise InputError(f"{flag} {teacher_config} is the converted model's config: give the teacher's (the "
-                         "original's) config.json or its folder")
-    if source.is_dir() or source.suffix == ".gguf":
-        raise InputError(f"{flag} is for a teacher of bare weights (.safetensors, a torch.save state dict); the "
-                         f"teacher {source} carries its own config: drop {flag}")
+    if teacher_config is None and source.suffix == ".safetensors" and source.is_file():
+        raise InputError(f"the teacher {source} holds bare weights: give its config ({flag}: the original's "
+                         "config.json or its folder)")
+    check_model_config(source, teacher_config, whose="the teacher ", flag=flag)
 
 
 def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
