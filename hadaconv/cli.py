@@ -295,27 +295,23 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     from hadaconv.adapters import model_kind
     from hadaconv.calibrate import default_corpus
     from hadaconv.evaluate import check_encoder, embedding_cosine, perplexity, text_windows
-    from hadaconv.io import check_model_config, load_model
+    from hadaconv.io import load_model, recorded_source
 
     if baseline and no_baseline:
         raise HadaconvError("give --baseline or --no-baseline, not both")
+    _check_eval_config(model, model_config, reference, None if no_baseline else baseline or recorded_source(model))
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
                         dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with" + NO_TOKENIZER.get(loaded.format, ""))
-    other = None  # the baseline of a perplexity
+    source = Path(text_file or default_corpus()[0])
+    windows = text_windows(loaded.tokenizer, source.read_text(encoding="utf-8", errors="replace"), seq_len,
+                           max_windows)
     if not reference and model_kind(loaded.model) == "encoder":  # no perplexity: its embeddings vs the original's
         reference = None if no_baseline else baseline or _recorded_original(loaded, model)[0]
         if reference is None:
             raise HadaconvError(f"{model} is a text encoder, which has no perplexity: give --reference MODEL to "
                                 "compare its embeddings with another model's")
-    elif not reference and not no_baseline:
-        other = _baseline(loaded, model, baseline)
-    if model_config and not any(_config_for(p, model_config) for p in (model, reference, other)):
-        check_model_config(model, model_config)  # no model here takes it: says so, and which option to drop
-    source = Path(text_file or default_corpus()[0])
-    windows = text_windows(loaded.tokenizer, source.read_text(encoding="utf-8", errors="replace"), seq_len,
-                           max_windows)
     if reference:
         check_encoder(loaded.model)  # before the reference is loaded for nothing
         ref = load_model(reference, config=_config_for(reference, model_config), trust_pickle=trust_pickle,
@@ -328,6 +324,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     p = perplexity(loaded.model, windows, batch, progress=f"perplexity of {model} ({batches})")
     click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} window"
                f"{'s' if p.windows != 1 else ''} of {seq_len})")
+    other = None if no_baseline else _baseline(loaded, model, baseline)
     del loaded  # the baseline may be as large: never hold both models at once
     if other is not None:
         click.echo(f"now {other} on the same windows, for comparison (--no-baseline skips it)", err=True)
@@ -343,9 +340,19 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
 
 def _config_for(path: str | None, config: str | None) -> str | None:
     """eval's one --config serves whichever of its models holds bare weights."""
-    from hadaconv.io import takes_config
+    from hadaconv.io import carries_config
 
-    return config if path and config and takes_config(path) else None
+    return config if path and config and not carries_config(path) else None
+
+
+def _check_eval_config(model: str, config: str | None, *others: str | None) -> None:
+    """Refuse, before any load, the --config that none of eval's models would read, or that one
+    of those it serves would misread (:func:`hadaconv.io.check_model_config`)."""
+    from hadaconv.io import check_model_config
+
+    takers = [p for p in (model, *others) if _config_for(p, config)]
+    for path in takers or [model]:  # with no taker, MODEL's check says to drop it
+        check_model_config(path, config)
 
 
 def _baseline(loaded, model: str, given: str | None) -> str | None:

@@ -599,7 +599,7 @@ def convert_file(
     """
     from hadaconv.adapters import find_adapter as _find
     from hadaconv.atomic import check_output
-    from hadaconv.io import check_savable, hadaconv_meta, load_model, save_converted
+    from hadaconv.io import check_model_config, check_savable, hadaconv_meta, load_model, save_converted
 
     cfg = check_config(config)
     if Path(out_dir).is_file() and not Path(source).exists():
@@ -607,6 +607,7 @@ def convert_file(
         raise InputError(f"{source} does not exist and the output {out_dir} is a file: are the two swapped? ({usage})")
     # Before the work, not after it; never onto what it reads.
     check_output(out_dir, overwrite, folder=True, inputs=[source, model_config, *source_list(cfg.calib)])
+    check_model_config(source, model_config)  # before the options are checked against a config it would ignore
     _check_against_config(source, cfg, model_config, target)
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     previous = loaded.meta or {}

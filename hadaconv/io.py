@@ -450,6 +450,7 @@ def load_model(
     trust_pickle: bool = False,
     dtype: torch.dtype | str | None = "auto",
     device: torch.device | str | None = "cpu",
+    config_option: str | None = None,
 ) -> Loaded:
     """Load a model to convert (see the module docstring for the accepted inputs).
 
@@ -462,6 +463,8 @@ def load_model(
             own (GGUF: float32, as dequantized), else a torch dtype or one of
             :data:`hadaconv.device.DTYPES`.
         device: where the model goes ("cpu", "cuda", "cuda:N"; None: a GPU when present).
+        config_option: how errors name ``config`` where the caller calls it otherwise (distill's
+            ``teacher_config``); None: ``config`` (``--config`` on the command line).
 
     Every bad input raises a HadaconvError with one line.
     """
@@ -471,11 +474,12 @@ def load_model(
     path = Path(source)
     if not path.exists():
         raise HadaconvError(f"no such file or folder: {path}")
-    check_model_config(path, config)
+    check_model_config(path, config, flag=config_option)
     with _quiet_transformers(), status(f"loading {path.name}"):
         loaded = _load_any(path, config, trust_pickle, dtype)
     if config is not None and loaded.format == "torch-module":
-        raise HadaconvError(f"{path} holds a whole pickled module, which needs no config: drop {option('config')}")
+        flag = config_option or option("config")
+        raise InputError(f"{path} holds a whole pickled module, which needs no config: drop {flag}")
     loaded.model.eval()
     _check_finite(loaded.model, loaded.source)
     if dtype is not None:
@@ -484,35 +488,50 @@ def load_model(
     return loaded
 
 
-def takes_config(source: str | os.PathLike) -> bool:
-    """Whether ``source`` may need ``config=``: a bare ``.safetensors`` or ``torch.save`` file
-    (a pickled whole module is told apart from a state dict only on loading).  Folders and GGUF
-    files carry their own."""
+def carries_config(source: str | os.PathLike) -> bool:
+    """Whether ``source`` brings its own config (a folder, a GGUF file), so that a ``config=``
+    given for it would be ignored.  Anything else may need one, or is the load's to judge."""
     path = Path(source)
-    return path.is_file() and (path.suffix == ".safetensors" or path.suffix in _PICKLE_SUFFIXES)
+    return path.is_dir() or path.suffix == ".gguf"
+
+
+def recorded_source(model: str | os.PathLike) -> str | None:
+    """The original a converted folder records (:func:`original_path`; as recorded when it is
+    gone), read without loading anything; None for anything else."""
+    path = Path(model) / "config.json"
+    try:
+        meta = _read_json(path).get("hadaconv") if path.is_file() else None
+    except HadaconvError:  # the load reports what is wrong with it
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("source"), str):
+        return None
+    try:
+        return str(original_path(model, meta))
+    except HadaconvError:
+        return meta["source"]
 
 
 def check_model_config(source: str | os.PathLike, config: str | os.PathLike | None, *, whose: str = "",
                        flag: str | None = None) -> None:
     """Refuse, before anything loads, a config that would be ignored or misread: one given for a
-    model that carries its own (a folder, a GGUF file), one that is missing, and a converted
-    model's config.json.  ``whose`` (e.g. "the teacher ") and ``flag`` (the option
-    as an error names it; default ``config`` / ``--config``) word the message for callers that
-    load several models.
+    model that carries its own (:func:`carries_config`), one that is missing, and a converted
+    model's config.json.  ``whose`` (e.g. "the teacher") and ``flag`` (the option as an error
+    names it; default ``config`` / ``--config``) word the message for callers that load several
+    models.
 
     Raises:
-        HadaconvError: as above, one line naming the option.
+        InputError: as above, one line naming the option.
     """
     if config is None or not Path(source).exists():  # a missing model is the load's error to report
         return
     flag = flag or option("config")
-    if not takes_config(source):
-        raise HadaconvError(f"{flag} is for bare weights (.safetensors, a torch.save state dict); {whose}{source} "
-                            f"carries its own config: drop {flag}")
+    if carries_config(source):
+        raise InputError(f"{flag} is for bare weights (.safetensors, a torch.save state dict); "
+                         f"{f'{whose} ' if whose else ''}{source} carries its own config: drop {flag}")
     path = _config_file(config)
     if "hadaconv" in _read_json(path):
-        raise HadaconvError(f"{flag} {config} is a converted model's config: give {whose}the original model's "
-                            "config.json or its folder")
+        raise InputError(f"{flag} {config} is a converted model's config: give {whose or 'the model'}'s own "
+                         "(the original model's) config.json or its folder")
 
 
 def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = None) -> nn.Module | None:

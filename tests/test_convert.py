@@ -227,6 +227,10 @@ def test_cli_eval_gives_its_config_to_the_model_of_bare_weights(tmp_path, capsys
         code, stdout, stderr = run_cli(capsys, "eval", out, "--config", tmp_path / "tiny", "--text", text,
                                        "--seq-len", "16", "--max-windows", "2", *extra)
         assert code == 0 and f"baseline {bare}: perplexity" in stdout, stderr
+    bare.rename(tmp_path / "moved.safetensors")  # the recorded original gone: the note, not a refusal
+    code, stdout, stderr = run_cli(capsys, "eval", out, "--config", tmp_path / "tiny", "--text", text, "--seq-len",
+                                   "16", "--max-windows", "2")
+    assert code == 0 and "perplexity" in stdout and "note: no baseline" in stderr, stderr
 
 
 def test_inspect_loads_the_weights_for_an_adapter_that_reads_them(tmp_path, capsys, monkeypatch):

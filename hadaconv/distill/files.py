@@ -37,7 +37,7 @@ def _check_teacher_config(source: Path, teacher_config: str | os.PathLike | None
     if teacher_config is None and source.suffix == ".safetensors" and source.is_file():
         raise InputError(f"the teacher {source} holds bare weights: give its config ({flag}: the original's "
                          "config.json or its folder)")
-    check_model_config(source, teacher_config, whose="the teacher ", flag=flag)
+    check_model_config(source, teacher_config, whose="the teacher", flag=flag)
 
 
 def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
@@ -120,7 +120,8 @@ def distill_file(
     student = load_model(converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
         raise HadaconvError(f"{converted} has no converted layers: nothing to distill")
-    original = load_model(source, config=teacher_config, trust_pickle=trust_pickle, dtype=cfg.dtype)
+    original = load_model(source, config=teacher_config, trust_pickle=trust_pickle, dtype=cfg.dtype,
+                          config_option=option("teacher_config", flag="--config"))
     if original.format == "hadaconv":
         raise HadaconvError(f"the teacher {source} is itself a converted model: give the original")
     if type(original.model) is not type(student.model):
