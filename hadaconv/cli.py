@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import click
 
 from hadaconv._version import __version__
-from hadaconv.errors import HadaconvError, cli_names
+from hadaconv.errors import HadaconvError, InputError, cli_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -89,7 +89,6 @@ def _device_options(func):
 def _layer_list(text: str | None) -> list[int] | None:
     """'0,3,5-9' -> [0, 3, 5, 6, 7, 8, 9]; None (no --layers) -> None (all)."""
     from hadaconv.convert import parse_layers
-    from hadaconv.errors import InputError
 
     if text is None:
         return None
@@ -277,7 +276,9 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
                    "folder, the original its conversion recorded]")
 @click.option("--no-baseline", is_flag=True, help="Evaluate MODEL alone.")
 @click.option("--reference", type=click.Path(), default=None, help="Encoders: the model to compare embeddings with.")
-@_model_config
+@click.option("--config", "model_config", type=click.Path(), default=None,
+              help="config.json (or its folder) for whichever model is bare safetensors / state_dict weights: "
+                   "MODEL, --baseline, --reference, or the original a converted MODEL records.")
 @_trust_pickle
 @_device_options
 def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, reference, model_config, trust_pickle,
@@ -299,7 +300,10 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
 
     if baseline and no_baseline:
         raise HadaconvError("give --baseline or --no-baseline, not both")
-    _check_eval_config(model, model_config, reference, None if no_baseline else baseline or recorded_source(model))
+    recorded, recorded_config = recorded_source(model)
+    if not (baseline or reference or no_baseline or model_config):  # the recorded original as it was converted
+        model_config = recorded_config
+    _check_eval_config(model, model_config, reference, None if no_baseline else baseline or recorded)
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
                         dtype=dtype)
     if loaded.tokenizer is None:
@@ -345,12 +349,19 @@ def _config_for(path: str | None, config: str | None) -> str | None:
     return config if path and config and not carries_config(path) else None
 
 
-def _check_eval_config(model: str, config: str | None, *others: str | None) -> None:
-    """Refuse, before any load, the --config that none of eval's models would read, or that one
-    of those it serves would misread (:func:`hadaconv.io.check_model_config`)."""
+def _check_eval_config(model: str, config: str | None, reference: str | None, baseline: str | None) -> None:
+    """Refuse, before any load, a baseline or reference of bare weights without --config, and the
+    --config that none of eval's models would read, or that one of those it serves would misread
+    (:func:`hadaconv.io.check_model_config`)."""
+    from pathlib import Path
+
     from hadaconv.io import check_model_config
 
-    takers = [p for p in (model, *others) if _config_for(p, config)]
+    for what, path, way_out in (("the reference", reference, ""), ("the baseline", baseline, " or --no-baseline")):
+        if config is None and path and Path(path).suffix == ".safetensors" and Path(path).is_file():
+            raise InputError(f"{what} {path} holds bare weights: give its config (--config: a config.json or its "
+                             f"folder){way_out}")
+    takers = [p for p in (model, reference, baseline) if _config_for(p, config)]
     for path in takers or [model]:  # with no taker, MODEL's check says to drop it
         check_model_config(path, config)
 
@@ -610,7 +621,7 @@ def _duration(text: str | None) -> float | None:
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist, or use --overwrite).")
 @click.option("--teacher", type=click.Path(), default=None, help="The original model.  [default: the source recorded by convert]")
 @click.option("--config", "teacher_config", type=click.Path(), default=None,
-              help="config.json for a teacher that is a bare safetensors / state_dict file.")
+              help="config.json (or its folder) for a teacher that is a bare safetensors / state_dict file.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading a teacher that is a torch.save'd module (arbitrary unpickling can run code).")
 @click.option("--local", "local_stage", is_flag=True, help="Run the block-wise reconstruction stage.")

@@ -27,7 +27,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -571,6 +571,19 @@ def _check_against_config(source: str, cfg: ConvertConfig, model_config: str | N
         return
 
 
+def _original(source, previous: dict, model_config) -> dict:
+    """What a converted folder records of its original, for eval's baseline and distill's
+    teacher: ``source`` and, for bare weights, ``source_config``, both absolute so that they are
+    found from any working folder; a re-conversion keeps its input's record."""
+    from hadaconv.io import recorded_source, resolve_config
+
+    if previous:
+        recorded, config = recorded_source(source)
+        return {"source": recorded or previous.get("source")} | ({"source_config": config} if config else {})
+    config = str(resolve_config(model_config)) if model_config is not None else None
+    return {"source": str(Path(source).resolve())} | ({"source_config": config} if config else {})
+
+
 def convert_file(
     source: str,
     out_dir: str,
@@ -601,15 +614,19 @@ def convert_file(
     from hadaconv.atomic import check_output
     from hadaconv.io import check_model_config, check_savable, hadaconv_meta, load_model, save_converted
 
+    if isinstance(config, (str, PurePath)):  # the guess a path invites
+        raise InputError(f"config must be a ConvertConfig, got {config!r}: a model's config.json goes in model_config=")
     cfg = check_config(config)
     if Path(out_dir).is_file() and not Path(source).exists():
         usage = command("hadaconv convert MODEL -o OUT_DIR", "convert_file(source, out_dir)")
         raise InputError(f"{source} does not exist and the output {out_dir} is a file: are the two swapped? ({usage})")
     # Before the work, not after it; never onto what it reads.
     check_output(out_dir, overwrite, folder=True, inputs=[source, model_config, *source_list(cfg.calib)])
-    check_model_config(source, model_config)  # before the options are checked against a config it would ignore
+    flag = option("model_config", flag="--config")
+    check_model_config(source, model_config, flag=flag)  # before the options are checked against a config it would ignore
     _check_against_config(source, cfg, model_config, target)
-    loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
+    loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype,
+                        config_option=flag)
     previous = loaded.meta or {}
     if previous.get("layers") and previous.get("target") != target:
         was = option('target', previous['target']) if previous.get("target") else f"no {option('target')}"
@@ -632,8 +649,8 @@ def convert_file(
         raise HadaconvError(f"no layer of {source} was converted: nothing to save")
     layers = sorted(set(previous.get("layers", [])) | set(report.converted))
     meta = hadaconv_meta(adapter=report.adapter, layers=layers, block=report.block, fit=cfg.mode,
-                         width=width, m=factorize(width).m, target=target,
-                         source=previous.get("source") or str(source), rank=cfg.rank)
+                         width=width, m=factorize(width).m, target=target, rank=cfg.rank,
+                         **_original(source, previous, model_config))
     if process_group()[0] != 0:
         return report
     save_converted(loaded.model, out_dir, meta=meta, tokenizer=loaded.tokenizer,

@@ -44,8 +44,8 @@ from hadaconv.atomic import atomic_folder, check_output
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_module, command, option
 from hadaconv.progress import status
 
-__all__ = ["Loaded", "hadaconv_meta", "load", "load_model", "load_tokenizer", "original_path", "save", "save_converted",
-           "skeleton"]
+__all__ = ["Loaded", "carries_config", "check_model_config", "hadaconv_meta", "load", "load_model", "load_tokenizer",
+           "original_path", "recorded_source", "resolve_config", "save", "save_converted", "skeleton"]
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = (
@@ -432,11 +432,16 @@ def _model_from_config(data: dict, weights: list[Path]) -> nn.Module:
     return _hf_from_config(_hf_config(data), weights)
 
 
+def resolve_config(config: str | os.PathLike) -> Path:
+    """The absolute path of the config.json that ``config`` (the file or its folder) names."""
+    return _config_file(config).resolve()
+
+
 def _config_file(config: str | os.PathLike) -> Path:
     path = Path(config)
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
-        raise HadaconvError(f"config not found: {path}")
+        raise HadaconvError(f"config not found: {path} (give the model's config.json, or the folder holding it)")
     return path
 
 
@@ -463,8 +468,9 @@ def load_model(
             own (GGUF: float32, as dequantized), else a torch dtype or one of
             :data:`hadaconv.device.DTYPES`.
         device: where the model goes ("cpu", "cuda", "cuda:N"; None: a GPU when present).
-        config_option: how errors name ``config`` where the caller calls it otherwise (distill's
-            ``teacher_config``); None: ``config`` (``--config`` on the command line).
+        config_option: how errors name ``config`` where the caller calls it otherwise
+            (``convert_file``'s ``model_config``, ``distill_file``'s ``teacher_config``); None:
+            ``config`` (``--config`` on the command line).
 
     Every bad input raises a HadaconvError with one line.
     """
@@ -474,11 +480,11 @@ def load_model(
     path = Path(source)
     if not path.exists():
         raise HadaconvError(f"no such file or folder: {path}")
-    check_model_config(path, config, flag=config_option)
+    flag = config_option or option("config")
+    check_model_config(path, config, flag=flag)
     with _quiet_transformers(), status(f"loading {path.name}"):
-        loaded = _load_any(path, config, trust_pickle, dtype)
+        loaded = _load_any(path, config, trust_pickle, dtype, flag)
     if config is not None and loaded.format == "torch-module":
-        flag = config_option or option("config")
         raise InputError(f"{path} holds a whole pickled module, which needs no config: drop {flag}")
     loaded.model.eval()
     _check_finite(loaded.model, loaded.source)
@@ -495,20 +501,23 @@ def carries_config(source: str | os.PathLike) -> bool:
     return path.is_dir() or path.suffix == ".gguf"
 
 
-def recorded_source(model: str | os.PathLike) -> str | None:
-    """The original a converted folder records (:func:`original_path`; as recorded when it is
-    gone), read without loading anything; None for anything else."""
+def recorded_source(model: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(the original a converted folder records, its config.json for bare weights), read without
+    loading anything: the original as :func:`original_path` finds it (as recorded when it is
+    gone), the config when recorded and still there.  (None, None) for anything else."""
     path = Path(model) / "config.json"
     try:
         meta = _read_json(path).get("hadaconv") if path.is_file() else None
     except HadaconvError:  # the load reports what is wrong with it
-        return None
+        return None, None
     if not isinstance(meta, dict) or not isinstance(meta.get("source"), str):
-        return None
+        return None, None
     try:
-        return str(original_path(model, meta))
+        source = str(original_path(model, meta))
     except HadaconvError:
-        return meta["source"]
+        source = meta["source"]
+    config = meta.get("source_config")
+    return source, config if isinstance(config, str) and Path(config).is_file() else None
 
 
 def check_model_config(source: str | os.PathLike, config: str | os.PathLike | None, *, whose: str = "",
@@ -573,22 +582,22 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
     return None
 
 
-def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None) -> Loaded:
+def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None, flag: str) -> Loaded:
     if path.is_dir():
         return _load_folder(path, dtype)
     if path.suffix == ".gguf":
         return _load_gguf(path, dtype)
     if path.suffix == ".safetensors":
-        return _load_state_dict(path, _read_safetensors(path), config, "safetensors")
+        return _load_state_dict(path, _read_safetensors(path), config, "safetensors", flag)
     if path.suffix in _PICKLE_SUFFIXES:
-        return _load_torch_file(path, config, trust_pickle)
+        return _load_torch_file(path, config, trust_pickle, flag)
     if path.suffix == ".onnx":
         run = command(f"hadaconv run {path.parent}", f"hadaconv.generate.generate('{path.parent}', prompt)")
         raise HadaconvError(f"{path} is an ONNX graph, which hadaconv runs but does not convert: run its bundle "
                             f"folder with {run}, or give the model it was exported from")
     raise HadaconvError(
         f"unknown input format {path.suffix or '(no extension)'!r} for {path}: expected a model folder, "
-        f".gguf, .safetensors (with {option('config')}) or a torch.save file (.pt, .pth, .bin, .ckpt)"
+        f".gguf, .safetensors (with {flag}) or a torch.save file (.pt, .pth, .bin, .ckpt)"
     )
 
 
@@ -720,10 +729,10 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
     return Loaded(model, tokenizer, f"GGUF file {path}", "gguf", None)
 
 
-def _load_state_dict(path: Path, state: dict, config, fmt: str) -> Loaded:
+def _load_state_dict(path: Path, state: dict, config, fmt: str, flag: str) -> Loaded:
     if config is None:
         raise HadaconvError(
-            f"{path} holds bare weights: give the model's config ({option('config')}: a config.json or its "
+            f"{path} holds bare weights: give the model's config ({flag}: a config.json or its "
             "folder)"
         )
     config_path = _config_file(config)
@@ -757,7 +766,7 @@ def _torch_load_failure(exc: Exception) -> str:
     return _first_line(exc)
 
 
-def _load_torch_file(path: Path, config, trust_pickle: bool) -> Loaded:
+def _load_torch_file(path: Path, config, trust_pickle: bool, flag: str) -> Loaded:
     with path.open("rb") as f:
         magic = f.read(4)
     # torch.save writes a zip archive, or (before torch 1.6, or with the legacy switch) a pickle,
@@ -792,7 +801,7 @@ def _load_torch_file(path: Path, config, trust_pickle: bool) -> Loaded:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # the common checkpoint wrapping
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _load_state_dict(path, obj, config, "state-dict")
+        return _load_state_dict(path, obj, config, "state-dict", flag)
     raise HadaconvError(f"{path} holds a {type(obj).__name__}, neither a module nor a state dict of tensors")
 
 

@@ -210,27 +210,38 @@ def test_cli_eval_of_a_converted_encoder_compares_with_its_original(tmp_path, ca
     assert float(cosine.group(1)) > 1 - 1e-6  # against itself
 
 
-def test_cli_eval_gives_its_config_to_the_model_of_bare_weights(tmp_path, capsys):
-    """eval's one --config serves whichever of its models holds bare weights: here the baseline,
-    the bare safetensors a converted folder was made from (recorded, or named by --baseline),
-    not the converted folder itself, which carries its own config."""
+def test_cli_eval_gives_its_config_to_the_model_of_bare_weights(tmp_path, capsys, monkeypatch):
+    """A conversion of bare weights records the original and its config as absolute paths, so
+    that eval finds its baseline from any working folder without --config; eval's one --config
+    serves whichever of its models holds bare weights (the baseline here, recorded or named by
+    --baseline), not the converted folder, which carries its own config."""
     from cli_runner import run_cli
 
     make_tiny("llama", tmp_path / "tiny")
-    bare, out, text = tmp_path / "tiny" / "model.safetensors", tmp_path / "conv", tmp_path / "t.txt"
+    bare, text = tmp_path / "tiny" / "model.safetensors", tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question. " * 200)
-    code, _, stderr = run_cli(capsys, "convert", bare, "-o", out, "--config", tmp_path / "tiny", "--block", "4",
-                              "--samples", "8", "--seq-len", "16", "--layers", "0", "--calib", text,
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_cli(capsys, "convert", "tiny/model.safetensors", "-o", "conv", "--config", "tiny",
+                              "--block", "4", "--samples", "8", "--seq-len", "16", "--layers", "0", "--calib", text,
                               "--no-sensitivity")
     assert code == 0, stderr
-    for extra in ([], ["--baseline", bare]):
-        code, stdout, stderr = run_cli(capsys, "eval", out, "--config", tmp_path / "tiny", "--text", text,
-                                       "--seq-len", "16", "--max-windows", "2", *extra)
+    out = tmp_path / "conv"
+    meta = json.loads((out / "config.json").read_text())["hadaconv"]
+    assert meta["source"] == str(bare) and meta["source_config"] == str(tmp_path / "tiny" / "config.json")
+    monkeypatch.chdir(_mkdir_p(tmp_path / "elsewhere"))
+    for extra in ([], ["--config", tmp_path / "tiny"], ["--baseline", bare, "--config", tmp_path / "tiny"]):
+        code, stdout, stderr = run_cli(capsys, "eval", out, "--text", text, "--seq-len", "16", "--max-windows", "2",
+                                       *extra)
         assert code == 0 and f"baseline {bare}: perplexity" in stdout, stderr
     bare.rename(tmp_path / "moved.safetensors")  # the recorded original gone: the note, not a refusal
     code, stdout, stderr = run_cli(capsys, "eval", out, "--config", tmp_path / "tiny", "--text", text, "--seq-len",
                                    "16", "--max-windows", "2")
     assert code == 0 and "perplexity" in stdout and "note: no baseline" in stderr, stderr
+
+
+def _mkdir_p(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def test_inspect_loads_the_weights_for_an_adapter_that_reads_them(tmp_path, capsys, monkeypatch):

@@ -421,15 +421,22 @@ def test_cli_end_to_end_and_two_ddp_ranks_equal_one_process(converted, capsys):
 
 
 def test_cli_teacher_as_bare_weights_with_its_config(converted, capsys):
-    """A teacher given as a bare safetensors file and --config (as convert read it) trains the
-    student exactly as the teacher's folder does."""
-    runs = {"folder": ["--teacher", converted / "tiny"],
-            "bare": ["--teacher", converted / "tiny" / "model.safetensors", "--config", converted / "tiny"]}
-    for name, teacher in runs.items():
-        code, _, err = _cli(capsys, "distill", converted / "conv", "-o", converted / f"t-{name}", *teacher, *CLI_RUN)
+    """A teacher given as a bare safetensors file and --config (as convert read it), or recorded
+    so with its config by the conversion, trains the student exactly as the teacher's folder does."""
+    recorded = converted / "conv-bare"
+    shutil.copytree(converted / "conv", recorded)
+    config = json.loads((recorded / "config.json").read_text())
+    config["hadaconv"] |= {"source": str(converted / "tiny" / "model.safetensors"),
+                           "source_config": str(converted / "tiny" / "config.json")}
+    (recorded / "config.json").write_text(json.dumps(config))
+    runs = {"folder": ("conv", ["--teacher", converted / "tiny"]),
+            "bare": ("conv", ["--teacher", converted / "tiny" / "model.safetensors", "--config", converted / "tiny"]),
+            "recorded": ("conv-bare", [])}
+    for name, (student, teacher) in runs.items():
+        code, _, err = _cli(capsys, "distill", converted / student, "-o", converted / f"t-{name}", *teacher, *CLI_RUN)
         assert code == 0, err
-    a, b = (load_file(converted / f"t-{name}" / "model.safetensors") for name in runs)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b, c = (load_file(converted / f"t-{name}" / "model.safetensors") for name in runs)
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
     start = load_file(converted / "conv" / "model.safetensors")
     assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained: equal runs, not two untouched copies
     summary = json.loads((converted / "t-bare" / "config.json").read_text())["hadaconv"]["distill"]

@@ -91,11 +91,12 @@ def distill_file(
     ``teacher`` (default: the source the conversion recorded) is read by
     :func:`hadaconv.io.load_model`, as ``convert`` read it: ``teacher_config`` (a config.json or
     its folder) only for a teacher of bare weights (``.safetensors``, a ``torch.save`` state
-    dict), ``trust_pickle`` for a ``torch.save``d module.  Raises HadaconvError (one line)
+    dict; default for the recorded teacher: the config its conversion recorded),
+    ``trust_pickle`` for a ``torch.save``d module.  Raises HadaconvError (one line)
     for bad input, before any model is loaded where it can be told from the files.
     """
     from hadaconv.calibrate import check_sources, source_list
-    from hadaconv.io import _read_json, load_model, save_converted
+    from hadaconv.io import _read_json, load_model, recorded_source, save_converted
 
     cfg = check_config(config)
     converted = Path(converted)
@@ -108,6 +109,8 @@ def distill_file(
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")
     source = _teacher(converted, meta, teacher)
+    if teacher is None and teacher_config is None:  # the recorded original's recorded config, if any
+        teacher_config = recorded_source(converted)[1]
     _check_teacher_config(source, teacher_config)
     check_output(out, overwrite, folder=True, inputs=[converted, source, teacher_config, cfg.eval_text,
                                                     *source_list(cfg.data)])
