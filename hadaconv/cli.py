@@ -174,9 +174,11 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     if streamed:
         from hadaconv.stream import convert_streamed
 
-        if dtype != "auto" or target or model_config:
-            raise HadaconvError("--streamed keeps the checkpoint's dtype and reads Hugging Face folders: "
-                                "drop --dtype, --target and --config")
+        given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--target", target), ("--config", model_config))
+                 if on]
+        if given:
+            raise HadaconvError("--streamed keeps the checkpoint's dtype and reads Hugging Face folders (weights "
+                                f"and config.json in one folder): drop {' and '.join(given)}")
         report = convert_streamed(model, output, cfg, device=device, overwrite=overwrite)
     else:
         report = convert_file(model, output, cfg, model_config=model_config, trust_pickle=trust_pickle,

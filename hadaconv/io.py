@@ -113,9 +113,9 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_safetensors(path: Path) -> None:
+def _check_safetensors(path: Path) -> dict:
     """Check a safetensors file's header and that its data is all there (a truncated download
-    otherwise fails late, or deep inside a library)."""
+    otherwise fails late, or deep inside a library); returns the header."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -131,6 +131,7 @@ def _check_safetensors(path: Path) -> None:
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:
         raise ModelFormatError(f"{path} is truncated: {size} bytes, its header describes {expected}")
+    return header
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -574,9 +575,13 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
             model.tie_weights()  # as from_pretrained does
             return model
         if path.suffix == ".safetensors" and config is not None:
-            _check_safetensors(path)  # a truncated file is the load's error to report, not --layers'
+            header = _check_safetensors(path)  # a truncated file is the load's error to report, not --layers'
             data = _read_json(_config_file(config))
-            return None if "hadaconv" in data else _model_from_config(data, [path])
+            model = None if "hadaconv" in data else _model_from_config(data, [path])
+            shapes = {name: list(p.shape) for name, p in model.state_dict().items()} if model is not None else {}
+            if any(shapes[k] != v.get("shape") for k, v in header.items() if k in shapes):
+                return None  # a config that does not describe these weights: the load says so
+            return model
     except Exception:  # noqa: BLE001 - the full load that follows says what is wrong, in one line
         return None
     return None
@@ -731,18 +736,21 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
 
 def _load_state_dict(path: Path, state: dict, config, fmt: str, flag: str) -> Loaded:
     if config is None:
-        raise HadaconvError(
-            f"{path} holds bare weights: give the model's config ({flag}: a config.json or its "
-            "folder)"
-        )
+        beside = (f"; or give the folder {path.parent} itself, which holds one"
+                  if (path.parent / "config.json").is_file() else "")
+        raise HadaconvError(f"{path} holds bare weights: give the model's config ({flag}: a config.json or its "
+                            f"folder){beside}")
     config_path = _config_file(config)
     data = _read_json(config_path)
+    if "model_type" not in data and "torch_module" not in data:  # generation_config.json, tokenizer_config.json
+        raise ModelFormatError(f"{config_path} names no model_type: not a model's config; give {flag} the model's "
+                               "config.json or its folder")
     model = _model_from_config(data, [path])
     try:
         _load_weights(model, state, str(path))
     except ModelFormatError as exc:
         if data.get("architectures"):
-            raise
+            raise ModelFormatError(f"{exc} (is {config_path} this model's config?)") from None
         raise ModelFormatError(f"{exc} ({config_path} names no architectures, so the base {type(model).__name__} "
                                'was built: add one, e.g. "architectures": ["LlamaForCausalLM"])') from None
     tokenizer_source = (

@@ -90,6 +90,8 @@ class ConvertReport:
     def caption(self) -> str:
         """The totals line under the table (parameters, weights, time, memory, calibration)."""
         compensated = any(r.block_error_after is not None for r in self.layers)
+        # Too few windows to hold any out: the block errors are scored on the calibration windows.
+        scored_on = "held-out" if any(r.heldout_error is not None for r in self.layers) else "calibration"
         removed = self.params_before - self.params_after
         return (
             f"converted {len(self.converted)} of {len(self.layers)} candidate layers; "
@@ -101,7 +103,7 @@ class ConvertReport:
             + "; err calib / err held = ||y_new - y|| / ||y|| of the output projection on the calibration / "
               "held-out windows, mean-pred = the same for predicting the mean output (the floor to beat)"
             + (f"; sens = {self.sensitivity_metric}" if self.sensitivity_metric else "")
-            + ("; blk err / comp = ||s' - t'|| / ||t' - t|| on held-out windows, the distance of the decoder "
+            + (f"; blk err / comp = ||s' - t'|| / ||t' - t|| on {scored_on} windows, the distance of the decoder "
                "block's output from the teacher's relative to the teacher block's own change (over 1: the drift "
                "carried from earlier blocks is larger than that change), before / after refitting the dense maps "
                "that write into the residual stream (equal where the original map was kept)" if compensated else "")

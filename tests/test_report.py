@@ -55,6 +55,16 @@ def test_the_caption_defines_every_number_column(compensated):
     assert ("blk err / comp" in caption) == compensated
 
 
+def test_the_caption_says_where_block_errors_were_scored():
+    """With too few windows to hold any out, the block errors are scored on the calibration
+    windows, and the caption says so instead of "held-out" (a newcomer's --samples 8)."""
+    report = _report(2, True)
+    assert "||t' - t|| on held-out windows" in report.caption()
+    for row in report.layers:
+        row.heldout_error = None
+    assert "||t' - t|| on calibration windows" in report.caption()
+
+
 def test_warns_of_a_converted_layer_no_better_than_the_mean():
     """A newcomer's MiniLM conversion on 16 windows kept a layer at held-out error 0.990 against
     0.499 for predicting the mean, silently; a layer left dense, or a fit that beats the mean, is
