@@ -605,6 +605,10 @@ def convert_file(
     Under ``torchrun`` the statistics are shared (see :func:`collect_statistics`) and rank 0
     alone writes.
 
+    ``model_config`` (a config.json or its folder) is for ``source`` of bare weights only; the
+    folder records the original and that config as absolute paths (``source``,
+    ``source_config``), for ``eval``'s baseline and ``distill``'s teacher.
+
     ``source`` may be a converted folder: its converted layers stay as they are, the others are
     the candidates, and the new folder lists both (and keeps the original ``source`` as the
     teacher).  It must be converted again with the same ``target`` (the indices are the
