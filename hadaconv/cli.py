@@ -653,8 +653,9 @@ def _duration(text: str | None) -> float | None:
               help="Tokens per training window (and per sampled sequence).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per step, over all processes.")
 @click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per process and step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-              help="Peak learning rate of the global stage (AdamW, warmup then cosine decay).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate of the global stage (AdamW, warmup then cosine decay).  [default: 1e-4 x "
+                   "the share of attention blocks converted: 1e-4 for all, 3.3e-5 for 10 of SmolLM2's 30]")
 @click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), default=10, show_default=True, help="Warmup steps.")
 @click.option("--clip", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Gradient-norm clipping (0 = off).")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,

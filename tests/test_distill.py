@@ -145,6 +145,20 @@ def test_bf16_autocast(tokenizer, monkeypatch):
     assert report.autocast == "off"  # bf16=False wins over a native CPU
 
 
+def test_learning_rate_follows_the_share_of_blocks_converted(tokenizer):
+    """With no lr given, the run's peak learning rate is 1e-4 times the share of attention blocks
+    converted (all: 1e-4; one of the tiny model's two: 5e-5); a given lr is kept."""
+    from hadaconv.distill import default_lr
+
+    assert default_lr(30, 30) == 1e-4 and abs(default_lr(10, 30) - 1e-4 / 3) < 1e-12
+    teacher = make_tiny("llama")
+    blocks = len(teacher.model.layers)
+    for layers, given, expect in (([0], None, 1e-4 / blocks), (None, None, 1e-4), ([0], 3e-3, 3e-3)):
+        student = patch(copy.deepcopy(teacher), block=4, layers=layers)
+        report = distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, lr=given, **RUN))
+        assert report.lr == expect and f"peak lr {expect:.2g}" in str(report.table().caption)
+
+
 def test_native_bf16_reads_the_cpu_flags(tmp_path, monkeypatch):
     from hadaconv import device
 

@@ -11,8 +11,8 @@ reconstruction), :mod:`~hadaconv.distill.losses`, :mod:`~hadaconv.distill.parall
 DDP, FSDP2), :mod:`~hadaconv.distill.checkpoint` (exact resume), :mod:`~hadaconv.distill.files`.
 """
 
-from hadaconv.distill.core import DistillConfig, DistillReport, check_config, converted_blocks, distill
+from hadaconv.distill.core import DistillConfig, DistillReport, check_config, converted_blocks, default_lr, distill
 from hadaconv.distill.files import distill_file, plot_curve
 
-__all__ = ["DistillConfig", "DistillReport", "check_config", "converted_blocks", "distill", "distill_file",
-           "plot_curve"]
+__all__ = ["DistillConfig", "DistillReport", "check_config", "converted_blocks", "default_lr", "distill",
+           "distill_file", "plot_curve"]
