@@ -200,7 +200,7 @@ def main() -> None:
             console.print(f"held-out play: teacher {teacher_play:.2f}, before {before_play:.2f}, after {after_play:.2f}")
             record = {"config": name, "recipe": label if args.compare else "default", "corpus": args.corpus,
                       "gamma_ridge": ConvertConfig().gamma_ridge,
-                      "stages": list(cfg.stages), "train": cfg.train, "lr": cfg.lr, "minutes": args.minutes,
+                      "stages": list(cfg.stages), "train": cfg.train, "lr": report.lr, "minutes": args.minutes,
                       "threads": torch.get_num_threads(), "eval": Path(eval_text).name, "machine": machine(),
                       "seq_len": args.seq_len, "batch_size": args.batch_size, "eval_windows": args.eval_windows,
                       "seconds": seconds, "report": report.to_dict(),

@@ -305,7 +305,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     recorded, recorded_config = recorded_source(model)
     if not (baseline or reference or no_baseline or model_config):  # the recorded original as it was converted
         model_config = recorded_config
-    _check_eval_config(model, model_config, reference, None if no_baseline else baseline or recorded)
+    _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
                         dtype=dtype)
     if loaded.tokenizer is None:

@@ -574,14 +574,17 @@ def _check_against_config(source: str, cfg: ConvertConfig, model_config: str | N
 def _original(source, previous: dict, model_config) -> dict:
     """What a converted folder records of its original, for eval's baseline and distill's
     teacher: ``source`` and, for bare weights, ``source_config``, both absolute so that they are
-    found from any working folder; a re-conversion keeps its input's record."""
+    found from any working folder (links not followed: a hub cache's blob has no file name to go
+    by); a re-conversion keeps its input's record, made absolute where it can be found."""
     from hadaconv.io import recorded_source, resolve_config
 
     if previous:
         recorded, config = recorded_source(source)
-        return {"source": recorded or previous.get("source")} | ({"source_config": config} if config else {})
+        config = config or previous.get("source_config")  # kept, even where it has moved since
+        recorded = str(Path(recorded).absolute()) if recorded and Path(recorded).exists() else previous.get("source")
+        return {"source": recorded} | ({"source_config": config} if config else {})
     config = str(resolve_config(model_config)) if model_config is not None else None
-    return {"source": str(Path(source).resolve())} | ({"source_config": config} if config else {})
+    return {"source": str(Path(source).absolute())} | ({"source_config": config} if config else {})
 
 
 def convert_file(

@@ -434,8 +434,9 @@ def _model_from_config(data: dict, weights: list[Path]) -> nn.Module:
 
 
 def resolve_config(config: str | os.PathLike) -> Path:
-    """The absolute path of the config.json that ``config`` (the file or its folder) names."""
-    return _config_file(config).resolve()
+    """The absolute path of the config.json that ``config`` (the file or its folder) names (links
+    not followed: a hub cache's blob has no file name to go by)."""
+    return _config_file(config).absolute()
 
 
 def _config_file(config: str | os.PathLike) -> Path:

@@ -417,7 +417,7 @@ def _write_config_and_tokenizer(folder: Path, model: nn.Module, target, cfg: Con
 
     width = target.layers[0].width
     meta = hadaconv_meta(adapter=target.adapter.name, layers=report.converted, block=cfg.block, fit=cfg.mode,
-                         width=width, m=factorize(width).m, source=str(Path(source).resolve()), streamed=True,
+                         width=width, m=factorize(width).m, source=str(Path(source).absolute()), streamed=True,
                          rank=cfg.rank)
     saved = _config_for_saving(model, meta)
     saved["dtype"] = str(stored).removeprefix("torch.")

@@ -239,6 +239,19 @@ def test_cli_eval_gives_its_config_to_the_model_of_bare_weights(tmp_path, capsys
     assert code == 0 and "perplexity" in stdout and "note: no baseline" in stderr, stderr
 
 
+def test_the_recorded_original_keeps_its_link_name(tmp_path):
+    """A hub cache's snapshot files are links to blobs without a suffix: the record keeps the
+    link's own (absolute) path, whose suffix says how to load it."""
+    from hadaconv.convert import _original
+
+    (tmp_path / "blob").write_bytes(b"x")
+    (tmp_path / "config.json").write_text("{}")
+    link = tmp_path / "model.safetensors"
+    link.symlink_to(tmp_path / "blob")
+    record = _original(str(link), {}, str(tmp_path))
+    assert record == {"source": str(link), "source_config": str(tmp_path / "config.json")}
+
+
 def _mkdir_p(path):
     path.mkdir(parents=True, exist_ok=True)
     return path

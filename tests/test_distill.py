@@ -150,7 +150,8 @@ def test_learning_rate_follows_the_share_of_blocks_converted(tokenizer):
     converted (all: 1e-4; one of the tiny model's two: 5e-5); a given lr is kept."""
     from hadaconv.distill import default_lr
 
-    assert default_lr(30, 30) == 1e-4 and abs(default_lr(10, 30) - 1e-4 / 3) < 1e-12
+    assert all(default_lr(n, n) == 1e-4 for n in range(1, 200))  # exactly: resume compares it
+    assert abs(default_lr(10, 30) - 1e-4 / 3) < 1e-12
     teacher = make_tiny("llama")
     blocks = len(teacher.model.layers)
     for layers, given, expect in (([0], None, 1e-4 / blocks), (None, None, 1e-4), ([0], 3e-3, 3e-3)):
@@ -351,7 +352,8 @@ def test_resume_continues_exactly(tokenizer, tmp_path, capsys):
     assert (resumed.loss_before, resumed.loss_after) == pytest.approx((expected.loss_before, expected.loss_after))
     assert resumed.eval_loss == expected.eval_loss
     # Other settings refuse the checkpoint.
-    with pytest.raises(hadaconv.HadaconvError, match="other settings"):
+    with pytest.raises(hadaconv.HadaconvError, match=rf"other settings \(lr: {cfg.lr!r} there, 0.01 here\); "
+                                                     "remove it or give its settings"):
         distill(copy.deepcopy(base), teacher, tokenizer, DistillConfig(**{**cfg.__dict__, "resume": True, "lr": 1e-2}))
     # A checkpoint of a hadaconv that chose its state by perplexity (no "selected_by") is refused
     # with its own message: no option of this run can match it.

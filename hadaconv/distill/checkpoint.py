@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from hadaconv.atomic import atomic_file
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, option
 
 __all__ = ["load_checkpoint", "restore_trainable", "save_checkpoint", "trainable_state"]
 
@@ -72,10 +72,11 @@ def save_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
 
 
 def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    fingerprint: dict) -> dict | None:
+                    fingerprint: dict, flags: dict[str, str] | None = None) -> dict | None:
     """Restore model, optimizer and RNG from ``folder/last.pt``; returns the rest (counters,
     record, best) or None when there is no checkpoint.  A checkpoint of a run with other
-    settings (learning rate, batch, data, trainable set, ...) is refused."""
+    settings (learning rate, batch, data, trainable set, ...) is refused, each setting named as
+    the caller names it (``flags``: command-line spellings that are not ``--`` + the name)."""
     path = folder / FILE
     if not path.is_file():
         return None
@@ -84,7 +85,8 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
     except Exception as exc:  # a torn or foreign file: say which, in one line
         raise HadaconvError(f"cannot read the checkpoint {path}: {str(exc).splitlines()[0]}") from None
     try:
-        return _restore(payload, folder, model=model, optimizer=optimizer, fingerprint=fingerprint)
+        return _restore(payload, folder, model=model, optimizer=optimizer, fingerprint=fingerprint,
+                        flags=flags or {})
     except HadaconvError:
         raise
     except Exception as exc:  # noqa: BLE001 - readable, but not what save_checkpoint writes
@@ -93,15 +95,17 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
 
 
 def _restore(payload: Any, folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-             fingerprint: dict) -> dict:
+             fingerprint: dict, flags: dict[str, str]) -> dict:
     saved = json.loads(payload["fingerprint"])
     if saved.get("selected_by") != fingerprint.get("selected_by"):
         raise HadaconvError(f"the checkpoint in {folder} comes from an older hadaconv, which chose the state to keep "
                             "by perplexity: remove it to start again")
     if saved != fingerprint:
         diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-        raise HadaconvError(f"the checkpoint in {folder} comes from a run with other settings "
-                            f"({', '.join(diff)}); remove it or use the same options")
+        settings = ", ".join(f"{option(k, flag=flags.get(k))}: {saved.get(k)!r} there, {fingerprint.get(k)!r} here"
+                             for k in diff)
+        raise HadaconvError(f"the checkpoint in {folder} comes from a run with other settings ({settings}); remove "
+                            "it or give its settings")
     counters = payload["counters"]
     if not all(isinstance(counters.get(k), (int, float)) for k in ("step", "tokens", "elapsed", "best_loss")):
         raise ValueError(f"counters {str(counters):.60}")

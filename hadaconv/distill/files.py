@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from hadaconv.atomic import atomic_file, check_output
@@ -148,7 +148,8 @@ def distill_file(
         restore_trainable(model, report.full_state)
     model.cpu()
     summary = {k: v for k, v in report.to_dict().items() if k not in ("curve", "local")}
-    summary["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    used = replace(cfg, lr=report.lr)  # the rate the run used, where the config left it to default_lr
+    summary["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(used).items()}
     summary["teacher_path"] = str(source)
     if teacher_config is not None:
         summary["teacher_config"] = str(teacher_config)
