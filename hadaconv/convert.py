@@ -576,12 +576,14 @@ def _original(source, previous: dict, model_config) -> dict:
     teacher: ``source`` and, for bare weights, ``source_config``, both absolute so that they are
     found from any working folder (links not followed: a hub cache's blob has no file name to go
     by); a re-conversion keeps its input's record, made absolute where it can be found."""
-    from hadaconv.io import recorded_source, resolve_config
+    from hadaconv.io import original_path, resolve_config
 
     if previous:
-        recorded, config = recorded_source(source)
-        config = config or previous.get("source_config")  # kept, even where it has moved since
-        recorded = str(Path(recorded).absolute()) if recorded and Path(recorded).exists() else previous.get("source")
+        try:
+            recorded = str(original_path(source, previous).absolute())
+        except HadaconvError:  # gone: kept as it was recorded
+            recorded = previous.get("source")
+        config = previous.get("source_config")  # kept, even where it has moved since
         return {"source": recorded} | ({"source_config": config} if config else {})
     config = str(resolve_config(model_config)) if model_config is not None else None
     return {"source": str(Path(source).absolute())} | ({"source_config": config} if config else {})

@@ -45,7 +45,7 @@ from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_m
 from hadaconv.progress import status
 
 __all__ = ["Loaded", "carries_config", "check_model_config", "hadaconv_meta", "load", "load_model", "load_tokenizer",
-           "original_path", "recorded_source", "resolve_config", "save", "save_converted", "skeleton"]
+           "original_path", "recorded_config", "recorded_source", "resolve_config", "save", "save_converted", "skeleton"]
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = (
@@ -518,8 +518,14 @@ def recorded_source(model: str | os.PathLike) -> tuple[str | None, str | None]:
         source = str(original_path(model, meta))
     except HadaconvError:
         source = meta["source"]
+    return source, recorded_config(meta)
+
+
+def recorded_config(meta: dict) -> str | None:
+    """The config.json a converted folder's ``hadaconv`` section (``meta``) records for its
+    original of bare weights, when it is still there; else None."""
     config = meta.get("source_config")
-    return source, config if isinstance(config, str) and Path(config).is_file() else None
+    return config if isinstance(config, str) and Path(config).is_file() else None
 
 
 def check_model_config(source: str | os.PathLike, config: str | os.PathLike | None, *, whose: str = "",

@@ -96,7 +96,7 @@ def distill_file(
     for bad input, before any model is loaded where it can be told from the files.
     """
     from hadaconv.calibrate import check_sources, source_list
-    from hadaconv.io import _read_json, load_model, recorded_source, save_converted
+    from hadaconv.io import _read_json, load_model, recorded_config, save_converted
 
     cfg = check_config(config)
     converted = Path(converted)
@@ -110,7 +110,7 @@ def distill_file(
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")
     source = _teacher(converted, meta, teacher)
     if teacher is None and teacher_config is None:  # the recorded original's recorded config, if any
-        teacher_config = recorded_source(converted)[1]
+        teacher_config = recorded_config(meta)
     _check_teacher_config(source, teacher_config)
     check_output(out, overwrite, folder=True, inputs=[converted, source, teacher_config, cfg.eval_text,
                                                     *source_list(cfg.data)])
