@@ -122,9 +122,17 @@ def main() -> None:
                     help="with --distill-minutes: distill in float32 (its default autocasts to bfloat16 where the "
                          "hardware multiplies it: AMX / AVX512_BF16 CPUs, GPUs)")
     ap.add_argument("--distill-minutes", type=float, default=0.0,
-                    help="instead of the grid: convert all layers with the defaults, then distill this long with "
-                         "the defaults (on distill's default text: 256 sampled sequences, the first 128 those a "
+                    help="instead of the grid: convert with the defaults, then distill this long with the "
+                         "defaults (on distill's default text: 256 sampled sequences, the first 128 those a "
                          "default conversion calibrates on) and measure the recovery")
+    ap.add_argument("--distill-steps", type=int, default=0,
+                    help="instead of the grid: as --distill-minutes, a budget of optimizer steps instead")
+    ap.add_argument("--distill-layers", type=int, default=None,
+                    help="with --distill-minutes/--distill-steps: convert the K least sensitive layers (convert "
+                         "--max-layers K) instead of all")
+    ap.add_argument("--distill-lr", type=_lrs, default=[None],
+                    help="with --distill-minutes/--distill-steps: peak learning rates, one distillation each from "
+                         "the same conversion, e.g. 1e-4,3e-5,default (default: distill's own, default_lr)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -134,12 +142,15 @@ def main() -> None:
     tag = "" if args.model == "smollm2" else f"{args.model}-"
     ranked = "" if args.rank_block == 16 else f"-r{args.rank_block}"
     evals = f"-e{args.eval_windows}"  # results on other held-out windows do not mix
-    store = args.work / (f"quality-{tag}{args.samples}{ranked}{evals}.json" if not args.distill_minutes
-                         # d256: distill on its default text; stores without it trained on the 128 calibration
-                         # windows and must not be reused
-                         else f"recovery-{tag}{args.samples}-d{args.distill_sampled}-{args.distill_minutes:g}"
-                         f"{f'-h{args.hidden_weight:g}' if args.hidden_weight else ''}{'-fp32' if args.no_bf16 else ''}"
-                         f"-t{args.threads}{evals}.json")
+    distilling = bool(args.distill_minutes or args.distill_steps)
+    budget = (f"{args.distill_minutes:g}" if args.distill_minutes else "") + (
+        f"s{args.distill_steps}" if args.distill_steps else "")
+    # d256: distill on its default text (stores without it trained on the 128 calibration windows); kK: the
+    # layers converted; the runs of each learning rate are kept inside.
+    store = args.work / (f"quality-{tag}{args.samples}{ranked}{evals}.json" if not distilling
+                         else f"recovery-{tag}{args.samples}-k{args.distill_layers or 'all'}-d{args.distill_sampled}"
+                         f"-{budget}{f'-h{args.hidden_weight:g}' if args.hidden_weight else ''}"
+                         f"{'-fp32' if args.no_bf16 else ''}-t{args.threads}{evals}.json")
     results = json.loads(store.read_text()) if store.is_file() else {"machine": machine(), "cells": {}}
     if args.write:
         write(results, args)
@@ -157,7 +168,7 @@ def main() -> None:
         results["teacher"] = evaluate(teacher, windows)
         save()
     print("teacher", results["teacher"], flush=True)
-    if args.distill_minutes:
+    if distilling:
         recovery(teacher, tok, windows, args, results, save)
         return
     base = ConvertConfig(samples=args.samples, progress=False)
@@ -245,35 +256,61 @@ def main() -> None:
 
 
 def recovery(teacher, tok, windows, args, results: dict, save) -> None:
-    """All layers converted with the defaults (block 64, sequential, compensated, sampled text;
-    the converted folder is kept under --work and reused), then the default distillation for
-    ``--distill-minutes`` on its default text (data=None), with ``--hidden-weight``."""
+    """``--distill-layers`` (default all) converted with every other default (block 64, sequential,
+    compensated, sampled text; the converted folder is kept under --work and reused), then, for
+    each of ``--distill-lr``, the default distillation from that same conversion for
+    ``--distill-minutes`` and/or ``--distill-steps`` on its default text (data=None), with
+    ``--hidden-weight``.  Prints one row per run beside the converted model's."""
     from hadaconv.convert import convert_file
     from hadaconv.distill import DistillConfig, distill
     from hadaconv.io import load
 
-    folder = args.work / f"converted-{args.model}-{args.samples}"
+    layers = args.distill_layers
+    folder = args.work / f"converted-{args.model}-{args.samples}{f'-k{layers}' if layers else ''}"
     if not folder.is_dir():
         t = time.perf_counter()
-        convert_file(args.source, str(folder), ConvertConfig(samples=args.samples, sensitivity=False,
-                                                         progress=False))
+        convert_file(args.source, str(folder), ConvertConfig(samples=args.samples, max_layers=layers,
+                                                         sensitivity=layers is not None, progress=False))
         results["convert_seconds"] = time.perf_counter() - t
-    student = load(folder)
     if "converted" not in results:
-        results["converted"] = evaluate(student, windows)
+        results["converted"] = evaluate(load(folder), windows)
         save()
-    print("converted", results["converted"], flush=True)
-    dreport = distill(student, teacher, tok, DistillConfig(max_time=60 * args.distill_minutes,
-                                                           sampled=args.distill_sampled,
-                                                           hidden_weight=args.hidden_weight,
-                                                           bf16=False if args.no_bf16 else None, progress=False))
-    results["distill"] = {"steps": dreport.steps, "tokens": dreport.tokens, "seconds": dreport.seconds,
-                          "curve": dreport.curve, "layers": sorted(load_layers(folder)),
-                          "hidden_weight": args.hidden_weight, "threads": args.threads,
-                          "data_samples": args.distill_sampled, "autocast": dreport.autocast}
-    results["distilled"] = evaluate(student, windows)
-    save()
-    print("distilled", results["distilled"], dreport.steps, "steps", dreport.tokens, "tokens", flush=True)
+    print("converted", sorted(load_layers(folder)), results["converted"], flush=True)
+    runs = results.setdefault("runs", {})
+    for lr in args.distill_lr:
+        label = "default" if lr is None else f"{lr:g}"
+        if label in runs:
+            continue
+        student = load(folder)
+        cfg = DistillConfig(max_time=60 * args.distill_minutes or None, max_steps=args.distill_steps or None,
+                            lr=lr, sampled=args.distill_sampled, hidden_weight=args.hidden_weight,
+                            bf16=False if args.no_bf16 else None, progress=False)
+        dreport = distill(student, teacher, tok, cfg)
+        runs[label] = {"lr": dreport.lr, "steps": dreport.steps, "tokens": dreport.tokens, "seconds": dreport.seconds,
+                       "curve": dreport.curve, "layers": sorted(load_layers(folder)),
+                       "hidden_weight": args.hidden_weight, "threads": args.threads,
+                       "data_samples": args.distill_sampled, "autocast": dreport.autocast,
+                       "distilled": evaluate(student, windows)}
+        save()
+        print("distilled", label, runs[label]["distilled"], dreport.steps, "steps", flush=True)
+    print_recovery(results)
+
+
+def print_recovery(results: dict) -> None:
+    teacher = results["teacher"]
+    ratio = lambda ppl: " | ".join(f"{ppl[d]:.2f} ({ppl[d] / teacher[d]:.3f}x)" for d in teacher)  # noqa: E731
+    print("| model | peak lr | steps | seconds | " + " | ".join(f"{d} (x teacher)" for d in teacher) + " |")
+    print("| converted | - | - | - | " + ratio(results["converted"]) + " |")
+    for label, run in results["runs"].items():
+        print(f"| distilled ({label}) | {run['lr']:.3g} | {run['steps']} | {run['seconds']:.0f} | "
+              + ratio(run["distilled"]) + " |")
+
+
+def _lrs(text: str) -> list[float | None]:
+    try:
+        return [None if v == "default" else float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of learning rates (numbers or 'default'): {text}") from None
 
 
 def load_layers(folder: Path) -> list[int]:
