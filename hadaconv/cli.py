@@ -355,14 +355,11 @@ def _check_eval_config(model: str, config: str | None, reference: str | None, ba
     """Refuse, before any load, a baseline or reference of bare weights without --config, and the
     --config that none of eval's models would read, or that one of those it serves would misread
     (:func:`hadaconv.io.check_model_config`)."""
-    from pathlib import Path
-
     from hadaconv.io import check_model_config
 
     for what, path, way_out in (("the reference", reference, ""), ("the baseline", baseline, " or --no-baseline")):
-        if config is None and path and Path(path).suffix == ".safetensors" and Path(path).is_file():
-            raise InputError(f"{what} {path} holds bare weights: give its config (--config: a config.json or its "
-                             f"folder){way_out}")
+        if config is None and path:
+            check_model_config(path, None, whose=what, way_out=way_out)
     takers = [p for p in (model, reference, baseline) if _config_for(p, config)]
     for path in takers or [model]:  # with no taker, MODEL's check says to drop it
         check_model_config(path, config)

@@ -529,26 +529,41 @@ def recorded_config(meta: dict) -> str | None:
 
 
 def check_model_config(source: str | os.PathLike, config: str | os.PathLike | None, *, whose: str = "",
-                       flag: str | None = None) -> None:
-    """Refuse, before anything loads, a config that would be ignored or misread: one given for a
-    model that carries its own (:func:`carries_config`), one that is missing, and a converted
-    model's config.json.  ``whose`` (e.g. "the teacher") and ``flag`` (the option as an error
-    names it; default ``config`` / ``--config``) word the message for callers that load several
-    models.
+                       flag: str | None = None, way_out: str = "") -> None:
+    """Refuse, before anything loads, a config that is missing, would be ignored or misread: none
+    given for bare safetensors weights, one given for a model that carries its own
+    (:func:`carries_config`), one that is not there, and a converted model's config.json.
+    ``whose`` (e.g. "the teacher"), ``flag`` (the option as an error names it; default ``config`` /
+    ``--config``) and ``way_out`` (another way round a missing config, e.g. " or --no-baseline")
+    word the message for callers that load several models.  A state dict in a torch.save file is
+    told apart from a pickled module only on loading (:func:`load_model` says it then).
 
     Raises:
         InputError: as above, one line naming the option.
     """
-    if config is None or not Path(source).exists():  # a missing model is the load's error to report
+    path = Path(source)
+    if not path.exists():  # a missing model is the load's error to report
         return
     flag = flag or option("config")
-    if carries_config(source):
+    if config is None:
+        if path.suffix == ".safetensors" and path.is_file():
+            raise _bare_weights_error(path, flag, whose, way_out)
+        return
+    if carries_config(path):
         raise InputError(f"{flag} is for bare weights (.safetensors, a torch.save state dict); "
                          f"{f'{whose} ' if whose else ''}{source} carries its own config: drop {flag}")
-    path = _config_file(config)
-    if "hadaconv" in _read_json(path):
+    config_path = _config_file(config)
+    if "hadaconv" in _read_json(config_path):
         raise InputError(f"{flag} {config} is a converted model's config: give {whose or 'the model'}'s own "
                          "(the original model's) config.json or its folder")
+
+
+def _bare_weights_error(path: Path, flag: str, whose: str = "", way_out: str = "") -> InputError:
+    """The one-line refusal of bare weights given without a config (see :func:`check_model_config`)."""
+    beside = (f"; or give the folder {path.parent} itself, which holds one"
+              if (path.parent / "config.json").is_file() else "")
+    return InputError(f"{f'{whose} ' if whose else ''}{path} holds bare weights: give its config ({flag}: a "
+                      f"config.json or its folder){way_out}{beside}")
 
 
 def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = None) -> nn.Module | None:
@@ -743,10 +758,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
 
 def _load_state_dict(path: Path, state: dict, config, fmt: str, flag: str) -> Loaded:
     if config is None:
-        beside = (f"; or give the folder {path.parent} itself, which holds one"
-                  if (path.parent / "config.json").is_file() else "")
-        raise HadaconvError(f"{path} holds bare weights: give the model's config ({flag}: a config.json or its "
-                            f"folder){beside}")
+        raise _bare_weights_error(path, flag)
     config_path = _config_file(config)
     data = _read_json(config_path)
     if "model_type" not in data and "torch_module" not in data:  # generation_config.json, tokenizer_config.json

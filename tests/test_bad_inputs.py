@@ -478,7 +478,7 @@ ROWS = [
         r"--config .*conv is a converted model's config: give the model's own", lambda mp, w, t: _no_model(mp)),
     Row("eval-bare-baseline-without-config", lambda w, t: ["eval", w.conv, "--baseline", w.hf / "model.safetensors"],
         r"the baseline .*model\.safetensors holds bare weights: give its config \(--config: a config\.json or its "
-        r"folder\) or --no-baseline$", lambda mp, w, t: _no_model(mp)),
+        r"folder\) or --no-baseline; or give the folder .*hf itself, which holds one$", lambda mp, w, t: _no_model(mp)),
     Row("eval-missing-reference-with-config",
         lambda w, t: ["eval", w.bert, "--config", w.hf, "--reference", t / "nope.safetensors", "--max-windows", "1"],
         r"no such file or folder: .*nope\.safetensors"),
@@ -553,7 +553,7 @@ ROWS = [
                                                                                       '{"bos_token_id": 1}')),
         r"generation_config\.json names no model_type: not a model's config; give --config the model's config\.json"),
     Row("eval-bare-weights-beside-their-config", lambda w, t: ["eval", w.hf / "model.safetensors"],
-        r"holds bare weights: give the model's config \(--config: .*\); or give the folder .*hf itself, which holds "
+        r"holds bare weights: give its config \(--config: .*\); or give the folder .*hf itself, which holds "
         r"one$"),
     Row("convert-streamed-block-not-dividing", lambda w, t: _convert(w.hf, t / "out", "--streamed", "--block", "5", *TINY),
         r"--block 5 does not divide the output width 64"),
@@ -642,7 +642,7 @@ ROWS = [
                       *DISTILL], r"the teacher is a Sequential, the student a LlamaForCausalLM"),
     Row("distill-teacher-bare-weights-without-config",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf / "model.safetensors", *DISTILL],
-        r"the teacher .*model\.safetensors holds bare weights: give its config \(--config: the original's",
+        r"the teacher .*model\.safetensors holds bare weights: give its config \(--config: a config\.json or its folder\)",
         lambda mp, w, t: _no_model(mp)),
     Row("distill-teacher-config-missing",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf / "model.safetensors",
@@ -1159,7 +1159,7 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"^model_config is for bare weights .*: drop model_config$"),
         ("convert-file-bare-without-model-config",
          lambda: convert_file(str(w.hf / "model.safetensors"), str(t / "out")), HadaconvError,
-         r"holds bare weights: give the model's config \(model_config: a config\.json or its folder\); or give "),
+         r"holds bare weights: give its config \(model_config: a config\.json or its folder\); or give "),
         ("distill-file-pickled-teacher-with-config",
          lambda: distill_file(w.conv, t / "out", DistillConfig(max_steps=1), teacher=_pickle(t / "m.pt"),
                               teacher_config=w.hf, trust_pickle=True), InputError,

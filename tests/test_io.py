@@ -98,7 +98,7 @@ def test_safetensors_file_with_config(llama_dir, tmp_path):
     inputs = example_inputs("llama", reference)
     assert torch.equal(_out(loaded.model, inputs), _out(reference, inputs))
     assert _digest(weights) == before
-    _one_line_error(r"give the model's config \(config: a config\.json", load_model, weights)
+    _one_line_error(r"holds bare weights: give its config \(config: a config\.json", load_model, weights)
 
 
 def test_state_dict_with_config(tmp_path):

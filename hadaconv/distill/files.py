@@ -29,17 +29,6 @@ def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> 
     return Path(teacher)
 
 
-def _check_teacher_config(source: Path, teacher_config: str | os.PathLike | None) -> None:
-    """Refuse, before any model is loaded, a teacher of bare safetensors weights without a config,
-    and a config the teacher cannot take (:func:`hadaconv.io.check_model_config`).  A state dict in a
-    torch.save file is told apart from a module only on loading."""
-    flag = option("teacher_config", flag="--config")
-    if teacher_config is None and source.suffix == ".safetensors" and source.is_file():
-        raise InputError(f"the teacher {source} holds bare weights: give its config ({flag}: the original's "
-                         "config.json or its folder)")
-    check_model_config(source, teacher_config, whose="the teacher", flag=flag)
-
-
 def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
     """Plot the eval metric and the eval loss that chooses the kept state (second axis) against
     training tokens as a PNG, the kept state ringed; False when matplotlib is absent."""
@@ -111,7 +100,8 @@ def distill_file(
     source = _teacher(converted, meta, teacher)
     if teacher is None and teacher_config is None:  # the recorded original's recorded config, if any
         teacher_config = recorded_config(meta)
-    _check_teacher_config(source, teacher_config)
+    config_flag = option("teacher_config", flag="--config")
+    check_model_config(source, teacher_config, whose="the teacher", flag=config_flag)
     check_output(out, overwrite, folder=True, inputs=[converted, source, teacher_config, cfg.eval_text,
                                                     *source_list(cfg.data)])
     checkpoints = Path(cfg.checkpoint_dir).resolve() if cfg.checkpoint_dir else None
@@ -124,7 +114,7 @@ def distill_file(
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
         raise HadaconvError(f"{converted} has no converted layers: nothing to distill")
     original = load_model(source, config=teacher_config, trust_pickle=trust_pickle, dtype=cfg.dtype,
-                          config_option=option("teacher_config", flag="--config"))
+                          config_option=config_flag)
     if original.format == "hadaconv":
         raise HadaconvError(f"the teacher {source} is itself a converted model: give the original")
     if type(original.model) is not type(student.model):
