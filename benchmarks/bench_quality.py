@@ -98,7 +98,8 @@ def evaluate(model, windows: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2",
+                    help="SmolLM2-135M-Instruct or Qwen2.5-Coder-0.5B-Instruct (default: smollm2)")
     ap.add_argument("--work", type=Path, default=Path("bench-work"), help="cache folder (statistics, results)")
     ap.add_argument("--samples", type=int, default=128, help="calibration windows (the convert default)")
     ap.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS,
@@ -106,7 +107,7 @@ def main() -> None:
     ap.add_argument("--cells", default="default", help="'default' (the grid in priority order) or a list "
                     "like hadamard:16:30:seq+comp,hadamard:64:30:seq+comp:r16,lowrank:8:30 (rR: the low-rank "
                     "residual of rank R)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     ap.add_argument("--sensitivity-windows", type=int, default=ConvertConfig.sensitivity_windows,
                     help="windows per layer for the sensitivity ranking (convert's default)")
     ap.add_argument("--rank-block", type=int, default=16,
@@ -114,25 +115,27 @@ def main() -> None:
                          "64 by default; 16 is what the earlier tables used)")
     ap.add_argument("--write", action="store_true", help="only write the table of the finished cells")
     ap.add_argument("--distill-sampled", type=int, default=DEFAULT_SAMPLES,
-                    help="with --distill-minutes: distill's --sampled, the sequences sampled from the teacher "
+                    help="with a distillation budget: distill's --sampled, the sequences sampled from the teacher "
                          f"(its default {DEFAULT_SAMPLES})")
     ap.add_argument("--hidden-weight", type=float, default=0.0,
-                    help="with --distill-minutes: distill's per-layer hidden-state loss weight (its default 0)")
+                    help="with a distillation budget: distill's per-layer hidden-state loss weight (its default 0)")
     ap.add_argument("--no-bf16", action="store_true",
-                    help="with --distill-minutes: distill in float32 (its default autocasts to bfloat16 where the "
+                    help="with a distillation budget: distill in float32 (its default autocasts to bfloat16 where the "
                          "hardware multiplies it: AMX / AVX512_BF16 CPUs, GPUs)")
     ap.add_argument("--distill-minutes", type=float, default=0.0,
                     help="instead of the grid: convert with the defaults, then distill this long with the "
                          "defaults (on distill's default text: 256 sampled sequences, the first 128 those a "
                          "default conversion calibrates on) and measure the recovery")
-    ap.add_argument("--distill-steps", type=int, default=0,
-                    help="instead of the grid: as --distill-minutes, a budget of optimizer steps instead")
-    ap.add_argument("--distill-layers", type=int, default=None,
-                    help="with --distill-minutes/--distill-steps: convert the K least sensitive layers (convert "
-                         "--max-layers K) instead of all")
+    ap.add_argument("--distill-steps", type=_positive, default=0,
+                    help="instead of the grid: convert, then distill for this many optimizer steps (with "
+                         "--distill-minutes too: whichever budget ends first)")
+    ap.add_argument("--distill-layers", type=_positive, default=None,
+                    help="with a distillation budget: convert the K least sensitive layers (convert --max-layers K) "
+                         "instead of all")
     ap.add_argument("--distill-lr", type=_lrs, default=[None],
-                    help="with --distill-minutes/--distill-steps: peak learning rates, one distillation each from "
-                         "the same conversion, e.g. 1e-4,3e-5,default (default: distill's own, default_lr)")
+                    help="with a distillation budget: peak learning rates, one distillation each from the same "
+                         "conversion, e.g. 1e-4,3e-5,default (default: distill's own default, 1e-4 times the share "
+                         "of attention blocks converted)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -304,6 +307,12 @@ def print_recovery(results: dict) -> None:
     for label, run in results["runs"].items():
         print(f"| distilled ({label}) | {run['lr']:.3g} | {run['steps']} | {run['seconds']:.0f} | "
               + ratio(run["distilled"]) + " |")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text}")
+    return int(text)
 
 
 def _lrs(text: str) -> list[float | None]:

@@ -298,13 +298,14 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     from hadaconv.adapters import model_kind
     from hadaconv.calibrate import default_corpus
     from hadaconv.evaluate import check_encoder, embedding_cosine, perplexity, text_windows
-    from hadaconv.io import load_model, recorded_source
+    from hadaconv.io import load_model, recorded_source, same_file
 
     if baseline and no_baseline:
         raise HadaconvError("give --baseline or --no-baseline, not both")
     recorded, recorded_config = recorded_source(model)
-    if not (baseline or reference or no_baseline or model_config):  # the recorded original as it was converted
-        model_config = recorded_config
+    if not (reference or no_baseline or model_config) and (not baseline or same_file(baseline, recorded)):
+        # The recorded original, as it was converted; a second read names a recorded config that is gone.
+        model_config = recorded_config or recorded_source(model, flag="--config")[1]
     _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
                         dtype=dtype)
@@ -425,7 +426,7 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     texts = sample_texts(loaded.model, loaded.tokenizer, samples=samples, seq_len=seq_len,
                          batch_size=batch_size, temperature=temperature, seed=seed)
     write_jsonl(texts, output, overwrite=overwrite)
-    click.echo(f"wrote {len(texts)} samples of {seq_len} tokens to {output} in {time.perf_counter() - t:.0f} s")
+    click.echo(f"wrote {len(texts)} sample{'s' if len(texts) != 1 else ''} of {seq_len} tokens to {output} in {time.perf_counter() - t:.0f} s")
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:

@@ -45,7 +45,8 @@ from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_m
 from hadaconv.progress import status
 
 __all__ = ["Loaded", "carries_config", "check_model_config", "hadaconv_meta", "load", "load_model", "load_tokenizer",
-           "original_path", "recorded_config", "recorded_source", "resolve_config", "save", "save_converted", "skeleton"]
+           "original_path", "recorded_config", "recorded_source", "resolve_config", "same_file", "save", "save_converted",
+           "skeleton"]
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = (
@@ -179,6 +180,7 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     expected = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") + "."
     if prefix != "." and not expected & set(state) and all(k.startswith(prefix) for k in state):
+        _check_head_named(model, prefix, source)
         state = {k[len(prefix) :]: v for k, v in state.items()}  # weights of a head model, base model built
     for alias, name in aliases.items():  # safetensors' save_model keeps one name of a tied pair, either one
         if name not in state and alias in state:
@@ -206,6 +208,29 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise ModelFormatError(f"{source}: no weights for {len(empty)} tensors (e.g. {', '.join(empty[:3])})")
+
+
+class _HeadDropped(ModelFormatError):
+    """:func:`_check_head_named`'s refusal, whose message says all."""
+
+
+def _check_head_named(model: nn.Module, prefix: str, source: str) -> None:
+    """Refuse to drop a head silently: weights under ``prefix`` are a head model's (a causal LM's,
+    say), and a config that names no ``architectures`` built only the base model."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "architectures", None):
+        return  # a base class named on purpose keeps the base model
+    raise _HeadDropped(f"{source}: these are a head model's weights (under {prefix!r}), but the config names no "
+                       f"architectures, so only the base {type(model).__name__} was built: add one, e.g. "
+                       f'"architectures": ["{_causal_lm_class(model)}"]')
+
+
+def _causal_lm_class(model: nn.Module) -> str:
+    """The name of the causal-LM class of ``model``'s model_type (an example for a config to name)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "LlamaForCausalLM")
 
 
 def _empty(build):
@@ -503,10 +528,11 @@ def carries_config(source: str | os.PathLike) -> bool:
     return path.is_dir() or path.suffix == ".gguf"
 
 
-def recorded_source(model: str | os.PathLike) -> tuple[str | None, str | None]:
+def recorded_source(model: str | os.PathLike, flag: str | None = None) -> tuple[str | None, str | None]:
     """(the original a converted folder records, its config.json for bare weights), read without
     loading anything: the original as :func:`original_path` finds it (as recorded when it is
-    gone), the config when recorded and still there.  (None, None) for anything else."""
+    gone), the config as :func:`recorded_config` gives it (``flag``: see there).  (None, None)
+    for anything else."""
     path = Path(model) / "config.json"
     try:
         meta = _read_json(path).get("hadaconv") if path.is_file() else None
@@ -518,14 +544,34 @@ def recorded_source(model: str | os.PathLike) -> tuple[str | None, str | None]:
         source = str(original_path(model, meta))
     except HadaconvError:
         source = meta["source"]
-    return source, recorded_config(meta)
+    return source, recorded_config(meta, flag)
 
 
-def recorded_config(meta: dict) -> str | None:
+def recorded_config(meta: dict, flag: str | None = None) -> str | None:
     """The config.json a converted folder's ``hadaconv`` section (``meta``) records for its
-    original of bare weights, when it is still there; else None."""
+    original of bare weights; None when it records none, or when the file is gone and no
+    ``flag`` is given.
+
+    Raises:
+        InputError: the recorded config is gone and ``flag`` (the option that gives another,
+            as the message names it) is given: the caller needs it.
+    """
     config = meta.get("source_config")
-    return config if isinstance(config, str) and Path(config).is_file() else None
+    if not isinstance(config, str):
+        return None
+    if Path(config).is_file():
+        return config
+    if flag is None:
+        return None
+    raise InputError(f"the original's config {config}, recorded at conversion, is gone: give it with {flag}")
+
+
+def same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
+    """Whether ``a`` and ``b`` name one existing file or folder (through links and relative paths)."""
+    try:
+        return a is not None and b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_model_config(source: str | os.PathLike, config: str | os.PathLike | None, *, whose: str = "",
@@ -538,16 +584,26 @@ def check_model_config(source: str | os.PathLike, config: str | os.PathLike | No
     word the message for callers that load several models.  A state dict in a torch.save file is
     told apart from a pickled module only on loading (:func:`load_model` says it then).
 
+    A .safetensors file that :func:`save_converted` wrote (a converted model's weights) is refused
+    too: those load only with their folder.
+
     Raises:
         InputError: as above, one line naming the option.
+        ModelFormatError: a .safetensors file whose header is damaged.
     """
     path = Path(source)
     if not path.exists():  # a missing model is the load's error to report
         return
     flag = flag or option("config")
-    if config is None:
-        if path.suffix == ".safetensors" and path.is_file():
+    if path.suffix == ".safetensors" and path.is_file():
+        if _TIED_KEY in (_check_safetensors(path).get("__metadata__") or {}):  # save_converted always writes it
+            parent = _read_json(path.parent / "config.json") if (path.parent / "config.json").is_file() else {}
+            where = f"the folder {path.parent}" if "hadaconv" in parent else "the converted folder they came from"
+            raise InputError(f"{f'{whose} ' if whose else ''}{path} holds a converted model's weights, which load "
+                             f"only with their folder's config: give {where}")
+        if config is None:
             raise _bare_weights_error(path, flag, whose, way_out)
+    if config is None:
         return
     if carries_config(path):
         raise InputError(f"{flag} is for bare weights (.safetensors, a torch.save state dict); "
@@ -767,14 +823,16 @@ def _load_state_dict(path: Path, state: dict, config, fmt: str, flag: str) -> Lo
     model = _model_from_config(data, [path])
     try:
         _load_weights(model, state, str(path))
+    except _HeadDropped:
+        raise
     except ModelFormatError as exc:
         if data.get("architectures"):
             raise ModelFormatError(f"{exc} (is {config_path} this model's config?)") from None
         raise ModelFormatError(f"{exc} ({config_path} names no architectures, so the base {type(model).__name__} "
-                               'was built: add one, e.g. "architectures": ["LlamaForCausalLM"])') from None
-    tokenizer_source = (
-        config_path.parent if any((config_path.parent / f).is_file() for f in TOKENIZER_FILES) else None
-    )
+                               f'was built: add one, e.g. "architectures": ["{_causal_lm_class(model)}"])') from None
+    # The config's folder first (a Hugging Face folder), then the weights' own.
+    tokenizer_source = next((folder for folder in (config_path.parent, path.parent)
+                             if any((folder / f).is_file() for f in TOKENIZER_FILES)), None)
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
     return Loaded(model, tokenizer, f"{fmt} {path} with config {config_path}", fmt, tokenizer_source)
 

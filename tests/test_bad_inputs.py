@@ -590,7 +590,22 @@ ROWS = [
                               _no_architectures(_copy(w.hf, t / "c"))),
         r"the weights do not match the model: .*config\.json names no architectures, so the base LlamaModel was "
         r"built: add one"),
+    Row("eval-config-without-architectures-tied-head",  # the head tied, not stored: dropped silently before
+        lambda w, t: ["eval", w.hf / "model.safetensors", "--config", _no_architectures(_copy(w.hf, t / "c"))],
+        r"model\.safetensors: these are a head model's weights \(under 'model\.'\), but the config names no "
+        r'architectures, so only the base LlamaModel was built: add one, e\.g\. "architectures": '
+        r'\["LlamaForCausalLM"\]$'),
+    # A converted folder's weights alone: no config, its own or the original's, can load them.
+    Row("eval-converted-weights-in-their-folder", lambda w, t: ["eval", w.conv / "model.safetensors"],
+        r"conv/model\.safetensors holds a converted model's weights, which load only with their folder's config: give "
+        r"the folder .*conv$"),
+    Row("convert-converted-weights-elsewhere-with-the-original-config",
+        lambda w, t: _convert(_write(t / "x.safetensors", (w.conv / "model.safetensors").read_bytes()), t / "out",
+                              "--config", w.hf),
+        r"x\.safetensors holds a converted model's weights, .*: give the converted folder they came from$"),
     # --------------------------------------------------------------- inspect
+    Row("inspect-converted-weights", lambda w, t: ["inspect", w.conv / "model.safetensors", "--config", w.hf],
+        r"holds a converted model's weights, which load only with their folder's config: give the folder .*conv$"),
     Row("inspect-missing-file", lambda w, t: ["inspect", t / "nope.gguf"], r"no such file or folder"),
     # torch's own wording advises weights_only=False, wrong for a damaged file (found by a newcomer).
     Row("inspect-truncated-pt", lambda w, t: ["inspect", _truncated_pt(t / "m.pt")],
@@ -658,7 +673,7 @@ ROWS = [
         r"--config is for bare weights \(.*\); the teacher .*hf carries its own config: drop --config$",
         lambda mp, w, t: _no_model(mp)),
     Row("distill-missing-teacher", lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", t / "nope",
-                                                 *DISTILL], r"teacher not found"),
+                                                 *DISTILL], r"the teacher .*: no such file or folder \(give the original model\)$"),
     Row("distill-existing-output",
         lambda w, t: ["distill", w.conv, "-o", _mkdir(t / "out", True), "--teacher", w.hf, *DISTILL],
         r"out already exists and is not empty: pass --overwrite to replace it"),

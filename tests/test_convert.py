@@ -229,10 +229,18 @@ def test_cli_eval_gives_its_config_to_the_model_of_bare_weights(tmp_path, capsys
     meta = json.loads((out / "config.json").read_text())["hadaconv"]
     assert meta["source"] == str(bare) and meta["source_config"] == str(tmp_path / "tiny" / "config.json")
     monkeypatch.chdir(_mkdir_p(tmp_path / "elsewhere"))
-    for extra in ([], ["--config", tmp_path / "tiny"], ["--baseline", bare, "--config", tmp_path / "tiny"]):
+    # --baseline naming the recorded original itself takes its recorded config too.
+    for extra in ([], ["--config", tmp_path / "tiny"], ["--baseline", bare, "--config", tmp_path / "tiny"],
+                  ["--baseline", bare]):
         code, stdout, stderr = run_cli(capsys, "eval", out, "--text", text, "--seq-len", "16", "--max-windows", "2",
                                        *extra)
         assert code == 0 and f"baseline {bare}: perplexity" in stdout, stderr
+    (tmp_path / "tiny" / "config.json").rename(tmp_path / "moved.json")  # the recorded config gone: said so
+    for verb in (["eval", out, "--text", text], ["distill", out, "-o", tmp_path / "d", "--max-steps", "1"]):
+        code, _, stderr = run_cli(capsys, *verb)
+        assert code != 0 and re.search(r"^error: the original's config .*tiny/config\.json, recorded at conversion, "
+                                       r"is gone: give it with --config$", stderr, re.M), stderr
+    (tmp_path / "moved.json").rename(tmp_path / "tiny" / "config.json")
     bare.rename(tmp_path / "moved.safetensors")  # the recorded original gone: the note, not a refusal
     code, stdout, stderr = run_cli(capsys, "eval", out, "--config", tmp_path / "tiny", "--text", text, "--seq-len",
                                    "16", "--max-windows", "2")

@@ -101,6 +101,24 @@ def test_safetensors_file_with_config(llama_dir, tmp_path):
     _one_line_error(r"holds bare weights: give its config \(config: a config\.json", load_model, weights)
 
 
+def test_bare_weights_find_the_tokenizer_beside_them(llama_dir, tmp_path):
+    """With the config elsewhere, the tokenizer is looked for in the config's folder, then in the
+    weights' own (a newcomer kept weights and tokenizer together, the config apart)."""
+    from hadaconv.io import TOKENIZER_FILES
+
+    weights, config = tmp_path / "weights", tmp_path / "config"
+    weights.mkdir()
+    config.mkdir()
+    shutil.copy(llama_dir / "model.safetensors", weights)
+    shutil.copy(llama_dir / "config.json", config)
+    assert load_model(weights / "model.safetensors", config=config).tokenizer is None
+    for name in TOKENIZER_FILES:
+        if (llama_dir / name).is_file():
+            shutil.copy(llama_dir / name, weights)
+    loaded = load_model(weights / "model.safetensors", config=config)
+    assert loaded.tokenizer is not None and loaded.tokenizer_source == weights
+
+
 def test_state_dict_with_config(tmp_path):
     model = make_tiny("gpt2", tmp_path / "gpt2")
     torch.save(model.state_dict(), tmp_path / "sd.pt")

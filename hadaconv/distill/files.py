@@ -25,7 +25,7 @@ def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> 
         except HadaconvError as exc:
             raise HadaconvError(f"{exc}: give the original with {option('teacher', 'PATH')}") from None
     if not Path(teacher).exists():
-        raise HadaconvError(f"teacher not found: {teacher}")
+        raise HadaconvError(f"the teacher {teacher}: no such file or folder (give the original model)")
     return Path(teacher)
 
 
@@ -85,7 +85,7 @@ def distill_file(
     for bad input, before any model is loaded where it can be told from the files.
     """
     from hadaconv.calibrate import check_sources, source_list
-    from hadaconv.io import _read_json, load_model, recorded_config, save_converted
+    from hadaconv.io import _read_json, load_model, recorded_config, recorded_source, same_file, save_converted
 
     cfg = check_config(config)
     converted = Path(converted)
@@ -98,9 +98,9 @@ def distill_file(
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")
     source = _teacher(converted, meta, teacher)
-    if teacher is None and teacher_config is None:  # the recorded original's recorded config, if any
-        teacher_config = recorded_config(meta)
     config_flag = option("teacher_config", flag="--config")
+    if teacher_config is None and (teacher is None or same_file(source, recorded_source(converted)[0])):
+        teacher_config = recorded_config(meta, config_flag)  # the recorded original's recorded config, if any
     check_model_config(source, teacher_config, whose="the teacher", flag=config_flag)
     check_output(out, overwrite, folder=True, inputs=[converted, source, teacher_config, cfg.eval_text,
                                                     *source_list(cfg.data)])
