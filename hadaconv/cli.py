@@ -426,7 +426,8 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     texts = sample_texts(loaded.model, loaded.tokenizer, samples=samples, seq_len=seq_len,
                          batch_size=batch_size, temperature=temperature, seed=seed)
     write_jsonl(texts, output, overwrite=overwrite)
-    click.echo(f"wrote {len(texts)} sample{'s' if len(texts) != 1 else ''} of {seq_len} tokens to {output} in {time.perf_counter() - t:.0f} s")
+    click.echo(f"wrote {len(texts)} sample{'s' if len(texts) != 1 else ''} of {seq_len} tokens to {output} in "
+               f"{time.perf_counter() - t:.0f} s")
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
