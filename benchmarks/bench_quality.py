@@ -146,8 +146,10 @@ def main() -> None:
     ranked = "" if args.rank_block == 16 else f"-r{args.rank_block}"
     evals = f"-e{args.eval_windows}"  # results on other held-out windows do not mix
     distilling = bool(args.distill_minutes or args.distill_steps)
-    budget = (f"{args.distill_minutes:g}" if args.distill_minutes else "") + (
-        f"s{args.distill_steps}" if args.distill_steps else "")
+    if not distilling and (args.distill_layers or args.distill_lr != [None]):
+        ap.error("--distill-layers and --distill-lr need a budget: --distill-minutes or --distill-steps")
+    budget = "-".join(([f"{args.distill_minutes:g}min"] if args.distill_minutes else [])
+                      + ([f"{args.distill_steps}steps"] if args.distill_steps else []))
     # d256: distill on its default text (stores without it trained on the 128 calibration windows); kK: the
     # layers converted; the runs of each learning rate are kept inside.
     store = args.work / (f"quality-{tag}{args.samples}{ranked}{evals}.json" if not distilling

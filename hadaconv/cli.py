@@ -303,7 +303,9 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     if baseline and no_baseline:
         raise HadaconvError("give --baseline or --no-baseline, not both")
     recorded, recorded_config = recorded_source(model)
-    if not (reference or no_baseline or model_config) and (not baseline or same_file(baseline, recorded)):
+    other = reference or baseline  # the model compared with, when named
+    compares_recorded = same_file(other, recorded) if other else not no_baseline and Path(recorded or "").exists()
+    if not model_config and compares_recorded:
         # The recorded original, as it was converted; a second read names a recorded config that is gone.
         model_config = recorded_config or recorded_source(model, flag="--config")[1]
     _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)

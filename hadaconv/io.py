@@ -215,22 +215,27 @@ class _HeadDropped(ModelFormatError):
 
 
 def _check_head_named(model: nn.Module, prefix: str, source: str) -> None:
-    """Refuse to drop a head silently: weights under ``prefix`` are a head model's (a causal LM's,
-    say), and a config that names no ``architectures`` built only the base model."""
+    """Refuse to drop a head silently: weights under ``prefix`` are a head model's, and for a
+    decoder-only model type (a causal LM's weights) a config that names no ``architectures``
+    built only the base model.  An encoder's base model is what hadaconv converts: kept."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "architectures", None):
         return  # a base class named on purpose keeps the base model
+    causal = _causal_lm_class(getattr(config, "model_type", None))
+    if causal is None:
+        return
     raise _HeadDropped(f"{source}: these are a head model's weights (under {prefix!r}), but the config names no "
                        f"architectures, so only the base {type(model).__name__} was built: add one, e.g. "
-                       f'"architectures": ["{_causal_lm_class(model)}"]')
+                       f'"architectures": ["{causal}"]')
 
 
-def _causal_lm_class(model: nn.Module) -> str:
-    """The name of the causal-LM class of ``model``'s model_type (an example for a config to name)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def _causal_lm_class(model_type: str | None) -> str | None:
+    """The name of the causal-LM class of a decoder-only ``model_type`` (an example for a config
+    to name); None for other types (encoders, whose masked-LM class says they are not)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "LlamaForCausalLM")
+    return None if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
 
 
 def _empty(build):
@@ -823,13 +828,14 @@ def _load_state_dict(path: Path, state: dict, config, fmt: str, flag: str) -> Lo
     model = _model_from_config(data, [path])
     try:
         _load_weights(model, state, str(path))
-    except _HeadDropped:
-        raise
+    except _HeadDropped as exc:
+        raise _HeadDropped(f"{exc} to {config_path}") from None
     except ModelFormatError as exc:
         if data.get("architectures"):
             raise ModelFormatError(f"{exc} (is {config_path} this model's config?)") from None
         raise ModelFormatError(f"{exc} ({config_path} names no architectures, so the base {type(model).__name__} "
-                               f'was built: add one, e.g. "architectures": ["{_causal_lm_class(model)}"])') from None
+                               f'was built: add one, e.g. "architectures": '
+                               f'["{_causal_lm_class(data.get("model_type")) or "LlamaForCausalLM"}"])') from None
     # The config's folder first (a Hugging Face folder), then the weights' own.
     tokenizer_source = next((folder for folder in (config_path.parent, path.parent)
                              if any((folder / f).is_file() for f in TOKENIZER_FILES)), None)

@@ -594,7 +594,7 @@ ROWS = [
         lambda w, t: ["eval", w.hf / "model.safetensors", "--config", _no_architectures(_copy(w.hf, t / "c"))],
         r"model\.safetensors: these are a head model's weights \(under 'model\.'\), but the config names no "
         r'architectures, so only the base LlamaModel was built: add one, e\.g\. "architectures": '
-        r'\["LlamaForCausalLM"\]$'),
+        r'\["LlamaForCausalLM"\] to .*c/config\.json$'),
     # A converted folder's weights alone: no config, its own or the original's, can load them.
     Row("eval-converted-weights-in-their-folder", lambda w, t: ["eval", w.conv / "model.safetensors"],
         r"conv/model\.safetensors holds a converted model's weights, which load only with their folder's config: give "

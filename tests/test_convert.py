@@ -241,9 +241,16 @@ def test_cli_eval_gives_its_config_to_the_model_of_bare_weights(tmp_path, capsys
         assert code != 0 and re.search(r"^error: the original's config .*tiny/config\.json, recorded at conversion, "
                                        r"is gone: give it with --config$", stderr, re.M), stderr
     (tmp_path / "moved.json").rename(tmp_path / "tiny" / "config.json")
+    # distill --teacher naming the recorded original takes its recorded config too.
+    code, _, stderr = run_cli(capsys, "distill", out, "-o", tmp_path / "d", "--teacher", bare, "--data", text,
+                              "--max-steps", "1", "--samples", "10", "--seq-len", "16", "--eval-windows", "1")
+    assert code == 0, stderr
     bare.rename(tmp_path / "moved.safetensors")  # the recorded original gone: the note, not a refusal
     code, stdout, stderr = run_cli(capsys, "eval", out, "--config", tmp_path / "tiny", "--text", text, "--seq-len",
                                    "16", "--max-windows", "2")
+    assert code == 0 and "perplexity" in stdout and "note: no baseline" in stderr, stderr
+    (tmp_path / "tiny" / "config.json").unlink()  # the whole original gone, config too: still the note
+    code, stdout, stderr = run_cli(capsys, "eval", out, "--text", text, "--seq-len", "16", "--max-windows", "2")
     assert code == 0 and "perplexity" in stdout and "note: no baseline" in stderr, stderr
 
 

@@ -119,6 +119,14 @@ def test_bare_weights_find_the_tokenizer_beside_them(llama_dir, tmp_path):
     assert loaded.tokenizer is not None and loaded.tokenizer_source == weights
 
 
+def test_the_causal_lm_class_a_config_without_architectures_should_name():
+    """Only decoder-only types: an encoder's base model is what hadaconv converts (not refused)."""
+    from hadaconv.io import _causal_lm_class
+
+    assert _causal_lm_class("llama") == "LlamaForCausalLM" and _causal_lm_class("qwen2") == "Qwen2ForCausalLM"
+    assert _causal_lm_class("bert") is None and _causal_lm_class("mpnet") is None and _causal_lm_class(None) is None
+
+
 def test_state_dict_with_config(tmp_path):
     model = make_tiny("gpt2", tmp_path / "gpt2")
     torch.save(model.state_dict(), tmp_path / "sd.pt")

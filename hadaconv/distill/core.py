@@ -293,7 +293,7 @@ def default_lr(converted: int, blocks: int) -> float:
     ``blocks`` attention blocks that are ``converted``.  A model with every block converted has
     far to go and takes 1e-4's steps.  One with a few converted starts close to its teacher, and
     there the held-out KL on distill's own sampled text, which chooses the state kept, rises
-    under 1e-4 while the perplexity on other text falls: the run keeps its start.  At the smaller
+    under 1e-4 while the perplexity on other text falls: the run may keep its start.  At the smaller
     rate that KL falls with the training, so the trained state is kept.  Measured on SmolLM2
     (benchmarks/RESULTS.md, "The learning rate follows the share of blocks converted" and "The
     ten-layer learning rates from benchmarks/bench_quality.py"): all 30 blocks, 10 minutes: 1e-4
