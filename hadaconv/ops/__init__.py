@@ -38,7 +38,8 @@ def _check(x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor]) -> None:
     if x.dim() == 0:
         raise InputError("x must have at least one dimension (the transform runs along the last)")
     n = x.shape[-1]
-    factorize(n)  # one clear line for unsupported widths
+    if not torch.compiler.is_compiling():  # Dynamo would trace through its lru_cache; the op itself checks too
+        factorize(n)  # one clear line for unsupported widths
     if gamma is not None:
         ok = gamma.shape == (n,) or (gamma.dim() == 3 and gamma.shape[1] == gamma.shape[2]
                                      and gamma.shape[0] * gamma.shape[1] == n)
