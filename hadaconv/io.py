@@ -599,24 +599,32 @@ def check_model_config(source: str | os.PathLike, config: str | os.PathLike | No
     path = Path(source)
     if not path.exists():  # a missing model is the load's error to report
         return
-    flag = flag or option("config")
+    flag, who = flag or option("config"), f"{whose} " if whose else ""
     if path.suffix == ".safetensors" and path.is_file():
         if _TIED_KEY in (_check_safetensors(path).get("__metadata__") or {}):  # save_converted always writes it
-            parent = _read_json(path.parent / "config.json") if (path.parent / "config.json").is_file() else {}
-            where = f"the folder {path.parent}" if "hadaconv" in parent else "the converted folder they came from"
-            raise InputError(f"{f'{whose} ' if whose else ''}{path} holds a converted model's weights, which load "
-                             f"only with their folder's config: give {where}")
+            where = f"the folder {path.parent}" if _is_converted_folder(path.parent) else \
+                "the converted folder they came from"
+            raise InputError(f"{who}{path} holds a converted model's weights, which load only with their folder's "
+                             f"config: give {where}")
         if config is None:
             raise _bare_weights_error(path, flag, whose, way_out)
     if config is None:
         return
     if carries_config(path):
         raise InputError(f"{flag} is for bare weights (.safetensors, a torch.save state dict); "
-                         f"{f'{whose} ' if whose else ''}{source} carries its own config: drop {flag}")
+                         f"{who}{source} carries its own config: drop {flag}")
     config_path = _config_file(config)
     if "hadaconv" in _read_json(config_path):
         raise InputError(f"{flag} {config} is a converted model's config: give {whose or 'the model'}'s own "
                          "(the original model's) config.json or its folder")
+
+
+def _is_converted_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a converted model's config.json (a damaged one counts as not)."""
+    try:
+        return (folder / "config.json").is_file() and "hadaconv" in _read_json(folder / "config.json")
+    except HadaconvError:
+        return False
 
 
 def _bare_weights_error(path: Path, flag: str, whose: str = "", way_out: str = "") -> InputError:

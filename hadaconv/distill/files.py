@@ -11,22 +11,27 @@ from hadaconv.atomic import atomic_file, check_output
 from hadaconv.distill.core import DistillConfig, DistillReport, check_config, distill
 from hadaconv.distill.parallel import is_main
 from hadaconv.errors import HadaconvError, InputError, command, option
-from hadaconv.io import check_model_config, original_path
+from hadaconv.io import check_model_config, original_path, same_file
 from hadaconv.nn import HadamardProjection
 
 __all__ = ["distill_file", "plot_curve"]
 
 
-def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> Path:
-    """The teacher: as given, else the original the conversion recorded."""
+def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> tuple[Path, bool]:
+    """The teacher: as given, else the original the conversion recorded; and whether it is that
+    recorded original (whose recorded config it then takes)."""
     if teacher is None:
         try:
-            return original_path(converted, meta)
+            return original_path(converted, meta), True
         except HadaconvError as exc:
             raise HadaconvError(f"{exc}: give the original with {option('teacher', 'PATH')}") from None
     if not Path(teacher).exists():
         raise HadaconvError(f"the teacher {teacher}: no such file or folder (give the original model)")
-    return Path(teacher)
+    try:
+        recorded = original_path(converted, meta)
+    except HadaconvError:  # none recorded, or gone: the given teacher is another model
+        recorded = None
+    return Path(teacher), same_file(teacher, recorded)
 
 
 def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
@@ -85,7 +90,7 @@ def distill_file(
     for bad input, before any model is loaded where it can be told from the files.
     """
     from hadaconv.calibrate import check_sources, source_list
-    from hadaconv.io import _read_json, load_model, recorded_config, recorded_source, same_file, save_converted
+    from hadaconv.io import _read_json, load_model, recorded_config, save_converted
 
     cfg = check_config(config)
     converted = Path(converted)
@@ -97,9 +102,9 @@ def distill_file(
     if not isinstance(meta, dict):
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")
-    source = _teacher(converted, meta, teacher)
+    source, recorded = _teacher(converted, meta, teacher)
     config_flag = option("teacher_config", flag="--config")
-    if teacher_config is None and (teacher is None or same_file(source, recorded_source(converted)[0])):
+    if teacher_config is None and recorded:
         teacher_config = recorded_config(meta, config_flag)  # the recorded original's recorded config, if any
     check_model_config(source, teacher_config, whose="the teacher", flag=config_flag)
     check_output(out, overwrite, folder=True, inputs=[converted, source, teacher_config, cfg.eval_text,
