@@ -63,7 +63,10 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-_TIED_KEY = "hadaconv.tied"  # safetensors metadata: {alias: stored name} for tensors stored once
+#: safetensors metadata: {alias: stored name} for tensors stored once.  Every weights file of a
+#: converted model carries it ("{}" where nothing is tied, as in a streamed conversion's shards):
+#: it is how :func:`check_model_config` tells them from an original's.
+TIED_KEY = "hadaconv.tied"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 #: Decoder blocks beyond which a config is refused before any model is built: the deepest public
 #: LLMs have about 130 (Llama-3.1-405B: 126); more is a damaged or hostile file, whose model
@@ -147,10 +150,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ModelFormatError(f"cannot read {path}: {_first_line(exc)}") from None
     try:
-        for alias, name in json.loads(metadata.get(_TIED_KEY, "{}")).items():
+        for alias, name in json.loads(metadata.get(TIED_KEY, "{}")).items():
             tensors[alias] = tensors[name]
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # untrusted metadata
-        raise ModelFormatError(f"{path}: its {_TIED_KEY} metadata does not name stored tensors "
+        raise ModelFormatError(f"{path}: its {TIED_KEY} metadata does not name stored tensors "
                                f"({_first_line(exc)})") from None
     return tensors
 
@@ -601,7 +604,7 @@ def check_model_config(source: str | os.PathLike, config: str | os.PathLike | No
         return
     flag, who = flag or option("config"), f"{whose} " if whose else ""
     if path.suffix == ".safetensors" and path.is_file():
-        if _TIED_KEY in (_check_safetensors(path).get("__metadata__") or {}):  # save_converted always writes it
+        if TIED_KEY in (_check_safetensors(path).get("__metadata__") or {}) or _is_converted_folder(path.parent):
             where = f"the folder {path.parent}" if _is_converted_folder(path.parent) else \
                 "the converted folder they came from"
             raise InputError(f"{who}{path} holds a converted model's weights, which load only with their folder's "
@@ -1022,7 +1025,7 @@ def save_converted(
             json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
         tensors, aliases = _state_for_saving(model)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", TIED_KEY: json.dumps(aliases)})
         if tokenizer_source is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_source) / name).is_file():

@@ -60,7 +60,7 @@ from hadaconv.convert import (ConvertConfig, calibration_batches, check_config, 
                               mark_rows)
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
 from hadaconv.hadamard import factorize
-from hadaconv.io import SHARD_INDEX as INDEX
+from hadaconv.io import SHARD_INDEX as INDEX, TIED_KEY
 from hadaconv.report import ConvertReport
 
 __all__ = ["ShardDecoder", "convert_streamed"]
@@ -268,7 +268,9 @@ def _head_only(model: nn.Module) -> set[str]:
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    # The marker of a converted model's weights (nothing is tied in a streamed conversion's shards).
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt", TIED_KEY: "{}"})
     return sum(v.numel() * v.element_size() for v in tensors.values())
 
 

@@ -131,6 +131,16 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _streamed(w: "World", out: Path) -> Path:
+    """A block-by-block conversion of the tiny Llama folder (its weights in numbered shards)."""
+    from hadaconv.convert import ConvertConfig
+    from hadaconv.stream import convert_streamed
+
+    convert_streamed(w.hf, out, ConvertConfig(calib=[str(w.calib)], samples=8, seq_len=16, sensitivity=False,
+                                              progress=False))
+    return out
+
+
 def _tiny_gguf(path: Path, blocks: int, tensors: tuple[str, ...] = ("token_embd.weight",)) -> Path:
     """A llama GGUF of width 64 declaring ``blocks`` blocks and holding only ``tensors``."""
     import gguf
@@ -602,6 +612,12 @@ ROWS = [
     Row("convert-converted-weights-elsewhere-with-the-original-config",
         lambda w, t: _convert(_write(t / "x.safetensors", (w.conv / "model.safetensors").read_bytes()), t / "out",
                               "--config", w.hf),
+        r"x\.safetensors holds a converted model's weights, .*: give the converted folder they came from$"),
+    Row("eval-streamed-shard-in-its-folder", lambda w, t: ["eval", _streamed(w, t / "s") / "model-00001.safetensors"],
+        r"s/model-00001\.safetensors holds a converted model's weights, .*: give the folder .*s$"),
+    Row("convert-streamed-shard-elsewhere",  # the shard's own metadata says what it is
+        lambda w, t: _convert(_write(t / "x.safetensors", (_streamed(w, t / "s") / "model-00001.safetensors").read_bytes()),
+                              t / "out", "--config", w.hf),
         r"x\.safetensors holds a converted model's weights, .*: give the converted folder they came from$"),
     # --------------------------------------------------------------- inspect
     Row("inspect-converted-weights", lambda w, t: ["inspect", w.conv / "model.safetensors", "--config", w.hf],
