@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -30,3 +31,30 @@ def test_submodules_are_attributes(name):
              f"{'torch.ops.hadaconv.fwht' if name == 'ops' else 'pass'}\n"
              "try:\n    hadaconv.no_such_thing\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)")
     assert r.returncode == 0, r.stderr
+
+
+def test_cli_module_leaves_torch_unloaded():
+    """The console entry point's module imports no torch, so :func:`hadaconv.cli.main` sets
+    GOMP_SPINCOUNT before libgomp loads and reads it."""
+    r = _run("import sys, hadaconv.cli\nassert 'torch' not in sys.modules, 'hadaconv.cli pulled in torch'")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("env, expect", [
+    ({}, "10000"),
+    ({"GOMP_SPINCOUNT": "INFINITE"}, "INFINITE"),  # the user's own choice stays
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, None),  # so does a wait policy, which the spin count would override
+])
+def test_cli_sets_the_spin_count_unless_the_user_did(monkeypatch, env, expect):
+    from hadaconv.cli import main
+
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.setenv(name, "")  # recorded, so that what main sets is undone after the test
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        main(["--version"])
+    except SystemExit as exit_:
+        assert exit_.code in (0, None)
+    assert os.environ.get("GOMP_SPINCOUNT") == expect
