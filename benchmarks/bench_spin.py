@@ -70,9 +70,14 @@ print(json.dumps({"sample": tokens_s, "forward": forward_s}))
 """
 
 
+def _environment() -> dict[str, str]:
+    """This environment without the caller's own spin settings."""
+    return {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+
 def measure(spin: str | None, threads: int) -> dict[str, float]:
     """One fresh process under ``GOMP_SPINCOUNT=spin`` (None: unset): its two measurements."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env = _environment()
     if spin is not None:
         env["GOMP_SPINCOUNT"] = spin
     done = subprocess.run([sys.executable, "-c", WORKLOAD, str(threads), str(Path(__file__).resolve().parent)],
@@ -84,7 +89,7 @@ def run(condition: str, settings: dict[str, str | None], args) -> dict[str, list
     """Every setting ``args.repeats`` times, alternated, quiet or next to the competitor."""
     competitor = None
     if condition == "shared":
-        competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR, str(args.threads)])
+        competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR, str(args.threads)], env=_environment())
         time.sleep(2)
     results: dict[str, list[dict]] = {name: [] for name in settings}
 

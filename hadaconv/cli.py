@@ -786,13 +786,15 @@ def _one_line(text: str) -> str:
 #: threads spin 300,000 times by default before they sleep; on a machine that another program
 #: also uses they take the cores from the threads with work.  Measured (benchmarks/bench_spin.py,
 #: benchmarks/RESULTS.md, "OpenMP threads on a shared machine"): next to a two-thread torch job,
-#: SmolLM2's sampling ran at 14 tokens/s by default and 72 at 10,000; on the quiet machine the
-#: two are level.  libgomp reads it once, when torch loads, which the CLI does only after this.
+#: SmolLM2's sampling ran at 14 tokens/s by default and 72 at 10,000; on the quiet machine
+#: 10,000 cost it 0-4%.  libgomp reads it once, when torch loads, which the CLI does only after this.
 SPINCOUNT = "10000"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the CLI and turns user errors into one line and exit code 1."""
+    """Console entry point: runs the CLI and turns user errors into one line and exit code 1.
+    Sets ``GOMP_SPINCOUNT`` in this process's environment (see :data:`SPINCOUNT`), which the
+    processes it starts inherit; the Python API does not."""
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", SPINCOUNT)
     # `kill`, a job scheduler, a container stop: end like Ctrl-C, so that atomic writes remove

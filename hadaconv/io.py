@@ -63,9 +63,10 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-#: safetensors metadata: {alias: stored name} for tensors stored once.  Every weights file of a
-#: converted model carries it ("{}" where nothing is tied, as in a streamed conversion's shards):
-#: it is how :func:`check_model_config` tells them from an original's.
+#: safetensors metadata: {alias: stored name} for tensors stored once.  It also marks a converted
+#: model's weights for :func:`check_model_config`: save_converted always writes it, and a streamed
+#: conversion's shards carry "{}" (nothing tied) since 2026-12-05; older shards are known by their
+#: folder.
 TIED_KEY = "hadaconv.tied"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 #: Decoder blocks beyond which a config is refused before any model is built: the deepest public
@@ -592,8 +593,9 @@ def check_model_config(source: str | os.PathLike, config: str | os.PathLike | No
     word the message for callers that load several models.  A state dict in a torch.save file is
     told apart from a pickled module only on loading (:func:`load_model` says it then).
 
-    A .safetensors file that :func:`save_converted` wrote (a converted model's weights) is refused
-    too: those load only with their folder.
+    A converted model's weights are refused too (a .safetensors file that :func:`save_converted`
+    or a streamed conversion wrote, or one its folder lists as its weights): those load only with
+    their folder.
 
     Raises:
         InputError: as above, one line naming the option.
@@ -604,7 +606,7 @@ def check_model_config(source: str | os.PathLike, config: str | os.PathLike | No
         return
     flag, who = flag or option("config"), f"{whose} " if whose else ""
     if path.suffix == ".safetensors" and path.is_file():
-        if TIED_KEY in (_check_safetensors(path).get("__metadata__") or {}) or _is_converted_folder(path.parent):
+        if TIED_KEY in (_check_safetensors(path).get("__metadata__") or {}) or _converted_weights_of(path):
             where = f"the folder {path.parent}" if _is_converted_folder(path.parent) else \
                 "the converted folder they came from"
             raise InputError(f"{who}{path} holds a converted model's weights, which load only with their folder's "
@@ -626,6 +628,21 @@ def _is_converted_folder(folder: Path) -> bool:
     """Whether ``folder`` holds a converted model's config.json (a damaged one counts as not)."""
     try:
         return (folder / "config.json").is_file() and "hadaconv" in _read_json(folder / "config.json")
+    except HadaconvError:
+        return False
+
+
+def _converted_weights_of(path: Path) -> bool:
+    """Whether ``path`` is one of the weight files its folder, a converted model's, loads from
+    (model.safetensors or a shard its index names): streamed shards written before they carried
+    the marker."""
+    folder = path.parent
+    if not _is_converted_folder(folder):
+        return False
+    if path.name == WEIGHTS:
+        return True
+    try:
+        return (folder / SHARD_INDEX).is_file() and path.name in {p.name for p in shard_map(folder).values()}
     except HadaconvError:
         return False
 

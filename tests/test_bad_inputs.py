@@ -141,6 +141,14 @@ def _streamed(w: "World", out: Path) -> Path:
     return out
 
 
+def _unmarked(shard: Path) -> Path:
+    """``shard`` rewritten with no hadaconv metadata, as streamed shards were before 2026-12-05."""
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(shard), str(shard), metadata={"format": "pt"})
+    return shard
+
+
 def _tiny_gguf(path: Path, blocks: int, tensors: tuple[str, ...] = ("token_embd.weight",)) -> Path:
     """A llama GGUF of width 64 declaring ``blocks`` blocks and holding only ``tensors``."""
     import gguf
@@ -614,7 +622,14 @@ ROWS = [
                               "--config", w.hf),
         r"x\.safetensors holds a converted model's weights, .*: give the converted folder they came from$"),
     Row("eval-streamed-shard-in-its-folder", lambda w, t: ["eval", _streamed(w, t / "s") / "model-00001.safetensors"],
-        r"s/model-00001\.safetensors holds a converted model's weights, .*: give the folder .*s$"),
+        r"s/model-00001\.safetensors holds a converted model's weights, .*: give the folder .*/s$"),
+    Row("eval-unmarked-streamed-shard-in-its-folder",  # written before shards carried the marker: known by the index
+        lambda w, t: ["eval", _unmarked(_streamed(w, t / "s") / "model-00001.safetensors")],
+        r"s/model-00001\.safetensors holds a converted model's weights, .*: give the folder .*/s$"),
+    Row("eval-other-weights-in-a-converted-folder",  # not the folder's own weights: refused as bare weights only
+        lambda w, t: ["eval", _write(_copy(w.conv, t / "c") / "other.safetensors",
+                                     (w.hf / "model.safetensors").read_bytes())],
+        r"c/other\.safetensors holds bare weights: give its config"),
     Row("convert-streamed-shard-elsewhere",  # the shard's own metadata says what it is
         lambda w, t: _convert(_write(t / "x.safetensors", (_streamed(w, t / "s") / "model-00001.safetensors").read_bytes()),
                               t / "out", "--config", w.hf),
