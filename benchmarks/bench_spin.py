@@ -23,6 +23,10 @@ It does so on the quiet machine and again next to a competing process (two threa
 with a 95% bootstrap interval.
 
     python benchmarks/bench_spin.py [--threads 2] [--repeats 3] [--spin 10000]
+
+``--ort BUNDLE`` measures ONNX Runtime's own spinning instead (its session config
+``session.intra_op.allow_spinning`` on and off; ONNX Runtime has no spin count in between):
+greedy decode of 48 tokens at batch 1, 5 alternating runs each, quiet and shared.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, machine, median_spread, ratio  # noqa: E402
@@ -85,12 +91,23 @@ def measure(spin: str | None, threads: int) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@contextmanager
+def competing(condition: str, threads: int) -> Iterator[None]:
+    """Nothing for "quiet"; the competing process for "shared", killed on leaving."""
+    if condition != "shared":
+        yield
+        return
+    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR, str(threads)], env=_environment())
+    try:
+        time.sleep(2)
+        yield
+    finally:
+        competitor.kill()
+        competitor.wait()
+
+
 def run(condition: str, settings: dict[str, str | None], args) -> dict[str, list[dict]]:
     """Every setting ``args.repeats`` times, alternated, quiet or next to the competitor."""
-    competitor = None
-    if condition == "shared":
-        competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR, str(args.threads)], env=_environment())
-        time.sleep(2)
     results: dict[str, list[dict]] = {name: [] for name in settings}
 
     def one(name: str):
@@ -100,13 +117,28 @@ def run(condition: str, settings: dict[str, str | None], args) -> dict[str, list
             return results[name][-1]["forward"]
         return call
 
-    try:
+    with competing(condition, args.threads):
         alternate({name: one(name) for name in settings}, repeats=args.repeats)
-    finally:
-        if competitor is not None:
-            competitor.kill()
-            competitor.wait()
     return results
+
+
+def run_ort(bundle: str, args) -> None:
+    """ONNX Runtime's intra-op spinning on and off: greedy decode of 48 tokens at batch 1 from
+    ``bundle``, 5 alternating runs each, quiet and next to the competitor."""
+    from hadaconv.export.bundle import open_bundle
+    from hadaconv.generate import generate
+
+    sessions = {v: open_bundle(bundle, config_entries={"session.intra_op.allow_spinning": v}) for v in ("1", "0")}
+    print("\n| session.intra_op.allow_spinning | machine | decode, tokens/s | x default |")
+    print("|---|---|---:|---:|")
+    for condition in ("quiet", "shared"):
+        with competing(condition, args.threads):
+            speed = alternate({v: lambda v=v: generate(sessions[v], "Hello", max_new_tokens=48).tokens_per_s
+                               for v in sessions}, repeats=5)
+        for v, values in speed.items():
+            r, noise = ratio(values, speed["1"])
+            print(f"| {v}{' (the default)' if v == '1' else ''} | {condition} | {median_spread(values)} "
+                  f"| {'-' if v == '1' else f'{r:.2f} +-{noise:.0%}'} |")
 
 
 def main() -> None:
@@ -114,7 +146,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the measured process")
     parser.add_argument("--repeats", type=int, default=3, help="processes per setting and condition")
     parser.add_argument("--spin", default="10000", help="GOMP_SPINCOUNT values to compare with the default, comma-separated")
+    parser.add_argument("--ort", metavar="BUNDLE", help="instead: ONNX Runtime's spinning on and off, decoding from "
+                        "this bundle (hadaconv export)")
     args = parser.parse_args()
+    if args.ort:
+        print(f"machine: {machine()}")
+        return run_ort(args.ort, args)
     settings: dict[str, str | None] = {"default (300000)": None}
     settings.update({f"GOMP_SPINCOUNT={s}": s for s in args.spin.split(",")})
     print(f"machine: {machine()}; torch threads {args.threads}; {args.repeats} processes per setting and condition")
