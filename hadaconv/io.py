@@ -606,9 +606,10 @@ def check_model_config(source: str | os.PathLike, config: str | os.PathLike | No
         return
     flag, who = flag or option("config"), f"{whose} " if whose else ""
     if path.suffix == ".safetensors" and path.is_file():
-        if TIED_KEY in (_check_safetensors(path).get("__metadata__") or {}) or _converted_weights_of(path):
-            where = f"the folder {path.parent}" if _is_converted_folder(path.parent) else \
-                "the converted folder they came from"
+        in_converted = _is_converted_folder(path.parent)
+        if TIED_KEY in (_check_safetensors(path).get("__metadata__") or {}) or \
+                (in_converted and _weights_of_its_folder(path)):
+            where = f"the folder {path.parent}" if in_converted else "the converted folder they came from"
             raise InputError(f"{who}{path} holds a converted model's weights, which load only with their folder's "
                              f"config: give {where}")
         if config is None:
@@ -632,13 +633,11 @@ def _is_converted_folder(folder: Path) -> bool:
         return False
 
 
-def _converted_weights_of(path: Path) -> bool:
-    """Whether ``path`` is one of the weight files its folder, a converted model's, loads from
-    (model.safetensors or a shard its index names): streamed shards written before they carried
-    the marker."""
+def _weights_of_its_folder(path: Path) -> bool:
+    """Whether ``path`` is one of the weight files its folder loads from (model.safetensors or a
+    shard its index names): in a converted folder, how streamed shards written before they
+    carried the marker are known."""
     folder = path.parent
-    if not _is_converted_folder(folder):
-        return False
     if path.name == WEIGHTS:
         return True
     try:
