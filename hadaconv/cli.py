@@ -1,7 +1,9 @@
 """The ``hadaconv`` command line: thin click verbs over the Python API.
 
 Every verb is a call into a public function; user errors (HadaconvError and the usual OS/value
-errors about inputs) are printed as one ``error:`` line with exit status 1, never a traceback.
+errors about inputs) are printed as one ``error:`` line with exit status 1, never a traceback;
+a command line that does not parse exits with 2 (click's usage errors, as argparse does), a run
+stopped by a signal with 128 + its number (130 for Ctrl-C, 143 for SIGTERM).
 Anything else (a damaged input no check foresaw) is one line too, naming its type;
 ``HADACONV_TRACEBACK=1`` lets it through with its traceback.
 """
@@ -792,7 +794,7 @@ SPINCOUNT = "10000"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the CLI and turns user errors into one line and exit code 1.
+    """Console entry point: runs the CLI and turns user errors into one line and exit code 1 (2 for usage errors).
     Sets ``GOMP_SPINCOUNT`` in this process's environment (see :data:`SPINCOUNT`), which the
     processes it starts inherit; the Python API does not."""
     if "OMP_WAIT_POLICY" not in os.environ:

@@ -949,6 +949,20 @@ def test_bad_input(row, world, tmp_path, capsys, monkeypatch):
                       leaves={str(tmp_path / name) for name in row.leaves})
 
 
+@pytest.mark.parametrize("argv, status", [
+    (["hadamard", "12", "--no-such-flag"], 2),  # a command line that does not parse: click's usage status
+    (["convert"], 2),
+    (["hadamard", "x"], 2),  # refused by the argument's type, while parsing
+    (["hadamard", "0"], 1),  # parsed, then refused by hadaconv's own checks
+    (["inspect", "/nonexistent/model.gguf"], 1),
+])
+def test_exit_status_tells_usage_from_input(argv, status, capsys, monkeypatch):
+    """The statuses the README promises: 2 for a command line that does not parse, 1 for bad
+    input; one error line either way."""
+    _expect_one_error(capsys, monkeypatch, argv, r"^error: ")
+    assert run_cli(capsys, *argv)[0] == status
+
+
 def _unforeseen(n):
     raise TypeError("unsupported operand type(s) for /: 'PosixPath' and 'int'")
 
