@@ -48,7 +48,7 @@ from common import EVAL_WINDOWS, heldout_domains, machine, smollm2_path  # noqa:
 from hadaconv.blockwise import convert_blockwise, decoder  # noqa: E402
 from hadaconv.calibrate import MomentCollector, text_windows  # noqa: E402
 from hadaconv.convert import (  # noqa: E402
-    ConvertConfig, calibration_batches, collect_statistics, find_target, fit_layer, fit_layers,
+    DEFAULT_CALIBRATION, ConvertConfig, calibration_batches, collect_statistics, find_target, fit_layer, fit_layers,
     layer_row, rank_layers)
 from hadaconv.distill.core import DEFAULT_SAMPLES  # noqa: E402
 from hadaconv.evaluate import perplexity  # noqa: E402
@@ -101,7 +101,8 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2",
                     help="SmolLM2-135M-Instruct or Qwen2.5-Coder-0.5B-Instruct (default: smollm2)")
     ap.add_argument("--work", type=Path, default=Path("bench-work"), help="cache folder (statistics, results)")
-    ap.add_argument("--samples", type=int, default=128, help="calibration windows (the convert default)")
+    ap.add_argument("--samples", type=int, default=DEFAULT_CALIBRATION,
+                    help=f"calibration windows (the convert default, {DEFAULT_CALIBRATION})")
     ap.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS,
                     help="windows of 256 tokens per held-out domain (8 was the default before 2026-12-04)")
     ap.add_argument("--cells", default="default", help="'default' (the grid in priority order) or a list "

@@ -181,8 +181,9 @@ def read_jsonl(path: Path) -> list[str]:
     return texts
 
 
-#: Sampled text is cached in chunks of this many sequences, convert's default ``--samples``: a
-#: larger request (distill's 256) reads the chunk a default conversion sampled and adds chunks.
+#: Sampled text is cached in chunks of this many sequences: a larger request reads the chunks
+#: a smaller one sampled and adds only the missing ones (``--samples 128`` then the default 512
+#: samples three more).
 CHUNK = 128
 
 

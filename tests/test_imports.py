@@ -58,3 +58,21 @@ def test_cli_sets_the_spin_count_unless_the_user_did(monkeypatch, env, expect):
     except SystemExit as exit_:
         assert exit_.code in (0, None)
     assert os.environ.get("GOMP_SPINCOUNT") == expect
+
+
+@pytest.mark.parametrize("verb, config", [("convert", "ConvertConfig"), ("distill", "DistillConfig")])
+def test_cli_defaults_are_the_config_defaults(verb, config):
+    """The CLI spells its defaults out (it imports no torch, so not the configs), and `--help`
+    shows them: each must be the Python API's own, or the two entry points convert differently."""
+    import dataclasses
+    import importlib
+
+    import click
+
+    from hadaconv.cli import cli
+
+    fields = {f.name: f.default for f in dataclasses.fields(getattr(importlib.import_module(f"hadaconv.{verb}"), config))}
+    unset = getattr(click.core, "UNSET", None)  # click 8.3's mark of "no default"; older versions say None
+    shared = [p for p in cli.commands[verb].params if p.name in fields and p.default is not unset]
+    assert len(shared) > 10
+    assert {p.name: p.default for p in shared} == {p.name: fields[p.name] for p in shared}

@@ -49,11 +49,13 @@ __all__ = ["DistillConfig", "DistillReport", "converted_blocks", "default_lr", "
 
 Stage = Literal["local", "global"]
 
-#: Sequences sampled from the teacher when no --data is given (:attr:`DistillConfig.sampled`).  Measured on SmolLM2 (all layers,
-#: benchmarks/RESULTS.md, "Twice the distinct text"): 10 minutes on 256 gave 5-8% better held-out
-#: perplexity than on the 128 a default conversion calibrates on, which get repeated and
-#: overfitted.  The first 128 are convert's cached chunk (sample.CHUNK), so only 128 more are sampled.
-DEFAULT_SAMPLES = 256
+#: Sequences sampled from the teacher when no --data is given (:attr:`DistillConfig.sampled`): the
+#: 512 a default conversion calibrates on (:data:`hadaconv.convert.DEFAULT_CALIBRATION`), read from
+#: the cache.  Measured on SmolLM2, all layers (benchmarks/RESULTS.md, "Distillation on 256 sampled
+#: windows" and "A lever measured and not taken: chat text"): ten minutes on 256 gave 5-8% better
+#: held-out perplexity than on 128, which get repeated and overfitted, and 512 another 1-3% over
+#: 256 once a step took 3 s (about 200 steps: the text seen 1.6 times instead of 3.2).
+DEFAULT_SAMPLES = 512
 
 #: Fewer held-out windows than this (and than ``eval_windows`` asks for) get a warning: the best
 #: state is chosen on them, and a choice on one or two windows follows those windows' noise.
@@ -71,8 +73,8 @@ class DistillConfig:
         stages: "local" (block-wise reconstruction), "global" (end-to-end KD), in that order.
         train: "attention" (the converted attention blocks: q, k, v, gamma, beta) or "all".
         data: training text: "sample" (the teacher's own text, :data:`DEFAULT_SAMPLES` sequences
-            of ``seq_len`` tokens sampled once and cached, the first 128 those a default
-            conversion calibrates on; the default, None), "shakespeare", files, folders, JSONL
+            of ``seq_len`` tokens sampled once and cached, the text a default conversion
+            calibrates on; the default, None), "shakespeare", files, folders, JSONL
             (see :func:`hadaconv.sample.calibration_texts`).
         sampled: sequences the teacher writes for the data source "sample" (the first 128 shared
             with a default conversion's cache, the rest sampled once and cached; more is more
