@@ -125,8 +125,8 @@ def main() -> None:
                          "hardware multiplies it: AMX / AVX512_BF16 CPUs, GPUs)")
     ap.add_argument("--distill-minutes", type=float, default=0.0,
                     help="instead of the grid: convert with the defaults, then distill this long with the "
-                         "defaults (on distill's default text: 256 sampled sequences, the first 128 those a "
-                         "default conversion calibrates on) and measure the recovery")
+                         "defaults (on distill's default text: the sampled sequences a default conversion "
+                         "calibrates on, --distill-sampled of them) and measure the recovery")
     ap.add_argument("--distill-steps", type=_positive, default=0,
                     help="instead of the grid: convert, then distill for this many optimizer steps (with "
                          "--distill-minutes too: whichever budget ends first)")
@@ -151,7 +151,7 @@ def main() -> None:
         ap.error("--distill-layers and --distill-lr need a budget: --distill-minutes or --distill-steps")
     budget = "-".join(([f"{args.distill_minutes:g}min"] if args.distill_minutes else [])
                       + ([f"{args.distill_steps}steps"] if args.distill_steps else []))
-    # d256: distill on its default text (stores without it trained on the 128 calibration windows); kK: the
+    # d256: distill on sampled text, --distill-sampled sequences (stores without it trained on the calibration windows); kK: the
     # layers converted; the runs of each learning rate are kept inside.
     store = args.work / (f"quality-{tag}{args.samples}{ranked}{evals}.json" if not distilling
                          else f"recovery-{tag}{args.samples}-k{args.distill_layers or 'all'}-d{args.distill_sampled}"

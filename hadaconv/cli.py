@@ -123,7 +123,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--samples", type=click.IntRange(min=2), default=512, show_default=True,
               help="Calibration windows of --seq-len tokens (10% held out for the report); with --calib sample "
                    "also the number of sequences the model writes.  Fewer convert faster and fit worse: 128 "
-                   "take about a fifth of the time on a CPU (SmolLM2, all layers: 2.87x / 2.77x the teacher's "
+                   "take about a third of the time on a CPU (SmolLM2, all layers: 2.87x / 2.77x the teacher's "
                    "held-out perplexity against 2.78x / 2.31x).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
               help="Tokens per calibration window (and per sampled sequence).")
@@ -644,7 +644,7 @@ def _duration(text: str | None) -> float | None:
               help="Sequences of --seq-len tokens the original model writes for --data sample (sampled once per "
                    "model and cached; more is more distinct text, fewer repeats, at a one-off sampling cost).  "
                    "Longer runs want more, each window seen about twice: steps x --batch-size / 2 (SmolLM2 on a "
-                   "2-core Xeon: 10 minutes are 150-210 steps, where 512 did 3-8% better than 256; 30 minutes "
+                   "2-core Xeon: 10 minutes are 150-210 steps, where 512 did 1-3% better than 256; 30 minutes "
                    "about 550, where 1024 did better than 256).")
 @click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out windows of the training text]")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")

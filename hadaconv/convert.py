@@ -65,7 +65,7 @@ MIN_BLOCKS = 8
 #: SmolLM2 (benchmarks/RESULTS.md, "512 calibration sequences by default"): all 30 layers 2.78x /
 #: 2.31x the teacher's held-out perplexity against 2.87x / 2.77x on 128, and 2.00x / 1.97x after
 #: ten minutes of default distillation against 2.13x / 2.17x; it costs four times the one-off
-#: sampling and about five times the conversion time on a CPU (``--samples 128`` for a quick run).
+#: sampling and about three times the conversion time on a CPU (``--samples 128`` for a quick run).
 DEFAULT_CALIBRATION = 512
 
 

@@ -250,7 +250,8 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
             f"({paths[0].name[:12]}... under {paths[0].parent}), and sampling runs the whole model once per token, "
             "which a streamed conversion does not hold: convert once without "
             f"{command('--streamed', 'streaming (convert_file)')} where the model fits (it caches the text), or pass "
-            f"{command('--calib shakespeare / FILE', 'calib=[shakespeare or FILE]')}")
+            f"{command('--calib shakespeare / FILE', 'calib=[shakespeare or FILE]')}"
+            + _cached_hint(folder, digest, counts, seq_len, seed, temperature))
     if missing and progress:  # the first run of a model pays for this once: say what, why and where it goes
         cached = f" (another {samples - todo} cached)" if todo < samples else ""
         # The hint only where the user may not know the count is theirs to choose (a default's size).
@@ -274,6 +275,18 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
                                temperature=temperature, seed=_chunk_seed(seed, i), progress=progress)
                   if i in missing else _read_cached(path))
     return texts, paths
+
+
+def _cached_hint(folder: Path, digest: str, counts: list[int], seq_len: int, seed: int, temperature: float) -> str:
+    """", or ask for the N sequences that are cached" when whole leading chunks are (an earlier
+    conversion with a smaller --samples), else ""."""
+    cached = 0
+    for i in range(len(counts)):
+        if not _chunk_path(folder, digest, CHUNK, seq_len, seed, temperature, i).is_file():
+            break
+        cached += CHUNK
+    return f", or ask for the {cached} that are cached ({command(f'--samples {cached}', f'samples={cached}')})" \
+        if cached else ""
 
 
 def _read_cached(path: Path) -> list[str]:

@@ -178,7 +178,7 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path, monkeypatch):
 
 
 def test_time_budget_leaves_out_preparing_the_text(tokenizer, monkeypatch):
-    """Sampling the text (minutes the first time: distill samples 128 more than convert cached)
+    """Sampling the text (minutes the first time: distill samples what convert has not cached)
     must not use up --max-time: a 1.5 s text preparation under a 1 s budget still trains."""
     import time
 

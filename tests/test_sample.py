@@ -204,8 +204,9 @@ def _counting_sampler(monkeypatch, sample):
 
 
 def test_larger_requests_reuse_the_cached_chunks(tokenizer, tmp_path, monkeypatch, capsys):
-    """distill's 256 after convert's 128, in small: chunk 0 is read, only the missing chunks are
-    sampled, each with its own seed (distinct text, and seed 1 does not repeat chunk 1 of seed 0)."""
+    """A larger request after a smaller one (convert --samples 128, then the default 512), in
+    small: chunk 0 is read, only the missing chunks are sampled, each with its own seed (distinct
+    text, and seed 1 does not repeat chunk 1 of seed 0)."""
     import hadaconv.sample as sample
 
     monkeypatch.setattr(sample, "CHUNK", 3)
@@ -229,7 +230,7 @@ def test_larger_requests_reuse_the_cached_chunks(tokenizer, tmp_path, monkeypatc
 
 def test_a_part_chunk_names_the_whole_one_that_is_cached(tokenizer, tmp_path, monkeypatch, capsys):
     """Fewer sequences than a cached chunk are sampled afresh (a newcomer's --sampled 64 after a
-    default convert's 128): the announcement says that the whole chunk would cost nothing."""
+    convert's 128): the announcement says that the whole chunk would cost nothing."""
     import hadaconv.sample as sample
 
     monkeypatch.setattr(sample, "CHUNK", 3)
@@ -262,7 +263,8 @@ def test_a_small_request_is_one_chunk_as_before(tokenizer, tmp_path, monkeypatch
 
 
 def test_a_streamed_conversion_needs_every_chunk_cached(tokenizer, tmp_path, monkeypatch):
-    """With ``fingerprint`` (no weights to sample with) a missing later chunk is an error, not a sample."""
+    """With ``fingerprint`` (no weights to sample with) a missing later chunk is an error, not a
+    sample, and the error offers the count that is cached."""
     import hadaconv.sample as sample
 
     monkeypatch.setattr(sample, "CHUNK", 3)
@@ -273,7 +275,8 @@ def test_a_streamed_conversion_needs_every_chunk_cached(tokenizer, tmp_path, mon
     texts, _ = sample.cached_samples(None, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path,
                                      fingerprint=lambda: digest)
     assert len(texts) == 3
-    with pytest.raises(HadaconvError, match="4 of the 7 sequences .* not cached .*without streaming"):
+    with pytest.raises(HadaconvError, match="4 of the 7 sequences .* not cached .*without streaming.*"
+                                            r"or ask for the 3 that are cached \((--samples|samples=)3\)"):
         sample.cached_samples(None, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path,
                               fingerprint=lambda: digest)
     assert calls == []

@@ -76,8 +76,8 @@ class DistillConfig:
             of ``seq_len`` tokens sampled once and cached, the text a default conversion
             calibrates on; the default, None), "shakespeare", files, folders, JSONL
             (see :func:`hadaconv.sample.calibration_texts`).
-        sampled: sequences the teacher writes for the data source "sample" (the first 128 shared
-            with a default conversion's cache, the rest sampled once and cached; more is more
+        sampled: sequences the teacher writes for the data source "sample" (those a default
+            conversion cached are read from the cache, the rest sampled once and cached; more is more
             distinct text, at a one-off sampling cost).  Budgets past the default's ten CPU
             minutes want about ``steps * batch_size / 2``, each window seen about twice
             (benchmarks/RESULTS.md, "Thirty minutes of distillation").
@@ -584,8 +584,8 @@ class _Distillation:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, blocks: list[str], d: Dist,
                  eval_ids: torch.Tensor, report: DistillReport) -> None:
-        # The clock of max_time starts here: the text is sampled once per model (the 128 sequences
-        # convert has not cached take minutes on a CPU), which must not eat the training budget.
+        # The clock of max_time starts here: the text is sampled once per model (sequences convert
+        # has not cached take minutes on a CPU), which must not eat the training budget.
         self.start = time.perf_counter()
         self.student, self.teacher, self.cfg, self.blocks, self.d, self.report = student, teacher, cfg, blocks, d, report
         self.kind, self.main = report.kind, d.main
