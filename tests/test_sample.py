@@ -228,6 +228,33 @@ def test_larger_requests_reuse_the_cached_chunks(tokenizer, tmp_path, monkeypatc
     assert not set(other) & set(texts[:6])
 
 
+def test_the_chunks_to_sample_share_one_bar(tokenizer, tmp_path, monkeypatch):
+    """A newcomer's first default convert samples four chunks: one bar over all of them, so its
+    time left is the whole sampling's, not the first chunk's; the texts are those of separate bars."""
+    import contextlib
+
+    import hadaconv.sample as sample
+
+    monkeypatch.setattr(sample, "CHUNK", 3)
+    bars, real = [], sample.progress_bar
+
+    @contextlib.contextmanager
+    def recorded(total, description, enabled=True):
+        bars.append([total, description, 0])
+        with real(total, description, enabled) as step:
+            yield lambda: (bars[-1].__setitem__(2, bars[-1][2] + 1), step())
+
+    monkeypatch.setattr(sample, "progress_bar", recorded)
+    model = make_tiny("llama")
+    texts, _ = sample.cached_samples(model, tokenizer, samples=7, seq_len=8, batch_size=2, cache=tmp_path / "a")
+    steps = sample.sampling_steps(3, 8, 2) * 2 + sample.sampling_steps(1, 8, 2)
+    assert steps == (2 + 2 + 1) * 7
+    assert bars == [[steps, "sampling 7 sequences, 3 chunks of up to 3 cached as each ends", steps]]
+    alone = [sample.sample_texts(model, tokenizer, samples=n, seq_len=8, batch_size=2, progress=False,
+                                 seed=sample._chunk_seed(0, i)) for i, n in enumerate((3, 3, 1))]
+    assert texts == alone[0] + alone[1] + alone[2]
+
+
 def test_a_part_chunk_names_the_whole_one_that_is_cached(tokenizer, tmp_path, monkeypatch, capsys):
     """Fewer sequences than a cached chunk are sampled afresh (a newcomer's --sampled 64 after a
     convert's 128): the announcement says that the whole chunk would cost nothing."""
