@@ -121,8 +121,9 @@ def sample_texts(
 
 
 def sampling_steps(samples: int, seq_len: int, batch_size: int = DEFAULT_BATCH) -> int:
-    """The token steps :func:`sample_texts` runs: ``seq_len - 1`` for each batch of sequences."""
-    return -(-samples // batch_size) * (seq_len - 1)
+    """The token steps :func:`sample_texts` runs: ``seq_len - 1`` for each batch of sequences
+    (a batch size under 1, which sample_texts refuses, counts as 1)."""
+    return -(-samples // max(1, batch_size)) * max(0, seq_len - 1)
 
 
 def write_jsonl(texts: list[str], path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -9,7 +9,7 @@ from tiny_models import make_tiny, tokenizer_folder
 from transformers import AutoTokenizer
 
 from hadaconv.calibrate import load_texts
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, InputError
 from hadaconv.sample import _start_tokens, sample_texts
 
 
@@ -307,3 +307,13 @@ def test_a_streamed_conversion_needs_every_chunk_cached(tokenizer, tmp_path, mon
         sample.cached_samples(None, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path,
                               fingerprint=lambda: digest)
     assert calls == []
+
+
+def test_cached_sampling_refuses_a_batch_of_zero(tokenizer, tmp_path):
+    """The shared bar counts the steps before sample_texts checks its arguments: a batch size of 0
+    must still be sample_texts' InputError, not a division by zero."""
+    import hadaconv.sample as sample
+
+    with pytest.raises(InputError, match="batch size must be at least 1"):
+        sample.cached_samples(make_tiny("llama"), tokenizer, samples=2, seq_len=4, batch_size=0, progress=False,
+                              cache=tmp_path)
