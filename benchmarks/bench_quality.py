@@ -48,8 +48,8 @@ from common import EVAL_WINDOWS, heldout_domains, machine, smollm2_path  # noqa:
 from hadaconv.blockwise import convert_blockwise, decoder  # noqa: E402
 from hadaconv.calibrate import MomentCollector, text_windows  # noqa: E402
 from hadaconv.convert import (  # noqa: E402
-    DEFAULT_CALIBRATION, ConvertConfig, calibration_batches, collect_statistics, find_target, fit_layer, fit_layers,
-    layer_row, rank_layers)
+    DEFAULT_CALIBRATION, ConvertConfig, calibration_batches, collect_statistics, find_target, fit_layer,
+    fit_layers, layer_row, rank_layers)
 from hadaconv.distill.core import DEFAULT_SAMPLES  # noqa: E402
 from hadaconv.evaluate import perplexity  # noqa: E402
 from hadaconv.fit import damped_covariance, reduced_rank  # noqa: E402
@@ -151,8 +151,8 @@ def main() -> None:
         ap.error("--distill-layers and --distill-lr need a budget: --distill-minutes or --distill-steps")
     budget = "-".join(([f"{args.distill_minutes:g}min"] if args.distill_minutes else [])
                       + ([f"{args.distill_steps}steps"] if args.distill_steps else []))
-    # d256: distill on sampled text, --distill-sampled sequences (stores without it trained on the calibration windows); kK: the
-    # layers converted; the runs of each learning rate are kept inside.
+    # d256: distill on sampled text, --distill-sampled sequences (stores without it trained on the
+    # calibration windows); kK: the layers converted; the runs of each learning rate are kept inside.
     store = args.work / (f"quality-{tag}{args.samples}{ranked}{evals}.json" if not distilling
                          else f"recovery-{tag}{args.samples}-k{args.distill_layers or 'all'}-d{args.distill_sampled}"
                          f"-{budget}{f'-h{args.hidden_weight:g}' if args.hidden_weight else ''}"

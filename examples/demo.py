@@ -173,7 +173,8 @@ def main() -> None:
     lap(f"decode speed ({args.repeats} x 2 runs)")
 
     caption = (f"calibration and distillation text: {args.samples} sequences of 256 tokens the model wrote "
-               f"(convert's default is {DEFAULT_CALIBRATION}: the demo takes fewer to stay short, and converts worse for it); "
+               f"(convert's default is {DEFAULT_CALIBRATION}: the demo takes fewer to stay short, and converts worse "
+               "for it); "
                "held-out perplexity: 4 x 512 tokens per domain, text neither conversion nor distillation saw "
                "(python-ref: the Python language reference; kjv: the King James Bible); "
                f"distillation: {dreport.steps} steps ({dreport.tokens:,} tokens) in {args.distill_minutes:g} min, "

@@ -798,8 +798,8 @@ SPINCOUNT = "10000"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the CLI and turns user errors into one line and exit code 1 (2 for usage errors).
-    Sets ``GOMP_SPINCOUNT`` in this process's environment (see :data:`SPINCOUNT`), which the
+    """Console entry point: runs the CLI and turns user errors into one line and exit code 1 (2
+    for usage errors).  Sets ``GOMP_SPINCOUNT`` in this process's environment (see :data:`SPINCOUNT`), which the
     processes it starts inherit; the Python API does not."""
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", SPINCOUNT)

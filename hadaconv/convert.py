@@ -43,7 +43,7 @@ from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.progress import progress
 from hadaconv.report import ConvertReport, LayerReport
-from hadaconv.sample import calibration_texts
+from hadaconv.sample import DEFAULT_SEQUENCES, calibration_texts
 from hadaconv.sensitivity import METRIC, OTHER_METRIC, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
 
@@ -66,7 +66,7 @@ MIN_BLOCKS = 8
 #: 2.31x the teacher's held-out perplexity against 2.87x / 2.77x on 128, and 2.00x / 1.97x after
 #: ten minutes of default distillation against 2.13x / 2.17x; it costs four times the one-off
 #: sampling and about three times the conversion time on a CPU (``--samples 128`` for a quick run).
-DEFAULT_CALIBRATION = 512
+DEFAULT_CALIBRATION = DEFAULT_SEQUENCES  # 512, shared with distill's default text
 
 
 def default_block(widths: Sequence[int]) -> int:

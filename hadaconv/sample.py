@@ -37,7 +37,7 @@ from hadaconv.errors import HadaconvError, InputError, command
 from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
-__all__ = ["CHUNK", "SAMPLE", "SHAKESPEARE", "cache_dir", "cached_samples", "calibration_texts",
+__all__ = ["CHUNK", "DEFAULT_SEQUENCES", "SAMPLE", "SHAKESPEARE", "cache_dir", "cached_samples", "calibration_texts",
            "model_fingerprint", "read_jsonl", "sample_texts", "sampling_steps", "write_jsonl"]
 
 #: Calibration source names (``--calib sample``, ``--calib shakespeare``).
@@ -103,7 +103,7 @@ def sample_texts(
     batches = range(0, samples, batch_size)
     what = (f"sampling {samples} sequences ({len(batches)} batch{'es' if len(batches) > 1 else ''} x {seq_len - 1} "
             "steps after a start token)")
-    bar = progress_bar(sampling_steps(samples, seq_len, batch_size), what, progress is True) \
+    bar = progress_bar(sampling_steps(samples, seq_len, batch_size), what, bool(progress)) \
         if not callable(progress) else nullcontext(progress)
     with bar as step:
         for b0 in batches:
@@ -196,6 +196,11 @@ def read_jsonl(path: Path) -> list[str]:
 #: a smaller one sampled and adds only the missing ones (``--samples 128`` then the default 512
 #: samples three more).
 CHUNK = 128
+
+#: Sequences a default conversion calibrates on and a default distillation trains on: one
+#: sampling, cached, serves both (:data:`hadaconv.convert.DEFAULT_CALIBRATION`,
+#: :data:`hadaconv.distill.core.DEFAULT_SAMPLES`, where the measurements behind it are).
+DEFAULT_SEQUENCES = 512
 
 
 def _chunk_counts(samples: int) -> list[int]:

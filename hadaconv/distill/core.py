@@ -43,7 +43,7 @@ from hadaconv.errors import HadaconvError, InputError, check_fields, check_modul
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import LOG_EVERY, console, counted, duration
-from hadaconv.sample import calibration_texts
+from hadaconv.sample import DEFAULT_SEQUENCES, calibration_texts
 
 __all__ = ["DistillConfig", "DistillReport", "converted_blocks", "default_lr", "distill"]
 
@@ -55,7 +55,7 @@ Stage = Literal["local", "global"]
 #: windows" and "A lever measured and not taken: chat text"): ten minutes on 256 gave 5-8% better
 #: held-out perplexity than on 128, which get repeated and overfitted, and 512 another 1-3% over
 #: 256 once a step took 3 s (about 200 steps: the text seen 1.6 times instead of 3.2).
-DEFAULT_SAMPLES = 512
+DEFAULT_SAMPLES = DEFAULT_SEQUENCES  # 512, the text a default conversion cached
 
 #: Fewer held-out windows than this (and than ``eval_windows`` asks for) get a warning: the best
 #: state is chosen on them, and a choice on one or two windows follows those windows' noise.
