@@ -236,8 +236,8 @@ def _sample_into(path: Path, model: nn.Module, tokenizer: Any, **settings: Any) 
     return texts
 
 
-def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_len: int = 256, seed: int = 0,
-                   temperature: float = 1.0, batch_size: int = DEFAULT_BATCH, progress: bool = True,
+def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_SEQUENCES, seq_len: int = 256,
+                   seed: int = 0, temperature: float = 1.0, batch_size: int = DEFAULT_BATCH, progress: bool = True,
                    cache: str | os.PathLike | None = None,
                    fingerprint: Callable[[], str] | None = None) -> tuple[list[str], list[Path]]:
     """:func:`sample_texts` once per (model content, settings); later calls read the cached JSONL.
@@ -272,8 +272,8 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
         cached = f" (another {samples - todo} cached)" if todo < samples else ""
         # The hint only where the user may not know the count is theirs to choose (a default's size).
         hint = " (fewer sequences make a quicker first try: convert --samples, distill --sampled)" if todo >= CHUNK else ""
-        whole = _chunk_path(folder, digest, CHUNK, seq_len, seed, temperature, len(counts) - 1)
-        if missing == [len(counts) - 1] and counts[-1] < CHUNK and whole.is_file():
+        if missing == [len(counts) - 1] and counts[-1] < CHUNK \
+                and _whole_chunks_cached(folder, digest, seq_len, seed, temperature, len(counts)) == len(counts):
             # A part chunk is other text than the whole one's first rows, so it is sampled (a
             # count's text must not depend on the cache's history); the user may prefer the whole.
             hint = f"; asking for {len(counts) * CHUNK} instead would sample nothing"
@@ -297,14 +297,19 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = 128, seq_
     return texts, paths
 
 
+def _whole_chunks_cached(folder: Path, digest: str, seq_len: int, seed: int, temperature: float, limit: int) -> int:
+    """How many leading chunks of :data:`CHUNK` sequences (at most ``limit``) are cached: asking for
+    that many times :data:`CHUNK` samples nothing."""
+    for i in range(limit):
+        if not _chunk_path(folder, digest, CHUNK, seq_len, seed, temperature, i).is_file():
+            return i
+    return limit
+
+
 def _cached_hint(folder: Path, digest: str, counts: list[int], seq_len: int, seed: int, temperature: float) -> str:
     """", or ask for the N sequences that are cached" when whole leading chunks are (an earlier
     conversion with a smaller --samples), else ""."""
-    cached = 0
-    for i in range(len(counts)):
-        if not _chunk_path(folder, digest, CHUNK, seq_len, seed, temperature, i).is_file():
-            break
-        cached += CHUNK
+    cached = CHUNK * _whole_chunks_cached(folder, digest, seq_len, seed, temperature, len(counts))
     return f", or ask for the {cached} that are cached ({command(f'--samples {cached}', f'samples={cached}')})" \
         if cached else ""
 
@@ -316,8 +321,8 @@ def _read_cached(path: Path) -> list[str]:
         raise HadaconvError(f"{exc} (a damaged cache file: delete it to sample afresh)") from None
 
 
-def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *, samples: int = 128,
-                      seq_len: int = 256, progress: bool = True,
+def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *,
+                      samples: int = DEFAULT_SEQUENCES, seq_len: int = 256, progress: bool = True,
                       fingerprint: Callable[[], str] | None = None) -> tuple[list[list[str]], list[str]]:
     """Resolve calibration / distillation sources into their texts (one list per source, for
     :func:`hadaconv.calibrate.mixed_windows` to give each an equal share) and a description
