@@ -317,3 +317,29 @@ def test_cached_sampling_refuses_a_batch_of_zero(tokenizer, tmp_path):
     with pytest.raises(InputError, match="batch size must be at least 1"):
         sample.cached_samples(make_tiny("llama"), tokenizer, samples=2, seq_len=4, batch_size=0, progress=False,
                               cache=tmp_path)
+
+
+def test_an_interrupted_sampling_says_what_is_cached(tokenizer, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the third of three chunks: the two finished ones stay cached, the user is told so,
+    and the next run samples only the third."""
+    import hadaconv.sample as sample
+
+    monkeypatch.setattr(sample, "CHUNK", 3)
+    model = make_tiny("llama")
+    real, calls = sample.sample_texts, []
+
+    def stop_at_third(*args, **kwargs):
+        calls.append(kwargs["samples"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "sample_texts", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        sample.cached_samples(model, tokenizer, samples=7, seq_len=8, cache=tmp_path)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "sampling stopped: 6 of the 7 new sequences are cached" in err, err
+    calls.clear()
+    monkeypatch.setattr(sample, "sample_texts", lambda *a, **k: calls.append(k["samples"]) or real(*a, **k))
+    sample.cached_samples(model, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path)
+    assert calls == [1]
