@@ -7,8 +7,9 @@ block holding a layer to convert:
 
 1. ``t' = block(t)`` with the original weights (the teacher's target);
 2. with ``sequential``, the output projection's input statistics are collected on ``s`` (the
-   inputs the converted student really produces) and the layer is fitted on them; otherwise the
-   fit made on the teacher's statistics is used; the fit is swapped in;
+   inputs the converted student really produces; that pass stops at the projection) and the
+   layer is fitted on them; otherwise the fit made on the teacher's statistics is used; the fit
+   is swapped in;
 3. with ``compensate``, the dense maps the adapter names (``Adapter.residual_maps``, the MLP
    down-projection) are refitted so that the block's output matches ``t'``
    (:mod:`hadaconv.compensate`);
@@ -174,6 +175,31 @@ def _pass(block: nn.Module, inputs: list[BlockInput], hidden: list[torch.Tensor]
     return stats, outs
 
 
+def _moments(block: nn.Module, inputs: list[BlockInput], hidden: list[torch.Tensor], layer: AttentionLayer,
+             device) -> MomentCollector:
+    """The input moments of ``layer``'s output projection for every window (per split, on
+    ``device``).  Each window's pass stops at that projection: what the block computes from it on
+    (the projection itself and, in a pre-norm block, the whole MLP: two thirds of SmolLM2's
+    multiply-adds) cannot change its input."""
+
+    def stop(module, args):
+        raise _Stop
+
+    stats = MomentCollector({layer.index: layer.out_module}, device)
+    with stats.hooked():  # the collector's hook is registered first, so it runs before the stop
+        handle = layer.out_module.register_forward_pre_hook(stop)
+        try:
+            for inp, h in zip(inputs, hidden):
+                stats.split = inp.split
+                try:
+                    inp.call(block, h)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+    return stats
+
+
 def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLayer], data_batches: list[tuple[str, dict]],
                       fits: dict[int, FitResult], rows: dict[int, LayerReport], *, sequential: bool,
                       compensate: bool, fit_fn: FitFn, show: bool = True, stats_device: str | None = None) -> None:
@@ -215,7 +241,7 @@ def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLaye
             for layer in here:
                 if sequential or layer.index not in fits:
                     if not any(layer is la for la in early):  # the student's inputs, earlier layers swapped
-                        stats = _pass(block, inputs, s_in, [layer], stats_device)[0]
+                        stats = _moments(block, inputs, s_in, layer, stats_device)
                     with torch.enable_grad():
                         fits[layer.index], rows[layer.index] = fit_fn(
                             layer, stats.moments(layer.index), stats.moments(layer.index, "heldout"))

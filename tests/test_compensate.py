@@ -162,3 +162,24 @@ def test_compensation_improves_a_tiny_models_block_output():
                           samples=24, seq_len=32, heldout=0)[0]
     fresh_err = block0_errors(fresh)
     assert fresh_err["comp"] < 0.999 * fresh_err["plain"]
+
+
+def test_the_students_statistics_pass_stops_at_the_projection():
+    """The sequential fit needs only the output projection's inputs on the student's states, so
+    that pass stops there: each block's MLP runs for the teacher's pass and the compensated
+    student's, not a third time (it was a third of the block loop's model time)."""
+    from hadaconv.convert import calibration_batches
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder())
+    model = make_tiny("llama")
+    cfg = ConvertConfig(block=4, samples=40, seq_len=32, batch_size=8, calib=["shakespeare"], sensitivity=False,
+                        progress=False)
+    data = calibration_batches(model, tok, cfg)
+    batches = len(data.calib) + len(data.heldout)
+    calls = [0] * len(model.model.layers)
+    for i, blk in enumerate(model.model.layers):
+        blk.mlp.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+    report = convert(model, tok, cfg)
+    assert report.sequential and report.compensate and all(row.converted for row in report.layers)
+    # 2: convert's check that the blocks replay the model (one whole pass, one block by block).
+    assert calls == [2 + 2 * batches] * len(calls), (calls, batches)
