@@ -102,7 +102,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 
 @cli.command("convert")
 @click.argument("model", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist, or use --overwrite).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (new or empty; a folder with files needs --overwrite).")
 @click.option("--mode", type=click.Choice(["affine", "diag", "head"]), default="head", show_default=True,
               help="affine: gamma/beta only; diag: + per-channel value scale; head: + a head_dim x head_dim "
                    "matrix per head, folded into the value projection (free at run time).")
@@ -451,7 +451,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 
 @cli.command("export")
 @click.argument("model", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Bundle folder to write (must not exist, or use --overwrite).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Bundle folder to write (new or empty; a folder with files needs --overwrite).")
 @click.option("--onnx", "onnx_format", is_flag=True, default=True, help="Export to ONNX (the only format; accepted for clarity).")
 @click.option("--portable", is_flag=True, help="Standard ONNX ops only (no op library needed), instead of com.hadaconv::HadamardAffine.")
 @click.option("--no-cache", is_flag=True, help="Causal LMs: export logits only, without the KV-cache inputs/outputs.")
@@ -625,7 +625,7 @@ def _duration(text: str | None) -> float | None:
 
 @cli.command("distill")
 @click.argument("converted", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist, or use --overwrite).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (new or empty; a folder with files needs --overwrite).")
 @click.option("--teacher", type=click.Path(), default=None, help="The original model.  [default: the source recorded by convert]")
 @click.option("--config", "teacher_config", type=click.Path(), default=None,
               help="config.json (or its folder) for a teacher that is a bare safetensors / state_dict file.")

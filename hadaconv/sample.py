@@ -290,7 +290,8 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
     chunks = f", {len(missing)} chunks of up to {CHUNK} cached as each ends" if len(missing) > 1 else ""
     try:
         with progress_bar(sum(sampling_steps(counts[i], seq_len, batch_size) for i in missing),
-                          f"sampling {todo} sequences{chunks}", progress) as step:
+                          f"sampling {todo} sequences (steps: a token of every sequence in a batch){chunks}",
+                          progress) as step:
             for i, (count, path) in enumerate(zip(counts, paths)):
                 texts += (_sample_into(path, model, tokenizer, samples=count, seq_len=seq_len, batch_size=batch_size,
                                        temperature=temperature, seed=_chunk_seed(seed, i), progress=step)
