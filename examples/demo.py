@@ -145,8 +145,8 @@ def main() -> None:
 
     console.rule(f"3. distill ({args.distill_minutes:g} min)")
     # Global KD only: in a two-minute budget the block-wise stage would take most of the time.
-    # The held-out tenth of the text chooses the state kept: all of it (3 windows of the 32),
-    # asked for, so that distill does not warn of a shortfall the demo chose.
+    # The held-out tenth of the text chooses the state kept: all of it is asked for, so that
+    # distill does not warn of a shortfall the demo chose (--samples).
     dreport = distill(student, teacher, tok, DistillConfig(stages=("global",), data=train_sources,
                                                            max_time=60 * args.distill_minutes,
                                                            eval_every=10, eval_windows=max(1, args.samples // 10)))

@@ -46,7 +46,8 @@ __all__ = ["BlockInput", "Decoder", "convert_blockwise", "decoder"]
 
 
 class _Stop(Exception):
-    """Raised by the capture hook: nothing after the first block needs to run."""
+    """Raised by a pre-hook to end a forward pass early: what follows cannot change what was
+    captured."""
 
 
 @dataclass
@@ -180,21 +181,29 @@ def _moments(block: nn.Module, inputs: list[BlockInput], hidden: list[torch.Tens
     """The input moments of ``layer``'s output projection for every window (per split, on
     ``device``).  Each window's pass stops at that projection: what the block computes from it on
     (the projection itself and, in a pre-norm block, the whole MLP: two thirds of SmolLM2's
-    multiply-adds) cannot change its input."""
+    multiply-adds) cannot change its input.  The first window runs whole, and the others stop only
+    if the projection ran once in it (one called twice must be seen twice), and never in a block
+    whose weights accelerate offloads (its hooks put them back only when the block returns)."""
+    offloaded = any(hasattr(m, "_hf_hook") for m in block.modules())
+    calls, stop = [], False
 
-    def stop(module, args):
-        raise _Stop
+    def count(module, args):
+        calls[-1] += 1
+        if stop:
+            raise _Stop
 
     stats = MomentCollector({layer.index: layer.out_module}, device)
     with stats.hooked():  # the collector's hook is registered first, so it runs before the stop
-        handle = layer.out_module.register_forward_pre_hook(stop)
+        handle = layer.out_module.register_forward_pre_hook(count)
         try:
             for inp, h in zip(inputs, hidden):
                 stats.split = inp.split
+                calls.append(0)
                 try:
                     inp.call(block, h)
                 except _Stop:
                     pass
+                stop = calls[0] == 1 and not offloaded
         finally:
             handle.remove()
     return stats

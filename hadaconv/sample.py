@@ -290,8 +290,7 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
     chunks = f", {len(missing)} chunks of up to {CHUNK} cached as each ends" if len(missing) > 1 else ""
     try:
         with progress_bar(sum(sampling_steps(counts[i], seq_len, batch_size) for i in missing),
-                          f"sampling {todo} sequences (steps: a token of every sequence in a batch){chunks}",
-                          progress) as step:
+                          f"sampling {todo} sequences, a token a step{chunks}", progress) as step:
             for i, (count, path) in enumerate(zip(counts, paths)):
                 texts += (_sample_into(path, model, tokenizer, samples=count, seq_len=seq_len, batch_size=batch_size,
                                        temperature=temperature, seed=_chunk_seed(seed, i), progress=step)
@@ -300,8 +299,9 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
         # Minutes of sampling may be on disk: say so, or the user thinks a rerun starts over.
         kept = sum(counts[i] for i in missing if paths[i].is_file())
         if progress and kept:
-            console.print(f"sampling stopped: {kept} of the {todo} new sequences are cached (whole chunks), "
-                          "the next run samples only the rest", highlight=False)
+            rest = "the next run with the same count samples only the rest" if kept < todo else "none is left"
+            console.print(f"sampling stopped: {kept} of the {todo} new sequences are cached (whole chunks); {rest}",
+                          highlight=False)
         raise
     return texts, paths
 

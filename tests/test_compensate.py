@@ -167,7 +167,8 @@ def test_compensation_improves_a_tiny_models_block_output():
 def test_the_students_statistics_pass_stops_at_the_projection():
     """The sequential fit needs only the output projection's inputs on the student's states, so
     that pass stops there: each block's MLP runs for the teacher's pass and the compensated
-    student's, not a third time (it was a third of the block loop's model time)."""
+    student's, not a third time (it was a third of the block loop's model time), but for the
+    first window."""
     from hadaconv.convert import calibration_batches
 
     tok = AutoTokenizer.from_pretrained(tokenizer_folder())
@@ -181,5 +182,44 @@ def test_the_students_statistics_pass_stops_at_the_projection():
         blk.mlp.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
     report = convert(model, tok, cfg)
     assert report.sequential and report.compensate and all(row.converted for row in report.layers)
-    # 2: convert's check that the blocks replay the model (one whole pass, one block by block).
-    assert calls == [2 + 2 * batches] * len(calls), (calls, batches)
+    # 2: convert's check that the blocks replay the model (one whole pass, one block by block);
+    # block 0's statistics come from the teacher's pass; later blocks' pass runs its first window
+    # whole, to see that the projection runs once.
+    assert calls == [2 + 2 * batches] + [3 + 2 * batches] * (len(calls) - 1), (calls, batches)
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_the_statistics_pass_stops_early_only_where_that_sees_every_call(calls):
+    """The early stop gives the whole pass's moments exactly: where the projection runs once per
+    block the windows after the first stop at it (what follows runs once); where it runs twice,
+    every window runs whole, or the second call's inputs would be lost.  No hook stays behind."""
+    from types import SimpleNamespace
+
+    from hadaconv.blockwise import BlockInput, _moments, _pass
+
+    torch.manual_seed(0)
+    proj, tail = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    runs = []
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.tail = proj, tail
+
+        def forward(self, h):
+            y = sum(self.proj(h * (k + 1)) for k in range(calls))
+            runs.append(1)
+            return h + self.tail(y)
+
+    block, layer = Block(), SimpleNamespace(index=0, out_module=proj)
+    hidden = [torch.randn(2, 5, 8) for _ in range(4)]
+    inputs = [BlockInput((h,), {}, split) for h, split in zip(hidden, ["calib"] * 3 + ["heldout"])]
+    fast = _moments(block, inputs, hidden, layer, None)
+    assert len(runs) == (1 if calls == 1 else 4)
+    whole = _pass(block, inputs, hidden, [layer], None)[0]
+    for split in ("calib", "heldout"):
+        a, b = fast.moments(0, split), whole.moments(0, split)
+        assert a.count == b.count == 10 * calls * (3 if split == "calib" else 1)
+        torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=0)
+        torch.testing.assert_close(a.second, b.second, rtol=0, atol=0)
+    assert not proj._forward_pre_hooks and not proj._forward_hooks

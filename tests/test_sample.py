@@ -249,8 +249,7 @@ def test_the_chunks_to_sample_share_one_bar(tokenizer, tmp_path, monkeypatch):
     texts, _ = sample.cached_samples(model, tokenizer, samples=7, seq_len=8, batch_size=2, cache=tmp_path / "a")
     steps = sample.sampling_steps(3, 8, 2) * 2 + sample.sampling_steps(1, 8, 2)
     assert steps == (2 + 2 + 1) * 7
-    assert bars == [[steps, "sampling 7 sequences (steps: a token of every sequence in a batch), 3 chunks of up to 3 "
-                            "cached as each ends", steps]]
+    assert bars == [[steps, "sampling 7 sequences, a token a step, 3 chunks of up to 3 cached as each ends", steps]]
     alone = [sample.sample_texts(model, tokenizer, samples=n, seq_len=8, batch_size=2, progress=False,
                                  seed=sample._chunk_seed(0, i)) for i, n in enumerate((3, 3, 1))]
     assert texts == alone[0] + alone[1] + alone[2]
