@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -63,14 +64,19 @@ def child(root: str, samples: int, threads: int, config: str, out: str) -> None:
     print(seconds)
 
 
-def measure(root: Path, args: argparse.Namespace, out: str) -> float:
+def measure(name: str, root: Path, args: argparse.Namespace, out: str) -> float:
+    """Seconds of one conversion with the checkout ``root``, in a fresh process (printed as it ends)."""
     cmd = [sys.executable, __file__, "--child", str(root), str(args.samples), str(args.threads), args.config, out]
-    env = {**os.environ, "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}  # as the CLI runs
+    from hadaconv.cli import SPINCOUNT
+
+    env = {**os.environ, "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", SPINCOUNT)}  # as the CLI runs
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run.returncode:
         last = (run.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"error: the conversion with {root} failed: {last}")
-    return float(run.stdout.split()[-1])
+    seconds = float(run.stdout.split()[-1])
+    print(f"{name} {seconds:.1f} s", flush=True)
+    return seconds
 
 
 def max_difference(a: str, b: str) -> float:
@@ -98,22 +104,19 @@ def main() -> None:
     if not args.base:
         ap.error("--base is required")
     sys.path.insert(0, str(HERE))
-    from common import machine
+    from common import alternate, machine, median_spread
 
-    times: dict[str, list[float]] = {"base": [], "new": []}
     with tempfile.TemporaryDirectory() as tmp:
-        outs = {name: os.path.join(tmp, f"{name}.pt") for name in times}
-        for r in range(args.repeats):
-            order = (("base", args.base), ("new", args.new))
-            for name, root in order if r % 2 == 0 else order[::-1]:
-                times[name].append(measure(root, args, outs[name]))
-                print(f"repeat {r + 1}: {name} {times[name][-1]:.1f} s", flush=True)
+        outs = {name: os.path.join(tmp, f"{name}.pt") for name in ("base", "new")}
+
+        roots = {"base": args.base, "new": args.new}
+        times = alternate({name: partial(measure, name, roots[name], args, outs[name]) for name in roots},
+                          repeats=args.repeats)
         diff = max_difference(outs["base"], outs["new"])
     print(f"\n{machine()}, {args.threads} threads; convert(), {args.samples} calibration sequences, "
           f"config {args.config}")
-    for name in times:
-        print(f"{name:5s} median {statistics.median(times[name]):7.1f} s  "
-              f"(range {min(times[name]):.1f}-{max(times[name]):.1f}, {args.repeats} runs)")
+    for name, values in times.items():
+        print(f"{name:5s} {median_spread(values)} s")
     ratios = [n / b for n, b in zip(times["new"], times["base"])]
     print(f"new / base {statistics.median(times['new']) / statistics.median(times['base']):.3f} "
           f"(per repeat {min(ratios):.3f}-{max(ratios):.3f}); largest weight difference {diff:.3g}")

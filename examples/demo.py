@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from hadaconv.calibrate import HELDOUT_EVERY
 from hadaconv.convert import DEFAULT_CALIBRATION, ConvertConfig, convert
 from hadaconv.distill import DistillConfig, distill
 from hadaconv.evaluate import perplexity, text_windows
@@ -147,9 +148,9 @@ def main() -> None:
     # Global KD only: in a two-minute budget the block-wise stage would take most of the time.
     # The held-out tenth of the text chooses the state kept: all of it is asked for, so that
     # distill does not warn of a shortfall the demo chose (--samples).
-    dreport = distill(student, teacher, tok, DistillConfig(stages=("global",), data=train_sources,
-                                                           max_time=60 * args.distill_minutes,
-                                                           eval_every=10, eval_windows=max(1, args.samples // 10)))
+    dreport = distill(student, teacher, tok, DistillConfig(
+        stages=("global",), data=train_sources, max_time=60 * args.distill_minutes, eval_every=10,
+        eval_windows=max(1, args.samples // HELDOUT_EVERY)))
     console.print(dreport.table())
     console.print("(this table measures held-out windows of the model's own sampled text: its perplexity is high for "
                   "any model, the original included; the KL to the teacher chooses the state kept; the final table "

@@ -272,8 +272,8 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
         cached = f" (another {samples - todo} cached)" if todo < samples else ""
         # The hint only where the user may not know the count is theirs to choose (a default's size).
         hint = " (fewer sequences make a quicker first try: convert --samples, distill --sampled)" if todo >= CHUNK else ""
-        if missing == [len(counts) - 1] and counts[-1] < CHUNK \
-                and _whole_chunks_cached(folder, digest, seq_len, seed, temperature, len(counts)) == len(counts):
+        whole = _chunk_path(folder, digest, CHUNK, seq_len, seed, temperature, len(counts) - 1)
+        if missing == [len(counts) - 1] and counts[-1] < CHUNK and whole.is_file():
             # A part chunk is other text than the whole one's first rows, so it is sampled (a
             # count's text must not depend on the cache's history); the user may prefer the whole.
             hint = f"; asking for {len(counts) * CHUNK} instead would sample nothing"
