@@ -137,6 +137,9 @@ def main() -> None:
                     help="with a distillation budget: peak learning rates, one distillation each from the same "
                          "conversion, e.g. 1e-4,3e-5,default (default: distill's own default, 1e-4 times the share "
                          "of attention blocks converted)")
+    ap.add_argument("--distill-seeds", type=_seeds, default=[0],
+                    help="with a distillation budget: distill's seeds, one distillation each from the same "
+                         "conversion, e.g. 0,1,2 (a fixed --distill-steps keeps the machine's load out of them)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -147,8 +150,9 @@ def main() -> None:
     ranked = "" if args.rank_block == 16 else f"-r{args.rank_block}"
     evals = f"-e{args.eval_windows}"  # results on other held-out windows do not mix
     distilling = bool(args.distill_minutes or args.distill_steps)
-    if not distilling and (args.distill_layers or args.distill_lr != [None]):
-        ap.error("--distill-layers and --distill-lr need a budget: --distill-minutes or --distill-steps")
+    if not distilling and (args.distill_layers or args.distill_lr != [None] or args.distill_seeds != [0]):
+        ap.error("--distill-layers, --distill-lr and --distill-seeds need a budget: --distill-minutes or "
+                 "--distill-steps")
     budget = "-".join(([f"{args.distill_minutes:g}min"] if args.distill_minutes else [])
                       + ([f"{args.distill_steps}steps"] if args.distill_steps else []))
     # d256: distill on sampled text, --distill-sampled sequences (stores without it trained on the
@@ -264,7 +268,7 @@ def main() -> None:
 def recovery(teacher, tok, windows, args, results: dict, save) -> None:
     """``--distill-layers`` (default all) converted with every other default (block 64, sequential,
     compensated, sampled text; the converted folder is kept under --work and reused), then, for
-    each of ``--distill-lr``, the default distillation from that same conversion for
+    each of ``--distill-lr`` and ``--distill-seeds``, the default distillation from that same conversion for
     ``--distill-minutes`` and/or ``--distill-steps`` on its default text (data=None), with
     ``--hidden-weight``.  Prints one row per run beside the converted model's."""
     from hadaconv.convert import convert_file
@@ -283,19 +287,19 @@ def recovery(teacher, tok, windows, args, results: dict, save) -> None:
         save()
     print("converted", sorted(load_layers(folder)), results["converted"], flush=True)
     runs = results.setdefault("runs", {})
-    for lr in args.distill_lr:
-        label = "default" if lr is None else f"{lr:g}"
+    for lr, seed in [(lr, seed) for lr in args.distill_lr for seed in args.distill_seeds]:
+        label = ("default" if lr is None else f"{lr:g}") + (f", seed {seed}" if seed else "")
         if label in runs:
             continue
         student = load(folder)
         cfg = DistillConfig(max_time=60 * args.distill_minutes or None, max_steps=args.distill_steps or None,
                             lr=lr, sampled=args.distill_sampled, hidden_weight=args.hidden_weight,
-                            bf16=False if args.no_bf16 else None, progress=False)
+                            bf16=False if args.no_bf16 else None, seed=seed, progress=False)
         dreport = distill(student, teacher, tok, cfg)
         runs[label] = {"lr": dreport.lr, "steps": dreport.steps, "tokens": dreport.tokens, "seconds": dreport.seconds,
                        "curve": dreport.curve, "layers": sorted(load_layers(folder)),
                        "hidden_weight": args.hidden_weight, "threads": args.threads,
-                       "data_samples": args.distill_sampled, "autocast": dreport.autocast,
+                       "data_samples": args.distill_sampled, "autocast": dreport.autocast, "seed": seed,
                        "distilled": evaluate(student, windows)}
         save()
         print("distilled", label, runs[label]["distilled"], dreport.steps, "steps", flush=True)
@@ -323,6 +327,12 @@ def _lrs(text: str) -> list[float | None]:
         return [None if v == "default" else float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of learning rates (numbers or 'default'): {text}") from None
+
+
+def _seeds(text: str) -> list[int]:
+    if not all(v.isdigit() for v in text.split(",")):
+        raise argparse.ArgumentTypeError(f"not a list of seeds (whole numbers, comma-separated): {text}")
+    return [int(v) for v in text.split(",")]
 
 
 def load_layers(folder: Path) -> list[int]:
