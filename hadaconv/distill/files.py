@@ -90,7 +90,8 @@ def distill_file(
     for bad input, before any model is loaded where it can be told from the files.
     """
     from hadaconv.calibrate import check_sources, source_list
-    from hadaconv.io import _read_json, load_model, recorded_config, save_converted
+    from hadaconv.io import load_model, recorded_config, save_converted
+    from hadaconv.io.files import read_json
 
     cfg = check_config(config)
     converted = Path(converted)
@@ -98,7 +99,7 @@ def distill_file(
     if not converted.exists():
         raise HadaconvError(f"no such file or folder: {converted}")
     config_path = converted / "config.json"
-    meta = _read_json(config_path).get("hadaconv") if config_path.is_file() else None
+    meta = read_json(config_path).get("hadaconv") if config_path.is_file() else None
     if not isinstance(meta, dict):
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")

@@ -1,0 +1,129 @@
+"""Reading untrusted model files: JSON configs, safetensors headers (checked against the file's
+size before any tensor is read) and data, shard indexes; the names of a converted folder's files."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from hadaconv.errors import ModelFormatError
+
+__all__ = ["SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "check_safetensors", "first_line", "folder_weights",
+           "read_json", "read_safetensors", "shard_map"]
+
+
+WEIGHTS = "model.safetensors"
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+#: safetensors metadata: {alias: stored name} for tensors stored once.  It also marks a converted
+#: model's weights for :func:`hadaconv.io.check_model_config`: save_converted always writes it, and a streamed
+#: conversion's shards carry "{}" (nothing tied) since 2026-12-05; older shards are known by their
+#: folder.
+TIED_KEY = "hadaconv.tied"
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read {path}: {first_line(exc)}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nesting past Python's stack
+        raise ModelFormatError(f"{path} is not a JSON file: {first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path} does not hold a JSON object")
+    return data
+
+
+def check_safetensors(path: Path) -> dict:
+    """Check a safetensors file's header and that its data is all there (a truncated download
+    otherwise fails late, or deep inside a library); returns the header."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header runs past the end of the file")
+            header = json.loads(f.read(header_len))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if not all(isinstance(end, int) and end >= 0 for end in ends):
+            raise ValueError("data_offsets must be byte offsets")
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+        raise ModelFormatError(f"{path} is not a valid safetensors file ({first_line(exc)})") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise ModelFormatError(f"{path} is truncated: {size} bytes, its header describes {expected}")
+    return header
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, with tied aliases (see save_converted) restored."""
+    from safetensors import safe_open
+
+    check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ModelFormatError(f"cannot read {path}: {first_line(exc)}") from None
+    try:
+        for alias, name in json.loads(metadata.get(TIED_KEY, "{}")).items():
+            tensors[alias] = tensors[name]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # untrusted metadata
+        raise ModelFormatError(f"{path}: its {TIED_KEY} metadata does not name stored tensors "
+                               f"({first_line(exc)})") from None
+    return tensors
+
+
+def shard_map(folder: Path, name: str = SHARD_INDEX) -> dict[str, Path]:
+    """{tensor name: shard file} from the shard index ``folder / name``.  The index is
+    untrusted: every shard must be a plain file name, so nothing outside ``folder`` is read.
+    Raises ModelFormatError (one line) for an index that breaks this, is empty or does not parse."""
+    index = folder / name
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelFormatError(f"{index} has no weight_map")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise ModelFormatError(f"{index}: the shard of {tensor} must be a file name in the folder, got {shard!r}")
+    return {tensor: folder / shard for tensor, shard in weight_map.items()}
+
+
+def folder_weights(path: Path) -> list[Path]:
+    """A Hugging Face folder's weight files (safetensors, else .bin), each safetensors header
+    checked (:func:`check_safetensors` raises for a damaged one) and its shard indexes, if any,
+    too (:func:`shard_map`: transformers would follow them)."""
+    for index in path.glob("*.index.json"):  # model.safetensors.index.json, pytorch_model.bin.index.json
+        shard_map(path, index.name)
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    for file in weights:
+        if file.suffix == ".safetensors":
+            check_safetensors(file)
+    return weights
