@@ -609,7 +609,8 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
 
 
 def _duration(text: str | None) -> float | None:
-    """'90', '90s', '30m', '1.5h' -> seconds."""
+    """'90', '90s', '30m', '1.5h' -> seconds.  Anything else is the parser's refusal (exit 2, as for
+    a number option given a word), not an input check's."""
     if text is None:
         return None
     units = {"s": 1, "m": 60, "h": 3600}
@@ -619,7 +620,7 @@ def _duration(text: str | None) -> float | None:
     except ValueError:
         value = -1.0
     if not 0 < value < float("inf"):
-        raise HadaconvError(f"--max-time: expected a positive duration like 90s, 30m or 2h, got {text!r}")
+        raise click.BadParameter(f"expected a positive duration like 90s, 30m or 2h, got {text!r}")
     return value
 
 

@@ -954,6 +954,7 @@ def test_bad_input(row, world, tmp_path, capsys, monkeypatch):
     (["convert"], 2),
     (["hadamard", "x"], 2),  # refused by the argument's type, while parsing
     (["hadamard", "0"], 1),  # parsed, then refused by hadaconv's own checks
+    (["distill", "/nonexistent", "-o", "x", "--max-time", "90sec"], 2),  # a duration that does not parse
     (["inspect", "/nonexistent/model.gguf"], 1),
 ])
 def test_exit_status_tells_usage_from_input(argv, status, capsys, monkeypatch):
