@@ -156,7 +156,7 @@ def main() -> None:
     budget = "-".join(([f"{args.distill_minutes:g}min"] if args.distill_minutes else [])
                       + ([f"{args.distill_steps}steps"] if args.distill_steps else []))
     # d256: distill on sampled text, --distill-sampled sequences (stores without it trained on the
-    # calibration windows); kK: the layers converted; the runs of each learning rate are kept inside.
+    # calibration windows); kK: the layers converted; the runs of each learning rate and seed are kept inside.
     store = args.work / (f"quality-{tag}{args.samples}{ranked}{evals}.json" if not distilling
                          else f"recovery-{tag}{args.samples}-k{args.distill_layers or 'all'}-d{args.distill_sampled}"
                          f"-{budget}{f'-h{args.hidden_weight:g}' if args.hidden_weight else ''}"
