@@ -6,8 +6,9 @@ process, the two alternating ``--repeats`` times (base, new, then new, base: nei
 goes first).  A run loads the model, makes sure the sampled
 calibration text is cached (sampling it, untimed, the first time), then times ``convert()`` alone
 (the in-memory conversion: no loading, no saving).  Prints each checkout's median and range, the
-ratio new / base of the medians with the range of the per-repeat ratios, and whether the two
-converted models are the same (largest weight difference).
+median of the per-repeat ratios new / base with its 95% bootstrap interval (``common.ratio``,
+from 3 repeats) and range, and whether the two converted models are the same (largest weight
+difference).
 
     git worktree add /tmp/base REV
     python benchmarks/bench_convert_ab.py --base /tmp/base [--new .] [--samples 32] [--repeats 3]
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,7 +104,7 @@ def main() -> None:
     if not args.base:
         ap.error("--base is required")
     sys.path.insert(0, str(HERE))
-    from common import alternate, machine, median_spread
+    from common import alternate, machine, median_spread, ratio
 
     with tempfile.TemporaryDirectory() as tmp:
         outs = {name: os.path.join(tmp, f"{name}.pt") for name in ("base", "new")}
@@ -118,8 +118,10 @@ def main() -> None:
     for name, values in times.items():
         print(f"{name:5s} {median_spread(values)} s")
     ratios = [n / b for n, b in zip(times["new"], times["base"])]
-    print(f"new / base {statistics.median(times['new']) / statistics.median(times['base']):.3f} "
-          f"(per repeat {min(ratios):.3f}-{max(ratios):.3f}); largest weight difference {diff:.3g}")
+    med, half = ratio(times["new"], times["base"])  # the paired per-repeat ratios, as the other benchmarks
+    noise = f"+-{100 * half:.1f}% (95% bootstrap)" if half < float("inf") else "an interval needs 3 repeats"
+    print(f"new / base {med:.3f}, {noise}; per repeat {min(ratios):.3f}-{max(ratios):.3f}; "
+          f"largest weight difference {diff:.3g}")
 
 
 if __name__ == "__main__":
