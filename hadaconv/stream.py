@@ -131,8 +131,7 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     """{tensor name: shard file} of a folder of safetensors shards."""
     from safetensors import safe_open
 
-    from hadaconv.io import shard_map
-    from hadaconv.io.files import check_safetensors
+    from hadaconv.io.files import check_safetensors, shard_map
 
     if (folder / INDEX).is_file():
         names = shard_map(folder)

@@ -17,10 +17,10 @@ The modules, in the order data flows: :mod:`~hadaconv.io.files` (reading JSON an
 (:func:`load_model` and the checks on its options).
 """
 
-from hadaconv.io.converted import (check_savable, hadaconv_meta, load, load_tokenizer, original_path, save,
-                                   save_converted)
 from hadaconv.io.files import SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, shard_map
 from hadaconv.io.build import resolve_config
+from hadaconv.io.converted import (check_savable, hadaconv_meta, load, load_tokenizer, original_path, save,
+                                   save_converted)
 from hadaconv.io.inputs import (Loaded, carries_config, check_model_config, load_model, recorded_config,
                                 recorded_source, same_file, skeleton)
 
