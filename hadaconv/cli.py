@@ -399,7 +399,9 @@ def _recorded_original(loaded, model: str) -> tuple[str | None, str | None]:
 @cli.command("sample")
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write ({\"text\": ...} per line).")
-@click.option("--samples", type=POSITIVE, default=128, show_default=True, help="Sequences to sample.")
+@click.option("--samples", type=POSITIVE, default=512, show_default=True,
+              help="Sequences to sample: as many as a default convert calibrates on (and a default distill "
+                   "trains on), so the file serves both in full.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Sequences sampled side by side.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)

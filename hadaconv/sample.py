@@ -47,6 +47,11 @@ SAMPLE, SHAKESPEARE = "sample", "shakespeare"
 #: sequences per batch gave 81 tokens/s against 62 at the earlier 16 (benchmarks/RESULTS.md).
 DEFAULT_BATCH = 64
 
+#: Sequences a default conversion calibrates on and a default distillation trains on: one
+#: sampling, cached, serves both (:data:`hadaconv.convert.DEFAULT_CALIBRATION`,
+#: :data:`hadaconv.distill.core.DEFAULT_SAMPLES`, where the measurements behind it are).
+DEFAULT_SEQUENCES = 512
+
 
 def _start_tokens(tokenizer: Any, count: int, generator: torch.Generator, limit: int | None = None) -> torch.Tensor:
     """``count`` ordinary token ids, uniformly (below ``limit``, the model's vocabulary size)."""
@@ -64,7 +69,7 @@ def sample_texts(
     model: nn.Module,
     tokenizer: Any,
     *,
-    samples: int = 128,
+    samples: int = DEFAULT_SEQUENCES,
     seq_len: int = 256,
     batch_size: int = DEFAULT_BATCH,
     temperature: float = 1.0,
@@ -196,11 +201,6 @@ def read_jsonl(path: Path) -> list[str]:
 #: a smaller one sampled and adds only the missing ones (``--samples 128`` then the default 512
 #: samples three more).
 CHUNK = 128
-
-#: Sequences a default conversion calibrates on and a default distillation trains on: one
-#: sampling, cached, serves both (:data:`hadaconv.convert.DEFAULT_CALIBRATION`,
-#: :data:`hadaconv.distill.core.DEFAULT_SAMPLES`, where the measurements behind it are).
-DEFAULT_SEQUENCES = 512
 
 
 def _chunk_counts(samples: int) -> list[int]:

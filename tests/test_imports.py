@@ -77,3 +77,20 @@ def test_cli_defaults_are_the_config_defaults(verb, config):
               if p.name in fields and p.default is not unset and not getattr(p, "multiple", False)]
     assert len(shared) >= 7
     assert {p.name: p.default for p in shared} == {p.name: fields[p.name] for p in shared}
+
+
+def test_sample_defaults_are_sample_texts_defaults():
+    """`hadaconv sample` writes the text a default convert calibrates on: its spelled-out
+    defaults must be :func:`hadaconv.sample.sample_texts`'s, whose count is the convert default."""
+    import inspect
+
+    from hadaconv.cli import cli
+    from hadaconv.convert import DEFAULT_CALIBRATION
+    from hadaconv.sample import sample_texts
+
+    own = {n: p.default for n, p in inspect.signature(sample_texts).parameters.items()
+           if p.default is not inspect.Parameter.empty}
+    given = {p.name: p.default for p in cli.commands["sample"].params if p.name in own}
+    assert set(given) == {"samples", "seq_len", "batch_size", "temperature", "seed"}
+    assert given == {name: own[name] for name in given}
+    assert own["samples"] == DEFAULT_CALIBRATION
