@@ -115,10 +115,10 @@ def main() -> None:
                     help="block size of the fits that rank the layers (convert ranks with its own block, "
                          "64 by default; 16 is what the earlier tables used)")
     ap.add_argument("--write", action="store_true", help="only write the table of the finished cells")
-    ap.add_argument("--distill-sampled", type=int, default=DEFAULT_SAMPLES,
+    ap.add_argument("--distill-sampled", type=int, default=None,
                     help="with a distillation budget: distill's --sampled, the sequences sampled from the teacher "
                          f"(its default {DEFAULT_SAMPLES})")
-    ap.add_argument("--hidden-weight", type=float, default=0.0,
+    ap.add_argument("--hidden-weight", type=float, default=None,
                     help="with a distillation budget: distill's per-layer hidden-state loss weight (its default 0)")
     ap.add_argument("--no-bf16", action="store_true",
                     help="with a distillation budget: distill in float32 (its default autocasts to bfloat16 where the "
@@ -133,14 +133,27 @@ def main() -> None:
     ap.add_argument("--distill-layers", type=_positive, default=None,
                     help="with a distillation budget: convert the K least sensitive layers (convert --max-layers K) "
                          "instead of all")
-    ap.add_argument("--distill-lr", type=_lrs, default=[None],
+    ap.add_argument("--distill-lr", type=_lrs, default=None,
                     help="with a distillation budget: peak learning rates, one distillation each from the same "
                          "conversion, e.g. 1e-4,3e-5,default (default: distill's own default, 1e-4 times the share "
                          "of attention blocks converted)")
-    ap.add_argument("--distill-seeds", type=_seeds, default=[0],
+    ap.add_argument("--distill-seeds", type=_seeds, default=None,
                     help="with a distillation budget: distill's seeds, one distillation each from the same "
                          "conversion, e.g. 0,1,2 (a fixed --distill-steps keeps the machine's load out of them)")
     args = ap.parse_args()
+    distilling = bool(args.distill_minutes or args.distill_steps)
+    # None marks a distillation option left out: given without a budget, even at its default, it
+    # would be silently ignored.
+    only = {"--distill-layers": args.distill_layers, "--distill-lr": args.distill_lr,
+            "--distill-seeds": args.distill_seeds, "--distill-sampled": args.distill_sampled,
+            "--hidden-weight": args.hidden_weight, "--no-bf16": args.no_bf16 or None}
+    given = [flag for flag, value in only.items() if value is not None]
+    if not distilling and given:
+        ap.error(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} a distillation budget: "
+                 "--distill-minutes or --distill-steps")
+    args.distill_lr, args.distill_seeds = args.distill_lr or [None], args.distill_seeds or [0]
+    args.distill_sampled = DEFAULT_SAMPLES if args.distill_sampled is None else args.distill_sampled
+    args.hidden_weight = args.hidden_weight or 0.0
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     source = str(smollm2_path()) if args.model == "smollm2" else qwen2_5_coder_folder(cache_dir())
@@ -149,10 +162,6 @@ def main() -> None:
     tag = "" if args.model == "smollm2" else f"{args.model}-"
     ranked = "" if args.rank_block == 16 else f"-r{args.rank_block}"
     evals = f"-e{args.eval_windows}"  # results on other held-out windows do not mix
-    distilling = bool(args.distill_minutes or args.distill_steps)
-    if not distilling and (args.distill_layers or args.distill_lr != [None] or args.distill_seeds != [0]):
-        ap.error("--distill-layers, --distill-lr and --distill-seeds need a budget: --distill-minutes or "
-                 "--distill-steps")
     budget = "-".join(([f"{args.distill_minutes:g}min"] if args.distill_minutes else [])
                       + ([f"{args.distill_steps}steps"] if args.distill_steps else []))
     # d256: distill on sampled text, --distill-sampled sequences (stores without it trained on the
