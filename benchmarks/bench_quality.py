@@ -48,8 +48,8 @@ from common import EVAL_WINDOWS, heldout_domains, machine, smollm2_path  # noqa:
 from hadaconv.blockwise import convert_blockwise, decoder  # noqa: E402
 from hadaconv.calibrate import MomentCollector, text_windows  # noqa: E402
 from hadaconv.convert import (  # noqa: E402
-    DEFAULT_CALIBRATION, ConvertConfig, calibration_batches, collect_statistics, find_target, fit_layer,
-    fit_layers, layer_row, rank_layers)
+    DEFAULT_CALIBRATION, RANKING_WINDOWS, ConvertConfig, calibration_batches, collect_statistics, find_target,
+    fit_layer, fit_layers, layer_row, rank_layers)
 from hadaconv.distill.core import DEFAULT_SAMPLES  # noqa: E402
 from hadaconv.evaluate import perplexity  # noqa: E402
 from hadaconv.fit import damped_covariance, reduced_rank  # noqa: E402
@@ -109,8 +109,8 @@ def main() -> None:
                     "like hadamard:16:30:seq+comp,hadamard:64:30:seq+comp:r16,lowrank:8:30 (rR: the low-rank "
                     "residual of rank R)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
-    ap.add_argument("--sensitivity-windows", type=int, default=ConvertConfig.sensitivity_windows,
-                    help="windows per layer for the sensitivity ranking (convert's default)")
+    ap.add_argument("--sensitivity-windows", type=int, default=RANKING_WINDOWS,
+                    help=f"windows per layer for the sensitivity ranking (convert's when it ranks, {RANKING_WINDOWS})")
     ap.add_argument("--rank-block", type=int, default=16,
                     help="block size of the fits that rank the layers (convert ranks with its own block, "
                          "64 by default; 16 is what the earlier tables used)")
@@ -162,12 +162,15 @@ def main() -> None:
     tag = "" if args.model == "smollm2" else f"{args.model}-"
     ranked = "" if args.rank_block == 16 else f"-r{args.rank_block}"
     evals = f"-e{args.eval_windows}"  # results on other held-out windows do not mix
+    # nor rankings on other probes (stores of the 4-window default before 2026-12-05 keep their names)
+    args.probe = "" if args.sensitivity_windows == 4 else f"-w{args.sensitivity_windows}"
     budget = "-".join(([f"{args.distill_minutes:g}min"] if args.distill_minutes else [])
                       + ([f"{args.distill_steps}steps"] if args.distill_steps else []))
     # d256: distill on sampled text, --distill-sampled sequences (stores without it trained on the
     # calibration windows); kK: the layers converted; the runs of each learning rate and seed are kept inside.
-    store = args.work / (f"quality-{tag}{args.samples}{ranked}{evals}.json" if not distilling
-                         else f"recovery-{tag}{args.samples}-k{args.distill_layers or 'all'}-d{args.distill_sampled}"
+    store = args.work / (f"quality-{tag}{args.samples}{ranked}{args.probe}{evals}.json" if not distilling
+                         else f"recovery-{tag}{args.samples}-k{args.distill_layers or 'all'}"
+                         f"{args.probe if args.distill_layers else ''}-d{args.distill_sampled}"
                          f"-{budget}{f'-h{args.hidden_weight:g}' if args.hidden_weight else ''}"
                          f"{'-fp32' if args.no_bf16 else ''}-t{args.threads}{evals}.json")
     results = json.loads(store.read_text()) if store.is_file() else {"machine": machine(), "cells": {}}
@@ -285,11 +288,12 @@ def recovery(teacher, tok, windows, args, results: dict, save) -> None:
     from hadaconv.io import load
 
     layers = args.distill_layers
-    folder = args.work / f"converted-{args.model}-{args.samples}{f'-k{layers}' if layers else ''}"
+    folder = args.work / f"converted-{args.model}-{args.samples}{f'-k{layers}{args.probe}' if layers else ''}"
     if not folder.is_dir():
         t = time.perf_counter()
         convert_file(args.source, str(folder), ConvertConfig(samples=args.samples, max_layers=layers,
-                                                         sensitivity=layers is not None, progress=False))
+                                                         sensitivity=layers is not None, progress=False,
+                                                         sensitivity_windows=args.sensitivity_windows))
         results["convert_seconds"] = time.perf_counter() - t
     if "converted" not in results:
         results["converted"] = evaluate(load(folder), windows)
@@ -386,7 +390,7 @@ def write(results: dict, args) -> None:
     ranked = "" if rank_block == 16 else f", ranked at block {rank_block}"
     section = f"{SECTION[:-1]}, {name}{args.samples} calibration windows{ranked})"
     lines = [section, "",
-             f"`python benchmarks/bench_quality.py{' --model ' + args.model if args.model != 'smollm2' else ''} --samples {args.samples} --eval-windows {args.eval_windows}{' --rank-block ' + str(rank_block) if ranked else ''}` "
+             f"`python benchmarks/bench_quality.py{' --model ' + args.model if args.model != 'smollm2' else ''} --samples {args.samples} --eval-windows {args.eval_windows}{' --rank-block ' + str(rank_block) if ranked else ''}{' --sensitivity-windows ' + str(args.sensitivity_windows) if args.sensitivity_windows != RANKING_WINDOWS else ''}` "
              f"(one thread) on {results['machine']}, shared with other jobs.  {description}; calibration: {results.get('calibration', {}).get('source', '?')}, "
              f"{results.get('calibration', {}).get('tokens', 0):,} tokens.  Perplexity on {args.eval_windows} x 256 "
              "tokens per held-out domain (python-ref: the Python language reference from CPython; kjv: the King "

@@ -47,8 +47,9 @@ from hadaconv.sample import DEFAULT_SEQUENCES, calibration_texts
 from hadaconv.sensitivity import METRIC, OTHER_METRIC, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
 
-__all__ = ["DEFAULT_CALIBRATION", "ConvertConfig", "ConvertReport", "LayerReport", "check_config", "convert",
-           "convert_file", "default_block", "install_projection", "parse_layers", "patch"]
+__all__ = ["DEFAULT_CALIBRATION", "RANKING_WINDOWS", "REPORT_WINDOWS", "ConvertConfig", "ConvertReport", "LayerReport",
+           "check_config", "convert", "convert_file", "default_block", "install_projection", "parse_layers", "patch",
+           "probe_windows"]
 
 #: Default output block size.  Measured on SmolLM2-135M, all 30 layers, every other default
 #: (benchmarks/RESULTS.md, "Quality per parameter removed"): block 16 removes 7.18% of the model
@@ -58,6 +59,19 @@ DEFAULT_BLOCK = 64
 #: The default block leaves at least this many blocks per output (a 64-wide toy model would
 #: otherwise keep a dense 64 x 64 gamma and remove nothing).
 MIN_BLOCKS = 8
+
+
+#: Calibration windows the sensitivity is measured on (:attr:`ConvertConfig.sensitivity_windows`)
+#: when it chooses the layers (``--max-layers`` / ``--max-loss``), and when it is only reported.
+#: A layer's KL on 4 windows of 256 tokens moves by up to 3x between window samples (SmolLM2's
+#: layer 0: 0.0044 and 0.0137 nats/token), so a 4-window ranking picks a different ten layers at
+#: every --samples.  Measured on SmolLM2, ten layers (benchmarks/RESULTS.md, "A steadier ranking
+#: by default"): ranked on 16-32 windows they read 1.150-1.157x the teacher's perplexity
+#: (geometric mean of the two held-out domains) at 256, 512 and 1024 calibration sequences,
+#: against 1.160-1.188x ranked on 4 (at 128 sequences 1.180x against 1.167x), for about 115 s
+#: more of a 600 s conversion on a 2-core CPU.
+RANKING_WINDOWS = 16
+REPORT_WINDOWS = 4
 
 
 #: Calibration windows of a default conversion (:attr:`ConvertConfig.samples`): 512 x 256 tokens,
@@ -96,7 +110,9 @@ class ConvertConfig:
             JSONL, mixed in the order given; or "none" for a data-free fit from the weights.
         samples, seq_len, batch_size: calibration windows (10% held out for the report).
         sensitivity: measure each layer's sensitivity (needed by max_layers / max_loss).
-        sensitivity_windows: calibration windows used to measure sensitivity.
+        sensitivity_windows: calibration windows (held-out ones first) the sensitivity is
+            measured on; None: :data:`RANKING_WINDOWS` (16) when it chooses the layers
+            (max_layers / max_loss), :data:`REPORT_WINDOWS` (4) when it is only reported.
         sequential: fit each layer on the inputs the already converted student produces (block
             by block against the teacher, :mod:`hadaconv.blockwise`; where a model's blocks cannot
             be run one at a time, by whole-model passes, without layer ranking).
@@ -123,7 +139,7 @@ class ConvertConfig:
     seq_len: int = 256
     batch_size: int = 8
     sensitivity: bool = True
-    sensitivity_windows: int = 4
+    sensitivity_windows: int | None = None
     sequential: bool = True
     compensate: bool = True
     rank: int = 0
@@ -188,7 +204,8 @@ def check_config(config: ConvertConfig | None) -> ConvertConfig:
         raise InputError(f"{option('calib', 'none')} (a data-free fit) cannot be mixed with other calibration sources")
     if cfg.layers is not None:
         cfg = replace(cfg, layers=layer_indices(cfg.layers))
-    check_fields(cfg, {"block": 1, "samples": 2, "seq_len": 2, "batch_size": 1, "rank": 0, "max_layers": 1},
+    check_fields(cfg, {"block": 1, "samples": 2, "seq_len": 2, "batch_size": 1, "rank": 0, "max_layers": 1,
+                       "sensitivity_windows": 1},
                  {"max_loss": (0, False)})
     check_sources(cfg.calib, samples=cfg.samples)  # after the integer checks: the shares need an int
     return cfg
@@ -390,11 +407,20 @@ def fit_sequential(model: nn.Module, target: Target, data: Calibration, cfg: Con
     return fits, rows
 
 
+def probe_windows(cfg: ConvertConfig) -> int:
+    """How many windows the sensitivity is measured on: ``cfg.sensitivity_windows``, or by default
+    :data:`RANKING_WINDOWS` when it chooses the layers, :data:`REPORT_WINDOWS` when only reported."""
+    if cfg.sensitivity_windows is not None:
+        return cfg.sensitivity_windows
+    return RANKING_WINDOWS if cfg.max_layers is not None or cfg.max_loss is not None else REPORT_WINDOWS
+
+
 def _probe(data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> list[dict]:
-    """The batches sensitivity is measured on: ``cfg.sensitivity_windows`` windows, held-out first."""
-    probe = (data.heldout or data.calib)[: max(1, cfg.sensitivity_windows // max(1, cfg.batch_size))]
+    """The batches sensitivity is measured on: :func:`probe_windows` windows, held-out first."""
+    windows = probe_windows(cfg)
+    probe = (data.heldout or data.calib)[: max(1, windows // max(1, cfg.batch_size))]
     if not from_inputs and probe:
-        ids = torch.cat([b["input_ids"] for b in (data.heldout + data.calib)])[: cfg.sensitivity_windows]
+        ids = torch.cat([b["input_ids"] for b in (data.heldout + data.calib)])[:windows]
         probe = [{"input_ids": ids}]
     return probe
 

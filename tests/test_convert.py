@@ -124,6 +124,27 @@ def test_partial_conversion_follows_sensitivity():
     assert sum(isinstance(m, HadamardProjection) for m in model.modules()) == 1
 
 
+@pytest.mark.parametrize("options, windows", [
+    ({}, 4),                                     # reported only: the cheap probe
+    ({"max_layers": 3}, 16),                     # choosing layers: the steadier one
+    ({"max_loss": 0.5}, 16),
+    ({"max_layers": 3, "sensitivity_windows": 6}, 6),  # an explicit count wins either way
+    ({"sensitivity_windows": 2}, 2),
+])
+def test_the_sensitivity_probe_is_larger_when_it_chooses_layers(options, windows):
+    """Ranking on 16 windows, reporting on 4 (hadaconv.convert.RANKING_WINDOWS): the probe
+    takes held-out windows first, then calibration ones, whatever the batch size."""
+    from hadaconv.convert import Calibration, _probe, probe_windows
+
+    ids = torch.arange(20 * 3).reshape(20, 3)
+    data = Calibration([{"input_ids": ids[i:i + 8]} for i in range(0, 18, 8)], [{"input_ids": ids[18:]}])
+    cfg = ConvertConfig(**options)
+    assert probe_windows(cfg) == windows
+    probe = _probe(data, cfg, from_inputs=False)
+    assert len(probe) == 1
+    assert torch.equal(probe[0]["input_ids"], torch.cat([ids[18:], ids[:18]])[:windows])
+
+
 def test_data_free_parameter_count_is_exact():
     model = make_tiny("llama")
     before = sum(p.numel() for p in model.parameters())
