@@ -33,7 +33,8 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from hadaconv.adapters import Adapter, AttentionLayer, check_convertible, find_adapter, index_ranges, layer_indices
+from hadaconv.adapters import (Adapter, AttentionLayer, check_convertible, check_seq_len, find_adapter, index_ranges,
+                               layer_indices)
 from hadaconv.blockwise import Decoder, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, mixed_windows,
                                 process_group, source_list)
@@ -311,6 +312,7 @@ def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs:
         return Calibration(inputs[:cut], inputs[cut:], source="the given inputs")
     if tokenizer is None:
         raise HadaconvError(f"calibration needs a tokenizer (or {option('calib', 'none')} for a data-free fit)")
+    check_seq_len(model, cfg.seq_len)
     sources = source_list(cfg.calib)
     texts, names = calibration_texts(model, tokenizer, sources, samples=cfg.samples, seq_len=cfg.seq_len,
                                      progress=cfg.progress, fingerprint=fingerprint)

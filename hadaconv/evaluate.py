@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hadaconv.adapters import check_seq_len
 from hadaconv.calibrate import text_windows
 from hadaconv.errors import InputError, check_int
 from hadaconv.progress import progress as progress_bar
@@ -131,6 +132,7 @@ def _check_windows(model: nn.Module, windows, batch_size) -> None:
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise InputError(f"perplexity needs token windows [N >= 1, L >= 2], got shape {list(windows.shape)}")
     check_int("batch_size", batch_size, 1)
+    check_seq_len(model, windows.shape[1])
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embed, "num_embeddings", None)
     low, high = int(windows.min()), int(windows.max())

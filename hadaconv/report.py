@@ -73,8 +73,8 @@ class ConvertReport:
         mean output (``mean-pred``, the floor any fit should beat): a fit that learned the
         calibration windows, not the layer, usually from too little text."""
         return [f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
-                f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help, or leave the "
-                f"layer dense (not in {option('layers')})"
+                f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "
+                f"layer dense, list the candidates without it in {option('layers')}"
                 for r in self.layers
                 if r.converted and r.heldout_error is not None and r.mean_error is not None
                 and not r.heldout_error < r.mean_error]  # NaN is no better

@@ -95,11 +95,12 @@ def sample_texts(
         raise InputError(f"the sampling batch size must be at least 1, got {batch_size}")
     from transformers import DynamicCache
 
-    from hadaconv.adapters import find_adapter
+    from hadaconv.adapters import check_seq_len, find_adapter
 
     kind = find_adapter(model).kind(model)
     if kind != "causal-lm":
         raise HadaconvError(f"sampling text needs a causal LM, not a {kind!r} model")
+    check_seq_len(model, seq_len)
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)

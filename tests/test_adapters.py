@@ -407,3 +407,21 @@ def test_prepare_is_idempotent_and_blocks_the_fused_path():
     with torch.no_grad():
         out = model(**example_inputs("torch_mha", model), src_key_padding_mask=padding)
     assert torch.isfinite(out).all()
+
+
+def test_context_length_of_every_family(family):
+    """Every Hugging Face text family names its context (GPT-2 as n_positions); a plain torch
+    module and ViT (patches, not tokens) have none, and then no --seq-len is refused."""
+    from hadaconv.adapters import check_seq_len, context_length
+    from hadaconv.errors import InputError
+
+    model = make_tiny(family)
+    limit = context_length(model)
+    if family.startswith("torch_mha") or family == "vit":
+        assert limit is None
+        check_seq_len(model, 10 ** 6)
+        return
+    assert limit == (model.config.n_positions if family == "gpt2" else model.config.max_position_embeddings)
+    check_seq_len(model, limit)
+    with pytest.raises(InputError, match=f"seq_len={limit + 1} is longer than the model's context of {limit:,} tokens"):
+        check_seq_len(model, limit + 1)

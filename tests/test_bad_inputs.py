@@ -436,6 +436,17 @@ ROWS = [
         lambda w, t: _convert(w.hf, t / "out", "--max-layers", "1", "--no-sensitivity"),
         r"--max-layers chooses layers by their measured sensitivity: drop --no-sensitivity$",
         lambda mp, w, t: _no_model(mp)),
+    # The tiny models' context is 128 tokens: a longer window would sample (or crash) for nothing.
+    Row("convert-seq-len-past-the-context", lambda w, t: _convert(w.hf, t / "out", "--seq-len", "129"),
+        r"--seq-len 129 is longer than the model's context of 128 tokens"),
+    Row("sample-seq-len-past-the-context",
+        lambda w, t: ["sample", w.hf, "-o", t / "s.jsonl", "--samples", "1", "--seq-len", "129"],
+        r"--seq-len 129 is longer than the model's context of 128 tokens"),
+    Row("eval-seq-len-past-the-context", lambda w, t: ["eval", w.hf, "--seq-len", "129", "--no-baseline"],
+        r"--seq-len 129 is longer than the model's context of 128 tokens"),
+    Row("distill-seq-len-past-the-context",
+        lambda w, t: ["distill", w.conv, "-o", t / "out", *DISTILL, "--seq-len", "129"],
+        r"--seq-len 129 is longer than the model's context of 128 tokens"),
     # The options are checked against the config before the load only where the weights are there to load.
     Row("convert-missing-safetensors-with-bad-layers",
         lambda w, t: _convert(t / "gone.safetensors", t / "out", "--config", w.hf, "--layers", "40"),
@@ -904,8 +915,8 @@ ROWS = [
     Row("eval-converted-index-not-a-name", lambda w, t: ["eval", _sharded(_copy(w.conv, t / "c"), 5)],
         r"the shard of lm_head\.weight must be a file name in the folder, got 5"),
     # --------------------------------------------------------------- hadamard
-    Row("hadamard-zero", lambda w, t: ["hadamard", "0"], r"a Hadamard order is a positive size, got 0"),
-    Row("hadamard-negative", lambda w, t: ["hadamard", "-5"], r"a Hadamard order is a positive size, got -5"),
+    Row("hadamard-zero", lambda w, t: ["hadamard", "0"], r"'N': 0 is not in the range x>=1"),
+    Row("hadamard-negative", lambda w, t: ["hadamard", "-5"], r"'N': -5 is not in the range x>=1"),
     Row("hadamard-unsupported", lambda w, t: ["hadamard", "92"], r"no Hadamard matrix of order 92.*nearest"),
     # A 20-digit order factored by trial division for hours (found by a newcomer); refused at once now.
     Row("hadamard-huge", lambda w, t: ["hadamard", "99999999999999999999"], r"orders above 2\^26 .* not supported"),
@@ -953,7 +964,8 @@ def test_bad_input(row, world, tmp_path, capsys, monkeypatch):
     (["hadamard", "12", "--no-such-flag"], 2),  # a command line that does not parse: click's usage status
     (["convert"], 2),
     (["hadamard", "x"], 2),  # refused by the argument's type, while parsing
-    (["hadamard", "0"], 1),  # parsed, then refused by hadaconv's own checks
+    (["hadamard", "0"], 2),  # out of the argument's range, like --samples 0
+    (["hadamard", "7"], 1),  # parsed, then refused by hadaconv's own checks (no Hadamard matrix of order 7)
     (["distill", "/nonexistent", "-o", "x", "--max-time", "90sec"], 2),  # a duration that does not parse
     (["inspect", "/nonexistent/model.gguf"], 1),
 ])

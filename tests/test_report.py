@@ -78,10 +78,10 @@ def test_warns_of_a_converted_layer_no_better_than_the_mean():
     report.layers[3].heldout_error = report.layers[3].mean_error  # not better: warned
     assert report.warnings() == [
         "layer 1: its held-out error 0.990 is no better than predicting the mean output (0.499): more calibration "
-        "text (samples) should help, or leave the layer dense (not in layers)",
+        "text (samples) should help; to keep the layer dense, list the candidates without it in layers",
         "layer 3: its held-out error 0.988 is no better than predicting the mean output (0.988): more calibration "
-        "text (samples) should help, or leave the layer dense (not in layers)",
+        "text (samples) should help; to keep the layer dense, list the candidates without it in layers",
         "layer 4: its held-out error nan is no better than predicting the mean output (0.988): more calibration "
-        "text (samples) should help, or leave the layer dense (not in layers)"]
+        "text (samples) should help; to keep the layer dense, list the candidates without it in layers"]
     with cli_names():
-        assert "(--samples)" in report.warnings()[0] and "(not in --layers)" in report.warnings()[0]
+        assert "(--samples)" in report.warnings()[0] and "without it in --layers" in report.warnings()[0]

@@ -27,6 +27,8 @@ __all__ = [
     "adapters",
     "attention_layers",
     "check_convertible",
+    "check_seq_len",
+    "context_length",
     "find_adapter",
     "generic_adapter",
     "index_ranges",
@@ -84,6 +86,32 @@ def model_kind(model: nn.Module) -> ModelKind | None:
         return find_adapter(model).kind(model)
     except HadaconvError:
         return None
+
+
+#: Config fields that hold the context length: GPT-2 names it ``n_positions``, the others
+#: (Llama, Qwen, Gemma, BERT, OPT, GPT-NeoX, Phi) ``max_position_embeddings``.
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions")
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence, in tokens, ``model``'s config says it takes (None where it has no
+    Hugging Face config, e.g. a plain torch module)."""
+    config = getattr(model, "config", None)
+    for field in _CONTEXT_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(model: nn.Module, seq_len: int) -> None:
+    """Raise InputError when windows of ``seq_len`` tokens are longer than ``model``'s context:
+    a learned position table would fail deep inside the model, and rotary positions past the
+    trained ones give text and statistics of no use, after a sampling run of hours."""
+    limit = context_length(model)
+    if limit is not None and seq_len > limit:
+        raise InputError(f"{option('seq_len', seq_len)} is longer than the model's context of {limit:,} tokens "
+                         "(its config's max_position_embeddings)")
 
 
 def attention_layers(model: nn.Module, target: str | None = None) -> list[AttentionLayer]:

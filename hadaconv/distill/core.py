@@ -32,7 +32,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from hadaconv.adapters import Adapter, find_adapter
+from hadaconv.adapters import Adapter, check_seq_len, find_adapter
 from hadaconv.calibrate import HELDOUT_EVERY, describe_sources, mixed_windows
 from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
@@ -547,6 +547,7 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
 def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
            main: bool) -> tuple[torch.Tensor, torch.Tensor, DistillReport]:
     """The training windows, the held-out windows, and a report that names both."""
+    check_seq_len(teacher, cfg.seq_len)
     texts, names = calibration_texts(teacher, tokenizer, cfg.data, samples=cfg.sampled, seq_len=cfg.seq_len,
                                      progress=cfg.progress and main)
     train, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len,
