@@ -109,7 +109,7 @@ def main() -> None:
                     "like hadamard:16:30:seq+comp,hadamard:64:30:seq+comp:r16,lowrank:8:30 (rR: the low-rank "
                     "residual of rank R)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
-    ap.add_argument("--sensitivity-windows", type=int, default=RANKING_WINDOWS,
+    ap.add_argument("--sensitivity-windows", type=_positive, default=RANKING_WINDOWS,
                     help=f"windows per layer for the sensitivity ranking (convert's when it ranks, {RANKING_WINDOWS})")
     ap.add_argument("--rank-block", type=int, default=16,
                     help="block size of the fits that rank the layers (convert ranks with its own block, "
@@ -388,7 +388,8 @@ def write(results: dict, args) -> None:
     name, description = MODELS[args.model]
     rank_block = results.get("ranking", {}).get("block", 16)
     ranked = "" if rank_block == 16 else f", ranked at block {rank_block}"
-    section = f"{SECTION[:-1]}, {name}{args.samples} calibration windows{ranked})"
+    probe = "" if args.sensitivity_windows == 4 else f", ranked on {args.sensitivity_windows} windows"
+    section = f"{SECTION[:-1]}, {name}{args.samples} calibration windows{ranked}{probe})"
     lines = [section, "",
              f"`python benchmarks/bench_quality.py{' --model ' + args.model if args.model != 'smollm2' else ''} --samples {args.samples} --eval-windows {args.eval_windows}{' --rank-block ' + str(rank_block) if ranked else ''}{' --sensitivity-windows ' + str(args.sensitivity_windows) if args.sensitivity_windows != RANKING_WINDOWS else ''}` "
              f"(one thread) on {results['machine']}, shared with other jobs.  {description}; calibration: {results.get('calibration', {}).get('source', '?')}, "

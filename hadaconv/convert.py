@@ -63,14 +63,16 @@ MIN_BLOCKS = 8
 
 
 #: Calibration windows the sensitivity is measured on (:attr:`ConvertConfig.sensitivity_windows`)
-#: when it chooses the layers (``--max-layers`` / ``--max-loss``), and when it is only reported.
+#: when it chooses the layers (``--max-layers`` / ``--max-loss``; held-out windows only, down to
+#: :data:`REPORT_WINDOWS`, where the held-out tenth is smaller), and when it is only reported.
 #: A layer's KL on 4 windows of 256 tokens moves by up to 3x between window samples (SmolLM2's
-#: layer 0: 0.0044 and 0.0137 nats/token), so a 4-window ranking picks a different ten layers at
-#: every --samples.  Measured on SmolLM2, ten layers (benchmarks/RESULTS.md, "A steadier ranking
-#: by default"): ranked on 16-32 windows they read 1.150-1.157x the teacher's perplexity
-#: (geometric mean of the two held-out domains) at 256, 512 and 1024 calibration sequences,
-#: against 1.160-1.188x ranked on 4 (at 128 sequences 1.180x against 1.167x), for about 115 s
-#: more of a 600 s conversion on a 2-core CPU.
+#: layer 0: 0.0044 and 0.0137 nats/token), so a 4-window ranking picked a different ten layers
+#: at every --samples.  Measured on SmolLM2, ten layers (benchmarks/RESULTS.md, "A steadier
+#: ranking by default"): ranked on 16-32 held-out windows they read 1.150-1.157x the teacher's
+#: perplexity (geometric mean of the two held-out domains) at 256, 512 and 1024 calibration
+#: sequences, against 1.160-1.188x ranked on 4, for about 115 s more of a 600 s conversion on a
+#: 2-core CPU.  (At 128 sequences, 16 windows that had to include 4 fitted ones read 1.181x
+#: against 1.167x: hence held-out windows only.)
 RANKING_WINDOWS = 16
 REPORT_WINDOWS = 4
 
@@ -409,22 +411,30 @@ def fit_sequential(model: nn.Module, target: Target, data: Calibration, cfg: Con
     return fits, rows
 
 
-def probe_windows(cfg: ConvertConfig) -> int:
-    """How many windows the sensitivity is measured on: ``cfg.sensitivity_windows``, or by default
-    :data:`RANKING_WINDOWS` when it chooses the layers, :data:`REPORT_WINDOWS` when only reported."""
+def probe_windows(cfg: ConvertConfig, heldout: int) -> int:
+    """How many windows the sensitivity is measured on, given ``heldout`` held-out windows:
+    ``cfg.sensitivity_windows``; by default, when it chooses the layers, :data:`RANKING_WINDOWS`
+    held-out ones (fewer where there are fewer, but not under :data:`REPORT_WINDOWS`), else
+    :data:`REPORT_WINDOWS`."""
     if cfg.sensitivity_windows is not None:
         return cfg.sensitivity_windows
-    return RANKING_WINDOWS if cfg.max_layers is not None or cfg.max_loss is not None else REPORT_WINDOWS
+    if cfg.max_layers is None and cfg.max_loss is None:
+        return REPORT_WINDOWS
+    return max(REPORT_WINDOWS, min(RANKING_WINDOWS, heldout))
 
 
 def _probe(data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> list[dict]:
-    """The batches sensitivity is measured on: :func:`probe_windows` windows, held-out first."""
-    windows = probe_windows(cfg)
-    probe = (data.heldout or data.calib)[: max(1, windows // max(1, cfg.batch_size))]
-    if not from_inputs and probe:
-        ids = torch.cat([b["input_ids"] for b in (data.heldout + data.calib)])[:windows]
-        probe = [{"input_ids": ids}]
-    return probe
+    """The batches sensitivity is measured on: :func:`probe_windows` windows, held-out first, in
+    batches of ``cfg.batch_size`` (the original's logits for all of them are kept: windows x
+    seq_len x vocab floats, 0.8 GB for 16 windows of SmolLM2)."""
+    if from_inputs:  # the caller's batches, as they come
+        windows = probe_windows(cfg, len(data.heldout) * cfg.batch_size)
+        return (data.heldout or data.calib)[: max(1, windows // max(1, cfg.batch_size))]
+    ids = [b["input_ids"] for b in data.heldout + data.calib]
+    if not ids:
+        return []
+    held = sum(len(b["input_ids"]) for b in data.heldout)
+    return _batches(torch.cat(ids)[:probe_windows(cfg, held)], cfg.batch_size)
 
 
 def rank_layers(model: nn.Module, target: Target, fits: dict[int, FitResult], rows: dict[int, LayerReport],

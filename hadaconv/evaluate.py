@@ -193,10 +193,11 @@ def embedding_cosine(model: nn.Module, reference: nn.Module, windows: torch.Tens
 
     Raises:
         InputError: a model that generates text (a causal LM returns logits, not hidden states:
-            :func:`perplexity` measures it).
+            :func:`perplexity` measures it), or windows longer than either model's context.
     """
     for m in (model, reference):
         check_encoder(m)
+        check_seq_len(m, windows.shape[-1])
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

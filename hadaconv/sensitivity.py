@@ -60,8 +60,9 @@ def _position(blocks: list[nn.Module], layer: AttentionLayer) -> int:
 
 def sensitivities(model: nn.Module, layers: list[AttentionLayer], fits: dict[int, FitResult], probe: list[dict],
                   kind: str, show: bool = True) -> list[float]:
-    """One value per layer of ``layers``: the output's divergence on the ``probe`` batches when
-    that layer alone takes its fit (the model is restored after each)."""
+    """One value per layer of ``layers``: the output's divergence on the ``probe`` batches (mean
+    per position over all of them) when that layer alone takes its fit (the model is restored
+    after each)."""
     if kind == "causal-lm":
         probe = [{**b, "use_cache": False} for b in probe]  # replayed blocks write no KV cache
     blocks = block_list(model, layers)
@@ -79,6 +80,9 @@ def sensitivities(model: nn.Module, layers: list[AttentionLayer], fits: dict[int
             finally:
                 for h in hooks:
                     h.remove()
+    # Each batch's divergence is a mean over its positions: weighted by them, a last, shorter
+    # batch counts as much per token as the others.
+    weights = [ref.numel() / max(1, ref.shape[-1]) for ref in reference]
     values = []
     with progress(len(layers), "sensitivity", show) as step:
         for layer in layers:
@@ -86,7 +90,7 @@ def sensitivities(model: nn.Module, layers: list[AttentionLayer], fits: dict[int
             try:
                 div = [_replayed(model, batch, ref, store, blocks[:_position(blocks, layer)] if blocks else [], kind)
                        for batch, ref, store in zip(probe, reference, replay)]
-                values.append(sum(div) / len(div))
+                values.append(sum(d * w for d, w in zip(div, weights)) / sum(weights))
             finally:
                 undo()
             step()

@@ -410,18 +410,36 @@ def test_prepare_is_idempotent_and_blocks_the_fused_path():
 
 
 def test_context_length_of_every_family(family):
-    """Every Hugging Face text family names its context (GPT-2 as n_positions); a plain torch
-    module and ViT (patches, not tokens) have none, and then no --seq-len is refused."""
+    """Every Hugging Face text family names its context (GPT-2 as n_positions, RoBERTa's less
+    its padding offset), and the model runs a window of exactly that length; a plain torch module
+    and ViT (patches, not tokens) have none, and then no --seq-len is refused."""
     from hadaconv.adapters import check_seq_len, context_length
     from hadaconv.errors import InputError
 
-    model = make_tiny(family)
+    model = make_tiny(family).eval()
     limit = context_length(model)
     if family.startswith("torch_mha") or family == "vit":
         assert limit is None
         check_seq_len(model, 10 ** 6)
         return
-    assert limit == (model.config.n_positions if family == "gpt2" else model.config.max_position_embeddings)
     check_seq_len(model, limit)
+    with torch.no_grad():
+        model(input_ids=torch.ones(1, limit, dtype=torch.long))
     with pytest.raises(InputError, match=f"seq_len={limit + 1} is longer than the model's context of {limit:,} tokens"):
         check_seq_len(model, limit + 1)
+
+
+def test_context_length_follows_rope_scaling():
+    """A scaled rotary model takes factor x the positions it was trained on; where the config
+    already gives the scaled length (Llama 3.1's original_max_position_embeddings), that stands."""
+    from types import SimpleNamespace
+
+    from hadaconv.adapters import context_length
+
+    def model(**config):
+        return SimpleNamespace(config=SimpleNamespace(**config))
+
+    assert context_length(model(max_position_embeddings=32768, rope_scaling={"type": "yarn", "factor": 4.0})) == 131072
+    assert context_length(model(max_position_embeddings=131072, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192})) == 131072
+    assert context_length(model(max_position_embeddings=8192, rope_scaling=None)) == 8192

@@ -124,25 +124,28 @@ def test_partial_conversion_follows_sensitivity():
     assert sum(isinstance(m, HadamardProjection) for m in model.modules()) == 1
 
 
-@pytest.mark.parametrize("options, windows", [
-    ({}, 4),                                     # reported only: the cheap probe
-    ({"max_layers": 3}, 16),                     # choosing layers: the steadier one
-    ({"max_loss": 0.5}, 16),
-    ({"max_layers": 3, "sensitivity_windows": 6}, 6),  # an explicit count wins either way
-    ({"sensitivity_windows": 2}, 2),
+@pytest.mark.parametrize("options, heldout, windows", [
+    ({}, 20, 4),                                     # reported only: the cheap probe
+    ({"max_layers": 3}, 20, 16),                     # choosing layers: the steadier one
+    ({"max_loss": 0.5}, 20, 16),
+    ({"max_layers": 3}, 10, 10),                     # held-out windows only...
+    ({"max_layers": 3}, 2, 4),                       # ...but never fewer than the report's 4
+    ({"max_layers": 3, "sensitivity_windows": 6}, 20, 6),  # an explicit count wins either way
+    ({"sensitivity_windows": 2}, 20, 2),
 ])
-def test_the_sensitivity_probe_is_larger_when_it_chooses_layers(options, windows):
-    """Ranking on 16 windows, reporting on 4 (hadaconv.convert.RANKING_WINDOWS): the probe
-    takes held-out windows first, then calibration ones, whatever the batch size."""
-    from hadaconv.convert import Calibration, _probe, probe_windows
+def test_the_sensitivity_probe_is_larger_when_it_chooses_layers(options, heldout, windows):
+    """Ranking on up to 16 held-out windows, reporting on 4 (hadaconv.convert.RANKING_WINDOWS):
+    held-out windows first, then calibration ones, in batches of the configured size."""
+    from hadaconv.convert import Calibration, _batches, _probe, probe_windows
 
-    ids = torch.arange(20 * 3).reshape(20, 3)
-    data = Calibration([{"input_ids": ids[i:i + 8]} for i in range(0, 18, 8)], [{"input_ids": ids[18:]}])
-    cfg = ConvertConfig(**options)
-    assert probe_windows(cfg) == windows
+    ids = torch.arange(40 * 3).reshape(40, 3)
+    calib, held = ids[:20], ids[20:20 + heldout]
+    data = Calibration(_batches(calib, 8), _batches(held, 8))
+    cfg = ConvertConfig(batch_size=8, **options)
+    assert probe_windows(cfg, heldout) == windows
     probe = _probe(data, cfg, from_inputs=False)
-    assert len(probe) == 1
-    assert torch.equal(probe[0]["input_ids"], torch.cat([ids[18:], ids[:18]])[:windows])
+    assert [len(b["input_ids"]) for b in probe] == [8] * (windows // 8) + ([windows % 8] if windows % 8 else [])
+    assert torch.equal(torch.cat([b["input_ids"] for b in probe]), torch.cat([held, calib])[:windows])
 
 
 def test_data_free_parameter_count_is_exact():
@@ -350,6 +353,28 @@ def test_sensitivity_replay_matches_full_forward(family, monkeypatch):
     torch.testing.assert_close(torch.tensor(replayed), torch.tensor(full), rtol=1e-5, atol=1e-9)
     monkeypatch.undo()
     assert all("forward" not in vars(blk) for blk in sens.block_list(model, layers))
+
+
+def test_sensitivity_does_not_depend_on_how_the_probe_is_batched():
+    """The probe split into batches of 4 and 2 windows gives the KL per token of the 6 windows in
+    one batch: each batch weighs by its positions (an unweighted mean would count the short
+    batch's tokens twice as much)."""
+    import hadaconv.sensitivity as sens
+    from hadaconv.calibrate import Moments
+    from hadaconv.fit import fit_projection
+
+    model = make_tiny("llama").eval()
+    adapter = find_adapter(model)
+    adapter.prepare(model)
+    layers = adapter.layers(model)
+    fits = {layer.index: fit_projection(*layer.out.get(), Moments.identity(layer.width), mode="affine", block=1)
+            for layer in layers}
+    ids = torch.randint(0, model.config.vocab_size, (6, 12), generator=torch.Generator().manual_seed(3))
+    whole = sens.sensitivities(model, layers, fits, [{"input_ids": ids}], "causal-lm", False)
+    split = sens.sensitivities(model, layers, fits, [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}], "causal-lm",
+                               False)
+    torch.testing.assert_close(torch.tensor(split, dtype=torch.float64), torch.tensor(whole, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
 
 
 def test_default_block_divides_every_width_into_at_least_eight_blocks():

@@ -91,27 +91,38 @@ def model_kind(model: nn.Module) -> ModelKind | None:
 #: Config fields that hold the context length: GPT-2 names it ``n_positions``, the others
 #: (Llama, Qwen, Gemma, BERT, OPT, GPT-NeoX, Phi) ``max_position_embeddings``.
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions")
+#: Families whose position ids start after the padding index (``padding_idx + 1``), so that
+#: ``max_position_embeddings`` rows hold ``padding_idx + 1`` fewer positions (RoBERTa: 514 -> 512).
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"}
 
 
 def context_length(model: nn.Module) -> int | None:
-    """The longest sequence, in tokens, ``model``'s config says it takes (None where it has no
-    Hugging Face config, e.g. a plain torch module)."""
+    """The longest sequence, in tokens, ``model``'s config says it takes: its position table
+    (less RoBERTa's offset), or for rotary models with ``rope_scaling`` the scaled length where
+    that is longer.  None where it has no Hugging Face config (a plain torch module, or ViT)."""
     config = getattr(model, "config", None)
-    for field in _CONTEXT_FIELDS:
-        value = getattr(config, field, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+    limit = next((v for f in _CONTEXT_FIELDS if isinstance(v := getattr(config, f, None), int)
+                  and not isinstance(v, bool) and v > 0), None)
+    if limit is None:
+        return None
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    scaling = getattr(config, "rope_scaling", None)
+    if isinstance(scaling, dict) and isinstance(scaling.get("factor"), (int, float)):
+        base = scaling.get("original_max_position_embeddings") or limit
+        limit = max(limit, int(base * scaling["factor"]))
+    return limit
 
 
 def check_seq_len(model: nn.Module, seq_len: int) -> None:
-    """Raise InputError when windows of ``seq_len`` tokens are longer than ``model``'s context:
-    a learned position table would fail deep inside the model, and rotary positions past the
-    trained ones give text and statistics of no use, after a sampling run of hours."""
+    """Raise InputError when windows of ``seq_len`` tokens are longer than ``model``'s context
+    (:func:`context_length`): a learned position table would fail deep inside the model, and
+    rotary positions past the trained ones give text and statistics of no use, after a sampling
+    run of hours."""
     limit = context_length(model)
     if limit is not None and seq_len > limit:
         raise InputError(f"{option('seq_len', seq_len)} is longer than the model's context of {limit:,} tokens "
-                         "(its config's max_position_embeddings)")
+                         "(from its config)")
 
 
 def attention_layers(model: nn.Module, target: str | None = None) -> list[AttentionLayer]:
