@@ -1263,7 +1263,7 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "session-truncated-bytes", "convert-nan-statistics", "convert-block-0", "convert-samples-0",
            "streamed-block-0", "streamed-seq-len-1", "streamed-device-unknown", "convert-file-no-layers", "convert-file-dtype-unknown",
            "convert-layers-not-indices", "config-layers-garbage", "config-layers-backwards", "convert-max-layers-0",
-           "convert-max-loss-negative", "convert-output-exists", "perplexity-float-windows", "perplexity-1d-windows",
+           "convert-sensitivity-windows-0", "convert-max-loss-negative", "convert-output-exists", "perplexity-float-windows", "perplexity-1d-windows",
            "perplexity-id-past-vocab", "perplexity-negative-id", "perplexity-batch-0", "convert-file-config-dict",
            "convert-file-arguments-swapped", "distill-file-config-dict", "distill-max-time-text", "distill-max-time-negative", "distill-max-steps-0",
            "distill-lr-negative", "distill-lr-nan", "distill-min-lr-ratio-2", "distill-stages-string",
