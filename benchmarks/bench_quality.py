@@ -388,7 +388,7 @@ def write(results: dict, args) -> None:
     name, description = MODELS[args.model]
     rank_block = results.get("ranking", {}).get("block", 16)
     ranked = "" if rank_block == 16 else f", ranked at block {rank_block}"
-    probe = "" if args.sensitivity_windows == 4 else f", ranked on {args.sensitivity_windows} windows"
+    probe = f", ranked on {args.sensitivity_windows} windows" if args.probe else ""
     section = f"{SECTION[:-1]}, {name}{args.samples} calibration windows{ranked}{probe})"
     lines = [section, "",
              f"`python benchmarks/bench_quality.py{' --model ' + args.model if args.model != 'smollm2' else ''} --samples {args.samples} --eval-windows {args.eval_windows}{' --rank-block ' + str(rank_block) if ranked else ''}{' --sensitivity-windows ' + str(args.sensitivity_windows) if args.sensitivity_windows != RANKING_WINDOWS else ''}` "

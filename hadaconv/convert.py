@@ -152,6 +152,11 @@ class ConvertConfig:
     stats_device: str | None = None
     progress: bool = True
 
+    @property
+    def ranked(self) -> bool:
+        """Whether the layers converted are chosen by measured sensitivity (max_layers / max_loss)."""
+        return self.max_layers is not None or self.max_loss is not None
+
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
             try:
@@ -418,7 +423,7 @@ def probe_windows(cfg: ConvertConfig, heldout: int) -> int:
     :data:`REPORT_WINDOWS`."""
     if cfg.sensitivity_windows is not None:
         return cfg.sensitivity_windows
-    if cfg.max_layers is None and cfg.max_loss is None:
+    if not cfg.ranked:
         return REPORT_WINDOWS
     return max(REPORT_WINDOWS, min(RANKING_WINDOWS, heldout))
 
@@ -441,11 +446,10 @@ def rank_layers(model: nn.Module, target: Target, fits: dict[int, FitResult], ro
                 data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> str:
     """Stage 4: measure each layer's sensitivity into its row (when asked or needed for the
     choice); returns the metric's name ("" when not measured)."""
-    need_rank = cfg.max_layers is not None or cfg.max_loss is not None
-    if not (cfg.sensitivity or need_rank):
+    if not (cfg.sensitivity or cfg.ranked):
         return ""
     if not data.calib:
-        if need_rank:
+        if cfg.ranked:
             raise HadaconvError(f"{option('max_layers')} / {option('max_loss')} rank layers by measured sensitivity "
                                 "and need calibration data")
         return ""
@@ -459,7 +463,7 @@ def rank_layers(model: nn.Module, target: Target, fits: dict[int, FitResult], ro
 def choose_layers(layers: list[AttentionLayer], rows: dict[int, LayerReport], cfg: ConvertConfig) -> list[int]:
     """The layers to convert: all, or the least sensitive within --max-layers / --max-loss."""
     order = [layer.index for layer in layers]
-    if cfg.max_layers is None and cfg.max_loss is None:
+    if not cfg.ranked:
         return order
     order.sort(key=lambda i: rows[i].sensitivity if rows[i].sensitivity is not None else math.inf)
     chosen, total = [], 0.0
@@ -576,8 +580,7 @@ def convert(
     report.calibration_source = data.source or "none (data-free)"
 
     dec = _blockwise_decoder(model, target, data, cfg)
-    ranked = cfg.max_layers is not None or cfg.max_loss is not None
-    if dec is None and cfg.sequential and data.calib and not ranked:
+    if dec is None and cfg.sequential and data.calib and not cfg.ranked:
         # No block loop for this model: whole-model sequential passes, without compensation
         # (and without ranking, which needs every layer's independent fit).
         fits, rows = fit_sequential(model, target, data, cfg)
@@ -585,7 +588,7 @@ def convert(
         report.sequential = True
     else:
         fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]
-        if dec is None or cfg.sensitivity or ranked or not cfg.sequential:
+        if dec is None or cfg.sensitivity or cfg.ranked or not cfg.sequential:
             stats = collect_statistics(model, target.layers, data, cfg.progress, device=cfg.stats_device) \
                 if data.calib else None
             fits, rows = fit_layers(target, stats, cfg)

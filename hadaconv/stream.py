@@ -397,7 +397,7 @@ def convert_streamed(
 
 def _check_request(source: str | Path, cfg: ConvertConfig) -> Path:
     """Refuse what the block loop cannot do, before anything is read."""
-    if cfg.max_layers is not None or cfg.max_loss is not None:
+    if cfg.ranked:
         raise InputError(f"layer-by-layer conversion converts every selected layer: {option('max_layers')} / "
                          f"{option('max_loss')} rank layers on the whole model; use them without "
                          f"{command('--streamed', 'streaming (convert_file)')}")
