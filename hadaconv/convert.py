@@ -571,7 +571,7 @@ def convert(
     target = find_target(model, cfg, adapter)
     cfg = replace(cfg, block=target.block)
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
-                           rank=cfg.rank)
+                           rank=cfg.rank, max_layers=cfg.max_layers)
     report.params_before = sum(p.numel() for p in model.parameters())
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
     model.eval()

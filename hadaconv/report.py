@@ -58,6 +58,7 @@ class ConvertReport:
     sequential: bool = False
     compensate: bool = False
     rank: int = 0  # of the low-rank residual next to each converted layer (0: none)
+    max_layers: int | None = None  # the --max-layers asked for (None: not given)
 
     @property
     def converted(self) -> list[int]:
@@ -71,13 +72,20 @@ class ConvertReport:
     def warnings(self) -> list[str]:
         """One line per converted layer whose held-out error is no better than predicting the
         mean output (``mean-pred``, the floor any fit should beat): a fit that learned the
-        calibration windows, not the layer, usually from too little text."""
-        return [f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
-                f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "
-                f"layer dense, list the candidates without it in {option('layers')}"
-                for r in self.layers
-                if r.converted and r.heldout_error is not None and r.mean_error is not None
-                and not r.heldout_error < r.mean_error]  # NaN is no better
+        calibration windows, not the layer, usually from too little text; and one when
+        ``--max-layers`` asked for at least as many layers as there were candidates and every
+        candidate was converted (it chose nothing)."""
+        n = len(self.layers)
+        few = [] if self.max_layers is None or self.max_layers < n or len(self.converted) < n else [
+            f"{option('max_layers')} {self.max_layers} is not fewer than the {n} candidate layer{'s' * (n != 1)}, so "
+            f"every one was converted; give {option('layers')} more candidates or a smaller {option('max_layers')}"]
+        return few + [
+            f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
+            f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "
+            f"layer dense, list the candidates without it in {option('layers')}"
+            for r in self.layers
+            if r.converted and r.heldout_error is not None and r.mean_error is not None
+            and not r.heldout_error < r.mean_error]  # NaN is no better
 
     def table(self) -> "FittedTable":
         """The report as a rich renderable (per layer, then totals in the caption) that fits the

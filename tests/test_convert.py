@@ -195,8 +195,10 @@ def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(hadaconv.io, "load_model", load_model)
     out = tmp_path / "conv"
     code, stdout, stderr = run_cli(capsys, "convert", src, "-o", out, "--block", "4", "--samples", "12",
-                                   "--seq-len", "32", "--layers", "1")
+                                   "--seq-len", "32", "--layers", "1", "--max-layers", "1")
     assert code == 0, stderr
+    # Nothing for --max-layers to choose from: converted, and said (a newcomer's --layers 0-1 --max-layers 5).
+    assert "warning: --max-layers 1 is not fewer than the 1 candidate layer," in " ".join(stderr.split())
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # input untouched
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["hadaconv"]["layers"] == [1] and cfg["hadaconv"]["block"] == 4

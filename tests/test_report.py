@@ -85,3 +85,23 @@ def test_warns_of_a_converted_layer_no_better_than_the_mean():
         "text (samples) should help; to keep the layer dense, list the candidates without it in layers"]
     with cli_names():
         assert "(--samples)" in report.warnings()[0] and "without it in --layers" in report.warnings()[0]
+
+
+def test_warns_when_max_layers_leaves_nothing_to_choose():
+    """A newcomer's ``--layers 0-1 --max-layers 5`` converted both candidates without a word; a
+    --max-layers below the candidate count, or none, or one beside a --max-loss that left a
+    candidate dense, is no warning."""
+    from hadaconv.errors import cli_names
+
+    report = _report(2, False)
+    assert report.warnings() == []
+    report.max_layers = 1
+    assert report.warnings() == []
+    for k in (2, 5):
+        report.max_layers = k
+        assert report.warnings() == [f"max_layers {k} is not fewer than the 2 candidate layers, so every one was "
+                                     "converted; give layers more candidates or a smaller max_layers"]
+    with cli_names():
+        assert report.warnings()[0].startswith("--max-layers 5 is not fewer than the 2 candidate layers")
+    report.layers[1].converted = False  # --max-loss chose
+    assert report.warnings() == []
