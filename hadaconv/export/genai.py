@@ -51,6 +51,9 @@ def genai_config(model: nn.Module, cache: dict[str, Any], *, library: str | None
     if cache["head_dim"] != cache["value_head_dim"]:
         return None
     config = model.config
+    # The config's own table length, as onnxruntime-genai's model builder writes it: the runtime
+    # sizes its KV cache by it, so not adapters.context_length's rope-scaled limit, which can be
+    # several times longer.
     context = int(getattr(config, "max_position_embeddings", None) or 2048)
     eos = _token_ids(eos_token_id)
     pad = _token_ids(pad_token_id)
