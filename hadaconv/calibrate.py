@@ -72,13 +72,16 @@ def source_list(sources: Sequence[str | os.PathLike] | str | os.PathLike | None)
 def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calibration",
                   samples: int | None = None) -> None:
     """Refuse, before a run loads a model rather than after, a file or folder source that does not
-    exist ("``what`` source not found: ..."), a file that holds nothing but white space, and more
+    exist ("``what`` source not found: ..."), an empty name (``--calib "$UNSET"``: ``Path("")`` is
+    the working folder), a file that holds nothing but white space, and more
     sources than ``samples`` windows to share (HadaconvError; the names ``sample``,
     ``shakespeare`` and ``none`` are no paths)."""
     listed = source_list(sources)
     for src in listed:
         if str(src) in ("sample", "shakespeare", "none"):
             continue
+        if not str(src).strip():  # Path("") is the working folder: an unset shell variable would read it
+            raise HadaconvError(f"an empty {what} source: name a file, a folder, sample or shakespeare")
         if not Path(src).exists():
             raise HadaconvError(f"{what} source not found: {src}")
         if Path(src).is_file() and _blank(Path(src)):

@@ -165,20 +165,21 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     text (once per model, then cached), then about 12 minutes to convert; --samples 128 takes a
     quarter of the sampling and about a third of the conversion.
     """
-    from hadaconv.convert import ConvertConfig, convert_file
+    from hadaconv.convert import ConvertConfig, check_config, convert_file
     from hadaconv.progress import out
 
     if no_sensitivity and (max_layers or max_loss is not None):
         raise HadaconvError(f"{'--max-layers' if max_layers else '--max-loss'} chooses layers by their measured "
                             "sensitivity: drop --no-sensitivity")
-    if dry_run:
-        _inspect(model, model_config, trust_pickle, target, block, rank, _layer_list(layers), dry_run=True)
-        return
     calib_value = None if not calib else ("none" if list(calib) == ["none"] else list(calib))
     cfg = ConvertConfig(mode=mode, block=block, layers=_layer_list(layers), max_layers=max_layers,
                         max_loss=max_loss, calib=calib_value, samples=samples, seq_len=seq_len,
                         batch_size=batch_size, sequential=sequential, compensate=compensate, rank=rank,
                         sensitivity=not no_sensitivity)
+    if dry_run:
+        check_config(cfg)  # what the real run would refuse before its model load (a calibration file's typo)
+        _inspect(model, model_config, trust_pickle, target, block, rank, _layer_list(layers), dry_run=True)
+        return
     if streamed:
         from hadaconv.stream import convert_streamed
 
@@ -408,8 +409,11 @@ def _recorded_original(loaded, model: str) -> tuple[str | None, str | None]:
                    "trains on), so the file serves both in full.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Sequences sampled side by side.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Sampling temperature: 1 is the model's own distribution, which calibrated best (lower or higher "
+                   "made the converted model worse on both held-out domains, benchmarks/RESULTS.md).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the sampling (the cache is kept per seed).")
 @_model_config
 @_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -530,7 +534,8 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
 @click.option("--ids", default=None, callback=_ids, metavar="IDS",
               help="The input as token ids instead of text, e.g. 1,2,3: for bundles without a tokenizer "
                    "(a causal LM then prints the generated ids).")
-@click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True,
+              help="Causal LMs: tokens to generate after the prompt (fewer where the end-of-text token comes first).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all); with --temperature above 0.")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
@@ -648,8 +653,9 @@ def _duration(text: str | None) -> float | None:
                    "file(s), folder(s), JSONL with 'text'.  Several sources share the windows equally.  "
                    "[default: sample]")
 @click.option("--sampled", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Sequences of --seq-len tokens the original model writes for --data sample (sampled once per "
-                   "model and cached; more is more distinct text, fewer repeats, at a one-off sampling cost; after a "
+              help="Sequences of --seq-len tokens the original model writes for --data sample, at most --samples "
+                   "(sampled once per model and cached; more is more distinct text, fewer repeats, at a one-off "
+                   "sampling cost; after a "
                    "convert with fewer --samples, the same count here samples nothing).  "
                    "Longer runs want more, each window seen about twice: steps x --batch-size / 2 (SmolLM2 on a "
                    "2-core Xeon: 10 minutes are 150-210 steps, where 512 did 1-3% better than 256; 30 minutes "

@@ -197,9 +197,10 @@ def _cache_inputs(session: Any, meta: dict) -> list[str]:
     inputs = [i.name for i in session.get_inputs()]
     past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))
     if "input_ids" not in inputs or not past:
-        kind = meta.get("kind", "this model")
-        raise HadaconvError(f"generation needs a causal LM exported with the KV cache; {kind} has inputs "
-                            f"{', '.join(inputs)} (export it without {option('cache', False, flag='--no-cache')})")
+        kind = meta.get("kind")
+        again = f": export it again without {option('cache', False, flag='--no-cache')}" if kind == "causal-lm" else ""
+        raise HadaconvError(f"generation needs a causal LM exported with the KV cache; this {kind or 'model'} bundle "
+                            f"has inputs {', '.join(inputs)}{again}")
     return past
 
 

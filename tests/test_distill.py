@@ -224,8 +224,9 @@ def test_time_budget_is_when_training_ends(tokenizer, monkeypatch):
 
 
 def test_sampled_sets_how_much_text_the_teacher_writes(tokenizer, monkeypatch):
-    """DistillConfig.sampled (--sampled) is the number of sequences asked of the sample cache;
-    fewer than one is refused before any work."""
+    """DistillConfig.sampled (--sampled) is the number of sequences asked of the sample cache, but
+    never more than the run's windows (--samples: a newcomer's --samples 32 sampled 512, for 18
+    minutes); fewer than one is refused before any work."""
     from hadaconv.distill import core
 
     real, asked = core.calibration_texts, []
@@ -236,11 +237,12 @@ def test_sampled_sets_how_much_text_the_teacher_writes(tokenizer, monkeypatch):
 
     monkeypatch.setattr(core, "calibration_texts", spy)
     student, teacher = _pair("llama", tokenizer)
+    distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, sampled=40, **RUN))
     distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, sampled=384, **RUN))
-    assert asked == [384]
+    assert asked == [40, RUN["samples"]] and RUN["samples"] < 384
     with pytest.raises(HadaconvError, match="sampled must be an integer >= 1, got 0"):
         distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, sampled=0, **RUN))
-    assert asked == [384]
+    assert asked == [40, RUN["samples"]]
 
 
 def test_too_few_windows_fail_before_any_text_is_sampled(tokenizer, monkeypatch):

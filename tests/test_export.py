@@ -150,6 +150,12 @@ def test_causal_lm_without_cache_and_dense(tmp_path):
     with torch.no_grad():
         ref = dense(input_ids=ids, attention_mask=mask).logits
     np.testing.assert_allclose(got, ref.numpy(), atol=1e-4, rtol=0)
+    from hadaconv.errors import HadaconvError
+    from hadaconv.generate import generate
+
+    with pytest.raises(HadaconvError, match=r"needs a causal LM exported with the KV cache; this causal-lm bundle "
+                                            r"has inputs input_ids, .*: export it again without cache=False"):
+        generate(tmp_path / "b", [[1, 2, 3]])
 
 
 # ----------------------------------------------------------------------------- encoders and modules

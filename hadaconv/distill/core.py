@@ -78,7 +78,8 @@ class DistillConfig:
             (see :func:`hadaconv.sample.calibration_texts`).
         sampled: sequences the teacher writes for the data source "sample" (those a default
             conversion cached are read from the cache, the rest sampled once and cached; more is more
-            distinct text, at a one-off sampling cost).  Budgets past the default's ten CPU
+            distinct text, at a one-off sampling cost); at most ``samples`` of them are used, and
+            sampled.  Budgets past the default's ten CPU
             minutes want about ``steps * batch_size / 2``, each window seen about twice
             (benchmarks/RESULTS.md, "Thirty minutes of distillation").
         samples, seq_len: training windows (mixed_windows: an equal share per source, a tenth held
@@ -548,8 +549,10 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
            main: bool) -> tuple[torch.Tensor, torch.Tensor, DistillReport]:
     """The training windows, the held-out windows, and a report that names both."""
     check_seq_len(teacher, cfg.seq_len)
-    texts, names = calibration_texts(teacher, tokenizer, cfg.data, samples=cfg.sampled, seq_len=cfg.seq_len,
-                                     progress=cfg.progress and main)
+    # Sequences past --samples would make windows the run never reads (a newcomer's --samples 32
+    # sampled 512, for 18 minutes).
+    texts, names = calibration_texts(teacher, tokenizer, cfg.data, samples=min(cfg.sampled, cfg.samples),
+                                     seq_len=cfg.seq_len, progress=cfg.progress and main)
     train, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len,
                                             what="training text")
     data_source = describe_sources(names, windows)
@@ -693,7 +696,7 @@ class _Distillation:
             took = duration(self.evaluate.seconds)
             took = took if took.startswith("under") else f"about {took}"
             bar.note(f"each evaluation on {counted(len(self.evaluate.windows), 'held-out window')} takes {took}: "
-                     f"every {cfg.eval_every} steps (inside the budget) "
+                     f"every {'step' if cfg.eval_every == 1 else f'{cfg.eval_every} steps'} (inside the budget) "
                      "and at the last step")
         perms: dict[int, torch.Tensor] = {}
         last_loss: float | None = None

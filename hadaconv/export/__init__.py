@@ -213,7 +213,8 @@ def export_onnx(
             ``example_inputs``); with or without HadamardProjection layers.
         out_dir: the bundle folder; written atomically (nothing appears unless it validates).
         example_inputs: for generic modules: a tensor, a tuple of tensors or a dict of keyword
-            tensors (every axis but the last is exported as dynamic where the model allows).
+            tensors (every axis but the last is exported as dynamic where the model allows);
+            refused for text models, which get token ids made for them.
         portable: standard ONNX ops only, instead of ``com.hadaconv::HadamardAffine``.
         tokenizer: saved into the bundle; also gives validation real text.
         kind: "causal-lm", "encoder", "classifier" or "module" (detected when None).
@@ -244,7 +245,7 @@ def export_onnx(
 
     Raises:
         InputError: ``model`` not an ``nn.Module`` (a path: ``load_model(path).model``).
-        HadaconvError: a bad ``dtype`` or ``optimize`` level, ``optimize`` with ``portable`` or
+        HadaconvError: example inputs for a text model, a bad ``dtype`` or ``optimize`` level, ``optimize`` with ``portable`` or
             half precision, bfloat16 validation on the CPU, an existing ``out_dir`` without
             ``overwrite``, a failed export, or outputs outside ``atol`` (nothing is written).
     """
@@ -258,6 +259,9 @@ def export_onnx(
     atol = default_atol(precision) if atol is None else atol
     example_inputs = _inputs_as(example_inputs, precision)
     kind = kind or detect_kind(model)
+    if example_inputs is not None and kind != "module":  # silently ignored, they looked used
+        raise HadaconvError(f"example inputs ({option('example_inputs', flag='--input-shape')}) are for generic "
+                            f"modules: a {kind} export makes its own token ids")
     spec = make_spec(model, kind, cache=cache, example_inputs=example_inputs)
     library = None
     if form == "custom":
