@@ -22,7 +22,8 @@ swap, so a decoder that loads a block's weights in ``block(i)`` and writes and f
 time whatever the depth.  Blocks before the first converted one run once (student = teacher);
 blocks after the last converted one are not run at all.  Statistics that the teacher's pass can
 give (every layer's when not ``sequential``; the first layer's while the student still equals the
-teacher) are collected during that pass, not in a pass of their own.
+teacher; with ``on_teacher``, every layer's for that callback) are collected during that pass, not
+in a pass of their own.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from hadaconv.report import LayerReport
 from hadaconv.sensitivity import block_list
 from hadaconv.swap import apply_fit
 
-__all__ = ["BlockInput", "Decoder", "convert_blockwise", "decoder"]
+__all__ = ["BlockInput", "Decoder", "TeacherFn", "convert_blockwise", "decoder"]
 
 
 class _Stop(Exception):
@@ -161,6 +162,8 @@ def _residual_maps(block: nn.Module, adapter: Adapter) -> list[nn.Linear]:
 
 
 FitFn = Callable[[AttentionLayer, Moments, Moments | None], tuple[FitResult, LayerReport]]
+#: ``on_teacher(layer, calib, heldout)``: called with a layer's statistics on the teacher's inputs.
+TeacherFn = Callable[[AttentionLayer, Moments, Moments | None], None]
 
 
 def _pass(block: nn.Module, inputs: list[BlockInput], hidden: list[torch.Tensor], layers: list[AttentionLayer],
@@ -211,7 +214,8 @@ def _moments(block: nn.Module, inputs: list[BlockInput], hidden: list[torch.Tens
 
 def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLayer], data_batches: list[tuple[str, dict]],
                       fits: dict[int, FitResult], rows: dict[int, LayerReport], *, sequential: bool,
-                      compensate: bool, fit_fn: FitFn, show: bool = True, stats_device: str | None = None) -> None:
+                      compensate: bool, fit_fn: FitFn, show: bool = True, stats_device: str | None = None,
+                      on_teacher: TeacherFn | None = None) -> None:
     """Convert ``layers`` block by block (see the module docstring), in place.
 
     ``fits`` holds the teacher-statistics fits (used when not ``sequential``; a layer missing
@@ -219,7 +223,11 @@ def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLaye
     layer is refitted on the student's) and ``rows`` their report rows (updated: sequential
     errors, block errors before/after compensation, the ridge chosen).  ``fit_fn(layer, calib,
     heldout)`` fits one layer on given statistics, accumulated in float64 on ``stats_device``
-    (None: where the activations are).  ``dec.done(i)`` is called for every block, in order.
+    (None: where the activations are).  ``on_teacher(layer, calib, heldout)``, when given, is
+    called for every layer with the teacher's statistics of it, before anything in its block is
+    swapped (the blocks from it on are still the original's): convert measures each layer's
+    sensitivity there, without a statistics pass of its own.  ``dec.done(i)`` is called for
+    every block, in order.
     """
     inputs = dec.first_inputs(data_batches)
     teacher = [inp.args[0] for inp in inputs]
@@ -236,10 +244,12 @@ def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLaye
                 continue
             here = [layer for layer in layers if _holds(block, layer)]
             s_in = teacher if student is None else student
-            # Statistics the teacher's pass gives (the swap has not happened yet).
-            early = [la for la in here if not sequential and la.index not in fits]
-            if sequential and student is None and here:
-                early.append(here[0])
+            # Layers fitted on the teacher's statistics: every one when not sequential; with it, the
+            # first one swapped while the student still equals the teacher.
+            teacher_fitted = [la for la in here if not sequential or (student is None and la is here[0])]
+            # The teacher's pass gives those statistics (the swap has not happened yet).
+            early = here if on_teacher is not None else [
+                la for la in teacher_fitted if sequential or la.index not in fits]
             stats, nxt_teacher = _pass(block, inputs, teacher, early, stats_device)
             if not here:
                 student = None if student is None else _pass(block, inputs, student, [], None)[1]
@@ -247,14 +257,12 @@ def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLaye
                 dec.done(pos)
                 step()
                 continue
-            for layer in here:
-                if sequential or layer.index not in fits:
-                    if not any(layer is la for la in early):  # the student's inputs, earlier layers swapped
-                        stats = _moments(block, inputs, s_in, layer, stats_device)
+            if on_teacher is not None:
+                for layer in here:
                     with torch.enable_grad():
-                        fits[layer.index], rows[layer.index] = fit_fn(
-                            layer, stats.moments(layer.index), stats.moments(layer.index, "heldout"))
-                apply_fit(layer, fits[layer.index])
+                        on_teacher(layer, stats.moments(layer.index), stats.moments(layer.index, "heldout"))
+            _fit_and_swap(block, here, inputs, s_in, stats, teacher_fitted, fits, rows, sequential, fit_fn,
+                          stats_device)
             del stats
             maps = _residual_maps(block, adapter) if compensate else []
             if maps:
@@ -264,6 +272,22 @@ def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLaye
             teacher = nxt_teacher
             dec.done(pos)
             step()
+
+
+def _fit_and_swap(block: nn.Module, here: list[AttentionLayer], inputs: list[BlockInput], s_in: list[torch.Tensor],
+                  stats: MomentCollector, teacher_fitted: list[AttentionLayer], fits: dict[int, FitResult],
+                  rows: dict[int, LayerReport], sequential: bool, fit_fn: FitFn, stats_device) -> None:
+    """Fit the block's layers that need it, in order (on ``stats`` of the teacher's pass where
+    they are in ``teacher_fitted``, else on the student's inputs ``s_in`` with the layers before
+    already swapped), and swap each in."""
+    for layer in here:
+        if sequential or layer.index not in fits:
+            if not any(layer is la for la in teacher_fitted):
+                stats = _moments(block, inputs, s_in, layer, stats_device)
+            with torch.enable_grad():
+                fits[layer.index], rows[layer.index] = fit_fn(
+                    layer, stats.moments(layer.index), stats.moments(layer.index, "heldout"))
+        apply_fit(layer, fits[layer.index])
 
 
 def _compensate(block, maps, inputs, s_in, t_in, t_out, row: LayerReport) -> list[torch.Tensor]:

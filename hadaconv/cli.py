@@ -162,7 +162,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     or a torch.save'd module.  Prints a per-layer report and saves it as report.json.
 
     What the defaults cost, SmolLM2-135M on 2 CPU cores: about 8 minutes to sample the calibration
-    text (once per model, then cached), then about 12 minutes to convert; --samples 128 takes a
+    text (once per model, then cached), then about 10 minutes to convert; --samples 128 takes a
     quarter of the sampling and about a third of the conversion.
     """
     from hadaconv.convert import ConvertConfig, check_config, convert_file
@@ -176,18 +176,22 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
                         max_loss=max_loss, calib=calib_value, samples=samples, seq_len=seq_len,
                         batch_size=batch_size, sequential=sequential, compensate=compensate, rank=rank,
                         sensitivity=not no_sensitivity)
+    given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--target", target), ("--config", model_config))
+             if on]
+    if streamed and given:
+        raise HadaconvError("--streamed keeps the checkpoint's dtype and reads Hugging Face folders (weights "
+                            f"and config.json in one folder): drop {' and '.join(given)}")
     if dry_run:
         check_config(cfg)  # what the real run would refuse before its model load (a calibration file's typo)
+        if streamed:
+            from hadaconv.stream import check_request
+
+            check_request(model, cfg)
         _inspect(model, model_config, trust_pickle, target, block, rank, _layer_list(layers), dry_run=True)
         return
     if streamed:
         from hadaconv.stream import convert_streamed
 
-        given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--target", target), ("--config", model_config))
-                 if on]
-        if given:
-            raise HadaconvError("--streamed keeps the checkpoint's dtype and reads Hugging Face folders (weights "
-                                f"and config.json in one folder): drop {' and '.join(given)}")
         report = convert_streamed(model, output, cfg, device=device, overwrite=overwrite)
     else:
         report = convert_file(model, output, cfg, model_config=model_config, trust_pickle=trust_pickle,

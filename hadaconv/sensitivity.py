@@ -19,7 +19,7 @@ from hadaconv.fit import FitResult
 from hadaconv.progress import progress
 from hadaconv.swap import apply_fit
 
-__all__ = ["METRIC", "block_list", "model_output", "sensitivities"]
+__all__ = ["METRIC", "Probe", "block_list", "model_output", "sensitivities"]
 
 METRIC = {"causal-lm": "KL(original || converted) per token, nats"}
 OTHER_METRIC = "relative squared error of the output"
@@ -58,41 +58,62 @@ def _position(blocks: list[nn.Module], layer: AttentionLayer) -> int:
     return 0
 
 
+class Probe:
+    """The original model's outputs on the ``probe`` batches, and every block's, recorded once,
+    to measure one layer at a time against (:meth:`divergence`).  Holds them until it is
+    dropped: for a causal LM windows x seq_len x vocab logits, plus windows x seq_len x d hidden
+    states per block, in the model's dtype (4 windows of 256 tokens of SmolLM2 in float32:
+    0.2 GB of logits, 0.07 GB of hidden states)."""
+
+    def __init__(self, model: nn.Module, layers: list[AttentionLayer], probe: list[dict], kind: str) -> None:
+        if kind == "causal-lm":
+            probe = [{**b, "use_cache": False} for b in probe]  # replayed blocks write no KV cache
+        self.model, self.batches, self.kind = model, probe, kind
+        self.blocks = block_list(model, layers)
+        self.replay = [dict() for _ in probe]  # per probe batch: block position -> its output
+
+        def recorder(store, pos):
+            return lambda module, args, output: store.__setitem__(pos, output)
+
+        with torch.inference_mode():
+            self.reference = []
+            for batch, store in zip(probe, self.replay):
+                hooks = [blk.register_forward_hook(recorder(store, pos)) for pos, blk in enumerate(self.blocks or [])]
+                try:
+                    self.reference.append(model_output(model, batch, kind))
+                finally:
+                    for h in hooks:
+                        h.remove()
+        # Each batch's divergence is a mean over its positions: weighted by them, a last, shorter
+        # batch counts as much per token as the others.
+        self.weights = [ref.numel() / max(1, ref.shape[-1]) for ref in self.reference]
+
+    def divergence(self, layer: AttentionLayer, fit: FitResult) -> float:
+        """The output's divergence with ``layer`` alone taking ``fit``, mean per position over the
+        probe: for causal LMs KL(original || converted) in nats per token, else the relative
+        squared error of the output; the model is restored after.  The blocks before ``layer``'s are replayed from the
+        record, so they may have changed since (the block loop measures each layer just before
+        its own block is converted); the blocks from it on must still be the original's."""
+        skip = self.blocks[:_position(self.blocks, layer)] if self.blocks else []
+        undo = apply_fit(layer, fit)
+        try:
+            div = [_replayed(self.model, batch, ref, store, skip, self.kind)
+                   for batch, ref, store in zip(self.batches, self.reference, self.replay)]
+        finally:
+            undo()
+        return sum(d * w for d, w in zip(div, self.weights)) / sum(self.weights)
+
+
 def sensitivities(model: nn.Module, layers: list[AttentionLayer], fits: dict[int, FitResult], probe: list[dict],
                   kind: str, show: bool = True) -> list[float]:
     """One value per layer of ``layers``: the output's divergence on the ``probe`` batches (mean
     per position over all of them) when that layer alone takes its fit (the model is restored
     after each)."""
-    if kind == "causal-lm":
-        probe = [{**b, "use_cache": False} for b in probe]  # replayed blocks write no KV cache
-    blocks = block_list(model, layers)
-    replay = [dict() for _ in probe]  # per probe batch: block position -> its output
-
-    def recorder(store, pos):
-        return lambda module, args, output: store.__setitem__(pos, output)
-
-    with torch.inference_mode():
-        reference = []
-        for batch, store in zip(probe, replay):
-            hooks = [blk.register_forward_hook(recorder(store, pos)) for pos, blk in enumerate(blocks or [])]
-            try:
-                reference.append(model_output(model, batch, kind))
-            finally:
-                for h in hooks:
-                    h.remove()
-    # Each batch's divergence is a mean over its positions: weighted by them, a last, shorter
-    # batch counts as much per token as the others.
-    weights = [ref.numel() / max(1, ref.shape[-1]) for ref in reference]
+    original = Probe(model, layers, probe, kind)
     values = []
     with progress(len(layers), "sensitivity", show) as step:
         for layer in layers:
-            undo = apply_fit(layer, fits[layer.index])
-            try:
-                div = [_replayed(model, batch, ref, store, blocks[:_position(blocks, layer)] if blocks else [], kind)
-                       for batch, ref, store in zip(probe, reference, replay)]
-                values.append(sum(d * w for d, w in zip(div, weights)) / sum(weights))
-            finally:
-                undo()
+            values.append(original.divergence(layer, fits[layer.index]))
             step()
     return values
 

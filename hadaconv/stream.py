@@ -63,7 +63,7 @@ from hadaconv.hadamard import factorize
 from hadaconv.io import SHARD_INDEX as INDEX, TIED_KEY
 from hadaconv.report import ConvertReport
 
-__all__ = ["ShardDecoder", "convert_streamed"]
+__all__ = ["ShardDecoder", "check_request", "convert_streamed"]
 
 
 class ShardDecoder(Decoder):
@@ -355,7 +355,7 @@ def convert_streamed(
 
     cfg = check_config(config)
     start = time.perf_counter()
-    source = _check_request(source, cfg)
+    source = check_request(source, cfg)
     out = check_output(out_dir, overwrite, folder=True, inputs=[source, *source_list(cfg.calib)])
     dev = resolve_device(device)
     files = _tensor_files(source)
@@ -395,8 +395,13 @@ def convert_streamed(
     return report
 
 
-def _check_request(source: str | Path, cfg: ConvertConfig) -> Path:
-    """Refuse what the block loop cannot do, before anything is read."""
+def check_request(source: str | Path, cfg: ConvertConfig) -> Path:
+    """Refuse what the block loop cannot do, before anything is read; the source folder.
+
+    Raises:
+        InputError: a layer ranking or a data-free fit asked of the block loop.
+        ModelFormatError: no such source, or not a Hugging Face folder (no config.json).
+    """
     if cfg.ranked:
         raise InputError(f"layer-by-layer conversion converts every selected layer: {option('max_layers')} / "
                          f"{option('max_loss')} rank layers on the whole model; use them without "

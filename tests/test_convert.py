@@ -1,6 +1,7 @@
 """Conversion end to end: tiny models of every family, exact folding, reload, bad inputs."""
 
 import copy
+import dataclasses
 import json
 import re
 import subprocess
@@ -146,6 +147,46 @@ def test_the_sensitivity_probe_is_larger_when_it_chooses_layers(options, heldout
     probe = _probe(data, cfg, from_inputs=False)
     assert [len(b["input_ids"]) for b in probe] == [8] * (windows // 8) + ([windows % 8] if windows % 8 else [])
     assert torch.equal(torch.cat([b["input_ids"] for b in probe]), torch.cat([held, calib])[:windows])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "torch_mha_decoder"])
+def test_the_reported_sensitivity_measured_in_the_block_loop_is_the_ranking_one(family, monkeypatch):
+    """Unranked, the sensitivity is measured inside the block loop from the teacher pass's
+    statistics (no whole-model statistics pass); ranked with every layer chosen, before the loop
+    as always.  The two give the same sensitivities, rows and converted model (a causal LM's KL,
+    an encoder's output error, a plain torch model calibrated on inputs)."""
+    import hadaconv.convert as conv
+
+    torch.manual_seed(0)
+    original = make_tiny(family)
+    if family in TEXT_FAMILIES:
+        from transformers import AutoTokenizer
+        from tiny_models import tokenizer_folder
+        kwargs = {"tokenizer": AutoTokenizer.from_pretrained(tokenizer_folder())}
+    else:
+        kwargs = {"inputs": _inputs_batches(family, original, 12)}
+    calls, collect = [], conv.collect_statistics
+    monkeypatch.setattr(conv, "collect_statistics", lambda *a, **k: calls.append(1) or collect(*a, **k))
+    cfg = ConvertConfig(block=4, **{**FAST, "sensitivity_windows": 4}, progress=False)
+    in_loop, ranked = copy.deepcopy(original), copy.deepcopy(original)
+    a = convert(in_loop, config=cfg, **kwargs)
+    assert calls == []  # no statistics pass of its own
+    b = convert(ranked, config=dataclasses.replace(cfg, max_layers=len(a.layers)), **kwargs)
+    assert calls == [1]
+    assert a.converted == b.converted == list(range(len(a.layers)))
+    assert a.sensitivity_metric == b.sensitivity_metric != ""
+    for ra, rb in zip(a.layers, b.layers):
+        assert ra.sensitivity is not None and ra.sensitivity > 0
+        assert ra.sensitivity == pytest.approx(rb.sensitivity, rel=1e-5, abs=1e-9)
+        assert (ra.calib_error, ra.heldout_error) == pytest.approx((rb.calib_error, rb.heldout_error), rel=1e-5)
+    x = example_inputs(family, original, seed=99)
+    with torch.inference_mode():
+        ya, yb = in_loop(**x), ranked(**x)
+    first = ya.logits if hasattr(ya, "logits") else ya[0] if isinstance(ya, (tuple, list)) else ya
+    second = yb.logits if hasattr(yb, "logits") else yb[0] if isinstance(yb, (tuple, list)) else yb
+    if not isinstance(first, torch.Tensor):  # an encoder's output object
+        first, second = first.last_hidden_state, second.last_hidden_state
+    torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-5)
 
 
 def test_data_free_parameter_count_is_exact():

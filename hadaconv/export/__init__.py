@@ -259,7 +259,7 @@ def export_onnx(
     atol = default_atol(precision) if atol is None else atol
     example_inputs = _inputs_as(example_inputs, precision)
     kind = kind or detect_kind(model)
-    if example_inputs is not None and kind != "module":  # silently ignored, they looked used
+    if example_inputs is not None and kind in ("causal-lm", "encoder", "classifier"):  # ignored, they looked used
         raise HadaconvError(f"example inputs ({option('example_inputs', flag='--input-shape')}) are for generic "
                             f"modules: a {kind} export makes its own token ids")
     spec = make_spec(model, kind, cache=cache, example_inputs=example_inputs)
