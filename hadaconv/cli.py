@@ -692,8 +692,9 @@ def _duration(text: str | None) -> float | None:
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Stop after this many training tokens (the first budget reached stops the run).")
 @click.option("--max-time", default=None, callback=lambda ctx, param, text: _duration(text),
-              help="Training time budget, e.g. 90s, 30m, 2h (sampling the text first is not counted; no step "
-                   "starts that would end, with its evaluation, past it; the save comes after it).  "
+              help="Training time budget, e.g. 90s, 30m, 2h, or a bare number of seconds (sampling the text "
+                   "first is not counted; no step starts that would end, with its evaluation, past it; the save "
+                   "comes after it).  "
                    "[default: one pass when no budget is set]")
 @click.option("--checkpoint-dir", type=click.Path(), default=None,
               help="Where checkpoints go.  A folder you name is kept after success (to resume or inspect "
