@@ -789,6 +789,9 @@ ROWS = [
         r"config\.json is not a JSON file"),
     Row("export-bad-input-shape", lambda w, t: ["export", w.conv, "-o", t / "b", "--input-shape", "2,0,8"],
         r"expected positive sizes like 2,16,32"),
+    Row("export-causal-lm-as-encoder", lambda w, t: ["export", w.conv, "-o", t / "b", "--kind", "encoder"],
+        r"the encoder kind exports a bare backbone's last hidden state, and LlamaForCausalLM has a head: export it as "
+        r"causal-lm \(the kind detected\)$"),
     Row("export-input-shape-for-a-text-model", lambda w, t: ["export", w.conv, "-o", t / "b", "--input-shape", "2,3"],
         r"example inputs \(--input-shape\) are for generic modules: a causal-lm export makes its own token ids"),
     Row("export-negative-atol", lambda w, t: ["export", w.conv, "-o", t / "b", "--atol", "-1"],

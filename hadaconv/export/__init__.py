@@ -245,7 +245,8 @@ def export_onnx(
 
     Raises:
         InputError: ``model`` not an ``nn.Module`` (a path: ``load_model(path).model``).
-        HadaconvError: example inputs for a text model, a bad ``dtype`` or ``optimize`` level, ``optimize`` with ``portable`` or
+        HadaconvError: example inputs for a text model, the encoder kind for a model with a head, a
+            bad ``dtype`` or ``optimize`` level, ``optimize`` with ``portable`` or
             half precision, bfloat16 validation on the CPU, an existing ``out_dir`` without
             ``overwrite``, a failed export, or outputs outside ``atol`` (nothing is written).
     """
@@ -259,6 +260,9 @@ def export_onnx(
     atol = default_atol(precision) if atol is None else atol
     example_inputs = _inputs_as(example_inputs, precision)
     kind = kind or detect_kind(model)
+    if kind == "encoder" and (detected := detect_kind(model)) in ("causal-lm", "classifier"):  # no last_hidden_state
+        raise HadaconvError(f"the encoder kind exports a bare backbone's last hidden state, and "
+                            f"{type(model).__name__} has a head: export it as {detected} (the kind detected)")
     if example_inputs is not None and kind in ("causal-lm", "encoder", "classifier"):  # ignored, they looked used
         raise HadaconvError(f"example inputs ({option('example_inputs', flag='--input-shape')}) are for generic "
                             f"modules: a {kind} export makes its own token ids")
