@@ -49,7 +49,7 @@ from hadaconv.blockwise import convert_blockwise, decoder  # noqa: E402
 from hadaconv.calibrate import MomentCollector, text_windows  # noqa: E402
 from hadaconv.convert import (  # noqa: E402
     DEFAULT_CALIBRATION, RANKING_WINDOWS, ConvertConfig, calibration_batches, collect_statistics, find_target,
-    fit_layer, fit_layers, layer_row, rank_layers)
+    fit_layers, fit_with_row, rank_layers)
 from hadaconv.distill.core import DEFAULT_SAMPLES  # noqa: E402
 from hadaconv.evaluate import perplexity  # noqa: E402
 from hadaconv.fit import damped_covariance, reduced_rank  # noqa: E402
@@ -253,9 +253,7 @@ def main() -> None:
                 sub_rows = {i: copy.deepcopy(rows[size, rank][i]) for i in chosen(k)}
 
                 def fit_fn(layer, moments, held, cfg=cfg, tgt=tgt):
-                    t0 = time.perf_counter()
-                    fit = fit_layer(layer, moments, cfg, tgt)
-                    return fit, layer_row(layer, fit, held, tgt, time.perf_counter() - t0, False)
+                    return fit_with_row(layer, moments, held, cfg, tgt)
 
                 batches = [("calib", b) for b in data.calib] + [("heldout", b) for b in data.heldout]
                 convert_blockwise(decoder(model, tgt.layers, tgt.kind), tgt.adapter, layers, batches,

@@ -49,7 +49,7 @@ from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.progress import progress
 from hadaconv.report import ConvertReport, LayerReport
 from hadaconv.sample import DEFAULT_SEQUENCES, calibration_texts
-from hadaconv.sensitivity import METRIC, OTHER_METRIC, Probe, sensitivities
+from hadaconv.sensitivity import Probe, metric, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
 
 __all__ = ["DEFAULT_CALIBRATION", "RANKING_WINDOWS", "REPORT_WINDOWS", "ConvertConfig", "ConvertReport", "LayerReport",
@@ -388,6 +388,14 @@ def layer_row(layer: AttentionLayer, fit: FitResult, held: Moments | None, targe
         sensitivity=None, params_removed=0, fit_seconds=seconds)
 
 
+def fit_with_row(layer: AttentionLayer, moments: Moments, held: Moments | None, cfg: ConvertConfig, target: Target,
+                 data_free: bool = False) -> tuple[FitResult, LayerReport]:
+    """:func:`fit_layer` and the fitted layer's :func:`layer_row`, with the fit's seconds."""
+    t = time.perf_counter()
+    fit = fit_layer(layer, moments, cfg, target)
+    return fit, layer_row(layer, fit, held, target, time.perf_counter() - t, data_free)
+
+
 def fit_layers(target: Target, stats: MomentCollector | None, cfg: ConvertConfig
                ) -> tuple[dict[int, FitResult], dict[int, LayerReport]]:
     """Stage 3: fit every candidate layer on its statistics (``stats`` None: a data-free fit)."""
@@ -395,11 +403,8 @@ def fit_layers(target: Target, stats: MomentCollector | None, cfg: ConvertConfig
     with progress(len(target.layers), f"fit ({cfg.mode}, block {cfg.block or target.block})", cfg.progress) as step:
         for layer in target.layers:
             moments = Moments.identity(layer.width) if stats is None else stats.moments(layer.index)
-            t = time.perf_counter()
-            fits[layer.index] = fit_layer(layer, moments, cfg, target)
             held = stats.moments(layer.index, "heldout") if stats is not None else None
-            rows[layer.index] = layer_row(layer, fits[layer.index], held, target, time.perf_counter() - t,
-                                          stats is None)
+            fits[layer.index], rows[layer.index] = fit_with_row(layer, moments, held, cfg, target, stats is None)
             step()
     return fits, rows
 
@@ -412,10 +417,8 @@ def fit_sequential(model: nn.Module, target: Target, data: Calibration, cfg: Con
     with progress(len(target.layers), "calibrate + fit (sequential)", cfg.progress) as step:
         for layer in target.layers:
             stats = collect_statistics(model, [layer], data, show=False, device=cfg.stats_device)
-            t = time.perf_counter()
-            fits[layer.index] = fit_layer(layer, stats.moments(layer.index), cfg, target)
-            rows[layer.index] = layer_row(layer, fits[layer.index], stats.moments(layer.index, "heldout"), target,
-                                          time.perf_counter() - t, False)
+            fits[layer.index], rows[layer.index] = fit_with_row(
+                layer, stats.moments(layer.index), stats.moments(layer.index, "heldout"), cfg, target)
             apply_fit(layer, fits[layer.index])
             step()
     return fits, rows
@@ -447,6 +450,11 @@ def _probe(data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> list[dic
     return _batches(torch.cat(ids)[:probe_windows(cfg, held)], cfg.batch_size)
 
 
+def _probe_on(model: nn.Module, data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> list[dict]:
+    """:func:`_probe`'s batches on the model's device."""
+    return [_to_device(b, _device_of(model)) for b in _probe(data, cfg, from_inputs)]
+
+
 def rank_layers(model: nn.Module, target: Target, fits: dict[int, FitResult], rows: dict[int, LayerReport],
                 data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> str:
     """Stage 4: measure each layer's sensitivity into its row (when asked or needed for the
@@ -458,11 +466,11 @@ def rank_layers(model: nn.Module, target: Target, fits: dict[int, FitResult], ro
             raise HadaconvError(f"{option('max_layers')} / {option('max_loss')} rank layers by measured sensitivity "
                                 "and need calibration data")
         return ""
-    probe = [_to_device(b, _device_of(model)) for b in _probe(data, cfg, from_inputs)]
-    values = sensitivities(model, target.layers, fits, probe, target.kind, cfg.progress)
+    values = sensitivities(model, target.layers, fits, _probe_on(model, data, cfg, from_inputs), target.kind,
+                           cfg.progress)
     for layer, value in zip(target.layers, values):
         rows[layer.index].sensitivity = value
-    return METRIC.get(target.kind, OTHER_METRIC)
+    return metric(target.kind)
 
 
 def choose_layers(layers: list[AttentionLayer], rows: dict[int, LayerReport], cfg: ConvertConfig) -> list[int]:
@@ -502,13 +510,10 @@ def sensitivity_in_loop(model: nn.Module, target: Target, rows: dict[int, LayerR
     (as far as the block-by-block replay reproduces the whole model: bit-identical on SmolLM2),
     without the whole-model statistics pass (a default SmolLM2 conversion: 559 s against 667 s,
     benchmarks/RESULTS.md)."""
-    probe = Probe(model, target.layers, [_to_device(b, _device_of(model)) for b in _probe(data, cfg, from_inputs)],
-                  target.kind)
+    probe = Probe(model, target.layers, _probe_on(model, data, cfg, from_inputs), target.kind)
 
     def measure(layer: AttentionLayer, moments: Moments, held: Moments | None) -> None:
-        t = time.perf_counter()
-        fit = fit_layer(layer, moments, cfg, target)
-        rows[layer.index] = layer_row(layer, fit, held, target, time.perf_counter() - t, False)
+        fit, rows[layer.index] = fit_with_row(layer, moments, held, cfg, target)
         rows[layer.index].sensitivity = probe.divergence(layer, fit)
 
     return measure
@@ -521,9 +526,7 @@ def compensate_and_apply(dec: Decoder, target: Target, data: Calibration, cfg: C
     (:func:`hadaconv.blockwise.convert_blockwise`; ``on_teacher``: see there)."""
 
     def fit_fn(layer: AttentionLayer, moments: Moments, held: Moments | None) -> tuple[FitResult, LayerReport]:
-        t = time.perf_counter()
-        fit = fit_layer(layer, moments, cfg, target)
-        row = layer_row(layer, fit, held, target, time.perf_counter() - t, False)
+        fit, row = fit_with_row(layer, moments, held, cfg, target)
         if layer.index in rows:
             row.sensitivity = rows[layer.index].sensitivity
         return fit, row
@@ -632,7 +635,7 @@ def convert(
             measure = None
             if in_loop and cfg.sensitivity:
                 measure = sensitivity_in_loop(model, target, rows, data, cfg, inputs is not None)
-                report.sensitivity_metric = METRIC.get(target.kind, OTHER_METRIC)
+                report.sensitivity_metric = metric(target.kind)
             compensate_and_apply(dec, target, data, cfg, fits, rows, chosen, measure)
             report.sequential = cfg.sequential
             report.compensate = cfg.compensate and bool(target.adapter.residual_maps)

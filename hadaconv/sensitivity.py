@@ -19,10 +19,15 @@ from hadaconv.fit import FitResult
 from hadaconv.progress import progress
 from hadaconv.swap import apply_fit
 
-__all__ = ["METRIC", "Probe", "block_list", "model_output", "sensitivities"]
+__all__ = ["METRIC", "Probe", "block_list", "metric", "model_output", "sensitivities"]
 
 METRIC = {"causal-lm": "KL(original || converted) per token, nats"}
 OTHER_METRIC = "relative squared error of the output"
+
+
+def metric(kind: str) -> str:
+    """The name of what :func:`sensitivities` measures for a model of ``kind``, for reports."""
+    return METRIC.get(kind, OTHER_METRIC)
 
 
 def model_output(model: nn.Module, batch: dict, kind: str) -> torch.Tensor:

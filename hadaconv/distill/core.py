@@ -78,8 +78,8 @@ class DistillConfig:
             (see :func:`hadaconv.sample.calibration_texts`).
         sampled: sequences the teacher writes for the data source "sample" (those a default
             conversion cached are read from the cache, the rest sampled once and cached; more is more
-            distinct text, at a one-off sampling cost); at most ``samples`` of them are used, and
-            sampled.  Budgets past the default's ten CPU
+            distinct text, at a one-off sampling cost); never more than ``samples`` (the windows
+            the run reads) are sampled.  Budgets past the default's ten CPU
             minutes want about ``steps * batch_size / 2``, each window seen about twice
             (benchmarks/RESULTS.md, "Thirty minutes of distillation").
         samples, seq_len: training windows (mixed_windows: an equal share per source, a tenth held
@@ -696,7 +696,7 @@ class _Distillation:
             took = duration(self.evaluate.seconds)
             took = took if took.startswith("under") else f"about {took}"
             bar.note(f"each evaluation on {counted(len(self.evaluate.windows), 'held-out window')} takes {took}: "
-                     f"every {'step' if cfg.eval_every == 1 else f'{cfg.eval_every} steps'} (inside the budget) "
+                     f"every {counted(cfg.eval_every, 'step')} (inside the budget) "
                      "and at the last step")
         perms: dict[int, torch.Tensor] = {}
         last_loss: float | None = None
