@@ -112,7 +112,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--max-layers", type=POSITIVE, default=None,
               help="Convert only the K layers that measurably hurt least.  Ranking fits and measures every "
                    "candidate layer first, so this takes about as long as converting them all (--layers "
-                   "narrows the candidates).")
+                   "narrows the candidates).  A K not below the candidates converts them all, unranked, and warns.")
 @click.option("--max-loss", type=click.FloatRange(min=0), default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
 @click.option("--calib", multiple=True,
               help="Calibration text, repeatable: 'sample' (text the model writes itself, --samples sequences, sampled "

