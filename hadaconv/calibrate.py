@@ -73,7 +73,8 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
                   samples: int | None = None) -> None:
     """Refuse, before a run loads a model rather than after, a file or folder source that does not
     exist ("``what`` source not found: ..."), an empty name (``--calib "$UNSET"``: ``Path("")`` is
-    the working folder), a file that holds nothing but white space, and more
+    the working folder), a file that holds nothing but white space, a JSONL file (named, or in a
+    named folder) that :func:`hadaconv.sample.read_jsonl` refuses or that holds no text, and more
     sources than ``samples`` windows to share (HadaconvError; the names ``sample``,
     ``shakespeare`` and ``none`` are no paths)."""
     listed = source_list(sources)
@@ -86,6 +87,9 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
             raise HadaconvError(f"{what} source not found: {src}")
         if Path(src).is_file() and _blank(Path(src)):
             raise HadaconvError(f"{what} source {src} holds no text")
+        for path in [Path(src)] if Path(src).is_file() else sorted(Path(src).rglob("*.jsonl")):
+            if path.suffix == ".jsonl" and not any(t.strip() for t in read_jsonl(path)):
+                raise HadaconvError(f"{what} source {path} holds no text")
     if samples is not None:
         _check_shares(len(listed), samples, what)
 

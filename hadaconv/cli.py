@@ -322,6 +322,8 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         # The recorded original, as it was converted; a second read names a recorded config that is gone.
         model_config = recorded_config or recorded_source(model, flag="--config")[1]
     _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)
+    if not reference:  # an encoder's windows: checked with its reference, after the load
+        _check_context(model, _config_for(model, model_config), seq_len)
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
                         dtype=dtype)
     if loaded.tokenizer is None:
@@ -365,6 +367,17 @@ def _config_for(path: str | None, config: str | None) -> str | None:
     from hadaconv.io import carries_config
 
     return config if path and config and not carries_config(path) else None
+
+
+def _check_context(model: str, config: str | None, seq_len: int) -> None:
+    """Refuse a --seq-len past MODEL's context before its load, where its config says the context
+    without the weights (:func:`hadaconv.io.skeleton`); the load's own check covers the rest."""
+    from hadaconv.adapters import check_seq_len
+    from hadaconv.io import skeleton
+
+    empty = skeleton(model, config=config)
+    if empty is not None:
+        check_seq_len(empty, seq_len)
 
 
 def _check_eval_config(model: str, config: str | None, reference: str | None, baseline: str | None) -> None:
@@ -439,6 +452,7 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     from hadaconv.sample import sample_texts, write_jsonl
 
     check_output(output, overwrite, folder=False, inputs=[model, model_config])
+    _check_context(model, model_config, seq_len)
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to decode samples with" + NO_TOKENIZER.get(loaded.format, ""))

@@ -648,15 +648,18 @@ def convert(
 
 
 def _check_against_config(source: str, cfg: ConvertConfig, model_config: str | None, target: str | None) -> None:
-    """Refuse ``cfg.layers``, ``cfg.block`` and ``cfg.rank`` that do not fit the model before
-    loading its weights, on :func:`hadaconv.io.skeleton` (the checks :func:`find_target` makes
-    after the load, with the same messages)."""
+    """Refuse ``cfg.layers``, ``cfg.block``, ``cfg.rank`` and a ``cfg.seq_len`` past the context
+    that do not fit the model before loading its weights, on :func:`hadaconv.io.skeleton` (the
+    checks :func:`find_target` and :func:`calibration_batches` make after the load, with the same
+    messages)."""
     from hadaconv.adapters import find_adapter as _find
     from hadaconv.io import skeleton
 
     model = skeleton(source, config=model_config)
     if model is None:
         return
+    if cfg.calib != "none":
+        check_seq_len(model, cfg.seq_len)
     try:
         find_target(model, cfg, _find(model, target=target) if target else None)
     except HadaconvError:

@@ -179,10 +179,14 @@ def tensors_fingerprint(config: Any, tensors: Iterable[tuple[str, torch.Tensor]]
 def read_jsonl(path: Path) -> list[str]:
     """The texts of a JSONL file: per line a string or an object with a ``text`` field (as
     :func:`write_jsonl` writes).  Raises HadaconvError naming the file and line of the first
-    line that is neither."""
+    line that is neither, or not UTF-8."""
     texts = []
-    with Path(path).open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with Path(path).open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise HadaconvError(f"{path}:{i}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:

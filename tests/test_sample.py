@@ -95,13 +95,13 @@ def test_sample_cache_is_reused_and_invalidated(tokenizer, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("line, why", [('{"text": "cut sho', "not valid JSON"), ('{"txt": "x"}', "expected a string"),
-                                       ('{"text": 5}', "expected a string")])
+                                       ('{"text": 5}', "expected a string"), (b"\xff\xfe", "not UTF-8 text")])
 def test_a_damaged_cache_file_says_how_to_renew_it(tokenizer, tmp_path, line, why):
     import hadaconv.sample as sample
 
     model = make_tiny("llama")
     _, (path,) = sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
-    path.write_text(path.read_text() + line + "\n")
+    path.write_bytes(path.read_bytes() + (line if isinstance(line, bytes) else line.encode()) + b"\n")
     with pytest.raises(HadaconvError, match=rf":4: {why}.*\(a damaged cache file: delete it to sample afresh\)"):
         sample.cached_samples(model, tokenizer, samples=3, seq_len=8, progress=False, cache=tmp_path)
 
