@@ -87,11 +87,28 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
             raise HadaconvError(f"{what} source not found: {src}")
         if Path(src).is_file() and _blank(Path(src)):
             raise HadaconvError(f"{what} source {src} holds no text")
-        for path in [Path(src)] if Path(src).is_file() else sorted(Path(src).rglob("*.jsonl")):
-            if path.suffix == ".jsonl" and not any(t.strip() for t in read_jsonl(path)):
-                raise HadaconvError(f"{what} source {path} holds no text")
+        _check_jsonl(Path(src), what)
     if samples is not None:
         _check_shares(len(listed), samples, what)
+
+
+#: JSONL files already read whole by :func:`_check_jsonl` (path, size, modification time): a
+#: conversion checks its config more than once, and a file of gigabytes takes seconds to parse.
+_checked: set[tuple[str, int, int]] = set()
+
+
+def _check_jsonl(src: Path, what: str) -> None:
+    """Parse the JSONL files of ``src`` (itself, or those in the folder) for :func:`read_jsonl`'s
+    one-line errors; one named alone must hold text (in a folder the others may)."""
+    for path in [src] if src.is_file() else sorted(p for p in src.rglob("*.jsonl") if p.is_file()):
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if path.suffix != ".jsonl" or key in _checked:
+            continue
+        texts = read_jsonl(path)
+        if path == src and not any(t.strip() for t in texts):
+            raise HadaconvError(f"{what} source {path} holds no text")
+        _checked.add(key)
 
 
 def _blank(path: Path) -> bool:
@@ -124,7 +141,7 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
                                 f"{command('--streamed', 'streaming (convert_file)')}, or write it first with {write} "
                                 f"and pass {command('--calib FILE', 'calib=[FILE]')}")
         elif p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix in TEXT_SUFFIXES | {".jsonl"})
+            paths += sorted(q for q in p.rglob("*") if q.suffix in TEXT_SUFFIXES | {".jsonl"} and q.is_file())
         elif p.exists():
             paths.append(p)
         else:

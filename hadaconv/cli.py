@@ -165,7 +165,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     text (once per model, then cached), then about 10 minutes to convert; --samples 128 takes a
     quarter of the sampling and about a third of the conversion.
     """
-    from hadaconv.convert import ConvertConfig, check_config, convert_file
+    from hadaconv.convert import ConvertConfig, check_against_model, check_config, convert_file
     from hadaconv.progress import out
 
     if no_sensitivity and (max_layers or max_loss is not None):
@@ -183,6 +183,11 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
                             f"and config.json in one folder): drop {' and '.join(given)}")
     if dry_run:
         check_config(cfg)  # what the real run would refuse before its model load (a calibration file's typo)
+        if not streamed:  # --layers / --block / --rank / --seq-len against the config, as convert_file does
+            from hadaconv.io import check_model_config
+
+            check_model_config(model, model_config)
+            check_against_model(model, cfg, model_config, target)
         if streamed:
             from hadaconv.stream import check_request
 
@@ -322,8 +327,8 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         # The recorded original, as it was converted; a second read names a recorded config that is gone.
         model_config = recorded_config or recorded_source(model, flag="--config")[1]
     _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)
-    if not reference:  # an encoder's windows: checked with its reference, after the load
-        _check_context(model, _config_for(model, model_config), seq_len)
+    if not reference:  # a causal LM's perplexity (an encoder's windows are checked after the load)
+        _check_context(model, _config_for(model, model_config), seq_len, device, dtype)
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
                         dtype=dtype)
     if loaded.tokenizer is None:
@@ -369,15 +374,15 @@ def _config_for(path: str | None, config: str | None) -> str | None:
     return config if path and config and not carries_config(path) else None
 
 
-def _check_context(model: str, config: str | None, seq_len: int) -> None:
-    """Refuse a --seq-len past MODEL's context before its load, where its config says the context
-    without the weights (:func:`hadaconv.io.skeleton`); the load's own check covers the rest."""
-    from hadaconv.adapters import check_seq_len
-    from hadaconv.io import skeleton
+def _check_context(model: str, config: str | None, seq_len: int, device: str | None, dtype: str | None) -> None:
+    """Before MODEL's load: --device / --dtype typos, then a --seq-len past a causal LM's context
+    (:func:`hadaconv.io.check_seq_len_early`)."""
+    from hadaconv.device import resolve_device, resolve_dtype
+    from hadaconv.io import check_seq_len_early
 
-    empty = skeleton(model, config=config)
-    if empty is not None:
-        check_seq_len(empty, seq_len)
+    resolve_device(device)
+    resolve_dtype(dtype)
+    check_seq_len_early(model, seq_len, config=config)
 
 
 def _check_eval_config(model: str, config: str | None, reference: str | None, baseline: str | None) -> None:
@@ -448,11 +453,12 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     import time
 
     from hadaconv.atomic import check_output
-    from hadaconv.io import load_model
+    from hadaconv.io import check_model_config, load_model
     from hadaconv.sample import sample_texts, write_jsonl
 
     check_output(output, overwrite, folder=False, inputs=[model, model_config])
-    _check_context(model, model_config, seq_len)
+    check_model_config(model, model_config)  # before the skeleton, which would ignore an inapplicable one
+    _check_context(model, model_config, seq_len, device, dtype)
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to decode samples with" + NO_TOKENIZER.get(loaded.format, ""))

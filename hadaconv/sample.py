@@ -27,7 +27,7 @@ import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -176,29 +176,43 @@ def tensors_fingerprint(config: Any, tensors: Iterable[tuple[str, torch.Tensor]]
     return h.hexdigest()
 
 
+def _lines(path: Path) -> Iterator[str | None]:
+    """The file's lines as text (None for one that is not UTF-8), split as text mode splits them
+    (LF, CRLF, CR) but decoded one line at a time, so that a bad byte is blamed on its own line."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield None
+                continue
+            if n == 0:
+                text = text.removeprefix("\ufeff")
+            parts = text.replace("\r\n", "\n").split("\r")
+            yield from parts[:-1] if parts[-1] == "" else parts
+
+
 def read_jsonl(path: Path) -> list[str]:
     """The texts of a JSONL file: per line a string or an object with a ``text`` field (as
     :func:`write_jsonl` writes).  Raises HadaconvError naming the file and line of the first
-    line that is neither, or not UTF-8."""
+    line that is neither, or not UTF-8.  Lines end in LF, CRLF or CR; a UTF-8 byte-order mark is
+    skipped."""
     texts = []
-    with Path(path).open("rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise HadaconvError(f"{path}:{i}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HadaconvError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            except RecursionError:  # nesting past Python's stack
-                raise HadaconvError(f"{path}:{i}: JSON nested too deeply") from None
-            text = record.get("text") if isinstance(record, dict) else record
-            if not isinstance(text, str):
-                raise HadaconvError(f"{path}:{i}: expected a string or an object with a 'text' field")
-            texts.append(text)
+    for i, line in enumerate(_lines(Path(path)), 1):
+        if line is None:
+            raise HadaconvError(f"{path}:{i}: not UTF-8 text")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HadaconvError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        except RecursionError:  # nesting past Python's stack
+            raise HadaconvError(f"{path}:{i}: JSON nested too deeply") from None
+        text = record.get("text") if isinstance(record, dict) else record
+        if not isinstance(text, str):
+            raise HadaconvError(f"{path}:{i}: expected a string or an object with a 'text' field")
+        texts.append(text)
     return texts
 
 

@@ -152,9 +152,10 @@ def test_the_sensitivity_probe_is_larger_when_it_chooses_layers(options, heldout
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "torch_mha_decoder"])
 def test_the_reported_sensitivity_measured_in_the_block_loop_is_the_ranking_one(family, monkeypatch):
     """Unranked, the sensitivity is measured inside the block loop from the teacher pass's
-    statistics (no whole-model statistics pass), also when ``max_layers`` leaves nothing to choose;
-    ranked with every layer chosen, before the loop as always.  The two give the same sensitivities, rows and converted model (a causal LM's KL,
-    an encoder's output error, a plain torch model calibrated on inputs)."""
+    statistics (no whole-model statistics pass), also when ``max_layers`` leaves nothing to
+    choose; ranked with every layer chosen, before the loop as always.  The two give the same
+    sensitivities, rows and converted model (a causal LM's KL, an encoder's output error, a plain
+    torch model calibrated on inputs)."""
     import hadaconv.convert as conv
     from hadaconv.sensitivity import model_output
 
@@ -187,6 +188,22 @@ def test_the_reported_sensitivity_measured_in_the_block_loop_is_the_ranking_one(
     x, kind = example_inputs(family, original, seed=99), find_adapter(original).kind(original)
     with torch.inference_mode():
         torch.testing.assert_close(model_output(in_loop, x, kind), model_output(ranked, x, kind), rtol=1e-5, atol=1e-5)
+
+
+def test_max_layers_over_the_candidates_skips_the_ranking_only_for_the_block_loop(monkeypatch):
+    """Where the model has no block loop the ranking still runs (its fits are the ones applied),
+    and without calibration data --max-layers is refused whatever K, as before the skip."""
+    import hadaconv.convert as conv
+
+    calls, collect = [], conv.collect_statistics
+    monkeypatch.setattr(conv, "collect_statistics", lambda *a, **k: calls.append(1) or collect(*a, **k))
+    ids = [{"input_ids": torch.randint(0, 100, (4, 32))} for _ in range(3)]
+    cfg = ConvertConfig(block=4, **FAST, max_layers=99, progress=False)
+    assert convert(make_tiny("llama"), config=cfg, inputs=ids).converted == [0, 1] and calls == []
+    monkeypatch.setattr(conv, "_blockwise_decoder", lambda *a, **k: None)
+    assert convert(make_tiny("llama"), config=cfg, inputs=ids).converted == [0, 1] and calls == [1]
+    with pytest.raises(hadaconv.errors.HadaconvError, match="need calibration data"):
+        convert(make_tiny("llama"), config=dataclasses.replace(cfg, calib="none"))
 
 
 def test_data_free_parameter_count_is_exact():
@@ -229,7 +246,7 @@ def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
     config = json.loads((src / "config.json").read_text())
     assert saved - removed(stdout) == config["num_hidden_layers"] * 2 * 2 * config["hidden_size"]
     code, stdout, stderr = run_cli(capsys, "convert", src, "-o", tmp_path / "never", "--dry-run", "--block", "4",
-                                   "--layers", "1")
+                                   "--layers", "1", "--seq-len", "32")  # the real run's checks: 256 > the context
     assert code == 0 and not (tmp_path / "never").exists(), stderr
     assert "layers.1.self_attn.o_proj" in stdout and "layers.0.self_attn.o_proj" not in stdout
     assert removed(stdout) * config["num_hidden_layers"] == saved  # one layer's share

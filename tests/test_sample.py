@@ -343,3 +343,34 @@ def test_an_interrupted_sampling_says_what_is_cached(tokenizer, tmp_path, monkey
     monkeypatch.setattr(sample, "sample_texts", lambda *a, **k: calls.append(k["samples"]) or real(*a, **k))
     sample.cached_samples(model, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path)
     assert calls == [1]
+
+
+def test_read_jsonl_line_ends_and_byte_order_mark(tmp_path):
+    """LF, CRLF and bare CR end lines, as in text mode; a UTF-8 byte-order mark is no JSON."""
+    from hadaconv.sample import read_jsonl
+
+    for data in (b'{"text": "a"}\n"b"\n', b'\xef\xbb\xbf{"text": "a"}\r\n\r\n"b"\r\n', b'{"text": "a"}\r"b"\r'):
+        path = tmp_path / "t.jsonl"
+        path.write_bytes(data)
+        assert read_jsonl(path) == ["a", "b"], data
+    path.write_bytes('"x\u2028y"\n'.encode())  # a line separator inside a string is no line end
+    assert read_jsonl(path) == ["x\u2028y"]
+
+
+def test_sources_are_read_before_the_load(tmp_path):
+    """check_sources parses JSONL files: a named one must hold text; in a folder, an empty one
+    (or a folder named like one) is passed over as load_texts passes it, a malformed one refused."""
+    from hadaconv.calibrate import check_sources, load_texts
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some prose")
+    (folder / "empty.jsonl").write_text("")
+    (folder / "dir.jsonl").mkdir()
+    check_sources([folder])
+    assert load_texts([folder]) == ["some prose"]
+    with pytest.raises(HadaconvError, match=r"empty\.jsonl holds no text"):
+        check_sources([folder / "empty.jsonl"])
+    (folder / "bad.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(HadaconvError, match=r"bad\.jsonl:1: expected a string"):
+        check_sources([folder])

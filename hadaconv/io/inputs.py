@@ -25,8 +25,8 @@ from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, 
                                folder_weights, read_json, read_safetensors, shard_map)
 from hadaconv.progress import status
 
-__all__ = ["Loaded", "carries_config", "check_model_config", "load_model", "recorded_config", "recorded_source",
-           "same_file", "skeleton"]
+__all__ = ["Loaded", "carries_config", "check_model_config", "check_seq_len_early", "load_model", "recorded_config",
+           "recorded_source", "same_file", "skeleton"]
 
 
 @dataclass
@@ -264,6 +264,23 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
     except Exception:  # noqa: BLE001 - the full load that follows says what is wrong, in one line
         return None
     return None
+
+
+def check_seq_len_early(source: str | os.PathLike, seq_len: int, *, config: str | os.PathLike | None = None,
+                        kinds: tuple[str, ...] | None = ("causal-lm",)) -> None:
+    """Refuse windows of ``seq_len`` tokens past the context of the model at ``source`` before its
+    load, where its config tells (:func:`skeleton`) and its kind is one of ``kinds`` (None: any),
+    so that a command meant for another kind keeps its own refusal.  The load's own check
+    (:func:`hadaconv.adapters.check_seq_len`, the same message) covers the rest.
+
+    Raises:
+        InputError: ``seq_len`` longer than the context the config gives.
+    """
+    from hadaconv.adapters import check_seq_len, model_kind
+
+    empty = skeleton(source, config=config)
+    if empty is not None and (kinds is None or model_kind(empty) in kinds):
+        check_seq_len(empty, seq_len)
 
 
 def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None, flag: str) -> Loaded:
