@@ -146,8 +146,10 @@ def _layer_list(text: str | None) -> list[int] | None:
 @_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True,
-              help="Only list what would be converted, as hadaconv inspect does: from the config where the model "
-                   "has one, so damaged weights show only in the real run.")
+              help="Only list what would be converted, as hadaconv inspect does, after the checks the real run "
+                   "makes before its model load (the options against the config, --seq-len against the context, "
+                   "the calibration files read): from the config where the model has one, so damaged weights show "
+                   "only in the real run.")
 @click.option("--streamed", is_flag=True,
               help="Hugging Face folders of safetensors shards: one decoder block in memory at a time, "
                    "written shard by shard, in the checkpoint's dtype; the same block loop and options as "
