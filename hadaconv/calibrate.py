@@ -103,7 +103,7 @@ def _check_jsonl(src: Path, what: str) -> None:
     for path in [src] if src.is_file() else sorted(p for p in src.rglob("*.jsonl") if p.is_file()):
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if path.suffix != ".jsonl" or key in _checked:
+        if path.suffix != ".jsonl" or key in _checked:  # a named .txt / .md is read whole by the load
             continue
         texts = read_jsonl(path)
         if path == src and not any(t.strip() for t in texts):

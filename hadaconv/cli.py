@@ -185,15 +185,15 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
                             f"and config.json in one folder): drop {' and '.join(given)}")
     if dry_run:
         check_config(cfg)  # what the real run would refuse before its model load (a calibration file's typo)
-        if not streamed:  # --layers / --block / --rank / --seq-len against the config, as convert_file does
-            from hadaconv.io import check_model_config
-
-            check_model_config(model, model_config)
-            check_against_model(model, cfg, model_config, target)
         if streamed:
             from hadaconv.stream import check_request
 
             check_request(model, cfg)
+        else:  # --layers / --block / --rank / --seq-len against the config, as convert_file does
+            from hadaconv.io import check_model_config
+
+            check_model_config(model, model_config)
+            check_against_model(model, cfg, model_config, target)
         _inspect(model, model_config, trust_pickle, target, block, rank, _layer_list(layers), dry_run=True)
         return
     if streamed:
