@@ -164,7 +164,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     or a torch.save'd module.  Prints a per-layer report and saves it as report.json.
 
     What the defaults cost, SmolLM2-135M on 2 CPU cores: about 8 minutes to sample the calibration
-    text (once per model, then cached), then about 10 minutes to convert; --samples 128 takes a
+    text (once per model, then cached), then about 10-15 minutes to convert; --samples 128 takes a
     quarter of the sampling and about a third of the conversion.
     """
     from hadaconv.convert import ConvertConfig, check_against_model, check_config, convert_file
