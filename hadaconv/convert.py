@@ -509,8 +509,9 @@ def sensitivity_in_loop(model: nn.Module, target: Target, rows: dict[int, LayerR
     teacher's statistics the loop hands it and measures its sensitivity into its row, before the
     loop swaps anything in that layer's block.  The values are those :func:`rank_layers` measures
     (as far as the block-by-block replay reproduces the whole model: bit-identical on SmolLM2),
-    without the whole-model statistics pass (a default SmolLM2 conversion: 559 s against 667 s,
-    benchmarks/RESULTS.md)."""
+    without the whole-model statistics pass (a default SmolLM2 conversion in 0.874x the time,
+    +-2.9%, at 128 calibration sequences: benchmarks/RESULTS.md, "The in-loop sensitivity,
+    alternated")."""
     probe = Probe(model, target.layers, _probe_on(model, data, cfg, from_inputs), target.kind)
 
     def measure(layer: AttentionLayer, moments: Moments, held: Moments | None) -> None:
@@ -618,7 +619,8 @@ def convert(
     report.calibration_source = data.source or "none (data-free)"
 
     dec = _blockwise_decoder(model, target, data, cfg)
-    if _nothing_to_choose(cfg, target) and dec is not None and cfg.sequential and data.calib:
+    looped = dec is not None and cfg.sequential  # the block loop fits every layer itself
+    if looped and data.calib and _nothing_to_choose(cfg, target):
         # Every candidate is converted whatever the ranking says, and the block loop measures the
         # reported sensitivity: skip the ranking's statistics pass and probe (minutes); the report
         # still warns that --max-layers chose nothing.
@@ -633,7 +635,7 @@ def convert(
         fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]
         # The block loop refits every layer, and a sensitivity that is only reported is measured
         # in it: the independent fits need no statistics pass of their own then.
-        in_loop = dec is not None and cfg.sequential and not cfg.ranked
+        in_loop = looped and not cfg.ranked
         if not in_loop:
             stats = collect_statistics(model, target.layers, data, cfg.progress, device=cfg.stats_device) \
                 if data.calib else None

@@ -96,9 +96,10 @@ class Probe:
     def divergence(self, layer: AttentionLayer, fit: FitResult) -> float:
         """The output's divergence with ``layer`` alone taking ``fit``, mean per position over the
         probe: for causal LMs KL(original || converted) in nats per token, else the relative
-        squared error of the output; the model is restored after.  The blocks before ``layer``'s are replayed from the
-        record, so they may have changed since (the block loop measures each layer just before
-        its own block is converted); the blocks from it on must still be the original's."""
+        squared error of the output; the model is restored after.  The blocks before ``layer``'s
+        are replayed from the record, so they may have changed since (the block loop measures each
+        layer just before its own block is converted); the blocks from it on must still be the
+        original's."""
         skip = self.blocks[:_position(self.blocks, layer)] if self.blocks else []
         undo = apply_fit(layer, fit)
         try:
