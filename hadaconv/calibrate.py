@@ -87,7 +87,9 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
             raise HadaconvError(f"{what} source not found: {src}")
         if Path(src).is_file() and _blank(Path(src)):
             raise HadaconvError(f"{what} source {src} holds no text")
-        _check_jsonl(Path(src), what)
+        if not _check_jsonl(Path(src), what) and Path(src).is_dir() and not any(
+                not _blank(q) for q in Path(src).rglob("*") if q.suffix in TEXT_SUFFIXES and q.is_file()):
+            raise HadaconvError(f"{what} source {src} holds no text (no .txt, .md, .text, .rst or .jsonl file holding any)")
     if samples is not None:
         _check_shares(len(listed), samples, what)
 
@@ -97,18 +99,24 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
 _checked: set[tuple[str, int, int]] = set()
 
 
-def _check_jsonl(src: Path, what: str) -> None:
+def _check_jsonl(src: Path, what: str) -> bool:
     """Parse the JSONL files of ``src`` (itself, or those in the folder) for :func:`read_jsonl`'s
-    one-line errors; one named alone must hold text (in a folder the others may)."""
+    one-line errors; one named alone must hold text (in a folder the others may).  Whether one
+    of them holds text."""
+    found = False
     for path in [src] if src.is_file() else sorted(p for p in src.rglob("*.jsonl") if p.is_file()):
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if path.suffix != ".jsonl" or key in _checked:  # a named .txt / .md is read whole by the load
+        if path.suffix != ".jsonl":  # a named .txt / .md is read whole by the load
             continue
-        texts = read_jsonl(path)
-        if path == src and not any(t.strip() for t in texts):
-            raise HadaconvError(f"{what} source {path} holds no text")
-        _checked.add(key)
+        if key not in _checked:
+            if not any(t.strip() for t in read_jsonl(path)):
+                if path == src:
+                    raise HadaconvError(f"{what} source {path} holds no text")
+                continue
+            _checked.add(key)  # parsed and holding text
+        found = True
+    return found
 
 
 def _blank(path: Path) -> bool:

@@ -359,7 +359,8 @@ def test_read_jsonl_line_ends_and_byte_order_mark(tmp_path):
 
 def test_sources_are_read_before_the_load(tmp_path):
     """check_sources parses JSONL files: a named one must hold text; in a folder, an empty one
-    (or a folder named like one) is passed over as load_texts passes it, a malformed one refused."""
+    (or a folder named like one) is passed over as load_texts passes it, a malformed one refused,
+    and the folder as a whole must hold text."""
     from hadaconv.calibrate import check_sources, load_texts
 
     folder = tmp_path / "texts"
@@ -371,6 +372,12 @@ def test_sources_are_read_before_the_load(tmp_path):
     assert load_texts([folder]) == ["some prose"]
     with pytest.raises(HadaconvError, match=r"empty\.jsonl holds no text"):
         check_sources([folder / "empty.jsonl"])
+    other = tmp_path / "nothing"  # a folder with no readable text at all: refused before the load too
+    other.mkdir()
+    (other / "empty.jsonl").write_text("")
+    (other / "table.csv").write_text("a,b\n")
+    with pytest.raises(HadaconvError, match=r"nothing holds no text"):
+        check_sources([other])
     (folder / "bad.jsonl").write_text('{"text": 1}\n')
     with pytest.raises(HadaconvError, match=r"bad\.jsonl:1: expected a string"):
         check_sources([folder])
