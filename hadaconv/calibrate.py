@@ -89,7 +89,8 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
             raise HadaconvError(f"{what} source {src} holds no text")
         if not _check_jsonl(Path(src), what) and Path(src).is_dir() and not any(
                 not _blank(q) for q in Path(src).rglob("*") if q.suffix in TEXT_SUFFIXES and q.is_file()):
-            raise HadaconvError(f"{what} source {src} holds no text (no .txt, .md, .text, .rst or .jsonl file holding any)")
+            raise HadaconvError(f"{what} source {src} holds no text "
+                                "(no .txt, .md, .text, .rst or .jsonl file holding any)")
     if samples is not None:
         _check_shares(len(listed), samples, what)
 
