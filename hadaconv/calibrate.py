@@ -12,6 +12,7 @@ in float64: memory is O(layers * d^2) whatever the amount of data.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from hadaconv.sample import read_jsonl
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
 __all__ = ["MomentCollector", "Moments", "process_group", "default_corpus", "describe_sources", "load_texts",
-           "mixed_windows", "text_windows", "token_windows"]
+           "mixed_windows", "read_json", "read_text", "text_windows", "token_windows"]
 
 
 @dataclass
@@ -73,60 +74,97 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
                   samples: int | None = None) -> None:
     """Refuse, before a run loads a model rather than after, a file or folder source that does not
     exist ("``what`` source not found: ..."), an empty name (``--calib "$UNSET"``: ``Path("")`` is
-    the working folder), a file that holds nothing but white space, a JSONL file (named, or in a
-    named folder) that :func:`hadaconv.sample.read_jsonl` refuses or that holds no text, and more
-    sources than ``samples`` windows to share (HadaconvError; the names ``sample``,
-    ``shakespeare`` and ``none`` are no paths)."""
+    the working folder), a file the load could not read (not UTF-8, malformed JSON or JSONL: the
+    readers' one-line errors), a file named alone or a folder that holds no text, and more sources
+    than ``samples`` windows to share (HadaconvError; the names ``sample``, ``shakespeare`` and
+    ``none`` are no paths).  Each file is read as :func:`load_texts` will read it."""
     listed = source_list(sources)
     for src in listed:
         if str(src) in ("sample", "shakespeare", "none"):
             continue
         if not str(src).strip():  # Path("") is the working folder: an unset shell variable would read it
             raise HadaconvError(f"an empty {what} source: name a file, a folder, sample or shakespeare")
-        if not Path(src).exists():
+        path = Path(src)
+        if not path.exists():
             raise HadaconvError(f"{what} source not found: {src}")
-        if Path(src).is_file() and _blank(Path(src)):
+        if path.is_file() and not _holds_text(path):
             raise HadaconvError(f"{what} source {src} holds no text")
-        if not _check_jsonl(Path(src), what) and Path(src).is_dir() and not any(
-                not _blank(q) for q in Path(src).rglob("*") if q.suffix in TEXT_SUFFIXES and q.is_file()):
+        if path.is_dir() and not [q for q in _folder_files(path) if _holds_text(q)]:
             raise HadaconvError(f"{what} source {src} holds no text "
                                 "(no .txt, .md, .text, .rst or .jsonl file holding any)")
     if samples is not None:
         _check_shares(len(listed), samples, what)
 
 
-#: JSONL files already read whole by :func:`_check_jsonl` (path, size, modification time): a
-#: conversion checks its config more than once, and a file of gigabytes takes seconds to parse.
-_checked: set[tuple[str, int, int]] = set()
+#: Files already read whole by :func:`_holds_text` (path, size, modification time): whether they
+#: hold text.  A conversion checks its config more than once, and a file of gigabytes takes
+#: seconds to read.
+_checked: dict[tuple[str, int, int], bool] = {}
 
 
-def _check_jsonl(src: Path, what: str) -> bool:
-    """Parse the JSONL files of ``src`` (itself, or those in the folder) for :func:`read_jsonl`'s
-    one-line errors; one named alone must hold text (in a folder the others may).  Whether one
-    of them holds text."""
-    found = False
-    for path in [src] if src.is_file() else sorted(p for p in src.rglob("*.jsonl") if p.is_file()):
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if path.suffix != ".jsonl":  # a named .txt / .md is read whole by the load
-            continue
-        if key not in _checked:
-            if not any(t.strip() for t in read_jsonl(path)):
-                if path == src:
-                    raise HadaconvError(f"{what} source {path} holds no text")
-                continue
-            _checked.add(key)  # parsed and holding text
-        found = True
-    return found
+def _holds_text(path: Path) -> bool:
+    """Read ``path`` as :func:`load_texts` will (raising its readers' errors); whether it holds
+    anything but white space."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _checked:
+        _checked[key] = any(t.strip() for t in _read(path))
+    return _checked[key]
 
 
-def _blank(path: Path) -> bool:
-    """Whether the file holds only white space (read until the first other character)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        while chunk := f.read(1 << 20):
-            if chunk.strip():
-                return False
-    return True
+def _folder_files(folder: Path) -> list[Path]:
+    """The files of a folder source, recursively and sorted: text and JSONL (a folder of data
+    often holds .json metadata, so only a ``.json`` named alone is read as texts)."""
+    return sorted(q for q in folder.rglob("*") if q.suffix in TEXT_SUFFIXES | {".jsonl"} and q.is_file())
+
+
+def _read(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    if path.suffix == ".json":
+        return read_json(path)
+    return [read_text(path)]
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A text file's contents as the tokenizer should see them: decoded as UTF-8 (a byte-order
+    mark dropped), line ends translated to LF as text mode translates them.
+
+    Raises:
+        HadaconvError: ``PATH:LINE: not UTF-8 text`` at the first byte that is not.  A binary
+            file named by mistake (a ``.gguf`` as ``--calib``) would otherwise calibrate on
+            replacement characters.
+    """
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise HadaconvError(f"{path}:{line}: not UTF-8 text (save it as UTF-8, e.g. with iconv -t utf-8)") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_json(path: str | os.PathLike) -> list[str]:
+    """The texts of a ``.json`` file: a list of strings or of objects with a ``text`` field, one
+    such object, or JSON Lines under a ``.json`` name (as ``datasets``' json loader takes both).
+
+    Raises:
+        HadaconvError: naming the file (and line) that is not UTF-8, not JSON, or not of that shape.
+    """
+    text = read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # one value after another: JSON Lines
+            return read_jsonl(Path(path))
+        raise HadaconvError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:  # nesting past Python's stack
+        raise HadaconvError(f"{path}: JSON nested too deeply") from None
+    items = data if isinstance(data, list) else [data]
+    texts = [item.get("text") if isinstance(item, dict) else item for item in items]
+    if not all(isinstance(t, str) for t in texts):
+        raise HadaconvError(f"{path}: expected a list of strings or of objects with a 'text' field")
+    return texts
 
 
 def _check_shares(sources: int, samples: int, what: str = "calibration") -> None:
@@ -136,9 +174,15 @@ def _check_shares(sources: int, samples: int, what: str = "calibration") -> None
 
 
 def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
-    """Read calibration text: files (.txt/.md, or .jsonl with a ``text`` field), folders of them
-    (recursively, sorted), ``"shakespeare"`` or the default corpus when ``sources`` is empty
-    (model-written text, ``"sample"``, is resolved by :func:`hadaconv.sample.calibration_texts`)."""
+    """Read calibration text: files (.txt/.md and any other UTF-8 text read whole, .jsonl with a
+    ``text`` field, .json as :func:`read_json` reads it), folders of them (recursively, sorted;
+    text and JSONL files), ``"shakespeare"`` or the default corpus when ``sources`` is empty
+    (model-written text, ``"sample"``, is resolved by :func:`hadaconv.sample.calibration_texts`).
+
+    Raises:
+        HadaconvError: a source not found or holding no text, a file that is not UTF-8, or
+            malformed JSON / JSONL (naming the file and line).
+    """
     paths: list[Path] = []
     for src in sources or []:
         p = Path(src)
@@ -150,17 +194,14 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
                                 f"{command('--streamed', 'streaming (convert_file)')}, or write it first with {write} "
                                 f"and pass {command('--calib FILE', 'calib=[FILE]')}")
         elif p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix in TEXT_SUFFIXES | {".jsonl"} and q.is_file())
+            paths += _folder_files(p)
         elif p.exists():
             paths.append(p)
         else:
             raise HadaconvError(f"calibration source not found: {p}")
     if not sources:
         paths = default_corpus()
-    texts = []
-    for p in paths:
-        texts += read_jsonl(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8", errors="replace")]
-    texts = [t for t in texts if t.strip()]
+    texts = [t for p in paths for t in _read(p) if t.strip()]
     if not texts:
         names = [str(src) for src in sources] if sources else ["the default corpus"]
         raise HadaconvError(f"{', '.join(names)} {'holds' if len(names) == 1 else 'hold'} no text")

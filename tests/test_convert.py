@@ -246,9 +246,12 @@ def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
     config = json.loads((src / "config.json").read_text())
     assert saved - removed(stdout) == config["num_hidden_layers"] * 2 * 2 * config["hidden_size"]
     code, stdout, stderr = run_cli(capsys, "convert", src, "-o", tmp_path / "never", "--dry-run", "--block", "4",
-                                   "--layers", "1", "--seq-len", "32")  # the real run's checks: 256 > the context
+                                   "--layers", "1", "--seq-len", "32", "--max-layers", "1")  # 256 > the context
     assert code == 0 and not (tmp_path / "never").exists(), stderr
     assert "layers.1.self_attn.o_proj" in stdout and "layers.0.self_attn.o_proj" not in stdout
+    # What the real run would calibrate on, and that --max-layers would choose nothing.
+    assert "calibration: 512 sequences of 32 tokens the model writes" in stdout
+    assert "warning: --max-layers 1 is not fewer than the 1 candidate layer, so every one is converted" in stderr
     assert removed(stdout) * config["num_hidden_layers"] == saved  # one layer's share
     monkeypatch.setattr(hadaconv.io, "load_model", load_model)
     out = tmp_path / "conv"
@@ -256,7 +259,9 @@ def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
                                    "--seq-len", "32", "--layers", "1", "--max-layers", "1")
     assert code == 0, stderr
     # Nothing for --max-layers to choose from: converted, and said (a newcomer's --layers 0-1 --max-layers 5).
-    assert "warning: --max-layers 1 is not fewer than the 1 candidate layer," in " ".join(stderr.split())
+    said = " ".join(stderr.split())  # before the conversion and in its report
+    assert "warning: --max-layers 1 is not fewer than the 1 candidate layer, so every one is converted" in said
+    assert "warning: --max-layers 1 is not fewer than the 1 candidate layer, so every one was converted" in said
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # input untouched
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["hadaconv"]["layers"] == [1] and cfg["hadaconv"]["block"] == 4

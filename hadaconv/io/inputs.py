@@ -3,6 +3,7 @@ for the list); the checks that refuse a missing, ignored or misread config befor
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import os
@@ -370,15 +371,26 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     return Loaded(model, load_tokenizer(path), f"Hugging Face folder {path}", "hf-folder", path)
 
 
+#: GGUF configs already read, by (path, size, modification time): gguf-py parses every metadata
+#: field (SmolLM2's 49,152-token vocabulary among them, 3-6 s), and a command reads the config
+#: for its early checks, again for --dry-run's table, and again for the load.
+_gguf_configs: dict[tuple[str, int, int], Any] = {}
+
+
 def _gguf_config(path: Path):
     """The Hugging Face config of a GGUF file's metadata, checked against the file (its depth,
-    and the parameters it describes against the file's size) before any model is built."""
+    and the parameters it describes against the file's size) before any model is built; a copy,
+    the caller's to change."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    check_depth(config, path)
-    check_size(lambda: transformers.AutoModelForCausalLM.from_config(config), [path], path)
-    return config
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _gguf_configs:
+        config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        check_depth(config, path)
+        check_size(lambda: transformers.AutoModelForCausalLM.from_config(config), [path], path)
+        _gguf_configs[key] = config
+    return copy.deepcopy(_gguf_configs[key])
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
