@@ -4,7 +4,9 @@ fast Walsh-Hadamard projections, and deploy them.
 What the CLI's verbs do, from Python: ``convert_file(source, out, ConvertConfig(...))`` (or
 ``hadaconv.convert.convert(model, tokenizer, cfg)`` in memory, then ``save(model, out)``),
 ``distill_file(converted, out, DistillConfig(...))`` (or ``hadaconv.distill.distill``),
-``export_onnx(model, out)``, ``hadaconv.generate.generate(bundle, prompt)``; ``load(folder)``
+``export_onnx(model, out)``, ``hadaconv.generate.generate(bundle, prompt)``,
+``inspect_model(source)`` and ``plan_conversion(source, cfg)`` (``inspect``, ``convert
+--dry-run``); ``load(folder)``
 rebuilds a converted folder, ``load_model(path)`` reads a model of any supported format.
 
 The public names below, and the submodules (``hadaconv.io``, ``hadaconv.ops``, ...), are
@@ -36,9 +38,11 @@ _LAZY = {
     "hadamard_affine": ("hadaconv.ops", "hadamard_affine"),
     "hadamard_matrix": ("hadaconv.hadamard", "hadamard_matrix"),
     "HadamardProjection": ("hadaconv.nn", "HadamardProjection"),
+    "inspect_model": ("hadaconv.plan", "inspect_model"),
     "load": ("hadaconv.io", "load"),
     "load_model": ("hadaconv.io", "load_model"),
     "patch": ("hadaconv.swap", "patch"),
+    "plan_conversion": ("hadaconv.plan", "plan_conversion"),
     "save": ("hadaconv.io", "save"),
 }
 

@@ -14,15 +14,11 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING
 
 import click
 
 from hadaconv._version import __version__
 from hadaconv.errors import HadaconvError, InputError, cli_names
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 POSITIVE = click.IntRange(min=1)
 
@@ -167,7 +163,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     text (once per model, then cached), then about 10-15 minutes to convert; --samples 128 takes a
     quarter of the sampling and about a third of the conversion.
     """
-    from hadaconv.convert import ConvertConfig, check_against_model, check_config, convert_file
+    from hadaconv.convert import ConvertConfig, check_config, convert_file
     from hadaconv.progress import out
 
     if no_sensitivity and (max_layers or max_loss is not None):
@@ -184,17 +180,14 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
         raise HadaconvError("--streamed keeps the checkpoint's dtype and reads Hugging Face folders (weights "
                             f"and config.json in one folder): drop {' and '.join(given)}")
     if dry_run:
-        check_config(cfg)  # what the real run would refuse before its model load (a calibration file's typo)
+        from hadaconv.plan import plan_conversion
+
         if streamed:
             from hadaconv.stream import check_request
 
+            check_config(cfg)
             check_request(model, cfg)
-        else:  # --layers / --block / --rank / --seq-len against the config, as convert_file does
-            from hadaconv.io import check_model_config
-
-            check_model_config(model, model_config)
-            check_against_model(model, cfg, model_config, target)
-        _inspect(model, model_config, trust_pickle, target, block, rank, plan=cfg)
+        _print_plan(plan_conversion(model, cfg, model_config=model_config, target=target, trust_pickle=trust_pickle))
         return
     if streamed:
         from hadaconv.stream import convert_streamed
@@ -209,73 +202,33 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     click.echo(f"saved {output}")
 
 
-def _inspect(model: str, model_config, trust_pickle: bool, target, block: int | None, rank: int = 0,
-             plan=None) -> None:
-    """Print the savings table (``plan``: convert --dry-run's config, whose candidates it lists,
-    and what the real run would calibrate on).  The shapes come from the model's config where it has one
-    (:func:`hadaconv.io.skeleton`: SmolLM2's GGUF in 17 s where its load took 50 s, Qwen2.5-0.5B's
-    folder in 11 s where it took 26 s, benchmarks/RESULTS.md); converted folders, pickled modules
-    and adapters that need real weights are loaded in full."""
-    from hadaconv.io import check_model_config, load_model, skeleton
-
-    check_model_config(model, model_config)  # before the skeleton, which would ignore an inapplicable one
-    empty = skeleton(model, config=model_config)
-    if empty is not None:
-        try:
-            return _savings_table(empty, f"{model} (shapes from its config, weights not read)", target, block, rank,
-                                  plan)
-        except (NotImplementedError, RuntimeError, TypeError):  # what meta tensors raise when read
-            pass  # an adapter that reads weight values; a bug would raise again on the loaded model
-    loaded = load_model(model, config=model_config, trust_pickle=trust_pickle)
-    _savings_table(loaded.model, loaded.source, target, block, rank, plan)
-
-
-def _savings_table(model: torch.nn.Module, source: str, target, block: int | None, rank: int, plan) -> None:
+def _print_plan(plan) -> None:
+    """A :class:`hadaconv.plan.Plan` as a table; a conversion's calibration and warnings under it."""
     from rich.table import Table
 
-    from hadaconv.adapters import find_adapter, model_kind
-    from hadaconv.convert import default_block, dense_layers, find_target
-    from hadaconv.hadamard import factorize
-    from hadaconv.nn import HadamardProjection, parameters_saved
     from hadaconv.progress import out
 
-    adapter = find_adapter(model, target=target)
-    # convert --dry-run: the candidates convert would take, with its refusals of options that do
-    # not fit (the weights' own checks, NaN and missing tensors, come with the real run's load)
-    layers = find_target(model, plan, adapter).layers if plan is not None else dense_layers(model, adapter)
-    converted = sum(isinstance(m, HadamardProjection) for m in model.modules())
-    block = block or default_block([layer.out_features for layer in layers])
-    total = sum(p.numel() for p in model.parameters())
-    blocks = f"{len(layers)} attention blocks" if not converted else \
-        f"{len(layers) + converted} attention blocks ({converted} converted already, the {len(layers)} dense ones listed)"
-    t = Table(title=f"{source}: {adapter.name}, {blocks}, {total:,} parameters")
+    n = len(plan.layers)
+    blocks = f"{n} attention blocks" if not plan.converted else \
+        f"{n + plan.converted} attention blocks ({plan.converted} converted already, the {n} dense ones listed)"
+    source = f"{plan.source} (shapes from its config, weights not read)" if plan.from_config else plan.source
+    t = Table(title=f"{source}: {plan.adapter}, {blocks}, {plan.parameters:,} parameters")
     for col in ("layer", "output projection", "width", "hadamard", "heads / kv / dim", "value", "removable params"):
         t.add_column(col)
-    removable = 0
-    for layer in layers:
-        w, b = layer.out.get()
-        try:
-            fac, ok = str(factorize(max(w.shape))).split(" = ")[-1], w.shape[0] % block == 0
-        except Exception as e:  # noqa: BLE001 - shown in the table, not raised
-            fac, ok = f"unsupported ({e.__class__.__name__})", False
-        gain = max(0, parameters_saved(w.shape[1], w.shape[0], block, b is not None, rank)) if ok else 0
-        removable += gain
-        t.add_row(str(layer.index), layer.out_name, f"{w.shape[0]}x{w.shape[1]}", fac,
-                  f"{layer.num_heads}/{layer.num_kv_heads}/{layer.head_dim}",
-                  "folded" if layer.value is not None else "-", f"{gain:,}")
-    setting = f"with --block {block}{f' --rank {rank}' if rank else ''}"
-    t.caption = (f"{setting}: -{removable:,} parameters ({100 * removable / total:.2f}% of the model)" if removable else
+    for layer in plan.layers:
+        t.add_row(str(layer.index), layer.name, f"{layer.out_features}x{layer.in_features}", layer.factorization,
+                  f"{layer.num_heads}/{layer.num_kv_heads}/{layer.head_dim}", "folded" if layer.value_folded else "-",
+                  f"{layer.removable:,}")
+    setting = f"with --block {plan.block}{f' --rank {plan.rank}' if plan.rank else ''}"
+    t.caption = (f"{setting}: -{plan.removable:,} parameters ({100 * plan.removable / plan.parameters:.2f}% of the "
+                 "model)" if plan.removable else
                  f"{setting}: no parameters removed (the block does not divide the widths, or each layer would "
                  "keep at least as many as its dense projection)")
     out.print(t)
-    if plan is not None:
-        from hadaconv.report import max_layers_warning
-        from hadaconv.sample import describe_calibration
-
-        text = describe_calibration(plan.calib, model_kind(model), samples=plan.samples, seq_len=plan.seq_len)
-        click.echo(f"calibration: {text}")
-        if warning := max_layers_warning(plan.max_layers, len(layers)):
-            click.echo(f"warning: {warning}", err=True)
+    if plan.calibration:
+        click.echo(f"calibration: {plan.calibration}")
+    for warning in plan.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @cli.command("inspect")
@@ -290,7 +243,10 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
     """List MODEL's attention blocks, their widths and Hadamard factorization, and the savings,
     without calibrating.  Shapes come from the config (a GGUF's metadata) where MODEL has one: its
     weights are not read, so a damaged weight file shows only when it is loaded."""
-    _inspect(model, model_config, trust_pickle, target, block, rank)
+    from hadaconv.plan import inspect_model
+
+    _print_plan(inspect_model(model, block=block, rank=rank, model_config=model_config, target=target,
+                              trust_pickle=trust_pickle))
 
 
 @cli.command("eval")

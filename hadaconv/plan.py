@@ -1,0 +1,155 @@
+"""What a conversion would do, before it runs: the attention layers it would take, their Hadamard
+factorization and the parameters it would remove (``hadaconv inspect``, ``hadaconv convert
+--dry-run``), and for a conversion, what it would calibrate on and what it would warn about.
+
+The shapes come from the model's config where it has one (:func:`hadaconv.io.skeleton`:
+SmolLM2's GGUF in 17 s where its load took 50 s, Qwen2.5-0.5B's folder in 11 s where it took
+26 s, benchmarks/RESULTS.md); converted folders, pickled modules and adapters that need real
+weights are loaded in full.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from hadaconv.adapters import AttentionLayer, find_adapter, model_kind
+from hadaconv.convert import (ConvertConfig, check_against_model, check_config, default_block, dense_layers,
+                              find_target)
+from hadaconv.hadamard import factorize
+from hadaconv.nn import HadamardProjection, parameters_saved
+from hadaconv.report import max_layers_warning
+from hadaconv.sample import describe_calibration
+
+__all__ = ["Plan", "PlannedLayer", "inspect_model", "plan_conversion"]
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One dense attention block.  ``factorization`` is the Hadamard order's construction (e.g.
+    ``36 x 2^4 (paley2(17))``, or ``unsupported (...)``); ``removable`` the parameters its
+    conversion removes at the plan's block and rank (0 where it would remove none, or the block
+    does not divide the width)."""
+
+    index: int
+    name: str  # the output projection's module name
+    out_features: int
+    in_features: int
+    factorization: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    value_folded: bool  # a value projection that the head-wise map folds into
+    removable: int
+
+
+@dataclass
+class Plan:
+    """The layers a conversion would take and what it would remove.  ``from_config``: the shapes
+    were read from the config alone (no weight read, so damaged weights show only on the load);
+    ``calibration`` and ``warnings`` are a conversion's (:func:`plan_conversion`), empty for
+    :func:`inspect_model`."""
+
+    source: str
+    adapter: str
+    kind: str  # "causal-lm", "encoder", ...
+    parameters: int  # of the whole model
+    converted: int  # attention blocks converted already (a converted folder), not listed
+    block: int
+    rank: int
+    layers: list[PlannedLayer]
+    from_config: bool
+    calibration: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def removable(self) -> int:
+        return sum(layer.removable for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"removable": self.removable}
+
+
+def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: int = 0,
+                  model_config: str | os.PathLike | None = None, target: str | None = None,
+                  trust_pickle: bool = False) -> Plan:
+    """Every dense attention block of the model at ``source`` (any input
+    :func:`hadaconv.io.load_model` reads) and the parameters converting it at ``block`` (default:
+    as ``convert``'s) and ``rank`` would remove; what ``hadaconv inspect`` prints.
+
+    Raises:
+        HadaconvError: the model cannot be read, or has no dense attention block.
+    """
+    from hadaconv.io import check_model_config
+
+    check_model_config(source, model_config)  # before the skeleton, which would ignore an inapplicable one
+    return _plan(source, model_config, trust_pickle, target, dense_layers, block, rank)
+
+
+def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = None, *,
+                    model_config: str | os.PathLike | None = None, target: str | None = None,
+                    trust_pickle: bool = False) -> Plan:
+    """What :func:`hadaconv.convert.convert_file` would convert with ``config``, after the checks
+    it makes before its model load (the options, the calibration files read, ``--layers``,
+    ``--block``, ``--rank`` and ``--seq-len`` against the model's config); what ``hadaconv
+    convert --dry-run`` prints.  Among the candidates, a ranked run (``max_layers``) converts
+    the least sensitive, which only the run measures.
+
+    Raises:
+        InputError: an option out of range, or one that does not fit the model.
+        HadaconvError: a calibration source missing or unreadable; the model cannot be read.
+    """
+    from hadaconv.io import check_model_config
+
+    cfg = check_config(config)
+    check_model_config(source, model_config)  # before the options are checked against a config it would ignore
+    check_against_model(str(source), cfg, model_config, target)
+
+    def candidates(model: nn.Module, adapter) -> list[AttentionLayer]:
+        return find_target(model, cfg, adapter).layers
+
+    plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank)
+    plan.calibration = describe_calibration(cfg.calib, plan.kind, samples=cfg.samples, seq_len=cfg.seq_len)
+    plan.warnings = [w for w in [max_layers_warning(cfg.max_layers, len(plan.layers))] if w]
+    return plan
+
+
+def _plan(source, model_config, trust_pickle: bool, target: str | None, select, block: int | None,
+          rank: int) -> Plan:
+    """The plan on the model's skeleton where its config builds one, else on the loaded model;
+    ``select(model, adapter)`` gives the layers."""
+    from hadaconv.io import load_model, skeleton
+
+    empty = skeleton(source, config=model_config)
+    if empty is not None:
+        try:
+            return _layers_plan(empty, str(source), target, select, block, rank, from_config=True)
+        except (NotImplementedError, RuntimeError, TypeError):  # what meta tensors raise when read
+            pass  # an adapter that reads weight values; a bug would raise again on the loaded model
+    loaded = load_model(source, config=model_config, trust_pickle=trust_pickle)
+    return _layers_plan(loaded.model, loaded.source, target, select, block, rank, from_config=False)
+
+
+def _layers_plan(model: nn.Module, source: str, target: str | None, select, block: int | None, rank: int, *,
+                 from_config: bool) -> Plan:
+    adapter = find_adapter(model, target=target)
+    layers = select(model, adapter)
+    block = block or default_block([layer.out_features for layer in layers])
+    return Plan(source=source, adapter=adapter.name, kind=model_kind(model),
+                parameters=sum(p.numel() for p in model.parameters()),
+                converted=sum(isinstance(m, HadamardProjection) for m in model.modules()), block=block, rank=rank,
+                layers=[_planned(layer, block, rank) for layer in layers], from_config=from_config)
+
+
+def _planned(layer: AttentionLayer, block: int, rank: int) -> PlannedLayer:
+    w, b = layer.out.get()
+    try:
+        fac, fits = str(factorize(max(w.shape))).split(" = ")[-1], w.shape[0] % block == 0
+    except Exception as e:  # noqa: BLE001 - shown in the plan, not raised
+        fac, fits = f"unsupported ({e.__class__.__name__})", False
+    removable = max(0, parameters_saved(w.shape[1], w.shape[0], block, b is not None, rank)) if fits else 0
+    return PlannedLayer(index=layer.index, name=layer.out_name, out_features=w.shape[0], in_features=w.shape[1],
+                        factorization=fac, num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads,
+                        head_dim=layer.head_dim, value_folded=layer.value is not None, removable=removable)

@@ -1,0 +1,77 @@
+"""inspect_model and plan_conversion: the Python side of ``hadaconv inspect`` and ``convert
+--dry-run``, read from the config alone where the model has one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import make_tiny
+
+import hadaconv
+from hadaconv import ConvertConfig
+from hadaconv.errors import HadaconvError, InputError
+from hadaconv.nn import parameters_saved
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A tiny Llama folder; loading its weights fails the test (the plan reads the config)."""
+    import hadaconv.io
+
+    src = tmp_path / "tiny"
+    model = make_tiny("llama", src)
+
+    def no_load(*args, **kwargs):
+        pytest.fail("the plan loaded the weights of a model whose config gives the shapes")
+
+    monkeypatch.setattr(hadaconv.io, "load_model", no_load)
+    return src, model
+
+
+def test_inspect_lists_every_layer_and_prices_it_from_the_config(tiny):
+    src, model = tiny
+    config = json.loads((src / "config.json").read_text())
+    d, layers = config["hidden_size"], config["num_hidden_layers"]
+    plan = hadaconv.inspect_model(src, block=4, rank=2)
+    assert plan.from_config and plan.kind == "causal-lm" and plan.converted == 0
+    assert plan.parameters == sum(p.numel() for p in model.parameters())
+    assert [layer.index for layer in plan.layers] == list(range(layers))
+    bias = model.model.layers[0].self_attn.o_proj.bias is not None
+    assert plan.removable == layers * parameters_saved(d, d, 4, bias, 2) > 0
+    assert plan.calibration is None and plan.warnings == []
+    assert plan.to_dict()["removable"] == plan.removable
+
+
+def test_plan_conversion_takes_the_candidates_and_says_what_the_run_would(tiny):
+    src, _ = tiny
+    plan = hadaconv.plan_conversion(src, ConvertConfig(layers=[1], block=4, max_layers=3, seq_len=32, samples=64))
+    assert [layer.index for layer in plan.layers] == [1] and plan.block == 4
+    assert plan.calibration.startswith("64 sequences of 32 tokens the model writes")
+    assert len(plan.warnings) == 1
+    assert plan.warnings[0].startswith("max_layers 3 is not fewer than the 1 candidate layer, so every one is converted")
+    assert hadaconv.plan_conversion(src, ConvertConfig(calib="none", block=4)).calibration == "none (a data-free fit)"
+
+
+@pytest.mark.parametrize("cfg, error, kind", [
+    (ConvertConfig(layers=[0, 99], block=4), r"names 99", HadaconvError),
+    (ConvertConfig(block=5), r"does not divide", InputError),
+    (ConvertConfig(seq_len=10 ** 6), r"longer than the model's context", HadaconvError),
+    (ConvertConfig(calib=["nope.txt"]), r"calibration source not found: nope\.txt", HadaconvError),
+])
+def test_plan_conversion_refuses_what_the_run_would_before_its_load(tiny, cfg, error, kind):
+    src, _ = tiny
+    with pytest.raises(kind, match=error):
+        hadaconv.plan_conversion(src, cfg)
+
+
+def test_a_converted_folder_is_planned_from_its_weights(tmp_path):
+    """A converted folder's structure is only known from its weights: loaded, its converted
+    layers counted and not listed again."""
+    src = tmp_path / "tiny"
+    make_tiny("llama", src)
+    out = tmp_path / "conv"
+    hadaconv.convert_file(str(src), str(out), ConvertConfig(layers=[0], block=4, calib="none"))
+    plan = hadaconv.inspect_model(out, block=4)
+    assert not plan.from_config and plan.converted == 1
+    assert 0 not in [layer.index for layer in plan.layers] and plan.layers
