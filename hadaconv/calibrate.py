@@ -11,6 +11,7 @@ in float64: memory is O(layers * d^2) whatever the amount of data.
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import json
 import os
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from hadaconv.errors import HadaconvError, InputError, command, option
-from hadaconv.sample import read_jsonl
+from hadaconv.sample import not_utf8, read_jsonl, record_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
@@ -89,6 +90,7 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
             raise HadaconvError(f"{what} source not found: {src}")
         if path.is_file() and not _holds_text(path):
             raise HadaconvError(f"{what} source {src} holds no text")
+        # Every file is checked, not only up to the first that holds text: the load reads them all.
         if path.is_dir() and not [q for q in _folder_files(path) if _holds_text(q)]:
             raise HadaconvError(f"{what} source {src} holds no text "
                                 "(no .txt, .md, .text, .rst or .jsonl file holding any)")
@@ -96,73 +98,103 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
         _check_shares(len(listed), samples, what)
 
 
-#: Files already read whole by :func:`_holds_text` (path, size, modification time): whether they
-#: hold text.  A conversion checks its config more than once, and a file of gigabytes takes
+#: Files already checked by :func:`_holds_text` (path, inode, size, modification time): whether
+#: they hold text.  A conversion checks its config more than once, and a file of gigabytes takes
 #: seconds to read.
-_checked: dict[tuple[str, int, int], bool] = {}
+_checked: dict[tuple[str, int, int, int], bool] = {}
 
 
 def _holds_text(path: Path) -> bool:
-    """Read ``path`` as :func:`load_texts` will (raising its readers' errors); whether it holds
-    anything but white space."""
+    """Check ``path`` as :func:`load_texts` will read it (raising its readers' errors); whether it
+    holds anything but white space."""
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _checked:
-        _checked[key] = any(t.strip() for t in _read(path))
+        kind = path.suffix.lower()
+        _checked[key] = (_scan_text(path) if kind not in (".jsonl", ".json") else
+                         any(t.strip() for t in _read(path)))
     return _checked[key]
+
+
+def _scan_text(path: Path) -> bool:
+    """Whether a text file is UTF-8 throughout (else :func:`not_utf8`, naming the line) and holds
+    anything but white space, read in chunks: the load reads it whole, the check need not."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    seen, read = False, 0
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                seen = bool(decoder.decode(chunk, final=not chunk).lstrip("\ufeff").strip()) or seen
+            except UnicodeDecodeError:
+                with path.open("rb") as again:  # the prefix up to here, where the first bad byte is
+                    read_text(path, again.read(read + len(chunk)))
+            read += len(chunk)
+            if not chunk:
+                return seen
 
 
 def _folder_files(folder: Path) -> list[Path]:
     """The files of a folder source, recursively and sorted: text and JSONL (a folder of data
     often holds .json metadata, so only a ``.json`` named alone is read as texts)."""
-    return sorted(q for q in folder.rglob("*") if q.suffix in TEXT_SUFFIXES | {".jsonl"} and q.is_file())
+    return sorted(q for q in folder.rglob("*") if q.suffix.lower() in TEXT_SUFFIXES | {".jsonl"} and q.is_file())
 
 
 def _read(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
+    """The texts of one file, by its suffix: JSONL, JSON, or the whole file as one text."""
+    kind = path.suffix.lower()
+    if kind == ".jsonl":
         return read_jsonl(path)
-    if path.suffix == ".json":
+    if kind == ".json":
         return read_json(path)
     return [read_text(path)]
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """A text file's contents as the tokenizer should see them: decoded as UTF-8 (a byte-order
-    mark dropped), line ends translated to LF as text mode translates them.
+def _line_of(data: bytes, offset: int) -> int:
+    """The 1-based line of byte ``offset``, lines ending in LF, CRLF or CR (as text mode reads them)."""
+    head = data[:offset]
+    return head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n") + 1
+
+
+def read_text(path: str | os.PathLike, data: bytes | None = None) -> str:
+    """A text file's contents (or those of ``data``, its bytes) as the tokenizer should see them:
+    decoded as UTF-8 (a byte-order mark dropped), line ends translated to LF as text mode
+    translates them.
 
     Raises:
         HadaconvError: ``PATH:LINE: not UTF-8 text`` at the first byte that is not.  A binary
             file named by mistake (a ``.gguf`` as ``--calib``) would otherwise calibrate on
             replacement characters.
     """
-    data = Path(path).read_bytes()
+    data = Path(path).read_bytes() if data is None else data
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise HadaconvError(f"{path}:{line}: not UTF-8 text (save it as UTF-8, e.g. with iconv -t utf-8)") from None
+        raise not_utf8(path, _line_of(data, e.start)) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_json(path: str | os.PathLike) -> list[str]:
     """The texts of a ``.json`` file: a list of strings or of objects with a ``text`` field, one
-    such object, or JSON Lines under a ``.json`` name (as ``datasets``' json loader takes both).
+    such object, or JSON Lines under a ``.json`` name (as ``datasets``' json loader takes both);
+    nothing from an empty file.
 
     Raises:
         HadaconvError: naming the file (and line) that is not UTF-8, not JSON, or not of that shape.
     """
     text = read_text(path)
+    if not text.strip():
+        return []
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # one value after another: JSON Lines
+        if e.msg == "Extra data" and not text.lstrip().startswith("["):  # one record after another: JSON Lines
             return read_jsonl(Path(path))
         raise HadaconvError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     except RecursionError:  # nesting past Python's stack
         raise HadaconvError(f"{path}: JSON nested too deeply") from None
-    items = data if isinstance(data, list) else [data]
-    texts = [item.get("text") if isinstance(item, dict) else item for item in items]
-    if not all(isinstance(t, str) for t in texts):
+    texts = [record_text(item) for item in (data if isinstance(data, list) else [data])]
+    if None in texts:
         raise HadaconvError(f"{path}: expected a list of strings or of objects with a 'text' field")
     return texts
 

@@ -14,11 +14,15 @@ import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import click
 
 from hadaconv._version import __version__
 from hadaconv.errors import HadaconvError, InputError, cli_names
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hadaconv.plan import Plan
 
 POSITIVE = click.IntRange(min=1)
 
@@ -163,7 +167,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     text (once per model, then cached), then about 10-15 minutes to convert; --samples 128 takes a
     quarter of the sampling and about a third of the conversion.
     """
-    from hadaconv.convert import ConvertConfig, check_config, convert_file
+    from hadaconv.convert import ConvertConfig, convert_file
     from hadaconv.progress import out
 
     if no_sensitivity and (max_layers or max_loss is not None):
@@ -182,12 +186,8 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     if dry_run:
         from hadaconv.plan import plan_conversion
 
-        if streamed:
-            from hadaconv.stream import check_request
-
-            check_config(cfg)
-            check_request(model, cfg)
-        _print_plan(plan_conversion(model, cfg, model_config=model_config, target=target, trust_pickle=trust_pickle))
+        _print_plan(plan_conversion(model, cfg, model_config=model_config, target=target, trust_pickle=trust_pickle,
+                                    streamed=streamed))
         return
     if streamed:
         from hadaconv.stream import convert_streamed
@@ -202,7 +202,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     click.echo(f"saved {output}")
 
 
-def _print_plan(plan) -> None:
+def _print_plan(plan: Plan) -> None:
     """A :class:`hadaconv.plan.Plan` as a table; a conversion's calibration and warnings under it."""
     from rich.table import Table
 

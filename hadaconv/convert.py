@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import (Adapter, AttentionLayer, check_convertible, check_seq_len, find_adapter, index_ranges,
-                               layer_indices)
+                               layer_indices, model_kind)
 from hadaconv.blockwise import Decoder, TeacherFn, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, mixed_windows,
                                 process_group, source_list)
@@ -48,12 +48,12 @@ from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.progress import console, progress
 from hadaconv.report import ConvertReport, LayerReport, max_layers_warning
-from hadaconv.sample import DEFAULT_SEQUENCES, calibration_texts
+from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, check_writes_text
 from hadaconv.sensitivity import Probe, metric, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
 
 __all__ = ["DEFAULT_CALIBRATION", "RANKING_WINDOWS", "REPORT_WINDOWS", "ConvertConfig", "ConvertReport", "LayerReport",
-           "check_against_model", "check_config", "convert", "convert_file", "default_block", "install_projection",
+           "check_against_model", "check_config", "chooses_nothing", "convert", "convert_file", "default_block", "install_projection",
            "parse_layers", "patch", "probe_windows"]
 
 #: Default output block size.  Measured on SmolLM2-135M, all 30 layers, every other default
@@ -574,10 +574,11 @@ def finish_report(report: ConvertReport, model: nn.Module, target: Target, fits:
 # --------------------------------------------------------------------------- convert
 
 
-def _nothing_to_choose(cfg: ConvertConfig, target: Target) -> bool:
-    """Whether ``max_layers`` alone ranks, and admits every candidate."""
+def chooses_nothing(cfg: ConvertConfig, candidates: int) -> bool:
+    """Whether ``cfg.max_layers`` alone ranks the layers, and admits all ``candidates``: the
+    ranking would change nothing, and ``--max-layers`` is warned about."""
     return (cfg.max_layers is not None and cfg.max_loss is None and cfg.sensitivity
-            and cfg.max_layers >= len(target.layers))
+            and cfg.max_layers >= candidates)
 
 
 def convert(
@@ -611,7 +612,7 @@ def convert(
     cfg = replace(cfg, block=target.block)
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
                            rank=cfg.rank, max_layers=cfg.max_layers)
-    if cfg.progress and _nothing_to_choose(cfg, target):  # said now, not after minutes of conversion
+    if cfg.progress and chooses_nothing(cfg, len(target.layers)):  # said now, not after minutes of conversion
         console.print(f"[yellow]warning: {max_layers_warning(cfg.max_layers, len(target.layers))}[/yellow]")
     report.params_before = sum(p.numel() for p in model.parameters())
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -622,7 +623,7 @@ def convert(
 
     dec = _blockwise_decoder(model, target, data, cfg)
     looped = dec is not None and cfg.sequential  # the block loop fits every layer itself
-    if looped and data.calib and _nothing_to_choose(cfg, target):
+    if looped and data.calib and chooses_nothing(cfg, len(target.layers)):
         # Every candidate is converted whatever the ranking says, and the block loop measures the
         # reported sensitivity: skip the ranking's statistics pass and probe (minutes); the report
         # still warns that --max-layers chose nothing.
@@ -678,6 +679,8 @@ def check_against_model(source: str, cfg: ConvertConfig, model_config: str | Non
         return
     if cfg.calib != "none":
         check_seq_len(model, cfg.seq_len)
+    if SAMPLE in source_list(cfg.calib):  # an encoder cannot write its calibration text
+        check_writes_text(model_kind(model))
 
 
 def _original(source, previous: dict, model_config) -> dict:

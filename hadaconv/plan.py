@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from torch import nn
 
-from hadaconv.adapters import AttentionLayer, find_adapter, model_kind
-from hadaconv.convert import (ConvertConfig, check_against_model, check_config, default_block, dense_layers,
-                              find_target)
+from hadaconv.adapters import Adapter, AttentionLayer, find_adapter, model_kind
+from hadaconv.convert import (ConvertConfig, check_against_model, check_config, chooses_nothing, default_block,
+                              dense_layers, find_target)
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.report import max_layers_warning
@@ -66,9 +67,11 @@ class Plan:
 
     @property
     def removable(self) -> int:
+        """Parameters the conversion of every listed layer would remove."""
         return sum(layer.removable for layer in self.layers)
 
     def to_dict(self) -> dict:
+        """The plan as JSON-ready values, ``removable`` included."""
         return asdict(self) | {"removable": self.removable}
 
 
@@ -90,34 +93,46 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
 
 def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = None, *,
                     model_config: str | os.PathLike | None = None, target: str | None = None,
-                    trust_pickle: bool = False) -> Plan:
-    """What :func:`hadaconv.convert.convert_file` would convert with ``config``, after the checks
-    it makes before its model load (the options, the calibration files read, ``--layers``,
+                    trust_pickle: bool = False, streamed: bool = False) -> Plan:
+    """What :func:`hadaconv.convert.convert_file` (``streamed``:
+    :func:`hadaconv.stream.convert_streamed`) would convert with ``config``, after the checks it
+    makes before its model load (the options, the calibration files read, ``--layers``,
     ``--block``, ``--rank`` and ``--seq-len`` against the model's config); what ``hadaconv
     convert --dry-run`` prints.  Among the candidates, a ranked run (``max_layers``) converts
     the least sensitive, which only the run measures.
 
     Raises:
         InputError: an option out of range, or one that does not fit the model.
-        HadaconvError: a calibration source missing or unreadable; the model cannot be read.
+        HadaconvError: a calibration source missing or unreadable, sampled text asked of a model
+            that cannot write it; the model cannot be read.
     """
     from hadaconv.io import check_model_config
 
     cfg = check_config(config)
+    if streamed:
+        from hadaconv.stream import check_request
+
+        check_request(source, cfg)
     check_model_config(source, model_config)  # before the options are checked against a config it would ignore
     check_against_model(str(source), cfg, model_config, target)
 
-    def candidates(model: nn.Module, adapter) -> list[AttentionLayer]:
+    def candidates(model: nn.Module, adapter: Adapter) -> list[AttentionLayer]:
         return find_target(model, cfg, adapter).layers
 
     plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank)
-    plan.calibration = describe_calibration(cfg.calib, plan.kind, samples=cfg.samples, seq_len=cfg.seq_len)
-    plan.warnings = [w for w in [max_layers_warning(cfg.max_layers, len(plan.layers))] if w]
+    plan.calibration = describe_calibration(cfg.calib, plan.kind, samples=cfg.samples, seq_len=cfg.seq_len,
+                                            cached_only=streamed)
+    if chooses_nothing(cfg, len(plan.layers)):
+        plan.warnings.append(max_layers_warning(cfg.max_layers, len(plan.layers)))
     return plan
 
 
-def _plan(source, model_config, trust_pickle: bool, target: str | None, select, block: int | None,
-          rank: int) -> Plan:
+#: The layers a plan lists, from the model and its adapter.
+Select = Callable[[nn.Module, Adapter], list[AttentionLayer]]
+
+
+def _plan(source: str | os.PathLike, model_config, trust_pickle: bool, target: str | None, select: Select,
+          block: int | None, rank: int) -> Plan:
     """The plan on the model's skeleton where its config builds one, else on the loaded model;
     ``select(model, adapter)`` gives the layers."""
     from hadaconv.io import load_model, skeleton
@@ -132,8 +147,8 @@ def _plan(source, model_config, trust_pickle: bool, target: str | None, select, 
     return _layers_plan(loaded.model, loaded.source, target, select, block, rank, from_config=False)
 
 
-def _layers_plan(model: nn.Module, source: str, target: str | None, select, block: int | None, rank: int, *,
-                 from_config: bool) -> Plan:
+def _layers_plan(model: nn.Module, source: str, target: str | None, select: Select, block: int | None,
+                 rank: int, *, from_config: bool) -> Plan:
     adapter = find_adapter(model, target=target)
     layers = select(model, adapter)
     block = block or default_block([layer.out_features for layer in layers])

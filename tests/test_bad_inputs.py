@@ -407,7 +407,7 @@ ROWS = [
     Row("convert-jsonl-not-utf8",
         lambda w, t: _convert(w.hf, t / "out", "--calib", _write(t / "c.jsonl", b'{"text": "ok"}\n\xff\xfe\n'),
                               *TINY[2:]),
-        r"c\.jsonl:2: not UTF-8 text$", lambda mp, w, t: _no_model(mp)),
+        r"c\.jsonl:2: not UTF-8 text \(save it as UTF-8, e\.g\. with iconv -t utf-8\)$", lambda mp, w, t: _no_model(mp)),
     # A text file is read as UTF-8 or refused: read with replacement, a binary named by mistake (a
     # .gguf as --calib) calibrated on noise.
     Row("convert-text-not-utf8",
@@ -420,6 +420,12 @@ ROWS = [
     Row("convert-json-not-texts",
         lambda w, t: _convert(w.hf, t / "out", "--calib", _write(t / "c.json", '{"rows": ["a"]}'), *TINY[2:]),
         r"c\.json: expected a list of strings or of objects with a 'text' field$", lambda mp, w, t: _no_model(mp)),
+    Row("convert-encoder-sampled-text",  # an encoder writes no text: refused from its config, not after the load
+        lambda w, t: _convert(w.bert, t / "out", "--calib", "sample", *TINY[2:]),
+        r"sampling text needs a causal LM, not a 'encoder' model", lambda mp, w, t: _no_model(mp)),
+    Row("convert-dry-run-encoder-sampled-text",
+        lambda w, t: _convert(w.bert, t / "out", "--calib", "sample", "--dry-run", *TINY[2:]),
+        r"sampling text needs a causal LM", lambda mp, w, t: _no_model(mp)),
     Row("eval-text-not-utf8",
         lambda w, t: ["eval", w.hf, "--text", _write(t / "e.txt", b"\xff\xfe"), "--no-baseline", "--seq-len", "16"],
         r"e\.txt:1: not UTF-8 text", lambda mp, w, t: _no_model(mp)),

@@ -51,6 +51,11 @@ def test_plan_conversion_takes_the_candidates_and_says_what_the_run_would(tiny):
     assert len(plan.warnings) == 1
     assert plan.warnings[0].startswith("max_layers 3 is not fewer than the 1 candidate layer, so every one is converted")
     assert hadaconv.plan_conversion(src, ConvertConfig(calib="none", block=4)).calibration == "none (a data-free fit)"
+    # With --max-loss the ranking still chooses (convert converts what stays under it): no warning.
+    assert hadaconv.plan_conversion(src, ConvertConfig(layers=[1], block=4, max_layers=3, max_loss=1e-9,
+                                                       seq_len=32)).warnings == []
+    streamed = hadaconv.plan_conversion(src, ConvertConfig(block=4, seq_len=32), streamed=True)
+    assert "from the cache only" in streamed.calibration
 
 
 @pytest.mark.parametrize("cfg, error, kind", [

