@@ -92,8 +92,9 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
             raise HadaconvError(f"{what} source {src} holds no text")
         # Every file is checked, not only up to the first that holds text: the load reads them all.
         if path.is_dir() and not [q for q in _folder_files(path) if _holds_text(q)]:
+            named = "; a .json file is read when named alone" if any(path.rglob("*.json")) else ""
             raise HadaconvError(f"{what} source {src} holds no text "
-                                "(no .txt, .md, .text, .rst or .jsonl file holding any)")
+                                f"(no .txt, .md, .text, .rst or .jsonl file holding any{named})")
     if samples is not None:
         _check_shares(len(listed), samples, what)
 
@@ -193,10 +194,25 @@ def read_json(path: str | os.PathLike) -> list[str]:
         raise HadaconvError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     except RecursionError:  # nesting past Python's stack
         raise HadaconvError(f"{path}: JSON nested too deeply") from None
-    texts = [record_text(item) for item in (data if isinstance(data, list) else [data])]
+    items = data if isinstance(data, list) else [data]
+    texts = [record_text(item) for item in items]
     if None in texts:
-        raise HadaconvError(f"{path}: expected a list of strings or of objects with a 'text' field")
+        found = _json_kind(data if not isinstance(data, list) else items[texts.index(None)])
+        where = "" if not isinstance(data, list) else f" at item {texts.index(None)}"
+        raise HadaconvError(f"{path}: expected a list of strings or of objects with a 'text' field, "
+                            f"found {found}{where}")
     return texts
+
+
+def _json_kind(value) -> str:
+    """A JSON value's kind in words, for an error: 'an object with keys 'data', 'id''."""
+    if isinstance(value, dict) and "text" in value:
+        return f"an object whose 'text' is {_json_kind(value['text'])}"
+    if isinstance(value, dict):
+        keys = ", ".join(repr(k) for k in list(value)[:5]) + (", ..." if len(value) > 5 else "")
+        return f"an object with keys {keys}" if value else "an empty object"
+    kinds = {bool: "true or false", int: "a number", float: "a number", list: "a list", type(None): "null"}
+    return kinds.get(type(value), "a string")
 
 
 def _check_shares(sources: int, samples: int, what: str = "calibration") -> None:

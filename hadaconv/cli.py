@@ -146,10 +146,11 @@ def _layer_list(text: str | None) -> list[int] | None:
 @_trust_pickle
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True,
-              help="Only list what would be converted, as hadaconv inspect does, after the checks the real run "
-                   "makes before its model load (the options against the config, --seq-len against the context, "
-                   "the calibration files read): from the config where the model has one, so damaged weights show "
-                   "only in the real run.")
+              help="Only list what would be converted, what it would remove and calibrate on, after the checks "
+                   "the real run makes before its model load (the output folder, the options against the config, "
+                   "--seq-len against the context, the calibration files read and counted in tokens): from the "
+                   "config where the model has one, so damaged weights show only in the real run.  Python: "
+                   "hadaconv.plan_conversion.")
 @click.option("--streamed", is_flag=True,
               help="Hugging Face folders of safetensors shards: one decoder block in memory at a time, "
                    "written shard by shard, in the checkpoint's dtype; the same block loop and options as "
@@ -187,7 +188,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
         from hadaconv.plan import plan_conversion
 
         _print_plan(plan_conversion(model, cfg, model_config=model_config, target=target, trust_pickle=trust_pickle,
-                                    streamed=streamed))
+                                    streamed=streamed, output=output, overwrite=overwrite))
         return
     if streamed:
         from hadaconv.stream import convert_streamed
@@ -208,9 +209,10 @@ def _print_plan(plan: Plan) -> None:
 
     from hadaconv.progress import out
 
-    n = len(plan.layers)
-    blocks = f"{n} attention blocks" if not plan.converted else \
-        f"{n + plan.converted} attention blocks ({plan.converted} converted already, the {n} dense ones listed)"
+    n, dense = len(plan.layers), plan.blocks - plan.converted
+    blocks = f"{plan.blocks} attention blocks" + (
+        f" ({plan.converted} converted already, the {dense} dense ones listed)" if plan.converted else "") + (
+        f", {n} of them candidates (--layers)" if n < dense else "")
     source = f"{plan.source} (shapes from its config, weights not read)" if plan.from_config else plan.source
     t = Table(title=f"{source}: {plan.adapter}, {blocks}, {plan.parameters:,} parameters")
     for col in ("layer", "output projection", "width", "hadamard", "heads / kv / dim", "value", "removable params"):
@@ -219,16 +221,31 @@ def _print_plan(plan: Plan) -> None:
         t.add_row(str(layer.index), layer.name, f"{layer.out_features}x{layer.in_features}", layer.factorization,
                   f"{layer.num_heads}/{layer.num_kv_heads}/{layer.head_dim}", "folded" if layer.value_folded else "-",
                   f"{layer.removable:,}")
-    setting = f"with --block {plan.block}{f' --rank {plan.rank}' if plan.rank else ''}"
-    t.caption = (f"{setting}: -{plan.removable:,} parameters ({100 * plan.removable / plan.parameters:.2f}% of the "
-                 "model)" if plan.removable else
-                 f"{setting}: no parameters removed (the block does not divide the widths, or each layer would "
-                 "keep at least as many as its dense projection)")
+    t.caption = _plan_caption(plan)
     out.print(t)
     if plan.calibration:
         click.echo(f"calibration: {plan.calibration}")
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
+
+
+def _plan_caption(plan: Plan) -> str:
+    setting = f"with --block {plan.block}{f' --rank {plan.rank}' if plan.rank else ''}"
+    if not plan.removable:
+        return (f"{setting}: no parameters removed (the block does not divide the widths, or each layer would keep "
+                "at least as many as its dense projection)")
+    n, most = len(plan.layers), plan.removed_at_most
+
+    def share(removed: int) -> str:
+        return f"-{removed:,} parameters ({100 * removed / plan.parameters:.2f}% of the model)"
+
+    if plan.max_layers is not None and plan.max_layers < n:
+        return (f"{setting}: {share(plan.removable)} for all {n}; --max-layers {plan.max_layers} converts the "
+                f"{plan.max_layers} the run ranks least sensitive: up to {share(most)}")
+    if plan.max_loss is not None:
+        return (f"{setting}: up to {share(most)}; --max-loss {plan.max_loss:g} converts the least sensitive while "
+                "their summed sensitivity, measured by the run, stays under it")
+    return f"{setting}: {share(most)}"
 
 
 @cli.command("inspect")
@@ -300,7 +317,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
                         dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with" + NO_TOKENIZER.get(loaded.format, ""))
-    windows = text_windows(loaded.tokenizer, text, seq_len, max_windows)
+    windows = text_windows(loaded.tokenizer, text, seq_len, max_windows, what=f"the text {source.name}")
     if not reference and model_kind(loaded.model) == "encoder":  # no perplexity: its embeddings vs the original's
         reference = None if no_baseline else baseline or _recorded_original(loaded, model)[0]
         if reference is None:
@@ -604,7 +621,9 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
     device = opened.session.get_providers()[0].replace("ExecutionProvider", "")
     # One new token comes from the prefill alone: there is no decode rate to report then.
     rate = f"{out.tokens_per_s:.1f} tokens/s decode" if out.new_tokens > 1 else "no decode steps"
-    click.echo(f"[{out.new_tokens} tokens, {rate}, prefill of {out.prompt_tokens} "
+    # A reply cut off mid-sentence should say why (a newcomer's chat answer stopped at 32 tokens).
+    cut = f", stopped at --max-new-tokens {max_new_tokens}" if out.new_tokens >= max_new_tokens else ""
+    click.echo(f"[{out.new_tokens} tokens{cut}, {rate}, prefill of {out.prompt_tokens} "
                f"token{'s' if out.prompt_tokens != 1 else ''} {out.prefill_s * 1000:.0f} ms, {device}]", err=True)
 
 

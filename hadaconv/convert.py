@@ -40,14 +40,14 @@ from torch import nn
 from hadaconv.adapters import (Adapter, AttentionLayer, check_convertible, check_seq_len, find_adapter, index_ranges,
                                layer_indices, model_kind)
 from hadaconv.blockwise import Decoder, TeacherFn, convert_blockwise, decoder
-from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, mixed_windows,
-                                process_group, source_list)
+from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, load_texts, mixed_windows,
+                                process_group, source_list, token_windows)
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.progress import console, progress
-from hadaconv.report import ConvertReport, LayerReport, max_layers_warning
+from hadaconv.report import ConvertReport, LayerReport, calibration_warning, max_layers_warning
 from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, check_writes_text
 from hadaconv.sensitivity import Probe, metric, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
@@ -183,6 +183,17 @@ class Calibration:
     tokens: int = 0
     heldout_tokens: int = 0
     source: str = ""
+    windows: int = 0  # of text, held-out ones included (0: a data-free fit or given inputs)
+
+    def record(self, report: ConvertReport, cfg: ConvertConfig) -> None:
+        """Put what the calibration is into ``report``, and say now (not after the fits) when the
+        text made fewer windows than ``cfg.samples``."""
+        report.calibration_tokens, report.heldout_tokens = self.tokens, self.heldout_tokens
+        report.calibration_source = self.source or "none (data-free)"
+        report.samples, report.windows = cfg.samples, self.windows
+        short = calibration_warning(cfg.samples, self.windows, self.heldout_tokens > 0)
+        if short and cfg.progress:
+            console.print(f"[yellow]warning: {short}[/yellow]", highlight=False)
 
 
 @dataclass
@@ -331,7 +342,7 @@ def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs:
                                      progress=cfg.progress, fingerprint=fingerprint)
     calib, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
     return Calibration(_batches(calib, cfg.batch_size), _batches(heldout, cfg.batch_size),
-                       calib.numel(), heldout.numel(), describe_sources(names, windows))
+                       calib.numel(), heldout.numel(), describe_sources(names, windows), len(calib) + len(heldout))
 
 
 def collect_statistics(model: nn.Module, layers: list[AttentionLayer], data: Calibration,
@@ -618,8 +629,7 @@ def convert(
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
     model.eval()
     data = calibration_batches(model, tokenizer, cfg, inputs)
-    report.calibration_tokens, report.heldout_tokens = data.tokens, data.heldout_tokens
-    report.calibration_source = data.source or "none (data-free)"
+    data.record(report, cfg)
 
     dec = _blockwise_decoder(model, target, data, cfg)
     looped = dec is not None and cfg.sequential  # the block loop fits every layer itself
@@ -681,6 +691,20 @@ def check_against_model(source: str, cfg: ConvertConfig, model_config: str | Non
         check_seq_len(model, cfg.seq_len)
     if SAMPLE in source_list(cfg.calib):  # an encoder cannot write its calibration text
         check_writes_text(model_kind(model))
+    _check_text_windows(source, cfg, model_config)
+
+
+def _check_text_windows(source: str, cfg: ConvertConfig, model_config: str | None) -> None:
+    """Refuse a calibration file too short for two windows of ``cfg.seq_len`` before the load,
+    with the model's tokenizer read alone (:func:`hadaconv.io.source_tokenizer`; a GGUF's is kept
+    for the load).  A newcomer's 237-token file passed the dry run and failed after the load."""
+    from hadaconv.io import source_tokenizer
+
+    files = [src for src in source_list(cfg.calib) if str(src) not in ("sample", "shakespeare", "none")]
+    tokenizer = source_tokenizer(source, config=model_config) if files else None
+    for src in files if tokenizer is not None else []:
+        token_windows(tokenizer, load_texts([src]), samples=cfg.samples, seq_len=cfg.seq_len, heldout=0,
+                      what=f"calibration text {src}")
 
 
 def _original(source, previous: dict, model_config) -> dict:

@@ -57,22 +57,32 @@ class Plan:
     adapter: str
     kind: str  # "causal-lm", "encoder", ...
     parameters: int  # of the whole model
+    blocks: int  # attention blocks in the model, converted ones included
     converted: int  # attention blocks converted already (a converted folder), not listed
     block: int
     rank: int
-    layers: list[PlannedLayer]
+    layers: list[PlannedLayer]  # the candidates (every dense block for inspect_model)
     from_config: bool
     calibration: str | None = None
     warnings: list[str] = field(default_factory=list)
+    max_layers: int | None = None  # the run converts the K least sensitive candidates
+    max_loss: float | None = None  # the run converts the least sensitive while their summed KL stays <= E
 
     @property
     def removable(self) -> int:
         """Parameters the conversion of every listed layer would remove."""
         return sum(layer.removable for layer in self.layers)
 
+    @property
+    def removed_at_most(self) -> int:
+        """Parameters the run removes at most: with ``max_layers``, those of the K layers that
+        remove most (the run ranks them), else every listed layer's."""
+        k = len(self.layers) if self.max_layers is None else self.max_layers
+        return sum(sorted((layer.removable for layer in self.layers), reverse=True)[:k])
+
     def to_dict(self) -> dict:
-        """The plan as JSON-ready values, ``removable`` included."""
-        return asdict(self) | {"removable": self.removable}
+        """The plan as JSON-ready values, ``removable`` and ``removed_at_most`` included."""
+        return asdict(self) | {"removable": self.removable, "removed_at_most": self.removed_at_most}
 
 
 def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: int = 0,
@@ -93,19 +103,24 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
 
 def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = None, *,
                     model_config: str | os.PathLike | None = None, target: str | None = None,
-                    trust_pickle: bool = False, streamed: bool = False) -> Plan:
+                    trust_pickle: bool = False, streamed: bool = False, output: str | os.PathLike | None = None,
+                    overwrite: bool = False) -> Plan:
     """What :func:`hadaconv.convert.convert_file` (``streamed``:
     :func:`hadaconv.stream.convert_streamed`) would convert with ``config``, after the checks it
     makes before its model load (the options, the calibration files read, ``--layers``,
     ``--block``, ``--rank`` and ``--seq-len`` against the model's config); what ``hadaconv
-    convert --dry-run`` prints.  Among the candidates, a ranked run (``max_layers``) converts
+    convert --dry-run`` prints.  ``output`` (and ``overwrite``): the folder the run would write,
+    checked as the run checks it.  Among the candidates, a ranked run (``max_layers``) converts
     the least sensitive, which only the run measures.
 
     Raises:
         InputError: an option out of range, or one that does not fit the model.
+        OutputError: ``output`` is a folder the run would refuse to write.
         HadaconvError: a calibration source missing or unreadable, sampled text asked of a model
             that cannot write it; the model cannot be read.
     """
+    from hadaconv.atomic import check_output
+    from hadaconv.calibrate import source_list
     from hadaconv.io import check_model_config
 
     cfg = check_config(config)
@@ -113,6 +128,8 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
         from hadaconv.stream import check_request
 
         check_request(source, cfg)
+    if output is not None:
+        check_output(output, overwrite, folder=True, inputs=[source, model_config, *source_list(cfg.calib)])
     check_model_config(source, model_config)  # before the options are checked against a config it would ignore
     check_against_model(str(source), cfg, model_config, target)
 
@@ -122,6 +139,7 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
     plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank)
     plan.calibration = describe_calibration(cfg.calib, plan.kind, samples=cfg.samples, seq_len=cfg.seq_len,
                                             cached_only=streamed)
+    plan.max_layers, plan.max_loss = cfg.max_layers, cfg.max_loss
     if chooses_nothing(cfg, len(plan.layers)):
         plan.warnings.append(max_layers_warning(cfg.max_layers, len(plan.layers)))
     return plan
@@ -152,9 +170,10 @@ def _layers_plan(model: nn.Module, source: str, target: str | None, select: Sele
     adapter = find_adapter(model, target=target)
     layers = select(model, adapter)
     block = block or default_block([layer.out_features for layer in layers])
+    converted = sum(isinstance(m, HadamardProjection) for m in model.modules())
     return Plan(source=source, adapter=adapter.name, kind=model_kind(model),
                 parameters=sum(p.numel() for p in model.parameters()),
-                converted=sum(isinstance(m, HadamardProjection) for m in model.modules()), block=block, rank=rank,
+                blocks=len(dense_layers(model, adapter)) + converted, converted=converted, block=block, rank=rank,
                 layers=[_planned(layer, block, rank) for layer in layers], from_config=from_config)
 
 

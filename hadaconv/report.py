@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from hadaconv.errors import option
 
-__all__ = ["COLUMNS", "ConvertReport", "FittedTable", "LayerReport", "max_layers_warning"]
+__all__ = ["COLUMNS", "ConvertReport", "FittedTable", "LayerReport", "calibration_warning", "max_layers_warning"]
 
 
 def max_layers_warning(max_layers: int | None, candidates: int, tense: str = "is") -> str | None:
@@ -17,6 +17,20 @@ def max_layers_warning(max_layers: int | None, candidates: int, tense: str = "is
     return (f"{option('max_layers')} {max_layers} is not fewer than the {candidates} candidate "
             f"layer{'s' * (candidates != 1)}, so every one {tense} converted; give {option('layers')} more "
             f"candidates or a smaller {option('max_layers')}")
+
+
+def calibration_warning(samples: int, windows: int, heldout: bool) -> str | None:
+    """The warning for calibration text that made fewer ``windows`` than the ``samples`` asked,
+    and for text too short to hold any window out; None where it made them all (or was not
+    text)."""
+    if not windows or windows >= samples:
+        return None
+    said = (f"the calibration text made {windows} of the {samples} windows asked ({option('samples')}): give "
+            f"more text, or ask for fewer windows or a smaller {option('seq_len')}")
+    if not heldout:
+        said += ("; none is held out, so the held-out errors are blank and the sensitivity is measured on "
+                 "calibration windows")
+    return said
 
 
 @dataclass
@@ -69,6 +83,8 @@ class ConvertReport:
     compensate: bool = False
     rank: int = 0  # of the low-rank residual next to each converted layer (0: none)
     max_layers: int | None = None  # the --max-layers asked for (None: not given)
+    samples: int = 0  # calibration windows asked for (--samples)
+    windows: int = 0  # calibration windows the text made, held-out ones included (0: not text)
 
     @property
     def converted(self) -> list[int]:
@@ -82,12 +98,14 @@ class ConvertReport:
     def warnings(self) -> list[str]:
         """One line per converted layer whose held-out error is no better than predicting the
         mean output (``mean-pred``, the floor any fit should beat): a fit that learned the
-        calibration windows, not the layer, usually from too little text; and one when
+        calibration windows, not the layer, usually from too little text; one when the calibration
+        text made fewer windows than asked (:func:`calibration_warning`); and one when
         ``--max-layers`` asked for at least as many layers as there were candidates and every
         candidate was converted (it chose nothing)."""
         n = len(self.layers)
         few = max_layers_warning(self.max_layers, n, "was") if len(self.converted) >= n else None
-        return ([few] if few else []) + [
+        short = calibration_warning(self.samples, self.windows, self.heldout_tokens > 0)
+        return [w for w in (short, few) if w] + [
             f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
             f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "
             f"layer dense, list the candidates without it in {option('layers')}"

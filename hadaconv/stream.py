@@ -373,8 +373,7 @@ def convert_streamed(
     data = calibration_batches(model, tokenizer, cfg, fingerprint=lambda: _fingerprint(model, files, compute))
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
                            rank=cfg.rank, compensate=cfg.compensate and bool(target.adapter.residual_maps))
-    report.calibration_tokens, report.heldout_tokens = data.tokens, data.heldout_tokens
-    report.calibration_source = data.source
+    data.record(report, cfg)
     outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(f"{prefix}.") and n in files]
     fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]
     with atomic_folder(out) as tmp:

@@ -474,3 +474,21 @@ def test_config_checks_take_what_python_callers_pass():
 
     for temperature in (np.array(0.7), torch.tensor(0.7), np.float32(0.7)):  # generate's numbers
         check_number("temperature", temperature, 0)
+
+
+def test_cli_convert_says_when_the_text_makes_fewer_windows_than_asked(tmp_path, capsys):
+    """Short calibration text is said at once (before the fits) and again after the report."""
+    from cli_runner import run_cli
+
+    src = tmp_path / "tiny"
+    make_tiny("llama", src)
+    text = tmp_path / "short.txt"
+    text.write_text("The river runs past the mill and under the old stone bridge. " * 8)
+    code, stdout, stderr = run_cli(capsys, "convert", src, "-o", tmp_path / "out", "--calib", text, "--samples", "32",
+                                   "--seq-len", "16", "--layers", "1", "--block", "4")
+    assert code == 0, stderr
+    said = " ".join(stderr.split())
+    made = re.search(r"warning: the calibration text made (\d+) of the 32 windows asked \(--samples\)", said)
+    assert made and 2 <= int(made.group(1)) < 10 and said.count(made.group(0)) == 2, said
+    assert "none is held out" in said
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["windows"] == int(made.group(1))

@@ -348,6 +348,8 @@ def test_cli_run_takes_token_ids_without_tokenizer(tiny_bundle, capsys):
     expected = generate(tiny_bundle, [5, 6, 7], 4).tokens[0]
     assert code == 0 and out == ",".join(map(str, expected.tolist())) + "\n", (out, err)
     assert "prefill of 3 tokens" in err
+    # Cut off by the limit, not by an end of text: said (a newcomer's chat reply stopped mid-sentence).
+    assert ("stopped at --max-new-tokens 4" in err) == (len(expected) == 4), err
     code, out, err = run_cli(capsys, "run", tiny_bundle, "--prompt", "hello")
     assert code == 1 and out == "" and err.count("error:") == 1 and "Traceback" not in err
     assert "has no tokenizer to encode --prompt with: give token ids with --ids" in err

@@ -519,3 +519,27 @@ def test_a_gguf_config_is_read_once_per_file_version(tmp_path, monkeypatch):
     write(path, 3)
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10 ** 9))  # a coarse clock's same tick
     assert inputs._gguf_config(path).num_hidden_layers == 3 and reads == ["m.gguf"] * 2
+
+
+def test_source_tokenizer_reads_the_tokenizer_without_the_weights(tmp_path, monkeypatch):
+    """A folder's tokenizer, the one beside a bare file's config, and None where only a load
+    tells or the file is no model; the weights are never loaded."""
+    import hadaconv.io
+    from hadaconv.io import source_tokenizer
+
+    def no_load(*args, **kwargs):
+        pytest.fail("source_tokenizer loaded a model")
+
+    monkeypatch.setattr(hadaconv.io, "load_model", no_load)
+    folder = tmp_path / "tiny"
+    make_tiny("llama", folder)
+    tokenizer = source_tokenizer(folder)
+    assert tokenizer is not None and tokenizer("hello world")["input_ids"]
+    bare = tmp_path / "bare" / "model.safetensors"
+    bare.parent.mkdir()
+    shutil.copy(folder / "model.safetensors", bare)
+    assert source_tokenizer(bare) is None  # no config: the load refuses it
+    assert source_tokenizer(bare, config=folder / "config.json").get_vocab() == tokenizer.get_vocab()
+    assert source_tokenizer(tmp_path / "nope.gguf") is None
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF junk")
+    assert source_tokenizer(tmp_path / "junk.gguf") is None  # the load says what is wrong

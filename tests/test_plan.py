@@ -34,7 +34,7 @@ def test_inspect_lists_every_layer_and_prices_it_from_the_config(tiny):
     config = json.loads((src / "config.json").read_text())
     d, layers = config["hidden_size"], config["num_hidden_layers"]
     plan = hadaconv.inspect_model(src, block=4, rank=2)
-    assert plan.from_config and plan.kind == "causal-lm" and plan.converted == 0
+    assert plan.from_config and plan.kind == "causal-lm" and plan.converted == 0 and plan.blocks == layers
     assert plan.parameters == sum(p.numel() for p in model.parameters())
     assert [layer.index for layer in plan.layers] == list(range(layers))
     bias = model.model.layers[0].self_attn.o_proj.bias is not None
@@ -47,6 +47,9 @@ def test_plan_conversion_takes_the_candidates_and_says_what_the_run_would(tiny):
     src, _ = tiny
     plan = hadaconv.plan_conversion(src, ConvertConfig(layers=[1], block=4, max_layers=3, seq_len=32, samples=64))
     assert [layer.index for layer in plan.layers] == [1] and plan.block == 4
+    assert plan.blocks > 1 and plan.removed_at_most == plan.removable  # one candidate, max_layers 3: all of it
+    two = hadaconv.plan_conversion(src, ConvertConfig(layers=[0, 1], block=4, max_layers=1, seq_len=32))
+    assert two.removed_at_most == two.removable // 2 > 0 and two.warnings == []
     assert plan.calibration.startswith("64 sequences of 32 tokens the model writes")
     assert len(plan.warnings) == 1
     assert plan.warnings[0].startswith("max_layers 3 is not fewer than the 1 candidate layer, so every one is converted")
@@ -56,6 +59,21 @@ def test_plan_conversion_takes_the_candidates_and_says_what_the_run_would(tiny):
                                                        seq_len=32)).warnings == []
     streamed = hadaconv.plan_conversion(src, ConvertConfig(block=4, seq_len=32), streamed=True)
     assert "from the cache only" in streamed.calibration
+
+
+def test_plan_conversion_checks_the_output_as_the_run_would(tiny, tmp_path):
+    from hadaconv.errors import OutputError
+
+    src, _ = tiny
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("x")
+    cfg = ConvertConfig(block=4, seq_len=32)
+    with pytest.raises(OutputError, match="already exists and is not empty"):
+        hadaconv.plan_conversion(src, cfg, output=taken)
+    assert hadaconv.plan_conversion(src, cfg, output=taken, overwrite=True).layers
+    with pytest.raises(OutputError):
+        hadaconv.plan_conversion(src, cfg, output=src, overwrite=True)  # the input itself
 
 
 @pytest.mark.parametrize("cfg, error, kind", [

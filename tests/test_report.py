@@ -105,3 +105,24 @@ def test_warns_when_max_layers_leaves_nothing_to_choose():
         assert report.warnings()[0].startswith("--max-layers 5 is not fewer than the 2 candidate layers")
     report.layers[1].converted = False  # --max-loss chose
     assert report.warnings() == []
+
+
+def test_warns_when_the_calibration_text_made_fewer_windows_than_asked():
+    """A newcomer's 560-word folder made 5 of the 32 windows asked, held none out, and the
+    report said nothing: now it says how many, and what the blank held-out columns mean."""
+    from hadaconv.errors import cli_names
+
+    report = _report(2, False)
+    report.samples, report.windows, report.heldout_tokens = 32, 32, 3 * 128
+    assert report.warnings() == []
+    report.windows = 0  # a data-free fit, or given inputs: no windows of text
+    assert report.warnings() == []
+    report.windows = 20
+    assert report.warnings() == ["the calibration text made 20 of the 32 windows asked (samples): give more text, "
+                                 "or ask for fewer windows or a smaller seq_len"]
+    report.windows, report.heldout_tokens = 5, 0
+    with cli_names():
+        said = report.warnings()[0]
+    assert said.startswith("the calibration text made 5 of the 32 windows asked (--samples)")
+    assert said.endswith("none is held out, so the held-out errors are blank and the sensitivity is measured on "
+                         "calibration windows")

@@ -424,7 +424,8 @@ def test_json_files_hold_a_list_of_texts(tmp_path):
         assert read_json(path) == texts, data
         check_sources([path])
         assert load_texts([path]) == texts
-    for data, error in (('{"rows": ["a"]}', r"c\.json: expected a list of strings"), ('[1, 2]', "expected a list"),
+    for data, error in (('{"rows": ["a"]}', r"c\.json: expected a list of strings.*, found an object with keys 'rows'$"),
+                        ('["a", 2]', "found a number at item 1$"), ('{"text": null}', "whose 'text' is null$"),
                         ('["a"]\n]', r"c\.json:2: not valid JSON \(Extra data\)"),
                         ('\n[\n"a",\n', r"c\.json:4: not valid JSON"), ('{"text": "a"}\n{"text": 5}\n',
                                                                         r"c\.json:2: expected a string or an object")):
@@ -438,6 +439,10 @@ def test_json_files_hold_a_list_of_texts(tmp_path):
     upper = tmp_path / "C.JSON"  # suffixes in any case
     upper.write_text('["a"]')
     assert load_texts([upper]) == ["a"]
+    (tmp_path / "json").mkdir()  # a folder of .json alone: refused, saying how a .json is read
+    (tmp_path / "json" / "a.json").write_text('["prose"]')
+    with pytest.raises(HadaconvError, match=r"holds no text .*; a \.json file is read when named alone\)$"):
+        check_sources([tmp_path / "json"])
     (tmp_path / "meta").mkdir()  # a folder's .json files are metadata, not text: passed over
     (tmp_path / "meta" / "info.json").write_text('{"rows": 1}')
     (tmp_path / "meta" / "a.txt").write_text("prose")

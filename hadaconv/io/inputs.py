@@ -27,7 +27,7 @@ from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, 
 from hadaconv.progress import status
 
 __all__ = ["Loaded", "carries_config", "check_model_config", "check_seq_len_early", "load_model", "recorded_config",
-           "recorded_source", "same_file", "skeleton"]
+           "recorded_source", "same_file", "skeleton", "source_tokenizer"]
 
 
 @dataclass
@@ -393,6 +393,49 @@ def _gguf_config(path: Path):
     return copy.deepcopy(_gguf_configs[key])
 
 
+#: GGUF tokenizers already built, by file identity as :data:`_gguf_configs`: an early check of the
+#: calibration text reads it before the load (4 s for SmolLM2's), which then takes a copy.
+_gguf_tokenizers: dict[tuple[str, int, int, int], Any] = {}
+
+
+def _gguf_tokenizer(path: Path):
+    """The tokenizer of a GGUF file's vocabulary; a copy, the caller's to change."""
+    import transformers
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _gguf_tokenizers:
+        _gguf_tokenizers[key] = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return copy.deepcopy(_gguf_tokenizers[key])
+
+
+def source_tokenizer(source: str | os.PathLike, *, config: str | os.PathLike | None = None) -> Any | None:
+    """The tokenizer of the model at ``source``, read without its weights: a folder's tokenizer
+    files, a GGUF file's vocabulary, or those beside ``config`` or the bare weights.  None where
+    the model has none, where only its load tells (a ``torch.save``d module), or where reading
+    fails: like :func:`skeleton`, a best-effort help to early checks, whose failures the load
+    reports."""
+    path = Path(source)
+    try:
+        if path.is_dir():
+            return load_tokenizer(path)
+        if path.suffix == ".gguf":
+            return _gguf_tokenizer(path)
+        if config is not None and path.suffix in (".safetensors", *_PICKLE_SUFFIXES):
+            folder = _tokenizer_folder(config_file(config), path)
+            return load_tokenizer(folder) if folder else None
+    except Exception:  # noqa: BLE001 - the load that follows says what is wrong, in one line
+        return None
+    return None
+
+
+def _tokenizer_folder(config_path: Path, weights: Path) -> Path | None:
+    """Where bare weights' tokenizer is: the config's folder first (a Hugging Face folder), then
+    the weights' own; None where neither holds tokenizer files."""
+    return next((folder for folder in (config_path.parent, weights.parent)
+                 if any((folder / f).is_file() for f in TOKENIZER_FILES)), None)
+
+
 def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
     import transformers
 
@@ -402,7 +445,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
             path.parent, gguf_file=path.name, config=config, dtype=dtype or torch.float32, output_loading_info=True
         )
         refuse_missing(info, path)  # before the tokenizer, whose own complaint would hide this one
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = _gguf_tokenizer(path)
     except HadaconvError:
         raise
     except Exception as exc:  # noqa: BLE001 - the GGUF reader and tokenizer raise anything on a damaged file
@@ -431,9 +474,7 @@ def _load_state_dict(path: Path, state: dict, config, fmt: str, flag: str) -> Lo
         raise ModelFormatError(f"{exc} ({config_path} names no architectures, so the base {type(model).__name__} "
                                f'was built: add one, e.g. "architectures": '
                                f'["{causal_lm_class(data.get("model_type")) or "LlamaForCausalLM"}"])') from None
-    # The config's folder first (a Hugging Face folder), then the weights' own.
-    tokenizer_source = next((folder for folder in (config_path.parent, path.parent)
-                             if any((folder / f).is_file() for f in TOKENIZER_FILES)), None)
+    tokenizer_source = _tokenizer_folder(config_path, path)
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
     return Loaded(model, tokenizer, f"{fmt} {path} with config {config_path}", fmt, tokenizer_source)
 
