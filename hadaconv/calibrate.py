@@ -92,7 +92,8 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
             raise HadaconvError(f"{what} source {src} holds no text")
         # Every file is checked, not only up to the first that holds text: the load reads them all.
         if path.is_dir() and not [q for q in _folder_files(path) if _holds_text(q)]:
-            named = "; a .json file is read when named alone" if any(path.rglob("*.json")) else ""
+            jsons = any(q.suffix.lower() == ".json" for q in path.rglob("*"))
+            named = "; a .json file is read when named alone" if jsons else ""
             raise HadaconvError(f"{what} source {src} holds no text "
                                 f"(no .txt, .md, .text, .rst or .jsonl file holding any{named})")
     if samples is not None:
@@ -337,9 +338,10 @@ def token_windows(
 
 def mixed_windows(
     tokenizer, sources: Sequence[Sequence[str]], *, samples: int, seq_len: int, heldout: float = 1 / HELDOUT_EVERY,
-    what: str = "calibration text",
+    what: str = "calibration text", names: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Pack several sources (each a list of texts) into ``samples`` windows, an equal share each.
+    """Pack several sources (each a list of texts) into ``samples`` windows, an equal share each;
+    ``names`` (one per source) name a source too short for two windows in the error.
 
     A source too short for its share gives every window it has, and the others make up the
     difference.  Each share goes through :func:`token_windows` (so each source is spread evenly
@@ -354,9 +356,10 @@ def mixed_windows(
     """
     if not sources:
         raise InputError("no calibration sources given")
+    whats = [f"{what} {name}" for name in names] if names else [what] * len(sources)
     if len(sources) == 1:
         calib, held = token_windows(tokenizer, sources[0], samples=samples, seq_len=seq_len, heldout=heldout,
-                                    what=what)
+                                    what=whats[0])
         return calib, held, [len(calib) + len(held)]
     _check_shares(len(sources), samples)
     shares = [samples // len(sources) + (i < samples % len(sources)) for i in range(len(sources))]
@@ -366,7 +369,7 @@ def mixed_windows(
     while True:
         for i in full:
             parts[i] = token_windows(tokenizer, sources[i], samples=shares[i], seq_len=seq_len, heldout=heldout,
-                                     what=what)
+                                     what=whats[i])
             given[i] = sum(map(len, parts[i]))
         short = {i for i in full if given[i] < shares[i]}
         if not short or short == full:

@@ -210,9 +210,10 @@ def _print_plan(plan: Plan) -> None:
     from hadaconv.progress import out
 
     n, dense = len(plan.layers), plan.blocks - plan.converted
+    listed = (f", the {dense} dense ones listed" if n == dense else
+              f", {n} of the {dense} dense ones candidates (--layers)")
     blocks = f"{plan.blocks} attention blocks" + (
-        f" ({plan.converted} converted already, the {dense} dense ones listed)" if plan.converted else "") + (
-        f", {n} of them candidates (--layers)" if n < dense else "")
+        f" ({plan.converted} converted already{listed})" if plan.converted else listed if n < dense else "")
     source = f"{plan.source} (shapes from its config, weights not read)" if plan.from_config else plan.source
     t = Table(title=f"{source}: {plan.adapter}, {blocks}, {plan.parameters:,} parameters")
     for col in ("layer", "output projection", "width", "hadamard", "heads / kv / dim", "value", "removable params"):
@@ -239,12 +240,13 @@ def _plan_caption(plan: Plan) -> str:
     def share(removed: int) -> str:
         return f"-{removed:,} parameters ({100 * removed / plan.parameters:.2f}% of the model)"
 
+    loss = (f"while their summed sensitivity stays under --max-loss {plan.max_loss:g}"
+            if plan.max_loss is not None else "")
     if plan.max_layers is not None and plan.max_layers < n:
-        return (f"{setting}: {share(plan.removable)} for all {n}; --max-layers {plan.max_layers} converts the "
-                f"{plan.max_layers} the run ranks least sensitive: up to {share(most)}")
-    if plan.max_loss is not None:
-        return (f"{setting}: up to {share(most)}; --max-loss {plan.max_loss:g} converts the least sensitive while "
-                "their summed sensitivity, measured by the run, stays under it")
+        return (f"{setting}: {share(plan.removable)} for all {n}; the run converts at most the {plan.max_layers} "
+                f"it ranks least sensitive (--max-layers){' ' + loss if loss else ''}: up to {share(most)}")
+    if loss:
+        return f"{setting}: up to {share(most)}; the run converts the least sensitive {loss}"
     return f"{setting}: {share(most)}"
 
 
@@ -622,7 +624,7 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
     # One new token comes from the prefill alone: there is no decode rate to report then.
     rate = f"{out.tokens_per_s:.1f} tokens/s decode" if out.new_tokens > 1 else "no decode steps"
     # A reply cut off mid-sentence should say why (a newcomer's chat answer stopped at 32 tokens).
-    cut = f", stopped at --max-new-tokens {max_new_tokens}" if out.new_tokens >= max_new_tokens else ""
+    cut = "" if out.finished else f", stopped at --max-new-tokens {max_new_tokens}"
     click.echo(f"[{out.new_tokens} tokens{cut}, {rate}, prefill of {out.prompt_tokens} "
                f"token{'s' if out.prompt_tokens != 1 else ''} {out.prefill_s * 1000:.0f} ms, {device}]", err=True)
 

@@ -48,13 +48,13 @@ from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.progress import console, progress
 from hadaconv.report import ConvertReport, LayerReport, calibration_warning, max_layers_warning
-from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, check_writes_text
+from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, check_writes_text, default_sources
 from hadaconv.sensitivity import Probe, metric, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
 
 __all__ = ["DEFAULT_CALIBRATION", "RANKING_WINDOWS", "REPORT_WINDOWS", "ConvertConfig", "ConvertReport", "LayerReport",
-           "check_against_model", "check_config", "chooses_nothing", "convert", "convert_file", "default_block", "install_projection",
-           "parse_layers", "patch", "probe_windows"]
+           "check_against_model", "check_config", "check_convert_output", "chooses_nothing", "convert", "convert_file",
+           "default_block", "install_projection", "parse_layers", "patch", "probe_windows"]
 
 #: Default output block size.  Measured on SmolLM2-135M, all 30 layers, every other default
 #: (benchmarks/RESULTS.md, "Quality per parameter removed"): block 16 removes 7.18% of the model
@@ -184,14 +184,15 @@ class Calibration:
     heldout_tokens: int = 0
     source: str = ""
     windows: int = 0  # of text, held-out ones included (0: a data-free fit or given inputs)
+    asked: int = 0  # windows asked of text that cannot make more (0: none, or sampled text among the sources)
 
     def record(self, report: ConvertReport, cfg: ConvertConfig) -> None:
         """Put what the calibration is into ``report``, and say now (not after the fits) when the
-        text made fewer windows than ``cfg.samples``."""
+        text made fewer windows than asked."""
         report.calibration_tokens, report.heldout_tokens = self.tokens, self.heldout_tokens
         report.calibration_source = self.source or "none (data-free)"
-        report.samples, report.windows = cfg.samples, self.windows
-        short = calibration_warning(cfg.samples, self.windows, self.heldout_tokens > 0)
+        report.samples, report.windows = self.asked, self.windows
+        short = calibration_warning(self.asked, self.windows, self.heldout_tokens > 0)
         if short and cfg.progress:
             console.print(f"[yellow]warning: {short}[/yellow]", highlight=False)
 
@@ -340,9 +341,14 @@ def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs:
     sources = source_list(cfg.calib)
     texts, names = calibration_texts(model, tokenizer, sources, samples=cfg.samples, seq_len=cfg.seq_len,
                                      progress=cfg.progress, fingerprint=fingerprint)
-    calib, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len)
+    calib, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len,
+                                            names=names)
+    # Sampled text is written to the count asked, and re-tokenized makes a few windows fewer (the
+    # special tokens it held are dropped): only text that cannot make more is short.
+    sampled = SAMPLE in (sources or default_sources(model_kind(model)))
     return Calibration(_batches(calib, cfg.batch_size), _batches(heldout, cfg.batch_size),
-                       calib.numel(), heldout.numel(), describe_sources(names, windows), len(calib) + len(heldout))
+                       calib.numel(), heldout.numel(), describe_sources(names, windows), len(calib) + len(heldout),
+                       asked=0 if sampled else cfg.samples)
 
 
 def collect_statistics(model: nn.Module, layers: list[AttentionLayer], data: Calibration,
@@ -669,12 +675,36 @@ def convert(
     return finish_report(report, model, target, fits, rows, chosen, start)
 
 
+def check_convert_output(source: str | PurePath, out_dir: str | PurePath, cfg: ConvertConfig, *,
+                         overwrite: bool = False, model_config: str | PurePath | None = None) -> Path:
+    """``out_dir`` as a Path, after refusing, before the work, an output a conversion may not
+    write (:func:`hadaconv.atomic.check_output`: never onto what it reads), and arguments that look
+    swapped (a missing ``source`` and a file as ``out_dir``).
+
+    Raises:
+        InputError: the arguments swapped.
+        OutputError: the output taken (without ``overwrite``), an input, or not writable.
+    """
+    from hadaconv.atomic import check_output
+
+    if Path(out_dir).is_file() and not Path(source).exists():
+        usage = command("hadaconv convert MODEL -o OUT_DIR", "convert_file(source, out_dir)")
+        raise InputError(f"{source} does not exist and the output {out_dir} is a file: are the two swapped? ({usage})")
+    return check_output(out_dir, overwrite, folder=True, inputs=[source, model_config, *source_list(cfg.calib)])
+
+
 def check_against_model(source: str, cfg: ConvertConfig, model_config: str | None = None,
                         target: str | None = None) -> None:
-    """Refuse ``cfg.layers``, ``cfg.block``, ``cfg.rank`` and a ``cfg.seq_len`` past the context
-    that do not fit the model before loading its weights, on :func:`hadaconv.io.skeleton` (the
-    checks :func:`find_target` and :func:`calibration_batches` make after the load, with the same
-    messages)."""
+    """Refuse ``cfg.layers``, ``cfg.block``, ``cfg.rank``, a ``cfg.seq_len`` past the context,
+    sampled text asked of a model that cannot write it and a calibration file too short for two
+    windows, that do not fit the model, before loading its weights: on :func:`hadaconv.io.skeleton`
+    and the tokenizer alone (the checks :func:`find_target` and :func:`calibration_batches` make
+    after the load, with the same messages).  Where neither can be read without the weights, the
+    load's checks alone refuse.
+
+    Raises:
+        InputError / HadaconvError: as those checks.
+    """
     from hadaconv.adapters import find_adapter as _find
     from hadaconv.io import skeleton
 
@@ -694,17 +724,33 @@ def check_against_model(source: str, cfg: ConvertConfig, model_config: str | Non
     _check_text_windows(source, cfg, model_config)
 
 
+#: Bytes a token holds at most, for the early count of short calibration files: a file of more
+#: bytes than two windows' worth of tokens at this rate cannot be short, and is not read twice.
+MAX_TOKEN_BYTES = 32
+
+
 def _check_text_windows(source: str, cfg: ConvertConfig, model_config: str | None) -> None:
-    """Refuse a calibration file too short for two windows of ``cfg.seq_len`` before the load,
-    with the model's tokenizer read alone (:func:`hadaconv.io.source_tokenizer`; a GGUF's is kept
-    for the load).  A newcomer's 237-token file passed the dry run and failed after the load."""
+    """Refuse a calibration file (or folder) too short for two windows of ``cfg.seq_len`` before
+    the load, counted with the model's tokenizer read alone (:func:`hadaconv.io.source_tokenizer`;
+    a GGUF's is kept for the load): a newcomer's 237-token file passed the dry run and failed after
+    the load.  Sources that hold more bytes than two windows could are not counted.
+
+    Raises:
+        HadaconvError: the message :func:`calibration_batches` gives after the load.
+    """
     from hadaconv.io import source_tokenizer
 
-    files = [src for src in source_list(cfg.calib) if str(src) not in ("sample", "shakespeare", "none")]
-    tokenizer = source_tokenizer(source, config=model_config) if files else None
-    for src in files if tokenizer is not None else []:
+    small = [src for src in source_list(cfg.calib) if str(src) not in ("sample", "shakespeare", "none")
+             and _bytes(Path(src)) <= 2 * cfg.seq_len * MAX_TOKEN_BYTES]
+    tokenizer = source_tokenizer(source, config=model_config) if small else None
+    for src in small if tokenizer is not None else []:
         token_windows(tokenizer, load_texts([src]), samples=cfg.samples, seq_len=cfg.seq_len, heldout=0,
                       what=f"calibration text {src}")
+
+
+def _bytes(path: Path) -> int:
+    """The bytes of a file, or of the files in a folder (as a source reads them)."""
+    return path.stat().st_size if path.is_file() else sum(q.stat().st_size for q in path.rglob("*") if q.is_file())
 
 
 def _original(source, previous: dict, model_config) -> dict:
@@ -757,18 +803,13 @@ def convert_file(
     adapter's).
     """
     from hadaconv.adapters import find_adapter as _find
-    from hadaconv.atomic import check_output
     from hadaconv.device import resolve_device, resolve_dtype
     from hadaconv.io import check_model_config, check_savable, hadaconv_meta, load_model, save_converted
 
     if isinstance(config, (str, PurePath)):  # the guess a path invites
         raise InputError(f"config must be a ConvertConfig, got {config!r}: a model's config.json goes in model_config=")
     cfg = check_config(config)
-    if Path(out_dir).is_file() and not Path(source).exists():
-        usage = command("hadaconv convert MODEL -o OUT_DIR", "convert_file(source, out_dir)")
-        raise InputError(f"{source} does not exist and the output {out_dir} is a file: are the two swapped? ({usage})")
-    # Before the work, not after it; never onto what it reads.
-    check_output(out_dir, overwrite, folder=True, inputs=[source, model_config, *source_list(cfg.calib)])
+    check_convert_output(source, out_dir, cfg, overwrite=overwrite, model_config=model_config)
     flag = option("model_config", flag="--config")
     check_model_config(source, model_config, flag=flag)  # before the options are checked against a config it would ignore
     resolve_device(device)  # typos before the skeleton's checks, as the load would

@@ -45,6 +45,7 @@ class Generation:
     prompt_tokens: int  # prompt length in tokens (padded)
     prefill_s: float
     decode_s: float
+    finished: bool = False  # every row ended at an end-of-text token (not at max_new_tokens)
 
     @property
     def new_tokens(self) -> int:
@@ -357,7 +358,8 @@ def generate(
     text = None
     if tokenizer is not None:
         text = [tokenizer.decode(_until_eos(row, eos_set), skip_special_tokens=True) for row in tokens.tolist()]
-    return Generation(tokens, text, int(ids.shape[1]), prefill_s, decode_s)
+    finished = bool(np.isin(tokens, list(eos_set)).any(axis=1).all()) if eos_set else False
+    return Generation(tokens, text, int(ids.shape[1]), prefill_s, decode_s, finished)
 
 
 def _run_on_host(session: Any, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:

@@ -17,8 +17,8 @@ from typing import Callable
 from torch import nn
 
 from hadaconv.adapters import Adapter, AttentionLayer, find_adapter, model_kind
-from hadaconv.convert import (ConvertConfig, check_against_model, check_config, chooses_nothing, default_block,
-                              dense_layers, find_target)
+from hadaconv.convert import (ConvertConfig, check_against_model, check_config, check_convert_output, chooses_nothing,
+                              default_block, dense_layers, find_target)
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.report import max_layers_warning
@@ -119,8 +119,6 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
         HadaconvError: a calibration source missing or unreadable, sampled text asked of a model
             that cannot write it; the model cannot be read.
     """
-    from hadaconv.atomic import check_output
-    from hadaconv.calibrate import source_list
     from hadaconv.io import check_model_config
 
     cfg = check_config(config)
@@ -129,7 +127,7 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
 
         check_request(source, cfg)
     if output is not None:
-        check_output(output, overwrite, folder=True, inputs=[source, model_config, *source_list(cfg.calib)])
+        check_convert_output(source, output, cfg, overwrite=overwrite, model_config=model_config)
     check_model_config(source, model_config)  # before the options are checked against a config it would ignore
     check_against_model(str(source), cfg, model_config, target)
 

@@ -55,9 +55,8 @@ from torch import nn
 
 from hadaconv.adapters import AttentionLayer
 from hadaconv.blockwise import Decoder
-from hadaconv.calibrate import source_list
-from hadaconv.convert import (ConvertConfig, calibration_batches, check_config, compensate_and_apply, find_target,
-                              mark_rows)
+from hadaconv.convert import (ConvertConfig, calibration_batches, check_config, check_convert_output,
+                              compensate_and_apply, find_target, mark_rows)
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
 from hadaconv.hadamard import factorize
 from hadaconv.io import SHARD_INDEX as INDEX, TIED_KEY
@@ -347,7 +346,7 @@ def convert_streamed(
         HadaconvError: not a sharded Hugging Face folder, blocks not in sequence, bad options,
             sampled calibration text not cached.
     """
-    from hadaconv.atomic import atomic_folder, check_output
+    from hadaconv.atomic import atomic_folder
     from hadaconv.device import resolve_device
     from hadaconv.io import load_tokenizer
     from hadaconv.io.build import hf_config, hf_from_config
@@ -356,7 +355,7 @@ def convert_streamed(
     cfg = check_config(config)
     start = time.perf_counter()
     source = check_request(source, cfg)
-    out = check_output(out_dir, overwrite, folder=True, inputs=[source, *source_list(cfg.calib)])
+    out = check_convert_output(source, out_dir, cfg, overwrite=overwrite)
     dev = resolve_device(device)
     files = _tensor_files(source)
     model = hf_from_config(hf_config(read_json(source / "config.json")), sorted(set(files.values())))

@@ -246,9 +246,15 @@ def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
     config = json.loads((src / "config.json").read_text())
     assert saved - removed(stdout) == config["num_hidden_layers"] * 2 * 2 * config["hidden_size"]
     code, stdout, stderr = run_cli(capsys, "convert", src, "-o", tmp_path / "never", "--dry-run", "--block", "4",
-                                   "--layers", "1", "--seq-len", "32", "--max-layers", "1")  # 256 > the context
+                                   "--layers", "0,1", "--seq-len", "32", "--max-layers", "1")  # 256 > the context
+    assert code == 0 and "the run converts at most the 1 it ranks least sensitive (--max-layers): up to -" in \
+        " ".join(stdout.split()), stdout
+    code, stdout, stderr = run_cli(capsys, "convert", src, "-o", tmp_path / "never", "--dry-run", "--block", "4",
+                                   "--layers", "1", "--seq-len", "32", "--max-layers", "1")
     assert code == 0 and not (tmp_path / "never").exists(), stderr
     assert "layers.1.self_attn.o_proj" in stdout and "layers.0.self_attn.o_proj" not in stdout
+    layers = config["num_hidden_layers"]
+    assert f"{layers} attention blocks, 1 of the {layers} dense ones candidates (--layers)" in " ".join(stdout.split())
     # What the real run would calibrate on, and that --max-layers would choose nothing.
     assert "calibration: 512 sequences of 32 tokens the model writes" in stdout
     assert "warning: --max-layers 1 is not fewer than the 1 candidate layer, so every one is converted" in stderr
@@ -260,6 +266,7 @@ def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
     assert code == 0, stderr
     # Nothing for --max-layers to choose from: converted, and said (a newcomer's --layers 0-1 --max-layers 5).
     said = " ".join(stderr.split())  # before the conversion and in its report
+    assert "windows asked" not in said  # sampled text, re-tokenized a few windows short, is no short text
     assert "warning: --max-layers 1 is not fewer than the 1 candidate layer, so every one is converted" in said
     assert "warning: --max-layers 1 is not fewer than the 1 candidate layer, so every one was converted" in said
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # input untouched
@@ -492,3 +499,27 @@ def test_cli_convert_says_when_the_text_makes_fewer_windows_than_asked(tmp_path,
     assert made and 2 <= int(made.group(1)) < 10 and said.count(made.group(0)) == 2, said
     assert "none is held out" in said
     assert json.loads((tmp_path / "out" / "report.json").read_text())["windows"] == int(made.group(1))
+
+
+def test_a_short_calibration_file_is_named_before_and_after_the_load(tmp_path):
+    """The early count (the tokenizer alone) and the run's own (convert() in memory, which has no
+    early check) refuse a short file with one message naming it, alone or beside other text."""
+    from hadaconv.convert import check_against_model
+    from hadaconv.errors import HadaconvError
+    from hadaconv.io import load_model
+
+    src = tmp_path / "tiny"
+    make_tiny("llama", src)
+    short = tmp_path / "short.txt"
+    short.write_text("A short note.")
+    long = tmp_path / "long.txt"
+    long.write_text("The river runs past the mill and under the old stone bridge. " * 200)
+    loaded = load_model(src)
+    for calib in ([str(short)], [str(long), str(short)]):
+        cfg = ConvertConfig(calib=calib, samples=8, seq_len=16, block=4, sensitivity=False)
+        expect = rf"the calibration text {re.escape(str(short))} has \d+ tokens, too few for two windows of 16"
+        with pytest.raises(HadaconvError, match=expect):
+            check_against_model(str(src), cfg)
+        with pytest.raises(HadaconvError, match=expect):
+            convert(loaded.model, loaded.tokenizer, cfg)
+    check_against_model(str(src), ConvertConfig(calib=[str(long)], samples=8, seq_len=16, block=4))

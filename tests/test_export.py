@@ -349,7 +349,10 @@ def test_cli_run_takes_token_ids_without_tokenizer(tiny_bundle, capsys):
     assert code == 0 and out == ",".join(map(str, expected.tolist())) + "\n", (out, err)
     assert "prefill of 3 tokens" in err
     # Cut off by the limit, not by an end of text: said (a newcomer's chat reply stopped mid-sentence).
-    assert ("stopped at --max-new-tokens 4" in err) == (len(expected) == 4), err
+    assert ("stopped at --max-new-tokens 4" in err) != generate(tiny_bundle, [5, 6, 7], 4).finished, err
+    assert not generate(tiny_bundle, [5, 6, 7], 3, eos_token_id=[]).finished
+    first = int(generate(tiny_bundle, [5, 6, 7], 1).tokens[0, 0])  # an end of text at the last step is an end
+    assert generate(tiny_bundle, [5, 6, 7], 1, eos_token_id=first).finished
     code, out, err = run_cli(capsys, "run", tiny_bundle, "--prompt", "hello")
     assert code == 1 and out == "" and err.count("error:") == 1 and "Traceback" not in err
     assert "has no tokenizer to encode --prompt with: give token ids with --ids" in err

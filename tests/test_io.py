@@ -543,3 +543,21 @@ def test_source_tokenizer_reads_the_tokenizer_without_the_weights(tmp_path, monk
     assert source_tokenizer(tmp_path / "nope.gguf") is None
     (tmp_path / "junk.gguf").write_bytes(b"GGUF junk")
     assert source_tokenizer(tmp_path / "junk.gguf") is None  # the load says what is wrong
+
+
+def test_a_gguf_tokenizer_read_early_is_the_one_the_load_takes(tmp_path, monkeypatch):
+    """The early check's GGUF tokenizer is built once, kept for the load, and taken by it (not
+    kept after); a file written again is read again."""
+    import transformers
+
+    from hadaconv.io import inputs
+
+    built = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: built.append(k["gguf_file"]) or object())
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    early = inputs.source_tokenizer(path)
+    assert inputs.source_tokenizer(path) is early and built == ["m.gguf"]
+    assert inputs._gguf_tokenizer(path, take=True) is early and built == ["m.gguf"]
+    assert inputs._gguf_tokenizer(path, take=True) is not early and built == ["m.gguf"] * 2  # taken: built anew

@@ -64,6 +64,11 @@ def test_plan_conversion_takes_the_candidates_and_says_what_the_run_would(tiny):
 def test_plan_conversion_checks_the_output_as_the_run_would(tiny, tmp_path):
     from hadaconv.errors import OutputError
 
+    output = tmp_path / "out.txt"  # a missing model and a file as the output: swapped, as convert_file says
+    output.write_text("x")
+    with pytest.raises(InputError, match="are the two swapped"):
+        hadaconv.plan_conversion(tmp_path / "nope", ConvertConfig(), output=output)
+
     src, _ = tiny
     taken = tmp_path / "taken"
     taken.mkdir()

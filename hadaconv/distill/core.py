@@ -556,7 +556,7 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
     texts, names = calibration_texts(teacher, tokenizer, cfg.data, samples=min(cfg.sampled, cfg.samples),
                                      seq_len=cfg.seq_len, progress=cfg.progress and main)
     train, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len,
-                                            what="training text")
+                                            what="training text", names=names)
     data_source = describe_sources(names, windows)
     if cfg.eval_text:
         path = Path(cfg.eval_text)  # a file: check_config said so

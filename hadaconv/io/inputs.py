@@ -393,25 +393,27 @@ def _gguf_config(path: Path):
     return copy.deepcopy(_gguf_configs[key])
 
 
-#: GGUF tokenizers already built, by file identity as :data:`_gguf_configs`: an early check of the
-#: calibration text reads it before the load (4 s for SmolLM2's), which then takes a copy.
+#: GGUF tokenizers built for an early check of the calibration text (4 s for SmolLM2's), by file
+#: identity as :data:`_gguf_configs`, until the load takes them.
 _gguf_tokenizers: dict[tuple[str, int, int, int], Any] = {}
 
 
-def _gguf_tokenizer(path: Path):
-    """The tokenizer of a GGUF file's vocabulary; a copy, the caller's to change."""
+def _gguf_tokenizer(path: Path, *, take: bool = False):
+    """The tokenizer of a GGUF file's vocabulary: the one kept for the load (read it, do not change
+    it), or with ``take`` the load's own (no longer kept)."""
     import transformers
 
     stat = path.stat()
     key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _gguf_tokenizers:
         _gguf_tokenizers[key] = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return copy.deepcopy(_gguf_tokenizers[key])
+    return _gguf_tokenizers.pop(key) if take else _gguf_tokenizers[key]
 
 
 def source_tokenizer(source: str | os.PathLike, *, config: str | os.PathLike | None = None) -> Any | None:
     """The tokenizer of the model at ``source``, read without its weights: a folder's tokenizer
-    files, a GGUF file's vocabulary, or those beside ``config`` or the bare weights.  None where
+    files, a GGUF file's vocabulary (kept for its load, which then builds no other: tokenize with
+    it, do not change its settings), or those beside ``config`` or the bare weights.  None where
     the model has none, where only its load tells (a ``torch.save``d module), or where reading
     fails: like :func:`skeleton`, a best-effort help to early checks, whose failures the load
     reports."""
@@ -445,7 +447,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
             path.parent, gguf_file=path.name, config=config, dtype=dtype or torch.float32, output_loading_info=True
         )
         refuse_missing(info, path)  # before the tokenizer, whose own complaint would hide this one
-        tokenizer = _gguf_tokenizer(path)
+        tokenizer = _gguf_tokenizer(path, take=True)
     except HadaconvError:
         raise
     except Exception as exc:  # noqa: BLE001 - the GGUF reader and tokenizer raise anything on a damaged file
