@@ -96,8 +96,27 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
             named = "; a .json file is read when named alone" if jsons else ""
             raise HadaconvError(f"{what} source {src} holds no text "
                                 f"(no .txt, .md, .text, .rst or .jsonl file holding any{named})")
+    _check_distinct(listed, what)
     if samples is not None:
         _check_shares(len(listed), samples, what)
+
+
+def _check_distinct(listed: Sequence[str | os.PathLike], what: str) -> None:
+    """Refuse a source given twice, or a file or folder inside a folder also given: each source
+    takes an equal share of the windows, so its text would count twice (HadaconvError)."""
+    seen: list[tuple[str | Path, str | os.PathLike]] = []
+    for src in listed:
+        key = str(src) if str(src) in ("sample", "shakespeare", "none") else Path(src).resolve()
+        for other, given in seen:
+            if key == other:
+                raise HadaconvError(f"{what} source {src} is given twice: each source takes an equal share of the "
+                                    "windows, so its text would count twice")
+            if isinstance(key, Path) and isinstance(other, Path) and (key.is_relative_to(other)
+                                                                      or other.is_relative_to(key)):
+                inner, outer = (src, given) if key.is_relative_to(other) else (given, src)
+                raise HadaconvError(f"{what} source {inner} is inside {outer}, also given: its text would count "
+                                    "twice")
+        seen.append((key, src))
 
 
 #: Files already checked by :func:`_holds_text` (path, inode, size, modification time): whether

@@ -465,3 +465,21 @@ def test_describe_calibration_names_what_the_run_reads(tmp_path, monkeypatch):
     assert "from the cache only" in describe_calibration(None, "causal-lm", cached_only=True)
     with pytest.raises(HadaconvError, match="sampling text needs a causal LM"):
         describe_calibration(["sample"], "encoder")
+
+
+def test_a_source_given_twice_is_refused(tmp_path):
+    """--calib sample --calib sample, or a folder and a file inside it: each source takes an equal
+    share of the windows, so the text would count twice."""
+    from hadaconv.calibrate import check_sources
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some prose")
+    (tmp_path / "b.txt").write_text("other prose")
+    with pytest.raises(HadaconvError, match="calibration source sample is given twice"):
+        check_sources(["sample", "sample"])
+    with pytest.raises(HadaconvError, match=r"source .*a\.txt is inside .*texts, also given"):
+        check_sources([str(folder), str(folder / "a.txt")])
+    with pytest.raises(HadaconvError, match=r"given twice"):
+        check_sources([str(tmp_path / "b.txt"), str(folder / ".." / "b.txt")])
+    check_sources(["sample", str(folder), str(tmp_path / "b.txt")])
