@@ -29,7 +29,7 @@ from hadaconv.sample import not_utf8, read_jsonl, record_text
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
 __all__ = ["MomentCollector", "Moments", "process_group", "default_corpus", "describe_sources", "load_texts",
-           "mixed_windows", "read_json", "read_text", "text_windows", "token_windows"]
+           "folder_files", "mixed_windows", "read_json", "read_text", "text_windows", "token_windows"]
 
 
 @dataclass
@@ -91,7 +91,7 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
         if path.is_file() and not _holds_text(path):
             raise HadaconvError(f"{what} source {src} holds no text")
         # Every file is checked, not only up to the first that holds text: the load reads them all.
-        if path.is_dir() and not [q for q in _folder_files(path) if _holds_text(q)]:
+        if path.is_dir() and not [q for q in folder_files(path) if _holds_text(q)]:
             jsons = any(q.suffix.lower() == ".json" for q in path.rglob("*"))
             named = "; a .json file is read when named alone" if jsons else ""
             raise HadaconvError(f"{what} source {src} holds no text "
@@ -102,21 +102,23 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
 
 
 def _check_distinct(listed: Sequence[str | os.PathLike], what: str) -> None:
-    """Refuse a source given twice, or a file or folder inside a folder also given: each source
-    takes an equal share of the windows, so its text would count twice (HadaconvError)."""
-    seen: list[tuple[str | Path, str | os.PathLike]] = []
+    """Refuse two sources that read the same file (a name given twice, a file inside a folder also
+    given, a link or another spelling of one file): each source takes an equal share of the
+    windows, so its text would count twice (HadaconvError naming both and the file)."""
+    seen: dict[tuple[int, int] | str, tuple[str | os.PathLike, Path | None]] = {}
     for src in listed:
-        key = str(src) if str(src) in ("sample", "shakespeare", "none") else Path(src).resolve()
-        for other, given in seen:
-            if key == other:
-                raise HadaconvError(f"{what} source {src} is given twice: each source takes an equal share of the "
-                                    "windows, so its text would count twice")
-            if isinstance(key, Path) and isinstance(other, Path) and (key.is_relative_to(other)
-                                                                      or other.is_relative_to(key)):
-                inner, outer = (src, given) if key.is_relative_to(other) else (given, src)
-                raise HadaconvError(f"{what} source {inner} is inside {outer}, also given: its text would count "
-                                    "twice")
-        seen.append((key, src))
+        path = Path(src)
+        named = str(src) in ("sample", "shakespeare", "none")
+        files = [None] if named else [path] if path.is_file() else folder_files(path)
+        for file in files:
+            key: tuple[int, int] | str = str(src) if file is None else (file.stat().st_dev, file.stat().st_ino)
+            if key in seen:
+                other, _ = seen[key]
+                both = f"{src} is given twice" if other == src or file is None else \
+                    f"{src} and {other} both read {file}"
+                raise HadaconvError(f"{what} source {both}: each source takes an equal share of the windows, so "
+                                    "its text would count twice")
+            seen[key] = (src, file)
 
 
 #: Files already checked by :func:`_holds_text` (path, inode, size, modification time): whether
@@ -155,7 +157,7 @@ def _scan_text(path: Path) -> bool:
                 return seen
 
 
-def _folder_files(folder: Path) -> list[Path]:
+def folder_files(folder: Path) -> list[Path]:
     """The files of a folder source, recursively and sorted: text and JSONL (a folder of data
     often holds .json metadata, so only a ``.json`` named alone is read as texts)."""
     return sorted(q for q in folder.rglob("*") if q.suffix.lower() in TEXT_SUFFIXES | {".jsonl"} and q.is_file())
@@ -262,7 +264,7 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
                                 f"{command('--streamed', 'streaming (convert_file)')}, or write it first with {write} "
                                 f"and pass {command('--calib FILE', 'calib=[FILE]')}")
         elif p.is_dir():
-            paths += _folder_files(p)
+            paths += folder_files(p)
         elif p.exists():
             paths.append(p)
         else:

@@ -148,9 +148,9 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--dry-run", is_flag=True,
               help="Only list what would be converted, what it would remove and calibrate on, after the checks "
                    "the real run makes before its model load (the output folder, the options against the config, "
-                   "--seq-len against the context, the calibration files read and counted in tokens): from the "
-                   "config where the model has one, so damaged weights show only in the real run.  Python: "
-                   "hadaconv.plan_conversion.")
+                   "--seq-len against the context, the calibration files read, the short ones counted in "
+                   "tokens): from the config where the model has one, so damaged weights show only in the real "
+                   "run.  Python: hadaconv.plan_conversion.")
 @click.option("--streamed", is_flag=True,
               help="Hugging Face folders of safetensors shards: one decoder block in memory at a time, "
                    "written shard by shard, in the checkpoint's dtype; the same block loop and options as "

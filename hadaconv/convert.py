@@ -40,8 +40,8 @@ from torch import nn
 from hadaconv.adapters import (Adapter, AttentionLayer, check_convertible, check_seq_len, find_adapter, index_ranges,
                                layer_indices, model_kind)
 from hadaconv.blockwise import Decoder, TeacherFn, convert_blockwise, decoder
-from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, load_texts, mixed_windows,
-                                process_group, source_list, token_windows)
+from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, folder_files, load_texts,
+                                mixed_windows, process_group, source_list, token_windows)
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
@@ -184,15 +184,15 @@ class Calibration:
     heldout_tokens: int = 0
     source: str = ""
     windows: int = 0  # of text, held-out ones included (0: a data-free fit or given inputs)
-    asked: int = 0  # windows asked of text that cannot make more (0: none, or sampled text among the sources)
+    sampled: bool = False  # the model's own sampled text among the sources
 
     def record(self, report: ConvertReport, cfg: ConvertConfig) -> None:
         """Put what the calibration is into ``report``, and say now (not after the fits) when the
         text made fewer windows than asked."""
         report.calibration_tokens, report.heldout_tokens = self.tokens, self.heldout_tokens
         report.calibration_source = self.source or "none (data-free)"
-        report.samples, report.windows = self.asked, self.windows
-        short = calibration_warning(self.asked, self.windows, self.heldout_tokens > 0)
+        report.samples, report.windows, report.sampled = cfg.samples, self.windows, self.sampled
+        short = calibration_warning(cfg.samples, self.windows, self.heldout_tokens > 0, self.sampled)
         if short and cfg.progress:
             console.print(f"[yellow]warning: {short}[/yellow]", highlight=False)
 
@@ -343,12 +343,9 @@ def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs:
                                      progress=cfg.progress, fingerprint=fingerprint)
     calib, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len,
                                             names=names)
-    # Sampled text is written to the count asked, and re-tokenized makes a few windows fewer (the
-    # special tokens it held are dropped): only text that cannot make more is short.
-    sampled = SAMPLE in (sources or default_sources(model_kind(model)))
     return Calibration(_batches(calib, cfg.batch_size), _batches(heldout, cfg.batch_size),
                        calib.numel(), heldout.numel(), describe_sources(names, windows), len(calib) + len(heldout),
-                       asked=0 if sampled else cfg.samples)
+                       sampled=SAMPLE in (sources or default_sources(model_kind(model))))
 
 
 def collect_statistics(model: nn.Module, layers: list[AttentionLayer], data: Calibration,
@@ -724,8 +721,9 @@ def check_against_model(source: str, cfg: ConvertConfig, model_config: str | Non
     _check_text_windows(source, cfg, model_config)
 
 
-#: Bytes a token holds at most, for the early count of short calibration files: a file of more
-#: bytes than two windows' worth of tokens at this rate cannot be short, and is not read twice.
+#: Bytes per token that text hardly ever exceeds (a practical bound, not a hard one), for the
+#: early count of short calibration files: a file of more bytes than two windows' worth at this
+#: rate is not counted early (nor read twice); the run's own count still refuses it if short.
 MAX_TOKEN_BYTES = 32
 
 
@@ -749,8 +747,8 @@ def _check_text_windows(source: str, cfg: ConvertConfig, model_config: str | Non
 
 
 def _bytes(path: Path) -> int:
-    """The bytes of a file, or of the files in a folder (as a source reads them)."""
-    return path.stat().st_size if path.is_file() else sum(q.stat().st_size for q in path.rglob("*") if q.is_file())
+    """The bytes a source reads: a file's, or those of the files a folder source reads."""
+    return path.stat().st_size if path.is_file() else sum(q.stat().st_size for q in folder_files(path))
 
 
 def _original(source, previous: dict, model_config) -> dict:

@@ -19,19 +19,22 @@ def max_layers_warning(max_layers: int | None, candidates: int, tense: str = "is
             f"candidates or a smaller {option('max_layers')}")
 
 
-def calibration_warning(samples: int, windows: int, heldout: bool) -> str | None:
-    """The warning for calibration text that made fewer ``windows`` than the ``samples`` asked,
-    and for text too short to hold any window out; None where it made nine tenths of them or more
-    (text the model wrote, decoded and tokenized again, makes 3-10% fewer: SmolLM2's 31 of 32,
-    Qwen2.5's 116 of 128), or was not text."""
-    if not windows or 10 * windows >= 9 * samples:
+def calibration_warning(samples: int, windows: int, heldout: bool, sampled: bool = False) -> str | None:
+    """The warning for calibration text that made a tenth or more fewer ``windows`` than the
+    ``samples`` asked (not said of ``sampled`` text, or text beside it: text the model wrote,
+    decoded and tokenized again, makes 3-10% fewer, SmolLM2's 31 of 32, Qwen2.5's 116 of 128), and
+    for text too short to hold any window out; None where neither is so, or it was not text."""
+    if not windows:
         return None
-    said = (f"the calibration text made {windows} of the {samples} windows asked ({option('samples')}): give "
-            f"more text, or ask for fewer windows or a smaller {option('seq_len')}")
+    short = not sampled and 10 * windows < 9 * samples
+    said = []
+    if short:
+        said.append(f"the calibration text made {windows} of the {samples} windows asked ({option('samples')}): "
+                    f"give more text, or ask for fewer windows or a smaller {option('seq_len')}")
     if not heldout:
-        said += ("; none is held out, so the held-out errors are blank and the sensitivity is measured on "
-                 "calibration windows")
-    return said
+        said.append("no calibration window is held out (fewer than 10), so the held-out errors are blank and the "
+                    "sensitivity is measured on calibration windows")
+    return "; ".join(said) or None
 
 
 @dataclass
@@ -84,7 +87,8 @@ class ConvertReport:
     compensate: bool = False
     rank: int = 0  # of the low-rank residual next to each converted layer (0: none)
     max_layers: int | None = None  # the --max-layers asked for (None: not given)
-    samples: int = 0  # calibration windows asked of text that cannot make more (0: sampled text among the sources)
+    samples: int = 0  # calibration windows asked for (--samples)
+    sampled: bool = False  # the model's own sampled text among the calibration sources
     windows: int = 0  # calibration windows the text made, held-out ones included (0: not text)
 
     @property
@@ -100,12 +104,13 @@ class ConvertReport:
         """One line per converted layer whose held-out error is no better than predicting the
         mean output (``mean-pred``, the floor any fit should beat): a fit that learned the
         calibration windows, not the layer, usually from too little text; one when the calibration
-        text made fewer windows than asked (:func:`calibration_warning`); and one when
+        text made a tenth or more fewer windows than asked, or none to hold out
+        (:func:`calibration_warning`); and one when
         ``--max-layers`` asked for at least as many layers as there were candidates and every
         candidate was converted (it chose nothing)."""
         n = len(self.layers)
         few = max_layers_warning(self.max_layers, n, "was") if len(self.converted) >= n else None
-        short = calibration_warning(self.samples, self.windows, self.heldout_tokens > 0)
+        short = calibration_warning(self.samples, self.windows, self.heldout_tokens > 0, self.sampled)
         return [w for w in (short, few) if w] + [
             f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
             f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "

@@ -497,8 +497,9 @@ def test_cli_convert_says_when_the_text_makes_fewer_windows_than_asked(tmp_path,
     said = " ".join(stderr.split())
     made = re.search(r"warning: the calibration text made (\d+) of the 32 windows asked \(--samples\)", said)
     assert made and 2 <= int(made.group(1)) < 10 and said.count(made.group(0)) == 2, said
-    assert "none is held out" in said
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["windows"] == int(made.group(1))
+    assert "no calibration window is held out" in said
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["windows"] == int(made.group(1)) and report["samples"] == 32 and not report["sampled"]
 
 
 def test_a_short_calibration_file_is_named_before_and_after_the_load(tmp_path):
@@ -523,3 +524,12 @@ def test_a_short_calibration_file_is_named_before_and_after_the_load(tmp_path):
         with pytest.raises(HadaconvError, match=expect):
             convert(loaded.model, loaded.tokenizer, cfg)
     check_against_model(str(src), ConvertConfig(calib=[str(long)], samples=8, seq_len=16, block=4))
+    # A file too large to be short is not read twice: no tokenizer is even built for it.
+    import hadaconv.io
+
+    def no_tokenizer(*args, **kwargs):
+        pytest.fail("the early count read a file too large to be short")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hadaconv.io, "source_tokenizer", no_tokenizer)
+        check_against_model(str(src), ConvertConfig(calib=[str(long)], samples=8, seq_len=8, block=4))

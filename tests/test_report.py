@@ -122,9 +122,14 @@ def test_warns_when_the_calibration_text_made_fewer_windows_than_asked():
     report.windows = 28
     assert report.warnings() == ["the calibration text made 28 of the 32 windows asked (samples): give more text, "
                                  "or ask for fewer windows or a smaller seq_len"]
-    report.windows, report.heldout_tokens = 5, 0
+    report.sampled = True  # the model's own text, which tokenized again makes fewer: no shortfall to act on
+    assert report.warnings() == []
+    report.samples, report.windows, report.heldout_tokens = 8, 7, 0  # too few to hold any out: said even so
+    assert report.warnings() == ["no calibration window is held out (fewer than 10), so the held-out errors are "
+                                 "blank and the sensitivity is measured on calibration windows"]
+    report.sampled, report.samples, report.windows = False, 32, 5
     with cli_names():
         said = report.warnings()[0]
     assert said.startswith("the calibration text made 5 of the 32 windows asked (--samples)")
-    assert said.endswith("none is held out, so the held-out errors are blank and the sensitivity is measured on "
-                         "calibration windows")
+    assert said.endswith("; no calibration window is held out (fewer than 10), so the held-out errors are blank and "
+                         "the sensitivity is measured on calibration windows")

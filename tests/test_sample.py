@@ -468,18 +468,24 @@ def test_describe_calibration_names_what_the_run_reads(tmp_path, monkeypatch):
 
 
 def test_a_source_given_twice_is_refused(tmp_path):
-    """--calib sample --calib sample, or a folder and a file inside it: each source takes an equal
-    share of the windows, so the text would count twice."""
+    """Two sources that read one file (a name given twice, a file inside a folder also given, a
+    link): each source takes an equal share of the windows, so the text would count twice.  A
+    file the folder does not read (a .json) is no overlap."""
     from hadaconv.calibrate import check_sources
 
     folder = tmp_path / "texts"
     folder.mkdir()
     (folder / "a.txt").write_text("some prose")
-    (tmp_path / "b.txt").write_text("other prose")
+    (folder / "b.json").write_text('["listed prose"]')
+    (tmp_path / "c.txt").write_text("other prose")
     with pytest.raises(HadaconvError, match="calibration source sample is given twice"):
         check_sources(["sample", "sample"])
-    with pytest.raises(HadaconvError, match=r"source .*a\.txt is inside .*texts, also given"):
+    with pytest.raises(HadaconvError, match=r"source .*texts/a\.txt and .*texts both read .*a\.txt"):
         check_sources([str(folder), str(folder / "a.txt")])
-    with pytest.raises(HadaconvError, match=r"given twice"):
-        check_sources([str(tmp_path / "b.txt"), str(folder / ".." / "b.txt")])
-    check_sources(["sample", str(folder), str(tmp_path / "b.txt")])
+    with pytest.raises(HadaconvError, match=r"both read"):
+        check_sources([str(tmp_path / "c.txt"), str(folder / ".." / "c.txt")])
+    (folder / "link.txt").symlink_to(tmp_path / "c.txt")  # the folder reads c.txt through the link
+    with pytest.raises(HadaconvError, match=r"both read"):
+        check_sources([str(tmp_path / "c.txt"), str(folder)])
+    (folder / "link.txt").unlink()
+    check_sources(["sample", str(folder), str(folder / "b.json"), str(tmp_path / "c.txt")])
