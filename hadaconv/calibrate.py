@@ -114,8 +114,9 @@ def _check_distinct(listed: Sequence[str | os.PathLike], what: str) -> None:
             key: tuple[int, int] | str = str(src) if file is None else (file.stat().st_dev, file.stat().st_ino)
             if key in seen:
                 other, _ = seen[key]
-                both = f"{src} is given twice" if other == src or file is None else \
-                    f"{src} and {other} both read {file}"
+                both = (f"{src} is given twice" if other == src or file is None else
+                        f"{src} and {other} are the same file" if Path(other).is_file() and path.is_file() else
+                        f"{src} and {other} both read {file}")
                 raise HadaconvError(f"{what} source {both}: each source takes an equal share of the windows, so "
                                     "its text would count twice")
             seen[key] = (src, file)
