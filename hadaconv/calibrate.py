@@ -28,8 +28,9 @@ from hadaconv.sample import not_utf8, read_jsonl, record_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
-__all__ = ["MomentCollector", "Moments", "process_group", "default_corpus", "describe_sources", "load_texts",
-           "folder_files", "mixed_windows", "read_json", "read_text", "text_windows", "token_windows"]
+__all__ = ["MAX_TOKEN_BYTES", "MomentCollector", "Moments", "check_windows_early", "default_corpus", "describe_sources",
+           "folder_files", "load_texts", "mixed_windows", "process_group", "read_json", "read_text", "text_windows",
+           "token_windows"]
 
 
 @dataclass
@@ -236,6 +237,39 @@ def _json_kind(value) -> str:
         return f"an object with keys {keys}" if value else "an empty object"
     kinds = {bool: "true or false", int: "a number", float: "a number", list: "a list", type(None): "null"}
     return kinds.get(type(value), "a string")
+
+
+#: Bytes per token that text hardly ever exceeds (a practical bound, not a hard one), for
+#: :func:`check_windows_early`: a source of more bytes than two windows' worth at this rate is not
+#: counted early (nor read twice); the run's own count still refuses it if short.
+MAX_TOKEN_BYTES = 32
+
+
+def check_windows_early(model: str | os.PathLike, sources: Sequence[str | os.PathLike] | str | None, *,
+                        samples: int, seq_len: int, config: str | os.PathLike | None = None,
+                        what: str = "calibration text") -> None:
+    """Refuse a text source too short for two windows of ``seq_len`` before the model load,
+    counted with the tokenizer of the model at ``model`` read alone
+    (:func:`hadaconv.io.source_tokenizer`; ``config`` for bare weights; a GGUF's is kept for the
+    load): a newcomer's 237-token file passed the dry run and failed after the load.  Only sources
+    small enough to be short are read (:data:`MAX_TOKEN_BYTES`); none where the tokenizer is only
+    known from the load.
+
+    Raises:
+        HadaconvError: the message :func:`mixed_windows` gives after the load.
+    """
+    from hadaconv.io import source_tokenizer
+
+    small = [src for src in source_list(sources) if str(src) not in ("sample", "shakespeare", "none")
+             and _bytes(Path(src)) <= 2 * seq_len * MAX_TOKEN_BYTES]
+    tokenizer = source_tokenizer(model, config=config) if small else None
+    for src in small if tokenizer is not None else []:
+        token_windows(tokenizer, load_texts([src]), samples=samples, seq_len=seq_len, heldout=0, what=f"{what} {src}")
+
+
+def _bytes(path: Path) -> int:
+    """The bytes a source reads: a file's, or those of the files a folder source reads."""
+    return path.stat().st_size if path.is_file() else sum(q.stat().st_size for q in folder_files(path))
 
 
 def _check_shares(sources: int, samples: int, what: str = "calibration") -> None:

@@ -40,8 +40,8 @@ from torch import nn
 from hadaconv.adapters import (Adapter, AttentionLayer, check_convertible, check_seq_len, find_adapter, index_ranges,
                                layer_indices, model_kind)
 from hadaconv.blockwise import Decoder, TeacherFn, convert_blockwise, decoder
-from hadaconv.calibrate import (MomentCollector, Moments, check_sources, describe_sources, folder_files, load_texts,
-                                mixed_windows, process_group, source_list, token_windows)
+from hadaconv.calibrate import (MomentCollector, Moments, check_sources, check_windows_early, describe_sources,
+                                mixed_windows, process_group, source_list)
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
@@ -718,37 +718,7 @@ def check_against_model(source: str, cfg: ConvertConfig, model_config: str | Non
         check_seq_len(model, cfg.seq_len)
     if SAMPLE in source_list(cfg.calib):  # an encoder cannot write its calibration text
         check_writes_text(model_kind(model))
-    _check_text_windows(source, cfg, model_config)
-
-
-#: Bytes per token that text hardly ever exceeds (a practical bound, not a hard one), for the
-#: early count of short calibration files: a file of more bytes than two windows' worth at this
-#: rate is not counted early (nor read twice); the run's own count still refuses it if short.
-MAX_TOKEN_BYTES = 32
-
-
-def _check_text_windows(source: str, cfg: ConvertConfig, model_config: str | None) -> None:
-    """Refuse a calibration file (or folder) too short for two windows of ``cfg.seq_len`` before
-    the load, counted with the model's tokenizer read alone (:func:`hadaconv.io.source_tokenizer`;
-    a GGUF's is kept for the load): a newcomer's 237-token file passed the dry run and failed after
-    the load.  Sources that hold more bytes than two windows could are not counted.
-
-    Raises:
-        HadaconvError: the message :func:`calibration_batches` gives after the load.
-    """
-    from hadaconv.io import source_tokenizer
-
-    small = [src for src in source_list(cfg.calib) if str(src) not in ("sample", "shakespeare", "none")
-             and _bytes(Path(src)) <= 2 * cfg.seq_len * MAX_TOKEN_BYTES]
-    tokenizer = source_tokenizer(source, config=model_config) if small else None
-    for src in small if tokenizer is not None else []:
-        token_windows(tokenizer, load_texts([src]), samples=cfg.samples, seq_len=cfg.seq_len, heldout=0,
-                      what=f"calibration text {src}")
-
-
-def _bytes(path: Path) -> int:
-    """The bytes a source reads: a file's, or those of the files a folder source reads."""
-    return path.stat().st_size if path.is_file() else sum(q.stat().st_size for q in folder_files(path))
+    check_windows_early(source, cfg.calib, samples=cfg.samples, seq_len=cfg.seq_len, config=model_config)
 
 
 def _original(source, previous: dict, model_config) -> dict:

@@ -89,7 +89,7 @@ def distill_file(
     ``trust_pickle`` for a ``torch.save``d module.  Raises HadaconvError (one line)
     for bad input, before any model is loaded where it can be told from the files.
     """
-    from hadaconv.calibrate import check_sources, source_list
+    from hadaconv.calibrate import check_sources, check_windows_early, source_list
     from hadaconv.io import check_seq_len_early, load_model, recorded_config, save_converted
     from hadaconv.io.files import read_json
 
@@ -116,6 +116,7 @@ def distill_file(
                          "save replaces: keep the checkpoints elsewhere")
     # A mistyped --data path, or an empty file, fails here, not after two models are loaded.
     check_sources(cfg.data, "training text", samples=cfg.samples)
+    check_windows_early(converted, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, what="training text")
     check_seq_len_early(source, cfg.seq_len, config=teacher_config, kinds=None)  # before two models load
     student = load_model(converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
