@@ -24,9 +24,13 @@ import torch
 from torch import nn
 
 from hadaconv.errors import HadaconvError, InputError, command, option
-from hadaconv.sample import not_utf8, read_jsonl, record_text
+from hadaconv.io.files import file_identity
+from hadaconv.sample import SAMPLE, SHAKESPEARE, not_utf8, read_jsonl, record_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
+
+#: Source names that are no paths: the model's own text, the plays, the data-free fit.
+NAMED_SOURCES = (SAMPLE, SHAKESPEARE, "none")
 
 __all__ = ["MAX_TOKEN_BYTES", "MomentCollector", "Moments", "check_windows_early", "default_corpus", "describe_sources",
            "folder_files", "load_texts", "mixed_windows", "process_group", "read_json", "read_text", "text_windows",
@@ -82,7 +86,7 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
     ``none`` are no paths).  Each file is read as :func:`load_texts` will read it."""
     listed = source_list(sources)
     for src in listed:
-        if str(src) in ("sample", "shakespeare", "none"):
+        if str(src) in NAMED_SOURCES:
             continue
         if not str(src).strip():  # Path("") is the working folder: an unset shell variable would read it
             raise HadaconvError(f"an empty {what} source: name a file, a folder, sample or shakespeare")
@@ -109,7 +113,7 @@ def _check_distinct(listed: Sequence[str | os.PathLike], what: str) -> None:
     seen: dict[tuple[int, int] | str, tuple[str | os.PathLike, Path | None]] = {}
     for src in listed:
         path = Path(src)
-        named = str(src) in ("sample", "shakespeare", "none")
+        named = str(src) in NAMED_SOURCES
         files = [None] if named else [path] if path.is_file() else folder_files(path)
         for file in files:
             key: tuple[int, int] | str = str(src) if file is None else (file.stat().st_dev, file.stat().st_ino)
@@ -123,7 +127,7 @@ def _check_distinct(listed: Sequence[str | os.PathLike], what: str) -> None:
             seen[key] = (src, file)
 
 
-#: Files already checked by :func:`_holds_text` (path, inode, size, modification time): whether
+#: Files already checked by :func:`_holds_text`, by :func:`file_identity`: whether
 #: they hold text.  A conversion checks its config more than once, and a file of gigabytes takes
 #: seconds to read.
 _checked: dict[tuple[str, int, int, int], bool] = {}
@@ -132,8 +136,7 @@ _checked: dict[tuple[str, int, int, int], bool] = {}
 def _holds_text(path: Path) -> bool:
     """Check ``path`` as :func:`load_texts` will read it (raising its readers' errors); whether it
     holds anything but white space."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = file_identity(path)
     if key not in _checked:
         kind = path.suffix.lower()
         _checked[key] = (_scan_text(path) if kind not in (".jsonl", ".json") else
@@ -218,13 +221,12 @@ def read_json(path: str | os.PathLike) -> list[str]:
         raise HadaconvError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     except RecursionError:  # nesting past Python's stack
         raise HadaconvError(f"{path}: JSON nested too deeply") from None
-    items = data if isinstance(data, list) else [data]
-    texts = [record_text(item) for item in items]
+    listed = isinstance(data, list)
+    texts = [record_text(item) for item in (data if listed else [data])]
     if None in texts:
-        found = _json_kind(data if not isinstance(data, list) else items[texts.index(None)])
-        where = "" if not isinstance(data, list) else f" at item {texts.index(None)}"
-        raise HadaconvError(f"{path}: expected a list of strings or of objects with a 'text' field, "
-                            f"found {found}{where}")
+        i = texts.index(None)
+        found = f"{_json_kind(data[i])} at item {i}" if listed else _json_kind(data)
+        raise HadaconvError(f"{path}: expected a list of strings or of objects with a 'text' field, found {found}")
     return texts
 
 
@@ -260,7 +262,7 @@ def check_windows_early(model: str | os.PathLike, sources: Sequence[str | os.Pat
     """
     from hadaconv.io import source_tokenizer
 
-    small = [src for src in source_list(sources) if str(src) not in ("sample", "shakespeare", "none")
+    small = [src for src in source_list(sources) if str(src) not in NAMED_SOURCES
              and _bytes(Path(src)) <= 2 * seq_len * MAX_TOKEN_BYTES]
     tokenizer = source_tokenizer(model, config=config) if small else None
     for src in small if tokenizer is not None else []:

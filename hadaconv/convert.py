@@ -192,9 +192,13 @@ class Calibration:
         report.calibration_tokens, report.heldout_tokens = self.tokens, self.heldout_tokens
         report.calibration_source = self.source or "none (data-free)"
         report.samples, report.windows, report.sampled = cfg.samples, self.windows, self.sampled
-        short = calibration_warning(cfg.samples, self.windows, self.heldout_tokens > 0, self.sampled)
-        if short and cfg.progress:
-            console.print(f"[yellow]warning: {short}[/yellow]", highlight=False)
+        _warn_now(cfg, calibration_warning(cfg.samples, self.windows, self.heldout_tokens > 0, self.sampled))
+
+
+def _warn_now(cfg: ConvertConfig, warning: str | None) -> None:
+    """Say ``warning`` (if any) while the conversion runs, not only in its report."""
+    if warning and cfg.progress:
+        console.print(f"[yellow]warning: {warning}[/yellow]", highlight=False)
 
 
 @dataclass
@@ -626,8 +630,8 @@ def convert(
     cfg = replace(cfg, block=target.block)
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
                            rank=cfg.rank, max_layers=cfg.max_layers)
-    if cfg.progress and chooses_nothing(cfg, len(target.layers)):  # said now, not after minutes of conversion
-        console.print(f"[yellow]warning: {max_layers_warning(cfg.max_layers, len(target.layers))}[/yellow]")
+    if chooses_nothing(cfg, len(target.layers)):  # said now, not after minutes of conversion
+        _warn_now(cfg, max_layers_warning(cfg.max_layers, len(target.layers)))
     report.params_before = sum(p.numel() for p in model.parameters())
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
     model.eval()

@@ -11,8 +11,8 @@ import torch
 
 from hadaconv.errors import ModelFormatError
 
-__all__ = ["SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "check_safetensors", "first_line", "folder_weights",
-           "read_json", "read_safetensors", "shard_map"]
+__all__ = ["SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "check_safetensors", "file_identity", "first_line",
+           "folder_weights", "read_json", "read_safetensors", "shard_map"]
 
 
 WEIGHTS = "model.safetensors"
@@ -42,6 +42,13 @@ TIED_KEY = "hadaconv.tied"
 
 
 SHARD_INDEX = "model.safetensors.index.json"
+
+
+def file_identity(path: Path) -> tuple[str, int, int, int]:
+    """What keys a file read once per process (its resolved path, inode, size and modification
+    time): a file written again, or renamed over, is another."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def first_line(exc: BaseException) -> str:

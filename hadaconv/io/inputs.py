@@ -22,8 +22,8 @@ from hadaconv.io.build import (HeadDropped, build_empty, builder, causal_lm_clas
                                check_size, config_file, hf_config, hf_from_config, load_weights, model_class,
                                model_from_config, refuse_missing)
 from hadaconv.io.converted import load, load_tokenizer, original_path
-from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, check_safetensors, first_line,
-                               folder_weights, read_json, read_safetensors, shard_map)
+from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, check_safetensors, file_identity,
+                               first_line, folder_weights, read_json, read_safetensors, shard_map)
 from hadaconv.progress import status
 
 __all__ = ["Loaded", "carries_config", "check_model_config", "check_seq_len_early", "load_model", "recorded_config",
@@ -371,9 +371,9 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     return Loaded(model, load_tokenizer(path), f"Hugging Face folder {path}", "hf-folder", path)
 
 
-#: GGUF configs already read, by (path, inode, size, modification time): gguf-py parses every metadata
-#: field (SmolLM2's 49,152-token vocabulary among them, 3-6 s), and a command reads the config
-#: for its early checks, again for --dry-run's table, and again for the load.
+#: GGUF configs already read, by :func:`file_identity`: gguf-py parses every metadata field
+#: (SmolLM2's 49,152-token vocabulary among them, 3-6 s), and a command reads the config for its
+#: early checks, again for --dry-run's table, and again for the load.
 _gguf_configs: dict[tuple[str, int, int, int], Any] = {}
 
 
@@ -383,8 +383,7 @@ def _gguf_config(path: Path):
     the caller's to change."""
     import transformers
 
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = file_identity(path)
     if key not in _gguf_configs:
         config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         check_depth(config, path)
@@ -394,7 +393,7 @@ def _gguf_config(path: Path):
 
 
 #: GGUF tokenizers built for an early check of the calibration text (4 s for SmolLM2's), by file
-#: identity as :data:`_gguf_configs`, until the load takes them.
+#: identity, until the load takes them.
 _gguf_tokenizers: dict[tuple[str, int, int, int], Any] = {}
 
 
@@ -403,8 +402,7 @@ def _gguf_tokenizer(path: Path, *, take: bool = False):
     it), or with ``take`` the load's own (no longer kept)."""
     import transformers
 
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = file_identity(path)
     if key not in _gguf_tokenizers:
         _gguf_tokenizers[key] = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return _gguf_tokenizers.pop(key) if take else _gguf_tokenizers[key]
