@@ -43,7 +43,7 @@ from hadaconv.report import LayerReport
 from hadaconv.sensitivity import block_list
 from hadaconv.swap import apply_fit
 
-__all__ = ["BlockInput", "Decoder", "TeacherFn", "convert_blockwise", "decoder"]
+__all__ = ["BlockInput", "Decoder", "TeacherFn", "block_pass", "convert_blockwise", "decoder", "holds"]
 
 
 class _Stop(Exception):
@@ -87,7 +87,8 @@ class Decoder:
     def done(self, i: int) -> None:
         """The loop is through with block ``i`` (converted or not); nothing to do in memory."""
 
-    def _kwargs(self, batch: dict) -> dict:
+    def model_kwargs(self, batch: dict) -> dict:
+        """``batch`` as keyword arguments of the model: on its device, without a KV cache."""
         device = self.device
         if device is None:
             param = next(self.model.parameters(), None)
@@ -112,7 +113,7 @@ class Decoder:
         try:
             for split, batch in batches:
                 try:
-                    self.model(**self._kwargs(batch))
+                    self.model(**self.model_kwargs(batch))
                 except _Stop:
                     pass
         finally:
@@ -126,7 +127,7 @@ class Decoder:
         seen = {}
         handle = self.block(len(self) - 1).register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
         try:
-            self.model(**self._kwargs(batch))
+            self.model(**self.model_kwargs(batch))
         finally:
             handle.remove()
         expected = seen["out"][0] if isinstance(seen["out"], (tuple, list)) else seen["out"]
@@ -145,7 +146,8 @@ def decoder(model: nn.Module, layers: list[AttentionLayer], kind: str) -> Decode
     return Decoder(model, blocks, kind) if blocks else None
 
 
-def _holds(block: nn.Module, layer: AttentionLayer) -> bool:
+def holds(block: nn.Module, layer: AttentionLayer) -> bool:
+    """Whether ``layer``'s output projection sits in ``block``."""
     return any(m is layer.out_module for m in block.modules())
 
 
@@ -166,7 +168,7 @@ FitFn = Callable[[AttentionLayer, Moments, Moments | None], tuple[FitResult, Lay
 TeacherFn = Callable[[AttentionLayer, Moments, Moments | None], None]
 
 
-def _pass(block: nn.Module, inputs: list[BlockInput], hidden: list[torch.Tensor], layers: list[AttentionLayer],
+def block_pass(block: nn.Module, inputs: list[BlockInput], hidden: list[torch.Tensor], layers: list[AttentionLayer],
           device) -> tuple[MomentCollector, list[torch.Tensor]]:
     """``block``'s outputs for every window, and the input moments of ``layers``' output
     projections collected on the way (per split, on ``device``; None: the activations')."""
@@ -232,7 +234,7 @@ def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLaye
     inputs = dec.first_inputs(data_batches)
     teacher = [inp.args[0] for inp in inputs]
     student: list[torch.Tensor] | None = None  # None: the same as the teacher's so far
-    holding = [pos for pos in range(len(dec)) if any(_holds(dec.blocks[pos], layer) for layer in layers)]
+    holding = [pos for pos in range(len(dec)) if any(holds(dec.blocks[pos], layer) for layer in layers)]
     last = holding[-1] if holding else -1
     # The count runs to the last block holding a chosen layer: the blocks after it are only released.
     with progress(last + 1, "convert block by block" + (" (sequential)" if sequential else ""), show) as step, \
@@ -242,7 +244,7 @@ def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLaye
             if pos > last:  # nothing after it needs these blocks' outputs
                 dec.done(pos)
                 continue
-            here = [layer for layer in layers if _holds(block, layer)]
+            here = [layer for layer in layers if holds(block, layer)]
             s_in = teacher if student is None else student
             # Layers fitted on the teacher's statistics: every one when not sequential; with it, the
             # first one swapped while the student still equals the teacher.
@@ -250,9 +252,9 @@ def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLaye
             # The teacher's pass gives those statistics (the swap has not happened yet).
             early = here if on_teacher is not None else [
                 la for la in teacher_fitted if sequential or la.index not in fits]
-            stats, nxt_teacher = _pass(block, inputs, teacher, early, stats_device)
+            stats, nxt_teacher = block_pass(block, inputs, teacher, early, stats_device)
             if not here:
-                student = None if student is None else _pass(block, inputs, student, [], None)[1]
+                student = None if student is None else block_pass(block, inputs, student, [], None)[1]
                 teacher = nxt_teacher
                 dec.done(pos)
                 step()
@@ -268,7 +270,7 @@ def convert_blockwise(dec: Decoder, adapter: Adapter, layers: list[AttentionLaye
             if maps:
                 student = _compensate(block, maps, inputs, s_in, teacher, nxt_teacher, rows[here[0].index])
             else:
-                student = _pass(block, inputs, s_in, [], None)[1]
+                student = block_pass(block, inputs, s_in, [], None)[1]
             teacher = nxt_teacher
             dec.done(pos)
             step()

@@ -192,10 +192,10 @@ class Calibration:
         report.calibration_tokens, report.heldout_tokens = self.tokens, self.heldout_tokens
         report.calibration_source = self.source or "none (data-free)"
         report.samples, report.windows, report.sampled = cfg.samples, self.windows, self.sampled
-        _warn_now(cfg, calibration_warning(cfg.samples, self.windows, self.heldout_tokens > 0, self.sampled))
+        warn_now(cfg, calibration_warning(cfg.samples, self.windows, self.heldout_tokens > 0, self.sampled))
 
 
-def _warn_now(cfg: ConvertConfig, warning: str | None) -> None:
+def warn_now(cfg: ConvertConfig, warning: str | None) -> None:
     """Say ``warning`` (if any) while the conversion runs, not only in its report."""
     if warning and cfg.progress:
         console.print(f"[yellow]warning: {warning}[/yellow]", highlight=False)
@@ -455,7 +455,7 @@ def probe_windows(cfg: ConvertConfig, heldout: int) -> int:
     return max(REPORT_WINDOWS, min(RANKING_WINDOWS, heldout))
 
 
-def _probe(data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> list[dict]:
+def probe_batches(data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> list[dict]:
     """The batches sensitivity is measured on: :func:`probe_windows` windows, held-out first, in
     batches of ``cfg.batch_size`` (the original's logits for all of them are kept: windows x
     seq_len x vocab floats, 0.8 GB for 16 windows of SmolLM2)."""
@@ -470,8 +470,8 @@ def _probe(data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> list[dic
 
 
 def _probe_on(model: nn.Module, data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> list[dict]:
-    """:func:`_probe`'s batches on the model's device."""
-    return [_to_device(b, _device_of(model)) for b in _probe(data, cfg, from_inputs)]
+    """:func:`probe_batches`'s batches on the model's device."""
+    return [_to_device(b, _device_of(model)) for b in probe_batches(data, cfg, from_inputs)]
 
 
 def rank_layers(model: nn.Module, target: Target, fits: dict[int, FitResult], rows: dict[int, LayerReport],
@@ -631,7 +631,7 @@ def convert(
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
                            rank=cfg.rank, max_layers=cfg.max_layers)
     if chooses_nothing(cfg, len(target.layers)):  # said now, not after minutes of conversion
-        _warn_now(cfg, max_layers_warning(cfg.max_layers, len(target.layers)))
+        warn_now(cfg, max_layers_warning(cfg.max_layers, len(target.layers)))
     report.params_before = sum(p.numel() for p in model.parameters())
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
     model.eval()

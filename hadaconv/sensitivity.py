@@ -10,6 +10,8 @@ halves the cost.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -19,7 +21,7 @@ from hadaconv.fit import FitResult
 from hadaconv.progress import progress
 from hadaconv.swap import apply_fit
 
-__all__ = ["METRIC", "Probe", "block_list", "metric", "model_output", "sensitivities"]
+__all__ = ["METRIC", "Probe", "block_list", "metric", "model_output", "output_divergences", "sensitivities"]
 
 METRIC = {"causal-lm": "KL(original || converted) per token, nats"}
 OTHER_METRIC = "relative squared error of the output"
@@ -124,16 +126,48 @@ def sensitivities(model: nn.Module, layers: list[AttentionLayer], fits: dict[int
     return values
 
 
+def output_divergences(model: nn.Module, blocks: list[nn.Module], batches: list[dict], finals: list,
+                       students: dict[int, list[torch.Tensor]], kind: str) -> dict[int, float]:
+    """Each student's output divergence from the original's, mean per position over ``batches``
+    (as :meth:`Probe.divergence` measures it), from last-block outputs alone: ``finals[b]`` is
+    what the original's last block returned for batch b, ``students[key][b]`` a student's hidden
+    state in its place.  Every block replays that output, so of the model only what runs
+    outside the blocks (embedding, final norm, head) must hold weights: a streamed conversion
+    measures its layers this way (:mod:`hadaconv.stream`)."""
+    sums, total = dict.fromkeys(students, 0.0), 0.0
+    for b, (batch, final) in enumerate(zip(batches, finals)):
+        with _replaying(blocks, dict.fromkeys(range(len(blocks)), final)), torch.inference_mode():
+            ref = model_output(model, batch, kind)
+        weight = ref.numel() / max(1, ref.shape[-1])
+        for key, hidden in students.items():
+            out = _with_hidden(final, hidden[b])
+            with _replaying(blocks, dict.fromkeys(range(len(blocks)), out)), torch.inference_mode():
+                sums[key] += _divergence(model_output(model, batch, kind), ref, kind) * weight
+        total += weight
+    return {key: value / total for key, value in sums.items()}
+
+
+def _with_hidden(output, hidden: torch.Tensor):
+    """A block's output with its hidden state replaced (a block returns it alone or first)."""
+    return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
+
+
 def _replayed(model, batch, ref, store, skip, kind) -> float:
+    with _replaying(skip, store), torch.inference_mode():
+        return _divergence(model_output(model, batch, kind), ref, kind)
+
+
+@contextmanager
+def _replaying(blocks: list[nn.Module], store: dict):
+    """Each of ``blocks`` (by position) returns ``store[pos]`` instead of computing."""
     # An instance may already carry its own forward (accelerate's hooks do).
-    own = [vars(blk).get("forward") for blk in skip]
+    own = [vars(blk).get("forward") for blk in blocks]
     try:
-        for pos, blk in enumerate(skip):
+        for pos, blk in enumerate(blocks):
             blk.forward = (lambda out: lambda *a, **k: out)(store[pos])
-        with torch.inference_mode():
-            return _divergence(model_output(model, batch, kind), ref, kind)
+        yield
     finally:
-        for blk, fwd in zip(skip, own):
+        for blk, fwd in zip(blocks, own):
             if fwd is None:
                 vars(blk).pop("forward", None)  # back to the class's forward
             else:

@@ -29,16 +29,20 @@ in the N x N token space; else 2 D^2 float64 values, 3.3 GB at Llama-3-8B's D = 
 eigendecomposition), plus the largest single tensor copied
 (the embedding matrix), whatever the depth.
 
-Differences from the in-memory ``convert``: sensitivity is not measured and
-``max_layers``/``max_loss`` are refused (ranking compares the whole model's output with and
-without each layer converted, which needs every block and the head at once: use
-:func:`hadaconv.convert.convert_file`); text sampled from the model (the default calibration
-source for causal LMs) is only read from the cache, since sampling runs the whole model once per
-token; ``--calib none`` (a data-free fit) is refused; statistics are not shared across
-``torchrun`` ranks; the model is not checked to replay block by block (the blocks must run in
-sequence, as the Llama family's do).  On the CPU, half-precision checkpoints run their blocks in
-float32, as ``convert_file`` does (CPU bfloat16 matrix products measured 7x slower than float32
-here); the output keeps the checkpoint's dtype.
+Ranking (``max_layers`` / ``max_loss``) reads the blocks twice: a first pass that writes nothing
+fits every candidate on the teacher's statistics and measures its sensitivity as ``convert_file``
+does, carrying one copy of the probe windows' hidden states per candidate through the blocks
+(:func:`rank_streamed`), and then the block loop converts the layers chosen.  It adds the copies
+(probe windows x seq_len x d x 4 bytes a candidate) and, after the last block, the tensors
+outside the blocks in the compute dtype to the peak.
+
+Differences from the in-memory ``convert``: sensitivity is measured only to rank; text sampled
+from the model (the default calibration source for causal LMs) is only read from the cache, since
+sampling runs the whole model once per token; ``--calib none`` (a data-free fit) is refused;
+statistics are not shared across ``torchrun`` ranks; the model is not checked to replay block by
+block (the blocks must run in sequence, as the Llama family's do).  On the CPU, half-precision
+checkpoints run their blocks in float32, as ``convert_file`` does (CPU bfloat16 matrix products
+measured 7x slower than float32 here); the output keeps the checkpoint's dtype.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import ctypes
 import json
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,15 +59,20 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import AttentionLayer
-from hadaconv.blockwise import Decoder
-from hadaconv.convert import (ConvertConfig, calibration_batches, check_config, check_convert_output,
-                              compensate_and_apply, find_target, mark_rows)
+from hadaconv.blockwise import BlockInput, Decoder, block_pass, holds
+from hadaconv.convert import (Calibration, ConvertConfig, Target, calibration_batches, check_config,
+                              check_convert_output, choose_layers, chooses_nothing, compensate_and_apply, find_target,
+                              fit_with_row, mark_rows, probe_batches, warn_now)
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
+from hadaconv.fit import FitResult
 from hadaconv.hadamard import factorize
 from hadaconv.io import SHARD_INDEX as INDEX, TIED_KEY
-from hadaconv.report import ConvertReport
+from hadaconv.progress import progress
+from hadaconv.report import ConvertReport, LayerReport, max_layers_warning
+from hadaconv.sensitivity import metric, output_divergences
+from hadaconv.swap import apply_fit
 
-__all__ = ["ShardDecoder", "check_request", "convert_streamed"]
+__all__ = ["ShardDecoder", "check_request", "convert_streamed", "rank_streamed"]
 
 
 class ShardDecoder(Decoder):
@@ -70,19 +80,20 @@ class ShardDecoder(Decoder):
 
     ``block(i)`` reads block ``i``'s tensors (floating ones in ``compute``), ``done(i)`` writes the
     block, converted or not, as ``out/model-{i+1:05d}.safetensors`` (floating tensors in
-    ``stored``) and frees it; ``first_inputs`` reads the tensors outside the blocks (but an
-    untied head) in ``stored`` just to run the model up to its first block, casting what the
-    embedding hands on to ``compute``.  ``weight_map`` and ``written`` (bytes) collect what
-    ``done`` wrote.  ``layers``: those being converted; ``done`` also frees a replaced output
-    projection's weights, which only the layer's weight slot still holds (64 MB a block at
-    d = 4096 in float32, which otherwise added up over the depth).
+    ``stored``) and frees it (``release(i)`` frees it unwritten); ``first_inputs`` reads the
+    tensors outside the blocks (but an untied head) in ``stored`` just to run the model up to its
+    first block, casting what the embedding hands on to ``compute``; ``outside()`` holds them all,
+    the head included, in ``compute`` while a ranking measures its outputs.  ``weight_map`` and
+    ``written`` (bytes) collect what ``done`` wrote.  ``layers``: those being converted; ``done``
+    also frees a replaced output projection's weights, which only the layer's weight slot still
+    holds (64 MB a block at d = 4096 in float32, which otherwise added up over the depth).
     """
 
     def __init__(self, model: nn.Module, prefix: str, blocks: nn.ModuleList, kind: str, files: dict[str, Path],
                  outside: list[str], device: torch.device, compute: torch.dtype, stored: torch.dtype,
                  out: Path, layers: list[AttentionLayer]) -> None:
         super().__init__(model, list(blocks), kind, device)
-        self.prefix, self.files, self.outside, self.compute, self.stored, self.out = \
+        self.prefix, self.files, self.outside_names, self.compute, self.stored, self.out = \
             prefix, files, outside, compute, stored, out
         self.layers = layers
         self.weight_map: dict[str, str] = {}
@@ -103,6 +114,10 @@ class ShardDecoder(Decoder):
         self.written += _save_shard(state, self.out / shard)
         self.weight_map.update({name: shard for name in state})
         del state
+        self.release(i)
+
+    def release(self, i: int) -> None:
+        """Free block ``i`` without writing it (a pass that only reads the blocks)."""
         _release(self.blocks[i])
         # A replaced output projection is out of the block but still in its layer's weight slot.
         for layer in self.layers:
@@ -111,9 +126,19 @@ class ShardDecoder(Decoder):
         self._loaded.discard(i)
         _trim_heap()
 
+    @contextmanager
+    def outside(self):
+        """Every tensor outside the blocks, the head included, read in the compute dtype for
+        the duration (a whole-model forward whose blocks replay recorded outputs)."""
+        _materialize(self.model, self.outside_names, self.files, self.device, self.compute)
+        try:
+            yield self.model
+        finally:
+            _release(self.model)
+
     def first_inputs(self, batches):
         head = _head_only(self.model)
-        _materialize(self.model, [n for n in self.outside if n not in head], self.files, self.device, self.stored)
+        _materialize(self.model, [n for n in self.outside_names if n not in head], self.files, self.device, self.stored)
         # The embedding's output in the compute dtype: what follows (rotary tables, masks) takes
         # its dtype from it, as in a model loaded whole in that dtype.
         embed = self.model.get_input_embeddings()
@@ -124,6 +149,61 @@ class ShardDecoder(Decoder):
         finally:
             handle.remove()
             _release(self.model)
+
+
+def rank_streamed(dec: ShardDecoder, target: Target, data: Calibration, cfg: ConvertConfig,
+                  fits: dict[int, FitResult], rows: dict[int, LayerReport]) -> list[int]:
+    """Stages 3 and 4 of a ranked conversion (``--max-layers`` / ``--max-loss``) in one pass that
+    only reads the blocks: each candidate's fit on the teacher's statistics (into ``fits`` and
+    ``rows``) and its sensitivity, measured as ``convert_file`` measures it; returns the layers
+    chosen.
+
+    The whole model is never held.  The original's hidden states on the probe windows are carried
+    through the blocks, and where a candidate's block is reached a copy runs through it with that
+    layer alone converted; the copy then goes on through the original blocks that follow, beside
+    the others.  After the last block only what is outside the blocks (embedding, final norm,
+    head) is read, to turn each copy into the output its KL is measured on.  The copies cost
+    probe windows x seq_len x d x 4 bytes each: 16 x 256 x 4096 x 4 = 67 MB a layer at
+    Llama-3-8B's width, 2.1 GB for its 32, on top of the conversion's own peak.
+    """
+    batches = [("calib", b) for b in data.calib] + [("heldout", b) for b in data.heldout]
+    inputs = dec.first_inputs(batches)
+    windows = probe_batches(data, cfg, False)
+    probe = dec.first_inputs([("probe", b) for b in windows])
+    teacher, original = [inp.args[0] for inp in inputs], [inp.args[0] for inp in probe]
+    copies: dict[int, list[torch.Tensor]] = {}  # layer index -> the probe's states with it alone converted
+    returned: list = []  # what the original's block returned for each probe batch, in its own form
+    with progress(len(dec), "rank layers (streamed)", cfg.progress) as step, torch.no_grad():
+        for pos in range(len(dec)):
+            block = dec.block(pos)
+            here = [layer for layer in target.layers if holds(block, layer)]
+            stats, teacher = block_pass(block, inputs, teacher, here, cfg.stats_device)
+            for layer in here:
+                with torch.enable_grad():  # the fit's L-BFGS
+                    fits[layer.index], rows[layer.index] = fit_with_row(
+                        layer, stats.moments(layer.index), stats.moments(layer.index, "heldout"), cfg, target)
+            del stats
+            copies = {i: _through(block, probe, states) for i, states in copies.items()}
+            for layer in here:
+                undo = apply_fit(layer, fits[layer.index])
+                try:
+                    copies[layer.index] = _through(block, probe, original)
+                finally:
+                    undo()
+            returned = [block(h, *inp.args[1:], **inp.kwargs) for inp, h in zip(probe, original)]
+            original = [out[0] if isinstance(out, (tuple, list)) else out for out in returned]
+            dec.release(pos)
+            step()
+    with dec.outside() as model:
+        values = output_divergences(model, dec.blocks, [dec.model_kwargs(b) for b in windows], returned, copies,
+                                    target.kind)
+    for layer in target.layers:
+        rows[layer.index].sensitivity = values[layer.index]
+    return choose_layers(target.layers, rows, cfg)
+
+
+def _through(block: nn.Module, probe: list[BlockInput], states: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [inp.call(block, h) for inp, h in zip(probe, states)]
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -336,8 +416,9 @@ def convert_streamed(
     Args:
         source: a folder with config.json, safetensors shards and tokenizer files.
         out_dir: the output folder (must not exist or be empty, unless ``overwrite``).
-        config: conversion options, as for ``convert``; ``max_layers``/``max_loss`` and
-            ``calib="none"`` are refused, sensitivity is not measured, sampled text must be cached.
+        config: conversion options, as for ``convert``; ``calib="none"`` is refused, sensitivity
+            is measured only to rank (``max_layers`` / ``max_loss``: :func:`rank_streamed`),
+            sampled text must be cached.
         device: where blocks run ("cpu", "cuda", "cuda:N"; None: a GPU when present); the
             statistics go to ``config.stats_device`` (default: the same device).
         overwrite: replace an existing output folder.
@@ -371,13 +452,20 @@ def convert_streamed(
         raise HadaconvError(f"{source} has no tokenizer for the calibration text")
     data = calibration_batches(model, tokenizer, cfg, fingerprint=lambda: _fingerprint(model, files, compute))
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
-                           rank=cfg.rank, compensate=cfg.compensate and bool(target.adapter.residual_maps))
+                           rank=cfg.rank, compensate=cfg.compensate and bool(target.adapter.residual_maps),
+                           max_layers=cfg.max_layers)
+    if chooses_nothing(cfg, len(target.layers)):  # every candidate is converted: no ranking pass
+        warn_now(cfg, max_layers_warning(cfg.max_layers, len(target.layers)))
+        cfg = replace(cfg, max_layers=None)
     data.record(report, cfg)
     outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(f"{prefix}.") and n in files]
     fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]
     with atomic_folder(out) as tmp:
         dec = ShardDecoder(model, prefix, blocks, target.kind, files, outside, dev, compute, stored, tmp,
                            target.layers)
+        if cfg.ranked:
+            chosen = rank_streamed(dec, target, data, cfg, fits, rows)
+            report.sensitivity_metric = metric(target.kind)
         compensate_and_apply(dec, target, data, cfg, fits, rows, chosen)
         mark_rows(report, target, fits, rows, chosen)
         copied, size, _ = _copy_outside(outside, files, tmp, len(blocks) + 1)
@@ -397,13 +485,9 @@ def check_request(source: str | Path, cfg: ConvertConfig) -> Path:
     """Refuse what the block loop cannot do, before anything is read; the source folder.
 
     Raises:
-        InputError: a layer ranking or a data-free fit asked of the block loop.
+        InputError: a data-free fit asked of the block loop.
         ModelFormatError: no such source, or not a Hugging Face folder (no config.json).
     """
-    if cfg.ranked:
-        raise InputError(f"layer-by-layer conversion converts every selected layer: {option('max_layers')} / "
-                         f"{option('max_loss')} rank layers on the whole model; use them without "
-                         f"{command('--streamed', 'streaming (convert_file)')}")
     if cfg.calib == "none" or (not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib):
         raise InputError(f"streamed conversion runs block by block on calibration text; a data-free fit "
                          f"({option('calib', 'none')}) needs no block loop: convert it without "

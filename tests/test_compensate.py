@@ -195,7 +195,7 @@ def test_the_statistics_pass_stops_early_only_where_that_sees_every_call(calls):
     every window runs whole, or the second call's inputs would be lost.  No hook stays behind."""
     from types import SimpleNamespace
 
-    from hadaconv.blockwise import BlockInput, _moments, _pass
+    from hadaconv.blockwise import BlockInput, _moments, block_pass
 
     torch.manual_seed(0)
     proj, tail = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
@@ -216,7 +216,7 @@ def test_the_statistics_pass_stops_early_only_where_that_sees_every_call(calls):
     inputs = [BlockInput((h,), {}, split) for h, split in zip(hidden, ["calib"] * 3 + ["heldout"])]
     fast = _moments(block, inputs, hidden, layer, None)
     assert len(runs) == (1 if calls == 1 else 4)
-    whole = _pass(block, inputs, hidden, [layer], None)[0]
+    whole = block_pass(block, inputs, hidden, [layer], None)[0]
     for split in ("calib", "heldout"):
         a, b = fast.moments(0, split), whole.moments(0, split)
         assert a.count == b.count == 10 * calls * (3 if split == "calib" else 1)

@@ -137,14 +137,14 @@ def test_partial_conversion_follows_sensitivity():
 def test_the_sensitivity_probe_is_larger_when_it_chooses_layers(options, heldout, windows):
     """Ranking on up to 16 held-out windows, reporting on 4 (hadaconv.convert.RANKING_WINDOWS):
     held-out windows first, then calibration ones, in batches of the configured size."""
-    from hadaconv.convert import Calibration, _batches, _probe, probe_windows
+    from hadaconv.convert import Calibration, _batches, probe_batches, probe_windows
 
     ids = torch.arange(40 * 3).reshape(40, 3)
     calib, held = ids[:20], ids[20:20 + heldout]
     data = Calibration(_batches(calib, 8), _batches(held, 8))
     cfg = ConvertConfig(batch_size=8, **options)
     assert probe_windows(cfg, heldout) == windows
-    probe = _probe(data, cfg, from_inputs=False)
+    probe = probe_batches(data, cfg, from_inputs=False)
     assert [len(b["input_ids"]) for b in probe] == [8] * (windows // 8) + ([windows % 8] if windows % 8 else [])
     assert torch.equal(torch.cat([b["input_ids"] for b in probe]), torch.cat([held, calib])[:windows])
 

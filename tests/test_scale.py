@@ -1,5 +1,6 @@
 """Conversion at scale: statistics shared across processes, devices and dtypes, empty-model loading."""
 
+import json
 import os
 import socket
 
@@ -127,14 +128,17 @@ def _state(folder) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("options", [{}, {"sequential": False, "compensate": False, "calib": ["shakespeare"]}],
-                         ids=["defaults", "independent"])
+@pytest.mark.parametrize("options", [{}, {"sequential": False, "compensate": False, "calib": ["shakespeare"]},
+                                     {"max_layers": 1}, {"max_loss": 0.002, "sequential": False}],
+                         ids=["defaults", "independent", "max-layers", "max-loss"])
 def test_streamed_conversion_matches_the_whole_model_one(tmp_path, options):
     """Block by block from the shards (one block in memory) is convert's own block loop: with
     the same options and text it writes the weights the in-memory conversion writes (to 1e-6
     relative per tensor: the same float32 operations on the same inputs, which in practice give
     identical bits), one shard per block, and reloads into the same model.  With the defaults
-    the streamed run finds the text the in-memory one sampled in the cache."""
+    the streamed run finds the text the in-memory one sampled in the cache.  Ranked, its pass
+    over the shards measures the sensitivities the whole model's probe does and chooses the same
+    layers."""
     import hadaconv
     from hadaconv.stream import convert_streamed
 
@@ -143,7 +147,7 @@ def test_streamed_conversion_matches_the_whole_model_one(tmp_path, options):
     cfg = ConvertConfig(**DEFAULTS, **options)
     whole = convert_file(str(src), str(tmp_path / "whole"), cfg)
     streamed = convert_streamed(src, tmp_path / "streamed", cfg)
-    assert streamed.converted == whole.converted == [0, 1]
+    assert streamed.converted == whole.converted == ([0] if cfg.ranked else [0, 1])
     assert streamed.calibration_source == whole.calibration_source
     assert (streamed.sequential, streamed.compensate) == (whole.sequential, whole.compensate) == \
         (cfg.sequential, cfg.compensate)
@@ -152,6 +156,9 @@ def test_streamed_conversion_matches_the_whole_model_one(tmp_path, options):
             x, y = getattr(a, field), getattr(b, field)
             assert (x is None) == (y is None) and (x is None or y == pytest.approx(x, rel=1e-6)), field
         assert b.compensation_ridge == a.compensation_ridge
+        if cfg.ranked:
+            assert b.sensitivity == pytest.approx(a.sensitivity, rel=1e-6) and a.sensitivity > 0
+    assert streamed.sensitivity_metric == whole.sensitivity_metric
     one, other = _state(tmp_path / "whole"), _state(tmp_path / "streamed")
     assert one.keys() == other.keys()
     for k in one:
@@ -191,7 +198,7 @@ def test_streamed_bfloat16_stays_bfloat16_and_not_larger(tmp_path):
         assert torch.isfinite(model(input_ids=torch.arange(8)[None]).logits.float()).all()
 
 
-def test_cli_streamed_and_device_errors(tmp_path, capsys):
+def test_cli_streamed_ranked_and_device_errors(tmp_path, capsys):
     from cli_runner import run_cli
 
     src = _tiny_folder(tmp_path / "src")
@@ -199,8 +206,14 @@ def test_cli_streamed_and_device_errors(tmp_path, capsys):
                              "--seq-len", 32, "--block", 4, "--device", "cpu", "--calib", "shakespeare")
     assert code == 0, err
     assert "fit s" in out and (tmp_path / "out" / "model.safetensors.index.json").is_file()
-    code, _, err = run_cli(capsys, "convert", src, "-o", tmp_path / "o2", "--streamed", "--max-layers", 1)
-    assert code != 0 and "error:" in err and "Traceback" not in err
+    ranked = ("--streamed", "--samples", 12, "--seq-len", 32, "--block", 4, "--calib", "shakespeare",
+              "--max-layers", 1)
+    code, out, err = run_cli(capsys, "convert", src, "-o", tmp_path / "o2", *ranked, "--dry-run")
+    assert code == 0 and "up to -3,776 parameters" in out, out + err
+    code, out, err = run_cli(capsys, "convert", src, "-o", tmp_path / "o2", *ranked)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o2" / "report.json").read_text())["converted"] in ([0], [1])
+    assert "KL" in out  # the sensitivity column of the report
     code, _, err = run_cli(capsys, "eval", src, "--device", "tpu")
     assert code != 0 and "--device tpu" in err
     if not torch.cuda.is_available():
