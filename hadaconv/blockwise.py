@@ -169,7 +169,7 @@ TeacherFn = Callable[[AttentionLayer, Moments, Moments | None], None]
 
 
 def block_pass(block: nn.Module, inputs: list[BlockInput], hidden: list[torch.Tensor], layers: list[AttentionLayer],
-          device) -> tuple[MomentCollector, list[torch.Tensor]]:
+               device) -> tuple[MomentCollector, list[torch.Tensor]]:
     """``block``'s outputs for every window, and the input moments of ``layers``' output
     projections collected on the way (per split, on ``device``; None: the activations')."""
     stats = MomentCollector({layer.index: layer.out_module for layer in layers}, device)

@@ -154,8 +154,8 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--streamed", is_flag=True,
               help="Hugging Face folders of safetensors shards: one decoder block in memory at a time, "
                    "written shard by shard, in the checkpoint's dtype; the same block loop and options as "
-                   "without it (--max-layers / --max-loss read the shards twice: a ranking pass first), but "
-                   "sampled text only from the cache.")
+                   "without it (--max-layers / --max-loss read the shards twice: a ranking pass first; "
+                   "sensitivity is measured only to rank), but sampled text only from the cache.")
 @_device_options
 def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib, samples, seq_len, batch_size,
                 sequential, compensate, rank, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, streamed, device,

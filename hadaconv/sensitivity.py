@@ -127,7 +127,7 @@ def sensitivities(model: nn.Module, layers: list[AttentionLayer], fits: dict[int
 
 
 def output_divergences(model: nn.Module, blocks: list[nn.Module], batches: list[dict], finals: list,
-                       students: dict[int, list[torch.Tensor]], kind: str) -> dict[int, float]:
+                       students: dict[int, list[torch.Tensor]], kind: str, show: bool = True) -> dict[int, float]:
     """Each student's output divergence from the original's, mean per position over ``batches``
     (as :meth:`Probe.divergence` measures it), from last-block outputs alone: ``finals[b]`` is
     what the original's last block returned for batch b, ``students[key][b]`` a student's hidden
@@ -135,15 +135,18 @@ def output_divergences(model: nn.Module, blocks: list[nn.Module], batches: list[
     outside the blocks (embedding, final norm, head) must hold weights: a streamed conversion
     measures its layers this way (:mod:`hadaconv.stream`)."""
     sums, total = dict.fromkeys(students, 0.0), 0.0
-    for b, (batch, final) in enumerate(zip(batches, finals)):
-        with _replaying(blocks, dict.fromkeys(range(len(blocks)), final)), torch.inference_mode():
-            ref = model_output(model, batch, kind)
-        weight = ref.numel() / max(1, ref.shape[-1])
-        for key, hidden in students.items():
-            out = _with_hidden(final, hidden[b])
-            with _replaying(blocks, dict.fromkeys(range(len(blocks)), out)), torch.inference_mode():
-                sums[key] += _divergence(model_output(model, batch, kind), ref, kind) * weight
-        total += weight
+    with progress(len(batches) * (len(students) + 1), "sensitivity", show) as step:
+        for b, (batch, final) in enumerate(zip(batches, finals)):
+            with _replaying(blocks, dict.fromkeys(range(len(blocks)), final)), torch.inference_mode():
+                ref = model_output(model, batch, kind)
+            step()
+            weight = ref.numel() / max(1, ref.shape[-1])
+            for key, hidden in students.items():
+                out = _with_hidden(final, hidden[b])
+                with _replaying(blocks, dict.fromkeys(range(len(blocks)), out)), torch.inference_mode():
+                    sums[key] += _divergence(model_output(model, batch, kind), ref, kind) * weight
+                step()
+            total += weight
     return {key: value / total for key, value in sums.items()}
 
 

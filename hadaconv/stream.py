@@ -27,7 +27,7 @@ compensation the down-projection's ridge sums (:class:`hadaconv.compensate.Ridge
 fewer calibration tokens N than its input width D the N tokens themselves, N x D float64, solved
 in the N x N token space; else 2 D^2 float64 values, 3.3 GB at Llama-3-8B's D = 14336, and their
 eigendecomposition), plus the largest single tensor copied
-(the embedding matrix), whatever the depth.
+(the embedding matrix), whatever the depth (ranking adds copies that grow with it: below).
 
 Ranking (``max_layers`` / ``max_loss``) reads the blocks twice: a first pass that writes nothing
 fits every candidate on the teacher's statistics and measures its sensitivity as ``convert_file``
@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import AttentionLayer
-from hadaconv.blockwise import BlockInput, Decoder, block_pass, holds
+from hadaconv.blockwise import Decoder, block_pass, holds
 from hadaconv.convert import (Calibration, ConvertConfig, Target, calibration_batches, check_config,
                               check_convert_output, choose_layers, chooses_nothing, compensate_and_apply, find_target,
                               fit_with_row, mark_rows, probe_batches, warn_now)
@@ -128,9 +128,14 @@ class ShardDecoder(Decoder):
 
     @contextmanager
     def outside(self):
-        """Every tensor outside the blocks, the head included, read in the compute dtype for
-        the duration (a whole-model forward whose blocks replay recorded outputs)."""
-        _materialize(self.model, self.outside_names, self.files, self.device, self.compute)
+        """Every tensor outside the blocks, the head included, read for the duration of a
+        whole-model forward whose blocks replay recorded outputs: in the compute dtype, but for
+        the input embedding (when it is not also the head), whose output the replay discards."""
+        embedding = _embedding_only(self.model)
+        _materialize(self.model, [n for n in self.outside_names if n in embedding], self.files, self.device,
+                     self.stored)
+        _materialize(self.model, [n for n in self.outside_names if n not in embedding], self.files, self.device,
+                     self.compute)
         try:
             yield self.model
         finally:
@@ -163,16 +168,30 @@ def rank_streamed(dec: ShardDecoder, target: Target, data: Calibration, cfg: Con
     layer alone converted; the copy then goes on through the original blocks that follow, beside
     the others.  After the last block only what is outside the blocks (embedding, final norm,
     head) is read, to turn each copy into the output its KL is measured on.  The copies cost
-    probe windows x seq_len x d x 4 bytes each: 16 x 256 x 4096 x 4 = 67 MB a layer at
-    Llama-3-8B's width, 2.1 GB for its 32, on top of the conversion's own peak.
+    probe windows x seq_len x d x 4 bytes each (float32 compute): 16 x 256 x 4096 x 4 = 67 MB a
+    layer at Llama-3-8B's width, 2.1 GB for its 32, on top of the conversion's own peak.
     """
-    batches = [("calib", b) for b in data.calib] + [("heldout", b) for b in data.heldout]
-    inputs = dec.first_inputs(batches)
     windows = probe_batches(data, cfg, False)
-    probe = dec.first_inputs([("probe", b) for b in windows])
+    returned, copies = _ranking_pass(dec, target, data, windows, cfg, fits, rows)
+    with dec.outside() as model:
+        values = output_divergences(model, dec.blocks, [dec.model_kwargs(b) for b in windows], returned, copies,
+                                    target.kind, cfg.progress)
+    for layer in target.layers:
+        rows[layer.index].sensitivity = values[layer.index]
+    return choose_layers(target.layers, rows, cfg)
+
+
+def _ranking_pass(dec: ShardDecoder, target: Target, data: Calibration, windows: list[dict], cfg: ConvertConfig,
+                  fits: dict[int, FitResult], rows: dict[int, LayerReport]) -> tuple[list, dict[int, list]]:
+    """:func:`rank_streamed`'s pass over the blocks: (what the original's last block returned for
+    each probe batch, in its own form; {layer index: the probe's last hidden states with that
+    layer alone converted})."""
+    batches = [("calib", b) for b in data.calib] + [("heldout", b) for b in data.heldout]
+    captured = dec.first_inputs(batches + [("probe", b) for b in windows])
+    inputs, probe = captured[:len(batches)], captured[len(batches):]
     teacher, original = [inp.args[0] for inp in inputs], [inp.args[0] for inp in probe]
-    copies: dict[int, list[torch.Tensor]] = {}  # layer index -> the probe's states with it alone converted
-    returned: list = []  # what the original's block returned for each probe batch, in its own form
+    copies: dict[int, list[torch.Tensor]] = {}
+    returned: list = []
     with progress(len(dec), "rank layers (streamed)", cfg.progress) as step, torch.no_grad():
         for pos in range(len(dec)):
             block = dec.block(pos)
@@ -183,27 +202,19 @@ def rank_streamed(dec: ShardDecoder, target: Target, data: Calibration, cfg: Con
                     fits[layer.index], rows[layer.index] = fit_with_row(
                         layer, stats.moments(layer.index), stats.moments(layer.index, "heldout"), cfg, target)
             del stats
-            copies = {i: _through(block, probe, states) for i, states in copies.items()}
+            for i, states in copies.items():  # in place: never two generations of the copies at once
+                copies[i] = block_pass(block, probe, states, [], None)[1]
             for layer in here:
                 undo = apply_fit(layer, fits[layer.index])
                 try:
-                    copies[layer.index] = _through(block, probe, original)
+                    copies[layer.index] = block_pass(block, probe, original, [], None)[1]
                 finally:
                     undo()
             returned = [block(h, *inp.args[1:], **inp.kwargs) for inp, h in zip(probe, original)]
             original = [out[0] if isinstance(out, (tuple, list)) else out for out in returned]
             dec.release(pos)
             step()
-    with dec.outside() as model:
-        values = output_divergences(model, dec.blocks, [dec.model_kwargs(b) for b in windows], returned, copies,
-                                    target.kind)
-    for layer in target.layers:
-        rows[layer.index].sensitivity = values[layer.index]
-    return choose_layers(target.layers, rows, cfg)
-
-
-def _through(block: nn.Module, probe: list[BlockInput], states: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [inp.call(block, h) for inp, h in zip(probe, states)]
+    return returned, copies
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -344,6 +355,16 @@ def _head_only(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in head_ids}
 
 
+def _embedding_only(model: nn.Module) -> set[str]:
+    """Names of the input embedding's parameters that are not also the output head."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is None:
+        return set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    ids = {id(p) for p in embed.parameters()} - ({id(p) for p in head.parameters()} if head is not None else set())
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
+
+
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
     from safetensors.torch import save_file
 
@@ -410,7 +431,7 @@ def convert_streamed(
 ) -> ConvertReport:
     """Convert the Hugging Face folder ``source`` block by block (see the module docstring) and
     write a converted folder (sharded, in the checkpoint's dtype) that :func:`hadaconv.load`
-    rebuilds; the result equals ``convert_file`` with the same options and text (compared in
+    rebuilds; its weights equal ``convert_file``'s with the same options and text (compared in
     ``tests/test_scale.py``).
 
     Args:
@@ -450,13 +471,13 @@ def convert_streamed(
     tokenizer = load_tokenizer(source)
     if tokenizer is None:
         raise HadaconvError(f"{source} has no tokenizer for the calibration text")
-    data = calibration_batches(model, tokenizer, cfg, fingerprint=lambda: _fingerprint(model, files, compute))
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
                            rank=cfg.rank, compensate=cfg.compensate and bool(target.adapter.residual_maps),
                            max_layers=cfg.max_layers)
     if chooses_nothing(cfg, len(target.layers)):  # every candidate is converted: no ranking pass
         warn_now(cfg, max_layers_warning(cfg.max_layers, len(target.layers)))
         cfg = replace(cfg, max_layers=None)
+    data = calibration_batches(model, tokenizer, cfg, fingerprint=lambda: _fingerprint(model, files, compute))
     data.record(report, cfg)
     outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(f"{prefix}.") and n in files]
     fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hadaconv.convert import ConvertConfig, convert, convert_file
+from hadaconv.convert import ConvertConfig, chooses_nothing, convert, convert_file
 from tiny_models import make_tiny, tokenizer_folder
 
 # Independent fits on the plays (the statistics stage alone, whose sums the 2-rank test shares).
@@ -109,8 +109,12 @@ def test_cuda_convert_matches_cpu(tmp_path):
         assert torch.allclose(cpu_fits[k], gpu_fits[k], rtol=1e-3, atol=1e-4), k
 
 
-def _tiny_folder(path, dtype=torch.float32, shard="60KB"):
-    model = make_tiny("llama").to(dtype)
+def _tiny_folder(path, dtype=torch.float32, shard="60KB", tied=True):
+    model = make_tiny("llama")
+    if not tied:  # a head of its own, as Llama-3-8B has
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 1.5 + 0.01)
+    model = model.to(dtype)
     model.save_pretrained(path, max_shard_size=shard)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (tokenizer_folder() / name).is_file():
@@ -129,8 +133,10 @@ def _state(folder) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("options", [{}, {"sequential": False, "compensate": False, "calib": ["shakespeare"]},
-                                     {"max_layers": 1}, {"max_loss": 0.002, "sequential": False}],
-                         ids=["defaults", "independent", "max-layers", "max-loss"])
+                                     {"max_layers": 1}, {"max_loss": 0.002, "sequential": False},
+                                     {"max_layers": 1, "tied": False}, {"max_layers": 5, "sensitivity": True}],
+                         ids=["defaults", "independent", "max-layers", "max-loss", "max-layers-untied",
+                              "max-layers-of-all"])
 def test_streamed_conversion_matches_the_whole_model_one(tmp_path, options):
     """Block by block from the shards (one block in memory) is convert's own block loop: with
     the same options and text it writes the weights the in-memory conversion writes (to 1e-6
@@ -142,12 +148,17 @@ def test_streamed_conversion_matches_the_whole_model_one(tmp_path, options):
     import hadaconv
     from hadaconv.stream import convert_streamed
 
-    src = _tiny_folder(tmp_path / "src")
+    options = dict(options)
+    src = _tiny_folder(tmp_path / "src", tied=options.pop("tied", True))
     assert len(list(src.glob("*.safetensors"))) > 1
-    cfg = ConvertConfig(**DEFAULTS, **options)
+    cfg = ConvertConfig(**{**DEFAULTS, **options})
     whole = convert_file(str(src), str(tmp_path / "whole"), cfg)
     streamed = convert_streamed(src, tmp_path / "streamed", cfg)
-    assert streamed.converted == whole.converted == ([0] if cfg.ranked else [0, 1])
+    # Five of two layers chooses nothing: warned about, and streamed, not ranked.
+    ranks = cfg.ranked and not chooses_nothing(cfg, 2)
+    assert streamed.converted == whole.converted
+    assert len(whole.converted) == (1 if ranks else 2)
+    assert streamed.warnings() == whole.warnings()
     assert streamed.calibration_source == whole.calibration_source
     assert (streamed.sequential, streamed.compensate) == (whole.sequential, whole.compensate) == \
         (cfg.sequential, cfg.compensate)
@@ -156,9 +167,11 @@ def test_streamed_conversion_matches_the_whole_model_one(tmp_path, options):
             x, y = getattr(a, field), getattr(b, field)
             assert (x is None) == (y is None) and (x is None or y == pytest.approx(x, rel=1e-6)), field
         assert b.compensation_ridge == a.compensation_ridge
-        if cfg.ranked:
+        if ranks:
             assert b.sensitivity == pytest.approx(a.sensitivity, rel=1e-6) and a.sensitivity > 0
-    assert streamed.sensitivity_metric == whole.sensitivity_metric
+        else:
+            assert b.sensitivity is None
+    assert streamed.sensitivity_metric == (whole.sensitivity_metric if ranks else "")
     one, other = _state(tmp_path / "whole"), _state(tmp_path / "streamed")
     assert one.keys() == other.keys()
     for k in one:
