@@ -327,6 +327,11 @@ def _batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
     return [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
 
 
+def no_tokenizer() -> HadaconvError:
+    """The error of calibration text asked of a model without a tokenizer."""
+    return HadaconvError(f"calibration needs a tokenizer (or {option('calib', 'none')} for a data-free fit)")
+
+
 def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs: list[dict] | None = None,
                         fingerprint: Callable[[], str] | None = None) -> Calibration:
     """Stage 1: calibration windows from ``cfg.calib`` (see
@@ -340,7 +345,7 @@ def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs:
         cut = max(1, len(inputs) - max(1, len(inputs) // 10))
         return Calibration(inputs[:cut], inputs[cut:], source="the given inputs")
     if tokenizer is None:
-        raise HadaconvError(f"calibration needs a tokenizer (or {option('calib', 'none')} for a data-free fit)")
+        raise no_tokenizer()
     check_seq_len(model, cfg.seq_len)
     sources = source_list(cfg.calib)
     texts, names = calibration_texts(model, tokenizer, sources, samples=cfg.samples, seq_len=cfg.seq_len,
@@ -697,18 +702,20 @@ def check_convert_output(source: str | PurePath, out_dir: str | PurePath, cfg: C
 def check_against_model(source: str, cfg: ConvertConfig, model_config: str | None = None,
                         target: str | None = None) -> None:
     """Refuse ``cfg.layers``, ``cfg.block``, ``cfg.rank``, a ``cfg.seq_len`` past the context,
-    sampled text asked of a model that cannot write it and a calibration file too short for two
-    windows, that do not fit the model, before loading its weights: on :func:`hadaconv.io.skeleton`
-    and the tokenizer alone (the checks :func:`find_target` and :func:`calibration_batches` make
-    after the load, with the same messages).  Where neither can be read without the weights, the
-    load's checks alone refuse.
+    sampled text asked of a model that cannot write it, calibration text asked of one without a
+    tokenizer and a calibration file too short for two windows, that do not fit the model, before
+    loading its weights: on :func:`hadaconv.io.skeleton` and the tokenizer alone (the checks
+    :func:`find_target` and :func:`calibration_batches` make after the load, with the same
+    messages).  Where neither can be read without the weights, the load's checks alone refuse.
 
     Raises:
         InputError / HadaconvError: as those checks.
     """
     from hadaconv.adapters import find_adapter as _find
-    from hadaconv.io import skeleton
+    from hadaconv.io import lacks_tokenizer, skeleton
 
+    if cfg.calib != "none" and lacks_tokenizer(source, config=model_config):
+        raise no_tokenizer()
     model = skeleton(source, config=model_config)
     if model is None:
         return

@@ -62,7 +62,7 @@ from hadaconv.adapters import AttentionLayer
 from hadaconv.blockwise import Decoder, block_pass, holds
 from hadaconv.convert import (Calibration, ConvertConfig, Target, calibration_batches, check_config,
                               check_convert_output, choose_layers, chooses_nothing, compensate_and_apply, find_target,
-                              fit_with_row, mark_rows, probe_batches, warn_now)
+                              fit_with_row, mark_rows, no_tokenizer, probe_batches, warn_now)
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
 from hadaconv.fit import FitResult
 from hadaconv.hadamard import factorize
@@ -470,7 +470,7 @@ def convert_streamed(
 
     tokenizer = load_tokenizer(source)
     if tokenizer is None:
-        raise HadaconvError(f"{source} has no tokenizer for the calibration text")
+        raise no_tokenizer()
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
                            rank=cfg.rank, compensate=cfg.compensate and bool(target.adapter.residual_maps),
                            max_layers=cfg.max_layers)

@@ -297,12 +297,18 @@ def _library_named(bundle: Path, name) -> Path:
     return _meta_with(bundle, op_library=name)
 
 
+def _no_tokenizer_files(folder: Path) -> Path:
+    """A model folder whose tokenizer files are removed."""
+    for name in TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    return folder
+
+
 def _without_tokenizer(bundle: Path) -> Path:
     """The bundle as exported from a folder without tokenizer files."""
     import json
 
-    for name in TOKENIZER_FILES:
-        (bundle / name).unlink(missing_ok=True)
+    _no_tokenizer_files(bundle)
     meta = json.loads((bundle / METADATA).read_text())
     (bundle / METADATA).write_text(json.dumps(meta | {"tokenizer": False}))
     return bundle
@@ -629,6 +635,15 @@ ROWS = [
         r"the output .*/m is the input .*/m: writing it would replace the input", lambda mp, w, t: _no_model(mp)),
     Row("convert-streamed-output-is-a-file",
         lambda w, t: _convert(w.hf, _write(t / "out", "keep"), "--streamed", *TINY), r"out exists and is not a folder"),
+    Row("convert-folder-without-tokenizer",
+        lambda w, t: _convert(_no_tokenizer_files(_copy(w.hf, t / "m")), t / "out", *TINY),
+        r"calibration needs a tokenizer \(or --calib none for a data-free fit\)$", lambda mp, w, t: _no_model(mp)),
+    Row("convert-folder-without-tokenizer-dry-run",
+        lambda w, t: _convert(_no_tokenizer_files(_copy(w.hf, t / "m")), t / "out", "--dry-run", *TINY),
+        r"calibration needs a tokenizer \(or --calib none for a data-free fit\)$", lambda mp, w, t: _no_model(mp)),
+    Row("convert-streamed-without-tokenizer",
+        lambda w, t: _convert(_no_tokenizer_files(_copy(w.hf, t / "m")), t / "out", "--streamed", *TINY),
+        r"calibration needs a tokenizer \(or --calib none for a data-free fit\)$"),
     Row("convert-streamed-dtype-dry-run",
         lambda w, t: _convert(w.hf, t / "out", "--streamed", "--dtype", "float16", "--dry-run", *TINY),
         r"--streamed keeps the checkpoint's dtype", lambda mp, w, t: _no_model(mp)),

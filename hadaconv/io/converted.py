@@ -328,10 +328,15 @@ def _check_meta(config_path: Path, meta: dict) -> None:
                                f"({meta.get(bad[0])!r:.60})")
 
 
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds tokenizer files (what :func:`load_tokenizer` reads)."""
+    return any((Path(folder) / f).is_file() for f in TOKENIZER_FILES if f != "generation_config.json")
+
+
 def load_tokenizer(folder: str | os.PathLike) -> Any | None:
     """The tokenizer saved in ``folder``, or None when it holds no tokenizer files."""
     folder = Path(folder)
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES if f != "generation_config.json"):
+    if not has_tokenizer(folder):
         return None
     import transformers
 

@@ -21,7 +21,7 @@ from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command
 from hadaconv.io.build import (HeadDropped, build_empty, builder, causal_lm_class, check_depth, check_finite,
                                check_size, config_file, hf_config, hf_from_config, load_weights, model_class,
                                model_from_config, refuse_missing)
-from hadaconv.io.converted import load, load_tokenizer, original_path
+from hadaconv.io.converted import has_tokenizer, load, load_tokenizer, original_path
 from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, check_safetensors, file_identity,
                                first_line, folder_weights, read_json, read_safetensors, shard_map)
 from hadaconv.progress import status
@@ -427,6 +427,23 @@ def source_tokenizer(source: str | os.PathLike, *, config: str | os.PathLike | N
     except Exception:  # noqa: BLE001 - the load that follows says what is wrong, in one line
         return None
     return None
+
+
+def lacks_tokenizer(source: str | os.PathLike, *, config: str | os.PathLike | None = None) -> bool:
+    """Whether the model at ``source`` certainly loads without a tokenizer, told from the files
+    alone: a folder without tokenizer files, or bare weights (``config`` given) with none beside
+    the config or the weights.  False where only the load tells (a ``torch.save``d module without
+    a config) and for GGUF files, which carry a vocabulary."""
+    path = Path(source)
+    if path.is_dir():
+        return not has_tokenizer(path)
+    if config is None or path.suffix not in (".safetensors", *_PICKLE_SUFFIXES):
+        return False
+    try:
+        folder = _tokenizer_folder(config_file(config), path)
+    except HadaconvError:  # a config that cannot be read: the load says so
+        return False
+    return folder is None or not has_tokenizer(folder)
 
 
 def _tokenizer_folder(config_path: Path, weights: Path) -> Path | None:
