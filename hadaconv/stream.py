@@ -190,12 +190,15 @@ def _ranking_pass(dec: ShardDecoder, target: Target, data: Calibration, windows:
     captured = dec.first_inputs(batches + [("probe", b) for b in windows])
     inputs, probe = captured[:len(batches)], captured[len(batches):]
     teacher, original = [inp.args[0] for inp in inputs], [inp.args[0] for inp in probe]
+    last = max(pos for pos in range(len(dec)) if any(holds(dec.blocks[pos], layer) for layer in target.layers))
     copies: dict[int, list[torch.Tensor]] = {}
     returned: list = []
     with progress(len(dec), "rank layers (streamed)", cfg.progress) as step, torch.no_grad():
         for pos in range(len(dec)):
             block = dec.block(pos)
             here = [layer for layer in target.layers if holds(block, layer)]
+            if pos == last + 1:  # no statistics are needed past the last candidate: only the probe goes on
+                inputs, teacher = [], []
             stats, teacher = block_pass(block, inputs, teacher, here, cfg.stats_device)
             for layer in here:
                 with torch.enable_grad():  # the fit's L-BFGS

@@ -134,9 +134,10 @@ def _state(folder) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("options", [{}, {"sequential": False, "compensate": False, "calib": ["shakespeare"]},
                                      {"max_layers": 1}, {"max_loss": 0.002, "sequential": False},
-                                     {"max_layers": 1, "tied": False}, {"max_layers": 5, "sensitivity": True}],
+                                     {"max_layers": 1, "tied": False}, {"max_layers": 5, "sensitivity": True},
+                                     {"layers": [0], "max_loss": 1.0}],
                          ids=["defaults", "independent", "max-layers", "max-loss", "max-layers-untied",
-                              "max-layers-of-all"])
+                              "max-layers-of-all", "max-loss-of-layer-0"])
 def test_streamed_conversion_matches_the_whole_model_one(tmp_path, options):
     """Block by block from the shards (one block in memory) is convert's own block loop: with
     the same options and text it writes the weights the in-memory conversion writes (to 1e-6
@@ -157,7 +158,7 @@ def test_streamed_conversion_matches_the_whole_model_one(tmp_path, options):
     # Five of two layers chooses nothing: warned about, and streamed, not ranked.
     ranks = cfg.ranked and not chooses_nothing(cfg, 2)
     assert streamed.converted == whole.converted
-    assert len(whole.converted) == (1 if ranks else 2)
+    assert len(whole.converted) == (1 if ranks or cfg.layers else 2)
     assert streamed.warnings() == whole.warnings()
     assert streamed.calibration_source == whole.calibration_source
     assert (streamed.sequential, streamed.compensate) == (whole.sequential, whole.compensate) == \
