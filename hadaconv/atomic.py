@@ -43,6 +43,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     ...): an existing file needs ``overwrite``; a folder there, or a missing parent folder, is
     refused.  In both, the folder the output goes in (for a folder output: its nearest existing
     ancestor, as the missing ones are created) must be a folder this process may write in.
+    A folder output is never the current folder, the home folder or one holding either.
     ``inputs``: the files and folders the run reads (None, and names not on disk, skipped); an
     output that is one of them, a folder holding one, or an existing file inside one is refused
     even with ``overwrite``: replacing it would destroy the input (``convert st -o st
@@ -54,6 +55,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     if folder:
         if path.exists() and not path.is_dir():
             raise OutputError(f"{path} exists and is not a folder")
+        _check_not_around_us(path)
         taken = path.is_dir() and any(path.iterdir())
         _check_writable(path)
     else:
@@ -88,6 +90,19 @@ def _check_not_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> 
             continue
         raise OutputError(f"the output {path} {what} the input {given}: writing it would replace the input; "
                           "choose another output")
+
+
+def _check_not_around_us(path: Path) -> None:
+    """Refuse a folder output that is the current folder, the home folder or a folder holding
+    either: a folder output replaces the whole folder, so ``-o . --overwrite`` would delete what
+    the user is working in (a newcomer's trial lost a file that way)."""
+    out = path.resolve()
+    for place, name in ((Path.cwd(), "the current folder"), (Path.home(), "your home folder")):
+        place = place.resolve()
+        if out == place or out in place.parents:
+            what = name if out == place else f"a folder holding {name}"
+            raise OutputError(f"the output {path} is {what}: a folder output replaces the whole folder; "
+                              "choose a new or empty folder inside it")
 
 
 def _same_file(out: Path, candidates: tuple[Path, ...]) -> bool:
