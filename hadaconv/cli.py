@@ -570,7 +570,12 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
     if chat and ids is not None and prompt is None and text is None:  # both given: _run_input says so
         raise HadaconvError("--chat needs --prompt: the chat template wraps text, not token ids")
     # The options against the metadata before the session: opening a 500 MB graph takes seconds.
-    given = _run_input(bundle, read_metadata(bundle), prompt, text, ids)
+    meta = read_metadata(bundle)
+    given = _run_input(bundle, meta, prompt, text, ids)
+    context = ((meta.get("genai_config") or {}).get("model") or {}).get("context_length")
+    if isinstance(context, int) and not isinstance(context, bool) and max_new_tokens >= context:
+        raise HadaconvError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens, "
+                            f"the prompt included: give fewer than {context}")
     opened = open_bundle(bundle, provider=provider)
     if opened.kind == "encoder":
         _print_embedding(opened, given if ids is None else [ids])
@@ -587,14 +592,22 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: str | None, id
         raise HadaconvError(f"{bundle} holds a {kind} ({', '.join(o['name'] for o in meta.get('outputs', []))}): "
                             "run it with hadaconv.export.bundle.open_bundle")
     option = "--prompt" if kind == "causal-lm" else "--text"
-    given = prompt if kind == "causal-lm" else text
+    given, other = (prompt, text) if kind == "causal-lm" else (text, prompt)
+    wrong = "--text" if kind == "causal-lm" else "--prompt"
+    hint = "--text is for encoder bundles; " if kind == "causal-lm" else "--prompt is for causal LM bundles; "
+    what = "a causal LM bundle" if kind == "causal-lm" else "an encoder bundle"
+    if other is not None and (given is not None or ids is not None):
+        raise HadaconvError(f"{hint}{bundle} is {what}: drop {wrong}")
+    if given is not None:
+        try:
+            given.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal's encoding could not decode, kept as surrogates
+            raise HadaconvError(f"{option} is not UTF-8 text") from None
     if given is not None and ids is not None:
         raise HadaconvError(f"give {option} or --ids, not both")
     if given is None and ids is None:
-        what = "a causal LM bundle: give --prompt" if kind == "causal-lm" else "an encoder bundle: give --text"
-        wrong, hint = ((text, "--text is for encoder bundles; ") if kind == "causal-lm"
-                       else (prompt, "--prompt is for causal LM bundles; "))
-        raise HadaconvError(f"{hint if wrong is not None else ''}{bundle} is {what} (or token ids with --ids)")
+        raise HadaconvError(f"{hint if other is not None else ''}{bundle} is {what}: give {option} (or token ids "
+                            "with --ids)")
     if given is not None and not meta.get("tokenizer"):
         raise HadaconvError(f"{bundle} has no tokenizer to encode {option} with: give token ids with --ids, e.g. --ids 1,2,3")
     return given
