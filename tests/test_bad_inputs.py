@@ -766,6 +766,13 @@ ROWS = [
         r"hadaconv run .*bundle"),
     Row("inspect-all-converted", lambda w, t: ["inspect", w.conv], r"every attention output projection is converted already"),
     # --------------------------------------------------------------- distill
+    Row("distill-device-gpu", lambda w, t: ["distill", w.conv, "-o", t / "out", "--device", "gpu", *DISTILL],
+        r"--device gpu: not a device \(expected cpu, cuda or cuda:N\)$", lambda mp, w, t: _no_model(mp)),
+    Row("distill-fsdp-without-torchrun", lambda w, t: ["distill", w.conv, "-o", t / "out", "--fsdp", *DISTILL],
+        r"--fsdp needs several processes: run under torchrun --nproc-per-node N$", lambda mp, w, t: _no_model(mp)),
+    Row("distill-local-fsdp", lambda w, t: ["distill", w.conv, "-o", t / "out", "--local", "--fsdp", *DISTILL],
+        r"the local stage trains whole blocks on one device; with --fsdp train the global stage only$",
+        lambda mp, w, t: _no_model(mp)),
     Row("distill-missing-folder", lambda w, t: ["distill", t / "nope", "-o", t / "out", *DISTILL],
         r"no such file or folder"),
     Row("distill-unconverted-folder", lambda w, t: ["distill", w.hf, "-o", t / "out", *DISTILL],

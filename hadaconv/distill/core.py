@@ -38,7 +38,7 @@ from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
 from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
-from hadaconv.device import native_bf16, resolve_dtype
+from hadaconv.device import native_bf16, resolve_device, resolve_dtype
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
@@ -443,6 +443,12 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     if cfg.train not in ("attention", "all"):
         raise InputError(f"{option('train', cfg.train)} is neither attention nor all")
     resolve_dtype(cfg.dtype)
+    if cfg.device is not None:
+        resolve_device(cfg.device)  # "gpu", or CUDA where there is none: said before two models load
+    if cfg.fsdp and "local" in cfg.stages:
+        raise _fsdp_local()
+    if cfg.fsdp and not (int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.distributed.is_initialized()):
+        raise InputError(f"{option('fsdp')} needs several processes: run under torchrun --nproc-per-node N")
     check_fields(cfg, _AT_LEAST, _NUMBERS, _FLAGS)
     if cfg.min_lr_ratio > 1:
         raise InputError(f"{option('min_lr_ratio')} must be at most 1 (a fraction of lr), got {cfg.min_lr_ratio!r}")
@@ -451,6 +457,11 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     if cfg.eval_text is not None:
         read_text(cfg.eval_text)  # not UTF-8 (a binary named by mistake): refused before the models load
     return cfg
+
+
+def _fsdp_local() -> InputError:
+    return InputError(f"the local stage trains whole blocks on one device; with {option('fsdp')} train the global "
+                      "stage only")
 
 
 def distill(
@@ -496,9 +507,6 @@ def distill(
         raise HadaconvError(f"distill handles causal LMs and text encoders, not a {kind!r} model")
     if cfg.eval_text is None and cfg.samples < HELDOUT_EVERY:  # say so before any text is sampled
         raise _no_heldout(cfg.samples, option("samples", cfg.samples))
-    if cfg.fsdp and "local" in stages:
-        raise HadaconvError(f"the local stage trains whole blocks on one device; with {option('fsdp')} train the "
-                            "global stage only")
     blocks = converted_blocks(student, teacher, adapter)
     if not blocks:
         raise HadaconvError("the student has no converted attention blocks: convert it first "
