@@ -186,8 +186,10 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
         raise HadaconvError("--streamed keeps the checkpoint's dtype and reads Hugging Face folders (weights "
                             f"and config.json in one folder): drop {' and '.join(given)}")
     if dry_run:
+        from hadaconv.device import resolve_device
         from hadaconv.plan import plan_conversion
 
+        resolve_device(device)  # the real run refuses a bad --device before its load too
         _print_plan(plan_conversion(model, cfg, model_config=model_config, target=target, trust_pickle=trust_pickle,
                                     streamed=streamed, output=output, overwrite=overwrite))
         return

@@ -232,6 +232,8 @@ def check_config(config: ConvertConfig | None) -> ConvertConfig:
         raise InputError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib and len(cfg.calib) > 1:
         raise InputError(f"{option('calib', 'none')} (a data-free fit) cannot be mixed with other calibration sources")
+    if cfg.calib == "none" and cfg.ranked:  # said before the load, in the dry run too
+        raise _ranking_needs_data()
     if cfg.layers is not None:
         cfg = replace(cfg, layers=layer_indices(cfg.layers))
     check_fields(cfg, {"block": 1, "samples": 2, "seq_len": 2, "batch_size": 1, "rank": 0, "max_layers": 1,
@@ -239,6 +241,11 @@ def check_config(config: ConvertConfig | None) -> ConvertConfig:
                  {"max_loss": (0, False)})
     check_sources(cfg.calib, samples=cfg.samples)  # after the integer checks: the shares need an int
     return cfg
+
+
+def _ranking_needs_data() -> InputError:
+    return InputError(f"{option('max_layers')} / {option('max_loss')} rank layers by measured sensitivity and need "
+                      "calibration data")
 
 
 def parse_layers(text: str) -> list[int]:
@@ -487,8 +494,7 @@ def rank_layers(model: nn.Module, target: Target, fits: dict[int, FitResult], ro
         return ""
     if not data.calib:
         if cfg.ranked:
-            raise HadaconvError(f"{option('max_layers')} / {option('max_loss')} rank layers by measured sensitivity "
-                                "and need calibration data")
+            raise _ranking_needs_data()
         return ""
     values = sensitivities(model, target.layers, fits, _probe_on(model, data, cfg, from_inputs), target.kind,
                            cfg.progress)
