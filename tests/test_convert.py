@@ -280,6 +280,17 @@ def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
     text.write_text("To be, or not to be, that is the question. " * 200)
     code, stdout, stderr = run_cli(capsys, "eval", out, "--text", text, "--seq-len", "32", "--max-windows", "4")
     assert code == 0 and "perplexity" in stdout, stderr
+    # JSON Lines (hadaconv sample's output) are scored on their texts joined by blank lines, not on the JSON.
+    records = ["To be, or not to be, that is the question. " * 100, "Whether 'tis nobler in the mind to suffer. " * 100]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in records))
+    (tmp_path / "joined.txt").write_text("\n\n".join(records))
+    scores = []
+    for file in (tmp_path / "t.jsonl", tmp_path / "joined.txt"):
+        code, stdout, stderr = run_cli(capsys, "eval", out, "--text", file, "--seq-len", "32", "--max-windows", "4",
+                                       "--no-baseline")
+        assert code == 0, stderr
+        scores.append(re.findall(r"perplexity ([0-9.]+)", stdout))
+    assert scores[0] == scores[1] and scores[0]
     code, stdout, stderr = run_cli(capsys, "convert", src, "-o", out)  # exists already
     assert code != 0
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import Adapter, check_seq_len, find_adapter
-from hadaconv.calibrate import HELDOUT_EVERY, describe_sources, mixed_windows, read_text
+from hadaconv.calibrate import HELDOUT_EVERY, describe_sources, mixed_windows, read_document
 from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
@@ -455,7 +455,7 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     if cfg.eval_text is not None and not Path(cfg.eval_text).is_file():
         raise InputError(f"eval text not found: {cfg.eval_text}")
     if cfg.eval_text is not None:
-        read_text(cfg.eval_text)  # not UTF-8 (a binary named by mistake): refused before the models load
+        read_document(cfg.eval_text)  # not UTF-8 (a binary named by mistake): refused before the models load
     return cfg
 
 
@@ -568,7 +568,7 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
     data_source = describe_sources(names, windows)
     if cfg.eval_text:
         path = Path(cfg.eval_text)  # a file: check_config said so
-        eval_ids = text_windows(tokenizer, read_text(path), cfg.seq_len,
+        eval_ids = text_windows(tokenizer, read_document(path), cfg.seq_len,
                                 cfg.eval_windows, what=f"the held-out text {path.name} ({option('eval_text')})")
         eval_source = path.name
     else:
