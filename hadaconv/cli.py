@@ -513,6 +513,8 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
     shape = _shape(input_shape)
     # Before loading the model, not after: the model is loaded in float32.
     check_output(output, overwrite, folder=True, inputs=[model, model_config])
+    if no_validate and atol is not None:
+        raise HadaconvError("--atol is the validation's tolerance: drop it or --no-validate")
     check_options(DTYPES[dtype] if dtype else torch.float32, portable=portable, optimize=optimize,
                   validate_outputs=not no_validate)
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, dtype="float32")  # ONNX graphs in float32

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from hadaconv.errors import HadaconvError
+from hadaconv.errors import HadaconvError, command
 
 __all__ = ["ExportSpec", "Kind", "detect_kind", "make_spec"]
 
@@ -198,7 +198,7 @@ def make_spec(
     ``example_inputs`` is required for ``module`` (a tensor, a tuple of tensors or a dict of
     keyword tensors) and ignored otherwise.
     """
-    kind = kind or detect_kind(model)
+    requested, kind = kind, kind or detect_kind(model)
     batch, seq = Dim("batch"), Dim("sequence")
     if kind == "causal-lm":
         position_ids = _accepts(model, "position_ids")
@@ -236,8 +236,9 @@ def make_spec(
     if kind != "module":
         raise HadaconvError(f"unknown model kind {kind!r}: expected causal-lm, encoder, classifier or module")
     if example_inputs is None:
-        raise HadaconvError(f"{type(model).__name__} is not a Hugging Face text model: give example inputs "
-                            "(--input-shape on the command line)")
+        raise HadaconvError(f"a {type(model).__name__} exported as a plain module needs example inputs: give "
+                            f"{command('--input-shape', 'example_inputs')}"
+                            f"{'' if requested == 'module' else ' (it is no Hugging Face text model hadaconv knows)'}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     keyword = isinstance(example_inputs, dict)
