@@ -868,7 +868,8 @@ ROWS = [
         r"cannot write .*out: No space left on device .*the trained state is kept in .*out\.ckpt: .*--resume",
         lambda mp, w, t: mp.setattr("safetensors.torch.save_file", _full_weights), ("out.ckpt", "out.ckpt/last.pt")),
     # --------------------------------------------------------------- export
-    Row("export-atol-without-validation", lambda w, t: ["export", w.conv, "-o", t / "b", "--no-validate", "--atol", "1e-2"],
+    Row("export-atol-without-validation",
+        lambda w, t: ["export", w.conv, "-o", t / "b", "--no-validate", "--atol", "1e-2"],
         r"--atol is the validation's tolerance: drop it or --no-validate$", lambda mp, w, t: _no_model(mp)),
     Row("export-module-kind-without-inputs", lambda w, t: ["export", w.conv, "-o", t / "b", "--kind", "module"],
         r"a LlamaForCausalLM exported as a plain module needs example inputs: give --input-shape$"),
