@@ -16,7 +16,7 @@ from typing import Callable
 
 from torch import nn
 
-from hadaconv.adapters import Adapter, AttentionLayer, find_adapter, model_kind
+from hadaconv.adapters import Adapter, AttentionLayer, check_block, find_adapter, model_kind
 from hadaconv.convert import (ConvertConfig, check_against_model, check_config, check_convert_output, chooses_nothing,
                               default_block, dense_layers, find_target)
 from hadaconv.hadamard import factorize
@@ -93,12 +93,16 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
     as ``convert``'s) and ``rank`` would remove; what ``hadaconv inspect`` prints.
 
     Raises:
+        InputError: a ``block`` that does not divide a layer's output width.
         HadaconvError: the model cannot be read, or has no dense attention block.
     """
     from hadaconv.io import check_model_config
 
     check_model_config(source, model_config)  # before the skeleton, which would ignore an inapplicable one
-    return _plan(source, model_config, trust_pickle, target, dense_layers, block, rank)
+    plan = _plan(source, model_config, trust_pickle, target, dense_layers, block, rank)
+    for layer in plan.layers if block is not None else []:  # asked for: refused as convert refuses it
+        check_block(block, layer.out_features, layer.name)
+    return plan
 
 
 def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = None, *,

@@ -578,6 +578,9 @@ ROWS = [
     Row("eval-missing-reference-with-config",
         lambda w, t: ["eval", w.bert, "--config", w.hf, "--reference", t / "nope.safetensors", "--max-windows", "1"],
         r"no such file or folder: .*nope\.safetensors"),
+    Row("inspect-block-not-dividing", lambda w, t: ["inspect", w.hf, "--block", "7"],
+        r"--block 7 does not divide the output width 64 of model\.layers\.0\.self_attn\.o_proj: choose one of "
+        r"1, 2, 4, 8, 16, 32, 64$", lambda mp, w, t: _no_model(mp)),
     Row("inspect-config-for-a-folder", lambda w, t: ["inspect", w.hf, "--config", w.hf],
         r"--config is for bare weights .*hf carries its own config: drop --config$"),
     Row("convert-dry-run-config-for-a-folder", lambda w, t: _convert(w.hf, t / "out", "--dry-run", "--config", w.hf),

@@ -26,6 +26,7 @@ __all__ = [
     "WeightSlot",
     "adapters",
     "attention_layers",
+    "check_block",
     "check_convertible",
     "check_seq_len",
     "context_length",
@@ -160,12 +161,18 @@ def check_convertible(layer: AttentionLayer, block: int = 1) -> None:
     except UnsupportedSizeError as exc:
         shape = "" if out_features == in_features else f" ({out_features} x {in_features}: the transform runs on {n})"
         raise UnsupportedSizeError(f"{layer.out_name}{shape}: {exc}") from None
-    if block < 1 or out_features % block:
-        valid = ", ".join(str(d) for d in range(1, out_features + 1) if out_features % d == 0)
-        raise InputError(f"{option('block', block)} does not divide the output width {out_features} of {layer.out_name}: "
-                         f"choose one of {valid}")
+    check_block(block, out_features, layer.out_name)
     if not w.is_meta and not torch.isfinite(w).all():  # a model being rebuilt (load) has no values yet
         raise HadaconvError(f"{layer.out_name} holds NaN or infinite weights")
+
+
+def check_block(block: int, out_features: int, name: str) -> None:
+    """Refuse a gamma block size that does not divide the output width ``out_features`` of the
+    projection ``name`` (InputError, listing the sizes that do)."""
+    if block < 1 or out_features % block:
+        valid = ", ".join(str(d) for d in range(1, out_features + 1) if out_features % d == 0)
+        raise InputError(f"{option('block', block)} does not divide the output width {out_features} of {name}: "
+                         f"choose one of {valid}")
 
 
 def layer_indices(layers) -> list[int]:
