@@ -1360,6 +1360,9 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("generate-tokens-as-text", lambda: generate(w.bundle, "hi", max_new_tokens="8"), InputError,
          r"^max_new_tokens must be an integer >= 1, got '8'$"),
         ("load-missing-folder", lambda: load(t / "nope"), HadaconvError, r"^no such folder: .*nope$"),
+        ("load-bundle", lambda: load(w.bundle), HadaconvError,
+         r"is an ONNX bundle \(what an ONNX export writes\): run it with hadaconv\.generate\.generate, or give the "
+         r"model folder it was exported from$"),
         ("save-dense-model", lambda: save(make_tiny("llama"), t / "out"), HadaconvError,
          r"the model holds no HadamardProjection: nothing converted to save"),
         ("save-hand-made-projection", lambda: save(_hand_patched(), t / "out"), HadaconvError,
@@ -1415,7 +1418,7 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "patch-missing-layer", "patch-no-layers", "patch-no-attention", "distill-eval-text-missing",
            "save-without-its-target", "op-integer-input", "op-integer-gamma", "save-report-not-a-report",
            "export-path-not-model", "convert-loaded-wrapper", "convert-config-as-tokenizer", "patch-path",
-           "save-arguments-swapped", "generate-tokens-as-text", "load-missing-folder",
+           "save-arguments-swapped", "generate-tokens-as-text", "load-missing-folder", "load-bundle",
            "save-dense-model", "save-hand-made-projection",
            "load-model-file", "load-model-onnx-graph", "load-model-config-for-a-folder", "load-model-converted-config",
            "distill-file-pickled-teacher-with-config", "convert-file-config-path",

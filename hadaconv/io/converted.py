@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_folder, check_output
-from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_module, option
+from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_module, command, option
 from hadaconv.io.build import load_weights, model_from_config, torch_recipe
 from hadaconv.io.files import SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, first_line, read_json, read_safetensors, shard_map
 
@@ -272,6 +272,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
                             "writes; hadaconv.io.load_model reads models of any format")
     if not folder.exists():
         raise HadaconvError(f"no such folder: {folder}")
+    refuse_bundle(folder)
     if not config_path.is_file():
         raise HadaconvError(f"{folder} is not a hadaconv folder: no config.json")
     data = read_json(config_path)
@@ -326,6 +327,14 @@ def _check_meta(config_path: Path, meta: dict) -> None:
     if bad:
         raise ModelFormatError(f"{config_path}: hadaconv.{bad[0]} is not what a conversion writes "
                                f"({meta.get(bad[0])!r:.60})")
+
+
+def refuse_bundle(folder: Path) -> None:
+    """Say what an ONNX bundle given where a model folder goes is, and what takes it."""
+    if not (folder / "config.json").is_file() and (folder / "hadaconv_onnx.json").is_file():  # export.bundle.METADATA
+        run = command("hadaconv run", "hadaconv.generate.generate")
+        raise HadaconvError(f"{folder} is an ONNX bundle (what an ONNX export writes): run it with {run}, or give "
+                            "the model folder it was exported from")
 
 
 def has_tokenizer(folder: str | os.PathLike) -> bool:

@@ -21,7 +21,7 @@ from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command
 from hadaconv.io.build import (HeadDropped, build_empty, builder, causal_lm_class, check_depth, check_finite,
                                check_size, config_file, hf_config, hf_from_config, load_weights, model_class,
                                model_from_config, refuse_missing)
-from hadaconv.io.converted import has_tokenizer, load, load_tokenizer, original_path
+from hadaconv.io.converted import has_tokenizer, load, load_tokenizer, original_path, refuse_bundle
 from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, check_safetensors, file_identity,
                                first_line, folder_weights, read_json, read_safetensors, shard_map)
 from hadaconv.progress import status
@@ -342,10 +342,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     config_path = path / "config.json"
-    if not config_path.is_file() and (path / "hadaconv_onnx.json").is_file():  # export.bundle.METADATA
-        run = command("hadaconv run", "hadaconv.generate.generate")
-        raise HadaconvError(f"{path} is an ONNX bundle (what an ONNX export writes): run it with {run}, or give "
-                            "the model folder it was exported from")
+    refuse_bundle(path)
     if not config_path.is_file():
         raise HadaconvError(
             f"{path} is a folder without config.json "
