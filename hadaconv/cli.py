@@ -11,6 +11,7 @@ Anything else (a damaged input no check foresaw) is one line too, naming its typ
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -649,19 +650,23 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
                f"token{'s' if out.prompt_tokens != 1 else ''} {out.prefill_s * 1000:.0f} ms, {device}]", err=True)
 
 
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)\s*([hms]))+|(\d+(?:\.\d*)?|\.\d+)")
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([hms])")
+
+
 def _duration(text: str | None) -> float | None:
-    """'90', '90s', '30m', '1.5h' -> seconds.  Anything else is the parser's refusal (exit 2, as for
-    a number option given a word), not an input check's."""
+    """'90', '90s', '30m', '1.5h', '1h30m' -> seconds.  Anything else is the parser's refusal (exit
+    2, as for a number option given a word), not an input check's."""
     if text is None:
         return None
+    spec = text.strip().lower().replace(" ", "")
     units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
-    try:
-        value = float(number) * units[unit]
-    except ValueError:
-        value = -1.0
+    value = -1.0
+    if _DURATION.fullmatch(spec):
+        parts = _PART.findall(spec)
+        value = sum(float(n) * units[u] for n, u in parts) if parts else float(spec)
     if not 0 < value < float("inf"):
-        raise click.BadParameter(f"expected a positive duration like 90s, 30m or 2h, got {text!r}")
+        raise click.BadParameter(f"expected a positive duration like 90s, 30m, 2h or 1h30m, got {text!r}")
     return value
 
 
@@ -721,7 +726,7 @@ def _duration(text: str | None) -> float | None:
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Stop after this many training tokens (the first budget reached stops the run).")
 @click.option("--max-time", default=None, callback=lambda ctx, param, text: _duration(text),
-              help="Training time budget, e.g. 90s, 30m, 2h, or a bare number of seconds (sampling the text "
+              help="Training time budget, e.g. 90s, 30m, 2h, 1h30m, or a bare number of seconds (sampling the text "
                    "first is not counted; no step starts that would end, with its evaluation, past it; the save "
                    "comes after it).  "
                    "[default: one pass when no budget is set]")

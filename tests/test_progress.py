@@ -1,5 +1,7 @@
 """Off a terminal, long work prints progress lines; quick work stays silent (one-line errors)."""
 
+import pytest
+
 import hadaconv.progress as progress_mod
 
 
@@ -127,3 +129,21 @@ def test_status_keeps_speaking_during_long_work(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) >= 4 and lines[-1].startswith("exporting: done in "), lines
     assert all(line.startswith("exporting: still working after ") for line in lines[:-1])
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("1.5h", 5400), ("1h30m", 5400),
+                                           ("1h 30m 15s", 5415), (".5h", 1800), ("2H", 7200)])
+def test_max_time_reads_durations_people_write(text, seconds):
+    from hadaconv.cli import _duration
+
+    assert _duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["90sec", "1h30", "0", "-5", "inf", "nan", "h", ""])
+def test_max_time_refuses_what_is_no_duration(text):
+    import click
+
+    from hadaconv.cli import _duration
+
+    with pytest.raises(click.BadParameter, match="expected a positive duration like 90s, 30m, 2h or 1h30m"):
+        _duration(text)
