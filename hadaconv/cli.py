@@ -265,7 +265,14 @@ def _plan_caption(plan: Plan) -> str:
 def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
     """List MODEL's attention blocks, their widths and Hadamard factorization, and the savings,
     without calibrating.  Shapes come from the config (a GGUF's metadata) where MODEL has one: its
-    weights are not read, so a damaged weight file shows only when it is loaded."""
+    weights are not read, so a damaged weight file shows only when it is loaded.
+
+    \b
+    Columns: width = output x input features of the output projection; hadamard = how the
+    transform's order factors; heads / kv / dim = query heads, KV heads, head size; value =
+    "folded" where the fit's value map folds into the value projection (no run-time cost), "-"
+    where there is none to fold into (the fit is then gamma and beta only); removable params =
+    what converting the layer removes at --block (and --rank)."""
     from hadaconv.plan import inspect_model
 
     _print_plan(inspect_model(model, block=block, rank=rank, model_config=model_config, target=target,
