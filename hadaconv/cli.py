@@ -573,10 +573,10 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
 def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
             provider) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with the
-    KV cache) or print the embedding of --text (encoders).  A bundle without a tokenizer takes
+    KV cache; printed as it is generated) or print the embedding of --text (encoders).  A bundle without a tokenizer takes
     token ids with --ids instead, and a causal LM then prints the generated ids (comma-separated,
     like --ids)."""
-    from hadaconv.export.bundle import open_bundle, read_metadata
+    from hadaconv.export.bundle import context_length, open_bundle, read_metadata
 
     if temperature == 0 and (top_k or seed is not None):
         raise HadaconvError(f"{'--top-k' if top_k else '--seed'} only matters when sampling: give --temperature "
@@ -586,8 +586,8 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
     # The options against the metadata before the session: opening a 500 MB graph takes seconds.
     meta = read_metadata(bundle)
     given = _run_input(bundle, meta, prompt, text, ids)
-    context = ((meta.get("genai_config") or {}).get("model") or {}).get("context_length")
-    if isinstance(context, int) and not isinstance(context, bool) and max_new_tokens >= context:
+    context = context_length(bundle, meta)
+    if context is not None and max_new_tokens >= context:
         raise HadaconvError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens, "
                             f"the prompt included: give fewer than {context}")
     opened = open_bundle(bundle, provider=provider)
@@ -643,11 +643,15 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
     generated ids out."""
     from hadaconv.generate import generate
 
-    out = generate(opened, prompt if ids is None else [ids], max_new_tokens, chat=chat, **sampling)
     if ids is not None:
+        out = generate(opened, [ids], max_new_tokens, chat=chat, **sampling)
         click.echo(",".join(map(str, out.tokens[0].tolist())))
     else:
-        click.echo(out.text[0] if chat else prompt + out.text[0])
+        if not chat:
+            click.echo(prompt, nl=False)
+        stream = _Stream(opened.tokenizer, opened.meta.get("eos_token_id"))
+        out = generate(opened, prompt, max_new_tokens, chat=chat, on_token=stream, **sampling)
+        stream.finish(out.text[0])
     device = opened.session.get_providers()[0].replace("ExecutionProvider", "")
     # One new token comes from the prefill alone: there is no decode rate to report then.
     rate = f"{out.tokens_per_s:.1f} tokens/s decode" if out.new_tokens > 1 else "no decode steps"
@@ -655,6 +659,33 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
     cut = "" if out.finished else f", stopped at --max-new-tokens {max_new_tokens}"
     click.echo(f"[{out.new_tokens} tokens{cut}, {rate}, prefill of {out.prompt_tokens} "
                f"token{'s' if out.prompt_tokens != 1 else ''} {out.prefill_s * 1000:.0f} ms, {device}]", err=True)
+
+
+class _Stream:
+    """Prints a reply while it is generated (batch 1): after each token, what the decoded reply
+    gained.  The whole reply is decoded each time, so the printed text is the final one exactly (a
+    piece decoded alone can lose the space a tokenizer merges into the next token); a reply that
+    ends in an incomplete UTF-8 sequence waits for the bytes that complete it."""
+
+    def __init__(self, tokenizer, eos) -> None:
+        self.tokenizer, self.ids, self.shown, self.stopped = tokenizer, [], "", False
+        self.eos = set(eos) if isinstance(eos, list) else {eos}
+
+    def __call__(self, tokens) -> None:
+        token = int(tokens[0])
+        self.stopped = self.stopped or token in self.eos
+        if self.stopped:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            click.echo(text[len(self.shown):], nl=False)
+            sys.stdout.flush()
+            self.shown = text
+
+    def finish(self, text: str) -> None:
+        """End with the generation's own text (what it decoded from the tokens up to EOS)."""
+        click.echo(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text)
 
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)\s*([hms]))+|(\d+(?:\.\d*)?|\.\d+)")

@@ -21,7 +21,7 @@ import ctypes
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -258,9 +258,10 @@ def _step(session: Any, feeds: dict[str, np.ndarray], past: dict[str, Any],
 
 
 def _decode(session: Any, past_names: list[str], ids: np.ndarray, mask: np.ndarray, max_new_tokens: int,
-            pick: Any, eos_set: set[int], pad: int) -> tuple[np.ndarray, float, float]:
+            pick: Any, eos_set: set[int], pad: int, on_token: Any = None) -> tuple[np.ndarray, float, float]:
     """(new tokens [batch, <= max_new_tokens], prefill seconds, decode seconds): the prefill over
-    ``ids`` with an empty past, then single-token steps until every row has hit EOS."""
+    ``ids`` with an empty past, then single-token steps until every row has hit EOS;
+    ``on_token(tokens)`` sees each step's tokens as they come."""
     batch, has_positions = ids.shape[0], any(i.name == "position_ids" for i in session.get_inputs())
     device = _cache_device(session)
     try:
@@ -288,6 +289,8 @@ def _decode(session: Any, past_names: list[str], ids: np.ndarray, mask: np.ndarr
             decode_s += time.perf_counter() - start
         token = np.where(done, pad, pick(logits))
         out_tokens[:, step] = token
+        if on_token is not None:
+            on_token(token.copy())
         done |= np.isin(token, list(eos_set))
         if done.all():
             return out_tokens[:, : step + 1], prefill_s, decode_s
@@ -309,6 +312,7 @@ def generate(
     pad_token_id: int | None = None,
     seed: int | None = None,
     tokenizer: Any = None,
+    on_token: Callable[[np.ndarray], None] | None = None,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after ``prompt`` with the KV cache.
 
@@ -336,6 +340,9 @@ def generate(
         pad_token_id: filler for padding and for rows that stopped (default: the bundle's, else EOS, else 0).
         seed: for sampling.
         tokenizer: overrides the bundle's (needed for text with a bare session).
+        on_token: called after every step with that step's tokens (int64 [batch]; the pad token
+            for rows that have stopped), as they come: what ``hadaconv run`` streams its reply
+            with (the role of a Hugging Face ``TextStreamer``'s ``put``).
 
     Returns a :class:`Generation`: int64 tokens [batch, new], prefill and decode wall seconds.
     Raises HadaconvError (InputError for bad arguments) on a model without a cache, bad prompts
@@ -354,7 +361,8 @@ def generate(
     pick = lambda logits: _pick(logits, temperature, top_k, rng)  # noqa: E731
     if repetition_penalty != 1:
         pick = _remembering(pick, ids, mask, repetition_penalty)
-    tokens, prefill_s, decode_s = _decode(session, past_names, ids, mask, max_new_tokens, pick, eos_set, pad)
+    tokens, prefill_s, decode_s = _decode(session, past_names, ids, mask, max_new_tokens, pick, eos_set, pad,
+                                          on_token)
     text = None
     if tokenizer is not None:
         text = [tokenizer.decode(_until_eos(row, eos_set), skip_special_tokens=True) for row in tokens.tolist()]

@@ -297,6 +297,12 @@ def _library_named(bundle: Path, name) -> Path:
     return _meta_with(bundle, op_library=name)
 
 
+def _with_context(bundle: Path, length) -> Path:
+    """The bundle with a genai_config.json stating ``length`` as the model's context."""
+    (bundle / "genai_config.json").write_text(json.dumps({"model": {"context_length": length}}))
+    return _meta_with(bundle, genai_config="genai_config.json")
+
+
 def _no_tokenizer_files(folder: Path) -> Path:
     """A model folder whose tokenizer files are removed."""
     for name in TOKENIZER_FILES:
@@ -948,8 +954,7 @@ ROWS = [
     Row("run-prompt-not-utf8", lambda w, t: ["run", w.bundle, "--prompt", "caf\udce9"],
         r"--prompt is not UTF-8 text$"),
     Row("run-max-new-tokens-past-context",
-        lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), genai_config={"model": {"context_length": 64}}),
-                      "--prompt", "hi", "--max-new-tokens", "64"],
+        lambda w, t: ["run", _with_context(_copy(w.bundle, t / "b"), 64), "--prompt", "hi", "--max-new-tokens", "64"],
         r"--max-new-tokens 64 does not fit the model's context of 64 tokens, the prompt included: give fewer than 64$"),
     Row("run-prompt-without-tokenizer",
         lambda w, t: ["run", _without_tokenizer(_copy(w.bundle, t / "b")), "--prompt", "hi"],

@@ -214,9 +214,14 @@ def test_cli_export_and_run(tmp_path, converted_folder, capsys):
     stages = [line for line in printed.splitlines() if line.startswith("[")]
     assert "exporting the causal-lm (custom form)" in stages[0] and "validating in ONNX Runtime" in stages[1], printed
     assert {"model.onnx", "libhadaconv_ort.so", "tokenizer.json", METADATA} <= {p.name for p in out.iterdir()}
-    main(["run", str(out), "--prompt", "hello there", "--max-new-tokens", "5"])
+    main(["run", str(out), "--prompt", "hello there", "--max-new-tokens", "12"])
     captured = capsys.readouterr()
-    assert captured.out.startswith("hello there") and "tokens/s" in captured.err
+    # Streamed token by token, the printed reply is the generation's own text exactly.
+    expected = generate(out, "hello there", 12)
+    assert captured.out == "hello there" + expected.text[0] + "\n" and "tokens/s" in captured.err
+    seen = []
+    assert (generate(out, "hello there", 12, on_token=seen.append).tokens == np.stack(seen, 1)).all()
+    assert len(seen) == expected.tokens.shape[1]
 
 
 def test_cli_float16_export_with_cache_validates_and_runs(tmp_path, converted_folder, capsys):
@@ -732,3 +737,18 @@ def test_negative_token_ids_mean_none():
     assert _token_id(None, config, "pad_token_id") is None
     assert _token_id(None, config, "eos_token_id") == [2]
     assert _special_tokens({"eos_token_id": 2, "pad_token_id": -1}, None, None) == ({2}, 2)
+
+
+def test_context_length_reads_only_the_bundles_own_genai_config(tmp_path):
+    """`run` checks --max-new-tokens against the context genai_config.json states: an untrusted
+    file, read only inside the bundle, and anything but a positive integer there is no context."""
+    from hadaconv.export.bundle import context_length
+
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"context_length": 64}}))
+    assert context_length(tmp_path, {"genai_config": "genai_config.json"}) == 64
+    for meta in ({}, {"genai_config": "../genai_config.json"}, {"genai_config": 3}, {"genai_config": "nope.json"}):
+        assert context_length(tmp_path, meta) is None
+    for bad in ('{"model": {"context_length": true}}', '{"model": {"context_length": -1}}', "[1]", "{",
+                '{"model": 5}', '{"model": {"context_length": 1.5}}'):
+        (tmp_path / "g.json").write_text(bad)
+        assert context_length(tmp_path, {"genai_config": "g.json"}) is None

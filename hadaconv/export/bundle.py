@@ -62,6 +62,22 @@ def _export_step() -> str:
     return command("`hadaconv export --onnx`", "hadaconv.export_onnx")
 
 
+def context_length(folder: str | os.PathLike, meta: dict[str, Any]) -> int | None:
+    """The context length (tokens, the prompt included) stated by the bundle's
+    ``genai_config.json``, as onnxruntime-genai sizes its KV cache by it; None where the bundle
+    has none or it states no positive integer (an untrusted file: never an error)."""
+    name = meta.get("genai_config")
+    if not isinstance(name, str) or Path(name).name != name:  # a bare file name inside the bundle
+        return None
+    try:
+        data = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    length = model.get("context_length") if isinstance(model, dict) else None
+    return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
+
+
 def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     """The bundle's ``hadaconv_onnx.json``, checked; one clear line for anything that is not a bundle."""
     folder = Path(folder)
