@@ -97,10 +97,15 @@ def _check_not_around_us(path: Path) -> None:
     either: a folder output replaces the whole folder, so ``-o . --overwrite`` would delete what
     the user is working in (a newcomer's trial lost a file that way)."""
     out = path.resolve()
-    for place, name in ((Path.cwd(), "the current folder"), (Path.home(), "your home folder")):
+    places = [(Path.cwd(), "the current folder")]
+    with contextlib.suppress(RuntimeError):  # no HOME and no passwd entry (an arbitrary container user)
+        places.append((Path.home(), "your home folder"))
+    for place, name in places:
         place = place.resolve()
-        if out == place or out in place.parents:
-            what = name if out == place else f"a folder holding {name}"
+        # by name, and as the same folder under another (a case-insensitive file system, a bind mount)
+        same = out == place or _same_file(out, (place,))
+        if same or out in place.parents or _same_file(out, tuple(place.parents)):
+            what = name if same else f"a folder holding {name}"
             raise OutputError(f"the output {path} is {what}: a folder output replaces the whole folder; "
                               "choose a new or empty folder inside it")
 

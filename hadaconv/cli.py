@@ -452,7 +452,7 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     from hadaconv.io import check_model_config, load_model
     from hadaconv.sample import check_jsonl_name, sample_texts, write_jsonl
 
-    check_output(output, overwrite, folder=False, inputs=[model, model_config])
+    check_output(output, overwrite, folder=False, inputs=[model, model_config])  # first: "is the input" matters more
     check_jsonl_name(output)
     check_model_config(model, model_config)  # before the skeleton, which would ignore an inapplicable one
     _check_context(model, model_config, seq_len, device, dtype)
@@ -523,6 +523,8 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
     check_output(output, overwrite, folder=True, inputs=[model, model_config])
     if no_validate and atol is not None:
         raise HadaconvError("--atol is the validation's tolerance: drop it or --no-validate")
+    if kind == "module" and shape is None:
+        raise HadaconvError("--kind module exports a plain module, which needs example inputs: give --input-shape")
     check_options(DTYPES[dtype] if dtype else torch.float32, portable=portable, optimize=optimize,
                   validate_outputs=not no_validate)
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, dtype="float32")  # ONNX graphs in float32
@@ -558,7 +560,8 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
               help="The input as token ids instead of text, e.g. 1,2,3: for bundles without a tokenizer "
                    "(a causal LM then prints the generated ids).")
 @click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True,
-              help="Causal LMs: tokens to generate after the prompt (fewer where the end-of-text token comes first).")
+              help="Causal LMs: tokens to generate after the prompt (fewer where the end-of-text token comes "
+                   "first); fewer than the model's context, which holds the prompt too.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all); with --temperature above 0.")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
@@ -572,10 +575,10 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
               help="auto: CUDA when this onnxruntime has it, else CPU.")
 def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
             provider) -> None:
-    """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with the
-    KV cache; printed as it is generated) or print the embedding of --text (encoders).  A bundle without a tokenizer takes
-    token ids with --ids instead, and a causal LM then prints the generated ids (comma-separated,
-    like --ids)."""
+    """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with
+    the KV cache; printed as it is generated) or print the embedding of --text (encoders).  A
+    bundle without a tokenizer takes token ids with --ids instead, and a causal LM then prints the
+    generated ids (comma-separated, like --ids)."""
     from hadaconv.export.bundle import context_length, open_bundle, read_metadata
 
     if temperature == 0 and (top_k or seed is not None):
@@ -641,16 +644,18 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
                       **sampling) -> None:
     """Text in, text out (the prompt and its continuation, or with --chat the reply); ids in, the
     generated ids out."""
-    from hadaconv.generate import generate
+    from hadaconv.generate import generate, special_tokens
 
     if ids is not None:
         out = generate(opened, [ids], max_new_tokens, chat=chat, **sampling)
         click.echo(",".join(map(str, out.tokens[0].tolist())))
     else:
-        if not chat:
-            click.echo(prompt, nl=False)
-        stream = _Stream(opened.tokenizer, opened.meta.get("eos_token_id"))
-        out = generate(opened, prompt, max_new_tokens, chat=chat, on_token=stream, **sampling)
+        stream = _Stream(opened.tokenizer, special_tokens(opened.meta, None, None)[0], "" if chat else prompt)
+        try:
+            out = generate(opened, prompt, max_new_tokens, chat=chat, on_token=stream, **sampling)
+        except BaseException:  # an error or Ctrl-C mid-reply: its line is ended before the message
+            stream.finish(None)
+            raise
         stream.finish(out.text[0])
     device = opened.session.get_providers()[0].replace("ExecutionProvider", "")
     # One new token comes from the prefill alone: there is no decode rate to report then.
@@ -662,34 +667,49 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
 
 
 class _Stream:
-    """Prints a reply while it is generated (batch 1): after each token, what the decoded reply
-    gained.  The whole reply is decoded each time, so the printed text is the final one exactly (a
-    piece decoded alone can lose the space a tokenizer merges into the next token); a reply that
-    ends in an incomplete UTF-8 sequence waits for the bytes that complete it."""
+    """Prints a reply while it is generated (batch 1): ``prefix`` (the prompt) with the first
+    token, then after each token what the decoded reply gained, up to its last whitespace (the
+    whole reply is decoded each time, and a tokenizer may still change the end of it: clean-up of
+    spaces before punctuation, an incomplete UTF-8 sequence).  ``finish`` prints the rest of the
+    generation's own text; should a shown part change after all, streaming stops there and
+    ``finish`` prints the text from where the two agree on."""
 
-    def __init__(self, tokenizer, eos) -> None:
-        self.tokenizer, self.ids, self.shown, self.stopped = tokenizer, [], "", False
-        self.eos = set(eos) if isinstance(eos, list) else {eos}
+    def __init__(self, tokenizer, eos: set[int], prefix: str) -> None:
+        self.tokenizer, self.eos, self.prefix = tokenizer, eos, prefix
+        self.ids: list[int] = []
+        self.shown, self.started, self.live = "", False, True
 
     def __call__(self, tokens) -> None:
+        if not self.started:
+            click.echo(self.prefix, nl=False)
+            self.started = True
         token = int(tokens[0])
-        self.stopped = self.stopped or token in self.eos
-        if self.stopped:
+        self.live = self.live and token not in self.eos  # the reply ends at EOS (batch 1: the last step)
+        if not self.live:
             return
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and text.startswith(self.shown):
-            click.echo(text[len(self.shown):], nl=False)
-            sys.stdout.flush()
-            self.shown = text
+        settled = text[:max(text.rfind(" "), text.rfind("\n")) + 1]
+        if not settled.startswith(self.shown):
+            self.live = False
+            return
+        click.echo(settled[len(self.shown):], nl=False)
+        self.shown = settled
 
-    def finish(self, text: str) -> None:
-        """End with the generation's own text (what it decoded from the tokens up to EOS)."""
-        click.echo(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text)
+    def finish(self, text: str | None) -> None:
+        """End the line: with the rest of ``text`` (the generation's own), or only the line end
+        after a failure (None)."""
+        if not self.started and text is None:
+            return
+        if not self.started:
+            click.echo(self.prefix, nl=False)
+        agree = len(os.path.commonprefix([self.shown, text or ""]))
+        click.echo((text or "")[agree:] if text is not None else "")
 
 
-_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)\s*([hms]))+|(\d+(?:\.\d*)?|\.\d+)")
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([hms])")
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+#: 90, 90s, 30m, 1.5h, 1h30m, 1h 30m 15s: hours, minutes, seconds in that order, each at most once.
+_DURATION = re.compile(rf"(?:{_NUMBER}h)?(?:{_NUMBER}m)?(?:{_NUMBER}s)?|{_NUMBER}", re.ASCII)
 
 
 def _duration(text: str | None) -> float | None:
@@ -697,12 +717,11 @@ def _duration(text: str | None) -> float | None:
     2, as for a number option given a word), not an input check's."""
     if text is None:
         return None
-    spec = text.strip().lower().replace(" ", "")
-    units = {"s": 1, "m": 60, "h": 3600}
+    match = _DURATION.fullmatch("".join(text.lower().split()))
     value = -1.0
-    if _DURATION.fullmatch(spec):
-        parts = _PART.findall(spec)
-        value = sum(float(n) * units[u] for n, u in parts) if parts else float(spec)
+    if match and any(match.groups()):
+        hours, minutes, seconds, bare = (float(g) if g else 0.0 for g in match.groups())
+        value = hours * 3600 + minutes * 60 + seconds + bare
     if not 0 < value < float("inf"):
         raise click.BadParameter(f"expected a positive duration like 90s, 30m, 2h or 1h30m, got {text!r}")
     return value

@@ -493,7 +493,7 @@ def rank_layers(model: nn.Module, target: Target, fits: dict[int, FitResult], ro
     if not (cfg.sensitivity or cfg.ranked):
         return ""
     if not data.calib:
-        if cfg.ranked:
+        if cfg.ranked:  # check_config refuses calib="none"; calibration inputs that made no batch land here
             raise _ranking_needs_data()
         return ""
     values = sensitivities(model, target.layers, fits, _probe_on(model, data, cfg, from_inputs), target.kind,

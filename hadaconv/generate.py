@@ -28,7 +28,7 @@ import numpy as np
 from hadaconv.errors import HadaconvError, InputError, check_int, check_number, option
 from hadaconv.export.bundle import Bundle, open_bundle
 
-__all__ = ["Embedding", "Generation", "embed", "generate"]
+__all__ = ["Embedding", "Generation", "embed", "generate", "special_tokens"]
 
 # Element types of the cache as ``OrtValue.ortvalue_from_shape_and_type`` takes them: numpy has no
 # bfloat16, so that one goes by its ONNX type number (TensorProto.BFLOAT16 = 16).
@@ -205,7 +205,7 @@ def _cache_inputs(session: Any, meta: dict) -> list[str]:
     return past
 
 
-def _special_tokens(meta: dict, eos_token_id: Any, pad_token_id: int | None) -> tuple[set[int], int]:
+def special_tokens(meta: dict, eos_token_id: Any, pad_token_id: int | None) -> tuple[set[int], int]:
     """(EOS ids, pad id): the arguments, else the bundle's metadata, else pad = min EOS, else 0."""
     eos = meta.get("eos_token_id") if eos_token_id is None else eos_token_id
     eos_set = {i for i in ([eos] if isinstance(eos, int) else (eos or [])) if i >= 0}  # -1: "none" in old configs
@@ -354,7 +354,7 @@ def generate(
     check_number("repetition_penalty", repetition_penalty, 0, strict=True)
     session, tokenizer, meta = _resolve(target, tokenizer)
     past_names = _cache_inputs(session, meta)
-    eos_set, pad = _special_tokens(meta, eos_token_id, pad_token_id)
+    eos_set, pad = special_tokens(meta, eos_token_id, pad_token_id)
     ids, mask = _encode(prompt, tokenizer, pad, chat)
     _check_vocabulary(session, ids, mask)
     rng = np.random.default_rng(seed)

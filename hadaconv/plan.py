@@ -100,8 +100,9 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
 
     check_model_config(source, model_config)  # before the skeleton, which would ignore an inapplicable one
     plan = _plan(source, model_config, trust_pickle, target, dense_layers, block, rank)
-    for layer in plan.layers if block is not None else []:  # asked for: refused as convert refuses it
-        check_block(block, layer.out_features, layer.name)
+    if block is not None:  # asked for: refused as convert refuses it
+        for layer in plan.layers:
+            check_block(block, layer.out_features, layer.name)
     return plan
 
 

@@ -136,8 +136,9 @@ def check_jsonl_name(path: str | os.PathLike) -> None:
     """Refuse a JSONL output named as another kind of text: ``--calib s.txt`` would read the JSON
     syntax as the text (a ``.json`` name is read as JSON Lines too)."""
     if Path(path).suffix.lower() not in (".jsonl", ".json"):
+        readers = command("--calib, --data and eval --text", "calibration and evaluation")
         raise HadaconvError(f"{path}: the texts are written as JSON Lines (one {{\"text\": ...}} per line): name "
-                            "the file .jsonl, so that --calib, --data and eval --text read them as texts")
+                            f"the file .jsonl, so that {readers} read them as texts")
 
 
 def write_jsonl(texts: list[str], path: str | os.PathLike, overwrite: bool = False) -> Path:

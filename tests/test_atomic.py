@@ -2,6 +2,7 @@
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,27 @@ def test_check_output_never_replaces_an_input(tmp_path):
     gone = tmp_path / "gone"  # not on disk (a mistyped model, a keyword like "sample"): the loader's to refuse
     assert atomic.check_output(gone, True, folder=True, inputs=[gone, "sample"]) == gone
     assert (model / "config.json").read_text() == "{}"
+
+
+def test_folder_outputs_never_replace_the_current_or_home_folder(tmp_path, monkeypatch):
+    """A folder output replaces the whole folder: the current folder, the home folder and any
+    folder holding either are refused, by any name (a newcomer's -o . --overwrite deleted files)."""
+    from hadaconv.atomic import check_output
+    from hadaconv.errors import OutputError
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / "docs").mkdir(parents=True)
+    work.mkdir()
+    (tmp_path / "link").symlink_to(work)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    for out, what in ((".", "is the current folder"), (tmp_path / "link", "is the current folder"),
+                      ("..", "is a folder holding the current folder"), (home, "is your home folder"),
+                      (f"{home}/docs/..", "is your home folder")):
+        with pytest.raises(OutputError, match=what):
+            check_output(out, overwrite=True, folder=True)
+    assert check_output("new", folder=True) == Path("new")  # inside the current folder: fine
+    assert check_output(home / "docs", overwrite=True, folder=True) == home / "docs"  # inside the home folder
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert check_output(home / "other", folder=True) == home / "other"  # no home folder: only the cwd check

@@ -752,3 +752,41 @@ def test_context_length_reads_only_the_bundles_own_genai_config(tmp_path):
                 '{"model": 5}', '{"model": {"context_length": 1.5}}'):
         (tmp_path / "g.json").write_text(bad)
         assert context_length(tmp_path, {"genai_config": "g.json"}) is None
+
+
+class _Pieces:
+    """A tokenizer whose ids decode to fixed pieces, cleaning up a space before a full stop as
+    Hugging Face's clean_up_tokenization_spaces does."""
+
+    def __init__(self, pieces: dict[int, str]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids).replace(" .", ".")
+
+
+def test_run_streams_settled_text_and_ends_with_the_generations_own(capsys):
+    """`run` prints the reply as it comes, up to its last whitespace, then the rest of the final
+    text; EOS prints nothing; a shown part the tokenizer changes later is not printed twice; a
+    failure mid-reply only ends the line."""
+    from hadaconv.cli import _Stream
+
+    tok = _Pieces({1: "Hello", 2: " world", 3: " again", 4: " ", 5: ".", 9: ""})
+    stream = _Stream(tok, {9}, "P: ")
+    for token in (1, 2, 3):
+        stream(np.array([token]))
+    assert capsys.readouterr().out == "P: Hello world "  # streamed before the end, the last word held back
+    stream(np.array([9]))
+    stream.finish("Hello world again")
+    assert capsys.readouterr().out == "again\n"
+    stream = _Stream(tok, {9}, "")
+    for token in (1, 4, 5, 2):  # "Hello " is shown, then cleaned up to "Hello."
+        stream(np.array([token]))
+    stream.finish("Hello. world")
+    assert capsys.readouterr().out == "Hello . world\n"  # from where the two agree: nothing twice
+    stream = _Stream(tok, {9}, "P: ")
+    stream.finish(None)  # failed before the first token: nothing to end
+    assert capsys.readouterr().out == ""
+    stream(np.array([1]))
+    stream.finish(None)
+    assert capsys.readouterr().out == "P: \n"

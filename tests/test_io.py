@@ -22,7 +22,7 @@ from hadaconv.convert import install_projection
 from hadaconv.errors import HadaconvError, OutputError
 from hadaconv.io import hadaconv_meta, load, load_model, load_tokenizer, save_converted, skeleton
 from hadaconv.nn import HadamardProjection
-from tiny_models import example_inputs, make_tiny
+from tiny_models import example_inputs, make_tiny, tokenizer_folder
 
 
 def _out(model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -561,3 +561,30 @@ def test_a_gguf_tokenizer_read_early_is_the_one_the_load_takes(tmp_path, monkeyp
     assert inputs.source_tokenizer(path) is early and built == ["m.gguf"]
     assert inputs._gguf_tokenizer(path, take=True) is early and built == ["m.gguf"]
     assert inputs._gguf_tokenizer(path, take=True) is not early and built == ["m.gguf"] * 2  # taken: built anew
+
+
+def test_lacks_tokenizer_only_where_the_files_say_so(tmp_path):
+    """The early "calibration needs a tokenizer" is said only where the load would find none: a
+    model folder without tokenizer files, bare weights with none beside the config or the
+    weights.  Not for a folder that is no model (the load says what it is), a GGUF file (its
+    vocabulary), or where a tokenizer sits beside the weights while the config's folder holds only
+    generation_config.json."""
+    from hadaconv.io import lacks_tokenizer
+    from hadaconv.io.files import TOKENIZER_FILES
+
+    make_tiny("llama", tmp_path / "m")
+    assert not lacks_tokenizer(tmp_path / "m")
+    for name in TOKENIZER_FILES:
+        if name != "generation_config.json":
+            (tmp_path / "m" / name).unlink(missing_ok=True)
+    assert lacks_tokenizer(tmp_path / "m")  # config.json and generation_config.json: no tokenizer
+    (tmp_path / "empty").mkdir()
+    assert not lacks_tokenizer(tmp_path / "empty")
+    assert not lacks_tokenizer(tmp_path / "x.gguf")
+    bare = tmp_path / "w" / "model.safetensors"
+    bare.parent.mkdir()
+    shutil.copy(tmp_path / "m" / "model.safetensors", bare)
+    assert lacks_tokenizer(bare, config=tmp_path / "m")  # neither folder holds one
+    assert not lacks_tokenizer(bare)  # no config: only the load tells
+    shutil.copy(tokenizer_folder() / "tokenizer.json", bare.parent / "tokenizer.json")
+    assert not lacks_tokenizer(bare, config=tmp_path / "m")  # the weights' own folder holds one

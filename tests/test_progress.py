@@ -132,14 +132,15 @@ def test_status_keeps_speaking_during_long_work(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("1.5h", 5400), ("1h30m", 5400),
-                                           ("1h 30m 15s", 5415), (".5h", 1800), ("2H", 7200)])
+                                           ("1h 30m 15s", 5415), ("1h\t30m", 5400), (".5h", 1800), ("2H", 7200)])
 def test_max_time_reads_durations_people_write(text, seconds):
     from hadaconv.cli import _duration
 
     assert _duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["90sec", "1h30", "0", "-5", "inf", "nan", "h", ""])
+@pytest.mark.parametrize("text", ["90sec", "1h30", "0", "-5", "inf", "nan", "h", "", "1h1h", "30m1h", "1s1s",
+                                  "\u0663m"])
 def test_max_time_refuses_what_is_no_duration(text):
     import click
 

@@ -37,7 +37,7 @@ from hadaconv.calibrate import HELDOUT_EVERY, describe_sources, mixed_windows, r
 from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
-from hadaconv.distill.parallel import Dist, no_sync, setup, shard, wrap
+from hadaconv.distill.parallel import Dist, fsdp_needs_processes, no_sync, setup, several_processes, shard, wrap
 from hadaconv.device import native_bf16, resolve_device, resolve_dtype
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
@@ -425,7 +425,8 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     (the Python API has no such types; a bad value must fail before minutes of sampling).
 
     Raises:
-        InputError: not a DistillConfig, a value out of range or of the wrong type, or an
+        InputError: not a DistillConfig, a value out of range or of the wrong type, a device that
+            is none or not here, ``fsdp`` on one process or with the local stage, or an
             ``eval_text`` that is not a file.
     """
     if config is None:
@@ -437,19 +438,20 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
         cfg = replace(cfg, data=[cfg.data])
     if isinstance(cfg.max_time, str):
         raise InputError(f"{option('max_time', cfg.max_time)}: a number of seconds (the command line's --max-time "
-                         "takes 90s, 30m, 2h)")
+                         "takes 90s, 30m, 2h, 1h30m)")
     if isinstance(cfg.stages, str) or not cfg.stages or any(s not in ("local", "global") for s in cfg.stages):
         raise InputError(f"{option('stages', flag=_FLAGS['stages'])} must be local and/or global, got {cfg.stages!r}")
     if cfg.train not in ("attention", "all"):
         raise InputError(f"{option('train', cfg.train)} is neither attention nor all")
     resolve_dtype(cfg.dtype)
+    check_fields(cfg, _AT_LEAST, _NUMBERS, _FLAGS)
     if cfg.device is not None:
         resolve_device(cfg.device)  # "gpu", or CUDA where there is none: said before two models load
     if cfg.fsdp and "local" in cfg.stages:
-        raise _fsdp_local()
-    if cfg.fsdp and not (int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.distributed.is_initialized()):
-        raise InputError(f"{option('fsdp')} needs several processes: run under torchrun --nproc-per-node N")
-    check_fields(cfg, _AT_LEAST, _NUMBERS, _FLAGS)
+        raise InputError(f"the local stage trains whole blocks on one device; with {option('fsdp')} train the "
+                         "global stage only")
+    if cfg.fsdp and not several_processes():
+        raise fsdp_needs_processes()
     if cfg.min_lr_ratio > 1:
         raise InputError(f"{option('min_lr_ratio')} must be at most 1 (a fraction of lr), got {cfg.min_lr_ratio!r}")
     if cfg.eval_text is not None and not Path(cfg.eval_text).is_file():
@@ -457,11 +459,6 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     if cfg.eval_text is not None:
         read_document(cfg.eval_text)  # not UTF-8 (a binary named by mistake): refused before the models load
     return cfg
-
-
-def _fsdp_local() -> InputError:
-    return InputError(f"the local stage trains whole blocks on one device; with {option('fsdp')} train the global "
-                      "stage only")
 
 
 def distill(
@@ -488,11 +485,11 @@ def distill(
 
     Raises:
         InputError: a student or teacher that is not an ``nn.Module``, the config given where
-            the tokenizer goes, a ``config`` value out of range (:func:`check_config`), or too
-            few windows to hold any out for evaluation.
-        HadaconvError: no tokenizer, a model that is neither a causal LM nor a text encoder, a
-            student with no converted blocks, or options that do not go together (FSDP with the
-            local stage).
+            the tokenizer goes, a ``config`` value out of range or options that do not go
+            together (:func:`check_config`: FSDP with the local stage or on one process), or
+            too few windows to hold any out for evaluation.
+        HadaconvError: no tokenizer, a model that is neither a causal LM nor a text encoder, or a
+            student with no converted blocks.
     """
     check_module(student, "student")
     check_module(teacher, "teacher")

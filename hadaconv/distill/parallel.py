@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hadaconv.errors import HadaconvError, option
+from hadaconv.errors import HadaconvError, InputError, option
 
 __all__ = ["Dist", "is_main", "setup"]
 
@@ -123,10 +123,23 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def several_processes() -> bool:
+    """Whether this process is one of several: a process group of more than one, or the
+    ``WORLD_SIZE`` torchrun sets for the group :func:`setup` will join."""
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    world = os.environ.get("WORLD_SIZE", "1")
+    return world.isdigit() and int(world) > 1
+
+
+def fsdp_needs_processes() -> HadaconvError:
+    return InputError(f"{option('fsdp')} needs several processes: run under torchrun --nproc-per-node N")
+
+
 def shard(model: nn.Module, d: Dist) -> None:
     """FSDP2: every ``_no_split_modules`` block is one unit, then the root."""
     if not d.active:
-        raise HadaconvError(f"{option('fsdp')} needs several processes: run under torchrun --nproc-per-node N")
+        raise fsdp_needs_processes()
     from torch.distributed.fsdp import fully_shard
 
     names = set(getattr(model, "_no_split_modules", None) or [])

@@ -41,7 +41,8 @@ from hadaconv.runtime import (OP_DOMAIN, OP_VERSION, get_library_path, import_on
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-__all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "open_bundle", "read_metadata", "session_for"]
+__all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "context_length", "open_bundle", "read_metadata",
+           "session_for"]
 
 METADATA = "hadaconv_onnx.json"
 MODEL = "model.onnx"

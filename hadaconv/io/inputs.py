@@ -22,7 +22,7 @@ from hadaconv.io.build import (HeadDropped, build_empty, builder, causal_lm_clas
                                check_size, config_file, hf_config, hf_from_config, load_weights, model_class,
                                model_from_config, refuse_missing)
 from hadaconv.io.converted import has_tokenizer, load, load_tokenizer, original_path, refuse_bundle
-from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, check_safetensors, file_identity,
+from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, WEIGHTS, check_safetensors, file_identity,
                                first_line, folder_weights, read_json, read_safetensors, shard_map)
 from hadaconv.progress import status
 
@@ -432,22 +432,20 @@ def lacks_tokenizer(source: str | os.PathLike, *, config: str | os.PathLike | No
     the config or the weights.  False where only the load tells (a ``torch.save``d module without
     a config) and for GGUF files, which carry a vocabulary."""
     path = Path(source)
-    if path.is_dir():
-        return not has_tokenizer(path)
+    if path.is_dir():  # a model folder (a folder without config.json is none: the load says what it is)
+        return (path / "config.json").is_file() and not has_tokenizer(path)
     if config is None or path.suffix not in (".safetensors", *_PICKLE_SUFFIXES):
         return False
     try:
-        folder = _tokenizer_folder(config_file(config), path)
+        return _tokenizer_folder(config_file(config), path) is None
     except HadaconvError:  # a config that cannot be read: the load says so
         return False
-    return folder is None or not has_tokenizer(folder)
 
 
 def _tokenizer_folder(config_path: Path, weights: Path) -> Path | None:
     """Where bare weights' tokenizer is: the config's folder first (a Hugging Face folder), then
     the weights' own; None where neither holds tokenizer files."""
-    return next((folder for folder in (config_path.parent, weights.parent)
-                 if any((folder / f).is_file() for f in TOKENIZER_FILES)), None)
+    return next((folder for folder in (config_path.parent, weights.parent) if has_tokenizer(folder)), None)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
