@@ -731,12 +731,12 @@ def test_negative_token_ids_mean_none():
     from types import SimpleNamespace
 
     from hadaconv.export import _token_id
-    from hadaconv.generate import _special_tokens
+    from hadaconv.generate import special_tokens
 
     config = SimpleNamespace(pad_token_id=-1, eos_token_id=[2, -1])
     assert _token_id(None, config, "pad_token_id") is None
     assert _token_id(None, config, "eos_token_id") == [2]
-    assert _special_tokens({"eos_token_id": 2, "pad_token_id": -1}, None, None) == ({2}, 2)
+    assert special_tokens({"eos_token_id": 2, "pad_token_id": -1}, None, None) == ({2}, 2)
 
 
 def test_context_length_reads_only_the_bundles_own_genai_config(tmp_path):
