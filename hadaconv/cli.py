@@ -267,7 +267,6 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
     without calibrating.  Shapes come from the config (a GGUF's metadata) where MODEL has one: its
     weights are not read, so a damaged weight file shows only when it is loaded.
 
-    \b
     Columns: width = output x input features of the output projection; hadamard = how the
     transform's order factors; heads / kv / dim = query heads, KV heads, head size; value =
     "folded" where the fit's value map folds into the value projection (no run-time cost), "-"

@@ -577,7 +577,9 @@ def test_lacks_tokenizer_only_where_the_files_say_so(tmp_path):
     for name in TOKENIZER_FILES:
         if name != "generation_config.json":
             (tmp_path / "m" / name).unlink(missing_ok=True)
-    assert lacks_tokenizer(tmp_path / "m")  # config.json and generation_config.json: no tokenizer
+    (tmp_path / "m" / "chat_template.jinja").write_text("{{ messages }}")  # left behind: no vocabulary
+    (tmp_path / "m" / "tokenizer_config.json").write_text("{}")
+    assert lacks_tokenizer(tmp_path / "m")  # config, generation config, template: no tokenizer
     (tmp_path / "empty").mkdir()
     assert not lacks_tokenizer(tmp_path / "empty")
     assert not lacks_tokenizer(tmp_path / "x.gguf")

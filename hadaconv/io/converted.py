@@ -22,7 +22,8 @@ from torch import nn
 from hadaconv.atomic import atomic_folder, check_output
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_module, command, option
 from hadaconv.io.build import load_weights, model_from_config, torch_recipe
-from hadaconv.io.files import SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, first_line, read_json, read_safetensors, shard_map
+from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, VOCABULARY_FILES, WEIGHTS, first_line, read_json,
+                               read_safetensors, shard_map)
 
 __all__ = ["check_savable", "config_for_saving", "hadaconv_meta", "load", "load_tokenizer", "original_path", "save",
            "save_converted"]
@@ -338,8 +339,8 @@ def refuse_bundle(folder: Path) -> None:
 
 
 def has_tokenizer(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds tokenizer files (what :func:`load_tokenizer` reads)."""
-    return any((Path(folder) / f).is_file() for f in TOKENIZER_FILES if f != "generation_config.json")
+    """Whether ``folder`` holds a tokenizer's vocabulary (what :func:`load_tokenizer` reads)."""
+    return any((Path(folder) / f).is_file() for f in VOCABULARY_FILES)
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Any | None:

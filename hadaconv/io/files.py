@@ -33,6 +33,12 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+#: The files of TOKENIZER_FILES that hold a vocabulary: a folder without one of them has no
+#: tokenizer to load, whatever else it holds (a chat template or a tokenizer_config.json left
+#: behind when the others were deleted).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model")
+
 
 #: safetensors metadata: {alias: stored name} for tensors stored once.  It also marks a converted
 #: model's weights for :func:`hadaconv.io.check_model_config`: save_converted always writes it, and a streamed
