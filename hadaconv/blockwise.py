@@ -43,7 +43,7 @@ from hadaconv.report import LayerReport
 from hadaconv.sensitivity import block_list
 from hadaconv.swap import apply_fit
 
-__all__ = ["BlockInput", "Decoder", "TeacherFn", "block_pass", "convert_blockwise", "decoder", "holds"]
+__all__ = ["BlockInput", "Decoder", "TeacherFn", "block_pass", "convert_blockwise", "decoder", "hidden_of", "holds"]
 
 
 class _Stop(Exception):
@@ -61,10 +61,18 @@ class BlockInput:
     kwargs: dict
     split: str
 
+    def raw(self, block: nn.Module, hidden: torch.Tensor):
+        """What ``block`` returns for ``hidden`` in place of the captured one, in its own form."""
+        return block(hidden, *self.args[1:], **self.kwargs)
+
     def call(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """``block``'s output hidden state for ``hidden`` in place of the captured one."""
-        out = block(hidden, *self.args[1:], **self.kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return hidden_of(self.raw(block, hidden))
+
+
+def hidden_of(output) -> torch.Tensor:
+    """The hidden state a block returned (alone, or first of a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class Decoder:
@@ -130,7 +138,7 @@ class Decoder:
             self.model(**self.model_kwargs(batch))
         finally:
             handle.remove()
-        expected = seen["out"][0] if isinstance(seen["out"], (tuple, list)) else seen["out"]
+        expected = hidden_of(seen["out"])
         if not torch.isfinite(expected).all():  # nothing to compare with; convert's statistics check
             return False                        # then names the first layer whose inputs are not finite
         inp = self.first_inputs([("calib", batch)])[0]

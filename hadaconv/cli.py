@@ -607,11 +607,12 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: str | None, id
     if kind not in ("causal-lm", "encoder"):
         raise HadaconvError(f"{bundle} holds a {kind} ({', '.join(o['name'] for o in meta.get('outputs', []))}): "
                             "run it with hadaconv.export.bundle.open_bundle")
-    option = "--prompt" if kind == "causal-lm" else "--text"
-    given, other = (prompt, text) if kind == "causal-lm" else (text, prompt)
-    wrong = "--text" if kind == "causal-lm" else "--prompt"
-    hint = "--text is for encoder bundles; " if kind == "causal-lm" else "--prompt is for causal LM bundles; "
-    what = "a causal LM bundle" if kind == "causal-lm" else "an encoder bundle"
+    # per kind: its option, the text given there, what one bundle is, what they are
+    causal = ("--prompt", prompt, "a causal LM bundle", "causal LM bundles")
+    encoder = ("--text", text, "an encoder bundle", "encoder bundles")
+    mine, others = (causal, encoder) if kind == "causal-lm" else (encoder, causal)
+    (option, given, what, _), (wrong, other, _, theirs) = mine, others
+    hint = f"{wrong} is for {theirs}; "
     if other is not None and (given is not None or ids is not None):
         raise HadaconvError(f"{hint}{bundle} is {what}: drop {wrong}")
     if given is not None:

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import AttentionLayer
-from hadaconv.blockwise import Decoder, block_pass, holds
+from hadaconv.blockwise import Decoder, block_pass, hidden_of, holds
 from hadaconv.convert import (Calibration, ConvertConfig, Target, calibration_batches, check_config,
                               check_convert_output, choose_layers, chooses_nothing, compensate_and_apply, find_target,
                               fit_with_row, mark_rows, no_tokenizer, probe_batches, warn_now)
@@ -213,8 +213,8 @@ def _ranking_pass(dec: ShardDecoder, target: Target, data: Calibration, windows:
                     copies[layer.index] = block_pass(block, probe, original, [], None)[1]
                 finally:
                     undo()
-            returned = [block(h, *inp.args[1:], **inp.kwargs) for inp, h in zip(probe, original)]
-            original = [out[0] if isinstance(out, (tuple, list)) else out for out in returned]
+            returned = [inp.raw(block, h) for inp, h in zip(probe, original)]
+            original = [hidden_of(out) for out in returned]
             dec.release(pos)
             step()
     return returned, copies
@@ -349,22 +349,25 @@ def _count(files: dict[str, Path], names: list[str]) -> tuple[int, int]:
 def _head_only(model: nn.Module) -> set[str]:
     """Names of the output head's parameters that are not also the input embedding (an untied
     head is only needed after the last block)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return set()
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    keep = {id(p) for p in embed.parameters()} if embed is not None else set()
-    head_ids = {id(p) for p in head.parameters()} - keep
-    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in head_ids}
+    return _unshared(model, _embeddings(model, "output"), _embeddings(model, "input"))
 
 
 def _embedding_only(model: nn.Module) -> set[str]:
     """Names of the input embedding's parameters that are not also the output head."""
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embed is None:
+    return _unshared(model, _embeddings(model, "input"), _embeddings(model, "output"))
+
+
+def _embeddings(model: nn.Module, side: str) -> nn.Module | None:
+    """The model's input or output embedding (None where it has no such accessor or module)."""
+    getter = getattr(model, f"get_{side}_embeddings", None)
+    return getter() if getter is not None else None
+
+
+def _unshared(model: nn.Module, module: nn.Module | None, other: nn.Module | None) -> set[str]:
+    """Names of ``module``'s parameters that ``other`` does not share (tied weights)."""
+    if module is None:
         return set()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    ids = {id(p) for p in embed.parameters()} - ({id(p) for p in head.parameters()} if head is not None else set())
+    ids = {id(p) for p in module.parameters()} - ({id(p) for p in other.parameters()} if other is not None else set())
     return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
 
 

@@ -132,7 +132,8 @@ def several_processes() -> bool:
     return world.isdigit() and int(world) > 1
 
 
-def fsdp_needs_processes() -> HadaconvError:
+def fsdp_needs_processes() -> InputError:
+    """The one error for FSDP asked of a single process (the config check and the run's own)."""
     return InputError(f"{option('fsdp')} needs several processes: run under torchrun --nproc-per-node N")
 
 

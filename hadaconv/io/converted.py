@@ -344,7 +344,7 @@ def has_tokenizer(folder: str | os.PathLike) -> bool:
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Any | None:
-    """The tokenizer saved in ``folder``, or None when it holds no tokenizer files."""
+    """The tokenizer saved in ``folder``, or None when it holds no vocabulary file."""
     folder = Path(folder)
     if not has_tokenizer(folder):
         return None

@@ -428,8 +428,9 @@ def source_tokenizer(source: str | os.PathLike, *, config: str | os.PathLike | N
 
 def lacks_tokenizer(source: str | os.PathLike, *, config: str | os.PathLike | None = None) -> bool:
     """Whether the model at ``source`` certainly loads without a tokenizer, told from the files
-    alone: a folder without tokenizer files, or bare weights (``config`` given) with none beside
-    the config or the weights.  False where only the load tells (a ``torch.save``d module without
+    alone: a model folder (one with config.json) without a vocabulary file
+    (:func:`hadaconv.io.converted.has_tokenizer`), or bare weights (``config`` given) with none
+    beside the config or the weights.  False where only the load tells (a ``torch.save``d module without
     a config) and for GGUF files, which carry a vocabulary."""
     path = Path(source)
     if path.is_dir():  # a model folder (a folder without config.json is none: the load says what it is)
