@@ -18,6 +18,7 @@ output may be replaced at all is decided beforehand, by :func:`check_output`, be
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -38,8 +39,10 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     long run cannot fail there at its end: the one check every writer calls before its work.
 
     ``folder=True`` (converted folders, bundles): an existing non-empty folder needs
-    ``overwrite``; an empty one is fine (a folder made beforehand); a file there is refused even
-    with ``overwrite`` (``-o model.gguf`` must not replace the input).  ``folder=False`` (JSONL,
+    ``overwrite``, and is replaced only if hadaconv wrote it (a converted model or an ONNX
+    bundle): ``-o ~/projects --overwrite`` must not delete a folder of the user's own files.  An
+    empty folder is fine (one made beforehand); a file there is refused even with ``overwrite``
+    (``-o model.gguf`` must not replace the input).  ``folder=False`` (JSONL,
     ...): an existing file needs ``overwrite``; a folder there, or a missing parent folder, is
     refused.  In both, the folder the output goes in (for a folder output: its nearest existing
     ancestor, as the missing ones are created) must be a folder this process may write in.
@@ -69,7 +72,30 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
         what = "folder" if folder else "file"
         raise OutputError(f"{path} already exists{' and is not empty' if folder else ''}: pass "
                           f"{option('overwrite', True)} to replace it, or choose another {what}")
+    if taken and folder and not _written_by_hadaconv(path):
+        raise OutputError(f"{path} holds files hadaconv did not write: {option('overwrite', True)} replaces only "
+                          "a converted model or an ONNX bundle; remove the folder yourself, or choose another")
     return path
+
+
+# The file every folder output holds: converted and distilled models a config.json with a
+# "hadaconv" section (hadaconv.io.converted), ONNX bundles hadaconv_onnx.json (export.bundle.METADATA).
+_BUNDLE_METADATA = "hadaconv_onnx.json"
+_CONFIG_LIMIT = 16 << 20  # a converted model's config.json is a few kB; the file is untrusted
+
+
+def _written_by_hadaconv(folder: Path) -> bool:
+    """Whether ``folder`` is a folder output of hadaconv, which ``overwrite`` may replace."""
+    if (folder / _BUNDLE_METADATA).is_file():
+        return True
+    config = folder / "config.json"
+    try:
+        if not config.is_file() or config.stat().st_size > _CONFIG_LIMIT:
+            return False
+        data = json.loads(config.read_bytes())
+    except (OSError, ValueError):  # unreadable or not JSON: not one we wrote
+        return False
+    return isinstance(data, dict) and isinstance(data.get("hadaconv"), dict)
 
 
 def _check_not_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> None:

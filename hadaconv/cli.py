@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from hadaconv.plan import Plan
 
 POSITIVE = click.IntRange(min=1)
+_OVERWRITE_HELP = ("Replace an output folder that hadaconv wrote (a converted model or a bundle); a folder of other "
+                   "files is refused.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -145,7 +147,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 @_model_config
 @click.option("--target", default=None, help="Generic fallback: convert square nn.Linear layers whose name matches this regex (affine fit).")
 @_trust_pickle
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 @click.option("--dry-run", is_flag=True,
               help="Only list what would be converted, what it would remove and calibrate on, after the checks "
                    "the real run makes before its model load (the output folder, the options against the config, "
@@ -502,7 +504,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
                    "'norms' decode about 5% slower (benchmarks/RESULTS.md) [default: off].")
 @_model_config
 @_trust_pickle
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 @click.option("--verbose", is_flag=True, help="Show the exporter's own progress output.")
 def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape, atol, dtype, no_validate, optimize,
                model_config, trust_pickle, overwrite, verbose) -> None:
@@ -805,7 +807,7 @@ def _duration(text: str | None) -> float | None:
               help="Run the forward passes under bfloat16 autocast (weights and optimizer stay in --dtype).  "
                    "[default: where the hardware multiplies bfloat16: CUDA GPUs, CPUs with AMX or AVX512_BF16]")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_stage, global_stage, train, data,
                 sampled, eval_text, eval_every, eval_windows, samples, seq_len, batch_size, accumulate, lr,
                 warmup_steps, clip, temperature, hidden_weight, local_steps, local_lr, max_steps, max_tokens,

@@ -448,7 +448,7 @@ def convert_streamed(
             sampled text must be cached.
         device: where blocks run ("cpu", "cuda", "cuda:N"; None: a GPU when present); the
             statistics go to ``config.stats_device`` (default: the same device).
-        overwrite: replace an existing output folder.
+        overwrite: replace an existing output folder that hadaconv wrote (a folder of other files is refused).
 
     Raises:
         HadaconvError: not a sharded Hugging Face folder, blocks not in sequence, bad options,

@@ -126,6 +126,7 @@ def test_check_output_one_rule_and_one_wording(tmp_path):
     (folder / "keep.txt").write_text("keep")
     file.write_text("{}\n")
     refusals = {}
+    (folder / "config.json").write_text('{"hadaconv": {"layers": [0]}}')  # a converted folder
     for path, is_folder in ((folder, True), (file, False)):
         with pytest.raises(OutputError) as info:
             atomic.check_output(path, folder=is_folder)
@@ -204,6 +205,36 @@ def test_check_output_never_replaces_an_input(tmp_path):
     gone = tmp_path / "gone"  # not on disk (a mistyped model, a keyword like "sample"): the loader's to refuse
     assert atomic.check_output(gone, True, folder=True, inputs=[gone, "sample"]) == gone
     assert (model / "config.json").read_text() == "{}"
+
+
+def test_overwrite_replaces_only_folders_hadaconv_wrote(tmp_path):
+    """overwrite replaces a converted folder or an ONNX bundle, never a folder of other files:
+    ``-o ~/projects --overwrite`` would otherwise delete the user's work."""
+    from hadaconv.errors import OutputError
+    from hadaconv.export.bundle import METADATA
+
+    ours = {"converted": {"config.json": '{"model_type": "llama", "hadaconv": {"layers": []}}'},
+            "bundle": {METADATA: "{}", "model.onnx": ""}}
+    theirs = {"notes": {"notes.txt": "mine"},
+              "hf model": {"config.json": '{"model_type": "llama"}'},  # a model hadaconv did not write
+              "hadaconv not a section": {"config.json": '{"hadaconv": 1}'},
+              "broken json": {"config.json": '{"hadaconv": {'},
+              "not utf-8": {"config.json": b"\xff\xfe"},
+              "config folder": {"config.json/x": "x"},
+              "holds an output": {"conv/config.json": '{"hadaconv": {}}'}}
+    for group, expected in ((ours, True), (theirs, False)):
+        for name, files in group.items():
+            folder = tmp_path / name
+            for rel, content in files.items():
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                write = (folder / rel).write_bytes if isinstance(content, bytes) else (folder / rel).write_text
+                write(content)
+            if expected:
+                assert atomic.check_output(folder, True, folder=True) == folder, name
+            else:
+                with pytest.raises(OutputError, match="holds files hadaconv did not write"):
+                    atomic.check_output(folder, True, folder=True)
+            assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == sorted(files)
 
 
 def test_folder_outputs_never_replace_the_current_or_home_folder(tmp_path, monkeypatch):

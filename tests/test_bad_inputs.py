@@ -231,6 +231,11 @@ def _write(path: Path, data: bytes | str) -> Path:
     return path
 
 
+# --overwrite on a folder of the user's own files (keep.txt): convert, export and distill.
+FOREIGN_FOLDER = (r"out holds files hadaconv did not write: --overwrite replaces only a converted model or an ONNX "
+                  r"bundle; remove the folder yourself, or choose another$")
+
+
 def _mkdir(path: Path, with_file: bool = False) -> Path:
     path.mkdir()
     if with_file:
@@ -539,6 +544,10 @@ ROWS = [
         r"keeps 3,584; the largest rank that saves any is 27", lambda mp, w, t: _no_model(mp)),
     Row("convert-existing-output",
         lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), *TINY), r"out already exists and is not empty: pass --overwrite to replace it"),
+    # --overwrite replaces a folder hadaconv wrote, never a folder of the user's own files.
+    Row("convert-overwrite-foreign-folder",
+        lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), "--overwrite", *TINY),
+        FOREIGN_FOLDER, lambda mp, w, t: _no_model(mp)),
     # The output is the input, or holds it: --overwrite must not destroy what is being read.
     Row("convert-output-is-the-input",
         lambda w, t: _convert(_copy(w.hf, t / "m"), t / "m", "--overwrite", *TINY),
@@ -837,6 +846,9 @@ ROWS = [
     Row("distill-existing-output",
         lambda w, t: ["distill", w.conv, "-o", _mkdir(t / "out", True), "--teacher", w.hf, *DISTILL],
         r"out already exists and is not empty: pass --overwrite to replace it"),
+    Row("distill-overwrite-foreign-folder",
+        lambda w, t: ["distill", w.conv, "-o", _mkdir(t / "out", True), "--overwrite", "--teacher", w.hf, *DISTILL],
+        FOREIGN_FOLDER, lambda mp, w, t: _no_model(mp)),
     Row("distill-output-is-the-input",
         lambda w, t: ["distill", _copy(w.conv, t / "c"), "-o", t / "c", "--overwrite", "--teacher", w.hf, *DISTILL],
         r"the output .*/c is the input .*/c: writing it would replace the input", lambda mp, w, t: _no_model(mp)),
@@ -888,6 +900,9 @@ ROWS = [
         r"cannot create a folder under .*notes\.txt: it is a file", lambda mp, w, t: _no_model(mp)),
     Row("export-existing-output", lambda w, t: ["export", w.conv, "-o", _mkdir(t / "b", True)],
         r"b already exists and is not empty: pass --overwrite to replace it, or choose another folder"),
+    Row("export-overwrite-foreign-folder",
+        lambda w, t: ["export", w.conv, "-o", _mkdir(t / "out", True), "--overwrite"],
+        FOREIGN_FOLDER, lambda mp, w, t: _no_model(mp)),
     Row("export-output-is-the-input",
         lambda w, t: ["export", _copy(w.conv, t / "c"), "-o", t / "c", "--overwrite"],
         r"the output .*/c is the input .*/c: writing it would replace the input", lambda mp, w, t: _no_model(mp)),

@@ -405,10 +405,13 @@ def test_save_refuses_to_overwrite(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     _one_line_error("not empty", save_converted, model, tmp_path / "out", meta=meta)
+    _one_line_error("did not write", save_converted, model, tmp_path / "out", meta=meta, overwrite=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    save_converted(model, tmp_path / "out", meta=meta, overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    save_converted(model, tmp_path / "conv", meta=meta)
+    (tmp_path / "conv" / "keep.txt").write_text("mine")
+    save_converted(model, tmp_path / "conv", meta=meta, overwrite=True)  # a folder hadaconv wrote
+    assert not (tmp_path / "conv" / "keep.txt").exists() and (tmp_path / "conv" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "out"]
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

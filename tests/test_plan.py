@@ -76,6 +76,9 @@ def test_plan_conversion_checks_the_output_as_the_run_would(tiny, tmp_path):
     cfg = ConvertConfig(block=4, seq_len=32)
     with pytest.raises(OutputError, match="already exists and is not empty"):
         hadaconv.plan_conversion(src, cfg, output=taken)
+    with pytest.raises(OutputError, match="holds files hadaconv did not write"):
+        hadaconv.plan_conversion(src, cfg, output=taken, overwrite=True)
+    (taken / "config.json").write_text('{"hadaconv": {"layers": []}}')  # now a converted folder
     assert hadaconv.plan_conversion(src, cfg, output=taken, overwrite=True).layers
     with pytest.raises(OutputError):
         hadaconv.plan_conversion(src, cfg, output=src, overwrite=True)  # the input itself

@@ -228,7 +228,7 @@ def export_onnx(
             the conversion, never changed.  ONNX Runtime's CPU provider has no bfloat16 kernels
             for standard ops (Mul, MatMul): a bfloat16 export can only be validated where a
             provider runs it, so on CPU it needs ``validate_outputs=False``.
-        overwrite: replace an existing ``out_dir``.
+        overwrite: replace an existing ``out_dir`` that hadaconv wrote (a folder of other files is refused).
         optimize: None, or "norms" / "all": fuse RMSNorm (with the residual add), and at "all"
             attention too, into ONNX Runtime's contrib ops (:mod:`hadaconv.export.fusions`;
             float32 only, not with ``portable``).  Measured on SmolLM2 on 2-core CPUs

@@ -133,7 +133,7 @@ def save_converted(
         tokenizer: saved with ``save_pretrained`` unless ``tokenizer_source`` is given.
         tokenizer_source: a folder whose tokenizer files are copied as they are.
         report: written as report.json.
-        overwrite: replace an existing non-empty ``out_dir``.
+        overwrite: replace an existing ``out_dir`` that hadaconv wrote (a folder of other files is refused).
     """
     from safetensors.torch import save_file
 
@@ -184,7 +184,7 @@ def save(
         report: written as ``report.json``: what :func:`hadaconv.convert.convert` returned (a
             ConvertReport, as ``hadaconv convert`` writes it) or a dict (for a distillation,
             ``{"distill": distill_report.to_dict()}`` is the layout ``hadaconv distill`` writes).
-        overwrite: replace an existing non-empty ``out_dir``.
+        overwrite: replace an existing ``out_dir`` that hadaconv wrote (a folder of other files is refused).
 
     Returns:
         The folder's path.
