@@ -670,16 +670,25 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
 
 class _Stream:
     """Prints a reply while it is generated (batch 1): ``prefix`` (the prompt) with the first
-    token, then after each token what the decoded reply gained, up to its last whitespace (the
-    whole reply is decoded each time, and a tokenizer may still change the end of it: clean-up of
-    spaces before punctuation, an incomplete UTF-8 sequence).  ``finish`` prints the rest of the
-    generation's own text; should a shown part change after all, streaming stops there and
-    ``finish`` prints the text from where the two agree on."""
+    token, then after each token what the decoded reply gained, up to its last whitespace (a
+    tokenizer may still change the end of it: clean-up of spaces before punctuation, an
+    incomplete UTF-8 sequence).  ``finish`` prints the rest of the generation's own text; should
+    a shown part change after all, streaming stops there and ``finish`` prints the text from
+    where the two agree on.
+
+    Only the tokens since the last whitespace are decoded again, with a few tokens before them
+    as context (a SentencePiece tokenizer drops the space of a sequence's first word), so a
+    reply of n tokens costs O(n) decoding, not O(n^2)."""
+
+    CONTEXT = 4  # tokens decoded before the window, so that its first word keeps its space
 
     def __init__(self, tokenizer, eos: set[int], prefix: str) -> None:
         self.tokenizer, self.eos, self.prefix = tokenizer, eos, prefix
         self.ids: list[int] = []
-        self.shown, self.started, self.live = "", False, True
+        self.started, self.live = False, True
+        self.shown = ""  # the text printed before the window
+        self.start, self.base = 0, ""  # the window's first token; the context's decoded text
+        self.tail = ""  # the text printed from the window
 
     def __call__(self, tokens) -> None:
         if not self.started:
@@ -690,13 +699,17 @@ class _Stream:
         if not self.live:
             return
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        settled = text[:max(text.rfind(" "), text.rfind("\n")) + 1]
-        if not settled.startswith(self.shown):
+        decoded = self.tokenizer.decode(self.ids[max(self.start - self.CONTEXT, 0):], skip_special_tokens=True)
+        window = decoded[len(self.base):]
+        settled = window[:max(window.rfind(" "), window.rfind("\n")) + 1]
+        if not decoded.startswith(self.base) or not settled.startswith(self.tail):
             self.live = False
             return
-        click.echo(settled[len(self.shown):], nl=False)
-        self.shown = settled
+        click.echo(settled[len(self.tail):], nl=False)
+        self.tail = settled
+        if settled == window:  # all of it shown: the next window starts after this token
+            self.shown, self.tail, self.start = self.shown + settled, "", len(self.ids)
+            self.base = self.tokenizer.decode(self.ids[max(self.start - self.CONTEXT, 0):], skip_special_tokens=True)
 
     def finish(self, text: str | None) -> None:
         """End the line: with the rest of ``text`` (the generation's own), or only the line end
@@ -705,7 +718,7 @@ class _Stream:
             return
         if not self.started:
             click.echo(self.prefix, nl=False)
-        agree = len(os.path.commonprefix([self.shown, text or ""]))
+        agree = len(os.path.commonprefix([self.shown + self.tail, text or ""]))
         click.echo((text or "")[agree:] if text is not None else "")
 
 

@@ -790,3 +790,27 @@ def test_run_streams_settled_text_and_ends_with_the_generations_own(capsys):
     stream(np.array([1]))
     stream.finish(None)
     assert capsys.readouterr().out == "P: \n"
+
+
+def test_run_streaming_decodes_each_token_a_bounded_number_of_times(capsys):
+    """A long reply is decoded a window at a time (the tokens since the last whitespace and a few
+    before), not whole after every token; the streamed text is the whole reply."""
+    from hadaconv.cli import _Stream
+
+    class Counting(_Pieces):
+        decoded = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            Counting.decoded += len(ids)
+            return super().decode(ids, skip_special_tokens)
+
+    tok = Counting({1: " one", 2: "two", 3: "\n", 4: " ."})
+    ids = [1, 2, 2, 3, 1, 4, 1] * 300
+    stream = _Stream(tok, set(), "")
+    for token in ids:
+        stream(np.array([token]))
+    text = tok.decode(ids)
+    stream.finish(text)
+    assert capsys.readouterr().out == text + "\n"
+    assert stream.live and len(stream.shown) > len(text) - 20  # streamed to the end, not given up
+    assert Counting.decoded < 20 * len(ids)  # whole-reply decoding: about len(ids)^2 / 2
