@@ -30,7 +30,33 @@ _OVERWRITE_HELP = ("Replace an output folder that hadaconv wrote (a converted mo
                    "files is refused.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+#: What an interrupted command leaves behind, said after "interrupted" (distill says it itself).
+_AFTER_INTERRUPT = {
+    "convert": "nothing was written (a conversion writes its output folder only when it ends)",
+    "export": "nothing was written (an export writes its bundle only when it ends)",
+}
+
+
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM inside ``command``."""
+
+    def __init__(self, command: str | None) -> None:
+        super().__init__(command)
+        self.command = command
+
+
+class _Group(click.Group):
+    """click's group, with Ctrl-C inside a command passed to :func:`main` as :class:`_Interrupted`:
+    click's own handling prints a blank line and raises an Abort that cannot say what was kept."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted(ctx.invoked_subcommand) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="hadaconv")
 def cli() -> None:
     """hadaconv: swap the dense attention output projections of trained transformers for fast
@@ -936,8 +962,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with cli_names():  # messages name --flags, not the Python keywords
             cli.main(args=argv, prog_name="hadaconv", standalone_mode=False)
-    except click.exceptions.Abort:  # click's name for a KeyboardInterrupt inside a command
-        click.echo("terminated" if _TERMINATED else "aborted", err=True)
+    except _Interrupted as e:
+        after = _AFTER_INTERRUPT.get(e.command)
+        click.echo(("terminated" if _TERMINATED else "interrupted") + (f": {after}" if after else ""), err=True)
+        sys.exit(_interrupted_code())
+    except click.exceptions.Abort:  # click's name for a KeyboardInterrupt while it parses
+        click.echo("terminated" if _TERMINATED else "interrupted", err=True)
         sys.exit(_interrupted_code())
     except click.ClickException as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `hadaconv` or a group: the help itself

@@ -344,6 +344,9 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
             rest = "the next run with the same count samples only the rest" if kept < todo else "none is left"
             console.print(f"sampling stopped: {kept} of the {todo} new sequences are cached (whole chunks); {rest}",
                           highlight=False)
+        elif progress:
+            console.print(f"sampling stopped before its first chunk of {min(CHUNK, todo)} sequences was cached: "
+                          "the next run samples from the start", highlight=False)
         raise
     return texts, paths
 

@@ -178,9 +178,32 @@ def test_a_terminated_cli_run_leaves_no_temporary(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr("hadaconv.hadamard.factorize", terminated_midway)
     before = signal.getsignal(signal.SIGTERM)
     code, _, err = run_cli(capsys, "hadamard", "12")
-    assert code == 143 and err.strip() == "terminated"
+    assert code == 143 and err == "terminated\n"  # one line: no blank line before it
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is before  # put back for whoever embeds main()
+
+
+@pytest.mark.parametrize("verb, patched", [("convert", "hadaconv.convert.convert_file"),
+                                           ("export", "hadaconv.export.export_onnx")])
+def test_an_interrupted_cli_run_says_what_it_left(verb, patched, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in convert or export: status 130 and one line saying that nothing was written (the
+    output appears only at the end), with no blank line before it."""
+    from cli_runner import run_cli
+    from tiny_models import make_tiny
+
+    folder = tmp_path / "m"
+    make_tiny("llama").save_pretrained(folder)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(patched, interrupted)
+    code, _, err = run_cli(capsys, verb, folder, "-o", tmp_path / "out", *(["--calib", "none"] if verb == "convert"
+                                                                           else []))
+    what = "a conversion writes its output folder" if verb == "convert" else "an export writes its bundle"
+    assert code == 130 and err.splitlines()[-1] == f"interrupted: nothing was written ({what} only when it ends)"
+    assert "" not in err.splitlines()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 def test_check_output_never_replaces_an_input(tmp_path):

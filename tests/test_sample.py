@@ -339,6 +339,15 @@ def test_an_interrupted_sampling_says_what_is_cached(tokenizer, tmp_path, monkey
         sample.cached_samples(model, tokenizer, samples=7, seq_len=8, cache=tmp_path)
     err = " ".join(capsys.readouterr().err.split())
     assert "sampling stopped: 6 of the 7 new sequences are cached" in err, err
+    def stop_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "sample_texts", stop_at_once)
+    with pytest.raises(KeyboardInterrupt):  # stopped in the first chunk: nothing cached
+        sample.cached_samples(model, tokenizer, samples=7, seq_len=8, cache=tmp_path / "other")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "sampling stopped before its first chunk of 3 sequences was cached: the next run samples from the start" \
+        in err, err
     calls.clear()
     monkeypatch.setattr(sample, "sample_texts", lambda *a, **k: calls.append(k["samples"]) or real(*a, **k))
     sample.cached_samples(model, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path)
