@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -246,7 +247,10 @@ def _print_plan(plan: Plan) -> None:
               f", {n} of the {dense} dense ones candidates (--layers)")
     blocks = f"{plan.blocks} attention blocks" + (
         f" ({plan.converted} converted already{listed})" if plan.converted else listed if n < dense else "")
-    source = f"{plan.source} (shapes from its config, weights not read)" if plan.from_config else plan.source
+    # A title names the file, not a path a line long (a data package's GGUF); a loaded model's
+    # source is a description ("Hugging Face folder PATH").
+    source = (f"{Path(plan.source).name} (shapes from its config, weights not read)" if plan.from_config
+              else plan.source)
     t = Table(title=f"{source}: {plan.adapter}, {blocks}, {plan.parameters:,} parameters")
     for col in ("layer", "output projection", "width", "hadamard", "heads / kv / dim", "value", "removable params"):
         t.add_column(col)
@@ -334,8 +338,6 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     fixed non-overlapping windows of --seq-len tokens: exp(mean NLL) over every token but each
     window's first.
     """
-    from pathlib import Path
-
     from hadaconv.adapters import model_kind
     from hadaconv.calibrate import default_corpus, read_document
     from hadaconv.evaluate import check_encoder, embedding_cosine, perplexity, text_windows
@@ -376,7 +378,8 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         return
     batch = 4
     batches = f"{len(windows)} window{'s' if len(windows) != 1 else ''}, counted in batches of {batch}"
-    p = perplexity(loaded.model, windows, batch, progress=f"perplexity of {model} ({batches})")
+    # Progress and results name files by their names: a data package's GGUF path is a line of its own.
+    p = perplexity(loaded.model, windows, batch, progress=f"perplexity of {Path(model).name} ({batches})")
     click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} window"
                f"{'s' if p.windows != 1 else ''} of {seq_len})")
     other = None if no_baseline else _baseline(loaded, model, baseline)
@@ -388,9 +391,9 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
                                      device=device, dtype=dtype).model
         except HadaconvError as exc:  # after MODEL's own result: say which model failed, and the way round it
             raise HadaconvError(f"the baseline {other}: {exc} (--no-baseline skips it)") from None
-        base = perplexity(other_model, windows, batch, progress=f"perplexity of {other} ({batches})")
-        click.echo(f"baseline {other}: perplexity {base.perplexity:.3f} on the same windows; {model} is "
-                   f"{p.perplexity / base.perplexity:.3f}x that")
+        base = perplexity(other_model, windows, batch, progress=f"perplexity of {Path(other).name} ({batches})")
+        click.echo(f"baseline {Path(other).name}: perplexity {base.perplexity:.3f} on the same windows; "
+                   f"{Path(model).name} is {p.perplexity / base.perplexity:.3f}x that")
 
 
 def _config_for(path: str | None, config: str | None) -> str | None:
@@ -865,8 +868,6 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
     the curve.
     """
     import shutil
-    from pathlib import Path
-
     from hadaconv.distill import DistillConfig, distill_file
     from hadaconv.distill.checkpoint import FILE as CHECKPOINT
     from hadaconv.errors import OutputError
