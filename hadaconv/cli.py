@@ -221,7 +221,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
 
         resolve_device(device)  # the real run refuses a bad --device before its load too
         _print_plan(plan_conversion(model, cfg, model_config=model_config, target=target, trust_pickle=trust_pickle,
-                                    streamed=streamed, output=output, overwrite=overwrite))
+                                    streamed=streamed, output=output, overwrite=overwrite, dtype=dtype))
         return
     if streamed:
         from hadaconv.stream import convert_streamed

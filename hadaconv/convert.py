@@ -789,7 +789,8 @@ def convert_file(
     """
     from hadaconv.adapters import find_adapter as _find
     from hadaconv.device import resolve_device, resolve_dtype
-    from hadaconv.io import check_model_config, check_savable, hadaconv_meta, load_model, save_converted
+    from hadaconv.io import check_model_config, check_savable, hadaconv_meta, load_model, save_converted, source_key
+    from hadaconv.sample import reading_source
 
     if isinstance(config, (str, PurePath)):  # the guess a path invites
         raise InputError(f"config must be a ConvertConfig, got {config!r}: a model's config.json goes in model_config=")
@@ -815,7 +816,8 @@ def convert_file(
     upcast = stored in (torch.bfloat16, torch.float16) and _device_of(model).type == "cpu"
     if upcast:
         model.float()
-    report = convert(model, loaded.tokenizer, cfg, adapter=adapter)
+    with reading_source(source_key(source, config=model_config, dtype=dtype)):  # for a later dry run's plan
+        report = convert(model, loaded.tokenizer, cfg, adapter=adapter)
     if upcast:
         model.to(stored)
     width = next((m.n for m in loaded.model.modules() if isinstance(m, HadamardProjection)),

@@ -22,7 +22,7 @@ from hadaconv.convert import (ConvertConfig, check_against_model, check_config, 
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.report import max_layers_warning
-from hadaconv.sample import describe_calibration
+from hadaconv.sample import cached_sequences, describe_calibration
 
 __all__ = ["Plan", "PlannedLayer", "inspect_model", "plan_conversion"]
 
@@ -109,14 +109,15 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
 def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = None, *,
                     model_config: str | os.PathLike | None = None, target: str | None = None,
                     trust_pickle: bool = False, streamed: bool = False, output: str | os.PathLike | None = None,
-                    overwrite: bool = False) -> Plan:
+                    overwrite: bool = False, dtype: str = "auto") -> Plan:
     """What :func:`hadaconv.convert.convert_file` (``streamed``:
     :func:`hadaconv.stream.convert_streamed`) would convert with ``config``, after the checks it
     makes before its model load (the options, the calibration files read, ``--layers``,
     ``--block``, ``--rank`` and ``--seq-len`` against the model's config); what ``hadaconv
     convert --dry-run`` prints.  ``output`` (and ``overwrite``): the folder the run would write,
     checked as the run checks it.  Among the candidates, a ranked run (``max_layers``) converts
-    the least sensitive, which only the run measures.
+    the least sensitive, which only the run measures.  The calibration line says how much of the
+    sampled text is cached where an earlier run read the same files in the same ``dtype``.
 
     Raises:
         InputError: an option out of range, or one that does not fit the model.
@@ -124,7 +125,7 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
         HadaconvError: a calibration source missing or unreadable, sampled text asked of a model
             that cannot write it; the model cannot be read.
     """
-    from hadaconv.io import check_model_config
+    from hadaconv.io import check_model_config, source_key
 
     cfg = check_config(config)
     if streamed:
@@ -140,8 +141,10 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
         return find_target(model, cfg, adapter).layers
 
     plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank)
+    key = source_key(source, config=model_config, dtype="auto" if streamed else dtype)
+    cached = cached_sequences(key, samples=cfg.samples, seq_len=cfg.seq_len)
     plan.calibration = describe_calibration(cfg.calib, plan.kind, samples=cfg.samples, seq_len=cfg.seq_len,
-                                            cached_only=streamed)
+                                            cached_only=streamed, cached=cached)
     plan.max_layers, plan.max_loss = cfg.max_layers, cfg.max_loss
     if chooses_nothing(cfg, len(plan.layers)):
         plan.warnings.append(max_layers_warning(cfg.max_layers, len(plan.layers)))

@@ -22,10 +22,13 @@ chunks of :data:`CHUNK` sequences, so a larger request reuses a smaller one's te
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 from contextlib import nullcontext
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -38,9 +41,9 @@ from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
 __all__ = ["CHUNK", "DEFAULT_SEQUENCES", "SAMPLE", "SHAKESPEARE", "SHAKESPEARE_NAME", "cache_dir", "cached_samples",
-           "calibration_texts", "check_jsonl_name", "check_writes_text", "default_sources", "describe_calibration",
-           "model_fingerprint", "not_utf8", "read_jsonl", "record_text", "sample_texts", "sampling_steps",
-           "write_jsonl"]
+           "cached_sequences", "calibration_texts", "check_jsonl_name", "check_writes_text", "default_sources",
+           "describe_calibration", "model_fingerprint", "not_utf8", "read_jsonl", "reading_source", "record_text",
+           "sample_texts", "sampling_steps", "write_jsonl"]
 
 #: Calibration source names (``--calib sample``, ``--calib shakespeare``).
 SAMPLE, SHAKESPEARE = "sample", "shakespeare"
@@ -298,6 +301,7 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
         raise InputError(f"sampling needs at least one sequence, got samples={samples}")
     folder = Path(cache) if cache is not None else cache_dir()
     digest = fingerprint() if fingerprint is not None else model_fingerprint(model)
+    _remember(folder, digest)
     counts = _chunk_counts(samples)
     paths = [_chunk_path(folder, digest, n, seq_len, seed, temperature, i) for i, n in enumerate(counts)]
     missing = [i for i, path in enumerate(paths) if not path.is_file()]
@@ -351,6 +355,67 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
     return texts, paths
 
 
+#: The sample cache's index of the models read from files: {source key: content hash}, so that a
+#: dry run, which reads no weights, can tell whether a model's text is cached.
+_SOURCES = "sources.json"
+_SOURCES_KEPT = 1000  # entries, the oldest dropped first
+_SOURCES_LIMIT = 1 << 20  # bytes; the file is untrusted (its hashes become file names)
+_DIGEST = re.compile(r"[0-9a-f]{32}")
+_SOURCE: ContextVar[str | None] = ContextVar("hadaconv_sample_source", default=None)
+
+
+@contextlib.contextmanager
+def reading_source(key: str | None) -> Iterator[None]:
+    """Within the block, the content hash a sampling computes is recorded in the cache under
+    ``key`` (:func:`hadaconv.io.source_key` of the files the model was read from), for
+    :func:`cached_sequences`.  None records nothing."""
+    token = _SOURCE.set(key)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
+def _read_sources(folder: Path) -> dict[str, str]:
+    path = folder / "samples" / _SOURCES
+    try:
+        data = json.loads(path.read_bytes()) if path.stat().st_size <= _SOURCES_LIMIT else {}
+    except (OSError, ValueError):  # missing or damaged: an index is a convenience
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str) and _DIGEST.fullmatch(v)}
+
+
+def _remember(folder: Path, digest: str) -> None:
+    key = _SOURCE.get()
+    index = _read_sources(folder)
+    if key is None or index.get(key) == digest:
+        return
+    index.pop(key, None)
+    index[key] = digest
+    kept = dict(list(index.items())[-_SOURCES_KEPT:])
+    with contextlib.suppress(OSError):  # a read-only cache must not stop a conversion
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        with atomic_file(folder / "samples" / _SOURCES) as tmp:
+            tmp.write_text(json.dumps(kept, indent=0) + "\n", encoding="utf-8")
+
+
+def cached_sequences(key: str | None, *, samples: int = DEFAULT_SEQUENCES, seq_len: int = 256, seed: int = 0,
+                     temperature: float = 1.0, cache: str | os.PathLike | None = None) -> int | None:
+    """How many of the ``samples`` sequences that :func:`cached_samples` would read for the model
+    read as ``key`` (:func:`hadaconv.io.source_key`) are cached, without reading the model; None
+    when its content hash is unknown (no conversion or distillation has sampled it, or its files
+    changed since)."""
+    folder = Path(cache) if cache is not None else cache_dir()
+    digest = _read_sources(folder).get(key) if key is not None else None
+    if digest is None:
+        return None
+    counts = _chunk_counts(samples)
+    return sum(n for i, n in enumerate(counts)
+               if _chunk_path(folder, digest, n, seq_len, seed, temperature, i).is_file())
+
+
 def _whole_chunks_cached(folder: Path, digest: str, seq_len: int, seed: int, temperature: float, limit: int) -> int:
     """How many leading chunks of :data:`CHUNK` sequences (at most ``limit``) are cached: asking for
     that many times :data:`CHUNK` samples nothing."""
@@ -392,11 +457,12 @@ def default_sources(kind: str) -> list[str]:
 
 
 def describe_calibration(sources: Sequence[str] | str | None, kind: str, *, samples: int = DEFAULT_SEQUENCES,
-                         seq_len: int = 256, cached_only: bool = False) -> str:
+                         seq_len: int = 256, cached_only: bool = False, cached: int | None = None) -> str:
     """What :func:`calibration_texts` would read for ``sources`` on a model of ``kind``
     ("causal-lm", "encoder", ...), in words, before any model is loaded (``convert --dry-run``);
     ``"none"`` is the data-free fit, ``cached_only`` a streamed conversion's (sampled text from
-    the cache alone).
+    the cache alone), ``cached`` the sampled sequences known to be cached (:func:`cached_sequences`;
+    None: not known).
 
     Raises:
         HadaconvError: ``"sample"`` named for a model that cannot write text.
@@ -408,14 +474,27 @@ def describe_calibration(sources: Sequence[str] | str | None, kind: str, *, samp
     for src in listed or default_sources(kind):
         if src == SAMPLE:
             check_writes_text(kind)
-            when = "from the cache only, as sampled by an earlier convert or hadaconv sample" if cached_only \
-                else "sampled on the first run, then cached"
+            when = _cache_state(samples, cached, cached_only)
             names.append(f"{samples} sequences of {seq_len} tokens the model writes ({when}; "
                          f"{cache_dir() / 'samples'})")
         else:
             names.append(SHAKESPEARE_NAME if src == SHAKESPEARE else str(src))
     share = f", sharing {samples} windows equally" if len(names) > 1 else ""
     return " + ".join(names) + share
+
+
+def _cache_state(samples: int, cached: int | None, cached_only: bool) -> str:
+    """Where the sampled text of a planned run comes from, in words."""
+    if cached is not None and cached >= samples:
+        return "all cached, sampled by an earlier run"
+    if cached_only and cached is not None:
+        return (f"only {cached} of them cached: a streamed run reads the cache alone and would stop; sample them "
+                "first with a convert that is not streamed")
+    if cached_only:
+        return "from the cache only, as sampled by an earlier convert or hadaconv sample"
+    if cached:
+        return f"{cached} cached, the other {samples - cached} sampled on this run, then cached"
+    return "sampled on this run, then cached" if cached == 0 else "sampled on the first run, then cached"
 
 
 def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *,

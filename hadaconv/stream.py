@@ -456,9 +456,10 @@ def convert_streamed(
     """
     from hadaconv.atomic import atomic_folder
     from hadaconv.device import resolve_device
-    from hadaconv.io import load_tokenizer
+    from hadaconv.io import load_tokenizer, source_key
     from hadaconv.io.build import hf_config, hf_from_config
     from hadaconv.io.files import read_json
+    from hadaconv.sample import reading_source
 
     cfg = check_config(config)
     start = time.perf_counter()
@@ -483,7 +484,8 @@ def convert_streamed(
     if chooses_nothing(cfg, len(target.layers)):  # every candidate is converted: no ranking pass
         warn_now(cfg, max_layers_warning(cfg.max_layers, len(target.layers)))
         cfg = replace(cfg, max_layers=None)
-    data = calibration_batches(model, tokenizer, cfg, fingerprint=lambda: _fingerprint(model, files, compute))
+    with reading_source(source_key(source)):  # the key convert_file records for the same files
+        data = calibration_batches(model, tokenizer, cfg, fingerprint=lambda: _fingerprint(model, files, compute))
     data.record(report, cfg)
     outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(f"{prefix}.") and n in files]
     fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]

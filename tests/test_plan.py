@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from tiny_models import make_tiny
@@ -106,3 +107,22 @@ def test_a_converted_folder_is_planned_from_its_weights(tmp_path):
     plan = hadaconv.inspect_model(out, block=4)
     assert not plan.from_config and plan.converted == 1
     assert 0 not in [layer.index for layer in plan.layers] and plan.layers
+
+
+def test_a_dry_run_after_a_conversion_says_the_sampled_text_is_cached(tmp_path, monkeypatch):
+    """convert_file records which files its sampled text came from; the dry run of the same model
+    then says the text is cached, and of a model whose weights changed, that it is not known."""
+    import hadaconv
+
+    monkeypatch.setenv("HADACONV_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "tiny"
+    make_tiny("llama", src)
+    cfg = ConvertConfig(block=4, seq_len=16, samples=4, layers=[0], sensitivity=False, progress=False)
+    assert "sampled on the first run" in hadaconv.plan_conversion(src, cfg).calibration
+    hadaconv.convert_file(src, tmp_path / "out", cfg)
+    assert "(all cached, sampled by an earlier run;" in hadaconv.plan_conversion(src, cfg).calibration
+    # 8 sequences are one chunk of 8, other text than the 4 (a count's text never depends on the cache's history)
+    assert "(sampled on this run, then cached;" in hadaconv.plan_conversion(src, replace(cfg, samples=8)).calibration
+    assert "sampled on the first run" in hadaconv.plan_conversion(src, cfg, dtype="bfloat16").calibration
+    (src / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())  # written again
+    assert "sampled on the first run" in hadaconv.plan_conversion(src, cfg).calibration

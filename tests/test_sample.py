@@ -498,3 +498,70 @@ def test_a_source_given_twice_is_refused(tmp_path):
         check_sources([str(tmp_path / "c.txt"), str(folder)])
     (folder / "link.txt").unlink()
     check_sources(["sample", str(folder), str(folder / "b.json"), str(tmp_path / "c.txt")])
+
+
+def test_the_cache_index_tells_a_dry_run_what_is_cached(tokenizer, tmp_path, monkeypatch):
+    """A sampling inside reading_source(key) records the model's content hash under key, so that
+    cached_sequences(key) counts the cached sequences without the model: whole chunks of the
+    count asked, None for a key never recorded."""
+    import hadaconv.sample as sample
+
+    monkeypatch.setattr(sample, "CHUNK", 3)
+    model = make_tiny("llama")
+    assert sample.cached_sequences("k", samples=7, seq_len=8, cache=tmp_path) is None
+    sample.cached_samples(model, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path)  # no key: none kept
+    assert sample.cached_sequences("k", samples=7, seq_len=8, cache=tmp_path) is None
+    with sample.reading_source("k"):
+        sample.cached_samples(model, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path)
+    counted = {n: sample.cached_sequences("k", samples=n, seq_len=8, cache=tmp_path) for n in (3, 6, 7, 10, 2)}
+    assert counted == {3: 3, 6: 6, 7: 7, 10: 6, 2: 0}  # 10 = 3+3+3+1 and 2 are other chunks than 7's 3+3+1
+    assert sample.cached_sequences("k", samples=7, seq_len=9, cache=tmp_path) == 0  # another length
+    assert sample.cached_sequences("other", samples=7, seq_len=8, cache=tmp_path) is None
+    index = tmp_path / "samples" / "sources.json"
+    assert json.loads(index.read_text()) == {"k": sample.model_fingerprint(model)}
+
+
+@pytest.mark.parametrize("content", [b'{"k": "../../../etc/passwd"}', b'{"k": 5}', b"[1]", b"{", b"\xff",
+                                     b'{"k": "' + b"a" * (1 << 20) + b'"}'])
+def test_a_damaged_cache_index_is_ignored(content, tmp_path):
+    """The index is untrusted: a hash that is not 32 hex digits (it becomes a file name), a file
+    that is not a JSON object, or one too large, counts as no entry."""
+    from hadaconv.sample import cached_sequences
+
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "sources.json").write_bytes(content)
+    assert cached_sequences("k", samples=7, seq_len=8, cache=tmp_path) is None
+
+
+def test_source_key_names_the_files_as_they_are(tmp_path):
+    """The key changes when a file of the model is written again or the dtype differs; a missing
+    path has none."""
+    import os
+
+    from hadaconv.io import source_key
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"x" * 8)
+    key = source_key(folder)
+    assert key == source_key(folder) == source_key(str(folder), dtype="auto")
+    assert source_key(folder, dtype="bfloat16") == source_key(folder, dtype=torch.bfloat16) != key
+    os.utime(folder / "model.safetensors", ns=(1, 1))
+    assert source_key(folder) != key
+    assert source_key(tmp_path / "missing") is None
+    assert source_key(folder / "model.safetensors", config=folder) != source_key(folder / "model.safetensors")
+
+
+def test_describe_calibration_says_what_is_cached():
+    from hadaconv.sample import describe_calibration
+
+    def said(cached, **kwargs):
+        return describe_calibration(None, "causal-lm", samples=512, seq_len=256, cached=cached, **kwargs)
+
+    assert "(all cached, sampled by an earlier run;" in said(512)
+    assert "(128 cached, the other 384 sampled on this run, then cached;" in said(128)
+    assert "(sampled on this run, then cached;" in said(0)
+    assert "(sampled on the first run, then cached;" in said(None)
+    assert "only 128 of them cached: a streamed run reads the cache alone and would stop" in said(128, cached_only=True)
+    assert "(all cached" in said(512, cached_only=True)

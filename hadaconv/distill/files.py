@@ -90,7 +90,8 @@ def distill_file(
     for bad input, before any model is loaded where it can be told from the files.
     """
     from hadaconv.calibrate import check_sources, check_windows_early, source_list
-    from hadaconv.io import check_seq_len_early, load_model, recorded_config, save_converted
+    from hadaconv.io import check_seq_len_early, load_model, recorded_config, save_converted, source_key
+    from hadaconv.sample import reading_source
     from hadaconv.io.files import read_json
 
     cfg = check_config(config)
@@ -133,7 +134,8 @@ def distill_file(
     from hadaconv.adapters import find_adapter
 
     adapter = find_adapter(original.model, meta.get("target")) if meta.get("target") else None
-    report = distill(student.model, original.model, tokenizer, cfg, adapter=adapter)
+    with reading_source(source_key(source, config=teacher_config, dtype=cfg.dtype)):  # the teacher samples
+        report = distill(student.model, original.model, tokenizer, cfg, adapter=adapter)
 
     if not is_main():
         return report

@@ -17,7 +17,7 @@ The modules, in the order data flows: :mod:`~hadaconv.io.files` (reading JSON an
 (:func:`load_model` and the checks on its options).
 """
 
-from hadaconv.io.files import SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, shard_map
+from hadaconv.io.files import SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, shard_map, source_key
 from hadaconv.io.build import resolve_config
 from hadaconv.io.converted import (check_savable, hadaconv_meta, load, load_tokenizer, original_path, save,
                                    save_converted)
@@ -27,4 +27,4 @@ from hadaconv.io.inputs import (Loaded, carries_config, check_model_config, chec
 __all__ = ["Loaded", "SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "carries_config", "check_model_config",
            "check_savable", "check_seq_len_early", "hadaconv_meta", "lacks_tokenizer", "load", "load_model",
            "load_tokenizer", "original_path", "recorded_config", "recorded_source", "resolve_config", "same_file",
-           "save", "save_converted", "shard_map", "skeleton", "source_tokenizer"]
+           "save", "save_converted", "shard_map", "skeleton", "source_key", "source_tokenizer"]

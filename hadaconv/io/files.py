@@ -3,16 +3,19 @@ size before any tensor is read) and data, shard indexes; the names of a converte
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from hadaconv.errors import ModelFormatError
 
 __all__ = ["SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "check_safetensors", "file_identity", "first_line",
-           "folder_weights", "read_json", "read_safetensors", "shard_map"]
+           "folder_weights", "read_json", "read_safetensors", "shard_map", "source_key"]
 
 
 WEIGHTS = "model.safetensors"
@@ -55,6 +58,24 @@ def file_identity(path: Path) -> tuple[str, int, int, int]:
     time): a file written again, or renamed over, is another."""
     stat = path.stat()
     return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def source_key(source: str | os.PathLike, *, config: str | os.PathLike | None = None,
+               dtype: Any = "auto") -> str | None:
+    """A name (hex) for the model at ``source`` as its files are now, read in ``dtype``: a hash of
+    the identities (:func:`file_identity`) of ``source`` (a file, or every file in the folder) and
+    of ``config`` (a config.json or its folder), so that a file written again gives another name.
+    None where they cannot be read (a missing path)."""
+    paths = [Path(source)] + ([Path(config)] if config is not None else [])
+    try:
+        files = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.is_file()]
+        identities = [file_identity(f) for f in files]
+    except OSError:
+        return None
+    if not identities:
+        return None
+    text = json.dumps([identities, str(dtype).removeprefix("torch.")])  # "bfloat16" and torch.bfloat16 alike
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def first_line(exc: BaseException) -> str:
