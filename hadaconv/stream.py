@@ -484,7 +484,7 @@ def convert_streamed(
     if chooses_nothing(cfg, len(target.layers)):  # every candidate is converted: no ranking pass
         warn_now(cfg, max_layers_warning(cfg.max_layers, len(target.layers)))
         cfg = replace(cfg, max_layers=None)
-    with reading_source(source_key(source)):  # the key convert_file records for the same files
+    with reading_source(source_key(source, device=dev.type)):  # the key convert_file records for the same files
         data = calibration_batches(model, tokenizer, cfg, fingerprint=lambda: _fingerprint(model, files, compute))
     data.record(report, cfg)
     outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(f"{prefix}.") and n in files]

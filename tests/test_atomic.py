@@ -201,7 +201,7 @@ def test_an_interrupted_cli_run_says_what_it_left(verb, patched, tmp_path, capsy
     code, _, err = run_cli(capsys, verb, folder, "-o", tmp_path / "out", *(["--calib", "none"] if verb == "convert"
                                                                            else []))
     what = "a conversion writes its output folder" if verb == "convert" else "an export writes its bundle"
-    assert code == 130 and err.splitlines()[-1] == f"interrupted: nothing was written ({what} only when it ends)"
+    assert code == 130 and err.splitlines()[-1] == f"interrupted: {what} only when it ends, so nothing is half-written"
     assert "" not in err.splitlines()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
@@ -244,7 +244,10 @@ def test_overwrite_replaces_only_folders_hadaconv_wrote(tmp_path):
               "broken json": {"config.json": '{"hadaconv": {'},
               "not utf-8": {"config.json": b"\xff\xfe"},
               "config folder": {"config.json/x": "x"},
-              "holds an output": {"conv/config.json": '{"hadaconv": {}}'}}
+              "nested past the stack": {"config.json": "[" * 100_000},
+              "holds an output": {"conv/config.json": '{"hadaconv": {}}'},
+              "converted, in a git clone": {"config.json": '{"hadaconv": {}}', ".git/HEAD": "ref"},
+              "bundle, in an app": {METADATA: "{}", "app/main.py": ""}}
     for group, expected in ((ours, True), (theirs, False)):
         for name, files in group.items():
             folder = tmp_path / name
@@ -258,6 +261,11 @@ def test_overwrite_replaces_only_folders_hadaconv_wrote(tmp_path):
                 with pytest.raises(OutputError, match="holds files hadaconv did not write"):
                     atomic.check_output(folder, True, folder=True)
             assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == sorted(files)
+    endless = tmp_path / "endless"  # a config.json that never ends is not read
+    endless.mkdir()
+    (endless / "config.json").symlink_to("/dev/zero")
+    with pytest.raises(OutputError, match="holds files hadaconv did not write"):
+        atomic.check_output(endless, True, folder=True)
 
 
 def test_folder_outputs_never_replace_the_current_or_home_folder(tmp_path, monkeypatch):

@@ -233,7 +233,7 @@ def _write(path: Path, data: bytes | str) -> Path:
 
 # --overwrite on a folder of the user's own files (keep.txt): convert, export and distill.
 FOREIGN_FOLDER = (r"out holds files hadaconv did not write: --overwrite replaces only a converted model or an ONNX "
-                  r"bundle; remove the folder yourself, or choose another$")
+                  r"bundle, which hold no folders; remove the folder yourself, or choose another$")
 
 
 def _mkdir(path: Path, with_file: bool = False) -> Path:
@@ -1047,8 +1047,12 @@ ROWS = [
         r"--text .*nope\.txt: no such file or folder$", lambda mp, w, t: _no_model(mp)),
     Row("eval-missing-baseline", lambda w, t: ["eval", w.conv, "--baseline", t / "nope"],
         r"--baseline .*nope: no such file or folder$", lambda mp, w, t: _no_model(mp)),
+    Row("eval-text-empty-name", lambda w, t: ["eval", w.hf, "--text", "", "--no-baseline"],
+        r"--text names no file \(an empty name\)$", lambda mp, w, t: _no_model(mp)),
+    Row("eval-baseline-empty-name", lambda w, t: ["eval", w.conv, "--baseline", ""],
+        r"--baseline names no file \(an empty name\)$", lambda mp, w, t: _no_model(mp)),
     Row("eval-text-is-a-folder", lambda w, t: ["eval", w.hf, "--text", _mkdir(t / "d"), "--seq-len", "16"],
-        r"Is a directory: .*d$",
+        r"--text .*d is a folder: give one text file$",
         lambda mp, w, t: _no_model(mp)),
     Row("eval-too-short-text", lambda w, t: ["eval", w.hf, "--text", _write(t / "e.txt", "Hi."), "--seq-len", "32"],
         r"the text e\.txt has \d+ tokens, fewer than one window of 32: give more text or a smaller --seq-len$"),

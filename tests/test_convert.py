@@ -341,7 +341,7 @@ def test_cli_eval_gives_its_config_to_the_model_of_bare_weights(tmp_path, capsys
                   ["--baseline", bare]):
         code, stdout, stderr = run_cli(capsys, "eval", out, "--text", text, "--seq-len", "16", "--max-windows", "2",
                                        *extra)
-        assert code == 0 and f"baseline {bare.name}: perplexity" in stdout, stderr
+        assert code == 0 and f"baseline {bare.parent.name}/{bare.name}: perplexity" in stdout, stderr
         assert f"now {bare} on the same windows" in stderr  # the whole path once, on the progress stream
     (tmp_path / "tiny" / "config.json").rename(tmp_path / "moved.json")  # the recorded config gone: said so
     for verb in (["eval", out, "--text", text], ["distill", out, "-o", tmp_path / "d", "--max-steps", "1"]):

@@ -554,7 +554,7 @@ def test_cli_eval_names_its_text_and_compares_with_the_original(converted, tmp_p
     m = re.fullmatch(r"perplexity ([\d.]+) over 30 tokens of prose\.txt \(2 windows of 16\)\n"
                      r"baseline (.+): perplexity ([\d.]+) on the same windows; .+ is ([\d.]+)x that\n", out)
     assert m, out
-    assert m[2] == "tiny" and f"now {converted / 'tiny'} on the same windows" in err
+    assert m[2] == f"{converted.name}/tiny" and f"now {converted / 'tiny'} on the same windows" in err
     original = load_model(converted / "tiny")
     windows = text_windows(original.tokenizer, text.read_text(), 16, 2)
     assert float(m[3]) == pytest.approx(perplexity(original.model, windows).perplexity, abs=6e-4)

@@ -771,19 +771,32 @@ def test_run_streams_settled_text_and_ends_with_the_generations_own(capsys):
     failure mid-reply only ends the line."""
     from hadaconv.cli import _Stream
 
-    tok = _Pieces({1: "Hello", 2: " world", 3: " again", 4: " ", 5: ".", 9: ""})
+    tok = _Pieces({1: "Hello", 2: " world", 3: " again", 4: " ", 5: ".", 6: "!", 9: ""})
     stream = _Stream(tok, {9}, "P: ")
     for token in (1, 2, 3):
         stream(np.array([token]))
-    assert capsys.readouterr().out == "P: Hello world "  # streamed before the end, the last word held back
+    assert capsys.readouterr().out == "P: Hello world"  # streamed before the end, the last token held back
     stream(np.array([9]))
     stream.finish("Hello world again")
-    assert capsys.readouterr().out == "again\n"
+    assert capsys.readouterr().out == " again\n"
     stream = _Stream(tok, {9}, "")
-    for token in (1, 4, 5, 2):  # "Hello " is shown, then cleaned up to "Hello."
+    for token in (1, 4, 5, 2):  # "Hello " is held back until "." has cleaned it up to "Hello."
         stream(np.array([token]))
+    assert capsys.readouterr().out == "Hello."
     stream.finish("Hello. world")
-    assert capsys.readouterr().out == "Hello . world\n"  # from where the two agree: nothing twice
+    assert capsys.readouterr().out == " world\n"
+    changed = _Pieces({1: "Hello", 4: " ", 6: "!"})
+    changed.decode = lambda ids, skip_special_tokens=True: "".join(changed.pieces[i] for i in ids).replace(
+        "Hello !", "Hi!")  # a clean-up that reaches past the held-back token
+    stream = _Stream(changed, set(), "")
+    for token in (1, 4, 6, 4):
+        stream(np.array([token]))
+    assert capsys.readouterr().out == "Hello"
+    stream.finish("Hi! ")
+    # "Hello" was shown and cannot be taken back: the rest follows from where the two agree ("H"), and
+    # nothing is printed twice.
+    assert capsys.readouterr().out == "i! \n"
+    assert not stream.live
     stream = _Stream(tok, {9}, "P: ")
     stream.finish(None)  # failed before the first token: nothing to end
     assert capsys.readouterr().out == ""
@@ -793,24 +806,29 @@ def test_run_streams_settled_text_and_ends_with_the_generations_own(capsys):
 
 
 def test_run_streaming_decodes_each_token_a_bounded_number_of_times(capsys):
-    """A long reply is decoded a window at a time (the tokens since the last whitespace and a few
-    before), not whole after every token; the streamed text is the whole reply."""
+    """A long reply is decoded a window at a time (the held-back token and a few before it), not
+    whole after every token, even in a paragraph without a line end; special tokens (skipped by
+    the decode) do not cost a word its space where a decoder strips the first one, as
+    SentencePiece's does; the streamed text is the whole reply."""
     from hadaconv.cli import _Stream
 
-    class Counting(_Pieces):
+    class SentencePieceLike(_Pieces):
         decoded = 0
+        all_special_ids = [7]
 
         def decode(self, ids, skip_special_tokens=True):
-            Counting.decoded += len(ids)
-            return super().decode(ids, skip_special_tokens)
+            SentencePieceLike.decoded += len(ids)
+            kept = [i for i in ids if i not in self.all_special_ids]
+            return super().decode(kept, skip_special_tokens).removeprefix(" ")
 
-    tok = Counting({1: " one", 2: "two", 3: "\n", 4: " ."})
-    ids = [1, 2, 2, 3, 1, 4, 1] * 300
-    stream = _Stream(tok, set(), "")
-    for token in ids:
-        stream(np.array([token]))
-    text = tok.decode(ids)
-    stream.finish(text)
-    assert capsys.readouterr().out == text + "\n"
-    assert stream.live and len(stream.shown) > len(text) - 20  # streamed to the end, not given up
-    assert Counting.decoded < 20 * len(ids)  # whole-reply decoding: about len(ids)^2 / 2
+    tok = SentencePieceLike({1: " one", 2: "two", 3: "\n", 4: " .", 7: "<x>"})
+    for ids in ([1, 2, 2, 1, 4] * 400, [1, 3, 7, 7, 7, 7, 7, 1, 2] * 200):
+        SentencePieceLike.decoded = 0
+        stream = _Stream(tok, set(), "")
+        for token in ids:
+            stream(np.array([token]))
+        text = tok.decode(ids)
+        stream.finish(text)
+        assert capsys.readouterr().out == text + "\n"
+        assert stream.live and len(stream.shown) >= len(text) - 5  # streamed to the end, not given up
+        assert SentencePieceLike.decoded < 30 * len(ids)  # whole-reply decoding: about len(ids)^2 / 2

@@ -346,8 +346,8 @@ def test_an_interrupted_sampling_says_what_is_cached(tokenizer, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):  # stopped in the first chunk: nothing cached
         sample.cached_samples(model, tokenizer, samples=7, seq_len=8, cache=tmp_path / "other")
     err = " ".join(capsys.readouterr().err.split())
-    assert "sampling stopped before its first chunk of 3 sequences was cached: the next run samples from the start" \
-        in err, err
+    assert "sampling stopped before any of the 7 new sequences were cached (a chunk of 3 is cached when it ends): " \
+        "the next run samples them again" in err, err
     calls.clear()
     monkeypatch.setattr(sample, "sample_texts", lambda *a, **k: calls.append(k["samples"]) or real(*a, **k))
     sample.cached_samples(model, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path)
@@ -508,34 +508,38 @@ def test_the_cache_index_tells_a_dry_run_what_is_cached(tokenizer, tmp_path, mon
 
     monkeypatch.setattr(sample, "CHUNK", 3)
     model = make_tiny("llama")
-    assert sample.cached_sequences("k", samples=7, seq_len=8, cache=tmp_path) is None
+    key, other = "a" * 32, "b" * 32
+    assert sample.cached_sequences(key, samples=7, seq_len=8, cache=tmp_path) is None
     sample.cached_samples(model, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path)  # no key: none kept
-    assert sample.cached_sequences("k", samples=7, seq_len=8, cache=tmp_path) is None
-    with sample.reading_source("k"):
+    assert sample.cached_sequences(key, samples=7, seq_len=8, cache=tmp_path) is None
+    with sample.reading_source(key):
         sample.cached_samples(model, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path)
-    counted = {n: sample.cached_sequences("k", samples=n, seq_len=8, cache=tmp_path) for n in (3, 6, 7, 10, 2)}
+    counted = {n: sample.cached_sequences(key, samples=n, seq_len=8, cache=tmp_path) for n in (3, 6, 7, 10, 2)}
     assert counted == {3: 3, 6: 6, 7: 7, 10: 6, 2: 0}  # 10 = 3+3+3+1 and 2 are other chunks than 7's 3+3+1
-    assert sample.cached_sequences("k", samples=7, seq_len=9, cache=tmp_path) == 0  # another length
-    assert sample.cached_sequences("other", samples=7, seq_len=8, cache=tmp_path) is None
-    index = tmp_path / "samples" / "sources.json"
-    assert json.loads(index.read_text()) == {"k": sample.model_fingerprint(model)}
+    assert sample.cached_sequences(key, samples=7, seq_len=9, cache=tmp_path) == 0  # another length
+    assert sample.cached_sequences(other, samples=7, seq_len=8, cache=tmp_path) is None
+    assert (tmp_path / "samples" / "sources" / key).read_text() == sample.model_fingerprint(model) + "\n"
 
 
-@pytest.mark.parametrize("content", [b'{"k": "../../../etc/passwd"}', b'{"k": 5}', b"[1]", b"{", b"\xff",
-                                     b'{"k": "' + b"a" * (1 << 20) + b'"}'])
+@pytest.mark.parametrize("content", [b"../../../etc/passwd", b"5", b"A" * 32, b"\xff" * 32, b"a" * 40])
 def test_a_damaged_cache_index_is_ignored(content, tmp_path):
-    """The index is untrusted: a hash that is not 32 hex digits (it becomes a file name), a file
-    that is not a JSON object, or one too large, counts as no entry."""
+    """The index is untrusted: an entry that is not a hash of 32 hex digits (it becomes a file
+    name), a key that is not one, or an entry that is no regular file counts as no entry."""
     from hadaconv.sample import cached_sequences
 
-    (tmp_path / "samples").mkdir()
-    (tmp_path / "samples" / "sources.json").write_bytes(content)
-    assert cached_sequences("k", samples=7, seq_len=8, cache=tmp_path) is None
+    key = "a" * 32
+    (tmp_path / "samples" / "sources").mkdir(parents=True)
+    (tmp_path / "samples" / "sources" / key).write_bytes(content)
+    assert cached_sequences(key, samples=7, seq_len=8, cache=tmp_path) is None
+    (tmp_path / "samples" / "sources" / key).unlink()
+    (tmp_path / "samples" / "sources" / key).symlink_to("/dev/zero")
+    assert cached_sequences(key, samples=7, seq_len=8, cache=tmp_path) is None
+    assert cached_sequences("../" + key, samples=7, seq_len=8, cache=tmp_path) is None
 
 
 def test_source_key_names_the_files_as_they_are(tmp_path):
-    """The key changes when a file of the model is written again or the dtype differs; a missing
-    path has none."""
+    """The key changes when a file of the model is written again or the dtype or device differs; a
+    missing path has none."""
     import os
 
     from hadaconv.io import source_key
@@ -547,6 +551,7 @@ def test_source_key_names_the_files_as_they_are(tmp_path):
     key = source_key(folder)
     assert key == source_key(folder) == source_key(str(folder), dtype="auto")
     assert source_key(folder, dtype="bfloat16") == source_key(folder, dtype=torch.bfloat16) != key
+    assert source_key(folder, device="cuda") != key  # on the CPU half precision is sampled in float32
     os.utime(folder / "model.safetensors", ns=(1, 1))
     assert source_key(folder) != key
     assert source_key(tmp_path / "missing") is None
@@ -564,4 +569,5 @@ def test_describe_calibration_says_what_is_cached():
     assert "(sampled on this run, then cached;" in said(0)
     assert "(sampled on the first run, then cached;" in said(None)
     assert "only 128 of them cached: a streamed run reads the cache alone and would stop" in said(128, cached_only=True)
+    assert "(none of them cached: a streamed run" in said(0, cached_only=True)
     assert "(all cached" in said(512, cached_only=True)

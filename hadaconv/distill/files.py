@@ -91,6 +91,7 @@ def distill_file(
     """
     from hadaconv.calibrate import check_sources, check_windows_early, source_list
     from hadaconv.io import check_seq_len_early, load_model, recorded_config, save_converted, source_key
+    from hadaconv.device import resolve_device
     from hadaconv.sample import reading_source
     from hadaconv.io.files import read_json
 
@@ -134,7 +135,10 @@ def distill_file(
     from hadaconv.adapters import find_adapter
 
     adapter = find_adapter(original.model, meta.get("target")) if meta.get("target") else None
-    with reading_source(source_key(source, config=teacher_config, dtype=cfg.dtype)):  # the teacher samples
+    # The teacher samples; a default convert reads the checkpoint's dtype ("auto"), distill float32,
+    # so a dry run finds a distillation's sampled text only where it named the same dtype.
+    key = source_key(source, config=teacher_config, dtype=cfg.dtype, device=resolve_device(cfg.device).type)
+    with reading_source(key):
         report = distill(student.model, original.model, tokenizer, cfg, adapter=adapter)
 
     if not is_main():

@@ -61,8 +61,9 @@ def file_identity(path: Path) -> tuple[str, int, int, int]:
 
 
 def source_key(source: str | os.PathLike, *, config: str | os.PathLike | None = None,
-               dtype: Any = "auto") -> str | None:
-    """A name (hex) for the model at ``source`` as its files are now, read in ``dtype``: a hash of
+               dtype: Any = "auto", device: str = "cpu") -> str | None:
+    """A name (32 hex digits) for the model at ``source`` as its files are now, read in ``dtype``
+    onto a ``device`` type (a conversion on the CPU computes half precision in float32): a hash of
     the identities (:func:`file_identity`) of ``source`` (a file, or every file in the folder) and
     of ``config`` (a config.json or its folder), so that a file written again gives another name.
     None where they cannot be read (a missing path)."""
@@ -74,7 +75,7 @@ def source_key(source: str | os.PathLike, *, config: str | os.PathLike | None = 
         return None
     if not identities:
         return None
-    text = json.dumps([identities, str(dtype).removeprefix("torch.")])  # "bfloat16" and torch.bfloat16 alike
+    text = json.dumps([identities, str(dtype).removeprefix("torch."), device])  # "bfloat16", torch.bfloat16 alike
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -83,9 +84,25 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, limit: int | None = None) -> dict:
+    """The JSON object in ``path`` (an untrusted file).  ``limit``: at most that many bytes are
+    read, and only from a regular file (a link to /dev/zero would never end).
+
+    Raises:
+        ModelFormatError: unreadable, not a regular file or over ``limit``, not UTF-8 JSON
+            (nesting deeper than Python's stack included), or not an object.
+    """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if limit is None:
+            raw = path.read_bytes()
+        else:
+            if not path.is_file():
+                raise ModelFormatError(f"{path} is not a regular file")
+            with path.open("rb") as f:
+                raw = f.read(limit + 1)
+            if len(raw) > limit:
+                raise ModelFormatError(f"{path} is larger than {limit:,} bytes")
+        data = json.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise ModelFormatError(f"cannot read {path}: {first_line(exc)}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nesting past Python's stack
