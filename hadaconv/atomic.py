@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 
 from hadaconv.errors import ModelFormatError, OutputError, option, output_error
 
-__all__ = ["atomic_file", "atomic_folder", "check_output"]
+__all__ = ["MANIFEST", "atomic_file", "atomic_folder", "check_output"]
 
 _ATTEMPTS = 100
 
@@ -38,18 +38,19 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     long run cannot fail there at its end: the one check every writer calls before its work.
 
     ``folder=True`` (converted folders, bundles): an existing non-empty folder needs
-    ``overwrite``, and is replaced only if hadaconv wrote it (a converted model or an ONNX
-    bundle): ``-o ~/projects --overwrite`` must not delete a folder of the user's own files.  An
-    empty folder is fine (one made beforehand); a file there is refused even with ``overwrite``
-    (``-o model.gguf`` must not replace the input).  ``folder=False`` (JSONL,
+    ``overwrite``, and is replaced only while it holds just what hadaconv wrote there (as its
+    :data:`MANIFEST` lists; a folder from before the manifest: a converted model's or a bundle's
+    marker file, and no folder): ``-o ~/projects --overwrite`` must not delete the user's own
+    files, nor notes added to a converted folder.  An empty folder is fine (one made
+    beforehand); a file there is refused even with ``overwrite`` (``-o model.gguf`` must not
+    replace the input).  ``folder=False`` (JSONL,
     ...): an existing file needs ``overwrite``; a folder there, or a missing parent folder, is
     refused.  In both, the folder the output goes in (for a folder output: its nearest existing
     ancestor, as the missing ones are created) must be a folder this process may write in.
     A folder output is never the current folder, the home folder or one holding either.
     ``inputs``: the files and folders the run reads (None, and names not on disk, skipped); an
-    output that is one of them, a folder holding one, or an existing file inside one is refused
-    even with ``overwrite``: replacing it would destroy the input (``convert st -o st
-    --overwrite``).
+    output that is one of them, a folder holding one, or inside one is refused even with
+    ``overwrite``: an input is never changed (``convert st -o st --overwrite``).
     Raises :class:`~hadaconv.errors.OutputError` with one line.
     """
     path = Path(path)
@@ -71,39 +72,79 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
         what = "folder" if folder else "file"
         raise OutputError(f"{path} already exists{' and is not empty' if folder else ''}: pass "
                           f"{option('overwrite', True)} to replace it, or choose another {what}")
-    if taken and folder and not _written_by_hadaconv(path):
-        raise OutputError(f"{path} holds files hadaconv did not write: {option('overwrite', True)} replaces only "
-                          "a converted model or an ONNX bundle, which hold no folders; remove the folder yourself, "
-                          "or choose another")
+    if taken and folder:
+        _check_replaceable(path)
     return path
 
 
-# The file every folder output holds: converted and distilled models a config.json with a
+#: The names of the files a folder output holds, written beside them by :func:`atomic_folder`:
+#: ``overwrite`` replaces a folder only while it holds nothing else (notes a user added to a
+#: converted folder must not vanish with it).
+MANIFEST = ".hadaconv-files"
+_MANIFEST_LIMIT = 1 << 20  # bytes; the file is untrusted
+# Folders written before the manifest: converted and distilled models hold a config.json with a
 # "hadaconv" section (hadaconv.io.converted), ONNX bundles hadaconv_onnx.json (export.bundle.METADATA).
-# Neither ever holds a folder.
 _BUNDLE_METADATA = "hadaconv_onnx.json"
 _CONFIG_LIMIT = 16 << 20  # a converted model's config.json is a few kB
 
 
-def _written_by_hadaconv(folder: Path) -> bool:
-    """Whether ``folder`` is a folder output of hadaconv, which ``overwrite`` may replace: its
-    marker file, and no folder inside (a git clone's .git, an application's own folders)."""
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to replace a folder hadaconv did not write, or one holding more than it wrote."""
+    foreign = _foreign_entry(folder)
+    if foreign is None:
+        return
+    flag = option("overwrite", True)
+    if foreign:
+        raise OutputError(f"{folder} holds {foreign}, which hadaconv did not write: {flag} replaces only what "
+                          f"hadaconv wrote; move {foreign} out of it, or choose another folder")
+    raise OutputError(f"{folder} holds files hadaconv did not write: {flag} replaces only a converted model or an "
+                      "ONNX bundle, which hold no folders; remove the folder yourself, or choose another")
+
+
+def _foreign_entry(folder: Path) -> str | None:
+    """None where ``folder`` holds only what hadaconv wrote; else the name of an entry it did not
+    write ("sub/" for a folder), or "" where it cannot tell which (no manifest, no marker)."""
+    entries = sorted(folder.iterdir())
+    listed = _read_manifest(folder / MANIFEST)
+    if listed is not None:
+        extra = [e.name + ("/" if e.is_dir() else "") for e in entries if e.name not in listed and e.name != MANIFEST]
+        return extra[0] if extra else None
+    if any(e.is_dir() for e in entries) or not _marked(folder):
+        return ""
+    return None
+
+
+def _read_manifest(path: Path) -> set[str] | None:
+    """The names a manifest lists; None where there is none (or it is no regular file)."""
+    try:
+        if not path.is_file():
+            return None
+        with path.open("rb") as f:
+            raw = f.read(_MANIFEST_LIMIT + 1)
+    except OSError:
+        return None
+    if len(raw) > _MANIFEST_LIMIT:
+        return None
+    return {line for line in raw.decode("utf-8", "replace").splitlines() if line and "/" not in line}
+
+
+def _marked(folder: Path) -> bool:
+    """Whether ``folder`` holds the marker file of a folder output written before the manifest."""
     from hadaconv.io.files import read_json  # here: atomic is imported where torch need not be
 
+    if (folder / _BUNDLE_METADATA).is_file():
+        return True
     try:
-        if any(entry.is_dir() for entry in folder.iterdir()):
-            return False
-        if (folder / _BUNDLE_METADATA).is_file():
-            return True
         return isinstance(read_json(folder / "config.json", limit=_CONFIG_LIMIT).get("hadaconv"), dict)
     except (OSError, ModelFormatError):  # missing, unreadable or not a JSON object: not one we wrote
         return False
 
 
 def _check_not_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
-    """Refuse an output that is an existing input, a folder holding one, or an existing file
-    inside an input folder (``sample HF -o HF/config.json``); a new entry in an input folder
-    (``export conv -o conv/onnx``) is allowed."""
+    """Refuse an output that is an existing input, a folder holding one, or anything inside an
+    input folder: an existing file (``sample HF -o HF/config.json``) would be replaced, and a new
+    entry (``export conv -o conv/onnx``) would change the input, and stop a later ``overwrite``
+    of it (the folder would hold one it did not write)."""
     out = path.resolve()
     for given in inputs:
         if not isinstance(given, (str, os.PathLike)) or not os.fspath(given) or not Path(given).exists():
@@ -112,8 +153,9 @@ def _check_not_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> 
         same = out == source or _same_file(out, (source,))
         if same or out in source.parents or _same_file(out, tuple(source.parents)):
             what = "is" if same else "is a folder holding"
-        elif source in out.parents and out.exists() and not out.is_dir():
-            what = "is a file inside"
+        elif source in out.parents or _same_file(source, tuple(out.parents)):
+            raise OutputError(f"the output {path} is inside the input {given}: hadaconv never writes into its "
+                              "inputs; choose an output outside it")
         else:
             continue
         raise OutputError(f"the output {path} {what} the input {given}: writing it would replace the input; "
@@ -215,6 +257,11 @@ def _finish_tree(root: Path, umask: int) -> None:
         _fsync(Path(folder), directory=True)
 
 
+def _write_manifest(folder: Path) -> None:
+    names = sorted(e.name for e in folder.iterdir() if e.name != MANIFEST)
+    (folder / MANIFEST).write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -270,6 +317,7 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
         umask = 0o777 & ~os.stat(tmp).st_mode  # mkdir(0o777) applied exactly the umask
         try:
             yield tmp
+            _write_manifest(tmp)
             _finish_tree(tmp, umask)
             _publish_folder(tmp, out)
             _fsync(out.parent, directory=True)

@@ -89,7 +89,8 @@ def test_replacing_a_folder(tmp_path):
     (tmp_path / "out" / "old.txt").write_text("old")
     with atomic_folder(tmp_path / "out") as tmp:
         (tmp / "new.txt").write_text("new")
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [atomic.MANIFEST, "new.txt"]
+    assert (tmp_path / "out" / atomic.MANIFEST).read_text() == "new.txt\n"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -207,9 +208,10 @@ def test_an_interrupted_cli_run_says_what_it_left(verb, patched, tmp_path, capsy
 
 
 def test_check_output_never_replaces_an_input(tmp_path):
-    """An output that is one of the run's inputs, or a folder holding one, is refused even with
-    overwrite (``convert st -o st --overwrite`` destroyed the model it read); an output inside an
-    input folder, elsewhere, or next to a model object (no path) is the usual check's business."""
+    """An output that is one of the run's inputs, a folder holding one, or inside one, is refused
+    even with overwrite (``convert st -o st --overwrite`` destroyed the model it read; a bundle
+    inside its converted folder changed the input); elsewhere, or next to a model object (no
+    path), it is the usual check's business."""
     from hadaconv.errors import OutputError
 
     model = tmp_path / "models" / "m"
@@ -220,11 +222,15 @@ def test_check_output_never_replaces_an_input(tmp_path):
             atomic.check_output(out, True, folder=True, inputs=[None, model])
     with pytest.raises(OutputError, match="is the input"):  # the same place by another spelling
         atomic.check_output(tmp_path / "models" / ".." / "models" / "m", True, folder=True, inputs=[str(model)])
-    with pytest.raises(OutputError, match="is a file inside the input"):  # sample HF -o HF/config.json
-        atomic.check_output(model / "config.json", True, folder=False, inputs=[model])
-    for out in (model / "onnx", tmp_path / "other"):
-        assert atomic.check_output(out, True, folder=True, inputs=[model, None, object()]) == out
-    assert atomic.check_output(model / "new.jsonl", folder=False, inputs=[model]) == model / "new.jsonl"
+    inside = "is inside the input .*m: hadaconv never writes into its inputs; choose an output outside it$"
+    for out, is_folder in ((model / "config.json", False), (model / "new.jsonl", False), (model / "onnx", True),
+                           (model / "a" / "b", True), (tmp_path / "link" / "onnx", True)):
+        (tmp_path / "link").unlink(missing_ok=True)
+        (tmp_path / "link").symlink_to(model)
+        with pytest.raises(OutputError, match=inside):  # sample HF -o HF/config.json, export conv -o conv/onnx
+            atomic.check_output(out, True, folder=is_folder, inputs=[model])
+    out = tmp_path / "other"
+    assert atomic.check_output(out, True, folder=True, inputs=[model, None, object()]) == out
     gone = tmp_path / "gone"  # not on disk (a mistyped model, a keyword like "sample"): the loader's to refuse
     assert atomic.check_output(gone, True, folder=True, inputs=[gone, "sample"]) == gone
     assert (model / "config.json").read_text() == "{}"
@@ -261,6 +267,19 @@ def test_overwrite_replaces_only_folders_hadaconv_wrote(tmp_path):
                 with pytest.raises(OutputError, match="holds files hadaconv did not write"):
                     atomic.check_output(folder, True, folder=True)
             assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == sorted(files)
+    written = tmp_path / "written"  # by this version: its manifest lists what may be replaced
+    with atomic_folder(written) as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "model.onnx").write_text("")
+    assert atomic.check_output(written, True, folder=True) == written
+    (written / "model.onnx").unlink()  # fewer files than listed: still only what hadaconv wrote
+    assert atomic.check_output(written, True, folder=True) == written
+    for added in ("NOTES.md", "results/"):
+        (written / added).mkdir() if added.endswith("/") else (written / added).write_text("mine")
+        with pytest.raises(OutputError, match=f"written holds {added}, which hadaconv did not write: overwrite=True "
+                                              f"replaces only what hadaconv wrote; move {added} out of it"):
+            atomic.check_output(written, True, folder=True)
+        (written / added).rmdir() if added.endswith("/") else (written / added).unlink()
     endless = tmp_path / "endless"  # a config.json that never ends is not read
     endless.mkdir()
     (endless / "config.json").symlink_to("/dev/zero")

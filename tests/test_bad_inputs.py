@@ -548,6 +548,14 @@ ROWS = [
     Row("convert-overwrite-foreign-folder",
         lambda w, t: _convert(w.hf, _mkdir(t / "out", with_file=True), "--overwrite", *TINY),
         FOREIGN_FOLDER, lambda mp, w, t: _no_model(mp)),
+    Row("convert-overwrite-notes-added",  # notes a user put into a converted folder must not vanish with it
+        lambda w, t: _convert(w.hf, _write(_copy(w.conv, t / "out") / "NOTES.md", "mine").parent, "--overwrite",
+                              *TINY),
+        r"out holds NOTES\.md, which hadaconv did not write: --overwrite replaces only what hadaconv wrote; move "
+        r"NOTES\.md out of it, or choose another folder$", lambda mp, w, t: _no_model(mp)),
+    Row("export-output-inside-the-input", lambda w, t: ["export", w.conv, "-o", w.conv / "onnx"],
+        r"the output .*conv/onnx is inside the input .*conv: hadaconv never writes into its inputs",
+        lambda mp, w, t: _no_model(mp)),
     # The output is the input, or holds it: --overwrite must not destroy what is being read.
     Row("convert-output-is-the-input",
         lambda w, t: _convert(_copy(w.hf, t / "m"), t / "m", "--overwrite", *TINY),
@@ -1015,7 +1023,7 @@ ROWS = [
         r"the output .*/m\.pt is the input .*/m\.pt: writing it would replace the input", lambda mp, w, t: _no_model(mp)),
     Row("sample-output-inside-the-model",
         lambda w, t: ["sample", _copy(w.hf, t / "m"), "-o", t / "m" / "config.json", "--overwrite"],
-        r"the output .*/m/config\.json is a file inside the input .*/m: writing it would replace the input",
+        r"the output .*/m/config\.json is inside the input .*/m: hadaconv never writes into its inputs",
         lambda mp, w, t: _no_model(mp)),
     Row("sample-output-in-a-folder-without-write-permission",
         lambda w, t: ["sample", w.hf, "-o", _mkdir(t / "locked") / "s.jsonl"],

@@ -408,9 +408,12 @@ def test_save_refuses_to_overwrite(tmp_path):
     _one_line_error("did not write", save_converted, model, tmp_path / "out", meta=meta, overwrite=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     save_converted(model, tmp_path / "conv", meta=meta)
-    (tmp_path / "conv" / "keep.txt").write_text("mine")
-    save_converted(model, tmp_path / "conv", meta=meta, overwrite=True)  # a folder hadaconv wrote
-    assert not (tmp_path / "conv" / "keep.txt").exists() and (tmp_path / "conv" / "model.safetensors").is_file()
+    (tmp_path / "conv" / "keep.txt").write_text("mine")  # a file of the user's in a folder hadaconv wrote
+    _one_line_error("holds keep.txt, which hadaconv did not write", save_converted, model, tmp_path / "conv",
+                    meta=meta, overwrite=True)
+    (tmp_path / "conv" / "keep.txt").unlink()
+    save_converted(model, tmp_path / "conv", meta=meta, overwrite=True, report={})  # only what hadaconv wrote
+    assert (tmp_path / "conv" / "model.safetensors").is_file() and (tmp_path / "conv" / "report.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "out"]
 
 

@@ -161,6 +161,6 @@ def distill_file(
     saved = json.loads(old_report.read_text(encoding="utf-8")) if old_report.is_file() else {}
     saved["distill"] = report.to_dict()
     save_converted(model, out, meta={**meta, "distill": summary}, tokenizer=tokenizer,
-                   tokenizer_source=converted, report=saved, overwrite=overwrite)
-    plot_curve(report, out / "distill_curve.png")
+                   tokenizer_source=converted, report=saved, overwrite=overwrite,
+                   extra=lambda tmp: plot_curve(report, tmp / "distill_curve.png"))
     return report

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -121,6 +121,7 @@ def save_converted(
     tokenizer_source: str | os.PathLike | None = None,
     report: dict | None = None,
     overwrite: bool = False,
+    extra: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write a converted model folder atomically and return its path.
 
@@ -134,6 +135,8 @@ def save_converted(
         tokenizer_source: a folder whose tokenizer files are copied as they are.
         report: written as report.json.
         overwrite: replace an existing ``out_dir`` that hadaconv wrote (a folder of other files is refused).
+        extra: called with the temporary folder, to add files of its own (distill's curve), which
+            are then part of the output like the others.
     """
     from safetensors.torch import save_file
 
@@ -153,6 +156,8 @@ def save_converted(
             tokenizer.save_pretrained(str(tmp))
         if report is not None:
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
     return out
 
 
