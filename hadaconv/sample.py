@@ -182,6 +182,9 @@ def tensors_fingerprint(config: Any, tensors: Iterable[tuple[str, torch.Tensor]]
     h = hashlib.blake2b(digest_size=16)
     if config is not None and hasattr(config, "to_dict"):
         entries = {k: v for k, v in config.to_dict().items() if k not in _LOADING_KEYS}
+        quantization = entries.get("quantization_config")
+        if isinstance(quantization, dict):  # a GGUF's file name: a renamed copy holds the same model
+            entries["quantization_config"] = {k: v for k, v in quantization.items() if k != "gguf_file"}
         h.update(json.dumps(entries, sort_keys=True, default=str).encode())
     for name, t in tensors:
         t = t.detach().cpu().contiguous()

@@ -571,3 +571,20 @@ def test_describe_calibration_says_what_is_cached():
     assert "only 128 of them cached: a streamed run reads the cache alone and would stop" in said(128, cached_only=True)
     assert "(none of them cached: a streamed run" in said(0, cached_only=True)
     assert "(all cached" in said(512, cached_only=True)
+
+
+def test_a_renamed_gguf_keeps_its_sampled_text(tmp_path):
+    """The content hash leaves out the GGUF's file name, which transformers puts in the config:
+    a copied or renamed file is the same model (a newcomer's copy sampled everything again);
+    a converted folder's config keeps no note of a quantization its tensors no longer have."""
+    from hadaconv.io.converted import config_for_saving
+    from hadaconv.sample import model_fingerprint
+
+    model = make_tiny("llama")
+    digests = []
+    for name in ("a.gguf", "b.gguf"):
+        model.config.quantization_config = {"quant_method": "gguf", "gguf_file": name, "dequantize": False}
+        digests.append(model_fingerprint(model))
+        assert "quantization_config" not in config_for_saving(model, {"layers": []})
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "a.gguf", "dequantize": True}
+    assert digests[0] == digests[1] != model_fingerprint(model)

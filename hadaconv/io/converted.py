@@ -106,6 +106,8 @@ def config_for_saving(model: nn.Module, meta: dict) -> dict:
     if config is not None:
         data = json.loads(config.to_json_string(use_diff=False))
         data["architectures"] = [type(model).__name__]  # load() rebuilds exactly this class
+        if (data.get("quantization_config") or {}).get("quant_method") == "gguf":
+            del data["quantization_config"]  # the GGUF's weights were dequantized: the folder holds plain tensors
     else:
         data = {"torch_module": torch_recipe(model)}
     data["hadaconv"] = meta
