@@ -235,6 +235,22 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     for line in report.warnings():
         click.echo(f"warning: {line}", err=True)
     click.echo(f"saved {output}")
+    _note_dequantized(model, output, dtype)
+
+
+def _note_dequantized(source: str, output: str, dtype: str) -> None:
+    """Say why a converted GGUF is several times its file: its quantized weights were read as
+    float32, which the folder keeps unless --dtype says otherwise (a newcomer's 98 MB Q4_1 file
+    became 535 MB)."""
+    source_path, folder = Path(source), Path(output)
+    if source_path.suffix.lower() != ".gguf" or dtype != "auto" or not folder.is_dir():
+        return
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    if size > 2 * source_path.stat().st_size:
+        click.echo(f"note: {folder} holds {size / 2**20:,.0f} MiB where the GGUF file held "
+                   f"{source_path.stat().st_size / 2**20:,.0f} MiB: its quantized weights were read as float32, "
+                   "which the folder keeps (--dtype bfloat16 halves it; hadaconv writes no quantized formats)",
+                   err=True)
 
 
 def _short(path: str | os.PathLike) -> str:

@@ -545,3 +545,19 @@ def test_a_short_calibration_file_is_named_before_and_after_the_load(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hadaconv.io, "source_tokenizer", no_tokenizer)
         check_against_model(str(src), ConvertConfig(calib=[str(long)], samples=8, seq_len=8, block=4))
+
+
+def test_cli_says_why_a_converted_gguf_is_larger(tmp_path, capsys):
+    """A GGUF's quantized weights are read as float32: convert says why the folder is several
+    times the file, and how to halve it; not for other inputs, nor when --dtype was given."""
+    from hadaconv.cli import _note_dequantized
+
+    gguf, folder = tmp_path / "m.gguf", tmp_path / "out"
+    gguf.write_bytes(b"x" * 1000)
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 5000)
+    for source, dtype, said in ((gguf, "auto", True), (gguf, "bfloat16", False), (tmp_path / "m.safetensors", "auto",
+                                                                                  False)):
+        _note_dequantized(str(source), str(folder), dtype)
+        err = capsys.readouterr().err
+        assert ("--dtype bfloat16 halves it" in err) == said, err
