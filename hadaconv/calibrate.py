@@ -76,6 +76,14 @@ def source_list(sources: Sequence[str | os.PathLike] | str | os.PathLike | None)
     return [sources] if isinstance(sources, (str, os.PathLike)) else list(sources or [])
 
 
+def _named_hint(name: str) -> str:
+    """" (did you mean shakespeare?)" for a name like a named source, else the names there are."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), NAMED_SOURCES, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else f" (a file, a folder, or one of {', '.join(NAMED_SOURCES)})"
+
+
 def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calibration",
                   samples: int | None = None) -> None:
     """Refuse, before a run loads a model rather than after, a file or folder source that does not
@@ -92,7 +100,7 @@ def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calib
             raise HadaconvError(f"an empty {what} source: name a file, a folder, sample or shakespeare")
         path = Path(src)
         if not path.exists():
-            raise HadaconvError(f"{what} source not found: {src}")
+            raise HadaconvError(f"{what} source not found: {src}{_named_hint(str(src))}")
         if path.is_file() and not _holds_text(path):
             raise HadaconvError(f"{what} source {src} holds no text")
         # Every file is checked, not only up to the first that holds text: the load reads them all.
@@ -391,11 +399,10 @@ def token_windows(
     stream = torch.tensor(ids, dtype=torch.long)
     total = len(stream) // seq_len
     if total < 2:
-        fits = f" (at most {len(stream) // 2})" if len(stream) >= 4 else ""
-        raise HadaconvError(
-            f"the {what} has {len(stream)} tokens, too few for two windows of {seq_len}; "
-            f"give more text or a smaller {option('seq_len')}{fits}"
-        )
+        # Windows of a few tokens calibrate nothing: below 16, only more text is advice.
+        shorter = f" or a smaller {option('seq_len')} (at most {len(stream) // 2})" if len(stream) >= 32 else ""
+        raise HadaconvError(f"the {what} has {len(stream)} tokens, too few for two windows of {seq_len}; give more "
+                            f"text{shorter}")
     windows = stream[: total * seq_len].reshape(total, seq_len)
     pick = torch.linspace(0, total - 1, min(samples, total)).round().long().unique()
     windows = windows[pick]

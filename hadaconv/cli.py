@@ -10,6 +10,7 @@ Anything else (a damaged input no check foresaw) is one line too, naming its typ
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -948,6 +949,9 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
             click.echo(f"{stopped}: the last checkpoint is in {folder}; rerun the same command with --resume to "
                        "continue from it", err=True)
         else:  # a short run may stop before its first checkpoint: say that nothing is kept
+            if checkpoint_dir is None:  # stopped while the first was written: its folder holds nothing
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             click.echo(f"{stopped} before the first checkpoint (every {checkpoint_every} steps, --checkpoint-every) "
                        "or while the text was prepared: no training state was saved, and --resume would start "
                        "from the beginning (sampled text is cached a chunk at a time)", err=True)

@@ -460,8 +460,8 @@ ROWS = [
     # Counted with the tokenizer alone, before the model load (a newcomer's file passed the dry run).
     Row("convert-too-short-calibration-text",
         lambda w, t: _convert(w.hf, t / "out", "--calib", _write(t / "c.txt", "Hello there."), "--seq-len", "16"),
-        r"the calibration text .*c\.txt has \d+ tokens, too few for two windows of 16; give more text or a smaller "
-        r"--seq-len", lambda mp, w, t: _no_model(mp)),
+        r"the calibration text .*c\.txt has \d+ tokens, too few for two windows of 16; give more text$",
+        lambda mp, w, t: _no_model(mp)),  # windows of a few tokens are no advice
     Row("convert-dry-run-too-short-calibration-text",
         lambda w, t: _convert(w.hf, t / "out", "--calib", _write(t / "c.txt", "Hello there."), "--seq-len", "16",
                               "--dry-run"),
@@ -477,6 +477,14 @@ ROWS = [
     Row("convert-missing-calibration-file",
         lambda w, t: _convert(w.hf, t / "out", "--calib", t / "nope.txt"), r"calibration source not found",
         lambda mp, w, t: _no_model(mp)),
+    Row("convert-named-source-misspelt", lambda w, t: _convert(w.hf, t / "out", "--calib", "shakspeare"),
+        r"calibration source not found: shakspeare \(did you mean shakespeare\?\)$", lambda mp, w, t: _no_model(mp)),
+    Row("convert-calibration-source-unlike-a-name", lambda w, t: _convert(w.hf, t / "out", "--calib", "texts/"),
+        r"calibration source not found: texts/? \(a file, a folder, or one of sample, shakespeare, none\)$",
+        lambda mp, w, t: _no_model(mp)),
+    Row("inspect-folder-holding-a-gguf", lambda w, t: ["inspect", _tiny_gguf(_mkdir(t / "pkg") / "m.gguf", 1).parent],
+        r"pkg is a folder without config\.json \(expected a Hugging Face model folder or a hadaconv output\): it "
+        r"holds m\.gguf, give that file$"),
     # An unset shell variable (--calib "$TEXT"): Path("") would read the working folder.
     Row("convert-empty-calibration-source", lambda w, t: _convert(w.hf, t / "out", "--calib", ""),
         r"an empty calibration source: name a file, a folder, sample or shakespeare", lambda mp, w, t: _no_model(mp)),
@@ -851,6 +859,10 @@ ROWS = [
         lambda mp, w, t: _no_model(mp)),
     Row("distill-missing-teacher", lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", t / "nope",
                                                  *DISTILL], r"the teacher .*: no such file or folder \(give the original model\)$"),
+    Row("distill-a-bundle", lambda w, t: ["distill", _write(_mkdir(t / "b") / "hadaconv_onnx.json", "{}").parent,
+                                          "-o", t / "out", *DISTILL],
+        r"b is an ONNX bundle \(what an ONNX export writes\): run it with hadaconv run, or give the model folder",
+        lambda mp, w, t: _no_model(mp)),
     Row("distill-existing-output",
         lambda w, t: ["distill", w.conv, "-o", _mkdir(t / "out", True), "--teacher", w.hf, *DISTILL],
         r"out already exists and is not empty: pass --overwrite to replace it"),
@@ -878,8 +890,8 @@ ROWS = [
                       *DISTILL], r"training text source .*d\.txt holds no text"),
     Row("distill-too-short-text",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data",
-                      _write(t / "d.txt", "Hello there."), *DISTILL],
-        r"the training text .*d\.txt has \d+ tokens, too few for two windows of 16; give more text or a smaller "
+                      _write(t / "d.txt", " ".join(["Hello there."] * 12)), *DISTILL, "--seq-len", "64"],
+        r"the training text .*d\.txt has \d+ tokens, too few for two windows of 64; give more text or a smaller "
         r"--seq-len \(at most \d+\)$", lambda mp, w, t: _no_model(mp)),  # counted with the tokenizer alone
     Row("distill-no-held-out-windows",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--max-steps", "1",

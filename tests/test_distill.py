@@ -596,11 +596,12 @@ def test_cli_interrupt_before_a_checkpoint_says_nothing_was_saved(converted, tmp
     import hadaconv.distill
 
     def interrupted(converted_dir, output, cfg, **kwargs):
+        Path(cfg.checkpoint_dir).mkdir(parents=True)  # stopped while the first checkpoint was written
         raise KeyboardInterrupt
 
     monkeypatch.setattr(hadaconv.distill, "distill_file", interrupted)
     code, _, err = _cli(capsys, "distill", converted / "conv", "-o", tmp_path / "out", *CLI_RUN)
-    assert code == 130
+    assert code == 130 and list(tmp_path.iterdir()) == []  # no empty checkpoint folder left behind
     assert err.strip() == ("interrupted before the first checkpoint (every 100 steps, --checkpoint-every) or while "
                            "the text was prepared: no training state was saved, and --resume would start from the "
                            "beginning (sampled text is cached a chunk at a time)")

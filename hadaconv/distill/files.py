@@ -91,6 +91,7 @@ def distill_file(
     """
     from hadaconv.calibrate import check_sources, check_windows_early, source_list
     from hadaconv.io import check_seq_len_early, load_model, recorded_config, save_converted, source_key
+    from hadaconv.io.converted import refuse_bundle
     from hadaconv.device import resolve_device
     from hadaconv.sample import reading_source
     from hadaconv.io.files import read_json
@@ -100,6 +101,7 @@ def distill_file(
     out = Path(out_dir)
     if not converted.exists():
         raise HadaconvError(f"no such file or folder: {converted}")
+    refuse_bundle(converted)
     config_path = converted / "config.json"
     meta = read_json(config_path).get("hadaconv") if config_path.is_file() else None
     if not isinstance(meta, dict):

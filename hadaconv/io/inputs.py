@@ -344,10 +344,10 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     config_path = path / "config.json"
     refuse_bundle(path)
     if not config_path.is_file():
-        raise HadaconvError(
-            f"{path} is a folder without config.json "
-            "(expected a Hugging Face model folder or a hadaconv output)"
-        )
+        ggufs = sorted(path.glob("*.gguf"))  # a data package's folder, say: the model is the file inside
+        inside = f": it holds {ggufs[0].name}, give that file" if len(ggufs) == 1 else ""
+        raise HadaconvError(f"{path} is a folder without config.json (expected a Hugging Face model folder or a "
+                            f"hadaconv output){inside}")
     data = read_json(config_path)
     if "hadaconv" in data or "torch_module" in data:
         model = load(path)
