@@ -47,7 +47,7 @@ from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projecti
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.progress import console, progress
-from hadaconv.report import ConvertReport, LayerReport, calibration_warning, max_layers_warning
+from hadaconv.report import ConvertReport, LayerReport, calibration_warning, max_layers_warning, ranking_warning
 from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, check_writes_text, default_sources
 from hadaconv.sensitivity import Probe, metric, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
@@ -186,13 +186,19 @@ class Calibration:
     windows: int = 0  # of text, held-out ones included (0: a data-free fit or given inputs)
     sampled: bool = False  # the model's own sampled text among the sources
 
-    def record(self, report: ConvertReport, cfg: ConvertConfig) -> None:
+    def record(self, report: ConvertReport, cfg: ConvertConfig, ranks: bool | None = None) -> None:
         """Put what the calibration is into ``report``, and say now (not after the fits) when the
-        text made fewer windows than asked."""
+        text made fewer windows than asked, or (where the run ``ranks`` the layers: by default
+        when ``cfg`` asks to) when too few were held out for the ranking."""
         report.calibration_tokens, report.heldout_tokens = self.tokens, self.heldout_tokens
         report.calibration_source = self.source or "none (data-free)"
         report.samples, report.windows, report.sampled = cfg.samples, self.windows, self.sampled
         warn_now(cfg, calibration_warning(cfg.samples, self.windows, self.heldout_tokens > 0, self.sampled))
+        if (cfg.ranked if ranks is None else ranks) and self.windows:
+            held = sum(len(b["input_ids"]) for b in self.heldout)
+            report.ranked_on = min(probe_windows(cfg, held), held + sum(len(b["input_ids"]) for b in self.calib))
+            report.ranked_fitted = max(0, report.ranked_on - held)
+            warn_now(cfg, ranking_warning(report.ranked_on, report.ranked_fitted))
 
 
 def warn_now(cfg: ConvertConfig, warning: str | None) -> None:
@@ -647,7 +653,7 @@ def convert(
     report.bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
     model.eval()
     data = calibration_batches(model, tokenizer, cfg, inputs)
-    data.record(report, cfg)
+    data.record(report, cfg, ranks=cfg.ranked and not chooses_nothing(cfg, len(target.layers)))
 
     dec = _blockwise_decoder(model, target, data, cfg)
     looped = dec is not None and cfg.sequential  # the block loop fits every layer itself

@@ -37,6 +37,17 @@ def calibration_warning(samples: int, windows: int, heldout: bool, sampled: bool
     return "; ".join(said) or None
 
 
+def ranking_warning(windows: int, fitted: int) -> str | None:
+    """The warning for a ranking measured on ``windows`` windows, ``fitted`` of which the fits
+    were made on (too few held out): a layer whose fit learned its text looks harmless there."""
+    if not fitted:
+        return None
+    held = windows - fitted
+    return (f"the layers were ranked on {windows} windows, {fitted} of them fitted on ({held} held out): a "
+            f"noisy choice that favours fits to their own text; {option('samples', 10 * windows)} or more "
+            f"holds out {windows}")
+
+
 @dataclass
 class LayerReport:
     """One attention block.  Errors are relative, ``||y_new - y|| / ||y||`` of the output
@@ -90,6 +101,8 @@ class ConvertReport:
     samples: int = 0  # calibration windows asked for (--samples)
     sampled: bool = False  # the model's own sampled text among the calibration sources
     windows: int = 0  # calibration windows the text made, held-out ones included (0: not text)
+    ranked_on: int = 0  # windows the ranking's sensitivities were measured on (0: not ranked)
+    ranked_fitted: int = 0  # of them, windows the fits were made on (where too few were held out)
 
     @property
     def converted(self) -> list[int]:
@@ -105,13 +118,15 @@ class ConvertReport:
         mean output (``mean-pred``, the floor any fit should beat): a fit that learned the
         calibration windows, not the layer, usually from too little text; one when the calibration
         text made a tenth or more fewer windows than asked, or none to hold out
-        (:func:`calibration_warning`); and one when
+        (:func:`calibration_warning`); one when the ranking had to measure on windows the fits were
+        made on (:func:`ranking_warning`); and one when
         ``--max-layers`` asked for at least as many layers as there were candidates and every
         candidate was converted (it chose nothing)."""
         n = len(self.layers)
         few = max_layers_warning(self.max_layers, n, "was") if len(self.converted) >= n else None
         short = calibration_warning(self.samples, self.windows, self.heldout_tokens > 0, self.sampled)
-        return [w for w in (short, few) if w] + [
+        fitted = ranking_warning(self.ranked_on, self.ranked_fitted)
+        return [w for w in (short, fitted, few) if w] + [
             f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
             f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "
             f"layer dense, list the candidates without it in {option('layers')}"

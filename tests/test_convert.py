@@ -206,6 +206,26 @@ def test_max_layers_over_the_candidates_skips_the_ranking_only_for_the_block_loo
         convert(make_tiny("llama"), config=dataclasses.replace(cfg, calib="none"))
 
 
+def test_a_ranking_on_fitted_windows_is_warned_about():
+    """Where too few windows are held out, the ranking measures on windows the fits were made on:
+    said in the report (and while it runs), not where enough are held out, nor without a ranking."""
+    from tiny_models import tokenizer_folder
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder())
+    said = {}
+    for samples, ranked in ((20, True), (40, True), (20, False)):
+        cfg = ConvertConfig(block=4, seq_len=16, samples=samples, calib=["shakespeare"], progress=False,
+                            max_layers=1 if ranked else None)
+        report = convert(make_tiny("llama"), tok, cfg)
+        said[samples, ranked] = [w for w in report.warnings() if "ranked" in w]
+        assert (report.ranked_on, report.ranked_fitted) == ({(20, True): (4, 2), (40, True): (4, 0)}.get(
+            (samples, ranked), (0, 0)))
+    assert said[20, True] == ["the layers were ranked on 4 windows, 2 of them fitted on (2 held out): a noisy choice "
+                              "that favours fits to their own text; samples=40 or more holds out 4"]
+    assert said[40, True] == said[20, False] == []
+
+
 def test_data_free_parameter_count_is_exact():
     model = make_tiny("llama")
     before = sum(p.numel() for p in model.parameters())
