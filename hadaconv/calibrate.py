@@ -32,9 +32,9 @@ TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 #: Source names that are no paths: the model's own text, the plays, the data-free fit.
 NAMED_SOURCES = (SAMPLE, SHAKESPEARE, "none")
 
-__all__ = ["MAX_TOKEN_BYTES", "MomentCollector", "Moments", "check_windows_early", "default_corpus", "describe_sources",
-           "folder_files", "load_texts", "mixed_windows", "process_group", "read_document", "read_json", "read_text",
-           "text_windows", "token_windows"]
+__all__ = ["MAX_TOKEN_BYTES", "MomentCollector", "Moments", "check_windows_early", "count_windows_early",
+           "default_corpus", "describe_sources", "folder_files", "load_texts", "mixed_windows", "process_group",
+           "read_document", "read_json", "read_text", "text_windows", "token_windows"]
 
 
 @dataclass
@@ -287,6 +287,29 @@ def check_windows_early(model: str | os.PathLike, sources: Sequence[str | os.Pat
     tokenizer = source_tokenizer(model, config=config) if small else None
     for src in small if tokenizer is not None else []:
         token_windows(tokenizer, load_texts([src]), samples=samples, seq_len=seq_len, heldout=0, what=f"{what} {src}")
+
+
+def count_windows_early(model: str | os.PathLike, sources: Sequence[str | os.PathLike] | str | None, *,
+                        samples: int, seq_len: int, config: str | os.PathLike | None = None
+                        ) -> tuple[int, bool] | None:
+    """(the windows the text ``sources`` make, whether any is held out), counted as the run will
+    (:func:`mixed_windows`) with the tokenizer of the model at ``model`` read alone, for a dry run
+    to warn of a short text; None where only the run can tell (text the model writes, or the
+    tokenizer only known from the load) or there is surely enough (more bytes than ``samples``
+    windows hold at :data:`MAX_TOKEN_BYTES` a token, which also bounds the tokenizing)."""
+    from hadaconv.io import source_tokenizer
+
+    listed = source_list(sources)
+    if not listed or any(str(src) in NAMED_SOURCES for src in listed):
+        return None
+    if sum(_bytes(Path(src)) for src in listed) > samples * seq_len * MAX_TOKEN_BYTES:
+        return None
+    tokenizer = source_tokenizer(model, config=config)
+    if tokenizer is None:
+        return None
+    calib, held, _ = mixed_windows(tokenizer, [load_texts([src]) for src in listed], samples=samples,
+                                   seq_len=seq_len, names=[str(src) for src in listed])
+    return len(calib) + len(held), len(held) > 0
 
 
 def _bytes(path: Path) -> int:

@@ -17,11 +17,12 @@ from typing import Callable
 from torch import nn
 
 from hadaconv.adapters import Adapter, AttentionLayer, check_block, find_adapter, model_kind
+from hadaconv.calibrate import count_windows_early
 from hadaconv.convert import (ConvertConfig, check_against_model, check_config, check_convert_output, chooses_nothing,
                               default_block, dense_layers, find_target)
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
-from hadaconv.report import max_layers_warning
+from hadaconv.report import calibration_warning, max_layers_warning
 from hadaconv.sample import cached_sequences, describe_calibration
 
 __all__ = ["Plan", "PlannedLayer", "inspect_model", "plan_conversion"]
@@ -149,6 +150,10 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
     plan.calibration = describe_calibration(cfg.calib, plan.kind, samples=cfg.samples, seq_len=cfg.seq_len,
                                             cached_only=streamed, cached=cached)
     plan.max_layers, plan.max_loss = cfg.max_layers, cfg.max_loss
+    counted = count_windows_early(source, cfg.calib, samples=cfg.samples, seq_len=cfg.seq_len, config=model_config)
+    short = calibration_warning(cfg.samples, *counted) if counted else None  # what the run would warn of
+    if short:
+        plan.warnings.append(short)
     if chooses_nothing(cfg, len(plan.layers)):
         plan.warnings.append(max_layers_warning(cfg.max_layers, len(plan.layers)))
     return plan

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -126,3 +127,18 @@ def test_a_dry_run_after_a_conversion_says_the_sampled_text_is_cached(tmp_path, 
     assert "sampled on the first run" in hadaconv.plan_conversion(src, cfg, dtype="bfloat16").calibration
     (src / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())  # written again
     assert "sampled on the first run" in hadaconv.plan_conversion(src, cfg).calibration
+
+
+def test_a_dry_run_warns_of_a_text_that_makes_fewer_windows(tiny, tmp_path):
+    """The dry run counts the windows a text file makes, as the run does, and warns as the run
+    would (a newcomer's README made 84 of 2000 windows, said only after the load)."""
+    src, _ = tiny
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)  # about 600 tokens: 37 windows of 16
+    cfg = ConvertConfig(block=4, seq_len=16, calib=[str(text)])
+    warned = hadaconv.plan_conversion(src, replace(cfg, samples=200)).warnings
+    expected = (r"the calibration text made \d+ of the 200 windows asked \(samples\): give more text, or ask for "
+                r"fewer windows or a smaller seq_len")
+    assert len(warned) == 1 and re.fullmatch(expected, warned[0]), warned
+    assert hadaconv.plan_conversion(src, replace(cfg, samples=20)).warnings == []
+    assert hadaconv.plan_conversion(src, replace(cfg, samples=200, calib=None)).warnings == []  # sampled: the run's
