@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -40,8 +41,8 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     ``folder=True`` (converted folders, bundles): an existing non-empty folder needs
     ``overwrite``, and is replaced only while it holds just what hadaconv wrote there (as its
     :data:`MANIFEST` lists; a folder from before the manifest: a converted model's or a bundle's
-    marker file, and no folder): ``-o ~/projects --overwrite`` must not delete the user's own
-    files, nor notes added to a converted folder.  An empty folder is fine (one made
+    marker file, and only files of the names hadaconv writes): ``-o ~/projects --overwrite`` must
+    not delete the user's own files, nor notes added to a converted folder.  An empty folder is fine (one made
     beforehand); a file there is refused even with ``overwrite`` (``-o model.gguf`` must not
     replace the input).  ``folder=False`` (JSONL,
     ...): an existing file needs ``overwrite``; a folder there, or a missing parent folder, is
@@ -82,42 +83,46 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
 #: converted folder must not vanish with it).
 MANIFEST = ".hadaconv-files"
 _MANIFEST_LIMIT = 1 << 20  # bytes; the file is untrusted
+#: What file managers leave in any folder they show, which ``overwrite`` may remove with it.
+_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 # Folders written before the manifest: converted and distilled models hold a config.json with a
-# "hadaconv" section (hadaconv.io.converted), ONNX bundles hadaconv_onnx.json (export.bundle.METADATA).
+# "hadaconv" section (hadaconv.io.converted), ONNX bundles hadaconv_onnx.json (export.bundle.METADATA),
+# and only files of the names these patterns match.
 _BUNDLE_METADATA = "hadaconv_onnx.json"
 _CONFIG_LIMIT = 16 << 20  # a converted model's config.json is a few kB
+_EARLIER_NAMES = re.compile(r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|"
+                            r"report\.json|distill_curve\.png|model\.onnx(\.data)?|hadaconv_onnx\.json|"
+                            r"genai_config\.json|lib\w+\.(so|dylib|dll)|tokenizer(_config)?\.json|"
+                            r"special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|"
+                            r"tokenizer\.model|spiece\.model|chat_template\.jinja")
 
 
 def _check_replaceable(folder: Path) -> None:
-    """Refuse to replace a folder hadaconv did not write, or one holding more than it wrote."""
-    foreign = _foreign_entry(folder)
-    if foreign is None:
-        return
-    flag = option("overwrite", True)
+    """Refuse to replace a folder hadaconv did not write, or one holding more than it wrote,
+    naming what it holds besides (up to five entries)."""
+    entries = sorted(e for e in folder.iterdir() if e.name not in _LITTER)
+    manifest = folder / MANIFEST
+    if manifest.exists() or manifest.is_symlink():
+        listed = _read_manifest(manifest)
+        allowed = (lambda e: e.name in listed) if listed is not None else (lambda e: False)
+    elif _marked(folder):  # written before the manifest
+        allowed = (lambda e: _EARLIER_NAMES.fullmatch(e.name) is not None)
+    else:
+        raise OutputError(f"{folder} holds files hadaconv did not write: {option('overwrite', True)} replaces only "
+                          "a converted model or an ONNX bundle; remove the folder yourself, or choose another")
+    foreign = [e.name + ("/" if e.is_dir() else "") for e in entries
+               if e.name != MANIFEST and (e.is_dir() or e.is_symlink() or not allowed(e))]
     if foreign:
-        raise OutputError(f"{folder} holds {foreign}, which hadaconv did not write: {flag} replaces only what "
-                          f"hadaconv wrote; move {foreign} out of it, or choose another folder")
-    raise OutputError(f"{folder} holds files hadaconv did not write: {flag} replaces only a converted model or an "
-                      "ONNX bundle, which hold no folders; remove the folder yourself, or choose another")
-
-
-def _foreign_entry(folder: Path) -> str | None:
-    """None where ``folder`` holds only what hadaconv wrote; else the name of an entry it did not
-    write ("sub/" for a folder), or "" where it cannot tell which (no manifest, no marker)."""
-    entries = sorted(folder.iterdir())
-    listed = _read_manifest(folder / MANIFEST)
-    if listed is not None:
-        extra = [e.name + ("/" if e.is_dir() else "") for e in entries if e.name not in listed and e.name != MANIFEST]
-        return extra[0] if extra else None
-    if any(e.is_dir() for e in entries) or not _marked(folder):
-        return ""
-    return None
+        them = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"{folder} holds {them}, which hadaconv did not write: {option('overwrite', True)} "
+                          "replaces only what hadaconv wrote; move them out of it, or choose another folder")
 
 
 def _read_manifest(path: Path) -> set[str] | None:
-    """The names a manifest lists; None where there is none (or it is no regular file)."""
+    """The names a manifest lists; None where it cannot be read (no regular file, too large):
+    then nothing in the folder counts as listed."""
     try:
-        if not path.is_file():
+        if not path.is_file() or path.is_symlink():
             return None
         with path.open("rb") as f:
             raw = f.read(_MANIFEST_LIMIT + 1)
@@ -257,6 +262,19 @@ def _finish_tree(root: Path, umask: int) -> None:
         _fsync(Path(folder), directory=True)
 
 
+def _entries(folder: Path) -> set[str]:
+    return {e.name for e in folder.iterdir()} if folder.is_dir() and not folder.is_symlink() else set()
+
+
+def _check_nothing_added(out: Path, before: set[str]) -> None:
+    """Refuse to replace ``out`` when entries came into it after the write began: they are
+    someone's, and the check that allowed the replacement did not see them."""
+    added = sorted(_entries(out) - before)
+    if added:
+        raise OutputError(f"{out} gained {', '.join(added[:5])} while this run wrote its replacement: it was not "
+                          "replaced; move them out of it and run again")
+
+
 def _write_manifest(folder: Path) -> None:
     names = sorted(e.name for e in folder.iterdir() if e.name != MANIFEST)
     (folder / MANIFEST).write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
@@ -307,7 +325,10 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     fsynced and it is renamed to ``out`` (replacing an existing ``out``, file or folder).
 
     On any exception the temporary is removed and ``out`` is left untouched.  The caller decides
-    beforehand whether replacing ``out`` is allowed.  File-system failures raise
+    beforehand whether replacing ``out`` is allowed (:func:`check_output`); a folder ``out`` that
+    gained entries while the block ran (a streamed conversion or an export takes long) is not
+    replaced: OutputError, naming them, and the new output is discarded.  The
+    folder gets its :data:`MANIFEST`.  File-system failures raise
     :class:`~hadaconv.errors.OutputError` (an OSError) naming ``out``.
     """
     out = Path(out)
@@ -315,10 +336,12 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = _sibling(out, ".tmp", _new_folder)
         umask = 0o777 & ~os.stat(tmp).st_mode  # mkdir(0o777) applied exactly the umask
+        before = _entries(out)
         try:
             yield tmp
             _write_manifest(tmp)
             _finish_tree(tmp, umask)
+            _check_nothing_added(out, before)
             _publish_folder(tmp, out)
             _fsync(out.parent, directory=True)
         finally:

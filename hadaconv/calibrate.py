@@ -77,10 +77,16 @@ def source_list(sources: Sequence[str | os.PathLike] | str | os.PathLike | None)
 
 
 def _named_hint(name: str) -> str:
-    """" (did you mean shakespeare?)" for a name like a named source, else the names there are."""
+    """A hint for a source not found: " (did you mean shakespeare?)" for a bare word close to a
+    named source ("none", the data-free fit, only in other letter case: "nope" is no typo of it),
+    else the names there are."""
     import difflib
 
-    close = difflib.get_close_matches(name.lower(), NAMED_SOURCES, n=1, cutoff=0.6)
+    word = name.lower()
+    bare = "/" not in name and not Path(name).suffix
+    close = difflib.get_close_matches(word, [SAMPLE, SHAKESPEARE], n=1, cutoff=0.8) if bare else []
+    if word in NAMED_SOURCES:
+        close = [word]
     return f" (did you mean {close[0]}?)" if close else f" (a file, a folder, or one of {', '.join(NAMED_SOURCES)})"
 
 

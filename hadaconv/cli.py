@@ -240,8 +240,8 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
 
 
 def _note_dequantized(source: str, output: str, dtype: str) -> None:
-    """Say why a converted GGUF is several times its file: its quantized weights were read as
-    float32, which the folder keeps unless --dtype says otherwise (a newcomer's 98 MB Q4_1 file
+    """Say why a converted GGUF is several times its file: its quantized (or 16-bit) weights were
+    read as float32, which the folder keeps unless --dtype says otherwise (a newcomer's 98 MB Q4_1 file
     became 535 MB)."""
     source_path, folder = Path(source), Path(output)
     if source_path.suffix.lower() != ".gguf" or dtype != "auto" or not folder.is_dir():
@@ -249,7 +249,8 @@ def _note_dequantized(source: str, output: str, dtype: str) -> None:
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     if size > 2 * source_path.stat().st_size:
         click.echo(f"note: {folder} holds {size / 2**20:,.0f} MiB where the GGUF file held "
-                   f"{source_path.stat().st_size / 2**20:,.0f} MiB: its quantized weights were read as float32, "
+                   f"{source_path.stat().st_size / 2**20:,.0f} MiB: its weights (quantized or 16-bit) were read "
+                   "as float32, "
                    "which the folder keeps (--dtype bfloat16 halves it; hadaconv writes no quantized formats)",
                    err=True)
 

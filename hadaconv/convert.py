@@ -198,7 +198,8 @@ class Calibration:
             held = sum(len(b["input_ids"]) for b in self.heldout)
             report.ranked_on = min(probe_windows(cfg, held), held + sum(len(b["input_ids"]) for b in self.calib))
             report.ranked_fitted = max(0, report.ranked_on - held)
-            warn_now(cfg, ranking_warning(report.ranked_on, report.ranked_fitted))
+            short = self.windows < cfg.samples
+            warn_now(cfg, ranking_warning(report.ranked_on, report.ranked_fitted, text_short=short))
 
 
 def warn_now(cfg: ConvertConfig, warning: str | None) -> None:

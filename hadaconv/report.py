@@ -37,15 +37,16 @@ def calibration_warning(samples: int, windows: int, heldout: bool, sampled: bool
     return "; ".join(said) or None
 
 
-def ranking_warning(windows: int, fitted: int) -> str | None:
+def ranking_warning(windows: int, fitted: int, text_short: bool = False) -> str | None:
     """The warning for a ranking measured on ``windows`` windows, ``fitted`` of which the fits
-    were made on (too few held out): a layer whose fit learned its text looks harmless there."""
+    were made on (too few held out): a layer whose fit learned its text looks harmless there.
+    ``text_short``: the text made fewer windows than asked, so more text is the way out."""
     if not fitted:
         return None
     held = windows - fitted
+    more = "more text" if text_short else f"{option('samples', 10 * windows)} or more"
     return (f"the layers were ranked on {windows} windows, {fitted} of them fitted on ({held} held out): a "
-            f"noisy choice that favours fits to their own text; {option('samples', 10 * windows)} or more "
-            f"holds out {windows}")
+            f"noisy choice that favours fits to their own text; {more} holds out {windows}")
 
 
 @dataclass
@@ -125,7 +126,7 @@ class ConvertReport:
         n = len(self.layers)
         few = max_layers_warning(self.max_layers, n, "was") if len(self.converted) >= n else None
         short = calibration_warning(self.samples, self.windows, self.heldout_tokens > 0, self.sampled)
-        fitted = ranking_warning(self.ranked_on, self.ranked_fitted)
+        fitted = ranking_warning(self.ranked_on, self.ranked_fitted, text_short=self.windows < self.samples)
         return [w for w in (short, fitted, few) if w] + [
             f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
             f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "

@@ -10,6 +10,7 @@ from torch import nn
 
 from hadaconv import atomic
 from hadaconv.atomic import atomic_file, atomic_folder
+from hadaconv.errors import OutputError
 
 
 @pytest.fixture
@@ -84,6 +85,20 @@ def test_failed_final_rename_restores_previous_folder(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary, no aside copy
 
 
+def test_a_folder_that_gains_files_during_the_write_is_not_replaced(tmp_path):
+    """A long write (a streamed conversion, an export) was allowed to replace ``out`` as it was;
+    a file that came into it meanwhile is someone's: refused, named, nothing replaced."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with pytest.raises(OutputError, match=r"out gained NOTES\.md while this run wrote its replacement: it was not "
+                                          r"replaced; move them out of it and run again$"):
+        with atomic_folder(tmp_path / "out") as tmp:
+            (tmp / "new.txt").write_text("new")
+            (tmp_path / "out" / "NOTES.md").write_text("mine")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["NOTES.md", "old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_replacing_a_folder(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
@@ -124,7 +139,6 @@ def test_check_output_one_rule_and_one_wording(tmp_path):
     assert atomic.check_output(folder, folder=True) == folder  # missing: fine
     folder.mkdir()
     assert atomic.check_output(folder, folder=True) == folder  # empty: fine
-    (folder / "keep.txt").write_text("keep")
     file.write_text("{}\n")
     refusals = {}
     (folder / "config.json").write_text('{"hadaconv": {"layers": [0]}}')  # a converted folder
@@ -143,7 +157,7 @@ def test_check_output_one_rule_and_one_wording(tmp_path):
                                      (tmp_path / "no" / "s.jsonl", False, "the folder .* does not exist")):
         with pytest.raises(OutputError, match=message):
             atomic.check_output(path, True, folder=is_folder)
-    assert (folder / "keep.txt").read_text() == "keep" and file.read_text() == "{}\n"
+    assert (folder / "config.json").is_file() and file.read_text() == "{}\n"
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
@@ -274,12 +288,28 @@ def test_overwrite_replaces_only_folders_hadaconv_wrote(tmp_path):
     assert atomic.check_output(written, True, folder=True) == written
     (written / "model.onnx").unlink()  # fewer files than listed: still only what hadaconv wrote
     assert atomic.check_output(written, True, folder=True) == written
-    for added in ("NOTES.md", "results/"):
-        (written / added).mkdir() if added.endswith("/") else (written / added).write_text("mine")
-        with pytest.raises(OutputError, match=f"written holds {added}, which hadaconv did not write: overwrite=True "
-                                              f"replaces only what hadaconv wrote; move {added} out of it"):
-            atomic.check_output(written, True, folder=True)
-        (written / added).rmdir() if added.endswith("/") else (written / added).unlink()
+    (written / ".DS_Store").write_text("")  # a file manager's: replaced with the folder
+    assert atomic.check_output(written, True, folder=True) == written
+    (written / "NOTES.md").write_text("mine")
+    (written / "results").mkdir()
+    (written / "vocab.txt").symlink_to(tmp_path / "elsewhere")  # never written by hadaconv
+    with pytest.raises(OutputError, match="written holds NOTES.md, results/, vocab.txt, which hadaconv did not "
+                                          "write: overwrite=True replaces only what hadaconv wrote; move them out"):
+        atomic.check_output(written, True, folder=True)
+    for name in ("NOTES.md", "vocab.txt"):
+        (written / name).unlink()
+    (written / "results").rmdir()
+    (written / atomic.MANIFEST).write_bytes(b"x\n" * (1 << 20))  # unreadable as a manifest: nothing is listed
+    with pytest.raises(OutputError, match="holds config.json, which hadaconv did not write"):
+        atomic.check_output(written, True, folder=True)
+    earlier = tmp_path / "earlier"  # written before the manifest: only names hadaconv writes
+    earlier.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "report.json", "model.onnx"):
+        (earlier / name).write_text('{"hadaconv": {}}' if name == "config.json" else "")
+    assert atomic.check_output(earlier, True, folder=True) == earlier
+    (earlier / "NOTES.md").write_text("mine")
+    with pytest.raises(OutputError, match="earlier holds NOTES.md, which hadaconv did not write"):
+        atomic.check_output(earlier, True, folder=True)
     endless = tmp_path / "endless"  # a config.json that never ends is not read
     endless.mkdir()
     (endless / "config.json").symlink_to("/dev/zero")

@@ -233,7 +233,7 @@ def _write(path: Path, data: bytes | str) -> Path:
 
 # --overwrite on a folder of the user's own files (keep.txt): convert, export and distill.
 FOREIGN_FOLDER = (r"out holds files hadaconv did not write: --overwrite replaces only a converted model or an ONNX "
-                  r"bundle, which hold no folders; remove the folder yourself, or choose another$")
+                  r"bundle; remove the folder yourself, or choose another$")
 
 
 def _mkdir(path: Path, with_file: bool = False) -> Path:
@@ -482,6 +482,9 @@ ROWS = [
     Row("convert-calibration-source-unlike-a-name", lambda w, t: _convert(w.hf, t / "out", "--calib", "texts/"),
         r"calibration source not found: texts/? \(a file, a folder, or one of sample, shakespeare, none\)$",
         lambda mp, w, t: _no_model(mp)),
+    Row("convert-word-unlike-a-named-source", lambda w, t: _convert(w.hf, t / "out", "--calib", "nope"),
+        r"calibration source not found: nope \(a file, a folder, or one of sample, shakespeare, none\)$",
+        lambda mp, w, t: _no_model(mp)),
     Row("inspect-folder-holding-a-gguf", lambda w, t: ["inspect", _tiny_gguf(_mkdir(t / "pkg") / "m.gguf", 1).parent],
         r"pkg is a folder without config\.json \(expected a Hugging Face model folder or a hadaconv output\): it "
         r"holds m\.gguf, give that file$"),
@@ -560,7 +563,7 @@ ROWS = [
         lambda w, t: _convert(w.hf, _write(_copy(w.conv, t / "out") / "NOTES.md", "mine").parent, "--overwrite",
                               *TINY),
         r"out holds NOTES\.md, which hadaconv did not write: --overwrite replaces only what hadaconv wrote; move "
-        r"NOTES\.md out of it, or choose another folder$", lambda mp, w, t: _no_model(mp)),
+        r"them out of it, or choose another folder$", lambda mp, w, t: _no_model(mp)),
     Row("export-output-inside-the-input", lambda w, t: ["export", w.conv, "-o", w.conv / "onnx"],
         r"the output .*conv/onnx is inside the input .*conv: hadaconv never writes into its inputs",
         lambda mp, w, t: _no_model(mp)),

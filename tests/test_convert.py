@@ -224,6 +224,9 @@ def test_a_ranking_on_fitted_windows_is_warned_about():
     assert said[20, True] == ["the layers were ranked on 4 windows, 2 of them fitted on (2 held out): a noisy choice "
                               "that favours fits to their own text; samples=40 or more holds out 4"]
     assert said[40, True] == said[20, False] == []
+    from hadaconv.report import ranking_warning
+
+    assert ranking_warning(4, 2, text_short=True).endswith("; more text holds out 4")  # not "ask for more windows"
 
 
 def test_data_free_parameter_count_is_exact():

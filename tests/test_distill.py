@@ -461,6 +461,19 @@ def test_cli_teacher_as_bare_weights_with_its_config(converted, capsys):
     assert summary["teacher_config"] == str(converted / "tiny")
 
 
+def test_a_failed_plot_costs_no_distilled_model(converted, capsys, monkeypatch):
+    """The curve is written inside the atomic save, so a plot that fails must not fail the save."""
+    import hadaconv.distill.files as files
+
+    monkeypatch.setattr(files, "plot_curve", lambda report, path: (Path(path).write_bytes(b"half"),
+                                                                   1 / 0))
+    out_dir = converted / "no-curve"
+    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", out_dir, *CLI_RUN)
+    assert code == 0, err
+    assert "note: no distill_curve.png: plotting failed (ZeroDivisionError" in " ".join(err.split())
+    assert (out_dir / "model.safetensors").is_file() and not (out_dir / "distill_curve.png").exists()
+
+
 def test_cli_says_when_nothing_improved(converted, capsys):
     """A run whose evaluations never beat the start saves the converted model unchanged, and says so."""
     out_dir = converted / "unchanged"

@@ -13,6 +13,7 @@ from hadaconv.distill.parallel import is_main
 from hadaconv.errors import HadaconvError, InputError, command, option
 from hadaconv.io import check_model_config, original_path, same_file
 from hadaconv.nn import HadamardProjection
+from hadaconv.progress import console
 
 __all__ = ["distill_file", "plot_curve"]
 
@@ -32,6 +33,17 @@ def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> 
     except HadaconvError:  # none recorded, or gone: the given teacher is another model
         recorded = None
     return Path(teacher), same_file(teacher, recorded)
+
+
+def _plot_beside(report: DistillReport, path: Path) -> None:
+    """:func:`plot_curve` into the folder being saved; a plot that fails (a font, a backend) is
+    said and skipped: the curve must not cost the distilled model."""
+    try:
+        plot_curve(report, path)
+    except Exception as exc:  # noqa: BLE001 - whatever matplotlib raises
+        path.unlink(missing_ok=True)
+        console.print(f"[yellow]note: no {path.name}: plotting failed ({type(exc).__name__}: {exc})[/]",
+                      highlight=False)
 
 
 def plot_curve(report: DistillReport, path: str | os.PathLike) -> bool:
@@ -164,5 +176,5 @@ def distill_file(
     saved["distill"] = report.to_dict()
     save_converted(model, out, meta={**meta, "distill": summary}, tokenizer=tokenizer,
                    tokenizer_source=converted, report=saved, overwrite=overwrite,
-                   extra=lambda tmp: plot_curve(report, tmp / "distill_curve.png"))
+                   extra=lambda tmp: _plot_beside(report, tmp / "distill_curve.png"))
     return report

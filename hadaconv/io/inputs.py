@@ -344,7 +344,8 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
     config_path = path / "config.json"
     refuse_bundle(path)
     if not config_path.is_file():
-        ggufs = sorted(path.glob("*.gguf"))  # a data package's folder, say: the model is the file inside
+        # A data package's folder, say: the model is the file inside.
+        ggufs = sorted(f for f in path.iterdir() if f.suffix.lower() == ".gguf" and f.is_file())
         inside = f": it holds {ggufs[0].name}, give that file" if len(ggufs) == 1 else ""
         raise HadaconvError(f"{path} is a folder without config.json (expected a Hugging Face model folder or a "
                             f"hadaconv output){inside}")
