@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 from hadaconv.errors import ModelFormatError, OutputError, option, output_error
 
-__all__ = ["MANIFEST", "atomic_file", "atomic_folder", "check_output"]
+__all__ = ["MANIFEST", "atomic_file", "atomic_folder", "check_not_input", "check_output"]
 
 _ATTEMPTS = 100
 
@@ -55,7 +55,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     Raises :class:`~hadaconv.errors.OutputError` with one line.
     """
     path = Path(path)
-    _check_not_input(path, inputs)
+    check_not_input(path, inputs)
     if folder:
         if path.exists() and not path.is_dir():
             raise OutputError(f"{path} exists and is not a folder")
@@ -145,11 +145,14 @@ def _marked(folder: Path) -> bool:
         return False
 
 
-def _check_not_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
-    """Refuse an output that is an existing input, a folder holding one, or anything inside an
-    input folder: an existing file (``sample HF -o HF/config.json``) would be replaced, and a new
-    entry (``export conv -o conv/onnx``) would change the input, and stop a later ``overwrite``
-    of it (the folder would hold one it did not write)."""
+def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,
+                    name: str = "the output") -> None:
+    """Refuse an output ``path`` (``name`` says which) that is an existing input, a folder holding
+    one, or anything inside an input folder: an existing file (``sample HF -o HF/config.json``)
+    would be replaced, and a new entry (``export conv -o conv/onnx``) would change the input, and
+    stop a later ``overwrite`` of it (the folder would hold one it did not write).  ``inputs``:
+    paths (None, objects and names not on disk are skipped).  Raises OutputError."""
+    path = Path(path)
     out = path.resolve()
     for given in inputs:
         if not isinstance(given, (str, os.PathLike)) or not os.fspath(given) or not Path(given).exists():
@@ -159,11 +162,11 @@ def _check_not_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> 
         if same or out in source.parents or _same_file(out, tuple(source.parents)):
             what = "is" if same else "is a folder holding"
         elif source in out.parents or _same_file(source, tuple(out.parents)):
-            raise OutputError(f"the output {path} is inside the input {given}: hadaconv never writes into its "
+            raise OutputError(f"{name} {path} is inside the input {given}: hadaconv never writes into its "
                               "inputs; choose an output outside it")
         else:
             continue
-        raise OutputError(f"the output {path} {what} the input {given}: writing it would replace the input; "
+        raise OutputError(f"{name} {path} {what} the input {given}: writing it would replace the input; "
                           "choose another output")
 
 

@@ -878,6 +878,11 @@ ROWS = [
     Row("distill-output-is-the-teacher",
         lambda w, t: ["distill", w.conv, "-o", _copy(w.hf, t / "h"), "--overwrite", "--teacher", t / "h", *DISTILL],
         r"the output .*/h is the input .*/h: writing it would replace the input", lambda mp, w, t: _no_model(mp)),
+    Row("distill-checkpoints-inside-the-input",
+        lambda w, t: ["distill", _copy(w.conv, t / "c"), "-o", t / "out", "--checkpoint-dir", t / "c" / "ckpt",
+                      "--teacher", w.hf, *DISTILL],
+        r"--checkpoint-dir .*/c/ckpt is inside the input .*/c: hadaconv never writes into its inputs",
+        lambda mp, w, t: _no_model(mp)),
     Row("distill-checkpoints-inside-the-output",  # the final save would replace the folder, and them with it
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--checkpoint-dir", t / "out" / "ckpt", "--teacher", w.hf,
                       *DISTILL],

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from hadaconv.atomic import atomic_file, check_output
+from hadaconv.atomic import atomic_file, check_not_input, check_output
 from hadaconv.distill.core import DistillConfig, DistillReport, check_config, distill
 from hadaconv.distill.parallel import is_main
 from hadaconv.errors import HadaconvError, InputError, command, option
@@ -124,8 +124,10 @@ def distill_file(
     if teacher_config is None and recorded:
         teacher_config = recorded_config(meta, config_flag)  # the recorded original's recorded config, if any
     check_model_config(source, teacher_config, whose="the teacher", flag=config_flag)
-    check_output(out, overwrite, folder=True, inputs=[converted, source, teacher_config, cfg.eval_text,
-                                                    *source_list(cfg.data)])
+    inputs = [converted, source, teacher_config, cfg.eval_text, *source_list(cfg.data)]
+    check_output(out, overwrite, folder=True, inputs=inputs)
+    if cfg.checkpoint_dir:
+        check_not_input(cfg.checkpoint_dir, inputs, name=option("checkpoint_dir"))
     checkpoints = Path(cfg.checkpoint_dir).resolve() if cfg.checkpoint_dir else None
     if checkpoints and out.resolve() in (checkpoints, *checkpoints.parents):  # the final save would delete them
         raise InputError(f"{option('checkpoint_dir', cfg.checkpoint_dir)} is inside the output {out}, which the final "
