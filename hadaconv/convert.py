@@ -186,15 +186,15 @@ class Calibration:
     windows: int = 0  # of text, held-out ones included (0: a data-free fit or given inputs)
     sampled: bool = False  # the model's own sampled text among the sources
 
-    def record(self, report: ConvertReport, cfg: ConvertConfig, ranks: bool | None = None) -> None:
+    def record(self, report: ConvertReport, cfg: ConvertConfig, *, ranks: bool) -> None:
         """Put what the calibration is into ``report``, and say now (not after the fits) when the
-        text made fewer windows than asked, or (where the run ``ranks`` the layers: by default
-        when ``cfg`` asks to) when too few were held out for the ranking."""
+        text made fewer windows than asked, or (where the run ``ranks`` the layers) when too few
+        were held out for the ranking."""
         report.calibration_tokens, report.heldout_tokens = self.tokens, self.heldout_tokens
         report.calibration_source = self.source or "none (data-free)"
         report.samples, report.windows, report.sampled = cfg.samples, self.windows, self.sampled
         warn_now(cfg, calibration_warning(cfg.samples, self.windows, self.heldout_tokens > 0, self.sampled))
-        if (cfg.ranked if ranks is None else ranks) and self.windows:
+        if ranks and self.windows:
             held = sum(len(b["input_ids"]) for b in self.heldout)
             report.ranked_on = min(probe_windows(cfg, held), held + sum(len(b["input_ids"]) for b in self.calib))
             report.ranked_fitted = max(0, report.ranked_on - held)

@@ -486,7 +486,7 @@ def convert_streamed(
         cfg = replace(cfg, max_layers=None)
     with reading_source(source_key(source, device=dev.type)):  # the key convert_file records for the same files
         data = calibration_batches(model, tokenizer, cfg, fingerprint=lambda: _fingerprint(model, files, compute))
-    data.record(report, cfg)
+    data.record(report, cfg, ranks=cfg.ranked)  # cfg asks no ranking where it would choose nothing
     outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(f"{prefix}.") and n in files]
     fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]
     with atomic_folder(out) as tmp:
