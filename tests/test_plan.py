@@ -80,6 +80,7 @@ def test_plan_conversion_checks_the_output_as_the_run_would(tiny, tmp_path):
         hadaconv.plan_conversion(src, cfg, output=taken)
     with pytest.raises(OutputError, match="holds files hadaconv did not write"):
         hadaconv.plan_conversion(src, cfg, output=taken, overwrite=True)
+    (taken / "x").unlink()
     (taken / "config.json").write_text('{"hadaconv": {"layers": []}}')  # now a converted folder
     assert hadaconv.plan_conversion(src, cfg, output=taken, overwrite=True).layers
     with pytest.raises(OutputError):
