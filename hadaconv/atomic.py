@@ -54,6 +54,8 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, *, folder: bo
     ``overwrite``: an input is never changed (``convert st -o st --overwrite``).
     Raises :class:`~hadaconv.errors.OutputError` with one line.
     """
+    if not os.fspath(path).strip():  # an unset shell variable: Path("") is the current folder
+        raise OutputError(f"the output names no {'folder' if folder else 'file'} (an empty name)")
     path = Path(path)
     check_not_input(path, inputs)
     if folder:

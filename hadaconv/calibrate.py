@@ -33,7 +33,8 @@ TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 NAMED_SOURCES = (SAMPLE, SHAKESPEARE, "none")
 
 __all__ = ["MAX_TOKEN_BYTES", "MomentCollector", "Moments", "check_windows_early", "count_windows_early",
-           "default_corpus", "describe_sources", "folder_files", "load_texts", "mixed_windows", "process_group",
+           "default_corpus", "describe_sources", "folder_files", "load_texts", "mixed_windows", "one_file_hint",
+           "process_group",
            "read_document", "read_json", "read_text", "text_windows", "token_windows"]
 
 
@@ -88,6 +89,15 @@ def _named_hint(name: str) -> str:
     if word in NAMED_SOURCES:
         close = [word]
     return f" (did you mean {close[0]}?)" if close else f" (a file, a folder, or one of {', '.join(NAMED_SOURCES)})"
+
+
+def one_file_hint(name: str | os.PathLike) -> str:
+    """For an option that reads one text file (eval --text, distill --eval-text) given a source's
+    name: say that it names sources of --calib and --data only."""
+    if str(name) not in NAMED_SOURCES:
+        return ""
+    return (f" ({name} names a source of convert {option('calib', flag='--calib')} and distill "
+            f"{option('data', flag='--data')}; this option reads one text file)")
 
 
 def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calibration",

@@ -365,7 +365,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     window's first.
     """
     from hadaconv.adapters import model_kind
-    from hadaconv.calibrate import default_corpus, read_document
+    from hadaconv.calibrate import default_corpus, one_file_hint, read_document
     from hadaconv.evaluate import check_encoder, embedding_cosine, perplexity, text_windows
     from hadaconv.io import load_model, recorded_source, same_file
 
@@ -375,7 +375,8 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         if path == "":  # an unset shell variable: not the default it would otherwise fall back to
             raise HadaconvError(f"{flag} names no file (an empty name)")
         if path is not None and not Path(path).exists():  # bad input (status 1), found before any load
-            raise HadaconvError(f"{flag} {path}: no such file or folder")
+            hint = one_file_hint(path) if flag == "--text" else ""
+            raise HadaconvError(f"{flag} {path}: no such file or folder{hint}")
     if text_file is not None and Path(text_file).is_dir():
         raise HadaconvError(f"--text {text_file} is a folder: give one text file")
     recorded, recorded_config = recorded_source(model)
@@ -931,9 +932,11 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
                         checkpoint_dir=str(folder), checkpoint_every=checkpoint_every, resume=resume,
                         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, device=device, dtype=dtype,
                         bf16=bf16, seed=seed)
+    from hadaconv.atomic import check_output
     from hadaconv.distill.parallel import is_main
 
     if resume and not (folder / CHECKPOINT).is_file() and is_main():
+        check_output(output, overwrite, folder=True)  # an output the run refuses is said before the note
         click.echo(f"note: --resume found no checkpoint in {folder}, so the run starts from the beginning",
                    err=True)
     try:

@@ -198,8 +198,7 @@ class Calibration:
             held = sum(len(b["input_ids"]) for b in self.heldout)
             report.ranked_on = min(probe_windows(cfg, held), held + sum(len(b["input_ids"]) for b in self.calib))
             report.ranked_fitted = max(0, report.ranked_on - held)
-            short = self.windows < cfg.samples
-            warn_now(cfg, ranking_warning(report.ranked_on, report.ranked_fitted, text_short=short))
+            warn_now(cfg, ranking_warning(report.ranked_on, report.ranked_fitted, cfg.samples, self.windows))
 
 
 def warn_now(cfg: ConvertConfig, warning: str | None) -> None:
@@ -465,13 +464,13 @@ def fit_sequential(model: nn.Module, target: Target, data: Calibration, cfg: Con
 def probe_windows(cfg: ConvertConfig, heldout: int) -> int:
     """How many windows the sensitivity is measured on, given ``heldout`` held-out windows:
     ``cfg.sensitivity_windows``; by default, when it chooses the layers, :data:`RANKING_WINDOWS`
-    held-out ones (fewer where there are fewer, but not under :data:`REPORT_WINDOWS`), else
-    :data:`REPORT_WINDOWS`."""
+    held-out ones (fewer where there are fewer: a window the fits were made on favours the
+    layers whose fits learned it), else :data:`REPORT_WINDOWS`."""
     if cfg.sensitivity_windows is not None:
         return cfg.sensitivity_windows
-    if not cfg.ranked:
+    if not cfg.ranked or not heldout:
         return REPORT_WINDOWS
-    return max(REPORT_WINDOWS, min(RANKING_WINDOWS, heldout))
+    return min(RANKING_WINDOWS, heldout)
 
 
 def probe_batches(data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> list[dict]:

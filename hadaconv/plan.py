@@ -17,12 +17,12 @@ from typing import Callable
 from torch import nn
 
 from hadaconv.adapters import Adapter, AttentionLayer, check_block, find_adapter, model_kind
-from hadaconv.calibrate import count_windows_early
+from hadaconv.calibrate import HELDOUT_EVERY, count_windows_early
 from hadaconv.convert import (ConvertConfig, check_against_model, check_config, check_convert_output, chooses_nothing,
-                              default_block, dense_layers, find_target)
+                              default_block, dense_layers, find_target, probe_windows)
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
-from hadaconv.report import calibration_warning, max_layers_warning
+from hadaconv.report import calibration_warning, max_layers_warning, ranking_warning
 from hadaconv.sample import cached_sequences, describe_calibration
 
 __all__ = ["Plan", "PlannedLayer", "inspect_model", "plan_conversion"]
@@ -150,13 +150,23 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
     plan.calibration = describe_calibration(cfg.calib, plan.kind, samples=cfg.samples, seq_len=cfg.seq_len,
                                             cached_only=streamed, cached=cached)
     plan.max_layers, plan.max_loss = cfg.max_layers, cfg.max_loss
-    counted = count_windows_early(source, cfg.calib, samples=cfg.samples, seq_len=cfg.seq_len, config=model_config)
-    short = calibration_warning(cfg.samples, *counted) if counted else None  # what the run would warn of
-    if short:
-        plan.warnings.append(short)
-    if chooses_nothing(cfg, len(plan.layers)):
-        plan.warnings.append(max_layers_warning(cfg.max_layers, len(plan.layers)))
+    plan.warnings += _warnings(source, cfg, model_config, len(plan.layers))
     return plan
+
+
+def _warnings(source: str | os.PathLike, cfg: ConvertConfig, model_config, candidates: int) -> list[str]:
+    """What the run would warn of, as far as the files tell before the load: a text too short
+    for ``--samples`` (counted), a ranking on few held-out windows, a ``--max-layers`` that
+    chooses nothing."""
+    counted = count_windows_early(source, cfg.calib, samples=cfg.samples, seq_len=cfg.seq_len, config=model_config)
+    made = counted[0] if counted else cfg.samples  # sampled text makes about as many as asked
+    held = made // HELDOUT_EVERY
+    ranks = cfg.ranked and not chooses_nothing(cfg, candidates)
+    ranked_on = probe_windows(cfg, held) if ranks else 0
+    said = [calibration_warning(cfg.samples, *counted) if counted else None,
+            ranking_warning(ranked_on, max(0, ranked_on - held), cfg.samples, made),
+            max_layers_warning(cfg.max_layers, candidates) if chooses_nothing(cfg, candidates) else None]
+    return [w for w in said if w]
 
 
 #: The layers a plan lists, from the model and its adapter.

@@ -102,7 +102,7 @@ def _log_lines(total: int, description: str) -> Callable[[], None]:
         if first or now - last >= LOG_EVERY or (done == total and last > start):
             last = now
             left = (now - start) / done * (total - done)  # the mean step so far: rich's own ETA is a rate too
-            eta = f", about {duration(left)} left" if done < total else ""
+            eta = (f", about {duration(left)} left" if left >= 1 else ", under 1 s left") if done < total else ""
             console.print(f"{description}: {done}/{total}, {duration(now - start)} elapsed{eta}", highlight=False)
 
     return step

@@ -37,16 +37,19 @@ def calibration_warning(samples: int, windows: int, heldout: bool, sampled: bool
     return "; ".join(said) or None
 
 
-def ranking_warning(windows: int, fitted: int, text_short: bool = False) -> str | None:
+def ranking_warning(windows: int, fitted: int, samples: int, made: int, enough: int = 4) -> str | None:
     """The warning for a ranking measured on ``windows`` windows, ``fitted`` of which the fits
-    were made on (too few held out): a layer whose fit learned its text looks harmless there.
-    ``text_short``: the text made fewer windows than asked, so more text is the way out."""
-    if not fitted:
-        return None
+    were made on, where fewer than ``enough`` (convert's REPORT_WINDOWS) were held out: a noisy
+    choice.  ``samples``: the windows asked for, ``made``: those the text made (the way out is
+    more text where it made fewer, else a larger ``--samples``: a tenth is held out)."""
     held = windows - fitted
-    more = "more text" if text_short else f"{option('samples', 10 * windows)} or more"
-    return (f"the layers were ranked on {windows} windows, {fitted} of them fitted on ({held} held out): a "
-            f"noisy choice that favours fits to their own text; {more} holds out {windows}")
+    if not held or held >= enough:  # none held out: calibration_warning says so
+        return None
+    more = ("more calibration text" if made < samples else f"{option('samples', 10 * enough)} or more") + \
+        f" holds out {enough}"
+    also = f", and on {fitted} the fits were made on" if fitted else ""
+    return (f"the layers were ranked on {held} held-out window{'s' if held != 1 else ''}{also}: a noisy choice; "
+            f"{more}")
 
 
 @dataclass
@@ -126,7 +129,7 @@ class ConvertReport:
         n = len(self.layers)
         few = max_layers_warning(self.max_layers, n, "was") if len(self.converted) >= n else None
         short = calibration_warning(self.samples, self.windows, self.heldout_tokens > 0, self.sampled)
-        fitted = ranking_warning(self.ranked_on, self.ranked_fitted, text_short=self.windows < self.samples)
+        fitted = ranking_warning(self.ranked_on, self.ranked_fitted, self.samples, self.windows)
         return [w for w in (short, fitted, few) if w] + [
             f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
             f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "

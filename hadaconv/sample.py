@@ -498,7 +498,9 @@ def _cache_state(samples: int, cached: int | None, cached_only: bool) -> str:
         return "from the cache only, as sampled by an earlier convert or hadaconv sample"
     if cached:
         return f"{cached} cached, the other {samples - cached} sampled on this run, then cached"
-    return "sampled on this run, then cached" if cached == 0 else "sampled on the first run, then cached"
+    # Unknown: the cache knows the text by the weights, the dry run only files it has seen.
+    return "sampled on this run, then cached" if cached == 0 else \
+        "cached if this model's text was sampled before under another file name, else sampled on this run"
 
 
 def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *,

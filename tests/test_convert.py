@@ -130,7 +130,8 @@ def test_partial_conversion_follows_sensitivity():
     ({"max_layers": 3}, 20, 16),                     # choosing layers: the steadier one
     ({"max_loss": 0.5}, 20, 16),
     ({"max_layers": 3}, 10, 10),                     # held-out windows only...
-    ({"max_layers": 3}, 2, 4),                       # ...but never fewer than the report's 4
+    ({"max_layers": 3}, 2, 2),                       # ...however few (the run warns under 4)
+    ({"max_layers": 3}, 0, 4),                       # none held out: the report's 4 calibration ones
     ({"max_layers": 3, "sensitivity_windows": 6}, 20, 6),  # an explicit count wins either way
     ({"sensitivity_windows": 2}, 20, 2),
 ])
@@ -206,11 +207,13 @@ def test_max_layers_over_the_candidates_skips_the_ranking_only_for_the_block_loo
         convert(make_tiny("llama"), config=dataclasses.replace(cfg, calib="none"))
 
 
-def test_a_ranking_on_fitted_windows_is_warned_about():
-    """Where too few windows are held out, the ranking measures on windows the fits were made on:
-    said in the report (and while it runs), not where enough are held out, nor without a ranking."""
+def test_a_ranking_on_few_held_out_windows_is_warned_about():
+    """The ranking measures on held-out windows only; where fewer than four are held out it says
+    so (in the report, and while it runs), not where enough are, nor without a ranking."""
     from tiny_models import tokenizer_folder
     from transformers import AutoTokenizer
+
+    from hadaconv.report import ranking_warning
 
     tok = AutoTokenizer.from_pretrained(tokenizer_folder())
     said = {}
@@ -219,14 +222,14 @@ def test_a_ranking_on_fitted_windows_is_warned_about():
                             max_layers=1 if ranked else None)
         report = convert(make_tiny("llama"), tok, cfg)
         said[samples, ranked] = [w for w in report.warnings() if "ranked" in w]
-        assert (report.ranked_on, report.ranked_fitted) == ({(20, True): (4, 2), (40, True): (4, 0)}.get(
-            (samples, ranked), (0, 0)))
-    assert said[20, True] == ["the layers were ranked on 4 windows, 2 of them fitted on (2 held out): a noisy choice "
-                              "that favours fits to their own text; samples=40 or more holds out 4"]
+        assert (report.ranked_on, report.ranked_fitted) == {(20, True): (2, 0), (40, True): (4, 0)}.get(
+            (samples, ranked), (0, 0))
+    assert said[20, True] == ["the layers were ranked on 2 held-out windows: a noisy choice; samples=40 or more "
+                              "holds out 4"]
     assert said[40, True] == said[20, False] == []
-    from hadaconv.report import ranking_warning
-
-    assert ranking_warning(4, 2, text_short=True).endswith("; more text holds out 4")  # not "ask for more windows"
+    assert ranking_warning(2, 0, 512, 30).endswith("; more calibration text holds out 4")  # the text was short
+    assert ranking_warning(4, 2, 40, 40).startswith("the layers were ranked on 2 held-out windows, and on 2 the fits")
+    assert ranking_warning(4, 4, 8, 8) is None  # none held out: the calibration warning says so
 
 
 def test_data_free_parameter_count_is_exact():

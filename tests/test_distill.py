@@ -461,6 +461,15 @@ def test_cli_teacher_as_bare_weights_with_its_config(converted, capsys):
     assert summary["teacher_config"] == str(converted / "tiny")
 
 
+def test_cli_says_when_sampled_is_capped_by_samples(converted, capsys):
+    """--sampled past --samples samples only the windows the run reads, and says so."""
+    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", converted / "capped", *CLI_RUN,
+                        "--sampled", "100")
+    assert code == 0, err
+    assert "note: --sampled 100 is more than the 48 windows the run reads (--samples): 48 are sampled" in \
+        " ".join(err.split())
+
+
 def test_a_failed_plot_costs_no_distilled_model(converted, capsys, monkeypatch):
     """The curve is written inside the atomic save, so a plot that fails must not fail the save."""
     import hadaconv.distill.files as files

@@ -120,14 +120,15 @@ def test_a_dry_run_after_a_conversion_says_the_sampled_text_is_cached(tmp_path, 
     src = tmp_path / "tiny"
     make_tiny("llama", src)
     cfg = ConvertConfig(block=4, seq_len=16, samples=4, layers=[0], sensitivity=False, progress=False)
-    assert "sampled on the first run" in hadaconv.plan_conversion(src, cfg).calibration
+    assert "cached if this model's text was sampled before" in hadaconv.plan_conversion(src, cfg).calibration
     hadaconv.convert_file(src, tmp_path / "out", cfg)
     assert "(all cached, sampled by an earlier run;" in hadaconv.plan_conversion(src, cfg).calibration
     # 8 sequences are one chunk of 8, other text than the 4 (a count's text never depends on the cache's history)
     assert "(sampled on this run, then cached;" in hadaconv.plan_conversion(src, replace(cfg, samples=8)).calibration
-    assert "sampled on the first run" in hadaconv.plan_conversion(src, cfg, dtype="bfloat16").calibration
+    unknown = "cached if this model's text was sampled before"
+    assert unknown in hadaconv.plan_conversion(src, cfg, dtype="bfloat16").calibration
     (src / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())  # written again
-    assert "sampled on the first run" in hadaconv.plan_conversion(src, cfg).calibration
+    assert "cached if this model's text was sampled before" in hadaconv.plan_conversion(src, cfg).calibration
 
 
 def test_a_dry_run_warns_of_a_text_that_makes_fewer_windows(tiny, tmp_path):
@@ -143,3 +144,5 @@ def test_a_dry_run_warns_of_a_text_that_makes_fewer_windows(tiny, tmp_path):
     assert len(warned) == 1 and re.fullmatch(expected, warned[0]), warned
     assert hadaconv.plan_conversion(src, replace(cfg, samples=20)).warnings == []
     assert hadaconv.plan_conversion(src, replace(cfg, samples=200, calib=None)).warnings == []  # sampled: the run's
+    ranked = hadaconv.plan_conversion(src, replace(cfg, samples=32, calib=None, max_layers=1)).warnings
+    assert ranked == ["the layers were ranked on 3 held-out windows: a noisy choice; samples=40 or more holds out 4"]

@@ -567,7 +567,8 @@ def test_describe_calibration_says_what_is_cached():
     assert "(all cached, sampled by an earlier run;" in said(512)
     assert "(128 cached, the other 384 sampled on this run, then cached;" in said(128)
     assert "(sampled on this run, then cached;" in said(0)
-    assert "(sampled on the first run, then cached;" in said(None)
+    assert "(cached if this model's text was sampled before under another file name, else sampled on this " \
+        "run;" in said(None)
     assert "only 128 of them cached: a streamed run reads the cache alone and would stop" in said(128, cached_only=True)
     assert "(none of them cached: a streamed run" in said(0, cached_only=True)
     assert "(all cached" in said(512, cached_only=True)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import Adapter, check_seq_len, find_adapter
-from hadaconv.calibrate import HELDOUT_EVERY, describe_sources, mixed_windows, read_document
+from hadaconv.calibrate import HELDOUT_EVERY, describe_sources, mixed_windows, one_file_hint, read_document
 from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
@@ -43,7 +43,7 @@ from hadaconv.errors import HadaconvError, InputError, check_fields, check_modul
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import LOG_EVERY, console, counted, duration
-from hadaconv.sample import DEFAULT_SEQUENCES, calibration_texts
+from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, default_sources
 
 __all__ = ["DistillConfig", "DistillReport", "converted_blocks", "default_lr", "distill"]
 
@@ -455,7 +455,7 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     if cfg.min_lr_ratio > 1:
         raise InputError(f"{option('min_lr_ratio')} must be at most 1 (a fraction of lr), got {cfg.min_lr_ratio!r}")
     if cfg.eval_text is not None and not Path(cfg.eval_text).is_file():
-        raise InputError(f"eval text not found: {cfg.eval_text}")
+        raise InputError(f"{option('eval_text', cfg.eval_text)}: no such file{one_file_hint(cfg.eval_text)}")
     if cfg.eval_text is not None:
         read_document(cfg.eval_text)  # not UTF-8 (a binary named by mistake): refused before the models load
     return cfg
@@ -558,6 +558,9 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
     check_seq_len(teacher, cfg.seq_len)
     # Sequences past --samples would make windows the run never reads (a newcomer's --samples 32
     # sampled 512, for 18 minutes).
+    if cfg.sampled > cfg.samples and SAMPLE in (cfg.data or default_sources(kind)) and cfg.progress and main:
+        console.print(f"note: {option('sampled', cfg.sampled)} is more than the {cfg.samples} windows the run "
+                      f"reads ({option('samples')}): {cfg.samples} are sampled", highlight=False)
     texts, names = calibration_texts(teacher, tokenizer, cfg.data, samples=min(cfg.sampled, cfg.samples),
                                      seq_len=cfg.seq_len, progress=cfg.progress and main)
     train, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len,
