@@ -198,7 +198,8 @@ class Calibration:
             held = sum(len(b["input_ids"]) for b in self.heldout)
             report.ranked_on = min(probe_windows(cfg, held), held + sum(len(b["input_ids"]) for b in self.calib))
             report.ranked_fitted = max(0, report.ranked_on - held)
-            warn_now(cfg, ranking_warning(report.ranked_on, report.ranked_fitted, cfg.samples, self.windows))
+            made = cfg.samples if self.sampled else self.windows  # sampled text makes a few fewer: not short
+            warn_now(cfg, ranking_warning(report.ranked_on, report.ranked_fitted, cfg.samples, made))
 
 
 def warn_now(cfg: ConvertConfig, warning: str | None) -> None:

@@ -129,7 +129,9 @@ class ConvertReport:
         n = len(self.layers)
         few = max_layers_warning(self.max_layers, n, "was") if len(self.converted) >= n else None
         short = calibration_warning(self.samples, self.windows, self.heldout_tokens > 0, self.sampled)
-        fitted = ranking_warning(self.ranked_on, self.ranked_fitted, self.samples, self.windows)
+        # Sampled text makes a few windows fewer than asked (calibration_warning): not a short text.
+        made = self.samples if self.sampled else self.windows
+        fitted = ranking_warning(self.ranked_on, self.ranked_fitted, self.samples, made)
         return [w for w in (short, fitted, few) if w] + [
             f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
             f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "

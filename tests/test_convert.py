@@ -213,7 +213,7 @@ def test_a_ranking_on_few_held_out_windows_is_warned_about():
     from tiny_models import tokenizer_folder
     from transformers import AutoTokenizer
 
-    from hadaconv.report import ranking_warning
+    from hadaconv.report import ConvertReport, ranking_warning
 
     tok = AutoTokenizer.from_pretrained(tokenizer_folder())
     said = {}
@@ -228,6 +228,10 @@ def test_a_ranking_on_few_held_out_windows_is_warned_about():
                               "holds out 4"]
     assert said[40, True] == said[20, False] == []
     assert ranking_warning(2, 0, 512, 30).endswith("; more calibration text holds out 4")  # the text was short
+    report = ConvertReport(mode="head", block=4, adapter="llama", samples=32, windows=31, sampled=True, ranked_on=3,
+                           heldout_tokens=3 * 16)
+    assert report.warnings() == ["the layers were ranked on 3 held-out windows: a noisy choice; samples=40 or more "
+                                 "holds out 4"]  # sampled text makes a few windows fewer: no shorter text to blame
     assert ranking_warning(4, 2, 40, 40).startswith("the layers were ranked on 2 held-out windows, and on 2 the fits")
     assert ranking_warning(4, 4, 8, 8) is None  # none held out: the calibration warning says so
 
