@@ -92,11 +92,10 @@ _LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 # and only files of the names these patterns match.
 _BUNDLE_METADATA = "hadaconv_onnx.json"
 _CONFIG_LIMIT = 16 << 20  # a converted model's config.json is a few kB
-_EARLIER_NAMES = re.compile(r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|"
-                            r"report\.json|distill_curve\.png|model\.onnx(\.data)?|hadaconv_onnx\.json|"
-                            r"genai_config\.json|lib\w+\.(so|dylib|dll)|tokenizer(_config)?\.json|"
-                            r"special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|"
-                            r"tokenizer\.model|spiece\.model|chat_template\.jinja")
+# The tokenizer's files are hadaconv.io.files.TOKENIZER_FILES, read where checked (io imports torch).
+_EARLIER_NAMES = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|report\.json|"
+                            r"distill_curve\.png|model\.onnx(\.data)?|hadaconv_onnx\.json|genai_config\.json|"
+                            r"lib\w+\.(so|dylib|dll)")
 
 
 def _check_replaceable(folder: Path) -> None:
@@ -108,7 +107,9 @@ def _check_replaceable(folder: Path) -> None:
         listed = _read_manifest(manifest)
         allowed = (lambda e: e.name in listed) if listed is not None else (lambda e: False)
     elif _marked(folder):  # written before the manifest
-        allowed = (lambda e: _EARLIER_NAMES.fullmatch(e.name) is not None)
+        from hadaconv.io.files import TOKENIZER_FILES
+
+        allowed = (lambda e: e.name in TOKENIZER_FILES or _EARLIER_NAMES.fullmatch(e.name) is not None)
     else:
         raise OutputError(f"{folder} holds files hadaconv did not write: {option('overwrite', True)} replaces only "
                           "a converted model or an ONNX bundle; remove the folder yourself, or choose another")
@@ -160,16 +161,14 @@ def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike 
         if not isinstance(given, (str, os.PathLike)) or not os.fspath(given) or not Path(given).exists():
             continue  # None, a model object, or a name that is not on disk: nothing to protect
         source = Path(given).resolve()
-        same = out == source or _same_file(out, (source,))
-        if same or out in source.parents or _same_file(out, tuple(source.parents)):
-            what = "is" if same else "is a folder holding"
-        elif source in out.parents or _same_file(source, tuple(out.parents)):
+        around, inside = _holds(out, source), _holds(source, out)
+        if inside and not around:
             raise OutputError(f"{name} {path} is inside the input {given}: hadaconv never writes into its "
                               "inputs; choose an output outside it")
-        else:
-            continue
-        raise OutputError(f"{name} {path} {what} the input {given}: writing it would replace the input; "
-                          "choose another output")
+        if around:
+            what = "is" if inside else "is a folder holding"
+            raise OutputError(f"{name} {path} {what} the input {given}: writing it would replace the input; "
+                              "choose another output")
 
 
 def _check_not_around_us(path: Path) -> None:
@@ -182,12 +181,16 @@ def _check_not_around_us(path: Path) -> None:
         places.append((Path.home(), "your home folder"))
     for place, name in places:
         place = place.resolve()
-        # by name, and as the same folder under another (a case-insensitive file system, a bind mount)
-        same = out == place or _same_file(out, (place,))
-        if same or out in place.parents or _same_file(out, tuple(place.parents)):
-            what = name if same else f"a folder holding {name}"
+        if _holds(out, place):
+            what = name if _holds(place, out) else f"a folder holding {name}"
             raise OutputError(f"the output {path} is {what}: a folder output replaces the whole folder; "
                               "choose a new or empty folder inside it")
+
+
+def _holds(folder: Path, path: Path) -> bool:
+    """Whether the resolved ``path`` is ``folder`` or lies inside it: by name, or as the same
+    folder under another name (a case-insensitive file system, a bind mount, a hard link)."""
+    return folder == path or folder in path.parents or _same_file(folder, (path, *path.parents))
 
 
 def _same_file(out: Path, candidates: tuple[Path, ...]) -> bool:

@@ -304,7 +304,8 @@ def test_overwrite_replaces_only_folders_hadaconv_wrote(tmp_path):
         atomic.check_output(written, True, folder=True)
     earlier = tmp_path / "earlier"  # written before the manifest: only names hadaconv writes
     earlier.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "report.json", "model.onnx"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "report.json", "model.onnx",
+                 "sentencepiece.bpe.model"):  # every tokenizer file a converted folder copies (io.TOKENIZER_FILES)
         (earlier / name).write_text('{"hadaconv": {}}' if name == "config.json" else "")
     assert atomic.check_output(earlier, True, folder=True) == earlier
     (earlier / "NOTES.md").write_text("mine")
