@@ -103,7 +103,7 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
     plan = _plan(source, model_config, trust_pickle, target, dense_layers, block, rank)
     if block is not None:  # asked for: refused as convert refuses it
         for layer in plan.layers:
-            check_block(block, layer.out_features, layer.name)
+            check_block(block, layer.out_features, layer.name, in_features=layer.in_features)
     return plan
 
 

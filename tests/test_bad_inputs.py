@@ -172,6 +172,13 @@ def _tiny_gguf(path: Path, blocks: int, tensors: tuple[str, ...] = ("token_embd.
     return path
 
 
+def _cut(path: Path, drop: int) -> Path:
+    """``path`` with its last ``drop`` bytes cut off, as an interrupted download leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[:-drop])
+    return path
+
+
 def _config_with(folder: Path, **changes) -> Path:
     import json
 
@@ -516,7 +523,7 @@ ROWS = [
     Row("convert-block-negative", lambda w, t: _convert(w.hf, t / "out", "--block", "-4"),
         r"'--block': -4 is not in the range x>=1"),
     Row("convert-block-not-dividing", lambda w, t: _convert(w.hf, t / "out", "--block", "5", *TINY),
-        r"--block 5 does not divide the output width 64 .*: choose one of 1, 2, 4, 8, 16, 32, 64$",
+        r"--block 5 does not divide the output width 64 .*: choose one of 1, 2, 4, 8, 16, 32$",
         lambda mp, w, t: _no_model(mp)),
     # 64 x 64: gamma blocks of 64 and beta keep 4,160 parameters, the dense W_o 4,096.
     Row("convert-block-saves-nothing", lambda w, t: _convert(w.hf, t / "out", "--block", "64", *TINY),
@@ -618,7 +625,7 @@ ROWS = [
         r"--reference .*nope\.safetensors: no such file or folder$", lambda mp, w, t: _no_model(mp)),
     Row("inspect-block-not-dividing", lambda w, t: ["inspect", w.hf, "--block", "7"],
         r"--block 7 does not divide the output width 64 of model\.layers\.0\.self_attn\.o_proj: choose one of "
-        r"1, 2, 4, 8, 16, 32, 64$", lambda mp, w, t: _no_model(mp)),
+        r"1, 2, 4, 8, 16, 32$", lambda mp, w, t: _no_model(mp)),  # 64 would save nothing
     Row("inspect-config-for-a-folder", lambda w, t: ["inspect", w.hf, "--config", w.hf],
         r"--config is for bare weights .*hf carries its own config: drop --config$"),
     Row("convert-dry-run-config-for-a-folder", lambda w, t: _convert(w.hf, t / "out", "--dry-run", "--config", w.hf),
@@ -808,6 +815,9 @@ ROWS = [
         r"cannot load the GGUF file"),
     Row("inspect-gguf-header-only", lambda w, t: ["inspect", _write(t / "m.gguf", b"GGUF\x03\x00\x00\x00")],
         r"cannot load the GGUF file .*m\.gguf: truncated or damaged \(unpack_from requires"),
+    Row("eval-gguf-cut-in-its-tensors",  # gguf-py says only "cannot reshape array of size ..."
+        lambda w, t: ["eval", _cut(_tiny_gguf(t / "m.gguf", 1, tuple(f"pad.{i}" for i in range(12))), 4096)],
+        r"cannot load the GGUF file .*m\.gguf: truncated or damaged \(cannot reshape array"),
     Row("inspect-block-0", lambda w, t: ["inspect", w.hf, "--block", "0"], r"'--block': 0 is not in the range"),
     Row("inspect-rank-negative", lambda w, t: ["inspect", w.hf, "--rank", "-1"], r"'--rank': -1 is not in the range"),
     Row("inspect-onnx-bundle", lambda w, t: ["inspect", w.bundle],
@@ -899,7 +909,12 @@ ROWS = [
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--eval-text",
                       _write(t / "e.txt", "Hi."), *DISTILL],
         r"the held-out text e\.txt \(--eval-text\) has \d+ tokens, fewer than one window of 16: give more text or a "
-        r"smaller --seq-len$"),
+        r"smaller --seq-len$", lambda mp, w, t: _no_model(mp)),  # before the student and the teacher load
+    Row("distill-eval-text-empty",
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--eval-text",
+                      _write(t / "e.txt", ""), *DISTILL],
+        r"the held-out text e\.txt \(--eval-text\) has 0 tokens, fewer than one window of 16",
+        lambda mp, w, t: _no_model(mp)),
     Row("distill-empty-text",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", _write(t / "d.txt", ""),
                       *DISTILL], r"training text source .*d\.txt holds no text"),

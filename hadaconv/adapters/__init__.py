@@ -18,6 +18,7 @@ from hadaconv.adapters.base import Adapter, AttentionLayer, ModelKind, WeightSlo
 from hadaconv.adapters.generic import generic_adapter
 from hadaconv.errors import HadaconvError, InputError, option
 from hadaconv.hadamard import UnsupportedSizeError, factorize
+from hadaconv.nn import parameters_saved
 
 __all__ = [
     "Adapter",
@@ -148,7 +149,7 @@ def check_convertible(layer: AttentionLayer, block: int = 1) -> None:
 
     The one geometry check: ``convert``, ``patch`` and ``install_projection`` all call it.
     """
-    w, _ = layer.out.get()
+    w, b = layer.out.get()
     out_features, in_features = w.shape
     if in_features != layer.width:
         raise HadaconvError(
@@ -161,18 +162,21 @@ def check_convertible(layer: AttentionLayer, block: int = 1) -> None:
     except UnsupportedSizeError as exc:
         shape = "" if out_features == in_features else f" ({out_features} x {in_features}: the transform runs on {n})"
         raise UnsupportedSizeError(f"{layer.out_name}{shape}: {exc}") from None
-    check_block(block, out_features, layer.out_name)
+    check_block(block, out_features, layer.out_name, in_features=in_features, bias=b is not None)
     if not w.is_meta and not torch.isfinite(w).all():  # a model being rebuilt (load) has no values yet
         raise HadaconvError(f"{layer.out_name} holds NaN or infinite weights")
 
 
-def check_block(block: int, out_features: int, name: str) -> None:
+def check_block(block: int, out_features: int, name: str, *, in_features: int | None = None,
+                bias: bool = False) -> None:
     """Refuse a gamma block size that does not divide the output width ``out_features`` of the
-    projection ``name`` (InputError, listing the sizes that do)."""
+    projection ``name`` (InputError, listing the sizes that do and, where ``in_features`` and
+    ``bias`` give the dense shape, still remove parameters)."""
     if block < 1 or out_features % block:
-        valid = ", ".join(str(d) for d in range(1, out_features + 1) if out_features % d == 0)
+        sizes = [d for d in range(1, out_features + 1) if out_features % d == 0
+                 and (in_features is None or parameters_saved(in_features, out_features, d, bias) > 0)]
         raise InputError(f"{option('block', block)} does not divide the output width {out_features} of {name}: "
-                         f"choose one of {valid}")
+                         f"choose one of {', '.join(map(str, sizes))}")
 
 
 def layer_indices(layers) -> list[int]:

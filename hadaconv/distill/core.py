@@ -45,7 +45,7 @@ from hadaconv.nn import HadamardProjection
 from hadaconv.progress import LOG_EVERY, console, counted, duration
 from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, default_sources
 
-__all__ = ["DistillConfig", "DistillReport", "converted_blocks", "default_lr", "distill"]
+__all__ = ["DistillConfig", "DistillReport", "converted_blocks", "default_lr", "distill", "eval_text_windows"]
 
 Stage = Literal["local", "global"]
 
@@ -420,6 +420,18 @@ _NUMBERS = {"lr": (0, True), "local_lr": (0, True), "temperature": (0, True), "m
 _FLAGS = {"warmup_steps": "--warmup", "stages": "--local / --global"}
 
 
+def eval_text_windows(tokenizer, cfg: DistillConfig, windows: int | None = None) -> torch.Tensor:
+    """The first ``windows`` (default ``cfg.eval_windows``) windows [N, seq_len] (int64) of the
+    file ``cfg.eval_text`` (which :func:`check_config` found to be one).
+
+    Raises:
+        InputError: the text makes no window of ``cfg.seq_len`` tokens.
+    """
+    path = Path(cfg.eval_text)
+    return text_windows(tokenizer, read_document(path), cfg.seq_len, windows or cfg.eval_windows,
+                        what=f"the held-out text {path.name} ({option('eval_text')})")
+
+
 def check_config(config: DistillConfig | None) -> DistillConfig:
     """``config``, or the default, once its values are ones the CLI's types would have let through
     (the Python API has no such types; a bad value must fail before minutes of sampling).
@@ -567,10 +579,7 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
                                             what="training text", names=names)
     data_source = describe_sources(names, windows)
     if cfg.eval_text:
-        path = Path(cfg.eval_text)  # a file: check_config said so
-        eval_ids = text_windows(tokenizer, read_document(path), cfg.seq_len,
-                                cfg.eval_windows, what=f"the held-out text {path.name} ({option('eval_text')})")
-        eval_source = path.name
+        eval_ids, eval_source = eval_text_windows(tokenizer, cfg), Path(cfg.eval_text).name
     else:
         eval_ids, eval_source = heldout[: cfg.eval_windows], "held-out windows of the training text"
     if len(eval_ids) == 0:

@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from hadaconv.atomic import atomic_file, check_not_input, check_output
-from hadaconv.distill.core import DistillConfig, DistillReport, check_config, distill
+from hadaconv.distill.core import DistillConfig, DistillReport, check_config, distill, eval_text_windows
 from hadaconv.distill.parallel import is_main
 from hadaconv.errors import HadaconvError, InputError, command, option
 from hadaconv.io import check_model_config, original_path, same_file
@@ -33,6 +33,20 @@ def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> 
     except HadaconvError:  # none recorded, or gone: the given teacher is another model
         recorded = None
     return Path(teacher), same_file(teacher, recorded)
+
+
+def _check_eval_text_early(converted: Path, cfg: DistillConfig) -> None:
+    """Refuse an ``eval_text`` too short for one window before the two models load, tokenized
+    with the converted folder's tokenizer (a text of more bytes than a window holds at
+    :data:`hadaconv.calibrate.MAX_TOKEN_BYTES` a token is not read twice)."""
+    from hadaconv.calibrate import MAX_TOKEN_BYTES
+    from hadaconv.io import source_tokenizer
+
+    if not cfg.eval_text or Path(cfg.eval_text).stat().st_size > cfg.seq_len * MAX_TOKEN_BYTES:
+        return
+    tokenizer = source_tokenizer(converted)
+    if tokenizer is not None:
+        eval_text_windows(tokenizer, cfg, windows=1)
 
 
 def _plot_beside(report: DistillReport, path: Path) -> None:
@@ -135,6 +149,7 @@ def distill_file(
     # A mistyped --data path, or an empty file, fails here, not after two models are loaded.
     check_sources(cfg.data, "training text", samples=cfg.samples)
     check_windows_early(converted, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, what="training text")
+    _check_eval_text_early(converted, cfg)
     check_seq_len_early(source, cfg.seq_len, config=teacher_config, kinds=None)  # before two models load
     student = load_model(converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):

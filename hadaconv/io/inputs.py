@@ -450,6 +450,13 @@ def _tokenizer_folder(config_path: Path, weights: Path) -> Path | None:
     return next((folder for folder in (config_path.parent, weights.parent) if has_tokenizer(folder)), None)
 
 
+def _cut_short(exc: BaseException) -> bool:
+    """Whether gguf-py's error means the file ends early: its header is read with struct ("unpack_from
+    requires..."), its tensors as views of a memory map that is shorter than they are ("cannot
+    reshape array of size...")."""
+    return isinstance(exc, struct.error) or (isinstance(exc, ValueError) and "cannot reshape array" in str(exc))
+
+
 def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
     import transformers
 
@@ -463,8 +470,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
     except HadaconvError:
         raise
     except Exception as exc:  # noqa: BLE001 - the GGUF reader and tokenizer raise anything on a damaged file
-        # gguf-py reads the header with struct: a file that ends early fails as "unpack_from requires...".
-        why = f"truncated or damaged ({first_line(exc)})" if isinstance(exc, struct.error) else first_line(exc)
+        why = f"truncated or damaged ({first_line(exc)})" if _cut_short(exc) else first_line(exc)
         raise ModelFormatError(f"cannot load the GGUF file {path}: {why}") from None
     return Loaded(model, tokenizer, f"GGUF file {path}", "gguf", None)
 
