@@ -186,6 +186,13 @@ class Calibration:
     windows: int = 0  # of text, held-out ones included (0: a data-free fit or given inputs)
     sampled: bool = False  # the model's own sampled text among the sources
 
+    def probed(self, cfg: ConvertConfig) -> tuple[int, int]:
+        """(the windows of text the sensitivity is measured on, how many of them the fits were
+        made on): :func:`probe_windows`'s count, held-out windows first."""
+        held = sum(len(b["input_ids"]) for b in self.heldout)
+        on = min(probe_windows(cfg, held), held + sum(len(b["input_ids"]) for b in self.calib))
+        return on, max(0, on - held)
+
     def record(self, report: ConvertReport, cfg: ConvertConfig, *, ranks: bool) -> None:
         """Put what the calibration is into ``report``, and say now (not after the fits) when the
         text made fewer windows than asked, or (where the run ``ranks`` the layers) when too few
@@ -195,9 +202,7 @@ class Calibration:
         report.samples, report.windows, report.sampled = cfg.samples, self.windows, self.sampled
         warn_now(cfg, calibration_warning(cfg.samples, self.windows, self.heldout_tokens > 0, self.sampled))
         if ranks and self.windows:
-            held = sum(len(b["input_ids"]) for b in self.heldout)
-            report.ranked_on = min(probe_windows(cfg, held), held + sum(len(b["input_ids"]) for b in self.calib))
-            report.ranked_fitted = max(0, report.ranked_on - held)
+            report.ranked_on, report.ranked_fitted = self.probed(cfg)
             made = cfg.samples if self.sampled else self.windows  # sampled text makes a few fewer: not short
             warn_now(cfg, ranking_warning(report.ranked_on, report.ranked_fitted, cfg.samples, made))
 
@@ -482,10 +487,7 @@ def probe_batches(data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> l
         windows = probe_windows(cfg, len(data.heldout) * cfg.batch_size)
         return (data.heldout or data.calib)[: max(1, windows // max(1, cfg.batch_size))]
     ids = [b["input_ids"] for b in data.heldout + data.calib]
-    if not ids:
-        return []
-    held = sum(len(b["input_ids"]) for b in data.heldout)
-    return _batches(torch.cat(ids)[:probe_windows(cfg, held)], cfg.batch_size)
+    return _batches(torch.cat(ids)[:data.probed(cfg)[0]], cfg.batch_size) if ids else []
 
 
 def _probe_on(model: nn.Module, data: Calibration, cfg: ConvertConfig, from_inputs: bool) -> list[dict]:
