@@ -112,7 +112,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("demo-out"))
     ap.add_argument("--max-layers", type=int, default=10, help="convert the K least sensitive layers (0 = all)")
     ap.add_argument("--distill-minutes", type=float, default=2.0)
-    ap.add_argument("--samples", type=int, default=32, help="sequences of 256 tokens sampled from the model")
+    ap.add_argument("--samples", type=int, default=48,
+                    help="sequences of 256 tokens sampled from the model (48: their text makes 40 windows or more, "
+                         "4 of them held out to rank on)")
     ap.add_argument("--repeats", type=int, default=5, help="generations per model for the decode speed (median)")
     args = ap.parse_args()
     if args.repeats < 1:
