@@ -18,7 +18,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -552,10 +552,6 @@ class MomentCollector:
             for h in handles:
                 h.remove()
 
-    def merge(self, other: "MomentCollector") -> None:
-        """Take over the statistics another collector gathered (for layers this one lacks)."""
-        self._sums.update(other._sums)
-
     def all_reduce(self) -> None:
         """Sum the statistics over the processes of the default process group (in float64, on
         the statistics' device), so every rank ends with the moments of all ranks' windows.
@@ -596,11 +592,3 @@ def process_group() -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-
-def run_batches(model: nn.Module, batches: Iterable[dict], progress=None) -> None:
-    """Forward passes without gradients (outputs discarded)."""
-    with torch.inference_mode():
-        for batch in batches:
-            model(**batch)
-            if progress is not None:
-                progress()

@@ -203,7 +203,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     from hadaconv.convert import ConvertConfig, convert_file
     from hadaconv.progress import out
 
-    if no_sensitivity and (max_layers or max_loss is not None):
+    if no_sensitivity and (max_layers or max_loss is not None):  # the API measures it anyway: not a contradiction
         raise HadaconvError(f"{'--max-layers' if max_layers else '--max-loss'} chooses layers by their measured "
                             "sensitivity: drop --no-sensitivity")
     calib_value = None if not calib else ("none" if list(calib) == ["none"] else list(calib))
@@ -911,7 +911,6 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
     --nproc-per-node N (DDP; --fsdp to shard).  Prints the teacher / before / after quality and
     the curve.
     """
-    import shutil
     from hadaconv.distill import DistillConfig, distill_file
     from hadaconv.distill.checkpoint import FILE as CHECKPOINT
     from hadaconv.errors import OutputError
@@ -962,8 +961,10 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
         sys.exit(_interrupted_code())
     if not is_main():
         return
-    if checkpoint_dir is None:  # the output is saved: the default checkpoints only served an interruption
-        shutil.rmtree(folder, ignore_errors=True)
+    if checkpoint_dir is None:  # the output is saved: the default checkpoint only served an interruption
+        with contextlib.suppress(OSError):  # only what the run wrote: the folder may hold the user's files too
+            (folder / CHECKPOINT).unlink(missing_ok=True)
+            folder.rmdir()
     out.print(report.table())
     if report.curve:
         out.print(report.curve_table())

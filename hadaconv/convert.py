@@ -232,8 +232,10 @@ def check_config(config: ConvertConfig | None) -> ConvertConfig:
     (the Python API has no such types).
 
     Raises:
-        InputError: not a ConvertConfig, a value out of range or of the wrong type, or a
-            calibration source that does not exist.
+        InputError: not a ConvertConfig, a value out of range or of the wrong type, options that
+            contradict each other (a data-free fit mixed with text, or asked to rank layers).
+        HadaconvError: a calibration source that does not exist or holds no text
+            (:func:`hadaconv.calibrate.check_sources`).
     """
     if config is None:
         return ConvertConfig()
@@ -242,15 +244,20 @@ def check_config(config: ConvertConfig | None) -> ConvertConfig:
     cfg = config
     if cfg.mode not in MODES:
         raise InputError(f"unknown fit mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
-    if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib and len(cfg.calib) > 1:
-        raise InputError(f"{option('calib', 'none')} (a data-free fit) cannot be mixed with other calibration sources")
+    if not isinstance(cfg.calib, str) and cfg.calib and "none" in cfg.calib:
+        if len(cfg.calib) > 1:
+            raise InputError(f"{option('calib', 'none')} (a data-free fit) cannot be mixed with other calibration "
+                             "sources")
+        cfg = replace(cfg, calib="none")  # ["none"] is the data-free fit, as "none" is
     if cfg.calib == "none" and cfg.ranked:  # said before the load, in the dry run too
         raise _ranking_needs_data()
     if cfg.layers is not None:
         cfg = replace(cfg, layers=layer_indices(cfg.layers))
     check_fields(cfg, {"block": 1, "samples": 2, "seq_len": 2, "batch_size": 1, "rank": 0, "max_layers": 1,
                        "sensitivity_windows": 1},
-                 {"max_loss": (0, False)})
+                 {"max_loss": (0, False), "ridge": (0, False), "gamma_ridge": (0, False)})
+    if cfg.max_iter is not None:
+        check_fields(cfg, {"max_iter": 0})
     check_sources(cfg.calib, samples=cfg.samples)  # after the integer checks: the shares need an int
     return cfg
 

@@ -536,7 +536,8 @@ def _write_config_and_tokenizer(folder: Path, model: nn.Module, target, cfg: Con
     from hadaconv.io import TOKENIZER_FILES, hadaconv_meta
     from hadaconv.io.converted import config_for_saving
 
-    width = target.layers[0].width
+    first = target.layers[0]
+    width = max(first.width, first.out_features)  # the transform's order n, as convert_file records it
     meta = hadaconv_meta(adapter=target.adapter.name, layers=report.converted, block=cfg.block, fit=cfg.mode,
                          width=width, m=factorize(width).m, source=str(Path(source).absolute()), streamed=True,
                          rank=cfg.rank)

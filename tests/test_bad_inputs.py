@@ -910,6 +910,11 @@ ROWS = [
                       _write(t / "e.txt", "Hi."), *DISTILL],
         r"the held-out text e\.txt \(--eval-text\) has \d+ tokens, fewer than one window of 16: give more text or a "
         r"smaller --seq-len$", lambda mp, w, t: _no_model(mp)),  # before the student and the teacher load
+    Row("distill-earlier-checkpoint",  # an interrupted run's state is not replaced without --resume
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib,
+                      "--checkpoint-dir", _write(_mkdir(t / "ckpt") / "last.pt", b"state").parent, *DISTILL],
+        r"ckpt holds the checkpoint of an earlier run, which this run would replace: add --resume to continue it, "
+        r"or remove it to start over$", lambda mp, w, t: _no_model(mp)),
     Row("distill-eval-text-empty",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--eval-text",
                       _write(t / "e.txt", ""), *DISTILL],
@@ -1376,6 +1381,14 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"the range 5-2 runs backwards: write 2-5"),
         ("convert-max-layers-0", lambda: convert(make_tiny("llama"), None, ConvertConfig(max_layers=0), inputs=ids),
          InputError, r"^max_layers must be an integer >= 1, got 0"),
+        ("convert-ridge-negative", lambda: convert(make_tiny("llama"), None, ConvertConfig(ridge=-1e-3), inputs=ids),
+         InputError, r"^ridge"),
+        ("convert-max-iter-negative", lambda: convert(make_tiny("llama"), None, ConvertConfig(max_iter=-1), inputs=ids),
+         InputError, r"^max_iter must be an integer >= 0, got -1"),
+        ("convert-file-none-in-a-list",  # the data-free fit, as calib="none" is: it ranks nothing
+         lambda: __import__("hadaconv.convert").convert.convert_file(str(w.hf), str(t / "out"),
+                                                                      ConvertConfig(calib=["none"], max_layers=1)),
+         InputError, r"^max_layers / max_loss rank layers by measured sensitivity and need calibration data$"),
         ("convert-sensitivity-windows-0",
          lambda: convert(make_tiny("llama"), None, ConvertConfig(sensitivity_windows=0), inputs=ids),
          InputError, r"^sensitivity_windows must be an integer >= 1, got 0"),
@@ -1500,6 +1513,8 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "session-truncated-bytes", "convert-nan-statistics", "convert-block-0", "convert-samples-0",
            "streamed-block-0", "streamed-seq-len-1", "streamed-device-unknown", "convert-file-no-layers", "convert-file-dtype-unknown",
            "convert-layers-not-indices", "config-layers-garbage", "config-layers-backwards", "convert-max-layers-0",
+           "convert-ridge-negative", "convert-max-iter-negative",
+           "convert-file-none-in-a-list",
            "convert-sensitivity-windows-0", "convert-max-loss-negative", "convert-output-exists", "perplexity-float-windows", "perplexity-1d-windows",
            "perplexity-id-past-vocab", "perplexity-negative-id", "perplexity-batch-0", "convert-file-config-dict",
            "convert-file-arguments-swapped", "distill-file-config-dict", "distill-max-time-text", "distill-max-time-negative", "distill-max-steps-0",

@@ -3,6 +3,7 @@ ranks equal one process, encoders run, the CLI end to end and its errors."""
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -120,6 +121,27 @@ def test_global_kd_lowers_the_divergence(tokenizer):
     # The state kept is the one closest to the teacher on the held-out windows.
     kept = min(report.curve, key=lambda p: p["eval_loss"])
     assert report.best_step == kept["step"] == 20 and report.loss_after == kept["eval_loss"] < report.loss_before
+
+
+def test_no_finite_evaluation_keeps_the_start(tokenizer, monkeypatch):
+    """Evaluations that are all NaN (a state that overflowed) keep the start, not a crash (no
+    state was ever 'best'); a finite one after NaN ones is kept over them."""
+    import hadaconv.distill.core as core
+
+    student, teacher = _pair("llama", tokenizer)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    real = core._Evaluator.__call__
+    monkeypatch.setattr(core._Evaluator, "__call__",
+                        lambda self, model: real(self, model) if model is self.teacher else (math.nan, math.nan))
+    cfg = DistillConfig(stages=["global"], max_steps=4, lr=3e-3, warmup_steps=1, **{**RUN, "eval_every": 2})
+    report = distill(student, teacher, tokenizer, cfg)
+    assert report.best_step == 0 and math.isnan(report.loss_after)
+    assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
+    calls = iter([(math.nan, math.nan), (5.0, 0.5), (math.nan, math.nan)])  # start, step 2, step 4
+    monkeypatch.setattr(core._Evaluator, "__call__",
+                        lambda self, model: real(self, model) if model is self.teacher else next(calls))
+    report = distill(student, teacher, tokenizer, cfg)
+    assert report.best_step == 2 and report.loss_after == 0.5
 
 
 def test_bf16_autocast(tokenizer, monkeypatch):
@@ -481,6 +503,33 @@ def test_a_failed_plot_costs_no_distilled_model(converted, capsys, monkeypatch):
     assert code == 0, err
     assert "note: no distill_curve.png: plotting failed (ZeroDivisionError" in " ".join(err.split())
     assert (out_dir / "model.safetensors").is_file() and not (out_dir / "distill_curve.png").exists()
+
+
+def test_a_damaged_conversion_report_costs_no_distilled_model(converted, capsys):
+    """The converted folder's report.json is untrusted: one that is not a JSON object is said and
+    left out, read before the run (it used to fail the save after the training)."""
+    import shutil
+
+    damaged = converted / "damaged-report"
+    shutil.copytree(converted / "conv", damaged)
+    (damaged / "report.json").write_text("[1, 2]")
+    out_dir = converted / "from-damaged"
+    code, _, err = _cli(capsys, "distill", damaged, "-o", out_dir, *CLI_RUN)
+    assert code == 0, err
+    assert "warning: the conversion's report is not carried over" in " ".join(err.split())
+    assert json.loads((out_dir / "report.json").read_text())["distill"]["curve"]
+
+
+def test_cli_removes_only_its_own_checkpoint_from_the_default_folder(converted, capsys):
+    """OUTPUT.ckpt goes once the output is saved, but only what the run wrote there: the folder
+    may be the user's (it used to be deleted whole)."""
+    out_dir = converted / "kept-notes"
+    ckpt = Path(f"{out_dir}.ckpt")
+    ckpt.mkdir()
+    (ckpt / "notes.txt").write_text("mine")
+    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", out_dir, *CLI_RUN, "--checkpoint-every", "1")
+    assert code == 0, err
+    assert sorted(p.name for p in ckpt.iterdir()) == ["notes.txt"]
 
 
 def test_cli_says_when_nothing_improved(converted, capsys):

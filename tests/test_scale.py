@@ -179,6 +179,9 @@ def test_streamed_conversion_matches_the_whole_model_one(tmp_path, options):
         rel = (one[k].double() - other[k].double()).norm() / max(one[k].double().norm(), 1e-30)
         assert rel <= 1e-6, (k, rel.item())
     assert len(list((tmp_path / "streamed").glob("model-*.safetensors"))) > len(whole.layers)
+    recorded = [json.loads((tmp_path / f / "config.json").read_text())["hadaconv"] for f in ("whole", "streamed")]
+    for key in ("adapter", "layers", "block", "fit", "width", "m", "rank"):  # the same record of the same model
+        assert recorded[0][key] == recorded[1][key], key
     m1, m2 = hadaconv.load(tmp_path / "whole"), hadaconv.load(tmp_path / "streamed")
     ids = torch.arange(12)[None]
     with torch.inference_mode():

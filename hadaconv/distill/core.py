@@ -816,8 +816,9 @@ class _Distillation:
         metric, loss = evaluation
         self.report.curve.append({"step": self.step, "tokens": self.tokens, "seconds": self.elapsed(),
                                   "metric": metric, "eval_loss": loss, "train_loss": train_loss})
-        if loss < self.best_loss:
-            self.best_loss, self.report.best_step = loss, self.step
+        if self.best is None or loss < self.best_loss:  # the first state is kept whatever it measured
+            # A NaN evaluation (a diverged or overflowing state) stays best only until a finite one.
+            self.best_loss, self.report.best_step = (loss if not math.isnan(loss) else math.inf), self.step
             self.best = ckpt.trainable_state(self.student)
 
     def save(self) -> None:

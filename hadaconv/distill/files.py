@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from hadaconv.atomic import atomic_file, check_not_input, check_output
+from hadaconv.distill.checkpoint import FILE as CHECKPOINT
 from hadaconv.distill.core import DistillConfig, DistillReport, check_config, distill, eval_text_windows
 from hadaconv.distill.parallel import is_main
-from hadaconv.errors import HadaconvError, InputError, command, option
+from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
 from hadaconv.io import check_model_config, original_path, same_file
+from hadaconv.io.files import read_json
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import console
 
@@ -33,6 +34,25 @@ def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> 
     except HadaconvError:  # none recorded, or gone: the given teacher is another model
         recorded = None
     return Path(teacher), same_file(teacher, recorded)
+
+
+def _conversion_report(path: Path) -> dict:
+    """The converted folder's report (``report.json``), which the distilled folder's extends;
+    empty where it is missing, damaged or not a JSON object (an untrusted file: read with a
+    size limit)."""
+    if not path.is_file():
+        return {}
+    try:
+        return read_json(path, limit=_REPORT_LIMIT)
+    except ModelFormatError as exc:
+        if is_main():  # every rank reads it
+            console.print(f"[yellow]warning: the conversion's report is not carried over: {exc}[/yellow]",
+                          highlight=False)
+        return {}
+
+
+#: A conversion's report.json is a few kB, its per-layer table included.
+_REPORT_LIMIT = 64 << 20
 
 
 def _check_eval_text_early(converted: Path, cfg: DistillConfig) -> None:
@@ -120,7 +140,6 @@ def distill_file(
     from hadaconv.io.converted import refuse_bundle
     from hadaconv.device import resolve_device
     from hadaconv.sample import reading_source
-    from hadaconv.io.files import read_json
 
     cfg = check_config(config)
     converted = Path(converted)
@@ -143,6 +162,9 @@ def distill_file(
     if cfg.checkpoint_dir:
         check_not_input(cfg.checkpoint_dir, inputs, name=option("checkpoint_dir"))
     checkpoints = Path(cfg.checkpoint_dir).resolve() if cfg.checkpoint_dir else None
+    if checkpoints and not cfg.resume and (checkpoints / CHECKPOINT).is_file():  # hours of training, maybe
+        raise InputError(f"{cfg.checkpoint_dir} holds the checkpoint of an earlier run, which this run would replace: "
+                         f"add {option('resume', True)} to continue it, or remove it to start over")
     if checkpoints and out.resolve() in (checkpoints, *checkpoints.parents):  # the final save would delete them
         raise InputError(f"{option('checkpoint_dir', cfg.checkpoint_dir)} is inside the output {out}, which the final "
                          "save replaces: keep the checkpoints elsewhere")
@@ -151,6 +173,7 @@ def distill_file(
     check_windows_early(converted, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, what="training text")
     _check_eval_text_early(converted, cfg)
     check_seq_len_early(source, cfg.seq_len, config=teacher_config, kinds=None)  # before two models load
+    saved = _conversion_report(converted / "report.json")  # read now: a damaged one must not fail the save
     student = load_model(converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
         raise HadaconvError(f"{converted} has no converted layers: nothing to distill")
@@ -188,8 +211,6 @@ def distill_file(
     summary["teacher_path"] = str(source)
     if teacher_config is not None:
         summary["teacher_config"] = str(teacher_config)
-    old_report = converted / "report.json"
-    saved = json.loads(old_report.read_text(encoding="utf-8")) if old_report.is_file() else {}
     saved["distill"] = report.to_dict()
     save_converted(model, out, meta={**meta, "distill": summary}, tokenizer=tokenizer,
                    tokenizer_source=converted, report=saved, overwrite=overwrite,

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from hadaconv import atomic
 from hadaconv.errors import HadaconvError, ModelFormatError, command, option
+from hadaconv.io.files import plain_name, read_json
 from hadaconv.runtime import (OP_DOMAIN, OP_VERSION, get_library_path, import_onnxruntime, make_session_options,
                               session_error)
 
@@ -45,6 +46,7 @@ __all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "context_length", "op
            "session_for"]
 
 METADATA = "hadaconv_onnx.json"
+_METADATA_LIMIT = 16 << 20  # bytes; hadaconv_onnx.json and genai_config.json are a few kB (untrusted files)
 MODEL = "model.onnx"
 FORMAT = "hadaconv-onnx"
 
@@ -68,13 +70,13 @@ def context_length(folder: str | os.PathLike, meta: dict[str, Any]) -> int | Non
     ``genai_config.json``, as onnxruntime-genai sizes its KV cache by it; None where the bundle
     has none or it states no positive integer (an untrusted file: never an error)."""
     name = meta.get("genai_config")
-    if not isinstance(name, str) or Path(name).name != name:  # a bare file name inside the bundle
+    if not plain_name(name):
         return None
     try:
-        data = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        data = read_json(Path(folder) / name, limit=_METADATA_LIMIT)
+    except ModelFormatError:
         return None
-    model = data.get("model") if isinstance(data, dict) else None
+    model = data.get("model")
     length = model.get("context_length") if isinstance(model, dict) else None
     return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
 
@@ -90,10 +92,10 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise HadaconvError(f"{folder} is not a hadaconv ONNX bundle: no {METADATA} (export one with {_export_step()})")
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:  # nesting past Python's stack
-        raise ModelFormatError(f"cannot read {path}: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = read_json(path, limit=_METADATA_LIMIT)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"cannot read the bundle's metadata: {exc}") from None
+    if meta.get("format") != FORMAT:
         raise ModelFormatError(f"{path} is not hadaconv ONNX metadata")
     if not (folder / MODEL).is_file():
         raise ModelFormatError(f"{folder} has no {MODEL}")
@@ -217,7 +219,7 @@ def _op_library(folder: Path, meta: dict[str, Any]) -> str | None:
     name = meta.get("op_library")
     if name is None:
         return None  # the portable form: standard ops only
-    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+    if not plain_name(name):
         raise ModelFormatError(f"{folder / METADATA}: op_library must be the file name of the bundle's copy, "
                                f"got {name!r}")
     # ONNX Runtime would run a newer version's nodes with this library's kernel, whatever they mean.
@@ -249,4 +251,4 @@ def io_description(model_path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def write_metadata(folder: Path, meta: dict[str, Any]) -> None:
-    (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

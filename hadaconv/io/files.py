@@ -15,7 +15,7 @@ import torch
 from hadaconv.errors import ModelFormatError
 
 __all__ = ["SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "check_safetensors", "file_identity", "first_line",
-           "folder_weights", "read_json", "read_safetensors", "shard_map", "source_key"]
+           "folder_weights", "plain_name", "read_json", "read_safetensors", "shard_map", "source_key"]
 
 
 WEIGHTS = "model.safetensors"
@@ -153,6 +153,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def plain_name(name: Any) -> bool:
+    """Whether ``name`` (from an untrusted file) is the name of an entry in a folder: a string,
+    not empty, no path separator, not ``.`` or ``..``, so that ``folder / name`` stays inside."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
+
+
 def shard_map(folder: Path, name: str = SHARD_INDEX) -> dict[str, Path]:
     """{tensor name: shard file} from the shard index ``folder / name``.  The index is
     untrusted: every shard must be a plain file name, so nothing outside ``folder`` is read.
@@ -162,7 +168,7 @@ def shard_map(folder: Path, name: str = SHARD_INDEX) -> dict[str, Path]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelFormatError(f"{index} has no weight_map")
     for tensor, shard in weight_map.items():
-        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+        if not plain_name(shard):
             raise ModelFormatError(f"{index}: the shard of {tensor} must be a file name in the folder, got {shard!r}")
     return {tensor: folder / shard for tensor, shard in weight_map.items()}
 
