@@ -35,7 +35,7 @@ NAMED_SOURCES = (SAMPLE, SHAKESPEARE, "none")
 __all__ = ["MAX_TOKEN_BYTES", "MomentCollector", "Moments", "check_windows_early", "count_windows_early",
            "default_corpus", "describe_sources", "folder_files", "load_texts", "mixed_windows", "one_file_hint",
            "process_group",
-           "read_document", "read_json", "read_text", "text_windows", "token_windows"]
+           "read_document", "read_json_texts", "read_text", "text_windows", "token_windows"]
 
 
 @dataclass
@@ -198,7 +198,7 @@ def _read(path: Path) -> list[str]:
     if kind == ".jsonl":
         return read_jsonl(path)
     if kind == ".json":
-        return read_json(path)
+        return read_json_texts(path)
     return [read_text(path)]
 
 
@@ -209,7 +209,7 @@ def read_document(path: str | os.PathLike) -> str:
     models"): ``hadaconv sample``'s JSONL is scored on its texts, not on its JSON syntax.
 
     Raises:
-        HadaconvError: as :func:`read_text`, :func:`read_json` and :func:`read_jsonl` do.
+        HadaconvError: as :func:`read_text`, :func:`read_json_texts` and :func:`read_jsonl` do.
     """
     return "\n\n".join(_read(Path(path)))
 
@@ -238,7 +238,7 @@ def read_text(path: str | os.PathLike, data: bytes | None = None) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def read_json(path: str | os.PathLike) -> list[str]:
+def read_json_texts(path: str | os.PathLike) -> list[str]:
     """The texts of a ``.json`` file: a list of strings or of objects with a ``text`` field, one
     such object, or JSON Lines under a ``.json`` name (as ``datasets``' json loader takes both);
     nothing from an empty file.
@@ -341,7 +341,7 @@ def _check_shares(sources: int, samples: int, what: str = "calibration") -> None
 
 def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
     """Read calibration text: files (.txt/.md and any other UTF-8 text read whole, .jsonl with a
-    ``text`` field, .json as :func:`read_json` reads it), folders of them (recursively, sorted;
+    ``text`` field, .json as :func:`read_json_texts` reads it), folders of them (recursively, sorted;
     text and JSONL files), ``"shakespeare"`` or the default corpus when ``sources`` is empty
     (model-written text, ``"sample"``, is resolved by :func:`hadaconv.sample.calibration_texts`).
 
@@ -352,9 +352,9 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
     paths: list[Path] = []
     for src in sources or []:
         p = Path(src)
-        if str(src) == "shakespeare" and not p.exists():
+        if str(src) == SHAKESPEARE and not p.exists():
             paths += default_corpus()
-        elif str(src) == "sample" and not p.exists():
+        elif str(src) == SAMPLE and not p.exists():
             write = command("hadaconv sample MODEL -o FILE", "hadaconv.sample.sample_texts and write_jsonl")
             raise HadaconvError("'sample' (text the model writes) needs the loaded model: convert without "
                                 f"{command('--streamed', 'streaming (convert_file)')}, or write it first with {write} "

@@ -424,13 +424,13 @@ def test_text_files_are_utf8_or_refused(tmp_path):
 def test_json_files_hold_a_list_of_texts(tmp_path):
     """A .json source is a list of strings or of objects with 'text', one such object, or JSON
     Lines under a .json name; anything else is refused, naming the file (and the line)."""
-    from hadaconv.calibrate import check_sources, load_texts, read_json
+    from hadaconv.calibrate import check_sources, load_texts, read_json_texts
 
     path = tmp_path / "c.json"
     for data, texts in (('["a", "b"]', ["a", "b"]), ('[{"text": "a"}, {"text": "b", "id": 2}]', ["a", "b"]),
                         ('{"text": "a"}', ["a"]), ('{"text": "a"}\n"b"\n', ["a", "b"])):
         path.write_text(data)
-        assert read_json(path) == texts, data
+        assert read_json_texts(path) == texts, data
         check_sources([path])
         assert load_texts([path]) == texts
     for data, error in (('{"rows": ["a"]}', r"c\.json: expected a list of strings.*, found an object with keys 'rows'$"),
@@ -440,7 +440,7 @@ def test_json_files_hold_a_list_of_texts(tmp_path):
                                                                         r"c\.json:2: expected a string or an object")):
         path.write_text(data)
         with pytest.raises(HadaconvError, match=error):
-            read_json(path)
+            read_json_texts(path)
     for blank in ('[" "]', "", " \n"):
         path.write_text(blank)
         with pytest.raises(HadaconvError, match=r"c\.json holds no text"):
