@@ -119,6 +119,14 @@ def _device_options(func):
                         help="cpu, cuda or cuda:N.  [default: a GPU when present, else cpu]")(func)
 
 
+def _calib_in_distill(value: tuple[str, ...]) -> None:
+    """distill's training text is --data: say so to a user who brings convert's --calib along
+    (click's own guess offered --clip or --local)."""
+    if value:
+        raise click.UsageError(f"distill reads its training text from --data (convert's --calib): "
+                               f"--data {' --data '.join(value)}")
+
+
 def _layer_list(text: str | None) -> list[int] | None:
     """'0,3,5-9' -> [0, 3, 5, 6, 7, 8, 9]; None (no --layers) -> None (all)."""
     from hadaconv.convert import parse_layers
@@ -836,6 +844,8 @@ def _duration(text: str | None) -> float | None:
                    "file(s) (UTF-8 text; .jsonl with 'text'; .json, a list of them), folder(s).  Several sources "
                    "share the windows equally.  "
                    "[default: sample]")
+@click.option("--calib", hidden=True, multiple=True, expose_value=False,
+              callback=lambda ctx, param, value: _calib_in_distill(value))
 @click.option("--sampled", type=click.IntRange(min=1), default=512, show_default=True,
               help="Sequences of --seq-len tokens the original model writes for --data sample, at most --samples "
                    "(sampled once per model and cached; more is more distinct text, fewer repeats, at a one-off "

@@ -910,6 +910,9 @@ ROWS = [
                       _write(t / "e.txt", "Hi."), *DISTILL],
         r"the held-out text e\.txt \(--eval-text\) has \d+ tokens, fewer than one window of 16: give more text or a "
         r"smaller --seq-len$", lambda mp, w, t: _no_model(mp)),  # before the student and the teacher load
+    Row("distill-calib", lambda w, t: ["distill", w.conv, "-o", t / "out", "--calib", "shakespeare", *DISTILL],
+        r"distill reads its training text from --data \(convert's --calib\): --data shakespeare",
+        lambda mp, w, t: _no_model(mp)),
     Row("distill-earlier-checkpoint",  # an interrupted run's state is not replaced without --resume
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib,
                       "--checkpoint-dir", _write(_mkdir(t / "ckpt") / "last.pt", b"state").parent, *DISTILL],
