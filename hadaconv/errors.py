@@ -29,7 +29,7 @@ from pathlib import PurePath
 from typing import Any, Iterator
 
 __all__ = ["HadaconvError", "InputError", "ModelFormatError", "OutputError", "check_fields", "check_int", "check_module",
-           "check_number", "cli_names", "command", "option", "output_error"]
+           "check_number", "cli_names", "command", "indefinite", "option", "output_error"]
 
 _CLI_NAMES: ContextVar[bool] = ContextVar("hadaconv_cli_names", default=False)
 _NO_VALUE = object()
@@ -136,6 +136,12 @@ def check_fields(config: Any, ints: dict[str, int], reals: dict[str, tuple[float
     for name, (least, strict) in (reals or {}).items():
         if not (name in optional and getattr(config, name) is None):
             check_number(name, getattr(config, name), least, strict=strict)
+
+
+def indefinite(noun: str) -> str:
+    """``noun`` after its indefinite article, for messages that name a kind: 'an encoder',
+    'a causal-lm', 'a module'."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def command(cli: str, python: str) -> str:

@@ -20,6 +20,7 @@ from hadaconv.adapters import Adapter, AttentionLayer, check_block, find_adapter
 from hadaconv.calibrate import HELDOUT_EVERY, count_windows_early
 from hadaconv.convert import (ConvertConfig, check_against_model, check_config, check_convert_output, chooses_nothing,
                               default_block, dense_layers, find_target, probe_windows)
+from hadaconv.errors import HadaconvError
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.report import calibration_warning, max_layers_warning, ranking_warning
@@ -100,7 +101,7 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
     from hadaconv.io import check_model_config
 
     check_model_config(source, model_config)  # before the skeleton, which would ignore an inapplicable one
-    plan = _plan(source, model_config, trust_pickle, target, dense_layers, block, rank)
+    plan = _plan(source, model_config, trust_pickle, target, _dense_if_any, block, rank)
     if block is not None:  # asked for: refused as convert refuses it
         for layer in plan.layers:
             check_block(block, layer.out_features, layer.name, in_features=layer.in_features)
@@ -197,8 +198,19 @@ def _layers_plan(model: nn.Module, source: str, target: str | None, select: Sele
     converted = sum(isinstance(m, HadamardProjection) for m in model.modules())
     return Plan(source=source, adapter=adapter.name, kind=model_kind(model),
                 parameters=sum(p.numel() for p in model.parameters()),
-                blocks=len(dense_layers(model, adapter)) + converted, converted=converted, block=block, rank=rank,
+                blocks=len(_dense_if_any(model, adapter)) + converted, converted=converted, block=block, rank=rank,
                 layers=[_planned(layer, block, rank) for layer in layers], from_config=from_config)
+
+
+def _dense_if_any(model: nn.Module, adapter: Adapter) -> list[AttentionLayer]:
+    """:func:`hadaconv.convert.dense_layers`, but none (not an error) where every one is converted
+    already: ``inspect`` lists a wholly converted folder too."""
+    try:
+        return dense_layers(model, adapter)
+    except HadaconvError:
+        if any(isinstance(m, HadamardProjection) for m in model.modules()):
+            return []
+        raise
 
 
 def _planned(layer: AttentionLayer, block: int, rank: int) -> PlannedLayer:

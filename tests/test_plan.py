@@ -8,6 +8,7 @@ import re
 from dataclasses import replace
 
 import pytest
+from cli_runner import run_cli
 from tiny_models import make_tiny
 
 import hadaconv
@@ -99,7 +100,7 @@ def test_plan_conversion_refuses_what_the_run_would_before_its_load(tiny, cfg, e
         hadaconv.plan_conversion(src, cfg)
 
 
-def test_a_converted_folder_is_planned_from_its_weights(tmp_path):
+def test_a_converted_folder_is_planned_from_its_weights(tmp_path, capsys):
     """A converted folder's structure is only known from its weights: loaded, its converted
     layers counted and not listed again."""
     src = tmp_path / "tiny"
@@ -109,6 +110,15 @@ def test_a_converted_folder_is_planned_from_its_weights(tmp_path):
     plan = hadaconv.inspect_model(out, block=4)
     assert not plan.from_config and plan.converted == 1
     assert 0 not in [layer.index for layer in plan.layers] and plan.layers
+    # Wholly converted: listed with nothing left (a newcomer's inspect of one was an error), not convertible.
+    hadaconv.convert_file(str(out), str(tmp_path / "all"), ConvertConfig(block=4, calib="none"))
+    plan = hadaconv.inspect_model(tmp_path / "all")
+    assert plan.converted == plan.blocks == 2 and plan.layers == [] and plan.removable == 0
+    with pytest.raises(HadaconvError, match="every attention output projection is converted already"):
+        hadaconv.plan_conversion(tmp_path / "all")
+    code, stdout, _ = run_cli(capsys, "inspect", tmp_path / "all")
+    said = " ".join(stdout.split())
+    assert code == 0 and "2 attention blocks, all converted already" in said and "nothing left to convert" in said
 
 
 def test_a_dry_run_after_a_conversion_says_the_sampled_text_is_cached(tmp_path, monkeypatch):

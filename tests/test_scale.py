@@ -161,6 +161,7 @@ def test_streamed_conversion_matches_the_whole_model_one(tmp_path, options):
     assert len(whole.converted) == (1 if ranks or cfg.layers else 2)
     assert streamed.warnings() == whole.warnings()
     assert streamed.calibration_source == whole.calibration_source
+    assert (streamed.params_before, streamed.params_after) == (whole.params_before, whole.params_after)
     assert (streamed.sequential, streamed.compensate) == (whole.sequential, whole.compensate) == \
         (cfg.sequential, cfg.compensate)
     for a, b in zip(whole.layers, streamed.layers):

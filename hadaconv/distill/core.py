@@ -39,7 +39,7 @@ from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
 from hadaconv.distill.parallel import Dist, fsdp_needs_processes, no_sync, setup, several_processes, shard, wrap
 from hadaconv.device import native_bf16, resolve_device, resolve_dtype
-from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
+from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, indefinite, option
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import LOG_EVERY, console, counted, duration
@@ -513,7 +513,7 @@ def distill(
         raise HadaconvError("distillation needs a tokenizer for its training text")
     kind = (adapter or find_adapter(teacher)).kind(teacher)
     if kind not in ("causal-lm", "encoder"):
-        raise HadaconvError(f"distill handles causal LMs and text encoders, not a {kind!r} model")
+        raise HadaconvError(f"distill handles causal LMs and text encoders, not {indefinite(kind)} model")
     if cfg.eval_text is None and cfg.samples < HELDOUT_EVERY:  # say so before any text is sampled
         raise _no_heldout(cfg.samples, option("samples", cfg.samples))
     blocks = converted_blocks(student, teacher, adapter)

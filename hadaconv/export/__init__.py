@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from hadaconv._version import __version__
-from hadaconv.errors import HadaconvError, check_module, option
+from hadaconv.errors import HadaconvError, check_module, indefinite, option
 from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, session_for, write_metadata
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
@@ -259,13 +259,13 @@ def export_onnx(
     check_options(precision, portable=portable, optimize=optimize, validate_outputs=validate_outputs)
     atol = default_atol(precision) if atol is None else atol
     example_inputs = _inputs_as(example_inputs, precision)
-    kind = kind or detect_kind(model)
-    if kind == "encoder" and (detected := detect_kind(model)) in ("causal-lm", "classifier"):  # no last_hidden_state
-        raise HadaconvError(f"the encoder kind exports a bare backbone's last hidden state, and "
-                            f"{type(model).__name__} has a head: export it as {detected} (the kind detected)")
+    if kind != "module":  # a module export is whatever the model is
+        detected = detect_kind(model)
+        kind = kind or detected
+        _check_kind(kind, detected, model)
     if example_inputs is not None and kind in ("causal-lm", "encoder", "classifier"):  # ignored, they looked used
         raise HadaconvError(f"example inputs ({option('example_inputs', flag='--input-shape')}) are for generic "
-                            f"modules: a {kind} export makes its own token ids")
+                            f"modules: {indefinite(kind)} export makes its own token ids")
     spec = make_spec(model, kind, cache=cache, example_inputs=example_inputs)
     library = None
     if form == "custom":
@@ -299,6 +299,20 @@ def export_onnx(
                          validation={"atol": atol, "diffs": [vars(d) for d in diffs]} if validate_outputs else None)
         write_metadata(tmp, meta)
     return ExportResult(out, kind, form, diffs, meta)
+
+
+def _check_kind(kind: str, detected: str, model: nn.Module) -> None:
+    """Refuse a kind the model cannot be exported as, before the export: each text kind reads
+    its own outputs (a causal LM's logits and KV cache, a classifier's logits, an encoder's last
+    hidden state), which a model of another kind does not return."""
+    if kind == detected or (kind == "encoder" and detected == "module"):
+        return
+    if kind == "encoder":  # no last_hidden_state
+        raise HadaconvError(f"the encoder kind exports a bare backbone's last hidden state, and "
+                            f"{type(model).__name__} has a head: export it as {detected} (the kind detected)")
+    what = {"causal-lm": "a model that generates (logits and a KV cache)", "classifier": "a head on an encoder"}[kind]
+    raise HadaconvError(f"the {kind} kind exports {what}, and {type(model).__name__} is none: export it as "
+                        f"{detected} (the kind detected)")
 
 
 def _write_graph(spec, path: Path, *, kind: str, form: str, optimize: str | None, verbose: bool,
