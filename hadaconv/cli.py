@@ -248,9 +248,9 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     click.echo(f"saved {output}")
     _note_dequantized(model, output, dtype)
     asked = click.get_current_context().get_parameter_source("compensate") != click.core.ParameterSource.DEFAULT
-    if asked and compensate and not report.compensate:  # the default is on, so only a flag given is worth a note
-        click.echo(f"note: --compensate did nothing: the {report.adapter} adapter names no dense maps that write into "
-                   "the residual stream (the Llama family's do), so the layers were converted without it", err=True)
+    if asked and report.compensate_skipped:  # the default is on, so only a flag given is worth a note
+        click.echo(f"note: --compensate did nothing: {report.compensate_skipped}, so the layers were converted "
+                   "without it", err=True)
 
 
 def _note_dequantized(source: str, output: str, dtype: str) -> None:
@@ -673,6 +673,15 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
     if context is not None and max_new_tokens >= context:
         raise HadaconvError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens, "
                             f"the prompt included: give fewer than {context}")
+    if meta.get("kind") == "encoder":  # generation options would be ignored: say so rather than seem used
+        source = click.get_current_context().get_parameter_source
+        asked = [f"--{name.replace('_', '-')}" for name in ("max_new_tokens", "temperature", "top_k",
+                                                             "repetition_penalty", "chat", "seed")
+                 if source(name) != click.core.ParameterSource.DEFAULT]
+        if asked:
+            one = len(asked) == 1
+            raise HadaconvError(f"{' and '.join(asked)} {'is' if one else 'are'} for generation, and {bundle} is an "
+                                f"encoder bundle, which embeds: drop {'it' if one else 'them'}")
     opened = open_bundle(bundle, provider=provider)
     if opened.kind == "encoder":
         _print_embedding(opened, given if ids is None else [ids])
@@ -900,12 +909,15 @@ def _duration(text: str | None) -> float | None:
                    "[default: one pass when no budget is set]")
 @click.option("--checkpoint-dir", type=click.Path(), default=None,
               help="Where checkpoints go.  A folder you name is kept after success (to resume or inspect "
-                   "later); the default is removed once OUTPUT is saved.  A checkpoint holds the weights, the "
-                   "optimizer's two moments and the best state so far: four times the float32 model (2.3 GB for "
-                   "SmolLM2-135M).  [default: OUTPUT.ckpt]")
+                   "later); the default loses its checkpoint once OUTPUT is saved, and goes if nothing else is "
+                   "in it.  A run without --resume refuses to replace an earlier run's checkpoint (under "
+                   "torchrun --max-restarts, pass --resume: with no checkpoint yet it starts afresh).  A checkpoint "
+                   "holds the weights, the optimizer's two moments and the best state so far: four times the float32 "
+                   "model (2.3 GB for SmolLM2-135M).  [default: OUTPUT.ckpt]")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Write a checkpoint every K steps.")
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the checkpoint in --checkpoint-dir (with none there: say so and start afresh).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
 @click.option("--fsdp", is_flag=True, help="Shard the models with FSDP2 (under torchrun; global stage only).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N.  [default: a GPU when present (under torchrun each "

@@ -54,7 +54,8 @@ from hadaconv.swap import apply_fit, install_projection, patch
 
 __all__ = ["DEFAULT_CALIBRATION", "RANKING_WINDOWS", "REPORT_WINDOWS", "ConvertConfig", "ConvertReport", "LayerReport",
            "check_against_model", "check_config", "check_convert_output", "chooses_nothing", "convert", "convert_file",
-           "default_block", "install_projection", "parse_layers", "patch", "probe_windows"]
+           "default_block", "install_projection", "parse_layers", "patch", "probe_windows",
+           "why_not_compensated"]
 
 #: Default output block size.  Measured on SmolLM2-135M, all 30 layers, every other default
 #: (benchmarks/RESULTS.md, "Quality per parameter removed"): block 16 removes 7.18% of the model
@@ -700,7 +701,23 @@ def convert(
             compensate_and_apply(dec, target, data, cfg, fits, rows, chosen, measure)
             report.sequential = cfg.sequential
             report.compensate = cfg.compensate and bool(target.adapter.residual_maps)
+    if cfg.compensate and not report.compensate:
+        report.compensate_skipped = why_not_compensated(target, data_free=not data.calib, looped=dec is not None)
     return finish_report(report, model, target, fits, rows, chosen, start)
+
+
+def why_not_compensated(target: Target, *, data_free: bool, looped: bool) -> str:
+    """Why a conversion asked to compensate does not (its report's ``compensate_skipped``), in
+    words for a note; "" where it does: an adapter that names the dense maps, calibration data
+    (not ``data_free``) and the block loop (``looped``)."""
+    if not target.adapter.residual_maps:
+        return (f"the {target.adapter.name} adapter names no dense maps that write into the residual stream (the "
+                "Llama family's do)")
+    if data_free:
+        return "a data-free fit has no original block outputs to refit the dense maps to"
+    if not looped:
+        return "the model's blocks cannot be run one at a time (the block loop that compensates)"
+    return ""
 
 
 def check_convert_output(source: str | PurePath, out_dir: str | PurePath, cfg: ConvertConfig, *,

@@ -20,7 +20,6 @@ from hadaconv.adapters import Adapter, AttentionLayer, check_block, find_adapter
 from hadaconv.calibrate import HELDOUT_EVERY, count_windows_early
 from hadaconv.convert import (ConvertConfig, check_against_model, check_config, check_convert_output, chooses_nothing,
                               default_block, dense_layers, find_target, probe_windows)
-from hadaconv.errors import HadaconvError
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.report import calibration_warning, max_layers_warning, ranking_warning
@@ -96,7 +95,8 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
 
     Raises:
         InputError: a ``block`` that does not divide a layer's output width.
-        HadaconvError: the model cannot be read, or has no dense attention block.
+        HadaconvError: the model cannot be read, or has no attention block (a converted folder's
+            converted ones count: with every one converted the plan lists none).
     """
     from hadaconv.io import check_model_config
 
@@ -205,12 +205,10 @@ def _layers_plan(model: nn.Module, source: str, target: str | None, select: Sele
 def _dense_if_any(model: nn.Module, adapter: Adapter) -> list[AttentionLayer]:
     """:func:`hadaconv.convert.dense_layers`, but none (not an error) where every one is converted
     already: ``inspect`` lists a wholly converted folder too."""
-    try:
-        return dense_layers(model, adapter)
-    except HadaconvError:
-        if any(isinstance(m, HadamardProjection) for m in model.modules()):
-            return []
-        raise
+    if not any(isinstance(m, HadamardProjection) for m in model.modules()):
+        return dense_layers(model, adapter)  # none at all is an error
+    adapter.prepare(model)
+    return adapter.layers(model)
 
 
 def _planned(layer: AttentionLayer, block: int, rank: int) -> PlannedLayer:

@@ -100,6 +100,7 @@ class ConvertReport:
     calibration_source: str = ""
     sequential: bool = False
     compensate: bool = False
+    compensate_skipped: str = ""  # why compensation, asked for, did not run ("": it ran, or was not asked)
     rank: int = 0  # of the low-rank residual next to each converted layer (0: none)
     max_layers: int | None = None  # the --max-layers asked for (None: not given)
     samples: int = 0  # calibration windows asked for (--samples)

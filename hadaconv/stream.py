@@ -62,7 +62,7 @@ from hadaconv.adapters import AttentionLayer
 from hadaconv.blockwise import Decoder, block_pass, hidden_of, holds
 from hadaconv.convert import (Calibration, ConvertConfig, Target, calibration_batches, check_config,
                               check_convert_output, choose_layers, chooses_nothing, compensate_and_apply, find_target,
-                              fit_with_row, mark_rows, no_tokenizer, probe_batches, warn_now)
+                              fit_with_row, mark_rows, no_tokenizer, probe_batches, warn_now, why_not_compensated)
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
 from hadaconv.fit import FitResult
 from hadaconv.hadamard import factorize
@@ -488,6 +488,8 @@ def convert_streamed(
     report = ConvertReport(mode=cfg.mode, block=cfg.block, adapter=target.adapter.name, sequential=cfg.sequential,
                            rank=cfg.rank, compensate=cfg.compensate and bool(target.adapter.residual_maps),
                            max_layers=cfg.max_layers)
+    if cfg.compensate:
+        report.compensate_skipped = why_not_compensated(target, data_free=False, looped=True)
     if chooses_nothing(cfg, len(target.layers)):  # every candidate is converted: no ranking pass
         warn_now(cfg, max_layers_warning(cfg.max_layers, len(target.layers)))
         cfg = replace(cfg, max_layers=None)

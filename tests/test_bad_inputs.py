@@ -975,10 +975,10 @@ ROWS = [
         r"the encoder kind exports a bare backbone's last hidden state, and LlamaForCausalLM has a head: export it as "
         r"causal-lm \(the kind detected\)$"),
     Row("export-encoder-as-causal-lm", lambda w, t: ["export", w.bert, "-o", t / "b", "--kind", "causal-lm"],
-        r"the causal-lm kind exports a model that generates \(logits and a KV cache\), and BertModel is none: export "
-        r"it as encoder \(the kind detected\)$"),
+        r"the causal-lm kind exports a model that generates \(logits and a KV cache\), and BertModel is a bare "
+        r"encoder: export it as encoder \(the kind detected\)$"),
     Row("export-encoder-as-classifier", lambda w, t: ["export", w.bert, "-o", t / "b", "--kind", "classifier"],
-        r"the classifier kind exports a head on an encoder, and BertModel is none: export it as encoder"),
+        r"the classifier kind exports a head on an encoder, and BertModel is a bare encoder: export it as encoder"),
     Row("export-input-shape-for-a-text-model", lambda w, t: ["export", w.conv, "-o", t / "b", "--input-shape", "2,3"],
         r"example inputs \(--input-shape\) are for generic modules: a causal-lm export makes its own token ids"),
     Row("export-negative-atol", lambda w, t: ["export", w.conv, "-o", t / "b", "--atol", "-1"],
@@ -1022,6 +1022,9 @@ ROWS = [
         r"is a causal LM bundle: give --prompt \(or token ids with --ids\)"),
     Row("run-encoder-without-text", lambda w, t: ["run", w.encoder, "--prompt", "hi"],
         r"--prompt is for causal LM bundles; .* is an encoder bundle: give --text"),
+    Row("run-encoder-with-generation-options",
+        lambda w, t: ["run", w.encoder, "--text", "embed me", "--max-new-tokens", "5", "--chat"],
+        r"--max-new-tokens and --chat are for generation, and .* is an encoder bundle, which embeds: drop them$"),
     Row("run-causal-with-text", lambda w, t: ["run", w.bundle, "--text", "embed me"],
         r"--text is for encoder bundles; .* is a causal LM bundle: give --prompt"),
     Row("run-prompt-and-text", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--text", "embed me"],

@@ -606,3 +606,16 @@ def test_an_asked_compensation_the_adapter_cannot_do_is_said(tmp_path, capsys):
     code, _, stderr = run_cli(capsys, "convert", src, "-o", tmp_path / "b", *run, "--compensate")
     assert code == 0, stderr
     assert "note: --compensate did nothing: the bert adapter names no dense maps" in " ".join(stderr.split())
+
+
+def test_a_data_free_fit_asked_to_compensate_says_why_not(tmp_path, capsys):
+    """The note names the reason: a Llama's adapter has dense maps to refit, a data-free fit has
+    nothing to refit them to (a review found the note blaming the adapter)."""
+    from cli_runner import run_cli
+
+    src = tmp_path / "tiny"
+    make_tiny("llama", src)
+    code, _, stderr = run_cli(capsys, "convert", src, "-o", tmp_path / "a", "--block", "4", "--calib", "none",
+                              "--compensate")
+    said = " ".join(stderr.split())
+    assert code == 0 and "note: --compensate did nothing: a data-free fit has no original block outputs" in said, said

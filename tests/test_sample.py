@@ -474,6 +474,8 @@ def test_describe_calibration_names_what_the_run_reads(tmp_path, monkeypatch):
     assert "from the cache only" in describe_calibration(None, "causal-lm", cached_only=True)
     with pytest.raises(HadaconvError, match="sampling text needs a causal LM"):
         describe_calibration(["sample"], "encoder")
+    with pytest.raises(HadaconvError, match="not a model of a kind hadaconv does not know: give text"):
+        describe_calibration(["sample"], None)  # a model only a --target regex finds
 
 
 def test_a_source_given_twice_is_refused(tmp_path):

@@ -173,8 +173,10 @@ def check_block(block: int, out_features: int, name: str, *, in_features: int | 
     projection ``name`` (InputError, listing the sizes that do and, where ``in_features`` and
     ``bias`` give the dense shape, still remove parameters)."""
     if block < 1 or out_features % block:
-        sizes = [d for d in range(1, out_features + 1) if out_features % d == 0
-                 and (in_features is None or parameters_saved(in_features, out_features, d, bias) > 0)]
+        divisors = [d for d in range(1, out_features + 1) if out_features % d == 0]
+        saving = [d for d in divisors
+                  if in_features is None or parameters_saved(in_features, out_features, d, bias) > 0]
+        sizes = saving or divisors  # a width so small that no block saves: the sizes that at least fit
         raise InputError(f"{option('block', block)} does not divide the output width {out_features} of {name}: "
                          f"choose one of {', '.join(map(str, sizes))}")
 

@@ -245,10 +245,11 @@ def export_onnx(
 
     Raises:
         InputError: ``model`` not an ``nn.Module`` (a path: ``load_model(path).model``).
-        HadaconvError: example inputs for a text model, the encoder kind for a model with a head, a
-            bad ``dtype`` or ``optimize`` level, ``optimize`` with ``portable`` or
-            half precision, bfloat16 validation on the CPU, an existing ``out_dir`` without
-            ``overwrite``, a failed export, or outputs outside ``atol`` (nothing is written).
+        HadaconvError: example inputs for a text model, the encoder kind for a model with a head
+            (the causal-lm or classifier kind for a bare encoder), a bad ``dtype`` or ``optimize``
+            level, ``optimize`` with ``portable`` or half precision, bfloat16 validation on the
+            CPU, an existing ``out_dir`` without ``overwrite``, a failed export, or outputs outside
+            ``atol`` (nothing is written).
     """
     check_module(model)
     out = Path(out_dir)
@@ -302,17 +303,17 @@ def export_onnx(
 
 
 def _check_kind(kind: str, detected: str, model: nn.Module) -> None:
-    """Refuse a kind the model cannot be exported as, before the export: each text kind reads
-    its own outputs (a causal LM's logits and KV cache, a classifier's logits, an encoder's last
-    hidden state), which a model of another kind does not return."""
-    if kind == detected or (kind == "encoder" and detected == "module"):
-        return
-    if kind == "encoder":  # no last_hidden_state
+    """Refuse, before the export, a kind whose outputs the model surely lacks: a head's logits or
+    a causal LM's KV cache from a bare encoder, a bare backbone's last hidden state from a model
+    with a head.  Other mismatches (a causal LM whose remote code cannot generate, say) are left
+    to the export, which may succeed."""
+    if kind == "encoder" and detected in ("causal-lm", "classifier"):  # no last_hidden_state
         raise HadaconvError(f"the encoder kind exports a bare backbone's last hidden state, and "
                             f"{type(model).__name__} has a head: export it as {detected} (the kind detected)")
-    what = {"causal-lm": "a model that generates (logits and a KV cache)", "classifier": "a head on an encoder"}[kind]
-    raise HadaconvError(f"the {kind} kind exports {what}, and {type(model).__name__} is none: export it as "
-                        f"{detected} (the kind detected)")
+    if kind in ("causal-lm", "classifier") and detected == "encoder":  # a bare backbone: no logits
+        what = "a model that generates (logits and a KV cache)" if kind == "causal-lm" else "a head on an encoder"
+        raise HadaconvError(f"the {kind} kind exports {what}, and {type(model).__name__} is a bare encoder: "
+                            "export it as encoder (the kind detected)")
 
 
 def _write_graph(spec, path: Path, *, kind: str, form: str, optimize: str | None, verbose: bool,
