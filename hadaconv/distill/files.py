@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from torch import nn
 
 from hadaconv.atomic import atomic_file, check_not_input, check_output
 from hadaconv.distill.checkpoint import FILE as CHECKPOINT
@@ -135,15 +137,59 @@ def distill_file(
     ``trust_pickle`` for a ``torch.save``d module.  Raises HadaconvError (one line)
     for bad input, before any model is loaded where it can be told from the files.
     """
-    from hadaconv.calibrate import check_sources, check_windows_early, source_list
-    from hadaconv.io import check_seq_len_early, load_model, recorded_config, save_converted, source_key
-    from hadaconv.io.converted import refuse_bundle
-    from hadaconv.device import resolve_device
-    from hadaconv.sample import reading_source
-
     cfg = check_config(config)
-    converted = Path(converted)
-    out = Path(out_dir)
+    job = _check_inputs(Path(converted), Path(out_dir), cfg, teacher, teacher_config, overwrite)
+    saved = _conversion_report(job.converted / "report.json")  # read now: a damaged one must not fail the save
+    student, original = _load_pair(job, cfg, trust_pickle)
+    tokenizer = student.tokenizer or original.tokenizer
+    report = _train(job, cfg, student.model, original.model, tokenizer)
+    if is_main():
+        _save(job, cfg, report, student.model, tokenizer, saved, overwrite)
+    return report
+
+
+@dataclass
+class _Job:
+    """What the checks found before any model loads: the folders, the converted folder's
+    ``hadaconv`` section, the teacher and its config (and how the caller names that option)."""
+
+    converted: Path
+    out: Path
+    meta: dict
+    source: Path
+    teacher_config: str | os.PathLike | None
+    config_flag: str
+
+
+def _check_inputs(converted: Path, out: Path, cfg: DistillConfig, teacher, teacher_config,
+                  overwrite: bool) -> _Job:
+    """Stage 1: every refusal the files allow before the two models load (minutes for a real
+    pair): the converted folder, the teacher, the output and checkpoint folders, the texts."""
+    from hadaconv.calibrate import check_sources, check_windows_early, source_list
+    from hadaconv.io import check_seq_len_early, recorded_config
+
+    meta = _converted_meta(converted)
+    source, recorded = _teacher(converted, meta, teacher)
+    config_flag = option("teacher_config", flag="--config")
+    if teacher_config is None and recorded:
+        teacher_config = recorded_config(meta, config_flag)  # the recorded original's recorded config, if any
+    check_model_config(source, teacher_config, whose="the teacher", flag=config_flag)
+    inputs = [converted, source, teacher_config, cfg.eval_text, *source_list(cfg.data)]
+    check_output(out, overwrite, folder=True, inputs=inputs)
+    _check_checkpoints(cfg, out, inputs)
+    # A mistyped --data path, or an empty file, fails here, not after two models are loaded.
+    check_sources(cfg.data, "training text", samples=cfg.samples)
+    check_windows_early(converted, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, what="training text")
+    _check_eval_text_early(converted, cfg)
+    check_seq_len_early(source, cfg.seq_len, config=teacher_config, kinds=None)
+    return _Job(converted, out, meta, source, teacher_config, config_flag)
+
+
+def _converted_meta(converted: Path) -> dict:
+    """The ``hadaconv`` section of the converted folder's config.json, or one line saying why
+    ``converted`` is no converted folder."""
+    from hadaconv.io.converted import refuse_bundle
+
     if not converted.exists():
         raise HadaconvError(f"no such file or folder: {converted}")
     refuse_bundle(converted)
@@ -152,67 +198,78 @@ def distill_file(
     if not isinstance(meta, dict):
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")
-    source, recorded = _teacher(converted, meta, teacher)
-    config_flag = option("teacher_config", flag="--config")
-    if teacher_config is None and recorded:
-        teacher_config = recorded_config(meta, config_flag)  # the recorded original's recorded config, if any
-    check_model_config(source, teacher_config, whose="the teacher", flag=config_flag)
-    inputs = [converted, source, teacher_config, cfg.eval_text, *source_list(cfg.data)]
-    check_output(out, overwrite, folder=True, inputs=inputs)
-    if cfg.checkpoint_dir:
-        check_not_input(cfg.checkpoint_dir, inputs, name=option("checkpoint_dir"))
-    checkpoints = Path(cfg.checkpoint_dir).resolve() if cfg.checkpoint_dir else None
-    if checkpoints and not cfg.resume and (checkpoints / CHECKPOINT).is_file():  # hours of training, maybe
+    return meta
+
+
+def _check_checkpoints(cfg: DistillConfig, out: Path, inputs: list) -> None:
+    """Refuse a checkpoint folder inside an input or inside the output (the final save would
+    delete it), and one holding an earlier run's checkpoint without ``resume``."""
+    if not cfg.checkpoint_dir:
+        return
+    check_not_input(cfg.checkpoint_dir, inputs, name=option("checkpoint_dir"))
+    checkpoints = Path(cfg.checkpoint_dir).resolve()
+    if not cfg.resume and (checkpoints / CHECKPOINT).is_file():  # hours of training, maybe
         raise InputError(f"{cfg.checkpoint_dir} holds the checkpoint of an earlier run, which this run would replace: "
                          f"add {option('resume', True)} to continue it, or remove it to start over")
-    if checkpoints and out.resolve() in (checkpoints, *checkpoints.parents):  # the final save would delete them
+    if out.resolve() in (checkpoints, *checkpoints.parents):
         raise InputError(f"{option('checkpoint_dir', cfg.checkpoint_dir)} is inside the output {out}, which the final "
                          "save replaces: keep the checkpoints elsewhere")
-    # A mistyped --data path, or an empty file, fails here, not after two models are loaded.
-    check_sources(cfg.data, "training text", samples=cfg.samples)
-    check_windows_early(converted, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, what="training text")
-    _check_eval_text_early(converted, cfg)
-    check_seq_len_early(source, cfg.seq_len, config=teacher_config, kinds=None)  # before two models load
-    saved = _conversion_report(converted / "report.json")  # read now: a damaged one must not fail the save
-    student = load_model(converted, dtype=cfg.dtype)
+
+
+def _load_pair(job: _Job, cfg: DistillConfig, trust_pickle: bool):
+    """Stage 2: (the student, the teacher) as :class:`hadaconv.io.Loaded`, checked to be a
+    converted model and the original of its kind."""
+    from hadaconv.io import load_model
+
+    student = load_model(job.converted, dtype=cfg.dtype)
     if not any(isinstance(m, HadamardProjection) for m in student.model.modules()):
-        raise HadaconvError(f"{converted} has no converted layers: nothing to distill")
-    original = load_model(source, config=teacher_config, trust_pickle=trust_pickle, dtype=cfg.dtype,
-                          config_option=config_flag)
+        raise HadaconvError(f"{job.converted} has no converted layers: nothing to distill")
+    original = load_model(job.source, config=job.teacher_config, trust_pickle=trust_pickle, dtype=cfg.dtype,
+                          config_option=job.config_flag)
     if original.format == "hadaconv":
-        raise HadaconvError(f"the teacher {source} is itself a converted model: give the original")
+        raise HadaconvError(f"the teacher {job.source} is itself a converted model: give the original")
     if type(original.model) is not type(student.model):
         raise HadaconvError(f"the teacher is a {type(original.model).__name__}, the student a "
-                            f"{type(student.model).__name__}: give the model {converted} was converted from")
-    tokenizer = student.tokenizer or original.tokenizer
+                            f"{type(student.model).__name__}: give the model {job.converted} was converted from")
+    return student, original
 
+
+def _train(job: _Job, cfg: DistillConfig, student: nn.Module, teacher: nn.Module, tokenizer) -> DistillReport:
+    """Stage 3: :func:`distill`, with the teacher's sampled text recorded under its files' key."""
     from hadaconv.adapters import find_adapter
+    from hadaconv.device import resolve_device
+    from hadaconv.io import source_key
+    from hadaconv.sample import reading_source
 
-    adapter = find_adapter(original.model, meta.get("target")) if meta.get("target") else None
+    target = job.meta.get("target")
+    adapter = find_adapter(teacher, target) if target else None
     # The teacher samples; a default convert reads the checkpoint's dtype ("auto"), distill float32,
     # so a dry run finds a distillation's sampled text only where it named the same dtype.
-    key = source_key(source, config=teacher_config, dtype=cfg.dtype, device=resolve_device(cfg.device).type)
+    key = source_key(job.source, config=job.teacher_config, dtype=cfg.dtype, device=resolve_device(cfg.device).type)
     with reading_source(key):
-        report = distill(student.model, original.model, tokenizer, cfg, adapter=adapter)
+        return distill(student, teacher, tokenizer, cfg, adapter=adapter)
 
-    if not is_main():
-        return report
-    model = student.model
+
+def _save(job: _Job, cfg: DistillConfig, report: DistillReport, model: nn.Module, tokenizer, saved: dict,
+          overwrite: bool) -> None:
+    """Stage 4 (rank 0): the distilled model in the converted-folder format, its config's
+    ``hadaconv`` section and ``report.json`` gaining a ``distill`` entry, the curve beside."""
+    from hadaconv.io import save_converted
+
     if cfg.fsdp:  # the trained parameters are shards: put the full state into a fresh copy
         from hadaconv.distill.checkpoint import restore_trainable
         from hadaconv.io import load
 
-        model = load(converted)
+        model = load(job.converted)
         restore_trainable(model, report.full_state)
     model.cpu()
     summary = {k: v for k, v in report.to_dict().items() if k not in ("curve", "local")}
     used = replace(cfg, lr=report.lr)  # the rate the run used, where the config left it to default_lr
     summary["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(used).items()}
-    summary["teacher_path"] = str(source)
-    if teacher_config is not None:
-        summary["teacher_config"] = str(teacher_config)
-    saved["distill"] = report.to_dict()
-    save_converted(model, out, meta={**meta, "distill": summary}, tokenizer=tokenizer,
-                   tokenizer_source=converted, report=saved, overwrite=overwrite,
+    summary["teacher_path"] = str(job.source)
+    if job.teacher_config is not None:
+        summary["teacher_config"] = str(job.teacher_config)
+    save_converted(model, job.out, meta={**job.meta, "distill": summary},
+                   tokenizer=tokenizer, tokenizer_source=job.converted,
+                   report={**saved, "distill": report.to_dict()}, overwrite=overwrite,
                    extra=lambda tmp: _plot_beside(report, tmp / "distill_curve.png"))
-    return report
