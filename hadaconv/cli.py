@@ -613,6 +613,7 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
         loaded.model, output, torch.randn(shape) if shape else None, portable=portable, tokenizer=loaded.tokenizer,
         kind=kind, cache=not no_cache, validate_outputs=not no_validate, atol=atol, dtype=dtype,
         overwrite=overwrite, optimize=optimize, source=loaded.source, verbose=verbose, log=click.echo,
+        progress=lambda line: click.echo(line, err=True),
     )
     layers = result.meta.get("hadamard_layers", 0)
     click.echo(f"wrote {result.path} ({result.kind}, {result.form} form, {dtype or 'float32'}, {layers} Hadamard "

@@ -208,10 +208,13 @@ def converted_folder(tmp_path_factory):
 def test_cli_export_and_run(tmp_path, converted_folder, capsys):
     out = tmp_path / "bundle"
     main(["export", str(converted_folder), "--onnx", "-o", str(out)])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "logits" in printed and "max abs diff" in printed and "custom form" in printed
-    # stage lines, so that the minutes of tracing and validating on a real model are not silent
-    stages = [line for line in printed.splitlines() if line.startswith("[")]
+    # stage lines, so that the minutes of tracing and validating on a real model are not silent:
+    # progress, on stderr with the other progress; the diffs are results, on stdout
+    stages = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert not [line for line in printed.splitlines() if line.startswith("[")], printed
     assert "exporting the causal-lm (custom form)" in stages[0] and "validating in ONNX Runtime" in stages[1], printed
     assert {"model.onnx", "libhadaconv_ort.so", "tokenizer.json", METADATA} <= {p.name for p in out.iterdir()}
     main(["run", str(out), "--prompt", "hello there", "--max-new-tokens", "12"])
@@ -715,7 +718,7 @@ def test_norm_fusion_only_keeps_the_decomposed_attention(tmp_path, tokenizer):
 def test_cli_optimized_export_reports_its_fusions_and_runs(tmp_path, converted_folder, capsys):
     out = tmp_path / "fused"
     main(["export", str(converted_folder), "-o", str(out), "--optimize", "norms"])
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # a stage line: progress
     fused = next(line for line in printed.splitlines() if "fused:" in line)
     assert "rms_normalization x" in fused and "skip_rms_normalization x" in fused, printed
     meta = json.loads((out / METADATA).read_text())

@@ -205,6 +205,7 @@ def export_onnx(
     source: str | None = None,
     verbose: bool = False,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export ``model`` to an ONNX bundle in ``out_dir`` and validate it.
 
@@ -242,6 +243,8 @@ def export_onnx(
             ``hadaconv.export`` logger at INFO level (silent unless logging is configured, as
             in Optimum and transformers).  Apart from these, the trace (one call of minutes)
             says on stderr that it is still working (:func:`hadaconv.progress.status`).
+        progress: called with the stage lines instead of ``log`` (the CLI sends them to stderr
+            with its other progress, the validation diffs to stdout with its results).
 
     Raises:
         InputError: ``model`` not an ``nn.Module`` (a path: ``load_model(path).model``).
@@ -277,7 +280,7 @@ def export_onnx(
     log = log or logging.getLogger(__name__).info
 
     def stage(text: str) -> None:  # the trace and the validation each take minutes on a real model
-        log(f"[{time.perf_counter() - start:.0f} s] {text}")
+        (progress or log)(f"[{time.perf_counter() - start:.0f} s] {text}")
 
     with atomic_folder(out, overwrite) as tmp:
         fusions = _write_graph(spec, tmp / MODEL, kind=kind, form=form, optimize=optimize, verbose=verbose,
