@@ -578,7 +578,8 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 @click.option("--no-validate", is_flag=True, help="Skip the validation against PyTorch.")
 @click.option("--optimize", type=click.Choice(["norms", "all"]), default=None,
               help="Fuse into ONNX Runtime's contrib ops (float32, not with --portable; the bundle then needs ONNX "
-                   "Runtime): 'norms' each RMSNorm (with the residual add), 'all' attention too. Measured on SmolLM2: "
+                   "Runtime): 'norms' each RMSNorm (with the residual add), 'all' every fusion onnxscript knows "
+                   "(attention, LayerNorm and GELU too). Measured on SmolLM2: "
                    "'all' makes prefill 1.03-1.12x faster and decode 2-8% slower (for long prompts, not generation), "
                    "'norms' decode about 5% slower (benchmarks/RESULTS.md) [default: off].")
 @_model_config
@@ -596,6 +597,7 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
 
     from hadaconv.atomic import check_output
     from hadaconv.export import DTYPES, check_options, export_onnx
+    from hadaconv.export.wrappers import detect_kind
     from hadaconv.io import load_model
 
     shape = _shape(input_shape)
@@ -608,6 +610,10 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
     check_options(DTYPES[dtype] if dtype else torch.float32, portable=portable, optimize=optimize,
                   validate_outputs=not no_validate)
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, dtype="float32")  # ONNX graphs in float32
+    exported = kind or (detect_kind(loaded.model) if no_cache else None)
+    if no_cache and exported != "causal-lm":  # it would be ignored
+        raise HadaconvError(f"--no-cache drops a causal LM's KV cache, and {_short(model)} exports as "
+                            f"{indefinite(exported)}: drop --no-cache")
     start = time.perf_counter()
     result = export_onnx(
         loaded.model, output, torch.randn(shape) if shape else None, portable=portable, tokenizer=loaded.tokenizer,

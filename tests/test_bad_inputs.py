@@ -974,6 +974,8 @@ ROWS = [
     Row("export-causal-lm-as-encoder", lambda w, t: ["export", w.conv, "-o", t / "b", "--kind", "encoder"],
         r"the encoder kind exports a bare backbone's last hidden state, and LlamaForCausalLM has a head: export it as "
         r"causal-lm \(the kind detected\)$"),
+    Row("export-encoder-without-cache", lambda w, t: ["export", w.bert, "-o", t / "b", "--no-cache"],
+        r"--no-cache drops a causal LM's KV cache, and .*bert exports as an encoder: drop --no-cache$"),
     Row("export-encoder-as-causal-lm", lambda w, t: ["export", w.bert, "-o", t / "b", "--kind", "causal-lm"],
         r"the causal-lm kind exports a model that generates \(logits and a KV cache\), and BertModel is a bare "
         r"encoder: export it as encoder \(the kind detected\)$"),

@@ -31,7 +31,8 @@ __all__ = ["CONTRIB_DOMAIN", "LEVELS", "check_level", "fuse_for_onnxruntime"]
 #: The domain the fused operators live in (ONNX Runtime's contrib ops).
 CONTRIB_DOMAIN = "com.microsoft"
 #: Each level and what it fuses (the export's progress line says it).
-LEVELS = {"norms": "RMSNorm (with the residual add)", "all": "RMSNorm and attention"}
+LEVELS = {"norms": "RMSNorm (with the residual add)",
+          "all": "every fusion onnxscript knows: norms, attention, GELU"}
 
 Rewrite = Callable[[Any], "tuple[Any, dict[str, int]]"]
 
