@@ -47,7 +47,7 @@ from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projecti
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved
 from hadaconv.progress import console, progress
-from hadaconv.report import ConvertReport, LayerReport, calibration_warning, max_layers_warning, ranking_warning
+from hadaconv.report import ConvertReport, LayerReport, max_layers_warning
 from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, check_writes_text, default_sources
 from hadaconv.sensitivity import Probe, metric, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
@@ -201,11 +201,10 @@ class Calibration:
         report.calibration_tokens, report.heldout_tokens = self.tokens, self.heldout_tokens
         report.calibration_source = self.source or "none (data-free)"
         report.samples, report.windows, report.sampled = cfg.samples, self.windows, self.sampled
-        warn_now(cfg, calibration_warning(cfg.samples, self.windows, self.heldout_tokens > 0, self.sampled))
         if ranks and self.windows:
             report.ranked_on, report.ranked_fitted = self.probed(cfg)
-            made = cfg.samples if self.sampled else self.windows  # sampled text makes a few fewer: not short
-            warn_now(cfg, ranking_warning(report.ranked_on, report.ranked_fitted, cfg.samples, made))
+        for warning in report.calibration_warnings():
+            warn_now(cfg, warning)
 
 
 def warn_now(cfg: ConvertConfig, warning: str | None) -> None:

@@ -129,17 +129,23 @@ class ConvertReport:
         candidate was converted (it chose nothing)."""
         n = len(self.layers)
         few = max_layers_warning(self.max_layers, n, "was") if len(self.converted) >= n else None
-        short = calibration_warning(self.samples, self.windows, self.heldout_tokens > 0, self.sampled)
-        # Sampled text makes a few windows fewer than asked (calibration_warning): not a short text.
-        made = self.samples if self.sampled else self.windows
-        fitted = ranking_warning(self.ranked_on, self.ranked_fitted, self.samples, made)
-        return [w for w in (short, fitted, few) if w] + [
+        return self.calibration_warnings() + ([few] if few else []) + [
             f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
             f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "
             f"layer dense, list the candidates without it in {option('layers')}"
             for r in self.layers
             if r.converted and r.heldout_error is not None and r.mean_error is not None
             and not r.heldout_error < r.mean_error]  # NaN is no better
+
+    def calibration_warnings(self) -> list[str]:
+        """What the calibration fields say (a conversion says them as soon as they are known):
+        a short text (:func:`calibration_warning`), a ranking on few held-out windows
+        (:func:`ranking_warning`)."""
+        short = calibration_warning(self.samples, self.windows, self.heldout_tokens > 0, self.sampled)
+        # Sampled text makes a few windows fewer than asked (calibration_warning): not a short text.
+        made = self.samples if self.sampled else self.windows
+        fitted = ranking_warning(self.ranked_on, self.ranked_fitted, self.samples, made)
+        return [w for w in (short, fitted) if w]
 
     def table(self) -> "FittedTable":
         """The report as a rich renderable (per layer, then totals in the caption) that fits the
