@@ -45,7 +45,7 @@ from hadaconv.calibrate import (MomentCollector, Moments, check_sources, check_w
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
-from hadaconv.nn import HadamardProjection, parameters_saved
+from hadaconv.nn import HadamardProjection, parameters_saved, saving_blocks
 from hadaconv.progress import console, progress
 from hadaconv.report import ConvertReport, LayerReport, max_layers_warning
 from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, check_writes_text, default_sources
@@ -340,10 +340,9 @@ def _check_saves(layer: AttentionLayer, block: int, rank: int) -> None:
         return
     if (saved := parameters_saved(d_in, d_out, block, bias)) <= 0:
         dense = d_out * d_in + (d_out if bias else 0)
-        fits = [b for b in range(1, d_out + 1) if d_out % b == 0 and parameters_saved(d_in, d_out, b, bias) > 0]
         raise InputError(f"{option('block', block)} saves no parameters at {layer.out_name} ({d_out}x{d_in}): gamma and beta "
                          f"keep {dense - saved:,} against the dense {dense:,}; the largest block that saves any is "
-                         f"{max(fits, default=1)}")
+                         f"{max(saving_blocks(d_in, d_out, bias), default=1)}")
     most = max(0, (saved - 1) // (d_in + d_out))
     raise InputError(f"{option('rank', rank)} saves no parameters at {layer.out_name} ({d_out}x{d_in}, block {block}): "
                      f"the residual keeps {rank * (d_in + d_out):,}; the largest rank that saves any is {most}")

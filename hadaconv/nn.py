@@ -11,7 +11,7 @@ from hadaconv.hadamard import factorize
 from hadaconv.ops import hadamard_affine
 from hadaconv.ops.transform import apply_affine
 
-__all__ = ["HadamardProjection", "check_rank", "parameters_saved"]
+__all__ = ["HadamardProjection", "check_rank", "parameters_saved", "saving_blocks"]
 
 
 def parameters_saved(d_in: int, d_out: int, block: int, dense_bias: bool, rank: int = 0) -> int:
@@ -20,6 +20,12 @@ def parameters_saved(d_in: int, d_out: int, block: int, dense_bias: bool, rank: 
     W and b out, gamma [d_out/block, block, block], beta [d_out], D [rank, d_in] and U
     [d_out, rank] in.  Zero or negative where the replacement is no smaller."""
     return d_out * d_in + (d_out if dense_bias else 0) - d_out * block - d_out - rank * (d_in + d_out)
+
+
+def saving_blocks(d_in: int, d_out: int, dense_bias: bool) -> list[int]:
+    """The block sizes (ascending) that divide ``d_out`` and remove parameters from a dense
+    d_out x d_in projection (:func:`parameters_saved` above 0, no residual)."""
+    return [b for b in range(1, d_out + 1) if d_out % b == 0 and parameters_saved(d_in, d_out, b, dense_bias) > 0]
 
 
 def check_rank(rank: int, d_in: int, d_out: int) -> None:

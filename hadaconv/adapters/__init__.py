@@ -18,7 +18,7 @@ from hadaconv.adapters.base import Adapter, AttentionLayer, ModelKind, WeightSlo
 from hadaconv.adapters.generic import generic_adapter
 from hadaconv.errors import HadaconvError, InputError, option
 from hadaconv.hadamard import UnsupportedSizeError, factorize
-from hadaconv.nn import parameters_saved
+from hadaconv.nn import saving_blocks
 
 __all__ = [
     "Adapter",
@@ -173,10 +173,9 @@ def check_block(block: int, out_features: int, name: str, *, in_features: int | 
     projection ``name`` (InputError, listing the sizes that do and, where ``in_features`` and
     ``bias`` give the dense shape, still remove parameters)."""
     if block < 1 or out_features % block:
-        divisors = [d for d in range(1, out_features + 1) if out_features % d == 0]
-        saving = [d for d in divisors
-                  if in_features is None or parameters_saved(in_features, out_features, d, bias) > 0]
-        sizes = saving or divisors  # a width so small that no block saves: the sizes that at least fit
+        saving = saving_blocks(in_features, out_features, bias) if in_features is not None else []
+        # Without the dense shape, or at a width so small that no block saves: the sizes that fit.
+        sizes = saving or [d for d in range(1, out_features + 1) if out_features % d == 0]
         raise InputError(f"{option('block', block)} does not divide the output width {out_features} of {name}: "
                          f"choose one of {', '.join(map(str, sizes))}")
 
