@@ -597,7 +597,6 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
 
     from hadaconv.atomic import check_output
     from hadaconv.export import DTYPES, check_options, export_onnx
-    from hadaconv.export.wrappers import detect_kind
     from hadaconv.io import load_model
 
     shape = _shape(input_shape)
@@ -610,10 +609,6 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
     check_options(DTYPES[dtype] if dtype else torch.float32, portable=portable, optimize=optimize,
                   validate_outputs=not no_validate)
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, dtype="float32")  # ONNX graphs in float32
-    exported = kind or (detect_kind(loaded.model) if no_cache else None)
-    if no_cache and exported != "causal-lm":  # it would be ignored
-        raise HadaconvError(f"--no-cache drops a causal LM's KV cache, and {_short(model)} exports as "
-                            f"{indefinite(exported)}: drop --no-cache")
     start = time.perf_counter()
     result = export_onnx(
         loaded.model, output, torch.randn(shape) if shape else None, portable=portable, tokenizer=loaded.tokenizer,

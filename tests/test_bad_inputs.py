@@ -975,7 +975,7 @@ ROWS = [
         r"the encoder kind exports a bare backbone's last hidden state, and LlamaForCausalLM has a head: export it as "
         r"causal-lm \(the kind detected\)$"),
     Row("export-encoder-without-cache", lambda w, t: ["export", w.bert, "-o", t / "b", "--no-cache"],
-        r"--no-cache drops a causal LM's KV cache, and .*bert exports as an encoder: drop --no-cache$"),
+        r"--no-cache drops a causal LM's KV cache, and BertModel exports as an encoder: drop it$"),
     Row("export-encoder-as-causal-lm", lambda w, t: ["export", w.bert, "-o", t / "b", "--kind", "causal-lm"],
         r"the causal-lm kind exports a model that generates \(logits and a KV cache\), and BertModel is a bare "
         r"encoder: export it as encoder \(the kind detected\)$"),
@@ -1464,6 +1464,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"target saves with the same one$"),
         ("export-module-without-inputs", lambda: export_onnx(make_tiny("llama"), t / "b", kind="module"),
          HadaconvError, r"^a LlamaForCausalLM exported as a plain module needs example inputs: give example_inputs$"),
+        ("export-encoder-without-cache", lambda: export_onnx(make_tiny("bert"), t / "b", cache=False), HadaconvError,
+         r"^cache=False drops a causal LM's KV cache, and BertModel exports as an encoder: drop it$"),
         ("export-path-not-model", lambda: export_onnx(str(w.conv), t / "b"), InputError,
          r"^model must be a torch nn\.Module, got str \(a path: load it with hadaconv\.load_model\(path\)\.model\)$"),
         ("convert-loaded-wrapper", lambda: convert(load_model(w.hf), None, ConvertConfig(), inputs=ids), InputError,
@@ -1536,7 +1538,8 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "patch-missing-layer", "patch-no-layers", "patch-no-attention", "distill-eval-text-missing",
            "distill-eval-text-a-source-name",
            "save-without-its-target", "op-integer-input", "op-integer-gamma", "save-report-not-a-report",
-           "export-path-not-model", "export-module-without-inputs", "convert-loaded-wrapper",
+           "export-path-not-model", "export-module-without-inputs", "export-encoder-without-cache",
+           "convert-loaded-wrapper",
            "convert-config-as-tokenizer", "patch-path",
            "save-arguments-swapped", "generate-tokens-as-text", "load-missing-folder", "load-bundle",
            "save-dense-model", "save-hand-made-projection",

@@ -248,8 +248,9 @@ def export_onnx(
 
     Raises:
         InputError: ``model`` not an ``nn.Module`` (a path: ``load_model(path).model``).
-        HadaconvError: example inputs for a text model, the encoder kind for a model with a head
-            (the causal-lm or classifier kind for a bare encoder), a bad ``dtype`` or ``optimize``
+        HadaconvError: example inputs for a text model, ``cache=False`` for a model that exports
+            as no causal LM, the encoder kind for a model with a head (the causal-lm or classifier
+            kind for a bare encoder), a bad ``dtype`` or ``optimize``
             level, ``optimize`` with ``portable`` or half precision, bfloat16 validation on the
             CPU, an existing ``out_dir`` without ``overwrite``, a failed export, or outputs outside
             ``atol`` (nothing is written).
@@ -270,6 +271,9 @@ def export_onnx(
     if example_inputs is not None and kind in ("causal-lm", "encoder", "classifier"):  # ignored, they looked used
         raise HadaconvError(f"example inputs ({option('example_inputs', flag='--input-shape')}) are for generic "
                             f"modules: {indefinite(kind)} export makes its own token ids")
+    if not cache and kind != "causal-lm":  # ignored too
+        raise HadaconvError(f"{option('cache', False, flag='--no-cache')} drops a causal LM's KV cache, and "
+                            f"{type(model).__name__} exports as {indefinite(kind)}: drop it")
     spec = make_spec(model, kind, cache=cache, example_inputs=example_inputs)
     library = None
     if form == "custom":
