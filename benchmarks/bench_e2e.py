@@ -330,9 +330,8 @@ def portable_forms(threads: int) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from hadaconv.export.bundle import session_for
     from hadaconv.hadamard import factorize, hadamard_core, hadamard_matrix, sylvester
-    from hadaconv.runtime import get_library_path
+    from hadaconv import runtime
 
     def model(nodes, inits, n):
         graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["rows", n])],
@@ -397,7 +396,6 @@ def portable_forms(threads: int) -> None:
     rows = 2048
     print(f"portable candidates, X [{rows}, n] float32, {threads} threads, median ms of 7 (onnxruntime {ort.__version__})")
     print("| n | factors | kron | butterflies | custom op |\n|---:|---|---:|---:|---:|")
-    lib = get_library_path()
     for n in (576, 1024, 4096):
         rng = np.random.default_rng(0)
         x = rng.standard_normal((rows, n)).astype(np.float32)
@@ -407,7 +405,7 @@ def portable_forms(threads: int) -> None:
         for build_fn in (kron, butterfly, custom):
             path = Path(f"/tmp/bench_e2e_{build_fn.__name__}_{n}.onnx")
             path.write_bytes(build_fn(n, gamma).SerializeToString())
-            sess = session_for(path, lib, "cpu", intra_op_num_threads=threads)
+            sess = runtime.session(path, "cpu", intra_op_num_threads=threads)
             y = sess.run(None, {"X": x})[0]
             assert np.abs(y - ref).max() < 1e-3 * np.abs(ref).max(), build_fn.__name__
             times = []

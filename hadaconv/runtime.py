@@ -31,8 +31,8 @@ from hadaconv.progress import status
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-__all__ = ["BFLOAT16_ON_CPU", "LIBRARY_NAME", "OP_DOMAIN", "OP_VERSION", "build_ops", "get_library_path", "session",
-           "session_error"]
+__all__ = ["BFLOAT16_ON_CPU", "LIBRARY_NAME", "OP_DOMAIN", "OP_VERSION", "build_ops", "get_library_path", "providers_for",
+           "session", "session_error"]
 
 LIBRARY_NAME = "libhadaconv_ort.so"
 #: The op's domain and the newest version of ``HadamardAffine`` the library implements
@@ -213,30 +213,64 @@ def make_session_options(*, config_entries: dict[str, str] | None = None,
     return options
 
 
+def providers_for(provider: str) -> list[str]:
+    """The execution providers a session asks for by name: "cpu" (the CPU provider alone),
+    "cuda" (CUDA, then CPU for the nodes it lacks; a one-line HadaconvError when this onnxruntime
+    has no CUDA provider) or "auto" (CUDA when this onnxruntime has it, else CPU)."""
+    available = import_onnxruntime().get_available_providers()
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise HadaconvError(f"{option('provider', 'cuda')}: this onnxruntime has no CUDA provider "
+                                "(install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if provider != "auto":
+        raise HadaconvError(f"unknown provider {provider!r}: expected auto, cpu or cuda")
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+
+
 def session(
     model: str | os.PathLike | bytes,
-    providers: list[Any] | None = None,
+    providers: str | list[Any] = "auto",
+    *,
+    library: str | os.PathLike | bool = True,
     **session_options: Any,
 ) -> "onnxruntime.InferenceSession":
-    """An ``onnxruntime.InferenceSession`` for ``model`` (a path or the serialized bytes) with
-    the op library registered.
+    """An ``onnxruntime.InferenceSession`` for ``model`` (a path or the serialized bytes): the one
+    place hadaconv opens a session.
 
-    ``providers`` defaults to CUDA (then CPU) when this onnxruntime has the CUDA provider, else
-    CPU.  Keyword arguments set ``onnxruntime.SessionOptions`` attributes, for example
-    ``intra_op_num_threads=1`` or ``graph_optimization_level=...``, and ``config_entries`` ONNX
-    Runtime's session config keys (see :func:`make_session_options`).
+    ``providers``: a name for :func:`providers_for` ("auto", "cpu", "cuda") or ONNX Runtime's own
+    provider list.  ``library``: True registers this installation's op library
+    (:func:`get_library_path`), a path registers that file, False none (a portable graph, checked
+    to run without hadaconv).  Keyword arguments set ``onnxruntime.SessionOptions`` attributes,
+    for example ``intra_op_num_threads=1``, and ``config_entries`` ONNX Runtime's session config
+    keys (see :func:`make_session_options`).
+
+    Raises ModelFormatError (one line) for a missing or unloadable op library and for a graph ONNX
+    Runtime refuses (:func:`session_error`); HadaconvError for an unknown option or provider.
     """
     ort = import_onnxruntime()
     options = make_session_options(**session_options)
-    options.register_custom_ops_library(get_library_path())
-    if providers is None:
-        available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
-        if "CUDAExecutionProvider" in available:
-            providers.insert(0, "CUDAExecutionProvider")
+    if library is True:
+        library = get_library_path()
+    if library is not False:
+        _register(options, pathlib.Path(library))
+    if isinstance(providers, str):
+        providers = providers_for(providers)
     if not isinstance(model, (bytes, bytearray)):
         model = os.fspath(model)
     try:
         return ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime's own types: a missing or corrupt file, a node the op refuses
         raise session_error(model, exc, providers) from None
+
+
+def _register(options: "onnxruntime.SessionOptions", library: pathlib.Path) -> None:
+    if not library.is_file():
+        raise ModelFormatError(f"the op library {library} is missing: the custom-form graph needs it "
+                               f"(copy it back, or export with {option('portable', True)})")
+    try:
+        options.register_custom_ops_library(str(library))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelFormatError(f"cannot load the op library {library}: {str(exc).splitlines()[0]}") from None

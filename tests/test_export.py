@@ -29,7 +29,7 @@ from hadaconv.cli import main  # noqa: E402
 from hadaconv.convert import patch  # noqa: E402
 from hadaconv.errors import HadaconvError  # noqa: E402
 from hadaconv.export import check_options, export_onnx  # noqa: E402
-from hadaconv.export.bundle import METADATA, open_bundle, session_for  # noqa: E402
+from hadaconv.export.bundle import METADATA, open_bundle  # noqa: E402
 from hadaconv.export.translate import kronecker_factors  # noqa: E402
 from hadaconv.generate import embed, generate  # noqa: E402
 from hadaconv.io import load_tokenizer  # noqa: E402
@@ -102,7 +102,7 @@ def test_translation_matches_torch(tmp_path, form):
     domains = {n.domain for n in graph.graph.node}
     assert ("com.hadaconv" in domains) == (form == "custom")
     # Another batch and sequence length than traced; a portable graph runs without the library.
-    sess = session_for(tmp_path / "b" / "model.onnx", None if form == "portable" else runtime.get_library_path(), "cpu")
+    sess = runtime.session(tmp_path / "b" / "model.onnx", "cpu", library=form == "custom")
     inputs = tuple(torch.randn(3, 9, n) for n in widths)
     got = sess.run(None, {f"input_{i}": x.numpy() for i, x in enumerate(inputs)})
     with torch.no_grad():

@@ -26,11 +26,11 @@ from torch import nn
 
 from hadaconv._version import __version__
 from hadaconv.errors import HadaconvError, check_module, indefinite, option
-from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, session_for, write_metadata
+from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, write_metadata
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
 from hadaconv.progress import status
-from hadaconv.runtime import BFLOAT16_ON_CPU
+from hadaconv.runtime import BFLOAT16_ON_CPU, session
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_ATOL_FLOAT16", "DTYPES", "ExportResult", "check_options", "export_onnx"]
 
@@ -298,7 +298,7 @@ def export_onnx(
         diffs: list[OutputDiff] = []
         if validate_outputs:
             stage("validating in ONNX Runtime against PyTorch")
-            sess = session_for(tmp / MODEL, tmp / lib_name if lib_name else None, provider="cpu")
+            sess = session(tmp / MODEL, "cpu", library=tmp / lib_name if lib_name else False)
             diffs = _validate(spec, sess, model, original, original_inputs, tokenizer, atol, cache)
             for line in summarize(diffs):
                 log(line)

@@ -34,16 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from hadaconv import atomic
-from hadaconv.errors import HadaconvError, ModelFormatError, command, option
+from hadaconv.errors import HadaconvError, ModelFormatError, command
 from hadaconv.io.files import plain_name, read_json
-from hadaconv.runtime import (OP_DOMAIN, OP_VERSION, get_library_path, import_onnxruntime, make_session_options,
-                              session_error)
+from hadaconv.runtime import OP_DOMAIN, OP_VERSION, session
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-__all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "context_length", "open_bundle", "read_metadata",
-           "session_for"]
+__all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "context_length", "open_bundle", "read_metadata"]
 
 METADATA = "hadaconv_onnx.json"
 _METADATA_LIMIT = 16 << 20  # bytes; hadaconv_onnx.json and genai_config.json are a few kB (untrusted files)
@@ -132,51 +130,6 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
         raise ModelFormatError(f"{path}: {bad[0]} is not what hadaconv export writes ({meta.get(bad[0])!r:.60})")
 
 
-def _providers(provider: str) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if provider == "cpu":
-        return ["CPUExecutionProvider"]
-    if provider == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise HadaconvError(f"{option('provider', 'cuda')}: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if provider != "auto":
-        raise HadaconvError(f"unknown provider {provider!r}: expected auto, cpu or cuda")
-    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
-
-
-def session_for(
-    model: str | os.PathLike,
-    library: str | os.PathLike | None,
-    provider: str = "auto",
-    **session_options: Any,
-) -> "onnxruntime.InferenceSession":
-    """An ONNX Runtime session for ``model`` with ``library`` (the op library, or None for a
-    portable graph) registered.
-
-    ``provider``: "auto" (CUDA when this onnxruntime has it, else CPU), "cpu" or "cuda".  Keyword
-    arguments set ``SessionOptions`` attributes (``intra_op_num_threads=2``, ...).
-    """
-    ort = import_onnxruntime()
-    options = make_session_options(**session_options)
-    if library is not None:
-        library = Path(library)
-        if not library.is_file():
-            raise ModelFormatError(f"the op library {library} is missing: the custom-form graph needs it "
-                                f"(copy it back, or export with {option('portable', True)})")
-        try:
-            options.register_custom_ops_library(str(library))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelFormatError(f"cannot load the op library {library}: {str(exc).splitlines()[0]}") from None
-    providers = _providers(provider)
-    try:
-        return ort.InferenceSession(os.fspath(model), sess_options=options, providers=providers)
-    except Exception as exc:  # a corrupt graph; a bfloat16 one on the CPU provider
-        raise session_error(model, exc, providers) from None
-
-
 @dataclass
 class Bundle:
     """An opened bundle: the session, the tokenizer (or None) and the metadata."""
@@ -204,7 +157,7 @@ def open_bundle(folder: str | os.PathLike, provider: str = "auto", **session_opt
     ModelFormatError for a graph ONNX Runtime refuses."""
     folder = Path(folder)
     meta = read_metadata(folder)
-    sess = session_for(folder / MODEL, _op_library(folder, meta), provider, **session_options)
+    sess = session(folder / MODEL, provider, library=_needs_library(folder, meta), **session_options)
     tokenizer = None
     if meta.get("tokenizer"):
         from hadaconv.io import load_tokenizer
@@ -215,10 +168,10 @@ def open_bundle(folder: str | os.PathLike, provider: str = "auto", **session_opt
     return Bundle(folder, sess, tokenizer, meta)
 
 
-def _op_library(folder: Path, meta: dict[str, Any]) -> str | None:
+def _needs_library(folder: Path, meta: dict[str, Any]) -> bool:
     name = meta.get("op_library")
     if name is None:
-        return None  # the portable form: standard ops only
+        return False  # the portable form: standard ops only
     if not plain_name(name):
         raise ModelFormatError(f"{folder / METADATA}: op_library must be the file name of the bundle's copy, "
                                f"got {name!r}")
@@ -230,7 +183,7 @@ def _op_library(folder: Path, meta: dict[str, Any]) -> str | None:
     if version > OP_VERSION:
         raise HadaconvError(f"{folder} needs version {version} of {OP_DOMAIN}::HadamardAffine and this hadaconv's "
                             f"op library implements version {OP_VERSION}: upgrade hadaconv")
-    return get_library_path()
+    return True  # this installation's library, never the copy in the folder
 
 
 def io_description(model_path: Path) -> tuple[list[dict], list[dict]]:
