@@ -34,16 +34,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hadaconv.adapters import Adapter, AttentionLayer
+from hadaconv.adapters import Adapter, AttentionLayer, block_list, holds
 from hadaconv.calibrate import MomentCollector, Moments
 from hadaconv.compensate import RidgeSums, refit
 from hadaconv.fit import FitResult
 from hadaconv.progress import progress
 from hadaconv.report import LayerReport
-from hadaconv.sensitivity import block_list
 from hadaconv.swap import apply_fit
 
-__all__ = ["BlockInput", "Decoder", "TeacherFn", "block_pass", "convert_blockwise", "decoder", "hidden_of", "holds"]
+__all__ = ["BlockInput", "Decoder", "TeacherFn", "block_pass", "convert_blockwise", "decoder", "hidden_of"]
 
 
 class _Stop(Exception):
@@ -150,13 +149,8 @@ class Decoder:
 
 def decoder(model: nn.Module, layers: list[AttentionLayer], kind: str) -> Decoder | None:
     """The model's decoder blocks, or None where the blocks cannot be run one at a time."""
-    blocks = block_list(model, layers)
-    return Decoder(model, blocks, kind) if blocks else None
-
-
-def holds(block: nn.Module, layer: AttentionLayer) -> bool:
-    """Whether ``layer``'s output projection sits in ``block``."""
-    return any(m is layer.out_module for m in block.modules())
+    found = block_list(model, layers)
+    return Decoder(model, list(found[1]), kind) if found else None
 
 
 def _residual_maps(block: nn.Module, adapter: Adapter) -> list[nn.Linear]:

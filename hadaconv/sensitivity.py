@@ -15,13 +15,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from hadaconv.adapters import AttentionLayer
+from hadaconv.adapters import AttentionLayer, block_list, holds
 from hadaconv.evaluate import kl_divergence
 from hadaconv.fit import FitResult
 from hadaconv.progress import progress
 from hadaconv.swap import apply_fit
 
-__all__ = ["METRIC", "Probe", "block_list", "metric", "model_output", "output_divergences", "sensitivities"]
+__all__ = ["METRIC", "Probe", "metric", "model_output", "output_divergences", "sensitivities"]
 
 METRIC = {"causal-lm": "KL(original || converted) per token, nats"}
 OTHER_METRIC = "relative squared error of the output"
@@ -48,23 +48,6 @@ def _divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> floa
     return ((student - teacher).square().sum() / teacher.square().sum().clamp_min(1e-30)).item()
 
 
-def block_list(model: nn.Module, layers: list[AttentionLayer]) -> list[nn.Module] | None:
-    """The ModuleList of blocks that holds every layer's attention, or None when there is none."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and all(
-                any(layer.out_name.startswith(f"{name}.{i}.".lstrip(".")) for i in range(len(mod)))
-                for layer in layers):
-            return list(mod)
-    return None
-
-
-def _position(blocks: list[nn.Module], layer: AttentionLayer) -> int:
-    for pos, blk in enumerate(blocks):
-        if any(m is layer.out_module for m in blk.modules()):
-            return pos
-    return 0
-
-
 class Probe:
     """The original model's outputs on the ``probe`` batches, and every block's, recorded once,
     to measure one layer at a time against (:meth:`divergence`).  Holds them until it is
@@ -76,7 +59,8 @@ class Probe:
         if kind == "causal-lm":
             probe = [{**b, "use_cache": False} for b in probe]  # replayed blocks write no KV cache
         self.model, self.batches, self.kind = model, probe, kind
-        self.blocks = block_list(model, layers)
+        found = block_list(model, layers)
+        self.blocks = list(found[1]) if found else None
         self.replay = [dict() for _ in probe]  # per probe batch: block position -> its output
 
         def recorder(store, pos):
@@ -102,7 +86,8 @@ class Probe:
         are replayed from the record, so they may have changed since (the block loop measures each
         layer just before its own block is converted); the blocks from it on must still be the
         original's."""
-        skip = self.blocks[:_position(self.blocks, layer)] if self.blocks else []
+        blocks = self.blocks or []
+        skip = blocks[:next((pos for pos, blk in enumerate(blocks) if holds(blk, layer)), 0)]
         undo = apply_fit(layer, fit)
         try:
             div = [_replayed(self.model, batch, ref, store, skip, self.kind)

@@ -58,8 +58,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hadaconv.adapters import AttentionLayer
-from hadaconv.blockwise import Decoder, block_pass, hidden_of, holds
+from hadaconv.adapters import AttentionLayer, block_list, holds
+from hadaconv.blockwise import Decoder, block_pass, hidden_of
 from hadaconv.convert import (Calibration, ConvertConfig, Target, calibration_batches, check_config,
                               check_convert_output, choose_layers, chooses_nothing, compensate_and_apply, find_target,
                               fit_with_row, mark_rows, no_tokenizer, probe_batches, warn_now, why_not_compensated)
@@ -301,11 +301,10 @@ def _state_names(module: nn.Module, prefix: str) -> list[str]:
 
 
 def _blocks(model: nn.Module, layers) -> tuple[str, nn.ModuleList]:
-    """(name, ModuleList) of the decoder blocks holding every attention layer."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == len(layers) and all(
-                layer.out_name.startswith(f"{name}.{i}.") for i, layer in enumerate(layers)):
-            return name, mod
+    """(name, ModuleList) of the decoder blocks, one for each attention layer, in order."""
+    found = block_list(model, layers)
+    if found and len(found[1]) == len(layers) and all(holds(b, layer) for b, layer in zip(found[1], layers)):
+        return found
     raise HadaconvError("layer-by-layer conversion needs the attention blocks in one ModuleList, "
                         "one block per attention layer, run in sequence")
 

@@ -27,12 +27,14 @@ __all__ = [
     "WeightSlot",
     "adapters",
     "attention_layers",
+    "block_list",
     "check_block",
     "check_convertible",
     "check_seq_len",
     "context_length",
     "find_adapter",
     "generic_adapter",
+    "holds",
     "index_ranges",
     "layer_indices",
     "model_kind",
@@ -138,6 +140,22 @@ def attention_layers(model: nn.Module, target: str | None = None) -> list[Attent
             f"the {adapter.name} adapter found no convertible attention block in {_describe(model)}"
         )
     return layers
+
+
+def block_list(model: nn.Module, layers: list[AttentionLayer]) -> tuple[str, nn.ModuleList] | None:
+    """(name, ModuleList) of the blocks that hold every layer of ``layers``, or None when no one
+    ModuleList does (a model whose blocks cannot be run one at a time)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and all(
+                any(layer.out_name.startswith(f"{name}.{i}.".lstrip(".")) for i in range(len(mod)))
+                for layer in layers):
+            return name, mod
+    return None
+
+
+def holds(block: nn.Module, layer: AttentionLayer) -> bool:
+    """Whether ``layer``'s output projection sits in ``block``."""
+    return any(m is layer.out_module for m in block.modules())
 
 
 def check_convertible(layer: AttentionLayer, block: int = 1) -> None:
