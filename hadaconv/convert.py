@@ -293,17 +293,20 @@ def _check_moments(layer: AttentionLayer, moments: Moments) -> None:
                          "(non-finite weights earlier in the model, or an overflow in its dtype)")
 
 
-def dense_layers(model: nn.Module, adapter: Adapter) -> list[AttentionLayer]:
+def dense_layers(model: nn.Module, adapter: Adapter, *, none_left_ok: bool = False) -> list[AttentionLayer]:
     """The attention layers ``adapter`` finds in ``model`` (prepared) whose output projection is
     still dense: a converted folder's HadamardProjections are not listed.
 
     Raises:
-        HadaconvError: there are none (every one converted already, or none found).
+        HadaconvError: there are none (every one converted already, or none found); with
+            ``none_left_ok``, a wholly converted model gives [] instead (``inspect`` lists it).
     """
     adapter.prepare(model)
     layers = adapter.layers(model)
     if not layers:
         already = any(isinstance(m, HadamardProjection) for m in model.modules())
+        if already and none_left_ok:
+            return []
         raise HadaconvError("every attention output projection is converted already" if already
                             else "no attention output projections found to convert")
     return layers

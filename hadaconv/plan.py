@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Callable
 
 from torch import nn
@@ -101,7 +102,7 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
     from hadaconv.io import check_model_config
 
     check_model_config(source, model_config)  # before the skeleton, which would ignore an inapplicable one
-    plan = _plan(source, model_config, trust_pickle, target, _dense_if_any, block, rank)
+    plan = _plan(source, model_config, trust_pickle, target, _all_dense, block, rank)
     if block is not None:  # asked for: refused as convert refuses it
         for layer in plan.layers:
             check_block(block, layer.out_features, layer.name, in_features=layer.in_features)
@@ -172,6 +173,8 @@ def _warnings(source: str | os.PathLike, cfg: ConvertConfig, model_config, candi
 
 #: The layers a plan lists, from the model and its adapter.
 Select = Callable[[nn.Module, Adapter], list[AttentionLayer]]
+#: Every dense layer; none (not an error) for a wholly converted folder, which ``inspect`` lists too.
+_all_dense: Select = partial(dense_layers, none_left_ok=True)
 
 
 def _plan(source: str | os.PathLike, model_config, trust_pickle: bool, target: str | None, select: Select,
@@ -198,17 +201,8 @@ def _layers_plan(model: nn.Module, source: str, target: str | None, select: Sele
     converted = sum(isinstance(m, HadamardProjection) for m in model.modules())
     return Plan(source=source, adapter=adapter.name, kind=model_kind(model),
                 parameters=sum(p.numel() for p in model.parameters()),
-                blocks=len(_dense_if_any(model, adapter)) + converted, converted=converted, block=block, rank=rank,
+                blocks=len(_all_dense(model, adapter)) + converted, converted=converted, block=block, rank=rank,
                 layers=[_planned(layer, block, rank) for layer in layers], from_config=from_config)
-
-
-def _dense_if_any(model: nn.Module, adapter: Adapter) -> list[AttentionLayer]:
-    """:func:`hadaconv.convert.dense_layers`, but none (not an error) where every one is converted
-    already: ``inspect`` lists a wholly converted folder too."""
-    if not any(isinstance(m, HadamardProjection) for m in model.modules()):
-        return dense_layers(model, adapter)  # none at all is an error
-    adapter.prepare(model)
-    return adapter.layers(model)
 
 
 def _planned(layer: AttentionLayer, block: int, rank: int) -> PlannedLayer:
