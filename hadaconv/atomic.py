@@ -91,7 +91,6 @@ _LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 # "hadaconv" section (hadaconv.io.converted), ONNX bundles hadaconv_onnx.json (export.bundle.METADATA),
 # and only files of the names these patterns match.
 _BUNDLE_METADATA = "hadaconv_onnx.json"
-_CONFIG_LIMIT = 16 << 20  # a converted model's config.json is a few kB
 # The tokenizer's files are hadaconv.io.files.TOKENIZER_FILES, read where checked (io imports torch).
 _EARLIER_NAMES = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|report\.json|"
                             r"distill_curve\.png|model\.onnx(\.data)?|hadaconv_onnx\.json|genai_config\.json|"
@@ -143,7 +142,7 @@ def _marked(folder: Path) -> bool:
     if (folder / _BUNDLE_METADATA).is_file():
         return True
     try:
-        return isinstance(read_json(folder / "config.json", limit=_CONFIG_LIMIT).get("hadaconv"), dict)
+        return isinstance(read_json(folder / "config.json").get("hadaconv"), dict)
     except (OSError, ModelFormatError):  # missing, unreadable or not a JSON object: not one we wrote
         return False
 

@@ -596,3 +596,23 @@ def test_lacks_tokenizer_only_where_the_files_say_so(tmp_path):
     assert not lacks_tokenizer(bare)  # no config: only the load tells
     shutil.copy(tokenizer_folder() / "tokenizer.json", bare.parent / "tokenizer.json")
     assert not lacks_tokenizer(bare, config=tmp_path / "m")  # the weights' own folder holds one
+
+
+def test_read_json_reads_at_most_its_limit_and_only_regular_files(tmp_path):
+    from hadaconv.errors import ModelFormatError
+    from hadaconv.io.files import read_json
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"a": "x" * 100}))
+    assert read_json(path)["a"] == "x" * 100
+    assert read_json(path, limit=path.stat().st_size) == {"a": "x" * 100}
+    with pytest.raises(ModelFormatError, match=r"config\.json is larger than 100 bytes"):
+        read_json(path, limit=100)
+    os.mkfifo(tmp_path / "fifo.json")  # would block a reader that trusted the name
+    with pytest.raises(ModelFormatError, match=r"fifo\.json is not a regular file"):
+        read_json(tmp_path / "fifo.json")
+    with pytest.raises(ModelFormatError, match=r"cannot read .*missing\.json"):
+        read_json(tmp_path / "missing.json")
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(ModelFormatError, match="does not hold a JSON object"):
+        read_json(tmp_path / "list.json")

@@ -40,21 +40,16 @@ def _teacher(converted: Path, meta: dict, teacher: str | os.PathLike | None) -> 
 
 def _conversion_report(path: Path) -> dict:
     """The converted folder's report (``report.json``), which the distilled folder's extends;
-    empty where it is missing, damaged or not a JSON object (an untrusted file: read with a
-    size limit)."""
+    empty where it is missing, damaged or not a JSON object (an untrusted file)."""
     if not path.is_file():
         return {}
     try:
-        return read_json(path, limit=_REPORT_LIMIT)
+        return read_json(path)
     except ModelFormatError as exc:
         if is_main():  # every rank reads it
             console.print(f"[yellow]warning: the conversion's report is not carried over: {exc}[/yellow]",
                           highlight=False)
         return {}
-
-
-#: A conversion's report.json is a few kB, its per-layer table included.
-_REPORT_LIMIT = 64 << 20
 
 
 def _check_eval_text_early(converted: Path, cfg: DistillConfig) -> None:

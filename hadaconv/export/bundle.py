@@ -44,7 +44,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "context_length", "open_bundle", "read_metadata"]
 
 METADATA = "hadaconv_onnx.json"
-_METADATA_LIMIT = 16 << 20  # bytes; hadaconv_onnx.json and genai_config.json are a few kB (untrusted files)
 MODEL = "model.onnx"
 FORMAT = "hadaconv-onnx"
 
@@ -71,7 +70,7 @@ def context_length(folder: str | os.PathLike, meta: dict[str, Any]) -> int | Non
     if not plain_name(name):
         return None
     try:
-        data = read_json(Path(folder) / name, limit=_METADATA_LIMIT)
+        data = read_json(Path(folder) / name)
     except ModelFormatError:
         return None
     model = data.get("model")
@@ -90,7 +89,7 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise HadaconvError(f"{folder} is not a hadaconv ONNX bundle: no {METADATA} (export one with {_export_step()})")
     try:
-        meta = read_json(path, limit=_METADATA_LIMIT)
+        meta = read_json(path)
     except ModelFormatError as exc:
         raise ModelFormatError(f"cannot read the bundle's metadata: {exc}") from None
     if meta.get("format") != FORMAT:

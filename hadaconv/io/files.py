@@ -84,24 +84,27 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def read_json(path: Path, limit: int | None = None) -> dict:
-    """The JSON object in ``path`` (an untrusted file).  ``limit``: at most that many bytes are
-    read, and only from a regular file (a link to /dev/zero would never end).
+#: The most bytes :func:`read_json` reads: hadaconv's JSON files (config.json, report.json with its
+#: per-layer table, a shard index, bundle metadata) are kilobytes; a shard index of a 400B model is
+#: under a megabyte.
+JSON_LIMIT = 64 << 20
+
+
+def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
+    """The JSON object in ``path`` (an untrusted file): at most ``limit`` bytes are read, and only
+    from a regular file (a link to /dev/zero would never end).
 
     Raises:
         ModelFormatError: unreadable, not a regular file or over ``limit``, not UTF-8 JSON
             (nesting deeper than Python's stack included), or not an object.
     """
     try:
-        if limit is None:
-            raw = path.read_bytes()
-        else:
-            if not path.is_file():
-                raise ModelFormatError(f"{path} is not a regular file")
-            with path.open("rb") as f:
-                raw = f.read(limit + 1)
-            if len(raw) > limit:
-                raise ModelFormatError(f"{path} is larger than {limit:,} bytes")
+        if path.exists() and not path.is_file():
+            raise ModelFormatError(f"{path} is not a regular file")
+        with path.open("rb") as f:
+            raw = f.read(limit + 1)
+        if len(raw) > limit:
+            raise ModelFormatError(f"{path} is larger than {limit:,} bytes")
         data = json.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise ModelFormatError(f"cannot read {path}: {first_line(exc)}") from None
