@@ -264,16 +264,7 @@ def export_onnx(
     check_options(precision, portable=portable, optimize=optimize, validate_outputs=validate_outputs)
     atol = default_atol(precision) if atol is None else atol
     example_inputs = _inputs_as(example_inputs, precision)
-    if kind != "module":  # a module export is whatever the model is
-        detected = detect_kind(model)
-        kind = kind or detected
-        _check_kind(kind, detected, model)
-    if example_inputs is not None and kind in ("causal-lm", "encoder", "classifier"):  # ignored, they looked used
-        raise HadaconvError(f"example inputs ({option('example_inputs', flag='--input-shape')}) are for generic "
-                            f"modules: {indefinite(kind)} export makes its own token ids")
-    if not cache and kind != "causal-lm":  # ignored too
-        raise HadaconvError(f"{option('cache', False, flag='--no-cache')} drops a causal LM's KV cache, and "
-                            f"{type(model).__name__} exports as {indefinite(kind)}: drop it")
+    kind = _resolve_kind(model, kind, example_inputs=example_inputs, cache=cache)
     spec = make_spec(model, kind, cache=cache, example_inputs=example_inputs)
     library = None
     if form == "custom":
@@ -307,6 +298,22 @@ def export_onnx(
                          validation={"atol": atol, "diffs": [vars(d) for d in diffs]} if validate_outputs else None)
         write_metadata(tmp, meta)
     return ExportResult(out, kind, form, diffs, meta)
+
+
+def _resolve_kind(model: nn.Module, kind: str | None, *, example_inputs: Any, cache: bool) -> str:
+    """The kind to export (detected when None), with the options that only another kind uses
+    refused: they would be ignored, and looked used."""
+    if kind != "module":  # a module export is whatever the model is
+        detected = detect_kind(model)
+        kind = kind or detected
+        _check_kind(kind, detected, model)
+    if example_inputs is not None and kind in ("causal-lm", "encoder", "classifier"):
+        raise HadaconvError(f"example inputs ({option('example_inputs', flag='--input-shape')}) are for generic "
+                            f"modules: {indefinite(kind)} export makes its own token ids")
+    if not cache and kind != "causal-lm":
+        raise HadaconvError(f"{option('cache', False, flag='--no-cache')} drops a causal LM's KV cache, and "
+                            f"{type(model).__name__} exports as {indefinite(kind)}: drop it")
+    return kind
 
 
 def _check_kind(kind: str, detected: str, model: nn.Module) -> None:
