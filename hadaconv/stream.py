@@ -54,6 +54,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -324,9 +325,17 @@ def _floating_dtype(files: dict[str, Path], prefix: str) -> torch.dtype:
     return torch.float32
 
 
-def _parameter_names(model: nn.Module) -> set[str]:
-    """Every name a parameter of ``model`` goes by (a tied one under each of its names)."""
-    return {name for name, _ in model.named_parameters(remove_duplicate=False)}
+def stored_parameters(model: nn.Module, stored: Iterable[str]) -> list[str]:
+    """One name of ``stored`` (the names a checkpoint holds) for each parameter of ``model`` the
+    checkpoint holds: a tied parameter is counted once, under whichever of its names it is
+    stored (a checkpoint may hold both ``embed_tokens.weight`` and ``lm_head.weight``), and
+    buffers (BERT's ``position_ids``) not at all, as ``convert_file`` counts ``parameters()``."""
+    stored, seen, names = set(stored), set(), []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in stored and id(param) not in seen:
+            seen.add(id(param))
+            names.append(name)
+    return names
 
 
 def _count(files: dict[str, Path], names: list[str]) -> tuple[int, int]:
@@ -473,8 +482,7 @@ def convert_streamed(
     files = _tensor_files(source)
     model = hf_from_config(hf_config(read_json(source / "config.json")), sorted(set(files.values())))
     model.eval()
-    # Parameters only, as convert_file counts them: a checkpoint may also store buffers (BERT's position_ids).
-    original = _parameter_names(model)
+    original = stored_parameters(model, files)
     target = find_target(model, cfg)
     cfg = replace(cfg, block=target.block)
     prefix, blocks = _blocks(model, target.adapter.layers(model))
@@ -510,10 +518,10 @@ def convert_streamed(
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": dec.written + size},
                                              "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
         _write_config_and_tokenizer(tmp, model, target, cfg, report, source, stored)
-        report.params_before, report.bytes_before = _count(files, [n for n in files if n in original])
-        after = _parameter_names(model)  # the converted blocks' gamma and beta in place of W_o
+        report.params_before, report.bytes_before = _count(files, original)
+        # The converted blocks' gamma and beta in place of W_o:
         report.params_after, report.bytes_after = _count({n: tmp / s for n, s in weight_map.items()},
-                                                         [n for n in weight_map if n in after])
+                                                         stored_parameters(model, weight_map))
         report.seconds = time.perf_counter() - start
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")

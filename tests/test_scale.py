@@ -237,3 +237,20 @@ def test_cli_streamed_ranked_and_device_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         code, _, err = run_cli(capsys, "eval", src, "--device", "cuda")
         assert code != 0 and "CUDA is not available" in err
+
+
+def test_streamed_counts_a_tied_parameter_once_and_no_buffers():
+    """A checkpoint of a tied model may store the embedding under both names; convert_file counts
+    ``parameters()`` (each once, no buffers), and the streamed count of the shards must agree."""
+    from hadaconv.stream import stored_parameters
+
+    model = make_tiny("llama")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    twice = stored_parameters(model, names)
+    assert sum(dict(model.named_parameters(remove_duplicate=False))[n].numel() for n in twice) == \
+        sum(p.numel() for p in model.parameters())
+    assert ("lm_head.weight" in twice) != ("model.embed_tokens.weight" in twice)
+    head_only = [n for n in names if n != "model.embed_tokens.weight"]  # stored under the head's name alone
+    assert "lm_head.weight" in stored_parameters(model, head_only)
+    assert stored_parameters(model, ["model.rotary_emb.inv_freq", "model.norm.weight"]) == ["model.norm.weight"]
