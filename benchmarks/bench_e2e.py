@@ -330,8 +330,8 @@ def portable_forms(threads: int) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from hadaconv.hadamard import factorize, hadamard_core, hadamard_matrix, sylvester
     from hadaconv import runtime
+    from hadaconv.hadamard import factorize, hadamard_core, hadamard_matrix, sylvester
 
     def model(nodes, inits, n):
         graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["rows", n])],

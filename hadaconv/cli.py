@@ -28,7 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from hadaconv.plan import Plan
 
 
-
 class Integer(click.IntRange):
     """click's IntRange, named as users say it: "'x' is not a valid integer", not "integer range"."""
 

@@ -9,7 +9,8 @@ is found).  It needs only the ONNX Runtime headers at build time and loads into 
   installs inside the package (``pip install`` builds it), else a development checkout's
   ``custom_ops/build/`` (``hadaconv build-ops`` / ``make ops``).  It never compiles anything;
 * :func:`build_ops` runs the CMake configure and build: the explicit developer command;
-* :func:`session` opens an ``onnxruntime.InferenceSession`` with the library registered.
+* :func:`session` opens an ``onnxruntime.InferenceSession``, with the library registered unless
+  told otherwise (a portable graph).
 
 onnxruntime is imported lazily, so the rest of hadaconv works without it.
 """
@@ -31,8 +32,8 @@ from hadaconv.progress import status
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-__all__ = ["BFLOAT16_ON_CPU", "LIBRARY_NAME", "OP_DOMAIN", "OP_VERSION", "build_ops", "get_library_path", "providers_for",
-           "session", "session_error"]
+__all__ = ["BFLOAT16_ON_CPU", "LIBRARY_NAME", "OP_DOMAIN", "OP_VERSION", "build_ops", "get_library_path", "session",
+           "session_error"]
 
 LIBRARY_NAME = "libhadaconv_ort.so"
 #: The op's domain and the newest version of ``HadamardAffine`` the library implements
@@ -213,10 +214,13 @@ def make_session_options(*, config_entries: dict[str, str] | None = None,
     return options
 
 
-def providers_for(provider: str) -> list[str]:
-    """The execution providers a session asks for by name: "cpu" (the CPU provider alone),
-    "cuda" (CUDA, then CPU for the nodes it lacks; a one-line HadaconvError when this onnxruntime
-    has no CUDA provider) or "auto" (CUDA when this onnxruntime has it, else CPU)."""
+def _providers(provider: str | list[Any] | None) -> list[Any]:
+    """The execution providers a session asks for: "cpu" (the CPU provider alone), "cuda" (CUDA,
+    then CPU for the nodes it lacks; a one-line HadaconvError when this onnxruntime has no CUDA
+    provider), "auto" or None (CUDA when this onnxruntime has it, else CPU), one of ONNX Runtime's
+    provider names, or ONNX Runtime's own list (passed through)."""
+    if isinstance(provider, list):
+        return provider
     available = import_onnxruntime().get_available_providers()
     if provider == "cpu":
         return ["CPUExecutionProvider"]
@@ -225,39 +229,45 @@ def providers_for(provider: str) -> list[str]:
             raise HadaconvError(f"{option('provider', 'cuda')}: this onnxruntime has no CUDA provider "
                                 "(install onnxruntime-gpu)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if provider != "auto":
-        raise HadaconvError(f"unknown provider {provider!r}: expected auto, cpu or cuda")
-    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+    if provider in (None, "auto"):
+        return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+    if isinstance(provider, str) and provider.endswith("ExecutionProvider"):
+        return [provider]
+    raise HadaconvError(f"unknown provider {provider!r}: expected auto, cpu, cuda, an ONNX Runtime provider name "
+                        "or a list of them")
 
 
 def session(
     model: str | os.PathLike | bytes,
-    providers: str | list[Any] = "auto",
+    providers: str | list[Any] | None = "auto",
     *,
-    library: str | os.PathLike | bool = True,
+    library: str | os.PathLike | bool | None = True,
     **session_options: Any,
 ) -> "onnxruntime.InferenceSession":
     """An ``onnxruntime.InferenceSession`` for ``model`` (a path or the serialized bytes): the one
     place hadaconv opens a session.
 
-    ``providers``: a name for :func:`providers_for` ("auto", "cpu", "cuda") or ONNX Runtime's own
-    provider list.  ``library``: True registers this installation's op library
-    (:func:`get_library_path`), a path registers that file, False none (a portable graph, checked
-    to run without hadaconv).  Keyword arguments set ``onnxruntime.SessionOptions`` attributes,
-    for example ``intra_op_num_threads=1``, and ``config_entries`` ONNX Runtime's session config
-    keys (see :func:`make_session_options`).
+    ``providers``: "auto" (or None: CUDA when this onnxruntime has it, else CPU), "cpu", "cuda"
+    (then CPU for what CUDA lacks), an ONNX Runtime provider name, or ONNX Runtime's own list.
+    ``library``: True registers this installation's op library (:func:`get_library_path`), a path
+    registers that file, False or None none (a portable graph, checked to run without hadaconv).
+    Keyword arguments set ``onnxruntime.SessionOptions`` attributes, for example
+    ``intra_op_num_threads=1``, and ``config_entries`` ONNX Runtime's session config keys (see
+    :func:`make_session_options`).
 
-    Raises ModelFormatError (one line) for a missing or unloadable op library and for a graph ONNX
-    Runtime refuses (:func:`session_error`); HadaconvError for an unknown option or provider.
+    Raises (one line each):
+        HadaconvError: an unknown option or provider, no CUDA provider for "cuda", no installed op
+            library (``library=True``), a bfloat16 graph on the CPU provider (:func:`session_error`).
+        ModelFormatError: the op library given by path is missing or does not load; a graph ONNX
+            Runtime refuses.
     """
     ort = import_onnxruntime()
+    providers = _providers(providers)
     options = make_session_options(**session_options)
     if library is True:
         library = get_library_path()
-    if library is not False:
-        _register(options, pathlib.Path(library))
-    if isinstance(providers, str):
-        providers = providers_for(providers)
+    if library not in (False, None):
+        _register(options, library)
     if not isinstance(model, (bytes, bytearray)):
         model = os.fspath(model)
     try:
@@ -266,10 +276,12 @@ def session(
         raise session_error(model, exc, providers) from None
 
 
-def _register(options: "onnxruntime.SessionOptions", library: pathlib.Path) -> None:
+def _register(options: "onnxruntime.SessionOptions", library: str | os.PathLike) -> None:
+    if not isinstance(library, (str, os.PathLike)):
+        raise HadaconvError(f"library must be True, False or the op library's path, got {type(library).__name__}")
+    library = pathlib.Path(library).resolve()  # a bare file name would send the loader to the system's paths
     if not library.is_file():
-        raise ModelFormatError(f"the op library {library} is missing: the custom-form graph needs it "
-                               f"(copy it back, or export with {option('portable', True)})")
+        raise ModelFormatError(f"the op library {library} does not exist")
     try:
         options.register_custom_ops_library(str(library))
     except Exception as exc:  # onnxruntime raises its own exception types

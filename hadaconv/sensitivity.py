@@ -48,6 +48,10 @@ def _divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> floa
     return ((student - teacher).square().sum() / teacher.square().sum().clamp_min(1e-30)).item()
 
 
+def _position(blocks: list[nn.Module], layer: AttentionLayer) -> int:
+    return next((pos for pos, blk in enumerate(blocks) if holds(blk, layer)), 0)
+
+
 class Probe:
     """The original model's outputs on the ``probe`` batches, and every block's, recorded once,
     to measure one layer at a time against (:meth:`divergence`).  Holds them until it is
@@ -86,8 +90,7 @@ class Probe:
         are replayed from the record, so they may have changed since (the block loop measures each
         layer just before its own block is converted); the blocks from it on must still be the
         original's."""
-        blocks = self.blocks or []
-        skip = blocks[:next((pos for pos, blk in enumerate(blocks) if holds(blk, layer)), 0)]
+        skip = self.blocks[:_position(self.blocks, layer)] if self.blocks else []
         undo = apply_fit(layer, fit)
         try:
             div = [_replayed(self.model, batch, ref, store, skip, self.kind)

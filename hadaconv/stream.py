@@ -73,7 +73,7 @@ from hadaconv.report import ConvertReport, LayerReport, max_layers_warning
 from hadaconv.sensitivity import metric, output_divergences
 from hadaconv.swap import apply_fit
 
-__all__ = ["ShardDecoder", "check_request", "convert_streamed", "rank_streamed"]
+__all__ = ["ShardDecoder", "check_request", "convert_streamed", "rank_streamed", "stored_parameters"]
 
 
 class ShardDecoder(Decoder):
@@ -303,8 +303,8 @@ def _state_names(module: nn.Module, prefix: str) -> list[str]:
 
 def _blocks(model: nn.Module, layers) -> tuple[str, nn.ModuleList]:
     """(name, ModuleList) of the decoder blocks, one for each attention layer, in order."""
-    found = block_list(model, layers)
-    if found and len(found[1]) == len(layers) and all(holds(b, layer) for b, layer in zip(found[1], layers)):
+    found = block_list(model, layers, one_per_layer=True)
+    if found:
         return found
     raise HadaconvError("layer-by-layer conversion needs the attention blocks in one ModuleList, "
                         "one block per attention layer, run in sequence")

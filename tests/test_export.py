@@ -835,3 +835,27 @@ def test_run_streaming_decodes_each_token_a_bounded_number_of_times(capsys):
         assert capsys.readouterr().out == text + "\n"
         assert stream.live and len(stream.shown) >= len(text) - 5  # streamed to the end, not given up
         assert SentencePieceLike.decoded < 30 * len(ids)  # whole-reply decoding: about len(ids)^2 / 2
+
+
+def test_session_providers_and_library_arguments(tmp_path):
+    """runtime.session's arguments: provider names, ONNX Runtime's own names and lists, None as
+    auto; the library as True, a path, False or None; anything else one line."""
+    from onnx import TensorProto, helper
+
+    from hadaconv.errors import HadaconvError, ModelFormatError
+
+    n = 8
+    graph = helper.make_graph([helper.make_node("Identity", ["X"], ["Y"])], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [n])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    for providers in ("cpu", "auto", None, "CPUExecutionProvider", ["CPUExecutionProvider"]):
+        for library in (True, False, None, runtime.get_library_path()):
+            sess = runtime.session(model, providers, library=library)
+            assert sess.get_providers()[-1] == "CPUExecutionProvider"
+    with pytest.raises(HadaconvError, match="unknown provider 'gpu'"):
+        runtime.session(model, "gpu")
+    with pytest.raises(HadaconvError, match="library must be True, False or the op library's path, got int"):
+        runtime.session(model, "cpu", library=1)
+    with pytest.raises(ModelFormatError, match=r"the op library .*nope\.so does not exist"):
+        runtime.session(model, "cpu", library=tmp_path / "nope.so")

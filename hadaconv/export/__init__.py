@@ -30,7 +30,7 @@ from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description,
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
 from hadaconv.progress import status
-from hadaconv.runtime import BFLOAT16_ON_CPU, session
+from hadaconv.runtime import BFLOAT16_ON_CPU, get_library_path, session
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_ATOL_FLOAT16", "DTYPES", "ExportResult", "check_options", "export_onnx"]
 
@@ -121,16 +121,16 @@ def _inputs_as(inputs: Any, dtype: torch.dtype) -> Any:
     return cast(inputs)
 
 
-def _validate(spec, session, model, original, original_inputs, tokenizer, atol, cache) -> list[OutputDiff]:
+def _validate(spec, sess, model, original, original_inputs, tokenizer, atol, cache) -> list[OutputDiff]:
     """:func:`validate` against the right reference: the exported model itself, or for a float16
     export the model in float32 (PyTorch's CPU float16 is further from the truth than ONNX
     Runtime's; numbers in :mod:`hadaconv.export.validate`)."""
     precision = model_dtype(model)
     if precision != torch.float16:
-        return validate(spec, session, model, tokenizer, atol)
+        return validate(spec, sess, model, tokenizer, atol)
     reference = _as_dtype(original, torch.float32).eval()
     ref_spec = make_spec(reference, spec.kind, cache=cache, example_inputs=_inputs_as(original_inputs, torch.float32))
-    return validate(ref_spec, session, reference, tokenizer, atol, feed_dtype=precision)
+    return validate(ref_spec, sess, reference, tokenizer, atol, feed_dtype=precision)
 
 
 def _token_id(tokenizer: Any, config: Any, name: str) -> Any:
@@ -268,8 +268,6 @@ def export_onnx(
     spec = make_spec(model, kind, cache=cache, example_inputs=example_inputs)
     library = None
     if form == "custom":
-        from hadaconv.runtime import get_library_path
-
         library = Path(get_library_path())  # a missing library fails before the slow trace, not after
     start = time.perf_counter()
     log = log or logging.getLogger(__name__).info

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -99,15 +100,16 @@ def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
             (nesting deeper than Python's stack included), or not an object.
     """
     try:
-        if path.exists() and not path.is_file():
-            raise ModelFormatError(f"{path} is not a regular file")
-        with path.open("rb") as f:
+        # Opened without blocking and checked on the open file: a FIFO in its place cannot stall us.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ModelFormatError(f"{path} is not a regular file")
             raw = f.read(limit + 1)
         if len(raw) > limit:
             raise ModelFormatError(f"{path} is larger than {limit:,} bytes")
         data = json.loads(raw.decode("utf-8"))
     except OSError as exc:
-        raise ModelFormatError(f"cannot read {path}: {first_line(exc)}") from None
+        raise ModelFormatError(f"cannot read {path}: {exc.strerror or first_line(exc)}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nesting past Python's stack
         raise ModelFormatError(f"{path} is not a JSON file: {first_line(exc)}") from None
     if not isinstance(data, dict):
