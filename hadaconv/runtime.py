@@ -179,14 +179,18 @@ def _holds_bfloat16(model: str | os.PathLike | bytes) -> bool:
 def session_error(model: str | os.PathLike | bytes, exc: Exception, providers: list[Any]) -> HadaconvError:
     """The one-line error for a session ONNX Runtime refused to create from ``model`` (a path or
     the serialized bytes) with ``providers``: a bfloat16 graph on the CPU provider alone (ONNX
-    Runtime's NOT_IMPLEMENTED: no kernel for a node) says what to do instead; anything else is a
-    ModelFormatError with ONNX Runtime's first line."""
+    Runtime's NOT_IMPLEMENTED: no kernel for a node) and a custom-form graph opened without the
+    op library say what to do instead; anything else is a ModelFormatError with ONNX Runtime's
+    first line."""
     name = "the serialized model" if isinstance(model, (bytes, bytearray)) else os.fspath(model)
     first = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
     if "NOT_IMPLEMENTED" in first and not any("CUDA" in str(p) for p in providers) and _holds_bfloat16(model):
         return HadaconvError(f"{name} is a bfloat16 graph and {BFLOAT16_ON_CPU}: run it with the CUDA execution "
                              f"provider ({option('provider', 'cuda')}, with onnxruntime-gpu), or export it with "
                              f"{option('dtype', 'float16')} or float32 for the CPU")
+    if OP_DOMAIN in first and "is not a registered function/op" in first:  # opened without the op library
+        return HadaconvError(f"{name} uses {OP_DOMAIN}::HadamardAffine and the session has no op library: open it "
+                             f"with library=True (the default), or export it with {option('portable', True)}")
     return ModelFormatError(f"ONNX Runtime cannot open {name}: {first}")
 
 

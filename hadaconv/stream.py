@@ -543,7 +543,9 @@ def check_request(source: str | Path, cfg: ConvertConfig) -> Path:
     if not source.exists():
         raise ModelFormatError(f"no such file or folder: {source}")
     if not (source / "config.json").is_file():
-        raise ModelFormatError(f"{source} is not a Hugging Face model folder (no config.json)")
+        raise ModelFormatError(f"{source} is not a Hugging Face model folder (no config.json): a streamed conversion "
+                               f"reads a folder's safetensors shards; convert a single file without "
+                               f"{command('--streamed', 'streaming (convert_file)')}")
     return source
 
 

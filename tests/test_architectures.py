@@ -177,7 +177,7 @@ def test_rectangular_layers_export_in_both_forms(tmp_path, form):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node}
     assert "Pad" in ops and "Gather" in ops and (("HadamardAffine" in ops) == (form == "custom"))
     x = torch.randn(3, 7, 32)
-    got = open_bundle(tmp_path / "b", provider="cpu").session.run(None, {"input_0": x.numpy()})[0]
+    got = open_bundle(tmp_path / "b", providers="cpu").session.run(None, {"input_0": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x).numpy(), atol=2e-5, rtol=0)
 

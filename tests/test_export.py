@@ -64,7 +64,7 @@ def converted(family: str, block: int) -> nn.Module:
 
 
 def numpy_session(bundle: Path) -> "ort.InferenceSession":
-    return open_bundle(bundle, provider="cpu").session
+    return open_bundle(bundle, providers="cpu").session
 
 
 # ----------------------------------------------------------------------------- op translation

