@@ -69,6 +69,42 @@ def _start_tokens(tokenizer: Any, count: int, generator: torch.Generator, limit:
     return torch.tensor(vocab)[pick]
 
 
+def preallocated_cache(capacity: int):
+    """A transformers ``DynamicCache`` whose layers write each step's keys and values into
+    buffers of ``capacity`` positions, allocated at the first step, and hand attention views of
+    the filled part: the same tensors, bit for bit, as the dynamic cache, which copies the whole
+    cache to append one position (``torch.cat``, a fifth of a sampling step at 256 tokens on
+    SmolLM2: benchmarks/RESULTS.md).  Where this transformers builds its caches otherwise (no
+    ``layer_class_to_replicate``), the plain ``DynamicCache``."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class Layer(DynamicLayer):
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            b, h, _, _ = key_states.shape
+            self._keys = key_states.new_empty(b, h, capacity, key_states.shape[-1])
+            self._values = value_states.new_empty(b, h, capacity, value_states.shape[-1])
+            self._filled = 0
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self._filled + key_states.shape[-2]
+            if end > capacity:  # a caller past its own length: the dynamic layer's way, not an overflow
+                return super().update(key_states, value_states, *args, **kwargs)
+            self._keys[:, :, self._filled:end] = key_states
+            self._values[:, :, self._filled:end] = value_states
+            self._filled = end
+            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+            return self.keys, self.values
+
+    cache = DynamicCache()
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer and not cache.layers:
+        cache.layer_class_to_replicate = Layer
+    return cache
+
+
 @torch.inference_mode()
 def sample_texts(
     model: nn.Module,
@@ -98,8 +134,6 @@ def sample_texts(
         raise InputError("sampling needs at least one sequence of at least 2 tokens")
     if batch_size < 1:
         raise InputError(f"the sampling batch size must be at least 1, got {batch_size}")
-    from transformers import DynamicCache
-
     from hadaconv.adapters import check_seq_len, find_adapter
 
     check_writes_text(find_adapter(model).kind(model))
@@ -117,7 +151,7 @@ def sample_texts(
     with bar as step:
         for b0 in batches:
             ids = starts[b0:b0 + batch_size, None].to(device)
-            out, cache = [ids], DynamicCache()
+            out, cache = [ids], preallocated_cache(seq_len)
             for _ in range(seq_len - 1):
                 res = model(input_ids=ids, cache=cache, use_cache=True)
                 cache = res.cache

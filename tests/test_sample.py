@@ -34,6 +34,31 @@ def test_cached_sampling_is_the_models_distribution(family, tokenizer):
     assert got == [t for t in want if t.strip()]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma2", "opt", "gpt_neox", "phi"])
+def test_the_preallocated_cache_gives_the_dynamic_caches_logits_bit_for_bit(family, monkeypatch):
+    """The sampler's cache writes into buffers and hands views; attention must read exactly what
+    the dynamic cache (a fresh tensor per step) gives it, so that the cached text of earlier
+    versions stays valid.  Past its capacity it grows as the dynamic cache does."""
+    import transformers
+
+    from hadaconv.sample import preallocated_cache
+
+    model = make_tiny(family).eval()
+    ids = torch.randint(5, 100, (3, 1), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for name, cache in (("dynamic", transformers.DynamicCache()), ("preallocated", preallocated_cache(6))):
+        step, logits = ids, []
+        with torch.inference_mode():
+            for _ in range(9):  # three steps past the capacity
+                out = model(input_ids=step, cache=cache, use_cache=True)
+                cache, step = out.cache, out.logits[:, -1:].argmax(-1)
+                logits.append(out.logits)
+        runs[name] = torch.cat(logits, 1)
+        if name == "preallocated":
+            assert type(cache.layers[0]).__name__ == "Layer" and cache.get_seq_length() == 9
+    assert torch.equal(runs["dynamic"], runs["preallocated"])
+
+
 def test_seeded_and_diverse(tokenizer):
     model = make_tiny("llama")
     a = sample_texts(model, tokenizer, samples=4, seq_len=10, seed=1, progress=False)
