@@ -51,7 +51,7 @@ model = torch.nn.Sequential(layer).eval()
 x = torch.randn(3, 5, 48)
 out = Path(tempfile.mkdtemp(prefix="wheel-check-")) / "bundle"
 export_onnx(model, out, x)
-bundle = open_bundle(out, provider="cpu")
+bundle = open_bundle(out, providers="cpu")
 assert bundle.meta["form"] == "custom" and (out / Path(lib).name).is_file()
 y = bundle.session.run(None, {bundle.session.get_inputs()[0].name: x.numpy()})[0]
 

@@ -91,7 +91,7 @@ def cli() -> None:
 
 
 @cli.command("models")
-@click.option("--path", "name", type=click.Choice(["smollm2", "minilm"]), default=None,
+@click.option("--path", "name", type=click.Choice(["smollm2", "minilm"]), default=None,  # realmodels.PACKAGED
               help="Print only that model's path, for scripts: GGUF=$(hadaconv models --path smollm2).")
 def models_cmd(name: str | None) -> None:
     """List the real models that hadaconv's data packages install (no model hub), and their paths:
@@ -104,8 +104,8 @@ def models_cmd(name: str | None) -> None:
     for key, (find, what) in PACKAGED.items():
         try:
             where = str(find())
-        except HadaconvError as exc:
-            where = f"not installed: {exc}"
+        except HadaconvError as exc:  # "the data package ... is not installed (pip install ...)"
+            where = str(exc)
         click.echo(f"{key:8}  {what}\n          {where}")
 
 

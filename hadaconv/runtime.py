@@ -213,7 +213,8 @@ def make_session_options(*, config_entries: dict[str, str] | None = None,
         options.add_session_config_entry(key, value)
     for name, value in session_options.items():
         if not hasattr(options, name):
-            raise HadaconvError(f"onnxruntime.SessionOptions has no option {name!r}")
+            hint = " (the execution providers are providers=...)" if name == "provider" else ""
+            raise HadaconvError(f"onnxruntime.SessionOptions has no option {name!r}{hint}")
         setattr(options, name, value)
     return options
 

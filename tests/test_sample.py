@@ -35,7 +35,7 @@ def test_cached_sampling_is_the_models_distribution(family, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma2", "opt", "gpt_neox", "phi"])
-def test_the_preallocated_cache_gives_the_dynamic_caches_logits_bit_for_bit(family, monkeypatch):
+def test_the_preallocated_cache_gives_the_dynamic_caches_logits_bit_for_bit(family):
     """The sampler's cache writes into buffers and hands views; attention must read exactly what
     the dynamic cache (a fresh tensor per step) gives it, so that the cached text of earlier
     versions stays valid.  Past its capacity it grows as the dynamic cache does."""
@@ -55,8 +55,46 @@ def test_the_preallocated_cache_gives_the_dynamic_caches_logits_bit_for_bit(fami
                 logits.append(out.logits)
         runs[name] = torch.cat(logits, 1)
         if name == "preallocated":
-            assert type(cache.layers[0]).__name__ == "Layer" and cache.get_seq_length() == 9
+            assert type(cache.layers[0]).__name__ == "PreallocatedLayer" and cache.get_seq_length() == 9
     assert torch.equal(runs["dynamic"], runs["preallocated"])
+
+
+def test_the_preallocated_cache_is_the_dynamic_cache_whatever_the_calls():
+    """Chunks of several positions, a chunk past the buffer, then single positions; a crop, a beam
+    reorder and a batch selection between updates: the keys and values handed out are the dynamic
+    cache's, position for position (once anything but an in-buffer append happens, the layer grows
+    as DynamicLayer does)."""
+    import transformers
+
+    from hadaconv.sample import preallocated_cache
+
+    gen = torch.Generator().manual_seed(0)
+
+    def chunk(n, batch=2):
+        return torch.randn(batch, 3, n, 4, generator=gen), torch.randn(batch, 3, n, 5, generator=gen)
+
+    scripts = {
+        "overflow-then-one": [("update", chunk(2)), ("update", chunk(3)), ("update", chunk(1)), ("update", chunk(1))],
+        "crop": [("update", chunk(3)), ("crop", -1), ("update", chunk(1)), ("update", chunk(1))],
+        "reorder": [("update", chunk(2)), ("reorder", torch.tensor([1, 0])), ("update", chunk(1))],
+        "select": [("update", chunk(2)), ("select", torch.tensor([1])), ("update", chunk(1, batch=1))],
+    }
+    for name, script in scripts.items():
+        dynamic, preallocated = transformers.DynamicCache(), preallocated_cache(4)
+        for op, arg in script:
+            for cache in (dynamic, preallocated):
+                if op == "update":
+                    got = cache.update(*arg, layer_idx=0)
+                elif op == "crop":
+                    cache.crop(arg)
+                elif op == "reorder":
+                    cache.reorder_cache(arg)
+                else:
+                    cache.batch_select_indices(arg)
+            if op == "update":
+                want = dynamic.layers[0].keys, dynamic.layers[0].values
+                assert all(torch.equal(g, w) for g, w in zip(got, want)), (name, op)
+            assert preallocated.get_seq_length() == dynamic.get_seq_length(), name
 
 
 def test_seeded_and_diverse(tokenizer):

@@ -100,8 +100,10 @@ def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
             (nesting deeper than Python's stack included), or not an object.
     """
     try:
-        # Opened without blocking and checked on the open file: a FIFO in its place cannot stall us.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        if path.exists() and not path.is_file():  # a device or FIFO is not opened at all
+            raise ModelFormatError(f"{path} is not a regular file")
+        # Opened without blocking and checked again on the open file: one swapped in meanwhile cannot stall us.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise ModelFormatError(f"{path} is not a regular file")
             raw = f.read(limit + 1)
