@@ -11,6 +11,7 @@ Anything else (a damaged input no check foresaw) is one line too, naming its typ
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -690,8 +691,11 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
 @click.option("--seed", type=int, default=None, help="Sampling seed; with --temperature above 0.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when this onnxruntime has it, else CPU.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as one JSON object, not streamed: an encoder's whole sentence embedding "
+                   "(the plain output prints its first values), a causal LM's new token ids and text.")
 def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
-            provider) -> None:
+            provider, as_json) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with
     the KV cache; printed as it is generated) or print the embedding of --text (encoders).  A
     bundle without a tokenizer takes token ids with --ids instead, and a causal LM then prints the
@@ -721,9 +725,9 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
                                 f"encoder bundle, which embeds: drop {'it' if one else 'them'}")
     opened = open_bundle(bundle, providers=provider)
     if opened.kind == "encoder":
-        _print_embedding(opened, given if ids is None else [ids])
+        _print_embedding(opened, given if ids is None else [ids], as_json)
     else:
-        _print_generation(opened, given, ids, max_new_tokens, temperature=temperature, top_k=top_k,
+        _print_generation(opened, given, ids, max_new_tokens, as_json, temperature=temperature, top_k=top_k,
                           repetition_penalty=repetition_penalty, chat=chat, seed=seed)
 
 
@@ -758,23 +762,30 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: str | None, id
     return given
 
 
-def _print_embedding(opened, text) -> None:
+def _print_embedding(opened, text, as_json: bool) -> None:
     import numpy as np
 
     from hadaconv.generate import embed
 
     vec = embed(opened, text).sentence_embedding[0]
+    if as_json:
+        click.echo(json.dumps({"sentence_embedding": vec.astype(np.float64).tolist()}))
+        return
     head = ", ".join(f"{v:.4f}" for v in vec[:8])
     click.echo(f"sentence_embedding [{vec.shape[0]}]: [{head}, ...]  norm {float(np.linalg.norm(vec)):.4f}")
 
 
-def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new_tokens: int, chat: bool,
-                      **sampling) -> None:
+def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new_tokens: int, as_json: bool,
+                      chat: bool, **sampling) -> None:
     """Text in, text out (the prompt and its continuation, or with --chat the reply); ids in, the
-    generated ids out."""
+    generated ids out; with --json, both as one object."""
     from hadaconv.generate import generate, special_tokens
 
-    if ids is not None:
+    if as_json:
+        out = generate(opened, [ids] if ids is not None else prompt, max_new_tokens, chat=chat, **sampling)
+        click.echo(json.dumps({"tokens": out.tokens[0].tolist(), "text": out.text[0] if out.text else None,
+                               "finished": out.finished}))
+    elif ids is not None:
         out = generate(opened, [ids], max_new_tokens, chat=chat, **sampling)
         click.echo(",".join(map(str, out.tokens[0].tolist())))
     else:

@@ -162,7 +162,7 @@ def test_causal_lm_without_cache_and_dense(tmp_path):
 
 
 @pytest.mark.parametrize("family,form,block", [("bert", "custom", 4), ("roberta", "portable", 1)])
-def test_encoder_embeddings(tmp_path, tokenizer, family, form, block):
+def test_encoder_embeddings(tmp_path, tokenizer, family, form, block, capsys):
     model = converted(family, block)
     export_onnx(model, tmp_path / "b", portable=form == "portable", tokenizer=tokenizer)
     texts = ["a short one", "and a somewhat longer sentence to embed, with padding for the other"]
@@ -174,6 +174,13 @@ def test_encoder_embeddings(tmp_path, tokenizer, family, form, block):
     ref = ((hidden * m).sum(1) / m.sum(1)).numpy()
     cos = (emb.sentence_embedding * ref).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(emb.sentence_embedding, axis=-1)
     assert cos.min() > 0.99999
+    if form == "custom":  # the command line's --json: the whole embedding of one text
+        from cli_runner import run_cli
+
+        code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[1], "--json")
+        assert code == 0, err
+        np.testing.assert_allclose(json.loads(out)["sentence_embedding"], emb.sentence_embedding[1], rtol=1e-5,
+                                   atol=1e-6)
 
 
 def test_torch_module_with_input_shape(tmp_path, caplog):
@@ -225,6 +232,9 @@ def test_cli_export_and_run(tmp_path, converted_folder, capsys):
     seen = []
     assert (generate(out, "hello there", 12, on_token=seen.append).tokens == np.stack(seen, 1)).all()
     assert len(seen) == expected.tokens.shape[1]
+    main(["run", str(out), "--prompt", "hello there", "--max-new-tokens", "12", "--json"])
+    assert json.loads(capsys.readouterr().out) == {"tokens": expected.tokens[0].tolist(), "text": expected.text[0],
+                                                   "finished": expected.finished}
 
 
 def test_cli_float16_export_with_cache_validates_and_runs(tmp_path, converted_folder, capsys):
@@ -364,6 +374,10 @@ def test_cli_run_takes_token_ids_without_tokenizer(tiny_bundle, capsys):
     code, out, err = run_cli(capsys, "run", tiny_bundle, "--prompt", "hello")
     assert code == 1 and out == "" and err.count("error:") == 1 and "Traceback" not in err
     assert "has no tokenizer to encode --prompt with: give token ids with --ids" in err
+    code, out, err = run_cli(capsys, "run", tiny_bundle, "--ids", "5,6,7", "--max-new-tokens", "4", "--json")
+    result = generate(tiny_bundle, [5, 6, 7], 4)
+    assert code == 0 and json.loads(out) == {"tokens": result.tokens[0].tolist(), "text": None,
+                                             "finished": result.finished}, (out, err)
 
 
 def plain_run_greedy(sess, ids: np.ndarray, new_tokens: int) -> np.ndarray:
