@@ -105,18 +105,18 @@ def _preallocated_layer_class():
             super().lazy_initialization(key_states, value_states)
             self._buffers = (key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[-1]),
                              value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[-1]))
-            self._filled, self._grown = 0, False
+            self._filled = 0
             self._handed = (self.keys, self.values)
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             end = self._filled + key_states.shape[-2]
-            fits = end <= self.capacity and key_states.shape[:2] == self._buffers[0].shape[:2] \
+            # Once the dynamic path has run, the keys are no longer the view handed out: it stays on it.
+            appends = self.keys is self._handed[0] and self.values is self._handed[1] and end <= self.capacity \
+                and key_states.shape[:2] == self._buffers[0].shape[:2] \
                 and value_states.shape[:2] == self._buffers[1].shape[:2]
-            self._grown = self._grown or not fits or self.keys is not self._handed[0] \
-                or self.values is not self._handed[1]
-            if self._grown:
+            if not appends:
                 return super().update(key_states, value_states, *args, **kwargs)
             keys, values = self._buffers
             keys[:, :, self._filled:end] = key_states
