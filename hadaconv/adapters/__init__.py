@@ -147,14 +147,13 @@ def block_list(model: nn.Module, layers: list[AttentionLayer], *,
     """(name, ModuleList) of the first ModuleList whose blocks hold every layer of ``layers``
     (with ``one_per_layer``: block i holds layers[i] and nothing else is listed), or None when
     there is none (a model whose blocks cannot be run one at a time)."""
-    def fits(name: str, mod: nn.ModuleList) -> bool:
+    def fits(mod: nn.ModuleList) -> bool:
         if one_per_layer:
             return len(mod) == len(layers) and all(holds(b, layer) for b, layer in zip(mod, layers))
-        return all(any(layer.out_name.startswith(f"{name}.{i}.".lstrip(".")) for i in range(len(mod)))
-                   for layer in layers)
+        return all(any(holds(b, layer) for b in mod) for layer in layers)
 
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and fits(name, mod):
+        if isinstance(mod, nn.ModuleList) and len(mod) and fits(mod):
             return name, mod
     return None
 
