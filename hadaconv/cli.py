@@ -781,13 +781,11 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
     generated ids out; with --json, both as one object."""
     from hadaconv.generate import generate, special_tokens
 
-    if as_json:
+    if as_json or ids is not None:  # nothing streamed: the whole result at the end
         out = generate(opened, [ids] if ids is not None else prompt, max_new_tokens, chat=chat, **sampling)
-        click.echo(json.dumps({"tokens": out.tokens[0].tolist(), "text": out.text[0] if out.text else None,
-                               "finished": out.finished}))
-    elif ids is not None:
-        out = generate(opened, [ids], max_new_tokens, chat=chat, **sampling)
-        click.echo(",".join(map(str, out.tokens[0].tolist())))
+        tokens = out.tokens[0].tolist()
+        click.echo(json.dumps({"tokens": tokens, "text": out.text[0] if out.text else None, "finished": out.finished})
+                   if as_json else ",".join(map(str, tokens)))
     else:
         stream = _Stream(opened.tokenizer, special_tokens(opened.meta, None, None)[0], "" if chat else prompt)
         try:
