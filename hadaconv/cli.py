@@ -463,7 +463,8 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     batch = 4
     batches = f"{len(windows)} window{'s' if len(windows) != 1 else ''}, counted in batches of {batch}"
     p = perplexity(loaded.model, windows, batch, progress=f"perplexity of {_short(model)} ({batches})")
-    click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name} ({p.windows} window"
+    held_out = "" if text_file else ", the play --calib shakespeare leaves out"
+    click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name}{held_out} ({p.windows} window"
                f"{'s' if p.windows != 1 else ''} of {seq_len})")
     other = None if no_baseline else _baseline(loaded, model, baseline)
     del loaded  # the baseline may be as large: never hold both models at once
@@ -654,7 +655,8 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
     )
     layers = result.meta.get("hadamard_layers", 0)
     click.echo(f"wrote {result.path} ({result.kind}, {result.form} form, {dtype or 'float32'}, {layers} Hadamard "
-               f"projections, opset {result.meta['opset']}) in {time.perf_counter() - start:.0f} s")
+               f"projection{'s' if layers != 1 else ''}, opset {result.meta['opset']}) in "
+               f"{time.perf_counter() - start:.0f} s")
 
 
 def _ids(ctx, param, text: str | None) -> list[int] | None:

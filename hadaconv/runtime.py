@@ -213,7 +213,7 @@ def make_session_options(*, config_entries: dict[str, str] | None = None,
         options.add_session_config_entry(key, value)
     for name, value in session_options.items():
         if not hasattr(options, name):
-            hint = " (the execution providers are providers=...)" if name == "provider" else ""
+            hint = " (the execution providers are providers='cpu', 'cuda' or 'auto')" if name == "provider" else ""
             raise HadaconvError(f"onnxruntime.SessionOptions has no option {name!r}{hint}")
         setattr(options, name, value)
     return options
@@ -225,6 +225,10 @@ def _providers(provider: str | list[Any] | None) -> list[Any]:
     provider), "auto" or None (CUDA when this onnxruntime has it, else CPU), one of ONNX Runtime's
     provider names, or ONNX Runtime's own list (passed through)."""
     if isinstance(provider, list):
+        short = next((p for p in provider if p in ("auto", "cpu", "cuda")), None)
+        if short is not None:  # ONNX Runtime would print a banner on stdout and fall back to the CPU
+            raise HadaconvError(f"a providers list holds ONNX Runtime's names (CPUExecutionProvider, ...), not "
+                                f"{short!r}: give {short!r} alone, not in a list")
         return provider
     available = import_onnxruntime().get_available_providers()
     if provider == "cpu":
@@ -239,7 +243,7 @@ def _providers(provider: str | list[Any] | None) -> list[Any]:
     if isinstance(provider, str) and provider.endswith("ExecutionProvider"):
         return [provider]
     raise HadaconvError(f"unknown provider {provider!r}: expected auto, cpu, cuda, an ONNX Runtime provider name "
-                        "or a list of them")
+                        "(CPUExecutionProvider, ...) or a list of those names")
 
 
 def session(

@@ -869,6 +869,9 @@ def test_session_providers_and_library_arguments(tmp_path):
             assert sess.get_providers()[-1] == "CPUExecutionProvider"
     with pytest.raises(HadaconvError, match="unknown provider 'gpu'"):
         runtime.session(model, "gpu")
+    with pytest.raises(HadaconvError, match=r"a providers list holds ONNX Runtime's names .*not 'cpu': give 'cpu' "
+                                            r"alone"):
+        runtime.session(model, ["cpu"])
     with pytest.raises(HadaconvError, match="library must be True, False or the op library's path, got int"):
         runtime.session(model, "cpu", library=1)
     with pytest.raises(ModelFormatError, match=r"the op library .*nope\.so does not exist"):
