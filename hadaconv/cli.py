@@ -660,11 +660,12 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
 
 
 def _ids(ctx, param, text: str | None) -> list[int] | None:
-    """'1,2,3' (or '1 2 3') -> [1, 2, 3]: non-negative integer token ids."""
+    """'1,2,3' (or '1 2 3') -> [1, 2, 3]: non-negative integer token ids; an empty item ('1,,3')
+    is refused, not dropped."""
     if text is None:
         return None
     try:
-        ids = [int(p) for p in text.replace(",", " ").split()]
+        ids = [int(p) for p in re.split(r"\s*,\s*|\s+", text.strip())]
     except ValueError:
         ids = []
     if not ids or min(ids) < 0:
@@ -674,8 +675,9 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
 
 @cli.command("run")
 @click.argument("bundle", type=click.Path())
-@click.option("--prompt", default=None, help="Causal LMs: the text to continue.")
-@click.option("--text", default=None, help="Encoders: the text to embed.")
+@click.option("--prompt", multiple=True, help="Causal LMs: the text to continue (one).")
+@click.option("--text", multiple=True,
+              help="Encoders: the text to embed; repeatable, one embedding per text, in the order given.")
 @click.option("--ids", default=None, callback=_ids, metavar="IDS",
               help="The input as token ids instead of text, e.g. 1,2,3: for bundles without a tokenizer "
                    "(a causal LM then prints the generated ids).")
@@ -694,8 +696,9 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when this onnxruntime has it, else CPU.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print the result as one JSON object, not streamed: an encoder's whole sentence embedding "
-                   "(the plain output prints its first values), a causal LM's new token ids and text.")
+              help="Print the result as JSON, not streamed: an encoder's whole sentence embedding, one object "
+                   "per line and --text (the plain output prints its first values); a causal LM's new token ids "
+                   "and text, one object.")
 def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
             provider, as_json) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with
@@ -704,6 +707,9 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
     generated ids (comma-separated, like --ids)."""
     from hadaconv.export.bundle import context_length, open_bundle, read_metadata
 
+    if len(prompt) > 1:  # click would keep the last one silently
+        raise HadaconvError(f"--prompt was given {len(prompt)} times: a run continues one prompt")
+    prompt, text = (prompt[0] if prompt else None), (list(text) or None)
     if temperature == 0 and (top_k or seed is not None):
         raise HadaconvError(f"{'--top-k' if top_k else '--seed'} only matters when sampling: give --temperature "
                             "above 0 too (0, the default, is greedy decoding)")
@@ -733,9 +739,10 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
                           repetition_penalty=repetition_penalty, chat=chat, seed=seed)
 
 
-def _run_input(bundle: str, meta: dict, prompt: str | None, text: str | None, ids: list[int] | None) -> str | None:
-    """The text to encode (--prompt for a causal LM, --text for an encoder; None with --ids), or
-    the one-line error for options that do not fit the bundle."""
+def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | None,
+               ids: list[int] | None) -> str | list[str] | None:
+    """The text to encode (--prompt for a causal LM, the --text list for an encoder; None with
+    --ids), or the one-line error for options that do not fit the bundle."""
     kind = meta.get("kind", "module")
     if kind not in ("causal-lm", "encoder"):
         outputs = ", ".join(o["name"] for o in meta.get("outputs", []))
@@ -751,7 +758,7 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: str | None, id
         raise HadaconvError(f"{hint}{bundle} is {what}: drop {wrong}")
     if given is not None:
         try:
-            given.encode("utf-8")
+            [t.encode("utf-8") for t in ([given] if isinstance(given, str) else given)]
         except UnicodeEncodeError:  # bytes the terminal's encoding could not decode, kept as surrogates
             raise HadaconvError(f"{option} is not UTF-8 text") from None
     if given is not None and ids is not None:
@@ -764,17 +771,20 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: str | None, id
     return given
 
 
-def _print_embedding(opened, text, as_json: bool) -> None:
+def _print_embedding(opened, texts: list, as_json: bool) -> None:
+    """One line per text (or id list), in order: its first values and norm, or with --json one
+    JSON object (JSON Lines for several)."""
     import numpy as np
 
     from hadaconv.generate import embed
 
-    vec = embed(opened, text).sentence_embedding[0]
-    if as_json:
-        click.echo(json.dumps({"sentence_embedding": vec.astype(np.float64).tolist()}))
-        return
-    head = ", ".join(f"{v:.4f}" for v in vec[:8])
-    click.echo(f"sentence_embedding [{vec.shape[0]}]: [{head}, ...]  norm {float(np.linalg.norm(vec)):.4f}")
+    for i, vec in enumerate(embed(opened, texts).sentence_embedding):
+        if as_json:
+            click.echo(json.dumps({"sentence_embedding": vec.astype(np.float64).tolist()}))
+            continue
+        head = ", ".join(f"{v:.4f}" for v in vec[:8])
+        which = f"text {i + 1}: " if len(texts) > 1 else ""
+        click.echo(f"{which}sentence_embedding [{vec.shape[0]}]: [{head}, ...]  norm {float(np.linalg.norm(vec)):.4f}")
 
 
 def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new_tokens: int, as_json: bool,

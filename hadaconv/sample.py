@@ -533,8 +533,8 @@ def describe_calibration(sources: Sequence[str] | str | None, kind: str, *, samp
     if sources == "none" or list(sources or []) == ["none"]:
         return "none (a data-free fit)"
     listed = [sources] if isinstance(sources, str) else list(sources or [])
-    names = []
-    for src in listed or default_sources(kind):
+    chosen, names = listed or default_sources(kind), []
+    for src in chosen:
         if src == SAMPLE:
             check_writes_text(kind)
             when = _cache_state(samples, cached, cached_only)
@@ -542,8 +542,11 @@ def describe_calibration(sources: Sequence[str] | str | None, kind: str, *, samp
                          f"{cache_dir() / 'samples'})")
         else:
             names.append(SHAKESPEARE_NAME if src == SHAKESPEARE else str(src))
-    share = f", sharing {samples} windows equally" if len(names) > 1 else ""
-    return " + ".join(names) + share
+    if len(names) > 1:
+        return " + ".join(names) + f", sharing {samples} windows equally"
+    # A text source makes as many windows as it holds, up to --samples: the dry run counts them only
+    # when the text may be short (a warning then), so it says the most here.
+    return names[0] if chosen == [SAMPLE] else f"up to {samples} windows of {seq_len} tokens from {names[0]}"
 
 
 def _cache_state(samples: int, cached: int | None, cached_only: bool) -> str:

