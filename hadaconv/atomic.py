@@ -137,12 +137,12 @@ def _read_manifest(path: Path) -> set[str] | None:
 
 def _marked(folder: Path) -> bool:
     """Whether ``folder`` holds the marker file of a folder output written before the manifest."""
-    from hadaconv.io.files import read_json  # here: atomic is imported where torch need not be
+    from hadaconv.io.files import converted_meta  # here: atomic is imported where torch need not be
 
     if (folder / _BUNDLE_METADATA).is_file():
         return True
     try:
-        return isinstance(read_json(folder / "config.json").get("hadaconv"), dict)
+        return converted_meta(folder / "config.json") is not None
     except (OSError, ModelFormatError):  # missing, unreadable or not a JSON object: not one we wrote
         return False
 

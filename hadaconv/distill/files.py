@@ -14,7 +14,7 @@ from hadaconv.distill.core import DistillConfig, DistillReport, check_config, di
 from hadaconv.distill.parallel import is_main
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
 from hadaconv.io import check_model_config, original_path, same_file
-from hadaconv.io.files import read_json
+from hadaconv.io.files import converted_meta, read_json
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import console
 
@@ -189,8 +189,8 @@ def _converted_meta(converted: Path) -> dict:
         raise HadaconvError(f"no such file or folder: {converted}")
     refuse_bundle(converted)
     config_path = converted / "config.json"
-    meta = read_json(config_path).get("hadaconv") if config_path.is_file() else None
-    if not isinstance(meta, dict):
+    meta = converted_meta(config_path)
+    if meta is None:
         raise HadaconvError(f"{converted} is not a converted hadaconv folder: convert the model first "
                             f"({command('hadaconv convert', 'hadaconv.convert_file')})")
     return meta

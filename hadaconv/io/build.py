@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hadaconv.errors import HadaconvError, ModelFormatError
-from hadaconv.io.files import first_line
+from hadaconv.io.files import META_KEY, first_line
 
 __all__ = ["HeadDropped", "MAX_LAYERS", "build_empty", "builder", "causal_lm_class", "check_depth", "check_finite",
            "check_size", "config_file", "hf_config", "hf_from_config", "load_weights", "model_class",
@@ -133,7 +133,7 @@ def build_empty(build):
 def hf_config(data: dict):
     import transformers
 
-    data = {k: v for k, v in data.items() if k != "hadaconv"}
+    data = {k: v for k, v in data.items() if k != META_KEY}
     model_type = data.pop("model_type", None)
     if not model_type:
         raise HadaconvError("config.json has no model_type: not a Hugging Face config")

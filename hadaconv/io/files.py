@@ -15,8 +15,8 @@ import torch
 
 from hadaconv.errors import ModelFormatError
 
-__all__ = ["SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "check_safetensors", "file_identity", "first_line",
-           "folder_weights", "plain_name", "read_json", "read_safetensors", "shard_map", "source_key"]
+__all__ = ["META_KEY", "SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "check_safetensors", "file_identity", "first_line",
+           "converted_meta", "folder_weights", "plain_name", "read_json", "read_safetensors", "shard_map", "source_key"]
 
 
 WEIGHTS = "model.safetensors"
@@ -117,6 +117,32 @@ def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
     if not isinstance(data, dict):
         raise ModelFormatError(f"{path} does not hold a JSON object")
     return data
+
+
+#: The key of a converted model's config.json under which hadaconv records the conversion
+#: (:func:`hadaconv.io.converted.hadaconv_meta`).
+META_KEY = "hadaconv"
+
+
+def converted_meta(config: dict | str | os.PathLike) -> dict | None:
+    """The ``hadaconv`` section of a converted model's config.json, given as its parsed dict, the
+    file or its folder; None where there is none (no config.json, or no section).  The one test
+    of whether a model is a converted one, from the config alone.
+
+    Raises:
+        ModelFormatError: the config unreadable (:func:`read_json`), or a section that is not a
+            JSON object.
+    """
+    if not isinstance(config, dict):
+        path = Path(config)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            return None
+        config = read_json(path)
+    meta = config.get(META_KEY)
+    if meta is not None and not isinstance(meta, dict):
+        raise ModelFormatError(f"config.json's {META_KEY!r} section is not a JSON object")
+    return meta
 
 
 def check_safetensors(path: Path) -> dict:

@@ -22,7 +22,7 @@ from hadaconv.io.build import (HeadDropped, build_empty, builder, causal_lm_clas
                                check_size, config_file, hf_config, hf_from_config, load_weights, model_class,
                                model_from_config, refuse_missing)
 from hadaconv.io.converted import has_tokenizer, load, load_tokenizer, original_path, refuse_bundle
-from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, WEIGHTS, check_safetensors, file_identity,
+from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, WEIGHTS, check_safetensors, converted_meta, file_identity,
                                first_line, folder_weights, read_json, read_safetensors, shard_map)
 from hadaconv.progress import status
 
@@ -114,10 +114,10 @@ def recorded_source(model: str | os.PathLike, flag: str | None = None) -> tuple[
     for anything else."""
     path = Path(model) / "config.json"
     try:
-        meta = read_json(path).get("hadaconv") if path.is_file() else None
+        meta = converted_meta(path)
     except HadaconvError:  # the load reports what is wrong with it
         return None, None
-    if not isinstance(meta, dict) or not isinstance(meta.get("source"), str):
+    if meta is None or not isinstance(meta.get("source"), str):
         return None, None
     try:
         source = str(original_path(model, meta))
@@ -190,7 +190,7 @@ def check_model_config(source: str | os.PathLike, config: str | os.PathLike | No
         raise InputError(f"{flag} is for bare weights (.safetensors, a torch.save state dict); "
                          f"{who}{source} carries its own config: drop {flag}")
     config_path = config_file(config)
-    if "hadaconv" in read_json(config_path):
+    if converted_meta(config_path) is not None:
         raise InputError(f"{flag} {config} is a converted model's config: give {whose or 'the model'}'s own "
                          "(the original model's) config.json or its folder")
 
@@ -198,7 +198,7 @@ def check_model_config(source: str | os.PathLike, config: str | os.PathLike | No
 def _is_converted_folder(folder: Path) -> bool:
     """Whether ``folder`` holds a converted model's config.json (a damaged one counts as not)."""
     try:
-        return (folder / "config.json").is_file() and "hadaconv" in read_json(folder / "config.json")
+        return converted_meta(folder / "config.json") is not None
     except HadaconvError:
         return False
 
@@ -244,7 +244,7 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
             data = read_json(path / "config.json")
             # A damaged checkpoint is the load's error to report, not an option's (raises here).
             weights = folder_weights(path)
-            if "hadaconv" in data or "torch_module" in data or not weights:
+            if converted_meta(data) is not None or "torch_module" in data or not weights:
                 return None
             return hf_from_config(hf_config(data), weights)
         if path.suffix == ".gguf":
@@ -257,7 +257,7 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
         if path.suffix == ".safetensors" and config is not None:
             header = check_safetensors(path)  # a truncated file is the load's error to report, not --layers'
             data = read_json(config_file(config))
-            model = None if "hadaconv" in data else model_from_config(data, [path])
+            model = None if converted_meta(data) is not None else model_from_config(data, [path])
             shapes = {name: list(p.shape) for name, p in model.state_dict().items()} if model is not None else {}
             if any(shapes[k] != v.get("shape") for k, v in header.items() if k in shapes):
                 return None  # a config that does not describe these weights: the load says so
@@ -350,10 +350,10 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
         raise HadaconvError(f"{path} is a folder without config.json (expected a Hugging Face model folder or a "
                             f"hadaconv output){inside}")
     data = read_json(config_path)
-    if "hadaconv" in data or "torch_module" in data:
+    meta = converted_meta(data)
+    if meta is not None or "torch_module" in data:
         model = load(path)
-        return Loaded(model, load_tokenizer(path), f"hadaconv folder {path}", "hadaconv", path,
-                      data.get("hadaconv"))
+        return Loaded(model, load_tokenizer(path), f"hadaconv folder {path}", "hadaconv", path, meta)
     weights = folder_weights(path)
     if not weights:
         raise HadaconvError(f"{path} has a config.json but no *.safetensors or *.bin weights")
