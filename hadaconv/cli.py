@@ -664,8 +664,11 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
     is refused, not dropped."""
     if text is None:
         return None
+    items = re.split(r"\s*,\s*|\s+", text.strip())
+    if "" in items:
+        raise click.BadParameter(f"expected token ids like 1,2,3: {text!r} has an empty item")
     try:
-        ids = [int(p) for p in re.split(r"\s*,\s*|\s+", text.strip())]
+        ids = [int(p) for p in items]
     except ValueError:
         ids = []
     if not ids or min(ids) < 0:
@@ -675,9 +678,10 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
 
 @cli.command("run")
 @click.argument("bundle", type=click.Path())
-@click.option("--prompt", multiple=True, help="Causal LMs: the text to continue (one).")
+@click.option("--prompt", multiple=True, help="Causal LMs: the text to continue (given once).")
 @click.option("--text", multiple=True,
-              help="Encoders: the text to embed; repeatable, one embedding per text, in the order given.")
+              help="Encoders: the text to embed; repeatable: one embedding per text, in the order given (the "
+                   "texts run as one padded batch).")
 @click.option("--ids", default=None, callback=_ids, metavar="IDS",
               help="The input as token ids instead of text, e.g. 1,2,3: for bundles without a tokenizer "
                    "(a causal LM then prints the generated ids).")
@@ -696,13 +700,13 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when this onnxruntime has it, else CPU.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print the result as JSON, not streamed: an encoder's whole sentence embedding, one object "
-                   "per line and --text (the plain output prints its first values); a causal LM's new token ids "
-                   "and text, one object.")
+              help="Print the result as JSON, not streamed: for an encoder, one object per --text, a line each, "
+                   "with the whole sentence embedding (the plain output prints its first values); for a causal LM, "
+                   "one object with the new token ids and text.")
 def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
             provider, as_json) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with
-    the KV cache; printed as it is generated) or print the embedding of --text (encoders).  A
+    the KV cache; printed as it is generated) or print the embedding of each --text (encoders).  A
     bundle without a tokenizer takes token ids with --ids instead, and a causal LM then prints the
     generated ids (comma-separated, like --ids)."""
     from hadaconv.export.bundle import context_length, open_bundle, read_metadata
@@ -756,11 +760,13 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | No
     hint = f"{wrong} is for {theirs}; "
     if other is not None and (given is not None or ids is not None):
         raise HadaconvError(f"{hint}{bundle} is {what}: drop {wrong}")
-    if given is not None:
+    texts = [given] if isinstance(given, str) else given or []
+    for i, t in enumerate(texts):
         try:
-            [t.encode("utf-8") for t in ([given] if isinstance(given, str) else given)]
+            t.encode("utf-8")
         except UnicodeEncodeError:  # bytes the terminal's encoding could not decode, kept as surrogates
-            raise HadaconvError(f"{option} is not UTF-8 text") from None
+            which = f"{option} {i + 1}" if len(texts) > 1 else option
+            raise HadaconvError(f"{which} is not UTF-8 text") from None
     if given is not None and ids is not None:
         raise HadaconvError(f"give {option} or --ids, not both")
     if given is None and ids is None:

@@ -646,8 +646,11 @@ def test_converted_meta_is_the_one_test_of_a_converted_config(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hadaconv": {"block": 4}}))
     assert converted_meta(tmp_path) == converted_meta(tmp_path / "config.json") == {"block": 4}
-    assert converted_meta({"model_type": "llama"}) is None
+    assert converted_meta({"model_type": "llama"}) is None and converted_meta({"hadaconv": None}) is None
     assert converted_meta(tmp_path / "gone") is None and converted_meta(tmp_path / "gone" / "config.json") is None
     for bad in (5, [], "x"):
-        with pytest.raises(ModelFormatError, match=r"config\.json's 'hadaconv' section is not a JSON object"):
+        with pytest.raises(ModelFormatError, match=r"the 'hadaconv' section of config\.json is not a JSON object"):
             converted_meta({"hadaconv": bad})
+    (tmp_path / "my.json").write_text(json.dumps({"hadaconv": 5}))
+    with pytest.raises(ModelFormatError, match=rf"the 'hadaconv' section of {tmp_path / 'my.json'} is not"):
+        converted_meta(tmp_path / "my.json")

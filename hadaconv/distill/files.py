@@ -163,7 +163,7 @@ def _check_inputs(converted: Path, out: Path, cfg: DistillConfig, teacher, teach
     from hadaconv.calibrate import check_sources, check_windows_early, source_list
     from hadaconv.io import check_seq_len_early, recorded_config
 
-    meta = _converted_meta(converted)
+    meta = _conversion_section(converted)
     source, recorded = _teacher(converted, meta, teacher)
     config_flag = option("teacher_config", flag="--config")
     if teacher_config is None and recorded:
@@ -180,7 +180,7 @@ def _check_inputs(converted: Path, out: Path, cfg: DistillConfig, teacher, teach
     return _Job(converted, out, meta, source, teacher_config, config_flag)
 
 
-def _converted_meta(converted: Path) -> dict:
+def _conversion_section(converted: Path) -> dict:
     """The ``hadaconv`` section of the converted folder's config.json, or one line saying why
     ``converted`` is no converted folder."""
     from hadaconv.io.converted import refuse_bundle

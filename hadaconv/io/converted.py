@@ -22,8 +22,8 @@ from torch import nn
 from hadaconv.atomic import atomic_folder, check_output
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_module, command, option
 from hadaconv.io.build import load_weights, model_from_config, torch_recipe
-from hadaconv.io.files import (META_KEY, SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, VOCABULARY_FILES, WEIGHTS, converted_meta,
-                               first_line, read_json, read_safetensors, shard_map)
+from hadaconv.io.files import (META_KEY, SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, VOCABULARY_FILES, WEIGHTS,
+                               converted_meta, first_line, read_json, read_safetensors, shard_map)
 
 __all__ = ["check_savable", "config_for_saving", "hadaconv_meta", "load", "load_tokenizer", "original_path", "save",
            "save_converted"]
@@ -285,7 +285,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
         raise HadaconvError(f"{folder} is not a hadaconv folder: no config.json")
     data = read_json(config_path)
     # A torch_module recipe folder may also hold an unconverted model (no hadaconv section).
-    meta = converted_meta(data)
+    meta = converted_meta(data, config_path)
     if meta is None and "torch_module" in data:
         meta = {}
     if meta is None:

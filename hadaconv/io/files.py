@@ -15,8 +15,9 @@ import torch
 
 from hadaconv.errors import ModelFormatError
 
-__all__ = ["META_KEY", "SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "check_safetensors", "file_identity", "first_line",
-           "converted_meta", "folder_weights", "plain_name", "read_json", "read_safetensors", "shard_map", "source_key"]
+__all__ = ["META_KEY", "SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "check_safetensors", "converted_meta",
+           "file_identity", "first_line", "folder_weights", "plain_name", "read_json", "read_safetensors", "shard_map",
+           "source_key"]
 
 
 WEIGHTS = "model.safetensors"
@@ -124,24 +125,24 @@ def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
 META_KEY = "hadaconv"
 
 
-def converted_meta(config: dict | str | os.PathLike) -> dict | None:
-    """The ``hadaconv`` section of a converted model's config.json, given as its parsed dict, the
-    file or its folder; None where there is none (no config.json, or no section).  The one test
-    of whether a model is a converted one, from the config alone.
+def converted_meta(config: dict | str | os.PathLike, where: str | os.PathLike = "config.json") -> dict | None:
+    """The ``hadaconv`` section of a converted model's config: ``config`` is the parsed dict (read
+    from the file ``where``, named in the error), a JSON file (read as JSON whatever its name) or
+    the folder holding config.json.  None where there is none: no such file, no section, or a
+    section that is null.  The one test of whether a model is a converted one, from its config.
 
     Raises:
-        ModelFormatError: the config unreadable (:func:`read_json`), or a section that is not a
+        ModelFormatError: the file unreadable (:func:`read_json`), or a section that is not a
             JSON object.
     """
     if not isinstance(config, dict):
-        path = Path(config)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
+        where = Path(config) / "config.json" if Path(config).is_dir() else Path(config)
+        if not where.is_file():
             return None
-        config = read_json(path)
+        config = read_json(where)
     meta = config.get(META_KEY)
     if meta is not None and not isinstance(meta, dict):
-        raise ModelFormatError(f"config.json's {META_KEY!r} section is not a JSON object")
+        raise ModelFormatError(f"the {META_KEY!r} section of {where} is not a JSON object")
     return meta
 
 

@@ -350,7 +350,7 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> Loaded:
         raise HadaconvError(f"{path} is a folder without config.json (expected a Hugging Face model folder or a "
                             f"hadaconv output){inside}")
     data = read_json(config_path)
-    meta = converted_meta(data)
+    meta = converted_meta(data, config_path)
     if meta is not None or "torch_module" in data:
         model = load(path)
         return Loaded(model, load_tokenizer(path), f"hadaconv folder {path}", "hadaconv", path, meta)
