@@ -659,20 +659,23 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
                f"{time.perf_counter() - start:.0f} s")
 
 
-def _ids(ctx, param, text: str | None) -> list[int] | None:
-    """'1,2,3' (or '1 2 3') -> [1, 2, 3]: non-negative integer token ids; an empty item ('1,,3')
-    is refused, not dropped."""
-    if text is None:
+def _ids(ctx, param, given: tuple[str, ...]) -> list[int] | None:
+    """'1,2,3' (or '1 2 3') -> [1, 2, 3]: non-negative int64 token ids, given once; an empty item
+    ('1,,3') is refused, not dropped."""
+    if not given:
         return None
+    if len(given) > 1:  # click would keep the last one silently
+        raise click.BadParameter(f"given {len(given)} times: give the ids once, comma-separated")
+    text = given[0]
     items = re.split(r"\s*,\s*|\s+", text.strip())
-    if "" in items:
+    if "" in items and text.strip():
         raise click.BadParameter(f"expected token ids like 1,2,3: {text!r} has an empty item")
     try:
         ids = [int(p) for p in items]
     except ValueError:
         ids = []
-    if not ids or min(ids) < 0:
-        raise click.BadParameter(f"expected token ids like 1,2,3 (integers >= 0), got {text!r}")
+    if not ids or min(ids) < 0 or max(ids) >= 2 ** 63:
+        raise click.BadParameter(f"expected token ids like 1,2,3 (integers from 0 to 2^63 - 1), got {text!r}")
     return ids
 
 
@@ -682,7 +685,7 @@ def _ids(ctx, param, text: str | None) -> list[int] | None:
 @click.option("--text", multiple=True,
               help="Encoders: the text to embed; repeatable: one embedding per text, in the order given (the "
                    "texts run as one padded batch).")
-@click.option("--ids", default=None, callback=_ids, metavar="IDS",
+@click.option("--ids", multiple=True, callback=_ids, metavar="IDS",
               help="The input as token ids instead of text, e.g. 1,2,3: for bundles without a tokenizer "
                    "(a causal LM then prints the generated ids).")
 @click.option("--max-new-tokens", type=POSITIVE, default=32, show_default=True,

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from hadaconv.errors import HadaconvError, InputError, check_int, check_number, indefinite, option
-from hadaconv.export.bundle import Bundle, open_bundle
+from hadaconv.export.bundle import Bundle, context_length, open_bundle
 
 __all__ = ["Embedding", "Generation", "embed", "generate", "special_tokens"]
 
@@ -80,6 +80,38 @@ def _resolve(target: Bundle | str | os.PathLike | Any, tokenizer: Any) -> tuple[
     if not hasattr(target, "run") or not hasattr(target, "get_inputs"):
         raise HadaconvError(f"expected a bundle, a bundle folder or an onnxruntime session, got {type(target).__name__}")
     return target, tokenizer, {}
+
+
+def _context(target: Bundle | str | os.PathLike | Any, meta: dict) -> int | None:
+    """The bundle's context length in tokens (:func:`context_length`); None for a bare session."""
+    folder = target.path if isinstance(target, Bundle) else target if isinstance(target, (str, os.PathLike)) else None
+    return context_length(folder, meta) if folder is not None else None
+
+
+def _check_context(context: int | None, prompt: int, max_new_tokens: int) -> None:
+    """InputError where the prompt and the tokens to generate overrun the context: the graph's
+    position tables and onnxruntime-genai's KV cache stop there (a long --ids prompt otherwise
+    ran a minutes-long prefill first)."""
+    if context is not None and prompt + max_new_tokens > context:
+        raise InputError(f"the prompt is {prompt} tokens and {max_new_tokens} more are asked for: more than the "
+                         f"model's context of {context} tokens; shorten the prompt or ask for fewer new tokens")
+
+
+def _encoder_limit(tokenizer: Any) -> int | None:
+    """The most tokens the encoder's tokenizer says it reads (``model_max_length``), or None where
+    it states none (transformers' stand-in for that is about 1e30)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+
+
+def _check_lengths(lengths: Sequence[int], limit: int | None, noun: str = "text") -> None:
+    """InputError naming the first input over the encoder's ``limit`` (before ONNX Runtime fails on
+    an Expand node past the position table)."""
+    for i, n in enumerate(lengths):
+        if limit is not None and n > limit:
+            which = f"{noun} {i + 1}" if len(lengths) > 1 else f"the {noun}"
+            raise InputError(f"{which} is more than {limit} tokens, the most this encoder reads (its tokenizer's "
+                             "model_max_length): shorten it")
 
 
 def _chat_ids(tokenizer: Any, text: str) -> list[int]:
@@ -362,6 +394,7 @@ def generate(
     eos_set, pad = special_tokens(meta, eos_token_id, pad_token_id)
     ids, mask = _encode(prompt, tokenizer, pad, chat)
     _check_vocabulary(session, ids, mask)
+    _check_context(_context(target, meta), ids.shape[1], max_new_tokens)
     rng = np.random.default_rng(seed)
     pick = lambda logits: _pick(logits, temperature, top_k, rng)  # noqa: E731
     if repetition_penalty != 1:
@@ -401,10 +434,16 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
     if isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
         if tokenizer is None:
             raise HadaconvError(f"text needs a tokenizer: {_NO_TOKENIZER}")
-        enc = tokenizer([text] if isinstance(text, str) else list(text), padding=True, return_tensors="np")
+        texts = [text] if isinstance(text, str) else list(text)
+        limit = _encoder_limit(tokenizer)
+        if limit is not None:  # counted cut one past the limit: no transformers warning for a long text
+            cut = tokenizer(texts, truncation=True, max_length=limit + 1)["input_ids"]
+            _check_lengths([len(r) for r in cut], limit)
+        enc = tokenizer(texts, padding=True, return_tensors="np")
         feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
     else:
         ids = _token_ids(text)
+        _check_lengths([ids.shape[1]], _encoder_limit(tokenizer), "input")
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     try:
         result = _run_on_host(session, feeds, outputs)

@@ -315,6 +315,13 @@ def _with_context(bundle: Path, length) -> Path:
     return _meta_with(bundle, genai_config="genai_config.json")
 
 
+def _reads_at_most(bundle: Path, tokens: int) -> Path:
+    """The bundle whose tokenizer says the model reads at most ``tokens`` tokens."""
+    config = bundle / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"model_max_length": tokens}))
+    return bundle
+
+
 def _no_tokenizer_files(folder: Path) -> Path:
     """A model folder whose tokenizer files are removed."""
     for name in TOKENIZER_FILES:
@@ -1051,12 +1058,27 @@ ROWS = [
         lambda w, t: ["run", _without_tokenizer(_copy(w.encoder, t / "e")), "--text", "hi"],
         r"e has no tokenizer to encode --text with: give token ids with --ids"),
     Row("run-ids-not-integers", lambda w, t: ["run", w.bundle, "--ids", "1,x"],
-        r"Invalid value for '--ids': expected token ids like 1,2,3 \(integers >= 0\), got '1,x'"),
+        r"Invalid value for '--ids': expected token ids like 1,2,3 \(integers from 0 to 2\^63 - 1\), got '1,x'"),
     Row("run-ids-negative", lambda w, t: ["run", w.bundle, "--ids", "5,-3"],
-        r"Invalid value for '--ids': expected token ids like 1,2,3 \(integers >= 0\), got '5,-3'"),
+        r"Invalid value for '--ids': expected token ids like 1,2,3 \(integers from 0 to 2\^63 - 1\), got '5,-3'"),
     Row("run-ids-empty", lambda w, t: ["run", w.bundle, "--ids", " , "], r"Invalid value for '--ids'"),
     Row("run-ids-empty-item", lambda w, t: ["run", w.bundle, "--ids", "5,,6"], r"'5,,6' has an empty item"),
     Row("run-ids-trailing-comma", lambda w, t: ["run", w.bundle, "--ids", "5,6,"], r"'5,6,' has an empty item"),
+    Row("run-ids-twice", lambda w, t: ["run", w.bundle, "--ids", "5", "--ids", "6"],
+        r"'--ids': given 2 times: give the ids once, comma-separated"),
+    Row("run-ids-past-int64", lambda w, t: ["run", w.bundle, "--ids", "5," + "9" * 23],
+        r"integers from 0 to 2\^63 - 1\), got '5,9{23}'"),
+    Row("run-ids-past-the-context",
+        lambda w, t: ["run", _with_context(_copy(w.bundle, t / "b"), 64), "--ids", ",".join(["5"] * 60),
+                      "--max-new-tokens", "8"],
+        r"the prompt is 60 tokens and 8 more are asked for: more than the model's context of 64 tokens"),
+    Row("run-encoder-text-past-its-length",
+        lambda w, t: ["run", _reads_at_most(_copy(w.encoder, t / "e"), 8), "--text", "short", "--text", "a b c " * 8],
+        r"text 2 is more than 8 tokens, the most this encoder reads \(its tokenizer's model_max_length\): "
+        r"shorten it$"),
+    Row("run-encoder-ids-past-its-length",
+        lambda w, t: ["run", _reads_at_most(_copy(w.encoder, t / "e"), 8), "--ids", ",".join(["5"] * 9)],
+        r"the input is more than 8 tokens, the most this encoder reads"),
     Row("run-second-text-not-utf8", lambda w, t: ["run", w.encoder, "--text", "fine", "--text", "caf\udce9"],
         r"--text 2 is not UTF-8 text$"),
     Row("run-causal-with-texts", lambda w, t: ["run", w.bundle, "--text", "a", "--text", "b"],
