@@ -729,6 +729,10 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
     if context is not None and max_new_tokens >= context:
         raise HadaconvError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens, "
                             f"the prompt included: give fewer than {context}")
+    if ids is not None and meta.get("kind") == "causal-lm":  # its length is known before the graph is opened
+        from hadaconv.generate import check_context
+
+        check_context(context, len(ids), max_new_tokens)
     if meta.get("kind") == "encoder":  # generation options would be ignored: say so rather than seem used
         source = click.get_current_context().get_parameter_source
         asked = [f"--{name.replace('_', '-')}" for name in ("max_new_tokens", "temperature", "top_k",

@@ -88,20 +88,32 @@ def _context(target: Bundle | str | os.PathLike | Any, meta: dict) -> int | None
     return context_length(folder, meta) if folder is not None else None
 
 
-def _check_context(context: int | None, prompt: int, max_new_tokens: int) -> None:
-    """InputError where the prompt and the tokens to generate overrun the context: the graph's
-    position tables and onnxruntime-genai's KV cache stop there (a long --ids prompt otherwise
-    ran a minutes-long prefill first)."""
-    if context is not None and prompt + max_new_tokens > context:
-        raise InputError(f"the prompt is {prompt} tokens and {max_new_tokens} more are asked for: more than the "
-                         f"model's context of {context} tokens; shorten the prompt or ask for fewer new tokens")
+def check_context(context: int | None, prompt: int, max_new_tokens: int) -> None:
+    """InputError where a ``prompt`` of that many tokens (the longest row of a batch) and
+    ``max_new_tokens`` overrun the ``context`` (None: unknown, no check).  P + N <= C is allowed, as
+    onnxruntime-genai sizes its KV cache (the last new token is never fed back, so the graph would
+    take one more).  Checked before the prefill: a long token-id prompt used to run minutes of it."""
+    if context is None or prompt + max_new_tokens <= context:
+        return
+    if prompt >= context:
+        raise InputError(f"the prompt is {prompt} tokens, and the model's context of {context} tokens must also "
+                         "hold the new ones: shorten the prompt")
+    raise InputError(f"the prompt is {prompt} tokens, so the model's context of {context} tokens leaves room for "
+                     f"{context - prompt} new ones: give {option('max_new_tokens', context - prompt)} or fewer, or "
+                     "shorten the prompt")
 
 
-def _encoder_limit(tokenizer: Any) -> int | None:
-    """The most tokens the encoder's tokenizer says it reads (``model_max_length``), or None where
-    it states none (transformers' stand-in for that is about 1e30)."""
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _encoder_limit(tokenizer: Any, meta: dict) -> int | None:
+    """The most tokens the encoder reads: the smaller of its position table (recorded at export,
+    ``context_length``) and its tokenizer's ``model_max_length``; None where neither says
+    (transformers' stand-in for "none" is about 1e30)."""
+    limits = [_positive_int(meta.get("context_length")), _positive_int(getattr(tokenizer, "model_max_length", None))]
+    known = [n for n in limits if n is not None and n < 1_000_000]
+    return min(known) if known else None
 
 
 def _check_lengths(lengths: Sequence[int], limit: int | None, noun: str = "text") -> None:
@@ -110,8 +122,7 @@ def _check_lengths(lengths: Sequence[int], limit: int | None, noun: str = "text"
     for i, n in enumerate(lengths):
         if limit is not None and n > limit:
             which = f"{noun} {i + 1}" if len(lengths) > 1 else f"the {noun}"
-            raise InputError(f"{which} is more than {limit} tokens, the most this encoder reads (its tokenizer's "
-                             "model_max_length): shorten it")
+            raise InputError(f"{which} is more than {limit} tokens, the most this encoder reads: shorten it")
 
 
 def _chat_ids(tokenizer: Any, text: str) -> list[int]:
@@ -383,7 +394,8 @@ def generate(
 
     Returns a :class:`Generation`: int64 tokens [batch, new], prefill and decode wall seconds.
     Raises HadaconvError (InputError for bad arguments) on a model without a cache, bad prompts
-    or an ONNX Runtime failure (one line, with the step).
+    (among them a longest prompt that, with ``max_new_tokens``, overruns the bundle's context:
+    :func:`check_context`) or an ONNX Runtime failure (one line, with the step).
     """
     check_int("max_new_tokens", max_new_tokens, 1)
     check_int("top_k", top_k, 0)
@@ -394,7 +406,7 @@ def generate(
     eos_set, pad = special_tokens(meta, eos_token_id, pad_token_id)
     ids, mask = _encode(prompt, tokenizer, pad, chat)
     _check_vocabulary(session, ids, mask)
-    _check_context(_context(target, meta), ids.shape[1], max_new_tokens)
+    check_context(_context(target, meta), ids.shape[1], max_new_tokens)
     rng = np.random.default_rng(seed)
     pick = lambda logits: _pick(logits, temperature, top_k, rng)  # noqa: E731
     if repetition_penalty != 1:
@@ -422,8 +434,16 @@ def _run_on_host(session: Any, feeds: dict[str, np.ndarray], outputs: list[str])
 
 
 def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *, tokenizer: Any = None) -> Embedding:
-    """Sentence embeddings (mean-pooled last hidden states) of ``text`` with an encoder bundle
-    (float32 from a bfloat16 bundle, widened exactly; the bundle's own dtype otherwise)."""
+    """Sentence embeddings (mean-pooled last hidden states) of ``text`` (one text, a list run as one
+    padded batch, or token ids [seq] / [batch, seq]) with an encoder bundle (float32 from a
+    bfloat16 bundle, widened exactly; the bundle's own dtype otherwise).
+
+    Raises:
+        InputError: ids that are not a non-negative integer array, or an input longer than the
+            encoder reads (its position table as recorded at export, or its tokenizer's
+            ``model_max_length``, whichever is smaller).
+        HadaconvError: not an encoder bundle, text without a tokenizer, or an ONNX Runtime failure.
+    """
     session, tokenizer, meta = _resolve(target, tokenizer)
     names = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
@@ -434,16 +454,15 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
     if isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
         if tokenizer is None:
             raise HadaconvError(f"text needs a tokenizer: {_NO_TOKENIZER}")
-        texts = [text] if isinstance(text, str) else list(text)
-        limit = _encoder_limit(tokenizer)
-        if limit is not None:  # counted cut one past the limit: no transformers warning for a long text
-            cut = tokenizer(texts, truncation=True, max_length=limit + 1)["input_ids"]
-            _check_lengths([len(r) for r in cut], limit)
-        enc = tokenizer(texts, padding=True, return_tensors="np")
+        limit = _encoder_limit(tokenizer, meta)
+        # Cut one past the limit: a longer text is known by its length, without transformers' warning.
+        cut = {"truncation": True, "max_length": limit + 1} if limit is not None else {}
+        enc = tokenizer([text] if isinstance(text, str) else list(text), padding=True, return_tensors="np", **cut)
+        _check_lengths(np.asarray(enc["attention_mask"]).sum(axis=1).tolist(), limit)
         feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
     else:
         ids = _token_ids(text)
-        _check_lengths([ids.shape[1]], _encoder_limit(tokenizer), "input")
+        _check_lengths([ids.shape[1]], _encoder_limit(tokenizer, meta), "input")
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     try:
         result = _run_on_host(session, feeds, outputs)

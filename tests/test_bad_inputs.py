@@ -1071,11 +1071,11 @@ ROWS = [
     Row("run-ids-past-the-context",
         lambda w, t: ["run", _with_context(_copy(w.bundle, t / "b"), 64), "--ids", ",".join(["5"] * 60),
                       "--max-new-tokens", "8"],
-        r"the prompt is 60 tokens and 8 more are asked for: more than the model's context of 64 tokens"),
+        r"the prompt is 60 tokens, so the model's context of 64 tokens leaves room for 4 new ones: give "
+        r"--max-new-tokens 4 or fewer, or shorten the prompt$"),
     Row("run-encoder-text-past-its-length",
         lambda w, t: ["run", _reads_at_most(_copy(w.encoder, t / "e"), 8), "--text", "short", "--text", "a b c " * 8],
-        r"text 2 is more than 8 tokens, the most this encoder reads \(its tokenizer's model_max_length\): "
-        r"shorten it$"),
+        r"text 2 is more than 8 tokens, the most this encoder reads: shorten it$"),
     Row("run-encoder-ids-past-its-length",
         lambda w, t: ["run", _reads_at_most(_copy(w.encoder, t / "e"), 8), "--ids", ",".join(["5"] * 9)],
         r"the input is more than 8 tokens, the most this encoder reads"),

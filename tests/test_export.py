@@ -882,3 +882,49 @@ def test_session_providers_and_library_arguments(tmp_path):
         runtime.session(model, "cpu", library=1)
     with pytest.raises(ModelFormatError, match=r"the op library .*nope\.so does not exist"):
         runtime.session(model, "cpu", library=tmp_path / "nope.so")
+
+
+def test_generate_holds_the_prompt_and_the_new_tokens_within_the_context(tmp_path, tiny_bundle):
+    """P + N tokens fit a context of C when P + N <= C (as onnxruntime-genai sizes its cache), the
+    longest row of a padded batch counts, and a bare session, which states no context, is not
+    checked; one token more is refused before the prefill, with what would fit."""
+    import shutil
+
+    from hadaconv.errors import InputError
+    from hadaconv.runtime import session
+
+    folder = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
+    meta = json.loads((folder / "hadaconv_onnx.json").read_text())
+    genai = folder / meta["genai_config"]
+    config = json.loads(genai.read_text())
+    config["model"]["context_length"] = 16
+    genai.write_text(json.dumps(config))
+    assert generate(folder, [5] * 10, 6, eos_token_id=[]).tokens.shape == (1, 6)
+    with pytest.raises(InputError, match=r"the prompt is 10 tokens, so the model's context of 16 tokens leaves room "
+                                         r"for 6 new ones: give max_new_tokens=6 or fewer"):
+        generate(folder, [5] * 10, 7)
+    with pytest.raises(InputError, match=r"the prompt is 10 tokens, so the model's context of 16"):
+        generate(folder, [[5] * 10, [0] * 7 + [5] * 3], 7)  # ids [batch, seq]: the width counts
+    with pytest.raises(InputError, match=r"the prompt is 16 tokens, and the model's context of 16 tokens must also "
+                                         r"hold the new ones: shorten the prompt"):
+        generate(folder, [5] * 16, 1)
+    bare = session(folder / "model.onnx")
+    assert generate(bare, [5] * 10, 7, eos_token_id=[]).tokens.shape == (1, 7)
+
+
+def test_embed_refuses_more_tokens_than_the_encoder_reads(tmp_path, tokenizer):
+    """The limit is the smaller of the position table recorded at export and the tokenizer's
+    model_max_length, for text (one or a batch) and token ids alike; at the limit it embeds."""
+    from hadaconv.errors import InputError
+
+    model = converted("bert", 4)
+    export_onnx(model, tmp_path / "b", tokenizer=tokenizer)
+    meta = json.loads((tmp_path / "b" / "hadaconv_onnx.json").read_text())
+    limit = meta["context_length"]
+    assert limit == model.config.max_position_embeddings < tokenizer.model_max_length
+    assert embed(tmp_path / "b", [[5] * limit]).sentence_embedding.shape[0] == 1
+    with pytest.raises(InputError, match=rf"the input is more than {limit} tokens, the most this encoder reads"):
+        embed(tmp_path / "b", [[5] * (limit + 1)])
+    long = " ".join(["word"] * (limit + 5))
+    with pytest.raises(InputError, match=rf"text 2 is more than {limit} tokens, the most this encoder reads"):
+        embed(tmp_path / "b", ["short", long])

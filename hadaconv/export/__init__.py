@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from hadaconv._version import __version__
+from hadaconv.adapters import context_length as model_context
 from hadaconv.errors import HadaconvError, check_module, indefinite, option
 from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, write_metadata
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
@@ -384,6 +385,7 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
         "hadamard_layers": _hadamard_layers(model), "source": source or type(model).__name__,
         "dtype": str(precision).removeprefix("torch."),
         "validation": validation,
+        "context_length": model_context(model),  # the position table's length (None: unknown)
     }
     meta["genai_config"] = _write_genai(folder, model, spec, meta)
     return meta
