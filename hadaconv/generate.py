@@ -172,10 +172,13 @@ def _token_ids(ids: Any) -> np.ndarray:
     return np.atleast_2d(arr).astype(np.int64)
 
 
-def _check_vocabulary(session: Any, ids: np.ndarray, mask: np.ndarray) -> None:
-    """InputError for a prompt id at or past the logits' vocabulary size (a static last axis), which
-    would otherwise fail inside the graph's embedding Gather with ONNX Runtime's own message."""
+def _check_vocabulary(session: Any, ids: np.ndarray, mask: np.ndarray, meta: dict) -> None:
+    """InputError for a prompt id at or past the vocabulary size (the logits' static last axis,
+    else the ``vocab_size`` the bundle records), which would otherwise fail inside the graph's
+    embedding Gather with ONNX Runtime's own message."""
     vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
+    if not isinstance(vocab, int):
+        vocab = _positive_int(meta.get("vocab_size"))
     top = int(ids[mask == 1].max())
     if isinstance(vocab, int) and top >= vocab:
         raise InputError(f"token id {top} is outside the vocabulary of {vocab} tokens (ids 0 to {vocab - 1})")
@@ -405,7 +408,7 @@ def generate(
     past_names = _cache_inputs(session, meta)
     eos_set, pad = special_tokens(meta, eos_token_id, pad_token_id)
     ids, mask = _encode(prompt, tokenizer, pad, chat)
-    _check_vocabulary(session, ids, mask)
+    _check_vocabulary(session, ids, mask, meta)
     check_context(_context(target, meta), ids.shape[1], max_new_tokens)
     rng = np.random.default_rng(seed)
     pick = lambda logits: _pick(logits, temperature, top_k, rng)  # noqa: E731
@@ -439,8 +442,8 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
     bfloat16 bundle, widened exactly; the bundle's own dtype otherwise).
 
     Raises:
-        InputError: ids that are not a non-negative integer array, or an input longer than the
-            encoder reads (its position table as recorded at export, or its tokenizer's
+        InputError: ids that are not a non-negative integer array, past the recorded vocabulary,
+            or an input longer than the encoder reads (its position table as recorded at export, or its tokenizer's
             ``model_max_length``, whichever is smaller).
         HadaconvError: not an encoder bundle, text without a tokenizer, or an ONNX Runtime failure.
     """
@@ -463,6 +466,7 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
     else:
         ids = _token_ids(text)
         _check_lengths([ids.shape[1]], _encoder_limit(tokenizer, meta), "input")
+        _check_vocabulary(session, ids, np.ones_like(ids), meta)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     try:
         result = _run_on_host(session, feeds, outputs)

@@ -922,6 +922,9 @@ def test_embed_refuses_more_tokens_than_the_encoder_reads(tmp_path, tokenizer):
     meta = json.loads((tmp_path / "b" / "hadaconv_onnx.json").read_text())
     limit = meta["context_length"]
     assert limit == model.config.max_position_embeddings < tokenizer.model_max_length
+    assert meta["vocab_size"] == model.config.vocab_size
+    with pytest.raises(InputError, match=rf"token id {meta['vocab_size']} is outside the vocabulary"):
+        embed(tmp_path / "b", [[5, meta["vocab_size"]]])
     assert embed(tmp_path / "b", [[5] * limit]).sentence_embedding.shape[0] == 1
     with pytest.raises(InputError, match=rf"the input is more than {limit} tokens, the most this encoder reads"):
         embed(tmp_path / "b", [[5] * (limit + 1)])

@@ -386,6 +386,8 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
         "dtype": str(precision).removeprefix("torch."),
         "validation": validation,
         "context_length": model_context(model),  # the position table's length (None: unknown)
+        # the embedding's rows, for an encoder's token ids (a causal LM's logits state them too)
+        "vocab_size": vocab if isinstance(vocab := getattr(config, "vocab_size", None), int) else None,
     }
     meta["genai_config"] = _write_genai(folder, model, spec, meta)
     return meta
