@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from hadaconv.errors import HadaconvError, InputError, check_int, check_number, indefinite, option
-from hadaconv.export.bundle import Bundle, context_length, open_bundle
+from hadaconv.export.bundle import Bundle, context_length, open_bundle, positive_int
 
 __all__ = ["Embedding", "Generation", "embed", "generate", "special_tokens"]
 
@@ -103,15 +103,11 @@ def check_context(context: int | None, prompt: int, max_new_tokens: int) -> None
                      "shorten the prompt")
 
 
-def _positive_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
 def _encoder_limit(tokenizer: Any, meta: dict) -> int | None:
     """The most tokens the encoder reads: the smaller of its position table (recorded at export,
     ``context_length``) and its tokenizer's ``model_max_length``; None where neither says
     (transformers' stand-in for "none" is about 1e30)."""
-    limits = [_positive_int(meta.get("context_length")), _positive_int(getattr(tokenizer, "model_max_length", None))]
+    limits = [positive_int(meta.get("context_length")), positive_int(getattr(tokenizer, "model_max_length", None))]
     known = [n for n in limits if n is not None and n < 1_000_000]
     return min(known) if known else None
 
@@ -178,7 +174,7 @@ def _check_vocabulary(session: Any, ids: np.ndarray, mask: np.ndarray, meta: dic
     embedding Gather with ONNX Runtime's own message."""
     vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
     if not isinstance(vocab, int):
-        vocab = _positive_int(meta.get("vocab_size"))
+        vocab = positive_int(meta.get("vocab_size"))
     top = int(ids[mask == 1].max())
     if isinstance(vocab, int) and top >= vocab:
         raise InputError(f"token id {top} is outside the vocabulary of {vocab} tokens (ids 0 to {vocab - 1})")
@@ -443,8 +439,8 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
 
     Raises:
         InputError: ids that are not a non-negative integer array, past the recorded vocabulary,
-            or an input longer than the encoder reads (its position table as recorded at export, or its tokenizer's
-            ``model_max_length``, whichever is smaller).
+            or an input longer than the encoder reads (its position table as recorded at export,
+            or its tokenizer's ``model_max_length``, whichever is smaller).
         HadaconvError: not an encoder bundle, text without a tokenizer, or an ONNX Runtime failure.
     """
     session, tokenizer, meta = _resolve(target, tokenizer)
@@ -465,9 +461,10 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
         feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
     else:
         ids = _token_ids(text)
+        mask = np.ones_like(ids)
         _check_lengths([ids.shape[1]], _encoder_limit(tokenizer, meta), "input")
-        _check_vocabulary(session, ids, np.ones_like(ids), meta)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        _check_vocabulary(session, ids, mask, meta)
+        feeds = {"input_ids": ids, "attention_mask": mask}
     try:
         result = _run_on_host(session, feeds, outputs)
     except Exception as exc:

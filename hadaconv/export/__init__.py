@@ -27,7 +27,7 @@ from torch import nn
 from hadaconv._version import __version__
 from hadaconv.adapters import context_length as model_context
 from hadaconv.errors import HadaconvError, check_module, indefinite, option
-from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, write_metadata
+from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, positive_int, write_metadata
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
 from hadaconv.progress import status
@@ -387,7 +387,7 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
         "validation": validation,
         "context_length": model_context(model),  # the position table's length (None: unknown)
         # the embedding's rows, for an encoder's token ids (a causal LM's logits state them too)
-        "vocab_size": vocab if isinstance(vocab := getattr(config, "vocab_size", None), int) else None,
+        "vocab_size": positive_int(getattr(config, "vocab_size", None)),
     }
     meta["genai_config"] = _write_genai(folder, model, spec, meta)
     return meta

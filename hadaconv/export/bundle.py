@@ -41,7 +41,8 @@ from hadaconv.runtime import OP_DOMAIN, OP_VERSION, session
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-__all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "context_length", "open_bundle", "read_metadata"]
+__all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "context_length", "open_bundle", "positive_int",
+           "read_metadata"]
 
 METADATA = "hadaconv_onnx.json"
 MODEL = "model.onnx"
@@ -62,6 +63,12 @@ def _export_step() -> str:
     return command("`hadaconv export --onnx`", "hadaconv.export_onnx")
 
 
+def positive_int(value: Any) -> int | None:
+    """``value`` where it is a positive integer (not a bool), else None: a count read from an
+    untrusted bundle file, never an error."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def context_length(folder: str | os.PathLike, meta: dict[str, Any]) -> int | None:
     """The context length (tokens, the prompt included) stated by the bundle's
     ``genai_config.json``, as onnxruntime-genai sizes its KV cache by it; None where the bundle
@@ -74,8 +81,7 @@ def context_length(folder: str | os.PathLike, meta: dict[str, Any]) -> int | Non
     except ModelFormatError:
         return None
     model = data.get("model")
-    length = model.get("context_length") if isinstance(model, dict) else None
-    return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
+    return positive_int(model.get("context_length")) if isinstance(model, dict) else None
 
 
 def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
