@@ -1051,17 +1051,7 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
                               "--resume)") from None
         raise
     except KeyboardInterrupt:
-        stopped = "terminated" if _TERMINATED else "interrupted"
-        if (folder / CHECKPOINT).is_file():
-            click.echo(f"{stopped}: the last checkpoint is in {folder}; rerun the same command with --resume to "
-                       "continue from it", err=True)
-        else:  # a short run may stop before its first checkpoint: say that nothing is kept
-            if checkpoint_dir is None:  # stopped while the first was written: its folder holds nothing
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            click.echo(f"{stopped} before the first checkpoint (every {checkpoint_every} steps, --checkpoint-every) "
-                       "or while the text was prepared: no training state was saved, and --resume would start "
-                       "from the beginning (sampled text is cached a chunk at a time)", err=True)
+        _distill_stopped(folder / CHECKPOINT, own_folder=checkpoint_dir is None, every=checkpoint_every)
         sys.exit(_interrupted_code())
     if not is_main():
         return
@@ -1072,6 +1062,29 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
     out.print(report.table())
     if report.curve:
         out.print(report.curve_table())
+    _distill_notes(report, output, time_only=max_time is not None and max_steps is None and max_tokens is None)
+    click.echo(f"saved {output}")
+
+
+def _distill_stopped(checkpoint: Path, own_folder: bool, every: int) -> None:
+    """Tell an interrupted distillation's user what is kept: the last ``checkpoint``, or nothing
+    (``own_folder``: its folder is the default one, which the run made and may remove)."""
+    stopped = "terminated" if _TERMINATED else "interrupted"
+    if checkpoint.is_file():
+        click.echo(f"{stopped}: the last checkpoint is in {checkpoint.parent}; rerun the same command with --resume "
+                   "to continue from it", err=True)
+        return
+    if own_folder:  # stopped while the first was written: its folder holds nothing
+        with contextlib.suppress(OSError):
+            checkpoint.parent.rmdir()
+    click.echo(f"{stopped} before the first checkpoint (every {every} steps, --checkpoint-every) or while the text "
+               "was prepared: no training state was saved, and --resume would start from the beginning (sampled "
+               "text is cached a chunk at a time)", err=True)
+
+
+def _distill_notes(report, output: str, time_only: bool) -> None:
+    """The notes a finished distillation owes its user: a stage that was undone, a result that is
+    the start, a time budget (``time_only``: --max-time alone bounded the run) too small to matter."""
     local_kept = "local" in report.stages and report.local_kept
     if "local" in report.stages and not report.local_kept:
         click.echo(f"note: the local stage left the held-out {report.eval_loss} worse ({report.loss_before:.4g} -> "
@@ -1081,11 +1094,10 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
         start = "the local stage's result" if local_kept else "the converted model"
         click.echo(f"note: no evaluation beat the global stage's start, so {output} holds {start} (a larger "
                    "budget, --max-time / --max-steps / --max-tokens, or another --lr may help)", err=True)
-    elif "global" in report.stages and max_time is not None and max_steps is None and max_tokens is None \
-            and report.steps < FEW_STEPS:  # the time budget, not the user's own count, held so few
+    elif "global" in report.stages and time_only and report.steps < FEW_STEPS:
+        # the time budget, not the user's own count, held so few
         click.echo(f"note: the budget held only {report.steps} training step{'s' * (report.steps != 1)}, too few to "
                    "move the model much: give --max-time more (or run on a GPU)", err=True)
-    click.echo(f"saved {output}")
 
 
 #: Fewer global steps than this earn distill a note that the budget was too small to matter.
