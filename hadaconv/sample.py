@@ -466,11 +466,11 @@ def cached_sequences(key: str | None, *, samples: int = DEFAULT_SEQUENCES, seq_l
     """How many of the ``samples`` sequences that :func:`cached_samples` would read for the model
     read as ``key`` (:func:`hadaconv.io.source_key`) are cached, without reading the model; None
     when its content hash is unknown (no conversion or distillation has sampled it, or its files
-    changed since)."""
+    changed since) and the cache holds some model's text; 0 when it holds none at all."""
     folder = Path(cache) if cache is not None else cache_dir()
     digest = _known_digest(folder, key) if key is not None else None
     if digest is None:
-        return None
+        return None if any((folder / "samples").glob("*.jsonl")) else 0
     counts = _chunk_counts(samples)
     return sum(n for i, n in enumerate(counts)
                if _chunk_path(folder, digest, n, seq_len, seed, temperature, i).is_file())

@@ -46,8 +46,9 @@ def test_inspect_lists_every_layer_and_prices_it_from_the_config(tiny):
     assert plan.to_dict()["removable"] == plan.removable
 
 
-def test_plan_conversion_takes_the_candidates_and_says_what_the_run_would(tiny):
+def test_plan_conversion_takes_the_candidates_and_says_what_the_run_would(tiny, tmp_path, monkeypatch):
     src, _ = tiny
+    monkeypatch.setenv("HADACONV_CACHE", str(tmp_path / "cache"))  # no sampled text of any model
     plan = hadaconv.plan_conversion(src, ConvertConfig(layers=[1], block=4, max_layers=3, seq_len=32, samples=64))
     assert [layer.index for layer in plan.layers] == [1] and plan.block == 4
     assert plan.blocks > 1 and plan.removed_at_most == plan.removable  # one candidate, max_layers 3: all of it
@@ -61,7 +62,7 @@ def test_plan_conversion_takes_the_candidates_and_says_what_the_run_would(tiny):
     assert hadaconv.plan_conversion(src, ConvertConfig(layers=[1], block=4, max_layers=3, max_loss=1e-9,
                                                        seq_len=32)).warnings == []
     streamed = hadaconv.plan_conversion(src, ConvertConfig(block=4, seq_len=32), streamed=True)
-    assert "from the cache only" in streamed.calibration
+    assert "(none of them cached: a streamed run reads the cache alone and would stop" in streamed.calibration
 
 
 def test_plan_conversion_checks_the_output_as_the_run_would(tiny, tmp_path):
@@ -123,14 +124,15 @@ def test_a_converted_folder_is_planned_from_its_weights(tmp_path, capsys):
 
 def test_a_dry_run_after_a_conversion_says_the_sampled_text_is_cached(tmp_path, monkeypatch):
     """convert_file records which files its sampled text came from; the dry run of the same model
-    then says the text is cached, and of a model whose weights changed, that it is not known."""
+    then says the text is cached, and of a model whose weights changed, that it is not known (while
+    the cache holds no text at all, that it will be sampled)."""
     import hadaconv
 
     monkeypatch.setenv("HADACONV_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "tiny"
     make_tiny("llama", src)
     cfg = ConvertConfig(block=4, seq_len=16, samples=4, layers=[0], sensitivity=False, progress=False)
-    assert "cached if this model's text was sampled before" in hadaconv.plan_conversion(src, cfg).calibration
+    assert "(sampled on this run, then cached;" in hadaconv.plan_conversion(src, cfg).calibration
     hadaconv.convert_file(src, tmp_path / "out", cfg)
     assert "(all cached, sampled by an earlier run;" in hadaconv.plan_conversion(src, cfg).calibration
     # 8 sequences are one chunk of 8, other text than the 4 (a count's text never depends on the cache's history)

@@ -570,13 +570,13 @@ def test_a_source_given_twice_is_refused(tmp_path):
 def test_the_cache_index_tells_a_dry_run_what_is_cached(tokenizer, tmp_path, monkeypatch):
     """A sampling inside reading_source(key) records the model's content hash under key, so that
     cached_sequences(key) counts the cached sequences without the model: whole chunks of the
-    count asked, None for a key never recorded."""
+    count asked, None for a key never recorded while some model's text is cached, 0 while none is."""
     import hadaconv.sample as sample
 
     monkeypatch.setattr(sample, "CHUNK", 3)
     model = make_tiny("llama")
     key, other = "a" * 32, "b" * 32
-    assert sample.cached_sequences(key, samples=7, seq_len=8, cache=tmp_path) is None
+    assert sample.cached_sequences(key, samples=7, seq_len=8, cache=tmp_path) == 0  # an empty cache: sampled
     sample.cached_samples(model, tokenizer, samples=7, seq_len=8, progress=False, cache=tmp_path)  # no key: none kept
     assert sample.cached_sequences(key, samples=7, seq_len=8, cache=tmp_path) is None
     with sample.reading_source(key):
@@ -596,6 +596,7 @@ def test_a_damaged_cache_index_is_ignored(content, tmp_path):
 
     key = "a" * 32
     (tmp_path / "samples" / "sources").mkdir(parents=True)
+    (tmp_path / "samples" / f"{'c' * 32}-n7-l8-s0-t1.jsonl").write_text('"some model\'s text"\n')
     (tmp_path / "samples" / "sources" / key).write_bytes(content)
     assert cached_sequences(key, samples=7, seq_len=8, cache=tmp_path) is None
     (tmp_path / "samples" / "sources" / key).unlink()
