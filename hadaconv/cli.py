@@ -26,6 +26,7 @@ from hadaconv._version import __version__
 from hadaconv.errors import HadaconvError, InputError, cli_names, indefinite
 
 if TYPE_CHECKING:  # pragma: no cover
+    from hadaconv.distill.core import DistillReport
     from hadaconv.plan import Plan
 
 
@@ -1082,7 +1083,7 @@ def _distill_stopped(checkpoint: Path, own_folder: bool, every: int) -> None:
                "text is cached a chunk at a time)", err=True)
 
 
-def _distill_notes(report, output: str, time_only: bool) -> None:
+def _distill_notes(report: DistillReport, output: str, time_only: bool) -> None:
     """The notes a finished distillation owes its user: a stage that was undone, a result that is
     the start, a time budget (``time_only``: --max-time alone bounded the run) too small to matter."""
     local_kept = "local" in report.stages and report.local_kept

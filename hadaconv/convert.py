@@ -42,7 +42,8 @@ from hadaconv.adapters import (Adapter, AttentionLayer, check_convertible, check
 from hadaconv.blockwise import Decoder, TeacherFn, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, check_windows_early, describe_sources,
                                 mixed_windows, process_group, source_list)
-from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, option
+from hadaconv.device import resolve_device, resolve_dtype
+from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, check_path, command, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, parameters_saved, saving_blocks
@@ -258,6 +259,8 @@ def check_config(config: ConvertConfig | None) -> ConvertConfig:
                  {"max_loss": (0, False), "ridge": (0, False), "gamma_ridge": (0, False)})
     if cfg.max_iter is not None:
         check_fields(cfg, {"max_iter": 0})
+    if cfg.stats_device is not None:  # a typo said before the load, not by torch after it
+        resolve_device(cfg.stats_device, name="stats_device")
     check_sources(cfg.calib, samples=cfg.samples)  # after the integer checks: the shares need an int
     return cfg
 
@@ -822,12 +825,13 @@ def convert_file(
     adapter's).
     """
     from hadaconv.adapters import find_adapter as _find
-    from hadaconv.device import resolve_device, resolve_dtype
     from hadaconv.io import check_model_config, check_savable, hadaconv_meta, load_model, save_converted, source_key
     from hadaconv.sample import reading_source
 
     if isinstance(config, (str, PurePath)):  # the guess a path invites
         raise InputError(f"config must be a ConvertConfig, got {config!r}: a model's config.json goes in model_config=")
+    check_path(source, "source", "a model in memory converts with hadaconv.convert(model, tokenizer)")
+    check_path(out_dir, "out_dir")
     cfg = check_config(config)
     check_convert_output(source, out_dir, cfg, overwrite=overwrite, model_config=model_config)
     flag = option("model_config", flag="--config")

@@ -30,8 +30,9 @@ DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
-def resolve_device(spec: str | torch.device | None = None) -> torch.device:
-    """The torch device for ``spec`` (None: the current GPU if CUDA is available, else the CPU).
+def resolve_device(spec: str | torch.device | None = None, name: str = "device") -> torch.device:
+    """The torch device for ``spec`` (None: the current GPU if CUDA is available, else the CPU);
+    ``name`` is the option as error messages give it (``stats_device`` has no command-line flag).
 
     Raises:
         InputError: an unknown device name, or CUDA asked for where there is none.
@@ -41,14 +42,14 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     try:
         dev = torch.device(spec)
     except (RuntimeError, ValueError):
-        raise InputError(f"{option('device', spec)}: not a device (expected cpu, cuda or cuda:N)") from None
+        raise InputError(f"{option(name, spec)}: not a device (expected cpu, cuda or cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"{option('device', spec)}: CUDA is not available here")
+            raise InputError(f"{option(name, spec)}: CUDA is not available here")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"{option('device', spec)}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise InputError(f"{option(name, spec)}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif dev.type != "cpu":
-        raise InputError(f"{option('device', spec)}: only cpu, cuda and cuda:N are supported")
+        raise InputError(f"{option(name, spec)}: only cpu, cuda and cuda:N are supported")
     return dev
 
 

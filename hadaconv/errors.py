@@ -22,6 +22,7 @@ import dataclasses
 import math
 import numbers
 import operator
+import os
 import re
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -106,6 +107,18 @@ def check_module(value: Any, name: str = "model") -> None:
             else " (a path: load it with hadaconv.load_model(path).model)" if isinstance(value, (str, PurePath))
             else "")
     raise InputError(f"{name} must be a torch nn.Module, got {got}{hint}")
+
+
+def check_path(value: Any, name: str, module_hint: str = "") -> None:
+    """Raise InputError unless ``value`` is a path (``str`` or ``os.PathLike``): the file or folder
+    argument of a public function, named ``name`` in the message; ``module_hint`` is added when
+    ``value`` is a model in memory (what takes one instead)."""
+    if isinstance(value, (str, os.PathLike)):
+        return
+    from torch import nn  # here, not at the top: the CLI's argument checks run without torch
+
+    hint = f" ({module_hint})" if module_hint and isinstance(value, nn.Module) else ""
+    raise InputError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}{hint}")
 
 
 def check_number(name: str, value: Any, least: float, *, strict: bool = False) -> None:

@@ -38,14 +38,27 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(doubl
 
 @dataclass
 class Generation:
-    """The result of :func:`generate`."""
+    """The result of :func:`generate`.
 
-    tokens: np.ndarray  # [batch, new] generated ids (after EOS: the pad id)
-    text: list[str] | None  # decoded new text per row, when a tokenizer is known
-    prompt_tokens: int  # prompt length in tokens (padded)
+    Attributes:
+        tokens: int64 [batch, new], the generated ids; a row that ended early is filled with the
+            pad id after its end-of-text token.
+        text: the decoded new text of each row (special tokens skipped), or None when no
+            tokenizer is known (a bare session without ``tokenizer=``, or ids into a bundle
+            exported without one).
+        prompt_tokens: the prompt's length in tokens (the padded length for a batch).
+        prefill_s, decode_s: wall-clock seconds of the prefill (the prompt and the first new
+            token) and of the decode steps after it.
+        finished: every row ended at an end-of-text token, not at ``max_new_tokens``.
+        new_tokens, tokens_per_s: properties, the new tokens per row and the decode throughput.
+    """
+
+    tokens: np.ndarray
+    text: list[str] | None
+    prompt_tokens: int
     prefill_s: float
     decode_s: float
-    finished: bool = False  # every row ended at an end-of-text token (not at max_new_tokens)
+    finished: bool = False
 
     @property
     def new_tokens(self) -> int:
@@ -60,10 +73,16 @@ class Generation:
 
 @dataclass
 class Embedding:
-    """The result of :func:`embed`."""
+    """The result of :func:`embed`, in the bundle's dtype (float32 from a bfloat16 bundle).
 
-    sentence_embedding: np.ndarray  # [batch, hidden]
-    last_hidden_state: np.ndarray  # [batch, seq, hidden]
+    Attributes:
+        sentence_embedding: [batch, hidden], the attention-masked mean of the last hidden state
+            (not normalised).
+        last_hidden_state: [batch, seq, hidden], padded positions included.
+    """
+
+    sentence_embedding: np.ndarray
+    last_hidden_state: np.ndarray
 
 
 #: What a text input without a tokenizer can do instead.
@@ -438,8 +457,8 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
     bfloat16 bundle, widened exactly; the bundle's own dtype otherwise).
 
     Raises:
-        InputError: ids that are not a non-negative integer array, past the recorded vocabulary,
-            or an input longer than the encoder reads (its position table as recorded at export,
+        InputError: an empty list, ids that are not a non-negative integer array, past the recorded
+            vocabulary, or an input longer than the encoder reads (its position table as recorded at export,
             or its tokenizer's ``model_max_length``, whichever is smaller).
         HadaconvError: not an encoder bundle, text without a tokenizer, or an ONNX Runtime failure.
     """
@@ -450,6 +469,8 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
         what = (f"this one is {indefinite(meta['kind'])} bundle" if meta.get("kind")
                 else f"this session's outputs are {', '.join(outputs[:3])}{', ...' if len(outputs) > 3 else ''}")
         raise HadaconvError(f"embedding needs an encoder bundle (a sentence_embedding output), and {what}")
+    if isinstance(text, Sequence) and not isinstance(text, str) and len(text) == 0:
+        raise InputError(f"text is an empty {type(text).__name__}: give at least one text (or token ids)")
     if isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
         if tokenizer is None:
             raise HadaconvError(f"text needs a tokenizer: {_NO_TOKENIZER}")

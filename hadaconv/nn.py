@@ -72,7 +72,8 @@ class HadamardProjection(nn.Module):
         rank: r of the low-rank residual (0: none), at most min(d_in, d_out).
 
     Raises:
-        InputError: a block not dividing d_out, or a rank outside 0..min(d_in, d_out).
+        InputError: a block not dividing d_out, or a rank outside 0..min(d_in, d_out); in forward,
+            an input whose last dimension is not d_in.
     """
 
     def __init__(self, dim: int, bias: bool = True, block: int = 1, *, out_features: int | None = None,
@@ -106,6 +107,9 @@ class HadamardProjection(nn.Module):
         self.layer_index: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:  # the op would name gamma's shape, which is not what is wrong
+            raise InputError(f"HadamardProjection(dim={self.dim}) takes inputs [..., {self.dim}], got "
+                             f"{list(x.shape)}")
         y = self._apply_to(x, self.gamma, self.beta)
         return y if self.up is None else y + F.linear(F.linear(x, self.down), self.up)
 

@@ -205,9 +205,10 @@ def import_onnxruntime():
 
 def make_session_options(*, config_entries: dict[str, str] | None = None,
                          **session_options: Any) -> "onnxruntime.SessionOptions":
-    """``onnxruntime.SessionOptions`` with the given attributes set (an unknown name is a
-    one-line HadaconvError) and ``config_entries`` added as session config entries (for example
-    ``{"session.force_spinning_stop": "1"}``: ONNX Runtime's keys, passed through unchecked)."""
+    """``onnxruntime.SessionOptions`` with the given attributes set (an unknown name, or a value of
+    the wrong type, is a one-line HadaconvError) and ``config_entries`` added as session config
+    entries (for example ``{"session.force_spinning_stop": "1"}``: ONNX Runtime's keys, passed
+    through unchecked)."""
     options = import_onnxruntime().SessionOptions()
     for key, value in (config_entries or {}).items():
         options.add_session_config_entry(key, value)
@@ -215,7 +216,11 @@ def make_session_options(*, config_entries: dict[str, str] | None = None,
         if not hasattr(options, name):
             hint = " (the execution providers are providers='cpu', 'cuda' or 'auto')" if name == "provider" else ""
             raise HadaconvError(f"onnxruntime.SessionOptions has no option {name!r}{hint}")
-        setattr(options, name, value)
+        try:
+            setattr(options, name, value)
+        except TypeError:  # pybind11's multi-line list of the accepted signatures
+            raise HadaconvError(f"onnxruntime.SessionOptions.{name} cannot be set to {value!r}: it takes "
+                                f"{type(getattr(options, name)).__name__} values") from None
     return options
 
 

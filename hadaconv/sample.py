@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_file, check_output
-from hadaconv.errors import HadaconvError, InputError, command, indefinite
+from hadaconv.errors import HadaconvError, InputError, check_module, command, indefinite
 from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
@@ -151,6 +151,7 @@ def sample_texts(
             step of each batch (:func:`sampling_steps` calls in all): an outer bar's step, so
             that several calls share one bar and one time left.
     """
+    check_module(model)
     if temperature <= 0:
         raise InputError(f"temperature must be > 0, got {temperature}")
     if samples < 1 or seq_len < 2:

@@ -1404,6 +1404,14 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("generate-negative-top-k", lambda: generate(w.bundle, "hi", top_k=-1), InputError, r"top_k"),
         ("generate-on-encoder", lambda: generate(w.encoder, "hi"), HadaconvError, r"needs a causal LM"),
         ("embed-float-ids", lambda: embed(w.encoder, np.array([[1.5]])), InputError, r"integer array"),
+        ("embed-empty-list", lambda: embed(w.encoder, []), InputError,  # was transformers' IndexError
+         r"^text is an empty list: give at least one text \(or token ids\)$"),
+        ("convert-stats-device-unknown",  # torch's own error came only after the model and its text
+         lambda: convert(make_tiny("llama"), None, ConvertConfig(stats_device="gpu"), inputs=ids),
+         InputError, r"^stats_device='gpu': not a device \(expected cpu, cuda or cuda:N\)$"),
+        ("plan-stats-device-unknown",
+         lambda: __import__("hadaconv").plan_conversion(str(w.hf), ConvertConfig(stats_device="tpu:0")),
+         InputError, r"^stats_device='tpu:0': "),
         ("embed-on-causal", lambda: embed(w.bundle, "hi"), HadaconvError,
          r"needs an encoder bundle \(a sentence_embedding output\), and this one is a causal-lm bundle$"),
         ("generate-text-on-bare-session", lambda: generate(runtime.session(w.bundle / MODEL, "cpu"), "hi"),
@@ -1531,8 +1539,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"^max_new_tokens must be an integer >= 1, got '8'$"),
         ("load-missing-folder", lambda: load(t / "nope"), HadaconvError, r"^no such folder: .*nope$"),
         ("load-bundle", lambda: load(w.bundle), HadaconvError,
-         r"is an ONNX bundle \(what an ONNX export writes\): run it with hadaconv\.generate\.generate, or give the "
-         r"model folder it was exported from$"),
+         r"is an ONNX bundle \(what an ONNX export writes\): run it with hadaconv\.generate\.generate \(an encoder's: "
+         r"hadaconv\.generate\.embed\), or give the model folder it was exported from$"),
         ("save-dense-model", lambda: save(make_tiny("llama"), t / "out"), HadaconvError,
          r"the model holds no HadamardProjection: nothing converted to save"),
         ("save-hand-made-projection", lambda: save(_hand_patched(), t / "out"), HadaconvError,
@@ -1563,6 +1571,23 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("realmodels-wrong-hash", lambda: qwen2_5_coder(_wheels(t / "wheels")), ModelFormatError,
          r"the joined Qwen2\.5 file has SHA-256 [0-9a-f]{64}, expected"),
         ("projection-block-0", lambda: HadamardProjection(64, block=0), InputError, r"positive divisor"),
+        ("projection-input-width", lambda: HadamardProjection(64, block=16)(torch.ones(2, 32)), InputError,
+         r"^HadamardProjection\(dim=64\) takes inputs \[\.\.\., 64\], got \[2, 32\]$"),  # it named gamma's shape
+        ("op-scale-text", lambda: fwht(torch.ones(2, 64), scale="a"), InputError,
+         r"^scale must be a finite number, got 'a'$"),
+        ("op-inverse-text", lambda: fwht(torch.ones(2, 64), inverse="no"), InputError,  # read as True
+         r"^inverse must be True or False, got 'no'$"),
+        ("export-atol-negative", lambda: export_onnx(make_tiny("llama"), t / "b", atol=-1), InputError,
+         r"^atol must be a number >= 0, got -1$"),
+        ("session-option-wrong-type", lambda: open_bundle(w.bundle, intra_op_num_threads="two"), HadaconvError,
+         r"^onnxruntime\.SessionOptions\.intra_op_num_threads cannot be set to 'two': it takes int values$"),
+        ("sample-path", lambda: sample_texts("model.gguf", tok), InputError, r"^model must be a torch nn\.Module"),
+        ("load-not-a-path", lambda: load(42), InputError, r"^folder must be a path \(str or os\.PathLike\), got int$"),
+        ("load-model-not-a-path", lambda: load_model(None), InputError, r"^source must be a path .*got NoneType$"),
+        ("open-bundle-not-a-path", lambda: open_bundle(3.5), InputError, r"^folder must be a path .*got float$"),
+        ("convert-file-a-model", lambda: convert_file(make_tiny("llama"), str(t / "out")), InputError,
+         r"^source must be a path .*got LlamaForCausalLM \(a model in memory converts with hadaconv\.convert"),
+        ("distill-file-not-a-path", lambda: distill_file(w.conv, None), InputError, r"^out_dir must be a path"),
         ("op-gamma-shape", lambda: hadamard_affine(torch.ones(2, 64), torch.ones(63)), InputError,
          r"gamma must be \[64\]"),
         ("text-windows-seq-len-0", lambda: text_windows(tok, TEXT, 0), InputError, r"seq_len >= 2"),
@@ -1575,7 +1600,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
 
 API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "generate-ragged-ids",
            "generate-id-past-vocab", "generate-zero-tokens", "generate-negative-top-k", "generate-on-encoder",
-           "embed-float-ids", "embed-on-causal", "generate-text-on-bare-session",
+           "embed-float-ids", "embed-empty-list", "convert-stats-device-unknown", "plan-stats-device-unknown",
+           "embed-on-causal", "generate-text-on-bare-session",
            "session-custom-graph-without-library", "open-bundle-library-by-absolute-path",
            "open-bundle-library-not-a-name",
            "session-missing-file",
@@ -1601,7 +1627,10 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "distill-file-pickled-teacher-with-config", "convert-file-config-path",
            "convert-file-model-config-for-a-folder", "convert-file-bare-without-model-config",
            "realmodels-no-wheels", "realmodels-partial-wheel", "realmodels-wrong-hash",
-           "projection-block-0", "op-gamma-shape", "text-windows-seq-len-0", "token-windows-too-short",
+           "projection-block-0", "projection-input-width", "op-scale-text", "op-inverse-text", "export-atol-negative",
+           "session-option-wrong-type", "sample-path", "load-not-a-path", "load-model-not-a-path",
+           "open-bundle-not-a-path", "convert-file-a-model", "distill-file-not-a-path", "op-gamma-shape",
+           "text-windows-seq-len-0", "token-windows-too-short",
            "sample-batch-0"]
 
 

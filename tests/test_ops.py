@@ -136,6 +136,19 @@ def test_compile_with_dynamic_shapes_traces_the_width_check():
     torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
 
 
+def test_compile_traces_a_scale_computed_from_a_symbolic_width():
+    """The scale and inverse checks stand aside under compilation: 1/sqrt(n) of a dynamic width is a
+    traced float, not a number they could test (math.isfinite on it broke fullgraph compilation)."""
+    import math
+
+    def f(x):
+        return hadaconv.fwht(x, scale=1 / math.sqrt(x.shape[-1]), inverse=1)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="eager")
+    for x in (torch.randn(3, 64), torch.randn(5, 128)):
+        torch.testing.assert_close(compiled(x), hadaconv.fwht(x, inverse=True), atol=1e-6, rtol=1e-6)
+
+
 def test_compile_and_export_match_eager():
     layer = hadaconv.HadamardProjection(48, block=4)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from hadaconv.atomic import atomic_file, check_not_input, check_output
 from hadaconv.distill.checkpoint import FILE as CHECKPOINT
 from hadaconv.distill.core import DistillConfig, DistillReport, check_config, distill, eval_text_windows
 from hadaconv.distill.parallel import is_main
-from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
+from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_path, command, option
 from hadaconv.io import check_model_config, original_path, same_file
 from hadaconv.io.files import converted_meta, read_json
 from hadaconv.nn import HadamardProjection
@@ -132,6 +132,9 @@ def distill_file(
     ``trust_pickle`` for a ``torch.save``d module.  Raises HadaconvError (one line)
     for bad input, before any model is loaded where it can be told from the files.
     """
+    check_path(converted, "converted", "models in memory distill with hadaconv.distill.distill(student, teacher, "
+                                       "tokenizer, config)")
+    check_path(out_dir, "out_dir")
     cfg = check_config(config)
     job = _check_inputs(Path(converted), Path(out_dir), cfg, teacher, teacher_config, overwrite)
     saved = _conversion_report(job.converted / "report.json")  # read now: a damaged one must not fail the save

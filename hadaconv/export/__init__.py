@@ -26,7 +26,7 @@ from torch import nn
 
 from hadaconv._version import __version__
 from hadaconv.adapters import context_length as model_context
-from hadaconv.errors import HadaconvError, check_module, indefinite, option
+from hadaconv.errors import HadaconvError, check_module, check_number, indefinite, option
 from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, positive_int, write_metadata
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
@@ -251,12 +251,14 @@ def export_onnx(
         InputError: ``model`` not an ``nn.Module`` (a path: ``load_model(path).model``).
         HadaconvError: example inputs for a text model, ``cache=False`` for a model that exports
             as no causal LM, the encoder kind for a model with a head (the causal-lm or classifier
-            kind for a bare encoder), a bad ``dtype`` or ``optimize``
-            level, ``optimize`` with ``portable`` or half precision, bfloat16 validation on the
-            CPU, an existing ``out_dir`` without ``overwrite``, a failed export, or outputs outside
-            ``atol`` (nothing is written).
+            kind for a bare encoder), a bad ``dtype`` or ``optimize`` level, ``optimize`` with
+            ``portable`` or half precision, an ``atol`` that is no number >= 0, bfloat16 validation
+            on the CPU, an existing ``out_dir`` without ``overwrite``, a failed export, or outputs
+            outside ``atol`` (nothing is written).
     """
     check_module(model)
+    if atol is not None:  # before the copy and the trace: a negative one would fail every output
+        check_number("atol", atol, 0)
     out = Path(out_dir)
     form = "portable" if portable else "custom"
     original, original_inputs = model, example_inputs

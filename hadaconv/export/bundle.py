@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from hadaconv import atomic
-from hadaconv.errors import HadaconvError, ModelFormatError, command
+from hadaconv.errors import HadaconvError, ModelFormatError, check_path, command
 from hadaconv.io.files import plain_name, read_json
 from hadaconv.runtime import OP_DOMAIN, OP_VERSION, session
 
@@ -162,6 +162,7 @@ def open_bundle(folder: str | os.PathLike, providers: str | list[Any] | None = "
     outside it, a graph that needs a newer op version than :data:`hadaconv.runtime.OP_VERSION`
     (ONNX Runtime itself would run it with this library's kernel), or a missing op library;
     ModelFormatError for a graph ONNX Runtime refuses."""
+    check_path(folder, "folder")
     folder = Path(folder)
     meta = read_metadata(folder)
     sess = session(folder / MODEL, providers, library=_needs_library(folder, meta), **session_options)

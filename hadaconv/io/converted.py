@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_folder, check_output
-from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_module, command, option
+from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_module, check_path, command, option
 from hadaconv.io.build import load_weights, model_from_config, torch_recipe
 from hadaconv.io.files import (META_KEY, SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, VOCABULARY_FILES, WEIGHTS,
                                converted_meta, first_line, read_json, read_safetensors, shard_map)
@@ -273,6 +273,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
     from hadaconv.adapters import find_adapter
     from hadaconv.swap import install_projection
 
+    check_path(folder, "folder", "a converted model in memory is saved with hadaconv.save(model, folder)")
     folder = Path(folder)
     config_path = folder / "config.json"
     if folder.is_file():
@@ -342,7 +343,7 @@ def _check_meta(config_path: Path, meta: dict) -> None:
 def refuse_bundle(folder: Path) -> None:
     """Say what an ONNX bundle given where a model folder goes is, and what takes it."""
     if not (folder / "config.json").is_file() and (folder / "hadaconv_onnx.json").is_file():  # export.bundle.METADATA
-        run = command("hadaconv run", "hadaconv.generate.generate")
+        run = command("hadaconv run", "hadaconv.generate.generate (an encoder's: hadaconv.generate.embed)")
         raise HadaconvError(f"{folder} is an ONNX bundle (what an ONNX export writes): run it with {run}, or give "
                             "the model folder it was exported from")
 

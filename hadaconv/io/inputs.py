@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from hadaconv.errors import HadaconvError, InputError, ModelFormatError, command, option
+from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_path, command, option
 from hadaconv.io.build import (HeadDropped, build_empty, builder, causal_lm_class, check_depth, check_finite,
                                check_size, config_file, hf_config, hf_from_config, load_weights, model_class,
                                model_from_config, refuse_missing)
@@ -82,6 +82,7 @@ def load_model(
     """
     from hadaconv.device import resolve_device, resolve_dtype
 
+    check_path(source, "source")
     dtype, dev = resolve_dtype(dtype), resolve_device(device)
     path = Path(source)
     if not path.exists():
@@ -294,7 +295,8 @@ def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None,
     if path.suffix in _PICKLE_SUFFIXES:
         return _load_torch_file(path, config, trust_pickle, flag)
     if path.suffix == ".onnx":
-        run = command(f"hadaconv run {path.parent}", f"hadaconv.generate.generate('{path.parent}', prompt)")
+        run = command(f"hadaconv run {path.parent}", f"hadaconv.generate.generate('{path.parent}', prompt) "
+                      "(an encoder's: hadaconv.generate.embed)")
         raise HadaconvError(f"{path} is an ONNX graph, which hadaconv runs but does not convert: run its bundle "
                             f"folder with {run}, or give the model it was exported from")
     raise HadaconvError(

@@ -16,8 +16,10 @@ Half-precision inputs are computed in float32 and cast back; float64 stays float
 from __future__ import annotations
 
 import math
-from typing import Optional
+import numbers
+from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from hadaconv.errors import InputError
@@ -47,6 +49,23 @@ def _check(x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor]) -> None:
             raise InputError(f"gamma must be [{n}] or [{n}/b, b, b], got {list(gamma.shape)}")
     if beta is not None and beta.shape != (n,):
         raise InputError(f"beta must be [{n}], got {list(beta.shape)}")
+
+
+def _scalars(n: int, scale: Any, inverse: Any) -> tuple[float, bool]:
+    """(scale, inverse) as the ops take them; ``scale`` None is the orthonormal ``1/sqrt(n)``.
+    A string would otherwise fail in float() and any non-empty one would read as inverse=True.
+    Not checked while compiling: a scale traced from a symbolic shape is no plain number."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(n)
+    elif not torch.compiler.is_compiling():
+        if getattr(scale, "ndim", None) == 0 and callable(getattr(scale, "item", None)):
+            scale = scale.item()  # a 0-d tensor or array holds one number
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise InputError(f"scale must be a finite number, got {scale!r}")
+    flag = isinstance(inverse, (bool, np.bool_)) or (isinstance(inverse, (int, np.integer)) and inverse in (0, 1))
+    if not flag and not torch.compiler.is_compiling():  # 0 and 1 too: ONNX's transpose attribute is an int
+        raise InputError(f"inverse must be True or False, got {inverse!r}")
+    return float(scale), bool(inverse)
 
 
 # --------------------------------------------------------------------------- hadaconv::fwht
@@ -144,12 +163,12 @@ def fwht(x: Tensor, *, scale: float | None = None, inverse: bool = False) -> Ten
     ``fwht(fwht(x), inverse=True) == x`` with the default scale.
 
     Raises:
-        InputError: ``x`` not floating point, or 0-dimensional.
+        InputError: ``x`` not floating point, or 0-dimensional; ``scale`` not a finite number,
+            ``inverse`` not a bool.
         UnsupportedSizeError: no Hadamard matrix is known for the width ``n = x.shape[-1]``.
     """
     _check(x, None, None)
-    s = 1.0 / math.sqrt(x.shape[-1]) if scale is None else float(scale)
-    return _fwht(x, s, bool(inverse))
+    return _fwht(x, *_scalars(x.shape[-1], scale, inverse))
 
 
 def hadamard_affine(
@@ -167,9 +186,9 @@ def hadamard_affine(
     ``i*b:(i+1)*b``.  ``beta`` is [n].  Either may be None.
 
     Raises:
-        InputError: a tensor not floating point, or of another shape than these.
+        InputError: a tensor not floating point, or of another shape than these; ``scale`` not a
+            finite number, ``inverse`` not a bool.
         UnsupportedSizeError: no Hadamard matrix is known for the width ``n = x.shape[-1]``.
     """
     _check(x, gamma, beta)
-    s = 1.0 / math.sqrt(x.shape[-1]) if scale is None else float(scale)
-    return _hadamard_affine(x, gamma, beta, s, bool(inverse))
+    return _hadamard_affine(x, gamma, beta, *_scalars(x.shape[-1], scale, inverse))
