@@ -164,7 +164,7 @@ def fwht(x: Tensor, *, scale: float | None = None, inverse: bool = False) -> Ten
 
     Raises:
         InputError: ``x`` not floating point, or 0-dimensional; ``scale`` not a finite number,
-            ``inverse`` not a bool.
+            ``inverse`` not a bool (nor 0 or 1).
         UnsupportedSizeError: no Hadamard matrix is known for the width ``n = x.shape[-1]``.
     """
     _check(x, None, None)
@@ -187,7 +187,7 @@ def hadamard_affine(
 
     Raises:
         InputError: a tensor not floating point, or of another shape than these; ``scale`` not a
-            finite number, ``inverse`` not a bool.
+            finite number, ``inverse`` not a bool (nor 0 or 1).
         UnsupportedSizeError: no Hadamard matrix is known for the width ``n = x.shape[-1]``.
     """
     _check(x, gamma, beta)
