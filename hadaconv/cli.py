@@ -999,7 +999,8 @@ def _duration(text: str | None) -> float | None:
               show_default=True, help="Dtype the models are loaded and trained in (auto: the checkpoints' own).")
 @click.option("--bf16/--no-bf16", default=None,
               help="Run the forward passes under bfloat16 autocast (weights and optimizer stay in --dtype).  "
-                   "[default: where the hardware multiplies bfloat16: CUDA GPUs, CPUs with AMX or AVX512_BF16]")
+                   "[default: for float32 weights, where the hardware multiplies bfloat16: CUDA GPUs, CPUs with AMX "
+                   "or AVX512_BF16]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_stage, global_stage, train, data,

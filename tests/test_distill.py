@@ -167,6 +167,21 @@ def test_bf16_autocast(tokenizer, monkeypatch):
     assert report.autocast == "off"  # bf16=False wins over a native CPU
 
 
+def test_half_precision_weights_are_not_autocast(tokenizer, monkeypatch):
+    """The default autocasts float32 weights only: float16 ones (--dtype float16) next to bfloat16
+    activations failed in the encoder's LayerNorm on the CPU ("mixed dtype"), and an explicit
+    bf16=True with them is refused in one line."""
+    from hadaconv.distill import core
+
+    monkeypatch.setattr(core, "native_bf16", lambda device: True)
+    student, teacher = (m.half() for m in _pair("bert", tokenizer))
+    cfg = DistillConfig(stages=["global"], max_steps=1, **{**RUN, "bf16": None})
+    report = distill(student, teacher, tokenizer, cfg)
+    assert report.autocast == "off" and report.steps == 1
+    with pytest.raises(HadaconvError, match=r"^bf16 autocasts float32 weights to bfloat16, and these are float16"):
+        distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, **{**RUN, "bf16": True}))
+
+
 def test_learning_rate_follows_the_share_of_blocks_converted(tokenizer):
     """With no lr given, the run's peak learning rate is 1e-4 times the share of attention blocks
     converted (all: 1e-4; one of the tiny model's two: 5e-5); a given lr is kept."""

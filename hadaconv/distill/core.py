@@ -113,8 +113,9 @@ class DistillConfig:
         dtype: dtype the teacher and student are loaded in ("auto": the checkpoints' own); the
             default float32 keeps full-precision trained weights (bf16 autocast where native).
         bf16: autocast the forward passes to bfloat16 (the weights and optimizer stay in
-            ``dtype``); None (the default): where the device multiplies bfloat16 in hardware
-            (:func:`hadaconv.device.native_bf16`: CUDA GPUs, CPUs with AMX or AVX512_BF16).
+            ``dtype``; refused for float16 weights); None (the default): for float32 weights,
+            where the device multiplies bfloat16 in hardware (:func:`hadaconv.device.native_bf16`:
+            CUDA GPUs, CPUs with AMX or AVX512_BF16).
         progress: show a progress bar (rank 0, on a terminal).
     """
 
@@ -455,7 +456,8 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
         raise InputError(f"{option('stages', flag=_FLAGS['stages'])} must be local and/or global, got {cfg.stages!r}")
     if cfg.train not in ("attention", "all"):
         raise InputError(f"{option('train', cfg.train)} is neither attention nor all")
-    resolve_dtype(cfg.dtype)
+    if resolve_dtype(cfg.dtype) == torch.float16 and cfg.bf16:
+        _autocast(cfg.bf16, torch.device("cpu"), torch.float16)  # said before the models load
     check_fields(cfg, _AT_LEAST, _NUMBERS, _FLAGS)
     if cfg.device is not None:
         resolve_device(cfg.device)  # "gpu", or CUDA where there is none: said before two models load
@@ -471,6 +473,18 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     if cfg.eval_text is not None:
         read_document(cfg.eval_text)  # not UTF-8 (a binary named by mistake): refused before the models load
     return cfg
+
+
+def _autocast(asked: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the forward passes run under bfloat16 autocast: as ``asked``, else where the device
+    multiplies bfloat16 natively and the weights are float32 (half-precision weights gain nothing,
+    and float16 ones next to bfloat16 activations fail in layer norms on the CPU)."""
+    if asked is None:
+        return native_bf16(device) and dtype == torch.float32
+    if asked and dtype == torch.float16:
+        raise InputError(f"{option('bf16')} autocasts float32 weights to bfloat16, and these are float16: load "
+                         f"them in float32 ({option('dtype', 'float32')}) or drop it")
+    return asked
 
 
 def distill(
@@ -618,7 +632,7 @@ class _Distillation:
         student.to(d.device)
         report.trainable_params = _select_trainable(student, blocks, cfg.train)
         report.lr = cfg.lr
-        self.use_amp = native_bf16(d.device) if cfg.bf16 is None else cfg.bf16
+        self.use_amp = _autocast(cfg.bf16, d.device, next(student.parameters()).dtype)
         report.world_size, report.autocast = d.world, "bfloat16" if self.use_amp else "off"
         if cfg.gradient_checkpointing:
             if not hasattr(student, "gradient_checkpointing_enable"):
