@@ -544,7 +544,9 @@ def _recorded_original(loaded, model: str) -> tuple[str | None, str | None]:
               help="Sequences to sample: as many as a default convert calibrates on (and a default distill "
                    "trains on), so the file serves both in full.")
 @click.option("--seq-len", type=Integer(min=2), default=256, show_default=True, help="Tokens per sequence.")
-@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Sequences sampled side by side.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True,
+              help="Sequences sampled side by side.  The default samples the text convert and distill cache (and "
+                   "reads what they cached); another size samples other text, which is not cached.")
 @click.option("--temperature", type=Number(min=0, min_open=True), default=1.0, show_default=True,
               help="Sampling temperature: 1 is the model's own distribution, which calibrated best (lower or higher "
                    "made the converted model worse on both held-out domains, benchmarks/RESULTS.md).")
@@ -561,14 +563,17 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     Each sequence starts from a random vocabulary token and follows the model's own next-token
     distribution (KV cache).  The default 512 x 256 tokens take about 8 minutes for SmolLM2-135M on
     2 quiet CPU cores (81 tokens/s, 27 minutes, on 1 thread of a shared 2-core EPYC,
-    benchmarks/RESULTS.md); the progress line gives the time left.  Pass the file to convert --calib
-    and distill --data when no text of the model's target domain is at hand.
+    benchmarks/RESULTS.md); the progress line gives the time left.  The text is the one a default
+    convert and distill sample and cache (in $HADACONV_CACHE): either reuses what the other
+    sampled.  Pass the file to convert --calib and distill --data to combine it with other text.
     """
     import time
 
     from hadaconv.atomic import check_output
-    from hadaconv.io import check_model_config, load_model
-    from hadaconv.sample import check_jsonl_name, sample_texts, write_jsonl
+    from hadaconv.device import resolve_device
+    from hadaconv.io import check_model_config, load_model, source_key
+    from hadaconv.sample import (DEFAULT_BATCH, cached_samples, check_jsonl_name, reading_source, sample_texts,
+                                 write_jsonl)
 
     check_output(output, overwrite, folder=False, inputs=[model, model_config])  # first: "is the input" matters more
     check_jsonl_name(output)
@@ -578,8 +583,12 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to decode samples with" + NO_TOKENIZER.get(loaded.format, ""))
     t = time.perf_counter()
-    texts = sample_texts(loaded.model, loaded.tokenizer, samples=samples, seq_len=seq_len,
-                         batch_size=batch_size, temperature=temperature, seed=seed)
+    settings = {"samples": samples, "seq_len": seq_len, "temperature": temperature, "seed": seed}
+    if batch_size == DEFAULT_BATCH:  # the batch decides the text: only the default's is the cached one
+        with reading_source(source_key(model, config=model_config, dtype=dtype, device=resolve_device(device).type)):
+            texts = cached_samples(loaded.model, loaded.tokenizer, **settings)[0]
+    else:
+        texts = sample_texts(loaded.model, loaded.tokenizer, batch_size=batch_size, **settings)
     write_jsonl(texts, output, overwrite=overwrite)
     click.echo(f"wrote {len(texts)} sample{'s' if len(texts) != 1 else ''} of {seq_len} tokens to {output} in "
                f"{time.perf_counter() - t:.0f} s")

@@ -109,6 +109,30 @@ def test_seeded_and_diverse(tokenizer):
         sample_texts(model, tokenizer, samples=1, seq_len=4, temperature=0)
 
 
+def test_cli_sample_writes_the_text_convert_caches(tmp_path, capsys, monkeypatch):
+    """At the default batch size, `hadaconv sample` writes the very text a conversion of the same
+    model calibrates on, through the same cache (either samples it once for both); another batch
+    size samples other text and leaves the cache alone."""
+    import hadaconv
+    from hadaconv.convert import ConvertConfig
+    from hadaconv.sample import cached_samples
+
+    monkeypatch.setenv("HADACONV_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "tiny"
+    make_tiny("llama", src)
+    code, _, _ = _cli(capsys, "sample", src, "-o", tmp_path / "a.jsonl", "--samples", 4, "--seq-len", 8)
+    cfg = ConvertConfig(block=4, seq_len=8, samples=4, layers=[0], sensitivity=False, progress=False)
+    assert code == 0 and "(all cached, sampled by an earlier run;" in hadaconv.plan_conversion(src, cfg).calibration
+    loaded = hadaconv.load_model(src)
+    assert load_texts([str(tmp_path / "a.jsonl")]) == cached_samples(loaded.model, loaded.tokenizer, samples=4,
+                                                                      seq_len=8, progress=False)[0]
+    files = sorted((tmp_path / "cache" / "samples").glob("*.jsonl"))
+    code, _, _ = _cli(capsys, "sample", src, "-o", tmp_path / "b.jsonl", "--samples", 4, "--seq-len", 8,
+                      "--batch-size", 3)
+    assert code == 0 and sorted((tmp_path / "cache" / "samples").glob("*.jsonl")) == files
+    assert load_texts([str(tmp_path / "b.jsonl")]) != load_texts([str(tmp_path / "a.jsonl")])
+
+
 def test_cli_writes_jsonl_that_calibration_reads(tmp_path, capsys):
     src = tmp_path / "tiny"
     make_tiny("llama", src)
