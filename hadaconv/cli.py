@@ -478,7 +478,14 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
                                      device=device, dtype=dtype).model
         except HadaconvError as exc:  # after MODEL's own result: say which model failed, and the way round it
             raise HadaconvError(f"the baseline {other}: {exc} (--no-baseline skips it)") from None
-        base = perplexity(other_model, windows, batch, progress=f"perplexity of {_short(other)} ({batches})")
+        if model_kind(other_model) == "encoder":
+            raise HadaconvError(f"the baseline {other} is a text encoder, which has no perplexity: give a causal LM "
+                                "that reads the same tokens (--no-baseline skips it)")
+        try:
+            base = perplexity(other_model, windows, batch, progress=f"perplexity of {_short(other)} ({batches})")
+        except InputError as exc:  # ids past its vocabulary: another tokenizer's model
+            raise HadaconvError(f"the baseline {other}: {exc}: it reads other tokens than {_short(model)} "
+                                "(--no-baseline skips it)") from None
         click.echo(f"baseline {_short(other)}: perplexity {base.perplexity:.3f} on the same windows; "
                    f"{_short(model)} is {p.perplexity / base.perplexity:.3f}x that")
 

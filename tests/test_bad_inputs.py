@@ -773,6 +773,13 @@ ROWS = [
         lambda w, t: ["eval", w.conv, "--baseline", _truncate(_copy(w.hf, t / "m") / "model.safetensors", 0.5).parent,
                       "--max-windows", "1", "--seq-len", "16"],
         r"the baseline .*m: .*model\.safetensors is truncated.* \(--no-baseline skips it\)$"),
+    Row("distill-eval-text-folder",  # said "no such file"
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--eval-text", _mkdir(t / "texts", with_file=True)],
+        r"--eval-text .*texts is a folder: give one text file$"),
+    Row("eval-baseline-encoder",  # was a vocabulary error from the baseline's perplexity, naming neither model
+        lambda w, t: ["eval", w.conv, "--baseline", w.bert, "--max-windows", "1", "--seq-len", "16"],
+        r"the baseline .*bert is a text encoder, which has no perplexity: give a causal LM that reads the same tokens "
+        r"\(--no-baseline skips it\)$"),
     Row("convert-config-without-architectures",
         lambda w, t: _convert(_with_head(w.hf / "model.safetensors", t / "m.safetensors"), t / "out", "--config",
                               _no_architectures(_copy(w.hf, t / "c")), "--seq-len", "16"),

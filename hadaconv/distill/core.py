@@ -468,6 +468,8 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
         raise fsdp_needs_processes()
     if cfg.min_lr_ratio > 1:
         raise InputError(f"{option('min_lr_ratio')} must be at most 1 (a fraction of lr), got {cfg.min_lr_ratio!r}")
+    if cfg.eval_text is not None and Path(cfg.eval_text).is_dir():
+        raise InputError(f"{option('eval_text', cfg.eval_text)} is a folder: give one text file")
     if cfg.eval_text is not None and not Path(cfg.eval_text).is_file():
         raise InputError(f"{option('eval_text', cfg.eval_text)}: no such file{one_file_hint(cfg.eval_text)}")
     if cfg.eval_text is not None:
