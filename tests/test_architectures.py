@@ -253,8 +253,11 @@ def test_convert_a_converted_folder_again(tmp_path):
     make_tiny("llama", tmp_path / "src")
     convert_file(str(tmp_path / "src"), str(tmp_path / "c1"), ConvertConfig(layers=[0], sensitivity=False, **FAST))
     first = hadaconv.load(tmp_path / "c1")
-    with pytest.raises(HadaconvError, match="can still be converted are 1"):
+    with pytest.raises(HadaconvError, match="can still be converted are 1$"):
         convert_file(str(tmp_path / "c1"), str(tmp_path / "bad"), ConvertConfig(layers=[0], **FAST))
+    with pytest.raises(HadaconvError, match=r"names 0, but the layers that can still be converted are 1: give "
+                                            r"layers='1'$"):  # the rest of the list, to copy
+        convert_file(str(tmp_path / "c1"), str(tmp_path / "bad"), ConvertConfig(layers=[0, 1], **FAST))
     report = convert_file(str(tmp_path / "c1"), str(tmp_path / "c2"), ConvertConfig(sensitivity=False, **FAST))
     assert report.converted == [1]
     meta = json.loads((tmp_path / "c2" / "config.json").read_text())["hadaconv"]
