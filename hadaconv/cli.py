@@ -723,8 +723,8 @@ def _ids(ctx, param, given: tuple[str, ...]) -> list[int] | None:
               help="auto: CUDA when this onnxruntime has it, else CPU.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON, not streamed: for an encoder, one object per --text, a line each, "
-                   "with the whole sentence embedding (the plain output prints its first values); for a causal LM, "
-                   "one object with the new token ids and text.")
+                   "with the text (or the ids) and its whole sentence embedding (the plain output prints its first "
+                   "values); for a causal LM, one object with the new token ids and text.")
 def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
             provider, as_json) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with
@@ -811,8 +811,9 @@ def _print_embedding(opened, texts: list, as_json: bool) -> None:
     from hadaconv.generate import embed
 
     for i, vec in enumerate(embed(opened, texts).sentence_embedding):
-        if as_json:
-            click.echo(json.dumps({"sentence_embedding": vec.astype(np.float64).tolist()}))
+        if as_json:  # the input with its vector: each line stands alone (sorted, filtered, split up)
+            given = {"text": texts[i]} if isinstance(texts[i], str) else {"ids": [int(t) for t in texts[i]]}
+            click.echo(json.dumps({**given, "sentence_embedding": vec.astype(np.float64).tolist()}))
             continue
         head = ", ".join(f"{v:.4f}" for v in vec[:8])
         which = f"text {i + 1}: " if len(texts) > 1 else ""

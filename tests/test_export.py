@@ -183,8 +183,10 @@ def test_encoder_embeddings(tmp_path, tokenizer, family, form, block, capsys):
                                    atol=1e-6)
         code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[1], "--text", texts[0], "--json")
         assert code == 0, err
-        lines = [json.loads(line)["sentence_embedding"] for line in out.splitlines()]
-        np.testing.assert_allclose(lines, emb.sentence_embedding[::-1], rtol=1e-5, atol=1e-6)
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert [line["text"] for line in lines] == [texts[1], texts[0]]  # each line names its input
+        np.testing.assert_allclose([line["sentence_embedding"] for line in lines], emb.sentence_embedding[::-1],
+                                   rtol=1e-5, atol=1e-6)
         code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[0], "--text", texts[1])
         assert code == 0 and [line.split(":")[0] for line in out.splitlines()[:2]] == ["text 1", "text 2"], out
 
