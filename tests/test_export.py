@@ -187,6 +187,8 @@ def test_encoder_embeddings(tmp_path, tokenizer, family, form, block, capsys):
         assert [line["text"] for line in lines] == [texts[1], texts[0]]  # each line names its input
         np.testing.assert_allclose([line["sentence_embedding"] for line in lines], emb.sentence_embedding[::-1],
                                    rtol=1e-5, atol=1e-6)
+        code, out, err = run_cli(capsys, "run", tmp_path / "b", "--ids", "101,7592,102", "--json")
+        assert code == 0 and json.loads(out)["ids"] == [101, 7592, 102], err
         code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[0], "--text", texts[1])
         assert code == 0 and [line.split(":")[0] for line in out.splitlines()[:2]] == ["text 1", "text 2"], out
 
