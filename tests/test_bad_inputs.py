@@ -776,6 +776,11 @@ ROWS = [
     Row("distill-eval-text-folder",  # said "no such file"
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--eval-text", _mkdir(t / "texts", with_file=True)],
         r"--eval-text .*texts is a folder: give one text file$"),
+    Row("eval-baseline-short-context",  # its own check, not read as "other tokens"
+        lambda w, t: ["eval", w.conv, "--baseline", _config_with(_copy(w.hf, t / "m"), max_position_embeddings=8),
+                      "--max-windows", "1", "--seq-len", "16"],
+        r"the baseline .*m: --seq-len 16 is longer than the model's context of 8 tokens \(from its config\) "
+        r"\(--no-baseline skips it\)$"),
     Row("eval-baseline-encoder",  # was a vocabulary error from the baseline's perplexity, naming neither model
         lambda w, t: ["eval", w.conv, "--baseline", w.bert, "--max-windows", "1", "--seq-len", "16"],
         r"the baseline .*bert is a text encoder, which has no perplexity: give a causal LM that reads the same tokens "

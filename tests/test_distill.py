@@ -178,6 +178,7 @@ def test_half_precision_weights_are_not_autocast(tokenizer, monkeypatch):
     cfg = DistillConfig(stages=["global"], max_steps=1, **{**RUN, "bf16": None})
     report = distill(student, teacher, tokenizer, cfg)
     assert report.autocast == "off" and report.steps == 1
+    monkeypatch.setattr(core, "_texts", lambda *a: pytest.fail("refused only after the text was prepared"))
     with pytest.raises(HadaconvError, match=r"^bf16 autocasts float32 weights to bfloat16, and these are float16"):
         distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, **{**RUN, "bf16": True}))
 

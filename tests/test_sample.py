@@ -131,6 +131,29 @@ def test_cli_sample_writes_the_text_convert_caches(tmp_path, capsys, monkeypatch
                       "--batch-size", 3)
     assert code == 0 and sorted((tmp_path / "cache" / "samples").glob("*.jsonl")) == files
     assert load_texts([str(tmp_path / "b.jsonl")]) != load_texts([str(tmp_path / "a.jsonl")])
+    from hadaconv.cli import sample_cmd
+    from hadaconv.sample import DEFAULT_BATCH
+
+    assert next(o.default for o in sample_cmd.params if o.name == "batch_size") == DEFAULT_BATCH
+
+
+def test_cli_sample_of_half_weights_runs_them_as_convert_does(tmp_path, capsys, monkeypatch):
+    """Convert samples a bfloat16 model's text in float32 on the CPU; sample does the same, so the
+    conversion finds the text sample cached and samples nothing (it sampled other text, and left
+    the dry run's record pointing at it, when sample ran the bfloat16 weights)."""
+    import hadaconv
+    from hadaconv.convert import ConvertConfig
+
+    monkeypatch.setenv("HADACONV_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "tiny"
+    make_tiny("llama", src)
+    code, _, err = _cli(capsys, "sample", src, "-o", tmp_path / "a.jsonl", "--samples", 4, "--seq-len", 8,
+                        "--dtype", "bfloat16")
+    assert code == 0, err
+    files = sorted((tmp_path / "cache" / "samples").glob("*.jsonl"))
+    cfg = ConvertConfig(block=4, seq_len=8, samples=4, layers=[0], sensitivity=False, progress=False)
+    hadaconv.convert_file(src, tmp_path / "out", cfg, dtype="bfloat16")
+    assert sorted((tmp_path / "cache" / "samples").glob("*.jsonl")) == files  # nothing sampled again
 
 
 def test_cli_writes_jsonl_that_calibration_reads(tmp_path, capsys):

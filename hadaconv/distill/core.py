@@ -456,8 +456,7 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
         raise InputError(f"{option('stages', flag=_FLAGS['stages'])} must be local and/or global, got {cfg.stages!r}")
     if cfg.train not in ("attention", "all"):
         raise InputError(f"{option('train', cfg.train)} is neither attention nor all")
-    if resolve_dtype(cfg.dtype) == torch.float16 and cfg.bf16:
-        _autocast(cfg.bf16, torch.device("cpu"), torch.float16)  # said before the models load
+    _check_bf16(cfg.bf16, resolve_dtype(cfg.dtype))  # said before the models load
     check_fields(cfg, _AT_LEAST, _NUMBERS, _FLAGS)
     if cfg.device is not None:
         resolve_device(cfg.device)  # "gpu", or CUDA where there is none: said before two models load
@@ -481,12 +480,15 @@ def _autocast(asked: bool | None, device: torch.device, dtype: torch.dtype) -> b
     """Whether the forward passes run under bfloat16 autocast: as ``asked``, else where the device
     multiplies bfloat16 natively and the weights are float32 (half-precision weights gain nothing,
     and float16 ones next to bfloat16 activations fail in layer norms on the CPU)."""
-    if asked is None:
-        return native_bf16(device) and dtype == torch.float32
+    _check_bf16(asked, dtype)
+    return native_bf16(device) and dtype == torch.float32 if asked is None else asked
+
+
+def _check_bf16(asked: bool | None, dtype: torch.dtype | None) -> None:
+    """Refuse bf16=True for float16 weights (``dtype``; None: not known yet)."""
     if asked and dtype == torch.float16:
         raise InputError(f"{option('bf16')} autocasts float32 weights to bfloat16, and these are float16: load "
                          f"them in float32 ({option('dtype', 'float32')}) or drop it")
-    return asked
 
 
 def distill(
@@ -524,6 +526,7 @@ def distill(
     if isinstance(tokenizer, DistillConfig):
         raise InputError("the config was given where the tokenizer goes: distill(student, teacher, tokenizer, config)")
     cfg = check_config(config)
+    _check_bf16(cfg.bf16, next(student.parameters()).dtype)  # before minutes of sampled text
     stages = sorted(dict.fromkeys(cfg.stages), key=("local", "global").index)
     if tokenizer is None:
         raise HadaconvError("distillation needs a tokenizer for its training text")
