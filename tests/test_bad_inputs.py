@@ -131,6 +131,19 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _other_vocabulary(src: Path, dst: Path, vocab: int = 1000) -> Path:
+    """A causal LM of src's shape with another vocabulary (src's tokenizer files, ids past it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(src)
+    config.vocab_size = vocab
+    AutoModelForCausalLM.from_config(config).save_pretrained(dst)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+    return dst
+
+
 def _streamed(w: "World", out: Path) -> Path:
     """A block-by-block conversion of the tiny Llama folder (its weights in numbered shards)."""
     from hadaconv.convert import ConvertConfig
@@ -781,6 +794,11 @@ ROWS = [
                       "--max-windows", "1", "--seq-len", "16"],
         r"the baseline .*m: --seq-len 16 is longer than the model's context of 8 tokens \(from its config\) "
         r"\(--no-baseline skips it\)$"),
+    Row("eval-baseline-other-vocabulary",  # was the vocabulary error alone, naming neither model
+        lambda w, t: ["eval", w.conv, "--baseline", _other_vocabulary(w.hf, t / "m"), "--max-windows", "1",
+                      "--seq-len", "16"],
+        r"the baseline .*m: token ids run from \d+ to \d+, outside the model's vocabulary of 1000: it reads "
+        r"other tokens than .*conv \(--no-baseline skips it\)$"),
     Row("eval-baseline-encoder",  # was a vocabulary error from the baseline's perplexity, naming neither model
         lambda w, t: ["eval", w.conv, "--baseline", w.bert, "--max-windows", "1", "--seq-len", "16"],
         r"the baseline .*bert is a text encoder, which has no perplexity: give a causal LM that reads the same tokens "
