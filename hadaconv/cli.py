@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -26,6 +26,8 @@ from hadaconv._version import __version__
 from hadaconv.errors import HadaconvError, InputError, cli_names, indefinite
 
 if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
     from hadaconv.distill.core import DistillReport
     from hadaconv.plan import Plan
 
@@ -473,18 +475,8 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     del loaded  # the baseline may be as large: never hold both models at once
     if other is not None:
         click.echo(f"now {other} on the same windows, for comparison (--no-baseline skips it)", err=True)
-        try:
-            other_model = load_model(other, config=_config_for(other, model_config), trust_pickle=trust_pickle,
-                                     device=device, dtype=dtype).model
-        except HadaconvError as exc:  # after MODEL's own result: say which model failed, and the way round it
-            raise HadaconvError(f"the baseline {other}: {exc} (--no-baseline skips it)") from None
-        if model_kind(other_model) == "encoder":
-            raise HadaconvError(f"the baseline {other} is a text encoder, which has no perplexity: give a causal LM "
-                                "that reads the same tokens (--no-baseline skips it)")
-        try:
-            check_seq_len(other_model, seq_len)
-        except HadaconvError as exc:
-            raise HadaconvError(f"the baseline {other}: {exc} (--no-baseline skips it)") from None
+        other_model = _baseline_model(other, seq_len, config=_config_for(other, model_config),
+                                      trust_pickle=trust_pickle, device=device, dtype=dtype)
         try:
             base = perplexity(other_model, windows, batch, progress=f"perplexity of {_short(other)} ({batches})")
         except InputError as exc:  # ids past its vocabulary: another tokenizer's model
@@ -492,6 +484,30 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
                                 "(--no-baseline skips it)") from None
         click.echo(f"baseline {_short(other)}: perplexity {base.perplexity:.3f} on the same windows; "
                    f"{_short(model)} is {p.perplexity / base.perplexity:.3f}x that")
+
+
+def _baseline_model(other: str, seq_len: int, **load: Any) -> nn.Module:
+    """eval's baseline ``other``, loaded (``load``: load_model's options) and checked to be a causal
+    LM that reads windows of ``seq_len``.  Said after MODEL's own result, so each error names the
+    baseline and the way round it."""
+    from hadaconv.adapters import check_seq_len, model_kind
+    from hadaconv.io import load_model
+
+    def refused(exc: HadaconvError) -> HadaconvError:
+        return HadaconvError(f"the baseline {other}: {exc} (--no-baseline skips it)")
+
+    try:
+        model = load_model(other, **load).model
+    except HadaconvError as exc:
+        raise refused(exc) from None
+    if model_kind(model) == "encoder":
+        raise HadaconvError(f"the baseline {other} is a text encoder, which has no perplexity: give a causal LM "
+                            "that reads the same tokens (--no-baseline skips it)")
+    try:
+        check_seq_len(model, seq_len)
+    except HadaconvError as exc:
+        raise refused(exc) from None
+    return model
 
 
 def _config_for(path: str | None, config: str | None) -> str | None:
