@@ -91,9 +91,9 @@ def upcast_on_cpu(model: torch.nn.Module) -> torch.dtype | None:
     had (to restore); None, and nothing done, for any other model.  CPU half-precision products
     are slow (a bfloat16 GEMM measured 7x slower than float32 on this project's CPU), and the
     sample cache keys text by the weights as they run: convert and sample must run the same."""
-    stored = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    first = next(model.parameters(), None)
-    if stored not in (torch.bfloat16, torch.float16) or first is None or first.device.type != "cpu":
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if first is None or first.dtype not in (torch.bfloat16, torch.float16) or first.device.type != "cpu":
         return None
+    stored = first.dtype  # before the conversion, which replaces the parameters' data
     model.float()
     return stored

@@ -619,3 +619,21 @@ def test_a_data_free_fit_asked_to_compensate_says_why_not(tmp_path, capsys):
                               "--compensate")
     said = " ".join(stderr.split())
     assert code == 0 and "note: --compensate did nothing: a data-free fit has no original block outputs" in said, said
+
+
+def test_a_half_precision_model_is_fitted_in_float32_and_saved_in_its_own_dtype(tmp_path):
+    """On the CPU, device.upcast_on_cpu runs a bfloat16 model in float32 and returns the dtype to
+    restore: convert_file saves the bfloat16 it was given, fitted layers included."""
+    from safetensors import safe_open
+
+    from hadaconv.device import upcast_on_cpu
+
+    model = torch.nn.Linear(4, 4).bfloat16()
+    assert upcast_on_cpu(model) == torch.bfloat16 and model.weight.dtype == torch.float32
+    assert upcast_on_cpu(model) is None and upcast_on_cpu(torch.nn.ReLU()) is None  # float32, or no weights
+    make_tiny("llama", tmp_path / "src")
+    hadaconv.convert_file(str(tmp_path / "src"), str(tmp_path / "out"),
+                          ConvertConfig(layers=[0], sensitivity=False, **FAST), dtype="bfloat16")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes == {"BF16"}
