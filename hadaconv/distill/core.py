@@ -477,10 +477,10 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
 
 
 def _autocast(asked: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the forward passes run under bfloat16 autocast: as ``asked``, else where the device
-    multiplies bfloat16 natively and the weights are float32 (half-precision weights gain nothing,
-    and float16 ones next to bfloat16 activations fail in layer norms on the CPU)."""
-    _check_bf16(asked, dtype)
+    """Whether the forward passes run under bfloat16 autocast: as ``asked`` (:func:`distill` has
+    refused it for float16 weights), else where the device multiplies bfloat16 natively and the
+    weights are float32 (half-precision weights gain nothing, and float16 ones next to bfloat16
+    activations fail in layer norms on the CPU)."""
     return native_bf16(device) and dtype == torch.float32 if asked is None else asked
 
 
