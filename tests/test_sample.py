@@ -1,5 +1,6 @@
 """Text sampled from the model itself (hadaconv.sample, ``hadaconv sample``)."""
 
+import contextlib
 import json
 
 import pytest
@@ -299,6 +300,25 @@ def test_first_sampling_says_what_it_costs_and_where_it_is_cached(tokenizer, tmp
     err = " ".join(capsys.readouterr().err.split())
     assert "sampling text" not in err and "using 3 x 8 tokens of text sampled from this model earlier" in err, err
     assert "delete it to sample afresh" in err and str(path[0]) in err.replace(" ", ""), err  # the file, not the folder
+
+
+def test_the_quicker_first_try_names_the_callers_option(tokenizer, tmp_path, monkeypatch, capsys):
+    """A first sampling of a whole chunk or more names the option that lowers the count, in the
+    caller's terms: ``hadaconv sample`` and convert say --samples, distill --sampled; Python
+    callers get the keyword.  (The line once named both commands' options, whoever asked.)"""
+    import hadaconv.sample as sample
+    from hadaconv.errors import cli_names
+
+    monkeypatch.setattr(sample, "CHUNK", 2)
+    model = make_tiny("llama")
+    for cache, option, kwargs, cli in (("a", "--samples", {}, True), ("b", "--sampled", {"count_option": "sampled"}, True),
+                                       ("c", "samples)", {}, False)):
+        with cli_names() if cli else contextlib.nullcontext():
+            sample.cached_samples(model, tokenizer, samples=2, seq_len=4, cache=tmp_path / cache, **kwargs)
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"fewer sequences make a quicker first try: {option}" in err and "convert" not in err, err
+    sample.cached_samples(model, tokenizer, samples=1, seq_len=4, cache=tmp_path / "d")  # under a chunk: no hint
+    assert "fewer sequences" not in " ".join(capsys.readouterr().err.split())
 
 
 def _counting_sampler(monkeypatch, sample):
