@@ -743,12 +743,15 @@ def _ids(ctx, param, given: tuple[str, ...]) -> list[int] | None:
 @click.option("--seed", type=int, default=None, help="Sampling seed; with --temperature above 0.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when this onnxruntime has it, else CPU.")
+@click.option("--normalize", is_flag=True,
+              help="Encoders: divide each sentence embedding by its length, as sentence-transformers pipelines "
+                   "that end in Normalize do (all-MiniLM-L6-v2's does): dot products become cosines.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON, not streamed: for an encoder, one object per --text, a line each, "
                    "with the text (or the ids) and its whole sentence embedding (the plain output prints its first "
                    "values); for a causal LM, one object with the new token ids and text.")
 def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
-            provider, as_json) -> None:
+            provider, normalize, as_json) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with
     the KV cache; printed as it is generated) or print the embedding of each --text (encoders).  A
     bundle without a tokenizer takes token ids with --ids instead, and a causal LM then prints the
@@ -783,9 +786,12 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
             one = len(asked) == 1
             raise HadaconvError(f"{' and '.join(asked)} {'is' if one else 'are'} for generation, and {bundle} is an "
                                 f"encoder bundle, which embeds: drop {'it' if one else 'them'}")
+    if normalize and meta.get("kind") == "causal-lm":
+        raise HadaconvError(f"--normalize is for encoder bundles' embeddings, and {bundle} is a causal LM bundle, "
+                            "which generates: drop it")
     opened = open_bundle(bundle, providers=provider)
     if opened.kind == "encoder":
-        _print_embedding(opened, given if ids is None else [ids], as_json)
+        _print_embedding(opened, given if ids is None else [ids], as_json, normalize)
     else:
         _print_generation(opened, given, ids, max_new_tokens, as_json, temperature=temperature, top_k=top_k,
                           repetition_penalty=repetition_penalty, chat=chat, seed=seed)
@@ -825,14 +831,14 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | No
     return given
 
 
-def _print_embedding(opened, texts: list, as_json: bool) -> None:
+def _print_embedding(opened, texts: list, as_json: bool, normalize: bool) -> None:
     """One line per text (or id list), in order: its first values and norm, or with --json one
     JSON object (JSON Lines for several)."""
     import numpy as np
 
     from hadaconv.generate import embed
 
-    for i, vec in enumerate(embed(opened, texts).sentence_embedding):
+    for i, vec in enumerate(embed(opened, texts, normalize=normalize).sentence_embedding):
         if as_json:  # the input with its vector: each line stands alone (sorted, filtered, split up)
             given = {"text": texts[i]} if isinstance(texts[i], str) else {"ids": [int(t) for t in texts[i]]}
             click.echo(json.dumps({**given, "sentence_embedding": vec.astype(np.float64).tolist()}))

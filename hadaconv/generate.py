@@ -76,8 +76,8 @@ class Embedding:
     """The result of :func:`embed`, in the bundle's dtype (float32 from a bfloat16 bundle).
 
     Attributes:
-        sentence_embedding: [batch, hidden], the attention-masked mean of the last hidden state
-            (not normalised).
+        sentence_embedding: [batch, hidden], the attention-masked mean of the last hidden state;
+            divided by its L2 norm where :func:`embed` was asked to ``normalize``.
         last_hidden_state: [batch, seq, hidden], padded positions included.
     """
 
@@ -451,17 +451,25 @@ def _run_on_host(session: Any, feeds: dict[str, np.ndarray], outputs: list[str])
     return {name: _host(value) for name, value in zip(outputs, binding.get_outputs())}
 
 
-def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *, tokenizer: Any = None) -> Embedding:
+def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *, tokenizer: Any = None,
+          normalize: bool = False) -> Embedding:
     """Sentence embeddings (mean-pooled last hidden states) of ``text`` (one text, a list run as one
     padded batch, or token ids [seq] / [batch, seq]) with an encoder bundle (float32 from a
     bfloat16 bundle, widened exactly; the bundle's own dtype otherwise).
 
+    ``normalize`` divides each sentence embedding by its L2 norm (floored at 1e-12, as torch's
+    ``F.normalize``): the last step of sentence-transformers pipelines that end in ``Normalize``,
+    all-MiniLM-L6-v2's among them (its ``modules.json``), so that dot products are cosines.
+
     Raises:
-        InputError: an empty list, ids that are not a non-negative integer array, past the recorded
-            vocabulary, or an input longer than the encoder reads (its position table as recorded at export,
-            or its tokenizer's ``model_max_length``, whichever is smaller).
+        InputError: ``normalize`` not a bool, an empty list, ids that are not a non-negative integer
+            array, past the recorded vocabulary, or an input longer than the encoder reads (its
+            position table as recorded at export, or its tokenizer's ``model_max_length``, whichever
+            is smaller).
         HadaconvError: not an encoder bundle, text without a tokenizer, or an ONNX Runtime failure.
     """
+    if not isinstance(normalize, (bool, np.bool_)):  # a string would read as True
+        raise InputError(f"normalize is True or False, got {normalize!r}")
     session, tokenizer, meta = _resolve(target, tokenizer)
     names = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
@@ -490,4 +498,8 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
         result = _run_on_host(session, feeds, outputs)
     except Exception as exc:
         raise HadaconvError(f"ONNX Runtime failed: {str(exc).strip().splitlines()[0]}") from None
-    return Embedding(result["sentence_embedding"], result["last_hidden_state"])
+    pooled = result["sentence_embedding"]
+    if normalize:
+        norm = np.linalg.norm(pooled.astype(np.float64), axis=-1, keepdims=True)
+        pooled = (pooled / np.maximum(norm, 1e-12)).astype(pooled.dtype)
+    return Embedding(pooled, result["last_hidden_state"])

@@ -1076,6 +1076,8 @@ ROWS = [
         r"--text is for encoder bundles; .* is a causal LM bundle: drop --text$"),
     Row("run-encoder-text-and-prompt", lambda w, t: ["run", w.encoder, "--text", "embed me", "--prompt", "hi"],
         r"--prompt is for causal LM bundles; .* is an encoder bundle: drop --prompt$"),
+    Row("run-causal-normalize", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--normalize"],
+        r"--normalize is for encoder bundles' embeddings, and .* is a causal LM bundle, which generates: drop it$"),
     Row("run-prompt-not-utf8", lambda w, t: ["run", w.bundle, "--prompt", "caf\udce9"],
         r"--prompt is not UTF-8 text$"),
     Row("run-max-new-tokens-past-context",
@@ -1436,6 +1438,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("embed-float-ids", lambda: embed(w.encoder, np.array([[1.5]])), InputError, r"integer array"),
         ("embed-empty-list", lambda: embed(w.encoder, []), InputError,  # was transformers' IndexError
          r"^text is an empty list: give at least one text \(or token ids\)$"),
+        ("embed-normalize-not-bool", lambda: embed(w.encoder, "hi", normalize="no"), InputError,
+         r"^normalize is True or False, got 'no'$"),
         ("convert-stats-device-unknown",  # torch's own error came only after the model and its text
          lambda: convert(make_tiny("llama"), None, ConvertConfig(stats_device="gpu"), inputs=ids),
          InputError, r"^stats_device='gpu': not a device \(expected cpu, cuda or cuda:N\)$"),
@@ -1633,7 +1637,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
 
 API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "generate-ragged-ids",
            "generate-id-past-vocab", "generate-zero-tokens", "generate-negative-top-k", "generate-on-encoder",
-           "embed-float-ids", "embed-empty-list", "convert-stats-device-unknown", "plan-stats-device-unknown",
+           "embed-float-ids", "embed-empty-list", "embed-normalize-not-bool", "convert-stats-device-unknown",
+           "plan-stats-device-unknown",
            "embed-on-causal", "generate-text-on-bare-session",
            "session-custom-graph-without-library", "open-bundle-library-by-absolute-path",
            "open-bundle-library-not-a-name",

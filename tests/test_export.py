@@ -174,6 +174,9 @@ def test_encoder_embeddings(tmp_path, tokenizer, family, form, block, capsys):
     ref = ((hidden * m).sum(1) / m.sum(1)).numpy()
     cos = (emb.sentence_embedding * ref).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(emb.sentence_embedding, axis=-1)
     assert cos.min() > 0.99999
+    unit = embed(tmp_path / "b", texts, normalize=True).sentence_embedding  # sentence-transformers' Normalize
+    ref64 = ((hidden.double() * m.double()).sum(1) / m.double().sum(1)).numpy()
+    np.testing.assert_allclose(unit, ref64 / np.linalg.norm(ref64, axis=-1, keepdims=True), rtol=0, atol=2e-6)
     if form == "custom":  # the command line's --json: the whole embedding of each text, one line each
         from cli_runner import run_cli
 
@@ -187,6 +190,11 @@ def test_encoder_embeddings(tmp_path, tokenizer, family, form, block, capsys):
         assert [line["text"] for line in lines] == [texts[1], texts[0]]  # each line names its input
         np.testing.assert_allclose([line["sentence_embedding"] for line in lines], emb.sentence_embedding[::-1],
                                    rtol=1e-5, atol=1e-6)
+        code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[1], "--json", "--normalize")
+        assert code == 0, err
+        np.testing.assert_allclose(json.loads(out)["sentence_embedding"], unit[1], rtol=0, atol=1e-7)
+        code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[1], "--normalize")
+        assert code == 0 and out.rstrip().endswith("norm 1.0000"), out
         code, out, err = run_cli(capsys, "run", tmp_path / "b", "--ids", "101,7592,102", "--json")
         assert code == 0 and json.loads(out)["ids"] == [101, 7592, 102], err
         code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[0], "--text", texts[1])
