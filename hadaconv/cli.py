@@ -222,7 +222,9 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "331,776).  0: none.")
 @click.option("--no-sensitivity", is_flag=True, help="Skip the per-layer sensitivity measurement.")
 @_model_config
-@click.option("--target", default=None, help="Generic fallback: convert square nn.Linear layers whose name matches this regex (affine fit).")
+@click.option("--target", default=None,
+              help="Generic fallback: convert square nn.Linear layers whose name matches this regex (affine fit; "
+                   "re.search, no group repeated under * or +, which could backtrack for minutes).")
 @_trust_pickle
 @click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 @click.option("--dry-run", is_flag=True,

@@ -251,6 +251,27 @@ def test_nothing_to_convert_is_one_line(target):
     assert "Linear x1" in message or "regular expression" in message
 
 
+@pytest.mark.parametrize("pattern", [r"layers\.1\.self_attn\.o_proj$", r"(self_attn|attention)\.o_proj",
+                                     r"layers\.\d+\.attn\.out_proj$", r"^(?:encoder)\.layer\.\d{1,3}\.out$",
+                                     r"(a|b)+x", r"a?b?c", r"h\.[0-9]+\.attn\.c_proj"])
+def test_targets_that_match_in_linear_time_are_taken(pattern):
+    from hadaconv.adapters.generic import compile_target
+
+    assert compile_target(pattern).pattern == pattern
+
+
+@pytest.mark.parametrize("pattern", [r"^(.|.)*$!", r"(a+)+$", r"(a|aa)*b", r"(?:x*)*y", r"((ab)*)+c", r"(?=(a+)+)x",
+                                     r"(a|a?)+b"])
+def test_targets_that_backtrack_are_refused(pattern):
+    """A converted folder records its target and loading it runs the pattern on every module
+    name: a file must not be able to hang the load.  These are the textbook shapes of
+    catastrophic backtracking (a repetition or an ambiguous alternation under a repeat)."""
+    from hadaconv.adapters.generic import compile_target
+
+    with pytest.raises(HadaconvError, match="repeats a repetition or an alternation"):
+        compile_target(pattern)
+
+
 # ------------------------------------------------------------------- nn.MultiheadAttention
 
 MHA_CONFIGS = [

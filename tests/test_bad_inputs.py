@@ -1225,6 +1225,16 @@ ROWS = [
         r"the 'hadaconv' section of \S+/c/config\.json is not a JSON object"),
     Row("eval-converted-layers-not-a-list", lambda w, t: ["eval", _hadaconv_with(_copy(w.conv, t / "c"), layers=5)],
         r"hadaconv\.layers is not what a conversion writes \(5\)"),
+    Row("inspect-converted-target-backtracks",  # ran for minutes on each module name
+        lambda w, t: ["inspect", _hadaconv_with(_copy(w.conv, t / "c"), target="^(.|.)*$!")],
+        r"config\.json: hadaconv\.target '\^\(\.\|\.\)\*\$!' repeats a repetition or an alternation, which can "
+        r"take time exponential in a name's length$"),
+    Row("eval-converted-target-overlong", lambda w, t: ["eval", _hadaconv_with(_copy(w.conv, t / "c"), target="a" * 1001)],
+        r"config\.json: hadaconv\.target is a regular expression of at most 1000 characters, not 1001 characters$"),
+    Row("convert-target-backtracks", lambda w, t: ["convert", w.hf, "-o", t / "o", "--target", r"(\w+)+\.o_proj$"],
+        re.escape(r"--target '(\w+)+\.o_proj$' repeats a repetition or an alternation, which can take time exponential "
+                  r"in a name's length: name the layers without a group under * or + (e.g. 'layers\.\d+\.attn\.out_proj$')")
+        + "$"),
     Row("eval-index-outside-folder", lambda w, t: ["eval", _sharded(_copy(w.hf, t / "m"), "../elsewhere.safetensors")],
         r"the shard of lm_head\.weight must be a file name in the folder, got '\.\./elsewhere\.safetensors'"),
     Row("eval-bin-index-outside-folder",

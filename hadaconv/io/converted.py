@@ -338,6 +338,13 @@ def _check_meta(config_path: Path, meta: dict) -> None:
     if bad:
         raise ModelFormatError(f"{config_path}: hadaconv.{bad[0]} is not what a conversion writes "
                                f"({meta.get(bad[0])!r:.60})")
+    if meta.get("target") is not None:  # run on every module name at the rebuild: checked first
+        from hadaconv.adapters.generic import compile_target
+
+        try:
+            compile_target(meta["target"], what="hadaconv.target")
+        except HadaconvError as exc:
+            raise ModelFormatError(f"{config_path}: {exc}") from None
 
 
 def refuse_bundle(folder: Path) -> None:
