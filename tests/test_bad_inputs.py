@@ -210,6 +210,23 @@ def _hadaconv_with(folder: Path, **changes) -> Path:
     return folder
 
 
+def _recipe(folder: Path, **layer) -> Path:
+    """A folder as ``save`` writes an nn.TransformerEncoder's, with ``layer`` over the recipe's
+    layer fields (``num_layers`` sets the depth); its weight file is a stand-in, never reached."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    depth = layer.pop("num_layers", 2)
+    recipe = {"class": "TransformerEncoder", "num_layers": depth, "norm": None,
+              "layer": {"d_model": 32, "nhead": 4, "dim_feedforward": 64, "dropout": 0.0, "activation": "relu",
+                        "layer_norm_eps": 1e-5, "batch_first": True, "norm_first": False, "bias": True, **layer}}
+    (folder / "config.json").write_text(json.dumps({"torch_module": recipe, "hadaconv": {"layers": []}}))
+    save_file({"w": torch.zeros(8)}, str(folder / "model.safetensors"))
+    return folder
+
+
 def _bin_indexed(folder: Path, shard) -> Path:
     """``folder`` with a pytorch_model.bin.index.json naming ``shard`` (or, for None, nothing)."""
     import json
@@ -1235,6 +1252,18 @@ ROWS = [
         re.escape(r"--target '(\w+)+\.o_proj$' repeats a repetition or an alternation, which can take time exponential "
                   r"in a name's length: name the layers without a group under * or + (e.g. 'layers\.\d+\.attn\.out_proj$')")
         + "$"),
+    Row("inspect-recipe-ten-million-layers", lambda w, t: ["inspect", _recipe(t / "r", num_layers=10 ** 7)],
+        r"invalid torch_module recipe in config\.json: num_layers = 10000000 is not what a save writes$"),
+    Row("inspect-recipe-device", lambda w, t: ["inspect", _recipe(t / "r", device="cpu", dim_feedforward=8388608)],
+        r"invalid torch_module recipe in config\.json: unknown layer field 'device'$"),
+    Row("inspect-recipe-huge-feedforward", lambda w, t: ["inspect", _recipe(t / "r", dim_feedforward=8388608)],
+        r"layer\.dim_feedforward = 8388608 is not what a save writes$"),
+    Row("inspect-recipe-nhead-not-dividing", lambda w, t: ["inspect", _recipe(t / "r", nhead=3)],
+        r"invalid torch_module recipe in config\.json: nhead 3 does not divide d_model 32$"),
+    Row("inspect-recipe-activation", lambda w, t: ["inspect", _recipe(t / "r", activation="tanh")],
+        r"layer\.activation = 'tanh' is not what a save writes$"),
+    Row("inspect-recipe-eps-bool", lambda w, t: ["inspect", _recipe(t / "r", layer_norm_eps=True)],
+        r"layer\.layer_norm_eps = True is not what a save writes$"),
     Row("eval-index-outside-folder", lambda w, t: ["eval", _sharded(_copy(w.hf, t / "m"), "../elsewhere.safetensors")],
         r"the shard of lm_head\.weight must be a file name in the folder, got '\.\./elsewhere\.safetensors'"),
     Row("eval-bin-index-outside-folder",

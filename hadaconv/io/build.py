@@ -299,25 +299,69 @@ def torch_recipe(model: nn.Module) -> dict:
     return recipe
 
 
+#: The recipe's layer fields, as :func:`torch_recipe` writes them: name -> (types, check).
+_RECIPE_LAYER = {
+    "d_model": (int, lambda v: 0 < v <= 1 << 16),
+    "nhead": (int, lambda v: v > 0),
+    "dim_feedforward": (int, lambda v: 0 < v <= 1 << 20),
+    "dropout": ((int, float), lambda v: 0 <= v <= 1),
+    "activation": (str, lambda v: v in _ACTIVATIONS),
+    "layer_norm_eps": ((int, float), lambda v: 0 < v < 1),
+    "batch_first": (bool, None),
+    "norm_first": (bool, None),
+    "bias": (bool, None),
+}
+
+
+def _recipe_error(what: str) -> HadaconvError:
+    return HadaconvError(f"invalid torch_module recipe in config.json: {what}")
+
+
+def _check_field(name: str, value, types, check) -> None:
+    if isinstance(value, bool) and types is not bool or not isinstance(value, types) \
+            or (check is not None and not check(value)):
+        raise _recipe_error(f"{name} = {value!r:.40} is not what a save writes")
+
+
+def _check_recipe(recipe) -> None:
+    """The recipe holds exactly what :func:`torch_recipe` writes, in range: it is read from an
+    untrusted file and builds modules before any weight is read (an unknown key such as
+    ``device`` would reach the constructor, and 10^7 layers are deep-copied one by one)."""
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("layer"), dict):
+        raise _recipe_error("not an object with a 'layer' object")
+    if recipe.get("class") not in ("TransformerEncoder", "TransformerDecoder"):
+        raise _recipe_error(f"unknown class {recipe.get('class')!r:.40}")
+    _check_field("num_layers", recipe.get("num_layers"), int, lambda v: 0 < v <= MAX_LAYERS)
+    layer = recipe["layer"]
+    unknown = sorted(map(str, layer.keys() - _RECIPE_LAYER.keys()))
+    if unknown:
+        raise _recipe_error(f"unknown layer field {unknown[0]!r:.40}")
+    for name in ("d_model", "nhead"):
+        if name not in layer:
+            raise _recipe_error(f"the layer has no {name}")
+    for name, value in layer.items():
+        _check_field(f"layer.{name}", value, *_RECIPE_LAYER[name])
+    if layer["d_model"] % layer["nhead"]:
+        raise _recipe_error(f"nhead {layer['nhead']} does not divide d_model {layer['d_model']}")
+    norm = recipe.get("norm")
+    if norm is not None and not (isinstance(norm, dict) and norm.keys() == {"eps", "bias"}):
+        raise _recipe_error("norm is neither null nor an object of eps and bias")
+    if norm is not None:
+        _check_field("norm.eps", norm["eps"], (int, float), _RECIPE_LAYER["layer_norm_eps"][1])
+        _check_field("norm.bias", norm["bias"], bool, None)
+
+
 def _torch_from_recipe(recipe: dict) -> nn.Module:
+    _check_recipe(recipe)
+    kwargs, d_model, norm = dict(recipe["layer"]), recipe["layer"]["d_model"], recipe.get("norm")
     try:
-        kwargs, d_model = dict(recipe["layer"]), recipe["layer"]["d_model"]
-        norm = recipe.get("norm")
         final = nn.LayerNorm(d_model, eps=norm["eps"], bias=norm["bias"]) if norm else None
         if recipe["class"] == "TransformerEncoder":
-            return nn.TransformerEncoder(
-                nn.TransformerEncoderLayer(**kwargs),
-                recipe["num_layers"],
-                norm=final,
-                enable_nested_tensor=False,
-            )
-        if recipe["class"] == "TransformerDecoder":
-            return nn.TransformerDecoder(
-                nn.TransformerDecoderLayer(**kwargs), recipe["num_layers"], norm=final
-            )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise HadaconvError(f"invalid torch_module recipe in config.json: {first_line(exc)}") from None
-    raise HadaconvError(f"invalid torch_module recipe in config.json: unknown class {recipe.get('class')!r}")
+            return nn.TransformerEncoder(nn.TransformerEncoderLayer(**kwargs), recipe["num_layers"], norm=final,
+                                         enable_nested_tensor=False)
+        return nn.TransformerDecoder(nn.TransformerDecoderLayer(**kwargs), recipe["num_layers"], norm=final)
+    except Exception as exc:  # noqa: BLE001 - torch's constructors assert, raise RuntimeError or ValueError
+        raise _recipe_error(first_line(exc)) from None
 
 
 def model_from_config(data: dict, weights: list[Path]) -> nn.Module:
