@@ -227,6 +227,21 @@ def _recipe(folder: Path, **layer) -> Path:
     return folder
 
 
+def _long_masks(folder: Path) -> Path:
+    """A 1-layer OpenAI GPT of width 8 whose 30,000 positions make a 3.6 GB causal mask (a float
+    buffer of n_positions^2, built at construction) beside 40 kB of weights."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "openai-gpt", "architectures": ["OpenAIGPTLMHeadModel"], "vocab_size": 16,
+        "n_positions": 30000, "n_embd": 8, "n_layer": 1, "n_head": 1}))
+    save_file({"w": torch.zeros(10_000)}, str(folder / "model.safetensors"))
+    return folder
+
+
 def _bin_indexed(folder: Path, shard) -> Path:
     """``folder`` with a pytorch_model.bin.index.json naming ``shard`` (or, for None, nothing)."""
     import json
@@ -1264,6 +1279,9 @@ ROWS = [
         r"layer\.activation = 'tanh' is not what a save writes$"),
     Row("inspect-recipe-eps-bool", lambda w, t: ["inspect", _recipe(t / "r", layer_norm_eps=True)],
         r"layer\.layer_norm_eps = True is not what a save writes$"),
+    Row("inspect-config-huge-masks", lambda w, t: ["inspect", _long_masks(t / "g")],
+        r"the config describes 3,600,240,000 bytes of buffers \(masks, position tables\), more than 256 MiB beside "
+        r"40,\d+ bytes of weights"),
     Row("eval-index-outside-folder", lambda w, t: ["eval", _sharded(_copy(w.hf, t / "m"), "../elsewhere.safetensors")],
         r"the shard of lm_head\.weight must be a file name in the folder, got '\.\./elsewhere\.safetensors'"),
     Row("eval-bin-index-outside-folder",

@@ -30,6 +30,11 @@ MAX_LAYERS = 1024
 #: Weights a byte of a weight file can hold at most: no format stores one in under a bit.
 _PARAMS_PER_BYTE = 8
 
+#: Buffer bytes a model may build beyond its weight files' size.  Buffers are computed at
+#: construction from the config (GPT-style causal masks hold n_positions^2 entries), so a
+#: few bytes of config.json could otherwise ask for gigabytes before any weight is read.
+MAX_BUFFER_BYTES = 256 << 20
+
 
 def check_finite(model: nn.Module, source: str) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -153,19 +158,27 @@ def check_depth(config, source) -> None:
 
 
 def check_size(build, files: list[Path], source) -> None:
-    """Refuse a model (``build()``) with more parameters than its weight ``files`` can hold,
-    before anything allocates them: a config can ask for terabytes from a few bytes of weights.
+    """Refuse a model (``build()``) with more parameters than its weight ``files`` can hold, or
+    buffers larger than :data:`MAX_BUFFER_BYTES` and the files together, before anything
+    allocates them: a config can ask for terabytes from a few bytes of weights, and buffers
+    (GPT-style causal masks of n_positions^2) are built for real even by :func:`build_empty`.
     Counted on a build entirely on the meta device (:func:`build_empty` would allocate each tensor
     for a moment, as accelerate's ``init_empty_weights`` does)."""
     try:
         with torch.device("meta"):
-            params = sum(p.numel() for p in build().parameters())
+            model = build()
+            params = sum(p.numel() for p in model.parameters())
+            buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     except Exception:  # noqa: BLE001 - a model whose constructor computes on values: build_empty's build says
         return
-    room = _PARAMS_PER_BYTE * sum(f.stat().st_size for f in files)
-    if params > room:
+    size = sum(f.stat().st_size for f in files)
+    if params > _PARAMS_PER_BYTE * size:
         raise ModelFormatError(f"{source}: the config describes {params:,} parameters, more than its weight "
-                               f"files can hold ({room // _PARAMS_PER_BYTE:,} bytes)")
+                               f"files can hold ({size:,} bytes)")
+    if buffers > MAX_BUFFER_BYTES + size:
+        raise ModelFormatError(f"{source}: the config describes {buffers:,} bytes of buffers (masks, position "
+                               f"tables), more than {MAX_BUFFER_BYTES >> 20} MiB beside {size:,} bytes of weights: "
+                               "a context length no model of this size has")
 
 
 def refuse_missing(info: dict, source) -> None:
