@@ -742,7 +742,7 @@ def _ids(ctx, param, given: tuple[str, ...]) -> list[int] | None:
 @click.option("--chat", is_flag=True,
               help="Send --prompt as a user turn through the tokenizer's chat template and print the reply "
                    "(instruction-tuned models answer instead of continuing the text).")
-@click.option("--seed", type=int, default=None, help="Sampling seed; with --temperature above 0.")
+@click.option("--seed", type=Integer(min=0), default=None, help="Sampling seed; with --temperature above 0.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when this onnxruntime has it, else CPU.")
 @click.option("--normalize", is_flag=True,
@@ -803,6 +803,8 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | No
                ids: list[int] | None) -> str | list[str] | None:
     """The text to encode (--prompt for a causal LM, the --text list for an encoder; None with
     --ids), or the one-line error for options that do not fit the bundle."""
+    from hadaconv.export.bundle import tokenizer_missing
+
     kind = meta.get("kind", "module")
     if kind not in ("causal-lm", "encoder"):
         outputs = ", ".join(o["name"] for o in meta.get("outputs", []))
@@ -828,6 +830,9 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | No
     if given is None and ids is None:
         raise HadaconvError(f"{hint if other is not None else ''}{bundle} is {what}: give {option} (or token ids "
                             "with --ids)")
+    if given is not None and meta.get("tokenizer") and tokenizer_missing():  # the ort extra alone
+        raise HadaconvError(f"{option} needs the bundle's tokenizer, which needs transformers (not installed): pip "
+                            "install 'hadaconv[hf]', or give token ids with --ids")
     if given is not None and not meta.get("tokenizer"):
         raise HadaconvError(f"{bundle} has no tokenizer to encode {option} with: give token ids with --ids, e.g. --ids 1,2,3")
     return given

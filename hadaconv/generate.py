@@ -18,6 +18,7 @@ float32, as numpy has no bfloat16.
 from __future__ import annotations
 
 import ctypes
+import re
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from hadaconv.errors import HadaconvError, InputError, check_int, check_number, indefinite, option
-from hadaconv.export.bundle import Bundle, context_length, open_bundle, positive_int
+from hadaconv.export.bundle import Bundle, context_length, open_bundle, positive_int, tokenizer_missing
 
 __all__ = ["Embedding", "Generation", "embed", "generate", "special_tokens"]
 
@@ -154,7 +155,7 @@ def _encode(prompt: Any, tokenizer: Any, pad_id: int, chat: bool = False) -> tup
     """Left-padded ids and mask from text (one or several prompts) or ids ([seq] or [batch, seq])."""
     if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt)):
         if tokenizer is None:
-            raise HadaconvError(f"text prompts need a tokenizer: {_NO_TOKENIZER}")
+            raise HadaconvError(f"text prompts need a tokenizer: {tokenizer_missing() or _NO_TOKENIZER}")
         texts = [prompt] if isinstance(prompt, str) else prompt
         rows = [_chat_ids(tokenizer, p) if chat else tokenizer(p)["input_ids"] for p in texts]
     elif chat:
@@ -191,7 +192,7 @@ def _check_vocabulary(session: Any, ids: np.ndarray, mask: np.ndarray, meta: dic
     """InputError for a prompt id at or past the vocabulary size (the logits' static last axis,
     else the ``vocab_size`` the bundle records), which would otherwise fail inside the graph's
     embedding Gather with ONNX Runtime's own message."""
-    vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
+    vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits" and o.shape), None)
     if not isinstance(vocab, int):
         vocab = positive_int(meta.get("vocab_size"))
     top = int(ids[mask == 1].max())
@@ -259,10 +260,18 @@ def _remembering(pick: Any, ids: np.ndarray, mask: np.ndarray, penalty: float) -
     return penalized
 
 
+_PAST = re.compile(r"past_key_values\.\d{1,6}\.(key|value)")
+
+
 def _cache_inputs(session: Any, meta: dict) -> list[str]:
     """The ``past_key_values.*`` input names in layer order; HadaconvError when there is no cache."""
     inputs = [i.name for i in session.get_inputs()]
-    past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))
+    past = [n for n in inputs if n.startswith("past_key_values.")]
+    odd = next((n for n in past if not _PAST.fullmatch(n)), None)
+    if odd is not None:  # the graph is untrusted: its names are parsed below
+        raise HadaconvError(f"the graph's input {odd[:80]!r} is not a KV cache input (past_key_values.N.key or "
+                            ".value): not a graph hadaconv exports")
+    past.sort(key=lambda n: (int(n.split(".")[1]), n))
     if "input_ids" not in inputs or not past:
         kind = meta.get("kind")
         again = f": export it again without {option('cache', False, flag='--no-cache')}" if kind == "causal-lm" else ""
@@ -320,7 +329,11 @@ def _step(session: Any, feeds: dict[str, np.ndarray], past: dict[str, Any],
     session.run_with_iobinding(binding)
     binding.synchronize_outputs()
     logits, *presents = binding.get_outputs()  # in binding order
-    return _host(logits)[:, -1], dict(zip(past, presents))
+    logits = _host(logits)
+    if logits.ndim != 3 or logits.shape[0] != feeds["input_ids"].shape[0] or logits.shape[-1] == 0:
+        raise HadaconvError(f"the graph's logits came out {list(logits.shape)}, not [batch, tokens, vocabulary]: "
+                            "not a causal LM's graph")
+    return logits[:, -1], dict(zip(past, presents))
 
 
 def _decode(session: Any, past_names: list[str], ids: np.ndarray, mask: np.ndarray, max_new_tokens: int,
@@ -419,6 +432,8 @@ def generate(
     check_int("top_k", top_k, 0)
     check_number("temperature", temperature, 0)
     check_number("repetition_penalty", repetition_penalty, 0, strict=True)
+    if seed is not None:  # numpy's own errors name neither the option nor the range
+        check_int("seed", seed, 0)
     session, tokenizer, meta = _resolve(target, tokenizer)
     past_names = _cache_inputs(session, meta)
     eos_set, pad = special_tokens(meta, eos_token_id, pad_token_id)
@@ -473,15 +488,21 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
     session, tokenizer, meta = _resolve(target, tokenizer)
     names = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
-    if "sentence_embedding" not in outputs:
-        what = (f"this one is {indefinite(meta['kind'])} bundle" if meta.get("kind")
-                else f"this session's outputs are {', '.join(outputs[:3])}{', ...' if len(outputs) > 3 else ''}")
-        raise HadaconvError(f"embedding needs an encoder bundle (a sentence_embedding output), and {what}")
+    if not {"sentence_embedding", "last_hidden_state"} <= set(outputs):
+        listed = f"{', '.join(outputs[:3])}{', ...' if len(outputs) > 3 else ''}"
+        if meta.get("kind") == "encoder":  # the metadata says encoder, the graph does not: a mismatched file
+            what = f"this bundle's metadata says encoder, but its graph's outputs are {listed}"
+        elif meta.get("kind"):
+            what = f"this one is {indefinite(meta['kind'])} bundle"
+        else:
+            what = f"this session's outputs are {listed}"
+        raise HadaconvError(f"embedding needs an encoder bundle (sentence_embedding and last_hidden_state outputs), "
+                            f"and {what}")
     if isinstance(text, Sequence) and not isinstance(text, str) and len(text) == 0:
         raise InputError(f"text is an empty {type(text).__name__}: give at least one text (or token ids)")
     if isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
         if tokenizer is None:
-            raise HadaconvError(f"text needs a tokenizer: {_NO_TOKENIZER}")
+            raise HadaconvError(f"text needs a tokenizer: {tokenizer_missing() or _NO_TOKENIZER}")
         limit = _encoder_limit(tokenizer, meta)
         # Cut one past the limit: a longer text is known by its length, without transformers' warning.
         cut = {"truncation": True, "max_length": limit + 1} if limit is not None else {}

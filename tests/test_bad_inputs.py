@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -162,12 +163,15 @@ def _unmarked(shard: Path) -> Path:
     return shard
 
 
-def _tiny_gguf(path: Path, blocks: int, tensors: tuple[str, ...] = ("token_embd.weight",)) -> Path:
-    """A llama GGUF of width 64 declaring ``blocks`` blocks and holding only ``tensors``."""
+def _tiny_gguf(path: Path, blocks: int, tensors: tuple[str, ...] = ("token_embd.weight",), junk: int = 0) -> Path:
+    """A llama GGUF of width 64 declaring ``blocks`` blocks and holding only ``tensors`` (and a
+    metadata array of ``junk`` empty strings, where gguf-py spends about 1.7 kB on each)."""
     import gguf
     import numpy as np
 
     w = gguf.GGUFWriter(str(path), "llama")
+    if junk:
+        w.add_array("general.junk", [""] * junk)
     w.add_block_count(blocks)
     w.add_embedding_length(64)
     w.add_feed_forward_length(128)
@@ -278,6 +282,17 @@ def _poison(folder: Path, suffix: str, value: float) -> Path:
     return folder
 
 
+def _with_tensor(folder: Path, beside: str, suffix: str, tensor: torch.Tensor) -> Path:
+    """Add ``tensor`` to the weights under the name of the first tensor ending with ``beside``,
+    that ending replaced by ``suffix`` (a ``.down`` next to a converted layer's gamma)."""
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith(beside))
+    tensors[name[: -len(beside)] + suffix] = tensor
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return folder
+
+
 def _write(path: Path, data: bytes | str) -> Path:
     path.write_bytes(data if isinstance(data, bytes) else data.encode())
     return path
@@ -319,6 +334,31 @@ def _state_dict(path: Path) -> Path:
     return path
 
 
+def _deflated_pt(path: Path) -> Path:
+    """A torch.save archive whose data record is deflated: 4 MB of zeros in a few kB."""
+    import zipfile
+
+    torch.save({"weight": torch.zeros(1 << 20)}, path.with_suffix(".plain"))
+    with zipfile.ZipFile(path.with_suffix(".plain")) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            packed = zipfile.ZIP_DEFLATED if "/data/" in info.filename else zipfile.ZIP_STORED
+            dst.writestr(info.filename, src.read(info.filename), compress_type=packed)
+    path.with_suffix(".plain").unlink()
+    return path
+
+
+def _fifo(path: Path) -> Path:
+    """A named pipe: opening it to read blocks until a writer comes (a tar archive can hold one)."""
+    os.mkfifo(path)
+    return path
+
+
+def _fifo_weights(folder: Path) -> Path:
+    (folder / "model.safetensors").unlink()
+    _fifo(folder / "model.safetensors")
+    return folder
+
+
 def _with_head(src: Path, dst: Path) -> Path:
     """The tiny Llama's weights with the tied head stored too (as a causal LM's state dict holds it)."""
     from safetensors.torch import load_file, save_file
@@ -347,6 +387,36 @@ def _meta_with(bundle: Path, **changes) -> Path:
     meta = json.loads((bundle / METADATA).read_text())
     (bundle / METADATA).write_text(json.dumps({**meta, **changes}))
     return bundle
+
+
+def _graph_edited(bundle: Path, edit) -> Path:
+    """``bundle`` with ``edit(graph)`` applied to its model.onnx (the metadata unchanged)."""
+    import onnx
+
+    model = onnx.load(str(bundle / MODEL))
+    edit(model.graph)
+    onnx.save(model, str(bundle / MODEL))
+    return bundle
+
+
+def _rename_past(graph) -> None:
+    for node in graph.node:
+        node.input[:] = [n.replace("past_key_values.0.key", "past_key_values.x.key") for n in node.input]
+    for value in graph.input:
+        value.name = value.name.replace("past_key_values.0.key", "past_key_values.x.key")
+
+
+def _drop_output(name: str):
+    def edit(graph) -> None:
+        keep = [o for o in graph.output if o.name != name]
+        del graph.output[:]
+        graph.output.extend(keep)
+    return edit
+
+
+def _scalar_logits(graph) -> None:
+    logits = next(o for o in graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.ClearField("dim")
 
 
 def _library_named(bundle: Path, name) -> Path:
@@ -417,6 +487,12 @@ def _no_model(monkeypatch) -> None:
         pytest.fail("the model was loaded before the bad input was refused")
 
     monkeypatch.setattr("hadaconv.io.load_model", load)
+
+
+def _without_transformers(monkeypatch) -> None:
+    """As in an installation of hadaconv[ort] alone: ``import transformers`` fails and
+    ``importlib.util.find_spec`` finds nothing (a None in sys.modules does both)."""
+    monkeypatch.setitem(sys.modules, "transformers", None)
 
 
 def _no_access(monkeypatch, folder: Path) -> None:
@@ -874,11 +950,20 @@ ROWS = [
     # torch's own wording advises weights_only=False, wrong for a damaged file (found by a newcomer).
     Row("inspect-truncated-pt", lambda w, t: ["inspect", _truncated_pt(t / "m.pt")],
         r"m\.pt as a torch\.save file: the archive is damaged or truncated \(reading zip archive"),
+    Row("inspect-deflated-pt", lambda w, t: ["inspect", _deflated_pt(t / "m.pt"), "--config", w.hf],
+        r"m\.pt as a torch\.save file: its record 'm/data/0' is compressed, which torch\.save never writes"),
+    Row("inspect-fifo-pt", lambda w, t: ["inspect", _fifo(t / "m.pt"), "--config", w.hf],
+        r"m\.pt is not a regular file$"),
+    Row("inspect-fifo-gguf", lambda w, t: ["inspect", _fifo(t / "m.gguf")], r"m\.gguf is not a regular file$"),
+    Row("eval-folder-fifo-weights", lambda w, t: ["eval", _fifo_weights(_copy(w.hf, t / "m"))],
+        r"model\.safetensors is not a regular file$"),
     Row("inspect-damaged-pickle-trusted", lambda w, t: ["inspect", _write(t / "m.pt", b"\x80\x02\xf5junk"),
                                                         "--trust-pickle"],
         r"m\.pt as a torch\.save file: damaged or not a torch\.save file \(Unsupported operand 245\)$"),
     Row("inspect-gguf-two-billion-blocks", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 2 ** 31)],
         r"m\.gguf declares 2147483648 layers: not a model hadaconv loads \(1 to 1024\)"),
+    Row("inspect-gguf-huge-metadata-array", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, junk=1_500_001)],
+        r"m\.gguf: its metadata arrays hold more than 1,500,000 elements, more than any model's vocabulary"),
     Row("inspect-gguf-no-tensors", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, ())],
         r"m\.gguf: the config describes [\d,]+ parameters, more than its weight files can hold \(416 bytes\)"),
     # inspect reads a GGUF's metadata only (its table says "weights not read"); loads check the weights.
@@ -1074,6 +1159,9 @@ ROWS = [
     Row("run-without-installed-library", lambda w, t: ["run", w.bundle, "--prompt", "hi"],
         r"HADACONV_OPS_LIB points to .*nope\.so, which does not exist",
         lambda mp, w, t: mp.setenv("HADACONV_OPS_LIB", str(t / "nope.so"))),
+    Row("run-text-without-transformers", lambda w, t: ["run", w.bundle, "--prompt", "hi"],  # the ort extra alone
+        r"--prompt needs the bundle's tokenizer, which needs transformers \(not installed\): pip install "
+        r"'hadaconv\[hf\]', or give token ids with --ids$", lambda mp, w, t: _without_transformers(mp)),
     Row("run-newer-op-version", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), custom_opsets={"com.hadaconv": 2}),
                                                  "--prompt", "hi"],
         r"needs version 2 of com\.hadaconv::HadamardAffine and this hadaconv's op library implements version 1: "
@@ -1110,6 +1198,23 @@ ROWS = [
         r"--prompt is for causal LM bundles; .* is an encoder bundle: drop --prompt$"),
     Row("run-causal-normalize", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--normalize"],
         r"--normalize is for encoder bundles' embeddings, and .* is a causal LM bundle, which generates: drop it$"),
+    # The graph is as untrusted as the metadata: a crafted one fails in one line, not in the parsing.
+    Row("run-graph-odd-cache-name", lambda w, t: ["run", _graph_edited(_copy(w.bundle, t / "b"), _rename_past),
+                                                  "--prompt", "hi"],
+        r"the graph's input 'past_key_values\.x\.key' is not a KV cache input \(past_key_values\.N\.key or "
+        r"\.value\): not a graph hadaconv exports$"),
+    Row("run-encoder-graph-without-hidden-states",
+        lambda w, t: ["run", _graph_edited(_copy(w.encoder, t / "b"), _drop_output("last_hidden_state")),
+                      "--text", "hi"],
+        r"needs an encoder bundle \(sentence_embedding and last_hidden_state outputs\), and this bundle's metadata "
+        r"says encoder, but its graph's outputs are sentence_embedding$"),
+    Row("run-encoder-metadata-causal-graph",  # once: "needs an encoder bundle, and this one is an encoder bundle"
+        lambda w, t: ["run", _write(_copy(w.encoder, t / "b") / MODEL, (w.bundle / MODEL).read_bytes()).parent,
+                      "--text", "hi"],
+        r"this bundle's metadata says encoder, but its graph's outputs are logits, present\.0\.key, "
+        r"present\.0\.value$"),
+    Row("run-negative-seed", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--temperature", "1", "--seed", "-1"],
+        r"'--seed': -1 is not in the range x>=0"),
     Row("run-prompt-not-utf8", lambda w, t: ["run", w.bundle, "--prompt", "caf\udce9"],
         r"--prompt is not UTF-8 text$"),
     Row("run-max-new-tokens-past-context",
@@ -1386,6 +1491,31 @@ def test_run_checks_its_options_before_opening_the_bundle(world, capsys, monkeyp
         _expect_one_error(capsys, monkeypatch, [str(a) for a in argv], expect)
 
 
+def test_a_graph_whose_logits_shape_is_undeclared_still_generates(world, tmp_path):
+    """The vocabulary check reads the logits' declared last axis, which a graph may leave out
+    (an IndexError once); the bundle's recorded vocabulary, or none, serves instead."""
+    from hadaconv.generate import generate
+
+    bundle = _graph_edited(_copy(world.bundle, tmp_path / "b"), _scalar_logits)
+    assert len(generate(bundle, [[5, 6]], max_new_tokens=2).tokens[0]) == 2
+
+
+def test_bundles_run_on_token_ids_without_transformers(world, capsys, monkeypatch):
+    """hadaconv[ort] alone runs a bundle that carries a tokenizer on token ids (the tokenizer
+    is not loaded); text gets one line naming what to install, from the CLI and from Python."""
+    from hadaconv.generate import embed, generate
+
+    _without_transformers(monkeypatch)
+    code, out, err = run_cli(capsys, "run", world.bundle, "--ids", "5,6", "--max-new-tokens", "2")
+    assert code == 0 and len(out.strip().split(",")) == 2, err
+    assert generate(world.bundle, [[5, 6]], max_new_tokens=2).tokens.shape == (1, 2)
+    assert embed(world.encoder, [[5, 6]]).sentence_embedding.shape == (1, 8)
+    for call in (lambda: generate(world.bundle, "hi"), lambda: embed(world.encoder, "hi")):
+        with pytest.raises(HadaconvError, match=r"need.? a tokenizer: reading a bundle's tokenizer needs transformers, "
+                                                r"which is not installed: pip install 'hadaconv\[hf\]'"):
+            call()
+
+
 def test_every_verb_has_rows():
     from hadaconv.cli import cli
 
@@ -1491,6 +1621,10 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          rf"token id {VOCAB + 5} is outside the vocabulary of {VOCAB} tokens \(ids 0 to {VOCAB - 1}\)"),
         ("generate-zero-tokens", lambda: generate(w.bundle, "hi", 0), InputError, r"max_new_tokens must be an integer >= 1"),
         ("generate-negative-top-k", lambda: generate(w.bundle, "hi", top_k=-1), InputError, r"top_k"),
+        ("generate-negative-seed", lambda: generate(w.bundle, "hi", temperature=1, seed=-1), InputError,  # numpy's
+         r"^seed must be an integer >= 0, got -1$"),
+        ("generate-fractional-seed", lambda: generate(w.bundle, "hi", temperature=1, seed=1.5), InputError,
+         r"^seed must be an integer >= 0, got 1\.5$"),
         ("generate-on-encoder", lambda: generate(w.encoder, "hi"), HadaconvError, r"needs a causal LM"),
         ("embed-float-ids", lambda: embed(w.encoder, np.array([[1.5]])), InputError, r"integer array"),
         ("embed-empty-list", lambda: embed(w.encoder, []), InputError,  # was transformers' IndexError
@@ -1504,7 +1638,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          lambda: __import__("hadaconv").plan_conversion(str(w.hf), ConvertConfig(stats_device="tpu:0")),
          InputError, r"^stats_device='tpu:0': "),
         ("embed-on-causal", lambda: embed(w.bundle, "hi"), HadaconvError,
-         r"needs an encoder bundle \(a sentence_embedding output\), and this one is a causal-lm bundle$"),
+         r"needs an encoder bundle \(sentence_embedding and last_hidden_state outputs\), and this one is a causal-lm "
+         r"bundle$"),
         ("generate-text-on-bare-session", lambda: generate(runtime.session(w.bundle / MODEL, "cpu"), "hi"),
          HadaconvError, r"text prompts need a tokenizer: a bare session.* pass tokenizer=\.\.\., or give token ids"),
         ("session-custom-graph-without-library", lambda: runtime.session(w.bundle / MODEL, "cpu", library=False),
@@ -1613,6 +1748,11 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          InputError, r"^gamma must be a floating-point tensor, got torch\.int32$"),
         ("save-report-not-a-report", lambda: save(load(w.conv), t / "out", report=[1]), InputError,
          r"^report must be a ConvertReport or a dict, got list$"),
+        ("load-nan-gamma", lambda: load(_poison(_copy(w.conv, t / "c"), "o_proj.gamma", math.nan)), ModelFormatError,
+         r"model\.safetensors: tensor model\.layers\.\d+\.self_attn\.o_proj\.gamma holds NaN or Inf values$"),
+        ("load-scalar-down", lambda: load(_with_tensor(_copy(w.conv, t / "c"), ".gamma", ".down", torch.tensor(3.0))),
+         ModelFormatError, r"model\.safetensors: model\.layers\.\d+\.self_attn\.o_proj\.down has shape \[\], not "
+         r"\[rank, width\]$"),
         ("save-without-its-target", lambda: save(_converted_with_target(), t / "out"), HadaconvError,
          r"^layer 0 is converted by hadaconv's count but dense by the llama adapter's: a model converted with a "
          r"target saves with the same one$"),
@@ -1693,7 +1833,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
 
 
 API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "generate-ragged-ids",
-           "generate-id-past-vocab", "generate-zero-tokens", "generate-negative-top-k", "generate-on-encoder",
+           "generate-id-past-vocab", "generate-zero-tokens", "generate-negative-top-k", "generate-negative-seed",
+           "generate-fractional-seed", "generate-on-encoder",
            "embed-float-ids", "embed-empty-list", "embed-normalize-not-bool", "convert-stats-device-unknown",
            "plan-stats-device-unknown",
            "embed-on-causal", "generate-text-on-bare-session",
@@ -1713,7 +1854,8 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "distill-train-unknown", "distill-dtype-unknown", "distill-not-converted", "patch-converted-model",
            "patch-missing-layer", "patch-no-layers", "patch-no-attention", "distill-eval-text-missing",
            "distill-eval-text-a-source-name",
-           "save-without-its-target", "op-integer-input", "op-integer-gamma", "save-report-not-a-report",
+           "save-without-its-target", "load-nan-gamma", "load-scalar-down", "op-integer-input", "op-integer-gamma",
+           "save-report-not-a-report",
            "export-path-not-model", "export-module-without-inputs", "export-encoder-without-cache",
            "convert-loaded-wrapper",
            "convert-config-as-tokenizer", "patch-path",

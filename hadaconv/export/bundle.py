@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,15 @@ class Bundle:
         return str(self.meta.get("kind", "module"))
 
 
+def tokenizer_missing() -> str | None:
+    """Why a bundle's tokenizer files cannot be read in this installation, or None: they need
+    transformers, which the ``ort`` extra alone does not install."""
+    if importlib.util.find_spec("transformers") is None:
+        return ("reading a bundle's tokenizer needs transformers, which is not installed: pip install "
+                "'hadaconv[hf]' (token ids run without it)")
+    return None
+
+
 def open_bundle(folder: str | os.PathLike, providers: str | list[Any] | None = "auto",
                 **session_options: Any) -> Bundle:
     """Open a bundle written by :func:`hadaconv.export_onnx`: its session, its tokenizer and its
@@ -167,7 +177,7 @@ def open_bundle(folder: str | os.PathLike, providers: str | list[Any] | None = "
     meta = read_metadata(folder)
     sess = session(folder / MODEL, providers, library=_needs_library(folder, meta), **session_options)
     tokenizer = None
-    if meta.get("tokenizer"):
+    if meta.get("tokenizer") and tokenizer_missing() is None:  # without transformers: token ids still run
         from hadaconv.io import load_tokenizer
 
         tokenizer = load_tokenizer(folder)

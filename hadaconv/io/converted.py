@@ -21,7 +21,7 @@ from torch import nn
 
 from hadaconv.atomic import atomic_folder, check_output
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_module, check_path, command, option
-from hadaconv.io.build import load_weights, model_from_config, torch_recipe
+from hadaconv.io.build import check_finite, load_weights, model_from_config, torch_recipe
 from hadaconv.io.files import (META_KEY, SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, VOCABULARY_FILES, WEIGHTS,
                                converted_meta, first_line, read_json, read_safetensors, shard_map)
 
@@ -317,9 +317,12 @@ def load(folder: str | os.PathLike) -> nn.Module:
         # Each layer's rank is its own D [r, d_in]: a folder converted again with another --rank
         # holds layers of both, and folders from before the residual have none.
         down = tensors.get(f"{layer.out_name}.down")
+        if down is not None and down.dim() != 2:
+            raise ModelFormatError(f"{weights}: {layer.out_name}.down has shape {list(down.shape)}, not [rank, width]")
         rank = down.shape[0] if down is not None else 0
         install_projection(layer, block=block, bias=f"{layer.out_name}.beta" in tensors, rank=rank)
     load_weights(model, tensors, str(weights))
+    check_finite(model, str(weights))
     model.eval()
     return model
 

@@ -9,7 +9,7 @@ import os
 import stat
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -92,6 +92,24 @@ def first_line(exc: BaseException) -> str:
 JSON_LIMIT = 64 << 20
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading in binary, if it is a regular file: a FIFO (which a folder
+    unpacked from a tar archive can hold) would block the open until a writer comes, and a
+    device such as /dev/zero never ends.
+
+    Raises:
+        ModelFormatError: not a regular file.  OSError: the open itself failed.
+    """
+    if path.exists() and not path.is_file():  # a device or FIFO is not opened at all
+        raise ModelFormatError(f"{path} is not a regular file")
+    # Opened without blocking and checked again on the open file: one swapped in meanwhile cannot stall us.
+    f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise ModelFormatError(f"{path} is not a regular file")
+    return f
+
+
 def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
     """The JSON object in ``path`` (an untrusted file): at most ``limit`` bytes are read, and only
     from a regular file (a link to /dev/zero would never end).
@@ -101,12 +119,7 @@ def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
             (nesting deeper than Python's stack included), or not an object.
     """
     try:
-        if path.exists() and not path.is_file():  # a device or FIFO is not opened at all
-            raise ModelFormatError(f"{path} is not a regular file")
-        # Opened without blocking and checked again on the open file: one swapped in meanwhile cannot stall us.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ModelFormatError(f"{path} is not a regular file")
+        with open_regular(path) as f:
             raw = f.read(limit + 1)
         if len(raw) > limit:
             raise ModelFormatError(f"{path} is larger than {limit:,} bytes")
@@ -150,8 +163,8 @@ def check_safetensors(path: Path) -> dict:
     """Check a safetensors file's header and that its data is all there (a truncated download
     otherwise fails late, or deep inside a library); returns the header."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > size - 8:
                 raise ValueError("header runs past the end of the file")

@@ -23,7 +23,8 @@ from hadaconv.io.build import (HeadDropped, build_empty, builder, causal_lm_clas
                                model_from_config, refuse_missing)
 from hadaconv.io.converted import has_tokenizer, load, load_tokenizer, original_path, refuse_bundle
 from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, WEIGHTS, check_safetensors, converted_meta, file_identity,
-                               first_line, folder_weights, read_json, read_safetensors, shard_map)
+                               first_line, folder_weights, open_regular, read_json, read_safetensors, shard_map)
+from hadaconv.io.gguf import check_metadata
 from hadaconv.progress import status
 
 __all__ = ["Loaded", "carries_config", "check_model_config", "check_seq_len_early", "load_model", "recorded_config",
@@ -288,6 +289,8 @@ def check_seq_len_early(source: str | os.PathLike, seq_len: int, *, config: str 
 def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None, flag: str) -> Loaded:
     if path.is_dir():
         return _load_folder(path, dtype)
+    if not path.is_file():  # a FIFO would block every reader below until a writer came
+        raise ModelFormatError(f"{path} is not a regular file")
     if path.suffix == ".gguf":
         return _load_gguf(path, dtype)
     if path.suffix == ".safetensors":
@@ -385,6 +388,7 @@ def _gguf_config(path: Path):
 
     key = file_identity(path)
     if key not in _gguf_configs:
+        check_metadata(path)
         config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         check_depth(config, path)
         check_size(lambda: transformers.AutoModelForCausalLM.from_config(config), [path], path)
@@ -404,6 +408,7 @@ def _gguf_tokenizer(path: Path, *, take: bool = False):
 
     key = file_identity(path)
     if key not in _gguf_tokenizers:
+        check_metadata(path)
         _gguf_tokenizers[key] = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return _gguf_tokenizers.pop(key) if take else _gguf_tokenizers[key]
 
@@ -515,14 +520,35 @@ def _torch_load_failure(exc: Exception) -> str:
     return first_line(exc)
 
 
+def _check_stored(path: Path) -> None:
+    """Refuse a zip archive with compressed records: torch.save stores every record as it is, and
+    torch.load inflates a compressed one in full, so a 1 MB file could hold a gigabyte of zeros
+    (it took 1.5 GB to load).  Only the archive's central directory is read."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = next((i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # damaged: torch.load says how, in the words the other damaged archives get
+    if packed is not None:
+        raise ModelFormatError(f"cannot read {path} as a torch.save file: its record {packed[:80]!r} is compressed, "
+                               "which torch.save never writes (a compressed record can inflate without bound)")
+
+
 def _load_torch_file(path: Path, config, trust_pickle: bool, flag: str) -> Loaded:
-    with path.open("rb") as f:
-        magic = f.read(4)
+    try:
+        with open_regular(path) as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read {path}: {exc.strerror or first_line(exc)}") from None
     # torch.save writes a zip archive, or (before torch 1.6, or with the legacy switch) a pickle,
     # whose first byte is the PROTO opcode.
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
         raise ModelFormatError(f"cannot read {path} as a torch.save file: it is neither a zip archive nor a pickle "
                                "(damaged, or another format)")
+    if magic == b"PK\x03\x04":
+        _check_stored(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refusals and corrupt archives share no common type
