@@ -697,7 +697,8 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
         progress=lambda line: click.echo(line, err=True),
     )
     layers = result.meta.get("hadamard_layers", 0)
-    click.echo(f"wrote {result.path} ({result.kind}, {result.form} form, {dtype or 'float32'}, {layers} Hadamard "
+    form = f"{result.form} form" if layers else "dense: standard ops, no op library"
+    click.echo(f"wrote {result.path} ({result.kind}, {form}, {dtype or 'float32'}, {layers} Hadamard "
                f"projection{'s' if layers != 1 else ''}, opset {result.meta['opset']}) in "
                f"{time.perf_counter() - start:.0f} s")
 

@@ -26,7 +26,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from hadaconv.errors import HadaconvError, ModelFormatError, option
+from hadaconv.errors import HadaconvError, ModelFormatError, command, option
 from hadaconv.progress import status
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -189,8 +189,10 @@ def session_error(model: str | os.PathLike | bytes, exc: Exception, providers: l
                              f"provider ({option('provider', 'cuda')}, with onnxruntime-gpu), or export it with "
                              f"{option('dtype', 'float16')} or float32 for the CPU")
     if OP_DOMAIN in first and "is not a registered function/op" in first:  # opened without the op library
-        return HadaconvError(f"{name} uses {OP_DOMAIN}::HadamardAffine and the session has no op library: open it "
-                             f"with library=True (the default), or export it with {option('portable', True)}")
+        fix = command("its bundle's metadata names none (op_library), so the bundle is damaged: export it again",
+                      "open it with library=True (the default)")
+        return HadaconvError(f"{name} uses {OP_DOMAIN}::HadamardAffine and the session has no op library: {fix}, "
+                             f"or export it with {option('portable', True)}")
     return ModelFormatError(f"ONNX Runtime cannot open {name}: {first}")
 
 

@@ -1162,6 +1162,10 @@ ROWS = [
     Row("run-text-without-transformers", lambda w, t: ["run", w.bundle, "--prompt", "hi"],  # the ort extra alone
         r"--prompt needs the bundle's tokenizer, which needs transformers \(not installed\): pip install "
         r"'hadaconv\[hf\]', or give token ids with --ids$", lambda mp, w, t: _without_transformers(mp)),
+    Row("run-custom-graph-metadata-without-library",
+        lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), op_library=None), "--prompt", "hi"],
+        r"uses com\.hadaconv::HadamardAffine and the session has no op library: its bundle's metadata names none "
+        r"\(op_library\), so the bundle is damaged: export it again, or export it with --portable$"),
     Row("run-newer-op-version", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), custom_opsets={"com.hadaconv": 2}),
                                                  "--prompt", "hi"],
         r"needs version 2 of com\.hadaconv::HadamardAffine and this hadaconv's op library implements version 1: "

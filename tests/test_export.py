@@ -142,6 +142,9 @@ def test_causal_lm_without_cache_and_dense(tmp_path):
     result = export_onnx(dense, tmp_path / "b", cache=False)
     assert result.meta["hadamard_layers"] == 0 and result.meta["cache"] is None
     assert [o["name"] for o in result.meta["outputs"]] == ["logits"]
+    # Nothing to run the op on: no op library to carry or load (onnxruntime-genai would load it).
+    assert result.meta["op_library"] is None and "com.hadaconv" not in result.meta["custom_opsets"]
+    assert not list((tmp_path / "b").glob("*.so"))
     sess = numpy_session(tmp_path / "b")
     ids = torch.randint(1000, 30000, (3, 11))
     mask = torch.ones_like(ids)

@@ -270,7 +270,9 @@ def export_onnx(
     kind = _resolve_kind(model, kind, example_inputs=example_inputs, cache=cache)
     spec = make_spec(model, kind, cache=cache, example_inputs=example_inputs)
     library = None
-    if form == "custom":
+    # A model without Hadamard projections (a dense one) traces to standard ops in either form:
+    # its bundle carries no op library, which onnxruntime-genai would otherwise load for nothing.
+    if form == "custom" and _hadamard_layers(model):
         library = Path(get_library_path())  # a missing library fails before the slow trace, not after
     start = time.perf_counter()
     log = log or logging.getLogger(__name__).info
@@ -378,7 +380,7 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
     meta = {
         "format": FORMAT, "version": 1, "hadaconv": __version__, "kind": kind, "form": form,
         "opset": OPSET,
-        "custom_opsets": ({DOMAIN: OP_VERSION} if form == "custom" else {}) | ({CONTRIB_DOMAIN: 1} if fusions else {}),
+        "custom_opsets": ({DOMAIN: OP_VERSION} if lib_name else {}) | ({CONTRIB_DOMAIN: 1} if fusions else {}),
         "fusions": fusions,
         "op_library": lib_name, "inputs": inputs, "outputs": outputs, "cache": spec.cache,
         "tokenizer": tokenizer is not None,
