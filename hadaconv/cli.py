@@ -645,7 +645,9 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle folder to write (new or empty; a folder with files needs --overwrite).")
 @click.option("--onnx", "onnx_format", is_flag=True, default=True, help="Export to ONNX (the only format; accepted for clarity).")
 @click.option("--portable", is_flag=True, help="Standard ONNX ops only (no op library needed), instead of com.hadaconv::HadamardAffine.")
-@click.option("--no-cache", is_flag=True, help="Causal LMs: export logits only, without the KV-cache inputs/outputs.")
+@click.option("--no-cache", is_flag=True,
+              help="Causal LMs: export logits only, without the KV-cache inputs/outputs (for scoring: hadaconv "
+                   "run, generate and onnxruntime-genai need the cache to generate).")
 @click.option("--kind", type=click.Choice(["causal-lm", "encoder", "classifier", "module"]), default=None, help="Override the detected model kind.")
 @click.option("--input-shape", default=None, help="Generic modules: shape of the (float) example input, e.g. 2,16,32.")
 @click.option("--atol", type=Number(min=0), default=None,

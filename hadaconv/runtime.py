@@ -92,6 +92,9 @@ def build_ops(force: bool = False, cuda: bool | None = None, sanitize: bool = Fa
     test processes) are serialized by a lock file.
     """
     if not (OPS_DIR / "CMakeLists.txt").is_file():
+        if PACKAGE_LIBRARY.is_file():  # an installed wheel: built when the wheel was, nothing to do
+            raise HadaconvError(f"nothing to build: this installation ships its op library, {PACKAGE_LIBRARY} "
+                                "(build-ops rebuilds a source checkout's custom_ops/)")
         raise HadaconvError(
             f"the op library sources are not here ({OPS_DIR}); set HADACONV_OPS_LIB to a built {LIBRARY_NAME}"
         )

@@ -655,6 +655,19 @@ def test_get_library_path(monkeypatch, tmp_path, library):
         runtime.get_library_path()
 
 
+def test_build_ops_in_an_installed_wheel_says_there_is_nothing_to_build(monkeypatch, tmp_path, library):
+    """Installed from a wheel there are no sources, and the library shipped with the package: a
+    newcomer read "the sources are not here" as something missing."""
+    monkeypatch.setattr(runtime, "OPS_DIR", tmp_path / "custom_ops")
+    monkeypatch.setattr(runtime, "PACKAGE_LIBRARY", __import__("pathlib").Path(library))
+    shipped = re.escape(library)
+    with pytest.raises(HadaconvError, match=f"^nothing to build: this installation ships its op library, {shipped} "):
+        runtime.build_ops()
+    monkeypatch.setattr(runtime, "PACKAGE_LIBRARY", tmp_path / "pkg" / runtime.LIBRARY_NAME)
+    with pytest.raises(HadaconvError, match="the op library sources are not here"):
+        runtime.build_ops()
+
+
 def test_session_options_and_config_entries():
     """Keyword options set SessionOptions attributes, ``config_entries`` ONNX Runtime's session
     config keys (the benchmarks stop idle worker threads spinning this way); an unknown
