@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -39,9 +40,16 @@ class Integer(click.IntRange):
 
 
 class Number(click.FloatRange):
-    """click's FloatRange, named as users say it: "'x' is not a valid number"."""
+    """click's FloatRange, named as users say it ("'x' is not a valid number"), and finite: its
+    range check lets nan through, and inf past an open top."""
 
     name = "number"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 POSITIVE = Integer(min=1)

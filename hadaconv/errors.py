@@ -128,7 +128,7 @@ def check_number(name: str, value: Any, least: float, *, strict: bool = False) -
     ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
           and (value > least if strict else value >= least))
     if not ok:
-        raise InputError(f"{option(name)} must be a number {'>' if strict else '>='} {least}, got {value!r}")
+        raise InputError(f"{option(name)} must be a finite number {'>' if strict else '>='} {least}, got {value!r}")
 
 
 def check_fields(config: Any, ints: dict[str, int], reals: dict[str, tuple[float, bool]] | None = None,

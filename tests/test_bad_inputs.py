@@ -1219,6 +1219,10 @@ ROWS = [
         r"present\.0\.value$"),
     Row("run-negative-seed", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--temperature", "1", "--seed", "-1"],
         r"'--seed': -1 is not in the range x>=0"),
+    Row("run-temperature-nan", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--temperature", "nan"],
+        r"Invalid value for '--temperature': 'nan' is not a finite number"),
+    Row("run-repetition-penalty-inf", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--repetition-penalty", "inf"],
+        r"Invalid value for '--repetition-penalty': 'inf' is not a finite number"),
     Row("run-prompt-not-utf8", lambda w, t: ["run", w.bundle, "--prompt", "caf\udce9"],
         r"--prompt is not UTF-8 text$"),
     Row("run-max-new-tokens-past-context",
@@ -1457,6 +1461,8 @@ def test_bad_input(row, world, tmp_path, capsys, monkeypatch):
     (["hadamard", "0"], 2),  # out of the argument's range, like --samples 0
     (["hadamard", "7"], 1),  # parsed, then refused by hadaconv's own checks (no Hadamard matrix of order 7)
     (["distill", "/nonexistent", "-o", "x", "--max-time", "90sec"], 2),  # a duration that does not parse
+    (["run", "/nonexistent", "--prompt", "hi", "--temperature", "nan"], 2),  # as -1 is: refused while parsing
+    (["run", "/nonexistent", "--prompt", "hi", "--seed", "-1"], 2),
     (["inspect", "/nonexistent/model.gguf"], 1),
     (["eval", "/nonexistent/model.gguf", "--text", "/nonexistent/t.txt"], 1),  # a missing file is bad input
 ])
@@ -1697,7 +1703,7 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          InputError, r"^sensitivity_windows must be an integer >= 1, got 0"),
         ("convert-max-loss-negative",
          lambda: convert(make_tiny("llama"), None, ConvertConfig(max_loss=-1.0), inputs=ids),
-         InputError, r"^max_loss must be a number >= 0"),
+         InputError, r"^max_loss must be a finite number >= 0"),
         ("convert-output-exists", lambda: __import__("hadaconv.convert").convert.convert_file(
             str(w.hf), str(_mkdir(t / "taken", with_file=True))), OutputError,
          r"already exists and is not empty: pass overwrite=True to replace it"),
@@ -1723,10 +1729,10 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"\(dtype='float32'\)"),
         ("distill-max-time-text", distill_with(max_time="60s"), InputError,
          r"^max_time='60s': a number of seconds \(the command line's --max-time takes 90s, 30m, 2h, 1h30m\)$"),
-        ("distill-max-time-negative", distill_with(max_time=-5), InputError, r"^max_time must be a number > 0, got -5"),
+        ("distill-max-time-negative", distill_with(max_time=-5), InputError, r"^max_time must be a finite number > 0, got -5"),
         ("distill-max-steps-0", distill_with(max_steps=0), InputError, r"^max_steps must be an integer >= 1, got 0"),
-        ("distill-lr-negative", distill_with(lr=-1), InputError, r"^lr must be a number > 0, got -1"),
-        ("distill-lr-nan", distill_with(lr=float("nan")), InputError, r"^lr must be a number > 0, got nan"),
+        ("distill-lr-negative", distill_with(lr=-1), InputError, r"^lr must be a finite number > 0, got -1"),
+        ("distill-lr-nan", distill_with(lr=float("nan")), InputError, r"^lr must be a finite number > 0, got nan"),
         ("distill-min-lr-ratio-2", distill_with(min_lr_ratio=2.0), InputError, r"^min_lr_ratio must be at most 1"),
         ("distill-stages-string", distill_with(stages="global"), InputError,
          r"^stages must be local and/or global, got 'global'"),
@@ -1816,7 +1822,7 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("op-inverse-text", lambda: fwht(torch.ones(2, 64), inverse="no"), InputError,  # read as True
          r"^inverse must be True or False, got 'no'$"),
         ("export-atol-negative", lambda: export_onnx(make_tiny("llama"), t / "b", atol=-1), InputError,
-         r"^atol must be a number >= 0, got -1$"),
+         r"^atol must be a finite number >= 0, got -1$"),
         ("session-option-wrong-type", lambda: open_bundle(w.bundle, intra_op_num_threads="two"), HadaconvError,
          r"^onnxruntime\.SessionOptions\.intra_op_num_threads cannot be set to 'two': it takes int values$"),
         ("sample-path", lambda: sample_texts("model.gguf", tok), InputError, r"^model must be a torch nn\.Module"),

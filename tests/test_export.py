@@ -507,7 +507,7 @@ def test_repetition_penalty_matches_a_float64_reference(penalty, changes):
     assert out.tokens.tolist() == _penalized_greedy(table, ids, 12, penalty)
     plain = generate(sess, ids, 12, eos_token_id=[]).tokens.tolist()
     assert (out.tokens.tolist() != plain) == changes
-    with pytest.raises(HadaconvError, match="repetition_penalty must be a number > 0"):
+    with pytest.raises(HadaconvError, match="repetition_penalty must be a finite number > 0"):
         generate(sess, ids, 2, repetition_penalty=0.0)
 
 
