@@ -116,6 +116,9 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
     def token_id(v: Any) -> bool:  # bundles of older exports may hold -1 for "none"
         return isinstance(v, int) and not isinstance(v, bool) and -1 <= v < 2 ** 31
 
+    def size(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2 ** 31
+
     def io_list(v: Any) -> bool:
         return isinstance(v, list) and all(isinstance(x, dict) and isinstance(x.get("name"), str) for x in v)
 
@@ -130,6 +133,9 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
         "pad_token_id": meta.get("pad_token_id") is None or token_id(meta["pad_token_id"]),
         "inputs": io_list(meta.get("inputs", [])),
         "outputs": io_list(meta.get("outputs", [])),
+        # absent (older bundles) or null (unknown) is fine; a value is a length, not a guess
+        "context_length": meta.get("context_length") is None or size(meta["context_length"]),
+        "vocab_size": meta.get("vocab_size") is None or size(meta["vocab_size"]),
     }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
