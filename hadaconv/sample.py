@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from hadaconv.atomic import atomic_file, check_output
+from hadaconv.cache import cache_dir
 from hadaconv.errors import HadaconvError, InputError, check_module, command, indefinite, option
 from hadaconv.progress import console
 from hadaconv.progress import progress as progress_bar
@@ -211,15 +212,6 @@ def write_jsonl(texts: list[str], path: str | os.PathLike, overwrite: bool = Fal
         for t in texts:
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
     return path
-
-
-def cache_dir() -> Path:
-    """hadaconv's cache folder: ``$HADACONV_CACHE``, else ``$XDG_CACHE_HOME/hadaconv``, else
-    ``~/.cache/hadaconv`` (created on first write, not here)."""
-    if os.environ.get("HADACONV_CACHE"):
-        return Path(os.environ["HADACONV_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "hadaconv"
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -321,6 +321,22 @@ def test_the_quicker_first_try_names_the_callers_option(tokenizer, tmp_path, mon
     assert "fewer sequences" not in " ".join(capsys.readouterr().err.split())
 
 
+def test_one_cache_folder_for_models_and_samples(monkeypatch, tmp_path):
+    """The real models and the sampled text share one root, by one rule (there were two, and
+    only the samples' honoured $XDG_CACHE_HOME)."""
+    import hadaconv.realmodels as realmodels
+    import hadaconv.sample as sample
+
+    monkeypatch.delenv("HADACONV_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert realmodels.cache_dir() == sample.cache_dir() == tmp_path / "xdg" / "hadaconv"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert realmodels.cache_dir() == tmp_path / "home" / ".cache" / "hadaconv"
+    monkeypatch.setenv("HADACONV_CACHE", str(tmp_path / "mine"))
+    assert realmodels.cache_dir() == sample.cache_dir() == tmp_path / "mine"
+
+
 def _counting_sampler(monkeypatch, sample):
     """Record the sequence count of every sample_texts call (the real sampling still runs)."""
     calls, real = [], sample.sample_texts
