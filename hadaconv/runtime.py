@@ -193,7 +193,7 @@ def session_error(model: str | os.PathLike | bytes, exc: Exception, providers: l
                              f"{option('dtype', 'float16')} or float32 for the CPU")
     if OP_DOMAIN in first and "is not a registered function/op" in first:  # opened without the op library
         fix = command("its bundle's metadata names none (op_library), so the bundle is damaged: export it again",
-                      "open it with library=True (the default)")
+                      "open it with library=True (hadaconv.runtime.session's default)")
         return HadaconvError(f"{name} uses {OP_DOMAIN}::HadamardAffine and the session has no op library: {fix}, "
                              f"or export it with {option('portable', True)}")
     return ModelFormatError(f"ONNX Runtime cannot open {name}: {first}")
@@ -289,6 +289,8 @@ def session(
         _register(options, library)
     if not isinstance(model, (bytes, bytearray)):
         model = os.fspath(model)
+        if os.path.exists(model) and not os.path.isfile(model):  # a FIFO would block ONNX Runtime's open
+            raise ModelFormatError(f"{model} is not a regular file")
     try:
         return ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime's own types: a missing or corrupt file, a node the op refuses

@@ -4,6 +4,7 @@ of folding per-head matrices into value rows, and PyTorch's nn.MultiheadAttentio
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -253,22 +254,33 @@ def test_nothing_to_convert_is_one_line(target):
 
 @pytest.mark.parametrize("pattern", [r"layers\.1\.self_attn\.o_proj$", r"(self_attn|attention)\.o_proj",
                                      r"layers\.\d+\.attn\.out_proj$", r"^(?:encoder)\.layer\.\d{1,3}\.out$",
-                                     r"(a|b)+x", r"a?b?c", r"h\.[0-9]+\.attn\.c_proj"])
-def test_targets_that_match_in_linear_time_are_taken(pattern):
+                                     r"(a|b)+x", r"a?b?c", r"h\.[0-9]+\.attn\.c_proj", r"(\.\d)+x",
+                                     r".*layers.*attn.*o_proj", r"^(?!lm_head).*proj$"])
+def test_targets_that_match_in_low_polynomial_time_are_taken(pattern):
     from hadaconv.adapters.generic import compile_target
 
     assert compile_target(pattern).pattern == pattern
 
 
-@pytest.mark.parametrize("pattern", [r"^(.|.)*$!", r"(a+)+$", r"(a|aa)*b", r"(?:x*)*y", r"((ab)*)+c", r"(?=(a+)+)x",
-                                     r"(a|a?)+b"])
-def test_targets_that_backtrack_are_refused(pattern):
+@pytest.mark.parametrize("pattern, why", [
+    (r"^(.|.)*$!", "repeats an alternation"), (r"(a+)+$", "repeats a repetition"),
+    (r"(a|aa)*b", "repeats an alternation"), (r"(?:x*)*y", "repeats a repetition"),
+    (r"((ab)*)+c", "repeats a repetition"), (r"(?=(a+)+)x", "repeats a repetition"),
+    (r"(a|a?)+b", "repeats an alternation"),
+    # Found by a review of the first version of the check:
+    (r"(?>(.+)+!)", "atomic group"), (r"(x)?(?(1)x|(.+)+!)", "conditional"),
+    (r"(aa?)+$", "repeats an item of varying length"), (r"(.?.)+!", "repeats an item of varying length"),
+    (r".*a.*a.*a.*a!", "holds more than 3 unbounded repeats"), (r"(a)\1+", "backreference"),
+])
+def test_targets_that_backtrack_are_refused(pattern, why):
     """A converted folder records its target and loading it runs the pattern on every module
     name: a file must not be able to hang the load.  These are the textbook shapes of
-    catastrophic backtracking (a repetition or an ambiguous alternation under a repeat)."""
+    catastrophic backtracking (a repetition, an ambiguous alternation or a varying-length item
+    under a repeat), constructs whose insides the check does not follow, and chains of
+    unbounded repeats (polynomial, of any degree)."""
     from hadaconv.adapters.generic import compile_target
 
-    with pytest.raises(HadaconvError, match="repeats a repetition or an alternation"):
+    with pytest.raises(HadaconvError, match=re.escape(why)):
         compile_target(pattern)
 
 

@@ -163,15 +163,24 @@ def _unmarked(shard: Path) -> Path:
     return shard
 
 
-def _tiny_gguf(path: Path, blocks: int, tensors: tuple[str, ...] = ("token_embd.weight",), junk: int = 0) -> Path:
-    """A llama GGUF of width 64 declaring ``blocks`` blocks and holding only ``tensors`` (and a
-    metadata array of ``junk`` empty strings, where gguf-py spends about 1.7 kB on each)."""
+def _tiny_gguf(path: Path, blocks: int, tensors: tuple[str, ...] = ("token_embd.weight",), junk: int = 0,
+               entries: int = 0, nested: int = 0, big_endian: bool = False) -> Path:
+    """A llama GGUF of width 64 declaring ``blocks`` blocks and holding only ``tensors``; junk
+    metadata where gguf-py spends kilobytes on each item: an array of ``junk`` empty strings,
+    ``entries`` plain entries, an array nested ``nested`` deep."""
     import gguf
     import numpy as np
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), "llama", endianess=gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE)
     if junk:
         w.add_array("general.junk", [""] * junk)
+    for i in range(entries):
+        w.add_uint32(f"general.junk{i}", i)
+    if nested:
+        value = [1]
+        for _ in range(nested - 1):
+            value = [value]
+        w.add_array("general.nested", value)
     w.add_block_count(blocks)
     w.add_embedding_length(64)
     w.add_feed_forward_length(128)
@@ -347,6 +356,11 @@ def _deflated_pt(path: Path) -> Path:
     return path
 
 
+def _torchscript(path: Path) -> Path:
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    return path
+
+
 def _fifo(path: Path) -> Path:
     """A named pipe: opening it to read blocks until a writer comes (a tar archive can hold one)."""
     os.mkfifo(path)
@@ -357,6 +371,12 @@ def _fifo_weights(folder: Path) -> Path:
     (folder / "model.safetensors").unlink()
     _fifo(folder / "model.safetensors")
     return folder
+
+
+def _fifo_model(bundle: Path) -> Path:
+    (bundle / MODEL).unlink()
+    _fifo(bundle / MODEL)
+    return bundle
 
 
 def _with_head(src: Path, dst: Path) -> Path:
@@ -952,6 +972,9 @@ ROWS = [
         r"m\.pt as a torch\.save file: the archive is damaged or truncated \(reading zip archive"),
     Row("inspect-deflated-pt", lambda w, t: ["inspect", _deflated_pt(t / "m.pt"), "--config", w.hf],
         r"m\.pt as a torch\.save file: its record 'm/data/0' is compressed, which torch\.save never writes"),
+    Row("inspect-torchscript", lambda w, t: ["inspect", _torchscript(t / "m.pt"), "--config", w.hf],
+        r"m\.pt is a TorchScript archive \(torch\.jit\.save\), which hadaconv does not read: save the module, or its "
+        r"state_dict, with torch\.save$"),
     Row("inspect-fifo-pt", lambda w, t: ["inspect", _fifo(t / "m.pt"), "--config", w.hf],
         r"m\.pt is not a regular file$"),
     Row("inspect-fifo-gguf", lambda w, t: ["inspect", _fifo(t / "m.gguf")], r"m\.gguf is not a regular file$"),
@@ -963,7 +986,14 @@ ROWS = [
     Row("inspect-gguf-two-billion-blocks", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 2 ** 31)],
         r"m\.gguf declares 2147483648 layers: not a model hadaconv loads \(1 to 1024\)"),
     Row("inspect-gguf-huge-metadata-array", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, junk=1_500_001)],
-        r"m\.gguf: its metadata arrays hold more than 1,500,000 elements, more than any model's vocabulary"),
+        r"m\.gguf: its header declares more than 1,500,000 metadata array elements, more than any model has"),
+    Row("inspect-gguf-big-endian-huge-array",  # the pre-check once read big-endian files as garbage, and passed them
+        lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, junk=1_500_001, big_endian=True)],
+        r"m\.gguf: its header declares more than 1,500,000 metadata array elements"),
+    Row("inspect-gguf-many-entries", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, entries=10_001)],
+        r"m\.gguf: its header declares more than 10,000 metadata entries, more than any model has"),
+    Row("inspect-gguf-deep-arrays", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, nested=6)],
+        r"m\.gguf: its metadata nests arrays deeper than 4, which no model writes$"),
     Row("inspect-gguf-no-tensors", lambda w, t: ["inspect", _tiny_gguf(t / "m.gguf", 1, ())],
         r"m\.gguf: the config describes [\d,]+ parameters, more than its weight files can hold \(416 bytes\)"),
     # inspect reads a GGUF's metadata only (its table says "weights not read"); loads check the weights.
@@ -1163,7 +1193,12 @@ ROWS = [
         r"--prompt needs the bundle's tokenizer, which needs transformers \(not installed\): pip install "
         r"'hadaconv\[hf\]', or give token ids with --ids$", lambda mp, w, t: _without_transformers(mp)),
     Row("run-custom-graph-metadata-without-library",
-        lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), op_library=None), "--prompt", "hi"],
+        lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), op_library=None, custom_opsets={"com.hadaconv": 1}),
+                      "--prompt", "hi"],
+        r"hadaconv_onnx\.json declares com\.hadaconv ops \(custom_opsets\) and names no op library \(op_library\): "
+        r"the metadata is damaged, export the bundle again$"),
+    Row("run-custom-graph-metadata-without-library-or-opsets",
+        lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), op_library=None, custom_opsets={}), "--prompt", "hi"],
         r"uses com\.hadaconv::HadamardAffine and the session has no op library: its bundle's metadata names none "
         r"\(op_library\), so the bundle is damaged: export it again, or export it with --portable$"),
     Row("run-newer-op-version", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), custom_opsets={"com.hadaconv": 2}),
@@ -1183,6 +1218,8 @@ ROWS = [
         r"hadaconv_onnx\.json: eos_token_id is not what hadaconv export writes \(1\.5\)"),
     Row("run-metadata-huge-pad", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), pad_token_id=10 ** 30), "--prompt", "hi"],
         r"pad_token_id is not what hadaconv export writes"),
+    Row("run-graph-fifo", lambda w, t: ["run", _fifo_model(_copy(w.bundle, t / "b")), "--prompt", "hi"],
+        r"b/model\.onnx is not a regular file \(a bundle holds files\)$"),
     Row("run-metadata-negative-context", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), context_length=-3),
                                                        "--prompt", "hi"],
         r"hadaconv_onnx\.json: context_length is not what hadaconv export writes \(-3\)$"),
@@ -1378,26 +1415,28 @@ ROWS = [
         r"hadaconv\.layers is not what a conversion writes \(5\)"),
     Row("inspect-converted-target-backtracks",  # ran for minutes on each module name
         lambda w, t: ["inspect", _hadaconv_with(_copy(w.conv, t / "c"), target="^(.|.)*$!")],
-        r"config\.json: hadaconv\.target '\^\(\.\|\.\)\*\$!' repeats a repetition or an alternation, which can "
+        r"config\.json: hadaconv\.target '\^\(\.\|\.\)\*\$!' repeats an alternation, which can "
         r"take time exponential in a name's length$"),
-    Row("eval-converted-target-overlong", lambda w, t: ["eval", _hadaconv_with(_copy(w.conv, t / "c"), target="a" * 1001)],
+    Row("eval-converted-target-overlong",
+        lambda w, t: ["eval", _hadaconv_with(_copy(w.conv, t / "c"), target="a" * 1001)],
         r"config\.json: hadaconv\.target is a regular expression of at most 1000 characters, not 1001 characters$"),
     Row("convert-target-backtracks", lambda w, t: ["convert", w.hf, "-o", t / "o", "--target", r"(\w+)+\.o_proj$"],
-        re.escape(r"--target '(\w+)+\.o_proj$' repeats a repetition or an alternation, which can take time exponential "
-                  r"in a name's length: name the layers without a group under * or + (e.g. 'layers\.\d+\.attn\.out_proj$')")
+        re.escape(r"--target '(\w+)+\.o_proj$' repeats a repetition, which can take time exponential "
+                  r"in a name's length: name the layers more plainly (e.g. 'layers\.\d+\.attn\.out_proj$')")
         + "$"),
     Row("inspect-recipe-ten-million-layers", lambda w, t: ["inspect", _recipe(t / "r", num_layers=10 ** 7)],
-        r"invalid torch_module recipe in config\.json: num_layers = 10000000 is not what a save writes$"),
+        r"invalid torch_module recipe in config\.json: num_layers = 10000000 is outside what hadaconv saves and "
+        r"loads$"),
     Row("inspect-recipe-device", lambda w, t: ["inspect", _recipe(t / "r", device="cpu", dim_feedforward=8388608)],
         r"invalid torch_module recipe in config\.json: unknown layer field 'device'$"),
     Row("inspect-recipe-huge-feedforward", lambda w, t: ["inspect", _recipe(t / "r", dim_feedforward=8388608)],
-        r"layer\.dim_feedforward = 8388608 is not what a save writes$"),
+        r"layer\.dim_feedforward = 8388608 is outside what hadaconv saves and loads$"),
     Row("inspect-recipe-nhead-not-dividing", lambda w, t: ["inspect", _recipe(t / "r", nhead=3)],
         r"invalid torch_module recipe in config\.json: nhead 3 does not divide d_model 32$"),
     Row("inspect-recipe-activation", lambda w, t: ["inspect", _recipe(t / "r", activation="tanh")],
-        r"layer\.activation = 'tanh' is not what a save writes$"),
+        r"layer\.activation = 'tanh' is outside what hadaconv saves and loads$"),
     Row("inspect-recipe-eps-bool", lambda w, t: ["inspect", _recipe(t / "r", layer_norm_eps=True)],
-        r"layer\.layer_norm_eps = True is not what a save writes$"),
+        r"layer\.layer_norm_eps = True is outside what hadaconv saves and loads$"),
     Row("inspect-config-huge-masks", lambda w, t: ["inspect", _long_masks(t / "g")],
         r"the config describes 3,600,240,000 bytes of buffers \(masks, position tables\), more than 256 MiB beside "
         r"40,\d+ bytes of weights"),
@@ -1735,7 +1774,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"\(dtype='float32'\)"),
         ("distill-max-time-text", distill_with(max_time="60s"), InputError,
          r"^max_time='60s': a number of seconds \(the command line's --max-time takes 90s, 30m, 2h, 1h30m\)$"),
-        ("distill-max-time-negative", distill_with(max_time=-5), InputError, r"^max_time must be a finite number > 0, got -5"),
+        ("distill-max-time-negative", distill_with(max_time=-5), InputError,
+         r"^max_time must be a finite number > 0, got -5"),
         ("distill-max-steps-0", distill_with(max_steps=0), InputError, r"^max_steps must be an integer >= 1, got 0"),
         ("distill-lr-negative", distill_with(lr=-1), InputError, r"^lr must be a finite number > 0, got -1"),
         ("distill-lr-nan", distill_with(lr=float("nan")), InputError, r"^lr must be a finite number > 0, got nan"),
@@ -1764,6 +1804,11 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          InputError, r"^gamma must be a floating-point tensor, got torch\.int32$"),
         ("save-report-not-a-report", lambda: save(load(w.conv), t / "out", report=[1]), InputError,
          r"^report must be a ConvertReport or a dict, got list$"),
+        ("save-recipe-out-of-range",  # once saved, then refused by the load
+         lambda: save(patch(torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, layer_norm_eps=1.0),
+                                                        1, enable_nested_tensor=False)), t / "out"), HadaconvError,
+         r"^cannot save this TransformerEncoder without pickle: layer\.layer_norm_eps = 1\.0 is outside what hadaconv "
+         r"saves and loads$"),
         ("load-nan-gamma", lambda: load(_poison(_copy(w.conv, t / "c"), "o_proj.gamma", math.nan)), ModelFormatError,
          r"model\.safetensors: tensor model\.layers\.\d+\.self_attn\.o_proj\.gamma holds NaN or Inf values$"),
         ("load-scalar-down", lambda: load(_with_tensor(_copy(w.conv, t / "c"), ".gamma", ".down", torch.tensor(3.0))),
@@ -1870,7 +1915,8 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "distill-train-unknown", "distill-dtype-unknown", "distill-not-converted", "patch-converted-model",
            "patch-missing-layer", "patch-no-layers", "patch-no-attention", "distill-eval-text-missing",
            "distill-eval-text-a-source-name",
-           "save-without-its-target", "load-nan-gamma", "load-scalar-down", "op-integer-input", "op-integer-gamma",
+           "save-without-its-target", "save-recipe-out-of-range", "load-nan-gamma", "load-scalar-down",
+           "op-integer-input", "op-integer-gamma",
            "save-report-not-a-report",
            "export-path-not-model", "export-module-without-inputs", "export-encoder-without-cache",
            "convert-loaded-wrapper",

@@ -111,6 +111,20 @@ def test_translation_matches_torch(tmp_path, form):
         np.testing.assert_allclose(g, r.numpy(), atol=2e-5, rtol=0)
 
 
+class DirectOp(nn.Module):
+    """The public op called by hand, with no HadamardProjection: the graph still needs the library."""
+
+    def forward(self, x):
+        return fwht(x) * 2
+
+
+def test_a_module_calling_the_op_itself_carries_the_library(tmp_path):
+    result = export_onnx(DirectOp(), tmp_path / "b", (torch.randn(2, 3, 16),))
+    assert result.meta["hadamard_layers"] == 0 and result.meta["op_library"] == "libhadaconv_ort.so"
+    assert result.meta["custom_opsets"] == {"com.hadaconv": 1} and (tmp_path / "b" / "libhadaconv_ort.so").is_file()
+    assert result.diffs and all(d.max_abs < 1e-5 for d in result.diffs)
+
+
 def test_kronecker_factors():
     assert kronecker_factors(0) == [] and kronecker_factors(4) == [16]
     assert kronecker_factors(10) == [32, 32] and kronecker_factors(13) == [128, 64]

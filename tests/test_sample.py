@@ -311,8 +311,9 @@ def test_the_quicker_first_try_names_the_callers_option(tokenizer, tmp_path, mon
 
     monkeypatch.setattr(sample, "CHUNK", 2)
     model = make_tiny("llama")
-    for cache, option, kwargs, cli in (("a", "--samples", {}, True), ("b", "--sampled", {"count_option": "sampled"}, True),
-                                       ("c", "samples)", {}, False)):
+    cases = (("a", "--samples", {}, True), ("b", "--sampled", {"count_option": "sampled"}, True),
+             ("c", "samples)", {}, False))
+    for cache, option, kwargs, cli in cases:
         with cli_names() if cli else contextlib.nullcontext():
             sample.cached_samples(model, tokenizer, samples=2, seq_len=4, cache=tmp_path / cache, **kwargs)
         err = " ".join(capsys.readouterr().err.split())

@@ -40,48 +40,85 @@ def _candidates(model: nn.Module, regex: re.Pattern[str]) -> list[tuple[str, nn.
 
 #: Longest pattern taken: a module name is a few dozen characters, and so is a pattern for it.
 MAX_PATTERN = 1000
+#: Unbounded repeats (``*``, ``+``, ``{n,}``) a pattern may hold: k of them in a row (``.*a.*b``)
+#: cost up to n^k steps on a name of n characters, which stays instant for a handful.
+MAX_OPEN_REPEATS = 3
+#: Constructs a layer name never needs, whose insides backtrack beyond these checks.
+_REFUSED = {getattr(sre_parse, name, None) for name in ("ATOMIC_GROUP", "GROUPREF_EXISTS", "GROUPREF",
+                                                        "POSSESSIVE_REPEAT")} - {None}
+_REPEATS = (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT)
 
 
-def _nested_repeat(items, inside: bool = False) -> bool:
-    """Whether a parsed pattern repeats a repetition or an alternation: the shapes whose
-    backtracking takes time exponential in the name's length (``(a+)+``, ``(.|.)*``)."""
+def _backtracking(items, inside: bool = False) -> str | None:
+    """Why a parsed pattern could take time exponential in a name's length, or None.  Under a
+    repeat (``*``, ``+``, ``{2,}``) every item must match one fixed width with one alternative:
+    ``(a+)+``, ``(.|.)*`` and ``(aa?)+`` split a run of characters between iterations in
+    exponentially many ways."""
     for op, arg in items:
-        if op in (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT, getattr(sre_parse, "POSSESSIVE_REPEAT", None)):
-            repeats = arg[1] > 1
-            if (inside and repeats) or _nested_repeat(arg[2], inside or repeats):
-                return True
+        if op in _REFUSED:
+            return "uses an atomic group, a conditional, a backreference or a possessive repeat"
+        if op in _REPEATS:
+            low, high, body = arg
+            repeats = high > 1
+            if repeats and inside:
+                return "repeats a repetition"
+            why = _backtracking(body, inside or repeats)
+            width = body.getwidth() if hasattr(body, "getwidth") else (0, 1)
+            if not why and repeats and width[0] != width[1]:
+                why = "repeats an item of varying length"
         elif op is sre_parse.BRANCH:
-            if inside or any(_nested_repeat(branch, inside) for branch in arg[1]):
-                return True
+            why = "repeats an alternation" if inside else next(
+                filter(None, (_backtracking(branch, inside) for branch in arg[1])), None)
         elif op is sre_parse.SUBPATTERN:
-            if _nested_repeat(arg[-1], inside):
-                return True
+            why = _backtracking(arg[-1], inside)
         elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
-            if _nested_repeat(arg[1], inside):
-                return True
-    return False
+            why = _backtracking(arg[1], inside)
+        else:
+            why = None
+        if why:
+            return why
+    return None
+
+
+def _open_repeats(items) -> int:
+    """How many unbounded repeats a parsed pattern holds, nested ones included."""
+    count = 0
+    for op, arg in items:
+        if op in _REPEATS:
+            count += (arg[1] == sre_parse.MAXREPEAT) + _open_repeats(arg[2])
+        elif op is sre_parse.BRANCH:
+            count += sum(_open_repeats(branch) for branch in arg[1])
+        elif op is sre_parse.SUBPATTERN:
+            count += _open_repeats(arg[-1])
+        elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+            count += _open_repeats(arg[1])
+    return count
 
 
 def compile_target(pattern: str, what: str | None = None) -> re.Pattern[str]:
-    """``pattern`` compiled, if it matches in time linear in a name's length: a converted
-    folder records its target, and loading the folder runs it on every module name, so a
-    file must not be able to make that hang (a recorded ``^(.|.)*$!`` takes minutes on one
-    name of 30 characters).  ``what`` names the pattern in errors (default: the target option,
-    which the errors then tell how to rewrite).  Raises HadaconvError for an invalid, overlong
-    or nested pattern."""
+    """``pattern`` compiled, if its matching time is bounded by a low power of a name's length: a
+    converted folder records its target, and loading the folder runs it on every module name,
+    so a file must not be able to make that hang (a recorded ``^(.|.)*$!`` takes minutes on one
+    name of 30 characters).  :func:`_backtracking` and :data:`MAX_OPEN_REPEATS` say what is
+    refused.  ``what`` names the pattern in errors (default: the target option, which the
+    errors then tell how to rewrite).  Raises HadaconvError for an invalid, overlong or
+    refused pattern."""
     name = what or option("target")
     if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN:
         size = f"{len(pattern)} characters" if isinstance(pattern, str) else type(pattern).__name__
         raise HadaconvError(f"{name} is a regular expression of at most {MAX_PATTERN} characters, not {size}")
     try:
         regex = re.compile(pattern)
-        nested = _nested_repeat(sre_parse.parse(pattern))
+        parsed = sre_parse.parse(pattern)
     except re.error as exc:
         raise HadaconvError(f"invalid {name} regular expression '{pattern}': {exc}") from None
-    if nested:
-        hint = "" if what else r": name the layers without a group under * or + (e.g. 'layers\.\d+\.attn\.out_proj$')"
-        raise HadaconvError(f"{name} '{pattern}' repeats a repetition or an alternation, which can take time "
-                            f"exponential in a name's length{hint}")
+    why = _backtracking(parsed)
+    why = f"{why}, which can take time exponential in a name's length" if why else None
+    if why is None and _open_repeats(parsed) > MAX_OPEN_REPEATS:
+        why = f"holds more than {MAX_OPEN_REPEATS} unbounded repeats (* or +), each multiplying the time on a long name"
+    if why:
+        hint = "" if what else r": name the layers more plainly (e.g. 'layers\.\d+\.attn\.out_proj$')"
+        raise HadaconvError(f"{name} '{pattern}' {why}{hint}")
     return regex
 
 

@@ -593,7 +593,8 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
         console.print(f"note: {option('sampled', cfg.sampled)} is more than the {cfg.samples} windows the run "
                       f"reads ({option('samples')}): {cfg.samples} are sampled", highlight=False)
     texts, names = calibration_texts(teacher, tokenizer, cfg.data, samples=min(cfg.sampled, cfg.samples),
-                                     seq_len=cfg.seq_len, progress=cfg.progress and main, count_option="sampled")
+                                     seq_len=cfg.seq_len, progress=cfg.progress and main,
+                                     count_option="sampled" if cfg.sampled <= cfg.samples else "samples")
     train, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len,
                                             what="training text", names=names)
     data_source = describe_sources(names, windows)

@@ -31,7 +31,7 @@ from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description,
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
 from hadaconv.progress import status
-from hadaconv.runtime import BFLOAT16_ON_CPU, get_library_path, session
+from hadaconv.runtime import BFLOAT16_ON_CPU, OP_DOMAIN, get_library_path, session
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_ATOL_FLOAT16", "DTYPES", "ExportResult", "check_options", "export_onnx"]
 
@@ -142,6 +142,12 @@ def _token_id(tokenizer: Any, config: Any, name: str) -> Any:
     if isinstance(value, list):
         value = [v for v in value if isinstance(v, int) and v >= 0] or None
     return None if isinstance(value, int) and value < 0 else value
+
+
+def _size(value: Any) -> int | None:
+    """``value`` where it is a size read_metadata takes back (1 to 2^31 - 1), else None."""
+    value = positive_int(value)
+    return value if value is not None and value < 2 ** 31 else None
 
 
 def _hadamard_layers(model: nn.Module) -> int:
@@ -269,11 +275,8 @@ def export_onnx(
     example_inputs = _inputs_as(example_inputs, precision)
     kind = _resolve_kind(model, kind, example_inputs=example_inputs, cache=cache)
     spec = make_spec(model, kind, cache=cache, example_inputs=example_inputs)
-    library = None
-    # A model without Hadamard projections (a dense one) traces to standard ops in either form:
-    # its bundle carries no op library, which onnxruntime-genai would otherwise load for nothing.
     if form == "custom" and _hadamard_layers(model):
-        library = Path(get_library_path())  # a missing library fails before the slow trace, not after
+        get_library_path()  # a missing library fails before the slow trace, not after
     start = time.perf_counter()
     log = log or logging.getLogger(__name__).info
 
@@ -281,8 +284,11 @@ def export_onnx(
         (progress or log)(f"[{time.perf_counter() - start:.0f} s] {text}")
 
     with atomic_folder(out, overwrite) as tmp:
-        fusions = _write_graph(spec, tmp / MODEL, kind=kind, form=form, optimize=optimize, verbose=verbose,
-                               stage=stage, model_name=type(model).__name__)
+        fusions, domains = _write_graph(spec, tmp / MODEL, kind=kind, form=form, optimize=optimize,
+                                        verbose=verbose, stage=stage, model_name=type(model).__name__)
+        # The graph decides: a dense model carries no library (onnxruntime-genai would load it for
+        # nothing), a module calling fwht / hadamard_affine itself does.
+        library = Path(get_library_path()) if form == "custom" and OP_DOMAIN in domains else None
         lib_name = None
         if library is not None:
             lib_name = library.name
@@ -334,9 +340,10 @@ def _check_kind(kind: str, detected: str, model: nn.Module) -> None:
 
 
 def _write_graph(spec, path: Path, *, kind: str, form: str, optimize: str | None, verbose: bool,
-                 stage: Callable[[str], None], model_name: str) -> dict[str, int] | None:
+                 stage: Callable[[str], None], model_name: str) -> tuple[dict[str, int] | None, set[str]]:
     """Trace ``spec`` with the dynamo exporter, translate HadamardAffine to ``form``, fuse at
-    ``optimize``, save to ``path``; the fusion counts (None when not fused)."""
+    ``optimize``, save to ``path``; the fusion counts (None when not fused) and the op domains
+    the graph imports ("" for standard ONNX)."""
     # onnxscript is imported here, not with the package: `import hadaconv` stays light.
     from hadaconv.export.fusions import LEVELS, fuse_for_onnxruntime
     from hadaconv.export.translate import OPSET, translation_table
@@ -364,7 +371,7 @@ def _write_graph(spec, path: Path, *, kind: str, form: str, optimize: str | None
         raise
     except Exception as exc:
         raise HadaconvError(f"ONNX export of {model_name} failed: {_first_line(exc)}") from None
-    return fusions
+    return fusions, set(program.model.opset_imports)
 
 
 def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fusions: dict[str, int] | None,
@@ -389,9 +396,10 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
         "hadamard_layers": _hadamard_layers(model), "source": source or type(model).__name__,
         "dtype": str(precision).removeprefix("torch."),
         "validation": validation,
-        "context_length": model_context(model),  # the position table's length (None: unknown)
+        # the position table's length (None: unknown, or outside what read_metadata takes)
+        "context_length": _size(model_context(model)),
         # the embedding's rows, for an encoder's token ids (a causal LM's logits state them too)
-        "vocab_size": positive_int(getattr(config, "vocab_size", None)),
+        "vocab_size": _size(getattr(config, "vocab_size", None)),
     }
     meta["genai_config"] = _write_genai(folder, model, spec, meta)
     return meta

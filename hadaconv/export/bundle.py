@@ -27,8 +27,8 @@ difference against PyTorch, with the tolerance) and ``genai_config`` (its file n
 from __future__ import annotations
 
 import contextlib
-import json
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
 __all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "context_length", "open_bundle", "positive_int",
-           "read_metadata"]
+           "read_metadata", "tokenizer_missing"]
 
 METADATA = "hadaconv_onnx.json"
 MODEL = "model.onnx"
@@ -101,6 +101,10 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
         raise ModelFormatError(f"cannot read the bundle's metadata: {exc}") from None
     if meta.get("format") != FORMAT:
         raise ModelFormatError(f"{path} is not hadaconv ONNX metadata")
+    # ONNX Runtime opens the graph and any external data file it names: a FIFO there would block it.
+    odd = next((p for p in sorted(folder.iterdir()) if not (p.is_file() or p.is_dir())), None)
+    if odd is not None:
+        raise ModelFormatError(f"{odd} is not a regular file (a bundle holds files)")
     if not (folder / MODEL).is_file():
         raise ModelFormatError(f"{folder} has no {MODEL}")
     _check_fields(path, meta)
@@ -181,6 +185,9 @@ def open_bundle(folder: str | os.PathLike, providers: str | list[Any] | None = "
     check_path(folder, "folder")
     folder = Path(folder)
     meta = read_metadata(folder)
+    if meta.get("op_library") is None and OP_DOMAIN in meta.get("custom_opsets", {}):
+        raise ModelFormatError(f"{folder / METADATA} declares {OP_DOMAIN} ops (custom_opsets) and names no op "
+                               f"library (op_library): the metadata is damaged, export the bundle again")
     sess = session(folder / MODEL, providers, library=_needs_library(folder, meta), **session_options)
     tokenizer = None
     if meta.get("tokenizer") and tokenizer_missing() is None:  # without transformers: token ids still run

@@ -309,6 +309,11 @@ def torch_recipe(model: nn.Module) -> dict:
                 f"cannot save a final norm of type {type(model.norm).__name__} without pickle"
             )
         recipe["norm"] = {"eps": model.norm.eps, "bias": model.norm.bias is not None}
+    try:  # what the load will refuse is refused now, before the folder is written
+        _check_recipe(recipe)
+    except HadaconvError as exc:
+        raise HadaconvError(f"cannot save this {type(model).__name__} without pickle: "
+                            f"{str(exc).removeprefix('invalid torch_module recipe in config.json: ')}") from None
     return recipe
 
 
@@ -333,7 +338,7 @@ def _recipe_error(what: str) -> HadaconvError:
 def _check_field(name: str, value, types, check) -> None:
     if isinstance(value, bool) and types is not bool or not isinstance(value, types) \
             or (check is not None and not check(value)):
-        raise _recipe_error(f"{name} = {value!r:.40} is not what a save writes")
+        raise _recipe_error(f"{name} = {value!r:.40} is outside what hadaconv saves and loads")
 
 
 def _check_recipe(recipe) -> None:

@@ -16,8 +16,8 @@ import torch
 from hadaconv.errors import ModelFormatError
 
 __all__ = ["META_KEY", "SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "check_safetensors", "converted_meta",
-           "file_identity", "first_line", "folder_weights", "plain_name", "read_json", "read_safetensors", "shard_map",
-           "source_key"]
+           "file_identity", "first_line", "folder_weights", "open_regular", "plain_name", "read_json",
+           "read_safetensors", "shard_map", "source_key"]
 
 
 WEIGHTS = "model.safetensors"

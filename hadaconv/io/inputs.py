@@ -95,7 +95,8 @@ def load_model(
     if config is not None and loaded.format == "torch-module":
         raise InputError(f"{path} holds a whole pickled module, which needs no config: drop {flag}")
     loaded.model.eval()
-    check_finite(loaded.model, loaded.source)
+    if loaded.format != "hadaconv":  # hadaconv.load has checked a converted folder's weights
+        check_finite(loaded.model, loaded.source)
     if dtype is not None:
         loaded.model.to(dtype)
     loaded.model.to(dev)
@@ -468,7 +469,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> Loaded:
     import transformers
 
     try:
-        config = _gguf_config(path)
+        config = _gguf_config(path)  # first: its check_metadata guards the parse below too
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, config=config, dtype=dtype or torch.float32, output_loading_info=True
         )
@@ -528,9 +529,13 @@ def _check_stored(path: Path) -> None:
 
     try:
         with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
             packed = next((i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return  # damaged: torch.load says how, in the words the other damaged archives get
+    if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+        raise ModelFormatError(f"{path} is a TorchScript archive (torch.jit.save), which hadaconv does not read: "
+                               "save the module, or its state_dict, with torch.save")
     if packed is not None:
         raise ModelFormatError(f"cannot read {path} as a torch.save file: its record {packed[:80]!r} is compressed, "
                                "which torch.save never writes (a compressed record can inflate without bound)")
