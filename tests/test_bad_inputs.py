@@ -606,6 +606,10 @@ ROWS = [
     Row("eval-text-not-utf8",
         lambda w, t: ["eval", w.hf, "--text", _write(t / "e.txt", b"\xff\xfe"), "--no-baseline", "--seq-len", "16"],
         r"e\.txt:1: not UTF-8 text", lambda mp, w, t: _no_model(mp)),
+    Row("distill-checkpoint-dir-a-file",  # once found at the first checkpoint, after that many steps
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--checkpoint-dir",
+                      _write(t / "short.txt", "x"), *DISTILL],
+        r"--checkpoint-dir \S+short\.txt is a file, not a folder for the checkpoints$", lambda mp, w, t: _no_model(mp)),
     Row("distill-eval-text-not-utf8",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--eval-text",
                       _write(t / "e.txt", b"\xff"), *DISTILL],

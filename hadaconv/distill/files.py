@@ -206,6 +206,8 @@ def _check_checkpoints(cfg: DistillConfig, out: Path, inputs: list) -> None:
         return
     check_not_input(cfg.checkpoint_dir, inputs, name=option("checkpoint_dir"))
     checkpoints = Path(cfg.checkpoint_dir).resolve()
+    if checkpoints.exists() and not checkpoints.is_dir():  # found at the first checkpoint, steps of training late
+        raise InputError(f"{option('checkpoint_dir', cfg.checkpoint_dir)} is a file, not a folder for the checkpoints")
     if not cfg.resume and (checkpoints / CHECKPOINT).is_file():  # hours of training, maybe
         raise InputError(f"{cfg.checkpoint_dir} holds the checkpoint of an earlier run, which this run would replace: "
                          f"add {option('resume', True)} to continue it, or remove it to start over")
