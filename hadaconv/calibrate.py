@@ -89,7 +89,7 @@ def source_list(sources: Sequence[str | os.PathLike] | str | os.PathLike | None)
     return [sources] if isinstance(sources, (str, os.PathLike)) else list(sources or [])
 
 
-def _named_hint(name: str) -> str:
+def _named_hint(name: str, names: Sequence[str] = NAMED_SOURCES) -> str:
     """A hint for a source not found: " (did you mean shakespeare?)" for a bare word close to a
     named source ("none", the data-free fit, only in other letter case: "nope" is no typo of it),
     else the names there are."""
@@ -98,9 +98,9 @@ def _named_hint(name: str) -> str:
     word = name.lower()
     bare = "/" not in name and not Path(name).suffix
     close = difflib.get_close_matches(word, [SAMPLE, SHAKESPEARE], n=1, cutoff=0.8) if bare else []
-    if word in NAMED_SOURCES:
+    if word in names:
         close = [word]
-    return f" (did you mean {close[0]}?)" if close else f" (a file, a folder, or one of {', '.join(NAMED_SOURCES)})"
+    return f" (did you mean {close[0]}?)" if close else f" (a file, a folder, or one of {', '.join(names)})"
 
 
 def one_file_hint(name: str | os.PathLike) -> str:
@@ -113,22 +113,27 @@ def one_file_hint(name: str | os.PathLike) -> str:
 
 
 def check_sources(sources: Sequence[str | Path] | str | None, what: str = "calibration",
-                  samples: int | None = None) -> None:
+                  samples: int | None = None, data_free: bool = True) -> None:
     """Refuse, before a run loads a model rather than after, a file or folder source that does not
     exist ("``what`` source not found: ..."), an empty name (``--calib "$UNSET"``: ``Path("")`` is
     the working folder), a file the load could not read (not UTF-8, malformed JSON or JSONL: the
     readers' one-line errors), a file named alone or a folder that holds no text, and more sources
     than ``samples`` windows to share (HadaconvError; the names ``sample``, ``shakespeare`` and
-    ``none`` are no paths).  Each file is read as :func:`load_texts` will read it."""
+    ``none`` are no paths; ``none``, the data-free fit, only where ``data_free``).  Each file is
+    read as :func:`load_texts` will read it."""
     listed = source_list(sources)
+    names = NAMED_SOURCES if data_free else tuple(n for n in NAMED_SOURCES if n != "none")
     for src in listed:
+        if str(src) == "none" and not data_free:
+            raise HadaconvError(f"{what} 'none' is convert's data-free fit; this run needs text: one of "
+                                f"{', '.join(names)}, a file or a folder")
         if str(src) in NAMED_SOURCES:
             continue
         if not str(src).strip():  # Path("") is the working folder: an unset shell variable would read it
             raise HadaconvError(f"an empty {what} source: name a file, a folder, sample or shakespeare")
         path = Path(src)
         if not path.exists():
-            raise HadaconvError(f"{what} source not found: {src}{_named_hint(str(src))}")
+            raise HadaconvError(f"{what} source not found: {src}{_named_hint(str(src), names)}")
         if path.is_file() and not _holds_text(path):
             raise HadaconvError(f"{what} source {src} holds no text")
         # Every file is checked, not only up to the first that holds text: the load reads them all.

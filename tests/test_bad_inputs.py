@@ -610,6 +610,14 @@ ROWS = [
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--checkpoint-dir",
                       _write(t / "short.txt", "x"), *DISTILL],
         r"--checkpoint-dir \S+short\.txt is a file, not a folder for the checkpoints$", lambda mp, w, t: _no_model(mp)),
+    Row("distill-data-none",  # was offered by the not-found hint, then refused after the load
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", "none", *DISTILL],
+        r"training text 'none' is convert's data-free fit; this run needs text: one of sample, shakespeare, a file or "
+        r"a folder$", lambda mp, w, t: _no_model(mp)),
+    Row("distill-data-missing-offers-no-none",
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", t / "nosuch.txt", *DISTILL],
+        r"training text source not found: \S+nosuch\.txt \(a file, a folder, or one of sample, shakespeare\)$",
+        lambda mp, w, t: _no_model(mp)),
     Row("distill-eval-text-not-utf8",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--eval-text",
                       _write(t / "e.txt", b"\xff"), *DISTILL],

@@ -176,7 +176,7 @@ def _check_inputs(converted: Path, out: Path, cfg: DistillConfig, teacher, teach
     check_output(out, overwrite, folder=True, inputs=inputs)
     _check_checkpoints(cfg, out, inputs)
     # A mistyped --data path, or an empty file, fails here, not after two models are loaded.
-    check_sources(cfg.data, "training text", samples=cfg.samples)
+    check_sources(cfg.data, "training text", samples=cfg.samples, data_free=False)
     check_windows_early(converted, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, what="training text")
     _check_eval_text_early(converted, cfg)
     check_seq_len_early(source, cfg.seq_len, config=teacher_config, kinds=None)
