@@ -49,6 +49,20 @@ _REFUSED = {getattr(sre_parse, name, None) for name in ("ATOMIC_GROUP", "GROUPRE
 _REPEATS = (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT)
 
 
+def _children(op, arg) -> list:
+    """The parsed sub-patterns inside one item: a repeat's body, a group's, an assertion's, or each
+    alternative of a branch (none for a single character or an anchor)."""
+    if op in _REPEATS:
+        return [arg[2]]
+    if op is sre_parse.BRANCH:
+        return list(arg[1])
+    if op is sre_parse.SUBPATTERN:
+        return [arg[-1]]
+    if op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+        return [arg[1]]
+    return []
+
+
 def _backtracking(items, inside: bool = False) -> str | None:
     """Why a parsed pattern could take time exponential in a name's length, or None.  Under a
     repeat (``*``, ``+``, ``{2,}``) every item must match one fixed width with one alternative:
@@ -57,24 +71,15 @@ def _backtracking(items, inside: bool = False) -> str | None:
     for op, arg in items:
         if op in _REFUSED:
             return "uses an atomic group, a conditional, a backreference or a possessive repeat"
-        if op in _REPEATS:
-            low, high, body = arg
-            repeats = high > 1
-            if repeats and inside:
-                return "repeats a repetition"
-            why = _backtracking(body, inside or repeats)
-            width = body.getwidth() if hasattr(body, "getwidth") else (0, 1)
-            if not why and repeats and width[0] != width[1]:
-                why = "repeats an item of varying length"
-        elif op is sre_parse.BRANCH:
-            why = "repeats an alternation" if inside else next(
-                filter(None, (_backtracking(branch, inside) for branch in arg[1])), None)
-        elif op is sre_parse.SUBPATTERN:
-            why = _backtracking(arg[-1], inside)
-        elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
-            why = _backtracking(arg[1], inside)
-        else:
-            why = None
+        repeats = op in _REPEATS and arg[1] > 1
+        if repeats and inside:
+            return "repeats a repetition"
+        if op is sre_parse.BRANCH and inside:
+            return "repeats an alternation"
+        why = next(filter(None, (_backtracking(child, inside or repeats) for child in _children(op, arg))), None)
+        if not why and repeats:
+            width = arg[2].getwidth() if hasattr(arg[2], "getwidth") else (0, 1)
+            why = "repeats an item of varying length" if width[0] != width[1] else None
         if why:
             return why
     return None
@@ -82,17 +87,8 @@ def _backtracking(items, inside: bool = False) -> str | None:
 
 def _open_repeats(items) -> int:
     """How many unbounded repeats a parsed pattern holds, nested ones included."""
-    count = 0
-    for op, arg in items:
-        if op in _REPEATS:
-            count += (arg[1] == sre_parse.MAXREPEAT) + _open_repeats(arg[2])
-        elif op is sre_parse.BRANCH:
-            count += sum(_open_repeats(branch) for branch in arg[1])
-        elif op is sre_parse.SUBPATTERN:
-            count += _open_repeats(arg[-1])
-        elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
-            count += _open_repeats(arg[1])
-    return count
+    return sum((op in _REPEATS and arg[1] == sre_parse.MAXREPEAT)
+               + sum(_open_repeats(child) for child in _children(op, arg)) for op, arg in items)
 
 
 def compile_target(pattern: str, what: str | None = None) -> re.Pattern[str]:
