@@ -144,12 +144,6 @@ def _token_id(tokenizer: Any, config: Any, name: str) -> Any:
     return None if isinstance(value, int) and value < 0 else value
 
 
-def _size(value: Any) -> int | None:
-    """``value`` where it is a size read_metadata takes back (1 to 2^31 - 1), else None."""
-    value = positive_int(value)
-    return value if value is not None and value < 2 ** 31 else None
-
-
 def _hadamard_layers(model: nn.Module) -> int:
     from hadaconv.nn import HadamardProjection
 
@@ -397,9 +391,9 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
         "dtype": str(precision).removeprefix("torch."),
         "validation": validation,
         # the position table's length (None: unknown, or outside what read_metadata takes)
-        "context_length": _size(model_context(model)),
+        "context_length": positive_int(model_context(model)),
         # the embedding's rows, for an encoder's token ids (a causal LM's logits state them too)
-        "vocab_size": _size(getattr(config, "vocab_size", None)),
+        "vocab_size": positive_int(getattr(config, "vocab_size", None)),
     }
     meta["genai_config"] = _write_genai(folder, model, spec, meta)
     return meta

@@ -65,9 +65,10 @@ def _export_step() -> str:
 
 
 def positive_int(value: Any) -> int | None:
-    """``value`` where it is a positive integer (not a bool), else None: a count read from an
-    untrusted bundle file, never an error."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    """``value`` where it is a positive integer (not a bool) below 2^31, else None: a count read
+    from an untrusted bundle file, never an error (and the sizes export records, checked by the
+    same rule the metadata is read with)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2 ** 31 else None
 
 
 def context_length(folder: str | os.PathLike, meta: dict[str, Any]) -> int | None:
@@ -120,9 +121,6 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
     def token_id(v: Any) -> bool:  # bundles of older exports may hold -1 for "none"
         return isinstance(v, int) and not isinstance(v, bool) and -1 <= v < 2 ** 31
 
-    def size(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2 ** 31
-
     def io_list(v: Any) -> bool:
         return isinstance(v, list) and all(isinstance(x, dict) and isinstance(x.get("name"), str) for x in v)
 
@@ -138,8 +136,8 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
         "inputs": io_list(meta.get("inputs", [])),
         "outputs": io_list(meta.get("outputs", [])),
         # absent (older bundles) or null (unknown) is fine; a value is a length, not a guess
-        "context_length": meta.get("context_length") is None or size(meta["context_length"]),
-        "vocab_size": meta.get("vocab_size") is None or size(meta["vocab_size"]),
+        "context_length": meta.get("context_length") is None or positive_int(meta["context_length"]) is not None,
+        "vocab_size": meta.get("vocab_size") is None or positive_int(meta["vocab_size"]) is not None,
     }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
