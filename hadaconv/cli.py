@@ -606,9 +606,8 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     2 quiet CPU cores (81 tokens/s, 27 minutes, on 1 thread of a shared 2-core EPYC,
     benchmarks/RESULTS.md); the progress line gives the time left.  The text is the one a default
     convert and distill sample and cache (under ~/.cache/hadaconv, $XDG_CACHE_HOME/hadaconv or
-    $HADACONV_CACHE): either
-    reuses what the other sampled from the same model, --dtype and --device.  Pass the file to
-    convert --calib and distill --data to combine it with other text.
+    $HADACONV_CACHE): either reuses what the other sampled from the same model, --dtype and
+    --device.  Pass the file to convert --calib and distill --data to combine it with other text.
     """
     import time
 
@@ -845,7 +844,7 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | No
     if given is None and ids is None:
         raise HadaconvError(f"{hint if other is not None else ''}{bundle} is {what}: give {option} (or token ids "
                             "with --ids)")
-    if given is not None and meta.get("tokenizer") and tokenizer_missing():  # the ort extra alone
+    if given is not None and meta.get("tokenizer") and tokenizer_missing() is not None:  # the ort extra alone
         raise HadaconvError(f"{option} needs the bundle's tokenizer, which needs transformers (not installed): pip "
                             "install 'hadaconv[hf]', or give token ids with --ids")
     if given is not None and not meta.get("tokenizer"):

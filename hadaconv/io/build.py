@@ -336,8 +336,8 @@ def _recipe_error(what: str) -> HadaconvError:
 
 
 def _check_field(name: str, value, types, check) -> None:
-    if isinstance(value, bool) and types is not bool or not isinstance(value, types) \
-            or (check is not None and not check(value)):
+    wrong_type = (isinstance(value, bool) and types is not bool) or not isinstance(value, types)
+    if wrong_type or (check is not None and not check(value)):
         raise _recipe_error(f"{name} = {value!r:.40} is outside what hadaconv saves and loads")
 
 

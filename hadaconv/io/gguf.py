@@ -43,8 +43,8 @@ class _Short(Exception):
 class _Header:
     """Bounded reads of one file's header in its byte order."""
 
-    def __init__(self, f: BinaryIO, end: int, order: str) -> None:
-        self.f, self.end, self.order = f, end, order
+    def __init__(self, f: BinaryIO, end: int, order: str, path: Path) -> None:
+        self.f, self.end, self.order, self.path = f, end, order, path
 
     def number(self, fmt: str) -> int:
         size = struct.calcsize(fmt)
@@ -58,7 +58,7 @@ class _Header:
             raise _Short
         self.f.seek(size, 1)
 
-    def value(self, kind: int, path: Path, depth: int = 0) -> int:
+    def value(self, kind: int, depth: int = 0) -> int:
         """Skip one value of ``kind``; returns the array elements it held (nested ones included)."""
         if kind in _FIXED:
             self.skip(_FIXED[kind])
@@ -69,16 +69,17 @@ class _Header:
         if kind != _ARRAY:
             raise _Short
         if depth >= MAX_DEPTH:
-            raise ModelFormatError(f"{path}: its metadata nests arrays deeper than {MAX_DEPTH}, which no model writes")
+            raise ModelFormatError(f"{self.path}: its metadata nests arrays deeper than {MAX_DEPTH}, which no model "
+                                   "writes")
         inner, count = self.number("I"), self.number("Q")
-        _cap(path, count, MAX_ARRAY_ELEMENTS, "metadata array elements")
+        _cap(self.path, count, MAX_ARRAY_ELEMENTS, "metadata array elements")
         if inner in _FIXED:
             self.skip(_FIXED[inner] * count)
             return count
         total = count
         for _ in range(count):
-            total += self.value(inner, path, depth + 1)
-            _cap(path, total, MAX_ARRAY_ELEMENTS, "metadata array elements")
+            total += self.value(inner, depth + 1)
+            _cap(self.path, total, MAX_ARRAY_ELEMENTS, "metadata array elements")
         return total
 
 
@@ -104,14 +105,14 @@ def check_metadata(path: Path) -> None:
             raw = f.read(4)
             # gguf-py's rule: a version whose low half is zero was written big-endian.
             order = ">" if len(raw) == 4 and struct.unpack("<I", raw)[0] & 0xFFFF == 0 else "<"
-            header = _Header(f, end, order)
+            header = _Header(f, end, order, path)
             _cap(path, header.number("Q"), MAX_TENSORS, "tensors")
             entries = header.number("Q")
             _cap(path, entries, MAX_ENTRIES, "metadata entries")
             total = 0
             for _ in range(entries):
                 header.skip(header.number("Q"))  # the key
-                total += header.value(header.number("I"), path)
+                total += header.value(header.number("I"))
                 _cap(path, total, MAX_ARRAY_ELEMENTS, "metadata array elements")
         except _Short:
             return

@@ -529,11 +529,11 @@ def _check_stored(path: Path) -> None:
 
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            packed = next((i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
+            records = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return  # damaged: torch.load says how, in the words the other damaged archives get
-    if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+    packed = next((r.filename for r in records if r.compress_type != zipfile.ZIP_STORED), None)
+    if any(r.filename.endswith("/constants.pkl") or "/code/" in r.filename for r in records):
         raise ModelFormatError(f"{path} is a TorchScript archive (torch.jit.save), which hadaconv does not read: "
                                "save the module, or its state_dict, with torch.save")
     if packed is not None:
