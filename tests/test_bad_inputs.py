@@ -367,16 +367,11 @@ def _fifo(path: Path) -> Path:
     return path
 
 
-def _fifo_weights(folder: Path) -> Path:
-    (folder / "model.safetensors").unlink()
-    _fifo(folder / "model.safetensors")
+def _fifo_in(folder: Path, name: str) -> Path:
+    """``folder`` with its file ``name`` replaced by a named pipe."""
+    (folder / name).unlink()
+    _fifo(folder / name)
     return folder
-
-
-def _fifo_model(bundle: Path) -> Path:
-    (bundle / MODEL).unlink()
-    _fifo(bundle / MODEL)
-    return bundle
 
 
 def _with_head(src: Path, dst: Path) -> Path:
@@ -990,7 +985,7 @@ ROWS = [
     Row("inspect-fifo-pt", lambda w, t: ["inspect", _fifo(t / "m.pt"), "--config", w.hf],
         r"m\.pt is not a regular file$"),
     Row("inspect-fifo-gguf", lambda w, t: ["inspect", _fifo(t / "m.gguf")], r"m\.gguf is not a regular file$"),
-    Row("eval-folder-fifo-weights", lambda w, t: ["eval", _fifo_weights(_copy(w.hf, t / "m"))],
+    Row("eval-folder-fifo-weights", lambda w, t: ["eval", _fifo_in(_copy(w.hf, t / "m"), "model.safetensors")],
         r"model\.safetensors is not a regular file$"),
     Row("inspect-damaged-pickle-trusted", lambda w, t: ["inspect", _write(t / "m.pt", b"\x80\x02\xf5junk"),
                                                         "--trust-pickle"],
@@ -1230,7 +1225,7 @@ ROWS = [
         r"hadaconv_onnx\.json: eos_token_id is not what hadaconv export writes \(1\.5\)"),
     Row("run-metadata-huge-pad", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), pad_token_id=10 ** 30), "--prompt", "hi"],
         r"pad_token_id is not what hadaconv export writes"),
-    Row("run-graph-fifo", lambda w, t: ["run", _fifo_model(_copy(w.bundle, t / "b")), "--prompt", "hi"],
+    Row("run-graph-fifo", lambda w, t: ["run", _fifo_in(_copy(w.bundle, t / "b"), MODEL), "--prompt", "hi"],
         r"b/model\.onnx is not a regular file \(a bundle holds files\)$"),
     Row("run-metadata-negative-context", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), context_length=-3),
                                                        "--prompt", "hi"],
