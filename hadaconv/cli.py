@@ -1064,10 +1064,10 @@ def _duration(text: str | None) -> float | None:
 @click.option("--device", default=None, help="cpu, cuda or cuda:N.  [default: a GPU when present (under torchrun each "
                                               "process's own, cuda:LOCAL_RANK), else cpu]")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="Dtype the models are loaded and trained in (auto: the checkpoints' own).")
+              show_default=True, help="Dtype the models are loaded and trained in (auto: the checkpoints' own).  "
+                   "float16 weights are refused: AdamW diverges on them without float32 master weights.")
 @click.option("--bf16/--no-bf16", default=None,
-              help="Run the forward passes under bfloat16 autocast (weights and optimizer stay in --dtype; refused "
-                   "for float16 weights).  "
+              help="Run the forward passes under bfloat16 autocast (weights and optimizer stay in --dtype).  "
                    "[default: for float32 weights, where the hardware multiplies bfloat16: CUDA GPUs, CPUs with AMX "
                    "or AVX512_BF16]")
 @click.option("--seed", type=int, default=0, show_default=True)

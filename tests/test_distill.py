@@ -167,20 +167,23 @@ def test_bf16_autocast(tokenizer, monkeypatch):
     assert report.autocast == "off"  # bf16=False wins over a native CPU
 
 
-def test_half_precision_weights_are_not_autocast(tokenizer, monkeypatch):
-    """The default autocasts float32 weights only: float16 ones (--dtype float16) next to bfloat16
-    activations failed in the encoder's LayerNorm on the CPU ("mixed dtype"), and an explicit
-    bf16=True with them is refused in one line."""
+def test_float16_weights_are_refused_before_the_text(tokenizer, monkeypatch):
+    """float16 weights (dtype="auto" on a float16 checkpoint, or a model halved by hand) are refused
+    in one line before any text is prepared: AdamW on them, with no float32 master copy, took an
+    encoder's embedding cosine from 0.97 to 0.42.  bfloat16 weights still train, not autocast."""
     from hadaconv.distill import core
 
     monkeypatch.setattr(core, "native_bf16", lambda device: True)
     student, teacher = (m.half() for m in _pair("bert", tokenizer))
-    cfg = DistillConfig(stages=["global"], max_steps=1, **{**RUN, "bf16": None})
-    report = distill(student, teacher, tokenizer, cfg)
-    assert report.autocast == "off" and report.steps == 1
     monkeypatch.setattr(core, "_texts", lambda *a: pytest.fail("refused only after the text was prepared"))
-    with pytest.raises(HadaconvError, match=r"^bf16 autocasts float32 weights to bfloat16, and these are float16"):
-        distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, **{**RUN, "bf16": True}))
+    for bf16 in (None, True, False):
+        with pytest.raises(HadaconvError, match=r"^float16 weights do not train here: AdamW's updates underflow"):
+            distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, **{**RUN, "bf16": bf16}))
+    monkeypatch.undo()
+    monkeypatch.setattr(core, "native_bf16", lambda device: True)
+    student, teacher = (m.to(torch.bfloat16) for m in (student, teacher))
+    report = distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, **{**RUN, "bf16": None}))
+    assert report.autocast == "off" and report.steps == 1
 
 
 def test_learning_rate_follows_the_share_of_blocks_converted(tokenizer):

@@ -112,8 +112,11 @@ class DistillConfig:
         device: "cpu", "cuda", "cuda:1"; None = this rank's GPU if there is one.
         dtype: dtype the teacher and student are loaded in ("auto": the checkpoints' own); the
             default float32 keeps full-precision trained weights (bf16 autocast where native).
+            float16 weights are refused: without float32 master weights and loss scaling,
+            AdamW's second moments underflow in float16 and the updates blow up (an encoder's
+            embedding cosine to its teacher fell from 0.97 to 0.42).
         bf16: autocast the forward passes to bfloat16 (the weights and optimizer stay in
-            ``dtype``; refused for float16 weights); None (the default): for float32 weights,
+            ``dtype``); None (the default): for float32 weights,
             where the device multiplies bfloat16 in hardware (:func:`hadaconv.device.native_bf16`:
             CUDA GPUs, CPUs with AMX or AVX512_BF16).
         progress: show a progress bar (rank 0, on a terminal).
@@ -456,7 +459,7 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
         raise InputError(f"{option('stages', flag=_FLAGS['stages'])} must be local and/or global, got {cfg.stages!r}")
     if cfg.train not in ("attention", "all"):
         raise InputError(f"{option('train', cfg.train)} is neither attention nor all")
-    _check_bf16(cfg.bf16, resolve_dtype(cfg.dtype))  # said before the models load
+    _check_trainable(resolve_dtype(cfg.dtype))  # said before the models load
     check_fields(cfg, _AT_LEAST, _NUMBERS, _FLAGS)
     if cfg.device is not None:
         resolve_device(cfg.device)  # "gpu", or CUDA where there is none: said before two models load
@@ -477,18 +480,18 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
 
 
 def _autocast(asked: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the forward passes run under bfloat16 autocast: as ``asked`` (:func:`distill` has
-    refused it for float16 weights), else where the device multiplies bfloat16 natively and the
-    weights are float32 (half-precision weights gain nothing, and float16 ones next to bfloat16
-    activations fail in layer norms on the CPU)."""
+    """Whether the forward passes run under bfloat16 autocast: as ``asked``, else where the device
+    multiplies bfloat16 natively and the weights are float32 (bfloat16 weights gain nothing)."""
     return native_bf16(device) and dtype == torch.float32 if asked is None else asked
 
 
-def _check_bf16(asked: bool | None, dtype: torch.dtype | None) -> None:
-    """Refuse bf16=True for float16 weights (``dtype``; None: not known yet)."""
-    if asked and dtype == torch.float16:
-        raise InputError(f"{option('bf16')} autocasts float32 weights to bfloat16, and these are float16: load "
-                         f"them in float32 ({option('dtype', 'float32')}) or drop it")
+def _check_trainable(dtype: torch.dtype | None) -> None:
+    """Refuse float16 weights (``dtype``; None: the checkpoint's own, not known yet): AdamW on
+    them, with no float32 master copy and no loss scaling, diverges (see DistillConfig.dtype)."""
+    if dtype == torch.float16:
+        raise InputError(f"float16 weights do not train here: AdamW's updates underflow and blow up without "
+                         f"float32 master weights; load them in float32 ({option('dtype', 'float32')}, "
+                         f"the default), whose forward passes {option('bf16')} runs in bfloat16")
 
 
 def distill(
@@ -526,7 +529,7 @@ def distill(
     if isinstance(tokenizer, DistillConfig):
         raise InputError("the config was given where the tokenizer goes: distill(student, teacher, tokenizer, config)")
     cfg = check_config(config)
-    _check_bf16(cfg.bf16, next(student.parameters()).dtype)  # before minutes of sampled text
+    _check_trainable(next(student.parameters()).dtype)  # "auto" on a float16 checkpoint; before the text
     stages = sorted(dict.fromkeys(cfg.stages), key=("local", "global").index)
     if tokenizer is None:
         raise HadaconvError("distillation needs a tokenizer for its training text")
