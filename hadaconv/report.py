@@ -118,6 +118,10 @@ class ConvertReport:
         d["converted"] = self.converted
         return d
 
+    def report_json(self) -> dict:
+        """What ``report.json`` holds for this report (:func:`hadaconv.save`)."""
+        return self.to_dict()
+
     def warnings(self) -> list[str]:
         """One line per converted layer whose held-out error is no better than predicting the
         mean output (``mean-pred``, the floor any fit should beat): a fit that learned the

@@ -1813,7 +1813,7 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("op-integer-gamma", lambda: hadamard_affine(torch.ones(2, 64), torch.ones(64, dtype=torch.int32)),
          InputError, r"^gamma must be a floating-point tensor, got torch\.int32$"),
         ("save-report-not-a-report", lambda: save(load(w.conv), t / "out", report=[1]), InputError,
-         r"^report must be a ConvertReport or a dict, got list$"),
+         r"^report must be a ConvertReport, a DistillReport or a dict, got list$"),
         ("save-recipe-out-of-range",  # once saved, then refused by the load
          lambda: save(patch(torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, layer_norm_eps=1.0),
                                                         1, enable_nested_tensor=False)), t / "out"), HadaconvError,

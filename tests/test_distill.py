@@ -123,6 +123,18 @@ def test_global_kd_lowers_the_divergence(tokenizer):
     assert report.best_step == kept["step"] == 20 and report.loss_after == kept["eval_loss"] < report.loss_before
 
 
+def test_a_model_distilled_in_memory_saves_with_its_report(tokenizer, tmp_path):
+    """hadaconv.save takes the DistillReport itself and writes the ``distill`` section that
+    ``hadaconv distill`` writes; the folder loads back to the distilled model."""
+    student, teacher = _pair("llama", tokenizer)
+    report = distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=2, **RUN))
+    out = hadaconv.save(student, tmp_path / "out", tokenizer=tokenizer, report=report)
+    assert json.loads((out / "report.json").read_text()) == {"distill": json.loads(json.dumps(report.to_dict()))}
+    ids = _heldout(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(hadaconv.load(out)(ids).logits, student(ids).logits)
+
+
 def test_no_finite_evaluation_keeps_the_start(tokenizer, monkeypatch):
     """Evaluations that are all NaN (a state that overflowed) keep the start, not a crash (no
     state was ever 'best'); a finite one after NaN ones is kept over them."""

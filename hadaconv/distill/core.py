@@ -214,6 +214,11 @@ class DistillReport:
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "full_state"}
 
+    def report_json(self) -> dict:
+        """What ``report.json`` holds for this report (:func:`hadaconv.save`): its ``distill``
+        section, the layout ``hadaconv distill`` writes."""
+        return {"distill": self.to_dict()}
+
     def table(self):
         """The summary as a rich Table, the eval curve in a second one (``curve_table``)."""
         from rich.table import Table

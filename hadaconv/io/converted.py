@@ -188,9 +188,9 @@ def save(
             distill`` and baseline of ``hadaconv eval``.
         target: the regular expression given to the generic adapter, if the model was converted
             with one (the layer indices are that adapter's).
-        report: written as ``report.json``: what :func:`hadaconv.convert.convert` returned (a
-            ConvertReport, as ``hadaconv convert`` writes it) or a dict (for a distillation,
-            ``{"distill": distill_report.to_dict()}`` is the layout ``hadaconv distill`` writes).
+        report: written as ``report.json``: what :func:`hadaconv.convert.convert` or
+            :func:`hadaconv.distill.distill` returned (a ConvertReport or a DistillReport, in the
+            layout ``hadaconv convert`` / ``hadaconv distill`` write), or a dict as it is.
         overwrite: replace an existing ``out_dir`` that hadaconv wrote (a folder of other files is refused).
 
     Returns:
@@ -200,14 +200,13 @@ def save(
         HadaconvError: the model holds no HadamardProjection hadaconv installed, no attention
             blocks the adapter (of ``target``) knows, layer indices that are not that adapter's
             (converted with a ``target`` and saved without it), or cannot be saved without pickle.
-        InputError: ``model`` not an ``nn.Module`` (a path given first?), or ``report`` neither a
-            ConvertReport nor a dict.
+        InputError: ``model`` not an ``nn.Module`` (a path given first?), or ``report`` none of
+            a ConvertReport, a DistillReport and a dict.
         OutputError: ``out_dir`` exists (without ``overwrite``) or cannot be written.
     """
     from hadaconv.adapters import find_adapter
     from hadaconv.hadamard import factorize
     from hadaconv.nn import HadamardProjection
-    from hadaconv.report import ConvertReport
 
     if isinstance(out_dir, nn.Module) and not isinstance(model, nn.Module):
         raise InputError("the model and the folder are swapped: hadaconv.save(model, out_dir)")
@@ -220,8 +219,9 @@ def save(
     if any(getattr(p, "layer_index", None) is None for p in projections):
         raise HadaconvError("the model holds a HadamardProjection that hadaconv did not install in an attention "
                             "layer (made by hand?): its place cannot be recorded")
-    if report is not None and not isinstance(report, (ConvertReport, dict)):
-        raise InputError(f"report must be a ConvertReport or a dict, got {type(report).__name__}")
+    # Both reports know their layout (report_json); this layer does not import distillation.
+    if report is not None and not isinstance(report, dict) and not callable(getattr(report, "report_json", None)):
+        raise InputError(f"report must be a ConvertReport, a DistillReport or a dict, got {type(report).__name__}")
     adapter = find_adapter(model, target)
     indices = [p.layer_index for p in projections]
     # The indices are the converting adapter's: one that lists an index as dense numbers the layers
@@ -235,8 +235,8 @@ def save(
     meta = hadaconv_meta(adapter=adapter.name, layers=indices,
                          block=first.block, fit=None, width=first.n, m=factorize(first.n).m, target=target,
                          source=None if source is None else str(source), rank=first.rank)
-    if isinstance(report, ConvertReport):
-        report = report.to_dict()
+    if report is not None and not isinstance(report, dict):
+        report = report.report_json()
     return save_converted(model, out_dir, meta=meta, tokenizer=tokenizer, report=report, overwrite=overwrite)
 
 
