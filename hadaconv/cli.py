@@ -1036,7 +1036,7 @@ def _duration(text: str | None) -> float | None:
 @click.option("--temperature", type=Number(min=0, min_open=True), default=1.0, show_default=True,
               help="Softmax temperature of the KL between teacher and student.")
 @click.option("--hidden-weight", type=Number(min=0), default=0.0, show_default=True, help="Weight of a per-layer hidden-state MSE.")
-@click.option("--local-steps", type=Integer(min=0), default=40, show_default=True, help="Local stage: steps per block.")
+@click.option("--local-steps", type=Integer(min=1), default=40, show_default=True, help="Local stage: steps per block.")
 @click.option("--local-lr", type=Number(min=0, min_open=True), default=1e-4, show_default=True,
               help="Learning rate of the local stage.")
 @click.option("--max-steps", type=Integer(min=1), default=None,
@@ -1096,6 +1096,7 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
         raise HadaconvError(f"--sampled {sampled} sets how much text --data sample writes, and --data does not "
                             "include sample: drop --sampled, or add --data sample")
     stages = [s for s, on in (("local", local_stage), ("global", global_stage)) if on] or ["global"]
+    _check_stage_options(stages)
     folder = Path(checkpoint_dir) if checkpoint_dir else Path(f"{Path(output)}.ckpt")
     cfg = DistillConfig(stages=stages, train=train, data=list(data) or None, sampled=sampled, samples=samples,
                         seq_len=seq_len, batch_size=batch_size, accumulate=accumulate, lr=lr,
@@ -1135,6 +1136,21 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
         out.print(report.curve_table())
     _distill_notes(report, output, time_only=max_time is not None and max_steps is None and max_tokens is None)
     click.echo(f"saved {output}")
+
+
+def _check_stage_options(stages: list[str]) -> None:
+    """Refuse an option given for the stage the run skips (it would be ignored without a word)."""
+    from hadaconv.distill.core import STAGE_OPTIONS
+
+    ctx = click.get_current_context()
+    given = {p.name: p.opts[0] for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE}
+    for stage, names in STAGE_OPTIONS.items():
+        flag = next((given[n] for n in names if n in given), None)
+        if flag and stage not in stages:
+            ran = "--local alone" if stage == "global" else "the global stage alone (the default)"
+            raise InputError(f"{flag} is an option of the {stage} stage, which {ran} does not run: add --{stage} "
+                             f"(--local --global runs both, local first), or drop {flag}")
 
 
 def _distill_stopped(checkpoint: Path, own_folder: bool, every: int) -> None:

@@ -1025,11 +1025,21 @@ ROWS = [
     Row("distill-float16", lambda w, t: ["distill", w.conv, "-o", t / "out", "--dtype", "float16", *DISTILL],
         r"^error: float16 weights do not train here: .* \(--dtype float32, the default\), whose forward passes "
         r"--bf16 runs in bfloat16$", lambda mp, w, t: _no_model(mp)),
+    Row("distill-local-with-a-global-option",  # ran 40 steps a block and ignored --max-steps without a word
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--local", "--max-steps", "5", *DISTILL],
+        r"^error: --max-steps is an option of the global stage, which --local alone does not run: add --global "
+        r"\(--local --global runs both, local first\), or drop --max-steps$", lambda mp, w, t: _no_model(mp)),
+    Row("distill-global-with-a-local-option",
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--local-lr", "1e-3", *DISTILL],
+        r"^error: --local-lr is an option of the local stage, which the global stage alone \(the default\) does "
+        r"not run: add --local", lambda mp, w, t: _no_model(mp)),
+    Row("distill-local-steps-0", lambda w, t: ["distill", w.conv, "-o", t / "out", "--local", "--local-steps", "0"],
+        r"--local-steps.*0 is not in the range x>=1"),
     Row("distill-device-gpu", lambda w, t: ["distill", w.conv, "-o", t / "out", "--device", "gpu", *DISTILL],
         r"--device gpu: not a device \(expected cpu, cuda or cuda:N\)$", lambda mp, w, t: _no_model(mp)),
     Row("distill-fsdp-without-torchrun", lambda w, t: ["distill", w.conv, "-o", t / "out", "--fsdp", *DISTILL],
         r"--fsdp needs several processes: run under torchrun --nproc-per-node N$", lambda mp, w, t: _no_model(mp)),
-    Row("distill-local-fsdp", lambda w, t: ["distill", w.conv, "-o", t / "out", "--local", "--fsdp", *DISTILL],
+    Row("distill-local-fsdp", lambda w, t: ["distill", w.conv, "-o", t / "out", "--local", "--global", "--fsdp", *DISTILL],
         r"the local stage trains whole blocks on one device; with --fsdp train the global stage only$",
         lambda mp, w, t: _no_model(mp)),
     Row("distill-missing-folder", lambda w, t: ["distill", t / "nope", "-o", t / "out", *DISTILL],

@@ -453,8 +453,9 @@ def converted(tmp_path_factory):
     return root
 
 
-CLI_RUN = ["--samples", "48", "--seq-len", "16", "--batch-size", "4", "--max-steps", "3", "--eval-windows", "2",
-           "--local-steps", "4", "--lr", "1e-3", "--no-bf16"]
+CLI_TEXT = ["--samples", "48", "--seq-len", "16", "--batch-size", "4", "--eval-windows", "2", "--no-bf16"]
+CLI_RUN = [*CLI_TEXT, "--max-steps", "3", "--lr", "1e-3"]  # the global stage's options
+CLI_LOCAL = [*CLI_TEXT, "--local-steps", "4"]  # the local stage's (each stage refuses the other's)
 
 
 def _free_port() -> int:
@@ -575,7 +576,7 @@ def test_cli_says_when_nothing_improved(converted, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # After a local stage the global stage starts from its result, which is what is kept.
     code, _, err = _cli(capsys, "distill", converted / "conv", "-o", converted / "unchanged-local", "--local",
-                        "--global", *CLI_RUN, "--lr", "1e-30")
+                        "--global", *CLI_RUN, "--local-steps", "4", "--lr", "1e-30")
     assert code == 0, err
     assert "holds the local stage's result" in err
 
@@ -586,7 +587,7 @@ def test_cli_local_stage_alone_and_undone_when_worse(converted, capsys, monkeypa
     says it starts from the beginning."""
     import hadaconv.distill.core as core
 
-    code, out, err = _cli(capsys, "distill", converted / "conv", "-o", converted / "local", "--local", *CLI_RUN)
+    code, out, err = _cli(capsys, "distill", converted / "conv", "-o", converted / "local", "--local", *CLI_LOCAL)
     assert code == 0, err
     out = " ".join(out.split())
     assert "local stage: 2 blocks x 4 steps" in out and "global stage" not in out, out
@@ -601,7 +602,7 @@ def test_cli_local_stage_alone_and_undone_when_worse(converted, capsys, monkeypa
 
     monkeypatch.setattr(core, "reconstruct_blocks", diverged)
     out_dir = converted / "local-undone"
-    code, out, err = _cli(capsys, "distill", converted / "conv", "-o", out_dir, "--local", "--resume", *CLI_RUN)
+    code, out, err = _cli(capsys, "distill", converted / "conv", "-o", out_dir, "--local", "--resume", *CLI_LOCAL)
     assert code == 0, err
     assert f"--resume found no checkpoint in {out_dir}.ckpt" in err, err
     assert "the local stage left the held-out KL to teacher (nats/token) worse (" in err and " -> nan)" in err, err

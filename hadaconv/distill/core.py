@@ -71,6 +71,8 @@ class DistillConfig:
 
     Attributes:
         stages: "local" (block-wise reconstruction), "global" (end-to-end KD), in that order.
+            A stage not run ignores its options (:data:`STAGE_OPTIONS`; the command line
+            refuses them).
         train: "attention" (the converted attention blocks: q, k, v, gamma, beta) or "all".
         data: training text: "sample" (the teacher's own text, :data:`DEFAULT_SAMPLES` sequences
             of ``seq_len`` tokens sampled once and cached, the text a default conversion
@@ -420,13 +422,20 @@ class _Bar:
 
 #: The integer options and their least values (None allowed where the default is None).
 _AT_LEAST = {"sampled": 1, "samples": 2, "seq_len": 2, "batch_size": 1, "accumulate": 1, "warmup_steps": 0,
-             "max_steps": 1, "max_tokens": 1, "local_steps": 0, "local_windows": 1, "eval_every": 1,
+             "max_steps": 1, "max_tokens": 1, "local_steps": 1, "local_windows": 1, "eval_every": 1,
              "eval_windows": 1, "checkpoint_every": 1}
 #: The number options: their least values, and whether the least itself is refused.
 _NUMBERS = {"lr": (0, True), "local_lr": (0, True), "temperature": (0, True), "max_time": (0, True),
             "clip": (0, False), "hidden_weight": (0, False), "weight_decay": (0, False), "min_lr_ratio": (0, False)}
 #: Flags whose command-line spelling is not ``--`` + the keyword.
 _FLAGS = {"warmup_steps": "--warmup", "stages": "--local / --global"}
+#: The options only one stage reads (a run without that stage ignores them; the command line
+#: refuses them, since a newcomer's --local --max-steps 5 ran 40 steps a block without a word).
+STAGE_OPTIONS = {
+    "global": ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "temperature", "hidden_weight", "max_steps",
+               "max_tokens", "max_time", "accumulate", "gradient_checkpointing", "checkpoint_every"),
+    "local": ("local_steps", "local_lr", "local_windows"),
+}
 
 
 def eval_text_windows(tokenizer, cfg: DistillConfig, windows: int | None = None) -> torch.Tensor:
