@@ -463,17 +463,25 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
                         dtype=dtype)
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with" + NO_TOKENIZER.get(loaded.format, ""))
+    named = f"--reference {reference}"  # the model the embeddings are compared with, as the user knows it
     if not reference and model_kind(loaded.model) == "encoder":  # no perplexity: its embeddings vs the original's
-        reference = None if no_baseline else baseline or _recorded_original(loaded, model)[0]
+        reference, why = (None, None) if no_baseline else (baseline, None) if baseline else \
+            _recorded_original(loaded, model)
+        named = f"--baseline {reference}" if baseline else f"the original {reference} that {model} records"
         if reference is None:
             raise HadaconvError(f"{model} is a text encoder, which has no perplexity: give --reference MODEL to "
-                                "compare its embeddings with another model's")
+                                "compare its embeddings with another model's" + (f" ({why})" if why else ""))
     check_seq_len(loaded.model, seq_len)  # where the config did not tell before the load: more text would not help
     windows = text_windows(loaded.tokenizer, text, seq_len, max_windows, what=f"the text {source.name}")
     if reference:
         check_encoder(loaded.model)  # before the reference is loaded for nothing
         ref = load_model(reference, config=_config_for(reference, model_config), trust_pickle=trust_pickle,
                          device=device, dtype=dtype).model
+        kind = model_kind(ref)
+        if kind not in ("encoder", None):  # None: no adapter knows it, and its outputs may still compare
+            what = "a causal LM" if kind == "causal-lm" else f"{indefinite(kind)} model"
+            raise HadaconvError(f"{named} is {what}, and {model} is a text encoder: its embeddings are compared "
+                                "with another text encoder's (give one with --reference)")
         click.echo(f"embedding cosine to {reference}: {embedding_cosine(loaded.model, ref, windows):.6f} "
                    f"({windows.numel()} tokens of {source.name})")
         return

@@ -132,6 +132,20 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _orphan_encoder(w: "World", t: Path) -> Path:
+    """A converted copy of the tiny BERT whose recorded original has since been deleted."""
+    import hadaconv
+    from hadaconv.io import load_model
+    from hadaconv.swap import patch
+
+    original = _copy(w.bert, t / "bert-original")
+    loaded = load_model(original)
+    out = hadaconv.save(patch(loaded.model, block=4), t / "bert-converted", tokenizer=loaded.tokenizer,
+                        source=original)
+    shutil.rmtree(original)
+    return out
+
+
 def _other_vocabulary(src: Path, dst: Path, vocab: int = 1000) -> Path:
     """A causal LM of src's shape with another vocabulary (src's tokenizer files, ids past it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -1387,6 +1401,18 @@ ROWS = [
     Row("eval-encoder-without-reference-long-windows",
         lambda w, t: ["eval", w.bert, "--max-windows", "1", "--seq-len", "600"],
         r"bert is a text encoder, which has no perplexity: give --reference MODEL to compare its embeddings"),
+    Row("eval-encoder-baseline-causal-lm",  # was check_encoder's advice, which spoke of a reference
+        lambda w, t: ["eval", w.bert, "--baseline", w.hf, "--max-windows", "1", "--seq-len", "16"],
+        r"^error: --baseline .*hf is a causal LM, and .*bert is a text encoder: its embeddings are compared with "
+        r"another text encoder's \(give one with --reference\)$"),
+    Row("eval-encoder-reference-causal-lm",  # told the user to measure the reference's perplexity
+        lambda w, t: ["eval", w.bert, "--reference", w.hf, "--max-windows", "1", "--seq-len", "16"],
+        r"^error: --reference .*hf is a causal LM, and .*bert is a text encoder"),
+    Row("eval-converted-encoder-original-gone",  # did not say that the recorded original was gone, nor where
+        lambda w, t: ["eval", _orphan_encoder(w, t), "--max-windows", "1", "--seq-len", "16"],
+        r"bert-converted is a text encoder, which has no perplexity: give --reference MODEL to compare its "
+        r"embeddings with another model's \(the original model .*bert-original recorded in .*bert-converted/config"
+        r"\.json is not found\)$"),
     Row("eval-missing-model", lambda w, t: ["eval", t / "nope"], r"no such file or folder"),
     Row("eval-missing-text", lambda w, t: ["eval", w.hf, "--text", t / "nope.txt"],
         r"--text .*nope\.txt: no such file or folder$", lambda mp, w, t: _no_model(mp)),
