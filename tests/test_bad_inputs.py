@@ -146,6 +146,16 @@ def _orphan_encoder(w: "World", t: Path) -> Path:
     return out
 
 
+def _checkpoint_of(folder: Path, **settings) -> Path:
+    """A checkpoint folder whose run had ``settings`` (DISTILL's text sizes otherwise): the
+    settings alone, all that is read before the models load."""
+    from hadaconv.distill import DistillConfig
+
+    fingerprint = DistillConfig(samples=10, seq_len=16, **settings).fingerprint()
+    torch.save({"fingerprint": json.dumps(fingerprint, sort_keys=True)}, _mkdir(folder) / "last.pt")
+    return folder
+
+
 def _other_vocabulary(src: Path, dst: Path, vocab: int = 1000) -> Path:
     """A causal LM of src's shape with another vocabulary (src's tokenizer files, ids past it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -1135,6 +1145,11 @@ ROWS = [
     Row("distill-calib", lambda w, t: ["distill", w.conv, "-o", t / "out", "--calib", "shakespeare", *DISTILL],
         r"distill reads its training text from --data \(convert's --calib\): --data shakespeare",
         lambda mp, w, t: _no_model(mp)),
+    Row("distill-resume-other-settings",  # was found after both models loaded and the text was sampled
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--resume", "--checkpoint-dir",
+                      _checkpoint_of(t / "ck", batch_size=8, lr=1 / 30000), *DISTILL, "--lr", "1e-4"],
+        r"^error: the checkpoint in .*ck comes from a run with other settings \(--batch-size: 8 there, 4 here, "
+        r"--lr: 3.33333e-05 there, 0.0001 here\); remove it or give its settings$", lambda mp, w, t: _no_model(mp)),
     Row("distill-earlier-checkpoint",  # an interrupted run's state is not replaced without --resume
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib,
                       "--checkpoint-dir", _write(_mkdir(t / "ckpt") / "last.pt", b"state").parent, *DISTILL],

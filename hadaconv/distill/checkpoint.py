@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from hadaconv.atomic import atomic_file
 from hadaconv.errors import HadaconvError, option
 
-__all__ = ["load_checkpoint", "restore_trainable", "save_checkpoint", "trainable_state"]
+__all__ = ["check_settings", "load_checkpoint", "restore_trainable", "save_checkpoint", "trainable_state"]
 
 FILE = "last.pt"
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -71,6 +71,48 @@ def save_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
         torch.save(payload, tmp)
 
 
+def _read(path: Path, *, mmap: bool = False) -> Any:
+    try:  # mmap: the tensors stay on disk (a 2.3 GB checkpoint read for its settings alone)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # a torn or foreign file: say which, in one line
+        raise HadaconvError(f"cannot read the checkpoint {path}: {str(exc).splitlines()[0]}") from None
+
+
+def check_settings(folder: Path, fingerprint: dict, flags: dict[str, str] | None = None) -> None:
+    """Refuse, before the models load, a checkpoint in ``folder`` of a run with other settings
+    than ``fingerprint`` (:meth:`DistillConfig.fingerprint`; a setting that is None here, such
+    as an lr still to be derived from the model, is compared when the run resumes).  No
+    checkpoint: nothing to check."""
+    path = folder / FILE
+    if not path.is_file():
+        return
+    payload = _read(path, mmap=True)
+    try:
+        saved = json.loads(payload["fingerprint"])
+    except Exception as exc:  # noqa: BLE001 - readable, but not what save_checkpoint writes
+        raise HadaconvError(f"the checkpoint {path} is damaged ({type(exc).__name__}): remove it to start again") \
+            from None
+    known = {k: v for k, v in fingerprint.items() if v is not None}
+    _compare({k: saved.get(k) for k in known}, known, folder, flags or {})
+
+
+def _compare(saved: dict, fingerprint: dict, folder: Path, flags: dict[str, str]) -> None:
+    if saved.get("selected_by") != fingerprint.get("selected_by"):
+        raise HadaconvError(f"the checkpoint in {folder} comes from an older hadaconv, which chose the state to keep "
+                            "by perplexity: remove it to start again")
+    if saved != fingerprint:
+        diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        settings = ", ".join(f"{option(k, flag=flags.get(k))}: {_shown(saved.get(k))} there, "
+                             f"{_shown(fingerprint.get(k))} here" for k in diff)
+        raise HadaconvError(f"the checkpoint in {folder} comes from a run with other settings ({settings}); remove "
+                            "it or give its settings")
+
+
+def _shown(value: Any) -> str:
+    """A setting as the message shows it: 3.33333e-05, not 3.3333333333333335e-05."""
+    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+
 def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     fingerprint: dict, flags: dict[str, str] | None = None) -> dict | None:
     """Restore model, optimizer and RNG from ``folder/last.pt``; returns the rest (counters,
@@ -80,10 +122,7 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
     path = folder / FILE
     if not path.is_file():
         return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torn or foreign file: say which, in one line
-        raise HadaconvError(f"cannot read the checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    payload = _read(path)
     try:
         return _restore(payload, folder, model=model, optimizer=optimizer, fingerprint=fingerprint,
                         flags=flags or {})
@@ -96,16 +135,7 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
 
 def _restore(payload: Any, folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
              fingerprint: dict, flags: dict[str, str]) -> dict:
-    saved = json.loads(payload["fingerprint"])
-    if saved.get("selected_by") != fingerprint.get("selected_by"):
-        raise HadaconvError(f"the checkpoint in {folder} comes from an older hadaconv, which chose the state to keep "
-                            "by perplexity: remove it to start again")
-    if saved != fingerprint:
-        diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-        settings = ", ".join(f"{option(k, flag=flags.get(k))}: {saved.get(k)!r} there, {fingerprint.get(k)!r} here"
-                             for k in diff)
-        raise HadaconvError(f"the checkpoint in {folder} comes from a run with other settings ({settings}); remove "
-                            "it or give its settings")
+    _compare(json.loads(payload["fingerprint"]), fingerprint, folder, flags)
     counters = payload["counters"]
     if not all(isinstance(counters.get(k), (int, float)) for k in ("step", "tokens", "elapsed", "best_loss")):
         raise ValueError(f"counters {str(counters):.60}")

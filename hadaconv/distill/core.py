@@ -428,7 +428,7 @@ _AT_LEAST = {"sampled": 1, "samples": 2, "seq_len": 2, "batch_size": 1, "accumul
 _NUMBERS = {"lr": (0, True), "local_lr": (0, True), "temperature": (0, True), "max_time": (0, True),
             "clip": (0, False), "hidden_weight": (0, False), "weight_decay": (0, False), "min_lr_ratio": (0, False)}
 #: Flags whose command-line spelling is not ``--`` + the keyword.
-_FLAGS = {"warmup_steps": "--warmup", "stages": "--local / --global"}
+FLAGS = {"warmup_steps": "--warmup", "stages": "--local / --global"}
 #: The options only one stage reads (a run without that stage ignores them; the command line
 #: refuses them, since a newcomer's --local --max-steps 5 ran 40 steps a block without a word).
 STAGE_OPTIONS = {
@@ -470,11 +470,11 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
         raise InputError(f"{option('max_time', cfg.max_time)}: a number of seconds (the command line's --max-time "
                          "takes 90s, 30m, 2h, 1h30m)")
     if isinstance(cfg.stages, str) or not cfg.stages or any(s not in ("local", "global") for s in cfg.stages):
-        raise InputError(f"{option('stages', flag=_FLAGS['stages'])} must be local and/or global, got {cfg.stages!r}")
+        raise InputError(f"{option('stages', flag=FLAGS['stages'])} must be local and/or global, got {cfg.stages!r}")
     if cfg.train not in ("attention", "all"):
         raise InputError(f"{option('train', cfg.train)} is neither attention nor all")
     _check_trainable(resolve_dtype(cfg.dtype))  # said before the models load
-    check_fields(cfg, _AT_LEAST, _NUMBERS, _FLAGS)
+    check_fields(cfg, _AT_LEAST, _NUMBERS, FLAGS)
     if cfg.device is not None:
         resolve_device(cfg.device)  # "gpu", or CUDA where there is none: said before two models load
     if cfg.fsdp and "local" in cfg.stages:
@@ -694,7 +694,7 @@ class _Distillation:
         resumed = None
         if self.folder is not None and self.cfg.resume:
             resumed = ckpt.load_checkpoint(self.folder, model=self.student, optimizer=self.opt,
-                                           fingerprint=self.cfg.fingerprint(), flags=_FLAGS)
+                                           fingerprint=self.cfg.fingerprint(), flags=FLAGS)
         if resumed is None:
             self.report.teacher = self.evaluate(self.teacher)[0]
             self.report.before, self.report.loss_before = self.evaluate(self.student)

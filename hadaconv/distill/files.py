@@ -9,8 +9,8 @@ from pathlib import Path
 from torch import nn
 
 from hadaconv.atomic import atomic_file, check_not_input, check_output
-from hadaconv.distill.checkpoint import FILE as CHECKPOINT
-from hadaconv.distill.core import DistillConfig, DistillReport, check_config, distill, eval_text_windows
+from hadaconv.distill.checkpoint import FILE as CHECKPOINT, check_settings
+from hadaconv.distill.core import FLAGS, DistillConfig, DistillReport, check_config, distill, eval_text_windows
 from hadaconv.distill.parallel import is_main
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_path, command, option
 from hadaconv.io import check_model_config, original_path, same_file
@@ -214,6 +214,8 @@ def _check_checkpoints(cfg: DistillConfig, out: Path, inputs: list) -> None:
     if out.resolve() in (checkpoints, *checkpoints.parents):
         raise InputError(f"{option('checkpoint_dir', cfg.checkpoint_dir)} is inside the output {out}, which the final "
                          "save replaces: keep the checkpoints elsewhere")
+    if cfg.resume:  # another run's settings, said before the load and the sampled text, not after
+        check_settings(checkpoints, cfg.fingerprint(), FLAGS)
 
 
 def _load_pair(job: _Job, cfg: DistillConfig, trust_pickle: bool):
