@@ -1164,10 +1164,14 @@ def _check_stage_options(stages: list[str]) -> None:
 def _distill_stopped(checkpoint: Path, own_folder: bool, every: int) -> None:
     """Tell an interrupted distillation's user what is kept: the last ``checkpoint``, or nothing
     (``own_folder``: its folder is the default one, which the run made and may remove)."""
+    from hadaconv.distill.checkpoint import checkpoint_step
+
     stopped = "terminated" if _TERMINATED else "interrupted"
     if checkpoint.is_file():
-        click.echo(f"{stopped}: the last checkpoint is in {checkpoint.parent}; rerun the same command with --resume "
-                   "to continue from it", err=True)
+        step = checkpoint_step(checkpoint)
+        at = "" if step is None else f", written at step {step},"
+        click.echo(f"{stopped}: the last checkpoint{at} is in {checkpoint.parent}; rerun the same command with "
+                   "--resume to continue from it", err=True)
         return
     if own_folder:  # stopped while the first was written: its folder holds nothing
         with contextlib.suppress(OSError):

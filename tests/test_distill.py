@@ -618,7 +618,7 @@ def test_cli_local_stage_alone_and_undone_when_worse(converted, capsys, monkeypa
 def test_cli_without_a_budget_says_it_runs_one_pass(converted, capsys):
     no_budget = [a for i, a in enumerate(CLI_RUN) if "--max-steps" not in CLI_RUN[max(0, i - 1):i + 1]]
     code, out, err = _cli(capsys, "distill", converted / "conv", "-o", converted / "one-pass", *no_budget,
-                          "--eval-every", "5")
+                          "--eval-every", "5", "--checkpoint-every", "4")
     assert code == 0, err
     flat = " ".join(err.split())
     assert "no budget given (--max-time / --max-steps / --max-tokens): one pass over 44 windows, 11 steps of 4" in flat, err
@@ -627,6 +627,8 @@ def test_cli_without_a_budget_says_it_runs_one_pass(converted, capsys):
     assert "every 5 steps (inside the budget) and at the last step" in flat, err
     for step in (5, 10, 11):
         assert f"step {step}: held-out KL to teacher (nats/token) " in flat, err
+    for step in (4, 8):  # checkpoints are gigabytes for a real model: each is said, with its size
+        assert re.search(rf"checkpoint at step {step}: \S+one-pass\.ckpt/last\.pt \(\d\S* GB\)", flat), err
 
 
 def test_cli_warns_when_the_state_is_chosen_on_few_windows(converted, capsys):
@@ -679,20 +681,23 @@ def test_cli_eval_names_its_text_and_compares_with_the_original(converted, tmp_p
 
 
 def test_cli_interrupt_names_the_checkpoint(converted, tmp_path, capsys, monkeypatch):
-    """Ctrl-C after a checkpoint was written: exit 130 and one line saying where it is and how to resume."""
+    """Ctrl-C after a checkpoint was written: exit 130 and one line saying where it is, the step it
+    was written at (where it can be read), and how to resume."""
     import hadaconv.distill
     from hadaconv.distill.checkpoint import FILE
 
-    def interrupted(converted_dir, output, cfg, **kwargs):
-        Path(cfg.checkpoint_dir).mkdir(parents=True)
-        (Path(cfg.checkpoint_dir) / FILE).write_bytes(b"")
+    def interrupted(converted_dir, output, cfg, payload):
+        Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(payload, Path(cfg.checkpoint_dir) / FILE)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hadaconv.distill, "distill_file", interrupted)
-    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", tmp_path / "out", *CLI_RUN)
-    assert code == 130
-    assert err.strip() == (f"interrupted: the last checkpoint is in {tmp_path / 'out'}.ckpt; rerun the same command "
-                           "with --resume to continue from it")
+    for payload, at in (({"counters": {"step": 7}}, ", written at step 7,"), ({}, "")):
+        monkeypatch.setattr(hadaconv.distill, "distill_file", lambda *a, **k: interrupted(*a, payload=payload))
+        code, _, err = _cli(capsys, "distill", converted / "conv", "-o", tmp_path / "out", *CLI_RUN)
+        assert code == 130
+        assert err.strip() == (f"interrupted: the last checkpoint{at} is in {tmp_path / 'out'}.ckpt; rerun the same "
+                               "command with --resume to continue from it")
+        shutil.rmtree(f"{tmp_path / 'out'}.ckpt")
 
 
 def test_cli_interrupt_before_a_checkpoint_says_nothing_was_saved(converted, tmp_path, capsys, monkeypatch):

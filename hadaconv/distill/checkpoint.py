@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from hadaconv.atomic import atomic_file
 from hadaconv.errors import HadaconvError, option
 
-__all__ = ["check_settings", "load_checkpoint", "restore_trainable", "save_checkpoint", "trainable_state"]
+__all__ = ["check_settings", "checkpoint_step", "load_checkpoint", "restore_trainable", "save_checkpoint", "trainable_state"]
 
 FILE = "last.pt"
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -94,6 +94,15 @@ def check_settings(folder: Path, fingerprint: dict, flags: dict[str, str] | None
             from None
     known = {k: v for k, v in fingerprint.items() if v is not None}
     _compare({k: saved.get(k) for k in known}, known, folder, flags or {})
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step the checkpoint ``path`` was written at; None where it cannot be read."""
+    try:
+        step = _read(path, mmap=True)["counters"]["step"]
+    except Exception:  # noqa: BLE001 - only for a message: the resume reads it again, and says why
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _compare(saved: dict, fingerprint: dict, folder: Path, flags: dict[str, str]) -> None:

@@ -769,8 +769,8 @@ class _Distillation:
                     self.consider(self.evaluate(self.student), last_loss)
                     evaluated = self.evaluate.seconds or 0.0
                     bar.note(_evaluation_line(self.report))
-                if self.step % cfg.checkpoint_every == 0:
-                    self.save()
+                if self.step % cfg.checkpoint_every == 0 and (written := self.save()):
+                    bar.note(f"checkpoint at step {self.step}: {written} ({written.stat().st_size / 1e9:.2g} GB)")
                 # A step's cost includes its share of checkpoint writes; out_of_time adds an evaluation.
                 steps_here, step_seconds = steps_here + 1, step_seconds + self.elapsed() - began - evaluated
                 if callback is not None:
@@ -858,9 +858,10 @@ class _Distillation:
             self.best_loss, self.report.best_step = (loss if not math.isnan(loss) else math.inf), self.step
             self.best = ckpt.trainable_state(self.student)
 
-    def save(self) -> None:
+    def save(self) -> Path | None:
+        """Write the checkpoint; its path on the rank that writes it (rank 0), else None."""
         if self.folder is None:
-            return
+            return None
         record = {k: getattr(self.report, k) for k in ("teacher", "before", "after_local", "local_kept", "local_steps",
                                                        "local", "curve", "best_step", "loss_before",
                                                        "loss_after_local")}
@@ -869,6 +870,7 @@ class _Distillation:
                                        "best_loss": self.best_loss, "eval_seconds": self.evaluate.seconds},
                              fingerprint=self.cfg.fingerprint(), main=self.main)
         self.d.barrier()
+        return self.folder / ckpt.FILE if self.main else None
 
     def _keep_best(self) -> None:
         r = self.report
