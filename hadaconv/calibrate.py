@@ -25,6 +25,7 @@ from torch import nn
 
 from hadaconv.errors import HadaconvError, InputError, command, option
 from hadaconv.io.files import file_identity
+from hadaconv.progress import counted
 from hadaconv.sample import SAMPLE, SHAKESPEARE, not_utf8, read_jsonl, record_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
@@ -417,8 +418,8 @@ def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = N
     if max_windows:
         n = min(n, max_windows)
     if n == 0:
-        raise InputError(f"{what} has {len(ids)} tokens, fewer than one window of {seq_len}: give more text or "
-                         f"a smaller {option('seq_len')}")
+        raise InputError(f"{what} has {counted(len(ids), 'token')}, fewer than one window of {seq_len}: give more "
+                         f"text or a smaller {option('seq_len')}")
     return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
 
 
@@ -457,8 +458,8 @@ def token_windows(
     if total < 2:
         # Windows of a few tokens calibrate nothing: below 16, only more text is advice.
         shorter = f" or a smaller {option('seq_len')} (at most {len(stream) // 2})" if len(stream) >= 32 else ""
-        raise HadaconvError(f"the {what} has {len(stream)} tokens, too few for two windows of {seq_len}; give more "
-                            f"text{shorter}")
+        raise HadaconvError(f"the {what} has {counted(len(stream), 'token')}, too few for two windows of {seq_len}; "
+                            f"give more text{shorter}")
     windows = stream[: total * seq_len].reshape(total, seq_len)
     pick = torch.linspace(0, total - 1, min(samples, total)).round().long().unique()
     windows = windows[pick]

@@ -1171,7 +1171,8 @@ ROWS = [
     Row("distill-no-held-out-windows",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib, "--max-steps", "1",
                       "--samples", "8", "--seq-len", "16"], r"no window is held out for evaluation from 8 training "
-                                                            r"windows \(--samples 8\)"),
+                                                            r"windows \(--samples 8\)",
+        lambda mp, w, t: _no_model(mp)),  # was found after both models loaded
     Row("distill-no-held-out-windows-text",  # --samples is enough, the text is not: the message says which
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data",
                       _write(t / "d.txt", "The cat sat on the mat and looked at the dog. " * 12), "--max-steps", "1",
@@ -1842,7 +1843,7 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("distill-lr-nan", distill_with(lr=float("nan")), InputError, r"^lr must be a finite number > 0, got nan"),
         ("distill-min-lr-ratio-2", distill_with(min_lr_ratio=2.0), InputError, r"^min_lr_ratio must be at most 1"),
         ("distill-stages-string", distill_with(stages="global"), InputError,
-         r"^stages must be local and/or global, got 'global'"),
+         r"^stages is a list of stages: stages=\['global'\], not stages='global'$"),
         ("distill-train-unknown", distill_with(train="mlp"), InputError, r"^train='mlp' is neither attention nor all"),
         ("distill-dtype-unknown", distill_with(dtype="int8"), InputError, r"^dtype='int8': choose one of auto, float32"),
         ("distill-eval-text-missing", distill_with(eval_text=str(t / "nope.txt")), InputError,

@@ -631,6 +631,24 @@ def test_cli_without_a_budget_says_it_runs_one_pass(converted, capsys):
         assert re.search(rf"checkpoint at step {step}: \S+one-pass\.ckpt/last\.pt \(\d\S* GB\)", flat), err
 
 
+def test_held_out_text_that_is_training_text_is_noted(converted, tmp_path, capsys):
+    """--eval-text naming a --data file (or a file in a --data folder): the state kept would be
+    chosen on the text it trains on, which the run says."""
+    text = tmp_path / "texts" / "t.txt"
+    text.parent.mkdir()
+    text.write_text(PROSE * 4)
+    for data in (text, text.parent):
+        code, _, err = _cli(capsys, "distill", converted / "conv", "-o", tmp_path / f"out-{data.name}", *CLI_RUN,
+                            "--data", data, "--eval-text", text)
+        assert code == 0, err
+        assert re.search(r"note: the held-out text --eval-text \S+t\.txt is also training text \(--data\): the "
+                         r"state kept is chosen on text the run trains on", " ".join(err.split())), err
+    (tmp_path / "other.txt").write_text(PROSE * 3)  # beside the --data folder, not in it
+    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", tmp_path / "out-other", *CLI_RUN,
+                        "--data", text.parent, "--eval-text", tmp_path / "other.txt")
+    assert code == 0 and "also training text" not in err, err
+
+
 def test_cli_warns_when_the_state_is_chosen_on_few_windows(converted, capsys):
     """Ten windows hold out one: the distilled state would be chosen on one window's noise
     without the user knowing (a newcomer's run on a short text did).  Two windows asked for

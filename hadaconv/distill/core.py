@@ -41,6 +41,7 @@ from hadaconv.distill.parallel import Dist, fsdp_needs_processes, no_sync, setup
 from hadaconv.device import native_bf16, resolve_device, resolve_dtype
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, indefinite, option
 from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
+from hadaconv.io.inputs import same_file
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import LOG_EVERY, console, counted, duration
 from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, default_sources
@@ -456,8 +457,9 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
 
     Raises:
         InputError: not a DistillConfig, a value out of range or of the wrong type, a device that
-            is none or not here, ``fsdp`` on one process or with the local stage, or an
-            ``eval_text`` that is not a file.
+            is none or not here, ``fsdp`` on one process or with the local stage, an
+            ``eval_text`` that is not a file, or, without one, ``samples`` too few to hold a
+            tenth out for evaluation.
     """
     if config is None:
         return DistillConfig()
@@ -469,12 +471,16 @@ def check_config(config: DistillConfig | None) -> DistillConfig:
     if isinstance(cfg.max_time, str):
         raise InputError(f"{option('max_time', cfg.max_time)}: a number of seconds (the command line's --max-time "
                          "takes 90s, 30m, 2h, 1h30m)")
+    if isinstance(cfg.stages, str) and cfg.stages in ("local", "global"):
+        raise InputError(f"stages is a list of stages: stages=[{cfg.stages!r}], not stages={cfg.stages!r}")
     if isinstance(cfg.stages, str) or not cfg.stages or any(s not in ("local", "global") for s in cfg.stages):
         raise InputError(f"{option('stages', flag=FLAGS['stages'])} must be local and/or global, got {cfg.stages!r}")
     if cfg.train not in ("attention", "all"):
         raise InputError(f"{option('train', cfg.train)} is neither attention nor all")
     _check_trainable(resolve_dtype(cfg.dtype))  # said before the models load
     check_fields(cfg, _AT_LEAST, _NUMBERS, FLAGS)
+    if cfg.eval_text is None and cfg.samples < HELDOUT_EVERY:  # said before the models load
+        raise _no_heldout(cfg.samples, option("samples", cfg.samples))
     if cfg.device is not None:
         resolve_device(cfg.device)  # "gpu", or CUDA where there is none: said before two models load
     if cfg.fsdp and "local" in cfg.stages:
@@ -550,8 +556,6 @@ def distill(
     kind = (adapter or find_adapter(teacher)).kind(teacher)
     if kind not in ("causal-lm", "encoder"):
         raise HadaconvError(f"distill handles causal LMs and text encoders, not {indefinite(kind)} model")
-    if cfg.eval_text is None and cfg.samples < HELDOUT_EVERY:  # say so before any text is sampled
-        raise _no_heldout(cfg.samples, option("samples", cfg.samples))
     blocks = converted_blocks(student, teacher, adapter)
     if not blocks:
         raise HadaconvError("the student has no converted attention blocks: convert it first "
@@ -600,6 +604,12 @@ def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kin
     return run.finish()
 
 
+def _trains_on(path: str, data: Sequence[str]) -> bool:
+    """Whether the file ``path`` is one of the ``data`` sources, or inside a folder of them."""
+    target = Path(path).resolve()
+    return any(same_file(path, d) or Path(d).is_dir() and Path(d).resolve() in target.parents for d in data)
+
+
 def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
            main: bool) -> tuple[torch.Tensor, torch.Tensor, DistillReport]:
     """The training windows, the held-out windows, and a report that names both."""
@@ -616,6 +626,9 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
                                             what="training text", names=names)
     data_source = describe_sources(names, windows)
     if cfg.eval_text:
+        if _trains_on(cfg.eval_text, cfg.data or ()) and cfg.progress and main:
+            console.print(f"note: the held-out text {option('eval_text', cfg.eval_text)} is also training text "
+                          f"({option('data')}): the state kept is chosen on text the run trains on", highlight=False)
         eval_ids, eval_source = eval_text_windows(tokenizer, cfg), Path(cfg.eval_text).name
     else:
         eval_ids, eval_source = heldout[: cfg.eval_windows], "held-out windows of the training text"
