@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,23 @@ def test_a_model_distilled_in_memory_saves_with_its_report(tokenizer, tmp_path):
     ids = _heldout(tokenizer)
     with torch.no_grad():
         assert torch.equal(hadaconv.load(out)(ids).logits, student(ids).logits)
+
+
+def test_gradient_checkpointing_recomputes_the_same_steps(tokenizer, recwarn):
+    """--gradient-checkpointing is on during the steps (and off after) and changes no number: the
+    tiny model has no dropout, so the recomputed activations are the stored ones.  Nothing it
+    calls is deprecated (transformers 5 renamed gradient_checkpointing_enable)."""
+    student, teacher = _pair("llama", tokenizer)
+    plain, checkpointed = copy.deepcopy(student), copy.deepcopy(student)
+    cfg = DistillConfig(stages=["global"], max_steps=3, lr=1e-3, **RUN)
+    distill(plain, teacher, tokenizer, cfg)
+    during = []
+    distill(checkpointed, teacher, tokenizer, replace(cfg, gradient_checkpointing=True),
+            callback=lambda info: during.append(checkpointed.is_activation_checkpointing))
+    assert during == [True] * 3 and not checkpointed.is_activation_checkpointing and not checkpointed.training
+    for (name, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)], [str(w.message) for w in recwarn]
 
 
 def test_no_finite_evaluation_keeps_the_start(tokenizer, monkeypatch):

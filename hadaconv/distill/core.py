@@ -671,9 +671,9 @@ class _Distillation:
         self.use_amp = _autocast(cfg.bf16, d.device, next(student.parameters()).dtype)
         report.world_size, report.autocast = d.world, "bfloat16" if self.use_amp else "off"
         if cfg.gradient_checkpointing:
-            if not hasattr(student, "gradient_checkpointing_enable"):
+            if not hasattr(student, "activation_checkpointing_enable"):  # transformers' name since 5.x
                 raise HadaconvError(f"{option('gradient_checkpointing')} needs a Hugging Face model")
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             student.train()  # Hugging Face only checkpoints in train mode
         else:
             student.eval()  # no dropout: the student should match the teacher's deterministic output
@@ -901,7 +901,7 @@ class _Distillation:
             r.full_state = ckpt.trainable_state(self.student)
         self.student.eval()
         if cfg.gradient_checkpointing:
-            self.student.gradient_checkpointing_disable()
+            self.student.activation_checkpointing_disable()
         for p in self.student.parameters():
             p.requires_grad_(True)
         return r
