@@ -1002,7 +1002,9 @@ def _duration(text: str | None) -> float | None:
               help="config.json (or its folder) for a teacher that is a bare safetensors / state_dict file.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading a teacher that is a torch.save'd module (arbitrary unpickling can run code).")
-@click.option("--local", "local_stage", is_flag=True, help="Run the block-wise reconstruction stage.")
+@click.option("--local", "local_stage", is_flag=True,
+              help="Run the block-wise reconstruction stage (--local-steps, --local-lr; alone, it refuses the global "
+                   "stage's options such as --max-steps and --lr).")
 @click.option("--global", "global_stage", is_flag=True, help="Run end-to-end KD.  [default: this stage alone; --local --global runs both, local first]")
 @click.option("--train", type=click.Choice(["attention", "all"]), default="all", show_default=True,
               help="attention: only the converted attention blocks (q, k, v, gamma, beta); all: every parameter.")
