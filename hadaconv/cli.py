@@ -1156,11 +1156,18 @@ def _check_stage_options(stages: list[str]) -> None:
     given = {p.name: p.opts[0] for p in ctx.command.params
              if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE}
     for stage, names in STAGE_OPTIONS.items():
-        flag = next((given[n] for n in names if n in given), None)
-        if flag and stage not in stages:
-            ran = "--local alone" if stage == "global" else "the global stage alone (the default)"
-            raise InputError(f"{flag} is an option of the {stage} stage, which {ran} does not run: add --{stage} "
-                             f"(--local --global runs both, local first), or drop {flag}")
+        name = next((n for n in names if n in given), None)
+        if name and stage not in stages:
+            ran = "--local alone" if stage == "global" else \
+                "--global alone" if "global_stage" in given else "the global stage alone (the default)"
+            local = _LOCAL_COUNTERPART.get(name)
+            meant = f"--local's own is {local}; " if local else ""
+            raise InputError(f"{given[name]} is an option of the {stage} stage, which {ran} does not run ({meant}add "
+                             f"--{stage} to run both, local first, or drop {given[name]})")
+
+
+#: What a user who gives a global-stage option with --local alone most likely meant.
+_LOCAL_COUNTERPART = {"max_steps": "--local-steps (per block)", "lr": "--local-lr"}
 
 
 def _distill_stopped(checkpoint: Path, own_folder: bool, every: int) -> None:

@@ -1051,12 +1051,21 @@ ROWS = [
         r"--bf16 runs in bfloat16$", lambda mp, w, t: _no_model(mp)),
     Row("distill-local-with-a-global-option",  # ran 40 steps a block and ignored --max-steps without a word
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--local", "--max-steps", "5", *DISTILL],
-        r"^error: --max-steps is an option of the global stage, which --local alone does not run: add --global "
-        r"\(--local --global runs both, local first\), or drop --max-steps$", lambda mp, w, t: _no_model(mp)),
+        r"^error: --max-steps is an option of the global stage, which --local alone does not run \(--local's own "
+        r"is --local-steps \(per block\); add --global to run both, local first, or drop --max-steps\)$",
+        lambda mp, w, t: _no_model(mp)),
+    Row("distill-local-with-eval-every",  # read by the global stage alone: a local run evaluates once
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--local", "--eval-every", "5", "--samples", "10"],
+        r"^error: --eval-every is an option of the global stage, which --local alone does not run \(add --global",
+        lambda mp, w, t: _no_model(mp)),
     Row("distill-global-with-a-local-option",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--local-lr", "1e-3", *DISTILL],
         r"^error: --local-lr is an option of the local stage, which the global stage alone \(the default\) does "
-        r"not run: add --local", lambda mp, w, t: _no_model(mp)),
+        r"not run \(add --local", lambda mp, w, t: _no_model(mp)),
+    Row("distill-explicit-global-with-a-local-option",
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--global", "--local-steps", "5", *DISTILL],
+        r"^error: --local-steps is an option of the local stage, which --global alone does not run \(add --local",
+        lambda mp, w, t: _no_model(mp)),
     Row("distill-local-steps-0", lambda w, t: ["distill", w.conv, "-o", t / "out", "--local", "--local-steps", "0"],
         r"--local-steps.*0 is not in the range x>=1"),
     Row("distill-device-gpu", lambda w, t: ["distill", w.conv, "-o", t / "out", "--device", "gpu", *DISTILL],
@@ -1150,6 +1159,12 @@ ROWS = [
                       _checkpoint_of(t / "ck", batch_size=8, lr=1 / 30000), *DISTILL, "--lr", "1e-4"],
         r"^error: the checkpoint in .*ck comes from a run with other settings \(--batch-size: 8 there, 4 here, "
         r"--lr: 3.33333e-05 there, 0.0001 here\); remove it or give its settings$", lambda mp, w, t: _no_model(mp)),
+    Row("distill-resume-other-data",  # the default text (data None) is a setting too; lrs alike to 6 digits in full
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--resume", "--checkpoint-dir",
+                      _checkpoint_of(t / "ck", data=["shakespeare"], lr=1e-4 * 10 / 30), *DISTILL,
+                      "--lr", "3.33333e-05"],
+        r"^error: the checkpoint in .*ck comes from a run with other settings \(--data: \['shakespeare'\] there, "
+        r"None here, --lr: 3.3333333333333335e-05 there, 3.33333e-05 here\)", lambda mp, w, t: _no_model(mp)),
     Row("distill-earlier-checkpoint",  # an interrupted run's state is not replaced without --resume
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib,
                       "--checkpoint-dir", _write(_mkdir(t / "ckpt") / "last.pt", b"state").parent, *DISTILL],

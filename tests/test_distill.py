@@ -136,6 +136,16 @@ def test_a_model_distilled_in_memory_saves_with_its_report(tokenizer, tmp_path):
         assert torch.equal(hadaconv.load(out)(ids).logits, student(ids).logits)
 
 
+def test_stage_options_are_config_fields():
+    """A misspelt name in STAGE_OPTIONS would switch its refusal off without a word."""
+    from dataclasses import fields
+
+    from hadaconv.distill.core import STAGE_OPTIONS
+
+    names = {f.name for f in fields(DistillConfig)}
+    assert all(set(stage) <= names for stage in STAGE_OPTIONS.values())
+
+
 def test_gradient_checkpointing_recomputes_the_same_steps(tokenizer, recwarn):
     """--gradient-checkpointing is on during the steps (and off after) and changes no number: the
     tiny model has no dropout, so the recomputed activations are the stored ones.  Nothing it
@@ -798,15 +808,41 @@ def test_fsdp2_two_ranks_equal_one_process(converted, capsys):
 
 
 @pytest.mark.parametrize("payload", [{"fingerprint": "not json"}, {"counters": {}}, [1, 2],
-                                     {"fingerprint": "{}", "counters": {}},
+                                     {"fingerprint": "[1, 2]"}, {"fingerprint": "{}", "counters": {}},
                                      {"fingerprint": "{}", "trainable": {}, "optimizer": {}, "rng": {"cpu": 1.5}}])
 def test_a_damaged_checkpoint_is_one_line(tmp_path, payload):
     """--resume reads last.pt, which may be damaged by something else than hadaconv (written
-    atomically): whatever is wrong inside it, the error says which file and what to do."""
-    from hadaconv.distill.checkpoint import FILE, load_checkpoint
+    atomically): whatever is wrong inside it, the error says which file and what to do, both in
+    the check of its settings before the load and in the resume itself."""
+    from hadaconv.distill.checkpoint import FILE, check_settings, load_checkpoint
     from hadaconv.errors import HadaconvError
 
     torch.save(payload, tmp_path / FILE)
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(HadaconvError, match=rf"the checkpoint .*{FILE} is damaged \(.*\): remove it to start again"):
+    damaged = rf"^the checkpoint .*{FILE} is damaged \(.*\): remove it to start again$"
+    with pytest.raises(HadaconvError, match=damaged):
         load_checkpoint(tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), fingerprint={})
+    if not (isinstance(payload, dict) and payload.get("fingerprint") == "{}"):  # settings that match: no refusal
+        with pytest.raises(HadaconvError, match=damaged):
+            check_settings(tmp_path, {})
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "legacy torch.save"])
+def test_a_checkpoint_that_is_no_archive_is_one_line(tmp_path, kind):
+    """A last.pt that torch.save did not write as its zip archive (empty, text, the legacy format)
+    is named as such before and at the resume; mmap's advice on how to save it is no use here."""
+    from hadaconv.distill.checkpoint import FILE, check_settings, checkpoint_step, load_checkpoint
+    from hadaconv.errors import HadaconvError
+
+    path = tmp_path / FILE
+    if kind == "legacy torch.save":
+        torch.save({"fingerprint": "{}"}, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_text("" if kind == "empty" else "step 7\n")
+    model = torch.nn.Linear(2, 2)
+    no_archive = rf"^the checkpoint .*{FILE} is not one hadaconv wrote \(not a torch.save archive\): remove it"
+    with pytest.raises(HadaconvError, match=no_archive):
+        check_settings(tmp_path, {})
+    with pytest.raises(HadaconvError, match=no_archive):
+        load_checkpoint(tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), fingerprint={})
+    assert checkpoint_step(path) is None

@@ -12,6 +12,7 @@ Python values are stored, so it loads with ``weights_only=True``.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
 from hadaconv.atomic import atomic_file
 from hadaconv.errors import HadaconvError, option
 
-__all__ = ["check_settings", "checkpoint_step", "load_checkpoint", "restore_trainable", "save_checkpoint", "trainable_state"]
+__all__ = ["check_settings", "checkpoint_step", "load_checkpoint", "restore_trainable", "save_checkpoint",
+           "trainable_state"]
 
 FILE = "last.pt"
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -72,27 +74,39 @@ def save_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
 
 
 def _read(path: Path, *, mmap: bool = False) -> Any:
+    if not zipfile.is_zipfile(path):  # what torch.save writes; mmap would answer with advice on saving
+        raise HadaconvError(f"the checkpoint {path} is not one hadaconv wrote (not a torch.save archive): remove it "
+                            "to start again")
     try:  # mmap: the tensors stay on disk (a 2.3 GB checkpoint read for its settings alone)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # a torn or foreign file: say which, in one line
-        raise HadaconvError(f"cannot read the checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        raise HadaconvError(f"cannot read the checkpoint {path}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{(str(exc).splitlines() or [type(exc).__name__])[0]:.120}"
+
+
+def _damaged(path: Path, exc: Exception) -> HadaconvError:
+    return HadaconvError(f"the checkpoint {path} is damaged ({type(exc).__name__}: {_first_line(exc)}): remove it "
+                         "to start again")
 
 
 def check_settings(folder: Path, fingerprint: dict, flags: dict[str, str] | None = None) -> None:
     """Refuse, before the models load, a checkpoint in ``folder`` of a run with other settings
-    than ``fingerprint`` (:meth:`DistillConfig.fingerprint`; a setting that is None here, such
-    as an lr still to be derived from the model, is compared when the run resumes).  No
-    checkpoint: nothing to check."""
+    than ``fingerprint`` (:meth:`DistillConfig.fingerprint`; an ``lr`` of None, derived from the
+    model after the load, is compared when the run resumes).  No checkpoint: nothing to check."""
     path = folder / FILE
     if not path.is_file():
         return
     payload = _read(path, mmap=True)
     try:
         saved = json.loads(payload["fingerprint"])
+        if not isinstance(saved, dict):
+            raise ValueError(f"settings {str(saved):.60}")
     except Exception as exc:  # noqa: BLE001 - readable, but not what save_checkpoint writes
-        raise HadaconvError(f"the checkpoint {path} is damaged ({type(exc).__name__}): remove it to start again") \
-            from None
-    known = {k: v for k, v in fingerprint.items() if v is not None}
+        raise _damaged(path, exc) from None
+    known = {k: v for k, v in fingerprint.items() if not (k == "lr" and v is None)}
     _compare({k: saved.get(k) for k in known}, known, folder, flags or {})
 
 
@@ -111,15 +125,18 @@ def _compare(saved: dict, fingerprint: dict, folder: Path, flags: dict[str, str]
                             "by perplexity: remove it to start again")
     if saved != fingerprint:
         diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-        settings = ", ".join(f"{option(k, flag=flags.get(k))}: {_shown(saved.get(k))} there, "
-                             f"{_shown(fingerprint.get(k))} here" for k in diff)
+        shown = {k: _shown(saved.get(k), fingerprint.get(k)) for k in diff}
+        settings = ", ".join(f"{option(k, flag=flags.get(k))}: {there} there, {here} here"
+                             for k, (there, here) in shown.items())
         raise HadaconvError(f"the checkpoint in {folder} comes from a run with other settings ({settings}); remove "
                             "it or give its settings")
 
 
-def _shown(value: Any) -> str:
-    """A setting as the message shows it: 3.33333e-05, not 3.3333333333333335e-05."""
-    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+def _shown(*values: Any) -> list[str]:
+    """Settings as the message shows them: 3.33333e-05, not 3.3333333333333335e-05, unless
+    that would show two different values alike."""
+    short = [f"{v:.6g}" if isinstance(v, float) else repr(v) for v in values]
+    return short if len(set(short)) == len(short) else [repr(v) for v in values]
 
 
 def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -138,8 +155,7 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
     except HadaconvError:
         raise
     except Exception as exc:  # noqa: BLE001 - readable, but not what save_checkpoint writes
-        raise HadaconvError(f"the checkpoint {path} is damaged ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]:.120}): "
-                            "remove it to start again") from None
+        raise _damaged(path, exc) from None
 
 
 def _restore(payload: Any, folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,

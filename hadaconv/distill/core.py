@@ -434,7 +434,8 @@ FLAGS = {"warmup_steps": "--warmup", "stages": "--local / --global"}
 #: refuses them, since a newcomer's --local --max-steps 5 ran 40 steps a block without a word).
 STAGE_OPTIONS = {
     "global": ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "temperature", "hidden_weight", "max_steps",
-               "max_tokens", "max_time", "accumulate", "gradient_checkpointing", "checkpoint_every"),
+               "max_tokens", "max_time", "accumulate", "gradient_checkpointing", "eval_every", "checkpoint_dir",
+               "checkpoint_every"),
     "local": ("local_steps", "local_lr", "local_windows"),
 }
 
@@ -505,13 +506,16 @@ def _autocast(asked: bool | None, device: torch.device, dtype: torch.dtype) -> b
     return native_bf16(device) and dtype == torch.float32 if asked is None else asked
 
 
-def _check_trainable(dtype: torch.dtype | None) -> None:
+def _check_trainable(dtype: torch.dtype | None, *, loaded: bool = True) -> None:
     """Refuse float16 weights (``dtype``; None: the checkpoint's own, not known yet): AdamW on
-    them, with no float32 master copy and no loss scaling, diverges (see DistillConfig.dtype)."""
+    them, with no float32 master copy and no loss scaling, diverges (see DistillConfig.dtype).
+    ``loaded``: hadaconv loads the models (its ``dtype`` is the way out), else they came in
+    memory, in float16."""
     if dtype == torch.float16:
+        way = (f"load them in float32 ({option('dtype', 'float32')}, the default)" if loaded else
+               "give them in float32 (student.float(), teacher.float())")
         raise InputError(f"float16 weights do not train here: AdamW's updates underflow and blow up without "
-                         f"float32 master weights; load them in float32 ({option('dtype', 'float32')}, "
-                         f"the default), whose forward passes {option('bf16')} runs in bfloat16")
+                         f"float32 master weights; {way}, whose forward passes {option('bf16')} runs in bfloat16")
 
 
 def distill(
@@ -539,8 +543,8 @@ def distill(
     Raises:
         InputError: a student or teacher that is not an ``nn.Module``, the config given where
             the tokenizer goes, a ``config`` value out of range or options that do not go
-            together (:func:`check_config`: FSDP with the local stage or on one process), or
-            too few windows to hold any out for evaluation.
+            together (:func:`check_config`: FSDP with the local stage or on one process),
+            too few windows to hold any out for evaluation, or float16 weights.
         HadaconvError: no tokenizer, a model that is neither a causal LM nor a text encoder, or a
             student with no converted blocks.
     """
@@ -549,7 +553,7 @@ def distill(
     if isinstance(tokenizer, DistillConfig):
         raise InputError("the config was given where the tokenizer goes: distill(student, teacher, tokenizer, config)")
     cfg = check_config(config)
-    _check_trainable(next(student.parameters()).dtype)  # "auto" on a float16 checkpoint; before the text
+    _check_trainable(next(student.parameters()).dtype, loaded=False)  # before the text
     stages = sorted(dict.fromkeys(cfg.stages), key=("local", "global").index)
     if tokenizer is None:
         raise HadaconvError("distillation needs a tokenizer for its training text")
@@ -670,7 +674,7 @@ class _Distillation:
         report.lr = cfg.lr
         self.use_amp = _autocast(cfg.bf16, d.device, next(student.parameters()).dtype)
         report.world_size, report.autocast = d.world, "bfloat16" if self.use_amp else "off"
-        if cfg.gradient_checkpointing:
+        if cfg.gradient_checkpointing and "global" in cfg.stages:  # the local stage would train with dropout on
             if not hasattr(student, "activation_checkpointing_enable"):  # transformers' name since 5.x
                 raise HadaconvError(f"{option('gradient_checkpointing')} needs a Hugging Face model")
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -783,7 +787,7 @@ class _Distillation:
                     evaluated = self.evaluate.seconds or 0.0
                     bar.note(_evaluation_line(self.report))
                 if self.step % cfg.checkpoint_every == 0 and (written := self.save()):
-                    bar.note(f"checkpoint at step {self.step}: {written} ({written.stat().st_size / 1e9:.2g} GB)")
+                    bar.note(f"checkpoint at step {self.step}: {written} ({written.stat().st_size / 1e9:,.3g} GB)")
                 # A step's cost includes its share of checkpoint writes; out_of_time adds an evaluation.
                 steps_here, step_seconds = steps_here + 1, step_seconds + self.elapsed() - began - evaluated
                 if callback is not None:
@@ -900,7 +904,7 @@ class _Distillation:
         if cfg.fsdp:  # a collective: every rank gathers, rank 0 receives
             r.full_state = ckpt.trainable_state(self.student)
         self.student.eval()
-        if cfg.gradient_checkpointing:
+        if getattr(self.student, "is_activation_checkpointing", False):
             self.student.activation_checkpointing_disable()
         for p in self.student.parameters():
             p.requires_grad_(True)

@@ -273,5 +273,5 @@ def _save(job: _Job, cfg: DistillConfig, report: DistillReport, model: nn.Module
         summary["teacher_config"] = str(job.teacher_config)
     save_converted(model, job.out, meta={**job.meta, "distill": summary},
                    tokenizer=tokenizer, tokenizer_source=job.converted,
-                   report={**saved, "distill": report.to_dict()}, overwrite=overwrite,
+                   report={**saved, **report.report_json()}, overwrite=overwrite,
                    extra=lambda tmp: _plot_beside(report, tmp / "distill_curve.png"))

@@ -189,8 +189,10 @@ def save(
         target: the regular expression given to the generic adapter, if the model was converted
             with one (the layer indices are that adapter's).
         report: written as ``report.json``: what :func:`hadaconv.convert.convert` or
-            :func:`hadaconv.distill.distill` returned (a ConvertReport or a DistillReport, in the
-            layout ``hadaconv convert`` / ``hadaconv distill`` write), or a dict as it is.
+            :func:`hadaconv.distill.distill` returned (a ConvertReport, or a DistillReport as
+            the ``distill`` section), or a dict as it is.  ``hadaconv distill`` keeps the
+            conversion's report beside its section: ``{**convert_report.report_json(),
+            **distill_report.report_json()}`` does the same.
         overwrite: replace an existing ``out_dir`` that hadaconv wrote (a folder of other files is refused).
 
     Returns:
