@@ -1093,8 +1093,9 @@ def distill_cmd(converted, output, teacher, teacher_config, trust_pickle, local_
     (causal LMs) or hidden-state / embedding matching (encoders), end to end.  --local runs the
     local stage instead, in which each converted attention block learns the teacher block's output
     from the teacher's inputs; --local --global runs both, local first.  Runs under torchrun
-    --nproc-per-node N (DDP; --fsdp to shard).  Prints the teacher / before / after quality and
-    the curve.
+    --nproc-per-node N -m hadaconv.cli -- distill ... (DDP; --fsdp to shard; the -- keeps torchrun
+    from taking --local for its own --local-addr).  Prints the teacher / before / after quality
+    and the curve.
     """
     from hadaconv.distill import DistillConfig, distill_file
     from hadaconv.distill.checkpoint import FILE as CHECKPOINT

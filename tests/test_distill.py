@@ -509,7 +509,7 @@ def test_cli_end_to_end_and_two_ddp_ranks_equal_one_process(converted, capsys):
 
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                        "-m", "hadaconv.cli", "distill", str(converted / "conv"), "-o", str(two), *CLI_RUN],
+                        "-m", "hadaconv.cli", "--", "distill", str(converted / "conv"), "-o", str(two), *CLI_RUN],
                        capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("saved") == 1  # rank 0 alone writes and reports
@@ -799,12 +799,27 @@ def test_fsdp2_two_ranks_equal_one_process(converted, capsys):
     assert code == 0, err
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                        "-m", "hadaconv.cli", "distill", str(converted / "conv"), "-o", str(two), "--global", "--fsdp",
-                        *CLI_RUN], capture_output=True, text=True, env=ENV)
+                        "-m", "hadaconv.cli", "--", "distill", str(converted / "conv"), "-o", str(two), "--global",
+                        "--fsdp", *CLI_RUN], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_the_documented_torchrun_line_passes_every_option_through():
+    """torchrun's parser takes --local for an abbreviation of its own --local-addr and stops; after
+    the README's `--`, hadaconv's options reach hadaconv as given."""
+    from torch.distributed.run import get_args_parser
+
+    head = ["--nproc-per-node", "2", "-m", "hadaconv.cli"]
+    ours = ["distill", "conv", "-o", "out", "--local", "--global", "--local-steps", "4", "--max-steps", "3"]
+    args = get_args_parser().parse_args([*head, "--", *ours])
+    assert (args.training_script, args.training_script_args) == ("hadaconv.cli", ours)
+    try:  # the failure the `--` avoids: Python 3.11's argparse stops at "ambiguous option: --local"
+        assert get_args_parser().parse_args([*head, *ours]).training_script_args == ours
+    except SystemExit:
+        pass
 
 
 @pytest.mark.parametrize("payload", [{"fingerprint": "not json"}, {"counters": {}}, [1, 2],
