@@ -95,5 +95,7 @@ def upcast_on_cpu(model: torch.nn.Module) -> torch.dtype | None:
     if first is None or first.dtype not in (torch.bfloat16, torch.float16) or first.device.type != "cpu":
         return None
     stored = first.dtype  # before the conversion, which replaces the parameters' data
-    model.float()
+    # Not model.float(): transformers refuses it for a model it marks quantized, as it marks one
+    # loaded from GGUF (dequantized to float tensors on load), and .to(dtype) it allows.
+    model.to(torch.float32)
     return stored

@@ -631,6 +631,9 @@ def test_a_half_precision_model_is_fitted_in_float32_and_saved_in_its_own_dtype(
     model = torch.nn.Linear(4, 4).bfloat16()
     assert upcast_on_cpu(model) == torch.bfloat16 and model.weight.dtype == torch.float32
     assert upcast_on_cpu(model) is None and upcast_on_cpu(torch.nn.ReLU()) is None  # float32, or no weights
+    marked = make_tiny("llama").bfloat16()
+    marked.is_quantized = True  # as transformers marks a model it loaded from GGUF: its .float() raises
+    assert upcast_on_cpu(marked) == torch.bfloat16 and marked.lm_head.weight.dtype == torch.float32
     make_tiny("llama", tmp_path / "src")
     hadaconv.convert_file(str(tmp_path / "src"), str(tmp_path / "out"),
                           ConvertConfig(layers=[0], sensitivity=False, **FAST), dtype="bfloat16")

@@ -476,6 +476,11 @@ def test_smollm2_gguf(capfd):
     empty = skeleton(path)
     assert all(p.is_meta for p in empty.parameters())
     assert {n: p.shape for n, p in empty.named_parameters()} == {n: p.shape for n, p in loaded.model.named_parameters()}
+    # transformers marks a GGUF model quantized and refuses its .float(): convert --dtype bfloat16 crashed.
+    from hadaconv.device import upcast_on_cpu
+
+    assert upcast_on_cpu(loaded.model.to(torch.bfloat16)) == torch.bfloat16
+    assert next(loaded.model.parameters()).dtype == torch.float32
 
 
 def test_original_path_survives_a_moved_environment(tmp_path, monkeypatch):
