@@ -552,9 +552,11 @@ def _check_eval_config(model: str, config: str | None, reference: str | None, ba
     """Refuse, before any load, a baseline or reference of bare weights without --config, and the
     --config that none of eval's models would read, or that one of those it serves would misread
     (:func:`hadaconv.io.check_model_config`)."""
-    from hadaconv.io import check_model_config
+    from hadaconv.io import check_format, check_model_config
 
     for what, path, way_out in (("the reference", reference, ""), ("the baseline", baseline, " or --no-baseline")):
+        if path:  # a file of no model format: said now, not after MODEL's whole evaluation
+            check_format(path, whose=what)
         if config is None and path:
             check_model_config(path, None, whose=what, way_out=way_out)
     takers = [p for p in (model, reference, baseline) if _config_for(p, config)]

@@ -27,8 +27,8 @@ from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, WEIGHTS, check_safetensors
 from hadaconv.io.gguf import check_metadata
 from hadaconv.progress import status
 
-__all__ = ["Loaded", "carries_config", "check_model_config", "check_seq_len_early", "load_model", "recorded_config",
-           "recorded_source", "same_file", "skeleton", "source_tokenizer"]
+__all__ = ["Loaded", "carries_config", "check_format", "check_model_config", "check_seq_len_early", "load_model",
+           "recorded_config", "recorded_source", "same_file", "skeleton", "source_tokenizer"]
 
 
 @dataclass
@@ -298,12 +298,30 @@ def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None,
         return _load_state_dict(path, read_safetensors(path), config, "safetensors", flag)
     if path.suffix in _PICKLE_SUFFIXES:
         return _load_torch_file(path, config, trust_pickle, flag)
+    raise _unknown_format(path, flag)
+
+
+def check_format(source: str | os.PathLike, *, whose: str = "", flag: str | None = None) -> None:
+    """Refuse, before anything loads, a file :func:`load_model` reads in no format (a folder is
+    checked by its load).  ``whose`` (e.g. "the baseline") and ``flag`` word the message as
+    :func:`check_model_config` does.
+
+    Raises:
+        HadaconvError: a file whose extension is none of .gguf, .safetensors, a torch.save file's.
+    """
+    path = Path(source)
+    if path.is_file() and path.suffix not in (".gguf", ".safetensors", *_PICKLE_SUFFIXES):
+        error = _unknown_format(path, flag or option("config"))
+        raise HadaconvError(f"{whose}: {error}" if whose else str(error))
+
+
+def _unknown_format(path: Path, flag: str) -> HadaconvError:
     if path.suffix == ".onnx":
         run = command(f"hadaconv run {path.parent}", f"hadaconv.generate.generate('{path.parent}', prompt) "
                       "(an encoder's: hadaconv.generate.embed)")
-        raise HadaconvError(f"{path} is an ONNX graph, which hadaconv runs but does not convert: run its bundle "
-                            f"folder with {run}, or give the model it was exported from")
-    raise HadaconvError(
+        return HadaconvError(f"{path} is an ONNX graph, which hadaconv runs but does not convert: run its bundle "
+                             f"folder with {run}, or give the model it was exported from")
+    return HadaconvError(
         f"unknown input format {path.suffix or '(no extension)'!r} for {path}: expected a model folder, "
         f".gguf, .safetensors (with {flag}) or a torch.save file (.pt, .pth, .bin, .ckpt)"
     )
