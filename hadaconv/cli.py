@@ -623,13 +623,16 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
 
     from hadaconv.atomic import check_output
     from hadaconv.device import resolve_device, upcast_on_cpu
-    from hadaconv.io import check_model_config, load_model, source_key
-    from hadaconv.sample import (DEFAULT_BATCH, cached_samples, check_jsonl_name, reading_source, sample_texts,
-                                 write_jsonl)
+    from hadaconv.adapters import model_kind
+    from hadaconv.io import check_model_config, load_model, skeleton, source_key
+    from hadaconv.sample import (DEFAULT_BATCH, cached_samples, check_jsonl_name, check_writes_text, reading_source,
+                                 sample_texts, write_jsonl)
 
     check_output(output, overwrite, folder=False, inputs=[model, model_config])  # first: "is the input" matters more
     check_jsonl_name(output)
     check_model_config(model, model_config)  # before the skeleton, which would ignore an inapplicable one
+    if (empty := skeleton(model, config=model_config)) is not None:  # an encoder: said before its load
+        check_writes_text(model_kind(empty))
     _check_context(model, model_config, seq_len, device, dtype)
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     if loaded.tokenizer is None:

@@ -350,10 +350,15 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
 
     Raises:
         InputError: ``samples`` < 1.
-        HadaconvError: ``fingerprint`` given and a chunk of the text is not in the cache.
+        HadaconvError: a model that writes no text (an encoder), or ``fingerprint`` given and a
+            chunk of the text is not in the cache.
     """
     if samples < 1:  # no chunk at all: say so here rather than return no text and no file
         raise InputError(f"sampling needs at least one sequence, got samples={samples}")
+    if fingerprint is None:  # an encoder: refused before the line that says sampling begins
+        from hadaconv.adapters import model_kind
+
+        check_writes_text(model_kind(model))
     folder = Path(cache) if cache is not None else cache_dir()
     digest = fingerprint() if fingerprint is not None else model_fingerprint(model)
     _remember(folder, digest)

@@ -1393,10 +1393,10 @@ ROWS = [
         r"eval --text read them as texts$", lambda mp, w, t: _no_model(mp)),
     Row("sample-missing-model", lambda w, t: ["sample", t / "nope", "-o", t / "s.jsonl"], r"no such file or folder"),
     Row("sample-encoder", lambda w, t: ["sample", w.bert, "-o", t / "s.jsonl", "--samples", "1", "--seq-len", "4"],
-        r"needs a causal LM"),
+        r"needs a causal LM", lambda mp, w, t: _no_model(mp)),  # from its config, before the load
     Row("sample-encoder-long-windows",  # its own refusal, not the context's
         lambda w, t: ["sample", w.bert, "-o", t / "s.jsonl", "--samples", "1", "--seq-len", "600"],
-        r"needs a causal LM"),
+        r"needs a causal LM", lambda mp, w, t: _no_model(mp)),
     Row("sample-existing-output", lambda w, t: ["sample", w.hf, "-o", _write(t / "s.jsonl", "{}\n")],
         r"s\.jsonl already exists: pass --overwrite to replace it, or choose another file"),
     Row("sample-output-is-the-model",

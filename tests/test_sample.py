@@ -627,6 +627,17 @@ def test_describe_calibration_names_what_the_run_reads(tmp_path, monkeypatch):
         describe_calibration(["sample"], None)  # a model only a --target regex finds
 
 
+def test_an_encoder_is_refused_before_sampling_is_announced(tmp_path, monkeypatch, capsys):
+    """cached_samples refuses a model that writes no text before its line that says sampling
+    begins (a newcomer's `hadaconv sample` on MiniLM announced it, then refused)."""
+    from hadaconv.sample import cached_samples
+
+    monkeypatch.setenv("HADACONV_CACHE", str(tmp_path))
+    with pytest.raises(HadaconvError, match="sampling text needs a causal LM, not an encoder model"):
+        cached_samples(make_tiny("bert"), None, samples=2, seq_len=8)
+    assert "sampling" not in capsys.readouterr().err
+
+
 def test_a_source_given_twice_is_refused(tmp_path):
     """Two sources that read one file (a name given twice, a file inside a folder also given, a
     link): each source takes an equal share of the windows, so the text would count twice.  A
