@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from hadaconv.adapters import (Adapter, AttentionLayer, check_convertible, check_seq_len, find_adapter, index_ranges,
-                               layer_indices, model_kind)
+                               layer_indices, model_kind, target_overrides)
 from hadaconv.blockwise import Decoder, TeacherFn, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, check_windows_early, describe_sources,
                                 mixed_windows, process_group, source_list)
@@ -850,6 +850,7 @@ def convert_file(
     model = loaded.model
     check_savable(model)
     adapter = _find(model, target=target) if target else None
+    warn_now(cfg, target_overrides(model, target))
     stored = upcast_on_cpu(model)  # computed in float32 on a CPU, saved in the checkpoint's dtype
     key = source_key(source, config=model_config, dtype=dtype, device=resolve_device(device).type)
     with reading_source(key):  # for a later dry run's plan

@@ -17,7 +17,7 @@ from typing import Callable
 
 from torch import nn
 
-from hadaconv.adapters import Adapter, AttentionLayer, check_block, find_adapter, model_kind
+from hadaconv.adapters import Adapter, AttentionLayer, check_block, find_adapter, model_kind, target_overrides
 from hadaconv.calibrate import HELDOUT_EVERY, count_windows_early
 from hadaconv.convert import (ConvertConfig, check_against_model, check_config, check_convert_output, chooses_nothing,
                               default_block, dense_layers, find_target, probe_windows)
@@ -199,10 +199,12 @@ def _layers_plan(model: nn.Module, source: str, target: str | None, select: Sele
     layers = select(model, adapter)
     block = block or default_block([layer.out_features for layer in layers])
     converted = sum(isinstance(m, HadamardProjection) for m in model.modules())
+    overrides = target_overrides(model, target)
     return Plan(source=source, adapter=adapter.name, kind=model_kind(model),
                 parameters=sum(p.numel() for p in model.parameters()),
                 blocks=len(_all_dense(model, adapter)) + converted, converted=converted, block=block, rank=rank,
-                layers=[_planned(layer, block, rank) for layer in layers], from_config=from_config)
+                layers=[_planned(layer, block, rank) for layer in layers], from_config=from_config,
+                warnings=[overrides] if overrides else [])
 
 
 def _planned(layer: AttentionLayer, block: int, rank: int) -> PlannedLayer:

@@ -325,6 +325,26 @@ def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
     assert code != 0
 
 
+def test_a_target_that_replaces_a_family_adapter_is_warned(tmp_path, capsys):
+    """--target on a model an adapter knows converts with the generic adapter's affine fit and no
+    value map: the plan and the run say so (a newcomer's --target o_proj lost the head fit without
+    a word); a model only --target can convert is not warned about."""
+    from cli_runner import run_cli
+
+    from hadaconv.adapters import target_overrides
+
+    make_tiny("llama", tmp_path / "src")
+    warned = ("warning: --target o_proj replaces the llama adapter, which knows this model: the layers it matches "
+              "are converted as output projections with the affine fit")
+    for dry in (["--dry-run"], []):
+        code, _, err = run_cli(capsys, "convert", tmp_path / "src", "-o", tmp_path / "out", "--target", "o_proj",
+                               "--calib", "shakespeare", "--samples", "12", "--seq-len", "32", "--no-sensitivity",
+                               *dry)
+        assert code == 0 and " ".join(err.split()).count(warned) == 1, err
+    assert target_overrides(torch.nn.Sequential(torch.nn.Linear(4, 4)), "0") is None
+    assert target_overrides(make_tiny("llama"), None) is None
+
+
 def test_cli_eval_of_a_converted_encoder_compares_with_its_original(tmp_path, capsys):
     """An encoder has no perplexity: eval of a converted encoder compares its embeddings with the
     original it recorded, as eval of a converted LM compares perplexities (a newcomer's

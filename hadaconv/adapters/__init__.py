@@ -38,6 +38,7 @@ __all__ = [
     "index_ranges",
     "layer_indices",
     "model_kind",
+    "target_overrides",
 ]
 
 # Order matters only where two adapters could claim a model: the Hugging Face families match on
@@ -81,6 +82,21 @@ def find_adapter(model: nn.Module, target: str | None = None) -> Adapter:
         f"(supported: {', '.join(a.name for a in adapters())}); use {option('target', 'REGEX')} to convert "
         "matching square Linear layers with the affine fit"
     )
+
+
+def target_overrides(model: nn.Module, target: str | None) -> str | None:
+    """The warning for a ``target`` given for a model a family adapter knows (None where there is
+    none): the generic adapter then converts the matches with the affine fit, without the value
+    map the family adapter folds into the value projection, and with every match counted as an
+    output projection (``q_proj`` would be too)."""
+    if target is None:
+        return None
+    family = next((a for a in adapters() if a.matches(model)), None)
+    if family is None:
+        return None
+    return (f"{option('target', target)} replaces the {family.name} adapter, which knows this model: the layers it "
+            f"matches are converted as output projections with the affine fit, without the value map that adapter "
+            f"folds into the value projection; drop {option('target')} to convert with the {family.name} adapter")
 
 
 def model_kind(model: nn.Module) -> ModelKind | None:
