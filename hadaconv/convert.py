@@ -46,7 +46,7 @@ from hadaconv.device import resolve_device, resolve_dtype, upcast_on_cpu
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, check_path, command, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
-from hadaconv.nn import HadamardProjection, parameters_saved, saving_blocks
+from hadaconv.nn import HadamardProjection, check_saves, parameters_saved
 from hadaconv.progress import console, progress
 from hadaconv.report import ConvertReport, LayerReport, max_layers_warning
 from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, check_writes_text, default_sources
@@ -335,25 +335,8 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
     block = cfg.block or default_block([layer.out_features for layer in layers])
     for layer in layers:
         check_convertible(layer, block)
-        _check_saves(layer, block, cfg.rank)
+        check_saves(layer.out_name, layer.width, layer.out_features, layer.out.bias is not None, block, cfg.rank)
     return Target(adapter, adapter.kind(model), layers, block)
-
-
-def _check_saves(layer: AttentionLayer, block: int, rank: int) -> None:
-    """Refuse a block size, or a residual rank, at which ``layer`` would keep as many parameters
-    as its dense projection (one line naming the largest block, or rank, that still saves some)."""
-    d_in, d_out = layer.width, layer.out_features
-    bias = layer.out.bias is not None
-    if parameters_saved(d_in, d_out, block, bias, rank) > 0:
-        return
-    if (saved := parameters_saved(d_in, d_out, block, bias)) <= 0:
-        dense = d_out * d_in + (d_out if bias else 0)
-        raise InputError(f"{option('block', block)} saves no parameters at {layer.out_name} ({d_out}x{d_in}): gamma and beta "
-                         f"keep {dense - saved:,} against the dense {dense:,}; the largest block that saves any is "
-                         f"{max(saving_blocks(d_in, d_out, bias), default=1)}")
-    most = max(0, (saved - 1) // (d_in + d_out))
-    raise InputError(f"{option('rank', rank)} saves no parameters at {layer.out_name} ({d_out}x{d_in}, block {block}): "
-                     f"the residual keeps {rank * (d_in + d_out):,}; the largest rank that saves any is {most}")
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[dict]:

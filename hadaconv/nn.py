@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hadaconv.errors import InputError
+from hadaconv.errors import InputError, option
 from hadaconv.hadamard import factorize
 from hadaconv.ops import hadamard_affine
 from hadaconv.ops.transform import apply_affine
 
-__all__ = ["HadamardProjection", "check_rank", "parameters_saved", "saving_blocks"]
+__all__ = ["HadamardProjection", "check_rank", "check_saves", "parameters_saved", "saving_blocks"]
 
 
 def parameters_saved(d_in: int, d_out: int, block: int, dense_bias: bool, rank: int = 0) -> int:
@@ -26,6 +26,26 @@ def saving_blocks(d_in: int, d_out: int, dense_bias: bool) -> list[int]:
     """The block sizes (ascending) that divide ``d_out`` and remove parameters from a dense
     d_out x d_in projection (:func:`parameters_saved` above 0, no residual)."""
     return [b for b in range(1, d_out + 1) if d_out % b == 0 and parameters_saved(d_in, d_out, b, dense_bias) > 0]
+
+
+def check_saves(name: str, d_in: int, d_out: int, dense_bias: bool, block: int, rank: int = 0) -> None:
+    """Refuse a block size, or a residual rank, at which the d_out x d_in projection ``name``
+    would keep as many parameters as its dense form (one line naming the largest block, or
+    rank, that still saves some; ``option`` names the setting as the caller's user knows it).
+
+    Raises:
+        InputError: :func:`parameters_saved` is 0 or less.
+    """
+    if parameters_saved(d_in, d_out, block, dense_bias, rank) > 0:
+        return
+    if (saved := parameters_saved(d_in, d_out, block, dense_bias)) <= 0:
+        dense = d_out * d_in + (d_out if dense_bias else 0)
+        raise InputError(f"{option('block', block)} saves no parameters at {name} ({d_out}x{d_in}): gamma and beta "
+                         f"keep {dense - saved:,} against the dense {dense:,}; the largest block that saves any is "
+                         f"{max(saving_blocks(d_in, d_out, dense_bias), default=1)}")
+    most = max(0, (saved - 1) // (d_in + d_out))
+    raise InputError(f"{option('rank', rank)} saves no parameters at {name} ({d_out}x{d_in}, block {block}): "
+                     f"the residual keeps {rank * (d_in + d_out):,}; the largest rank that saves any is {most}")
 
 
 def check_rank(rank: int, d_in: int, d_out: int) -> None:

@@ -22,7 +22,7 @@ from hadaconv.calibrate import HELDOUT_EVERY, count_windows_early
 from hadaconv.convert import (ConvertConfig, check_against_model, check_config, check_convert_output, chooses_nothing,
                               default_block, dense_layers, find_target, probe_windows)
 from hadaconv.hadamard import factorize
-from hadaconv.nn import HadamardProjection, parameters_saved
+from hadaconv.nn import HadamardProjection, check_saves, parameters_saved
 from hadaconv.report import calibration_warning, max_layers_warning, ranking_warning
 from hadaconv.sample import cached_sequences, describe_calibration
 
@@ -46,6 +46,7 @@ class PlannedLayer:
     head_dim: int
     value_folded: bool  # a value projection that the head-wise map folds into
     removable: int
+    dense_bias: bool = False  # the dense projection has a bias (which beta replaces)
 
 
 @dataclass
@@ -95,7 +96,8 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
     as ``convert``'s) and ``rank`` would remove; what ``hadaconv inspect`` prints.
 
     Raises:
-        InputError: a ``block`` that does not divide a layer's output width.
+        InputError: a ``block`` that does not divide a layer's output width, or a ``block`` or
+            ``rank`` at which a layer would keep as many parameters as its dense projection.
         HadaconvError: the model cannot be read, or has no attention block (a converted folder's
             converted ones count: with every one converted the plan lists none).
     """
@@ -103,9 +105,10 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
 
     check_model_config(source, model_config)  # before the skeleton, which would ignore an inapplicable one
     plan = _plan(source, model_config, trust_pickle, target, _all_dense, block, rank)
-    if block is not None:  # asked for: refused as convert refuses it
+    if block is not None or rank:  # asked for: refused as convert refuses it, not shown as rows of 0
         for layer in plan.layers:
-            check_block(block, layer.out_features, layer.name, in_features=layer.in_features)
+            check_block(plan.block, layer.out_features, layer.name, in_features=layer.in_features)
+            check_saves(layer.name, layer.in_features, layer.out_features, layer.dense_bias, plan.block, rank)
     return plan
 
 
@@ -216,4 +219,5 @@ def _planned(layer: AttentionLayer, block: int, rank: int) -> PlannedLayer:
     removable = max(0, parameters_saved(w.shape[1], w.shape[0], block, b is not None, rank)) if fits else 0
     return PlannedLayer(index=layer.index, name=layer.out_name, out_features=w.shape[0], in_features=w.shape[1],
                         factorization=fac, num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads,
-                        head_dim=layer.head_dim, value_folded=layer.value is not None, removable=removable)
+                        head_dim=layer.head_dim, value_folded=layer.value is not None, removable=removable,
+                        dense_bias=b is not None)

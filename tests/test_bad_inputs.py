@@ -810,6 +810,12 @@ ROWS = [
     Row("inspect-block-not-dividing", lambda w, t: ["inspect", w.hf, "--block", "7"],
         r"--block 7 does not divide the output width 64 of model\.layers\.0\.self_attn\.o_proj: choose one of "
         r"1, 2, 4, 8, 16, 32$", lambda mp, w, t: _no_model(mp)),  # 64 would save nothing
+    Row("inspect-rank-saves-nothing",  # was a table of 0 rows and a caption guessing at two reasons
+        lambda w, t: ["inspect", w.hf, "--rank", "1000"],
+        r"^error: --rank 1000 saves no parameters at .*o_proj \(\d+x\d+, block \d+\): the residual keeps [\d,]+; "
+        r"the largest rank that saves any is \d+$"),
+    Row("inspect-block-saves-nothing", lambda w, t: ["inspect", w.hf, "--block", "64"],
+        r"^error: --block 64 saves no parameters at .*o_proj \(64x64\): .*the largest block that saves any is \d+$"),
     Row("inspect-config-for-a-folder", lambda w, t: ["inspect", w.hf, "--config", w.hf],
         r"--config is for bare weights .*hf carries its own config: drop --config$"),
     Row("convert-dry-run-config-for-a-folder", lambda w, t: _convert(w.hf, t / "out", "--dry-run", "--config", w.hf),
