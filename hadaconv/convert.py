@@ -345,7 +345,11 @@ def _batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
 
 def no_tokenizer() -> HadaconvError:
     """The error of calibration text asked of a model without a tokenizer."""
-    return HadaconvError(f"calibration needs a tokenizer (or {option('calib', 'none')} for a data-free fit)")
+    files = "its files (tokenizer.json, tokenizer_config.json: what its save_pretrained writes) in the model's folder"
+    give = command(f"put {files} (bare weights: beside them or their config)",
+                   f"pass it to convert(model, tokenizer), or for convert_file put {files}")
+    return HadaconvError(f"calibration needs a tokenizer, and the model has none: {give}; or "
+                         f"{option('calib', 'none')} for a data-free fit")
 
 
 def calibration_batches(model: nn.Module, tokenizer, cfg: ConvertConfig, inputs: list[dict] | None = None,

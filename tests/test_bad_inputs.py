@@ -885,13 +885,19 @@ ROWS = [
         lambda w, t: _convert(w.hf, _write(t / "out", "keep"), "--streamed", *TINY), r"out exists and is not a folder"),
     Row("convert-folder-without-tokenizer",
         lambda w, t: _convert(_no_tokenizer_files(_copy(w.hf, t / "m")), t / "out", *TINY),
-        r"calibration needs a tokenizer \(or --calib none for a data-free fit\)$", lambda mp, w, t: _no_model(mp)),
+        r"calibration needs a tokenizer, and the model has none: put its files \(tokenizer\.json, "
+        r"tokenizer_config\.json: what its save_pretrained writes\) in the model's folder \(bare weights: beside "
+        r"them or their config\); or --calib none for a data-free fit$", lambda mp, w, t: _no_model(mp)),
     Row("convert-folder-without-tokenizer-dry-run",
         lambda w, t: _convert(_no_tokenizer_files(_copy(w.hf, t / "m")), t / "out", "--dry-run", *TINY),
-        r"calibration needs a tokenizer \(or --calib none for a data-free fit\)$", lambda mp, w, t: _no_model(mp)),
+        r"calibration needs a tokenizer, and the model has none: put its files \(tokenizer\.json, "
+        r"tokenizer_config\.json: what its save_pretrained writes\) in the model's folder \(bare weights: beside "
+        r"them or their config\); or --calib none for a data-free fit$", lambda mp, w, t: _no_model(mp)),
     Row("convert-streamed-without-tokenizer",
         lambda w, t: _convert(_no_tokenizer_files(_copy(w.hf, t / "m")), t / "out", "--streamed", *TINY),
-        r"calibration needs a tokenizer \(or --calib none for a data-free fit\)$"),
+        r"calibration needs a tokenizer, and the model has none: put its files \(tokenizer\.json, "
+        r"tokenizer_config\.json: what its save_pretrained writes\) in the model's folder \(bare weights: beside "
+        r"them or their config\); or --calib none for a data-free fit$"),
     Row("convert-output-is-the-current-folder",
         lambda w, t: _convert(w.hf, _mkdir(t / "here", with_file=True), "--overwrite", *TINY),
         r"the output .*here is the current folder: a folder output replaces the whole folder; choose a new or "
