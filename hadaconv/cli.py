@@ -628,8 +628,9 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     from hadaconv.sample import (DEFAULT_BATCH, cached_samples, check_jsonl_name, check_writes_text, reading_source,
                                  sample_texts, write_jsonl)
 
-    check_output(output, overwrite, folder=False, inputs=[model, model_config])  # first: "is the input" matters more
-    check_jsonl_name(output)
+    check_output(output, True, folder=False, inputs=[model, model_config])  # first: "is the input" matters more
+    check_jsonl_name(output)  # before "pass --overwrite", which would not help a .txt name
+    check_output(output, overwrite, folder=False)
     check_model_config(model, model_config)  # before the skeleton, which would ignore an inapplicable one
     if (empty := skeleton(model, config=model_config)) is not None:  # an encoder: said before its load
         check_writes_text(model_kind(empty))

@@ -1403,6 +1403,9 @@ ROWS = [
     Row("sample-output-not-jsonl", lambda w, t: ["sample", w.hf, "-o", t / "s.txt", "--samples", "1", "--seq-len", "4"],
         r"s\.txt: the texts are written as JSON Lines .*: name the file \.jsonl, so that --calib, --data and "
         r"eval --text read them as texts$", lambda mp, w, t: _no_model(mp)),
+    Row("sample-existing-output-not-jsonl",  # said "pass --overwrite", after which the name was refused
+        lambda w, t: ["sample", w.hf, "-o", _write(t / "notes.txt", "notes")],
+        r"notes\.txt: the texts are written as JSON Lines .*: name the file \.jsonl"),
     Row("sample-missing-model", lambda w, t: ["sample", t / "nope", "-o", t / "s.jsonl"], r"no such file or folder"),
     Row("sample-encoder", lambda w, t: ["sample", w.bert, "-o", t / "s.jsonl", "--samples", "1", "--seq-len", "4"],
         r"needs a causal LM", lambda mp, w, t: _no_model(mp)),  # from its config, before the load
