@@ -141,9 +141,11 @@ def build_ops_cmd(force: bool, no_cuda: bool) -> None:
     click.echo(str(build_ops(force=force, cuda=False if no_cuda else None)))
 
 
-#: Why a loaded model came without a tokenizer, where its format says.
-NO_TOKENIZER = {"torch-module": " (a torch.save'd module carries none: save the model with save_pretrained and its "
-                                "tokenizer beside it)"}
+def _no_tokenizer_why(fmt: str) -> str:
+    """Why a model of format ``fmt`` came without a tokenizer, where its format tells."""
+    from hadaconv.io import TORCH_MODULE_TOKENIZER
+
+    return f" ({TORCH_MODULE_TOKENIZER})" if fmt == "torch-module" else ""
 
 
 #: A bare weights file's config: every verb that loads a model takes it (distill for its teacher, with its own help).
@@ -462,7 +464,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
                         dtype=dtype)
     if loaded.tokenizer is None:
-        raise HadaconvError(f"{model} has no tokenizer to evaluate text with" + NO_TOKENIZER.get(loaded.format, ""))
+        raise HadaconvError(f"{model} has no tokenizer to evaluate text with" + _no_tokenizer_why(loaded.format))
     named = f"--reference {reference}"  # the model the embeddings are compared with, as the user knows it
     if not reference and model_kind(loaded.model) == "encoder":  # no perplexity: its embeddings vs the original's
         reference, why = (None, None) if no_baseline else (baseline, None) if baseline else \
@@ -556,7 +558,7 @@ def _check_eval_config(model: str, config: str | None, reference: str | None, ba
 
     for what, path, way_out in (("the reference", reference, ""), ("the baseline", baseline, " or --no-baseline")):
         if path:  # a file of no model format: said now, not after MODEL's whole evaluation
-            check_format(path, whose=what)
+            check_format(path, whose=what, way_out=f" ({way_out.removeprefix(' or ')} skips it)" if way_out else "")
         if config is None and path:
             check_model_config(path, None, whose=what, way_out=way_out)
     takers = [p for p in (model, reference, baseline) if _config_for(p, config)]
@@ -621,23 +623,23 @@ def sample_cmd(model, output, samples, seq_len, batch_size, temperature, seed, m
     """
     import time
 
+    from hadaconv.adapters import model_kind
     from hadaconv.atomic import check_output
     from hadaconv.device import resolve_device, upcast_on_cpu
-    from hadaconv.adapters import model_kind
     from hadaconv.io import check_model_config, load_model, skeleton, source_key
     from hadaconv.sample import (DEFAULT_BATCH, cached_samples, check_jsonl_name, check_writes_text, reading_source,
                                  sample_texts, write_jsonl)
 
     check_output(output, True, folder=False, inputs=[model, model_config])  # first: "is the input" matters more
-    check_jsonl_name(output)  # before "pass --overwrite", which would not help a .txt name
-    check_output(output, overwrite, folder=False)
+    check_jsonl_name(output)
     check_model_config(model, model_config)  # before the skeleton, which would ignore an inapplicable one
     if (empty := skeleton(model, config=model_config)) is not None:  # an encoder: said before its load
-        check_writes_text(model_kind(empty))
+        check_writes_text(model_kind(empty), instead=False)
     _check_context(model, model_config, seq_len, device, dtype)
+    check_output(output, overwrite, folder=False)  # last: "pass --overwrite" must not lead to another refusal
     loaded = load_model(model, config=model_config, trust_pickle=trust_pickle, device=device, dtype=dtype)
     if loaded.tokenizer is None:
-        raise HadaconvError(f"{model} has no tokenizer to decode samples with" + NO_TOKENIZER.get(loaded.format, ""))
+        raise HadaconvError(f"{model} has no tokenizer to decode samples with" + _no_tokenizer_why(loaded.format))
     upcast_on_cpu(loaded.model)  # as convert samples: the same weights write the same, cached, text
     t = time.perf_counter()
     settings = {"samples": samples, "seq_len": seq_len, "temperature": temperature, "seed": seed}

@@ -42,7 +42,7 @@ from hadaconv.adapters import (Adapter, AttentionLayer, check_convertible, check
 from hadaconv.blockwise import Decoder, TeacherFn, convert_blockwise, decoder
 from hadaconv.calibrate import (MomentCollector, Moments, check_sources, check_windows_early, describe_sources,
                                 mixed_windows, process_group, source_list)
-from hadaconv.device import resolve_device, resolve_dtype, upcast_on_cpu
+from hadaconv.device import cast_floating, resolve_device, resolve_dtype, upcast_on_cpu
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, check_path, command, option
 from hadaconv.fit import GAMMA_RIDGE, MODES, FitResult, HeadLayout, fit_projection, relative_error
 from hadaconv.hadamard import factorize
@@ -335,7 +335,8 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
     block = cfg.block or default_block([layer.out_features for layer in layers])
     for layer in layers:
         check_convertible(layer, block)
-        check_saves(layer.out_name, layer.width, layer.out_features, layer.out.bias is not None, block, cfg.rank)
+        check_saves(layer.out_name, layer.width, layer.out_features, layer.out.bias is not None, block, cfg.rank,
+                    block_given=cfg.block is not None)
     return Target(adapter, adapter.kind(model), layers, block)
 
 
@@ -343,11 +344,18 @@ def _batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
     return [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
 
 
-def no_tokenizer() -> HadaconvError:
-    """The error of calibration text asked of a model without a tokenizer."""
-    files = "its files (tokenizer.json, tokenizer_config.json: what its save_pretrained writes) in the model's folder"
-    give = command(f"put {files} (bare weights: beside them or their config)",
-                   f"pass it to convert(model, tokenizer), or for convert_file put {files}")
+def no_tokenizer(fmt: str | None = None) -> HadaconvError:
+    """The error of calibration text asked of a model without a tokenizer (``fmt``: the loaded
+    format where known; a torch.save'd module never carries one)."""
+    from hadaconv.io import TORCH_MODULE_TOKENIZER
+
+    if fmt == "torch-module":
+        give = TORCH_MODULE_TOKENIZER
+    else:
+        files = ("the tokenizer's files (tokenizer.json, tokenizer_config.json: what its save_pretrained writes) in "
+                 "the model's folder")
+        give = command(f"put {files} (bare weights: beside them or their config)",
+                       f"pass it to convert(model, tokenizer), or for convert_file put {files}")
     return HadaconvError(f"calibration needs a tokenizer, and the model has none: {give}; or "
                          f"{option('calib', 'none')} for a data-free fit")
 
@@ -836,14 +844,18 @@ def convert_file(
         raise HadaconvError(f"{source} was converted with {was}: convert it again with {was}")
     model = loaded.model
     check_savable(model)
+    if loaded.tokenizer is None and loaded.format == "torch-module" and cfg.calib != "none":
+        raise no_tokenizer(loaded.format)  # the load alone tells a pickled module from a state dict
     adapter = _find(model, target=target) if target else None
-    warn_now(cfg, target_overrides(model, target))
+    overrides = target_overrides(model, target, mode=cfg.mode)
+    warn_now(cfg, overrides)
     stored = upcast_on_cpu(model)  # computed in float32 on a CPU, saved in the checkpoint's dtype
     key = source_key(source, config=model_config, dtype=dtype, device=resolve_device(device).type)
     with reading_source(key):  # for a later dry run's plan
         report = convert(model, loaded.tokenizer, cfg, adapter=adapter)
+    report.target_overrides = overrides or ""
     if stored is not None:
-        model.to(stored)
+        cast_floating(model, stored)
     width = next((m.n for m in loaded.model.modules() if isinstance(m, HadamardProjection)),
                  report.layers[0].width if report.layers else None)
     if width is None:  # find_target refuses an empty selection; this guards the save, whatever the cause

@@ -13,7 +13,7 @@ import torch
 
 from hadaconv.errors import InputError, option
 
-__all__ = ["DTYPES", "native_bf16", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "cast_floating", "native_bf16", "resolve_device", "resolve_dtype", "upcast_on_cpu"]
 
 #: CPU flags (Linux ``/proc/cpuinfo``) of bfloat16 dot-product instructions: Intel AMX tiles
 #: (Sapphire Rapids on) and AVX512_BF16 (Cooper Lake, AMD Zen 4 on).  Without them oneDNN
@@ -95,7 +95,14 @@ def upcast_on_cpu(model: torch.nn.Module) -> torch.dtype | None:
     if first is None or first.dtype not in (torch.bfloat16, torch.float16) or first.device.type != "cpu":
         return None
     stored = first.dtype  # before the conversion, which replaces the parameters' data
-    # Not model.float(): transformers refuses it for a model it marks quantized, as it marks one
-    # loaded from GGUF (dequantized to float tensors on load), and .to(dtype) it allows.
-    model.to(torch.float32)
+    cast_floating(model, torch.float32)
     return stored
+
+
+def cast_floating(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating-point parameters and buffers to ``dtype`` in place, as
+    ``Module.float()`` / ``.half()`` do: complex buffers (rotary tables) and integer ones are
+    kept, where ``.to(dtype)`` would drop a complex buffer's imaginary part.  torch's own method,
+    not the model's: transformers refuses ``.float()`` on a model it marks quantized, as it marks
+    one loaded from GGUF (whose weights it has dequantized to float tensors)."""
+    torch.nn.Module._apply(model, lambda t: t.to(dtype) if t.is_floating_point() else t)

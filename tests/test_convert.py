@@ -336,11 +336,14 @@ def test_a_target_that_replaces_a_family_adapter_is_warned(tmp_path, capsys):
     make_tiny("llama", tmp_path / "src")
     warned = ("warning: --target o_proj replaces the llama adapter, which knows this model: the layers it matches "
               "are converted as output projections with the affine fit")
-    for dry in (["--dry-run"], []):
+    for dry, times in ((["--dry-run"], 1), ([], 2)):  # a run says it at once, and again with the report's
         code, _, err = run_cli(capsys, "convert", tmp_path / "src", "-o", tmp_path / "out", "--target", "o_proj",
                                "--calib", "shakespeare", "--samples", "12", "--seq-len", "32", "--no-sensitivity",
                                *dry)
-        assert code == 0 and " ".join(err.split()).count(warned) == 1, err
+        assert code == 0 and " ".join(err.split()).count(warned) == times, err
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["target_overrides"].startswith(warned[9:30])
+    affine = target_overrides(make_tiny("llama"), "o_proj", mode="affine")  # that fit folds no value map either
+    assert "affine fit;" in affine and "value map" not in affine
     assert target_overrides(torch.nn.Sequential(torch.nn.Linear(4, 4)), "0") is None
     assert target_overrides(make_tiny("llama"), None) is None
 
@@ -654,6 +657,11 @@ def test_a_half_precision_model_is_fitted_in_float32_and_saved_in_its_own_dtype(
     marked = make_tiny("llama").bfloat16()
     marked.is_quantized = True  # as transformers marks a model it loaded from GGUF: its .float() raises
     assert upcast_on_cpu(marked) == torch.bfloat16 and marked.lm_head.weight.dtype == torch.float32
+    rotary = torch.nn.Linear(4, 4).bfloat16()  # a complex rotary table, as Meta's reference Llama keeps one
+    rotary.register_buffer("freqs_cis", torch.polar(torch.ones(3), torch.arange(3.0)))
+    assert upcast_on_cpu(rotary) == torch.bfloat16
+    assert rotary.weight.dtype == torch.float32 and rotary.freqs_cis.dtype == torch.complex64
+    assert rotary.freqs_cis.imag.abs().sum() > 0  # .to(float32) would have dropped it
     make_tiny("llama", tmp_path / "src")
     hadaconv.convert_file(str(tmp_path / "src"), str(tmp_path / "out"),
                           ConvertConfig(layers=[0], sensitivity=False, **FAST), dtype="bfloat16")

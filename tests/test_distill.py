@@ -816,10 +816,9 @@ def test_the_documented_torchrun_line_passes_every_option_through():
     ours = ["distill", "conv", "-o", "out", "--local", "--global", "--local-steps", "4", "--max-steps", "3"]
     args = get_args_parser().parse_args([*head, "--", *ours])
     assert (args.training_script, args.training_script_args) == ("hadaconv.cli", ours)
-    try:  # the failure the `--` avoids: Python 3.11's argparse stops at "ambiguous option: --local"
-        assert get_args_parser().parse_args([*head, *ours]).training_script_args == ours
-    except SystemExit:
-        pass
+    if sys.version_info < (3, 12):  # the failure the `--` avoids, seen on 3.11: "ambiguous option: --local"
+        with pytest.raises(SystemExit):
+            get_args_parser().parse_args([*head, *ours])
 
 
 @pytest.mark.parametrize("payload", [{"fingerprint": "not json"}, {"counters": {}}, [1, 2],

@@ -5,6 +5,7 @@ import torch
 
 import hadaconv
 from hadaconv import HadamardProjection
+from hadaconv.errors import InputError
 from hadaconv.hadamard import hadamard_matrix
 
 
@@ -62,3 +63,18 @@ def test_trains_under_compile_like_eager():
 
     eager, compiled = train(False), train(True)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_check_saves_names_the_largest_saving_block_or_rank():
+    """One refusal for convert and inspect: the block or rank that saves nothing, the largest that
+    saves any, and a block the user did not choose named as the default."""
+    from hadaconv.nn import check_saves
+
+    check_saves("o", 64, 64, False, 8, 27)  # 64 x 64 at block 8 keeps 576 + 27 x 128: still saves
+    with pytest.raises(InputError, match=r"^rank=28 saves no parameters at o \(64x64, block 8\): the residual keeps "
+                                         r"3,584; the largest rank that saves any is 27$"):
+        check_saves("o", 64, 64, False, 8, 28)
+    with pytest.raises(InputError, match=r"^the default block 64 \(block\) saves no parameters at o \(64x64\): gamma "
+                                         r"and beta keep 4,160 against the dense 4,096; the largest block that saves "
+                                         r"any is 32$"):
+        check_saves("o", 64, 64, False, 64, block_given=False)

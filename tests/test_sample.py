@@ -623,7 +623,8 @@ def test_describe_calibration_names_what_the_run_reads(tmp_path, monkeypatch):
     assert "from the cache only" in describe_calibration(None, "causal-lm", cached_only=True)
     with pytest.raises(HadaconvError, match="sampling text needs a causal LM"):
         describe_calibration(["sample"], "encoder")
-    with pytest.raises(HadaconvError, match="not a model of a kind hadaconv does not know: give text"):
+    with pytest.raises(HadaconvError, match="needs a causal LM that hadaconv knows, and no adapter knows this model: "
+                                            "give text"):
         describe_calibration(["sample"], None)  # a model only a --target regex finds
 
 
@@ -633,7 +634,8 @@ def test_an_encoder_is_refused_before_sampling_is_announced(tmp_path, monkeypatc
     from hadaconv.sample import cached_samples
 
     monkeypatch.setenv("HADACONV_CACHE", str(tmp_path))
-    with pytest.raises(HadaconvError, match="sampling text needs a causal LM, not an encoder model"):
+    # No "give text to read instead": sampling is what was asked.
+    with pytest.raises(HadaconvError, match="^sampling text needs a causal LM, not an encoder model$"):
         cached_samples(make_tiny("bert"), None, samples=2, seq_len=8)
     assert "sampling" not in capsys.readouterr().err
 

@@ -84,19 +84,20 @@ def find_adapter(model: nn.Module, target: str | None = None) -> Adapter:
     )
 
 
-def target_overrides(model: nn.Module, target: str | None) -> str | None:
+def target_overrides(model: nn.Module, target: str | None, *, mode: str = "head") -> str | None:
     """The warning for a ``target`` given for a model a family adapter knows (None where there is
-    none): the generic adapter then converts the matches with the affine fit, without the value
-    map the family adapter folds into the value projection, and with every match counted as an
-    output projection (``q_proj`` would be too)."""
+    none): the generic adapter converts every match as an output projection (``q_proj`` would
+    be too) with the affine fit, without the value map the family adapter folds into the value
+    projection under ``mode`` "head" or "diag" (the fit modes of :mod:`hadaconv.fit`)."""
     if target is None:
         return None
     family = next((a for a in adapters() if a.matches(model)), None)
     if family is None:
         return None
+    lost = "" if mode == "affine" else ", without the value map that adapter folds into the value projection"
     return (f"{option('target', target)} replaces the {family.name} adapter, which knows this model: the layers it "
-            f"matches are converted as output projections with the affine fit, without the value map that adapter "
-            f"folds into the value projection; drop {option('target')} to convert with the {family.name} adapter")
+            f"matches are converted as output projections with the affine fit{lost}; drop {option('target')} to "
+            f"convert with the {family.name} adapter")
 
 
 def model_kind(model: nn.Module) -> ModelKind | None:

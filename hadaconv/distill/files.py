@@ -13,7 +13,7 @@ from hadaconv.distill.checkpoint import FILE as CHECKPOINT, check_settings
 from hadaconv.distill.core import FLAGS, DistillConfig, DistillReport, check_config, distill, eval_text_windows
 from hadaconv.distill.parallel import is_main
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_path, command, option
-from hadaconv.io import check_model_config, original_path, same_file
+from hadaconv.io import check_format, check_model_config, original_path, same_file
 from hadaconv.io.files import converted_meta, read_json
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import console
@@ -171,6 +171,7 @@ def _check_inputs(converted: Path, out: Path, cfg: DistillConfig, teacher, teach
     config_flag = option("teacher_config", flag="--config")
     if teacher_config is None and recorded:
         teacher_config = recorded_config(meta, config_flag)  # the recorded original's recorded config, if any
+    check_format(source, whose="the teacher", flag=config_flag)  # a text file given as --teacher: before any load
     check_model_config(source, teacher_config, whose="the teacher", flag=config_flag)
     inputs = [converted, source, teacher_config, cfg.eval_text, *source_list(cfg.data)]
     check_output(out, overwrite, folder=True, inputs=inputs)

@@ -21,11 +21,12 @@ from hadaconv.io.files import SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, WEIGHTS, s
 from hadaconv.io.build import resolve_config
 from hadaconv.io.converted import (check_savable, hadaconv_meta, load, load_tokenizer, original_path, save,
                                    save_converted)
-from hadaconv.io.inputs import (Loaded, carries_config, check_format, check_model_config, check_seq_len_early,
-                                lacks_tokenizer, load_model, recorded_config, recorded_source, same_file, skeleton, source_tokenizer)
+from hadaconv.io.inputs import (TORCH_MODULE_TOKENIZER, Loaded, carries_config, check_format, check_model_config,
+                                check_seq_len_early, lacks_tokenizer, load_model, recorded_config, recorded_source,
+                                same_file, skeleton, source_tokenizer)
 
-__all__ = ["Loaded", "SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "carries_config", "check_format",
-           "check_model_config",
-           "check_savable", "check_seq_len_early", "hadaconv_meta", "lacks_tokenizer", "load", "load_model",
-           "load_tokenizer", "original_path", "recorded_config", "recorded_source", "resolve_config", "same_file",
-           "save", "save_converted", "shard_map", "skeleton", "source_key", "source_tokenizer"]
+__all__ = ["Loaded", "SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "TORCH_MODULE_TOKENIZER", "WEIGHTS",
+           "carries_config", "check_format", "check_model_config", "check_savable", "check_seq_len_early",
+           "hadaconv_meta", "lacks_tokenizer", "load", "load_model", "load_tokenizer", "original_path",
+           "recorded_config", "recorded_source", "resolve_config", "same_file", "save", "save_converted", "shard_map",
+           "skeleton", "source_key", "source_tokenizer"]

@@ -27,8 +27,14 @@ from hadaconv.io.files import (SHARD_INDEX, TIED_KEY, WEIGHTS, check_safetensors
 from hadaconv.io.gguf import check_metadata
 from hadaconv.progress import status
 
-__all__ = ["Loaded", "carries_config", "check_format", "check_model_config", "check_seq_len_early", "load_model",
-           "recorded_config", "recorded_source", "same_file", "skeleton", "source_tokenizer"]
+__all__ = ["TORCH_MODULE_TOKENIZER", "Loaded", "carries_config", "check_format", "check_model_config",
+           "check_seq_len_early", "load_model", "recorded_config", "recorded_source", "same_file", "skeleton",
+           "source_tokenizer"]
+
+
+#: Why a ``torch.save``d module comes without a tokenizer, and the way round.
+TORCH_MODULE_TOKENIZER = ("a torch.save'd module carries none: save the model with save_pretrained and its "
+                          "tokenizer beside it")
 
 
 @dataclass
@@ -301,10 +307,10 @@ def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None,
     raise _unknown_format(path, flag)
 
 
-def check_format(source: str | os.PathLike, *, whose: str = "", flag: str | None = None) -> None:
+def check_format(source: str | os.PathLike, *, whose: str = "", flag: str | None = None, way_out: str = "") -> None:
     """Refuse, before anything loads, a file :func:`load_model` reads in no format (a folder is
-    checked by its load).  ``whose`` (e.g. "the baseline") and ``flag`` word the message as
-    :func:`check_model_config` does.
+    checked by its load).  ``whose`` (e.g. "the baseline"), ``flag`` and ``way_out`` (e.g. "
+    (--no-baseline skips it)") word the message as :func:`check_model_config` does.
 
     Raises:
         HadaconvError: a file whose extension is none of .gguf, .safetensors, a torch.save file's.
@@ -312,7 +318,7 @@ def check_format(source: str | os.PathLike, *, whose: str = "", flag: str | None
     path = Path(source)
     if path.is_file() and path.suffix not in (".gguf", ".safetensors", *_PICKLE_SUFFIXES):
         error = _unknown_format(path, flag or option("config"))
-        raise HadaconvError(f"{whose}: {error}" if whose else str(error))
+        raise HadaconvError((f"{whose}: {error}" if whose else str(error)) + way_out)
 
 
 def _unknown_format(path: Path, flag: str) -> HadaconvError:
