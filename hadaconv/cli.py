@@ -442,6 +442,9 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
 
     if baseline and no_baseline:
         raise HadaconvError("give --baseline or --no-baseline, not both")
+    if baseline and reference:  # one was ignored without a word
+        raise HadaconvError("give --reference or --baseline, not both: for an encoder both name the model its "
+                            "embeddings are compared with, and a causal LM takes --baseline alone")
     for flag, path in (("--text", text_file), ("--baseline", baseline), ("--reference", reference)):
         if path == "":  # an unset shell variable: not the default it would otherwise fall back to
             raise HadaconvError(f"{flag} names no file (an empty name)")
@@ -1067,8 +1070,8 @@ def _duration(text: str | None) -> float | None:
                    "comes after it).  "
                    "[default: one pass when no budget is set]")
 @click.option("--checkpoint-dir", type=click.Path(), default=None,
-              help="Where checkpoints go.  A folder you name is kept after success (to resume or inspect "
-                   "later); the default loses its checkpoint once OUTPUT is saved, and goes if nothing else is "
+              help="Where the global stage's checkpoints go.  A folder you name is kept after success (to resume or "
+                   "inspect later); the default loses its checkpoint once OUTPUT is saved, and goes if nothing else is "
                    "in it.  A run without --resume refuses to replace an earlier run's checkpoint (under "
                    "torchrun --max-restarts, pass --resume: with no checkpoint yet it starts afresh).  A checkpoint "
                    "holds the weights, the optimizer's two moments and the best state so far: four times the float32 "

@@ -1191,7 +1191,7 @@ ROWS = [
                       _checkpoint_of(t / "ck", data=["shakespeare"], lr=1e-4 * 10 / 30), *DISTILL,
                       "--lr", "3.33333e-05"],
         r"^error: the checkpoint in .*ck comes from a run with other settings \(--data: \['shakespeare'\] there, "
-        r"None here, --lr: 3.3333333333333335e-05 there, 3.33333e-05 here\)", lambda mp, w, t: _no_model(mp)),
+        r"the default here, --lr: 3.3333333333333335e-05 there, 3.33333e-05 here\)", lambda mp, w, t: _no_model(mp)),
     Row("distill-earlier-checkpoint",  # an interrupted run's state is not replaced without --resume
         lambda w, t: ["distill", w.conv, "-o", t / "out", "--teacher", w.hf, "--data", w.calib,
                       "--checkpoint-dir", _write(_mkdir(t / "ckpt") / "last.pt", b"state").parent, *DISTILL],
@@ -1467,6 +1467,10 @@ ROWS = [
     Row("eval-encoder-without-reference-long-windows",
         lambda w, t: ["eval", w.bert, "--max-windows", "1", "--seq-len", "600"],
         r"bert is a text encoder, which has no perplexity: give --reference MODEL to compare its embeddings"),
+    Row("eval-baseline-and-reference",  # the encoder's --baseline was ignored without a word
+        lambda w, t: ["eval", w.bert, "--baseline", w.bert, "--reference", w.bert, "--seq-len", "16"],
+        r"^error: give --reference or --baseline, not both: for an encoder both name the model its embeddings are "
+        r"compared with, and a causal LM takes --baseline alone$", lambda mp, w, t: _no_model(mp)),
     Row("eval-encoder-baseline-causal-lm",  # was check_encoder's advice, which spoke of a reference
         lambda w, t: ["eval", w.bert, "--baseline", w.hf, "--max-windows", "1", "--seq-len", "16"],
         r"^error: --baseline .*hf is a causal LM, and .*bert is a text encoder: its embeddings are compared with "
@@ -1770,7 +1774,7 @@ def _converted_with_target():
 def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
     from hadaconv.calibrate import token_windows
     from hadaconv.convert import ConvertConfig, convert, convert_file
-    from hadaconv.distill import DistillConfig, distill_file
+    from hadaconv.distill import DistillConfig, distill, distill_file
     from hadaconv.evaluate import perplexity, text_windows
     from hadaconv.export import export_onnx
     from hadaconv.export.bundle import open_bundle
@@ -1890,6 +1894,10 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
          r"^config must be a ConvertConfig, got dict$"),
         ("distill-file-config-dict", lambda: distill_file(w.conv, t / "out", {"samples": 4}), InputError,
          r"^config must be a DistillConfig, got dict$"),
+        ("distill-teacher-is-the-student",  # said "the student has no converted attention blocks"
+         lambda: distill(load(w.conv), load(w.conv), tok), InputError,
+         r"^the teacher is a converted model \(it holds HadamardProjections\): give the original model, from before "
+         r"the conversion$"),
         ("distill-float16", distill_with(dtype="float16"), InputError,  # trained to an embedding cosine of 0.42
          r"^float16 weights do not train here: AdamW's updates underflow and blow up without float32 master "
          r"weights; load them in float32 \(dtype='float32', the default\), whose forward passes bf16 runs"),
@@ -2031,6 +2039,7 @@ API_IDS = ["generate-float-ids", "generate-3d-ids", "generate-negative-id", "gen
            "convert-sensitivity-windows-0", "convert-max-loss-negative", "convert-output-exists", "perplexity-float-windows", "perplexity-1d-windows",
            "perplexity-id-past-vocab", "perplexity-negative-id", "perplexity-batch-0", "convert-file-config-dict",
            "convert-file-arguments-swapped", "distill-file-config-dict", "distill-float16",
+           "distill-teacher-is-the-student",
            "distill-max-time-text", "distill-max-time-negative", "distill-max-steps-0",
            "distill-lr-negative", "distill-lr-nan", "distill-min-lr-ratio-2", "distill-stages-string",
            "distill-train-unknown", "distill-dtype-unknown", "distill-not-converted", "patch-converted-model",

@@ -136,6 +136,25 @@ def test_a_model_distilled_in_memory_saves_with_its_report(tokenizer, tmp_path):
         assert torch.equal(hadaconv.load(out)(ids).logits, student(ids).logits)
 
 
+def test_the_curve_says_when_the_train_loss_is_another_quantity(tokenizer):
+    """The curve's caption compares the train loss with the held-out one only where both are the
+    KL to the teacher: an encoder's loss, a hidden-state term or a temperature make it another
+    quantity, which the caption says (a newcomer read 0.13 against 0.04 as a bug)."""
+    from hadaconv.distill.core import DistillReport, _objective
+
+    plain = DistillConfig()
+    assert _objective("perplexity", plain) == ""
+    assert _objective("perplexity", replace(plain, hidden_weight=0.5)) == \
+        "KL to teacher + 0.5 x per-layer hidden-state MSE"
+    assert _objective("perplexity", replace(plain, temperature=2.0)) == "KL to teacher at temperature 2"
+    assert _objective("embedding cosine", plain) == "relative hidden-state MSE + 1 - embedding cosine"
+    student, teacher = _pair("bert", tokenizer)
+    report = distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, **RUN))
+    caption = str(report.curve_table().caption)
+    assert "(relative hidden-state MSE + 1 - embedding cosine), another quantity than the held-out" in caption
+    assert "sits below" in str(DistillReport("causal-lm", "perplexity", ["global"], "all", "x").curve_table().caption)
+
+
 def test_stage_options_are_config_fields():
     """A misspelt name in STAGE_OPTIONS would switch its refusal off without a word."""
     from dataclasses import fields

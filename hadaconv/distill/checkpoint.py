@@ -135,8 +135,11 @@ def _compare(saved: dict, fingerprint: dict, folder: Path, flags: dict[str, str]
 def _shown(*values: Any) -> list[str]:
     """Settings as the message shows them: 3.33333e-05, not 3.3333333333333335e-05, unless
     that would show two different values alike."""
-    short = [f"{v:.6g}" if isinstance(v, float) else repr(v) for v in values]
-    return short if len(set(short)) == len(short) else [repr(v) for v in values]
+    def full(v: Any) -> str:
+        return "the default" if v is None else repr(v)  # data None: the model's own sampled text
+
+    short = [f"{v:.6g}" if isinstance(v, float) else full(v) for v in values]
+    return short if len(set(short)) == len(short) else [full(v) for v in values]
 
 
 def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,

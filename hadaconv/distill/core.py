@@ -209,6 +209,9 @@ class DistillReport:
     seconds: float = 0.0  # training, evaluations included (what max_time bounds), not the last checkpoint's write
     world_size: int = 1
     autocast: str = "off"  # "bfloat16" where the forward passes ran under bf16 autocast
+    #: The global stage's training loss in words where it is another quantity than ``eval_loss``
+    #: (an encoder's, a hidden-state term, a temperature); "" where the two are the same measure.
+    objective: str = ""
     local: list[dict] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)  # {step, tokens, seconds, metric, eval_loss, train_loss}
     #: Under FSDP the student's parameters are shards: the trained parameters, gathered (rank 0).
@@ -268,6 +271,10 @@ class DistillReport:
             t.add_row(str(p["step"]), f"{p['tokens']:,}", f"{p['seconds']:.0f}", f"{p['metric']:.4f}",
                       f"{p['eval_loss']:.4f}", loss)
         # A newcomer reads a train loss far below the held-out one as a bug: say what it is.
+        if self.objective:
+            t.caption = (f"train loss: the training objective of the last step's own batch ({self.objective}), "
+                         f"another quantity than the held-out {self.eval_loss}: the two columns do not compare")
+            return t
         t.caption = ("train loss: the loss of the last step's own batch (one batch: noisy, above or below the "
                      f"held-out {self.eval_loss}); on text the model has already seen (a later pass, or, with the "
                      f"default text, the sequences the conversion was fitted on) it sits below the held-out "
@@ -541,7 +548,8 @@ def distill(
     Under ``torchrun`` every rank calls this with the same arguments.
 
     Raises:
-        InputError: a student or teacher that is not an ``nn.Module``, the config given where
+        InputError: a student or teacher that is not an ``nn.Module``, a teacher that is the
+            student or holds converted layers, the config given where
             the tokenizer goes, a ``config`` value out of range or options that do not go
             together (:func:`check_config`: FSDP with the local stage or on one process),
             too few windows to hold any out for evaluation, or float16 weights.
@@ -550,6 +558,9 @@ def distill(
     """
     check_module(student, "student")
     check_module(teacher, "teacher")
+    if teacher is student or any(isinstance(m, HadamardProjection) for m in teacher.modules()):
+        what = "the student itself" if teacher is student else "a converted model (it holds HadamardProjections)"
+        raise InputError(f"the teacher is {what}: give the original model, from before the conversion")
     if isinstance(tokenizer, DistillConfig):
         raise InputError("the config was given where the tokenizer goes: distill(student, teacher, tokenizer, config)")
     cfg = check_config(config)
@@ -588,6 +599,15 @@ def _no_heldout(windows: int, limit: str) -> InputError:
     return InputError(f"no window is held out for evaluation from {counted(windows, 'training window')} ({limit}): "
                       f"give {option('samples', HELDOUT_EVERY)} or more and the text for them ({option('sampled')} or "
                       f"{option('data')}), or {option('eval_text')}")
+
+
+def _objective(metric: str, cfg: DistillConfig) -> str:
+    """The training loss in words, where it is not the held-out measure itself ("": it is)."""
+    encoder = metric != "perplexity"
+    main = "relative hidden-state MSE + 1 - embedding cosine" if encoder else \
+        f"KL to teacher at temperature {cfg.temperature:g}" if cfg.temperature != 1 else "KL to teacher"
+    hidden = f" + {cfg.hidden_weight:g} x per-layer hidden-state MSE" if cfg.hidden_weight else ""
+    return f"{main}{hidden}" if encoder or hidden or cfg.temperature != 1 else ""
 
 
 def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kind: str, blocks: list[str],
@@ -674,6 +694,7 @@ class _Distillation:
         report.lr = cfg.lr
         self.use_amp = _autocast(cfg.bf16, d.device, next(student.parameters()).dtype)
         report.world_size, report.autocast = d.world, "bfloat16" if self.use_amp else "off"
+        report.objective = _objective(report.metric, cfg)
         if cfg.gradient_checkpointing and "global" in cfg.stages:  # the local stage would train with dropout on
             if not hasattr(student, "activation_checkpointing_enable"):  # transformers' name since 5.x
                 raise HadaconvError(f"{option('gradient_checkpointing')} needs a Hugging Face model")
