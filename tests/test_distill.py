@@ -453,6 +453,14 @@ def test_resume_continues_exactly(tokenizer, tmp_path, capsys):
         assert [p[key] for p in resumed.curve] == pytest.approx([p[key] for p in expected.curve], rel=1e-6)
     assert (resumed.loss_before, resumed.loss_after) == pytest.approx((expected.loss_before, expected.loss_after))
     assert resumed.eval_loss == expected.eval_loss
+    assert "the budget is not the interrupted run's" not in said  # the same budget: nothing to say
+    # A new budget bends the learning-rate schedule (a function of the share spent): said on resuming.
+    longer = distill(copy.deepcopy(base), teacher, tokenizer,
+                     DistillConfig(**{**cfg.__dict__, "resume": True, "progress": True, "max_steps": 8}))
+    said = " ".join(capsys.readouterr().err.split())
+    assert longer.steps == 8
+    assert "note: the budget is not the interrupted run's (6 steps then, 8 steps now): the learning rate follows " \
+           "this run's from here" in said, said
     # Other settings refuse the checkpoint.
     with pytest.raises(hadaconv.HadaconvError, match=rf"other settings \(lr: {cfg.lr!r} there, 0.01 here\); "
                                                      "remove it or give its settings"):

@@ -601,6 +601,12 @@ def _no_heldout(windows: int, limit: str) -> InputError:
                       f"{option('data')}), or {option('eval_text')}")
 
 
+def _budget_words(horizon: dict) -> str:
+    """A run's budget (:meth:`_Distillation._budget`) in words: '20 steps', '10 min 00 s'."""
+    said = {"steps": lambda v: counted(int(v), "step"), "tokens": lambda v: f"{int(v):,} tokens", "seconds": duration}
+    return ", ".join(said[k](v) for k, v in horizon.items() if k in said) or "none"
+
+
 def _objective(metric: str, cfg: DistillConfig) -> str:
     """The training loss in words, where it is not the held-out measure itself ("": it is)."""
     encoder = metric != "perplexity"
@@ -719,6 +725,7 @@ class _Distillation:
         self.best: dict | None = None
         self.best_loss = math.inf
         self.horizon: dict[str, float] = {}
+        self.resumed_horizon: dict | None = None  # the budget of the run a checkpoint came from
 
     def autocast(self):
         return torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.use_amp)
@@ -741,6 +748,7 @@ class _Distillation:
         self.step, self.tokens, self.elapsed_before, self.best_loss = c["step"], c["tokens"], c["elapsed"], c["best_loss"]
         self.best = resumed["best"]
         self.evaluate.seconds = c.get("eval_seconds")  # out_of_time's estimate until this run evaluates
+        self.resumed_horizon = c.get("horizon")  # None from a checkpoint written before it was kept
         if self.cfg.progress and self.main:  # a resumed run must say so: its budget is partly spent
             console.print(f"resuming from the checkpoint in {self.folder}: step {self.step:,}, {self.tokens:,} tokens, "
                           f"{duration(self.elapsed_before)} trained", highlight=False)
@@ -783,6 +791,11 @@ class _Distillation:
         student ends in the evaluated state closest to the teacher."""
         cfg = self.cfg
         self.horizon = self._budget(len(train))
+        if resumed and self.resumed_horizon not in (None, self.horizon) and cfg.progress and self.main:
+            # The schedule is a function of the share of the budget spent, so a new budget bends it.
+            console.print(f"note: the budget is not the interrupted run's ({_budget_words(self.resumed_horizon)} "
+                          f"then, {_budget_words(self.horizon)} now): the learning rate follows this run's from here",
+                          highlight=False)
         if not resumed:  # the starting point competes for "best" too
             self.consider(self.initial_eval(), None)
         bar = _Bar(cfg.progress and self.main, self.spent())
@@ -905,7 +918,8 @@ class _Distillation:
                                                        "loss_after_local")}
         ckpt.save_checkpoint(self.folder, model=self.student, optimizer=self.opt, best=self.best, record=record,
                              counters={"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed(),
-                                       "best_loss": self.best_loss, "eval_seconds": self.evaluate.seconds},
+                                       "best_loss": self.best_loss, "eval_seconds": self.evaluate.seconds,
+                                       "horizon": dict(self.horizon)},
                              fingerprint=self.cfg.fingerprint(), main=self.main)
         self.d.barrier()
         return self.folder / ckpt.FILE if self.main else None
