@@ -559,9 +559,10 @@ def _check_eval_config(model: str, config: str | None, reference: str | None, ba
     (:func:`hadaconv.io.check_model_config`)."""
     from hadaconv.io import check_format, check_model_config
 
-    for what, path, way_out in (("the reference", reference, ""), ("the baseline", baseline, " or --no-baseline")):
+    for what, path, way_out, skip in (("the reference", reference, "", ""),
+                                      ("the baseline", baseline, " or --no-baseline", " (--no-baseline skips it)")):
         if path:  # a file of no model format: said now, not after MODEL's whole evaluation
-            check_format(path, whose=what, way_out=f" ({way_out.removeprefix(' or ')} skips it)" if way_out else "")
+            check_format(path, whose=what, way_out=skip)
         if config is None and path:
             check_model_config(path, None, whose=what, way_out=way_out)
     takers = [p for p in (model, reference, baseline) if _config_for(p, config)]

@@ -91,8 +91,9 @@ def target_overrides(model: nn.Module, target: str | None, *, mode: str = "head"
     projection under ``mode`` "head" or "diag" (the fit modes of :mod:`hadaconv.fit`)."""
     if target is None:
         return None
-    family = next((a for a in adapters() if a.matches(model)), None)
-    if family is None:
+    try:
+        family = find_adapter(model)
+    except HadaconvError:  # no adapter knows it: the target is the only way, nothing replaced
         return None
     lost = "" if mode == "affine" else ", without the value map that adapter folds into the value projection"
     return (f"{option('target', target)} replaces the {family.name} adapter, which knows this model: the layers it "

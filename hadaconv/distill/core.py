@@ -610,10 +610,11 @@ def _budget_words(horizon: dict) -> str:
 def _objective(metric: str, cfg: DistillConfig) -> str:
     """The training loss in words, where it is not the held-out measure itself ("": it is)."""
     encoder = metric != "perplexity"
+    if not encoder and not cfg.hidden_weight and cfg.temperature == 1:
+        return ""  # the KL to the teacher, the held-out measure
     main = "relative hidden-state MSE + 1 - embedding cosine" if encoder else \
         f"KL to teacher at temperature {cfg.temperature:g}" if cfg.temperature != 1 else "KL to teacher"
-    hidden = f" + {cfg.hidden_weight:g} x per-layer hidden-state MSE" if cfg.hidden_weight else ""
-    return f"{main}{hidden}" if encoder or hidden or cfg.temperature != 1 else ""
+    return main + (f" + {cfg.hidden_weight:g} x per-layer hidden-state MSE" if cfg.hidden_weight else "")
 
 
 def _run(student, teacher, tokenizer, cfg: DistillConfig, stages: list[str], kind: str, blocks: list[str],
