@@ -22,7 +22,7 @@ from hadaconv.convert import patch
 from hadaconv.distill import DistillConfig, distill
 from hadaconv.distill.losses import forward, kl_loss
 from hadaconv.errors import HadaconvError
-from hadaconv.io import hadaconv_meta, load_model, save_converted
+from hadaconv.io import hadaconv_meta, load_model, load_tokenizer, save_converted
 from cli_runner import run_cli as _cli
 from tiny_models import make_tiny, tokenizer_folder
 
@@ -668,6 +668,19 @@ def test_cli_local_stage_alone_and_undone_when_worse(converted, capsys, monkeypa
     report = json.loads((out_dir / "report.json").read_text())["distill"]
     assert report["local_kept"] is False and report["after"] == report["before"]
     assert report["after_local"] != report["after_local"]  # the NaN it measured, recorded
+
+
+def test_cli_auto_dtype_on_a_float16_checkpoint_is_refused_with_the_flag(converted, tmp_path, capsys):
+    """--dtype auto on a float16 converted folder: the refusal (from distill() itself, after the
+    load) names --dtype float32, the way out on the command line, not the in-memory .float()."""
+    half = hadaconv.load(converted / "conv").half()
+    hadaconv.save(half, tmp_path / "half", tokenizer=load_tokenizer(converted / "tiny"), source=converted / "tiny")
+    code, _, err = _cli(capsys, "distill", tmp_path / "half", "-o", tmp_path / "out", "--dtype", "auto", *CLI_RUN)
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip() == ("error: float16 weights do not train here: AdamW's updates underflow and blow up without "
+                           "float32 master weights; load them in float32 (--dtype float32, the default), whose "
+                           "forward passes --bf16 runs in bfloat16"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_without_a_budget_says_it_runs_one_pass(converted, capsys):

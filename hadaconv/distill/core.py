@@ -516,11 +516,13 @@ def _autocast(asked: bool | None, device: torch.device, dtype: torch.dtype) -> b
 def _check_trainable(dtype: torch.dtype | None, *, loaded: bool = True) -> None:
     """Refuse float16 weights (``dtype``; None: the checkpoint's own, not known yet): AdamW on
     them, with no float32 master copy and no loss scaling, diverges (see DistillConfig.dtype).
-    ``loaded``: hadaconv loads the models (its ``dtype`` is the way out), else they came in
-    memory, in float16."""
+    ``loaded``: hadaconv loads the models (its ``dtype`` is the way out), else they may have come
+    in memory, in float16 (on the command line hadaconv always loads them: ``--dtype auto`` on a
+    float16 checkpoint)."""
     if dtype == torch.float16:
-        way = (f"load them in float32 ({option('dtype', 'float32')}, the default)" if loaded else
-               "give them in float32 (student.float(), teacher.float())")
+        loading = f"load them in float32 ({option('dtype', 'float32')}, the default)"
+        way = loading if loaded else command(loading, "give them in float32 (student.float(), teacher.float(), "
+                                                      "or dtype='float32' where hadaconv loads them)")
         raise InputError(f"float16 weights do not train here: AdamW's updates underflow and blow up without "
                          f"float32 master weights; {way}, whose forward passes {option('bf16')} runs in bfloat16")
 
