@@ -438,7 +438,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     from hadaconv.adapters import check_seq_len, model_kind
     from hadaconv.calibrate import heldout_play, one_file_hint, read_document
     from hadaconv.evaluate import check_encoder, embedding_cosine, perplexity, text_windows
-    from hadaconv.io import load_model, recorded_source, same_file
+    from hadaconv.io import load_model, recorded_source, same_file, skeleton
 
     if baseline and no_baseline:
         raise HadaconvError("give --baseline or --no-baseline, not both")
@@ -462,6 +462,11 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)
     if not reference:  # a causal LM's perplexity (an encoder's windows are checked after the load)
         _check_context(model, _config_for(model, model_config), seq_len, device, dtype)
+    else:  # both kinds told from the configs, before the loads, where they tell
+        if (empty := skeleton(model, config=_config_for(model, model_config))) is not None:
+            check_encoder(empty)
+        _compared_encoder(skeleton(reference, config=_config_for(reference, model_config)), f"--reference {reference}",
+                          model)
     source = Path(text_file or heldout_play())
     text = read_document(source)  # a file that is not text: refused before the load
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
@@ -482,11 +487,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         check_encoder(loaded.model)  # before the reference is loaded for nothing
         ref = load_model(reference, config=_config_for(reference, model_config), trust_pickle=trust_pickle,
                          device=device, dtype=dtype).model
-        kind = model_kind(ref)
-        if kind not in ("encoder", None):  # None: no adapter knows it, and its outputs may still compare
-            what = "a causal LM" if kind == "causal-lm" else f"{indefinite(kind)} model"
-            raise HadaconvError(f"{named} is {what}, and {model} is a text encoder: its embeddings are compared "
-                                "with another text encoder's (give one with --reference)")
+        _compared_encoder(ref, named, model)
         click.echo(f"embedding cosine to {reference}: {embedding_cosine(loaded.model, ref, windows):.6f} "
                    f"({windows.numel()} tokens of {source.name})")
         return
@@ -551,6 +552,19 @@ def _check_context(model: str, config: str | None, seq_len: int, device: str | N
     resolve_device(device)
     resolve_dtype(dtype)
     check_seq_len_early(model, seq_len, config=config)
+
+
+def _compared_encoder(other, named: str, model: str) -> None:
+    """Refuse ``other`` (a loaded model or its skeleton; None: not known before its load) as the
+    model whose embeddings the encoder ``model`` is compared with, unless it is an encoder too.
+    ``named`` is how the user gave it ("--reference X", "--baseline X", "the original X ...")."""
+    from hadaconv.adapters import model_kind
+
+    kind = None if other is None else model_kind(other)
+    if kind not in ("encoder", None):  # None: no adapter knows it, and its outputs may still compare
+        what = "a causal LM" if kind == "causal-lm" else f"{indefinite(kind)} model"
+        raise HadaconvError(f"{named} is {what}, and {model} is a text encoder: its embeddings are compared "
+                            "with another text encoder's (give one with --reference)")
 
 
 def _check_eval_config(model: str, config: str | None, reference: str | None, baseline: str | None) -> None:

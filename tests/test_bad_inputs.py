@@ -1460,7 +1460,8 @@ ROWS = [
     # --------------------------------------------------------------- eval
     Row("eval-reference-on-causal-lm", lambda w, t: ["eval", w.hf, "--reference", w.hf, "--max-windows", "1",
                                                      "--seq-len", "16"],
-        r"embedding cosine compares text encoders, and LlamaForCausalLM is a causal LM: measure its perplexity"),
+        r"embedding cosine compares text encoders, and LlamaForCausalLM is a causal LM: measure its perplexity",
+        lambda mp, w, t: _no_model(mp)),
     Row("eval-encoder-without-reference", lambda w, t: ["eval", w.bert, "--max-windows", "1", "--seq-len", "16"],
         r"bert is a text encoder, which has no perplexity: give --reference MODEL to compare its embeddings"),
     # The command's own refusal, not the context's (the early --seq-len check is for causal LMs).
@@ -1477,7 +1478,7 @@ ROWS = [
         r"another text encoder's \(give one with --reference\)$"),
     Row("eval-encoder-reference-causal-lm",  # told the user to measure the reference's perplexity
         lambda w, t: ["eval", w.bert, "--reference", w.hf, "--max-windows", "1", "--seq-len", "16"],
-        r"^error: --reference .*hf is a causal LM, and .*bert is a text encoder"),
+        r"^error: --reference .*hf is a causal LM, and .*bert is a text encoder", lambda mp, w, t: _no_model(mp)),
     Row("eval-converted-encoder-original-gone",  # did not say that the recorded original was gone, nor where
         lambda w, t: ["eval", _orphan_encoder(w, t), "--max-windows", "1", "--seq-len", "16"],
         r"bert-converted is a text encoder, which has no perplexity: give --reference MODEL to compare its "

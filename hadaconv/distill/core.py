@@ -823,8 +823,8 @@ class _Distillation:
                     self.consider(self.evaluate(self.student), last_loss)
                     evaluated = self.evaluate.seconds or 0.0
                     bar.note(_evaluation_line(self.report))
-                if self.step % cfg.checkpoint_every == 0 and (written := self.save()):
-                    bar.note(f"checkpoint at step {self.step}: {written} ({written.stat().st_size / 1e9:,.3g} GB)")
+                if self.step % cfg.checkpoint_every == 0:
+                    self._checkpoint(bar)
                 # A step's cost includes its share of checkpoint writes; out_of_time adds an evaluation.
                 steps_here, step_seconds = steps_here + 1, step_seconds + self.elapsed() - began - evaluated
                 if callback is not None:
@@ -836,8 +836,13 @@ class _Distillation:
             self.consider(self.evaluate(self.student), last_loss)
             bar.note(_evaluation_line(self.report))
         self.trained = self.elapsed()  # what --max-time bounds; the checkpoint write below is not training
-        self.save()
+        self._checkpoint(bar)
         self._keep_best()
+
+    def _checkpoint(self, bar: "_Bar") -> None:
+        """Write the checkpoint and say where, with its size (rank 0; nothing without a folder)."""
+        if written := self.save():
+            bar.note(f"checkpoint at step {self.step}: {written} ({written.stat().st_size / 1e9:,.3g} GB)")
 
     def _budget(self, n_train: int) -> dict[str, float]:
         cfg = self.cfg

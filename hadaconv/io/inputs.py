@@ -61,6 +61,11 @@ class Loaded:
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 
 
+def _suffix(path: Path) -> str:
+    """The extension the format is told by, in lower case: ``MODEL.GGUF`` is a GGUF file too."""
+    return path.suffix.lower()
+
+
 def load_model(
     source: str | os.PathLike,
     *,
@@ -113,7 +118,7 @@ def carries_config(source: str | os.PathLike) -> bool:
     """Whether ``source`` brings its own config (a folder, a GGUF file), so that a ``config=``
     given for it would be ignored.  Anything else may need one, or is the load's to judge."""
     path = Path(source)
-    return path.is_dir() or path.suffix == ".gguf"
+    return path.is_dir() or _suffix(path) == ".gguf"
 
 
 def recorded_source(model: str | os.PathLike, flag: str | None = None) -> tuple[str | None, str | None]:
@@ -184,7 +189,7 @@ def check_model_config(source: str | os.PathLike, config: str | os.PathLike | No
     if not path.exists():  # a missing model is the load's error to report
         return
     flag, who = flag or option("config"), f"{whose} " if whose else ""
-    if path.suffix == ".safetensors" and path.is_file():
+    if _suffix(path) == ".safetensors" and path.is_file():
         in_converted = _is_converted_folder(path.parent)
         if TIED_KEY in (check_safetensors(path).get("__metadata__") or {}) or \
                 (in_converted and _weights_of_its_folder(path)):
@@ -256,14 +261,14 @@ def skeleton(source: str | os.PathLike, *, config: str | os.PathLike | None = No
             if converted_meta(data) is not None or "torch_module" in data or not weights:
                 return None
             return hf_from_config(hf_config(data), weights)
-        if path.suffix == ".gguf":
+        if _suffix(path) == ".gguf":
             import transformers
 
             gguf_config = _gguf_config(path)
             model = build_empty(lambda: transformers.AutoModelForCausalLM.from_config(gguf_config))
             model.tie_weights()  # as from_pretrained does
             return model
-        if path.suffix == ".safetensors" and config is not None:
+        if _suffix(path) == ".safetensors" and config is not None:
             header = check_safetensors(path)  # a truncated file is the load's error to report, not --layers'
             data = read_json(config_file(config))
             model = None if converted_meta(data) is not None else model_from_config(data, [path])
@@ -298,11 +303,11 @@ def _load_any(path: Path, config, trust_pickle: bool, dtype: torch.dtype | None,
         return _load_folder(path, dtype)
     if not path.is_file():  # a FIFO would block every reader below until a writer came
         raise ModelFormatError(f"{path} is not a regular file")
-    if path.suffix == ".gguf":
+    if _suffix(path) == ".gguf":
         return _load_gguf(path, dtype)
-    if path.suffix == ".safetensors":
+    if _suffix(path) == ".safetensors":
         return _load_state_dict(path, read_safetensors(path), config, "safetensors", flag)
-    if path.suffix in _PICKLE_SUFFIXES:
+    if _suffix(path) in _PICKLE_SUFFIXES:
         return _load_torch_file(path, config, trust_pickle, flag)
     raise _unknown_format(path, flag)
 
@@ -316,13 +321,13 @@ def check_format(source: str | os.PathLike, *, whose: str = "", flag: str | None
         HadaconvError: a file whose extension is none of .gguf, .safetensors, a torch.save file's.
     """
     path = Path(source)
-    if path.is_file() and path.suffix not in (".gguf", ".safetensors", *_PICKLE_SUFFIXES):
+    if path.is_file() and _suffix(path) not in (".gguf", ".safetensors", *_PICKLE_SUFFIXES):
         error = _unknown_format(path, flag or option("config"))
         raise HadaconvError((f"{whose}: {error}" if whose else str(error)) + way_out)
 
 
 def _unknown_format(path: Path, flag: str) -> HadaconvError:
-    if path.suffix == ".onnx":
+    if _suffix(path) == ".onnx":
         run = command(f"hadaconv run {path.parent}", f"hadaconv.generate.generate('{path.parent}', prompt) "
                       "(an encoder's: hadaconv.generate.embed)")
         return HadaconvError(f"{path} is an ONNX graph, which hadaconv runs but does not convert: run its bundle "
@@ -449,9 +454,9 @@ def source_tokenizer(source: str | os.PathLike, *, config: str | os.PathLike | N
     try:
         if path.is_dir():
             return load_tokenizer(path)
-        if path.suffix == ".gguf":
+        if _suffix(path) == ".gguf":
             return _gguf_tokenizer(path)
-        if config is not None and path.suffix in (".safetensors", *_PICKLE_SUFFIXES):
+        if config is not None and _suffix(path) in (".safetensors", *_PICKLE_SUFFIXES):
             folder = _tokenizer_folder(config_file(config), path)
             return load_tokenizer(folder) if folder else None
     except Exception:  # noqa: BLE001 - the load that follows says what is wrong, in one line
@@ -468,7 +473,7 @@ def lacks_tokenizer(source: str | os.PathLike, *, config: str | os.PathLike | No
     path = Path(source)
     if path.is_dir():  # a model folder (a folder without config.json is none: the load says what it is)
         return (path / "config.json").is_file() and not has_tokenizer(path)
-    if config is None or path.suffix not in (".safetensors", *_PICKLE_SUFFIXES):
+    if config is None or _suffix(path) not in (".safetensors", *_PICKLE_SUFFIXES):
         return False
     try:
         return _tokenizer_folder(config_file(config), path) is None
