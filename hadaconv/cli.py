@@ -462,9 +462,9 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)
     if not reference:  # a causal LM's perplexity (an encoder's windows are checked after the load)
         _check_context(model, _config_for(model, model_config), seq_len, device, dtype)
-    else:  # both kinds told from the configs, before the loads, where they tell
-        if (empty := skeleton(model, config=_config_for(model, model_config))) is not None:
-            check_encoder(empty)
+    elif (empty := skeleton(model, config=_config_for(model, model_config))) is not None:
+        # Both kinds told from the configs, before the loads (a converted folder's only after its load).
+        check_encoder(empty)
         _compared_encoder(skeleton(reference, config=_config_for(reference, model_config)), f"--reference {reference}",
                           model)
     source = Path(text_file or heldout_play())

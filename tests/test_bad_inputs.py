@@ -1462,6 +1462,10 @@ ROWS = [
                                                      "--seq-len", "16"],
         r"embedding cosine compares text encoders, and LlamaForCausalLM is a causal LM: measure its perplexity",
         lambda mp, w, t: _no_model(mp)),
+    Row("eval-reference-on-converted-causal-lm",  # its kind is known only once loaded: not "a text encoder"
+        lambda w, t: ["eval", w.conv, "--reference", w.hf, "--max-windows", "1", "--seq-len", "16"],
+        r"^error: embedding cosine compares text encoders, and LlamaForCausalLM is a causal LM: measure its "
+        r"perplexity"),
     Row("eval-encoder-without-reference", lambda w, t: ["eval", w.bert, "--max-windows", "1", "--seq-len", "16"],
         r"bert is a text encoder, which has no perplexity: give --reference MODEL to compare its embeddings"),
     # The command's own refusal, not the context's (the early --seq-len check is for causal LMs).

@@ -614,9 +614,12 @@ def test_cli_removes_only_its_own_checkpoint_from_the_default_folder(converted, 
     ckpt = Path(f"{out_dir}.ckpt")
     ckpt.mkdir()
     (ckpt / "notes.txt").write_text("mine")
-    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", out_dir, *CLI_RUN, "--checkpoint-every", "1")
+    code, _, err = _cli(capsys, "distill", converted / "conv", "-o", out_dir, *CLI_RUN, "--checkpoint-every", "1",
+                        "--eval-every", "3")
     assert code == 0, err
     assert sorted(p.name for p in ckpt.iterdir()) == ["notes.txt"]
+    # The last step's checkpoint, evaluated in the loop, is not written (and said) a second time after it.
+    assert re.findall(r"checkpoint at step (\d+):", " ".join(err.split())) == ["1", "2", "3"], err
 
 
 def test_cli_says_when_nothing_improved(converted, capsys):

@@ -727,6 +727,7 @@ class _Distillation:
         self.trained: float | None = None  # seconds when the global stage ended (before its checkpoint)
         self.best: dict | None = None
         self.best_loss = math.inf
+        self.written: tuple[int, int] | None = None  # (step, evaluations) of the last checkpoint written
         self.horizon: dict[str, float] = {}
         self.resumed_horizon: dict | None = None  # the budget of the run a checkpoint came from
 
@@ -840,7 +841,12 @@ class _Distillation:
         self._keep_best()
 
     def _checkpoint(self, bar: "_Bar") -> None:
-        """Write the checkpoint and say where, with its size (rank 0; nothing without a folder)."""
+        """Write the checkpoint and say where, with its size (rank 0; nothing without a folder),
+        unless the last one written holds this state already (the same step and evaluations)."""
+        state = (self.step, len(self.report.curve))
+        if state == self.written:
+            return
+        self.written = state
         if written := self.save():
             bar.note(f"checkpoint at step {self.step}: {written} ({written.stat().st_size / 1e9:,.3g} GB)")
 
