@@ -710,7 +710,8 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
                    "'norms' decode about 5% slower (benchmarks/RESULTS.md) [default: off].")
 @_model_config
 @_trust_pickle
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace an earlier bundle (one hadaconv wrote); a model's folder or "
+              "a folder of other files is refused.")
 @click.option("--verbose", is_flag=True, help="Show the exporter's own progress output.")
 def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape, atol, dtype, no_validate, optimize,
                model_config, trust_pickle, overwrite, verbose) -> None:
@@ -721,13 +722,13 @@ def export_cmd(model, output, onnx_format, portable, no_cache, kind, input_shape
 
     import torch
 
-    from hadaconv.atomic import check_output
     from hadaconv.export import DTYPES, check_options, export_onnx
+    from hadaconv.export.bundle import check_bundle_output
     from hadaconv.io import load_model
 
     shape = _shape(input_shape)
     # Before loading the model, not after: the model is loaded in float32.
-    check_output(output, overwrite, folder=True, inputs=[model, model_config])
+    check_bundle_output(output, overwrite, inputs=[model, model_config])
     if no_validate and atol is not None:
         raise HadaconvError("--atol is the validation's tolerance: drop it or --no-validate")
     if kind == "module" and shape is None:
@@ -811,9 +812,6 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
     if len(prompt) > 1:  # click would keep the last one silently
         raise HadaconvError(f"--prompt was given {len(prompt)} times: a run continues one prompt")
     prompt, text = (prompt[0] if prompt else None), (list(text) or None)
-    if temperature == 0 and (top_k or seed is not None):
-        raise HadaconvError(f"{'--top-k' if top_k else '--seed'} only matters when sampling: give --temperature "
-                            "above 0 too (0, the default, is greedy decoding)")
     if chat and ids is not None and prompt is None and text is None:  # both given: _run_input says so
         raise HadaconvError("--chat needs --prompt: the chat template wraps text, not token ids")
     # The options against the metadata before the session: opening a 500 MB graph takes seconds.
@@ -836,6 +834,9 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
             one = len(asked) == 1
             raise HadaconvError(f"{' and '.join(asked)} {'is' if one else 'are'} for generation, and {bundle} is an "
                                 f"encoder bundle, which embeds: drop {'it' if one else 'them'}")
+    if temperature == 0 and (top_k or seed is not None):  # after the encoder's refusal, which drops them all
+        raise HadaconvError(f"{'--top-k' if top_k else '--seed'} only matters when sampling: give --temperature "
+                            "above 0 too (0, the default, is greedy decoding)")
     if normalize and meta.get("kind") == "causal-lm":
         raise HadaconvError(f"--normalize is for encoder bundles' embeddings, and {bundle} is a causal LM bundle, "
                             "which generates: drop it")

@@ -1241,6 +1241,10 @@ ROWS = [
     Row("export-overwrite-foreign-folder",
         lambda w, t: ["export", w.conv, "-o", _mkdir(t / "out", True), "--overwrite"],
         FOREIGN_FOLDER, lambda mp, w, t: _no_model(mp)),
+    Row("export-overwrite-a-model-folder",  # replaced a distilled model's weights by its bundle
+        lambda w, t: ["export", w.conv, "-o", _copy(w.conv, t / "kd"), "--overwrite"],
+        r"^error: .*kd holds a model \(config\.json\), not a bundle: --overwrite replaces only an earlier export; "
+        r"give another -o$", lambda mp, w, t: _no_model(mp)),
     Row("export-output-is-the-input",
         lambda w, t: ["export", _copy(w.conv, t / "c"), "-o", t / "c", "--overwrite"],
         r"the output .*/c is the input .*/c: writing it would replace the input", lambda mp, w, t: _no_model(mp)),
@@ -1293,6 +1297,16 @@ ROWS = [
         lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), op_library=None, custom_opsets={}), "--prompt", "hi"],
         r"uses com\.hadaconv::HadamardAffine and the session has no op library: its bundle's metadata names none "
         r"\(op_library\), so the bundle is damaged: export it again, or export it with --portable$"),
+    Row("run-newer-bundle-version", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), version=99),
+                                                     "--prompt", "hi"],
+        r"^error: .*b is a version 99 bundle, and this hadaconv \(\S+\) reads version 1: upgrade hadaconv, or "
+        r"export it again with this one$"),
+    Row("run-bundle-version-not-a-number", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), version="1"),
+                                                         "--prompt", "hi"],
+        r"hadaconv_onnx\.json gives no bundle version \(a positive integer\)$"),
+    Row("run-encoder-seed",  # said "give --temperature too", which an encoder refuses in turn
+        lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), kind="encoder"), "--text", "a", "--seed", "3"],
+        r"^error: --seed is for generation, and .*b is an encoder bundle, which embeds: drop it$"),
     Row("run-newer-op-version", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), custom_opsets={"com.hadaconv": 2}),
                                                  "--prompt", "hi"],
         r"needs version 2 of com\.hadaconv::HadamardAffine and this hadaconv's op library implements version 1: "

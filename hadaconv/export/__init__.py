@@ -27,7 +27,7 @@ from torch import nn
 from hadaconv._version import __version__
 from hadaconv.adapters import context_length as model_context
 from hadaconv.errors import HadaconvError, check_module, check_number, indefinite, option
-from hadaconv.export.bundle import MODEL, FORMAT, atomic_folder, io_description, positive_int, write_metadata
+from hadaconv.export.bundle import MODEL, FORMAT, VERSION, atomic_folder, io_description, positive_int, write_metadata
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
 from hadaconv.progress import status
@@ -230,7 +230,8 @@ def export_onnx(
             the conversion, never changed.  ONNX Runtime's CPU provider has no bfloat16 kernels
             for standard ops (Mul, MatMul): a bfloat16 export can only be validated where a
             provider runs it, so on CPU it needs ``validate_outputs=False``.
-        overwrite: replace an existing ``out_dir`` that hadaconv wrote (a folder of other files is refused).
+        overwrite: replace an existing ``out_dir`` that holds an earlier bundle (a model's folder, or a
+            folder of other files, is refused).
         optimize: None, or "norms" / "all": fuse RMSNorm (with the residual add), and at "all"
             attention too, into ONNX Runtime's contrib ops (:mod:`hadaconv.export.fusions`;
             float32 only, not with ``portable``).  Measured on SmolLM2 on 2-core CPUs
@@ -379,7 +380,7 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
     inputs, outputs = io_description(folder / MODEL)
     config = getattr(model, "config", None)
     meta = {
-        "format": FORMAT, "version": 1, "hadaconv": __version__, "kind": kind, "form": form,
+        "format": FORMAT, "version": VERSION, "hadaconv": __version__, "kind": kind, "form": form,
         "opset": OPSET,
         "custom_opsets": ({DOMAIN: OP_VERSION} if lib_name else {}) | ({CONTRIB_DOMAIN: 1} if fusions else {}),
         "fusions": fusions,

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from hadaconv import atomic
-from hadaconv.errors import HadaconvError, ModelFormatError, check_path, command
+from hadaconv._version import __version__
+from hadaconv.errors import HadaconvError, ModelFormatError, OutputError, check_path, command
 from hadaconv.io.files import plain_name, read_json
 from hadaconv.runtime import OP_DOMAIN, OP_VERSION, session
 
@@ -48,15 +49,27 @@ __all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "context_length", "op
 METADATA = "hadaconv_onnx.json"
 MODEL = "model.onnx"
 FORMAT = "hadaconv-onnx"
+#: The bundle layout version :func:`hadaconv.export_onnx` writes; a newer one is refused on reading.
+VERSION = 1
+
+
+def check_bundle_output(out: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
+    """:func:`hadaconv.atomic.check_output` for a bundle folder, which also refuses to replace a
+    model's folder (config.json, no bundle metadata) even with ``overwrite``: an ``-o`` typo would
+    lose the weights of a converted or distilled model to its bundle.  Raises OutputError."""
+    out = atomic.check_output(out, overwrite, folder=True, inputs=inputs)
+    if overwrite and (out / "config.json").is_file() and not (out / METADATA).is_file():
+        raise OutputError(f"{out} holds a model (config.json), not a bundle: --overwrite replaces only an "
+                          "earlier export; give another -o")
+    return out
 
 
 @contextlib.contextmanager
 def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder next to ``out`` that becomes ``out`` when the block succeeds
-    (:func:`hadaconv.atomic.atomic_folder`), after :func:`hadaconv.atomic.check_output`; on
-    failure nothing is left behind (and an existing ``out`` is untouched)."""
-    out = atomic.check_output(out, overwrite, folder=True)
-    with atomic.atomic_folder(out) as tmp:
+    (:func:`hadaconv.atomic.atomic_folder`), after :func:`check_bundle_output`; on failure
+    nothing is left behind (and an existing ``out`` is untouched)."""
+    with atomic.atomic_folder(check_bundle_output(out, overwrite)) as tmp:
         yield tmp
 
 
@@ -102,6 +115,12 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
         raise ModelFormatError(f"cannot read the bundle's metadata: {exc}") from None
     if meta.get("format") != FORMAT:
         raise ModelFormatError(f"{path} is not hadaconv ONNX metadata")
+    version = meta.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ModelFormatError(f"{path} gives no bundle version (a positive integer)")
+    if version > VERSION:
+        raise ModelFormatError(f"{folder} is a version {version} bundle, and this hadaconv ({__version__}) reads "
+                               f"version {VERSION}: upgrade hadaconv, or export it again with this one")
     # ONNX Runtime opens the graph and any external data file it names: a FIFO there would block it.
     odd = next((p for p in sorted(folder.iterdir()) if not (p.is_file() or p.is_dir())), None)
     if odd is not None:
