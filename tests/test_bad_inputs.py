@@ -1151,6 +1151,11 @@ ROWS = [
                                           "-o", t / "out", *DISTILL],
         r"b is an ONNX bundle \(what an ONNX export writes\): run it with hadaconv run, or give the model folder",
         lambda mp, w, t: _no_model(mp)),
+    Row("distill-a-module-bundle",  # was sent to hadaconv run, which refuses a module bundle
+        lambda w, t: ["distill", _write(_mkdir(t / "b") / "hadaconv_onnx.json", '{"kind": "module"}').parent,
+                      "-o", t / "out", *DISTILL],
+        r"b is an ONNX bundle \(what an ONNX export writes\): run it with hadaconv\.export\.bundle\.open_bundle, or "
+        r"give the model folder", lambda mp, w, t: _no_model(mp)),
     Row("distill-existing-output",
         lambda w, t: ["distill", w.conv, "-o", _mkdir(t / "out", True), "--teacher", w.hf, *DISTILL],
         r"out already exists and is not empty: pass --overwrite to replace it"),
@@ -1258,6 +1263,10 @@ ROWS = [
     Row("export-causal-lm-as-encoder", lambda w, t: ["export", w.conv, "-o", t / "b", "--kind", "encoder"],
         r"the encoder kind exports a bare backbone's last hidden state, and LlamaForCausalLM has a head: export it as "
         r"causal-lm \(the kind detected\)$"),
+    Row("export-causal-lm-as-classifier",  # exported in a minute, then refused by hadaconv run
+        lambda w, t: ["export", w.conv, "-o", t / "b", "--kind", "classifier"],
+        r"the classifier kind exports a sequence classifier's logits, and LlamaForCausalLM is a causal LM: export it "
+        r"as causal-lm \(the kind detected; --no-cache for logits without a KV cache\)$"),
     Row("export-encoder-without-cache", lambda w, t: ["export", w.bert, "-o", t / "b", "--no-cache"],
         r"--no-cache drops a causal LM's KV cache, and BertModel exports as an encoder: drop it$"),
     Row("export-encoder-as-causal-lm", lambda w, t: ["export", w.bert, "-o", t / "b", "--kind", "causal-lm"],

@@ -354,8 +354,14 @@ def _check_meta(config_path: Path, meta: dict) -> None:
 
 def refuse_bundle(folder: Path) -> None:
     """Say what an ONNX bundle given where a model folder goes is, and what takes it."""
-    if not (folder / "config.json").is_file() and (folder / "hadaconv_onnx.json").is_file():  # export.bundle.METADATA
-        run = command("hadaconv run", "hadaconv.generate.generate (an encoder's: hadaconv.generate.embed)")
+    meta = folder / "hadaconv_onnx.json"  # export.bundle.METADATA
+    if not (folder / "config.json").is_file() and meta.is_file():
+        try:  # only the advice depends on it: a damaged file is the bundle's reader's to report
+            kind = read_json(meta).get("kind")
+        except HadaconvError:
+            kind = None
+        run = command("hadaconv run", "hadaconv.generate.generate (an encoder's: hadaconv.generate.embed)") \
+            if kind in ("causal-lm", "encoder", None) else "hadaconv.export.bundle.open_bundle"
         raise HadaconvError(f"{folder} is an ONNX bundle (what an ONNX export writes): run it with {run}, or give "
                             "the model folder it was exported from")
 
