@@ -1265,8 +1265,8 @@ ROWS = [
         r"causal-lm \(the kind detected\)$"),
     Row("export-causal-lm-as-classifier",  # exported in a minute, then refused by hadaconv run
         lambda w, t: ["export", w.conv, "-o", t / "b", "--kind", "classifier"],
-        r"the classifier kind exports a sequence classifier's logits, and LlamaForCausalLM is a causal LM: export it "
-        r"as causal-lm \(the kind detected; --no-cache for logits without a KV cache\)$"),
+        r"the classifier kind exports a head's logits, and LlamaForCausalLM is a causal LM: export it as causal-lm "
+        r"\(the kind detected; --no-cache for logits without a KV cache, which open_bundle runs\)$"),
     Row("export-encoder-without-cache", lambda w, t: ["export", w.bert, "-o", t / "b", "--no-cache"],
         r"--no-cache drops a causal LM's KV cache, and BertModel exports as an encoder: drop it$"),
     Row("export-encoder-as-causal-lm", lambda w, t: ["export", w.bert, "-o", t / "b", "--kind", "causal-lm"],
@@ -1312,7 +1312,8 @@ ROWS = [
         r"export it again with this one$"),
     Row("run-bundle-version-not-a-number", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), version="1"),
                                                          "--prompt", "hi"],
-        r"hadaconv_onnx\.json gives no bundle version \(a positive integer\)$"),
+        r"hadaconv_onnx\.json: its version is not a positive integer, so the metadata is damaged: export the "
+        r"bundle again$"),
     Row("run-encoder-seed",  # said "give --temperature too", which an encoder refuses in turn
         lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), kind="encoder"), "--text", "a", "--seed", "3"],
         r"^error: --seed is for generation, and .*b is an encoder bundle, which embeds: drop it$"),

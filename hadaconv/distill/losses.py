@@ -50,8 +50,9 @@ def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, 
     """Mean relative MSE of the layers' hidden states (the embedding output, index 0, skipped).
 
     Summed over all tokens, so in models whose first token carries a massive activation it is
-    mostly that token's (past block 11 of SmolLM2: 84-99% of a 256-token window's squared norm).
-    Each token's own relative error instead trained no better in 60 steps (benchmarks/RESULTS.md,
-    "The first token's massive activation")."""
+    mostly that token's (after SmolLM2's blocks 11-27: 84-99% of a 256-token window's squared
+    norm).  KL plus a per-token variant (each token's own relative error) at weight 1 trained no
+    better than KL alone in 60 steps (benchmarks/RESULTS.md, "The first token's massive
+    activation")."""
     pairs = list(zip(student[1:], teacher[1:]))
     return sum(relative_mse(s, t) for s, t in pairs) / max(1, len(pairs))

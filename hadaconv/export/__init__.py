@@ -323,15 +323,15 @@ def _resolve_kind(model: nn.Module, kind: str | None, *, example_inputs: Any, ca
 def _check_kind(kind: str, detected: str, model: nn.Module) -> None:
     """Refuse, before the export, a kind whose outputs the model surely lacks: a head's logits or
     a causal LM's KV cache from a bare encoder, a bare backbone's last hidden state from a model
-    with a head.  Other mismatches (a causal LM whose remote code cannot generate, say) are left
+    with a head; and a causal LM as a classifier, a bundle no runner takes.  Other mismatches (a causal LM whose remote code cannot generate, say) are left
     to the export, which may succeed."""
     if kind == "encoder" and detected in ("causal-lm", "classifier"):  # no last_hidden_state
         raise HadaconvError(f"the encoder kind exports a bare backbone's last hidden state, and "
                             f"{type(model).__name__} has a head: export it as {detected} (the kind detected)")
     if kind == "classifier" and detected == "causal-lm":  # a bundle hadaconv run would then refuse
-        raise HadaconvError(f"the classifier kind exports a sequence classifier's logits, and {type(model).__name__} "
-                            "is a causal LM: export it as causal-lm (the kind detected; --no-cache for logits "
-                            "without a KV cache)")
+        raise HadaconvError(f"the classifier kind exports a head's logits, and {type(model).__name__} is a causal "
+                            "LM: export it as causal-lm (the kind detected; --no-cache for logits without a KV "
+                            "cache, which open_bundle runs)")
     if kind in ("causal-lm", "classifier") and detected == "encoder":  # a bare backbone: no logits
         what = "a model that generates (logits and a KV cache)" if kind == "causal-lm" else "a head on an encoder"
         raise HadaconvError(f"the {kind} kind exports {what}, and {type(model).__name__} is a bare encoder: "

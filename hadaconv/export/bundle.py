@@ -13,7 +13,7 @@
     hadaconv_onnx.json      the metadata below
 
 ``hadaconv_onnx.json``: ``format`` ("hadaconv-onnx"), ``version`` (1), ``hadaconv`` (version that
-wrote it), ``kind`` (causal-lm, encoder, module), ``form`` (custom, portable), ``opset`` (the
+wrote it), ``kind`` (causal-lm, encoder, classifier, module), ``form`` (custom, portable), ``opset`` (the
 standard ONNX opset), ``custom_opsets`` ({"com.hadaconv": 1} or {}; with ``"com.microsoft": 1`` added
 when the graph was fused for ONNX Runtime), ``fusions`` (the ONNX Runtime fusions applied, by name
 and count, or null: :mod:`hadaconv.export.fusions`), ``op_library`` (file name
@@ -32,7 +32,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from hadaconv import atomic
 from hadaconv._version import __version__
@@ -43,7 +43,7 @@ from hadaconv.runtime import OP_DOMAIN, OP_VERSION, session
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-__all__ = ["METADATA", "MODEL", "Bundle", "atomic_folder", "context_length", "open_bundle", "positive_int",
+__all__ = ["FORMAT", "METADATA", "MODEL", "VERSION", "Bundle", "atomic_folder", "check_bundle_output", "context_length", "open_bundle", "positive_int",
            "read_metadata", "tokenizer_missing"]
 
 METADATA = "hadaconv_onnx.json"
@@ -53,15 +53,18 @@ FORMAT = "hadaconv-onnx"
 VERSION = 1
 
 
-def check_bundle_output(out: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
+def check_bundle_output(out: str | os.PathLike, overwrite: bool,
+                        inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """:func:`hadaconv.atomic.check_output` for a bundle folder, which also refuses to replace a
     model's folder (config.json, no bundle metadata) even with ``overwrite``: an ``-o`` typo would
     lose the weights of a converted or distilled model to its bundle.  Raises OutputError."""
-    out = atomic.check_output(out, overwrite, folder=True, inputs=inputs)
-    if overwrite and (out / "config.json").is_file() and not (out / METADATA).is_file():
-        raise OutputError(f"{out} holds a model (config.json), not a bundle: --overwrite replaces only an "
+    atomic.check_not_input(Path(out), inputs)  # "is the input" says more than "holds a model"
+    folder = Path(out)
+    if overwrite and os.fspath(out).strip() and (folder / "config.json").is_file() \
+            and not (folder / METADATA).is_file():
+        raise OutputError(f"{folder} holds a model (config.json), not a bundle: --overwrite replaces only an "
                           "earlier export; give another -o")
-    return out
+    return atomic.check_output(out, overwrite, folder=True, inputs=inputs)
 
 
 @contextlib.contextmanager
@@ -117,7 +120,8 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
         raise ModelFormatError(f"{path} is not hadaconv ONNX metadata")
     version = meta.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ModelFormatError(f"{path} gives no bundle version (a positive integer)")
+        raise ModelFormatError(f"{path}: its version is not a positive integer, so the metadata is damaged: "
+                               "export the bundle again")
     if version > VERSION:
         raise ModelFormatError(f"{folder} is a version {version} bundle, and this hadaconv ({__version__}) reads "
                                f"version {VERSION}: upgrade hadaconv, or export it again with this one")

@@ -357,11 +357,14 @@ def refuse_bundle(folder: Path) -> None:
     meta = folder / "hadaconv_onnx.json"  # export.bundle.METADATA
     if not (folder / "config.json").is_file() and meta.is_file():
         try:  # only the advice depends on it: a damaged file is the bundle's reader's to report
-            kind = read_json(meta).get("kind")
+            data = read_json(meta)
+            # hadaconv run takes causal LMs exported with the KV cache and encoders; a damaged file, its reader.
+            runs = not (data.get("kind") in ("module", "classifier")
+                        or (data.get("kind") == "causal-lm" and "cache" in data and data["cache"] is None))
         except HadaconvError:
-            kind = None
+            runs = True
         run = command("hadaconv run", "hadaconv.generate.generate (an encoder's: hadaconv.generate.embed)") \
-            if kind in ("causal-lm", "encoder", None) else "hadaconv.export.bundle.open_bundle"
+            if runs else "hadaconv.export.bundle.open_bundle"
         raise HadaconvError(f"{folder} is an ONNX bundle (what an ONNX export writes): run it with {run}, or give "
                             "the model folder it was exported from")
 
