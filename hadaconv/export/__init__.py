@@ -323,8 +323,9 @@ def _resolve_kind(model: nn.Module, kind: str | None, *, example_inputs: Any, ca
 def _check_kind(kind: str, detected: str, model: nn.Module) -> None:
     """Refuse, before the export, a kind whose outputs the model surely lacks: a head's logits or
     a causal LM's KV cache from a bare encoder, a bare backbone's last hidden state from a model
-    with a head; and a causal LM as a classifier, a bundle no runner takes.  Other mismatches (a causal LM whose remote code cannot generate, say) are left
-    to the export, which may succeed."""
+    with a head; and a causal LM as a classifier, a bundle no runner takes.  Other mismatches
+    (a causal LM whose remote code cannot generate, say) are left to the export, which may
+    succeed."""
     if kind == "encoder" and detected in ("causal-lm", "classifier"):  # no last_hidden_state
         raise HadaconvError(f"the encoder kind exports a bare backbone's last hidden state, and "
                             f"{type(model).__name__} has a head: export it as {detected} (the kind detected)")

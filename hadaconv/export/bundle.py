@@ -43,8 +43,8 @@ from hadaconv.runtime import OP_DOMAIN, OP_VERSION, session
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-__all__ = ["FORMAT", "METADATA", "MODEL", "VERSION", "Bundle", "atomic_folder", "check_bundle_output", "context_length", "open_bundle", "positive_int",
-           "read_metadata", "tokenizer_missing"]
+__all__ = ["FORMAT", "METADATA", "MODEL", "VERSION", "Bundle", "atomic_folder", "check_bundle_output", "context_length",
+           "open_bundle", "positive_int", "read_metadata", "tokenizer_missing"]
 
 METADATA = "hadaconv_onnx.json"
 MODEL = "model.onnx"
