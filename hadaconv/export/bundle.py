@@ -58,10 +58,10 @@ def check_bundle_output(out: str | os.PathLike, overwrite: bool,
     """:func:`hadaconv.atomic.check_output` for a bundle folder, which also refuses to replace a
     model's folder (config.json, no bundle metadata) even with ``overwrite``: an ``-o`` typo would
     lose the weights of a converted or distilled model to its bundle.  Raises OutputError."""
-    atomic.check_not_input(Path(out), inputs)  # "is the input" says more than "holds a model"
     folder = Path(out)
     if overwrite and os.fspath(out).strip() and (folder / "config.json").is_file() \
             and not (folder / METADATA).is_file():
+        atomic.check_not_input(folder, inputs)  # "is the input" says more than "holds a model"
         raise OutputError(f"{folder} holds a model (config.json), not a bundle: --overwrite replaces only an "
                           "earlier export; give another -o")
     return atomic.check_output(out, overwrite, folder=True, inputs=inputs)

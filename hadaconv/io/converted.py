@@ -356,11 +356,10 @@ def refuse_bundle(folder: Path) -> None:
     """Say what an ONNX bundle given where a model folder goes is, and what takes it."""
     meta = folder / "hadaconv_onnx.json"  # export.bundle.METADATA
     if not (folder / "config.json").is_file() and meta.is_file():
-        try:  # only the advice depends on it: a damaged file is the bundle's reader's to report
+        try:  # hadaconv run takes encoders and causal LMs with the KV cache; a damaged file, its reader
             data = read_json(meta)
-            # hadaconv run takes causal LMs exported with the KV cache and encoders; a damaged file, its reader.
-            runs = not (data.get("kind") in ("module", "classifier")
-                        or (data.get("kind") == "causal-lm" and "cache" in data and data["cache"] is None))
+            kind = data.get("kind")
+            runs = kind not in ("module", "classifier") and not (kind == "causal-lm" and data.get("cache", 0) is None)
         except HadaconvError:
             runs = True
         run = command("hadaconv run", "hadaconv.generate.generate (an encoder's: hadaconv.generate.embed)") \
