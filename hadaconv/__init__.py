@@ -4,12 +4,13 @@ fast Walsh-Hadamard projections, and deploy them.
 What the CLI's verbs do, from Python: ``convert_file(source, out, ConvertConfig(...))`` (or
 ``hadaconv.convert.convert(model, tokenizer, cfg)`` in memory, then ``save(model, out)``),
 ``distill_file(converted, out, DistillConfig(...))`` (or ``hadaconv.distill.distill``),
-``export_onnx(model, out)``, ``hadaconv.generate.generate(bundle, prompt)`` and
-``hadaconv.generate.embed(bundle, texts)`` (``run``), ``hadaconv.evaluate.perplexity(model,
-text_windows(tokenizer, text, seq_len))`` (``eval``; ``embedding_cosine`` for an encoder),
-``hadaconv.sample.sample_texts(model, tokenizer)`` (``sample``), ``inspect_model(source)`` and
-``plan_conversion(source, cfg)`` (``inspect``, ``convert --dry-run``); ``load(folder)`` rebuilds
-a converted folder, ``load_model(path)`` reads a model of any supported format.
+``export_onnx(model, out)``, ``hadaconv.generate.generate(bundle, prompt)``,
+``hadaconv.generate.embed(bundle, texts)`` and ``classify(bundle, texts)`` (``run``),
+``hadaconv.evaluate.perplexity(model, text_windows(tokenizer, text, seq_len))`` (``eval``;
+``embedding_cosine`` for an encoder), ``hadaconv.sample.sample_texts(model, tokenizer)``
+(``sample``), ``inspect_model(source)`` and ``plan_conversion(source, cfg)`` (``inspect``,
+``convert --dry-run``); ``load(folder)`` rebuilds a converted folder, ``load_model(path)`` reads a
+model of any supported format.
 
 The public names below, and the submodules (``hadaconv.io``, ``hadaconv.ops``, ...), are
 imported on first use (PEP 562), not with the package: they pull in torch and transformers

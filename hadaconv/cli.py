@@ -775,8 +775,8 @@ def _ids(ctx, param, given: tuple[str, ...]) -> list[int] | None:
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", multiple=True, help="Causal LMs: the text to continue (given once).")
 @click.option("--text", multiple=True,
-              help="Encoders: the text to embed; repeatable: one embedding per text, in the order given (the "
-                   "texts run as one padded batch).")
+              help="Encoders: the text to embed; classifiers: the text to classify.  Repeatable: one result per "
+                   "text, in the order given (the texts run as one padded batch).")
 @click.option("--ids", multiple=True, callback=_ids, metavar="IDS",
               help="The input as token ids instead of text, e.g. 1,2,3: for bundles without a tokenizer "
                    "(a causal LM then prints the generated ids).")
@@ -804,7 +804,8 @@ def _ids(ctx, param, given: tuple[str, ...]) -> list[int] | None:
 def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
             provider, normalize, as_json) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with
-    the KV cache; printed as it is generated) or print the embedding of each --text (encoders).  A
+    the KV cache; printed as it is generated), print the embedding of each --text (encoders) or
+    its predicted label, or each token's for a token classification head (classifiers).  A
     bundle without a tokenizer takes token ids with --ids instead, and a causal LM then prints the
     generated ids (comma-separated, like --ids)."""
     from hadaconv.export.bundle import context_length, open_bundle, read_metadata
@@ -825,24 +826,27 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
         from hadaconv.generate import check_context
 
         check_context(context, len(ids), max_new_tokens)
-    if meta.get("kind") == "encoder":  # generation options would be ignored: say so rather than seem used
+    if meta.get("kind") in ("encoder", "classifier"):  # generation options would be ignored: say so
         source = click.get_current_context().get_parameter_source
         asked = [f"--{name.replace('_', '-')}" for name in ("max_new_tokens", "temperature", "top_k",
                                                              "repetition_penalty", "chat", "seed")
                  if source(name) != click.core.ParameterSource.DEFAULT]
         if asked:
             one = len(asked) == 1
-            raise HadaconvError(f"{' and '.join(asked)} {'is' if one else 'are'} for generation, and {bundle} is an "
-                                f"encoder bundle, which embeds: drop {'it' if one else 'them'}")
+            what = "an encoder bundle, which embeds" if meta["kind"] == "encoder" else "a classifier bundle"
+            raise HadaconvError(f"{' and '.join(asked)} {'is' if one else 'are'} for generation, and {bundle} is "
+                                f"{what}: drop {'it' if one else 'them'}")
     if temperature == 0 and (top_k or seed is not None):  # after the encoder's refusal, which drops them all
         raise HadaconvError(f"{'--top-k' if top_k else '--seed'} only matters when sampling: give --temperature "
                             "above 0 too (0, the default, is greedy decoding)")
-    if normalize and meta.get("kind") == "causal-lm":
-        raise HadaconvError(f"--normalize is for encoder bundles' embeddings, and {bundle} is a causal LM bundle, "
-                            "which generates: drop it")
+    if normalize and meta.get("kind") in ("causal-lm", "classifier"):
+        what = "a causal LM bundle, which generates" if meta["kind"] == "causal-lm" else "a classifier bundle"
+        raise HadaconvError(f"--normalize is for encoder bundles' embeddings, and {bundle} is {what}: drop it")
     opened = open_bundle(bundle, providers=provider)
     if opened.kind == "encoder":
         _print_embedding(opened, given if ids is None else [ids], as_json, normalize)
+    elif opened.kind == "classifier":
+        _print_classification(opened, given if ids is None else [ids], as_json)
     else:
         _print_generation(opened, given, ids, max_new_tokens, as_json, temperature=temperature, top_k=top_k,
                           repetition_penalty=repetition_penalty, chat=chat, seed=seed)
@@ -855,13 +859,14 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | No
     from hadaconv.export.bundle import tokenizer_missing
 
     kind = meta.get("kind", "module")
-    if kind not in ("causal-lm", "encoder"):
+    if kind not in ("causal-lm", "encoder", "classifier"):
         outputs = ", ".join(o["name"] for o in meta.get("outputs", []))
         raise HadaconvError(f"{bundle} holds {indefinite(kind)} ({outputs}): "
                             "run it with hadaconv.export.bundle.open_bundle")
     # per kind: its option, the text given there, what one bundle is, what they are
     causal = ("--prompt", prompt, "a causal LM bundle", "causal LM bundles")
-    encoder = ("--text", text, "an encoder bundle", "encoder bundles")
+    encoder = ("--text", text, indefinite(kind) + " bundle" if kind != "causal-lm" else "an encoder bundle",
+               "encoder and classifier bundles")
     mine, others = (causal, encoder) if kind == "causal-lm" else (encoder, causal)
     (option, given, what, _), (wrong, other, _, theirs) = mine, others
     hint = f"{wrong} is for {theirs}; "
@@ -902,6 +907,35 @@ def _print_embedding(opened, texts: list, as_json: bool, normalize: bool) -> Non
         head = ", ".join(f"{v:.4f}" for v in vec[:8])
         which = f"text {i + 1}: " if len(texts) > 1 else ""
         click.echo(f"{which}sentence_embedding [{vec.shape[0]}]: [{head}, ...]  norm {float(np.linalg.norm(vec)):.4f}")
+
+
+def _print_classification(opened, texts: list, as_json: bool) -> None:
+    """One line per text (or id list), in order: its most likely label and probability, or each
+    token with its label for a token classification head; with --json one JSON object a line."""
+    from hadaconv.generate import classify
+
+    result = classify(opened, texts)
+    labelled = result.predicted
+    for i, given in enumerate(texts):
+        which = f"text {i + 1}: " if len(texts) > 1 else ""
+        shown = {"text": given} if isinstance(given, str) else {"ids": [int(t) for t in given]}
+        if result.per_token:
+            kept = result.input_ids[i][result.attention_mask[i] == 1].tolist()
+            tokens = opened.tokenizer.convert_ids_to_tokens(kept) if opened.tokenizer is not None else kept
+            if as_json:
+                click.echo(json.dumps({**shown, "tokens": tokens, "labels": labelled[i]}))
+            else:
+                click.echo(which + " ".join(f"{t}/{lab}" for t, lab in zip(tokens, labelled[i])))
+            continue
+        scores = {name: float(p) for name, p in zip(result.labels, result.scores[i])}
+        if as_json:
+            click.echo(json.dumps({**shown, "label": labelled[i], "scores": scores}))
+            continue
+        ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+        rest = ", ".join(f"{name} {p:.4f}" for name, p in ranked[1:4])
+        top = f"{ranked[0][0]} {ranked[0][1]:.4f}" if not result.multi_label else \
+            (", ".join(labelled[i]) or "no label over 0.5")
+        click.echo(f"{which}{top}" + (f"  ({rest})" if rest and not result.multi_label else ""))
 
 
 def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new_tokens: int, as_json: bool,

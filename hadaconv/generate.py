@@ -6,7 +6,8 @@ step's ``present.*`` back as ``past_key_values.*`` through ONNX Runtime IO bindi
 stays on the execution provider's device).  Greedy by default; ``temperature > 0``
 samples (optionally from the ``top_k`` most likely tokens); ``repetition_penalty > 1`` makes
 tokens already in the sequence less likely; ``chat=True`` wraps each text prompt in the
-tokenizer's chat template as one user turn.  :func:`embed` runs an encoder.
+tokenizer's chat template as one user turn.  :func:`embed` runs an encoder, :func:`classify` a
+classifier (an encoder with a sequence or token classification head).
 
 Both accept an opened :class:`~hadaconv.export.bundle.Bundle`, a bundle folder, or a bare
 ``onnxruntime.InferenceSession`` (the cache layout is then read off the session's inputs).
@@ -29,7 +30,7 @@ import numpy as np
 from hadaconv.errors import HadaconvError, InputError, check_int, check_number, indefinite, option
 from hadaconv.export.bundle import Bundle, context_length, open_bundle, positive_int, tokenizer_missing
 
-__all__ = ["Embedding", "Generation", "embed", "generate", "special_tokens"]
+__all__ = ["Classification", "Embedding", "Generation", "classify", "embed", "generate", "special_tokens"]
 
 # Element types of the cache as ``OrtValue.ortvalue_from_shape_and_type`` takes them: numpy has no
 # bfloat16, so that one goes by its ONNX type number (TensorProto.BFLOAT16 = 16).
@@ -84,6 +85,58 @@ class Embedding:
 
     sentence_embedding: np.ndarray
     last_hidden_state: np.ndarray
+
+
+@dataclass
+class Classification:
+    """The result of :func:`classify`, float32 (widened exactly from a bfloat16 bundle).
+
+    Attributes:
+        logits: [batch, labels] from a sequence classification head, [batch, seq, labels] from a
+            token classification head (padded positions included; ``attention_mask`` marks them).
+        labels: the label names by index: the model's ``id2label`` as exported; a masked LM's
+            tokens (logits as wide as the vocabulary, with a tokenizer); else LABEL_0, ...
+        input_ids: [batch, seq] int64, the tokens classified (padded).
+        attention_mask: [batch, seq], 1 for the tokens of the input, 0 for padding.
+        multi_label: the head was trained with ``problem_type="multi_label_classification"``
+            (independent sigmoids) rather than one softmax over the labels.
+    """
+
+    logits: np.ndarray
+    labels: list[str]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    multi_label: bool = False
+
+    @property
+    def per_token(self) -> bool:
+        """A token classification head: one prediction per input token."""
+        return self.logits.ndim == 3
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Probabilities, shaped like ``logits`` (float64): a softmax over the labels, or each
+        label's sigmoid where ``multi_label``."""
+        z = self.logits.astype(np.float64)
+        if self.multi_label:
+            return 1.0 / (1.0 + np.exp(-z))
+        z = np.exp(z - z.max(axis=-1, keepdims=True))
+        return z / z.sum(axis=-1, keepdims=True)
+
+    @property
+    def predicted(self) -> list:
+        """The most likely label of each input (a list of names), or for a token classification head
+        of each input's tokens (a list of lists, padding dropped).  Multi-label heads give every
+        label whose probability is above 0.5 (a list per input or token)."""
+        def name(row: np.ndarray) -> Any:
+            if self.multi_label:
+                return [self.labels[j] for j in np.flatnonzero(row > 0.5)]
+            return self.labels[int(np.argmax(row))]
+
+        scores = self.scores
+        if not self.per_token:
+            return [name(row) for row in scores]
+        return [[name(tok) for tok, keep in zip(seq, mask) if keep] for seq, mask in zip(scores, self.attention_mask)]
 
 
 #: What a text input without a tokenizer can do instead.
@@ -188,11 +241,14 @@ def _token_ids(ids: Any) -> np.ndarray:
     return np.atleast_2d(arr).astype(np.int64)
 
 
-def _check_vocabulary(session: Any, ids: np.ndarray, mask: np.ndarray, meta: dict) -> None:
-    """InputError for a prompt id at or past the vocabulary size (the logits' static last axis,
-    else the ``vocab_size`` the bundle records), which would otherwise fail inside the graph's
-    embedding Gather with ONNX Runtime's own message."""
-    vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits" and o.shape), None)
+def _check_vocabulary(session: Any, ids: np.ndarray, mask: np.ndarray, meta: dict, *,
+                      lm_logits: bool = True) -> None:
+    """InputError for a prompt id at or past the vocabulary size (a causal LM's logits' static last
+    axis, else the ``vocab_size`` the bundle records), which would otherwise fail inside the graph's
+    embedding Gather with ONNX Runtime's own message.  A classifier's logits are over its labels:
+    ``lm_logits=False`` reads the recorded size alone."""
+    vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits" and o.shape), None) \
+        if lm_logits else None
     if not isinstance(vocab, int):
         vocab = positive_int(meta.get("vocab_size"))
     top = int(ids[mask == 1].max())
@@ -466,6 +522,30 @@ def _run_on_host(session: Any, feeds: dict[str, np.ndarray], outputs: list[str])
     return {name: _host(value) for name, value in zip(outputs, binding.get_outputs())}
 
 
+def _text_feeds(session: Any, tokenizer: Any, meta: dict, text: Any) -> dict[str, np.ndarray]:
+    """An encoder's or a classifier's feeds (input_ids, attention_mask) from one text, a list of
+    texts (one padded batch) or token ids [seq] / [batch, seq], checked against what it reads."""
+    names = {i.name for i in session.get_inputs()}
+    if isinstance(text, Sequence) and not isinstance(text, str) and len(text) == 0:
+        raise InputError(f"text is an empty {type(text).__name__}: give at least one text (or token ids)")
+    if isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
+        if tokenizer is None:
+            raise HadaconvError(f"text needs a tokenizer: {tokenizer_missing() or _NO_TOKENIZER}")
+        limit = _encoder_limit(tokenizer, meta)
+        # Cut one past the limit: a longer text is known by its length, without transformers' warning.
+        cut = {"truncation": True, "max_length": limit + 1} if limit is not None else {}
+        enc = tokenizer([text] if isinstance(text, str) else list(text), padding=True, return_tensors="np", **cut)
+        _check_lengths(np.asarray(enc["attention_mask"]).sum(axis=1).tolist(), limit)
+        feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
+    else:
+        ids = _token_ids(text)
+        mask = np.ones_like(ids)
+        _check_lengths([ids.shape[1]], _encoder_limit(tokenizer, meta), "input")
+        _check_vocabulary(session, ids, mask, meta, lm_logits=False)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+    return feeds
+
+
 def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *, tokenizer: Any = None,
           normalize: bool = False) -> Embedding:
     """Sentence embeddings (mean-pooled last hidden states) of ``text`` (one text, a list run as one
@@ -486,7 +566,6 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
     if not isinstance(normalize, (bool, np.bool_)):  # a string would read as True
         raise InputError(f"normalize is True or False, got {normalize!r}")
     session, tokenizer, meta = _resolve(target, tokenizer)
-    names = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
     if not {"sentence_embedding", "last_hidden_state"} <= set(outputs):
         listed = f"{', '.join(outputs[:3])}{', ...' if len(outputs) > 3 else ''}"
@@ -498,23 +577,7 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
             what = f"this session's outputs are {listed}"
         raise HadaconvError(f"embedding needs an encoder bundle (sentence_embedding and last_hidden_state outputs), "
                             f"and {what}")
-    if isinstance(text, Sequence) and not isinstance(text, str) and len(text) == 0:
-        raise InputError(f"text is an empty {type(text).__name__}: give at least one text (or token ids)")
-    if isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
-        if tokenizer is None:
-            raise HadaconvError(f"text needs a tokenizer: {tokenizer_missing() or _NO_TOKENIZER}")
-        limit = _encoder_limit(tokenizer, meta)
-        # Cut one past the limit: a longer text is known by its length, without transformers' warning.
-        cut = {"truncation": True, "max_length": limit + 1} if limit is not None else {}
-        enc = tokenizer([text] if isinstance(text, str) else list(text), padding=True, return_tensors="np", **cut)
-        _check_lengths(np.asarray(enc["attention_mask"]).sum(axis=1).tolist(), limit)
-        feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
-    else:
-        ids = _token_ids(text)
-        mask = np.ones_like(ids)
-        _check_lengths([ids.shape[1]], _encoder_limit(tokenizer, meta), "input")
-        _check_vocabulary(session, ids, mask, meta)
-        feeds = {"input_ids": ids, "attention_mask": mask}
+    feeds = _text_feeds(session, tokenizer, meta, text)
     try:
         result = _run_on_host(session, feeds, outputs)
     except Exception as exc:
@@ -524,3 +587,46 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
         norm = np.linalg.norm(pooled.astype(np.float64), axis=-1, keepdims=True)
         pooled = (pooled / np.maximum(norm, 1e-12)).astype(pooled.dtype)
     return Embedding(pooled, result["last_hidden_state"])
+
+
+def _vocabulary_labels(tokenizer: Any, meta: dict, width: int) -> list[str] | None:
+    """A masked LM's "labels" are its vocabulary: the tokenizer's tokens, where the logits span it."""
+    if tokenizer is None or width != positive_int(meta.get("vocab_size")) or len(tokenizer) < width:
+        return None
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(list(range(width)))]
+
+
+def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *,
+             tokenizer: Any = None) -> Classification:
+    """Run a classifier bundle (``export --kind classifier``: a Hugging Face encoder with a sequence
+    or token classification head, or a masked LM's) on ``text``: one text, a list run as one padded batch, or token
+    ids [seq] / [batch, seq].  The pipeline's last step, the softmax, is
+    :attr:`Classification.scores`; :attr:`Classification.predicted` names the labels.
+
+    Raises:
+        InputError: an empty list, ids that are not a non-negative integer array, past the recorded
+            vocabulary, or an input longer than the encoder reads.
+        HadaconvError: not a classifier bundle, text without a tokenizer, or an ONNX Runtime failure.
+    """
+    session, tokenizer, meta = _resolve(target, tokenizer)
+    outputs = [o.name for o in session.get_outputs()]
+    if meta.get("kind") not in (None, "classifier") or outputs != ["logits"]:
+        what = f"this one is {indefinite(meta['kind'])} bundle" if meta.get("kind") not in (None, "classifier") \
+            else f"its graph's outputs are {', '.join(outputs[:3])}{', ...' if len(outputs) > 3 else ''}"
+        raise HadaconvError(f"classifying needs a classifier bundle (one logits output), and {what}")
+    feeds = _text_feeds(session, tokenizer, meta, text)
+    try:
+        logits = _run_on_host(session, feeds, outputs)["logits"]
+    except Exception as exc:
+        raise HadaconvError(f"ONNX Runtime failed: {str(exc).strip().splitlines()[0]}") from None
+    if logits.ndim not in (2, 3):
+        raise HadaconvError(f"a classifier's logits are [batch, labels] or [batch, seq, labels], got "
+                            f"{list(logits.shape)}")
+    labels = meta.get("labels") or _vocabulary_labels(tokenizer, meta, logits.shape[-1]) or \
+        [f"LABEL_{i}" for i in range(logits.shape[-1])]
+    if len(labels) != logits.shape[-1]:
+        raise HadaconvError(f"the bundle names {len(labels)} labels and its logits have {logits.shape[-1]}: the "
+                            "metadata is damaged, export the bundle again")
+    mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"]))
+    multi = meta.get("problem_type") == "multi_label_classification"
+    return Classification(logits, list(labels), feeds["input_ids"], mask, multi)

@@ -1342,6 +1342,16 @@ ROWS = [
     Row("run-metadata-text-vocabulary", lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), vocab_size="abc"),
                                                       "--text", "hi"],
         r"hadaconv_onnx\.json: vocab_size is not what hadaconv export writes \('abc'\)$"),
+    Row("run-metadata-labels-not-names", lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), kind="classifier",
+                                                                      labels=[1, 2]), "--text", "hi"],
+        r"hadaconv_onnx\.json: labels is not what hadaconv export writes \(\[1, 2\]\)$"),
+    Row("run-metadata-problem-type", lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), problem_type=7),
+                                                   "--text", "hi"],
+        r"hadaconv_onnx\.json: problem_type is not what hadaconv export writes \(7\)$"),
+    Row("run-encoder-as-classifier",  # metadata that says classifier over an encoder's graph
+        lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), kind="classifier"), "--text", "hi"],
+        r"classifying needs a classifier bundle \(one logits output\), and its graph's outputs are "
+        r"last_hidden_state, sentence_embedding$"),
     Row("run-metadata-unknown-kind", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), kind="robot"), "--prompt", "hi"],
         r"kind is not what hadaconv export writes \('robot'\)"),
     Row("run-causal-without-prompt", lambda w, t: ["run", w.bundle],
@@ -1352,11 +1362,11 @@ ROWS = [
         lambda w, t: ["run", w.encoder, "--text", "embed me", "--max-new-tokens", "5", "--chat"],
         r"--max-new-tokens and --chat are for generation, and .* is an encoder bundle, which embeds: drop them$"),
     Row("run-causal-with-text", lambda w, t: ["run", w.bundle, "--text", "embed me"],
-        r"--text is for encoder bundles; .* is a causal LM bundle: give --prompt"),
+        r"--text is for encoder and classifier bundles; .* is a causal LM bundle: give --prompt"),
     Row("run-prompt-and-text", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--text", "embed me"],
-        r"--text is for encoder bundles; .* is a causal LM bundle: drop --text$"),
+        r"--text is for encoder and classifier bundles; .* is a causal LM bundle: drop --text$"),
     Row("run-text-and-ids", lambda w, t: ["run", w.bundle, "--text", "embed me", "--ids", "5,6"],
-        r"--text is for encoder bundles; .* is a causal LM bundle: drop --text$"),
+        r"--text is for encoder and classifier bundles; .* is a causal LM bundle: drop --text$"),
     Row("run-encoder-text-and-prompt", lambda w, t: ["run", w.encoder, "--text", "embed me", "--prompt", "hi"],
         r"--prompt is for causal LM bundles; .* is an encoder bundle: drop --prompt$"),
     Row("run-causal-normalize", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--normalize"],
@@ -1421,7 +1431,7 @@ ROWS = [
     Row("run-second-text-not-utf8", lambda w, t: ["run", w.encoder, "--text", "fine", "--text", "caf\udce9"],
         r"--text 2 is not UTF-8 text$"),
     Row("run-causal-with-texts", lambda w, t: ["run", w.bundle, "--text", "a", "--text", "b"],
-        r"--text is for encoder bundles; .* is a causal LM bundle: give --prompt"),
+        r"--text is for encoder and classifier bundles; .* is a causal LM bundle: give --prompt"),
     Row("run-prompt-twice", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--prompt", "there"],
         r"--prompt was given 2 times: a run continues one prompt"),
     Row("run-ids-past-vocabulary", lambda w, t: ["run", w.bundle, "--ids", f"5,{VOCAB}"],
@@ -1694,7 +1704,7 @@ def test_run_checks_its_options_before_opening_the_bundle(world, capsys, monkeyp
         raise AssertionError("the options must be checked before the session is created")
 
     monkeypatch.setattr("hadaconv.export.bundle.open_bundle", no_session)
-    for argv, expect in ((["run", world.bundle, "--text", "hi"], r"--text is for encoder bundles"),
+    for argv, expect in ((["run", world.bundle, "--text", "hi"], r"--text is for encoder and classifier bundles"),
                          (["run", world.encoder, "--prompt", "hi"], r"--prompt is for causal LM bundles"),
                          (["run", world.bundle, "--ids", "1,2", "--chat"], r"--chat needs --prompt")):
         _expect_one_error(capsys, monkeypatch, [str(a) for a in argv], expect)
@@ -1993,7 +2003,7 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("load-missing-folder", lambda: load(t / "nope"), HadaconvError, r"^no such folder: .*nope$"),
         ("load-bundle", lambda: load(w.bundle), HadaconvError,
          r"is an ONNX bundle \(what an ONNX export writes\): run it with hadaconv\.generate\.generate \(an encoder's: "
-         r"hadaconv\.generate\.embed\), or give the model folder it was exported from$"),
+         r"hadaconv\.generate\.embed, a classifier's: classify\), or give the model folder it was exported from$"),
         ("save-dense-model", lambda: save(make_tiny("llama"), t / "out"), HadaconvError,
          r"the model holds no HadamardProjection: nothing converted to save"),
         ("save-hand-made-projection", lambda: save(_hand_patched(), t / "out"), HadaconvError,

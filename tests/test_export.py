@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,85 @@ def test_encoder_embeddings(tmp_path, tokenizer, family, form, block, capsys):
         assert code == 0 and json.loads(out)["ids"] == [101, 7592, 102], err
         code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[0], "--text", texts[1])
         assert code == 0 and [line.split(":")[0] for line in out.splitlines()[:2]] == ["text 1", "text 2"], out
+
+
+def _head(class_name: str, **config) -> nn.Module:
+    import transformers
+
+    from tiny_models import _BERT
+
+    torch.manual_seed(0)
+    model = getattr(transformers, class_name)(transformers.BertConfig(**_BERT, pad_token_id=0, **config)).eval()
+    return randomize(patch(model, block=4))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_sequence_classifier_runs_with_its_labels(tmp_path, tokenizer, form, capsys):
+    from cli_runner import run_cli
+
+    from hadaconv.generate import classify
+
+    labels = {0: "negative", 1: "neutral", 2: "positive"}
+    model = _head("BertForSequenceClassification", num_labels=3, id2label=labels,
+                  label2id={v: k for k, v in labels.items()})
+    result = export_onnx(model, tmp_path / "b", portable=form == "portable", tokenizer=tokenizer)
+    assert result.meta["labels"] == ["negative", "neutral", "positive"]
+    texts = ["a short one", "and a somewhat longer sentence to classify, with padding for the other"]
+    out = classify(tmp_path / "b", texts)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():  # the float64 reference: the same weights in double precision
+        ref = model.double()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
+    np.testing.assert_allclose(out.logits, ref, rtol=0, atol=1e-4)
+    probs = np.exp(ref - ref.max(-1, keepdims=True))
+    np.testing.assert_allclose(out.scores, probs / probs.sum(-1, keepdims=True), rtol=0, atol=1e-5)
+    assert not out.per_token and out.predicted == [labels[int(i)] for i in ref.argmax(-1)]
+    code, text, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[0], "--text", texts[1])
+    assert code == 0, err
+    lines = text.splitlines()
+    assert [line.split(": ")[1].split()[0] for line in lines] == out.predicted, text
+    code, text, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[1], "--json")
+    assert code == 0, err
+    line = json.loads(text)
+    assert line["text"] == texts[1] and line["label"] == out.predicted[1]
+    np.testing.assert_allclose([line["scores"][labels[i]] for i in range(3)], out.scores[1], rtol=0, atol=1e-12)
+    for flags, expect in ((["--normalize"], r"--normalize is for encoder bundles' embeddings, and .* is a "
+                                            r"classifier bundle: drop it"),
+                          (["--temperature", "0.5"], r"--temperature is for generation, and .* is a classifier "
+                                                     r"bundle: drop it"),
+                          (["--prompt", "hi"], r"--prompt is for causal LM bundles; .* is a classifier bundle")):
+        code, text, err = run_cli(capsys, "run", tmp_path / "b", *flags, *([] if "--prompt" in flags else
+                                                                           ["--text", "hi"]))
+        assert code != 0 and re.search(expect, err), err
+    meta = json.loads((tmp_path / "b" / METADATA).read_text())
+    (tmp_path / "b" / METADATA).write_text(json.dumps({**meta, "labels": ["only one"]}))
+    with pytest.raises(HadaconvError, match=r"the bundle names 1 labels and its logits have 3: the metadata is "
+                                            r"damaged, export the bundle again$"):
+        classify(tmp_path / "b", texts)
+
+
+def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, capsys):
+    from cli_runner import run_cli
+
+    from hadaconv.generate import classify
+
+    model = _head("BertForTokenClassification", num_labels=2)
+    export_onnx(model, tmp_path / "tok", tokenizer=tokenizer)
+    out = classify(tmp_path / "tok", ["one two three", "four"])
+    enc = tokenizer(["one two three", "four"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.double()(**{k: enc[k] for k in ("input_ids", "attention_mask")}).logits.numpy()
+    np.testing.assert_allclose(out.logits, ref, rtol=0, atol=1e-4)
+    lengths = enc["attention_mask"].sum(1).tolist()
+    assert out.per_token and [len(p) for p in out.predicted] == lengths and out.labels == ["LABEL_0", "LABEL_1"]
+    assert out.predicted[1] == [f"LABEL_{int(i)}" for i in ref[1, :lengths[1]].argmax(-1)]
+    code, text, err = run_cli(capsys, "run", tmp_path / "tok", "--text", "four", "--json")
+    assert code == 0, err
+    assert json.loads(text)["tokens"] == tokenizer.convert_ids_to_tokens(enc["input_ids"][1, :lengths[1]].tolist())
+
+    mlm = _head("BertForMaskedLM")
+    export_onnx(mlm, tmp_path / "mlm", tokenizer=tokenizer)
+    out = classify(tmp_path / "mlm", "one two three")
+    assert out.labels == tokenizer.convert_ids_to_tokens(list(range(len(out.labels))))  # its vocabulary
 
 
 def test_torch_module_with_input_shape(tmp_path, caplog):

@@ -323,13 +323,13 @@ def _resolve_kind(model: nn.Module, kind: str | None, *, example_inputs: Any, ca
 def _check_kind(kind: str, detected: str, model: nn.Module) -> None:
     """Refuse, before the export, a kind whose outputs the model surely lacks: a head's logits or
     a causal LM's KV cache from a bare encoder, a bare backbone's last hidden state from a model
-    with a head; and a causal LM as a classifier, a bundle no runner takes.  Other mismatches
-    (a causal LM whose remote code cannot generate, say) are left to the export, which may
-    succeed."""
+    with a head; and a causal LM as a classifier, whose logits score the next token, not labels.
+    Other mismatches (a causal LM whose remote code cannot generate, say) are left to the export,
+    which may succeed."""
     if kind == "encoder" and detected in ("causal-lm", "classifier"):  # no last_hidden_state
         raise HadaconvError(f"the encoder kind exports a bare backbone's last hidden state, and "
                             f"{type(model).__name__} has a head: export it as {detected} (the kind detected)")
-    if kind == "classifier" and detected == "causal-lm":  # a bundle hadaconv run would then refuse
+    if kind == "classifier" and detected == "causal-lm":  # generate() would refuse it, classify() mislabel it
         raise HadaconvError(f"the classifier kind exports a head's logits, and {type(model).__name__} is a causal "
                             "LM: export it as causal-lm (the kind detected; --no-cache for logits without a KV "
                             "cache, which open_bundle runs)")
@@ -374,6 +374,17 @@ def _write_graph(spec, path: Path, *, kind: str, form: str, optimize: str | None
     return fusions, set(program.model.opset_imports)
 
 
+def _labels(config: Any, width: Any) -> list[str] | None:
+    """The classifier's label names by index (its config's ``id2label``), or None where they do not
+    name every logit (transformers' LABEL_i stand-ins are generated again on reading)."""
+    names = getattr(config, "id2label", None) or {}
+    try:
+        ordered = [str(names[i]) for i in range(len(names))]
+    except (KeyError, TypeError):
+        return None
+    return ordered if ordered and (not isinstance(width, int) or len(ordered) == width) else None
+
+
 def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fusions: dict[str, int] | None,
               lib_name: str | None, tokenizer: Any, source: str | None, precision: torch.dtype,
               validation: dict | None) -> dict:
@@ -401,5 +412,8 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
         # the embedding's rows, for an encoder's token ids (a causal LM's logits state them too)
         "vocab_size": positive_int(getattr(config, "vocab_size", None)),
     }
+    if kind == "classifier":  # what hadaconv run and generate.classify name the logits by
+        meta["labels"] = _labels(config, outputs[0]["shape"][-1] if outputs and outputs[0].get("shape") else None)
+        meta["problem_type"] = getattr(config, "problem_type", None)
     meta["genai_config"] = _write_genai(folder, model, spec, meta)
     return meta

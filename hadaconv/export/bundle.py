@@ -20,7 +20,8 @@ and count, or null: :mod:`hadaconv.export.fusions`), ``op_library`` (file name
 or null), ``inputs``/``outputs`` (name, element type and shape, symbolic axes by name), ``cache``
 (num_layers, num_kv_heads, head_dim, value_head_dim, position_ids; causal LMs with the cache),
 ``tokenizer`` (bool), ``eos_token_id``, ``pad_token_id``, ``hadamard_layers`` (how many
-converted projections the graph holds), ``source``, ``validation`` (per output max abs/rel
+converted projections the graph holds), ``labels`` and ``problem_type`` (classifiers: the label
+names by index, or null, and the head's ``problem_type``), ``source``, ``validation`` (per output max abs/rel
 difference against PyTorch, with the tolerance) and ``genai_config`` (its file name, or null).
 """
 
@@ -138,6 +139,11 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
 KINDS = ("causal-lm", "encoder", "classifier", "module")
 
 
+def _names(v: Any) -> bool:
+    """A classifier's label names: a non-empty list of strings (bounded: the file is untrusted)."""
+    return isinstance(v, list) and 0 < len(v) <= 1 << 20 and all(isinstance(x, str) and len(x) <= 1000 for x in v)
+
+
 def _check_fields(path: Path, meta: dict[str, Any]) -> None:
     """The fields hadaconv acts on have the types :func:`hadaconv.export_onnx` writes (the file
     is untrusted: a token id of 1.5 or 10**30 would otherwise fail deep inside generation)."""
@@ -161,6 +167,8 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
         # absent (older bundles) or null (unknown) is fine; a value is a length, not a guess
         "context_length": meta.get("context_length") is None or positive_int(meta["context_length"]) is not None,
         "vocab_size": meta.get("vocab_size") is None or positive_int(meta["vocab_size"]) is not None,
+        "labels": meta.get("labels") is None or _names(meta["labels"]),
+        "problem_type": meta.get("problem_type") is None or isinstance(meta["problem_type"], str),
     }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:

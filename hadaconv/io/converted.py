@@ -356,14 +356,14 @@ def refuse_bundle(folder: Path) -> None:
     """Say what an ONNX bundle given where a model folder goes is, and what takes it."""
     meta = folder / "hadaconv_onnx.json"  # export.bundle.METADATA
     if not (folder / "config.json").is_file() and meta.is_file():
-        try:  # hadaconv run takes encoders and causal LMs with the KV cache; a damaged file, its reader
+        try:  # hadaconv run takes encoders, classifiers and causal LMs with the KV cache; a damaged file, its reader
             data = read_json(meta)
             kind = data.get("kind")
-            runs = kind not in ("module", "classifier") and not (kind == "causal-lm" and data.get("cache", 0) is None)
+            runs = kind != "module" and not (kind == "causal-lm" and data.get("cache", 0) is None)
         except HadaconvError:
             runs = True
-        run = command("hadaconv run", "hadaconv.generate.generate (an encoder's: hadaconv.generate.embed)") \
-            if runs else "hadaconv.export.bundle.open_bundle"
+        api = "hadaconv.generate.generate (an encoder's: hadaconv.generate.embed, a classifier's: classify)"
+        run = command("hadaconv run", api) if runs else "hadaconv.export.bundle.open_bundle"
         raise HadaconvError(f"{folder} is an ONNX bundle (what an ONNX export writes): run it with {run}, or give "
                             "the model folder it was exported from")
 
