@@ -800,7 +800,9 @@ def _ids(ctx, param, given: tuple[str, ...]) -> list[int] | None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON, not streamed: for an encoder, one object per --text, a line each, "
                    "with the text (or the ids) and its whole sentence embedding (the plain output prints its first "
-                   "values); for a causal LM, one object with the new token ids and text.")
+                   "values); for a classifier, one object per --text with its label and every label's score (a "
+                   "token head: its tokens and their labels); for a causal LM, one object with the new token ids "
+                   "and text.")
 def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
             provider, normalize, as_json) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with
@@ -910,32 +912,33 @@ def _print_embedding(opened, texts: list, as_json: bool, normalize: bool) -> Non
 
 
 def _print_classification(opened, texts: list, as_json: bool) -> None:
-    """One line per text (or id list), in order: its most likely label and probability, or each
-    token with its label for a token classification head; with --json one JSON object a line."""
+    """One line per text (or id list), in order: its most likely label and probability with the
+    next three (a multi-label head: the labels above 0.5; a regression head: its values), or each
+    token with its label for a token head; with --json one JSON object a line."""
     from hadaconv.generate import classify
 
     result = classify(opened, texts)
-    labelled = result.predicted
     for i, given in enumerate(texts):
         which = f"text {i + 1}: " if len(texts) > 1 else ""
         shown = {"text": given} if isinstance(given, str) else {"ids": [int(t) for t in given]}
+        picked = result.predicted[i]
         if result.per_token:
             kept = result.input_ids[i][result.attention_mask[i] == 1].tolist()
             tokens = opened.tokenizer.convert_ids_to_tokens(kept) if opened.tokenizer is not None else kept
-            if as_json:
-                click.echo(json.dumps({**shown, "tokens": tokens, "labels": labelled[i]}))
-            else:
-                click.echo(which + " ".join(f"{t}/{lab}" for t, lab in zip(tokens, labelled[i])))
+            line = {**shown, "tokens": tokens, "labels": picked}
+            plain = which + " ".join(f"{t}/{lab}" for t, lab in zip(tokens, picked))
+            click.echo(json.dumps(line) if as_json else plain)
             continue
         scores = {name: float(p) for name, p in zip(result.labels, result.scores[i])}
         if as_json:
-            click.echo(json.dumps({**shown, "label": labelled[i], "scores": scores}))
+            click.echo(json.dumps({**shown, "label": picked, "scores": scores}))
             continue
         ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+        if result.function == "none" or result.multi_label:  # values, or every label's own probability
+            click.echo(which + ", ".join(f"{name} {p:.4f}" for name, p in ranked[:8]))
+            continue
         rest = ", ".join(f"{name} {p:.4f}" for name, p in ranked[1:4])
-        top = f"{ranked[0][0]} {ranked[0][1]:.4f}" if not result.multi_label else \
-            (", ".join(labelled[i]) or "no label over 0.5")
-        click.echo(f"{which}{top}" + (f"  ({rest})" if rest and not result.multi_label else ""))
+        click.echo(f"{which}{ranked[0][0]} {ranked[0][1]:.4f}" + (f"  ({rest})" if rest else ""))
 
 
 def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new_tokens: int, as_json: bool,

@@ -89,55 +89,65 @@ class Embedding:
 
 @dataclass
 class Classification:
-    """The result of :func:`classify`, float32 (widened exactly from a bfloat16 bundle).
+    """The result of :func:`classify`, in the bundle's float dtype (float32 from a bfloat16 bundle,
+    widened exactly).
 
     Attributes:
         logits: [batch, labels] from a sequence classification head, [batch, seq, labels] from a
-            token classification head (padded positions included; ``attention_mask`` marks them).
+            token classification head or a masked LM (padded positions included;
+            ``attention_mask`` marks them).
         labels: the label names by index: the model's ``id2label`` as exported; a masked LM's
             tokens (logits as wide as the vocabulary, with a tokenizer); else LABEL_0, ...
         input_ids: [batch, seq] int64, the tokens classified (padded).
         attention_mask: [batch, seq], 1 for the tokens of the input, 0 for padding.
-        multi_label: the head was trained with ``problem_type="multi_label_classification"``
-            (independent sigmoids) rather than one softmax over the labels.
+        function: what turns logits into :attr:`scores`, as transformers' text-classification
+            pipeline chooses it: "softmax" over the labels, "sigmoid" for each label (a sequence
+            head with ``problem_type="multi_label_classification"``, or with one logit), "none"
+            (``problem_type="regression"``: the logits are the predicted values).
+        multi_label: a sequence head with ``problem_type="multi_label_classification"``: each
+            input takes every label whose sigmoid is above 0.5.
     """
 
     logits: np.ndarray
     labels: list[str]
     input_ids: np.ndarray
     attention_mask: np.ndarray
+    function: str = "softmax"
     multi_label: bool = False
 
     @property
     def per_token(self) -> bool:
-        """A token classification head: one prediction per input token."""
+        """A token classification head (or a masked LM): one prediction per input token."""
         return self.logits.ndim == 3
 
     @property
     def scores(self) -> np.ndarray:
-        """Probabilities, shaped like ``logits`` (float64): a softmax over the labels, or each
-        label's sigmoid where ``multi_label``."""
+        """Probabilities (float64, shaped like ``logits``): :attr:`function` of the logits; a
+        regression head's values as they are."""
         z = self.logits.astype(np.float64)
-        if self.multi_label:
+        if self.function == "none":
+            return z
+        if self.function == "sigmoid":
             return 1.0 / (1.0 + np.exp(-z))
         z = np.exp(z - z.max(axis=-1, keepdims=True))
         return z / z.sum(axis=-1, keepdims=True)
 
     @property
     def predicted(self) -> list:
-        """The most likely label of each input (a list of names), or for a token classification head
-        of each input's tokens (a list of lists, padding dropped).  Multi-label heads give every
-        label whose probability is above 0.5 (a list per input or token)."""
-        def name(row: np.ndarray) -> Any:
+        """Each input's most likely label name, or for a token head each input's list of them, one
+        per token (padding dropped).  A multi-label head gives the list of labels above 0.5; a
+        regression head its value (one float, or a list for several outputs)."""
+        def pick(row: np.ndarray) -> Any:
+            if self.function == "none":
+                return float(row[0]) if len(row) == 1 else [float(v) for v in row]
             if self.multi_label:
                 return [self.labels[j] for j in np.flatnonzero(row > 0.5)]
             return self.labels[int(np.argmax(row))]
 
         scores = self.scores
         if not self.per_token:
-            return [name(row) for row in scores]
-        return [[name(tok) for tok, keep in zip(seq, mask) if keep] for seq, mask in zip(scores, self.attention_mask)]
-
+            return [pick(row) for row in scores]
+        return [[pick(tok) for tok, keep in zip(seq, mask) if keep] for seq, mask in zip(scores, self.attention_mask)]
 
 #: What a text input without a tokenizer can do instead.
 _NO_TOKENIZER = ("a bare session, or a bundle exported without one, has none: pass tokenizer=..., or give "
@@ -531,6 +541,9 @@ def _text_feeds(session: Any, tokenizer: Any, meta: dict, text: Any) -> dict[str
     if isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
         if tokenizer is None:
             raise HadaconvError(f"text needs a tokenizer: {tokenizer_missing() or _NO_TOKENIZER}")
+        if not isinstance(text, str) and len(text) > 1 and getattr(tokenizer, "pad_token", "") is None:
+            raise InputError(f"the tokenizer has no padding token, so {len(text)} texts cannot run as one batch: "
+                             "give one text at a time")
         limit = _encoder_limit(tokenizer, meta)
         # Cut one past the limit: a longer text is known by its length, without transformers' warning.
         cut = {"truncation": True, "max_length": limit + 1} if limit is not None else {}
@@ -560,7 +573,7 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
         InputError: ``normalize`` not a bool, an empty list, ids that are not a non-negative integer
             array, past the recorded vocabulary, or an input longer than the encoder reads (its
             position table as recorded at export, or its tokenizer's ``model_max_length``, whichever
-            is smaller).
+            is smaller), or several texts with a tokenizer that has no padding token.
         HadaconvError: not an encoder bundle, text without a tokenizer, or an ONNX Runtime failure.
     """
     if not isinstance(normalize, (bool, np.bool_)):  # a string would read as True
@@ -590,10 +603,25 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
 
 
 def _vocabulary_labels(tokenizer: Any, meta: dict, width: int) -> list[str] | None:
-    """A masked LM's "labels" are its vocabulary: the tokenizer's tokens, where the logits span it."""
-    if tokenizer is None or width != positive_int(meta.get("vocab_size")) or len(tokenizer) < width:
+    """A masked LM's "labels" are its vocabulary: the tokenizer's tokens, where the logits span it
+    (LABEL_i past the tokenizer's end, where the embedding was padded to a round size)."""
+    if tokenizer is None or width != positive_int(meta.get("vocab_size")):
         return None
-    return [str(t) for t in tokenizer.convert_ids_to_tokens(list(range(width)))]
+    known = tokenizer.convert_ids_to_tokens(list(range(min(width, len(tokenizer)))))
+    return [str(t) if t is not None else f"LABEL_{i}" for i, t in enumerate(known)] + \
+        [f"LABEL_{i}" for i in range(len(known), width)]
+
+
+def _scoring(meta: dict, logits: np.ndarray) -> tuple[str, bool]:
+    """(function, multi_label) of a :class:`Classification`: transformers' pipeline rule, where
+    ``problem_type`` matters for sequence heads only (token heads train with cross-entropy)."""
+    problem = meta.get("problem_type")
+    if problem == "regression":
+        return "none", False
+    sequence = logits.ndim == 2
+    if sequence and (problem == "multi_label_classification" or logits.shape[-1] == 1):
+        return "sigmoid", problem == "multi_label_classification"
+    return "softmax", False
 
 
 def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *,
@@ -605,14 +633,21 @@ def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str]
 
     Raises:
         InputError: an empty list, ids that are not a non-negative integer array, past the recorded
-            vocabulary, or an input longer than the encoder reads.
+            vocabulary, an input longer than the encoder reads, or several texts with a tokenizer
+            that has no padding token.
         HadaconvError: not a classifier bundle, text without a tokenizer, or an ONNX Runtime failure.
     """
     session, tokenizer, meta = _resolve(target, tokenizer)
     outputs = [o.name for o in session.get_outputs()]
-    if meta.get("kind") not in (None, "classifier") or outputs != ["logits"]:
-        what = f"this one is {indefinite(meta['kind'])} bundle" if meta.get("kind") not in (None, "classifier") \
-            else f"its graph's outputs are {', '.join(outputs[:3])}{', ...' if len(outputs) > 3 else ''}"
+    kind = meta.get("kind")
+    if kind not in (None, "classifier") or outputs != ["logits"]:
+        if kind in ("causal-lm", "encoder"):
+            what = ("this is a causal LM bundle: hadaconv.generate.generate runs it" if kind == "causal-lm" else
+                    "this is an encoder bundle: hadaconv.generate.embed runs it")
+        elif kind not in (None, "classifier"):
+            what = f"this is {indefinite(kind)} bundle: hadaconv.export.bundle.open_bundle runs it"
+        else:
+            what = f"its graph's outputs are {', '.join(outputs[:3])}{', ...' if len(outputs) > 3 else ''}"
         raise HadaconvError(f"classifying needs a classifier bundle (one logits output), and {what}")
     feeds = _text_feeds(session, tokenizer, meta, text)
     try:
@@ -625,8 +660,7 @@ def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str]
     labels = meta.get("labels") or _vocabulary_labels(tokenizer, meta, logits.shape[-1]) or \
         [f"LABEL_{i}" for i in range(logits.shape[-1])]
     if len(labels) != logits.shape[-1]:
-        raise HadaconvError(f"the bundle names {len(labels)} labels and its logits have {logits.shape[-1]}: the "
-                            "metadata is damaged, export the bundle again")
+        raise HadaconvError(f"the bundle's metadata (labels) names {len(labels)} labels and its logits have "
+                            f"{logits.shape[-1]}: the metadata is damaged, export the bundle again")
     mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"]))
-    multi = meta.get("problem_type") == "multi_label_classification"
-    return Classification(logits, list(labels), feeds["input_ids"], mask, multi)
+    return Classification(logits, list(labels), feeds["input_ids"], mask, *_scoring(meta, logits))

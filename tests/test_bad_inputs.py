@@ -1345,6 +1345,9 @@ ROWS = [
     Row("run-metadata-labels-not-names", lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), kind="classifier",
                                                                       labels=[1, 2]), "--text", "hi"],
         r"hadaconv_onnx\.json: labels is not what hadaconv export writes \(\[1, 2\]\)$"),
+    Row("run-metadata-label-forges-a-line",  # printed a line per text: a newline would forge one
+        lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), kind="classifier", labels=["a\nb"]), "--text", "hi"],
+        r"hadaconv_onnx\.json: labels is not what hadaconv export writes"),
     Row("run-metadata-problem-type", lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), problem_type=7),
                                                    "--text", "hi"],
         r"hadaconv_onnx\.json: problem_type is not what hadaconv export writes \(7\)$"),
@@ -2003,7 +2006,8 @@ def _api_rows(w: World, t: Path) -> list[tuple[str, Callable, type, str]]:
         ("load-missing-folder", lambda: load(t / "nope"), HadaconvError, r"^no such folder: .*nope$"),
         ("load-bundle", lambda: load(w.bundle), HadaconvError,
          r"is an ONNX bundle \(what an ONNX export writes\): run it with hadaconv\.generate\.generate \(an encoder's: "
-         r"hadaconv\.generate\.embed, a classifier's: classify\), or give the model folder it was exported from$"),
+         r"hadaconv\.generate\.embed, a classifier's: hadaconv\.generate\.classify\), or give the model folder it was "
+         r"exported from$"),
         ("save-dense-model", lambda: save(make_tiny("llama"), t / "out"), HadaconvError,
          r"the model holds no HadamardProjection: nothing converted to save"),
         ("save-hand-made-projection", lambda: save(_hand_patched(), t / "out"), HadaconvError,

@@ -268,8 +268,8 @@ def test_sequence_classifier_runs_with_its_labels(tmp_path, tokenizer, form, cap
         assert code != 0 and re.search(expect, err), err
     meta = json.loads((tmp_path / "b" / METADATA).read_text())
     (tmp_path / "b" / METADATA).write_text(json.dumps({**meta, "labels": ["only one"]}))
-    with pytest.raises(HadaconvError, match=r"the bundle names 1 labels and its logits have 3: the metadata is "
-                                            r"damaged, export the bundle again$"):
+    with pytest.raises(HadaconvError, match=r"the bundle's metadata \(labels\) names 1 labels and its logits "
+                                            r"have 3: the metadata is damaged, export the bundle again$"):
         classify(tmp_path / "b", texts)
 
 
@@ -296,6 +296,55 @@ def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, ca
     export_onnx(mlm, tmp_path / "mlm", tokenizer=tokenizer)
     out = classify(tmp_path / "mlm", "one two three")
     assert out.labels == tokenizer.convert_ids_to_tokens(list(range(len(out.labels))))  # its vocabulary
+
+
+def test_multi_label_head_scores_each_label_and_ids_run_without_a_tokenizer(tmp_path, capsys):
+    from cli_runner import run_cli
+
+    from hadaconv.generate import classify
+
+    model = _head("BertForSequenceClassification", num_labels=3, problem_type="multi_label_classification",
+                  id2label={0: "x", 1: "x", 2: "y"})  # not distinct: the bundle numbers them instead
+    result = export_onnx(model, tmp_path / "b")  # no tokenizer: token ids in
+    assert result.meta["labels"] is None and result.meta["problem_type"] == "multi_label_classification"
+    ids = [[101, 7592, 2088, 102]]
+    out = classify(tmp_path / "b", ids)
+    with torch.no_grad():
+        ref = model.double()(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(out.scores, 1 / (1 + np.exp(-ref)), rtol=0, atol=1e-5)
+    assert out.multi_label and out.predicted == [[f"LABEL_{j}" for j in np.flatnonzero(ref[0] > 0)]]
+    code, text, err = run_cli(capsys, "run", tmp_path / "b", "--ids", "101,7592,2088,102", "--json")
+    assert code == 0, err
+    line = json.loads(text)
+    assert line["ids"] == ids[0] and line["label"] == out.predicted[0] and len(line["scores"]) == 3
+
+
+@pytest.mark.parametrize("problem,width,function", [("regression", 1, "none"), (None, 1, "sigmoid"),
+                                                    (None, 3, "softmax"), ("multi_label_classification", 3, "sigmoid")])
+def test_classification_scores_follow_the_pipeline(problem, width, function):
+    from hadaconv.generate import Classification, _scoring
+
+    logits = np.array([[0.5, -1.0, 2.0][:width]], dtype=np.float32)
+    result = Classification(logits, [f"L{j}" for j in range(width)], np.ones((1, 2), np.int64),
+                            np.ones((1, 2), np.int64), *_scoring({"problem_type": problem}, logits))
+    z = logits.astype(np.float64)
+    expect = {"none": z, "sigmoid": 1 / (1 + np.exp(-z)), "softmax": np.exp(z) / np.exp(z).sum()}[function]
+    assert result.function == function
+    np.testing.assert_allclose(result.scores, expect, rtol=1e-12, atol=0)
+    if function == "none":
+        assert result.predicted == [0.5]
+    token = _scoring({"problem_type": problem}, logits[:, None, :])  # token heads: cross-entropy, whatever it says
+    assert token == (("none", False) if problem == "regression" else ("softmax", False))
+
+
+def test_a_masked_lm_padded_past_its_tokenizer_names_the_rest(tokenizer):
+    from hadaconv.generate import _vocabulary_labels
+
+    width = len(tokenizer) + 2
+    names = _vocabulary_labels(tokenizer, {"vocab_size": width}, width)
+    assert names[:5] == tokenizer.convert_ids_to_tokens(list(range(5)))
+    assert names[-2:] == [f"LABEL_{width - 2}", f"LABEL_{width - 1}"] and len(names) == width
+    assert _vocabulary_labels(tokenizer, {"vocab_size": width}, 3) is None  # a head's logits, not a vocabulary
 
 
 def test_torch_module_with_input_shape(tmp_path, caplog):

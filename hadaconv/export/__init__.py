@@ -27,7 +27,8 @@ from torch import nn
 from hadaconv._version import __version__
 from hadaconv.adapters import context_length as model_context
 from hadaconv.errors import HadaconvError, check_module, check_number, indefinite, option
-from hadaconv.export.bundle import MODEL, FORMAT, VERSION, atomic_folder, io_description, positive_int, write_metadata
+from hadaconv.export.bundle import (MODEL, FORMAT, VERSION, atomic_folder, io_description, label_names, positive_int,
+                                    write_metadata)
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
 from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
 from hadaconv.progress import status
@@ -293,7 +294,8 @@ def export_onnx(
         diffs: list[OutputDiff] = []
         if validate_outputs:
             stage("validating in ONNX Runtime against PyTorch")
-            sess = session(tmp / MODEL, "cpu", library=tmp / lib_name if lib_name else False)
+            # The installed library, as open_bundle loads it: an error then names a path that stays.
+            sess = session(tmp / MODEL, "cpu", library=library if lib_name else False)
             diffs = _validate(spec, sess, model, original, original_inputs, tokenizer, atol, cache)
             for line in summarize(diffs):
                 log(line)
@@ -376,13 +378,15 @@ def _write_graph(spec, path: Path, *, kind: str, form: str, optimize: str | None
 
 def _labels(config: Any, width: Any) -> list[str] | None:
     """The classifier's label names by index (its config's ``id2label``), or None where they do not
-    name every logit (transformers' LABEL_i stand-ins are generated again on reading)."""
+    name every logit or are not what a bundle may hold (:func:`label_names`: distinct, printable);
+    the readers then number them LABEL_0, ... as transformers does."""
     names = getattr(config, "id2label", None) or {}
     try:
         ordered = [str(names[i]) for i in range(len(names))]
     except (KeyError, TypeError):
         return None
-    return ordered if ordered and (not isinstance(width, int) or len(ordered) == width) else None
+    fits = not isinstance(width, int) or len(ordered) == width
+    return ordered if fits and label_names(ordered) else None
 
 
 def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fusions: dict[str, int] | None,

@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
 __all__ = ["FORMAT", "METADATA", "MODEL", "VERSION", "Bundle", "atomic_folder", "check_bundle_output", "context_length",
-           "open_bundle", "positive_int", "read_metadata", "tokenizer_missing"]
+           "label_names", "open_bundle", "positive_int", "read_metadata", "tokenizer_missing"]
 
 METADATA = "hadaconv_onnx.json"
 MODEL = "model.onnx"
@@ -139,9 +139,12 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
 KINDS = ("causal-lm", "encoder", "classifier", "module")
 
 
-def _names(v: Any) -> bool:
-    """A classifier's label names: a non-empty list of strings (bounded: the file is untrusted)."""
-    return isinstance(v, list) and 0 < len(v) <= 1 << 20 and all(isinstance(x, str) and len(x) <= 1000 for x in v)
+def label_names(v: Any) -> bool:
+    """Whether ``v`` is what a bundle may hold as a classifier's label names: a non-empty list of
+    distinct, printable, non-empty strings, bounded (the file is untrusted, and the names are printed
+    a line per text: a newline or a terminal escape in one would forge output)."""
+    return (isinstance(v, list) and 0 < len(v) <= 1 << 20 and len(set(map(str, v))) == len(v)
+            and all(isinstance(x, str) and 0 < len(x) <= 1000 and x.isprintable() for x in v))
 
 
 def _check_fields(path: Path, meta: dict[str, Any]) -> None:
@@ -167,7 +170,7 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
         # absent (older bundles) or null (unknown) is fine; a value is a length, not a guess
         "context_length": meta.get("context_length") is None or positive_int(meta["context_length"]) is not None,
         "vocab_size": meta.get("vocab_size") is None or positive_int(meta["vocab_size"]) is not None,
-        "labels": meta.get("labels") is None or _names(meta["labels"]),
+        "labels": meta.get("labels") is None or label_names(meta["labels"]),
         "problem_type": meta.get("problem_type") is None or isinstance(meta["problem_type"], str),
     }
     bad = [name for name, ok in checks.items() if not ok]

@@ -362,7 +362,8 @@ def refuse_bundle(folder: Path) -> None:
             runs = kind != "module" and not (kind == "causal-lm" and data.get("cache", 0) is None)
         except HadaconvError:
             runs = True
-        api = "hadaconv.generate.generate (an encoder's: hadaconv.generate.embed, a classifier's: classify)"
+        api = ("hadaconv.generate.generate (an encoder's: hadaconv.generate.embed, a classifier's: "
+               "hadaconv.generate.classify)")
         run = command("hadaconv run", api) if runs else "hadaconv.export.bundle.open_bundle"
         raise HadaconvError(f"{folder} is an ONNX bundle (what an ONNX export writes): run it with {run}, or give "
                             "the model folder it was exported from")
