@@ -339,8 +339,12 @@ def _cache_inputs(session: Any, meta: dict) -> list[str]:
                             ".value): not a graph hadaconv exports")
     past.sort(key=lambda n: (int(n.split(".")[1]), n))
     if "input_ids" not in inputs or not past:
-        kind = meta.get("kind")
-        again = f": export it again without {option('cache', False, flag='--no-cache')}" if kind == "causal-lm" else ""
+        kind, outputs = meta.get("kind"), [o.name for o in session.get_outputs()]
+        again = ""
+        if kind == "causal-lm" and "logits" in outputs:
+            again = f": export it again without {option('cache', False, flag='--no-cache')}"
+        elif kind == "causal-lm":  # metadata that says causal LM over another kind's graph
+            again = f" and outputs {', '.join(outputs[:3])}: its metadata is damaged, export the bundle again"
         raise HadaconvError(f"generation needs a causal LM exported with the KV cache; this {kind or 'model'} bundle "
                             f"has inputs {', '.join(inputs)}{again}")
     return past

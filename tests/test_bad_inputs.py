@@ -1355,6 +1355,10 @@ ROWS = [
         lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), kind="classifier"), "--text", "hi"],
         r"classifying needs a classifier bundle \(one logits output\), and its graph's outputs are "
         r"last_hidden_state, sentence_embedding$"),
+    Row("run-encoder-as-causal-lm",  # was told to export again without --no-cache
+        lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), kind="causal-lm"), "--prompt", "hi"],
+        r"this causal-lm bundle has inputs input_ids, attention_mask and outputs last_hidden_state, "
+        r"sentence_embedding: its metadata is damaged, export the bundle again$"),
     Row("run-metadata-unknown-kind", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), kind="robot"), "--prompt", "hi"],
         r"kind is not what hadaconv export writes \('robot'\)"),
     Row("run-causal-without-prompt", lambda w, t: ["run", w.bundle],
