@@ -911,10 +911,17 @@ def _print_embedding(opened, texts: list, as_json: bool, normalize: bool) -> Non
         click.echo(f"{which}sentence_embedding [{vec.shape[0]}]: [{head}, ...]  norm {float(np.linalg.norm(vec)):.4f}")
 
 
+def _shown(text: Any) -> str:
+    """A token or label as printed a line per text: control characters escaped (the bundle's
+    tokenizer is untrusted, and a newline in a token would forge a line)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _print_classification(opened, texts: list, as_json: bool) -> None:
     """One line per text (or id list), in order: its most likely label and probability with the
-    next three (a multi-label head: the labels above 0.5; a regression head: its values), or each
-    token with its label for a token head; with --json one JSON object a line."""
+    next three; a multi-label head's labels above 0.5, then every label's probability in label
+    order; a regression head's values in label order; or each token with its label for a token
+    head.  With --json one JSON object a line."""
     from hadaconv.generate import classify
 
     result = classify(opened, texts)
@@ -925,20 +932,22 @@ def _print_classification(opened, texts: list, as_json: bool) -> None:
         if result.per_token:
             kept = result.input_ids[i][result.attention_mask[i] == 1].tolist()
             tokens = opened.tokenizer.convert_ids_to_tokens(kept) if opened.tokenizer is not None else kept
-            line = {**shown, "tokens": tokens, "labels": picked}
-            plain = which + " ".join(f"{t}/{lab}" for t, lab in zip(tokens, picked))
-            click.echo(json.dumps(line) if as_json else plain)
+            plain = which + " ".join(f"{_shown(t)}/{_shown(lab)}" for t, lab in zip(tokens, picked))
+            click.echo(json.dumps({**shown, "tokens": tokens, "labels": picked}) if as_json else plain)
             continue
-        scores = {name: float(p) for name, p in zip(result.labels, result.scores[i])}
+        scores = [(name, float(p)) for name, p in zip(result.labels, result.scores[i])]
         if as_json:
-            click.echo(json.dumps({**shown, "label": picked, "scores": scores}))
+            click.echo(json.dumps({**shown, "label": picked, "scores": dict(scores)}))
             continue
-        ranked = sorted(scores.items(), key=lambda kv: -kv[1])
-        if result.function == "none" or result.multi_label:  # values, or every label's own probability
-            click.echo(which + ", ".join(f"{name} {p:.4f}" for name, p in ranked[:8]))
-            continue
-        rest = ", ".join(f"{name} {p:.4f}" for name, p in ranked[1:4])
-        click.echo(f"{which}{ranked[0][0]} {ranked[0][1]:.4f}" + (f"  ({rest})" if rest else ""))
+        listed = ", ".join(f"{_shown(name)} {p:.4f}" for name, p in scores[:8]) + (", ..." if len(scores) > 8 else "")
+        if result.function == "none":
+            click.echo(which + listed)
+        elif result.multi_label:
+            click.echo(f"{which}{', '.join(map(_shown, picked)) or 'no label above 0.5'}  ({listed})")
+        else:
+            ranked = sorted(scores, key=lambda kv: -kv[1])
+            rest = ", ".join(f"{_shown(name)} {p:.4f}" for name, p in ranked[1:4])
+            click.echo(f"{which}{_shown(ranked[0][0])} {ranked[0][1]:.4f}" + (f"  ({rest})" if rest else ""))
 
 
 def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new_tokens: int, as_json: bool,

@@ -100,9 +100,10 @@ class Classification:
             tokens (logits as wide as the vocabulary, with a tokenizer); else LABEL_0, ...
         input_ids: [batch, seq] int64, the tokens classified (padded).
         attention_mask: [batch, seq], 1 for the tokens of the input, 0 for padding.
-        function: what turns logits into :attr:`scores`, as transformers' text-classification
-            pipeline chooses it: "softmax" over the labels, "sigmoid" for each label (a sequence
-            head with ``problem_type="multi_label_classification"``, or with one logit), "none"
+        function: what turns logits into :attr:`scores`, as transformers' classification
+            pipelines choose it: "softmax" over the labels (always for token heads, which train
+            with cross-entropy), and for sequence heads "sigmoid" for each label
+            (``problem_type="multi_label_classification"``, or one logit) or "none"
             (``problem_type="regression"``: the logits are the predicted values).
         multi_label: a sequence head with ``problem_type="multi_label_classification"``: each
             input takes every label whose sigmoid is above 0.5.
@@ -128,15 +129,15 @@ class Classification:
         if self.function == "none":
             return z
         if self.function == "sigmoid":
-            return 1.0 / (1.0 + np.exp(-z))
+            return 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function, without exp's overflow
         z = np.exp(z - z.max(axis=-1, keepdims=True))
         return z / z.sum(axis=-1, keepdims=True)
 
     @property
     def predicted(self) -> list:
         """Each input's most likely label name, or for a token head each input's list of them, one
-        per token (padding dropped).  A multi-label head gives the list of labels above 0.5; a
-        regression head its value (one float, or a list for several outputs)."""
+        per token (padding dropped).  A multi-label sequence head gives the list of labels above 0.5;
+        a regression head its value (one float, or a list of floats for several outputs)."""
         def pick(row: np.ndarray) -> Any:
             if self.function == "none":
                 return float(row[0]) if len(row) == 1 else [float(v) for v in row]
@@ -148,6 +149,7 @@ class Classification:
         if not self.per_token:
             return [pick(row) for row in scores]
         return [[pick(tok) for tok, keep in zip(seq, mask) if keep] for seq, mask in zip(scores, self.attention_mask)]
+
 
 #: What a text input without a tokenizer can do instead.
 _NO_TOKENIZER = ("a bare session, or a bundle exported without one, has none: pass tokenizer=..., or give "
@@ -551,7 +553,8 @@ def _text_feeds(session: Any, tokenizer: Any, meta: dict, text: Any) -> dict[str
         limit = _encoder_limit(tokenizer, meta)
         # Cut one past the limit: a longer text is known by its length, without transformers' warning.
         cut = {"truncation": True, "max_length": limit + 1} if limit is not None else {}
-        enc = tokenizer([text] if isinstance(text, str) else list(text), padding=True, return_tensors="np", **cut)
+        batch = [text] if isinstance(text, str) else list(text)
+        enc = tokenizer(batch, padding=len(batch) > 1, return_tensors="np", **cut)  # one text needs no pad token
         _check_lengths(np.asarray(enc["attention_mask"]).sum(axis=1).tolist(), limit)
         feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
     else:
@@ -620,10 +623,11 @@ def _scoring(meta: dict, logits: np.ndarray) -> tuple[str, bool]:
     """(function, multi_label) of a :class:`Classification`: transformers' pipeline rule, where
     ``problem_type`` matters for sequence heads only (token heads train with cross-entropy)."""
     problem = meta.get("problem_type")
+    if logits.ndim == 3:
+        return "softmax", False
     if problem == "regression":
         return "none", False
-    sequence = logits.ndim == 2
-    if sequence and (problem == "multi_label_classification" or logits.shape[-1] == 1):
+    if problem == "multi_label_classification" or logits.shape[-1] == 1:
         return "sigmoid", problem == "multi_label_classification"
     return "softmax", False
 
@@ -632,8 +636,9 @@ def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str]
              tokenizer: Any = None) -> Classification:
     """Run a classifier bundle (``export --kind classifier``: a Hugging Face encoder with a sequence
     or token classification head, or a masked LM's) on ``text``: one text, a list run as one padded batch, or token
-    ids [seq] / [batch, seq].  The pipeline's last step, the softmax, is
-    :attr:`Classification.scores`; :attr:`Classification.predicted` names the labels.
+    ids [seq] / [batch, seq].  :attr:`Classification.scores` applies what transformers' pipelines
+    end in (a softmax, sigmoids, or nothing for regression: :attr:`Classification.function`);
+    :attr:`Classification.predicted` names the labels.
 
     Raises:
         InputError: an empty list, ids that are not a non-negative integer array, past the recorded

@@ -1330,6 +1330,10 @@ ROWS = [
     Row("run-invalid-metadata",
         lambda w, t: ["run", _write(_copy(w.bundle, t / "b") / METADATA, "{nope").parent, "--prompt", "hi"],
         r"cannot read .*hadaconv_onnx\.json"),
+    Row("run-metadata-integer-past-python's-limit",  # int() refuses over 4300 digits with a bare ValueError
+        lambda w, t: ["run", _write(_copy(w.bundle, t / "b") / METADATA, '{"vocab_size": ' + "1" * 5000 + "}").parent,
+                      "--prompt", "hi"],
+        r"hadaconv_onnx\.json is not a JSON file: Exceeds the limit \(4300 digits\)"),
     Row("run-metadata-float-eos", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), eos_token_id=1.5), "--prompt", "hi"],
         r"hadaconv_onnx\.json: eos_token_id is not what hadaconv export writes \(1\.5\)"),
     Row("run-metadata-huge-pad", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), pad_token_id=10 ** 30), "--prompt", "hi"],

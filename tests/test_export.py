@@ -266,6 +266,16 @@ def test_sequence_classifier_runs_with_its_labels(tmp_path, tokenizer, form, cap
         code, text, err = run_cli(capsys, "run", tmp_path / "b", *flags, *([] if "--prompt" in flags else
                                                                            ["--text", "hi"]))
         assert code != 0 and re.search(expect, err), err
+    import copy
+
+    from hadaconv.errors import InputError
+
+    padless = copy.deepcopy(tokenizer)
+    padless.pad_token = None  # decoder tokenizers often have none: one text needs no padding
+    np.testing.assert_allclose(classify(tmp_path / "b", texts[1], tokenizer=padless).logits, ref[1:], rtol=0,
+                               atol=1e-4)
+    with pytest.raises(InputError, match=r"^the tokenizer has no padding token, so 2 texts cannot run as one batch"):
+        classify(tmp_path / "b", texts, tokenizer=padless)
     meta = json.loads((tmp_path / "b" / METADATA).read_text())
     (tmp_path / "b" / METADATA).write_text(json.dumps({**meta, "labels": ["only one"]}))
     with pytest.raises(HadaconvError, match=r"the bundle's metadata \(labels\) names 1 labels and its logits "
@@ -317,6 +327,16 @@ def test_multi_label_head_scores_each_label_and_ids_run_without_a_tokenizer(tmp_
     assert code == 0, err
     line = json.loads(text)
     assert line["ids"] == ids[0] and line["label"] == out.predicted[0] and len(line["scores"]) == 3
+    code, text, err = run_cli(capsys, "run", tmp_path / "b", "--ids", "101,7592,2088,102")
+    assert code == 0, err
+    listed = ", ".join(f"LABEL_{j} {p:.4f}" for j, p in enumerate(out.scores[0]))  # label order, not ranked
+    assert text.rstrip() == f"{', '.join(out.predicted[0]) or 'no label above 0.5'}  ({listed})", text
+
+
+def test_printed_tokens_and_labels_cannot_forge_a_line():
+    from hadaconv.cli import _shown
+
+    assert _shown("a\nb\x1b[2J") == "a\\nb\\x1b[2J" and _shown("naïve ##ing") == "naïve ##ing"
 
 
 @pytest.mark.parametrize("problem,width,function", [("regression", 1, "none"), (None, 1, "sigmoid"),
@@ -334,7 +354,7 @@ def test_classification_scores_follow_the_pipeline(problem, width, function):
     if function == "none":
         assert result.predicted == [0.5]
     token = _scoring({"problem_type": problem}, logits[:, None, :])  # token heads: cross-entropy, whatever it says
-    assert token == (("none", False) if problem == "regression" else ("softmax", False))
+    assert token == ("softmax", False)
 
 
 def test_a_masked_lm_padded_past_its_tokenizer_names_the_rest(tokenizer):

@@ -143,8 +143,8 @@ def label_names(v: Any) -> bool:
     """Whether ``v`` is what a bundle may hold as a classifier's label names: a non-empty list of
     distinct, printable, non-empty strings, bounded (the file is untrusted, and the names are printed
     a line per text: a newline or a terminal escape in one would forge output)."""
-    return (isinstance(v, list) and 0 < len(v) <= 1 << 20 and len(set(map(str, v))) == len(v)
-            and all(isinstance(x, str) and 0 < len(x) <= 1000 and x.isprintable() for x in v))
+    return (isinstance(v, list) and 0 < len(v) <= 1 << 20
+            and all(isinstance(x, str) and 0 < len(x) <= 1000 and x.isprintable() for x in v) and len(set(v)) == len(v))
 
 
 def _check_fields(path: Path, meta: dict[str, Any]) -> None:

@@ -126,7 +126,8 @@ def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
         data = json.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise ModelFormatError(f"cannot read {path}: {exc.strerror or first_line(exc)}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nesting past Python's stack
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError, as
+        # is an integer past Python's 4300 digits; RecursionError: nesting past Python's stack
         raise ModelFormatError(f"{path} is not a JSON file: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise ModelFormatError(f"{path} does not hold a JSON object")
