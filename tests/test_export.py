@@ -303,7 +303,9 @@ def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, ca
     assert json.loads(text)["tokens"] == tokenizer.convert_ids_to_tokens(enc["input_ids"][1, :lengths[1]].tolist())
 
     mlm = _head("BertForMaskedLM")
-    export_onnx(mlm, tmp_path / "mlm", tokenizer=tokenizer)
+    said = []
+    export_onnx(mlm, tmp_path / "mlm", tokenizer=tokenizer, log=said.append)
+    assert not any("label names" in line for line in said), said  # its id2label is transformers' stand-in
     out = classify(tmp_path / "mlm", "one two three")
     assert out.labels == tokenizer.convert_ids_to_tokens(list(range(len(out.labels))))  # its vocabulary
 
@@ -315,8 +317,10 @@ def test_multi_label_head_scores_each_label_and_ids_run_without_a_tokenizer(tmp_
 
     model = _head("BertForSequenceClassification", num_labels=3, problem_type="multi_label_classification",
                   id2label={0: "x", 1: "x", 2: "y"})  # not distinct: the bundle numbers them instead
-    result = export_onnx(model, tmp_path / "b")  # no tokenizer: token ids in
+    said = []
+    result = export_onnx(model, tmp_path / "b", log=said.append)  # no tokenizer: token ids in
     assert result.meta["labels"] is None and result.meta["problem_type"] == "multi_label_classification"
+    assert said[-1].startswith("the model's label names (id2label) are not distinct, printable names")
     ids = [[101, 7592, 2088, 102]]
     out = classify(tmp_path / "b", ids)
     with torch.no_grad():

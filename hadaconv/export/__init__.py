@@ -303,6 +303,10 @@ def export_onnx(
                          tokenizer=tokenizer, source=source, precision=precision,
                          validation={"atol": atol, "diffs": [vars(d) for d in diffs]} if validate_outputs else None)
         write_metadata(tmp, meta)
+    names = getattr(getattr(model, "config", None), "id2label", None) or {}
+    if kind == "classifier" and meta["labels"] is None and len(names) == meta["outputs"][0]["shape"][-1]:
+        log("the model's label names (id2label) are not distinct, printable names: the bundle numbers its labels "
+            "LABEL_0, LABEL_1, ...")  # a masked LM's id2label is transformers' stand-in, and says nothing
     return ExportResult(out, kind, form, diffs, meta)
 
 
