@@ -635,8 +635,8 @@ def _scoring(meta: dict, logits: np.ndarray) -> tuple[str, bool]:
 def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *,
              tokenizer: Any = None) -> Classification:
     """Run a classifier bundle (``export --kind classifier``: a Hugging Face encoder with a sequence
-    or token classification head, or a masked LM's) on ``text``: one text, a list run as one padded batch, or token
-    ids [seq] / [batch, seq].  :attr:`Classification.scores` applies what transformers' pipelines
+    or token classification head, or a masked LM's) on ``text``: one text, a list run as one padded
+    batch, or token ids [seq] / [batch, seq].  :attr:`Classification.scores` applies what transformers' pipelines
     end in (a softmax, sigmoids, or nothing for regression: :attr:`Classification.function`);
     :attr:`Classification.predicted` names the labels.
 
