@@ -474,6 +474,9 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with" + _no_tokenizer_why(loaded.format))
     named = f"--reference {reference}"  # the model the embeddings are compared with, as the user knows it
+    if model_kind(loaded.model) == "classifier":  # a head's logits over labels (or a masked LM's): no perplexity
+        raise HadaconvError(f"{model} is a classifier ({type(loaded.model).__name__}), which has no perplexity: eval "
+                            "measures causal LMs (perplexity) and text encoders (embedding cosine to --reference)")
     if not reference and model_kind(loaded.model) == "encoder":  # no perplexity: its embeddings vs the original's
         reference, why = (None, None) if no_baseline else (baseline, None) if baseline else \
             _recorded_original(loaded, model)
@@ -526,8 +529,9 @@ def _baseline_model(other: str, seq_len: int, **load: Any) -> nn.Module:
         model = load_model(other, **load).model
     except HadaconvError as exc:
         raise refused(exc) from None
-    if model_kind(model) == "encoder":
-        raise HadaconvError(f"the baseline {other} is a text encoder, which has no perplexity: give a causal LM "
+    if model_kind(model) in ("encoder", "classifier"):
+        what = "a text encoder" if model_kind(model) == "encoder" else "a classifier"
+        raise HadaconvError(f"the baseline {other} is {what}, which has no perplexity: give a causal LM "
                             "that reads the same tokens (--no-baseline skips it)")
     try:
         check_seq_len(model, seq_len)
@@ -884,6 +888,8 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | No
     if given is not None and ids is not None:
         raise HadaconvError(f"give {option} or --ids, not both")
     if given is None and ids is None:
+        if not meta.get("tokenizer"):  # text would be refused next
+            raise HadaconvError(f"{bundle} is {what} without a tokenizer: give token ids with --ids, e.g. --ids 1,2,3")
         raise HadaconvError(f"{hint if other is not None else ''}{bundle} is {what}: give {option} (or token ids "
                             "with --ids)")
     if given is not None and meta.get("tokenizer") and tokenizer_missing() is not None:  # the ort extra alone

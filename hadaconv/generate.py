@@ -243,8 +243,9 @@ def _token_ids(ids: Any) -> np.ndarray:
     a float array would be truncated and a negative id would wrap around in the graph's Gather."""
     try:
         arr = np.asarray(ids.detach().cpu() if hasattr(ids, "detach") else ids)
-    except ValueError as exc:  # ragged nested lists
-        raise InputError(f"token ids must be a rectangular integer array: {exc}") from None
+    except ValueError:  # ragged nested lists
+        raise InputError("token ids must be a rectangular integer array: rows of a batch have one length (pad "
+                         "them, or give one row at a time)") from None
     if arr.ndim not in (1, 2) or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
         raise InputError(f"token ids must be a non-empty integer array [seq] or [batch, seq], got "
                          f"{arr.dtype} of shape {list(arr.shape)}")
@@ -634,11 +635,12 @@ def _scoring(meta: dict, logits: np.ndarray) -> tuple[str, bool]:
 
 def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *,
              tokenizer: Any = None) -> Classification:
-    """Run a classifier bundle (``export --kind classifier``: a Hugging Face encoder with a sequence
-    or token classification head, or a masked LM's) on ``text``: one text, a list run as one padded
-    batch, or token ids [seq] / [batch, seq].  :attr:`Classification.scores` applies what transformers' pipelines
-    end in (a softmax, sigmoids, or nothing for regression: :attr:`Classification.function`);
-    :attr:`Classification.predicted` names the labels.
+    """Run a classifier bundle (what ``export`` writes for a Hugging Face encoder with a sequence or
+    token classification head, or a masked LM's; kind ``classifier``, detected) on ``text``: one
+    text, a list run as one padded batch, or token ids [seq] / [batch, seq].
+    :attr:`Classification.scores` applies what transformers' pipelines end in (a softmax, sigmoids,
+    or nothing for regression: :attr:`Classification.function`); :attr:`Classification.predicted`
+    names the labels.
 
     Raises:
         InputError: an empty list, ids that are not a non-negative integer array, past the recorded

@@ -146,6 +146,18 @@ def _orphan_encoder(w: "World", t: Path) -> Path:
     return out
 
 
+def _classifier(w: "World", t: Path) -> Path:
+    """A tiny BERT with a sequence classification head, of w.bert's shape, with its tokenizer."""
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(AutoConfig.from_pretrained(w.bert)).save_pretrained(t / "cls")
+    for name in TOKENIZER_FILES:
+        if (w.bert / name).is_file():
+            shutil.copy(w.bert / name, t / "cls" / name)
+    return t / "cls"
+
+
 def _checkpoint_of(folder: Path, **settings) -> Path:
     """A checkpoint folder whose run had ``settings`` (DISTILL's text sizes otherwise): the
     settings alone, all that is read before the models load."""
@@ -1363,6 +1375,20 @@ ROWS = [
         lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), kind="causal-lm"), "--prompt", "hi"],
         r"this causal-lm bundle has inputs input_ids, attention_mask and outputs last_hidden_state, "
         r"sentence_embedding: its metadata is damaged, export the bundle again$"),
+    Row("run-bundle-without-tokenizer-nothing-given",  # was told to give --text, which is refused next
+        lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), tokenizer=False)],
+        r"b is an encoder bundle without a tokenizer: give token ids with --ids, e\.g\. --ids 1,2,3$"),
+    Row("eval-a-classifier",  # computed a causal LM's loss on a head's logits: an unexpected ValueError
+        lambda w, t: ["eval", _classifier(w, t), "--text", w.calib, "--seq-len", "16", "--no-baseline"],
+        r"cls is a classifier \(BertForSequenceClassification\), which has no perplexity: eval measures causal LMs "
+        r"\(perplexity\) and text encoders \(embedding cosine to --reference\)$"),
+    Row("eval-baseline-a-classifier",
+        lambda w, t: ["eval", w.hf, "--baseline", _classifier(w, t), "--text", w.calib, "--seq-len", "16"],
+        r"the baseline .*cls is a classifier, which has no perplexity: give a causal LM"),
+    Row("export-classifier-as-causal-lm",  # an AttributeError from the KV cache layout
+        lambda w, t: ["export", _classifier(w, t), "-o", t / "b", "--kind", "causal-lm"],
+        r"the causal-lm kind exports a model that generates \(logits and a KV cache\), and "
+        r"BertForSequenceClassification is a classifier: export it as classifier \(the kind detected\)$"),
     Row("run-metadata-unknown-kind", lambda w, t: ["run", _meta_with(_copy(w.bundle, t / "b"), kind="robot"), "--prompt", "hi"],
         r"kind is not what hadaconv export writes \('robot'\)"),
     Row("run-causal-without-prompt", lambda w, t: ["run", w.bundle],

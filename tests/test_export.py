@@ -501,7 +501,7 @@ def one_line_error(argv: list[str], capsys) -> str:
 def test_cli_errors(tmp_path, converted_folder, tiny_bundle, capsys):
     assert "no such file" in one_line_error(["export", str(tmp_path / "nope"), "-o", str(tmp_path / "o")], capsys)
     assert "not a hadaconv ONNX bundle" in one_line_error(["run", str(converted_folder), "--prompt", "x"], capsys)
-    assert "--prompt" in one_line_error(["run", str(tiny_bundle)], capsys)
+    assert "without a tokenizer: give token ids with --ids" in one_line_error(["run", str(tiny_bundle)], capsys)
 
 
 def test_failed_validation_leaves_nothing(tmp_path):

@@ -339,6 +339,9 @@ def _check_kind(kind: str, detected: str, model: nn.Module) -> None:
         raise HadaconvError(f"the classifier kind exports a head's logits, and {type(model).__name__} is a causal "
                             "LM: export it as causal-lm (the kind detected; --no-cache for logits without a KV "
                             "cache, which open_bundle runs)")
+    if kind == "causal-lm" and detected == "classifier":  # a head on an encoder: no KV cache to export
+        raise HadaconvError(f"the causal-lm kind exports a model that generates (logits and a KV cache), and "
+                            f"{type(model).__name__} is a classifier: export it as classifier (the kind detected)")
     if kind in ("causal-lm", "classifier") and detected == "encoder":  # a bare backbone: no logits
         what = "a model that generates (logits and a KV cache)" if kind == "causal-lm" else "a head on an encoder"
         raise HadaconvError(f"the {kind} kind exports {what}, and {type(model).__name__} is a bare encoder: "
