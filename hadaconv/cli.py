@@ -474,10 +474,11 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
     if loaded.tokenizer is None:
         raise HadaconvError(f"{model} has no tokenizer to evaluate text with" + _no_tokenizer_why(loaded.format))
     named = f"--reference {reference}"  # the model the embeddings are compared with, as the user knows it
-    if model_kind(loaded.model) == "classifier":  # a head's logits over labels (or a masked LM's): no perplexity
+    kind = model_kind(loaded.model)
+    if kind == "classifier":  # a head's logits over labels (or a masked LM's): no perplexity
         raise HadaconvError(f"{model} is a classifier ({type(loaded.model).__name__}), which has no perplexity: eval "
                             "measures causal LMs (perplexity) and text encoders (embedding cosine to --reference)")
-    if not reference and model_kind(loaded.model) == "encoder":  # no perplexity: its embeddings vs the original's
+    if not reference and kind == "encoder":  # no perplexity: its embeddings vs the original's
         reference, why = (None, None) if no_baseline else (baseline, None) if baseline else \
             _recorded_original(loaded, model)
         named = f"--baseline {reference}" if baseline else f"the original {reference} that {model} records"
@@ -529,8 +530,9 @@ def _baseline_model(other: str, seq_len: int, **load: Any) -> nn.Module:
         model = load_model(other, **load).model
     except HadaconvError as exc:
         raise refused(exc) from None
-    if model_kind(model) in ("encoder", "classifier"):
-        what = "a text encoder" if model_kind(model) == "encoder" else "a classifier"
+    kind = model_kind(model)
+    if kind in ("encoder", "classifier"):
+        what = "a text encoder" if kind == "encoder" else "a classifier"
         raise HadaconvError(f"the baseline {other} is {what}, which has no perplexity: give a causal LM "
                             "that reads the same tokens (--no-baseline skips it)")
     try:
@@ -839,15 +841,14 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
                  if source(name) != click.core.ParameterSource.DEFAULT]
         if asked:
             one = len(asked) == 1
-            what = "an encoder bundle, which embeds" if meta["kind"] == "encoder" else "a classifier bundle"
             raise HadaconvError(f"{' and '.join(asked)} {'is' if one else 'are'} for generation, and {bundle} is "
-                                f"{what}: drop {'it' if one else 'them'}")
+                                f"{_BUNDLE_IS[meta['kind']]}: drop {'it' if one else 'them'}")
     if temperature == 0 and (top_k or seed is not None):  # after the encoder's refusal, which drops them all
         raise HadaconvError(f"{'--top-k' if top_k else '--seed'} only matters when sampling: give --temperature "
                             "above 0 too (0, the default, is greedy decoding)")
     if normalize and meta.get("kind") in ("causal-lm", "classifier"):
-        what = "a causal LM bundle, which generates" if meta["kind"] == "causal-lm" else "a classifier bundle"
-        raise HadaconvError(f"--normalize is for encoder bundles' embeddings, and {bundle} is {what}: drop it")
+        raise HadaconvError(f"--normalize is for encoder bundles' embeddings, and {bundle} is "
+                            f"{_BUNDLE_IS[meta['kind']]}: drop it")
     opened = open_bundle(bundle, providers=provider)
     if opened.kind == "encoder":
         _print_embedding(opened, given if ids is None else [ids], as_json, normalize)
@@ -856,6 +857,11 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
     else:
         _print_generation(opened, given, ids, max_new_tokens, as_json, temperature=temperature, top_k=top_k,
                           repetition_penalty=repetition_penalty, chat=chat, seed=seed)
+
+
+#: What a bundle of each kind ``run`` takes is, in its refusals of another kind's options.
+_BUNDLE_IS = {"causal-lm": "a causal LM bundle, which generates", "encoder": "an encoder bundle, which embeds",
+              "classifier": "a classifier bundle"}
 
 
 def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | None,
@@ -871,8 +877,7 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | No
                             "run it with hadaconv.export.bundle.open_bundle")
     # per kind: its option, the text given there, what one bundle is, what they are
     causal = ("--prompt", prompt, "a causal LM bundle", "causal LM bundles")
-    encoder = ("--text", text, indefinite(kind) + " bundle" if kind != "causal-lm" else "an encoder bundle",
-               "encoder and classifier bundles")
+    encoder = ("--text", text, f"{indefinite(kind)} bundle", "encoder and classifier bundles")  # its "what": other kinds only
     mine, others = (causal, encoder) if kind == "causal-lm" else (encoder, causal)
     (option, given, what, _), (wrong, other, _, theirs) = mine, others
     hint = f"{wrong} is for {theirs}; "
@@ -931,17 +936,18 @@ def _print_classification(opened, texts: list, as_json: bool) -> None:
     from hadaconv.generate import classify
 
     result = classify(opened, texts)
+    all_scores, all_picked = result.scores, result.predicted  # properties over the whole batch: once
     for i, given in enumerate(texts):
         which = f"text {i + 1}: " if len(texts) > 1 else ""
         shown = {"text": given} if isinstance(given, str) else {"ids": [int(t) for t in given]}
-        picked = result.predicted[i]
+        picked = all_picked[i]
         if result.per_token:
             kept = result.input_ids[i][result.attention_mask[i] == 1].tolist()
             tokens = opened.tokenizer.convert_ids_to_tokens(kept) if opened.tokenizer is not None else kept
             plain = which + " ".join(f"{_shown(t)}/{_shown(lab)}" for t, lab in zip(tokens, picked))
             click.echo(json.dumps({**shown, "tokens": tokens, "labels": picked}) if as_json else plain)
             continue
-        scores = [(name, float(p)) for name, p in zip(result.labels, result.scores[i])]
+        scores = [(name, float(p)) for name, p in zip(result.labels, all_scores[i])]
         if as_json:
             click.echo(json.dumps({**shown, "label": picked, "scores": dict(scores)}))
             continue

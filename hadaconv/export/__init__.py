@@ -300,13 +300,9 @@ def export_onnx(
             for line in summarize(diffs):
                 log(line)
         meta = _metadata(tmp, model, spec, kind=kind, form=form, fusions=fusions, lib_name=lib_name,
-                         tokenizer=tokenizer, source=source, precision=precision,
+                         tokenizer=tokenizer, source=source, precision=precision, log=log,
                          validation={"atol": atol, "diffs": [vars(d) for d in diffs]} if validate_outputs else None)
         write_metadata(tmp, meta)
-    names = getattr(getattr(model, "config", None), "id2label", None) or {}
-    if kind == "classifier" and meta["labels"] is None and len(names) == meta["outputs"][0]["shape"][-1]:
-        log("the model's label names (id2label) are not distinct, printable names: the bundle numbers its labels "
-            "LABEL_0, LABEL_1, ...")  # a masked LM's id2label is transformers' stand-in, and says nothing
     return ExportResult(out, kind, form, diffs, meta)
 
 
@@ -383,22 +379,28 @@ def _write_graph(spec, path: Path, *, kind: str, form: str, optimize: str | None
     return fusions, set(program.model.opset_imports)
 
 
-def _labels(config: Any, width: Any) -> list[str] | None:
+def _labels(config: Any, width: Any, log: Callable[[str], None]) -> list[str] | None:
     """The classifier's label names by index (its config's ``id2label``), or None where they do not
-    name every logit or are not what a bundle may hold (:func:`label_names`: distinct, printable);
-    the readers then number them LABEL_0, ... as transformers does."""
+    name every logit (a masked LM's id2label is transformers' stand-in, and says nothing) or are not
+    what a bundle may hold (:func:`label_names`: distinct, printable; said through ``log``); the
+    readers then number them LABEL_0, ... as transformers does."""
     names = getattr(config, "id2label", None) or {}
     try:
         ordered = [str(names[i]) for i in range(len(names))]
     except (KeyError, TypeError):
         return None
-    fits = not isinstance(width, int) or len(ordered) == width
-    return ordered if fits and label_names(ordered) else None
+    if isinstance(width, int) and len(ordered) != width:
+        return None
+    if not label_names(ordered):
+        log("the model's label names (id2label) are not distinct, printable names: the bundle numbers its labels "
+            "LABEL_0, LABEL_1, ...")
+        return None
+    return ordered
 
 
 def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fusions: dict[str, int] | None,
               lib_name: str | None, tokenizer: Any, source: str | None, precision: torch.dtype,
-              validation: dict | None) -> dict:
+              validation: dict | None, log: Callable[[str], None]) -> dict:
     """The bundle metadata (hadaconv_onnx.json), after writing genai_config.json where the model has one."""
     from hadaconv.export.fusions import CONTRIB_DOMAIN
     from hadaconv.export.translate import DOMAIN, OPSET
@@ -424,7 +426,7 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
         "vocab_size": positive_int(getattr(config, "vocab_size", None)),
     }
     if kind == "classifier":  # what hadaconv run and generate.classify name the logits by
-        meta["labels"] = _labels(config, outputs[0]["shape"][-1] if outputs and outputs[0].get("shape") else None)
+        meta["labels"] = _labels(config, outputs[0]["shape"][-1] if outputs and outputs[0].get("shape") else None, log)
         meta["problem_type"] = getattr(config, "problem_type", None)
     meta["genai_config"] = _write_genai(folder, model, spec, meta)
     return meta
