@@ -783,6 +783,9 @@ def _ids(ctx, param, given: tuple[str, ...]) -> list[int] | None:
 @click.option("--text", multiple=True,
               help="Encoders: the text to embed; classifiers: the text to classify.  Repeatable: one result per "
                    "text, in the order given (the texts run as one padded batch).")
+@click.option("--text-pair", multiple=True,
+              help="Classifiers trained on sentence pairs (NLI, cross-encoders): the second text of the --text "
+                   "given in the same place; one for each --text.")
 @click.option("--ids", multiple=True, callback=_ids, metavar="IDS",
               help="The input as token ids instead of text, e.g. 1,2,3: for bundles without a tokenizer "
                    "(a causal LM then prints the generated ids).")
@@ -807,15 +810,17 @@ def _ids(ctx, param, given: tuple[str, ...]) -> list[int] | None:
               help="Print the result as JSON, not streamed: for an encoder, one object per --text, a line each, "
                    "with the text (or the ids) and its whole sentence embedding (the plain output prints its first "
                    "values); for a classifier, one object per --text with its label and every label's score (a "
-                   "token head: its tokens and their labels); for a causal LM, one object with the new token ids "
-                   "and text.")
-def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat, seed,
-            provider, normalize, as_json) -> None:
+                   "token head: its tokens, their labels and those labels' probabilities; a masked LM: each [MASK]'s "
+                   "position and five candidates with theirs); for a causal LM, one object with the new token ids "
+                   "and text.  Non-finite numbers are written as null.")
+def run_cmd(bundle, prompt, text, text_pair, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat,
+            seed, provider, normalize, as_json) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with
     the KV cache; printed as it is generated), print the embedding of each --text (encoders) or
-    its predicted label, or each token's for a token classification head (classifiers).  A
-    bundle without a tokenizer takes token ids with --ids instead, and a causal LM then prints the
-    generated ids (comma-separated, like --ids)."""
+    its predicted label, each token's for a token classification head, or a masked LM's five
+    candidates for each [MASK] in the text (classifiers).  A bundle without a tokenizer takes
+    token ids with --ids instead, and a causal LM then prints the generated ids (comma-separated,
+    like --ids)."""
     from hadaconv.export.bundle import context_length, open_bundle, read_metadata
 
     if len(prompt) > 1:  # click would keep the last one silently
@@ -849,11 +854,12 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
     if normalize and meta.get("kind") in ("causal-lm", "classifier"):
         raise HadaconvError(f"--normalize is for encoder bundles' embeddings, and {bundle} is "
                             f"{_BUNDLE_IS[meta['kind']]}: drop it")
+    pairs = _text_pairs(bundle, meta, text, list(text_pair))
     opened = open_bundle(bundle, providers=provider)
     if opened.kind == "encoder":
         _print_embedding(opened, given if ids is None else [ids], as_json, normalize)
     elif opened.kind == "classifier":
-        _print_classification(opened, given if ids is None else [ids], as_json)
+        _print_classification(opened, given if ids is None else [ids], pairs, as_json)
     else:
         _print_generation(opened, given, ids, max_new_tokens, as_json, temperature=temperature, top_k=top_k,
                           repetition_penalty=repetition_penalty, chat=chat, seed=seed)
@@ -862,6 +868,31 @@ def run_cmd(bundle, prompt, text, ids, max_new_tokens, temperature, top_k, repet
 #: What a bundle of each kind ``run`` takes is, in its refusals of another kind's options.
 _BUNDLE_IS = {"causal-lm": "a causal LM bundle, which generates", "encoder": "an encoder bundle, which embeds",
               "classifier": "a classifier bundle"}
+
+
+def _text_pairs(bundle: str, meta: dict, text: list[str] | None, pairs: list[str]) -> list[str] | None:
+    """The --text-pair texts, one for each --text of a classifier bundle; None without any."""
+    if not pairs:
+        return None
+    if meta.get("kind") != "classifier":
+        raise HadaconvError(f"--text-pair is for classifier bundles, and {bundle} is {_BUNDLE_IS[meta['kind']]}: "
+                            "drop it")
+    if not text:
+        raise HadaconvError("--text-pair needs --text: the tokenizer encodes the two texts of a pair")
+    if len(pairs) != len(text):
+        raise HadaconvError(f"--text-pair was given {len(pairs)} time{'s' * (len(pairs) != 1)} for "
+                            f"{len(text)} --text: give one for each --text")
+    _check_utf8("--text-pair", pairs)
+    return pairs
+
+
+def _check_utf8(option: str, texts: list[str]) -> None:
+    for i, t in enumerate(texts):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal's encoding could not decode, kept as surrogates
+            which = f"{option} {i + 1}" if len(texts) > 1 else option
+            raise HadaconvError(f"{which} is not UTF-8 text") from None
 
 
 def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | None,
@@ -883,13 +914,7 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | No
     hint = f"{wrong} is for {theirs}; "
     if other is not None and (given is not None or ids is not None):
         raise HadaconvError(f"{hint}{bundle} is {what}: drop {wrong}")
-    texts = [given] if isinstance(given, str) else given or []
-    for i, t in enumerate(texts):
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError:  # bytes the terminal's encoding could not decode, kept as surrogates
-            which = f"{option} {i + 1}" if len(texts) > 1 else option
-            raise HadaconvError(f"{which} is not UTF-8 text") from None
+    _check_utf8(option, [given] if isinstance(given, str) else given or [])
     if given is not None and ids is not None:
         raise HadaconvError(f"give {option} or --ids, not both")
     if given is None and ids is None:
@@ -915,7 +940,7 @@ def _print_embedding(opened, texts: list, as_json: bool, normalize: bool) -> Non
     for i, vec in enumerate(embed(opened, texts, normalize=normalize).sentence_embedding):
         if as_json:  # the input with its vector: each line stands alone (sorted, filtered, split up)
             given = {"text": texts[i]} if isinstance(texts[i], str) else {"ids": [int(t) for t in texts[i]]}
-            click.echo(json.dumps({**given, "sentence_embedding": vec.astype(np.float64).tolist()}))
+            click.echo(_json_line({**given, "sentence_embedding": vec.astype(np.float64).tolist()}))
             continue
         head = ", ".join(f"{v:.4f}" for v in vec[:8])
         which = f"text {i + 1}: " if len(texts) > 1 else ""
@@ -928,28 +953,49 @@ def _shown(text: Any) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
-def _print_classification(opened, texts: list, as_json: bool) -> None:
+def _json_line(value: Any) -> str:
+    """``value`` as one line of JSON, non-finite numbers (a damaged model's NaN) as null: JSON has
+    no NaN or Infinity, and json.dumps would write them anyway."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return [clean(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(clean(value), allow_nan=False)
+
+
+def _print_classification(opened, texts: list, pairs: list[str] | None, as_json: bool) -> None:
     """One line per text (or id list), in order: its most likely label and probability with the
     next three; a multi-label head's labels above 0.5, then every label's probability in label
-    order; a regression head's values in label order; or each token with its label for a token
-    head.  With --json one JSON object a line."""
+    order; a regression head's values in label order; each token with its label for a token head;
+    a masked LM's five candidates for each [MASK] in the text.  With --json one JSON object a line."""
     from hadaconv.generate import classify
 
-    result = classify(opened, texts)
+    result = classify(opened, texts, text_pair=pairs)
     all_scores, all_picked = result.scores, result.predicted  # properties over the whole batch: once
+    filled = result.fill_mask() if result.mask_token_id is not None else [[] for _ in texts]
     for i, given in enumerate(texts):
         which = f"text {i + 1}: " if len(texts) > 1 else ""
         shown = {"text": given} if isinstance(given, str) else {"ids": [int(t) for t in given]}
+        shown |= {"text_pair": pairs[i]} if pairs else {}
         picked = all_picked[i]
+        if filled[i]:
+            _print_filled(which, shown, filled[i], as_json)
+            continue
         if result.per_token:
-            kept = result.input_ids[i][result.attention_mask[i] == 1].tolist()
-            tokens = opened.tokenizer.convert_ids_to_tokens(kept) if opened.tokenizer is not None else kept
+            kept = result.token_positions[i]
+            ids = result.input_ids[i][kept].tolist()
+            tokens = opened.tokenizer.convert_ids_to_tokens(ids) if opened.tokenizer is not None else ids
+            chosen = [float(all_scores[i][p].max()) for p in kept]  # the probability of each token's label
             plain = which + " ".join(f"{_shown(t)}/{_shown(lab)}" for t, lab in zip(tokens, picked))
-            click.echo(json.dumps({**shown, "tokens": tokens, "labels": picked}) if as_json else plain)
+            click.echo(_json_line({**shown, "tokens": tokens, "labels": picked, "scores": chosen}) if as_json
+                       else plain)
             continue
         scores = [(name, float(p)) for name, p in zip(result.labels, all_scores[i])]
         if as_json:
-            click.echo(json.dumps({**shown, "label": picked, "scores": dict(scores)}))
+            click.echo(_json_line({**shown, "label": picked, "scores": dict(scores)}))
             continue
         listed = ", ".join(f"{_shown(name)} {p:.4f}" for name, p in scores[:8]) + (", ..." if len(scores) > 8 else "")
         if result.function == "none":
@@ -960,6 +1006,17 @@ def _print_classification(opened, texts: list, as_json: bool) -> None:
             ranked = sorted(scores, key=lambda kv: -kv[1])
             rest = ", ".join(f"{_shown(name)} {p:.4f}" for name, p in ranked[1:4])
             click.echo(f"{which}{_shown(ranked[0][0])} {ranked[0][1]:.4f}" + (f"  ({rest})" if rest else ""))
+
+
+def _print_filled(which: str, shown: dict, masks: list, as_json: bool) -> None:
+    """A masked LM's candidates for each [MASK] of one text, as a line (or a JSON object)."""
+    if as_json:
+        click.echo(_json_line({**shown, "masks": [{"position": p, "tokens": [t for t, _ in c],
+                                                    "scores": [s for _, s in c]} for p, c in masks]}))
+        return
+    click.echo(which + "; ".join(
+        f"[MASK] at {p}: {_shown(c[0][0])} {c[0][1]:.4f}  ({', '.join(f'{_shown(t)} {s:.4f}' for t, s in c[1:])})"
+        for p, c in masks))
 
 
 def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new_tokens: int, as_json: bool,

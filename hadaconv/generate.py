@@ -107,6 +107,10 @@ class Classification:
             (``problem_type="regression"``: the logits are the predicted values).
         multi_label: a sequence head with ``problem_type="multi_label_classification"``: each
             input takes every label whose sigmoid is above 0.5.
+        special_tokens_mask: [batch, seq], 1 at the tokenizer's special tokens ([CLS], [SEP], ...),
+            which a token head's :attr:`predicted` skips; None without a tokenizer.
+        mask_token_id: a masked LM's mask token ([MASK]), whose positions :meth:`fill_mask`
+            fills; None for other heads, or without a tokenizer.
     """
 
     logits: np.ndarray
@@ -115,11 +119,23 @@ class Classification:
     attention_mask: np.ndarray
     function: str = "softmax"
     multi_label: bool = False
+    special_tokens_mask: np.ndarray | None = None
+    mask_token_id: int | None = None
 
     @property
     def per_token(self) -> bool:
         """A token classification head (or a masked LM): one prediction per input token."""
         return self.logits.ndim == 3
+
+    @property
+    def token_positions(self) -> list[np.ndarray]:
+        """Per input, the positions a token head's predictions cover (int64, ascending): its
+        tokens without padding or, as transformers' token classification pipeline does, the
+        tokenizer's special tokens."""
+        keep = self.attention_mask == 1
+        if self.special_tokens_mask is not None:
+            keep &= self.special_tokens_mask == 0
+        return [np.flatnonzero(row) for row in keep]
 
     @property
     def scores(self) -> np.ndarray:
@@ -148,7 +164,30 @@ class Classification:
         scores = self.scores
         if not self.per_token:
             return [pick(row) for row in scores]
-        return [[pick(tok) for tok, keep in zip(seq, mask) if keep] for seq, mask in zip(scores, self.attention_mask)]
+        return [[pick(seq[p]) for p in kept] for seq, kept in zip(scores, self.token_positions)]
+
+    def fill_mask(self, top_k: int = 5) -> list[list[tuple[int, list[tuple[str, float]]]]]:
+        """A masked LM's candidates for each mask token, as transformers' fill-mask pipeline gives
+        them: per input, a (position, [(token, probability), ...]) pair for each mask token in
+        order, the ``top_k`` most likely tokens first (an input without one gets an empty list).
+
+        Raises:
+            InputError: ``top_k`` is not a positive integer.
+            HadaconvError: not a masked LM's result with a tokenizer (:attr:`mask_token_id` None).
+        """
+        check_int("top_k", top_k, 1)
+        if self.mask_token_id is None:
+            raise HadaconvError("fill_mask needs a masked LM's result with a tokenizer that has a mask token")
+        scores, k = self.scores, min(top_k, len(self.labels))
+        found = (self.input_ids == self.mask_token_id) & (self.attention_mask == 1)
+        out = []
+        for seq, row in zip(scores, found):
+            picks = []
+            for p in np.flatnonzero(row):
+                best = np.argsort(-seq[p], kind="stable")[:k]
+                picks.append((int(p), [(self.labels[j], float(seq[p, j])) for j in best]))
+            out.append(picks)
+        return out
 
 
 #: What a text input without a tokenizer can do instead.
@@ -539,32 +578,59 @@ def _run_on_host(session: Any, feeds: dict[str, np.ndarray], outputs: list[str])
     return {name: _host(value) for name, value in zip(outputs, binding.get_outputs())}
 
 
-def _text_feeds(session: Any, tokenizer: Any, meta: dict, text: Any) -> dict[str, np.ndarray]:
-    """An encoder's or a classifier's feeds (input_ids, attention_mask) from one text, a list of
-    texts (one padded batch) or token ids [seq] / [batch, seq], checked against what it reads."""
+def _is_text(text: Any) -> bool:
+    return isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text))
+
+
+def _text_feeds(session: Any, tokenizer: Any, meta: dict, text: Any, pair: Any = None) -> dict[str, np.ndarray]:
+    """An encoder's or a classifier's feeds (input_ids, attention_mask, and token_type_ids where
+    the graph takes them) from one text, a list of texts (one padded batch) or token ids [seq] /
+    [batch, seq], checked against what it reads; ``pair`` holds each text's second text."""
     names = {i.name for i in session.get_inputs()}
     if isinstance(text, Sequence) and not isinstance(text, str) and len(text) == 0:
         raise InputError(f"text is an empty {type(text).__name__}: give at least one text (or token ids)")
-    if isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text)):
+    if _is_text(text):
+        batch = [text] if isinstance(text, str) else list(text)
+        seconds = _pairs(pair, len(batch))
         if tokenizer is None:
             raise HadaconvError(f"text needs a tokenizer: {tokenizer_missing() or _NO_TOKENIZER}")
-        if not isinstance(text, str) and len(text) > 1 and getattr(tokenizer, "pad_token", "") is None:
-            raise InputError(f"the tokenizer has no padding token, so {len(text)} texts cannot run as one batch: "
+        if len(batch) > 1 and getattr(tokenizer, "pad_token", "") is None:
+            raise InputError(f"the tokenizer has no padding token, so {len(batch)} texts cannot run as one batch: "
                              "give one text at a time")
         limit = _encoder_limit(tokenizer, meta)
         # Cut one past the limit: a longer text is known by its length, without transformers' warning.
         cut = {"truncation": True, "max_length": limit + 1} if limit is not None else {}
-        batch = [text] if isinstance(text, str) else list(text)
-        enc = tokenizer(batch, padding=len(batch) > 1, return_tensors="np", **cut)  # one text needs no pad token
+        enc = tokenizer(batch, seconds, padding=len(batch) > 1, return_tensors="np", **cut)  # one needs no pad
         _check_lengths(np.asarray(enc["attention_mask"]).sum(axis=1).tolist(), limit)
+        if np.any(enc.get("token_type_ids", 0)) and "token_type_ids" not in names:
+            raise HadaconvError("the tokenizer marks each pair's second text as segment 1, and this bundle's graph "
+                                "takes no token_type_ids (its model has one segment type, or an older hadaconv "
+                                "exported it)")
         feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
     else:
+        if pair is not None:
+            raise InputError("text_pair needs text, not token ids: the tokenizer encodes the two texts of a pair")
         ids = _token_ids(text)
         mask = np.ones_like(ids)
         _check_lengths([ids.shape[1]], _encoder_limit(tokenizer, meta), "input")
         _check_vocabulary(session, ids, mask, meta, lm_logits=False)
         feeds = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in names and "token_type_ids" not in feeds:  # one segment
+        feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
     return feeds
+
+
+def _pairs(pair: Any, texts: int) -> list[str] | None:
+    """Each text's second text (a sentence pair), one for each of the ``texts`` texts."""
+    if pair is None:
+        return None
+    seconds = [pair] if isinstance(pair, str) else pair
+    if not _is_text(seconds):
+        raise InputError(f"text_pair must be a text or a list of texts, got {type(pair).__name__}")
+    if len(seconds) != texts:
+        raise InputError(f"text_pair has {len(seconds)} text{'s' * (len(seconds) != 1)} for {texts} "
+                         f"text{'s' * (texts != 1)}: give one for each text")
+    return list(seconds)
 
 
 def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *, tokenizer: Any = None,
@@ -634,19 +700,23 @@ def _scoring(meta: dict, logits: np.ndarray) -> tuple[str, bool]:
 
 
 def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *,
-             tokenizer: Any = None) -> Classification:
+             text_pair: str | Sequence[str] | None = None, tokenizer: Any = None) -> Classification:
     """Run a classifier bundle (what ``export`` writes for a Hugging Face encoder with a sequence or
     token classification head, or a masked LM's; kind ``classifier``, detected) on ``text``: one
-    text, a list run as one padded batch, or token ids [seq] / [batch, seq].
+    text, a list run as one padded batch, or token ids [seq] / [batch, seq].  ``text_pair`` gives
+    each text a second text, for heads trained on sentence pairs (NLI, cross-encoders), encoded as
+    transformers' pipelines encode ``{"text": ..., "text_pair": ...}``.
     :attr:`Classification.scores` applies what transformers' pipelines end in (a softmax, sigmoids,
     or nothing for regression: :attr:`Classification.function`); :attr:`Classification.predicted`
     names the labels.
 
     Raises:
         InputError: an empty list, ids that are not a non-negative integer array, past the recorded
-            vocabulary, an input longer than the encoder reads, or several texts with a tokenizer
-            that has no padding token.
-        HadaconvError: not a classifier bundle, text without a tokenizer, or an ONNX Runtime failure.
+            vocabulary, an input longer than the encoder reads, several texts with a tokenizer
+            that has no padding token, or a ``text_pair`` that is not one text for each text.
+        HadaconvError: not a classifier bundle, text without a tokenizer, a pair for a bundle
+            exported without ``token_type_ids`` whose tokenizer needs them, or an ONNX Runtime
+            failure.
     """
     session, tokenizer, meta = _resolve(target, tokenizer)
     outputs = [o.name for o in session.get_outputs()]
@@ -660,7 +730,7 @@ def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str]
         else:
             what = f"its graph's outputs are {', '.join(outputs[:3])}{', ...' if len(outputs) > 3 else ''}"
         raise HadaconvError(f"classifying needs a classifier bundle (one logits output), and {what}")
-    feeds = _text_feeds(session, tokenizer, meta, text)
+    feeds = _text_feeds(session, tokenizer, meta, text, text_pair)
     try:
         logits = _run_on_host(session, feeds, outputs)["logits"]
     except Exception as exc:
@@ -668,10 +738,15 @@ def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str]
     if logits.ndim not in (2, 3):
         raise HadaconvError(f"a classifier's logits are [batch, labels] or [batch, seq, labels], got "
                             f"{list(logits.shape)}")
-    labels = meta.get("labels") or _vocabulary_labels(tokenizer, meta, logits.shape[-1]) or \
-        [f"LABEL_{i}" for i in range(logits.shape[-1])]
+    vocabulary = None if meta.get("labels") else _vocabulary_labels(tokenizer, meta, logits.shape[-1])
+    labels = meta.get("labels") or vocabulary or [f"LABEL_{i}" for i in range(logits.shape[-1])]
     if len(labels) != logits.shape[-1]:
         raise HadaconvError(f"the bundle's metadata (labels) names {len(labels)} labels and its logits have "
                             f"{logits.shape[-1]}: the metadata is damaged, export the bundle again")
-    mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"]))
-    return Classification(logits, list(labels), feeds["input_ids"], mask, *_scoring(meta, logits))
+    ids = feeds["input_ids"]
+    mask = feeds.get("attention_mask", np.ones_like(ids))
+    special = None if tokenizer is None else \
+        np.isin(ids, list(getattr(tokenizer, "all_special_ids", []))).astype(np.int64)
+    mask_id = getattr(tokenizer, "mask_token_id", None) if vocabulary and logits.ndim == 3 else None
+    return Classification(logits, list(labels), ids, mask, *_scoring(meta, logits), special_tokens_mask=special,
+                          mask_token_id=mask_id)

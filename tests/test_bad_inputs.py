@@ -986,8 +986,8 @@ ROWS = [
     Row("eval-baseline-short-context",  # its own check, not read as "other tokens"
         lambda w, t: ["eval", w.conv, "--baseline", _config_with(_copy(w.hf, t / "m"), max_position_embeddings=8),
                       "--max-windows", "1", "--seq-len", "16"],
-        r"the baseline .*m: --seq-len 16 is longer than the model's context of 8 tokens \(from its config\) "
-        r"\(--no-baseline skips it\)$"),
+        r"the baseline .*m: --seq-len 16 is longer than the model's context of 8 tokens \(from its config\): "
+        r"give --seq-len 8 or less \(--no-baseline skips it\)$"),
     Row("eval-baseline-other-vocabulary",  # was the vocabulary error alone, naming neither model
         lambda w, t: ["eval", w.conv, "--baseline", _other_vocabulary(w.hf, t / "m"), "--max-windows", "1",
                       "--seq-len", "16"],
@@ -1467,6 +1467,20 @@ ROWS = [
         r"the input is more than 8 tokens, the most this encoder reads"),
     Row("run-second-text-not-utf8", lambda w, t: ["run", w.encoder, "--text", "fine", "--text", "caf\udce9"],
         r"--text 2 is not UTF-8 text$"),
+    Row("run-text-pair-on-an-encoder", lambda w, t: ["run", w.encoder, "--text", "a", "--text-pair", "b"],
+        r"--text-pair is for classifier bundles, and .* is an encoder bundle, which embeds: drop it$"),
+    Row("run-text-pair-for-two-texts",
+        lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), kind="classifier"), "--text", "a", "--text", "b",
+                      "--text-pair", "c"],
+        r"--text-pair was given 1 time for 2 --text: give one for each --text$"),
+    Row("run-text-pair-with-ids",
+        lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), kind="classifier"), "--ids", "5,6",
+                      "--text-pair", "c"],
+        r"--text-pair needs --text: the tokenizer encodes the two texts of a pair$"),
+    Row("run-text-pair-not-utf8",
+        lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), kind="classifier"), "--text", "a",
+                      "--text-pair", "caf\udce9"],
+        r"--text-pair is not UTF-8 text$"),
     Row("run-causal-with-texts", lambda w, t: ["run", w.bundle, "--text", "a", "--text", "b"],
         r"--text is for encoder and classifier bundles; .* is a causal LM bundle: give --prompt"),
     Row("run-prompt-twice", lambda w, t: ["run", w.bundle, "--prompt", "hi", "--prompt", "there"],

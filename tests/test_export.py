@@ -283,6 +283,42 @@ def test_sequence_classifier_runs_with_its_labels(tmp_path, tokenizer, form, cap
         classify(tmp_path / "b", texts)
 
 
+def test_sentence_pair_classifier_reads_each_texts_segment(tmp_path, tokenizer, capsys):
+    from cli_runner import run_cli
+
+    from hadaconv.errors import InputError
+    from hadaconv.generate import classify
+
+    model = _head("BertForSequenceClassification", num_labels=3)
+    result = export_onnx(model, tmp_path / "b", tokenizer=tokenizer)
+    assert [i["name"] for i in result.meta["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
+    texts, pairs = ["a man is eating", "the sky"], ["someone eats food", "is blue over the sea today"]
+    out = classify(tmp_path / "b", texts, text_pair=pairs)
+    enc = tokenizer(texts, pairs, padding=True, return_tensors="pt")
+    with torch.no_grad():  # float64 references: the pair, and the same tokens as one segment
+        ref = model.double()(**enc).logits.numpy()
+        one = model.double()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
+        alone = model.double()(**tokenizer(texts[:1], return_tensors="pt")).logits.numpy()
+    assert np.abs(ref - one).max() > 1e-3  # ten times the tolerance below: this test can fail
+    np.testing.assert_allclose(out.logits, ref, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(classify(tmp_path / "b", texts[0]).logits, alone, rtol=0, atol=1e-4)
+    ids = tokenizer(texts[0])["input_ids"]  # token ids alone are one segment
+    np.testing.assert_allclose(classify(tmp_path / "b", ids).logits, alone, rtol=0, atol=1e-4)
+    code, text, err = run_cli(capsys, "run", tmp_path / "b", "--text", texts[1], "--text-pair", pairs[1], "--json")
+    assert code == 0, err
+    line = json.loads(text)
+    assert line["text_pair"] == pairs[1] and line["label"] == out.predicted[1]
+    with pytest.raises(InputError, match=r"^text_pair has 1 text for 2 texts: give one for each text$"):
+        classify(tmp_path / "b", texts, text_pair=pairs[:1])
+    with pytest.raises(InputError, match=r"^text_pair needs text, not token ids"):
+        classify(tmp_path / "b", ids, text_pair=pairs[0])
+    single = _head("BertForSequenceClassification", num_labels=3, type_vocab_size=1)
+    export_onnx(single, tmp_path / "one", tokenizer=tokenizer)  # one segment type: no token_type_ids
+    with pytest.raises(HadaconvError, match=r"marks each pair's second text as segment 1, and this bundle's graph "
+                                            r"takes no token_type_ids"):
+        classify(tmp_path / "one", texts, text_pair=pairs)
+
+
 def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, capsys):
     from cli_runner import run_cli
 
@@ -296,11 +332,16 @@ def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, ca
         ref = model.double()(**{k: enc[k] for k in ("input_ids", "attention_mask")}).logits.numpy()
     np.testing.assert_allclose(out.logits, ref, rtol=0, atol=1e-4)
     lengths = enc["attention_mask"].sum(1).tolist()
-    assert out.per_token and [len(p) for p in out.predicted] == lengths and out.labels == ["LABEL_0", "LABEL_1"]
-    assert out.predicted[1] == [f"LABEL_{int(i)}" for i in ref[1, :lengths[1]].argmax(-1)]
+    # [CLS] and [SEP] are skipped, as transformers' token classification pipeline skips them
+    assert out.per_token and [len(p) for p in out.predicted] == [n - 2 for n in lengths]
+    assert out.labels == ["LABEL_0", "LABEL_1"]
+    assert out.predicted[1] == [f"LABEL_{int(i)}" for i in ref[1, 1:lengths[1] - 1].argmax(-1)]
     code, text, err = run_cli(capsys, "run", tmp_path / "tok", "--text", "four", "--json")
     assert code == 0, err
-    assert json.loads(text)["tokens"] == tokenizer.convert_ids_to_tokens(enc["input_ids"][1, :lengths[1]].tolist())
+    line = json.loads(text)
+    assert line["tokens"] == tokenizer.convert_ids_to_tokens(enc["input_ids"][1, 1:lengths[1] - 1].tolist())
+    probs = np.exp(ref[1]) / np.exp(ref[1]).sum(-1, keepdims=True)
+    np.testing.assert_allclose(line["scores"], probs[1:lengths[1] - 1].max(-1), rtol=0, atol=1e-5)
 
     mlm = _head("BertForMaskedLM")
     said = []
@@ -308,6 +349,37 @@ def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, ca
     assert not any("label names" in line for line in said), said  # its id2label is transformers' stand-in
     out = classify(tmp_path / "mlm", "one two three")
     assert out.labels == tokenizer.convert_ids_to_tokens(list(range(len(out.labels))))  # its vocabulary
+    assert out.fill_mask() == [[]]  # no [MASK] to fill
+    texts = ["one [MASK] three [MASK]", "four"]
+    out = classify(tmp_path / "mlm", texts)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = mlm.double()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
+    filled = out.fill_mask(top_k=3)
+    masks = np.flatnonzero(enc["input_ids"][0].numpy() == tokenizer.mask_token_id)
+    assert [p for p, _ in filled[0]] == masks.tolist() and filled[1] == []
+    for p, candidates in filled[0]:  # the float64 reference's three most likely tokens and probabilities
+        probs = np.exp(ref[0, p] - ref[0, p].max())
+        probs /= probs.sum()
+        best = np.argsort(-probs)[:3]
+        assert [t for t, _ in candidates] == tokenizer.convert_ids_to_tokens(best.tolist())
+        np.testing.assert_allclose([s for _, s in candidates], probs[best], rtol=0, atol=1e-6)
+    code, text, err = run_cli(capsys, "run", tmp_path / "mlm", "--text", texts[0], "--json")
+    assert code == 0, err
+    line = json.loads(text)
+    assert [m["position"] for m in line["masks"]] == masks.tolist() and len(line["masks"][0]["tokens"]) == 5
+    assert line["masks"][0]["tokens"][:3] == [t for t, _ in filled[0][0][1]]
+    code, text, err = run_cli(capsys, "run", tmp_path / "mlm", "--text", texts[0])
+    assert code == 0 and text.count("[MASK] at ") == 2 and text.startswith(f"[MASK] at {masks[0]}: "), text
+    with pytest.raises(HadaconvError, match="fill_mask needs a masked LM's result"):
+        classify(tmp_path / "tok", "four").fill_mask()
+
+
+def test_json_lines_write_non_finite_numbers_as_null():
+    from hadaconv.cli import _json_line
+
+    line = _json_line({"a": float("nan"), "b": [1.5, float("-inf")], "c": "x"})
+    assert line == '{"a": null, "b": [1.5, null], "c": "x"}'
 
 
 def test_multi_label_head_scores_each_label_and_ids_run_without_a_tokenizer(tmp_path, capsys):

@@ -144,7 +144,7 @@ def check_seq_len(model: nn.Module, seq_len: int) -> None:
     limit = context_length(model)
     if limit is not None and seq_len > limit:
         raise InputError(f"{option('seq_len', seq_len)} is longer than the model's context of {limit:,} tokens "
-                         "(from its config)")
+                         f"(from its config): give {option('seq_len', limit)} or less")
 
 
 def attention_layers(model: nn.Module, target: str | None = None) -> list[AttentionLayer]:

@@ -103,6 +103,9 @@ def validation_feeds(spec: ExportSpec, model: Any, tokenizer: Any) -> list[tuple
         return [("example", spec.args)]
     ids, mask = _token_batch(model, tokenizer, left=spec.kind == "causal-lm")
     if spec.kind in ("encoder", "classifier"):
+        if "token_type_ids" in spec.input_names:  # a sentence pair: each row's second half is segment 1
+            half = mask.sum(1, keepdim=True) // 2
+            return [("encode", (ids, mask, (torch.arange(ids.shape[1]) >= half).long() * mask))]
         return [("encode", (ids, mask))]
     pos = positions(mask) if (spec.cache or spec.extra).get("position_ids") else None
     if spec.cache is None:

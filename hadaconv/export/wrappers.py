@@ -11,7 +11,9 @@ Three kinds:
   ``attention_mask`` -> ``last_hidden_state`` and ``sentence_embedding``, the attention-masked
   mean of the last hidden states (the pooling of sentence-transformers models; not normalised).
 * ``classifier``: a Hugging Face text model with a head on its backbone (sequence or token
-  classification, masked LM): ``input_ids``, ``attention_mask`` -> ``logits``.
+  classification, masked LM): ``input_ids``, ``attention_mask`` and, where the model has two or
+  more segment types (BERT's sentence pairs: NLI, cross-encoders), ``token_type_ids`` ->
+  ``logits``.
 * ``module``: anything else, called with the example inputs; outputs flattened in order.
 
 Axes are dynamic: batch and sequence (and the past and total lengths of the cache) for the
@@ -31,7 +33,7 @@ from torch.export import Dim
 
 from hadaconv.errors import HadaconvError, command
 
-__all__ = ["ExportSpec", "Kind", "detect_kind", "make_spec"]
+__all__ = ["ExportSpec", "Kind", "detect_kind", "has_segments", "make_spec"]
 
 Kind = Literal["causal-lm", "encoder", "classifier", "module"]
 
@@ -118,14 +120,22 @@ class Encoder(nn.Module):
 
 
 class Classifier(nn.Module):
-    """The ``logits`` of a head on a text backbone."""
+    """The ``logits`` of a head on a text backbone (given each token's segment where it has them)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits
+
+
+def has_segments(model: nn.Module) -> bool:
+    """Whether ``model`` reads ``token_type_ids`` with two or more segment types (BERT's
+    ``type_vocab_size``): a sentence pair's second text is segment 1."""
+    size = getattr(getattr(model, "config", None), "type_vocab_size", None)
+    return _accepts(model, "token_type_ids") and isinstance(size, int) and size > 1
 
 
 def _flatten_output(out: Any) -> tuple[list[str], list[torch.Tensor]]:
@@ -231,8 +241,11 @@ def make_spec(
                           ["last_hidden_state", "sentence_embedding"], ({0: batch, 1: seq}, {0: batch, 1: seq}))
     if kind == "classifier":
         ids, mask = _text_inputs(model, _BATCH, _SEQ)
-        return ExportSpec(kind, Classifier(model), (ids, mask), ["input_ids", "attention_mask"], ["logits"],
-                          ({0: batch, 1: seq}, {0: batch, 1: seq}))
+        args, names = (ids, mask), ["input_ids", "attention_mask"]
+        if has_segments(model):  # traced as a pair: each row's first half segment 0, the rest 1
+            args, names = args + ((torch.arange(_SEQ) >= _SEQ // 2).long().expand(_BATCH, _SEQ),), \
+                names + ["token_type_ids"]
+        return ExportSpec(kind, Classifier(model), args, names, ["logits"], ({0: batch, 1: seq},) * len(args))
     if kind != "module":
         raise HadaconvError(f"unknown model kind {kind!r}: expected causal-lm, encoder, classifier or module")
     if example_inputs is None:
