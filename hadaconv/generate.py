@@ -23,6 +23,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -30,7 +31,8 @@ import numpy as np
 from hadaconv.errors import HadaconvError, InputError, check_int, check_number, indefinite, option
 from hadaconv.export.bundle import Bundle, context_length, open_bundle, positive_int, tokenizer_missing
 
-__all__ = ["Classification", "Embedding", "Generation", "classify", "embed", "generate", "special_tokens"]
+__all__ = ["Classification", "Embedding", "Generation", "check_sampling", "classify", "embed", "generate",
+           "special_tokens"]
 
 # Element types of the cache as ``OrtValue.ortvalue_from_shape_and_type`` takes them: numpy has no
 # bfloat16, so that one goes by its ONNX type number (TensorProto.BFLOAT16 = 16).
@@ -107,8 +109,9 @@ class Classification:
             (``problem_type="regression"``: the logits are the predicted values).
         multi_label: a sequence head with ``problem_type="multi_label_classification"``: each
             input takes every label whose sigmoid is above 0.5.
-        special_tokens_mask: [batch, seq], 1 at the tokenizer's special tokens ([CLS], [SEP], ...),
-            which a token head's :attr:`predicted` skips; None without a tokenizer.
+        special_tokens_mask: [batch, seq], 1 where the tokenizer put its special tokens ([CLS],
+            [SEP], padding; in token ids given as such, its cls, sep, bos, eos and pad ids), which a
+            token head's :attr:`predicted` skips; None without a tokenizer.
         mask_token_id: a masked LM's mask token ([MASK]), whose positions :meth:`fill_mask`
             fills; None for other heads, or without a tokenizer.
     """
@@ -137,23 +140,23 @@ class Classification:
             keep &= self.special_tokens_mask == 0
         return [np.flatnonzero(row) for row in keep]
 
-    @property
+    @cached_property
     def scores(self) -> np.ndarray:
-        """Probabilities (float64, shaped like ``logits``): :attr:`function` of the logits; a
-        regression head's values as they are."""
+        """Probabilities (float64, shaped like ``logits``; computed once): :attr:`function` of the
+        logits; a regression head's values as they are."""
         z = self.logits.astype(np.float64)
         if self.function == "none":
             return z
         if self.function == "sigmoid":
             return 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function, without exp's overflow
-        z = np.exp(z - z.max(axis=-1, keepdims=True))
-        return z / z.sum(axis=-1, keepdims=True)
+        return _softmax(z)
 
     @property
     def predicted(self) -> list:
         """Each input's most likely label name, or for a token head each input's list of them, one
-        per token (padding dropped).  A multi-label sequence head gives the list of labels above 0.5;
-        a regression head its value (one float, or a list of floats for several outputs)."""
+        per token of :attr:`token_positions` (padding and special tokens dropped).  A multi-label
+        sequence head gives the list of labels above 0.5; a regression head its value (one float,
+        or a list of floats for several outputs)."""
         def pick(row: np.ndarray) -> Any:
             if self.function == "none":
                 return float(row[0]) if len(row) == 1 else [float(v) for v in row]
@@ -167,9 +170,11 @@ class Classification:
         return [[pick(seq[p]) for p in kept] for seq, kept in zip(scores, self.token_positions)]
 
     def fill_mask(self, top_k: int = 5) -> list[list[tuple[int, list[tuple[str, float]]]]]:
-        """A masked LM's candidates for each mask token, as transformers' fill-mask pipeline gives
-        them: per input, a (position, [(token, probability), ...]) pair for each mask token in
-        order, the ``top_k`` most likely tokens first (an input without one gets an empty list).
+        """A masked LM's candidates for each mask token, as transformers' fill-mask pipeline ranks
+        them: per input, a (position in ``input_ids``, [(token, probability), ...]) pair for each
+        mask token in order, the ``top_k`` most likely tokens first (an input without one gets an
+        empty list).  Tokens are the vocabulary's, as the tokenizer spells them ("##ing"), where
+        the pipeline also gives them decoded; probabilities are the softmax over the vocabulary.
 
         Raises:
             InputError: ``top_k`` is not a positive integer.
@@ -178,16 +183,23 @@ class Classification:
         check_int("top_k", top_k, 1)
         if self.mask_token_id is None:
             raise HadaconvError("fill_mask needs a masked LM's result with a tokenizer that has a mask token")
-        scores, k = self.scores, min(top_k, len(self.labels))
+        k = min(top_k, len(self.labels))
         found = (self.input_ids == self.mask_token_id) & (self.attention_mask == 1)
         out = []
-        for seq, row in zip(scores, found):
+        for logits, row in zip(self.logits, found):
             picks = []
-            for p in np.flatnonzero(row):
-                best = np.argsort(-seq[p], kind="stable")[:k]
-                picks.append((int(p), [(self.labels[j], float(seq[p, j])) for j in best]))
+            for p in np.flatnonzero(row):  # the mask rows alone: not [seq, vocab] probabilities
+                probs = _softmax(logits[p].astype(np.float64))
+                best = np.argsort(-probs, kind="stable")[:k]
+                picks.append((int(p), [(self.labels[j], float(probs[j])) for j in best]))
             out.append(picks)
         return out
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    """The softmax over the last axis, shifted by its maximum (no overflow)."""
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
 
 
 #: What a text input without a tokenizer can do instead.
@@ -236,13 +248,16 @@ def _encoder_limit(tokenizer: Any, meta: dict) -> int | None:
     return min(known) if known else None
 
 
-def _check_lengths(lengths: Sequence[int], limit: int | None, noun: str = "text") -> None:
-    """InputError naming the first input over the encoder's ``limit`` (before ONNX Runtime fails on
-    an Expand node past the position table)."""
+def _check_lengths(lengths: Sequence[int], limit: int | None, noun: str = "text", cut: str | None = None) -> None:
+    """InputError naming the first input (a "text", a "pair" of texts, an "input" of token ids)
+    over the encoder's ``limit`` (before ONNX Runtime fails on an Expand node past the position
+    table), with ``cut``, what else would do (default: text can be cut there, as
+    sentence-transformers cuts every text)."""
+    cut = f", or cut it there with {option('truncate', True)}" if cut is None else cut
     for i, n in enumerate(lengths):
         if limit is not None and n > limit:
             which = f"{noun} {i + 1}" if len(lengths) > 1 else f"the {noun}"
-            raise InputError(f"{which} is more than {limit} tokens, the most this encoder reads: shorten it")
+            raise InputError(f"{which} is {n} tokens, more than the {limit} this encoder reads: shorten it{cut}")
 
 
 def _chat_ids(tokenizer: Any, text: str) -> list[int]:
@@ -490,6 +505,19 @@ def _decode(session: Any, past_names: list[str], ids: np.ndarray, mask: np.ndarr
     return out_tokens, prefill_s, decode_s
 
 
+def check_sampling(temperature: float, top_k: int, seed: int | None) -> None:
+    """Raise InputError for a bad ``temperature`` (finite, >= 0), ``top_k`` (an integer >= 0) or
+    ``seed`` (None or an integer >= 0), or for ``top_k`` or ``seed`` given with greedy decoding
+    (``temperature`` 0), where they would do nothing."""
+    check_int("top_k", top_k, 0)
+    check_number("temperature", temperature, 0)
+    if seed is not None:  # numpy's own errors name neither the option nor the range
+        check_int("seed", seed, 0)
+    if temperature == 0 and (top_k or seed is not None):
+        raise InputError(f"{option('top_k') if top_k else option('seed')} only matters when sampling: give "
+                         f"{option('temperature')} above 0 too (0, the default, is greedy decoding)")
+
+
 def generate(
     target: Bundle | str | os.PathLike | Any,
     prompt: str | Sequence[str] | Any,
@@ -536,16 +564,15 @@ def generate(
             with (the role of a Hugging Face ``TextStreamer``'s ``put``).
 
     Returns a :class:`Generation`: int64 tokens [batch, new], prefill and decode wall seconds.
-    Raises HadaconvError (InputError for bad arguments) on a model without a cache, bad prompts
+    Raises HadaconvError (InputError for bad arguments, among them ``top_k`` or ``seed`` with
+    greedy decoding, where they would do nothing: :func:`check_sampling`; transformers' generate
+    warns there) on a model without a cache, bad prompts
     (among them a longest prompt that, with ``max_new_tokens``, overruns the bundle's context:
     :func:`check_context`) or an ONNX Runtime failure (one line, with the step).
     """
     check_int("max_new_tokens", max_new_tokens, 1)
-    check_int("top_k", top_k, 0)
-    check_number("temperature", temperature, 0)
     check_number("repetition_penalty", repetition_penalty, 0, strict=True)
-    if seed is not None:  # numpy's own errors name neither the option nor the range
-        check_int("seed", seed, 0)
+    check_sampling(temperature, top_k, seed)
     session, tokenizer, meta = _resolve(target, tokenizer)
     past_names = _cache_inputs(session, meta)
     eos_set, pad = special_tokens(meta, eos_token_id, pad_token_id)
@@ -582,42 +609,64 @@ def _is_text(text: Any) -> bool:
     return isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text))
 
 
-def _text_feeds(session: Any, tokenizer: Any, meta: dict, text: Any, pair: Any = None) -> dict[str, np.ndarray]:
+def _text_feeds(session: Any, tokenizer: Any, meta: dict, text: Any, pair: Any = None,
+                truncate: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """An encoder's or a classifier's feeds (input_ids, attention_mask, and token_type_ids where
     the graph takes them) from one text, a list of texts (one padded batch) or token ids [seq] /
-    [batch, seq], checked against what it reads; ``pair`` holds each text's second text."""
-    names = {i.name for i in session.get_inputs()}
+    [batch, seq], checked against what it reads; ``pair`` holds each text's second text;
+    ``truncate`` cuts texts at the limit (the tokenizer's truncation, which keeps the closing
+    special token).  With them the special tokens mask [batch, seq]: 1 where the tokenizer put
+    [CLS], [SEP], padding and the like (in token ids: its cls, sep, bos, eos and pad ids); None
+    without a tokenizer."""
+    if not isinstance(truncate, (bool, np.bool_)):  # a string would read as True
+        raise InputError(f"truncate is True or False, got {truncate!r}")
+    if text is None:
+        raise InputError("text is None: give a text, a list of texts, or token ids")
     if isinstance(text, Sequence) and not isinstance(text, str) and len(text) == 0:
         raise InputError(f"text is an empty {type(text).__name__}: give at least one text (or token ids)")
+    names = {i.name for i in session.get_inputs()}
     if _is_text(text):
-        batch = [text] if isinstance(text, str) else list(text)
-        seconds = _pairs(pair, len(batch))
-        if tokenizer is None:
-            raise HadaconvError(f"text needs a tokenizer: {tokenizer_missing() or _NO_TOKENIZER}")
-        if len(batch) > 1 and getattr(tokenizer, "pad_token", "") is None:
-            raise InputError(f"the tokenizer has no padding token, so {len(batch)} texts cannot run as one batch: "
-                             "give one text at a time")
-        limit = _encoder_limit(tokenizer, meta)
-        # Cut one past the limit: a longer text is known by its length, without transformers' warning.
-        cut = {"truncation": True, "max_length": limit + 1} if limit is not None else {}
-        enc = tokenizer(batch, seconds, padding=len(batch) > 1, return_tensors="np", **cut)  # one needs no pad
-        _check_lengths(np.asarray(enc["attention_mask"]).sum(axis=1).tolist(), limit)
-        if np.any(enc.get("token_type_ids", 0)) and "token_type_ids" not in names:
-            raise HadaconvError("the tokenizer marks each pair's second text as segment 1, and this bundle's graph "
-                                "takes no token_type_ids (its model has one segment type, or an older hadaconv "
-                                "exported it)")
-        feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
+        feeds, special = _encode_texts(tokenizer, meta, text, pair, truncate, names)
     else:
         if pair is not None:
             raise InputError("text_pair needs text, not token ids: the tokenizer encodes the two texts of a pair")
         ids = _token_ids(text)
         mask = np.ones_like(ids)
-        _check_lengths([ids.shape[1]], _encoder_limit(tokenizer, meta), "input")
+        _check_lengths([ids.shape[1]], _encoder_limit(tokenizer, meta), "input",
+                       f" ({option('truncate')} cuts text, not token ids)" if truncate else "")
         _check_vocabulary(session, ids, mask, meta, lm_logits=False)
         feeds = {"input_ids": ids, "attention_mask": mask}
+        marks = [getattr(tokenizer, f"{t}_token_id", None) for t in ("cls", "sep", "bos", "eos", "pad")]
+        special = None if tokenizer is None else np.isin(ids, [m for m in marks if m is not None]).astype(np.int64)
     if "token_type_ids" in names and "token_type_ids" not in feeds:  # one segment
         feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-    return feeds
+    return feeds, special
+
+
+def _encode_texts(tokenizer: Any, meta: dict, text: str | Sequence[str], pair: Any, truncate: bool,
+                  names: set[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """:func:`_text_feeds` for text: the tokenizer's encoding, as transformers' pipelines call it."""
+    batch = [text] if isinstance(text, str) else list(text)
+    seconds = _pairs(pair, len(batch))
+    if tokenizer is None:
+        raise HadaconvError(f"text needs a tokenizer: {tokenizer_missing() or _NO_TOKENIZER}")
+    if len(batch) > 1 and getattr(tokenizer, "pad_token", "") is None:
+        raise InputError(f"the tokenizer has no padding token, so {len(batch)} texts cannot run as one batch: "
+                         "give one text at a time")
+    limit = _encoder_limit(tokenizer, meta)
+    cut = {"truncation": True, "max_length": limit} if truncate and limit is not None else {}
+    # verbose=False: a text past the limit is refused below, without transformers' warning first
+    enc = tokenizer(batch, seconds, padding=len(batch) > 1, return_tensors="np", return_special_tokens_mask=True,
+                    verbose=False, **cut)
+    _check_lengths(np.asarray(enc["attention_mask"]).sum(axis=1).tolist(), limit, "text" if pair is None else "pair")
+    types = enc.get("token_type_ids")
+    if seconds is not None and types is not None and np.any(types) and "token_type_ids" not in names:
+        if not isinstance(meta.get("segment_types"), int):  # a model with one type (or none) ignores them
+            raise HadaconvError("the tokenizer marks each pair's second text as segment 1, and this bundle's graph "
+                                "takes no token_type_ids: export it again with this hadaconv, which gives a model "
+                                "with segment types that input")
+    special = np.asarray(enc["special_tokens_mask"], dtype=np.int64)
+    return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}, special
 
 
 def _pairs(pair: Any, texts: int) -> list[str] | None:
@@ -634,7 +683,7 @@ def _pairs(pair: Any, texts: int) -> list[str] | None:
 
 
 def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *, tokenizer: Any = None,
-          normalize: bool = False) -> Embedding:
+          normalize: bool = False, truncate: bool = False) -> Embedding:
     """Sentence embeddings (mean-pooled last hidden states) of ``text`` (one text, a list run as one
     padded batch, or token ids [seq] / [batch, seq]) with an encoder bundle (float32 from a
     bfloat16 bundle, widened exactly; the bundle's own dtype otherwise).
@@ -643,11 +692,16 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
     ``F.normalize``): the last step of sentence-transformers pipelines that end in ``Normalize``,
     all-MiniLM-L6-v2's among them (its ``modules.json``), so that dot products are cosines.
 
+    The encoder reads at most its position table (as recorded at export) or its tokenizer's
+    ``model_max_length``, whichever is smaller; a model loaded from a sentence-transformers folder
+    keeps its ``max_seq_length`` there (256 for all-MiniLM-L6-v2).  A longer text is refused, or
+    with ``truncate`` cut at that length, as ``SentenceTransformer.encode`` cuts it.
+
     Raises:
-        InputError: ``normalize`` not a bool, an empty list, ids that are not a non-negative integer
-            array, past the recorded vocabulary, or an input longer than the encoder reads (its
-            position table as recorded at export, or its tokenizer's ``model_max_length``, whichever
-            is smaller), or several texts with a tokenizer that has no padding token.
+        InputError: ``normalize`` or ``truncate`` not a bool, an empty list, ids that are not a
+            non-negative integer array, past the recorded vocabulary, or an input longer than the
+            encoder reads (a text, without ``truncate``), or several texts with a tokenizer that
+            has no padding token.
         HadaconvError: not an encoder bundle, text without a tokenizer, or an ONNX Runtime failure.
     """
     if not isinstance(normalize, (bool, np.bool_)):  # a string would read as True
@@ -664,7 +718,7 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
             what = f"this session's outputs are {listed}"
         raise HadaconvError(f"embedding needs an encoder bundle (sentence_embedding and last_hidden_state outputs), "
                             f"and {what}")
-    feeds = _text_feeds(session, tokenizer, meta, text)
+    feeds, _ = _text_feeds(session, tokenizer, meta, text, truncate=truncate)
     try:
         result = _run_on_host(session, feeds, outputs)
     except Exception as exc:
@@ -700,20 +754,24 @@ def _scoring(meta: dict, logits: np.ndarray) -> tuple[str, bool]:
 
 
 def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | Any, *,
-             text_pair: str | Sequence[str] | None = None, tokenizer: Any = None) -> Classification:
+             text_pair: str | Sequence[str] | None = None, tokenizer: Any = None,
+             truncate: bool = False) -> Classification:
     """Run a classifier bundle (what ``export`` writes for a Hugging Face encoder with a sequence or
     token classification head, or a masked LM's; kind ``classifier``, detected) on ``text``: one
     text, a list run as one padded batch, or token ids [seq] / [batch, seq].  ``text_pair`` gives
     each text a second text, for heads trained on sentence pairs (NLI, cross-encoders), encoded as
-    transformers' pipelines encode ``{"text": ..., "text_pair": ...}``.
+    transformers' pipelines encode ``{"text": ..., "text_pair": ...}``.  ``truncate`` cuts a text
+    (or a pair) longer than the encoder reads at that length (:func:`embed` says which), where it
+    is refused otherwise.
     :attr:`Classification.scores` applies what transformers' pipelines end in (a softmax, sigmoids,
     or nothing for regression: :attr:`Classification.function`); :attr:`Classification.predicted`
     names the labels.
 
     Raises:
         InputError: an empty list, ids that are not a non-negative integer array, past the recorded
-            vocabulary, an input longer than the encoder reads, several texts with a tokenizer
-            that has no padding token, or a ``text_pair`` that is not one text for each text.
+            vocabulary, an input longer than the encoder reads (a text, without ``truncate``),
+            several texts with a tokenizer that has no padding token, or a ``text_pair`` that is
+            not one text for each text.
         HadaconvError: not a classifier bundle, text without a tokenizer, a pair for a bundle
             exported without ``token_type_ids`` whose tokenizer needs them, or an ONNX Runtime
             failure.
@@ -730,7 +788,7 @@ def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str]
         else:
             what = f"its graph's outputs are {', '.join(outputs[:3])}{', ...' if len(outputs) > 3 else ''}"
         raise HadaconvError(f"classifying needs a classifier bundle (one logits output), and {what}")
-    feeds = _text_feeds(session, tokenizer, meta, text, text_pair)
+    feeds, special = _text_feeds(session, tokenizer, meta, text, text_pair, truncate)
     try:
         logits = _run_on_host(session, feeds, outputs)["logits"]
     except Exception as exc:
@@ -745,8 +803,6 @@ def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str]
                             f"{logits.shape[-1]}: the metadata is damaged, export the bundle again")
     ids = feeds["input_ids"]
     mask = feeds.get("attention_mask", np.ones_like(ids))
-    special = None if tokenizer is None else \
-        np.isin(ids, list(getattr(tokenizer, "all_special_ids", []))).astype(np.int64)
     mask_id = getattr(tokenizer, "mask_token_id", None) if vocabulary and logits.ndim == 3 else None
     return Classification(logits, list(labels), ids, mask, *_scoring(meta, logits), special_tokens_mask=special,
                           mask_token_id=mask_id)

@@ -250,6 +250,11 @@ def _cli(*args, cwd=None):
                           text=True, cwd=cwd)
 
 
+def test_python_dash_m_runs_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "hadaconv", "run", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("Usage: hadaconv run [OPTIONS] BUNDLE"), out.stderr
+
+
 def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
     """inspect, convert --dry-run, convert, inspect of the result and eval, in the CLI.  inspect
     and the dry run read the config alone (no weights loaded); the converted folder is loaded."""

@@ -310,24 +310,38 @@ def test_sentence_pair_classifier_reads_each_texts_segment(tmp_path, tokenizer, 
     assert line["text_pair"] == pairs[1] and line["label"] == out.predicted[1]
     with pytest.raises(InputError, match=r"^text_pair has 1 text for 2 texts: give one for each text$"):
         classify(tmp_path / "b", texts, text_pair=pairs[:1])
+    with pytest.raises(InputError, match=r"^text_pair must be a text or a list of texts, got list$"):
+        classify(tmp_path / "b", texts, text_pair=[3, 4])
     with pytest.raises(InputError, match=r"^text_pair needs text, not token ids"):
         classify(tmp_path / "b", ids, text_pair=pairs[0])
+    cut = classify(tmp_path / "b", texts, text_pair=pairs, truncate=True)  # nothing to cut: the same
+    np.testing.assert_allclose(cut.logits, out.logits, rtol=0, atol=1e-6)
     single = _head("BertForSequenceClassification", num_labels=3, type_vocab_size=1)
     export_onnx(single, tmp_path / "one", tokenizer=tokenizer)  # one segment type: no token_type_ids
+    with torch.no_grad():  # the model reads one segment: the pair's tokens, all of type 0
+        ref = single.double()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
+    np.testing.assert_allclose(classify(tmp_path / "one", texts, text_pair=pairs).logits, ref, rtol=0, atol=1e-4)
+    meta = json.loads((tmp_path / "one" / METADATA).read_text())
+    assert meta["segment_types"] == 1
+    del meta["segment_types"]  # as a bundle written before pairs were: it may have dropped them
+    (tmp_path / "one" / METADATA).write_text(json.dumps(meta))
     with pytest.raises(HadaconvError, match=r"marks each pair's second text as segment 1, and this bundle's graph "
-                                            r"takes no token_type_ids"):
+                                            r"takes no token_type_ids: export it again with this hadaconv"):
         classify(tmp_path / "one", texts, text_pair=pairs)
 
 
 def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, capsys):
     from cli_runner import run_cli
 
+    from hadaconv.errors import InputError
     from hadaconv.generate import classify
 
     model = _head("BertForTokenClassification", num_labels=2)
     export_onnx(model, tmp_path / "tok", tokenizer=tokenizer)
-    out = classify(tmp_path / "tok", ["one two three", "four"])
-    enc = tokenizer(["one two three", "four"], padding=True, return_tensors="pt")
+    texts = ["one \U0001fab8 three", "four"]  # a character without a token: [UNK], which the pipeline keeps
+    out = classify(tmp_path / "tok", texts)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    assert tokenizer.unk_token_id in enc["input_ids"][0].tolist()
     with torch.no_grad():
         ref = model.double()(**{k: enc[k] for k in ("input_ids", "attention_mask")}).logits.numpy()
     np.testing.assert_allclose(out.logits, ref, rtol=0, atol=1e-4)
@@ -335,7 +349,9 @@ def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, ca
     # [CLS] and [SEP] are skipped, as transformers' token classification pipeline skips them
     assert out.per_token and [len(p) for p in out.predicted] == [n - 2 for n in lengths]
     assert out.labels == ["LABEL_0", "LABEL_1"]
+    assert out.predicted[0] == [f"LABEL_{int(i)}" for i in ref[0, 1:lengths[0] - 1].argmax(-1)]  # [UNK] too
     assert out.predicted[1] == [f"LABEL_{int(i)}" for i in ref[1, 1:lengths[1] - 1].argmax(-1)]
+    assert classify(tmp_path / "tok", enc["input_ids"][0].tolist()).predicted == out.predicted[:1]  # ids alike
     code, text, err = run_cli(capsys, "run", tmp_path / "tok", "--text", "four", "--json")
     assert code == 0, err
     line = json.loads(text)
@@ -350,6 +366,8 @@ def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, ca
     out = classify(tmp_path / "mlm", "one two three")
     assert out.labels == tokenizer.convert_ids_to_tokens(list(range(len(out.labels))))  # its vocabulary
     assert out.fill_mask() == [[]]  # no [MASK] to fill
+    with pytest.raises(InputError, match=r"^top_k must be an integer >= 1, got 0$"):
+        out.fill_mask(top_k=0)
     texts = ["one [MASK] three [MASK]", "four"]
     out = classify(tmp_path / "mlm", texts)
     enc = tokenizer(texts, padding=True, return_tensors="pt")
@@ -368,6 +386,7 @@ def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, ca
     assert code == 0, err
     line = json.loads(text)
     assert [m["position"] for m in line["masks"]] == masks.tolist() and len(line["masks"][0]["tokens"]) == 5
+    assert [line["tokens"][p] for p in masks] == ["[MASK]", "[MASK]"]  # the positions index the text's tokens
     assert line["masks"][0]["tokens"][:3] == [t for t, _ in filled[0][0][1]]
     code, text, err = run_cli(capsys, "run", tmp_path / "mlm", "--text", texts[0])
     assert code == 0 and text.count("[MASK] at ") == 2 and text.startswith(f"[MASK] at {masks[0]}: "), text
@@ -1166,7 +1185,7 @@ def test_generate_holds_the_prompt_and_the_new_tokens_within_the_context(tmp_pat
     assert generate(bare, [5] * 10, 7, eos_token_id=[]).tokens.shape == (1, 7)
 
 
-def test_embed_refuses_more_tokens_than_the_encoder_reads(tmp_path, tokenizer):
+def test_embed_refuses_more_tokens_than_the_encoder_reads(tmp_path, tokenizer, capsys):
     """The limit is the smaller of the position table recorded at export and the tokenizer's
     model_max_length, for text (one or a batch) and token ids alike; at the limit it embeds."""
     from hadaconv.errors import InputError
@@ -1180,8 +1199,25 @@ def test_embed_refuses_more_tokens_than_the_encoder_reads(tmp_path, tokenizer):
     with pytest.raises(InputError, match=rf"token id {meta['vocab_size']} is outside the vocabulary"):
         embed(tmp_path / "b", [[5, meta["vocab_size"]]])
     assert embed(tmp_path / "b", [[5] * limit]).sentence_embedding.shape[0] == 1
-    with pytest.raises(InputError, match=rf"the input is more than {limit} tokens, the most this encoder reads"):
+    with pytest.raises(InputError, match=rf"^the input is {limit + 1} tokens, more than the {limit} this encoder "
+                                         r"reads: shorten it$"):
         embed(tmp_path / "b", [[5] * (limit + 1)])
     long = " ".join(["word"] * (limit + 5))
-    with pytest.raises(InputError, match=rf"text 2 is more than {limit} tokens, the most this encoder reads"):
+    with pytest.raises(InputError, match=rf"^text 2 is {limit + 7} tokens, more than the {limit} this encoder reads: "
+                                         r"shorten it, or cut it there with truncate=True$"):
         embed(tmp_path / "b", ["short", long])
+    # truncate=True cuts it as sentence-transformers does: the tokenizer's cut, [SEP] kept last
+    cut = tokenizer(long, truncation=True, max_length=limit)["input_ids"]
+    assert len(cut) == limit and cut[-1] == tokenizer.sep_token_id
+    np.testing.assert_allclose(embed(tmp_path / "b", ["short", long], truncate=True).sentence_embedding[1],
+                               embed(tmp_path / "b", [cut]).sentence_embedding[0], rtol=0, atol=1e-5)
+    with pytest.raises(InputError, match=r"^truncate is True or False, got 'yes'$"):
+        embed(tmp_path / "b", long, truncate="yes")
+    with pytest.raises(InputError, match=r"shorten it \(truncate cuts text, not token ids\)$"):
+        embed(tmp_path / "b", [[5] * (limit + 1)], truncate=True)
+    from cli_runner import run_cli
+
+    code, out, err = run_cli(capsys, "run", tmp_path / "b", "--text", long, "--truncate", "--json")
+    assert code == 0, err
+    np.testing.assert_allclose(json.loads(out)["sentence_embedding"],
+                               embed(tmp_path / "b", [cut]).sentence_embedding[0], rtol=0, atol=1e-5)

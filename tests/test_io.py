@@ -451,6 +451,7 @@ def test_minilm_folder():
     loaded = load_model(tokenizer_folder())
     layers = attention_layers(loaded.model)
     assert loaded.format == "hf-folder" and loaded.tokenizer is not None
+    assert loaded.tokenizer.model_max_length == 256  # sentence_bert_config.json's max_seq_length, not 512
     assert find_adapter(loaded.model).kind(loaded.model) == "encoder"
     assert len(layers) == 6 and {(layer.num_heads, layer.head_dim, layer.width) for layer in layers} == {
         (12, 32, 384)
@@ -596,6 +597,27 @@ def test_a_gguf_tokenizer_read_early_is_the_one_the_load_takes(tmp_path, monkeyp
     assert inputs.source_tokenizer(path) is early and built == ["m.gguf"]
     assert inputs._gguf_tokenizer(path, take=True) is early and built == ["m.gguf"]
     assert inputs._gguf_tokenizer(path, take=True) is not early and built == ["m.gguf"] * 2  # taken: built anew
+
+
+@pytest.mark.parametrize("written,expect", [('{"max_seq_length": 8}', 8), ('{"max_seq_length": 100000}', 512),
+                                            ('{"max_seq_length": true}', 512), ('{"max_seq_length": "8"}', 512),
+                                            ('{"do_lower_case": false}', 512), ("[8]", None), ("{", None)])
+def test_a_sentence_transformers_folder_keeps_its_max_seq_length(tmp_path, written, expect):
+    """SentenceTransformer.encode cuts at sentence_bert_config.json's max_seq_length: the loaded
+    tokenizer says so where it is a smaller positive integer; anything else keeps the tokenizer's
+    512, and a file that is no JSON object is refused."""
+    from hadaconv.errors import ModelFormatError
+    from hadaconv.io.files import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if (tokenizer_folder() / name).is_file():
+            shutil.copy(tokenizer_folder() / name, tmp_path / name)
+    (tmp_path / "sentence_bert_config.json").write_text(written)
+    if expect is None:
+        with pytest.raises(ModelFormatError, match=r"sentence_bert_config\.json"):
+            load_tokenizer(tmp_path)
+    else:
+        assert load_tokenizer(tmp_path).model_max_length == expect
 
 
 def test_lacks_tokenizer_only_where_the_files_say_so(tmp_path):

@@ -428,5 +428,8 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
     if kind == "classifier":  # what hadaconv run and generate.classify name the logits by
         meta["labels"] = _labels(config, outputs[0]["shape"][-1] if outputs and outputs[0].get("shape") else None, log)
         meta["problem_type"] = getattr(config, "problem_type", None)
+        # what a sentence pair's token_type_ids mean to it: with fewer than two types, nothing
+        types = getattr(config, "type_vocab_size", None)
+        meta["segment_types"] = types if type(types) is int and types >= 0 else None
     meta["genai_config"] = _write_genai(folder, model, spec, meta)
     return meta

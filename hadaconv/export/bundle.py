@@ -20,9 +20,11 @@ and count, or null: :mod:`hadaconv.export.fusions`), ``op_library`` (file name
 or null), ``inputs``/``outputs`` (name, element type and shape, symbolic axes by name), ``cache``
 (num_layers, num_kv_heads, head_dim, value_head_dim, position_ids; causal LMs with the cache),
 ``tokenizer`` (bool), ``eos_token_id``, ``pad_token_id``, ``hadamard_layers`` (how many
-converted projections the graph holds), ``labels`` and ``problem_type`` (classifiers: the label
-names by index, or null, and the head's ``problem_type``), ``source``, ``validation`` (per output max abs/rel
-difference against PyTorch, with the tolerance) and ``genai_config`` (its file name, or null).
+converted projections the graph holds), ``labels``, ``problem_type`` and ``segment_types``
+(classifiers: the label names by index, or null; the head's ``problem_type``; the model's
+``type_vocab_size``, or null: with two or more the graph takes ``token_type_ids``), ``source``,
+``validation`` (per output max abs/rel difference against PyTorch, with the tolerance) and
+``genai_config`` (its file name, or null).
 """
 
 from __future__ import annotations
@@ -172,6 +174,8 @@ def _check_fields(path: Path, meta: dict[str, Any]) -> None:
         "vocab_size": meta.get("vocab_size") is None or positive_int(meta["vocab_size"]) is not None,
         "labels": meta.get("labels") is None or label_names(meta["labels"]),
         "problem_type": meta.get("problem_type") is None or isinstance(meta["problem_type"], str),
+        "segment_types": meta.get("segment_types") is None or (type(meta["segment_types"]) is int
+                                                               and meta["segment_types"] >= 0),
     }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:

@@ -243,8 +243,8 @@ def make_spec(
         ids, mask = _text_inputs(model, _BATCH, _SEQ)
         args, names = (ids, mask), ["input_ids", "attention_mask"]
         if has_segments(model):  # traced as a pair: each row's first half segment 0, the rest 1
-            args, names = args + ((torch.arange(_SEQ) >= _SEQ // 2).long().expand(_BATCH, _SEQ),), \
-                names + ["token_type_ids"]
+            segments = (torch.arange(_SEQ) >= _SEQ // 2).long().expand(_BATCH, _SEQ)
+            args, names = (*args, segments), [*names, "token_type_ids"]
         return ExportSpec(kind, Classifier(model), args, names, ["logits"], ({0: batch, 1: seq},) * len(args))
     if kind != "module":
         raise HadaconvError(f"unknown model kind {kind!r}: expected causal-lm, encoder, classifier or module")

@@ -374,14 +374,32 @@ def has_tokenizer(folder: str | os.PathLike) -> bool:
     return any((Path(folder) / f).is_file() for f in VOCABULARY_FILES)
 
 
+#: sentence-transformers' settings of its Transformer module, beside the model's files.
+SENTENCE_CONFIG = "sentence_bert_config.json"
+
+
 def load_tokenizer(folder: str | os.PathLike) -> Any | None:
-    """The tokenizer saved in ``folder``, or None when it holds no vocabulary file."""
+    """The tokenizer saved in ``folder``, or None when it holds no vocabulary file.  In a
+    sentence-transformers folder its ``model_max_length`` becomes the ``max_seq_length`` of
+    ``sentence_bert_config.json`` where that is smaller (all-MiniLM-L6-v2: 256, its tokenizer 512):
+    the length ``SentenceTransformer.encode`` reads, which the converted folder and the bundle then
+    keep with the tokenizer.
+
+    Raises:
+        HadaconvError: a tokenizer transformers cannot load, or a sentence-transformers config
+            that is not a JSON object (ModelFormatError).
+    """
     folder = Path(folder)
     if not has_tokenizer(folder):
         return None
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise HadaconvError(f"cannot load the tokenizer in {folder}: {first_line(exc)}") from None
+    if (folder / SENTENCE_CONFIG).exists():
+        limit = read_json(folder / SENTENCE_CONFIG).get("max_seq_length")
+        if type(limit) is int and 0 < limit < tokenizer.model_max_length:  # else sentence-transformers' own default
+            tokenizer.model_max_length = limit
+    return tokenizer
