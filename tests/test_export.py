@@ -154,7 +154,9 @@ def test_causal_lm_with_cache_generates_like_torch(tmp_path, tokenizer, family, 
 
 def test_causal_lm_without_cache_and_dense(tmp_path):
     dense = make_tiny("llama")  # unconverted: the baseline exports the same way
-    result = export_onnx(dense, tmp_path / "b", cache=False)
+    stages = []
+    result = export_onnx(dense, tmp_path / "b", cache=False, progress=stages.append)
+    assert "exporting the causal-lm (no converted projections: standard ops)" in stages[0], stages
     assert result.meta["hadamard_layers"] == 0 and result.meta["cache"] is None
     assert [o["name"] for o in result.meta["outputs"]] == ["logits"]
     # Nothing to run the op on: no op library to carry or load (onnxruntime-genai would load it).

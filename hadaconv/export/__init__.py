@@ -354,7 +354,9 @@ def _write_graph(spec, path: Path, *, kind: str, form: str, optimize: str | None
     from hadaconv.export.translate import OPSET, translation_table
 
     fusions = None
-    stage(f"exporting the {kind} ({form} form) with torch.export and translating it to ONNX "
+    # A model without converted projections is standard ops in either form: say so, not "custom form".
+    shown = f"{form} form" if _hadamard_layers(spec.module) else "no converted projections: standard ops"
+    stage(f"exporting the {kind} ({shown}) with torch.export and translating it to ONNX "
           "(the dynamo exporter; the slow step)")
     try:
         # One call of minutes (14 on a loaded 2-core machine for SmolLM2) with no progress of its own.
