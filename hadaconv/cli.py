@@ -987,6 +987,8 @@ def _print_classification(opened, texts: list, pairs: list[str] | None, as_json:
     next three; a multi-label head's labels above 0.5, then every label's probability in label
     order; a regression head's values in label order; each token with its label for a token head;
     a masked LM's five candidates for each [MASK] in the text.  With --json one JSON object a line."""
+    import numpy as np
+
     from hadaconv.generate import classify
 
     result = classify(opened, texts, text_pair=pairs, truncate=truncate)
@@ -998,8 +1000,10 @@ def _print_classification(opened, texts: list, pairs: list[str] | None, as_json:
         shown = {"text": given} if isinstance(given, str) else {"ids": [int(t) for t in given]}
         shown |= {"text_pair": pairs[i]} if pairs else {}
         if filled[i]:
-            ids = result.input_ids[i][result.attention_mask[i] == 1].tolist()  # what the positions count
-            _print_filled(which, shown | {"tokens": opened.tokenizer.convert_ids_to_tokens(ids)}, filled[i], as_json)
+            kept = np.flatnonzero(result.attention_mask[i])  # positions among the text's tokens, not the padded row
+            masks = [(int(np.searchsorted(kept, p)), candidates) for p, candidates in filled[i]]
+            tokens = opened.tokenizer.convert_ids_to_tokens(result.input_ids[i][kept].tolist())
+            _print_filled(which, shown | {"tokens": tokens}, masks, as_json)
             continue
         picked = all_picked[i]
         if result.per_token:

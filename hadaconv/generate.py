@@ -605,6 +605,11 @@ def _run_on_host(session: Any, feeds: dict[str, np.ndarray], outputs: list[str])
     return {name: _host(value) for name, value in zip(outputs, binding.get_outputs())}
 
 
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):  # a string such as "no" would read as True
+        raise InputError(f"{name} is True or False, got {value!r}")
+
+
 def _is_text(text: Any) -> bool:
     return isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text))
 
@@ -618,8 +623,7 @@ def _text_feeds(session: Any, tokenizer: Any, meta: dict, text: Any, pair: Any =
     special token).  With them the special tokens mask [batch, seq]: 1 where the tokenizer put
     [CLS], [SEP], padding and the like (in token ids: its cls, sep, bos, eos and pad ids); None
     without a tokenizer."""
-    if not isinstance(truncate, (bool, np.bool_)):  # a string would read as True
-        raise InputError(f"truncate is True or False, got {truncate!r}")
+    _check_flag("truncate", truncate)
     if text is None:
         raise InputError("text is None: give a text, a list of texts, or token ids")
     if isinstance(text, Sequence) and not isinstance(text, str) and len(text) == 0:
@@ -661,12 +665,25 @@ def _encode_texts(tokenizer: Any, meta: dict, text: str | Sequence[str], pair: A
     _check_lengths(np.asarray(enc["attention_mask"]).sum(axis=1).tolist(), limit, "text" if pair is None else "pair")
     types = enc.get("token_type_ids")
     if seconds is not None and types is not None and np.any(types) and "token_type_ids" not in names:
-        if not isinstance(meta.get("segment_types"), int):  # a model with one type (or none) ignores them
+        if not _reads_one_segment(meta):
             raise HadaconvError("the tokenizer marks each pair's second text as segment 1, and this bundle's graph "
                                 "takes no token_type_ids: export it again with this hadaconv, which gives a model "
                                 "with segment types that input")
     special = np.asarray(enc["special_tokens_mask"], dtype=np.int64)
     return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}, special
+
+
+def _reads_one_segment(meta: dict) -> bool:
+    """Whether a graph without ``token_type_ids`` loses nothing of a pair by running it as one
+    segment: its model has fewer than two segment types (DeBERTa-v3's none, whose forward ignores
+    them), or none recorded (a model without ``type_vocab_size``), or it is a bare session,
+    whose model its caller knows.  A bundle written before ``segment_types`` was recorded may have
+    dropped a BERT's segments."""
+    if not meta:
+        return True
+    if "segment_types" not in meta:
+        return False
+    return meta["segment_types"] is None or meta["segment_types"] < 2
 
 
 def _pairs(pair: Any, texts: int) -> list[str] | None:
@@ -704,8 +721,7 @@ def embed(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str] | 
             has no padding token.
         HadaconvError: not an encoder bundle, text without a tokenizer, or an ONNX Runtime failure.
     """
-    if not isinstance(normalize, (bool, np.bool_)):  # a string would read as True
-        raise InputError(f"normalize is True or False, got {normalize!r}")
+    _check_flag("normalize", normalize)
     session, tokenizer, meta = _resolve(target, tokenizer)
     outputs = [o.name for o in session.get_outputs()]
     if not {"sentence_embedding", "last_hidden_state"} <= set(outputs):

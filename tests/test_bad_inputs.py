@@ -1370,6 +1370,9 @@ ROWS = [
     Row("run-metadata-label-forges-a-line",  # printed a line per text: a newline would forge one
         lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), kind="classifier", labels=["a\nb"]), "--text", "hi"],
         r"hadaconv_onnx\.json: labels is not what hadaconv export writes"),
+    Row("run-metadata-segment-types", lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), segment_types="2"),
+                                                    "--text", "hi"],
+        r"hadaconv_onnx\.json: segment_types is not what hadaconv export writes \('2'\)$"),
     Row("run-metadata-problem-type", lambda w, t: ["run", _meta_with(_copy(w.encoder, t / "b"), problem_type=7),
                                                    "--text", "hi"],
         r"hadaconv_onnx\.json: problem_type is not what hadaconv export writes \(7\)$"),

@@ -330,6 +330,19 @@ def test_sentence_pair_classifier_reads_each_texts_segment(tmp_path, tokenizer, 
     with pytest.raises(HadaconvError, match=r"marks each pair's second text as segment 1, and this bundle's graph "
                                             r"takes no token_type_ids: export it again with this hadaconv"):
         classify(tmp_path / "one", texts, text_pair=pairs)
+    (tmp_path / "one" / METADATA).write_text(json.dumps({**meta, "segment_types": None}))  # no type_vocab_size
+    np.testing.assert_allclose(classify(tmp_path / "one", texts, text_pair=pairs).logits, ref, rtol=0, atol=1e-4)
+
+    config = tmp_path / "b" / "tokenizer_config.json"  # a model that reads 10 tokens: pairs past it
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"model_max_length": 10}))
+    with pytest.raises(InputError, match=r"^pair 2 is 1\d tokens, more than the 10 this encoder reads: shorten it, "
+                                         r"or cut it there with truncate=True$"):
+        classify(tmp_path / "b", texts, text_pair=pairs)
+    cut = tokenizer(texts, pairs, truncation=True, max_length=10, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.double()(**cut).logits.numpy()
+    np.testing.assert_allclose(classify(tmp_path / "b", texts, text_pair=pairs, truncate=True).logits, ref, rtol=0,
+                               atol=1e-4)
 
 
 def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, capsys):
@@ -376,6 +389,7 @@ def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, ca
     with torch.no_grad():
         ref = mlm.double()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
     filled = out.fill_mask(top_k=3)
+    assert "scores" not in vars(out)  # the [MASK] rows' softmax alone, not [batch, seq, vocab] probabilities
     masks = np.flatnonzero(enc["input_ids"][0].numpy() == tokenizer.mask_token_id)
     assert [p for p, _ in filled[0]] == masks.tolist() and filled[1] == []
     for p, candidates in filled[0]:  # the float64 reference's three most likely tokens and probabilities

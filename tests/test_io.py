@@ -620,6 +620,16 @@ def test_a_sentence_transformers_folder_keeps_its_max_seq_length(tmp_path, writt
         assert load_tokenizer(tmp_path).model_max_length == expect
 
 
+def test_a_converted_sentence_transformers_model_keeps_its_length(tmp_path):
+    """The converted folder copies sentence_bert_config.json with the tokenizer's files, so it
+    (and what distill and export write from it) reads 256 tokens, as the original does."""
+    model = make_tiny("torch_mha")
+    save_converted(model, tmp_path / "conv", meta=_convert(model, [0], block=1), tokenizer_source=tokenizer_folder())
+    assert (tmp_path / "conv" / "sentence_bert_config.json").is_file()
+    assert load_tokenizer(tmp_path / "conv").model_max_length == load_tokenizer(tokenizer_folder()).model_max_length
+    assert load_tokenizer(tmp_path / "conv").model_max_length == 256
+
+
 def test_lacks_tokenizer_only_where_the_files_say_so(tmp_path):
     """The early "calibration needs a tokenizer" is said only where the load would find none: a
     model folder without tokenizer files, bare weights with none beside the config or the

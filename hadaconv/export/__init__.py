@@ -355,7 +355,8 @@ def _write_graph(spec, path: Path, *, kind: str, form: str, optimize: str | None
 
     fusions = None
     # A model without converted projections is standard ops in either form: say so, not "custom form".
-    shown = f"{form} form" if _hadamard_layers(spec.module) else "no converted projections: standard ops"
+    shown = f"{form} form" if kind == "module" or _hadamard_layers(spec.module) else \
+        "no converted projections: standard ops"
     stage(f"exporting the {kind} ({shown}) with torch.export and translating it to ONNX "
           "(the dynamo exporter; the slow step)")
     try:

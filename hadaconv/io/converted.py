@@ -22,8 +22,8 @@ from torch import nn
 from hadaconv.atomic import atomic_folder, check_output
 from hadaconv.errors import HadaconvError, InputError, ModelFormatError, check_module, check_path, command, option
 from hadaconv.io.build import check_finite, load_weights, model_from_config, torch_recipe
-from hadaconv.io.files import (META_KEY, SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, VOCABULARY_FILES, WEIGHTS,
-                               converted_meta, first_line, read_json, read_safetensors, shard_map)
+from hadaconv.io.files import (META_KEY, SENTENCE_CONFIG, SHARD_INDEX, TIED_KEY, TOKENIZER_FILES, VOCABULARY_FILES,
+                               WEIGHTS, converted_meta, first_line, read_json, read_safetensors, shard_map)
 
 __all__ = ["check_savable", "config_for_saving", "hadaconv_meta", "load", "load_tokenizer", "original_path", "save",
            "save_converted"]
@@ -372,10 +372,6 @@ def refuse_bundle(folder: Path) -> None:
 def has_tokenizer(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a tokenizer's vocabulary (what :func:`load_tokenizer` reads)."""
     return any((Path(folder) / f).is_file() for f in VOCABULARY_FILES)
-
-
-#: sentence-transformers' settings of its Transformer module, beside the model's files.
-SENTENCE_CONFIG = "sentence_bert_config.json"
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Any | None:

@@ -15,9 +15,9 @@ import torch
 
 from hadaconv.errors import ModelFormatError
 
-__all__ = ["META_KEY", "SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS", "check_safetensors", "converted_meta",
-           "file_identity", "first_line", "folder_weights", "open_regular", "plain_name", "read_json",
-           "read_safetensors", "shard_map", "source_key"]
+__all__ = ["META_KEY", "SENTENCE_CONFIG", "SHARD_INDEX", "TIED_KEY", "TOKENIZER_FILES", "WEIGHTS",
+           "check_safetensors", "converted_meta", "file_identity", "first_line", "folder_weights", "open_regular",
+           "plain_name", "read_json", "read_safetensors", "shard_map", "source_key"]
 
 
 WEIGHTS = "model.safetensors"
@@ -36,7 +36,12 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "chat_template.jinja",
     "generation_config.json",
+    "sentence_bert_config.json",  # sentence-transformers' max_seq_length: how many tokens the model reads
 )
+
+#: sentence-transformers' settings of its Transformer module, beside the model's files
+#: (:func:`hadaconv.io.converted.load_tokenizer` reads its ``max_seq_length``).
+SENTENCE_CONFIG = "sentence_bert_config.json"
 
 #: The files of TOKENIZER_FILES that hold a vocabulary: a folder without one of them has no
 #: tokenizer to load, whatever else it holds (a chat template or a tokenizer_config.json left
