@@ -864,13 +864,12 @@ def run_cmd(bundle, prompt, text, text_pair, ids, max_new_tokens, temperature, t
         from hadaconv.generate import check_sampling
 
         check_sampling(temperature, top_k, seed)
-    if normalize and meta.get("kind") in ("causal-lm", "classifier"):
-        raise HadaconvError(f"--normalize is for encoder bundles' embeddings, and {bundle} is "
-                            f"{_BUNDLE_IS[meta['kind']]}: drop it")
-    pairs = _text_pairs(bundle, meta, text, list(text_pair))
-    if truncate and meta.get("kind") == "causal-lm":
-        raise HadaconvError(f"--truncate is for encoder and classifier bundles, and {bundle} is "
-                            f"{_BUNDLE_IS['causal-lm']}: drop it")
+    for name, value in (("normalize", normalize), ("truncate", truncate), ("text_pair", text_pair)):
+        purpose, kinds = _ONLY_FOR[name]
+        if value and meta["kind"] not in kinds:  # a kind _run_input accepted: one of _BUNDLE_IS
+            raise HadaconvError(f"--{name.replace('_', '-')} is for {purpose}, and {bundle} is "
+                                f"{_BUNDLE_IS[meta['kind']]}: drop it")
+    pairs = _text_pairs(text, list(text_pair))
     opened = open_bundle(bundle, providers=provider)
     if opened.kind == "encoder":
         _print_embedding(opened, given if ids is None else [ids], as_json, normalize, truncate)
@@ -885,14 +884,16 @@ def run_cmd(bundle, prompt, text, text_pair, ids, max_new_tokens, temperature, t
 _BUNDLE_IS = {"causal-lm": "a causal LM bundle, which generates", "encoder": "an encoder bundle, which embeds",
               "classifier": "a classifier bundle"}
 
+#: run's options that only some kinds of bundle take: what each is for, and those kinds.
+_ONLY_FOR = {"normalize": ("encoder bundles' embeddings", ("encoder",)),
+             "truncate": ("encoder and classifier bundles", ("encoder", "classifier")),
+             "text_pair": ("classifier bundles", ("classifier",))}
 
-def _text_pairs(bundle: str, meta: dict, text: list[str] | None, pairs: list[str]) -> list[str] | None:
-    """The --text-pair texts, one for each --text of a classifier bundle; None without any."""
+
+def _text_pairs(text: list[str] | None, pairs: list[str]) -> list[str] | None:
+    """The --text-pair texts, one for each --text; None without any."""
     if not pairs:
         return None
-    if meta.get("kind") != "classifier":
-        raise HadaconvError(f"--text-pair is for classifier bundles, and {bundle} is {_BUNDLE_IS[meta['kind']]}: "
-                            "drop it")
     if not text:
         raise HadaconvError("--text-pair needs --text: the tokenizer encodes the two texts of a pair")
     if len(pairs) != len(text):

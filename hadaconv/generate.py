@@ -664,11 +664,11 @@ def _encode_texts(tokenizer: Any, meta: dict, text: str | Sequence[str], pair: A
                     verbose=False, **cut)
     _check_lengths(np.asarray(enc["attention_mask"]).sum(axis=1).tolist(), limit, "text" if pair is None else "pair")
     types = enc.get("token_type_ids")
-    if seconds is not None and types is not None and np.any(types) and "token_type_ids" not in names:
-        if not _reads_one_segment(meta):
-            raise HadaconvError("the tokenizer marks each pair's second text as segment 1, and this bundle's graph "
-                                "takes no token_type_ids: export it again with this hadaconv, which gives a model "
-                                "with segment types that input")
+    if (seconds is not None and types is not None and np.any(types) and "token_type_ids" not in names
+            and not _reads_one_segment(meta)):
+        raise HadaconvError("the tokenizer marks each pair's second text as segment 1, and this bundle's graph "
+                            "takes no token_type_ids: export it again with this hadaconv, which gives a model "
+                            "with segment types that input")
     special = np.asarray(enc["special_tokens_mask"], dtype=np.int64)
     return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}, special
 

@@ -30,7 +30,7 @@ from hadaconv.errors import HadaconvError, check_module, check_number, indefinit
 from hadaconv.export.bundle import (MODEL, FORMAT, VERSION, atomic_folder, io_description, label_names, positive_int,
                                     write_metadata)
 from hadaconv.export.validate import DEFAULT_ATOL, DEFAULT_ATOL_FLOAT16, OutputDiff, default_atol, validate
-from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype
+from hadaconv.export.wrappers import Kind, detect_kind, make_spec, model_dtype, segment_types
 from hadaconv.progress import status
 from hadaconv.runtime import BFLOAT16_ON_CPU, OP_DOMAIN, get_library_path, session
 
@@ -431,8 +431,6 @@ def _metadata(folder: Path, model: nn.Module, spec, *, kind: str, form: str, fus
     if kind == "classifier":  # what hadaconv run and generate.classify name the logits by
         meta["labels"] = _labels(config, outputs[0]["shape"][-1] if outputs and outputs[0].get("shape") else None, log)
         meta["problem_type"] = getattr(config, "problem_type", None)
-        # what a sentence pair's token_type_ids mean to it: with fewer than two types, nothing
-        types = getattr(config, "type_vocab_size", None)
-        meta["segment_types"] = types if type(types) is int and types >= 0 else None
+        meta["segment_types"] = segment_types(model)  # fewer than two: a pair's token_type_ids mean nothing to it
     meta["genai_config"] = _write_genai(folder, model, spec, meta)
     return meta

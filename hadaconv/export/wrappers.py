@@ -33,7 +33,7 @@ from torch.export import Dim
 
 from hadaconv.errors import HadaconvError, command
 
-__all__ = ["ExportSpec", "Kind", "detect_kind", "has_segments", "make_spec"]
+__all__ = ["ExportSpec", "Kind", "detect_kind", "has_segments", "make_spec", "segment_types"]
 
 Kind = Literal["causal-lm", "encoder", "classifier", "module"]
 
@@ -131,11 +131,17 @@ class Classifier(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits
 
 
-def has_segments(model: nn.Module) -> bool:
-    """Whether ``model`` reads ``token_type_ids`` with two or more segment types (BERT's
-    ``type_vocab_size``): a sentence pair's second text is segment 1."""
+def segment_types(model: nn.Module) -> int | None:
+    """The segment types ``model``'s config gives (BERT's ``type_vocab_size``; DeBERTa-v3's 0), or
+    None where it gives none."""
     size = getattr(getattr(model, "config", None), "type_vocab_size", None)
-    return _accepts(model, "token_type_ids") and isinstance(size, int) and size > 1
+    return size if type(size) is int and size >= 0 else None
+
+
+def has_segments(model: nn.Module) -> bool:
+    """Whether ``model`` reads ``token_type_ids`` with two or more segment types: a sentence
+    pair's second text is segment 1."""
+    return _accepts(model, "token_type_ids") and (segment_types(model) or 0) > 1
 
 
 def _flatten_output(out: Any) -> tuple[list[str], list[torch.Tensor]]:

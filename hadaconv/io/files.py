@@ -23,6 +23,11 @@ __all__ = ["META_KEY", "SENTENCE_CONFIG", "SHARD_INDEX", "TIED_KEY", "TOKENIZER_
 WEIGHTS = "model.safetensors"
 
 
+#: sentence-transformers' settings of its Transformer module, beside the model's files: its
+#: ``max_seq_length`` is how many tokens the model reads (:func:`hadaconv.io.converted.load_tokenizer`),
+#: so it travels with the tokenizer's files.
+SENTENCE_CONFIG = "sentence_bert_config.json"
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -36,12 +41,8 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "chat_template.jinja",
     "generation_config.json",
-    "sentence_bert_config.json",  # sentence-transformers' max_seq_length: how many tokens the model reads
+    SENTENCE_CONFIG,
 )
-
-#: sentence-transformers' settings of its Transformer module, beside the model's files
-#: (:func:`hadaconv.io.converted.load_tokenizer` reads its ``max_seq_length``).
-SENTENCE_CONFIG = "sentence_bert_config.json"
 
 #: The files of TOKENIZER_FILES that hold a vocabulary: a folder without one of them has no
 #: tokenizer to load, whatever else it holds (a chat template or a tokenizer_config.json left
