@@ -994,8 +994,13 @@ def _print_classification(opened, texts: list, pairs: list[str] | None, as_json:
 
     result = classify(opened, texts, text_pair=pairs, truncate=truncate)
     filled = result.fill_mask() if result.mask_token_id is not None else [[] for _ in texts]
-    # a masked LM's [batch, seq, vocab] probabilities only where a text has no [MASK] to fill
-    all_scores, all_picked = (result.scores, result.predicted) if not all(filled) else (None, None)
+    if result.mask_token_id is not None and not all(filled):  # as transformers' fill-mask pipeline refuses it
+        first = next(i for i, masks in enumerate(filled) if not masks)
+        which = f"text {first + 1}" if len(texts) > 1 else "the text"
+        raise HadaconvError(f"{which} has no {opened.tokenizer.mask_token} for the masked LM to fill"
+                            f"{' (--truncate may have cut it off)' if truncate else ''}: put one where a word goes")
+    # a masked LM's [batch, seq, vocab] probabilities are not needed: its [MASK] rows are filled above
+    all_scores, all_picked = (result.scores, result.predicted) if not any(filled) else (None, None)
     for i, given in enumerate(texts):
         which = f"text {i + 1}: " if len(texts) > 1 else ""
         shown = {"text": given} if isinstance(given, str) else {"ids": [int(t) for t in given]}

@@ -406,6 +406,9 @@ def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, ca
     assert line["masks"][0]["tokens"][:3] == [t for t, _ in filled[0][0][1]]
     code, text, err = run_cli(capsys, "run", tmp_path / "mlm", "--text", texts[0])
     assert code == 0 and text.count("[MASK] at ") == 2 and text.startswith(f"[MASK] at {masks[0]}: "), text
+    code, text, err = run_cli(capsys, "run", tmp_path / "mlm", "--text", texts[0], "--text", texts[1])
+    assert code == 1 and err.strip() == "error: text 2 has no [MASK] for the masked LM to fill: put one where a " \
+        "word goes", err  # as transformers' fill-mask pipeline refuses it, not each token's top token instead
     with pytest.raises(HadaconvError, match="fill_mask needs a masked LM's result"):
         classify(tmp_path / "tok", "four").fill_mask()
 
