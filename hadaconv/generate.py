@@ -257,7 +257,7 @@ def _check_lengths(lengths: Sequence[int], limit: int | None, noun: str = "text"
     for i, n in enumerate(lengths):
         if limit is not None and n > limit:
             which = f"{noun} {i + 1}" if len(lengths) > 1 else f"the {noun}"
-            raise InputError(f"{which} is {n} tokens, more than the {limit} this encoder reads: shorten it{cut}")
+            raise InputError(f"{which} is {n} tokens, more than the {limit} this model reads: shorten it{cut}")
 
 
 def _chat_ids(tokenizer: Any, text: str) -> list[int]:
@@ -692,7 +692,9 @@ def _pairs(pair: Any, texts: int) -> list[str] | None:
         return None
     seconds = [pair] if isinstance(pair, str) else pair
     if not _is_text(seconds):
-        raise InputError(f"text_pair must be a text or a list of texts, got {type(pair).__name__}")
+        odd = [t for t in seconds if not isinstance(t, str)][:1] if isinstance(seconds, Sequence) else []
+        got = f"{indefinite(type(pair).__name__)} with {odd[0]!r:.40} in it" if odd else type(pair).__name__
+        raise InputError(f"text_pair must be a text or a list of texts, got {got}")
     if len(seconds) != texts:
         raise InputError(f"text_pair has {len(seconds)} text{'s' * (len(seconds) != 1)} for {texts} "
                          f"text{'s' * (texts != 1)}: give one for each text")
@@ -812,6 +814,9 @@ def classify(target: Bundle | str | os.PathLike | Any, text: str | Sequence[str]
     if logits.ndim not in (2, 3):
         raise HadaconvError(f"a classifier's logits are [batch, labels] or [batch, seq, labels], got "
                             f"{list(logits.shape)}")
+    if text_pair is not None and logits.ndim == 3:  # transformers' token and fill-mask pipelines take no pairs
+        raise InputError(f"{option('text_pair')} is for heads that score the whole input (sentence pairs), and this "
+                         "bundle's head scores each token: give one text at a time")
     vocabulary = None if meta.get("labels") else _vocabulary_labels(tokenizer, meta, logits.shape[-1])
     labels = meta.get("labels") or vocabulary or [f"LABEL_{i}" for i in range(logits.shape[-1])]
     if len(labels) != logits.shape[-1]:

@@ -312,8 +312,10 @@ def test_sentence_pair_classifier_reads_each_texts_segment(tmp_path, tokenizer, 
     assert line["text_pair"] == pairs[1] and line["label"] == out.predicted[1]
     with pytest.raises(InputError, match=r"^text_pair has 1 text for 2 texts: give one for each text$"):
         classify(tmp_path / "b", texts, text_pair=pairs[:1])
-    with pytest.raises(InputError, match=r"^text_pair must be a text or a list of texts, got list$"):
+    with pytest.raises(InputError, match=r"^text_pair must be a text or a list of texts, got a list with 3 in it$"):
         classify(tmp_path / "b", texts, text_pair=[3, 4])
+    with pytest.raises(InputError, match=r"^text_pair must be a text or a list of texts, got a tuple with None in it$"):
+        classify(tmp_path / "b", texts[0], text_pair=(None,))
     with pytest.raises(InputError, match=r"^text_pair needs text, not token ids"):
         classify(tmp_path / "b", ids, text_pair=pairs[0])
     cut = classify(tmp_path / "b", texts, text_pair=pairs, truncate=True)  # nothing to cut: the same
@@ -335,7 +337,7 @@ def test_sentence_pair_classifier_reads_each_texts_segment(tmp_path, tokenizer, 
 
     config = tmp_path / "b" / "tokenizer_config.json"  # a model that reads 10 tokens: pairs past it
     config.write_text(json.dumps(json.loads(config.read_text()) | {"model_max_length": 10}))
-    with pytest.raises(InputError, match=r"^pair 2 is 1\d tokens, more than the 10 this encoder reads: shorten it, "
+    with pytest.raises(InputError, match=r"^pair 2 is 1\d tokens, more than the 10 this model reads: shorten it, "
                                          r"or cut it there with truncate=True$"):
         classify(tmp_path / "b", texts, text_pair=pairs)
     cut = tokenizer(texts, pairs, truncation=True, max_length=10, padding=True, return_tensors="pt")
@@ -373,6 +375,13 @@ def test_token_classifier_and_masked_lm_label_each_token(tmp_path, tokenizer, ca
     assert line["tokens"] == tokenizer.convert_ids_to_tokens(enc["input_ids"][1, 1:lengths[1] - 1].tolist())
     probs = np.exp(ref[1]) / np.exp(ref[1]).sum(-1, keepdims=True)
     np.testing.assert_allclose(line["scores"], probs[1:lengths[1] - 1].max(-1), rtol=0, atol=1e-5)
+    with pytest.raises(InputError, match=r"^text_pair is for heads that score the whole input \(sentence pairs\), "
+                                         r"and this bundle's head scores each token: give one text at a time$"):
+        classify(tmp_path / "tok", "four", text_pair="five")  # transformers' token pipeline takes no pairs
+    code, _, err = run_cli(capsys, "run", tmp_path / "tok", "--text", "four", "--text-pair", "five")
+    assert code != 0 and err.strip().splitlines() == ["error: --text-pair is for heads that score the whole input "
+                                                      "(sentence pairs), and this bundle's head scores each token: "
+                                                      "give one text at a time"], err
 
     mlm = _head("BertForMaskedLM")
     said = []
@@ -1222,7 +1231,7 @@ def test_embed_refuses_more_tokens_than_the_encoder_reads(tmp_path, tokenizer, c
                                          r"reads: shorten it$"):
         embed(tmp_path / "b", [[5] * (limit + 1)])
     long = " ".join(["word"] * (limit + 5))
-    with pytest.raises(InputError, match=rf"^text 2 is {limit + 7} tokens, more than the {limit} this encoder reads: "
+    with pytest.raises(InputError, match=rf"^text 2 is {limit + 7} tokens, more than the {limit} this model reads: "
                                          r"shorten it, or cut it there with truncate=True$"):
         embed(tmp_path / "b", ["short", long])
     # truncate=True cuts it as sentence-transformers does: the tokenizer's cut, [SEP] kept last
