@@ -13,7 +13,10 @@ Cells (each: which layers, how fitted, params removed, conversion time, perplexi
   once, by the block-16 fits' KL sensitivity), fitted
   - ``plain``: each layer on the original model's statistics (the earlier default),
   - ``seq``, ``comp``, ``seq+comp``: block by block against the teacher (hadaconv.blockwise),
-    sequential statistics and/or the down-projection refit (seq+comp is the default now);
+    sequential statistics and/or the down-projection refit;
+  - ``+rot`` after any of those (``seq+comp+rot`` is convert's default): the residual stream
+    rotated first (hadaconv.rotation, convert's ``rotate_stream`` on the chosen layers); its final-norm
+    map counts against the parameters removed;
   - an optional fifth field ``rR`` adds the low-rank residual of rank R (``convert --rank R``):
     ``hadamard:64:10:seq+comp:r16`` is block 64, the 10 least sensitive layers, seq+comp, rank 16.
     Parameters removed count what the residual keeps (R (d_in + d_out) per layer);
@@ -49,11 +52,12 @@ from hadaconv.blockwise import convert_blockwise, decoder  # noqa: E402
 from hadaconv.calibrate import MomentCollector, text_windows  # noqa: E402
 from hadaconv.convert import (  # noqa: E402
     DEFAULT_CALIBRATION, RANKING_WINDOWS, ConvertConfig, calibration_batches, collect_statistics, find_target,
-    fit_layers, fit_with_row, rank_layers)
+    fit_layers, fit_with_row, rank_layers, rotate_stream)
 from hadaconv.distill.core import DEFAULT_SAMPLES  # noqa: E402
 from hadaconv.evaluate import perplexity  # noqa: E402
 from hadaconv.fit import damped_covariance, reduced_rank  # noqa: E402
 from hadaconv.io import load_model  # noqa: E402
+from hadaconv.report import ConvertReport  # noqa: E402
 from hadaconv.realmodels import cache_dir, qwen2_5_coder_folder  # noqa: E402
 from hadaconv.swap import apply_fit  # noqa: E402
 
@@ -251,18 +255,25 @@ def main() -> None:
                 seconds = stats_s + fit_s[size, rank] * k
             else:
                 sub_rows = {i: copy.deepcopy(rows[size, rank][i]) for i in chosen(k)}
+                start_fits = dict(teacher_fits)
+                if "rot" in variant:  # convert's stage on the teacher's statistics; the loop refits every layer
+                    report = ConvertReport(mode="head", block=size, adapter=tgt.adapter.name)
+                    if not rotate_stream(model, tgt, stats, data, cfg, chosen(k), report, looped=True):
+                        raise SystemExit(f"cell {key}: no rotation ({report.rotate_skipped})")
+                    start_fits = {}
+                    extra["rotation_error"] = report.rotation_error
 
                 def fit_fn(layer, moments, held, cfg=cfg, tgt=tgt):
                     return fit_with_row(layer, moments, held, cfg, tgt)
 
                 batches = [("calib", b) for b in data.calib] + [("heldout", b) for b in data.heldout]
                 convert_blockwise(decoder(model, tgt.layers, tgt.kind), tgt.adapter, layers, batches,
-                                  dict(teacher_fits), sub_rows, sequential="seq" in variant,
+                                  start_fits, sub_rows, sequential="seq" in variant,
                                   compensate="comp" in variant, fit_fn=fit_fn, show=False)
                 seconds = stats_s + time.perf_counter() - t + (0 if "seq" in variant else fit_s[size, rank] * k)
-                extra = {"block_error": {i: [r.block_error_before, r.block_error_after, r.compensation_ridge]
-                                         for i, r in sub_rows.items()},
-                         "heldout_error": {i: r.heldout_error for i, r in sub_rows.items()}}
+                extra |= {"block_error": {i: [r.block_error_before, r.block_error_after, r.compensation_ridge]
+                                          for i, r in sub_rows.items()},
+                          "heldout_error": {i: r.heldout_error for i, r in sub_rows.items()}}
         removed = before - sum(p.numel() for p in model.parameters())
         ppl = evaluate(model, windows)
         results["cells"][key] = {"layers": chosen(k), "params_removed": removed, "params_before": before,
@@ -397,8 +408,9 @@ def write(results: dict, args) -> None:
              "RESULTS.md, \"Eight held-out windows were one noisy sample\").  "
              f"Layers: the K least sensitive by the block-{rank_block} fits' KL.  Fit: plain = each "
              "layer on the original model's statistics (the earlier default); seq / comp = block by block "
-             "against the original with sequential statistics / the down-projection refit (seq+comp is the "
-             "default now).  Seconds: conversion on this machine (the shared statistics pass included, the "
+             "against the original with sequential statistics / the down-projection refit; +rot = the residual "
+             "stream rotated first, its final-norm map counted against the parameters removed (seq+comp+rot is "
+             "the default now).  Seconds: conversion on this machine (the shared statistics pass included, the "
              "sensitivity ranking and the sampling not).", "",
              "| method | fit | layers | params removed | " + " | ".join(f"{d} ppl (x teacher)" for d in domains)
              + " | seconds |", "|---|---|---:|---:|" + "---:|" * len(domains) + "---:|",

@@ -1,8 +1,9 @@
 """The whole hadaconv pipeline on SmolLM2-135M-Instruct, end to end (what ``make demo`` runs).
 
 text sampled from the model itself (the default calibration and distillation text, cached under
-~/.cache/hadaconv) -> convert (the defaults: sequential, block by block against the original, with
-the MLP down-projection refit) -> a short distillation -> ONNX export (with the com.hadaconv op) ->
+~/.cache/hadaconv) -> convert (the defaults: the residual stream rotated to suit the chosen layers,
+then sequential, block by block against the original, with the MLP down-projection refit) -> a
+short distillation -> ONNX export (with the com.hadaconv op) ->
 generation in ONNX Runtime (whose first 32 greedy tokens are compared with PyTorch's ``generate``
 on the same model), then one before/after table: parameters, ONNX file size, perplexity
 on held-out text of two domains the demo never trains on (the Python language reference, the King

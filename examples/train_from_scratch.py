@@ -283,7 +283,8 @@ def convert_and_distill(dense, tokenizer, files, val, args, dense_fpt: float, fl
     student = copy.deepcopy(dense)
     report = convert(student, tokenizer, ConvertConfig(
         block=args.block, calib=[str(p) for p in files[:-1]], samples=args.calib_samples, seq_len=args.seq_len,
-        batch_size=args.batch_size, sensitivity=False, progress=args.verbose))
+        batch_size=args.batch_size, sensitivity=False, progress=args.verbose,
+        rotate=False))  # the from-scratch model has no final-norm map: both routes keep equal parameters
     fpt = forward_flops_per_token(student, args.seq_len)
     student.to(args.device)
     flops = flops0 + dense_fpt * args.calib_samples * args.seq_len  # one calibration forward pass

@@ -236,6 +236,11 @@ def _layer_list(text: str | None) -> list[int] | None:
 @click.option("--compensate/--no-compensate", default=True, show_default=True,
               help="Refit each converted block's MLP down-projection to the original block's output (ridge least "
                    "squares; same shapes, no run-time cost).  Llama-family models.")
+@click.option("--rotate/--no-rotate", default=True, show_default=True,
+              help="Rotate the residual stream first, by the orthogonal map that best serves the converted layers' "
+                   "fits (the same model, up to rounding; Llama-family models).  Where the head is tied to the "
+                   "embedding (SmolLM2) the final norm's weight becomes a d x d map: +d^2 parameters (331,776 on "
+                   "SmolLM2, about one o_proj).")
 @click.option("--rank", type=Integer(min=0), default=0, show_default=True,
               help="Add a rank-R residual U (D x) next to each Hadamard layer, fitted by least squares to what the "
                    "Hadamard form misses (reduced-rank regression).  Buys quality back; costs R*(d_in+d_out) "
@@ -259,10 +264,10 @@ def _layer_list(text: str | None) -> list[int] | None:
               help="Hugging Face folders of safetensors shards: one decoder block in memory at a time, "
                    "written shard by shard, in the checkpoint's dtype; the same block loop and options as "
                    "without it (--max-layers / --max-loss read the shards twice: a ranking pass first; "
-                   "sensitivity is measured only to rank), but sampled text only from the cache.")
+                   "sensitivity is measured only to rank), but sampled text only from the cache, and no --rotate.")
 @_device_options
 def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib, samples, seq_len, batch_size,
-                sequential, compensate, rank, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, streamed, device,
+                sequential, compensate, rotate, rank, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, streamed, device,
                 dtype) -> None:
     """Fit Hadamard projections to MODEL's attention output projections and save the result.
 
@@ -282,8 +287,8 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     calib_value = None if not calib else ("none" if list(calib) == ["none"] else list(calib))
     cfg = ConvertConfig(mode=mode, block=block, layers=_layer_list(layers), max_layers=max_layers,
                         max_loss=max_loss, calib=calib_value, samples=samples, seq_len=seq_len,
-                        batch_size=batch_size, sequential=sequential, compensate=compensate, rank=rank,
-                        sensitivity=not no_sensitivity)
+                        batch_size=batch_size, sequential=sequential, compensate=compensate, rotate=rotate,
+                        rank=rank, sensitivity=not no_sensitivity)
     given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--target", target), ("--config", model_config))
              if on]
     if streamed and given:
@@ -310,10 +315,10 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
         click.echo(f"warning: {line}", err=True)
     click.echo(f"saved {output}")
     _note_dequantized(model, output, dtype)
-    asked = click.get_current_context().get_parameter_source("compensate") != click.core.ParameterSource.DEFAULT
-    if asked and report.compensate_skipped:  # the default is on, so only a flag given is worth a note
-        click.echo(f"note: --compensate did nothing: {report.compensate_skipped}, so the layers were converted "
-                   "without it", err=True)
+    for flag, skipped in (("compensate", report.compensate_skipped), ("rotate", report.rotate_skipped)):
+        asked = click.get_current_context().get_parameter_source(flag) != click.core.ParameterSource.DEFAULT
+        if asked and skipped:  # the defaults are on, so only a flag given is worth a note
+            click.echo(f"note: --{flag} did nothing: {skipped}, so the layers were converted without it", err=True)
 
 
 def _note_dequantized(source: str, output: str, dtype: str) -> None:
@@ -384,12 +389,14 @@ def _plan_caption(plan: Plan) -> str:
 
     loss = (f"while their summed sensitivity stays under --max-loss {plan.max_loss:g}"
             if plan.max_loss is not None else "")
+    rotation = (f"; the residual stream's rotation adds {plan.rotation_params:,} back (the final norm's d x d map, "
+                "as the head is tied to the embedding; --no-rotate leaves it out)" if plan.rotation_params else "")
     if plan.max_layers is not None and plan.max_layers < n:
         return (f"{setting}: {share(plan.removable)} for all {n}; the run converts at most the {plan.max_layers} "
-                f"it ranks least sensitive (--max-layers){' ' + loss if loss else ''}: up to {share(most)}")
+                f"it ranks least sensitive (--max-layers){' ' + loss if loss else ''}: up to {share(most)}{rotation}")
     if loss:
-        return f"{setting}: up to {share(most)}; the run converts the least sensitive {loss}"
-    return f"{setting}: {share(most)}"
+        return f"{setting}: up to {share(most)}; the run converts the least sensitive {loss}{rotation}"
+    return f"{setting}: {share(most)}{rotation}"
 
 
 @cli.command("inspect")

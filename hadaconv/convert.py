@@ -9,6 +9,8 @@ projection.  It returns a :class:`~hadaconv.report.ConvertReport`.  The stages, 
 2. ``collect_statistics``: input moments of every candidate output projection;
 3. ``fit_layers``: one least-squares fit per layer;
 4. ``rank_layers``: per-layer sensitivity, and the choice of layers (``--max-layers``/``--max-loss``);
+   then ``rotate_stream``: the residual stream turned to suit the chosen layers
+   (:mod:`hadaconv.rotation`; the block loop fits them again in the rotated stream);
 5. ``apply_fits``: the module swap (:mod:`hadaconv.swap`);
 6. ``finish_report``: parameter counts, sizes, time;
 7. saving: ``convert_file`` writes the folder :func:`hadaconv.load` rebuilds.
@@ -130,6 +132,10 @@ class ConvertConfig:
         compensate: refit the dense maps that write into the residual stream after each converted
             attention (the MLP down-projection, where the adapter names it) towards the teacher's
             block output (:mod:`hadaconv.compensate`); same shapes, no run-time cost.
+        rotate: rotate the residual stream so that the converted layers fit better, where the
+            architecture allows it (pre-norm RMSNorm decoders: the Llama family; see
+            :mod:`hadaconv.rotation`), after the layers are chosen and before they are fitted.  A
+            head tied to the embedding (SmolLM2's) then costs one d x d map at the final norm.
         rank: r of the optional low-rank residual ``U D x`` next to each Hadamard layer (0, the
             default: none; see :mod:`hadaconv.fit`).  Costs r (d_in + d_out) parameters and
             multiply-adds per token and layer; must leave each layer smaller than the dense one.
@@ -153,6 +159,7 @@ class ConvertConfig:
     sensitivity_windows: int | None = None
     sequential: bool = True
     compensate: bool = True
+    rotate: bool = True
     rank: int = 0
     ridge: float = 1e-3
     gamma_ridge: float = GAMMA_RIDGE
@@ -259,6 +266,9 @@ def check_config(config: ConvertConfig | None) -> ConvertConfig:
                  {"max_loss": (0, False), "ridge": (0, False), "gamma_ridge": (0, False)})
     if cfg.max_iter is not None:
         check_fields(cfg, {"max_iter": 0})
+    for name in ("sensitivity", "sequential", "compensate", "rotate", "progress"):
+        if not isinstance(getattr(cfg, name), bool):  # "no" or 0 would read as a choice
+            raise InputError(f"{name} must be True or False, got {getattr(cfg, name)!r:.40}")
     if cfg.stats_device is not None:  # a typo said before the load, not by torch after it
         resolve_device(cfg.stats_device, name="stats_device")
     check_sources(cfg.calib, samples=cfg.samples)  # after the integer checks: the shares need an int
@@ -684,14 +694,16 @@ def convert(
         fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]
         # The block loop refits every layer, and a sensitivity that is only reported is measured
         # in it: the independent fits need no statistics pass of their own then.
-        in_loop = looped and not cfg.ranked
+        in_loop, stats = looped and not cfg.ranked, None
         if not in_loop:
             stats = collect_statistics(model, target.layers, data, cfg.progress, device=cfg.stats_device) \
                 if data.calib else None
             fits, rows = fit_layers(target, stats, cfg)
             report.sensitivity_metric = rank_layers(model, target, fits, rows, data, cfg, inputs is not None)
             chosen = choose_layers(target.layers, rows, cfg)
-            del stats  # every layer's moments (8.6 GB at Llama-3-8B's shape): the fits are made
+        if cfg.rotate and rotate_stream(model, target, stats, data, cfg, chosen, report, looped=dec is not None):
+            fits = {}  # fitted to the stream before its rotation: the block loop fits the chosen layers again
+        stats = None  # every layer's moments (8.6 GB at Llama-3-8B's shape): the fits are made
         if dec is None:
             apply_fits(target, fits, chosen)
         else:
@@ -705,6 +717,36 @@ def convert(
     if cfg.compensate and not report.compensate:
         report.compensate_skipped = why_not_compensated(target, data_free=not data.calib, looped=dec is not None)
     return finish_report(report, model, target, fits, rows, chosen, start)
+
+
+def rotate_stream(model: nn.Module, target: Target, stats: MomentCollector | None, data: Calibration,
+                  cfg: ConvertConfig, chosen: list[int], report: ConvertReport, *, looped: bool) -> bool:
+    """Stage 4b: fit the residual stream's rotation to the chosen layers, on the original's
+    statistics of their inputs (``stats`` where the ranking collected them, else a pass of its
+    own), and rotate the model (:mod:`hadaconv.rotation`).  Returns whether it did; where it
+    cannot, the report's ``rotate_skipped`` says why."""
+    from hadaconv.rotation import ITERATIONS, RotationProblem, fit_rotation, rotate_model, why_not_rotatable
+
+    stream = target.adapter.residual_stream
+    why = ("a data-free fit has no statistics to fit it to" if not data.calib else
+           "the model's blocks cannot be run one at a time (the block loop that fits the rotated layers)"
+           if not looped else why_not_rotatable(model, stream))
+    layers = [layer for layer in target.layers if layer.index in chosen]
+    if why or not layers:
+        report.rotate_skipped = why or "no layer is converted"
+        return False
+    if stats is None:
+        stats = collect_statistics(model, layers, data, cfg.progress, "calibrate the rotation", cfg.stats_device)
+    problems = [RotationProblem(layer.out.get()[0], stats.moments(layer.index), target.layout(layer),
+                                cfg.mode if layer.value is not None else "affine") for layer in layers]
+    with progress(ITERATIONS + 1, "fit the residual stream's rotation", cfg.progress) as step:
+        fit = fit_rotation(problems, block=cfg.block, ridge=cfg.ridge, gamma_ridge=cfg.gamma_ridge, rank=cfg.rank,
+                           step=step)
+    count = sum(p.numel() for p in model.parameters())
+    rotate_model(model, stream, fit.q.to(_device_of(model)))
+    report.rotated, report.rotation_params = True, sum(p.numel() for p in model.parameters()) - count
+    report.rotation_error = (sum(fit.before) / len(layers), sum(fit.after) / len(layers))
+    return True
 
 
 def why_not_compensated(target: Target, *, data_free: bool, looped: bool) -> str:
@@ -863,6 +905,7 @@ def convert_file(
     layers = sorted(set(previous.get("layers", [])) | set(report.converted))
     meta = hadaconv_meta(adapter=report.adapter, layers=layers, block=report.block, fit=cfg.mode,
                          width=width, m=factorize(width).m, target=target, rank=cfg.rank,
+                         rotated=report.rotated or bool(previous.get("rotated")),
                          **_original(source, previous, model_config))
     if process_group()[0] != 0:
         return report

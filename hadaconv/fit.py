@@ -123,7 +123,7 @@ SELECTIONS = ("first", "input-energy", "output-energy")
 SELECTION = "output-energy"
 
 __all__ = ["FLOAT32_FROM", "GAMMA_RIDGE", "MODES", "SELECTION", "SELECTIONS", "FitResult", "HeadLayout", "Moments",
-           "damped_covariance", "fit_projection", "reduced_rank", "relative_error", "select_coordinates"]
+           "damped_covariance", "dense_map", "fit_projection", "reduced_rank", "relative_error", "select_coordinates"]
 
 
 @dataclass(frozen=True)
@@ -397,6 +397,7 @@ def fit_projection(
     device: torch.device | str | None = None,
     selection: str | None = None,
     rank: int = 0,
+    start: torch.Tensor | None = None,
 ) -> FitResult:
     """Fit ``gamma (R T V x) + beta`` to ``W x + b`` under the input statistics ``moments``
     (R = I for a square W; zero-padding or coordinate selection for a rectangular one, see the
@@ -423,6 +424,10 @@ def fit_projection(
             (:func:`select_coordinates`, default ``SELECTION``); ignored otherwise.
         rank: r of the low-rank residual fitted after G and V (module docstring), 0 to
             min(d_in, d_out); 0 (the default) fits none.
+        start: a value map to start L-BFGS from, in the form ``FitResult.value_map`` has (an
+            earlier fit's, of a nearby W): it replaces the alternating start, so that a few
+            iterations refine it (:func:`hadaconv.rotation.fit_rotation` refits each layer many
+            times).  None: the alternating start from V = I.
 
     Returns:
         A FitResult with float64 gamma [d_out] or [d_out/b, b, b], beta [d_out], value map and
@@ -467,7 +472,8 @@ def fit_projection(
     value_map, iterations = None, 0
     if mode != "affine":
         # The first alternating step evaluates V = I, so the start is never worse than it.
-        value_map = _alternating_start(w_work, lw, target, layout, block, gamma_ridge, rot, diagonal=mode == "diag")
+        value_map = start.to(dev, work) if start is not None else \
+            _alternating_start(w_work, lw, target, layout, block, gamma_ridge, rot, diagonal=mode == "diag")
         value_map, iterations = _joint_lbfgs(value_map, lw, target, layout, block, max_iter, gamma_ridge, rot)
         value_map = _normalized(value_map)
     fit = _finish(w, b, mu, value_map, lw, target, damp, layout, block, gamma_ridge, rot, mode, iterations)
@@ -703,6 +709,20 @@ def _dense(gamma: torch.Tensor, value_map: torch.Tensor | None, layout: HeadLayo
     return _apply_g(gamma.to(torch.float64), rot.project(vm, eye, layout))
 
 
+def dense_map(fit: FitResult, layout: HeadLayout | None, shape: tuple[int, int],
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """The fitted layer's linear part as one float64 matrix [d_out, d_in]: ``G R T V`` (+ ``U D V``
+    with a low-rank residual), so that ``y' = dense_map(...) @ x + beta``; on ``device`` (default
+    gamma's).  ``shape`` is W's, ``layout`` the one the fit was given."""
+    dev = torch.device(device) if device is not None else fit.gamma.device
+    d = shape[1]
+    vm = None if fit.value_map is None else fit.value_map.to(dev)
+    a = _dense(fit.gamma.to(dev), vm, layout, shape, None if fit.keep is None else fit.keep.to(dev))
+    if fit.up is not None:
+        a += _residual(fit.up.to(dev, torch.float64), fit.down.to(dev, torch.float64), _value_matrix(vm, layout, d))
+    return a
+
+
 def relative_error(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -727,10 +747,7 @@ def relative_error(
     if fit is None:
         a, c = -w, w @ mu  # y' = E[y]: A = -W, beta - b = W mu
     else:
-        a = _dense(fit.gamma.to(dev), fit.value_map, layout, (d_out, d), fit.keep) - w
-        if fit.up is not None:  # + U D V
-            vmat = _value_matrix(None if fit.value_map is None else fit.value_map.to(dev), layout, d)
-            a += _residual(fit.up.to(dev, torch.float64), fit.down.to(dev, torch.float64), vmat)
+        a = dense_map(fit, layout, (d_out, d), dev) - w
         c = fit.beta.to(dev, torch.float64) - b
     err = _quadratic(a, s) + 2 * c @ (a @ mu) + c @ c
     ref = _quadratic(w, s) + 2 * b @ (w @ mu) + b @ b

@@ -71,6 +71,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     max_layers: int | None = None  # the run converts the K least sensitive candidates
     max_loss: float | None = None  # the run converts the least sensitive while their summed KL stays <= E
+    rotation_params: int = 0  # parameters the residual stream's rotation adds (a tied head's final-norm map)
 
     @property
     def removable(self) -> int:
@@ -151,7 +152,8 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
     def candidates(model: nn.Module, adapter: Adapter) -> list[AttentionLayer]:
         return find_target(model, cfg, adapter).layers
 
-    plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank, cfg.mode)
+    plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank, cfg.mode,
+                 rotate=cfg.rotate and not streamed and cfg.calib != "none")
     key = source_key(source, config=model_config, dtype="auto" if streamed else dtype,
                      device=resolve_device(device).type)
     cached = cached_sequences(key, samples=cfg.samples, seq_len=cfg.seq_len)
@@ -184,23 +186,26 @@ _all_dense: Select = partial(dense_layers, none_left_ok=True)
 
 
 def _plan(source: str | os.PathLike, model_config, trust_pickle: bool, target: str | None, select: Select,
-          block: int | None, rank: int, mode: str = "head") -> Plan:
+          block: int | None, rank: int, mode: str = "head", *, rotate: bool = False) -> Plan:
     """The plan on the model's skeleton where its config builds one, else on the loaded model;
-    ``select(model, adapter)`` gives the layers; ``mode``: the fit's (for the --target warning)."""
+    ``select(model, adapter)`` gives the layers; ``mode``: the fit's (for the --target warning);
+    ``rotate``: the run rotates the residual stream where the model allows it."""
     from hadaconv.io import load_model, skeleton
 
     empty = skeleton(source, config=model_config)
     if empty is not None:
         try:
-            return _layers_plan(empty, str(source), target, select, block, rank, mode, from_config=True)
+            return _layers_plan(empty, str(source), target, select, block, rank, mode, from_config=True,
+                                rotate=rotate)
         except (NotImplementedError, RuntimeError, TypeError):  # what meta tensors raise when read
             pass  # an adapter that reads weight values; a bug would raise again on the loaded model
     loaded = load_model(source, config=model_config, trust_pickle=trust_pickle)
-    return _layers_plan(loaded.model, loaded.source, target, select, block, rank, mode, from_config=False)
+    return _layers_plan(loaded.model, loaded.source, target, select, block, rank, mode, from_config=False,
+                        rotate=rotate)
 
 
 def _layers_plan(model: nn.Module, source: str, target: str | None, select: Select, block: int | None,
-                 rank: int, mode: str, *, from_config: bool) -> Plan:
+                 rank: int, mode: str, *, from_config: bool, rotate: bool = False) -> Plan:
     adapter = find_adapter(model, target=target)
     layers = select(model, adapter)
     block = block or default_block([layer.out_features for layer in layers])
@@ -210,7 +215,20 @@ def _layers_plan(model: nn.Module, source: str, target: str | None, select: Sele
                 parameters=sum(p.numel() for p in model.parameters()),
                 blocks=len(_all_dense(model, adapter)) + converted, converted=converted, block=block, rank=rank,
                 layers=[_planned(layer, block, rank) for layer in layers], from_config=from_config,
-                warnings=[overrides] if overrides else [])
+                warnings=[overrides] if overrides else [], rotation_params=_rotation_params(model, adapter) if rotate
+                else 0)
+
+
+def _rotation_params(model: nn.Module, adapter: Adapter) -> int:
+    """What rotating the residual stream adds: the final norm's d x d map where the head is tied
+    to the embedding (:mod:`hadaconv.rotation`); 0 where it is untied or the stream cannot turn."""
+    from hadaconv.rotation import why_not_rotatable
+
+    stream = adapter.residual_stream
+    if why_not_rotatable(model, stream):
+        return 0
+    embedding = model.get_submodule(stream.embedding)
+    return embedding.weight.shape[1] ** 2 if model.get_submodule(stream.head).weight is embedding.weight else 0
 
 
 def _planned(layer: AttentionLayer, block: int, rank: int) -> PlannedLayer:

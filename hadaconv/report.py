@@ -101,6 +101,10 @@ class ConvertReport:
     sequential: bool = False
     compensate: bool = False
     compensate_skipped: str = ""  # why compensation, asked for, did not run ("": it ran, or was not asked)
+    rotated: bool = False  # the residual stream was rotated before the fits (hadaconv.rotation)
+    rotation_error: tuple[float, float] | None = None  # the chosen layers' mean fit error without / with it
+    rotation_params: int = 0  # parameters the rotation added (the final norm's map where the head is tied)
+    rotate_skipped: str = ""  # why the rotation, asked for, did not run ("": it ran, or was not asked)
     rank: int = 0  # of the low-rank residual next to each converted layer (0: none)
     max_layers: int | None = None  # the --max-layers asked for (None: not given)
     samples: int = 0  # calibration windows asked for (--samples)
@@ -176,6 +180,10 @@ class ConvertReport:
             f"weights {self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB; "
             f"{self.seconds:.0f} s; peak RSS {self.peak_rss_mb:.0f} MiB"
             + (f"; calibration: {self.calibration_source}" if self.calibration_source else "")
+            + (f"; residual stream rotated: the converted layers' mean fit error {self.rotation_error[0]:.3f} -> "
+               f"{self.rotation_error[1]:.3f} on the original's statistics"
+               + (f", {self.rotation_params:+,} parameters (the final norm's map)" if self.rotation_params else "")
+               if self.rotated and self.rotation_error else "")
             + "; err calib / err held = ||y_new - y|| / ||y|| of the output projection on the calibration / "
               "held-out windows, mean-pred = the same for predicting the mean output (the floor to beat)"
             + (f"; sens = {self.sensitivity_metric}" if self.sensitivity_metric else "")

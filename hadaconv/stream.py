@@ -497,6 +497,8 @@ def convert_streamed(
                            max_layers=cfg.max_layers)
     if cfg.compensate:
         report.compensate_skipped = why_not_compensated(target, data_free=False, looped=True)
+    if cfg.rotate:  # it rewrites every block and the embedding before the first fit
+        report.rotate_skipped = "a streamed conversion holds one block at a time, and the rotation changes them all"
     if chooses_nothing(cfg, len(target.layers)):  # every candidate is converted: no ranking pass
         warn_now(cfg, max_layers_warning(cfg.max_layers, len(target.layers)))
         cfg = replace(cfg, max_layers=None)

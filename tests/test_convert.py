@@ -63,7 +63,7 @@ def test_folding_is_exact():
     from transformers import AutoTokenizer
     from tiny_models import tokenizer_folder
     tok = AutoTokenizer.from_pretrained(tokenizer_folder())
-    convert(model, tok, ConvertConfig(block=4, layers=[1], **FAST))
+    convert(model, tok, ConvertConfig(block=4, layers=[1], rotate=False, **FAST))  # the original's basis
     seen = {}
     orig_attn, new_attn = original.model.layers[1].self_attn, model.model.layers[1].self_attn
     assert isinstance(new_attn.o_proj, HadamardProjection)
@@ -99,8 +99,8 @@ def test_reported_heldout_error_is_what_the_model_does(mode):
     model = copy.deepcopy(original)
     batches = [{"input_ids": torch.randint(1000, 30000, (2, 16), generator=torch.Generator().manual_seed(i))}
                for i in range(10)]  # the last one is held out
-    report = convert(model, None, ConvertConfig(mode=mode, block=4, layers=[0], sensitivity=False, **FAST),
-                     inputs=batches)
+    report = convert(model, None, ConvertConfig(mode=mode, block=4, layers=[0], sensitivity=False, rotate=False,
+                                                **FAST), inputs=batches)  # in the original's basis
     outputs = []
     for m in (original, model):
         hook = m.model.layers[0].self_attn.o_proj.register_forward_hook(lambda mod, a, o: outputs.append(o))
@@ -170,7 +170,8 @@ def test_the_reported_sensitivity_measured_in_the_block_loop_is_the_ranking_one(
         kwargs = {"inputs": _inputs_batches(family, original, 12)}
     calls, collect = [], conv.collect_statistics
     monkeypatch.setattr(conv, "collect_statistics", lambda *a, **k: calls.append(1) or collect(*a, **k))
-    cfg = ConvertConfig(block=4, **{**FAST, "sensitivity_windows": 4}, progress=False)
+    # rotate=False: the ranked run fits its layers before the rotation, and the rotation's statistics pass is one
+    cfg = ConvertConfig(block=4, **{**FAST, "sensitivity_windows": 4}, progress=False, rotate=False)
     in_loop, ranked = copy.deepcopy(original), copy.deepcopy(original)
     a = convert(in_loop, config=cfg, **kwargs)
     assert calls == []  # no statistics pass of its own
@@ -199,7 +200,7 @@ def test_max_layers_over_the_candidates_skips_the_ranking_only_for_the_block_loo
     calls, collect = [], conv.collect_statistics
     monkeypatch.setattr(conv, "collect_statistics", lambda *a, **k: calls.append(1) or collect(*a, **k))
     ids = [{"input_ids": torch.randint(0, 100, (4, 32))} for _ in range(3)]
-    cfg = ConvertConfig(block=4, **FAST, max_layers=99, progress=False)
+    cfg = ConvertConfig(block=4, **FAST, max_layers=99, progress=False, rotate=False)  # its statistics pass aside
     assert convert(make_tiny("llama"), config=cfg, inputs=ids).converted == [0, 1] and calls == []
     monkeypatch.setattr(conv, "_blockwise_decoder", lambda *a, **k: None)
     assert convert(make_tiny("llama"), config=cfg, inputs=ids).converted == [0, 1] and calls == [1]

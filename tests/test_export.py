@@ -1227,7 +1227,7 @@ def test_embed_refuses_more_tokens_than_the_encoder_reads(tmp_path, tokenizer, c
     with pytest.raises(InputError, match=rf"token id {meta['vocab_size']} is outside the vocabulary"):
         embed(tmp_path / "b", [[5, meta["vocab_size"]]])
     assert embed(tmp_path / "b", [[5] * limit]).sentence_embedding.shape[0] == 1
-    with pytest.raises(InputError, match=rf"^the input is {limit + 1} tokens, more than the {limit} this encoder "
+    with pytest.raises(InputError, match=rf"^the input is {limit + 1} tokens, more than the {limit} this model "
                                          r"reads: shorten it$"):
         embed(tmp_path / "b", [[5] * (limit + 1)])
     long = " ".join(["word"] * (limit + 5))

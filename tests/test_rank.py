@@ -17,8 +17,9 @@ from hadaconv.nn import parameters_saved
 from test_fit import D, HEADS, KV, LAYOUT, moments, transform
 from tiny_models import example_inputs, make_tiny, tokenizer_folder
 
+# rotate=False: each run would choose its own rotation, and the comparisons here are of the residual alone
 FAST = dict(samples=12, seq_len=32, batch_size=4, max_iter=10, sensitivity=False, progress=False,
-            calib="shakespeare")
+            calib="shakespeare", rotate=False)
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,9 @@ def _tiny_folder(path, dtype=torch.float32, shard="60KB", tied=True):
 
 
 # convert's defaults (text sampled from the model, sequential fits, compensation) at test size.
-DEFAULTS = dict(samples=16, seq_len=32, batch_size=2, max_iter=10, block=4, sensitivity=False, progress=False)
+# rotate=False: a streamed run cannot rotate the residual stream, and the in-memory one would
+DEFAULTS = dict(samples=16, seq_len=32, batch_size=2, max_iter=10, block=4, sensitivity=False, progress=False,
+                rotate=False)
 
 
 def _state(folder) -> dict[str, torch.Tensor]:

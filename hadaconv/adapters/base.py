@@ -126,6 +126,21 @@ class AttentionLayer:
         setattr(self.parent, self.attr, module)
 
 
+@dataclass(frozen=True)
+class ResidualStream:
+    """Where a pre-norm decoder reads and writes its residual stream, for a rotation of it
+    (:mod:`hadaconv.rotation`).  ``embedding``, ``blocks`` (the block list), ``final_norm`` and
+    ``head`` are dotted paths from the model; ``reads`` pairs each norm inside a block with the
+    Linears that read its output, ``writes`` names the block's Linears that add into the stream."""
+
+    embedding: str
+    blocks: str
+    reads: tuple[tuple[str, tuple[str, ...]], ...]
+    writes: tuple[str, ...]
+    final_norm: str
+    head: str
+
+
 @dataclass
 class Adapter:
     """An architecture family: how to recognise it and where its attention blocks are.
@@ -147,3 +162,6 @@ class Adapter:
     #: the attention output (an MLP's down-projection): the conversion may refit them to
     #: compensate the block's error (:mod:`hadaconv.compensate`).  Empty: nothing compensated.
     residual_maps: tuple[str, ...] = ()
+    #: The residual stream's readers and writers, where the family's stream can be rotated
+    #: (:mod:`hadaconv.rotation`); None: it is not.
+    residual_stream: ResidualStream | None = None

@@ -36,7 +36,7 @@ from hadaconv.adapters import Adapter, check_seq_len, find_adapter
 from hadaconv.calibrate import HELDOUT_EVERY, describe_sources, mixed_windows, one_file_hint, read_document
 from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
-from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss
+from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss, stream_rotation
 from hadaconv.distill.parallel import Dist, fsdp_needs_processes, no_sync, setup, several_processes, shard, wrap
 from hadaconv.device import native_bf16, resolve_device, resolve_dtype
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, indefinite, option
@@ -711,6 +711,13 @@ class _Distillation:
             student.train()  # Hugging Face only checkpoints in train mode
         else:
             student.eval()  # no dropout: the student should match the teacher's deterministic output
+        # A student whose residual stream convert rotated: its hidden states are the teacher's
+        # times Q, which the hidden-state loss undoes and the local stage's records cannot.
+        self.rotation = stream_rotation(student, teacher) if cfg.hidden_weight or "local" in report.stages else None
+        if self.rotation is not None and "local" in report.stages:
+            raise HadaconvError("the local stage trains each block on the teacher's own block inputs, and this "
+                                "student's residual stream is rotated (convert's default): distill it with the "
+                                "global stage alone, or convert it with --no-rotate")
         self.micro = cfg.batch_size // (d.world * cfg.accumulate)
         self.evaluate = _Evaluator(self.kind, teacher, eval_ids, d.device, batch_size=min(4, self.micro))
         # Wrap before the optimizer exists: FSDP2 replaces the parameters by sharded DTensors.
@@ -910,7 +917,7 @@ class _Distillation:
             loss = kl_loss(s_out.main, t_out.main, self.cfg.temperature) if self.kind == "causal-lm" \
                 else encoder_loss(s_out.main, t_out.main)
             if hidden:
-                loss = loss + self.cfg.hidden_weight * hidden_loss(s_out.hidden, t_out.hidden)
+                loss = loss + self.cfg.hidden_weight * hidden_loss(s_out.hidden, t_out.hidden, self.rotation)
         return loss
 
     def consider(self, evaluation: tuple[float, float], train_loss: float | None) -> None:

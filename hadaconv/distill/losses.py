@@ -11,7 +11,7 @@ from torch import nn
 
 from hadaconv.evaluate import kl_divergence
 
-__all__ = ["Outputs", "encoder_loss", "forward", "hidden_loss", "kl_loss", "relative_mse"]
+__all__ = ["Outputs", "encoder_loss", "forward", "hidden_loss", "kl_loss", "relative_mse", "stream_rotation"]
 
 
 @dataclass
@@ -46,13 +46,35 @@ def encoder_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return relative_mse(student, teacher) + (1 - cos).mean()
 
 
-def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def stream_rotation(student: nn.Module, teacher: nn.Module) -> torch.Tensor | None:
+    """The orthogonal Q [d, d] (float32) with the student's hidden states ``h Q`` for the teacher's
+    ``h``, where convert rotated the student's residual stream (:mod:`hadaconv.rotation`: its
+    input embedding is the teacher's times Q, and stays near it in training): the orthogonal
+    Procrustes solution ``polar(E_t^T E_s)`` on the two input embeddings.  None where that is the
+    identity (to 1e-6: a student whose stream is the teacher's) or the embeddings do not match."""
+    get = getattr(student, "get_input_embeddings", None)
+    if get is None or getattr(teacher, "get_input_embeddings", None) is None:
+        return None
+    e_s, e_t = student.get_input_embeddings().weight, teacher.get_input_embeddings().weight
+    if e_s.shape != e_t.shape:
+        return None
+    u, _, vt = torch.linalg.svd(e_t.detach().double().T @ e_s.detach().to(e_t.device).double())
+    q = u @ vt
+    return None if torch.allclose(q, torch.eye(q.shape[0], dtype=q.dtype, device=q.device), atol=1e-6) else q.float()
+
+
+def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                rotation: torch.Tensor | None = None) -> torch.Tensor:
     """Mean relative MSE of the layers' hidden states (the embedding output, index 0, skipped).
 
     Summed over all tokens, so in models whose first token carries a massive activation it is
     mostly that token's (after SmolLM2's blocks 11-27: 84-99% of a 256-token window's squared
     norm).  KL plus a per-token variant (each token's own relative error) at weight 1 trained no
     better than KL alone in 60 steps (benchmarks/RESULTS.md, "The first token's massive
-    activation")."""
+    activation").  ``rotation``: :func:`stream_rotation`'s Q, applied to the teacher's states; the
+    last state (Hugging Face's is after the final norm, whose weight the rotation moved into the
+    head) is left out then."""
     pairs = list(zip(student[1:], teacher[1:]))
+    if rotation is not None:
+        pairs = [(s, t @ rotation.to(t.device, t.dtype)) for s, t in pairs[:-1]]
     return sum(relative_mse(s, t) for s, t in pairs) / max(1, len(pairs))

@@ -309,6 +309,11 @@ def load(folder: str | os.PathLike) -> nn.Module:
 
     adapter = find_adapter(model, meta.get("target"))
     adapter.prepare(model)
+    stream = adapter.residual_stream
+    if stream is not None and f"{stream.final_norm}.map.weight" in tensors:  # a rotated stream, tied head
+        from hadaconv.rotation import map_final_norm
+
+        map_final_norm(model, stream)
     layers = {layer.index: layer for layer in adapter.layers(model)}
     for index in meta.get("layers", []):
         if index not in layers:
