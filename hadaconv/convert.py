@@ -690,6 +690,9 @@ def convert(
         fits, rows = fit_sequential(model, target, data, cfg)
         chosen = [layer.index for layer in target.layers]  # already applied, in order
         report.sequential = True
+        if cfg.rotate:
+            report.rotate_skipped = ("the model's blocks cannot be run one at a time, and the whole-model sequential "
+                                     "passes fit each layer before the next is known")
     else:
         fits, rows, chosen = {}, {}, [layer.index for layer in target.layers]
         # The block loop refits every layer, and a sensitivity that is only reported is measured
@@ -701,8 +704,10 @@ def convert(
             fits, rows = fit_layers(target, stats, cfg)
             report.sensitivity_metric = rank_layers(model, target, fits, rows, data, cfg, inputs is not None)
             chosen = choose_layers(target.layers, rows, cfg)
-        if cfg.rotate and rotate_stream(model, target, stats, data, cfg, chosen, report, looped=dec is not None):
-            fits = {}  # fitted to the stream before its rotation: the block loop fits the chosen layers again
+        if cfg.rotate and rotate_stream(model, target, stats, data, cfg, chosen, report):
+            # The fits were made for the stream before its rotation: the block loop fits the chosen
+            # layers again; without it, they are fitted again here (their inputs have not changed).
+            fits = {} if dec is not None else refit(target, stats, cfg, chosen, rows)
         stats = None  # every layer's moments (8.6 GB at Llama-3-8B's shape): the fits are made
         if dec is None:
             apply_fits(target, fits, chosen)
@@ -720,20 +725,22 @@ def convert(
 
 
 def rotate_stream(model: nn.Module, target: Target, stats: MomentCollector | None, data: Calibration,
-                  cfg: ConvertConfig, chosen: list[int], report: ConvertReport, *, looped: bool) -> bool:
+                  cfg: ConvertConfig, chosen: list[int], report: ConvertReport) -> bool:
     """Stage 4b: fit the residual stream's rotation to the chosen layers, on the original's
     statistics of their inputs (``stats`` where the ranking collected them, else a pass of its
     own), and rotate the model (:mod:`hadaconv.rotation`).  Returns whether it did; where it
-    cannot, the report's ``rotate_skipped`` says why."""
+    cannot, or no rotation fits the layers better, the report's ``rotate_skipped`` says why."""
     from hadaconv.rotation import ITERATIONS, RotationProblem, fit_rotation, rotate_model, why_not_rotatable
 
     stream = target.adapter.residual_stream
-    why = ("a data-free fit has no statistics to fit it to" if not data.calib else
-           "the model's blocks cannot be run one at a time (the block loop that fits the rotated layers)"
-           if not looped else why_not_rotatable(model, stream))
     layers = [layer for layer in target.layers if layer.index in chosen]
-    if why or not layers:
-        report.rotate_skipped = why or "no layer is converted"
+    if not data.calib:
+        report.rotate_skipped = "a data-free fit has no statistics to fit it to"
+    elif not layers:
+        report.rotate_skipped = "no layer is converted"
+    else:
+        report.rotate_skipped = why_not_rotatable(model, stream)
+    if report.rotate_skipped:
         return False
     if stats is None:
         stats = collect_statistics(model, layers, data, cfg.progress, "calibrate the rotation", cfg.stats_device)
@@ -742,11 +749,31 @@ def rotate_stream(model: nn.Module, target: Target, stats: MomentCollector | Non
     with progress(ITERATIONS + 1, "fit the residual stream's rotation", cfg.progress) as step:
         fit = fit_rotation(problems, block=cfg.block, ridge=cfg.ridge, gamma_ridge=cfg.gamma_ridge, rank=cfg.rank,
                            step=step)
+    report.rotation_error = (sum(fit.before) / len(layers), sum(fit.after) / len(layers))
+    if fit.gain() < MIN_ROTATION_GAIN:  # not worth the norms folded, nor a tied head's map
+        report.rotate_skipped = (f"no rotation fits the chosen layers better (mean fit error "
+                                 f"{report.rotation_error[0]:.3f} -> {report.rotation_error[1]:.3f})")
+        return False
     count = sum(p.numel() for p in model.parameters())
     rotate_model(model, stream, fit.q.to(_device_of(model)))
     report.rotated, report.rotation_params = True, sum(p.numel() for p in model.parameters()) - count
-    report.rotation_error = (sum(fit.before) / len(layers), sum(fit.after) / len(layers))
     return True
+
+
+#: The least relative drop of the chosen layers' summed squared fit error for which convert
+#: rotates the stream (1%: SmolLM2's ten default layers drop 33%).
+MIN_ROTATION_GAIN = 0.01
+
+
+def refit(target: Target, stats: MomentCollector, cfg: ConvertConfig, chosen: list[int],
+          rows: dict[int, LayerReport]) -> dict[int, FitResult]:
+    """The chosen layers fitted again on their statistics (after the rotation), their rows
+    replaced, keeping the sensitivity each was chosen by."""
+    fits, new_rows = fit_layers(replace(target, layers=[la for la in target.layers if la.index in chosen]), stats, cfg)
+    for index, row in new_rows.items():
+        row.sensitivity = rows[index].sensitivity if index in rows else None
+    rows.update(new_rows)
+    return fits
 
 
 def why_not_compensated(target: Target, *, data_free: bool, looped: bool) -> str:

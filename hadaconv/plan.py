@@ -215,8 +215,8 @@ def _layers_plan(model: nn.Module, source: str, target: str | None, select: Sele
                 parameters=sum(p.numel() for p in model.parameters()),
                 blocks=len(_all_dense(model, adapter)) + converted, converted=converted, block=block, rank=rank,
                 layers=[_planned(layer, block, rank) for layer in layers], from_config=from_config,
-                warnings=[overrides] if overrides else [], rotation_params=_rotation_params(model, adapter) if rotate
-                else 0)
+                warnings=[overrides] if overrides else [],
+                rotation_params=_rotation_params(model, adapter) if rotate else 0)
 
 
 def _rotation_params(model: nn.Module, adapter: Adapter) -> int:

@@ -22,7 +22,8 @@ minimisation: with Q fixed, each layer's fit on ``Q^T W_l`` (:func:`hadaconv.fit
 warm-started from the last value map); with the fits fixed, Q is the orthogonal Procrustes
 solution (Schönemann 1966, "A generalized solution of the orthogonal Procrustes problem"):
 ``Q = U V^T`` from the SVD of ``K = sum_l W_l C_l M_l^T / ||W_l L_l||^2``, M_l the fitted dense map.
-The Procrustes step is exact and the fits nearly so, so the objective falls at every step.
+The Procrustes step is exact and the warm-started fits nearly so, so the objective falls step by
+step; the best Q seen is kept.
 Measured on SmolLM2-135M's ten least sensitive layers (benchmarks/RESULTS.md, "A rotation of the
 residual stream"): the mean relative error falls from 0.50 to 0.41 in 40 iterations.
 
@@ -44,14 +45,18 @@ from torch import nn
 
 from hadaconv.adapters.base import ResidualStream
 from hadaconv.calibrate import Moments
+from hadaconv.errors import HadaconvError, InputError
 from hadaconv.fit import GAMMA_RIDGE, HeadLayout, Mode, damped_covariance, dense_map, fit_projection
 
-__all__ = ["ITERATIONS", "MappedNorm", "RotationFit", "RotationProblem", "fit_rotation", "map_final_norm",
-           "rotate_model", "why_not_rotatable"]
+__all__ = ["ITERATIONS", "MappedNorm", "RotationFit", "RotationProblem", "fit_rotation", "is_rotated", "map_final_norm",
+           "mark_rotated", "rotate_model", "why_not_rotatable"]
 
 #: Alternating steps of :func:`fit_rotation`: the mean error still falls by about 0.1% a step at
 #: 40 on SmolLM2 (0.504 at 0, 0.433 at 10, 0.421 at 20, 0.413 at 40), at 0.3 s a layer a step.
 ITERATIONS = 40
+
+#: Rows of the embedding rotated at a time (float64 copies of 8,192 x d).
+EMBEDDING_ROWS = 8192
 
 #: L-BFGS iterations of each warm-started refit inside the alternation (the first fit of each
 #: layer runs the fit's own default).
@@ -73,13 +78,19 @@ class RotationProblem:
 @dataclass
 class RotationFit:
     """The fitted rotation: ``q`` [d, d] float64 orthogonal (the stream becomes ``Q^T h``);
-    ``before`` and ``after`` each layer's relative whitened error (as ``FitResult.error`` on the
-    damped covariance) with Q = I and with ``q``; ``iterations`` the Procrustes steps taken."""
+    ``before`` and ``after`` each layer's relative whitened error on the damped covariance with
+    Q = I and with ``q`` (from the fits inside the alternation: the first with the fit's default
+    budget, later ones warm-started, so not the conversion's own fits); ``step`` the Procrustes
+    step that gave ``q`` (0: the identity)."""
 
     q: torch.Tensor
     before: list[float]
     after: list[float]
-    iterations: int
+    step: int
+
+    def gain(self) -> float:
+        """The relative drop of the summed squared error, ``1 - sum(after^2) / sum(before^2)``."""
+        return 1 - sum(e * e for e in self.after) / max(sum(e * e for e in self.before), 1e-300)
 
 
 def fit_rotation(problems: Sequence[RotationProblem], *, block: int = 1, ridge: float = 1e-3,
@@ -95,8 +106,6 @@ def fit_rotation(problems: Sequence[RotationProblem], *, block: int = 1, ridge: 
     Raises:
         InputError: as :func:`fit_projection`, or layers of unequal output width.
     """
-    from hadaconv.errors import InputError
-
     widths = {p.weight.shape[0] for p in problems}
     if len(widths) != 1:
         raise InputError(f"a rotation needs layers writing one residual stream, got output widths {sorted(widths)}")
@@ -108,7 +117,7 @@ def fit_rotation(problems: Sequence[RotationProblem], *, block: int = 1, ridge: 
     ref = [torch.trace(w @ c @ w.T) for w, c in map(operands, problems)]
     q = torch.eye(widths.pop(), dtype=torch.float64, device=dev)
     starts: list[torch.Tensor | None] = [None] * len(problems)
-    best: tuple[float, torch.Tensor, list[float]] = (math.inf, q, [])
+    best: tuple[float, torch.Tensor, list[float], int] = (math.inf, q, [], 0)
     before: list[float] = []
     for it in range(iterations + 1):
         k, errors = torch.zeros_like(q), []
@@ -125,13 +134,13 @@ def fit_rotation(problems: Sequence[RotationProblem], *, block: int = 1, ridge: 
         before = before or errors
         total = sum(e * e for e in errors)
         if total < best[0]:
-            best = (total, q, errors)
+            best = (total, q, errors, it)
         if step is not None:
             step()
         if it < iterations:
             u, _, vt = torch.linalg.svd(k)
             q = u @ vt
-    return RotationFit(best[1], before, best[2], iterations)
+    return RotationFit(best[1], before, best[2], best[3])
 
 
 class MappedNorm(nn.Module):
@@ -179,10 +188,10 @@ def why_not_rotatable(model: nn.Module, stream: ResidualStream | None) -> str:
         for norm, readers in stream.reads:
             if not _is_rms_norm(_get(block, norm)):
                 return f"{norm} is not an RMSNorm (a rotation keeps RMSNorm's output, not LayerNorm's)"
-            if not all(isinstance(_get(block, r), nn.Linear) for r in readers):
+            if not all(type(_get(block, r)) is nn.Linear for r in readers):
                 return f"{', '.join(readers)} are not all dense Linear layers"
-        if not all(type(_get(block, path)) is nn.Linear for path in stream.writes):
-            return f"{', '.join(stream.writes)} are not all dense Linear layers (a converted model is not rotated)"
+        if not all(type(_get(block, path)) is nn.Linear for path in stream.writes):  # exactly: not a converted layer
+            return f"{', '.join(stream.writes)} are not all dense Linear layers (some are converted already)"
     if blocks is None or not _is_rms_norm(_get(model, stream.final_norm)):
         return "its blocks or final norm are not where its adapter expects them"
     return ""
@@ -198,8 +207,6 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
     Raises:
         HadaconvError: :func:`why_not_rotatable` says why not.
     """
-    from hadaconv.errors import HadaconvError
-
     why = why_not_rotatable(model, stream)
     if why:
         raise HadaconvError(f"cannot rotate the residual stream: {why}")
@@ -213,7 +220,9 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
 
     embedding, head = model.get_submodule(stream.embedding), model.get_submodule(stream.head)
     tied = head.weight is embedding.weight
-    put(embedding.weight, rotated(embedding.weight))
+    table = embedding.weight
+    for start in range(0, table.shape[0], EMBEDDING_ROWS):  # a float64 copy of the whole table could be GBs
+        put(table[start:start + EMBEDDING_ROWS], rotated(table[start:start + EMBEDDING_ROWS]))
     for block in model.get_submodule(stream.blocks):
         for norm, readers in stream.reads:
             g = block.get_submodule(norm).weight
@@ -237,6 +246,7 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
     else:
         put(head.weight, rotated(head.weight, g))
     final.weight.fill_(1)
+    mark_rotated(model)
 
 
 def map_final_norm(model: nn.Module, stream: ResidualStream) -> None:
@@ -245,3 +255,16 @@ def map_final_norm(model: nn.Module, stream: ResidualStream) -> None:
     final = model.get_submodule(stream.final_norm)
     if not isinstance(final, MappedNorm):
         model.set_submodule(stream.final_norm, MappedNorm(final, final.weight.shape[0]))
+
+
+def mark_rotated(model: nn.Module) -> None:
+    """Mark ``model`` as one whose residual stream is rotated (:func:`is_rotated`): set by
+    :func:`rotate_model`, and by :func:`hadaconv.load` for a folder that records it."""
+    model.hadaconv_rotated = True
+
+
+def is_rotated(model: nn.Module) -> bool:
+    """Whether ``model``'s residual stream was rotated: its hidden states are not the original's,
+    and its norms' weights sit in the maps that read them (what distillation's hidden-state
+    comparisons must know)."""
+    return bool(getattr(model, "hadaconv_rotated", False))

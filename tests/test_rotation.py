@@ -40,13 +40,30 @@ def _with_norm_weights(model):
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # a tied head; untied with q/k/v biases; q/k norms
+def _llama_with_biases():
+    """A tiny Llama whose writers (o_proj, down_proj) and readers carry biases, untied."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "biases"])
 def test_a_rotated_model_computes_the_same_function(family):
-    model = _with_norm_weights(make_tiny(family)).double()
+    """A tied head; untied with q/k/v biases (Qwen2); q/k norms (Qwen3); Mistral; biases on the
+    writers too (Llama's attention_bias and mlp_bias)."""
+    model = _with_norm_weights(_llama_with_biases() if family == "biases" else make_tiny(family)).double()
     stream = find_adapter(model).residual_stream
     rotated = copy.deepcopy(model)
     rotate_model(rotated, stream, _orthogonal(model.config.hidden_size))
-    x = example_inputs(family, model)
+    x = {"input_ids": torch.randint(0, 300, (2, 7))} if family == "biases" else example_inputs(family, model)
     with torch.no_grad():
         ref, out = model(**x).logits, rotated(**x).logits
     tied = family == "llama"
@@ -211,3 +228,33 @@ def test_the_command_line_says_what_the_rotation_costs_and_when_it_did_nothing(t
     code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g2", *run, "--rotate")
     assert code == 0 and "note: --rotate did nothing: its adapter does not describe the residual stream" in \
         " ".join(err.split()), err
+
+
+def test_a_rotation_that_gains_nothing_is_not_applied(monkeypatch):
+    import hadaconv.convert as conv
+
+    monkeypatch.setattr(conv, "MIN_ROTATION_GAIN", 1.0)  # no rotation can remove all the error
+    model = make_tiny("llama")
+    report = convert(model, _tokenizer(), ConvertConfig(block=4, **FAST))
+    assert not report.rotated and report.rotate_skipped.startswith("no rotation fits the chosen layers better")
+    assert not isinstance(model.model.norm, MappedNorm) and report.rotation_params == 0
+
+
+def test_without_the_block_loop_the_rotated_layers_are_fitted_again(tmp_path):
+    """--no-sequential --no-compensate applies the independent fits: made again after the
+    rotation, on the same statistics (o_proj's inputs do not change), or they would fit the
+    unrotated weights."""
+    from hadaconv.convert import convert_file
+
+    source = tmp_path / "src"
+    make_tiny("llama", source)
+    options = dict(block=4, sequential=False, compensate=False, **FAST)
+    plain = convert_file(source, tmp_path / "plain", ConvertConfig(rotate=False, **options))
+    report = convert_file(source, tmp_path / "rot", ConvertConfig(**options))
+    assert report.rotated and not report.sequential and not report.compensate
+    # The rows are the new fits': the old ones, of the unrotated weights, were the plain run's.
+    assert sum(r.calib_error for r in report.layers) < 0.9 * sum(r.calib_error for r in plain.layers)
+    model = hadaconv.load(tmp_path / "rot")
+    x = example_inputs("llama", model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, hadaconv.load(tmp_path / "rot")(**x).logits, rtol=0, atol=0)

@@ -37,6 +37,7 @@ from hadaconv.calibrate import HELDOUT_EVERY, describe_sources, mixed_windows, o
 from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss, stream_rotation
+from hadaconv.rotation import is_rotated
 from hadaconv.distill.parallel import Dist, fsdp_needs_processes, no_sync, setup, several_processes, shard, wrap
 from hadaconv.device import native_bf16, resolve_device, resolve_dtype
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, indefinite, option
@@ -712,9 +713,10 @@ class _Distillation:
         else:
             student.eval()  # no dropout: the student should match the teacher's deterministic output
         # A student whose residual stream convert rotated: its hidden states are the teacher's
-        # times Q, which the hidden-state loss undoes and the local stage's records cannot.
-        self.rotation = stream_rotation(student, teacher) if cfg.hidden_weight or "local" in report.stages else None
-        if self.rotation is not None and "local" in report.stages:
+        # times Q, which the hidden-state loss undoes; the local stage's records (the teacher's
+        # normed block inputs) cannot be, the norm weights having moved into the readers.
+        self.rotation = stream_rotation(student, teacher) if cfg.hidden_weight else None
+        if is_rotated(student) and "local" in report.stages:
             raise HadaconvError("the local stage trains each block on the teacher's own block inputs, and this "
                                 "student's residual stream is rotated (convert's default): distill it with the "
                                 "global stage alone, or convert it with --no-rotate")

@@ -47,20 +47,21 @@ def encoder_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def stream_rotation(student: nn.Module, teacher: nn.Module) -> torch.Tensor | None:
-    """The orthogonal Q [d, d] (float32) with the student's hidden states ``h Q`` for the teacher's
-    ``h``, where convert rotated the student's residual stream (:mod:`hadaconv.rotation`: its
-    input embedding is the teacher's times Q, and stays near it in training): the orthogonal
-    Procrustes solution ``polar(E_t^T E_s)`` on the two input embeddings.  None where that is the
-    identity (to 1e-6: a student whose stream is the teacher's) or the embeddings do not match."""
-    get = getattr(student, "get_input_embeddings", None)
-    if get is None or getattr(teacher, "get_input_embeddings", None) is None:
+    """For a student whose residual stream convert rotated (:func:`hadaconv.rotation.is_rotated`),
+    the orthogonal Q [d, d] (float32) with its hidden states ``h Q`` for the teacher's ``h``: its
+    input embedding is the teacher's times Q (and stays near it in training), so Q is the
+    orthogonal Procrustes solution ``polar(E_t^T E_s)`` on the two input embeddings.  None for a
+    student that is not rotated, or whose embedding does not match the teacher's in shape."""
+    from hadaconv.rotation import is_rotated
+
+    if not is_rotated(student) or not hasattr(teacher, "get_input_embeddings"):
         return None
-    e_s, e_t = student.get_input_embeddings().weight, teacher.get_input_embeddings().weight
+    e_s, e_t = student.get_input_embeddings().weight.detach(), teacher.get_input_embeddings().weight.detach()
     if e_s.shape != e_t.shape:
         return None
-    u, _, vt = torch.linalg.svd(e_t.detach().double().T @ e_s.detach().to(e_t.device).double())
-    q = u @ vt
-    return None if torch.allclose(q, torch.eye(q.shape[0], dtype=q.dtype, device=q.device), atol=1e-6) else q.float()
+    cross = (e_t.float().T @ e_s.to(e_t.device).float()).double()  # d x d: the V x d tables are not copied in float64
+    u, _, vt = torch.linalg.svd(cross)
+    return (u @ vt).float()
 
 
 def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
@@ -72,8 +73,8 @@ def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, 
     norm).  KL plus a per-token variant (each token's own relative error) at weight 1 trained no
     better than KL alone in 60 steps (benchmarks/RESULTS.md, "The first token's massive
     activation").  ``rotation``: :func:`stream_rotation`'s Q, applied to the teacher's states; the
-    last state (Hugging Face's is after the final norm, whose weight the rotation moved into the
-    head) is left out then."""
+    last state is left out then (Hugging Face's is the final norm's output, whose weight the
+    rotation moved into an untied head: it is not the teacher's times Q there)."""
     pairs = list(zip(student[1:], teacher[1:]))
     if rotation is not None:
         pairs = [(s, t @ rotation.to(t.device, t.dtype)) for s, t in pairs[:-1]]

@@ -209,6 +209,7 @@ def save(
     from hadaconv.adapters import find_adapter
     from hadaconv.hadamard import factorize
     from hadaconv.nn import HadamardProjection
+    from hadaconv.rotation import is_rotated
 
     if isinstance(out_dir, nn.Module) and not isinstance(model, nn.Module):
         raise InputError("the model and the folder are swapped: hadaconv.save(model, out_dir)")
@@ -236,7 +237,8 @@ def save(
     first = projections[0]
     meta = hadaconv_meta(adapter=adapter.name, layers=indices,
                          block=first.block, fit=None, width=first.n, m=factorize(first.n).m, target=target,
-                         source=None if source is None else str(source), rank=first.rank)
+                         source=None if source is None else str(source), rank=first.rank,
+                         rotated=is_rotated(model))
     if report is not None and not isinstance(report, dict):
         report = report.report_json()
     return save_converted(model, out_dir, meta=meta, tokenizer=tokenizer, report=report, overwrite=overwrite)
@@ -310,10 +312,13 @@ def load(folder: str | os.PathLike) -> nn.Module:
     adapter = find_adapter(model, meta.get("target"))
     adapter.prepare(model)
     stream = adapter.residual_stream
-    if stream is not None and f"{stream.final_norm}.map.weight" in tensors:  # a rotated stream, tied head
-        from hadaconv.rotation import map_final_norm
+    mapped = stream is not None and f"{stream.final_norm}.map.weight" in tensors  # a rotated stream, tied head
+    if mapped or meta.get("rotated"):
+        from hadaconv.rotation import map_final_norm, mark_rotated
 
-        map_final_norm(model, stream)
+        if mapped:
+            map_final_norm(model, stream)
+        mark_rotated(model)
     layers = {layer.index: layer for layer in adapter.layers(model)}
     for index in meta.get("layers", []):
         if index not in layers:
