@@ -181,7 +181,8 @@ class ConvertReport:
             f"{self.seconds:.0f} s; peak RSS {self.peak_rss_mb:.0f} MiB"
             + (f"; calibration: {self.calibration_source}" if self.calibration_source else "")
             + (f"; residual stream rotated: the converted layers' mean fit error {self.rotation_error[0]:.3f} -> "
-               f"{self.rotation_error[1]:.3f} on the original's statistics"
+               f"{self.rotation_error[1]:.3f} (the rotation's own fits, on the original's statistics, before the "
+               "fits above)"
                + (f", {self.rotation_params:+,} parameters (the final norm's map)" if self.rotation_params else "")
                if self.rotated and self.rotation_error else "")
             + "; err calib / err held = ||y_new - y|| / ||y|| of the output projection on the calibration / "
