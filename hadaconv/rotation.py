@@ -152,7 +152,8 @@ class MappedNorm(nn.Module):
         super().__init__()
         self.norm = norm
         weight = norm.weight
-        self.map = nn.Linear(d, d, bias=False, device=weight.device, dtype=weight.dtype)
+        # Uninitialised: its values are always assigned (rotate_model, or the load of a saved one).
+        self.map = nn.Linear(d, d, bias=False, device="meta", dtype=weight.dtype).to_empty(device=weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.map(self.norm(x))
