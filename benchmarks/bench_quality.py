@@ -258,7 +258,7 @@ def main() -> None:
                 start_fits = dict(teacher_fits)
                 if "rot" in variant:  # convert's stage on the teacher's statistics; the loop refits every layer
                     report = ConvertReport(mode="head", block=size, adapter=tgt.adapter.name)
-                    if not rotate_stream(model, tgt, stats, data, cfg, chosen(k), report, looped=True):
+                    if not rotate_stream(model, tgt, stats, data, cfg, chosen(k), report):
                         raise SystemExit(f"cell {key}: no rotation ({report.rotate_skipped})")
                     start_fits = {}
                     extra["rotation_error"] = report.rotation_error

@@ -37,7 +37,6 @@ from hadaconv.calibrate import HELDOUT_EVERY, describe_sources, mixed_windows, o
 from hadaconv.distill import checkpoint as ckpt
 from hadaconv.distill.local import reconstruct_blocks
 from hadaconv.distill.losses import encoder_loss, forward, hidden_loss, kl_loss, stream_rotation
-from hadaconv.rotation import is_rotated
 from hadaconv.distill.parallel import Dist, fsdp_needs_processes, no_sync, setup, several_processes, shard, wrap
 from hadaconv.device import native_bf16, resolve_device, resolve_dtype
 from hadaconv.errors import HadaconvError, InputError, check_fields, check_module, command, indefinite, option
@@ -45,6 +44,7 @@ from hadaconv.evaluate import embedding_cosine, perplexity, text_windows
 from hadaconv.io.inputs import same_file
 from hadaconv.nn import HadamardProjection
 from hadaconv.progress import LOG_EVERY, console, counted, duration
+from hadaconv.rotation import is_rotated
 from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, default_sources
 
 __all__ = ["DistillConfig", "DistillReport", "converted_blocks", "default_lr", "distill", "eval_text_windows"]

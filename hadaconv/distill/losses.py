@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hadaconv.evaluate import kl_divergence
+from hadaconv.rotation import is_rotated
 
 __all__ = ["Outputs", "encoder_loss", "forward", "hidden_loss", "kl_loss", "relative_mse", "stream_rotation"]
 
@@ -52,8 +53,6 @@ def stream_rotation(student: nn.Module, teacher: nn.Module) -> torch.Tensor | No
     input embedding is the teacher's times Q (and stays near it in training), so Q is the
     orthogonal Procrustes solution ``polar(E_t^T E_s)`` on the two input embeddings.  None for a
     student that is not rotated, or whose embedding does not match the teacher's in shape."""
-    from hadaconv.rotation import is_rotated
-
     if not is_rotated(student) or not hasattr(teacher, "get_input_embeddings"):
         return None
     e_s, e_t = student.get_input_embeddings().weight.detach(), teacher.get_input_embeddings().weight.detach()
