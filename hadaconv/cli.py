@@ -241,6 +241,10 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "fits (the same model, up to rounding; Llama-family models).  Where the head is tied to the "
                    "embedding (SmolLM2) the final norm's weight becomes a d x d map: +d^2 parameters (331,776 on "
                    "SmolLM2, about one o_proj).")
+@click.option("--rotate-iterations", type=POSITIVE, default=None,
+              help="Rounds of the rotation's alternating fit, each one fit per converted layer: fewer convert "
+                   "faster for less gain (SmolLM2's ten default layers: mean fit error 0.504 unrotated, 0.433 "
+                   "after 10 rounds, 0.413 after 40).  [default: 40]")
 @click.option("--rank", type=Integer(min=0), default=0, show_default=True,
               help="Add a rank-R residual U (D x) next to each Hadamard layer, fitted by least squares to what the "
                    "Hadamard form misses (reduced-rank regression).  Buys quality back; costs R*(d_in+d_out) "
@@ -267,8 +271,8 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "sensitivity is measured only to rank), but sampled text only from the cache, and no --rotate.")
 @_device_options
 def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib, samples, seq_len, batch_size,
-                sequential, compensate, rotate, rank, no_sensitivity, model_config, target, trust_pickle, overwrite, dry_run, streamed, device,
-                dtype) -> None:
+                sequential, compensate, rotate, rotate_iterations, rank, no_sensitivity, model_config, target,
+                trust_pickle, overwrite, dry_run, streamed, device, dtype) -> None:
     """Fit Hadamard projections to MODEL's attention output projections and save the result.
 
     MODEL is a Hugging Face folder, a .gguf file, a .safetensors / state_dict file (with --config)
@@ -284,11 +288,14 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     if no_sensitivity and (max_layers or max_loss is not None):  # the API measures it anyway: not a contradiction
         raise HadaconvError(f"{'--max-layers' if max_layers else '--max-loss'} chooses layers by their measured "
                             "sensitivity: drop --no-sensitivity")
+    if rotate_iterations and not rotate:
+        raise HadaconvError("--rotate-iterations sets the rotation's fit, which --no-rotate turns off: drop one")
     calib_value = None if not calib else ("none" if list(calib) == ["none"] else list(calib))
     cfg = ConvertConfig(mode=mode, block=block, layers=_layer_list(layers), max_layers=max_layers,
                         max_loss=max_loss, calib=calib_value, samples=samples, seq_len=seq_len,
                         batch_size=batch_size, sequential=sequential, compensate=compensate, rotate=rotate,
-                        rank=rank, sensitivity=not no_sensitivity)
+                        rank=rank, sensitivity=not no_sensitivity,
+                        **({"rotate_iterations": rotate_iterations} if rotate_iterations else {}))
     given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--target", target), ("--config", model_config))
              if on]
     if streamed and given:
@@ -299,9 +306,10 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
         from hadaconv.plan import plan_conversion
 
         resolve_device(device)  # the real run refuses a bad --device before its load too
-        _print_plan(plan_conversion(model, cfg, model_config=model_config, target=target, trust_pickle=trust_pickle,
-                                    streamed=streamed, output=output, overwrite=overwrite, dtype=dtype,
-                                    device=device))
+        plan = plan_conversion(model, cfg, model_config=model_config, target=target, trust_pickle=trust_pickle,
+                               streamed=streamed, output=output, overwrite=overwrite, dtype=dtype, device=device)
+        _print_plan(plan)
+        _note_skipped("rotate", plan.rotate_skipped, "will do nothing", "would be converted")
         return
     if streamed:
         from hadaconv.stream import convert_streamed
@@ -316,9 +324,15 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
     click.echo(f"saved {output}")
     _note_dequantized(model, output, dtype)
     for flag, skipped in (("compensate", report.compensate_skipped), ("rotate", report.rotate_skipped)):
-        asked = click.get_current_context().get_parameter_source(flag) != click.core.ParameterSource.DEFAULT
-        if asked and skipped:  # the defaults are on, so only a flag given is worth a note
-            click.echo(f"note: --{flag} did nothing: {skipped}, so the layers were converted without it", err=True)
+        _note_skipped(flag, skipped, "did nothing", "were converted")
+
+
+def _note_skipped(flag: str, why: str, did: str, were: str) -> None:
+    """A note that ``--flag``, given by name, does not apply to this model (the defaults are on,
+    so only a flag given is worth one)."""
+    asked = click.get_current_context().get_parameter_source(flag) != click.core.ParameterSource.DEFAULT
+    if asked and why:
+        click.echo(f"note: --{flag} {did}: {why}, so the layers {were} without it", err=True)
 
 
 def _note_dequantized(source: str, output: str, dtype: str) -> None:

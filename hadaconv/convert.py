@@ -51,6 +51,7 @@ from hadaconv.hadamard import factorize
 from hadaconv.nn import HadamardProjection, check_saves, parameters_saved
 from hadaconv.progress import console, progress
 from hadaconv.report import ConvertReport, LayerReport, max_layers_warning
+from hadaconv.rotation import ITERATIONS as ROTATE_ITERATIONS
 from hadaconv.sample import DEFAULT_SEQUENCES, SAMPLE, calibration_texts, check_writes_text, default_sources
 from hadaconv.sensitivity import Probe, metric, sensitivities
 from hadaconv.swap import apply_fit, install_projection, patch
@@ -136,6 +137,10 @@ class ConvertConfig:
             architecture allows it (pre-norm RMSNorm decoders: the Llama family; see
             :mod:`hadaconv.rotation`), after the layers are chosen and before they are fitted.  A
             head tied to the embedding (SmolLM2's) then costs one d x d map at the final norm.
+        rotate_iterations: rounds of the rotation's alternating fit, each one fit per converted
+            layer and two d^3 products (:func:`hadaconv.rotation.fit_rotation`); fewer convert faster
+            for less gain (SmolLM2's ten default layers: mean fit error 0.504 unrotated, 0.433 after
+            10 rounds, 0.421 after 20, 0.413 after the default 40).
         rank: r of the optional low-rank residual ``U D x`` next to each Hadamard layer (0, the
             default: none; see :mod:`hadaconv.fit`).  Costs r (d_in + d_out) parameters and
             multiply-adds per token and layer; must leave each layer smaller than the dense one.
@@ -160,6 +165,7 @@ class ConvertConfig:
     sequential: bool = True
     compensate: bool = True
     rotate: bool = True
+    rotate_iterations: int = ROTATE_ITERATIONS
     rank: int = 0
     ridge: float = 1e-3
     gamma_ridge: float = GAMMA_RIDGE
@@ -262,7 +268,7 @@ def check_config(config: ConvertConfig | None) -> ConvertConfig:
     if cfg.layers is not None:
         cfg = replace(cfg, layers=layer_indices(cfg.layers))
     check_fields(cfg, {"block": 1, "samples": 2, "seq_len": 2, "batch_size": 1, "rank": 0, "max_layers": 1,
-                       "sensitivity_windows": 1},
+                       "sensitivity_windows": 1, "rotate_iterations": 1},
                  {"max_loss": (0, False), "ridge": (0, False), "gamma_ridge": (0, False)})
     if cfg.max_iter is not None:
         check_fields(cfg, {"max_iter": 0})
@@ -730,12 +736,12 @@ def rotate_stream(model: nn.Module, target: Target, stats: MomentCollector | Non
     statistics of their inputs (``stats`` where the ranking collected them, else a pass of its
     own), and rotate the model (:mod:`hadaconv.rotation`).  Returns whether it did; where it
     cannot, or no rotation fits the layers better, the report's ``rotate_skipped`` says why."""
-    from hadaconv.rotation import ITERATIONS, RotationProblem, fit_rotation, rotate_model, why_not_rotatable
+    from hadaconv.rotation import NOT_DATA_FREE, RotationProblem, fit_rotation, rotate_model, why_not_rotatable
 
     stream = target.adapter.residual_stream
     layers = [layer for layer in target.layers if layer.index in chosen]
     if not data.calib:
-        report.rotate_skipped = "a data-free fit has no statistics to fit it to"
+        report.rotate_skipped = NOT_DATA_FREE
     elif not layers:
         report.rotate_skipped = "no layer is converted"
     else:
@@ -746,9 +752,9 @@ def rotate_stream(model: nn.Module, target: Target, stats: MomentCollector | Non
         stats = collect_statistics(model, layers, data, cfg.progress, "calibrate the rotation", cfg.stats_device)
     problems = [RotationProblem(layer.out.get()[0], stats.moments(layer.index), target.layout(layer),
                                 cfg.mode if layer.value is not None else "affine") for layer in layers]
-    with progress(ITERATIONS + 1, "fit the residual stream's rotation", cfg.progress) as step:
+    with progress(cfg.rotate_iterations + 1, "fit the residual stream's rotation", cfg.progress) as step:
         fit = fit_rotation(problems, block=cfg.block, ridge=cfg.ridge, gamma_ridge=cfg.gamma_ridge, rank=cfg.rank,
-                           step=step)
+                           iterations=cfg.rotate_iterations, step=step)
     report.rotation_error = (sum(fit.before) / len(layers), sum(fit.after) / len(layers))
     if fit.gain() < MIN_ROTATION_GAIN:  # not worth the norms folded, nor a tied head's map
         report.rotate_skipped = (f"no rotation fits the chosen layers better (mean fit error "

@@ -72,6 +72,7 @@ class Plan:
     max_layers: int | None = None  # the run converts the K least sensitive candidates
     max_loss: float | None = None  # the run converts the least sensitive while their summed KL stays <= E
     rotation_params: int = 0  # parameters the residual stream's rotation adds (a tied head's final-norm map)
+    rotate_skipped: str = ""  # why the run would not rotate the stream, asked to ("": it would, or was not asked)
 
     @property
     def removable(self) -> int:
@@ -152,8 +153,12 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
     def candidates(model: nn.Module, adapter: Adapter) -> list[AttentionLayer]:
         return find_target(model, cfg, adapter).layers
 
+    from hadaconv.rotation import NOT_DATA_FREE, NOT_STREAMED
+
+    skip = (NOT_STREAMED if streamed else NOT_DATA_FREE if cfg.calib == "none" else "") if cfg.rotate else ""
     plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank, cfg.mode,
-                 rotate=cfg.rotate and not streamed and cfg.calib != "none")
+                 rotate=cfg.rotate and not skip)
+    plan.rotate_skipped = plan.rotate_skipped or skip
     key = source_key(source, config=model_config, dtype="auto" if streamed else dtype,
                      device=resolve_device(device).type)
     cached = cached_sequences(key, samples=cfg.samples, seq_len=cfg.seq_len)
@@ -216,19 +221,22 @@ def _layers_plan(model: nn.Module, source: str, target: str | None, select: Sele
                 blocks=len(_all_dense(model, adapter)) + converted, converted=converted, block=block, rank=rank,
                 layers=[_planned(layer, block, rank) for layer in layers], from_config=from_config,
                 warnings=[overrides] if overrides else [],
-                rotation_params=_rotation_params(model, adapter) if rotate else 0)
+                **(_rotation(model, adapter) if rotate else {}))
 
 
-def _rotation_params(model: nn.Module, adapter: Adapter) -> int:
-    """What rotating the residual stream adds: the final norm's d x d map where the head is tied
-    to the embedding (:mod:`hadaconv.rotation`); 0 where it is untied or the stream cannot turn."""
+def _rotation(model: nn.Module, adapter: Adapter) -> dict:
+    """The plan's fields for a run that rotates the residual stream (:mod:`hadaconv.rotation`):
+    ``rotation_params``, what the rotation adds (the final norm's d x d map where the head is
+    tied to the embedding, else 0), or ``rotate_skipped``, why the model cannot be rotated."""
     from hadaconv.rotation import why_not_rotatable
 
     stream = adapter.residual_stream
-    if why_not_rotatable(model, stream):
-        return 0
+    why = why_not_rotatable(model, stream)
+    if why:
+        return {"rotate_skipped": why}
     embedding = model.get_submodule(stream.embedding)
-    return embedding.weight.shape[1] ** 2 if model.get_submodule(stream.head).weight is embedding.weight else 0
+    tied = model.get_submodule(stream.head).weight is embedding.weight
+    return {"rotation_params": embedding.weight.shape[1] ** 2 if tied else 0}
 
 
 def _planned(layer: AttentionLayer, block: int, rank: int) -> PlannedLayer:

@@ -234,6 +234,10 @@ class FittedTable:
         compensated = any(row.block_error_after is not None for row in r.layers)
         cols = [c for c in COLUMNS if compensated or c[0] not in ("blk err", "comp")]
         cells = {name: [cell(row) for row in r.layers] for name, _, cell in cols}
+        if r.rotation_params:  # a row of its own, so that the column sums to the caption's total
+            for name in cells:
+                cells[name].append({"layer": "norm", "module": "final norm's map (rotation)",
+                                    "params -": f"{-r.rotation_params:,}"}.get(name, ""))
         # A bordered table takes each column's widest text, 2 of padding and 1 of border, plus 1.
         need = {name: max([len(name)] + [len(c) for c in cells[name]]) + 3 for name, _, _ in cols}
         prio = {name: p for name, p, _ in cols}
@@ -247,7 +251,7 @@ class FittedTable:
         t = Table(title=f"hadaconv convert: mode={r.mode}, block={r.block}{rank}, adapter={r.adapter}")
         for name, _, _ in cols:
             t.add_column(name, justify="left" if name in ("module", "hadamard") else "right", overflow="fold")
-        for i in range(len(r.layers)):
+        for i in range(len(cells["layer"])):
             t.add_row(*[cells[name][i] for name, _, _ in cols])
         # The measured columns are defined by caption(); the legend adds only the plain ones.
         legend = "conv = converted; params - = parameters removed"

@@ -48,12 +48,17 @@ from hadaconv.calibrate import Moments
 from hadaconv.errors import HadaconvError, InputError
 from hadaconv.fit import GAMMA_RIDGE, HeadLayout, Mode, damped_covariance, dense_map, fit_projection
 
-__all__ = ["ITERATIONS", "MappedNorm", "RotationFit", "RotationProblem", "fit_rotation", "is_rotated", "map_final_norm",
-           "mark_rotated", "rotate_model", "why_not_rotatable"]
+__all__ = ["ITERATIONS", "NOT_DATA_FREE", "NOT_STREAMED", "MappedNorm", "RotationFit", "RotationProblem", "fit_rotation",
+           "is_rotated", "map_final_norm", "mark_rotated", "rotate_model", "why_not_rotatable"]
 
 #: Alternating steps of :func:`fit_rotation`: the mean error still falls by about 0.1% a step at
 #: 40 on SmolLM2 (0.504 at 0, 0.433 at 10, 0.421 at 20, 0.413 at 40), at 0.3 s a layer a step.
 ITERATIONS = 40
+
+#: Why a conversion cannot rotate (the report's ``rotate_skipped``, the plan's), where the model
+#: is not the reason (:func:`why_not_rotatable`).
+NOT_STREAMED = "a streamed conversion holds one block at a time, and the rotation changes them all"
+NOT_DATA_FREE = "a data-free fit has no statistics to fit it to"
 
 #: Rows of the embedding rotated at a time (float64 copies of 8,192 x d).
 EMBEDDING_ROWS = 8192
@@ -178,7 +183,8 @@ def why_not_rotatable(model: nn.Module, stream: ResidualStream | None) -> str:
     an adapter that describes the stream (``stream``), RMSNorms, dense readers and writers
     (``nn.Linear``: not already converted), an embedding and a head."""
     if stream is None:
-        return "its adapter does not describe the residual stream (the Llama family's does)"
+        return ("the rotation is implemented for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM), whose "
+                "RMSNorms keep their outputs under a rotation, and this model is not one")
     if isinstance(_get(model, stream.final_norm), MappedNorm):
         return "its residual stream is already rotated"
     if not isinstance(_get(model, stream.embedding), nn.Embedding) or not isinstance(_get(model, stream.head),

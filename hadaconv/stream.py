@@ -70,6 +70,7 @@ from hadaconv.hadamard import factorize
 from hadaconv.io import SHARD_INDEX as INDEX, TIED_KEY
 from hadaconv.progress import progress
 from hadaconv.report import ConvertReport, LayerReport, max_layers_warning
+from hadaconv.rotation import NOT_STREAMED
 from hadaconv.sensitivity import metric, output_divergences
 from hadaconv.swap import apply_fit
 
@@ -498,7 +499,7 @@ def convert_streamed(
     if cfg.compensate:
         report.compensate_skipped = why_not_compensated(target, data_free=False, looped=True)
     if cfg.rotate:  # it rewrites every block and the embedding before the first fit
-        report.rotate_skipped = "a streamed conversion holds one block at a time, and the rotation changes them all"
+        report.rotate_skipped = NOT_STREAMED
     if chooses_nothing(cfg, len(target.layers)):  # every candidate is converted: no ranking pass
         warn_now(cfg, max_layers_warning(cfg.max_layers, len(target.layers)))
         cfg = replace(cfg, max_layers=None)

@@ -80,7 +80,7 @@ def test_a_rotated_model_computes_the_same_function(family):
 
 def test_what_cannot_be_rotated_says_why():
     gpt2 = make_tiny("gpt2")
-    assert "does not describe the residual stream" in why_not_rotatable(gpt2, find_adapter(gpt2).residual_stream)
+    assert "is implemented for Llama-family decoders" in why_not_rotatable(gpt2, find_adapter(gpt2).residual_stream)
     model = make_tiny("llama")
     stream = find_adapter(model).residual_stream
     assert why_not_rotatable(model, stream) == ""
@@ -144,6 +144,11 @@ def test_convert_rotates_by_default_fits_better_and_reloads(tmp_path):
     removed = sum(r.params_removed for r in report.layers)
     assert report.params_before - report.params_after == removed - d * d
     assert "residual stream rotated" in report.caption()
+    # The table's column of parameters removed sums to the total: the map has a row of its own.
+    table = report.table().build()
+    column = [c for c in table.columns if c.header == "params -"][0]
+    assert sum(int(v.replace(",", "")) for v in column._cells) == report.params_before - report.params_after
+    assert list(table.columns[0]._cells)[-1] == "norm"
     model = hadaconv.load(tmp_path / "rot")
     assert isinstance(model.model.norm, MappedNorm)
     x = example_inputs("llama", model)
@@ -163,7 +168,8 @@ def test_rotation_is_skipped_with_a_reason_where_it_cannot_run():
     tok = _tokenizer()
     gpt2 = make_tiny("gpt2")
     report = convert(gpt2, tok, ConvertConfig(block=4, **FAST))
-    assert not report.rotated and "does not describe the residual stream" in report.rotate_skipped
+    assert not report.rotated and report.rotate_skipped.startswith("the rotation is implemented for Llama-family "
+                                                                    "decoders")
     data_free = convert(make_tiny("llama"), tok, ConvertConfig(block=4, calib="none", sensitivity=False))
     assert not data_free.rotated and "data-free" in data_free.rotate_skipped
     with pytest.raises(InputError, match=r"^rotate must be True or False, got 'no'$"):
@@ -226,7 +232,16 @@ def test_the_command_line_says_what_the_rotation_costs_and_when_it_did_nothing(t
     code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g1", *run)
     assert code == 0 and "--rotate" not in err, err
     code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g2", *run, "--rotate")
-    assert code == 0 and "note: --rotate did nothing: its adapter does not describe the residual stream" in \
+    assert code == 0 and "note: --rotate did nothing: the rotation is implemented for Llama-family decoders" in \
+        " ".join(err.split()), err
+    # The dry run says so before the run, where the model is the reason and where the options are.
+    code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g3", *run, "--rotate", "--dry-run")
+    assert code == 0 and "note: --rotate will do nothing: the rotation is implemented for Llama-family" in \
+        " ".join(err.split()) and "so the layers would be converted without it" in " ".join(err.split()), err
+    code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g3", *run, "--dry-run")
+    assert code == 0 and "--rotate" not in err, err
+    code, _, err = run_cli(capsys, "convert", tied, *dry, "--rotate", "--calib", "none")
+    assert code == 0 and "note: --rotate will do nothing: a data-free fit has no statistics" in \
         " ".join(err.split()), err
 
 
@@ -258,3 +273,24 @@ def test_without_the_block_loop_the_rotated_layers_are_fitted_again(tmp_path):
     x = example_inputs("llama", model)
     with torch.no_grad():
         torch.testing.assert_close(model(**x).logits, hadaconv.load(tmp_path / "rot")(**x).logits, rtol=0, atol=0)
+
+
+def test_the_rotation_runs_the_rounds_asked_for(monkeypatch, tmp_path, capsys):
+    """rotate_iterations reaches the fit (its progress counts the rounds), and is refused below
+    1, or with --no-rotate on the command line."""
+    import hadaconv.rotation as rot
+    from cli_runner import run_cli
+
+    rounds = []
+    real = rot.fit_rotation
+    monkeypatch.setattr(rot, "fit_rotation", lambda *a, **k: rounds.append(k["iterations"]) or real(*a, **k))
+    report = convert(make_tiny("llama"), _tokenizer(), ConvertConfig(block=4, rotate_iterations=2, **FAST))
+    assert rounds == [2] and report.rotated
+    with pytest.raises(InputError, match=r"rotate_iterations must be"):
+        convert(make_tiny("llama"), _tokenizer(), ConvertConfig(block=4, rotate_iterations=0, **FAST))
+    source = tmp_path / "src"
+    make_tiny("llama", source)
+    code, _, err = run_cli(capsys, "convert", source, "-o", tmp_path / "o", "--no-rotate", "--rotate-iterations", "3")
+    assert code != 0 and "error: --rotate-iterations sets the rotation's fit, which --no-rotate turns off" in err
+    code, _, err = run_cli(capsys, "convert", source, "-o", tmp_path / "o", "--rotate-iterations", "0")
+    assert code != 0 and "--rotate-iterations" in err and "Traceback" not in err
