@@ -48,8 +48,8 @@ from hadaconv.calibrate import Moments
 from hadaconv.errors import HadaconvError, InputError
 from hadaconv.fit import GAMMA_RIDGE, HeadLayout, Mode, damped_covariance, dense_map, fit_projection
 
-__all__ = ["ITERATIONS", "NOT_DATA_FREE", "NOT_STREAMED", "MappedNorm", "RotationFit", "RotationProblem", "fit_rotation",
-           "is_rotated", "map_final_norm", "mark_rotated", "rotate_model", "why_not_rotatable"]
+__all__ = ["ITERATIONS", "NOT_DATA_FREE", "NOT_STREAMED", "MappedNorm", "RotationFit", "RotationProblem",
+           "fit_rotation", "is_rotated", "map_final_norm", "mark_rotated", "rotate_model", "why_not_rotatable"]
 
 #: Alternating steps of :func:`fit_rotation`: the mean error still falls by about 0.1% a step at
 #: 40 on SmolLM2 (0.504 at 0, 0.433 at 10, 0.421 at 20, 0.413 at 40), at 0.3 s a layer a step.
