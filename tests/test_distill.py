@@ -757,6 +757,9 @@ def test_cli_eval_names_its_text_and_compares_with_the_original(converted, tmp_p
 
     code, out, err = _cli(capsys, *args, "--no-baseline")
     assert code == 0 and out.count("\n") == 1 and "baseline" not in out, err
+    # Without --seq-len: 512 tokens, or the model's context where shorter (the tiny model's 128).
+    code, out, err = _cli(capsys, "eval", converted / "conv", "--text", text, "--max-windows", "1", "--no-baseline")
+    assert code == 0 and out.endswith("(1 window of 128)\n"), (out, err)
     code, out, err = _cli(capsys, *args, "--baseline", converted / "tiny", "--no-baseline")
     assert code == 1 and "not both" in err
     moved = tmp_path / "moved"

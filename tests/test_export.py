@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import shutil
 import math
 import os
 import re
@@ -664,7 +665,7 @@ def test_bundle_errors(tmp_path, tiny_bundle):
     assert generate(damaged, [5, 6, 7], 2, eos_token_id=[]).tokens.shape == (1, 2)
 
 
-def test_cli_run_takes_token_ids_without_tokenizer(tiny_bundle, capsys):
+def test_cli_run_takes_token_ids_without_tokenizer(tiny_bundle, capsys, tmp_path):
     """A bundle exported without tokenizer files runs from `hadaconv run --ids` and prints the
     generated ids (those of generate() on the same ids); --prompt there is one error line naming --ids."""
     from cli_runner import run_cli
@@ -678,6 +679,13 @@ def test_cli_run_takes_token_ids_without_tokenizer(tiny_bundle, capsys):
     assert not generate(tiny_bundle, [5, 6, 7], 3, eos_token_id=[]).finished
     first = int(generate(tiny_bundle, [5, 6, 7], 1).tokens[0, 0])  # an end of text at the last step is an end
     assert generate(tiny_bundle, [5, 6, 7], 1, eos_token_id=first).finished
+    # A reply that is only the end-of-sequence token says so (a newcomer saw a blank line).
+    ends = tmp_path / "ends"
+    shutil.copytree(tiny_bundle, ends)
+    meta = json.loads((ends / "hadaconv_onnx.json").read_text())
+    (ends / "hadaconv_onnx.json").write_text(json.dumps({**meta, "eos_token_id": first}))
+    code, out, err = run_cli(capsys, "run", ends, "--ids", "5,6,7", "--max-new-tokens", "4")
+    assert code == 0 and out == f"{first}\n" and "the end-of-sequence token at once" in err, (out, err)
     code, out, err = run_cli(capsys, "run", tiny_bundle, "--prompt", "hello")
     assert code == 1 and out == "" and err.count("error:") == 1 and "Traceback" not in err
     assert "has no tokenizer to encode --prompt with: give token ids with --ids" in err
