@@ -242,9 +242,10 @@ def _layer_list(text: str | None) -> list[int] | None:
                    "embedding (SmolLM2) the final norm's weight becomes a d x d map: +d^2 parameters (331,776 on "
                    "SmolLM2, about one o_proj).")
 @click.option("--rotate-iterations", type=POSITIVE, default=None,
-              help="Rounds of the rotation's alternating fit, each one fit per converted layer: fewer convert "
-                   "faster for less gain (SmolLM2's ten default layers: mean fit error 0.504 unrotated, 0.433 "
-                   "after 10 rounds, 0.413 after 40).  [default: 40]")
+              help="Rounds of the rotation's alternating fit; each round refits every converted layer once "
+                   "(about 0.3 s a layer on SmolLM2).  Fewer rounds convert faster but gain less (SmolLM2's ten "
+                   "least sensitive layers: mean fit error 0.504 unrotated, 0.433 after 10 rounds, 0.413 after "
+                   "40).  [default: 40]")
 @click.option("--rank", type=Integer(min=0), default=0, show_default=True,
               help="Add a rank-R residual U (D x) next to each Hadamard layer, fitted by least squares to what the "
                    "Hadamard form misses (reduced-rank regression).  Buys quality back; costs R*(d_in+d_out) "
@@ -309,7 +310,7 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
         plan = plan_conversion(model, cfg, model_config=model_config, target=target, trust_pickle=trust_pickle,
                                streamed=streamed, output=output, overwrite=overwrite, dtype=dtype, device=device)
         _print_plan(plan)
-        _note_skipped("rotate", plan.rotate_skipped, "will do nothing", "would be converted")
+        _note_skipped(("rotate", "rotate_iterations"), plan.rotate_skipped, "will do nothing", "would be converted")
         return
     if streamed:
         from hadaconv.stream import convert_streamed
@@ -323,16 +324,18 @@ def convert_cmd(model, output, mode, block, layers, max_layers, max_loss, calib,
         click.echo(f"warning: {line}", err=True)
     click.echo(f"saved {output}")
     _note_dequantized(model, output, dtype)
-    for flag, skipped in (("compensate", report.compensate_skipped), ("rotate", report.rotate_skipped)):
-        _note_skipped(flag, skipped, "did nothing", "were converted")
+    for flags, skipped in ((("compensate",), report.compensate_skipped),
+                           (("rotate", "rotate_iterations"), report.rotate_skipped)):
+        _note_skipped(flags, skipped, "did nothing", "were converted")
 
 
-def _note_skipped(flag: str, why: str, did: str, were: str) -> None:
-    """A note that ``--flag``, given by name, does not apply to this model (the defaults are on,
-    so only a flag given is worth one)."""
-    asked = click.get_current_context().get_parameter_source(flag) != click.core.ParameterSource.DEFAULT
-    if asked and why:
-        click.echo(f"note: --{flag} {did}: {why}, so the layers {were} without it", err=True)
+def _note_skipped(flags: tuple[str, ...], why: str, did: str, were: str) -> None:
+    """A note that the option ``flags[0]`` does nothing in this run, where it or one of the
+    options that set it (``flags[1:]``) was given by name (the defaults are on, so only an
+    option given is worth one)."""
+    ctx = click.get_current_context()
+    if why and any(ctx.get_parameter_source(f) != click.core.ParameterSource.DEFAULT for f in flags):
+        click.echo(f"note: --{flags[0]} {did}: {why}, so the layers {were} without it", err=True)
 
 
 def _note_dequantized(source: str, output: str, dtype: str) -> None:
@@ -490,10 +493,13 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         # The recorded original, as it was converted; a second read names a recorded config that is gone.
         model_config = recorded_config or recorded_source(model, flag="--config")[1]
     _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)
-    if seq_len is None:  # known from the config where there is one, else after the load
-        seq_len = _eval_seq_len(skeleton(model, config=_config_for(model, model_config)))
+    compared = other or (recorded if compares_recorded else None)  # read the same windows
+    shape = lambda path: skeleton(path, config=_config_for(path, model_config)) if path else None  # noqa: E731
+    default = seq_len is None  # from the configs where they build skeletons, else after MODEL's load
+    if default:
+        seq_len = _eval_seq_len(shape(model), shape(compared))
     if not reference:  # a causal LM's perplexity (an encoder's windows are checked after the load)
-        _check_context(model, _config_for(model, model_config), seq_len, device, dtype)
+        _check_context(model, _config_for(model, model_config), None if default else seq_len, device, dtype)
     elif (empty := skeleton(model, config=_config_for(model, model_config))) is not None:
         # Both kinds told from the configs, before the loads (a converted folder's only after its load).
         check_encoder(empty)
@@ -517,7 +523,7 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         if reference is None:
             raise HadaconvError(f"{model} is a text encoder, which has no perplexity: give --reference MODEL to "
                                 "compare its embeddings with another model's" + (f" ({why})" if why else ""))
-    seq_len = seq_len or _eval_seq_len(loaded.model)
+    seq_len = seq_len or _eval_seq_len(loaded.model, shape(compared))
     check_seq_len(loaded.model, seq_len)  # where the config did not tell before the load: more text would not help
     windows = text_windows(loaded.tokenizer, text, seq_len, max_windows, what=f"the text {source.name}")
     if reference:
@@ -586,15 +592,16 @@ def _config_for(path: str | None, config: str | None) -> str | None:
 EVAL_SEQ_LEN = 512
 
 
-def _eval_seq_len(model) -> int | None:
-    """eval's default window: :data:`EVAL_SEQ_LEN` tokens, or the context of ``model`` (a loaded
-    model or its skeleton) where shorter (a 128-token model was refused its own default); None
-    for no model (a skeleton not built: decided after the load)."""
+def _eval_seq_len(model, compared=None) -> int | None:
+    """eval's default window: :data:`EVAL_SEQ_LEN` tokens, or the shortest context of ``model``
+    and of the model it is ``compared`` with (each a loaded model or a skeleton; None: not known
+    before its load) where shorter (a 128-token model was refused its own default); None when
+    ``model`` is not known yet (decided after its load)."""
     from hadaconv.adapters import context_length
 
     if model is None:
         return None
-    return min(EVAL_SEQ_LEN, context_length(model) or EVAL_SEQ_LEN)
+    return max(2, min(EVAL_SEQ_LEN, *(context_length(m) or EVAL_SEQ_LEN for m in (model, compared) if m is not None)))
 
 
 def _check_context(model: str, config: str | None, seq_len: int | None, device: str | None, dtype: str | None) -> None:
@@ -1114,7 +1121,7 @@ def _print_generation(opened, prompt: str | None, ids: list[int] | None, max_new
     # A reply cut off mid-sentence should say why (a newcomer's chat answer stopped at 32 tokens).
     cut = "" if out.finished else f", stopped at --max-new-tokens {max_new_tokens}"
     if out.finished and out.new_tokens == 1:  # an empty reply would otherwise pass without a word
-        cut = ", the end-of-sequence token at once: the model had nothing to add"
+        cut = " (only the end-of-sequence token: the model ended its reply at once)"
     plural = lambda n: "s" if n != 1 else ""  # noqa: E731
     click.echo(f"[{out.new_tokens} token{plural(out.new_tokens)}{cut}, {rate}, prefill of {out.prompt_tokens} "
                f"token{plural(out.prompt_tokens)} {out.prefill_s * 1000:.0f} ms, {device}]", err=True)

@@ -137,10 +137,11 @@ class ConvertConfig:
             architecture allows it (pre-norm RMSNorm decoders: the Llama family; see
             :mod:`hadaconv.rotation`), after the layers are chosen and before they are fitted.  A
             head tied to the embedding (SmolLM2's) then costs one d x d map at the final norm.
-        rotate_iterations: rounds of the rotation's alternating fit, each one fit per converted
-            layer and two d^3 products (:func:`hadaconv.rotation.fit_rotation`); fewer convert faster
-            for less gain (SmolLM2's ten default layers: mean fit error 0.504 unrotated, 0.433 after
-            10 rounds, 0.421 after 20, 0.413 after the default 40).
+        rotate_iterations: rounds of the rotation's alternating fit; each round refits every
+            converted layer once and costs two d^3 products (:func:`hadaconv.rotation.fit_rotation`;
+            about 0.3 s a layer on SmolLM2).  Fewer rounds convert faster but gain less (SmolLM2's
+            ten least sensitive layers: mean fit error 0.504 unrotated, 0.433 after 10 rounds,
+            0.421 after 20, 0.413 after the default 40).
         rank: r of the optional low-rank residual ``U D x`` next to each Hadamard layer (0, the
             default: none; see :mod:`hadaconv.fit`).  Costs r (d_in + d_out) parameters and
             multiply-adds per token and layer; must leave each layer smaller than the dense one.
@@ -165,13 +166,13 @@ class ConvertConfig:
     sequential: bool = True
     compensate: bool = True
     rotate: bool = True
-    rotate_iterations: int = ROTATE_ITERATIONS
     rank: int = 0
     ridge: float = 1e-3
     gamma_ridge: float = GAMMA_RIDGE
     max_iter: int | None = None
     stats_device: str | None = None
     progress: bool = True
+    rotate_iterations: int = ROTATE_ITERATIONS
 
     @property
     def ranked(self) -> bool:
@@ -745,7 +746,7 @@ def rotate_stream(model: nn.Module, target: Target, stats: MomentCollector | Non
     elif not layers:
         report.rotate_skipped = "no layer is converted"
     else:
-        report.rotate_skipped = why_not_rotatable(model, stream)
+        report.rotate_skipped = why_not_rotatable(model, stream, target.adapter.name)
     if report.rotate_skipped:
         return False
     if stats is None:
@@ -756,6 +757,7 @@ def rotate_stream(model: nn.Module, target: Target, stats: MomentCollector | Non
         fit = fit_rotation(problems, block=cfg.block, ridge=cfg.ridge, gamma_ridge=cfg.gamma_ridge, rank=cfg.rank,
                            iterations=cfg.rotate_iterations, step=step)
     report.rotation_error = (sum(fit.before) / len(layers), sum(fit.after) / len(layers))
+    report.rotate_iterations = cfg.rotate_iterations
     if fit.gain() < MIN_ROTATION_GAIN:  # not worth the norms folded, nor a tied head's map
         report.rotate_skipped = (f"no rotation fits the chosen layers better (mean fit error "
                                  f"{report.rotation_error[0]:.3f} -> {report.rotation_error[1]:.3f})")

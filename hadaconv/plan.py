@@ -157,8 +157,9 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
 
     skip = (NOT_STREAMED if streamed else NOT_DATA_FREE if cfg.calib == "none" else "") if cfg.rotate else ""
     plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank, cfg.mode,
-                 rotate=cfg.rotate and not skip)
-    plan.rotate_skipped = plan.rotate_skipped or skip
+                 rotate=cfg.rotate)
+    if skip and not plan.rotate_skipped:  # the model's own reason first: dropping an option would not help
+        plan.rotate_skipped, plan.rotation_params = skip, 0
     key = source_key(source, config=model_config, dtype="auto" if streamed else dtype,
                      device=resolve_device(device).type)
     cached = cached_sequences(key, samples=cfg.samples, seq_len=cfg.seq_len)
@@ -231,7 +232,7 @@ def _rotation(model: nn.Module, adapter: Adapter) -> dict:
     from hadaconv.rotation import why_not_rotatable
 
     stream = adapter.residual_stream
-    why = why_not_rotatable(model, stream)
+    why = why_not_rotatable(model, stream, adapter.name)
     if why:
         return {"rotate_skipped": why}
     embedding = model.get_submodule(stream.embedding)

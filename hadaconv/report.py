@@ -105,6 +105,7 @@ class ConvertReport:
     rotation_error: tuple[float, float] | None = None  # the chosen layers' mean fit error without / with it
     rotation_params: int = 0  # parameters the rotation added (the final norm's map where the head is tied)
     rotate_skipped: str = ""  # why the rotation, asked for, did not run ("": it ran, or was not asked)
+    rotate_iterations: int = 0  # rounds of the rotation's fit (0: none fitted)
     rank: int = 0  # of the low-rank residual next to each converted layer (0: none)
     max_layers: int | None = None  # the --max-layers asked for (None: not given)
     samples: int = 0  # calibration windows asked for (--samples)
@@ -181,8 +182,8 @@ class ConvertReport:
             f"{self.seconds:.0f} s; peak RSS {self.peak_rss_mb:.0f} MiB"
             + (f"; calibration: {self.calibration_source}" if self.calibration_source else "")
             + (f"; residual stream rotated: the converted layers' mean fit error {self.rotation_error[0]:.3f} -> "
-               f"{self.rotation_error[1]:.3f} (the rotation's own fits, on the original's statistics, before the "
-               "fits above)"
+               f"{self.rotation_error[1]:.3f} after {self.rotate_iterations} rounds (the rotation's own fits, on the "
+               "original's statistics, before the fits above)"
                + (f", {self.rotation_params:+,} parameters (the final norm's map)" if self.rotation_params else "")
                if self.rotated and self.rotation_error else "")
             + "; err calib / err held = ||y_new - y|| / ||y|| of the output projection on the calibration / "
@@ -236,7 +237,7 @@ class FittedTable:
         cells = {name: [cell(row) for row in r.layers] for name, _, cell in cols}
         if r.rotation_params:  # a row of its own, so that the column sums to the caption's total
             for name in cells:
-                cells[name].append({"layer": "norm", "module": "final norm's map (rotation)",
+                cells[name].append({"layer": "norm", "module": "final norm's map (the rotation)",
                                     "params -": f"{-r.rotation_params:,}"}.get(name, ""))
         # A bordered table takes each column's widest text, 2 of padding and 1 of border, plus 1.
         need = {name: max([len(name)] + [len(c) for c in cells[name]]) + 3 for name, _, _ in cols}
@@ -254,7 +255,7 @@ class FittedTable:
         for i in range(len(cells["layer"])):
             t.add_row(*[cells[name][i] for name, _, _ in cols])
         # The measured columns are defined by caption(); the legend adds only the plain ones.
-        legend = "conv = converted; params - = parameters removed"
+        legend = "conv = converted; params - = parameters removed (negative: added)"
         left_out = f"; left out at this width: {', '.join(dropped)} (all in report.json)" if dropped else ""
         t.caption = f"{r.caption()}; {legend}{left_out}"
         return t

@@ -178,13 +178,17 @@ def _is_rms_norm(module: nn.Module | None) -> bool:
             nn.Parameter) and getattr(module, "bias", None) is None)
 
 
-def why_not_rotatable(model: nn.Module, stream: ResidualStream | None) -> str:
+def why_not_rotatable(model: nn.Module, stream: ResidualStream | None, adapter: str = "") -> str:
     """Why ``model``'s residual stream cannot be rotated, in words for a note; "" where it can:
-    an adapter that describes the stream (``stream``), RMSNorms, dense readers and writers
-    (``nn.Linear``: not already converted), an embedding and a head."""
+    an adapter that describes the stream (``stream``; ``adapter`` its name, for the note where
+    there is none), RMSNorms, dense readers and writers (``nn.Linear``: not already converted),
+    an embedding and a head."""
+    if stream is None and adapter.startswith("target:"):  # a Llama model may be behind --target
+        return ("--target converts layers by name, and that adapter does not know the residual stream's norms and "
+                "maps (without --target a Llama-family model is rotated)")
     if stream is None:
-        return ("the rotation is implemented for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM), whose "
-                "RMSNorms keep their outputs under a rotation, and this model is not one")
+        return ("only Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM) can be rotated so far"
+                + (f", and this is {'an' if adapter[:1] in 'aeiou' else 'a'} {adapter} model" if adapter else ""))
     if isinstance(_get(model, stream.final_norm), MappedNorm):
         return "its residual stream is already rotated"
     if not isinstance(_get(model, stream.embedding), nn.Embedding) or not isinstance(_get(model, stream.head),

@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import shutil
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np

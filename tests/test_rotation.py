@@ -80,7 +80,12 @@ def test_a_rotated_model_computes_the_same_function(family):
 
 def test_what_cannot_be_rotated_says_why():
     gpt2 = make_tiny("gpt2")
-    assert "is implemented for Llama-family decoders" in why_not_rotatable(gpt2, find_adapter(gpt2).residual_stream)
+    assert why_not_rotatable(gpt2, find_adapter(gpt2).residual_stream, "gpt2") == \
+        "only Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM) can be rotated so far, and this is a gpt2 " \
+        "model"
+    llama = make_tiny("llama")  # behind --target's generic adapter, which knows no stream
+    assert why_not_rotatable(llama, None, find_adapter(llama, target=r"o_proj$").name).startswith(
+        "--target converts layers by name")
     model = make_tiny("llama")
     stream = find_adapter(model).residual_stream
     assert why_not_rotatable(model, stream) == ""
@@ -168,8 +173,7 @@ def test_rotation_is_skipped_with_a_reason_where_it_cannot_run():
     tok = _tokenizer()
     gpt2 = make_tiny("gpt2")
     report = convert(gpt2, tok, ConvertConfig(block=4, **FAST))
-    assert not report.rotated and report.rotate_skipped.startswith("the rotation is implemented for Llama-family "
-                                                                    "decoders")
+    assert not report.rotated and report.rotate_skipped.endswith("can be rotated so far, and this is a gpt2 model")
     data_free = convert(make_tiny("llama"), tok, ConvertConfig(block=4, calib="none", sensitivity=False))
     assert not data_free.rotated and "data-free" in data_free.rotate_skipped
     with pytest.raises(InputError, match=r"^rotate must be True or False, got 'no'$"):
@@ -232,12 +236,18 @@ def test_the_command_line_says_what_the_rotation_costs_and_when_it_did_nothing(t
     code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g1", *run)
     assert code == 0 and "--rotate" not in err, err
     code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g2", *run, "--rotate")
-    assert code == 0 and "note: --rotate did nothing: the rotation is implemented for Llama-family decoders" in \
-        " ".join(err.split()), err
+    assert code == 0 and "note: --rotate did nothing: only Llama-family decoders" in " ".join(err.split()), err
     # The dry run says so before the run, where the model is the reason and where the options are.
     code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g3", *run, "--rotate", "--dry-run")
-    assert code == 0 and "note: --rotate will do nothing: the rotation is implemented for Llama-family" in \
-        " ".join(err.split()) and "so the layers would be converted without it" in " ".join(err.split()), err
+    said = " ".join(err.split())
+    assert code == 0 and "note: --rotate will do nothing: only Llama-family decoders" in said, err
+    assert "so the layers would be converted without it" in said and "this is a gpt2 model" in said, err
+    # The model's reason outranks the run's: without --streamed it would still not rotate.
+    code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g3", "--streamed", *run, "--rotate-iterations",
+                           "3", "--dry-run")
+    assert code == 0 and "note: --rotate will do nothing: only Llama-family" in " ".join(err.split()), err
+    code, _, err = run_cli(capsys, "convert", tied, *dry, "--streamed", "--rotate", "--calib", "shakespeare")
+    assert code == 0 and "note: --rotate will do nothing: a streamed conversion" in " ".join(err.split()), err
     code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g3", *run, "--dry-run")
     assert code == 0 and "--rotate" not in err, err
     code, _, err = run_cli(capsys, "convert", tied, *dry, "--rotate", "--calib", "none")
@@ -294,3 +304,9 @@ def test_the_rotation_runs_the_rounds_asked_for(monkeypatch, tmp_path, capsys):
     assert code != 0 and "error: --rotate-iterations sets the rotation's fit, which --no-rotate turns off" in err
     code, _, err = run_cli(capsys, "convert", source, "-o", tmp_path / "o", "--rotate-iterations", "0")
     assert code != 0 and "--rotate-iterations" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "convert", source, "-o", tmp_path / "o", "--rotate-iterations", "2", "--block", "4",
+                           "--calib", "shakespeare", "--samples", "12", "--seq-len", "32", "--no-sensitivity")
+    import json
+    assert code == 0 and json.loads((tmp_path / "o" / "report.json").read_text())["rotate_iterations"] == 2, err
+    code, out, _ = run_cli(capsys, "convert", "--help")
+    assert f"[default: {rot.ITERATIONS}]" in " ".join(out.split())  # the help's default is the code's
