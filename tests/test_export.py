@@ -685,7 +685,7 @@ def test_cli_run_takes_token_ids_without_tokenizer(tiny_bundle, capsys, tmp_path
     meta = json.loads((ends / "hadaconv_onnx.json").read_text())
     (ends / "hadaconv_onnx.json").write_text(json.dumps({**meta, "eos_token_id": first}))
     code, out, err = run_cli(capsys, "run", ends, "--ids", "5,6,7", "--max-new-tokens", "4")
-    assert code == 0 and out == f"{first}\n" and "the end-of-sequence token at once" in err, (out, err)
+    assert code == 0 and out == f"{first}\n" and "only the end-of-sequence token: the model ended its reply at once" in err, (out, err)
     code, out, err = run_cli(capsys, "run", tiny_bundle, "--prompt", "hello")
     assert code == 1 and out == "" and err.count("error:") == 1 and "Traceback" not in err
     assert "has no tokenizer to encode --prompt with: give token ids with --ids" in err
