@@ -240,7 +240,8 @@ def _layer_list(text: str | None) -> list[int] | None:
               help="Rotate the residual stream first, by the orthogonal map that best serves the converted layers' "
                    "fits (the same model, up to rounding; Llama-family models).  Where the head is tied to the "
                    "embedding (SmolLM2) the final norm's weight becomes a d x d map: +d^2 parameters (331,776 on "
-                   "SmolLM2, about one o_proj).")
+                   "SmolLM2, about one o_proj), so the stream is not rotated where that would cost at least what "
+                   "the converted layers remove.")
 @click.option("--rotate-iterations", type=POSITIVE, default=None,
               help="Rounds of the rotation's alternating fit; each round refits every converted layer once "
                    "(about 0.3 s a layer on SmolLM2).  Fewer rounds convert faster but gain less (SmolLM2's ten "
@@ -334,8 +335,10 @@ def _note_skipped(flags: tuple[str, ...], why: str, did: str, were: str) -> None
     options that set it (``flags[1:]``) was given by name (the defaults are on, so only an
     option given is worth one)."""
     ctx = click.get_current_context()
-    if why and any(ctx.get_parameter_source(f) != click.core.ParameterSource.DEFAULT for f in flags):
-        click.echo(f"note: --{flags[0]} {did}: {why}, so the layers {were} without it", err=True)
+    given = [f for f in flags if ctx.get_parameter_source(f) != click.core.ParameterSource.DEFAULT]
+    if why and given:  # named as the user typed it
+        click.echo(f"note: --{given[0].replace('_', '-')} {did}: {why}, so the layers {were} without "
+                   f"{'it' if given[0] == flags[0] else f'--{flags[0]}'}", err=True)
 
 
 def _note_dequantized(source: str, output: str, dtype: str) -> None:

@@ -136,7 +136,9 @@ class ConvertConfig:
         rotate: rotate the residual stream so that the converted layers fit better, where the
             architecture allows it (pre-norm RMSNorm decoders: the Llama family; see
             :mod:`hadaconv.rotation`), after the layers are chosen and before they are fitted.  A
-            head tied to the embedding (SmolLM2's) then costs one d x d map at the final norm.
+            head tied to the embedding (SmolLM2's) then costs one d x d map at the final norm, and
+            where that map would cost at least what the converted layers remove (one layer of
+            SmolLM2), the stream is not rotated.
         rotate_iterations: rounds of the rotation's alternating fit; each round refits every
             converted layer once and costs two d^3 products (:func:`hadaconv.rotation.fit_rotation`;
             about 0.3 s a layer on SmolLM2).  Fewer rounds convert faster but gain less (SmolLM2's
@@ -736,8 +738,11 @@ def rotate_stream(model: nn.Module, target: Target, stats: MomentCollector | Non
     """Stage 4b: fit the residual stream's rotation to the chosen layers, on the original's
     statistics of their inputs (``stats`` where the ranking collected them, else a pass of its
     own), and rotate the model (:mod:`hadaconv.rotation`).  Returns whether it did; where it
-    cannot, or no rotation fits the layers better, the report's ``rotate_skipped`` says why."""
-    from hadaconv.rotation import NOT_DATA_FREE, RotationProblem, fit_rotation, rotate_model, why_not_rotatable
+    cannot, where a tied head's map would cost at least what the layers remove
+    (:func:`hadaconv.rotation.costs_more`), or where no rotation fits the layers better, the
+    report's ``rotate_skipped`` says why."""
+    from hadaconv.rotation import (NOT_DATA_FREE, RotationProblem, added_parameters, costs_more, fit_rotation,
+                                   rotate_model, why_not_rotatable)
 
     stream = target.adapter.residual_stream
     layers = [layer for layer in target.layers if layer.index in chosen]
@@ -747,13 +752,17 @@ def rotate_stream(model: nn.Module, target: Target, stats: MomentCollector | Non
         report.rotate_skipped = "no layer is converted"
     else:
         report.rotate_skipped = why_not_rotatable(model, stream, target.adapter.name)
+    if not report.rotate_skipped:  # before its fits: a rotation that cannot pay is not worth their time
+        removed = sum(parameters_saved(layer.width, layer.out_features, cfg.block, layer.out.bias is not None,
+                                       cfg.rank) for layer in layers)
+        report.rotate_skipped = costs_more(added_parameters(model, stream), removed, len(layers))
     if report.rotate_skipped:
         return False
     if stats is None:
         stats = collect_statistics(model, layers, data, cfg.progress, "calibrate the rotation", cfg.stats_device)
     problems = [RotationProblem(layer.out.get()[0], stats.moments(layer.index), target.layout(layer),
                                 cfg.mode if layer.value is not None else "affine") for layer in layers]
-    with progress(cfg.rotate_iterations + 1, "fit the residual stream's rotation", cfg.progress) as step:
+    with progress(cfg.rotate_iterations, "fit the residual stream's rotation (rounds)", cfg.progress) as step:
         fit = fit_rotation(problems, block=cfg.block, ridge=cfg.ridge, gamma_ridge=cfg.gamma_ridge, rank=cfg.rank,
                            iterations=cfg.rotate_iterations, step=step)
     report.rotation_error = (sum(fit.before) / len(layers), sum(fit.after) / len(layers))

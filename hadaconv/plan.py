@@ -86,9 +86,16 @@ class Plan:
         k = len(self.layers) if self.max_layers is None else self.max_layers
         return sum(sorted((layer.removable for layer in self.layers), reverse=True)[:k])
 
+    @property
+    def net_removed(self) -> int:
+        """What the model loses at most, all told: :attr:`removed_at_most` less what the
+        residual stream's rotation adds (:attr:`rotation_params`)."""
+        return self.removed_at_most - self.rotation_params
+
     def to_dict(self) -> dict:
-        """The plan as JSON-ready values, ``removable`` and ``removed_at_most`` included."""
-        return asdict(self) | {"removable": self.removable, "removed_at_most": self.removed_at_most}
+        """The plan as JSON-ready values, ``removable``, ``removed_at_most`` and ``net_removed`` included."""
+        return asdict(self) | {"removable": self.removable, "removed_at_most": self.removed_at_most,
+                               "net_removed": self.net_removed}
 
 
 def inspect_model(source: str | os.PathLike, *, block: int | None = None, rank: int = 0,
@@ -153,7 +160,7 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
     def candidates(model: nn.Module, adapter: Adapter) -> list[AttentionLayer]:
         return find_target(model, cfg, adapter).layers
 
-    from hadaconv.rotation import NOT_DATA_FREE, NOT_STREAMED
+    from hadaconv.rotation import NOT_DATA_FREE, NOT_STREAMED, costs_more
 
     skip = (NOT_STREAMED if streamed else NOT_DATA_FREE if cfg.calib == "none" else "") if cfg.rotate else ""
     plan = _plan(source, model_config, trust_pickle, target, candidates, cfg.block, cfg.rank, cfg.mode,
@@ -166,6 +173,10 @@ def plan_conversion(source: str | os.PathLike, config: ConvertConfig | None = No
     plan.calibration = describe_calibration(cfg.calib, plan.kind, samples=cfg.samples, seq_len=cfg.seq_len,
                                             cached_only=streamed, cached=cached)
     plan.max_layers, plan.max_loss = cfg.max_layers, cfg.max_loss
+    if plan.rotation_params:  # as the run decides, on the most its layers can remove
+        k = min(len(plan.layers), plan.max_layers or len(plan.layers))
+        if why := costs_more(plan.rotation_params, plan.removed_at_most, k):
+            plan.rotate_skipped, plan.rotation_params = why, 0
     plan.warnings += _warnings(source, cfg, model_config, len(plan.layers))
     return plan
 
@@ -229,15 +240,11 @@ def _rotation(model: nn.Module, adapter: Adapter) -> dict:
     """The plan's fields for a run that rotates the residual stream (:mod:`hadaconv.rotation`):
     ``rotation_params``, what the rotation adds (the final norm's d x d map where the head is
     tied to the embedding, else 0), or ``rotate_skipped``, why the model cannot be rotated."""
-    from hadaconv.rotation import why_not_rotatable
+    from hadaconv.rotation import added_parameters, why_not_rotatable
 
     stream = adapter.residual_stream
     why = why_not_rotatable(model, stream, adapter.name)
-    if why:
-        return {"rotate_skipped": why}
-    embedding = model.get_submodule(stream.embedding)
-    tied = model.get_submodule(stream.head).weight is embedding.weight
-    return {"rotation_params": embedding.weight.shape[1] ** 2 if tied else 0}
+    return {"rotate_skipped": why} if why else {"rotation_params": added_parameters(model, stream)}
 
 
 def _planned(layer: AttentionLayer, block: int, rank: int) -> PlannedLayer:

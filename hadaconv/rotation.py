@@ -49,7 +49,8 @@ from hadaconv.errors import HadaconvError, InputError
 from hadaconv.fit import GAMMA_RIDGE, HeadLayout, Mode, damped_covariance, dense_map, fit_projection
 
 __all__ = ["ITERATIONS", "NOT_DATA_FREE", "NOT_STREAMED", "MappedNorm", "RotationFit", "RotationProblem",
-           "fit_rotation", "is_rotated", "map_final_norm", "mark_rotated", "rotate_model", "why_not_rotatable"]
+           "added_parameters", "costs_more", "fit_rotation", "is_rotated", "map_final_norm", "mark_rotated",
+           "rotate_model", "why_not_rotatable"]
 
 #: Alternating steps of :func:`fit_rotation`: the mean error still falls by about 0.1% a step at
 #: 40 on SmolLM2 (0.504 at 0, 0.433 at 10, 0.421 at 20, 0.413 at 40), at 0.3 s a layer a step.
@@ -104,7 +105,7 @@ def fit_rotation(problems: Sequence[RotationProblem], *, block: int = 1, ridge: 
     """The Q that minimises the summed relative fit errors of ``problems`` (module docstring).
 
     The fit options are those of :func:`hadaconv.fit.fit_projection`.  ``step`` is called after
-    each of the ``iterations + 1`` rounds of fits (a progress bar).  Runs in float64 on the
+    each of the ``iterations`` rounds of fits that follow the first, unrotated ones (a progress bar).  Runs in float64 on the
     statistics' device; each round costs one fit and two d^3 products per layer.  The best Q
     seen is returned (the identity where no step lowers the objective).
 
@@ -140,7 +141,7 @@ def fit_rotation(problems: Sequence[RotationProblem], *, block: int = 1, ridge: 
         total = sum(e * e for e in errors)
         if total < best[0]:
             best = (total, q, errors, it)
-        if step is not None:
+        if step is not None and it > 0:
             step()
         if it < iterations:
             u, _, vt = torch.linalg.svd(k)
@@ -206,6 +207,25 @@ def why_not_rotatable(model: nn.Module, stream: ResidualStream | None, adapter: 
     if blocks is None or not _is_rms_norm(_get(model, stream.final_norm)):
         return "its blocks or final norm are not where its adapter expects them"
     return ""
+
+
+def added_parameters(model: nn.Module, stream: ResidualStream) -> int:
+    """Parameters :func:`rotate_model` adds to ``model`` (rotatable: :func:`why_not_rotatable`):
+    the final norm's d x d map where the head is tied to the embedding, else 0."""
+    embedding = model.get_submodule(stream.embedding)
+    tied = model.get_submodule(stream.head).weight is embedding.weight
+    return embedding.weight.shape[1] ** 2 if tied else 0
+
+
+def costs_more(added: int, removed: int, layers: int) -> str:
+    """Why a conversion does not rotate where the final norm's map (``added`` parameters) would
+    cost at least what its ``layers`` converted layers remove (``removed``): a smaller model is
+    the point, and such a rotation would leave it no smaller; "" where it pays."""
+    if added < removed:
+        return ""
+    return (f"the final norm's map it needs would add {added:,} parameters, no fewer than the {removed:,} that "
+            f"{layers} converted layer{'s' if layers != 1 else ''} remove{'s' if layers == 1 else ''} (it pays where "
+            "more layers are converted)")
 
 
 @torch.no_grad()

@@ -245,7 +245,9 @@ def test_the_command_line_says_what_the_rotation_costs_and_when_it_did_nothing(t
     # The model's reason outranks the run's: without --streamed it would still not rotate.
     code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g3", "--streamed", *run, "--rotate-iterations",
                            "3", "--dry-run")
-    assert code == 0 and "note: --rotate will do nothing: only Llama-family" in " ".join(err.split()), err
+    said = " ".join(err.split())  # named as typed: the option given was --rotate-iterations
+    assert code == 0 and "note: --rotate-iterations will do nothing: only Llama-family" in said, err
+    assert said.endswith("so the layers would be converted without --rotate"), err
     code, _, err = run_cli(capsys, "convert", tied, *dry, "--streamed", "--rotate", "--calib", "shakespeare")
     assert code == 0 and "note: --rotate will do nothing: a streamed conversion" in " ".join(err.split()), err
     code, _, err = run_cli(capsys, "convert", gpt2, "-o", tmp_path / "g3", *run, "--dry-run")
@@ -310,3 +312,28 @@ def test_the_rotation_runs_the_rounds_asked_for(monkeypatch, tmp_path, capsys):
     assert code == 0 and json.loads((tmp_path / "o" / "report.json").read_text())["rotate_iterations"] == 2, err
     code, out, _ = run_cli(capsys, "convert", "--help")
     assert f"[default: {rot.ITERATIONS}]" in " ".join(out.split())  # the help's default is the code's
+
+
+def test_a_rotation_whose_map_costs_what_the_layers_remove_is_skipped(tmp_path, capsys):
+    """A tied head's d x d map costs about one layer's saving: with one layer converted the
+    rotation would leave the model no smaller, so neither the run nor its plan rotates (a
+    newcomer's one-layer conversion grew by 37,440 parameters)."""
+    from hadaconv.nn import parameters_saved
+    from hadaconv.plan import plan_conversion
+    from hadaconv.rotation import costs_more
+
+    assert costs_more(10, 11, 2) == "" and costs_more(10, 10, 1).startswith("the final norm's map it needs would "
+                                                                            "add 10 parameters, no fewer than the 10")
+    source = tmp_path / "src"
+    model = make_tiny("llama", source)
+    d = model.config.hidden_size
+    one, both = ConvertConfig(block=32, layers=[0], **FAST), ConvertConfig(block=4, **FAST)
+    assert parameters_saved(d, d, 32, False) <= d * d < 2 * parameters_saved(d, d, 4, False)
+    report = convert(make_tiny("llama"), _tokenizer(), one)
+    assert not report.rotated and report.rotate_skipped.startswith("the final norm's map it needs would add")
+    assert report.params_after < report.params_before and report.rotation_error is None  # not fitted at all
+    plan = plan_conversion(source, one)
+    assert plan.rotation_params == 0 and plan.rotate_skipped == report.rotate_skipped
+    plan = plan_conversion(source, both)
+    assert plan.rotation_params == d * d and plan.net_removed == plan.removed_at_most - d * d > 0
+    assert plan.to_dict()["net_removed"] == plan.net_removed
