@@ -105,8 +105,9 @@ def fit_rotation(problems: Sequence[RotationProblem], *, block: int = 1, ridge: 
     """The Q that minimises the summed relative fit errors of ``problems`` (module docstring).
 
     The fit options are those of :func:`hadaconv.fit.fit_projection`.  ``step`` is called after
-    each of the ``iterations`` rounds of fits that follow the first, unrotated ones (a progress bar).  Runs in float64 on the
-    statistics' device; each round costs one fit and two d^3 products per layer.  The best Q
+    each of the ``iterations`` rounds of fits that follow the first, unrotated ones (a progress
+    bar).  Runs in float64 on the statistics' device; each round costs one fit and two d^3
+    products per layer.  The best Q
     seen is returned (the identity where no step lowers the objective).
 
     Raises:
