@@ -11,6 +11,7 @@ Anything else (a damaged input no check foresaw) is one line too, naming its typ
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -500,17 +501,17 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
         model_config = recorded_config or recorded_source(model, flag="--config")[1]
     _check_eval_config(model, model_config, reference, None if no_baseline or reference else baseline or recorded)
     compared = other or (recorded if compares_recorded else None)  # read the same windows
-    shape = lambda path: skeleton(path, config=_config_for(path, model_config)) if path else None  # noqa: E731
+    # Each skeleton built once (about 1 s for a GGUF): the default window and the checks share them.
+    shape = functools.cache(lambda path: skeleton(path, config=_config_for(path, model_config)) if path else None)
     default = seq_len is None  # from the configs where they build skeletons, else after MODEL's load
     if default:
         seq_len = _eval_seq_len(shape(model), shape(compared))
     if not reference:  # a causal LM's perplexity (an encoder's windows are checked after the load)
         _check_context(model, _config_for(model, model_config), None if default else seq_len, device, dtype)
-    elif (empty := skeleton(model, config=_config_for(model, model_config))) is not None:
+    elif shape(model) is not None:
         # Both kinds told from the configs, before the loads (a converted folder's only after its load).
-        check_encoder(empty)
-        _compared_encoder(skeleton(reference, config=_config_for(reference, model_config)), f"--reference {reference}",
-                          model)
+        check_encoder(shape(model))
+        _compared_encoder(shape(reference), f"--reference {reference}", model)
     source = Path(text_file or heldout_play())
     text = read_document(source)  # a file that is not text: refused before the load
     loaded = load_model(model, config=_config_for(model, model_config), trust_pickle=trust_pickle, device=device,
