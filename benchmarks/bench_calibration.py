@@ -90,7 +90,7 @@ def main() -> None:
     windows = {k: text_windows(tok, v, 256, args.eval_windows) for k, v in heldout_domains().items()}
 
     def evaluate(model) -> dict[str, float]:
-        return {name: perplexity(model, w, batch_size=4).perplexity for name, w in windows.items()}
+        return {name: perplexity(model, w, batch_size=4, progress=None).perplexity for name, w in windows.items()}
 
     results.setdefault("teacher", evaluate(teacher))
     for row in rows:

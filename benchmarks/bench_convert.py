@@ -83,7 +83,7 @@ def main() -> None:
     loaded = load_model(gguf)
     teacher, tok = loaded.model, loaded.tokenizer
     windows = text_windows(tok, eval_text, 512, 8 if args.quick else 24)
-    ppl_teacher = perplexity(teacher, windows).perplexity
+    ppl_teacher = perplexity(teacher, windows, progress=None).perplexity
     console.print(f"SmolLM2 teacher perplexity on {heldout_play().stem}: {ppl_teacher:.2f} ({windows.numel()} tokens)")
 
     grid = [("affine", 1), ("diag", 1), ("head", 1), ("affine", 16), ("diag", 16), ("head", 16)]
@@ -107,7 +107,7 @@ def main() -> None:
             cfg = ConvertConfig(block=block, max_layers=max_layers, samples=samples, seq_len=seq_len,
                                 calib=None, progress=False, sensitivity=max_layers is not None)
             report = convert(student, tok, cfg)
-            p = perplexity(student, windows).perplexity
+            p = perplexity(student, windows, progress=None).perplexity
             ppl.add_row(str(block), str(len(report.converted)), ranking, f"{p:.2f}",
                         f"{report.params_before - report.params_after:,}", f"{report.seconds:.0f}")
             console.print(f"  block {block}, {len(report.converted)} layers: perplexity {p:.2f}")
@@ -117,7 +117,7 @@ def main() -> None:
                 student = copy.deepcopy(teacher)
                 cfg.layers, cfg.max_layers, cfg.sensitivity = [r.index for r in by_fit], None, False
                 convert(student, tok, cfg)
-                p = perplexity(student, windows).perplexity
+                p = perplexity(student, windows, progress=None).perplexity
                 ppl.add_row(str(block), str(max_layers), "fit error", f"{p:.2f}", "", "")
             del student
     console.print(ppl)

@@ -176,7 +176,7 @@ def main() -> None:
 
     def play_ppl(model) -> float:
         with torch.inference_mode():
-            return perplexity(model, play).perplexity
+            return perplexity(model, play, progress=None).perplexity
 
     teacher_play = play_ppl(teacher)
     if args.corpus == "generated":

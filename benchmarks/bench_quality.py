@@ -97,7 +97,7 @@ def lowrank(layer, moments, rank: int, ridge: float = 1e-3) -> nn.Module:
 
 
 def evaluate(model, windows: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {name: perplexity(model, w, batch_size=4).perplexity for name, w in windows.items()}
+    return {name: perplexity(model, w, batch_size=4, progress=None).perplexity for name, w in windows.items()}
 
 
 def main() -> None:

@@ -137,7 +137,7 @@ def main() -> None:
     lap("load + sample")
 
     def quality(model) -> dict[str, float]:
-        return {name: perplexity(model, w).perplexity for name, w in domains.items()}
+        return {name: perplexity(model, w, progress=None).perplexity for name, w in domains.items()}
 
     console.rule("2. convert")
     student = copy.deepcopy(teacher)

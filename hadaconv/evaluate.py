@@ -143,10 +143,11 @@ def _check_windows(model: nn.Module, windows, batch_size) -> None:
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, *, inference: bool = True,
-               progress: str | None = None, reference: nn.Module | None = None) -> Perplexity:
+               progress: str | None = "perplexity", reference: nn.Module | None = None) -> Perplexity:
     """Perplexity of a causal LM on token windows [N, L] (see the module docstring).  Windows are
     moved to the model's device; the model is left in the mode it was in.  ``progress``: the
-    description of a progress bar over the batches (None: none).  ``reference``: a model (the
+    description of a progress bar over the batches (None: none; SmolLM2's 64 windows of 256
+    tokens take about 2 minutes on 2 CPU cores).  ``reference``: a model (the
     teacher) whose KL to this one, per token position, is measured in the same pass
     (:attr:`Perplexity.kl`); it must sit on the same device, in eval mode.
 

@@ -116,3 +116,23 @@ def test_kl_divergence_refuses_a_second_derivative_rather_than_return_zero():
     (grad,) = torch.autograd.grad(kl_divergence(student, torch.randn(3, 8)), student, create_graph=True)
     with pytest.raises(RuntimeError):
         grad.sum().backward()
+
+
+def test_perplexity_shows_its_progress_unless_told_not_to(monkeypatch):
+    """The Python API's perplexity runs minutes on a real model: a bar by default, as the CLI's."""
+    import contextlib
+
+    import hadaconv.evaluate as evaluate
+
+    shown = []
+
+    @contextlib.contextmanager
+    def bar(total, description, enabled=True):
+        shown.append((total, description, enabled))
+        yield lambda: None
+
+    monkeypatch.setattr(evaluate, "progress_bar", bar)
+    model, windows = make_tiny("llama"), torch.randint(0, VOCAB, (5, 8))
+    perplexity(model, windows, batch_size=2)
+    perplexity(model, windows, batch_size=2, progress=None)
+    assert shown == [(3, "perplexity", True), (3, "", False)]

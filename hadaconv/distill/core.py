@@ -376,7 +376,7 @@ class _Evaluator:
         """(metric, eval loss); the teacher's own eval loss is 0."""
         start = time.perf_counter()
         if self.kind == "causal-lm":
-            p = perplexity(model, self.windows, self.batch_size, inference=False,
+            p = perplexity(model, self.windows, self.batch_size, inference=False, progress=None,
                            reference=None if model is self.teacher else self.teacher)
             result = p.perplexity, p.kl or 0.0
         else:
