@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 from hadaconv.errors import option
 
@@ -168,32 +169,44 @@ class ConvertReport:
         everything."""
         return FittedTable(self)
 
-    def caption(self) -> str:
-        """The totals line under the table (parameters, weights, time, memory, calibration)."""
+    def caption(self, columns: Sequence[str] | None = None) -> str:
+        """The lines under the table: totals (parameters, weights, time, memory), the calibration,
+        the rotation, then what each of ``columns`` (the table's headers; None: every one) means."""
+        removed = self.params_before - self.params_after
+        lines = [f"converted {len(self.converted)} of {len(self.layers)} candidate layers; "
+                 f"parameters {self.params_before:,} -> {self.params_after:,} "
+                 f"({-removed:+,}, {-100 * removed / max(1, self.params_before):+.2f}%); "
+                 f"weights {self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB; "
+                 f"{self.seconds:.0f} s; peak RSS {self.peak_rss_mb:.0f} MiB"]
+        if self.calibration_source:
+            lines.append(f"calibration: {self.calibration_source}")
+        if self.rotated and self.rotation_error:
+            lines.append(f"residual stream rotated: the converted layers' mean fit error {self.rotation_error[0]:.3f} "
+                         f"-> {self.rotation_error[1]:.3f} after {self.rotate_iterations} rounds (the rotation's own "
+                         "fits, on the original's statistics)" + (f"; {self.rotation_params:+,} parameters for the "
+                                                                  "final norm's map" if self.rotation_params else ""))
+        meanings = self._meanings()
+        shown = [m for name, m in meanings.items() if m and (columns is None or name in columns)]
+        return "\n".join(lines + ["columns: " + "; ".join(shown)])
+
+    def _meanings(self) -> dict[str, str]:
+        """Each column's definition (pairs defined once, under the first of the two; "" where the
+        table has no such column)."""
         compensated = any(r.block_error_after is not None for r in self.layers)
         # Too few windows to hold any out: the block errors are scored on the calibration windows.
         scored_on = "held-out" if any(r.heldout_error is not None for r in self.layers) else "calibration"
-        removed = self.params_before - self.params_after
-        return (
-            f"converted {len(self.converted)} of {len(self.layers)} candidate layers; "
-            f"parameters {self.params_before:,} -> {self.params_after:,} "
-            f"({-removed:+,}, {-100 * removed / max(1, self.params_before):+.2f}%); "
-            f"weights {self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB; "
-            f"{self.seconds:.0f} s; peak RSS {self.peak_rss_mb:.0f} MiB"
-            + (f"; calibration: {self.calibration_source}" if self.calibration_source else "")
-            + (f"; residual stream rotated: the converted layers' mean fit error {self.rotation_error[0]:.3f} -> "
-               f"{self.rotation_error[1]:.3f} after {self.rotate_iterations} rounds (the rotation's own fits, on the "
-               "original's statistics, before the fits above)"
-               + (f", {self.rotation_params:+,} parameters (the final norm's map)" if self.rotation_params else "")
-               if self.rotated and self.rotation_error else "")
-            + "; err calib / err held = ||y_new - y|| / ||y|| of the output projection on the calibration / "
-              "held-out windows, mean-pred = the same for predicting the mean output (the floor to beat)"
-            + (f"; sens = {self.sensitivity_metric}" if self.sensitivity_metric else "")
-            + (f"; blk err / comp = ||s' - t'|| / ||t' - t|| on {scored_on} windows, the distance of the decoder "
-               "block's output from the teacher's relative to the teacher block's own change (over 1: the drift "
-               "carried from earlier blocks is larger than that change), before / after refitting the dense maps "
-               "that write into the residual stream (equal where the original map was kept)" if compensated else "")
-            + "; fit s = seconds of the layer's fit")
+        return {
+            "conv": "conv = converted",
+            "err calib": "err calib / err held = ||y_new - y|| / ||y||, the output projection's error on the "
+                         "calibration / held-out windows",
+            "mean-pred": "mean-pred = the same for predicting the mean output (the floor to beat)",
+            "sens": f"sens = {self.sensitivity_metric}" if self.sensitivity_metric else "",
+            "blk err": f"blk err / comp = ||s' - t'|| / ||t' - t|| on {scored_on} windows: the block output's distance "
+                       "from the teacher's, relative to the teacher block's own change (over 1: drift from earlier "
+                       "blocks dominates), before / after refitting the dense maps that write into the residual "
+                       "stream" if compensated else "",
+            "params -": "params - = parameters removed (negative: added)",
+            "fit s": "fit s = seconds of the layer's fit"}
 
 
 def _num(v, fmt="{:.3f}") -> str:
@@ -254,8 +267,7 @@ class FittedTable:
             t.add_column(name, justify="left" if name in ("module", "hadamard") else "right", overflow="fold")
         for i in range(len(cells["layer"])):
             t.add_row(*[cells[name][i] for name, _, _ in cols])
-        # The measured columns are defined by caption(); the legend adds only the plain ones.
-        legend = "conv = converted; params - = parameters removed (negative: added)"
-        left_out = f"; left out at this width: {', '.join(dropped)} (all in report.json)" if dropped else ""
-        t.caption = f"{r.caption()}; {legend}{left_out}"
+        left_out = f"\nleft out at this width: {', '.join(dropped)} (all in report.json)" if dropped else ""
+        t.caption = r.caption([name for name, _, _ in cols]) + left_out
+        t.caption_justify = "left"
         return t
