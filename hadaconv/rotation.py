@@ -3,8 +3,9 @@
 Pre-norm decoders with RMSNorm (the Llama family) compute exactly the same function after an
 orthogonal change of basis ``h -> Q^T h`` of their residual stream: RMSNorm divides by the RMS of
 ``h``, which Q keeps, so once each norm's weight g is folded into the maps that read its output,
-every reader ``W_in`` becomes ``W_in diag(g) Q``, every writer (o_proj, the MLP's down-projection,
-the embedding) ``Q^T W`` and the norms' weights 1.  SliceGPT (Ashkboos et al. 2024, "computational
+every reader ``W_in`` becomes ``W_in diag(g / s) Q``, every writer (o_proj, the MLP's
+down-projection, the embedding) ``Q^T W`` and each norm's weight the constant ``s``, the RMS of its
+g (a constant commutes with Q; see :func:`rotate_model` for why not 1).  SliceGPT (Ashkboos et al. 2024, "computational
 invariance") introduced this to delete directions of the stream; QuaRot and SpinQuant rotate it to
 spread outliers before quantization.  hadaconv rotates it so that the converted layers fit better.
 
@@ -29,9 +30,9 @@ residual stream"): the mean relative error falls from 0.50 to 0.41 in 40 iterati
 
 The price, on a model whose head is tied to its embedding (SmolLM2): the head reads the final
 norm's output through the embedding, ``E diag(g) norm(h)``; the rotated embedding is ``E Q``, so
-the final norm's weight becomes the d x d map ``Q^T diag(g) Q`` (:class:`MappedNorm`): d^2
+the final norm's weight becomes the d x d map ``Q^T diag(g / s) Q`` (:class:`MappedNorm`): d^2
 parameters and multiply-adds per token (331,776 on SmolLM2, about one o_proj).  An untied head
-absorbs it (``W_head diag(g) Q``) at no cost.
+absorbs it (``W_head diag(g / s) Q``) at no cost.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def fit_rotation(problems: Sequence[RotationProblem], *, block: int = 1, ridge: 
 
 class MappedNorm(nn.Module):
     """A final RMSNorm whose weight became a d x d map: ``y = norm(x) @ M^T`` (``norm`` with
-    weight 1, ``map`` an ``nn.Linear(d, d, bias=False)``), where a head tied to the embedding
+    a constant weight, ``map`` an ``nn.Linear(d, d, bias=False)``), where a head tied to the embedding
     cannot absorb ``M = Q^T diag(g) Q`` (module docstring)."""
 
     def __init__(self, norm: nn.Module, d: int) -> None:
@@ -236,6 +237,12 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
     tied to the embedding keeps the tie, and the final norm becomes a :class:`MappedNorm`.  The
     arithmetic runs in float64; each weight keeps its dtype and device.
 
+    Each norm keeps the RMS s of its weight g as a constant weight, and its readers take ``g / s``,
+    not g: the same function, and each reader keeps its scale.  AdamW steps each weight by about
+    the learning rate whatever its size, so a reader shrunk by g (16x in SmolLM2's first q_proj,
+    whose g has RMS 0.04) would take 16x larger relative steps in distillation than its
+    teacher's did (benchmarks/RESULTS.md, "Distilling a rotated model").
+
     Raises:
         HadaconvError: :func:`why_not_rotatable` says why not.
     """
@@ -258,10 +265,11 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
     for block in model.get_submodule(stream.blocks):
         for norm, readers in stream.reads:
             g = block.get_submodule(norm).weight
+            s = _rms(g)
             for path in readers:
                 reader = block.get_submodule(path)
-                put(reader.weight, rotated(reader.weight, g.double()))
-            g.fill_(1)
+                put(reader.weight, rotated(reader.weight, g.double() / s))
+            g.fill_(s)
         for path in stream.writes:
             writer = block.get_submodule(path)
             qt = q.to(writer.weight.device).T
@@ -269,7 +277,8 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
             if writer.bias is not None:
                 put(writer.bias, qt @ writer.bias.double())
     final = model.get_submodule(stream.final_norm)
-    g = final.weight.double()
+    s = _rms(final.weight)
+    g = final.weight.double() / s
     if tied:
         mapped = MappedNorm(final, q.shape[0])
         qd = q.to(g.device)
@@ -277,8 +286,13 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
         model.set_submodule(stream.final_norm, mapped)
     else:
         put(head.weight, rotated(head.weight, g))
-    final.weight.fill_(1)
+    final.weight.fill_(s)
     mark_rotated(model)
+
+
+def _rms(g: torch.Tensor) -> float:
+    """The RMS of a norm's weight, 1 where it is all zeros (nothing to keep the scale of)."""
+    return g.double().pow(2).mean().sqrt().item() or 1.0
 
 
 def map_final_norm(model: nn.Module, stream: ResidualStream) -> None:

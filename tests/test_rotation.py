@@ -78,6 +78,27 @@ def test_a_rotated_model_computes_the_same_function(family):
             assert (rotated(**x).logits - ref).abs().max() > 1e-2
 
 
+def test_each_norm_keeps_its_scale_and_its_readers_theirs():
+    """g / s folds into the readers and the norm keeps s, the RMS of g: a reader shrunk by g would
+    take AdamW's steps, about the learning rate each whatever the weight's size, as larger ones."""
+    model = _with_norm_weights(make_tiny("llama")).double()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.mul_(0.05)  # SmolLM2's first: RMS 0.04
+    norm, q_proj = model.model.layers[0].input_layernorm, model.model.layers[0].self_attn.q_proj
+    g, w, final = norm.weight.detach().clone(), q_proj.weight.detach().clone(), model.model.norm.weight.detach().clone()
+    q = _orthogonal(model.config.hidden_size)
+    rotate_model(model, find_adapter(model).residual_stream, q)
+    s = g.pow(2).mean().sqrt()
+    torch.testing.assert_close(norm.weight.detach(), torch.full_like(g, s.item()), rtol=0, atol=1e-12)
+    torch.testing.assert_close(q_proj.weight.detach(), (w * g / s) @ q, rtol=0, atol=1e-12)
+    assert 0.5 < q_proj.weight.pow(2).mean().sqrt() / w.pow(2).mean().sqrt() < 2
+    f = final.pow(2).mean().sqrt()
+    torch.testing.assert_close(model.model.norm.norm.weight.detach(), torch.full_like(final, f.item()),
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.model.norm.map.weight.detach(), q.T @ torch.diag(final / f) @ q,
+                               rtol=0, atol=1e-12)
+
+
 def test_what_cannot_be_rotated_says_why():
     gpt2 = make_tiny("gpt2")
     assert why_not_rotatable(gpt2, find_adapter(gpt2).residual_stream, "gpt2") == \
