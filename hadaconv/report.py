@@ -185,28 +185,28 @@ class ConvertReport:
                          f"-> {self.rotation_error[1]:.3f} after {self.rotate_iterations} rounds (the rotation's own "
                          "fits, on the original's statistics)" + (f"; {self.rotation_params:+,} parameters for the "
                                                                   "final norm's map" if self.rotation_params else ""))
-        meanings = self._meanings()
-        shown = [m for name, m in meanings.items() if m and (columns is None or name in columns)]
+        shown = [m for names, m in self._meanings().items()
+                 if m and (columns is None or any(name in columns for name in names))]
         return "\n".join(lines + ["columns: " + "; ".join(shown)])
 
-    def _meanings(self) -> dict[str, str]:
-        """Each column's definition (pairs defined once, under the first of the two; "" where the
-        table has no such column)."""
+    def _meanings(self) -> dict[tuple[str, ...], str]:
+        """Each column's definition, keyed by the columns it defines (a pair once, shown where
+        either of the two is); "" where the table has no such column."""
         compensated = any(r.block_error_after is not None for r in self.layers)
         # Too few windows to hold any out: the block errors are scored on the calibration windows.
         scored_on = "held-out" if any(r.heldout_error is not None for r in self.layers) else "calibration"
         return {
-            "conv": "conv = converted",
-            "err calib": "err calib / err held = ||y_new - y|| / ||y||, the output projection's error on the "
-                         "calibration / held-out windows",
-            "mean-pred": "mean-pred = the same for predicting the mean output (the floor to beat)",
-            "sens": f"sens = {self.sensitivity_metric}" if self.sensitivity_metric else "",
-            "blk err": f"blk err / comp = ||s' - t'|| / ||t' - t|| on {scored_on} windows: the block output's distance "
-                       "from the teacher's, relative to the teacher block's own change (over 1: drift from earlier "
-                       "blocks dominates), before / after refitting the dense maps that write into the residual "
-                       "stream" if compensated else "",
-            "params -": "params - = parameters removed (negative: added)",
-            "fit s": "fit s = seconds of the layer's fit"}
+            ("conv",): "conv = converted",
+            ("err calib", "err held"): "err calib / err held = ||y_new - y|| / ||y||, the output projection's "
+                                       "error on the calibration / held-out windows",
+            ("mean-pred",): "mean-pred = the same for predicting the mean output (the floor to beat)",
+            ("sens",): f"sens = {self.sensitivity_metric}" if self.sensitivity_metric else "",
+            ("blk err", "comp"): f"blk err / comp = ||s' - t'|| / ||t' - t|| on {scored_on} windows: the block "
+                                 "output's distance from the teacher's, relative to the teacher block's own change "
+                                 "(over 1: drift from earlier blocks dominates), before / after refitting the dense "
+                                 "maps that write into the residual stream" if compensated else "",
+            ("params -",): "params - = parameters removed (negative: added)",
+            ("fit s",): "fit s = seconds of the layer's fit"}
 
 
 def _num(v, fmt="{:.3f}") -> str:

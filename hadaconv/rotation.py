@@ -4,10 +4,11 @@ Pre-norm decoders with RMSNorm (the Llama family) compute exactly the same funct
 orthogonal change of basis ``h -> Q^T h`` of their residual stream: RMSNorm divides by the RMS of
 ``h``, which Q keeps, so once each norm's weight g is folded into the maps that read its output,
 every reader ``W_in`` becomes ``W_in diag(g / s) Q``, every writer (o_proj, the MLP's
-down-projection, the embedding) ``Q^T W`` and each norm's weight the constant ``s``, the RMS of its
-g (a constant commutes with Q; see :func:`rotate_model` for why not 1).  SliceGPT (Ashkboos et al. 2024, "computational
-invariance") introduced this to delete directions of the stream; QuaRot and SpinQuant rotate it to
-spread outliers before quantization.  hadaconv rotates it so that the converted layers fit better.
+down-projection, the embedding) ``Q^T W`` and each norm's weight the constant ``s``, the power of
+two nearest the RMS of its g (a constant commutes with Q; :func:`rotate_model` says why not 1).
+SliceGPT (Ashkboos et al. 2024, "computational invariance") introduced this to delete directions
+of the stream; QuaRot and SpinQuant rotate it to spread outliers before quantization.  hadaconv
+rotates it so that the converted layers fit better.
 
 A converted o_proj writes ``G T V x`` (:mod:`hadaconv.fit`), G block-diagonal on contiguous
 output channels: each block of b outputs is served by b transform coordinates.  In the rotated
@@ -154,7 +155,7 @@ def fit_rotation(problems: Sequence[RotationProblem], *, block: int = 1, ridge: 
 class MappedNorm(nn.Module):
     """A final RMSNorm whose weight became a d x d map: ``y = norm(x) @ M^T`` (``norm`` with
     a constant weight, ``map`` an ``nn.Linear(d, d, bias=False)``), where a head tied to the embedding
-    cannot absorb ``M = Q^T diag(g) Q`` (module docstring)."""
+    cannot absorb ``M = Q^T diag(g / s) Q`` (module docstring)."""
 
     def __init__(self, norm: nn.Module, d: int) -> None:
         super().__init__()
@@ -237,11 +238,12 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
     tied to the embedding keeps the tie, and the final norm becomes a :class:`MappedNorm`.  The
     arithmetic runs in float64; each weight keeps its dtype and device.
 
-    Each norm keeps the RMS s of its weight g as a constant weight, and its readers take ``g / s``,
-    not g: the same function, and each reader keeps its scale.  AdamW steps each weight by about
-    the learning rate whatever its size, so a reader shrunk by g (16x in SmolLM2's first q_proj,
-    whose g has RMS 0.04) would take 16x larger relative steps in distillation than its
-    teacher's did (benchmarks/RESULTS.md, "Distilling a rotated model").
+    Each norm keeps s, the power of two nearest the RMS of its weight g, as a constant weight, and
+    its readers take ``g / s``, not g: the same function, and each reader keeps its scale within
+    a factor of sqrt(2).  AdamW steps each weight by about the learning rate whatever its size,
+    so a reader shrunk by g (16x in SmolLM2's first q_proj, whose g has RMS 0.04) would take 16x
+    larger relative steps in distillation than its teacher's did (benchmarks/RESULTS.md,
+    "Distilling a rotated model").
 
     Raises:
         HadaconvError: :func:`why_not_rotatable` says why not.
@@ -265,7 +267,7 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
     for block in model.get_submodule(stream.blocks):
         for norm, readers in stream.reads:
             g = block.get_submodule(norm).weight
-            s = _rms(g)
+            s = _scale(g)
             for path in readers:
                 reader = block.get_submodule(path)
                 put(reader.weight, rotated(reader.weight, g.double() / s))
@@ -277,7 +279,7 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
             if writer.bias is not None:
                 put(writer.bias, qt @ writer.bias.double())
     final = model.get_submodule(stream.final_norm)
-    s = _rms(final.weight)
+    s = _scale(final.weight)
     g = final.weight.double() / s
     if tied:
         mapped = MappedNorm(final, q.shape[0])
@@ -290,9 +292,13 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
     mark_rotated(model)
 
 
-def _rms(g: torch.Tensor) -> float:
-    """The RMS of a norm's weight, 1 where it is all zeros (nothing to keep the scale of)."""
-    return g.double().pow(2).mean().sqrt().item() or 1.0
+def _scale(g: torch.Tensor) -> float:
+    """The power of two nearest the RMS of a norm's weight g (in log scale), 1 where g is all
+    zeros: exact in every float dtype, so that a norm stored in bfloat16 keeps exactly the constant
+    its readers were divided by (an RMS rounded to bfloat16 would scale them all by up to 0.2%),
+    and within a factor of sqrt(2) of the RMS, which is all that keeping the readers' scale asks."""
+    rms = g.double().pow(2).mean().sqrt().item()
+    return 2.0 ** round(math.log2(rms)) if rms > 0 and math.isfinite(rms) else 1.0
 
 
 def map_final_norm(model: nn.Module, stream: ResidualStream) -> None:
@@ -311,6 +317,6 @@ def mark_rotated(model: nn.Module) -> None:
 
 def is_rotated(model: nn.Module) -> bool:
     """Whether ``model``'s residual stream was rotated: its hidden states are not the original's,
-    and its norms' weights sit in the maps that read them (what distillation's hidden-state
-    comparisons must know)."""
+    and the shapes of its norms' weights sit in the maps that read them (what distillation's
+    hidden-state comparisons must know)."""
     return bool(getattr(model, "hadaconv_rotated", False))

@@ -55,6 +55,19 @@ def test_the_caption_defines_every_number_column(compensated):
     assert ("blk err / comp" in caption) == compensated
 
 
+def test_a_narrow_table_defines_the_columns_it_shows():
+    """At 60 columns 'err calib' and 'blk err' are left out while 'err held' and 'comp' stay: the
+    pair's one definition is still given; a left-out column's alone is not."""
+    from rich.console import Console
+
+    console = Console(width=60, record=True)
+    console.print(_report(30, True).table())
+    text = " ".join(console.export_text().split())
+    assert "mean-pred, err calib, blk err (all in report.json)" in text
+    assert "err calib / err held = ||y_new - y||" in text and "blk err / comp =" in text
+    assert "fit s =" not in text and "mean-pred =" not in text
+
+
 def test_the_caption_says_where_block_errors_were_scored():
     """With too few windows to hold any out, the block errors are scored on the calibration
     windows, and the caption says so instead of "held-out" (a newcomer's --samples 8)."""

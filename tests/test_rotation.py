@@ -1,6 +1,7 @@
 """The residual stream's rotation: exact surgery, the fitted Q, conversion with it, reload, distillation."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -78,9 +79,14 @@ def test_a_rotated_model_computes_the_same_function(family):
             assert (rotated(**x).logits - ref).abs().max() > 1e-2
 
 
+def _power_of_two_near_rms(g: torch.Tensor) -> float:
+    return 2.0 ** round(math.log2(g.double().pow(2).mean().sqrt().item()))
+
+
 def test_each_norm_keeps_its_scale_and_its_readers_theirs():
-    """g / s folds into the readers and the norm keeps s, the RMS of g: a reader shrunk by g would
-    take AdamW's steps, about the learning rate each whatever the weight's size, as larger ones."""
+    """g / s folds into the readers and the norm keeps s, the power of two nearest g's RMS: a reader
+    shrunk by g would take AdamW's steps, about the learning rate each whatever the weight's size,
+    as larger ones."""
     model = _with_norm_weights(make_tiny("llama")).double()
     with torch.no_grad():
         model.model.layers[0].input_layernorm.weight.mul_(0.05)  # SmolLM2's first: RMS 0.04
@@ -88,15 +94,28 @@ def test_each_norm_keeps_its_scale_and_its_readers_theirs():
     g, w, final = norm.weight.detach().clone(), q_proj.weight.detach().clone(), model.model.norm.weight.detach().clone()
     q = _orthogonal(model.config.hidden_size)
     rotate_model(model, find_adapter(model).residual_stream, q)
-    s = g.pow(2).mean().sqrt()
-    torch.testing.assert_close(norm.weight.detach(), torch.full_like(g, s.item()), rtol=0, atol=1e-12)
+    s, f = _power_of_two_near_rms(g), _power_of_two_near_rms(final)
+    assert s == 2.0 ** -4  # RMS about 0.05
+    torch.testing.assert_close(norm.weight.detach(), torch.full_like(g, s), rtol=0, atol=0)
     torch.testing.assert_close(q_proj.weight.detach(), (w * g / s) @ q, rtol=0, atol=1e-12)
     assert 0.5 < q_proj.weight.pow(2).mean().sqrt() / w.pow(2).mean().sqrt() < 2
-    f = final.pow(2).mean().sqrt()
-    torch.testing.assert_close(model.model.norm.norm.weight.detach(), torch.full_like(final, f.item()),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.model.norm.norm.weight.detach(), torch.full_like(final, f), rtol=0, atol=0)
     torch.testing.assert_close(model.model.norm.map.weight.detach(), q.T @ torch.diag(final / f) @ q,
                                rtol=0, atol=1e-12)
+
+
+def test_a_bfloat16_model_keeps_its_norms_scale_exactly():
+    """The norm's constant is a power of two, which bfloat16 holds exactly: the readers, divided
+    by it in float64, are not rescaled by its rounding (an RMS of 0.0517 stored in bfloat16 reads
+    0.0518)."""
+    model = _with_norm_weights(make_tiny("llama")).double()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.mul_(0.05)
+    stored = model.to(torch.bfloat16)
+    g = stored.model.layers[0].input_layernorm.weight.detach().double().clone()
+    rotate_model(stored, find_adapter(stored).residual_stream, _orthogonal(stored.config.hidden_size))
+    assert stored.model.layers[0].input_layernorm.weight.double().unique().tolist() == [_power_of_two_near_rms(g)]
+    assert stored.model.norm.norm.weight.dtype == torch.bfloat16
 
 
 def test_what_cannot_be_rotated_says_why():
