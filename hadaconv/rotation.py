@@ -239,11 +239,12 @@ def rotate_model(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> N
     arithmetic runs in float64; each weight keeps its dtype and device.
 
     Each norm keeps s, the power of two nearest the RMS of its weight g, as a constant weight, and
-    its readers take ``g / s``, not g: the same function, and each reader keeps its scale within
-    a factor of sqrt(2).  AdamW steps each weight by about the learning rate whatever its size,
-    so a reader shrunk by g (16x in SmolLM2's first q_proj, whose g has RMS 0.04) would take 16x
-    larger relative steps in distillation than its teacher's did (benchmarks/RESULTS.md,
-    "Distilling a rotated model").
+    its readers take ``g / s``, not g: the same function, and each reader keeps about its scale
+    (SmolLM2's first q_proj: weights of RMS 0.28, 0.56 after).  AdamW steps each weight by about
+    the learning rate whatever its size, so a reader shrunk by g (to RMS 0.018 there, whose g has
+    RMS 0.04) would take 16x larger relative steps in distillation than its teacher's did: ten
+    minutes of it ended 11-14% worse in perplexity (benchmarks/RESULTS.md, "Distilling a
+    rotated model").
 
     Raises:
         HadaconvError: :func:`why_not_rotatable` says why not.
