@@ -348,8 +348,11 @@ def find_target(model: nn.Module, cfg: ConvertConfig, adapter: Adapter | None = 
     if missing:
         left = sorted(wanted & available)  # what the user most likely meant: the rest of their list
         hint = f": give {option('layers', index_ranges(left).replace(' ', ''))}" if left else ""
-        raise HadaconvError(f"{option('layers')} names {index_ranges(sorted(missing))}, but the layers that can "
-                            f"still be converted are {index_ranges(sorted(available))}{hint}")
+        # "Still" only where some are converted: a fresh model simply has these layers.
+        some_done = any(isinstance(m, HadamardProjection) for m in model.modules())
+        which = "layers that can still be converted are" if some_done else "model's layers are"
+        raise HadaconvError(f"{option('layers')} names {index_ranges(sorted(missing))}, but the {which} "
+                            f"{index_ranges(sorted(available))}{hint}")
     layers = [layer for layer in all_layers if layer.index in wanted]
     block = cfg.block or default_block([layer.out_features for layer in layers])
     for layer in layers:

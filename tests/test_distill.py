@@ -345,6 +345,26 @@ def test_sampled_sets_how_much_text_the_teacher_writes(tokenizer, monkeypatch):
     assert asked == [40, RUN["samples"]]
 
 
+def test_the_sampling_line_says_a_time_budget_starts_after_it(tokenizer, monkeypatch):
+    """A newcomer's --max-time 90 sat 14 minutes in the sampling before it: the sampling line
+    says the budget is training time only; with no time budget it says nothing of one."""
+    from hadaconv.distill import core
+    from hadaconv.errors import cli_names
+
+    real, said = core.calibration_texts, []
+
+    def spy(*args, **kwargs):
+        said.append(kwargs["waiting"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "calibration_texts", spy)
+    student, teacher = _pair("llama", tokenizer)
+    with cli_names():
+        distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, max_time=90, **RUN))
+    distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, **RUN))
+    assert said == ["--max-time (1 min 30 s) counts training only, which starts after it", ""], said
+
+
 def test_too_few_windows_fail_before_any_text_is_sampled(tokenizer, monkeypatch):
     import hadaconv.distill.core as core
     from hadaconv.errors import InputError
@@ -628,7 +648,7 @@ def test_cli_says_when_nothing_improved(converted, capsys):
     code, out, err = _cli(capsys, "distill", converted / "conv", "-o", out_dir, "--global", *CLI_RUN, "--lr", "1e-30")
     assert code == 0, err
     assert "no evaluation beat the global stage's start" in err and "holds the converted model" in err
-    assert "(no step came closer: the start kept)" in " ".join(out.split()), out
+    assert "(no step lowered the KL to teacher: the start kept)" in " ".join(out.split()), out
     assert str(out_dir) in err
     a, b = load_file(converted / "conv" / "model.safetensors"), load_file(out_dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -526,6 +526,7 @@ def test_cli_export_and_run(tmp_path, converted_folder, capsys):
     captured = capsys.readouterr()
     printed = captured.out
     assert "logits" in printed and "max abs diff" in printed and "custom form" in printed
+    assert "validation passed: " in printed and "outputs within atol 0.001 of PyTorch" in printed, printed
     # stage lines, so that the minutes of tracing and validating on a real model are not silent:
     # progress, on stderr with the other progress; the diffs are results, on stdout
     stages = [line for line in captured.err.splitlines() if line.startswith("[")]

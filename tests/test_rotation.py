@@ -191,7 +191,7 @@ def test_convert_rotates_by_default_fits_better_and_reloads(tmp_path):
     assert "residual stream rotated" in report.caption()
     # The table's column of parameters removed sums to the total: the map has a row of its own.
     table = report.table().build()
-    column = [c for c in table.columns if c.header == "params -"][0]
+    column = [c for c in table.columns if c.header == "removed"][0]
     assert sum(int(v.replace(",", "")) for v in column._cells) == report.params_before - report.params_after
     assert list(table.columns[0]._cells)[-1] == "norm"
     model = hadaconv.load(tmp_path / "rot")

@@ -296,6 +296,8 @@ def test_first_sampling_says_what_it_costs_and_where_it_is_cached(tokenizer, tmp
     _, path = sample.cached_samples(model, tokenizer, samples=3, seq_len=8, cache=tmp_path)
     err = " ".join(capsys.readouterr().err.split())
     assert "once for this model: 3 x 8 tokens, cached in" in err and str(path[0].parent) in err.replace(" ", ""), err
+    sample.cached_samples(model, tokenizer, samples=2, seq_len=8, cache=tmp_path / "b", waiting="X waits for it")
+    assert "; X waits for it" in " ".join(capsys.readouterr().err.split())  # distill's time budget
     sample.cached_samples(model, tokenizer, samples=3, seq_len=8, cache=tmp_path)
     err = " ".join(capsys.readouterr().err.split())
     assert "sampling text" not in err and "using 3 x 8 tokens of text sampled from this model earlier" in err, err

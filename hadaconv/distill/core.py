@@ -246,8 +246,11 @@ class DistillReport:
             t.add_row("after local stage" + ("" if self.local_kept else " (worse: undone)"), num(self.after_local),
                       loss(self.loss_after_local))
         if "global" in self.stages:
-            kept = (f" (closest to teacher, step {self.best_step})" if self.best_step
-                    else " (no step came closer: the start kept)" if self.best_step == 0 else "")
+            # Name the measure that chose: a newcomer saw the perplexity column fall and read
+            # "no step came closer" as a contradiction.
+            by = self.eval_loss.split(" (")[0]
+            kept = (f" (lowest {by}: step {self.best_step})" if self.best_step
+                    else f" (no step lowered the {by}: the start kept)" if self.best_step == 0 else "")
             t.add_row("after distillation" + kept, num(self.after), loss(self.loss_after))
         parts = []
         if "local" in self.stages:
@@ -644,6 +647,14 @@ def _trains_on(path: str, data: Sequence[str]) -> bool:
     return any(same_file(path, d) or Path(d).is_dir() and Path(d).resolve() in target.parents for d in data)
 
 
+def _budget_waits(cfg: DistillConfig) -> str:
+    """What the sampling line says of a time budget: a newcomer's --max-time 90 sat 14 minutes
+    in a sampling whose line they took for the run's."""
+    if cfg.max_time is None:
+        return ""
+    return f"{option('max_time')} ({duration(cfg.max_time)}) counts training only, which starts after it"
+
+
 def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
            main: bool) -> tuple[torch.Tensor, torch.Tensor, DistillReport]:
     """The training windows, the held-out windows, and a report that names both."""
@@ -655,7 +666,8 @@ def _texts(teacher, tokenizer, cfg: DistillConfig, kind: str, stages: list[str],
                       f"reads ({option('samples')}): {cfg.samples} are sampled", highlight=False)
     texts, names = calibration_texts(teacher, tokenizer, cfg.data, samples=min(cfg.sampled, cfg.samples),
                                      seq_len=cfg.seq_len, progress=cfg.progress and main,
-                                     count_option="sampled" if cfg.sampled <= cfg.samples else "samples")
+                                     count_option="sampled" if cfg.sampled <= cfg.samples else "samples",
+                                     waiting=_budget_waits(cfg))
     train, heldout, windows = mixed_windows(tokenizer, texts, samples=cfg.samples, seq_len=cfg.seq_len,
                                             what="training text", names=names)
     data_source = describe_sources(names, windows)

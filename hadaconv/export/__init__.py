@@ -65,8 +65,10 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
-def summarize(diffs: list[OutputDiff]) -> list[str]:
-    """One line per output, except the cache: one line per step for all ``present.*`` (their worst)."""
+def summarize(diffs: list[OutputDiff], atol: float) -> list[str]:
+    """One line per output, except the cache: one line per step for all ``present.*`` (their worst);
+    then the verdict (a newcomer read the differences and could not tell whether they passed).
+    Only a passed validation is summarized: a failed one raised."""
     lines, presents = [], {}
     for d in diffs:
         if d.name.startswith("present."):
@@ -77,6 +79,10 @@ def summarize(diffs: list[OutputDiff]) -> list[str]:
             lines.append(str(d))
     for step, (worst, count) in presents.items():
         lines.append(f"{worst}  (worst of {count} present.*)")
+    if diffs:
+        worst = max(diffs, key=lambda d: d.max_abs)
+        lines.append(f"validation passed: {len(diffs)} outputs within atol {atol:g} of PyTorch (the worst "
+                     f"{worst.max_abs:.3e}, {worst.name} at {worst.step})")
     return lines
 
 
@@ -297,7 +303,7 @@ def export_onnx(
             # The installed library, as open_bundle loads it: an error then names a path that stays.
             sess = session(tmp / MODEL, "cpu", library=library if lib_name else False)
             diffs = _validate(spec, sess, model, original, original_inputs, tokenizer, atol, cache)
-            for line in summarize(diffs):
+            for line in summarize(diffs, atol):
                 log(line)
         meta = _metadata(tmp, model, spec, kind=kind, form=form, fusions=fusions, lib_name=lib_name,
                          tokenizer=tokenizer, source=source, precision=precision, log=log,
