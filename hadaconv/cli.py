@@ -385,13 +385,19 @@ def _print_plan(plan: Plan) -> None:
     source = (f"{_short(plan.source)} (shapes from its config, weights not read)" if plan.from_config
               else plan.source)
     t = Table(title=f"{source}: {plan.adapter}, {blocks}, {plan.parameters:,} parameters")
+    # One name per layer that differs only in its index is said once, under the table: at 80
+    # columns a newcomer's column of names read "model.lay…" thirty times.
+    names = {layer.name.replace(f".{layer.index}.", ".N.") for layer in plan.layers}
+    template = names.pop() if len(plan.layers) > 1 and len(names) == 1 and ".N." in next(iter(names)) else None
     for col in ("layer", "output projection", "width", "hadamard", "heads / kv / dim", "value", "removable params"):
-        t.add_column(col)
+        if not (template and col == "output projection"):
+            t.add_column(col, overflow="fold")
     for layer in plan.layers:
-        t.add_row(str(layer.index), layer.name, f"{layer.out_features}x{layer.in_features}", layer.factorization,
-                  f"{layer.num_heads}/{layer.num_kv_heads}/{layer.head_dim}", "folded" if layer.value_folded else "-",
-                  f"{layer.removable:,}")
-    t.caption = _plan_caption(plan)
+        row = [str(layer.index), layer.name, f"{layer.out_features}x{layer.in_features}", layer.factorization,
+               f"{layer.num_heads}/{layer.num_kv_heads}/{layer.head_dim}", "folded" if layer.value_folded else "-",
+               f"{layer.removable:,}"]
+        t.add_row(*(row[:1] + row[2:] if template else row))
+    t.caption = (f"output projections: {template} (N: the layer)\n" if template else "") + _plan_caption(plan)
     out.print(t)
     if plan.calibration:
         click.echo(f"calibration: {plan.calibration}")
@@ -440,11 +446,48 @@ def inspect_cmd(model, block, rank, model_config, target, trust_pickle) -> None:
     transform's order factors; heads / kv / dim = query heads, KV heads, head size; value =
     "folded" where the fit's value map folds into the value projection (no run-time cost), "-"
     where there is none to fold into (the fit is then gamma and beta only); removable params =
-    what converting the layer removes at --block (and --rank)."""
+    what converting the layer removes at --block (and --rank).
+
+    A converted folder's own report follows: convert's per-layer table from its report.json, and
+    what distillation did where it ran."""
     from hadaconv.plan import inspect_model
 
-    _print_plan(inspect_model(model, block=block, rank=rank, model_config=model_config, target=target,
-                              trust_pickle=trust_pickle))
+    plan = inspect_model(model, block=block, rank=rank, model_config=model_config, target=target,
+                         trust_pickle=trust_pickle)
+    _print_plan(plan)
+    if plan.converted:  # the folder, or a file in it
+        _print_saved_report((Path(model) if Path(model).is_dir() else Path(model).parent) / "report.json")
+
+
+def _print_saved_report(path: Path) -> None:
+    """A converted folder's report.json as convert and distill printed it (a newcomer had no way
+    back to the table after the conversion's output scrolled away); a file that is missing or
+    not a report is one warning line."""
+    from hadaconv.progress import out
+    from hadaconv.report import ConvertReport
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        report = ConvertReport.from_dict(saved)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        click.echo(f"warning: {path}: no conversion report to show ({str(e).splitlines()[0]})", err=True)
+        return
+    click.echo(f"\nthe conversion's report ({path}):")
+    out.print(report.table())
+    run = saved.get("distill")
+    if isinstance(run, dict) and isinstance(run.get("steps"), int):
+        click.echo(_distilled_line(run))
+
+
+def _distilled_line(run: dict) -> str:
+    """One line for report.json's distill section: steps, tokens, and the held-out measures moved."""
+    def num(v):
+        return f"{v:.4g}" if isinstance(v, (int, float)) else "-"
+
+    tokens = f", {run['tokens']:,} tokens" if isinstance(run.get("tokens"), int) else ""
+    moved = [f"{run.get(name, '')} {num(run.get(before))} -> {num(run.get(after))}"
+             for name, before, after in (("metric", "before", "after"), ("eval_loss", "loss_before", "loss_after"))]
+    return f"distilled: {run['steps']} steps{tokens}; {', '.join(moved)} (on {run.get('eval_source', '?')})"
 
 
 @cli.command("eval")

@@ -3,6 +3,7 @@ most every :data:`LOG_EVERY` seconds instead, so a long run is never silent."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -12,15 +13,26 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-#: Columns of :data:`out` and :data:`console` off a terminal (a file, a pipe, CI): rich would
-#: otherwise assume 80 and cut or squeeze every wider table, and wrap a long path mid-name; this
-#: fits the widest (the per-layer report, the benchmarks').
+#: Columns of :data:`out` and :data:`console` off a terminal (a file, a pipe, CI) unless $COLUMNS
+#: sets them: rich would otherwise assume 80 and cut or squeeze every wider table, and wrap a
+#: long path mid-name; this fits the widest (the per-layer report, the benchmarks').
 OFF_TERMINAL_WIDTH = 250
+
+
+def _width(stderr: bool) -> int | None:
+    """None (rich's own choice: the terminal's width, or $COLUMNS, which rich reads) on a terminal
+    or where $COLUMNS is a number (a newcomer's COLUMNS=80 was ignored off a terminal); else
+    :data:`OFF_TERMINAL_WIDTH`."""
+    if Console(stderr=stderr).is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        return None
+    return OFF_TERMINAL_WIDTH
+
+
 #: Progress and notes go to stderr, at the terminal's width on one.
-console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else OFF_TERMINAL_WIDTH)
+console = Console(stderr=True, width=_width(True))
 #: Reports and tables go to stdout: the terminal's width on one, else :data:`OFF_TERMINAL_WIDTH`.
 #: The CLI, the benchmarks and the demo all print through it.
-out = Console(width=None if Console().is_terminal else OFF_TERMINAL_WIDTH)
+out = Console(width=_width(False))
 
 
 @contextmanager

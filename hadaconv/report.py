@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Sequence
 
 from hadaconv.errors import option
 
@@ -131,6 +131,25 @@ class ConvertReport:
         """What ``report.json`` holds for this report (:func:`hadaconv.save`)."""
         return self.to_dict()
 
+    @classmethod
+    def from_dict(cls, d: Any) -> "ConvertReport":
+        """The report that ``to_dict()`` gave ``d`` (a converted folder's report.json: keys it does
+        not know, such as distill's section, are ignored; fields an older version did not write
+        take their defaults).  Checked by building its table and caption, since the file may
+        have been edited.
+
+        Raises:
+            ValueError: ``d`` is not such a dict (a missing or mistyped field)."""
+        try:
+            rows = [LayerReport(**_known(LayerReport, row)) for row in d["layers"]]
+            report = cls(**{**_known(cls, d), "layers": rows})
+            if report.rotation_error is not None:
+                report.rotation_error = tuple(report.rotation_error)
+            report.caption(), FittedTable(report).build()
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise ValueError(f"not a conversion report ({type(e).__name__}: {e})") from None
+        return report
+
     def warnings(self) -> list[str]:
         """One line per converted layer whose held-out error is no better than predicting the
         mean output (``mean-pred``, the floor any fit should beat): a fit that learned the
@@ -207,6 +226,12 @@ class ConvertReport:
                                  "maps that write into the residual stream" if compensated else "",
             ("removed",): "removed = parameters removed (negative: added, as the rotation's final-norm map is)",
             ("fit s",): "fit s = seconds of the layer's fit"}
+
+
+def _known(cls, d: dict) -> dict:
+    """The entries of ``d`` that are fields of the dataclass ``cls``."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
 
 
 def _num(v, fmt="{:.3f}") -> str:

@@ -312,6 +312,18 @@ def test_cli_convert_inspect_eval(tmp_path, capsys, monkeypatch):
     code, stdout, stderr = run_cli(capsys, "inspect", out)  # the converted layer is counted, not listed again
     layers = config["num_hidden_layers"]
     assert code == 0 and f"{layers} attention blocks (1 converted already" in " ".join(stdout.split()), stderr
+    # ... and the conversion's own report follows, read back from report.json (the table, its caption).
+    said = " ".join(stdout.split())
+    assert f"the conversion's report ({out / 'report.json'}):" in said and "converted 1 of 1 candidate layers" in said
+    report = json.loads((out / "report.json").read_text())
+    (out / "report.json").write_text(json.dumps({**report, "layers": [{"index": "x"}]}))  # edited by hand
+    code, stdout, stderr = run_cli(capsys, "inspect", out)
+    assert code == 0 and "no conversion report to show (not a conversion report (TypeError" in stderr, stderr
+    run = {"steps": 3, "tokens": 3072, "metric": "perplexity", "before": 40.0, "after": 30.0, "eval_loss": "KL",
+           "loss_before": 0.5, "loss_after": 0.25}
+    (out / "report.json").write_text(json.dumps({**report, "distill": run}))
+    code, stdout, stderr = run_cli(capsys, "inspect", out)
+    assert "distilled: 3 steps, 3,072 tokens; perplexity 40 -> 30, KL 0.5 -> 0.25" in " ".join(stdout.split()), stdout
     text = tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question. " * 200)
     code, stdout, stderr = run_cli(capsys, "eval", out, "--text", text, "--seq-len", "32", "--max-windows", "4")

@@ -148,3 +148,18 @@ def test_max_time_refuses_what_is_no_duration(text):
 
     with pytest.raises(click.BadParameter, match="expected a positive duration like 90s, 30m, 2h or 1h30m"):
         _duration(text)
+
+
+def test_tables_take_columns_from_the_environment_off_a_terminal(monkeypatch):
+    """Off a terminal the tables are 250 columns wide, unless $COLUMNS says otherwise (a newcomer's
+    COLUMNS=80 was ignored); rich then reads $COLUMNS itself."""
+    from rich.console import Console
+
+    from hadaconv.progress import OFF_TERMINAL_WIDTH, _width
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert _width(False) == OFF_TERMINAL_WIDTH  # pytest's stdout is captured: no terminal
+    monkeypatch.setenv("COLUMNS", "80")
+    assert _width(False) is None and Console(width=_width(False)).width == 80
+    monkeypatch.setenv("COLUMNS", "wide")
+    assert _width(True) == OFF_TERMINAL_WIDTH

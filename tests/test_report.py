@@ -146,3 +146,20 @@ def test_warns_when_the_calibration_text_made_fewer_windows_than_asked():
     assert said.startswith("the calibration text made 5 of the 32 windows asked (--samples)")
     assert said.endswith("; no calibration window is held out (fewer than 10), so the held-out errors are blank and "
                          "the sensitivity is measured on calibration windows")
+
+
+def test_a_saved_report_reads_back_as_it_was():
+    """report.json (to_dict, through JSON) gives the same report back, so inspect prints the
+    table convert printed; an older file's missing fields take their defaults, and a file that
+    is not a report is a ValueError, not a crash in the table."""
+    import json
+
+    report = _report(3, True)
+    report.rotated, report.rotation_error, report.rotation_params = True, (0.5, 0.25), 331_776
+    saved = json.loads(json.dumps({**report.to_dict(), "distill": {"steps": 1}}))
+    assert ConvertReport.from_dict(saved) == report
+    old = {k: v for k, v in saved.items() if k not in ("rank", "rotated", "rotation_error", "rotation_params")}
+    assert ConvertReport.from_dict(old).rotation_params == 0
+    for bad in ([], {"mode": "head"}, {**saved, "layers": [{"index": 0}]}, {**saved, "params_before": "many"}):
+        with pytest.raises(ValueError, match="not a conversion report"):
+            ConvertReport.from_dict(bad)
