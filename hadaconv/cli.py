@@ -585,7 +585,9 @@ def eval_cmd(model, text_file, seq_len, max_windows, baseline, no_baseline, refe
                    f"({windows.numel()} tokens of {source.name})")
         return
     batch = 4
-    batches = f"{len(windows)} window{'s' if len(windows) != 1 else ''}, counted in batches of {batch}"
+    # The bar counts batches; a short label (a newcomer's 80 columns cut the longer one).
+    n = len(windows)
+    batches = f"{-(-n // batch)} x {batch} windows" if n > batch else f"{n} window{'s' * (n != 1)}"
     p = perplexity(loaded.model, windows, batch, progress=f"perplexity of {_short(model)} ({batches})")
     held_out = "" if text_file else ", the play --calib shakespeare leaves out"
     click.echo(f"perplexity {p.perplexity:.3f} over {p.tokens} tokens of {source.name}{held_out} ({p.windows} window"
