@@ -144,13 +144,17 @@ def main() -> None:
     ap.add_argument("--distill-seeds", type=_seeds, default=None,
                     help="with a distillation budget: distill's seeds, one distillation each from the same "
                          "conversion, e.g. 0,1,2 (a fixed --distill-steps keeps the machine's load out of them)")
+    ap.add_argument("--distill-train", choices=["all", "attention"], default=None,
+                    help="with a distillation budget: distill's --train (its default all: every parameter; "
+                         "attention: the converted blocks' q, k, v, gamma, beta)")
     args = ap.parse_args()
     distilling = bool(args.distill_minutes or args.distill_steps)
     # None marks a distillation option left out: given without a budget, even at its default, it
     # would be silently ignored.
     only = {"--distill-layers": args.distill_layers, "--distill-lr": args.distill_lr,
             "--distill-seeds": args.distill_seeds, "--distill-sampled": args.distill_sampled,
-            "--hidden-weight": args.hidden_weight, "--no-bf16": args.no_bf16 or None}
+            "--hidden-weight": args.hidden_weight, "--no-bf16": args.no_bf16 or None,
+            "--distill-train": args.distill_train}
     given = [flag for flag, value in only.items() if value is not None]
     if not distilling and given:
         ap.error(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} a distillation budget: "
@@ -310,13 +314,15 @@ def recovery(teacher, tok, windows, args, results: dict, save) -> None:
     print("converted", sorted(load_layers(folder)), results["converted"], flush=True)
     runs = results.setdefault("runs", {})
     for lr, seed in [(lr, seed) for lr in args.distill_lr for seed in args.distill_seeds]:
-        label = ("default" if lr is None else f"{lr:g}") + (f", seed {seed}" if seed else "")
+        label = (("default" if lr is None else f"{lr:g}") + (f", seed {seed}" if seed else "")
+                 + (f", train {args.distill_train}" if args.distill_train not in (None, "all") else ""))
         if label in runs:
             continue
         student = load(folder)
         cfg = DistillConfig(max_time=60 * args.distill_minutes or None, max_steps=args.distill_steps or None,
                             lr=lr, sampled=args.distill_sampled, hidden_weight=args.hidden_weight,
-                            bf16=False if args.no_bf16 else None, seed=seed, progress=False)
+                            bf16=False if args.no_bf16 else None, seed=seed, train=args.distill_train or "all",
+                            progress=False)
         dreport = distill(student, teacher, tok, cfg)
         runs[label] = {"lr": dreport.lr, "steps": dreport.steps, "tokens": dreport.tokens, "seconds": dreport.seconds,
                        "curve": dreport.curve, "layers": sorted(load_layers(folder)),

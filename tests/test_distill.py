@@ -323,19 +323,25 @@ def test_time_budget_is_when_training_ends(tokenizer, monkeypatch):
     assert clock[0] == report.seconds == 4.5
 
 
-def test_sampled_sets_how_much_text_the_teacher_writes(tokenizer, monkeypatch):
-    """DistillConfig.sampled (--sampled) is the number of sequences asked of the sample cache, but
-    never more than the run's windows (--samples: a newcomer's --samples 32 sampled 512, for 18
-    minutes); fewer than one is refused before any work."""
+def _calibration_asked(monkeypatch, keyword: str) -> list:
+    """The ``keyword`` argument of each call distill makes to calibration_texts, in order."""
     from hadaconv.distill import core
 
     real, asked = core.calibration_texts, []
 
     def spy(*args, **kwargs):
-        asked.append(kwargs["samples"])
+        asked.append(kwargs[keyword])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(core, "calibration_texts", spy)
+    return asked
+
+
+def test_sampled_sets_how_much_text_the_teacher_writes(tokenizer, monkeypatch):
+    """DistillConfig.sampled (--sampled) is the number of sequences asked of the sample cache, but
+    never more than the run's windows (--samples: a newcomer's --samples 32 sampled 512, for 18
+    minutes); fewer than one is refused before any work."""
+    asked = _calibration_asked(monkeypatch, "samples")
     student, teacher = _pair("llama", tokenizer)
     distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, sampled=40, **RUN))
     distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, sampled=384, **RUN))
@@ -348,16 +354,9 @@ def test_sampled_sets_how_much_text_the_teacher_writes(tokenizer, monkeypatch):
 def test_the_sampling_line_says_a_time_budget_starts_after_it(tokenizer, monkeypatch):
     """A newcomer's --max-time 90 sat 14 minutes in the sampling before it: the sampling line
     says the budget is training time only; with no time budget it says nothing of one."""
-    from hadaconv.distill import core
     from hadaconv.errors import cli_names
 
-    real, said = core.calibration_texts, []
-
-    def spy(*args, **kwargs):
-        said.append(kwargs["waiting"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(core, "calibration_texts", spy)
+    said = _calibration_asked(monkeypatch, "waiting")
     student, teacher = _pair("llama", tokenizer)
     with cli_names():
         distill(student, teacher, tokenizer, DistillConfig(stages=["global"], max_steps=1, max_time=90, **RUN))
